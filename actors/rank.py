@@ -1,0 +1,111 @@
+"""The rank actor: one process, one GPU (or a CPU slot), one global rank.
+
+``RankWorker`` is a plain class; the controller starts it as a Ray actor with
+``ray.remote(RankWorker)``. It stays a thin shell: it joins torch.distributed,
+holds the rank's ``RankContext`` and hands work to code that takes the context
+as an argument.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import ray
+import torch
+
+from raymoe.cluster.layout import RankCoord, RankLayout
+from raymoe.comm.groups import Groups, build_groups, destroy_distributed, init_distributed
+
+
+@dataclass
+class RankContext:
+    """What one rank knows about itself; passed explicitly to code run on the rank."""
+
+    layout: RankLayout
+    coord: RankCoord
+    device: torch.device
+    groups: Groups
+    state: dict[str, Any] = field(default_factory=dict)  # per-rank objects (e.g. the model runner)
+
+    @property
+    def rank(self) -> int:
+        return self.coord.rank
+
+
+def torch_device_for(gpu_ids: list[int], visible: Optional[str]) -> torch.device:
+    """The CUDA device for a Ray-assigned GPU id, with every GPU of the node visible.
+
+    Rank actors run with RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES=1 (symmetric
+    memory and CUDA IPC need to see all GPUs of the node), so a Ray GPU id indexes
+    the node's GPUs -- or, when the node itself was started with
+    CUDA_VISIBLE_DEVICES set, the position of that id in it.
+    """
+    if not gpu_ids:
+        return torch.device("cpu")
+    assert len(gpu_ids) == 1, f"a rank owns exactly one GPU, Ray gave {gpu_ids}"
+    gpu = int(gpu_ids[0])
+    if visible:
+        ids = [v.strip() for v in visible.split(",") if v.strip()]
+        if str(gpu) in ids:
+            return torch.device("cuda", ids.index(str(gpu)))
+    return torch.device("cuda", gpu)
+
+
+class RankWorker:
+    def __init__(self, device_kind: str, cpu_threads: int = 1) -> None:
+        self.device_kind = device_kind
+        if device_kind == "cpu":
+            # one rank per logical CPU the placement reserved: no oversubscription
+            torch.set_num_threads(cpu_threads)
+        self.ctx: Optional[RankContext] = None
+
+    # ---- bring-up -------------------------------------------------------------
+
+    def placement(self) -> dict[str, Any]:
+        """Where Ray put this actor: node id, IP and GPU ids."""
+        rt = ray.get_runtime_context()
+        gpu_ids = [int(g) for g in ray.get_gpu_ids()] if self.device_kind == "cuda" else []
+        return {"node_id": rt.get_node_id(), "ip": ray.util.get_node_ip_address(), "gpu_ids": tuple(gpu_ids)}
+
+    def free_port(self) -> int:
+        """A TCP port free on this node now (for the torch.distributed rendezvous)."""
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("", 0))
+            return s.getsockname()[1]
+
+    def init_distributed(self, layout: RankLayout, rank: int, init_method: str) -> dict[str, Any]:
+        placement = self.placement()
+        device = torch_device_for(list(placement["gpu_ids"]), os.environ.get("CUDA_VISIBLE_DEVICES"))
+        init_distributed(rank, layout.world_size, init_method, device)
+        groups = build_groups(layout, rank, device)
+        self.ctx = RankContext(layout=layout, coord=layout.coord(rank), device=device, groups=groups)
+        return {"rank": rank, "device": str(device), **placement}
+
+    # ---- coordination and extension --------------------------------------------
+
+    def barrier(self, group: str = "world") -> None:
+        self._context().groups[group].barrier()
+
+    def execute(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run ``fn(ctx, *args, **kwargs)`` on this rank (tests, benchmarks, tools)."""
+        return fn(self._context(), *args, **kwargs)
+
+    def health(self) -> dict[str, Any]:
+        ctx = self._context()
+        info: dict[str, Any] = {"rank": ctx.rank, "device": str(ctx.device), "pid": os.getpid()}
+        if ctx.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(ctx.device)
+            info["gpu_free_gib"] = round(free / 2**30, 2)
+            info["gpu_total_gib"] = round(total / 2**30, 2)
+        return info
+
+    def shutdown(self) -> None:
+        self.ctx = None
+        destroy_distributed()
+
+    def _context(self) -> RankContext:
+        if self.ctx is None:
+            raise RuntimeError("rank actor has not joined torch.distributed yet (init_distributed)")
+        return self.ctx

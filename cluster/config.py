@@ -1,0 +1,223 @@
+"""One YAML file -> one frozen, validated dataclass tree.
+
+Sections sit side by side: model, parallel, engine, eplb, serve. Every field is
+documented in configs/README.md. A bad value raises ValueError naming the field
+(``parallel.tp``) and how to fix it, before any actor starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import pathlib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+import yaml
+
+BUILTIN_PREFIX = "builtin:"
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = "builtin:tiny-qwen3-moe"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_model_len: Optional[int] = None
+    seed: int = 0
+
+    def validate(self) -> None:
+        _require(bool(self.path), "model.path", "must name a checkpoint directory or builtin:<name>")
+        if self.max_model_len is not None:
+            _require(self.max_model_len >= 1, "model.max_model_len", "must be >= 1 or left unset")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tp: int = 1
+    dp: int = 1
+    cp: int = 1
+    ep: int = 1
+    nodes: int = 1
+    device: Literal["cpu", "cuda"] = "cpu"
+    placement_timeout_s: float = 60.0
+
+    def validate(self) -> None:
+        for name in ("tp", "dp", "cp", "ep", "nodes"):
+            _require(getattr(self, name) >= 1, f"parallel.{name}", "must be >= 1")
+        _require(self.placement_timeout_s > 0, "parallel.placement_timeout_s", "must be > 0 seconds")
+        # the layout does the cross-field checks (products, divisibility)
+        from raymoe.cluster.layout import RankLayout
+
+        RankLayout.from_config(self)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    block_size: int = 16
+    num_kv_blocks: Optional[int] = None
+    kv_memory_fraction: float = 0.85
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    attention_backend: Literal["auto", "torch", "flashinfer"] = "auto"
+    cuda_graphs: bool = True
+
+    def validate(self) -> None:
+        _require(self.block_size >= 1, "engine.block_size", "must be >= 1 (16 is typical)")
+        if self.num_kv_blocks is not None:
+            _require(self.num_kv_blocks >= 1, "engine.num_kv_blocks", "must be >= 1 or unset (auto)")
+        _require(0 < self.kv_memory_fraction <= 1, "engine.kv_memory_fraction", "must be in (0, 1]")
+        _require(self.max_num_seqs >= 1, "engine.max_num_seqs", "must be >= 1")
+        _require(self.max_num_batched_tokens >= 1, "engine.max_num_batched_tokens", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class EplbConfig:
+    enabled: bool = False
+    num_redundant_experts: int = 0
+    rebalance_every_steps: int = 1000
+    window_steps: int = 1000
+    layers_per_chunk: Optional[int] = None
+
+    def validate(self) -> None:
+        _require(self.num_redundant_experts >= 0, "eplb.num_redundant_experts", "must be >= 0")
+        _require(self.rebalance_every_steps >= 1, "eplb.rebalance_every_steps", "must be >= 1")
+        _require(self.window_steps >= 1, "eplb.window_steps", "must be >= 1")
+        if self.layers_per_chunk is not None:
+            _require(
+                self.layers_per_chunk >= 1,
+                "eplb.layers_per_chunk",
+                "must be >= 1, or left unset to move all layers at once",
+            )
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model_name: Optional[str] = None
+    api_key: Optional[str] = None
+    max_queued_requests: int = 1024
+
+    def validate(self) -> None:
+        _require(0 <= self.port <= 65535, "serve.port", "must be a TCP port in [0, 65535]")
+        _require(self.max_queued_requests >= 1, "serve.max_queued_requests", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    eplb: EplbConfig = field(default_factory=EplbConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+    def validate(self) -> "Config":
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate()
+        return self
+
+    def replace(self, **overrides: Any) -> "Config":
+        """Return a copy with dotted-path overrides applied, e.g. ``{"parallel.tp": 2}``."""
+        data = dataclasses.asdict(self)
+        for dotted, value in overrides.items():
+            section, _, name = dotted.partition(".")
+            if section not in data or name not in data[section]:
+                raise ValueError(f"{dotted}: no such config field")
+            data[section][name] = value
+        return config_from_dict(data)
+
+
+def config_from_dict(data: dict[str, Any] | None) -> Config:
+    """Build and validate a Config from plain data (as parsed from YAML)."""
+    return _build(Config, data or {}, "").validate()
+
+
+def load_config(path: str | pathlib.Path | None = None) -> Config:
+    """Load a YAML config file; None loads the built-in default (configs/tiny.yaml)."""
+    if path is None:
+        path = default_config_path()
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML: {e}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ValueError(f"{path}: top level must be a mapping of sections (model, parallel, ...)")
+    return config_from_dict(data)
+
+
+def configs_dir() -> pathlib.Path:
+    """The shipped configs/ folder (package data ``raymoe.configs``)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("raymoe.configs")
+    # a namespace package; editable installs add a non-directory path-hook entry
+    for entry in spec.submodule_search_locations if spec else []:
+        if pathlib.Path(entry, "tiny.yaml").is_file():
+            return pathlib.Path(entry)
+    raise FileNotFoundError("raymoe.configs not found: is raymoe installed?")
+
+
+def default_config_path() -> pathlib.Path:
+    return configs_dir() / "tiny.yaml"
+
+
+def _require(ok: bool, name: str, fix: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}: {fix}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "config"
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), sorted(known), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; known fields: {', '.join(sorted(known))}"
+            raise ValueError(f"{prefix}{key}: unknown field{hint}")
+    kwargs = {}
+    for key, value in data.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value if value is not None else {}, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(hint, value, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, name: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, name)
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{name}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{name}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{name}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{name}: expected a string, got {value!r}")
+        return value
+    raise AssertionError(f"unhandled config type {hint} for {name}")

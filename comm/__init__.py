@@ -1,0 +1,1 @@
+"""torch.distributed: process groups, collectives, cpu-group coordination. No ray."""

@@ -1,0 +1,46 @@
+"""Driver side: connect to (or start) Ray and start a controller actor."""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Optional
+
+import ray
+
+from raymoe.actors.controller import Controller
+from raymoe.cluster.config import Config
+from raymoe.cluster.layout import RankLayout
+
+log = logging.getLogger(__name__)
+
+
+def ensure_ray(config: Config, address: Optional[str] = None) -> None:
+    """Connect to ``address`` (or RAY_ADDRESS), or start a local Ray.
+
+    A local Ray started here for a CPU layout offers at least one logical CPU per
+    rank, so a 4-rank CPU layout runs on a 2-core laptop (slowly, but it runs).
+    """
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+        return
+    kwargs: dict[str, Any] = {"include_dashboard": False}
+    if config.parallel.device == "cpu":
+        world = RankLayout.from_config(config.parallel).world_size
+        kwargs["num_cpus"] = max(os.cpu_count() or 1, world)
+    ray.init(**kwargs)
+
+
+def start_controller(config: Config, address: Optional[str] = None) -> Any:
+    """Start a controller actor and bring its rank cluster up; returns the actor handle."""
+    ensure_ray(config, address)
+    controller = ray.remote(Controller).options(num_cpus=0).remote(config)
+    try:
+        info = ray.get(controller.start.remote())
+    except BaseException:
+        ray.kill(controller)
+        raise
+    log.info("cluster up in %.1f s: %s", info["startup_s"], info["layout"])
+    return controller
