@@ -20,12 +20,18 @@ from raymoe.cluster.placement import PlacedActor, PlacementPlan, assign_ranks, d
 
 log = logging.getLogger(__name__)
 
-# Every rank process, GPU or not. Multicast (NVLS) stays off: raymoe never uses it,
-# and on shared hosts a multicast object can take GPUs out of service.
-RANK_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
-# GPU ranks see every GPU of their node: symmetric memory and CUDA IPC fail when
-# Ray narrows CUDA_VISIBLE_DEVICES to one GPU per actor.
-GPU_RANK_ENV = {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}
+# GPU rank processes only (CPU ranks keep Ray's default environment, so Ray can hand
+# them its prestarted workers):
+# - every GPU of the node visible: symmetric memory and CUDA IPC fail when Ray
+#   narrows CUDA_VISIBLE_DEVICES to one GPU per actor;
+# - NVLink multicast (NVLS) off: raymoe never uses it, and on shared hosts a
+#   multicast object can take GPUs out of service.
+GPU_RANK_ENV = {
+    "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1",
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+}
 
 
 class ClusterCapacityError(RuntimeError):
@@ -98,7 +104,7 @@ def _reserve(plan: PlacementPlan, timeout_s: float) -> Any:
 
 
 def _start_actors(layout: RankLayout, device: str, plan: PlacementPlan, pg: Any) -> list[Any]:
-    env = dict(RANK_ENV, **(GPU_RANK_ENV if device == "cuda" else {}))
+    runtime_env = {"env_vars": GPU_RANK_ENV} if device == "cuda" else None
     cls = ray.remote(RankWorker)
     actors = []
     for rank in range(layout.world_size):
@@ -109,7 +115,7 @@ def _start_actors(layout: RankLayout, device: str, plan: PlacementPlan, pg: Any)
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     pg, placement_group_bundle_index=layout.coord(rank).node
                 ),
-                runtime_env={"env_vars": env},
+                runtime_env=runtime_env,
             ).remote(device, int(plan.num_cpus_per_rank))
         )
     return actors

@@ -83,6 +83,28 @@ class RankWorker:
         self.ctx = RankContext(layout=layout, coord=layout.coord(rank), device=device, groups=groups)
         return {"rank": rank, "device": str(device), **placement}
 
+    # ---- engine -----------------------------------------------------------------
+
+    def load_model(self, config: Any, checkpoint_dir: str, max_model_len: int) -> int:
+        """Build and load this rank's model shard; returns how many KV blocks it could hold."""
+        from raymoe.actors.engine.runner import ModelRunner
+
+        runner = ModelRunner(self._context(), config, checkpoint_dir, max_model_len)
+        self._context().state["runner"] = runner
+        return runner.max_kv_blocks()
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        self._runner().allocate_kv_cache(num_blocks)
+
+    def execute_step(self, step: Any) -> Any:
+        return self._runner().execute(step)
+
+    def _runner(self) -> Any:
+        runner = self._context().state.get("runner")
+        if runner is None:
+            raise RuntimeError("no model loaded on this rank (load_model)")
+        return runner
+
     # ---- coordination and extension --------------------------------------------
 
     def barrier(self, group: str = "world") -> None:

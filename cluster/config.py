@@ -118,10 +118,10 @@ class Config:
             getattr(self, f.name).validate()
         return self
 
-    def replace(self, **overrides: Any) -> "Config":
-        """Return a copy with dotted-path overrides applied, e.g. ``{"parallel.tp": 2}``."""
+    def replace(self, overrides: Optional[dict[str, Any]] = None, /, **more: Any) -> "Config":
+        """Return a validated copy with dotted-path overrides: ``cfg.replace({"parallel.tp": 2})``."""
         data = dataclasses.asdict(self)
-        for dotted, value in overrides.items():
+        for dotted, value in {**(overrides or {}), **more}.items():
             section, _, name = dotted.partition(".")
             if section not in data or name not in data[section]:
                 raise ValueError(f"{dotted}: no such config field")

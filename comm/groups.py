@@ -75,3 +75,8 @@ def build_groups(layout: RankLayout, rank: int, device: torch.device) -> Groups:
 def destroy_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def single_process_groups(device: torch.device) -> Groups:
+    """Groups of a world of one (no torch.distributed needed): every call short-circuits."""
+    return Groups(**{kind: GroupCoordinator(kind, [0], 0, None, None, device) for kind in GROUP_KINDS})

@@ -1,0 +1,52 @@
+"""Reference attention backend: paged KV cache in torch tensors, SDPA per sequence.
+
+The CPU path and the reference the GPU backend is checked against. The KV
+cache layout is FlashInfer's paged layout, so both backends share it:
+``[layers, num_blocks, 2 (k, v), block_size, kv_heads, head_dim]``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from raymoe.actors.engine.step import StepLayout
+
+
+class TorchAttention:
+    def __init__(self, kv_cache: torch.Tensor, block_size: int) -> None:
+        self.kv_cache = kv_cache
+        self.block_size = block_size
+        self.layout: StepLayout | None = None
+
+    def plan(self, layout: StepLayout) -> None:
+        """Per step, before the forward: where each token's k/v goes and what each sequence reads."""
+        self.layout = layout
+        dev = self.kv_cache.device
+        self._write = (layout.slot_blocks.to(dev), layout.slot_offsets.to(dev))
+        self._reads = []
+        for seq in layout.seqs:
+            pos = torch.arange(seq.context_len)
+            table = torch.tensor(seq.block_ids, dtype=torch.int64)
+            self._reads.append((table[pos // self.block_size].to(dev), (pos % self.block_size).to(dev)))
+
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [T, heads, D], k/v [T, kv_heads, D] -> [T, heads, D]; writes k/v into the cache first."""
+        assert self.layout is not None, "plan() before forward()"
+        cache = self.kv_cache[layer]
+        blocks, offsets = self._write
+        cache[blocks, 0, offsets] = k
+        cache[blocks, 1, offsets] = v
+        out = torch.empty_like(q)
+        group = q.shape[1] // k.shape[1]
+        for seq, (rb, ro) in zip(self.layout.seqs, self._reads):
+            qs = q[seq.query_start : seq.query_start + seq.num_query].transpose(0, 1)  # [heads, n, D]
+            keys = cache[rb, 0, ro].transpose(0, 1).repeat_interleave(group, dim=0)  # [heads, ctx, D]
+            vals = cache[rb, 1, ro].transpose(0, 1).repeat_interleave(group, dim=0)
+            # query i sits at position ctx - n + i and sees keys up to it
+            first = seq.context_len - seq.num_query
+            mask = torch.arange(seq.context_len, device=q.device)[None, :] <= (
+                first + torch.arange(seq.num_query, device=q.device)[:, None]
+            )
+            o = F.scaled_dot_product_attention(qs, keys, vals, attn_mask=mask)
+            out[seq.query_start : seq.query_start + seq.num_query] = o.transpose(0, 1)
+        return out

@@ -1,0 +1,138 @@
+"""EngineCore: the engine's policy loop, independent of where steps run.
+
+One Scheduler per DP replica. Each ``step``: every replica's scheduler picks
+its chunks, an executor runs the step on the ranks (all replicas in lockstep:
+MoE layers span the whole world), then sampled tokens are applied, stop
+conditions checked and text detokenised. No torch, no ray here: executors
+(Ray rank actors, or an in-process runner) are passed in.
+"""
+from __future__ import annotations
+
+import itertools
+import random
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+from raymoe.actors.engine.detokenizer import IncrementalDetokenizer
+from raymoe.actors.engine.request import Request, SamplingParams
+from raymoe.actors.engine.scheduler import Scheduler
+from raymoe.actors.engine.step import StepInput, StepOutput
+from raymoe.actors.engine.tokenizer import Tokenizer
+
+Executor = Callable[[Sequence[StepInput]], Sequence[StepOutput]]
+
+
+@dataclass
+class RequestOutput:
+    """What changed for one request in one step (deltas), plus running totals."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: Optional[str]  # "stop" | "length" | "abort" once finished
+    num_prompt_tokens: int
+    num_output_tokens: int
+    logits: Any = None  # this token's logits row [vocab], only when the core collects logits
+
+
+class EngineCore:
+    def __init__(
+        self,
+        schedulers: Sequence[Scheduler],
+        tokenizer: Tokenizer,
+        execute: Executor,
+        seed: Optional[int] = None,
+        collect_logits: bool = False,
+    ) -> None:
+        self.schedulers = list(schedulers)
+        self.collect_logits = collect_logits  # tests compare logits with a reference
+        self.tokenizer = tokenizer
+        self.execute = execute
+        self._rng = random.Random(seed)
+        self._replica: dict[str, int] = {}  # request id -> DP replica
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._arrivals = itertools.count()
+        self.num_steps = 0
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self._replica)
+
+    def add_request(self, request_id: str, prompt_token_ids: Sequence[int], sampling: SamplingParams) -> None:
+        """Queue a request on the least-loaded DP replica. ValueError if it can never run."""
+        if request_id in self._replica:
+            raise ValueError(f"request_id: {request_id!r} is already in use")
+        req = Request(
+            request_id=request_id,
+            prompt_token_ids=list(prompt_token_ids),
+            sampling=sampling,
+            seed=sampling.seed if sampling.seed is not None else self._rng.getrandbits(63),
+            arrival=next(self._arrivals),
+            eos_token_ids=frozenset() if sampling.ignore_eos else self.tokenizer.eos_token_ids,
+        )
+        replica = min(range(len(self.schedulers)), key=lambda i: self._load(i))
+        self.schedulers[replica].add(req)  # validates lengths against max_model_len and the cache
+        self._replica[request_id] = replica
+        self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, sampling.stop)
+
+    def abort(self, request_id: str) -> Optional[RequestOutput]:
+        replica = self._replica.pop(request_id, None)
+        if replica is None:
+            return None
+        req = self.schedulers[replica].abort(request_id)
+        self._detok.pop(request_id, None)
+        assert req is not None
+        return RequestOutput(request_id, [], "", True, "abort", req.num_prompt_tokens, len(req.output_token_ids))
+
+    def step(self) -> list[RequestOutput]:
+        """Run one engine step over every DP replica; returns the requests that progressed."""
+        scheduled = [s.schedule() for s in self.schedulers]
+        counts = tuple(o.num_tokens for o in scheduled)
+        if not any(counts):
+            return []
+        results = self.execute([StepInput(o.chunks, counts, self.collect_logits) for o in scheduled])
+        self.num_steps += 1
+        outputs = []
+        for sched, out, result in zip(self.schedulers, scheduled, results):
+            rows = {rid: i for i, rid in enumerate(result.sampled)}  # logits rows follow sampled order
+            for req in sched.update(out, result.sampled):
+                output = self._apply_token(sched, req)
+                if result.logits is not None:
+                    output.logits = result.logits[rows[req.request_id]]
+                outputs.append(output)
+        return outputs
+
+    def _apply_token(self, sched: Scheduler, req: Request) -> RequestOutput:
+        token = req.output_token_ids[-1]
+        detok = self._detok[req.request_id]
+        reason = None
+        if token in req.eos_token_ids or token in req.sampling.stop_token_ids:
+            reason, text = "stop", ""
+        else:
+            text = detok.add(token)
+            if detok.stopped:
+                reason = "stop"
+            elif len(req.output_token_ids) >= req.sampling.max_tokens or req.num_tokens >= sched.max_model_len:
+                reason = "length"
+        if reason is not None:
+            if not detok.stopped:
+                text += detok.flush()
+            sched.finish(req.request_id, reason)
+            del self._replica[req.request_id], self._detok[req.request_id]
+        return RequestOutput(
+            req.request_id, [token], text, reason is not None, reason, req.num_prompt_tokens, len(req.output_token_ids)
+        )
+
+    def _load(self, replica: int) -> int:
+        s = self.schedulers[replica]
+        return s.num_waiting + s.num_running
+
+
+def run_to_completion(core: EngineCore) -> Iterator[RequestOutput]:
+    """Step until no request is left (offline generation), yielding every output."""
+    while core.has_unfinished:
+        before = core.num_steps
+        yield from core.step()
+        if core.num_steps == before:
+            raise RuntimeError("engine scheduled nothing with requests pending (scheduler stuck)")

@@ -1,0 +1,126 @@
+"""Incremental detokenization with stop strings, one instance per request.
+
+Token ids arrive one at a time; ``add`` returns the text that may be streamed
+to the client now. Two things hold text back:
+
+1. Incomplete characters. Byte-level tokens can end in the middle of a UTF-8
+   sequence. We decode a short window of recent tokens twice -- up to the last
+   released token (``_read``) and up to the newest one -- and release the
+   difference only once it does not end in U+FFFD. The window starts a few
+   tokens back (``_prefix``) so decoders that treat the first token specially
+   (leading-space handling) see context. Work per token is bounded by the
+   window, not the output length.
+2. Stop strings. Text that could still be the start of a stop string is held
+   until it either completes one (the request stops; the text is cut right
+   before the earliest occurrence and the stop string is never emitted) or
+   diverges (then it is released).
+
+Invariant: the concatenation of every ``add`` result plus ``flush()`` equals
+``tokenizer.decode(output_ids)``, cut before the first stop-string occurrence
+if there is one.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from raymoe.actors.engine.tokenizer import Tokenizer
+
+_PROMPT_CONTEXT = 5  # prompt tokens kept as decoding context for the first output token
+_REPLACEMENT = "\ufffd"
+
+
+class IncrementalDetokenizer:
+    """Streams one request's output text; see the module docstring."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        prompt_token_ids: Sequence[int],
+        stop: tuple[str, ...] = (),
+        skip_special_tokens: bool = True,
+    ) -> None:
+        if any(not s for s in stop):
+            raise ValueError("stop strings must be non-empty; remove empty strings from `stop`")
+        self._tok = tokenizer
+        self._skip = skip_special_tokens
+        self._stop = tuple(stop)
+        self._max_hold = max((len(s) for s in stop), default=1) - 1
+        context = list(prompt_token_ids[-_PROMPT_CONTEXT:])
+        if self._decode(context).endswith(_REPLACEMENT):
+            context = []  # a prompt ending mid-character would garble the first output character
+        self._window: list[int] = context  # token ids from the prefix offset on
+        self._read = len(context)  # window index: tokens before it have been turned into text
+        self._pending = ""  # decoded text not yet released (stop-string candidates)
+        self._released: list[str] = []
+        self.stopped = False
+        self.stop_reason: Optional[str] = None  # the stop string that ended the request
+
+    @property
+    def text(self) -> str:
+        """All text released so far."""
+        return "".join(self._released)
+
+    def add(self, token_id: int) -> str:
+        """Take the next output token; return the newly releasable text ("" once stopped)."""
+        if self.stopped:
+            return ""
+        self._window.append(int(token_id))
+        prefix_text = self._decode(self._window[: self._read])
+        full_text = self._decode(self._window)
+        if len(full_text) <= len(prefix_text) or full_text.endswith(_REPLACEMENT):
+            return ""  # nothing new yet, or a character is still incomplete
+        new_text = full_text[len(prefix_text):]
+        # Slide the window: the tokens just decoded become the next prefix.
+        self._window = self._window[self._read:]
+        self._read = len(self._window)
+        return self._release(new_text, final=False)
+
+    def flush(self) -> str:
+        """At the end of a request that finished for another reason: release all held text.
+
+        An incomplete trailing character is released as U+FFFD, as ``decode`` gives it.
+        """
+        if self.stopped:
+            return ""
+        prefix_text = self._decode(self._window[: self._read])
+        new_text = self._decode(self._window)[len(prefix_text):]
+        self._window, self._read = [], 0
+        return self._release(new_text, final=True)
+
+    def _release(self, new_text: str, final: bool) -> str:
+        text = self._pending + new_text
+        hit = self._earliest_stop(text)
+        if hit is not None:
+            cut, self.stop_reason = hit
+            self.stopped = True
+            out, self._pending = text[:cut], ""
+        else:
+            hold = 0 if final else self._partial_stop_len(text)
+            out, self._pending = text[: len(text) - hold], text[len(text) - hold:]
+        if out:
+            self._released.append(out)
+        return out
+
+    def _earliest_stop(self, text: str) -> Optional[tuple[int, str]]:
+        """(start, stop string) of the earliest stop-string occurrence in ``text``, if any.
+
+        Only ``text`` (held + new) needs searching: released text was never a
+        prefix of a stop string, so no occurrence can start inside it.
+        """
+        best: Optional[tuple[int, str]] = None
+        for s in self._stop:
+            i = text.find(s)
+            if i >= 0 and (best is None or i < best[0]):
+                best = (i, s)
+        return best
+
+    def _partial_stop_len(self, text: str) -> int:
+        """Length of the longest suffix of ``text`` that is a proper prefix of a stop string."""
+        for n in range(min(self._max_hold, len(text)), 0, -1):
+            tail = text[-n:]
+            if any(s.startswith(tail) for s in self._stop):
+                return n
+        return 0
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=self._skip) if ids else ""

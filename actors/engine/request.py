@@ -1,0 +1,135 @@
+"""Requests as the engine sees them: user sampling parameters and per-request state.
+
+Pure Python (no torch, no ray): the scheduler and block manager work on these objects,
+the runner only ever sees the frozen `ScheduledChunk`s built from them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+FINISH_REASONS = ("stop", "length", "abort")
+
+
+def _fail(name: str, rule: str, value: Any) -> None:
+    raise ValueError(f"{name}: {rule}, got {value!r}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample one request. Immutable; build from user input with `create`."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0.0 = greedy
+    top_k: int = -1  # -1 = no top-k
+    top_p: float = 1.0  # (0, 1]
+    seed: Optional[int] = None
+    stop: tuple[str, ...] = ()  # stop strings (cut from the output text)
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    @classmethod
+    def create(cls, **kwargs: Any) -> "SamplingParams":
+        """Build from user input: lists become tuples, a lone stop string becomes a 1-tuple,
+        unknown names are a ValueError; the result is validated."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ValueError(f"{unknown[0]}: unknown sampling parameter; valid ones are {sorted(known)}")
+        if isinstance(kwargs.get("stop"), str):
+            kwargs["stop"] = (kwargs["stop"],)
+        for name in ("stop", "stop_token_ids"):
+            if isinstance(kwargs.get(name), list):
+                kwargs[name] = tuple(kwargs[name])
+        return cls(**kwargs).validate()
+
+    def validate(self) -> "SamplingParams":
+        """Return self, or raise ValueError naming the bad field and its valid range."""
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            _fail("max_tokens", "must be an integer >= 1", self.max_tokens)
+        temp = self.temperature
+        if isinstance(temp, bool) or not isinstance(temp, (int, float)) or not (math.isfinite(temp) and temp >= 0):
+            _fail("temperature", "must be a finite number >= 0 (0 = greedy)", temp)
+        if not _is_int(self.top_k) or not (self.top_k == -1 or self.top_k >= 1):
+            _fail("top_k", "must be -1 (disabled) or an integer >= 1", self.top_k)
+        top_p = self.top_p
+        if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not (0 < top_p <= 1):
+            _fail("top_p", "must be in (0, 1]", top_p)
+        if self.seed is not None and not _is_int(self.seed):
+            _fail("seed", "must be an integer or None", self.seed)
+        if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
+            _fail("stop", "must be a tuple of non-empty strings", self.stop)
+        ids = self.stop_token_ids
+        if not isinstance(ids, tuple) or not all(_is_int(t) and t >= 0 for t in ids):
+            _fail("stop_token_ids", "must be a tuple of integers >= 0", ids)
+        if not isinstance(self.ignore_eos, bool):
+            _fail("ignore_eos", "must be a bool", self.ignore_eos)
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Request:
+    """Mutable engine-side state of one request.
+
+    Invariant kept by the scheduler: the KV cache holds the first `num_computed_tokens`
+    of `all_token_ids`, and `block_ids` covers exactly those (plus, between schedule and
+    update, the tokens scheduled this step). `arrival` orders requests (FCFS, preemption).
+    `seed` is the resolved seed: `sampling.seed` if the user gave one, else one the
+    engine drew.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    seed: int
+    arrival: float
+    eos_token_ids: frozenset[int] = frozenset()
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    block_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: Optional[str] = None
+    num_preemptions: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.prompt_token_ids:
+            raise ValueError("prompt_token_ids: the prompt must hold at least one token")
+        if not all(_is_int(t) and t >= 0 for t in self.prompt_token_ids):
+            raise ValueError("prompt_token_ids: every token id must be an integer >= 0")
+        self.prompt_token_ids = list(self.prompt_token_ids)
+        self.eos_token_ids = frozenset(self.eos_token_ids)
+        assert self.sampling.seed is None or self.sampling.seed == self.seed, "seed must honour sampling.seed"
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED

@@ -1,0 +1,54 @@
+"""Token sampling: greedy, temperature, top-k, top-p, per-request seeds.
+
+Random choices are a function of (request seed, output index) only, so a
+request samples the same tokens alone or in any batch, before or after a
+preemption.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from raymoe.actors.engine.request import SamplingParams
+
+
+def sample(logits: torch.Tensor, params: Sequence[SamplingParams], seeds: Sequence[int], steps: Sequence[int]) -> list[int]:
+    """logits [n, vocab] float32 -> one token id per row.
+
+    ``seeds[i]``/``steps[i]``: the request's seed and how many tokens it has output so far.
+    """
+    assert logits.shape[0] == len(params) == len(seeds) == len(steps)
+    out = logits.argmax(dim=-1)
+    for i, p in enumerate(params):
+        if not p.greedy:
+            out[i] = _sample_row(logits[i], p, seeds[i], steps[i])
+    return out.tolist()
+
+
+def _sample_row(logits: torch.Tensor, p: SamplingParams, seed: int, step: int) -> torch.Tensor:
+    scores = filter_logits(logits / p.temperature, p.top_k, p.top_p)
+    probs = torch.softmax(scores, dim=-1)
+    gen = torch.Generator(device=logits.device).manual_seed(_mix(seed, step))
+    # exponential race: argmax(p / E) with E ~ Exp(1) draws from p
+    noise = torch.empty_like(probs).exponential_(generator=gen)
+    return torch.argmax(probs / noise)
+
+
+def filter_logits(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Set scores outside the top-k and outside the top-p nucleus to -inf. scores [vocab]."""
+    if 0 < top_k < scores.shape[-1]:
+        kth = torch.topk(scores, top_k).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=True)
+        cum = torch.softmax(sorted_scores, dim=-1).cumsum(dim=-1)
+        # drop a token when the tokens before it already reach top_p (the first always stays)
+        drop_sorted = (cum - torch.softmax(sorted_scores, dim=-1)) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+        scores = scores.masked_fill(drop, float("-inf"))
+    return scores
+
+
+def _mix(seed: int, step: int) -> int:
+    return (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9) % (2**63 - 1)

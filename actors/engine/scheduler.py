@@ -1,0 +1,247 @@
+"""Continuous batching with chunked prefill and recompute preemption, for one DP replica.
+
+Pure policy: each `schedule()` picks which tokens of which requests get their KV computed
+this step and reserves the cache blocks for them; `update()` applies the step's result.
+The engine loop is: schedule -> run the model -> update -> stop checks -> finish().
+
+Order of one step:
+1. Running requests, oldest arrival first, each get their uncomputed tokens (1 for a
+   decode, the rest of the prompt for a partial prefill) up to the remaining token budget.
+   A request short of blocks preempts running requests from the newest arrival backwards,
+   itself last. A preempted request drops its cache and goes back to waiting; on resume it
+   recomputes prompt + outputs so far.
+2. Waiting requests, FCFS, while budget, sequence limit and free blocks allow; a prompt
+   longer than the budget left is chunked. Admission stops at the first request that does
+   not fit (no overtaking), and is skipped in a step that preempted (it would only admit
+   the victim again and thrash).
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from typing import Optional
+
+from raymoe.actors.engine.block_manager import BlockManager
+from raymoe.actors.engine.request import FINISH_REASONS, Request, RequestStatus, SamplingParams
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    """Tokens of one request whose KV the runner computes this step."""
+
+    request_id: str
+    token_ids: tuple[int, ...]  # a prompt chunk, or the last sampled token
+    start_pos: int  # position of token_ids[0] (= num_computed_tokens before the step)
+    block_ids: tuple[int, ...]  # the request's whole block table after allocation
+    sample: bool  # the chunk ends at the last known token: sample one token after it
+    sampling: SamplingParams
+    seed: int
+    num_output_tokens: int  # outputs so far (mixed into the per-request RNG)
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    chunks: tuple[ScheduledChunk, ...]
+    preempted: tuple[str, ...]  # request ids preempted this step
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.chunks)
+
+
+class Scheduler:
+    """Owns the waiting and running queues of one replica; both stay sorted by arrival."""
+
+    def __init__(
+        self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int
+    ) -> None:
+        for name, value in (
+            ("max_num_seqs", max_num_seqs),
+            ("max_num_batched_tokens", max_num_batched_tokens),
+            ("max_model_len", max_model_len),
+        ):
+            if value < 1:
+                raise ValueError(f"{name}: must be >= 1, got {value}")
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self._waiting: list[Request] = []
+        self._running: list[Request] = []
+        self._requests: dict[str, Request] = {}  # live (waiting or running) requests
+        self._order: dict[str, tuple[float, int]] = {}  # (arrival, add count): total order
+        self._num_added = 0
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    def add(self, req: Request) -> None:
+        """Queue a new request; ValueError if it could never run to max_tokens."""
+        if req.request_id in self._requests:
+            raise ValueError(f"request_id: {req.request_id!r} is already queued or running; use a unique id")
+        assert req.status is RequestStatus.WAITING and not req.block_ids and req.num_computed_tokens == 0
+        n_prompt, max_tokens = req.num_prompt_tokens, req.sampling.max_tokens
+        if n_prompt > self.max_model_len:
+            raise ValueError(
+                f"prompt_token_ids: the prompt has {n_prompt} tokens, more than max_model_len={self.max_model_len}"
+            )
+        if n_prompt + max_tokens > self.max_model_len:
+            raise ValueError(
+                f"max_tokens: prompt ({n_prompt}) + max_tokens ({max_tokens}) exceeds "
+                f"max_model_len={self.max_model_len}; use max_tokens <= {self.max_model_len - n_prompt}"
+            )
+        # The last sampled token never enters the cache, so the longest KV is prompt + max_tokens - 1.
+        # A request that cannot hold it even alone in the cache would block the queue forever.
+        bm = self.block_manager
+        need = -(-(n_prompt + max_tokens - 1) // bm.block_size)
+        if need > bm.num_blocks:
+            raise ValueError(
+                f"max_tokens: prompt ({n_prompt}) + max_tokens ({max_tokens}) needs {need} KV blocks of "
+                f"{bm.block_size} tokens but the whole cache has {bm.num_blocks}; shorten the request"
+            )
+        self._requests[req.request_id] = req
+        self._order[req.request_id] = (req.arrival, self._num_added)
+        self._num_added += 1
+        self._insert(self._waiting, req)
+
+    def abort(self, request_id: str) -> Optional[Request]:
+        """Drop a waiting or running request and free its blocks; None if it is not live."""
+        if request_id not in self._requests:
+            return None
+        return self._remove(request_id, "abort")
+
+    def finish(self, request_id: str, reason: str) -> Request:
+        """End a live request (after the engine's stop checks) and free its blocks."""
+        if reason not in FINISH_REASONS:
+            raise ValueError(f"reason: must be one of {FINISH_REASONS}, got {reason!r}")
+        if request_id not in self._requests:
+            raise ValueError(f"request_id: {request_id!r} is not queued or running")
+        return self._remove(request_id, reason)
+
+    def schedule(self) -> SchedulerOutput:
+        """Pick this step's chunks and reserve their blocks (see the module docstring)."""
+        chunks: list[ScheduledChunk] = []
+        preempted: list[str] = []
+        budget = self._schedule_running(chunks, preempted)
+        if not preempted:
+            self._admit_waiting(chunks, budget)
+        assert len(chunks) <= self.max_num_seqs
+        return SchedulerOutput(chunks=tuple(chunks), preempted=tuple(preempted))
+
+    def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Apply a finished step: advance computed tokens, append sampled tokens.
+
+        `sampled` maps request id -> token id for every chunk with sample=True (extra ids
+        are ignored). Requests aborted or finished since `schedule` are skipped. Returns
+        the requests that got a new token, in chunk order; stop checks are the caller's.
+        """
+        # Skip requests that ended since schedule (or whose id a new, still waiting request reuses).
+        live = [(c, self._requests[c.request_id]) for c in output.chunks if self._is_running(c.request_id)]
+        for chunk, _ in live:  # check before changing anything
+            if chunk.sample and chunk.request_id not in sampled:
+                raise ValueError(f"sampled: no token for {chunk.request_id!r}, whose chunk has sample=True")
+        got: list[Request] = []
+        for chunk, req in live:
+            assert chunk.start_pos == req.num_computed_tokens, f"{req.request_id}: stale or repeated update"
+            req.num_computed_tokens += len(chunk.token_ids)
+            if chunk.sample:
+                req.output_token_ids.append(int(sampled[chunk.request_id]))
+                got.append(req)
+        return got
+
+    # -- internals --------------------------------------------------------------------
+
+    def _schedule_running(self, chunks: list[ScheduledChunk], preempted: list[str]) -> int:
+        """Schedule running requests oldest first; return the token budget left."""
+        budget = self.max_num_batched_tokens
+        i = 0
+        while i < len(self._running) and budget > 0 and len(chunks) < self.max_num_seqs:
+            req = self._running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            assert n > 0, f"running request {req.request_id} has nothing to compute"
+            if not self._reserve(req, req.num_computed_tokens + n, preempted):
+                break  # req was the newest running request and preempted itself
+            chunks.append(self._chunk(req, n))
+            budget -= n
+            i += 1
+        return budget
+
+    def _reserve(self, req: Request, num_tokens_after: int, preempted: list[str]) -> bool:
+        """Allocate blocks for `req`, preempting newer running requests; False if it lost its own."""
+        bm = self.block_manager
+        while not bm.can_allocate(req, num_tokens_after):
+            victim = self._running[-1]
+            self._preempt(victim)
+            preempted.append(victim.request_id)
+            if victim is req:
+                return False
+        bm.allocate(req, num_tokens_after)
+        return True
+
+    def _admit_waiting(self, chunks: list[ScheduledChunk], budget: int) -> None:
+        bm = self.block_manager
+        while self._waiting and budget > 0 and len(chunks) < self.max_num_seqs:
+            # Budget and seq slots left means every running request got a chunk this step,
+            # so the seq limit on chunks also caps the running set.
+            assert len(self._running) == len(chunks)
+            req = self._waiting[0]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if not bm.can_allocate(req, req.num_computed_tokens + n):
+                break  # FCFS: nobody overtakes the head of the queue
+            bm.allocate(req, req.num_computed_tokens + n)
+            self._waiting.pop(0)
+            req.status = RequestStatus.RUNNING
+            self._insert(self._running, req)
+            chunks.append(self._chunk(req, n))
+            budget -= n
+
+    def _chunk(self, req: Request, n: int) -> ScheduledChunk:
+        start = req.num_computed_tokens
+        tokens = req.all_token_ids[start : start + n]
+        assert len(tokens) == n and len(req.block_ids) * self.block_manager.block_size >= start + n
+        return ScheduledChunk(
+            request_id=req.request_id,
+            token_ids=tuple(tokens),
+            start_pos=start,
+            block_ids=tuple(req.block_ids),
+            sample=start + n == req.num_tokens,
+            sampling=req.sampling,
+            seed=req.seed,
+            num_output_tokens=len(req.output_token_ids),
+        )
+
+    def _is_running(self, request_id: str) -> bool:
+        req = self._requests.get(request_id)
+        return req is not None and req.status is RequestStatus.RUNNING
+
+    def _preempt(self, req: Request) -> None:
+        self._running.remove(req)
+        self.block_manager.free(req)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.WAITING
+        req.num_preemptions += 1
+        # Running requests are older than every waiting one, so this lands at the front of waiting.
+        self._insert(self._waiting, req)
+
+    def _remove(self, request_id: str, reason: str) -> Request:
+        req = self._requests.pop(request_id)
+        del self._order[request_id]
+        queue = self._running if req.status is RequestStatus.RUNNING else self._waiting
+        queue.remove(req)
+        self.block_manager.free(req)
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        return req
+
+    def _insert(self, queue: list[Request], req: Request) -> None:
+        bisect.insort(queue, req, key=lambda r: self._order[r.request_id])

@@ -1,0 +1,206 @@
+"""Text <-> token ids and chat rendering for a Hugging Face checkpoint directory.
+
+Built on the ``tokenizers`` library and a sandboxed jinja2 environment, without
+transformers. Encoding, decoding and chat rendering give the same results as
+transformers' ``AutoTokenizer`` on the same directory (tests compare them):
+
+- tokenizer.json is the whole encoding pipeline, its post-processor included.
+  ``add_bos_token`` in tokenizer_config.json is ignored, as transformers >= 5
+  ignores it whenever tokenizer.json exists.
+- The chat template comes from chat_template.jinja if present (it wins, as in
+  transformers), else from tokenizer_config.json's ``chat_template``.
+- Decoding does no "clean up tokenization spaces" pass (transformers skips it
+  for BPE tokenizers too), so decoding is plain concatenation of token bytes.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+from datetime import datetime
+from typing import Any, Iterable, Optional, Union
+
+import jinja2
+import jinja2.ext
+import jinja2.nodes
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import AddedToken
+from tokenizers import Tokenizer as _Backend
+
+_NAMED_SPECIALS = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+class Tokenizer:
+    """A checkpoint's tokenizer: encode, decode, eos ids and chat template."""
+
+    def __init__(
+        self,
+        backend: _Backend,
+        special_tokens: dict[str, Optional[str]],
+        eos_token_ids: Iterable[int],
+        chat_template: Optional[str],
+        source: str = "<memory>",
+    ) -> None:
+        self._backend = backend
+        self._specials = dict(special_tokens)
+        self.eos_token_ids: frozenset[int] = frozenset(eos_token_ids)
+        self.chat_template = chat_template
+        self.source = source
+        self._compiled_template: Optional[jinja2.Template] = None
+
+    @classmethod
+    def from_dir(cls, path: Union[str, pathlib.Path]) -> "Tokenizer":
+        """Load from a checkpoint directory holding tokenizer.json (+ optional configs)."""
+        d = pathlib.Path(path)
+        tok_file = d / "tokenizer.json"
+        if not tok_file.is_file():
+            raise ValueError(
+                f"tokenizer directory {str(d)!r} has no tokenizer.json; point model.path at a "
+                "Hugging Face checkpoint directory that includes tokenizer.json"
+            )
+        backend = _Backend.from_file(str(tok_file))
+        tok_cfg = _read_json(d / "tokenizer_config.json")
+        specials_map = _read_json(d / "special_tokens_map.json")
+        specials = {k: _token_str(tok_cfg.get(k, specials_map.get(k))) for k in _NAMED_SPECIALS}
+        # transformers registers named special tokens missing from the vocabulary.
+        missing = [t for t in specials.values() if t is not None and backend.token_to_id(t) is None]
+        if missing:
+            backend.add_special_tokens([AddedToken(t, special=True) for t in missing])
+        eos_ids = set(_id_list(_eos_from_configs(d)))
+        if specials["eos_token"] is not None:
+            eos_ids.add(backend.token_to_id(specials["eos_token"]))
+        return cls(backend, specials, eos_ids, _find_chat_template(d, tok_cfg), source=str(d))
+
+    def __getstate__(self) -> dict:
+        # Picklable (Ray ships it to actors): drop the compiled template, rebuilt on use.
+        return {**self.__dict__, "_compiled_template": None}
+
+    # ---- encode / decode -------------------------------------------------
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text``; special-token strings in it map to their ids."""
+        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        """Text of ``ids``; incomplete UTF-8 sequences decode to U+FFFD."""
+        return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> Optional[int]:
+        return self._backend.token_to_id(token)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids, added tokens included (may be below the model's embedding rows)."""
+        return self._backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def bos_token(self) -> Optional[str]:
+        return self._specials["bos_token"]
+
+    @property
+    def eos_token(self) -> Optional[str]:
+        return self._specials["eos_token"]
+
+    @property
+    def pad_token(self) -> Optional[str]:
+        return self._specials["pad_token"]
+
+    # ---- chat ------------------------------------------------------------
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: Optional[list[dict]] = None,
+        **template_kwargs: Any,
+    ) -> str:
+        """Render ``messages`` ([{"role", "content"}, ...]) into the prompt string."""
+        if self.chat_template is None:
+            raise ValueError(
+                f"the tokenizer at {self.source!r} has no chat template (neither chat_template.jinja "
+                "nor tokenizer_config.json's chat_template); send a plain prompt instead of chat messages"
+            )
+        if self._compiled_template is None:
+            self._compiled_template = _chat_environment().from_string(self.chat_template)
+        variables = {k: v for k, v in self._specials.items() if v is not None}
+        variables.update(template_kwargs)
+        return self._compiled_template.render(
+            messages=messages, tools=tools, documents=None,
+            add_generation_prompt=add_generation_prompt, **variables,
+        )
+
+
+# ---- helpers --------------------------------------------------------------
+def _read_json(path: pathlib.Path) -> dict:
+    if not path.is_file():
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _token_str(value: Any) -> Optional[str]:
+    """A special token as written in configs: a string or an AddedToken dict."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+def _id_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+
+
+def _eos_from_configs(d: pathlib.Path) -> Any:
+    """eos_token_id of generation_config.json, else config.json (int, list or None)."""
+    for name in ("generation_config.json", "config.json"):
+        value = _read_json(d / name).get("eos_token_id")
+        if value is not None:
+            return value
+    return None
+
+
+def _find_chat_template(d: pathlib.Path, tok_cfg: dict) -> Optional[str]:
+    jinja_file = d / "chat_template.jinja"
+    if jinja_file.is_file():
+        return jinja_file.read_text(encoding="utf-8")
+    template = tok_cfg.get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
+        named = {t["name"]: t["template"] for t in template}
+        template = named.get("default")
+    return template
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    """Accept ``{% generation %}...{% endgeneration %}`` (assistant-mask markers); render the body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+
+    def _render(self, caller) -> str:
+        return caller()
+
+
+def _raise_exception(message: str):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    # Unlike jinja's own tojson, no HTML escaping: templates emit JSON for the model to read.
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+def _chat_environment() -> ImmutableSandboxedEnvironment:
+    """The jinja2 environment chat templates expect (same options and helpers as HF's)."""
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env

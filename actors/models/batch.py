@@ -1,0 +1,39 @@
+"""ForwardBatch: the per-step state a model forward needs, passed as an argument."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Protocol
+
+import torch
+
+
+class Attention(Protocol):
+    """An attention backend planned for one step (see raymoe.actors.engine.attention)."""
+
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Write k/v of the step's tokens into layer ``layer``'s KV cache, attend.
+
+        q [T, heads, D], k/v [T, kv_heads, D] -> [T, heads, D].
+        """
+        ...
+
+
+class ExpertLoadRecorder(Protocol):
+    def record(self, moe_layer: int, physical_ids: torch.Tensor) -> None:
+        """Count tokens routed to each physical expert; physical_ids [N, top_k]."""
+        ...
+
+
+@dataclass
+class ForwardBatch:
+    input_ids: torch.Tensor  # [T] int64, this DP replica's tokens
+    positions: torch.Tensor  # [T] int64
+    attention: Attention
+    # tokens of every DP replica this step: MoE layers gather all replicas' tokens,
+    # padded to the largest count, so every rank of the world runs them in lockstep
+    dp_token_counts: tuple[int, ...] = ()
+    expert_load: Optional[ExpertLoadRecorder] = None
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])

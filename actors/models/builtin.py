@@ -1,0 +1,311 @@
+"""Built-in tiny checkpoints, written to a local cache on first use (no network).
+
+``ensure_builtin("tiny-qwen3-moe")`` returns a real Hugging Face checkpoint
+directory (config.json, model.safetensors, tokenizer.json, tokenizer_config.json,
+generation_config.json) that transformers loads as ``Qwen3MoeForCausalLM``. It
+lets every test and the default CPU config run a genuine MoE model end to end.
+
+Writing is deterministic (same bytes every time, in every process) and atomic:
+files go to a temporary directory next to the target, which is then renamed
+into place, so processes racing to create it never see a half-written one.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Callable, Optional, Union
+
+from raymoe.cluster.config import BUILTIN_PREFIX
+
+_VERSION = "v1"
+_SEED = 1234
+_VOCAB_TARGET = 512
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+# The Qwen2 pre-tokenizer split pattern (contractions, letter runs, single
+# digits, punctuation runs, newlines, whitespace), so that transformers'
+# Qwen2Tokenizer, which rebuilds its pipeline from this pattern, matches ours.
+_SPLIT_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
+    r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+# Training text for the tokenizer, written for this project.
+_CORPUS = """\
+The lighthouse keeper woke before the sun, as she had done for thirty years.
+She climbed the spiral stairs, counted the steps, and checked the great lamp.
+The sea was calm this morning, and the gulls were already calling over the harbour.
+Down in the village, the baker was pulling the first loaves from the oven,
+and the smell of warm bread drifted along the narrow streets to the water.
+
+A small boat came around the point at seven o'clock. Two fishermen were aboard,
+and they waved to the keeper when they saw her standing on the gallery.
+"Good morning!" they shouted. "Will the weather hold today?"
+She looked at the clouds in the west and answered that it would hold until evening,
+but that they should be home before the wind turned.
+
+Every evening she wrote a few lines in the log: the time the lamp was lit,
+the state of the sea, the ships that passed, and anything else worth noting.
+Some of the oldest pages were written by her grandfather, in a careful hand,
+with notes about storms, wrecks, and rescues that people still talked about.
+She liked to read them on quiet nights, when the only sound was the wind.
+
+In the spring, students from the city came to study the birds on the cliffs.
+They asked many questions: how many nests were there, when did the chicks hatch,
+and which birds stayed through the winter? The keeper did not know every answer,
+but she knew where to look, and she showed them the places that were safe to walk.
+One of the students, a quiet girl named Ada, returned every year after that.
+
+Years later, when the lamp was replaced by an automatic light, the keeper moved
+into a small house in the village. She kept the old log books on a shelf by the window,
+and she still woke before the sun. Sometimes she walked to the end of the pier
+to watch the new light turn, slow and steady, over the dark water.
+The light had changed, she said, but the sea had not, and neither had she.
+
+Numbers matter at sea: 1, 2, 3, 10, 12, 24, 100, 365 and 2024 all appear in the log.
+A good log is simple, clear, and honest. It is written for the next reader,
+who may need to know what happened, when it happened, and why it mattered.
+Questions, answers, and small details: these are the things that help people later.
+"""
+
+
+def default_cache_dir() -> pathlib.Path:
+    """$RAYMOE_CACHE, else ~/.cache/raymoe."""
+    env = os.environ.get("RAYMOE_CACHE")
+    return pathlib.Path(env) if env else pathlib.Path.home() / ".cache" / "raymoe"
+
+
+def ensure_builtin(name: str, cache_dir: Optional[Union[str, os.PathLike]] = None) -> pathlib.Path:
+    """Path of the built-in checkpoint ``name``, written on first call.
+
+    The directory is ``<cache_dir>/builtin/<name>-v1``; later calls (from any
+    process) only check that it exists.
+    """
+    writers = _writers()
+    if name not in writers:
+        raise ValueError(f"unknown built-in model {name!r}; known built-in models: {sorted(writers)}")
+    root = pathlib.Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    final = root / "builtin" / f"{name}-{_VERSION}"
+    if not final.is_dir():
+        _write_atomically(final, writers[name])
+    return final
+
+
+def builtin_names() -> tuple[str, ...]:
+    """Names ``ensure_builtin`` accepts."""
+    return tuple(sorted(_writers()))
+
+
+def _writers() -> dict[str, Callable[[pathlib.Path], None]]:
+    return {"tiny-qwen3-moe": write_tiny_qwen3_moe}
+
+
+def _write_atomically(final: pathlib.Path, write: Callable[[pathlib.Path], None]) -> None:
+    """Run ``write(tmp)`` into a fresh sibling directory, then rename it to ``final``."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared
+        try:
+            os.rename(tmp, final)
+        except OSError as e:
+            # Another process renamed its copy into place first: keep theirs.
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not final.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_tiny_qwen3_moe(dst: pathlib.Path) -> None:
+    """Write the tiny Qwen3-MoE checkpoint (4 layers, 8 experts, top-2) into ``dst``."""
+    tok = train_tokenizer()
+    tok.save(str(dst / "tokenizer.json"), pretty=True)
+    ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
+    config = _model_config(tok.get_vocab_size(with_added_tokens=True), ids)
+    _write_json(dst / "config.json", config)
+    _write_json(dst / "tokenizer_config.json", _tokenizer_config(ids))
+    _write_json(dst / "generation_config.json", {
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
+        "pad_token_id": ids["<|endoftext|>"],
+    })
+    _write_weights(dst / "model.safetensors", config)
+
+
+def train_tokenizer():
+    """A byte-level BPE tokenizer (Qwen2-style pipeline) trained on the built-in text.
+
+    Deterministic: the trainer breaks ties between equally frequent pairs by
+    the pair itself and sorts the initial byte alphabet, so the same corpus
+    always gives the same vocabulary and merges.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_SPLIT_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=_VOCAB_TARGET,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS.splitlines(keepends=True), trainer=trainer)
+    return tok
+
+
+def _tokenizer_config(ids: dict[str, int]) -> dict:
+    added = {
+        str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                 "single_word": False, "special": True}
+        for t, i in sorted(ids.items(), key=lambda kv: kv[1])
+    }
+    return {
+        "tokenizer_class": "Qwen2Tokenizer",
+        "added_tokens_decoder": added,
+        "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
+        "bos_token": None,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": None,
+        "add_prefix_space": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 2048,
+        "chat_template": CHATML_TEMPLATE,
+    }
+
+
+def _model_config(vocab_size: int, ids: dict[str, int]) -> dict:
+    return {
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "model_type": "qwen3_moe",
+        "vocab_size": vocab_size,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "moe_intermediate_size": 32,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "norm_topk_prob": True,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "rope_scaling": None,
+        "max_position_embeddings": 2048,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "tie_word_embeddings": False,
+        "initializer_range": 0.02,
+        "router_aux_loss_coef": 0.001,
+        "output_router_logits": False,
+        "use_cache": True,
+        "torch_dtype": "float32",
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+    }
+
+
+def _weight_shapes(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
+    """HF Hub tensor names and shapes for Qwen3-MoE (per-expert layout), in a fixed order."""
+    h, v, d = cfg["hidden_size"], cfg["vocab_size"], cfg["head_dim"]
+    nq, nkv, f = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["moe_intermediate_size"]
+    shapes = [("model.embed_tokens.weight", (v, h))]
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes += [
+            (p + "input_layernorm.weight", (h,)),
+            (p + "self_attn.q_proj.weight", (nq * d, h)),
+            (p + "self_attn.k_proj.weight", (nkv * d, h)),
+            (p + "self_attn.v_proj.weight", (nkv * d, h)),
+            (p + "self_attn.o_proj.weight", (h, nq * d)),
+            (p + "self_attn.q_norm.weight", (d,)),
+            (p + "self_attn.k_norm.weight", (d,)),
+            (p + "post_attention_layernorm.weight", (h,)),
+            (p + "mlp.gate.weight", (cfg["num_experts"], h)),
+        ]
+        for j in range(cfg["num_experts"]):
+            e = f"{p}mlp.experts.{j}."
+            shapes += [(e + "gate_proj.weight", (f, h)), (e + "up_proj.weight", (f, h)),
+                       (e + "down_proj.weight", (h, f))]
+    shapes += [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
+    return shapes
+
+
+def _init_std(name: str) -> float:
+    """Std of the normal init for one tensor (0 means: all ones, for norms).
+
+    Every linear layer reads an RMS-normalised input (RMS 1 per element), so
+    output std ~= sqrt(fan_in) * std. Embeddings at std 1 keep the residual
+    stream O(1). Projections at 0.15 (fan-in 32..64) give O(1) activations that
+    neither vanish nor blow up over 4 layers. The router (0.5) and lm_head (0.5)
+    give logits of std ~4 over the 64-wide input instead of the ~0.2 of the usual
+    0.02 init: next-token distributions are peaked (top-1 well above the rest),
+    so sampling tests see distinct behaviour per temperature/top-p, and greedy
+    top-1/top-2 margins are typically O(0.1..1), orders above float32 rounding
+    (~1e-5), so greedy output does not flip between kernels or parallel layouts.
+    (Margins scale with the logits, as does bf16 error, so bf16-vs-fp32 runs
+    should compare logits with a tolerance, not token sequences.)
+    """
+    if name.endswith("norm.weight"):
+        return 0.0
+    if name == "model.embed_tokens.weight":
+        return 1.0
+    if name.endswith("mlp.gate.weight") or name == "lm_head.weight":
+        return 0.5
+    return 0.15
+
+
+def _write_weights(path: pathlib.Path, cfg: dict) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(_SEED)
+    tensors = {}
+    for name, shape in _weight_shapes(cfg):
+        std = _init_std(name)
+        if std == 0.0:
+            tensors[name] = torch.ones(shape, dtype=torch.float32)
+        else:
+            tensors[name] = torch.randn(shape, generator=gen, dtype=torch.float32) * std
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def _write_json(path: pathlib.Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def resolve_model_path(path: str, cache_dir: Optional[Union[str, os.PathLike]] = None) -> pathlib.Path:
+    """``builtin:<name>`` -> the written built-in checkpoint; else an existing checkpoint directory."""
+    if path.startswith(BUILTIN_PREFIX):
+        return ensure_builtin(path[len(BUILTIN_PREFIX) :], cache_dir)
+    p = pathlib.Path(path).expanduser()
+    if not (p / "config.json").is_file():
+        raise ValueError(
+            f"model.path: {path!r} is not a Hugging Face checkpoint directory (no config.json there); "
+            f"download the checkpoint first, or use builtin:tiny-qwen3-moe"
+        )
+    return p

@@ -1,0 +1,74 @@
+"""Read slices of a safetensors checkpoint without loading whole tensors.
+
+Files are memory-mapped (safetensors ``safe_open``) and only the rows/columns a
+rank owns are materialised, so a rank never holds the whole checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Optional
+
+import torch
+from safetensors import safe_open
+
+
+class CheckpointReader:
+    def __init__(self, checkpoint_dir: str | pathlib.Path) -> None:
+        self.dir = pathlib.Path(checkpoint_dir)
+        self.file_of: dict[str, pathlib.Path] = _index(self.dir)
+        self._open: dict[pathlib.Path, object] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.file_of
+
+    def read(
+        self,
+        name: str,
+        dim: Optional[int] = None,
+        start: int = 0,
+        stop: Optional[int] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> torch.Tensor:
+        """Tensor ``name``, or only ``[start, stop)`` along ``dim``; cast to ``dtype``."""
+        if name not in self.file_of:
+            raise ValueError(f"checkpoint {self.dir}: tensor {name!r} is missing")
+        view = self._handle(self.file_of[name]).get_slice(name)
+        if dim is None:
+            t = view[:]
+        else:
+            shape = view.get_shape()
+            stop = shape[dim] if stop is None else stop
+            if not 0 <= start < stop <= shape[dim]:
+                raise ValueError(f"{name}: slice [{start}, {stop}) outside dim {dim} of shape {shape}")
+            t = view[tuple([slice(None)] * dim + [slice(start, stop)])]
+        return t.to(dtype) if dtype is not None else t
+
+    def shape(self, name: str) -> list[int]:
+        if name not in self.file_of:
+            raise ValueError(f"checkpoint {self.dir}: tensor {name!r} is missing")
+        return list(self._handle(self.file_of[name]).get_slice(name).get_shape())
+
+    def _handle(self, file: pathlib.Path):
+        if file not in self._open:
+            self._open[file] = safe_open(str(file), framework="pt")
+        return self._open[file]
+
+    def close(self) -> None:
+        self._open.clear()
+
+
+def _index(d: pathlib.Path) -> dict[str, pathlib.Path]:
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: d / file for name, file in weight_map.items()}
+    files = sorted(d.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{d}: no *.safetensors files (raymoe loads safetensors checkpoints only)")
+    out: dict[str, pathlib.Path] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as h:
+            for name in h.keys():
+                out[name] = f
+    return out

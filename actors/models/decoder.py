@@ -1,0 +1,120 @@
+"""The pre-norm decoder every supported architecture is built from, already sharded.
+
+Attention: heads over ``tp``; dense MLPs over ``tp``; vocabulary (embedding and
+LM head) over ``tp``; MoE layers over the whole world (see moe.py).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from raymoe.actors.models.batch import ForwardBatch
+from raymoe.actors.models.checkpoint import CheckpointReader
+from raymoe.actors.models.expert_map import ExpertMap
+from raymoe.actors.models.layers import (
+    DenseMLP,
+    ParallelLMHead,
+    QKVProjection,
+    RMSNorm,
+    RotaryEmbedding,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
+from raymoe.actors.models.moe import MoE
+from raymoe.actors.models.registry import architecture_traits
+from raymoe.actors.models.spec import ModelSpec
+from raymoe.comm.groups import Groups
+
+
+class AttentionBlock(nn.Module):
+    def __init__(self, spec: ModelSpec, layer: int, groups: Groups, rotary: RotaryEmbedding, dtype, device) -> None:
+        super().__init__()
+        self.layer = layer
+        self.rotary = rotary
+        self.qkv = QKVProjection(spec, groups.tp, dtype, device)
+        self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, dtype, device) if spec.qk_norm else None
+        self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, dtype, device) if spec.qk_norm else None
+        self.o_proj = RowParallelLinear(
+            self.qkv.heads * spec.head_dim, spec.hidden_size, groups.tp, spec.attention_bias, dtype, device
+        )
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        q, k, v = self.qkv(x)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(batch.positions, q, k)
+        out = batch.attention.forward(self.layer, q, k, v)
+        return self.o_proj(out.reshape(x.shape[0], self.qkv.heads * self.qkv.head_dim))
+
+    def load(self, reader: CheckpointReader, prefix: str) -> None:
+        self.qkv.load(reader, prefix)
+        if self.q_norm is not None:
+            self.q_norm.load(reader, prefix + "q_norm.weight")
+            self.k_norm.load(reader, prefix + "k_norm.weight")
+        self.o_proj.load(reader, prefix + "o_proj.", self.qkv.q_start * self.qkv.head_dim)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: ModelSpec, layer: int, attn: AttentionBlock, mlp: nn.Module, dtype, device) -> None:
+        super().__init__()
+        self.layer = layer
+        self.input_norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype, device)
+        self.attn = attn
+        self.post_norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype, device)
+        self.mlp = mlp
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        x = x + self.attn(self.input_norm(x), batch)
+        h = self.post_norm(x)
+        return x + (self.mlp(h, batch) if isinstance(self.mlp, MoE) else self.mlp(h))
+
+
+class CausalLM(nn.Module):
+    def __init__(self, spec: ModelSpec, groups: Groups, expert_map: ExpertMap | None, dtype, device) -> None:
+        super().__init__()
+        self.spec = spec
+        self.traits = architecture_traits(spec.architecture)
+        self.embed = VocabParallelEmbedding(spec.vocab_size, spec.hidden_size, groups.tp, dtype, device)
+        rotary = RotaryEmbedding(spec.head_dim, spec.rope, spec.max_position, device)
+        moe_index = {layer: i for i, layer in enumerate(spec.moe_layers)}
+        layers = []
+        for i in range(spec.num_layers):
+            if i in moe_index:
+                assert expert_map is not None
+                mlp: nn.Module = MoE(spec, i, moe_index[i], groups, expert_map, dtype, device)
+            else:
+                mlp = DenseMLP(spec.hidden_size, spec.intermediate_size, groups.tp, dtype, device)
+            attn = AttentionBlock(spec, i, groups, rotary, dtype, device)
+            layers.append(DecoderLayer(spec, i, attn, mlp, dtype, device))
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype, device)
+        self.lm_head = ParallelLMHead(self.embed, spec.tie_word_embeddings, dtype, device)
+
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """-> final hidden states [T, H] (normed); logits come from compute_logits."""
+        x = self.embed(batch.input_ids)
+        for layer in self.layers:
+            x = layer(x, batch)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, H] -> logits [N, vocab], float32."""
+        return self.lm_head(hidden).float()
+
+    @torch.no_grad()
+    def load(self, reader: CheckpointReader, show_progress: bool = True) -> None:
+        """Read this rank's share of every tensor; a missing tensor raises ValueError naming it."""
+        self.embed.load(reader, "model.embed_tokens.weight")
+        for layer in tqdm(self.layers, desc="loading layers", unit="layer", disable=not show_progress):
+            prefix = f"model.layers.{layer.layer}."
+            layer.input_norm.load(reader, prefix + "input_layernorm.weight")
+            layer.post_norm.load(reader, prefix + "post_attention_layernorm.weight")
+            layer.attn.load(reader, prefix + "self_attn.")
+            if isinstance(layer.mlp, MoE):
+                layer.mlp.load(reader, self.traits.experts)
+            else:
+                mlp = prefix + "mlp."
+                layer.mlp.load(reader, mlp + "gate_proj.weight", mlp + "up_proj.weight", mlp + "down_proj.")
+        self.norm.load(reader, "model.norm.weight")
+        self.lm_head.load(reader, "lm_head.weight")

@@ -1,0 +1,42 @@
+"""Device-side expert maps of every MoE layer, updated in place.
+
+Tensors keep their storage across updates, so CUDA graphs captured with them
+stay valid after a rebalance switches a layer's map.
+"""
+from __future__ import annotations
+
+import torch
+
+from raymoe.cluster.expert_placement import replica_tables
+
+
+class ExpertMap:
+    def __init__(self, physical_to_logical: torch.Tensor, num_logical: int, device: torch.device) -> None:
+        """physical_to_logical: [moe_layers, P] int64 (see raymoe.cluster.expert_placement)."""
+        self.num_logical = num_logical
+        self.num_physical = physical_to_logical.shape[1]
+        l2p, counts = replica_tables(physical_to_logical, num_logical)
+        self.physical_to_logical = physical_to_logical.to(device)
+        self.logical_to_physical = l2p.to(device)
+        self.replica_count = counts.to(device)
+        self.physical_to_logical_cpu = physical_to_logical.clone()
+
+    def select(self, moe_layer: int, logical_ids: torch.Tensor) -> torch.Tensor:
+        """Physical slot of each (token, k) choice: logical_ids [N, k] -> [N, k].
+
+        A token's replica is picked by its row index modulo the replica count:
+        deterministic, and spread evenly over replicas. Replicas hold identical
+        weights, so the pick only changes floating-point summation order.
+        """
+        counts = self.replica_count[moe_layer][logical_ids]
+        rows = torch.arange(logical_ids.shape[0], device=logical_ids.device).unsqueeze(1)
+        replica = rows % counts
+        return self.logical_to_physical[moe_layer][logical_ids, replica]
+
+    def update_layer(self, moe_layer: int, physical_to_logical: torch.Tensor) -> None:
+        """Switch one layer to a new placement p2l [P], in place."""
+        l2p, counts = replica_tables(physical_to_logical.view(1, -1).cpu(), self.num_logical)
+        self.physical_to_logical[moe_layer].copy_(physical_to_logical)
+        self.logical_to_physical[moe_layer].copy_(l2p[0])
+        self.replica_count[moe_layer].copy_(counts[0])
+        self.physical_to_logical_cpu[moe_layer].copy_(physical_to_logical.cpu())

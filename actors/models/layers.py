@@ -1,0 +1,206 @@
+"""Building blocks shared by the architectures, built already sharded.
+
+Every sharded layer takes its GroupCoordinator at build time and loads only its
+own share from the checkpoint (``load(reader, ...)``). Shapes use T = tokens in
+the step, H = hidden size.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raymoe.actors.models.checkpoint import CheckpointReader
+from raymoe.actors.models.spec import ModelSpec, RopeSpec
+from raymoe.comm.group import GroupCoordinator
+
+
+def split_evenly(total: int, parts: int, what: str, fix: str) -> int:
+    if total % parts:
+        raise ValueError(f"{what}={total} is not divisible by {parts}: {fix}")
+    return total // parts
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size, dtype=dtype, device=device), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # statistics in fp32, like the reference implementation
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+    def load(self, reader: CheckpointReader, name: str) -> None:
+        self.weight.copy_(reader.read(name))
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (rotate-half layout) with a cos/sin table per position."""
+
+    def __init__(self, head_dim: int, rope: RopeSpec, max_position: int, device: torch.device) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+        if rope.kind == "llama3":
+            inv_freq = _llama3_inv_freq(inv_freq, rope)
+        freqs = torch.arange(max_position, dtype=torch.float)[:, None] * inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("cos", emb.cos().to(device), persistent=False)
+        self.register_buffer("sin", emb.sin().to(device), persistent=False)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T]; q [T, heads, D], k [T, kv_heads, D] -> rotated q, k."""
+        cos = self.cos[positions].unsqueeze(1).to(q.dtype)
+        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, rope: RopeSpec) -> torch.Tensor:
+    """Llama 3.1 frequency scaling: long wavelengths slowed by ``factor``, a smooth ramp between."""
+    low_wavelen = rope.original_max_position / rope.low_freq_factor
+    high_wavelen = rope.original_max_position / rope.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+    smooth = (rope.original_max_position / wavelen - rope.low_freq_factor) / (
+        rope.high_freq_factor - rope.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding with the vocabulary split into equal row ranges over ``tp``."""
+
+    def __init__(self, vocab: int, hidden: int, tp: GroupCoordinator, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.vocab, self.tp = vocab, tp
+        self.rows = -(-vocab // tp.world_size)  # padded share: ceil(vocab / tp)
+        self.start = tp.rank_in_group * self.rows
+        self.stop = min(vocab, self.start + self.rows)
+        self.weight = nn.Parameter(torch.zeros(self.rows, hidden, dtype=dtype, device=device), requires_grad=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [T] -> [T, H], summed over tp."""
+        if self.tp.world_size == 1:
+            return F.embedding(ids, self.weight)
+        mine = (ids >= self.start) & (ids < self.stop)
+        out = F.embedding((ids - self.start).clamp(0, self.rows - 1), self.weight)
+        out = out * mine.unsqueeze(-1).to(out.dtype)
+        return self.tp.all_reduce(out)
+
+    def load(self, reader: CheckpointReader, name: str) -> None:
+        if self.stop > self.start:
+            self.weight[: self.stop - self.start].copy_(reader.read(name, 0, self.start, self.stop))
+
+
+class ParallelLMHead(nn.Module):
+    """Vocab-parallel output projection; ``forward`` returns full-vocabulary logits."""
+
+    def __init__(self, embedding: VocabParallelEmbedding, tied: bool, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.embedding = embedding
+        self.tied = tied
+        if not tied:
+            self.weight = nn.Parameter(torch.zeros_like(embedding.weight, dtype=dtype, device=device), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [N, H] -> logits [N, vocab] (gathered over tp)."""
+        weight = self.embedding.weight if self.tied else self.weight
+        logits = F.linear(x, weight)
+        logits = self.embedding.tp.all_gather(logits, dim=-1)
+        return logits[..., : self.embedding.vocab]
+
+    def load(self, reader: CheckpointReader, name: str) -> None:
+        e = self.embedding
+        if not self.tied and e.stop > e.start:
+            self.weight[: e.stop - e.start].copy_(reader.read(name, 0, e.start, e.stop))
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T (+ b): input dim split over ``group``, outputs summed over it."""
+
+    def __init__(self, in_local: int, out: int, group: GroupCoordinator, bias: bool, dtype, device) -> None:
+        super().__init__()
+        self.group = group
+        self.weight = nn.Parameter(torch.zeros(out, in_local, dtype=dtype, device=device), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(out, dtype=dtype, device=device), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.group.all_reduce(F.linear(x, self.weight))
+        return y + self.bias if self.bias is not None else y
+
+    def load(self, reader: CheckpointReader, prefix: str, col_start: int) -> None:
+        cols = self.weight.shape[1]
+        self.weight.copy_(reader.read(prefix + "weight", 1, col_start, col_start + cols))
+        if self.bias is not None:
+            self.bias.copy_(reader.read(prefix + "bias"))
+
+
+class QKVProjection(nn.Module):
+    """Fused q/k/v projection of this rank's heads: query heads split over tp; KV
+    heads split too, or replicated when tp exceeds their number."""
+
+    def __init__(self, spec: ModelSpec, tp: GroupCoordinator, dtype, device) -> None:
+        super().__init__()
+        n, r = tp.world_size, tp.rank_in_group
+        self.heads = split_evenly(spec.num_heads, n, "num_attention_heads", "choose a tp that divides it")
+        if spec.num_kv_heads >= n:
+            self.kv_heads = split_evenly(spec.num_kv_heads, n, "num_key_value_heads", "choose a tp that divides it")
+            self.kv_start = r * self.kv_heads
+        else:
+            split_evenly(n, spec.num_kv_heads, "tp", "tp must be a multiple of num_key_value_heads when larger")
+            self.kv_heads, self.kv_start = 1, r // (n // spec.num_kv_heads)
+        self.q_start = r * self.heads
+        self.head_dim = spec.head_dim
+        rows = (self.heads + 2 * self.kv_heads) * spec.head_dim
+        self.weight = nn.Parameter(torch.zeros(rows, spec.hidden_size, dtype=dtype, device=device), requires_grad=False)
+        self.bias = (
+            nn.Parameter(torch.zeros(rows, dtype=dtype, device=device), requires_grad=False)
+            if spec.attention_bias
+            else None
+        )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [T, H] -> q [T, heads, D], k [T, kv_heads, D], v [T, kv_heads, D]."""
+        qkv = F.linear(x, self.weight, self.bias)
+        d = self.head_dim
+        q, k, v = qkv.split([self.heads * d, self.kv_heads * d, self.kv_heads * d], dim=-1)
+        return q.view(-1, self.heads, d), k.view(-1, self.kv_heads, d), v.view(-1, self.kv_heads, d)
+
+    def load(self, reader: CheckpointReader, prefix: str) -> None:
+        d = self.head_dim
+        parts = [("q_proj.", self.q_start, self.heads), ("k_proj.", self.kv_start, self.kv_heads),
+                 ("v_proj.", self.kv_start, self.kv_heads)]  # fmt: skip
+        self.weight.copy_(torch.cat([reader.read(prefix + p + "weight", 0, s * d, (s + c) * d) for p, s, c in parts]))
+        if self.bias is not None:
+            self.bias.copy_(torch.cat([reader.read(prefix + p + "bias", 0, s * d, (s + c) * d) for p, s, c in parts]))
+
+
+class DenseMLP(nn.Module):
+    """SwiGLU MLP, intermediate dim split over tp: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden: int, intermediate: int, tp: GroupCoordinator, dtype, device) -> None:
+        super().__init__()
+        self.local = split_evenly(intermediate, tp.world_size, "intermediate_size", "choose a tp that divides it")
+        self.start = tp.rank_in_group * self.local
+        self.gate_up = nn.Parameter(torch.zeros(2 * self.local, hidden, dtype=dtype, device=device), requires_grad=False)
+        self.down = RowParallelLinear(self.local, hidden, tp, bias=False, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+    def load(self, reader: CheckpointReader, gate: str, up: str, down_prefix: str) -> None:
+        s, e = self.start, self.start + self.local
+        self.gate_up.copy_(torch.cat([reader.read(gate, 0, s, e), reader.read(up, 0, s, e)]))
+        self.down.load(reader, down_prefix, s)

@@ -1,0 +1,121 @@
+"""Expert-parallel MoE layer.
+
+Token dispatch (chosen for simplicity and exactness; the fast path is a later
+concern): attention leaves every rank of a DP replica holding that replica's
+tokens. The MoE layer
+
+1. all-gathers the tokens of every DP replica over the ``dp`` group (each padded
+   to the step's largest replica), so every rank sees every token of the step;
+2. routes them (router replicated on every rank) to logical experts, and maps
+   each choice to a physical expert slot through the ExpertMap;
+3. runs the experts whose slots this rank holds -- its EP share, with its
+   ``moe_tp`` slice of each expert's intermediate dimension -- weighting by the
+   router probabilities;
+4. all-reduces the partial outputs over the world (the world is exactly
+   ep x moe_tp shares, each held by one rank) and keeps its own replica's rows.
+
+The layer never looks at which rank holds a logical expert except through the
+ExpertMap, so load balancing can move and replicate experts without touching it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raymoe.actors.models.batch import ForwardBatch
+from raymoe.actors.models.checkpoint import CheckpointReader
+from raymoe.actors.models.expert_map import ExpertMap
+from raymoe.actors.models.layers import split_evenly
+from raymoe.actors.models.spec import ModelSpec
+from raymoe.comm.groups import Groups
+
+
+@dataclass(frozen=True)
+class ExpertNames:
+    """Checkpoint tensor names of one MoE layer; ``{layer}`` and ``{expert}`` are filled in."""
+
+    router: str
+    gate: str
+    up: str
+    down: str
+
+
+class MoE(nn.Module):
+    def __init__(
+        self, spec: ModelSpec, layer: int, moe_layer: int, groups: Groups, expert_map: ExpertMap, dtype, device
+    ) -> None:
+        super().__init__()
+        assert spec.moe is not None
+        self.layer, self.moe_layer = layer, moe_layer
+        self.top_k, self.norm_topk_prob = spec.moe.top_k, spec.moe.norm_topk_prob
+        self.groups, self.expert_map = groups, expert_map
+        self.slots = expert_map.num_physical // groups.ep.world_size
+        self.slot_start = groups.ep.rank_in_group * self.slots
+        self.inter = split_evenly(
+            spec.moe.intermediate_size, groups.moe_tp.world_size, "moe_intermediate_size",
+            "choose an ep so that world_size / ep (moe_tp) divides it",
+        )  # fmt: skip
+        self.inter_start = groups.moe_tp.rank_in_group * self.inter
+        h = spec.hidden_size
+        self.router = nn.Parameter(torch.zeros(spec.moe.num_experts, h, dtype=dtype, device=device), requires_grad=False)
+        self.w13 = nn.Parameter(torch.zeros(self.slots, 2 * self.inter, h, dtype=dtype, device=device), requires_grad=False)
+        self.w2 = nn.Parameter(torch.zeros(self.slots, h, self.inter, dtype=dtype, device=device), requires_grad=False)
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """x [T, H] (this DP replica's tokens) -> [T, H]."""
+        dp = self.groups.dp
+        counts = batch.dp_token_counts or (x.shape[0],)
+        pad = max(counts)
+        if dp.world_size > 1:
+            x_all = dp.all_gather(F.pad(x, (0, 0, 0, pad - x.shape[0])))
+            row = torch.arange(x_all.shape[0], device=x.device)
+            valid = (row % pad) < torch.tensor(counts, device=x.device)[row // pad]
+        else:
+            x_all, valid = x, None
+
+        weights, logical = self.route(x_all)
+        physical = self.expert_map.select(self.moe_layer, logical)
+        if valid is not None:
+            physical = torch.where(valid.unsqueeze(1), physical, -1)  # padding rows go nowhere
+        if batch.expert_load is not None:
+            batch.expert_load.record(self.moe_layer, physical)
+        out = self.groups.world.all_reduce(self.run_local_experts(x_all, physical, weights))
+        if dp.world_size > 1:
+            start = dp.rank_in_group * pad
+            out = out[start : start + x.shape[0]]
+        return out
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, H] -> (weights [N, k] in x's dtype, logical expert ids [N, k])."""
+        probs = torch.softmax(F.linear(x, self.router), dim=-1, dtype=torch.float)
+        weights, logical = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights.to(x.dtype), logical
+
+    def run_local_experts(self, x: torch.Tensor, physical: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Sum over this rank's expert slots of weight * expert(x); rows routed elsewhere get 0."""
+        out = torch.zeros_like(x)
+        local = physical - self.slot_start
+        local = torch.where((local >= 0) & (local < self.slots), local, -1)
+        for slot in torch.unique(local[local >= 0]).tolist():
+            token, k = torch.where(local == slot)
+            gate, up = F.linear(x[token], self.w13[slot]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, self.w2[slot])
+            out.index_add_(0, token, y * weights[token, k].unsqueeze(1))
+        return out
+
+    def load(self, reader: CheckpointReader, names: ExpertNames) -> None:
+        self.router.copy_(reader.read(names.router.format(layer=self.layer)))
+        s, e = self.inter_start, self.inter_start + self.inter
+        placement = self.expert_map.physical_to_logical_cpu[self.moe_layer]
+        for slot in range(self.slots):
+            expert = int(placement[self.slot_start + slot])
+            fill = dict(layer=self.layer, expert=expert)
+            gate = reader.read(names.gate.format(**fill), 0, s, e)
+            up = reader.read(names.up.format(**fill), 0, s, e)
+            self.w13[slot].copy_(torch.cat([gate, up]))
+            self.w2[slot].copy_(reader.read(names.down.format(**fill), 1, s, e))

@@ -1,0 +1,74 @@
+"""Random-weight Hugging Face checkpoints for tests, and transformers as the reference.
+
+Every checkpoint is written by transformers itself (``save_pretrained``), with the
+built-in model's tokenizer files copied in, so raymoe loads exactly what a user's
+checkpoint directory would hold.
+"""
+from __future__ import annotations
+
+import pathlib
+import shutil
+
+import torch
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+
+# Small shapes that still exercise every sharding path: experts split over ep up to 4,
+# intermediate dims over tp up to 4, KV heads replicated (dense: 1 KV head), tied
+# embeddings (dense), a dense layer inside a MoE model (qwen3_moe layer 1).
+COMMON = dict(vocab_size=512, hidden_size=64, num_attention_heads=4, head_dim=16, rms_norm_eps=1e-6,
+              max_position_embeddings=512, initializer_range=0.15)  # fmt: skip
+KINDS = {
+    "qwen3_moe": dict(num_hidden_layers=3, num_key_value_heads=2, intermediate_size=128, moe_intermediate_size=32,
+                      num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[1]),  # fmt: skip
+    "mixtral": dict(num_hidden_layers=2, num_key_value_heads=2, intermediate_size=32, num_local_experts=8,
+                    num_experts_per_tok=2),  # fmt: skip
+    "qwen3": dict(num_hidden_layers=2, num_key_value_heads=1, intermediate_size=128, tie_word_embeddings=True),
+    "llama": dict(num_hidden_layers=2, num_key_value_heads=2, intermediate_size=128, attention_bias=True),
+}
+
+
+def write_checkpoint(kind: str, directory: pathlib.Path, seed: int = 0) -> pathlib.Path:
+    import transformers
+
+    from raymoe.actors.models.builtin import ensure_builtin
+
+    classes = {
+        "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
+        "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+    }
+    config_cls, model_cls = classes[kind]
+    torch.manual_seed(seed)
+    config = config_cls(**COMMON, **KINDS[kind], bos_token_id=0, eos_token_id=2)
+    model = model_cls(config).eval()
+    with torch.no_grad():  # norms away from 1 and biases away from 0, so loading them matters
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                p.normal_(0, 0.1)
+    model.save_pretrained(directory)
+    builtin = ensure_builtin("tiny-qwen3-moe", directory.parent / "cache")
+    for f in TOKENIZER_FILES:
+        shutil.copy(builtin / f, directory / f)
+    return directory
+
+
+def hf_greedy(directory: pathlib.Path, prompts: list[list[int]], new_tokens: int) -> list[tuple[list[int], torch.Tensor]]:
+    """transformers' greedy continuation of each prompt, recomputing the whole sequence at
+    every step (no KV cache): per prompt, the new tokens and each step's logits [new_tokens, vocab]."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    results = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids, rows = list(prompt), []
+            for _ in range(new_tokens):
+                logits = model(torch.tensor([ids])).logits[0, -1].float()
+                rows.append(logits)
+                ids.append(int(logits.argmax()))
+            results.append((ids[len(prompt) :], torch.stack(rows)))
+    return results
