@@ -1,26 +1,33 @@
-"""The controller actor: owns the rank cluster and drives it.
+"""The controller actor: owns the rank cluster and drives the engine.
 
 It reserves the placement group, starts the rank actors, has them build every
-process group, and exposes cluster-wide operations (barrier over any group,
-health, shutdown). ``Controller`` is a plain class; callers start it with
-``ray.remote(Controller)`` (see raymoe.deploy.launch).
+process group, loads the model, and runs the engine's step loop (an asyncio
+task: every method here runs on the actor's event loop). Requests arrive as
+streams (``generate_stream``, a Ray streaming generator) or as an offline batch
+(``generate``); both go through the same loop.
+
+``Controller`` is a plain class; callers start it with ``ray.remote(Controller)``
+(see raymoe.deploy.launch).
 """
 from __future__ import annotations
 
+import asyncio
+import itertools
 import logging
 import time
-from typing import Any, Callable, Optional
+from typing import Any, AsyncIterator, Callable, Optional
 
 from raymoe.actors.cluster import RankCluster, start_rank_cluster
+from raymoe.actors.engine.async_engine import AsyncEngine
 from raymoe.actors.engine.block_manager import BlockManager
-from raymoe.actors.engine.core import EngineCore, run_to_completion
+from raymoe.actors.engine.core import EngineCore, RequestOutput
 from raymoe.actors.engine.executor import RayStepExecutor
 from raymoe.actors.engine.request import SamplingParams
 from raymoe.actors.engine.scheduler import Scheduler
 from raymoe.actors.engine.tokenizer import Tokenizer
 from raymoe.actors.models.builtin import resolve_model_path
 from raymoe.actors.models.spec import ModelSpec, load_spec
-from raymoe.cluster.config import Config
+from raymoe.cluster.config import BUILTIN_PREFIX, Config
 from raymoe.cluster.layout import RankLayout
 
 log = logging.getLogger(__name__)
@@ -31,40 +38,44 @@ class Controller:
         self.config = config
         self.layout = RankLayout.from_config(config.parallel)
         self.cluster: Optional[RankCluster] = None
-        self.engine: Optional[EngineCore] = None
+        self.engine: Optional[AsyncEngine] = None
         self.tokenizer: Optional[Tokenizer] = None
-        self.vocab_size = 0
+        self.model_info: dict[str, Any] = {}
+        self._ids = itertools.count()
 
-    def start(self) -> dict[str, Any]:
+    # ---- bring-up ---------------------------------------------------------------
+
+    # Methods that wait on the ranks run their blocking part in a thread (to_thread), so
+    # the event loop -- and with it every request stream -- never stalls behind them.
+
+    async def start(self) -> dict[str, Any]:
         """Bring up every rank; returns what each rank reported (rank, device, node, GPU)."""
         assert self.cluster is None, "controller already started"
         t0 = time.perf_counter()
-        self.cluster = start_rank_cluster(
-            self.layout, self.config.parallel.device, self.config.parallel.placement_timeout_s
+        self.cluster = await asyncio.to_thread(
+            start_rank_cluster, self.layout, self.config.parallel.device, self.config.parallel.placement_timeout_s
         )
-        return {
-            "layout": self.layout.describe(),
-            "ranks": self.cluster.infos,
-            "startup_s": round(time.perf_counter() - t0, 2),
-        }
+        return {"layout": self.layout.describe(), "ranks": self.cluster.infos, "startup_s": round(time.perf_counter() - t0, 2)}
 
-    def load_model(self, collect_logits: bool = False) -> dict[str, Any]:
-        """Load the model on every rank, size the KV cache, and build the engine."""
+    async def load_model(self, collect_logits: bool = False) -> dict[str, Any]:
+        """Load the model on every rank, size the KV cache, build the engine."""
+        return await asyncio.to_thread(self._load_model, collect_logits)
+
+    def _load_model(self, collect_logits: bool) -> dict[str, Any]:
         cluster = self._cluster()
         t0 = time.perf_counter()
         path = str(resolve_model_path(self.config.model.path))
-        if self.config.model.path.startswith("builtin:"):
-            # every node needs the files: each rank writes them if its node lacks them
+        if self.config.model.path.startswith(BUILTIN_PREFIX):
+            # every node needs the files: each rank writes them where its node lacks them
             cluster.call("execute", _resolve_on_rank, self.config.model.path)
         spec = load_spec(path)
         self.tokenizer = Tokenizer.from_dir(path)
-        self.vocab_size = spec.vocab_size
         max_model_len = effective_max_model_len(self.config.model.max_model_len, spec)
         num_blocks = min(cluster.call("load_model", self.config, path, max_model_len))
         if num_blocks < 1:
             raise RuntimeError(
                 "no memory left for the KV cache after loading the model: raise engine.kv_memory_fraction, "
-                "use more GPUs (tp/ep), or a smaller model"
+                "spread the model over more GPUs (tp/ep), or use a smaller model"
             )
         cluster.call("allocate_kv_cache", num_blocks)
         eng = self.config.engine
@@ -73,73 +84,109 @@ class Controller:
             for _ in range(self.layout.dp)
         ]
         executor = RayStepExecutor(self.layout, cluster.actors)
-        self.engine = EngineCore(schedulers, self.tokenizer, executor, self.config.model.seed, collect_logits)
-        return {
+        core = EngineCore(schedulers, self.tokenizer, executor, self.config.model.seed, collect_logits)
+        self.engine = AsyncEngine(core, executor.run_async, self.config.serve.max_queued_requests)
+        self.model_info = {
             "model": path,
             "architecture": spec.architecture,
+            "vocab_size": spec.vocab_size,
             "max_model_len": max_model_len,
             "kv_blocks_per_replica": num_blocks,
+            "block_size": eng.block_size,
             "load_s": round(time.perf_counter() - t0, 2),
         }
+        return self.model_info
+
+    # ---- requests -----------------------------------------------------------------
 
     def tokenize(self, prompt: Any) -> list[int]:
-        """A prompt as token ids: ids pass through; text is encoded; a chat (list of
-        {"role", "content"} messages) is rendered with the model's chat template."""
-        tok, vocab = self.tokenizer, self.vocab_size
-        assert tok is not None, "no model loaded"
+        """A prompt as token ids: ids pass through (checked against the vocabulary); text
+        is encoded; a chat (a list of {"role", "content"} messages) is rendered with the
+        model's chat template first."""
+        tok = self.tokenizer
+        if tok is None:
+            raise RuntimeError("no model loaded (load_model)")
         if isinstance(prompt, str):
             return tok.encode(prompt)
         if prompt and isinstance(prompt[0], dict):
-            return tok.encode(tok.apply_chat_template(prompt, add_generation_prompt=True), add_special_tokens=False)
+            return tok.encode(tok.apply_chat_template(list(prompt), add_generation_prompt=True), add_special_tokens=False)
+        vocab = self.model_info["vocab_size"]
         bad = [t for t in prompt if not (isinstance(t, int) and 0 <= t < vocab)]
         if bad:
             raise ValueError(f"prompt: token id {bad[0]!r} is outside the vocabulary [0, {vocab})")
         return list(prompt)
 
-    def generate(self, prompts: list[Any], sampling: list[SamplingParams]) -> list[dict[str, Any]]:
-        """Offline generation; prompts as accepted by ``tokenize``. One result per prompt, in order."""
-        engine = self._engine()
-        ids = [f"gen-{engine.num_steps}-{i}" for i in range(len(prompts))]
-        for rid, prompt, params in zip(ids, prompts, sampling):
-            engine.add_request(rid, self.tokenize(prompt), params)
-        results: dict[str, dict[str, Any]] = {
-            rid: {"token_ids": [], "text": "", "finish_reason": None, "logits": []} for rid in ids
-        }
-        for out in run_to_completion(engine):
-            r = results[out.request_id]
-            r["token_ids"] += out.new_token_ids
-            r["text"] += out.new_text
-            r["finish_reason"] = out.finish_reason
-            r["num_prompt_tokens"] = out.num_prompt_tokens
-            if out.logits is not None:
-                r["logits"].append(out.logits)
-        return [results[rid] for rid in ids]
+    async def generate_stream(
+        self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream one request's outputs (call with num_returns="streaming"). Closing the
+        stream early aborts the request."""
+        async for out in self._engine().stream(request_id, prompt_token_ids, sampling):
+            yield out
 
-    def barrier(self, group: str = "world") -> float:
+    def abort(self, request_id: str) -> bool:
+        return self._engine().abort(request_id)
+
+    async def generate(self, prompts: list[Any], sampling: list[SamplingParams]) -> list[dict[str, Any]]:
+        """Offline batch: all prompts at once; one result dict per prompt, in order."""
+        engine = self._engine()
+
+        async def one(prompt: Any, params: SamplingParams) -> dict[str, Any]:
+            r: dict[str, Any] = {"text": "", "token_ids": [], "finish_reason": None, "logits": []}
+            ids = self.tokenize(prompt)
+            async for out in engine.stream(f"offline-{next(self._ids)}", ids, params):
+                r["text"] += out.new_text
+                r["token_ids"] += out.new_token_ids
+                r["finish_reason"] = out.finish_reason
+                if out.logits is not None:
+                    r["logits"].append(out.logits)
+            r["num_prompt_tokens"] = len(ids)
+            return r
+
+        return list(await asyncio.gather(*(one(p, s) for p, s in zip(prompts, sampling))))
+
+    def stats(self) -> dict[str, Any]:
+        """Queue depth, running requests and KV-cache usage per DP replica."""
+        engine = self._engine()
+        scheds = engine.core.schedulers
+        return {
+            "waiting": [s.num_waiting for s in scheds],
+            "running": [s.num_running for s in scheds],
+            "kv_usage": [s.block_manager.usage for s in scheds],
+            "steps": engine.core.num_steps,
+            "error": None if engine.error is None else str(engine.error),
+        }
+
+    # ---- cluster operations ---------------------------------------------------------
+
+    async def barrier(self, group: str = "world") -> float:
         """Barrier over every group of ``group`` kind (each rank joins its own); returns seconds."""
         t0 = time.perf_counter()
-        self._cluster().call("barrier", group)
+        await asyncio.gather(*self._cluster().call_async("barrier", group))
         return time.perf_counter() - t0
 
-    def execute(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
+    async def execute(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
         """Run ``fn(ctx, *args, **kwargs)`` on every rank; results in rank order."""
-        return self._cluster().call("execute", fn, *args, **kwargs)
+        return list(await asyncio.gather(*self._cluster().call_async("execute", fn, *args, **kwargs)))
 
-    def health(self) -> dict[str, Any]:
+    async def health(self) -> dict[str, Any]:
+        base = {"layout": self.layout.describe()}
         if self.cluster is None:
-            return {"status": "starting", "layout": self.layout.describe()}
+            return {"status": "starting", **base}
+        if self.engine is not None and self.engine.error is not None:
+            return {"status": "degraded", "error": f"engine failed: {self.engine.error}", **base}
         try:
-            ranks = self.cluster.call("health")
+            ranks = list(await asyncio.gather(*self.cluster.call_async("health")))
         except Exception as e:  # a dead rank: degraded, with the reason
-            return {"status": "degraded", "error": f"{type(e).__name__}: {e}", "layout": self.layout.describe()}
-        return {"status": "ok", "layout": self.layout.describe(), "ranks": ranks}
+            return {"status": "degraded", "error": f"{type(e).__name__}: {e}", **base}
+        return {"status": "ok", "ranks": ranks, **base}
 
-    def shutdown(self) -> None:
+    async def shutdown(self) -> None:
         if self.cluster is not None:
-            self.cluster.shutdown()
+            await asyncio.to_thread(self.cluster.shutdown)
             self.cluster = None
 
-    def _engine(self) -> EngineCore:
+    def _engine(self) -> AsyncEngine:
         if self.engine is None:
             raise RuntimeError("no model loaded (load_model)")
         return self.engine
@@ -151,8 +198,8 @@ class Controller:
 
 
 def effective_max_model_len(requested: Optional[int], spec: ModelSpec) -> int:
-    """The configured length, capped by the model's positions (and sliding window, which the
-    engine does not implement: capping keeps results exact)."""
+    """The configured length, capped by the model's positions and its sliding window
+    (windowed attention is not implemented; capping keeps results exact)."""
     limit = spec.max_position
     if spec.sliding_window is not None and spec.sliding_window < limit:
         log.info("max_model_len capped at the sliding window (%d): windowed attention is not implemented", spec.sliding_window)

@@ -13,6 +13,11 @@ from raymoe.cluster.layout import RankLayout
 
 log = logging.getLogger(__name__)
 
+# The controller is an asyncio actor that waits on its ranks from worker threads
+# (asyncio.to_thread), never on its event loop; Ray's "blocking ray.get inside async
+# actor" warning cannot tell the two apart.
+CONTROLLER_RUNTIME_ENV = {"env_vars": {"RAY_WARN_BLOCKING_GET_INSIDE_ASYNC": "0"}}
+
 
 def ensure_ray(config: Config, address: Optional[str] = None) -> None:
     """Connect to ``address`` (or RAY_ADDRESS), or start a local Ray.
@@ -26,7 +31,8 @@ def ensure_ray(config: Config, address: Optional[str] = None) -> None:
     if address:
         ray.init(address=address)
         return
-    kwargs: dict[str, Any] = {"include_dashboard": False}
+    # "local": a fresh Ray of our own, even if `ray start` left one running here
+    kwargs: dict[str, Any] = {"address": "local", "include_dashboard": False}
     if config.parallel.device == "cpu":
         world = RankLayout.from_config(config.parallel).world_size
         kwargs["num_cpus"] = max(os.cpu_count() or 1, world)
@@ -36,7 +42,7 @@ def ensure_ray(config: Config, address: Optional[str] = None) -> None:
 def start_controller(config: Config, address: Optional[str] = None) -> Any:
     """Start a controller actor and bring its rank cluster up; returns the actor handle."""
     ensure_ray(config, address)
-    controller = ray.remote(Controller).options(num_cpus=0).remote(config)
+    controller = ray.remote(Controller).options(num_cpus=0, runtime_env=CONTROLLER_RUNTIME_ENV).remote(config)
     try:
         info = ray.get(controller.start.remote())
     except BaseException:

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 from raymoe.actors.engine.detokenizer import IncrementalDetokenizer
 from raymoe.actors.engine.request import Request, SamplingParams
-from raymoe.actors.engine.scheduler import Scheduler
+from raymoe.actors.engine.scheduler import Scheduler, SchedulerOutput
 from raymoe.actors.engine.step import StepInput, StepOutput
 from raymoe.actors.engine.tokenizer import Tokenizer
 
@@ -34,6 +34,12 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     logits: Any = None  # this token's logits row [vocab], only when the core collects logits
+
+
+@dataclass
+class PlannedStep:
+    scheduled: list[SchedulerOutput]  # per DP replica
+    inputs: list[StepInput]  # what each replica's ranks run
 
 
 class EngineCore:
@@ -87,14 +93,23 @@ class EngineCore:
 
     def step(self) -> list[RequestOutput]:
         """Run one engine step over every DP replica; returns the requests that progressed."""
+        planned = self.schedule()
+        return self.apply(planned, self.execute(planned.inputs)) if planned else []
+
+    def schedule(self) -> Optional["PlannedStep"]:
+        """First half of a step: every replica's chunks, or None when there is nothing to run."""
         scheduled = [s.schedule() for s in self.schedulers]
         counts = tuple(o.num_tokens for o in scheduled)
         if not any(counts):
-            return []
-        results = self.execute([StepInput(o.chunks, counts, self.collect_logits) for o in scheduled])
+            return None
+        inputs = [StepInput(o.chunks, counts, self.collect_logits) for o in scheduled]
+        return PlannedStep(scheduled, inputs)
+
+    def apply(self, planned: "PlannedStep", results: Sequence[StepOutput]) -> list[RequestOutput]:
+        """Second half: apply the ranks' sampled tokens, check stops, detokenise."""
         self.num_steps += 1
         outputs = []
-        for sched, out, result in zip(self.schedulers, scheduled, results):
+        for sched, out, result in zip(self.schedulers, planned.scheduled, results):
             rows = {rid: i for i, rid in enumerate(result.sampled)}  # logits rows follow sampled order
             for req in sched.update(out, result.sampled):
                 output = self._apply_token(sched, req)

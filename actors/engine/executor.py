@@ -1,6 +1,7 @@
 """Executors run one engine step on the ranks: ``execute(inputs per DP replica) -> outputs per replica``."""
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Sequence
 
 import ray
@@ -19,11 +20,18 @@ class RayStepExecutor:
         self.replica_of = [layout.coord(r).dp for r in range(layout.world_size)]
         self.leaders = [layout.rank_of(d, 0, 0) for d in range(layout.dp)]
 
-    def __call__(self, inputs: Sequence[StepInput]) -> list[StepOutput]:
+    def submit(self, inputs: Sequence[StepInput]) -> list[Any]:
+        """Start the step on every rank; returns one ObjectRef per rank."""
         assert len(inputs) == self.layout.dp
         refs = [ray.put(x) for x in inputs] if len(self.actors) > 1 else list(inputs)
-        calls = [a.execute_step.remote(refs[self.replica_of[r]]) for r, a in enumerate(self.actors)]
-        results = ray.get(calls)  # every rank, so a failure anywhere surfaces here
+        return [a.execute_step.remote(refs[self.replica_of[r]]) for r, a in enumerate(self.actors)]
+
+    def __call__(self, inputs: Sequence[StepInput]) -> list[StepOutput]:
+        results = ray.get(self.submit(inputs))  # every rank, so a failure anywhere surfaces here
+        return [results[r] for r in self.leaders]
+
+    async def run_async(self, inputs: Sequence[StepInput]) -> list[StepOutput]:
+        results = await asyncio.gather(*self.submit(inputs))
         return [results[r] for r in self.leaders]
 
 
