@@ -116,6 +116,12 @@ class Controller:
             raise ValueError(f"prompt: token id {bad[0]!r} is outside the vocabulary [0, {vocab})")
         return list(prompt)
 
+    def get_tokenizer(self) -> Tokenizer:
+        """The model's tokenizer (picklable): a front end tokenizes and counts without a hop per request."""
+        if self.tokenizer is None:
+            raise RuntimeError("no model loaded (load_model)")
+        return self.tokenizer
+
     async def generate_stream(
         self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams
     ) -> AsyncIterator[RequestOutput]:
@@ -168,6 +174,10 @@ class Controller:
     async def execute(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
         """Run ``fn(ctx, *args, **kwargs)`` on every rank; results in rank order."""
         return list(await asyncio.gather(*self._cluster().call_async("execute", fn, *args, **kwargs)))
+
+    def rank_actors(self) -> list[Any]:
+        """The rank actor handles, index = global rank (tools and benchmarks)."""
+        return list(self._cluster().actors)
 
     async def health(self) -> dict[str, Any]:
         base = {"layout": self.layout.describe()}

@@ -88,8 +88,9 @@ class RankWorker:
     def load_model(self, config: Any, checkpoint_dir: str, max_model_len: int) -> int:
         """Build and load this rank's model shard; returns how many KV blocks it could hold."""
         from raymoe.actors.engine.runner import ModelRunner
+        from raymoe.actors.models.spec import load_spec
 
-        runner = ModelRunner(self._context(), config, checkpoint_dir, max_model_len)
+        runner = ModelRunner(self._context(), config, load_spec(checkpoint_dir), max_model_len, checkpoint_dir)
         self._context().state["runner"] = runner
         return runner.max_kv_blocks()
 

@@ -28,7 +28,17 @@ KINDS = {
 }
 
 
-def write_checkpoint(kind: str, directory: pathlib.Path, seed: int = 0) -> pathlib.Path:
+def write_checkpoint(
+    kind: str,
+    directory: pathlib.Path,
+    seed: int = 0,
+    initializer_range: float = 0.15,
+    embedding_std: float | None = None,
+    **overrides: object,
+) -> pathlib.Path:
+    """Write a random-weight checkpoint of ``kind``. For bf16 tests use a small
+    ``initializer_range`` (0.05) with ``embedding_std=1``: layers still move the logits by
+    several percent, while bf16 rounding stays well below that."""
     import transformers
 
     from raymoe.actors.models.builtin import ensure_builtin
@@ -41,7 +51,8 @@ def write_checkpoint(kind: str, directory: pathlib.Path, seed: int = 0) -> pathl
     }
     config_cls, model_cls = classes[kind]
     torch.manual_seed(seed)
-    config = config_cls(**COMMON, **KINDS[kind], bos_token_id=0, eos_token_id=2)
+    common = dict(COMMON, initializer_range=initializer_range)
+    config = config_cls(**{**common, **KINDS[kind], **overrides}, bos_token_id=0, eos_token_id=2)
     model = model_cls(config).eval()
     with torch.no_grad():  # norms away from 1 and biases away from 0, so loading them matters
         for name, p in model.named_parameters():
@@ -49,6 +60,8 @@ def write_checkpoint(kind: str, directory: pathlib.Path, seed: int = 0) -> pathl
                 p.uniform_(0.5, 1.5)
             elif name.endswith("bias"):
                 p.normal_(0, 0.1)
+            elif name.endswith("embed_tokens.weight") and embedding_std is not None:
+                p.normal_(0, embedding_std)
     model.save_pretrained(directory)
     builtin = ensure_builtin("tiny-qwen3-moe", directory.parent / "cache")
     for f in TOKENIZER_FILES:
@@ -56,18 +69,24 @@ def write_checkpoint(kind: str, directory: pathlib.Path, seed: int = 0) -> pathl
     return directory
 
 
-def hf_greedy(directory: pathlib.Path, prompts: list[list[int]], new_tokens: int) -> list[tuple[list[int], torch.Tensor]]:
+def hf_greedy(
+    directory: pathlib.Path,
+    prompts: list[list[int]],
+    new_tokens: int,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+) -> list[tuple[list[int], torch.Tensor]]:
     """transformers' greedy continuation of each prompt, recomputing the whole sequence at
-    every step (no KV cache): per prompt, the new tokens and each step's logits [new_tokens, vocab]."""
+    every step (no KV cache): per prompt, the new tokens and each step's float32 logits [new_tokens, vocab]."""
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).to(device).eval()
     results = []
     with torch.no_grad():
         for prompt in prompts:
             ids, rows = list(prompt), []
             for _ in range(new_tokens):
-                logits = model(torch.tensor([ids])).logits[0, -1].float()
+                logits = model(torch.tensor([ids], device=device)).logits[0, -1].float().cpu()
                 rows.append(logits)
                 ids.append(int(logits.argmax()))
             results.append((ids[len(prompt) :], torch.stack(rows)))

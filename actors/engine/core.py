@@ -102,7 +102,8 @@ class EngineCore:
         counts = tuple(o.num_tokens for o in scheduled)
         if not any(counts):
             return None
-        inputs = [StepInput(o.chunks, counts, self.collect_logits) for o in scheduled]
+        all_decode = all(len(c.token_ids) == 1 and c.sample for o in scheduled for c in o.chunks)
+        inputs = [StepInput(o.chunks, counts, self.collect_logits, all_decode) for o in scheduled]
         return PlannedStep(scheduled, inputs)
 
     def apply(self, planned: "PlannedStep", results: Sequence[StepOutput]) -> list[RequestOutput]:

@@ -1,26 +1,26 @@
 """ModelRunner: the one place that builds device tensors. Lives inside a rank actor.
 
 It builds this rank's shard of the model, loads its slices of the checkpoint,
-owns the KV cache and the attention backend, and runs one step: forward,
-logits of the rows that sample, sampling (on the first rank of the DP
-replica's attention group, the one that reports to the controller).
+owns the KV cache, the attention backend and the decode CUDA graphs, and runs
+one step: forward, logits of the rows that sample, sampling (on the first rank
+of the DP replica's attention group, the one that reports to the controller).
 """
 from __future__ import annotations
 
 import logging
 import time
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
 from raymoe.actors.engine.attention_torch import TorchAttention
 from raymoe.actors.engine.sampler import sample
-from raymoe.actors.engine.step import StepInput, StepOutput, build_step_layout
+from raymoe.actors.engine.step import StepInput, StepLayout, StepOutput, build_step_layout
 from raymoe.actors.models.batch import ForwardBatch
 from raymoe.actors.models.checkpoint import CheckpointReader
 from raymoe.actors.models.decoder import CausalLM
 from raymoe.actors.models.expert_map import ExpertMap
-from raymoe.actors.models.spec import ModelSpec, load_spec
+from raymoe.actors.models.spec import ModelSpec
 from raymoe.actors.rank import RankContext
 from raymoe.cluster.config import Config
 from raymoe.cluster.expert_placement import default_placement, num_physical_experts
@@ -38,32 +38,54 @@ def resolve_dtype(requested: str, spec: ModelSpec, device: torch.device) -> torc
     return getattr(torch, name)
 
 
+def make_attention(kind: str, kv_cache: torch.Tensor, block_size: int, num_heads: int) -> Any:
+    """The attention backend for ``engine.attention_backend``: auto = FlashInfer on GPU, torch on CPU."""
+    on_gpu = kv_cache.device.type == "cuda"
+    if kind == "flashinfer" and not on_gpu:
+        raise ValueError("engine.attention_backend: flashinfer needs parallel.device: cuda; use torch or auto")
+    if kind == "flashinfer" or (kind == "auto" and on_gpu):
+        try:
+            from raymoe.actors.engine.attention_flashinfer import FlashInferAttention
+
+            return FlashInferAttention(kv_cache, block_size, num_heads, kv_cache.shape[-2])
+        except ImportError as e:
+            if kind == "flashinfer":
+                raise ValueError(f"engine.attention_backend: flashinfer is not importable ({e}); pip install 'raymoe[gpu]'")
+            log.warning("FlashInfer is not importable (%s): using torch attention, which is slow on GPU; "
+                        "pip install 'raymoe[gpu]'", e)  # fmt: skip
+    return TorchAttention(kv_cache, block_size)
+
+
 class ModelRunner:
-    def __init__(self, ctx: RankContext, config: Config, checkpoint_dir: str, max_model_len: int) -> None:
-        self.ctx, self.config, self.device = ctx, config, ctx.device
-        self.spec = load_spec(checkpoint_dir)
-        self.dtype = resolve_dtype(config.model.dtype, self.spec, self.device)
+    def __init__(
+        self, ctx: RankContext, config: Config, spec: ModelSpec, max_model_len: int, checkpoint_dir: Optional[str]
+    ) -> None:
+        """``checkpoint_dir`` None builds random weights (benchmarks only)."""
+        self.ctx, self.config, self.spec, self.device = ctx, config, spec, ctx.device
+        self.dtype = resolve_dtype(config.model.dtype, spec, self.device)
         self.max_model_len = max_model_len
+        self.block_size = config.engine.block_size
         self.is_driver = ctx.groups.attn.rank_in_group == 0
         self.expert_map = self._initial_expert_map()
         t0 = time.perf_counter()
-        self.model = CausalLM(self.spec, ctx.groups, self.expert_map, self.dtype, self.device)
-        reader = CheckpointReader(checkpoint_dir)
-        self.model.load(reader, show_progress=ctx.rank == 0)
-        reader.close()
-        log.info("rank %d loaded %s in %.1f s", ctx.rank, checkpoint_dir, time.perf_counter() - t0)
-        self.block_size = config.engine.block_size
-        attn = self.model.layers[0].attn.qkv
-        self.kv_heads, self.head_dim = attn.kv_heads, attn.head_dim
-        self.attention: Optional[TorchAttention] = None
+        self.model = CausalLM(spec, ctx.groups, self.expert_map, self.dtype, self.device)
+        if checkpoint_dir is None:
+            init_random_weights(self.model, seed=config.model.seed + ctx.rank)
+        else:
+            reader = CheckpointReader(checkpoint_dir)
+            self.model.load(reader, show_progress=ctx.rank == 0)
+            reader.close()
+        log.info("rank %d built %s in %.1f s", ctx.rank, checkpoint_dir or "random weights", time.perf_counter() - t0)
+        qkv = self.model.layers[0].attn.qkv
+        self.heads, self.kv_heads, self.head_dim = qkv.heads, qkv.kv_heads, qkv.head_dim
+        self.attention: Any = None
+        self.graphs: Any = None
 
     def _initial_expert_map(self) -> Optional[ExpertMap]:
         moe = self.spec.moe
         if moe is None:
             return None
-        physical = num_physical_experts(
-            moe.num_experts, self.config.eplb.num_redundant_experts, self.ctx.groups.ep.world_size
-        )
+        physical = num_physical_experts(moe.num_experts, self.config.eplb.num_redundant_experts, self.ctx.groups.ep.world_size)
         placement = default_placement(len(self.spec.moe_layers), moe.num_experts, physical)
         return ExpertMap(placement, moe.num_experts, self.device)
 
@@ -77,41 +99,79 @@ class ModelRunner:
             return self.config.engine.num_kv_blocks
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
-            used = total - free
-            budget = int(total * self.config.engine.kv_memory_fraction) - used
-            return max(0, budget // self.kv_block_bytes())
+            graphs_reserve = 2 * 2**30 if self.config.engine.cuda_graphs else 0  # activations, graph pools
+            budget = int(total * self.config.engine.kv_memory_fraction) - (total - free) - graphs_reserve
+            return max(0, budget // self.kv_block_bytes() - 1)
         wanted = self.config.engine.max_num_seqs * -(-self.max_model_len // self.block_size)
         return max(1, min(wanted, CPU_KV_BUDGET_BYTES // self.kv_block_bytes()))
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        shape = (self.spec.num_layers, num_blocks, 2, self.block_size, self.kv_heads, self.head_dim)
+        """KV cache of ``num_blocks`` blocks plus one scratch block (CUDA-graph padding rows write there)."""
+        shape = (self.spec.num_layers, num_blocks + 1, 2, self.block_size, self.kv_heads, self.head_dim)
         kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.attention = TorchAttention(kv_cache, self.block_size)
+        self.attention = make_attention(self.config.engine.attention_backend, kv_cache, self.block_size, self.heads)
+        self.graphs = self._capture_graphs(kv_cache, scratch_block=num_blocks)
+
+    def _capture_graphs(self, kv_cache: torch.Tensor, scratch_block: int) -> Any:
+        if not self.config.engine.cuda_graphs or self.device.type != "cuda":
+            return None
+        from raymoe.actors.engine.attention_flashinfer import FlashInferAttention
+        from raymoe.actors.engine.cuda_graphs import DecodeGraphs, graph_batch_sizes
+
+        if not isinstance(self.attention, FlashInferAttention):
+            log.warning("CUDA graphs disabled: they need the FlashInfer attention backend")
+            return None
+        return DecodeGraphs(
+            self.model,
+            kv_cache,
+            self.block_size,
+            self.heads,
+            graph_batch_sizes(self.config.engine.max_num_seqs),
+            max_pages_per_seq=-(-self.max_model_len // self.block_size),
+            scratch_block=scratch_block,
+            dp=self.ctx.groups.dp.world_size,
+            workspace=self.attention.workspace,
+        )
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> Optional[StepOutput]:
         assert self.attention is not None, "allocate_kv_cache() first"
         layout = build_step_layout(step.chunks, self.block_size)
-        self.attention.plan(layout)
-        dev = self.device
-        batch = ForwardBatch(
-            input_ids=layout.input_ids.to(dev),
-            positions=layout.positions.to(dev),
-            attention=self.attention,
-            dp_token_counts=step.dp_token_counts,
-        )
-        hidden = self.model(batch)
-        logits = self.model.compute_logits(hidden[layout.sample_rows.to(dev)])
+        if self.graphs is not None and step.all_decode and self.graphs.size_for(max(step.dp_token_counts)):
+            logits = self.graphs.run(layout, step.dp_token_counts)
+        else:
+            logits = self.forward_eager(layout, step.dp_token_counts)
         if not self.is_driver:
             return None
         chunks = [step.chunks[i] for i in layout.sample_chunks]
-        tokens = sample(
-            logits,
-            [c.sampling for c in chunks],
-            [c.seed for c in chunks],
-            [c.num_output_tokens for c in chunks],
-        )
+        tokens = sample(logits, [c.sampling for c in chunks], [c.seed for c in chunks],
+                        [c.num_output_tokens for c in chunks])  # fmt: skip
         return StepOutput(
             sampled={c.request_id: t for c, t in zip(chunks, tokens)},
             logits=logits.cpu() if step.return_logits else None,
         )
+
+    def forward_eager(self, layout: StepLayout, dp_token_counts: tuple[int, ...]) -> torch.Tensor:
+        """Forward without graphs; returns logits [sampled rows, vocab]."""
+        dev = self.device
+        self.attention.plan(layout)
+        batch = ForwardBatch(
+            input_ids=layout.input_ids.to(dev),
+            positions=layout.positions.to(dev),
+            attention=self.attention,
+            dp_pad=max(dp_token_counts, default=0),
+            dp_counts=torch.tensor(dp_token_counts, device=dev) if self.ctx.groups.dp.world_size > 1 else None,
+        )
+        hidden = self.model(batch)
+        return self.model.compute_logits(hidden[layout.sample_rows.to(dev)])
+
+
+def init_random_weights(model: torch.nn.Module, seed: int, std: float = 0.02) -> None:
+    """Benchmark weights: normal(0, std) for matrices, 1 for norms (never zeros: zeros run faster)."""
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std, generator=gen)

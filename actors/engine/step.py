@@ -17,6 +17,10 @@ class StepInput:
     chunks: tuple[ScheduledChunk, ...]
     dp_token_counts: tuple[int, ...]  # tokens of every DP replica this step (MoE lockstep)
     return_logits: bool = False  # also return the sampled rows' logits (tests, debugging)
+    # every chunk of every replica is one token that samples: the step may replay a CUDA
+    # graph. Decided globally, so all replicas take the same path (their MoE collectives
+    # must agree on shapes).
+    all_decode: bool = False
 
     @property
     def num_tokens(self) -> int:

@@ -29,9 +29,11 @@ class ForwardBatch:
     input_ids: torch.Tensor  # [T] int64, this DP replica's tokens
     positions: torch.Tensor  # [T] int64
     attention: Attention
-    # tokens of every DP replica this step: MoE layers gather all replicas' tokens,
-    # padded to the largest count, so every rank of the world runs them in lockstep
-    dp_token_counts: tuple[int, ...] = ()
+    # MoE layers gather every DP replica's tokens, each replica padded to ``dp_pad`` rows
+    # (the step's largest replica, or a CUDA graph's batch size); ``dp_counts`` [dp] int
+    # on the device says how many rows of each replica are real. Unused when dp == 1.
+    dp_pad: int = 0
+    dp_counts: Optional[torch.Tensor] = None
     expert_load: Optional[ExpertLoadRecorder] = None
 
     @property

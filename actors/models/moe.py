@@ -67,12 +67,12 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """x [T, H] (this DP replica's tokens) -> [T, H]."""
         dp = self.groups.dp
-        counts = batch.dp_token_counts or (x.shape[0],)
-        pad = max(counts)
         if dp.world_size > 1:
+            pad = batch.dp_pad
+            assert batch.dp_counts is not None and pad >= x.shape[0]
             x_all = dp.all_gather(F.pad(x, (0, 0, 0, pad - x.shape[0])))
             row = torch.arange(x_all.shape[0], device=x.device)
-            valid = (row % pad) < torch.tensor(counts, device=x.device)[row // pad]
+            valid = (row % pad) < batch.dp_counts[row // pad]
         else:
             x_all, valid = x, None
 
@@ -84,7 +84,7 @@ class MoE(nn.Module):
             batch.expert_load.record(self.moe_layer, physical)
         out = self.groups.world.all_reduce(self.run_local_experts(x_all, physical, weights))
         if dp.world_size > 1:
-            start = dp.rank_in_group * pad
+            start = dp.rank_in_group * batch.dp_pad
             out = out[start : start + x.shape[0]]
         return out
 
@@ -97,16 +97,27 @@ class MoE(nn.Module):
         return weights.to(x.dtype), logical
 
     def run_local_experts(self, x: torch.Tensor, physical: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Sum over this rank's expert slots of weight * expert(x); rows routed elsewhere get 0."""
-        out = torch.zeros_like(x)
-        local = physical - self.slot_start
-        local = torch.where((local >= 0) & (local < self.slots), local, -1)
-        for slot in torch.unique(local[local >= 0]).tolist():
-            token, k = torch.where(local == slot)
-            gate, up = F.linear(x[token], self.w13[slot]).chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, self.w2[slot])
-            out.index_add_(0, token, y * weights[token, k].unsqueeze(1))
-        return out
+        """Sum over this rank's expert slots of weight * expert(x); rows routed elsewhere get 0.
+
+        x [N, H]; physical, weights [N, k]. One grouped GEMM per projection over
+        all local slots (torch._grouped_mm), and no host synchronisation, so the
+        step can be captured in a CUDA graph.
+        """
+        n, k = physical.shape
+        local = physical.reshape(-1) - self.slot_start
+        mine = (local >= 0) & (local < self.slots)
+        bucket = torch.where(mine, local, self.slots)  # choices for other ranks sort last
+        order = torch.argsort(bucket, stable=True)
+        sizes = torch.zeros(self.slots + 1, dtype=torch.int32, device=x.device)
+        sizes.scatter_add_(0, bucket, torch.ones_like(bucket, dtype=torch.int32))
+        ends = sizes[: self.slots].cumsum(0, dtype=torch.int32)  # group g = sorted rows [ends[g-1], ends[g])
+        token = order // k
+        gate, up = torch._grouped_mm(x[token], self.w13.transpose(1, 2), offs=ends).chunk(2, dim=-1)
+        y = torch._grouped_mm(F.silu(gate) * up, self.w2.transpose(1, 2), offs=ends)
+        # rows past the last group end are not computed (may hold garbage): select, don't multiply
+        keep = mine[order].unsqueeze(1)
+        y = torch.where(keep, y * weights.reshape(-1)[order].unsqueeze(1), 0)
+        return torch.zeros_like(x).index_add_(0, token, y)
 
     def load(self, reader: CheckpointReader, names: ExpertNames) -> None:
         self.router.copy_(reader.read(names.router.format(layer=self.layer)))

@@ -1,0 +1,52 @@
+"""An in-process engine: EngineCore + LocalExecutor on one rank, no Ray, no torch.distributed.
+
+The same scheduler, runner and sampler as the served path, minus every process hop:
+the reference for "engine time" (the TTFT baseline of benchmarks/ttft_overhead.py)
+and a quick way to run a world-of-one config in tests and tools.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from raymoe.actors.controller import effective_max_model_len
+from raymoe.actors.engine.block_manager import BlockManager
+from raymoe.actors.engine.core import EngineCore
+from raymoe.actors.engine.executor import LocalExecutor
+from raymoe.actors.engine.runner import ModelRunner
+from raymoe.actors.engine.scheduler import Scheduler
+from raymoe.actors.engine.tokenizer import Tokenizer
+from raymoe.actors.models.builtin import resolve_model_path
+from raymoe.actors.models.spec import load_spec
+from raymoe.actors.rank import RankContext
+from raymoe.cluster.config import Config
+from raymoe.cluster.layout import RankLayout
+from raymoe.comm.groups import single_process_groups
+
+
+def build_local_engine(config: Config, collect_logits: bool = False, num_threads: Optional[int] = None) -> EngineCore:
+    """An EngineCore whose steps run in this process. ``config`` must describe a world of
+    one rank (tp = dp = cp = ep = 1); ``num_threads`` sets torch's CPU threads (None: leave).
+
+    The KV cache is sized as the controller sizes it (the runner's ``max_kv_blocks``).
+    """
+    layout = RankLayout.from_config(config.parallel)
+    if layout.world_size != 1:
+        raise ValueError(
+            f"parallel: an in-process engine runs one rank, but the config describes {layout.describe()}; "
+            "set tp, dp, cp and ep to 1 (or serve it with the controller)"
+        )
+    device = torch.device("cuda", 0) if config.parallel.device == "cuda" else torch.device("cpu")
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    path = str(resolve_model_path(config.model.path))
+    spec = load_spec(path)
+    max_model_len = effective_max_model_len(config.model.max_model_len, spec)
+    ctx = RankContext(layout=layout, coord=layout.coord(0), device=device, groups=single_process_groups(device))
+    runner = ModelRunner(ctx, config, path, max_model_len)
+    num_blocks = runner.max_kv_blocks()
+    runner.allocate_kv_cache(num_blocks)
+    eng = config.engine
+    scheduler = Scheduler(BlockManager(num_blocks, eng.block_size), eng.max_num_seqs, eng.max_num_batched_tokens, max_model_len)
+    return EngineCore([scheduler], Tokenizer.from_dir(path), LocalExecutor(runner), config.model.seed, collect_logits)

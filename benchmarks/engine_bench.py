@@ -1,0 +1,297 @@
+"""Engine speed against the memory roofline and against Hugging Face transformers.
+
+Builds a random-weight Qwen3-30B-A3B-shaped model on the GPU(s) (no checkpoint
+files), through the real product path (controller + rank actors), and measures
+in one run:
+
+* copy bandwidth and bf16 matmul rate of the GPU (the two ceilings);
+* decode step time at several batch sizes with a given context (CUDA graphs on
+  unless --no-graphs), against the roofline floor: bytes of weights actually
+  touched (experts counted from the step's real routing) plus KV read, over the
+  measured copy bandwidth;
+* prefill throughput (e.g. 64 x 512 and 8 x 4096 tokens) against the matmul rate
+  on active parameters;
+* the Ray round trip of a step (driver -> every rank -> driver), as the cost the
+  step loop adds on top of the rank's own work;
+* transformers `generate` on the same config and batch (properly initialised
+  random weights), after raymoe has released the GPU.
+
+    python benchmarks/engine_bench.py --layers 24 --batches 1,16,64 --out bench.md
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import ray
+import torch
+
+QWEN3_30B_A3B = {
+    "architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144,
+    "moe_intermediate_size": 768, "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4,
+    "head_dim": 128, "num_experts": 128, "num_experts_per_tok": 8, "norm_topk_prob": True, "decoder_sparse_step": 1,
+    "mlp_only_layers": [], "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "max_position_embeddings": 40960,
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "hidden_act": "silu", "bos_token_id": 151643,
+    "eos_token_id": 151645, "model_type": "qwen3_moe",
+}  # fmt: skip
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=48, help="shrink the model when memory or time is short")
+    p.add_argument("--batches", default="1,16,64,256")
+    p.add_argument("--context", type=int, default=1024)
+    p.add_argument("--prefill", default="64x512,8x4096", help="comma list of SEQSxTOKENS")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--ep", type=int, default=1)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--no-graphs", action="store_true")
+    p.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    p.add_argument("--hf-batches", default="1,64")
+    p.add_argument("--hf-steps", type=int, default=8)
+    p.add_argument("--out", default=None, help="also write the table (markdown) here")
+    return p.parse_args()
+
+
+def hf_config(layers: int) -> dict:
+    return dict(QWEN3_30B_A3B, num_hidden_layers=layers)
+
+
+# ---- on every rank -----------------------------------------------------------------
+
+
+def _chunk(rid: str, tokens: list[int], start: int, blocks: tuple[int, ...]):
+    from raymoe.actors.engine.request import SamplingParams
+    from raymoe.actors.engine.scheduler import ScheduledChunk
+
+    return ScheduledChunk(rid, tuple(tokens), start, blocks, True, SamplingParams(temperature=0.0), 0, 0)
+
+
+def _timed(fn, iters: int) -> list[float]:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def ceilings(ctx) -> dict:
+    """Copy bandwidth (bytes read + written per second) and bf16 matmul FLOP/s of this GPU."""
+    dev = ctx.device
+    src = torch.randn(2**30, dtype=torch.bfloat16, device=dev)  # 2 GiB
+    dst = torch.empty_like(src)
+    copy = statistics.median(_timed(lambda: dst.copy_(src), 10))
+    del src, dst
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device=dev)
+    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device=dev)
+    mm = statistics.median(_timed(lambda: a @ b, 10))
+    return {"copy_bw": 2 * 2**31 / copy, "matmul_flops": 2 * 8192**3 / mm, "gpu": torch.cuda.get_device_name(dev)}
+
+
+def build(ctx, config, spec_dict: dict, num_blocks: int, max_model_len: int) -> dict:
+    from raymoe.actors.engine.runner import ModelRunner
+    from raymoe.actors.models.spec import spec_from_hf_config
+
+    spec = spec_from_hf_config(spec_dict)
+    t0 = time.perf_counter()
+    runner = ModelRunner(ctx, config, spec, max_model_len, checkpoint_dir=None)
+    runner.allocate_kv_cache(num_blocks)
+    runner.attention.kv_cache.normal_()  # never time on zeros
+    torch.cuda.synchronize()
+    ctx.state["runner"] = runner
+    return {"build_s": time.perf_counter() - t0, "graphs": runner.graphs is not None, **ceilings(ctx)}
+
+
+def decode_step(batch: int, context: int, block_size: int, replica: int, dp_counts: tuple[int, ...]):
+    from raymoe.actors.engine.step import StepInput
+
+    pages = -(-(context + 1) // block_size)
+    chunks = tuple(
+        _chunk(f"r{replica}-{i}", [17 + i], context, tuple(range(i * pages, (i + 1) * pages))) for i in range(batch)
+    )
+    return StepInput(chunks, dp_counts, all_decode=True)
+
+
+def prefill_step(seqs: int, tokens: int, block_size: int, dp_counts: tuple[int, ...]):
+    from raymoe.actors.engine.step import StepInput
+
+    pages = -(-tokens // block_size)
+    ids = [(7 * i) % 151000 + 3 for i in range(tokens)]
+    chunks = tuple(_chunk(f"p{i}", ids, 0, tuple(range(i * pages, (i + 1) * pages))) for i in range(seqs))
+    return StepInput(chunks, dp_counts)
+
+
+def time_step(ctx, step, iters: int) -> dict:
+    runner = ctx.state["runner"]
+    times = _timed(lambda: runner.execute(step), iters)
+    return {"median_s": statistics.median(times), "min_s": min(times)}
+
+
+def touched_bytes(ctx, step) -> dict:
+    """Bytes this rank's weights actually read in one eager forward of ``step``, plus KV read."""
+    from raymoe.actors.engine.expert_load import ExpertLoadRecorder
+    from raymoe.actors.engine.step import build_step_layout
+    from raymoe.actors.models.batch import ForwardBatch
+
+    runner = ctx.state["runner"]
+    model = runner.model
+    rec = ExpertLoadRecorder(len(runner.spec.moe_layers), runner.expert_map.num_physical, ctx.device)
+    layout = build_step_layout(step.chunks, runner.block_size)
+    runner.attention.plan(layout)
+    dev = ctx.device
+    batch = ForwardBatch(layout.input_ids.to(dev), layout.positions.to(dev), runner.attention, dp_pad=len(step.chunks),
+                         dp_counts=torch.tensor(step.dp_token_counts, device=dev), expert_load=rec)  # fmt: skip
+    with torch.inference_mode():
+        model(batch)
+    counts = rec.take()
+    elem = 2
+    moe = model.layers[runner.spec.moe_layers[0]].mlp
+    slot_bytes = (moe.w13[0].numel() + moe.w2[0].numel()) * elem
+    local = counts[:, moe.slot_start : moe.slot_start + moe.slots]
+    experts = int((local > 0).sum())
+    dense = sum(p.numel() for n, p in model.named_parameters() if ".w13" not in n and ".w2" not in n and "embed" not in n)
+    kv = sum(s.context_len for s in layout.seqs) * runner.spec.num_layers * 2 * runner.kv_heads * runner.head_dim * elem
+    return {"weights": dense * elem + experts * slot_bytes, "kv": kv, "experts": experts}
+
+
+# ---- driver ------------------------------------------------------------------------
+
+
+def main() -> None:
+    args = parse()
+    from raymoe.cluster.config import config_from_dict
+    from raymoe.deploy.launch import start_controller
+
+    batches = [int(b) for b in args.batches.split(",")]
+    prefills = [tuple(int(x) for x in p.split("x")) for p in args.prefill.split(",") if p]
+    tokens_needed = max([b * (args.context + 16) for b in batches] + [s * t for s, t in prefills])
+    block_size = 16
+    num_blocks = -(-tokens_needed // block_size) + max(batches)
+    max_model_len = max(args.context + 16, max((t for _, t in prefills), default=0))
+    dp = max(1, args.ep // args.tp)
+    config = config_from_dict({
+        "model": {"path": "builtin:none", "dtype": "bfloat16"},
+        "parallel": {"tp": args.tp, "dp": dp, "ep": args.ep, "device": "cuda"},
+        "engine": {"block_size": block_size, "num_kv_blocks": num_blocks, "max_num_seqs": max(batches),
+                   "max_num_batched_tokens": max(tokens_needed, 8192), "cuda_graphs": not args.no_graphs},
+    })  # fmt: skip
+    controller = start_controller(config)
+    run = lambda fn, *a: ray.get(controller.execute.remote(fn, *a))  # noqa: E731
+    info = run(build, config, hf_config(args.layers), num_blocks, max_model_len)[0]
+    rows = []
+    for b in batches:
+        steps = [decode_step(b, args.context, block_size, d, (b,) * dp) for d in range(dp)]
+        res = run(_per_replica(time_step), steps, args.iters)
+        touched = run(_per_replica(touched_bytes), steps)[0]
+        floor = (touched["weights"] + touched["kv"]) / info["copy_bw"]
+        rows.append(("decode", f"batch {b} x ctx {args.context}", res[0]["median_s"], floor, b * dp / res[0]["median_s"],
+                     f"{touched['experts']} experts touched"))  # fmt: skip
+    for seqs, toks in prefills:
+        steps = [prefill_step(seqs, toks, block_size, (seqs * toks,) * dp) for _ in range(dp)]
+        res = run(_per_replica(time_step), steps, max(3, args.iters // 4))
+        t = res[0]["median_s"]
+        active = _active_params(args.layers)
+        util = 2 * active * seqs * toks * dp / t / info["matmul_flops"] / (args.tp * dp)
+        rows.append(("prefill", f"{seqs} x {toks}", t, None, seqs * toks * dp / t, f"{util:.0%} of matmul rate"))
+    overhead = _loop_overhead(controller, config, args, block_size, dp)
+    ray.get(controller.shutdown.remote())
+    ray.kill(controller)
+    hf = {} if args.no_hf else hf_generate(args, [int(b) for b in args.hf_batches.split(",")])
+    print_table(args, info, rows, overhead, hf)
+
+
+def _per_replica(fn):
+    """Wrap fn(ctx, step, ...) to pick this rank's DP replica's step from a list."""
+
+    def wrapped(ctx, steps, *a):
+        return fn(ctx, steps[ctx.coord.dp], *a)
+
+    return wrapped
+
+
+def _active_params(layers: int) -> float:
+    c = hf_config(layers)
+    h, d = c["hidden_size"], c["head_dim"]
+    attn = h * d * (c["num_attention_heads"] * 2 + c["num_key_value_heads"] * 2)
+    experts = c["num_experts_per_tok"] * 3 * h * c["moe_intermediate_size"]
+    return layers * (attn + experts + h * c["num_experts"])
+
+
+def _loop_overhead(controller, config, args, block_size: int, dp: int) -> dict:
+    """What the step loop adds: a decode step sent to every rank actor and collected, as
+    the controller's executor does it, minus the rank's own time for the same step."""
+    from raymoe.actors.engine.executor import RayStepExecutor
+    from raymoe.cluster.layout import RankLayout
+
+    b = min(64, config.engine.max_num_seqs)
+    steps = [decode_step(b, args.context, block_size, d, (b,) * dp) for d in range(dp)]
+    executor = RayStepExecutor(RankLayout.from_config(config.parallel), ray.get(controller.rank_actors.remote()))
+    rank = ray.get(controller.execute.remote(_per_replica(time_step), steps, args.iters))[0]["median_s"]
+    times = []
+    for i in range(args.iters + 5):
+        t0 = time.perf_counter()
+        executor(steps)
+        times.append(time.perf_counter() - t0)
+    loop = statistics.median(times[5:])
+    return {"batch": b, "loop_s": loop, "rank_s": rank, "overhead_s": loop - rank}
+
+
+def hf_generate(args, batches: list[int]) -> dict:
+    """transformers generate per-step decode time (greedy, cache on), same config, after raymoe freed the GPU."""
+    import transformers
+
+    skip = ("architectures", "model_type", "torch_dtype")
+    cfg = transformers.Qwen3MoeConfig(**{k: v for k, v in hf_config(args.layers).items() if k not in skip})
+    with torch.device("cuda"):  # built and initialised (normal, initializer_range) on the GPU, in bf16
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+    out = {}
+    for b in batches:
+        ids = torch.randint(3, 150000, (b, args.context), device="cuda")
+        def gen(n):
+            return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        t1 = statistics.median(_timed(lambda: gen(1), 2))
+        tn = statistics.median(_timed(lambda: gen(1 + args.hf_steps), 2))
+        out[b] = (tn - t1) / args.hf_steps
+    del model
+    torch.cuda.empty_cache()
+    return out
+
+
+def print_table(args, info, rows, overhead, hf) -> None:
+    lines = [
+        f"GPU: {info['gpu']} x{args.tp * max(1, args.ep // args.tp)}; copy {info['copy_bw'] / 1e12:.2f} TB/s; "
+        f"bf16 matmul {info['matmul_flops'] / 1e12:.0f} TFLOP/s; Qwen3-30B-A3B shape, {args.layers} layers; "
+        f"tp={args.tp} ep={args.ep}; CUDA graphs {'on' if info['graphs'] else 'off'}",
+        "",
+        "| case | shape | raymoe ms | floor ms | x floor | tokens/s | transformers ms | speed-up | note |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for kind, shape, t, floor, tps, note in rows:
+        b = int(shape.split()[1]) if kind == "decode" else None
+        h = hf.get(b) if b is not None else None
+        lines.append(
+            f"| {kind} | {shape} | {t * 1e3:.2f} | {'' if floor is None else f'{floor * 1e3:.2f}'} | "
+            f"{'' if floor is None else f'{t / floor:.2f}'} | {tps:,.0f} | {'' if h is None else f'{h * 1e3:.1f}'} | "
+            f"{'' if h is None else f'{h / t:.1f}x'} | {note} |"
+        )
+    o = overhead
+    lines.append(
+        f"\nStep loop, decode batch {o['batch']}: {o['loop_s'] * 1e3:.2f} ms sent to the ranks and collected through Ray, "
+        f"{o['rank_s'] * 1e3:.2f} ms on the rank itself: overhead {o['overhead_s'] * 1e3:.2f} ms "
+        f"({o['overhead_s'] / o['loop_s']:.0%} of the step)"
+    )
+    text = "\n".join(lines)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
