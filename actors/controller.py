@@ -39,6 +39,7 @@ class Controller:
         self.layout = RankLayout.from_config(config.parallel)
         self.cluster: Optional[RankCluster] = None
         self.engine: Optional[AsyncEngine] = None
+        self.executor: Optional[RayStepExecutor] = None
         self.tokenizer: Optional[Tokenizer] = None
         self.model_info: dict[str, Any] = {}
         self._ids = itertools.count()
@@ -59,7 +60,10 @@ class Controller:
 
     async def load_model(self, collect_logits: bool = False) -> dict[str, Any]:
         """Load the model on every rank, size the KV cache, build the engine."""
-        return await asyncio.to_thread(self._load_model, collect_logits)
+        info = await asyncio.to_thread(self._load_model, collect_logits)
+        assert self.executor is not None
+        self.executor.compile()  # on this event loop, which will run the steps
+        return info
 
     def _load_model(self, collect_logits: bool) -> dict[str, Any]:
         cluster = self._cluster()
@@ -83,9 +87,9 @@ class Controller:
             Scheduler(BlockManager(num_blocks, eng.block_size), eng.max_num_seqs, eng.max_num_batched_tokens, max_model_len)
             for _ in range(self.layout.dp)
         ]
-        executor = RayStepExecutor(self.layout, cluster.actors)
-        core = EngineCore(schedulers, self.tokenizer, executor, self.config.model.seed, collect_logits)
-        self.engine = AsyncEngine(core, executor.run_async, self.config.serve.max_queued_requests)
+        self.executor = RayStepExecutor(self.layout, cluster.actors, compiled=eng.compiled_graph)
+        core = EngineCore(schedulers, self.tokenizer, None, self.config.model.seed, collect_logits)
+        self.engine = AsyncEngine(core, self.executor.run_async, self.config.serve.max_queued_requests)
         self.model_info = {
             "model": path,
             "architecture": spec.architecture,
@@ -192,6 +196,9 @@ class Controller:
         return {"status": "ok", "ranks": ranks, **base}
 
     async def shutdown(self) -> None:
+        if self.executor is not None:
+            await asyncio.to_thread(self.executor.teardown)  # before the ranks go away
+            self.executor = None
         if self.cluster is not None:
             await asyncio.to_thread(self.cluster.shutdown)
             self.cluster = None

@@ -21,6 +21,7 @@ in one run:
 from __future__ import annotations
 
 import argparse
+import asyncio
 import statistics
 import time
 
@@ -50,6 +51,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     p.add_argument("--hf-batches", default="1,64")
     p.add_argument("--hf-steps", type=int, default=8)
+    p.add_argument("--profile", type=int, default=0, metavar="BATCH", help="print the top kernels of an eager decode step")
     p.add_argument("--out", default=None, help="also write the table (markdown) here")
     return p.parse_args()
 
@@ -109,22 +111,22 @@ def build(ctx, config, spec_dict: dict, num_blocks: int, max_model_len: int) -> 
 
 
 def decode_step(batch: int, context: int, block_size: int, replica: int, dp_counts: tuple[int, ...]):
-    from raymoe.actors.engine.step import StepInput
+    from raymoe.actors.engine.step import pack_step
 
     pages = -(-(context + 1) // block_size)
     chunks = tuple(
         _chunk(f"r{replica}-{i}", [17 + i], context, tuple(range(i * pages, (i + 1) * pages))) for i in range(batch)
     )
-    return StepInput(chunks, dp_counts, all_decode=True)
+    return pack_step(chunks, dp_counts, block_size, all_decode=True)
 
 
 def prefill_step(seqs: int, tokens: int, block_size: int, dp_counts: tuple[int, ...]):
-    from raymoe.actors.engine.step import StepInput
+    from raymoe.actors.engine.step import pack_step
 
     pages = -(-tokens // block_size)
     ids = [(7 * i) % 151000 + 3 for i in range(tokens)]
     chunks = tuple(_chunk(f"p{i}", ids, 0, tuple(range(i * pages, (i + 1) * pages))) for i in range(seqs))
-    return StepInput(chunks, dp_counts)
+    return pack_step(chunks, dp_counts, block_size)
 
 
 def time_step(ctx, step, iters: int) -> dict:
@@ -142,10 +144,10 @@ def touched_bytes(ctx, step) -> dict:
     runner = ctx.state["runner"]
     model = runner.model
     rec = ExpertLoadRecorder(len(runner.spec.moe_layers), runner.expert_map.num_physical, ctx.device)
-    layout = build_step_layout(step.chunks, runner.block_size)
+    layout = build_step_layout(step, runner.block_size)
     runner.attention.plan(layout)
     dev = ctx.device
-    batch = ForwardBatch(layout.input_ids.to(dev), layout.positions.to(dev), runner.attention, dp_pad=len(step.chunks),
+    batch = ForwardBatch(layout.input_ids.to(dev), layout.positions.to(dev), runner.attention, dp_pad=step.num_chunks,
                          dp_counts=torch.tensor(step.dp_token_counts, device=dev), expert_load=rec)  # fmt: skip
     with torch.inference_mode():
         model(batch)
@@ -156,8 +158,28 @@ def touched_bytes(ctx, step) -> dict:
     local = counts[:, moe.slot_start : moe.slot_start + moe.slots]
     experts = int((local > 0).sum())
     dense = sum(p.numel() for n, p in model.named_parameters() if ".w13" not in n and ".w2" not in n and "embed" not in n)
-    kv = sum(s.context_len for s in layout.seqs) * runner.spec.num_layers * 2 * runner.kv_heads * runner.head_dim * elem
+    kv = int(layout.context_lens.sum()) * runner.spec.num_layers * 2 * runner.kv_heads * runner.head_dim * elem
     return {"weights": dense * elem + experts * slot_bytes, "kv": kv, "experts": experts}
+
+
+def profile_step(ctx, step) -> str:
+    """Kernel time table of one eager forward of ``step`` (the graphs replay the same kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from raymoe.actors.engine.step import build_step_layout
+
+    runner = ctx.state["runner"]
+    layout = build_step_layout(step, runner.block_size)
+    with torch.inference_mode():
+        runner.forward_eager(layout, step.dp_token_counts)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            runner.forward_eager(layout, step.dp_token_counts)
+            torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(e.device_time for e in kernels) / 1e3
+    head = f"{len(kernels)} kernels, {total:.2f} ms of kernel time (eager)\n"
+    return head + prof.key_averages().table(sort_by="self_device_time_total", row_limit=20, max_name_column_width=70)
 
 
 # ---- driver ------------------------------------------------------------------------
@@ -199,10 +221,20 @@ def main() -> None:
         active = _active_params(args.layers)
         util = 2 * active * seqs * toks * dp / t / info["matmul_flops"] / (args.tp * dp)
         rows.append(("prefill", f"{seqs} x {toks}", t, None, seqs * toks * dp / t, f"{util:.0%} of matmul rate"))
-    overhead = _loop_overhead(controller, config, args, block_size, dp)
+    profile = None
+    if args.profile:
+        step = [decode_step(args.profile, args.context, block_size, d, (args.profile,) * dp) for d in range(dp)]
+        profile = run(_per_replica(profile_step), step)[0]
+    try:
+        overhead = _loop_overhead(controller, config, args, block_size, dp)
+    except Exception as e:  # report the rest even if this stage fails
+        print(f"step-loop measurement failed: {type(e).__name__}: {e}")
+        overhead = None
     ray.get(controller.shutdown.remote())
     ray.kill(controller)
     hf = {} if args.no_hf else hf_generate(args, [int(b) for b in args.hf_batches.split(",")])
+    if profile:
+        print(profile)
     print_table(args, info, rows, overhead, hf)
 
 
@@ -231,14 +263,20 @@ def _loop_overhead(controller, config, args, block_size: int, dp: int) -> dict:
 
     b = min(64, config.engine.max_num_seqs)
     steps = [decode_step(b, args.context, block_size, d, (b,) * dp) for d in range(dp)]
-    executor = RayStepExecutor(RankLayout.from_config(config.parallel), ray.get(controller.rank_actors.remote()))
     rank = ray.get(controller.execute.remote(_per_replica(time_step), steps, args.iters))[0]["median_s"]
-    times = []
-    for i in range(args.iters + 5):
-        t0 = time.perf_counter()
-        executor(steps)
-        times.append(time.perf_counter() - t0)
-    loop = statistics.median(times[5:])
+    executor = RayStepExecutor(RankLayout.from_config(config.parallel), ray.get(controller.rank_actors.remote()))
+
+    async def loop_times() -> list[float]:
+        executor.compile()
+        times = []
+        for _ in range(args.iters + 5):
+            t0 = time.perf_counter()
+            await executor.run_async(steps)
+            times.append(time.perf_counter() - t0)
+        executor.teardown()
+        return times
+
+    loop = statistics.median(asyncio.run(loop_times())[5:])
     return {"batch": b, "loop_s": loop, "rank_s": rank, "overhead_s": loop - rank}
 
 
@@ -281,11 +319,14 @@ def print_table(args, info, rows, overhead, hf) -> None:
             f"{'' if h is None else f'{h / t:.1f}x'} | {note} |"
         )
     o = overhead
-    lines.append(
-        f"\nStep loop, decode batch {o['batch']}: {o['loop_s'] * 1e3:.2f} ms sent to the ranks and collected through Ray, "
-        f"{o['rank_s'] * 1e3:.2f} ms on the rank itself: overhead {o['overhead_s'] * 1e3:.2f} ms "
-        f"({o['overhead_s'] / o['loop_s']:.0%} of the step)"
-    )
+    if o is None:
+        lines.append("\nStep loop: not measured (see the error above)")
+    else:
+        lines.append(
+            f"\nStep loop, decode batch {o['batch']}: {o['loop_s'] * 1e3:.2f} ms sent to the ranks and collected through "
+            f"a Ray compiled graph (as the controller does), {o['rank_s'] * 1e3:.2f} ms on the rank itself: overhead "
+            f"{o['overhead_s'] * 1e3:.2f} ms ({o['overhead_s'] / o['loop_s']:.0%} of the step)"
+        )
     text = "\n".join(lines)
     if args.out:
         with open(args.out, "w") as f:

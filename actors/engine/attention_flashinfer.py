@@ -8,11 +8,21 @@ backend uses (see attention_torch.py).
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from raymoe.actors.engine.step import StepLayout
 
 WORKSPACE_BYTES = 256 * 2**20
+
+
+def page_tables(pages: np.ndarray, indices: np.ndarray, context_lens: np.ndarray, block_size: int):
+    """FlashInfer's paged-KV description (host int32 tensors; plan() copies them to the GPU
+    without a sync): indptr [B+1], indices [sum(pages)], last_page_len [B]."""
+    indptr = np.zeros(pages.shape[0] + 1, dtype=np.int32)
+    np.cumsum(pages, out=indptr[1:])
+    last = context_lens - (pages - 1) * block_size
+    return torch.from_numpy(indptr), torch.from_numpy(indices.astype(np.int32)), torch.from_numpy(last.astype(np.int32))
 
 
 class FlashInferAttention:
@@ -37,22 +47,18 @@ class FlashInferAttention:
     def plan(self, layout: StepLayout) -> None:
         dev = self.kv_cache.device
         self._write = (layout.slot_blocks.to(dev, non_blocking=True), layout.slot_offsets.to(dev, non_blocking=True))
-        if not layout.seqs:
+        if layout.num_seqs == 0:
             self.wrapper = None
             return
         bs = self.block_size
-        pages = [-(-s.context_len // bs) for s in layout.seqs]
-        kv_indptr = torch.tensor([0] + pages, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-        kv_indices = torch.tensor([b for s, n in zip(layout.seqs, pages) for b in s.block_ids[:n]], dtype=torch.int32)
-        last_len = torch.tensor([s.context_len - (n - 1) * bs for s, n in zip(layout.seqs, pages)], dtype=torch.int32)
-        # host tensors: plan() schedules on the CPU and copies to the GPU itself (no sync)
+        kv_indptr, kv_indices, last_len = page_tables(layout.pages, layout.kv_indices(), layout.context_lens, bs)
         args = (self.num_heads, self.num_kv_heads, self.head_dim, bs)
         dtypes = dict(q_data_type=self.dtype, kv_data_type=self.dtype)
-        if all(s.num_query == 1 for s in layout.seqs):
+        if layout.input_ids.shape[0] == layout.num_seqs:  # one query token per sequence
             self.wrapper = self.decode
             self.decode.plan(kv_indptr, kv_indices, last_len, *args, **dtypes)
         else:
-            qo = torch.tensor([0] + [s.num_query for s in layout.seqs], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+            qo = torch.from_numpy(layout.query_start.astype(np.int32))
             self.wrapper = self.prefill
             self.prefill.plan(qo, kv_indptr, kv_indices, last_len, *args, causal=True, **dtypes)
 
@@ -99,17 +105,17 @@ class GraphDecodeAttention:
 
     def plan(self, layout: StepLayout | None) -> None:
         """Point the graph at this step's sequences (None: all padding, for capture)."""
-        seqs = layout.seqs if layout is not None else ()
-        n, bs = len(seqs), self.block_size
-        assert n <= self.batch_size
-        pages = [-(-s.context_len // bs) for s in seqs] + [1] * (self.batch_size - n)
-        indices = [b for s, p in zip(seqs, pages) for b in s.block_ids[:p]] + [self.scratch_block] * (self.batch_size - n)
-        last = [s.context_len - (p - 1) * bs for s, p in zip(seqs, pages)] + [1] * (self.batch_size - n)
+        n = layout.num_seqs if layout is not None else 0
+        pad = self.batch_size - n
+        assert pad >= 0
+        ones = np.ones(pad, dtype=np.int64)
+        pages = np.concatenate([layout.pages, ones]) if n else ones
+        context = np.concatenate([layout.context_lens, ones]) if n else ones
+        blocks = np.full(pad, self.scratch_block, dtype=np.int32)
+        indices = np.concatenate([layout.kv_indices(), blocks]) if n else blocks
         self.wrapper.plan(
-            torch.tensor([0] + pages, dtype=torch.int32).cumsum(0, dtype=torch.int32),
-            torch.tensor(indices, dtype=torch.int32),
-            torch.tensor(last, dtype=torch.int32),
-            self.num_heads, self.num_kv_heads, self.head_dim, bs,
+            *page_tables(pages, indices, context, self.block_size),
+            self.num_heads, self.num_kv_heads, self.head_dim, self.block_size,
             q_data_type=self.kv_cache.dtype, kv_data_type=self.kv_cache.dtype,
         )  # fmt: skip
         self.slot_blocks.fill_(self.scratch_block)

@@ -24,10 +24,10 @@ class TorchAttention:
         dev = self.kv_cache.device
         self._write = (layout.slot_blocks.to(dev), layout.slot_offsets.to(dev))
         self._reads = []
-        for seq in layout.seqs:
-            pos = torch.arange(seq.context_len)
-            table = torch.tensor(seq.block_ids, dtype=torch.int64)
-            self._reads.append((table[pos // self.block_size].to(dev), (pos % self.block_size).to(dev)))
+        for table, context in zip(layout.block_tables, layout.context_lens.tolist()):
+            pos = torch.arange(context)
+            blocks = torch.from_numpy(table.astype("int64"))[pos // self.block_size]
+            self._reads.append((blocks.to(dev), (pos % self.block_size).to(dev)))
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [T, heads, D], k/v [T, kv_heads, D] -> [T, heads, D]; writes k/v into the cache first."""
@@ -38,15 +38,17 @@ class TorchAttention:
         cache[blocks, 1, offsets] = v
         out = torch.empty_like(q)
         group = q.shape[1] // k.shape[1]
-        for seq, (rb, ro) in zip(self.layout.seqs, self._reads):
-            qs = q[seq.query_start : seq.query_start + seq.num_query].transpose(0, 1)  # [heads, n, D]
+        starts = self.layout.query_start.tolist()
+        for i, (rb, ro) in enumerate(self._reads):
+            lo, hi, context = starts[i], starts[i + 1], len(rb)
+            qs = q[lo:hi].transpose(0, 1)  # [heads, n, D]
             keys = cache[rb, 0, ro].transpose(0, 1).repeat_interleave(group, dim=0)  # [heads, ctx, D]
             vals = cache[rb, 1, ro].transpose(0, 1).repeat_interleave(group, dim=0)
-            # query i sits at position ctx - n + i and sees keys up to it
-            first = seq.context_len - seq.num_query
-            mask = torch.arange(seq.context_len, device=q.device)[None, :] <= (
-                first + torch.arange(seq.num_query, device=q.device)[:, None]
+            # query j sits at position context - n + j and sees keys up to it
+            first = context - (hi - lo)
+            mask = torch.arange(context, device=q.device)[None, :] <= (
+                first + torch.arange(hi - lo, device=q.device)[:, None]
             )
             o = F.scaled_dot_product_attention(qs, keys, vals, attn_mask=mask)
-            out[seq.query_start : seq.query_start + seq.num_query] = o.transpose(0, 1)
+            out[lo:hi] = o.transpose(0, 1)
         return out

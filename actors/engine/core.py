@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 from raymoe.actors.engine.detokenizer import IncrementalDetokenizer
 from raymoe.actors.engine.request import Request, SamplingParams
 from raymoe.actors.engine.scheduler import Scheduler, SchedulerOutput
-from raymoe.actors.engine.step import StepInput, StepOutput
+from raymoe.actors.engine.step import StepInput, StepOutput, pack_step
 from raymoe.actors.engine.tokenizer import Tokenizer
 
 Executor = Callable[[Sequence[StepInput]], Sequence[StepOutput]]
@@ -47,11 +47,12 @@ class EngineCore:
         self,
         schedulers: Sequence[Scheduler],
         tokenizer: Tokenizer,
-        execute: Executor,
+        execute: Optional[Executor] = None,
         seed: Optional[int] = None,
         collect_logits: bool = False,
     ) -> None:
         self.schedulers = list(schedulers)
+        self.block_size = self.schedulers[0].block_manager.block_size
         self.collect_logits = collect_logits  # tests compare logits with a reference
         self.tokenizer = tokenizer
         self.execute = execute
@@ -93,6 +94,7 @@ class EngineCore:
 
     def step(self) -> list[RequestOutput]:
         """Run one engine step over every DP replica; returns the requests that progressed."""
+        assert self.execute is not None, "step() needs an executor; async callers use schedule() and apply()"
         planned = self.schedule()
         return self.apply(planned, self.execute(planned.inputs)) if planned else []
 
@@ -103,7 +105,7 @@ class EngineCore:
         if not any(counts):
             return None
         all_decode = all(len(c.token_ids) == 1 and c.sample for o in scheduled for c in o.chunks)
-        inputs = [StepInput(o.chunks, counts, self.collect_logits, all_decode) for o in scheduled]
+        inputs = [pack_step(o.chunks, counts, self.block_size, self.collect_logits, all_decode) for o in scheduled]
         return PlannedStep(scheduled, inputs)
 
     def apply(self, planned: "PlannedStep", results: Sequence[StepOutput]) -> list[RequestOutput]:
@@ -111,8 +113,9 @@ class EngineCore:
         self.num_steps += 1
         outputs = []
         for sched, out, result in zip(self.schedulers, planned.scheduled, results):
-            rows = {rid: i for i, rid in enumerate(result.sampled)}  # logits rows follow sampled order
-            for req in sched.update(out, result.sampled):
+            sampled_ids = [c.request_id for c in out.chunks if c.sample]  # the order of result.tokens
+            rows = {rid: i for i, rid in enumerate(sampled_ids)}
+            for req in sched.update(out, dict(zip(sampled_ids, result.tokens.tolist()))):
                 output = self._apply_token(sched, req)
                 if result.logits is not None:
                     output.logits = result.logits[rows[req.request_id]]

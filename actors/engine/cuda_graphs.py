@@ -73,7 +73,7 @@ class DecodeGraphs:
         size = self.size_for(max(dp_token_counts))
         assert size is not None
         g = self.graphs[size]
-        n = len(layout.seqs)
+        n = layout.num_seqs
         g.attention.plan(layout)
         g.input_ids.zero_()
         g.positions.zero_()

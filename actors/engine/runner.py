@@ -136,20 +136,18 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, step: StepInput) -> Optional[StepOutput]:
         assert self.attention is not None, "allocate_kv_cache() first"
-        layout = build_step_layout(step.chunks, self.block_size)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # steps may arrive on a Ray compiled-graph thread
+        layout = build_step_layout(step, self.block_size)
         if self.graphs is not None and step.all_decode and self.graphs.size_for(max(step.dp_token_counts)):
             logits = self.graphs.run(layout, step.dp_token_counts)
         else:
             logits = self.forward_eager(layout, step.dp_token_counts)
         if not self.is_driver:
             return None
-        chunks = [step.chunks[i] for i in layout.sample_chunks]
-        tokens = sample(logits, [c.sampling for c in chunks], [c.seed for c in chunks],
-                        [c.num_output_tokens for c in chunks])  # fmt: skip
-        return StepOutput(
-            sampled={c.request_id: t for c, t in zip(chunks, tokens)},
-            logits=logits.cpu() if step.return_logits else None,
-        )
+        s = step.sample
+        tokens = sample(logits, step.temperature[s], step.top_k[s], step.top_p[s], step.seed[s], step.output_index[s])
+        return StepOutput(tokens=tokens, logits=logits.cpu() if step.return_logits else None)
 
     def forward_eager(self, layout: StepLayout, dp_token_counts: tuple[int, ...]) -> torch.Tensor:
         """Forward without graphs; returns logits [sampled rows, vocab]."""

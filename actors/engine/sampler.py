@@ -6,28 +6,33 @@ preemption.
 """
 from __future__ import annotations
 
-from typing import Sequence
-
+import numpy as np
 import torch
 
-from raymoe.actors.engine.request import SamplingParams
 
+def sample(
+    logits: torch.Tensor,
+    temperature: np.ndarray,
+    top_k: np.ndarray,
+    top_p: np.ndarray,
+    seeds: np.ndarray,
+    output_index: np.ndarray,
+) -> np.ndarray:
+    """logits [n, vocab] float32 -> one token id per row (int64 [n]).
 
-def sample(logits: torch.Tensor, params: Sequence[SamplingParams], seeds: Sequence[int], steps: Sequence[int]) -> list[int]:
-    """logits [n, vocab] float32 -> one token id per row.
-
-    ``seeds[i]``/``steps[i]``: the request's seed and how many tokens it has output so far.
+    Per row: temperature (0 = greedy), top_k (-1 = off), top_p, the request's seed and
+    how many tokens it has output so far (the random draw depends on these alone).
     """
-    assert logits.shape[0] == len(params) == len(seeds) == len(steps)
+    assert logits.shape[0] == len(temperature)
     out = logits.argmax(dim=-1)
-    for i, p in enumerate(params):
-        if not p.greedy:
-            out[i] = _sample_row(logits[i], p, seeds[i], steps[i])
-    return out.tolist()
+    for i in np.flatnonzero(temperature > 0).tolist():
+        out[i] = _sample_row(logits[i], float(temperature[i]), int(top_k[i]), float(top_p[i]), int(seeds[i]),
+                             int(output_index[i]))  # fmt: skip
+    return out.cpu().numpy()
 
 
-def _sample_row(logits: torch.Tensor, p: SamplingParams, seed: int, step: int) -> torch.Tensor:
-    scores = filter_logits(logits / p.temperature, p.top_k, p.top_p)
+def _sample_row(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, seed: int, step: int) -> torch.Tensor:
+    scores = filter_logits(logits / temperature, top_k, top_p)
     probs = torch.softmax(scores, dim=-1)
     gen = torch.Generator(device=logits.device).manual_seed(_mix(seed, step))
     # exponential race: argmax(p / E) with E ~ Exp(1) draws from p

@@ -64,10 +64,17 @@ class DecoderLayer(nn.Module):
         self.post_norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype, device)
         self.mlp = mlp
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        x = x + self.attn(self.input_norm(x), batch)
-        h = self.post_norm(x)
-        return x + (self.mlp(h, batch) if isinstance(self.mlp, MoE) else self.mlp(h))
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None, batch: ForwardBatch
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pre-norm block, with the residual stream carried separately so each norm fuses
+        with the add before it: returns (this block's output, residual before it)."""
+        if residual is None:
+            h, residual = self.input_norm(x), x
+        else:
+            h, residual = self.input_norm.add_forward(x, residual)
+        h, residual = self.post_norm.add_forward(self.attn(h, batch), residual)
+        return (self.mlp(h, batch) if isinstance(self.mlp, MoE) else self.mlp(h)), residual
 
 
 class CausalLM(nn.Module):
@@ -93,10 +100,10 @@ class CausalLM(nn.Module):
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """-> final hidden states [T, H] (normed); logits come from compute_logits."""
-        x = self.embed(batch.input_ids)
+        x, residual = self.embed(batch.input_ids), None
         for layer in self.layers:
-            x = layer(x, batch)
-        return self.norm(x)
+            x, residual = layer(x, residual, batch)
+        return self.norm.add_forward(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, H] -> logits [N, vocab], float32."""

@@ -28,6 +28,8 @@ class ExpertMap:
         deterministic, and spread evenly over replicas. Replicas hold identical
         weights, so the pick only changes floating-point summation order.
         """
+        if self.num_physical == self.num_logical:  # one replica each: a plain lookup
+            return self.logical_to_physical[moe_layer, :, 0][logical_ids]
         counts = self.replica_count[moe_layer][logical_ids]
         rows = torch.arange(logical_ids.shape[0], device=logical_ids.device).unsqueeze(1)
         replica = rows % counts

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raymoe.actors.models import ops
 from raymoe.actors.models.checkpoint import CheckpointReader
 from raymoe.actors.models.spec import ModelSpec, RopeSpec
 from raymoe.comm.group import GroupCoordinator
@@ -30,10 +31,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size, dtype=dtype, device=device), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # statistics in fp32, like the reference implementation
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return ops.rms_norm(x, self.weight, self.eps)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(residual + x), residual + x); may reuse the inputs' storage."""
+        return ops.add_rms_norm(x, residual, self.weight, self.eps)
 
     def load(self, reader: CheckpointReader, name: str) -> None:
         self.weight.copy_(reader.read(name))
@@ -48,20 +50,11 @@ class RotaryEmbedding(nn.Module):
         if rope.kind == "llama3":
             inv_freq = _llama3_inv_freq(inv_freq, rope)
         freqs = torch.arange(max_position, dtype=torch.float)[:, None] * inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("cos", emb.cos().to(device), persistent=False)
-        self.register_buffer("sin", emb.sin().to(device), persistent=False)
+        self.register_buffer("cos_sin", torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(device), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T]; q [T, heads, D], k [T, kv_heads, D] -> rotated q, k."""
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        """positions [T]; q [T, heads, D], k [T, kv_heads, D] -> rotated q, k (in place on GPU)."""
+        return ops.rotary_(positions, q, k, self.cos_sin)
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, rope: RopeSpec) -> torch.Tensor:
@@ -197,8 +190,7 @@ class DenseMLP(nn.Module):
         self.down = RowParallelLinear(self.local, hidden, tp, bias=False, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+        return self.down(ops.silu_and_mul(F.linear(x, self.gate_up)))
 
     def load(self, reader: CheckpointReader, gate: str, up: str, down_prefix: str) -> None:
         s, e = self.start, self.start + self.local

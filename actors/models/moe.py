@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raymoe.actors.models import ops
 from raymoe.actors.models.batch import ForwardBatch
 from raymoe.actors.models.checkpoint import CheckpointReader
 from raymoe.actors.models.expert_map import ExpertMap
@@ -99,25 +100,33 @@ class MoE(nn.Module):
     def run_local_experts(self, x: torch.Tensor, physical: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Sum over this rank's expert slots of weight * expert(x); rows routed elsewhere get 0.
 
-        x [N, H]; physical, weights [N, k]. One grouped GEMM per projection over
-        all local slots (torch._grouped_mm), and no host synchronisation, so the
-        step can be captured in a CUDA graph.
+        x [N, H]; physical, weights [N, k] (physical -1 = padding row). One grouped GEMM
+        per projection over all local slots (torch._grouped_mm) and no host
+        synchronisation, so the step can be captured in a CUDA graph.
         """
         n, k = physical.shape
-        local = physical.reshape(-1) - self.slot_start
-        mine = (local >= 0) & (local < self.slots)
-        bucket = torch.where(mine, local, self.slots)  # choices for other ranks sort last
+        flat = physical.reshape(-1)
+        all_local = self.slots == self.expert_map.num_physical and self.groups.dp.world_size == 1
+        if all_local:  # every choice is one of our slots and no row is padding
+            bucket, keep = flat, None
+        else:
+            local = flat - self.slot_start
+            mine = (local >= 0) & (local < self.slots)
+            bucket, keep = torch.where(mine, local, self.slots), mine  # other ranks' choices sort last
         order = torch.argsort(bucket, stable=True)
         sizes = torch.zeros(self.slots + 1, dtype=torch.int32, device=x.device)
         sizes.scatter_add_(0, bucket, torch.ones_like(bucket, dtype=torch.int32))
         ends = sizes[: self.slots].cumsum(0, dtype=torch.int32)  # group g = sorted rows [ends[g-1], ends[g])
         token = order // k
-        gate, up = torch._grouped_mm(x[token], self.w13.transpose(1, 2), offs=ends).chunk(2, dim=-1)
-        y = torch._grouped_mm(F.silu(gate) * up, self.w2.transpose(1, 2), offs=ends)
-        # rows past the last group end are not computed (may hold garbage): select, don't multiply
-        keep = mine[order].unsqueeze(1)
-        y = torch.where(keep, y * weights.reshape(-1)[order].unsqueeze(1), 0)
-        return torch.zeros_like(x).index_add_(0, token, y)
+        h = ops.silu_and_mul(torch._grouped_mm(x[token], self.w13.transpose(1, 2), offs=ends))
+        y = torch._grouped_mm(h, self.w2.transpose(1, 2), offs=ends) * weights.reshape(-1)[order].unsqueeze(1)
+        if keep is not None:  # rows past the last group end are not computed (may hold garbage)
+            y = torch.where(keep[order].unsqueeze(1), y, 0)
+        # back to (token, choice) order, then sum each token's k choices: no atomics, so
+        # results are deterministic
+        unsorted = torch.empty_like(y)
+        unsorted[order] = y
+        return unsorted.view(n, k, -1).sum(dim=1)
 
     def load(self, reader: CheckpointReader, names: ExpertNames) -> None:
         self.router.copy_(reader.read(names.router.format(layer=self.layer)))

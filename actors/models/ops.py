@@ -1,0 +1,83 @@
+"""Fused elementwise ops: FlashInfer kernels on GPU, plain torch elsewhere.
+
+The torch versions are the reference (and the CPU path); each FlashInfer kernel
+replaces a chain of 4-8 small kernels, which is what a decode step is made of.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def _flashinfer():
+    try:
+        import flashinfer
+
+        return flashinfer
+    except ImportError as e:
+        log.warning("FlashInfer is not importable (%s): fused norm/rotary/activation kernels off; "
+                    "pip install 'raymoe[gpu]'", e)  # fmt: skip
+        return None
+
+
+def _fused(x: torch.Tensor):
+    return _flashinfer() if x.is_cuda else None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [..., D] (2-D or 3-D) -> weight * x / rms(x); statistics in float32."""
+    fi = _fused(x)
+    if fi is not None:
+        return fi.norm.rmsnorm(x, weight, eps)
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """residual + x -> (rms_norm of the sum, the sum). x, residual [T, D].
+
+    The GPU kernel works in place: the sum lands in ``residual``, the normalised
+    value in ``x``; callers must not use the inputs afterwards.
+    """
+    fi = _fused(x)
+    if fi is not None:
+        fi.norm.fused_add_rmsnorm(x, residual, weight, eps)
+        return x, residual
+    total = residual + x
+    return rms_norm(total, weight, eps), total
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x [..., 2I] = [gate, up] -> silu(gate) * up [..., I]."""
+    fi = _fused(x)
+    if fi is not None:
+        return fi.activation.silu_and_mul(x)
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def rotary_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q [T, H, D] and k [T, Hk, D] by position (rotate-half layout); in place on GPU.
+
+    cos_sin [max_position, D] float32: cos of the D/2 frequencies, then their sin.
+    """
+    fi = _fused(q)
+    if fi is not None:
+        fi.rope.apply_rope_with_cos_sin_cache_inplace(positions, q, k, q.shape[-1], cos_sin, is_neox=True)
+        return q, k
+    half = cos_sin.shape[-1] // 2
+    cos = cos_sin[positions, :half].repeat(1, 2).unsqueeze(1).to(q.dtype)
+    sin = cos_sin[positions, half:].repeat(1, 2).unsqueeze(1).to(q.dtype)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
