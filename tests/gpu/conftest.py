@@ -1,0 +1,29 @@
+"""GPU tier: a local Ray offering every GPU of this host. The test modules skip
+themselves without CUDA.
+
+Run on a GPU host (see shared/gpu/README.md): ``source .devbundle/install.sh &&
+python3 -m pytest tests/gpu -q``. Multicast stays off: the rank actors set the
+variables in their runtime_env, install.sh sets them for the driver.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+import torch
+
+
+def gpu_count() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+@pytest.fixture(scope="module")
+def gpu_ray() -> Any:
+    """A local Ray with num_gpus = this host's GPU count; stopped after the module."""
+    ray = pytest.importorskip("ray")
+    assert not ray.is_initialized(), "another Ray instance is up in this process"
+    n = gpu_count()
+    ray.init(num_gpus=n, num_cpus=max(os.cpu_count() or 1, n + 2), include_dashboard=False)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,180 @@
+"""GPU rank actors through the controller: device choice, NCCL collectives, torch
+symmetric memory (rendezvous + one-shot all-reduce, no multicast) inside the ranks.
+
+Needs CUDA; the two-GPU tests need two GPUs on this host.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+ray = pytest.importorskip("ray")
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+from raymoe.cluster.config import config_from_dict  # noqa: E402
+from raymoe.deploy.launch import start_controller  # noqa: E402
+
+two_gpus = pytest.mark.skipif(GPUS < 2, reason="needs 2 GPUs on this host")
+
+
+def _cuda_config(tp: int):
+    return config_from_dict({"parallel": {"tp": tp, "device": "cuda", "placement_timeout_s": 60}})
+
+
+def _expected_index(gpu_id: int, visible: str | None) -> int:
+    """Every GPU of the node is visible to a rank: a Ray GPU id indexes them directly,
+    or by its position when the node itself runs under CUDA_VISIBLE_DEVICES."""
+    ids = [v.strip() for v in (visible or "").split(",") if v.strip()]
+    return ids.index(str(gpu_id)) if str(gpu_id) in ids else gpu_id
+
+
+# ---- run on the ranks (travel by value) --------------------------------------------------
+
+
+def _device_report(ctx) -> dict:
+    return {
+        "rank": ctx.rank,
+        "device": str(ctx.device),
+        "current": torch.cuda.current_device(),
+        "visible": torch.cuda.device_count(),
+        "ray_gpu_ids": [int(g) for g in ray.get_gpu_ids()],
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "nvls_off": os.environ.get("NCCL_NVLS_ENABLE") == "0",
+        "multicast_off": os.environ.get("TORCH_SYMM_MEM_DISABLE_MULTICAST") == "1",
+    }
+
+
+def _single_rank(ctx) -> dict:
+    g = ctx.groups.tp
+    x = torch.arange(4.0, device=ctx.device)
+    return {
+        "size": g.world_size,
+        "no_groups": g.device_group is None and g.cpu_group is None,
+        "same_tensor": g.all_reduce(x) is x and g.all_gather(x) is x and g.reduce_scatter(x) is x,
+        "values": x.cpu().tolist(),
+        "objects": g.all_gather_object(ctx.rank),
+    }
+
+
+def _nccl_collectives(ctx, n: int) -> dict:
+    import torch.distributed as dist
+
+    g = ctx.groups.tp
+    x = torch.arange(n, device=ctx.device, dtype=torch.float32) + 1000.0 * ctx.rank
+    summed = g.all_reduce(x.clone())
+    gathered = g.all_gather(x.view(1, n), dim=0)
+    scattered = g.reduce_scatter(x.view(g.world_size, -1).clone(), dim=0)
+    torch.cuda.synchronize(ctx.device)
+    g.barrier()
+    return {
+        "backends": (dist.get_backend(g.device_group), dist.get_backend(g.cpu_group)),
+        "sum": summed.cpu(),
+        "gathered": gathered.cpu(),
+        "scattered": scattered.cpu(),
+        "on_device": summed.device == ctx.device,
+    }
+
+
+def _symm_mem_all_reduce(ctx, n: int) -> dict:
+    import torch.distributed._symmetric_memory as symm_mem
+
+    g = ctx.groups.tp
+    name = g.device_group.group_name
+    if hasattr(symm_mem, "enable_symm_mem_for_group"):  # needed before torch 2.8, a no-op after
+        symm_mem.enable_symm_mem_for_group(name)
+    buf = symm_mem.empty(n, dtype=torch.bfloat16, device=ctx.device)
+    handle = symm_mem.rendezvous(buf, name)
+    buf.copy_(torch.arange(n, device=ctx.device) % 61 + ctx.rank)  # small integers: exact in bf16
+    one_shot = torch.ops.symm_mem.one_shot_all_reduce(buf, "sum", name)
+    nccl = g.all_reduce(buf.clone())
+    torch.cuda.synchronize(ctx.device)
+    return {
+        "handle": (handle.rank, handle.world_size),
+        "one_shot": one_shot.float().cpu(),
+        "nccl": nccl.float().cpu(),
+    }
+
+
+# ---- tests ------------------------------------------------------------------------------------
+
+
+def test_one_gpu_tp1_controller_short_circuits(gpu_ray):
+    controller = start_controller(_cuda_config(1))
+    try:
+        (report,) = ray.get(controller.execute.remote(_device_report))
+        gpu = report["ray_gpu_ids"]
+        assert len(gpu) == 1
+        assert report["device"] == f"cuda:{_expected_index(gpu[0], report['cuda_visible_devices'])}"
+        assert report["current"] == torch.device(report["device"]).index
+        assert report["visible"] == GPUS, "a rank sees every GPU of its node"
+        assert report["nvls_off"] and report["multicast_off"]
+        (single,) = ray.get(controller.execute.remote(_single_rank))
+        assert single == {
+            "size": 1,
+            "no_groups": True,
+            "same_tensor": True,
+            "values": [0.0, 1.0, 2.0, 3.0],
+            "objects": [0],
+        }
+        health = ray.get(controller.health.remote())
+        assert health["status"] == "ok" and health["ranks"][0]["gpu_total_gib"] > 0
+    finally:
+        ray.get(controller.shutdown.remote())
+        ray.kill(controller)
+
+
+@pytest.fixture(scope="module")
+def tp2_controller(gpu_ray):
+    if GPUS < 2:
+        pytest.skip("needs 2 GPUs")
+    controller = start_controller(_cuda_config(2))
+    yield controller
+    ray.get(controller.shutdown.remote())
+    ray.kill(controller)
+
+
+@two_gpus
+def test_tp2_ranks_use_their_ray_gpu_and_see_all(tp2_controller):
+    reports = ray.get(tp2_controller.execute.remote(_device_report))
+    devices = set()
+    for r in reports:
+        (gpu,) = r["ray_gpu_ids"]
+        assert r["device"] == f"cuda:{_expected_index(gpu, r['cuda_visible_devices'])}"
+        assert r["current"] == torch.device(r["device"]).index
+        assert r["visible"] == GPUS
+        assert r["nvls_off"] and r["multicast_off"]
+        devices.add(r["device"])
+    assert len(devices) == 2, "each rank has its own GPU"
+
+
+@two_gpus
+@pytest.mark.parametrize("n", [8, 1 << 20])
+def test_tp2_nccl_collectives(tp2_controller, n):
+    got = ray.get(tp2_controller.execute.remote(_nccl_collectives, n))
+    inputs = [torch.arange(n, dtype=torch.float32) + 1000.0 * r for r in range(2)]
+    total = inputs[0] + inputs[1]
+    for rank, r in enumerate(got):
+        assert r["backends"] == ("nccl", "gloo")
+        assert r["on_device"]
+        assert torch.equal(r["sum"], total)
+        assert torch.equal(r["gathered"], torch.stack(inputs))
+        assert torch.equal(r["scattered"], total.view(2, -1)[rank : rank + 1])
+
+
+@two_gpus
+@pytest.mark.parametrize("n", [1024, 1 << 18])
+def test_tp2_symmetric_memory_one_shot_all_reduce(tp2_controller, n):
+    got = ray.get(tp2_controller.execute.remote(_symm_mem_all_reduce, n))
+    want = sum((torch.arange(n) % 61 + r).float() for r in range(2))
+    for rank, r in enumerate(got):
+        assert r["handle"] == (rank, 2)
+        assert torch.equal(r["nccl"], want)
+        assert torch.equal(r["one_shot"], want), "symmetric-memory all-reduce disagrees with NCCL"
