@@ -1,0 +1,342 @@
+"""EPLB planner: logical expert load -> a new physical_to_logical placement.
+
+Pure (numpy/torch + stdlib). Conventions of ``expert_placement``: P physical slots per
+layer, EP rank i owns slots [i*P/ep, (i+1)*P/ep); a slot carries load[logical] /
+replica_count[logical]. A layer's mean rank load is total/ep whatever the placement,
+so balancedness = sum mean / sum max rises exactly when some layer's max rank load
+falls: every layer is planned on its own.
+
+Per layer:
+1. Nodes (nodes > 1, hierarchical like DeepSeek's EPLB): logical experts are packed
+   onto nodes, E/nodes each, heaviest first onto the lightest node, then improved by
+   swaps; every replica of an expert stays on its expert's node (cheap traffic).
+   nodes = 1 is the global mode: one node holds everything.
+2. Replication, per node: each logical expert gets one slot; each spare slot goes in
+   turn to the expert with the highest load per replica (at most one per rank while
+   any expert has room).
+3. Packing, per node: replicas heaviest first, each to the least loaded rank with a
+   free slot that lacks that expert; duplicates left over are swapped out where a rank
+   can take them; then local search on the most loaded rank m, each step leaving every
+   rank it changes below m's old load: swap a replica of m with a lighter one elsewhere;
+   else turn a replica on m (of an expert with >= 2) into one of an expert m lacks; else
+   turn a replica elsewhere into one more of an expert on m. Replica counts thus adapt
+   to the packing (greedy counts alone leave mid-sized replicas that pair badly). No
+   step puts two replicas of one expert on a rank.
+4. Movement ("fresh" candidate): ranks are interchangeable, and so are nodes, so the
+   packed bins are matched to the current ranks greedily by the slots they could share
+   (nodes first, then ranks inside a node); inside a rank every expert that stays keeps
+   the slot it already has.
+5. "Warm" candidate (when the current placement keeps each expert's replicas on one
+   node): the current node of every expert, improved by swaps between nodes; per node
+   the fresh plan's replica counts where they fit: surplus replicas leave the most
+   loaded ranks, missing ones fill the freed slots on the least loaded ranks, then the
+   local search of step 3, stopping as soon as it is as good as the fresh plan (within
+   ``tolerance``), after S/4 steps, or once it changes as many slots as the fresh plan
+   (it can no longer win then).
+6. Choice: among current, warm and fresh, those whose max rank load is within
+   (1 + tolerance) of the lowest (plus 1e-9 relative) qualify, and the one moving the
+   fewest slots wins, the current placement first. So balancedness never drops, a
+   layer changes only when its max rank load strictly falls, and planning again on the
+   same load moves nothing.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from raymoe.cluster.eplb_metrics import balancedness, moved_slots, rank_loads, replica_counts
+from raymoe.cluster.eplb_packing import Bins, greedy_replica_counts, pack_greedy, refine, repair_duplicates
+
+_REL_TOL = 1e-9
+
+
+@dataclass(frozen=True)
+class EplbPlan:
+    """One rebalance: the new placement and what it buys and costs.
+
+    physical_to_logical [layers, P] int64; rank_load_* [layers, ep] float64 (unit of the
+    load); moved_slots_per_layer [layers] int64 = slots whose logical expert changes;
+    bytes_moved = moved_slots * bytes_per_expert (each such slot receives one expert).
+    """
+
+    physical_to_logical: torch.Tensor
+    balancedness_before: float
+    balancedness_after: float
+    rank_load_before: torch.Tensor
+    rank_load_after: torch.Tensor
+    moved_slots_per_layer: torch.Tensor
+    moved_slots: int
+    bytes_moved: int
+
+
+def plan_expert_placement(
+    logical_load: torch.Tensor,
+    physical_to_logical: torch.Tensor,
+    ep: int,
+    *,
+    nodes: int = 1,
+    bytes_per_expert: int,
+    tolerance: float = 0.0,
+) -> EplbPlan:
+    """Plan a placement for logical_load [layers, E] (tokens per logical expert over a
+    window, >= 0) given the current physical_to_logical [layers, P]; ep ranks split evenly
+    over ``nodes`` (1 = global). The result keeps P, gives every logical expert >= 1
+    replica and never has a lower balancedness than the current placement.
+    """
+    _validate(logical_load, physical_to_logical, ep, nodes, bytes_per_expert, tolerance)
+    load = logical_load.detach().to(torch.float64).cpu()
+    current = physical_to_logical.detach().to(torch.int64).cpu()
+    load_np, cur_np = load.numpy(), current.numpy()
+    rows = [_plan_layer(load_np[i], cur_np[i], ep, nodes, tolerance) for i in range(cur_np.shape[0])]
+    new = torch.from_numpy(np.stack(rows)) if rows else current.clone()
+    before, after = rank_loads(load, current, ep), rank_loads(load, new, ep)
+    moved = moved_slots(current, new)
+    return EplbPlan(
+        physical_to_logical=new,
+        balancedness_before=balancedness(before),
+        balancedness_after=balancedness(after),
+        rank_load_before=before,
+        rank_load_after=after,
+        moved_slots_per_layer=moved,
+        moved_slots=int(moved.sum()),
+        bytes_moved=int(moved.sum()) * bytes_per_expert,
+    )
+
+
+def _validate(load: torch.Tensor, p2l: torch.Tensor, ep: int, nodes: int, bytes_per_expert: int, tolerance: float) -> None:
+    if load.dim() != 2 or load.shape[1] < 1:
+        raise ValueError(f"logical_load: expected shape [layers, logical experts], got {tuple(load.shape)}")
+    if p2l.dim() != 2 or p2l.shape[0] != load.shape[0] or p2l.shape[1] < load.shape[1]:
+        raise ValueError(
+            f"physical_to_logical: expected [layers={load.shape[0]}, P >= {load.shape[1]}] to match logical_load, "
+            f"got {tuple(p2l.shape)}"
+        )
+    if p2l.dtype.is_floating_point or p2l.dtype.is_complex or p2l.dtype == torch.bool:
+        raise ValueError(f"physical_to_logical: expected an integer tensor, got {p2l.dtype}")
+    if not bool(torch.isfinite(load.to(torch.float64)).all()) or bool((load < 0).any()):
+        raise ValueError("logical_load: token counts must be finite and >= 0")
+    if ep < 1 or nodes < 1 or ep % nodes:
+        raise ValueError(f"ep={ep}, nodes={nodes}: need ep >= 1 and nodes >= 1 with ep a multiple of nodes")
+    num_logical, physical = load.shape[1], p2l.shape[1]
+    if physical % ep:
+        raise ValueError(f"physical_to_logical: P={physical} slots do not split evenly over ep={ep}")
+    if nodes > 1 and num_logical % nodes:
+        raise ValueError(f"nodes={nodes}: hierarchical planning needs E={num_logical} a multiple of nodes; use nodes=1")
+    if bytes_per_expert < 0:
+        raise ValueError(f"bytes_per_expert: must be >= 0, got {bytes_per_expert}")
+    if not tolerance >= 0:
+        raise ValueError(f"tolerance: must be >= 0 (relative slack in max rank load), got {tolerance}")
+    if p2l.numel() and (int(p2l.min()) < 0 or int(p2l.max()) >= num_logical):
+        raise ValueError(f"physical_to_logical: logical expert ids must lie in [0, {num_logical})")
+    if p2l.numel() and int(replica_counts(p2l.to(torch.int64), num_logical).min()) < 1:
+        raise ValueError("physical_to_logical: every logical expert needs at least one replica in every layer")
+
+
+# ---- one layer --------------------------------------------------------------------------
+
+
+def _layer_max(load: np.ndarray, row: np.ndarray, ep: int) -> float:
+    per_replica = load / np.maximum(np.bincount(row, minlength=load.size), 1)
+    return float(per_replica[row].reshape(ep, -1).sum(1).max())
+
+
+def _plan_layer(load: np.ndarray, current: np.ndarray, ep: int, nodes: int, tolerance: float) -> np.ndarray:
+    """physical_to_logical row [P] for one layer: the best of current, fresh and warm (step 6)."""
+    if ep == 1 or not load.any():  # no placement changes any rank load
+        return current
+    fresh = _fresh(load, current, ep, nodes)
+    good_enough = _layer_max(load, fresh, ep) * (1 + tolerance)
+    hint, budget = np.bincount(fresh, minlength=load.size), int((fresh != current).sum())
+    warm = _warm(load, current, ep, nodes, hint, good_enough, budget)
+    cands = [c for c in (current, warm, fresh) if c is not None]  # equal moves: the earlier wins
+    maxes = [_layer_max(load, c, ep) for c in cands]
+    limit = min(maxes) * (1 + tolerance) * (1 + _REL_TOL)
+    moved = [int((c != current).sum()) if m <= limit else current.size + 1 for c, m in zip(cands, maxes)]
+    return cands[int(np.argmin(moved))]
+
+
+def _fresh(load: np.ndarray, current: np.ndarray, ep: int, nodes: int) -> np.ndarray:
+    """Steps 1-4: pack from scratch, then match the bins to the current ranks."""
+    bins = [experts[_pack_node(load[experts], ep // nodes, current.size // ep)] for experts in _split_nodes(load, nodes)]
+    return _match_to_current(np.stack(bins), current, ep, nodes, load.size)
+
+
+def _split_nodes(load: np.ndarray, nodes: int) -> np.ndarray:
+    """Step 1: logical experts of each node [nodes, E/nodes], sorted."""
+    if nodes == 1:
+        return np.arange(load.size)[None, :]
+    per_node = load.size // nodes
+    empty = np.full(load.size, -1)
+    b = Bins(pack_greedy(load, np.arange(load.size), empty, per_node, np.zeros(load.size)), load, per_node)
+    refine(b)
+    return np.sort(b.slots.reshape(nodes, per_node), axis=1)
+
+
+def _pack_node(load: np.ndarray, ranks: int, k: int) -> np.ndarray:
+    """Steps 2-3 for one node: local expert id of each of its ranks*k slots."""
+    counts = greedy_replica_counts(load, ranks * k, ranks)
+    per_replica = load / counts
+    items = np.repeat(np.arange(load.size), counts)
+    empty = np.full(ranks * k, -1)
+    b = Bins(pack_greedy(per_replica[items], items, empty, k, np.zeros(ranks * k)), load, k)
+    repair_duplicates(b)
+    refine(b)
+    return b.slots
+
+
+def _warm(
+    load: np.ndarray, current: np.ndarray, ep: int, nodes: int, hint: np.ndarray, good_enough: float, budget: int
+) -> np.ndarray | None:
+    """Step 5; None when some expert's replicas span nodes (no warm start in that layout) or
+    when it would change ``budget`` slots (the fresh plan's count) or more. hint [E] = the
+    fresh plan's replica counts, reused for a node whose experts it fits; the local searches
+    stop once the max rank load is <= good_enough."""
+    slots_per_node, k, ranks = current.size // nodes, current.size // ep, ep // nodes
+    per_node = current.reshape(nodes, slots_per_node)
+    node_experts = _warm_nodes(load, per_node, good_enough * ranks)
+    if node_experts is None:
+        return None
+    out = np.empty_like(current)
+    for n, experts in enumerate(node_experts):
+        counts = hint[experts]
+        if counts.sum() != slots_per_node:
+            counts = greedy_replica_counts(load[experts], slots_per_node, ranks)
+        local = np.searchsorted(experts, per_node[n]).clip(max=experts.size - 1)
+        local = np.where(experts[local] == per_node[n], local, -1)  # -1: expert left the node
+        local, budget = _warm_node(load[experts], local, counts, k, good_enough, budget)
+        if local is None:
+            return None
+        out[n * slots_per_node : (n + 1) * slots_per_node] = experts[local]
+    # swaps in a row can carry an expert back to its own rank in another slot
+    return _keep_slots(out.reshape(ep, k), current.reshape(ep, k)).ravel()
+
+
+def _warm_nodes(load: np.ndarray, per_node: np.ndarray, good_enough: float) -> list[np.ndarray] | None:
+    """Experts of each node [nodes][sorted ids]: the current ones, rebalanced by swapping
+    experts between nodes (local search, until the heaviest node is <= good_enough) when
+    every node holds E/nodes of them; None when some expert spans nodes."""
+    members = [np.unique(row) for row in per_node]
+    if sum(m.size for m in members) != load.size:
+        return None
+    nodes = len(members)
+    if nodes == 1 or any(m.size != load.size // nodes for m in members):
+        return members
+    b = Bins(np.concatenate(members), load, load.size // nodes)
+    refine(b, good_enough)
+    return [np.sort(row) for row in b.slots.reshape(nodes, -1)]
+
+
+def _warm_node(
+    load: np.ndarray, slots: np.ndarray, counts: np.ndarray, k: int, good_enough: float, budget: int
+) -> tuple[np.ndarray | None, int]:
+    """Turn one node's current slots (local expert ids, -1 = free) into ``counts`` replicas
+    per expert, changing few slots, then repair and refine. Returns the slots (None once
+    ``budget`` slots or more change) and the budget left."""
+    origin = slots
+    ranks = slots.size // k
+    per_replica = load / counts
+    slots = slots.copy()
+    held = np.flatnonzero(slots >= 0)
+    # surplus replicas leave the most loaded ranks: per expert, its slots heaviest rank first
+    rank_load = np.bincount(held // k, weights=per_replica[slots[held]], minlength=ranks)
+    order = held[np.lexsort((-rank_load[held // k], slots[held]))]
+    by_expert = slots[order]
+    nth = np.arange(order.size) - np.searchsorted(by_expert, by_expert)
+    surplus = np.maximum(np.bincount(slots[held], minlength=load.size) - counts, 0)
+    slots[order[nth < surplus[by_expert]]] = -1
+    # missing replicas fill the freed slots, heaviest first onto the least loaded ranks
+    need = np.repeat(np.arange(load.size), np.maximum(counts - np.bincount(slots[slots >= 0], minlength=load.size), 0))
+    slots = pack_greedy(per_replica[need], need, slots, k, np.where(slots >= 0, per_replica[slots], 0.0))
+    b = Bins(slots, load, k)
+    repair_duplicates(b)
+    refine(b, good_enough, origin, budget, max_steps=slots.size // 4 + 16)  # past that, fresh moves less
+    left = budget - int((b.slots != origin).sum())
+    return (b.slots, left) if left > 0 else (None, left)
+
+
+# ---- movement: match packed bins to the current ranks ------------------------------
+
+
+def _overlap(new_rows: np.ndarray, cur_rows: np.ndarray, num_logical: int) -> np.ndarray:
+    """[m, m]: slots new bin i and current bin j could share, sum over experts of
+    min(replicas in i, replicas in j), from the sparse pairs of bins holding an expert."""
+    m = new_rows.shape[0]
+    new_key, new_cnt = _bin_expert_counts(new_rows, num_logical)
+    cur_key, cur_cnt = _bin_expert_counts(cur_rows, num_logical)
+    cur_e = cur_key % num_logical
+    order = np.argsort(cur_e, kind="stable")
+    start = np.searchsorted(cur_e[order], new_key % num_logical)
+    reps = np.bincount(cur_e, minlength=num_logical)[new_key % num_logical]
+    picks = order[np.repeat(start, reps) + np.arange(int(reps.sum())) - np.repeat(np.cumsum(reps) - reps, reps)]
+    pairs = np.repeat(new_key // num_logical, reps) * m + cur_key[picks] // num_logical
+    weight = np.minimum(np.repeat(new_cnt, reps), cur_cnt[picks])
+    return np.bincount(pairs, weights=weight, minlength=m * m).reshape(m, m)
+
+
+def _bin_expert_counts(rows: np.ndarray, num_logical: int) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct (bin * E + expert) keys of rows [m, k] and how often each occurs."""
+    keys = (np.arange(rows.shape[0])[:, None] * num_logical + rows).ravel()
+    return np.unique(keys, return_counts=True)
+
+
+def _greedy_match(overlap: np.ndarray) -> np.ndarray:
+    """perm [m]: new bin i -> current bin perm[i], greedily by largest overlap first (pairs of
+    one overlap level taken in rounds: the first free pair per row, then per column)."""
+    m = overlap.shape[0]
+    perm, taken = np.full(m, -1, dtype=np.int64), np.zeros(m, dtype=bool)
+    for level in np.unique(overlap[overlap > 0])[::-1].tolist():
+        rows, cols = np.nonzero(overlap == level)
+        while True:
+            free = (perm[rows] < 0) & ~taken[cols]
+            rows, cols = rows[free], cols[free]
+            if rows.size == 0:
+                break
+            first = np.unique(rows, return_index=True)[1]
+            first = first[np.unique(cols[first], return_index=True)[1]]
+            perm[rows[first]], taken[cols[first]] = cols[first], True
+    perm[perm < 0] = np.flatnonzero(~taken)
+    return perm
+
+
+def _keep_slots(new_ranks: np.ndarray, cur_ranks: np.ndarray) -> np.ndarray:
+    """Arrange each rank's new experts [ranks, k] so that every one already in one of the
+    rank's slots (cur_ranks [ranks, k]) stays in that slot."""
+    out = np.empty_like(new_ranks)
+    plain = _no_repeats(new_ranks) & _no_repeats(cur_ranks)
+    new, cur = new_ranks[plain], cur_ranks[plain]
+    stays = (cur[:, :, None] == new[:, None, :]).any(2)
+    kept = (new[:, :, None] == cur[:, None, :]).any(2)
+    rows = np.where(stays, cur, -1)
+    rows[~stays] = new[~kept]  # per rank as many leaving slots as arriving experts
+    out[plain] = rows
+    for r in np.flatnonzero(~plain).tolist():  # ranks with a repeated expert: by multiset
+        want, row = Counter(new_ranks[r].tolist()), [-1] * new_ranks.shape[1]
+        for pos, e in enumerate(cur_ranks[r].tolist()):
+            if want[e] > 0:
+                row[pos], want[e] = e, want[e] - 1
+        rest = iter(want.elements())
+        out[r] = [e if e >= 0 else next(rest) for e in row]
+    return out
+
+
+def _no_repeats(rows: np.ndarray) -> np.ndarray:
+    ordered = np.sort(rows, axis=1)
+    return ~(ordered[:, 1:] == ordered[:, :-1]).any(1)
+
+
+def _match_to_current(bins: np.ndarray, current: np.ndarray, ep: int, nodes: int, num_logical: int) -> np.ndarray:
+    """bins [nodes, P/nodes] (rank-major) -> row [P]: nodes then ranks matched to current (step 4)."""
+    ranks, k = ep // nodes, current.size // ep
+    cur_nodes = current.reshape(nodes, -1)
+    node_perm = _greedy_match(_overlap(bins, cur_nodes, num_logical))
+    out = np.empty_like(current)
+    for i, n in enumerate(node_perm.tolist()):
+        new_ranks, cur_ranks = bins[i].reshape(ranks, k), cur_nodes[n].reshape(ranks, k)
+        rank_perm = _greedy_match(_overlap(new_ranks, cur_ranks, num_logical))
+        placed = np.empty_like(new_ranks)
+        placed[rank_perm] = new_ranks
+        out[n * ranks * k : (n + 1) * ranks * k] = _keep_slots(placed, cur_ranks).ravel()
+    return out

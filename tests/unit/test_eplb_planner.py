@@ -1,0 +1,242 @@
+"""EPLB planner: properties over many random shapes and loads.
+
+Balancedness, rank loads and moved slots are recomputed here with plain loops over
+lists (tokens of a logical expert split evenly over its replicas; balancedness =
+sum_layers mean / sum_layers max of rank load), never with the planner's helpers.
+"""
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+import torch
+
+from raymoe.cluster.eplb_planner import plan_expert_placement
+from raymoe.cluster.expert_placement import default_placement, replica_tables
+
+# ---- independent reference --------------------------------------------------------------
+
+
+def ref_rank_loads(load: list[list[float]], p2l: list[list[int]], ep: int) -> list[list[float]]:
+    out = []
+    for row_load, row in zip(load, p2l):
+        replicas = Counter(row)
+        per_rank = len(row) // ep
+        out.append([sum(row_load[e] / replicas[e] for e in row[r * per_rank : (r + 1) * per_rank]) for r in range(ep)])
+    return out
+
+
+def ref_balancedness(load: list[list[float]], p2l: list[list[int]], ep: int) -> float:
+    loads = ref_rank_loads(load, p2l, ep)
+    total_max = sum(max(r) for r in loads)
+    return 1.0 if total_max == 0 else sum(sum(r) / ep for r in loads) / total_max
+
+
+def ref_moved(old: list[list[int]], new: list[list[int]]) -> list[int]:
+    return [sum(a != b for a, b in zip(ro, rn)) for ro, rn in zip(old, new)]
+
+
+# ---- random cases -----------------------------------------------------------------------
+
+
+def zipf_row(rng: random.Random, experts: int, exponent: float, tokens: int) -> list[float]:
+    weights = [1.0 / (i + 1) ** exponent for i in range(experts)]
+    rng.shuffle(weights)
+    picks = rng.choices(range(experts), weights=weights, k=tokens)
+    counts = Counter(picks)
+    return [float(counts[e]) for e in range(experts)]
+
+
+def random_load(rng: random.Random, layers: int, experts: int) -> list[list[float]]:
+    rows = []
+    for _ in range(layers):
+        kind = rng.choice(["zipf", "uniform", "hot", "zero", "random"])
+        if kind == "zipf":
+            rows.append(zipf_row(rng, experts, rng.choice([0.6, 1.0, 1.5]), 40 * experts))
+        elif kind == "uniform":
+            rows.append([100.0] * experts)
+        elif kind == "hot":
+            row = [float(rng.randint(0, 5)) for _ in range(experts)]
+            row[rng.randrange(experts)] = 1e6
+            rows.append(row)
+        elif kind == "zero":
+            rows.append([0.0] * experts)
+        else:
+            rows.append([float(rng.randint(0, 1000)) for _ in range(experts)])
+    return rows
+
+
+def random_placement(rng: random.Random, layers: int, experts: int, physical: int) -> torch.Tensor:
+    rows = []
+    for _ in range(layers):
+        row = list(range(experts)) + [rng.randrange(experts) for _ in range(physical - experts)]
+        rng.shuffle(row)
+        rows.append(row)
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+def random_case(seed: int):
+    rng = random.Random(seed)
+    layers = rng.randint(1, 4)
+    nodes = rng.choice([1, 1, 2, 4])
+    ep = nodes * rng.choice([1, 2, 3, 4])
+    experts = nodes * rng.choice([2, 3, 4, 6, 8])
+    slots = [p for p in range(experts, 3 * experts + 1) if p % ep == 0]
+    physical = rng.choice(slots)
+    load = random_load(rng, layers, experts)
+    if rng.random() < 0.5:
+        current = default_placement(layers, experts, physical)
+    else:
+        current = random_placement(rng, layers, experts, physical)
+    return load, current, ep, nodes
+
+
+SEEDS = range(120)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_plan_is_valid_and_never_worse(seed):
+    load, current, ep, nodes = random_case(seed)
+    experts, physical = len(load[0]), current.shape[1]
+    plan = plan_expert_placement(torch.tensor(load), current, ep, nodes=nodes, bytes_per_expert=7)
+    new = plan.physical_to_logical
+    assert new.dtype == torch.int64 and tuple(new.shape) == tuple(current.shape)
+    _, counts = replica_tables(new, experts)  # raises if an expert lost its last replica
+    assert bool((counts >= 1).all()) and int(counts.sum()) == new.numel()
+    assert new.view(len(load), ep, physical // ep).shape[2] * ep == physical  # equal slots per rank
+
+    cur_rows, new_rows = current.tolist(), new.tolist()
+    before, after = ref_balancedness(load, cur_rows, ep), ref_balancedness(load, new_rows, ep)
+    assert after >= before - 1e-12
+    assert plan.balancedness_before == pytest.approx(before, rel=1e-9)
+    assert plan.balancedness_after == pytest.approx(after, rel=1e-9)
+    moved = ref_moved(cur_rows, new_rows)
+    assert plan.moved_slots_per_layer.tolist() == moved
+    assert plan.moved_slots == sum(moved) and plan.bytes_moved == 7 * sum(moved)
+    assert torch.allclose(plan.rank_load_after, torch.tensor(ref_rank_loads(load, new_rows, ep), dtype=torch.float64))
+    assert torch.allclose(plan.rank_load_before, torch.tensor(ref_rank_loads(load, cur_rows, ep), dtype=torch.float64))
+    for layer, (old_row, new_row) in enumerate(zip(cur_rows, new_rows)):
+        if old_row == new_row:
+            continue
+        # a layer only changes when its max rank load strictly drops
+        old_max = max(ref_rank_loads([load[layer]], [old_row], ep)[0])
+        assert max(ref_rank_loads([load[layer]], [new_row], ep)[0]) < old_max
+        _assert_stayers_keep_slots(old_row, new_row, ep)
+        if nodes > 1:
+            _assert_replicas_within_nodes(new_row, nodes)
+        if not _has_duplicates(old_row, ep) and physical // ep <= experts // nodes:
+            assert not _has_duplicates(new_row, ep), "two replicas of one expert on a rank although avoidable"
+
+
+def _assert_stayers_keep_slots(old_row: list[int], new_row: list[int], ep: int) -> None:
+    """An expert on a rank before and after keeps its slot (as many times as it can)."""
+    per_rank = len(old_row) // ep
+    for r in range(ep):
+        old, new = old_row[r * per_rank : (r + 1) * per_rank], new_row[r * per_rank : (r + 1) * per_rank]
+        kept = Counter(a for a, b in zip(old, new) if a == b)
+        both = Counter(old) & Counter(new)
+        assert kept == both, f"rank {r}: {old} -> {new}"
+
+
+def _assert_replicas_within_nodes(row: list[int], nodes: int) -> None:
+    per_node = len(row) // nodes
+    node_of: dict[int, int] = {}
+    for slot, e in enumerate(row):
+        assert node_of.setdefault(e, slot // per_node) == slot // per_node, f"expert {e} spans nodes"
+
+
+def _has_duplicates(row: list[int], ep: int) -> bool:
+    per_rank = len(row) // ep
+    return any(len(set(row[r * per_rank : (r + 1) * per_rank])) < per_rank for r in range(ep))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_planning_again_on_own_output_moves_nothing(seed):
+    load, current, ep, nodes = random_case(seed)
+    first = plan_expert_placement(torch.tensor(load), current, ep, nodes=nodes, bytes_per_expert=1)
+    second = plan_expert_placement(torch.tensor(load), first.physical_to_logical, ep, nodes=nodes, bytes_per_expert=1)
+    assert second.moved_slots == 0 and second.bytes_moved == 0
+    assert torch.equal(second.physical_to_logical, first.physical_to_logical)
+
+
+@pytest.mark.parametrize("experts, ep, redundant", [(8, 4, 0), (16, 8, 16), (12, 3, 12), (6, 6, 6), (10, 5, 0)])
+def test_already_optimal_placement_moves_nothing(experts, ep, redundant):
+    # uniform load, each expert with the same number of replicas, equal slots per rank:
+    # every rank carries exactly the mean
+    physical = experts + redundant
+    layers = 3
+    rows = []
+    for layer in range(layers):
+        row = [(i * 7 + layer) % experts for i in range(physical)]
+        rows.append(row)
+    current = torch.tensor(rows)
+    assert all(set(Counter(r).values()) == {physical // experts} for r in rows)
+    load = [[50.0] * experts for _ in range(layers)]
+    assert ref_balancedness(load, rows, ep) == pytest.approx(1.0)
+    plan = plan_expert_placement(torch.tensor(load), current, ep, bytes_per_expert=100)
+    assert plan.bytes_moved == 0 and torch.equal(plan.physical_to_logical, current)
+
+
+@pytest.mark.parametrize("ep, nodes", [(1, 1), (2, 1), (4, 2)])
+def test_zero_load_and_single_rank_keep_current(ep, nodes):
+    rng = random.Random(ep)
+    current = random_placement(rng, 3, 8, 16)
+    zero = plan_expert_placement(torch.zeros(3, 8), current, ep, nodes=nodes, bytes_per_expert=1)
+    assert torch.equal(zero.physical_to_logical, current) and zero.balancedness_after == 1.0
+    if ep == 1:  # one rank carries all load whatever the placement
+        skewed = torch.tensor(random_load(rng, 3, 8))
+        one = plan_expert_placement(skewed, current, ep, bytes_per_expert=1)
+        assert one.moved_slots == 0
+
+
+@pytest.mark.parametrize(
+    "experts, ep, redundant, nodes, exponent",
+    [(64, 8, 8, 1, 1.0), (64, 8, 16, 2, 1.2), (32, 16, 16, 1, 0.8), (128, 32, 32, 4, 1.0), (16, 4, 4, 1, 1.5)],
+)
+def test_skewed_load_improves_balancedness(experts, ep, redundant, nodes, exponent):
+    rng = random.Random(experts + ep)
+    layers = 4
+    load = [zipf_row(rng, experts, exponent, 200 * experts) for _ in range(layers)]
+    physical = experts + redundant
+    current = default_placement(layers, experts, physical)
+    plan = plan_expert_placement(torch.tensor(load), current, ep, nodes=nodes, bytes_per_expert=1)
+    before = ref_balancedness(load, current.tolist(), ep)
+    after = ref_balancedness(load, plan.physical_to_logical.tolist(), ep)
+    # a layer's mean rank load is total/ep: rank loads can never all drop below the mean,
+    # and here the hottest expert alone exceeds it on the default placement
+    assert before < 0.6
+    assert after >= before + 0.3 and after >= 0.85
+
+
+def test_tolerance_trades_balance_for_fewer_moves():
+    rng = random.Random(5)
+    load = torch.tensor([zipf_row(rng, 32, 1.0, 5000) for _ in range(4)])
+    current = default_placement(4, 32, 40)
+    exact = plan_expert_placement(load, current, 8, bytes_per_expert=1)
+    lax = plan_expert_placement(load, current, 8, bytes_per_expert=1, tolerance=100.0)
+    # with a huge tolerance the current placement is good enough: nothing moves
+    assert lax.moved_slots == 0 and torch.equal(lax.physical_to_logical, current)
+    assert exact.moved_slots > 0 and exact.balancedness_after > lax.balancedness_after
+
+
+@pytest.mark.parametrize(
+    "load, p2l, ep, nodes, kw, field",
+    [
+        (torch.ones(8), torch.zeros(2, 8, dtype=torch.int64), 2, 1, {}, "logical_load"),
+        (torch.ones(2, 4), torch.arange(8).view(1, 8) % 4, 2, 1, {}, "physical_to_logical"),
+        (torch.ones(1, 4), torch.arange(6).view(1, 6) % 4, 4, 1, {}, "physical_to_logical"),
+        (torch.ones(1, 4), torch.arange(8).view(1, 8) % 4, 4, 3, {}, "nodes"),
+        (torch.ones(1, 6), torch.arange(8).view(1, 8) % 6, 4, 4, {}, "nodes"),
+        (-torch.ones(1, 4), torch.arange(4).view(1, 4), 2, 1, {}, "logical_load"),
+        (torch.ones(1, 4), torch.tensor([[0, 1, 2, 2]]), 2, 1, {}, "physical_to_logical"),
+        (torch.ones(1, 4), torch.tensor([[0, 1, 2, 4]]), 2, 1, {}, "physical_to_logical"),
+        (torch.ones(1, 4), torch.arange(4).view(1, 4).float(), 2, 1, {}, "physical_to_logical"),
+        (torch.ones(1, 4), torch.arange(4).view(1, 4), 2, 1, {"tolerance": -0.1}, "tolerance"),
+        (torch.ones(1, 4), torch.arange(4).view(1, 4), 2, 1, {"bytes_per_expert": -1}, "bytes_per_expert"),
+    ],
+)
+def test_bad_arguments_raise_value_error_naming_the_field(load, p2l, ep, nodes, kw, field):
+    kw = {"bytes_per_expert": 1, **kw}
+    with pytest.raises(ValueError, match=field):
+        plan_expert_placement(load, p2l, ep, nodes=nodes, **kw)
