@@ -17,12 +17,17 @@ import logging
 import time
 from typing import Any, AsyncIterator, Callable, Optional
 
+import ray
+import torch
+
 from raymoe.actors.cluster import RankCluster, start_rank_cluster
 from raymoe.actors.engine.async_engine import AsyncEngine
 from raymoe.actors.engine.block_manager import BlockManager
 from raymoe.actors.engine.core import EngineCore, RequestOutput
+from raymoe.actors.engine.eplb import EplbManager
 from raymoe.actors.engine.executor import RayStepExecutor
 from raymoe.actors.engine.request import SamplingParams
+from raymoe.actors.engine.runner import resolve_dtype
 from raymoe.actors.engine.scheduler import Scheduler
 from raymoe.actors.engine.tokenizer import Tokenizer
 from raymoe.actors.models.builtin import resolve_model_path
@@ -40,6 +45,7 @@ class Controller:
         self.cluster: Optional[RankCluster] = None
         self.engine: Optional[AsyncEngine] = None
         self.executor: Optional[RayStepExecutor] = None
+        self.eplb: Optional[EplbManager] = None
         self.tokenizer: Optional[Tokenizer] = None
         self.model_info: dict[str, Any] = {}
         self._ids = itertools.count()
@@ -89,7 +95,8 @@ class Controller:
         ]
         self.executor = RayStepExecutor(self.layout, cluster.actors, compiled=eng.compiled_graph)
         core = EngineCore(schedulers, self.tokenizer, None, self.config.model.seed, collect_logits)
-        self.engine = AsyncEngine(core, self.executor.run_async, self.config.serve.max_queued_requests)
+        self.eplb = self._eplb_manager(spec)
+        self.engine = AsyncEngine(core, self.executor.run_async, self.config.serve.max_queued_requests, self.eplb)
         self.model_info = {
             "model": path,
             "architecture": spec.architecture,
@@ -100,6 +107,38 @@ class Controller:
             "load_s": round(time.perf_counter() - t0, 2),
         }
         return self.model_info
+
+    def _eplb_manager(self, spec: ModelSpec) -> Optional[EplbManager]:
+        if not self.config.eplb.enabled or spec.moe is None:
+            return None
+        cluster = self._cluster()
+        placement = ray.get(cluster.actors[0].physical_to_logical.remote())
+        device = torch.device("cuda" if self.config.parallel.device == "cuda" else "cpu")
+        elem = torch.empty((), dtype=resolve_dtype(self.config.model.dtype, spec, device)).element_size()
+        expert_bytes = 3 * spec.hidden_size * spec.moe.intermediate_size * elem
+        return EplbManager(self.config.eplb, self.layout, cluster.actors, placement, spec.moe.num_experts, expert_bytes)
+
+    # ---- expert-parallel load balancing ------------------------------------------------
+
+    def rebalance(self, logical_load: Optional[list[list[float]]] = None) -> dict[str, Any]:
+        """Start a rebalance now (from ``logical_load`` [moe layers][experts], or the recorded
+        load); it proceeds between engine steps. Returns the EPLB status."""
+        if self.eplb is None:
+            raise ValueError("eplb.enabled is false (or the model has no MoE layers): nothing to rebalance")
+        self.eplb.request(None if logical_load is None else torch.tensor(logical_load, dtype=torch.float64))
+        self._engine().wake()
+        return self.eplb_status()
+
+    def eplb_status(self) -> dict[str, Any]:
+        """State of rebalancing, with the last plan's balancedness and per-rank load."""
+        if self.eplb is None:
+            return {"enabled": False}
+        out = {"enabled": True, **self.eplb.status}
+        plan = self.eplb.last_plan
+        if plan is not None:
+            out["rank_load_before"] = plan.rank_load_before.tolist()
+            out["rank_load_after"] = plan.rank_load_after.tolist()
+        return out
 
     # ---- requests -----------------------------------------------------------------
 

@@ -104,6 +104,15 @@ class RankWorker:
     def execute_step(self, step: Any) -> Any:
         return self._runner().execute(step)
 
+    def take_expert_load(self) -> Any:
+        return self._runner().take_expert_load()
+
+    def physical_to_logical(self) -> Any:
+        return self._runner().physical_to_logical()
+
+    def move_experts(self, moe_layers: list[int], new_physical_to_logical: Any) -> int:
+        return self._runner().move_experts(moe_layers, new_physical_to_logical)
+
     def _runner(self) -> Any:
         runner = self._context().state.get("runner")
         if runner is None:

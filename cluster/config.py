@@ -80,13 +80,15 @@ class EplbConfig:
     enabled: bool = False
     num_redundant_experts: int = 0
     rebalance_every_steps: int = 1000
-    window_steps: int = 1000
     layers_per_chunk: Optional[int] = None
+    # benchmarks on random weights only: bias router logits so expert popularity is
+    # Zipf(skew); 0 = off. It changes the model's outputs.
+    router_skew: float = 0.0
 
     def validate(self) -> None:
         _require(self.num_redundant_experts >= 0, "eplb.num_redundant_experts", "must be >= 0")
         _require(self.rebalance_every_steps >= 1, "eplb.rebalance_every_steps", "must be >= 1")
-        _require(self.window_steps >= 1, "eplb.window_steps", "must be >= 1")
+        _require(self.router_skew >= 0, "eplb.router_skew", "must be >= 0 (0 = off)")
         if self.layers_per_chunk is not None:
             _require(
                 self.layers_per_chunk >= 1,

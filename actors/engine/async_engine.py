@@ -29,8 +29,17 @@ class EngineFailedError(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, core: EngineCore, execute_async: Callable[[Sequence[StepInput]], Any], max_queued: int) -> None:
+    def __init__(
+        self,
+        core: EngineCore,
+        execute_async: Callable[[Sequence[StepInput]], Any],
+        max_queued: int,
+        background: Any = None,
+    ) -> None:
+        """``background``: work advanced once after every step (EPLB): an object with
+        ``async on_step()`` and ``busy`` (True: advance it even while no request runs)."""
         self.core = core
+        self.background = background
         self.execute_async = execute_async
         self.max_queued = max_queued
         self._streams: dict[str, asyncio.Queue] = {}
@@ -73,6 +82,10 @@ class AsyncEngine:
             queue.put_nowait(out)
         return out is not None
 
+    def wake(self) -> None:
+        """Run the loop now (e.g. to advance requested background work)."""
+        self._start()
+
     def _start(self) -> None:
         self._wake.set()
         if self._loop_task is None or self._loop_task.done():
@@ -83,6 +96,9 @@ class AsyncEngine:
             while True:
                 planned = self.core.schedule()
                 if planned is None:
+                    if self.background is not None and self.background.busy:
+                        await self.background.on_step()
+                        continue
                     self._wake.clear()
                     await self._wake.wait()
                     continue
@@ -91,6 +107,8 @@ class AsyncEngine:
                     queue = self._streams.get(out.request_id)
                     if queue is not None:
                         queue.put_nowait(out)
+                if self.background is not None:
+                    await self.background.on_step()
         except Exception as e:  # a rank died or a step failed: fail every stream, stay failed
             log.exception("engine step loop failed")
             self.error = e

@@ -14,6 +14,7 @@ from typing import Any, Optional
 import torch
 
 from raymoe.actors.engine.attention_torch import TorchAttention
+from raymoe.actors.engine.expert_load import ExpertLoadRecorder
 from raymoe.actors.engine.sampler import sample
 from raymoe.actors.engine.step import StepInput, StepLayout, StepOutput, build_step_layout
 from raymoe.actors.models.batch import ForwardBatch
@@ -23,7 +24,9 @@ from raymoe.actors.models.expert_map import ExpertMap
 from raymoe.actors.models.spec import ModelSpec
 from raymoe.actors.rank import RankContext
 from raymoe.cluster.config import Config
+from raymoe.cluster.expert_moves import plan_layer_moves
 from raymoe.cluster.expert_placement import default_placement, num_physical_experts
+from raymoe.comm.expert_transfer import move_expert_weights
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +71,7 @@ class ModelRunner:
         self.is_driver = ctx.groups.attn.rank_in_group == 0
         self.expert_map = self._initial_expert_map()
         t0 = time.perf_counter()
-        self.model = CausalLM(spec, ctx.groups, self.expert_map, self.dtype, self.device)
+        self.model = CausalLM(spec, ctx.groups, self.expert_map, self.dtype, self.device, config.eplb.router_skew)
         if checkpoint_dir is None:
             init_random_weights(self.model, seed=config.model.seed + ctx.rank)
         else:
@@ -80,6 +83,12 @@ class ModelRunner:
         self.heads, self.kv_heads, self.head_dim = qkv.heads, qkv.kv_heads, qkv.head_dim
         self.attention: Any = None
         self.graphs: Any = None
+        # expert load is recorded whenever EPLB is on (inside the CUDA graphs too)
+        self.expert_load = (
+            ExpertLoadRecorder(len(spec.moe_layers), self.expert_map.num_physical, self.device)
+            if config.eplb.enabled and self.expert_map is not None
+            else None
+        )
 
     def _initial_expert_map(self) -> Optional[ExpertMap]:
         moe = self.spec.moe
@@ -131,6 +140,7 @@ class ModelRunner:
             scratch_block=scratch_block,
             dp=self.ctx.groups.dp.world_size,
             workspace=self.attention.workspace,
+            expert_load=self.expert_load,
         )
 
     @torch.inference_mode()
@@ -159,9 +169,39 @@ class ModelRunner:
             attention=self.attention,
             dp_pad=max(dp_token_counts, default=0),
             dp_counts=torch.tensor(dp_token_counts, device=dev) if self.ctx.groups.dp.world_size > 1 else None,
+            expert_load=self.expert_load,
         )
         hidden = self.model(batch)
         return self.model.compute_logits(hidden[layout.sample_rows.to(dev)])
+
+
+    # ---- expert-parallel load balancing ------------------------------------------
+
+    def take_expert_load(self) -> torch.Tensor:
+        """Tokens routed to each physical expert since the last call [moe_layers, P] (CPU), then reset."""
+        assert self.expert_load is not None, "eplb.enabled is off"
+        return self.expert_load.take().cpu()
+
+    def physical_to_logical(self) -> torch.Tensor:
+        assert self.expert_map is not None
+        return self.expert_map.physical_to_logical_cpu.clone()
+
+    @torch.inference_mode()
+    def move_experts(self, moe_layers: list[int], new_physical_to_logical: torch.Tensor) -> int:
+        """Switch ``moe_layers`` to the new placement rows [len, P]: exchange expert weights
+        with the other EP ranks, then update the layers' maps in place. Returns bytes received."""
+        assert self.expert_map is not None
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        ep = self.ctx.groups.ep
+        received = 0
+        for moe_layer, row in zip(moe_layers, new_physical_to_logical):
+            moe = self.model.layers[self.spec.moe_layers[moe_layer]].mlp
+            old = self.expert_map.physical_to_logical_cpu[moe_layer].tolist()
+            moves = plan_layer_moves(old, row.tolist(), ep.world_size)
+            received += move_expert_weights(ep, [moe.w13, moe.w2], moves, moe.slots)
+            self.expert_map.update_layer(moe_layer, row.to(self.device))
+        return received
 
 
 def init_random_weights(model: torch.nn.Module, seed: int, std: float = 0.02) -> None:

@@ -78,7 +78,9 @@ class DecoderLayer(nn.Module):
 
 
 class CausalLM(nn.Module):
-    def __init__(self, spec: ModelSpec, groups: Groups, expert_map: ExpertMap | None, dtype, device) -> None:
+    def __init__(
+        self, spec: ModelSpec, groups: Groups, expert_map: ExpertMap | None, dtype, device, router_skew: float = 0.0
+    ) -> None:
         super().__init__()
         self.spec = spec
         self.traits = architecture_traits(spec.architecture)
@@ -89,7 +91,7 @@ class CausalLM(nn.Module):
         for i in range(spec.num_layers):
             if i in moe_index:
                 assert expert_map is not None
-                mlp: nn.Module = MoE(spec, i, moe_index[i], groups, expert_map, dtype, device)
+                mlp: nn.Module = MoE(spec, i, moe_index[i], groups, expert_map, dtype, device, router_skew)
             else:
                 mlp = DenseMLP(spec.hidden_size, spec.intermediate_size, groups.tp, dtype, device)
             attn = AttentionBlock(spec, i, groups, rotary, dtype, device)

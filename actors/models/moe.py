@@ -46,7 +46,15 @@ class ExpertNames:
 
 class MoE(nn.Module):
     def __init__(
-        self, spec: ModelSpec, layer: int, moe_layer: int, groups: Groups, expert_map: ExpertMap, dtype, device
+        self,
+        spec: ModelSpec,
+        layer: int,
+        moe_layer: int,
+        groups: Groups,
+        expert_map: ExpertMap,
+        dtype,
+        device,
+        router_skew: float = 0.0,
     ) -> None:
         super().__init__()
         assert spec.moe is not None
@@ -64,6 +72,7 @@ class MoE(nn.Module):
         self.router = nn.Parameter(torch.zeros(spec.moe.num_experts, h, dtype=dtype, device=device), requires_grad=False)
         self.w13 = nn.Parameter(torch.zeros(self.slots, 2 * self.inter, h, dtype=dtype, device=device), requires_grad=False)
         self.w2 = nn.Parameter(torch.zeros(self.slots, h, self.inter, dtype=dtype, device=device), requires_grad=False)
+        self.router_bias = zipf_router_bias(spec.moe.num_experts, router_skew, seed=layer, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """x [T, H] (this DP replica's tokens) -> [T, H]."""
@@ -74,15 +83,17 @@ class MoE(nn.Module):
             x_all = dp.all_gather(F.pad(x, (0, 0, 0, pad - x.shape[0])))
             row = torch.arange(x_all.shape[0], device=x.device)
             valid = (row % pad) < batch.dp_counts[row // pad]
+        elif batch.dp_counts is not None:  # a CUDA graph's padding rows (computed, never recorded)
+            x_all, valid = x, torch.arange(x.shape[0], device=x.device) < batch.dp_counts[0]
         else:
             x_all, valid = x, None
 
         weights, logical = self.route(x_all)
         physical = self.expert_map.select(self.moe_layer, logical)
-        if valid is not None:
+        if valid is not None and dp.world_size > 1:
             physical = torch.where(valid.unsqueeze(1), physical, -1)  # padding rows go nowhere
         if batch.expert_load is not None:
-            batch.expert_load.record(self.moe_layer, physical)
+            batch.expert_load.record(self.moe_layer, physical if valid is None else torch.where(valid.unsqueeze(1), physical, -1))
         out = self.groups.world.all_reduce(self.run_local_experts(x_all, physical, weights))
         if dp.world_size > 1:
             start = dp.rank_in_group * batch.dp_pad
@@ -91,7 +102,10 @@ class MoE(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, H] -> (weights [N, k] in x's dtype, logical expert ids [N, k])."""
-        probs = torch.softmax(F.linear(x, self.router), dim=-1, dtype=torch.float)
+        logits = F.linear(x, self.router)
+        if self.router_bias is not None:  # benchmark-only skew (eplb.router_skew)
+            logits = logits + self.router_bias
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float)
         weights, logical = torch.topk(probs, self.top_k, dim=-1)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -139,3 +153,15 @@ class MoE(nn.Module):
             up = reader.read(names.up.format(**fill), 0, s, e)
             self.w13[slot].copy_(torch.cat([gate, up]))
             self.w2[slot].copy_(reader.read(names.down.format(**fill), 1, s, e))
+
+
+def zipf_router_bias(num_experts: int, skew: float, seed: int, device, dtype) -> torch.Tensor | None:
+    """Router-logit bias making expert popularity Zipf-like: the i-th most popular expert
+    (a fixed random order per ``seed``) gets probabilities scaled by (i + 1) ** -skew.
+    For benchmarks on random weights only: it changes the model's outputs."""
+    if skew == 0:
+        return None
+    order = torch.randperm(num_experts, generator=torch.Generator().manual_seed(seed))
+    bias = torch.empty(num_experts)
+    bias[order] = -skew * torch.log(torch.arange(1, num_experts + 1, dtype=torch.float))
+    return bias.to(device=device, dtype=dtype)

@@ -181,7 +181,7 @@ VALIDATE_CASES = [
     ("engine.max_num_batched_tokens", 0),
     ("eplb.num_redundant_experts", -1),
     ("eplb.rebalance_every_steps", 0),
-    ("eplb.window_steps", 0),
+    ("eplb.router_skew", -0.5),
     ("eplb.layers_per_chunk", 0),
     ("serve.port", -1),
     ("serve.port", 65536),

@@ -1,0 +1,53 @@
+"""Which expert copies travel where when a layer switches placement. Pure.
+
+Every physical slot whose logical expert changes receives it from a slot that
+holds that expert in the old placement: its own rank when the rank already
+holds a copy (a local copy, no traffic), else the holder rank that has been
+asked to send the least so far (spreading the traffic). Every rank computes the
+same list from the same two placements, so the P2P sends and receives pair up.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+
+@dataclass(frozen=True)
+class ExpertMove:
+    physical_slot: int  # destination slot (physical id)
+    logical_expert: int
+    src_rank: int  # EP rank that holds a copy in the old placement
+    src_slot: int  # that copy's physical slot
+
+    def dst_rank(self, slots_per_rank: int) -> int:
+        return self.physical_slot // slots_per_rank
+
+
+def plan_layer_moves(old_physical_to_logical: Sequence[int], new_physical_to_logical: Sequence[int], ep: int) -> list[ExpertMove]:
+    """Moves that turn one layer's old placement [P] into the new one [P] (P % ep == 0).
+
+    Raises ValueError if the new placement needs an expert the old one lacks.
+    """
+    old, new = list(old_physical_to_logical), list(new_physical_to_logical)
+    if len(old) != len(new) or len(old) % ep:
+        raise ValueError(f"placements of {len(old)} and {len(new)} slots do not fit ep={ep}")
+    per_rank = len(old) // ep
+    holders: dict[int, list[int]] = {}
+    for slot, logical in enumerate(old):
+        holders.setdefault(logical, []).append(slot)
+    sends = [0] * ep
+    moves = []
+    for slot, (before, after) in enumerate(zip(old, new)):
+        if before == after:
+            continue
+        if after not in holders:
+            raise ValueError(f"logical expert {after} has no copy in the old placement")
+        rank = slot // per_rank
+        local = [s for s in holders[after] if s // per_rank == rank]
+        if local:
+            src = local[0]
+        else:
+            src = min(holders[after], key=lambda s: (sends[s // per_rank], s))
+            sends[src // per_rank] += 1
+        moves.append(ExpertMove(slot, after, src // per_rank, src))
+    return moves

@@ -1,0 +1,56 @@
+"""The per-layer move plan turns any old placement into any new one, reading only
+copies that exist, locally when the destination rank already holds one."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from raymoe.cluster.expert_moves import plan_layer_moves
+
+
+def _random_placement(rng: random.Random, num_logical: int, slots: int) -> list[int]:
+    row = list(range(num_logical)) + [rng.randrange(num_logical) for _ in range(slots - num_logical)]
+    rng.shuffle(row)
+    return row
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_moves_turn_old_into_new(seed):
+    rng = random.Random(seed)
+    ep = rng.choice([1, 2, 4, 8])
+    num_logical = rng.choice([4, 8, 16])
+    slots = ep * rng.randint(max(1, -(-num_logical // ep)), -(-num_logical // ep) + 3)
+    old, new = _random_placement(rng, num_logical, slots), _random_placement(rng, num_logical, slots)
+    per_rank = slots // ep
+    moves = plan_layer_moves(old, new, ep)
+    # simulate: every destination reads the *old* content of its source slot
+    result = list(old)
+    for m in moves:
+        assert old[m.src_slot] == m.logical_expert, "a move reads a slot that does not hold its expert"
+        assert m.src_rank == m.src_slot // per_rank
+        result[m.physical_slot] = old[m.src_slot]
+    assert result == new
+    assert {m.physical_slot for m in moves} == {s for s in range(slots) if old[s] != new[s]}
+    for m in moves:  # a rank that already holds the expert copies locally
+        dst = m.dst_rank(per_rank)
+        if any(old[s] == m.logical_expert for s in range(dst * per_rank, (dst + 1) * per_rank)):
+            assert m.src_rank == dst
+
+
+def test_unchanged_placement_moves_nothing():
+    row = [0, 1, 2, 3, 0, 1]
+    assert plan_layer_moves(row, row, 2) == []
+
+
+def test_remote_sends_are_spread_over_holders():
+    # expert 0 is held by ranks 0 and 1; ranks 2 and 3 each need it
+    old = [0, 1, 0, 2, 3, 4, 5, 6]
+    new = [0, 1, 0, 2, 0, 4, 0, 6]
+    sources = sorted(m.src_rank for m in plan_layer_moves(old, new, 4))
+    assert sources == [0, 1]
+
+
+def test_missing_expert_is_an_error():
+    with pytest.raises(ValueError, match="no copy"):
+        plan_layer_moves([0, 1, 2, 3], [0, 1, 2, 4], 2)
