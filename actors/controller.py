@@ -203,6 +203,7 @@ class Controller:
             "running": [s.num_running for s in scheds],
             "kv_usage": [s.block_manager.usage for s in scheds],
             "steps": engine.core.num_steps,
+            "preemptions": engine.core.num_preemptions,
             "error": None if engine.error is None else str(engine.error),
         }
 

@@ -61,6 +61,7 @@ class EngineCore:
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._arrivals = itertools.count()
         self.num_steps = 0
+        self.num_preemptions = 0
 
     @property
     def has_unfinished(self) -> bool:
@@ -101,6 +102,7 @@ class EngineCore:
     def schedule(self) -> Optional["PlannedStep"]:
         """First half of a step: every replica's chunks, or None when there is nothing to run."""
         scheduled = [s.schedule() for s in self.schedulers]
+        self.num_preemptions += sum(len(o.preempted) for o in scheduled)
         counts = tuple(o.num_tokens for o in scheduled)
         if not any(counts):
             return None
