@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from raymoe.actors.engine.attention_torch import write_kv
 from raymoe.actors.engine.step import StepLayout
 
 WORKSPACE_BYTES = 256 * 2**20
@@ -66,9 +67,7 @@ class FlashInferAttention:
         """q [T, heads, D], k/v [T, kv_heads, D] -> [T, heads, D]; writes k/v into the cache first."""
         assert self._write is not None, "plan() before forward()"
         cache = self.kv_cache[layer]
-        blocks, offsets = self._write
-        cache[blocks, 0, offsets] = k
-        cache[blocks, 1, offsets] = v
+        write_kv(cache, *self._write, k, v)
         if self.wrapper is None:
             return torch.empty_like(q)
         return self.wrapper.run(q, cache)
@@ -126,6 +125,5 @@ class GraphDecodeAttention:
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         cache = self.kv_cache[layer]
-        cache[self.slot_blocks, 0, self.slot_offsets] = k
-        cache[self.slot_blocks, 1, self.slot_offsets] = v
+        write_kv(cache, self.slot_blocks, self.slot_offsets, k, v)
         return self.wrapper.run(q, cache)
