@@ -44,7 +44,7 @@ def build_local_engine(config: Config, collect_logits: bool = False, num_threads
     spec = load_spec(path)
     max_model_len = effective_max_model_len(config.model.max_model_len, spec)
     ctx = RankContext(layout=layout, coord=layout.coord(0), device=device, groups=single_process_groups(device))
-    runner = ModelRunner(ctx, config, path, max_model_len)
+    runner = ModelRunner(ctx, config, spec, max_model_len, path)
     num_blocks = runner.max_kv_blocks()
     runner.allocate_kv_cache(num_blocks)
     eng = config.engine

@@ -1,0 +1,162 @@
+"""The ``raymoe`` command: ``generate`` (offline), ``serve`` (OpenAI endpoint), ``bench`` (load a URL),
+``eplb`` (a running endpoint's expert load balancing).
+
+    raymoe generate                                  # built-in tiny model on CPU, a default prompt
+    raymoe generate --config cfg.yaml --prompt "Hi" --max-tokens 32 --chat
+    raymoe serve [--config FILE|NAME] [--model DIR] [--address RAY] [--host 127.0.0.1] [--port 8000] [--api-key KEY]
+    raymoe bench --url http://127.0.0.1:8000 --num-requests 64 --concurrency 8 --input-len 128 --output-len 64
+    raymoe eplb report --url http://127.0.0.1:8000 --out eplb.png
+
+``--config`` takes a YAML path or the name of a shipped config (``tiny``,
+``qwen3-30b-a3b-2gpu``, ...). With no ``--address`` (and no RAY_ADDRESS) a local Ray
+is started; under ``ray job submit`` the job's cluster is used.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from typing import Any, Optional, Sequence
+
+DEFAULT_PROMPT = "The capital of France is"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from raymoe.deploy.bench import add_bench_args
+    from raymoe.deploy.eplb_cli import add_eplb_args
+
+    parser = argparse.ArgumentParser(prog="raymoe", description="Serve Mixture-of-Experts LLMs on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _generate_args(sub.add_parser("generate", help="complete prompts offline and print the results"))
+    _serve_args(sub.add_parser("serve", help="serve the OpenAI API through Ray Serve until Ctrl-C"))
+    add_bench_args(sub.add_parser("bench", help="load an OpenAI endpoint and print throughput, TTFT and ITL"))
+    add_eplb_args(sub.add_parser("eplb", help="expert load balancing of a running endpoint: status, rebalance, report"))
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "generate":
+            return generate_main(args)
+        if args.command == "serve":
+            return serve_main(args)
+        if args.command == "eplb":
+            from raymoe.deploy.eplb_cli import eplb_main
+
+            return eplb_main(args)
+        from raymoe.deploy.bench import bench_main
+
+        return bench_main(args)
+    except ValueError as e:  # a user mistake: one line, no traceback
+        print(f"raymoe {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+# ---- generate ------------------------------------------------------------------------------
+
+
+def _common_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML file or shipped config name (default: built-in tiny model on CPU)")
+    p.add_argument("--model", help="checkpoint directory, overriding the config's model.path")
+    p.add_argument("--address", help="Ray address to join (default: $RAY_ADDRESS, else a local Ray)")
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from raymoe.deploy.serve_app import resolve_config
+
+    config = resolve_config(args.config)
+    return config.replace({"model.path": args.model}) if args.model else config
+
+
+def _generate_args(p: argparse.ArgumentParser) -> None:
+    _common_args(p)
+    p.add_argument("--prompt", action="append", help=f"a prompt; repeat for several (default: {DEFAULT_PROMPT!r})")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--chat", action="store_true", help="send each prompt as a user message through the chat template")
+
+
+def generate_main(args: argparse.Namespace) -> int:
+    from raymoe.actors.engine.request import SamplingParams
+    from raymoe.deploy.llm import LLM
+
+    sampling = SamplingParams.create(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    config = _load(args)
+    prompts = args.prompt or [DEFAULT_PROMPT]
+    inputs = [[{"role": "user", "content": p}] for p in prompts] if args.chat else prompts
+    with LLM(config, address=args.address) as llm:
+        results = llm.generate(inputs, sampling)
+    for i, (prompt, r) in enumerate(zip(prompts, results)):
+        print(f"[{i}] prompt: {prompt!r}")
+        print(f"[{i}] output: {r.text!r}  ({len(r.token_ids)} tokens, finish_reason={r.finish_reason})")
+    return 0
+
+
+# ---- serve ---------------------------------------------------------------------------------
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    _common_args(p)
+    p.add_argument("--host", help="interface to bind (default: serve.host, 127.0.0.1)")
+    p.add_argument("--port", type=int, help="HTTP port (default: serve.port, 8000; 0 = any free port)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: serve.api_key, else $RAYMOE_API_KEY)")
+    p.add_argument("--model-name", help="the name clients send as 'model' (default: serve.model_name, else model.path)")
+
+
+def serve_main(args: argparse.Namespace) -> int:
+    import ray
+
+    from raymoe.deploy.serve_app import API_KEY_ENV, start_serving, stop_serving
+
+    config = _load(args)
+    api_key = args.api_key or config.serve.api_key or os.environ.get(API_KEY_ENV)
+    overrides = {"serve.api_key": api_key, "serve.host": args.host, "serve.port": args.port, "serve.model_name": args.model_name}
+    config = config.replace({k: v for k, v in overrides.items() if v is not None})
+    if config.serve.port == 0:
+        config = config.replace({"serve.port": _free_port(config.serve.host)})
+    try:
+        url = start_serving(config, args.address)
+        stop = _stop_on_signals()  # after ray.init: replaces Ray's stack-dumping SIGTERM handler
+        name = config.serve.model_name or config.model.path
+        print(f"raymoe: serving {name!r} at {url}/v1 (Ctrl-C to stop)", flush=True)
+        while not stop.wait(1.0):
+            pass
+        print("raymoe: stopping", flush=True)
+    finally:
+        if ray.is_initialized():
+            stop_serving()
+            ray.shutdown()
+    print("raymoe: stopped", flush=True)
+    return 0
+
+
+def _stop_on_signals() -> threading.Event:
+    """An event set by SIGINT/SIGTERM (Ctrl-C, ``ray job stop``, a pod's termination)."""
+    stop = threading.Event()
+
+    def handler(signum: int, frame: object) -> None:
+        if stop.is_set() and signum == signal.SIGINT:  # a second Ctrl-C: give up on a clean exit
+            raise KeyboardInterrupt
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    return stop
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

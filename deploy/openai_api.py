@@ -1,0 +1,325 @@
+"""The OpenAI wire format: request models, validation into engine inputs, error bodies,
+and the shapes of responses and stream chunks.
+
+Pure (no Ray, no FastAPI), so every rule here is unit-tested without a server. Every
+user mistake becomes an ``APIError`` (HTTP 4xx with OpenAI's error body), never a 500:
+unknown fields are rejected as OpenAI rejects them, OpenAI features raymoe does not
+implement (n > 1, logprobs, penalties, tools...) are rejected by name rather than
+silently ignored. Extensions, with vLLM's names: ``top_k``, ``ignore_eos``,
+``stop_token_ids`` and, for chat, ``chat_template_kwargs``.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from raymoe.actors.engine.request import SamplingParams
+
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+class APIError(Exception):
+    """An error answered with ``status`` and OpenAI's body ``{"error": {...}}``."""
+
+    def __init__(
+        self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
+        type: str = "invalid_request_error",
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad_request(message: str, param: Optional[str] = None, code: Optional[str] = None) -> APIError:
+    return APIError(400, message, param, code)
+
+
+# ---- request models -----------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Strict):
+    include_usage: Optional[bool] = None
+
+
+class _Common(_Strict):
+    """Fields both endpoints share."""
+
+    model: Optional[str] = None
+    max_tokens: Optional[int] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    n: Optional[int] = None
+    stream: Optional[bool] = None
+    stream_options: Optional[StreamOptions] = None
+    stop: Optional[Union[str, list[str]]] = None
+    seed: Optional[int] = None
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    logit_bias: Optional[dict[str, float]] = None
+    user: Optional[str] = None
+    # extensions
+    top_k: Optional[int] = None
+    ignore_eos: Optional[bool] = None
+    stop_token_ids: Optional[list[int]] = None
+
+
+class CompletionRequest(_Common):
+    prompt: Union[str, list[int], list[str], list[list[int]]]
+    echo: Optional[bool] = None
+    logprobs: Optional[int] = None
+    best_of: Optional[int] = None
+    suffix: Optional[str] = None
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: str
+    text: Optional[str] = None
+
+
+class ChatMessage(BaseModel):
+    # extra fields (tool_calls, tool_call_id, reasoning_content...) pass on to the chat template
+    model_config = ConfigDict(extra="allow", strict=True)
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Optional[Union[str, list[ContentPart]]] = None
+    name: Optional[str] = None
+
+
+class ChatRequest(_Common):
+    messages: list[ChatMessage]
+    max_completion_tokens: Optional[int] = None
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = None
+    response_format: Optional[dict[str, Any]] = None
+    tools: Optional[list[dict[str, Any]]] = None
+    tool_choice: Optional[Union[str, dict[str, Any]]] = None
+    parallel_tool_calls: Optional[bool] = None
+    store: Optional[bool] = None
+    metadata: Optional[dict[str, str]] = None
+    service_tier: Optional[str] = None
+    reasoning_effort: Optional[str] = None
+    chat_template_kwargs: Optional[dict[str, Any]] = None
+
+
+# what a union field accepts, for errors that name it (pydantic lists every union member)
+_UNION_HELP = {
+    "prompt": "must be a string, a list of strings, a list of token ids, or a list of token-id lists",
+    "stop": "must be a string or a list of strings",
+    "content": "must be a string or a list of content parts",
+    "tool_choice": "must be a string or an object",
+}
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "ContentPart", "StreamOptions", "ChatMessage"}
+
+
+def parse_request(model: type[BaseModel], body: bytes) -> Any:
+    """Validate a raw JSON body into ``model``; APIError 400 naming the bad field."""
+    try:
+        req = model.model_validate_json(body)
+    except ValidationError as e:
+        raise _validation_error(e) from None
+    _reject_unsupported(req)
+    return req
+
+
+def _validation_error(e: ValidationError) -> APIError:
+    err = e.errors(include_url=False)[0]
+    kind, loc = err["type"], err["loc"]
+    if kind == "json_invalid":
+        return bad_request(f"the request body is not valid JSON: {err['msg']}", code="invalid_json")
+    if not loc:
+        return bad_request("the request body must be a JSON object", code="invalid_json")
+    path: list[str] = []
+    for part in loc:  # stop at a union member's tag ("str", "list[int]", ...)
+        if isinstance(part, str) and (part in _TYPE_TAGS or "[" in part):
+            break
+        path.append(str(part))
+    param = ".".join(path)
+    if kind == "extra_forbidden":
+        return bad_request(f"Unrecognized request argument supplied: {param}", param, "unrecognized_argument")
+    if kind == "missing":
+        return bad_request(f"Missing required parameter: '{param}'", param, "missing_required_parameter")
+    name = path[-1] if path else ""
+    if name in _UNION_HELP and len(loc) > len(path):
+        return bad_request(f"{param}: {_UNION_HELP[name]}", param, "invalid_type")
+    return bad_request(f"{param}: {err['msg']}, got {json.dumps(err.get('input'), default=str)[:80]}", param, "invalid_value")
+
+
+def _reject_unsupported(req: Any) -> None:
+    """OpenAI features raymoe does not implement: a clear 400 rather than a silent ignore."""
+    checks: list[tuple[str, bool, str]] = [
+        ("n", req.n not in (None, 1), "only n=1 is supported; send separate requests for more choices"),
+        ("presence_penalty", bool(req.presence_penalty), "presence_penalty is not supported (use 0)"),
+        ("frequency_penalty", bool(req.frequency_penalty), "frequency_penalty is not supported (use 0)"),
+        ("logit_bias", bool(req.logit_bias), "logit_bias is not supported"),
+        ("stream_options", req.stream_options is not None and not req.stream, "stream_options is only allowed with stream=true"),
+    ]
+    if isinstance(req, CompletionRequest):
+        checks += [
+            ("best_of", req.best_of not in (None, 1), "only best_of=1 is supported"),
+            ("echo", bool(req.echo), "echo is not supported"),
+            ("logprobs", req.logprobs is not None, "logprobs are not supported"),
+            ("suffix", bool(req.suffix), "suffix is not supported"),
+        ]
+    else:
+        fmt = (req.response_format or {}).get("type", "text")
+        checks += [
+            ("logprobs", bool(req.logprobs), "logprobs are not supported"),
+            ("top_logprobs", req.top_logprobs is not None, "top_logprobs are not supported"),
+            ("response_format", fmt != "text", f"response_format {fmt!r} is not supported (only 'text')"),
+            ("tools", bool(req.tools), "tool calling is not supported"),
+            ("tool_choice", req.tool_choice not in (None, "none", "auto"), "tool calling is not supported"),
+        ]
+    for param, bad, message in checks:
+        if bad:
+            raise bad_request(f"{param}: {message}", param, "unsupported_parameter")
+
+
+# ---- request -> engine inputs ----------------------------------------------------------
+
+
+def completion_prompts(req: CompletionRequest) -> list[Union[str, list[int]]]:
+    """The prompts of a completion request: one text or token-id list per choice."""
+    p = req.prompt
+    if isinstance(p, str) or (p and isinstance(p[0], int)):
+        prompts = [p]
+    else:
+        prompts = list(p)
+    if not prompts or any(len(x) == 0 for x in prompts):
+        raise bad_request("prompt: must not be empty", "prompt", "invalid_value")
+    return prompts
+
+
+def chat_messages(req: ChatRequest) -> list[dict[str, Any]]:
+    """Messages as the chat template expects them; content parts must be text."""
+    if not req.messages:
+        raise bad_request("messages: must hold at least one message", "messages", "invalid_value")
+    out = []
+    for i, m in enumerate(req.messages):
+        content = m.content
+        if isinstance(content, list):
+            bad = [p.type for p in content if p.type != "text" or p.text is None]
+            if bad:
+                raise bad_request(f"messages.{i}.content: only text parts are supported, got {bad[0]!r}", f"messages.{i}.content")
+            content = "".join(p.text for p in content)
+        msg = {k: v for k, v in m.model_dump(exclude_none=True).items()}
+        msg["content"] = content if content is not None else ""
+        out.append(msg)
+    return out
+
+
+def resolve_max_tokens(
+    requested: Optional[int], num_prompt_tokens: int, limit: int, default: Optional[int], param: str, prompt_param: str
+) -> int:
+    """The request's max_tokens, checked against ``limit`` (the most tokens, prompt plus
+    output, one request may hold). ``default`` None means "the rest of the context"."""
+    if num_prompt_tokens >= limit:
+        raise bad_request(
+            f"the prompt has {num_prompt_tokens} tokens, which leaves no room for output in this model's "
+            f"context of {limit} tokens; shorten the prompt",
+            prompt_param,
+            "context_length_exceeded",
+        )
+    room = limit - num_prompt_tokens
+    if requested is None:
+        return room if default is None else min(default, room)
+    if requested < 1:
+        raise bad_request(f"{param}: must be >= 1, got {requested}", param, "invalid_value")
+    if requested > room:
+        raise bad_request(
+            f"{param}: the prompt ({num_prompt_tokens} tokens) plus {param} ({requested}) exceed this model's "
+            f"context of {limit} tokens; use {param} <= {room}",
+            param,
+            "context_length_exceeded",
+        )
+    return requested
+
+
+def sampling_params(req: Any, max_tokens: int) -> SamplingParams:
+    """Engine sampling parameters; a bad value is an APIError naming the field."""
+    fields = {
+        "max_tokens": max_tokens,
+        "temperature": req.temperature,
+        "top_p": req.top_p,
+        "top_k": req.top_k,
+        "seed": req.seed,
+        "stop": req.stop,
+        "stop_token_ids": req.stop_token_ids,
+        "ignore_eos": req.ignore_eos,
+    }
+    try:
+        return SamplingParams.create(**{k: v for k, v in fields.items() if v is not None})
+    except ValueError as e:
+        field, _, _ = str(e).partition(":")
+        raise bad_request(str(e), field if field in fields else None, "invalid_value") from None
+
+
+# ---- responses ----------------------------------------------------------------------------
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_response(rid: str, created: int, model: str, choices: list[dict], use: dict) -> dict[str, Any]:
+    """``choices``: [{"text", "finish_reason"}] in prompt order."""
+    return {
+        "id": rid, "object": "text_completion", "created": created, "model": model,
+        "choices": [{"index": i, "text": c["text"], "logprobs": None, "finish_reason": c["finish_reason"]} for i, c in enumerate(choices)],
+        "usage": use,
+    }
+
+
+def chat_response(rid: str, created: int, model: str, choices: list[dict], use: dict) -> dict[str, Any]:
+    return {
+        "id": rid, "object": "chat.completion", "created": created, "model": model,
+        "choices": [
+            {"index": i, "message": {"role": "assistant", "content": c["text"]}, "logprobs": None, "finish_reason": c["finish_reason"]}
+            for i, c in enumerate(choices)
+        ],
+        "usage": use,
+    }
+
+
+def completion_chunk(rid: str, created: int, model: str, index: int, text: str, finish: Optional[str], with_usage: bool) -> dict:
+    chunk: dict[str, Any] = {
+        "id": rid, "object": "text_completion", "created": created, "model": model,
+        "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}],
+    }
+    if with_usage:
+        chunk["usage"] = None
+    return chunk
+
+
+def chat_chunk(rid: str, created: int, model: str, index: int, delta: dict, finish: Optional[str], with_usage: bool) -> dict:
+    chunk: dict[str, Any] = {
+        "id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+        "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}],
+    }
+    if with_usage:
+        chunk["usage"] = None
+    return chunk
+
+
+def usage_chunk(rid: str, created: int, model: str, obj: str, use: dict) -> dict:
+    """The last chunk when stream_options.include_usage: no choices, the request's usage."""
+    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [], "usage": use}
+
+
+def sse(data: dict) -> bytes:
+    """One server-sent event carrying ``data`` as JSON."""
+    return b"data: " + json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def model_card(name: str, created: int, root: str, max_model_len: int) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": created, "owned_by": "raymoe", "root": root, "max_model_len": max_model_len}

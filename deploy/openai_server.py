@@ -1,0 +1,227 @@
+"""What each OpenAI endpoint does, independent of the web framework and of Ray Serve.
+
+``OpenAIServer`` turns a validated request into engine streams (one per prompt),
+and the streams into a JSON response or server-sent events. Each delta is written
+as soon as it arrives (no batching); a streaming response is started only once the
+first token exists, so a request the engine refuses (full queue, too long) still
+gets a proper HTTP error instead of a broken stream.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from contextlib import aclosing
+from typing import Any, AsyncIterator, Optional
+
+import ray
+
+from raymoe.actors.engine.core import RequestOutput
+from raymoe.deploy.engine_client import EngineClient, engine_error, merge
+from raymoe.deploy.metrics import ServeMetrics
+from raymoe.deploy.openai_api import (
+    DEFAULT_COMPLETION_MAX_TOKENS,
+    SSE_DONE,
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    bad_request,
+    chat_chunk,
+    chat_messages,
+    chat_response,
+    completion_chunk,
+    completion_prompts,
+    completion_response,
+    model_card,
+    parse_request,
+    resolve_max_tokens,
+    sampling_params,
+    sse,
+    usage,
+    usage_chunk,
+)
+
+Outputs = AsyncIterator[tuple[int, RequestOutput]]
+
+
+class _Progress:
+    """One request's accounting as deltas arrive: text and finish reason per choice,
+    token counts, and its TTFT / ITL / latency observations."""
+
+    def __init__(self, n: int, num_prompt_tokens: int, t0: float, metrics: ServeMetrics) -> None:
+        self.texts = [""] * n
+        self.finish: list[Optional[str]] = [None] * n
+        self.last: list[Optional[float]] = [None] * n
+        self.prompt_tokens = num_prompt_tokens
+        self.completion_tokens = 0
+        self.t0, self.metrics = t0, metrics
+
+    def add(self, i: int, out: RequestOutput) -> None:
+        now = time.perf_counter()
+        last = self.last[i]
+        if out.new_token_ids:
+            (self.metrics.ttft if last is None else self.metrics.itl).observe(now - (self.t0 if last is None else last))
+            self.last[i] = now
+            self.completion_tokens += len(out.new_token_ids)
+            self.metrics.completion_tokens.inc(len(out.new_token_ids))
+        self.texts[i] += out.new_text
+        if out.finished:
+            self.finish[i] = out.finish_reason
+            if all(f is not None for f in self.finish):
+                self.metrics.e2e.observe(now - self.t0)
+
+    def usage(self) -> dict[str, int]:
+        return usage(self.prompt_tokens, self.completion_tokens)
+
+
+class OpenAIServer:
+    def __init__(self, client: EngineClient, model_name: str, model_root: str, api_key: Optional[str] = None) -> None:
+        self.client = client
+        self.model_name = model_name
+        self.model_root = model_root
+        self.api_key = api_key
+        self.metrics = ServeMetrics(model_name)
+        self.created = int(time.time())
+
+    # ---- checks -----------------------------------------------------------------------
+
+    def authorize(self, authorization: Optional[str]) -> None:
+        """401 unless ``Authorization: Bearer <api key>`` matches (when a key is set)."""
+        if self.api_key is None:
+            return
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'", None, "invalid_api_key")
+
+    def _check_model(self, model: Optional[str]) -> None:
+        if model is not None and model != self.model_name:
+            raise bad_request(f"The model '{model}' does not exist; this server serves '{self.model_name}'", "model", "model_not_found")
+
+    # ---- endpoints -------------------------------------------------------------------------
+
+    def models(self) -> dict[str, Any]:
+        card = model_card(self.model_name, self.created, self.model_root, self.client.max_model_len)
+        return {"object": "list", "data": [card]}
+
+    def model(self, name: str) -> dict[str, Any]:
+        if name != self.model_name:
+            raise APIError(404, f"The model '{name}' does not exist", "model", "model_not_found")
+        return model_card(self.model_name, self.created, self.model_root, self.client.max_model_len)
+
+    async def completions(self, body: bytes) -> Any:
+        """POST /v1/completions: a dict (JSON) or an async iterator of SSE bytes."""
+        t0 = time.perf_counter()
+        req = parse_request(CompletionRequest, body)
+        self._check_model(req.model)
+        ids = [self.client.tokenize(p) for p in completion_prompts(req)]
+        params = [
+            sampling_params(req, resolve_max_tokens(req.max_tokens, len(x), self.client.token_limit,
+                                                    DEFAULT_COMPLETION_MAX_TOKENS, "max_tokens", "prompt"))
+            for x in ids
+        ]
+        return await self._run(False, f"cmpl-{uuid.uuid4().hex}", ids, params, req, t0)
+
+    async def chat(self, body: bytes) -> Any:
+        """POST /v1/chat/completions: a dict (JSON) or an async iterator of SSE bytes."""
+        t0 = time.perf_counter()
+        req = parse_request(ChatRequest, body)
+        self._check_model(req.model)
+        ids = self.client.tokenize_chat(chat_messages(req), req.chat_template_kwargs)
+        param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        limit = resolve_max_tokens(requested, len(ids), self.client.token_limit, None, param, "messages")
+        return await self._run(True, f"chatcmpl-{uuid.uuid4().hex}", [ids], [sampling_params(req, limit)], req, t0)
+
+    async def stats(self) -> dict[str, Any]:
+        return await self.client.controller.stats.remote()
+
+    async def metrics_text(self) -> bytes:
+        controller = self.client.controller
+        stats, eplb = await asyncio.gather(controller.stats.remote(), controller.eplb_status.remote())
+        return self.metrics.render(stats, eplb)
+
+    async def eplb_status(self, body: bytes) -> dict[str, Any]:
+        return await self.client.controller.eplb_status.remote()
+
+    async def rebalance(self, body: bytes) -> dict[str, Any]:
+        """Start a rebalance; optional JSON body {"logical_load": [[...] per MoE layer]}."""
+        load = None
+        if body.strip():
+            try:
+                load = json.loads(body).get("logical_load")
+            except (ValueError, AttributeError):
+                raise APIError(400, "body must be a JSON object, e.g. {} or {\"logical_load\": [[...]]}", None)
+        try:
+            return await self.client.controller.rebalance.remote(load)
+        except ray.exceptions.RayTaskError as e:
+            if isinstance(e.cause, ValueError):
+                raise APIError(400, str(e.cause), "logical_load" if load is not None else None)
+            raise
+
+    # ---- streams -> responses ------------------------------------------------------------------
+
+    async def _run(self, chat: bool, rid: str, ids: list[list[int]], params: list, req: Any, t0: float) -> Any:
+        progress = _Progress(len(ids), sum(map(len, ids)), t0, self.metrics)
+        self.metrics.prompt_tokens.inc(progress.prompt_tokens)
+        outputs = merge([self.client.stream(f"{rid}-{i}", x, p) for i, (x, p) in enumerate(zip(ids, params))])
+        self.metrics.in_flight.inc()
+        done = True
+        try:
+            first = await anext(outputs)  # errors before any byte is sent become HTTP errors
+            progress.add(*first)
+            if req.stream:
+                include_usage = bool(req.stream_options and req.stream_options.include_usage)
+                done = False  # the event stream owns the outputs from here
+                return self._events(chat, rid, first, outputs, progress, include_usage)
+            async for i, out in outputs:
+                progress.add(i, out)
+        except StopAsyncIteration:
+            raise engine_error(RuntimeError("the engine ended the stream without output")) from None
+        finally:
+            if done:
+                await outputs.aclose()
+                self.metrics.in_flight.dec()
+        build = chat_response if chat else completion_response
+        choices = [{"text": t, "finish_reason": f} for t, f in zip(progress.texts, progress.finish)]
+        return build(rid, int(time.time()), self.model_name, choices, progress.usage())
+
+    async def _events(
+        self, chat: bool, rid: str, first: tuple[int, RequestOutput], outputs: Outputs, progress: _Progress, include_usage: bool
+    ) -> AsyncIterator[bytes]:
+        """SSE bytes: one chunk per delta as it arrives, then usage (if asked) and [DONE]."""
+        created, model = int(time.time()), self.model_name
+        started = [False] * len(progress.texts)
+        try:
+            async with aclosing(outputs):
+                item: Optional[tuple[int, RequestOutput]] = first
+                while item is not None:
+                    i, out = item
+                    if not chat:
+                        yield sse(completion_chunk(rid, created, model, i, out.new_text, out.finish_reason, include_usage))
+                    else:
+                        yield self._chat_events(rid, created, i, out, not started[i], include_usage)
+                        started[i] = True
+                    item = await anext(outputs, None)
+                    if item is not None:
+                        progress.add(*item)
+            if include_usage:
+                obj = "chat.completion.chunk" if chat else "text_completion"
+                yield sse(usage_chunk(rid, created, model, obj, progress.usage()))
+            yield SSE_DONE
+        except APIError as e:  # the engine failed mid-stream: an error event, then the end
+            yield sse(e.body())
+        finally:
+            self.metrics.in_flight.dec()
+
+    def _chat_events(self, rid: str, created: int, i: int, out: RequestOutput, first: bool, with_usage: bool) -> bytes:
+        """A chat delta as SSE: the role comes first, the finish reason in a chunk of its own."""
+        model, events = self.model_name, []
+        if first:
+            events.append(sse(chat_chunk(rid, created, model, i, {"role": "assistant", "content": ""}, None, with_usage)))
+        if out.new_text or not out.finished:
+            events.append(sse(chat_chunk(rid, created, model, i, {"content": out.new_text}, None, with_usage)))
+        if out.finished:
+            events.append(sse(chat_chunk(rid, created, model, i, {}, out.finish_reason, with_usage)))
+        return b"".join(events)

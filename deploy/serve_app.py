@@ -1,0 +1,215 @@
+"""The Ray Serve application: a FastAPI ingress (OpenAI API) in front of the controller.
+
+One deployment, one replica. Its constructor starts the controller (which brings up
+the rank actors and loads the model) and fetches the tokenizer once; so the same app
+runs under ``raymoe serve``, ``serve run raymoe.deploy.serve_app:build_app config=...``
+and a KubeRay RayService (``import_path: raymoe.deploy.serve_app:build_app``).
+
+Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models[/{id}],
+GET /health (200 ok, 503 degraded), GET /metrics (Prometheus text), and the expert
+load balancer's GET /admin/eplb (status, last plan) and POST /admin/eplb/rebalance.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import pathlib
+from typing import Any, Optional, Union
+
+import ray
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from raymoe.cluster.config import Config, config_from_dict, configs_dir, load_config
+from raymoe.deploy.engine_client import EngineClient
+from raymoe.deploy.launch import ensure_ray, start_controller
+from raymoe.deploy.openai_api import APIError
+from raymoe.deploy.openai_server import OpenAIServer
+
+log = logging.getLogger(__name__)
+
+API_KEY_ENV = "RAYMOE_API_KEY"
+APP_NAME = "raymoe"
+HEALTH_TIMEOUT_S = 10.0
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def build_fastapi_app(server: OpenAIServer) -> FastAPI:
+    """The HTTP routes over ``server``; every error answers with OpenAI's error body."""
+    app = FastAPI(title="raymoe", docs_url=None, redoc_url=None, openapi_url=None)
+
+    async def run(endpoint: str, request: Request, handler: Any) -> Response:
+        try:
+            server.authorize(request.headers.get("authorization"))
+            result = await handler(await request.body())
+        except APIError as e:
+            server.metrics.count(endpoint, e.status)
+            return JSONResponse(e.body(), status_code=e.status)
+        server.metrics.count(endpoint, 200)
+        if isinstance(result, dict):
+            return JSONResponse(result)
+        return StreamingResponse(result, media_type="text/event-stream", headers=_SSE_HEADERS)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await run("completions", request, server.completions)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        return await run("chat", request, server.chat)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        return await run("models", request, lambda body: _value(server.models()))
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str, request: Request) -> Response:
+        return await run("models", request, lambda body: _value(server.model(name)))
+
+    @app.get("/admin/eplb")
+    async def eplb_status(request: Request) -> Response:
+        return await run("eplb", request, server.eplb_status)
+
+    @app.post("/admin/eplb/rebalance")
+    async def rebalance(request: Request) -> Response:
+        return await run("eplb", request, server.rebalance)
+
+    @app.get("/health")
+    async def health() -> Response:
+        status, body = await _health(server)
+        return JSONResponse(body, status_code=status)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        from raymoe.deploy.metrics import CONTENT_TYPE
+
+        return Response(await server.metrics_text(), media_type=CONTENT_TYPE)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        kind = "not_found" if exc.status_code == 404 else "invalid_request_error"
+        err = APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", None, None, kind)
+        return JSONResponse(err.body(), status_code=exc.status_code)
+
+    return app
+
+
+async def _value(x: Any) -> Any:
+    return x
+
+
+async def _health(server: OpenAIServer) -> tuple[int, dict[str, Any]]:
+    try:
+        h = await asyncio.wait_for(server.client.controller.health.remote(), HEALTH_TIMEOUT_S)
+    except Exception as e:  # a dead or hung controller
+        return 503, {"status": "degraded", "error": f"controller: {type(e).__name__}: {e}"}
+    return (200 if h.get("status") == "ok" else 503), h
+
+
+# graceful_shutdown_wait_loop_s: an idle replica stops (and frees the GPUs) without a 2 s wait
+@serve.deployment(
+    num_replicas=1, ray_actor_options={"num_cpus": 0}, max_constructor_retry_count=3, graceful_shutdown_wait_loop_s=0.25
+)
+@serve.ingress()
+class OpenAIIngress:
+    """The Serve replica: owns the controller for its whole life."""
+
+    async def __init__(self, config: dict[str, Any]) -> None:
+        cfg = config_from_dict(config)
+        self.controller = await asyncio.to_thread(start_controller, cfg)
+        try:
+            info = await self.controller.load_model.remote()
+            tokenizer = await self.controller.get_tokenizer.remote()
+        except BaseException:
+            await self.__del__()
+            raise
+        client = EngineClient(self.controller, tokenizer, info)
+        name = cfg.serve.model_name or cfg.model.path
+        self.server = OpenAIServer(client, name, info["model"], cfg.serve.api_key)
+        log.info("serving %s (%s), max_model_len %d", name, info["model"], info["max_model_len"])
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return build_fastapi_app(self.server)
+
+    async def __del__(self) -> None:
+        controller, self.controller = getattr(self, "controller", None), None
+        if controller is None:
+            return
+        try:
+            await asyncio.wait_for(controller.shutdown.remote(), 30)
+        except Exception as e:  # already dead or hung: kill it anyway
+            log.warning("controller shutdown: %r", e)
+        ray.kill(controller)
+
+
+def ingress_options(config: Config) -> dict[str, Any]:
+    """Deployment options: room for every queued and running request plus health/metrics
+    calls (Serve's default of 5 ongoing requests would queue concurrent streams)."""
+    running = config.engine.max_num_seqs * config.parallel.dp
+    return {"max_ongoing_requests": config.serve.max_queued_requests + running + 64}
+
+
+def build_app(args: Optional[dict[str, Any]] = None) -> Any:
+    """Application builder (``serve run``, RayService ``import_path``).
+
+    args: ``config`` (a YAML path or the name of a shipped config, e.g. ``tiny``;
+    default: the built-in tiny model), ``overrides`` (dotted config fields, e.g.
+    ``{"serve.model_name": "qwen3"}``). The API key defaults to $RAYMOE_API_KEY.
+    """
+    args = dict(args or {})
+    config = resolve_config(args.pop("config", None))
+    overrides = dict(args.pop("overrides", None) or {})
+    if args:
+        raise ValueError(f"build_app: unknown argument(s) {sorted(args)}; expected 'config' and 'overrides'")
+    if config.serve.api_key is None and os.environ.get(API_KEY_ENV) and "serve.api_key" not in overrides:
+        overrides["serve.api_key"] = os.environ[API_KEY_ENV]
+    if overrides:
+        config = config.replace(overrides)
+    return app_for(config)
+
+
+def app_for(config: Config) -> Any:
+    """The bound Serve application serving ``config``."""
+    return OpenAIIngress.options(**ingress_options(config)).bind(dataclasses.asdict(config))
+
+
+def start_serving(config: Config, address: Optional[str] = None) -> str:
+    """Join (or start) Ray, start Serve's HTTP proxy on ``serve.host:serve.port`` (head node
+    only) and deploy; returns the base URL once the model is loaded and serving."""
+    ensure_ray(config, address)
+    host, port = config.serve.host, config.serve.port
+    serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
+    serve.run(app_for(config), name=APP_NAME, route_prefix="/")
+    return f"http://{host}:{port}"
+
+
+def stop_serving() -> None:
+    """Shut Serve down (our application with it), or only delete our application when
+    others run on the same Serve. Quick enough for ``ray job stop`` (see README)."""
+    try:
+        if set(serve.status().applications) - {APP_NAME}:
+            serve.delete(APP_NAME)
+        else:
+            serve.shutdown()
+    except Exception as e:  # Serve already gone (the cluster went away first)
+        log.warning("stopping Serve: %r", e)
+
+
+def resolve_config(config: Union[Config, str, pathlib.Path, None]) -> Config:
+    """A Config from a Config, a YAML path, a shipped config's name (``tiny``,
+    ``qwen3-30b-a3b-8gpu``), or None (the built-in default)."""
+    if config is None or isinstance(config, Config):
+        return config if config is not None else load_config(None)
+    path = pathlib.Path(config).expanduser()
+    if not path.is_file() and not path.suffix and "/" not in str(config):
+        shipped = configs_dir() / f"{config}.yaml"
+        if shipped.is_file():
+            path = shipped
+        else:
+            names = sorted(p.stem for p in configs_dir().glob("*.yaml"))
+            raise ValueError(f"config: {config!r} is neither a file nor a shipped config ({', '.join(names)})")
+    return load_config(path)

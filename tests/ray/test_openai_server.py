@@ -1,0 +1,354 @@
+"""The OpenAI endpoint, live: Ray Serve app on the shared two-node cluster, queried with
+the official ``openai`` client (and raw HTTP where the client cannot send the bad input).
+
+One deployment for the whole module (built-in tiny model, an API key, a small running
+batch so the queue limit is reachable). References: transformers (greedy tokens,
+prompt token counts), the same request run alone, prometheus_client's parser.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+import urllib.error
+import urllib.request
+from typing import Any, Optional
+
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from model_zoo import hf_greedy
+from raymoe.actors.models.builtin import resolve_model_path
+from raymoe.cluster.config import load_config
+
+KEY = "test-key-123"
+MODEL = "builtin:tiny-qwen3-moe"
+MAX_NUM_SEQS = 16
+MAX_QUEUED = 64
+LONG = 1500  # tokens: a stream that would run for many seconds
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster) -> Any:
+    from ray import serve
+
+    from raymoe.deploy.serve_app import APP_NAME, app_for
+
+    config = load_config().replace(
+        {"serve.api_key": KEY, "serve.max_queued_requests": MAX_QUEUED, "engine.max_num_seqs": MAX_NUM_SEQS,
+         "engine.num_kv_blocks": 2048, "eplb.enabled": True, "eplb.rebalance_every_steps": 10**6}
+    )  # fmt: skip
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
+    try:
+        serve.run(app_for(config), name=APP_NAME, route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer() -> Any:
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(resolve_model_path(MODEL))
+
+
+def _http(server: str, path: str, body: Optional[bytes] = None, key: Optional[str] = KEY) -> tuple[int, Any]:
+    req = urllib.request.Request(server + path, data=body, method="POST" if body is not None else "GET")
+    req.add_header("Content-Type", "application/json")
+    if key is not None:
+        req.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            status, raw = resp.status, resp.read()
+    except urllib.error.HTTPError as e:
+        status, raw = e.code, e.read()
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, raw.decode()
+
+
+def _metrics(server: str) -> dict[str, float]:
+    """Every sample of /metrics as {'name{label=value,...}': value}."""
+    _, text = _http(server, "/metrics", key=None)
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}"] = s.value
+    return out
+
+
+def _wait_metrics(server: str, want: dict[str, float], timeout_s: float = 20.0) -> dict[str, float]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        m = _metrics(server)
+        if all(m.get(k) == v for k, v in want.items()) or time.monotonic() > deadline:
+            return m
+        time.sleep(0.1)
+
+
+IDLE = {
+    "raymoe_requests_running{dp_rank=0}": 0,
+    "raymoe_requests_waiting{dp_rank=0}": 0,
+    "raymoe_kv_cache_usage_ratio{dp_rank=0}": 0,
+    "raymoe_requests_in_flight{}": 0,
+}
+
+
+# ---- endpoints --------------------------------------------------------------------------------
+
+
+def test_models_health_and_api_key(server, client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    status, body = _http(server, "/health", key=None)
+    assert status == 200 and body["status"] == "ok"
+    bad = openai.OpenAI(base_url=server + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    status, body = _http(server, "/v1/completions", b'{"prompt": "x"}', key=None)
+    assert status == 401 and body["error"]["code"] == "invalid_api_key"
+
+
+def test_completion_equals_transformers(client, hf_tokenizer):
+    prompts = ["The capital of France is", "Once upon a time, in a land far away,"]
+    ids = [hf_tokenizer(p)["input_ids"] for p in prompts]
+    expected = hf_greedy(resolve_model_path(MODEL), ids, 12)
+    for prompt, prompt_ids, (ref_tokens, _) in zip(prompts, ids, expected):
+        r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+        assert r.choices[0].text == hf_tokenizer.decode(ref_tokens, skip_special_tokens=True)
+        assert r.choices[0].finish_reason == "length"
+        assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(prompt_ids), 12)
+        assert r.usage.total_tokens == len(prompt_ids) + 12
+
+
+def test_chat_usage_counts_the_template(client, hf_tokenizer):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0)
+    ref = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
+    assert r.usage.prompt_tokens == len(ref)
+    assert 1 <= r.usage.completion_tokens <= 8
+    # content given as text parts is the same conversation
+    parts = [{"role": m["role"], "content": [{"type": "text", "text": m["content"]}]} for m in messages]
+    r2 = client.chat.completions.create(model=MODEL, messages=parts, max_tokens=8, temperature=0)
+    assert r2.choices[0].message.content == r.choices[0].message.content
+
+
+def test_streaming_equals_non_streaming(client):
+    args = dict(model=MODEL, max_tokens=10, temperature=0, extra_body={"ignore_eos": True})
+    full = client.completions.create(prompt="Stream me", **args)
+    chunks = list(client.completions.create(prompt="Stream me", stream=True, stream_options={"include_usage": True}, **args))
+    text_chunks = [c for c in chunks if c.choices]
+    assert "".join(c.choices[0].text for c in text_chunks) == full.choices[0].text
+    assert len(text_chunks) == 10  # one chunk per token, each sent as it is made
+    assert text_chunks[-1].choices[0].finish_reason == "length"
+    assert chunks[-1].usage.completion_tokens == 10 and chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens
+
+    chat = client.chat.completions.create(
+        messages=[{"role": "user", "content": "Hi"}], stream=True, stream_options={"include_usage": True}, **args
+    )
+    chat = list(chat)
+    assert chat[0].choices[0].delta.role == "assistant"
+    finish = [c.choices[0].finish_reason for c in chat if c.choices]
+    assert finish[-1] == "length" and set(finish[:-1]) == {None}
+    assert chat[-1].usage.completion_tokens == 10
+    assert sum(1 for c in chat if c.choices and c.choices[0].delta.content) <= 10
+
+
+def test_batch_prompts_stop_and_seed(client):
+    args = dict(model=MODEL, max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+    one = [client.completions.create(prompt=p, **args).choices[0].text for p in ("alpha", "beta gamma")]
+    both = client.completions.create(prompt=["alpha", "beta gamma"], **args)
+    assert [c.text for c in sorted(both.choices, key=lambda c: c.index)] == one
+    assert both.usage.completion_tokens == 16
+
+    text = one[1]
+    stop = next(text[i : i + 2] for i in range(1, len(text) - 1) if text[i : i + 2].strip())
+    cut = client.completions.create(prompt="beta gamma", stop=[stop], **args).choices[0]
+    assert cut.finish_reason == "stop" and cut.text == text[: text.index(stop)]
+
+    sampled = [client.completions.create(prompt="x", model=MODEL, max_tokens=8, temperature=1.0, seed=42).choices[0].text for _ in range(2)]
+    assert sampled[0] == sampled[1]
+
+
+def test_64_concurrent_streams_equal_each_alone(client, server):
+    prompts = [f"Request {i}: " + " ".join(["tok"] * (3 * i)) for i in range(16)]
+    args = dict(model=MODEL, max_tokens=16, temperature=0, extra_body={"ignore_eos": True})
+    alone = {p: client.completions.create(prompt=p, **args).choices[0].text for p in prompts}
+    aclient = openai.AsyncOpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0, timeout=300)
+
+    async def one(prompt: str) -> tuple[str, int]:
+        stream = await aclient.completions.create(prompt=prompt, stream=True, stream_options={"include_usage": True}, **args)
+        text, n = "", 0
+        async for c in stream:
+            text += "".join(ch.text for ch in c.choices)
+            n = c.usage.completion_tokens if c.usage else n
+        return text, n
+
+    async def main() -> list[tuple[str, int]]:
+        return await asyncio.gather(*(one(prompts[i % 16]) for i in range(64)))
+
+    results = asyncio.run(main())
+    assert len(results) == 64
+    for i, (text, n) in enumerate(results):
+        assert n == 16 and text == alone[prompts[i % 16]], f"stream {i} differs from its request run alone"
+    assert _wait_metrics(server, IDLE)["raymoe_kv_cache_usage_ratio{dp_rank=0}"] == 0
+
+
+# ---- bad input ----------------------------------------------------------------------------------
+
+BAD = {
+    "invalid json": (b'{"prompt": "x", ', "chat", None),
+    "not an object": (b"[1, 2]", "completions", None),
+    "unknown model": ({"model": "gpt-4", "prompt": "x"}, "completions", "model"),
+    "max_tokens 0": ({"prompt": "x", "max_tokens": 0}, "completions", "max_tokens"),
+    "max_tokens negative": ({"messages": [{"role": "user", "content": "x"}], "max_tokens": -3}, "chat", "max_tokens"),
+    "max_tokens beyond context": ({"prompt": "x", "max_tokens": 4096}, "completions", "max_tokens"),
+    "prompt beyond context": ({"prompt": [5] * 2100, "max_tokens": 1}, "completions", "prompt"),
+    "temperature < 0": ({"prompt": "x", "temperature": -0.5}, "completions", "temperature"),
+    "top_p 0": ({"prompt": "x", "top_p": 0}, "completions", "top_p"),
+    "top_p > 1": ({"messages": [{"role": "user", "content": "x"}], "top_p": 1.5}, "chat", "top_p"),
+    "n 2": ({"prompt": "x", "n": 2}, "completions", "n"),
+    "unknown field": ({"prompt": "x", "frobnicate": True}, "completions", "frobnicate"),
+    "wrong type": ({"prompt": "x", "max_tokens": "ten"}, "completions", "max_tokens"),
+    "missing prompt": ({"max_tokens": 3}, "completions", "prompt"),
+    "empty messages": ({"messages": []}, "chat", "messages"),
+    "bad role": ({"messages": [{"role": "wizard", "content": "x"}]}, "chat", "messages.0.role"),
+    "token id outside vocab": ({"prompt": [1, 10**6]}, "completions", "prompt"),
+    "image part": ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "chat", "messages.0.content"),
+    "stream_options without stream": ({"prompt": "x", "stream_options": {"include_usage": True}}, "completions", "stream_options"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
+def test_bad_input_is_a_400_with_an_openai_error(server, case):
+    body, endpoint, param = BAD[case]
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
+    status, reply = _http(server, path, raw)
+    assert status == 400, reply
+    err = reply["error"]
+    assert err["type"] == "invalid_request_error" and err["message"] and err["param"] == param
+
+
+def test_server_keeps_serving_after_bad_input(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="x", temperature=-1)
+    assert e.value.body["param"] == "temperature"
+    assert client.completions.create(model=MODEL, prompt="x", max_tokens=2).usage.completion_tokens >= 1
+
+
+# ---- disconnects, queue limit, metrics --------------------------------------------------------------
+
+
+def test_client_disconnect_frees_kv_blocks(server, client):
+    stream = client.completions.create(model=MODEL, prompt="Go on forever", max_tokens=LONG, stream=True, extra_body={"ignore_eos": True})
+    for i, _ in enumerate(stream):
+        if i == 3:
+            break
+    busy = _metrics(server)
+    assert busy["raymoe_kv_cache_usage_ratio{dp_rank=0}"] > 0 and busy["raymoe_requests_running{dp_rank=0}"] == 1
+    stream.close()  # drop the connection mid-stream
+    idle = _wait_metrics(server, IDLE, timeout_s=10)
+    assert {k: idle[k] for k in IDLE} == IDLE, "the dropped request still holds the engine"
+    time.sleep(0.3)  # a step in flight at the abort may still land
+    steps = _metrics(server)["raymoe_engine_steps{}"]
+    time.sleep(0.5)
+    assert _metrics(server)["raymoe_engine_steps{}"] == steps  # nothing is running any more
+
+
+def test_client_disconnect_without_streaming_frees_kv_blocks(server):
+    body = json.dumps({"model": MODEL, "prompt": "Go on", "max_tokens": LONG, "ignore_eos": True}).encode()
+    req = urllib.request.Request(server + "/v1/completions", data=body, method="POST")
+    req.add_header("Content-Type", "application/json")
+    req.add_header("Authorization", f"Bearer {KEY}")
+    with pytest.raises(OSError):  # the client gives up (and closes its connection) after a second
+        urllib.request.urlopen(req, timeout=1.0)
+    idle = _wait_metrics(server, IDLE, timeout_s=10)
+    assert {k: idle[k] for k in IDLE} == IDLE, "the abandoned request still holds the engine"
+
+
+def test_queue_limit_answers_429_and_dropped_waiters_are_freed(server):
+    aclient = openai.AsyncOpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0, timeout=300)
+    args = dict(model=MODEL, prompt="Wait in line", max_tokens=LONG, stream=True, extra_body={"ignore_eos": True})
+
+    async def hold() -> None:
+        async for _ in await aclient.completions.create(**args):
+            pass
+
+    async def main() -> None:
+        running = [asyncio.create_task(hold()) for _ in range(MAX_NUM_SEQS)]
+        await asyncio.to_thread(_wait_metrics, server, {"raymoe_requests_running{dp_rank=0}": MAX_NUM_SEQS})
+        waiting = [asyncio.create_task(hold()) for _ in range(MAX_QUEUED)]
+        m = await asyncio.to_thread(_wait_metrics, server, {"raymoe_requests_waiting{dp_rank=0}": MAX_QUEUED})
+        assert m["raymoe_requests_waiting{dp_rank=0}"] == MAX_QUEUED
+        with pytest.raises(openai.RateLimitError):
+            await aclient.completions.create(**args)
+        for t in running + waiting:
+            t.cancel()
+        await asyncio.gather(*running, *waiting, return_exceptions=True)
+        await aclient.close()
+
+    asyncio.run(main())
+    idle = _wait_metrics(server, IDLE, timeout_s=30)
+    assert {k: idle[k] for k in IDLE} == IDLE
+    assert idle['raymoe_requests_total{endpoint=completions,status=429}'] == 1
+
+
+def test_metrics_count_one_request_exactly(server, client):
+    before = _metrics(server)
+    r = client.completions.create(model=MODEL, prompt="Count me", max_tokens=6, stream=True, stream_options={"include_usage": True},
+                                  extra_body={"ignore_eos": True})
+    usage = list(r)[-1].usage
+    after = _metrics(server)
+
+    def delta(key: str) -> float:
+        return after.get(key, 0) - before.get(key, 0)
+
+    assert delta("raymoe_prompt_tokens_total{}") == usage.prompt_tokens
+    assert delta("raymoe_completion_tokens_total{}") == usage.completion_tokens == 6
+    assert delta("raymoe_time_to_first_token_seconds_count{}") == 1
+    assert delta("raymoe_inter_token_latency_seconds_count{}") == 5
+    assert delta("raymoe_requests_total{endpoint=completions,status=200}") == 1
+
+
+# ---- expert load balancing over HTTP ------------------------------------------------------------
+
+
+def test_eplb_admin_metrics_and_report(server, client, tmp_path):
+    from raymoe.deploy.cli import main
+
+    status, body = _http(server, "/admin/eplb")
+    assert status == 200 and body["enabled"] is True
+    assert _http(server, "/admin/eplb/rebalance", b"{}", key="wrong")[0] == 401
+    assert _http(server, "/admin/eplb/rebalance", b'{"logical_load": [[1, 2]]}')[0] == 400  # wrong shape
+    client.completions.create(model=MODEL, prompt="Hello there", max_tokens=8, temperature=0.0)  # some recorded load
+    status, body = _http(server, "/admin/eplb/rebalance", b"{}")
+    assert status == 200
+    deadline = time.monotonic() + 30
+    while body.get("rebalances", 0) < 1 and time.monotonic() < deadline:  # it advances even while idle
+        time.sleep(0.1)
+        body = _http(server, "/admin/eplb")[1]
+    assert body["rebalances"] >= 1 and len(body["rank_load_after"][0]) == 1  # ep = 1: one rank
+    metrics = _metrics(server)
+    assert metrics["raymoe_eplb_balancedness{placement=after}"] == pytest.approx(body["balancedness_after"])
+    assert metrics["raymoe_eplb_rebalances{}"] >= 1
+    out = tmp_path / "eplb.png"
+    assert main(["eplb", "report", "--url", server, "--api-key", KEY, "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

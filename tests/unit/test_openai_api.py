@@ -1,0 +1,184 @@
+"""The OpenAI wire format without a server: request validation (every bad input is an
+APIError 4xx naming the field, never an exception of another kind), engine errors
+mapped to HTTP codes, response and stream-chunk shapes (checked with the official
+``openai`` package's own response types), and the SSE framing."""
+from __future__ import annotations
+
+import json
+
+import openai.types as ot
+import openai.types.chat as otc
+import pytest
+import ray
+
+from raymoe.actors.engine.async_engine import EngineFailedError, QueueFullError
+from raymoe.deploy.engine_client import engine_error
+from raymoe.deploy.openai_api import (
+    SSE_DONE,
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    chat_chunk,
+    chat_messages,
+    chat_response,
+    completion_chunk,
+    completion_prompts,
+    completion_response,
+    parse_request,
+    resolve_max_tokens,
+    sampling_params,
+    sse,
+    usage,
+    usage_chunk,
+)
+
+
+def _err(model: type, body: object) -> APIError:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    with pytest.raises(APIError) as e:
+        req = parse_request(model, raw)
+        if model is CompletionRequest:
+            completion_prompts(req)
+            sampling_params(req, 4)
+        else:
+            chat_messages(req)
+            sampling_params(req, 4)
+    assert e.value.status == 400 and e.value.type == "invalid_request_error"
+    return e.value
+
+
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        (b"{not json", None),
+        (b'"a string"', None),
+        ({"prompt": "x", "bogus": 1}, "bogus"),
+        ({"prompt": "x", "stream_options": {"include_usage": True, "extra": 1}}, "stream_options.extra"),
+        ({}, "prompt"),
+        ({"prompt": 5}, "prompt"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": []}, "prompt"),
+        ({"prompt": ["ok", ""]}, "prompt"),
+        ({"prompt": "x", "temperature": -1}, "temperature"),
+        ({"prompt": "x", "temperature": "hot"}, "temperature"),
+        ({"prompt": "x", "top_p": 0}, "top_p"),
+        ({"prompt": "x", "top_p": 1.01}, "top_p"),
+        ({"prompt": "x", "top_k": 0}, "top_k"),
+        ({"prompt": "x", "max_tokens": 2.5}, "max_tokens"),
+        ({"prompt": "x", "max_tokens": True}, "max_tokens"),
+        ({"prompt": "x", "n": 3}, "n"),
+        ({"prompt": "x", "best_of": 2}, "best_of"),
+        ({"prompt": "x", "echo": True}, "echo"),
+        ({"prompt": "x", "logprobs": 2}, "logprobs"),
+        ({"prompt": "x", "presence_penalty": 0.5}, "presence_penalty"),
+        ({"prompt": "x", "logit_bias": {"5": 1.0}}, "logit_bias"),
+        ({"prompt": "x", "stop": 7}, "stop"),
+        ({"prompt": "x", "stop": ["ok", ""]}, "stop"),
+        ({"prompt": "x", "stream": "yes"}, "stream"),
+        ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
+    ],
+)
+def test_bad_completion_requests(body, param):
+    assert _err(CompletionRequest, body).param == param
+
+
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        ({"messages": "hi"}, "messages"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"content": "x"}]}, "messages.0.role"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
+        ({"messages": [{"role": "user", "content": 3}]}, "messages.0.content"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}]}, "messages.0.content"),
+        ({"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs"),
+        ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
+        ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}, "response_format"),
+        ({"messages": [{"role": "user", "content": "x"}], "prompt": "x"}, "prompt"),
+    ],
+)
+def test_bad_chat_requests(body, param):
+    assert _err(ChatRequest, body).param == param
+
+
+def test_unknown_field_message_is_openais():
+    e = _err(CompletionRequest, {"prompt": "x", "frobnicate": 1})
+    assert e.message == "Unrecognized request argument supplied: frobnicate" and e.body()["error"]["param"] == "frobnicate"
+
+
+def test_good_requests_map_to_engine_inputs():
+    req = parse_request(
+        CompletionRequest,
+        b'{"model": "m", "prompt": ["a", "b"], "max_tokens": 5, "temperature": 0, "top_p": 0.9, "top_k": 4,'
+        b' "stop": "##", "seed": 3, "ignore_eos": true, "stop_token_ids": [7], "user": "u", "n": 1, "stream": null}',
+    )
+    assert completion_prompts(req) == ["a", "b"]
+    sp = sampling_params(req, 5)
+    assert (sp.max_tokens, sp.temperature, sp.top_p, sp.top_k, sp.stop, sp.seed, sp.ignore_eos, sp.stop_token_ids) == (
+        5, 0.0, 0.9, 4, ("##",), 3, True, (7,)
+    )
+    assert completion_prompts(parse_request(CompletionRequest, b'{"prompt": [1, 2, 3]}')) == [[1, 2, 3]]
+    assert completion_prompts(parse_request(CompletionRequest, b'{"prompt": [[1], [2, 3]]}')) == [[1], [2, 3]]
+    defaults = sampling_params(parse_request(CompletionRequest, b'{"prompt": "x"}'), 16)
+    assert (defaults.temperature, defaults.top_p, defaults.top_k) == (1.0, 1.0, -1)
+
+    chat = parse_request(
+        ChatRequest,
+        b'{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": [{"type": "text", "text": "a"},'
+        b' {"type": "text", "text": "b"}]}, {"role": "assistant", "content": null, "tool_calls": []}],'
+        b' "max_completion_tokens": 9, "tool_choice": "none", "chat_template_kwargs": {"enable_thinking": false}}',
+    )
+    assert chat_messages(chat) == [
+        {"role": "system", "content": "s"},
+        {"role": "user", "content": "ab"},
+        {"role": "assistant", "content": "", "tool_calls": []},
+    ]
+    assert chat.chat_template_kwargs == {"enable_thinking": False}
+
+
+def test_max_tokens_against_the_context():
+    assert resolve_max_tokens(None, 10, 100, 16, "max_tokens", "prompt") == 16
+    assert resolve_max_tokens(None, 90, 100, 16, "max_tokens", "prompt") == 10  # default capped by the room left
+    assert resolve_max_tokens(None, 10, 100, None, "max_tokens", "messages") == 90  # chat: the rest of the context
+    assert resolve_max_tokens(90, 10, 100, 16, "max_tokens", "prompt") == 90
+    for requested, n, param, code in [(0, 10, "max_tokens", "invalid_value"), (91, 10, "max_tokens", "context_length_exceeded"),
+                                      (1, 100, "prompt", "context_length_exceeded")]:
+        with pytest.raises(APIError) as e:
+            resolve_max_tokens(requested, n, 100, 16, "max_tokens", "prompt")
+        assert (e.value.status, e.value.param, e.value.code) == (400, param, code)
+
+
+def test_engine_errors_map_to_http_codes():
+    def task_error(cause: Exception) -> Exception:
+        return ray.exceptions.RayTaskError("generate_stream", "traceback", cause).as_instanceof_cause()
+
+    assert engine_error(task_error(QueueFullError("full"))).status == 429
+    bad = engine_error(task_error(ValueError("max_tokens: needs 9 KV blocks")))
+    assert (bad.status, bad.param) == (400, "max_tokens")
+    assert engine_error(task_error(EngineFailedError("rank died"))).status == 503
+    assert engine_error(ray.exceptions.RayActorError()).status == 503
+    assert engine_error(RuntimeError("surprise")).status == 500
+
+
+def test_responses_parse_as_openai_types():
+    use = usage(7, 3)
+    assert use == {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+    choices = [{"text": "a", "finish_reason": "length"}, {"text": "b", "finish_reason": "stop"}]
+    c = ot.Completion.model_validate(completion_response("cmpl-1", 1, "m", choices, use))
+    assert [ch.text for ch in c.choices] == ["a", "b"] and c.usage.total_tokens == 10
+    r = otc.ChatCompletion.model_validate(chat_response("chatcmpl-1", 1, "m", choices[:1], use))
+    assert r.choices[0].message.content == "a" and r.choices[0].message.role == "assistant"
+    chunk = otc.ChatCompletionChunk.model_validate(chat_chunk("x", 1, "m", 0, {"role": "assistant", "content": ""}, None, True))
+    assert chunk.choices[0].delta.role == "assistant" and chunk.usage is None
+    last = otc.ChatCompletionChunk.model_validate(usage_chunk("x", 1, "m", "chat.completion.chunk", use))
+    assert last.choices == [] and last.usage.completion_tokens == 3
+    # (openai's Completion type does not allow the null finish_reason of mid-stream chunks)
+    end = ot.Completion.model_validate(completion_chunk("x", 1, "m", 0, "tok", "length", False))
+    assert end.object == "text_completion" and end.choices[0].text == "tok"
+
+
+def test_sse_framing():
+    event = sse({"text": "é\n"})
+    assert event.startswith(b"data: ") and event.endswith(b"\n\n") and event.count(b"\n") == 2
+    assert json.loads(event[len(b"data: ") :]) == {"text": "é\n"}
+    assert SSE_DONE == b"data: [DONE]\n\n"
