@@ -29,7 +29,7 @@ from raymoe.actors.engine.executor import RayStepExecutor
 from raymoe.actors.engine.request import SamplingParams
 from raymoe.actors.engine.runner import resolve_dtype
 from raymoe.actors.engine.scheduler import Scheduler
-from raymoe.actors.engine.tokenizer import Tokenizer
+from raymoe.actors.engine.tokenizer import Tokenizer, encode_chat, encode_prompt
 from raymoe.actors.models.builtin import resolve_model_path
 from raymoe.actors.models.spec import ModelSpec, load_spec
 from raymoe.cluster.config import BUILTIN_PREFIX, Config
@@ -143,27 +143,13 @@ class Controller:
     # ---- requests -----------------------------------------------------------------
 
     def tokenize(self, prompt: Any) -> list[int]:
-        """A prompt as token ids: ids pass through (checked against the vocabulary); text
-        is encoded; a chat (a list of {"role", "content"} messages) is rendered with the
-        model's chat template first."""
-        tok = self.tokenizer
-        if tok is None:
-            raise RuntimeError("no model loaded (load_model)")
-        if isinstance(prompt, str):
-            return tok.encode(prompt)
-        if prompt and isinstance(prompt[0], dict):
-            return tok.encode(tok.apply_chat_template(list(prompt), add_generation_prompt=True), add_special_tokens=False)
-        vocab = self.model_info["vocab_size"]
-        bad = [t for t in prompt if not (isinstance(t, int) and 0 <= t < vocab)]
-        if bad:
-            raise ValueError(f"prompt: token id {bad[0]!r} is outside the vocabulary [0, {vocab})")
-        return list(prompt)
-
-    def get_tokenizer(self) -> Tokenizer:
-        """The model's tokenizer (picklable): a front end tokenizes and counts without a hop per request."""
+        """A prompt as token ids: text, token ids (checked against the vocabulary), or a chat
+        (a list of {"role", "content"} messages, rendered with the chat template)."""
         if self.tokenizer is None:
             raise RuntimeError("no model loaded (load_model)")
-        return self.tokenizer
+        if prompt and isinstance(prompt[0], dict):
+            return encode_chat(self.tokenizer, list(prompt))
+        return encode_prompt(self.tokenizer, prompt, self.model_info["vocab_size"])
 
     async def generate_stream(
         self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams

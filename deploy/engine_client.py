@@ -19,7 +19,7 @@ import ray
 from raymoe.actors.engine.async_engine import EngineFailedError, QueueFullError
 from raymoe.actors.engine.core import RequestOutput
 from raymoe.actors.engine.request import SamplingParams
-from raymoe.actors.engine.tokenizer import Tokenizer
+from raymoe.actors.engine.tokenizer import Tokenizer, encode_chat, encode_prompt
 from raymoe.deploy.openai_api import APIError, bad_request
 
 log = logging.getLogger(__name__)
@@ -45,12 +45,10 @@ class EngineClient:
     def tokenize(self, prompt: Prompt, param: str = "prompt") -> list[int]:
         """Text is encoded (special tokens added as the tokenizer defines); token ids are
         checked against the vocabulary."""
-        if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt)
-        bad = next((t for t in prompt if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise bad_request(f"{param}: token id {bad} is outside the vocabulary [0, {self.vocab_size})", param, "invalid_value")
-        return list(prompt)
+        try:
+            return encode_prompt(self.tokenizer, prompt, self.vocab_size, param)
+        except ValueError as e:
+            raise bad_request(str(e), param, "invalid_value") from None
 
     def tokenize_chat(self, messages: list[dict[str, Any]], template_kwargs: Optional[dict[str, Any]] = None) -> list[int]:
         """Render the chat template (with the generation prompt) and encode it as is."""
@@ -59,12 +57,11 @@ class EngineClient:
             if reserved in kwargs:
                 raise bad_request(f"chat_template_kwargs: {reserved!r} cannot be set here", "chat_template_kwargs")
         try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
+            return encode_chat(self.tokenizer, messages, **kwargs)
         except ValueError as e:  # no chat template
             raise bad_request(str(e), "messages") from None
         except jinja2.TemplateError as e:  # the template rejects the conversation
             raise bad_request(f"messages: the model's chat template rejected them: {e}", "messages") from None
-        return self.tokenizer.encode(text, add_special_tokens=False)
 
     # ---- streams ------------------------------------------------------------------------------
 

@@ -288,24 +288,21 @@ def chat_response(rid: str, created: int, model: str, choices: list[dict], use: 
     }
 
 
-def completion_chunk(rid: str, created: int, model: str, index: int, text: str, finish: Optional[str], with_usage: bool) -> dict:
-    chunk: dict[str, Any] = {
-        "id": rid, "object": "text_completion", "created": created, "model": model,
-        "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}],
-    }
+def _stream_chunk(rid: str, created: int, model: str, obj: str, choice: dict, with_usage: bool) -> dict:
+    chunk: dict[str, Any] = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
     if with_usage:
         chunk["usage"] = None
     return chunk
+
+
+def completion_chunk(rid: str, created: int, model: str, index: int, text: str, finish: Optional[str], with_usage: bool) -> dict:
+    choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+    return _stream_chunk(rid, created, model, "text_completion", choice, with_usage)
 
 
 def chat_chunk(rid: str, created: int, model: str, index: int, delta: dict, finish: Optional[str], with_usage: bool) -> dict:
-    chunk: dict[str, Any] = {
-        "id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-        "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}],
-    }
-    if with_usage:
-        chunk["usage"] = None
-    return chunk
+    choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+    return _stream_chunk(rid, created, model, "chat.completion.chunk", choice, with_usage)
 
 
 def usage_chunk(rid: str, created: int, model: str, obj: str, use: dict) -> dict:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import pathlib
 from datetime import datetime
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Iterable, Optional, Sequence, Union
 
 import jinja2
 import jinja2.ext
@@ -204,3 +204,21 @@ def _chat_environment() -> ImmutableSandboxedEnvironment:
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     return env
+
+
+def encode_prompt(tokenizer: Tokenizer, prompt: Union[str, Sequence[int]], vocab_size: int, param: str = "prompt") -> list[int]:
+    """A prompt as token ids: text is encoded (special tokens as the tokenizer adds them);
+    token ids pass through, checked against the model's vocabulary (ValueError naming ``param``)."""
+    if isinstance(prompt, str):
+        return tokenizer.encode(prompt)
+    bad = next((t for t in prompt if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise ValueError(f"{param}: token id {bad!r} is outside the vocabulary [0, {vocab_size})")
+    return list(prompt)
+
+
+def encode_chat(tokenizer: Tokenizer, messages: list[dict[str, Any]], **template_kwargs: Any) -> list[int]:
+    """A conversation rendered with the chat template (plus the generation prompt) and
+    encoded as is: the template already holds the special tokens."""
+    return tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True, **template_kwargs),
+                            add_special_tokens=False)  # fmt: skip
