@@ -151,6 +151,12 @@ class Controller:
             return encode_chat(self.tokenizer, list(prompt))
         return encode_prompt(self.tokenizer, prompt, self.model_info["vocab_size"])
 
+    def get_tokenizer(self) -> Tokenizer:
+        """The model's tokenizer (picklable), so the ingress tokenises without a hop per request."""
+        if self.tokenizer is None:
+            raise RuntimeError("no model loaded (load_model)")
+        return self.tokenizer
+
     async def generate_stream(
         self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams
     ) -> AsyncIterator[RequestOutput]:
