@@ -66,10 +66,7 @@ class Controller:
 
     async def load_model(self, collect_logits: bool = False) -> dict[str, Any]:
         """Load the model on every rank, size the KV cache, build the engine."""
-        info = await asyncio.to_thread(self._load_model, collect_logits)
-        assert self.executor is not None
-        self.executor.compile()  # on this event loop, which will run the steps
-        return info
+        return await asyncio.to_thread(self._load_model, collect_logits)
 
     def _load_model(self, collect_logits: bool) -> dict[str, Any]:
         cluster = self._cluster()
@@ -93,7 +90,7 @@ class Controller:
             Scheduler(BlockManager(num_blocks, eng.block_size), eng.max_num_seqs, eng.max_num_batched_tokens, max_model_len)
             for _ in range(self.layout.dp)
         ]
-        self.executor = RayStepExecutor(self.layout, cluster.actors, compiled=eng.compiled_graph)
+        self.executor = RayStepExecutor(self.layout, cluster.actors)
         core = EngineCore(schedulers, self.tokenizer, None, self.config.model.seed, collect_logits)
         self.eplb = self._eplb_manager(spec)
         self.engine = AsyncEngine(core, self.executor.run_async, self.config.serve.max_queued_requests, self.eplb)
@@ -228,9 +225,6 @@ class Controller:
         return {"status": "ok", "ranks": ranks, **base}
 
     async def shutdown(self) -> None:
-        if self.executor is not None:
-            await asyncio.to_thread(self.executor.teardown)  # before the ranks go away
-            self.executor = None
         if self.cluster is not None:
             await asyncio.to_thread(self.cluster.shutdown)
             self.cluster = None

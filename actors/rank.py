@@ -59,10 +59,6 @@ class RankWorker:
         if device_kind == "cpu":
             # one rank per logical CPU the placement reserved: no oversubscription
             torch.set_num_threads(cpu_threads)
-        elif not os.environ.get("CUDA_VISIBLE_DEVICES"):
-            # Ray leaves the variable alone for our ranks (NOSET, so every GPU is visible),
-            # but its compiled graphs look a rank's GPU up in it: name every GPU explicitly.
-            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, range(torch.cuda.device_count())))
         self.ctx: Optional[RankContext] = None
 
     # ---- bring-up -------------------------------------------------------------

@@ -1,6 +1,6 @@
 """TTFT over the OpenAI endpoint minus TTFT of the in-process engine, at concurrency 1.
 
-    python benchmarks/ttft_overhead.py [--config tiny] [--reps 50] [--prompt-len 16] [--compiled-graph]
+    python benchmarks/ttft_overhead.py [--config tiny] [--reps 50] [--prompt-len 16]
 
 Same prompt (token ids) on every path; every repetition measures the in-process
 engine (EngineCore + LocalExecutor in this process, one torch thread like a CPU
@@ -131,11 +131,9 @@ def main() -> None:
     p.add_argument("--config", default=None, help="config file or shipped name (default: built-in tiny model)")
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--prompt-len", type=int, default=16)
-    p.add_argument("--compiled-graph", action="store_true", help="engine.compiled_graph: steps over a Ray compiled graph")
     args = p.parse_args()
     config = resolve_config(args.config)
-    config = config.replace({"serve.port": _free_port("127.0.0.1"), "serve.api_key": None,
-                             "engine.compiled_graph": args.compiled_graph})
+    config = config.replace({"serve.port": _free_port("127.0.0.1"), "serve.api_key": None})
     core = build_local_engine(config, num_threads=1)
     vocab = core.tokenizer.vocab_size
     ids = [random.Random(0).randrange(3, vocab) for _ in range(args.prompt_len)]
@@ -166,8 +164,7 @@ def main() -> None:
     ]
     if floor:
         rows.append(("floor: trivial Serve route", ms(floor), (0.0, 0.0)))
-    print(f"\nTTFT at concurrency 1, prompt {args.prompt_len} tokens, {args.reps} repetitions per path ({config.model.path}, "
-          f"engine.compiled_graph={config.engine.compiled_graph})")
+    print(f"\nTTFT at concurrency 1, prompt {args.prompt_len} tokens, {args.reps} repetitions per path ({config.model.path})")
     print(f"| {'path':<32} | median ms | mean ms | overhead vs engine, median ms |")
     print(f"|{'-' * 34}|----------:|--------:|------------------------------:|")
     for name, (med, mean), base in rows:

@@ -62,9 +62,6 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     attention_backend: Literal["auto", "torch", "flashinfer"] = "auto"
     cuda_graphs: bool = True
-    # send steps to the ranks through a Ray Compiled Graph instead of actor calls
-    # (tens of microseconds per step instead of ~1 ms each way; not yet verified on GPUs)
-    compiled_graph: bool = False
 
     def validate(self) -> None:
         _require(self.block_size >= 1, "engine.block_size", "must be >= 1 (16 is typical)")

@@ -146,8 +146,6 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, step: StepInput) -> Optional[StepOutput]:
         assert self.attention is not None, "allocate_kv_cache() first"
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)  # steps may arrive on a Ray compiled-graph thread
         layout = build_step_layout(step, self.block_size)
         if self.graphs is not None and step.all_decode and self.graphs.size_for(max(step.dp_token_counts)):
             logits = self.graphs.run(layout, step.dp_token_counts)
