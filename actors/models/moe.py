@@ -83,7 +83,8 @@ class MoE(nn.Module):
             x_all = dp.all_gather(F.pad(x, (0, 0, 0, pad - x.shape[0])))
             row = torch.arange(x_all.shape[0], device=x.device)
             valid = (row % pad) < batch.dp_counts[row // pad]
-        elif batch.dp_counts is not None:  # a CUDA graph's padding rows (computed, never recorded)
+        elif batch.dp_counts is not None and batch.expert_load is not None:
+            # a CUDA graph's padding rows: computed like the others, but never recorded
             x_all, valid = x, torch.arange(x.shape[0], device=x.device) < batch.dp_counts[0]
         else:
             x_all, valid = x, None
