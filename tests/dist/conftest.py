@@ -1,26 +1,15 @@
 """Run a function on N gloo processes (torch.multiprocessing, spawn), with a deadline."""
 from __future__ import annotations
 
-import socket
 import time
 from typing import Any, Callable
 
 import pytest
 import torch.multiprocessing as mp
 
+from ports import free_ports
+
 WORLD_TIMEOUT_S = 120.0
-
-
-def _free_ports(n: int) -> list[int]:
-    """``n`` distinct TCP ports free now (all held open while choosing)."""
-    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _run_world(
@@ -34,7 +23,7 @@ def _run_world(
     (the test file). A failure in any rank re-raises here with that rank's
     traceback; a hang fails after ``timeout_s``.
     """
-    init_methods = [f"tcp://127.0.0.1:{port}" for port in _free_ports(inits)]
+    init_methods = [f"tcp://127.0.0.1:{port}" for port in free_ports(inits)]
     ctx = mp.start_processes(fn, args=(world, init_methods) + args, nprocs=world, join=False, start_method="spawn")
     deadline = time.monotonic() + timeout_s
     try:

@@ -14,7 +14,6 @@ import os
 import pathlib
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,18 +25,9 @@ from typing import Any, Callable
 import openai
 import pytest
 
+from ports import free_ports
+
 BIN = pathlib.Path(sys.executable).parent
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _get(url: str) -> int:
@@ -65,7 +55,7 @@ def ray_head() -> Any:
     """A `ray start --head --block` of our own; yields (dashboard URL, env)."""
     if shutil.which("ray", path=str(BIN)) is None or shutil.which("raymoe", path=str(BIN)) is None:
         pytest.skip("the ray / raymoe console scripts are not installed next to this Python")
-    gcs, dash, client, agent_http, agent_grpc, metrics, node_mgr, obj_mgr, runtime_env = _free_ports(9)
+    gcs, dash, client, agent_http, agent_grpc, metrics, node_mgr, obj_mgr, runtime_env = free_ports(9)
     temp_dir = tempfile.mkdtemp(prefix="rmj", dir="/tmp")  # short: Ray's unix socket paths live under it
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
@@ -116,7 +106,7 @@ def _job(env: dict, *args: str) -> str:
 
 def test_ray_job_submit_raymoe_serve(ray_head):
     url, env = ray_head
-    (port,) = _free_ports(1)
+    (port,) = free_ports(1)
     sid = f"raymoe-serve-{port}"
     runtime_env = '{"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "60"}}'  # time for a clean Serve shutdown
     _job(env, "submit", "--address", url, "--submission-id", sid, "--no-wait", "--runtime-env-json", runtime_env,
