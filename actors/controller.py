@@ -69,6 +69,13 @@ class Controller:
         return await asyncio.to_thread(self._load_model, collect_logits)
 
     def _load_model(self, collect_logits: bool) -> dict[str, Any]:
+        if self.layout.cp > 1:
+            # the layout and its groups support cp, but attention here is not context-parallel:
+            # every cp rank would compute the same attention (correct, never faster) -- say so
+            raise ValueError(
+                "parallel.cp: the engine does not implement context-parallel attention yet; use cp: 1 "
+                "(tp, dp and ep are supported)"
+            )
         cluster = self._cluster()
         t0 = time.perf_counter()
         path = str(resolve_model_path(self.config.model.path))
