@@ -77,21 +77,21 @@ class GraphDecodeAttention:
     """FlashInfer decode for one CUDA-graph batch size.
 
     Everything the captured kernels read lives in static buffers: the wrapper's
-    page tables (filled by ``plan``, outside the graph) and the KV write slots.
-    Rows beyond the real batch are padding: they write into, and attend to, a
-    scratch block no request owns.
+    page tables (filled by ``plan``, outside the graph) and the KV write slots
+    (``slot_blocks``, ``slot_offsets``: the owner fills them). Rows beyond the real
+    batch are padding: they write into, and attend to, a scratch block no request owns.
     """
 
     def __init__(self, kv_cache: torch.Tensor, block_size: int, num_heads: int, batch_size: int,
-                 max_pages_per_seq: int, workspace: torch.Tensor, scratch_block: int) -> None:  # fmt: skip
+                 max_pages_per_seq: int, workspace: torch.Tensor, scratch_block: int,
+                 slot_blocks: torch.Tensor, slot_offsets: torch.Tensor) -> None:  # fmt: skip
         import flashinfer
 
         dev = kv_cache.device
         self.kv_cache, self.block_size, self.batch_size = kv_cache, block_size, batch_size
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, kv_cache.shape[-2], kv_cache.shape[-1]
         self.scratch_block = scratch_block
-        self.slot_blocks = torch.full((batch_size,), scratch_block, dtype=torch.int64, device=dev)
-        self.slot_offsets = torch.zeros(batch_size, dtype=torch.int64, device=dev)
+        self.slot_blocks, self.slot_offsets = slot_blocks, slot_offsets
         self.wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             workspace,
             "NHD",
@@ -103,7 +103,7 @@ class GraphDecodeAttention:
         )
 
     def plan(self, layout: StepLayout | None) -> None:
-        """Point the graph at this step's sequences (None: all padding, for capture)."""
+        """Point the graph's page tables at this step's sequences (None: all padding, for capture)."""
         n = layout.num_seqs if layout is not None else 0
         pad = self.batch_size - n
         assert pad >= 0
@@ -117,11 +117,6 @@ class GraphDecodeAttention:
             self.num_heads, self.num_kv_heads, self.head_dim, self.block_size,
             q_data_type=self.kv_cache.dtype, kv_data_type=self.kv_cache.dtype,
         )  # fmt: skip
-        self.slot_blocks.fill_(self.scratch_block)
-        self.slot_offsets.zero_()
-        if layout is not None and n:
-            self.slot_blocks[:n].copy_(layout.slot_blocks, non_blocking=True)
-            self.slot_offsets[:n].copy_(layout.slot_offsets, non_blocking=True)
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         cache = self.kv_cache[layer]

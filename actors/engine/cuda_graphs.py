@@ -27,14 +27,36 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 
 
 class _Graph:
-    def __init__(self, size: int, attention: GraphDecodeAttention, dp: int, device: torch.device) -> None:
-        self.size = size
-        self.attention = attention
-        self.input_ids = torch.zeros(size, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(size, dtype=torch.int64, device=device)
-        self.dp_counts = torch.zeros(dp, dtype=torch.int64, device=device)
+    """One captured size and its static inputs. The inputs are rows of one device
+    buffer, filled from one pinned host buffer by a single copy per step."""
+
+    ROWS = ("input_ids", "positions", "slot_blocks", "slot_offsets")
+
+    def __init__(self, size: int, dp: int, scratch_block: int, device: torch.device) -> None:
+        self.size, self.scratch_block = size, scratch_block
+        self.host = torch.zeros(len(self.ROWS) * size + dp, dtype=torch.int64, pin_memory=True)
+        self.device_buffer = torch.zeros_like(self.host, device=device)
+        rows = self.device_buffer[: len(self.ROWS) * size].view(len(self.ROWS), size)
+        self.input_ids, self.positions, self.slot_blocks, self.slot_offsets = rows
+        self.dp_counts = self.device_buffer[len(self.ROWS) * size :]
+        self.copied = torch.cuda.Event()  # the last copy out of ``host`` has run
         self.graph = torch.cuda.CUDAGraph()
+        self.attention: GraphDecodeAttention | None = None
         self.logits: torch.Tensor | None = None
+
+    def load(self, layout: StepLayout | None, dp_token_counts: Sequence[int]) -> None:
+        """This step's inputs, padded (token 0 at position 0, KV to the scratch block)."""
+        n = 0 if layout is None else layout.num_seqs
+        self.copied.synchronize()  # ranks that never wait for their results may run a step ahead
+        rows = self.host[: len(self.ROWS) * self.size].view(len(self.ROWS), self.size).numpy()
+        rows[:, n:] = 0
+        rows[2, n:] = self.scratch_block
+        if n:
+            for i, name in enumerate(self.ROWS):
+                rows[i, :n] = getattr(layout, name).numpy()
+        self.host[len(self.ROWS) * self.size :] = torch.tensor(dp_token_counts)
+        self.device_buffer.copy_(self.host, non_blocking=True)  # pinned: truly asynchronous
+        self.copied.record()
 
 
 class DecodeGraphs:
@@ -47,13 +69,13 @@ class DecodeGraphs:
         self.graphs: dict[int, _Graph] = {}
         pool = None
         for size in sorted(sizes, reverse=True):  # largest first: smaller ones reuse its pool
-            attn = GraphDecodeAttention(kv_cache, block_size, num_heads, size, max_pages_per_seq, self.workspace,
-                                        scratch_block)  # fmt: skip
-            g = _Graph(size, attn, dp, device)
-            batch = ForwardBatch(g.input_ids, g.positions, attn, dp_pad=size, dp_counts=g.dp_counts,
+            g = _Graph(size, dp, scratch_block, device)
+            g.attention = GraphDecodeAttention(kv_cache, block_size, num_heads, size, max_pages_per_seq,
+                                               self.workspace, scratch_block, g.slot_blocks, g.slot_offsets)  # fmt: skip
+            batch = ForwardBatch(g.input_ids, g.positions, g.attention, dp_pad=size, dp_counts=g.dp_counts,
                                  expert_load=expert_load)  # fmt: skip
-            attn.plan(None)
-            g.dp_counts.fill_(size)
+            g.attention.plan(None)
+            g.load(None, [size] * dp)
             with torch.inference_mode():
                 model.compute_logits(model(batch))  # warm-up: lazy init outside capture
                 torch.cuda.synchronize(device)
@@ -73,12 +95,7 @@ class DecodeGraphs:
         size = self.size_for(max(dp_token_counts))
         assert size is not None
         g = self.graphs[size]
-        n = layout.num_seqs
         g.attention.plan(layout)
-        g.input_ids.zero_()
-        g.positions.zero_()
-        g.input_ids[:n].copy_(layout.input_ids, non_blocking=True)
-        g.positions[:n].copy_(layout.positions, non_blocking=True)
-        g.dp_counts.copy_(torch.tensor(dp_token_counts), non_blocking=True)
+        g.load(layout, dp_token_counts)
         g.graph.replay()
-        return g.logits[:n]
+        return g.logits[: layout.num_seqs]
