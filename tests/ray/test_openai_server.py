@@ -40,14 +40,14 @@ def _free_port() -> int:
 def server(ray_cluster) -> Any:
     from ray import serve
 
-    from raymoe.deploy.serve_app import APP_NAME, app_for
+    from raymoe.deploy.serve_app import APP_NAME, app_for, serve_start
 
     config = load_config().replace(
         {"serve.api_key": KEY, "serve.max_queued_requests": MAX_QUEUED, "engine.max_num_seqs": MAX_NUM_SEQS,
          "engine.num_kv_blocks": 2048, "eplb.enabled": True, "eplb.rebalance_every_steps": 10**6}
     )  # fmt: skip
     port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
+    serve_start("127.0.0.1", port)
     try:
         serve.run(app_for(config), name=APP_NAME, route_prefix="/")
         yield f"http://127.0.0.1:{port}"
