@@ -8,6 +8,7 @@ as an argument.
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -97,8 +98,16 @@ class RankWorker:
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self._runner().allocate_kv_cache(num_blocks)
 
-    def execute_step(self, step: Any) -> Any:
-        return self._runner().execute(step)
+    def execute_step(self, step: Optional[bytes], wait: bool = True) -> bytes:
+        """Launch one engine step (a pickled StepInput; None: no new step) and return the
+        pickled list of outputs of the steps this call completes, oldest first: every
+        launched step when ``wait``, else all but the one just launched, which stays in
+        flight (see AsyncEngine). Pickled bytes: see RayStepExecutor."""
+        runner = self._runner()
+        if step is not None:
+            runner.launch(pickle.loads(step))
+        outputs = runner.collect(keep_last=step is not None and not wait)
+        return pickle.dumps(outputs, protocol=pickle.HIGHEST_PROTOCOL)
 
     def take_expert_load(self) -> Any:
         return self._runner().take_expert_load()

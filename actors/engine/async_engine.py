@@ -1,24 +1,25 @@
 """AsyncEngine: one step loop serving many concurrent request streams.
 
 Lives in the controller actor's event loop. Requests arrive at any time; the
-loop schedules whatever is queued at each step (no batching delay), awaits the
-ranks, and pushes each request's deltas to its stream. A stream that is
-closed early (client gone) aborts its request, which frees its KV blocks.
+loop schedules whatever is queued at each step (no batching delay) and pushes each
+request's deltas to its stream. On GPUs one step stays in flight on the ranks
+while the loop applies the one before and schedules the next (pipelined steps),
+so the device does not idle through the loop's own work and the Ray round trips.
+A stream that is closed early (client gone) aborts its request, which frees its
+KV blocks.
 """
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from typing import Any, AsyncIterator, Callable, Optional, Sequence
 
-from raymoe.actors.engine.core import EngineCore, RequestOutput
+from raymoe.actors.engine.core import EngineCore, PlannedStep, RequestOutput
 from raymoe.actors.engine.request import SamplingParams
-from raymoe.actors.engine.step import StepInput, StepOutput
+from raymoe.actors.engine.step import StepOutput
 
 log = logging.getLogger(__name__)
-
-AsyncExecutor = Callable[[Sequence[StepInput]], "asyncio.Future[Sequence[StepOutput]]"]
-
 
 class QueueFullError(RuntimeError):
     """More requests are waiting than serve.max_queued_requests allows."""
@@ -32,16 +33,20 @@ class AsyncEngine:
     def __init__(
         self,
         core: EngineCore,
-        execute_async: Callable[[Sequence[StepInput]], Any],
+        execute_async: Callable[..., Any],
         max_queued: int,
         background: Any = None,
+        pipelined: bool = True,
     ) -> None:
-        """``background``: work advanced once after every step (EPLB): an object with
-        ``async on_step()`` and ``busy`` (True: advance it even while no request runs)."""
+        """``execute_async(inputs or None, wait)``: RayStepExecutor.run_async's contract.
+        ``background``: work advanced once after every step (EPLB): an object with
+        ``async on_step()`` and ``busy`` (True: advance it even while no request runs).
+        ``pipelined``: keep one step in flight (see ``_run``)."""
         self.core = core
         self.background = background
         self.execute_async = execute_async
         self.max_queued = max_queued
+        self.pipelined = pipelined
         self._streams: dict[str, asyncio.Queue] = {}
         self._wake = asyncio.Event()
         self._loop_task: Optional[asyncio.Task] = None
@@ -92,21 +97,28 @@ class AsyncEngine:
             self._loop_task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
+        in_flight: collections.deque[PlannedStep] = collections.deque()
         try:
             while True:
+                # With a step in flight this already schedules the next one: its decode
+                # chunks take their pending tokens from the ranks' last sampling.
                 planned = self.core.schedule()
                 if planned is None:
+                    if in_flight:  # nothing new to run: wait for the last step
+                        self._publish(in_flight, await self.execute_async(None, True))
+                        continue
                     if self.background is not None and self.background.busy:
                         await self.background.on_step()
                         continue
                     self._wake.clear()
                     await self._wake.wait()
                     continue
-                results = await self.execute_async(planned.inputs)
-                for out in self.core.apply(planned, results):
-                    queue = self._streams.get(out.request_id)
-                    if queue is not None:
-                        queue.put_nowait(out)
+                in_flight.append(planned)
+                # Keep this step in flight while the result of the one before comes back and
+                # the next is scheduled, so the ranks' device never waits for this loop or the
+                # Ray hops; background work (EPLB moves) gets the ranks with nothing in flight.
+                wait = not self.pipelined or (self.background is not None and self.background.busy)
+                self._publish(in_flight, await self.execute_async(planned.inputs, wait))
                 if self.background is not None:
                     await self.background.on_step()
         except Exception as e:  # a rank died or a step failed: fail every stream, stay failed
@@ -114,3 +126,11 @@ class AsyncEngine:
             self.error = e
             for queue in self._streams.values():
                 queue.put_nowait(e)
+
+    def _publish(self, in_flight: "collections.deque[PlannedStep]", completed: Sequence[Sequence[StepOutput]]) -> None:
+        """Apply the steps the executor completed (the oldest in flight) and stream their outputs."""
+        for results in completed:
+            for out in self.core.apply(in_flight.popleft(), results):
+                queue = self._streams.get(out.request_id)
+                if queue is not None:
+                    queue.put_nowait(out)

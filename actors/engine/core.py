@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 from raymoe.actors.engine.detokenizer import IncrementalDetokenizer
-from raymoe.actors.engine.request import Request, SamplingParams
+from raymoe.actors.engine.request import PENDING_TOKEN, Request, SamplingParams
 from raymoe.actors.engine.scheduler import Scheduler, SchedulerOutput
 from raymoe.actors.engine.step import StepInput, StepOutput, pack_step
 from raymoe.actors.engine.tokenizer import Tokenizer
@@ -40,6 +40,7 @@ class RequestOutput:
 class PlannedStep:
     scheduled: list[SchedulerOutput]  # per DP replica
     inputs: list[StepInput]  # what each replica's ranks run
+    pending: list[list]  # per replica: Scheduler.advance's (request, output index) per sampled row
 
 
 class EngineCore:
@@ -62,6 +63,7 @@ class EngineCore:
         self._arrivals = itertools.count()
         self.num_steps = 0
         self.num_preemptions = 0
+        self._last_rows: list[dict[str, int]] = [{} for _ in self.schedulers]  # request id -> sampled row, last step
 
     @property
     def has_unfinished(self) -> bool:
@@ -91,7 +93,8 @@ class EngineCore:
         req = self.schedulers[replica].abort(request_id)
         self._detok.pop(request_id, None)
         assert req is not None
-        return RequestOutput(request_id, [], "", True, "abort", req.num_prompt_tokens, len(req.output_token_ids))
+        done = sum(t != PENDING_TOKEN for t in req.output_token_ids)
+        return RequestOutput(request_id, [], "", True, "abort", req.num_prompt_tokens, done)
 
     def step(self) -> list[RequestOutput]:
         """Run one engine step over every DP replica; returns the requests that progressed."""
@@ -100,32 +103,43 @@ class EngineCore:
         return self.apply(planned, self.execute(planned.inputs)) if planned else []
 
     def schedule(self) -> Optional["PlannedStep"]:
-        """First half of a step: every replica's chunks, or None when there is nothing to run."""
+        """First half of a step: every replica's chunks, or None when there is nothing to run.
+
+        The step counts as handed to the ranks: its sampled tokens are pending until
+        ``apply``, and the next step may be scheduled before that (its decode chunks then
+        read their token from the ranks' last sampling: ``StepInput.prev_rows``).
+        """
         scheduled = [s.schedule() for s in self.schedulers]
         self.num_preemptions += sum(len(o.preempted) for o in scheduled)
         counts = tuple(o.num_tokens for o in scheduled)
         if not any(counts):
             return None
         all_decode = all(len(c.token_ids) == 1 and c.sample for o in scheduled for c in o.chunks)
-        inputs = [pack_step(o.chunks, counts, self.block_size, self.collect_logits, all_decode) for o in scheduled]
-        return PlannedStep(scheduled, inputs)
+        inputs, pending = [], []
+        for replica, (sched, out) in enumerate(zip(self.schedulers, scheduled)):
+            last_rows = self._last_rows[replica]
+            prev_rows = [last_rows[c.request_id] if c.token_ids[-1] == PENDING_TOKEN else -1 for c in out.chunks]
+            inputs.append(pack_step(out.chunks, counts, self.block_size, self.collect_logits, all_decode, prev_rows))
+            pending.append(sched.advance(out))
+            sampled = [c.request_id for c in out.chunks if c.sample]
+            self._last_rows[replica] = {rid: row for row, rid in enumerate(sampled)}
+        return PlannedStep(scheduled, inputs, pending)
 
     def apply(self, planned: "PlannedStep", results: Sequence[StepOutput]) -> list[RequestOutput]:
-        """Second half: apply the ranks' sampled tokens, check stops, detokenise."""
+        """Second half: the ranks' sampled tokens replace the pending ones; stop checks, detokenising."""
         self.num_steps += 1
         outputs = []
-        for sched, out, result in zip(self.schedulers, planned.scheduled, results):
-            sampled_ids = [c.request_id for c in out.chunks if c.sample]  # the order of result.tokens
-            rows = {rid: i for i, rid in enumerate(sampled_ids)}
-            for req in sched.update(out, dict(zip(sampled_ids, result.tokens.tolist()))):
-                output = self._apply_token(sched, req)
+        for sched, pending, result in zip(self.schedulers, planned.pending, results):
+            for req, index, row in sched.fill(pending, result.tokens.tolist()):
+                output = self._apply_token(sched, req, index)
                 if result.logits is not None:
-                    output.logits = result.logits[rows[req.request_id]]
+                    output.logits = result.logits[row]
                 outputs.append(output)
         return outputs
 
-    def _apply_token(self, sched: Scheduler, req: Request) -> RequestOutput:
-        token = req.output_token_ids[-1]
+    def _apply_token(self, sched: Scheduler, req: Request, index: int) -> RequestOutput:
+        """Stop checks for output ``index`` of ``req`` (later outputs may still be pending)."""
+        token, num_outputs = req.output_token_ids[index], index + 1
         detok = self._detok[req.request_id]
         reason = None
         if token in req.eos_token_ids or token in req.sampling.stop_token_ids:
@@ -134,16 +148,14 @@ class EngineCore:
             text = detok.add(token)
             if detok.stopped:
                 reason = "stop"
-            elif len(req.output_token_ids) >= req.sampling.max_tokens or req.num_tokens >= sched.max_model_len:
+            elif num_outputs >= req.sampling.max_tokens or req.num_prompt_tokens + num_outputs >= sched.max_model_len:
                 reason = "length"
         if reason is not None:
             if not detok.stopped:
                 text += detok.flush()
             sched.finish(req.request_id, reason)
             del self._replica[req.request_id], self._detok[req.request_id]
-        return RequestOutput(
-            req.request_id, [token], text, reason is not None, reason, req.num_prompt_tokens, len(req.output_token_ids)
-        )
+        return RequestOutput(req.request_id, [token], text, reason is not None, reason, req.num_prompt_tokens, num_outputs)
 
     def _load(self, replica: int) -> int:
         s = self.schedulers[replica]

@@ -2,8 +2,10 @@
 
 A decode step of B sequences replays the graph of the smallest captured size
 >= B, with rows past B as padding (token 0, KV written to a scratch block,
-outputs ignored). Every rank of the world captures the same sizes in the same
-order, so the collectives recorded in the graphs line up across ranks.
+outputs ignored). A pending input token (see StepInput.prev_rows) is read from
+the previous step's sampled tokens inside the graph. Every rank of the world
+captures the same sizes in the same order, so the collectives recorded in the
+graphs line up across ranks.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from typing import Sequence
 import torch
 
 from raymoe.actors.engine.attention_flashinfer import GraphDecodeAttention
-from raymoe.actors.engine.step import StepLayout
+from raymoe.actors.engine.step import StepLayout, resolve_pending_tokens
 from raymoe.actors.models.batch import ForwardBatch
 
 log = logging.getLogger(__name__)
@@ -30,14 +32,14 @@ class _Graph:
     """One captured size and its static inputs. The inputs are rows of one device
     buffer, filled from one pinned host buffer by a single copy per step."""
 
-    ROWS = ("input_ids", "positions", "slot_blocks", "slot_offsets")
+    ROWS = ("input_ids", "positions", "slot_blocks", "slot_offsets", "prev_rows")
 
     def __init__(self, size: int, dp: int, scratch_block: int, device: torch.device) -> None:
         self.size, self.scratch_block = size, scratch_block
         self.host = torch.zeros(len(self.ROWS) * size + dp, dtype=torch.int64, pin_memory=True)
         self.device_buffer = torch.zeros_like(self.host, device=device)
         rows = self.device_buffer[: len(self.ROWS) * size].view(len(self.ROWS), size)
-        self.input_ids, self.positions, self.slot_blocks, self.slot_offsets = rows
+        self.input_ids, self.positions, self.slot_blocks, self.slot_offsets, self.prev_rows = rows
         self.dp_counts = self.device_buffer[len(self.ROWS) * size :]
         self.copied = torch.cuda.Event()  # the last copy out of ``host`` has run
         self.graph = torch.cuda.CUDAGraph()
@@ -51,6 +53,7 @@ class _Graph:
         rows = self.host[: len(self.ROWS) * self.size].view(len(self.ROWS), self.size).numpy()
         rows[:, n:] = 0
         rows[2, n:] = self.scratch_block
+        rows[4, n:] = -1
         if n:
             for i, name in enumerate(self.ROWS):
                 rows[i, :n] = getattr(layout, name).numpy()
@@ -62,7 +65,9 @@ class _Graph:
 class DecodeGraphs:
     def __init__(self, model, kv_cache: torch.Tensor, block_size: int, num_heads: int, sizes: Sequence[int],
                  max_pages_per_seq: int, scratch_block: int, dp: int, workspace: torch.Tensor,
-                 expert_load=None) -> None:  # fmt: skip
+                 last_sampled: torch.Tensor, expert_load=None) -> None:  # fmt: skip
+        """``last_sampled``: the runner's buffer of the previous step's sampled tokens, where
+        pending input tokens come from (inside the graph)."""
         t0 = time.perf_counter()
         device = kv_cache.device
         self.workspace = workspace  # shared with the eager FlashInfer wrappers: one step runs at a time
@@ -72,15 +77,20 @@ class DecodeGraphs:
             g = _Graph(size, dp, scratch_block, device)
             g.attention = GraphDecodeAttention(kv_cache, block_size, num_heads, size, max_pages_per_seq,
                                                self.workspace, scratch_block, g.slot_blocks, g.slot_offsets)  # fmt: skip
-            batch = ForwardBatch(g.input_ids, g.positions, g.attention, dp_pad=size, dp_counts=g.dp_counts,
-                                 expert_load=expert_load)  # fmt: skip
             g.attention.plan(None)
             g.load(None, [size] * dp)
+
+            def forward(g=g):
+                ids = resolve_pending_tokens(g.input_ids, g.prev_rows, last_sampled)
+                batch = ForwardBatch(ids, g.positions, g.attention, dp_pad=size, dp_counts=g.dp_counts,
+                                     expert_load=expert_load)  # fmt: skip
+                return model.compute_logits(model(batch))
+
             with torch.inference_mode():
-                model.compute_logits(model(batch))  # warm-up: lazy init outside capture
+                forward()  # warm-up: lazy init outside capture
                 torch.cuda.synchronize(device)
                 with torch.cuda.graph(g.graph, pool=pool):
-                    g.logits = model.compute_logits(model(batch))
+                    g.logits = forward()
             pool = g.graph.pool()
             self.graphs[size] = g
         self.sizes = sorted(self.graphs)

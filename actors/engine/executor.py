@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Sequence
+import pickle
+from typing import Any, Optional, Sequence
 
 import ray
 
@@ -13,6 +14,9 @@ from raymoe.cluster.layout import RankLayout
 class RayStepExecutor:
     """Fans each step out to every rank actor and collects each DP replica's result
     from its first rank. Each replica's input is put in the object store once.
+
+    Steps travel as pickled bytes both ways: Ray passes bytes through as they are, which
+    costs ~0.15 ms less per hop than its own serialization of a dataclass of numpy arrays.
 
     (A Ray Compiled Graph moves a step in tens of microseconds instead of an actor
     call's ~1 ms each way, and was tried: its channel readers busy-poll, which on a
@@ -27,12 +31,17 @@ class RayStepExecutor:
         self.replica_of = [layout.coord(r).dp for r in range(layout.world_size)]
         self.leaders = [layout.rank_of(d, 0, 0) for d in range(layout.dp)]
 
-    async def run_async(self, inputs: Sequence[StepInput]) -> list[StepOutput]:
-        assert len(inputs) == self.layout.dp
-        refs = [ray.put(x) for x in inputs] if len(self.actors) > 1 else list(inputs)
-        calls = [a.execute_step.remote(refs[self.replica_of[r]]) for r, a in enumerate(self.actors)]
+    async def run_async(self, inputs: Optional[Sequence[StepInput]], wait: bool = True) -> list[list[StepOutput]]:
+        """Launch ``inputs`` (one per DP replica; None: no new step) on every rank. Returns,
+        for each step this call completes (oldest first), each replica's output; with
+        ``wait`` False the step just launched stays in flight."""
+        assert inputs is None or len(inputs) == self.layout.dp
+        payloads = [None] * self.layout.dp if inputs is None else [pickle.dumps(x, protocol=pickle.HIGHEST_PROTOCOL) for x in inputs]
+        refs = [ray.put(p) for p in payloads] if len(self.actors) > 1 and inputs is not None else payloads
+        calls = [a.execute_step.remote(refs[self.replica_of[r]], wait) for r, a in enumerate(self.actors)]
         results = await asyncio.gather(*calls)  # every rank, so a failure anywhere surfaces here
-        return [results[r] for r in self.leaders]
+        per_replica = [pickle.loads(results[r]) for r in self.leaders]
+        return [list(outputs) for outputs in zip(*per_replica)]
 
 
 class LocalExecutor:
@@ -44,3 +53,10 @@ class LocalExecutor:
     def __call__(self, inputs: Sequence[StepInput]) -> list[StepOutput]:
         assert len(inputs) == 1, "a local executor serves exactly one DP replica"
         return [self.runner.execute(inputs[0])]
+
+    async def run_async(self, inputs: Optional[Sequence[StepInput]], wait: bool = True) -> list[list[StepOutput]]:
+        """RayStepExecutor.run_async's contract, in process."""
+        if inputs is not None:
+            assert len(inputs) == 1, "a local executor serves exactly one DP replica"
+            self.runner.launch(inputs[0])
+        return [[out] for out in self.runner.collect(keep_last=inputs is not None and not wait)]

@@ -85,6 +85,10 @@ class RequestStatus(enum.Enum):
     FINISHED = "finished"
 
 
+# An output token sampled by the ranks in a step still in flight (see Scheduler.advance)
+PENDING_TOKEN = -1
+
+
 @dataclass(eq=False)
 class Request:
     """Mutable engine-side state of one request.

@@ -7,6 +7,7 @@ of the DP replica's attention group, the one that reports to the controller).
 """
 from __future__ import annotations
 
+import collections
 import logging
 import time
 from typing import Any, Optional
@@ -16,7 +17,7 @@ import torch
 from raymoe.actors.engine.attention_torch import TorchAttention
 from raymoe.actors.engine.expert_load import ExpertLoadRecorder
 from raymoe.actors.engine.sampler import sample
-from raymoe.actors.engine.step import StepInput, StepLayout, StepOutput, build_step_layout
+from raymoe.actors.engine.step import StepInput, StepLayout, StepOutput, build_step_layout, resolve_pending_tokens
 from raymoe.actors.models.batch import ForwardBatch
 from raymoe.actors.models.checkpoint import CheckpointReader
 from raymoe.actors.models.decoder import CausalLM
@@ -83,6 +84,9 @@ class ModelRunner:
         self.heads, self.kv_heads, self.head_dim = qkv.heads, qkv.kv_heads, qkv.head_dim
         self.attention: Any = None
         self.graphs: Any = None
+        # the last step's sampled tokens, where a step's pending input tokens come from
+        self.last_sampled = torch.zeros(config.engine.max_num_seqs, dtype=torch.int64, device=self.device)
+        self._in_flight: collections.deque = collections.deque()  # launched, not yet collected
         # expert load is recorded whenever EPLB is on (inside the CUDA graphs too)
         self.expert_load = (
             ExpertLoadRecorder(len(spec.moe_layers), self.expert_map.num_physical, self.device)
@@ -140,29 +144,65 @@ class ModelRunner:
             scratch_block=scratch_block,
             dp=self.ctx.groups.dp.world_size,
             workspace=self.attention.workspace,
+            last_sampled=self.last_sampled,
             expert_load=self.expert_load,
         )
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> Optional[StepOutput]:
+        """Run one step to completion (nothing else in flight); None on ranks that do not report."""
+        assert not self._in_flight, "steps in flight: collect() them first"
+        self.launch(step)
+        return self.collect(keep_last=False)[0]
+
+    @torch.inference_mode()
+    def launch(self, step: StepInput) -> None:
+        """Queue one step on the device and return without waiting for it.
+
+        Every rank samples (the ranks of a DP replica get identical logits and draw
+        identically), so each keeps the tokens a next step's pending inputs come from;
+        the replica's first rank also keeps them for ``collect``.
+        """
         assert self.attention is not None, "allocate_kv_cache() first"
         layout = build_step_layout(step, self.block_size)
         if self.graphs is not None and step.all_decode and self.graphs.size_for(max(step.dp_token_counts)):
             logits = self.graphs.run(layout, step.dp_token_counts)
         else:
             logits = self.forward_eager(layout, step.dp_token_counts)
-        if not self.is_driver:
-            return None
         s = step.sample
         tokens = sample(logits, step.temperature[s], step.top_k[s], step.top_p[s], step.seed[s], step.output_index[s])
-        return StepOutput(tokens=tokens, logits=logits.cpu() if step.return_logits else None)
+        self.last_sampled[: tokens.shape[0]].copy_(tokens)
+        if not self.is_driver:
+            self._in_flight.append(None)
+        else:  # a graph's logits buffer is reused by the next replay: keep a copy
+            self._in_flight.append((tokens, logits.clone() if step.return_logits else None))
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._in_flight)
+
+    def collect(self, keep_last: bool) -> list[Optional[StepOutput]]:
+        """Wait for the launched steps, oldest first (all but the newest if ``keep_last``);
+        their outputs, or None on ranks that do not report."""
+        outputs: list[Optional[StepOutput]] = []
+        while len(self._in_flight) > (1 if keep_last else 0):
+            entry = self._in_flight.popleft()
+            if entry is None:
+                outputs.append(None)
+                continue
+            tokens, logits = entry
+            outputs.append(StepOutput(tokens=tokens.cpu().numpy(), logits=None if logits is None else logits.cpu()))
+        return outputs
 
     def forward_eager(self, layout: StepLayout, dp_token_counts: tuple[int, ...]) -> torch.Tensor:
         """Forward without graphs; returns logits [sampled rows, vocab]."""
         dev = self.device
         self.attention.plan(layout)
+        input_ids = layout.input_ids.to(dev)
+        if bool((layout.prev_rows >= 0).any()):
+            input_ids = resolve_pending_tokens(input_ids, layout.prev_rows.to(dev), self.last_sampled)
         batch = ForwardBatch(
-            input_ids=layout.input_ids.to(dev),
+            input_ids=input_ids,
             positions=layout.positions.to(dev),
             attention=self.attention,
             dp_pad=max(dp_token_counts, default=0),

@@ -17,8 +17,9 @@ def sample(
     top_p: np.ndarray,
     seeds: np.ndarray,
     output_index: np.ndarray,
-) -> np.ndarray:
-    """logits [n, vocab] float32 -> one token id per row (int64 [n]).
+) -> torch.Tensor:
+    """logits [n, vocab] float32 -> one token id per row (int64 [n], on the logits' device:
+    nothing here waits for the device).
 
     Per row: temperature (0 = greedy), top_k (-1 = off), top_p, the request's seed and
     how many tokens it has output so far (the random draw depends on these alone).
@@ -28,7 +29,7 @@ def sample(
     for i in np.flatnonzero(temperature > 0).tolist():
         out[i] = _sample_row(logits[i], float(temperature[i]), int(top_k[i]), float(top_p[i]), int(seeds[i]),
                              int(output_index[i]))  # fmt: skip
-    return out.cpu().numpy()
+    return out
 
 
 def _sample_row(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, seed: int, step: int) -> torch.Tensor:

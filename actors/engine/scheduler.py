@@ -1,8 +1,11 @@
 """Continuous batching with chunked prefill and recompute preemption, for one DP replica.
 
 Pure policy: each `schedule()` picks which tokens of which requests get their KV computed
-this step and reserves the cache blocks for them; `update()` applies the step's result.
-The engine loop is: schedule -> run the model -> update -> stop checks -> finish().
+this step and reserves the cache blocks for them; `advance()` records that the step was
+handed to the ranks and `fill()` brings its sampled tokens (`update()` does both). The
+engine loop is: schedule -> advance -> run the model -> fill -> stop checks -> finish().
+Between advance and fill the next step may already be scheduled (pipelined steps): its
+decode chunks carry PENDING_TOKEN, which the ranks resolve from their last sampling.
 
 Order of one step:
 1. Running requests, oldest arrival first, each get their uncomputed tokens (1 for a
@@ -23,7 +26,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from raymoe.actors.engine.block_manager import BlockManager
-from raymoe.actors.engine.request import FINISH_REASONS, Request, RequestStatus, SamplingParams
+from raymoe.actors.engine.request import FINISH_REASONS, PENDING_TOKEN, Request, RequestStatus, SamplingParams
 
 
 @dataclass(frozen=True)
@@ -138,26 +141,54 @@ class Scheduler:
         assert len(chunks) <= self.max_num_seqs
         return SchedulerOutput(chunks=tuple(chunks), preempted=tuple(preempted))
 
+    def advance(self, output: SchedulerOutput) -> list[Optional[tuple[Request, int]]]:
+        """The step was handed to the ranks: advance each chunk's computed tokens, and give
+        each chunk that samples a PENDING_TOKEN output until ``fill`` brings the real one.
+
+        With a step in flight the next one can be scheduled already: its decode chunks
+        carry the pending tokens, which the ranks take from their own last sampling.
+        Returns, per sampling chunk in chunk order, (request, index of its pending output),
+        or None for a request that ended since ``schedule``.
+        """
+        pending: list[Optional[tuple[Request, int]]] = []
+        for chunk in output.chunks:
+            req = self._requests[chunk.request_id] if self._is_running(chunk.request_id) else None
+            if req is not None:
+                assert chunk.start_pos == req.num_computed_tokens, f"{req.request_id}: stale or repeated update"
+                req.num_computed_tokens += len(chunk.token_ids)
+            if chunk.sample:
+                if req is not None:
+                    req.output_token_ids.append(PENDING_TOKEN)
+                pending.append(None if req is None else (req, len(req.output_token_ids) - 1))
+        return pending
+
+    def fill(self, pending: list[Optional[tuple[Request, int]]], tokens: list[int]) -> list[tuple[Request, int, int]]:
+        """Put the sampled tokens (one per entry of ``advance``'s result) in place of the
+        pending outputs; returns (request, output index, sampled row) of the requests still
+        live, in order. Stop checks are the caller's."""
+        assert len(pending) == len(tokens)
+        got = []
+        for row, (entry, token) in enumerate(zip(pending, tokens)):
+            if entry is not None and self._requests.get(entry[0].request_id) is entry[0]:
+                req, index = entry
+                assert req.output_token_ids[index] == PENDING_TOKEN
+                req.output_token_ids[index] = int(token)
+                got.append((req, index, row))
+        return got
+
     def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
-        """Apply a finished step: advance computed tokens, append sampled tokens.
+        """``advance`` then ``fill`` at once (a step run to completion).
 
         `sampled` maps request id -> token id for every chunk with sample=True (extra ids
         are ignored). Requests aborted or finished since `schedule` are skipped. Returns
         the requests that got a new token, in chunk order; stop checks are the caller's.
         """
-        # Skip requests that ended since schedule (or whose id a new, still waiting request reuses).
-        live = [(c, self._requests[c.request_id]) for c in output.chunks if self._is_running(c.request_id)]
-        for chunk, _ in live:  # check before changing anything
-            if chunk.sample and chunk.request_id not in sampled:
+        sampling = [c for c in output.chunks if c.sample]
+        for chunk in sampling:  # check before changing anything
+            if self._is_running(chunk.request_id) and chunk.request_id not in sampled:
                 raise ValueError(f"sampled: no token for {chunk.request_id!r}, whose chunk has sample=True")
-        got: list[Request] = []
-        for chunk, req in live:
-            assert chunk.start_pos == req.num_computed_tokens, f"{req.request_id}: stale or repeated update"
-            req.num_computed_tokens += len(chunk.token_ids)
-            if chunk.sample:
-                req.output_token_ids.append(int(sampled[chunk.request_id]))
-                got.append(req)
-        return got
+        pending = self.advance(output)
+        return [req for req, _, _ in self.fill(pending, [sampled.get(c.request_id, 0) for c in sampling])]
 
     # -- internals --------------------------------------------------------------------
 
@@ -167,6 +198,9 @@ class Scheduler:
         i = 0
         while i < len(self._running) and budget > 0 and len(chunks) < self.max_num_seqs:
             req = self._running[i]
+            if self._ends_by_length(req):  # its pending last token ends it: nothing to compute
+                i += 1
+                continue
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             assert n > 0, f"running request {req.request_id} has nothing to compute"
             if not self._reserve(req, req.num_computed_tokens + n, preempted):
@@ -191,9 +225,9 @@ class Scheduler:
     def _admit_waiting(self, chunks: list[ScheduledChunk], budget: int) -> None:
         bm = self.block_manager
         while self._waiting and budget > 0 and len(chunks) < self.max_num_seqs:
-            # Budget and seq slots left means every running request got a chunk this step,
-            # so the seq limit on chunks also caps the running set.
-            assert len(self._running) == len(chunks)
+            # Budget and seq slots left means every running request got a chunk this step
+            # (but those ending by length), so the seq limit on chunks also caps the running set.
+            assert len(self._running) == len(chunks) + sum(map(self._ends_by_length, self._running))
             req = self._waiting[0]
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             if not bm.can_allocate(req, req.num_computed_tokens + n):
@@ -219,6 +253,10 @@ class Scheduler:
             seed=req.seed,
             num_output_tokens=len(req.output_token_ids),
         )
+
+    def _ends_by_length(self, req: Request) -> bool:
+        """Its last output (still pending: otherwise the engine would have ended it) is its last."""
+        return len(req.output_token_ids) >= req.sampling.max_tokens or req.num_tokens >= self.max_model_len
 
     def _is_running(self, request_id: str) -> bool:
         req = self._requests.get(request_id)

@@ -20,7 +20,7 @@ from raymoe.actors.engine.scheduler import ScheduledChunk
 
 @dataclass(frozen=True)
 class StepInput:
-    token_ids: np.ndarray  # [T] int64: every chunk's tokens, concatenated
+    token_ids: np.ndarray  # [T] int64: every chunk's tokens, concatenated (PENDING_TOKEN: see prev_rows)
     query_lens: np.ndarray  # [B] int64: tokens of each chunk
     start_pos: np.ndarray  # [B] int64: position of each chunk's first token
     block_tables: np.ndarray  # [B, W] int32: each chunk's first W blocks (enough for this step)
@@ -36,6 +36,10 @@ class StepInput:
     # graph. Decided globally, so all replicas take the same path (their MoE collectives
     # must agree on shapes).
     all_decode: bool = False
+    # [B] int64: for a chunk whose token is still pending (sampled by the step before,
+    # which is still in flight), that token's row in the previous step's sampled
+    # tokens, which the ranks keep; -1 for a chunk whose tokens are all given
+    prev_rows: Optional[np.ndarray] = None
 
     @property
     def num_chunks(self) -> int:
@@ -58,6 +62,7 @@ def pack_step(
     block_size: int,
     return_logits: bool = False,
     all_decode: bool = False,
+    prev_rows: Optional[Sequence[int]] = None,
 ) -> StepInput:
     """Scheduler chunks -> columns. Pure."""
     n = len(chunks)
@@ -84,6 +89,7 @@ def pack_step(
         dp_token_counts=tuple(dp_token_counts),
         return_logits=return_logits,
         all_decode=all_decode,
+        prev_rows=np.array(prev_rows if prev_rows is not None else [-1] * n, dtype=np.int64),
     )
 
 
@@ -91,7 +97,8 @@ def pack_step(
 class StepLayout:
     """The step at token level. Tensors are on the CPU; the runner moves what it needs."""
 
-    input_ids: torch.Tensor  # [T] int64
+    input_ids: torch.Tensor  # [T] int64 (PENDING_TOKEN where prev_rows says where the token is)
+    prev_rows: torch.Tensor  # [T] int64: row of the previous step's sampled tokens, or -1
     positions: torch.Tensor  # [T] int64
     slot_blocks: torch.Tensor  # [T] block holding each token's k/v
     slot_offsets: torch.Tensor  # [T] offset inside that block
@@ -120,8 +127,13 @@ def build_step_layout(step: StepInput, block_size: int) -> StepLayout:
     positions = step.start_pos[row] + (np.arange(step.num_tokens) - cu[row])
     context = step.start_pos + lens
     as_tensor = torch.from_numpy
+    prev = np.full(step.num_tokens, -1, dtype=np.int64)
+    if step.prev_rows is not None:
+        pending = step.prev_rows >= 0  # such a chunk is its one pending token
+        prev[cu[1:][pending] - 1] = step.prev_rows[pending]
     return StepLayout(
         input_ids=torch.tensor(step.token_ids),  # a copy: arrays unpickled from Ray are read-only
+        prev_rows=as_tensor(prev),
         positions=as_tensor(positions),
         slot_blocks=as_tensor(step.block_tables[row, positions // block_size].astype(np.int64)),
         slot_offsets=as_tensor(positions % block_size),
@@ -131,3 +143,9 @@ def build_step_layout(step: StepInput, block_size: int) -> StepLayout:
         pages=(context + block_size - 1) // block_size,
         block_tables=step.block_tables,
     )
+
+
+def resolve_pending_tokens(input_ids: torch.Tensor, prev_rows: torch.Tensor, last_sampled: torch.Tensor) -> torch.Tensor:
+    """Input ids with each pending token taken from the previous step's sampled tokens
+    (``last_sampled``, on the device): where prev_rows >= 0, last_sampled[prev_rows]."""
+    return torch.where(prev_rows >= 0, last_sampled[prev_rows.clamp(min=0)], input_ids)
