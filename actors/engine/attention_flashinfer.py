@@ -112,8 +112,11 @@ class GraphDecodeAttention:
         context = np.concatenate([layout.context_lens, ones]) if n else ones
         blocks = np.full(pad, self.scratch_block, dtype=np.int32)
         indices = np.concatenate([layout.kv_indices(), blocks]) if n else blocks
+        # Pinned host tables, and the page list already on the device: FlashInfer copies a
+        # host page list with a blocking copy, which would wait for the step in flight.
+        indptr, kv_indices, last_len = (t.pin_memory() for t in page_tables(pages, indices, context, self.block_size))
         self.wrapper.plan(
-            *page_tables(pages, indices, context, self.block_size),
+            indptr, kv_indices.to(self.kv_cache.device, non_blocking=True), last_len,
             self.num_heads, self.num_kv_heads, self.head_dim, self.block_size,
             q_data_type=self.kv_cache.dtype, kv_data_type=self.kv_cache.dtype,
         )  # fmt: skip

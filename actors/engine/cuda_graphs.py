@@ -41,7 +41,6 @@ class _Graph:
         rows = self.device_buffer[: len(self.ROWS) * size].view(len(self.ROWS), size)
         self.input_ids, self.positions, self.slot_blocks, self.slot_offsets, self.prev_rows = rows
         self.dp_counts = self.device_buffer[len(self.ROWS) * size :]
-        self.copied = torch.cuda.Event()  # the last copy out of ``host`` has run
         self.graph = torch.cuda.CUDAGraph()
         self.attention: GraphDecodeAttention | None = None
         self.logits: torch.Tensor | None = None
@@ -49,7 +48,6 @@ class _Graph:
     def load(self, layout: StepLayout | None, dp_token_counts: Sequence[int]) -> None:
         """This step's inputs, padded (token 0 at position 0, KV to the scratch block)."""
         n = 0 if layout is None else layout.num_seqs
-        self.copied.synchronize()  # ranks that never wait for their results may run a step ahead
         rows = self.host[: len(self.ROWS) * self.size].view(len(self.ROWS), self.size).numpy()
         rows[:, n:] = 0
         rows[2, n:] = self.scratch_block
@@ -59,7 +57,6 @@ class _Graph:
                 rows[i, :n] = getattr(layout, name).numpy()
         self.host[len(self.ROWS) * self.size :] = torch.tensor(dp_token_counts)
         self.device_buffer.copy_(self.host, non_blocking=True)  # pinned: truly asynchronous
-        self.copied.record()
 
 
 class DecodeGraphs:
@@ -72,6 +69,7 @@ class DecodeGraphs:
         device = kv_cache.device
         self.workspace = workspace  # shared with the eager FlashInfer wrappers: one step runs at a time
         self.graphs: dict[int, _Graph] = {}
+        self.inputs_copied = torch.cuda.Event()
         pool = None
         for size in sorted(sizes, reverse=True):  # largest first: smaller ones reuse its pool
             g = _Graph(size, dp, scratch_block, device)
@@ -105,7 +103,11 @@ class DecodeGraphs:
         size = self.size_for(max(dp_token_counts))
         assert size is not None
         g = self.graphs[size]
+        # the pinned buffers plan and load write to feed copies queued at the step before:
+        # make sure those ran (they precede its replay, so this rarely waits)
+        self.inputs_copied.synchronize()
         g.attention.plan(layout)
         g.load(layout, dp_token_counts)
+        self.inputs_copied.record()
         g.graph.replay()
         return g.logits[: layout.num_seqs]

@@ -174,8 +174,8 @@ class ModelRunner:
         self.last_sampled[: tokens.shape[0]].copy_(tokens)
         if not self.is_driver:
             self._in_flight.append(None)
-        else:  # a graph's logits buffer is reused by the next replay: keep a copy
-            self._in_flight.append((tokens, logits.clone() if step.return_logits else None))
+        else:
+            self._in_flight.append(_copy_to_host([tokens] + ([logits] if step.return_logits else [])))
 
     @property
     def num_in_flight(self) -> int:
@@ -190,8 +190,10 @@ class ModelRunner:
             if entry is None:
                 outputs.append(None)
                 continue
-            tokens, logits = entry
-            outputs.append(StepOutput(tokens=tokens.cpu().numpy(), logits=None if logits is None else logits.cpu()))
+            copies, done = entry
+            if done is not None:
+                done.synchronize()
+            outputs.append(StepOutput(tokens=copies[0].numpy(), logits=copies[1] if len(copies) > 1 else None))
         return outputs
 
     def forward_eager(self, layout: StepLayout, dp_token_counts: tuple[int, ...]) -> torch.Tensor:
@@ -240,6 +242,18 @@ class ModelRunner:
             received += move_expert_weights(ep, [moe.w13, moe.w2], moves, moe.slots)
             self.expert_map.update_layer(moe_layer, row.to(self.device))
         return received
+
+
+def _copy_to_host(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], Optional[Any]]:
+    """Host copies of ``tensors``, queued right behind the work that produces them, and an
+    event marking when they have landed. (A plain ``.cpu()`` at collect time would queue
+    behind the next step too, which is launched by then, and wait for it as well.)"""
+    if not tensors[0].is_cuda:
+        return tensors, None
+    host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in tensors]
+    done = torch.cuda.Event()
+    done.record()
+    return host, done
 
 
 def init_random_weights(model: torch.nn.Module, seed: int, std: float = 0.02) -> None:
