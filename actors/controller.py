@@ -100,9 +100,9 @@ class Controller:
         self.executor = RayStepExecutor(self.layout, cluster.actors)
         core = EngineCore(schedulers, self.tokenizer, None, self.config.model.seed, collect_logits)
         self.eplb = self._eplb_manager(spec)
-        # pipelined steps pay off where the device runs asynchronously to the host: on CPU a
-        # launch is the whole forward, so keeping a step in flight would only delay tokens
-        pipelined = self.config.parallel.device == "cuda"
+        pipelined = self.config.engine.pipelined_steps
+        if pipelined is None:
+            pipelined = self.config.parallel.device == "cuda"
         self.engine = AsyncEngine(core, self.executor.run_async, self.config.serve.max_queued_requests, self.eplb,
                                   pipelined)  # fmt: skip
         self.model_info = {

@@ -62,6 +62,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     attention_backend: Literal["auto", "torch", "flashinfer"] = "auto"
     cuda_graphs: bool = True
+    # keep one step in flight on the ranks; unset: on GPUs (where the device runs
+    # asynchronously to the host), off on CPU (a launch is the whole forward there)
+    pipelined_steps: Optional[bool] = None
 
     def validate(self) -> None:
         _require(self.block_size >= 1, "engine.block_size", "must be >= 1 (16 is typical)")

@@ -33,29 +33,41 @@ def references(tmp_path_factory):
     return out
 
 
-def _config(path, tp: int, ep: int) -> Config:
+def _config(path, tp: int, ep: int, pipelined: bool = False) -> Config:
     return config_from_dict(
         {
             "model": {"path": str(path), "dtype": "float32"},
             "parallel": {"tp": tp, "dp": max(1, ep // tp), "ep": ep, "device": "cpu"},
             # a small token budget forces chunked prefill of the long prompts
-            "engine": {"block_size": 8, "num_kv_blocks": 128, "max_num_batched_tokens": 48},
+            "engine": {"block_size": 8, "num_kv_blocks": 128, "max_num_batched_tokens": 48,
+                       "pipelined_steps": pipelined},
         }
-    )
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("tp,ep", LAYOUTS, ids=[f"tp{t}-ep{e}" for t, e in LAYOUTS])
 def test_equal_to_transformers(ray_session, references, tp, ep):
-    sampling = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
     for kind in KINDS:
-        path, expected = references[kind]
-        with LLM(_config(path, tp, ep), collect_logits=True) as llm:
-            outputs = llm.generate(_prompts(), sampling)
-        for i, (out, (ref_tokens, ref_logits)) in enumerate(zip(outputs, expected)):
-            assert out.token_ids == ref_tokens, f"{kind} tp={tp} ep={ep} prompt {i}: tokens differ"
-            ours = torch.stack(out.logits)
-            err = ((ours - ref_logits).norm() / ref_logits.norm()).item()
-            assert err < 1e-3, f"{kind} tp={tp} ep={ep} prompt {i}: logits rel. error {err:.2e}"
+        _check(references, kind, tp, ep, pipelined=False)
+
+
+def test_pipelined_steps_equal_to_transformers(ray_session, references):
+    """Steps kept in flight (the GPU default, forced on here): two replicas of two
+    attention ranks each, so pending tokens come from each replica's own last sampling
+    and the ranks that do not report keep theirs too; long prompts are chunked."""
+    _check(references, "qwen3_moe", tp=2, ep=4, pipelined=True)
+
+
+def _check(references, kind: str, tp: int, ep: int, pipelined: bool) -> None:
+    sampling = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
+    path, expected = references[kind]
+    with LLM(_config(path, tp, ep, pipelined), collect_logits=True) as llm:
+        outputs = llm.generate(_prompts(), sampling)
+    for i, (out, (ref_tokens, ref_logits)) in enumerate(zip(outputs, expected)):
+        assert out.token_ids == ref_tokens, f"{kind} tp={tp} ep={ep} prompt {i}: tokens differ"
+        ours = torch.stack(out.logits)
+        err = ((ours - ref_logits).norm() / ref_logits.norm()).item()
+        assert err < 1e-3, f"{kind} tp={tp} ep={ep} prompt {i}: logits rel. error {err:.2e}"
 
 
 def test_context_parallel_engine_is_refused_clearly(ray_session):
