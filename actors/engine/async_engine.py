@@ -76,9 +76,11 @@ class AsyncEngine:
                 finished = out.finished
                 yield out
         finally:
-            self._streams.pop(request_id, None)
-            if not finished:  # the consumer went away: free the request's blocks
-                self.core.abort(request_id)
+            # once this request ended, a new one may reuse its id: leave that one alone
+            if self._streams.get(request_id) is queue:
+                del self._streams[request_id]
+                if not finished:  # the consumer went away: free the request's blocks
+                    self.core.abort(request_id)
 
     def abort(self, request_id: str) -> bool:
         out = self.core.abort(request_id)
@@ -115,8 +117,10 @@ class AsyncEngine:
                     continue
                 in_flight.append(planned)
                 # Keep this step in flight while the result of the one before comes back and
-                # the next is scheduled, so the ranks' device never waits for this loop or the
-                # Ray hops; background work (EPLB moves) gets the ranks with nothing in flight.
+                # the next is scheduled, so the ranks' device need not wait for this loop or
+                # the Ray hops. While a rebalance is under way steps run one at a time; the
+                # call that starts one may find a step in flight, and its calls to the ranks
+                # queue behind it (one device stream: the moves land after the step's reads).
                 wait = not self.pipelined or (self.background is not None and self.background.busy)
                 self._publish(in_flight, await self.execute_async(planned.inputs, wait))
                 if self.background is not None:

@@ -18,8 +18,8 @@ WORKSPACE_BYTES = 256 * 2**20
 
 
 def page_tables(pages: np.ndarray, indices: np.ndarray, context_lens: np.ndarray, block_size: int):
-    """FlashInfer's paged-KV description (host int32 tensors; plan() copies them to the GPU
-    without a sync): indptr [B+1], indices [sum(pages)], last_page_len [B]."""
+    """FlashInfer's paged-KV description as host int32 tensors: indptr [B+1],
+    indices [sum(pages)], last_page_len [B]."""
     indptr = np.zeros(pages.shape[0] + 1, dtype=np.int32)
     np.cumsum(pages, out=indptr[1:])
     last = context_lens - (pages - 1) * block_size
@@ -44,8 +44,17 @@ class FlashInferAttention:
         )
         self.wrapper = None
         self._write = None
+        self._planned = torch.cuda.Event()
 
     def plan(self, layout: StepLayout) -> None:
+        # plan() stages its schedule in page-locked memory the GPU copies from later: wait
+        # until the previous plan's copy ran before this one writes there (with a step in
+        # flight it could still be queued)
+        self._planned.synchronize()
+        self._plan(layout)
+        self._planned.record()
+
+    def _plan(self, layout: StepLayout) -> None:
         dev = self.kv_cache.device
         self._write = (layout.slot_blocks.to(dev, non_blocking=True), layout.slot_offsets.to(dev, non_blocking=True))
         if layout.num_seqs == 0:

@@ -105,8 +105,8 @@ class EngineCore:
     def schedule(self) -> Optional["PlannedStep"]:
         """First half of a step: every replica's chunks, or None when there is nothing to run.
 
-        The step counts as handed to the ranks: its sampled tokens are pending until
-        ``apply``, and the next step may be scheduled before that (its decode chunks then
+        The step counts as handed to the ranks (callers must run every step returned, in
+        order): its sampled tokens are pending until ``apply``, and the next step may be scheduled before that (its decode chunks then
         read their token from the ranks' last sampling: ``StepInput.prev_rows``).
         """
         scheduled = [s.schedule() for s in self.schedulers]
@@ -118,6 +118,8 @@ class EngineCore:
         inputs, pending = [], []
         for replica, (sched, out) in enumerate(zip(self.schedulers, scheduled)):
             last_rows = self._last_rows[replica]
+            # a pending token is always a decode chunk's one token, sampled by the step before
+            assert all(PENDING_TOKEN not in c.token_ids[:-1] for c in out.chunks)
             prev_rows = [last_rows[c.request_id] if c.token_ids[-1] == PENDING_TOKEN else -1 for c in out.chunks]
             inputs.append(pack_step(out.chunks, counts, self.block_size, self.collect_logits, all_decode, prev_rows))
             pending.append(sched.advance(out))

@@ -80,7 +80,7 @@ class DecodeGraphs:
 
             def forward(g=g):
                 ids = resolve_pending_tokens(g.input_ids, g.prev_rows, last_sampled)
-                batch = ForwardBatch(ids, g.positions, g.attention, dp_pad=size, dp_counts=g.dp_counts,
+                batch = ForwardBatch(ids, g.positions, g.attention, dp_pad=g.size, dp_counts=g.dp_counts,
                                      expert_load=expert_load)  # fmt: skip
                 return model.compute_logits(model(batch))
 

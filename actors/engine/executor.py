@@ -41,6 +41,7 @@ class RayStepExecutor:
         calls = [a.execute_step.remote(refs[self.replica_of[r]], wait) for r, a in enumerate(self.actors)]
         results = await asyncio.gather(*calls)  # every rank, so a failure anywhere surfaces here
         per_replica = [pickle.loads(results[r]) for r in self.leaders]
+        assert len({len(outputs) for outputs in per_replica}) == 1, "replicas completed different steps"
         return [list(outputs) for outputs in zip(*per_replica)]
 
 

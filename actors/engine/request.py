@@ -95,7 +95,8 @@ class Request:
 
     Invariant kept by the scheduler: the KV cache holds the first `num_computed_tokens`
     of `all_token_ids`, and `block_ids` covers exactly those (plus, between schedule and
-    update, the tokens scheduled this step). `arrival` orders requests (FCFS, preemption).
+    advance, the tokens scheduled this step). Between advance and fill the last output
+    is PENDING_TOKEN. `arrival` orders requests (FCFS, preemption).
     `seed` is the resolved seed: `sampling.seed` if the user gave one, else one the
     engine drew.
     """

@@ -159,8 +159,9 @@ class ModelRunner:
     def launch(self, step: StepInput) -> None:
         """Queue one step on the device and return without waiting for it.
 
-        Every rank samples (the ranks of a DP replica get identical logits and draw
-        identically), so each keeps the tokens a next step's pending inputs come from;
+        Every rank samples (the ranks of a DP replica get identical logits, gathered over
+        tp, and draw identically on the same GPU model), so each keeps the tokens a next
+        step's pending inputs come from;
         the replica's first rank also keeps them for ``collect``.
         """
         assert self.attention is not None, "allocate_kv_cache() first"

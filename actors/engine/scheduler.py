@@ -9,9 +9,10 @@ decode chunks carry PENDING_TOKEN, which the ranks resolve from their last sampl
 
 Order of one step:
 1. Running requests, oldest arrival first, each get their uncomputed tokens (1 for a
-   decode, the rest of the prompt for a partial prefill) up to the remaining token budget.
-   A request short of blocks preempts running requests from the newest arrival backwards,
-   itself last. A preempted request drops its cache and goes back to waiting; on resume it
+   decode, the rest of the prompt for a partial prefill) up to the remaining token budget;
+   a request whose pending token ends it (by length) gets none. A request short of blocks
+   preempts such ending requests first, then running requests from the newest arrival
+   backwards, itself last. A preempted request drops its cache and goes back to waiting; on resume it
    recomputes prompt + outputs so far.
 2. Waiting requests, FCFS, while budget, sequence limit and free blocks allow; a prompt
    longer than the budget left is chunked. Admission stops at the first request that does
@@ -34,10 +35,10 @@ class ScheduledChunk:
     """Tokens of one request whose KV the runner computes this step."""
 
     request_id: str
-    token_ids: tuple[int, ...]  # a prompt chunk, or the last sampled token
+    token_ids: tuple[int, ...]  # a prompt chunk, or the last sampled token (PENDING_TOKEN if not back yet)
     start_pos: int  # position of token_ids[0] (= num_computed_tokens before the step)
     block_ids: tuple[int, ...]  # the request's whole block table after allocation
-    sample: bool  # the chunk ends at the last known token: sample one token after it
+    sample: bool  # the chunk ends at the request's last token: sample one token after it
     sampling: SamplingParams
     seed: int
     num_output_tokens: int  # outputs so far (mixed into the per-request RNG)
@@ -195,26 +196,28 @@ class Scheduler:
     def _schedule_running(self, chunks: list[ScheduledChunk], preempted: list[str]) -> int:
         """Schedule running requests oldest first; return the token budget left."""
         budget = self.max_num_batched_tokens
-        i = 0
-        while i < len(self._running) and budget > 0 and len(chunks) < self.max_num_seqs:
-            req = self._running[i]
-            if self._ends_by_length(req):  # its pending last token ends it: nothing to compute
-                i += 1
-                continue
+        for req in list(self._running):  # a snapshot: preemption removes requests from the queue
+            if budget <= 0 or len(chunks) >= self.max_num_seqs:
+                break
+            if req.status is not RequestStatus.RUNNING or self._ends_by_length(req):
+                continue  # preempted meanwhile, or its pending token ends it: nothing to compute
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             assert n > 0, f"running request {req.request_id} has nothing to compute"
             if not self._reserve(req, req.num_computed_tokens + n, preempted):
                 break  # req was the newest running request and preempted itself
             chunks.append(self._chunk(req, n))
             budget -= n
-            i += 1
         return budget
 
     def _reserve(self, req: Request, num_tokens_after: int, preempted: list[str]) -> bool:
-        """Allocate blocks for `req`, preempting newer running requests; False if it lost its own."""
+        """Allocate blocks for `req`, preempting other running requests; False if it lost its own.
+
+        Victims: first requests whose pending token ends them (they hold blocks they will
+        never use again, and their token still arrives: ``fill`` works on waiting requests
+        too), then the newest running request."""
         bm = self.block_manager
         while not bm.can_allocate(req, num_tokens_after):
-            victim = self._running[-1]
+            victim = next((r for r in reversed(self._running) if self._ends_by_length(r)), self._running[-1])
             self._preempt(victim)
             preempted.append(victim.request_id)
             if victim is req:
@@ -226,7 +229,7 @@ class Scheduler:
         bm = self.block_manager
         while self._waiting and budget > 0 and len(chunks) < self.max_num_seqs:
             # Budget and seq slots left means every running request got a chunk this step
-            # (but those ending by length), so the seq limit on chunks also caps the running set.
+            # (but those whose pending token ends them, which leave once it arrives).
             assert len(self._running) == len(chunks) + sum(map(self._ends_by_length, self._running))
             req = self._waiting[0]
             n = min(req.num_tokens - req.num_computed_tokens, budget)

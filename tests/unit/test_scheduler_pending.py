@@ -65,3 +65,17 @@ def test_update_is_advance_then_fill():
     two.fill(two.advance(out_two), [11])
     r1, r2 = got[0], two.schedule().chunks[0]
     assert r1.output_token_ids == [11] and r2.token_ids == (11,) and r2.start_pos == 5
+
+
+def test_a_request_short_of_blocks_takes_them_from_one_that_is_ending():
+    sched = Scheduler(BlockManager(3, 4), max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64)
+    sched.add(_request("ending", [1, 2, 3, 4], max_tokens=1))  # one block; its first output is its last
+    sched.add(_request("long", [5, 6, 7, 8, 9, 10, 11, 12], max_tokens=2))  # two blocks now, a third next
+    pending = sched.advance(sched.schedule())
+    assert sched.block_manager.num_free_blocks == 0
+    nxt = sched.schedule()  # "long" needs a block while "ending" waits for its last token
+    assert [c.request_id for c in nxt.chunks] == ["long"] and nxt.preempted == ("ending",)
+    got = sched.fill(pending, [13, 14])
+    assert [(r.request_id, r.output_token_ids) for r, _, _ in got] == [("ending", [13]), ("long", [14])]
+    sched.finish("ending", "length")  # what the engine's stop check does next
+    assert sched.num_running == 1 and sched.num_waiting == 0
