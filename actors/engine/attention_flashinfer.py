@@ -52,7 +52,7 @@ class FlashInferAttention:
         # flight it could still be queued)
         self._planned.synchronize()
         self._plan(layout)
-        self._planned.record()
+        self._planned.record(torch.cuda.current_stream(self.kv_cache.device))
 
     def _plan(self, layout: StepLayout) -> None:
         dev = self.kv_cache.device

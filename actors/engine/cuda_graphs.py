@@ -70,6 +70,7 @@ class DecodeGraphs:
         self.workspace = workspace  # shared with the eager FlashInfer wrappers: one step runs at a time
         self.graphs: dict[int, _Graph] = {}
         self.inputs_copied = torch.cuda.Event()
+        self.device = device
         pool = None
         for size in sorted(sizes, reverse=True):  # largest first: smaller ones reuse its pool
             g = _Graph(size, dp, scratch_block, device)
@@ -108,6 +109,6 @@ class DecodeGraphs:
         self.inputs_copied.synchronize()
         g.attention.plan(layout)
         g.load(layout, dp_token_counts)
-        self.inputs_copied.record()
+        self.inputs_copied.record(torch.cuda.current_stream(self.device))
         g.graph.replay()
         return g.logits[: layout.num_seqs]

@@ -253,7 +253,7 @@ def _copy_to_host(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], Opti
         return tensors, None
     host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in tensors]
     done = torch.cuda.Event()
-    done.record()
+    done.record(torch.cuda.current_stream(tensors[0].device))
     return host, done
 
 
