@@ -9,11 +9,12 @@ rank actor) right next to the path under test, so machine noise hits both alike.
 Paths, each one more hop than the last:
   engine     add_request + first step in this process
   ray        controller.generate_stream from this driver (driver -> controller -> rank actor)
-  http       POST /v1/completions, stream=true, max_tokens=1 (aiohttp, keep-alive), through
-             Serve's proxy and the FastAPI ingress; "server" is the ingress's own TTFT
-             (request arrival to first token, mean from its /metrics histogram)
-  floor      a trivial Serve route that streams one event at once: what Serve's proxy and
-             replica hops cost by themselves, with no engine behind them
+  http       POST /v1/completions, stream=true, max_tokens=1 (aiohttp, keep-alive), to the
+             FastAPI ingress (its own server: serve.direct_ingress; or through Serve's proxy:
+             --no-direct-ingress); "server" is the ingress's own TTFT (request arrival to
+             first token, mean from its /metrics histogram)
+  floor      a trivial Serve ingress, set up the same way, that streams one event at once:
+             what Serve costs by itself, with no engine behind it
 Prints a table: median and mean TTFT per path and the overhead over the engine.
 """
 from __future__ import annotations
@@ -33,8 +34,7 @@ from ray import serve
 
 from raymoe.actors.engine.local import build_local_engine
 from raymoe.actors.engine.request import SamplingParams
-from raymoe.deploy.cli import _free_port
-from raymoe.deploy.serve_app import resolve_config, start_serving, stop_serving
+from raymoe.deploy.serve_app import free_port, resolve_config, serve_start, start_serving, stop_serving
 from raymoe.deploy.launch import start_controller
 
 GREEDY_ONE = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
@@ -97,11 +97,9 @@ def server_ttft_mean(metrics_text: str) -> tuple[float, float]:
     return vals["raymoe_time_to_first_token_seconds_sum"], vals["raymoe_time_to_first_token_seconds_count"]
 
 
-async def measure_http(core, url: str, ids: list[int], reps: int) -> tuple[list[float], list[float], list[float], float]:
-    eng, http, floor = [], [], []
+async def measure_http(core, url: str, ids: list[int], reps: int) -> tuple[list[float], list[float], float]:
+    eng, http = [], []
     async with aiohttp.ClientSession() as session:
-        async with session.post(url + "/floor/v1/completions", json={}) as r:
-            has_floor = r.status == 200  # not routed in some Serve modes (direct ingress)
         for _ in range(3):  # warm-up
             await http_ttft(session, url, ids)
         async with session.get(url + "/metrics") as r:
@@ -109,11 +107,16 @@ async def measure_http(core, url: str, ids: list[int], reps: int) -> tuple[list[
         for _ in range(reps):
             eng.append(engine_ttft(core, ids))
             http.append(await http_ttft(session, url, ids))
-            if has_floor:
-                floor.append(await http_ttft(session, url + "/floor", ids))
         async with session.get(url + "/metrics") as r:
             s1, c1 = server_ttft_mean(await r.text())
-    return eng, http, floor, (s1 - s0) / (c1 - c0)
+    return eng, http, (s1 - s0) / (c1 - c0)
+
+
+async def measure_floor(url: str, ids: list[int], reps: int) -> list[float]:
+    async with aiohttp.ClientSession() as session:
+        for _ in range(3):
+            await http_ttft(session, url, ids)
+        return [await http_ttft(session, url, ids) for _ in range(reps)]
 
 
 async def measure_ray(core, controller, ids: list[int], reps: int) -> tuple[list[float], list[float]]:
@@ -131,9 +134,11 @@ def main() -> None:
     p.add_argument("--config", default=None, help="config file or shipped name (default: built-in tiny model)")
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--no-direct-ingress", action="store_true", help="through Serve's proxy (serve.direct_ingress: false)")
     args = p.parse_args()
     config = resolve_config(args.config)
-    config = config.replace({"serve.port": _free_port("127.0.0.1"), "serve.api_key": None})
+    config = config.replace({"serve.port": free_port("127.0.0.1"), "serve.api_key": None,
+                             "serve.direct_ingress": not args.no_direct_ingress})  # fmt: skip
     core = build_local_engine(config, num_threads=1)
     vocab = core.tokenizer.vocab_size
     ids = [random.Random(0).randrange(3, vocab) for _ in range(args.prompt_len)]
@@ -141,12 +146,17 @@ def main() -> None:
         engine_ttft(core, ids)
 
     url = start_serving(config)
-    serve.run(floor_app(), name="floor", route_prefix="/floor")
     try:
-        eng_h, http, floor, server_mean = asyncio.run(measure_http(core, url, ids, args.reps))
-        serve.delete("floor")
+        eng_h, http, server_mean = asyncio.run(measure_http(core, url, ids, args.reps))
     finally:
         stop_serving()
+    # the floor: the same Serve setup with a trivial ingress alone
+    serve_start(config.serve.host, config.serve.port, config.serve.direct_ingress)
+    try:
+        serve.run(floor_app(), name="floor", route_prefix="/")
+        floor = asyncio.run(measure_floor(url, ids, args.reps))
+    finally:
+        serve.shutdown()
     controller = start_controller(config)
     try:
         ray.get(controller.load_model.remote())
@@ -162,9 +172,10 @@ def main() -> None:
         ("ray: driver->controller->rank", ms(via_ray), ms(eng_r)),
         ("http: endpoint, streaming", ms(http), ms(eng_h)),
     ]
-    if floor:
-        rows.append(("floor: trivial Serve route", ms(floor), (0.0, 0.0)))
-    print(f"\nTTFT at concurrency 1, prompt {args.prompt_len} tokens, {args.reps} repetitions per path ({config.model.path})")
+    rows.append(("floor: trivial Serve route", ms(floor), (0.0, 0.0)))
+    mode = "direct ingress" if config.serve.direct_ingress else "through Serve's proxy"
+    print(f"\nTTFT at concurrency 1, prompt {args.prompt_len} tokens, {args.reps} repetitions per path "
+          f"({config.model.path}; HTTP {mode})")
     print(f"| {'path':<32} | median ms | mean ms | overhead vs engine, median ms |")
     print(f"|{'-' * 34}|----------:|--------:|------------------------------:|")
     for name, (med, mean), base in rows:

@@ -104,6 +104,9 @@ class ServeConfig:
     model_name: Optional[str] = None
     api_key: Optional[str] = None
     max_queued_requests: int = 1024
+    # when raymoe starts Serve: the ingress replica answers on host:port itself (Ray
+    # Serve's direct ingress), Serve's proxy moves to a free port
+    direct_ingress: bool = True
 
     def validate(self) -> None:
         _require(0 <= self.port <= 65535, "serve.port", "must be a TCP port in [0, 65535]")

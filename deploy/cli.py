@@ -17,7 +17,6 @@ import argparse
 import logging
 import os
 import signal
-import socket
 import sys
 import threading
 from typing import Any, Optional, Sequence
@@ -120,8 +119,6 @@ def serve_main(args: argparse.Namespace) -> int:
     api_key = args.api_key or config.serve.api_key or os.environ.get(API_KEY_ENV)
     overrides = {"serve.api_key": api_key, "serve.host": args.host, "serve.port": args.port, "serve.model_name": args.model_name}
     config = config.replace({k: v for k, v in overrides.items() if v is not None})
-    if config.serve.port == 0:
-        config = config.replace({"serve.port": _free_port(config.serve.host)})
     try:
         url = start_serving(config, args.address)
         stop = _stop_on_signals()  # after ray.init: replaces Ray's stack-dumping SIGTERM handler
@@ -150,12 +147,6 @@ def _stop_on_signals() -> threading.Event:
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
     return stop
-
-
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":

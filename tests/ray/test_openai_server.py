@@ -47,7 +47,7 @@ def server(ray_cluster) -> Any:
          "engine.num_kv_blocks": 2048, "eplb.enabled": True, "eplb.rebalance_every_steps": 10**6}
     )  # fmt: skip
     port = _free_port()
-    serve_start("127.0.0.1", port)
+    serve_start("127.0.0.1", port, config.serve.direct_ingress)
     try:
         serve.run(app_for(config), name=APP_NAME, route_prefix="/")
         yield f"http://127.0.0.1:{port}"
