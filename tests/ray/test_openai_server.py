@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -20,6 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from model_zoo import hf_greedy
+from ports import free_ports
 from raymoe.actors.models.builtin import resolve_model_path
 from raymoe.cluster.config import load_config
 
@@ -28,12 +28,6 @@ MODEL = "builtin:tiny-qwen3-moe"
 MAX_NUM_SEQS = 16
 MAX_QUEUED = 64
 LONG = 1500  # tokens: a stream that would run for many seconds
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +40,7 @@ def server(ray_cluster) -> Any:
         {"serve.api_key": KEY, "serve.max_queued_requests": MAX_QUEUED, "engine.max_num_seqs": MAX_NUM_SEQS,
          "engine.num_kv_blocks": 2048, "eplb.enabled": True, "eplb.rebalance_every_steps": 10**6}
     )  # fmt: skip
-    port = _free_port()
+    port = free_ports(1)[0]
     serve_start("127.0.0.1", port, config.serve.direct_ingress)
     try:
         serve.run(app_for(config), name=APP_NAME, route_prefix="/")
