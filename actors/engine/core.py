@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 from raymoe.actors.engine.detokenizer import IncrementalDetokenizer
 from raymoe.actors.engine.request import PENDING_TOKEN, Request, SamplingParams
-from raymoe.actors.engine.scheduler import Scheduler, SchedulerOutput
+from raymoe.actors.engine.scheduler import Scheduler
 from raymoe.actors.engine.step import StepInput, StepOutput, pack_step
 from raymoe.actors.engine.tokenizer import Tokenizer
 
@@ -38,7 +38,6 @@ class RequestOutput:
 
 @dataclass
 class PlannedStep:
-    scheduled: list[SchedulerOutput]  # per DP replica
     inputs: list[StepInput]  # what each replica's ranks run
     pending: list[list]  # per replica: Scheduler.advance's (request, output index) per sampled row
 
@@ -106,8 +105,9 @@ class EngineCore:
         """First half of a step: every replica's chunks, or None when there is nothing to run.
 
         The step counts as handed to the ranks (callers must run every step returned, in
-        order): its sampled tokens are pending until ``apply``, and the next step may be scheduled before that (its decode chunks then
-        read their token from the ranks' last sampling: ``StepInput.prev_rows``).
+        order): its sampled tokens are pending until ``apply``, and the next step may be
+        scheduled before that (its decode chunks then read their token from the ranks'
+        last sampling: ``StepInput.prev_rows``).
         """
         scheduled = [s.schedule() for s in self.schedulers]
         self.num_preemptions += sum(len(o.preempted) for o in scheduled)
@@ -125,7 +125,7 @@ class EngineCore:
             pending.append(sched.advance(out))
             sampled = [c.request_id for c in out.chunks if c.sample]
             self._last_rows[replica] = {rid: row for row, rid in enumerate(sampled)}
-        return PlannedStep(scheduled, inputs, pending)
+        return PlannedStep(inputs, pending)
 
     def apply(self, planned: "PlannedStep", results: Sequence[StepOutput]) -> list[RequestOutput]:
         """Second half: the ranks' sampled tokens replace the pending ones; stop checks, detokenising."""

@@ -161,8 +161,8 @@ class ModelRunner:
 
         Every rank samples (the ranks of a DP replica get identical logits, gathered over
         tp, and draw identically on the same GPU model), so each keeps the tokens a next
-        step's pending inputs come from;
-        the replica's first rank also keeps them for ``collect``.
+        step's pending inputs come from; the replica's first rank also keeps them for
+        ``collect``.
         """
         assert self.attention is not None, "allocate_kv_cache() first"
         layout = build_step_layout(step, self.block_size)
