@@ -15,6 +15,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from raymoe.actors.rank import RankWorker
+from raymoe.cluster.config import ParallelConfig
 from raymoe.cluster.layout import RankLayout
 from raymoe.cluster.placement import PlacedActor, PlacementPlan, assign_ranks, describe_shortfall, plan_placement
 
@@ -64,7 +65,8 @@ class RankCluster:
         remove_placement_group(self.placement_group)
 
 
-def start_rank_cluster(layout: RankLayout, device: str, timeout_s: float) -> RankCluster:
+def start_rank_cluster(layout: RankLayout, parallel: ParallelConfig) -> RankCluster:
+    device, timeout_s = parallel.device, parallel.placement_timeout_s
     plan = plan_placement(layout, device)
     pg = _reserve(plan, timeout_s)
     try:
@@ -79,7 +81,8 @@ def start_rank_cluster(layout: RankLayout, device: str, timeout_s: float) -> Ran
         ranked = [actors[p.actor_index] for p in order]
         port = ray.get(ranked[0].free_port.remote())
         init_method = f"tcp://{order[0].ip}:{port}"
-        refs = [a.init_distributed.remote(layout, rank, init_method) for rank, a in enumerate(ranked)]
+        symmetric = parallel.symmetric_memory and device == "cuda"
+        refs = [a.init_distributed.remote(layout, rank, init_method, symmetric) for rank, a in enumerate(ranked)]
         infos = _wait_all(refs, timeout_s=max(timeout_s, 120.0), what="torch.distributed init")
     except BaseException:
         remove_placement_group(pg)

@@ -60,7 +60,7 @@ class Controller:
         assert self.cluster is None, "controller already started"
         t0 = time.perf_counter()
         self.cluster = await asyncio.to_thread(
-            start_rank_cluster, self.layout, self.config.parallel.device, self.config.parallel.placement_timeout_s
+            start_rank_cluster, self.layout, self.config.parallel
         )
         return {"layout": self.layout.describe(), "ranks": self.cluster.infos, "startup_s": round(time.perf_counter() - t0, 2)}
 

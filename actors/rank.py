@@ -76,11 +76,13 @@ class RankWorker:
             s.bind(("", 0))
             return s.getsockname()[1]
 
-    def init_distributed(self, layout: RankLayout, rank: int, init_method: str) -> dict[str, Any]:
+    def init_distributed(
+        self, layout: RankLayout, rank: int, init_method: str, symmetric_memory: bool = False
+    ) -> dict[str, Any]:
         placement = self.placement()
         device = torch_device_for(list(placement["gpu_ids"]), os.environ.get("CUDA_VISIBLE_DEVICES"))
         init_distributed(rank, layout.world_size, init_method, device)
-        groups = build_groups(layout, rank, device)
+        groups = build_groups(layout, rank, device, placement["node_id"], symmetric_memory)
         self.ctx = RankContext(layout=layout, coord=layout.coord(rank), device=device, groups=groups)
         return {"rank": rank, "device": str(device), **placement}
 

@@ -42,6 +42,9 @@ class ParallelConfig:
     nodes: int = 1
     device: Literal["cpu", "cuda"] = "cpu"
     placement_timeout_s: float = 60.0
+    # small bf16 all-reduces (decode activations) of groups within one node through torch
+    # symmetric memory (one-shot, no multicast) instead of NCCL; cuda only
+    symmetric_memory: bool = True
 
     def validate(self) -> None:
         for name in ("tp", "dp", "cp", "ep", "nodes"):

@@ -17,6 +17,8 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from raymoe.comm.symm_all_reduce import SymmetricAllReduce
+
 # torch 2.13 renamed the tensor-output collectives; the GPU hosts run torch 2.11.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
@@ -31,6 +33,7 @@ class GroupCoordinator:
         device_group: Optional[dist.ProcessGroup],
         cpu_group: Optional[dist.ProcessGroup],
         device: torch.device,
+        symmetric: Optional[SymmetricAllReduce] = None,
     ) -> None:
         assert global_rank in ranks, f"rank {global_rank} not in group {name} {list(ranks)}"
         self.name = name
@@ -41,6 +44,7 @@ class GroupCoordinator:
         self.device_group = device_group
         self.cpu_group = cpu_group
         self.device = device
+        self.symmetric = symmetric  # small bf16 sums on one node's GPUs (see symm_all_reduce)
         if self.world_size > 1:
             assert device_group is not None and cpu_group is not None
 
@@ -54,9 +58,13 @@ class GroupCoordinator:
     # ---- tensor collectives (device group) --------------------------------------
 
     def all_reduce(self, x: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> torch.Tensor:
-        """In-place all-reduce of ``x`` over the group; returns ``x``."""
-        if self.world_size > 1:
-            dist.all_reduce(x, op=op, group=self.device_group)
+        """All-reduce of ``x`` over the group; returns the result: ``x`` itself, reduced in
+        place, or a new tensor when the symmetric-memory path took it (use the return value)."""
+        if self.world_size == 1:
+            return x
+        if self.symmetric is not None and op == dist.ReduceOp.SUM and self.symmetric.eligible(x):
+            return self.symmetric(x)
+        dist.all_reduce(x, op=op, group=self.device_group)
         return x
 
     def all_gather(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:

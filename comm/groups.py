@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from raymoe.cluster.layout import GROUP_KINDS, RankLayout
 from raymoe.comm.group import GroupCoordinator
+from raymoe.comm.symm_all_reduce import try_symmetric_all_reduce
 
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
 
@@ -53,22 +54,35 @@ def init_distributed(
         dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size, timeout=timeout)
 
 
-def build_groups(layout: RankLayout, rank: int, device: torch.device) -> Groups:
-    """Create the device and cpu process groups of every kind; return this rank's."""
+def build_groups(
+    layout: RankLayout, rank: int, device: torch.device, node_id: str = "", symmetric_memory: bool = False
+) -> Groups:
+    """Create the device and cpu process groups of every kind; return this rank's.
+
+    With ``symmetric_memory`` on CUDA, every group whose members all report the same
+    ``node_id`` also gets a symmetric-memory buffer for small all-reduces.
+    """
     assert dist.is_initialized() and dist.get_world_size() == layout.world_size
     device_backend = "nccl" if device.type == "cuda" else "gloo"
-    mine: dict[str, GroupCoordinator] = {}
+    groups: list[tuple[str, list[int], dist.ProcessGroup | None, dist.ProcessGroup | None]] = []
     for kind in GROUP_KINDS:
         for members in layout.groups(kind):
             if len(members) == 1:
                 # torch needs no group for a single rank, and every rank sees the same
                 # sizes for a kind, so skipping keeps the global creation order intact
-                device_group = cpu_group = None
+                groups.append((kind, members, None, None))
             else:
-                device_group = dist.new_group(members, backend=device_backend)
-                cpu_group = dist.new_group(members, backend="gloo")
-            if rank in members:
-                mine[kind] = GroupCoordinator(kind, members, rank, device_group, cpu_group, device)
+                groups.append((kind, members, dist.new_group(members, backend=device_backend),
+                               dist.new_group(members, backend="gloo")))  # fmt: skip
+    mine: dict[str, GroupCoordinator] = {}
+    for kind, members, device_group, cpu_group in groups:  # in the same global order on every rank
+        if rank not in members:
+            continue
+        group = GroupCoordinator(kind, members, rank, device_group, cpu_group, device)
+        if symmetric_memory and device.type == "cuda" and len(members) > 1:
+            if len(set(group.all_gather_object(node_id))) == 1:
+                group.symmetric = try_symmetric_all_reduce(device_group, device)
+        mine[kind] = group
     return Groups(**mine)
 
 

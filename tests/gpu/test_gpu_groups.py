@@ -84,22 +84,34 @@ def _nccl_collectives(ctx, n: int) -> dict:
 
 
 def _symm_mem_all_reduce(ctx, n: int) -> dict:
-    import torch.distributed._symmetric_memory as symm_mem
+    """The tp group's all-reduce of bf16 (symmetric memory up to its size limit, NCCL above),
+    eagerly and twice in a row inside a CUDA graph (the symmetric buffer reused), against NCCL."""
+    import torch.distributed as dist
 
     g = ctx.groups.tp
-    name = g.device_group.group_name
-    if hasattr(symm_mem, "enable_symm_mem_for_group"):  # needed before torch 2.8, a no-op after
-        symm_mem.enable_symm_mem_for_group(name)
-    buf = symm_mem.empty(n, dtype=torch.bfloat16, device=ctx.device)
-    handle = symm_mem.rendezvous(buf, name)
-    buf.copy_(torch.arange(n, device=ctx.device) % 61 + ctx.rank)  # small integers: exact in bf16
-    one_shot = torch.ops.symm_mem.one_shot_all_reduce(buf, "sum", name)
-    nccl = g.all_reduce(buf.clone())
+    x = (torch.arange(n, device=ctx.device) % 61 + ctx.rank).to(torch.bfloat16)  # small integers: exact
+    nccl = x.clone()
+    dist.all_reduce(nccl, group=g.device_group)
+    eager = g.all_reduce(x.clone())
+    static = x.clone()
+    side = torch.cuda.Stream(ctx.device)
+    side.wait_stream(torch.cuda.current_stream(ctx.device))
+    with torch.cuda.stream(side):
+        g.all_reduce(static.clone())  # warm-up outside the capture
+    torch.cuda.current_stream(ctx.device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        once = g.all_reduce(static)
+        twice = g.all_reduce(once)
+    static.copy_(x * 2)
+    graph.replay()
     torch.cuda.synchronize(ctx.device)
     return {
-        "handle": (handle.rank, handle.world_size),
-        "one_shot": one_shot.float().cpu(),
+        "symmetric": g.symmetric is not None and g.symmetric.eligible(x),
         "nccl": nccl.float().cpu(),
+        "eager": eager.float().cpu(),
+        "once": once.float().cpu(),
+        "twice": twice.float().cpu(),
     }
 
 
@@ -170,11 +182,14 @@ def test_tp2_nccl_collectives(tp2_controller, n):
 
 
 @two_gpus
-@pytest.mark.parametrize("n", [1024, 1 << 18])
-def test_tp2_symmetric_memory_one_shot_all_reduce(tp2_controller, n):
+@pytest.mark.parametrize("n", [1024, 1 << 18, 2 << 20])
+def test_tp2_symmetric_memory_all_reduce(tp2_controller, n):
     got = ray.get(tp2_controller.execute.remote(_symm_mem_all_reduce, n))
     want = sum((torch.arange(n) % 61 + r).float() for r in range(2))
-    for rank, r in enumerate(got):
-        assert r["handle"] == (rank, 2)
+    for r in got:
+        # 2 MiB of bf16 and less go through symmetric memory; 4 MiB stays on NCCL
+        assert r["symmetric"] == (n * 2 <= 2 << 20)
         assert torch.equal(r["nccl"], want)
-        assert torch.equal(r["one_shot"], want), "symmetric-memory all-reduce disagrees with NCCL"
+        assert torch.equal(r["eager"], want), "the group's all-reduce disagrees with NCCL"
+        assert torch.equal(r["once"], 2 * want), "all-reduce replayed in a CUDA graph is wrong"
+        assert torch.equal(r["twice"], 4 * want), "a second all-reduce in the same graph is wrong"
