@@ -1,5 +1,11 @@
 """On GPUs: raymoe in bf16 with FlashInfer attention and grouped-GEMM experts equals
-transformers on the same weights (first 16 greedy tokens; logits rel. error <= 2e-2)."""
+transformers on the same weights: the first 10 greedy tokens, and the logits (relative
+error: median over prompts <= 1e-2, each prompt <= 6e-2).
+
+The per-prompt allowance is wide because bf16 rounding can flip a router's choice near
+a tie between experts, which moves that token's logits by a few percent: transformers'
+own bf16 run does so (median 7e-3 against its float32 run, single prompts up to 5e-2).
+A wrong kernel or shard moves every prompt, which the median bound catches."""
 from __future__ import annotations
 
 import random
@@ -10,7 +16,11 @@ import torch
 from model_zoo import hf_greedy, write_checkpoint
 
 GPUS = torch.cuda.device_count()
-NEW_TOKENS = 16
+NEW_TOKENS = 10
+CANDIDATES = 128
+# a greedy pick counts as decided when the float32 reference's top-2 gap is this many times
+# transformers' own bf16 logit error at that step
+DECISIVE = 2.5
 # (tp, ep); dp = ep / tp when ep exceeds tp
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
 
@@ -19,18 +29,28 @@ pytestmark = pytest.mark.skipif(GPUS < 1, reason="needs a CUDA GPU")
 
 @pytest.fixture(scope="module")
 def stable_case(tmp_path_factory):
-    """A checkpoint, and the prompts on which greedy decoding is stable: transformers' own
-    bf16 run agrees with its float32 run for all 16 tokens (bf16 rounding must not be able
-    to flip a near-tie, or token equality would test luck)."""
+    """A checkpoint, and the prompts whose greedy continuation bf16 cannot flip: at every
+    step transformers' float32 top-2 gap is DECISIVE times the largest logit error of
+    transformers' own bf16 run. The tiny random model's logits are flat (top-2 gaps of
+    1e-3 are common), so without this filter token equality would test luck: any bf16
+    implementation, transformers' included, flips such near-ties."""
     # head_dim 64: FlashInfer's kernels cover 64, 128 and 256
     path = write_checkpoint("qwen3_moe", tmp_path_factory.mktemp("ckpt") / "qwen3_moe", initializer_range=0.05,
                             embedding_std=1.0, hidden_size=256, head_dim=64)  # fmt: skip
     rng = random.Random(3)
-    prompts = [[rng.randrange(3, 512) for _ in range(rng.randrange(4, 80))] for _ in range(16)]
+    prompts = [[rng.randrange(3, 512) for _ in range(rng.randrange(4, 80))] for _ in range(CANDIDATES)]
     ref = hf_greedy(path, prompts, NEW_TOKENS, torch.float32, "cuda")
     ref_bf16 = hf_greedy(path, prompts, NEW_TOKENS, torch.bfloat16, "cuda")
-    keep = [i for i in range(len(prompts)) if ref[i][0] == ref_bf16[i][0]]
-    assert len(keep) >= 6, f"only {len(keep)} of {len(prompts)} prompts are bf16-stable"
+
+    def decided(fp32, bf16) -> bool:
+        if fp32[0] != bf16[0]:
+            return False
+        top2 = fp32[1].topk(2, dim=-1).values
+        bf16_error = (bf16[1] - fp32[1]).abs().amax(dim=-1)
+        return bool((top2[:, 0] - top2[:, 1] >= DECISIVE * bf16_error).all())
+
+    keep = [i for i in range(CANDIDATES) if decided(ref[i], ref_bf16[i])]
+    assert len(keep) >= 6, f"only {len(keep)} of {CANDIDATES} prompts are decided in bf16"
     return path, [prompts[i] for i in keep], [ref[i] for i in keep]
 
 
@@ -53,7 +73,10 @@ def test_bf16_equal_to_transformers(gpu_ray, stable_case, tp, ep):
     )  # fmt: skip
     with LLM(config, collect_logits=True) as llm:
         outs = llm.generate(prompts, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True))
+    errors = []
     for i, (out, (tokens, logits)) in enumerate(zip(outs, ref)):
         assert out.token_ids == tokens, f"prompt {i}: greedy tokens differ"
-        err = ((torch.stack(out.logits) - logits).norm() / logits.norm()).item()
-        assert err <= 2e-2, f"prompt {i}: logits rel. error {err:.2e}"
+        errors.append(((torch.stack(out.logits) - logits).norm() / logits.norm()).item())
+    shown = ", ".join(f"{e:.1e}" for e in errors)
+    assert torch.tensor(errors).median() <= 1e-2, f"logits rel. errors: {shown}"
+    assert max(errors) <= 6e-2, f"logits rel. errors: {shown}"

@@ -102,7 +102,7 @@ def _symm_mem_all_reduce(ctx, n: int) -> dict:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         once = g.all_reduce(static)
-        twice = g.all_reduce(once)
+        twice = g.all_reduce(once.clone())  # NCCL reduces in place: keep `once` as it was
     static.copy_(x * 2)
     graph.replay()
     torch.cuda.synchronize(ctx.device)
