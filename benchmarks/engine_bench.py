@@ -193,7 +193,7 @@ def profile_step(ctx, step) -> str:
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     total = sum(e.device_time for e in kernels) / 1e3
     head = f"{len(kernels)} kernels, {total:.2f} ms of kernel time (eager)\n"
-    return head + prof.key_averages().table(sort_by="self_device_time_total", row_limit=20, max_name_column_width=70)
+    return head + prof.key_averages().table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70)
 
 
 # ---- driver ------------------------------------------------------------------------
