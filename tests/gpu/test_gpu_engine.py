@@ -4,7 +4,7 @@ error: median over prompts <= 1e-2, each prompt <= 6e-2).
 
 The per-prompt allowance is wide because bf16 rounding can flip a router's choice near
 a tie between experts, which moves that token's logits by a few percent: transformers'
-own bf16 run does so (median 7e-3 against its float32 run, single prompts up to 5e-2).
+own bf16 run does so (on CPU: median 7e-3 against its float32 run, single prompts up to 5e-2).
 A wrong kernel or shard moves every prompt, which the median bound catches."""
 from __future__ import annotations
 
