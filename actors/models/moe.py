@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raymoe.actors.models import ops
 from raymoe.actors.models.batch import ForwardBatch
 from raymoe.actors.models.checkpoint import CheckpointReader
 from raymoe.actors.models.expert_map import ExpertMap
+from raymoe.actors.models.expert_mlp import expert_mlp
 from raymoe.actors.models.layers import split_evenly
 from raymoe.actors.models.spec import ModelSpec
 from raymoe.comm.groups import Groups
@@ -121,26 +121,21 @@ class MoE(nn.Module):
         """Sum over this rank's expert slots of weight * expert(x); rows routed elsewhere get 0.
 
         x [N, H]; physical, weights [N, k] (physical -1 = padding row). The (token, choice)
-        rows are sorted by slot, each projection is one grouped GEMM over all local slots
-        (torch._grouped_mm), and nothing synchronises with the host, so the step can be
-        captured in a CUDA graph. About a dozen kernels: a decode step is made of them.
+        rows are sorted by slot and run through the expert MLP grouped by slot
+        (expert_mlp.py), and nothing synchronises with the host, so the step can be
+        captured in a CUDA graph.
         """
         n, k = physical.shape
         flat = physical.reshape(-1)
-        all_local = self.slots == self.expert_map.num_physical and self.groups.dp.world_size == 1
-        if all_local:  # every choice is one of our slots and no row is padding
-            bucket, mine = flat, None
+        if self.slots == self.expert_map.num_physical and self.groups.dp.world_size == 1:
+            bucket = flat  # every choice is one of our slots and no row is padding
         else:
             local = flat - self.slot_start
-            mine = (local >= 0) & (local < self.slots)
-            bucket = torch.where(mine, local, self.slots)  # other ranks' choices sort last
+            bucket = torch.where((local >= 0) & (local < self.slots), local, self.slots)  # others sort last
         # 16-bit keys: sorting takes half the time it takes on int64 ones
         keys, order = torch.sort(bucket.to(torch.int16), stable=True)
         ends = torch.searchsorted(keys, self.group_ends, out_int32=True)  # group g = sorted rows [ends[g-1], ends[g])
-        h = ops.silu_and_mul(torch._grouped_mm(x[order // k], self.w13.transpose(1, 2), offs=ends))
-        y = torch._grouped_mm(h, self.w2.transpose(1, 2), offs=ends)
-        if mine is not None:  # other ranks' choices sort last and are not computed: garbage
-            y = torch.where((keys < self.slots).unsqueeze(1), y, 0)
+        y = expert_mlp(x, order // k, ends, self.w13, self.w2)
         # combine: out[t] = sum_j weights[t, j] * y[sorted row of (t, j)], a gather and a
         # weighted sum in one kernel (fp32 accumulation, no atomics: deterministic)
         sorted_row = torch.empty_like(order).scatter_(0, order, torch.arange(n * k, device=x.device))

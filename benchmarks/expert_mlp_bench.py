@@ -1,0 +1,185 @@
+"""Routed-expert MLP on one GPU: torch._grouped_mm vs the Triton kernels vs FlashInfer's
+cutlass_fused_moe, at Qwen3-30B-A3B's expert shape (128 experts, hidden 2048,
+intermediate 768, top-8, bf16).
+
+Each case times, replayed in a CUDA graph, one MoE layer from the router's choices to
+the combined output (sort by expert, the two projections with SiLU-and-mul, the
+weighted sum) and, for raymoe's backends, the expert MLP alone. It reports bandwidth
+over the bytes of the experts actually touched, and each output's error against the
+torch reference. --sweep also times a grid of Triton block sizes.
+
+    python3 benchmarks/expert_mlp_bench.py --batches 1,16,64,256,4096 --sweep
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from raymoe.actors.models.expert_mlp import expert_mlp, pick_config
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batches", default="1,16,64,256,4096", help="tokens per step, comma-separated")
+    p.add_argument("--experts", type=int, default=128)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--inter", type=int, default=768)
+    p.add_argument("--top-k", type=int, default=8)
+    p.add_argument("--backends", default="torch,triton,cutlass")
+    p.add_argument("--sweep", action="store_true", help="also time a grid of Triton block sizes")
+    p.add_argument("--out", help="also write the table here (markdown)")
+    return p.parse_args()
+
+
+def graph_time(fn, reps: int = 20) -> float:
+    """Seconds per call of fn, replayed in a CUDA graph (eager if it cannot be captured)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    run = fn
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        run = graph.replay
+    except Exception as e:  # noqa: BLE001 -- report it and time eagerly
+        print(f"  (not capturable, timed eagerly: {type(e).__name__}: {str(e)[:80]})")
+        torch.cuda.synchronize()
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / reps)
+    return statistics.median(times)
+
+
+def copy_bandwidth(dev) -> float:
+    src = torch.empty(2**30, dtype=torch.bfloat16, device=dev)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * 2 / graph_time(lambda: dst.copy_(src), reps=5)
+
+
+def main() -> None:
+    args = parse()
+    dev = torch.device("cuda")
+    E, H, I, k = args.experts, args.hidden, args.inter, args.top_k
+    gen = torch.Generator(device=dev).manual_seed(0)
+    w13 = torch.randn(E, 2 * I, H, device=dev, dtype=torch.bfloat16, generator=gen) / H**0.5
+    w2 = torch.randn(E, H, I, device=dev, dtype=torch.bfloat16, generator=gen) / I**0.5
+    fc1 = torch.cat([w13[:, I:], w13[:, :I]], dim=1).contiguous()  # cutlass wants [up; gate]
+    group_ends = torch.arange(1, E + 1, dtype=torch.int16, device=dev)
+    bw = copy_bandwidth(dev)
+    print(f"{torch.cuda.get_device_name(dev)}: copy {bw / 1e12:.2f} TB/s")
+    backends = args.backends.split(",")
+    cutlass = _cutlass() if "cutlass" in backends else None
+    rows_out = []
+    for n in [int(b) for b in args.batches.split(",")]:
+        x = torch.randn(n, H, device=dev, dtype=torch.bfloat16, generator=gen)
+        scores = torch.randn(n, E, device=dev, generator=gen)
+        top, ids = torch.topk(scores, k, dim=-1)
+        weights = torch.softmax(top, dim=-1)
+        touched = ids.unique().numel() * 3 * H * I * 2
+        keys, order = torch.sort(ids.reshape(-1).to(torch.int16), stable=True)
+        ends = torch.searchsorted(keys, group_ends, out_int32=True)
+        rows = order // k
+        arange = torch.arange(n * k, device=dev)
+
+        def layer(backend, config=None):
+            keys, order = torch.sort(ids.reshape(-1).to(torch.int16), stable=True)
+            ends = torch.searchsorted(keys, group_ends, out_int32=True)
+            y = expert_mlp(x, order // k, ends, w13, w2, backend, config)
+            sorted_row = torch.empty_like(order).scatter_(0, order, arange)
+            return F.embedding_bag(sorted_row.view(n, k), y, per_sample_weights=weights.to(y.dtype), mode="sum")
+
+        ref = layer("torch").float()
+        cases = {}
+        for backend in [b for b in backends if b != "cutlass"]:
+            cases[backend] = (lambda b=backend: layer(b), lambda b=backend: expert_mlp(x, rows, ends, w13, w2, b))
+        if cutlass is not None:
+            out = torch.empty(n, H, device=dev, dtype=torch.bfloat16)
+            ids32, wf = ids.to(torch.int32), weights.float()
+            call = lambda: cutlass(x, ids32, wf, fc1, w2, torch.bfloat16, quant_scales=[], output=out)  # noqa: E731
+            cases["cutlass"] = (call, None)
+        for name, (full, mlp_only) in cases.items():
+            got = full()
+            got = (got[0] if isinstance(got, (list, tuple)) else got).float()
+            err = ((got - ref).norm() / ref.norm()).item()
+            t = graph_time(full)
+            t_mlp = graph_time(mlp_only) if mlp_only is not None else None
+            rows_out.append((n, name, t, t_mlp, touched, bw, err, ""))
+        if args.sweep and "triton" in backends:
+            timed = [(_try_time(lambda c=c: expert_mlp(x, rows, ends, w13, w2, "triton", c)), c) for c in _sweep(n, E)]
+            t, best = min(timed, key=lambda tc: tc[0])
+            rows_out.append((n, "triton best", None, t, touched, bw, None, _fmt(best)))
+        print(f"batch {n} done", flush=True)
+    table = _table(rows_out, args)
+    print(table)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(table + "\n")
+
+
+def _try_time(fn) -> float:
+    """graph_time, or infinity for a config that does not launch (e.g. too much shared memory)."""
+    try:
+        return graph_time(fn)
+    except Exception:  # noqa: BLE001
+        torch.cuda.synchronize()
+        return float("inf")
+
+
+def _sweep(n: int, experts: int):
+    per_slot = n * 8 / experts
+    bms = [16, 32, 64] + ([128] if per_slot > 64 else [])
+    for bm, bn, bk, stages in itertools.product(bms, (32, 64, 128), (64, 128), (3, 4)):
+        yield dict(BM=bm, BN=bn, BK=bk, num_warps=8 if bm * bn >= 128 * 64 else 4, num_stages=stages)
+
+
+def _fmt(c: dict) -> str:
+    return "BM{BM} BN{BN} BK{BK} w{num_warps} s{num_stages}".format(**c)
+
+
+def _table(rows, args) -> str:
+    lines = [
+        f"experts {args.experts}, hidden {args.hidden}, intermediate {args.inter}, top-{args.top_k}, bf16; "
+        "'layer' = sort + expert MLP + weighted combine, 'MLP' = the two projections alone",
+        "",
+        "| tokens | backend | layer us | MLP us | experts MB | MLP % of copy bw | rel. error vs torch | config |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for n, name, t, t_mlp, touched, bw, err, note in rows:
+        t_s = f"{t * 1e6:.1f}" if t is not None else ""
+        m_s = f"{t_mlp * 1e6:.1f}" if t_mlp is not None else ""
+        eff = f"{touched / (t_mlp if t_mlp is not None else t) / bw * 100:.0f}"
+        e_s = f"{err:.1e}" if err is not None else ""
+        note = note or (_fmt(pick_config(n * args.top_k, args.experts)) if name == "triton" else "")
+        lines.append(f"| {n} | {name} | {t_s} | {m_s} | {touched / 1e6:.0f} | {eff} | {e_s} | {note} |")
+    return "\n".join(lines)
+
+
+def _cutlass():
+    t0 = time.time()
+    try:
+        from flashinfer.fused_moe import cutlass_fused_moe
+
+        print(f"flashinfer cutlass_fused_moe imported in {time.time() - t0:.0f}s", flush=True)
+        return cutlass_fused_moe
+    except Exception as e:  # noqa: BLE001 -- the table says it was not measured
+        print(f"cutlass_fused_moe unavailable: {type(e).__name__}: {e}")
+        return None
+
+
+if __name__ == "__main__":
+    main()
