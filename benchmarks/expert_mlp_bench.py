@@ -2,9 +2,10 @@
 cutlass_fused_moe, at Qwen3-30B-A3B's expert shape (128 experts, hidden 2048,
 intermediate 768, top-8, bf16).
 
-Each case times, replayed in a CUDA graph, one MoE layer from the router's choices to
-the combined output (sort by expert, the two projections with SiLU-and-mul, the
-weighted sum) and, for raymoe's backends, the expert MLP alone. It reports bandwidth
+Each case times, replayed in a CUDA graph, one MoE layer from the router's logits to
+the combined output (top-k, sort by expert, the two projections with SiLU-and-mul,
+the weighted sum; the dispatch and the MLP on the backend named, the dispatch falling
+back to torch past its size limit) and the expert MLP alone. It reports bandwidth
 over the bytes of the experts actually touched, and each output's error against the
 torch reference. --sweep also times a grid of Triton block sizes.
 
@@ -20,7 +21,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from raymoe.actors.models.expert_mlp import expert_mlp, pick_config
+from raymoe.actors.models.expert_mlp import _LARGEST, expert_mlp, pick_config
+from raymoe.actors.models.moe_dispatch import TRITON_MAX_CHOICES, dispatch
 
 
 def parse() -> argparse.Namespace:
@@ -66,9 +68,18 @@ def graph_time(fn, reps: int = 20) -> float:
 
 
 def copy_bandwidth(dev) -> float:
+    """Bytes read + written per second by an eager device copy (as engine_bench measures
+    it; a copy captured in a graph runs on the copy engines, far slower)."""
     src = torch.empty(2**30, dtype=torch.bfloat16, device=dev)
     dst = torch.empty_like(src)
-    return 2 * src.numel() * 2 / graph_time(lambda: dst.copy_(src), reps=5)
+    dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        dst.copy_(src)
+    end.record()
+    end.synchronize()
+    return 2 * src.numel() * 2 * 5 / (start.elapsed_time(end) / 1e3)
 
 
 def main() -> None:
@@ -79,7 +90,8 @@ def main() -> None:
     w13 = torch.randn(E, 2 * I, H, device=dev, dtype=torch.bfloat16, generator=gen) / H**0.5
     w2 = torch.randn(E, H, I, device=dev, dtype=torch.bfloat16, generator=gen) / I**0.5
     fc1 = torch.cat([w13[:, I:], w13[:, :I]], dim=1).contiguous()  # cutlass wants [up; gate]
-    group_ends = torch.arange(1, E + 1, dtype=torch.int16, device=dev)
+    l2p = torch.arange(E, device=dev).view(E, 1)  # one replica per expert
+    counts = torch.ones(E, dtype=torch.int64, device=dev)
     bw = copy_bandwidth(dev)
     print(f"{torch.cuda.get_device_name(dev)}: copy {bw / 1e12:.2f} TB/s")
     backends = args.backends.split(",")
@@ -87,21 +99,16 @@ def main() -> None:
     rows_out = []
     for n in [int(b) for b in args.batches.split(",")]:
         x = torch.randn(n, H, device=dev, dtype=torch.bfloat16, generator=gen)
-        scores = torch.randn(n, E, device=dev, generator=gen)
-        top, ids = torch.topk(scores, k, dim=-1)
-        weights = torch.softmax(top, dim=-1)
+        logits = torch.randn(n, E, device=dev, generator=gen).to(torch.bfloat16)
+        ref_dispatch = dispatch(logits, k, True, l2p, counts, E, 0, E, backend="torch")
+        ids, weights, rows, ends = ref_dispatch.physical, ref_dispatch.weights, ref_dispatch.rows, ref_dispatch.ends
         touched = ids.unique().numel() * 3 * H * I * 2
-        keys, order = torch.sort(ids.reshape(-1).to(torch.int16), stable=True)
-        ends = torch.searchsorted(keys, group_ends, out_int32=True)
-        rows = order // k
-        arange = torch.arange(n * k, device=dev)
 
-        def layer(backend, config=None):
-            keys, order = torch.sort(ids.reshape(-1).to(torch.int16), stable=True)
-            ends = torch.searchsorted(keys, group_ends, out_int32=True)
-            y = expert_mlp(x, order // k, ends, w13, w2, backend, config)
-            sorted_row = torch.empty_like(order).scatter_(0, order, arange)
-            return F.embedding_bag(sorted_row.view(n, k), y, per_sample_weights=weights.to(y.dtype), mode="sum")
+        def layer(backend):
+            fits = n * k <= TRITON_MAX_CHOICES
+            d = dispatch(logits, k, True, l2p, counts, E, 0, E, backend=backend if fits else "torch")
+            y = expert_mlp(x, d.rows, d.ends, w13, w2, backend)
+            return F.embedding_bag(d.sorted_row, y, per_sample_weights=d.weights, mode="sum")
 
         ref = layer("torch").float()
         cases = {}
@@ -154,7 +161,8 @@ def _fmt(c: dict) -> str:
 def _table(rows, args) -> str:
     lines = [
         f"experts {args.experts}, hidden {args.hidden}, intermediate {args.inter}, top-{args.top_k}, bf16; "
-        "'layer' = sort + expert MLP + weighted combine, 'MLP' = the two projections alone",
+        "'layer' = dispatch (top-k, softmax, sort by expert) + expert MLP + weighted combine "
+        "(cutlass_fused_moe: from the top-k choices on), 'MLP' = the two projections alone",
         "",
         "| tokens | backend | layer us | MLP us | experts MB | MLP % of copy bw | rel. error vs torch | config |",
         "|---|---|---|---|---|---|---|---|",
@@ -164,7 +172,8 @@ def _table(rows, args) -> str:
         m_s = f"{t_mlp * 1e6:.1f}" if t_mlp is not None else ""
         eff = f"{touched / (t_mlp if t_mlp is not None else t) / bw * 100:.0f}"
         e_s = f"{err:.1e}" if err is not None else ""
-        note = note or (_fmt(pick_config(n * args.top_k, args.experts)) if name == "triton" else "")
+        if name == "triton" and not note:
+            note = _fmt(pick_config(n * args.top_k, args.experts) or _LARGEST)
         lines.append(f"| {n} | {name} | {t_s} | {m_s} | {touched / 1e6:.0f} | {eff} | {e_s} | {note} |")
     return "\n".join(lines)
 

@@ -21,20 +21,6 @@ class ExpertMap:
         self.replica_count = counts.to(device)
         self.physical_to_logical_cpu = physical_to_logical.clone()
 
-    def select(self, moe_layer: int, logical_ids: torch.Tensor) -> torch.Tensor:
-        """Physical slot of each (token, k) choice: logical_ids [N, k] -> [N, k].
-
-        A token's replica is picked by its row index modulo the replica count:
-        deterministic, and spread evenly over replicas. Replicas hold identical
-        weights, so the pick only changes floating-point summation order.
-        """
-        if self.num_physical == self.num_logical:  # one replica each: a plain lookup
-            return self.logical_to_physical[moe_layer, :, 0][logical_ids]
-        counts = self.replica_count[moe_layer][logical_ids]
-        rows = torch.arange(logical_ids.shape[0], device=logical_ids.device).unsqueeze(1)
-        replica = rows % counts
-        return self.logical_to_physical[moe_layer][logical_ids, replica]
-
     def update_layer(self, moe_layer: int, physical_to_logical: torch.Tensor) -> None:
         """Switch one layer to a new placement p2l [P], in place."""
         l2p, counts = replica_tables(physical_to_logical.view(1, -1).cpu(), self.num_logical)

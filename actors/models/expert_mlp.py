@@ -32,17 +32,19 @@ def expert_mlp(x: torch.Tensor, rows: torch.Tensor, ends: torch.Tensor, w13: tor
     """x [N, H]; rows [M] (token of each sorted row); ends [S] int32 (cumulative group
     ends); w13 [S, 2I, H] ([gate; up]); w2 [S, H, I] -> y [M, H] in x's dtype.
 
-    backend: "triton" or "torch"; None picks Triton on CUDA when it is importable.
-    config: Triton block sizes (see ``pick_config``), for benchmarks.
+    backend: "triton" or "torch"; None picks the faster one measured for this size
+    (``pick_config``) on CUDA, torch elsewhere. config: Triton block sizes, for benchmarks.
     """
-    backend = backend or ("triton" if x.is_cuda and _triton() is not None else "torch")
+    config = config or pick_config(rows.shape[0], w13.shape[0])
+    if backend is None:
+        backend = "triton" if x.is_cuda and config is not None and triton_available() else "torch"
     if backend == "torch":
         return _torch_expert_mlp(x, rows, ends, w13, w2)
     if backend != "triton":
         raise ValueError(f"expert_mlp backend must be 'triton' or 'torch', not {backend!r}")
     from raymoe.actors.models import expert_mlp_triton
 
-    return expert_mlp_triton.expert_mlp(x, rows, ends, w13, w2, config or pick_config(rows.shape[0], w13.shape[0]))
+    return expert_mlp_triton.expert_mlp(x, rows, ends, w13, w2, config or _LARGEST)
 
 
 def _torch_expert_mlp(x, rows, ends, w13, w2) -> torch.Tensor:
@@ -52,24 +54,30 @@ def _torch_expert_mlp(x, rows, ends, w13, w2) -> torch.Tensor:
     return torch.where((torch.arange(y.shape[0], device=y.device) < ends[-1]).unsqueeze(1), y, 0)
 
 
-def pick_config(num_rows: int, num_slots: int) -> dict:
-    """Triton block sizes by the average rows per slot (known on the host, so a CUDA
-    graph captures one fixed choice). Decode has a few rows per expert: short row
-    blocks and narrow column blocks give enough programs to stream the weights."""
+# Triton block sizes by rows per slot, the best of benchmarks/expert_mlp_bench.py --sweep
+# on an H200 (BENCHMARKS.md); past the last bound torch._grouped_mm (CUTLASS) is faster.
+_CONFIGS = (
+    (8, dict(BM=16, BN=64, BK=128, num_warps=4, num_stages=4)),
+    (32, dict(BM=32, BN=64, BK=128, num_warps=4, num_stages=3)),
+    (64, dict(BM=64, BN=64, BK=64, num_warps=4, num_stages=3)),
+)
+_LARGEST = _CONFIGS[-1][1]
+
+
+def pick_config(num_rows: int, num_slots: int) -> dict | None:
+    """Triton block sizes for num_rows rows over num_slots slots, or None where
+    torch._grouped_mm is faster. Decided on the host from shapes alone, so a CUDA graph
+    captures one fixed choice."""
     per_slot = num_rows / max(num_slots, 1)
-    if per_slot <= 16:
-        return dict(BM=16, BN=64, BK=128, num_warps=4, num_stages=4)
-    if per_slot <= 64:
-        return dict(BM=64, BN=64, BK=64, num_warps=4, num_stages=4)
-    return dict(BM=128, BN=64, BK=64, num_warps=8, num_stages=3)
+    return next((config for bound, config in _CONFIGS if per_slot <= bound), None)
 
 
 @functools.cache
-def _triton():
+def triton_available() -> bool:
     try:
-        import triton
+        import triton  # noqa: F401
 
-        return triton
+        return True
     except ImportError as e:
-        log.warning("Triton is not importable (%s): routed experts run on torch._grouped_mm", e)
-        return None
+        log.warning("Triton is not importable (%s): MoE dispatch and experts run on torch kernels", e)
+        return False

@@ -6,11 +6,12 @@ tokens. The MoE layer
 
 1. all-gathers the tokens of every DP replica over the ``dp`` group (each padded
    to the step's largest replica), so every rank sees every token of the step;
-2. routes them (router replicated on every rank) to logical experts, and maps
-   each choice to a physical expert slot through the ExpertMap;
+2. routes them (router replicated on every rank) to logical experts, maps each
+   choice to a physical expert slot through the ExpertMap and groups the choices
+   by this rank's slots (moe_dispatch.py);
 3. runs the experts whose slots this rank holds -- its EP share, with its
-   ``moe_tp`` slice of each expert's intermediate dimension -- weighting by the
-   router probabilities;
+   ``moe_tp`` slice of each expert's intermediate dimension (expert_mlp.py) --
+   and sums each token's choices weighted by the router probabilities;
 4. all-reduces the partial outputs over the world (the world is exactly
    ep x moe_tp shares, each held by one rank) and keeps its own replica's rows.
 
@@ -29,6 +30,7 @@ from raymoe.actors.models.batch import ForwardBatch
 from raymoe.actors.models.checkpoint import CheckpointReader
 from raymoe.actors.models.expert_map import ExpertMap
 from raymoe.actors.models.expert_mlp import expert_mlp
+from raymoe.actors.models.moe_dispatch import dispatch
 from raymoe.actors.models.layers import split_evenly
 from raymoe.actors.models.spec import ModelSpec
 from raymoe.comm.groups import Groups
@@ -73,7 +75,6 @@ class MoE(nn.Module):
         self.w13 = nn.Parameter(torch.zeros(self.slots, 2 * self.inter, h, dtype=dtype, device=device), requires_grad=False)
         self.w2 = nn.Parameter(torch.zeros(self.slots, h, self.inter, dtype=dtype, device=device), requires_grad=False)
         assert self.slots < 2**15, "slot ids are sorted as int16"
-        self.register_buffer("group_ends", torch.arange(1, self.slots + 1, dtype=torch.int16, device=device), persistent=False)
         self.router_bias = zipf_router_bias(spec.moe.num_experts, router_skew, seed=layer, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
@@ -86,60 +87,28 @@ class MoE(nn.Module):
             row = torch.arange(x_all.shape[0], device=x.device)
             valid = (row % pad) < batch.dp_counts[row // pad]
         elif batch.dp_counts is not None and batch.expert_load is not None:
-            # a CUDA graph's padding rows: computed like the others, but never recorded
+            # a CUDA graph's padding rows: they go to no expert and are not recorded
             x_all, valid = x, torch.arange(x.shape[0], device=x.device) < batch.dp_counts[0]
         else:
             x_all, valid = x, None
 
-        weights, logical = self.route(x_all)
-        physical = self.expert_map.select(self.moe_layer, logical)
-        if valid is not None and dp.world_size > 1:
-            physical = torch.where(valid.unsqueeze(1), physical, -1)  # padding rows go nowhere
+        logits = F.linear(x_all, self.router)
+        if self.router_bias is not None:  # benchmark-only skew (eplb.router_skew)
+            logits = logits + self.router_bias
+        emap = self.expert_map
+        d = dispatch(logits, self.top_k, self.norm_topk_prob, emap.logical_to_physical[self.moe_layer],
+                     emap.replica_count[self.moe_layer], emap.num_physical, self.slot_start, self.slots, valid)  # fmt: skip
         if batch.expert_load is not None:
-            batch.expert_load.record(self.moe_layer, physical if valid is None else torch.where(valid.unsqueeze(1), physical, -1))
-        out = self.groups.world.all_reduce(self.run_local_experts(x_all, physical, weights))
+            batch.expert_load.record(self.moe_layer, d.physical)
+        y = expert_mlp(x_all, d.rows, d.ends, self.w13, self.w2)
+        # combine: out[t] = sum_j weights[t, j] * y[sorted row of (t, j)], a gather and a
+        # weighted sum in one kernel (fp32 accumulation, no atomics: deterministic)
+        out = F.embedding_bag(d.sorted_row, y, per_sample_weights=d.weights.to(y.dtype), mode="sum")
+        out = self.groups.world.all_reduce(out)
         if dp.world_size > 1:
             start = dp.rank_in_group * batch.dp_pad
             out = out[start : start + x.shape[0]]
         return out
-
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [N, H] -> (weights [N, k] in x's dtype, logical expert ids [N, k])."""
-        logits = F.linear(x, self.router)
-        if self.router_bias is not None:  # benchmark-only skew (eplb.router_skew)
-            logits = logits + self.router_bias
-        if self.norm_topk_prob:
-            # softmax is monotonic, and the renormalised top-k probabilities are the softmax of
-            # the top-k logits (computed in float32, rounded to x's dtype once); the choices
-            # need no order
-            top, logical = torch.topk(logits, self.top_k, dim=-1, sorted=False)
-            return torch.softmax(top, dim=-1), logical
-        weights, logical = torch.topk(torch.softmax(logits, dim=-1, dtype=torch.float), self.top_k, dim=-1, sorted=False)
-        return weights.to(x.dtype), logical
-
-    def run_local_experts(self, x: torch.Tensor, physical: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Sum over this rank's expert slots of weight * expert(x); rows routed elsewhere get 0.
-
-        x [N, H]; physical, weights [N, k] (physical -1 = padding row). The (token, choice)
-        rows are sorted by slot and run through the expert MLP grouped by slot
-        (expert_mlp.py), and nothing synchronises with the host, so the step can be
-        captured in a CUDA graph.
-        """
-        n, k = physical.shape
-        flat = physical.reshape(-1)
-        if self.slots == self.expert_map.num_physical and self.groups.dp.world_size == 1:
-            bucket = flat  # every choice is one of our slots and no row is padding
-        else:
-            local = flat - self.slot_start
-            bucket = torch.where((local >= 0) & (local < self.slots), local, self.slots)  # others sort last
-        # 16-bit keys: sorting takes half the time it takes on int64 ones
-        keys, order = torch.sort(bucket.to(torch.int16), stable=True)
-        ends = torch.searchsorted(keys, self.group_ends, out_int32=True)  # group g = sorted rows [ends[g-1], ends[g])
-        y = expert_mlp(x, order // k, ends, self.w13, self.w2)
-        # combine: out[t] = sum_j weights[t, j] * y[sorted row of (t, j)], a gather and a
-        # weighted sum in one kernel (fp32 accumulation, no atomics: deterministic)
-        sorted_row = torch.empty_like(order).scatter_(0, order, torch.arange(n * k, device=x.device))
-        return F.embedding_bag(sorted_row.view(n, k), y, per_sample_weights=weights.to(y.dtype), mode="sum")
 
     def load(self, reader: CheckpointReader, names: ExpertNames) -> None:
         self.router.copy_(reader.read(names.router.format(layer=self.layer)))

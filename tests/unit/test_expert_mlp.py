@@ -1,82 +1,86 @@
-"""The routed experts' MLP grouped by slot: the torch path against a per-expert loop of
-plain matmuls, and the Triton kernels (in Triton's CPU interpreter) against the torch path."""
+"""The torch paths of the MoE dispatch and the routed experts' MLP against plain Python
+loops over tokens and choices (the Triton kernels are checked against these paths in
+test_triton_kernels.py and tests/gpu)."""
 from __future__ import annotations
-
-import importlib
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from raymoe.actors.models.expert_mlp import expert_mlp, pick_config
+from raymoe.actors.models.moe_dispatch import dispatch
+from raymoe.cluster.expert_placement import replica_tables
 
 
-def _case(slots: int, hidden: int, inter: int, tokens: int, top_k: int, foreign: bool, seed: int = 0):
+def _mlp_case(slots: int, hidden: int, inter: int, tokens: int, top_k: int, foreign: bool):
     """Random inputs; with ``foreign``, some choices go to another rank's slot (id = slots)."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(0)
     x = torch.randn(tokens, hidden, generator=g)
     w13 = torch.randn(slots, 2 * inter, hidden, generator=g) / hidden**0.5
     w2 = torch.randn(slots, hidden, inter, generator=g) / inter**0.5
     bucket = torch.randint(0, slots + int(foreign), (tokens * top_k,), generator=g)
+    bucket[-1] = slots if foreign else 0
     keys, order = torch.sort(bucket, stable=True)
     ends = torch.searchsorted(keys, torch.arange(1, slots + 1), out_int32=True)
     return x, order // top_k, ends, w13, w2, keys
 
 
-def _loop_reference(x, rows, keys, w13, w2):
-    """Row by row: y = down(silu(gate x) * up x) of the row's slot; other ranks' rows 0."""
-    inter = w2.shape[2]
-    y = torch.zeros(rows.shape[0], x.shape[1])
-    for r, (token, slot) in enumerate(zip(rows.tolist(), keys.tolist())):
-        if slot < w13.shape[0]:
-            gate_up = w13[slot] @ x[token]
-            y[r] = w2[slot] @ (F.silu(gate_up[:inter]) * gate_up[inter:])
-    return y
-
-
 @pytest.mark.parametrize("foreign", [False, True])
-def test_torch_path_matches_a_loop_of_matmuls(foreign):
-    x, rows, ends, w13, w2, keys = _case(slots=5, hidden=32, inter=24, tokens=7, top_k=3, foreign=foreign)
-    got = expert_mlp(x, rows, ends, w13, w2, backend="torch")
-    torch.testing.assert_close(got, _loop_reference(x, rows, keys, w13, w2), rtol=1e-5, atol=1e-5)
-    if foreign:
-        assert int(ends[-1]) < rows.shape[0], "the case must route some rows to another rank"
+def test_expert_mlp_matches_a_loop_of_matmuls(foreign):
+    x, rows, ends, w13, w2, keys = _mlp_case(slots=5, hidden=32, inter=24, tokens=7, top_k=3, foreign=foreign)
+    want = torch.zeros(rows.shape[0], x.shape[1])
+    for r, (token, slot) in enumerate(zip(rows.tolist(), keys.tolist())):
+        if slot < w13.shape[0]:  # another rank's rows stay 0
+            gate_up = w13[slot] @ x[token]
+            want[r] = w2[slot] @ (F.silu(gate_up[:24]) * gate_up[24:])
+    torch.testing.assert_close(expert_mlp(x, rows, ends, w13, w2, backend="torch"), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.fixture
-def triton_interpreted(monkeypatch):
-    """The Triton kernel module, built for Triton's CPU interpreter."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    pytest.importorskip("triton")
-    # imported afresh: the kernels are decorated under the interpreter
-    monkeypatch.delitem(sys.modules, "raymoe.actors.models.expert_mlp_triton", raising=False)
-    return importlib.import_module("raymoe.actors.models.expert_mlp_triton")
+@pytest.mark.parametrize("norm_topk_prob", [True, False])
+@pytest.mark.parametrize("ep_rank,ep", [(0, 1), (1, 2)])
+def test_dispatch_groups_each_choice_under_its_slot(norm_topk_prob, ep_rank, ep):
+    tokens, experts, physical, top_k = 9, 6, 8, 2  # two experts have a second replica
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(tokens, experts, generator=g)
+    p2l = torch.tensor([0, 1, 2, 3, 4, 5, 1, 4])
+    l2p, counts = replica_tables(p2l.view(1, -1), experts)
+    valid = torch.arange(tokens) != 4
+    slots = physical // ep
+    d = dispatch(logits, top_k, norm_topk_prob, l2p[0], counts[0], physical, ep_rank * slots, slots, valid, "torch")
+
+    probs = torch.softmax(logits, dim=-1)
+    for t in range(tokens):
+        chosen = sorted(range(experts), key=lambda e: -probs[t, e])[:top_k]
+        picked = [int(p2l[d.physical[t, j]]) if valid[t] else -1 for j in range(top_k)]
+        assert sorted(picked) == (sorted(chosen) if valid[t] else [-1] * top_k)
+        want = probs[t, chosen] / (probs[t, chosen].sum() if norm_topk_prob else 1)
+        got = {int(p2l[d.physical[t, j]]): float(d.weights[t, j]) for j in range(top_k)}
+        if valid[t]:
+            assert [got[e] for e in chosen] == pytest.approx(want.tolist(), abs=1e-6)
+        for j in range(top_k):
+            p, r = int(d.physical[t, j]), int(d.sorted_row[t, j])
+            assert int(d.rows[r]) == t
+            if valid[t]:  # replica = token index modulo the expert's replica count
+                logical = int(p2l[p])
+                assert p == int(l2p[0, logical, t % int(counts[0, logical])])
+            local = p - ep_rank * slots
+            if valid[t] and 0 <= local < slots:  # our slot: row r lies in its group
+                assert (int(d.ends[local - 1]) if local else 0) <= r < int(d.ends[local])
+            else:  # another rank's or an invalid choice: past the last group
+                assert r >= int(d.ends[-1])
+    assert sorted(d.sorted_row.flatten().tolist()) == list(range(tokens * top_k))
 
 
-# intermediate 48 forces 16-wide column blocks; 40 slots with 9 tokens leave most groups empty
-@pytest.mark.parametrize("slots,hidden,inter,tokens,foreign", [(4, 64, 32, 5, False), (6, 128, 48, 9, True), (40, 32, 16, 9, True)])
-def test_triton_kernels_match_the_torch_path(triton_interpreted, slots, hidden, inter, tokens, foreign):
-    x, rows, ends, w13, w2, _ = _case(slots, hidden, inter, tokens, top_k=3, foreign=foreign, seed=1)
-    want = expert_mlp(x, rows, ends, w13, w2, backend="torch")
-    # rows per slot > BM: each program loops over several row blocks
-    config = dict(BM=16, BN=32, BK=32, num_warps=4, num_stages=2)
-    got = triton_interpreted.expert_mlp(x, rows, ends, w13, w2, config)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-
-
-def test_triton_rejects_a_dimension_that_is_not_a_multiple_of_16(triton_interpreted):
-    x, rows, ends, w13, w2, _ = _case(slots=2, hidden=40, inter=16, tokens=3, top_k=2, foreign=False)
-    with pytest.raises(ValueError, match="multiple of 16"):
-        triton_interpreted.expert_mlp(x, rows, ends, w13, w2, pick_config(6, 2))
-
-
-def test_unknown_backend_is_a_value_error():
-    x, rows, ends, w13, w2, _ = _case(slots=2, hidden=16, inter=16, tokens=2, top_k=1, foreign=False)
+def test_unknown_backends_are_value_errors():
+    x, rows, ends, w13, w2, _ = _mlp_case(slots=2, hidden=16, inter=16, tokens=2, top_k=1, foreign=False)
     with pytest.raises(ValueError, match="backend"):
         expert_mlp(x, rows, ends, w13, w2, backend="cuda")
+    l2p, counts = replica_tables(torch.arange(4).view(1, -1), 4)
+    with pytest.raises(ValueError, match="backend"):
+        dispatch(torch.randn(3, 4), 2, True, l2p[0], counts[0], 4, 0, 4, backend="cuda")
 
 
-def test_config_grows_row_blocks_with_rows_per_slot():
-    sizes = [pick_config(rows, 128)["BM"] for rows in (8, 512, 2048, 8 * 4096)]
-    assert sizes == sorted(sizes) and sizes[0] == 16 and sizes[-1] >= 64
+def test_config_grows_row_blocks_with_rows_per_slot_then_leaves_prefill_to_grouped_mm():
+    sizes = [pick_config(rows, 128)["BM"] for rows in (8, 512, 2048)]
+    assert sizes == sorted(sizes) and sizes[0] == 16 and sizes[-1] > 16
+    assert pick_config(8 * 4096, 128) is None

@@ -1,0 +1,94 @@
+"""MoE dispatch: router logits -> top-k choices -> physical slots -> (token, choice) rows
+grouped by this rank's slots.
+
+Two implementations of the same result:
+- ``torch``: topk, softmax, the replica pick, a stable sort of 16-bit keys, a
+  searchsorted and a scatter -- about a dozen small kernels; the reference, the
+  CPU path and the path for large batches;
+- ``triton``: one single-program kernel for up to ``TRITON_MAX_CHOICES``
+  choices (decode batches, where these small kernels are much of a step).
+
+Both sort stably, so they give the same rows in the same order (up to ties among
+router logits, which either may break its own way).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from raymoe.actors.models.expert_mlp import triton_available
+
+# the kernel sorts all choices in one program's registers: 4096 = 512 tokens x top-8
+TRITON_MAX_CHOICES = 4096
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """weights, physical [N, k]: the router's weights (logits' dtype) and physical slots
+    (int64; -1 for rows that are not valid). rows [M = N*k]: token of each sorted row,
+    ends [slots] int32: group g is sorted rows [ends[g-1], ends[g]); rows past ends[-1]
+    are other ranks' (or invalid) choices. sorted_row [N, k]: the sorted row of each choice."""
+
+    weights: torch.Tensor
+    physical: torch.Tensor
+    rows: torch.Tensor
+    ends: torch.Tensor
+    sorted_row: torch.Tensor
+
+
+def dispatch(logits: torch.Tensor, top_k: int, norm_topk_prob: bool, logical_to_physical: torch.Tensor,
+             replica_count: torch.Tensor, num_physical: int, slot_start: int, slots: int,
+             valid: torch.Tensor | None = None, backend: str | None = None) -> Dispatch:  # fmt: skip
+    """logits [N, E]; logical_to_physical [E, R] and replica_count [E] (one layer's
+    ExpertMap tables, num_physical slots in all); this rank holds slots [slot_start,
+    slot_start + slots); valid [N] bool or None (all valid).
+
+    A token's replica is its row index modulo the expert's replica count: deterministic
+    and spread evenly; replicas hold the same weights.
+    """
+    n = logits.shape[0]
+    if backend is None:
+        fits = n * top_k <= TRITON_MAX_CHOICES
+        backend = "triton" if logits.is_cuda and fits and triton_available() else "torch"
+    if backend == "torch":
+        all_local = slots == num_physical and valid is None
+        return _torch_dispatch(logits, top_k, norm_topk_prob, logical_to_physical, replica_count, all_local, slot_start, slots, valid)
+    if backend != "triton":
+        raise ValueError(f"dispatch backend must be 'triton' or 'torch', not {backend!r}")
+    from raymoe.actors.models import moe_dispatch_triton
+
+    out = moe_dispatch_triton.dispatch(logits, top_k, norm_topk_prob, logical_to_physical, replica_count, slot_start, slots, valid)
+    return Dispatch(*out)
+
+
+def _torch_dispatch(logits, top_k, norm_topk_prob, logical_to_physical, replica_count, all_local, slot_start, slots, valid):
+    n = logits.shape[0]
+    if norm_topk_prob:
+        # softmax is monotonic, and the renormalised top-k probabilities are the softmax of
+        # the top-k logits (float32 inside, rounded to the logits' dtype once). Choices are
+        # in descending order, as the Triton kernel makes them.
+        top, logical = torch.topk(logits, top_k, dim=-1)
+        weights = torch.softmax(top, dim=-1)
+    else:
+        probs, logical = torch.topk(torch.softmax(logits, dim=-1, dtype=torch.float), top_k, dim=-1)
+        weights = probs.to(logits.dtype)
+    if logical_to_physical.shape[1] == 1:  # one replica each: a plain lookup
+        physical = logical_to_physical[:, 0][logical]
+    else:
+        token = torch.arange(n, device=logits.device).unsqueeze(1)
+        physical = logical_to_physical[logical, token % replica_count[logical]]
+    if valid is not None:
+        physical = torch.where(valid.unsqueeze(1), physical, -1)
+    flat = physical.reshape(-1)
+    if all_local:
+        bucket = flat  # every choice is one of our slots
+    else:
+        local = flat - slot_start
+        bucket = torch.where((local >= 0) & (local < slots), local, slots)  # others sort last
+    # 16-bit keys: sorting takes half the time it takes on int64 ones
+    keys, order = torch.sort(bucket.to(torch.int16), stable=True)
+    group_ends = torch.arange(1, slots + 1, dtype=torch.int16, device=logits.device)
+    ends = torch.searchsorted(keys, group_ends, out_int32=True)
+    sorted_row = torch.empty_like(order).scatter_(0, order, torch.arange(n * top_k, device=logits.device))
+    return Dispatch(weights, physical, order // top_k, ends, sorted_row.view(n, top_k))
