@@ -28,9 +28,11 @@ log = logging.getLogger(__name__)
 
 
 def expert_mlp(x: torch.Tensor, rows: torch.Tensor, ends: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-               backend: str | None = None, config: dict | None = None) -> torch.Tensor:  # fmt: skip
+               backend: str | None = None, config: dict | None = None, others: bool = True) -> torch.Tensor:  # fmt: skip
     """x [N, H]; rows [M] (token of each sorted row); ends [S] int32 (cumulative group
     ends); w13 [S, 2I, H] ([gate; up]); w2 [S, H, I] -> y [M, H] in x's dtype.
+    others=False promises that every row is in a group (ends[-1] == M): the torch path
+    then skips zeroing the rest.
 
     backend: "triton" or "torch"; None picks the faster one measured for this size
     (``pick_config``) on CUDA, torch elsewhere. config: Triton block sizes, for benchmarks.
@@ -39,7 +41,7 @@ def expert_mlp(x: torch.Tensor, rows: torch.Tensor, ends: torch.Tensor, w13: tor
     if backend is None:
         backend = "triton" if x.is_cuda and config is not None and triton_available() else "torch"
     if backend == "torch":
-        return _torch_expert_mlp(x, rows, ends, w13, w2)
+        return _torch_expert_mlp(x, rows, ends, w13, w2, others)
     if backend != "triton":
         raise ValueError(f"expert_mlp backend must be 'triton' or 'torch', not {backend!r}")
     from raymoe.actors.models import expert_mlp_triton
@@ -47,19 +49,22 @@ def expert_mlp(x: torch.Tensor, rows: torch.Tensor, ends: torch.Tensor, w13: tor
     return expert_mlp_triton.expert_mlp(x, rows, ends, w13, w2, config or _LARGEST)
 
 
-def _torch_expert_mlp(x, rows, ends, w13, w2) -> torch.Tensor:
+def _torch_expert_mlp(x, rows, ends, w13, w2, others) -> torch.Tensor:
     h = ops.silu_and_mul(torch._grouped_mm(x[rows], w13.transpose(1, 2), offs=ends))
     y = torch._grouped_mm(h, w2.transpose(1, 2), offs=ends)
+    if not others:
+        return y
     # rows past the last group are other ranks' choices: _grouped_mm leaves them as garbage
     return torch.where((torch.arange(y.shape[0], device=y.device) < ends[-1]).unsqueeze(1), y, 0)
 
 
-# Triton block sizes by rows per slot, the best of benchmarks/expert_mlp_bench.py --sweep
-# on an H200 (BENCHMARKS.md); past the last bound torch._grouped_mm (CUTLASS) is faster.
+# Triton block sizes by rows per slot: the best of benchmarks/expert_mlp_bench.py --sweep
+# on an H200 (BENCHMARKS.md). Past 32 rows per slot torch._grouped_mm (CUTLASS) was as
+# fast or faster (64 rows: 484 vs 502 us), so prefill stays on it.
 _CONFIGS = (
     (8, dict(BM=16, BN=64, BK=128, num_warps=4, num_stages=4)),
-    (32, dict(BM=32, BN=64, BK=128, num_warps=4, num_stages=3)),
-    (64, dict(BM=64, BN=64, BK=64, num_warps=4, num_stages=3)),
+    (16, dict(BM=32, BN=64, BK=128, num_warps=4, num_stages=3)),
+    (32, dict(BM=64, BN=64, BK=64, num_warps=4, num_stages=3)),
 )
 _LARGEST = _CONFIGS[-1][1]
 

@@ -100,7 +100,8 @@ class MoE(nn.Module):
                      emap.replica_count[self.moe_layer], emap.num_physical, self.slot_start, self.slots, valid)  # fmt: skip
         if batch.expert_load is not None:
             batch.expert_load.record(self.moe_layer, d.physical)
-        y = expert_mlp(x_all, d.rows, d.ends, self.w13, self.w2)
+        all_local = self.slots == emap.num_physical and valid is None  # every row is one of our slots
+        y = expert_mlp(x_all, d.rows, d.ends, self.w13, self.w2, others=not all_local)
         # combine: out[t] = sum_j weights[t, j] * y[sorted row of (t, j)], a gather and a
         # weighted sum in one kernel (fp32 accumulation, no atomics: deterministic)
         out = F.embedding_bag(d.sorted_row, y, per_sample_weights=d.weights.to(y.dtype), mode="sum")

@@ -19,8 +19,10 @@ import torch
 
 from raymoe.actors.models.expert_mlp import triton_available
 
-# the kernel sorts all choices in one program's registers: 4096 = 512 tokens x top-8
-TRITON_MAX_CHOICES = 4096
+# The kernel works in one program, sorting all choices in its registers: measured on an
+# H200 (benchmarks/expert_mlp_bench.py), faster than torch's kernels up to ~1k choices
+# (512: 30 vs 52 us), even at 2k, and slower at 4k (~170 vs ~60 us).
+TRITON_MAX_CHOICES = 1024
 
 
 @dataclass(frozen=True)
