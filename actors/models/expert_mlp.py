@@ -2,18 +2,19 @@
 
     y[r] = down_e(silu(gate_e(x[rows[r]])) * up_e(x[rows[r]]))   for r in group e
 
-Rows are sorted by slot: group e is rows [ends[e-1], ends[e]) (ends[-1] = 0), and
-rows past ends[-1] belong to other ranks' slots and come out as zeros.
+Rows are sorted by slot: group e is rows [ends[e-1], ends[e]) (group 0 starts at
+row 0), and rows past the last group end belong to other ranks' slots (or to no
+slot) and come out as zeros.
 
 Two implementations of the same maths:
 - ``torch``: two ``torch._grouped_mm`` calls and a SiLU-and-mul; the reference,
-  and the path on CPU;
+  the path on CPU, and on GPU past 32 rows per slot (prefill), where it is faster;
 - ``triton``: two Triton kernels, one program per (slot, column block), each
   looping over its group's rows. The first reads x's rows in place (no gathered
   copy), computes gate and up together and applies SiLU-and-mul in float32 before
   one bf16 rounding; the second writes the zero rows too. No host syncs: it runs
-  inside CUDA graphs. benchmarks/expert_mlp_bench.py measured it against
-  ``torch._grouped_mm`` and FlashInfer's ``cutlass_fused_moe``; see BENCHMARKS.md.
+  inside CUDA graphs. benchmarks/expert_mlp_bench.py measures it against
+  ``torch._grouped_mm`` and FlashInfer's ``cutlass_fused_moe`` (BENCHMARKS.md).
 """
 from __future__ import annotations
 

@@ -53,18 +53,19 @@ def dispatch(logits: torch.Tensor, top_k: int, norm_topk_prob: bool, logical_to_
     if backend is None:
         fits = n * top_k <= TRITON_MAX_CHOICES
         backend = "triton" if logits.is_cuda and fits and triton_available() else "torch"
+    tables = (logical_to_physical, replica_count)
     if backend == "torch":
         all_local = slots == num_physical and valid is None
-        return _torch_dispatch(logits, top_k, norm_topk_prob, logical_to_physical, replica_count, all_local, slot_start, slots, valid)
+        return _torch_dispatch(logits, top_k, norm_topk_prob, *tables, all_local, slot_start, slots, valid)
     if backend != "triton":
         raise ValueError(f"dispatch backend must be 'triton' or 'torch', not {backend!r}")
     from raymoe.actors.models import moe_dispatch_triton
 
-    out = moe_dispatch_triton.dispatch(logits, top_k, norm_topk_prob, logical_to_physical, replica_count, slot_start, slots, valid)
-    return Dispatch(*out)
+    return Dispatch(*moe_dispatch_triton.dispatch(logits, top_k, norm_topk_prob, *tables, slot_start, slots, valid))
 
 
-def _torch_dispatch(logits, top_k, norm_topk_prob, logical_to_physical, replica_count, all_local, slot_start, slots, valid):
+def _torch_dispatch(logits, top_k, norm_topk_prob, logical_to_physical, replica_count, all_local, slot_start, slots,
+                    valid) -> Dispatch:  # fmt: skip
     n = logits.shape[0]
     if norm_topk_prob:
         # softmax is monotonic, and the renormalised top-k probabilities are the softmax of

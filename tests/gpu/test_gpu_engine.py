@@ -1,4 +1,4 @@
-"""On GPUs: raymoe in bf16 with FlashInfer attention and grouped-GEMM experts equals
+"""On GPUs: raymoe in bf16 with FlashInfer attention and the Triton MoE kernels equals
 transformers on the same weights: the first 10 greedy tokens, and the logits (relative
 error: median over prompts <= 1e-2, each prompt <= 6e-2).
 

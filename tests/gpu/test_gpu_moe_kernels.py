@@ -14,7 +14,8 @@ from raymoe.actors.models.moe_dispatch import dispatch  # noqa: E402
 from raymoe.cluster.expert_placement import replica_tables  # noqa: E402
 
 
-def _mlp_case(tokens: int, slots: int = 32, hidden: int = 512, inter: int = 192, top_k: int = 8, foreign: bool = False, seed: int = 0):  # fmt: skip
+def _mlp_case(tokens: int, slots: int = 32, hidden: int = 512, inter: int = 192, top_k: int = 8,
+              foreign: bool = False, seed: int = 0):  # fmt: skip
     g = torch.Generator(device="cuda").manual_seed(seed)
     bf = dict(device="cuda", dtype=torch.bfloat16, generator=g)
     x = torch.randn(tokens, hidden, **bf)
