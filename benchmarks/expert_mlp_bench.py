@@ -19,9 +19,9 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 from raymoe.actors.models.expert_mlp import _LARGEST, expert_mlp, pick_config
+from raymoe.actors.models.moe_combine import combine
 from raymoe.actors.models.moe_dispatch import TRITON_MAX_CHOICES, dispatch
 
 
@@ -102,18 +102,19 @@ def main() -> None:
         logits = torch.randn(n, E, device=dev, generator=gen).to(torch.bfloat16)
         ref_dispatch = dispatch(logits, k, True, l2p, counts, E, 0, E, backend="torch")
         ids, weights, rows, ends = ref_dispatch.physical, ref_dispatch.weights, ref_dispatch.rows, ref_dispatch.ends
+        groups = ref_dispatch.groups
         touched = ids.unique().numel() * 3 * H * I * 2
 
         def layer(backend):
             fits = n * k <= TRITON_MAX_CHOICES
             d = dispatch(logits, k, True, l2p, counts, E, 0, E, backend=backend if fits else "torch")
-            y = expert_mlp(x, d.rows, d.ends, w13, w2, backend)
-            return F.embedding_bag(d.sorted_row, y, per_sample_weights=d.weights, mode="sum")
+            y = expert_mlp(x, d.rows, d.ends, w13, w2, d.groups, backend)
+            return combine(y, d.sorted_row, d.weights, d.ends, backend=backend)
 
         ref = layer("torch").float()
         cases = {}
         for backend in [b for b in backends if b != "cutlass"]:
-            cases[backend] = (lambda b=backend: layer(b), lambda b=backend: expert_mlp(x, rows, ends, w13, w2, b))
+            cases[backend] = (lambda b=backend: layer(b), lambda b=backend: expert_mlp(x, rows, ends, w13, w2, groups, b))
         if cutlass is not None:
             out = torch.empty(n, H, device=dev, dtype=torch.bfloat16)
             ids32, wf = ids.to(torch.int32), weights.float()
@@ -126,8 +127,12 @@ def main() -> None:
             t = graph_time(full)
             t_mlp = graph_time(mlp_only) if mlp_only is not None else None
             rows_out.append((n, name, t, t_mlp, touched, bw, err, ""))
+        if n * k <= 4096:  # the dispatch alone, each backend (the Triton kernel takes up to 4096 choices)
+            for backend in ("torch", "triton"):
+                t = graph_time(lambda b=backend: dispatch(logits, k, True, l2p, counts, E, 0, E, backend=b))
+                rows_out.append((n, f"dispatch {backend}", t, None, None, bw, None, ""))
         if args.sweep and "triton" in backends:
-            timed = [(_try_time(lambda c=c: expert_mlp(x, rows, ends, w13, w2, "triton", c)), c) for c in _sweep(n, E)]
+            timed = [(_try_time(lambda c=c: expert_mlp(x, rows, ends, w13, w2, groups, "triton", c)), c) for c in _sweep(n, E)]
             t, best = min(timed, key=lambda tc: tc[0])
             rows_out.append((n, "triton best", None, t, touched, bw, None, _fmt(best)))
         print(f"batch {n} done", flush=True)
@@ -170,11 +175,12 @@ def _table(rows, args) -> str:
     for n, name, t, t_mlp, touched, bw, err, note in rows:
         t_s = f"{t * 1e6:.1f}" if t is not None else ""
         m_s = f"{t_mlp * 1e6:.1f}" if t_mlp is not None else ""
-        eff = f"{touched / (t_mlp if t_mlp is not None else t) / bw * 100:.0f}"
+        eff = f"{touched / (t_mlp if t_mlp is not None else t) / bw * 100:.0f}" if touched else ""
         e_s = f"{err:.1e}" if err is not None else ""
         if name == "triton" and not note:
             note = _fmt(pick_config(n * args.top_k, args.experts) or _LARGEST)
-        lines.append(f"| {n} | {name} | {t_s} | {m_s} | {touched / 1e6:.0f} | {eff} | {e_s} | {note} |")
+        mb = f"{touched / 1e6:.0f}" if touched else ""
+        lines.append(f"| {n} | {name} | {t_s} | {m_s} | {mb} | {eff} | {e_s} | {note} |")
     return "\n".join(lines)
 
 

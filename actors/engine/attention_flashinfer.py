@@ -4,14 +4,14 @@ One plan per step, shared by every layer: the decode kernel when every chunk
 is a single token (the steady state), the paged prefill kernel otherwise (it
 handles mixed prefill + decode batches). Both wrappers share one workspace.
 KV cache layout: FlashInfer's NHD paged layout, the same tensor the torch
-backend uses (see attention_torch.py).
+backend uses (see attention_torch.py); a step's k/v are written into it by
+FlashInfer's append kernel (``KVAppend``), one kernel for k and v.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from raymoe.actors.engine.attention_torch import write_kv
 from raymoe.actors.engine.step import StepLayout
 
 WORKSPACE_BYTES = 256 * 2**20
@@ -24,6 +24,44 @@ def page_tables(pages: np.ndarray, indices: np.ndarray, context_lens: np.ndarray
     np.cumsum(pages, out=indptr[1:])
     last = context_lens - (pages - 1) * block_size
     return torch.from_numpy(indptr), torch.from_numpy(indices.astype(np.int32)), torch.from_numpy(last.astype(np.int32))
+
+
+class KVAppend:
+    """Writes a step's k/v [T, kv_heads, D] into a layer's paged cache with FlashInfer's
+    append kernel (k and v in one kernel, reading them in place from the qkv output).
+
+    The kernel appends to sequences described by a page table. Each token is described
+    as its own sequence of one page: batch index t, page list [block of t], position
+    = its offset in the block; so it lands at (block, offset) whatever the real
+    sequences are. The five int32 tables live in one device buffer [5, tokens + 1]
+    (blocks, offsets, token index, page pointer 0..T, last-page length), filled by one
+    copy from ``host`` (``fill``): static for a CUDA graph, which owns one of these.
+    """
+
+    def __init__(self, tokens: int, device: torch.device, pinned: bool = True) -> None:
+        import flashinfer
+
+        self._append = flashinfer.page.append_paged_kv_cache
+        self.tokens = tokens
+        self.host = torch.zeros(5, tokens + 1, dtype=torch.int32, pin_memory=pinned)
+        self.host[2] = torch.arange(tokens + 1)
+        self.host[3] = torch.arange(tokens + 1)
+        self.host[4] = 1
+        self.tables = torch.empty_like(self.host, device=device)
+
+    def fill(self, blocks: torch.Tensor, offsets: torch.Tensor, pad_block: int = 0) -> None:
+        """Queue the copy of the tables, with this step's slots (rows past them: offset 0
+        of ``pad_block``); before the first call."""
+        n = blocks.shape[0]
+        assert n <= self.tokens
+        self.host[0, :n], self.host[0, n:] = blocks, pad_block
+        self.host[1, :n], self.host[1, n:] = offsets, 0
+        self.tables.copy_(self.host, non_blocking=True)
+
+    def __call__(self, cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        t = self.tables
+        n = k.shape[0]
+        self._append(k, v, t[2, :n], t[1, :n], cache, t[0, :n], t[3, : n + 1], t[4, :n], kv_layout="NHD")
 
 
 class FlashInferAttention:
@@ -43,7 +81,7 @@ class FlashInferAttention:
             self.workspace, "NHD", use_tensor_cores=num_heads // num_kv_heads >= 4
         )
         self.wrapper = None
-        self._write = None
+        self._append: KVAppend | None = None
         self._planned = torch.cuda.Event()
 
     def plan(self, layout: StepLayout) -> None:
@@ -56,7 +94,10 @@ class FlashInferAttention:
 
     def _plan(self, layout: StepLayout) -> None:
         dev = self.kv_cache.device
-        self._write = (layout.slot_blocks.to(dev, non_blocking=True), layout.slot_offsets.to(dev, non_blocking=True))
+        tokens = layout.slot_blocks.shape[0]
+        # a new buffer per step (tokens vary), from pageable memory: copied before plan returns
+        self._append = KVAppend(tokens, dev, pinned=False)
+        self._append.fill(layout.slot_blocks, layout.slot_offsets)
         if layout.num_seqs == 0:
             self.wrapper = None
             return
@@ -74,9 +115,9 @@ class FlashInferAttention:
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [T, heads, D], k/v [T, kv_heads, D] -> [T, heads, D]; writes k/v into the cache first."""
-        assert self._write is not None, "plan() before forward()"
+        assert self._append is not None, "plan() before forward()"
         cache = self.kv_cache[layer]
-        write_kv(cache, *self._write, k, v)
+        self._append(cache, k, v)
         if self.wrapper is None:
             return torch.empty_like(q)
         return self.wrapper.run(q, cache)
@@ -85,22 +126,21 @@ class FlashInferAttention:
 class GraphDecodeAttention:
     """FlashInfer decode for one CUDA-graph batch size.
 
-    Everything the captured kernels read lives in static buffers: the wrapper's
-    page tables (filled by ``plan``, outside the graph) and the KV write slots
-    (``slot_blocks``, ``slot_offsets``: the owner fills them). Rows beyond the real
-    batch are padding: they write into, and attend to, a scratch block no request owns.
+    Everything the captured kernels read lives in static buffers, filled by ``plan``
+    outside the graph: the wrapper's page tables and the KV write slots. Rows beyond
+    the real batch are padding: they write into, and attend to, a scratch block no
+    request owns.
     """
 
     def __init__(self, kv_cache: torch.Tensor, block_size: int, num_heads: int, batch_size: int,
-                 max_pages_per_seq: int, workspace: torch.Tensor, scratch_block: int,
-                 slot_blocks: torch.Tensor, slot_offsets: torch.Tensor) -> None:  # fmt: skip
+                 max_pages_per_seq: int, workspace: torch.Tensor, scratch_block: int) -> None:  # fmt: skip
         import flashinfer
 
         dev = kv_cache.device
         self.kv_cache, self.block_size, self.batch_size = kv_cache, block_size, batch_size
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, kv_cache.shape[-2], kv_cache.shape[-1]
         self.scratch_block = scratch_block
-        self.slot_blocks, self.slot_offsets = slot_blocks, slot_offsets
+        self.append = KVAppend(batch_size, dev)
         self.wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             workspace,
             "NHD",
@@ -112,8 +152,12 @@ class GraphDecodeAttention:
         )
 
     def plan(self, layout: StepLayout | None) -> None:
-        """Point the graph's page tables at this step's sequences (None: all padding, for capture)."""
+        """Point the graph's page tables and KV write slots at this step's sequences (None:
+        all padding, for capture). The copies are queued: the owner must not call it again
+        before they ran (the pinned host buffers are reused)."""
         n = layout.num_seqs if layout is not None else 0
+        empty = torch.zeros(0, dtype=torch.int64)
+        self.append.fill(layout.slot_blocks if n else empty, layout.slot_offsets if n else empty, self.scratch_block)
         pad = self.batch_size - n
         assert pad >= 0
         ones = np.ones(pad, dtype=np.int64)
@@ -132,5 +176,5 @@ class GraphDecodeAttention:
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         cache = self.kv_cache[layer]
-        write_kv(cache, self.slot_blocks, self.slot_offsets, k, v)
+        self.append(cache, k, v)
         return self.wrapper.run(q, cache)

@@ -32,26 +32,26 @@ class _Graph:
     """One captured size and its static inputs. The inputs are rows of one device
     buffer, filled from one pinned host buffer by a single copy per step."""
 
-    ROWS = ("input_ids", "positions", "slot_blocks", "slot_offsets", "prev_rows")
+    ROWS = ("input_ids", "positions", "prev_rows")
 
-    def __init__(self, size: int, dp: int, scratch_block: int, device: torch.device) -> None:
-        self.size, self.scratch_block = size, scratch_block
+    def __init__(self, size: int, dp: int, device: torch.device) -> None:
+        self.size = size
         self.host = torch.zeros(len(self.ROWS) * size + dp, dtype=torch.int64, pin_memory=True)
         self.device_buffer = torch.zeros_like(self.host, device=device)
         rows = self.device_buffer[: len(self.ROWS) * size].view(len(self.ROWS), size)
-        self.input_ids, self.positions, self.slot_blocks, self.slot_offsets, self.prev_rows = rows
+        self.input_ids, self.positions, self.prev_rows = rows
         self.dp_counts = self.device_buffer[len(self.ROWS) * size :]
         self.graph = torch.cuda.CUDAGraph()
         self.attention: GraphDecodeAttention | None = None
         self.logits: torch.Tensor | None = None
 
     def load(self, layout: StepLayout | None, dp_token_counts: Sequence[int]) -> None:
-        """This step's inputs, padded (token 0 at position 0, KV to the scratch block)."""
+        """This step's inputs, padded (token 0 at position 0, no pending token); the
+        attention's plan fills the KV write slots."""
         n = 0 if layout is None else layout.num_seqs
         rows = self.host[: len(self.ROWS) * self.size].view(len(self.ROWS), self.size).numpy()
         rows[:, n:] = 0
-        rows[2, n:] = self.scratch_block
-        rows[4, n:] = -1
+        rows[2, n:] = -1
         if n:
             for i, name in enumerate(self.ROWS):
                 rows[i, :n] = getattr(layout, name).numpy()
@@ -73,9 +73,9 @@ class DecodeGraphs:
         self.device = device
         pool = None
         for size in sorted(sizes, reverse=True):  # largest first: smaller ones reuse its pool
-            g = _Graph(size, dp, scratch_block, device)
+            g = _Graph(size, dp, device)
             g.attention = GraphDecodeAttention(kv_cache, block_size, num_heads, size, max_pages_per_seq,
-                                               self.workspace, scratch_block, g.slot_blocks, g.slot_offsets)  # fmt: skip
+                                               self.workspace, scratch_block)  # fmt: skip
             g.attention.plan(None)
             g.load(None, [size] * dp)
 

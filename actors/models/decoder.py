@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from raymoe.actors.models import ops
 from raymoe.actors.models.batch import ForwardBatch
 from raymoe.actors.models.checkpoint import CheckpointReader
 from raymoe.actors.models.expert_map import ExpertMap
@@ -41,9 +42,11 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         q, k, v = self.qkv(x)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(batch.positions, q, k)
+        if self.q_norm is not None:  # per-head norms and rotary in one kernel on GPU
+            q, k = ops.qk_norm_rotary_(batch.positions, q, k, self.q_norm.weight, self.k_norm.weight,
+                                       self.q_norm.eps, self.rotary.cos_sin)  # fmt: skip
+        else:
+            q, k = self.rotary(batch.positions, q, k)
         out = batch.attention.forward(self.layer, q, k, v)
         return self.o_proj(out.reshape(x.shape[0], self.qkv.heads * self.qkv.head_dim))
 

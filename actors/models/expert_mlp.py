@@ -4,7 +4,7 @@
 
 Rows are sorted by slot: group e is rows [ends[e-1], ends[e]) (group 0 starts at
 row 0), and rows past the last group end belong to other ranks' slots (or to no
-slot) and come out as zeros.
+slot): they are left as they are (garbage; the combine does not read them).
 
 Two implementations of the same maths:
 - ``torch``: two ``torch._grouped_mm`` calls and a SiLU-and-mul; the reference,
@@ -12,28 +12,26 @@ Two implementations of the same maths:
 - ``triton``: two Triton kernels, one program per (slot, column block), each
   looping over its group's rows. The first reads x's rows in place (no gathered
   copy), computes gate and up together and applies SiLU-and-mul in float32 before
-  one bf16 rounding; the second writes the zero rows too. No host syncs: it runs
+  one bf16 rounding. No host syncs: it runs
   inside CUDA graphs. benchmarks/expert_mlp_bench.py measures it against
   ``torch._grouped_mm`` and FlashInfer's ``cutlass_fused_moe`` (BENCHMARKS.md).
 """
 from __future__ import annotations
 
-import functools
-import logging
-
 import torch
 
 from raymoe.actors.models import ops
-
-log = logging.getLogger(__name__)
+from raymoe.actors.models.ops import triton_available
 
 
 def expert_mlp(x: torch.Tensor, rows: torch.Tensor, ends: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-               backend: str | None = None, config: dict | None = None, others: bool = True) -> torch.Tensor:  # fmt: skip
+               groups: torch.Tensor | None = None, backend: str | None = None,
+               config: dict | None = None) -> torch.Tensor:  # fmt: skip
     """x [N, H]; rows [M] (token of each sorted row); ends [S] int32 (cumulative group
     ends); w13 [S, 2I, H] ([gate; up]); w2 [S, H, I] -> y [M, H] in x's dtype.
-    others=False promises that every row is in a group (ends[-1] == M): the torch path
-    then skips zeroing the rest.
+    groups [G] int32: the slots to run, every slot with rows among them, -1 for none
+    (the dispatch's ``groups``); the Triton kernels launch programs for these alone, so
+    a decode step with 8 busy slots of 128 launches 8 rows of programs. None: all slots.
 
     backend: "triton" or "torch"; None picks the faster one measured for this size
     (``pick_config``) on CUDA, torch elsewhere. config: Triton block sizes, for benchmarks.
@@ -42,21 +40,19 @@ def expert_mlp(x: torch.Tensor, rows: torch.Tensor, ends: torch.Tensor, w13: tor
     if backend is None:
         backend = "triton" if x.is_cuda and config is not None and triton_available() else "torch"
     if backend == "torch":
-        return _torch_expert_mlp(x, rows, ends, w13, w2, others)
+        return _torch_expert_mlp(x, rows, ends, w13, w2)
     if backend != "triton":
         raise ValueError(f"expert_mlp backend must be 'triton' or 'torch', not {backend!r}")
     from raymoe.actors.models import expert_mlp_triton
 
-    return expert_mlp_triton.expert_mlp(x, rows, ends, w13, w2, config or _LARGEST)
+    if groups is None:
+        groups = torch.arange(w13.shape[0], dtype=torch.int32, device=x.device)
+    return expert_mlp_triton.expert_mlp(x, rows, ends, groups, w13, w2, config or _LARGEST)
 
 
-def _torch_expert_mlp(x, rows, ends, w13, w2, others) -> torch.Tensor:
+def _torch_expert_mlp(x, rows, ends, w13, w2) -> torch.Tensor:
     h = ops.silu_and_mul(torch._grouped_mm(x[rows], w13.transpose(1, 2), offs=ends))
-    y = torch._grouped_mm(h, w2.transpose(1, 2), offs=ends)
-    if not others:
-        return y
-    # rows past the last group are other ranks' choices: _grouped_mm leaves them as garbage
-    return torch.where((torch.arange(y.shape[0], device=y.device) < ends[-1]).unsqueeze(1), y, 0)
+    return torch._grouped_mm(h, w2.transpose(1, 2), offs=ends)
 
 
 # Triton block sizes by rows per slot: the best of benchmarks/expert_mlp_bench.py --sweep
@@ -76,14 +72,3 @@ def pick_config(num_rows: int, num_slots: int) -> dict | None:
     captures one fixed choice."""
     per_slot = num_rows / max(num_slots, 1)
     return next((config for bound, config in _CONFIGS if per_slot <= bound), None)
-
-
-@functools.cache
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-
-        return True
-    except ImportError as e:
-        log.warning("Triton is not importable (%s): MoE dispatch and experts run on torch kernels", e)
-        return False

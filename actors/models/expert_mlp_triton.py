@@ -11,14 +11,21 @@ import triton.language as tl
 
 
 @triton.jit
-def _gate_up_silu(x, rows, ends, w, h, inter, hidden, stride_x, stride_we, stride_wn, stride_h,
+def _group_rows(groups, ends, j):
+    """Slot e = groups[j] and its rows [start, end) (empty for e = -1)."""
+    e = tl.load(groups + j)
+    start = tl.load(ends + e - 1, mask=e > 0, other=0)
+    end = tl.load(ends + e, mask=e >= 0, other=0)
+    return tl.maximum(e, 0), start, end
+
+
+@triton.jit
+def _gate_up_silu(x, rows, ends, groups, w, h, inter, hidden, stride_x, stride_we, stride_wn, stride_h,
                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
     """h[r, n] = silu(x[rows[r]] . w[e, n]) * (x[rows[r]] . w[e, inter + n]) for r in group e."""
-    e = tl.program_id(0)
+    e, start, end = _group_rows(groups, ends, tl.program_id(0))
     n = tl.program_id(1) * BN + tl.arange(0, BN)
     k = tl.arange(0, BK)
-    start = tl.load(ends + e - 1, mask=e > 0, other=0)
-    end = tl.load(ends + e)
     w_gate = w + e.to(tl.int64) * stride_we + n[:, None] * stride_wn + k[None, :]
     w_up = w_gate + inter * stride_wn
     for m0 in range(start, end, BM):
@@ -38,52 +45,43 @@ def _gate_up_silu(x, rows, ends, w, h, inter, hidden, stride_x, stride_we, strid
 
 
 @triton.jit
-def _down(h, ends, w, y, num_slots, num_rows, inter, stride_h, stride_we, stride_wn, stride_y,
+def _down(h, ends, groups, w, y, inter, stride_h, stride_we, stride_wn, stride_y,
           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
-    """y[r, n] = h[r] . w[e, n] for r in group e; program e == num_slots zeroes the rows
-    past the last group (other ranks' choices)."""
-    e = tl.program_id(0)
+    """y[r, n] = h[r] . w[e, n] for r in group e."""
+    e, start, end = _group_rows(groups, ends, tl.program_id(0))
     n = tl.program_id(1) * BN + tl.arange(0, BN)
     k = tl.arange(0, BK)
-    start = tl.load(ends + e - 1, mask=e > 0, other=0)
-    if e < num_slots:
-        end = tl.load(ends + e)
-        w_rows = w + e.to(tl.int64) * stride_we + n[:, None] * stride_wn + k[None, :]
-        for m0 in range(start, end, BM):
-            r = m0 + tl.arange(0, BM)
-            live = r < end
-            h_rows = h + r.to(tl.int64)[:, None] * stride_h + k[None, :]
-            acc = tl.zeros((BM, BN), dtype=tl.float32)
-            for k0 in range(0, inter, BK):
-                a = tl.load(h_rows + k0, mask=live[:, None], other=0.0)
-                acc = tl.dot(a, tl.trans(tl.load(w_rows + k0)), acc)
-            tl.store(y + r.to(tl.int64)[:, None] * stride_y + n[None, :], acc.to(y.dtype.element_ty), mask=live[:, None])
-    else:
-        for m0 in range(start, num_rows, BM):
-            r = m0 + tl.arange(0, BM)
-            zero = tl.zeros((BM, BN), dtype=y.dtype.element_ty)
-            tl.store(y + r.to(tl.int64)[:, None] * stride_y + n[None, :], zero, mask=(r < num_rows)[:, None])
+    w_rows = w + e.to(tl.int64) * stride_we + n[:, None] * stride_wn + k[None, :]
+    for m0 in range(start, end, BM):
+        r = m0 + tl.arange(0, BM)
+        live = r < end
+        h_rows = h + r.to(tl.int64)[:, None] * stride_h + k[None, :]
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, inter, BK):
+            a = tl.load(h_rows + k0, mask=live[:, None], other=0.0)
+            acc = tl.dot(a, tl.trans(tl.load(w_rows + k0)), acc)
+        tl.store(y + r.to(tl.int64)[:, None] * stride_y + n[None, :], acc.to(y.dtype.element_ty), mask=live[:, None])
 
 
-def expert_mlp(x: torch.Tensor, rows: torch.Tensor, ends: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-               config: dict) -> torch.Tensor:  # fmt: skip
+def expert_mlp(x: torch.Tensor, rows: torch.Tensor, ends: torch.Tensor, groups: torch.Tensor, w13: torch.Tensor,
+               w2: torch.Tensor, config: dict) -> torch.Tensor:  # fmt: skip
     """Shapes as raymoe.actors.models.expert_mlp.expert_mlp; config: BM, BN, BK,
-    num_warps, num_stages."""
+    num_warps, num_stages. One row of programs per entry of ``groups``."""
     num_rows, (num_slots, two_inter, hidden) = rows.shape[0], w13.shape
     inter = two_inter // 2
-    assert w2.shape == (num_slots, hidden, inter) and ends.shape == (num_slots,)
+    assert w2.shape == (num_slots, hidden, inter) and ends.shape == (num_slots,) and groups.dtype == torch.int32
     assert x.stride(1) == 1 and w13.stride(2) == 1 and w2.stride(2) == 1
     bm, launch = config["BM"], dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
     h = torch.empty(num_rows, inter, dtype=x.dtype, device=x.device)
     y = torch.empty(num_rows, hidden, dtype=x.dtype, device=x.device)
     bn, bk = _block(inter, config["BN"]), _block(hidden, config["BK"])
-    _gate_up_silu[(num_slots, inter // bn)](
-        x, rows, ends, w13, h, inter, hidden, x.stride(0), w13.stride(0), w13.stride(1), h.stride(0),
+    _gate_up_silu[(groups.shape[0], inter // bn)](
+        x, rows, ends, groups, w13, h, inter, hidden, x.stride(0), w13.stride(0), w13.stride(1), h.stride(0),
         BM=bm, BN=bn, BK=bk, **launch,
     )  # fmt: skip
     bn, bk = _block(hidden, config["BN"]), _block(inter, config["BK"])
-    _down[(num_slots + 1, hidden // bn)](
-        h, ends, w2, y, num_slots, num_rows, inter, h.stride(0), w2.stride(0), w2.stride(1), y.stride(0),
+    _down[(groups.shape[0], hidden // bn)](
+        h, ends, groups, w2, y, inter, h.stride(0), w2.stride(0), w2.stride(1), y.stride(0),
         BM=bm, BN=bn, BK=bk, **launch,
     )  # fmt: skip
     return y

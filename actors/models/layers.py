@@ -14,6 +14,7 @@ from torch import nn
 
 from raymoe.actors.models import ops
 from raymoe.actors.models.checkpoint import CheckpointReader
+from raymoe.actors.models.linear import linear
 from raymoe.actors.models.spec import ModelSpec, RopeSpec
 from raymoe.comm.group import GroupCoordinator
 
@@ -109,7 +110,7 @@ class ParallelLMHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, H] -> logits [N, vocab] (gathered over tp)."""
         weight = self.embedding.weight if self.tied else self.weight
-        logits = F.linear(x, weight)
+        logits = linear(x, weight)
         logits = self.embedding.tp.all_gather(logits, dim=-1)
         return logits[..., : self.embedding.vocab]
 
@@ -129,7 +130,7 @@ class RowParallelLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out, dtype=dtype, device=device), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.group.all_reduce(F.linear(x, self.weight))
+        y = self.group.all_reduce(linear(x, self.weight))
         return y + self.bias if self.bias is not None else y
 
     def load(self, reader: CheckpointReader, prefix: str, col_start: int) -> None:
@@ -165,7 +166,7 @@ class QKVProjection(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [T, H] -> q [T, heads, D], k [T, kv_heads, D], v [T, kv_heads, D]."""
-        qkv = F.linear(x, self.weight, self.bias)
+        qkv = linear(x, self.weight, self.bias)
         d = self.head_dim
         q, k, v = qkv.split([self.heads * d, self.kv_heads * d, self.kv_heads * d], dim=-1)
         return q.view(-1, self.heads, d), k.view(-1, self.kv_heads, d), v.view(-1, self.kv_heads, d)
@@ -190,7 +191,7 @@ class DenseMLP(nn.Module):
         self.down = RowParallelLinear(self.local, hidden, tp, bias=False, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(ops.silu_and_mul(F.linear(x, self.gate_up)))
+        return self.down(ops.silu_and_mul(linear(x, self.gate_up)))
 
     def load(self, reader: CheckpointReader, gate: str, up: str, down_prefix: str) -> None:
         s, e = self.start, self.start + self.local

@@ -11,7 +11,8 @@ tokens. The MoE layer
    by this rank's slots (moe_dispatch.py);
 3. runs the experts whose slots this rank holds -- its EP share, with its
    ``moe_tp`` slice of each expert's intermediate dimension (expert_mlp.py) --
-   and sums each token's choices weighted by the router probabilities;
+   and sums each token's choices weighted by the router probabilities
+   (moe_combine.py);
 4. all-reduces the partial outputs over the world (the world is exactly
    ep x moe_tp shares, each held by one rank) and keeps its own replica's rows.
 
@@ -30,6 +31,8 @@ from raymoe.actors.models.batch import ForwardBatch
 from raymoe.actors.models.checkpoint import CheckpointReader
 from raymoe.actors.models.expert_map import ExpertMap
 from raymoe.actors.models.expert_mlp import expert_mlp
+from raymoe.actors.models.linear import linear
+from raymoe.actors.models.moe_combine import combine
 from raymoe.actors.models.moe_dispatch import dispatch
 from raymoe.actors.models.layers import split_evenly
 from raymoe.actors.models.spec import ModelSpec
@@ -92,7 +95,7 @@ class MoE(nn.Module):
         else:
             x_all, valid = x, None
 
-        logits = F.linear(x_all, self.router)
+        logits = linear(x_all, self.router)
         if self.router_bias is not None:  # benchmark-only skew (eplb.router_skew)
             logits = logits + self.router_bias
         emap = self.expert_map
@@ -100,12 +103,9 @@ class MoE(nn.Module):
                      emap.replica_count[self.moe_layer], emap.num_physical, self.slot_start, self.slots, valid)  # fmt: skip
         if batch.expert_load is not None:
             batch.expert_load.record(self.moe_layer, d.physical)
+        y = expert_mlp(x_all, d.rows, d.ends, self.w13, self.w2, d.groups)
         all_local = self.slots == emap.num_physical and valid is None  # every row is one of our slots
-        y = expert_mlp(x_all, d.rows, d.ends, self.w13, self.w2, others=not all_local)
-        # combine: out[t] = sum_j weights[t, j] * y[sorted row of (t, j)], a gather and a
-        # weighted sum in one kernel (fp32 accumulation, no atomics: deterministic)
-        out = F.embedding_bag(d.sorted_row, y, per_sample_weights=d.weights.to(y.dtype), mode="sum")
-        out = self.groups.world.all_reduce(out)
+        out = self.groups.world.all_reduce(combine(y, d.sorted_row, d.weights, d.ends, all_local))
         if dp.world_size > 1:
             start = dp.rank_in_group * batch.dp_pad
             out = out[start : start + x.shape[0]]

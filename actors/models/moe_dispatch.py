@@ -5,8 +5,9 @@ Two implementations of the same result:
 - ``torch``: topk, softmax, the replica pick, a stable sort of 16-bit keys, a
   searchsorted and a scatter -- about a dozen small kernels; the reference, the
   CPU path and the path for large batches;
-- ``triton``: one single-program kernel for up to ``TRITON_MAX_CHOICES``
-  choices (decode batches, where these small kernels are much of a step).
+- ``triton``: one or two kernels (moe_dispatch_triton.py) for up to
+  ``TRITON_MAX_CHOICES`` choices (decode batches, where these small kernels are
+  much of a step).
 
 Both sort stably, so they give the same rows in the same order (up to ties among
 router logits, which either may break its own way).
@@ -17,12 +18,12 @@ from dataclasses import dataclass
 
 import torch
 
-from raymoe.actors.models.expert_mlp import triton_available
+from raymoe.actors.models.ops import triton_available
 
-# The kernel works in one program, sorting all choices in its registers: measured on an
-# H200 (benchmarks/expert_mlp_bench.py), faster than torch's kernels up to ~1k choices
-# (512: 30 vs 52 us), even at 2k, and slower at 4k (~170 vs ~60 us).
-TRITON_MAX_CHOICES = 1024
+# The grouping sorts all choices in one program's registers: measured on an H200
+# (benchmarks/expert_mlp_bench.py, dispatch rows), faster than torch's kernels up to 2k
+# choices (256 tokens x 8: 51 vs 66 us with the routing still serial; 4k was slower).
+TRITON_MAX_CHOICES = 2048
 
 
 @dataclass(frozen=True)
@@ -30,13 +31,16 @@ class Dispatch:
     """weights, physical [N, k]: the router's weights (logits' dtype) and physical slots
     (int64; -1 for rows that are not valid). rows [M = N*k]: token of each sorted row,
     ends [slots] int32: group g is sorted rows [ends[g-1], ends[g]); rows past ends[-1]
-    are other ranks' (or invalid) choices. sorted_row [N, k]: the sorted row of each choice."""
+    are other ranks' (or invalid) choices. sorted_row [N, k]: the sorted row of each choice.
+    groups [min(slots, M)] int32: the slots with rows, ascending, then -1s (which slots
+    the expert kernels must run)."""
 
     weights: torch.Tensor
     physical: torch.Tensor
     rows: torch.Tensor
     ends: torch.Tensor
     sorted_row: torch.Tensor
+    groups: torch.Tensor
 
 
 def dispatch(logits: torch.Tensor, top_k: int, norm_topk_prob: bool, logical_to_physical: torch.Tensor,
@@ -94,4 +98,12 @@ def _torch_dispatch(logits, top_k, norm_topk_prob, logical_to_physical, replica_
     group_ends = torch.arange(1, slots + 1, dtype=torch.int16, device=logits.device)
     ends = torch.searchsorted(keys, group_ends, out_int32=True)
     sorted_row = torch.empty_like(order).scatter_(0, order, torch.arange(n * top_k, device=logits.device))
-    return Dispatch(weights, physical, order // top_k, ends, sorted_row.view(n, top_k))
+    return Dispatch(weights, physical, order // top_k, ends, sorted_row.view(n, top_k), busy_slots(ends, n * top_k))
+
+
+def busy_slots(ends: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """The slots whose groups have rows, ascending, then -1s: [min(slots, num_rows)] int32
+    (no host sync)."""
+    busy = torch.diff(ends, prepend=ends.new_zeros(1)) > 0
+    order = torch.sort((~busy).to(torch.uint8), stable=True).indices  # busy slots first
+    return torch.where(busy[order], order, -1)[: min(ends.shape[0], num_rows)].to(torch.int32)

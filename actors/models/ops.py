@@ -1,4 +1,5 @@
-"""Fused elementwise ops: FlashInfer kernels on GPU, plain torch elsewhere.
+"""Fused elementwise ops: FlashInfer kernels on GPU, plain torch elsewhere; and whether
+Triton (for the model's own kernels) is importable.
 
 The torch versions are the reference (and the CPU path); each FlashInfer kernel
 replaces a chain of 4-8 small kernels, which is what a decode step is made of.
@@ -24,6 +25,18 @@ def _flashinfer():
         log.warning("FlashInfer is not importable (%s): fused norm/rotary/activation kernels off; "
                     "pip install 'raymoe[gpu]'", e)  # fmt: skip
         return None
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+
+        return True
+    except ImportError as e:
+        log.warning("Triton is not importable (%s): the MoE dispatch, experts and few-row projections "
+                    "run on torch kernels", e)  # fmt: skip
+        return False
 
 
 def _fused(x: torch.Tensor):
@@ -76,6 +89,25 @@ def rotary_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: 
     cos = cos_sin[positions, :half].repeat(1, 2).unsqueeze(1).to(q.dtype)
     sin = cos_sin[positions, half:].repeat(1, 2).unsqueeze(1).to(q.dtype)
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def qk_norm_rotary_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor,
+                    k_weight: torch.Tensor, eps: float, cos_sin: torch.Tensor,
+                    backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """rotary_(positions, rms_norm(q, q_weight), rms_norm(k, k_weight)): Qwen3's per-head
+    norms then the rotary embedding; on GPU one Triton kernel, in place."""
+    if backend is None:
+        dim = q.shape[-1]
+        fits = dim % 2 == 0 and (dim // 2) & (dim // 2 - 1) == 0 and q.stride(-1) == 1 and k.stride(-1) == 1
+        backend = "triton" if q.is_cuda and fits and triton_available() else "torch"
+    if backend == "torch":
+        return rotary_(positions, rms_norm(q, q_weight, eps), rms_norm(k, k_weight, eps), cos_sin)
+    if backend != "triton":
+        raise ValueError(f"qk_norm_rotary_ backend must be 'triton' or 'torch', not {backend!r}")
+    from raymoe.actors.models.qk_norm_rope_triton import qk_norm_rope_
+
+    qk_norm_rope_(positions, q, k, q_weight, k_weight, eps, cos_sin)
+    return q, k
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

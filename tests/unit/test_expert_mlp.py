@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from raymoe.actors.models.expert_mlp import expert_mlp, pick_config
+from raymoe.actors.models.moe_combine import combine
 from raymoe.actors.models.moe_dispatch import dispatch
 from raymoe.cluster.expert_placement import replica_tables
 
@@ -28,12 +29,34 @@ def _mlp_case(slots: int, hidden: int, inter: int, tokens: int, top_k: int, fore
 @pytest.mark.parametrize("foreign", [False, True])
 def test_expert_mlp_matches_a_loop_of_matmuls(foreign):
     x, rows, ends, w13, w2, keys = _mlp_case(slots=5, hidden=32, inter=24, tokens=7, top_k=3, foreign=foreign)
-    want = torch.zeros(rows.shape[0], x.shape[1])
-    for r, (token, slot) in enumerate(zip(rows.tolist(), keys.tolist())):
-        if slot < w13.shape[0]:  # another rank's rows stay 0
-            gate_up = w13[slot] @ x[token]
-            want[r] = w2[slot] @ (F.silu(gate_up[:24]) * gate_up[24:])
-    torch.testing.assert_close(expert_mlp(x, rows, ends, w13, w2, backend="torch"), want, rtol=1e-5, atol=1e-5)
+    mine = int(ends[-1])  # rows past it are another rank's: left unwritten
+    want = torch.zeros(mine, x.shape[1])
+    for r, (token, slot) in enumerate(zip(rows[:mine].tolist(), keys[:mine].tolist())):
+        gate_up = w13[slot] @ x[token]
+        want[r] = w2[slot] @ (F.silu(gate_up[:24]) * gate_up[24:])
+    got = expert_mlp(x, rows, ends, w13, w2, backend="torch")
+    assert got.shape == (rows.shape[0], x.shape[1])
+    torch.testing.assert_close(got[:mine], want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("all_local", [False, True])
+def test_combine_sums_each_tokens_own_choices_and_never_reads_foreign_rows(all_local):
+    g = torch.Generator().manual_seed(2)
+    tokens, top_k, hidden = 5, 3, 8
+    m = tokens * top_k
+    mine = m if all_local else 9
+    y = torch.randn(m, hidden, generator=g)
+    y[mine:] = float("nan")  # garbage in other ranks' rows must not reach the output
+    sorted_row = torch.randperm(m, generator=g).view(tokens, top_k)
+    weights = torch.rand(tokens, top_k, generator=g)
+    ends = torch.tensor([2, mine], dtype=torch.int32)
+    want = torch.zeros(tokens, hidden)
+    for t in range(tokens):
+        for j in range(top_k):
+            if sorted_row[t, j] < mine:
+                want[t] += weights[t, j] * y[sorted_row[t, j]]
+    got = combine(y, sorted_row, weights, ends, all_local=all_local, backend="torch")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("norm_topk_prob", [True, False])
@@ -69,12 +92,18 @@ def test_dispatch_groups_each_choice_under_its_slot(norm_topk_prob, ep_rank, ep)
             else:  # another rank's or an invalid choice: past the last group
                 assert r >= int(d.ends[-1])
     assert sorted(d.sorted_row.flatten().tolist()) == list(range(tokens * top_k))
+    # the slots the expert kernels run: those with rows, ascending, then -1s
+    local = [int(p) - ep_rank * slots for t in range(tokens) for p in d.physical[t] if valid[t]]
+    busy = sorted({s for s in local if 0 <= s < slots})
+    assert d.groups.tolist() == busy + [-1] * (min(slots, tokens * top_k) - len(busy))
 
 
 def test_unknown_backends_are_value_errors():
     x, rows, ends, w13, w2, _ = _mlp_case(slots=2, hidden=16, inter=16, tokens=2, top_k=1, foreign=False)
     with pytest.raises(ValueError, match="backend"):
         expert_mlp(x, rows, ends, w13, w2, backend="cuda")
+    with pytest.raises(ValueError, match="backend"):
+        combine(x, torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1), ends, backend="cuda")
     l2p, counts = replica_tables(torch.arange(4).view(1, -1), 4)
     with pytest.raises(ValueError, match="backend"):
         dispatch(torch.randn(3, 4), 2, True, l2p[0], counts[0], 4, 0, 4, backend="cuda")

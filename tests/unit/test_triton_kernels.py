@@ -1,4 +1,4 @@
-"""The Triton kernels (expert MLP, MoE dispatch) in Triton's CPU interpreter against the
+"""The Triton kernels (expert MLP, MoE dispatch, few-row linear) in Triton's CPU interpreter against the
 torch paths. Skipped where Triton is not installed (CI's CPU torch has none); GPU hosts
 run it, and tests/gpu runs the compiled kernels."""
 from __future__ import annotations

@@ -9,9 +9,17 @@ import sys
 
 import torch
 
-from raymoe.actors.models import expert_mlp_triton, moe_dispatch_triton
+from raymoe.actors.models import (
+    expert_mlp_triton,
+    moe_combine_triton,
+    moe_dispatch_triton,
+    ops,
+    qk_norm_rope_triton,
+    skinny_linear_triton,
+)
+from raymoe.actors.models.moe_combine import combine
 from raymoe.actors.models.expert_mlp import expert_mlp
-from raymoe.actors.models.moe_dispatch import dispatch
+from raymoe.actors.models.moe_dispatch import busy_slots, dispatch
 from raymoe.cluster.expert_placement import replica_tables
 
 assert os.environ.get("TRITON_INTERPRET") == "1"
@@ -26,12 +34,14 @@ def expert_mlp_case(slots, hidden, inter, tokens, foreign, top_k=3):
     keys, order = torch.sort(bucket, stable=True)
     ends = torch.searchsorted(keys, torch.arange(1, slots + 1), out_int32=True)
     want = expert_mlp(x, order // top_k, ends, w13, w2, backend="torch")
+    mine = int(ends[-1])  # rows past it are other ranks': neither path writes them
     # BM 16 < rows per slot: programs loop over several row blocks
     config = dict(BM=16, BN=32, BK=32, num_warps=4, num_stages=2)
-    got = expert_mlp_triton.expert_mlp(x, order // top_k, ends, w13, w2, config)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    groups = busy_slots(ends, tokens * top_k)
+    got = expert_mlp_triton.expert_mlp(x, order // top_k, ends, groups, w13, w2, config)
+    torch.testing.assert_close(got[:mine], want[:mine], rtol=1e-5, atol=1e-5)
     try:
-        expert_mlp_triton.expert_mlp(x[:, :8], order // top_k, ends, w13[:, :, :8], w2[:, :8], config)
+        expert_mlp_triton.expert_mlp(x[:, :8], order // top_k, ends, groups, w13[:, :, :8], w2[:, :8], config)
         raise AssertionError("hidden 8 must be refused")
     except ValueError as e:
         assert "multiple of 16" in str(e)
@@ -48,9 +58,48 @@ def dispatch_case(tokens, experts, physical, top_k, norm, ep, ep_rank, with_vali
     want = dispatch(*args, backend="torch")
     got = dispatch(*args, backend="triton")
     torch.testing.assert_close(got.weights, want.weights, rtol=1e-6, atol=1e-6)
-    for field in ("physical", "rows", "ends", "sorted_row"):
+    for field in ("physical", "rows", "ends", "sorted_row", "groups"):
         a, b = getattr(got, field), getattr(want, field)
         assert torch.equal(a.long(), b.long()), (field, a, b)
+
+
+def combine_case(tokens, top_k, hidden, mine):
+    g = torch.Generator().manual_seed(tokens)
+    m = tokens * top_k
+    y = torch.randn(m, hidden, generator=g)
+    y[mine:] = float("nan")  # other ranks' rows: never read
+    sorted_row = torch.randperm(m, generator=g).view(tokens, top_k)
+    weights = torch.rand(tokens, top_k, generator=g).to(torch.bfloat16)
+    ends = torch.tensor([mine // 2, mine], dtype=torch.int32)
+    want = combine(y, sorted_row, weights, ends, backend="torch")
+    got = moe_combine_triton.combine(y, sorted_row, weights, ends)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def qk_norm_rope_case(tokens, heads, kv_heads, dim):
+    g = torch.Generator().manual_seed(tokens)
+    # q and k as views of one qkv row, as the attention block makes them
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=g)
+    q = qkv[:, : heads * dim].view(tokens, heads, dim)
+    k = qkv[:, heads * dim : (heads + kv_heads) * dim].view(tokens, kv_heads, dim)
+    wq, wk = torch.rand(dim, generator=g) + 0.5, torch.rand(dim, generator=g) + 0.5
+    positions = torch.randint(0, 64, (tokens,), generator=g)
+    cos_sin = torch.randn(64, dim, generator=g)
+    want_q, want_k = ops.qk_norm_rotary_(positions, q.clone(), k.clone(), wq, wk, 1e-6, cos_sin, backend="torch")
+    v_before = qkv[:, (heads + kv_heads) * dim :].clone()
+    qk_norm_rope_triton.qk_norm_rope_(positions, q, k, wq, wk, 1e-6, cos_sin)
+    torch.testing.assert_close(q, want_q, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(k, want_k, rtol=1e-5, atol=1e-5)
+    assert torch.equal(qkv[:, (heads + kv_heads) * dim :], v_before), "v must be left alone"
+
+
+def skinny_linear_case(rows, bias):
+    g = torch.Generator().manual_seed(rows)
+    x, w = torch.randn(rows, 64, generator=g), torch.randn(40, 64, generator=g)  # 40: a partial column block
+    b = torch.randn(40, generator=g) if bias else None
+    config = dict(BN=16, BK=32, num_warps=4, num_stages=2)  # two K steps
+    got = skinny_linear_triton.skinny_linear(x, w, b, config)
+    torch.testing.assert_close(got, torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
 
 
 CASES = {
@@ -62,6 +111,11 @@ CASES = {
     "dispatch-replicas-ep2": lambda: dispatch_case(50, 16, 24, 3, True, 2, 1, False),
     "dispatch-valid-rows": lambda: dispatch_case(20, 8, 12, 2, True, 2, 0, True),
     "dispatch-4096-choices": lambda: dispatch_case(512, 32, 32, 8, True, 1, 0, False),
+    "combine-foreign-rows": lambda: combine_case(6, 4, 40, mine=17),  # 40: a partial column block
+    "combine-all-local": lambda: combine_case(3, 2, 16, mine=6),
+    "qk-norm-rope": lambda: qk_norm_rope_case(3, 4, 2, 16),
+    "skinny-linear-1-row": lambda: skinny_linear_case(1, bias=False),
+    "skinny-linear-3-rows-bias": lambda: skinny_linear_case(3, bias=True),
 }
 
 if __name__ == "__main__":

@@ -1,0 +1,80 @@
+"""Few-row dense projections on one GPU: the Triton matrix-vector kernel
+(actors/models/skinny_linear_triton.py) against F.linear (cuBLAS), at the
+Qwen3-30B-A3B projections of one and two tensor-parallel ranks, replayed in CUDA
+graphs. Reports microseconds and the share of the copy bandwidth the weight read
+reaches. --sweep also times a grid of Triton block sizes per shape, at one row.
+
+    python3 benchmarks/skinny_linear_bench.py --rows 1,2,4 --sweep
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import torch
+
+from raymoe.actors.models.linear import SKINNY_CONFIG, linear
+
+from expert_mlp_bench import copy_bandwidth, graph_time
+
+# (name, N, K): qkv / o_proj / router of tp=1, qkv / o_proj of tp=2, the LM head of tp=1 and tp=2
+SHAPES = [("qkv tp1", 5120, 2048), ("o_proj tp1", 2048, 4096), ("router", 128, 2048),
+          ("qkv tp2", 2560, 2048), ("o_proj tp2", 2048, 2048),
+          ("lm_head tp1", 151936, 2048), ("lm_head tp2", 75968, 2048)]  # fmt: skip
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", default="1,2,4")
+    p.add_argument("--sweep", action="store_true")
+    p.add_argument("--out", help="also write the table here (markdown)")
+    return p.parse_args()
+
+
+def _sweep():
+    for bn, bk, warps, stages in itertools.product((8, 16, 32), (256, 512, 1024), (4, 8), (1, 2)):
+        yield dict(BN=bn, BK=bk, num_warps=warps, num_stages=stages)
+
+
+def _fmt(c: dict) -> str:
+    return "BN{BN} BK{BK} w{num_warps} s{num_stages}".format(**c)
+
+
+def main() -> None:
+    args = parse()
+    dev = torch.device("cuda")
+    bw = copy_bandwidth(dev)
+    print(f"{torch.cuda.get_device_name(dev)}: copy {bw / 1e12:.2f} TB/s", flush=True)
+    lines = ["| shape | N x K | rows | cuBLAS us | Triton us | cuBLAS % bw | Triton % bw | error | best sweep |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for (name, n, k), m in itertools.product(SHAPES, [int(r) for r in args.rows.split(",")]):
+        w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) / k**0.5
+        x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+        want = linear(x, w, backend="torch").float()
+        err = ((linear(x, w, backend="triton").float() - want).norm() / want.norm()).item()
+        t_cublas = graph_time(lambda: linear(x, w, backend="torch"))
+        t_triton = graph_time(lambda: linear(x, w, backend="triton"))
+        best = ""
+        if args.sweep and m == 1:  # one row: the batch-1 decode step
+            timed = []
+            for c in _sweep():
+                if k % c["BK"] == 0:
+                    try:
+                        timed.append((graph_time(lambda c=c: linear(x, w, backend="triton", config=c)), c))
+                    except Exception:  # noqa: BLE001 -- a config that does not launch
+                        torch.cuda.synchronize()
+            t, c = min(timed, key=lambda tc: tc[0])
+            best = f"{t * 1e6:.1f} us {_fmt(c)}"
+        byte = n * k * 2
+        lines.append(f"| {name} | {n} x {k} | {m} | {t_cublas * 1e6:.1f} | {t_triton * 1e6:.1f} | "
+                     f"{byte / t_cublas / bw * 100:.0f} | {byte / t_triton / bw * 100:.0f} | {err:.1e} | {best} |")  # fmt: skip
+        print(lines[-1], flush=True)
+    table = f"default config {_fmt(SKINNY_CONFIG)}\n\n" + "\n".join(lines)
+    print(table)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(table + "\n")
+
+
+if __name__ == "__main__":
+    main()

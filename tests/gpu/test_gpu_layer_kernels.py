@@ -1,0 +1,78 @@
+"""The kernels of the dense part of a layer, compiled for this GPU, against references:
+the one-row Triton linear (F.linear), the fused q/k norm + rotary Triton kernel (the
+unfused path: FlashInfer's norm and rotary), FlashInfer's KV append (the torch
+backend's ``write_kv``)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+from raymoe.actors.engine.attention_torch import write_kv  # noqa: E402
+from raymoe.actors.models import ops  # noqa: E402
+from raymoe.actors.models.linear import linear  # noqa: E402
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4])
+@pytest.mark.parametrize("n,k,bias", [(5120, 2048, False), (2048, 4096, True), (120, 2048, False)])
+def test_skinny_linear_matches_cublas(rows, n, k, bias):
+    g = torch.Generator(device="cuda").manual_seed(rows)
+    bf = dict(device="cuda", dtype=torch.bfloat16, generator=g)
+    x, w = torch.randn(rows, k, **bf), torch.randn(n, k, **bf) / k**0.5
+    b = torch.randn(n, **bf) if bias else None
+    want = torch.nn.functional.linear(x.float(), w.float(), b.float() if bias else None)
+    got = linear(x, w, b, backend="triton").float()
+    assert got.shape == (rows, n)
+    assert ((got - want).norm() / want.norm()).item() < 5e-3  # one bf16 rounding of the output
+
+
+@pytest.mark.parametrize("graph", [False, True])
+def test_kv_append_writes_where_write_kv_does(graph):
+    from raymoe.actors.engine.attention_flashinfer import KVAppend
+
+    blocks_total, block_size, kv_heads, d, tokens = 12, 16, 2, 64, 7
+    cache = torch.zeros(blocks_total, 2, block_size, kv_heads, d, device="cuda", dtype=torch.bfloat16)
+    # k and v are views into one qkv row, as the attention block produces them
+    qkv = torch.randn(tokens, (4 + 2 * kv_heads) * d, device="cuda", dtype=torch.bfloat16)
+    k = qkv[:, 4 * d : (4 + kv_heads) * d].view(tokens, kv_heads, d)
+    v = qkv[:, (4 + kv_heads) * d :].view(tokens, kv_heads, d)
+    blocks, offsets = torch.tensor([3, 3, 5, 0, 11]), torch.tensor([0, 1, 15, 4, 9])
+    append = KVAppend(tokens, torch.device("cuda"))
+    # 5 real rows; the last two are padding: they go to offset 0 of the scratch block 9
+    append.fill(blocks, offsets, pad_block=9)
+    if graph:
+        append(cache.clone(), k, v)  # warm-up outside the capture
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            append(cache, k, v)
+        g.replay()
+    else:
+        append(cache, k, v)
+    want = torch.zeros_like(cache)
+    write_kv(want, blocks.cuda(), offsets.cuda(), k[:5], v[:5])
+    others = torch.arange(blocks_total, device="cuda") != 9
+    assert torch.equal(cache[others], want[others])
+    # the two padding rows race for the same place: either one's k (and v) may land there
+    assert any(torch.equal(cache[9, 0, 0], k[t]) for t in (5, 6))
+    assert any(torch.equal(cache[9, 1, 0], v[t]) for t in (5, 6))
+    assert not cache[9, :, 1:].any()
+
+
+def test_qk_norm_rotary_kernel_matches_torch():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    tokens, heads, kv_heads, d = 5, 32, 4, 128
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * d, device="cuda", dtype=torch.bfloat16, generator=g)
+    q = qkv[:, : heads * d].view(tokens, heads, d)
+    k = qkv[:, heads * d : (heads + kv_heads) * d].view(tokens, kv_heads, d)
+    wq = torch.rand(d, device="cuda", generator=g).to(torch.bfloat16) + 0.5
+    wk = torch.rand(d, device="cuda", generator=g).to(torch.bfloat16) + 0.5
+    positions = torch.tensor([0, 7, 100, 1023, 4095], device="cuda")
+    inv_freq = 1.0 / (1e6 ** (torch.arange(0, d, 2, dtype=torch.float) / d))
+    freqs = torch.arange(4096, dtype=torch.float)[:, None] * inv_freq[None, :]
+    cos_sin = torch.cat((freqs.cos(), freqs.sin()), dim=-1).cuda()
+    want_q, want_k = ops.qk_norm_rotary_(positions, q.clone(), k.clone(), wq, wk, 1e-6, cos_sin, backend="torch")
+    got_q, got_k = ops.qk_norm_rotary_(positions, q, k, wq, wk, 1e-6, cos_sin, backend="triton")
+    assert got_q.data_ptr() == q.data_ptr()  # in place, in the qkv buffer
+    for got, want in ((got_q, want_q), (got_k, want_k)):
+        assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 1e-2
