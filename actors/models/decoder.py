@@ -112,7 +112,7 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, H] -> logits [N, vocab], float32."""
-        return self.lm_head(hidden).float()
+        return self.lm_head(hidden)
 
     @torch.no_grad()
     def load(self, reader: CheckpointReader, show_progress: bool = True) -> None:

@@ -108,11 +108,18 @@ class ParallelLMHead(nn.Module):
             self.weight = nn.Parameter(torch.zeros_like(embedding.weight, dtype=dtype, device=device), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [N, H] -> logits [N, vocab] (gathered over tp)."""
+        """x [N, H] -> logits [N, vocab] (gathered over tp), float32."""
         weight = self.embedding.weight if self.tied else self.weight
         logits = linear(x, weight)
-        logits = self.embedding.tp.all_gather(logits, dim=-1)
-        return logits[..., : self.embedding.vocab]
+        tp = self.embedding.tp
+        if tp.world_size > 1:
+            # gathered along rows (no transposed copy before the collective), then put side
+            # by side and widened to float32 in one copy
+            shards = tp.all_gather(logits).view(tp.world_size, x.shape[0], logits.shape[-1])
+            logits = torch.empty(x.shape[0], tp.world_size, shards.shape[-1], dtype=torch.float, device=x.device)
+            logits.copy_(shards.transpose(0, 1))
+            logits = logits.view(x.shape[0], tp.world_size * shards.shape[-1])
+        return logits[..., : self.embedding.vocab].float()
 
     def load(self, reader: CheckpointReader, name: str) -> None:
         e = self.embedding
