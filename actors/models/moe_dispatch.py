@@ -9,8 +9,11 @@ Two implementations of the same result:
   ``TRITON_MAX_CHOICES`` choices (decode batches, where these small kernels are
   much of a step).
 
-Both sort stably, so they give the same rows in the same order (up to ties among
-router logits, which either may break its own way).
+Both give the same choices, weights, groups and group ends (up to ties among router
+logits, which either may break its own way). The order of rows inside a group is the
+torch path's stable order, and whatever the Triton kernel's atomics make it: no
+result depends on it (each row's expert output is computed on its own, and the
+combine finds every row through ``sorted_row``).
 """
 from __future__ import annotations
 
