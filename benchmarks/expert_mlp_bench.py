@@ -108,13 +108,13 @@ def main() -> None:
         def layer(backend):
             fits = n * k <= TRITON_MAX_CHOICES
             d = dispatch(logits, k, True, l2p, counts, E, 0, E, backend=backend if fits else "torch")
-            y = expert_mlp(x, d.rows, d.ends, w13, w2, d.groups, backend)
+            y = expert_mlp(x, d.rows, d.ends, w13, w2, d.groups, backend=backend)
             return combine(y, d.sorted_row, d.weights, d.ends, backend=backend)
 
         ref = layer("torch").float()
         cases = {}
         for backend in [b for b in backends if b != "cutlass"]:
-            cases[backend] = (lambda b=backend: layer(b), lambda b=backend: expert_mlp(x, rows, ends, w13, w2, groups, b))
+            cases[backend] = (lambda b=backend: layer(b), lambda b=backend: expert_mlp(x, rows, ends, w13, w2, groups, backend=b))
         if cutlass is not None:
             out = torch.empty(n, H, device=dev, dtype=torch.bfloat16)
             ids32, wf = ids.to(torch.int32), weights.float()
@@ -132,7 +132,7 @@ def main() -> None:
                 t = graph_time(lambda b=backend: dispatch(logits, k, True, l2p, counts, E, 0, E, backend=b))
                 rows_out.append((n, f"dispatch {backend}", t, None, None, bw, None, ""))
         if args.sweep and "triton" in backends:
-            timed = [(_try_time(lambda c=c: expert_mlp(x, rows, ends, w13, w2, groups, "triton", c)), c) for c in _sweep(n, E)]
+            timed = [(_try_time(lambda c=c: expert_mlp(x, rows, ends, w13, w2, groups, backend="triton", config=c)), c) for c in _sweep(n, E)]
             t, best = min(timed, key=lambda tc: tc[0])
             rows_out.append((n, "triton best", None, t, touched, bw, None, _fmt(best)))
         print(f"batch {n} done", flush=True)

@@ -25,18 +25,20 @@ from raymoe.actors.models.ops import triton_available
 
 
 def expert_mlp(x: torch.Tensor, rows: torch.Tensor, ends: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-               groups: torch.Tensor | None = None, backend: str | None = None,
+               groups: torch.Tensor | None = None, all_slots: int | None = None, backend: str | None = None,
                config: dict | None = None) -> torch.Tensor:  # fmt: skip
     """x [N, H]; rows [M] (token of each sorted row); ends [S] int32 (cumulative group
     ends); w13 [S, 2I, H] ([gate; up]); w2 [S, H, I] -> y [M, H] in x's dtype.
     groups [G] int32: the slots to run, every slot with rows among them, -1 for none
     (the dispatch's ``groups``); the Triton kernels launch programs for these alone, so
     a decode step with 8 busy slots of 128 launches 8 rows of programs. None: all slots.
+    all_slots: the slots of every rank the M rows are spread over (None: S), which sets
+    the rows a slot gets on average, hence the block sizes.
 
     backend: "triton" or "torch"; None picks the faster one measured for this size
     (``pick_config``) on CUDA, torch elsewhere. config: Triton block sizes, for benchmarks.
     """
-    config = config or pick_config(rows.shape[0], w13.shape[0])
+    config = config or pick_config(rows.shape[0], all_slots or w13.shape[0])
     if backend is None:
         backend = "triton" if x.is_cuda and config is not None and triton_available() else "torch"
     if backend == "torch":

@@ -103,7 +103,7 @@ class MoE(nn.Module):
                      emap.replica_count[self.moe_layer], emap.num_physical, self.slot_start, self.slots, valid)  # fmt: skip
         if batch.expert_load is not None:
             batch.expert_load.record(self.moe_layer, d.physical)
-        y = expert_mlp(x_all, d.rows, d.ends, self.w13, self.w2, d.groups)
+        y = expert_mlp(x_all, d.rows, d.ends, self.w13, self.w2, d.groups, all_slots=emap.num_physical)
         all_local = self.slots == emap.num_physical and valid is None  # every row is one of our slots
         out = self.groups.world.all_reduce(combine(y, d.sorted_row, d.weights, d.ends, all_local))
         if dp.world_size > 1:
