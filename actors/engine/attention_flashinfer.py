@@ -38,12 +38,12 @@ class KVAppend:
     copy from ``host`` (``fill``): static for a CUDA graph, which owns one of these.
     """
 
-    def __init__(self, tokens: int, device: torch.device, pinned: bool = True) -> None:
+    def __init__(self, tokens: int, device: torch.device) -> None:
         import flashinfer
 
         self._append = flashinfer.page.append_paged_kv_cache
         self.tokens = tokens
-        self.host = torch.zeros(5, tokens + 1, dtype=torch.int32, pin_memory=pinned)
+        self.host = torch.zeros(5, tokens + 1, dtype=torch.int32, pin_memory=True)
         self.host[2] = torch.arange(tokens + 1)
         self.host[3] = torch.arange(tokens + 1)
         self.host[4] = 1
@@ -61,6 +61,8 @@ class KVAppend:
     def __call__(self, cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         t = self.tables
         n = k.shape[0]
+        if n == 0:  # an idle replica's eager step: FlashInfer cannot launch an empty grid
+            return
         self._append(k, v, t[2, :n], t[1, :n], cache, t[0, :n], t[3, : n + 1], t[4, :n], kv_layout="NHD")
 
 
@@ -95,8 +97,8 @@ class FlashInferAttention:
     def _plan(self, layout: StepLayout) -> None:
         dev = self.kv_cache.device
         tokens = layout.slot_blocks.shape[0]
-        # a new buffer per step (tokens vary), from pageable memory: copied before plan returns
-        self._append = KVAppend(tokens, dev, pinned=False)
+        if self._append is None or self._append.tokens < tokens:  # grown by doubling, then reused
+            self._append = KVAppend(max(tokens, 2 * (self._append.tokens if self._append else 0)), dev)
         self._append.fill(layout.slot_blocks, layout.slot_offsets)
         if layout.num_seqs == 0:
             self.wrapper = None

@@ -9,7 +9,7 @@ slot): they are left as they are (garbage; the combine does not read them).
 Two implementations of the same maths:
 - ``torch``: two ``torch._grouped_mm`` calls and a SiLU-and-mul; the reference,
   the path on CPU, and on GPU past 32 rows per slot (prefill), where it is faster;
-- ``triton``: two Triton kernels, one program per (slot, column block), each
+- ``triton``: two Triton kernels, one program per (busy slot, column block), each
   looping over its group's rows. The first reads x's rows in place (no gathered
   copy), computes gate and up together and applies SiLU-and-mul in float32 before
   one bf16 rounding. No host syncs: it runs

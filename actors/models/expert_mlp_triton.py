@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from raymoe.actors.models.ops import block_dividing
+
 
 @triton.jit
 def _group_rows(groups, ends, j):
@@ -87,11 +89,10 @@ def expert_mlp(x: torch.Tensor, rows: torch.Tensor, ends: torch.Tensor, groups: 
     return y
 
 
+
 def _block(dim: int, want: int) -> int:
-    """The largest power of two <= want (and >= 16, tl.dot's minimum) dividing dim."""
-    block = want
-    while block > 16 and dim % block:
-        block //= 2
-    if dim % block:
+    """The block for an expert dimension (>= 16, tl.dot's minimum)."""
+    block = block_dividing(dim, want)
+    if block is None:
         raise ValueError(f"expert dimension {dim} is not a multiple of 16: the Triton expert kernels need one")
     return block

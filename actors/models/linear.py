@@ -7,11 +7,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from raymoe.actors.models.ops import triton_available
+from raymoe.actors.models.ops import block_dividing, triton_available
 
-# From benchmarks/skinny_linear_bench.py on an H200 (BENCHMARKS.md): at one row the kernel
-# beats cuBLAS on every projection of the model (qkv 5120 x 2048: 6.8 vs 7.5 us, o_proj
-# 2048 x 4096: 8.1 vs 9.0 us, the LM head 141 vs 151 us); at two rows and more it loses.
+# From benchmarks/skinny_linear_bench.py --sweep on an H200 (BENCHMARKS.md): at one row the
+# kernel beat cuBLAS on every projection of the model (qkv 5120 x 2048: 6.4 vs 7.5 us,
+# o_proj 2048 x 4096: 6.1 vs 9.0 us, the LM head 140 vs 151 us); at two rows and more it lost.
 SKINNY_MAX_ROWS = 1
 # the sweep's best block sizes for most shapes (BK shrinks to divide K)
 SKINNY_CONFIG = dict(BN=8, BK=1024, num_warps=8, num_stages=1)
@@ -22,10 +22,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """x [..., K], weight [N, K] -> [..., N]. backend: "triton" or "torch"; None picks
     (see the module doc). config: the Triton block sizes, for benchmarks."""
     if config is None:
-        config = dict(SKINNY_CONFIG, BK=_divisor_block(x.shape[-1], SKINNY_CONFIG["BK"]))
+        config = dict(SKINNY_CONFIG, BK=block_dividing(x.shape[-1], SKINNY_CONFIG["BK"]))
     if backend is None:
-        fits = x.dim() == 2 and x.shape[0] <= SKINNY_MAX_ROWS and x.shape[1] % config["BK"] == 0
-        backend = "triton" if x.is_cuda and fits and x.stride(1) == 1 and triton_available() else "torch"
+        fits = x.dim() == 2 and 0 < x.shape[0] <= SKINNY_MAX_ROWS and config["BK"] is not None
+        fits = fits and x.stride(1) == 1 and weight.stride(1) == 1
+        backend = "triton" if x.is_cuda and fits and triton_available() else "torch"
     if backend == "torch":
         return F.linear(x, weight, bias)
     if backend != "triton":
@@ -34,10 +35,3 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
     return skinny_linear(x, weight, bias, config)
 
-
-def _divisor_block(k: int, want: int) -> int:
-    """The largest power of two <= want dividing k (at least 16: else the torch path runs)."""
-    block = want
-    while block > 16 and k % block:
-        block //= 2
-    return block

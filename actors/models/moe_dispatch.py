@@ -3,8 +3,8 @@ grouped by this rank's slots.
 
 Two implementations of the same result:
 - ``torch``: topk, softmax, the replica pick, a stable sort of 16-bit keys, a
-  searchsorted and a scatter -- about a dozen small kernels; the reference, the
-  CPU path and the path for large batches;
+  searchsorted, a scatter and the busy-slot list -- about fifteen small kernels;
+  the reference, the CPU path and the path for large batches;
 - ``triton``: one or two kernels (moe_dispatch_triton.py) for up to
   ``TRITON_MAX_CHOICES`` choices (decode batches, where these small kernels are
   much of a step).

@@ -39,6 +39,15 @@ def triton_available() -> bool:
         return False
 
 
+def block_dividing(dim: int, want: int, least: int = 16) -> int | None:
+    """A Triton block size for a dimension: the largest power of two in [least, want]
+    dividing dim, or None where none does."""
+    block = want
+    while block > least and dim % block:
+        block //= 2
+    return None if dim % block else block
+
+
 def _fused(x: torch.Tensor):
     return _flashinfer() if x.is_cuda else None
 
@@ -99,6 +108,7 @@ def qk_norm_rotary_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q
     if backend is None:
         dim = q.shape[-1]
         fits = dim % 2 == 0 and (dim // 2) & (dim // 2 - 1) == 0 and q.stride(-1) == 1 and k.stride(-1) == 1
+        fits = fits and cos_sin.shape[-1] == dim and cos_sin.is_contiguous()
         backend = "triton" if q.is_cuda and fits and triton_available() else "torch"
     if backend == "torch":
         return rotary_(positions, rms_norm(q, q_weight, eps), rms_norm(k, k_weight, eps), cos_sin)

@@ -34,10 +34,10 @@ def _skinny_linear(x, w, b, y, M, N, K, stride_x, stride_w, stride_y,
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: dict) -> torch.Tensor:
-    """x [M, K] (M <= 16), weight [N, K], bias [N] or None -> [M, N]; config: BN, BK,
+    """x [M, K] (0 < M <= 16), weight [N, K], bias [N] or None -> [M, N]; config: BN, BK,
     num_warps, num_stages (BK must divide K)."""
     (m, k), n = x.shape, weight.shape[0]
-    assert weight.shape[1] == k and k % config["BK"] == 0 and m <= 16
+    assert weight.shape[1] == k and k % config["BK"] == 0 and 0 < m <= 16
     assert x.stride(1) == 1 and weight.stride(1) == 1
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     _skinny_linear[(triton.cdiv(n, config["BN"]),)](

@@ -27,6 +27,23 @@ def test_skinny_linear_matches_cublas(rows, n, k, bias):
     assert ((got - want).norm() / want.norm()).item() < 5e-3  # one bf16 rounding of the output
 
 
+def test_zero_rows_take_the_torch_path():
+    # a step where no chunk samples computes logits for 0 rows: the one-row kernel must not run
+    w = torch.randn(128, 2048, device="cuda", dtype=torch.bfloat16)
+    assert linear(torch.zeros(0, 2048, device="cuda", dtype=torch.bfloat16), w).shape == (0, 128)
+
+
+def test_kv_append_of_no_tokens_is_a_no_op():
+    from raymoe.actors.engine.attention_flashinfer import KVAppend
+
+    cache = torch.zeros(4, 2, 16, 2, 64, device="cuda", dtype=torch.bfloat16)
+    append = KVAppend(0, torch.device("cuda"))
+    append.fill(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+    empty = torch.zeros(0, 2, 64, device="cuda", dtype=torch.bfloat16)
+    append(cache, empty, empty)  # an idle replica's eager step
+    assert not cache.any()
+
+
 @pytest.mark.parametrize("graph", [False, True])
 def test_kv_append_writes_where_write_kv_does(graph):
     from raymoe.actors.engine.attention_flashinfer import KVAppend

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from raymoe.actors.models.expert_mlp import expert_mlp, pick_config
 from raymoe.actors.models.moe_combine import combine
 from raymoe.actors.models.moe_dispatch import dispatch
+from raymoe.actors.models.ops import block_dividing
 from raymoe.cluster.expert_placement import replica_tables
 
 
@@ -107,6 +108,12 @@ def test_unknown_backends_are_value_errors():
     l2p, counts = replica_tables(torch.arange(4).view(1, -1), 4)
     with pytest.raises(ValueError, match="backend"):
         dispatch(torch.randn(3, 4), 2, True, l2p[0], counts[0], 4, 0, 4, backend="cuda")
+
+
+def test_block_dividing_is_the_largest_power_of_two_that_divides():
+    assert block_dividing(2048, 1024) == 1024
+    assert block_dividing(768, 128) == 128 and block_dividing(48, 64) == 16
+    assert block_dividing(40, 64) is None  # no power of two >= 16 divides 40
 
 
 def test_config_grows_row_blocks_with_rows_per_slot_then_leaves_prefill_to_grouped_mm():

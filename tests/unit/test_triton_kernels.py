@@ -1,6 +1,7 @@
-"""The Triton kernels (expert MLP, MoE dispatch, few-row linear) in Triton's CPU interpreter against the
-torch paths. Skipped where Triton is not installed (CI's CPU torch has none); GPU hosts
-run it, and tests/gpu runs the compiled kernels."""
+"""The Triton kernels (MoE dispatch, expert MLP, combine; one-row linear; q/k norm +
+rotary) in Triton's CPU interpreter against the torch paths. Skipped where Triton is
+not installed (CI's CPU torch has none); GPU hosts run it, and tests/gpu runs the
+compiled kernels."""
 from __future__ import annotations
 
 import importlib.util
