@@ -87,9 +87,9 @@ class FlashInferAttention:
         self._planned = torch.cuda.Event()
 
     def plan(self, layout: StepLayout) -> None:
-        # plan() stages its schedule in page-locked memory the GPU copies from later: wait
-        # until the previous plan's copy ran before this one writes there (with a step in
-        # flight it could still be queued)
+        # FlashInfer's plan() and the KV tables stage in page-locked memory the GPU copies
+        # from later: wait until the previous plan's copies ran before this one writes
+        # there (with a step in flight they could still be queued)
         self._planned.synchronize()
         self._plan(layout)
         self._planned.record(torch.cuda.current_stream(self.kv_cache.device))
