@@ -1,4 +1,4 @@
-"""CUDA graphs of the decode step (forward + logits), one per batch size.
+"""CUDA graphs of the decode step (forward + this rank's logits shard), one per batch size.
 
 A decode step of B sequences replays the graph of the smallest captured size
 >= B, with rows past B as padding (token 0, KV written to a scratch block,
@@ -100,7 +100,8 @@ class DecodeGraphs:
         return next((s for s in self.sizes if s >= batch), None)
 
     def run(self, layout: StepLayout, dp_token_counts: Sequence[int]) -> torch.Tensor:
-        """Replay for this decode step; returns logits [B, vocab] of this replica's B rows."""
+        """Replay for this decode step; returns this rank's logits shard [B, its vocabulary
+        share] of this replica's B rows (the runner turns shards into tokens)."""
         size = self.size_for(max(dp_token_counts))
         assert size is not None
         g = self.graphs[size]

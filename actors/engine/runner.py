@@ -160,18 +160,25 @@ class ModelRunner:
         """Queue one step on the device and return without waiting for it.
 
         Every rank samples (the ranks of a DP replica get identical logits, gathered over
-        tp, and draw identically on the same GPU model), so each keeps the tokens a next
+        tp, and draw identically on the same GPU model; when every row is greedy they
+        gather only each shard's best token instead), so each keeps the tokens a next
         step's pending inputs come from; the replica's first rank also keeps them for
         ``collect``.
         """
         assert self.attention is not None, "allocate_kv_cache() first"
         layout = build_step_layout(step, self.block_size)
         if self.graphs is not None and step.all_decode and self.graphs.size_for(max(step.dp_token_counts)):
-            logits = self.graphs.run(layout, step.dp_token_counts)
+            shard = self.graphs.run(layout, step.dp_token_counts)
         else:
-            logits = self.forward_eager(layout, step.dp_token_counts)
+            shard = self.forward_eager(layout, step.dp_token_counts)
         s = step.sample
-        tokens = sample(logits, step.temperature[s], step.top_k[s], step.top_p[s], step.seed[s], step.output_index[s])
+        if not step.return_logits and not (step.temperature[s] > 0).any():
+            # all greedy: argmax over the vocabulary shards, no logits gathered over tp
+            tokens, logits = self.model.greedy_tokens(shard), None
+        else:
+            logits = self.model.full_logits(shard)
+            tokens = sample(logits, step.temperature[s], step.top_k[s], step.top_p[s], step.seed[s],
+                            step.output_index[s])  # fmt: skip
         self.last_sampled[: tokens.shape[0]].copy_(tokens)
         if not self.is_driver:
             self._in_flight.append(None)
@@ -198,7 +205,7 @@ class ModelRunner:
         return outputs
 
     def forward_eager(self, layout: StepLayout, dp_token_counts: tuple[int, ...]) -> torch.Tensor:
-        """Forward without graphs; returns logits [sampled rows, vocab]."""
+        """Forward without graphs; returns this rank's logits shard [sampled rows, its vocabulary share]."""
         dev = self.device
         self.attention.plan(layout)
         input_ids = layout.input_ids.to(dev)

@@ -111,8 +111,17 @@ class CausalLM(nn.Module):
         return self.norm.add_forward(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, H] -> logits [N, vocab], float32."""
+        """hidden [N, H] -> this rank's logits shard (see ParallelLMHead): ``full_logits``
+        or ``greedy_tokens`` turn the shards into what sampling needs."""
         return self.lm_head(hidden)
+
+    def full_logits(self, shard: torch.Tensor) -> torch.Tensor:
+        """-> logits [N, vocab], float32 (a collective over tp)."""
+        return self.lm_head.gather(shard)
+
+    def greedy_tokens(self, shard: torch.Tensor) -> torch.Tensor:
+        """-> argmax tokens [N] int64, without gathering the logits over tp."""
+        return self.lm_head.greedy(shard)
 
     @torch.no_grad()
     def load(self, reader: CheckpointReader, show_progress: bool = True) -> None:

@@ -98,7 +98,9 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(nn.Module):
-    """Vocab-parallel output projection; ``forward`` returns full-vocabulary logits."""
+    """Vocab-parallel output projection. ``forward`` gives this rank's shard of the
+    logits; ``gather`` the full-vocabulary logits from the shards (a collective over tp
+    of N x vocab values), ``greedy`` the argmax tokens from them (a collective of N x 2)."""
 
     def __init__(self, embedding: VocabParallelEmbedding, tied: bool, dtype: torch.dtype, device: torch.device):
         super().__init__()
@@ -108,18 +110,40 @@ class ParallelLMHead(nn.Module):
             self.weight = nn.Parameter(torch.zeros_like(embedding.weight, dtype=dtype, device=device), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [N, H] -> logits [N, vocab] (gathered over tp), float32."""
-        weight = self.embedding.weight if self.tied else self.weight
-        logits = linear(x, weight)
-        tp = self.embedding.tp
+        """x [N, H] -> this rank's logits [N, rows of its vocabulary share] (x's dtype;
+        the last share's padding rows past the vocabulary included)."""
+        return linear(x, self.embedding.weight if self.tied else self.weight)
+
+    def gather(self, shard: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``forward`` output -> logits [N, vocab], float32."""
+        tp, n = self.embedding.tp, shard.shape[0]
         if tp.world_size > 1:
             # gathered along rows (no transposed copy before the collective), then put side
             # by side and widened to float32 in one copy
-            shards = tp.all_gather(logits).view(tp.world_size, x.shape[0], logits.shape[-1])
-            logits = torch.empty(x.shape[0], tp.world_size, shards.shape[-1], dtype=torch.float, device=x.device)
+            shards = tp.all_gather(shard).view(tp.world_size, n, shard.shape[-1])
+            logits = torch.empty(n, tp.world_size, shard.shape[-1], dtype=torch.float, device=shard.device)
             logits.copy_(shards.transpose(0, 1))
-            logits = logits.view(x.shape[0], tp.world_size * shards.shape[-1])
-        return logits[..., : self.embedding.vocab].float()
+            shard = logits.view(n, tp.world_size * shard.shape[-1])
+        return shard[..., : self.embedding.vocab].float()
+
+    def greedy(self, shard: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``forward`` output -> the argmax token of each row [N] int64, the
+        same as ``gather(shard).argmax(-1)`` (ties: the lowest id) without gathering the
+        logits: each rank's best (value, id) pair is gathered, and the best of those wins."""
+        e = self.embedding
+        shard = shard[..., : max(e.stop - e.start, 0)]  # the last share's padding rows never win
+        if e.tp.world_size == 1:
+            return shard.argmax(dim=-1)
+        n = shard.shape[0]
+        if shard.shape[-1]:
+            local = shard.argmax(dim=-1, keepdim=True)
+            # float64 holds every bf16/fp32 value and every token id exactly
+            best = torch.cat([shard.gather(-1, local).double(), (local + e.start).double()], dim=-1)
+        else:  # a share wholly past the vocabulary: never the best
+            best = torch.full((n, 2), float("-inf"), dtype=torch.double, device=shard.device)
+        every = e.tp.all_gather(best).view(e.tp.world_size, n, 2)
+        winner = every[..., 0].argmax(dim=0, keepdim=True)  # ties: the lowest rank, i.e. the lowest id
+        return every[..., 1].gather(0, winner).squeeze(0).long()
 
     def load(self, reader: CheckpointReader, name: str) -> None:
         e = self.embedding
