@@ -21,17 +21,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
            config: dict | None = None) -> torch.Tensor:  # fmt: skip
     """x [..., K], weight [N, K] -> [..., N]. backend: "triton" or "torch"; None picks
     (see the module doc). config: the Triton block sizes, for benchmarks."""
-    if config is None:
-        config = dict(SKINNY_CONFIG, BK=block_dividing(x.shape[-1], SKINNY_CONFIG["BK"]))
-    if backend is None:
-        fits = x.dim() == 2 and 0 < x.shape[0] <= SKINNY_MAX_ROWS and config["BK"] is not None
-        fits = fits and x.stride(1) == 1 and weight.stride(1) == 1
-        backend = "triton" if x.is_cuda and fits and triton_available() else "torch"
+    if backend is None:  # cheap tests first: most calls (batches of many rows) stop at the row count
+        fits = x.is_cuda and x.dim() == 2 and 0 < x.shape[0] <= SKINNY_MAX_ROWS
+        fits = fits and x.stride(1) == 1 and weight.stride(1) == 1 and block_dividing(x.shape[1], SKINNY_CONFIG["BK"])
+        backend = "triton" if fits and triton_available() else "torch"
     if backend == "torch":
         return F.linear(x, weight, bias)
     if backend != "triton":
         raise ValueError(f"linear backend must be 'triton' or 'torch', not {backend!r}")
     from raymoe.actors.models.skinny_linear_triton import skinny_linear
 
+    if config is None:
+        config = dict(SKINNY_CONFIG, BK=block_dividing(x.shape[1], SKINNY_CONFIG["BK"]))
     return skinny_linear(x, weight, bias, config)
 

@@ -7,6 +7,7 @@ replaces a chain of 4-8 small kernels, which is what a decode step is made of.
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 
 import torch
@@ -16,27 +17,22 @@ log = logging.getLogger(__name__)
 
 
 @functools.cache
-def _flashinfer():
+def _optional_module(name: str, without_it: str):
+    """The module, or None with one warning saying what runs without it."""
     try:
-        import flashinfer
-
-        return flashinfer
+        return importlib.import_module(name)
     except ImportError as e:
-        log.warning("FlashInfer is not importable (%s): fused norm/rotary/activation kernels off; "
-                    "pip install 'raymoe[gpu]'", e)  # fmt: skip
+        log.warning("%s is not importable (%s): %s", name, e, without_it)
         return None
 
 
-@functools.cache
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
+def _flashinfer():
+    return _optional_module("flashinfer", "fused norm/rotary/activation kernels off; pip install 'raymoe[gpu]'")
 
-        return True
-    except ImportError as e:
-        log.warning("Triton is not importable (%s): the MoE dispatch, experts and few-row projections "
-                    "run on torch kernels", e)  # fmt: skip
-        return False
+
+def triton_available() -> bool:
+    return _optional_module("triton", "the MoE dispatch, experts and combine, one-row projections and the "
+                            "q/k norm + rotary run on torch kernels") is not None  # fmt: skip
 
 
 def block_dividing(dim: int, want: int, least: int = 16) -> int | None:
