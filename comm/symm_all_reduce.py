@@ -9,11 +9,24 @@ group's symmetric buffer, meets its peers at a barrier on the signal pads, sums,
 and meets them again before returning, so the buffer can be reused by the next
 call, and the whole thing can be captured in a CUDA graph.
 
-No multicast: only the plain peer-to-peer one-shot kernel is used (multicast can
-take a shared host's GPUs out of service; the rank actors also disable it).
+The next RMSNorm can take the sum in the same step (``reduce_add_rms_norm``): each
+rank copies its partial into its half of a second, double-buffered symmetric
+buffer, meets its peers at one barrier, and one Triton kernel sums every rank's
+copy, adds the residual and normalises. That is one barrier where the one-shot
+kernel meets its peers twice, and no separate add + norm kernel. One barrier is
+enough because consecutive calls alternate halves: before a rank writes a half
+again, it has passed the barrier of the call in between, which each peer enters
+only after it finished reading that half. ``finish_pass`` keeps the alternation
+true across forward passes and CUDA graph replays (each pass starts on half 0 and
+uses an even number of halves).
+
+No multicast: only plain peer-to-peer loads and the signal-pad barrier are used
+(multicast can take a shared host's GPUs out of service; the rank actors also
+disable it).
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import warnings
 from typing import Optional
@@ -29,7 +42,8 @@ ONE_SHOT_MAX_BYTES = 2 << 20
 
 
 class SymmetricAllReduce:
-    """One-shot sum all-reduce of bf16 tensors up to ``max_bytes`` over ``group``.
+    """One-shot sum all-reduce of bf16 tensors up to ``max_bytes`` over ``group``, alone
+    or fused with the residual add and RMSNorm after it.
 
     Construction is collective over the group (every member must build one).
     """
@@ -47,6 +61,13 @@ class SymmetricAllReduce:
                 symm_mem.enable_symm_mem_for_group(self.group_name)
         self.buffer = symm_mem.empty(self.max_numel, dtype=self.dtype, device=device)
         symm_mem.rendezvous(self.buffer, self.group_name)
+        # the fused sum + add + norm: its own buffer (the one-shot kernel writes its
+        # buffer before its first barrier), two halves of max_numel each
+        self.halves = symm_mem.empty(2 * self.max_numel, dtype=self.dtype, device=device)
+        self.halves_handle = symm_mem.rendezvous(self.halves, self.group_name)
+        self.peer_halves = torch.tensor(self.halves_handle.buffer_ptrs, dtype=torch.int64, device=device)
+        self.calls_in_pass = 0
+        self.triton = importlib.util.find_spec("triton") is not None
 
     def eligible(self, x: torch.Tensor) -> bool:
         # the kernel moves 16 bytes per thread: 8 bf16 values
@@ -60,6 +81,30 @@ class SymmetricAllReduce:
             self.buffer[: flat.numel()], flat, "sum", self.group_name, out.view(-1)
         )
         return out
+
+    def fusable(self, x: torch.Tensor, residual: torch.Tensor) -> bool:
+        return (self.triton and x.dtype == residual.dtype == self.dtype and x.shape == residual.shape
+                and x.dim() == 2 and residual.is_contiguous() and x.numel() <= self.max_numel)  # fmt: skip
+
+    def reduce_add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(RMSNorm(residual + sum of every member's x) * weight, that residual), the
+        residual updated in place; as ``add_rms_norm(all_reduce(x), residual)`` rounds."""
+        from raymoe.comm.reduce_add_rms_norm_triton import reduce_add_rms_norm_
+
+        offset = (self.calls_in_pass % 2) * self.max_numel
+        self.calls_in_pass += 1
+        self.halves[offset : offset + x.numel()].view_as(x).copy_(x)
+        self.halves_handle.barrier(channel=0)
+        return reduce_add_rms_norm_(self.peer_halves, offset, residual, weight, eps), residual
+
+    def finish_pass(self) -> None:
+        """End of a forward pass: the next call starts on half 0 again. After an odd
+        number of calls one more barrier stands in for the call on half 1."""
+        if self.calls_in_pass % 2:
+            self.halves_handle.barrier(channel=0)
+        self.calls_in_pass = 0
 
 
 def try_symmetric_all_reduce(group: dist.ProcessGroup, device: torch.device) -> Optional[SymmetricAllReduce]:

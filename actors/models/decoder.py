@@ -25,6 +25,7 @@ from raymoe.actors.models.layers import (
 from raymoe.actors.models.moe import MoE
 from raymoe.actors.models.registry import architecture_traits
 from raymoe.actors.models.spec import ModelSpec
+from raymoe.comm.group import GroupCoordinator
 from raymoe.comm.groups import Groups
 
 
@@ -40,7 +41,8 @@ class AttentionBlock(nn.Module):
             self.qkv.heads * spec.head_dim, spec.hidden_size, groups.tp, spec.attention_bias, dtype, device
         )
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> tuple[torch.Tensor, GroupCoordinator]:
+        """-> (this rank's partial output, the group to sum it over)."""
         q, k, v = self.qkv(x)
         if self.q_norm is not None:  # per-head norms and rotary in one kernel on GPU
             q, k = ops.qk_norm_rotary_(batch.positions, q, k, self.q_norm.weight, self.k_norm.weight,
@@ -48,7 +50,7 @@ class AttentionBlock(nn.Module):
         else:
             q, k = self.rotary(batch.positions, q, k)
         out = batch.attention.forward(self.layer, q, k, v)
-        return self.o_proj(out.reshape(x.shape[0], self.qkv.heads * self.qkv.head_dim))
+        return self.o_proj(out.reshape(x.shape[0], self.qkv.heads * self.qkv.head_dim)), self.o_proj.group
 
     def load(self, reader: CheckpointReader, prefix: str) -> None:
         self.qkv.load(reader, prefix)
@@ -68,16 +70,21 @@ class DecoderLayer(nn.Module):
         self.mlp = mlp
 
     def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None, batch: ForwardBatch
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, x: torch.Tensor, group: GroupCoordinator | None, residual: torch.Tensor | None, batch: ForwardBatch
+    ) -> tuple[torch.Tensor, GroupCoordinator | None, torch.Tensor]:
         """Pre-norm block, with the residual stream carried separately so each norm fuses
-        with the add before it: returns (this block's output, residual before it)."""
+        with the add before it, and with the sum of the block before it over ``group``
+        (None: x is whole): returns (this block's output, the group to sum it over,
+        the residual before it)."""
         if residual is None:
+            assert group is None
             h, residual = self.input_norm(x), x
         else:
-            h, residual = self.input_norm.add_forward(x, residual)
-        h, residual = self.post_norm.add_forward(self.attn(h, batch), residual)
-        return (self.mlp(h, batch) if isinstance(self.mlp, MoE) else self.mlp(h)), residual
+            h, residual = self.input_norm.add_forward(x, residual, group)
+        attn, attn_group = self.attn(h, batch)
+        h, residual = self.post_norm.add_forward(attn, residual, attn_group)
+        out, group = self.mlp(h, batch) if isinstance(self.mlp, MoE) else self.mlp(h)
+        return out, group, residual
 
 
 class CausalLM(nn.Module):
@@ -102,13 +109,18 @@ class CausalLM(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype, device)
         self.lm_head = ParallelLMHead(self.embed, spec.tie_word_embeddings, dtype, device)
+        self.groups = groups
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """-> final hidden states [T, H] (normed); logits come from compute_logits."""
-        x, residual = self.embed(batch.input_ids), None
+        x, group, residual = self.embed(batch.input_ids), None, None
         for layer in self.layers:
-            x, residual = layer(x, residual, batch)
-        return self.norm.add_forward(x, residual)[0]
+            x, group, residual = layer(x, group, residual, batch)
+        hidden = self.norm.add_forward(x, residual, group)[0]
+        for g in (self.groups.tp, self.groups.world):
+            if g.symmetric is not None:
+                g.symmetric.finish_pass()
+        return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, H] -> this rank's logits shard (see ParallelLMHead): ``full_logits``

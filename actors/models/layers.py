@@ -34,8 +34,17 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.rms_norm(x, self.weight, self.eps)
 
-    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(norm(residual + x), residual + x); may reuse the inputs' storage."""
+    def add_forward(
+        self, x: torch.Tensor, residual: torch.Tensor, group: GroupCoordinator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(residual + x), residual + x), where x is first summed over ``group`` (a
+        block's partial output; None: x is whole). The sum, add and norm are one step
+        where the group's symmetric memory can take them. May reuse the inputs' storage."""
+        if group is not None and group.world_size > 1:
+            fused = group.symmetric
+            if fused is not None and fused.fusable(x, residual):
+                return fused.reduce_add_rms_norm(x, residual, self.weight, self.eps)
+            x = group.all_reduce(x)
         return ops.add_rms_norm(x, residual, self.weight, self.eps)
 
     def load(self, reader: CheckpointReader, name: str) -> None:
@@ -152,7 +161,8 @@ class ParallelLMHead(nn.Module):
 
 
 class RowParallelLinear(nn.Module):
-    """y = x W^T (+ b): input dim split over ``group``, outputs summed over it."""
+    """y = x W^T (+ b): input dim split over ``group``. ``forward`` returns this rank's
+    partial y, still to be summed over the group (RMSNorm.add_forward sums it)."""
 
     def __init__(self, in_local: int, out: int, group: GroupCoordinator, bias: bool, dtype, device) -> None:
         super().__init__()
@@ -161,8 +171,8 @@ class RowParallelLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out, dtype=dtype, device=device), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.group.all_reduce(linear(x, self.weight))
-        return y + self.bias if self.bias is not None else y
+        y = linear(x, self.weight)
+        return y + self.bias if self.bias is not None and self.group.is_first else y  # the bias counted once
 
     def load(self, reader: CheckpointReader, prefix: str, col_start: int) -> None:
         cols = self.weight.shape[1]
@@ -221,8 +231,9 @@ class DenseMLP(nn.Module):
         self.gate_up = nn.Parameter(torch.zeros(2 * self.local, hidden, dtype=dtype, device=device), requires_grad=False)
         self.down = RowParallelLinear(self.local, hidden, tp, bias=False, dtype=dtype, device=device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(ops.silu_and_mul(linear(x, self.gate_up)))
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, GroupCoordinator]:
+        """-> (this rank's partial output, the group to sum it over)."""
+        return self.down(ops.silu_and_mul(linear(x, self.gate_up))), self.down.group
 
     def load(self, reader: CheckpointReader, gate: str, up: str, down_prefix: str) -> None:
         s, e = self.start, self.start + self.local

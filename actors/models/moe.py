@@ -13,8 +13,10 @@ tokens. The MoE layer
    ``moe_tp`` slice of each expert's intermediate dimension (expert_mlp.py) --
    and sums each token's choices weighted by the router probabilities
    (moe_combine.py);
-4. all-reduces the partial outputs over the world (the world is exactly
-   ep x moe_tp shares, each held by one rank) and keeps its own replica's rows.
+4. leaves the partial outputs to be summed over the world (the world is exactly
+   ep x moe_tp shares, each held by one rank) by the next norm, which fuses the sum
+   with its residual add where it can; with dp > 1 it sums them itself and keeps
+   its own replica's rows.
 
 The layer never looks at which rank holds a logical expert except through the
 ExpertMap, so load balancing can move and replicate experts without touching it.
@@ -36,6 +38,7 @@ from raymoe.actors.models.moe_combine import combine
 from raymoe.actors.models.moe_dispatch import dispatch
 from raymoe.actors.models.layers import split_evenly
 from raymoe.actors.models.spec import ModelSpec
+from raymoe.comm.group import GroupCoordinator
 from raymoe.comm.groups import Groups
 
 
@@ -80,8 +83,9 @@ class MoE(nn.Module):
         assert self.slots < 2**15, "slot ids are sorted as int16"
         self.router_bias = zipf_router_bias(spec.moe.num_experts, router_skew, seed=layer, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        """x [T, H] (this DP replica's tokens) -> [T, H]."""
+    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> tuple[torch.Tensor, GroupCoordinator | None]:
+        """x [T, H] (this DP replica's tokens) -> ([T, H], the group to sum it over):
+        this rank's partial output and the world, or with dp > 1 the whole output."""
         dp = self.groups.dp
         if dp.world_size > 1:
             pad = batch.dp_pad
@@ -105,11 +109,11 @@ class MoE(nn.Module):
             batch.expert_load.record(self.moe_layer, d.physical)
         y = expert_mlp(x_all, d.rows, d.ends, self.w13, self.w2, d.groups, all_slots=emap.num_physical)
         all_local = self.slots == emap.num_physical and valid is None  # every row is one of our slots
-        out = self.groups.world.all_reduce(combine(y, d.sorted_row, d.weights, d.ends, all_local))
-        if dp.world_size > 1:
-            start = dp.rank_in_group * batch.dp_pad
-            out = out[start : start + x.shape[0]]
-        return out
+        out = combine(y, d.sorted_row, d.weights, d.ends, all_local)
+        if dp.world_size == 1:
+            return out, self.groups.world
+        start = dp.rank_in_group * batch.dp_pad  # every replica's rows are summed: keep ours
+        return self.groups.world.all_reduce(out)[start : start + x.shape[0]], None
 
     def load(self, reader: CheckpointReader, names: ExpertNames) -> None:
         self.router.copy_(reader.read(names.router.format(layer=self.layer)))

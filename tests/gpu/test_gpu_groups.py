@@ -115,6 +115,76 @@ def _symm_mem_all_reduce(ctx, n: int) -> dict:
     }
 
 
+FUSED_WIDTH = 2048
+
+
+def _fused_inputs(rank: int, tokens: int, calls: int):
+    """Rank ``rank``'s partials for ``calls`` calls; the residual and weight every rank shares."""
+    parts = torch.randn(calls, tokens, FUSED_WIDTH, generator=torch.Generator().manual_seed(rank + 1))
+    shared = torch.Generator().manual_seed(0)
+    residual = torch.randn(tokens, FUSED_WIDTH, generator=shared)
+    weight = 1 + 0.1 * torch.randn(FUSED_WIDTH, generator=shared)
+    return parts.to(torch.bfloat16), residual.to(torch.bfloat16), weight.to(torch.bfloat16)
+
+
+def _reduce_add_rms_norm(ctx, tokens: int, calls: int) -> dict:
+    """RMSNorm.add_forward over the tp group: ``calls`` calls in a row with no other sync
+    between them (a buffer reused too early shows as wrong sums), eagerly, then in a CUDA
+    graph replayed twice (the second replay goes on from the first's residual)."""
+    from raymoe.actors.models.layers import RMSNorm
+
+    g, dev = ctx.groups.tp, ctx.device
+    parts, residual, weight = (t.to(dev) for t in _fused_inputs(ctx.rank, tokens, calls))
+    norm = RMSNorm(FUSED_WIDTH, 1e-6, torch.bfloat16, dev)
+    norm.weight.copy_(weight)
+
+    def one_pass(res: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        outs = []
+        for i in range(calls):
+            h, res = norm.add_forward(parts[i].clone(), res, g)
+            outs.append(h)
+        if g.symmetric is not None:
+            g.symmetric.finish_pass()
+        return torch.stack(outs), res
+
+    eager, eager_residual = one_pass(residual.clone())
+    static = residual.clone()
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side):
+        one_pass(static.clone())  # warm-up outside the capture
+    torch.cuda.current_stream(dev).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs, res = one_pass(static)
+    static.copy_(residual)
+    graph.replay()
+    first, first_residual = outs.clone(), res.clone()
+    graph.replay()
+    torch.cuda.synchronize(dev)
+    return {
+        "fused": g.symmetric is not None and g.symmetric.fusable(parts[0], static),
+        "eager": eager.cpu(), "eager_residual": eager_residual.cpu(),
+        "first": first.cpu(), "first_residual": first_residual.cpu(),
+        "second": outs.cpu(), "second_residual": res.cpu(),
+    }  # fmt: skip
+
+
+def _reference_passes(tokens: int, calls: int, passes: int):
+    """The unfused math on the CPU: the all-reduce's sum rounded to bf16, then add + RMSNorm."""
+    from raymoe.actors.models import ops
+
+    (p0, residual, weight), (p1, _, _) = (_fused_inputs(r, tokens, calls) for r in range(2))
+    outs, residuals = [], []
+    for _ in range(passes):
+        for i in range(calls):
+            summed = (p0[i].float() + p1[i].float()).to(torch.bfloat16)
+            h, residual = ops.add_rms_norm(summed, residual.clone(), weight, 1e-6)
+            outs.append(h)
+        residuals.append(residual.clone())
+    return torch.stack(outs).view(passes, calls, tokens, FUSED_WIDTH), residuals
+
+
 # ---- tests ------------------------------------------------------------------------------------
 
 
@@ -193,3 +263,23 @@ def test_tp2_symmetric_memory_all_reduce(tp2_controller, n):
         assert torch.equal(r["eager"], want), "the group's all-reduce disagrees with NCCL"
         assert torch.equal(r["once"], 2 * want), "all-reduce replayed in a CUDA graph is wrong"
         assert torch.equal(r["twice"], 4 * want), "a second all-reduce in the same graph is wrong"
+
+
+@two_gpus
+@pytest.mark.parametrize("tokens,calls", [(1, 3), (256, 5), (600, 2)])
+def test_tp2_all_reduce_fused_with_add_rms_norm(tp2_controller, tokens, calls):
+    """1 and 256 tokens take the fused symmetric-memory kernel; 600 x 2048 bf16 (2.4 MiB) is
+    over its limit and takes NCCL + add + norm. Both must give the unfused math's residual
+    bit for bit (the same additions in the same order) and its norm to bf16 rounding."""
+    got = ray.get(tp2_controller.execute.remote(_reduce_add_rms_norm, tokens, calls))
+    want, want_residuals = _reference_passes(tokens, calls, passes=2)
+    for r in got:
+        assert r["fused"] == (tokens * FUSED_WIDTH * 2 <= 2 << 20)
+        for name, out, residual, expect in [
+            ("eager", r["eager"], r["eager_residual"], 0),
+            ("graph replay 1", r["first"], r["first_residual"], 0),
+            ("graph replay 2", r["second"], r["second_residual"], 1),
+        ]:
+            assert torch.equal(residual, want_residuals[expect]), f"{name}: residual differs"
+            torch.testing.assert_close(out, want[expect], rtol=2**-6, atol=2**-6, msg=f"{name}: norm differs")
+        assert torch.equal(got[0]["second"], got[1]["second"]), "the ranks disagree"

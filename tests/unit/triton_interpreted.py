@@ -22,6 +22,7 @@ from raymoe.actors.models.moe_combine import combine
 from raymoe.actors.models.expert_mlp import expert_mlp
 from raymoe.actors.models.moe_dispatch import busy_slots, dispatch
 from raymoe.cluster.expert_placement import replica_tables
+from raymoe.comm import reduce_add_rms_norm_triton
 
 assert os.environ.get("TRITON_INTERPRET") == "1"
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/, as pytest's conftest does
@@ -100,6 +101,24 @@ def skinny_linear_case(rows, bias):
     torch.testing.assert_close(got, torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
 
 
+def reduce_add_rms_norm_case(ranks, tokens, width):
+    """Each rank's partial sits in the second half of its own buffer, as in symmetric memory."""
+    g = torch.Generator().manual_seed(ranks * width)
+    bf16 = torch.bfloat16
+    parts = [torch.randn(tokens, width, generator=g).to(bf16) for _ in range(ranks)]
+    buffers = [torch.cat([torch.full((tokens * width,), float("nan"), dtype=bf16), p.flatten()]) for p in parts]
+    residual = torch.randn(tokens, width, generator=g).to(bf16)
+    weight = torch.randn(width, generator=g).to(bf16)
+    summed = sum(p.float() for p in parts).to(bf16)  # the all-reduce: a float32 sum, rounded once
+    want_normed, want_residual = ops.add_rms_norm(summed, residual.clone(), weight, 1e-6)
+    addresses = torch.tensor([b.data_ptr() for b in buffers], dtype=torch.int64)
+    normed = reduce_add_rms_norm_triton.reduce_add_rms_norm_(addresses, tokens * width, residual, weight, 1e-6)
+    # Triton's interpreter rounds float32 -> bfloat16 toward zero (a GPU rounds to nearest, and
+    # tests/gpu checks the residual bit for bit there): a few bfloat16 steps apart here
+    torch.testing.assert_close(residual, want_residual, rtol=2**-6, atol=2**-6)
+    torch.testing.assert_close(normed, want_normed, rtol=2**-5, atol=2**-5)
+
+
 CASES = {
     "mlp-local": lambda: expert_mlp_case(4, 64, 32, 5, foreign=False),
     "mlp-foreign-inter48": lambda: expert_mlp_case(6, 128, 48, 9, foreign=True),  # 16-wide column blocks
@@ -114,6 +133,8 @@ CASES = {
     "qk-norm-rope": lambda: qk_norm_rope_case(3, 4, 2, 16),
     "skinny-linear-1-row": lambda: skinny_linear_case(1, bias=False),
     "skinny-linear-3-rows-bias": lambda: skinny_linear_case(3, bias=True),
+    "reduce-add-rms-norm-2-ranks": lambda: reduce_add_rms_norm_case(2, 5, 64),
+    "reduce-add-rms-norm-3-ranks-width-48": lambda: reduce_add_rms_norm_case(3, 2, 48),  # a masked block
 }
 
 if __name__ == "__main__":

@@ -1,0 +1,48 @@
+"""The sum of every rank's partial activations, read straight from their symmetric
+buffers, added to the residual stream and RMS-normalised, in one Triton kernel
+(see SymmetricAllReduce.reduce_add_rms_norm). One program per row.
+
+Rounds as the unfused path does (all-reduce, then residual + sum, then RMSNorm):
+the sum, the new residual and the normalised value are each rounded to the
+activation dtype before the next step uses them. Every rank sums the buffers in
+rank order, so every rank gets the same bits.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _reduce_add_rms_norm(buffers, offset, residual, weight, out, width, eps, WORLD: tl.constexpr,
+                         BLOCK: tl.constexpr):  # fmt: skip
+    cols = tl.arange(0, BLOCK)
+    mask = cols < width
+    at = tl.program_id(0).to(tl.int64) * width + cols
+    dtype = residual.dtype.element_ty
+    summed = tl.zeros([BLOCK], dtype=tl.float32)
+    for rank in tl.static_range(WORLD):
+        buffer = tl.load(buffers + rank).to(tl.pointer_type(dtype))
+        summed += tl.load(buffer + offset + at, mask=mask, other=0.0).to(tl.float32)
+    total = (summed.to(dtype).to(tl.float32) + tl.load(residual + at, mask=mask, other=0.0).to(tl.float32)).to(dtype)
+    tl.store(residual + at, total, mask=mask)
+    total = total.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(total * total, 0) / width + eps)
+    normed = (total * rstd).to(dtype).to(tl.float32) * tl.load(weight + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out + at, normed.to(dtype), mask=mask)
+
+
+def reduce_add_rms_norm_(buffers: torch.Tensor, offset: int, residual: torch.Tensor, weight: torch.Tensor,
+                         eps: float) -> torch.Tensor:  # fmt: skip
+    """buffers: int64 addresses of the ranks' buffers, each holding that rank's partial
+    [T, H] at element ``offset``; residual [T, H] becomes residual + their sum, in place.
+    Returns RMSNorm(residual) * weight, [T, H]."""
+    rows, width = residual.shape
+    assert residual.is_contiguous() and weight.shape == (width,)
+    out = torch.empty_like(residual)
+    if rows:
+        block = triton.next_power_of_2(width)
+        _reduce_add_rms_norm[(rows,)](buffers, offset, residual, weight, out, width, eps, WORLD=buffers.numel(),
+                                      BLOCK=block, num_warps=max(1, min(16, block // 256)))  # fmt: skip
+    return out
