@@ -15,22 +15,35 @@ import triton.language as tl
 
 
 @triton.jit
-def _reduce_add_rms_norm(buffers, offset, residual, weight, out, width, eps, WORLD: tl.constexpr,
-                         BLOCK: tl.constexpr):  # fmt: skip
-    cols = tl.arange(0, BLOCK)
-    mask = cols < width
-    at = tl.program_id(0).to(tl.int64) * width + cols
+def add_rms_norm_row(summed, residual, weight, out, at, cols, mask, width, eps):
+    """One row's tail, shared with the MoE combine: residual[at] += summed (float32, as
+    the dtype rounds it), then out[at] = RMSNorm(residual[at]) * weight, rounded as the
+    unfused path rounds."""
     dtype = residual.dtype.element_ty
-    summed = tl.zeros([BLOCK], dtype=tl.float32)
-    for rank in tl.static_range(WORLD):
-        buffer = tl.load(buffers + rank).to(tl.pointer_type(dtype))
-        summed += tl.load(buffer + offset + at, mask=mask, other=0.0).to(tl.float32)
     total = (summed.to(dtype).to(tl.float32) + tl.load(residual + at, mask=mask, other=0.0).to(tl.float32)).to(dtype)
     tl.store(residual + at, total, mask=mask)
     total = total.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(total * total, 0) / width + eps)
     normed = (total * rstd).to(dtype).to(tl.float32) * tl.load(weight + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(out + at, normed.to(dtype), mask=mask)
+
+
+@triton.jit
+def _reduce_add_rms_norm(buffers, offset, residual, weight, out, width, eps, WORLD: tl.constexpr,
+                         BLOCK: tl.constexpr):  # fmt: skip
+    cols = tl.arange(0, BLOCK)
+    mask = cols < width
+    at = tl.program_id(0).to(tl.int64) * width + cols
+    summed = tl.zeros([BLOCK], dtype=tl.float32)
+    for rank in tl.static_range(WORLD):
+        buffer = tl.load(buffers + rank).to(tl.pointer_type(residual.dtype.element_ty))
+        summed += tl.load(buffer + offset + at, mask=mask, other=0.0).to(tl.float32)
+    add_rms_norm_row(summed, residual, weight, out, at, cols, mask, width, eps)
+
+
+def row_warps(block: int) -> int:
+    """Warps for one program per row of ``block`` columns."""
+    return max(1, min(16, block // 256))
 
 
 def reduce_add_rms_norm_(buffers: torch.Tensor, offset: int, residual: torch.Tensor, weight: torch.Tensor,
@@ -44,5 +57,5 @@ def reduce_add_rms_norm_(buffers: torch.Tensor, offset: int, residual: torch.Ten
     if rows:
         block = triton.next_power_of_2(width)
         _reduce_add_rms_norm[(rows,)](buffers, offset, residual, weight, out, width, eps, WORLD=buffers.numel(),
-                                      BLOCK=block, num_warps=max(1, min(16, block // 256)))  # fmt: skip
+                                      BLOCK=block, num_warps=row_warps(block))  # fmt: skip
     return out

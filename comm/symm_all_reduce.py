@@ -82,9 +82,18 @@ class SymmetricAllReduce:
         )
         return out
 
-    def fusable(self, x: torch.Tensor, residual: torch.Tensor) -> bool:
-        return (self.triton and x.dtype == residual.dtype == self.dtype and x.shape == residual.shape
-                and x.dim() == 2 and residual.is_contiguous() and x.numel() <= self.max_numel)  # fmt: skip
+    def fusable(self, residual: torch.Tensor) -> bool:
+        """Whether a partial shaped like ``residual`` [T, H] can be summed, added and
+        normalised in one step (reduce_add_rms_norm)."""
+        return (self.triton and residual.dtype == self.dtype and residual.dim() == 2 and residual.is_contiguous()
+                and residual.numel() <= self.max_numel)  # fmt: skip
+
+    def next_partial(self, residual: torch.Tensor) -> torch.Tensor:
+        """Where the next reduce_add_rms_norm reads this rank's partial from, shaped like
+        ``residual``: a block that writes its output there saves the copy. Only the
+        block right before that call may write it (the half it is in is free then)."""
+        offset = (self.calls_in_pass % 2) * self.max_numel
+        return self.halves[offset : offset + residual.numel()].view_as(residual)
 
     def reduce_add_rms_norm(
         self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
@@ -93,9 +102,12 @@ class SymmetricAllReduce:
         residual updated in place; as ``add_rms_norm(all_reduce(x), residual)`` rounds."""
         from raymoe.comm.reduce_add_rms_norm_triton import reduce_add_rms_norm_
 
+        assert x.shape == residual.shape and x.dtype == residual.dtype
+        mine = self.next_partial(residual)
         offset = (self.calls_in_pass % 2) * self.max_numel
         self.calls_in_pass += 1
-        self.halves[offset : offset + x.numel()].view_as(x).copy_(x)
+        if x.data_ptr() != mine.data_ptr():
+            mine.copy_(x)
         self.halves_handle.barrier(channel=0)
         return reduce_add_rms_norm_(self.peer_halves, offset, residual, weight, eps), residual
 

@@ -14,8 +14,10 @@ from raymoe.actors.models.batch import ForwardBatch
 from raymoe.actors.models.checkpoint import CheckpointReader
 from raymoe.actors.models.expert_map import ExpertMap
 from raymoe.actors.models.layers import (
+    BlockOutput,
     DenseMLP,
     ParallelLMHead,
+    PartialSum,
     QKVProjection,
     RMSNorm,
     RotaryEmbedding,
@@ -25,7 +27,6 @@ from raymoe.actors.models.layers import (
 from raymoe.actors.models.moe import MoE
 from raymoe.actors.models.registry import architecture_traits
 from raymoe.actors.models.spec import ModelSpec
-from raymoe.comm.group import GroupCoordinator
 from raymoe.comm.groups import Groups
 
 
@@ -41,8 +42,7 @@ class AttentionBlock(nn.Module):
             self.qkv.heads * spec.head_dim, spec.hidden_size, groups.tp, spec.attention_bias, dtype, device
         )
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> tuple[torch.Tensor, GroupCoordinator]:
-        """-> (this rank's partial output, the group to sum it over)."""
+    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> PartialSum:
         q, k, v = self.qkv(x)
         if self.q_norm is not None:  # per-head norms and rotary in one kernel on GPU
             q, k = ops.qk_norm_rotary_(batch.positions, q, k, self.q_norm.weight, self.k_norm.weight,
@@ -50,7 +50,7 @@ class AttentionBlock(nn.Module):
         else:
             q, k = self.rotary(batch.positions, q, k)
         out = batch.attention.forward(self.layer, q, k, v)
-        return self.o_proj(out.reshape(x.shape[0], self.qkv.heads * self.qkv.head_dim)), self.o_proj.group
+        return PartialSum(self.o_proj(out.reshape(x.shape[0], self.qkv.heads * self.qkv.head_dim)), self.o_proj.group)
 
     def load(self, reader: CheckpointReader, prefix: str) -> None:
         self.qkv.load(reader, prefix)
@@ -70,21 +70,18 @@ class DecoderLayer(nn.Module):
         self.mlp = mlp
 
     def forward(
-        self, x: torch.Tensor, group: GroupCoordinator | None, residual: torch.Tensor | None, batch: ForwardBatch
-    ) -> tuple[torch.Tensor, GroupCoordinator | None, torch.Tensor]:
+        self, x: torch.Tensor | BlockOutput, residual: torch.Tensor | None, batch: ForwardBatch
+    ) -> tuple[BlockOutput | torch.Tensor, torch.Tensor]:
         """Pre-norm block, with the residual stream carried separately so each norm fuses
-        with the add before it, and with the sum of the block before it over ``group``
-        (None: x is whole): returns (this block's output, the group to sum it over,
-        the residual before it)."""
+        with the add before it, and with what is left of the block before it (see
+        BlockOutput): returns (this block's output, the residual before it)."""
         if residual is None:
-            assert group is None
+            assert isinstance(x, torch.Tensor)
             h, residual = self.input_norm(x), x
         else:
-            h, residual = self.input_norm.add_forward(x, residual, group)
-        attn, attn_group = self.attn(h, batch)
-        h, residual = self.post_norm.add_forward(attn, residual, attn_group)
-        out, group = self.mlp(h, batch) if isinstance(self.mlp, MoE) else self.mlp(h)
-        return out, group, residual
+            h, residual = self.input_norm.add_forward(x, residual)
+        h, residual = self.post_norm.add_forward(self.attn(h, batch), residual)
+        return (self.mlp(h, batch) if isinstance(self.mlp, MoE) else self.mlp(h)), residual
 
 
 class CausalLM(nn.Module):
@@ -113,10 +110,10 @@ class CausalLM(nn.Module):
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """-> final hidden states [T, H] (normed); logits come from compute_logits."""
-        x, group, residual = self.embed(batch.input_ids), None, None
+        x, residual = self.embed(batch.input_ids), None
         for layer in self.layers:
-            x, group, residual = layer(x, group, residual, batch)
-        hidden = self.norm.add_forward(x, residual, group)[0]
+            x, residual = layer(x, residual, batch)
+        hidden = self.norm.add_forward(x, residual)[0]
         for g in (self.groups.tp, self.groups.world):
             if g.symmetric is not None:
                 g.symmetric.finish_pass()

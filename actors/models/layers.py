@@ -7,6 +7,8 @@ the step, H = hidden size.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +27,33 @@ def split_evenly(total: int, parts: int, what: str, fix: str) -> int:
     return total // parts
 
 
+class BlockOutput(Protocol):
+    """A block's output that the next RMSNorm finishes: whatever is left of it (a sum
+    over ranks, the MoE combine) fused with the residual add and the norm where the
+    kernels allow."""
+
+    def add_rms_norm(self, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (RMSNorm(residual + output) * weight, residual + output)."""
+        ...
+
+
+@dataclass(frozen=True)
+class PartialSum:
+    """This rank's share ``x`` of an output summed over ``group``."""
+
+    x: torch.Tensor
+    group: GroupCoordinator
+
+    def add_rms_norm(self, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        x, group = self.x, self.group
+        if group.world_size > 1:
+            fused = group.symmetric  # one step from symmetric memory: see SymmetricAllReduce
+            if fused is not None and x.shape == residual.shape and x.dtype == residual.dtype and fused.fusable(residual):
+                return fused.reduce_add_rms_norm(x, residual, weight, eps)
+            x = group.all_reduce(x)
+        return ops.add_rms_norm(x, residual, weight, eps)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
@@ -34,18 +63,13 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.rms_norm(x, self.weight, self.eps)
 
-    def add_forward(
-        self, x: torch.Tensor, residual: torch.Tensor, group: GroupCoordinator | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(norm(residual + x), residual + x), where x is first summed over ``group`` (a
-        block's partial output; None: x is whole). The sum, add and norm are one step
-        where the group's symmetric memory can take them. May reuse the inputs' storage."""
-        if group is not None and group.world_size > 1:
-            fused = group.symmetric
-            if fused is not None and fused.fusable(x, residual):
-                return fused.reduce_add_rms_norm(x, residual, self.weight, self.eps)
-            x = group.all_reduce(x)
-        return ops.add_rms_norm(x, residual, self.weight, self.eps)
+    def add_forward(self, x: torch.Tensor | BlockOutput, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(residual + x), residual + x), where x is a whole tensor or a block's
+        output still to be finished (summed over ranks, combined). May reuse the inputs'
+        storage."""
+        if isinstance(x, torch.Tensor):
+            return ops.add_rms_norm(x, residual, self.weight, self.eps)
+        return x.add_rms_norm(residual, self.weight, self.eps)
 
     def load(self, reader: CheckpointReader, name: str) -> None:
         self.weight.copy_(reader.read(name))
@@ -162,7 +186,7 @@ class ParallelLMHead(nn.Module):
 
 class RowParallelLinear(nn.Module):
     """y = x W^T (+ b): input dim split over ``group``. ``forward`` returns this rank's
-    partial y, still to be summed over the group (RMSNorm.add_forward sums it)."""
+    share of y, still to be summed over the group (see PartialSum)."""
 
     def __init__(self, in_local: int, out: int, group: GroupCoordinator, bias: bool, dtype, device) -> None:
         super().__init__()
@@ -231,9 +255,8 @@ class DenseMLP(nn.Module):
         self.gate_up = nn.Parameter(torch.zeros(2 * self.local, hidden, dtype=dtype, device=device), requires_grad=False)
         self.down = RowParallelLinear(self.local, hidden, tp, bias=False, dtype=dtype, device=device)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, GroupCoordinator]:
-        """-> (this rank's partial output, the group to sum it over)."""
-        return self.down(ops.silu_and_mul(linear(x, self.gate_up))), self.down.group
+    def forward(self, x: torch.Tensor) -> PartialSum:
+        return PartialSum(self.down(ops.silu_and_mul(linear(x, self.gate_up))), self.down.group)
 
     def load(self, reader: CheckpointReader, gate: str, up: str, down_prefix: str) -> None:
         s, e = self.start, self.start + self.local

@@ -12,11 +12,11 @@ tokens. The MoE layer
 3. runs the experts whose slots this rank holds -- its EP share, with its
    ``moe_tp`` slice of each expert's intermediate dimension (expert_mlp.py) --
    and sums each token's choices weighted by the router probabilities
-   (moe_combine.py);
-4. leaves the partial outputs to be summed over the world (the world is exactly
-   ep x moe_tp shares, each held by one rank) by the next norm, which fuses the sum
-   with its residual add where it can; with dp > 1 it sums them itself and keeps
-   its own replica's rows.
+   (moe_combine.py, done by the next norm: see 4.);
+4. leaves the combine and the sum of the partial outputs over the world (the world
+   is exactly ep x moe_tp shares, each held by one rank) to the next norm, which
+   fuses them with its residual add (ExpertOutputs); with dp > 1 it combines and
+   sums them itself and keeps its own replica's rows.
 
 The layer never looks at which rank holds a logical expert except through the
 ExpertMap, so load balancing can move and replicate experts without touching it.
@@ -34,9 +34,9 @@ from raymoe.actors.models.checkpoint import CheckpointReader
 from raymoe.actors.models.expert_map import ExpertMap
 from raymoe.actors.models.expert_mlp import expert_mlp
 from raymoe.actors.models.linear import linear
-from raymoe.actors.models.moe_combine import combine
-from raymoe.actors.models.moe_dispatch import dispatch
-from raymoe.actors.models.layers import split_evenly
+from raymoe.actors.models.layers import BlockOutput, PartialSum, split_evenly
+from raymoe.actors.models.moe_combine import combine, combine_add_rms_norm
+from raymoe.actors.models.moe_dispatch import Dispatch, dispatch
 from raymoe.actors.models.spec import ModelSpec
 from raymoe.comm.group import GroupCoordinator
 from raymoe.comm.groups import Groups
@@ -83,9 +83,9 @@ class MoE(nn.Module):
         assert self.slots < 2**15, "slot ids are sorted as int16"
         self.router_bias = zipf_router_bias(spec.moe.num_experts, router_skew, seed=layer, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> tuple[torch.Tensor, GroupCoordinator | None]:
-        """x [T, H] (this DP replica's tokens) -> ([T, H], the group to sum it over):
-        this rank's partial output and the world, or with dp > 1 the whole output."""
+    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> BlockOutput | torch.Tensor:
+        """x [T, H] (this DP replica's tokens) -> this rank's expert outputs for the next
+        norm to combine and sum (ExpertOutputs), or with dp > 1 the whole [T, H]."""
         dp = self.groups.dp
         if dp.world_size > 1:
             pad = batch.dp_pad
@@ -109,11 +109,11 @@ class MoE(nn.Module):
             batch.expert_load.record(self.moe_layer, d.physical)
         y = expert_mlp(x_all, d.rows, d.ends, self.w13, self.w2, d.groups, all_slots=emap.num_physical)
         all_local = self.slots == emap.num_physical and valid is None  # every row is one of our slots
-        out = combine(y, d.sorted_row, d.weights, d.ends, all_local)
         if dp.world_size == 1:
-            return out, self.groups.world
+            return ExpertOutputs(y, d, all_local, self.groups.world)
+        out = self.groups.world.all_reduce(combine(y, d.sorted_row, d.weights, d.ends, all_local))
         start = dp.rank_in_group * batch.dp_pad  # every replica's rows are summed: keep ours
-        return self.groups.world.all_reduce(out)[start : start + x.shape[0]], None
+        return out[start : start + x.shape[0]]
 
     def load(self, reader: CheckpointReader, names: ExpertNames) -> None:
         self.router.copy_(reader.read(names.router.format(layer=self.layer)))
@@ -126,6 +126,28 @@ class MoE(nn.Module):
             up = reader.read(names.up.format(**fill), 0, s, e)
             self.w13[slot].copy_(torch.cat([gate, up]))
             self.w2[slot].copy_(reader.read(names.down.format(**fill), 1, s, e))
+
+
+@dataclass(frozen=True)
+class ExpertOutputs:
+    """This rank's expert outputs ``y`` of a step, grouped as ``dispatch`` says, before
+    the combine and the sum over the world. The next norm finishes them (BlockOutput):
+    on one rank the combine, add and norm are one kernel; over several, the combine
+    writes straight into the symmetric buffer the fused sum + add + norm reads."""
+
+    y: torch.Tensor
+    dispatch: Dispatch
+    all_local: bool
+    world: GroupCoordinator
+
+    def add_rms_norm(self, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        y, d = self.y, self.dispatch
+        if self.world.world_size == 1:
+            return combine_add_rms_norm(y, d.sorted_row, d.weights, d.ends, residual, weight, eps, self.all_local)
+        fused = self.world.symmetric
+        out = fused.next_partial(residual) if fused is not None and fused.fusable(residual) else None
+        out = combine(y, d.sorted_row, d.weights, d.ends, self.all_local, out=out)
+        return PartialSum(out, self.world).add_rms_norm(residual, weight, eps)
 
 
 def zipf_router_bias(num_experts: int, skew: float, seed: int, device, dtype) -> torch.Tensor | None:

@@ -8,28 +8,52 @@ Two implementations of the same sum, both accumulating in float32:
   sum in one kernel); the reference and the CPU path;
 - ``triton``: one kernel, one program per (token, column block), which skips the
   foreign rows instead of reading zeros.
+
+``combine_add_rms_norm`` also adds the sum to the residual stream and applies the next
+RMSNorm: one Triton kernel where a single rank holds every expert (no sum over ranks
+comes between the combine and the norm).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from raymoe.actors.models import ops
 from raymoe.actors.models.ops import triton_available
 
 
 def combine(y: torch.Tensor, sorted_row: torch.Tensor, weights: torch.Tensor, ends: torch.Tensor,
-            all_local: bool = False, backend: str | None = None) -> torch.Tensor:  # fmt: skip
+            all_local: bool = False, backend: str | None = None, out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """y [M, H]; sorted_row, weights [N, k]; ends [S] (the dispatch's) -> [N, H] in y's
-    dtype. all_local promises every row is one of this rank's (ends[-1] == M): the torch
-    path then skips zeroing the rest (a full pass over y, which is large in prefill)."""
-    if backend is None:
-        backend = "triton" if y.is_cuda and triton_available() else "torch"
-    if backend == "torch":
+    dtype, written to ``out`` when given. all_local promises every row is one of this
+    rank's (ends[-1] == M): the torch path then skips zeroing the rest (a full pass over
+    y, which is large in prefill)."""
+    if _backend(y, backend) == "torch":
         if not all_local:
             y = torch.where((torch.arange(y.shape[0], device=y.device) < ends[-1]).unsqueeze(1), y, 0)
-        return F.embedding_bag(sorted_row, y, per_sample_weights=weights.to(y.dtype), mode="sum")
-    if backend != "triton":
-        raise ValueError(f"combine backend must be 'triton' or 'torch', not {backend!r}")
-    from raymoe.actors.models.moe_combine_triton import combine as triton_combine
+        summed = F.embedding_bag(sorted_row, y, per_sample_weights=weights.to(y.dtype), mode="sum")
+        return summed if out is None else out.copy_(summed)
+    from raymoe.actors.models import moe_combine_triton
 
-    return triton_combine(y, sorted_row, weights, ends)
+    return moe_combine_triton.combine(y, sorted_row, weights, ends, out)
+
+
+def combine_add_rms_norm(y: torch.Tensor, sorted_row: torch.Tensor, weights: torch.Tensor, ends: torch.Tensor,
+                         residual: torch.Tensor, weight: torch.Tensor, eps: float, all_local: bool = False,
+                         backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(RMSNorm(residual + combine(...)) * weight, residual + combine(...)), as
+    ops.add_rms_norm after ``combine``; one kernel on Triton (the residual updated in
+    place there)."""
+    if _backend(y, backend) == "triton" and residual.is_contiguous() and residual.dtype == y.dtype:
+        from raymoe.actors.models import moe_combine_triton
+
+        return moe_combine_triton.combine_add_rms_norm(y, sorted_row, weights, ends, residual, weight, eps), residual
+    return ops.add_rms_norm(combine(y, sorted_row, weights, ends, all_local, backend), residual, weight, eps)
+
+
+def _backend(y: torch.Tensor, backend: str | None) -> str:
+    if backend is None:
+        return "triton" if y.is_cuda and triton_available() else "torch"
+    if backend not in ("triton", "torch"):
+        raise ValueError(f"combine backend must be 'triton' or 'torch', not {backend!r}")
+    return backend

@@ -1,7 +1,7 @@
 """The Triton MoE kernels compiled for this GPU against the torch paths: the dispatch
 (the same groups exactly, on float32 logits, which have no ties), the expert MLP in bf16 at decode and
-larger row counts (each picks other block sizes), with other ranks' rows, the combine,
-and all three inside a CUDA graph replayed on new inputs."""
+larger row counts (each picks other block sizes), with other ranks' rows, the combine
+(alone and fused with the residual add and RMSNorm), and all three inside a CUDA graph replayed on new inputs."""
 from __future__ import annotations
 
 import pytest
@@ -10,7 +10,8 @@ import torch
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 from raymoe.actors.models.expert_mlp import expert_mlp  # noqa: E402
-from raymoe.actors.models.moe_combine import combine  # noqa: E402
+from raymoe.actors.models import ops  # noqa: E402
+from raymoe.actors.models.moe_combine import combine, combine_add_rms_norm  # noqa: E402
 from raymoe.actors.models.moe_dispatch import dispatch  # noqa: E402
 from raymoe.cluster.expert_placement import replica_tables  # noqa: E402
 
@@ -98,3 +99,26 @@ def test_combine_triton_equals_torch_and_skips_foreign_rows(tokens):
     got = combine(y, sorted_row, weights, ends, backend="triton")
     assert not got.isnan().any()
     torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("tokens", [1, 256])
+def test_combine_fused_with_add_rms_norm(tokens):
+    """The fused kernel's residual is the combine's bf16 sum added to it, bit for bit; its
+    norm is RMSNorm of that residual to bf16 rounding."""
+    g = torch.Generator(device="cuda").manual_seed(tokens)
+    bf = dict(device="cuda", dtype=torch.bfloat16, generator=g)
+    m, top_k = tokens * 8, 8
+    y = torch.randn(m, 2048, **bf)
+    mine = m // 2
+    y[mine:] = float("nan")
+    sorted_row = torch.randperm(m, device="cuda", generator=g).view(tokens, top_k)
+    weights = torch.rand(tokens, top_k, **bf)
+    ends = torch.tensor([mine], dtype=torch.int32, device="cuda")
+    residual, weight = torch.randn(tokens, 2048, **bf), 1 + 0.1 * torch.randn(2048, **bf)
+    summed = combine(y, sorted_row, weights, ends, backend="triton")
+    want_residual = residual + summed
+    want_normed = ops.rms_norm(want_residual, weight, 1e-6)
+    normed, got_residual = combine_add_rms_norm(y, sorted_row, weights, ends, residual, weight, 1e-6, backend="triton")
+    assert got_residual is residual
+    assert torch.equal(residual, want_residual)
+    torch.testing.assert_close(normed, want_normed, rtol=2**-6, atol=2**-6)

@@ -18,7 +18,7 @@ from raymoe.actors.models import (
     qk_norm_rope_triton,
     skinny_linear_triton,
 )
-from raymoe.actors.models.moe_combine import combine
+from raymoe.actors.models.moe_combine import combine, combine_add_rms_norm
 from raymoe.actors.models.expert_mlp import expert_mlp
 from raymoe.actors.models.moe_dispatch import busy_slots, dispatch
 from raymoe.cluster.expert_placement import replica_tables
@@ -71,8 +71,29 @@ def combine_case(tokens, top_k, hidden, mine):
     weights = torch.rand(tokens, top_k, generator=g).to(torch.bfloat16)
     ends = torch.tensor([mine // 2, mine], dtype=torch.int32)
     want = combine(y, sorted_row, weights, ends, backend="torch")
-    got = moe_combine_triton.combine(y, sorted_row, weights, ends)
+    out = torch.full((tokens, hidden), float("nan"))
+    got = moe_combine_triton.combine(y, sorted_row, weights, ends, out=out)
+    assert got is out, "the sum goes where it is asked to"
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def combine_add_rms_norm_case(tokens, top_k, hidden, mine):
+    g = torch.Generator().manual_seed(tokens + hidden)
+    bf16 = torch.bfloat16
+    y = torch.randn(tokens * top_k, hidden, generator=g).to(bf16)
+    y[mine:] = float("nan")  # other ranks' rows: never read
+    sorted_row = torch.randperm(tokens * top_k, generator=g).view(tokens, top_k)
+    weights = torch.rand(tokens, top_k, generator=g).to(bf16)
+    ends = torch.tensor([mine // 2, mine], dtype=torch.int32)
+    residual = torch.randn(tokens, hidden, generator=g).to(bf16)
+    weight = torch.randn(hidden, generator=g).to(bf16)
+    args = (y, sorted_row, weights, ends)
+    want_normed, want_residual = ops.add_rms_norm(combine(*args, backend="torch"), residual.clone(), weight, 1e-6)
+    normed, got_residual = combine_add_rms_norm(*args, residual, weight, 1e-6, backend="triton")
+    assert got_residual is residual, "the residual is updated in place"
+    # rounded toward zero by the interpreter (see reduce_add_rms_norm_case)
+    torch.testing.assert_close(residual, want_residual, rtol=2**-6, atol=2**-6)
+    torch.testing.assert_close(normed, want_normed, rtol=2**-5, atol=2**-5)
 
 
 def qk_norm_rope_case(tokens, heads, kv_heads, dim):
@@ -130,6 +151,7 @@ CASES = {
     "dispatch-4096-choices": lambda: dispatch_case(512, 32, 32, 8, True, 1, 0, False),
     "combine-foreign-rows": lambda: combine_case(6, 4, 40, mine=17),  # 40: a partial column block
     "combine-all-local": lambda: combine_case(3, 2, 16, mine=6),
+    "combine-add-rms-norm-foreign-rows": lambda: combine_add_rms_norm_case(5, 4, 40, mine=13),  # a masked block
     "qk-norm-rope": lambda: qk_norm_rope_case(3, 4, 2, 16),
     "skinny-linear-1-row": lambda: skinny_linear_case(1, bias=False),
     "skinny-linear-3-rows-bias": lambda: skinny_linear_case(3, bias=True),
