@@ -128,10 +128,10 @@ def _fused_inputs(rank: int, tokens: int, calls: int):
 
 
 def _reduce_add_rms_norm(ctx, tokens: int, calls: int) -> dict:
-    """RMSNorm.add_forward over the tp group: ``calls`` calls in a row with no other sync
+    """RMSNorm.add_forward of a PartialSum over the tp group: ``calls`` calls in a row with no other sync
     between them (a buffer reused too early shows as wrong sums), eagerly, then in a CUDA
     graph replayed twice (the second replay goes on from the first's residual)."""
-    from raymoe.actors.models.layers import RMSNorm
+    from raymoe.actors.models.layers import PartialSum, RMSNorm
 
     g, dev = ctx.groups.tp, ctx.device
     parts, residual, weight = (t.to(dev) for t in _fused_inputs(ctx.rank, tokens, calls))
@@ -141,7 +141,7 @@ def _reduce_add_rms_norm(ctx, tokens: int, calls: int) -> dict:
     def one_pass(res: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         outs = []
         for i in range(calls):
-            h, res = norm.add_forward(parts[i].clone(), res, g)
+            h, res = norm.add_forward(PartialSum(parts[i].clone(), g), res)
             outs.append(h)
         if g.symmetric is not None:
             g.symmetric.finish_pass()
