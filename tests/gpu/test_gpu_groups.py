@@ -128,9 +128,11 @@ def _fused_inputs(rank: int, tokens: int, calls: int):
 
 
 def _reduce_add_rms_norm(ctx, tokens: int, calls: int) -> dict:
-    """RMSNorm.add_forward of a PartialSum over the tp group: ``calls`` calls in a row with no other sync
-    between them (a buffer reused too early shows as wrong sums), eagerly, then in a CUDA
-    graph replayed twice (the second replay goes on from the first's residual)."""
+    """RMSNorm.add_forward of a PartialSum over the tp group, every other partial written
+    straight into the symmetric buffer (the copy skipped): ``calls`` calls in a row with
+    no other sync between them (a buffer reused too early shows as wrong sums), eagerly,
+    then in a CUDA graph replayed twice (the second replay goes on from the first's
+    residual)."""
     from raymoe.actors.models.layers import PartialSum, RMSNorm
 
     g, dev = ctx.groups.tp, ctx.device
@@ -140,8 +142,13 @@ def _reduce_add_rms_norm(ctx, tokens: int, calls: int) -> dict:
 
     def one_pass(res: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         outs = []
+        fused = g.symmetric is not None and g.symmetric.fusable(res)
         for i in range(calls):
-            h, res = norm.add_forward(PartialSum(parts[i].clone(), g), res)
+            if fused and i % 2:  # as the MoE combine does: written straight where the sum reads it
+                x = g.symmetric.next_partial(res).copy_(parts[i])
+            else:
+                x = parts[i].clone()
+            h, res = norm.add_forward(PartialSum(x, g), res)
             outs.append(h)
         if g.symmetric is not None:
             g.symmetric.finish_pass()
@@ -163,7 +170,7 @@ def _reduce_add_rms_norm(ctx, tokens: int, calls: int) -> dict:
     graph.replay()
     torch.cuda.synchronize(dev)
     return {
-        "fused": g.symmetric is not None and g.symmetric.fusable(parts[0], static),
+        "fused": g.symmetric is not None and g.symmetric.fusable(static),
         "eager": eager.cpu(), "eager_residual": eager_residual.cpu(),
         "first": first.cpu(), "first_residual": first_residual.cpu(),
         "second": outs.cpu(), "second_residual": res.cpu(),
