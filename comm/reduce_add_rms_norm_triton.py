@@ -2,10 +2,12 @@
 buffers, added to the residual stream and RMS-normalised, in one Triton kernel
 (see SymmetricAllReduce.reduce_add_rms_norm). One program per row.
 
-Rounds as the unfused path does (all-reduce, then residual + sum, then RMSNorm):
-the sum, the new residual and the normalised value are each rounded to the
-activation dtype before the next step uses them. Every rank sums the buffers in
-rank order, so every rank gets the same bits.
+Rounds as the unfused torch path does on two ranks (all-reduce, then residual + sum,
+then RMSNorm): the float32 sum, the new residual and the normalised value are each
+rounded to the activation dtype before the next step uses them. (Over more ranks the
+one-shot and NCCL sums round per addition, and FlashInfer's fused add + norm rounds
+less: the unfused GPU path may then differ in the last bf16 bit.) Every rank sums
+the buffers in rank order, so every rank gets the same bits.
 """
 from __future__ import annotations
 

@@ -16,9 +16,7 @@ copy, adds the residual and normalises. That is one barrier where the one-shot
 kernel meets its peers twice, and no separate add + norm kernel. One barrier is
 enough because consecutive calls alternate halves: before a rank writes a half
 again, it has passed the barrier of the call in between, which each peer enters
-only after it finished reading that half. ``finish_pass`` keeps the alternation
-true across forward passes and CUDA graph replays (each pass starts on half 0 and
-uses an even number of halves).
+only after it finished reading that half (AlternatingHalves).
 
 No multicast: only plain peer-to-peer loads and the signal-pad barrier are used
 (multicast can take a shared host's GPUs out of service; the rank actors also
@@ -63,10 +61,12 @@ class SymmetricAllReduce:
         symm_mem.rendezvous(self.buffer, self.group_name)
         # the fused sum + add + norm: its own buffer (the one-shot kernel writes its
         # buffer before its first barrier), two halves of max_numel each
-        self.halves = symm_mem.empty(2 * self.max_numel, dtype=self.dtype, device=device)
-        self.halves_handle = symm_mem.rendezvous(self.halves, self.group_name)
-        self.peer_halves = torch.tensor(self.halves_handle.buffer_ptrs, dtype=torch.int64, device=device)
-        self.calls_in_pass = 0
+        halves = symm_mem.empty(2 * self.max_numel, dtype=self.dtype, device=device)
+        handle = symm_mem.rendezvous(halves, self.group_name)
+        # the kernel reads every rank's half at the addresses rendezvous mapped
+        assert handle.buffer_ptrs[handle.rank] == halves.data_ptr()
+        self.halves = AlternatingHalves(halves, lambda: handle.barrier(channel=0))
+        self.peer_halves = torch.tensor(handle.buffer_ptrs, dtype=torch.int64, device=device)
         self.triton = importlib.util.find_spec("triton") is not None
 
     def eligible(self, x: torch.Tensor) -> bool:
@@ -89,34 +89,64 @@ class SymmetricAllReduce:
                 and residual.numel() <= self.max_numel)  # fmt: skip
 
     def next_partial(self, residual: torch.Tensor) -> torch.Tensor:
-        """Where the next reduce_add_rms_norm reads this rank's partial from, shaped like
-        ``residual``: a block that writes its output there saves the copy. Only the
-        block right before that call may write it (the half it is in is free then)."""
-        offset = (self.calls_in_pass % 2) * self.max_numel
-        return self.halves[offset : offset + residual.numel()].view_as(residual)
+        """See AlternatingHalves.next_partial."""
+        return self.halves.next_partial(residual)
 
     def reduce_add_rms_norm(
         self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(RMSNorm(residual + sum of every member's x) * weight, that residual), the
-        residual updated in place; as ``add_rms_norm(all_reduce(x), residual)`` rounds."""
+        residual updated in place. The sum is float32 rounded once, as a two-rank
+        all-reduce rounds it; the add and norm round as ``ops.add_rms_norm``'s torch path."""
         from raymoe.comm.reduce_add_rms_norm_triton import reduce_add_rms_norm_
 
-        assert x.shape == residual.shape and x.dtype == residual.dtype
-        mine = self.next_partial(residual)
-        offset = (self.calls_in_pass % 2) * self.max_numel
-        self.calls_in_pass += 1
-        if x.data_ptr() != mine.data_ptr():
-            mine.copy_(x)
-        self.halves_handle.barrier(channel=0)
+        offset = self.halves.publish(x, residual)
         return reduce_add_rms_norm_(self.peer_halves, offset, residual, weight, eps), residual
 
     def finish_pass(self) -> None:
-        """End of a forward pass: the next call starts on half 0 again. After an odd
+        self.halves.finish_pass()
+
+
+class AlternatingHalves:
+    """The double buffer of the fused sum on one rank: call n of a forward pass puts this
+    rank's partial into half n % 2 and meets the peers at ``barrier``; afterwards every
+    rank may read every rank's half n % 2 until it enters the barrier of call n + 1.
+    A half is written again two calls later, after that barrier, so no peer is still
+    reading it. ``finish_pass`` keeps this true from one pass to the next, and with CUDA
+    graphs (which replay the halves their capture used): every pass starts on half 0,
+    and one more barrier follows an odd number of calls."""
+
+    def __init__(self, halves: torch.Tensor, barrier) -> None:
+        self.halves = halves
+        self.half_numel = halves.numel() // 2
+        self.barrier = barrier
+        self.calls = 0  # in this pass
+
+    def next_partial(self, like: torch.Tensor) -> torch.Tensor:
+        """Where the next call reads this rank's partial from, shaped like ``like``: a
+        block that writes its output there saves the copy. Only the block right before
+        that call may write it (its half is free from the previous call's barrier on)."""
+        offset = (self.calls % 2) * self.half_numel
+        return self.halves[offset : offset + like.numel()].view_as(like)
+
+    def publish(self, x: torch.Tensor, like: torch.Tensor) -> int:
+        """Put ``x`` (shaped like ``like``) into the next half unless it is there already,
+        meet the peers; -> the element offset of that half in every rank's buffer."""
+        assert x.shape == like.shape and x.dtype == like.dtype and like.numel() <= self.half_numel
+        mine = self.next_partial(like)
+        if x.data_ptr() != mine.data_ptr():
+            mine.copy_(x)
+        offset = (self.calls % 2) * self.half_numel
+        self.calls += 1
+        self.barrier()
+        return offset
+
+    def finish_pass(self) -> None:
+        """End of a forward pass: the next call starts on half 0 again; after an odd
         number of calls one more barrier stands in for the call on half 1."""
-        if self.calls_in_pass % 2:
-            self.halves_handle.barrier(channel=0)
-        self.calls_in_pass = 0
+        if self.calls % 2:
+            self.barrier()
+        self.calls = 0
 
 
 def try_symmetric_all_reduce(group: dist.ProcessGroup, device: torch.device) -> Optional[SymmetricAllReduce]:
