@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 
 from raymoe.actors.models import ops
-from raymoe.actors.models.ops import triton_available
 
 
 def combine(y: torch.Tensor, sorted_row: torch.Tensor, weights: torch.Tensor, ends: torch.Tensor,
@@ -53,7 +52,7 @@ def combine_add_rms_norm(y: torch.Tensor, sorted_row: torch.Tensor, weights: tor
 
 def _backend(y: torch.Tensor, backend: str | None) -> str:
     if backend is None:
-        return "triton" if y.is_cuda and triton_available() else "torch"
+        return "triton" if y.is_cuda and ops.triton_available() else "torch"
     if backend not in ("triton", "torch"):
         raise ValueError(f"combine backend must be 'triton' or 'torch', not {backend!r}")
     return backend
