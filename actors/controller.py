@@ -2,9 +2,9 @@
 
 It reserves the placement group, starts the rank actors, has them build every
 process group, loads the model, and runs the engine's step loop (an asyncio
-task: every method here runs on the actor's event loop). Requests arrive as
-streams (``generate_stream``, a Ray streaming generator) or as an offline batch
-(``generate``); both go through the same loop.
+task: every method here runs on the actor's event loop). Its clients (ingress
+replicas, the offline LLM) submit requests in batches and poll for their outputs
+(``actors/engine/messages.py``); text is their work, not the controller's.
 
 ``Controller`` is a plain class; callers start it with ``ray.remote(Controller)``
 (see raymoe.deploy.launch).
@@ -12,10 +12,9 @@ streams (``generate_stream``, a Ray streaming generator) or as an offline batch
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
-from typing import Any, AsyncIterator, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import ray
 import torch
@@ -23,13 +22,13 @@ import torch
 from raymoe.actors.cluster import RankCluster, start_rank_cluster
 from raymoe.actors.engine.async_engine import AsyncEngine
 from raymoe.actors.engine.block_manager import BlockManager
-from raymoe.actors.engine.core import EngineCore, RequestOutput
+from raymoe.actors.engine.core import EngineCore
 from raymoe.actors.engine.eplb import EplbManager
 from raymoe.actors.engine.executor import RayStepExecutor
-from raymoe.actors.engine.request import SamplingParams
+from raymoe.actors.engine.messages import EngineStats, ModelInfo, NewRequest, OutputBatch, Rejection
 from raymoe.actors.engine.runner import resolve_dtype
 from raymoe.actors.engine.scheduler import Scheduler
-from raymoe.actors.engine.tokenizer import Tokenizer, encode_chat, encode_prompt
+from raymoe.actors.engine.tokenizer import Tokenizer
 from raymoe.actors.models.builtin import resolve_model_path
 from raymoe.actors.models.spec import ModelSpec, load_spec
 from raymoe.cluster.config import BUILTIN_PREFIX, Config
@@ -47,8 +46,7 @@ class Controller:
         self.executor: Optional[RayStepExecutor] = None
         self.eplb: Optional[EplbManager] = None
         self.tokenizer: Optional[Tokenizer] = None
-        self.model_info: dict[str, Any] = {}
-        self._ids = itertools.count()
+        self.model_info: Optional[ModelInfo] = None
 
     # ---- bring-up ---------------------------------------------------------------
 
@@ -64,11 +62,11 @@ class Controller:
         )
         return {"layout": self.layout.describe(), "ranks": self.cluster.infos, "startup_s": round(time.perf_counter() - t0, 2)}
 
-    async def load_model(self, collect_logits: bool = False) -> dict[str, Any]:
+    async def load_model(self, collect_logits: bool = False) -> ModelInfo:
         """Load the model on every rank, size the KV cache, build the engine."""
         return await asyncio.to_thread(self._load_model, collect_logits)
 
-    def _load_model(self, collect_logits: bool) -> dict[str, Any]:
+    def _load_model(self, collect_logits: bool) -> ModelInfo:
         if self.layout.cp > 1:
             # the layout and its groups support cp, but attention here is not context-parallel:
             # every cp rank would compute the same attention (correct, never faster) -- say so
@@ -84,7 +82,7 @@ class Controller:
             cluster.call("execute", _resolve_on_rank, self.config.model.path)
         spec = load_spec(path)
         self.tokenizer = Tokenizer.from_dir(path)
-        max_model_len = effective_max_model_len(self.config.model.max_model_len, spec)
+        max_model_len = spec.max_model_len(self.config.model.max_model_len)
         num_blocks = min(cluster.call("load_model", self.config, path, max_model_len))
         if num_blocks < 1:
             raise RuntimeError(
@@ -98,22 +96,22 @@ class Controller:
             for _ in range(self.layout.dp)
         ]
         self.executor = RayStepExecutor(self.layout, cluster.actors)
-        core = EngineCore(schedulers, self.tokenizer, None, self.config.model.seed, collect_logits)
+        core = EngineCore(schedulers, self.tokenizer.eos_token_ids, None, self.config.model.seed, collect_logits)
         self.eplb = self._eplb_manager(spec)
         pipelined = self.config.engine.pipelined_steps
         if pipelined is None:
             pipelined = self.config.parallel.device == "cuda"
         self.engine = AsyncEngine(core, self.executor.run_async, self.config.serve.max_queued_requests, self.eplb,
                                   pipelined)  # fmt: skip
-        self.model_info = {
-            "model": path,
-            "architecture": spec.architecture,
-            "vocab_size": spec.vocab_size,
-            "max_model_len": max_model_len,
-            "kv_blocks_per_replica": num_blocks,
-            "block_size": eng.block_size,
-            "load_s": round(time.perf_counter() - t0, 2),
-        }
+        self.model_info = ModelInfo(
+            model=path,
+            architecture=spec.architecture,
+            vocab_size=spec.vocab_size,
+            max_model_len=max_model_len,
+            kv_blocks_per_replica=num_blocks,
+            block_size=eng.block_size,
+            load_s=round(time.perf_counter() - t0, 2),
+        )
         return self.model_info
 
     def _eplb_manager(self, spec: ModelSpec) -> Optional[EplbManager]:
@@ -148,64 +146,36 @@ class Controller:
             out["rank_load_after"] = plan.rank_load_after.tolist()
         return out
 
-    # ---- requests -----------------------------------------------------------------
-
-    def tokenize(self, prompt: Any) -> list[int]:
-        """A prompt as token ids: text, token ids (checked against the vocabulary), or a chat
-        (a list of {"role", "content"} messages, rendered with the chat template)."""
-        if self.tokenizer is None:
-            raise RuntimeError("no model loaded (load_model)")
-        if prompt and isinstance(prompt[0], dict):
-            return encode_chat(self.tokenizer, list(prompt))
-        return encode_prompt(self.tokenizer, prompt, self.model_info["vocab_size"])
+    # ---- requests (the client API: actors/engine/messages.py) ---------------------------
 
     def get_tokenizer(self) -> Tokenizer:
-        """The model's tokenizer (picklable), so the ingress tokenises without a hop per request."""
+        """The model's tokenizer (picklable): clients tokenise and detokenise themselves."""
         if self.tokenizer is None:
             raise RuntimeError("no model loaded (load_model)")
         return self.tokenizer
 
-    async def generate_stream(
-        self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams
-    ) -> AsyncIterator[RequestOutput]:
-        """Stream one request's outputs (call with num_returns="streaming"). Closing the
-        stream early aborts the request."""
-        async for out in self._engine().stream(request_id, prompt_token_ids, sampling):
-            yield out
+    def get_model_info(self) -> ModelInfo:
+        if self.model_info is None:
+            raise RuntimeError("no model loaded (load_model)")
+        return self.model_info
 
-    def abort(self, request_id: str) -> bool:
-        return self._engine().abort(request_id)
+    async def submit(self, client: str, requests: Sequence[NewRequest]) -> list[Rejection]:
+        """Queue ``client``'s requests; a Rejection for each one refused."""
+        return await self._engine().submit(client, requests)
 
-    async def generate(self, prompts: list[Any], sampling: list[SamplingParams]) -> list[dict[str, Any]]:
-        """Offline batch: all prompts at once; one result dict per prompt, in order."""
-        engine = self._engine()
+    async def abort(self, client: str, seqs: Sequence[int]) -> None:
+        await self._engine().abort(client, seqs)
 
-        async def one(prompt: Any, params: SamplingParams) -> dict[str, Any]:
-            r: dict[str, Any] = {"text": "", "token_ids": [], "finish_reason": None, "logits": []}
-            ids = self.tokenize(prompt)
-            async for out in engine.stream(f"offline-{next(self._ids)}", ids, params):
-                r["text"] += out.new_text
-                r["token_ids"] += out.new_token_ids
-                r["finish_reason"] = out.finish_reason
-                if out.logits is not None:
-                    r["logits"].append(out.logits)
-            r["num_prompt_tokens"] = len(ids)
-            return r
+    async def poll(self, client: str, timeout_s: float = 1.0) -> OutputBatch:
+        """``client``'s outputs since its last poll (waits up to ``timeout_s`` for some)."""
+        return await self._engine().poll(client, timeout_s)
 
-        return list(await asyncio.gather(*(one(p, s) for p, s in zip(prompts, sampling))))
+    async def leave(self, client: str) -> None:
+        await self._engine().leave(client)
 
-    def stats(self) -> dict[str, Any]:
-        """Queue depth, running requests and KV-cache usage per DP replica."""
-        engine = self._engine()
-        scheds = engine.core.schedulers
-        return {
-            "waiting": [s.num_waiting for s in scheds],
-            "running": [s.num_running for s in scheds],
-            "kv_usage": [s.block_manager.usage for s in scheds],
-            "steps": engine.core.num_steps,
-            "preemptions": engine.core.num_preemptions,
-            "error": None if engine.error is None else str(engine.error),
-        }
+    def stats(self) -> EngineStats:
+        """Queue depth, running requests and KV-cache usage per DP replica, and counters."""
+        return self._engine().stats()
 
     # ---- cluster operations ---------------------------------------------------------
 
@@ -249,18 +219,6 @@ class Controller:
         if self.cluster is None:
             raise RuntimeError("controller not started")
         return self.cluster
-
-
-def effective_max_model_len(requested: Optional[int], spec: ModelSpec) -> int:
-    """The configured length, capped by the model's positions and its sliding window
-    (windowed attention is not implemented; capping keeps results exact)."""
-    limit = spec.max_position
-    if spec.sliding_window is not None and spec.sliding_window < limit:
-        log.info("max_model_len capped at the sliding window (%d): windowed attention is not implemented", spec.sliding_window)
-        limit = spec.sliding_window
-    if requested is not None and requested > limit:
-        raise ValueError(f"model.max_model_len: {requested} exceeds what the model supports ({limit})")
-    return requested or limit
 
 
 def _resolve_on_rank(ctx: Any, path: str) -> str:

@@ -29,14 +29,8 @@ import time
 import ray
 import torch
 
-QWEN3_30B_A3B = {
-    "architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144,
-    "moe_intermediate_size": 768, "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4,
-    "head_dim": 128, "num_experts": 128, "num_experts_per_tok": 8, "norm_topk_prob": True, "decoder_sparse_step": 1,
-    "mlp_only_layers": [], "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "max_position_embeddings": 40960,
-    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "hidden_act": "silu", "bos_token_id": 151643,
-    "eos_token_id": 151645, "model_type": "qwen3_moe",
-}  # fmt: skip
+from raymoe.actors.models.builtin import QWEN3_30B_A3B
+
 
 
 def parse() -> argparse.Namespace:
@@ -72,14 +66,15 @@ def _chunk(rid: str, tokens: list[int], start: int, blocks: tuple[int, ...]):
 
 
 def _timed(fn, iters: int) -> list[float]:
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for _ in range(3):
         fn()
-    torch.cuda.synchronize()
+    sync()
     out = []
     for _ in range(iters):
         t0 = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        sync()
         out.append(time.perf_counter() - t0)
     return out
 
@@ -212,7 +207,7 @@ def main() -> None:
     max_model_len = max(args.context + 16, max((t for _, t in prefills), default=0))
     dp = max(1, args.ep // args.tp)
     config = config_from_dict({
-        "model": {"path": "builtin:none", "dtype": "bfloat16"},
+        "model": {"path": "builtin:none", "dtype": "bfloat16", "load_format": "dummy"},
         "parallel": {"tp": args.tp, "dp": dp, "ep": args.ep, "device": "cuda"},
         "engine": {"block_size": block_size, "num_kv_blocks": num_blocks, "max_num_seqs": max(batches),
                    "max_num_batched_tokens": max(tokens_needed, 8192), "cuda_graphs": not args.no_graphs},

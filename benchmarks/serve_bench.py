@@ -1,26 +1,55 @@
-"""Serving benchmark: ``raymoe bench`` against a URL, or against a server started here.
+"""Serving benchmark: ``raymoe bench`` against a URL, against a server started here, or
+the whole suite on one server in one run.
 
     python benchmarks/serve_bench.py --url http://127.0.0.1:8000 --num-requests 256 --concurrency 32
     python benchmarks/serve_bench.py --config tiny --num-requests 64 --concurrency 8 --input-len 64 --output-len 32
+    python benchmarks/serve_bench.py --suite --config qwen3-30b-a3b-dummy --layers 16 \\
+        --input-len 512 --output-len 256 --concurrencies 1,64,256
 
 With ``--url`` this is exactly ``raymoe bench`` (same arguments). Without it, it first
 serves ``--config`` (default: the built-in tiny model on CPU) on a free local port
 through the real Ray Serve endpoint, benchmarks it, and shuts it down.
-Prints throughput, TTFT, TPOT, ITL and end-to-end latency (mean, median, p99).
+
+``--suite`` measures, on that one server and in one run:
+
+* the engine step: a decode step of the served model at each concurrency's batch
+  (context = input + output / 2), timed on the ranks as the engine runs it (pipelined
+  on GPUs), and the prefill of one step's worth of prompts (``max_num_batched_tokens``);
+* offline ``LLM.generate`` of the workload (``--concurrency``'s largest value many
+  prompts at once), attached to the served engine;
+* the endpoint at each concurrency (``--num-requests``: default twice the concurrency,
+  at least 8), streamed, ``ignore_eos``;
+
+and prints them side by side with the ratios between them. ``--layers`` serves a
+copy of the model's config with that many layers (for ``model.load_format: dummy``).
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
+import pathlib
+import random
+import shutil
 import socket
+import statistics
 import sys
+import tempfile
+import time
+from typing import Any, Optional
 
-from raymoe.deploy.bench import add_bench_args, bench_main
+from raymoe.deploy.bench import add_bench_args, bench_main, format_summary, run_bench
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_bench_args(p)
     p.add_argument("--config", help="serve this config (file or shipped name) when no --url is given")
+    p.add_argument("--suite", action="store_true", help="engine step, offline LLM.generate and the endpoint, one run")
+    p.add_argument("--concurrencies", default="1,64,256", help="--suite: endpoint concurrencies")
+    p.add_argument("--layers", type=int, help="serve the model with this many layers (dummy weights)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=YAML",
+                   help="config override, e.g. --set engine.max_num_seqs=256 (repeatable)")  # fmt: skip
     argv = sys.argv[1:]
     args = p.parse_args(argv)
     if "--url" in argv or any(a.startswith("--url=") for a in argv):
@@ -28,20 +57,148 @@ def main() -> int:
 
     import ray
 
-    from raymoe.deploy.serve_app import resolve_config, start_serving, stop_serving
+    from raymoe.deploy.serve_app import start_serving, stop_serving
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = resolve_config(args.config).replace({"serve.host": "127.0.0.1", "serve.port": port})
+    config, tmp = _config(args)
     if config.serve.api_key and not args.api_key:
         args.api_key = config.serve.api_key
     args.url = start_serving(config)
     try:
-        return bench_main(args)
+        return run_suite(args, config) if args.suite else bench_main(args)
     finally:
         stop_serving()
         ray.shutdown()
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _config(args: argparse.Namespace) -> tuple[Any, Optional[str]]:
+    import yaml
+
+    from raymoe.actors.models.builtin import resolve_model_path
+    from raymoe.deploy.serve_app import resolve_config
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    overrides: dict[str, Any] = {"serve.host": "127.0.0.1", "serve.port": port}
+    for item in args.set:
+        field, _, value = item.partition("=")
+        overrides[field] = yaml.safe_load(value)
+    config = resolve_config(args.config).replace(overrides)
+    if args.layers is None:
+        return config, None
+    tmp = tempfile.mkdtemp(prefix="raymoe-layers-")
+    src = resolve_model_path(config.model.path)
+    for f in src.iterdir():
+        if f.name != "config.json" and not f.name.endswith(".safetensors"):
+            shutil.copy(f, tmp)
+    hf = json.loads((src / "config.json").read_text())
+    hf["num_hidden_layers"] = args.layers
+    pathlib.Path(tmp, "config.json").write_text(json.dumps(hf))
+    return config.replace({"model.path": tmp, "model.load_format": "dummy"}), tmp
+
+
+# ---- the suite --------------------------------------------------------------------------------
+
+
+def run_suite(args: argparse.Namespace, config: Any) -> int:
+    import ray
+    from ray import serve
+
+    from raymoe.deploy.llm import LLM
+    from raymoe.deploy.serve_app import APP_NAME
+
+    concurrencies = [int(c) for c in args.concurrencies.split(",")]
+    (controller,) = serve.get_deployment_handle("EngineHost", APP_NAME).controller.remote().result()
+    info = ray.get(controller.get_model_info.remote())
+    engine = engine_times(controller, config, info, args, concurrencies)
+    print(f"engine: {json.dumps(engine)}", flush=True)
+
+    llm = LLM(controller=controller)
+    try:
+        offline = offline_generate(llm, max(concurrencies), args)
+    finally:
+        llm.shutdown()
+    print(f"offline: {json.dumps(offline)}", flush=True)
+
+    endpoint = {}
+    for c in concurrencies:
+        run = argparse.Namespace(**vars(args))
+        run.concurrency = c
+        run.num_requests = args.num_requests if "--num-requests" in sys.argv else max(8, 2 * c)
+        endpoint[c] = asyncio.run(run_bench(run))
+        print(format_summary(endpoint[c]), flush=True)
+    stats = ray.get(controller.stats.remote())
+    print(format_suite(args, config, engine, offline, endpoint, stats))
+    return 0 if all(s["failed"] == 0 for s in endpoint.values()) else 1
+
+
+def engine_times(controller: Any, config: Any, info: Any, args: argparse.Namespace, batches: list[int]) -> dict[str, Any]:
+    """Decode step per batch and the prefill of one step's token budget, on the served ranks."""
+    import ray
+    import ray.cloudpickle
+
+    sys.path.insert(0, str(pathlib.Path(__file__).parent))
+    import engine_bench  # noqa: E402
+
+    ray.cloudpickle.register_pickle_by_value(engine_bench)
+    run = lambda fn, *a: ray.get(controller.execute.remote(fn, *a))  # noqa: E731
+    dp, bs = config.parallel.dp, info.block_size
+    context = args.input_len + args.output_len // 2
+    out: dict[str, Any] = {"context": context}
+    pipelined = config.parallel.device == "cuda" if config.engine.pipelined_steps is None else config.engine.pipelined_steps
+    for b in batches:
+        b = min(b, config.engine.max_num_seqs)
+        steps = [engine_bench.decode_step(b, context, bs, d, (b,) * dp) for d in range(dp)]
+        res = run(engine_bench._per_replica(engine_bench.time_step), steps, 10, pipelined)[0]
+        out[f"decode_{b}_s"] = res["pipelined_s"] if pipelined else res["median_s"]
+    seqs = max(1, config.engine.max_num_batched_tokens // args.input_len)
+    steps = [engine_bench.prefill_step(seqs, args.input_len, bs, (seqs * args.input_len,) * dp) for _ in range(dp)]
+    res = run(engine_bench._per_replica(engine_bench.time_step), steps, 5, False)[0]
+    out["prefill_tok_s"] = seqs * args.input_len * dp / res["median_s"]
+    return out
+
+
+def offline_generate(llm: Any, num_prompts: int, args: argparse.Namespace) -> dict[str, Any]:
+    from raymoe.actors.engine.request import SamplingParams
+
+    rng = random.Random(args.seed + 1)
+    prompts = [[rng.randrange(args.vocab_size) for _ in range(args.input_len)] for _ in range(num_prompts)]
+    sampling = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
+    llm.generate(prompts[:2], sampling)  # warm-up
+    t0 = time.perf_counter()
+    out = llm.generate(prompts, sampling)
+    duration = time.perf_counter() - t0
+    tokens = sum(len(o.token_ids) for o in out)
+    return {"prompts": num_prompts, "output_tokens": tokens, "duration_s": duration, "output_tok_s": tokens / duration}
+
+
+def format_suite(args, config, engine: dict, offline: dict, endpoint: dict, stats: Any) -> str:
+    lines = [
+        f"## serve_bench --suite: {config.model.path} ({args.layers or 'all'} layers), {args.input_len} in / "
+        f"{args.output_len} out, ignore_eos",
+        "",
+        f"offline LLM.generate of {offline['prompts']} prompts: {offline['output_tok_s']:,.0f} output tok/s "
+        f"({offline['duration_s']:.2f} s)",
+        f"engine prefill: {engine['prefill_tok_s']:,.0f} tok/s; engine steps run: {stats.steps}, polls: {stats.polls}",
+        "",
+        "| concurrency | endpoint tok/s | x offline | engine step ms | step ceiling tok/s | x ceiling "
+        "| TPOT median ms | x step | TTFT median / mean / p99 ms | prefill of c prompts ms |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c, s in endpoint.items():
+        b = min(c, config.engine.max_num_seqs)
+        step = engine[f"decode_{b}_s"]
+        ceiling = b * config.parallel.dp / step
+        prefill_ms = c * args.input_len / engine["prefill_tok_s"] * 1e3
+        tput, tpot, ttft = s["output_throughput"], s["tpot_ms"], s["ttft_ms"]
+        lines.append(
+            f"| {c} | {tput:,.0f} | {tput / offline['output_tok_s']:.2f} | {step * 1e3:.2f} | {ceiling:,.0f} | "
+            f"{tput / ceiling:.2f} | {tpot['median']:.2f} | {tpot['median'] / (step * 1e3):.2f} | "
+            f"{ttft['median']:.0f} / {ttft['mean']:.0f} / {ttft['p99']:.0f} | {prefill_ms:.0f} |"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

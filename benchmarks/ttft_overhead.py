@@ -8,7 +8,7 @@ rank actor) right next to the path under test, so machine noise hits both alike.
 
 Paths, each one more hop than the last:
   engine     add_request + first step in this process
-  ray        controller.generate_stream from this driver (driver -> controller -> rank actor)
+  ray        an engine client in this driver (submit, poll: driver -> controller -> rank actor)
   http       POST /v1/completions, stream=true, max_tokens=1 (aiohttp, keep-alive), to the
              FastAPI ingress (its own server: serve.direct_ingress; or through Serve's proxy:
              --no-direct-ingress); "server" is the ingress's own TTFT (request arrival to
@@ -34,8 +34,9 @@ from ray import serve
 
 from raymoe.actors.engine.local import build_local_engine
 from raymoe.actors.engine.request import SamplingParams
-from raymoe.deploy.serve_app import free_port, resolve_config, serve_start, start_serving, stop_serving
+from raymoe.deploy.engine_client import EngineClient, RayEngine
 from raymoe.deploy.launch import start_controller
+from raymoe.deploy.serve_app import free_port, resolve_config, serve_start, start_serving, stop_serving
 
 GREEDY_ONE = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
 
@@ -77,12 +78,10 @@ def floor_app():
     return serve.deployment(serve.ingress(app)(), ray_actor_options={"num_cpus": 0}).bind()
 
 
-async def ray_ttft(controller, ids: list[int]) -> float:
+async def ray_ttft(client: EngineClient, ids: list[int]) -> float:
     t0 = time.perf_counter()
-    gen = controller.generate_stream.options(num_returns="streaming").remote(uuid.uuid4().hex, ids, GREEDY_ONE)
     first = None
-    async for ref in gen:
-        await ref
+    async for _ in client.stream(ids, GREEDY_ONE):
         if first is None:
             first = time.perf_counter() - t0
     return first
@@ -120,12 +119,15 @@ async def measure_floor(url: str, ids: list[int], reps: int) -> list[float]:
 
 
 async def measure_ray(core, controller, ids: list[int], reps: int) -> tuple[list[float], list[float]]:
+    info, tokenizer = await controller.get_model_info.remote(), await controller.get_tokenizer.remote()
+    client = EngineClient(RayEngine(controller), tokenizer, info)
     eng, via = [], []
     for _ in range(3):
-        await ray_ttft(controller, ids)
+        await ray_ttft(client, ids)
     for _ in range(reps):
         eng.append(engine_ttft(core, ids))
-        via.append(await ray_ttft(controller, ids))
+        via.append(await ray_ttft(client, ids))
+    await client.close()
     return eng, via
 
 
@@ -139,8 +141,8 @@ def main() -> None:
     config = resolve_config(args.config)
     config = config.replace({"serve.port": free_port("127.0.0.1"), "serve.api_key": None,
                              "serve.direct_ingress": not args.no_direct_ingress})  # fmt: skip
-    core = build_local_engine(config, num_threads=1)
-    vocab = core.tokenizer.vocab_size
+    local = build_local_engine(config, num_threads=1)
+    core, vocab = local.core, local.tokenizer.vocab_size
     ids = [random.Random(0).randrange(3, vocab) for _ in range(args.prompt_len)]
     for _ in range(3):
         engine_ttft(core, ids)

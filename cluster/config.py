@@ -26,6 +26,9 @@ class ModelConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_model_len: Optional[int] = None
     seed: int = 0
+    # auto: read the checkpoint's safetensors; dummy: random weights drawn at load
+    # (benchmarks on the real shape without a checkpoint; the path needs config.json only)
+    load_format: Literal["auto", "dummy"] = "auto"
 
     def validate(self) -> None:
         _require(bool(self.path), "model.path", "must name a checkpoint directory or builtin:<name>")
@@ -110,10 +113,13 @@ class ServeConfig:
     # when raymoe starts Serve: the ingress replica answers on host:port itself (Ray
     # Serve's direct ingress), Serve's proxy moves to a free port
     direct_ingress: bool = True
+    # ingress replicas (engine clients: tokenising, detokenising, HTTP)
+    num_replicas: int = 1
 
     def validate(self) -> None:
         _require(0 <= self.port <= 65535, "serve.port", "must be a TCP port in [0, 65535]")
         _require(self.max_queued_requests >= 1, "serve.max_queued_requests", "must be >= 1")
+        _require(self.num_replicas >= 1, "serve.num_replicas", "must be >= 1")
 
 
 @dataclass(frozen=True)

@@ -1,23 +1,32 @@
-"""The ingress side of the controller: tokenize locally, stream each request's deltas
-over one Ray streaming call, map engine errors to HTTP errors.
+"""A client of the engine (an ingress replica, the offline LLM): submits requests in
+batches, polls for its outputs, and turns them into each request's text.
 
-The tokenizer is fetched from the controller once, so a request costs exactly one
-Ray call (the stream) and usage counts are the token ids the engine saw. A stream
-that is closed before it finishes (the client went away) cancels its Ray stream and
-aborts the request, which frees its KV blocks.
+Per step the controller answers one poll per client with every new token of that
+client's requests (``OutputBatch``), so the Ray calls per step do not grow with the
+number of requests. Submissions and aborts go in batches too: whatever queued while
+the previous call was under way goes in the next one. Detokenisation and stop strings
+run here (``OutputText``), in the consumer of each request's stream: a consumer that
+falls behind the engine takes several steps' tokens as one delta, so a slow client
+never slows the engine.
+
+Requests are tokenised here as well (the tokenizer is fetched from the controller once),
+and usage counts are the token ids the engine saw. A stream that is closed before it
+finishes (the client went away) aborts its request, which frees its KV blocks.
 """
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import uuid
 from contextlib import aclosing
-from typing import Any, AsyncIterator, Optional, Sequence, Union
+from typing import Any, AsyncIterator, Optional, Protocol, Sequence, Union
 
 import jinja2
 import ray
 
-from raymoe.actors.engine.async_engine import EngineFailedError, QueueFullError
-from raymoe.actors.engine.core import RequestOutput
+from raymoe.actors.engine.messages import Finish, ModelInfo, NewRequest, OutputBatch, Rejection, RejectKind
+from raymoe.actors.engine.output_text import Delta, OutputText
 from raymoe.actors.engine.request import SamplingParams
 from raymoe.actors.engine.tokenizer import Tokenizer, encode_chat, encode_prompt
 from raymoe.deploy.openai_api import APIError, bad_request
@@ -25,20 +34,115 @@ from raymoe.deploy.openai_api import APIError, bad_request
 log = logging.getLogger(__name__)
 
 Prompt = Union[str, list[int]]
+POLL_TIMEOUT_S = 1.0
+_RETRY_S = 0.5  # after a failed poll (the controller is unreachable)
+
+
+class EngineApi(Protocol):
+    """The engine's client calls: ``AsyncEngine`` in process, ``RayEngine`` over Ray."""
+
+    async def submit(self, client: str, requests: Sequence[NewRequest]) -> list[Rejection]: ...
+
+    async def abort(self, client: str, seqs: Sequence[int]) -> None: ...
+
+    async def poll(self, client: str, timeout_s: float) -> OutputBatch: ...
+
+    async def leave(self, client: str) -> None: ...
+
+
+class RayEngine:
+    """``EngineApi`` over the controller actor."""
+
+    def __init__(self, controller: Any) -> None:
+        self.controller = controller
+
+    async def submit(self, client: str, requests: Sequence[NewRequest]) -> list[Rejection]:
+        return await self.controller.submit.remote(client, list(requests))
+
+    async def abort(self, client: str, seqs: Sequence[int]) -> None:
+        await self.controller.abort.remote(client, list(seqs))
+
+    async def poll(self, client: str, timeout_s: float) -> OutputBatch:
+        return await self.controller.poll.remote(client, timeout_s)
+
+    async def leave(self, client: str) -> None:
+        await self.controller.leave.remote(client)
+
+
+class RequestRejected(Exception):
+    """The engine refused the request (``Rejection``) or failed."""
+
+    def __init__(self, kind: RejectKind, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class RequestStream:
+    """One request's deltas as an async iterator; closing it early aborts the request."""
+
+    def __init__(self, client: "EngineClient", seq: int, text: OutputText, num_prompt_tokens: int) -> None:
+        self.client, self.seq, self.text = client, seq, text
+        self.num_prompt_tokens = num_prompt_tokens
+        self._tokens: list[int] = []
+        self._logits: list[Any] = []
+        self._finish = Finish.RUNNING
+        self._error: Optional[BaseException] = None
+        self._ready = asyncio.Event()
+
+    def push(self, tokens: list[int], finish: Finish, logits: Optional[list[Any]]) -> None:
+        self._tokens.extend(tokens)
+        if logits:
+            self._logits.extend(logits)
+        self._finish = finish
+        self._ready.set()
+
+    def fail(self, error: BaseException) -> None:
+        self._error = error
+        self._ready.set()
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> Delta:
+        while not self.text.finished:
+            if self._error is not None:
+                raise self._error
+            if not self._tokens and self._finish == Finish.RUNNING:
+                self._ready.clear()
+                await self._ready.wait()
+                continue
+            tokens, self._tokens = self._tokens, []
+            logits, self._logits = self._logits, []
+            delta = self.text.add(tokens, self._finish, logits)
+            if self.text.needs_abort:  # a stop string: the engine is still running it
+                self.client.abort(self.seq)
+            if delta.token_ids or delta.text or delta.finished:
+                return delta
+        raise StopAsyncIteration
+
+    async def aclose(self) -> None:
+        if not self.text.finished and self._error is None:
+            self.client.abort(self.seq)
 
 
 class EngineClient:
-    def __init__(self, controller: Any, tokenizer: Tokenizer, model_info: dict[str, Any]) -> None:
-        self.controller = controller
-        self._generate = controller.generate_stream.options(num_returns="streaming")
+    def __init__(self, engine: EngineApi, tokenizer: Tokenizer, info: ModelInfo, poll_timeout_s: float = POLL_TIMEOUT_S) -> None:
+        self.engine = engine
         self.tokenizer = tokenizer
-        self.model_info = model_info
-        self.vocab_size: int = model_info["vocab_size"]
-        self.max_model_len: int = model_info["max_model_len"]
-        # a request (prompt + output) must fit the context and, alone, the KV cache
-        # (its last sampled token never enters the cache, hence the + 1)
-        cache_tokens = model_info["kv_blocks_per_replica"] * model_info["block_size"]
-        self.token_limit = min(self.max_model_len, cache_tokens + 1)
+        self.info = info
+        self.poll_timeout_s = poll_timeout_s
+        self.client_id = uuid.uuid4().hex[:16]
+        self._streams: dict[int, RequestStream] = {}
+        self._seqs = itertools.count()
+        self._to_submit: dict[int, NewRequest] = {}
+        self._to_abort: list[int] = []
+        self._send = asyncio.Event()
+        self._have_streams = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+
+    @property
+    def num_streams(self) -> int:
+        return len(self._streams)
 
     # ---- prompts -> token ids -------------------------------------------------------------
 
@@ -46,7 +150,7 @@ class EngineClient:
         """Text is encoded (special tokens added as the tokenizer defines); token ids are
         checked against the vocabulary."""
         try:
-            return encode_prompt(self.tokenizer, prompt, self.vocab_size, param)
+            return encode_prompt(self.tokenizer, prompt, self.info.vocab_size, param)
         except ValueError as e:
             raise bad_request(str(e), param, "invalid_value") from None
 
@@ -63,37 +167,112 @@ class EngineClient:
         except jinja2.TemplateError as e:  # the template rejects the conversation
             raise bad_request(f"messages: the model's chat template rejected them: {e}", "messages") from None
 
-    # ---- streams ------------------------------------------------------------------------------
+    # ---- requests ---------------------------------------------------------------------------
 
-    async def stream(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams) -> AsyncIterator[RequestOutput]:
-        """The request's deltas as the engine produces them; APIError for engine errors."""
-        gen = self._generate.remote(request_id, prompt_token_ids, sampling)
-        finished = False
-        try:
-            async for ref in gen:
-                out = await ref
-                finished = out.finished
-                yield out
-        except (ray.exceptions.RayError, EngineFailedError, QueueFullError, ValueError) as e:
-            finished = True  # the engine side is over with this request
-            raise engine_error(e) from None
-        finally:
-            if not finished:  # closed early: stop the engine's work and free the blocks now
-                ray.cancel(gen)
-                self.controller.abort.remote(request_id)
+    def stream(self, prompt_token_ids: list[int], sampling: SamplingParams) -> RequestStream:
+        """Submit a request; its deltas as they come. A refusal is raised (RequestRejected)
+        by the first ``__anext__``."""
+        self._start()
+        seq = next(self._seqs)
+        text = OutputText(self.tokenizer, prompt_token_ids, sampling.stop)
+        stream = self._streams[seq] = RequestStream(self, seq, text, len(prompt_token_ids))
+        self._to_submit[seq] = NewRequest(seq, list(prompt_token_ids), sampling)
+        self._send.set()
+        self._have_streams.set()
+        return stream
+
+    def abort(self, seq: int) -> None:
+        """Stop request ``seq`` (its consumer went away, or it hit a stop string)."""
+        if self._streams.pop(seq, None) is None:
+            return
+        if self._to_submit.pop(seq, None) is None:  # already sent: the engine must drop it
+            self._to_abort.append(seq)
+            self._send.set()
+
+    async def close(self) -> None:
+        """Abort every open request and stop polling."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        if self._streams:
+            try:
+                await self.engine.leave(self.client_id)
+            except Exception as e:  # the engine is gone already
+                log.warning("leaving the engine: %r", e)
+            self._fail_all(RequestRejected(RejectKind.ENGINE_FAILED, "the client closed"))
+
+    def _start(self) -> None:
+        if not self._tasks:
+            self._tasks = [asyncio.create_task(self._send_loop()), asyncio.create_task(self._poll_loop())]
+
+    async def _send_loop(self) -> None:
+        """Submit and abort in batches: one call at a time, each taking all that queued."""
+        while True:
+            await self._send.wait()
+            self._send.clear()
+            new, self._to_submit = list(self._to_submit.values()), {}
+            aborts, self._to_abort = self._to_abort, []
+            try:
+                rejected = await self.engine.submit(self.client_id, new) if new else []
+                if aborts:  # after the submits: a request sent in this batch may be aborted in it
+                    await self.engine.abort(self.client_id, aborts)
+            except Exception as e:  # the controller is unreachable
+                for n in new:
+                    stream = self._streams.pop(n.seq, None)
+                    if stream is not None:
+                        stream.fail(e)
+                continue
+            for r in rejected:
+                stream = self._streams.pop(r.seq, None)
+                if stream is not None:
+                    stream.fail(RequestRejected(r.kind, r.message))
+
+    async def _poll_loop(self) -> None:
+        while True:
+            if not self._streams:
+                self._have_streams.clear()
+                await self._have_streams.wait()
+            try:
+                batch = await self.engine.poll(self.client_id, self.poll_timeout_s)
+            except Exception as e:  # the controller is unreachable: fail what runs, keep trying
+                self._fail_all(e)
+                await asyncio.sleep(_RETRY_S)
+                continue
+            self._dispatch(batch)
+
+    def _dispatch(self, batch: OutputBatch) -> None:
+        for seq, tokens, finish, logits in batch.entries():
+            stream = self._streams.get(seq)
+            if stream is None:
+                continue  # aborted here since
+            stream.push(tokens, finish, logits)
+            if finish != Finish.RUNNING:
+                del self._streams[seq]
+        if batch.error is not None:
+            self._fail_all(RequestRejected(RejectKind.ENGINE_FAILED, batch.error))
+
+    def _fail_all(self, error: BaseException) -> None:
+        streams, self._streams = self._streams, {}
+        self._to_submit.clear()
+        for stream in streams.values():
+            stream.fail(error)
 
 
-async def merge(streams: Sequence[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Interleave several streams as (stream index, output), in arrival order. An error
-    in one stream stops (and closes) all of them."""
+async def merge(streams: Sequence[AsyncIterator[Delta]]) -> AsyncIterator[tuple[int, Delta]]:
+    """Interleave several streams as (stream index, delta), in arrival order. An error
+    in one stream stops (and closes) all of them, raised as an APIError."""
     if len(streams) == 1:
-        async with aclosing(streams[0]) as only:
-            async for out in only:
-                yield 0, out
+        try:
+            async with aclosing(streams[0]) as only:
+                async for out in only:
+                    yield 0, out
+        except Exception as e:
+            raise engine_error(e) from None
         return
     queue: asyncio.Queue = asyncio.Queue()
 
-    async def pump(i: int, s: AsyncIterator[RequestOutput]) -> None:
+    async def pump(i: int, s: AsyncIterator[Delta]) -> None:
         try:
             async with aclosing(s) as stream:
                 async for out in stream:
@@ -108,7 +287,7 @@ async def merge(streams: Sequence[AsyncIterator[RequestOutput]]) -> AsyncIterato
         while remaining:
             i, item = await queue.get()
             if isinstance(item, Exception):
-                raise item
+                raise engine_error(item)
             if item is None:
                 remaining -= 1
             else:
@@ -120,18 +299,18 @@ async def merge(streams: Sequence[AsyncIterator[RequestOutput]]) -> AsyncIterato
 
 
 def engine_error(e: BaseException) -> APIError:
-    """HTTP error for what the controller raised: a full queue 429, a request the engine
-    refuses 400, a failed engine or a dead controller 503."""
+    """HTTP error for what the engine answered: a full queue 429, a request the engine
+    refuses 400, a failed engine or an unreachable controller 503."""
     if isinstance(e, APIError):
         return e
+    if isinstance(e, RequestRejected):
+        if e.kind is RejectKind.QUEUE_FULL:
+            return APIError(429, f"the server is at capacity ({e}); retry later", None, "rate_limit_exceeded", "rate_limit_error")
+        if e.kind is RejectKind.INVALID:
+            field, _, _ = str(e).partition(":")
+            return bad_request(str(e), field if field.isidentifier() else None, "invalid_value")
+        return APIError(503, str(e), None, "engine_failed", "server_error")
     cause = e.cause if isinstance(e, ray.exceptions.RayTaskError) and e.cause is not None else e
-    if isinstance(cause, QueueFullError):
-        return APIError(429, f"the server is at capacity ({cause}); retry later", None, "rate_limit_exceeded", "rate_limit_error")
-    if isinstance(cause, ValueError):
-        field, _, _ = str(cause).partition(":")
-        return bad_request(str(cause), field if field.isidentifier() else None, "invalid_value")
-    if isinstance(cause, EngineFailedError):
-        return APIError(503, str(cause), None, "engine_failed", "server_error")
     if isinstance(cause, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)):
         return APIError(503, f"the engine is not available: {cause}", None, "engine_unavailable", "server_error")
     log.error("unexpected engine error: %r", e)

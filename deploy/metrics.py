@@ -11,6 +11,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from raymoe.actors.engine.messages import EngineStats
+
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 _LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2.5, 5, 10, 30)
 _E2E_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
@@ -50,16 +52,16 @@ class ServeMetrics:
     def count(self, endpoint: str, status: int) -> None:
         self.requests.labels(endpoint, str(status)).inc()
 
-    def render(self, stats: dict[str, Any], eplb: dict[str, Any] | None = None) -> bytes:
+    def render(self, stats: EngineStats, eplb: dict[str, Any] | None = None) -> bytes:
         """The exposition text, with engine gauges set from ``Controller.stats()`` and
         ``Controller.eplb_status()``."""
-        for dp, (w, run, kv) in enumerate(zip(stats["waiting"], stats["running"], stats["kv_usage"])):
+        for dp, (w, run, kv) in enumerate(zip(stats.waiting, stats.running, stats.kv_usage)):
             self.waiting.labels(str(dp)).set(w)
             self.running.labels(str(dp)).set(run)
             self.kv_usage.labels(str(dp)).set(kv)
-        self.steps.set(stats["steps"])
-        self.engine_failed.set(1 if stats.get("error") else 0)
-        self.preemptions.set(stats.get("preemptions", 0))
+        self.steps.set(stats.steps)
+        self.engine_failed.set(1 if stats.error else 0)
+        self.preemptions.set(stats.preemptions)
         if eplb and "rank_load_before" in eplb:
             self.rebalances.set(eplb["rebalances"])
             for placement in ("before", "after"):

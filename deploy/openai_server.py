@@ -2,9 +2,10 @@
 
 ``OpenAIServer`` turns a validated request into engine streams (one per prompt),
 and the streams into a JSON response or server-sent events. Each delta is written
-as soon as it arrives (no batching); a streaming response is started only once the
-first token exists, so a request the engine refuses (full queue, too long) still
-gets a proper HTTP error instead of a broken stream.
+as soon as it arrives (no batching delay; a stream whose consumer fell behind gets
+the tokens of several steps as one delta); a streaming response is started only
+once the first token exists, so a request the engine refuses (full queue, too long)
+still gets a proper HTTP error instead of a broken stream.
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from typing import Any, AsyncIterator, Optional
 
 import ray
 
-from raymoe.actors.engine.core import RequestOutput
+from raymoe.actors.engine.messages import EngineStats
+from raymoe.actors.engine.output_text import Delta
 from raymoe.deploy.engine_client import EngineClient, engine_error, merge
 from raymoe.deploy.metrics import ServeMetrics
 from raymoe.deploy.openai_api import (
@@ -43,7 +45,7 @@ from raymoe.deploy.openai_api import (
     usage_chunk,
 )
 
-Outputs = AsyncIterator[tuple[int, RequestOutput]]
+Outputs = AsyncIterator[tuple[int, Delta]]
 
 
 class _Progress:
@@ -58,15 +60,20 @@ class _Progress:
         self.completion_tokens = 0
         self.t0, self.metrics = t0, metrics
 
-    def add(self, i: int, out: RequestOutput) -> None:
+    def add(self, i: int, out: Delta) -> None:
         now = time.perf_counter()
-        last = self.last[i]
-        if out.new_token_ids:
-            (self.metrics.ttft if last is None else self.metrics.itl).observe(now - (self.t0 if last is None else last))
+        last, n = self.last[i], len(out.token_ids)
+        if n:
+            # tokens that arrive together share the time since the last ones
+            if last is None:
+                self.metrics.ttft.observe(now - self.t0)
+                n -= 1
+            for _ in range(n):
+                self.metrics.itl.observe((now - (self.t0 if last is None else last)) / len(out.token_ids))
             self.last[i] = now
-            self.completion_tokens += len(out.new_token_ids)
-            self.metrics.completion_tokens.inc(len(out.new_token_ids))
-        self.texts[i] += out.new_text
+            self.completion_tokens += len(out.token_ids)
+            self.metrics.completion_tokens.inc(len(out.token_ids))
+        self.texts[i] += out.text
         if out.finished:
             self.finish[i] = out.finish_reason
             if all(f is not None for f in self.finish):
@@ -77,8 +84,11 @@ class _Progress:
 
 
 class OpenAIServer:
-    def __init__(self, client: EngineClient, model_name: str, model_root: str, api_key: Optional[str] = None) -> None:
+    def __init__(
+        self, client: EngineClient, controller: Any, model_name: str, model_root: str, api_key: Optional[str] = None
+    ) -> None:
         self.client = client
+        self.controller = controller  # the controller actor (stats, EPLB, health)
         self.model_name = model_name
         self.model_root = model_root
         self.api_key = api_key
@@ -102,13 +112,13 @@ class OpenAIServer:
     # ---- endpoints -------------------------------------------------------------------------
 
     def models(self) -> dict[str, Any]:
-        card = model_card(self.model_name, self.created, self.model_root, self.client.max_model_len)
+        card = model_card(self.model_name, self.created, self.model_root, self.client.info.max_model_len)
         return {"object": "list", "data": [card]}
 
     def model(self, name: str) -> dict[str, Any]:
         if name != self.model_name:
             raise APIError(404, f"The model '{name}' does not exist", "model", "model_not_found")
-        return model_card(self.model_name, self.created, self.model_root, self.client.max_model_len)
+        return model_card(self.model_name, self.created, self.model_root, self.client.info.max_model_len)
 
     async def completions(self, body: bytes) -> Any:
         """POST /v1/completions: a dict (JSON) or an async iterator of SSE bytes."""
@@ -117,7 +127,7 @@ class OpenAIServer:
         self._check_model(req.model)
         ids = [self.client.tokenize(p) for p in completion_prompts(req)]
         params = [
-            sampling_params(req, resolve_max_tokens(req.max_tokens, len(x), self.client.token_limit,
+            sampling_params(req, resolve_max_tokens(req.max_tokens, len(x), self.client.info.token_limit,
                                                     DEFAULT_COMPLETION_MAX_TOKENS, "max_tokens", "prompt"))
             for x in ids
         ]
@@ -131,19 +141,18 @@ class OpenAIServer:
         ids = self.client.tokenize_chat(chat_messages(req), req.chat_template_kwargs)
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        limit = resolve_max_tokens(requested, len(ids), self.client.token_limit, None, param, "messages")
+        limit = resolve_max_tokens(requested, len(ids), self.client.info.token_limit, None, param, "messages")
         return await self._run(True, f"chatcmpl-{uuid.uuid4().hex}", [ids], [sampling_params(req, limit)], req, t0)
 
-    async def stats(self) -> dict[str, Any]:
-        return await self.client.controller.stats.remote()
+    async def stats(self) -> EngineStats:
+        return await self.controller.stats.remote()
 
     async def metrics_text(self) -> bytes:
-        controller = self.client.controller
-        stats, eplb = await asyncio.gather(controller.stats.remote(), controller.eplb_status.remote())
+        stats, eplb = await asyncio.gather(self.controller.stats.remote(), self.controller.eplb_status.remote())
         return self.metrics.render(stats, eplb)
 
     async def eplb_status(self, body: bytes) -> dict[str, Any]:
-        return await self.client.controller.eplb_status.remote()
+        return await self.controller.eplb_status.remote()
 
     async def rebalance(self, body: bytes) -> dict[str, Any]:
         """Start a rebalance; optional JSON body {"logical_load": [[...] per MoE layer]}."""
@@ -154,7 +163,7 @@ class OpenAIServer:
             except (ValueError, AttributeError):
                 raise APIError(400, "body must be a JSON object, e.g. {} or {\"logical_load\": [[...]]}", None)
         try:
-            return await self.client.controller.rebalance.remote(load)
+            return await self.controller.rebalance.remote(load)
         except ray.exceptions.RayTaskError as e:
             if isinstance(e.cause, ValueError):
                 raise APIError(400, str(e.cause), "logical_load" if load is not None else None)
@@ -165,7 +174,7 @@ class OpenAIServer:
     async def _run(self, chat: bool, rid: str, ids: list[list[int]], params: list, req: Any, t0: float) -> Any:
         progress = _Progress(len(ids), sum(map(len, ids)), t0, self.metrics)
         self.metrics.prompt_tokens.inc(progress.prompt_tokens)
-        outputs = merge([self.client.stream(f"{rid}-{i}", x, p) for i, (x, p) in enumerate(zip(ids, params))])
+        outputs = merge([self.client.stream(x, p) for x, p in zip(ids, params)])
         self.metrics.in_flight.inc()
         done = True
         try:
@@ -188,18 +197,18 @@ class OpenAIServer:
         return build(rid, int(time.time()), self.model_name, choices, progress.usage())
 
     async def _events(
-        self, chat: bool, rid: str, first: tuple[int, RequestOutput], outputs: Outputs, progress: _Progress, include_usage: bool
+        self, chat: bool, rid: str, first: tuple[int, Delta], outputs: Outputs, progress: _Progress, include_usage: bool
     ) -> AsyncIterator[bytes]:
         """SSE bytes: one chunk per delta as it arrives, then usage (if asked) and [DONE]."""
         created, model = int(time.time()), self.model_name
         started = [False] * len(progress.texts)
         try:
             async with aclosing(outputs):
-                item: Optional[tuple[int, RequestOutput]] = first
+                item: Optional[tuple[int, Delta]] = first
                 while item is not None:
                     i, out = item
                     if not chat:
-                        yield sse(completion_chunk(rid, created, model, i, out.new_text, out.finish_reason, include_usage))
+                        yield sse(completion_chunk(rid, created, model, i, out.text, out.finish_reason, include_usage))
                     else:
                         yield self._chat_events(rid, created, i, out, not started[i], include_usage)
                         started[i] = True
@@ -215,13 +224,13 @@ class OpenAIServer:
         finally:
             self.metrics.in_flight.dec()
 
-    def _chat_events(self, rid: str, created: int, i: int, out: RequestOutput, first: bool, with_usage: bool) -> bytes:
+    def _chat_events(self, rid: str, created: int, i: int, out: Delta, first: bool, with_usage: bool) -> bytes:
         """A chat delta as SSE: the role comes first, the finish reason in a chunk of its own."""
         model, events = self.model_name, []
         if first:
             events.append(sse(chat_chunk(rid, created, model, i, {"role": "assistant", "content": ""}, None, with_usage)))
-        if out.new_text or not out.finished:
-            events.append(sse(chat_chunk(rid, created, model, i, {"content": out.new_text}, None, with_usage)))
+        if out.text or not out.finished:
+            events.append(sse(chat_chunk(rid, created, model, i, {"content": out.text}, None, with_usage)))
         if out.finished:
             events.append(sse(chat_chunk(rid, created, model, i, {}, out.finish_reason, with_usage)))
         return b"".join(events)

@@ -1,9 +1,13 @@
-"""The Ray Serve application: a FastAPI ingress (OpenAI API) in front of the controller.
+"""The Ray Serve application: FastAPI ingress replicas (OpenAI API) in front of one engine.
 
-One deployment, one replica. Its constructor starts the controller (which brings up
-the rank actors and loads the model) and fetches the tokenizer once; so the same app
-runs under ``raymoe serve``, ``serve run raymoe.deploy.serve_app:build_app config=...``
-and a KubeRay RayService (``import_path: raymoe.deploy.serve_app:build_app``).
+Two deployments. ``EngineHost`` (one replica) starts the controller, which brings up
+the rank actors and loads the model, and owns it for its whole life. ``OpenAIIngress``
+(``serve.num_replicas`` replicas) gets the controller's handle from it once, then talks
+to the controller directly: each replica is one engine client (``EngineClient``) that
+tokenises, submits, polls its own requests' outputs once per step and detokenises
+them, so the per-token work spreads over the replicas. The same app runs under
+``raymoe serve``, ``serve run raymoe.deploy.serve_app:build_app config=...`` and a
+KubeRay RayService (``import_path: raymoe.deploy.serve_app:build_app``).
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models[/{id}],
 GET /health (200 ok, 503 degraded), GET /metrics (Prometheus text), and the expert
@@ -26,7 +30,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from raymoe.cluster.config import Config, config_from_dict, configs_dir, load_config
-from raymoe.deploy.engine_client import EngineClient
+from raymoe.deploy.engine_client import EngineClient, RayEngine
 from raymoe.deploy.launch import ensure_ray, start_controller
 from raymoe.deploy.openai_api import APIError
 from raymoe.deploy.openai_server import OpenAIServer
@@ -52,17 +56,17 @@ SERVE_ENV = {
 }
 
 
-def serve_env(direct_port: Optional[int]) -> dict[str, str]:
-    """SERVE_ENV, plus Serve's direct ingress on ``direct_port`` when given: the ingress
-    replica runs an HTTP server of its own there, so a request skips the proxy -> replica
-    hop (~7 ms less per request on a 2-core box; BENCHMARKS.md)."""
+def serve_env(direct_port: Optional[int], num_replicas: int = 1) -> dict[str, str]:
+    """SERVE_ENV, plus Serve's direct ingress from ``direct_port`` when given: each ingress
+    replica runs an HTTP server of its own, replica i of n on a port in [direct_port,
+    direct_port + n), so a request skips the proxy -> replica hop (~7 ms less per
+    request on a 2-core box; BENCHMARKS.md)."""
     env = dict(SERVE_ENV)
     if direct_port is not None:
         env.update({
             "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
-            # the port range holds exactly serve.port: the one ingress replica takes it
             "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(direct_port),
-            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(direct_port + 1),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(direct_port + num_replicas),
             # a restarted replica takes the port back at once (the hold-back protects
             # HAProxy routing, which is not used here), and stopping does not wait 30 s
             "RAY_SERVE_PORT_QUARANTINE_S": "0",
@@ -143,7 +147,7 @@ async def _value(x: Any) -> Any:
 
 async def _health(server: OpenAIServer) -> tuple[int, dict[str, Any]]:
     try:
-        h = await asyncio.wait_for(server.client.controller.health.remote(), HEALTH_TIMEOUT_S)
+        h = await asyncio.wait_for(server.controller.health.remote(), HEALTH_TIMEOUT_S)
     except Exception as e:  # a dead or hung controller
         return 503, {"status": "degraded", "error": f"controller: {type(e).__name__}: {e}"}
     return (200 if h.get("status") == "ok" else 503), h
@@ -153,29 +157,24 @@ async def _health(server: OpenAIServer) -> tuple[int, dict[str, Any]]:
 @serve.deployment(
     num_replicas=1, ray_actor_options={"num_cpus": 0}, max_constructor_retry_count=3, graceful_shutdown_wait_loop_s=0.25
 )
-@serve.ingress()
-class OpenAIIngress:
-    """The Serve replica: owns the controller for its whole life."""
+class EngineHost:
+    """Owns the controller (rank actors, model, step loop) for its whole life."""
 
     async def __init__(self, config: dict[str, Any]) -> None:
-        cfg = config_from_dict(config)
-        self.controller = await asyncio.to_thread(start_controller, cfg)
+        self._controller = await asyncio.to_thread(start_controller, config_from_dict(config))
         try:
-            info = await self.controller.load_model.remote()
-            tokenizer = await self.controller.get_tokenizer.remote()
+            info = await self._controller.load_model.remote()
         except BaseException:
             await self.__del__()
             raise
-        client = EngineClient(self.controller, tokenizer, info)
-        name = cfg.serve.model_name or cfg.model.path
-        self.server = OpenAIServer(client, name, info["model"], cfg.serve.api_key)
-        log.info("serving %s (%s), max_model_len %d", name, info["model"], info["max_model_len"])
+        log.info("engine up: %s (%s), max_model_len %d", info.model, info.architecture, info.max_model_len)
 
-    def __serve_build_asgi_app__(self) -> FastAPI:
-        return build_fastapi_app(self.server)
+    def controller(self) -> list[Any]:
+        """[the controller actor's handle] (in a list: Serve passes it on as is)."""
+        return [self._controller]
 
     async def __del__(self) -> None:
-        controller, self.controller = getattr(self, "controller", None), None
+        controller, self._controller = getattr(self, "_controller", None), None
         if controller is None:
             return
         try:
@@ -185,13 +184,39 @@ class OpenAIIngress:
         ray.kill(controller)
 
 
+@serve.deployment(ray_actor_options={"num_cpus": 0}, graceful_shutdown_wait_loop_s=0.25)
+@serve.ingress()
+class OpenAIIngress:
+    """One ingress replica: the OpenAI routes over one engine client."""
+
+    async def __init__(self, config: dict[str, Any], engine: Any) -> None:
+        cfg = config_from_dict(config)
+        (controller,) = await engine.controller.remote()
+        info, tokenizer = await asyncio.gather(controller.get_model_info.remote(), controller.get_tokenizer.remote())
+        client = EngineClient(RayEngine(controller), tokenizer, info)
+        name = cfg.serve.model_name or cfg.model.path
+        self.server = OpenAIServer(client, controller, name, info.model, cfg.serve.api_key)
+        log.info("serving %s (%s) as engine client %s", name, info.model, client.client_id)
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return build_fastapi_app(self.server)
+
+    async def __del__(self) -> None:
+        server = getattr(self, "server", None)
+        if server is not None:
+            await server.client.close()
+
+
 def ingress_options(config: Config) -> dict[str, Any]:
-    """Deployment options: room for every queued and running request plus health/metrics
-    calls (Serve's default of 5 ongoing requests would queue concurrent streams). With
-    direct ingress the replica answers on serve.host:serve.port itself: it runs on the
-    head node, where that address is."""
+    """Deployment options: ``serve.num_replicas`` replicas, each with room for every queued
+    and running request plus health/metrics calls (Serve's default of 5 ongoing requests
+    would queue concurrent streams). With direct ingress the replicas answer on
+    serve.host itself: they run on the head node, where that address is."""
     running = config.engine.max_num_seqs * config.parallel.dp
-    options: dict[str, Any] = {"max_ongoing_requests": config.serve.max_queued_requests + running + 64}
+    options: dict[str, Any] = {
+        "num_replicas": config.serve.num_replicas,
+        "max_ongoing_requests": config.serve.max_queued_requests + running + 64,
+    }
     if config.serve.direct_ingress:
         options["ray_actor_options"] = {"num_cpus": 0, "resources": {"node:__internal_head__": 0.001}}
     return options
@@ -218,19 +243,20 @@ def build_app(args: Optional[dict[str, Any]] = None) -> Any:
 
 def app_for(config: Config) -> Any:
     """The bound Serve application serving ``config``."""
-    return OpenAIIngress.options(**ingress_options(config)).bind(dataclasses.asdict(config))
+    data = dataclasses.asdict(config)
+    return OpenAIIngress.options(**ingress_options(config)).bind(data, EngineHost.bind(data))
 
 
-def serve_start(host: str, port: int, direct_ingress: bool) -> None:
+def serve_start(host: str, port: int, direct_ingress: bool, num_replicas: int = 1) -> None:
     """Start Serve with ``serve_env``: the app answers on ``host:port``, through the ingress
-    replica's own server (``direct_ingress``; Serve's proxy then takes a free port, head
-    node only) or through the proxy. A Serve already running keeps its own settings
-    (Serve applies them only at start)."""
+    replicas' own servers (``direct_ingress``: ports port .. port + num_replicas - 1;
+    Serve's proxy then takes a free port, head node only) or through the proxy. A Serve
+    already running keeps its own settings (Serve applies them only at start)."""
     proxy_port = free_port(host) if direct_ingress else port
     serve.start(
         http_options={"host": host, "port": proxy_port},
         proxy_location="HeadOnly",
-        controller_options={"runtime_env": {"env_vars": serve_env(port if direct_ingress else None)}},
+        controller_options={"runtime_env": {"env_vars": serve_env(port if direct_ingress else None, num_replicas)}},
     )
 
 
@@ -241,7 +267,7 @@ def start_serving(config: Config, address: Optional[str] = None) -> str:
     host = config.serve.host
     port = config.serve.port or free_port(host)  # 0: any free port
     config = config.replace({"serve.port": port})
-    serve_start(host, port, config.serve.direct_ingress)
+    serve_start(host, port, config.serve.direct_ingress, config.serve.num_replicas)
     serve.run(app_for(config), name=APP_NAME, route_prefix="/")
     return f"http://{host}:{port}"
 

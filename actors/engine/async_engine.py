@@ -1,32 +1,33 @@
-"""AsyncEngine: one step loop serving many concurrent request streams.
+"""AsyncEngine: one step loop serving every client's requests.
 
-Lives in the controller actor's event loop. Requests arrive at any time; the
-loop schedules whatever is queued at each step (no batching delay) and pushes each
-request's deltas to its stream. On GPUs one step stays in flight on the ranks
-while the loop applies the one before and schedules the next (pipelined steps),
+Lives in the controller actor's event loop. Clients submit requests in batches and poll
+for their outputs (``messages``); the loop schedules whatever is queued at each step
+(no batching delay), runs it on the ranks, applies the sampled tokens and sorts them
+into the clients' outboxes (``delivery``). Its own work per step is scheduling and
+applying tokens: text is the clients' work. On GPUs one step stays in flight on the
+ranks while the loop applies the one before and schedules the next (pipelined steps),
 so the device does not idle through the loop's own work and the Ray round trips.
-A stream that is closed early (client gone) aborts its request, which frees its
-KV blocks.
+
+A client that stops polling for ``client_timeout_s`` is taken for gone: its requests
+are aborted, which frees their KV blocks.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
 import logging
-from typing import Any, AsyncIterator, Callable, Optional, Sequence
+import time
+from typing import Any, Callable, Optional, Sequence
 
-from raymoe.actors.engine.core import EngineCore, PlannedStep, RequestOutput
-from raymoe.actors.engine.request import SamplingParams
+from raymoe.actors.engine.core import EngineCore, PlannedStep
+from raymoe.actors.engine.delivery import OutputRouter
+from raymoe.actors.engine.messages import EngineStats, NewRequest, OutputBatch, Rejection, RejectKind
 from raymoe.actors.engine.step import StepOutput
 
 log = logging.getLogger(__name__)
 
-class QueueFullError(RuntimeError):
-    """More requests are waiting than serve.max_queued_requests allows."""
-
-
-class EngineFailedError(RuntimeError):
-    """The step loop died (e.g. a rank actor failed); the engine no longer serves."""
+CLIENT_TIMEOUT_S = 60.0  # a client silent this long (no poll) has its requests aborted
+_SILENCE_CHECK_S = 1.0
 
 
 class AsyncEngine:
@@ -37,6 +38,7 @@ class AsyncEngine:
         max_queued: int,
         background: Any = None,
         pipelined: bool = True,
+        client_timeout_s: float = CLIENT_TIMEOUT_S,
     ) -> None:
         """``execute_async(inputs or None, wait)``: RayStepExecutor.run_async's contract.
         ``background``: work advanced once after every step (EPLB): an object with
@@ -47,51 +49,80 @@ class AsyncEngine:
         self.execute_async = execute_async
         self.max_queued = max_queued
         self.pipelined = pipelined
-        self._streams: dict[str, asyncio.Queue] = {}
+        self.client_timeout_s = client_timeout_s
+        self.router = OutputRouter(with_logits=core.collect_logits)
+        self.num_submit_calls = 0
         self._wake = asyncio.Event()
         self._loop_task: Optional[asyncio.Task] = None
+        self._next_silence_check = 0.0
         self.error: Optional[BaseException] = None
 
     @property
     def num_waiting(self) -> int:
         return sum(s.num_waiting for s in self.core.schedulers)
 
-    async def stream(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams) -> AsyncIterator[RequestOutput]:
-        """Yield this request's outputs until it finishes. ValueError for a request that can
-        never run; QueueFullError when the queue is full; EngineFailedError if the loop died."""
-        if self.error is not None:
-            raise EngineFailedError(f"engine failed: {self.error}")
-        if self.num_waiting >= self.max_queued:
-            raise QueueFullError(f"{self.num_waiting} requests already waiting (serve.max_queued_requests)")
-        queue: asyncio.Queue = asyncio.Queue()
-        self.core.add_request(request_id, prompt_token_ids, sampling)
-        self._streams[request_id] = queue
-        self._start()
-        finished = False
-        try:
-            while not finished:
-                out = await queue.get()
-                if isinstance(out, BaseException):
-                    raise EngineFailedError(f"engine failed: {out}") from out
-                finished = out.finished
-                yield out
-        finally:
-            # once this request ended, a new one may reuse its id: leave that one alone
-            if self._streams.get(request_id) is queue:
-                del self._streams[request_id]
-                if not finished:  # the consumer went away: free the request's blocks
-                    self.core.abort(request_id)
+    # ---- the client API (messages) ------------------------------------------------------
 
-    def abort(self, request_id: str) -> bool:
-        out = self.core.abort(request_id)
-        queue = self._streams.get(request_id)
-        if out is not None and queue is not None:
-            queue.put_nowait(out)
-        return out is not None
+    async def submit(self, client: str, requests: Sequence[NewRequest]) -> list[Rejection]:
+        """Queue ``requests`` of ``client``; a Rejection for each one refused (a request that
+        can never run, a full queue, a failed engine)."""
+        self.num_submit_calls += 1
+        rejected = []
+        for new in requests:
+            reason = self._add(client, new)
+            if reason is not None:
+                rejected.append(Rejection(new.seq, *reason))
+        if len(rejected) < len(requests):
+            self._start()
+        return rejected
+
+    async def abort(self, client: str, seqs: Sequence[int]) -> None:
+        """Drop requests of ``client`` (its consumer went away, or it found a stop string)."""
+        for seq in seqs:
+            rid = self.router.request_id(client, seq)
+            self.router.remove(rid)
+            self.core.abort(rid)
+
+    async def poll(self, client: str, timeout_s: float = 1.0) -> OutputBatch:
+        """``client``'s outputs since its last poll; waits up to ``timeout_s`` for some."""
+        return await self.router.poll(client, timeout_s)
+
+    async def leave(self, client: str) -> None:
+        """``client`` is going away: abort its requests."""
+        for rid in self.router.drop_client(client):
+            self.core.abort(rid)
+
+    def stats(self) -> EngineStats:
+        scheds = self.core.schedulers
+        return EngineStats(
+            waiting=[s.num_waiting for s in scheds],
+            running=[s.num_running for s in scheds],
+            kv_usage=[s.block_manager.usage for s in scheds],
+            steps=self.core.num_steps,
+            preemptions=self.core.num_preemptions,
+            polls=self.router.num_polls,
+            submit_calls=self.num_submit_calls,
+            error=None if self.error is None else str(self.error),
+        )
 
     def wake(self) -> None:
         """Run the loop now (e.g. to advance requested background work)."""
         self._start()
+
+    # ---- the step loop ---------------------------------------------------------------------
+
+    def _add(self, client: str, new: NewRequest) -> Optional[tuple[RejectKind, str]]:
+        if self.error is not None:
+            return RejectKind.ENGINE_FAILED, f"engine failed: {self.error}"
+        if self.num_waiting >= self.max_queued:
+            return RejectKind.QUEUE_FULL, f"{self.num_waiting} requests already waiting (serve.max_queued_requests)"
+        rid = self.router.add(client, new.seq)
+        try:
+            self.core.add_request(rid, new.prompt_token_ids, new.sampling)
+        except ValueError as e:
+            self.router.remove(rid)
+            return RejectKind.INVALID, str(e)
+        return None
 
     def _start(self) -> None:
         self._wake.set()
@@ -102,6 +133,7 @@ class AsyncEngine:
         in_flight: collections.deque[PlannedStep] = collections.deque()
         try:
             while True:
+                self._abort_silent_clients()
                 # With a step in flight this already schedules the next one: its decode
                 # chunks take their pending tokens from the ranks' last sampling.
                 planned = self.core.schedule()
@@ -125,16 +157,23 @@ class AsyncEngine:
                 self._publish(in_flight, await self.execute_async(planned.inputs, wait))
                 if self.background is not None:
                     await self.background.on_step()
-        except Exception as e:  # a rank died or a step failed: fail every stream, stay failed
+        except Exception as e:  # a rank died or a step failed: fail every client, stay failed
             log.exception("engine step loop failed")
             self.error = e
-            for queue in self._streams.values():
-                queue.put_nowait(e)
+            self.router.fail(f"engine failed: {e}")
 
     def _publish(self, in_flight: "collections.deque[PlannedStep]", completed: Sequence[Sequence[StepOutput]]) -> None:
-        """Apply the steps the executor completed (the oldest in flight) and stream their outputs."""
+        """Apply the steps the executor completed (the oldest in flight) and deliver their tokens."""
         for results in completed:
-            for out in self.core.apply(in_flight.popleft(), results):
-                queue = self._streams.get(out.request_id)
-                if queue is not None:
-                    queue.put_nowait(out)
+            self.router.deliver(self.core.apply(in_flight.popleft(), results))
+
+    def _abort_silent_clients(self) -> None:
+        now = time.monotonic()
+        if now < self._next_silence_check:
+            return
+        self._next_silence_check = now + _SILENCE_CHECK_S
+        for client in self.router.silent_clients(self.client_timeout_s):
+            rids = self.router.drop_client(client)
+            log.warning("client %s has not polled for %.0f s: aborting its %d requests", client, self.client_timeout_s, len(rids))
+            for rid in rids:
+                self.core.abort(rid)

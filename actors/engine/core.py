@@ -2,38 +2,27 @@
 
 One Scheduler per DP replica. Each ``step``: every replica's scheduler picks
 its chunks, an executor runs the step on the ranks (all replicas in lockstep:
-MoE layers span the whole world), then sampled tokens are applied, stop
-conditions checked and text detokenised. No torch, no ray here: executors
-(Ray rank actors, or an in-process runner) are passed in.
+MoE layers span the whole world), then sampled tokens are applied and the
+token-level stop conditions checked (EOS, stop_token_ids, max_tokens, the
+context). Text -- detokenisation and stop strings -- is the clients' work
+(``output_text``); a client that finds a stop string aborts the request. No
+torch, no ray here: executors (Ray rank actors, or an in-process runner) are
+passed in.
 """
 from __future__ import annotations
 
 import itertools
 import random
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
-from raymoe.actors.engine.detokenizer import IncrementalDetokenizer
+from raymoe.actors.engine.delivery import TokenOutput
+from raymoe.actors.engine.messages import Finish
 from raymoe.actors.engine.request import PENDING_TOKEN, Request, SamplingParams
 from raymoe.actors.engine.scheduler import Scheduler
 from raymoe.actors.engine.step import StepInput, StepOutput, pack_step
-from raymoe.actors.engine.tokenizer import Tokenizer
 
 Executor = Callable[[Sequence[StepInput]], Sequence[StepOutput]]
-
-
-@dataclass
-class RequestOutput:
-    """What changed for one request in one step (deltas), plus running totals."""
-
-    request_id: str
-    new_token_ids: list[int]
-    new_text: str
-    finished: bool
-    finish_reason: Optional[str]  # "stop" | "length" | "abort" once finished
-    num_prompt_tokens: int
-    num_output_tokens: int
-    logits: Any = None  # this token's logits row [vocab], only when the core collects logits
 
 
 @dataclass
@@ -46,7 +35,7 @@ class EngineCore:
     def __init__(
         self,
         schedulers: Sequence[Scheduler],
-        tokenizer: Tokenizer,
+        eos_token_ids: Iterable[int],
         execute: Optional[Executor] = None,
         seed: Optional[int] = None,
         collect_logits: bool = False,
@@ -54,11 +43,10 @@ class EngineCore:
         self.schedulers = list(schedulers)
         self.block_size = self.schedulers[0].block_manager.block_size
         self.collect_logits = collect_logits  # tests compare logits with a reference
-        self.tokenizer = tokenizer
+        self.eos_token_ids = frozenset(eos_token_ids)
         self.execute = execute
         self._rng = random.Random(seed)
         self._replica: dict[str, int] = {}  # request id -> DP replica
-        self._detok: dict[str, IncrementalDetokenizer] = {}
         self._arrivals = itertools.count()
         self.num_steps = 0
         self.num_preemptions = 0
@@ -78,24 +66,21 @@ class EngineCore:
             sampling=sampling,
             seed=sampling.seed if sampling.seed is not None else self._rng.getrandbits(63),
             arrival=next(self._arrivals),
-            eos_token_ids=frozenset() if sampling.ignore_eos else self.tokenizer.eos_token_ids,
+            eos_token_ids=frozenset() if sampling.ignore_eos else self.eos_token_ids,
         )
         replica = min(range(len(self.schedulers)), key=lambda i: self._load(i))
         self.schedulers[replica].add(req)  # validates lengths against max_model_len and the cache
         self._replica[request_id] = replica
-        self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, sampling.stop)
 
-    def abort(self, request_id: str) -> Optional[RequestOutput]:
+    def abort(self, request_id: str) -> bool:
+        """Drop a live request and free its blocks; False if it is not live."""
         replica = self._replica.pop(request_id, None)
         if replica is None:
-            return None
-        req = self.schedulers[replica].abort(request_id)
-        self._detok.pop(request_id, None)
-        assert req is not None
-        done = sum(t != PENDING_TOKEN for t in req.output_token_ids)
-        return RequestOutput(request_id, [], "", True, "abort", req.num_prompt_tokens, done)
+            return False
+        self.schedulers[replica].abort(request_id)
+        return True
 
-    def step(self) -> list[RequestOutput]:
+    def step(self) -> list[TokenOutput]:
         """Run one engine step over every DP replica; returns the requests that progressed."""
         assert self.execute is not None, "step() needs an executor; async callers use schedule() and apply()"
         planned = self.schedule()
@@ -127,44 +112,37 @@ class EngineCore:
             self._last_rows[replica] = {rid: row for row, rid in enumerate(sampled)}
         return PlannedStep(inputs, pending)
 
-    def apply(self, planned: "PlannedStep", results: Sequence[StepOutput]) -> list[RequestOutput]:
-        """Second half: the ranks' sampled tokens replace the pending ones; stop checks, detokenising."""
+    def apply(self, planned: "PlannedStep", results: Sequence[StepOutput]) -> list[TokenOutput]:
+        """Second half: the ranks' sampled tokens replace the pending ones; token stop checks."""
         self.num_steps += 1
         outputs = []
         for sched, pending, result in zip(self.schedulers, planned.pending, results):
             for req, index, row in sched.fill(pending, result.tokens.tolist()):
-                output = self._apply_token(sched, req, index)
-                if result.logits is not None:
-                    output.logits = result.logits[row]
-                outputs.append(output)
+                finish = self._finish_after(sched, req, index)
+                logits = result.logits[row] if result.logits is not None else None
+                outputs.append(TokenOutput(req.request_id, req.output_token_ids[index], finish, logits))
         return outputs
 
-    def _apply_token(self, sched: Scheduler, req: Request, index: int) -> RequestOutput:
-        """Stop checks for output ``index`` of ``req`` (later outputs may still be pending)."""
+    def _finish_after(self, sched: Scheduler, req: Request, index: int) -> Finish:
+        """Stop checks for output ``index`` of ``req`` (later outputs may still be pending);
+        a request that ends here is finished in its scheduler."""
         token, num_outputs = req.output_token_ids[index], index + 1
-        detok = self._detok[req.request_id]
-        reason = None
         if token in req.eos_token_ids or token in req.sampling.stop_token_ids:
-            reason, text = "stop", ""
+            finish = Finish.STOP
+        elif num_outputs >= req.sampling.max_tokens or req.num_prompt_tokens + num_outputs >= sched.max_model_len:
+            finish = Finish.LENGTH
         else:
-            text = detok.add(token)
-            if detok.stopped:
-                reason = "stop"
-            elif num_outputs >= req.sampling.max_tokens or req.num_prompt_tokens + num_outputs >= sched.max_model_len:
-                reason = "length"
-        if reason is not None:
-            if not detok.stopped:
-                text += detok.flush()
-            sched.finish(req.request_id, reason)
-            del self._replica[req.request_id], self._detok[req.request_id]
-        return RequestOutput(req.request_id, [token], text, reason is not None, reason, req.num_prompt_tokens, num_outputs)
+            return Finish.RUNNING
+        sched.finish(req.request_id, finish.reason)
+        del self._replica[req.request_id]
+        return finish
 
     def _load(self, replica: int) -> int:
         s = self.schedulers[replica]
         return s.num_waiting + s.num_running
 
 
-def run_to_completion(core: EngineCore) -> Iterator[RequestOutput]:
+def run_to_completion(core: EngineCore) -> Iterator[TokenOutput]:
     """Step until no request is left (offline generation), yielding every output."""
     while core.has_unfinished:
         before = core.num_steps

@@ -75,6 +75,26 @@ class IncrementalDetokenizer:
         self._read = len(self._window)
         return self._release(new_text, final=False)
 
+    def add_many(self, token_ids: list[int]) -> str:
+        """``add`` each token in turn and join the results, with two decodes in all where
+        the last token completes its character (the usual case) instead of two per token.
+        The text is the same either way; with stop strings, callers that need the token at
+        which one completed use ``add``."""
+        if self.stopped or not token_ids:
+            return ""
+        if len(token_ids) == 1:
+            return self.add(token_ids[0])
+        self._window.extend(int(t) for t in token_ids)
+        prefix_text = self._decode(self._window[: self._read])
+        full_text = self._decode(self._window)
+        if len(full_text) > len(prefix_text) and not full_text.endswith(_REPLACEMENT):
+            new_text = full_text[len(prefix_text):]
+            self._window = self._window[self._read:]
+            self._read = len(self._window)
+            return self._release(new_text, final=False)
+        del self._window[-len(token_ids):]  # an incomplete last character: one at a time
+        return "".join(self.add(t) for t in token_ids)
+
     def flush(self) -> str:
         """At the end of a request that finished for another reason: release all held text.
 

@@ -56,7 +56,9 @@ class LocalExecutor:
         return [self.runner.execute(inputs[0])]
 
     async def run_async(self, inputs: Optional[Sequence[StepInput]], wait: bool = True) -> list[list[StepOutput]]:
-        """RayStepExecutor.run_async's contract, in process."""
+        """RayStepExecutor.run_async's contract, in process. Yields to the event loop first,
+        as a call to the ranks does, so the engine's clients run between steps."""
+        await asyncio.sleep(0)
         if inputs is not None:
             assert len(inputs) == 1, "a local executor serves exactly one DP replica"
             self.runner.launch(inputs[0])

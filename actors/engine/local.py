@@ -6,14 +6,15 @@ and a quick way to run a world-of-one config in tests and tools.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from raymoe.actors.controller import effective_max_model_len
 from raymoe.actors.engine.block_manager import BlockManager
 from raymoe.actors.engine.core import EngineCore
 from raymoe.actors.engine.executor import LocalExecutor
+from raymoe.actors.engine.messages import ModelInfo
 from raymoe.actors.engine.runner import ModelRunner
 from raymoe.actors.engine.scheduler import Scheduler
 from raymoe.actors.engine.tokenizer import Tokenizer
@@ -25,7 +26,14 @@ from raymoe.cluster.layout import RankLayout
 from raymoe.comm.groups import single_process_groups
 
 
-def build_local_engine(config: Config, collect_logits: bool = False, num_threads: Optional[int] = None) -> EngineCore:
+@dataclass
+class LocalEngine:
+    core: EngineCore  # its ``execute`` is a LocalExecutor
+    tokenizer: Tokenizer
+    info: ModelInfo
+
+
+def build_local_engine(config: Config, collect_logits: bool = False, num_threads: Optional[int] = None) -> LocalEngine:
     """An EngineCore whose steps run in this process. ``config`` must describe a world of
     one rank (tp = dp = cp = ep = 1); ``num_threads`` sets torch's CPU threads (None: leave).
 
@@ -42,11 +50,15 @@ def build_local_engine(config: Config, collect_logits: bool = False, num_threads
         torch.set_num_threads(num_threads)
     path = str(resolve_model_path(config.model.path))
     spec = load_spec(path)
-    max_model_len = effective_max_model_len(config.model.max_model_len, spec)
+    max_model_len = spec.max_model_len(config.model.max_model_len)
     ctx = RankContext(layout=layout, coord=layout.coord(0), device=device, groups=single_process_groups(device))
     runner = ModelRunner(ctx, config, spec, max_model_len, path)
     num_blocks = runner.max_kv_blocks()
     runner.allocate_kv_cache(num_blocks)
     eng = config.engine
     scheduler = Scheduler(BlockManager(num_blocks, eng.block_size), eng.max_num_seqs, eng.max_num_batched_tokens, max_model_len)
-    return EngineCore([scheduler], Tokenizer.from_dir(path), LocalExecutor(runner), config.model.seed, collect_logits)
+    tokenizer = Tokenizer.from_dir(path)
+    core = EngineCore([scheduler], tokenizer.eos_token_ids, LocalExecutor(runner), config.model.seed, collect_logits)
+    info = ModelInfo(model=path, architecture=spec.architecture, vocab_size=spec.vocab_size, max_model_len=max_model_len,
+                     kv_blocks_per_replica=num_blocks, block_size=eng.block_size, load_s=0.0)  # fmt: skip
+    return LocalEngine(core, tokenizer, info)

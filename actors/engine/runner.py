@@ -64,7 +64,7 @@ class ModelRunner:
     def __init__(
         self, ctx: RankContext, config: Config, spec: ModelSpec, max_model_len: int, checkpoint_dir: Optional[str]
     ) -> None:
-        """``checkpoint_dir`` None builds random weights (benchmarks only)."""
+        """``checkpoint_dir`` is read unless ``model.load_format`` is dummy (random weights)."""
         self.ctx, self.config, self.spec, self.device = ctx, config, spec, ctx.device
         self.dtype = resolve_dtype(config.model.dtype, spec, self.device)
         self.max_model_len = max_model_len
@@ -73,13 +73,15 @@ class ModelRunner:
         self.expert_map = self._initial_expert_map()
         t0 = time.perf_counter()
         self.model = CausalLM(spec, ctx.groups, self.expert_map, self.dtype, self.device, config.eplb.router_skew)
-        if checkpoint_dir is None:
+        if config.model.load_format == "dummy":
             init_random_weights(self.model, seed=config.model.seed + ctx.rank)
         else:
+            assert checkpoint_dir is not None, "model.load_format auto reads a checkpoint"
             reader = CheckpointReader(checkpoint_dir)
             self.model.load(reader, show_progress=ctx.rank == 0)
             reader.close()
-        log.info("rank %d built %s in %.1f s", ctx.rank, checkpoint_dir or "random weights", time.perf_counter() - t0)
+        what = "random weights" if config.model.load_format == "dummy" else checkpoint_dir
+        log.info("rank %d built %s in %.1f s", ctx.rank, what, time.perf_counter() - t0)
         qkv = self.model.layers[0].attn.qkv
         self.heads, self.kv_heads, self.head_dim = qkv.heads, qkv.kv_heads, qkv.head_dim
         self.attention: Any = None

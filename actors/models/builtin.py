@@ -1,9 +1,15 @@
-"""Built-in tiny checkpoints, written to a local cache on first use (no network).
+"""Built-in checkpoints, written to a local cache on first use (no network).
 
 ``ensure_builtin("tiny-qwen3-moe")`` returns a real Hugging Face checkpoint
 directory (config.json, model.safetensors, tokenizer.json, tokenizer_config.json,
 generation_config.json) that transformers loads as ``Qwen3MoeForCausalLM``. It
 lets every test and the default CPU config run a genuine MoE model end to end.
+
+``ensure_builtin("qwen3-30b-a3b-shape")`` holds no weights: Qwen3-30B-A3B's
+config.json with the built-in tokenizer, for ``model.load_format: dummy`` (weights
+drawn at load), so the real model shape serves on GPUs without a checkpoint. Its
+vocabulary is the model's (151,936 ids); ids the tokenizer does not know decode to
+nothing.
 
 Writing is deterministic (same bytes every time, in every process) and atomic:
 files go to a temporary directory next to the target, which is then renamed
@@ -108,7 +114,18 @@ def builtin_names() -> tuple[str, ...]:
 
 
 def _writers() -> dict[str, Callable[[pathlib.Path], None]]:
-    return {"tiny-qwen3-moe": write_tiny_qwen3_moe}
+    return {"tiny-qwen3-moe": write_tiny_qwen3_moe, "qwen3-30b-a3b-shape": write_qwen3_30b_a3b_shape}
+
+
+# Qwen/Qwen3-30B-A3B's config.json (the fields raymoe and transformers read)
+QWEN3_30B_A3B = {
+    "architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144,
+    "moe_intermediate_size": 768, "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4,
+    "head_dim": 128, "num_experts": 128, "num_experts_per_tok": 8, "norm_topk_prob": True, "decoder_sparse_step": 1,
+    "mlp_only_layers": [], "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "max_position_embeddings": 40960,
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "hidden_act": "silu", "bos_token_id": 151643,
+    "eos_token_id": 151645, "model_type": "qwen3_moe",
+}  # fmt: skip
 
 
 def _write_atomically(final: pathlib.Path, write: Callable[[pathlib.Path], None]) -> None:
@@ -142,6 +159,16 @@ def write_tiny_qwen3_moe(dst: pathlib.Path) -> None:
         "pad_token_id": ids["<|endoftext|>"],
     })
     _write_weights(dst / "model.safetensors", config)
+
+
+def write_qwen3_30b_a3b_shape(dst: pathlib.Path) -> None:
+    """Qwen3-30B-A3B's config with the built-in tokenizer, no weights (see the module docstring)."""
+    tok = train_tokenizer()
+    tok.save(str(dst / "tokenizer.json"), pretty=True)
+    ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
+    config = dict(QWEN3_30B_A3B, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"])
+    _write_json(dst / "config.json", config)
+    _write_json(dst / "tokenizer_config.json", _tokenizer_config(ids))
 
 
 def train_tokenizer():

@@ -65,7 +65,10 @@ def _index(d: pathlib.Path) -> dict[str, pathlib.Path]:
         return {name: d / file for name, file in weight_map.items()}
     files = sorted(d.glob("*.safetensors"))
     if not files:
-        raise ValueError(f"{d}: no *.safetensors files (raymoe loads safetensors checkpoints only)")
+        raise ValueError(
+            f"{d}: no *.safetensors files (raymoe loads safetensors checkpoints only); "
+            "for random weights of this config set model.load_format: dummy"
+        )
     out: dict[str, pathlib.Path] = {}
     for f in files:
         with safe_open(str(f), framework="pt") as h:

@@ -7,9 +7,12 @@ names accept the spellings found in real checkpoints and in transformers 5
 from __future__ import annotations
 
 import json
+import logging
 import pathlib
 from dataclasses import dataclass, field
 from typing import Any, Optional
+
+log = logging.getLogger(__name__)
 
 SUPPORTED_ROPE = ("default", "llama3")
 
@@ -59,6 +62,18 @@ class ModelSpec:
         if self.moe is None:
             return []
         return [i for i in range(self.num_layers) if i not in self.moe.dense_layers]
+
+    def max_model_len(self, requested: Optional[int]) -> int:
+        """The longest sequence to serve: ``requested`` (model.max_model_len), else what the
+        model supports -- its positions, capped at its sliding window (windowed attention
+        is not implemented; capping keeps results exact). ValueError past that limit."""
+        limit = self.max_position
+        if self.sliding_window is not None and self.sliding_window < limit:
+            log.info("max_model_len capped at the sliding window (%d): windowed attention is not implemented", self.sliding_window)
+            limit = self.sliding_window
+        if requested is not None and requested > limit:
+            raise ValueError(f"model.max_model_len: {requested} exceeds what the model supports ({limit})")
+        return requested or limit
 
 
 def load_spec(checkpoint_dir: str | pathlib.Path) -> ModelSpec:

@@ -150,7 +150,8 @@ def test_streaming_equals_non_streaming(client):
     chunks = list(client.completions.create(prompt="Stream me", stream=True, stream_options={"include_usage": True}, **args))
     text_chunks = [c for c in chunks if c.choices]
     assert "".join(c.choices[0].text for c in text_chunks) == full.choices[0].text
-    assert len(text_chunks) == 10  # one chunk per token, each sent as it is made
+    # a chunk per delta: one per token while the ingress keeps up, several tokens when it falls behind
+    assert 1 <= len(text_chunks) <= 10
     assert text_chunks[-1].choices[0].finish_reason == "length"
     assert chunks[-1].usage.completion_tokens == 10 and chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens
 

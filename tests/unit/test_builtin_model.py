@@ -123,7 +123,7 @@ def test_unknown_name_lists_known_names(tmp_path):
     with pytest.raises(ValueError, match="tiny-qwen3-moe") as exc:
         ensure_builtin("tiny-llama", tmp_path)
     assert "tiny-llama" in str(exc.value)
-    assert builtin.builtin_names() == (NAME,)
+    assert builtin.builtin_names() == ("qwen3-30b-a3b-shape", NAME)
     assert not (tmp_path / "builtin").exists()
 
 
@@ -192,3 +192,28 @@ def test_resolve_model_path(ckpt, tmp_path):
     assert str(tmp_path) in str(exc.value)
     with pytest.raises(ValueError, match="known built-in models"):
         builtin.resolve_model_path("builtin:nope", tmp_path)
+
+
+def test_qwen3_30b_a3b_shape_is_the_real_config_with_the_builtin_tokenizer(tmp_path):
+    """No weights; transformers reads its config as Qwen3-30B-A3B's shape and its tokenizer as
+    the built-in one; ids beyond the tokenizer decode to nothing, in transformers too."""
+    import transformers
+
+    from raymoe.actors.engine.tokenizer import Tokenizer
+    from raymoe.actors.models.spec import load_spec
+
+    path = ensure_builtin("qwen3-30b-a3b-shape", tmp_path)
+    assert not list(path.glob("*.safetensors"))
+    cfg = transformers.AutoConfig.from_pretrained(path)
+    assert type(cfg).__name__ == "Qwen3MoeConfig"
+    assert (cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers, cfg.num_experts, cfg.num_experts_per_tok) == (
+        151936, 2048, 48, 128, 8)
+    spec = load_spec(path)
+    assert (spec.vocab_size, spec.num_layers, spec.moe.num_experts, spec.moe.intermediate_size) == (151936, 48, 128, 768)
+    ours = Tokenizer.from_dir(path)
+    ref = transformers.AutoTokenizer.from_pretrained(path)
+    ids = ours.encode("The lighthouse keeper")
+    assert ids == ref("The lighthouse keeper")["input_ids"]
+    assert ours.vocab_size < 1000 and spec.eos_token_ids == tuple(sorted(ours.eos_token_ids))
+    beyond = [ids[0], 150000, ours.vocab_size, ids[1]]
+    assert ours.decode(beyond) == ref.decode(beyond, skip_special_tokens=True) == ours.decode([ids[0], ids[1]])

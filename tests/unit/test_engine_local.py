@@ -2,42 +2,69 @@
 preemption and resume give the same tokens, blocks never leak (finished or aborted),
 stop strings cut the text exactly, seeded sampling is batch-independent.
 
-Pipelined steps (AsyncEngine keeps one step in flight; the next one's decode tokens are
-pending and the runner takes them from its last sampling) give exactly the tokens,
-texts and finish reasons of steps run one at a time: under preemption, with stop
-strings and stop tokens, with seeded sampling, with consumers that go away mid-stream."""
+Served through the client path without Ray (AsyncEngine's submit / poll, EngineClient's
+batched delivery and detokenisation), with pipelined steps (one step in flight; the
+next one's decode tokens are pending and the runner takes them from its last sampling):
+exactly the tokens, texts and finish reasons of steps run one at a time, under
+preemption, with stop strings and stop tokens, with seeded sampling, with consumers
+that go away mid-stream or fall behind the engine."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 
 import pytest
 
 from raymoe.actors.engine.async_engine import AsyncEngine
 from raymoe.actors.engine.core import EngineCore, run_to_completion
-from raymoe.actors.engine.local import build_local_engine
+from raymoe.actors.engine.local import LocalEngine, build_local_engine
+from raymoe.actors.engine.messages import Finish
+from raymoe.actors.engine.output_text import OutputText
 from raymoe.actors.engine.request import SamplingParams
 from raymoe.cluster.config import config_from_dict
+from raymoe.deploy.engine_client import EngineClient
 
 PROMPTS = ["Hello there", "The capital of France is", "one two three four five six seven", "x", "abc " * 12]
 
 
-def _engine(num_kv_blocks: int, block_size: int = 4, max_num_batched_tokens: int = 64) -> EngineCore:
+@dataclass
+class Engine:
+    """The local engine under test, with the spellings these tests use."""
+
+    local: LocalEngine
+
+    def __getattr__(self, name):  # core's attributes (step, schedulers, abort, ...)
+        return getattr(self.local.core, name)
+
+    @property
+    def tokenizer(self):
+        return self.local.tokenizer
+
+
+def _engine(num_kv_blocks: int, block_size: int = 4, max_num_batched_tokens: int = 64) -> Engine:
     config = config_from_dict({
         "model": {"dtype": "float32"},
         "engine": {"num_kv_blocks": num_kv_blocks, "block_size": block_size, "max_num_seqs": 8,
                    "max_num_batched_tokens": max_num_batched_tokens},
     })  # fmt: skip
-    return build_local_engine(config, num_threads=1)
+    return Engine(build_local_engine(config, num_threads=1))
 
 
-def _run(core: EngineCore, requests: dict[str, tuple[list[int], SamplingParams]]) -> dict[str, dict]:
+def _run(engine: Engine, requests: dict[str, tuple[list[int], SamplingParams]]) -> dict[str, dict]:
+    """Steps one at a time, each token through OutputText (a stop string aborts at once)."""
+    core = engine.local.core
+    texts = {}
     for rid, (ids, params) in requests.items():
         core.add_request(rid, ids, params)
+        texts[rid] = OutputText(engine.tokenizer, ids, params.stop)
     out = {rid: {"tokens": [], "text": "", "reason": None} for rid in requests}
     for o in run_to_completion(core):
-        out[o.request_id]["tokens"] += o.new_token_ids
-        out[o.request_id]["text"] += o.new_text
-        out[o.request_id]["reason"] = o.finish_reason
+        delta = texts[o.request_id].add([o.token], o.finish)
+        if texts[o.request_id].needs_abort:
+            core.abort(o.request_id)
+        out[o.request_id]["tokens"] += delta.token_ids
+        out[o.request_id]["text"] += delta.text
+        out[o.request_id]["reason"] = out[o.request_id]["reason"] or delta.finish_reason
     return out
 
 
@@ -82,9 +109,8 @@ def test_aborts_free_every_block(big):
     for _ in range(3):  # some prefilled, some decoding
         big.step()
     for rid in ["r0", "r2", "r4"]:
-        out = big.abort(rid)
-        assert out is not None and out.finish_reason == "abort"
-    assert big.abort("r0") is None  # already gone
+        assert big.abort(rid)
+    assert not big.abort("r0")  # already gone
     while big.has_unfinished:
         big.step()
     assert _free_everywhere(big)
@@ -116,7 +142,7 @@ def test_max_tokens_and_eos(big):
 # ---- pipelined steps ------------------------------------------------------------------
 
 
-def _spy_pending(core: EngineCore) -> list[bool]:
+def _spy_pending(core: Engine) -> list[bool]:
     """Record, per launched step, whether it carried pending tokens."""
     runner, seen = core.execute.runner, []
     launch = runner.launch
@@ -129,35 +155,44 @@ def _spy_pending(core: EngineCore) -> list[bool]:
     return seen
 
 
-def _pipelined(core: EngineCore, requests: dict, leave_after: dict | None = None) -> dict:
-    """Every request streamed through a pipelined AsyncEngine; a request in ``leave_after``
-    has its consumer go away after that many outputs."""
+def _pipelined(core: Engine, requests: dict, leave_after: dict | None = None, lag_s: float = 0.0) -> dict:
+    """Every request streamed through a pipelined AsyncEngine and an in-process EngineClient;
+    a request in ``leave_after`` has its consumer go away after that many tokens; every
+    consumer sleeps ``lag_s`` per delta (falls behind the engine)."""
     leave_after = leave_after or {}
 
     async def main():
-        engine = AsyncEngine(core, core.execute.run_async, max_queued=100, pipelined=True)
+        engine = AsyncEngine(core.local.core, core.execute.run_async, max_queued=100, pipelined=True)
+        client = EngineClient(engine, core.tokenizer, core.local.info)
 
         async def one(rid, ids, params):
-            r = {"tokens": [], "text": "", "reason": None}
-            stream = engine.stream(rid, ids, params)
-            async for o in stream:
-                r["tokens"] += o.new_token_ids
-                r["text"] += o.new_text
-                r["reason"] = o.finish_reason
-                if len(r["tokens"]) == leave_after.get(rid):
+            r = {"tokens": [], "text": "", "reason": None, "deltas": 0}
+            stream = client.stream(ids, params)
+            async for d in stream:
+                r["tokens"] += d.token_ids
+                r["text"] += d.text
+                r["reason"] = d.finish_reason
+                r["deltas"] += 1
+                if len(r["tokens"]) >= leave_after.get(rid, 10**9):
                     await stream.aclose()  # the client went away: aborts the request
                     break
+                await asyncio.sleep(lag_s)
             return rid, r
 
         results = dict(await asyncio.gather(*(one(rid, ids, p) for rid, (ids, p) in requests.items())))
         for _ in range(500):  # the loop collects the step it may still have in flight
-            if core.execute.runner.num_in_flight == 0:
+            if core.execute.runner.num_in_flight == 0 and not core.has_unfinished:
                 break
             await asyncio.sleep(0.01)
         assert core.execute.runner.num_in_flight == 0 and engine.error is None
+        await client.close()
         return results
 
     return asyncio.run(main())
+
+
+def _texts(results: dict) -> dict:
+    return {rid: {k: r[k] for k in ("tokens", "text", "reason")} for rid, r in results.items()}
 
 
 @pytest.mark.parametrize("sampling", [SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True),
@@ -171,7 +206,7 @@ def test_pipelined_equals_one_step_at_a_time_under_preemption(big, sampling):
     got = _pipelined(tight, requests)
     assert any(pending), "no step ever ran with a pending token: nothing was pipelined"
     assert tight.num_preemptions > 0, "the tight cache never preempted: the test would prove nothing"
-    assert got == reference
+    assert _texts(got) == reference
     assert _free_everywhere(tight)
 
 
@@ -193,7 +228,10 @@ def test_pipelined_stops_exactly(big):
     assert reference["stop-token"]["tokens"][-1] == stop_token and reference["stop-token"]["reason"] == "stop"
     pending = _spy_pending(big)
     try:
-        assert _pipelined(big, requests) == reference
+        assert _texts(_pipelined(big, requests)) == reference
+        lagging = _pipelined(big, requests, lag_s=0.05)  # consumers take several steps' tokens at once
+        assert _texts(lagging) == reference
+        assert any(r["deltas"] < len(r["tokens"]) for r in lagging.values()), "no consumer ever fell behind"
     finally:
         del big.execute.runner.launch  # the spy
     assert any(pending)
@@ -204,7 +242,55 @@ def test_consumers_leaving_mid_stream_free_every_block(big):
     sampling = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
     requests = {f"r{i}": (big.tokenizer.encode(p), sampling) for i, p in enumerate(PROMPTS)}
     got = _pipelined(big, requests, leave_after={"r0": 1, "r2": 4, "r4": 9})
-    assert [len(got[r]["tokens"]) for r in ("r0", "r2", "r4")] == [1, 4, 9]
+    for rid, n in {"r0": 1, "r2": 4, "r4": 9}.items():  # deltas may hold several tokens; the rest never came
+        assert n <= len(got[rid]["tokens"]) < 30 and got[rid]["reason"] is None
     assert all(len(got[r]["tokens"]) == 30 and got[r]["reason"] == "length" for r in ("r1", "r3"))
     assert not big.has_unfinished
+    assert _free_everywhere(big)
+
+
+def test_polls_per_step_do_not_grow_with_the_requests(big):
+    """One client, 1 and then 24 concurrent requests: at most one poll answered per step
+    (plus the few that time out or catch the last step), whatever the number of requests."""
+    sampling = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+
+    def polls_per_step(n: int) -> float:
+        async def main():
+            engine = AsyncEngine(big.local.core, big.execute.run_async, max_queued=100, pipelined=True)
+            client = EngineClient(engine, big.tokenizer, big.local.info)
+            steps0 = big.num_steps
+
+            async def one(i: int) -> int:
+                return sum([len(d.token_ids) async for d in client.stream(big.tokenizer.encode(f"prompt {i}"), sampling)])
+
+            assert await asyncio.gather(*(one(i) for i in range(n))) == [24] * n
+            stats = engine.stats()
+            await client.close()
+            return stats.polls / (stats.steps - steps0), stats.submit_calls
+
+        return asyncio.run(main())
+
+    (alone, _), (many, submits) = polls_per_step(1), polls_per_step(24)
+    assert alone <= 1.2 and many <= 1.2, (alone, many)
+    assert submits <= 2  # the 24 requests opened together went in one or two calls
+
+
+def test_a_silent_client_has_its_requests_aborted(big):
+    """A client that submits and never polls again (its process died) loses its requests."""
+    from raymoe.actors.engine.messages import NewRequest
+
+    sampling = SamplingParams(max_tokens=500, temperature=0.0, ignore_eos=True)
+
+    async def main():
+        engine = AsyncEngine(big.local.core, big.execute.run_async, max_queued=100, pipelined=True, client_timeout_s=0.3)
+        rejected = await engine.submit("ghost", [NewRequest(i, big.tokenizer.encode(f"hello {i}"), sampling) for i in range(3)])
+        assert rejected == [] and big.has_unfinished
+        for _ in range(300):
+            if not big.has_unfinished:
+                break
+            await asyncio.sleep(0.01)
+        assert not big.has_unfinished and engine.error is None
+        assert big.num_steps > 0
+
+    asyncio.run(main())
     assert _free_everywhere(big)

@@ -11,8 +11,8 @@ import openai.types.chat as otc
 import pytest
 import ray
 
-from raymoe.actors.engine.async_engine import EngineFailedError, QueueFullError
-from raymoe.deploy.engine_client import engine_error
+from raymoe.actors.engine.messages import RejectKind
+from raymoe.deploy.engine_client import RequestRejected, engine_error
 from raymoe.deploy.openai_api import (
     SSE_DONE,
     APIError,
@@ -149,14 +149,13 @@ def test_max_tokens_against_the_context():
 
 
 def test_engine_errors_map_to_http_codes():
-    def task_error(cause: Exception) -> Exception:
-        return ray.exceptions.RayTaskError("generate_stream", "traceback", cause).as_instanceof_cause()
-
-    assert engine_error(task_error(QueueFullError("full"))).status == 429
-    bad = engine_error(task_error(ValueError("max_tokens: needs 9 KV blocks")))
+    assert engine_error(RequestRejected(RejectKind.QUEUE_FULL, "full")).status == 429
+    bad = engine_error(RequestRejected(RejectKind.INVALID, "max_tokens: needs 9 KV blocks"))
     assert (bad.status, bad.param) == (400, "max_tokens")
-    assert engine_error(task_error(EngineFailedError("rank died"))).status == 503
+    assert engine_error(RequestRejected(RejectKind.ENGINE_FAILED, "engine failed: rank died")).status == 503
     assert engine_error(ray.exceptions.RayActorError()).status == 503
+    cause = ray.exceptions.RayActorError()
+    assert engine_error(ray.exceptions.RayTaskError("poll", "traceback", cause).as_instanceof_cause()).status == 503
     assert engine_error(RuntimeError("surprise")).status == 500
 
 

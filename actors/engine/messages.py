@@ -1,0 +1,124 @@
+"""What crosses the actor boundary between the engine (controller) and its clients.
+
+A client is an ingress replica or the offline ``LLM``. It submits requests in batches
+(``NewRequest``, answered with a ``Rejection`` for each one the engine refuses), aborts
+them by handle, and polls for its outputs: one ``OutputBatch`` holding every step's new
+token ids and finish states of that client's requests since its last poll, as flat
+columns. So the Ray calls per step never grow with the number of running requests, and
+a client receives only its own requests' outputs. Text (detokenisation, stop strings)
+is the client's work, not the engine's.
+
+Pure data: no torch, no ray.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
+
+import numpy as np
+
+from raymoe.actors.engine.request import SamplingParams
+
+
+class Finish(enum.IntEnum):
+    """A request's state after an output entry."""
+
+    RUNNING = 0
+    STOP = 1  # its last token is an EOS or one of stop_token_ids: a token, but no text
+    LENGTH = 2  # max_tokens or max_model_len reached: its last token is text
+    ABORT = 3  # the engine dropped it (its client went silent)
+
+    @property
+    def reason(self) -> Optional[str]:
+        """The OpenAI finish_reason, None while running."""
+        return _REASONS[self]
+
+
+_REASONS = {Finish.RUNNING: None, Finish.STOP: "stop", Finish.LENGTH: "length", Finish.ABORT: "abort"}
+
+
+@dataclass(frozen=True)
+class NewRequest:
+    seq: int  # the client's handle for the request, unique among its live requests
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+
+
+class RejectKind(str, enum.Enum):
+    INVALID = "invalid"  # the request can never run (too long for the context or the cache)
+    QUEUE_FULL = "queue_full"  # serve.max_queued_requests are already waiting
+    ENGINE_FAILED = "engine_failed"  # the step loop has failed
+
+
+@dataclass(frozen=True)
+class Rejection:
+    seq: int
+    kind: RejectKind
+    message: str
+
+
+@dataclass(frozen=True)
+class OutputBatch:
+    """One client's outputs since its last poll: an entry per request per step, in step
+    order. A request may have several entries (several steps), and its last entry
+    carries its finish state."""
+
+    seqs: np.ndarray  # [n] int64: the request of each entry
+    num_tokens: np.ndarray  # [n] int64: new tokens of each entry
+    token_ids: np.ndarray  # [sum(num_tokens)] int64: the entries' tokens, entry after entry
+    finish: np.ndarray  # [n] int8: Finish after each entry
+    logits: Optional[list[Any]] = None  # one [vocab] float32 row (CPU tensor) per token, when the engine collects logits
+    error: Optional[str] = None  # the engine failed: every request of this client is over
+
+    @property
+    def num_entries(self) -> int:
+        return int(self.seqs.shape[0])
+
+    def entries(self) -> Iterator[tuple[int, list[int], Finish, Optional[list[Any]]]]:
+        """(seq, token ids, finish, logits rows or None) per entry, in order."""
+        ends = np.cumsum(self.num_tokens).tolist()
+        tokens = self.token_ids.tolist()
+        start = 0
+        for seq, end, finish in zip(self.seqs.tolist(), ends, self.finish.tolist()):
+            rows = self.logits[start:end] if self.logits is not None else None
+            yield seq, tokens[start:end], Finish(finish), rows
+            start = end
+
+
+def empty_batch(error: Optional[str] = None) -> OutputBatch:
+    none = np.zeros(0, dtype=np.int64)
+    return OutputBatch(none, none, none, np.zeros(0, dtype=np.int8), None, error)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the engine serves, for its clients."""
+
+    model: str  # the checkpoint directory
+    architecture: str
+    vocab_size: int  # the model's (embedding rows); the tokenizer may know fewer ids
+    max_model_len: int
+    kv_blocks_per_replica: int
+    block_size: int
+    load_s: float
+
+    @property
+    def token_limit(self) -> int:
+        """Most tokens (prompt + output) one request may hold: the context, and alone the
+        KV cache (its last sampled token never enters the cache, hence the + 1)."""
+        return min(self.max_model_len, self.kv_blocks_per_replica * self.block_size + 1)
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """The engine's state now; lists hold one value per DP replica."""
+
+    waiting: list[int]
+    running: list[int]
+    kv_usage: list[float]
+    steps: int
+    preemptions: int
+    polls: int  # poll calls answered since start (all clients)
+    submit_calls: int  # submit calls answered since start (all clients)
+    error: Optional[str]  # why the step loop failed, None while it serves
