@@ -63,6 +63,9 @@ def main() -> int:
     if config.serve.api_key and not args.api_key:
         args.api_key = config.serve.api_key
     args.url = start_serving(config)
+    if config.serve.direct_ingress:  # replica i answers on port + i: spread the requests over them
+        base = args.url.rsplit(":", 1)[0]
+        args.url = ",".join(f"{base}:{config.serve.port + i}" for i in range(config.serve.num_replicas))
     try:
         return run_suite(args, config) if args.suite else bench_main(args)
     finally:

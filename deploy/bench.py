@@ -33,7 +33,9 @@ class RequestResult:
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (default: %(default)s)")
+    p.add_argument("--url", default="http://127.0.0.1:8000",
+                   help="server base URL, or several separated by commas (requests take them in turn: "
+                        "one per ingress replica with direct ingress) (default: %(default)s)")  # fmt: skip
     p.add_argument("--model", help="model name (default: the first one /v1/models lists)")
     p.add_argument("--num-requests", type=int, default=64)
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight at a time")
@@ -60,12 +62,12 @@ def bench_main(args: argparse.Namespace) -> int:
 
 async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    base = args.url.rstrip("/")
+    bases = [u.rstrip("/") + "/" for u in args.url.split(",") if u.strip()]
     rng = random.Random(args.seed)
     timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
     connector = aiohttp.TCPConnector(limit=args.concurrency + 4)
-    async with aiohttp.ClientSession(base_url=base + "/", headers=headers, timeout=timeout, connector=connector) as session:
-        model = args.model or await _first_model(session)
+    async with aiohttp.ClientSession(headers=headers, timeout=timeout, connector=connector) as session:
+        model = args.model or await _first_model(session, bases[0])
 
         def payload() -> dict[str, Any]:
             prompt = [rng.randrange(args.vocab_size) for _ in range(args.input_len)]
@@ -74,36 +76,36 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                 "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
             }
 
-        for _ in range(args.warmup):
-            await stream_completion(session, payload())
+        for i in range(args.warmup * len(bases)):
+            await stream_completion(session, bases[i % len(bases)], payload())
         payloads = [payload() for _ in range(args.num_requests)]
         sem = asyncio.Semaphore(args.concurrency)
 
-        async def limited(p: dict[str, Any]) -> RequestResult:
+        async def limited(i: int, p: dict[str, Any]) -> RequestResult:
             async with sem:
-                return await stream_completion(session, p)
+                return await stream_completion(session, bases[i % len(bases)], p)
 
         t0 = time.perf_counter()
-        results = await asyncio.gather(*(limited(p) for p in payloads))
+        results = await asyncio.gather(*(limited(i, p) for i, p in enumerate(payloads)))
         duration = time.perf_counter() - t0
     return summarize(results, duration, model, args.concurrency)
 
 
-async def _first_model(session: aiohttp.ClientSession) -> str:
-    async with session.get("v1/models") as resp:
+async def _first_model(session: aiohttp.ClientSession, base: str) -> str:
+    async with session.get(base + "v1/models") as resp:
         body = await resp.json()
         if resp.status != 200:
             raise ValueError(f"--url: GET /v1/models answered {resp.status}: {body}")
         return body["data"][0]["id"]
 
 
-async def stream_completion(session: aiohttp.ClientSession, payload: dict[str, Any]) -> RequestResult:
-    """One streamed completion, timed at the client."""
+async def stream_completion(session: aiohttp.ClientSession, base: str, payload: dict[str, Any]) -> RequestResult:
+    """One streamed completion from ``base`` (a URL ending in /), timed at the client."""
     t0 = time.perf_counter()
     r = RequestResult(ok=False)
     last: Optional[float] = None
     try:
-        async with session.post("v1/completions", json=payload) as resp:
+        async with session.post(base + "v1/completions", json=payload) as resp:
             if resp.status != 200:
                 r.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
                 return r
