@@ -19,10 +19,10 @@ import logging
 import time
 from typing import Any, Callable, Optional, Sequence
 
-from raymoe.actors.engine.core import EngineCore, PlannedStep
+from raymoe.actors.engine.core import EngineCore
 from raymoe.actors.engine.delivery import OutputRouter
 from raymoe.actors.engine.messages import EngineStats, NewRequest, OutputBatch, Rejection, RejectKind
-from raymoe.actors.engine.step import StepOutput
+from raymoe.actors.engine.step import StepInFlight, StepOutput
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ class AsyncEngine:
             self._loop_task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
-        in_flight: collections.deque[PlannedStep] = collections.deque()
+        in_flight: collections.deque[StepInFlight] = collections.deque()
         try:
             while True:
                 self._abort_silent_clients()
@@ -162,7 +162,7 @@ class AsyncEngine:
             self.error = e
             self.router.fail(f"engine failed: {e}")
 
-    def _publish(self, in_flight: "collections.deque[PlannedStep]", completed: Sequence[Sequence[StepOutput]]) -> None:
+    def _publish(self, in_flight: "collections.deque[StepInFlight]", completed: Sequence[Sequence[StepOutput]]) -> None:
         """Apply the steps the executor completed (the oldest in flight) and deliver their tokens."""
         for results in completed:
             self.router.deliver(self.core.apply(in_flight.popleft(), results))

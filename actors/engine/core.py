@@ -13,22 +13,15 @@ from __future__ import annotations
 
 import itertools
 import random
-from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 from raymoe.actors.engine.delivery import TokenOutput
 from raymoe.actors.engine.messages import Finish
-from raymoe.actors.engine.request import PENDING_TOKEN, Request, SamplingParams
+from raymoe.actors.engine.request import Request, SamplingParams
 from raymoe.actors.engine.scheduler import Scheduler
-from raymoe.actors.engine.step import StepInput, StepOutput, pack_step
+from raymoe.actors.engine.step import StepBuilder, StepInFlight, StepInput, StepOutput
 
 Executor = Callable[[Sequence[StepInput]], Sequence[StepOutput]]
-
-
-@dataclass
-class PlannedStep:
-    inputs: list[StepInput]  # what each replica's ranks run
-    pending: list[list]  # per replica: Scheduler.advance's (request, output index) per sampled row
 
 
 class EngineCore:
@@ -50,7 +43,7 @@ class EngineCore:
         self._arrivals = itertools.count()
         self.num_steps = 0
         self.num_preemptions = 0
-        self._last_rows: list[dict[str, int]] = [{} for _ in self.schedulers]  # request id -> sampled row, last step
+        self._builder = StepBuilder(len(self.schedulers), self.block_size, collect_logits)
 
     @property
     def has_unfinished(self) -> bool:
@@ -86,7 +79,7 @@ class EngineCore:
         planned = self.schedule()
         return self.apply(planned, self.execute(planned.inputs)) if planned else []
 
-    def schedule(self) -> Optional["PlannedStep"]:
+    def schedule(self) -> Optional[StepInFlight]:
         """First half of a step: every replica's chunks, or None when there is nothing to run.
 
         The step counts as handed to the ranks (callers must run every step returned, in
@@ -96,23 +89,11 @@ class EngineCore:
         """
         scheduled = [s.schedule() for s in self.schedulers]
         self.num_preemptions += sum(len(o.preempted) for o in scheduled)
-        counts = tuple(o.num_tokens for o in scheduled)
-        if not any(counts):
+        if not any(o.num_tokens for o in scheduled):
             return None
-        all_decode = all(len(c.token_ids) == 1 and c.sample for o in scheduled for c in o.chunks)
-        inputs, pending = [], []
-        for replica, (sched, out) in enumerate(zip(self.schedulers, scheduled)):
-            last_rows = self._last_rows[replica]
-            # a pending token is always a decode chunk's one token, sampled by the step before
-            assert all(PENDING_TOKEN not in c.token_ids[:-1] for c in out.chunks)
-            prev_rows = [last_rows[c.request_id] if c.token_ids[-1] == PENDING_TOKEN else -1 for c in out.chunks]
-            inputs.append(pack_step(out.chunks, counts, self.block_size, self.collect_logits, all_decode, prev_rows))
-            pending.append(sched.advance(out))
-            sampled = [c.request_id for c in out.chunks if c.sample]
-            self._last_rows[replica] = {rid: row for row, rid in enumerate(sampled)}
-        return PlannedStep(inputs, pending)
+        return self._builder.build(scheduled, [s.advance(o) for s, o in zip(self.schedulers, scheduled)])
 
-    def apply(self, planned: "PlannedStep", results: Sequence[StepOutput]) -> list[TokenOutput]:
+    def apply(self, planned: StepInFlight, results: Sequence[StepOutput]) -> list[TokenOutput]:
         """Second half: the ranks' sampled tokens replace the pending ones; token stop checks."""
         self.num_steps += 1
         outputs = []

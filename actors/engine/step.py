@@ -1,11 +1,18 @@
-"""What one engine step carries, as flat arrays.
+"""One engine step, from the schedulers' picks to the ranks' tensors and back.
 
-controller -> rank: ``StepInput`` (one per DP replica, the same for all its ranks);
-rank -> controller: ``StepOutput``. Both are columns of numpy arrays rather than
-per-request objects: they cross Ray every step, and arrays pickle as raw bytes
-(a 256-sequence step of dataclasses cost ~2.6 ms to pickle and unpickle).
-``build_step_layout`` turns a StepInput into the token-level tensors the runner
-needs, vectorised.
+Controller side, ``StepBuilder`` is the one builder: it turns the schedulers' chunks
+into a ``StepInFlight`` -- the ``StepInput`` each DP replica's ranks run, and which
+request output each sampled row fills when the step's ``StepOutput`` comes back. It
+remembers the rows of the step before, so with a step still in flight a decode chunk
+can name where its pending token is on the ranks (``prev_rows``).
+
+Rank side, ``build_step_layout`` is the one resolver: a StepInput to the token-level
+tensors the runner, the attention backends and the CUDA graphs read, vectorised;
+``resolve_pending_tokens`` fills the pending tokens on the device.
+
+StepInput and StepOutput are columns of numpy arrays rather than per-request objects:
+they cross Ray every step, and arrays pickle as raw bytes (a 256-sequence step of
+dataclasses cost ~2.6 ms to pickle and unpickle).
 """
 from __future__ import annotations
 
@@ -15,7 +22,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from raymoe.actors.engine.scheduler import ScheduledChunk
+from raymoe.actors.engine.request import PENDING_TOKEN
+from raymoe.actors.engine.scheduler import ScheduledChunk, SchedulerOutput
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,38 @@ class StepInput:
 class StepOutput:
     tokens: np.ndarray  # [S] int64: next token of each chunk that samples, in chunk order
     logits: Optional[torch.Tensor] = None  # [S, vocab] float32, when return_logits
+
+
+@dataclass
+class StepInFlight:
+    """A step handed to the ranks and not yet applied."""
+
+    inputs: list[StepInput]  # what each replica's ranks run
+    pending: list[list]  # per replica: Scheduler.advance's (request, output index) per sampled row
+
+
+class StepBuilder:
+    """Builds each step from the schedulers' outputs (see the module docstring)."""
+
+    def __init__(self, num_replicas: int, block_size: int, return_logits: bool = False) -> None:
+        self.block_size = block_size
+        self.return_logits = return_logits
+        self._last_rows: list[dict[str, int]] = [{} for _ in range(num_replicas)]  # request id -> sampled row
+
+    def build(self, scheduled: Sequence[SchedulerOutput], pending: list[list]) -> StepInFlight:
+        """``scheduled``: each replica's picks; ``pending``: each replica's ``advance`` result."""
+        counts = tuple(o.num_tokens for o in scheduled)
+        all_decode = all(len(c.token_ids) == 1 and c.sample for o in scheduled for c in o.chunks)
+        inputs = []
+        for replica, out in enumerate(scheduled):
+            last_rows = self._last_rows[replica]
+            # a pending token is always a decode chunk's one token, sampled by the step before
+            assert all(PENDING_TOKEN not in c.token_ids[:-1] for c in out.chunks)
+            prev_rows = [last_rows[c.request_id] if c.token_ids[-1] == PENDING_TOKEN else -1 for c in out.chunks]
+            inputs.append(pack_step(out.chunks, counts, self.block_size, self.return_logits, all_decode, prev_rows))
+            sampled = [c.request_id for c in out.chunks if c.sample]
+            self._last_rows[replica] = {rid: row for row, rid in enumerate(sampled)}
+        return StepInFlight(inputs, pending)
 
 
 def pack_step(
