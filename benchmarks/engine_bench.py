@@ -116,11 +116,11 @@ def decode_step(batch: int, context: int, block_size: int, replica: int, dp_coun
     return pack_step(chunks, dp_counts, block_size, all_decode=True)
 
 
-def prefill_step(seqs: int, tokens: int, block_size: int, dp_counts: tuple[int, ...]):
+def prefill_step(seqs: int, tokens: int, block_size: int, dp_counts: tuple[int, ...], vocab_size: int = 151003):
     from raymoe.actors.engine.step import pack_step
 
     pages = -(-tokens // block_size)
-    ids = [(7 * i) % 151000 + 3 for i in range(tokens)]
+    ids = [(7 * i) % (vocab_size - 3) + 3 for i in range(tokens)]
     chunks = tuple(_chunk(f"p{i}", ids, 0, tuple(range(i * pages, (i + 1) * pages))) for i in range(seqs))
     return pack_step(chunks, dp_counts, block_size)
 

@@ -118,20 +118,22 @@ def run_suite(args: argparse.Namespace, config: Any) -> int:
     engine = engine_times(controller, config, info, args, concurrencies)
     print(f"engine: {json.dumps(engine)}", flush=True)
 
+    # offline before and after the endpoint runs: machine noise over the run hits both alike
     llm = LLM(controller=controller)
     try:
-        offline = offline_generate(llm, max(concurrencies), args)
+        offline = [offline_generate(llm, max(concurrencies), args)]
+        print(f"offline: {json.dumps(offline[0])}", flush=True)
+        endpoint = {}
+        for c in concurrencies:
+            run = argparse.Namespace(**vars(args))
+            run.concurrency = c
+            run.num_requests = args.num_requests if "--num-requests" in sys.argv else max(8, 2 * c)
+            endpoint[c] = asyncio.run(run_bench(run))
+            print(format_summary(endpoint[c]), flush=True)
+        offline.append(offline_generate(llm, max(concurrencies), args))
+        print(f"offline again: {json.dumps(offline[1])}", flush=True)
     finally:
         llm.shutdown()
-    print(f"offline: {json.dumps(offline)}", flush=True)
-
-    endpoint = {}
-    for c in concurrencies:
-        run = argparse.Namespace(**vars(args))
-        run.concurrency = c
-        run.num_requests = args.num_requests if "--num-requests" in sys.argv else max(8, 2 * c)
-        endpoint[c] = asyncio.run(run_bench(run))
-        print(format_summary(endpoint[c]), flush=True)
     stats = ray.get(controller.stats.remote())
     print(format_suite(args, config, engine, offline, endpoint, stats))
     return 0 if all(s["failed"] == 0 for s in endpoint.values()) else 1
@@ -157,7 +159,8 @@ def engine_times(controller: Any, config: Any, info: Any, args: argparse.Namespa
         res = run(engine_bench._per_replica(engine_bench.time_step), steps, 10, pipelined)[0]
         out[f"decode_{b}_s"] = res["pipelined_s"] if pipelined else res["median_s"]
     seqs = max(1, config.engine.max_num_batched_tokens // args.input_len)
-    steps = [engine_bench.prefill_step(seqs, args.input_len, bs, (seqs * args.input_len,) * dp) for _ in range(dp)]
+    counts = (seqs * args.input_len,) * dp
+    steps = [engine_bench.prefill_step(seqs, args.input_len, bs, counts, info.vocab_size) for _ in range(dp)]
     res = run(engine_bench._per_replica(engine_bench.time_step), steps, 5, False)[0]
     out["prefill_tok_s"] = seqs * args.input_len * dp / res["median_s"]
     return out
@@ -177,13 +180,15 @@ def offline_generate(llm: Any, num_prompts: int, args: argparse.Namespace) -> di
     return {"prompts": num_prompts, "output_tokens": tokens, "duration_s": duration, "output_tok_s": tokens / duration}
 
 
-def format_suite(args, config, engine: dict, offline: dict, endpoint: dict, stats: Any) -> str:
+def format_suite(args, config, engine: dict, offline_runs: list[dict], endpoint: dict, stats: Any) -> str:
+    offline = {"output_tok_s": statistics.fmean(o["output_tok_s"] for o in offline_runs)}
     lines = [
         f"## serve_bench --suite: {config.model.path} ({args.layers or 'all'} layers), {args.input_len} in / "
         f"{args.output_len} out, ignore_eos",
         "",
-        f"offline LLM.generate of {offline['prompts']} prompts: {offline['output_tok_s']:,.0f} output tok/s "
-        f"({offline['duration_s']:.2f} s)",
+        f"offline LLM.generate of {offline_runs[0]['prompts']} prompts, before and after the endpoint runs: "
+        + " / ".join(f"{o['output_tok_s']:,.0f}" for o in offline_runs) + f" output tok/s (x offline: of the mean, "
+        f"{offline['output_tok_s']:,.0f})",
         f"engine prefill: {engine['prefill_tok_s']:,.0f} tok/s; engine steps run: {stats.steps}, polls: {stats.polls}",
         "",
         "| concurrency | endpoint tok/s | x offline | engine step ms | step ceiling tok/s | x ceiling "

@@ -108,6 +108,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, help="HTTP port (default: serve.port, 8000; 0 = any free port)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: serve.api_key, else $RAYMOE_API_KEY)")
     p.add_argument("--model-name", help="the name clients send as 'model' (default: serve.model_name, else model.path)")
+    p.add_argument("--num-replicas", type=int, help="ingress replicas (default: serve.num_replicas, 1)")
 
 
 def serve_main(args: argparse.Namespace) -> int:
@@ -117,13 +118,16 @@ def serve_main(args: argparse.Namespace) -> int:
 
     config = _load(args)
     api_key = args.api_key or config.serve.api_key or os.environ.get(API_KEY_ENV)
-    overrides = {"serve.api_key": api_key, "serve.host": args.host, "serve.port": args.port, "serve.model_name": args.model_name}
+    overrides = {"serve.api_key": api_key, "serve.host": args.host, "serve.port": args.port,
+                 "serve.model_name": args.model_name, "serve.num_replicas": args.num_replicas}  # fmt: skip
     config = config.replace({k: v for k, v in overrides.items() if v is not None})
     try:
         url = start_serving(config, args.address)
         stop = _stop_on_signals()  # after ray.init: replaces Ray's stack-dumping SIGTERM handler
         name = config.serve.model_name or config.model.path
-        print(f"raymoe: serving {name!r} at {url}/v1 (Ctrl-C to stop)", flush=True)
+        more = f" (and the next {config.serve.num_replicas - 1} ports: one per ingress replica)" if (
+            config.serve.direct_ingress and config.serve.num_replicas > 1) else ""
+        print(f"raymoe: serving {name!r} at {url}/v1{more} (Ctrl-C to stop)", flush=True)
         while not stop.wait(1.0):
             pass
         print("raymoe: stopping", flush=True)

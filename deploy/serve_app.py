@@ -75,6 +75,15 @@ def serve_env(direct_port: Optional[int], num_replicas: int = 1) -> dict[str, st
     return env
 
 
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
@@ -263,10 +272,15 @@ def serve_start(host: str, port: int, direct_ingress: bool, num_replicas: int = 
 def start_serving(config: Config, address: Optional[str] = None) -> str:
     """Join (or start) Ray, start Serve answering on ``serve.host:serve.port`` (see
     ``serve_start``) and deploy; returns the base URL once the model is loaded and serving."""
-    ensure_ray(config, address)
     host = config.serve.host
     port = config.serve.port or free_port(host)  # 0: any free port
     config = config.replace({"serve.port": port})
+    ports = range(port, port + (config.serve.num_replicas if config.serve.direct_ingress else 1))
+    busy = [p for p in ports if not port_is_free(host, p)]
+    if busy:  # Serve would retry the replicas forever on a taken port
+        raise ValueError(f"serve.port: {host}:{busy[0]} is in use; stop what listens there or pick another port "
+                         f"(with direct ingress, replica i of serve.num_replicas listens on serve.port + i)")  # fmt: skip
+    ensure_ray(config, address)
     serve_start(host, port, config.serve.direct_ingress, config.serve.num_replicas)
     serve.run(app_for(config), name=APP_NAME, route_prefix="/")
     return f"http://{host}:{port}"
