@@ -55,6 +55,16 @@ class RankCluster:
         targets = range(len(self.actors)) if ranks is None else ranks
         return [getattr(self.actors[r], method).remote(*args, **kwargs) for r in targets]
 
+    def kill(self) -> None:
+        """Kill every rank at once (some may be dead or hung in a collective) and free the
+        placement group."""
+        for a in self.actors:
+            try:
+                ray.kill(a)
+            except Exception as e:  # already gone
+                log.warning("killing a rank: %r", e)
+        remove_placement_group(self.placement_group)
+
     def shutdown(self) -> None:
         try:
             ray.get([a.shutdown.remote() for a in self.actors], timeout=30)
@@ -65,10 +75,12 @@ class RankCluster:
         remove_placement_group(self.placement_group)
 
 
-def start_rank_cluster(layout: RankLayout, parallel: ParallelConfig) -> RankCluster:
+def start_rank_cluster(layout: RankLayout, parallel: ParallelConfig, name: str = "") -> RankCluster:
+    """``name``: the placement group's, so that whoever outlives the controller can free it
+    should the controller die (Ray keeps a dead actor's placement groups)."""
     device, timeout_s = parallel.device, parallel.placement_timeout_s
     plan = plan_placement(layout, device)
-    pg = _reserve(plan, timeout_s)
+    pg = _reserve(plan, timeout_s, name)
     try:
         actors = _start_actors(layout, device, plan, pg)
         placed = [
@@ -91,8 +103,16 @@ def start_rank_cluster(layout: RankLayout, parallel: ParallelConfig) -> RankClus
     return RankCluster(layout=layout, device=device, placement_group=pg, actors=ranked, infos=infos)
 
 
-def _reserve(plan: PlacementPlan, timeout_s: float) -> Any:
-    pg = placement_group(list(plan.bundles), strategy=plan.strategy)
+def remove_named_placement_group(name: str) -> None:
+    """Free the placement group called ``name``, if there is one."""
+    try:
+        remove_placement_group(ray.util.get_placement_group(name))
+    except ValueError:  # no such group
+        pass
+
+
+def _reserve(plan: PlacementPlan, timeout_s: float, name: str) -> Any:
+    pg = placement_group(list(plan.bundles), strategy=plan.strategy, name=name)
     ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
     if not ready:
         remove_placement_group(pg)

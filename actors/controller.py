@@ -20,7 +20,7 @@ import ray
 import torch
 
 from raymoe.actors.cluster import RankCluster, start_rank_cluster
-from raymoe.actors.engine.async_engine import AsyncEngine
+from raymoe.actors.engine.async_engine import AsyncEngine, RestartBudget, StepTimeoutError, describe_failure
 from raymoe.actors.engine.block_manager import BlockManager
 from raymoe.actors.engine.core import EngineCore
 from raymoe.actors.engine.eplb import EplbManager
@@ -36,10 +36,15 @@ from raymoe.cluster.layout import RankLayout
 
 log = logging.getLogger(__name__)
 
+RANK_HEALTH_TIMEOUT_S = 30.0
+
 
 class Controller:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, placement_group_name: str = "") -> None:
+        """``placement_group_name``: the name of the ranks' placement group (see
+        ``start_rank_cluster``); empty: unnamed."""
         self.config = config
+        self.placement_group_name = placement_group_name
         self.layout = RankLayout.from_config(config.parallel)
         self.cluster: Optional[RankCluster] = None
         self.engine: Optional[AsyncEngine] = None
@@ -47,6 +52,8 @@ class Controller:
         self.eplb: Optional[EplbManager] = None
         self.tokenizer: Optional[Tokenizer] = None
         self.model_info: Optional[ModelInfo] = None
+        self.spec: Optional[ModelSpec] = None
+        self.max_model_len = 0
 
     # ---- bring-up ---------------------------------------------------------------
 
@@ -57,9 +64,7 @@ class Controller:
         """Bring up every rank; returns what each rank reported (rank, device, node, GPU)."""
         assert self.cluster is None, "controller already started"
         t0 = time.perf_counter()
-        self.cluster = await asyncio.to_thread(
-            start_rank_cluster, self.layout, self.config.parallel
-        )
+        self.cluster = await asyncio.to_thread(start_rank_cluster, self.layout, self.config.parallel, self.placement_group_name)
         return {"layout": self.layout.describe(), "ranks": self.cluster.infos, "startup_s": round(time.perf_counter() - t0, 2)}
 
     async def load_model(self, collect_logits: bool = False) -> ModelInfo:
@@ -74,35 +79,24 @@ class Controller:
                 "parallel.cp: the engine does not implement context-parallel attention yet; use cp: 1 "
                 "(tp, dp and ep are supported)"
             )
-        cluster = self._cluster()
         t0 = time.perf_counter()
         path = str(resolve_model_path(self.config.model.path))
-        if self.config.model.path.startswith(BUILTIN_PREFIX):
-            # every node needs the files: each rank writes them where its node lacks them
-            cluster.call("execute", _resolve_on_rank, self.config.model.path)
-        spec = load_spec(path)
+        self.spec = spec = load_spec(path)
         self.tokenizer = Tokenizer.from_dir(path)
-        max_model_len = spec.max_model_len(self.config.model.max_model_len)
-        num_blocks = min(cluster.call("load_model", self.config, path, max_model_len))
-        if num_blocks < 1:
-            raise RuntimeError(
-                "no memory left for the KV cache after loading the model: raise engine.kv_memory_fraction, "
-                "spread the model over more GPUs (tp/ep), or use a smaller model"
-            )
-        cluster.call("allocate_kv_cache", num_blocks)
+        self.max_model_len = max_model_len = spec.max_model_len(self.config.model.max_model_len)
+        num_blocks = self._load_ranks(path)
         eng = self.config.engine
         schedulers = [
             Scheduler(BlockManager(num_blocks, eng.block_size), eng.max_num_seqs, eng.max_num_batched_tokens, max_model_len)
             for _ in range(self.layout.dp)
         ]
-        self.executor = RayStepExecutor(self.layout, cluster.actors)
-        core = EngineCore(schedulers, self.tokenizer.eos_token_ids, None, self.config.model.seed, collect_logits)
-        self.eplb = self._eplb_manager(spec)
-        pipelined = self.config.engine.pipelined_steps
-        if pipelined is None:
-            pipelined = self.config.parallel.device == "cuda"
-        self.engine = AsyncEngine(core, self.executor.run_async, self.config.serve.max_queued_requests, self.eplb,
-                                  pipelined)  # fmt: skip
+        core = EngineCore(schedulers, self.tokenizer.eos_token_ids, None, self.config.model.seed, collect_logits,
+                          vocab_size=spec.vocab_size)  # fmt: skip
+        pipelined = eng.pipelined_steps if eng.pipelined_steps is not None else self.config.parallel.device == "cuda"
+        self.engine = AsyncEngine(
+            core, self.executor.run_async, self.config.serve.max_queued_requests, self.eplb, pipelined,
+            restart=self._restart_ranks, restart_budget=RestartBudget(eng.max_restarts, eng.restart_window_s),
+        )  # fmt: skip
         self.model_info = ModelInfo(
             model=path,
             architecture=spec.architecture,
@@ -113,6 +107,38 @@ class Controller:
             load_s=round(time.perf_counter() - t0, 2),
         )
         return self.model_info
+
+    def _load_ranks(self, path: str) -> int:
+        """Load the model on the ranks of the current cluster, size and allocate their KV cache,
+        and build what drives them (executor, EPLB); returns the KV blocks per replica."""
+        cluster = self._cluster()
+        if self.config.model.path.startswith(BUILTIN_PREFIX):
+            # every node needs the files: each rank writes them where its node lacks them
+            cluster.call("execute", _resolve_on_rank, self.config.model.path)
+        num_blocks = min(cluster.call("load_model", self.config, path, self.max_model_len))
+        if num_blocks < 1:
+            raise RuntimeError(
+                "no memory left for the KV cache after loading the model: raise engine.kv_memory_fraction, "
+                "spread the model over more GPUs (tp/ep), or use a smaller model"
+            )
+        cluster.call("allocate_kv_cache", num_blocks)
+        self.executor = RayStepExecutor(self.layout, cluster.actors, self.config.engine.step_timeout_s)
+        self.eplb = self._eplb_manager(self.spec)
+        return num_blocks
+
+    async def _restart_ranks(self) -> int:
+        """After a failed step: kill the whole rank group and bring up a new one with the same
+        layout and model (the engine's restart); returns the new KV blocks per replica."""
+        t0 = time.perf_counter()
+        old, self.cluster = self.cluster, None
+        if old is not None:
+            await asyncio.to_thread(old.kill)
+        self.cluster = await asyncio.to_thread(start_rank_cluster, self.layout, self.config.parallel, self.placement_group_name)
+        num_blocks = await asyncio.to_thread(self._load_ranks, str(resolve_model_path(self.config.model.path)))
+        engine = self._engine()
+        engine.execute_async, engine.background = self.executor.run_async, self.eplb
+        log.warning("rank group restarted in %.1f s", time.perf_counter() - t0)
+        return num_blocks
 
     def _eplb_manager(self, spec: ModelSpec) -> Optional[EplbManager]:
         if not self.config.eplb.enabled or spec.moe is None:
@@ -194,16 +220,24 @@ class Controller:
         return list(self._cluster().actors)
 
     async def health(self) -> dict[str, Any]:
-        base = {"layout": self.layout.describe()}
-        if self.cluster is None:
-            return {"status": "starting", **base}
-        if self.engine is not None and self.engine.error is not None:
-            return {"status": "degraded", "error": f"engine failed: {self.engine.error}", **base}
+        """``status``: starting | ok | recovering | degraded (down for good), with a ``reason``
+        safe to show anyone; details (layout, ranks) for the admin route."""
+        base: dict[str, Any] = {"layout": self.layout.describe()}
+        engine = self.engine
+        if engine is not None and engine.error is not None:
+            return {"status": "degraded", "reason": f"the engine is down: {describe_failure(engine.error)}", **base}
+        if engine is not None and engine.recovering is not None:
+            return {"status": "recovering", "reason": f"restarting the ranks after: {engine.recovering}", **base}
+        if self.cluster is None or engine is None:
+            return {"status": "starting", "reason": "bringing up the ranks and loading the model", **base}
         try:
-            ranks = list(await asyncio.gather(*self.cluster.call_async("health")))
-        except Exception as e:  # a dead rank: degraded, with the reason
-            return {"status": "degraded", "error": f"{type(e).__name__}: {e}", **base}
-        return {"status": "ok", "ranks": ranks, **base}
+            ranks = list(await asyncio.wait_for(asyncio.gather(*self.cluster.call_async("health")), RANK_HEALTH_TIMEOUT_S))
+        except Exception as e:  # a dead or hung rank: recover now, even if no step is running
+            log.warning("health: a rank does not answer: %r", e)
+            engine.report_failure(e if not isinstance(e, asyncio.TimeoutError) else StepTimeoutError(
+                f"a rank did not answer a health check within {RANK_HEALTH_TIMEOUT_S:.0f} s"))  # fmt: skip
+            return {"status": "recovering", "reason": f"restarting the ranks after: {describe_failure(e)}", **base}
+        return {"status": "ok", "ranks": ranks, "restarts": engine.num_restarts, **base}
 
     async def shutdown(self) -> None:
         if self.cluster is not None:

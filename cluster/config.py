@@ -71,6 +71,13 @@ class EngineConfig:
     # keep one step in flight on the ranks; unset: on GPUs (where the device runs
     # asynchronously to the host), off on CPU (a launch is the whole forward there)
     pipelined_steps: Optional[bool] = None
+    # a step slower than this means a hung rank: the rank group restarts (the first
+    # steps on new ranks, which compile kernels, get 15 minutes)
+    step_timeout_s: float = 60.0
+    # rank-group restarts after failures allowed within restart_window_s; then the
+    # engine stays down and says why
+    max_restarts: int = 3
+    restart_window_s: float = 600.0
 
     def validate(self) -> None:
         _require(self.block_size >= 1, "engine.block_size", "must be >= 1 (16 is typical)")
@@ -79,6 +86,9 @@ class EngineConfig:
         _require(0 < self.kv_memory_fraction <= 1, "engine.kv_memory_fraction", "must be in (0, 1]")
         _require(self.max_num_seqs >= 1, "engine.max_num_seqs", "must be >= 1")
         _require(self.max_num_batched_tokens >= 1, "engine.max_num_batched_tokens", "must be >= 1")
+        _require(self.step_timeout_s > 0, "engine.step_timeout_s", "must be > 0 seconds")
+        _require(self.max_restarts >= 0, "engine.max_restarts", "must be >= 0 (0: never restart)")
+        _require(self.restart_window_s > 0, "engine.restart_window_s", "must be > 0 seconds")
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 import uuid
 from contextlib import aclosing
-from typing import Any, AsyncIterator, Optional, Protocol, Sequence, Union
+from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Protocol, Sequence, Union
 
 import jinja2
 import ray
@@ -28,14 +29,17 @@ import ray
 from raymoe.actors.engine.messages import Finish, ModelInfo, NewRequest, OutputBatch, Rejection, RejectKind
 from raymoe.actors.engine.output_text import Delta, OutputText
 from raymoe.actors.engine.request import SamplingParams
-from raymoe.actors.engine.tokenizer import Tokenizer, encode_chat, encode_prompt
+from raymoe.actors.engine.tokenizer import Tokenizer, encode_prompt
 from raymoe.deploy.openai_api import APIError, bad_request
 
 log = logging.getLogger(__name__)
 
 Prompt = Union[str, list[int]]
 POLL_TIMEOUT_S = 1.0
+INLINE_TEXT_CHARS = 16384  # longer texts are tokenised in a thread
+CHARS_PER_TOKEN_BOUND = 32  # a text longer than the context times this is first checked by its prefix
 _RETRY_S = 0.5  # after a failed poll (the controller is unreachable)
+REATTACH_TIMEOUT_S = 120.0
 
 
 class EngineApi(Protocol):
@@ -49,12 +53,40 @@ class EngineApi(Protocol):
 
     async def leave(self, client: str) -> None: ...
 
+    async def reconnect(self) -> None: ...
+
 
 class RayEngine:
-    """``EngineApi`` over the controller actor."""
+    """``EngineApi`` over the controller actor. ``reattach`` (optional) fetches the controller's
+    handle again, for when the one in hand died and its owner started a new one."""
 
-    def __init__(self, controller: Any) -> None:
+    def __init__(self, controller: Any, reattach: Optional[Callable[[], Awaitable[Any]]] = None) -> None:
         self.controller = controller
+        self._reattach = reattach
+        self._reattaching: Optional[asyncio.Task] = None
+
+    async def reconnect(self) -> None:
+        """After a failed call: take the controller's current handle (one fetch at a time)."""
+        if self._reattach is None:
+            return
+        if self._reattaching is None or self._reattaching.done():
+            self._reattaching = asyncio.create_task(self._fetch())
+        await asyncio.shield(self._reattaching)
+
+    async def _fetch(self) -> None:
+        """Until REATTACH_TIMEOUT_S: ask for the controller, keep it once it answers (the host
+        hands out the dead one until Serve has replaced the host)."""
+        deadline = time.monotonic() + REATTACH_TIMEOUT_S
+        while time.monotonic() < deadline:
+            try:
+                controller = await asyncio.wait_for(self._reattach(), deadline - time.monotonic())
+                await asyncio.wait_for(controller.get_model_info.remote(), 10.0)
+                self.controller = controller
+                return
+            except Exception as e:  # the engine host is being replaced
+                log.info("re-attaching to the engine: %r", e)
+                await asyncio.sleep(_RETRY_S)
+        log.warning("no engine answered within %.0f s", REATTACH_TIMEOUT_S)
 
     async def submit(self, client: str, requests: Sequence[NewRequest]) -> list[Rejection]:
         return await self.controller.submit.remote(client, list(requests))
@@ -80,9 +112,10 @@ class RequestRejected(Exception):
 class RequestStream:
     """One request's deltas as an async iterator; closing it early aborts the request."""
 
-    def __init__(self, client: "EngineClient", seq: int, text: OutputText, num_prompt_tokens: int) -> None:
-        self.client, self.seq, self.text = client, seq, text
-        self.num_prompt_tokens = num_prompt_tokens
+    def __init__(self, client: "EngineClient", request: NewRequest, text: OutputText) -> None:
+        self.client, self.request, self.seq, self.text = client, request, request.seq, text
+        self.num_prompt_tokens = len(request.prompt_token_ids)
+        self.received = False  # any output came back (if not, a lost engine's request can be sent again)
         self._tokens: list[int] = []
         self._logits: list[Any] = []
         self._finish = Finish.RUNNING
@@ -90,6 +123,7 @@ class RequestStream:
         self._ready = asyncio.Event()
 
     def push(self, tokens: list[int], finish: Finish, logits: Optional[list[Any]]) -> None:
+        self.received = True
         self._tokens.extend(tokens)
         if logits:
             self._logits.extend(logits)
@@ -145,27 +179,49 @@ class EngineClient:
         return len(self._streams)
 
     # ---- prompts -> token ids -------------------------------------------------------------
+    # Long texts are tokenised in a thread (the tokenizer releases the GIL for them), and a
+    # text far longer than the context is refused after its prefix alone: one huge prompt
+    # never stalls the other requests of this replica.
 
-    def tokenize(self, prompt: Prompt, param: str = "prompt") -> list[int]:
+    async def tokenize(self, prompt: Prompt, param: str = "prompt") -> list[int]:
         """Text is encoded (special tokens added as the tokenizer defines); token ids are
-        checked against the vocabulary."""
+        checked against the vocabulary. APIError 400 naming ``param``."""
+        if isinstance(prompt, str):
+            return await self._encode_text(prompt, param, add_special_tokens=True)
         try:
             return encode_prompt(self.tokenizer, prompt, self.info.vocab_size, param)
         except ValueError as e:
             raise bad_request(str(e), param, "invalid_value") from None
 
-    def tokenize_chat(self, messages: list[dict[str, Any]], template_kwargs: Optional[dict[str, Any]] = None) -> list[int]:
+    async def tokenize_chat(self, messages: list[dict[str, Any]], template_kwargs: Optional[dict[str, Any]] = None) -> list[int]:
         """Render the chat template (with the generation prompt) and encode it as is."""
         kwargs = dict(template_kwargs or {})
         for reserved in ("messages", "add_generation_prompt", "tools"):
             if reserved in kwargs:
                 raise bad_request(f"chat_template_kwargs: {reserved!r} cannot be set here", "chat_template_kwargs")
         try:
-            return encode_chat(self.tokenizer, messages, **kwargs)
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
         except ValueError as e:  # no chat template
             raise bad_request(str(e), "messages") from None
         except jinja2.TemplateError as e:  # the template rejects the conversation
             raise bad_request(f"messages: the model's chat template rejected them: {e}", "messages") from None
+        except Exception as e:  # the template failed on what it was given (e.g. a wrongly typed kwarg)
+            raise bad_request(f"messages: the model's chat template failed on this request ({type(e).__name__}: {e}); "
+                              "check messages and chat_template_kwargs", "chat_template_kwargs" if kwargs else "messages")
+        return await self._encode_text(text, "messages", add_special_tokens=False)
+
+    async def _encode_text(self, text: str, param: str, add_special_tokens: bool) -> list[int]:
+        if len(text) <= INLINE_TEXT_CHARS:
+            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        return await asyncio.to_thread(self._encode_long_text, text, param, add_special_tokens)
+
+    def _encode_long_text(self, text: str, param: str, add_special_tokens: bool) -> list[int]:
+        limit = self.info.token_limit
+        head = limit * CHARS_PER_TOKEN_BOUND
+        if len(text) > head and len(self.tokenizer.encode(text[:head], add_special_tokens=add_special_tokens)) > limit:
+            raise bad_request(f"{param}: the prompt has more than {limit} tokens, more than this model's context of "
+                              f"{limit} tokens; shorten the prompt", param, "context_length_exceeded")  # fmt: skip
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     # ---- requests ---------------------------------------------------------------------------
 
@@ -174,9 +230,9 @@ class EngineClient:
         by the first ``__anext__``."""
         self._start()
         seq = next(self._seqs)
-        text = OutputText(self.tokenizer, prompt_token_ids, sampling.stop)
-        stream = self._streams[seq] = RequestStream(self, seq, text, len(prompt_token_ids))
-        self._to_submit[seq] = NewRequest(seq, list(prompt_token_ids), sampling)
+        request = NewRequest(seq, list(prompt_token_ids), sampling)
+        stream = self._streams[seq] = RequestStream(self, request, OutputText(self.tokenizer, prompt_token_ids, sampling.stop))
+        self._to_submit[seq] = request
         self._send.set()
         self._have_streams.set()
         return stream
@@ -214,10 +270,10 @@ class EngineClient:
             new, self._to_submit = list(self._to_submit.values()), {}
             aborts, self._to_abort = self._to_abort, []
             try:
-                rejected = await self.engine.submit(self.client_id, new) if new else []
+                rejected = await self._submit(new) if new else []
                 if aborts:  # after the submits: a request sent in this batch may be aborted in it
                     await self.engine.abort(self.client_id, aborts)
-            except Exception as e:  # the controller is unreachable
+            except Exception as e:  # the engine is unreachable even after re-attaching
                 for n in new:
                     stream = self._streams.pop(n.seq, None)
                     if stream is not None:
@@ -228,6 +284,16 @@ class EngineClient:
                 if stream is not None:
                     stream.fail(RequestRejected(r.kind, r.message))
 
+    async def _submit(self, new: list[NewRequest]) -> list[Rejection]:
+        """Submit; when the controller is unreachable, find it again (its host may have started
+        a new one) and submit once more: a request that no engine took is not lost."""
+        try:
+            return await self.engine.submit(self.client_id, new)
+        except Exception as e:
+            log.warning("submitting: %r; re-attaching to the engine", e)
+            await self.engine.reconnect()
+            return await self.engine.submit(self.client_id, new)
+
     async def _poll_loop(self) -> None:
         while True:
             if not self._streams:
@@ -235,9 +301,12 @@ class EngineClient:
                 await self._have_streams.wait()
             try:
                 batch = await self.engine.poll(self.client_id, self.poll_timeout_s)
-            except Exception as e:  # the controller is unreachable: fail what runs, keep trying
-                self._fail_all(e)
-                await asyncio.sleep(_RETRY_S)
+            except Exception as e:  # the controller is unreachable: find it again
+                if isinstance(e, ray.exceptions.RayActorError):  # it died, and its requests with it
+                    self._engine_lost(e)
+                else:
+                    self._fail_all(e)
+                await asyncio.gather(self.engine.reconnect(), asyncio.sleep(_RETRY_S))
                 continue
             self._dispatch(batch)
 
@@ -246,11 +315,26 @@ class EngineClient:
             stream = self._streams.get(seq)
             if stream is None:
                 continue  # aborted here since
-            stream.push(tokens, finish, logits)
+            if finish == Finish.FAILED:
+                stream.fail(RequestRejected(RejectKind.ENGINE_FAILED, batch.failure or "the engine failed; retry"))
+            else:
+                stream.push(tokens, finish, logits)
             if finish != Finish.RUNNING:
                 del self._streams[seq]
         if batch.error is not None:
             self._fail_all(RequestRejected(RejectKind.ENGINE_FAILED, batch.error))
+
+    def _engine_lost(self, error: BaseException) -> None:
+        """The controller died: its requests are gone. Those that returned nothing yet are sent
+        again (to the controller found next); the others fail."""
+        for seq, stream in list(self._streams.items()):
+            if stream.received:
+                del self._streams[seq]
+                stream.fail(error)
+            else:
+                self._to_submit[seq] = stream.request
+        if self._to_submit:
+            self._send.set()
 
     def _fail_all(self, error: BaseException) -> None:
         streams, self._streams = self._streams, {}
@@ -312,6 +396,8 @@ def engine_error(e: BaseException) -> APIError:
         return APIError(503, str(e), None, "engine_failed", "server_error")
     cause = e.cause if isinstance(e, ray.exceptions.RayTaskError) and e.cause is not None else e
     if isinstance(cause, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)):
-        return APIError(503, f"the engine is not available: {cause}", None, "engine_unavailable", "server_error")
+        log.warning("the engine's controller is unreachable: %r", cause)
+        return APIError(503, "the engine is not available right now (it is restarting); retry the request", None,
+                        "engine_unavailable", "server_error")  # fmt: skip
     log.error("unexpected engine error: %r", e)
-    return APIError(500, f"internal error: {type(cause).__name__}: {cause}", None, "internal_error", "server_error")
+    return APIError(500, "internal server error; the server log has the details", None, "internal_error", "server_error")

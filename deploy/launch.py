@@ -39,10 +39,12 @@ def ensure_ray(config: Config, address: Optional[str] = None) -> None:
     ray.init(**kwargs)
 
 
-def start_controller(config: Config, address: Optional[str] = None) -> Any:
-    """Start a controller actor and bring its rank cluster up; returns the actor handle."""
+def start_controller(config: Config, address: Optional[str] = None, placement_group_name: str = "") -> Any:
+    """Start a controller actor and bring its rank cluster up; returns the actor handle.
+    ``placement_group_name``: see ``Controller``."""
     ensure_ray(config, address)
-    controller = ray.remote(Controller).options(num_cpus=0, runtime_env=CONTROLLER_RUNTIME_ENV).remote(config)
+    options = {"num_cpus": 0, "runtime_env": CONTROLLER_RUNTIME_ENV}
+    controller = ray.remote(Controller).options(**options).remote(config, placement_group_name)
     try:
         info = ray.get(controller.start.remote())
     except BaseException:

@@ -37,7 +37,11 @@ class ServeMetrics:
         self.running = Gauge("raymoe_requests_running", "Requests in the engine's running batch", ["dp_rank"], registry=r)
         self.kv_usage = Gauge("raymoe_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use", ["dp_rank"], registry=r)
         self.steps = Gauge("raymoe_engine_steps", "Engine steps run since start", registry=r)
-        self.engine_failed = Gauge("raymoe_engine_failed", "1 when the engine's step loop has failed", registry=r)
+        self.engine_failed = Gauge("raymoe_engine_failed", "1 when the engine is down for good (restarts spent)", registry=r)
+        self.engine_recovering = Gauge("raymoe_engine_recovering", "1 while the rank group restarts after a failure",
+                                       registry=r)  # fmt: skip
+        self.restarts = Gauge("raymoe_engine_restarts", "Rank-group restarts after failures since the controller started",
+                              registry=r)  # fmt: skip
         self.preemptions = Gauge("raymoe_preemptions", "Requests preempted (KV cache full) since start", registry=r)
         self.balancedness = Gauge(
             "raymoe_eplb_balancedness", "Mean over max EP-rank expert load (1 = even), last rebalance's load",
@@ -61,6 +65,8 @@ class ServeMetrics:
             self.kv_usage.labels(str(dp)).set(kv)
         self.steps.set(stats.steps)
         self.engine_failed.set(1 if stats.error else 0)
+        self.engine_recovering.set(1 if stats.recovering else 0)
+        self.restarts.set(stats.restarts)
         self.preemptions.set(stats.preemptions)
         if eplb and "rank_load_before" in eplb:
             self.rebalances.set(eplb["rebalances"])

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from raymoe.actors.engine.request import SamplingParams
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+MAX_TEMPERATURE = 2.0
 
 
 class APIError(Exception):
@@ -126,6 +127,10 @@ def parse_request(model: type[BaseModel], body: bytes) -> Any:
     except ValidationError as e:
         raise _validation_error(e) from None
     _reject_unsupported(req)
+    if req.temperature is not None and req.temperature > MAX_TEMPERATURE:
+        raise bad_request(f"temperature: must be in [0, {MAX_TEMPERATURE}] (OpenAI's range), got {req.temperature}",
+                          "temperature", "invalid_value")  # fmt: skip
+    sampling_params(req, 1)  # every sampling field checked now, before the prompt is tokenised
     return req
 
 

@@ -29,7 +29,6 @@ from raymoe.deploy.openai_api import (
     APIError,
     ChatRequest,
     CompletionRequest,
-    bad_request,
     chat_chunk,
     chat_messages,
     chat_response,
@@ -84,16 +83,19 @@ class _Progress:
 
 
 class OpenAIServer:
-    def __init__(
-        self, client: EngineClient, controller: Any, model_name: str, model_root: str, api_key: Optional[str] = None
-    ) -> None:
+    def __init__(self, client: EngineClient, model_name: str, model_root: str, api_key: Optional[str] = None) -> None:
         self.client = client
-        self.controller = controller  # the controller actor (stats, EPLB, health)
         self.model_name = model_name
         self.model_root = model_root
         self.api_key = api_key
         self.metrics = ServeMetrics(model_name)
         self.created = int(time.time())
+
+    @property
+    def controller(self) -> Any:
+        """The controller actor now (stats, EPLB, health): the engine client's, which follows
+        the controller when the engine host replaces it."""
+        return self.client.engine.controller
 
     # ---- checks -----------------------------------------------------------------------
 
@@ -107,7 +109,8 @@ class OpenAIServer:
 
     def _check_model(self, model: Optional[str]) -> None:
         if model is not None and model != self.model_name:
-            raise bad_request(f"The model '{model}' does not exist; this server serves '{self.model_name}'", "model", "model_not_found")
+            raise APIError(404, f"The model '{model}' does not exist; this server serves '{self.model_name}'", "model",
+                           "model_not_found")  # fmt: skip
 
     # ---- endpoints -------------------------------------------------------------------------
 
@@ -125,7 +128,7 @@ class OpenAIServer:
         t0 = time.perf_counter()
         req = parse_request(CompletionRequest, body)
         self._check_model(req.model)
-        ids = [self.client.tokenize(p) for p in completion_prompts(req)]
+        ids = [await self.client.tokenize(p) for p in completion_prompts(req)]
         params = [
             sampling_params(req, resolve_max_tokens(req.max_tokens, len(x), self.client.info.token_limit,
                                                     DEFAULT_COMPLETION_MAX_TOKENS, "max_tokens", "prompt"))
@@ -138,7 +141,7 @@ class OpenAIServer:
         t0 = time.perf_counter()
         req = parse_request(ChatRequest, body)
         self._check_model(req.model)
-        ids = self.client.tokenize_chat(chat_messages(req), req.chat_template_kwargs)
+        ids = await self.client.tokenize_chat(chat_messages(req), req.chat_template_kwargs)
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         limit = resolve_max_tokens(requested, len(ids), self.client.info.token_limit, None, param, "messages")

@@ -21,6 +21,7 @@ import logging
 import os
 import pathlib
 import socket
+import uuid
 from typing import Any, Optional, Union
 
 import ray
@@ -29,6 +30,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from raymoe.actors.cluster import remove_named_placement_group
 from raymoe.cluster.config import Config, config_from_dict, configs_dir, load_config
 from raymoe.deploy.engine_client import EngineClient, RayEngine
 from raymoe.deploy.launch import ensure_ray, start_controller
@@ -40,6 +42,7 @@ log = logging.getLogger(__name__)
 API_KEY_ENV = "RAYMOE_API_KEY"
 APP_NAME = "raymoe"
 HEALTH_TIMEOUT_S = 10.0
+MAX_BODY_BYTES = 32 * 2**20
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 # Ray Serve latency settings (issue 4: each thread or loop hop costs a wake-up, which on a
@@ -97,10 +100,15 @@ def build_fastapi_app(server: OpenAIServer) -> FastAPI:
     async def run(endpoint: str, request: Request, handler: Any) -> Response:
         try:
             server.authorize(request.headers.get("authorization"))
-            result = await handler(await request.body())
+            result = await handler(await _read_body(request))
         except APIError as e:
             server.metrics.count(endpoint, e.status)
             return JSONResponse(e.body(), status_code=e.status)
+        except Exception:  # a bug: still OpenAI's error shape, counted, details only in the log
+            log.exception("%s: unexpected error", endpoint)
+            server.metrics.count(endpoint, 500)
+            err = APIError(500, "internal server error; the server log has the details", None, "internal_error", "server_error")
+            return JSONResponse(err.body(), status_code=500)
         server.metrics.count(endpoint, 200)
         if isinstance(result, dict):
             return JSONResponse(result)
@@ -132,13 +140,25 @@ def build_fastapi_app(server: OpenAIServer) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
+        """Open, and bare: the state and a reason, nothing about processes or addresses."""
         status, body = await _health(server)
-        return JSONResponse(body, status_code=status)
+        return JSONResponse({k: body[k] for k in ("status", "reason") if k in body}, status_code=status)
+
+    @app.get("/admin/health")
+    async def health_details(request: Request) -> Response:
+        async def details(body: bytes) -> dict[str, Any]:
+            return (await _health(server))[1]
+
+        return await run("health", request, details)
 
     @app.get("/metrics")
-    async def metrics() -> Response:
+    async def metrics(request: Request) -> Response:
         from raymoe.deploy.metrics import CONTENT_TYPE
 
+        try:
+            server.authorize(request.headers.get("authorization"))
+        except APIError as e:
+            return JSONResponse(e.body(), status_code=e.status)
         return Response(await server.metrics_text(), media_type=CONTENT_TYPE)
 
     @app.exception_handler(StarletteHTTPException)
@@ -154,23 +174,45 @@ async def _value(x: Any) -> Any:
     return x
 
 
+async def _read_body(request: Request) -> bytes:
+    """The request body, refused with 413 past MAX_BODY_BYTES (before reading it, when the
+    client says its length)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise APIError(413, f"the request body is {declared} bytes; the limit is {MAX_BODY_BYTES}", None, "body_too_large")
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise APIError(413, f"the request body exceeds the limit of {MAX_BODY_BYTES} bytes", None, "body_too_large")
+    return body
+
+
 async def _health(server: OpenAIServer) -> tuple[int, dict[str, Any]]:
     try:
         h = await asyncio.wait_for(server.controller.health.remote(), HEALTH_TIMEOUT_S)
-    except Exception as e:  # a dead or hung controller
-        return 503, {"status": "degraded", "error": f"controller: {type(e).__name__}: {e}"}
+    except Exception as e:  # a dead or hung controller: look for the one its host may have started
+        log.warning("health: the controller does not answer: %r", e)
+        asyncio.create_task(server.client.engine.reconnect())
+        return 503, {"status": "degraded", "reason": "the engine's controller does not answer"}
     return (200 if h.get("status") == "ok" else 503), h
 
 
-# graceful_shutdown_wait_loop_s: an idle replica stops (and frees the GPUs) without a 2 s wait
+# graceful_shutdown_wait_loop_s: an idle replica stops (and frees the GPUs) without a 2 s wait.
+# check_health every 2 s: a dead controller is replaced within seconds.
 @serve.deployment(
-    num_replicas=1, ray_actor_options={"num_cpus": 0}, max_constructor_retry_count=3, graceful_shutdown_wait_loop_s=0.25
+    num_replicas=1, ray_actor_options={"num_cpus": 0}, max_constructor_retry_count=3, graceful_shutdown_wait_loop_s=0.25,
+    health_check_period_s=2.0, health_check_timeout_s=30.0,
 )
 class EngineHost:
-    """Owns the controller (rank actors, model, step loop) for its whole life."""
+    """Owns the controller (rank actors, model, step loop) for its whole life. The controller
+    restarts its own rank group when a rank fails; when the controller itself dies, this
+    replica's health check fails and Serve replaces it, which starts a new controller (the
+    ingress replicas re-attach to it)."""
 
     async def __init__(self, config: dict[str, Any]) -> None:
-        self._controller = await asyncio.to_thread(start_controller, config_from_dict(config))
+        self._placement_group = f"raymoe-ranks-{uuid.uuid4().hex[:12]}"  # freed here if the controller dies
+        self._controller = await asyncio.to_thread(start_controller, config_from_dict(config), None, self._placement_group)
         try:
             info = await self._controller.load_model.remote()
         except BaseException:
@@ -182,15 +224,26 @@ class EngineHost:
         """[the controller actor's handle] (in a list: Serve passes it on as is)."""
         return [self._controller]
 
+    async def check_health(self) -> None:
+        """Raises when the controller is dead or hung (a controller that reports a failed or
+        recovering engine is alive: it says so on /health). A dead one's placement group is
+        freed at once, so that the replica Serve starts instead can place its ranks."""
+        try:
+            await asyncio.wait_for(self._controller.health.remote(), HEALTH_TIMEOUT_S)
+        except ray.exceptions.RayActorError:
+            await asyncio.to_thread(remove_named_placement_group, self._placement_group)
+            raise
+
     async def __del__(self) -> None:
         controller, self._controller = getattr(self, "_controller", None), None
-        if controller is None:
-            return
-        try:
-            await asyncio.wait_for(controller.shutdown.remote(), 30)
-        except Exception as e:  # already dead or hung: kill it anyway
-            log.warning("controller shutdown: %r", e)
-        ray.kill(controller)
+        if controller is not None:
+            try:
+                await asyncio.wait_for(controller.shutdown.remote(), 30)
+            except Exception as e:  # already dead or hung: kill it anyway
+                log.warning("controller shutdown: %r", e)
+            ray.kill(controller)
+        if hasattr(self, "_placement_group"):  # a dead controller leaves its ranks' reservation behind
+            await asyncio.to_thread(remove_named_placement_group, self._placement_group)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, graceful_shutdown_wait_loop_s=0.25)
@@ -200,11 +253,14 @@ class OpenAIIngress:
 
     async def __init__(self, config: dict[str, Any], engine: Any) -> None:
         cfg = config_from_dict(config)
-        (controller,) = await engine.controller.remote()
+        async def current_controller() -> Any:
+            return (await engine.controller.remote())[0]
+
+        controller = await current_controller()
         info, tokenizer = await asyncio.gather(controller.get_model_info.remote(), controller.get_tokenizer.remote())
-        client = EngineClient(RayEngine(controller), tokenizer, info)
+        client = EngineClient(RayEngine(controller, reattach=current_controller), tokenizer, info)
         name = cfg.serve.model_name or cfg.model.path
-        self.server = OpenAIServer(client, controller, name, info.model, cfg.serve.api_key)
+        self.server = OpenAIServer(client, name, info.model, cfg.serve.api_key)
         log.info("serving %s (%s) as engine client %s", name, info.model, client.client_id)
 
     def __serve_build_asgi_app__(self) -> FastAPI:

@@ -10,6 +10,12 @@ so the device does not idle through the loop's own work and the Ray round trips.
 
 A client that stops polling for ``client_timeout_s`` is taken for gone: its requests
 are aborted, which frees their KV blocks.
+
+When a step fails (a rank died, a step timed out, a step raised), the loop recovers
+through ``restart`` (the controller recreates the rank group): the requests that had
+started fail at once with the reason (their KV is gone), the ones still queued stay
+and run on the new ranks. At most ``max_restarts`` restarts within ``restart_window_s``;
+past that, or without ``restart``, the engine stays down and says why.
 """
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ import asyncio
 import collections
 import logging
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Awaitable, Callable, Optional, Sequence
 
 from raymoe.actors.engine.core import EngineCore
 from raymoe.actors.engine.delivery import OutputRouter
@@ -30,6 +36,37 @@ CLIENT_TIMEOUT_S = 60.0  # a client silent this long (no poll) has its requests 
 _SILENCE_CHECK_S = 1.0
 
 
+class StepTimeoutError(RuntimeError):
+    """A step took longer than engine.step_timeout_s: a rank is hung."""
+
+
+def describe_failure(e: BaseException) -> str:
+    """What failed, for clients and /health: no actor ids, pids or addresses (the log has those)."""
+    if isinstance(e, StepTimeoutError):
+        return str(e)
+    name = type(e).__name__
+    if any(k in name for k in ("ActorDied", "RayActorError", "ActorUnavailable", "NodeDied", "WorkerCrashed")):
+        return "a rank process died"
+    return f"a step raised {name}"
+
+
+class RestartBudget:
+    """At most ``max_restarts`` within any ``window_s`` seconds."""
+
+    def __init__(self, max_restarts: int, window_s: float) -> None:
+        self.max_restarts, self.window_s = max_restarts, window_s
+        self._times: collections.deque[float] = collections.deque()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        while self._times and now - self._times[0] > self.window_s:
+            self._times.popleft()
+        if len(self._times) >= self.max_restarts:
+            return False
+        self._times.append(now)
+        return True
+
+
 class AsyncEngine:
     def __init__(
         self,
@@ -39,11 +76,16 @@ class AsyncEngine:
         background: Any = None,
         pipelined: bool = True,
         client_timeout_s: float = CLIENT_TIMEOUT_S,
+        *,
+        restart: Optional[Callable[[], Awaitable[int]]] = None,
+        restart_budget: Optional[RestartBudget] = None,
     ) -> None:
         """``execute_async(inputs or None, wait)``: RayStepExecutor.run_async's contract.
         ``background``: work advanced once after every step (EPLB): an object with
         ``async on_step()`` and ``busy`` (True: advance it even while no request runs).
-        ``pipelined``: keep one step in flight (see ``_run``)."""
+        ``pipelined``: keep one step in flight (see ``_run``). ``restart``: recreate the
+        ranks after a failure (it also replaces ``execute_async`` and ``background``);
+        returns the new KV blocks per replica."""
         self.core = core
         self.background = background
         self.execute_async = execute_async
@@ -55,7 +97,12 @@ class AsyncEngine:
         self._wake = asyncio.Event()
         self._loop_task: Optional[asyncio.Task] = None
         self._next_silence_check = 0.0
-        self.error: Optional[BaseException] = None
+        self._restart = restart
+        self._restart_budget = restart_budget or RestartBudget(3, 600.0)
+        self._pending_failure: Optional[BaseException] = None
+        self.num_restarts = 0
+        self.recovering: Optional[str] = None  # why, while a restart is under way
+        self.error: Optional[BaseException] = None  # why the engine stopped for good
 
     @property
     def num_waiting(self) -> int:
@@ -92,6 +139,9 @@ class AsyncEngine:
         for rid in self.router.drop_client(client):
             self.core.abort(rid)
 
+    async def reconnect(self) -> None:
+        """In process there is nothing to reconnect to (the client API's hook for a lost engine)."""
+
     def stats(self) -> EngineStats:
         scheds = self.core.schedulers
         return EngineStats(
@@ -102,18 +152,27 @@ class AsyncEngine:
             preemptions=self.core.num_preemptions,
             polls=self.router.num_polls,
             submit_calls=self.num_submit_calls,
-            error=None if self.error is None else str(self.error),
+            restarts=self.num_restarts,
+            recovering=self.recovering is not None,
+            error=None if self.error is None else describe_failure(self.error),
         )
 
     def wake(self) -> None:
         """Run the loop now (e.g. to advance requested background work)."""
         self._start()
 
+    def report_failure(self, e: BaseException) -> None:
+        """A failure found outside a step (a health check found a dead rank while idle):
+        recover as from a failed step."""
+        if self.error is None and self.recovering is None:
+            self._pending_failure = e
+            self._start()
+
     # ---- the step loop ---------------------------------------------------------------------
 
     def _add(self, client: str, new: NewRequest) -> Optional[tuple[RejectKind, str]]:
         if self.error is not None:
-            return RejectKind.ENGINE_FAILED, f"engine failed: {self.error}"
+            return RejectKind.ENGINE_FAILED, f"the engine is down: {describe_failure(self.error)}"
         if self.num_waiting >= self.max_queued:
             return RejectKind.QUEUE_FULL, f"{self.num_waiting} requests already waiting (serve.max_queued_requests)"
         rid = self.router.add(client, new.seq)
@@ -130,37 +189,72 @@ class AsyncEngine:
             self._loop_task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
+        while True:
+            try:
+                await self._steps()
+            except Exception as e:  # a rank died, a step timed out or failed
+                log.exception("engine step loop failed")
+                if not await self._recover(e):
+                    self.error = e
+                    self.router.fail(f"the engine is down: {describe_failure(e)}")
+                    return
+
+    async def _steps(self) -> None:
         in_flight: collections.deque[StepInFlight] = collections.deque()
-        try:
-            while True:
-                self._abort_silent_clients()
-                # With a step in flight this already schedules the next one: its decode
-                # chunks take their pending tokens from the ranks' last sampling.
-                planned = self.core.schedule()
-                if planned is None:
-                    if in_flight:  # nothing new to run: wait for the last step
-                        self._publish(in_flight, await self.execute_async(None, True))
-                        continue
-                    if self.background is not None and self.background.busy:
-                        await self.background.on_step()
-                        continue
-                    self._wake.clear()
-                    await self._wake.wait()
+        while True:
+            if self._pending_failure is not None:
+                e, self._pending_failure = self._pending_failure, None
+                raise e
+            self._abort_silent_clients()
+            # With a step in flight this already schedules the next one: its decode
+            # chunks take their pending tokens from the ranks' last sampling.
+            planned = self.core.schedule()
+            if planned is None:
+                if in_flight:  # nothing new to run: wait for the last step
+                    self._publish(in_flight, await self.execute_async(None, True))
                     continue
-                in_flight.append(planned)
-                # Keep this step in flight while the result of the one before comes back and
-                # the next is scheduled, so the ranks' device need not wait for this loop or
-                # the Ray hops. While a rebalance is under way steps run one at a time; the
-                # call that starts one may find a step in flight, and its calls to the ranks
-                # queue behind it (one device stream: the moves land after the step's reads).
-                wait = not self.pipelined or (self.background is not None and self.background.busy)
-                self._publish(in_flight, await self.execute_async(planned.inputs, wait))
-                if self.background is not None:
+                if self.background is not None and self.background.busy:
                     await self.background.on_step()
-        except Exception as e:  # a rank died or a step failed: fail every client, stay failed
-            log.exception("engine step loop failed")
-            self.error = e
-            self.router.fail(f"engine failed: {e}")
+                    continue
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            in_flight.append(planned)
+            # Keep this step in flight while the result of the one before comes back and
+            # the next is scheduled, so the ranks' device need not wait for this loop or
+            # the Ray hops. While a rebalance is under way steps run one at a time; the
+            # call that starts one may find a step in flight, and its calls to the ranks
+            # queue behind it (one device stream: the moves land after the step's reads).
+            wait = not self.pipelined or (self.background is not None and self.background.busy)
+            self._publish(in_flight, await self.execute_async(planned.inputs, wait))
+            if self.background is not None:
+                await self.background.on_step()
+
+    async def _recover(self, e: BaseException) -> bool:
+        """Fail the requests that had started, recreate the ranks, keep the rest queued.
+        False when there is no restart or the budget is spent."""
+        reason = describe_failure(e)
+        if self._restart is None:
+            return False
+        self.recovering = reason
+        try:
+            for rid in self.core.drop_started():
+                self.router.fail_request(rid, f"the engine failed while this request ran ({reason}); retry it")
+            while self._restart_budget.take():
+                try:
+                    num_blocks = await self._restart()
+                except Exception:
+                    log.exception("restarting the ranks failed")
+                    continue
+                for rid in self.core.replace_cache(num_blocks):
+                    self.router.fail_request(rid, "the restarted engine's KV cache is too small for this request")
+                self.num_restarts += 1
+                log.warning("engine recovered from: %s (restart %d)", reason, self.num_restarts)
+                return True
+            log.error("engine stays down: restart budget spent (engine.max_restarts within engine.restart_window_s)")
+            return False
+        finally:
+            self.recovering = None
 
     def _publish(self, in_flight: "collections.deque[StepInFlight]", completed: Sequence[Sequence[StepOutput]]) -> None:
         """Apply the steps the executor completed (the oldest in flight) and deliver their tokens."""

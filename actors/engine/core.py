@@ -15,6 +15,7 @@ import itertools
 import random
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
+from raymoe.actors.engine.block_manager import BlockManager
 from raymoe.actors.engine.delivery import TokenOutput
 from raymoe.actors.engine.messages import Finish
 from raymoe.actors.engine.request import Request, SamplingParams
@@ -32,8 +33,11 @@ class EngineCore:
         execute: Optional[Executor] = None,
         seed: Optional[int] = None,
         collect_logits: bool = False,
+        *,
+        vocab_size: int,
     ) -> None:
         self.schedulers = list(schedulers)
+        self.vocab_size = vocab_size
         self.block_size = self.schedulers[0].block_manager.block_size
         self.collect_logits = collect_logits  # tests compare logits with a reference
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -53,6 +57,9 @@ class EngineCore:
         """Queue a request on the least-loaded DP replica. ValueError if it can never run."""
         if request_id in self._replica:
             raise ValueError(f"request_id: {request_id!r} is already in use")
+        bad = next((t for t in prompt_token_ids if not (isinstance(t, int) and 0 <= t < self.vocab_size)), None)
+        if bad is not None:
+            raise ValueError(f"prompt_token_ids: token id {bad!r} is outside the vocabulary [0, {self.vocab_size})")
         req = Request(
             request_id=request_id,
             prompt_token_ids=list(prompt_token_ids),
@@ -72,6 +79,23 @@ class EngineCore:
             return False
         self.schedulers[replica].abort(request_id)
         return True
+
+    def drop_started(self) -> list[str]:
+        """After a failed step: drop every request that has run (its KV, and any token of a step
+        in flight, are lost); returns their ids. Requests that never ran stay queued."""
+        dropped = [rid for sched in self.schedulers for rid in sched.started_requests()]
+        for rid in dropped:
+            self.abort(rid)
+        return dropped
+
+    def replace_cache(self, num_blocks: int) -> list[str]:
+        """The ranks restarted with ``num_blocks`` KV blocks per replica: fresh block managers
+        and step bookkeeping. Returns the queued requests too long for the new cache (dropped)."""
+        too_long = [rid for sched in self.schedulers for rid in sched.replace_cache(BlockManager(num_blocks, self.block_size))]
+        for rid in too_long:
+            del self._replica[rid]
+        self._builder = StepBuilder(len(self.schedulers), self.block_size, self.collect_logits)
+        return too_long
 
     def step(self) -> list[TokenOutput]:
         """Run one engine step over every DP replica; returns the requests that progressed."""

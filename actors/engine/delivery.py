@@ -39,6 +39,7 @@ class _Outbox:
         self.finish: list[int] = []
         self.logits: Optional[list[Any]] = [] if with_logits else None
         self.error: Optional[str] = None
+        self.failure: Optional[str] = None
         self.ready = asyncio.Event()
         self.polls_open = 0
         self.last_poll = time.monotonic()
@@ -63,8 +64,10 @@ class _Outbox:
             finish=np.array(self.finish, dtype=np.int8),
             logits=self.logits,
             error=self.error,
+            failure=self.failure,
         )
         self.seqs, self.num_tokens, self.tokens, self.finish = [], [], [], []
+        self.failure = None
         if self.logits is not None:
             self.logits = []
         return batch
@@ -108,11 +111,12 @@ class OutputRouter:
             if out.finish != Finish.RUNNING:
                 self.remove(out.request_id)
 
-    def finish(self, request_id: str, finish: Finish) -> None:
-        """Tell the client its request ended without a token (an abort by the engine)."""
+    def fail_request(self, request_id: str, reason: str) -> None:
+        """The engine failed this request (``reason`` goes to its client): a FAILED entry."""
         entry = self._owner.get(request_id)
         if entry is not None:
-            entry[0].add(entry[1], [], finish, None)
+            entry[0].failure = reason
+            entry[0].add(entry[1], [], Finish.FAILED, None)
             self.remove(request_id)
 
     def fail(self, error: str) -> None:

@@ -7,8 +7,14 @@ from typing import Any, Optional, Sequence
 
 import ray
 
+from raymoe.actors.engine.async_engine import StepTimeoutError
 from raymoe.actors.engine.step import StepInput, StepOutput
 from raymoe.cluster.layout import RankLayout
+
+# The first steps on new ranks compile kernels (Triton, FlashInfer's JIT on a fresh host):
+# they get this long, whatever engine.step_timeout_s says.
+WARMUP_STEPS = 10
+WARMUP_TIMEOUT_S = 900.0
 
 
 class RayStepExecutor:
@@ -25,9 +31,11 @@ class RayStepExecutor:
     call pickles is small.)
     """
 
-    def __init__(self, layout: RankLayout, actors: Sequence[Any]) -> None:
+    def __init__(self, layout: RankLayout, actors: Sequence[Any], step_timeout_s: float = 60.0) -> None:
         self.layout = layout
         self.actors = list(actors)
+        self.step_timeout_s = step_timeout_s
+        self.num_calls = 0
         self.replica_of = [layout.coord(r).dp for r in range(layout.world_size)]
         self.leaders = [layout.rank_of(d, 0, 0) for d in range(layout.dp)]
 
@@ -39,7 +47,12 @@ class RayStepExecutor:
         payloads = [None] * self.layout.dp if inputs is None else [pickle.dumps(x, protocol=pickle.HIGHEST_PROTOCOL) for x in inputs]
         refs = [ray.put(p) for p in payloads] if len(self.actors) > 1 and inputs is not None else payloads
         calls = [a.execute_step.remote(refs[self.replica_of[r]], wait) for r, a in enumerate(self.actors)]
-        results = await asyncio.gather(*calls)  # every rank, so a failure anywhere surfaces here
+        self.num_calls += 1
+        timeout = self.step_timeout_s if self.num_calls > WARMUP_STEPS else max(self.step_timeout_s, WARMUP_TIMEOUT_S)
+        try:  # every rank, so a failure anywhere surfaces here
+            results = await asyncio.wait_for(asyncio.gather(*calls), timeout)
+        except asyncio.TimeoutError:
+            raise StepTimeoutError(f"a step took longer than {timeout:.0f} s (engine.step_timeout_s): a rank is hung") from None
         per_replica = [pickle.loads(results[r]) for r in self.leaders]
         assert len({len(outputs) for outputs in per_replica}) == 1, "replicas completed different steps"
         return [list(outputs) for outputs in zip(*per_replica)]

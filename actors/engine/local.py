@@ -58,7 +58,8 @@ def build_local_engine(config: Config, collect_logits: bool = False, num_threads
     eng = config.engine
     scheduler = Scheduler(BlockManager(num_blocks, eng.block_size), eng.max_num_seqs, eng.max_num_batched_tokens, max_model_len)
     tokenizer = Tokenizer.from_dir(path)
-    core = EngineCore([scheduler], tokenizer.eos_token_ids, LocalExecutor(runner), config.model.seed, collect_logits)
+    core = EngineCore([scheduler], tokenizer.eos_token_ids, LocalExecutor(runner), config.model.seed, collect_logits,
+                      vocab_size=spec.vocab_size)  # fmt: skip
     info = ModelInfo(model=path, architecture=spec.architecture, vocab_size=spec.vocab_size, max_model_len=max_model_len,
                      kv_blocks_per_replica=num_blocks, block_size=eng.block_size, load_s=0.0)  # fmt: skip
     return LocalEngine(core, tokenizer, info)

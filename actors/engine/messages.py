@@ -28,14 +28,15 @@ class Finish(enum.IntEnum):
     STOP = 1  # its last token is an EOS or one of stop_token_ids: a token, but no text
     LENGTH = 2  # max_tokens or max_model_len reached: its last token is text
     ABORT = 3  # the engine dropped it (its client went silent)
+    FAILED = 4  # the engine failed while it ran (OutputBatch.failure says why): an error, not a finish
 
     @property
     def reason(self) -> Optional[str]:
-        """The OpenAI finish_reason, None while running."""
+        """The OpenAI finish_reason, None while running (and for FAILED, which is an error)."""
         return _REASONS[self]
 
 
-_REASONS = {Finish.RUNNING: None, Finish.STOP: "stop", Finish.LENGTH: "length", Finish.ABORT: "abort"}
+_REASONS = {Finish.RUNNING: None, Finish.STOP: "stop", Finish.LENGTH: "length", Finish.ABORT: "abort", Finish.FAILED: None}
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,8 @@ class OutputBatch:
     token_ids: np.ndarray  # [sum(num_tokens)] int64: the entries' tokens, entry after entry
     finish: np.ndarray  # [n] int8: Finish after each entry
     logits: Optional[list[Any]] = None  # one [vocab] float32 row (CPU tensor) per token, when the engine collects logits
-    error: Optional[str] = None  # the engine failed: every request of this client is over
+    error: Optional[str] = None  # the engine failed for good: every request of this client is over
+    failure: Optional[str] = None  # why the FAILED entries failed (no internal ids: it goes to clients)
 
     @property
     def num_entries(self) -> int:
@@ -121,4 +123,6 @@ class EngineStats:
     preemptions: int
     polls: int  # poll calls answered since start (all clients)
     submit_calls: int  # submit calls answered since start (all clients)
-    error: Optional[str]  # why the step loop failed, None while it serves
+    restarts: int  # rank-group restarts after failures since start
+    recovering: bool  # a restart is under way
+    error: Optional[str]  # why the engine stopped for good, None while it serves

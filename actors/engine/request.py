@@ -14,6 +14,17 @@ from typing import Any, Optional
 
 FINISH_REASONS = ("stop", "length", "abort")
 
+# Bounds of what the engine packs into its step columns (int64 seeds, float32 sampling
+# parameters) and of what one request may ask for. A request past them is refused when it
+# is built, so nothing a client sends can fail a step.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+TOP_K_MAX = 2**31 - 1
+GREEDY_BELOW = 1e-5  # temperatures under this are greedy (float32 division by them overflows)
+TOP_P_MIN = 1e-6  # smaller top_p keeps the top token alone, as this does (float32 rounds below to 0)
+MAX_STOP_STRINGS = 64
+MAX_STOP_LENGTH = 1024  # characters per stop string
+MAX_STOP_TOKEN_IDS = 1024
+
 
 def _fail(name: str, rule: str, value: Any) -> None:
     raise ValueError(f"{name}: {rule}, got {value!r}")
@@ -28,7 +39,7 @@ class SamplingParams:
     """How to sample one request. Immutable; build from user input with `create`."""
 
     max_tokens: int = 16
-    temperature: float = 1.0  # 0.0 = greedy
+    temperature: float = 1.0  # 0.0 = greedy (so is anything below GREEDY_BELOW)
     top_k: int = -1  # -1 = no top-k
     top_p: float = 1.0  # (0, 1]
     seed: Optional[int] = None
@@ -58,25 +69,30 @@ class SamplingParams:
         temp = self.temperature
         if isinstance(temp, bool) or not isinstance(temp, (int, float)) or not (math.isfinite(temp) and temp >= 0):
             _fail("temperature", "must be a finite number >= 0 (0 = greedy)", temp)
-        if not _is_int(self.top_k) or not (self.top_k == -1 or self.top_k >= 1):
-            _fail("top_k", "must be -1 (disabled) or an integer >= 1", self.top_k)
+        if not _is_int(self.top_k) or not (self.top_k == -1 or 1 <= self.top_k <= TOP_K_MAX):
+            _fail("top_k", f"must be -1 (disabled) or an integer in [1, {TOP_K_MAX}]", self.top_k)
         top_p = self.top_p
         if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not (0 < top_p <= 1):
             _fail("top_p", "must be in (0, 1]", top_p)
-        if self.seed is not None and not _is_int(self.seed):
-            _fail("seed", "must be an integer or None", self.seed)
+        if self.seed is not None and not (_is_int(self.seed) and INT64_MIN <= self.seed <= INT64_MAX):
+            _fail("seed", "must be a 64-bit signed integer or None", self.seed)
         if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
             _fail("stop", "must be a tuple of non-empty strings", self.stop)
+        if len(self.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_LENGTH for s in self.stop):
+            _fail("stop", f"at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_LENGTH} characters",
+                  f"{len(self.stop)} strings, the longest {max(map(len, self.stop))} characters")  # fmt: skip
         ids = self.stop_token_ids
-        if not isinstance(ids, tuple) or not all(_is_int(t) and t >= 0 for t in ids):
+        if not isinstance(ids, tuple) or not all(_is_int(t) and 0 <= t <= INT64_MAX for t in ids):
             _fail("stop_token_ids", "must be a tuple of integers >= 0", ids)
+        if len(ids) > MAX_STOP_TOKEN_IDS:
+            _fail("stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} ids", f"{len(ids)} ids")
         if not isinstance(self.ignore_eos, bool):
             _fail("ignore_eos", "must be a bool", self.ignore_eos)
         return self
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
 
 class RequestStatus(enum.Enum):

@@ -51,6 +51,7 @@ def filter_logits(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
         cum = torch.softmax(sorted_scores, dim=-1).cumsum(dim=-1)
         # drop a token when the tokens before it already reach top_p (the first always stays)
         drop_sorted = (cum - torch.softmax(sorted_scores, dim=-1)) >= top_p
+        drop_sorted[0] = False
         drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
         scores = scores.masked_fill(drop, float("-inf"))
     return scores

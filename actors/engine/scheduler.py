@@ -132,6 +132,21 @@ class Scheduler:
             raise ValueError(f"request_id: {request_id!r} is not queued or running")
         return self._remove(request_id, reason)
 
+    def started_requests(self) -> list[str]:
+        """Live requests that have run (their prompt is, or was, in the cache), oldest first."""
+        return [r.request_id for r in self._running + self._waiting if r.output_token_ids or r.num_computed_tokens]
+
+    def replace_cache(self, block_manager: BlockManager) -> list[str]:
+        """A new, empty KV cache (the ranks restarted); only requests that never started may be
+        left. Returns the waiting requests too long for the new cache, which are removed."""
+        assert not self._running and not self.started_requests(), "requests that started must go first"
+        self.block_manager = block_manager
+        need = lambda r: -(-(r.num_prompt_tokens + r.sampling.max_tokens - 1) // block_manager.block_size)  # noqa: E731
+        too_long = [r.request_id for r in self._waiting if need(r) > block_manager.num_blocks]
+        for rid in too_long:
+            self._remove(rid, "abort")
+        return too_long
+
     def schedule(self) -> SchedulerOutput:
         """Pick this step's chunks and reserve their blocks (see the module docstring)."""
         chunks: list[ScheduledChunk] = []

@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from raymoe.actors.engine.request import PENDING_TOKEN
+from raymoe.actors.engine.request import PENDING_TOKEN, TOP_P_MIN
 from raymoe.actors.engine.scheduler import ScheduledChunk, SchedulerOutput
 
 
@@ -121,9 +121,10 @@ def pack_step(
         start_pos=start,
         block_tables=tables,
         sample=np.fromiter((c.sample for c in chunks), dtype=bool, count=n),
-        temperature=np.fromiter((c.sampling.temperature for c in chunks), dtype=np.float32, count=n),
+        temperature=np.fromiter((0.0 if c.sampling.greedy else c.sampling.temperature for c in chunks),
+                                dtype=np.float32, count=n),  # fmt: skip
         top_k=np.fromiter((c.sampling.top_k for c in chunks), dtype=np.int64, count=n),
-        top_p=np.fromiter((c.sampling.top_p for c in chunks), dtype=np.float32, count=n),
+        top_p=np.fromiter((max(c.sampling.top_p, TOP_P_MIN) for c in chunks), dtype=np.float32, count=n),
         seed=np.fromiter((c.seed for c in chunks), dtype=np.int64, count=n),
         output_index=np.fromiter((c.num_output_tokens for c in chunks), dtype=np.int64, count=n),
         dp_token_counts=tuple(dp_token_counts),

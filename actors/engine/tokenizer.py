@@ -27,6 +27,7 @@ from tokenizers import AddedToken
 from tokenizers import Tokenizer as _Backend
 
 _NAMED_SPECIALS = ("bos_token", "eos_token", "unk_token", "pad_token")
+_LONG_TEXT = 16384  # characters
 
 
 class Tokenizer:
@@ -76,7 +77,10 @@ class Tokenizer:
 
     # ---- encode / decode -------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of ``text``; special-token strings in it map to their ids."""
+        """Token ids of ``text``; special-token strings in it map to their ids. A long text is
+        encoded with the GIL released (the batch API), so other threads run meanwhile."""
+        if len(text) > _LONG_TEXT:
+            return self._backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
@@ -120,11 +124,10 @@ class Tokenizer:
         if self._compiled_template is None:
             self._compiled_template = _chat_environment().from_string(self.chat_template)
         variables = {k: v for k, v in self._specials.items() if v is not None}
+        variables["documents"] = None
         variables.update(template_kwargs)
-        return self._compiled_template.render(
-            messages=messages, tools=tools, documents=None,
-            add_generation_prompt=add_generation_prompt, **variables,
-        )
+        variables.update(messages=messages, tools=tools, add_generation_prompt=add_generation_prompt)
+        return self._compiled_template.render(variables)  # one mapping: any name is a variable, "self" too
 
 
 # ---- helpers --------------------------------------------------------------
