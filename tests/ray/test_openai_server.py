@@ -79,7 +79,7 @@ def _http(server: str, path: str, body: Optional[bytes] = None, key: Optional[st
 
 def _metrics(server: str) -> dict[str, float]:
     """Every sample of /metrics as {'name{label=value,...}': value}."""
-    _, text = _http(server, "/metrics", key=None)
+    _, text = _http(server, "/metrics")
     out = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
@@ -211,7 +211,6 @@ def test_64_concurrent_streams_equal_each_alone(client, server):
 BAD = {
     "invalid json": (b'{"prompt": "x", ', "chat", None),
     "not an object": (b"[1, 2]", "completions", None),
-    "unknown model": ({"model": "gpt-4", "prompt": "x"}, "completions", "model"),
     "max_tokens 0": ({"prompt": "x", "max_tokens": 0}, "completions", "max_tokens"),
     "max_tokens negative": ({"messages": [{"role": "user", "content": "x"}], "max_tokens": -3}, "chat", "max_tokens"),
     "max_tokens beyond context": ({"prompt": "x", "max_tokens": 4096}, "completions", "max_tokens"),
@@ -228,6 +227,11 @@ BAD = {
     "token id outside vocab": ({"prompt": [1, 10**6]}, "completions", "prompt"),
     "image part": ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "chat", "messages.0.content"),
     "stream_options without stream": ({"prompt": "x", "stream_options": {"include_usage": True}}, "completions", "stream_options"),
+    # what the engine packs into int64 columns, or OpenAI's own ranges: refused at the edge
+    "seed past int64": ({"prompt": "x", "max_tokens": 1, "seed": 2**63}, "completions", "seed"),
+    "top_k past its bound": ({"prompt": "x", "max_tokens": 1, "top_k": 2**63}, "completions", "top_k"),
+    "temperature above 2": ({"prompt": "x", "temperature": 2.5}, "completions", "temperature"),
+    "a stop token id past int64": ({"prompt": "x", "stop_token_ids": [2**64]}, "completions", "stop_token_ids"),
 }
 
 
@@ -240,6 +244,78 @@ def test_bad_input_is_a_400_with_an_openai_error(server, case):
     assert status == 400, reply
     err = reply["error"]
     assert err["type"] == "invalid_request_error" and err["message"] and err["param"] == param
+
+
+def test_hostile_input_fails_only_itself(server, client):
+    """Each of these once failed the engine for every user, froze the endpoint or gave a 500
+    with a text body; now each gets its own answer and the next request is served."""
+    assert _http(server, "/v1/completions", json.dumps({"model": "gpt-4", "prompt": "x"}).encode())[0] == 404
+    greedy = client.completions.create(model=MODEL, prompt="Tiny numbers", max_tokens=6, temperature=0,
+                                       extra_body={"ignore_eos": True}).choices[0].text  # fmt: skip
+    for extreme in ({"temperature": 1e-45}, {"temperature": 1.0, "top_p": 1e-50}):
+        r = client.completions.create(model=MODEL, prompt="Tiny numbers", max_tokens=6, extra_body={"ignore_eos": True},
+                                      **extreme)  # fmt: skip
+        assert r.choices[0].text == greedy and r.usage.completion_tokens == 6  # the top token, not NaN sampling
+    for kwargs in ({"documents": 1}, {"self": 1}, {"documents": [{"title": 1}]}):
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "chat_template_kwargs": kwargs}
+        status, reply = _http(server, "/v1/chat/completions", json.dumps(body).encode())
+        assert status in (200, 400) and isinstance(reply, dict), (kwargs, status, reply)
+    status, reply = _declared_body(server, 33 * 2**20)  # refused from its Content-Length, unread
+    assert status == 413 and reply["error"]["code"] == "body_too_large"
+    assert client.completions.create(model=MODEL, prompt="still here", max_tokens=2).usage.completion_tokens >= 1
+
+
+def _declared_body(server: str, length: int) -> tuple[int, Any]:
+    """POST that declares a body of ``length`` bytes and sends none of it; the answer."""
+    import http.client
+    import urllib.parse
+
+    url = urllib.parse.urlparse(server)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    conn.putrequest("POST", "/v1/completions")
+    for name, value in (("Content-Type", "application/json"), ("Content-Length", str(length)),
+                        ("Authorization", f"Bearer {KEY}")):  # fmt: skip
+        conn.putheader(name, value)
+    conn.endheaders()
+    resp = conn.getresponse()
+    try:
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def test_a_huge_prompt_is_refused_without_stalling_the_endpoint(server):
+    """5 MB of text: refused by its prefix as too long, tokenised off the event loop, while
+    /health keeps answering."""
+    body = json.dumps({"model": MODEL, "prompt": "The keeper woke early. " * 230_000, "max_tokens": 4}).encode()
+    result: dict = {}
+
+    def send() -> None:
+        result["reply"] = _http(server, "/v1/completions", body)
+
+    import threading
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    slowest = 0.0
+    while sender.is_alive():
+        t0 = time.monotonic()
+        assert _http(server, "/health", key=None)[0] == 200
+        slowest = max(slowest, time.monotonic() - t0)
+        time.sleep(0.05)
+    sender.join()
+    status, reply = result["reply"]
+    assert status == 400 and reply["error"]["code"] == "context_length_exceeded", reply
+    assert slowest < 1.0, f"/health took {slowest:.2f} s while the prompt was tokenised"
+
+
+def test_health_is_bare_and_metrics_need_the_key(server):
+    status, body = _http(server, "/health", key=None)
+    assert status == 200 and body == {"status": "ok"}  # no pids, layout or addresses
+    assert _http(server, "/metrics", key=None)[0] == 401
+    status, details = _http(server, "/admin/health")
+    assert status == 200 and details["ranks"][0]["pid"] > 0
+    assert _http(server, "/admin/health", key=None)[0] == 401
 
 
 def test_server_keeps_serving_after_bad_input(client):

@@ -294,3 +294,89 @@ def test_a_silent_client_has_its_requests_aborted(big):
 
     asyncio.run(main())
     assert _free_everywhere(big)
+
+
+def test_a_token_outside_the_vocabulary_is_refused_and_the_engine_goes_on(big):
+    vocab = big.local.info.vocab_size
+    for bad in ([1, vocab], [-1, 3], [1, 2**63]):
+        with pytest.raises(ValueError, match="prompt_token_ids"):
+            big.add_request("bad", bad, SamplingParams(max_tokens=2))
+    assert not big.has_unfinished
+    out = _run(big, {"ok": ([1, 2, 3], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))})
+    assert len(out["ok"]["tokens"]) == 3
+
+
+def test_a_failed_step_fails_started_requests_keeps_queued_ones_and_spends_the_restart_budget():
+    """A step raises (as a dead rank's does): the requests that had run get FAILED with the
+    reason, the queued ones run after the restart and give the tokens they give without any
+    failure; past the restart budget the engine stays down and refuses new requests."""
+    from raymoe.actors.engine.async_engine import RestartBudget
+    from raymoe.actors.engine.messages import NewRequest, RejectKind
+
+    engine_ = _engine(num_kv_blocks=512)
+    core, runner = engine_.local.core, engine_.execute.runner
+    tok = engine_.tokenizer
+    core.schedulers[0].max_num_seqs = 2  # two run, the rest wait
+    sampling = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    prompts = {f"q{i}": tok.encode(f"queued {i}") for i in range(3)}
+    reference = _run(engine_, {rid: (ids, sampling) for rid, ids in prompts.items()})
+    calls, fail_at, restarts = [], {3}, []
+
+    async def failing(inputs, wait):  # the steps in fail_at fail
+        calls.append(1)
+        if len(calls) in fail_at:
+            raise RuntimeError("rank 1 died")
+        return await engine_.execute.run_async(inputs, wait)
+
+    async def restart() -> int:
+        restarts.append(1)
+        return core.schedulers[0].block_manager.num_blocks
+
+    async def main():
+        engine = AsyncEngine(core, failing, max_queued=100, pipelined=False, restart=restart,
+                             restart_budget=RestartBudget(1, 60.0))  # fmt: skip
+        client = EngineClient(engine, tok, engine_.local.info)
+
+        async def one(ids):
+            out = {"tokens": [], "text": "", "error": None}
+            try:
+                async for d in client.stream(ids, sampling):
+                    out["tokens"] += d.token_ids
+                    out["text"] += d.text
+            except Exception as e:
+                out["error"] = str(e)
+            return out
+
+        long = SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True)
+        running = [asyncio.create_task(one_long) for one_long in [_drain(client, tok.encode("run a"), long),
+                                                                  _drain(client, tok.encode("run b"), long)]]
+        await asyncio.sleep(0)
+        queued = [asyncio.create_task(one(ids)) for ids in prompts.values()]
+        results = await asyncio.gather(*running, *queued)
+        assert engine.num_restarts == 1 and engine.error is None
+        fail_at.add(len(calls) + 2)  # a second failure is past the budget: down for good
+        down = await one(tok.encode("after"))
+        rejected = await engine.submit("late", [NewRequest(0, tok.encode("late"), sampling)])
+        await client.close()
+        return results, down, rejected, engine
+
+    results, down, rejected, engine = asyncio.run(main())
+    for r in results[:2]:
+        assert r["error"] and "rank" not in r["error"] and "a step raised RuntimeError" in r["error"]
+        assert len(r["tokens"]) < 50
+    for rid, r in zip(prompts, results[2:]):
+        assert r["error"] is None and r["tokens"] == reference[rid]["tokens"] and r["text"] == reference[rid]["text"]
+    assert restarts == [1]
+    assert down["error"] and "failed while this request ran" in down["error"]
+    assert rejected and rejected[0].kind is RejectKind.ENGINE_FAILED and "down" in rejected[0].message
+    assert engine.stats().error == "a step raised RuntimeError"
+
+
+async def _drain(client, ids, sampling):
+    out = {"tokens": [], "text": "", "error": None}
+    try:
+        async for d in client.stream(ids, sampling):
+            out["tokens"] += d.token_ids
+    except Exception as e:
+        out["error"] = str(e)
+    return out

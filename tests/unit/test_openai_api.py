@@ -76,6 +76,13 @@ def _err(model: type, body: object) -> APIError:
         ({"prompt": "x", "stop": ["ok", ""]}, "stop"),
         ({"prompt": "x", "stream": "yes"}, "stream"),
         ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
+        # ranges the engine packs (int64 seeds) or OpenAI allows (temperature <= 2)
+        ({"prompt": "x", "seed": 2**63}, "seed"),
+        ({"prompt": "x", "seed": -(2**63) - 1}, "seed"),
+        ({"prompt": "x", "top_k": 2**63}, "top_k"),
+        ({"prompt": "x", "temperature": 2.5}, "temperature"),
+        ({"prompt": "x", "stop": ["s"] * 65}, "stop"),
+        ({"prompt": "x", "stop_token_ids": [2**64]}, "stop_token_ids"),
     ],
 )
 def test_bad_completion_requests(body, param):

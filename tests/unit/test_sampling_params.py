@@ -15,6 +15,8 @@ def test_defaults_are_valid_and_validate_returns_self():
     assert not params.greedy
     assert SamplingParams(temperature=0.0).greedy
     assert SamplingParams(temperature=0).greedy
+    assert SamplingParams(temperature=1e-45).greedy  # float32 division by it would overflow
+    assert not SamplingParams(temperature=1e-4).greedy
 
 
 @pytest.mark.parametrize(
@@ -36,6 +38,14 @@ def test_defaults_are_valid_and_validate_returns_self():
         ("top_p", -0.5),
         ("seed", 1.0),
         ("seed", "7"),
+        ("seed", 2**63),  # packed as int64: one past the end
+        ("seed", -(2**63) - 1),
+        ("top_k", 2**31),
+        ("top_k", 2**63),
+        ("stop", tuple(f"s{i}" for i in range(65))),
+        ("stop", ("x" * 1025,)),
+        ("stop_token_ids", tuple(range(1025))),
+        ("stop_token_ids", (2**64,)),
         ("stop", ("",)),
         ("stop", ("ok", 3)),
         ("stop", ["x"]),  # the constructor wants tuples; create() converts lists
@@ -50,7 +60,7 @@ def test_validate_error_names_the_field(field, value):
         params.validate()
     message = str(err.value)
     assert message.startswith(f"{field}:"), message
-    assert repr(value) in message  # says what it got
+    assert repr(value) in message or "strings" in message or "ids" in message  # says what it got
 
 
 def test_validate_error_states_the_valid_range():
@@ -69,6 +79,8 @@ def test_validate_error_states_the_valid_range():
         dict(temperature=0.0, top_k=1, top_p=1.0),
         dict(top_k=-1, top_p=1e-6),
         dict(seed=0, stop=("\n",), stop_token_ids=(0, 2), ignore_eos=True),
+        dict(seed=2**63 - 1, top_k=2**31 - 1, stop=("x" * 1024,) * 64),
+        dict(seed=-(2**63), temperature=1e-45, top_p=1e-50),
     ],
 )
 def test_edge_values_are_accepted(kwargs):
@@ -122,3 +134,31 @@ def test_policy_modules_import_neither_torch_nor_ray():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_any_valid_request_packs_into_a_step_and_samples_a_real_token():
+    """The extremes that validation lets through pack into the step's columns and sample a
+    token of the vocabulary (no NaN: a float32 temperature or top_p that rounds to zero)."""
+    import numpy as np
+    import torch
+
+    from raymoe.actors.engine.sampler import sample
+    from raymoe.actors.engine.scheduler import ScheduledChunk
+    from raymoe.actors.engine.step import pack_step
+
+    extremes = [
+        SamplingParams(temperature=1e-45, seed=2**63 - 1, top_k=2**31 - 1),
+        SamplingParams(temperature=1.0, top_p=1e-50, seed=-(2**63)),
+        SamplingParams(temperature=2.0, top_k=1),
+        SamplingParams(temperature=1e-5, top_p=1e-6),
+    ]
+    chunks = [ScheduledChunk(f"r{i}", (5,), 0, (i,), True, p, p.seed or 0, 0) for i, p in enumerate(extremes)]
+    step = pack_step(chunks, (len(chunks),), block_size=16)
+    logits = torch.randn(len(chunks), 64)
+    s = step.sample
+    tokens = sample(logits, step.temperature[s], step.top_k[s], step.top_p[s], step.seed[s], step.output_index[s])
+    assert tokens.tolist()[0] == int(logits[0].argmax())  # greedy
+    assert tokens.tolist()[1] == int(logits[1].argmax())  # top_p ~ 0: the top token alone
+    assert tokens.tolist()[2] == int(logits[2].argmax())  # top_k = 1
+    assert all(0 <= t < 64 for t in tokens.tolist())
+    assert np.isfinite(step.temperature).all() and (step.top_p > 0).all()
