@@ -228,16 +228,18 @@ class Controller:
             return {"status": "degraded", "reason": f"the engine is down: {describe_failure(engine.error)}", **base}
         if engine is not None and engine.recovering is not None:
             return {"status": "recovering", "reason": f"restarting the ranks after: {engine.recovering}", **base}
-        if self.cluster is None or engine is None:
-            return {"status": "starting", "reason": "bringing up the ranks and loading the model", **base}
+        if self.cluster is None:
+            return {"status": "starting", "reason": "bringing up the ranks", **base}
         try:
             ranks = list(await asyncio.wait_for(asyncio.gather(*self.cluster.call_async("health")), RANK_HEALTH_TIMEOUT_S))
         except Exception as e:  # a dead or hung rank: recover now, even if no step is running
             log.warning("health: a rank does not answer: %r", e)
+            if engine is None:
+                return {"status": "degraded", "reason": f"{describe_failure(e)} (no model loaded yet)", **base}
             engine.report_failure(e if not isinstance(e, asyncio.TimeoutError) else StepTimeoutError(
                 f"a rank did not answer a health check within {RANK_HEALTH_TIMEOUT_S:.0f} s"))  # fmt: skip
             return {"status": "recovering", "reason": f"restarting the ranks after: {describe_failure(e)}", **base}
-        return {"status": "ok", "ranks": ranks, "restarts": engine.num_restarts, **base}
+        return {"status": "ok", "ranks": ranks, "restarts": engine.num_restarts if engine else 0, **base}
 
     async def shutdown(self) -> None:
         if self.cluster is not None:

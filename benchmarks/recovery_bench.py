@@ -1,7 +1,7 @@
 """How long the endpoint is down after a fault, and what its clients see.
 
     python benchmarks/recovery_bench.py [--config tiny] [--set parallel.tp=2]
-    source .devbundle/install.sh && python3 benchmarks/recovery_bench.py --config qwen3-30b-a3b-dummy
+    source .devbundle/install.sh && python3 benchmarks/recovery_bench.py --config qwen3-30b-a3b-dummy --layers 16
 
 Serves ``--config`` here (its ranks must run on this host: the script signals them), then
 for each fault -- a rank killed with -9, the controller killed -- with streams running:
@@ -15,8 +15,8 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
-import socket
 import sys
 import time
 import urllib.error
@@ -30,22 +30,19 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="config file or shipped name (default: the built-in tiny model)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=YAML", help="config override (repeatable)")
+    p.add_argument("--layers", type=int, help="serve the model with this many layers (dummy weights)")
     p.add_argument("--running", type=int, default=8, help="streams running when the fault comes")
     p.add_argument("--queued", type=int, default=4, help="streams queued behind them (max_num_seqs is set to --running)")
     args = p.parse_args()
 
     import ray
-    import yaml
     from ray import serve
 
-    from raymoe.deploy.serve_app import APP_NAME, resolve_config, start_serving, stop_serving
+    from raymoe.deploy.serve_app import APP_NAME, start_serving, stop_serving
+    from serve_bench import _config  # the same --config / --set / --layers handling
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    overrides = {"serve.host": "127.0.0.1", "serve.port": port, "engine.max_num_seqs": args.running}
-    overrides.update({f: yaml.safe_load(v) for f, _, v in (item.partition("=") for item in args.set)})
-    config = resolve_config(args.config).replace(overrides)
+    args.set = [f"engine.max_num_seqs={args.running}"] + args.set
+    config, tmp = _config(args)
     t0 = time.monotonic()
     url = start_serving(config)
     rows = [("cold start: serve until healthy", time.monotonic() - t0, "", "")]
@@ -64,7 +61,10 @@ def main() -> int:
     finally:
         stop_serving()
         ray.shutdown()
-    print(f"\n## recovery_bench: {config.model.path}, {config.parallel.device}, world {_world(config)}")
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    print(f"\n## recovery_bench: {config.model.path} ({args.layers or 'all'} layers), {config.parallel.device}, "
+          f"world {_world(config)}")
     print("| fault | streams ended with an error after s | /health 200 again after s | a new request done after s "
           "| queued streams completed |")
     print("|---|---|---|---|---|")

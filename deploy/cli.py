@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import pathlib
 import signal
 import sys
 import threading
@@ -106,9 +107,23 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     _common_args(p)
     p.add_argument("--host", help="interface to bind (default: serve.host, 127.0.0.1)")
     p.add_argument("--port", type=int, help="HTTP port (default: serve.port, 8000; 0 = any free port)")
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: serve.api_key, else $RAYMOE_API_KEY)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: serve.api_key, else $RAYMOE_API_KEY); "
+                   "shows in ps: prefer $RAYMOE_API_KEY or --api-key-file")  # fmt: skip
+    p.add_argument("--api-key-file", help="read the API key from this file (its first line)")
     p.add_argument("--model-name", help="the name clients send as 'model' (default: serve.model_name, else model.path)")
     p.add_argument("--num-replicas", type=int, help="ingress replicas (default: serve.num_replicas, 1)")
+
+
+def _read_key(path: Optional[str]) -> Optional[str]:
+    if path is None:
+        return None
+    try:
+        key = pathlib.Path(path).read_text().strip().splitlines()[0].strip()
+    except (OSError, IndexError):
+        raise ValueError(f"--api-key-file: cannot read a key from {path!r}") from None
+    if not key:
+        raise ValueError(f"--api-key-file: {path!r} holds no key")
+    return key
 
 
 def serve_main(args: argparse.Namespace) -> int:
@@ -117,7 +132,7 @@ def serve_main(args: argparse.Namespace) -> int:
     from raymoe.deploy.serve_app import API_KEY_ENV, start_serving, stop_serving
 
     config = _load(args)
-    api_key = args.api_key or config.serve.api_key or os.environ.get(API_KEY_ENV)
+    api_key = args.api_key or _read_key(args.api_key_file) or config.serve.api_key or os.environ.get(API_KEY_ENV)
     overrides = {"serve.api_key": api_key, "serve.host": args.host, "serve.port": args.port,
                  "serve.model_name": args.model_name, "serve.num_replicas": args.num_replicas}  # fmt: skip
     config = config.replace({k: v for k, v in overrides.items() if v is not None})
