@@ -225,24 +225,33 @@ class EngineHost:
         return [self._controller]
 
     async def check_health(self) -> None:
-        """Raises when the controller is dead or hung (a controller that reports a failed or
-        recovering engine is alive: it says so on /health). A dead one's placement group is
-        freed at once, so that the replica Serve starts instead can place its ranks."""
+        """Raises when the controller is dead or its event loop hung (a controller that reports
+        a failed or recovering engine is alive: it says so on /health). Such a controller is
+        killed and its ranks' placement group freed at once, so that the replica Serve starts
+        instead can place its own ranks. The controller's own ``health`` also runs, so that
+        a rank that died while no step runs is found and replaced."""
         try:
-            await asyncio.wait_for(self._controller.health.remote(), HEALTH_TIMEOUT_S)
-        except ray.exceptions.RayActorError:
-            await asyncio.to_thread(remove_named_placement_group, self._placement_group)
+            await asyncio.wait_for(self._controller.ping.remote(), HEALTH_TIMEOUT_S)
+        except Exception:
+            await self._stop_controller(graceful_s=0)
             raise
+        self._controller.health.remote()  # not awaited: it finds ranks that died while idle
 
     async def __del__(self) -> None:
+        await self._stop_controller(graceful_s=10)
+
+    async def _stop_controller(self, graceful_s: float) -> None:
+        """Shut the controller down (within ``graceful_s``), kill it, free its ranks' placement
+        group (a dead controller leaves that reservation behind; Ray keeps it)."""
         controller, self._controller = getattr(self, "_controller", None), None
         if controller is not None:
-            try:
-                await asyncio.wait_for(controller.shutdown.remote(), 30)
-            except Exception as e:  # already dead or hung: kill it anyway
-                log.warning("controller shutdown: %r", e)
+            if graceful_s > 0:
+                try:
+                    await asyncio.wait_for(controller.shutdown.remote(), graceful_s)
+                except Exception as e:  # already dead or hung: kill it anyway
+                    log.warning("controller shutdown: %r", e)
             ray.kill(controller)
-        if hasattr(self, "_placement_group"):  # a dead controller leaves its ranks' reservation behind
+        if hasattr(self, "_placement_group"):
             await asyncio.to_thread(remove_named_placement_group, self._placement_group)
 
 

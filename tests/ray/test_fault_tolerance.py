@@ -159,3 +159,24 @@ def test_the_controller_killed(server):
     controller = _controller()
     running, queued, t_fault, codes = asyncio.run(_fault(server, lambda: ray.kill(controller)))
     _check(server, running, queued, t_fault, codes, "restarting")
+
+
+def _busy(ctx: Any, seconds: float) -> None:
+    time.sleep(seconds)
+
+
+def test_a_rank_busy_longer_than_a_health_check_is_not_a_failure(server):
+    """A rank runs one call at a time: a long step (a first step's kernel compilation on a
+    GPU takes minutes) makes health checks wait. That must not restart anything."""
+    controller = _controller()
+    before = ray.get(controller.stats.remote()).restarts
+    busy = controller.execute.remote(_busy, 12.0)  # longer than the ranks' health timeout
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    health = ray.get(controller.health.remote())
+    assert health["status"] == "ok" and health["busy_ranks"] >= 1 and time.monotonic() - t0 < 10
+    for _ in range(6):  # the engine host's own checks run every 2 s meanwhile
+        assert _health(server)[0] == 200
+        time.sleep(1.0)
+    ray.get(busy)
+    assert ray.get(controller.stats.remote()).restarts == before and _controller() == controller
