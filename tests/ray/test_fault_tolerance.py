@@ -20,7 +20,7 @@ import aiohttp
 import pytest
 import ray
 
-from ports import free_ports
+from serving import served
 from raymoe.cluster.config import load_config
 
 ray.cloudpickle.register_pickle_by_value(__import__(__name__))
@@ -32,21 +32,12 @@ INTERNALS = re.compile(r"actor_id|pid=|ip=|192\.|127\.|Actor\(|[0-9a-f]{24}")
 
 @pytest.fixture(scope="module")
 def server(ray_cluster) -> Any:
-    from ray import serve
-
-    from raymoe.deploy.serve_app import APP_NAME, app_for, serve_start
-
     config = load_config().replace(
         {"parallel.tp": 2, "engine.max_num_seqs": MAX_NUM_SEQS, "engine.num_kv_blocks": 2048,
          "engine.step_timeout_s": 3.0, "engine.max_restarts": 10}
     )  # fmt: skip
-    port = free_ports(1)[0]
-    serve_start("127.0.0.1", port, config.serve.direct_ingress)
-    try:
-        serve.run(app_for(config), name=APP_NAME, route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
+    with served(config) as url:
+        yield url
 
 
 def _controller() -> Any:

@@ -19,7 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from model_zoo import hf_greedy
-from ports import free_ports
+from serving import served
 from raymoe.actors.models.builtin import resolve_model_path
 from raymoe.cluster.config import load_config
 
@@ -32,21 +32,12 @@ LONG = 1500  # tokens: a stream that would run for many seconds
 
 @pytest.fixture(scope="module")
 def server(ray_cluster) -> Any:
-    from ray import serve
-
-    from raymoe.deploy.serve_app import APP_NAME, app_for, serve_start
-
     config = load_config().replace(
         {"serve.api_key": KEY, "serve.max_queued_requests": MAX_QUEUED, "engine.max_num_seqs": MAX_NUM_SEQS,
          "engine.num_kv_blocks": 2048, "eplb.enabled": True, "eplb.rebalance_every_steps": 10**6}
     )  # fmt: skip
-    port = free_ports(1)[0]
-    serve_start("127.0.0.1", port, config.serve.direct_ingress)
-    try:
-        serve.run(app_for(config), name=APP_NAME, route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
+    with served(config) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
