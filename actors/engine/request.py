@@ -129,6 +129,8 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: Optional[str] = None
     num_preemptions: int = 0
+    num_overtaken: int = 0  # later requests started before it while it did not fit (bounded)
+    overtook: bool = False  # it started before an older request that did not fit
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:

@@ -15,9 +15,14 @@ Order of one step:
    backwards, itself last. A preempted request drops its cache and goes back to waiting; on resume it
    recomputes prompt + outputs so far.
 2. Waiting requests, FCFS, while budget, sequence limit and free blocks allow; a prompt
-   longer than the budget left is chunked. Admission stops at the first request that does
-   not fit (no overtaking), and is skipped in a step that preempted (it would only admit
-   the victim again and thrash).
+   longer than the budget left is chunked. Admission is skipped in a step that preempted
+   (it would only admit the victim again and thrash).
+3. Bounded overtaking: when the oldest waiting request (the head) does not fit, a later one
+   may start before it if the blocks it can ever need (prompt + max_tokens) are free now,
+   so a short request does not wait behind a long one (a preempted one, say) until enough
+   of the cache frees for that. At most MAX_OVERTAKES requests overtake one head; then
+   admission waits for the head, as plain FCFS does. An overtaker is the newest running
+   request, so it is the first preempted should the cache run short after all.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from typing import Optional
 
 from raymoe.actors.engine.block_manager import BlockManager
 from raymoe.actors.engine.request import FINISH_REASONS, PENDING_TOKEN, Request, RequestStatus, SamplingParams
+
+MAX_OVERTAKES = 16  # requests that may start before one waiting request that does not fit
 
 
 @dataclass(frozen=True)
@@ -242,20 +249,40 @@ class Scheduler:
 
     def _admit_waiting(self, chunks: list[ScheduledChunk], budget: int) -> None:
         bm = self.block_manager
-        while self._waiting and budget > 0 and len(chunks) < self.max_num_seqs:
+        head: Optional[Request] = None  # the oldest waiting request that does not fit (see the module docstring)
+        i = 0
+        while i < len(self._waiting) and budget > 0 and len(chunks) < self.max_num_seqs:
             # Budget and seq slots left means every running request got a chunk this step
             # (but those whose pending token ends them, which leave once it arrives).
             assert len(self._running) == len(chunks) + sum(map(self._ends_by_length, self._running))
-            req = self._waiting[0]
+            req = self._waiting[i]
             n = min(req.num_tokens - req.num_computed_tokens, budget)
-            if not bm.can_allocate(req, req.num_computed_tokens + n):
-                break  # FCFS: nobody overtakes the head of the queue
-            bm.allocate(req, req.num_computed_tokens + n)
-            self._waiting.pop(0)
-            req.status = RequestStatus.RUNNING
-            self._insert(self._running, req)
-            chunks.append(self._chunk(req, n))
+            if head is None:
+                fits = bm.can_allocate(req, req.num_computed_tokens + n)
+            else:  # overtaking the head: only with room for all it can ever need
+                fits = bm.blocks_needed(req, req.num_prompt_tokens + req.sampling.max_tokens - 1) <= bm.num_free_blocks
+            if not fits:
+                if head is None:
+                    head = req
+                    if head.num_overtaken >= MAX_OVERTAKES:
+                        break  # it has waited enough: nobody else starts before it
+                i += 1
+                continue
+            self._admit(i, req, n, chunks)
             budget -= n
+            if head is not None:
+                req.overtook = True
+                head.num_overtaken += 1
+                if head.num_overtaken >= MAX_OVERTAKES:
+                    break
+
+    def _admit(self, index: int, req: Request, n: int, chunks: list[ScheduledChunk]) -> None:
+        """Start waiting request ``index`` with a chunk of ``n`` tokens."""
+        self.block_manager.allocate(req, req.num_computed_tokens + n)
+        self._waiting.pop(index)
+        req.status = RequestStatus.RUNNING
+        self._insert(self._running, req)
+        chunks.append(self._chunk(req, n))
 
     def _chunk(self, req: Request, n: int) -> ScheduledChunk:
         start = req.num_computed_tokens
@@ -286,7 +313,8 @@ class Scheduler:
         req.num_computed_tokens = 0
         req.status = RequestStatus.WAITING
         req.num_preemptions += 1
-        # Running requests are older than every waiting one, so this lands at the front of waiting.
+        req.overtook = False
+        # In arrival order: at the front of waiting, unless it had overtaken someone
         self._insert(self._waiting, req)
 
     def _remove(self, request_id: str, reason: str) -> Request:

@@ -380,3 +380,31 @@ async def _drain(client, ids, sampling):
     except Exception as e:
         out["error"] = str(e)
     return out
+
+
+def test_a_short_request_is_not_stuck_behind_preempted_long_ones():
+    """KV pressure: long requests preempt each other; a 2-token request arriving then starts
+    in the gaps (bounded overtaking) instead of waiting for them all."""
+    engine_ = _engine(num_kv_blocks=40)  # 160 token slots
+    core, tok = engine_.local.core, engine_.tokenizer
+    long = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
+    for i in range(4):
+        core.add_request(f"long{i}", tok.encode(f"a long story number {i} begins"), long)
+    steps = 0
+    while core.num_preemptions == 0:
+        core.step()
+        steps += 1
+        assert steps < 200, "the cache never ran short"
+    core.add_request("short", tok.encode("hi"), SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+    waited = 0
+    while True:
+        outs = core.step()
+        waited += 1
+        if any(o.request_id == "short" and o.finish != Finish.RUNNING for o in outs):
+            break
+        assert waited < 200
+    unfinished_longs = sum(rid.startswith("long") for rid in core._replica)
+    assert unfinished_longs >= 2 and waited <= 10, (waited, unfinished_longs)
+    while core.has_unfinished:
+        core.step()
+    assert _free_everywhere(core)

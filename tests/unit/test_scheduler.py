@@ -15,7 +15,7 @@ import pytest
 
 from raymoe.actors.engine.block_manager import BlockManager
 from raymoe.actors.engine.request import Request, RequestStatus, SamplingParams
-from raymoe.actors.engine.scheduler import Scheduler, SchedulerOutput
+from raymoe.actors.engine.scheduler import MAX_OVERTAKES, Scheduler, SchedulerOutput
 
 VOCAB = 97
 
@@ -92,9 +92,11 @@ def check_schedule(sched, bm, out, live):
     for rid in out.preempted:
         assert live[rid].status is RequestStatus.WAITING and rid not in scheduled
     check_blocks(bm, live, scheduled)
-    running = [r.arrival for r in live.values() if r.status is RequestStatus.RUNNING]
+    running = [r for r in live.values() if r.status is RequestStatus.RUNNING]
     waiting = [r.arrival for r in live.values() if r.status is RequestStatus.WAITING]
-    assert not running or not waiting or max(running) < min(waiting), "FCFS / newest-first preemption broken"
+    # FCFS and newest-first preemption: a running request younger than a waiting one overtook it
+    assert all(r.overtook for r in running if waiting and r.arrival > min(waiting)), "FCFS / newest-first preemption broken"
+    assert all(r.num_overtaken <= MAX_OVERTAKES for r in live.values())
     assert (sched.num_running, sched.num_waiting) == (len(running), len(waiting))
 
 
@@ -286,23 +288,47 @@ def test_request_preempts_itself_when_it_is_the_newest():
     assert bm.num_free_blocks == 8
 
 
-def test_admission_is_fcfs_without_overtaking():
+def test_a_short_request_overtakes_a_head_that_does_not_fit():
     sched, bm = make_sched(num_blocks=6, block_size=4)
     runner = FakeRunner(6, 4)
     reqs = {
         "a": make_request(Spec("a", list(range(8)), max_tokens=2), arrival=0.0),  # 2 blocks
-        "b": make_request(Spec("b", list(range(20)), max_tokens=1), arrival=1.0),  # 5 blocks
-        "c": make_request(Spec("c", [1, 2], max_tokens=1), arrival=2.0),  # 1 block: fits, must wait
+        "b": make_request(Spec("b", list(range(20)), max_tokens=1), arrival=1.0),  # 5 blocks: waits for a
+        "c": make_request(Spec("c", [1, 2], max_tokens=3), arrival=2.0),  # 1 block for its whole life: overtakes b
+        "d": make_request(Spec("d", list(range(9)), max_tokens=8), arrival=3.0),  # 4 blocks in all: must wait
     }
     for req in reqs.values():
         sched.add(req)
     out = _step(sched, runner, reqs)
-    assert [c.request_id for c in out.chunks] == ["a"] and sched.num_waiting == 2
-    order = []
+    assert [c.request_id for c in out.chunks] == ["a", "c"] and sched.num_waiting == 2
+    assert reqs["c"].overtook and reqs["b"].num_overtaken == 1 and not reqs["d"].overtook
+    order = ["a", "c"]
     while sched.has_unfinished:
         out = _step(sched, runner, reqs)
         order += [c.request_id for c in out.chunks if c.request_id not in order]
-    assert order == ["a", "b", "c"]
+    assert order == ["a", "c", "b", "d"]  # d, which could not finish in the free blocks, kept its place
+
+
+def test_overtaking_one_head_is_bounded():
+    """Short requests keep coming while a long one waits for blocks: MAX_OVERTAKES of them start
+    before it, then it goes first."""
+    sched, bm = make_sched(num_blocks=10, block_size=4, max_num_seqs=64, budget=1000)
+    runner = FakeRunner(10, 4)
+    reqs = {"hog": make_request(Spec("hog", list(range(20)), max_tokens=8), arrival=0.0)}  # 5 blocks, 7 at its end
+    reqs["long"] = make_request(Spec("long", list(range(24)), max_tokens=4), arrival=1.0)  # 6 blocks: waits for hog
+    for i in range(MAX_OVERTAKES + 5):
+        reqs[f"s{i}"] = make_request(Spec(f"s{i}", [1, 2], max_tokens=2), arrival=2.0 + i)  # 1 block each
+    for req in reqs.values():
+        sched.add(req)
+    started = []
+    while "long" not in started:
+        out = _step(sched, runner, reqs)
+        started += [c.request_id for c in out.chunks if c.request_id not in started]
+    before_long = [r for r in started[: started.index("long")] if r.startswith("s")]
+    # (a small one preempted by the hog's growth and started again overtakes twice)
+    preempted_smalls = sum(reqs[r].num_preemptions for r in before_long)
+    assert reqs["long"].num_overtaken == MAX_OVERTAKES
+    assert MAX_OVERTAKES - preempted_smalls <= len(before_long) <= MAX_OVERTAKES
 
 
 def test_max_num_seqs_caps_each_step():
