@@ -11,6 +11,9 @@ transformers' ``AutoTokenizer`` on the same directory (tests compare them):
   transformers), else from tokenizer_config.json's ``chat_template``.
 - Decoding does no "clean up tokenization spaces" pass (transformers skips it
   for BPE tokenizers too), so decoding is plain concatenation of token bytes.
+- ``eos_token_ids`` are the engine's stop ids: generation_config.json's
+  ``eos_token_id``, else config.json's (what transformers' ``generate`` stops on),
+  plus the tokenizer's eos token.
 """
 from __future__ import annotations
 

@@ -53,7 +53,6 @@ class ModelSpec:
     attention_bias: bool
     qk_norm: bool
     moe: Optional[MoESpec]
-    eos_token_ids: tuple[int, ...]
     sliding_window: Optional[int]
     torch_dtype: str
 
@@ -105,8 +104,6 @@ def spec_from_hf_config(cfg: dict[str, Any]) -> ModelSpec:
             norm_topk_prob=bool(cfg.get("norm_topk_prob", traits.default_norm_topk)),
             dense_layers=frozenset(dense),
         )
-    eos = cfg.get("eos_token_id")
-    eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
     window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
     return ModelSpec(
         architecture=arch,
@@ -124,7 +121,6 @@ def spec_from_hf_config(cfg: dict[str, Any]) -> ModelSpec:
         attention_bias=bool(cfg.get("attention_bias", False)),
         qk_norm=traits.qk_norm,
         moe=moe,
-        eos_token_ids=eos_ids,
         sliding_window=window,
         torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"),
     )

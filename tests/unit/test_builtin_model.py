@@ -67,6 +67,27 @@ def test_ids_agree_with_tokenizer(ckpt):
         assert f.get_slice("lm_head.weight").get_shape() == [cfg["vocab_size"], 64]
 
 
+def _generate_eos(path: pathlib.Path) -> set[int]:
+    """The ids transformers' generate stops on: its generation config's eos_token_id."""
+    import transformers
+
+    try:
+        gen = transformers.GenerationConfig.from_pretrained(path)
+    except OSError:  # no generation_config.json: generate derives it from config.json
+        gen = transformers.GenerationConfig.from_model_config(transformers.AutoConfig.from_pretrained(path))
+    eos = gen.eos_token_id
+    return set(eos) if isinstance(eos, list) else {eos}
+
+
+def test_engine_eos_ids_are_what_transformers_generate_stops_on(ckpt):
+    """The engine stops on the tokenizer's eos ids (generation_config.json, else config.json,
+    plus the tokenizer's eos token)."""
+    from raymoe.actors.engine.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(ckpt)
+    assert tok.eos_token_ids == {tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")} == _generate_eos(ckpt)
+
+
 def test_transformers_loads_every_weight_and_generates(ckpt):
     from transformers import AutoModelForCausalLM
 
@@ -214,6 +235,6 @@ def test_qwen3_30b_a3b_shape_is_the_real_config_with_the_builtin_tokenizer(tmp_p
     ref = transformers.AutoTokenizer.from_pretrained(path)
     ids = ours.encode("The lighthouse keeper")
     assert ids == ref("The lighthouse keeper")["input_ids"]
-    assert ours.vocab_size < 1000 and spec.eos_token_ids == tuple(sorted(ours.eos_token_ids))
+    assert ours.vocab_size < 1000 and ours.eos_token_ids == {ours.token_to_id("<|im_end|>")} == _generate_eos(path)
     beyond = [ids[0], 150000, ours.vocab_size, ids[1]]
     assert ours.decode(beyond) == ref.decode(beyond, skip_special_tokens=True) == ours.decode([ids[0], ids[1]])
