@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from raymoe.actors.models import ops
-from raymoe.actors.models.ops import triton_available
+from raymoe.actors.models.ops import choose_backend
 
 
 def expert_mlp(x: torch.Tensor, rows: torch.Tensor, ends: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
@@ -39,12 +39,8 @@ def expert_mlp(x: torch.Tensor, rows: torch.Tensor, ends: torch.Tensor, w13: tor
     (``pick_config``) on CUDA, torch elsewhere. config: Triton block sizes, for benchmarks.
     """
     config = config or pick_config(rows.shape[0], all_slots or w13.shape[0])
-    if backend is None:
-        backend = "triton" if x.is_cuda and config is not None and triton_available() else "torch"
-    if backend == "torch":
+    if choose_backend(backend, op="expert_mlp", on_cuda=x.is_cuda, fits=config is not None) == "torch":
         return _torch_expert_mlp(x, rows, ends, w13, w2)
-    if backend != "triton":
-        raise ValueError(f"expert_mlp backend must be 'triton' or 'torch', not {backend!r}")
     from raymoe.actors.models import expert_mlp_triton
 
     if groups is None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from raymoe.actors.models.ops import block_dividing, triton_available
+from raymoe.actors.models.ops import block_dividing, choose_backend
 
 # From benchmarks/skinny_linear_bench.py --sweep on an H200 (BENCHMARKS.md): at one row the
 # kernel beat cuBLAS on every projection of the model (qkv 5120 x 2048: 6.4 vs 7.5 us,
@@ -21,14 +21,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
            config: dict | None = None) -> torch.Tensor:  # fmt: skip
     """x [..., K], weight [N, K] -> [..., N]. backend: "triton" or "torch"; None picks
     (see the module doc). config: the Triton block sizes, for benchmarks."""
-    if backend is None:  # cheap tests first: most calls (batches of many rows) stop at the row count
-        fits = x.is_cuda and x.dim() == 2 and 0 < x.shape[0] <= SKINNY_MAX_ROWS
-        fits = fits and x.stride(1) == 1 and weight.stride(1) == 1 and block_dividing(x.shape[1], SKINNY_CONFIG["BK"])
-        backend = "triton" if fits and triton_available() else "torch"
-    if backend == "torch":
+    # cheap tests first: most calls (batches of many rows) stop at the row count
+    fits = x.dim() == 2 and 0 < x.shape[0] <= SKINNY_MAX_ROWS and x.stride(1) == 1 and weight.stride(1) == 1
+    fits = fits and block_dividing(x.shape[1], SKINNY_CONFIG["BK"]) is not None
+    if choose_backend(backend, op="linear", on_cuda=x.is_cuda, fits=fits) == "torch":
         return F.linear(x, weight, bias)
-    if backend != "triton":
-        raise ValueError(f"linear backend must be 'triton' or 'torch', not {backend!r}")
     from raymoe.actors.models.skinny_linear_triton import skinny_linear
 
     if config is None:

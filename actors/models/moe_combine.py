@@ -51,8 +51,4 @@ def combine_add_rms_norm(y: torch.Tensor, sorted_row: torch.Tensor, weights: tor
 
 
 def _backend(y: torch.Tensor, backend: str | None) -> str:
-    if backend is None:
-        return "triton" if y.is_cuda and ops.triton_available() else "torch"
-    if backend not in ("triton", "torch"):
-        raise ValueError(f"combine backend must be 'triton' or 'torch', not {backend!r}")
-    return backend
+    return ops.choose_backend(backend, op="combine", on_cuda=y.is_cuda, fits=True)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from raymoe.actors.models.ops import triton_available
+from raymoe.actors.models.ops import choose_backend
 
 # The grouping holds every choice in one program's registers, up to 4096 of them. Measured
 # on an H200 (benchmarks/expert_mlp_bench.py, dispatch rows) faster than torch's dozen
@@ -58,15 +58,11 @@ def dispatch(logits: torch.Tensor, top_k: int, norm_topk_prob: bool, logical_to_
     and spread evenly; replicas hold the same weights.
     """
     n = logits.shape[0]
-    if backend is None:
-        fits = n * top_k <= TRITON_MAX_CHOICES
-        backend = "triton" if logits.is_cuda and fits and triton_available() else "torch"
+    backend = choose_backend(backend, op="dispatch", on_cuda=logits.is_cuda, fits=n * top_k <= TRITON_MAX_CHOICES)
     tables = (logical_to_physical, replica_count)
     if backend == "torch":
         all_local = slots == num_physical and valid is None
         return _torch_dispatch(logits, top_k, norm_topk_prob, *tables, all_local, slot_start, slots, valid)
-    if backend != "triton":
-        raise ValueError(f"dispatch backend must be 'triton' or 'torch', not {backend!r}")
     from raymoe.actors.models import moe_dispatch_triton
 
     return Dispatch(*moe_dispatch_triton.dispatch(logits, top_k, norm_topk_prob, *tables, slot_start, slots, valid))

@@ -1,5 +1,5 @@
-"""Fused elementwise ops: FlashInfer kernels on GPU, plain torch elsewhere; and whether
-Triton (for the model's own kernels) is importable.
+"""Fused elementwise ops: FlashInfer kernels on GPU, plain torch elsewhere; and which
+backend, Triton (the model's own kernels) or torch, a kernel call takes.
 
 The torch versions are the reference (and the CPU path); each FlashInfer kernel
 replaces a chain of 4-8 small kernels, which is what a decode step is made of.
@@ -33,6 +33,17 @@ def _flashinfer():
 def triton_available() -> bool:
     return _optional_module("triton", "the MoE dispatch, experts and combine, one-row projections and the "
                             "q/k norm + rotary run on torch kernels") is not None  # fmt: skip
+
+
+def choose_backend(requested: str | None, *, op: str, on_cuda: bool, fits: bool) -> str:
+    """The kernel backend of one ``op`` call: ``requested`` ("triton" or "torch", else a
+    ValueError naming ``op``) when given; else "triton" where the inputs are on a GPU, the
+    Triton kernel takes them (``fits``) and Triton is importable, "torch" otherwise."""
+    if requested is None:
+        return "triton" if on_cuda and fits and triton_available() else "torch"
+    if requested not in ("triton", "torch"):
+        raise ValueError(f"{op} backend must be 'triton' or 'torch', not {requested!r}")
+    return requested
 
 
 def block_dividing(dim: int, want: int, least: int = 16) -> int | None:
@@ -101,15 +112,11 @@ def qk_norm_rotary_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q
                     backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """rotary_(positions, rms_norm(q, q_weight), rms_norm(k, k_weight)): Qwen3's per-head
     norms then the rotary embedding; on GPU one Triton kernel, in place."""
-    if backend is None:
-        dim = q.shape[-1]
-        fits = dim % 2 == 0 and (dim // 2) & (dim // 2 - 1) == 0 and q.stride(-1) == 1 and k.stride(-1) == 1
-        fits = fits and cos_sin.shape[-1] == dim and cos_sin.is_contiguous()
-        backend = "triton" if q.is_cuda and fits and triton_available() else "torch"
-    if backend == "torch":
+    dim = q.shape[-1]
+    fits = dim % 2 == 0 and (dim // 2) & (dim // 2 - 1) == 0 and q.stride(-1) == 1 and k.stride(-1) == 1
+    fits = fits and cos_sin.shape[-1] == dim and cos_sin.is_contiguous()
+    if choose_backend(backend, op="qk_norm_rotary_", on_cuda=q.is_cuda, fits=fits) == "torch":
         return rotary_(positions, rms_norm(q, q_weight, eps), rms_norm(k, k_weight, eps), cos_sin)
-    if backend != "triton":
-        raise ValueError(f"qk_norm_rotary_ backend must be 'triton' or 'torch', not {backend!r}")
     from raymoe.actors.models.qk_norm_rope_triton import qk_norm_rope_
 
     qk_norm_rope_(positions, q, k, q_weight, k_weight, eps, cos_sin)

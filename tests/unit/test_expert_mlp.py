@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from raymoe.actors.models.expert_mlp import expert_mlp, pick_config
 from raymoe.actors.models.moe_combine import combine
 from raymoe.actors.models.moe_dispatch import dispatch
-from raymoe.actors.models.ops import block_dividing
+from raymoe.actors.models import ops
+from raymoe.actors.models.ops import block_dividing, choose_backend
 from raymoe.cluster.expert_placement import replica_tables
 
 
@@ -108,6 +109,22 @@ def test_unknown_backends_are_value_errors():
     l2p, counts = replica_tables(torch.arange(4).view(1, -1), 4)
     with pytest.raises(ValueError, match="backend"):
         dispatch(torch.randn(3, 4), 2, True, l2p[0], counts[0], 4, 0, 4, backend="cuda")
+
+
+@pytest.mark.parametrize("available", [True, False])
+def test_choose_backend_takes_triton_on_cuda_where_it_fits_and_an_explicit_choice_as_is(monkeypatch, available):
+    asked = []
+    monkeypatch.setattr(ops, "triton_available", lambda: asked.append(1) or available)
+    for on_cuda in (True, False):
+        for fits in (True, False):
+            asked.clear()
+            want = "triton" if on_cuda and fits and available else "torch"
+            assert choose_backend(None, op="op", on_cuda=on_cuda, fits=fits) == want
+            assert len(asked) == (on_cuda and fits)  # only then: a missing Triton logs a warning
+            for requested in ("triton", "torch"):
+                assert choose_backend(requested, op="op", on_cuda=on_cuda, fits=fits) == requested
+            with pytest.raises(ValueError, match=r"^expert_mlp backend must be 'triton' or 'torch', not 'cuda'$"):
+                choose_backend("cuda", op="expert_mlp", on_cuda=on_cuda, fits=fits)
 
 
 def test_block_dividing_is_the_largest_power_of_two_that_divides():
