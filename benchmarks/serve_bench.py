@@ -79,7 +79,7 @@ def _config(args: argparse.Namespace) -> tuple[Any, Optional[str]]:
     import yaml
 
     from raymoe.actors.models.builtin import resolve_model_path
-    from raymoe.deploy.serve_app import resolve_config
+    from raymoe.cluster.config import resolve_config
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

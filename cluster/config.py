@@ -176,6 +176,21 @@ def load_config(path: str | pathlib.Path | None = None) -> Config:
         raise ValueError(f"{path}: top level must be a mapping of sections (model, parallel, ...)")
     return config_from_dict(data)
 
+def resolve_config(config: Config | str | pathlib.Path | None) -> Config:
+    """A Config from a Config, a YAML path, a shipped config's name (``tiny``,
+    ``qwen3-30b-a3b-8gpu``), or None (the built-in default)."""
+    if config is None or isinstance(config, Config):
+        return config if config is not None else load_config(None)
+    path = pathlib.Path(config).expanduser()
+    if not path.is_file() and not path.suffix and "/" not in str(config):
+        shipped = configs_dir() / f"{config}.yaml"
+        if shipped.is_file():
+            path = shipped
+        else:
+            names = sorted(p.stem for p in configs_dir().glob("*.yaml"))
+            raise ValueError(f"config: {config!r} is neither a file nor a shipped config ({', '.join(names)})")
+    return load_config(path)
+
 
 def configs_dir() -> pathlib.Path:
     """The shipped configs/ folder (package data ``raymoe.configs``)."""

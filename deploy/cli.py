@@ -68,7 +68,7 @@ def _common_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace) -> Any:
-    from raymoe.deploy.serve_app import resolve_config
+    from raymoe.cluster.config import resolve_config
 
     config = resolve_config(args.config)
     return config.replace({"model.path": args.model}) if args.model else config

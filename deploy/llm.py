@@ -1,4 +1,5 @@
-"""The offline Python API: ``LLM(config).generate(prompts, sampling)``.
+"""The offline Python API: ``LLM(config).generate(prompts, sampling)``; ``config`` as
+``raymoe generate --config`` takes it.
 
     from raymoe.deploy import LLM, SamplingParams
     with LLM() as llm:                       # built-in tiny model on CPU
@@ -20,7 +21,7 @@ import ray
 
 from raymoe.actors.engine.request import SamplingParams
 from raymoe.actors.engine.tokenizer import encode_chat, encode_prompt
-from raymoe.cluster.config import Config, load_config
+from raymoe.cluster.config import Config, resolve_config
 from raymoe.deploy.engine_client import EngineClient, RayEngine, RequestRejected
 from raymoe.deploy.launch import start_controller
 
@@ -44,15 +45,17 @@ class LLM:
         collect_logits: bool = False,
         controller: Any = None,
     ) -> None:
-        """Start a controller for ``config`` and load its model; or, given ``controller`` (a
-        running controller's handle, e.g. a server's), use that one and leave it running."""
+        """Start a controller for ``config`` (a Config, a YAML path or a shipped config's name,
+        e.g. ``"tiny"``; None: the built-in tiny model) and load its model; or, given
+        ``controller`` (a running controller's handle, e.g. a server's), use that one and
+        leave it running."""
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="raymoe-llm-client", daemon=True)
         self._thread.start()
         self._owns_controller = controller is None
         try:
             if controller is None:
-                self.config = config if isinstance(config, Config) else load_config(config)
+                self.config = resolve_config(config)
                 self.controller = start_controller(self.config, address)
                 self.info = ray.get(self.controller.load_model.remote(collect_logits))
             else:

@@ -19,10 +19,9 @@ import asyncio
 import dataclasses
 import logging
 import os
-import pathlib
 import socket
 import uuid
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import ray
 from fastapi import FastAPI, Request
@@ -31,7 +30,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from raymoe.actors.cluster import remove_named_placement_group
-from raymoe.cluster.config import Config, config_from_dict, configs_dir, load_config
+from raymoe.cluster.config import Config, config_from_dict, resolve_config
 from raymoe.deploy.engine_client import EngineClient, RayEngine
 from raymoe.deploy.launch import ensure_ray, start_controller
 from raymoe.deploy.openai_api import APIError
@@ -361,19 +360,3 @@ def stop_serving() -> None:
             serve.shutdown()
     except Exception as e:  # Serve already gone (the cluster went away first)
         log.warning("stopping Serve: %r", e)
-
-
-def resolve_config(config: Union[Config, str, pathlib.Path, None]) -> Config:
-    """A Config from a Config, a YAML path, a shipped config's name (``tiny``,
-    ``qwen3-30b-a3b-8gpu``), or None (the built-in default)."""
-    if config is None or isinstance(config, Config):
-        return config if config is not None else load_config(None)
-    path = pathlib.Path(config).expanduser()
-    if not path.is_file() and not path.suffix and "/" not in str(config):
-        shipped = configs_dir() / f"{config}.yaml"
-        if shipped.is_file():
-            path = shipped
-        else:
-            names = sorted(p.stem for p in configs_dir().glob("*.yaml"))
-            raise ValueError(f"config: {config!r} is neither a file nor a shipped config ({', '.join(names)})")
-    return load_config(path)

@@ -19,6 +19,7 @@ from raymoe.cluster.config import (
     configs_dir,
     default_config_path,
     load_config,
+    resolve_config,
 )
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -94,6 +95,36 @@ def test_shipped_configs_exist_and_default_is_tiny():
     assert sorted(p.name for p in configs_dir().glob("*.yaml")) == [p.name for p in SHIPPED]
     assert default_config_path().name == "tiny.yaml"
     assert load_config(None) == load_config(REPO / "configs" / "tiny.yaml")
+
+
+def test_resolve_config_takes_a_config_a_path_or_a_shipped_name(tmp_path, monkeypatch):
+    tiny = load_config(REPO / "configs" / "tiny.yaml")
+    assert resolve_config(None) == resolve_config("tiny") == resolve_config(str(REPO / "configs" / "tiny.yaml")) == tiny
+    assert resolve_config(tiny) is tiny
+    assert resolve_config("qwen3-30b-a3b-2gpu") == load_config(REPO / "configs" / "qwen3-30b-a3b-2gpu.yaml")
+    monkeypatch.chdir(tmp_path)  # a file of that name wins over the shipped config
+    pathlib.Path("tiny").write_text("engine:\n  max_num_seqs: 3\n")
+    assert resolve_config("tiny").engine.max_num_seqs == 3
+    with pytest.raises(ValueError, match=r"^config: 'no-such' is neither a file nor a shipped config \(.*qwen3-30b-a3b-2gpu.*tiny\)$"):
+        resolve_config("no-such")
+    with pytest.raises(ValueError, match="does not exist"):
+        resolve_config("no-such.yaml")
+
+
+def test_llm_takes_a_shipped_config_name_as_the_cli_does(monkeypatch):
+    from raymoe.deploy import llm
+    from raymoe.deploy.cli import _load, build_parser
+
+    started = []
+
+    def start_controller(config, address):
+        started.append(config)
+        raise RuntimeError("stop here: no Ray in unit tests")
+
+    monkeypatch.setattr(llm, "start_controller", start_controller)
+    with pytest.raises(RuntimeError, match="stop here"):
+        llm.LLM("qwen3-30b-a3b-dummy")
+    assert started == [_load(build_parser().parse_args(["generate", "--config", "qwen3-30b-a3b-dummy"]))]
 
 
 # ---- unknown fields, wrong types, bad files -------------------------------------------

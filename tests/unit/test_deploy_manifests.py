@@ -75,7 +75,7 @@ def _check_cluster(spec: dict, world_size: int) -> None:
 
 
 def test_rayservice_points_at_the_app_builder():
-    from raymoe.deploy.serve_app import resolve_config
+    from raymoe.cluster.config import resolve_config
 
     doc = _manifest("RayService")
     serve_config = yaml.safe_load(doc["spec"]["serveConfigV2"])
@@ -92,7 +92,7 @@ def test_rayservice_points_at_the_app_builder():
 
 def test_rayjob_runs_the_installed_cli():
     from raymoe.deploy.cli import build_parser
-    from raymoe.deploy.serve_app import resolve_config
+    from raymoe.cluster.config import resolve_config
 
     doc = _manifest("RayJob")
     argv = shlex.split(doc["spec"]["entrypoint"])
