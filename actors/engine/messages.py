@@ -18,6 +18,7 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
+from raymoe.actors.engine.admission import token_limit
 from raymoe.actors.engine.request import SamplingParams
 
 
@@ -107,9 +108,10 @@ class ModelInfo:
 
     @property
     def token_limit(self) -> int:
-        """Most tokens (prompt + output) one request may hold: the context, and alone the
-        KV cache (its last sampled token never enters the cache, hence the + 1)."""
-        return min(self.max_model_len, self.kv_blocks_per_replica * self.block_size + 1)
+        """Most tokens (prompt + output) one request may hold (see admission)."""
+        return token_limit(
+            max_model_len=self.max_model_len, num_blocks=self.kv_blocks_per_replica, block_size=self.block_size
+        )
 
 
 @dataclass(frozen=True)

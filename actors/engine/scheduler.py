@@ -31,6 +31,7 @@ import bisect
 from dataclasses import dataclass
 from typing import Optional
 
+from raymoe.actors.engine.admission import blocks_to_fit, check_fits_alone, max_cached_tokens
 from raymoe.actors.engine.block_manager import BlockManager
 from raymoe.actors.engine.request import FINISH_REASONS, PENDING_TOKEN, Request, RequestStatus, SamplingParams
 
@@ -97,29 +98,18 @@ class Scheduler:
         return len(self._running)
 
     def add(self, req: Request) -> None:
-        """Queue a new request; ValueError if it could never run to max_tokens."""
+        """Queue a new request; ValueError if it could never run to max_tokens (see admission)."""
         if req.request_id in self._requests:
             raise ValueError(f"request_id: {req.request_id!r} is already queued or running; use a unique id")
         assert req.status is RequestStatus.WAITING and not req.block_ids and req.num_computed_tokens == 0
-        n_prompt, max_tokens = req.num_prompt_tokens, req.sampling.max_tokens
-        if n_prompt > self.max_model_len:
-            raise ValueError(
-                f"prompt_token_ids: the prompt has {n_prompt} tokens, more than max_model_len={self.max_model_len}"
-            )
-        if n_prompt + max_tokens > self.max_model_len:
-            raise ValueError(
-                f"max_tokens: prompt ({n_prompt}) + max_tokens ({max_tokens}) exceeds "
-                f"max_model_len={self.max_model_len}; use max_tokens <= {self.max_model_len - n_prompt}"
-            )
-        # The last sampled token never enters the cache, so the longest KV is prompt + max_tokens - 1.
-        # A request that cannot hold it even alone in the cache would block the queue forever.
         bm = self.block_manager
-        need = -(-(n_prompt + max_tokens - 1) // bm.block_size)
-        if need > bm.num_blocks:
-            raise ValueError(
-                f"max_tokens: prompt ({n_prompt}) + max_tokens ({max_tokens}) needs {need} KV blocks of "
-                f"{bm.block_size} tokens but the whole cache has {bm.num_blocks}; shorten the request"
-            )
+        check_fits_alone(
+            req.num_prompt_tokens,
+            req.sampling.max_tokens,
+            max_model_len=self.max_model_len,
+            num_blocks=bm.num_blocks,
+            block_size=bm.block_size,
+        )
         self._requests[req.request_id] = req
         self._order[req.request_id] = (req.arrival, self._num_added)
         self._num_added += 1
@@ -148,8 +138,9 @@ class Scheduler:
         left. Returns the waiting requests too long for the new cache, which are removed."""
         assert not self._running and not self.started_requests(), "requests that started must go first"
         self.block_manager = block_manager
-        need = lambda r: -(-(r.num_prompt_tokens + r.sampling.max_tokens - 1) // block_manager.block_size)  # noqa: E731
-        too_long = [r.request_id for r in self._waiting if need(r) > block_manager.num_blocks]
+        bs = block_manager.block_size
+        need = {r.request_id: blocks_to_fit(r.num_prompt_tokens, r.sampling.max_tokens, bs) for r in self._waiting}
+        too_long = [rid for rid, n in need.items() if n > block_manager.num_blocks]
         for rid in too_long:
             self._remove(rid, "abort")
         return too_long
@@ -260,7 +251,8 @@ class Scheduler:
             if head is None:
                 fits = bm.can_allocate(req, req.num_computed_tokens + n)
             else:  # overtaking the head: only with room for all it can ever need
-                fits = bm.blocks_needed(req, req.num_prompt_tokens + req.sampling.max_tokens - 1) <= bm.num_free_blocks
+                most = max_cached_tokens(req.num_prompt_tokens, req.sampling.max_tokens)
+                fits = bm.blocks_needed(req, most) <= bm.num_free_blocks
             if not fits:
                 if head is None:
                     head = req
