@@ -115,6 +115,32 @@ class GroupCoordinator:
         )
         return out
 
+    def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """In-place broadcast of ``x`` from group rank ``src``; returns ``x``."""
+        if self.world_size > 1:
+            dist.broadcast(x, group=self.device_group, group_src=src)
+        return x
+
+    def send(self, x: torch.Tensor, dst: int) -> None:
+        assert dst != self.rank_in_group, "send to self"
+        dist.send(x.contiguous(), group=self.device_group, group_dst=dst)
+
+    def recv(self, x: torch.Tensor, src: int) -> torch.Tensor:
+        assert src != self.rank_in_group, "recv from self"
+        dist.recv(x, group=self.device_group, group_src=src)
+        return x
+
+    def p2p_ops(self, sends: Sequence[tuple[torch.Tensor, int]], recvs: Sequence[tuple[torch.Tensor, int]]) -> None:
+        """Batched point-to-point: post every send and recv at once, wait for all.
+
+        ``sends``/``recvs``: (tensor, group rank of the peer).
+        """
+        ops = [dist.P2POp(dist.isend, t, group=self.device_group, group_peer=p) for t, p in sends]
+        ops += [dist.P2POp(dist.irecv, t, group=self.device_group, group_peer=p) for t, p in recvs]
+        if ops:
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
+
     # ---- sums that the next RMSNorm takes (symmetric memory where it can) ------------
 
     def partial_buffer(self, residual: torch.Tensor) -> Optional[torch.Tensor]:
@@ -147,7 +173,8 @@ class GroupCoordinator:
 
     def finish_pass(self) -> None:
         """End of a forward pass of ``all_reduce_add_rms_norm`` calls: the next pass starts
-        afresh (see AlternatingHalves). Called for every group by Groups.finish_pass."""
+        afresh (see AlternatingHalves). Every member calls it after every forward pass
+        (through Groups.finish_pass)."""
         if self.symmetric is not None:
             self.symmetric.finish_pass()
 
@@ -155,32 +182,6 @@ class GroupCoordinator:
         if self.symmetric is not None and self.symmetric.fusable(residual):
             return self.symmetric
         return None
-
-    def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
-        """In-place broadcast of ``x`` from group rank ``src``; returns ``x``."""
-        if self.world_size > 1:
-            dist.broadcast(x, group=self.device_group, group_src=src)
-        return x
-
-    def send(self, x: torch.Tensor, dst: int) -> None:
-        assert dst != self.rank_in_group, "send to self"
-        dist.send(x.contiguous(), group=self.device_group, group_dst=dst)
-
-    def recv(self, x: torch.Tensor, src: int) -> torch.Tensor:
-        assert src != self.rank_in_group, "recv from self"
-        dist.recv(x, group=self.device_group, group_src=src)
-        return x
-
-    def p2p_ops(self, sends: Sequence[tuple[torch.Tensor, int]], recvs: Sequence[tuple[torch.Tensor, int]]) -> None:
-        """Batched point-to-point: post every send and recv at once, wait for all.
-
-        ``sends``/``recvs``: (tensor, group rank of the peer).
-        """
-        ops = [dist.P2POp(dist.isend, t, group=self.device_group, group_peer=p) for t, p in sends]
-        ops += [dist.P2POp(dist.irecv, t, group=self.device_group, group_peer=p) for t, p in recvs]
-        if ops:
-            for work in dist.batch_isend_irecv(ops):
-                work.wait()
 
     # ---- CPU-side coordination (gloo cpu group) -------------------------------
 
