@@ -159,7 +159,7 @@ def touched_bytes(ctx, step) -> dict:
     batch = ForwardBatch(layout.input_ids.to(dev), layout.positions.to(dev), runner.attention, dp_pad=step.num_chunks,
                          dp_counts=torch.tensor(step.dp_token_counts, device=dev), expert_load=rec)  # fmt: skip
     with torch.inference_mode():
-        model(batch)
+        runner.run_model(batch)
     counts = rec.take()
     elem = 2
     moe = model.layers[runner.spec.moe_layers[0]].mlp

@@ -12,7 +12,7 @@ unless a name says ``global``.
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -141,6 +141,48 @@ class GroupCoordinator:
             for work in dist.batch_isend_irecv(ops):
                 work.wait()
 
+    # ---- sums that the next RMSNorm takes (symmetric memory where it can) ------------
+
+    def partial_buffer(self, residual: torch.Tensor) -> Optional[torch.Tensor]:
+        """Where this rank may write its partial for the next ``all_reduce_add_rms_norm``
+        with ``residual`` [T, H], shaped like it: the buffer that call reads it from (a
+        block that writes its output there saves a copy), or None when that call reads it
+        from anywhere. Only the block right before that call may write it."""
+        fused = self._fused_norm(residual)
+        return fused.next_partial(residual) if fused is not None else None
+
+    def all_reduce_add_rms_norm(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor,
+        weight: torch.Tensor,
+        eps: float,
+        *,
+        add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(RMSNorm(residual + s) * weight, residual + s) with s the sum of every member's
+        ``x`` [T, H]: one step from symmetric memory where it allows (see
+        SymmetricAllReduce.reduce_add_rms_norm), else ``all_reduce`` and then
+        ``add_rms_norm(s, residual, weight, eps)``, the unfused add + norm. May reuse the
+        inputs' storage. Every member calls it in the same order, and ``finish_pass``
+        after each forward pass."""
+        fused = self._fused_norm(residual)
+        if fused is not None and x.shape == residual.shape and x.dtype == residual.dtype:
+            return fused.reduce_add_rms_norm(x, residual, weight, eps)
+        return add_rms_norm(self.all_reduce(x), residual, weight, eps)
+
+    def finish_pass(self) -> None:
+        """End of a forward pass of ``all_reduce_add_rms_norm`` calls: the next pass starts
+        afresh (see AlternatingHalves). Every member calls it after every forward pass
+        (through Groups.finish_pass)."""
+        if self.symmetric is not None:
+            self.symmetric.finish_pass()
+
+    def _fused_norm(self, residual: torch.Tensor) -> Optional[SymmetricAllReduce]:
+        if self.symmetric is not None and self.symmetric.fusable(residual):
+            return self.symmetric
+        return None
+
     # ---- CPU-side coordination (gloo cpu group) -------------------------------
 
     def barrier(self) -> None:
@@ -163,3 +205,10 @@ class GroupCoordinator:
         out: list[Any] = [None] * self.world_size
         dist.all_gather_object(out, obj, group=self.cpu_group)
         return out
+
+    def gather_failures(self, failure: Optional[str]) -> list[str]:
+        """Every member's ``failure`` at a step that can fail on one member alone (None:
+        it did not fail there), as "rank <global rank>: <failure>"; the same list on every
+        member, empty when none failed, so that all fall back, or all go on, together."""
+        everyone = self.all_gather_object(failure)
+        return [f"rank {self.ranks[i]}: {f}" for i, f in enumerate(everyone) if f is not None]

@@ -7,16 +7,32 @@ which torch.distributed requires of every rank, member or not.
 from __future__ import annotations
 
 import datetime
+import logging
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from raymoe.cluster.layout import GROUP_KINDS, RankLayout
 from raymoe.comm.group import GroupCoordinator
-from raymoe.comm.symm_all_reduce import try_symmetric_all_reduce
+from raymoe.comm.symm_all_reduce import SymmetricAllReduce, fused_norm_unavailable, symmetric_memory_unavailable
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
+
+# The only groups a step all-reduces over (actors/models): tp (the embedding, and the
+# attention and dense-MLP outputs, which the next RMSNorm takes) and the world (the MoE
+# expert outputs, which the next RMSNorm takes when dp == 1; with dp > 1 the MoE layer
+# sums them itself and keeps its replica's rows). Only these get symmetric memory,
+# and in this order their passes end (Groups.finish_pass).
+SYMMETRIC_KINDS = ("tp", "world")
+
+
+def sums_before_a_norm(kind: str, layout: RankLayout) -> bool:
+    """Whether the next RMSNorm takes the sums over a group of ``kind`` (see SYMMETRIC_KINDS)."""
+    return kind == "tp" or (kind == "world" and layout.dp == 1)
 
 
 @dataclass
@@ -35,6 +51,13 @@ class Groups:
         if kind not in GROUP_KINDS:
             raise ValueError(f"unknown group {kind!r}; groups are {', '.join(GROUP_KINDS)}")
         return getattr(self, kind)
+
+    def finish_pass(self) -> None:
+        """End of a forward pass (GroupCoordinator.finish_pass of every group that may sum
+        before a norm). Every rank calls it after every forward pass, inside a CUDA graph's
+        capture too: the graph then holds the pass's closing barrier."""
+        for kind in SYMMETRIC_KINDS:
+            self[kind].finish_pass()
 
 
 def init_distributed(
@@ -59,8 +82,9 @@ def build_groups(
 ) -> Groups:
     """Create the device and cpu process groups of every kind; return this rank's.
 
-    With ``symmetric_memory`` on CUDA, every group whose members all report the same
-    ``node_id`` also gets a symmetric-memory buffer for small all-reduces.
+    With ``symmetric_memory`` on CUDA, each of the SYMMETRIC_KINDS groups whose members
+    all report the same ``node_id`` also gets a symmetric-memory buffer for small
+    all-reduces (see symmetric_all_reduce_for).
     """
     assert dist.is_initialized() and dist.get_world_size() == layout.world_size
     device_backend = "nccl" if device.type == "cuda" else "gloo"
@@ -79,11 +103,56 @@ def build_groups(
         if rank not in members:
             continue
         group = GroupCoordinator(kind, members, rank, device_group, cpu_group, device)
-        if symmetric_memory and device.type == "cuda" and len(members) > 1:
-            if len(set(group.all_gather_object(node_id))) == 1:
-                group.symmetric = try_symmetric_all_reduce(device_group, device)
+        if symmetric_memory and device.type == "cuda" and kind in SYMMETRIC_KINDS and len(members) > 1:
+            group.symmetric = symmetric_all_reduce_for(group, node_id, fused_norm=sums_before_a_norm(kind, layout))
         mine[kind] = group
     return Groups(**mine)
+
+
+def symmetric_all_reduce_for(group: GroupCoordinator, node_id: str, fused_norm: bool) -> Optional[SymmetricAllReduce]:
+    """A SymmetricAllReduce for ``group`` (with ``reduce_add_rms_norm`` if ``fused_norm``
+    and every member can run it), or None, the same on every member, with the reason
+    logged: the group spans nodes, or some member cannot make one.
+
+    Collective over the group. The members agree over the cpu group before and after
+    each step that can fail on one member alone, so none is left using a buffer its peers
+    lack (a collective that would hang). A member that fails inside the rendezvous
+    itself leaves its peers waiting there until the process group times out.
+    """
+    nodes = set(group.all_gather_object(node_id))
+    if len(nodes) > 1:
+        log.info("group %s spans %d nodes: its small all-reduces use NCCL", group.name, len(nodes))
+        return None
+    failures = group.gather_failures(symmetric_memory_unavailable())
+    if failures:
+        _log_no_symmetric_memory(group, failures)
+        return None
+    if fused_norm:
+        no_fused = group.gather_failures(fused_norm_unavailable())
+        if no_fused:
+            log.warning(
+                "group %s: its sums before a norm are not fused (%s): all-reduce, then add + norm",
+                group.name,
+                "; ".join(no_fused),
+            )
+            fused_norm = False
+    try:
+        symmetric, failure = SymmetricAllReduce(group.device_group, group.device, fused_norm=fused_norm), None
+    except Exception as e:  # e.g. no peer access between the GPUs
+        symmetric, failure = None, f"{type(e).__name__}: {e}"
+    failures = group.gather_failures(failure)
+    if failures:
+        _log_no_symmetric_memory(group, failures)
+        return None
+    return symmetric
+
+
+def _log_no_symmetric_memory(group: GroupCoordinator, failures: list[str]) -> None:
+    log.warning(
+        "symmetric memory unavailable for group %s (%s): its small all-reduces use NCCL",
+        group.name,
+        "; ".join(failures),
+    )
 
 
 def destroy_distributed() -> None:

@@ -25,14 +25,11 @@ disable it).
 from __future__ import annotations
 
 import importlib.util
-import logging
 import warnings
 from typing import Optional
 
 import torch
 import torch.distributed as dist
-
-log = logging.getLogger(__name__)
 
 # Larger all-reduces (prefill) stay on NCCL, whose ring reads each byte once
 # where the one-shot reads it world-size times.
@@ -48,7 +45,11 @@ class SymmetricAllReduce:
 
     dtype = torch.bfloat16
 
-    def __init__(self, group: dist.ProcessGroup, device: torch.device, max_bytes: int = ONE_SHOT_MAX_BYTES) -> None:
+    def __init__(
+        self, group: dist.ProcessGroup, device: torch.device, *, fused_norm: bool, max_bytes: int = ONE_SHOT_MAX_BYTES
+    ) -> None:
+        """``fused_norm``: also allocate the double buffer of ``reduce_add_rms_norm`` (only
+        a group whose sums the next RMSNorm takes needs it; it needs Triton)."""
         import torch.distributed._symmetric_memory as symm_mem
 
         self.group_name = group.group_name
@@ -59,15 +60,17 @@ class SymmetricAllReduce:
                 symm_mem.enable_symm_mem_for_group(self.group_name)
         self.buffer = symm_mem.empty(self.max_numel, dtype=self.dtype, device=device)
         symm_mem.rendezvous(self.buffer, self.group_name)
-        # the fused sum + add + norm: its own buffer (the one-shot kernel writes its
-        # buffer before its first barrier), two halves of max_numel each
-        halves = symm_mem.empty(2 * self.max_numel, dtype=self.dtype, device=device)
-        handle = symm_mem.rendezvous(halves, self.group_name)
-        # the kernel reads every rank's half at the addresses rendezvous mapped
-        assert handle.buffer_ptrs[handle.rank] == halves.data_ptr()
-        self.halves = AlternatingHalves(halves, lambda: handle.barrier(channel=0))
-        self.peer_halves = torch.tensor(handle.buffer_ptrs, dtype=torch.int64, device=device)
-        self.triton = importlib.util.find_spec("triton") is not None
+        self.fused_norm = fused_norm
+        self.halves: Optional[AlternatingHalves] = None
+        if fused_norm:
+            # the fused sum + add + norm: its own buffer (the one-shot kernel writes its
+            # buffer before its first barrier), two halves of max_numel each
+            halves = symm_mem.empty(2 * self.max_numel, dtype=self.dtype, device=device)
+            handle = symm_mem.rendezvous(halves, self.group_name)
+            # the kernel reads every rank's half at the addresses rendezvous mapped
+            assert handle.buffer_ptrs[handle.rank] == halves.data_ptr()
+            self.halves = AlternatingHalves(halves, lambda: handle.barrier(channel=0))
+            self.peer_halves = torch.tensor(handle.buffer_ptrs, dtype=torch.int64, device=device)
 
     def eligible(self, x: torch.Tensor) -> bool:
         # the kernel moves 16 bytes per thread: 8 bf16 values
@@ -85,11 +88,12 @@ class SymmetricAllReduce:
     def fusable(self, residual: torch.Tensor) -> bool:
         """Whether a partial shaped like ``residual`` [T, H] can be summed, added and
         normalised in one step (reduce_add_rms_norm)."""
-        return (self.triton and residual.dtype == self.dtype and residual.dim() == 2 and residual.is_contiguous()
+        return (self.fused_norm and residual.dtype == self.dtype and residual.dim() == 2 and residual.is_contiguous()
                 and residual.numel() <= self.max_numel)  # fmt: skip
 
     def next_partial(self, residual: torch.Tensor) -> torch.Tensor:
         """See AlternatingHalves.next_partial."""
+        assert self.halves is not None, "built without fused_norm"
         return self.halves.next_partial(residual)
 
     def reduce_add_rms_norm(
@@ -100,11 +104,14 @@ class SymmetricAllReduce:
         all-reduce rounds it; the add and norm round as ``ops.add_rms_norm``'s torch path."""
         from raymoe.comm.reduce_add_rms_norm_triton import reduce_add_rms_norm_
 
+        assert self.halves is not None, "built without fused_norm"
         offset = self.halves.publish(x, residual)
         return reduce_add_rms_norm_(self.peer_halves, offset, residual, weight, eps), residual
 
     def finish_pass(self) -> None:
-        self.halves.finish_pass()
+        """See AlternatingHalves.finish_pass."""
+        if self.halves is not None:
+            self.halves.finish_pass()
 
 
 class AlternatingHalves:
@@ -149,19 +156,14 @@ class AlternatingHalves:
         self.calls = 0
 
 
-def try_symmetric_all_reduce(group: dist.ProcessGroup, device: torch.device) -> Optional[SymmetricAllReduce]:
-    """A SymmetricAllReduce for ``group``, or None (with a warning) where torch cannot make one.
-
-    Collective: every member must call it, and all get the same outcome only if the
-    failure is shared (it is: a missing op or failed peer mapping fails everywhere).
-    """
+def symmetric_memory_unavailable() -> Optional[str]:
+    """Why this process cannot make a SymmetricAllReduce, found without touching its
+    peers; None if it can try."""
     if not hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy_out"):
-        log.warning("torch %s has no symm_mem.one_shot_all_reduce_copy_out: small all-reduces use NCCL",
-                    torch.__version__)  # fmt: skip
-        return None
-    try:
-        return SymmetricAllReduce(group, device)
-    except Exception as e:  # e.g. no peer access between the GPUs
-        log.warning("symmetric memory unavailable for group %s (%s: %s): small all-reduces use NCCL",
-                    group.group_name, type(e).__name__, e)  # fmt: skip
-        return None
+        return f"torch {torch.__version__} has no symm_mem.one_shot_all_reduce_copy_out"
+    return None
+
+
+def fused_norm_unavailable() -> Optional[str]:
+    """Why this process cannot run ``reduce_add_rms_norm`` (its kernel is Triton); None if it can."""
+    return None if importlib.util.find_spec("triton") is not None else "Triton is not installed"

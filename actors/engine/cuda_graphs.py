@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -60,11 +60,14 @@ class _Graph:
 
 
 class DecodeGraphs:
-    def __init__(self, model, kv_cache: torch.Tensor, block_size: int, num_heads: int, sizes: Sequence[int],
+    def __init__(self, forward_logits: Callable[[ForwardBatch], torch.Tensor], kv_cache: torch.Tensor,
+                 block_size: int, num_heads: int, sizes: Sequence[int],
                  max_pages_per_seq: int, scratch_block: int, dp: int, workspace: torch.Tensor,
                  last_sampled: torch.Tensor, expert_load=None) -> None:  # fmt: skip
-        """``last_sampled``: the runner's buffer of the previous step's sampled tokens, where
-        pending input tokens come from (inside the graph)."""
+        """``forward_logits``: one whole forward pass (its end included, see
+        ModelRunner.run_model) -> this rank's logits shard of every row; captured once per
+        size. ``last_sampled``: the runner's buffer of the previous step's sampled tokens,
+        where pending input tokens come from (inside the graph)."""
         t0 = time.perf_counter()
         device = kv_cache.device
         self.workspace = workspace  # shared with the eager FlashInfer wrappers: one step runs at a time
@@ -83,7 +86,7 @@ class DecodeGraphs:
                 ids = resolve_pending_tokens(g.input_ids, g.prev_rows, last_sampled)
                 batch = ForwardBatch(ids, g.positions, g.attention, dp_pad=g.size, dp_counts=g.dp_counts,
                                      expert_load=expert_load)  # fmt: skip
-                return model.compute_logits(model(batch))
+                return forward_logits(batch)
 
             with torch.inference_mode():
                 forward()  # warm-up: lazy init outside capture

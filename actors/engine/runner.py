@@ -137,7 +137,7 @@ class ModelRunner:
             log.warning("CUDA graphs disabled: they need the FlashInfer attention backend")
             return None
         return DecodeGraphs(
-            self.model,
+            lambda batch: self.model.compute_logits(self.run_model(batch)),
             kv_cache,
             self.block_size,
             self.heads,
@@ -221,8 +221,16 @@ class ModelRunner:
             dp_counts=torch.tensor(dp_token_counts, device=dev) if self.ctx.groups.dp.world_size > 1 else None,
             expert_load=self.expert_load,
         )
-        hidden = self.model(batch)
+        hidden = self.run_model(batch)
         return self.model.compute_logits(hidden[layout.sample_rows.to(dev)])
+
+    def run_model(self, batch: ForwardBatch) -> torch.Tensor:
+        """One forward pass of the model -> final hidden states [T, H]. Every pass, eager or
+        captured in a CUDA graph, runs here and ends the groups' pass (Groups.finish_pass),
+        so the next pass, or replay, starts as the sums before norms expect."""
+        hidden = self.model(batch)
+        self.ctx.groups.finish_pass()
+        return hidden
 
 
     # ---- expert-parallel load balancing ------------------------------------------

@@ -106,18 +106,14 @@ class CausalLM(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype, device)
         self.lm_head = ParallelLMHead(self.embed, spec.tie_word_embeddings, dtype, device)
-        self.groups = groups
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        """-> final hidden states [T, H] (normed); logits come from compute_logits."""
+        """-> final hidden states [T, H] (normed); logits come from compute_logits. The
+        caller ends the pass (Groups.finish_pass) before the next one."""
         x, residual = self.embed(batch.input_ids), None
         for layer in self.layers:
             x, residual = layer(x, residual, batch)
-        hidden = self.norm.add_forward(x, residual)[0]
-        for g in (self.groups.tp, self.groups.world):
-            if g.symmetric is not None:
-                g.symmetric.finish_pass()
-        return hidden
+        return self.norm.add_forward(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, H] -> this rank's logits shard (see ParallelLMHead): ``full_logits``

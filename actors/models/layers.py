@@ -45,13 +45,7 @@ class PartialSum:
     group: GroupCoordinator
 
     def add_rms_norm(self, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        x, group = self.x, self.group
-        if group.world_size > 1:
-            fused = group.symmetric  # one step from symmetric memory: see SymmetricAllReduce
-            if fused is not None and x.shape == residual.shape and x.dtype == residual.dtype and fused.fusable(residual):
-                return fused.reduce_add_rms_norm(x, residual, weight, eps)
-            x = group.all_reduce(x)
-        return ops.add_rms_norm(x, residual, weight, eps)
+        return self.group.all_reduce_add_rms_norm(self.x, residual, weight, eps, add_rms_norm=ops.add_rms_norm)
 
 
 class RMSNorm(nn.Module):

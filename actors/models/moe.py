@@ -133,7 +133,7 @@ class ExpertOutputs:
     """This rank's expert outputs ``y`` of a step, grouped as ``dispatch`` says, before
     the combine and the sum over the world. The next norm finishes them (BlockOutput):
     on one rank the combine, add and norm are one kernel; over several, the combine
-    writes straight into the symmetric buffer the fused sum + add + norm reads."""
+    writes straight into the buffer the sum + add + norm reads (where it has one)."""
 
     y: torch.Tensor
     dispatch: Dispatch
@@ -144,9 +144,7 @@ class ExpertOutputs:
         y, d = self.y, self.dispatch
         if self.world.world_size == 1:
             return combine_add_rms_norm(y, d.sorted_row, d.weights, d.ends, residual, weight, eps, self.all_local)
-        fused = self.world.symmetric
-        out = fused.next_partial(residual) if fused is not None and fused.fusable(residual) else None
-        out = combine(y, d.sorted_row, d.weights, d.ends, self.all_local, out=out)
+        out = combine(y, d.sorted_row, d.weights, d.ends, self.all_local, out=self.world.partial_buffer(residual))
         return PartialSum(out, self.world).add_rms_norm(residual, weight, eps)
 
 

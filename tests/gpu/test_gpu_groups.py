@@ -142,16 +142,13 @@ def _reduce_add_rms_norm(ctx, tokens: int, calls: int) -> dict:
 
     def one_pass(res: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         outs = []
-        fused = g.symmetric is not None and g.symmetric.fusable(res)
         for i in range(calls):
-            if fused and i % 2:  # as the MoE combine does: written straight where the sum reads it
-                x = g.symmetric.next_partial(res).copy_(parts[i])
-            else:
-                x = parts[i].clone()
+            # as the MoE combine does: every other partial written straight where the sum reads it
+            mine = g.partial_buffer(res) if i % 2 else None
+            x = mine.copy_(parts[i]) if mine is not None else parts[i].clone()
             h, res = norm.add_forward(PartialSum(x, g), res)
             outs.append(h)
-        if g.symmetric is not None:
-            g.symmetric.finish_pass()
+        g.finish_pass()
         return torch.stack(outs), res
 
     eager, eager_residual = one_pass(residual.clone())
@@ -170,7 +167,7 @@ def _reduce_add_rms_norm(ctx, tokens: int, calls: int) -> dict:
     graph.replay()
     torch.cuda.synchronize(dev)
     return {
-        "fused": g.symmetric is not None and g.symmetric.fusable(static),
+        "fused": g.partial_buffer(static) is not None,
         "eager": eager.cpu(), "eager_residual": eager_residual.cpu(),
         "first": first.cpu(), "first_residual": first_residual.cpu(),
         "second": outs.cpu(), "second_residual": res.cpu(),
