@@ -16,14 +16,14 @@ import torch
 
 from raymoe.actors.engine.attention_torch import TorchAttention
 from raymoe.actors.engine.expert_load import ExpertLoadRecorder
+from raymoe.actors.engine.rank_context import RankContext
 from raymoe.actors.engine.sampler import sample
 from raymoe.actors.engine.step import StepInput, StepLayout, StepOutput, build_step_layout, resolve_pending_tokens
 from raymoe.actors.models.batch import ForwardBatch
 from raymoe.actors.models.checkpoint import CheckpointReader
 from raymoe.actors.models.decoder import CausalLM
 from raymoe.actors.models.expert_map import ExpertMap
-from raymoe.actors.models.spec import ModelSpec
-from raymoe.actors.rank import RankContext
+from raymoe.actors.models.spec import ModelSpec, resolve_dtype
 from raymoe.cluster.config import Config
 from raymoe.cluster.expert_moves import plan_layer_moves
 from raymoe.cluster.expert_placement import default_placement, num_physical_experts
@@ -32,14 +32,6 @@ from raymoe.comm.expert_transfer import move_expert_weights
 log = logging.getLogger(__name__)
 
 CPU_KV_BUDGET_BYTES = 2 * 2**30  # auto-sized CPU caches stop here
-
-
-def resolve_dtype(requested: str, spec: ModelSpec, device: torch.device) -> torch.dtype:
-    """``auto``: the checkpoint's dtype on GPU, float32 on CPU (CPU bf16 matmuls are slow and lossy)."""
-    name = requested if requested != "auto" else (spec.torch_dtype if device.type == "cuda" else "float32")
-    if name not in ("float32", "bfloat16", "float16"):
-        name = "bfloat16"
-    return getattr(torch, name)
 
 
 def make_attention(kind: str, kv_cache: torch.Tensor, block_size: int, num_heads: int) -> Any:
@@ -151,7 +143,7 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def execute(self, step: StepInput) -> Optional[StepOutput]:
+    def launch_and_collect(self, step: StepInput) -> Optional[StepOutput]:
         """Run one step to completion (nothing else in flight); None on ranks that do not report."""
         assert not self._in_flight, "steps in flight: collect() them first"
         self.launch(step)

@@ -37,19 +37,10 @@ from raymoe.actors.models.linear import linear
 from raymoe.actors.models.layers import BlockOutput, PartialSum, split_evenly
 from raymoe.actors.models.moe_combine import combine, combine_add_rms_norm
 from raymoe.actors.models.moe_dispatch import Dispatch, dispatch
+from raymoe.actors.models.registry import ExpertNames
 from raymoe.actors.models.spec import ModelSpec
 from raymoe.comm.group import GroupCoordinator
 from raymoe.comm.groups import Groups
-
-
-@dataclass(frozen=True)
-class ExpertNames:
-    """Checkpoint tensor names of one MoE layer; ``{layer}`` and ``{expert}`` are filled in."""
-
-    router: str
-    gate: str
-    up: str
-    down: str
 
 
 class MoE(nn.Module):

@@ -38,7 +38,7 @@ def test_outputs_unchanged_across_rebalance(ray_session, ep, chunk):
     with LLM(config, collect_logits=True) as llm:
         controller = llm.controller
         before = llm.generate(PROMPTS, SAMPLING)
-        initial = ray.get(controller.execute.remote(_placements))[0]
+        initial = ray.get(controller.run_on_ranks.remote(_placements))[0]
         # a skewed load: expert 0 and 4 hot in every layer
         hot = torch.ones(8)
         hot[0], hot[4] = 60.0, 25.0
@@ -49,7 +49,7 @@ def test_outputs_unchanged_across_rebalance(ray_session, ep, chunk):
         assert status["rebalances"] == 1 and status["layers_done"] == status["layers_total"] > 0
         assert status["balancedness_after"] > status["balancedness_before"] + 0.05
         after = llm.generate(PROMPTS, SAMPLING)
-        placements = ray.get(controller.execute.remote(_placements))
+        placements = ray.get(controller.run_on_ranks.remote(_placements))
         assert all(p == placements[0] for p in placements), "ranks disagree on the placement"
         assert placements[0] != initial, "nothing moved"
         for b, d, a in zip(before, during, after):

@@ -40,7 +40,7 @@ class ClusterCapacityError(RuntimeError):
 
 
 @dataclass
-class RankCluster:
+class RankGroup:
     layout: RankLayout
     device: str
     placement_group: Any
@@ -75,7 +75,7 @@ class RankCluster:
         remove_placement_group(self.placement_group)
 
 
-def start_rank_cluster(layout: RankLayout, parallel: ParallelConfig, name: str = "") -> RankCluster:
+def start_rank_group(layout: RankLayout, parallel: ParallelConfig, name: str = "") -> RankGroup:
     """``name``: the placement group's, so that whoever outlives the controller can free it
     should the controller die (Ray keeps a dead actor's placement groups)."""
     device, timeout_s = parallel.device, parallel.placement_timeout_s
@@ -99,8 +99,8 @@ def start_rank_cluster(layout: RankLayout, parallel: ParallelConfig, name: str =
     except BaseException:
         remove_placement_group(pg)
         raise
-    log.info("rank cluster up: %s", layout.describe())
-    return RankCluster(layout=layout, device=device, placement_group=pg, actors=ranked, infos=infos)
+    log.info("rank group up: %s", layout.describe())
+    return RankGroup(layout=layout, device=device, placement_group=pg, actors=ranked, infos=infos)
 
 
 def remove_named_placement_group(name: str) -> None:
