@@ -123,11 +123,11 @@ class Controller:
         if not self.config.eplb.enabled or spec.moe is None:
             return None
         ranks = self._rank_group()
-        placement = ray.get(ranks.actors[0].physical_to_logical.remote())
+        physical_to_logical = ray.get(ranks.actors[0].physical_to_logical.remote())
         device = torch.device("cuda" if self.config.parallel.device == "cuda" else "cpu")
         elem = torch.empty((), dtype=resolve_dtype(self.config.model.dtype, spec, device)).element_size()
         expert_bytes = 3 * spec.hidden_size * spec.moe.intermediate_size * elem
-        return EplbManager(self.config.eplb, self.layout, ranks.actors, placement, spec.moe.num_experts, expert_bytes)
+        return EplbManager(self.config.eplb, self.layout, ranks.actors, physical_to_logical, spec.moe.num_experts, expert_bytes)
 
     # ---- expert-parallel load balancing ------------------------------------------------
 

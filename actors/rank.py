@@ -45,13 +45,13 @@ class RankWorker:
     def __init__(self, device_kind: str, cpu_threads: int = 1) -> None:
         self.device_kind = device_kind
         if device_kind == "cpu":
-            # one rank per logical CPU the placement reserved: no oversubscription
+            # one rank per logical CPU the placement group reserved: no oversubscription
             torch.set_num_threads(cpu_threads)
         self.ctx: Optional[RankContext] = None
 
     # ---- bring-up -------------------------------------------------------------
 
-    def placement(self) -> dict[str, Any]:
+    def location(self) -> dict[str, Any]:
         """Where Ray put this actor: node id, IP and GPU ids."""
         rt = ray.get_runtime_context()
         gpu_ids = [int(g) for g in ray.get_gpu_ids()] if self.device_kind == "cuda" else []
@@ -66,12 +66,12 @@ class RankWorker:
     def init_distributed(
         self, layout: RankLayout, rank: int, init_method: str, symmetric_memory: bool = False
     ) -> dict[str, Any]:
-        placement = self.placement()
-        device = torch_device_for(list(placement["gpu_ids"]), os.environ.get("CUDA_VISIBLE_DEVICES"))
+        location = self.location()
+        device = torch_device_for(list(location["gpu_ids"]), os.environ.get("CUDA_VISIBLE_DEVICES"))
         init_distributed(rank, layout.world_size, init_method, device)
-        groups = build_groups(layout, rank, device, placement["node_id"], symmetric_memory)
+        groups = build_groups(layout, rank, device, location["node_id"], symmetric_memory)
         self.ctx = RankContext(layout=layout, coord=layout.coord(rank), device=device, groups=groups)
-        return {"rank": rank, "device": str(device), **placement}
+        return {"rank": rank, "device": str(device), **location}
 
     # ---- engine -----------------------------------------------------------------
 

@@ -17,7 +17,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from raymoe.actors.rank import RankWorker
 from raymoe.cluster.config import ParallelConfig
 from raymoe.cluster.layout import RankLayout
-from raymoe.cluster.placement import PlacedActor, PlacementPlan, assign_ranks, describe_shortfall, plan_placement
+from raymoe.cluster.placement import ActorLocation, PlacementPlan, assign_ranks, describe_shortfall, plan_placement
 
 log = logging.getLogger(__name__)
 
@@ -83,13 +83,13 @@ def start_rank_group(layout: RankLayout, parallel: ParallelConfig, name: str = "
     pg = _reserve(plan, timeout_s, name)
     try:
         actors = _start_actors(layout, device, plan, pg)
-        placed = [
-            PlacedActor(actor_index=i, bundle=layout.coord(i).node, **info)
+        located = [
+            ActorLocation(actor_index=i, bundle=layout.coord(i).node, **info)
             for i, info in enumerate(
-                _wait_all([a.placement.remote() for a in actors], timeout_s, what="rank actor start")
+                _wait_all([a.location.remote() for a in actors], timeout_s, what="rank actor start")
             )
         ]
-        order = assign_ranks(layout, placed)
+        order = assign_ranks(layout, located)
         ranked = [actors[p.actor_index] for p in order]
         port = ray.get(ranked[0].free_port.remote())
         init_method = f"tcp://{order[0].ip}:{port}"

@@ -26,7 +26,7 @@ from raymoe.actors.models.expert_map import ExpertMap
 from raymoe.actors.models.spec import ModelSpec, resolve_dtype
 from raymoe.cluster.config import Config
 from raymoe.cluster.expert_moves import plan_layer_moves
-from raymoe.cluster.expert_placement import default_placement, num_physical_experts
+from raymoe.cluster.expert_slots import default_expert_slots, num_physical_experts
 from raymoe.comm.expert_transfer import move_expert_weights
 
 log = logging.getLogger(__name__)
@@ -93,8 +93,8 @@ class ModelRunner:
         if moe is None:
             return None
         physical = num_physical_experts(moe.num_experts, self.config.eplb.num_redundant_experts, self.ctx.groups.ep.world_size)
-        placement = default_placement(len(self.spec.moe_layers), moe.num_experts, physical)
-        return ExpertMap(placement, moe.num_experts, self.device)
+        physical_to_logical = default_expert_slots(len(self.spec.moe_layers), moe.num_experts, physical)
+        return ExpertMap(physical_to_logical, moe.num_experts, self.device)
 
     def kv_block_bytes(self) -> int:
         elem = torch.empty((), dtype=self.dtype).element_size()
@@ -230,7 +230,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def move_experts(self, moe_layers: list[int], new_physical_to_logical: torch.Tensor) -> int:
-        """Switch ``moe_layers`` to the new placement rows [len, P]: exchange expert weights
+        """Switch ``moe_layers`` to the new expert-slot rows [len, P]: exchange expert weights
         with the other EP ranks, then update the layers' maps in place. Returns bytes received."""
         assert self.expert_map is not None
         if self.device.type == "cuda":

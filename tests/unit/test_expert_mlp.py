@@ -11,7 +11,7 @@ from raymoe.actors.models.expert_mlp import expert_mlp, pick_config
 from raymoe.actors.models.moe_combine import combine
 from raymoe.actors.models.moe_dispatch import dispatch
 from raymoe.actors.models.ops import block_dividing
-from raymoe.cluster.expert_placement import replica_tables
+from raymoe.cluster.expert_slots import replica_tables
 
 
 def _mlp_case(slots: int, hidden: int, inter: int, tokens: int, top_k: int, foreign: bool):
