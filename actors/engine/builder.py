@@ -65,7 +65,9 @@ def build_engine_core(
     ``executor``: runs its steps (None: the caller drives them, as AsyncEngine does)."""
     eng = config.engine
     schedulers = [
-        Scheduler(BlockManager(num_blocks, eng.block_size), eng.max_num_seqs, eng.max_num_batched_tokens, model.max_model_len)
+        Scheduler(
+            BlockManager(num_blocks, eng.block_size), eng.max_num_seqs, eng.max_num_batched_tokens, model.max_model_len
+        )
         for _ in range(config.parallel.dp)
     ]
     return EngineCore(

@@ -55,9 +55,10 @@ class EplbManager:
 
     def request(self, logical_load: Optional[torch.Tensor] = None) -> None:
         """Rebalance at the next step, from ``logical_load`` [moe_layers, E] or the recorded load."""
-        if logical_load is not None and tuple(logical_load.shape) != (self.physical_to_logical.shape[0], self.num_logical):
+        num_moe_layers = self.physical_to_logical.shape[0]
+        if logical_load is not None and tuple(logical_load.shape) != (num_moe_layers, self.num_logical):
             raise ValueError(
-                f"logical_load: expected shape [{self.physical_to_logical.shape[0]}, {self.num_logical}] "
+                f"logical_load: expected shape [{num_moe_layers}, {self.num_logical}] "
                 f"(MoE layers x experts), got {list(logical_load.shape)}"
             )
         self.requested = logical_load if logical_load is not None else "recorded"
@@ -81,7 +82,12 @@ class EplbManager:
         load = requested if isinstance(requested, torch.Tensor) else await self._recorded_load()
         t0 = time.perf_counter()
         plan = await asyncio.to_thread(
-            plan_expert_slots, load, self.physical_to_logical, self.ep, nodes=self.nodes, bytes_per_expert=self.bytes_per_expert
+            plan_expert_slots,
+            load,
+            self.physical_to_logical,
+            self.ep,
+            nodes=self.nodes,
+            bytes_per_expert=self.bytes_per_expert,
         )
         self.last_plan = plan
         changed = [i for i, n in enumerate(plan.moved_slots_per_layer.tolist()) if n]
