@@ -1,4 +1,4 @@
-"""The controller actor: owns the rank cluster and drives the engine.
+"""The controller actor: owns the rank group and drives the engine.
 
 It reserves the placement group, starts the rank actors, has them build every
 process group, loads the model, and runs the engine's step loop (an asyncio
@@ -19,18 +19,15 @@ from typing import Any, Callable, Optional, Sequence
 import ray
 import torch
 
-from raymoe.actors.cluster import RankCluster, start_rank_cluster
 from raymoe.actors.engine.async_engine import AsyncEngine, RestartBudget, describe_failure
-from raymoe.actors.engine.block_manager import BlockManager
-from raymoe.actors.engine.core import EngineCore
+from raymoe.actors.engine.builder import EngineModel, build_engine_core, open_model
 from raymoe.actors.engine.eplb import EplbManager
-from raymoe.actors.engine.executor import RayStepExecutor
 from raymoe.actors.engine.messages import EngineStats, ModelInfo, NewRequest, OutputBatch, Rejection
-from raymoe.actors.engine.runner import resolve_dtype
-from raymoe.actors.engine.scheduler import Scheduler
 from raymoe.actors.engine.tokenizer import Tokenizer
 from raymoe.actors.models.builtin import resolve_model_path
-from raymoe.actors.models.spec import ModelSpec, load_spec
+from raymoe.actors.models.spec import ModelSpec, resolve_dtype
+from raymoe.actors.rank_group import RankGroup, start_rank_group
+from raymoe.actors.step_executor import RayStepExecutor
 from raymoe.cluster.config import BUILTIN_PREFIX, Config
 from raymoe.cluster.layout import RankLayout
 
@@ -42,18 +39,16 @@ RANK_HEALTH_TIMEOUT_S = 5.0
 class Controller:
     def __init__(self, config: Config, placement_group_name: str = "") -> None:
         """``placement_group_name``: the name of the ranks' placement group (see
-        ``start_rank_cluster``); empty: unnamed."""
+        ``start_rank_group``); empty: unnamed."""
         self.config = config
         self.placement_group_name = placement_group_name
         self.layout = RankLayout.from_config(config.parallel)
-        self.cluster: Optional[RankCluster] = None
+        self.rank_group: Optional[RankGroup] = None
         self.engine: Optional[AsyncEngine] = None
         self.executor: Optional[RayStepExecutor] = None
         self.eplb: Optional[EplbManager] = None
-        self.tokenizer: Optional[Tokenizer] = None
+        self.model: Optional[EngineModel] = None
         self.model_info: Optional[ModelInfo] = None
-        self.spec: Optional[ModelSpec] = None
-        self.max_model_len = 0
 
     # ---- bring-up ---------------------------------------------------------------
 
@@ -62,10 +57,10 @@ class Controller:
 
     async def start(self) -> dict[str, Any]:
         """Bring up every rank; returns what each rank reported (rank, device, node, GPU)."""
-        assert self.cluster is None, "controller already started"
+        assert self.rank_group is None, "controller already started"
         t0 = time.perf_counter()
-        self.cluster = await asyncio.to_thread(start_rank_cluster, self.layout, self.config.parallel, self.placement_group_name)
-        return {"layout": self.layout.describe(), "ranks": self.cluster.infos, "startup_s": round(time.perf_counter() - t0, 2)}
+        self.rank_group = await asyncio.to_thread(start_rank_group, self.layout, self.config.parallel, self.placement_group_name)
+        return {"layout": self.layout.describe(), "ranks": self.rank_group.infos, "startup_s": round(time.perf_counter() - t0, 2)}
 
     async def load_model(self, collect_logits: bool = False) -> ModelInfo:
         """Load the model on every rank, size the KV cache, build the engine."""
@@ -80,75 +75,59 @@ class Controller:
                 "(tp, dp and ep are supported)"
             )
         t0 = time.perf_counter()
-        path = str(resolve_model_path(self.config.model.path))
-        self.spec = spec = load_spec(path)
-        self.tokenizer = Tokenizer.from_dir(path)
-        self.max_model_len = max_model_len = spec.max_model_len(self.config.model.max_model_len)
-        num_blocks = self._load_ranks(path)
+        self.model = model = open_model(self.config)
+        num_blocks = self._load_ranks(model.path)
         eng = self.config.engine
-        schedulers = [
-            Scheduler(BlockManager(num_blocks, eng.block_size), eng.max_num_seqs, eng.max_num_batched_tokens, max_model_len)
-            for _ in range(self.layout.dp)
-        ]
-        core = EngineCore(schedulers, self.tokenizer.eos_token_ids, None, self.config.model.seed, collect_logits,
-                          vocab_size=spec.vocab_size)  # fmt: skip
+        core = build_engine_core(self.config, model, num_blocks, collect_logits=collect_logits)
         pipelined = eng.pipelined_steps if eng.pipelined_steps is not None else self.config.parallel.device == "cuda"
         self.engine = AsyncEngine(
-            core, self.executor.run_async, self.config.serve.max_queued_requests, self.eplb, pipelined,
+            core, self.executor.run_step_async, self.config.serve.max_queued_requests, self.eplb, pipelined,
             restart=self._restart_ranks, restart_budget=RestartBudget(eng.max_restarts, eng.restart_window_s),
         )  # fmt: skip
-        self.model_info = ModelInfo(
-            model=path,
-            architecture=spec.architecture,
-            vocab_size=spec.vocab_size,
-            max_model_len=max_model_len,
-            kv_blocks_per_replica=num_blocks,
-            block_size=eng.block_size,
-            load_s=round(time.perf_counter() - t0, 2),
-        )
+        self.model_info = model.info(num_blocks, eng.block_size, load_s=round(time.perf_counter() - t0, 2))
         return self.model_info
 
     def _load_ranks(self, path: str) -> int:
-        """Load the model on the ranks of the current cluster, size and allocate their KV cache,
+        """Load the model on the ranks of the current rank group, size and allocate their KV cache,
         and build what drives them (executor, EPLB); returns the KV blocks per replica."""
-        cluster = self._cluster()
+        ranks = self._rank_group()
         if self.config.model.path.startswith(BUILTIN_PREFIX):
             # every node needs the files: each rank writes them where its node lacks them
-            cluster.call("execute", _resolve_on_rank, self.config.model.path)
-        num_blocks = min(cluster.call("load_model", self.config, path, self.max_model_len))
+            ranks.call("run_on_rank", _resolve_on_rank, self.config.model.path)
+        num_blocks = min(ranks.call("load_model", self.config, path, self._model().max_model_len))
         if num_blocks < 1:
             raise RuntimeError(
                 "no memory left for the KV cache after loading the model: raise engine.kv_memory_fraction, "
                 "spread the model over more GPUs (tp/ep), or use a smaller model"
             )
-        cluster.call("allocate_kv_cache", num_blocks)
-        self.executor = RayStepExecutor(self.layout, cluster.actors, self.config.engine.step_timeout_s)
-        self.eplb = self._eplb_manager(self.spec)
+        ranks.call("allocate_kv_cache", num_blocks)
+        self.executor = RayStepExecutor(self.layout, ranks.actors, self.config.engine.step_timeout_s)
+        self.eplb = self._eplb_manager(self._model().spec)
         return num_blocks
 
     async def _restart_ranks(self) -> int:
         """After a failed step: kill the whole rank group and bring up a new one with the same
         layout and model (the engine's restart); returns the new KV blocks per replica."""
         t0 = time.perf_counter()
-        old, self.cluster = self.cluster, None
+        old, self.rank_group = self.rank_group, None
         if old is not None:
             await asyncio.to_thread(old.kill)
-        self.cluster = await asyncio.to_thread(start_rank_cluster, self.layout, self.config.parallel, self.placement_group_name)
+        self.rank_group = await asyncio.to_thread(start_rank_group, self.layout, self.config.parallel, self.placement_group_name)
         num_blocks = await asyncio.to_thread(self._load_ranks, str(resolve_model_path(self.config.model.path)))
         engine = self._engine()
-        engine.execute_async, engine.background = self.executor.run_async, self.eplb
+        engine.run_step_async, engine.background = self.executor.run_step_async, self.eplb
         log.warning("rank group restarted in %.1f s", time.perf_counter() - t0)
         return num_blocks
 
     def _eplb_manager(self, spec: ModelSpec) -> Optional[EplbManager]:
         if not self.config.eplb.enabled or spec.moe is None:
             return None
-        cluster = self._cluster()
-        placement = ray.get(cluster.actors[0].physical_to_logical.remote())
+        ranks = self._rank_group()
+        physical_to_logical = ray.get(ranks.actors[0].physical_to_logical.remote())
         device = torch.device("cuda" if self.config.parallel.device == "cuda" else "cpu")
         elem = torch.empty((), dtype=resolve_dtype(self.config.model.dtype, spec, device)).element_size()
         expert_bytes = 3 * spec.hidden_size * spec.moe.intermediate_size * elem
-        return EplbManager(self.config.eplb, self.layout, cluster.actors, placement, spec.moe.num_experts, expert_bytes)
+        return EplbManager(self.config.eplb, self.layout, ranks.actors, physical_to_logical, spec.moe.num_experts, expert_bytes)
 
     # ---- expert-parallel load balancing ------------------------------------------------
 
@@ -176,9 +155,7 @@ class Controller:
 
     def get_tokenizer(self) -> Tokenizer:
         """The model's tokenizer (picklable): clients tokenise and detokenise themselves."""
-        if self.tokenizer is None:
-            raise RuntimeError("no model loaded (load_model)")
-        return self.tokenizer
+        return self._model().tokenizer
 
     def get_model_info(self) -> ModelInfo:
         if self.model_info is None:
@@ -203,21 +180,21 @@ class Controller:
         """Queue depth, running requests and KV-cache usage per DP replica, and counters."""
         return self._engine().stats()
 
-    # ---- cluster operations ---------------------------------------------------------
+    # ---- rank-group operations ------------------------------------------------------
 
     async def barrier(self, group: str = "world") -> float:
         """Barrier over every group of ``group`` kind (each rank joins its own); returns seconds."""
         t0 = time.perf_counter()
-        await asyncio.gather(*self._cluster().call_async("barrier", group))
+        await asyncio.gather(*self._rank_group().call_async("barrier", group))
         return time.perf_counter() - t0
 
-    async def execute(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
+    async def run_on_ranks(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
         """Run ``fn(ctx, *args, **kwargs)`` on every rank; results in rank order."""
-        return list(await asyncio.gather(*self._cluster().call_async("execute", fn, *args, **kwargs)))
+        return list(await asyncio.gather(*self._rank_group().call_async("run_on_rank", fn, *args, **kwargs)))
 
     def rank_actors(self) -> list[Any]:
         """The rank actor handles, index = global rank (tools and benchmarks)."""
-        return list(self._cluster().actors)
+        return list(self._rank_group().actors)
 
     def ping(self) -> bool:
         """Answers at once while the controller's event loop runs (its host's liveness check)."""
@@ -235,9 +212,9 @@ class Controller:
             return {"status": "degraded", "reason": f"the engine is down: {describe_failure(engine.error)}", **base}
         if engine is not None and engine.recovering is not None:
             return {"status": "recovering", "reason": f"restarting the ranks after: {engine.recovering}", **base}
-        if self.cluster is None:
+        if self.rank_group is None:
             return {"status": "starting", "reason": "bringing up the ranks", **base}
-        calls = self.cluster.call_async("health")
+        calls = self.rank_group.call_async("health")
         done, busy = await asyncio.wait([asyncio.ensure_future(c) for c in calls], timeout=RANK_HEALTH_TIMEOUT_S)
         for task in busy:
             task.cancel()
@@ -253,19 +230,24 @@ class Controller:
                 "restarts": engine.num_restarts if engine else 0, **base}  # fmt: skip
 
     async def shutdown(self) -> None:
-        if self.cluster is not None:
-            await asyncio.to_thread(self.cluster.shutdown)
-            self.cluster = None
+        if self.rank_group is not None:
+            await asyncio.to_thread(self.rank_group.shutdown)
+            self.rank_group = None
 
     def _engine(self) -> AsyncEngine:
         if self.engine is None:
             raise RuntimeError("no model loaded (load_model)")
         return self.engine
 
-    def _cluster(self) -> RankCluster:
-        if self.cluster is None:
+    def _model(self) -> EngineModel:
+        if self.model is None:
+            raise RuntimeError("no model loaded (load_model)")
+        return self.model
+
+    def _rank_group(self) -> RankGroup:
+        if self.rank_group is None:
             raise RuntimeError("controller not started")
-        return self.cluster
+        return self.rank_group
 
 
 def _resolve_on_rank(ctx: Any, path: str) -> str:

@@ -10,29 +10,16 @@ from __future__ import annotations
 import os
 import pickle
 import socket
-from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import ray
 import torch
 
-from raymoe.cluster.layout import RankCoord, RankLayout
-from raymoe.comm.groups import Groups, build_groups, destroy_distributed, init_distributed
-
-
-@dataclass
-class RankContext:
-    """What one rank knows about itself; passed explicitly to code run on the rank."""
-
-    layout: RankLayout
-    coord: RankCoord
-    device: torch.device
-    groups: Groups
-    state: dict[str, Any] = field(default_factory=dict)  # per-rank objects (e.g. the model runner)
-
-    @property
-    def rank(self) -> int:
-        return self.coord.rank
+from raymoe.actors.engine.rank_context import RankContext
+from raymoe.actors.engine.runner import ModelRunner
+from raymoe.actors.models.spec import load_spec
+from raymoe.cluster.layout import RankLayout
+from raymoe.comm.groups import build_groups, destroy_distributed, init_distributed
 
 
 def torch_device_for(gpu_ids: list[int], visible: Optional[str]) -> torch.device:
@@ -58,13 +45,13 @@ class RankWorker:
     def __init__(self, device_kind: str, cpu_threads: int = 1) -> None:
         self.device_kind = device_kind
         if device_kind == "cpu":
-            # one rank per logical CPU the placement reserved: no oversubscription
+            # one rank per logical CPU the placement group reserved: no oversubscription
             torch.set_num_threads(cpu_threads)
         self.ctx: Optional[RankContext] = None
 
     # ---- bring-up -------------------------------------------------------------
 
-    def placement(self) -> dict[str, Any]:
+    def location(self) -> dict[str, Any]:
         """Where Ray put this actor: node id, IP and GPU ids."""
         rt = ray.get_runtime_context()
         gpu_ids = [int(g) for g in ray.get_gpu_ids()] if self.device_kind == "cuda" else []
@@ -79,20 +66,17 @@ class RankWorker:
     def init_distributed(
         self, layout: RankLayout, rank: int, init_method: str, symmetric_memory: bool = False
     ) -> dict[str, Any]:
-        placement = self.placement()
-        device = torch_device_for(list(placement["gpu_ids"]), os.environ.get("CUDA_VISIBLE_DEVICES"))
+        location = self.location()
+        device = torch_device_for(list(location["gpu_ids"]), os.environ.get("CUDA_VISIBLE_DEVICES"))
         init_distributed(rank, layout.world_size, init_method, device)
-        groups = build_groups(layout, rank, device, placement["node_id"], symmetric_memory)
+        groups = build_groups(layout, rank, device, location["node_id"], symmetric_memory)
         self.ctx = RankContext(layout=layout, coord=layout.coord(rank), device=device, groups=groups)
-        return {"rank": rank, "device": str(device), **placement}
+        return {"rank": rank, "device": str(device), **location}
 
     # ---- engine -----------------------------------------------------------------
 
     def load_model(self, config: Any, checkpoint_dir: str, max_model_len: int) -> int:
         """Build and load this rank's model shard; returns how many KV blocks it could hold."""
-        from raymoe.actors.engine.runner import ModelRunner
-        from raymoe.actors.models.spec import load_spec
-
         runner = ModelRunner(self._context(), config, load_spec(checkpoint_dir), max_model_len, checkpoint_dir)
         self._context().state["runner"] = runner
         return runner.max_kv_blocks()
@@ -100,7 +84,7 @@ class RankWorker:
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self._runner().allocate_kv_cache(num_blocks)
 
-    def execute_step(self, step: Optional[bytes], wait: bool = True) -> bytes:
+    def run_step(self, step: Optional[bytes], wait: bool = True) -> bytes:
         """Launch one engine step (a pickled StepInput; None: no new step) and return the
         pickled list of outputs of the steps this call completes, oldest first: every
         launched step when ``wait``, else all but the one just launched, which stays in
@@ -131,7 +115,7 @@ class RankWorker:
     def barrier(self, group: str = "world") -> None:
         self._context().groups[group].barrier()
 
-    def execute(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    def run_on_rank(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run ``fn(ctx, *args, **kwargs)`` on this rank (tests, benchmarks, tools)."""
         return fn(self._context(), *args, **kwargs)
 

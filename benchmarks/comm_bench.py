@@ -1,5 +1,5 @@
 """Communication benchmark through the product path: a controller, its rank actors, and
-``Controller.execute`` running the functions below on every rank.
+``Controller.run_on_ranks`` running the functions below on every rank.
 
 Measures
   1. barrier latency over the cpu (gloo) group against the device group, idle and
@@ -189,16 +189,16 @@ def run(args: argparse.Namespace) -> str:
     cfg = config_from_dict({"parallel": {"tp": args.tp, "device": args.device, "placement_timeout_s": 120}})
     controller = start_controller(cfg)
     try:
-        info = ray.get(controller.execute.remote(_rank_info))
+        info = ray.get(controller.run_on_ranks.remote(_rank_info))
         print(f"world {args.tp} on {info[0]['name']} ({args.device}), torch {info[0]['torch']}", flush=True)
         if args.tp == 1:
             print("world size 1: every collective and barrier is a no-op (the group short-circuits)", flush=True)
-        barrier = ray.get(controller.execute.remote(_barrier_latency, args.iters, QUEUED_MS))
+        barrier = ray.get(controller.run_on_ranks.remote(_barrier_latency, args.iters, QUEUED_MS))
         rows = []
         for op in OPS:
             for nbytes in args.sizes:
                 iters = iters_for(args.device, nbytes, args.iters)
-                t = max(ray.get(controller.execute.remote(_collective_latency, op, nbytes, iters, args.warmup)))
+                t = max(ray.get(controller.run_on_ranks.remote(_collective_latency, op, nbytes, iters, args.warmup)))
                 rows.append((op, nbytes, t, bus_bandwidth(op, nbytes, t, args.tp)))
                 print(f"  {op:>14} {human(nbytes):>8}: {t * 1e6:10.1f} us  {rows[-1][3] / 1e9:8.2f} GB/s", flush=True)
     finally:

@@ -126,10 +126,10 @@ def prefill_step(seqs: int, tokens: int, block_size: int, dp_counts: tuple[int, 
 
 
 def time_step(ctx, step, iters: int, pipelined: bool = True) -> dict:
-    """Per-step time run one at a time (execute) and pipelined (the next step launched before
+    """Per-step time run one at a time (launch_and_collect) and pipelined (the next step launched before
     this one is collected, as the engine runs on GPUs: host work overlaps the device's)."""
     runner = ctx.state["runner"]
-    times = _timed(lambda: runner.execute(step), iters)
+    times = _timed(lambda: runner.launch_and_collect(step), iters)
     if not pipelined:
         return {"median_s": statistics.median(times)}
     runner.launch(step)
@@ -213,7 +213,7 @@ def main() -> None:
                    "max_num_batched_tokens": max(tokens_needed, 8192), "cuda_graphs": not args.no_graphs},
     })  # fmt: skip
     controller = start_controller(config)
-    run = lambda fn, *a: ray.get(controller.execute.remote(fn, *a))  # noqa: E731
+    run = lambda fn, *a: ray.get(controller.run_on_ranks.remote(fn, *a))  # noqa: E731
     info = run(build, config, hf_config(args.layers), num_blocks, max_model_len)[0]
     rows = []
     for b in batches:
@@ -269,21 +269,21 @@ def _loop_overhead(controller, config, args, block_size: int, dp: int) -> dict:
     """What the step loop adds at decode batch 64: the same step sent to every rank actor and
     collected as the controller's executor does it, one step at a time (wait) and pipelined
     (one step kept in flight, as the controller runs on GPUs), against the rank's own time."""
-    from raymoe.actors.engine.executor import RayStepExecutor
+    from raymoe.actors.step_executor import RayStepExecutor
     from raymoe.cluster.layout import RankLayout
 
     b = min(64, config.engine.max_num_seqs)
     steps = [decode_step(b, args.context, block_size, d, (b,) * dp) for d in range(dp)]
-    rank = ray.get(controller.execute.remote(_per_replica(time_step), steps, args.iters))[0]["median_s"]
+    rank = ray.get(controller.run_on_ranks.remote(_per_replica(time_step), steps, args.iters))[0]["median_s"]
     executor = RayStepExecutor(RankLayout.from_config(config.parallel), ray.get(controller.rank_actors.remote()))
 
     async def loop_times(wait: bool) -> list[float]:
         times = []
         for _ in range(args.iters + 5):
             t0 = time.perf_counter()
-            await executor.run_async(steps, wait)
+            await executor.run_step_async(steps, wait)
             times.append(time.perf_counter() - t0)
-        await executor.run_async(None, True)  # collect the step left in flight
+        await executor.run_step_async(None, True)  # collect the step left in flight
         return times
 
     sync = statistics.median(asyncio.run(loop_times(True))[5:])

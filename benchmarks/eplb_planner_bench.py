@@ -1,14 +1,14 @@
 """EPLB planner benchmark: raymoe's planner against DeepSeek's published EPLB algorithm.
 
 On the same skewed load matrices ([layers, experts] token counts: per layer a Zipf
-distribution over a shuffled hot set, sampled as a multinomial) both plan a placement
+distribution over a shuffled hot set, sampled as a multinomial) both plan expert slots
 from the default one (slot p holds expert p mod E), then plan again on a second
 window whose routing drifted a little (each expert's probability times
 exp(N(0, drift)), resampled). Reported, measured the same way for both planners with
 raymoe.cluster.eplb_metrics:
   balancedness  sum_layers mean(rank load) / sum_layers max(rank load), rank load = sum
                 over a rank's slots of load[expert] / replicas[expert];
-  moved         slots whose logical expert changes against the placement in force, times
+  moved         slots whose logical expert changes against the expert slots in force, times
                 --bytes-per-expert (default: one DeepSeek-V3 expert in FP8, 3*7168*2048 B);
   time          wall seconds of one plan (58 layers).
 DeepSeek's hierarchical mode gets num_groups = experts (each expert its own group: the
@@ -40,8 +40,8 @@ import numpy as np
 import torch
 
 from raymoe.cluster.eplb_metrics import balancedness, moved_slots, rank_loads
-from raymoe.cluster.eplb_planner import plan_expert_placement
-from raymoe.cluster.expert_placement import default_placement
+from raymoe.cluster.eplb_planner import plan_expert_slots
+from raymoe.cluster.expert_slots import default_expert_slots
 
 REF_REQUIREMENT = "sglang==0.5.23"
 REF_MEMBER = "sglang/srt/eplb/eplb_algorithms/deepseek.py"
@@ -124,7 +124,7 @@ def run_config(ref, args, ep: int, nodes: int, exponent: float, seed: int) -> di
     rng = np.random.default_rng(seed)
     physical = args.experts + (ep if args.redundant is None else args.redundant)
     w1, w2 = zipf_windows(rng, args.layers, args.experts, exponent, args.tokens, args.drift)
-    current = default_placement(args.layers, args.experts, physical)
+    current = default_expert_slots(args.layers, args.experts, physical)
     row = {"ep": ep, "nodes": nodes, "s": exponent, "P": physical, "slots": args.layers * physical}
     row["cur1"] = balancedness(rank_loads(w1, current, ep))
 
@@ -138,10 +138,10 @@ def run_config(ref, args, ep: int, nodes: int, exponent: float, seed: int) -> di
 
     bpe = args.bytes_per_expert
     t = time.perf_counter()
-    rm1 = plan_expert_placement(w1, current, ep, nodes=nodes, bytes_per_expert=bpe, tolerance=args.tolerance)
+    rm1 = plan_expert_slots(w1, current, ep, nodes=nodes, bytes_per_expert=bpe, tolerance=args.tolerance)
     row["rm_time"] = time.perf_counter() - t
-    rm2 = plan_expert_placement(w2, rm1.physical_to_logical, ep, nodes=nodes, bytes_per_expert=bpe, tolerance=args.tolerance)
-    lax = plan_expert_placement(w2, rm1.physical_to_logical, ep, nodes=nodes, bytes_per_expert=bpe, tolerance=args.lax_tolerance)
+    rm2 = plan_expert_slots(w2, rm1.physical_to_logical, ep, nodes=nodes, bytes_per_expert=bpe, tolerance=args.tolerance)
+    lax = plan_expert_slots(w2, rm1.physical_to_logical, ep, nodes=nodes, bytes_per_expert=bpe, tolerance=args.lax_tolerance)
     row["rm1"], row["rm1_moved"] = measure(w1, current, rm1.physical_to_logical, ep)
     row["rm2"], row["rm2_moved"] = measure(w2, rm1.physical_to_logical, rm2.physical_to_logical, ep)
     row["lax2"], row["lax2_moved"] = measure(w2, rm1.physical_to_logical, lax.physical_to_logical, ep)

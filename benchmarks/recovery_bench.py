@@ -53,7 +53,7 @@ def main() -> int:
             return serve.get_deployment_handle("EngineHost", APP_NAME).controller.remote().result()[0]
 
         def kill_rank() -> None:
-            os.kill(ray.get(controller().execute.remote(_pid))[0], signal.SIGKILL)
+            os.kill(ray.get(controller().run_on_ranks.remote(_pid))[0], signal.SIGKILL)
 
         max_tokens = min(4000, ray.get(controller().get_model_info.remote()).max_model_len - 64)
         for name, fault in (("a rank killed with -9", kill_rank), ("the controller killed", lambda: ray.kill(controller()))):

@@ -148,7 +148,7 @@ def engine_times(controller: Any, config: Any, info: Any, args: argparse.Namespa
     import engine_bench  # noqa: E402
 
     ray.cloudpickle.register_pickle_by_value(engine_bench)
-    run = lambda fn, *a: ray.get(controller.execute.remote(fn, *a))  # noqa: E731
+    run = lambda fn, *a: ray.get(controller.run_on_ranks.remote(fn, *a))  # noqa: E731
     dp, bs = config.parallel.dp, info.block_size
     context = args.input_len + args.output_len // 2
     out: dict[str, Any] = {"context": context}

@@ -1,1 +1,4 @@
-"""Pure planning: config tree, rank layout, placement, EPLB plans. No ray, no torch.distributed."""
+"""Pure planning: config tree, rank layout, placement-group bundles, expert slots, EPLB plans.
+
+No ray, no torch.distributed.
+"""

@@ -1,6 +1,6 @@
-"""EPLB metrics on placements: replica counts, per-rank load, balancedness, moved slots.
+"""EPLB metrics on expert slots: replica counts, per-rank load, balancedness, moved slots.
 
-A placement is physical_to_logical [layers, P] (int64): physical slot p of a layer
+Expert slots are physical_to_logical [layers, P] (int64): physical slot p of a layer
 holds that logical expert; EP rank i owns slots [i*P/ep, (i+1)*P/ep). A logical
 expert's tokens split evenly over its replicas (the MoE layer picks replicas
 round-robin by token), so a slot carries load[logical] / replica_count[logical].

@@ -1,8 +1,8 @@
-"""EPLB planner: logical expert load -> a new physical_to_logical placement.
+"""EPLB planner: logical expert load -> new expert slots (physical_to_logical).
 
-Pure (numpy/torch + stdlib). Conventions of ``expert_placement``: P physical slots per
+Pure (numpy/torch + stdlib). Conventions of ``expert_slots``: P physical slots per
 layer, EP rank i owns slots [i*P/ep, (i+1)*P/ep); a slot carries load[logical] /
-replica_count[logical]. A layer's mean rank load is total/ep whatever the placement,
+replica_count[logical]. A layer's mean rank load is total/ep whatever the expert slots,
 so balancedness = sum mean / sum max rises exactly when some layer's max rank load
 falls: every layer is planned on its own.
 
@@ -26,7 +26,7 @@ Per layer:
    packed bins are matched to the current ranks greedily by the slots they could share
    (nodes first, then ranks inside a node); inside a rank every expert that stays keeps
    the slot it already has.
-5. "Warm" candidate (when the current placement keeps each expert's replicas on one
+5. "Warm" candidate (when the current expert slots keep each expert's replicas on one
    node): the current node of every expert, improved by swaps between nodes; per node
    the fresh plan's replica counts where they fit: surplus replicas leave the most
    loaded ranks, missing ones fill the freed slots on the least loaded ranks, then the
@@ -35,7 +35,7 @@ Per layer:
    (it can no longer win then).
 6. Choice: among current, warm and fresh, those whose max rank load is within
    (1 + tolerance) of the lowest (plus 1e-9 relative) qualify, and the one moving the
-   fewest slots wins, the current placement first. So balancedness never drops, a
+   fewest slots wins, the current expert slots first. So balancedness never drops, a
    layer changes only when its max rank load strictly falls, and planning again on the
    same load moves nothing.
 """
@@ -55,7 +55,7 @@ _REL_TOL = 1e-9
 
 @dataclass(frozen=True)
 class EplbPlan:
-    """One rebalance: the new placement and what it buys and costs.
+    """One rebalance: the new expert slots and what it buys and costs.
 
     physical_to_logical [layers, P] int64; rank_load_* [layers, ep] float64 (unit of the
     load); moved_slots_per_layer [layers] int64 = slots whose logical expert changes;
@@ -72,7 +72,7 @@ class EplbPlan:
     bytes_moved: int
 
 
-def plan_expert_placement(
+def plan_expert_slots(
     logical_load: torch.Tensor,
     physical_to_logical: torch.Tensor,
     ep: int,
@@ -81,10 +81,10 @@ def plan_expert_placement(
     bytes_per_expert: int,
     tolerance: float = 0.0,
 ) -> EplbPlan:
-    """Plan a placement for logical_load [layers, E] (tokens per logical expert over a
+    """Plan expert slots for logical_load [layers, E] (tokens per logical expert over a
     window, >= 0) given the current physical_to_logical [layers, P]; ep ranks split evenly
     over ``nodes`` (1 = global). The result keeps P, gives every logical expert >= 1
-    replica and never has a lower balancedness than the current placement.
+    replica and never has a lower balancedness than the current expert slots.
     """
     _validate(logical_load, physical_to_logical, ep, nodes, bytes_per_expert, tolerance)
     load = logical_load.detach().to(torch.float64).cpu()
@@ -145,7 +145,7 @@ def _layer_max(load: np.ndarray, row: np.ndarray, ep: int) -> float:
 
 def _plan_layer(load: np.ndarray, current: np.ndarray, ep: int, nodes: int, tolerance: float) -> np.ndarray:
     """physical_to_logical row [P] for one layer: the best of current, fresh and warm (step 6)."""
-    if ep == 1 or not load.any():  # no placement changes any rank load
+    if ep == 1 or not load.any():  # no expert slots change any rank load
         return current
     fresh = _fresh(load, current, ep, nodes)
     good_enough = _layer_max(load, fresh, ep) * (1 + tolerance)
@@ -336,7 +336,7 @@ def _match_to_current(bins: np.ndarray, current: np.ndarray, ep: int, nodes: int
     for i, n in enumerate(node_perm.tolist()):
         new_ranks, cur_ranks = bins[i].reshape(ranks, k), cur_nodes[n].reshape(ranks, k)
         rank_perm = _greedy_match(_overlap(new_ranks, cur_ranks, num_logical))
-        placed = np.empty_like(new_ranks)
-        placed[rank_perm] = new_ranks
-        out[n * ranks * k : (n + 1) * ranks * k] = _keep_slots(placed, cur_ranks).ravel()
+        matched = np.empty_like(new_ranks)
+        matched[rank_perm] = new_ranks
+        out[n * ranks * k : (n + 1) * ranks * k] = _keep_slots(matched, cur_ranks).ravel()
     return out

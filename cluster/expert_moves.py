@@ -1,10 +1,10 @@
-"""Which expert copies travel where when a layer switches placement. Pure.
+"""Which expert copies travel where when a layer switches expert slots. Pure.
 
 Every physical slot whose logical expert changes receives it from a slot that
-holds that expert in the old placement: its own rank when the rank already
+holds that expert in the old slots: its own rank when the rank already
 holds a copy (a local copy, no traffic), else the holder rank that has been
 asked to send the least so far (spreading the traffic). Every rank computes the
-same list from the same two placements, so the P2P sends and receives pair up.
+same list from the same two slot rows, so the P2P sends and receives pair up.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Sequence
 class ExpertMove:
     physical_slot: int  # destination slot (physical id)
     logical_expert: int
-    src_rank: int  # EP rank that holds a copy in the old placement
+    src_rank: int  # EP rank that holds a copy in the old slots
     src_slot: int  # that copy's physical slot
 
     def dst_rank(self, slots_per_rank: int) -> int:
@@ -24,13 +24,13 @@ class ExpertMove:
 
 
 def plan_layer_moves(old_physical_to_logical: Sequence[int], new_physical_to_logical: Sequence[int], ep: int) -> list[ExpertMove]:
-    """Moves that turn one layer's old placement [P] into the new one [P] (P % ep == 0).
+    """Moves that turn one layer's old expert slots [P] into the new ones [P] (P % ep == 0).
 
-    Raises ValueError if the new placement needs an expert the old one lacks.
+    Raises ValueError if the new slots need an expert the old ones lack.
     """
     old, new = list(old_physical_to_logical), list(new_physical_to_logical)
     if len(old) != len(new) or len(old) % ep:
-        raise ValueError(f"placements of {len(old)} and {len(new)} slots do not fit ep={ep}")
+        raise ValueError(f"slot rows of {len(old)} and {len(new)} slots do not fit ep={ep}")
     per_rank = len(old) // ep
     holders: dict[int, list[int]] = {}
     for slot, logical in enumerate(old):
@@ -41,7 +41,7 @@ def plan_layer_moves(old_physical_to_logical: Sequence[int], new_physical_to_log
         if before == after:
             continue
         if after not in holders:
-            raise ValueError(f"logical expert {after} has no copy in the old placement")
+            raise ValueError(f"logical expert {after} has no copy in the old slots")
         rank = slot // per_rank
         local = [s for s in holders[after] if s // per_rank == rank]
         if local:

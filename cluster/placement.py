@@ -1,4 +1,4 @@
-"""Placement: rank layout + device kind -> Ray placement-group bundles; placed actors -> ranks.
+"""Placement: rank layout + device kind -> Ray placement-group bundles; actor locations -> ranks.
 
 One bundle per *node* of the layout, holding that node's ranks_per_node ranks
 (strategy STRICT_PACK for one node, STRICT_SPREAD for several). Ray then
@@ -43,7 +43,7 @@ def plan_placement(layout: RankLayout, device: str) -> PlacementPlan:
 
 
 @dataclass(frozen=True)
-class PlacedActor:
+class ActorLocation:
     """What a started rank actor reports about where Ray put it."""
 
     actor_index: int  # index in the list of started actors
@@ -53,17 +53,17 @@ class PlacedActor:
     gpu_ids: tuple[int, ...]  # Ray-assigned GPU ids; empty on CPU
 
 
-def assign_ranks(layout: RankLayout, placed: Sequence[PlacedActor]) -> list[PlacedActor]:
-    """Order placed actors by rank: node by node (bundle order), then by GPU id.
+def assign_ranks(layout: RankLayout, located: Sequence[ActorLocation]) -> list[ActorLocation]:
+    """Order located actors by rank: node by node (bundle order), then by GPU id.
 
     Returns ``ranks`` with ``ranks[r]`` the actor that becomes global rank r, so
     local rank = index on the node = position in the GPU-id order.
     """
-    if len(placed) != layout.world_size:
-        raise ValueError(f"{len(placed)} actors placed for a world of {layout.world_size}")
-    ordered: list[PlacedActor] = []
+    if len(located) != layout.world_size:
+        raise ValueError(f"{len(located)} actors placed for a world of {layout.world_size}")
+    ordered: list[ActorLocation] = []
     for node in range(layout.nodes):
-        on_node = [p for p in placed if p.bundle == node]
+        on_node = [p for p in located if p.bundle == node]
         if len(on_node) != layout.ranks_per_node:
             raise ValueError(
                 f"bundle {node} holds {len(on_node)} rank actors, layout wants {layout.ranks_per_node}"

@@ -40,7 +40,7 @@ def ensure_ray(config: Config, address: Optional[str] = None) -> None:
 
 
 def start_controller(config: Config, address: Optional[str] = None, placement_group_name: str = "") -> Any:
-    """Start a controller actor and bring its rank cluster up; returns the actor handle.
+    """Start a controller actor and bring its rank group up; returns the actor handle.
     ``placement_group_name``: see ``Controller``."""
     ensure_ray(config, address)
     options = {"num_cpus": 0, "runtime_env": CONTROLLER_RUNTIME_ENV}

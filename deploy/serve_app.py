@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from raymoe.actors.cluster import remove_named_placement_group
+from raymoe.actors.rank_group import remove_named_placement_group
 from raymoe.cluster.config import Config, config_from_dict, resolve_config
 from raymoe.deploy.engine_client import EngineClient, RayEngine
 from raymoe.deploy.launch import ensure_ray, start_controller

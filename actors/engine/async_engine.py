@@ -71,7 +71,7 @@ class AsyncEngine:
     def __init__(
         self,
         core: EngineCore,
-        execute_async: Callable[..., Any],
+        run_step_async: Callable[..., Any],
         max_queued: int,
         background: Any = None,
         pipelined: bool = True,
@@ -80,15 +80,15 @@ class AsyncEngine:
         restart: Optional[Callable[[], Awaitable[int]]] = None,
         restart_budget: Optional[RestartBudget] = None,
     ) -> None:
-        """``execute_async(inputs or None, wait)``: RayStepExecutor.run_async's contract.
+        """``run_step_async(inputs or None, wait)``: RayStepExecutor.run_step_async's contract.
         ``background``: work advanced once after every step (EPLB): an object with
         ``async on_step()`` and ``busy`` (True: advance it even while no request runs).
         ``pipelined``: keep one step in flight (see ``_run``). ``restart``: recreate the
-        ranks after a failure (it also replaces ``execute_async`` and ``background``);
+        ranks after a failure (it also replaces ``run_step_async`` and ``background``);
         returns the new KV blocks per replica."""
         self.core = core
         self.background = background
-        self.execute_async = execute_async
+        self.run_step_async = run_step_async
         self.max_queued = max_queued
         self.pipelined = pipelined
         self.client_timeout_s = client_timeout_s
@@ -211,7 +211,7 @@ class AsyncEngine:
             planned = self.core.schedule()
             if planned is None:
                 if in_flight:  # nothing new to run: wait for the last step
-                    self._publish(in_flight, await self.execute_async(None, True))
+                    self._publish(in_flight, await self.run_step_async(None, True))
                     continue
                 if self.background is not None and self.background.busy:
                     await self.background.on_step()
@@ -226,7 +226,7 @@ class AsyncEngine:
             # call that starts one may find a step in flight, and its calls to the ranks
             # queue behind it (one device stream: the moves land after the step's reads).
             wait = not self.pipelined or (self.background is not None and self.background.busy)
-            self._publish(in_flight, await self.execute_async(planned.inputs, wait))
+            self._publish(in_flight, await self.run_step_async(planned.inputs, wait))
             if self.background is not None:
                 await self.background.on_step()
 

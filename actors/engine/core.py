@@ -30,7 +30,7 @@ class EngineCore:
         self,
         schedulers: Sequence[Scheduler],
         eos_token_ids: Iterable[int],
-        execute: Optional[Executor] = None,
+        executor: Optional[Executor] = None,
         seed: Optional[int] = None,
         collect_logits: bool = False,
         *,
@@ -41,7 +41,7 @@ class EngineCore:
         self.block_size = self.schedulers[0].block_manager.block_size
         self.collect_logits = collect_logits  # tests compare logits with a reference
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.execute = execute
+        self.executor = executor
         self._rng = random.Random(seed)
         self._replica: dict[str, int] = {}  # request id -> DP replica
         self._arrivals = itertools.count()
@@ -99,9 +99,9 @@ class EngineCore:
 
     def step(self) -> list[TokenOutput]:
         """Run one engine step over every DP replica; returns the requests that progressed."""
-        assert self.execute is not None, "step() needs an executor; async callers use schedule() and apply()"
+        assert self.executor is not None, "step() needs an executor; async callers use schedule() and apply()"
         planned = self.schedule()
-        return self.apply(planned, self.execute(planned.inputs)) if planned else []
+        return self.apply(planned, self.executor(planned.inputs)) if planned else []
 
     def schedule(self) -> Optional[StepInFlight]:
         """First half of a step: every replica's chunks, or None when there is nothing to run.

@@ -4,7 +4,7 @@ Cycle: reset the expert-load window, wait ``rebalance_every_steps`` steps (or
 until a rebalance is requested), read the recorded load, plan (pure, in a
 thread), then move the changed layers' expert weights ``layers_per_chunk`` layers
 at a time, yielding between chunks so engine steps run in between. Between two
-chunks some layers use the new placement and some the old; each layer's map and
+chunks some layers use the new expert slots and some the old; each layer's map and
 weights switch together, so every step stays correct.
 
 Every rank routes every token of a step (MoE layers gather all DP replicas),
@@ -20,7 +20,7 @@ from typing import Any, AsyncIterator, Optional, Sequence
 import torch
 
 from raymoe.cluster.config import EplbConfig
-from raymoe.cluster.eplb_planner import EplbPlan, plan_expert_placement
+from raymoe.cluster.eplb_planner import EplbPlan, plan_expert_slots
 from raymoe.cluster.layout import RankLayout
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ class EplbManager:
         # hierarchical planning when the EP group spans nodes evenly
         spans = layout.nodes if layout.nodes > 1 and self.ep % layout.nodes == 0 else 1
         self.nodes = spans if num_logical % spans == 0 else 1
-        self.placement = physical_to_logical.clone()  # [moe_layers, P], what the ranks run now
+        self.physical_to_logical = physical_to_logical.clone()  # [moe_layers, P], what the ranks run now
         self.num_logical, self.bytes_per_expert = num_logical, bytes_per_expert
         self.requested: Optional[torch.Tensor | str] = None
         self.last_plan: Optional[EplbPlan] = None
@@ -55,9 +55,10 @@ class EplbManager:
 
     def request(self, logical_load: Optional[torch.Tensor] = None) -> None:
         """Rebalance at the next step, from ``logical_load`` [moe_layers, E] or the recorded load."""
-        if logical_load is not None and tuple(logical_load.shape) != (self.placement.shape[0], self.num_logical):
+        num_moe_layers = self.physical_to_logical.shape[0]
+        if logical_load is not None and tuple(logical_load.shape) != (num_moe_layers, self.num_logical):
             raise ValueError(
-                f"logical_load: expected shape [{self.placement.shape[0]}, {self.num_logical}] "
+                f"logical_load: expected shape [{num_moe_layers}, {self.num_logical}] "
                 f"(MoE layers x experts), got {list(logical_load.shape)}"
             )
         self.requested = logical_load if logical_load is not None else "recorded"
@@ -81,7 +82,12 @@ class EplbManager:
         load = requested if isinstance(requested, torch.Tensor) else await self._recorded_load()
         t0 = time.perf_counter()
         plan = await asyncio.to_thread(
-            plan_expert_placement, load, self.placement, self.ep, nodes=self.nodes, bytes_per_expert=self.bytes_per_expert
+            plan_expert_slots,
+            load,
+            self.physical_to_logical,
+            self.ep,
+            nodes=self.nodes,
+            bytes_per_expert=self.bytes_per_expert,
         )
         self.last_plan = plan
         changed = [i for i, n in enumerate(plan.moved_slots_per_layer.tolist()) if n]
@@ -97,17 +103,17 @@ class EplbManager:
             layers = changed[start : start + chunk]
             t1 = time.perf_counter()
             await self._all("move_experts", layers, plan.physical_to_logical[layers])
-            self.placement[layers] = plan.physical_to_logical[layers]
+            self.physical_to_logical[layers] = plan.physical_to_logical[layers]
             self.status.update(layers_done=start + len(layers), last_chunk_s=round(time.perf_counter() - t1, 4))
         self.status.update(state="done", rebalances=self.status["rebalances"] + 1)
         log.info("EPLB: balancedness %.3f -> %.3f, %d layers moved, %.1f MiB", plan.balancedness_before,
                  plan.balancedness_after, len(changed), plan.bytes_moved / 2**20)  # fmt: skip
 
     async def _recorded_load(self) -> torch.Tensor:
-        """Logical load [moe_layers, E] from rank 0's physical counts under the current placement."""
+        """Logical load [moe_layers, E] from rank 0's physical counts under the current expert slots."""
         physical = (await self._all("take_expert_load"))[0].to(torch.float64)
-        load = torch.zeros(self.placement.shape[0], self.num_logical, dtype=torch.float64)
-        return load.scatter_add_(1, self.placement, physical)
+        load = torch.zeros(self.physical_to_logical.shape[0], self.num_logical, dtype=torch.float64)
+        return load.scatter_add_(1, self.physical_to_logical, physical)
 
     async def _all(self, method: str, *args: Any) -> list[Any]:
         return list(await asyncio.gather(*(getattr(a, method).remote(*args) for a in self.ranks)))

@@ -11,16 +11,13 @@ from typing import Optional
 
 import torch
 
-from raymoe.actors.engine.block_manager import BlockManager
+from raymoe.actors.engine.builder import build_engine_core, open_model
 from raymoe.actors.engine.core import EngineCore
 from raymoe.actors.engine.executor import LocalExecutor
 from raymoe.actors.engine.messages import ModelInfo
+from raymoe.actors.engine.rank_context import RankContext
 from raymoe.actors.engine.runner import ModelRunner
-from raymoe.actors.engine.scheduler import Scheduler
 from raymoe.actors.engine.tokenizer import Tokenizer
-from raymoe.actors.models.builtin import resolve_model_path
-from raymoe.actors.models.spec import load_spec
-from raymoe.actors.rank import RankContext
 from raymoe.cluster.config import Config
 from raymoe.cluster.layout import RankLayout
 from raymoe.comm.groups import single_process_groups
@@ -28,7 +25,7 @@ from raymoe.comm.groups import single_process_groups
 
 @dataclass
 class LocalEngine:
-    core: EngineCore  # its ``execute`` is a LocalExecutor
+    core: EngineCore  # its ``executor`` is a LocalExecutor
     tokenizer: Tokenizer
     info: ModelInfo
 
@@ -48,18 +45,10 @@ def build_local_engine(config: Config, collect_logits: bool = False, num_threads
     device = torch.device("cuda", 0) if config.parallel.device == "cuda" else torch.device("cpu")
     if num_threads is not None:
         torch.set_num_threads(num_threads)
-    path = str(resolve_model_path(config.model.path))
-    spec = load_spec(path)
-    max_model_len = spec.max_model_len(config.model.max_model_len)
+    model = open_model(config)
     ctx = RankContext(layout=layout, coord=layout.coord(0), device=device, groups=single_process_groups(device))
-    runner = ModelRunner(ctx, config, spec, max_model_len, path)
+    runner = ModelRunner(ctx, config, model.spec, model.max_model_len, model.path)
     num_blocks = runner.max_kv_blocks()
     runner.allocate_kv_cache(num_blocks)
-    eng = config.engine
-    scheduler = Scheduler(BlockManager(num_blocks, eng.block_size), eng.max_num_seqs, eng.max_num_batched_tokens, max_model_len)
-    tokenizer = Tokenizer.from_dir(path)
-    core = EngineCore([scheduler], tokenizer.eos_token_ids, LocalExecutor(runner), config.model.seed, collect_logits,
-                      vocab_size=spec.vocab_size)  # fmt: skip
-    info = ModelInfo(model=path, architecture=spec.architecture, vocab_size=spec.vocab_size, max_model_len=max_model_len,
-                     kv_blocks_per_replica=num_blocks, block_size=eng.block_size, load_s=0.0)  # fmt: skip
-    return LocalEngine(core, tokenizer, info)
+    core = build_engine_core(config, model, num_blocks, executor=LocalExecutor(runner), collect_logits=collect_logits)
+    return LocalEngine(core, model.tokenizer, model.info(num_blocks, config.engine.block_size, load_s=0.0))

@@ -16,30 +16,22 @@ import torch
 
 from raymoe.actors.engine.attention_torch import TorchAttention
 from raymoe.actors.engine.expert_load import ExpertLoadRecorder
+from raymoe.actors.engine.rank_context import RankContext
 from raymoe.actors.engine.sampler import sample
 from raymoe.actors.engine.step import StepInput, StepLayout, StepOutput, build_step_layout, resolve_pending_tokens
 from raymoe.actors.models.batch import ForwardBatch
 from raymoe.actors.models.checkpoint import CheckpointReader
 from raymoe.actors.models.decoder import CausalLM
 from raymoe.actors.models.expert_map import ExpertMap
-from raymoe.actors.models.spec import ModelSpec
-from raymoe.actors.rank import RankContext
+from raymoe.actors.models.spec import ModelSpec, resolve_dtype
 from raymoe.cluster.config import Config
 from raymoe.cluster.expert_moves import plan_layer_moves
-from raymoe.cluster.expert_placement import default_placement, num_physical_experts
+from raymoe.cluster.expert_slots import default_expert_slots, num_physical_experts
 from raymoe.comm.expert_transfer import move_expert_weights
 
 log = logging.getLogger(__name__)
 
 CPU_KV_BUDGET_BYTES = 2 * 2**30  # auto-sized CPU caches stop here
-
-
-def resolve_dtype(requested: str, spec: ModelSpec, device: torch.device) -> torch.dtype:
-    """``auto``: the checkpoint's dtype on GPU, float32 on CPU (CPU bf16 matmuls are slow and lossy)."""
-    name = requested if requested != "auto" else (spec.torch_dtype if device.type == "cuda" else "float32")
-    if name not in ("float32", "bfloat16", "float16"):
-        name = "bfloat16"
-    return getattr(torch, name)
 
 
 def make_attention(kind: str, kv_cache: torch.Tensor, block_size: int, num_heads: int) -> Any:
@@ -101,8 +93,8 @@ class ModelRunner:
         if moe is None:
             return None
         physical = num_physical_experts(moe.num_experts, self.config.eplb.num_redundant_experts, self.ctx.groups.ep.world_size)
-        placement = default_placement(len(self.spec.moe_layers), moe.num_experts, physical)
-        return ExpertMap(placement, moe.num_experts, self.device)
+        physical_to_logical = default_expert_slots(len(self.spec.moe_layers), moe.num_experts, physical)
+        return ExpertMap(physical_to_logical, moe.num_experts, self.device)
 
     def kv_block_bytes(self) -> int:
         elem = torch.empty((), dtype=self.dtype).element_size()
@@ -151,7 +143,7 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def execute(self, step: StepInput) -> Optional[StepOutput]:
+    def launch_and_collect(self, step: StepInput) -> Optional[StepOutput]:
         """Run one step to completion (nothing else in flight); None on ranks that do not report."""
         assert not self._in_flight, "steps in flight: collect() them first"
         self.launch(step)
@@ -246,7 +238,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def move_experts(self, moe_layers: list[int], new_physical_to_logical: torch.Tensor) -> int:
-        """Switch ``moe_layers`` to the new placement rows [len, P]: exchange expert weights
+        """Switch ``moe_layers`` to the new expert-slot rows [len, P]: exchange expert weights
         with the other EP ranks, then update the layers' maps in place. Returns bytes received."""
         assert self.expert_map is not None
         if self.device.type == "cuda":

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import torch
 
-from raymoe.cluster.expert_placement import replica_tables
+from raymoe.cluster.expert_slots import replica_tables
 
 
 class ExpertMap:
     def __init__(self, physical_to_logical: torch.Tensor, num_logical: int, device: torch.device) -> None:
-        """physical_to_logical: [moe_layers, P] int64 (see raymoe.cluster.expert_placement)."""
+        """physical_to_logical: [moe_layers, P] int64 (see raymoe.cluster.expert_slots)."""
         self.num_logical = num_logical
         self.num_physical = physical_to_logical.shape[1]
         l2p, counts = replica_tables(physical_to_logical, num_logical)
@@ -22,7 +22,7 @@ class ExpertMap:
         self.physical_to_logical_cpu = physical_to_logical.clone()
 
     def update_layer(self, moe_layer: int, physical_to_logical: torch.Tensor) -> None:
-        """Switch one layer to a new placement p2l [P], in place."""
+        """Switch one layer to new expert slots p2l [P], in place."""
         l2p, counts = replica_tables(physical_to_logical.view(1, -1).cpu(), self.num_logical)
         self.physical_to_logical[moe_layer].copy_(physical_to_logical)
         self.logical_to_physical[moe_layer].copy_(l2p[0])

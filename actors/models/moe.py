@@ -37,19 +37,10 @@ from raymoe.actors.models.linear import linear
 from raymoe.actors.models.layers import BlockOutput, PartialSum, split_evenly
 from raymoe.actors.models.moe_combine import combine, combine_add_rms_norm
 from raymoe.actors.models.moe_dispatch import Dispatch, dispatch
+from raymoe.actors.models.registry import ExpertNames
 from raymoe.actors.models.spec import ModelSpec
 from raymoe.comm.group import GroupCoordinator
 from raymoe.comm.groups import Groups
-
-
-@dataclass(frozen=True)
-class ExpertNames:
-    """Checkpoint tensor names of one MoE layer; ``{layer}`` and ``{expert}`` are filled in."""
-
-    router: str
-    gate: str
-    up: str
-    down: str
 
 
 class MoE(nn.Module):
@@ -118,9 +109,9 @@ class MoE(nn.Module):
     def load(self, reader: CheckpointReader, names: ExpertNames) -> None:
         self.router.copy_(reader.read(names.router.format(layer=self.layer)))
         s, e = self.inter_start, self.inter_start + self.inter
-        placement = self.expert_map.physical_to_logical_cpu[self.moe_layer]
+        physical_to_logical = self.expert_map.physical_to_logical_cpu[self.moe_layer]
         for slot in range(self.slots):
-            expert = int(placement[self.slot_start + slot])
+            expert = int(physical_to_logical[self.slot_start + slot])
             fill = dict(layer=self.layer, expert=expert)
             gate = reader.read(names.gate.format(**fill), 0, s, e)
             up = reader.read(names.up.format(**fill), 0, s, e)

@@ -9,7 +9,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from raymoe.actors.models.moe import ExpertNames
+
+@dataclass(frozen=True)
+class ExpertNames:
+    """Checkpoint tensor names of one MoE layer; ``{layer}`` and ``{expert}`` are filled in."""
+
+    router: str
+    gate: str
+    up: str
+    down: str
+
 
 QWEN_EXPERTS = ExpertNames(
     router="model.layers.{layer}.mlp.gate.weight",

@@ -12,6 +12,10 @@ import pathlib
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import torch
+
+from raymoe.actors.models.registry import architecture_traits
+
 log = logging.getLogger(__name__)
 
 SUPPORTED_ROPE = ("default", "llama3")
@@ -75,6 +79,14 @@ class ModelSpec:
         return requested or limit
 
 
+def resolve_dtype(requested: str, spec: ModelSpec, device: torch.device) -> torch.dtype:
+    """``auto``: the checkpoint's dtype on GPU, float32 on CPU (CPU bf16 matmuls are slow and lossy)."""
+    name = requested if requested != "auto" else (spec.torch_dtype if device.type == "cuda" else "float32")
+    if name not in ("float32", "bfloat16", "float16"):
+        name = "bfloat16"
+    return getattr(torch, name)
+
+
 def load_spec(checkpoint_dir: str | pathlib.Path) -> ModelSpec:
     path = pathlib.Path(checkpoint_dir) / "config.json"
     if not path.is_file():
@@ -83,8 +95,6 @@ def load_spec(checkpoint_dir: str | pathlib.Path) -> ModelSpec:
 
 
 def spec_from_hf_config(cfg: dict[str, Any]) -> ModelSpec:
-    from raymoe.actors.models.registry import architecture_traits
-
     arch = (cfg.get("architectures") or ["<none>"])[0]
     traits = architecture_traits(arch)  # raises for unknown architectures
     hidden = _need(cfg, "hidden_size")

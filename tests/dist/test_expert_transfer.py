@@ -1,6 +1,6 @@
 """Expert weights move between EP ranks over gloo exactly as the plan says: weights that
-encode their own expert id go through many random placements, and after every move every
-slot on every rank holds the expert the new placement names."""
+encode their own expert id go through many random expert slots, and after every move every
+slot on every rank holds the expert the new slots name."""
 from __future__ import annotations
 
 import random
@@ -23,7 +23,7 @@ def _expert_tensors(logical: int) -> tuple[torch.Tensor, torch.Tensor]:
     return w13, w2
 
 
-def _placement(rng: random.Random, slots: int) -> list[int]:
+def _expert_slots(rng: random.Random, slots: int) -> list[int]:
     row = list(range(NUM_LOGICAL)) + [rng.randrange(NUM_LOGICAL) for _ in range(slots - NUM_LOGICAL)]
     rng.shuffle(row)
     return row
@@ -37,16 +37,16 @@ def _worker(rank: int, world: int, init_methods: list[str], ep: int, seed: int) 
         g = groups.ep
         per_rank = 3 if ep >= 4 else 6  # P = per_rank * ep >= NUM_LOGICAL
         rng = random.Random(seed)  # the same plans on every rank
-        placement = _placement(rng, per_rank * ep)
+        slots = _expert_slots(rng, per_rank * ep)
         first = g.rank_in_group * per_rank
-        w13 = torch.stack([_expert_tensors(placement[first + s])[0] for s in range(per_rank)])
-        w2 = torch.stack([_expert_tensors(placement[first + s])[1] for s in range(per_rank)])
+        w13 = torch.stack([_expert_tensors(slots[first + s])[0] for s in range(per_rank)])
+        w2 = torch.stack([_expert_tensors(slots[first + s])[1] for s in range(per_rank)])
         for _ in range(ROUNDS):
-            new = _placement(rng, per_rank * ep)
-            move_expert_weights(g, [w13, w2], plan_layer_moves(placement, new, ep), per_rank)
-            placement = new
+            new = _expert_slots(rng, per_rank * ep)
+            move_expert_weights(g, [w13, w2], plan_layer_moves(slots, new, ep), per_rank)
+            slots = new
             for s in range(per_rank):
-                want13, want2 = _expert_tensors(placement[first + s])
+                want13, want2 = _expert_tensors(slots[first + s])
                 assert torch.equal(w13[s], want13) and torch.equal(w2[s], want2), f"rank {rank} slot {first + s}"
     finally:
         destroy_distributed()

@@ -195,14 +195,14 @@ def _reference_passes(tokens: int, calls: int, passes: int):
 def test_one_gpu_tp1_controller_short_circuits(gpu_ray):
     controller = start_controller(_cuda_config(1))
     try:
-        (report,) = ray.get(controller.execute.remote(_device_report))
+        (report,) = ray.get(controller.run_on_ranks.remote(_device_report))
         gpu = report["ray_gpu_ids"]
         assert len(gpu) == 1
         assert report["device"] == f"cuda:{_expected_index(gpu[0], report['cuda_visible_devices'])}"
         assert report["current"] == torch.device(report["device"]).index
         assert report["visible"] == GPUS, "a rank sees every GPU of its node"
         assert report["nvls_off"] and report["multicast_off"]
-        (single,) = ray.get(controller.execute.remote(_single_rank))
+        (single,) = ray.get(controller.run_on_ranks.remote(_single_rank))
         assert single == {
             "size": 1,
             "no_groups": True,
@@ -229,7 +229,7 @@ def tp2_controller(gpu_ray):
 
 @two_gpus
 def test_tp2_ranks_use_their_ray_gpu_and_see_all(tp2_controller):
-    reports = ray.get(tp2_controller.execute.remote(_device_report))
+    reports = ray.get(tp2_controller.run_on_ranks.remote(_device_report))
     devices = set()
     for r in reports:
         (gpu,) = r["ray_gpu_ids"]
@@ -244,7 +244,7 @@ def test_tp2_ranks_use_their_ray_gpu_and_see_all(tp2_controller):
 @two_gpus
 @pytest.mark.parametrize("n", [8, 1 << 20])
 def test_tp2_nccl_collectives(tp2_controller, n):
-    got = ray.get(tp2_controller.execute.remote(_nccl_collectives, n))
+    got = ray.get(tp2_controller.run_on_ranks.remote(_nccl_collectives, n))
     inputs = [torch.arange(n, dtype=torch.float32) + 1000.0 * r for r in range(2)]
     total = inputs[0] + inputs[1]
     for rank, r in enumerate(got):
@@ -258,7 +258,7 @@ def test_tp2_nccl_collectives(tp2_controller, n):
 @two_gpus
 @pytest.mark.parametrize("n", [1024, 1 << 18, 2 << 20])
 def test_tp2_symmetric_memory_all_reduce(tp2_controller, n):
-    got = ray.get(tp2_controller.execute.remote(_symm_mem_all_reduce, n))
+    got = ray.get(tp2_controller.run_on_ranks.remote(_symm_mem_all_reduce, n))
     want = sum((torch.arange(n) % 61 + r).float() for r in range(2))
     for r in got:
         # 2 MiB of bf16 and less go through symmetric memory; 4 MiB stays on NCCL
@@ -275,7 +275,7 @@ def test_tp2_all_reduce_fused_with_add_rms_norm(tp2_controller, tokens, calls):
     """1 and 256 tokens take the fused symmetric-memory kernel; 600 x 2048 bf16 (2.4 MiB) is
     over its limit and takes NCCL + add + norm. Both must give the unfused math's residual
     bit for bit (the same additions in the same order) and its norm to bf16 rounding."""
-    got = ray.get(tp2_controller.execute.remote(_reduce_add_rms_norm, tokens, calls))
+    got = ray.get(tp2_controller.run_on_ranks.remote(_reduce_add_rms_norm, tokens, calls))
     want, want_residuals = _reference_passes(tokens, calls, passes=2)
     for r in got:
         assert r["fused"] == (tokens * FUSED_WIDTH * 2 <= 2 << 20)

@@ -13,7 +13,7 @@ from raymoe.actors.models.expert_mlp import expert_mlp  # noqa: E402
 from raymoe.actors.models import ops  # noqa: E402
 from raymoe.actors.models.moe_combine import combine, combine_add_rms_norm  # noqa: E402
 from raymoe.actors.models.moe_dispatch import dispatch  # noqa: E402
-from raymoe.cluster.expert_placement import replica_tables  # noqa: E402
+from raymoe.cluster.expert_slots import replica_tables  # noqa: E402
 
 from dispatch_checks import assert_same_grouping  # noqa: E402
 

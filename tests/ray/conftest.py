@@ -6,7 +6,7 @@ layouts both run on it. It starts with the first test here and stops after the
 last one (not at session end), so no other Ray (tests/gpu) ever runs beside it.
 
 Test modules here call ``ray.cloudpickle.register_pickle_by_value`` on
-themselves: the functions they send to ``Controller.execute`` must travel by
+themselves: the functions they send to ``Controller.run_on_ranks`` must travel by
 value, since the rank actors cannot import a test module.
 """
 from __future__ import annotations

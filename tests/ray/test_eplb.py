@@ -18,7 +18,7 @@ PROMPTS = ["Hello world", "The capital of France is", "abc " * 20, "x"]
 SAMPLING = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
 
 
-def _placements(ctx) -> list[list[int]]:
+def _expert_slots(ctx) -> list[list[int]]:
     return ctx.state["runner"].expert_map.physical_to_logical_cpu.tolist()
 
 
@@ -38,7 +38,7 @@ def test_outputs_unchanged_across_rebalance(ray_session, ep, chunk):
     with LLM(config, collect_logits=True) as llm:
         controller = llm.controller
         before = llm.generate(PROMPTS, SAMPLING)
-        initial = ray.get(controller.execute.remote(_placements))[0]
+        initial = ray.get(controller.run_on_ranks.remote(_expert_slots))[0]
         # a skewed load: expert 0 and 4 hot in every layer
         hot = torch.ones(8)
         hot[0], hot[4] = 60.0, 25.0
@@ -49,9 +49,9 @@ def test_outputs_unchanged_across_rebalance(ray_session, ep, chunk):
         assert status["rebalances"] == 1 and status["layers_done"] == status["layers_total"] > 0
         assert status["balancedness_after"] > status["balancedness_before"] + 0.05
         after = llm.generate(PROMPTS, SAMPLING)
-        placements = ray.get(controller.execute.remote(_placements))
-        assert all(p == placements[0] for p in placements), "ranks disagree on the placement"
-        assert placements[0] != initial, "nothing moved"
+        expert_slots = ray.get(controller.run_on_ranks.remote(_expert_slots))
+        assert all(p == expert_slots[0] for p in expert_slots), "ranks disagree on the expert slots"
+        assert expert_slots[0] != initial, "nothing moved"
         for b, d, a in zip(before, during, after):
             assert b.token_ids == d.token_ids == a.token_ids
             assert _rel(d.logits, b.logits) < 1e-5 and _rel(a.logits, b.logits) < 1e-5

@@ -125,14 +125,14 @@ async def _with_session(fn: Any) -> None:
 
 
 def test_a_rank_killed_with_minus_9(server):
-    pids = ray.get(_controller().execute.remote(_pid))
+    pids = ray.get(_controller().run_on_ranks.remote(_pid))
     running, queued, t_fault, codes = asyncio.run(_fault(server, lambda: os.kill(pids[1], signal.SIGKILL)))
     _check(server, running, queued, t_fault, codes, "a rank process died")
     assert ray.get(_controller().stats.remote()).restarts >= 1
 
 
 def test_a_frozen_rank_times_out_and_the_group_restarts(server):
-    pids = ray.get(_controller().execute.remote(_pid))
+    pids = ray.get(_controller().run_on_ranks.remote(_pid))
     try:
         running, queued, t_fault, codes = asyncio.run(_fault(server, lambda: os.kill(pids[0], signal.SIGSTOP)))
     finally:
@@ -161,7 +161,7 @@ def test_a_rank_busy_longer_than_a_health_check_is_not_a_failure(server):
     GPU takes minutes) makes health checks wait. That must not restart anything."""
     controller = _controller()
     before = ray.get(controller.stats.remote()).restarts
-    busy = controller.execute.remote(_busy, 12.0)  # longer than the ranks' health timeout
+    busy = controller.run_on_ranks.remote(_busy, 12.0)  # longer than the ranks' health timeout
     time.sleep(0.5)
     t0 = time.monotonic()
     health = ray.get(controller.health.remote())

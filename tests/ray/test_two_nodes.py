@@ -68,7 +68,7 @@ def test_ranks_split_over_the_two_nodes_in_order(ray_cluster, two_node_controlle
     assert len(alive) == 2 and set(reported) == alive
     assert reported[0] == reported[1] and reported[2] == reported[3] and reported[0] != reported[2]
 
-    where = ray.get(controller.execute.remote(_where))
+    where = ray.get(controller.run_on_ranks.remote(_where))
     assert [w["node_id"] for w in where] == reported, "the ranks run where they reported"
     assert [(w["node"], w["local_rank"]) for w in where] == [divmod(r, RPN) for r in range(WORLD)]
 
@@ -76,7 +76,7 @@ def test_ranks_split_over_the_two_nodes_in_order(ray_cluster, two_node_controlle
 def test_groups_across_nodes_work(two_node_controller):
     controller, info = two_node_controller
     node_of = [r["node_id"] for r in info["ranks"]]
-    got = ray.get(controller.execute.remote(_collectives), timeout=120)
+    got = ray.get(controller.run_on_ranks.remote(_collectives), timeout=120)
     crossing = 0
     for rank, per_kind in enumerate(got):
         for kind, members in ((k, next(g for g in MEMBERS[k] if rank in g)) for k in GROUP_KINDS):

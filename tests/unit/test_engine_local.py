@@ -144,7 +144,7 @@ def test_max_tokens_and_eos(big):
 
 def _spy_pending(core: Engine) -> list[bool]:
     """Record, per launched step, whether it carried pending tokens."""
-    runner, seen = core.execute.runner, []
+    runner, seen = core.executor.runner, []
     launch = runner.launch
 
     def spy(step):
@@ -162,7 +162,7 @@ def _pipelined(core: Engine, requests: dict, leave_after: dict | None = None, la
     leave_after = leave_after or {}
 
     async def main():
-        engine = AsyncEngine(core.local.core, core.execute.run_async, max_queued=100, pipelined=True)
+        engine = AsyncEngine(core.local.core, core.executor.run_step_async, max_queued=100, pipelined=True)
         client = EngineClient(engine, core.tokenizer, core.local.info)
 
         async def one(rid, ids, params):
@@ -181,10 +181,10 @@ def _pipelined(core: Engine, requests: dict, leave_after: dict | None = None, la
 
         results = dict(await asyncio.gather(*(one(rid, ids, p) for rid, (ids, p) in requests.items())))
         for _ in range(500):  # the loop collects the step it may still have in flight
-            if core.execute.runner.num_in_flight == 0 and not core.has_unfinished:
+            if core.executor.runner.num_in_flight == 0 and not core.has_unfinished:
                 break
             await asyncio.sleep(0.01)
-        assert core.execute.runner.num_in_flight == 0 and engine.error is None
+        assert core.executor.runner.num_in_flight == 0 and engine.error is None
         await client.close()
         return results
 
@@ -233,7 +233,7 @@ def test_pipelined_stops_exactly(big):
         assert _texts(lagging) == reference
         assert any(r["deltas"] < len(r["tokens"]) for r in lagging.values()), "no consumer ever fell behind"
     finally:
-        del big.execute.runner.launch  # the spy
+        del big.executor.runner.launch  # the spy
     assert any(pending)
     assert _free_everywhere(big)
 
@@ -256,7 +256,7 @@ def test_polls_per_step_do_not_grow_with_the_requests(big):
 
     def polls_per_step(n: int) -> float:
         async def main():
-            engine = AsyncEngine(big.local.core, big.execute.run_async, max_queued=100, pipelined=True)
+            engine = AsyncEngine(big.local.core, big.executor.run_step_async, max_queued=100, pipelined=True)
             client = EngineClient(engine, big.tokenizer, big.local.info)
             steps0 = big.num_steps
 
@@ -282,7 +282,7 @@ def test_a_silent_client_has_its_requests_aborted(big):
     sampling = SamplingParams(max_tokens=500, temperature=0.0, ignore_eos=True)
 
     async def main():
-        engine = AsyncEngine(big.local.core, big.execute.run_async, max_queued=100, pipelined=True, client_timeout_s=0.3)
+        engine = AsyncEngine(big.local.core, big.executor.run_step_async, max_queued=100, pipelined=True, client_timeout_s=0.3)
         rejected = await engine.submit("ghost", [NewRequest(i, big.tokenizer.encode(f"hello {i}"), sampling) for i in range(3)])
         assert rejected == [] and big.has_unfinished
         for _ in range(300):
@@ -314,7 +314,7 @@ def test_a_failed_step_fails_started_requests_keeps_queued_ones_and_spends_the_r
     from raymoe.actors.engine.messages import NewRequest, RejectKind
 
     engine_ = _engine(num_kv_blocks=512)
-    core, runner = engine_.local.core, engine_.execute.runner
+    core, runner = engine_.local.core, engine_.executor.runner
     tok = engine_.tokenizer
     core.schedulers[0].max_num_seqs = 2  # two run, the rest wait
     sampling = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
@@ -326,7 +326,7 @@ def test_a_failed_step_fails_started_requests_keeps_queued_ones_and_spends_the_r
         calls.append(1)
         if len(calls) in fail_at:
             raise RuntimeError("rank 1 died")
-        return await engine_.execute.run_async(inputs, wait)
+        return await engine_.executor.run_step_async(inputs, wait)
 
     async def restart() -> int:
         restarts.append(1)

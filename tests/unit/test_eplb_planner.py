@@ -12,8 +12,8 @@ from collections import Counter
 import pytest
 import torch
 
-from raymoe.cluster.eplb_planner import plan_expert_placement
-from raymoe.cluster.expert_placement import default_placement, replica_tables
+from raymoe.cluster.eplb_planner import plan_expert_slots
+from raymoe.cluster.expert_slots import default_expert_slots, replica_tables
 
 # ---- independent reference --------------------------------------------------------------
 
@@ -67,7 +67,7 @@ def random_load(rng: random.Random, layers: int, experts: int) -> list[list[floa
     return rows
 
 
-def random_placement(rng: random.Random, layers: int, experts: int, physical: int) -> torch.Tensor:
+def random_expert_slots(rng: random.Random, layers: int, experts: int, physical: int) -> torch.Tensor:
     rows = []
     for _ in range(layers):
         row = list(range(experts)) + [rng.randrange(experts) for _ in range(physical - experts)]
@@ -86,9 +86,9 @@ def random_case(seed: int):
     physical = rng.choice(slots)
     load = random_load(rng, layers, experts)
     if rng.random() < 0.5:
-        current = default_placement(layers, experts, physical)
+        current = default_expert_slots(layers, experts, physical)
     else:
-        current = random_placement(rng, layers, experts, physical)
+        current = random_expert_slots(rng, layers, experts, physical)
     return load, current, ep, nodes
 
 
@@ -99,7 +99,7 @@ SEEDS = range(120)
 def test_plan_is_valid_and_never_worse(seed):
     load, current, ep, nodes = random_case(seed)
     experts, physical = len(load[0]), current.shape[1]
-    plan = plan_expert_placement(torch.tensor(load), current, ep, nodes=nodes, bytes_per_expert=7)
+    plan = plan_expert_slots(torch.tensor(load), current, ep, nodes=nodes, bytes_per_expert=7)
     new = plan.physical_to_logical
     assert new.dtype == torch.int64 and tuple(new.shape) == tuple(current.shape)
     _, counts = replica_tables(new, experts)  # raises if an expert lost its last replica
@@ -154,14 +154,14 @@ def _has_duplicates(row: list[int], ep: int) -> bool:
 @pytest.mark.parametrize("seed", range(40))
 def test_planning_again_on_own_output_moves_nothing(seed):
     load, current, ep, nodes = random_case(seed)
-    first = plan_expert_placement(torch.tensor(load), current, ep, nodes=nodes, bytes_per_expert=1)
-    second = plan_expert_placement(torch.tensor(load), first.physical_to_logical, ep, nodes=nodes, bytes_per_expert=1)
+    first = plan_expert_slots(torch.tensor(load), current, ep, nodes=nodes, bytes_per_expert=1)
+    second = plan_expert_slots(torch.tensor(load), first.physical_to_logical, ep, nodes=nodes, bytes_per_expert=1)
     assert second.moved_slots == 0 and second.bytes_moved == 0
     assert torch.equal(second.physical_to_logical, first.physical_to_logical)
 
 
 @pytest.mark.parametrize("experts, ep, redundant", [(8, 4, 0), (16, 8, 16), (12, 3, 12), (6, 6, 6), (10, 5, 0)])
-def test_already_optimal_placement_moves_nothing(experts, ep, redundant):
+def test_already_optimal_expert_slots_move_nothing(experts, ep, redundant):
     # uniform load, each expert with the same number of replicas, equal slots per rank:
     # every rank carries exactly the mean
     physical = experts + redundant
@@ -174,19 +174,19 @@ def test_already_optimal_placement_moves_nothing(experts, ep, redundant):
     assert all(set(Counter(r).values()) == {physical // experts} for r in rows)
     load = [[50.0] * experts for _ in range(layers)]
     assert ref_balancedness(load, rows, ep) == pytest.approx(1.0)
-    plan = plan_expert_placement(torch.tensor(load), current, ep, bytes_per_expert=100)
+    plan = plan_expert_slots(torch.tensor(load), current, ep, bytes_per_expert=100)
     assert plan.bytes_moved == 0 and torch.equal(plan.physical_to_logical, current)
 
 
 @pytest.mark.parametrize("ep, nodes", [(1, 1), (2, 1), (4, 2)])
 def test_zero_load_and_single_rank_keep_current(ep, nodes):
     rng = random.Random(ep)
-    current = random_placement(rng, 3, 8, 16)
-    zero = plan_expert_placement(torch.zeros(3, 8), current, ep, nodes=nodes, bytes_per_expert=1)
+    current = random_expert_slots(rng, 3, 8, 16)
+    zero = plan_expert_slots(torch.zeros(3, 8), current, ep, nodes=nodes, bytes_per_expert=1)
     assert torch.equal(zero.physical_to_logical, current) and zero.balancedness_after == 1.0
-    if ep == 1:  # one rank carries all load whatever the placement
+    if ep == 1:  # one rank carries all load whatever the expert slots
         skewed = torch.tensor(random_load(rng, 3, 8))
-        one = plan_expert_placement(skewed, current, ep, bytes_per_expert=1)
+        one = plan_expert_slots(skewed, current, ep, bytes_per_expert=1)
         assert one.moved_slots == 0
 
 
@@ -199,12 +199,12 @@ def test_skewed_load_improves_balancedness(experts, ep, redundant, nodes, expone
     layers = 4
     load = [zipf_row(rng, experts, exponent, 200 * experts) for _ in range(layers)]
     physical = experts + redundant
-    current = default_placement(layers, experts, physical)
-    plan = plan_expert_placement(torch.tensor(load), current, ep, nodes=nodes, bytes_per_expert=1)
+    current = default_expert_slots(layers, experts, physical)
+    plan = plan_expert_slots(torch.tensor(load), current, ep, nodes=nodes, bytes_per_expert=1)
     before = ref_balancedness(load, current.tolist(), ep)
     after = ref_balancedness(load, plan.physical_to_logical.tolist(), ep)
     # a layer's mean rank load is total/ep: rank loads can never all drop below the mean,
-    # and here the hottest expert alone exceeds it on the default placement
+    # and here the hottest expert alone exceeds it on the default expert slots
     assert before < 0.6
     assert after >= before + 0.3 and after >= 0.85
 
@@ -212,10 +212,10 @@ def test_skewed_load_improves_balancedness(experts, ep, redundant, nodes, expone
 def test_tolerance_trades_balance_for_fewer_moves():
     rng = random.Random(5)
     load = torch.tensor([zipf_row(rng, 32, 1.0, 5000) for _ in range(4)])
-    current = default_placement(4, 32, 40)
-    exact = plan_expert_placement(load, current, 8, bytes_per_expert=1)
-    lax = plan_expert_placement(load, current, 8, bytes_per_expert=1, tolerance=100.0)
-    # with a huge tolerance the current placement is good enough: nothing moves
+    current = default_expert_slots(4, 32, 40)
+    exact = plan_expert_slots(load, current, 8, bytes_per_expert=1)
+    lax = plan_expert_slots(load, current, 8, bytes_per_expert=1, tolerance=100.0)
+    # with a huge tolerance the current expert slots are good enough: nothing moves
     assert lax.moved_slots == 0 and torch.equal(lax.physical_to_logical, current)
     assert exact.moved_slots > 0 and exact.balancedness_after > lax.balancedness_after
 
@@ -239,4 +239,4 @@ def test_tolerance_trades_balance_for_fewer_moves():
 def test_bad_arguments_raise_value_error_naming_the_field(load, p2l, ep, nodes, kw, field):
     kw = {"bytes_per_expert": 1, **kw}
     with pytest.raises(ValueError, match=field):
-        plan_expert_placement(load, p2l, ep, nodes=nodes, **kw)
+        plan_expert_slots(load, p2l, ep, nodes=nodes, **kw)

@@ -12,7 +12,7 @@ from raymoe.actors.models.moe_combine import combine
 from raymoe.actors.models.moe_dispatch import dispatch
 from raymoe.actors.models import ops
 from raymoe.actors.models.ops import block_dividing, choose_backend
-from raymoe.cluster.expert_placement import replica_tables
+from raymoe.cluster.expert_slots import replica_tables
 
 
 def _mlp_case(slots: int, hidden: int, inter: int, tokens: int, top_k: int, foreign: bool):

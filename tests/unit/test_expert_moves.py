@@ -1,4 +1,4 @@
-"""The per-layer move plan turns any old placement into any new one, reading only
+"""The per-layer move plan turns any old expert slots into any new ones, reading only
 copies that exist, locally when the destination rank already holds one."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from raymoe.cluster.expert_moves import plan_layer_moves
 
 
-def _random_placement(rng: random.Random, num_logical: int, slots: int) -> list[int]:
+def _random_expert_slots(rng: random.Random, num_logical: int, slots: int) -> list[int]:
     row = list(range(num_logical)) + [rng.randrange(num_logical) for _ in range(slots - num_logical)]
     rng.shuffle(row)
     return row
@@ -21,7 +21,7 @@ def test_moves_turn_old_into_new(seed):
     ep = rng.choice([1, 2, 4, 8])
     num_logical = rng.choice([4, 8, 16])
     slots = ep * rng.randint(max(1, -(-num_logical // ep)), -(-num_logical // ep) + 3)
-    old, new = _random_placement(rng, num_logical, slots), _random_placement(rng, num_logical, slots)
+    old, new = _random_expert_slots(rng, num_logical, slots), _random_expert_slots(rng, num_logical, slots)
     per_rank = slots // ep
     moves = plan_layer_moves(old, new, ep)
     # simulate: every destination reads the *old* content of its source slot
@@ -38,7 +38,7 @@ def test_moves_turn_old_into_new(seed):
             assert m.src_rank == dst
 
 
-def test_unchanged_placement_moves_nothing():
+def test_unchanged_expert_slots_move_nothing():
     row = [0, 1, 2, 3, 0, 1]
     assert plan_layer_moves(row, row, 2) == []
 

@@ -1,4 +1,4 @@
-"""Placement: bundles per node, placed actors -> ranks, and the shortfall message."""
+"""Placement: bundles per node, actor locations -> ranks, and the shortfall message."""
 from __future__ import annotations
 
 import random
@@ -6,7 +6,7 @@ import random
 import pytest
 
 from raymoe.cluster.layout import RankLayout
-from raymoe.cluster.placement import PlacedActor, assign_ranks, describe_shortfall, plan_placement
+from raymoe.cluster.placement import ActorLocation, assign_ranks, describe_shortfall, plan_placement
 
 
 @pytest.mark.parametrize(
@@ -39,7 +39,7 @@ def test_plan_placement_one_bundle_per_node(kw, device):
     assert all(b["CPU"] == per_node for b in plan.bundles[1:])
 
 
-def _placed(layout: RankLayout, gpus: bool, seed: int) -> list[PlacedActor]:
+def _located(layout: RankLayout, gpus: bool, seed: int) -> list[ActorLocation]:
     """Actors as Ray might report them: GPU ids shuffled within each node, list shuffled."""
     rng = random.Random(seed)
     rpn = layout.ranks_per_node
@@ -52,15 +52,15 @@ def _placed(layout: RankLayout, gpus: bool, seed: int) -> list[PlacedActor]:
                 dict(bundle=node, node_id=f"node-{node}", ip=f"10.0.0.{node}", gpu_ids=(gpu,) if gpus else ())
             )
     rng.shuffle(out)
-    return [PlacedActor(actor_index=i, **p) for i, p in enumerate(out)]
+    return [ActorLocation(actor_index=i, **p) for i, p in enumerate(out)]
 
 
 @pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize("kw", [dict(tp=2, dp=4, nodes=2), dict(tp=4, nodes=1), dict(tp=2, dp=3, nodes=3)])
 def test_assign_ranks_orders_by_node_then_gpu_id(kw, seed):
     layout = RankLayout(**kw)
-    placed = _placed(layout, gpus=True, seed=seed)
-    ranks = assign_ranks(layout, placed)
+    located = _located(layout, gpus=True, seed=seed)
+    ranks = assign_ranks(layout, located)
     assert sorted(p.actor_index for p in ranks) == list(range(layout.world_size))
     rpn = layout.ranks_per_node
     for rank, p in enumerate(ranks):
@@ -72,7 +72,7 @@ def test_assign_ranks_orders_by_node_then_gpu_id(kw, seed):
 @pytest.mark.parametrize("seed", range(3))
 def test_assign_ranks_on_cpu_orders_by_actor_index_within_node(seed):
     layout = RankLayout(tp=2, dp=2, nodes=2)
-    ranks = assign_ranks(layout, _placed(layout, gpus=False, seed=seed))
+    ranks = assign_ranks(layout, _located(layout, gpus=False, seed=seed))
     for node in range(2):
         on_node = ranks[node * 2 : node * 2 + 2]
         assert all(p.bundle == node for p in on_node)
@@ -81,31 +81,31 @@ def test_assign_ranks_on_cpu_orders_by_actor_index_within_node(seed):
 
 def test_assign_ranks_rejects_wrong_total():
     layout = RankLayout(tp=4)
-    placed = _placed(layout, gpus=True, seed=0)
+    located = _located(layout, gpus=True, seed=0)
     with pytest.raises(ValueError, match="3 actors placed for a world of 4"):
-        assign_ranks(layout, placed[:3])
+        assign_ranks(layout, located[:3])
 
 
 def test_assign_ranks_rejects_uneven_bundles():
     layout = RankLayout(tp=2, dp=2, nodes=2)
-    placed = [PlacedActor(i, bundle=0 if i < 3 else 1, node_id=f"n{i >= 3}", ip="x", gpu_ids=(i,)) for i in range(4)]
+    located = [ActorLocation(i, bundle=0 if i < 3 else 1, node_id=f"n{i >= 3}", ip="x", gpu_ids=(i,)) for i in range(4)]
     with pytest.raises(ValueError, match="bundle 0 holds 3 rank actors, layout wants 2"):
-        assign_ranks(layout, placed)
+        assign_ranks(layout, located)
 
 
 def test_assign_ranks_rejects_duplicate_gpus():
     layout = RankLayout(tp=4)
-    placed = [PlacedActor(i, bundle=0, node_id="n", ip="10.0.0.9", gpu_ids=(min(i, 2),)) for i in range(4)]
+    located = [ActorLocation(i, bundle=0, node_id="n", ip="10.0.0.9", gpu_ids=(min(i, 2),)) for i in range(4)]
     with pytest.raises(ValueError, match="same GPU") as e:
-        assign_ranks(layout, placed)
+        assign_ranks(layout, located)
     assert "10.0.0.9" in str(e.value)
 
 
 def test_assign_ranks_rejects_bundle_spanning_nodes():
     layout = RankLayout(tp=2)
-    placed = [PlacedActor(i, bundle=0, node_id=f"node-{i}", ip="x", gpu_ids=(i,)) for i in range(2)]
+    located = [ActorLocation(i, bundle=0, node_id=f"node-{i}", ip="x", gpu_ids=(i,)) for i in range(2)]
     with pytest.raises(ValueError, match="spans several Ray nodes") as e:
-        assign_ranks(layout, placed)
+        assign_ranks(layout, located)
     assert "node-0" in str(e.value) and "node-1" in str(e.value)
 
 

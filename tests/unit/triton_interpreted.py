@@ -21,7 +21,7 @@ from raymoe.actors.models import (
 from raymoe.actors.models.moe_combine import combine, combine_add_rms_norm
 from raymoe.actors.models.expert_mlp import expert_mlp
 from raymoe.actors.models.moe_dispatch import busy_slots, dispatch
-from raymoe.cluster.expert_placement import replica_tables
+from raymoe.cluster.expert_slots import replica_tables
 from raymoe.comm import reduce_add_rms_norm_triton
 
 assert os.environ.get("TRITON_INTERPRET") == "1"

@@ -17,7 +17,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from raymoe.actors.rank import RankWorker
 from raymoe.cluster.config import ParallelConfig
 from raymoe.cluster.layout import RankLayout
-from raymoe.cluster.placement import PlacedActor, PlacementPlan, assign_ranks, describe_shortfall, plan_placement
+from raymoe.cluster.placement import ActorLocation, PlacementPlan, assign_ranks, describe_shortfall, plan_placement
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class ClusterCapacityError(RuntimeError):
 
 
 @dataclass
-class RankCluster:
+class RankGroup:
     layout: RankLayout
     device: str
     placement_group: Any
@@ -75,7 +75,7 @@ class RankCluster:
         remove_placement_group(self.placement_group)
 
 
-def start_rank_cluster(layout: RankLayout, parallel: ParallelConfig, name: str = "") -> RankCluster:
+def start_rank_group(layout: RankLayout, parallel: ParallelConfig, name: str = "") -> RankGroup:
     """``name``: the placement group's, so that whoever outlives the controller can free it
     should the controller die (Ray keeps a dead actor's placement groups)."""
     device, timeout_s = parallel.device, parallel.placement_timeout_s
@@ -83,13 +83,13 @@ def start_rank_cluster(layout: RankLayout, parallel: ParallelConfig, name: str =
     pg = _reserve(plan, timeout_s, name)
     try:
         actors = _start_actors(layout, device, plan, pg)
-        placed = [
-            PlacedActor(actor_index=i, bundle=layout.coord(i).node, **info)
+        located = [
+            ActorLocation(actor_index=i, bundle=layout.coord(i).node, **info)
             for i, info in enumerate(
-                _wait_all([a.placement.remote() for a in actors], timeout_s, what="rank actor start")
+                _wait_all([a.location.remote() for a in actors], timeout_s, what="rank actor start")
             )
         ]
-        order = assign_ranks(layout, placed)
+        order = assign_ranks(layout, located)
         ranked = [actors[p.actor_index] for p in order]
         port = ray.get(ranked[0].free_port.remote())
         init_method = f"tcp://{order[0].ip}:{port}"
@@ -99,8 +99,8 @@ def start_rank_cluster(layout: RankLayout, parallel: ParallelConfig, name: str =
     except BaseException:
         remove_placement_group(pg)
         raise
-    log.info("rank cluster up: %s", layout.describe())
-    return RankCluster(layout=layout, device=device, placement_group=pg, actors=ranked, infos=infos)
+    log.info("rank group up: %s", layout.describe())
+    return RankGroup(layout=layout, device=device, placement_group=pg, actors=ranked, infos=infos)
 
 
 def remove_named_placement_group(name: str) -> None:

@@ -1,4 +1,4 @@
-"""Expert placement as values: which logical expert each physical expert slot holds.
+"""Expert slots as values: which logical expert each physical expert slot holds.
 
 Physical slots are numbered 0..P-1 and split evenly over the EP group: EP rank i
 owns slots [i*P/ep, (i+1)*P/ep). P = logical experts + redundant replicas.
@@ -21,7 +21,7 @@ def num_physical_experts(num_logical: int, num_redundant: int, ep: int) -> int:
     return physical
 
 
-def default_placement(num_layers: int, num_logical: int, num_physical: int) -> torch.Tensor:
+def default_expert_slots(num_layers: int, num_logical: int, num_physical: int) -> torch.Tensor:
     """Initial physical->logical map [layers, P] (int64): slot p holds logical p mod E.
 
     With no redundant slots this is the identity; redundant slots replicate the
@@ -49,5 +49,5 @@ def replica_tables(physical_to_logical: torch.Tensor, num_logical: int) -> tuple
             counts[layer, logical] += 1
     missing = (counts == 0).nonzero().tolist()
     if missing:
-        raise ValueError(f"placement leaves (layer, logical expert) without a replica: {missing[:5]}")
+        raise ValueError(f"expert slots leave (layer, logical expert) without a replica: {missing[:5]}")
     return l2p, counts

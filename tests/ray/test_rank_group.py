@@ -1,5 +1,5 @@
 """A controller with 4 CPU rank actors (dp2 tp2 ep2) on Ray: groups checked with real
-collectives through Controller.execute, barriers, health, shutdown; and layouts the
+collectives through Controller.run_on_ranks, barriers, health, shutdown; and layouts the
 cluster cannot place fail in bounded time, saying what is missing.
 
 The tests of the started controller share one bring-up (module fixture) and run
@@ -16,7 +16,7 @@ import pytest
 import ray
 import torch
 
-from raymoe.actors.cluster import ClusterCapacityError
+from raymoe.actors.rank_group import ClusterCapacityError
 from raymoe.cluster.config import config_from_dict
 from raymoe.cluster.layout import GROUP_KINDS
 from raymoe.deploy.launch import start_controller
@@ -117,7 +117,7 @@ def started(ray_cluster):
 
 def test_ranks_report_their_coordinates(started):
     controller, cpus_before = started
-    me = ray.get(controller.execute.remote(_whoami))
+    me = ray.get(controller.run_on_ranks.remote(_whoami))
     assert [m["rank"] for m in me] == list(range(WORLD))
     assert len({m["pid"] for m in me}) == WORLD, "one process per rank"
     # dp2 tp2: rank = dp*2 + tp; ep2 x moe_tp2: rank = ep*2 + moe_tp
@@ -128,8 +128,8 @@ def test_ranks_report_their_coordinates(started):
 
 def test_every_group_has_the_layout_members(started):
     controller, _ = started
-    views = ray.get(controller.execute.remote(_group_views))
-    pids = [m["pid"] for m in ray.get(controller.execute.remote(_whoami))]
+    views = ray.get(controller.run_on_ranks.remote(_group_views))
+    pids = [m["pid"] for m in ray.get(controller.run_on_ranks.remote(_whoami))]
     for rank, view in enumerate(views):
         for kind in GROUP_KINDS:
             want = expected_members(kind, rank)
@@ -140,7 +140,7 @@ def test_every_group_has_the_layout_members(started):
 @pytest.mark.parametrize("kind", GROUP_KINDS)
 def test_collectives_per_group_kind(started, kind):
     controller, _ = started
-    got = ray.get(controller.execute.remote(_reduce_and_broadcast, kind))
+    got = ray.get(controller.run_on_ranks.remote(_reduce_and_broadcast, kind))
     for rank, r in enumerate(got):
         members = expected_members(kind, rank)
         assert r["sum"] == [sum(m + 1.0 for m in members), float(len(members)), sum(10.0 * m for m in members)]
@@ -153,7 +153,7 @@ def test_barrier_over_every_group_kind(started):
     for kind in GROUP_KINDS:
         seconds = ray.get(controller.barrier.remote(kind), timeout=60)
         assert 0 <= seconds < 60, kind
-    waited = ray.get(controller.execute.remote(_barrier_wait), timeout=60)
+    waited = ray.get(controller.run_on_ranks.remote(_barrier_wait), timeout=60)
     assert all(w > 0.7 for w in waited[1:]), f"the barrier let ranks through early: {waited}"
 
 
@@ -162,7 +162,7 @@ def test_health_is_ok(started):
     health = ray.get(controller.health.remote())
     assert health["status"] == "ok"
     assert "world=4" in health["layout"]
-    pids = [m["pid"] for m in ray.get(controller.execute.remote(_whoami))]
+    pids = [m["pid"] for m in ray.get(controller.run_on_ranks.remote(_whoami))]
     assert [(h["rank"], h["device"], h["pid"]) for h in health["ranks"]] == [
         (r, "cpu", pids[r]) for r in range(WORLD)
     ]
@@ -175,7 +175,7 @@ def test_shutdown_releases_the_placement_group(started):
     assert _placement_groups("CREATED") == []
     assert _wait_for_cpus(cpus_before) == cpus_before
     with pytest.raises(Exception, match="controller not started"):
-        ray.get(controller.execute.remote(_whoami))
+        ray.get(controller.run_on_ranks.remote(_whoami))
     assert ray.get(controller.health.remote())["status"] == "starting"
 
 

@@ -1,0 +1,59 @@
+"""RayStepExecutor: one engine step fanned out to the rank actors, each DP replica's
+outputs collected from its first rank."""
+from __future__ import annotations
+
+import asyncio
+import pickle
+from typing import Any, Optional, Sequence
+
+import ray
+
+from raymoe.actors.engine.async_engine import StepTimeoutError
+from raymoe.actors.engine.step import StepInput, StepOutput
+from raymoe.cluster.layout import RankLayout
+
+# The first steps on new ranks compile kernels (Triton, FlashInfer's JIT on a fresh host):
+# they get this long, whatever engine.step_timeout_s says.
+WARMUP_STEPS = 10
+WARMUP_TIMEOUT_S = 900.0
+
+
+class RayStepExecutor:
+    """Fans each step out to every rank actor and collects each DP replica's result
+    from its first rank. Each replica's input is put in the object store once.
+
+    Steps travel as pickled bytes both ways: Ray passes bytes through as they are, which
+    costs ~0.15 ms less per hop than its own serialization of a dataclass of numpy arrays.
+
+    (A Ray Compiled Graph moves a step in tens of microseconds instead of an actor
+    call's ~1 ms each way, and was tried: its channel readers busy-poll, which on a
+    2-core machine starved the ranks until a step stalled for minutes, and it could
+    not be verified on a GPU host. Steps are columns of numpy arrays, so what each
+    call pickles is small.)
+    """
+
+    def __init__(self, layout: RankLayout, actors: Sequence[Any], step_timeout_s: float = 60.0) -> None:
+        self.layout = layout
+        self.actors = list(actors)
+        self.step_timeout_s = step_timeout_s
+        self.num_calls = 0
+        self.replica_of = [layout.coord(r).dp for r in range(layout.world_size)]
+        self.leaders = [layout.rank_of(d, 0, 0) for d in range(layout.dp)]
+
+    async def run_step_async(self, inputs: Optional[Sequence[StepInput]], wait: bool = True) -> list[list[StepOutput]]:
+        """Launch ``inputs`` (one per DP replica; None: no new step) on every rank. Returns,
+        for each step this call completes (oldest first), each replica's output; with
+        ``wait`` False the step just launched stays in flight."""
+        assert inputs is None or len(inputs) == self.layout.dp
+        payloads = [None] * self.layout.dp if inputs is None else [pickle.dumps(x, protocol=pickle.HIGHEST_PROTOCOL) for x in inputs]
+        refs = [ray.put(p) for p in payloads] if len(self.actors) > 1 and inputs is not None else payloads
+        calls = [a.run_step.remote(refs[self.replica_of[r]], wait) for r, a in enumerate(self.actors)]
+        self.num_calls += 1
+        timeout = self.step_timeout_s if self.num_calls > WARMUP_STEPS else max(self.step_timeout_s, WARMUP_TIMEOUT_S)
+        try:  # every rank, so a failure anywhere surfaces here
+            results = await asyncio.wait_for(asyncio.gather(*calls), timeout)
+        except asyncio.TimeoutError:
+            raise StepTimeoutError(f"a step took longer than {timeout:.0f} s (engine.step_timeout_s): a rank is hung") from None
+        per_replica = [pickle.loads(results[r]) for r in self.leaders]
+        assert len({len(outputs) for outputs in per_replica}) == 1, "replicas completed different steps"
+        return [list(outputs) for outputs in zip(*per_replica)]
