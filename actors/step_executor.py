@@ -25,11 +25,9 @@ class RayStepExecutor:
     Steps travel as pickled bytes both ways: Ray passes bytes through as they are, which
     costs ~0.15 ms less per hop than its own serialization of a dataclass of numpy arrays.
 
-    (A Ray Compiled Graph moves a step in tens of microseconds instead of an actor
-    call's ~1 ms each way, and was tried: its channel readers busy-poll, which on a
-    2-core machine starved the ranks until a step stalled for minutes, and it could
-    not be verified on a GPU host. Steps are columns of numpy arrays, so what each
-    call pickles is small.)
+    Not a Ray Compiled Graph: its channel readers busy-poll, which starves the ranks
+    on a host with few cores (BENCHMARKS.md). Steps are columns of numpy arrays, so
+    what each call pickles is small.
     """
 
     def __init__(self, layout: RankLayout, actors: Sequence[Any], step_timeout_s: float = 60.0) -> None:

@@ -3,8 +3,8 @@
 Tensor collectives go over the device group (NCCL on GPU, gloo on CPU).
 CPU-side coordination -- barrier, broadcast_object, all_gather_object -- goes
 over the gloo cpu group, never the device group: a device barrier waits behind
-all queued GPU work (measured 63 ms against 0.5 ms for gloo on 2 x H200 with
-~60 ms of matmuls queued).
+all queued GPU work (tens of milliseconds behind a busy step, against well under one
+for gloo: BENCHMARKS.md, "Communication").
 
 A group of size 1 short-circuits every call (no process group is touched).
 Ranks passed to and returned from methods are *group* ranks (0..size-1)
@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from raymoe.comm.symm_all_reduce import SymmetricAllReduce
 
-# torch 2.13 renamed the tensor-output collectives; the GPU hosts run torch 2.11.
+# torch 2.13 renamed the tensor-output collectives; older torch has only the old names.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 

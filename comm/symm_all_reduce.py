@@ -2,9 +2,9 @@
 
 A decode step all-reduces a few [tokens, hidden] activations per layer (attention
 output over tp, expert output over the world). At these sizes NCCL's ring costs
-~35 us whatever the size; a one-shot all-reduce, where every GPU reads its peers'
-copies straight over NVLink, costs 8.5-15 us for 16 KiB-1 MiB on 2 x H200
-(shared/gpu/README.md). torch's one-shot kernel copies the input into this
+a fixed ~35 us whatever the size; a one-shot all-reduce, where every GPU reads its
+peers' copies straight over NVLink, costs a fraction of that (BENCHMARKS.md,
+"Communication"). torch's one-shot kernel copies the input into this
 group's symmetric buffer, meets its peers at a barrier on the signal pads, sums,
 and meets them again before returning, so the buffer can be reused by the next
 call, and the whole thing can be captured in a CUDA graph.

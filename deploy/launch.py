@@ -23,7 +23,7 @@ def ensure_ray(config: Config, address: Optional[str] = None) -> None:
     """Connect to ``address`` (or RAY_ADDRESS), or start a local Ray.
 
     A local Ray started here for a CPU layout offers at least one logical CPU per
-    rank, so a 4-rank CPU layout runs on a 2-core laptop (slowly, but it runs).
+    rank, so a 4-rank CPU layout runs on a machine with fewer cores (slowly, but it runs).
     """
     if ray.is_initialized():
         return

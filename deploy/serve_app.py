@@ -44,10 +44,10 @@ HEALTH_TIMEOUT_S = 10.0
 MAX_BODY_BYTES = 32 * 2**20
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
-# Ray Serve latency settings (issue 4: each thread or loop hop costs a wake-up, which on a
-# busy host is a millisecond or more). Serve reads them when its processes start, so they
-# travel as the Serve controller's runtime env, which its proxies and replicas inherit
-# (serve_start). Together they cut an empty streaming route by ~3-5 ms on a 2-core box.
+# Ray Serve latency settings (each thread or loop hop costs a wake-up, which on a busy
+# host is a millisecond or more; BENCHMARKS.md, "TTFT over the endpoint"). Serve reads them
+# when its processes start, so they travel as the Serve controller's runtime env, which
+# its proxies and replicas inherit (serve_start).
 # - the proxy sends requests to the replica over gRPC instead of Ray actor calls;
 # - the proxy routes on its own event loop instead of handing off to a router thread;
 # - the replica runs our (async) handlers on its main loop instead of a second thread.
@@ -61,8 +61,7 @@ SERVE_ENV = {
 def serve_env(direct_port: Optional[int], num_replicas: int = 1) -> dict[str, str]:
     """SERVE_ENV, plus Serve's direct ingress from ``direct_port`` when given: each ingress
     replica runs an HTTP server of its own, replica i of n on a port in [direct_port,
-    direct_port + n), so a request skips the proxy -> replica hop (~7 ms less per
-    request on a 2-core box; BENCHMARKS.md)."""
+    direct_port + n), so a request skips the proxy -> replica hop (BENCHMARKS.md)."""
     env = dict(SERVE_ENV)
     if direct_port is not None:
         env.update({

@@ -1,1 +1,2 @@
-"""Model architectures, one per file, built already sharded over their groups."""
+"""Models built already sharded over their groups: one decoder (decoder.py) that every
+supported architecture is, with what distinguishes them in registry.py."""

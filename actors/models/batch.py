@@ -8,7 +8,7 @@ import torch
 
 
 class Attention(Protocol):
-    """An attention backend planned for one step (see raymoe.actors.engine.attention)."""
+    """An attention backend planned for one step (raymoe.actors.engine.attention_torch, attention_flashinfer)."""
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Write k/v of the step's tokens into layer ``layer``'s KV cache, attend.
@@ -31,7 +31,8 @@ class ForwardBatch:
     attention: Attention
     # MoE layers gather every DP replica's tokens, each replica padded to ``dp_pad`` rows
     # (the step's largest replica, or a CUDA graph's batch size); ``dp_counts`` [dp] int
-    # on the device says how many rows of each replica are real. Unused when dp == 1.
+    # on the device says how many rows of each replica are real. With dp == 1 it is set
+    # only for a CUDA graph, whose padding rows the expert-load recorder must skip.
     dp_pad: int = 0
     dp_counts: Optional[torch.Tensor] = None
     expert_load: Optional[ExpertLoadRecorder] = None

@@ -1,9 +1,11 @@
 """GPU tier: a local Ray offering every GPU of this host. The test modules skip
 themselves without CUDA.
 
-Run on a GPU host (see shared/gpu/README.md): ``source .devbundle/install.sh &&
-python3 -m pytest tests/gpu -q``. Multicast stays off: the rank actors set the
-variables in their runtime_env, install.sh sets them for the driver.
+Run on a GPU machine: install the torch wheel for its CUDA, then
+``pip install ".[gpu,test]" && python -m pytest tests/gpu -q``. (This project's own test
+hosts have no package registry: they install a prebuilt bundle instead,
+``source .devbundle/install.sh``, and run the same command.) NVLink multicast stays
+off: the rank actors set the variables in their runtime_env.
 """
 from __future__ import annotations
 

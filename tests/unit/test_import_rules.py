@@ -1,4 +1,4 @@
-"""The layer table of ARCHITECTURE.md, enforced on every import (ast, no execution).
+"""The import layers (the README's "Layers"), enforced on every import (ast, no execution).
 
 | layer                        | may import                                                          |
 | cluster                      | stdlib, numpy, torch (tensor math, not torch.distributed), yaml, raymoe.cluster |
@@ -144,7 +144,7 @@ def test_layer_table_and_bare_imports_hold_everywhere():
     files = _python_files()
     assert any(f.parts[0] == "cluster" for f in files) and any(f.parts[0] == "tests" for f in files)
     problems = [p for rel in files for p in check_source((REPO / rel).read_text(), rel)]
-    assert not problems, "import rules broken (see ARCHITECTURE.md, 'Layers'):\n" + "\n".join(problems)
+    assert not problems, "import rules broken (see the README, 'Layers'):\n" + "\n".join(problems)
 
 
 def _module_name(rel: pathlib.PurePath) -> str:
