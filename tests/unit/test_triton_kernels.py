@@ -33,16 +33,11 @@ CASES = {
     # 16-wide column blocks
     "mlp-foreign-inter48": ("expert_mlp_case", dict(slots=6, hidden=128, inter=48, tokens=9, foreign=True)),
     "mlp-empty-groups": ("expert_mlp_case", dict(slots=40, hidden=32, inter=16, tokens=9, foreign=True)),
-    "dispatch-decode": ("dispatch_case", dict(tokens=1, experts=16, physical=16, top_k=4, norm=True, ep=1, ep_rank=0,
-                                              with_valid=False)),
-    "dispatch-norm-off": ("dispatch_case", dict(tokens=37, experts=16, physical=16, top_k=4, norm=False, ep=1,
-                                                ep_rank=0, with_valid=False)),
-    "dispatch-replicas-ep2": ("dispatch_case", dict(tokens=50, experts=16, physical=24, top_k=3, norm=True, ep=2,
-                                                    ep_rank=1, with_valid=False)),
-    "dispatch-valid-rows": ("dispatch_case", dict(tokens=20, experts=8, physical=12, top_k=2, norm=True, ep=2,
-                                                  ep_rank=0, with_valid=True)),
-    "dispatch-4096-choices": ("dispatch_case", dict(tokens=512, experts=32, physical=32, top_k=8, norm=True, ep=1,
-                                                    ep_rank=0, with_valid=False)),
+    "dispatch-decode": ("dispatch_case", dict(tokens=1, experts=16, physical=16, top_k=4)),
+    "dispatch-norm-off": ("dispatch_case", dict(tokens=37, experts=16, physical=16, top_k=4, norm=False)),
+    "dispatch-replicas-ep2": ("dispatch_case", dict(tokens=50, experts=16, physical=24, top_k=3, ep=2, ep_rank=1)),
+    "dispatch-valid-rows": ("dispatch_case", dict(tokens=20, experts=8, physical=12, top_k=2, ep=2, with_valid=True)),
+    "dispatch-4096-choices": ("dispatch_case", dict(tokens=512, experts=32, physical=32, top_k=8)),
     # 40: a partial column block
     "combine-foreign-rows": ("combine_case", dict(tokens=6, top_k=4, hidden=40, mine=17)),
     "combine-all-local": ("combine_case", dict(tokens=3, top_k=2, hidden=16, mine=6)),
@@ -62,8 +57,8 @@ def interpreted(tmp_path_factory) -> tuple[dict, subprocess.CompletedProcess]:
     """Every case run in the interpreter: (case -> None if it passed, else its traceback; the process)."""
     results = tmp_path_factory.mktemp("triton") / "results.jsonl"
     env = dict(os.environ, TRITON_INTERPRET="1")
-    run = subprocess.run([sys.executable, str(SCRIPT), json.dumps(CASES), str(results)], env=env,
-                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    command = [sys.executable, str(SCRIPT), json.dumps(CASES), str(results)]
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     lines = results.read_text().splitlines() if results.exists() else []
     return dict(json.loads(line) for line in lines), run
 
@@ -71,5 +66,5 @@ def interpreted(tmp_path_factory) -> tuple[dict, subprocess.CompletedProcess]:
 @pytest.mark.parametrize("case", CASES)
 def test_kernel_matches_the_torch_path_in_the_interpreter(case, interpreted):
     errors, run = interpreted
-    assert case in errors, f"the interpreter process ended (exit {run.returncode}) before this case:\n{run.stderr[-3000:]}"
+    assert case in errors, f"the interpreter process ended (exit {run.returncode}) first:\n{run.stderr[-3000:]}"
     assert errors[case] is None, errors[case]

@@ -55,7 +55,7 @@ def expert_mlp_case(slots, hidden, inter, tokens, foreign, top_k=3):
         assert "multiple of 16" in str(e)
 
 
-def dispatch_case(tokens, experts, physical, top_k, norm, ep, ep_rank, with_valid):
+def dispatch_case(tokens, experts, physical, top_k, norm=True, ep=1, ep_rank=0, with_valid=False):
     g = torch.Generator().manual_seed(tokens * 7 + physical)
     logits = torch.randn(tokens, experts, generator=g)  # float32: no ties
     p2l = torch.cat([torch.randperm(experts, generator=g), torch.randint(0, experts, (physical - experts,), generator=g)])
