@@ -126,10 +126,16 @@ def prefill_step(seqs: int, tokens: int, block_size: int, dp_counts: tuple[int, 
 
 
 def time_step(ctx, step, iters: int, pipelined: bool = True) -> dict:
-    """Per-step time run one at a time (launch_and_collect) and pipelined (the next step launched before
-    this one is collected, as the engine runs on GPUs: host work overlaps the device's)."""
+    """Per-step time run one at a time (launched, then collected) and pipelined (the next step
+    launched before this one is collected, as the engine runs on GPUs: host work overlaps the
+    device's)."""
     runner = ctx.state["runner"]
-    times = _timed(lambda: runner.launch_and_collect(step), iters)
+
+    def one_at_a_time():
+        runner.launch(step)
+        runner.collect(keep_last=False)
+
+    times = _timed(one_at_a_time, iters)
     if not pipelined:
         return {"median_s": statistics.median(times)}
     runner.launch(step)

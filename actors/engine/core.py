@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import random
-from typing import Callable, Iterable, Iterator, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 from raymoe.actors.engine.block_manager import BlockManager
 from raymoe.actors.engine.delivery import TokenOutput
@@ -146,11 +146,3 @@ class EngineCore:
         s = self.schedulers[replica]
         return s.num_waiting + s.num_running
 
-
-def run_to_completion(core: EngineCore) -> Iterator[TokenOutput]:
-    """Step until no request is left (offline generation), yielding every output."""
-    while core.has_unfinished:
-        before = core.num_steps
-        yield from core.step()
-        if core.num_steps == before:
-            raise RuntimeError("engine scheduled nothing with requests pending (scheduler stuck)")

@@ -19,7 +19,9 @@ class LocalExecutor:
 
     def __call__(self, inputs: Sequence[StepInput]) -> list[StepOutput]:
         assert len(inputs) == 1, "a local executor serves exactly one DP replica"
-        return [self.runner.launch_and_collect(inputs[0])]
+        assert self.runner.num_in_flight == 0, "steps in flight: a step run to completion cannot follow them"
+        self.runner.launch(inputs[0])
+        return self.runner.collect(keep_last=False)
 
     async def run_step_async(self, inputs: Optional[Sequence[StepInput]], wait: bool = True) -> list[list[StepOutput]]:
         """RayStepExecutor.run_step_async's contract, in process. Yields to the event loop first,

@@ -143,13 +143,6 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def launch_and_collect(self, step: StepInput) -> Optional[StepOutput]:
-        """Run one step to completion (nothing else in flight); None on ranks that do not report."""
-        assert not self._in_flight, "steps in flight: collect() them first"
-        self.launch(step)
-        return self.collect(keep_last=False)[0]
-
-    @torch.inference_mode()
     def launch(self, step: StepInput) -> None:
         """Queue one step on the device and return without waiting for it.
 

@@ -2,8 +2,8 @@
 
 Pure policy: each `schedule()` picks which tokens of which requests get their KV computed
 this step and reserves the cache blocks for them; `advance()` records that the step was
-handed to the ranks and `fill()` brings its sampled tokens (`update()` does both). The
-engine loop is: schedule -> advance -> run the model -> fill -> stop checks -> finish().
+handed to the ranks and `fill()` brings its sampled tokens. The engine loop is:
+schedule -> advance -> run the model -> fill -> stop checks -> finish().
 Between advance and fill the next step may already be scheduled (pipelined steps): its
 decode chunks carry PENDING_TOKEN, which the ranks resolve from their last sampling.
 
@@ -189,20 +189,6 @@ class Scheduler:
                 req.output_token_ids[index] = int(token)
                 got.append((req, index, row))
         return got
-
-    def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
-        """``advance`` then ``fill`` at once (a step run to completion).
-
-        `sampled` maps request id -> token id for every chunk with sample=True (extra ids
-        are ignored). Requests aborted or finished since `schedule` are skipped. Returns
-        the requests that got a new token, in chunk order; stop checks are the caller's.
-        """
-        sampling = [c for c in output.chunks if c.sample]
-        for chunk in sampling:  # check before changing anything
-            if self._is_running(chunk.request_id) and chunk.request_id not in sampled:
-                raise ValueError(f"sampled: no token for {chunk.request_id!r}, whose chunk has sample=True")
-        pending = self.advance(output)
-        return [req for req, _, _ in self.fill(pending, [sampled.get(c.request_id, 0) for c in sampling])]
 
     # -- internals --------------------------------------------------------------------
 

@@ -5,8 +5,8 @@ on this host can attach to it), is stopped by signalling the `ray start --block`
 process this test started (never `ray stop`, which would stop every Ray on the host),
 and the job runs the installed `raymoe` console script: no working_dir. Token
 authentication is off for this private localhost head (RAY_AUTH_MODE=disabled), so the
-test does not depend on a token in ~/.ray. Skips when the head's dashboard (the job
-server) cannot start.
+test does not depend on a token in ~/.ray. A head whose dashboard (the job server) does
+not come up fails the test.
 """
 from __future__ import annotations
 
@@ -67,16 +67,17 @@ def ray_head() -> Any:
         f"--metrics-export-port={metrics}", f"--node-manager-port={node_mgr}", f"--object-manager-port={obj_mgr}",
         f"--runtime-env-agent-port={runtime_env}", f"--temp-dir={temp_dir}",
     ]  # fmt: skip
-    log = open(pathlib.Path(temp_dir) / "ray-start.log", "w")
+    log_path = pathlib.Path(temp_dir) / "ray-start.log"
+    log = open(log_path, "w")
     head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{dash}"
     try:
         try:
             _wait(lambda: head.poll() is not None or _get(url + "/api/version") == 200, 90, "dashboard")
         except TimeoutError:
-            pytest.skip("the Ray dashboard (job server) did not come up")
+            pytest.fail(f"the Ray dashboard (job server) did not come up in 90 s:\n{log_path.read_text()[-3000:]}")
         if head.poll() is not None:
-            pytest.skip(f"ray start --head exited ({head.returncode}); see {log.name}")
+            pytest.fail(f"ray start --head exited ({head.returncode}):\n{log_path.read_text()[-3000:]}")
         yield url, env
     finally:
         _stop_head(head)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import pytest
 
 from raymoe.actors.engine.async_engine import AsyncEngine
-from raymoe.actors.engine.core import EngineCore, run_to_completion
+from raymoe.actors.engine.core import EngineCore
 from raymoe.actors.engine.local import LocalEngine, build_local_engine
 from raymoe.actors.engine.messages import Finish
 from raymoe.actors.engine.output_text import OutputText
@@ -58,13 +58,16 @@ def _run(engine: Engine, requests: dict[str, tuple[list[int], SamplingParams]]) 
         core.add_request(rid, ids, params)
         texts[rid] = OutputText(engine.tokenizer, ids, params.stop)
     out = {rid: {"tokens": [], "text": "", "reason": None} for rid in requests}
-    for o in run_to_completion(core):
-        delta = texts[o.request_id].add([o.token], o.finish)
-        if texts[o.request_id].needs_abort:
-            core.abort(o.request_id)
-        out[o.request_id]["tokens"] += delta.token_ids
-        out[o.request_id]["text"] += delta.text
-        out[o.request_id]["reason"] = out[o.request_id]["reason"] or delta.finish_reason
+    while core.has_unfinished:
+        steps = core.num_steps
+        for o in core.step():
+            delta = texts[o.request_id].add([o.token], o.finish)
+            if texts[o.request_id].needs_abort:
+                core.abort(o.request_id)
+            out[o.request_id]["tokens"] += delta.token_ids
+            out[o.request_id]["text"] += delta.text
+            out[o.request_id]["reason"] = out[o.request_id]["reason"] or delta.finish_reason
+        assert core.num_steps > steps, "the engine scheduled nothing with requests pending (scheduler stuck)"
     return out
 
 
@@ -131,12 +134,20 @@ def test_stop_strings_cut_exactly(big):
 
 
 def test_max_tokens_and_eos(big):
-    out = _run(big, {"c": (big.tokenizer.encode("Hi"), SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))})
-    assert out["c"]["reason"] == "length" and len(out["c"]["tokens"]) == 5
-    eos = next(iter(big.tokenizer.eos_token_ids))
-    out = _run(big, {"d": (big.tokenizer.encode("Hi"), SamplingParams(max_tokens=30, temperature=0.0, stop_token_ids=(eos,),
-                                                                      ignore_eos=True))})  # fmt: skip
-    assert out["d"]["reason"] in ("stop", "length")
+    """Each ends the request at its token: max_tokens, an EOS, an EOS named in stop_token_ids
+    (which ignore_eos does not turn off)."""
+    ids = big.tokenizer.encode("abc")
+    plain = _run(big, {"p": (ids, SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True))})["p"]["tokens"]
+    at_eos = next((i for i, t in enumerate(plain) if t in big.tokenizer.eos_token_ids), None)
+    assert at_eos is not None and at_eos < 29, f"greedy 'abc' gives no EOS to stop at: {plain}; choose another prompt"
+    assert len(plain) == 30  # ignore_eos: on past it
+    out = _run(big, {"c": (ids, SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))})["c"]
+    assert out["reason"] == "length" and out["tokens"] == plain[:5]
+    out = _run(big, {"e": (ids, SamplingParams(max_tokens=30, temperature=0.0))})["e"]
+    assert out["reason"] == "stop" and out["tokens"] == plain[: at_eos + 1]
+    stop = SamplingParams(max_tokens=30, temperature=0.0, stop_token_ids=(plain[at_eos],), ignore_eos=True)
+    out = _run(big, {"d": (ids, stop)})["d"]
+    assert out["reason"] == "stop" and out["tokens"] == plain[: at_eos + 1]
 
 
 # ---- pipelined steps ------------------------------------------------------------------

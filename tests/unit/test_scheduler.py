@@ -1,21 +1,32 @@
 """Scheduler: continuous batching, chunked prefill, recompute preemption, aborts, no leaks.
 
-A fake runner keeps a real (token-valued) paged KV cache: it writes each chunk's tokens
-into the slots its block table names and computes the next token from what it reads back
-through the block table. A wrong table, a block shared by two live requests, or a bad
-resume therefore shows up as a wrong token, checked against `reference_output`, which
-runs the same fake model on a plain list with no scheduler at all.
+Driven through EngineCore, as the engine drives it: add_request, then each step
+schedule (and advance), the executor, apply (fill, then the engine's stop checks, which
+finish requests). The scheduler is the real one, watched: it keeps the requests the engine
+hands it and checks the invariants right after each of its schedule() calls.
+
+The executor is a fake model with a real (token-valued) paged KV cache: it writes each
+chunk's tokens into the slots its block table names and computes the next token from what
+it reads back through the block table. A wrong table, a block shared by two live requests,
+or a bad resume therefore shows up as a wrong token, checked against `reference_output`,
+which runs the same fake model on a plain list with no scheduler at all.
 """
 
 import math
 import random
 from dataclasses import dataclass
+from typing import Sequence
 
+import numpy as np
 import pytest
 
 from raymoe.actors.engine.block_manager import BlockManager
-from raymoe.actors.engine.request import Request, RequestStatus, SamplingParams
+from raymoe.actors.engine.core import EngineCore
+from raymoe.actors.engine.delivery import TokenOutput
+from raymoe.actors.engine.messages import Finish
+from raymoe.actors.engine.request import PENDING_TOKEN, Request, RequestStatus, SamplingParams
 from raymoe.actors.engine.scheduler import MAX_OVERTAKES, Scheduler, SchedulerOutput
+from raymoe.actors.engine.step import StepInput, StepOutput
 
 VOCAB = 97
 
@@ -37,22 +48,50 @@ def reference_output(prompt, max_tokens, eos, seed):
             return out
 
 
-class FakeRunner:
+class FakeModel:
+    """The executor: one replica's steps, run to completion, on the fake model."""
+
     def __init__(self, num_blocks, block_size):
         self.block_size = block_size
         self.kv = [[None] * block_size for _ in range(num_blocks)]
 
-    def step(self, out: SchedulerOutput):
-        bs = self.block_size
-        for c in out.chunks:  # every write lands before any read, as in one batched forward
-            for pos, tok in enumerate(c.token_ids, start=c.start_pos):
-                self.kv[c.block_ids[pos // bs]][pos % bs] = tok
-        sampled = {}
-        for c in out.chunks:
-            if c.sample:
-                ctx = [self.kv[c.block_ids[p // bs]][p % bs] for p in range(c.start_pos + len(c.token_ids))]
-                sampled[c.request_id] = fake_next(ctx, c.seed)
-        return sampled
+    def __call__(self, inputs: Sequence[StepInput]) -> list[StepOutput]:
+        (step,) = inputs
+        assert (step.prev_rows < 0).all(), "a step run to completion has no pending tokens"
+        bs, tables, starts = self.block_size, step.block_tables, step.start_pos.tolist()
+        ends = np.cumsum(step.query_lens).tolist()
+        chunks = [step.token_ids[end - n : end].tolist() for end, n in zip(ends, step.query_lens.tolist())]
+        # every write lands before any read, as in one batched forward
+        for table, start, tokens in zip(tables, starts, chunks):
+            for pos, tok in enumerate(tokens, start=start):
+                self.kv[table[pos // bs]][pos % bs] = tok
+        sampled = []
+        for i in np.flatnonzero(step.sample):
+            ctx = [self.kv[tables[i][p // bs]][p % bs] for p in range(starts[i] + len(chunks[i]))]
+            sampled.append(fake_next(ctx, int(step.seed[i])))
+        return [StepOutput(tokens=np.array(sampled, dtype=np.int64))]
+
+
+class WatchedScheduler(Scheduler):
+    """The real scheduler, keeping every request the engine adds (``requests``) and the
+    last ``schedule()`` output (``last``), and checking the invariants after each schedule."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.requests: dict[str, Request] = {}
+        self.last: SchedulerOutput | None = None
+
+    def add(self, req: Request) -> None:
+        super().add(req)
+        self.requests[req.request_id] = req
+
+    def schedule(self) -> SchedulerOutput:
+        self.last = super().schedule()
+        check_schedule(self, self.block_manager, self.last, self.live())
+        return self.last
+
+    def live(self) -> dict[str, Request]:
+        return {rid: r for rid, r in self.requests.items() if not r.is_finished}
 
 
 @dataclass
@@ -65,14 +104,34 @@ class Spec:
     arrive_step: int = 0
 
 
+def sampling(spec):
+    # a request's own EOS ids are its stop_token_ids: the engine's stop checks treat both alike
+    return SamplingParams(max_tokens=spec.max_tokens, seed=spec.seed, stop_token_ids=tuple(sorted(spec.eos)))
+
+
 def make_request(spec, arrival):
-    return Request(spec.rid, list(spec.prompt), SamplingParams(max_tokens=spec.max_tokens), seed=spec.seed,
-                   arrival=arrival, eos_token_ids=spec.eos)
+    return Request(spec.rid, list(spec.prompt), sampling(spec), seed=spec.seed, arrival=arrival)
 
 
 def make_sched(num_blocks, block_size, max_num_seqs=8, budget=64, max_model_len=1000):
     bm = BlockManager(num_blocks, block_size)
     return Scheduler(bm, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, max_model_len=max_model_len), bm
+
+
+def make_engine(num_blocks, block_size, max_num_seqs=8, budget=64, max_model_len=1000):
+    """(EngineCore over a watched scheduler and the fake model, that scheduler)."""
+    sched = WatchedScheduler(
+        BlockManager(num_blocks, block_size),
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=budget,
+        max_model_len=max_model_len,
+    )
+    return EngineCore([sched], eos_token_ids=(), execute=FakeModel(num_blocks, block_size), vocab_size=VOCAB), sched
+
+
+def add(core, spec) -> Request:
+    core.add_request(spec.rid, spec.prompt, sampling(spec))
+    return core.schedulers[0].requests[spec.rid]
 
 
 def check_schedule(sched, bm, out, live):
@@ -114,42 +173,45 @@ def check_blocks(bm, live, scheduled):
 
 
 def stop_reason(req):
-    if req.output_token_ids[-1] in req.eos_token_ids:
+    if req.output_token_ids[-1] in req.sampling.stop_token_ids:
         return "stop"
     if len(req.output_token_ids) >= req.sampling.max_tokens:
         return "length"
     return None
 
 
-def run_engine(specs, sched, bm, rng=None, abort_prob=0.0, max_steps=5000):
-    """Drive schedule -> fake model -> update -> stop checks until every request ends."""
-    runner = FakeRunner(bm.num_blocks, bm.block_size)
-    pending, live, ended, aborted = sorted(specs, key=lambda s: s.arrive_step), {}, {}, set()
+def check_outputs(sched, outputs: list[TokenOutput], sampled: set[str]) -> None:
+    """After apply: every request in ``sampled`` got its token, and the engine's stop checks
+    ended exactly the requests that stop_reason ends."""
+    assert [o.request_id for o in outputs] == [c.request_id for c in sched.last.chunks if c.request_id in sampled]
+    for o in outputs:
+        req = sched.requests[o.request_id]
+        assert req.output_token_ids[-1] == o.token and o.finish.reason == stop_reason(req)
+        assert req.is_finished == (o.finish is not Finish.RUNNING) and req.finish_reason == o.finish.reason
+
+
+def run_engine(specs, core, sched, rng=None, abort_prob=0.0, max_steps=5000):
+    """Drive the engine (schedule -> fake model -> apply with its stop checks) until every request ends."""
+    bm = sched.block_manager
+    pending, aborted = sorted(specs, key=lambda s: s.arrive_step), set()
     step = 0
-    while pending or sched.has_unfinished:
+    while pending or core.has_unfinished:
         while pending and pending[0].arrive_step <= step:
-            req = make_request(pending.pop(0), arrival=float(len(live) + len(ended)))
-            sched.add(req)
-            live[req.request_id] = req
-        out = sched.schedule()
-        check_schedule(sched, bm, out, live)
-        if rng is not None and live and rng.random() < abort_prob:  # abort between schedule and update
+            add(core, pending.pop(0))
+        planned = core.schedule()
+        live = sched.live()
+        if rng is not None and live and rng.random() < abort_prob:  # abort between schedule and apply
             rid = rng.choice(sorted(live))
-            assert sched.abort(rid) is live[rid] and not live[rid].block_ids
-            ended[rid] = live.pop(rid)
+            assert core.abort(rid) and not live[rid].block_ids and live[rid].finish_reason == "abort"
             aborted.add(rid)
-        got = sched.update(out, runner.step(out))
-        assert all(c.request_id in {r.request_id for r in got} for c in out.chunks if c.sample and c.request_id in live)
-        check_blocks(bm, live, {})
-        for req in got:
-            reason = stop_reason(req)
-            if reason:
-                assert sched.finish(req.request_id, reason) is req and req.is_finished
-                ended[req.request_id] = live.pop(req.request_id)
+        if planned is not None:
+            sampled = {c.request_id for c in sched.last.chunks if c.sample} - aborted
+            check_outputs(sched, core.apply(planned, core.executor(planned.inputs)), sampled)
+        check_blocks(bm, sched.live(), {})
         step += 1
         assert step < max_steps, "scheduler made no progress"
-    assert not live and bm.num_free_blocks == bm.num_blocks and bm.usage == 0.0
-    return ended, aborted
+    assert not sched.live() and bm.num_free_blocks == bm.num_blocks and bm.usage == 0.0
+    return sched.requests, aborted
 
 
 def random_specs(rng, n, max_prompt, max_out):
@@ -170,8 +232,8 @@ def test_random_workload_matches_reference_and_never_leaks(seed):
     tight_blocks = math.ceil(longest / block_size) + rng.randint(0, 2)  # barely fits the longest request
     kwargs = dict(max_num_seqs=rng.randint(2, 8), budget=rng.choice([7, 16, 32]), max_model_len=64)
 
-    big, _ = run_engine(specs, *make_sched(1000, block_size, **kwargs))
-    tight, _ = run_engine(specs, *make_sched(tight_blocks, block_size, **kwargs))
+    big, _ = run_engine(specs, *make_engine(1000, block_size, **kwargs))
+    tight, _ = run_engine(specs, *make_engine(tight_blocks, block_size, **kwargs))
     for s in specs:
         expect = reference_output(s.prompt, s.max_tokens, s.eos, s.seed)
         assert big[s.rid].output_token_ids == expect
@@ -180,107 +242,95 @@ def test_random_workload_matches_reference_and_never_leaks(seed):
     assert sum(r.num_preemptions for r in big.values()) == 0
     assert sum(r.num_preemptions for r in tight.values()) > 0, "the tight cache never preempted"
 
-    chaos, aborted = run_engine(specs, *make_sched(tight_blocks, block_size, **kwargs), rng=rng, abort_prob=0.15)
+    chaos, aborted = run_engine(specs, *make_engine(tight_blocks, block_size, **kwargs), rng=rng, abort_prob=0.15)
     assert aborted
     for s in specs:
         req = chaos[s.rid]
         expect = reference_output(s.prompt, s.max_tokens, s.eos, s.seed)
         if s.rid in aborted:
-            assert req.finish_reason == "abort" and req.output_token_ids == expect[: len(req.output_token_ids)]
+            tokens = req.output_token_ids
+            if tokens and tokens[-1] == PENDING_TOKEN:
+                tokens = tokens[:-1]  # aborted with its step in flight: that token never came
+            assert req.finish_reason == "abort" and tokens == expect[: len(tokens)]
         else:
             assert req.output_token_ids == expect
 
 
 def test_chunked_prefill_splits_a_long_prompt():
-    sched, bm = make_sched(num_blocks=64, block_size=4, budget=8)
+    core, sched = make_engine(num_blocks=64, block_size=4, budget=8)
     prompt = list(range(3, 40))  # 37 tokens
-    req = make_request(Spec("long", prompt, max_tokens=3), arrival=0.0)
-    sched.add(req)
-    runner, starts, seen = FakeRunner(64, 4), [], []
+    req = add(core, Spec("long", prompt, max_tokens=3))
+    starts, seen = [], []
     while not req.output_token_ids:
-        out = sched.schedule()
-        check_schedule(sched, bm, out, {"long": req})
-        (chunk,) = out.chunks
+        core.step()
+        (chunk,) = sched.last.chunks
         starts.append(chunk.start_pos)
         seen += chunk.token_ids
         assert chunk.sample == (chunk.start_pos + len(chunk.token_ids) == len(prompt))
-        sched.update(out, runner.step(out))
         assert len(req.block_ids) == math.ceil(req.num_computed_tokens / 4)
     assert starts == [0, 8, 16, 24, 32] and seen == prompt
-    out = sched.schedule()  # then a one-token decode of the sampled token
-    assert [(c.start_pos, c.token_ids, c.sample) for c in out.chunks] == [(37, tuple(req.output_token_ids), True)]
+    sampled = tuple(req.output_token_ids)
+    core.schedule()  # then a one-token decode of the sampled token
+    assert [(c.start_pos, c.token_ids, c.sample) for c in sched.last.chunks] == [(37, sampled, True)]
 
 
 def test_prefill_chunk_takes_the_budget_left_after_decodes():
-    sched, bm = make_sched(num_blocks=64, block_size=4, budget=8)
-    runner = FakeRunner(64, 4)
-    a = make_request(Spec("a", [1, 2], max_tokens=50), arrival=0.0)
-    sched.add(a)
-    out = sched.schedule()
-    sched.update(out, runner.step(out))
-    b = make_request(Spec("b", list(range(20)), max_tokens=2), arrival=1.0)
-    sched.add(b)
+    core, sched = make_engine(num_blocks=64, block_size=4, budget=8)
+    a = add(core, Spec("a", [1, 2], max_tokens=50))
+    core.step()
+    b = add(core, Spec("b", list(range(20)), max_tokens=2))
     sizes = []
     while not b.output_token_ids:
-        out = sched.schedule()
-        check_schedule(sched, bm, out, {"a": a, "b": b})
+        core.step()
+        out = sched.last
         assert out.chunks[0].request_id == "a" and len(out.chunks[0].token_ids) == 1  # the decode goes first
         sizes.append(len(out.chunks[1].token_ids))
-        sched.update(out, runner.step(out))
     assert sizes == [7, 7, 6]
     assert a.output_token_ids == reference_output([1, 2], 50, (), 0)[: len(a.output_token_ids)]
 
 
-def _step(sched, runner, reqs):
-    """One engine step with invariant checks; `reqs` may include finished requests."""
-    out = sched.schedule()
-    check_schedule(sched, sched.block_manager, out, {k: r for k, r in reqs.items() if not r.is_finished})
-    for req in sched.update(out, runner.step(out)):
-        if stop_reason(req):
-            sched.finish(req.request_id, stop_reason(req))
-    return out
+def _step(core) -> SchedulerOutput:
+    """One engine step (the watched scheduler checks its invariants); what it scheduled."""
+    core.step()
+    return core.schedulers[0].last
 
 
 def test_preemption_takes_the_newest_and_resume_recomputes_prompt_plus_outputs():
-    sched, bm = make_sched(num_blocks=4, block_size=2)
-    runner = FakeRunner(4, 2)
-    a = make_request(Spec("a", [5, 6, 7], max_tokens=4), arrival=0.0)
-    b = make_request(Spec("b", [8, 9, 10], max_tokens=4), arrival=1.0)
-    sched.add(a), sched.add(b)
-    _step(sched, runner, {"a": a, "b": b})
-    _step(sched, runner, {"a": a, "b": b})
-    out = _step(sched, runner, {"a": a, "b": b})  # a needs a third block; the cache is full
+    core, sched = make_engine(num_blocks=4, block_size=2)
+    a = add(core, Spec("a", [5, 6, 7], max_tokens=4))
+    b = add(core, Spec("b", [8, 9, 10], max_tokens=4))
+    _step(core)
+    _step(core)
+    out = _step(core)  # a needs a third block; the cache is full
     assert out.preempted == ("b",) and [c.request_id for c in out.chunks] == ["a"]
     assert (b.status, b.num_computed_tokens, b.block_ids, b.num_preemptions) == (RequestStatus.WAITING, 0, [], 1)
     assert len(b.output_token_ids) == 2  # outputs survive preemption
     while not a.is_finished:
-        out = _step(sched, runner, {"a": a, "b": b})
+        out = _step(core)
         assert [c.request_id for c in out.chunks] == ["a"]
-    out = _step(sched, runner, {"b": b})
+    out = _step(core)
     (chunk,) = out.chunks
     assert chunk.start_pos == 0 and list(chunk.token_ids) == b.prompt_token_ids + b.output_token_ids[:2]
     assert chunk.sample and chunk.num_output_tokens == 2
     while not b.is_finished:
-        _step(sched, runner, {"b": b})
+        _step(core)
     assert a.output_token_ids == reference_output([5, 6, 7], 4, (), 0)
     assert b.output_token_ids == reference_output([8, 9, 10], 4, (), 0)
-    assert bm.num_free_blocks == 4
+    assert sched.block_manager.num_free_blocks == 4
 
 
 def test_request_preempts_itself_when_it_is_the_newest():
-    sched, bm = make_sched(num_blocks=8, block_size=1)
-    runner = FakeRunner(8, 1)
-    reqs = {r: make_request(Spec(r, [i + 1], max_tokens=5), arrival=float(i)) for i, r in enumerate("abcd")}
-    for req in reqs.values():
-        sched.add(req)
-    _step(sched, runner, reqs)
-    _step(sched, runner, reqs)
+    core, sched = make_engine(num_blocks=8, block_size=1)
+    bm = sched.block_manager
+    reqs = {r: add(core, Spec(r, [i + 1], max_tokens=5)) for i, r in enumerate("abcd")}
+    _step(core)
+    _step(core)
     assert bm.num_free_blocks == 0
-    out = _step(sched, runner, reqs)  # a evicts d, b takes the freed block, c finds none and evicts itself
+    out = _step(core)  # a evicts d, b takes the freed block, c finds none and evicts itself
     assert out.preempted == ("d", "c") and [c.request_id for c in out.chunks] == ["a", "b"]
     first_seen = []
-    while sched.has_unfinished:
-        out = _step(sched, runner, reqs)
+    while core.has_unfinished:
+        out = _step(core)
         first_seen += [c.request_id for c in out.chunks if c.request_id in "cd" and c.request_id not in first_seen]
     assert first_seen == ["c", "d"]  # waiting keeps arrival order after preemption
     for i, r in enumerate("abcd"):
@@ -289,22 +339,19 @@ def test_request_preempts_itself_when_it_is_the_newest():
 
 
 def test_a_short_request_overtakes_a_head_that_does_not_fit():
-    sched, bm = make_sched(num_blocks=6, block_size=4)
-    runner = FakeRunner(6, 4)
+    core, sched = make_engine(num_blocks=6, block_size=4)
     reqs = {
-        "a": make_request(Spec("a", list(range(8)), max_tokens=2), arrival=0.0),  # 2 blocks
-        "b": make_request(Spec("b", list(range(20)), max_tokens=1), arrival=1.0),  # 5 blocks: waits for a
-        "c": make_request(Spec("c", [1, 2], max_tokens=3), arrival=2.0),  # 1 block for its whole life: overtakes b
-        "d": make_request(Spec("d", list(range(9)), max_tokens=8), arrival=3.0),  # 4 blocks in all: must wait
+        "a": add(core, Spec("a", list(range(8)), max_tokens=2)),  # 2 blocks
+        "b": add(core, Spec("b", list(range(20)), max_tokens=1)),  # 5 blocks: waits for a
+        "c": add(core, Spec("c", [1, 2], max_tokens=3)),  # 1 block for its whole life: overtakes b
+        "d": add(core, Spec("d", list(range(9)), max_tokens=8)),  # 4 blocks in all: must wait
     }
-    for req in reqs.values():
-        sched.add(req)
-    out = _step(sched, runner, reqs)
+    out = _step(core)
     assert [c.request_id for c in out.chunks] == ["a", "c"] and sched.num_waiting == 2
     assert reqs["c"].overtook and reqs["b"].num_overtaken == 1 and not reqs["d"].overtook
     order = ["a", "c"]
-    while sched.has_unfinished:
-        out = _step(sched, runner, reqs)
+    while core.has_unfinished:
+        out = _step(core)
         order += [c.request_id for c in out.chunks if c.request_id not in order]
     assert order == ["a", "c", "b", "d"]  # d, which could not finish in the free blocks, kept its place
 
@@ -312,17 +359,14 @@ def test_a_short_request_overtakes_a_head_that_does_not_fit():
 def test_overtaking_one_head_is_bounded():
     """Short requests keep coming while a long one waits for blocks: MAX_OVERTAKES of them start
     before it, then it goes first."""
-    sched, bm = make_sched(num_blocks=10, block_size=4, max_num_seqs=64, budget=1000)
-    runner = FakeRunner(10, 4)
-    reqs = {"hog": make_request(Spec("hog", list(range(20)), max_tokens=8), arrival=0.0)}  # 5 blocks, 7 at its end
-    reqs["long"] = make_request(Spec("long", list(range(24)), max_tokens=4), arrival=1.0)  # 6 blocks: waits for hog
+    core, sched = make_engine(num_blocks=10, block_size=4, max_num_seqs=64, budget=1000)
+    reqs = {"hog": add(core, Spec("hog", list(range(20)), max_tokens=8))}  # 5 blocks, 7 at its end
+    reqs["long"] = add(core, Spec("long", list(range(24)), max_tokens=4))  # 6 blocks: waits for hog
     for i in range(MAX_OVERTAKES + 5):
-        reqs[f"s{i}"] = make_request(Spec(f"s{i}", [1, 2], max_tokens=2), arrival=2.0 + i)  # 1 block each
-    for req in reqs.values():
-        sched.add(req)
+        reqs[f"s{i}"] = add(core, Spec(f"s{i}", [1, 2], max_tokens=2))  # 1 block each
     started = []
     while "long" not in started:
-        out = _step(sched, runner, reqs)
+        out = _step(core)
         started += [c.request_id for c in out.chunks if c.request_id not in started]
     before_long = [r for r in started[: started.index("long")] if r.startswith("s")]
     # (a small one preempted by the hog's growth and started again overtakes twice)
@@ -332,51 +376,47 @@ def test_overtaking_one_head_is_bounded():
 
 
 def test_max_num_seqs_caps_each_step():
-    sched, bm = make_sched(num_blocks=100, block_size=4, max_num_seqs=2)
-    runner = FakeRunner(100, 4)
-    reqs = {f"r{i}": make_request(Spec(f"r{i}", [i], max_tokens=3), arrival=float(i)) for i in range(5)}
-    for req in reqs.values():
-        sched.add(req)
-    out = _step(sched, runner, reqs)
+    core, sched = make_engine(num_blocks=100, block_size=4, max_num_seqs=2)
+    for i in range(5):
+        add(core, Spec(f"r{i}", [i], max_tokens=3))
+    out = _step(core)
     assert [c.request_id for c in out.chunks] == ["r0", "r1"]
-    while sched.has_unfinished:
-        assert len(_step(sched, runner, reqs).chunks) <= 2
+    while core.has_unfinished:
+        assert len(_step(core).chunks) <= 2
 
 
 def test_abort_frees_blocks_when_waiting_running_or_mid_prefill():
-    sched, bm = make_sched(num_blocks=16, block_size=2, budget=6)
-    runner = FakeRunner(16, 2)
-    dec = make_request(Spec("dec", [1, 2, 3], max_tokens=9), arrival=0.0)
-    sched.add(dec)
-    _step(sched, runner, {"dec": dec})
-    pre = make_request(Spec("pre", list(range(12)), max_tokens=2), arrival=1.0)
-    wait = make_request(Spec("wait", [4], max_tokens=2), arrival=2.0)
-    sched.add(pre), sched.add(wait)
-    _step(sched, runner, {"dec": dec, "pre": pre, "wait": wait})
+    core, sched = make_engine(num_blocks=16, block_size=2, budget=6)
+    bm = sched.block_manager
+    dec = add(core, Spec("dec", [1, 2, 3], max_tokens=9))
+    _step(core)
+    pre = add(core, Spec("pre", list(range(12)), max_tokens=2))
+    wait = add(core, Spec("wait", [4], max_tokens=2))
+    _step(core)
     assert dec.status is RequestStatus.RUNNING and dec.output_token_ids and dec.block_ids
     assert pre.status is RequestStatus.RUNNING and 0 < pre.num_computed_tokens < 12 and pre.block_ids
     assert wait.status is RequestStatus.WAITING
     for req in (wait, pre, dec):
         used = bm.num_blocks - bm.num_free_blocks
         held = len(req.block_ids)
-        assert sched.abort(req.request_id) is req
+        assert core.abort(req.request_id)
         assert (req.status, req.finish_reason, req.block_ids) == (RequestStatus.FINISHED, "abort", [])
         assert bm.num_blocks - bm.num_free_blocks == used - held
-        assert sched.abort(req.request_id) is None  # a second abort is a no-op
-    assert not sched.has_unfinished and bm.num_free_blocks == 16
-    assert sched.abort("never-added") is None
+        assert not core.abort(req.request_id)  # a second abort is a no-op
+    assert not core.has_unfinished and not sched.has_unfinished and bm.num_free_blocks == 16
+    assert not core.abort("never-added")
 
 
-def test_abort_between_schedule_and_update_is_skipped():
-    sched, bm = make_sched(num_blocks=16, block_size=2)
-    a = make_request(Spec("a", [1, 2, 3], max_tokens=4), arrival=0.0)
-    b = make_request(Spec("b", [4, 5], max_tokens=4), arrival=1.0)
-    sched.add(a), sched.add(b)
-    out = sched.schedule()
-    sched.abort("a")
-    got = sched.update(out, {"a": 7, "b": 8})
-    assert got == [b] and b.output_token_ids == [8] and a.output_token_ids == []
-    assert bm.num_free_blocks == 16 - len(b.block_ids)
+def test_abort_between_schedule_and_apply_is_skipped():
+    core, sched = make_engine(num_blocks=16, block_size=2)
+    a = add(core, Spec("a", [1, 2, 3], max_tokens=4))
+    b = add(core, Spec("b", [4, 5], max_tokens=4))
+    planned = core.schedule()
+    core.abort("a")
+    got = core.apply(planned, [StepOutput(tokens=np.array([7, 8]))])
+    assert got == [TokenOutput("b", 8, Finish.RUNNING)]
+    assert b.output_token_ids == [8] and a.output_token_ids == [PENDING_TOKEN]  # a's token never came
+    assert sched.block_manager.num_free_blocks == 16 - len(b.block_ids)
 
 
 def test_add_rejects_what_could_never_run():
@@ -393,13 +433,11 @@ def test_add_rejects_what_could_never_run():
     assert sched.num_waiting == 1
 
 
-def test_finish_and_update_check_their_arguments():
+def test_finish_checks_its_arguments():
     sched, bm = make_sched(num_blocks=8, block_size=2)
     a = make_request(Spec("a", [1, 2, 3], max_tokens=4), arrival=0.0)
     sched.add(a)
-    out = sched.schedule()
-    with pytest.raises(ValueError, match=r"^sampled: .*'a'"):
-        sched.update(out, {})
+    sched.schedule()
     with pytest.raises(ValueError, match=r"^reason:"):
         sched.finish("a", "done")
     with pytest.raises(ValueError, match=r"^request_id:"):
@@ -418,15 +456,14 @@ def test_constructor_rejects_non_positive_limits(name):
 
 def test_no_admission_in_a_step_that_preempted():
     # Re-admitting the victim with the blocks it just gave up would only thrash.
-    sched, bm = make_sched(num_blocks=5, block_size=1, budget=3)
-    runner = FakeRunner(5, 1)
-    reqs = {"a": make_request(Spec("a", [1], max_tokens=5), 0.0), "b": make_request(Spec("b", [2, 3], max_tokens=3), 1.0)}
-    sched.add(reqs["a"]), sched.add(reqs["b"])
-    _step(sched, runner, reqs)
-    _step(sched, runner, reqs)
-    out = _step(sched, runner, reqs)  # a evicts b, which frees 3 blocks for a's 1; b would fit a 2-token chunk
-    assert out.preempted == ("b",) and [c.request_id for c in out.chunks] == ["a"] and bm.num_free_blocks == 2
-    while sched.has_unfinished:
-        _step(sched, runner, reqs)
+    core, sched = make_engine(num_blocks=5, block_size=1, budget=3)
+    reqs = {"a": add(core, Spec("a", [1], max_tokens=5)), "b": add(core, Spec("b", [2, 3], max_tokens=3))}
+    _step(core)
+    _step(core)
+    out = _step(core)  # a evicts b, which frees 3 blocks for a's 1; b would fit a 2-token chunk
+    assert out.preempted == ("b",) and [c.request_id for c in out.chunks] == ["a"]
+    assert sched.block_manager.num_free_blocks == 2
+    while core.has_unfinished:
+        _step(core)
     assert reqs["a"].output_token_ids == reference_output([1], 5, (), 0)
     assert reqs["b"].output_token_ids == reference_output([2, 3], 3, (), 0)
