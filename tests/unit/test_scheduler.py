@@ -126,7 +126,7 @@ def make_engine(num_blocks, block_size, max_num_seqs=8, budget=64, max_model_len
         max_num_batched_tokens=budget,
         max_model_len=max_model_len,
     )
-    return EngineCore([sched], eos_token_ids=(), execute=FakeModel(num_blocks, block_size), vocab_size=VOCAB), sched
+    return EngineCore([sched], eos_token_ids=(), executor=FakeModel(num_blocks, block_size), vocab_size=VOCAB), sched
 
 
 def add(core, spec) -> Request:
