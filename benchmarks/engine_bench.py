@@ -98,7 +98,7 @@ def build(ctx, config, spec_dict: dict, num_blocks: int, max_model_len: int) -> 
 
     spec = spec_from_hf_config(spec_dict)
     t0 = time.perf_counter()
-    runner = ModelRunner(ctx, config, spec, max_model_len, checkpoint_dir=None)
+    runner = ModelRunner(ctx, config, spec, max_model_len=max_model_len, checkpoint_dir=None)
     runner.allocate_kv_cache(num_blocks)
     runner.attention.kv_cache.normal_()  # never time on zeros
     torch.cuda.synchronize()
