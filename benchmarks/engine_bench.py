@@ -62,7 +62,16 @@ def _chunk(rid: str, tokens: list[int], start: int, blocks: tuple[int, ...]):
     from raymoe.actors.engine.request import SamplingParams
     from raymoe.actors.engine.scheduler import ScheduledChunk
 
-    return ScheduledChunk(rid, tuple(tokens), start, blocks, True, SamplingParams(temperature=0.0), 0, 0)
+    return ScheduledChunk(
+        request_id=rid,
+        token_ids=tuple(tokens),
+        start_pos=start,
+        block_ids=blocks,
+        sample=True,
+        sampling=SamplingParams(temperature=0.0),
+        seed=0,
+        num_output_tokens=0,
+    )
 
 
 def _timed(fn, iters: int) -> list[float]:

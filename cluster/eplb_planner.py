@@ -53,7 +53,7 @@ from raymoe.cluster.eplb_packing import Bins, greedy_replica_counts, pack_greedy
 _REL_TOL = 1e-9
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EplbPlan:
     """One rebalance: the new expert slots and what it buys and costs.
 

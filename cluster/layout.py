@@ -38,7 +38,7 @@ from typing import Any
 GROUP_KINDS = ("world", "tp", "cp", "attn", "dp", "ep", "moe_tp")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RankCoord:
     """Where one rank sits: attention coords (dp, cp, tp), MoE coords (ep, moe_tp), node."""
 
@@ -52,7 +52,7 @@ class RankCoord:
     local_rank: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RankLayout:
     tp: int = 1
     dp: int = 1

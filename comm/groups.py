@@ -35,7 +35,7 @@ def sums_before_a_norm(kind: str, layout: RankLayout) -> bool:
     return kind == "tp" or (kind == "world" and layout.dp == 1)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Groups:
     """All groups one rank belongs to, by kind (see raymoe.cluster.layout)."""
 

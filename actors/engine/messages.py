@@ -94,7 +94,7 @@ def empty_batch(error: Optional[str] = None) -> OutputBatch:
     return OutputBatch(seqs=none, num_tokens=none, token_ids=none, finish=np.zeros(0, dtype=np.int8), error=error)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ModelInfo:
     """What the engine serves, for its clients."""
 
@@ -114,7 +114,7 @@ class ModelInfo:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EngineStats:
     """The engine's state now; lists hold one value per DP replica."""
 

@@ -26,7 +26,7 @@ from raymoe.actors.engine.request import PENDING_TOKEN, TOP_P_MIN
 from raymoe.actors.engine.scheduler import ScheduledChunk, SchedulerOutput
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class StepInput:
     token_ids: np.ndarray  # [T] int64: every chunk's tokens, concatenated (PENDING_TOKEN: see prev_rows)
     query_lens: np.ndarray  # [B] int64: tokens of each chunk
@@ -143,7 +143,7 @@ def pack_step(
     )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class StepLayout:
     """The step at token level. Tensors are on the CPU; the runner moves what it needs."""
 

@@ -152,7 +152,19 @@ def test_any_valid_request_packs_into_a_step_and_samples_a_real_token():
         SamplingParams(temperature=2.0, top_k=1),
         SamplingParams(temperature=1e-5, top_p=1e-6),
     ]
-    chunks = [ScheduledChunk(f"r{i}", (5,), 0, (i,), True, p, p.seed or 0, 0) for i, p in enumerate(extremes)]
+    chunks = [
+        ScheduledChunk(
+            request_id=f"r{i}",
+            token_ids=(5,),
+            start_pos=0,
+            block_ids=(i,),
+            sample=True,
+            sampling=p,
+            seed=p.seed or 0,
+            num_output_tokens=0,
+        )
+        for i, p in enumerate(extremes)
+    ]
     step = pack_step(chunks, (len(chunks),), block_size=16)
     logits = torch.randn(len(chunks), 64)
     s = step.sample
