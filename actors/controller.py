@@ -81,9 +81,14 @@ class Controller:
         core = build_engine_core(self.config, model, num_blocks, collect_logits=collect_logits)
         pipelined = eng.pipelined_steps if eng.pipelined_steps is not None else self.config.parallel.device == "cuda"
         self.engine = AsyncEngine(
-            core, self.executor.run_step_async, self.config.serve.max_queued_requests, self.eplb, pipelined,
-            restart=self._restart_ranks, restart_budget=RestartBudget(eng.max_restarts, eng.restart_window_s),
-        )  # fmt: skip
+            core,
+            self._executor(),
+            max_queued=self.config.serve.max_queued_requests,
+            background=self.eplb,
+            pipelined=pipelined,
+            restart=self._restart_ranks,
+            restart_budget=RestartBudget(eng.max_restarts, eng.restart_window_s),
+        )
         self.model_info = model.info(num_blocks, eng.block_size, load_s=round(time.perf_counter() - t0, 2))
         return self.model_info
 
@@ -115,7 +120,7 @@ class Controller:
         self.rank_group = await asyncio.to_thread(start_rank_group, self.layout, self.config.parallel, self.placement_group_name)
         num_blocks = await asyncio.to_thread(self._load_ranks, str(resolve_model_path(self.config.model.path)))
         engine = self._engine()
-        engine.run_step_async, engine.background = self.executor.run_step_async, self.eplb
+        engine.executor, engine.background = self._executor(), self.eplb
         log.warning("rank group restarted in %.1f s", time.perf_counter() - t0)
         return num_blocks
 
@@ -127,7 +132,14 @@ class Controller:
         device = torch.device("cuda" if self.config.parallel.device == "cuda" else "cpu")
         elem = torch.empty((), dtype=resolve_dtype(self.config.model.dtype, spec, device)).element_size()
         expert_bytes = 3 * spec.hidden_size * spec.moe.intermediate_size * elem
-        return EplbManager(self.config.eplb, self.layout, ranks.actors, physical_to_logical, spec.moe.num_experts, expert_bytes)
+        return EplbManager(
+            self.config.eplb,
+            self.layout,
+            ranks,
+            physical_to_logical=physical_to_logical,
+            num_logical=spec.moe.num_experts,
+            bytes_per_expert=expert_bytes,
+        )
 
     # ---- expert-parallel load balancing ------------------------------------------------
 
@@ -238,6 +250,11 @@ class Controller:
         if self.engine is None:
             raise RuntimeError("no model loaded (load_model)")
         return self.engine
+
+    def _executor(self) -> RayStepExecutor:
+        if self.executor is None:
+            raise RuntimeError("no model loaded (load_model)")
+        return self.executor
 
     def _model(self) -> EngineModel:
         if self.model is None:

@@ -69,7 +69,7 @@ class RankWorker:
         location = self.location()
         device = torch_device_for(list(location["gpu_ids"]), os.environ.get("CUDA_VISIBLE_DEVICES"))
         init_distributed(rank, layout.world_size, init_method, device)
-        groups = build_groups(layout, rank, device, location["node_id"], symmetric_memory)
+        groups = build_groups(layout, rank, device, node_id=location["node_id"], symmetric_memory=symmetric_memory)
         self.ctx = RankContext(layout=layout, coord=layout.coord(rank), device=device, groups=groups)
         return {"rank": rank, "device": str(device), **location}
 
@@ -77,7 +77,8 @@ class RankWorker:
 
     def load_model(self, config: Any, checkpoint_dir: str, max_model_len: int) -> int:
         """Build and load this rank's model shard; returns how many KV blocks it could hold."""
-        runner = ModelRunner(self._context(), config, load_spec(checkpoint_dir), max_model_len, checkpoint_dir)
+        spec = load_spec(checkpoint_dir)
+        runner = ModelRunner(self._context(), config, spec, max_model_len=max_model_len, checkpoint_dir=checkpoint_dir)
         self._context().state["runner"] = runner
         return runner.max_kv_blocks()
 

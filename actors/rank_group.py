@@ -39,7 +39,7 @@ class ClusterCapacityError(RuntimeError):
     """The Ray cluster cannot supply what the layout needs."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RankGroup:
     layout: RankLayout
     device: str

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import pickle
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import ray
+from ray.actor import ActorHandle
 
 from raymoe.actors.engine.async_engine import StepTimeoutError
 from raymoe.actors.engine.step import StepInput, StepOutput
@@ -30,7 +31,7 @@ class RayStepExecutor:
     what each call pickles is small.
     """
 
-    def __init__(self, layout: RankLayout, actors: Sequence[Any], step_timeout_s: float = 60.0) -> None:
+    def __init__(self, layout: RankLayout, actors: Sequence[ActorHandle], step_timeout_s: float = 60.0) -> None:
         self.layout = layout
         self.actors = list(actors)
         self.step_timeout_s = step_timeout_s

@@ -62,7 +62,16 @@ def _chunk(rid: str, tokens: list[int], start: int, blocks: tuple[int, ...]):
     from raymoe.actors.engine.request import SamplingParams
     from raymoe.actors.engine.scheduler import ScheduledChunk
 
-    return ScheduledChunk(rid, tuple(tokens), start, blocks, True, SamplingParams(temperature=0.0), 0, 0)
+    return ScheduledChunk(
+        request_id=rid,
+        token_ids=tuple(tokens),
+        start_pos=start,
+        block_ids=blocks,
+        sample=True,
+        sampling=SamplingParams(temperature=0.0),
+        seed=0,
+        num_output_tokens=0,
+    )
 
 
 def _timed(fn, iters: int) -> list[float]:
@@ -98,7 +107,7 @@ def build(ctx, config, spec_dict: dict, num_blocks: int, max_model_len: int) -> 
 
     spec = spec_from_hf_config(spec_dict)
     t0 = time.perf_counter()
-    runner = ModelRunner(ctx, config, spec, max_model_len, checkpoint_dir=None)
+    runner = ModelRunner(ctx, config, spec, max_model_len=max_model_len, checkpoint_dir=None)
     runner.allocate_kv_cache(num_blocks)
     runner.attention.kv_cache.normal_()  # never time on zeros
     torch.cuda.synchronize()

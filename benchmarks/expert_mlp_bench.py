@@ -100,21 +100,24 @@ def main() -> None:
     for n in [int(b) for b in args.batches.split(",")]:
         x = torch.randn(n, H, device=dev, dtype=torch.bfloat16, generator=gen)
         logits = torch.randn(n, E, device=dev, generator=gen).to(torch.bfloat16)
-        ref_dispatch = dispatch(logits, k, True, l2p, counts, E, 0, E, backend="torch")
+        routing = dict(norm_topk_prob=True, logical_to_physical=l2p, replica_count=counts, num_physical=E)
+        routing.update(slot_start=0, slots=E)
+        ref_dispatch = dispatch(logits, k, **routing, backend="torch")
         ids, weights, rows, ends = ref_dispatch.physical, ref_dispatch.weights, ref_dispatch.rows, ref_dispatch.ends
         groups = ref_dispatch.groups
         touched = ids.unique().numel() * 3 * H * I * 2
 
         def layer(backend):
             fits = n * k <= TRITON_MAX_CHOICES
-            d = dispatch(logits, k, True, l2p, counts, E, 0, E, backend=backend if fits else "torch")
-            y = expert_mlp(x, d.rows, d.ends, w13, w2, d.groups, backend=backend)
+            d = dispatch(logits, k, **routing, backend=backend if fits else "torch")
+            y = expert_mlp(x, d.rows, d.ends, w13=w13, w2=w2, groups=d.groups, backend=backend)
             return combine(y, d.sorted_row, d.weights, d.ends, backend=backend)
 
         ref = layer("torch").float()
         cases = {}
         for backend in [b for b in backends if b != "cutlass"]:
-            cases[backend] = (lambda b=backend: layer(b), lambda b=backend: expert_mlp(x, rows, ends, w13, w2, groups, backend=b))
+            mlp = dict(w13=w13, w2=w2, groups=groups)
+            cases[backend] = (lambda b=backend: layer(b), lambda b=backend: expert_mlp(x, rows, ends, **mlp, backend=b))
         if cutlass is not None:
             out = torch.empty(n, H, device=dev, dtype=torch.bfloat16)
             ids32, wf = ids.to(torch.int32), weights.float()
@@ -129,10 +132,11 @@ def main() -> None:
             rows_out.append((n, name, t, t_mlp, touched, bw, err, ""))
         if n * k <= 4096:  # the dispatch alone, each backend (the Triton kernel takes up to 4096 choices)
             for backend in ("torch", "triton"):
-                t = graph_time(lambda b=backend: dispatch(logits, k, True, l2p, counts, E, 0, E, backend=b))
+                t = graph_time(lambda b=backend: dispatch(logits, k, **routing, backend=b))
                 rows_out.append((n, f"dispatch {backend}", t, None, None, bw, None, ""))
         if args.sweep and "triton" in backends:
-            timed = [(_try_time(lambda c=c: expert_mlp(x, rows, ends, w13, w2, groups, backend="triton", config=c)), c) for c in _sweep(n, E)]
+            sweep = dict(w13=w13, w2=w2, groups=groups, backend="triton")
+            timed = [(_try_time(lambda c=c: expert_mlp(x, rows, ends, **sweep, config=c)), c) for c in _sweep(n, E)]
             t, best = min(timed, key=lambda tc: tc[0])
             rows_out.append((n, "triton best", None, t, touched, bw, None, _fmt(best)))
         print(f"batch {n} done", flush=True)

@@ -20,7 +20,7 @@ BUILTIN_PREFIX = "builtin:"
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     path: str = "builtin:tiny-qwen3-moe"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -36,7 +36,7 @@ class ModelConfig:
             _require(self.max_model_len >= 1, "model.max_model_len", "must be >= 1 or left unset")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ParallelConfig:
     tp: int = 1
     dp: int = 1
@@ -59,7 +59,7 @@ class ParallelConfig:
         RankLayout.from_config(self)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EngineConfig:
     block_size: int = 16
     num_kv_blocks: Optional[int] = None
@@ -91,7 +91,7 @@ class EngineConfig:
         _require(self.restart_window_s > 0, "engine.restart_window_s", "must be > 0 seconds")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EplbConfig:
     enabled: bool = False
     num_redundant_experts: int = 0
@@ -113,7 +113,7 @@ class EplbConfig:
             )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
@@ -132,7 +132,7 @@ class ServeConfig:
         _require(self.num_replicas >= 1, "serve.num_replicas", "must be >= 1")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)

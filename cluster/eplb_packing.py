@@ -30,7 +30,7 @@ def greedy_replica_counts(load: np.ndarray, slots: int, ranks: int) -> np.ndarra
 
 
 def pack_greedy(
-    item_load: np.ndarray, item_expert: np.ndarray, slots: np.ndarray, k: int, slot_load: np.ndarray
+    item_load: np.ndarray, item_expert: np.ndarray, slots: np.ndarray, *, k: int, slot_load: np.ndarray
 ) -> np.ndarray:
     """Fill the free slots (-1) of ``slots`` [bins*k]: heaviest item first onto the least
     loaded bin with room that lacks its expert (if every bin with room has it, the least
@@ -125,6 +125,7 @@ def repair_duplicates(b: Bins) -> None:
 def refine(
     b: Bins,
     good_enough: float = -np.inf,
+    *,
     origin: np.ndarray | None = None,
     max_changed: int = 0,
     max_steps: int | None = None,

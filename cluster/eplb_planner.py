@@ -53,7 +53,7 @@ from raymoe.cluster.eplb_packing import Bins, greedy_replica_counts, pack_greedy
 _REL_TOL = 1e-9
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EplbPlan:
     """One rebalance: the new expert slots and what it buys and costs.
 
@@ -86,11 +86,13 @@ def plan_expert_slots(
     over ``nodes`` (1 = global). The result keeps P, gives every logical expert >= 1
     replica and never has a lower balancedness than the current expert slots.
     """
-    _validate(logical_load, physical_to_logical, ep, nodes, bytes_per_expert, tolerance)
+    _validate(
+        logical_load, physical_to_logical, ep, nodes=nodes, bytes_per_expert=bytes_per_expert, tolerance=tolerance
+    )
     load = logical_load.detach().to(torch.float64).cpu()
     current = physical_to_logical.detach().to(torch.int64).cpu()
     load_np, cur_np = load.numpy(), current.numpy()
-    rows = [_plan_layer(load_np[i], cur_np[i], ep, nodes, tolerance) for i in range(cur_np.shape[0])]
+    rows = [_plan_layer(load_np[i], cur_np[i], ep, nodes=nodes, tolerance=tolerance) for i in range(cur_np.shape[0])]
     new = torch.from_numpy(np.stack(rows)) if rows else current.clone()
     before, after = rank_loads(load, current, ep), rank_loads(load, new, ep)
     moved = moved_slots(current, new)
@@ -106,7 +108,9 @@ def plan_expert_slots(
     )
 
 
-def _validate(load: torch.Tensor, p2l: torch.Tensor, ep: int, nodes: int, bytes_per_expert: int, tolerance: float) -> None:
+def _validate(
+    load: torch.Tensor, p2l: torch.Tensor, ep: int, *, nodes: int, bytes_per_expert: int, tolerance: float
+) -> None:
     if load.dim() != 2 or load.shape[1] < 1:
         raise ValueError(f"logical_load: expected shape [layers, logical experts], got {tuple(load.shape)}")
     if p2l.dim() != 2 or p2l.shape[0] != load.shape[0] or p2l.shape[1] < load.shape[1]:
@@ -143,14 +147,14 @@ def _layer_max(load: np.ndarray, row: np.ndarray, ep: int) -> float:
     return float(per_replica[row].reshape(ep, -1).sum(1).max())
 
 
-def _plan_layer(load: np.ndarray, current: np.ndarray, ep: int, nodes: int, tolerance: float) -> np.ndarray:
+def _plan_layer(load: np.ndarray, current: np.ndarray, ep: int, *, nodes: int, tolerance: float) -> np.ndarray:
     """physical_to_logical row [P] for one layer: the best of current, fresh and warm (step 6)."""
     if ep == 1 or not load.any():  # no expert slots change any rank load
         return current
     fresh = _fresh(load, current, ep, nodes)
     good_enough = _layer_max(load, fresh, ep) * (1 + tolerance)
     hint, budget = np.bincount(fresh, minlength=load.size), int((fresh != current).sum())
-    warm = _warm(load, current, ep, nodes, hint, good_enough, budget)
+    warm = _warm(load, current, ep, nodes=nodes, hint=hint, good_enough=good_enough, budget=budget)
     cands = [c for c in (current, warm, fresh) if c is not None]  # equal moves: the earlier wins
     maxes = [_layer_max(load, c, ep) for c in cands]
     limit = min(maxes) * (1 + tolerance) * (1 + _REL_TOL)
@@ -161,7 +165,7 @@ def _plan_layer(load: np.ndarray, current: np.ndarray, ep: int, nodes: int, tole
 def _fresh(load: np.ndarray, current: np.ndarray, ep: int, nodes: int) -> np.ndarray:
     """Steps 1-4: pack from scratch, then match the bins to the current ranks."""
     bins = [experts[_pack_node(load[experts], ep // nodes, current.size // ep)] for experts in _split_nodes(load, nodes)]
-    return _match_to_current(np.stack(bins), current, ep, nodes, load.size)
+    return _match_to_current(np.stack(bins), current, ep, nodes=nodes, num_logical=load.size)
 
 
 def _split_nodes(load: np.ndarray, nodes: int) -> np.ndarray:
@@ -170,7 +174,7 @@ def _split_nodes(load: np.ndarray, nodes: int) -> np.ndarray:
         return np.arange(load.size)[None, :]
     per_node = load.size // nodes
     empty = np.full(load.size, -1)
-    b = Bins(pack_greedy(load, np.arange(load.size), empty, per_node, np.zeros(load.size)), load, per_node)
+    b = Bins(pack_greedy(load, np.arange(load.size), empty, k=per_node, slot_load=np.zeros(load.size)), load, per_node)
     refine(b)
     return np.sort(b.slots.reshape(nodes, per_node), axis=1)
 
@@ -181,14 +185,14 @@ def _pack_node(load: np.ndarray, ranks: int, k: int) -> np.ndarray:
     per_replica = load / counts
     items = np.repeat(np.arange(load.size), counts)
     empty = np.full(ranks * k, -1)
-    b = Bins(pack_greedy(per_replica[items], items, empty, k, np.zeros(ranks * k)), load, k)
+    b = Bins(pack_greedy(per_replica[items], items, empty, k=k, slot_load=np.zeros(ranks * k)), load, k)
     repair_duplicates(b)
     refine(b)
     return b.slots
 
 
 def _warm(
-    load: np.ndarray, current: np.ndarray, ep: int, nodes: int, hint: np.ndarray, good_enough: float, budget: int
+    load: np.ndarray, current: np.ndarray, ep: int, *, nodes: int, hint: np.ndarray, good_enough: float, budget: int
 ) -> np.ndarray | None:
     """Step 5; None when some expert's replicas span nodes (no warm start in that layout) or
     when it would change ``budget`` slots (the fresh plan's count) or more. hint [E] = the
@@ -206,7 +210,7 @@ def _warm(
             counts = greedy_replica_counts(load[experts], slots_per_node, ranks)
         local = np.searchsorted(experts, per_node[n]).clip(max=experts.size - 1)
         local = np.where(experts[local] == per_node[n], local, -1)  # -1: expert left the node
-        local, budget = _warm_node(load[experts], local, counts, k, good_enough, budget)
+        local, budget = _warm_node(load[experts], local, counts, k=k, good_enough=good_enough, budget=budget)
         if local is None:
             return None
         out[n * slots_per_node : (n + 1) * slots_per_node] = experts[local]
@@ -230,7 +234,7 @@ def _warm_nodes(load: np.ndarray, per_node: np.ndarray, good_enough: float) -> l
 
 
 def _warm_node(
-    load: np.ndarray, slots: np.ndarray, counts: np.ndarray, k: int, good_enough: float, budget: int
+    load: np.ndarray, slots: np.ndarray, counts: np.ndarray, *, k: int, good_enough: float, budget: int
 ) -> tuple[np.ndarray | None, int]:
     """Turn one node's current slots (local expert ids, -1 = free) into ``counts`` replicas
     per expert, changing few slots, then repair and refine. Returns the slots (None once
@@ -249,10 +253,12 @@ def _warm_node(
     slots[order[nth < surplus[by_expert]]] = -1
     # missing replicas fill the freed slots, heaviest first onto the least loaded ranks
     need = np.repeat(np.arange(load.size), np.maximum(counts - np.bincount(slots[slots >= 0], minlength=load.size), 0))
-    slots = pack_greedy(per_replica[need], need, slots, k, np.where(slots >= 0, per_replica[slots], 0.0))
+    slot_load = np.where(slots >= 0, per_replica[slots], 0.0)
+    slots = pack_greedy(per_replica[need], need, slots, k=k, slot_load=slot_load)
     b = Bins(slots, load, k)
     repair_duplicates(b)
-    refine(b, good_enough, origin, budget, max_steps=slots.size // 4 + 16)  # past that, fresh moves less
+    # past max_steps, the fresh plan moves less
+    refine(b, good_enough, origin=origin, max_changed=budget, max_steps=slots.size // 4 + 16)
     left = budget - int((b.slots != origin).sum())
     return (b.slots, left) if left > 0 else (None, left)
 
@@ -327,7 +333,7 @@ def _no_repeats(rows: np.ndarray) -> np.ndarray:
     return ~(ordered[:, 1:] == ordered[:, :-1]).any(1)
 
 
-def _match_to_current(bins: np.ndarray, current: np.ndarray, ep: int, nodes: int, num_logical: int) -> np.ndarray:
+def _match_to_current(bins: np.ndarray, current: np.ndarray, ep: int, *, nodes: int, num_logical: int) -> np.ndarray:
     """bins [nodes, P/nodes] (rank-major) -> row [P]: nodes then ranks matched to current (step 4)."""
     ranks, k = ep // nodes, current.size // ep
     cur_nodes = current.reshape(nodes, -1)

@@ -38,7 +38,7 @@ from typing import Any
 GROUP_KINDS = ("world", "tp", "cp", "attn", "dp", "ep", "moe_tp")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RankCoord:
     """Where one rank sits: attention coords (dp, cp, tp), MoE coords (ep, moe_tp), node."""
 
@@ -52,7 +52,7 @@ class RankCoord:
     local_rank: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RankLayout:
     tp: int = 1
     dp: int = 1
@@ -89,10 +89,6 @@ class RankLayout:
     @property
     def moe_tp(self) -> int:
         return self.world_size // self.ep
-
-    @property
-    def attn_size(self) -> int:
-        return self.cp * self.tp
 
     @property
     def ranks_per_node(self) -> int:
@@ -143,17 +139,6 @@ class RankLayout:
         for r in ranks:
             by_key.setdefault(key(self.coord(r)), []).append(r)
         return [by_key[k] for k in sorted(by_key)]
-
-    def group_of(self, kind: str, rank: int) -> list[int]:
-        """Members of the group of ``kind`` that holds ``rank``."""
-        for members in self.groups(kind):
-            if rank in members:
-                return members
-        raise AssertionError(f"rank {rank} in no {kind} group")
-
-    def node_ranks(self, node: int) -> list[int]:
-        start = node * self.ranks_per_node
-        return list(range(start, start + self.ranks_per_node))
 
     def describe(self) -> str:
         return (

@@ -42,7 +42,7 @@ def plan_placement(layout: RankLayout, device: str) -> PlacementPlan:
     )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ActorLocation:
     """What a started rank actor reports about where Ray put it."""
 

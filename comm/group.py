@@ -1,7 +1,7 @@
 """GroupCoordinator: one process group, as a device group plus a gloo cpu group.
 
 Tensor collectives go over the device group (NCCL on GPU, gloo on CPU).
-CPU-side coordination -- barrier, broadcast_object, all_gather_object -- goes
+CPU-side coordination -- barrier, all_gather_object -- goes
 over the gloo cpu group, never the device group: a device barrier waits behind
 all queued GPU work (tens of milliseconds behind a busy step, against well under one
 for gloo: BENCHMARKS.md, "Communication").
@@ -30,11 +30,13 @@ class GroupCoordinator:
         name: str,
         ranks: Sequence[int],
         global_rank: int,
-        device_group: Optional[dist.ProcessGroup],
-        cpu_group: Optional[dist.ProcessGroup],
+        *,
         device: torch.device,
+        device_group: Optional[dist.ProcessGroup] = None,
+        cpu_group: Optional[dist.ProcessGroup] = None,
         symmetric: Optional[SymmetricAllReduce] = None,
     ) -> None:
+        """``device_group``, ``cpu_group``: the group's process groups (None for a group of one)."""
         assert global_rank in ranks, f"rank {global_rank} not in group {name} {list(ranks)}"
         self.name = name
         self.ranks = list(ranks)
@@ -89,46 +91,6 @@ class GroupCoordinator:
         out = torch.empty((x.shape[0] // self.world_size,) + x.shape[1:], dtype=x.dtype, device=x.device)
         _reduce_scatter_single(out, x, group=self.device_group)
         return out.movedim(0, dim)
-
-    def all_to_all(
-        self,
-        x: torch.Tensor,
-        input_splits: Optional[Sequence[int]] = None,
-        output_splits: Optional[Sequence[int]] = None,
-    ) -> torch.Tensor:
-        """Rows of ``x`` go to members in order: ``input_splits[i]`` rows to member i.
-
-        Without splits, rows are split evenly both ways. Returns the received rows,
-        ``output_splits[i]`` of them from member i, in member order.
-        """
-        if self.world_size == 1:
-            return x
-        x = x.contiguous()
-        rows = sum(output_splits) if output_splits is not None else x.shape[0]
-        out = torch.empty((rows,) + x.shape[1:], dtype=x.dtype, device=x.device)
-        dist.all_to_all_single(
-            out,
-            x,
-            output_split_sizes=list(output_splits) if output_splits is not None else None,
-            input_split_sizes=list(input_splits) if input_splits is not None else None,
-            group=self.device_group,
-        )
-        return out
-
-    def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
-        """In-place broadcast of ``x`` from group rank ``src``; returns ``x``."""
-        if self.world_size > 1:
-            dist.broadcast(x, group=self.device_group, group_src=src)
-        return x
-
-    def send(self, x: torch.Tensor, dst: int) -> None:
-        assert dst != self.rank_in_group, "send to self"
-        dist.send(x.contiguous(), group=self.device_group, group_dst=dst)
-
-    def recv(self, x: torch.Tensor, src: int) -> torch.Tensor:
-        assert src != self.rank_in_group, "recv from self"
-        dist.recv(x, group=self.device_group, group_src=src)
-        return x
 
     def p2p_ops(self, sends: Sequence[tuple[torch.Tensor, int]], recvs: Sequence[tuple[torch.Tensor, int]]) -> None:
         """Batched point-to-point: post every send and recv at once, wait for all.
@@ -189,14 +151,6 @@ class GroupCoordinator:
         """Wait until every member arrives. Uses the cpu group: never blocked by GPU queues."""
         if self.world_size > 1:
             dist.barrier(group=self.cpu_group)
-
-    def broadcast_object(self, obj: Any = None, src: int = 0) -> Any:
-        """Pickle ``obj`` from group rank ``src`` to all members; returns it on every member."""
-        if self.world_size == 1:
-            return obj
-        box = [obj if self.rank_in_group == src else None]
-        dist.broadcast_object_list(box, group=self.cpu_group, group_src=src)
-        return box[0]
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         """Every member's ``obj``, in group-rank order."""

@@ -35,7 +35,7 @@ def sums_before_a_norm(kind: str, layout: RankLayout) -> bool:
     return kind == "tp" or (kind == "world" and layout.dp == 1)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Groups:
     """All groups one rank belongs to, by kind (see raymoe.cluster.layout)."""
 
@@ -65,6 +65,7 @@ def init_distributed(
     world_size: int,
     init_method: str,
     device: torch.device,
+    *,
     timeout: datetime.timedelta = DEFAULT_TIMEOUT,
 ) -> None:
     """Join the world: NCCL (eagerly bound to ``device``) on GPU, gloo on CPU."""
@@ -78,7 +79,7 @@ def init_distributed(
 
 
 def build_groups(
-    layout: RankLayout, rank: int, device: torch.device, node_id: str = "", symmetric_memory: bool = False
+    layout: RankLayout, rank: int, device: torch.device, *, node_id: str = "", symmetric_memory: bool = False
 ) -> Groups:
     """Create the device and cpu process groups of every kind; return this rank's.
 
@@ -102,7 +103,7 @@ def build_groups(
     for kind, members, device_group, cpu_group in groups:  # in the same global order on every rank
         if rank not in members:
             continue
-        group = GroupCoordinator(kind, members, rank, device_group, cpu_group, device)
+        group = GroupCoordinator(kind, members, rank, device=device, device_group=device_group, cpu_group=cpu_group)
         if symmetric_memory and device.type == "cuda" and kind in SYMMETRIC_KINDS and len(members) > 1:
             group.symmetric = symmetric_all_reduce_for(group, node_id, fused_norm=sums_before_a_norm(kind, layout))
         mine[kind] = group
@@ -162,4 +163,4 @@ def destroy_distributed() -> None:
 
 def single_process_groups(device: torch.device) -> Groups:
     """Groups of a world of one (no torch.distributed needed): every call short-circuits."""
-    return Groups(**{kind: GroupCoordinator(kind, [0], 0, None, None, device) for kind in GROUP_KINDS})
+    return Groups(**{kind: GroupCoordinator(kind, [0], 0, device=device) for kind in GROUP_KINDS})

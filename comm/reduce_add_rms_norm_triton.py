@@ -48,8 +48,9 @@ def row_warps(block: int) -> int:
     return max(1, min(16, block // 256))
 
 
-def reduce_add_rms_norm_(buffers: torch.Tensor, offset: int, residual: torch.Tensor, weight: torch.Tensor,
-                         eps: float) -> torch.Tensor:  # fmt: skip
+def reduce_add_rms_norm_(
+    buffers: torch.Tensor, offset: int, residual: torch.Tensor, weight: torch.Tensor, *, eps: float
+) -> torch.Tensor:
     """buffers: int64 addresses of the ranks' buffers, each holding that rank's partial
     [T, H] at element ``offset``; residual [T, H] becomes residual + their sum, in place.
     Returns RMSNorm(residual) * weight, [T, H]."""

@@ -106,7 +106,7 @@ class SymmetricAllReduce:
 
         assert self.halves is not None, "built without fused_norm"
         offset = self.halves.publish(x, residual)
-        return reduce_add_rms_norm_(self.peer_halves, offset, residual, weight, eps), residual
+        return reduce_add_rms_norm_(self.peer_halves, offset, residual, weight, eps=eps), residual
 
     def finish_pass(self) -> None:
         """See AlternatingHalves.finish_pass."""

@@ -21,7 +21,7 @@ from typing import Any, Optional
 import aiohttp
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RequestResult:
     ok: bool
     ttft: float = 0.0

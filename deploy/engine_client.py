@@ -389,15 +389,17 @@ def engine_error(e: BaseException) -> APIError:
         return e
     if isinstance(e, RequestRejected):
         if e.kind is RejectKind.QUEUE_FULL:
-            return APIError(429, f"the server is at capacity ({e}); retry later", None, "rate_limit_exceeded", "rate_limit_error")
+            message = f"the server is at capacity ({e}); retry later"
+            return APIError(429, message, code="rate_limit_exceeded", type="rate_limit_error")
         if e.kind is RejectKind.INVALID:
             field, _, _ = str(e).partition(":")
             return bad_request(str(e), field if field.isidentifier() else None, "invalid_value")
-        return APIError(503, str(e), None, "engine_failed", "server_error")
+        return APIError(503, str(e), code="engine_failed", type="server_error")
     cause = e.cause if isinstance(e, ray.exceptions.RayTaskError) and e.cause is not None else e
     if isinstance(cause, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)):
         log.warning("the engine's controller is unreachable: %r", cause)
-        return APIError(503, "the engine is not available right now (it is restarting); retry the request", None,
-                        "engine_unavailable", "server_error")  # fmt: skip
+        message = "the engine is not available right now (it is restarting); retry the request"
+        return APIError(503, message, code="engine_unavailable", type="server_error")
     log.error("unexpected engine error: %r", e)
-    return APIError(500, "internal server error; the server log has the details", None, "internal_error", "server_error")
+    message = "internal server error; the server log has the details"
+    return APIError(500, message, code="internal_error", type="server_error")

@@ -28,7 +28,7 @@ from raymoe.deploy.launch import start_controller
 Prompt = Union[str, Sequence[int], Sequence[dict]]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Completion:
     text: str
     token_ids: list[int]
@@ -124,7 +124,7 @@ async def _make_client(controller: Any, tokenizer: Any, info: Any) -> EngineClie
 
 async def _generate(client: EngineClient, ids: list[list[int]], sampling: list[SamplingParams]) -> list[Completion]:
     async def one(prompt_ids: list[int], params: SamplingParams) -> Completion:
-        out = Completion("", [], "", len(prompt_ids))
+        out = Completion(text="", token_ids=[], finish_reason="", num_prompt_tokens=len(prompt_ids))
         try:
             async for delta in client.stream(prompt_ids, params):
                 out.text += delta.text

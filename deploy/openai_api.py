@@ -25,7 +25,12 @@ class APIError(Exception):
     """An error answered with ``status`` and OpenAI's body ``{"error": {...}}``."""
 
     def __init__(
-        self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
+        self,
+        status: int,
+        message: str,
+        *,
+        param: Optional[str] = None,
+        code: Optional[str] = None,
         type: str = "invalid_request_error",
     ) -> None:
         super().__init__(message)
@@ -36,7 +41,7 @@ class APIError(Exception):
 
 
 def bad_request(message: str, param: Optional[str] = None, code: Optional[str] = None) -> APIError:
-    return APIError(400, message, param, code)
+    return APIError(400, message, param=param, code=code)
 
 
 # ---- request models -----------------------------------------------------------------
@@ -221,7 +226,13 @@ def chat_messages(req: ChatRequest) -> list[dict[str, Any]]:
 
 
 def resolve_max_tokens(
-    requested: Optional[int], num_prompt_tokens: int, limit: int, default: Optional[int], param: str, prompt_param: str
+    requested: Optional[int],
+    num_prompt_tokens: int,
+    *,
+    limit: int,
+    default: Optional[int],
+    param: str,
+    prompt_param: str,
 ) -> int:
     """The request's max_tokens, checked against ``limit`` (the most tokens, prompt plus
     output, one request may hold). ``default`` None means "the rest of the context"."""
@@ -273,7 +284,7 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion_response(rid: str, created: int, model: str, choices: list[dict], use: dict) -> dict[str, Any]:
+def completion_response(rid: str, created: int, model: str, *, choices: list[dict], use: dict) -> dict[str, Any]:
     """``choices``: [{"text", "finish_reason"}] in prompt order."""
     return {
         "id": rid, "object": "text_completion", "created": created, "model": model,
@@ -282,7 +293,7 @@ def completion_response(rid: str, created: int, model: str, choices: list[dict],
     }
 
 
-def chat_response(rid: str, created: int, model: str, choices: list[dict], use: dict) -> dict[str, Any]:
+def chat_response(rid: str, created: int, model: str, *, choices: list[dict], use: dict) -> dict[str, Any]:
     return {
         "id": rid, "object": "chat.completion", "created": created, "model": model,
         "choices": [
@@ -293,24 +304,28 @@ def chat_response(rid: str, created: int, model: str, choices: list[dict], use: 
     }
 
 
-def _stream_chunk(rid: str, created: int, model: str, obj: str, choice: dict, with_usage: bool) -> dict:
+def _stream_chunk(rid: str, created: int, model: str, *, obj: str, choice: dict, with_usage: bool) -> dict:
     chunk: dict[str, Any] = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
     if with_usage:
         chunk["usage"] = None
     return chunk
 
 
-def completion_chunk(rid: str, created: int, model: str, index: int, text: str, finish: Optional[str], with_usage: bool) -> dict:
+def completion_chunk(
+    rid: str, created: int, model: str, *, index: int, text: str, finish: Optional[str], with_usage: bool
+) -> dict:
     choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
-    return _stream_chunk(rid, created, model, "text_completion", choice, with_usage)
+    return _stream_chunk(rid, created, model, obj="text_completion", choice=choice, with_usage=with_usage)
 
 
-def chat_chunk(rid: str, created: int, model: str, index: int, delta: dict, finish: Optional[str], with_usage: bool) -> dict:
+def chat_chunk(
+    rid: str, created: int, model: str, *, index: int, delta: dict, finish: Optional[str], with_usage: bool
+) -> dict:
     choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
-    return _stream_chunk(rid, created, model, "chat.completion.chunk", choice, with_usage)
+    return _stream_chunk(rid, created, model, obj="chat.completion.chunk", choice=choice, with_usage=with_usage)
 
 
-def usage_chunk(rid: str, created: int, model: str, obj: str, use: dict) -> dict:
+def usage_chunk(rid: str, created: int, model: str, *, obj: str, use: dict) -> dict:
     """The last chunk when stream_options.include_usage: no choices, the request's usage."""
     return {"id": rid, "object": obj, "created": created, "model": model, "choices": [], "usage": use}
 

@@ -105,12 +105,13 @@ class OpenAIServer:
             return
         scheme, _, token = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
-            raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'", None, "invalid_api_key")
+            message = "Incorrect or missing API key: send 'Authorization: Bearer <key>'"
+            raise APIError(401, message, code="invalid_api_key")
 
     def _check_model(self, model: Optional[str]) -> None:
         if model is not None and model != self.model_name:
-            raise APIError(404, f"The model '{model}' does not exist; this server serves '{self.model_name}'", "model",
-                           "model_not_found")  # fmt: skip
+            message = f"The model '{model}' does not exist; this server serves '{self.model_name}'"
+            raise APIError(404, message, param="model", code="model_not_found")
 
     # ---- endpoints -------------------------------------------------------------------------
 
@@ -120,7 +121,7 @@ class OpenAIServer:
 
     def model(self, name: str) -> dict[str, Any]:
         if name != self.model_name:
-            raise APIError(404, f"The model '{name}' does not exist", "model", "model_not_found")
+            raise APIError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
         return model_card(self.model_name, self.created, self.model_root, self.client.info.max_model_len)
 
     async def completions(self, body: bytes) -> Any:
@@ -129,12 +130,10 @@ class OpenAIServer:
         req = parse_request(CompletionRequest, body)
         self._check_model(req.model)
         ids = [await self.client.tokenize(p) for p in completion_prompts(req)]
-        params = [
-            sampling_params(req, resolve_max_tokens(req.max_tokens, len(x), self.client.info.token_limit,
-                                                    DEFAULT_COMPLETION_MAX_TOKENS, "max_tokens", "prompt"))
-            for x in ids
-        ]
-        return await self._run(False, f"cmpl-{uuid.uuid4().hex}", ids, params, req, t0)
+        limits = dict(limit=self.client.info.token_limit, default=DEFAULT_COMPLETION_MAX_TOKENS)
+        limits.update(param="max_tokens", prompt_param="prompt")
+        params = [sampling_params(req, resolve_max_tokens(req.max_tokens, len(x), **limits)) for x in ids]
+        return await self._run(req, chat=False, rid=f"cmpl-{uuid.uuid4().hex}", ids=ids, params=params, t0=t0)
 
     async def chat(self, body: bytes) -> Any:
         """POST /v1/chat/completions: a dict (JSON) or an async iterator of SSE bytes."""
@@ -144,8 +143,11 @@ class OpenAIServer:
         ids = await self.client.tokenize_chat(chat_messages(req), req.chat_template_kwargs)
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        limit = resolve_max_tokens(requested, len(ids), self.client.info.token_limit, None, param, "messages")
-        return await self._run(True, f"chatcmpl-{uuid.uuid4().hex}", [ids], [sampling_params(req, limit)], req, t0)
+        limit = resolve_max_tokens(
+            requested, len(ids), limit=self.client.info.token_limit, default=None, param=param, prompt_param="messages"
+        )
+        params = [sampling_params(req, limit)]
+        return await self._run(req, chat=True, rid=f"chatcmpl-{uuid.uuid4().hex}", ids=[ids], params=params, t0=t0)
 
     async def stats(self) -> EngineStats:
         return await self.controller.stats.remote()
@@ -164,17 +166,17 @@ class OpenAIServer:
             try:
                 load = json.loads(body).get("logical_load")
             except (ValueError, AttributeError):
-                raise APIError(400, "body must be a JSON object, e.g. {} or {\"logical_load\": [[...]]}", None)
+                raise APIError(400, "body must be a JSON object, e.g. {} or {\"logical_load\": [[...]]}")
         try:
             return await self.controller.rebalance.remote(load)
         except ray.exceptions.RayTaskError as e:
             if isinstance(e.cause, ValueError):
-                raise APIError(400, str(e.cause), "logical_load" if load is not None else None)
+                raise APIError(400, str(e.cause), param="logical_load" if load is not None else None)
             raise
 
     # ---- streams -> responses ------------------------------------------------------------------
 
-    async def _run(self, chat: bool, rid: str, ids: list[list[int]], params: list, req: Any, t0: float) -> Any:
+    async def _run(self, req: Any, *, chat: bool, rid: str, ids: list[list[int]], params: list, t0: float) -> Any:
         progress = _Progress(len(ids), sum(map(len, ids)), t0, self.metrics)
         self.metrics.prompt_tokens.inc(progress.prompt_tokens)
         outputs = merge([self.client.stream(x, p) for x, p in zip(ids, params)])
@@ -186,7 +188,7 @@ class OpenAIServer:
             if req.stream:
                 include_usage = bool(req.stream_options and req.stream_options.include_usage)
                 done = False  # the event stream owns the outputs from here
-                return self._events(chat, rid, first, outputs, progress, include_usage)
+                return self._events(outputs, first, chat=chat, rid=rid, progress=progress, include_usage=include_usage)
             async for i, out in outputs:
                 progress.add(i, out)
         except StopAsyncIteration:
@@ -197,10 +199,17 @@ class OpenAIServer:
                 self.metrics.in_flight.dec()
         build = chat_response if chat else completion_response
         choices = [{"text": t, "finish_reason": f} for t, f in zip(progress.texts, progress.finish)]
-        return build(rid, int(time.time()), self.model_name, choices, progress.usage())
+        return build(rid, int(time.time()), self.model_name, choices=choices, use=progress.usage())
 
     async def _events(
-        self, chat: bool, rid: str, first: tuple[int, Delta], outputs: Outputs, progress: _Progress, include_usage: bool
+        self,
+        outputs: Outputs,
+        first: tuple[int, Delta],
+        *,
+        chat: bool,
+        rid: str,
+        progress: _Progress,
+        include_usage: bool,
     ) -> AsyncIterator[bytes]:
         """SSE bytes: one chunk per delta as it arrives, then usage (if asked) and [DONE]."""
         created, model = int(time.time()), self.model_name
@@ -211,29 +220,44 @@ class OpenAIServer:
                 while item is not None:
                     i, out = item
                     if not chat:
-                        yield sse(completion_chunk(rid, created, model, i, out.text, out.finish_reason, include_usage))
+                        chunk = completion_chunk(
+                            rid,
+                            created,
+                            model,
+                            index=i,
+                            text=out.text,
+                            finish=out.finish_reason,
+                            with_usage=include_usage,
+                        )
+                        yield sse(chunk)
                     else:
-                        yield self._chat_events(rid, created, i, out, not started[i], include_usage)
+                        yield self._chat_events(
+                            out, rid=rid, created=created, i=i, first=not started[i], with_usage=include_usage
+                        )
                         started[i] = True
                     item = await anext(outputs, None)
                     if item is not None:
                         progress.add(*item)
             if include_usage:
                 obj = "chat.completion.chunk" if chat else "text_completion"
-                yield sse(usage_chunk(rid, created, model, obj, progress.usage()))
+                yield sse(usage_chunk(rid, created, model, obj=obj, use=progress.usage()))
             yield SSE_DONE
         except APIError as e:  # the engine failed mid-stream: an error event, then the end
             yield sse(e.body())
         finally:
             self.metrics.in_flight.dec()
 
-    def _chat_events(self, rid: str, created: int, i: int, out: Delta, first: bool, with_usage: bool) -> bytes:
+    def _chat_events(self, out: Delta, *, rid: str, created: int, i: int, first: bool, with_usage: bool) -> bytes:
         """A chat delta as SSE: the role comes first, the finish reason in a chunk of its own."""
         model, events = self.model_name, []
+
+        def chunk(delta: dict, finish: Optional[str]) -> bytes:
+            return sse(chat_chunk(rid, created, model, index=i, delta=delta, finish=finish, with_usage=with_usage))
+
         if first:
-            events.append(sse(chat_chunk(rid, created, model, i, {"role": "assistant", "content": ""}, None, with_usage)))
+            events.append(chunk({"role": "assistant", "content": ""}, None))
         if out.text or not out.finished:
-            events.append(sse(chat_chunk(rid, created, model, i, {"content": out.text}, None, with_usage)))
+            events.append(chunk({"content": out.text}, None))
         if out.finished:
-            events.append(sse(chat_chunk(rid, created, model, i, {}, out.finish_reason, with_usage)))
+            events.append(chunk({}, out.finish_reason))
         return b"".join(events)

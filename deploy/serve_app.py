@@ -105,7 +105,8 @@ def build_fastapi_app(server: OpenAIServer) -> FastAPI:
         except Exception:  # a bug: still OpenAI's error shape, counted, details only in the log
             log.exception("%s: unexpected error", endpoint)
             server.metrics.count(endpoint, 500)
-            err = APIError(500, "internal server error; the server log has the details", None, "internal_error", "server_error")
+            message = "internal server error; the server log has the details"
+            err = APIError(500, message, code="internal_error", type="server_error")
             return JSONResponse(err.body(), status_code=500)
         server.metrics.count(endpoint, 200)
         if isinstance(result, dict):
@@ -162,7 +163,7 @@ def build_fastapi_app(server: OpenAIServer) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         kind = "not_found" if exc.status_code == 404 else "invalid_request_error"
-        err = APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", None, None, kind)
+        err = APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", type=kind)
         return JSONResponse(err.body(), status_code=exc.status_code)
 
     return app
@@ -177,12 +178,13 @@ async def _read_body(request: Request) -> bytes:
     client says its length)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise APIError(413, f"the request body is {declared} bytes; the limit is {MAX_BODY_BYTES}", None, "body_too_large")
+        message = f"the request body is {declared} bytes; the limit is {MAX_BODY_BYTES}"
+        raise APIError(413, message, code="body_too_large")
     body = b""
     async for chunk in request.stream():
         body += chunk
         if len(body) > MAX_BODY_BYTES:
-            raise APIError(413, f"the request body exceeds the limit of {MAX_BODY_BYTES} bytes", None, "body_too_large")
+            raise APIError(413, f"the request body exceeds the limit of {MAX_BODY_BYTES} bytes", code="body_too_large")
     return body
 
 

@@ -23,17 +23,39 @@ import asyncio
 import collections
 import logging
 import time
-from typing import Any, Awaitable, Callable, Optional, Sequence
+from typing import Awaitable, Callable, Optional, Protocol, Sequence
 
 from raymoe.actors.engine.core import EngineCore
 from raymoe.actors.engine.delivery import OutputRouter
 from raymoe.actors.engine.messages import EngineStats, NewRequest, OutputBatch, Rejection, RejectKind
-from raymoe.actors.engine.step import StepInFlight, StepOutput
+from raymoe.actors.engine.step import StepInFlight, StepInput, StepOutput
 
 log = logging.getLogger(__name__)
 
 CLIENT_TIMEOUT_S = 60.0  # a client silent this long (no poll) has its requests aborted
 _SILENCE_CHECK_S = 1.0
+
+
+class AsyncExecutor(Protocol):
+    """Runs engine steps on the ranks for the step loop (``RayStepExecutor``; in process,
+    ``LocalExecutor``)."""
+
+    async def run_step_async(self, inputs: Optional[Sequence[StepInput]], wait: bool) -> list[list[StepOutput]]:
+        """Launch ``inputs`` (one per DP replica; None: no new step). Returns, for each step
+        this call completes (oldest first), each replica's output; with ``wait`` False the
+        step just launched stays in flight."""
+        ...
+
+
+class BackgroundWork(Protocol):
+    """Work the step loop advances once after every step (EPLB's ``EplbManager``)."""
+
+    @property
+    def busy(self) -> bool:
+        """True: advance it even while no request runs, and run steps one at a time."""
+        ...
+
+    async def on_step(self) -> None: ...
 
 
 class StepTimeoutError(RuntimeError):
@@ -71,24 +93,21 @@ class AsyncEngine:
     def __init__(
         self,
         core: EngineCore,
-        run_step_async: Callable[..., Any],
+        executor: AsyncExecutor,
+        *,
         max_queued: int,
-        background: Any = None,
+        background: Optional[BackgroundWork] = None,
         pipelined: bool = True,
         client_timeout_s: float = CLIENT_TIMEOUT_S,
-        *,
         restart: Optional[Callable[[], Awaitable[int]]] = None,
         restart_budget: Optional[RestartBudget] = None,
     ) -> None:
-        """``run_step_async(inputs or None, wait)``: RayStepExecutor.run_step_async's contract.
-        ``background``: work advanced once after every step (EPLB): an object with
-        ``async on_step()`` and ``busy`` (True: advance it even while no request runs).
-        ``pipelined``: keep one step in flight (see ``_run``). ``restart``: recreate the
-        ranks after a failure (it also replaces ``run_step_async`` and ``background``);
-        returns the new KV blocks per replica."""
+        """``background``: work advanced once after every step (EPLB). ``pipelined``: keep one
+        step in flight (see ``_steps``). ``restart``: recreate the ranks after a failure (it
+        also replaces ``executor`` and ``background``); returns the new KV blocks per replica."""
         self.core = core
         self.background = background
-        self.run_step_async = run_step_async
+        self.executor = executor
         self.max_queued = max_queued
         self.pipelined = pipelined
         self.client_timeout_s = client_timeout_s
@@ -211,7 +230,7 @@ class AsyncEngine:
             planned = self.core.schedule()
             if planned is None:
                 if in_flight:  # nothing new to run: wait for the last step
-                    self._publish(in_flight, await self.run_step_async(None, True))
+                    self._publish(in_flight, await self.executor.run_step_async(None, True))
                     continue
                 if self.background is not None and self.background.busy:
                     await self.background.on_step()
@@ -226,7 +245,7 @@ class AsyncEngine:
             # call that starts one may find a step in flight, and its calls to the ranks
             # queue behind it (one device stream: the moves land after the step's reads).
             wait = not self.pipelined or (self.background is not None and self.background.busy)
-            self._publish(in_flight, await self.run_step_async(planned.inputs, wait))
+            self._publish(in_flight, await self.executor.run_step_async(planned.inputs, wait))
             if self.background is not None:
                 await self.background.on_step()
 

@@ -134,8 +134,17 @@ class GraphDecodeAttention:
     request owns.
     """
 
-    def __init__(self, kv_cache: torch.Tensor, block_size: int, num_heads: int, batch_size: int,
-                 max_pages_per_seq: int, workspace: torch.Tensor, scratch_block: int) -> None:  # fmt: skip
+    def __init__(
+        self,
+        kv_cache: torch.Tensor,
+        block_size: int,
+        num_heads: int,
+        *,
+        batch_size: int,
+        max_pages_per_seq: int,
+        workspace: torch.Tensor,
+        scratch_block: int,
+    ) -> None:
         import flashinfer
 
         dev = kv_cache.device

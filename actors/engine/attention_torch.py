@@ -12,7 +12,9 @@ import torch.nn.functional as F
 from raymoe.actors.engine.step import StepLayout
 
 
-def write_kv(cache: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+def write_kv(
+    cache: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor, *, k: torch.Tensor, v: torch.Tensor
+) -> None:
     """Store the step's k/v [T, kv_heads, D] into one layer's paged cache
     [num_blocks, 2, block_size, kv_heads, D] at (blocks[t], offsets[t])."""
     cache[blocks, 0, offsets] = k
@@ -40,7 +42,7 @@ class TorchAttention:
         """q [T, heads, D], k/v [T, kv_heads, D] -> [T, heads, D]; writes k/v into the cache first."""
         assert self.layout is not None, "plan() before forward()"
         cache = self.kv_cache[layer]
-        write_kv(cache, *self._write, k, v)
+        write_kv(cache, *self._write, k=k, v=v)
         out = torch.empty_like(q)
         group = q.shape[1] // k.shape[1]
         starts = self.layout.query_start.tolist()

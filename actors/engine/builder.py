@@ -72,7 +72,7 @@ def build_engine_core(
     ]
     return EngineCore(
         schedulers,
-        model.tokenizer.eos_token_ids,
+        eos_token_ids=model.tokenizer.eos_token_ids,
         executor=executor,
         seed=config.model.seed,
         collect_logits=collect_logits,

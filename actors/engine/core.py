@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import random
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Iterable, Optional, Protocol, Sequence
 
 from raymoe.actors.engine.block_manager import BlockManager
 from raymoe.actors.engine.delivery import TokenOutput
@@ -22,19 +22,24 @@ from raymoe.actors.engine.request import Request, SamplingParams
 from raymoe.actors.engine.scheduler import Scheduler
 from raymoe.actors.engine.step import StepBuilder, StepInFlight, StepInput, StepOutput
 
-Executor = Callable[[Sequence[StepInput]], Sequence[StepOutput]]
+
+class Executor(Protocol):
+    """Runs one engine step to completion: each DP replica's input in, its output back
+    (``LocalExecutor``; the step loop's asynchronous counterpart is ``AsyncExecutor``)."""
+
+    def __call__(self, inputs: Sequence[StepInput]) -> Sequence[StepOutput]: ...
 
 
 class EngineCore:
     def __init__(
         self,
         schedulers: Sequence[Scheduler],
+        *,
         eos_token_ids: Iterable[int],
+        vocab_size: int,
         executor: Optional[Executor] = None,
         seed: Optional[int] = None,
         collect_logits: bool = False,
-        *,
-        vocab_size: int,
     ) -> None:
         self.schedulers = list(schedulers)
         self.vocab_size = vocab_size

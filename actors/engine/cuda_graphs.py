@@ -60,10 +60,21 @@ class _Graph:
 
 
 class DecodeGraphs:
-    def __init__(self, forward_logits: Callable[[ForwardBatch], torch.Tensor], kv_cache: torch.Tensor,
-                 block_size: int, num_heads: int, sizes: Sequence[int],
-                 max_pages_per_seq: int, scratch_block: int, dp: int, workspace: torch.Tensor,
-                 last_sampled: torch.Tensor, expert_load=None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        forward_logits: Callable[[ForwardBatch], torch.Tensor],
+        kv_cache: torch.Tensor,
+        block_size: int,
+        num_heads: int,
+        *,
+        sizes: Sequence[int],
+        max_pages_per_seq: int,
+        scratch_block: int,
+        dp: int,
+        workspace: torch.Tensor,
+        last_sampled: torch.Tensor,
+        expert_load=None,
+    ) -> None:
         """``forward_logits``: one whole forward pass (its end included, see
         ModelRunner.run_model) -> this rank's logits shard of every row; captured once per
         size. ``last_sampled``: the runner's buffer of the previous step's sampled tokens,
@@ -77,8 +88,15 @@ class DecodeGraphs:
         pool = None
         for size in sorted(sizes, reverse=True):  # largest first: smaller ones reuse its pool
             g = _Graph(size, dp, device)
-            g.attention = GraphDecodeAttention(kv_cache, block_size, num_heads, size, max_pages_per_seq,
-                                               self.workspace, scratch_block)  # fmt: skip
+            g.attention = GraphDecodeAttention(
+                kv_cache,
+                block_size,
+                num_heads,
+                batch_size=size,
+                max_pages_per_seq=max_pages_per_seq,
+                workspace=self.workspace,
+                scratch_block=scratch_block,
+            )
             g.attention.plan(None)
             g.load(None, [size] * dp)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, AsyncIterator, Optional, Sequence
+from typing import Any, AsyncIterator, Awaitable, Optional, Protocol
 
 import torch
 
@@ -26,17 +26,25 @@ from raymoe.cluster.layout import RankLayout
 log = logging.getLogger(__name__)
 
 
+class RankCalls(Protocol):
+    """Calls a method on every rank at once (``RankGroup``): one awaitable result per rank,
+    in rank order."""
+
+    def call_async(self, method: str, *args: Any) -> list[Awaitable[Any]]: ...
+
+
 class EplbManager:
     def __init__(
         self,
         config: EplbConfig,
         layout: RankLayout,
-        ranks: Sequence[Any],
+        ranks: RankCalls,
+        *,
         physical_to_logical: torch.Tensor,
         num_logical: int,
         bytes_per_expert: int,
     ) -> None:
-        self.config, self.ranks = config, list(ranks)
+        self.config, self.ranks = config, ranks
         self.ep = layout.ep
         # hierarchical planning when the EP group spans nodes evenly
         spans = layout.nodes if layout.nodes > 1 and self.ep % layout.nodes == 0 else 1
@@ -116,4 +124,4 @@ class EplbManager:
         return load.scatter_add_(1, self.physical_to_logical, physical)
 
     async def _all(self, method: str, *args: Any) -> list[Any]:
-        return list(await asyncio.gather(*(getattr(a, method).remote(*args) for a in self.ranks)))
+        return list(await asyncio.gather(*self.ranks.call_async(method, *args)))

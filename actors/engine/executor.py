@@ -6,15 +6,16 @@ Its Ray counterpart, which fans each step out to the rank actors, is
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
+from raymoe.actors.engine.runner import ModelRunner
 from raymoe.actors.engine.step import StepInput, StepOutput
 
 
 class LocalExecutor:
     """Run steps on an in-process ModelRunner (a world of one): tests and tools."""
 
-    def __init__(self, runner: Any) -> None:
+    def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
 
     def __call__(self, inputs: Sequence[StepInput]) -> list[StepOutput]:

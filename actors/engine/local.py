@@ -47,7 +47,7 @@ def build_local_engine(config: Config, collect_logits: bool = False, num_threads
         torch.set_num_threads(num_threads)
     model = open_model(config)
     ctx = RankContext(layout=layout, coord=layout.coord(0), device=device, groups=single_process_groups(device))
-    runner = ModelRunner(ctx, config, model.spec, model.max_model_len, model.path)
+    runner = ModelRunner(ctx, config, model.spec, max_model_len=model.max_model_len, checkpoint_dir=model.path)
     num_blocks = runner.max_kv_blocks()
     runner.allocate_kv_cache(num_blocks)
     core = build_engine_core(config, model, num_blocks, executor=LocalExecutor(runner), collect_logits=collect_logits)

@@ -60,7 +60,7 @@ class Rejection:
     message: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class OutputBatch:
     """One client's outputs since its last poll: an entry per request per step, in step
     order. A request may have several entries (several steps), and its last entry
@@ -91,10 +91,10 @@ class OutputBatch:
 
 def empty_batch(error: Optional[str] = None) -> OutputBatch:
     none = np.zeros(0, dtype=np.int64)
-    return OutputBatch(none, none, none, np.zeros(0, dtype=np.int8), None, error)
+    return OutputBatch(seqs=none, num_tokens=none, token_ids=none, finish=np.zeros(0, dtype=np.int8), error=error)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ModelInfo:
     """What the engine serves, for its clients."""
 
@@ -114,7 +114,7 @@ class ModelInfo:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EngineStats:
     """The engine's state now; lists hold one value per DP replica."""
 

@@ -18,7 +18,7 @@ from raymoe.actors.engine.messages import Finish
 from raymoe.actors.engine.tokenizer import Tokenizer
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Delta:
     """What changed for one request since its last delta."""
 
@@ -48,7 +48,8 @@ class OutputText:
     def add(self, token_ids: list[int], finish: Finish, logits: Optional[list[Any]] = None) -> Delta:
         """Take the engine's next tokens for this request and its state after them."""
         if self.finished:
-            return Delta([], "", None, self.num_output_tokens)  # sampled after a stop string
+            # sampled after a stop string
+            return Delta(token_ids=[], text="", finish_reason=None, num_output_tokens=self.num_output_tokens)
         texts = token_ids[:-1] if finish == Finish.STOP else token_ids
         if self._has_stop_strings:
             taken, text = self._add_until_stop(texts)
@@ -60,7 +61,13 @@ class OutputText:
             text += self._detok.flush()
             self.finish_reason = finish.reason
         self.num_output_tokens += len(token_ids)
-        return Delta(token_ids, text, self.finish_reason, self.num_output_tokens, list(logits or [])[: len(token_ids)])
+        return Delta(
+            token_ids=token_ids,
+            text=text,
+            finish_reason=self.finish_reason,
+            num_output_tokens=self.num_output_tokens,
+            logits=list(logits or [])[: len(token_ids)],
+        )
 
     def _add_until_stop(self, token_ids: list[int]) -> tuple[int, str]:
         """Tokens one at a time up to the one that completes a stop string; (taken, text)."""

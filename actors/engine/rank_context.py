@@ -14,7 +14,7 @@ from raymoe.cluster.layout import RankCoord, RankLayout
 from raymoe.comm.groups import Groups
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RankContext:
     """What one rank knows about itself; passed explicitly to code run on the rank."""
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, Optional
 
 FINISH_REASONS = ("stop", "length", "abort")
@@ -34,7 +34,7 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SamplingParams:
     """How to sample one request. Immutable; build from user input with `create`."""
 
@@ -120,6 +120,7 @@ class Request:
     request_id: str
     prompt_token_ids: list[int]
     sampling: SamplingParams
+    _: KW_ONLY
     seed: int
     arrival: float
     eos_token_ids: frozenset[int] = frozenset()

@@ -54,7 +54,7 @@ def make_attention(kind: str, kv_cache: torch.Tensor, block_size: int, num_heads
 
 class ModelRunner:
     def __init__(
-        self, ctx: RankContext, config: Config, spec: ModelSpec, max_model_len: int, checkpoint_dir: Optional[str]
+        self, ctx: RankContext, config: Config, spec: ModelSpec, *, max_model_len: int, checkpoint_dir: Optional[str]
     ) -> None:
         """``checkpoint_dir`` is read unless ``model.load_format`` is dummy (random weights)."""
         self.ctx, self.config, self.spec, self.device = ctx, config, spec, ctx.device
@@ -64,7 +64,9 @@ class ModelRunner:
         self.is_driver = ctx.groups.attn.rank_in_group == 0
         self.expert_map = self._initial_expert_map()
         t0 = time.perf_counter()
-        self.model = CausalLM(spec, ctx.groups, self.expert_map, self.dtype, self.device, config.eplb.router_skew)
+        self.model = CausalLM(
+            spec, ctx.groups, self.expert_map, dtype=self.dtype, device=self.device, router_skew=config.eplb.router_skew
+        )
         if config.model.load_format == "dummy":
             init_random_weights(self.model, seed=config.model.seed + ctx.rank)
         else:
@@ -133,7 +135,7 @@ class ModelRunner:
             kv_cache,
             self.block_size,
             self.heads,
-            graph_batch_sizes(self.config.engine.max_num_seqs),
+            sizes=graph_batch_sizes(self.config.engine.max_num_seqs),
             max_pages_per_seq=-(-self.max_model_len // self.block_size),
             scratch_block=scratch_block,
             dp=self.ctx.groups.dp.world_size,
@@ -164,8 +166,14 @@ class ModelRunner:
             tokens, logits = self.model.greedy_tokens(shard), None
         else:
             logits = self.model.full_logits(shard)
-            tokens = sample(logits, step.temperature[s], step.top_k[s], step.top_p[s], step.seed[s],
-                            step.output_index[s])  # fmt: skip
+            tokens = sample(
+                logits,
+                temperature=step.temperature[s],
+                top_k=step.top_k[s],
+                top_p=step.top_p[s],
+                seeds=step.seed[s],
+                output_index=step.output_index[s],
+            )
         self.last_sampled[: tokens.shape[0]].copy_(tokens)
         if not self.is_driver:
             self._in_flight.append(None)

@@ -12,6 +12,7 @@ import torch
 
 def sample(
     logits: torch.Tensor,
+    *,
     temperature: np.ndarray,
     top_k: np.ndarray,
     top_p: np.ndarray,
@@ -27,12 +28,20 @@ def sample(
     assert logits.shape[0] == len(temperature)
     out = logits.argmax(dim=-1)
     for i in np.flatnonzero(temperature > 0).tolist():
-        out[i] = _sample_row(logits[i], float(temperature[i]), int(top_k[i]), float(top_p[i]), int(seeds[i]),
-                             int(output_index[i]))  # fmt: skip
+        out[i] = _sample_row(
+            logits[i],
+            temperature=float(temperature[i]),
+            top_k=int(top_k[i]),
+            top_p=float(top_p[i]),
+            seed=int(seeds[i]),
+            step=int(output_index[i]),
+        )
     return out
 
 
-def _sample_row(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, seed: int, step: int) -> torch.Tensor:
+def _sample_row(
+    logits: torch.Tensor, *, temperature: float, top_k: int, top_p: float, seed: int, step: int
+) -> torch.Tensor:
     scores = filter_logits(logits / temperature, top_k, top_p)
     probs = torch.softmax(scores, dim=-1)
     gen = torch.Generator(device=logits.device).manual_seed(_mix(seed, step))

@@ -38,7 +38,7 @@ from raymoe.actors.engine.request import FINISH_REASONS, PENDING_TOKEN, Request,
 MAX_OVERTAKES = 16  # requests that may start before one waiting request that does not fit
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ScheduledChunk:
     """Tokens of one request whose KV the runner computes this step."""
 

@@ -26,7 +26,7 @@ from raymoe.actors.engine.request import PENDING_TOKEN, TOP_P_MIN
 from raymoe.actors.engine.scheduler import ScheduledChunk, SchedulerOutput
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class StepInput:
     token_ids: np.ndarray  # [T] int64: every chunk's tokens, concatenated (PENDING_TOKEN: see prev_rows)
     query_lens: np.ndarray  # [B] int64: tokens of each chunk
@@ -90,7 +90,15 @@ class StepBuilder:
             # a pending token is always a decode chunk's one token, sampled by the step before
             assert all(PENDING_TOKEN not in c.token_ids[:-1] for c in out.chunks)
             prev_rows = [last_rows[c.request_id] if c.token_ids[-1] == PENDING_TOKEN else -1 for c in out.chunks]
-            inputs.append(pack_step(out.chunks, counts, self.block_size, self.return_logits, all_decode, prev_rows))
+            step = pack_step(
+                out.chunks,
+                counts,
+                self.block_size,
+                return_logits=self.return_logits,
+                all_decode=all_decode,
+                prev_rows=prev_rows,
+            )
+            inputs.append(step)
             sampled = [c.request_id for c in out.chunks if c.sample]
             self._last_rows[replica] = {rid: row for row, rid in enumerate(sampled)}
         return StepInFlight(inputs, pending)
@@ -100,6 +108,7 @@ def pack_step(
     chunks: Sequence[ScheduledChunk],
     dp_token_counts: tuple[int, ...],
     block_size: int,
+    *,
     return_logits: bool = False,
     all_decode: bool = False,
     prev_rows: Optional[Sequence[int]] = None,
@@ -134,7 +143,7 @@ def pack_step(
     )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class StepLayout:
     """The step at token level. Tensors are on the CPU; the runner moves what it needs."""
 

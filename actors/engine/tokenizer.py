@@ -39,6 +39,7 @@ class Tokenizer:
     def __init__(
         self,
         backend: _Backend,
+        *,
         special_tokens: dict[str, Optional[str]],
         eos_token_ids: Iterable[int],
         chat_template: Optional[str],
@@ -72,7 +73,13 @@ class Tokenizer:
         eos_ids = set(_id_list(_eos_from_configs(d)))
         if specials["eos_token"] is not None:
             eos_ids.add(backend.token_to_id(specials["eos_token"]))
-        return cls(backend, specials, eos_ids, _find_chat_template(d, tok_cfg), source=str(d))
+        return cls(
+            backend,
+            special_tokens=specials,
+            eos_token_ids=eos_ids,
+            chat_template=_find_chat_template(d, tok_cfg),
+            source=str(d),
+        )
 
     def __getstate__(self) -> dict:
         # Picklable (Ray ships it to actors): drop the compiled template, rebuilt on use.

@@ -1,7 +1,7 @@
 """ForwardBatch: the per-step state a model forward needs, passed as an argument."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from typing import Optional, Protocol
 
 import torch
@@ -29,6 +29,7 @@ class ForwardBatch:
     input_ids: torch.Tensor  # [T] int64, this DP replica's tokens
     positions: torch.Tensor  # [T] int64
     attention: Attention
+    _: KW_ONLY
     # MoE layers gather every DP replica's tokens, each replica padded to ``dp_pad`` rows
     # (the step's largest replica, or a CUDA graph's batch size); ``dp_counts`` [dp] int
     # on the device says how many rows of each replica are real. With dp == 1 it is set

@@ -28,6 +28,7 @@ class CheckpointReader:
         dim: Optional[int] = None,
         start: int = 0,
         stop: Optional[int] = None,
+        *,
         dtype: Optional[torch.dtype] = None,
     ) -> torch.Tensor:
         """Tensor ``name``, or only ``[start, stop)`` along ``dim``; cast to ``dtype``."""

@@ -31,7 +31,7 @@ from raymoe.comm.groups import Groups
 
 
 class AttentionBlock(nn.Module):
-    def __init__(self, spec: ModelSpec, layer: int, groups: Groups, rotary: RotaryEmbedding, dtype, device) -> None:
+    def __init__(self, spec: ModelSpec, layer: int, groups: Groups, rotary: RotaryEmbedding, *, dtype, device) -> None:
         super().__init__()
         self.layer = layer
         self.rotary = rotary
@@ -39,14 +39,26 @@ class AttentionBlock(nn.Module):
         self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, dtype, device) if spec.qk_norm else None
         self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, dtype, device) if spec.qk_norm else None
         self.o_proj = RowParallelLinear(
-            self.qkv.heads * spec.head_dim, spec.hidden_size, groups.tp, spec.attention_bias, dtype, device
+            self.qkv.heads * spec.head_dim,
+            spec.hidden_size,
+            groups.tp,
+            bias=spec.attention_bias,
+            dtype=dtype,
+            device=device,
         )
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> PartialSum:
         q, k, v = self.qkv(x)
         if self.q_norm is not None:  # per-head norms and rotary in one kernel on GPU
-            q, k = ops.qk_norm_rotary_(batch.positions, q, k, self.q_norm.weight, self.k_norm.weight,
-                                       self.q_norm.eps, self.rotary.cos_sin)  # fmt: skip
+            q, k = ops.qk_norm_rotary_(
+                batch.positions,
+                q,
+                k,
+                q_weight=self.q_norm.weight,
+                k_weight=self.k_norm.weight,
+                eps=self.q_norm.eps,
+                cos_sin=self.rotary.cos_sin,
+            )
         else:
             q, k = self.rotary(batch.positions, q, k)
         out = batch.attention.forward(self.layer, q, k, v)
@@ -61,7 +73,7 @@ class AttentionBlock(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, spec: ModelSpec, layer: int, attn: AttentionBlock, mlp: nn.Module, dtype, device) -> None:
+    def __init__(self, spec: ModelSpec, layer: int, attn: AttentionBlock, mlp: nn.Module, *, dtype, device) -> None:
         super().__init__()
         self.layer = layer
         self.input_norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype, device)
@@ -86,23 +98,32 @@ class DecoderLayer(nn.Module):
 
 class CausalLM(nn.Module):
     def __init__(
-        self, spec: ModelSpec, groups: Groups, expert_map: ExpertMap | None, dtype, device, router_skew: float = 0.0
+        self, spec: ModelSpec, groups: Groups, expert_map: ExpertMap | None, *, dtype, device, router_skew: float = 0.0
     ) -> None:
         super().__init__()
         self.spec = spec
         self.traits = architecture_traits(spec.architecture)
-        self.embed = VocabParallelEmbedding(spec.vocab_size, spec.hidden_size, groups.tp, dtype, device)
+        self.embed = VocabParallelEmbedding(spec.vocab_size, spec.hidden_size, groups.tp, dtype=dtype, device=device)
         rotary = RotaryEmbedding(spec.head_dim, spec.rope, spec.max_position, device)
         moe_index = {layer: i for i, layer in enumerate(spec.moe_layers)}
         layers = []
         for i in range(spec.num_layers):
             if i in moe_index:
                 assert expert_map is not None
-                mlp: nn.Module = MoE(spec, i, moe_index[i], groups, expert_map, dtype, device, router_skew)
+                mlp: nn.Module = MoE(
+                    spec,
+                    i,
+                    moe_index[i],
+                    groups,
+                    expert_map=expert_map,
+                    dtype=dtype,
+                    device=device,
+                    router_skew=router_skew,
+                )
             else:
-                mlp = DenseMLP(spec.hidden_size, spec.intermediate_size, groups.tp, dtype, device)
-            attn = AttentionBlock(spec, i, groups, rotary, dtype, device)
-            layers.append(DecoderLayer(spec, i, attn, mlp, dtype, device))
+                mlp = DenseMLP(spec.hidden_size, spec.intermediate_size, groups.tp, dtype=dtype, device=device)
+            attn = AttentionBlock(spec, i, groups, rotary, dtype=dtype, device=device)
+            layers.append(DecoderLayer(spec, i, attn, mlp, dtype=dtype, device=device))
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype, device)
         self.lm_head = ParallelLMHead(self.embed, spec.tie_word_embeddings, dtype, device)

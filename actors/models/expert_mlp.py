@@ -24,9 +24,18 @@ from raymoe.actors.models import ops
 from raymoe.actors.models.ops import choose_backend
 
 
-def expert_mlp(x: torch.Tensor, rows: torch.Tensor, ends: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-               groups: torch.Tensor | None = None, all_slots: int | None = None, backend: str | None = None,
-               config: dict | None = None) -> torch.Tensor:  # fmt: skip
+def expert_mlp(
+    x: torch.Tensor,
+    rows: torch.Tensor,
+    ends: torch.Tensor,
+    *,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    groups: torch.Tensor | None = None,
+    all_slots: int | None = None,
+    backend: str | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
     """x [N, H]; rows [M] (token of each sorted row); ends [S] int32 (cumulative group
     ends); w13 [S, 2I, H] ([gate; up]); w2 [S, H, I] -> y [M, H] in x's dtype.
     groups [G] int32: the slots to run, every slot with rows among them, -1 for none
@@ -40,15 +49,15 @@ def expert_mlp(x: torch.Tensor, rows: torch.Tensor, ends: torch.Tensor, w13: tor
     """
     config = config or pick_config(rows.shape[0], all_slots or w13.shape[0])
     if choose_backend(backend, op="expert_mlp", on_cuda=x.is_cuda, fits=config is not None) == "torch":
-        return _torch_expert_mlp(x, rows, ends, w13, w2)
+        return _torch_expert_mlp(x, rows, ends, w13=w13, w2=w2)
     from raymoe.actors.models import expert_mlp_triton
 
     if groups is None:
         groups = torch.arange(w13.shape[0], dtype=torch.int32, device=x.device)
-    return expert_mlp_triton.expert_mlp(x, rows, ends, groups, w13, w2, config or _LARGEST)
+    return expert_mlp_triton.expert_mlp(x, rows, ends, groups, w13=w13, w2=w2, config=config or _LARGEST)
 
 
-def _torch_expert_mlp(x, rows, ends, w13, w2) -> torch.Tensor:
+def _torch_expert_mlp(x, rows, ends, *, w13, w2) -> torch.Tensor:
     h = ops.silu_and_mul(torch._grouped_mm(x[rows], w13.transpose(1, 2), offs=ends))
     return torch._grouped_mm(h, w2.transpose(1, 2), offs=ends)
 

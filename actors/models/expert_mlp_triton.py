@@ -65,8 +65,16 @@ def _down(h, ends, groups, w, y, inter, stride_h, stride_we, stride_wn, stride_y
         tl.store(y + r.to(tl.int64)[:, None] * stride_y + n[None, :], acc.to(y.dtype.element_ty), mask=live[:, None])
 
 
-def expert_mlp(x: torch.Tensor, rows: torch.Tensor, ends: torch.Tensor, groups: torch.Tensor, w13: torch.Tensor,
-               w2: torch.Tensor, config: dict) -> torch.Tensor:  # fmt: skip
+def expert_mlp(
+    x: torch.Tensor,
+    rows: torch.Tensor,
+    ends: torch.Tensor,
+    groups: torch.Tensor,
+    *,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    config: dict,
+) -> torch.Tensor:
     """Shapes as raymoe.actors.models.expert_mlp.expert_mlp; config: BM, BN, BK,
     num_warps, num_stages. One row of programs per entry of ``groups``."""
     num_rows, (num_slots, two_inter, hidden) = rows.shape[0], w13.shape

@@ -102,7 +102,7 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, rope: RopeSpec) -> torch.Tensor:
 class VocabParallelEmbedding(nn.Module):
     """Embedding with the vocabulary split into equal row ranges over ``tp``."""
 
-    def __init__(self, vocab: int, hidden: int, tp: GroupCoordinator, dtype: torch.dtype, device: torch.device):
+    def __init__(self, vocab: int, hidden: int, tp: GroupCoordinator, *, dtype: torch.dtype, device: torch.device):
         super().__init__()
         self.vocab, self.tp = vocab, tp
         self.rows = -(-vocab // tp.world_size)  # padded share: ceil(vocab / tp)
@@ -182,7 +182,7 @@ class RowParallelLinear(nn.Module):
     """y = x W^T (+ b): input dim split over ``group``. ``forward`` returns this rank's
     share of y, still to be summed over the group (see PartialSum)."""
 
-    def __init__(self, in_local: int, out: int, group: GroupCoordinator, bias: bool, dtype, device) -> None:
+    def __init__(self, in_local: int, out: int, group: GroupCoordinator, *, bias: bool, dtype, device) -> None:
         super().__init__()
         self.group = group
         self.weight = nn.Parameter(torch.zeros(out, in_local, dtype=dtype, device=device), requires_grad=False)
@@ -242,7 +242,7 @@ class QKVProjection(nn.Module):
 class DenseMLP(nn.Module):
     """SwiGLU MLP, intermediate dim split over tp: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, hidden: int, intermediate: int, tp: GroupCoordinator, dtype, device) -> None:
+    def __init__(self, hidden: int, intermediate: int, tp: GroupCoordinator, *, dtype, device) -> None:
         super().__init__()
         self.local = split_evenly(intermediate, tp.world_size, "intermediate_size", "choose a tp that divides it")
         self.start = tp.rank_in_group * self.local

@@ -17,8 +17,14 @@ SKINNY_MAX_ROWS = 1
 SKINNY_CONFIG = dict(BN=8, BK=1024, num_warps=8, num_stages=1)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, backend: str | None = None,
-           config: dict | None = None) -> torch.Tensor:  # fmt: skip
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    backend: str | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
     """x [..., K], weight [N, K] -> [..., N]. backend: "triton" or "torch"; None picks
     (see the module doc). config: the Triton block sizes, for benchmarks."""
     # cheap tests first: most calls (batches of many rows) stop at the row count

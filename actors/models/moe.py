@@ -50,6 +50,7 @@ class MoE(nn.Module):
         layer: int,
         moe_layer: int,
         groups: Groups,
+        *,
         expert_map: ExpertMap,
         dtype,
         device,
@@ -94,15 +95,24 @@ class MoE(nn.Module):
         if self.router_bias is not None:  # benchmark-only skew (eplb.router_skew)
             logits = logits + self.router_bias
         emap = self.expert_map
-        d = dispatch(logits, self.top_k, self.norm_topk_prob, emap.logical_to_physical[self.moe_layer],
-                     emap.replica_count[self.moe_layer], emap.num_physical, self.slot_start, self.slots, valid)  # fmt: skip
+        d = dispatch(
+            logits,
+            self.top_k,
+            norm_topk_prob=self.norm_topk_prob,
+            logical_to_physical=emap.logical_to_physical[self.moe_layer],
+            replica_count=emap.replica_count[self.moe_layer],
+            num_physical=emap.num_physical,
+            slot_start=self.slot_start,
+            slots=self.slots,
+            valid=valid,
+        )
         if batch.expert_load is not None:
             batch.expert_load.record(self.moe_layer, d.physical)
-        y = expert_mlp(x_all, d.rows, d.ends, self.w13, self.w2, d.groups, all_slots=emap.num_physical)
+        y = expert_mlp(x_all, d.rows, d.ends, w13=self.w13, w2=self.w2, groups=d.groups, all_slots=emap.num_physical)
         all_local = self.slots == emap.num_physical and valid is None  # every row is one of our slots
         if dp.world_size == 1:
             return ExpertOutputs(y, d, all_local, self.groups.world)
-        out = self.groups.world.all_reduce(combine(y, d.sorted_row, d.weights, d.ends, all_local))
+        out = self.groups.world.all_reduce(combine(y, d.sorted_row, d.weights, d.ends, all_local=all_local))
         start = dp.rank_in_group * batch.dp_pad  # every replica's rows are summed: keep ours
         return out[start : start + x.shape[0]]
 
@@ -134,12 +144,15 @@ class ExpertOutputs:
     def add_rms_norm(self, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         y, d = self.y, self.dispatch
         if self.world.world_size == 1:
-            return combine_add_rms_norm(y, d.sorted_row, d.weights, d.ends, residual, weight, eps, self.all_local)
-        out = combine(y, d.sorted_row, d.weights, d.ends, self.all_local, out=self.world.partial_buffer(residual))
+            return combine_add_rms_norm(
+                y, d.sorted_row, d.weights, d.ends, residual=residual, weight=weight, eps=eps, all_local=self.all_local
+            )
+        buffer = self.world.partial_buffer(residual)
+        out = combine(y, d.sorted_row, d.weights, d.ends, all_local=self.all_local, out=buffer)
         return PartialSum(out, self.world).add_rms_norm(residual, weight, eps)
 
 
-def zipf_router_bias(num_experts: int, skew: float, seed: int, device, dtype) -> torch.Tensor | None:
+def zipf_router_bias(num_experts: int, skew: float, *, seed: int, device, dtype) -> torch.Tensor | None:
     """Router-logit bias making expert popularity Zipf-like: the i-th most popular expert
     (a fixed random order per ``seed``) gets probabilities scaled by (i + 1) ** -skew.
     For benchmarks on random weights only: it changes the model's outputs."""

@@ -21,8 +21,16 @@ import torch.nn.functional as F
 from raymoe.actors.models import ops
 
 
-def combine(y: torch.Tensor, sorted_row: torch.Tensor, weights: torch.Tensor, ends: torch.Tensor,
-            all_local: bool = False, backend: str | None = None, out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+def combine(
+    y: torch.Tensor,
+    sorted_row: torch.Tensor,
+    weights: torch.Tensor,
+    ends: torch.Tensor,
+    *,
+    all_local: bool = False,
+    backend: str | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """y [M, H]; sorted_row, weights [N, k]; ends [S] (the dispatch's) -> [N, H] in y's
     dtype, written to ``out`` when given. all_local promises every row is one of this
     rank's (ends[-1] == M): the torch path then skips zeroing the rest (a full pass over
@@ -34,20 +42,33 @@ def combine(y: torch.Tensor, sorted_row: torch.Tensor, weights: torch.Tensor, en
         return summed if out is None else out.copy_(summed)
     from raymoe.actors.models import moe_combine_triton
 
-    return moe_combine_triton.combine(y, sorted_row, weights, ends, out)
+    return moe_combine_triton.combine(y, sorted_row, weights, ends, out=out)
 
 
-def combine_add_rms_norm(y: torch.Tensor, sorted_row: torch.Tensor, weights: torch.Tensor, ends: torch.Tensor,
-                         residual: torch.Tensor, weight: torch.Tensor, eps: float, all_local: bool = False,
-                         backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def combine_add_rms_norm(
+    y: torch.Tensor,
+    sorted_row: torch.Tensor,
+    weights: torch.Tensor,
+    ends: torch.Tensor,
+    *,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    all_local: bool = False,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(RMSNorm(residual + combine(...)) * weight, residual + combine(...)), as
     ops.add_rms_norm after ``combine``; one kernel on Triton (the residual updated in
     place there)."""
     if _backend(y, backend) == "triton" and residual.is_contiguous() and residual.dtype == y.dtype:
         from raymoe.actors.models import moe_combine_triton
 
-        return moe_combine_triton.combine_add_rms_norm(y, sorted_row, weights, ends, residual, weight, eps), residual
-    return ops.add_rms_norm(combine(y, sorted_row, weights, ends, all_local, backend), residual, weight, eps)
+        normed = moe_combine_triton.combine_add_rms_norm(
+            y, sorted_row, weights, ends, residual=residual, weight=weight, eps=eps
+        )
+        return normed, residual
+    summed = combine(y, sorted_row, weights, ends, all_local=all_local, backend=backend)
+    return ops.add_rms_norm(summed, residual, weight, eps)
 
 
 def _backend(y: torch.Tensor, backend: str | None) -> str:

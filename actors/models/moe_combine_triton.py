@@ -47,8 +47,14 @@ def _check(y: torch.Tensor, sorted_row: torch.Tensor, weights: torch.Tensor) -> 
     assert y.stride(1) == 1 and sorted_row.is_contiguous() and weights.is_contiguous()
 
 
-def combine(y: torch.Tensor, sorted_row: torch.Tensor, weights: torch.Tensor, ends: torch.Tensor,
-            out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+def combine(
+    y: torch.Tensor,
+    sorted_row: torch.Tensor,
+    weights: torch.Tensor,
+    ends: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     _check(y, sorted_row, weights)
     n, top_k = sorted_row.shape
     hidden = y.shape[1]
@@ -61,8 +67,16 @@ def combine(y: torch.Tensor, sorted_row: torch.Tensor, weights: torch.Tensor, en
     return out
 
 
-def combine_add_rms_norm(y: torch.Tensor, sorted_row: torch.Tensor, weights: torch.Tensor, ends: torch.Tensor,
-                         residual: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:  # fmt: skip
+def combine_add_rms_norm(
+    y: torch.Tensor,
+    sorted_row: torch.Tensor,
+    weights: torch.Tensor,
+    ends: torch.Tensor,
+    *,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
     """residual += combine(...), in place; returns RMSNorm(residual) * weight."""
     _check(y, sorted_row, weights)
     n, top_k = sorted_row.shape

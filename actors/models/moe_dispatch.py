@@ -47,9 +47,19 @@ class Dispatch:
     groups: torch.Tensor
 
 
-def dispatch(logits: torch.Tensor, top_k: int, norm_topk_prob: bool, logical_to_physical: torch.Tensor,
-             replica_count: torch.Tensor, num_physical: int, slot_start: int, slots: int,
-             valid: torch.Tensor | None = None, backend: str | None = None) -> Dispatch:  # fmt: skip
+def dispatch(
+    logits: torch.Tensor,
+    top_k: int,
+    *,
+    norm_topk_prob: bool,
+    logical_to_physical: torch.Tensor,
+    replica_count: torch.Tensor,
+    num_physical: int,
+    slot_start: int,
+    slots: int,
+    valid: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> Dispatch:
     """logits [N, E]; logical_to_physical [E, R] and replica_count [E] (one layer's
     ExpertMap tables, num_physical slots in all); this rank holds slots [slot_start,
     slot_start + slots); valid [N] bool or None (all valid).
@@ -59,17 +69,19 @@ def dispatch(logits: torch.Tensor, top_k: int, norm_topk_prob: bool, logical_to_
     """
     n = logits.shape[0]
     backend = choose_backend(backend, op="dispatch", on_cuda=logits.is_cuda, fits=n * top_k <= TRITON_MAX_CHOICES)
-    tables = (logical_to_physical, replica_count)
+    tables = dict(logical_to_physical=logical_to_physical, replica_count=replica_count)
+    where = dict(slot_start=slot_start, slots=slots, valid=valid)
     if backend == "torch":
         all_local = slots == num_physical and valid is None
-        return _torch_dispatch(logits, top_k, norm_topk_prob, *tables, all_local, slot_start, slots, valid)
+        return _torch_dispatch(logits, top_k, norm_topk_prob=norm_topk_prob, all_local=all_local, **tables, **where)
     from raymoe.actors.models import moe_dispatch_triton
 
-    return Dispatch(*moe_dispatch_triton.dispatch(logits, top_k, norm_topk_prob, *tables, slot_start, slots, valid))
+    return Dispatch(*moe_dispatch_triton.dispatch(logits, top_k, norm_topk_prob=norm_topk_prob, **tables, **where))
 
 
-def _torch_dispatch(logits, top_k, norm_topk_prob, logical_to_physical, replica_count, all_local, slot_start, slots,
-                    valid) -> Dispatch:  # fmt: skip
+def _torch_dispatch(
+    logits, top_k, *, norm_topk_prob, logical_to_physical, replica_count, all_local, slot_start, slots, valid
+) -> Dispatch:
     n = logits.shape[0]
     if norm_topk_prob:
         # softmax is monotonic, and the renormalised top-k probabilities are the softmax of
@@ -98,7 +110,14 @@ def _torch_dispatch(logits, top_k, norm_topk_prob, logical_to_physical, replica_
     group_ends = torch.arange(1, slots + 1, dtype=torch.int16, device=logits.device)
     ends = torch.searchsorted(keys, group_ends, out_int32=True)
     sorted_row = torch.empty_like(order).scatter_(0, order, torch.arange(n * top_k, device=logits.device))
-    return Dispatch(weights, physical, order // top_k, ends, sorted_row.view(n, top_k), busy_slots(ends, n * top_k))
+    return Dispatch(
+        weights=weights,
+        physical=physical,
+        rows=order // top_k,
+        ends=ends,
+        sorted_row=sorted_row.view(n, top_k),
+        groups=busy_slots(ends, n * top_k),
+    )
 
 
 def busy_slots(ends: torch.Tensor, num_rows: int) -> torch.Tensor:

@@ -114,8 +114,17 @@ def _group_kernel(buckets, cursors, rows, ends, sorted_row, groups, num_choices,
     _group(buckets, cursors, rows, ends, sorted_row, groups, num_choices, num_groups, slots, TOP_K, BLOCK, SP)
 
 
-def dispatch(logits: torch.Tensor, top_k: int, norm_topk_prob: bool, logical_to_physical: torch.Tensor,
-             replica_count: torch.Tensor, slot_start: int, slots: int, valid: torch.Tensor | None):  # fmt: skip
+def dispatch(
+    logits: torch.Tensor,
+    top_k: int,
+    *,
+    norm_topk_prob: bool,
+    logical_to_physical: torch.Tensor,
+    replica_count: torch.Tensor,
+    slot_start: int,
+    slots: int,
+    valid: torch.Tensor | None,
+):
     """Arguments as raymoe.actors.models.moe_dispatch.dispatch; returns the Dispatch fields."""
     n, num_experts = logits.shape
     num_choices = n * top_k

@@ -107,9 +107,17 @@ def rotary_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: 
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
-def qk_norm_rotary_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor,
-                    k_weight: torch.Tensor, eps: float, cos_sin: torch.Tensor,
-                    backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def qk_norm_rotary_(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    eps: float,
+    cos_sin: torch.Tensor,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """rotary_(positions, rms_norm(q, q_weight), rms_norm(k, k_weight)): Qwen3's per-head
     norms then the rotary embedding; on GPU one Triton kernel, in place."""
     dim = q.shape[-1]
@@ -119,7 +127,7 @@ def qk_norm_rotary_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q
         return rotary_(positions, rms_norm(q, q_weight, eps), rms_norm(k, k_weight, eps), cos_sin)
     from raymoe.actors.models.qk_norm_rope_triton import qk_norm_rope_
 
-    qk_norm_rope_(positions, q, k, q_weight, k_weight, eps, cos_sin)
+    qk_norm_rope_(positions, q, k, q_weight=q_weight, k_weight=k_weight, eps=eps, cos_sin=cos_sin)
     return q, k
 
 

@@ -32,8 +32,16 @@ def _qk_norm_rope(q, k, q_weight, k_weight, positions, cos_sin, eps, heads, stri
     tl.store(base + HALF + d, (x2 * cos + x1 * sin).to(dtype))
 
 
-def qk_norm_rope_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor,
-                  k_weight: torch.Tensor, eps: float, cos_sin: torch.Tensor) -> None:  # fmt: skip
+def qk_norm_rope_(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    eps: float,
+    cos_sin: torch.Tensor,
+) -> None:
     """q [T, H, D], k [T, Hk, D] (last dim contiguous), rotated in place."""
     t, heads, dim = q.shape
     assert q.stride(2) == 1 and k.stride(2) == 1 and cos_sin.is_contiguous() and cos_sin.shape[1] == dim

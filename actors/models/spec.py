@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 SUPPORTED_ROPE = ("default", "llama3")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RopeSpec:
     theta: float
     kind: str = "default"  # default | llama3
@@ -31,7 +31,7 @@ class RopeSpec:
     original_max_position: int = 8192
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MoESpec:
     num_experts: int
     top_k: int
@@ -40,7 +40,7 @@ class MoESpec:
     dense_layers: frozenset[int] = field(default_factory=frozenset)  # layers with a dense MLP instead
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ModelSpec:
     architecture: str
     vocab_size: int

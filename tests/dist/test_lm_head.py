@@ -33,7 +33,7 @@ def _worker(rank: int, world: int, init_methods: list[str]) -> None:
     init_distributed(rank, world, init_methods[0], torch.device("cpu"), timeout=datetime.timedelta(seconds=60))
     try:
         tp = build_groups(RankLayout(tp=TP), rank, torch.device("cpu")).tp
-        embed = VocabParallelEmbedding(VOCAB, HIDDEN, tp, torch.float, torch.device("cpu"))
+        embed = VocabParallelEmbedding(VOCAB, HIDDEN, tp, dtype=torch.float, device=torch.device("cpu"))
         head = ParallelLMHead(embed, True, torch.float, torch.device("cpu"))
         for name, w, x in _cases():
             embed.weight.zero_()

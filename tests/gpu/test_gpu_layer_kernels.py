@@ -67,7 +67,7 @@ def test_kv_append_writes_where_write_kv_does(graph):
     else:
         append(cache, k, v)
     want = torch.zeros_like(cache)
-    write_kv(want, blocks.cuda(), offsets.cuda(), k[:5], v[:5])
+    write_kv(want, blocks.cuda(), offsets.cuda(), k=k[:5], v=v[:5])
     others = torch.arange(blocks_total, device="cuda") != 9
     assert torch.equal(cache[others], want[others])
     # the two padding rows race for the same place: either one's k (and v) may land there
@@ -88,8 +88,9 @@ def test_qk_norm_rotary_kernel_matches_torch():
     inv_freq = 1.0 / (1e6 ** (torch.arange(0, d, 2, dtype=torch.float) / d))
     freqs = torch.arange(4096, dtype=torch.float)[:, None] * inv_freq[None, :]
     cos_sin = torch.cat((freqs.cos(), freqs.sin()), dim=-1).cuda()
-    want_q, want_k = ops.qk_norm_rotary_(positions, q.clone(), k.clone(), wq, wk, 1e-6, cos_sin, backend="torch")
-    got_q, got_k = ops.qk_norm_rotary_(positions, q, k, wq, wk, 1e-6, cos_sin, backend="triton")
+    norm_rope = dict(q_weight=wq, k_weight=wk, eps=1e-6, cos_sin=cos_sin)
+    want_q, want_k = ops.qk_norm_rotary_(positions, q.clone(), k.clone(), **norm_rope, backend="torch")
+    got_q, got_k = ops.qk_norm_rotary_(positions, q, k, **norm_rope, backend="triton")
     assert got_q.data_ptr() == q.data_ptr()  # in place, in the qkv buffer
     for got, want in ((got_q, want_q), (got_k, want_k)):
         assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 1e-2

@@ -40,8 +40,8 @@ def _rel_error(got, want) -> float:
 @pytest.mark.parametrize("foreign", [False, True])
 def test_expert_mlp_triton_matches_grouped_mm(tokens, foreign):
     x, rows, ends, w13, w2 = _mlp_case(tokens, foreign=foreign)
-    want = expert_mlp(x, rows, ends, w13, w2, backend="torch")
-    got = expert_mlp(x, rows, ends, w13, w2, backend="triton")
+    want = expert_mlp(x, rows, ends, w13=w13, w2=w2, backend="torch")
+    got = expert_mlp(x, rows, ends, w13=w13, w2=w2, backend="triton")
     mine = int(ends[-1])  # rows past it are other ranks': neither path writes them
     # the torch path rounds gate/up to bf16 before SiLU-and-mul, Triton does not
     assert _rel_error(got[:mine], want[:mine]) < 1e-2
@@ -54,34 +54,45 @@ def _dispatch_args(tokens: int, experts: int = 128, physical: int = 160, top_k: 
     l2p, counts = replica_tables(p2l.view(1, -1), experts)
     slots = physical // ep
     valid = (torch.rand(tokens, generator=g) < 0.9).cuda()
-    return logits, top_k, True, l2p[0].cuda(), counts[0].cuda(), physical, slots, slots, valid
+    return dict(
+        logits=logits,
+        top_k=top_k,
+        norm_topk_prob=True,
+        logical_to_physical=l2p[0].cuda(),
+        replica_count=counts[0].cuda(),
+        num_physical=physical,
+        slot_start=slots,
+        slots=slots,
+        valid=valid,
+    )
 
 
 @pytest.mark.parametrize("tokens", [1, 64, 256, 512])
 def test_dispatch_triton_groups_as_torch(tokens):
     args = _dispatch_args(tokens)
-    assert_same_grouping(dispatch(*args, backend="triton"), dispatch(*args, backend="torch"))
+    assert_same_grouping(dispatch(**args, backend="triton"), dispatch(**args, backend="torch"))
 
 
 def test_dispatch_and_mlp_in_a_cuda_graph_follow_new_inputs():
     x, _, _, w13, w2 = _mlp_case(64, slots=80, foreign=True)
-    args = list(_dispatch_args(64))
+    args = _dispatch_args(64)
 
     def layer():
-        d = dispatch(*args)
-        return combine(expert_mlp(x, d.rows, d.ends, w13, w2, d.groups), d.sorted_row, d.weights, d.ends), d
+        d = dispatch(**args)
+        y = expert_mlp(x, d.rows, d.ends, w13=w13, w2=w2, groups=d.groups)
+        return combine(y, d.sorted_row, d.weights, d.ends), d
 
     layer()  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out, d = layer()
     new = _dispatch_args(64, seed=1)
-    args[0].copy_(new[0])
+    args["logits"].copy_(new["logits"])
     x.copy_(torch.randn_like(x))
     graph.replay()
-    want = dispatch(*args, backend="torch")
+    want = dispatch(**args, backend="torch")
     assert_same_grouping(d, want)
-    y = expert_mlp(x, want.rows, want.ends, w13, w2, backend="torch")
+    y = expert_mlp(x, want.rows, want.ends, w13=w13, w2=w2, backend="torch")
     assert _rel_error(out, combine(y, want.sorted_row, want.weights, want.ends, backend="torch")) < 1e-2
 
 
@@ -118,7 +129,9 @@ def test_combine_fused_with_add_rms_norm(tokens):
     summed = combine(y, sorted_row, weights, ends, backend="triton")
     want_residual = residual + summed
     want_normed = ops.rms_norm(want_residual, weight, 1e-6)
-    normed, got_residual = combine_add_rms_norm(y, sorted_row, weights, ends, residual, weight, 1e-6, backend="triton")
+    normed, got_residual = combine_add_rms_norm(
+        y, sorted_row, weights, ends, residual=residual, weight=weight, eps=1e-6, backend="triton"
+    )
     assert got_residual is residual
     assert torch.equal(residual, want_residual)
     torch.testing.assert_close(normed, want_normed, rtol=2**-6, atol=2**-6)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import pytest
 
@@ -173,7 +174,7 @@ def _pipelined(core: Engine, requests: dict, leave_after: dict | None = None, la
     leave_after = leave_after or {}
 
     async def main():
-        engine = AsyncEngine(core.local.core, core.executor.run_step_async, max_queued=100, pipelined=True)
+        engine = AsyncEngine(core.local.core, core.executor, max_queued=100, pipelined=True)
         client = EngineClient(engine, core.tokenizer, core.local.info)
 
         async def one(rid, ids, params):
@@ -267,7 +268,7 @@ def test_polls_per_step_do_not_grow_with_the_requests(big):
 
     def polls_per_step(n: int) -> float:
         async def main():
-            engine = AsyncEngine(big.local.core, big.executor.run_step_async, max_queued=100, pipelined=True)
+            engine = AsyncEngine(big.local.core, big.executor, max_queued=100, pipelined=True)
             client = EngineClient(engine, big.tokenizer, big.local.info)
             steps0 = big.num_steps
 
@@ -293,7 +294,7 @@ def test_a_silent_client_has_its_requests_aborted(big):
     sampling = SamplingParams(max_tokens=500, temperature=0.0, ignore_eos=True)
 
     async def main():
-        engine = AsyncEngine(big.local.core, big.executor.run_step_async, max_queued=100, pipelined=True, client_timeout_s=0.3)
+        engine = AsyncEngine(big.local.core, big.executor, max_queued=100, pipelined=True, client_timeout_s=0.3)
         rejected = await engine.submit("ghost", [NewRequest(i, big.tokenizer.encode(f"hello {i}"), sampling) for i in range(3)])
         assert rejected == [] and big.has_unfinished
         for _ in range(300):
@@ -344,7 +345,8 @@ def test_a_failed_step_fails_started_requests_keeps_queued_ones_and_spends_the_r
         return core.schedulers[0].block_manager.num_blocks
 
     async def main():
-        engine = AsyncEngine(core, failing, max_queued=100, pipelined=False, restart=restart,
+        executor = SimpleNamespace(run_step_async=failing)
+        engine = AsyncEngine(core, executor, max_queued=100, pipelined=False, restart=restart,
                              restart_budget=RestartBudget(1, 60.0))  # fmt: skip
         client = EngineClient(engine, tok, engine_.local.info)
 

@@ -36,7 +36,7 @@ def test_expert_mlp_matches_a_loop_of_matmuls(foreign):
     for r, (token, slot) in enumerate(zip(rows[:mine].tolist(), keys[:mine].tolist())):
         gate_up = w13[slot] @ x[token]
         want[r] = w2[slot] @ (F.silu(gate_up[:24]) * gate_up[24:])
-    got = expert_mlp(x, rows, ends, w13, w2, backend="torch")
+    got = expert_mlp(x, rows, ends, w13=w13, w2=w2, backend="torch")
     assert got.shape == (rows.shape[0], x.shape[1])
     torch.testing.assert_close(got[:mine], want, rtol=1e-5, atol=1e-5)
 
@@ -71,7 +71,18 @@ def test_dispatch_groups_each_choice_under_its_slot(norm_topk_prob, ep_rank, ep)
     l2p, counts = replica_tables(p2l.view(1, -1), experts)
     valid = torch.arange(tokens) != 4
     slots = physical // ep
-    d = dispatch(logits, top_k, norm_topk_prob, l2p[0], counts[0], physical, ep_rank * slots, slots, valid, "torch")
+    d = dispatch(
+        logits,
+        top_k,
+        norm_topk_prob=norm_topk_prob,
+        logical_to_physical=l2p[0],
+        replica_count=counts[0],
+        num_physical=physical,
+        slot_start=ep_rank * slots,
+        slots=slots,
+        valid=valid,
+        backend="torch",
+    )
 
     probs = torch.softmax(logits, dim=-1)
     for t in range(tokens):
@@ -103,12 +114,13 @@ def test_dispatch_groups_each_choice_under_its_slot(norm_topk_prob, ep_rank, ep)
 def test_unknown_backends_are_value_errors():
     x, rows, ends, w13, w2, _ = _mlp_case(slots=2, hidden=16, inter=16, tokens=2, top_k=1, foreign=False)
     with pytest.raises(ValueError, match="backend"):
-        expert_mlp(x, rows, ends, w13, w2, backend="cuda")
+        expert_mlp(x, rows, ends, w13=w13, w2=w2, backend="cuda")
     with pytest.raises(ValueError, match="backend"):
         combine(x, torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1), ends, backend="cuda")
     l2p, counts = replica_tables(torch.arange(4).view(1, -1), 4)
     with pytest.raises(ValueError, match="backend"):
-        dispatch(torch.randn(3, 4), 2, True, l2p[0], counts[0], 4, 0, 4, backend="cuda")
+        tables = dict(logical_to_physical=l2p[0], replica_count=counts[0], num_physical=4, slot_start=0, slots=4)
+        dispatch(torch.randn(3, 4), 2, norm_topk_prob=True, **tables, backend="cuda")
 
 
 @pytest.mark.parametrize("available", [True, False])

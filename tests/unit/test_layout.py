@@ -69,7 +69,6 @@ def test_coordinates_round_trip(tp, dp, cp):
         exp = _expected(tp, dp, cp, ep, nodes)
         assert layout.world_size == world
         assert layout.moe_tp * ep == world
-        assert layout.attn_size == cp * tp
         assert layout.ranks_per_node * nodes == world
         for rank in range(world):
             c = layout.coord(rank)
@@ -77,8 +76,6 @@ def test_coordinates_round_trip(tp, dp, cp):
             got = dict(dp=c.dp, cp=c.cp, tp=c.tp, ep=c.ep, moe_tp=c.moe_tp, node=c.node, local_rank=c.local_rank)
             assert got == exp[rank]["coord"], (layout, rank)
             assert layout.rank_of(c.dp, c.cp, c.tp) == rank
-        for n in range(nodes):
-            assert layout.node_ranks(n) == [r for r in range(world) if exp[r]["coord"]["node"] == n]
 
 
 @pytest.mark.parametrize("tp, dp, cp", TRIPLES, ids=[f"tp{t}dp{d}cp{c}" for t, d, c in TRIPLES])
@@ -99,8 +96,6 @@ def test_groups_partition_world_with_expected_members(tp, dp, cp):
             # one fixed global order (every rank creates the groups in it)
             assert groups == sorted(groups) == layout.groups(kind), where
             assert groups == _expected_groups(exp, kind), where
-            for rank in range(world):
-                assert layout.group_of(kind, rank) == next(g for g in groups if rank in g)
 
 
 @pytest.mark.parametrize("tp, dp, cp", TRIPLES, ids=[f"tp{t}dp{d}cp{c}" for t, d, c in TRIPLES])

@@ -144,14 +144,16 @@ def test_good_requests_map_to_engine_inputs():
 
 
 def test_max_tokens_against_the_context():
-    assert resolve_max_tokens(None, 10, 100, 16, "max_tokens", "prompt") == 16
-    assert resolve_max_tokens(None, 90, 100, 16, "max_tokens", "prompt") == 10  # default capped by the room left
-    assert resolve_max_tokens(None, 10, 100, None, "max_tokens", "messages") == 90  # chat: the rest of the context
-    assert resolve_max_tokens(90, 10, 100, 16, "max_tokens", "prompt") == 90
+    completion = dict(limit=100, default=16, param="max_tokens", prompt_param="prompt")
+    assert resolve_max_tokens(None, 10, **completion) == 16
+    assert resolve_max_tokens(None, 90, **completion) == 10  # default capped by the room left
+    chat = dict(limit=100, default=None, param="max_tokens", prompt_param="messages")
+    assert resolve_max_tokens(None, 10, **chat) == 90  # chat: the rest of the context
+    assert resolve_max_tokens(90, 10, **completion) == 90
     for requested, n, param, code in [(0, 10, "max_tokens", "invalid_value"), (91, 10, "max_tokens", "context_length_exceeded"),
                                       (1, 100, "prompt", "context_length_exceeded")]:
         with pytest.raises(APIError) as e:
-            resolve_max_tokens(requested, n, 100, 16, "max_tokens", "prompt")
+            resolve_max_tokens(requested, n, **completion)
         assert (e.value.status, e.value.param, e.value.code) == (400, param, code)
 
 
@@ -170,16 +172,19 @@ def test_responses_parse_as_openai_types():
     use = usage(7, 3)
     assert use == {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
     choices = [{"text": "a", "finish_reason": "length"}, {"text": "b", "finish_reason": "stop"}]
-    c = ot.Completion.model_validate(completion_response("cmpl-1", 1, "m", choices, use))
+    c = ot.Completion.model_validate(completion_response("cmpl-1", 1, "m", choices=choices, use=use))
     assert [ch.text for ch in c.choices] == ["a", "b"] and c.usage.total_tokens == 10
-    r = otc.ChatCompletion.model_validate(chat_response("chatcmpl-1", 1, "m", choices[:1], use))
+    r = otc.ChatCompletion.model_validate(chat_response("chatcmpl-1", 1, "m", choices=choices[:1], use=use))
     assert r.choices[0].message.content == "a" and r.choices[0].message.role == "assistant"
-    chunk = otc.ChatCompletionChunk.model_validate(chat_chunk("x", 1, "m", 0, {"role": "assistant", "content": ""}, None, True))
+    role = {"role": "assistant", "content": ""}
+    chunk = chat_chunk("x", 1, "m", index=0, delta=role, finish=None, with_usage=True)
+    chunk = otc.ChatCompletionChunk.model_validate(chunk)
     assert chunk.choices[0].delta.role == "assistant" and chunk.usage is None
-    last = otc.ChatCompletionChunk.model_validate(usage_chunk("x", 1, "m", "chat.completion.chunk", use))
+    last = otc.ChatCompletionChunk.model_validate(usage_chunk("x", 1, "m", obj="chat.completion.chunk", use=use))
     assert last.choices == [] and last.usage.completion_tokens == 3
     # (openai's Completion type does not allow the null finish_reason of mid-stream chunks)
-    end = ot.Completion.model_validate(completion_chunk("x", 1, "m", 0, "tok", "length", False))
+    end = completion_chunk("x", 1, "m", index=0, text="tok", finish="length", with_usage=False)
+    end = ot.Completion.model_validate(end)
     assert end.object == "text_completion" and end.choices[0].text == "tok"
 
 

@@ -88,14 +88,19 @@ def test_assign_ranks_rejects_wrong_total():
 
 def test_assign_ranks_rejects_uneven_bundles():
     layout = RankLayout(tp=2, dp=2, nodes=2)
-    located = [ActorLocation(i, bundle=0 if i < 3 else 1, node_id=f"n{i >= 3}", ip="x", gpu_ids=(i,)) for i in range(4)]
+    located = [
+        ActorLocation(actor_index=i, bundle=0 if i < 3 else 1, node_id=f"n{i >= 3}", ip="x", gpu_ids=(i,))
+        for i in range(4)
+    ]
     with pytest.raises(ValueError, match="bundle 0 holds 3 rank actors, layout wants 2"):
         assign_ranks(layout, located)
 
 
 def test_assign_ranks_rejects_duplicate_gpus():
     layout = RankLayout(tp=4)
-    located = [ActorLocation(i, bundle=0, node_id="n", ip="10.0.0.9", gpu_ids=(min(i, 2),)) for i in range(4)]
+    located = [
+        ActorLocation(actor_index=i, bundle=0, node_id="n", ip="10.0.0.9", gpu_ids=(min(i, 2),)) for i in range(4)
+    ]
     with pytest.raises(ValueError, match="same GPU") as e:
         assign_ranks(layout, located)
     assert "10.0.0.9" in str(e.value)
@@ -103,7 +108,7 @@ def test_assign_ranks_rejects_duplicate_gpus():
 
 def test_assign_ranks_rejects_bundle_spanning_nodes():
     layout = RankLayout(tp=2)
-    located = [ActorLocation(i, bundle=0, node_id=f"node-{i}", ip="x", gpu_ids=(i,)) for i in range(2)]
+    located = [ActorLocation(actor_index=i, bundle=0, node_id=f"node-{i}", ip="x", gpu_ids=(i,)) for i in range(2)]
     with pytest.raises(ValueError, match="spans several Ray nodes") as e:
         assign_ranks(layout, located)
     assert "node-0" in str(e.value) and "node-1" in str(e.value)

@@ -152,11 +152,30 @@ def test_any_valid_request_packs_into_a_step_and_samples_a_real_token():
         SamplingParams(temperature=2.0, top_k=1),
         SamplingParams(temperature=1e-5, top_p=1e-6),
     ]
-    chunks = [ScheduledChunk(f"r{i}", (5,), 0, (i,), True, p, p.seed or 0, 0) for i, p in enumerate(extremes)]
+    chunks = [
+        ScheduledChunk(
+            request_id=f"r{i}",
+            token_ids=(5,),
+            start_pos=0,
+            block_ids=(i,),
+            sample=True,
+            sampling=p,
+            seed=p.seed or 0,
+            num_output_tokens=0,
+        )
+        for i, p in enumerate(extremes)
+    ]
     step = pack_step(chunks, (len(chunks),), block_size=16)
     logits = torch.randn(len(chunks), 64)
     s = step.sample
-    tokens = sample(logits, step.temperature[s], step.top_k[s], step.top_p[s], step.seed[s], step.output_index[s])
+    tokens = sample(
+        logits,
+        temperature=step.temperature[s],
+        top_k=step.top_k[s],
+        top_p=step.top_p[s],
+        seeds=step.seed[s],
+        output_index=step.output_index[s],
+    )
     assert tokens.tolist()[0] == int(logits[0].argmax())  # greedy
     assert tokens.tolist()[1] == int(logits[1].argmax())  # top_p ~ 0: the top token alone
     assert tokens.tolist()[2] == int(logits[2].argmax())  # top_k = 1

@@ -41,15 +41,16 @@ def expert_mlp_case(slots, hidden, inter, tokens, foreign, top_k=3):
     bucket = torch.randint(0, slots + int(foreign), (tokens * top_k,), generator=g)
     keys, order = torch.sort(bucket, stable=True)
     ends = torch.searchsorted(keys, torch.arange(1, slots + 1), out_int32=True)
-    want = expert_mlp(x, order // top_k, ends, w13, w2, backend="torch")
+    want = expert_mlp(x, order // top_k, ends, w13=w13, w2=w2, backend="torch")
     mine = int(ends[-1])  # rows past it are other ranks': neither path writes them
     # BM 16 < rows per slot: programs loop over several row blocks
     config = dict(BM=16, BN=32, BK=32, num_warps=4, num_stages=2)
     groups = busy_slots(ends, tokens * top_k)
-    got = expert_mlp_triton.expert_mlp(x, order // top_k, ends, groups, w13, w2, config)
+    got = expert_mlp_triton.expert_mlp(x, order // top_k, ends, groups, w13=w13, w2=w2, config=config)
     torch.testing.assert_close(got[:mine], want[:mine], rtol=1e-5, atol=1e-5)
     try:
-        expert_mlp_triton.expert_mlp(x[:, :8], order // top_k, ends, groups, w13[:, :, :8], w2[:, :8], config)
+        narrow = dict(w13=w13[:, :, :8], w2=w2[:, :8], config=config)
+        expert_mlp_triton.expert_mlp(x[:, :8], order // top_k, ends, groups, **narrow)
         raise AssertionError("hidden 8 must be refused")
     except ValueError as e:
         assert "multiple of 16" in str(e)
@@ -62,8 +63,10 @@ def dispatch_case(tokens, experts, physical, top_k, norm=True, ep=1, ep_rank=0, 
     l2p, counts = replica_tables(p2l.view(1, -1), experts)
     slots = physical // ep
     valid = torch.rand(tokens, generator=g) < 0.7 if with_valid else None
-    args = (logits, top_k, norm, l2p[0], counts[0], physical, ep_rank * slots, slots, valid)
-    assert_same_grouping(dispatch(*args, backend="triton"), dispatch(*args, backend="torch"))
+    args = dict(logical_to_physical=l2p[0], replica_count=counts[0], num_physical=physical)
+    args.update(norm_topk_prob=norm, slot_start=ep_rank * slots, slots=slots, valid=valid)
+    got = dispatch(logits, top_k, **args, backend="triton")
+    assert_same_grouping(got, dispatch(logits, top_k, **args, backend="torch"))
 
 
 def combine_case(tokens, top_k, hidden, mine):
@@ -93,7 +96,7 @@ def combine_add_rms_norm_case(tokens, top_k, hidden, mine):
     weight = torch.randn(hidden, generator=g).to(bf16)
     args = (y, sorted_row, weights, ends)
     want_normed, want_residual = ops.add_rms_norm(combine(*args, backend="torch"), residual.clone(), weight, 1e-6)
-    normed, got_residual = combine_add_rms_norm(*args, residual, weight, 1e-6, backend="triton")
+    normed, got_residual = combine_add_rms_norm(*args, residual=residual, weight=weight, eps=1e-6, backend="triton")
     assert got_residual is residual, "the residual is updated in place"
     # rounded toward zero by the interpreter (see reduce_add_rms_norm_case)
     torch.testing.assert_close(residual, want_residual, rtol=2**-6, atol=2**-6)
@@ -109,9 +112,10 @@ def qk_norm_rope_case(tokens, heads, kv_heads, dim):
     wq, wk = torch.rand(dim, generator=g) + 0.5, torch.rand(dim, generator=g) + 0.5
     positions = torch.randint(0, 64, (tokens,), generator=g)
     cos_sin = torch.randn(64, dim, generator=g)
-    want_q, want_k = ops.qk_norm_rotary_(positions, q.clone(), k.clone(), wq, wk, 1e-6, cos_sin, backend="torch")
+    norm_rope = dict(q_weight=wq, k_weight=wk, eps=1e-6, cos_sin=cos_sin)
+    want_q, want_k = ops.qk_norm_rotary_(positions, q.clone(), k.clone(), **norm_rope, backend="torch")
     v_before = qkv[:, (heads + kv_heads) * dim :].clone()
-    qk_norm_rope_triton.qk_norm_rope_(positions, q, k, wq, wk, 1e-6, cos_sin)
+    qk_norm_rope_triton.qk_norm_rope_(positions, q, k, **norm_rope)
     torch.testing.assert_close(q, want_q, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(k, want_k, rtol=1e-5, atol=1e-5)
     assert torch.equal(qkv[:, (heads + kv_heads) * dim :], v_before), "v must be left alone"
@@ -137,7 +141,7 @@ def reduce_add_rms_norm_case(ranks, tokens, width):
     summed = sum(p.float() for p in parts).to(bf16)  # the all-reduce: a float32 sum, rounded once
     want_normed, want_residual = ops.add_rms_norm(summed, residual.clone(), weight, 1e-6)
     addresses = torch.tensor([b.data_ptr() for b in buffers], dtype=torch.int64)
-    normed = reduce_add_rms_norm_triton.reduce_add_rms_norm_(addresses, tokens * width, residual, weight, 1e-6)
+    normed = reduce_add_rms_norm_triton.reduce_add_rms_norm_(addresses, tokens * width, residual, weight, eps=1e-6)
     # Triton's interpreter rounds float32 -> bfloat16 toward zero (a GPU rounds to nearest, and
     # tests/gpu checks the residual bit for bit there): a few bfloat16 steps apart here
     torch.testing.assert_close(residual, want_residual, rtol=2**-6, atol=2**-6)
