@@ -9,6 +9,7 @@ replicas, the offline LLM) submit requests in batches and poll for their outputs
 ``Controller`` is a plain class; callers start it with ``ray.remote(Controller)``
 (see raymoe.deploy.launch).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -59,8 +60,14 @@ class Controller:
         """Bring up every rank; returns what each rank reported (rank, device, node, GPU)."""
         assert self.rank_group is None, "controller already started"
         t0 = time.perf_counter()
-        self.rank_group = await asyncio.to_thread(start_rank_group, self.layout, self.config.parallel, self.placement_group_name)
-        return {"layout": self.layout.describe(), "ranks": self.rank_group.infos, "startup_s": round(time.perf_counter() - t0, 2)}
+        self.rank_group = await asyncio.to_thread(
+            start_rank_group, self.layout, self.config.parallel, self.placement_group_name
+        )
+        return {
+            "layout": self.layout.describe(),
+            "ranks": self.rank_group.infos,
+            "startup_s": round(time.perf_counter() - t0, 2),
+        }
 
     async def load_model(self, collect_logits: bool = False) -> ModelInfo:
         """Load the model on every rank, size the KV cache, build the engine."""
@@ -117,7 +124,9 @@ class Controller:
         old, self.rank_group = self.rank_group, None
         if old is not None:
             await asyncio.to_thread(old.kill)
-        self.rank_group = await asyncio.to_thread(start_rank_group, self.layout, self.config.parallel, self.placement_group_name)
+        self.rank_group = await asyncio.to_thread(
+            start_rank_group, self.layout, self.config.parallel, self.placement_group_name
+        )
         num_blocks = await asyncio.to_thread(self._load_ranks, str(resolve_model_path(self.config.model.path)))
         engine = self._engine()
         engine.executor, engine.background = self._executor(), self.eplb
@@ -238,8 +247,13 @@ class Controller:
             engine.report_failure(dead)
             return {"status": "recovering", "reason": f"restarting the ranks after: {describe_failure(dead)}", **base}
         ranks = [t.result() for t in done]
-        return {"status": "ok", "ranks": sorted(ranks, key=lambda r: r["rank"]), "busy_ranks": len(busy),
-                "restarts": engine.num_restarts if engine else 0, **base}  # fmt: skip
+        return {
+            "status": "ok",
+            "ranks": sorted(ranks, key=lambda r: r["rank"]),
+            "busy_ranks": len(busy),
+            "restarts": engine.num_restarts if engine else 0,
+            **base,
+        }
 
     async def shutdown(self) -> None:
         if self.rank_group is not None:

@@ -5,6 +5,7 @@
 holds the rank's ``RankContext`` and hands work to code that takes the context
 as an argument.
 """
+
 from __future__ import annotations
 
 import os

@@ -3,6 +3,7 @@
 Used by the controller actor. Fails within a bounded time, saying what the
 cluster lacks, when Ray cannot place the layout.
 """
+
 from __future__ import annotations
 
 import logging

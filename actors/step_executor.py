@@ -1,5 +1,6 @@
 """RayStepExecutor: one engine step fanned out to the rank actors, each DP replica's
 outputs collected from its first rank."""
+
 from __future__ import annotations
 
 import asyncio
@@ -44,7 +45,11 @@ class RayStepExecutor:
         for each step this call completes (oldest first), each replica's output; with
         ``wait`` False the step just launched stays in flight."""
         assert inputs is None or len(inputs) == self.layout.dp
-        payloads = [None] * self.layout.dp if inputs is None else [pickle.dumps(x, protocol=pickle.HIGHEST_PROTOCOL) for x in inputs]
+        payloads = (
+            [None] * self.layout.dp
+            if inputs is None
+            else [pickle.dumps(x, protocol=pickle.HIGHEST_PROTOCOL) for x in inputs]
+        )
         refs = [ray.put(p) for p in payloads] if len(self.actors) > 1 and inputs is not None else payloads
         calls = [a.run_step.remote(refs[self.replica_of[r]], wait) for r, a in enumerate(self.actors)]
         self.num_calls += 1
@@ -52,7 +57,9 @@ class RayStepExecutor:
         try:  # every rank, so a failure anywhere surfaces here
             results = await asyncio.wait_for(asyncio.gather(*calls), timeout)
         except asyncio.TimeoutError:
-            raise StepTimeoutError(f"a step took longer than {timeout:.0f} s (engine.step_timeout_s): a rank is hung") from None
+            raise StepTimeoutError(
+                f"a step took longer than {timeout:.0f} s (engine.step_timeout_s): a rank is hung"
+            ) from None
         per_replica = [pickle.loads(results[r]) for r in self.leaders]
         assert len({len(outputs) for outputs in per_replica}) == 1, "replicas completed different steps"
         return [list(outputs) for outputs in zip(*per_replica)]

@@ -16,6 +16,7 @@ Measures
 
 The markdown table is the last thing printed (and written to --out).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -230,8 +231,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tp", type=int, default=2, help="ranks in the group (the world size)")
-    p.add_argument("--sizes", type=lambda s: [parse_size(x) for x in s.split(",")], default=None,
-                   help="comma list, e.g. 16KiB,1MiB,64MiB (default: 16KiB..512MiB by x4 on cuda, ..64MiB on cpu)")
+    p.add_argument(
+        "--sizes",
+        type=lambda s: [parse_size(x) for x in s.split(",")],
+        default=None,
+        help="comma list, e.g. 16KiB,1MiB,64MiB (default: 16KiB..512MiB by x4 on cuda, ..64MiB on cpu)",
+    )
     p.add_argument("--iters", type=int, default=20, help="timed iterations per measurement")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--out", help="also write the markdown table to this file")

@@ -6,12 +6,12 @@ at least 4 query heads (attention_flashinfer.py).
 
     python3 benchmarks/decode_attention_bench.py --batches 1,4,16,64,256
 """
+
 from __future__ import annotations
 
 import argparse
 
 import torch
-
 from expert_mlp_bench import graph_time
 
 
@@ -33,19 +33,32 @@ def main() -> None:
         times = []
         for tensor_cores in (True, False):
             wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-                workspace, "NHD", use_cuda_graph=True, use_tensor_cores=tensor_cores,
+                workspace,
+                "NHD",
+                use_cuda_graph=True,
+                use_tensor_cores=tensor_cores,
                 paged_kv_indptr_buffer=torch.zeros(b + 1, dtype=torch.int32, device=dev),
                 paged_kv_indices_buffer=torch.zeros(b * pages, dtype=torch.int32, device=dev),
                 paged_kv_last_page_len_buffer=torch.zeros(b, dtype=torch.int32, device=dev),
-            )  # fmt: skip
+            )
             last = args.context - (pages - 1) * block
-            wrapper.plan(torch.arange(b + 1, dtype=torch.int32) * pages, torch.randperm(b * pages, dtype=torch.int32).to(dev),
-                         torch.full((b,), last, dtype=torch.int32), heads, kv_heads, dim, block,
-                         q_data_type=bf, kv_data_type=bf)  # fmt: skip
+            wrapper.plan(
+                torch.arange(b + 1, dtype=torch.int32) * pages,
+                torch.randperm(b * pages, dtype=torch.int32).to(dev),
+                torch.full((b,), last, dtype=torch.int32),
+                heads,
+                kv_heads,
+                dim,
+                block,
+                q_data_type=bf,
+                kv_data_type=bf,
+            )
             times.append(graph_time(lambda w=wrapper: w.run(q, cache)))
         kv = b * args.context * kv_heads * dim * 2 * 2
-        print(f"| {b} | {kv / 1e6:.1f} | {times[0] * 1e6:.1f} | {times[1] * 1e6:.1f} | {kv / times[0] / 1e12:.2f} |",
-              flush=True)  # fmt: skip
+        print(
+            f"| {b} | {kv / 1e6:.1f} | {times[0] * 1e6:.1f} | {times[1] * 1e6:.1f} | {kv / times[0] / 1e12:.2f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

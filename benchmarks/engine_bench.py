@@ -19,10 +19,12 @@ in one run:
 
     python benchmarks/engine_bench.py --layers 24 --batches 1,16,64 --out bench.md
 """
+
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import statistics
 import time
 
@@ -30,7 +32,6 @@ import ray
 import torch
 
 from raymoe.actors.models.builtin import QWEN3_30B_A3B
-
 
 
 def parse() -> argparse.Namespace:
@@ -46,7 +47,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     p.add_argument("--hf-batches", default="1,64")
     p.add_argument("--hf-steps", type=int, default=8)
-    p.add_argument("--profile", type=int, default=0, metavar="BATCH", help="print the top kernels of an eager decode step")
+    p.add_argument(
+        "--profile", type=int, default=0, metavar="BATCH", help="print the top kernels of an eager decode step"
+    )
     p.add_argument("--out", default=None, help="also write the table (markdown) here")
     return p.parse_args()
 
@@ -93,7 +96,7 @@ def ceilings(ctx) -> dict:
     dev = ctx.device
     src = torch.randn(2**30, dtype=torch.bfloat16, device=dev)  # 2 GiB
     dst = torch.empty_like(src)
-    copy = statistics.median(_timed(lambda: dst.copy_(src), 10))
+    copy = statistics.median(_timed(functools.partial(dst.copy_, src), 10))
     del src, dst
     a = torch.randn(8192, 8192, dtype=torch.bfloat16, device=dev)
     b = torch.randn(8192, 8192, dtype=torch.bfloat16, device=dev)
@@ -171,8 +174,14 @@ def touched_bytes(ctx, step) -> dict:
     layout = build_step_layout(step, runner.block_size)
     runner.attention.plan(layout)
     dev = ctx.device
-    batch = ForwardBatch(layout.input_ids.to(dev), layout.positions.to(dev), runner.attention, dp_pad=step.num_chunks,
-                         dp_counts=torch.tensor(step.dp_token_counts, device=dev), expert_load=rec)  # fmt: skip
+    batch = ForwardBatch(
+        layout.input_ids.to(dev),
+        layout.positions.to(dev),
+        runner.attention,
+        dp_pad=step.num_chunks,
+        dp_counts=torch.tensor(step.dp_token_counts, device=dev),
+        expert_load=rec,
+    )
     with torch.inference_mode():
         runner.run_model(batch)
     counts = rec.take()
@@ -181,7 +190,9 @@ def touched_bytes(ctx, step) -> dict:
     slot_bytes = (moe.w13[0].numel() + moe.w2[0].numel()) * elem
     local = counts[:, moe.slot_start : moe.slot_start + moe.slots]
     experts = int((local > 0).sum())
-    dense = sum(p.numel() for n, p in model.named_parameters() if ".w13" not in n and ".w2" not in n and "embed" not in n)
+    dense = sum(
+        p.numel() for n, p in model.named_parameters() if ".w13" not in n and ".w2" not in n and "embed" not in n
+    )
     kv = int(layout.context_lens.sum()) * runner.spec.num_layers * 2 * runner.kv_heads * runner.head_dim * elem
     return {"weights": dense * elem + experts * slot_bytes, "kv": kv, "experts": experts}
 
@@ -221,12 +232,19 @@ def main() -> None:
     num_blocks = -(-tokens_needed // block_size) + max(batches)
     max_model_len = max(args.context + 16, max((t for _, t in prefills), default=0))
     dp = max(1, args.ep // args.tp)
-    config = config_from_dict({
-        "model": {"path": "builtin:none", "dtype": "bfloat16", "load_format": "dummy"},
-        "parallel": {"tp": args.tp, "dp": dp, "ep": args.ep, "device": "cuda"},
-        "engine": {"block_size": block_size, "num_kv_blocks": num_blocks, "max_num_seqs": max(batches),
-                   "max_num_batched_tokens": max(tokens_needed, 8192), "cuda_graphs": not args.no_graphs},
-    })  # fmt: skip
+    config = config_from_dict(
+        {
+            "model": {"path": "builtin:none", "dtype": "bfloat16", "load_format": "dummy"},
+            "parallel": {"tp": args.tp, "dp": dp, "ep": args.ep, "device": "cuda"},
+            "engine": {
+                "block_size": block_size,
+                "num_kv_blocks": num_blocks,
+                "max_num_seqs": max(batches),
+                "max_num_batched_tokens": max(tokens_needed, 8192),
+                "cuda_graphs": not args.no_graphs,
+            },
+        }
+    )
     controller = start_controller(config)
     run = lambda fn, *a: ray.get(controller.run_on_ranks.remote(fn, *a))  # noqa: E731
     info = run(build, config, hf_config(args.layers), num_blocks, max_model_len)[0]
@@ -237,8 +255,16 @@ def main() -> None:
         touched = run(_per_replica(touched_bytes), steps)[0]
         floor = (touched["weights"] + touched["kv"]) / info["copy_bw"]
         t = res[0]["pipelined_s"]
-        rows.append(("decode", f"batch {b} x ctx {args.context}", t, floor, b * dp / t,
-                     f"one at a time {res[0]['median_s'] * 1e3:.2f} ms; {touched['experts']} experts touched"))  # fmt: skip
+        rows.append(
+            (
+                "decode",
+                f"batch {b} x ctx {args.context}",
+                t,
+                floor,
+                b * dp / t,
+                f"one at a time {res[0]['median_s'] * 1e3:.2f} ms; {touched['experts']} experts touched",
+            )
+        )
     for seqs, toks in prefills:
         steps = [prefill_step(seqs, toks, block_size, (seqs * toks,) * dp) for _ in range(dp)]
         res = run(_per_replica(time_step), steps, max(3, args.iters // 4), False)
@@ -317,10 +343,12 @@ def hf_generate(args, batches: list[int]) -> dict:
     out = {}
     for b in batches:
         ids = torch.randint(3, 150000, (b, args.context), device="cuda")
-        def gen(n):
+
+        def gen(n, ids=ids, model=model):
             return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-        t1 = statistics.median(_timed(lambda: gen(1), 2))
-        tn = statistics.median(_timed(lambda: gen(1 + args.hf_steps), 2))
+
+        t1 = statistics.median(_timed(functools.partial(gen, 1), 2))
+        tn = statistics.median(_timed(functools.partial(gen, 1 + args.hf_steps), 2))
         out[b] = (tn - t1) / args.hf_steps
     del model
     torch.cuda.empty_cache()

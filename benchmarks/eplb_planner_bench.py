@@ -24,6 +24,7 @@ only the one file is kept. No reference -> the benchmark says why and exits 1.
 
 The per-configuration markdown table is the last thing printed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,7 +65,9 @@ def load_reference(cache: Path, wheel: Path | None):
             done = subprocess.run([*cmd, REF_REQUIREMENT], capture_output=True, text=True)
             wheels = sorted(cache.glob("sglang-*.whl"))
             if done.returncode or not wheels:
-                raise RuntimeError(f"pip download {REF_REQUIREMENT} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+                raise RuntimeError(
+                    f"pip download {REF_REQUIREMENT} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
+                )
             wheel = wheels[-1]
         with zipfile.ZipFile(wheel) as archive:
             source = archive.read(REF_MEMBER).decode()
@@ -140,8 +143,12 @@ def run_config(ref, args, ep: int, nodes: int, exponent: float, seed: int) -> di
     t = time.perf_counter()
     rm1 = plan_expert_slots(w1, current, ep, nodes=nodes, bytes_per_expert=bpe, tolerance=args.tolerance)
     row["rm_time"] = time.perf_counter() - t
-    rm2 = plan_expert_slots(w2, rm1.physical_to_logical, ep, nodes=nodes, bytes_per_expert=bpe, tolerance=args.tolerance)
-    lax = plan_expert_slots(w2, rm1.physical_to_logical, ep, nodes=nodes, bytes_per_expert=bpe, tolerance=args.lax_tolerance)
+    rm2 = plan_expert_slots(
+        w2, rm1.physical_to_logical, ep, nodes=nodes, bytes_per_expert=bpe, tolerance=args.tolerance
+    )
+    lax = plan_expert_slots(
+        w2, rm1.physical_to_logical, ep, nodes=nodes, bytes_per_expert=bpe, tolerance=args.lax_tolerance
+    )
     row["rm1"], row["rm1_moved"] = measure(w1, current, rm1.physical_to_logical, ep)
     row["rm2"], row["rm2_moved"] = measure(w2, rm1.physical_to_logical, rm2.physical_to_logical, ep)
     row["lax2"], row["lax2_moved"] = measure(w2, rm1.physical_to_logical, lax.physical_to_logical, ep)
@@ -164,8 +171,9 @@ def moved(slots: int, total: int, args) -> str:
 def detail_table(rows: list[dict], args) -> str:
     lax = f"τ={args.lax_tolerance:g}"
     head = (
-        "| ep | nodes | zipf s | P | w1 current | w1 DeepSeek | w1 raymoe | w1 moved GiB DeepSeek | w1 moved GiB raymoe "
-        f"| w2 start DeepSeek / raymoe | w2 DeepSeek | w2 raymoe | w2 raymoe {lax} | w2 moved GiB DeepSeek | w2 moved GiB raymoe "
+        "| ep | nodes | zipf s | P | w1 current | w1 DeepSeek | w1 raymoe | w1 moved GiB DeepSeek "
+        f"| w1 moved GiB raymoe | w2 start DeepSeek / raymoe | w2 DeepSeek | w2 raymoe | w2 raymoe {lax} "
+        "| w2 moved GiB DeepSeek | w2 moved GiB raymoe "
         f"| w2 moved GiB raymoe {lax} | plan s DeepSeek | plan s raymoe |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -175,7 +183,8 @@ def detail_table(rows: list[dict], args) -> str:
             f"| {r['ep']} | {r['nodes']} | {r['s']:g} | {r['P']} | {r['cur1']:.4f} | {r['ds1']:.4f} | {r['rm1']:.4f} "
             f"| {moved(r['ds1_moved'], n, args)} | {moved(r['rm1_moved'], n, args)} "
             f"| {r['ds2_cur']:.4f} / {r['rm2_cur']:.4f} | {r['ds2']:.4f} | {r['rm2']:.4f} | {r['lax2']:.4f} "
-            f"| {moved(r['ds2_moved'], n, args)} | {moved(r['rm2_moved'], n, args)} | {moved(r['lax2_moved'], n, args)} "
+            f"| {moved(r['ds2_moved'], n, args)} | {moved(r['rm2_moved'], n, args)} "
+            f"| {moved(r['lax2_moved'], n, args)} "
             f"| {r['ds_time']:.2f} | {r['rm_time']:.2f} |"
         )
     return "\n".join(lines)

@@ -11,6 +11,7 @@ torch reference. --sweep also times a grid of Triton block sizes.
 
     python3 benchmarks/expert_mlp_bench.py --batches 1,16,64,256,4096 --sweep
 """
+
 from __future__ import annotations
 
 import argparse
@@ -85,11 +86,11 @@ def copy_bandwidth(dev) -> float:
 def main() -> None:
     args = parse()
     dev = torch.device("cuda")
-    E, H, I, k = args.experts, args.hidden, args.inter, args.top_k
+    E, H, F, k = args.experts, args.hidden, args.inter, args.top_k
     gen = torch.Generator(device=dev).manual_seed(0)
-    w13 = torch.randn(E, 2 * I, H, device=dev, dtype=torch.bfloat16, generator=gen) / H**0.5
-    w2 = torch.randn(E, H, I, device=dev, dtype=torch.bfloat16, generator=gen) / I**0.5
-    fc1 = torch.cat([w13[:, I:], w13[:, :I]], dim=1).contiguous()  # cutlass wants [up; gate]
+    w13 = torch.randn(E, 2 * F, H, device=dev, dtype=torch.bfloat16, generator=gen) / H**0.5
+    w2 = torch.randn(E, H, F, device=dev, dtype=torch.bfloat16, generator=gen) / F**0.5
+    fc1 = torch.cat([w13[:, F:], w13[:, :F]], dim=1).contiguous()  # cutlass wants [up; gate]
     l2p = torch.arange(E, device=dev).view(E, 1)  # one replica per expert
     counts = torch.ones(E, dtype=torch.int64, device=dev)
     bw = copy_bandwidth(dev)
@@ -105,7 +106,7 @@ def main() -> None:
         ref_dispatch = dispatch(logits, k, **routing, backend="torch")
         ids, weights, rows, ends = ref_dispatch.physical, ref_dispatch.weights, ref_dispatch.rows, ref_dispatch.ends
         groups = ref_dispatch.groups
-        touched = ids.unique().numel() * 3 * H * I * 2
+        touched = ids.unique().numel() * 3 * H * F * 2
 
         def layer(backend):
             fits = n * k <= TRITON_MAX_CHOICES

@@ -9,6 +9,7 @@ the time until every running stream has ended with an error, until /health answe
 again, and until a new request completes; and whether the streams queued behind the
 running ones completed. Also the cold start (serve until healthy). Prints a table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,14 +33,16 @@ def main() -> int:
     p.add_argument("--set", action="append", default=[], metavar="FIELD=YAML", help="config override (repeatable)")
     p.add_argument("--layers", type=int, help="serve the model with this many layers (dummy weights)")
     p.add_argument("--running", type=int, default=8, help="streams running when the fault comes")
-    p.add_argument("--queued", type=int, default=4, help="streams queued behind them (max_num_seqs is set to --running)")
+    p.add_argument(
+        "--queued", type=int, default=4, help="streams queued behind them (max_num_seqs is set to --running)"
+    )
     args = p.parse_args()
 
     import ray
     from ray import serve
+    from serve_bench import _config  # the same --config / --set / --layers handling
 
     from raymoe.deploy.serve_app import APP_NAME, start_serving, stop_serving
-    from serve_bench import _config  # the same --config / --set / --layers handling
 
     args.set = [f"engine.max_num_seqs={args.running}"] + args.set
     config, tmp = _config(args)
@@ -56,17 +59,24 @@ def main() -> int:
             os.kill(ray.get(controller().run_on_ranks.remote(_pid))[0], signal.SIGKILL)
 
         max_tokens = min(4000, ray.get(controller().get_model_info.remote()).max_model_len - 64)
-        for name, fault in (("a rank killed with -9", kill_rank), ("the controller killed", lambda: ray.kill(controller()))):
+        for name, fault in (
+            ("a rank killed with -9", kill_rank),
+            ("the controller killed", lambda: ray.kill(controller())),
+        ):
             rows.append((name, *asyncio.run(_fault(url, fault, args.running, args.queued, max_tokens))))
     finally:
         stop_serving()
         ray.shutdown()
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-    print(f"\n## recovery_bench: {config.model.path} ({args.layers or 'all'} layers), {config.parallel.device}, "
-          f"world {_world(config)}")
-    print("| fault | streams ended with an error after s | /health 200 again after s | a new request done after s "
-          "| queued streams completed |")
+    print(
+        f"\n## recovery_bench: {config.model.path} ({args.layers or 'all'} layers), {config.parallel.device}, "
+        f"world {_world(config)}"
+    )
+    print(
+        "| fault | streams ended with an error after s | /health 200 again after s | a new request done after s "
+        "| queued streams completed |"
+    )
     print("|---|---|---|---|---|")
     for name, *values in rows:
         if name.startswith("cold"):

@@ -23,6 +23,7 @@ through the real Ray Serve endpoint, benchmarks it, and shuts it down.
 and prints them side by side with the ratios between them. ``--layers`` serves a
 copy of the model's config with that many layers (for ``model.load_format: dummy``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,13 @@ def main() -> int:
     p.add_argument("--suite", action="store_true", help="engine step, offline LLM.generate and the endpoint, one run")
     p.add_argument("--concurrencies", default="1,64,256", help="--suite: endpoint concurrencies")
     p.add_argument("--layers", type=int, help="serve the model with this many layers (dummy weights)")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=YAML",
-                   help="config override, e.g. --set engine.max_num_seqs=256 (repeatable)")  # fmt: skip
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=YAML",
+        help="config override, e.g. --set engine.max_num_seqs=256 (repeatable)",
+    )
     argv = sys.argv[1:]
     args = p.parse_args(argv)
     if "--url" in argv or any(a.startswith("--url=") for a in argv):
@@ -139,7 +145,9 @@ def run_suite(args: argparse.Namespace, config: Any) -> int:
     return 0 if all(s["failed"] == 0 for s in endpoint.values()) else 1
 
 
-def engine_times(controller: Any, config: Any, info: Any, args: argparse.Namespace, batches: list[int]) -> dict[str, Any]:
+def engine_times(
+    controller: Any, config: Any, info: Any, args: argparse.Namespace, batches: list[int]
+) -> dict[str, Any]:
     """Decode step per batch and the prefill of one step's token budget, on the served ranks."""
     import ray
     import ray.cloudpickle
@@ -152,7 +160,9 @@ def engine_times(controller: Any, config: Any, info: Any, args: argparse.Namespa
     dp, bs = config.parallel.dp, info.block_size
     context = args.input_len + args.output_len // 2
     out: dict[str, Any] = {"context": context}
-    pipelined = config.parallel.device == "cuda" if config.engine.pipelined_steps is None else config.engine.pipelined_steps
+    pipelined = (
+        config.parallel.device == "cuda" if config.engine.pipelined_steps is None else config.engine.pipelined_steps
+    )
     for b in batches:
         b = min(b, config.engine.max_num_seqs)
         steps = [engine_bench.decode_step(b, context, bs, d, (b,) * dp) for d in range(dp)]
@@ -187,7 +197,8 @@ def format_suite(args, config, engine: dict, offline_runs: list[dict], endpoint:
         f"{args.output_len} out, ignore_eos",
         "",
         f"offline LLM.generate of {offline_runs[0]['prompts']} prompts, before and after the endpoint runs: "
-        + " / ".join(f"{o['output_tok_s']:,.0f}" for o in offline_runs) + f" output tok/s (x offline: of the mean, "
+        + " / ".join(f"{o['output_tok_s']:,.0f}" for o in offline_runs)
+        + f" output tok/s (x offline: of the mean, "
         f"{offline['output_tok_s']:,.0f})",
         f"engine prefill: {engine['prefill_tok_s']:,.0f} tok/s; engine steps run: {stats.steps}, polls: {stats.polls}",
         "",

@@ -6,21 +6,27 @@ reaches. --sweep also times a grid of Triton block sizes per shape, at one row.
 
     python3 benchmarks/skinny_linear_bench.py --rows 1,2,4 --sweep
 """
+
 from __future__ import annotations
 
 import argparse
 import itertools
 
 import torch
+from expert_mlp_bench import copy_bandwidth, graph_time
 
 from raymoe.actors.models.linear import SKINNY_CONFIG, linear
 
-from expert_mlp_bench import copy_bandwidth, graph_time
-
 # (name, N, K): qkv / o_proj / router of tp=1, qkv / o_proj of tp=2, the LM head of tp=1 and tp=2
-SHAPES = [("qkv tp1", 5120, 2048), ("o_proj tp1", 2048, 4096), ("router", 128, 2048),
-          ("qkv tp2", 2560, 2048), ("o_proj tp2", 2048, 2048),
-          ("lm_head tp1", 151936, 2048), ("lm_head tp2", 75968, 2048)]  # fmt: skip
+SHAPES = [
+    ("qkv tp1", 5120, 2048),
+    ("o_proj tp1", 2048, 4096),
+    ("router", 128, 2048),
+    ("qkv tp2", 2560, 2048),
+    ("o_proj tp2", 2048, 2048),
+    ("lm_head tp1", 151936, 2048),
+    ("lm_head tp2", 75968, 2048),
+]
 
 
 def parse() -> argparse.Namespace:
@@ -45,8 +51,10 @@ def main() -> None:
     dev = torch.device("cuda")
     bw = copy_bandwidth(dev)
     print(f"{torch.cuda.get_device_name(dev)}: copy {bw / 1e12:.2f} TB/s", flush=True)
-    lines = ["| shape | N x K | rows | cuBLAS us | Triton us | cuBLAS % bw | Triton % bw | error | best sweep |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| shape | N x K | rows | cuBLAS us | Triton us | cuBLAS % bw | Triton % bw | error | best sweep |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for (name, n, k), m in itertools.product(SHAPES, [int(r) for r in args.rows.split(",")]):
         w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) / k**0.5
         x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
@@ -66,8 +74,10 @@ def main() -> None:
             t, c = min(timed, key=lambda tc: tc[0])
             best = f"{t * 1e6:.1f} us {_fmt(c)}"
         byte = n * k * 2
-        lines.append(f"| {name} | {n} x {k} | {m} | {t_cublas * 1e6:.1f} | {t_triton * 1e6:.1f} | "
-                     f"{byte / t_cublas / bw * 100:.0f} | {byte / t_triton / bw * 100:.0f} | {err:.1e} | {best} |")  # fmt: skip
+        lines.append(
+            f"| {name} | {n} x {k} | {m} | {t_cublas * 1e6:.1f} | {t_triton * 1e6:.1f} | "
+            f"{byte / t_cublas / bw * 100:.0f} | {byte / t_triton / bw * 100:.0f} | {err:.1e} | {best} |"
+        )
         print(lines[-1], flush=True)
     table = f"default config {_fmt(SKINNY_CONFIG)}\n\n" + "\n".join(lines)
     print(table)

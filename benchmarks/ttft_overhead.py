@@ -17,6 +17,7 @@ Paths, each one more hop than the last:
              what Serve costs by itself, with no engine behind it
 Prints a table: median and mean TTFT per path and the overhead over the engine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -137,11 +138,18 @@ def main() -> None:
     p.add_argument("--config", default=None, help="config file or shipped name (default: built-in tiny model)")
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--prompt-len", type=int, default=16)
-    p.add_argument("--no-direct-ingress", action="store_true", help="through Serve's proxy (serve.direct_ingress: false)")
+    p.add_argument(
+        "--no-direct-ingress", action="store_true", help="through Serve's proxy (serve.direct_ingress: false)"
+    )
     args = p.parse_args()
     config = resolve_config(args.config)
-    config = config.replace({"serve.port": free_port("127.0.0.1"), "serve.api_key": None,
-                             "serve.direct_ingress": not args.no_direct_ingress})  # fmt: skip
+    config = config.replace(
+        {
+            "serve.port": free_port("127.0.0.1"),
+            "serve.api_key": None,
+            "serve.direct_ingress": not args.no_direct_ingress,
+        }
+    )
     local = build_local_engine(config, num_threads=1)
     core, vocab = local.core, local.tokenizer.vocab_size
     ids = [random.Random(0).randrange(3, vocab) for _ in range(args.prompt_len)]
@@ -177,15 +185,19 @@ def main() -> None:
     ]
     rows.append(("floor: trivial Serve route", ms(floor), (0.0, 0.0)))
     mode = "direct ingress" if config.serve.direct_ingress else "through Serve's proxy"
-    print(f"\nTTFT at concurrency 1, prompt {args.prompt_len} tokens, {args.reps} repetitions per path "
-          f"({config.model.path}; HTTP {mode})")
+    print(
+        f"\nTTFT at concurrency 1, prompt {args.prompt_len} tokens, {args.reps} repetitions per path "
+        f"({config.model.path}; HTTP {mode})"
+    )
     print(f"| {'path':<32} | median ms | mean ms | overhead vs engine, median ms |")
     print(f"|{'-' * 34}|----------:|--------:|------------------------------:|")
     for name, (med, mean), base in rows:
         over = "" if base is None else f"{med - base[0]:.2f}"
         print(f"| {name:<32} | {med:9.2f} | {mean:7.2f} | {over:>29} |")
-    print(f"| {'server-side (ingress) TTFT':<32} | {'':9} | {server_mean * 1e3:7.2f} | "
-          f"{'mean ' + format(server_mean * 1e3 - ms(eng_h)[1], '.2f'):>29} |")
+    print(
+        f"| {'server-side (ingress) TTFT':<32} | {'':9} | {server_mean * 1e3:7.2f} | "
+        f"{'mean ' + format(server_mean * 1e3 - ms(eng_h)[1], '.2f'):>29} |"
+    )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ Sections sit side by side: model, parallel, engine, eplb, serve. Every field is
 documented in configs/README.md. A bad value raises ValueError naming the field
 (``parallel.tp``) and how to fix it, before any actor starts.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -175,6 +176,7 @@ def load_config(path: str | pathlib.Path | None = None) -> Config:
     if data is not None and not isinstance(data, dict):
         raise ValueError(f"{path}: top level must be a mapping of sections (model, parallel, ...)")
     return config_from_dict(data)
+
 
 def resolve_config(config: Config | str | pathlib.Path | None) -> Config:
     """A Config from a Config, a YAML path, a shipped config's name (``tiny``,

@@ -6,6 +6,7 @@ expert's tokens split evenly over its replicas (the MoE layer picks replicas
 round-robin by token), so a slot carries load[logical] / replica_count[logical].
 Pure torch, vectorised over layers.
 """
+
 from __future__ import annotations
 
 import torch

@@ -5,6 +5,7 @@ the node (0..n-1) per physical slot, k slots per rank (bin), rank i owning slots
 [i*k, (i+1)*k); expert e carries load w[e] split evenly over its c[e] replicas. Used by
 ``eplb_planner``; pure numpy + stdlib.
 """
+
 from __future__ import annotations
 
 import heapq

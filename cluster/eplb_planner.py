@@ -39,6 +39,7 @@ Per layer:
    layer changes only when its max rank load strictly falls, and planning again on the
    same load moves nothing.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -164,7 +165,9 @@ def _plan_layer(load: np.ndarray, current: np.ndarray, ep: int, *, nodes: int, t
 
 def _fresh(load: np.ndarray, current: np.ndarray, ep: int, nodes: int) -> np.ndarray:
     """Steps 1-4: pack from scratch, then match the bins to the current ranks."""
-    bins = [experts[_pack_node(load[experts], ep // nodes, current.size // ep)] for experts in _split_nodes(load, nodes)]
+    bins = [
+        experts[_pack_node(load[experts], ep // nodes, current.size // ep)] for experts in _split_nodes(load, nodes)
+    ]
     return _match_to_current(np.stack(bins), current, ep, nodes=nodes, num_logical=load.size)
 
 

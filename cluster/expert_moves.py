@@ -6,6 +6,7 @@ holds a copy (a local copy, no traffic), else the holder rank that has been
 asked to send the least so far (spreading the traffic). Every rank computes the
 same list from the same two slot rows, so the P2P sends and receives pair up.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,7 +24,9 @@ class ExpertMove:
         return self.physical_slot // slots_per_rank
 
 
-def plan_layer_moves(old_physical_to_logical: Sequence[int], new_physical_to_logical: Sequence[int], ep: int) -> list[ExpertMove]:
+def plan_layer_moves(
+    old_physical_to_logical: Sequence[int], new_physical_to_logical: Sequence[int], ep: int
+) -> list[ExpertMove]:
     """Moves that turn one layer's old expert slots [P] into the new ones [P] (P % ep == 0).
 
     Raises ValueError if the new slots need an expert the old ones lack.

@@ -4,6 +4,7 @@ Physical slots are numbered 0..P-1 and split evenly over the EP group: EP rank i
 owns slots [i*P/ep, (i+1)*P/ep). P = logical experts + redundant replicas.
 Pure functions on torch integer tensors; the EPLB planner builds on these.
 """
+
 from __future__ import annotations
 
 import torch

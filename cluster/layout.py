@@ -30,6 +30,7 @@ Nodes: ``world_size`` must be a multiple of ``nodes``; node n holds the
 ``ranks_per_node`` consecutive ranks starting at ``n * ranks_per_node``, and a
 rank's local rank is its index on its node.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

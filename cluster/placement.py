@@ -9,6 +9,7 @@ promise an equal split over nodes.)
 
 Pure: no ray import. The actors layer feeds Ray's answers in as plain values.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -65,9 +66,7 @@ def assign_ranks(layout: RankLayout, located: Sequence[ActorLocation]) -> list[A
     for node in range(layout.nodes):
         on_node = [p for p in located if p.bundle == node]
         if len(on_node) != layout.ranks_per_node:
-            raise ValueError(
-                f"bundle {node} holds {len(on_node)} rank actors, layout wants {layout.ranks_per_node}"
-            )
+            raise ValueError(f"bundle {node} holds {len(on_node)} rank actors, layout wants {layout.ranks_per_node}")
         if len({p.node_id for p in on_node}) != 1:
             raise ValueError(f"bundle {node} spans several Ray nodes: {sorted({p.node_id for p in on_node})}")
         gpus = [g for p in on_node for g in p.gpu_ids]
@@ -85,13 +84,15 @@ def describe_shortfall(plan: PlacementPlan, nodes: Sequence[Mapping[str, object]
     need = plan.bundles[0]
     want = ", ".join(f"{int(v)} {k}" for k, v in sorted(need.items()))
     fitting = [n for n in nodes if all(float(n["resources"].get(k, 0)) >= v for k, v in need.items())]  # type: ignore[union-attr]
-    have = "; ".join(
-        f"{n['ip']}: " + ", ".join(f"{int(float(n['resources'].get(k, 0)))} {k}" for k in sorted(need))  # type: ignore[union-attr]
-        for n in nodes
-    ) or "no alive nodes"
+    have = (
+        "; ".join(
+            f"{n['ip']}: " + ", ".join(f"{int(float(n['resources'].get(k, 0)))} {k}" for k in sorted(need))  # type: ignore[union-attr]
+            for n in nodes
+        )
+        or "no alive nodes"
+    )
     lines = [
-        f"the layout needs {len(plan.bundles)} node(s) with at least {want} each "
-        f"(placement strategy {plan.strategy});",
+        f"the layout needs {len(plan.bundles)} node(s) with at least {want} each (placement strategy {plan.strategy});",
         f"the cluster has {len(nodes)} node(s): {have};",
         f"{len(fitting)} node(s) could hold one share.",
     ]

@@ -1,4 +1,5 @@
 """Move expert weights between EP ranks with batched point-to-point on the EP device group."""
+
 from __future__ import annotations
 
 from typing import Sequence

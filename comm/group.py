@@ -10,6 +10,7 @@ A group of size 1 short-circuits every call (no process group is touched).
 Ranks passed to and returned from methods are *group* ranks (0..size-1)
 unless a name says ``global``.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Optional, Sequence

@@ -4,6 +4,7 @@ Every rank calls ``build_groups`` with the same layout; groups are created in
 one global order (kind by kind, group by group, device group then cpu group),
 which torch.distributed requires of every rank, member or not.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -97,8 +98,14 @@ def build_groups(
                 # sizes for a kind, so skipping keeps the global creation order intact
                 groups.append((kind, members, None, None))
             else:
-                groups.append((kind, members, dist.new_group(members, backend=device_backend),
-                               dist.new_group(members, backend="gloo")))  # fmt: skip
+                groups.append(
+                    (
+                        kind,
+                        members,
+                        dist.new_group(members, backend=device_backend),
+                        dist.new_group(members, backend="gloo"),
+                    )
+                )
     mine: dict[str, GroupCoordinator] = {}
     for kind, members, device_group, cpu_group in groups:  # in the same global order on every rank
         if rank not in members:

@@ -9,6 +9,7 @@ one-shot and NCCL sums round per addition, and FlashInfer's fused add + norm rou
 less: the unfused GPU path may then differ in the last bf16 bit.) Every rank sums
 the buffers in rank order, so every rank gets the same bits.
 """
+
 from __future__ import annotations
 
 import torch
@@ -31,8 +32,7 @@ def add_rms_norm_row(summed, residual, weight, out, at, cols, mask, width, eps):
 
 
 @triton.jit
-def _reduce_add_rms_norm(buffers, offset, residual, weight, out, width, eps, WORLD: tl.constexpr,
-                         BLOCK: tl.constexpr):  # fmt: skip
+def _reduce_add_rms_norm(buffers, offset, residual, weight, out, width, eps, WORLD: tl.constexpr, BLOCK: tl.constexpr):
     cols = tl.arange(0, BLOCK)
     mask = cols < width
     at = tl.program_id(0).to(tl.int64) * width + cols
@@ -59,6 +59,16 @@ def reduce_add_rms_norm_(
     out = torch.empty_like(residual)
     if rows:
         block = triton.next_power_of_2(width)
-        _reduce_add_rms_norm[(rows,)](buffers, offset, residual, weight, out, width, eps, WORLD=buffers.numel(),
-                                      BLOCK=block, num_warps=row_warps(block))  # fmt: skip
+        _reduce_add_rms_norm[(rows,)](
+            buffers,
+            offset,
+            residual,
+            weight,
+            out,
+            width,
+            eps,
+            WORLD=buffers.numel(),
+            BLOCK=block,
+            num_warps=row_warps(block),
+        )
     return out

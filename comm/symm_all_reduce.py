@@ -22,6 +22,7 @@ No multicast: only plain peer-to-peer loads and the signal-pad barrier are used
 (multicast can take a shared host's GPUs out of service; the rank actors also
 disable it).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -88,8 +89,13 @@ class SymmetricAllReduce:
     def fusable(self, residual: torch.Tensor) -> bool:
         """Whether a partial shaped like ``residual`` [T, H] can be summed, added and
         normalised in one step (reduce_add_rms_norm)."""
-        return (self.fused_norm and residual.dtype == self.dtype and residual.dim() == 2 and residual.is_contiguous()
-                and residual.numel() <= self.max_numel)  # fmt: skip
+        return (
+            self.fused_norm
+            and residual.dtype == self.dtype
+            and residual.dim() == 2
+            and residual.is_contiguous()
+            and residual.numel() <= self.max_numel
+        )
 
     def next_partial(self, residual: torch.Tensor) -> torch.Tensor:
         """See AlternatingHalves.next_partial."""

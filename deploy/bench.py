@@ -7,6 +7,7 @@ SGLang accept too), ``--concurrency`` requests in flight at a time. Token counts
 from the server's ``usage``; TTFT is measured to the first streamed chunk, ITL
 between chunks (raymoe streams one chunk per token).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,9 +34,12 @@ class RequestResult:
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--url", default="http://127.0.0.1:8000",
-                   help="server base URL, or several separated by commas (requests take them in turn: "
-                        "one per ingress replica with direct ingress) (default: %(default)s)")  # fmt: skip
+    p.add_argument(
+        "--url",
+        default="http://127.0.0.1:8000",
+        help="server base URL, or several separated by commas (requests take them in turn: "
+        "one per ingress replica with direct ingress) (default: %(default)s)",
+    )
     p.add_argument("--model", help="model name (default: the first one /v1/models lists)")
     p.add_argument("--num-requests", type=int, default=64)
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight at a time")
@@ -72,8 +76,13 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         def payload() -> dict[str, Any]:
             prompt = [rng.randrange(args.vocab_size) for _ in range(args.input_len)]
             return {
-                "model": model, "prompt": prompt, "max_tokens": args.output_len, "temperature": 0.0,
-                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
+                "model": model,
+                "prompt": prompt,
+                "max_tokens": args.output_len,
+                "temperature": 0.0,
+                "ignore_eos": True,
+                "stream": True,
+                "stream_options": {"include_usage": True},
             }
 
         for i in range(args.warmup * len(bases)):

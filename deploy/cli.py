@@ -11,6 +11,7 @@
 ``qwen3-30b-a3b-2gpu``, ...). With no ``--address`` (and no RAY_ADDRESS) a local Ray
 is started; under ``ray job submit`` the job's cluster is used.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -88,7 +89,9 @@ def generate_main(args: argparse.Namespace) -> int:
     from raymoe.actors.engine.request import SamplingParams
     from raymoe.deploy.llm import LLM
 
-    sampling = SamplingParams.create(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    sampling = SamplingParams.create(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
+    )
     config = _load(args)
     prompts = args.prompt or [DEFAULT_PROMPT]
     inputs = [[{"role": "user", "content": p}] for p in prompts] if args.chat else prompts
@@ -107,8 +110,11 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     _common_args(p)
     p.add_argument("--host", help="interface to bind (default: serve.host, 127.0.0.1)")
     p.add_argument("--port", type=int, help="HTTP port (default: serve.port, 8000; 0 = any free port)")
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: serve.api_key, else $RAYMOE_API_KEY); "
-                   "shows in ps: prefer $RAYMOE_API_KEY or --api-key-file")  # fmt: skip
+    p.add_argument(
+        "--api-key",
+        help="require 'Authorization: Bearer KEY' (default: serve.api_key, else $RAYMOE_API_KEY); "
+        "shows in ps: prefer $RAYMOE_API_KEY or --api-key-file",
+    )
     p.add_argument("--api-key-file", help="read the API key from this file (its first line)")
     p.add_argument("--model-name", help="the name clients send as 'model' (default: serve.model_name, else model.path)")
     p.add_argument("--num-replicas", type=int, help="ingress replicas (default: serve.num_replicas, 1)")
@@ -133,15 +139,23 @@ def serve_main(args: argparse.Namespace) -> int:
 
     config = _load(args)
     api_key = args.api_key or _read_key(args.api_key_file) or config.serve.api_key or os.environ.get(API_KEY_ENV)
-    overrides = {"serve.api_key": api_key, "serve.host": args.host, "serve.port": args.port,
-                 "serve.model_name": args.model_name, "serve.num_replicas": args.num_replicas}  # fmt: skip
+    overrides = {
+        "serve.api_key": api_key,
+        "serve.host": args.host,
+        "serve.port": args.port,
+        "serve.model_name": args.model_name,
+        "serve.num_replicas": args.num_replicas,
+    }
     config = config.replace({k: v for k, v in overrides.items() if v is not None})
     try:
         url = start_serving(config, args.address)
         stop = _stop_on_signals()  # after ray.init: replaces Ray's stack-dumping SIGTERM handler
         name = config.serve.model_name or config.model.path
-        more = f" (and the next {config.serve.num_replicas - 1} ports: one per ingress replica)" if (
-            config.serve.direct_ingress and config.serve.num_replicas > 1) else ""
+        more = (
+            f" (and the next {config.serve.num_replicas - 1} ports: one per ingress replica)"
+            if (config.serve.direct_ingress and config.serve.num_replicas > 1)
+            else ""
+        )
         print(f"raymoe: serving {name!r} at {url}/v1{more} (Ctrl-C to stop)", flush=True)
         while not stop.wait(1.0):
             pass

@@ -13,6 +13,7 @@ Requests are tokenised here as well (the tokenizer is fetched from the controlle
 and usage counts are the token ids the engine saw. A stream that is closed before it
 finishes (the client went away) aborts its request, which frees its KV blocks.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -160,7 +161,9 @@ class RequestStream:
 
 
 class EngineClient:
-    def __init__(self, engine: EngineApi, tokenizer: Tokenizer, info: ModelInfo, poll_timeout_s: float = POLL_TIMEOUT_S) -> None:
+    def __init__(
+        self, engine: EngineApi, tokenizer: Tokenizer, info: ModelInfo, poll_timeout_s: float = POLL_TIMEOUT_S
+    ) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
         self.info = info
@@ -193,7 +196,9 @@ class EngineClient:
         except ValueError as e:
             raise bad_request(str(e), param, "invalid_value") from None
 
-    async def tokenize_chat(self, messages: list[dict[str, Any]], template_kwargs: Optional[dict[str, Any]] = None) -> list[int]:
+    async def tokenize_chat(
+        self, messages: list[dict[str, Any]], template_kwargs: Optional[dict[str, Any]] = None
+    ) -> list[int]:
         """Render the chat template (with the generation prompt) and encode it as is."""
         kwargs = dict(template_kwargs or {})
         for reserved in ("messages", "add_generation_prompt", "tools"):
@@ -206,8 +211,11 @@ class EngineClient:
         except jinja2.TemplateError as e:  # the template rejects the conversation
             raise bad_request(f"messages: the model's chat template rejected them: {e}", "messages") from None
         except Exception as e:  # the template failed on what it was given (e.g. a wrongly typed kwarg)
-            raise bad_request(f"messages: the model's chat template failed on this request ({type(e).__name__}: {e}); "
-                              "check messages and chat_template_kwargs", "chat_template_kwargs" if kwargs else "messages")
+            raise bad_request(
+                f"messages: the model's chat template failed on this request ({type(e).__name__}: {e}); "
+                "check messages and chat_template_kwargs",
+                "chat_template_kwargs" if kwargs else "messages",
+            ) from None
         return await self._encode_text(text, "messages", add_special_tokens=False)
 
     async def _encode_text(self, text: str, param: str, add_special_tokens: bool) -> list[int]:
@@ -219,8 +227,12 @@ class EngineClient:
         limit = self.info.token_limit
         head = limit * CHARS_PER_TOKEN_BOUND
         if len(text) > head and len(self.tokenizer.encode(text[:head], add_special_tokens=add_special_tokens)) > limit:
-            raise bad_request(f"{param}: the prompt has more than {limit} tokens, more than this model's context of "
-                              f"{limit} tokens; shorten the prompt", param, "context_length_exceeded")  # fmt: skip
+            raise bad_request(
+                f"{param}: the prompt has more than {limit} tokens, more than this model's context of "
+                f"{limit} tokens; shorten the prompt",
+                param,
+                "context_length_exceeded",
+            )
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     # ---- requests ---------------------------------------------------------------------------
@@ -231,7 +243,9 @@ class EngineClient:
         self._start()
         seq = next(self._seqs)
         request = NewRequest(seq, list(prompt_token_ids), sampling)
-        stream = self._streams[seq] = RequestStream(self, request, OutputText(self.tokenizer, prompt_token_ids, sampling.stop))
+        stream = self._streams[seq] = RequestStream(
+            self, request, OutputText(self.tokenizer, prompt_token_ids, sampling.stop)
+        )
         self._to_submit[seq] = request
         self._send.set()
         self._have_streams.set()

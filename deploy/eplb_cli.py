@@ -1,4 +1,5 @@
 """`raymoe eplb status|rebalance|report --url URL`: talk to a running endpoint's load balancer."""
+
 from __future__ import annotations
 
 import argparse
@@ -11,8 +12,11 @@ from raymoe.deploy.eplb_report import summary, write_report
 
 
 def add_eplb_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", choices=["status", "rebalance", "report"],
-                   help="status: print it; rebalance: start one now; report: numbers + PNG heatmap")  # fmt: skip
+    p.add_argument(
+        "action",
+        choices=["status", "rebalance", "report"],
+        help="status: print it; rebalance: start one now; report: numbers + PNG heatmap",
+    )
     p.add_argument("--url", default="http://127.0.0.1:8000", help="the raymoe endpoint")
     p.add_argument("--api-key", default=os.environ.get("RAYMOE_API_KEY"), help="default: $RAYMOE_API_KEY")
     p.add_argument("--out", default="eplb_report.png", help="report: where to write the heatmap")
@@ -23,8 +27,16 @@ def eplb_main(args: argparse.Namespace) -> int:
         status = _call(args.url, "/admin/eplb/rebalance", args.api_key, body=b"{}")
         print(f"rebalance requested; state: {status.get('state')} (raymoe eplb status to follow it)")
     elif args.action == "status":
-        print(json.dumps({k: v for k, v in _call(args.url, "/admin/eplb", args.api_key).items()
-                          if not k.startswith("rank_load")}, indent=2))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    k: v
+                    for k, v in _call(args.url, "/admin/eplb", args.api_key).items()
+                    if not k.startswith("rank_load")
+                },
+                indent=2,
+            )
+        )
     else:
         status = _call(args.url, "/admin/eplb", args.api_key)
         print(write_report(status, args.out) if "rank_load_before" in status else summary(status))

@@ -4,6 +4,7 @@ Renders a PNG heatmap (rows = MoE layers, columns = EP ranks; left panel before,
 right panel after, one colour scale) with a small PNG writer of its own (zlib +
 the PNG chunk format), so no imaging library is needed, and prints the numbers.
 """
+
 from __future__ import annotations
 
 import struct
@@ -54,7 +55,9 @@ def summary(status: dict) -> str:
     if not status.get("enabled"):
         return "EPLB is disabled (eplb.enabled: false, or the model has no MoE layers)"
     if "rank_load_before" not in status:
-        return f"EPLB: no rebalance yet (state {status.get('state')}, {status.get('steps_to_rebalance', '?')} steps to go)"
+        return (
+            f"EPLB: no rebalance yet (state {status.get('state')}, {status.get('steps_to_rebalance', '?')} steps to go)"
+        )
     lines = [
         f"rebalances: {status['rebalances']}, state: {status['state']}",
         f"balancedness (sum of mean rank load / sum of max): {status['balancedness_before']:.4f} -> "

@@ -1,4 +1,5 @@
 """Driver side: connect to (or start) Ray and start a controller actor."""
+
 from __future__ import annotations
 
 import logging

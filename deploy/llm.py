@@ -10,6 +10,7 @@ submission, one poll per step, detokenising here), minus HTTP. The client runs o
 event loop of its own in a background thread, so ``generate`` works from plain scripts
 and from notebooks (whose own loop is already running) alike.
 """
+
 from __future__ import annotations
 
 import asyncio

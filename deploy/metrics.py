@@ -4,6 +4,7 @@ Counters and histograms are updated by the request handlers as tokens stream; th
 engine's state (queue depth, running requests, KV-cache usage per DP replica) is read
 from the controller at scrape time. Each server owns its registry (no global state).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -14,7 +15,27 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from raymoe.actors.engine.messages import EngineStats
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
-_LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2.5, 5, 10, 30)
+_LATENCY_BUCKETS_S = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    0.75,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+)
 _E2E_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
 
 
@@ -22,35 +43,57 @@ class ServeMetrics:
     def __init__(self, model_name: str) -> None:
         self.registry = r = CollectorRegistry()
         self.model_name = model_name
-        self.requests = Counter("raymoe_requests", "HTTP requests by endpoint and status code", ["endpoint", "status"], registry=r)
+        self.requests = Counter(
+            "raymoe_requests", "HTTP requests by endpoint and status code", ["endpoint", "status"], registry=r
+        )
         self.prompt_tokens = Counter("raymoe_prompt_tokens", "Prompt tokens of accepted requests", registry=r)
         self.completion_tokens = Counter("raymoe_completion_tokens", "Generated tokens", registry=r)
         self.ttft = Histogram(
-            "raymoe_time_to_first_token_seconds", "Request arrival to first token", buckets=_LATENCY_BUCKETS_S, registry=r
+            "raymoe_time_to_first_token_seconds",
+            "Request arrival to first token",
+            buckets=_LATENCY_BUCKETS_S,
+            registry=r,
         )
         self.itl = Histogram(
-            "raymoe_inter_token_latency_seconds", "Time between a request's consecutive tokens", buckets=_LATENCY_BUCKETS_S, registry=r
+            "raymoe_inter_token_latency_seconds",
+            "Time between a request's consecutive tokens",
+            buckets=_LATENCY_BUCKETS_S,
+            registry=r,
         )
-        self.e2e = Histogram("raymoe_request_latency_seconds", "Request arrival to last token", buckets=_E2E_BUCKETS_S, registry=r)
+        self.e2e = Histogram(
+            "raymoe_request_latency_seconds", "Request arrival to last token", buckets=_E2E_BUCKETS_S, registry=r
+        )
         self.in_flight = Gauge("raymoe_requests_in_flight", "Requests this server is streaming now", registry=r)
         self.waiting = Gauge("raymoe_requests_waiting", "Requests queued in the engine", ["dp_rank"], registry=r)
-        self.running = Gauge("raymoe_requests_running", "Requests in the engine's running batch", ["dp_rank"], registry=r)
-        self.kv_usage = Gauge("raymoe_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use", ["dp_rank"], registry=r)
+        self.running = Gauge(
+            "raymoe_requests_running", "Requests in the engine's running batch", ["dp_rank"], registry=r
+        )
+        self.kv_usage = Gauge(
+            "raymoe_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use", ["dp_rank"], registry=r
+        )
         self.steps = Gauge("raymoe_engine_steps", "Engine steps run since start", registry=r)
-        self.engine_failed = Gauge("raymoe_engine_failed", "1 when the engine is down for good (restarts spent)", registry=r)
-        self.engine_recovering = Gauge("raymoe_engine_recovering", "1 while the rank group restarts after a failure",
-                                       registry=r)  # fmt: skip
-        self.restarts = Gauge("raymoe_engine_restarts", "Rank-group restarts after failures since the controller started",
-                              registry=r)  # fmt: skip
+        self.engine_failed = Gauge(
+            "raymoe_engine_failed", "1 when the engine is down for good (restarts spent)", registry=r
+        )
+        self.engine_recovering = Gauge(
+            "raymoe_engine_recovering", "1 while the rank group restarts after a failure", registry=r
+        )
+        self.restarts = Gauge(
+            "raymoe_engine_restarts", "Rank-group restarts after failures since the controller started", registry=r
+        )
         self.preemptions = Gauge("raymoe_preemptions", "Requests preempted (KV cache full) since start", registry=r)
         self.balancedness = Gauge(
-            "raymoe_eplb_balancedness", "Mean over max EP-rank expert load (1 = even), last rebalance's load",
-            ["placement"], registry=r,
-        )  # fmt: skip
+            "raymoe_eplb_balancedness",
+            "Mean over max EP-rank expert load (1 = even), last rebalance's load",
+            ["placement"],
+            registry=r,
+        )
         self.rank_load = Gauge(
-            "raymoe_eplb_rank_expert_load", "Tokens routed to each EP rank's experts, summed over MoE layers, "
-            "in the last rebalance's window", ["ep_rank", "placement"], registry=r,
-        )  # fmt: skip
+            "raymoe_eplb_rank_expert_load",
+            "Tokens routed to each EP rank's experts, summed over MoE layers, in the last rebalance's window",
+            ["ep_rank", "placement"],
+            registry=r,
+        )
         self.rebalances = Gauge("raymoe_eplb_rebalances", "Expert rebalances completed", registry=r)
 
     def count(self, endpoint: str, status: int) -> None:

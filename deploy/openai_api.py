@@ -8,6 +8,7 @@ implement (n > 1, logprobs, penalties, tools...) are rejected by name rather tha
 silently ignored. Extensions, with vLLM's names: ``top_k``, ``ignore_eos``,
 ``stop_token_ids`` and, for chat, ``chat_template_kwargs``.
 """
+
 from __future__ import annotations
 
 import json
@@ -133,8 +134,11 @@ def parse_request(model: type[BaseModel], body: bytes) -> Any:
         raise _validation_error(e) from None
     _reject_unsupported(req)
     if req.temperature is not None and req.temperature > MAX_TEMPERATURE:
-        raise bad_request(f"temperature: must be in [0, {MAX_TEMPERATURE}] (OpenAI's range), got {req.temperature}",
-                          "temperature", "invalid_value")  # fmt: skip
+        raise bad_request(
+            f"temperature: must be in [0, {MAX_TEMPERATURE}] (OpenAI's range), got {req.temperature}",
+            "temperature",
+            "invalid_value",
+        )
     sampling_params(req, 1)  # every sampling field checked now, before the prompt is tokenised
     return req
 
@@ -159,7 +163,9 @@ def _validation_error(e: ValidationError) -> APIError:
     name = path[-1] if path else ""
     if name in _UNION_HELP and len(loc) > len(path):
         return bad_request(f"{param}: {_UNION_HELP[name]}", param, "invalid_type")
-    return bad_request(f"{param}: {err['msg']}, got {json.dumps(err.get('input'), default=str)[:80]}", param, "invalid_value")
+    return bad_request(
+        f"{param}: {err['msg']}, got {json.dumps(err.get('input'), default=str)[:80]}", param, "invalid_value"
+    )
 
 
 def _reject_unsupported(req: Any) -> None:
@@ -169,7 +175,11 @@ def _reject_unsupported(req: Any) -> None:
         ("presence_penalty", bool(req.presence_penalty), "presence_penalty is not supported (use 0)"),
         ("frequency_penalty", bool(req.frequency_penalty), "frequency_penalty is not supported (use 0)"),
         ("logit_bias", bool(req.logit_bias), "logit_bias is not supported"),
-        ("stream_options", req.stream_options is not None and not req.stream, "stream_options is only allowed with stream=true"),
+        (
+            "stream_options",
+            req.stream_options is not None and not req.stream,
+            "stream_options is only allowed with stream=true",
+        ),
     ]
     if isinstance(req, CompletionRequest):
         checks += [
@@ -217,7 +227,9 @@ def chat_messages(req: ChatRequest) -> list[dict[str, Any]]:
         if isinstance(content, list):
             bad = [p.type for p in content if p.type != "text" or p.text is None]
             if bad:
-                raise bad_request(f"messages.{i}.content: only text parts are supported, got {bad[0]!r}", f"messages.{i}.content")
+                raise bad_request(
+                    f"messages.{i}.content: only text parts are supported, got {bad[0]!r}", f"messages.{i}.content"
+                )
             content = "".join(p.text for p in content)
         msg = {k: v for k, v in m.model_dump(exclude_none=True).items()}
         msg["content"] = content if content is not None else ""
@@ -281,23 +293,41 @@ def sampling_params(req: Any, max_tokens: int) -> SamplingParams:
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 def completion_response(rid: str, created: int, model: str, *, choices: list[dict], use: dict) -> dict[str, Any]:
     """``choices``: [{"text", "finish_reason"}] in prompt order."""
     return {
-        "id": rid, "object": "text_completion", "created": created, "model": model,
-        "choices": [{"index": i, "text": c["text"], "logprobs": None, "finish_reason": c["finish_reason"]} for i, c in enumerate(choices)],
+        "id": rid,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {"index": i, "text": c["text"], "logprobs": None, "finish_reason": c["finish_reason"]}
+            for i, c in enumerate(choices)
+        ],
         "usage": use,
     }
 
 
 def chat_response(rid: str, created: int, model: str, *, choices: list[dict], use: dict) -> dict[str, Any]:
     return {
-        "id": rid, "object": "chat.completion", "created": created, "model": model,
+        "id": rid,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
         "choices": [
-            {"index": i, "message": {"role": "assistant", "content": c["text"]}, "logprobs": None, "finish_reason": c["finish_reason"]}
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": c["text"]},
+                "logprobs": None,
+                "finish_reason": c["finish_reason"],
+            }
             for i, c in enumerate(choices)
         ],
         "usage": use,
@@ -339,4 +369,11 @@ SSE_DONE = b"data: [DONE]\n\n"
 
 
 def model_card(name: str, created: int, root: str, max_model_len: int) -> dict[str, Any]:
-    return {"id": name, "object": "model", "created": created, "owned_by": "raymoe", "root": root, "max_model_len": max_model_len}
+    return {
+        "id": name,
+        "object": "model",
+        "created": created,
+        "owned_by": "raymoe",
+        "root": root,
+        "max_model_len": max_model_len,
+    }

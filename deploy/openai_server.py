@@ -7,6 +7,7 @@ the tokens of several steps as one delta); a streaming response is started only
 once the first token exists, so a request the engine refuses (full queue, too long)
 still gets a proper HTTP error instead of a broken stream.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -166,12 +167,12 @@ class OpenAIServer:
             try:
                 load = json.loads(body).get("logical_load")
             except (ValueError, AttributeError):
-                raise APIError(400, "body must be a JSON object, e.g. {} or {\"logical_load\": [[...]]}")
+                raise APIError(400, 'body must be a JSON object, e.g. {} or {"logical_load": [[...]]}') from None
         try:
             return await self.controller.rebalance.remote(load)
         except ray.exceptions.RayTaskError as e:
             if isinstance(e.cause, ValueError):
-                raise APIError(400, str(e.cause), param="logical_load" if load is not None else None)
+                raise APIError(400, str(e.cause), param="logical_load" if load is not None else None) from None
             raise
 
     # ---- streams -> responses ------------------------------------------------------------------

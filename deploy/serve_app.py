@@ -13,6 +13,7 @@ Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models[/{id}],
 GET /health (200 ok, 503 degraded), GET /metrics (Prometheus text), and the expert
 load balancer's GET /admin/eplb (status, last plan) and POST /admin/eplb/rebalance.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -64,15 +65,17 @@ def serve_env(direct_port: Optional[int], num_replicas: int = 1) -> dict[str, st
     direct_port + n), so a request skips the proxy -> replica hop (BENCHMARKS.md)."""
     env = dict(SERVE_ENV)
     if direct_port is not None:
-        env.update({
-            "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
-            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(direct_port),
-            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(direct_port + num_replicas),
-            # a restarted replica takes the port back at once (the hold-back protects
-            # HAProxy routing, which is not used here), and stopping does not wait 30 s
-            "RAY_SERVE_PORT_QUARANTINE_S": "0",
-            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
-        })  # fmt: skip
+        env.update(
+            {
+                "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+                "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(direct_port),
+                "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(direct_port + num_replicas),
+                # a restarted replica takes the port back at once (the hold-back protects
+                # HAProxy routing, which is not used here), and stopping does not wait 30 s
+                "RAY_SERVE_PORT_QUARANTINE_S": "0",
+                "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
+            }
+        )
     return env
 
 
@@ -201,8 +204,12 @@ async def _health(server: OpenAIServer) -> tuple[int, dict[str, Any]]:
 # graceful_shutdown_wait_loop_s: an idle replica stops (and frees the GPUs) without a 2 s wait.
 # check_health every 2 s: a dead controller is replaced within seconds.
 @serve.deployment(
-    num_replicas=1, ray_actor_options={"num_cpus": 0}, max_constructor_retry_count=3, graceful_shutdown_wait_loop_s=0.25,
-    health_check_period_s=2.0, health_check_timeout_s=30.0,
+    num_replicas=1,
+    ray_actor_options={"num_cpus": 0},
+    max_constructor_retry_count=3,
+    graceful_shutdown_wait_loop_s=0.25,
+    health_check_period_s=2.0,
+    health_check_timeout_s=30.0,
 )
 class EngineHost:
     """Owns the controller (rank actors, model, step loop) for its whole life. The controller
@@ -212,7 +219,9 @@ class EngineHost:
 
     async def __init__(self, config: dict[str, Any]) -> None:
         self._placement_group = f"raymoe-ranks-{uuid.uuid4().hex[:12]}"  # freed here if the controller dies
-        self._controller = await asyncio.to_thread(start_controller, config_from_dict(config), None, self._placement_group)
+        self._controller = await asyncio.to_thread(
+            start_controller, config_from_dict(config), None, self._placement_group
+        )
         try:
             info = await self._controller.load_model.remote()
         except BaseException:
@@ -262,6 +271,7 @@ class OpenAIIngress:
 
     async def __init__(self, config: dict[str, Any], engine: Any) -> None:
         cfg = config_from_dict(config)
+
         async def current_controller() -> Any:
             return (await engine.controller.remote())[0]
 
@@ -343,8 +353,10 @@ def start_serving(config: Config, address: Optional[str] = None) -> str:
     ports = range(port, port + (config.serve.num_replicas if config.serve.direct_ingress else 1))
     busy = [p for p in ports if not port_is_free(host, p)]
     if busy:  # Serve would retry the replicas forever on a taken port
-        raise ValueError(f"serve.port: {host}:{busy[0]} is in use; stop what listens there or pick another port "
-                         f"(with direct ingress, replica i of serve.num_replicas listens on serve.port + i)")  # fmt: skip
+        raise ValueError(
+            f"serve.port: {host}:{busy[0]} is in use; stop what listens there or pick another port "
+            f"(with direct ingress, replica i of serve.num_replicas listens on serve.port + i)"
+        )
     ensure_ray(config, address)
     serve_start(host, port, config.serve.direct_ingress, config.serve.num_replicas)
     serve.run(app_for(config), name=APP_NAME, route_prefix="/")

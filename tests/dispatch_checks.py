@@ -1,5 +1,6 @@
 """Comparing two MoE dispatches as groupings: the order of rows inside a group is free
 (the Triton kernel places rows by atomics), everything else must match."""
+
 from __future__ import annotations
 
 from collections import Counter

@@ -4,6 +4,7 @@ Every checkpoint is written by transformers itself (``save_pretrained``), with t
 built-in model's tokenizer files copied in, so raymoe loads exactly what a user's
 checkpoint directory would hold.
 """
+
 from __future__ import annotations
 
 import pathlib
@@ -16,13 +17,29 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config
 # Small shapes that still exercise every sharding path: experts split over ep up to 4,
 # intermediate dims over tp up to 4, KV heads replicated (dense: 1 KV head), tied
 # embeddings (dense), a dense layer inside a MoE model (qwen3_moe layer 1).
-COMMON = dict(vocab_size=512, hidden_size=64, num_attention_heads=4, head_dim=16, rms_norm_eps=1e-6,
-              max_position_embeddings=512, initializer_range=0.15)  # fmt: skip
+COMMON = dict(
+    vocab_size=512,
+    hidden_size=64,
+    num_attention_heads=4,
+    head_dim=16,
+    rms_norm_eps=1e-6,
+    max_position_embeddings=512,
+    initializer_range=0.15,
+)
 KINDS = {
-    "qwen3_moe": dict(num_hidden_layers=3, num_key_value_heads=2, intermediate_size=128, moe_intermediate_size=32,
-                      num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[1]),  # fmt: skip
-    "mixtral": dict(num_hidden_layers=2, num_key_value_heads=2, intermediate_size=32, num_local_experts=8,
-                    num_experts_per_tok=2),  # fmt: skip
+    "qwen3_moe": dict(
+        num_hidden_layers=3,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_experts=8,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+        mlp_only_layers=[1],
+    ),
+    "mixtral": dict(
+        num_hidden_layers=2, num_key_value_heads=2, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2
+    ),
     "qwen3": dict(num_hidden_layers=2, num_key_value_heads=1, intermediate_size=128, tie_word_embeddings=True),
     "llama": dict(num_hidden_layers=2, num_key_value_heads=2, intermediate_size=128, attention_bias=True),
 }

@@ -1,4 +1,5 @@
 """Free TCP ports for tests (never fixed ports: two test runs on one host must not collide)."""
+
 from __future__ import annotations
 
 import socket

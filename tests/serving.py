@@ -1,4 +1,5 @@
 """The Serve app on a free local port, for the tests that talk to a live endpoint."""
+
 from __future__ import annotations
 
 import contextlib

@@ -17,6 +17,7 @@ started fail at once with the reason (their KV is gone), the ones still queued s
 and run on the new ranks. At most ``max_restarts`` restarts within ``restart_window_s``;
 past that, or without ``restart``, the engine stays down and says why.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -287,6 +288,11 @@ class AsyncEngine:
         self._next_silence_check = now + _SILENCE_CHECK_S
         for client in self.router.silent_clients(self.client_timeout_s):
             rids = self.router.drop_client(client)
-            log.warning("client %s has not polled for %.0f s: aborting its %d requests", client, self.client_timeout_s, len(rids))
+            log.warning(
+                "client %s has not polled for %.0f s: aborting its %d requests",
+                client,
+                self.client_timeout_s,
+                len(rids),
+            )
             for rid in rids:
                 self.core.abort(rid)

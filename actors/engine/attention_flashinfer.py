@@ -7,6 +7,7 @@ KV cache layout: FlashInfer's NHD paged layout, the same tensor the torch
 backend uses (see attention_torch.py); a step's k/v are written into it by
 FlashInfer's append kernel (``KVAppend``), one kernel for k and v.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -180,10 +181,16 @@ class GraphDecodeAttention:
         # host page list with a blocking copy, which would wait for the step in flight.
         indptr, kv_indices, last_len = (t.pin_memory() for t in page_tables(pages, indices, context, self.block_size))
         self.wrapper.plan(
-            indptr, kv_indices.to(self.kv_cache.device, non_blocking=True), last_len,
-            self.num_heads, self.num_kv_heads, self.head_dim, self.block_size,
-            q_data_type=self.kv_cache.dtype, kv_data_type=self.kv_cache.dtype,
-        )  # fmt: skip
+            indptr,
+            kv_indices.to(self.kv_cache.device, non_blocking=True),
+            last_len,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            self.block_size,
+            q_data_type=self.kv_cache.dtype,
+            kv_data_type=self.kv_cache.dtype,
+        )
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         cache = self.kv_cache[layer]

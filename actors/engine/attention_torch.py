@@ -4,6 +4,7 @@ The CPU path and the reference the GPU backend is checked against. The KV
 cache layout is FlashInfer's paged layout, so both backends share it:
 ``[layers, num_blocks, 2 (k, v), block_size, kv_heads, head_dim]``.
 """
+
 from __future__ import annotations
 
 import torch

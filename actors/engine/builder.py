@@ -4,6 +4,7 @@ One recipe for the controller (steps on rank actors) and the in-process engine (
 on a local runner): open the model, size the KV cache on the ranks, then build the
 EngineCore over ``num_blocks`` blocks per DP replica. No Ray here.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

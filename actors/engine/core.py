@@ -9,6 +9,7 @@ context). Text -- detokenisation and stop strings -- is the clients' work
 torch, no ray here: executors (Ray rank actors, or an in-process runner) are
 passed in.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -96,7 +97,9 @@ class EngineCore:
     def replace_cache(self, num_blocks: int) -> list[str]:
         """The ranks restarted with ``num_blocks`` KV blocks per replica: fresh block managers
         and step bookkeeping. Returns the queued requests too long for the new cache (dropped)."""
-        too_long = [rid for sched in self.schedulers for rid in sched.replace_cache(BlockManager(num_blocks, self.block_size))]
+        too_long = [
+            rid for sched in self.schedulers for rid in sched.replace_cache(BlockManager(num_blocks, self.block_size))
+        ]
         for rid in too_long:
             del self._replica[rid]
         self._builder = StepBuilder(len(self.schedulers), self.block_size, self.collect_logits)
@@ -150,4 +153,3 @@ class EngineCore:
     def _load(self, replica: int) -> int:
         s = self.schedulers[replica]
         return s.num_waiting + s.num_running
-

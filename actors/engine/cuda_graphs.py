@@ -7,6 +7,7 @@ the previous step's sampled tokens inside the graph. Every rank of the world
 captures the same sizes in the same order, so the collectives recorded in the
 graphs line up across ranks.
 """
+
 from __future__ import annotations
 
 import logging
@@ -102,8 +103,9 @@ class DecodeGraphs:
 
             def forward(g=g):
                 ids = resolve_pending_tokens(g.input_ids, g.prev_rows, last_sampled)
-                batch = ForwardBatch(ids, g.positions, g.attention, dp_pad=g.size, dp_counts=g.dp_counts,
-                                     expert_load=expert_load)  # fmt: skip
+                batch = ForwardBatch(
+                    ids, g.positions, g.attention, dp_pad=g.size, dp_counts=g.dp_counts, expert_load=expert_load
+                )
                 return forward_logits(batch)
 
             with torch.inference_mode():
@@ -114,8 +116,9 @@ class DecodeGraphs:
             pool = g.graph.pool()
             self.graphs[size] = g
         self.sizes = sorted(self.graphs)
-        log.info("captured %d decode CUDA graphs (sizes %s) in %.1f s", len(self.sizes), self.sizes,
-                 time.perf_counter() - t0)  # fmt: skip
+        log.info(
+            "captured %d decode CUDA graphs (sizes %s) in %.1f s", len(self.sizes), self.sizes, time.perf_counter() - t0
+        )
 
     def size_for(self, batch: int) -> int | None:
         return next((s for s in self.sizes if s >= batch), None)

@@ -9,6 +9,7 @@ one call per step at most, however many requests it has running.
 A client that stops polling (its process died) is found by ``silent_clients`` so the
 engine can abort its requests and free their KV blocks.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -161,9 +162,10 @@ class OutputRouter:
         """Clients with live requests that have not polled for ``timeout_s`` and are not polling."""
         now = time.monotonic()
         return [
-            client for client, box in self._outboxes.items()
+            client
+            for client, box in self._outboxes.items()
             if box.requests and box.polls_open == 0 and now - box.last_poll > timeout_s
-        ]  # fmt: skip
+        ]
 
     def _outbox(self, client: str) -> _Outbox:
         box = self._outboxes.get(client)

@@ -19,6 +19,7 @@ Invariant: the concatenation of every ``add`` result plus ``flush()`` equals
 ``tokenizer.decode(output_ids)``, cut before the first stop-string occurrence
 if there is one.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -69,9 +70,9 @@ class IncrementalDetokenizer:
         full_text = self._decode(self._window)
         if len(full_text) <= len(prefix_text) or full_text.endswith(_REPLACEMENT):
             return ""  # nothing new yet, or a character is still incomplete
-        new_text = full_text[len(prefix_text):]
+        new_text = full_text[len(prefix_text) :]
         # Slide the window: the tokens just decoded become the next prefix.
-        self._window = self._window[self._read:]
+        self._window = self._window[self._read :]
         self._read = len(self._window)
         return self._release(new_text, final=False)
 
@@ -88,11 +89,11 @@ class IncrementalDetokenizer:
         prefix_text = self._decode(self._window[: self._read])
         full_text = self._decode(self._window)
         if len(full_text) > len(prefix_text) and not full_text.endswith(_REPLACEMENT):
-            new_text = full_text[len(prefix_text):]
-            self._window = self._window[self._read:]
+            new_text = full_text[len(prefix_text) :]
+            self._window = self._window[self._read :]
             self._read = len(self._window)
             return self._release(new_text, final=False)
-        del self._window[-len(token_ids):]  # an incomplete last character: one at a time
+        del self._window[-len(token_ids) :]  # an incomplete last character: one at a time
         return "".join(self.add(t) for t in token_ids)
 
     def flush(self) -> str:
@@ -103,7 +104,7 @@ class IncrementalDetokenizer:
         if self.stopped:
             return ""
         prefix_text = self._decode(self._window[: self._read])
-        new_text = self._decode(self._window)[len(prefix_text):]
+        new_text = self._decode(self._window)[len(prefix_text) :]
         self._window, self._read = [], 0
         return self._release(new_text, final=True)
 
@@ -116,7 +117,7 @@ class IncrementalDetokenizer:
             out, self._pending = text[:cut], ""
         else:
             hold = 0 if final else self._partial_stop_len(text)
-            out, self._pending = text[: len(text) - hold], text[len(text) - hold:]
+            out, self._pending = text[: len(text) - hold], text[len(text) - hold :]
         if out:
             self._released.append(out)
         return out

@@ -10,6 +10,7 @@ weights switch together, so every step stays correct.
 Every rank routes every token of a step (MoE layers gather all DP replicas),
 so all ranks record the same load; rank 0's counts are the load.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -101,10 +102,14 @@ class EplbManager:
         changed = [i for i, n in enumerate(plan.moved_slots_per_layer.tolist()) if n]
         chunk = self.config.layers_per_chunk or max(1, len(changed))
         self.status.update(
-            state="moving", layers_done=0, layers_total=len(changed), plan_s=round(time.perf_counter() - t0, 3),
-            balancedness_before=plan.balancedness_before, balancedness_after=plan.balancedness_after,
+            state="moving",
+            layers_done=0,
+            layers_total=len(changed),
+            plan_s=round(time.perf_counter() - t0, 3),
+            balancedness_before=plan.balancedness_before,
+            balancedness_after=plan.balancedness_after,
             bytes_moved=plan.bytes_moved,
-        )  # fmt: skip
+        )
         for start in range(0, len(changed), chunk):
             if start:
                 yield  # engine steps run between chunks
@@ -114,8 +119,13 @@ class EplbManager:
             self.physical_to_logical[layers] = plan.physical_to_logical[layers]
             self.status.update(layers_done=start + len(layers), last_chunk_s=round(time.perf_counter() - t1, 4))
         self.status.update(state="done", rebalances=self.status["rebalances"] + 1)
-        log.info("EPLB: balancedness %.3f -> %.3f, %d layers moved, %.1f MiB", plan.balancedness_before,
-                 plan.balancedness_after, len(changed), plan.bytes_moved / 2**20)  # fmt: skip
+        log.info(
+            "EPLB: balancedness %.3f -> %.3f, %d layers moved, %.1f MiB",
+            plan.balancedness_before,
+            plan.balancedness_after,
+            len(changed),
+            plan.bytes_moved / 2**20,
+        )
 
     async def _recorded_load(self) -> torch.Tensor:
         """Logical load [moe_layers, E] from rank 0's physical counts under the current expert slots."""

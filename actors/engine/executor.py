@@ -3,6 +3,7 @@
 Its Ray counterpart, which fans each step out to the rank actors, is
 ``raymoe.actors.step_executor``.
 """
+
 from __future__ import annotations
 
 import asyncio

@@ -4,6 +4,7 @@ The MoE layers call ``record`` inside the forward (captured into CUDA graphs
 too); nothing here synchronises with the host. Counts accumulate until the
 owner reads and resets them.
 """
+
 from __future__ import annotations
 
 import torch

@@ -4,6 +4,7 @@ The same scheduler, runner and sampler as the served path, minus every process h
 the reference for "engine time" (the TTFT baseline of benchmarks/ttft_overhead.py)
 and a quick way to run a world-of-one config in tests and tools.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -10,6 +10,7 @@ is the client's work, not the engine's.
 
 Pure data: no torch, no ray.
 """
+
 from __future__ import annotations
 
 import enum
@@ -37,7 +38,13 @@ class Finish(enum.IntEnum):
         return _REASONS[self]
 
 
-_REASONS = {Finish.RUNNING: None, Finish.STOP: "stop", Finish.LENGTH: "length", Finish.ABORT: "abort", Finish.FAILED: None}
+_REASONS = {
+    Finish.RUNNING: None,
+    Finish.STOP: "stop",
+    Finish.LENGTH: "length",
+    Finish.ABORT: "abort",
+    Finish.FAILED: None,
+}
 
 
 @dataclass(frozen=True)
@@ -70,7 +77,9 @@ class OutputBatch:
     num_tokens: np.ndarray  # [n] int64: new tokens of each entry
     token_ids: np.ndarray  # [sum(num_tokens)] int64: the entries' tokens, entry after entry
     finish: np.ndarray  # [n] int8: Finish after each entry
-    logits: Optional[list[Any]] = None  # one [vocab] float32 row (CPU tensor) per token, when the engine collects logits
+    logits: Optional[list[Any]] = (
+        None  # one [vocab] float32 row (CPU tensor) per token, when the engine collects logits
+    )
     error: Optional[str] = None  # the engine failed for good: every request of this client is over
     failure: Optional[str] = None  # why the FAILED entries failed (no internal ids: it goes to clients)
 

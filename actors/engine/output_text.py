@@ -8,6 +8,7 @@ then aborts it in the engine (``needs_abort``), and whatever the engine sampled
 after that token is dropped. So the text and the token count are exactly those of
 a request stopped at the token that completed the stop string.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -3,6 +3,7 @@
 The rank actor builds it after joining torch.distributed; the in-process engine
 builds one for a world of one. Code run on a rank takes it as an argument.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

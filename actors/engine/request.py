@@ -79,8 +79,11 @@ class SamplingParams:
         if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
             _fail("stop", "must be a tuple of non-empty strings", self.stop)
         if len(self.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_LENGTH for s in self.stop):
-            _fail("stop", f"at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_LENGTH} characters",
-                  f"{len(self.stop)} strings, the longest {max(map(len, self.stop))} characters")  # fmt: skip
+            _fail(
+                "stop",
+                f"at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_LENGTH} characters",
+                f"{len(self.stop)} strings, the longest {max(map(len, self.stop))} characters",
+            )
         ids = self.stop_token_ids
         if not isinstance(ids, tuple) or not all(_is_int(t) and 0 <= t <= INT64_MAX for t in ids):
             _fail("stop_token_ids", "must be a tuple of integers >= 0", ids)

@@ -5,6 +5,7 @@ owns the KV cache, the attention backend and the decode CUDA graphs, and runs
 one step: forward, logits of the rows that sample, sampling (on the first rank
 of the DP replica's attention group, the one that reports to the controller).
 """
+
 from __future__ import annotations
 
 import collections
@@ -46,9 +47,14 @@ def make_attention(kind: str, kv_cache: torch.Tensor, block_size: int, num_heads
             return FlashInferAttention(kv_cache, block_size, num_heads, kv_cache.shape[-2])
         except ImportError as e:
             if kind == "flashinfer":
-                raise ValueError(f"engine.attention_backend: flashinfer is not importable ({e}); pip install 'raymoe[gpu]'")
-            log.warning("FlashInfer is not importable (%s): using torch attention, which is slow on GPU; "
-                        "pip install 'raymoe[gpu]'", e)  # fmt: skip
+                raise ValueError(
+                    f"engine.attention_backend: flashinfer is not importable ({e}); pip install 'raymoe[gpu]'"
+                ) from e
+            log.warning(
+                "FlashInfer is not importable (%s): using torch attention, which is slow on GPU; "
+                "pip install 'raymoe[gpu]'",
+                e,
+            )
     return TorchAttention(kv_cache, block_size)
 
 
@@ -94,7 +100,9 @@ class ModelRunner:
         moe = self.spec.moe
         if moe is None:
             return None
-        physical = num_physical_experts(moe.num_experts, self.config.eplb.num_redundant_experts, self.ctx.groups.ep.world_size)
+        physical = num_physical_experts(
+            moe.num_experts, self.config.eplb.num_redundant_experts, self.ctx.groups.ep.world_size
+        )
         physical_to_logical = default_expert_slots(len(self.spec.moe_layers), moe.num_experts, physical)
         return ExpertMap(physical_to_logical, moe.num_experts, self.device)
 
@@ -225,7 +233,6 @@ class ModelRunner:
         self.ctx.groups.finish_pass()
         return hidden
 
-
     # ---- expert-parallel load balancing ------------------------------------------
 
     def take_expert_load(self) -> torch.Tensor:
@@ -271,7 +278,7 @@ def init_random_weights(model: torch.nn.Module, seed: int, std: float = 0.02) ->
     """Benchmark weights: normal(0, std) for matrices, 1 for norms (never zeros: zeros run faster)."""
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:
                 p.fill_(1.0)
             else:

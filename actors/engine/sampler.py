@@ -4,6 +4,7 @@ Random choices are a function of (request seed, output index) only, so a
 request samples the same tokens alone or in any batch, before or after a
 preemption.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -14,6 +14,7 @@ StepInput and StepOutput are columns of numpy arrays rather than per-request obj
 they cross Ray every step, and arrays pickle as raw bytes (a 256-sequence step of
 dataclasses cost ~2.6 ms to pickle and unpickle).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -130,8 +131,9 @@ def pack_step(
         start_pos=start,
         block_tables=tables,
         sample=np.fromiter((c.sample for c in chunks), dtype=bool, count=n),
-        temperature=np.fromiter((0.0 if c.sampling.greedy else c.sampling.temperature for c in chunks),
-                                dtype=np.float32, count=n),  # fmt: skip
+        temperature=np.fromiter(
+            (0.0 if c.sampling.greedy else c.sampling.temperature for c in chunks), dtype=np.float32, count=n
+        ),
         top_k=np.fromiter((c.sampling.top_k for c in chunks), dtype=np.int64, count=n),
         top_p=np.fromiter((max(c.sampling.top_p, TOP_P_MIN) for c in chunks), dtype=np.float32, count=n),
         seed=np.fromiter((c.seed for c in chunks), dtype=np.int64, count=n),
@@ -195,7 +197,9 @@ def build_step_layout(step: StepInput, block_size: int) -> StepLayout:
     )
 
 
-def resolve_pending_tokens(input_ids: torch.Tensor, prev_rows: torch.Tensor, last_sampled: torch.Tensor) -> torch.Tensor:
+def resolve_pending_tokens(
+    input_ids: torch.Tensor, prev_rows: torch.Tensor, last_sampled: torch.Tensor
+) -> torch.Tensor:
     """Input ids with each pending token taken from the previous step's sampled tokens
     (``last_sampled``, on the device): where prev_rows >= 0, last_sampled[prev_rows]."""
     return torch.where(prev_rows >= 0, last_sampled[prev_rows.clamp(min=0)], input_ids)

@@ -15,6 +15,7 @@ transformers' ``AutoTokenizer`` on the same directory (tests compare them):
   ``eos_token_id``, else config.json's (what transformers' ``generate`` stops on),
   plus the tokenizer's eos token.
 """
+
 from __future__ import annotations
 
 import json
@@ -219,7 +220,9 @@ def _chat_environment() -> ImmutableSandboxedEnvironment:
     return env
 
 
-def encode_prompt(tokenizer: Tokenizer, prompt: Union[str, Sequence[int]], vocab_size: int, param: str = "prompt") -> list[int]:
+def encode_prompt(
+    tokenizer: Tokenizer, prompt: Union[str, Sequence[int]], vocab_size: int, param: str = "prompt"
+) -> list[int]:
     """A prompt as token ids: text is encoded (special tokens as the tokenizer adds them);
     token ids pass through, checked against the model's vocabulary (ValueError naming ``param``)."""
     if isinstance(prompt, str):
@@ -233,5 +236,6 @@ def encode_prompt(tokenizer: Tokenizer, prompt: Union[str, Sequence[int]], vocab
 def encode_chat(tokenizer: Tokenizer, messages: list[dict[str, Any]], **template_kwargs: Any) -> list[int]:
     """A conversation rendered with the chat template (plus the generation prompt) and
     encoded as is: the template already holds the special tokens."""
-    return tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True, **template_kwargs),
-                            add_special_tokens=False)  # fmt: skip
+    return tokenizer.encode(
+        tokenizer.apply_chat_template(messages, add_generation_prompt=True, **template_kwargs), add_special_tokens=False
+    )

@@ -1,4 +1,5 @@
 """ForwardBatch: the per-step state a model forward needs, passed as an argument."""
+
 from __future__ import annotations
 
 from dataclasses import KW_ONLY, dataclass

@@ -15,6 +15,7 @@ Writing is deterministic (same bytes every time, in every process) and atomic:
 files go to a temporary directory next to the target, which is then renamed
 into place, so processes racing to create it never see a half-written one.
 """
+
 from __future__ import annotations
 
 import errno
@@ -119,13 +120,30 @@ def _writers() -> dict[str, Callable[[pathlib.Path], None]]:
 
 # Qwen/Qwen3-30B-A3B's config.json (the fields raymoe and transformers read)
 QWEN3_30B_A3B = {
-    "architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144,
-    "moe_intermediate_size": 768, "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4,
-    "head_dim": 128, "num_experts": 128, "num_experts_per_tok": 8, "norm_topk_prob": True, "decoder_sparse_step": 1,
-    "mlp_only_layers": [], "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "max_position_embeddings": 40960,
-    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "hidden_act": "silu", "bos_token_id": 151643,
-    "eos_token_id": 151645, "model_type": "qwen3_moe",
-}  # fmt: skip
+    "architectures": ["Qwen3MoeForCausalLM"],
+    "vocab_size": 151936,
+    "hidden_size": 2048,
+    "intermediate_size": 6144,
+    "moe_intermediate_size": 768,
+    "num_hidden_layers": 48,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "head_dim": 128,
+    "num_experts": 128,
+    "num_experts_per_tok": 8,
+    "norm_topk_prob": True,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "max_position_embeddings": 40960,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "hidden_act": "silu",
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+    "model_type": "qwen3_moe",
+}
 
 
 def _write_atomically(final: pathlib.Path, write: Callable[[pathlib.Path], None]) -> None:
@@ -153,11 +171,14 @@ def write_tiny_qwen3_moe(dst: pathlib.Path) -> None:
     config = _model_config(tok.get_vocab_size(with_added_tokens=True), ids)
     _write_json(dst / "config.json", config)
     _write_json(dst / "tokenizer_config.json", _tokenizer_config(ids))
-    _write_json(dst / "generation_config.json", {
-        "bos_token_id": ids["<|endoftext|>"],
-        "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
-        "pad_token_id": ids["<|endoftext|>"],
-    })
+    _write_json(
+        dst / "generation_config.json",
+        {
+            "bos_token_id": ids["<|endoftext|>"],
+            "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
+            "pad_token_id": ids["<|endoftext|>"],
+        },
+    )
     _write_weights(dst / "model.safetensors", config)
 
 
@@ -182,10 +203,12 @@ def train_tokenizer():
 
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(_SPLIT_PATTERN), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_SPLIT_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
     trainer = trainers.BpeTrainer(
@@ -200,8 +223,14 @@ def train_tokenizer():
 
 def _tokenizer_config(ids: dict[str, int]) -> dict:
     added = {
-        str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                 "single_word": False, "special": True}
+        str(i): {
+            "content": t,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
         for t, i in sorted(ids.items(), key=lambda kv: kv[1])
     }
     return {
@@ -276,8 +305,11 @@ def _weight_shapes(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
         ]
         for j in range(cfg["num_experts"]):
             e = f"{p}mlp.experts.{j}."
-            shapes += [(e + "gate_proj.weight", (f, h)), (e + "up_proj.weight", (f, h)),
-                       (e + "down_proj.weight", (h, f))]
+            shapes += [
+                (e + "gate_proj.weight", (f, h)),
+                (e + "up_proj.weight", (f, h)),
+                (e + "down_proj.weight", (h, f)),
+            ]
     shapes += [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
     return shapes
 

@@ -3,6 +3,7 @@
 Files are memory-mapped (safetensors ``safe_open``) and only the rows/columns a
 rank owns are materialised, so a rank never holds the whole checkpoint.
 """
+
 from __future__ import annotations
 
 import json

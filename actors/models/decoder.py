@@ -3,6 +3,7 @@
 Attention: heads over ``tp``; dense MLPs over ``tp``; vocabulary (embedding and
 LM head) over ``tp``; MoE layers over the whole world (see moe.py).
 """
+
 from __future__ import annotations
 
 import torch

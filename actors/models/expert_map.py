@@ -3,6 +3,7 @@
 Tensors keep their storage across updates, so CUDA graphs captured with them
 stay valid after a rebalance switches a layer's map.
 """
+
 from __future__ import annotations
 
 import torch

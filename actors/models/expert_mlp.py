@@ -16,6 +16,7 @@ Two implementations of the same maths:
   inside CUDA graphs. benchmarks/expert_mlp_bench.py measures it against
   ``torch._grouped_mm`` and FlashInfer's ``cutlass_fused_moe`` (BENCHMARKS.md).
 """
+
 from __future__ import annotations
 
 import torch

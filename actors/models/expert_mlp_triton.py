@@ -3,6 +3,7 @@
 Imported only when Triton is: on GPU hosts (torch's CUDA wheels bring it), and in
 the unit test that runs these kernels in Triton's CPU interpreter.
 """
+
 from __future__ import annotations
 
 import torch
@@ -22,8 +23,23 @@ def _group_rows(groups, ends, j):
 
 
 @triton.jit
-def _gate_up_silu(x, rows, ends, groups, w, h, inter, hidden, stride_x, stride_we, stride_wn, stride_h,
-                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
+def _gate_up_silu(
+    x,
+    rows,
+    ends,
+    groups,
+    w,
+    h,
+    inter,
+    hidden,
+    stride_x,
+    stride_we,
+    stride_wn,
+    stride_h,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
     """h[r, n] = silu(x[rows[r]] . w[e, n]) * (x[rows[r]] . w[e, inter + n]) for r in group e."""
     e, start, end = _group_rows(groups, ends, tl.program_id(0))
     n = tl.program_id(1) * BN + tl.arange(0, BN)
@@ -47,8 +63,21 @@ def _gate_up_silu(x, rows, ends, groups, w, h, inter, hidden, stride_x, stride_w
 
 
 @triton.jit
-def _down(h, ends, groups, w, y, inter, stride_h, stride_we, stride_wn, stride_y,
-          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
+def _down(
+    h,
+    ends,
+    groups,
+    w,
+    y,
+    inter,
+    stride_h,
+    stride_we,
+    stride_wn,
+    stride_y,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
     """y[r, n] = h[r] . w[e, n] for r in group e."""
     e, start, end = _group_rows(groups, ends, tl.program_id(0))
     n = tl.program_id(1) * BN + tl.arange(0, BN)
@@ -86,16 +115,41 @@ def expert_mlp(
     y = torch.empty(num_rows, hidden, dtype=x.dtype, device=x.device)
     bn, bk = _block(inter, config["BN"]), _block(hidden, config["BK"])
     _gate_up_silu[(groups.shape[0], inter // bn)](
-        x, rows, ends, groups, w13, h, inter, hidden, x.stride(0), w13.stride(0), w13.stride(1), h.stride(0),
-        BM=bm, BN=bn, BK=bk, **launch,
-    )  # fmt: skip
+        x,
+        rows,
+        ends,
+        groups,
+        w13,
+        h,
+        inter,
+        hidden,
+        x.stride(0),
+        w13.stride(0),
+        w13.stride(1),
+        h.stride(0),
+        BM=bm,
+        BN=bn,
+        BK=bk,
+        **launch,
+    )
     bn, bk = _block(hidden, config["BN"]), _block(inter, config["BK"])
     _down[(groups.shape[0], hidden // bn)](
-        h, ends, groups, w2, y, inter, h.stride(0), w2.stride(0), w2.stride(1), y.stride(0),
-        BM=bm, BN=bn, BK=bk, **launch,
-    )  # fmt: skip
+        h,
+        ends,
+        groups,
+        w2,
+        y,
+        inter,
+        h.stride(0),
+        w2.stride(0),
+        w2.stride(1),
+        y.stride(0),
+        BM=bm,
+        BN=bn,
+        BK=bk,
+        **launch,
+    )
     return y
-
 
 
 def _block(dim: int, want: int) -> int:

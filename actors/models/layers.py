@@ -4,6 +4,7 @@ Every sharded layer takes its GroupCoordinator at build time and loads only its
 own share from the checkpoint (``load(reader, ...)``). Shapes use T = tokens in
 the step, H = hidden size.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,7 +33,9 @@ class BlockOutput(Protocol):
     over ranks, the MoE combine) fused with the residual add and the norm where the
     kernels allow."""
 
-    def add_rms_norm(self, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def add_rms_norm(
+        self, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (RMSNorm(residual + output) * weight, residual + output)."""
         ...
 
@@ -44,7 +47,9 @@ class PartialSum:
     x: torch.Tensor
     group: GroupCoordinator
 
-    def add_rms_norm(self, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def add_rms_norm(
+        self, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return self.group.all_reduce_add_rms_norm(self.x, residual, weight, eps, add_rms_norm=ops.add_rms_norm)
 
 
@@ -134,7 +139,9 @@ class ParallelLMHead(nn.Module):
         self.embedding = embedding
         self.tied = tied
         if not tied:
-            self.weight = nn.Parameter(torch.zeros_like(embedding.weight, dtype=dtype, device=device), requires_grad=False)
+            self.weight = nn.Parameter(
+                torch.zeros_like(embedding.weight, dtype=dtype, device=device), requires_grad=False
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, H] -> this rank's logits [N, rows of its vocabulary share] (x's dtype;
@@ -232,8 +239,11 @@ class QKVProjection(nn.Module):
 
     def load(self, reader: CheckpointReader, prefix: str) -> None:
         d = self.head_dim
-        parts = [("q_proj.", self.q_start, self.heads), ("k_proj.", self.kv_start, self.kv_heads),
-                 ("v_proj.", self.kv_start, self.kv_heads)]  # fmt: skip
+        parts = [
+            ("q_proj.", self.q_start, self.heads),
+            ("k_proj.", self.kv_start, self.kv_heads),
+            ("v_proj.", self.kv_start, self.kv_heads),
+        ]
         self.weight.copy_(torch.cat([reader.read(prefix + p + "weight", 0, s * d, (s + c) * d) for p, s, c in parts]))
         if self.bias is not None:
             self.bias.copy_(torch.cat([reader.read(prefix + p + "bias", 0, s * d, (s + c) * d) for p, s, c in parts]))
@@ -246,7 +256,9 @@ class DenseMLP(nn.Module):
         super().__init__()
         self.local = split_evenly(intermediate, tp.world_size, "intermediate_size", "choose a tp that divides it")
         self.start = tp.rank_in_group * self.local
-        self.gate_up = nn.Parameter(torch.zeros(2 * self.local, hidden, dtype=dtype, device=device), requires_grad=False)
+        self.gate_up = nn.Parameter(
+            torch.zeros(2 * self.local, hidden, dtype=dtype, device=device), requires_grad=False
+        )
         self.down = RowParallelLinear(self.local, hidden, tp, bias=False, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> PartialSum:

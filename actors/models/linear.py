@@ -2,6 +2,7 @@
 x has at most ``SKINNY_MAX_ROWS`` rows on a GPU (a decode step of one sequence, where
 cuBLAS's GEMMs leave part of the memory bandwidth unused), ``F.linear`` otherwise. The
 choice depends on shapes alone, so a CUDA graph captures one path."""
+
 from __future__ import annotations
 
 import torch
@@ -37,4 +38,3 @@ def linear(
     if config is None:
         config = dict(SKINNY_CONFIG, BK=block_dividing(x.shape[1], SKINNY_CONFIG["BK"]))
     return skinny_linear(x, weight, bias, config)
-

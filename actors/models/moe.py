@@ -21,6 +21,7 @@ tokens. The MoE layer
 The layer never looks at which rank holds a logical expert except through the
 ExpertMap, so load balancing can move and replicate experts without touching it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -33,8 +34,8 @@ from raymoe.actors.models.batch import ForwardBatch
 from raymoe.actors.models.checkpoint import CheckpointReader
 from raymoe.actors.models.expert_map import ExpertMap
 from raymoe.actors.models.expert_mlp import expert_mlp
-from raymoe.actors.models.linear import linear
 from raymoe.actors.models.layers import BlockOutput, PartialSum, split_evenly
+from raymoe.actors.models.linear import linear
 from raymoe.actors.models.moe_combine import combine, combine_add_rms_norm
 from raymoe.actors.models.moe_dispatch import Dispatch, dispatch
 from raymoe.actors.models.registry import ExpertNames
@@ -64,13 +65,19 @@ class MoE(nn.Module):
         self.slots = expert_map.num_physical // groups.ep.world_size
         self.slot_start = groups.ep.rank_in_group * self.slots
         self.inter = split_evenly(
-            spec.moe.intermediate_size, groups.moe_tp.world_size, "moe_intermediate_size",
+            spec.moe.intermediate_size,
+            groups.moe_tp.world_size,
+            "moe_intermediate_size",
             "choose an ep so that world_size / ep (moe_tp) divides it",
-        )  # fmt: skip
+        )
         self.inter_start = groups.moe_tp.rank_in_group * self.inter
         h = spec.hidden_size
-        self.router = nn.Parameter(torch.zeros(spec.moe.num_experts, h, dtype=dtype, device=device), requires_grad=False)
-        self.w13 = nn.Parameter(torch.zeros(self.slots, 2 * self.inter, h, dtype=dtype, device=device), requires_grad=False)
+        self.router = nn.Parameter(
+            torch.zeros(spec.moe.num_experts, h, dtype=dtype, device=device), requires_grad=False
+        )
+        self.w13 = nn.Parameter(
+            torch.zeros(self.slots, 2 * self.inter, h, dtype=dtype, device=device), requires_grad=False
+        )
         self.w2 = nn.Parameter(torch.zeros(self.slots, h, self.inter, dtype=dtype, device=device), requires_grad=False)
         assert self.slots < 2**15, "slot ids are sorted as int16"
         self.router_bias = zipf_router_bias(spec.moe.num_experts, router_skew, seed=layer, device=device, dtype=dtype)
@@ -141,7 +148,9 @@ class ExpertOutputs:
     all_local: bool
     world: GroupCoordinator
 
-    def add_rms_norm(self, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def add_rms_norm(
+        self, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         y, d = self.y, self.dispatch
         if self.world.world_size == 1:
             return combine_add_rms_norm(

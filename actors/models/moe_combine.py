@@ -13,6 +13,7 @@ Two implementations of the same sum, both accumulating in float32:
 RMSNorm: one Triton kernel where a single rank holds every expert (no sum over ranks
 comes between the combine and the norm).
 """
+
 from __future__ import annotations
 
 import torch

@@ -1,6 +1,7 @@
 """The MoE combine in Triton (see moe_combine.py for what it computes), alone or fused
 with the residual add and RMSNorm after it (one program per token then: the norm
 needs the whole row)."""
+
 from __future__ import annotations
 
 import torch
@@ -11,8 +12,7 @@ from raymoe.comm.reduce_add_rms_norm_triton import add_rms_norm_row, row_warps
 
 
 @triton.jit
-def _combined(y, sorted_row, weights, ends, t, col, live, num_slots, stride_y, TOP_K: tl.constexpr,
-              BH: tl.constexpr):  # fmt: skip
+def _combined(y, sorted_row, weights, ends, t, col, live, num_slots, stride_y, TOP_K: tl.constexpr, BH: tl.constexpr):
     """Token t's weighted sum over its choices, columns ``col``, float32."""
     end = tl.load(ends + num_slots - 1)
     acc = tl.zeros((BH,), dtype=tl.float32)
@@ -24,8 +24,9 @@ def _combined(y, sorted_row, weights, ends, t, col, live, num_slots, stride_y, T
 
 
 @triton.jit
-def _combine(y, sorted_row, weights, ends, out, num_slots, hidden, stride_y, stride_out,
-             TOP_K: tl.constexpr, BH: tl.constexpr):  # fmt: skip
+def _combine(
+    y, sorted_row, weights, ends, out, num_slots, hidden, stride_y, stride_out, TOP_K: tl.constexpr, BH: tl.constexpr
+):
     t = tl.program_id(0)
     col = tl.program_id(1) * BH + tl.arange(0, BH)
     live = col < hidden
@@ -34,8 +35,21 @@ def _combine(y, sorted_row, weights, ends, out, num_slots, hidden, stride_y, str
 
 
 @triton.jit
-def _combine_add_rms_norm(y, sorted_row, weights, ends, residual, weight, out, num_slots, hidden, stride_y, eps,
-                          TOP_K: tl.constexpr, BH: tl.constexpr):  # fmt: skip
+def _combine_add_rms_norm(
+    y,
+    sorted_row,
+    weights,
+    ends,
+    residual,
+    weight,
+    out,
+    num_slots,
+    hidden,
+    stride_y,
+    eps,
+    TOP_K: tl.constexpr,
+    BH: tl.constexpr,
+):
     t = tl.program_id(0)
     col = tl.arange(0, BH)
     live = col < hidden
@@ -62,8 +76,20 @@ def combine(
         out = torch.empty(n, hidden, dtype=y.dtype, device=y.device)
     assert out.shape == (n, hidden) and out.stride(1) == 1
     bh = min(1024, triton.next_power_of_2(hidden))
-    _combine[(n, triton.cdiv(hidden, bh))](y, sorted_row, weights, ends, out, ends.shape[0], hidden, y.stride(0),
-                                           out.stride(0), TOP_K=top_k, BH=bh, num_warps=4)  # fmt: skip
+    _combine[(n, triton.cdiv(hidden, bh))](
+        y,
+        sorted_row,
+        weights,
+        ends,
+        out,
+        ends.shape[0],
+        hidden,
+        y.stride(0),
+        out.stride(0),
+        TOP_K=top_k,
+        BH=bh,
+        num_warps=4,
+    )
     return out
 
 
@@ -85,6 +111,20 @@ def combine_add_rms_norm(
     out = torch.empty_like(residual)
     if n:
         bh = triton.next_power_of_2(hidden)
-        _combine_add_rms_norm[(n,)](y, sorted_row, weights, ends, residual, weight, out, ends.shape[0], hidden,
-                                    y.stride(0), eps, TOP_K=top_k, BH=bh, num_warps=row_warps(bh))  # fmt: skip
+        _combine_add_rms_norm[(n,)](
+            y,
+            sorted_row,
+            weights,
+            ends,
+            residual,
+            weight,
+            out,
+            ends.shape[0],
+            hidden,
+            y.stride(0),
+            eps,
+            TOP_K=top_k,
+            BH=bh,
+            num_warps=row_warps(bh),
+        )
     return out

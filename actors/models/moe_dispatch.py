@@ -15,6 +15,7 @@ torch path's stable order, and whatever the Triton kernel's atomics make it: no
 result depends on it (each row's expert output is computed on its own, and the
 combine finds every row through ``sorted_row``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

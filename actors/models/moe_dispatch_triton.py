@@ -12,6 +12,7 @@ Up to ``FUSED_MAX_TOKENS`` tokens (one block) both phases run in one program, wh
 saves a launch; past it the routing runs in a grid of its own, one program per
 block, and the grouping in a second launch.
 """
+
 from __future__ import annotations
 
 import torch
@@ -22,16 +23,38 @@ FUSED_MAX_TOKENS = 32
 
 
 @triton.jit
-def _route_block(t0, logits, l2p, replica_count, valid, weights, physical, buckets, num_tokens, num_experts,
-                 stride_logits, max_replicas, slot_start, slots, TOP_K: tl.constexpr, NORM_TOPK: tl.constexpr,
-                 HAS_VALID: tl.constexpr, BT: tl.constexpr, EP: tl.constexpr, KP: tl.constexpr):  # fmt: skip
+def _route_block(
+    t0,
+    logits,
+    l2p,
+    replica_count,
+    valid,
+    weights,
+    physical,
+    buckets,
+    num_tokens,
+    num_experts,
+    stride_logits,
+    max_replicas,
+    slot_start,
+    slots,
+    TOP_K: tl.constexpr,
+    NORM_TOPK: tl.constexpr,
+    HAS_VALID: tl.constexpr,
+    BT: tl.constexpr,
+    EP: tl.constexpr,
+    KP: tl.constexpr,
+):
     """Phase 1 for tokens [t0, t0 + BT)."""
     col = tl.arange(0, EP)
     kcol = tl.arange(0, KP)
     t = t0 + tl.arange(0, BT)
     live_t = t < num_tokens
-    v = tl.load(logits + t[:, None] * stride_logits + col[None, :],
-                mask=live_t[:, None] & (col[None, :] < num_experts), other=float("-inf")).to(tl.float32)  # fmt: skip
+    v = tl.load(
+        logits + t[:, None] * stride_logits + col[None, :],
+        mask=live_t[:, None] & (col[None, :] < num_experts),
+        other=float("-inf"),
+    ).to(tl.float32)
     row_max = tl.where(live_t, tl.max(v, 1), 0.0)  # 0 for padding tokens: no inf - inf
     denom = tl.sum(tl.exp(v - row_max[:, None]), 1)
     top_v = tl.full((BT, KP), float("-inf"), tl.float32)
@@ -61,8 +84,20 @@ def _route_block(t0, logits, l2p, replica_count, valid, weights, physical, bucke
 
 
 @triton.jit
-def _group(buckets, cursors, rows, ends, sorted_row, groups, num_choices, num_groups, slots, TOP_K: tl.constexpr,
-           BLOCK: tl.constexpr, SP: tl.constexpr):  # fmt: skip
+def _group(
+    buckets,
+    cursors,
+    rows,
+    ends,
+    sorted_row,
+    groups,
+    num_choices,
+    num_groups,
+    slots,
+    TOP_K: tl.constexpr,
+    BLOCK: tl.constexpr,
+    SP: tl.constexpr,
+):
     """Phase 2, in one program: a counting sort of the buckets held in registers."""
     i = tl.arange(0, BLOCK)
     live = i < num_choices
@@ -88,29 +123,123 @@ def _group(buckets, cursors, rows, ends, sorted_row, groups, num_choices, num_gr
 
 
 @triton.jit
-def _dispatch_fused(logits, l2p, replica_count, valid, weights, physical, rows, ends, sorted_row, groups, buckets,
-                    cursors, num_groups, num_tokens, num_experts, stride_logits, max_replicas, slot_start, slots,
-                    TOP_K: tl.constexpr, NORM_TOPK: tl.constexpr, HAS_VALID: tl.constexpr, BT: tl.constexpr,
-                    EP: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr, SP: tl.constexpr):  # fmt: skip
+def _dispatch_fused(
+    logits,
+    l2p,
+    replica_count,
+    valid,
+    weights,
+    physical,
+    rows,
+    ends,
+    sorted_row,
+    groups,
+    buckets,
+    cursors,
+    num_groups,
+    num_tokens,
+    num_experts,
+    stride_logits,
+    max_replicas,
+    slot_start,
+    slots,
+    TOP_K: tl.constexpr,
+    NORM_TOPK: tl.constexpr,
+    HAS_VALID: tl.constexpr,
+    BT: tl.constexpr,
+    EP: tl.constexpr,
+    KP: tl.constexpr,
+    BLOCK: tl.constexpr,
+    SP: tl.constexpr,
+):
     for t0 in range(0, num_tokens, BT):
-        _route_block(t0, logits, l2p, replica_count, valid, weights, physical, buckets, num_tokens, num_experts,
-                     stride_logits, max_replicas, slot_start, slots, TOP_K, NORM_TOPK, HAS_VALID, BT, EP, KP)  # fmt: skip
+        _route_block(
+            t0,
+            logits,
+            l2p,
+            replica_count,
+            valid,
+            weights,
+            physical,
+            buckets,
+            num_tokens,
+            num_experts,
+            stride_logits,
+            max_replicas,
+            slot_start,
+            slots,
+            TOP_K,
+            NORM_TOPK,
+            HAS_VALID,
+            BT,
+            EP,
+            KP,
+        )
     tl.debug_barrier()
     _group(buckets, cursors, rows, ends, sorted_row, groups, num_tokens * TOP_K, num_groups, slots, TOP_K, BLOCK, SP)
 
 
 @triton.jit
-def _route(logits, l2p, replica_count, valid, weights, physical, buckets, num_tokens, num_experts,
-           stride_logits, max_replicas, slot_start, slots, TOP_K: tl.constexpr, NORM_TOPK: tl.constexpr,
-           HAS_VALID: tl.constexpr, BT: tl.constexpr, EP: tl.constexpr, KP: tl.constexpr):  # fmt: skip
-    _route_block(tl.program_id(0) * BT, logits, l2p, replica_count, valid, weights, physical, buckets, num_tokens,
-                 num_experts, stride_logits, max_replicas, slot_start, slots, TOP_K, NORM_TOPK, HAS_VALID, BT, EP,
-                 KP)  # fmt: skip
+def _route(
+    logits,
+    l2p,
+    replica_count,
+    valid,
+    weights,
+    physical,
+    buckets,
+    num_tokens,
+    num_experts,
+    stride_logits,
+    max_replicas,
+    slot_start,
+    slots,
+    TOP_K: tl.constexpr,
+    NORM_TOPK: tl.constexpr,
+    HAS_VALID: tl.constexpr,
+    BT: tl.constexpr,
+    EP: tl.constexpr,
+    KP: tl.constexpr,
+):
+    _route_block(
+        tl.program_id(0) * BT,
+        logits,
+        l2p,
+        replica_count,
+        valid,
+        weights,
+        physical,
+        buckets,
+        num_tokens,
+        num_experts,
+        stride_logits,
+        max_replicas,
+        slot_start,
+        slots,
+        TOP_K,
+        NORM_TOPK,
+        HAS_VALID,
+        BT,
+        EP,
+        KP,
+    )
 
 
 @triton.jit
-def _group_kernel(buckets, cursors, rows, ends, sorted_row, groups, num_choices, num_groups, slots,
-                  TOP_K: tl.constexpr, BLOCK: tl.constexpr, SP: tl.constexpr):  # fmt: skip
+def _group_kernel(
+    buckets,
+    cursors,
+    rows,
+    ends,
+    sorted_row,
+    groups,
+    num_choices,
+    num_groups,
+    slots,
+    TOP_K: tl.constexpr,
+    BLOCK: tl.constexpr,
+    SP: tl.constexpr,
+):
     _group(buckets, cursors, rows, ends, sorted_row, groups, num_choices, num_groups, slots, TOP_K, BLOCK, SP)
 
 
@@ -144,14 +273,42 @@ def dispatch(
     bt = min(FUSED_MAX_TOKENS, max(16, triton.next_power_of_2(n)))
     route = (logits, logical_to_physical, replica_count, valid if valid is not None else physical, weights, physical)
     sizes = (n, num_experts, logits.stride(0), logical_to_physical.shape[1], slot_start, slots)
-    route_meta = dict(TOP_K=top_k, NORM_TOPK=norm_topk_prob, HAS_VALID=valid is not None, BT=bt,
-                      EP=max(16, triton.next_power_of_2(num_experts)), KP=max(2, triton.next_power_of_2(top_k)))  # fmt: skip
+    route_meta = dict(
+        TOP_K=top_k,
+        NORM_TOPK=norm_topk_prob,
+        HAS_VALID=valid is not None,
+        BT=bt,
+        EP=max(16, triton.next_power_of_2(num_experts)),
+        KP=max(2, triton.next_power_of_2(top_k)),
+    )
     group_meta = dict(BLOCK=block, SP=sp, num_warps=8 if block >= 2048 else 4)
     if n <= FUSED_MAX_TOKENS:
-        _dispatch_fused[(1,)](*route, rows, ends, sorted_row, groups, buckets, cursors, groups.shape[0], *sizes,
-                              **route_meta, **group_meta)  # fmt: skip
+        _dispatch_fused[(1,)](
+            *route,
+            rows,
+            ends,
+            sorted_row,
+            groups,
+            buckets,
+            cursors,
+            groups.shape[0],
+            *sizes,
+            **route_meta,
+            **group_meta,
+        )
     else:
         _route[(triton.cdiv(n, bt),)](*route, buckets, *sizes, **route_meta)
-        _group_kernel[(1,)](buckets, cursors, rows, ends, sorted_row, groups, num_choices, groups.shape[0], slots,
-                            TOP_K=top_k, **group_meta)  # fmt: skip
+        _group_kernel[(1,)](
+            buckets,
+            cursors,
+            rows,
+            ends,
+            sorted_row,
+            groups,
+            num_choices,
+            groups.shape[0],
+            slots,
+            TOP_K=top_k,
+            **group_meta,
+        )
     return weights, physical, rows, ends, sorted_row, groups

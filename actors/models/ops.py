@@ -4,6 +4,7 @@ backend, Triton (the model's own kernels) or torch, a kernel call takes.
 The torch versions are the reference (and the CPU path); each FlashInfer kernel
 replaces a chain of 4-8 small kernels, which is what a decode step is made of.
 """
+
 from __future__ import annotations
 
 import functools
@@ -31,8 +32,13 @@ def _flashinfer():
 
 
 def triton_available() -> bool:
-    return _optional_module("triton", "the MoE dispatch, experts and combine, one-row projections and the "
-                            "q/k norm + rotary run on torch kernels") is not None  # fmt: skip
+    return (
+        _optional_module(
+            "triton",
+            "the MoE dispatch, experts and combine, one-row projections and the q/k norm + rotary run on torch kernels",
+        )
+        is not None
+    )
 
 
 def choose_backend(requested: str | None, *, op: str, on_cuda: bool, fits: bool) -> str:
@@ -69,7 +75,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * h.to(x.dtype)
 
 
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """residual + x -> (rms_norm of the sum, the sum). x, residual [T, D].
 
     The GPU kernel works in place: the sum lands in ``residual``, the normalised
@@ -92,7 +100,9 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def rotary_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q [T, H, D] and k [T, Hk, D] by position (rotate-half layout); in place on GPU.
 
     cos_sin [max_position, D] float32: cos of the D/2 frequencies, then their sin.

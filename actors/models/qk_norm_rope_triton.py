@@ -1,6 +1,7 @@
 """Qwen3's per-head q/k RMSNorm and the rotary embedding in one Triton kernel, in place
 (see ops.qk_norm_rotary_): one program per (token, head) of q and k together, where
 the unfused path runs three kernels (two norms, then FlashInfer's rotary)."""
+
 from __future__ import annotations
 
 import torch
@@ -9,8 +10,21 @@ import triton.language as tl
 
 
 @triton.jit
-def _qk_norm_rope(q, k, q_weight, k_weight, positions, cos_sin, eps, heads, stride_qt, stride_qh, stride_kt,
-                  stride_kh, HALF: tl.constexpr):  # fmt: skip
+def _qk_norm_rope(
+    q,
+    k,
+    q_weight,
+    k_weight,
+    positions,
+    cos_sin,
+    eps,
+    heads,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    HALF: tl.constexpr,
+):
     t = tl.program_id(0)
     h = tl.program_id(1)
     d = tl.arange(0, HALF)
@@ -49,6 +63,18 @@ def qk_norm_rope_(
     if t == 0:
         return
     _qk_norm_rope[(t, heads + k.shape[1])](
-        q, k, q_weight, k_weight, positions, cos_sin, eps, heads, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        HALF=dim // 2, num_warps=1,
-    )  # fmt: skip
+        q,
+        k,
+        q_weight,
+        k_weight,
+        positions,
+        cos_sin,
+        eps,
+        heads,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        HALF=dim // 2,
+        num_warps=1,
+    )

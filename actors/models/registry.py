@@ -4,6 +4,7 @@ All four are pre-norm decoders (RMSNorm, rotary attention with GQA, SwiGLU
 MLPs); they differ only in the traits below and in checkpoint tensor names,
 so one decoder (raymoe.actors.models.decoder) builds them all.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -53,7 +54,5 @@ ARCHITECTURES = {
 
 def architecture_traits(name: str) -> ArchitectureTraits:
     if name not in ARCHITECTURES:
-        raise ValueError(
-            f"architecture {name!r} is not supported; raymoe supports {', '.join(sorted(ARCHITECTURES))}"
-        )
+        raise ValueError(f"architecture {name!r} is not supported; raymoe supports {', '.join(sorted(ARCHITECTURES))}")
     return ARCHITECTURES[name]

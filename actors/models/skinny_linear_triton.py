@@ -5,6 +5,7 @@ cuBLAS runs these shapes as split-K GEMMs well below the copy bandwidth
 (BENCHMARKS.md); here each program owns BN output columns for every row of x, reads
 its [BN, K] slab of W in BK-wide steps with coalesced loads, and reduces in float32.
 """
+
 from __future__ import annotations
 
 import torch
@@ -13,8 +14,22 @@ import triton.language as tl
 
 
 @triton.jit
-def _skinny_linear(x, w, b, y, M, N, K, stride_x, stride_w, stride_y,
-                   HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
+def _skinny_linear(
+    x,
+    w,
+    b,
+    y,
+    M,
+    N,
+    K,
+    stride_x,
+    stride_w,
+    stride_y,
+    HAS_BIAS: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
     n = tl.program_id(0) * BN + tl.arange(0, BN)
     k = tl.arange(0, BK)
     m = tl.arange(0, BM)
@@ -41,8 +56,21 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     assert x.stride(1) == 1 and weight.stride(1) == 1
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     _skinny_linear[(triton.cdiv(n, config["BN"]),)](
-        x, weight, bias if bias is not None else weight, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, BM=max(1, triton.next_power_of_2(m)), BN=config["BN"], BK=config["BK"],
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
-    )  # fmt: skip
+        x,
+        weight,
+        bias if bias is not None else weight,
+        y,
+        m,
+        n,
+        k,
+        x.stride(0),
+        weight.stride(0),
+        y.stride(0),
+        HAS_BIAS=bias is not None,
+        BM=max(1, triton.next_power_of_2(m)),
+        BN=config["BN"],
+        BK=config["BK"],
+        num_warps=config["num_warps"],
+        num_stages=config["num_stages"],
+    )
     return y

@@ -4,6 +4,7 @@ Parsed once, validated, then passed explicitly to the model builders. Field
 names accept the spellings found in real checkpoints and in transformers 5
 (``num_experts`` / ``num_local_experts``, ``rope_theta`` / ``rope_parameters``).
 """
+
 from __future__ import annotations
 
 import json
@@ -72,7 +73,10 @@ class ModelSpec:
         is not implemented; capping keeps results exact). ValueError past that limit."""
         limit = self.max_position
         if self.sliding_window is not None and self.sliding_window < limit:
-            log.info("max_model_len capped at the sliding window (%d): windowed attention is not implemented", self.sliding_window)
+            log.info(
+                "max_model_len capped at the sliding window (%d): windowed attention is not implemented",
+                self.sliding_window,
+            )
             limit = self.sliding_window
         if requested is not None and requested > limit:
             raise ValueError(f"model.max_model_len: {requested} exceeds what the model supports ({limit})")

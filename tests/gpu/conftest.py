@@ -7,6 +7,7 @@ hosts have no package registry: they install a prebuilt bundle instead,
 ``source .devbundle/install.sh``, and run the same command.) NVLink multicast stays
 off: the rank actors set the variables in their runtime_env.
 """
+
 from __future__ import annotations
 
 import os

@@ -6,13 +6,13 @@ The per-prompt allowance is wide because bf16 rounding can flip a router's choic
 a tie between experts, which moves that token's logits by a few percent: transformers'
 own bf16 run does so (on CPU: median 7e-3 against its float32 run, single prompts up to 5e-2).
 A wrong kernel or shard moves every prompt, which the median bound catches."""
+
 from __future__ import annotations
 
 import random
 
 import pytest
 import torch
-
 from model_zoo import hf_greedy, write_checkpoint
 
 GPUS = torch.cuda.device_count()
@@ -35,8 +35,14 @@ def stable_case(tmp_path_factory):
     1e-3 are common), so without this filter token equality would test luck: any bf16
     implementation, transformers' included, flips such near-ties."""
     # head_dim 64: FlashInfer's kernels cover 64, 128 and 256
-    path = write_checkpoint("qwen3_moe", tmp_path_factory.mktemp("ckpt") / "qwen3_moe", initializer_range=0.05,
-                            embedding_std=1.0, hidden_size=256, head_dim=64)  # fmt: skip
+    path = write_checkpoint(
+        "qwen3_moe",
+        tmp_path_factory.mktemp("ckpt") / "qwen3_moe",
+        initializer_range=0.05,
+        embedding_std=1.0,
+        hidden_size=256,
+        head_dim=64,
+    )
     rng = random.Random(3)
     prompts = [[rng.randrange(3, 512) for _ in range(rng.randrange(4, 80))] for _ in range(CANDIDATES)]
     ref = hf_greedy(path, prompts, NEW_TOKENS, torch.float32, "cuda")
@@ -67,10 +73,14 @@ def test_bf16_equal_to_transformers(gpu_ray, stable_case, tp, ep):
         {
             "model": {"path": str(path), "dtype": "bfloat16"},
             "parallel": {"tp": tp, "dp": max(1, ep // tp), "ep": ep, "device": "cuda"},
-            "engine": {"block_size": 16, "num_kv_blocks": 256, "max_num_batched_tokens": 64,
-                       "attention_backend": "flashinfer"},
+            "engine": {
+                "block_size": 16,
+                "num_kv_blocks": 256,
+                "max_num_batched_tokens": 64,
+                "attention_backend": "flashinfer",
+            },
         }
-    )  # fmt: skip
+    )
     with LLM(config, collect_logits=True) as llm:
         outs = llm.generate(prompts, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True))
     errors = []

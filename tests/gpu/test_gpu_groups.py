@@ -3,6 +3,7 @@ symmetric memory (rendezvous + one-shot all-reduce, no multicast) inside the ran
 
 Needs CUDA; the two-GPU tests need two GPUs on this host.
 """
+
 from __future__ import annotations
 
 import os
@@ -168,10 +169,13 @@ def _reduce_add_rms_norm(ctx, tokens: int, calls: int) -> dict:
     torch.cuda.synchronize(dev)
     return {
         "fused": g.partial_buffer(static) is not None,
-        "eager": eager.cpu(), "eager_residual": eager_residual.cpu(),
-        "first": first.cpu(), "first_residual": first_residual.cpu(),
-        "second": outs.cpu(), "second_residual": res.cpu(),
-    }  # fmt: skip
+        "eager": eager.cpu(),
+        "eager_residual": eager_residual.cpu(),
+        "first": first.cpu(),
+        "first_residual": first_residual.cpu(),
+        "second": outs.cpu(),
+        "second_residual": res.cpu(),
+    }
 
 
 def _reference_passes(tokens: int, calls: int, passes: int):

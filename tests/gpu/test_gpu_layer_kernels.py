@@ -2,6 +2,7 @@
 the one-row Triton linear (F.linear), the fused q/k norm + rotary Triton kernel (the
 unfused path: FlashInfer's norm and rotary), FlashInfer's KV append (the torch
 backend's ``write_kv``)."""
+
 from __future__ import annotations
 
 import pytest

@@ -2,6 +2,7 @@
 (the same groups exactly, on float32 logits, which have no ties), the expert MLP in bf16 at decode and
 larger row counts (each picks other block sizes), with other ranks' rows, the combine
 (alone and fused with the residual add and RMSNorm), and all three inside a CUDA graph replayed on new inputs."""
+
 from __future__ import annotations
 
 import pytest
@@ -9,17 +10,24 @@ import torch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-from raymoe.actors.models.expert_mlp import expert_mlp  # noqa: E402
+from dispatch_checks import assert_same_grouping  # noqa: E402
+
 from raymoe.actors.models import ops  # noqa: E402
+from raymoe.actors.models.expert_mlp import expert_mlp  # noqa: E402
 from raymoe.actors.models.moe_combine import combine, combine_add_rms_norm  # noqa: E402
 from raymoe.actors.models.moe_dispatch import dispatch  # noqa: E402
 from raymoe.cluster.expert_slots import replica_tables  # noqa: E402
 
-from dispatch_checks import assert_same_grouping  # noqa: E402
 
-
-def _mlp_case(tokens: int, slots: int = 32, hidden: int = 512, inter: int = 192, top_k: int = 8,
-              foreign: bool = False, seed: int = 0):  # fmt: skip
+def _mlp_case(
+    tokens: int,
+    slots: int = 32,
+    hidden: int = 512,
+    inter: int = 192,
+    top_k: int = 8,
+    foreign: bool = False,
+    seed: int = 0,
+):
     g = torch.Generator(device="cuda").manual_seed(seed)
     bf = dict(device="cuda", dtype=torch.bfloat16, generator=g)
     x = torch.randn(tokens, hidden, **bf)
@@ -50,7 +58,9 @@ def test_expert_mlp_triton_matches_grouped_mm(tokens, foreign):
 def _dispatch_args(tokens: int, experts: int = 128, physical: int = 160, top_k: int = 8, ep: int = 2, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(tokens, experts, generator=g).cuda()
-    p2l = torch.cat([torch.randperm(experts, generator=g), torch.randint(0, experts, (physical - experts,), generator=g)])
+    p2l = torch.cat(
+        [torch.randperm(experts, generator=g), torch.randint(0, experts, (physical - experts,), generator=g)]
+    )
     l2p, counts = replica_tables(p2l.view(1, -1), experts)
     slots = physical // ep
     valid = (torch.rand(tokens, generator=g) < 0.9).cuda()

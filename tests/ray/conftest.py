@@ -9,6 +9,7 @@ Test modules here call ``ray.cloudpickle.register_pickle_by_value`` on
 themselves: the functions they send to ``Controller.run_on_ranks`` must travel by
 value, since the rank actors cannot import a test module.
 """
+
 from __future__ import annotations
 
 import pathlib

@@ -1,6 +1,7 @@
 """Rebalancing experts while serving leaves the outputs unchanged: greedy tokens equal and
 logits within float tolerance before, during (layers mixed old/new) and after a rebalance,
 for ep 2 and 4 with redundant experts, moving one layer per step or all at once."""
+
 from __future__ import annotations
 
 import sys
@@ -29,12 +30,19 @@ def _rel(a, b) -> float:
 
 @pytest.mark.parametrize("ep,chunk", [(2, 1), (4, None)], ids=["ep2-chunk1", "ep4-all-layers"])
 def test_outputs_unchanged_across_rebalance(ray_session, ep, chunk):
-    config = config_from_dict({
-        "model": {"dtype": "float32"},
-        "parallel": {"tp": 1, "dp": ep, "ep": ep},
-        "engine": {"num_kv_blocks": 256},
-        "eplb": {"enabled": True, "num_redundant_experts": ep, "rebalance_every_steps": 10**6, "layers_per_chunk": chunk},
-    })  # fmt: skip
+    config = config_from_dict(
+        {
+            "model": {"dtype": "float32"},
+            "parallel": {"tp": 1, "dp": ep, "ep": ep},
+            "engine": {"num_kv_blocks": 256},
+            "eplb": {
+                "enabled": True,
+                "num_redundant_experts": ep,
+                "rebalance_every_steps": 10**6,
+                "layers_per_chunk": chunk,
+            },
+        }
+    )
     with LLM(config, collect_logits=True) as llm:
         controller = llm.controller
         before = llm.generate(PROMPTS, SAMPLING)

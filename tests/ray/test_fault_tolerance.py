@@ -4,6 +4,7 @@ were running end within seconds with a clear 503 (no actor ids, pids or addresse
 /health turns 503 and then 200, the requests still queued complete, and a new request
 succeeds. The ranks run on this host (the simulated cluster), so the test signals them
 directly."""
+
 from __future__ import annotations
 
 import asyncio
@@ -19,8 +20,8 @@ from typing import Any
 import aiohttp
 import pytest
 import ray
-
 from serving import served
+
 from raymoe.cluster.config import load_config
 
 ray.cloudpickle.register_pickle_by_value(__import__(__name__))
@@ -33,9 +34,14 @@ INTERNALS = re.compile(r"actor_id|pid=|ip=|192\.|127\.|Actor\(|[0-9a-f]{24}")
 @pytest.fixture(scope="module")
 def server(ray_cluster) -> Any:
     config = load_config().replace(
-        {"parallel.tp": 2, "engine.max_num_seqs": MAX_NUM_SEQS, "engine.num_kv_blocks": 2048,
-         "engine.step_timeout_s": 3.0, "engine.max_restarts": 10}
-    )  # fmt: skip
+        {
+            "parallel.tp": 2,
+            "engine.max_num_seqs": MAX_NUM_SEQS,
+            "engine.num_kv_blocks": 2048,
+            "engine.step_timeout_s": 3.0,
+            "engine.max_restarts": 10,
+        }
+    )
     with served(config) as url:
         yield url
 

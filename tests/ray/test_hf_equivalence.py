@@ -1,5 +1,6 @@
 """raymoe's greedy output and logits equal Hugging Face transformers on the same weights,
 for MoE and dense architectures and every (tp, ep) layout, with mixed prompt lengths."""
+
 from __future__ import annotations
 
 import random
@@ -7,8 +8,8 @@ import random
 import pytest
 import ray
 import torch
-
 from model_zoo import hf_greedy, write_checkpoint
+
 from raymoe.cluster.config import Config, config_from_dict
 from raymoe.deploy import LLM, SamplingParams
 
@@ -39,10 +40,14 @@ def _config(path, tp: int, ep: int, pipelined: bool = False) -> Config:
             "model": {"path": str(path), "dtype": "float32"},
             "parallel": {"tp": tp, "dp": max(1, ep // tp), "ep": ep, "device": "cpu"},
             # a small token budget forces chunked prefill of the long prompts
-            "engine": {"block_size": 8, "num_kv_blocks": 128, "max_num_batched_tokens": 48,
-                       "pipelined_steps": pipelined},
+            "engine": {
+                "block_size": 8,
+                "num_kv_blocks": 128,
+                "max_num_batched_tokens": 48,
+                "pipelined_steps": pipelined,
+            },
         }
-    )  # fmt: skip
+    )
 
 
 @pytest.mark.parametrize("tp,ep", LAYOUTS, ids=[f"tp{t}-ep{e}" for t, e in LAYOUTS])

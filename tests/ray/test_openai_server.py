@@ -5,6 +5,7 @@ One deployment for the whole module (built-in tiny model, an API key, a small ru
 batch so the queue limit is reachable). References: transformers (greedy tokens,
 prompt token counts), the same request run alone, prometheus_client's parser.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -16,10 +17,10 @@ from typing import Any, Optional
 
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
 from model_zoo import hf_greedy
+from prometheus_client.parser import text_string_to_metric_families
 from serving import served
+
 from raymoe.actors.models.builtin import resolve_model_path
 from raymoe.cluster.config import load_config
 
@@ -33,9 +34,15 @@ LONG = 1500  # tokens: a stream that would run for many seconds
 @pytest.fixture(scope="module")
 def server(ray_cluster) -> Any:
     config = load_config().replace(
-        {"serve.api_key": KEY, "serve.max_queued_requests": MAX_QUEUED, "engine.max_num_seqs": MAX_NUM_SEQS,
-         "engine.num_kv_blocks": 2048, "eplb.enabled": True, "eplb.rebalance_every_steps": 10**6}
-    )  # fmt: skip
+        {
+            "serve.api_key": KEY,
+            "serve.max_queued_requests": MAX_QUEUED,
+            "engine.max_num_seqs": MAX_NUM_SEQS,
+            "engine.num_kv_blocks": 2048,
+            "eplb.enabled": True,
+            "eplb.rebalance_every_steps": 10**6,
+        }
+    )
     with served(config) as url:
         yield url
 
@@ -115,7 +122,9 @@ def test_completion_equals_transformers(client, hf_tokenizer):
     ids = [hf_tokenizer(p)["input_ids"] for p in prompts]
     expected = hf_greedy(resolve_model_path(MODEL), ids, 12)
     for prompt, prompt_ids, (ref_tokens, _) in zip(prompts, ids, expected):
-        r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+        r = client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
+        )
         assert r.choices[0].text == hf_tokenizer.decode(ref_tokens, skip_special_tokens=True)
         assert r.choices[0].finish_reason == "length"
         assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(prompt_ids), 12)
@@ -125,7 +134,9 @@ def test_completion_equals_transformers(client, hf_tokenizer):
 def test_chat_usage_counts_the_template(client, hf_tokenizer):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
     r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0)
-    ref = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    ref = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)[
+        "input_ids"
+    ]
     assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
     assert r.usage.prompt_tokens == len(ref)
     assert 1 <= r.usage.completion_tokens <= 8
@@ -138,7 +149,9 @@ def test_chat_usage_counts_the_template(client, hf_tokenizer):
 def test_streaming_equals_non_streaming(client):
     args = dict(model=MODEL, max_tokens=10, temperature=0, extra_body={"ignore_eos": True})
     full = client.completions.create(prompt="Stream me", **args)
-    chunks = list(client.completions.create(prompt="Stream me", stream=True, stream_options={"include_usage": True}, **args))
+    chunks = list(
+        client.completions.create(prompt="Stream me", stream=True, stream_options={"include_usage": True}, **args)
+    )
     text_chunks = [c for c in chunks if c.choices]
     assert "".join(c.choices[0].text for c in text_chunks) == full.choices[0].text
     # a chunk per delta: one per token while the ingress keeps up, several tokens when it falls behind
@@ -169,7 +182,10 @@ def test_batch_prompts_stop_and_seed(client):
     cut = client.completions.create(prompt="beta gamma", stop=[stop], **args).choices[0]
     assert cut.finish_reason == "stop" and cut.text == text[: text.index(stop)]
 
-    sampled = [client.completions.create(prompt="x", model=MODEL, max_tokens=8, temperature=1.0, seed=42).choices[0].text for _ in range(2)]
+    sampled = [
+        client.completions.create(prompt="x", model=MODEL, max_tokens=8, temperature=1.0, seed=42).choices[0].text
+        for _ in range(2)
+    ]
     assert sampled[0] == sampled[1]
 
 
@@ -180,7 +196,9 @@ def test_64_concurrent_streams_equal_each_alone(client, server):
     aclient = openai.AsyncOpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0, timeout=300)
 
     async def one(prompt: str) -> tuple[str, int]:
-        stream = await aclient.completions.create(prompt=prompt, stream=True, stream_options={"include_usage": True}, **args)
+        stream = await aclient.completions.create(
+            prompt=prompt, stream=True, stream_options={"include_usage": True}, **args
+        )
         text, n = "", 0
         async for c in stream:
             text += "".join(ch.text for ch in c.choices)
@@ -217,7 +235,11 @@ BAD = {
     "bad role": ({"messages": [{"role": "wizard", "content": "x"}]}, "chat", "messages.0.role"),
     "token id outside vocab": ({"prompt": [1, 10**6]}, "completions", "prompt"),
     "image part": ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "chat", "messages.0.content"),
-    "stream_options without stream": ({"prompt": "x", "stream_options": {"include_usage": True}}, "completions", "stream_options"),
+    "stream_options without stream": (
+        {"prompt": "x", "stream_options": {"include_usage": True}},
+        "completions",
+        "stream_options",
+    ),
     # what the engine packs into int64 columns, or OpenAI's own ranges: refused at the edge
     "seed past int64": ({"prompt": "x", "max_tokens": 1, "seed": 2**63}, "completions", "seed"),
     "top_k past its bound": ({"prompt": "x", "max_tokens": 1, "top_k": 2**63}, "completions", "top_k"),
@@ -241,11 +263,17 @@ def test_hostile_input_fails_only_itself(server, client):
     """Each of these once failed the engine for every user, froze the endpoint or gave a 500
     with a text body; now each gets its own answer and the next request is served."""
     assert _http(server, "/v1/completions", json.dumps({"model": "gpt-4", "prompt": "x"}).encode())[0] == 404
-    greedy = client.completions.create(model=MODEL, prompt="Tiny numbers", max_tokens=6, temperature=0,
-                                       extra_body={"ignore_eos": True}).choices[0].text  # fmt: skip
+    greedy = (
+        client.completions.create(
+            model=MODEL, prompt="Tiny numbers", max_tokens=6, temperature=0, extra_body={"ignore_eos": True}
+        )
+        .choices[0]
+        .text
+    )
     for extreme in ({"temperature": 1e-45}, {"temperature": 1.0, "top_p": 1e-50}):
-        r = client.completions.create(model=MODEL, prompt="Tiny numbers", max_tokens=6, extra_body={"ignore_eos": True},
-                                      **extreme)  # fmt: skip
+        r = client.completions.create(
+            model=MODEL, prompt="Tiny numbers", max_tokens=6, extra_body={"ignore_eos": True}, **extreme
+        )
         assert r.choices[0].text == greedy and r.usage.completion_tokens == 6  # the top token, not NaN sampling
     for kwargs in ({"documents": 1}, {"self": 1}, {"documents": [{"title": 1}]}):
         body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "chat_template_kwargs": kwargs}
@@ -264,8 +292,11 @@ def _declared_body(server: str, length: int) -> tuple[int, Any]:
     url = urllib.parse.urlparse(server)
     conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
     conn.putrequest("POST", "/v1/completions")
-    for name, value in (("Content-Type", "application/json"), ("Content-Length", str(length)),
-                        ("Authorization", f"Bearer {KEY}")):  # fmt: skip
+    for name, value in (
+        ("Content-Type", "application/json"),
+        ("Content-Length", str(length)),
+        ("Authorization", f"Bearer {KEY}"),
+    ):
         conn.putheader(name, value)
     conn.endheaders()
     resp = conn.getresponse()
@@ -320,7 +351,9 @@ def test_server_keeps_serving_after_bad_input(client):
 
 
 def test_client_disconnect_frees_kv_blocks(server, client):
-    stream = client.completions.create(model=MODEL, prompt="Go on forever", max_tokens=LONG, stream=True, extra_body={"ignore_eos": True})
+    stream = client.completions.create(
+        model=MODEL, prompt="Go on forever", max_tokens=LONG, stream=True, extra_body={"ignore_eos": True}
+    )
     for i, _ in enumerate(stream):
         if i == 3:
             break
@@ -370,13 +403,19 @@ def test_queue_limit_answers_429_and_dropped_waiters_are_freed(server):
     asyncio.run(main())
     idle = _wait_metrics(server, IDLE, timeout_s=30)
     assert {k: idle[k] for k in IDLE} == IDLE
-    assert idle['raymoe_requests_total{endpoint=completions,status=429}'] == 1
+    assert idle["raymoe_requests_total{endpoint=completions,status=429}"] == 1
 
 
 def test_metrics_count_one_request_exactly(server, client):
     before = _metrics(server)
-    r = client.completions.create(model=MODEL, prompt="Count me", max_tokens=6, stream=True, stream_options={"include_usage": True},
-                                  extra_body={"ignore_eos": True})
+    r = client.completions.create(
+        model=MODEL,
+        prompt="Count me",
+        max_tokens=6,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
     usage = list(r)[-1].usage
     after = _metrics(server)
 

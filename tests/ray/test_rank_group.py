@@ -5,6 +5,7 @@ cluster cannot place fail in bounded time, saying what is missing.
 The tests of the started controller share one bring-up (module fixture) and run
 in file order; the last one shuts it down.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -157,9 +158,7 @@ def test_health_is_ok(started):
     assert health["status"] == "ok"
     assert "world=4" in health["layout"]
     pids = [m["pid"] for m in ray.get(controller.run_on_ranks.remote(_whoami))]
-    assert [(h["rank"], h["device"], h["pid"]) for h in health["ranks"]] == [
-        (r, "cpu", pids[r]) for r in range(WORLD)
-    ]
+    assert [(h["rank"], h["device"], h["pid"]) for h in health["ranks"]] == [(r, "cpu", pids[r]) for r in range(WORLD)]
 
 
 def test_shutdown_releases_the_placement_group(started):

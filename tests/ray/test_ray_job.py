@@ -8,6 +8,7 @@ authentication is off for this private localhost head (RAY_AUTH_MODE=disabled), 
 test does not depend on a token in ~/.ray. A head whose dashboard (the job server) does
 not come up fails the test.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,7 +25,6 @@ from typing import Any, Callable
 
 import openai
 import pytest
-
 from ports import free_ports
 
 BIN = pathlib.Path(sys.executable).parent
@@ -61,12 +61,24 @@ def ray_head() -> Any:
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env["RAY_AUTH_MODE"] = "disabled"
     cmd = [
-        str(BIN / "ray"), "start", "--head", "--block", "--num-cpus=2", "--include-dashboard=true",
-        "--dashboard-host=127.0.0.1", f"--port={gcs}", f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
-        f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
-        f"--metrics-export-port={metrics}", f"--node-manager-port={node_mgr}", f"--object-manager-port={obj_mgr}",
-        f"--runtime-env-agent-port={runtime_env}", f"--temp-dir={temp_dir}",
-    ]  # fmt: skip
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--num-cpus=2",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--port={gcs}",
+        f"--dashboard-port={dash}",
+        f"--ray-client-server-port={client}",
+        f"--dashboard-agent-listen-port={agent_http}",
+        f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--metrics-export-port={metrics}",
+        f"--node-manager-port={node_mgr}",
+        f"--object-manager-port={obj_mgr}",
+        f"--runtime-env-agent-port={runtime_env}",
+        f"--temp-dir={temp_dir}",
+    ]
     log_path = pathlib.Path(temp_dir) / "ray-start.log"
     log = open(log_path, "w")
     head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -110,8 +122,22 @@ def test_ray_job_submit_raymoe_serve(ray_head):
     (port,) = free_ports(1)
     sid = f"raymoe-serve-{port}"
     runtime_env = '{"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "60"}}'  # time for a clean Serve shutdown
-    _job(env, "submit", "--address", url, "--submission-id", sid, "--no-wait", "--runtime-env-json", runtime_env,
-         "--", "raymoe", "serve", "--port", str(port))  # fmt: skip
+    _job(
+        env,
+        "submit",
+        "--address",
+        url,
+        "--submission-id",
+        sid,
+        "--no-wait",
+        "--runtime-env-json",
+        runtime_env,
+        "--",
+        "raymoe",
+        "serve",
+        "--port",
+        str(port),
+    )
     base = f"http://127.0.0.1:{port}"
 
     def serving() -> bool:

@@ -3,6 +3,7 @@ itself (Serve's direct ingress; Serve's proxy sits on another port); with
 serve.direct_ingress off, Serve's proxy answers on serve.port. Either way the official
 ``openai`` client gets the same greedy completion there. With serve.num_replicas: 2 the
 two ingress replicas serve concurrent streams side by side, each its own requests."""
+
 from __future__ import annotations
 
 import asyncio
@@ -13,8 +14,8 @@ import urllib.request
 from typing import Any
 
 import openai
-
 from ports import free_ports
+
 from raymoe.cluster.config import load_config
 from raymoe.deploy.serve_app import start_serving, stop_serving
 
@@ -46,8 +47,9 @@ def _serve_and_complete(direct: bool) -> tuple[str, str]:
     try:
         assert url == f"http://127.0.0.1:{port}"
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
-        out = client.completions.create(model="builtin:tiny-qwen3-moe", prompt="The capital of France is",
-                                        max_tokens=8, temperature=0)  # fmt: skip
+        out = client.completions.create(
+            model="builtin:tiny-qwen3-moe", prompt="The capital of France is", max_tokens=8, temperature=0
+        )
         return _listener(port), out.choices[0].text
     finally:
         stop_serving()
@@ -75,7 +77,9 @@ def _two_free_ports() -> int:
 
 def _completion_tokens(url: str) -> float:
     text = urllib.request.urlopen(url + "/metrics", timeout=30).read().decode()
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("raymoe_completion_tokens_total"))
+    return sum(
+        float(line.split()[-1]) for line in text.splitlines() if line.startswith("raymoe_completion_tokens_total")
+    )
 
 
 def test_two_ingress_replicas_each_serve_their_own_streams(ray_cluster: Any) -> None:
@@ -86,8 +90,10 @@ def test_two_ingress_replicas_each_serve_their_own_streams(ray_cluster: Any) -> 
     args = dict(model="builtin:tiny-qwen3-moe", max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
     prompts = [f"Stream {i} goes" for i in range(8)]
     try:
-        alone = {p: openai.OpenAI(base_url=url + "/v1", api_key="none").completions.create(prompt=p, **args).choices[0].text
-                 for p in prompts}  # fmt: skip
+        alone = {
+            p: openai.OpenAI(base_url=url + "/v1", api_key="none").completions.create(prompt=p, **args).choices[0].text
+            for p in prompts
+        }
         before = [_completion_tokens(u) for u in urls]
 
         async def one(i: int) -> str:

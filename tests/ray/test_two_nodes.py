@@ -1,5 +1,6 @@
 """A layout over two Ray nodes (dp2 tp2 ep2, nodes=2): ranks 0-1 on one node and 2-3 on
 the other, local ranks by node, and groups that cross nodes work."""
+
 from __future__ import annotations
 
 import sys

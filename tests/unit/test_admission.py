@@ -1,4 +1,5 @@
 """The admission rule: the scheduler's check and the clients' token limit are one rule."""
+
 from __future__ import annotations
 
 import itertools

@@ -1,5 +1,6 @@
 """The double-buffer bookkeeping of the fused sum + add + norm (comm/symm_all_reduce.py),
 on CPU with a counting stand-in for the signal-pad barrier."""
+
 from __future__ import annotations
 
 import pytest

@@ -3,7 +3,6 @@ writing is deterministic, atomic, race-safe and a no-op once done."""
 
 import json
 import math
-import os
 import pathlib
 import subprocess
 import sys
@@ -31,8 +30,13 @@ def _files(d: pathlib.Path) -> dict[str, bytes]:
 def test_layout_and_size(ckpt, tmp_path):
     assert ckpt.name == f"{NAME}-v1" and ckpt.parent.name == "builtin"
     names = set(_files(ckpt))
-    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-            "generation_config.json"} <= names
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    } <= names
     assert sum(len(b) for b in _files(ckpt).values()) < 2 * 1024 * 1024
     assert ckpt.stat().st_mode & 0o777 == 0o755
     # nothing left behind from the temporary write directory
@@ -44,7 +48,12 @@ def test_transformers_config_matches_spec(ckpt):
 
     cfg = AutoConfig.from_pretrained(ckpt)
     assert cfg.model_type == "qwen3_moe" and cfg.architectures == ["Qwen3MoeForCausalLM"]
-    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.moe_intermediate_size, cfg.intermediate_size) == (4, 64, 32, 128)
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.moe_intermediate_size, cfg.intermediate_size) == (
+        4,
+        64,
+        32,
+        128,
+    )
     assert (cfg.num_experts, cfg.num_experts_per_tok, cfg.norm_topk_prob) == (8, 2, True)
     assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (4, 2, 16)
     assert cfg.decoder_sparse_step == 1 and cfg.mlp_only_layers == []
@@ -105,8 +114,15 @@ def test_transformers_loads_every_weight_and_generates(ckpt):
     torch.testing.assert_close(model.model.layers[2].mlp.experts.gate_up_proj.data[3, :32], gate3, rtol=0, atol=0)
 
     ids = torch.tensor([[5, 40, 41, 42, 43]])
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12,
-                         do_sample=False, output_logits=True, return_dict_in_generate=True)
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=12,
+        min_new_tokens=12,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
     assert out.sequences.shape == (1, 5 + 12)
     # greedy margins are far above float32 rounding, so greedy decoding is stable
     margins = [float(lg[0].topk(2).values[0] - lg[0].topk(2).values[1]) for lg in out.logits]
@@ -188,8 +204,15 @@ print(ensure_builtin("tiny-qwen3-moe", cache / "c"))
 
 
 def test_concurrent_processes_get_identical_complete_copies(ckpt, tmp_path):
-    procs = [subprocess.Popen([sys.executable, "-c", _RACER, str(tmp_path), str(i)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _RACER, str(tmp_path), str(i)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     deadline = time.monotonic() + 120
     while not all((tmp_path / f"ready-{i}").exists() for i in range(2)) and time.monotonic() < deadline:
         if any(p.poll() is not None for p in procs):
@@ -228,9 +251,19 @@ def test_qwen3_30b_a3b_shape_is_the_real_config_with_the_builtin_tokenizer(tmp_p
     cfg = transformers.AutoConfig.from_pretrained(path)
     assert type(cfg).__name__ == "Qwen3MoeConfig"
     assert (cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers, cfg.num_experts, cfg.num_experts_per_tok) == (
-        151936, 2048, 48, 128, 8)
+        151936,
+        2048,
+        48,
+        128,
+        8,
+    )
     spec = load_spec(path)
-    assert (spec.vocab_size, spec.num_layers, spec.moe.num_experts, spec.moe.intermediate_size) == (151936, 48, 128, 768)
+    assert (spec.vocab_size, spec.num_layers, spec.moe.num_experts, spec.moe.intermediate_size) == (
+        151936,
+        48,
+        128,
+        768,
+    )
     ours = Tokenizer.from_dir(path)
     ref = transformers.AutoTokenizer.from_pretrained(path)
     ids = ours.encode("The lighthouse keeper")

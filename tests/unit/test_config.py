@@ -1,4 +1,5 @@
 """Config tree: YAML -> frozen, validated dataclasses; errors name the dotted field."""
+
 from __future__ import annotations
 
 import dataclasses

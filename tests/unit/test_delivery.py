@@ -2,6 +2,7 @@
 order, merged over the steps since its last poll; nothing goes out for a request after
 it finished or was removed; a poll waits for outputs, times out empty, and returns the
 engine's failure; silent clients are found."""
+
 import asyncio
 import time
 
@@ -19,7 +20,9 @@ def test_each_client_gets_its_own_outputs_in_order():
     async def main():
         router = OutputRouter()
         a0, a1, b0 = router.add("a", 0), router.add("a", 1), router.add("b", 0)
-        router.deliver([TokenOutput(a0, 5, Finish.RUNNING), TokenOutput(b0, 9, Finish.RUNNING), TokenOutput(a1, 7, Finish.RUNNING)])
+        router.deliver(
+            [TokenOutput(a0, 5, Finish.RUNNING), TokenOutput(b0, 9, Finish.RUNNING), TokenOutput(a1, 7, Finish.RUNNING)]
+        )
         router.deliver([TokenOutput(a0, 6, Finish.LENGTH), TokenOutput(b0, 8, Finish.STOP)])
         router.deliver([TokenOutput(a0, 99, Finish.RUNNING)])  # finished already: dropped
         got_a, got_b = await router.poll("a", 1.0), await router.poll("b", 1.0)

@@ -2,6 +2,7 @@
 JSON schema Ray ships (and Ray's own config preparation), KubeRay manifests checked
 for structure and for agreeing with raymoe (import path, CLI entry point, shipped
 configs, GPU counts)."""
+
 from __future__ import annotations
 
 import json
@@ -91,8 +92,8 @@ def test_rayservice_points_at_the_app_builder():
 
 
 def test_rayjob_runs_the_installed_cli():
-    from raymoe.deploy.cli import build_parser
     from raymoe.cluster.config import resolve_config
+    from raymoe.deploy.cli import build_parser
 
     doc = _manifest("RayJob")
     argv = shlex.split(doc["spec"]["entrypoint"])

@@ -141,11 +141,14 @@ def test_partial_match_is_held_then_released(tok):
     assert released + detok.flush() == text
 
 
-@pytest.mark.parametrize("stops, expected_reason", [
-    (("keeper", "light"), "light"),        # listed second, occurs first
-    (("house", "lighthouse"), "lighthouse"),  # overlapping: the earlier start wins
-    (("sun", "e"), "e"),                    # single character, inside the first word
-])
+@pytest.mark.parametrize(
+    "stops, expected_reason",
+    [
+        (("keeper", "light"), "light"),  # listed second, occurs first
+        (("house", "lighthouse"), "lighthouse"),  # overlapping: the earlier start wins
+        (("sun", "e"), "e"),  # single character, inside the first word
+    ],
+)
 def test_earliest_stop_wins(tok, stops, expected_reason):
     ids = tok.encode(TEXTS[0])
     k, expected = first_stop_cut(tok, ids, stops)
@@ -165,7 +168,7 @@ def test_random_stop_strings_match_reference(tok):
         for _ in range(rng.randint(1, 3)):
             if rng.random() < 0.8:
                 i = rng.randrange(len(full))
-                stops.append(full[i: i + rng.randint(1, 8)])
+                stops.append(full[i : i + rng.randint(1, 8)])
             else:
                 stops.append(rng.choice(["zzz", "keepers", "🚀🚀", "\n\n"]))  # may never match
         detok = IncrementalDetokenizer(tok, tok.encode("prompt"), stop=tuple(stops))

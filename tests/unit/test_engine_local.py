@@ -8,6 +8,7 @@ next one's decode tokens are pending and the runner takes them from its last sam
 exactly the tokens, texts and finish reasons of steps run one at a time, under
 preemption, with stop strings and stop tokens, with seeded sampling, with consumers
 that go away mid-stream or fall behind the engine."""
+
 from __future__ import annotations
 
 import asyncio
@@ -43,11 +44,17 @@ class Engine:
 
 
 def _engine(num_kv_blocks: int, block_size: int = 4, max_num_batched_tokens: int = 64) -> Engine:
-    config = config_from_dict({
-        "model": {"dtype": "float32"},
-        "engine": {"num_kv_blocks": num_kv_blocks, "block_size": block_size, "max_num_seqs": 8,
-                   "max_num_batched_tokens": max_num_batched_tokens},
-    })  # fmt: skip
+    config = config_from_dict(
+        {
+            "model": {"dtype": "float32"},
+            "engine": {
+                "num_kv_blocks": num_kv_blocks,
+                "block_size": block_size,
+                "max_num_seqs": 8,
+                "max_num_batched_tokens": max_num_batched_tokens,
+            },
+        }
+    )
     return Engine(build_local_engine(config, num_threads=1))
 
 
@@ -85,9 +92,14 @@ def _requests(core: EngineCore, sampling: SamplingParams) -> dict[str, tuple[lis
     return {f"r{i}": (core.tokenizer.encode(p), sampling) for i, p in enumerate(PROMPTS)}
 
 
-@pytest.mark.parametrize("sampling", [SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True),
-                                      SamplingParams(max_tokens=40, temperature=0.9, top_p=0.9, seed=7, ignore_eos=True)],
-                         ids=["greedy", "seeded"])  # fmt: skip
+@pytest.mark.parametrize(
+    "sampling",
+    [
+        SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True),
+        SamplingParams(max_tokens=40, temperature=0.9, top_p=0.9, seed=7, ignore_eos=True),
+    ],
+    ids=["greedy", "seeded"],
+)
 def test_preemption_gives_the_same_tokens(big, sampling):
     reference = _run(big, _requests(big, sampling))
     assert _free_everywhere(big)
@@ -121,10 +133,19 @@ def test_aborts_free_every_block(big):
 
 
 def test_stop_strings_cut_exactly(big):
-    plain = _run(big, {"a": (big.tokenizer.encode("Hello there"), SamplingParams(max_tokens=40, temperature=0.0,
-                                                                                   ignore_eos=True))})["a"]  # fmt: skip
+    plain = _run(
+        big,
+        {"a": (big.tokenizer.encode("Hello there"), SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True))},
+    )["a"]
     text = plain["text"]
-    stop = next((text[i : i + 3] for i in range(5, len(text) - 3) if text[i : i + 3].strip() and "\ufffd" not in text[i : i + 3]), None)
+    stop = next(
+        (
+            text[i : i + 3]
+            for i in range(5, len(text) - 3)
+            if text[i : i + 3].strip() and "\ufffd" not in text[i : i + 3]
+        ),
+        None,
+    )
     assert stop is not None, f"no usable stop string in {text!r}"
     params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, stop=(stop,))
     cut = _run(big, {"b": (big.tokenizer.encode("Hello there"), params)})["b"]
@@ -207,9 +228,14 @@ def _texts(results: dict) -> dict:
     return {rid: {k: r[k] for k in ("tokens", "text", "reason")} for rid, r in results.items()}
 
 
-@pytest.mark.parametrize("sampling", [SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True),
-                                      SamplingParams(max_tokens=30, temperature=0.9, top_p=0.9, seed=7, ignore_eos=True)],
-                         ids=["greedy", "seeded"])  # fmt: skip
+@pytest.mark.parametrize(
+    "sampling",
+    [
+        SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True),
+        SamplingParams(max_tokens=30, temperature=0.9, top_p=0.9, seed=7, ignore_eos=True),
+    ],
+    ids=["greedy", "seeded"],
+)
 def test_pipelined_equals_one_step_at_a_time_under_preemption(big, sampling):
     requests = {f"r{i}": (big.tokenizer.encode(p), sampling) for i, p in enumerate(PROMPTS)}
     reference = _run(big, requests)
@@ -226,12 +252,22 @@ def test_pipelined_stops_exactly(big):
     ids = big.tokenizer.encode("Hello there")
     plain = _run(big, {"a": (ids, SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True))})["a"]
     text = plain["text"]
-    stop = next((text[i : i + 3] for i in range(5, len(text) - 3) if text[i : i + 3].strip() and "\ufffd" not in text[i : i + 3]), None)
+    stop = next(
+        (
+            text[i : i + 3]
+            for i in range(5, len(text) - 3)
+            if text[i : i + 3].strip() and "\ufffd" not in text[i : i + 3]
+        ),
+        None,
+    )
     assert stop is not None, f"no usable stop string in {text!r}"
     stop_token = plain["tokens"][7]
     requests = {
         "stop-string": (ids, SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, stop=(stop,))),
-        "stop-token": (ids, SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, stop_token_ids=(stop_token,))),
+        "stop-token": (
+            ids,
+            SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, stop_token_ids=(stop_token,)),
+        ),
         "length": (ids, SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)),
         "one": (ids, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)),
     }
@@ -273,7 +309,9 @@ def test_polls_per_step_do_not_grow_with_the_requests(big):
             steps0 = big.num_steps
 
             async def one(i: int) -> int:
-                return sum([len(d.token_ids) async for d in client.stream(big.tokenizer.encode(f"prompt {i}"), sampling)])
+                return sum(
+                    [len(d.token_ids) async for d in client.stream(big.tokenizer.encode(f"prompt {i}"), sampling)]
+                )
 
             assert await asyncio.gather(*(one(i) for i in range(n))) == [24] * n
             stats = engine.stats()
@@ -295,7 +333,9 @@ def test_a_silent_client_has_its_requests_aborted(big):
 
     async def main():
         engine = AsyncEngine(big.local.core, big.executor, max_queued=100, pipelined=True, client_timeout_s=0.3)
-        rejected = await engine.submit("ghost", [NewRequest(i, big.tokenizer.encode(f"hello {i}"), sampling) for i in range(3)])
+        rejected = await engine.submit(
+            "ghost", [NewRequest(i, big.tokenizer.encode(f"hello {i}"), sampling) for i in range(3)]
+        )
         assert rejected == [] and big.has_unfinished
         for _ in range(300):
             if not big.has_unfinished:
@@ -326,7 +366,7 @@ def test_a_failed_step_fails_started_requests_keeps_queued_ones_and_spends_the_r
     from raymoe.actors.engine.messages import NewRequest, RejectKind
 
     engine_ = _engine(num_kv_blocks=512)
-    core, runner = engine_.local.core, engine_.executor.runner
+    core = engine_.local.core
     tok = engine_.tokenizer
     core.schedulers[0].max_num_seqs = 2  # two run, the rest wait
     sampling = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
@@ -346,8 +386,9 @@ def test_a_failed_step_fails_started_requests_keeps_queued_ones_and_spends_the_r
 
     async def main():
         executor = SimpleNamespace(run_step_async=failing)
-        engine = AsyncEngine(core, executor, max_queued=100, pipelined=False, restart=restart,
-                             restart_budget=RestartBudget(1, 60.0))  # fmt: skip
+        engine = AsyncEngine(
+            core, executor, max_queued=100, pipelined=False, restart=restart, restart_budget=RestartBudget(1, 60.0)
+        )
         client = EngineClient(engine, tok, engine_.local.info)
 
         async def one(ids):
@@ -361,8 +402,10 @@ def test_a_failed_step_fails_started_requests_keeps_queued_ones_and_spends_the_r
             return out
 
         long = SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True)
-        running = [asyncio.create_task(one_long) for one_long in [_drain(client, tok.encode("run a"), long),
-                                                                  _drain(client, tok.encode("run b"), long)]]
+        running = [
+            asyncio.create_task(one_long)
+            for one_long in [_drain(client, tok.encode("run a"), long), _drain(client, tok.encode("run b"), long)]
+        ]
         await asyncio.sleep(0)
         queued = [asyncio.create_task(one(ids)) for ids in prompts.values()]
         results = await asyncio.gather(*running, *queued)

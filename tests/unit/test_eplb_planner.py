@@ -4,6 +4,7 @@ Balancedness, rank loads and moved slots are recomputed here with plain loops ov
 lists (tokens of a logical expert split evenly over its replicas; balancedness =
 sum_layers mean / sum_layers max of rank load), never with the planner's helpers.
 """
+
 from __future__ import annotations
 
 import random

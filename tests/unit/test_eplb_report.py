@@ -1,5 +1,6 @@
 """The EPLB heatmap is a valid PNG (checked with zlib and the PNG chunk CRCs) whose cells
 carry the colour of their value on one scale shared by both panels."""
+
 from __future__ import annotations
 
 import struct
@@ -49,7 +50,18 @@ def test_colour_ramp_ends_and_clamps():
 def test_summary_states():
     assert "disabled" in summary({"enabled": False})
     assert "no rebalance yet" in summary({"enabled": True, "state": "waiting", "steps_to_rebalance": 5})
-    text = summary({"enabled": True, "rebalances": 1, "state": "done", "balancedness_before": 0.5,
-                    "balancedness_after": 0.9, "bytes_moved": 2**21, "layers_total": 2, "plan_s": 0.01,
-                    "rank_load_before": [[3, 1], [3, 1]], "rank_load_after": [[2, 2], [2, 2]]})  # fmt: skip
+    text = summary(
+        {
+            "enabled": True,
+            "rebalances": 1,
+            "state": "done",
+            "balancedness_before": 0.5,
+            "balancedness_after": 0.9,
+            "bytes_moved": 2**21,
+            "layers_total": 2,
+            "plan_s": 0.01,
+            "rank_load_before": [[3, 1], [3, 1]],
+            "rank_load_after": [[2, 2], [2, 2]],
+        }
+    )
     assert "0.5000 -> 0.9000" in text and "rank 0: 6 -> 4" in text and "2.0 MiB" in text

@@ -1,16 +1,17 @@
 """The torch paths of the MoE dispatch and the routed experts' MLP against plain Python
 loops over tokens and choices (the Triton kernels are checked against these paths in
 test_triton_kernels.py and tests/gpu)."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from raymoe.actors.models import ops
 from raymoe.actors.models.expert_mlp import expert_mlp, pick_config
 from raymoe.actors.models.moe_combine import combine
 from raymoe.actors.models.moe_dispatch import dispatch
-from raymoe.actors.models import ops
 from raymoe.actors.models.ops import block_dividing, choose_backend
 from raymoe.cluster.expert_slots import replica_tables
 

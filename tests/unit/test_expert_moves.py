@@ -1,5 +1,6 @@
 """The per-layer move plan turns any old expert slots into any new ones, reading only
 copies that exist, locally when the destination rank already holds one."""
+
 from __future__ import annotations
 
 import random

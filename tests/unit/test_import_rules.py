@@ -14,6 +14,7 @@ those names are taken on PyPI; every import is ``raymoe.<folder>``.
 No import cycles among raymoe's modules, counting every import (function-local ones
 too), and importing the engine in-process pulls in neither ray nor an actor module.
 """
+
 from __future__ import annotations
 
 import ast
@@ -216,7 +217,8 @@ def test_in_process_engine_imports_no_ray_and_no_actor_module(module):
     assert module in loaded
     assert [m for m in loaded if _under(m, "ray")] == []
     outside = [
-        m for m in loaded
+        m
+        for m in loaded
         if _under(m, "raymoe.actors") and m != "raymoe.actors" and not any(_under(m, a) for a in IN_PROCESS_MAY_IMPORT)
     ]
     assert outside == [], f"{module} pulls in {outside}"
@@ -267,7 +269,10 @@ def test_checker_flags_broken_rules(rel, source, broken):
         ("comm/x.py", "import torch.distributed as dist\nfrom raymoe.cluster.layout import RankLayout"),
         ("comm/x.py", "from raymoe.comm.group import GroupCoordinator\nimport numpy"),
         ("actors/models/x.py", "import torch, safetensors\nfrom raymoe.comm.groups import Groups"),
-        ("actors/engine/x.py", "from raymoe.actors.models.spec import ModelSpec\nfrom .rank_context import RankContext"),
+        (
+            "actors/engine/x.py",
+            "from raymoe.actors.models.spec import ModelSpec\nfrom .rank_context import RankContext",
+        ),
         ("actors/x.py", "import ray\nfrom raymoe.actors.engine.core import EngineCore"),
         ("actors/x.py", "from ..cluster.config import Config"),
         ("deploy/x.py", "import ray\nfrom raymoe.actors.controller import Controller\nimport fastapi"),

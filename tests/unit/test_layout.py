@@ -4,6 +4,7 @@ Expectations come from enumerating coordinates with itertools.product (attention
 side: dp, cp, tp with tp fastest; MoE side: ep, moe_tp; nodes: node, local rank),
 never from the layout's own helpers.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -125,7 +126,7 @@ def test_members_share_and_differ_in_the_right_coordinates(tp, dp, cp):
 
 @pytest.mark.parametrize("tp, dp, cp", TRIPLES, ids=[f"tp{t}dp{d}cp{c}" for t, d, c in TRIPLES])
 def test_tp_groups_are_contiguous_and_local_ranks_follow_nodes(tp, dp, cp):
-    for ep, nodes, layout in _layouts(tp, dp, cp):
+    for _ep, nodes, layout in _layouts(tp, dp, cp):
         for g in layout.groups("tp"):
             assert g == list(range(g[0], g[0] + tp))
         rpn = layout.ranks_per_node

@@ -2,6 +2,7 @@
 APIError 4xx naming the field, never an exception of another kind), engine errors
 mapped to HTTP codes, response and stream-chunk shapes (checked with the official
 ``openai`` package's own response types), and the SSE framing."""
+
 from __future__ import annotations
 
 import json
@@ -97,10 +98,16 @@ def test_bad_completion_requests(body, param):
         ({"messages": [{"content": "x"}]}, "messages.0.role"),
         ({"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
         ({"messages": [{"role": "user", "content": 3}]}, "messages.0.content"),
-        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}]}, "messages.0.content"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}]},
+            "messages.0.content",
+        ),
         ({"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs"),
         ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
-        ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}, "response_format"),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
+            "response_format",
+        ),
         ({"messages": [{"role": "user", "content": "x"}], "prompt": "x"}, "prompt"),
     ],
 )
@@ -110,7 +117,9 @@ def test_bad_chat_requests(body, param):
 
 def test_unknown_field_message_is_openais():
     e = _err(CompletionRequest, {"prompt": "x", "frobnicate": 1})
-    assert e.message == "Unrecognized request argument supplied: frobnicate" and e.body()["error"]["param"] == "frobnicate"
+    assert (
+        e.message == "Unrecognized request argument supplied: frobnicate" and e.body()["error"]["param"] == "frobnicate"
+    )
 
 
 def test_good_requests_map_to_engine_inputs():
@@ -122,7 +131,14 @@ def test_good_requests_map_to_engine_inputs():
     assert completion_prompts(req) == ["a", "b"]
     sp = sampling_params(req, 5)
     assert (sp.max_tokens, sp.temperature, sp.top_p, sp.top_k, sp.stop, sp.seed, sp.ignore_eos, sp.stop_token_ids) == (
-        5, 0.0, 0.9, 4, ("##",), 3, True, (7,)
+        5,
+        0.0,
+        0.9,
+        4,
+        ("##",),
+        3,
+        True,
+        (7,),
     )
     assert completion_prompts(parse_request(CompletionRequest, b'{"prompt": [1, 2, 3]}')) == [[1, 2, 3]]
     assert completion_prompts(parse_request(CompletionRequest, b'{"prompt": [[1], [2, 3]]}')) == [[1], [2, 3]]
@@ -150,8 +166,11 @@ def test_max_tokens_against_the_context():
     chat = dict(limit=100, default=None, param="max_tokens", prompt_param="messages")
     assert resolve_max_tokens(None, 10, **chat) == 90  # chat: the rest of the context
     assert resolve_max_tokens(90, 10, **completion) == 90
-    for requested, n, param, code in [(0, 10, "max_tokens", "invalid_value"), (91, 10, "max_tokens", "context_length_exceeded"),
-                                      (1, 100, "prompt", "context_length_exceeded")]:
+    for requested, n, param, code in [
+        (0, 10, "max_tokens", "invalid_value"),
+        (91, 10, "max_tokens", "context_length_exceeded"),
+        (1, 100, "prompt", "context_length_exceeded"),
+    ]:
         with pytest.raises(APIError) as e:
             resolve_max_tokens(requested, n, **completion)
         assert (e.value.status, e.value.param, e.value.code) == (400, param, code)

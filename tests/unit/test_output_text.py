@@ -4,6 +4,7 @@ at-a-time path: ``tokenizer.decode`` of the output (the `tokenizers` library is 
 reference), cut before the first stop string at the token that completed it, with the
 stop token of a STOP finish counted but not shown. IncrementalDetokenizer.add_many
 agrees with add."""
+
 import random
 
 import pytest

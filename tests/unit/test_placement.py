@@ -1,4 +1,5 @@
 """Placement: bundles per node, actor locations -> ranks, and the shortfall message."""
+
 from __future__ import annotations
 
 import random
@@ -48,9 +49,7 @@ def _located(layout: RankLayout, gpus: bool, seed: int) -> list[ActorLocation]:
         ids = list(range(rpn))
         rng.shuffle(ids)
         for gpu in ids:
-            out.append(
-                dict(bundle=node, node_id=f"node-{node}", ip=f"10.0.0.{node}", gpu_ids=(gpu,) if gpus else ())
-            )
+            out.append(dict(bundle=node, node_id=f"node-{node}", ip=f"10.0.0.{node}", gpu_ids=(gpu,) if gpus else ()))
     rng.shuffle(out)
     return [ActorLocation(actor_index=i, **p) for i, p in enumerate(out)]
 

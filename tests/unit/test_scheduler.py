@@ -136,7 +136,9 @@ def add(core, spec) -> Request:
 
 def check_schedule(sched, bm, out, live):
     """Invariants right after schedule(); `live` maps id -> every unfinished request."""
-    assert out.num_tokens <= sched.max_num_batched_tokens and out.num_tokens == sum(len(c.token_ids) for c in out.chunks)
+    assert out.num_tokens <= sched.max_num_batched_tokens and out.num_tokens == sum(
+        len(c.token_ids) for c in out.chunks
+    )
     assert len(out.chunks) <= sched.max_num_seqs and sched.num_running <= sched.max_num_seqs
     scheduled = {}
     for c in out.chunks:
@@ -154,7 +156,9 @@ def check_schedule(sched, bm, out, live):
     running = [r for r in live.values() if r.status is RequestStatus.RUNNING]
     waiting = [r.arrival for r in live.values() if r.status is RequestStatus.WAITING]
     # FCFS and newest-first preemption: a running request younger than a waiting one overtook it
-    assert all(r.overtook for r in running if waiting and r.arrival > min(waiting)), "FCFS / newest-first preemption broken"
+    assert all(r.overtook for r in running if waiting and r.arrival > min(waiting)), (
+        "FCFS / newest-first preemption broken"
+    )
     assert all(r.num_overtaken <= MAX_OVERTAKES for r in live.values())
     assert (sched.num_running, sched.num_waiting) == (len(running), len(waiting))
 
@@ -216,9 +220,14 @@ def run_engine(specs, core, sched, rng=None, abort_prob=0.0, max_steps=5000):
 
 def random_specs(rng, n, max_prompt, max_out):
     return [
-        Spec(f"r{i}", [rng.randrange(VOCAB) for _ in range(rng.randint(1, max_prompt))], rng.randint(1, max_out),
-             eos=frozenset(rng.sample(range(VOCAB), rng.choice([0, 1, 3]))), seed=rng.randrange(1000),
-             arrive_step=rng.randint(0, 12))
+        Spec(
+            f"r{i}",
+            [rng.randrange(VOCAB) for _ in range(rng.randint(1, max_prompt))],
+            rng.randint(1, max_out),
+            eos=frozenset(rng.sample(range(VOCAB), rng.choice([0, 1, 3]))),
+            seed=rng.randrange(1000),
+            arrive_step=rng.randint(0, 12),
+        )
         for i in range(n)
     ]
 

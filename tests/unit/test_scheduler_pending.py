@@ -1,6 +1,7 @@
 """Steps in flight, through EngineCore: a step scheduled before the one before it is applied
 runs on that step's pending tokens (the ranks take them from their last sampling), apply
 brings them; requests whose pending token is their last are not scheduled again."""
+
 import numpy as np
 
 from raymoe.actors.engine.block_manager import BlockManager

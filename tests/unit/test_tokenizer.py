@@ -135,7 +135,7 @@ def test_chat_template_jinja_file_and_helpers_match_transformers(rich_dir):
     from transformers import AutoTokenizer
 
     ours, ref = Tokenizer.from_dir(rich_dir), AutoTokenizer.from_pretrained(rich_dir)
-    chat = CHATS[1] + [{"role": "user", "content": "skip me"}, {"role": "user", "content": "<\"quoted\" & ünïcode>"}]
+    chat = CHATS[1] + [{"role": "user", "content": "skip me"}, {"role": "user", "content": '<"quoted" & ünïcode>'}]
     for gen_prompt in (True, False):
         got = ours.apply_chat_template(chat, add_generation_prompt=gen_prompt)
         assert got == ref.apply_chat_template(chat, tokenize=False, add_generation_prompt=gen_prompt)

@@ -3,6 +3,7 @@ rotary; the fused sum + add + norm) in Triton's CPU interpreter against the torc
 paths, one case per test. The cases run in one fresh process (TRITON_INTERPRET=1 must be
 set before Triton is first imported; one process imports torch and Triton once, where a
 process per case took ~15 times as long). tests/gpu runs the compiled kernels."""
+
 from __future__ import annotations
 
 import importlib.util

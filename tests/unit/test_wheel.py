@@ -4,6 +4,7 @@ silently) and the shipped configs, and nothing from tests/ or benchmarks/.
 Builds from a copy of the checkout in tmp_path (about 2 s), so that concurrent runs
 never share setuptools' build/ folder and the checkout stays clean.
 """
+
 from __future__ import annotations
 
 import pathlib
@@ -24,7 +25,19 @@ def _build_wheel(tmp_path: pathlib.Path) -> pathlib.Path:
     src = tmp_path / "src"
     shutil.copytree(REPO, src, ignore=_ignore)
     out = tmp_path / "wheel"
-    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q", "-w", str(out), str(src)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "--no-build-isolation",
+        "--no-index",
+        "-q",
+        "-w",
+        str(out),
+        str(src),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"wheel build failed:\n{done.stdout}\n{done.stderr}"
     (wheel,) = out.glob("raymoe-*.whl")

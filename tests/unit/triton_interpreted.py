@@ -4,6 +4,7 @@ name to (case function, its arguments). Run by test_triton_kernels.py in a fresh
 with TRITON_INTERPRET=1 (the variable must be set before Triton is first imported). A
 failing case does not stop the ones after it; one JSON line per case goes to the results
 file: [name, None] when it passed, [name, its traceback] when it failed."""
+
 from __future__ import annotations
 
 import json
@@ -17,13 +18,12 @@ import torch
 from raymoe.actors.models import (
     expert_mlp_triton,
     moe_combine_triton,
-    moe_dispatch_triton,
     ops,
     qk_norm_rope_triton,
     skinny_linear_triton,
 )
-from raymoe.actors.models.moe_combine import combine, combine_add_rms_norm
 from raymoe.actors.models.expert_mlp import expert_mlp
+from raymoe.actors.models.moe_combine import combine, combine_add_rms_norm
 from raymoe.actors.models.moe_dispatch import busy_slots, dispatch
 from raymoe.cluster.expert_slots import replica_tables
 from raymoe.comm import reduce_add_rms_norm_triton
@@ -59,7 +59,9 @@ def expert_mlp_case(slots, hidden, inter, tokens, foreign, top_k=3):
 def dispatch_case(tokens, experts, physical, top_k, norm=True, ep=1, ep_rank=0, with_valid=False):
     g = torch.Generator().manual_seed(tokens * 7 + physical)
     logits = torch.randn(tokens, experts, generator=g)  # float32: no ties
-    p2l = torch.cat([torch.randperm(experts, generator=g), torch.randint(0, experts, (physical - experts,), generator=g)])
+    p2l = torch.cat(
+        [torch.randperm(experts, generator=g), torch.randint(0, experts, (physical - experts,), generator=g)]
+    )
     l2p, counts = replica_tables(p2l.view(1, -1), experts)
     slots = physical // ep
     valid = torch.rand(tokens, generator=g) < 0.7 if with_valid else None
@@ -148,8 +150,18 @@ def reduce_add_rms_norm_case(ranks, tokens, width):
     torch.testing.assert_close(normed, want_normed, rtol=2**-5, atol=2**-5)
 
 
-CASE_FUNCTIONS = {f.__name__: f for f in (expert_mlp_case, dispatch_case, combine_case, combine_add_rms_norm_case,
-                                          qk_norm_rope_case, skinny_linear_case, reduce_add_rms_norm_case)}
+CASE_FUNCTIONS = {
+    f.__name__: f
+    for f in (
+        expert_mlp_case,
+        dispatch_case,
+        combine_case,
+        combine_add_rms_norm_case,
+        qk_norm_rope_case,
+        skinny_linear_case,
+        reduce_add_rms_norm_case,
+    )
+}
 
 if __name__ == "__main__":
     cases, results = json.loads(sys.argv[1]), Path(sys.argv[2])
