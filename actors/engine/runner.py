@@ -18,7 +18,7 @@ import torch
 from raymoe.actors.engine.attention_torch import TorchAttention
 from raymoe.actors.engine.expert_load import ExpertLoadRecorder
 from raymoe.actors.engine.rank_context import RankContext
-from raymoe.actors.engine.sampler import sample
+from raymoe.actors.engine.sampler import sample_step
 from raymoe.actors.engine.step import StepInput, StepLayout, StepOutput, build_step_layout, resolve_pending_tokens
 from raymoe.actors.models.batch import ForwardBatch
 from raymoe.actors.models.checkpoint import CheckpointReader
@@ -174,14 +174,7 @@ class ModelRunner:
             tokens, logits = self.model.greedy_tokens(shard), None
         else:
             logits = self.model.full_logits(shard)
-            tokens = sample(
-                logits,
-                temperature=step.temperature[s],
-                top_k=step.top_k[s],
-                top_p=step.top_p[s],
-                seeds=step.seed[s],
-                output_index=step.output_index[s],
-            )
+            tokens = sample_step(logits, step)
         self.last_sampled[: tokens.shape[0]].copy_(tokens)
         if not self.is_driver:
             self._in_flight.append(None)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from raymoe.actors.engine.step import StepInput
+
 
 def sample(
     logits: torch.Tensor,
@@ -69,3 +71,17 @@ def filter_logits(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 
 def _mix(seed: int, step: int) -> int:
     return (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9) % (2**63 - 1)
+
+
+def sample_step(logits: torch.Tensor, step: StepInput) -> torch.Tensor:
+    """``sample`` for the rows of ``step`` that sample (``step.sample``), in order: logits
+    [rows that sample, vocab]."""
+    s = step.sample
+    return sample(
+        logits,
+        temperature=step.temperature[s],
+        top_k=step.top_k[s],
+        top_p=step.top_p[s],
+        seeds=step.seed[s],
+        output_index=step.output_index[s],
+    )

@@ -142,7 +142,7 @@ def test_any_valid_request_packs_into_a_step_and_samples_a_real_token():
     import numpy as np
     import torch
 
-    from raymoe.actors.engine.sampler import sample
+    from raymoe.actors.engine.sampler import sample_step
     from raymoe.actors.engine.scheduler import ScheduledChunk
     from raymoe.actors.engine.step import pack_step
 
@@ -167,15 +167,7 @@ def test_any_valid_request_packs_into_a_step_and_samples_a_real_token():
     ]
     step = pack_step(chunks, (len(chunks),), block_size=16)
     logits = torch.randn(len(chunks), 64)
-    s = step.sample
-    tokens = sample(
-        logits,
-        temperature=step.temperature[s],
-        top_k=step.top_k[s],
-        top_p=step.top_p[s],
-        seeds=step.seed[s],
-        output_index=step.output_index[s],
-    )
+    tokens = sample_step(logits, step)
     assert tokens.tolist()[0] == int(logits[0].argmax())  # greedy
     assert tokens.tolist()[1] == int(logits[1].argmax())  # top_p ~ 0: the top token alone
     assert tokens.tolist()[2] == int(logits[2].argmax())  # top_k = 1
