@@ -101,8 +101,13 @@ class EplbConfig:
     # benchmarks on random weights only: bias router logits so expert popularity is
     # Zipf(skew); 0 = off. It changes the model's outputs.
     router_skew: float = 0.0
+    # auto | global | hierarchical (see cluster/eplb_planner.py)
+    policy: Literal["auto", "global", "hierarchical"] = "auto"
+    # a layer keeps its expert slots unless its balancedness rises by at least this much
+    min_improvement: float = 0.005
 
     def validate(self) -> None:
+        _require(self.min_improvement >= 0, "eplb.min_improvement", "must be >= 0 (0 = move on any gain)")
         _require(self.num_redundant_experts >= 0, "eplb.num_redundant_experts", "must be >= 0")
         _require(self.rebalance_every_steps >= 1, "eplb.rebalance_every_steps", "must be >= 1")
         _require(self.router_skew >= 0, "eplb.router_skew", "must be >= 0 (0 = off)")

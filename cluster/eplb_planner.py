@@ -38,6 +38,14 @@ Per layer:
    fewest slots wins, the current expert slots first. So balancedness never drops, a
    layer changes only when its max rank load strictly falls, and planning again on the
    same load moves nothing.
+7. Move tolerance: a layer whose balancedness (mean / max rank load) would rise by less
+   than ``min_improvement`` keeps its current slots; the plan reports those slots as
+   skipped.
+
+Mode (``plan_with_policy``): ``global`` plans with nodes = 1, ``hierarchical`` with the
+layout's nodes, ``auto`` plans both where hierarchical is possible and keeps the better
+balancedness, ties to global (the supported models have no group-limited routing, so
+hierarchical packing buys no traffic).
 """
 
 from __future__ import annotations
@@ -52,6 +60,7 @@ from raymoe.cluster.eplb_metrics import balancedness, moved_slots, rank_loads, r
 from raymoe.cluster.eplb_packing import Bins, greedy_replica_counts, pack_greedy, refine, repair_duplicates
 
 _REL_TOL = 1e-9
+POLICIES = ("auto", "global", "hierarchical")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,7 +69,9 @@ class EplbPlan:
 
     physical_to_logical [layers, P] int64; rank_load_* [layers, ep] float64 (unit of the
     load); moved_slots_per_layer [layers] int64 = slots whose logical expert changes;
-    bytes_moved = moved_slots * bytes_per_expert (each such slot receives one expert).
+    bytes_moved = moved_slots * bytes_per_expert (each such slot receives one expert);
+    skipped_slots = slots that would have moved in layers kept for gaining less than
+    min_improvement; mode = "global" or "hierarchical".
     """
 
     physical_to_logical: torch.Tensor
@@ -71,6 +82,37 @@ class EplbPlan:
     moved_slots_per_layer: torch.Tensor
     moved_slots: int
     bytes_moved: int
+    skipped_slots: int
+    mode: str
+
+
+def plan_with_policy(
+    logical_load: torch.Tensor,
+    physical_to_logical: torch.Tensor,
+    ep: int,
+    *,
+    policy: str,
+    nodes: int,
+    bytes_per_expert: int,
+    min_improvement: float = 0.0,
+) -> EplbPlan:
+    """Plan in the mode ``policy`` picks (one of POLICIES); ``nodes`` = the nodes hierarchical
+    packing would use (1 = not possible, then every policy plans globally)."""
+    if policy not in POLICIES:
+        raise ValueError(f"policy: expected one of {POLICIES}, got {policy!r}")
+    modes = {"global": [1], "hierarchical": [nodes], "auto": [1, nodes] if nodes > 1 else [1]}[policy]
+    plans = [
+        plan_expert_slots(
+            logical_load,
+            physical_to_logical,
+            ep,
+            nodes=mode_nodes,
+            bytes_per_expert=bytes_per_expert,
+            min_improvement=min_improvement,
+        )
+        for mode_nodes in modes
+    ]
+    return max(plans, key=lambda p: p.balancedness_after)  # max keeps the first of equals: global
 
 
 def plan_expert_slots(
@@ -81,6 +123,7 @@ def plan_expert_slots(
     nodes: int = 1,
     bytes_per_expert: int,
     tolerance: float = 0.0,
+    min_improvement: float = 0.0,
 ) -> EplbPlan:
     """Plan expert slots for logical_load [layers, E] (tokens per logical expert over a
     window, >= 0) given the current physical_to_logical [layers, P]; ep ranks split evenly
@@ -90,10 +133,18 @@ def plan_expert_slots(
     _validate(
         logical_load, physical_to_logical, ep, nodes=nodes, bytes_per_expert=bytes_per_expert, tolerance=tolerance
     )
+    if not min_improvement >= 0:
+        raise ValueError(f"min_improvement: must be >= 0 (balancedness gain per layer), got {min_improvement}")
     load = logical_load.detach().to(torch.float64).cpu()
     current = physical_to_logical.detach().to(torch.int64).cpu()
     load_np, cur_np = load.numpy(), current.numpy()
-    rows = [_plan_layer(load_np[i], cur_np[i], ep, nodes=nodes, tolerance=tolerance) for i in range(cur_np.shape[0])]
+    rows, skipped = [], 0
+    for i in range(cur_np.shape[0]):
+        row = _plan_layer(load_np[i], cur_np[i], ep, nodes=nodes, tolerance=tolerance)
+        if _layer_gain(load_np[i], cur_np[i], row, ep) < min_improvement:
+            skipped += int((row != cur_np[i]).sum())
+            row = cur_np[i]
+        rows.append(row)
     new = torch.from_numpy(np.stack(rows)) if rows else current.clone()
     before, after = rank_loads(load, current, ep), rank_loads(load, new, ep)
     moved = moved_slots(current, new)
@@ -106,6 +157,8 @@ def plan_expert_slots(
         moved_slots_per_layer=moved,
         moved_slots=int(moved.sum()),
         bytes_moved=int(moved.sum()) * bytes_per_expert,
+        skipped_slots=skipped,
+        mode="global" if nodes == 1 else "hierarchical",
     )
 
 
@@ -146,6 +199,14 @@ def _validate(
 def _layer_max(load: np.ndarray, row: np.ndarray, ep: int) -> float:
     per_replica = load / np.maximum(np.bincount(row, minlength=load.size), 1)
     return float(per_replica[row].reshape(ep, -1).sum(1).max())
+
+
+def _layer_gain(load: np.ndarray, current: np.ndarray, new: np.ndarray, ep: int) -> float:
+    """Rise of the layer's balancedness (mean / max rank load) from current to new."""
+    if (new == current).all() or not load.any():
+        return 0.0
+    mean = float(load.sum()) / ep
+    return mean / _layer_max(load, new, ep) - mean / _layer_max(load, current, ep)
 
 
 def _plan_layer(load: np.ndarray, current: np.ndarray, ep: int, *, nodes: int, tolerance: float) -> np.ndarray:

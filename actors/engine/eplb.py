@@ -21,7 +21,7 @@ from typing import Any, AsyncIterator, Awaitable, Optional, Protocol
 import torch
 
 from raymoe.cluster.config import EplbConfig
-from raymoe.cluster.eplb_planner import EplbPlan, plan_expert_slots
+from raymoe.cluster.eplb_planner import EplbPlan, plan_with_policy
 from raymoe.cluster.layout import RankLayout
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ class EplbManager:
     ) -> None:
         self.config, self.ranks = config, ranks
         self.ep = layout.ep
-        # hierarchical planning when the EP group spans nodes evenly
+        # hierarchical planning is possible when the EP group spans nodes evenly
         spans = layout.nodes if layout.nodes > 1 and self.ep % layout.nodes == 0 else 1
         self.nodes = spans if num_logical % spans == 0 else 1
         self.physical_to_logical = physical_to_logical.clone()  # [moe_layers, P], what the ranks run now
@@ -91,12 +91,14 @@ class EplbManager:
         load = requested if isinstance(requested, torch.Tensor) else await self._recorded_load()
         t0 = time.perf_counter()
         plan = await asyncio.to_thread(
-            plan_expert_slots,
+            plan_with_policy,
             load,
             self.physical_to_logical,
             self.ep,
+            policy=self.config.policy,
             nodes=self.nodes,
             bytes_per_expert=self.bytes_per_expert,
+            min_improvement=self.config.min_improvement,
         )
         self.last_plan = plan
         changed = [i for i, n in enumerate(plan.moved_slots_per_layer.tolist()) if n]
@@ -109,6 +111,9 @@ class EplbManager:
             balancedness_before=plan.balancedness_before,
             balancedness_after=plan.balancedness_after,
             bytes_moved=plan.bytes_moved,
+            mode=plan.mode,
+            moved_slots=plan.moved_slots,
+            skipped_slots=plan.skipped_slots,
         )
         for start in range(0, len(changed), chunk):
             if start:
