@@ -38,9 +38,11 @@ Per layer:
    fewest slots wins, the current expert slots first. So balancedness never drops, a
    layer changes only when its max rank load strictly falls, and planning again on the
    same load moves nothing.
-7. Move tolerance: a layer whose balancedness (mean / max rank load) would rise by less
-   than ``min_improvement`` keeps its current slots; the plan reports those slots as
-   skipped.
+7. Move tolerance: with ``min_improvement``, a candidate also qualifies in step 6 when its
+   balancedness (mean / max rank load) is within min_improvement of the best one's, so a
+   layer keeps its current slots (or takes the warm plan) unless moving gains that much;
+   the plan reports as skipped the slots that planning with min_improvement = 0 would
+   move on top (per layer).
 
 Mode (``plan_with_policy``): ``global`` plans with nodes = 1, ``hierarchical`` with the
 layout's nodes, ``auto`` plans both where hierarchical is possible and keeps the better
@@ -70,8 +72,8 @@ class EplbPlan:
     physical_to_logical [layers, P] int64; rank_load_* [layers, ep] float64 (unit of the
     load); moved_slots_per_layer [layers] int64 = slots whose logical expert changes;
     bytes_moved = moved_slots * bytes_per_expert (each such slot receives one expert);
-    skipped_slots = slots that would have moved in layers kept for gaining less than
-    min_improvement; mode = "global" or "hierarchical".
+    skipped_slots = slots that planning with min_improvement = 0 would move on top, summed
+    over layers; mode = "global" or "hierarchical".
     """
 
     physical_to_logical: torch.Tensor
@@ -140,10 +142,10 @@ def plan_expert_slots(
     load_np, cur_np = load.numpy(), current.numpy()
     rows, skipped = [], 0
     for i in range(cur_np.shape[0]):
-        row = _plan_layer(load_np[i], cur_np[i], ep, nodes=nodes, tolerance=tolerance)
-        if _layer_gain(load_np[i], cur_np[i], row, ep) < min_improvement:
-            skipped += int((row != cur_np[i]).sum())
-            row = cur_np[i]
+        row = _plan_layer(load_np[i], cur_np[i], ep, nodes=nodes, tolerance=tolerance, min_improvement=min_improvement)
+        if min_improvement > 0:  # what planning with min_improvement = 0 would move on top
+            exact = _plan_layer(load_np[i], cur_np[i], ep, nodes=nodes, tolerance=tolerance, min_improvement=0.0)
+            skipped += max(int((exact != cur_np[i]).sum() - (row != cur_np[i]).sum()), 0)
         rows.append(row)
     new = torch.from_numpy(np.stack(rows)) if rows else current.clone()
     before, after = rank_loads(load, current, ep), rank_loads(load, new, ep)
@@ -201,25 +203,31 @@ def _layer_max(load: np.ndarray, row: np.ndarray, ep: int) -> float:
     return float(per_replica[row].reshape(ep, -1).sum(1).max())
 
 
-def _layer_gain(load: np.ndarray, current: np.ndarray, new: np.ndarray, ep: int) -> float:
-    """Rise of the layer's balancedness (mean / max rank load) from current to new."""
-    if (new == current).all() or not load.any():
-        return 0.0
-    mean = float(load.sum()) / ep
-    return mean / _layer_max(load, new, ep) - mean / _layer_max(load, current, ep)
+def _max_limit(best_max: float, mean: float, *, tolerance: float, min_improvement: float) -> float:
+    """Highest max rank load that still qualifies (step 6): within (1 + tolerance) of the
+    best, or a balancedness (mean / max) within min_improvement of the best's."""
+    limit = best_max * (1 + tolerance)
+    if min_improvement > 0:
+        floor = mean / best_max - min_improvement
+        limit = max(limit, mean / floor if floor > 0 else np.inf)
+    return limit * (1 + _REL_TOL)
 
 
-def _plan_layer(load: np.ndarray, current: np.ndarray, ep: int, *, nodes: int, tolerance: float) -> np.ndarray:
-    """physical_to_logical row [P] for one layer: the best of current, fresh and warm (step 6)."""
+def _plan_layer(
+    load: np.ndarray, current: np.ndarray, ep: int, *, nodes: int, tolerance: float, min_improvement: float
+) -> np.ndarray:
+    """physical_to_logical row [P] for one layer: the best of current, fresh and warm (steps 6, 7)."""
     if ep == 1 or not load.any():  # no expert slots change any rank load
         return current
+    mean = float(load.sum()) / ep
     fresh = _fresh(load, current, ep, nodes)
-    good_enough = _layer_max(load, fresh, ep) * (1 + tolerance)
+    fresh_max = _layer_max(load, fresh, ep)
+    good_enough = _max_limit(fresh_max, mean, tolerance=tolerance, min_improvement=min_improvement)
     hint, budget = np.bincount(fresh, minlength=load.size), int((fresh != current).sum())
     warm = _warm(load, current, ep, nodes=nodes, hint=hint, good_enough=good_enough, budget=budget)
     cands = [c for c in (current, warm, fresh) if c is not None]  # equal moves: the earlier wins
     maxes = [_layer_max(load, c, ep) for c in cands]
-    limit = min(maxes) * (1 + tolerance) * (1 + _REL_TOL)
+    limit = _max_limit(min(maxes), mean, tolerance=tolerance, min_improvement=min_improvement)
     moved = [int((c != current).sum()) if m <= limit else current.size + 1 for c, m in zip(cands, maxes)]
     return cands[int(np.argmin(moved))]
 
