@@ -10,10 +10,12 @@ from __future__ import annotations
 import random
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 
-from raymoe.cluster.eplb_planner import plan_expert_slots
+from raymoe.cluster.eplb_metrics import balancedness, rank_loads
+from raymoe.cluster.eplb_planner import plan_expert_slots, plan_with_policy
 from raymoe.cluster.expert_slots import default_expert_slots, replica_tables
 
 # ---- independent reference --------------------------------------------------------------
@@ -241,3 +243,75 @@ def test_bad_arguments_raise_value_error_naming_the_field(load, p2l, ep, nodes, 
     kw = {"bytes_per_expert": 1, **kw}
     with pytest.raises(ValueError, match=field):
         plan_expert_slots(load, p2l, ep, nodes=nodes, **kw)
+
+
+# ---- policy and move tolerance at scale: 58 layers x 256 experts over 32 ranks / 4 nodes ----
+
+SCALE = {"layers": 58, "experts": 256, "ep": 32, "nodes": 4, "physical": 288}
+
+
+def zipf_weights(rng: np.random.Generator, layers: int, experts: int) -> np.ndarray:
+    """[layers, experts] expert popularity: Zipf with a per-layer exponent and hot set."""
+    ranks = np.arange(1, experts + 1)
+    rows = [rng.permutation(1.0 / ranks ** rng.uniform(0.6, 1.4)) for _ in range(layers)]
+    w = np.array(rows)
+    return w / w.sum(1, keepdims=True)
+
+
+def sample_window(rng: np.random.Generator, weights: np.ndarray, tokens: int) -> torch.Tensor:
+    return torch.tensor(np.stack([rng.multinomial(tokens, p) for p in weights]), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_auto_policy_is_never_worse_than_global(seed):
+    rng = np.random.default_rng(seed)
+    s = SCALE
+    load = sample_window(rng, zipf_weights(rng, s["layers"], s["experts"]), 200_000)
+    current = default_expert_slots(s["layers"], s["experts"], s["physical"])
+    kw = {"nodes": s["nodes"], "bytes_per_expert": 1}
+    auto = plan_with_policy(load, current, s["ep"], policy="auto", **kw)
+    glob = plan_with_policy(load, current, s["ep"], policy="global", **kw)
+    hier = plan_with_policy(load, current, s["ep"], policy="hierarchical", **kw)
+    assert (glob.mode, hier.mode) == ("global", "hierarchical")
+    assert auto.balancedness_after >= glob.balancedness_after
+    assert auto.balancedness_after == max(glob.balancedness_after, hier.balancedness_after)
+    assert auto.mode == ("hierarchical" if hier.balancedness_after > glob.balancedness_after else "global")
+
+
+def test_auto_policy_ties_go_to_global_and_one_node_plans_globally():
+    load, current = torch.full((2, 8), 100.0), default_expert_slots(2, 8, 8)
+    assert plan_with_policy(load, current, 4, policy="auto", nodes=2, bytes_per_expert=1).mode == "global"
+    assert plan_with_policy(load, current, 4, policy="hierarchical", nodes=1, bytes_per_expert=1).mode == "global"
+    with pytest.raises(ValueError, match="policy"):
+        plan_with_policy(load, current, 4, policy="nodes", nodes=2, bytes_per_expert=1)
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_min_improvement_keeps_steady_state_replans_small(seed):
+    rng = np.random.default_rng(seed)
+    s = SCALE
+    weights = zipf_weights(rng, s["layers"], s["experts"])
+    tokens = 4_000_000  # per layer and window: ~1000 steps of a few thousand routed tokens
+    first = plan_expert_slots(
+        sample_window(rng, weights, tokens),
+        default_expert_slots(s["layers"], s["experts"], s["physical"]),
+        s["ep"],
+        bytes_per_expert=1,
+    )
+    window, next_window = sample_window(rng, weights, tokens), sample_window(rng, weights, tokens)
+    exact = plan_expert_slots(window, first.physical_to_logical, s["ep"], bytes_per_expert=1)
+    lax = plan_expert_slots(window, first.physical_to_logical, s["ep"], bytes_per_expert=1, min_improvement=0.005)
+    slots = s["layers"] * s["physical"]
+    assert exact.moved_slots > 0.2 * slots and exact.skipped_slots == 0  # tolerance 0 chases sampling noise
+    assert lax.moved_slots <= 0.05 * slots
+    assert lax.moved_slots + lax.skipped_slots == exact.moved_slots
+
+    def next_balancedness(plan):
+        return balancedness(rank_loads(next_window, plan.physical_to_logical, s["ep"]))
+
+    assert next_balancedness(lax) >= next_balancedness(exact) - 0.005
+
+
+def test_min_improvement_must_be_non_negative():
+    with pytest.raises(ValueError, match="min_improvement"):
+        plan_expert_slots(torch.ones(1, 4), torch.arange(4).view(1, 4), 2, bytes_per_expert=1, min_improvement=-0.1)
