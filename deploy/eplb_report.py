@@ -64,6 +64,8 @@ def summary(status: dict) -> str:
         f"{status['balancedness_after']:.4f}",
         f"moved: {status['bytes_moved'] / 2**20:.1f} MiB over {status['layers_total']} layer(s); planning took "
         f"{status.get('plan_s', 0):.3f} s",
+        f"mode: {status.get('mode', '?')}; slots moved: {status.get('moved_slots', '?')}, left in place for "
+        f"gaining < eplb.min_improvement: {status.get('skipped_slots', '?')}",
         "per-rank load summed over layers, before -> after:",
     ]
     before = [sum(col) for col in zip(*status["rank_load_before"])]

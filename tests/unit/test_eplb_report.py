@@ -60,8 +60,12 @@ def test_summary_states():
             "bytes_moved": 2**21,
             "layers_total": 2,
             "plan_s": 0.01,
+            "mode": "global",
+            "moved_slots": 7,
+            "skipped_slots": 3,
             "rank_load_before": [[3, 1], [3, 1]],
             "rank_load_after": [[2, 2], [2, 2]],
         }
     )
     assert "0.5000 -> 0.9000" in text and "rank 0: 6 -> 4" in text and "2.0 MiB" in text
+    assert "mode: global; slots moved: 7" in text and "min_improvement: 3" in text
