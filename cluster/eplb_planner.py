@@ -210,7 +210,7 @@ def _max_limit(best_max: float, mean: float, *, tolerance: float, min_improvemen
     if min_improvement > 0:
         floor = mean / best_max - min_improvement
         limit = max(limit, mean / floor if floor > 0 else np.inf)
-    return limit * (1 + _REL_TOL)
+    return limit
 
 
 def _plan_layer(
@@ -227,7 +227,7 @@ def _plan_layer(
     warm = _warm(load, current, ep, nodes=nodes, hint=hint, good_enough=good_enough, budget=budget)
     cands = [c for c in (current, warm, fresh) if c is not None]  # equal moves: the earlier wins
     maxes = [_layer_max(load, c, ep) for c in cands]
-    limit = _max_limit(min(maxes), mean, tolerance=tolerance, min_improvement=min_improvement)
+    limit = _max_limit(min(maxes), mean, tolerance=tolerance, min_improvement=min_improvement) * (1 + _REL_TOL)
     moved = [int((c != current).sum()) if m <= limit else current.size + 1 for c, m in zip(cands, maxes)]
     return cands[int(np.argmin(moved))]
 
