@@ -13,6 +13,7 @@ replicas, the offline LLM) submit requests in batches and poll for their outputs
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from typing import Any, Callable, Optional, Sequence
@@ -22,7 +23,7 @@ import torch
 
 from raymoe.actors.engine.async_engine import AsyncEngine, RestartBudget, describe_failure
 from raymoe.actors.engine.builder import EngineModel, build_engine_core, open_model
-from raymoe.actors.engine.eplb import EplbManager
+from raymoe.actors.engine.eplb import EplbManager, RebalanceRefused
 from raymoe.actors.engine.messages import EngineStats, ModelInfo, NewRequest, OutputBatch, Rejection
 from raymoe.actors.engine.tokenizer import Tokenizer
 from raymoe.actors.models.builtin import resolve_model_path
@@ -35,6 +36,7 @@ from raymoe.cluster.layout import RankLayout
 log = logging.getLogger(__name__)
 
 RANK_HEALTH_TIMEOUT_S = 5.0
+REBALANCE_START_TIMEOUT_S = 60.0  # from a request to its plan (planning runs while steps do)
 
 
 class Controller:
@@ -60,9 +62,7 @@ class Controller:
         """Bring up every rank; returns what each rank reported (rank, device, node, GPU)."""
         assert self.rank_group is None, "controller already started"
         t0 = time.perf_counter()
-        self.rank_group = await asyncio.to_thread(
-            start_rank_group, self.layout, self.config.parallel, self.placement_group_name
-        )
+        self.rank_group = await self._start_rank_group()
         return {
             "layout": self.layout.describe(),
             "ranks": self.rank_group.infos,
@@ -124,14 +124,23 @@ class Controller:
         old, self.rank_group = self.rank_group, None
         if old is not None:
             await asyncio.to_thread(old.kill)
-        self.rank_group = await asyncio.to_thread(
-            start_rank_group, self.layout, self.config.parallel, self.placement_group_name
-        )
+        self.rank_group = await self._start_rank_group()
         num_blocks = await asyncio.to_thread(self._load_ranks, str(resolve_model_path(self.config.model.path)))
         engine = self._engine()
         engine.executor, engine.background = self._executor(), self.eplb
         log.warning("rank group restarted in %.1f s", time.perf_counter() - t0)
         return num_blocks
+
+    async def _start_rank_group(self) -> RankGroup:
+        return await asyncio.to_thread(
+            functools.partial(
+                start_rank_group,
+                self.layout,
+                self.config.parallel,
+                name=self.placement_group_name,
+                expert_moves=self.config.eplb.enabled,
+            )
+        )
 
     def _eplb_manager(self, spec: ModelSpec) -> Optional[EplbManager]:
         if not self.config.eplb.enabled or spec.moe is None:
@@ -152,13 +161,20 @@ class Controller:
 
     # ---- expert-parallel load balancing ------------------------------------------------
 
-    def rebalance(self, logical_load: Optional[list[list[float]]] = None) -> dict[str, Any]:
+    async def rebalance(self, logical_load: Optional[list[list[float]]] = None) -> dict[str, Any]:
         """Start a rebalance now (from ``logical_load`` [moe layers][experts], or the recorded
-        load); it proceeds between engine steps. Returns the EPLB status."""
+        load) and return the EPLB status once it is planned; its moves proceed while steps
+        run. Raises RebalanceRefused while one is under way, or with no load to plan on."""
         if self.eplb is None:
             raise ValueError("eplb.enabled is false (or the model has no MoE layers): nothing to rebalance")
-        self.eplb.request(None if logical_load is None else torch.tensor(logical_load, dtype=torch.float64))
+        planned = self.eplb.request(None if logical_load is None else torch.tensor(logical_load, dtype=torch.float64))
         self._engine().wake()
+        try:
+            await asyncio.wait_for(planned, REBALANCE_START_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise RebalanceRefused(
+                f"the engine did not start the rebalance within {REBALANCE_START_TIMEOUT_S:.0f} s (see /health)"
+            ) from None
         return self.eplb_status()
 
     def eplb_status(self) -> dict[str, Any]:
@@ -256,6 +272,10 @@ class Controller:
         }
 
     async def shutdown(self) -> None:
+        """Stop the step loop first (no step or rebalance is left talking to the ranks),
+        then the ranks."""
+        if self.engine is not None:
+            await self.engine.stop()
         if self.rank_group is not None:
             await asyncio.to_thread(self.rank_group.shutdown)
             self.rank_group = None

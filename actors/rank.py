@@ -65,12 +65,19 @@ class RankWorker:
             return s.getsockname()[1]
 
     def init_distributed(
-        self, layout: RankLayout, rank: int, init_method: str, symmetric_memory: bool = False
+        self, layout: RankLayout, rank: int, init_method: str, *, symmetric_memory: bool, expert_moves: bool
     ) -> dict[str, Any]:
         location = self.location()
         device = torch_device_for(list(location["gpu_ids"]), os.environ.get("CUDA_VISIBLE_DEVICES"))
         init_distributed(rank, layout.world_size, init_method, device)
-        groups = build_groups(layout, rank, device, node_id=location["node_id"], symmetric_memory=symmetric_memory)
+        groups = build_groups(
+            layout,
+            rank,
+            device,
+            node_id=location["node_id"],
+            symmetric_memory=symmetric_memory,
+            expert_moves=expert_moves,
+        )
         self.ctx = RankContext(layout=layout, coord=layout.coord(rank), device=device, groups=groups)
         return {"rank": rank, "device": str(device), **location}
 
@@ -103,8 +110,14 @@ class RankWorker:
     def physical_to_logical(self) -> Any:
         return self._runner().physical_to_logical()
 
-    def move_experts(self, moe_layers: list[int], new_physical_to_logical: Any) -> int:
-        return self._runner().move_experts(moe_layers, new_physical_to_logical)
+    def start_expert_moves(self, moe_layers: list[int], new_physical_to_logical: Any) -> None:
+        self._runner().expert_mover().start(moe_layers, new_physical_to_logical)
+
+    def expert_moves_landed(self) -> bool:
+        return self._runner().expert_mover().landed()
+
+    def finish_expert_moves(self) -> None:
+        self._runner().finish_expert_moves()
 
     def _runner(self) -> Any:
         runner = self._context().state.get("runner")

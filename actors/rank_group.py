@@ -76,9 +76,12 @@ class RankGroup:
         remove_placement_group(self.placement_group)
 
 
-def start_rank_group(layout: RankLayout, parallel: ParallelConfig, name: str = "") -> RankGroup:
+def start_rank_group(
+    layout: RankLayout, parallel: ParallelConfig, *, name: str = "", expert_moves: bool = False
+) -> RankGroup:
     """``name``: the placement group's, so that whoever outlives the controller can free it
-    should the controller die (Ray keeps a dead actor's placement groups)."""
+    should the controller die (Ray keeps a dead actor's placement groups). ``expert_moves``:
+    build the EP moves groups (EPLB on; see comm/groups.py)."""
     device, timeout_s = parallel.device, parallel.placement_timeout_s
     plan = plan_placement(layout, device)
     pg = _reserve(plan, timeout_s, name)
@@ -95,7 +98,10 @@ def start_rank_group(layout: RankLayout, parallel: ParallelConfig, name: str = "
         port = ray.get(ranked[0].free_port.remote())
         init_method = f"tcp://{order[0].ip}:{port}"
         symmetric = parallel.symmetric_memory and device == "cuda"
-        refs = [a.init_distributed.remote(layout, rank, init_method, symmetric) for rank, a in enumerate(ranked)]
+        refs = [
+            a.init_distributed.remote(layout, rank, init_method, symmetric_memory=symmetric, expert_moves=expert_moves)
+            for rank, a in enumerate(ranked)
+        ]
         infos = _wait_all(refs, timeout_s=max(timeout_s, 120.0), what="torch.distributed init")
     except BaseException:
         remove_placement_group(pg)

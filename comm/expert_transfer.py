@@ -1,7 +1,8 @@
-"""Move expert weights between EP ranks with batched point-to-point on the EP device group."""
+"""Move expert weights between EP ranks with batched point-to-point on an EP device group."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -10,21 +11,29 @@ from raymoe.cluster.expert_moves import ExpertMove
 from raymoe.comm.group import GroupCoordinator
 
 
-def move_expert_weights(
-    ep: GroupCoordinator, weights: Sequence[torch.Tensor], moves: Sequence[ExpertMove], slots_per_rank: int
-) -> int:
-    """Apply one layer's moves to this rank's expert tensors, in place.
+@dataclass(frozen=True)
+class ExpertArrival:
+    """One expert copy that has landed in a buffer of this rank, not yet in its slot."""
+
+    local_slot: int  # slot index in this rank's expert tensors
+    buffers: list[torch.Tensor]  # one per expert tensor (e.g. w13, w2)
+
+
+def receive_expert_copies(
+    group: GroupCoordinator, weights: Sequence[torch.Tensor], moves: Sequence[ExpertMove], slots_per_rank: int
+) -> list[ExpertArrival]:
+    """Send this rank's share of one layer's moves and receive the copies its slots need
+    into new buffers; the expert tensors themselves are only read.
 
     ``weights``: this rank's tensors of the layer, each [slots_per_rank, ...] (e.g. w13,
-    w2); slot s of this rank is physical slot ep.rank_in_group * slots_per_rank + s.
-    ``moves``: the same list on every rank of ``ep`` (see cluster/expert_moves.py).
-    Incoming copies land in buffers first and are written only after every send
-    has completed, so a slot can be both a source and a destination. Returns the
-    number of bytes this rank received.
+    w2); slot s of this rank is physical slot group.rank_in_group * slots_per_rank + s.
+    ``moves``: the same list on every rank of ``group`` (see cluster/expert_moves.py).
+    Landing in buffers lets a slot be both a source and a destination, and lets steps keep
+    reading the old slots until ``write_arrivals``.
     """
-    me = ep.rank_in_group
+    me = group.rank_in_group
     first = me * slots_per_rank
-    arrivals: list[tuple[int, list[torch.Tensor]]] = []
+    arrivals: list[ExpertArrival] = []
     sends: list[tuple[torch.Tensor, int]] = []
     recvs: list[tuple[torch.Tensor, int]] = []
     for m in moves:
@@ -36,11 +45,15 @@ def move_expert_weights(
                     b.copy_(w[m.src_slot - first])
             else:
                 recvs += [(b, m.src_rank) for b in buffers]
-            arrivals.append((m.physical_slot - first, buffers))
+            arrivals.append(ExpertArrival(m.physical_slot - first, buffers))
         elif m.src_rank == me:
             sends += [(w[m.src_slot - first], dst) for w in weights]
-    ep.p2p_ops(sends, recvs)
-    for slot, buffers in arrivals:
-        for w, b in zip(weights, buffers):
-            w[slot].copy_(b)
-    return sum(b.numel() * b.element_size() for b, _ in recvs)
+    group.p2p_ops(sends, recvs)
+    return arrivals
+
+
+def write_arrivals(weights: Sequence[torch.Tensor], arrivals: Sequence[ExpertArrival]) -> None:
+    """Copy landed experts into their slots, in place (CUDA graphs keep their pointers)."""
+    for arrival in arrivals:
+        for w, b in zip(weights, arrival.buffers):
+            w[arrival.local_slot].copy_(b)

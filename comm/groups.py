@@ -47,6 +47,9 @@ class Groups:
     dp: GroupCoordinator
     ep: GroupCoordinator
     moe_tp: GroupCoordinator
+    # the EP group's members again, for EPLB's weight moves only (a process group of its
+    # own: they run in a background thread while steps use ``ep``); ``ep`` when it has one member
+    ep_moves: Optional[GroupCoordinator] = None
 
     def __getitem__(self, kind: str) -> GroupCoordinator:
         if kind not in GROUP_KINDS:
@@ -80,13 +83,20 @@ def init_distributed(
 
 
 def build_groups(
-    layout: RankLayout, rank: int, device: torch.device, *, node_id: str = "", symmetric_memory: bool = False
+    layout: RankLayout,
+    rank: int,
+    device: torch.device,
+    *,
+    node_id: str = "",
+    symmetric_memory: bool = False,
+    expert_moves: bool = False,
 ) -> Groups:
     """Create the device and cpu process groups of every kind; return this rank's.
 
     With ``symmetric_memory`` on CUDA, each of the SYMMETRIC_KINDS groups whose members
     all report the same ``node_id`` also gets a symmetric-memory buffer for small
-    all-reduces (see symmetric_all_reduce_for).
+    all-reduces (see symmetric_all_reduce_for). With ``expert_moves`` (EPLB on), each EP
+    group gets a second device group for the weight moves (``Groups.ep_moves``).
     """
     assert dist.is_initialized() and dist.get_world_size() == layout.world_size
     device_backend = "nccl" if device.type == "cuda" else "gloo"
@@ -114,7 +124,24 @@ def build_groups(
         if symmetric_memory and device.type == "cuda" and kind in SYMMETRIC_KINDS and len(members) > 1:
             group.symmetric = symmetric_all_reduce_for(group, node_id, fused_norm=sums_before_a_norm(kind, layout))
         mine[kind] = group
+    if expert_moves:
+        mine["ep_moves"] = _ep_moves_group(layout, mine["ep"], device_backend)
     return Groups(**mine)
+
+
+def _ep_moves_group(layout: RankLayout, ep: GroupCoordinator, device_backend: str) -> GroupCoordinator:
+    """A device group per EP group (created by every rank, in layout order), this rank's
+    as a coordinator that shares the EP group's cpu group."""
+    if ep.world_size == 1:
+        return ep
+    mine = None
+    for members in layout.groups("ep"):
+        device_group = dist.new_group(members, backend=device_backend)
+        if members == ep.ranks:
+            mine = device_group
+    return GroupCoordinator(
+        "ep_moves", ep.ranks, ep.global_rank, device=ep.device, device_group=mine, cpu_group=ep.cpu_group
+    )
 
 
 def symmetric_all_reduce_for(group: GroupCoordinator, node_id: str, fused_norm: bool) -> Optional[SymmetricAllReduce]:

@@ -25,7 +25,11 @@ def add_eplb_args(p: argparse.ArgumentParser) -> None:
 def eplb_main(args: argparse.Namespace) -> int:
     if args.action == "rebalance":
         status = _call(args.url, "/admin/eplb/rebalance", args.api_key, body=b"{}")
-        print(f"rebalance requested; state: {status.get('state')} (raymoe eplb status to follow it)")
+        print(
+            f"rebalance planned ({status.get('mode')}): balancedness {status.get('balancedness_before', 0):.4f} -> "
+            f"{status.get('balancedness_after', 0):.4f}, {status.get('layers_total')} layer(s) to move; "
+            f"state: {status.get('state')} (raymoe eplb status to follow it)"
+        )
     elif args.action == "status":
         print(
             json.dumps(

@@ -54,9 +54,11 @@ def summary(status: dict) -> str:
     """Human-readable numbers of an EPLB status (Controller.eplb_status)."""
     if not status.get("enabled"):
         return "EPLB is disabled (eplb.enabled: false, or the model has no MoE layers)"
+    skipped = f"\nlast rebalance skipped: {status['skipped']}" if status.get("skipped") else ""
     if "rank_load_before" not in status:
         return (
             f"EPLB: no rebalance yet (state {status.get('state')}, {status.get('steps_to_rebalance', '?')} steps to go)"
+            + skipped
         )
     lines = [
         f"rebalances: {status['rebalances']}, state: {status['state']}",
@@ -66,12 +68,18 @@ def summary(status: dict) -> str:
         f"{status.get('plan_s', 0):.3f} s",
         f"mode: {status.get('mode', '?')}; slots moved: {status.get('moved_slots', '?')}, left in place for "
         f"gaining < eplb.min_improvement: {status.get('skipped_slots', '?')}",
-        "per-rank load summed over layers, before -> after:",
     ]
+    if "moving_step_ms_max" in status:
+        lines.append(
+            f"steps while moving: {status['moving_steps']}, median {status['moving_step_ms_median']:.2f} ms, "
+            f"longest {status['moving_step_ms_max']:.2f} ms (outside moves: median "
+            f"{status.get('step_ms_median', float('nan')):.2f} ms)"
+        )
+    lines.append("per-rank load summed over layers, before -> after:")
     before = [sum(col) for col in zip(*status["rank_load_before"])]
     after = [sum(col) for col in zip(*status["rank_load_after"])]
     lines += [f"  rank {r}: {b:,.0f} -> {a:,.0f}" for r, (b, a) in enumerate(zip(before, after))]
-    return "\n".join(lines)
+    return "\n".join(lines) + skipped
 
 
 def write_report(status: dict, path: str) -> str:

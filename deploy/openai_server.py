@@ -20,6 +20,7 @@ from typing import Any, AsyncIterator, Optional
 
 import ray
 
+from raymoe.actors.engine.eplb import RebalanceRefused
 from raymoe.actors.engine.messages import EngineStats
 from raymoe.actors.engine.output_text import Delta
 from raymoe.deploy.engine_client import EngineClient, engine_error, merge
@@ -171,6 +172,8 @@ class OpenAIServer:
         try:
             return await self.controller.rebalance.remote(load)
         except ray.exceptions.RayTaskError as e:
+            if isinstance(e.cause, RebalanceRefused):
+                raise APIError(409, str(e.cause), type="conflict_error") from None
             if isinstance(e.cause, ValueError):
                 raise APIError(400, str(e.cause), param="logical_load" if load is not None else None) from None
             raise

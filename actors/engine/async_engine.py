@@ -53,19 +53,25 @@ class BackgroundWork(Protocol):
 
     @property
     def busy(self) -> bool:
-        """True: advance it even while no request runs, and run steps one at a time."""
+        """True: advance it even while no request runs."""
         ...
 
-    async def on_step(self) -> None: ...
+    async def on_step(self, after_step: bool = True) -> None:
+        """Advance once; ``after_step`` False: called while no step runs."""
+        ...
 
 
 class StepTimeoutError(RuntimeError):
     """A step took longer than engine.step_timeout_s: a rank is hung."""
 
 
+class EngineStopped(RuntimeError):
+    """The engine was shut down."""
+
+
 def describe_failure(e: BaseException) -> str:
     """What failed, for clients and /health: no actor ids, pids or addresses (the log has those)."""
-    if isinstance(e, StepTimeoutError):
+    if isinstance(e, (StepTimeoutError, EngineStopped)):
         return str(e)
     name = type(e).__name__
     if any(k in name for k in ("ActorDied", "RayActorError", "ActorUnavailable", "NodeDied", "WorkerCrashed")):
@@ -181,6 +187,15 @@ class AsyncEngine:
         """Run the loop now (e.g. to advance requested background work)."""
         self._start()
 
+    async def stop(self) -> None:
+        """Stop the step loop (before the ranks go away): clients' next poll says so."""
+        task, self._loop_task = self._loop_task, None
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        self.error = self.error or EngineStopped("it was shut down")
+        self.router.fail(describe_failure(self.error))
+
     def report_failure(self, e: BaseException) -> None:
         """A failure found outside a step (a health check found a dead rank while idle):
         recover as from a failed step."""
@@ -234,7 +249,7 @@ class AsyncEngine:
                     self._publish(in_flight, await self.executor.run_step_async(None, True))
                     continue
                 if self.background is not None and self.background.busy:
-                    await self.background.on_step()
+                    await self.background.on_step(after_step=False)
                     continue
                 self._wake.clear()
                 await self._wake.wait()
@@ -242,11 +257,9 @@ class AsyncEngine:
             in_flight.append(planned)
             # Keep this step in flight while the result of the one before comes back and
             # the next is scheduled, so the ranks' device need not wait for this loop or
-            # the Ray hops. While a rebalance is under way steps run one at a time; the
-            # call that starts one may find a step in flight, and its calls to the ranks
-            # queue behind it (one device stream: the moves land after the step's reads).
-            wait = not self.pipelined or (self.background is not None and self.background.busy)
-            self._publish(in_flight, await self.executor.run_step_async(planned.inputs, wait))
+            # the Ray hops. Background work may call the ranks meanwhile: what they queue
+            # on the device lands behind the step in flight (one step stream).
+            self._publish(in_flight, await self.executor.run_step_async(planned.inputs, not self.pipelined))
             if self.background is not None:
                 await self.background.on_step()
 

@@ -1,11 +1,13 @@
 """EPLB in the controller: a generator advanced once per engine step.
 
 Cycle: reset the expert-load window, wait ``rebalance_every_steps`` steps (or
-until a rebalance is requested), read the recorded load, plan (pure, in a
-thread), then move the changed layers' expert weights ``layers_per_chunk`` layers
-at a time, yielding between chunks so engine steps run in between. Between two
-chunks some layers use the new expert slots and some the old; each layer's map and
-weights switch together, so every step stays correct.
+until a rebalance is requested), read the recorded load, plan (pure, in a thread,
+while steps run), then move the changed layers' expert weights ``layers_per_chunk``
+layers at a time. Each chunk's copies travel in the ranks' background (see
+actors/engine/expert_mover.py) while steps go on; once every rank has them, every rank
+switches the chunk's layers between the same two steps. Between two chunks some layers
+use the new expert slots and some the old; each layer's map and weights switch
+together, so every step stays correct.
 
 Every rank routes every token of a step (MoE layers gather all DP replicas),
 so all ranks record the same load; rank 0's counts are the load.
@@ -14,8 +16,11 @@ so all ranks record the same load; rank 0's counts are the load.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
+import statistics
 import time
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Optional, Protocol
 
 import torch
@@ -25,6 +30,19 @@ from raymoe.cluster.eplb_planner import EplbPlan, plan_with_policy
 from raymoe.cluster.layout import RankLayout
 
 log = logging.getLogger(__name__)
+
+NOT_ENOUGH_LOAD = "not enough load recorded: no tokens were routed since the last rebalance; serve requests first"
+_IDLE_POLL_S = 0.002  # between polls of planning or moves while no step runs
+
+
+class RebalanceRefused(RuntimeError):
+    """A requested rebalance did not start; the message says why."""
+
+
+@dataclass
+class _Request:
+    load: Optional[torch.Tensor]  # [moe_layers, E]; None: the recorded load
+    started: Optional["asyncio.Future[None]"]  # resolved once the plan is made (or refused)
 
 
 class RankCalls(Protocol):
@@ -52,27 +70,51 @@ class EplbManager:
         self.nodes = spans if num_logical % spans == 0 else 1
         self.physical_to_logical = physical_to_logical.clone()  # [moe_layers, P], what the ranks run now
         self.num_logical, self.bytes_per_expert = num_logical, bytes_per_expert
-        self.requested: Optional[torch.Tensor | str] = None
+        self.requested: Optional[_Request] = None
         self.last_plan: Optional[EplbPlan] = None
         self.status: dict[str, Any] = {"state": "starting", "rebalances": 0}
         self._gen = self._run()
+        # seconds between steps, outside and during moves: what a rebalance costs the steps
+        self._step_s: collections.deque[float] = collections.deque(maxlen=512)
+        self._moving_step_s: list[float] = []
+        self._last_step: Optional[float] = None
+        self._after_step = False
 
     @property
     def busy(self) -> bool:
         """A rebalance is requested or under way: advance even when no request is running."""
-        return self.requested is not None or self.status["state"] == "moving"
+        return self.requested is not None or self.status["state"] in ("planning", "moving")
 
-    def request(self, logical_load: Optional[torch.Tensor] = None) -> None:
-        """Rebalance at the next step, from ``logical_load`` [moe_layers, E] or the recorded load."""
+    def request(self, logical_load: Optional[torch.Tensor] = None) -> "asyncio.Future[None]":
+        """Rebalance at the next step, from ``logical_load`` [moe_layers, E] or the recorded
+        load. The future resolves once the plan is made; it fails with RebalanceRefused when
+        there is no load to plan on. Raises RebalanceRefused while a rebalance is under way."""
         num_moe_layers = self.physical_to_logical.shape[0]
         if logical_load is not None and tuple(logical_load.shape) != (num_moe_layers, self.num_logical):
             raise ValueError(
                 f"logical_load: expected shape [{num_moe_layers}, {self.num_logical}] "
                 f"(MoE layers x experts), got {list(logical_load.shape)}"
             )
-        self.requested = logical_load if logical_load is not None else "recorded"
+        if self.busy:
+            raise RebalanceRefused(
+                f"a rebalance is under way (state {self.status['state']}, "
+                f"{self.status.get('layers_done', 0)}/{self.status.get('layers_total', '?')} layers moved): "
+                "ask again once it is done"
+            )
+        self.requested = _Request(logical_load, asyncio.get_running_loop().create_future())
+        return self.requested.started
 
-    async def on_step(self) -> None:
+    async def on_step(self, after_step: bool = True) -> None:
+        """Advance once; ``after_step``: an engine step has just completed (False: the loop is idle)."""
+        self._after_step = after_step
+        if after_step:
+            now = time.perf_counter()
+            if self._last_step is not None:
+                moving = self.status["state"] == "moving"
+                (self._moving_step_s if moving else self._step_s).append(now - self._last_step)
+            self._last_step = now
+        else:
+            self._last_step = None
         await self._gen.__anext__()
 
     async def _run(self) -> AsyncIterator[None]:
@@ -83,26 +125,39 @@ class EplbManager:
                 self.status.update(state="waiting", steps_to_rebalance=self.config.rebalance_every_steps - waited)
                 waited += 1
                 yield
-            async for _ in self._rebalance():
+            request, self.requested = self.requested or _Request(None, None), None
+            async for _ in self._rebalance(request):
                 yield
 
-    async def _rebalance(self) -> AsyncIterator[None]:
-        requested, self.requested = self.requested, None
-        load = requested if isinstance(requested, torch.Tensor) else await self._recorded_load()
+    async def _rebalance(self, request: _Request) -> AsyncIterator[None]:
+        load = request.load if request.load is not None else await self._recorded_load()
+        if not float(load.sum()) > 0:
+            self.status.update(state="waiting", skipped=NOT_ENOUGH_LOAD)
+            if request.started is not None and not request.started.done():
+                request.started.set_exception(RebalanceRefused(NOT_ENOUGH_LOAD))
+            return
         t0 = time.perf_counter()
-        plan = await asyncio.to_thread(
-            plan_with_policy,
-            load,
-            self.physical_to_logical,
-            self.ep,
-            policy=self.config.policy,
-            nodes=self.nodes,
-            bytes_per_expert=self.bytes_per_expert,
-            min_improvement=self.config.min_improvement,
+        self.status.update(state="planning")
+        self.status.pop("skipped", None)
+        planning = asyncio.ensure_future(
+            asyncio.to_thread(
+                plan_with_policy,
+                load,
+                self.physical_to_logical,
+                self.ep,
+                policy=self.config.policy,
+                nodes=self.nodes,
+                bytes_per_expert=self.bytes_per_expert,
+                min_improvement=self.config.min_improvement,
+            )
         )
-        self.last_plan = plan
+        while not planning.done():
+            yield  # steps run while the planner thinks
+            await self._pause_if_idle()
+        plan = self.last_plan = planning.result()
         changed = [i for i, n in enumerate(plan.moved_slots_per_layer.tolist()) if n]
         chunk = self.config.layers_per_chunk or max(1, len(changed))
+        self._moving_step_s = []
         self.status.update(
             state="moving",
             layers_done=0,
@@ -115,15 +170,19 @@ class EplbManager:
             moved_slots=plan.moved_slots,
             skipped_slots=plan.skipped_slots,
         )
+        if request.started is not None and not request.started.done():
+            request.started.set_result(None)
         for start in range(0, len(changed), chunk):
-            if start:
-                yield  # engine steps run between chunks
             layers = changed[start : start + chunk]
             t1 = time.perf_counter()
-            await self._all("move_experts", layers, plan.physical_to_logical[layers])
+            await self._all("start_expert_moves", layers, plan.physical_to_logical[layers])
+            while not all(await self._all("expert_moves_landed")):
+                yield  # steps run while the copies travel
+                await self._pause_if_idle()
+            await self._all("finish_expert_moves")
             self.physical_to_logical[layers] = plan.physical_to_logical[layers]
             self.status.update(layers_done=start + len(layers), last_chunk_s=round(time.perf_counter() - t1, 4))
-        self.status.update(state="done", rebalances=self.status["rebalances"] + 1)
+        self.status.update(state="done", rebalances=self.status["rebalances"] + 1, **self._step_times())
         log.info(
             "EPLB: balancedness %.3f -> %.3f, %d layers moved, %.1f MiB",
             plan.balancedness_before,
@@ -131,6 +190,23 @@ class EplbManager:
             len(changed),
             plan.bytes_moved / 2**20,
         )
+
+    def _step_times(self) -> dict[str, float]:
+        """Step times (ms) outside moves (median) and during the last rebalance's moves."""
+        out: dict[str, float] = {}
+        if self._step_s:
+            out["step_ms_median"] = round(1e3 * statistics.median(self._step_s), 3)
+        if self._moving_step_s:
+            out["moving_step_ms_median"] = round(1e3 * statistics.median(self._moving_step_s), 3)
+            out["moving_step_ms_max"] = round(1e3 * max(self._moving_step_s), 3)
+            out["moving_steps"] = len(self._moving_step_s)
+        return out
+
+    async def _pause_if_idle(self) -> None:
+        """With no step running the loop calls back at once: give the planner thread and the
+        ranks a moment instead of spinning."""
+        if not self._after_step:
+            await asyncio.sleep(_IDLE_POLL_S)
 
     async def _recorded_load(self) -> torch.Tensor:
         """Logical load [moe_layers, E] from rank 0's physical counts under the current expert slots."""

@@ -17,6 +17,7 @@ import torch
 
 from raymoe.actors.engine.attention_torch import TorchAttention
 from raymoe.actors.engine.expert_load import ExpertLoadRecorder
+from raymoe.actors.engine.expert_mover import ExpertMover
 from raymoe.actors.engine.rank_context import RankContext
 from raymoe.actors.engine.sampler import sample_step
 from raymoe.actors.engine.step import StepInput, StepLayout, StepOutput, build_step_layout, resolve_pending_tokens
@@ -26,9 +27,7 @@ from raymoe.actors.models.decoder import CausalLM
 from raymoe.actors.models.expert_map import ExpertMap
 from raymoe.actors.models.spec import ModelSpec, resolve_dtype
 from raymoe.cluster.config import Config
-from raymoe.cluster.expert_moves import plan_layer_moves
 from raymoe.cluster.expert_slots import default_expert_slots, num_physical_experts
-from raymoe.comm.expert_transfer import move_expert_weights
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +94,7 @@ class ModelRunner:
             if config.eplb.enabled and self.expert_map is not None
             else None
         )
+        self._expert_mover = self._new_expert_mover()
 
     def _initial_expert_map(self) -> Optional[ExpertMap]:
         moe = self.spec.moe
@@ -237,22 +237,28 @@ class ModelRunner:
         assert self.expert_map is not None
         return self.expert_map.physical_to_logical_cpu.clone()
 
+    def expert_mover(self) -> ExpertMover:
+        assert self._expert_mover is not None, "eplb.enabled is off"
+        return self._expert_mover
+
     @torch.inference_mode()
-    def move_experts(self, moe_layers: list[int], new_physical_to_logical: torch.Tensor) -> int:
-        """Switch ``moe_layers`` to the new expert-slot rows [len, P]: exchange expert weights
-        with the other EP ranks, then update the layers' maps in place. Returns bytes received."""
-        assert self.expert_map is not None
+    def finish_expert_moves(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        ep = self.ctx.groups.ep
-        received = 0
-        for moe_layer, row in zip(moe_layers, new_physical_to_logical):
-            moe = self.model.layers[self.spec.moe_layers[moe_layer]].mlp
-            old = self.expert_map.physical_to_logical_cpu[moe_layer].tolist()
-            moves = plan_layer_moves(old, row.tolist(), ep.world_size)
-            received += move_expert_weights(ep, [moe.w13, moe.w2], moves, moe.slots)
-            self.expert_map.update_layer(moe_layer, row.to(self.device))
-        return received
+        self.expert_mover().finish()
+
+    def _new_expert_mover(self) -> Optional[ExpertMover]:
+        if self.expert_load is None or self.expert_map is None:
+            return None
+        moe_layers = [self.model.layers[i].mlp for i in self.spec.moe_layers]
+        layout, ep = self.ctx.layout, self.ctx.groups.ep.world_size
+        return ExpertMover(
+            group=self.ctx.groups.ep_moves or self.ctx.groups.ep,
+            expert_map=self.expert_map,
+            layer_weights=[[moe.w13, moe.w2] for moe in moe_layers],
+            slots_per_rank=moe_layers[0].slots,
+            ranks_per_node=ep // layout.nodes if layout.nodes > 1 and ep % layout.nodes == 0 else None,
+        )
 
 
 def _copy_to_host(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], Optional[Any]]:

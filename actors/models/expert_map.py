@@ -23,9 +23,13 @@ class ExpertMap:
         self.physical_to_logical_cpu = physical_to_logical.clone()
 
     def update_layer(self, moe_layer: int, physical_to_logical: torch.Tensor) -> None:
-        """Switch one layer to new expert slots p2l [P], in place."""
-        l2p, counts = replica_tables(physical_to_logical.view(1, -1).cpu(), self.num_logical)
-        self.physical_to_logical[moe_layer].copy_(physical_to_logical)
-        self.logical_to_physical[moe_layer].copy_(l2p[0])
-        self.replica_count[moe_layer].copy_(counts[0])
-        self.physical_to_logical_cpu[moe_layer].copy_(physical_to_logical.cpu())
+        """Switch one layer to new expert slots p2l [P] (a CPU tensor), in place. On GPU the
+        copies queue on the current stream from pinned memory: the host does not wait for
+        the steps in flight."""
+        row = physical_to_logical.view(1, -1).to(torch.int64)
+        l2p, counts = replica_tables(row, self.num_logical)
+        updates = ((self.physical_to_logical, row), (self.logical_to_physical, l2p), (self.replica_count, counts))
+        for table, new in updates:
+            source = new[0].pin_memory() if table.is_cuda else new[0]
+            table[moe_layer].copy_(source, non_blocking=True)
+        self.physical_to_logical_cpu[moe_layer].copy_(row[0])

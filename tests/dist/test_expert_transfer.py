@@ -1,15 +1,19 @@
 """Expert weights move between EP ranks over gloo exactly as the plan says: weights that
 encode their own expert id go through many random expert slots, and after every move every
-slot on every rank holds the expert the new slots name."""
+slot on every rank holds the expert the new slots name. The same through ExpertMover, in
+its background thread on the EP moves group, while the main thread keeps running
+collectives on the EP group (as steps do)."""
 from __future__ import annotations
 
 import random
 
 import torch
 
+from raymoe.actors.engine.expert_mover import ExpertMover
+from raymoe.actors.models.expert_map import ExpertMap
 from raymoe.cluster.expert_moves import plan_layer_moves
 from raymoe.cluster.layout import RankLayout
-from raymoe.comm.expert_transfer import move_expert_weights
+from raymoe.comm.expert_transfer import receive_expert_copies, write_arrivals
 from raymoe.comm.groups import build_groups, destroy_distributed, init_distributed
 
 NUM_LOGICAL = 8
@@ -43,13 +47,68 @@ def _worker(rank: int, world: int, init_methods: list[str], ep: int, seed: int) 
         w2 = torch.stack([_expert_tensors(slots[first + s])[1] for s in range(per_rank)])
         for _ in range(ROUNDS):
             new = _expert_slots(rng, per_rank * ep)
-            move_expert_weights(g, [w13, w2], plan_layer_moves(slots, new, ep), per_rank)
+            arrivals = receive_expert_copies(g, [w13, w2], plan_layer_moves(slots, new, ep), per_rank)
+            write_arrivals([w13, w2], arrivals)
             slots = new
             for s in range(per_rank):
                 want13, want2 = _expert_tensors(slots[first + s])
                 assert torch.equal(w13[s], want13) and torch.equal(w2[s], want2), f"rank {rank} slot {first + s}"
     finally:
         destroy_distributed()
+
+
+def _mover_worker(rank: int, world: int, init_methods: list[str], ep: int, seed: int) -> None:
+    layout = RankLayout(dp=world, ep=ep)
+    init_distributed(rank, world, init_methods[0], torch.device("cpu"))
+    try:
+        groups = build_groups(layout, rank, torch.device("cpu"), expert_moves=True)
+        assert groups.ep_moves is not None and groups.ep_moves.device_group is not groups.ep.device_group
+        per_rank, layers = 3, 2
+        rng = random.Random(seed)
+        slots = torch.tensor([_expert_slots(rng, per_rank * ep) for _ in range(layers)])
+        first = groups.ep.rank_in_group * per_rank
+        weights = [
+            [torch.stack([_expert_tensors(int(row[first + s]))[i] for s in range(per_rank)]) for i in range(2)]
+            for row in slots
+        ]
+        expert_map = ExpertMap(slots.clone(), NUM_LOGICAL, torch.device("cpu"))
+        mover = ExpertMover(
+            group=groups.ep_moves,
+            expert_map=expert_map,
+            layer_weights=weights,
+            slots_per_rank=per_rank,
+            ranks_per_node=None,
+        )
+        for _ in range(4):
+            new = torch.tensor([_expert_slots(rng, per_rank * ep) for _ in range(layers)])
+            mover.start([0, 1], new)
+            steps = 0
+            while True:  # "steps": collectives on the EP group, until every rank's copies landed
+                x = torch.full((4,), float(rank))
+                groups.ep.all_reduce(x)
+                assert torch.equal(x, torch.full((4,), float(sum(groups.ep.ranks))))
+                landed = torch.tensor([float(mover.landed())])
+                groups.ep.all_reduce(landed, op=torch.distributed.ReduceOp.MIN)
+                steps += 1
+                if landed.item() == 1.0:
+                    break
+            # the old experts still sit in their slots until finish
+            for layer in range(layers):
+                assert torch.equal(weights[layer][0][0], _expert_tensors(int(slots[layer, first]))[0])
+            mover.finish()
+            slots = new
+            assert torch.equal(expert_map.physical_to_logical, slots)
+            for layer in range(layers):
+                for s in range(per_rank):
+                    want13, want2 = _expert_tensors(int(slots[layer, first + s]))
+                    assert torch.equal(weights[layer][0][s], want13) and torch.equal(weights[layer][1][s], want2)
+        mover.close()
+    finally:
+        destroy_distributed()
+
+
+def test_expert_mover_in_background_ep4(run_world):
+    run_world(_mover_worker, 4, 4, 7)
 
 
 def test_random_moves_ep2(run_world):

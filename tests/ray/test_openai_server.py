@@ -453,3 +453,10 @@ def test_eplb_admin_metrics_and_report(server, client, tmp_path):
     out = tmp_path / "eplb.png"
     assert main(["eplb", "report", "--url", server, "--api-key", KEY, "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # nothing served since: no load to plan on (409, and the CLI says so), the plan stays
+    status, again = _http(server, "/admin/eplb/rebalance", b"{}")
+    assert status == 409 and "not enough load recorded" in again["error"]["message"]
+    assert main(["eplb", "rebalance", "--url", server, "--api-key", KEY]) == 2
+    after = _http(server, "/admin/eplb")[1]
+    assert after["rebalances"] == body["rebalances"] and after["balancedness_after"] == body["balancedness_after"]
+    assert "not enough load recorded" in after["skipped"]

@@ -464,3 +464,34 @@ def test_a_short_request_is_not_stuck_behind_preempted_long_ones():
     while core.has_unfinished:
         core.step()
     assert _free_everywhere(core)
+
+
+def test_stop_ends_the_step_loop_cleanly_and_tells_the_clients(big, caplog):
+    """Shutting down mid-stream: the loop task ends (nothing left pending), nothing is logged
+    as a failed step, the stream ends with "shut down", and later requests are refused."""
+    from raymoe.actors.engine.messages import NewRequest, RejectKind
+
+    sampling = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+
+    async def main():
+        engine = AsyncEngine(big.local.core, big.executor, max_queued=100, pipelined=True)
+        client = EngineClient(engine, big.tokenizer, big.local.info)
+        tokens, error = [], None
+        try:
+            async for d in client.stream(big.tokenizer.encode("a long one"), sampling):
+                tokens += d.token_ids
+                if len(tokens) >= 3:
+                    await engine.stop()
+        except Exception as e:
+            error = str(e)
+        others = [t for t in asyncio.all_tasks() if "AsyncEngine" in t.get_coro().__qualname__]
+        rejected = await engine.submit("late", [NewRequest(0, [1, 2], sampling)])
+        await client.close()
+        return tokens, error, others, rejected
+
+    with caplog.at_level("ERROR"):
+        tokens, error, others, rejected = asyncio.run(main())
+    assert 3 <= len(tokens) < 200 and error and "shut down" in error
+    assert not others, f"tasks left running: {others}"
+    assert "engine step loop failed" not in caplog.text
+    assert rejected and rejected[0].kind is RejectKind.ENGINE_FAILED and "shut down" in rejected[0].message

@@ -1,0 +1,148 @@
+"""The controller's EPLB generator against fake ranks: a rebalance is planned and its
+moves proceed over several steps, a request during one is refused, and no plan is ever
+made on a window with no routed tokens (it says "not enough load recorded")."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from raymoe.actors.engine.eplb import NOT_ENOUGH_LOAD, EplbManager, RebalanceRefused
+from raymoe.cluster.config import EplbConfig
+from raymoe.cluster.expert_slots import default_expert_slots
+from raymoe.cluster.layout import RankLayout
+
+EP, LAYERS, EXPERTS, SLOTS = 2, 3, 8, 10
+
+
+class FakeRanks:
+    """Every rank's calls answered by one object: recorded load, moves that land after
+    ``steps_to_land`` polls."""
+
+    def __init__(self, steps_to_land: int) -> None:
+        self.load = torch.zeros(LAYERS, SLOTS)
+        self.steps_to_land, self.polls = steps_to_land, 0
+        self.calls: list[str] = []
+        self.moved_layers: list[int] = []
+
+    def call_async(self, method: str, *args):
+        self.calls.append(method)
+        result = getattr(self, method)(*args)
+
+        async def answer():
+            return result
+
+        return [answer() for _ in range(EP)]
+
+    def take_expert_load(self) -> torch.Tensor:
+        out, self.load = self.load, torch.zeros(LAYERS, SLOTS)
+        return out
+
+    def start_expert_moves(self, layers, rows) -> None:
+        self.polls, self.started = 0, list(layers)
+
+    def expert_moves_landed(self) -> bool:
+        self.polls += 1
+        return self.polls > self.steps_to_land
+
+    def finish_expert_moves(self) -> None:
+        self.moved_layers += self.started
+
+
+def _manager(ranks: FakeRanks, **config) -> EplbManager:
+    return EplbManager(
+        EplbConfig(enabled=True, num_redundant_experts=SLOTS - EXPERTS, **config),
+        RankLayout(dp=EP, ep=EP),
+        ranks,
+        physical_to_logical=default_expert_slots(LAYERS, EXPERTS, SLOTS),
+        num_logical=EXPERTS,
+        bytes_per_expert=1,
+    )
+
+
+def _skewed_physical_load() -> torch.Tensor:
+    load = torch.ones(LAYERS, SLOTS)
+    load[:, 2] = 50.0  # slot 2 holds expert 2 (its only copy) in the default slots: hot in every layer
+    return load
+
+
+async def _steps_until(manager: EplbManager, done, limit: int = 100) -> int:
+    for n in range(limit):
+        if done():
+            return n
+        await asyncio.sleep(0.001)  # the step itself (the planner thread runs meanwhile)
+        await manager.on_step()
+    raise AssertionError("never happened")
+
+
+def test_a_rebalance_plans_on_the_recorded_load_and_moves_over_several_steps():
+    async def main():
+        ranks = FakeRanks(steps_to_land=3)
+        manager = _manager(ranks, layers_per_chunk=1)
+        await manager.on_step()  # opens the window
+        ranks.load = _skewed_physical_load()
+        planned = manager.request()
+        with pytest.raises(RebalanceRefused, match="under way"):
+            manager.request()  # one at a time
+        await _steps_until(manager, planned.done)
+        assert planned.result() is None and manager.status["state"] == "moving"
+        with pytest.raises(RebalanceRefused, match="under way"):
+            manager.request()
+        steps = await _steps_until(manager, lambda: manager.status["rebalances"] == 1)
+        status = manager.status
+        assert status["rebalances"] == 1 and status["balancedness_after"] > status["balancedness_before"]
+        assert sorted(ranks.moved_layers) == list(range(LAYERS)) and status["layers_done"] == LAYERS
+        assert steps >= LAYERS * ranks.steps_to_land  # each chunk's copies took steps to land
+        assert status["moving_steps"] >= LAYERS * ranks.steps_to_land
+        assert torch.equal(manager.physical_to_logical, manager.last_plan.physical_to_logical)
+
+    asyncio.run(main())
+
+
+def test_no_plan_on_a_window_without_tokens():
+    async def main():
+        ranks = FakeRanks(steps_to_land=0)
+        manager = _manager(ranks)
+        await manager.on_step()
+        ranks.load = _skewed_physical_load()
+        first = manager.request()
+        await _steps_until(manager, lambda: manager.status["rebalances"] == 1)
+        assert first.done() and manager.status["rebalances"] == 1
+        plan = manager.last_plan
+        # right after it: the new window is empty
+        again = manager.request()
+        await _steps_until(manager, again.done)
+        with pytest.raises(RebalanceRefused, match="not enough load recorded"):
+            again.result()
+        assert manager.status["rebalances"] == 1 and manager.last_plan is plan
+        assert manager.status["skipped"] == NOT_ENOUGH_LOAD and not manager.busy
+        # a load given with the request needs no window
+        explicit = manager.request(torch.rand(LAYERS, EXPERTS) + 1)
+        await _steps_until(manager, explicit.done)
+        assert explicit.exception() is None and "skipped" not in manager.status
+
+    asyncio.run(main())
+
+
+def test_periodic_rebalances_skip_empty_windows():
+    async def main():
+        ranks = FakeRanks(steps_to_land=0)
+        manager = _manager(ranks, rebalance_every_steps=2)
+        for _ in range(6):
+            await manager.on_step()
+        assert ranks.calls.count("take_expert_load") >= 4  # windows opened and read
+        assert manager.last_plan is None and manager.status["rebalances"] == 0
+        assert manager.status["skipped"] == NOT_ENOUGH_LOAD and "start_expert_moves" not in ranks.calls
+
+    asyncio.run(main())
+
+
+def test_a_wrongly_shaped_load_is_refused_naming_it():
+    async def main():
+        manager = _manager(FakeRanks(steps_to_land=0))
+        with pytest.raises(ValueError, match=r"logical_load: expected shape \[3, 8\]"):
+            manager.request(torch.ones(3, 7))
+
+    asyncio.run(main())
