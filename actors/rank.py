@@ -110,14 +110,17 @@ class RankWorker:
     def physical_to_logical(self) -> Any:
         return self._runner().physical_to_logical()
 
-    def start_expert_moves(self, moe_layers: list[int], new_physical_to_logical: Any) -> None:
-        self._runner().expert_mover().start(moe_layers, new_physical_to_logical)
+    def start_expert_moves(self, chunks: list[Any]) -> None:
+        self._runner().expert_mover().start(chunks)
 
-    def expert_moves_landed(self) -> bool:
-        return self._runner().expert_mover().landed()
+    def advance_expert_moves(self) -> None:
+        """While no step runs (a step's start does this itself): see ExpertMover.advance."""
+        self._runner().advance_expert_moves()
 
-    def finish_expert_moves(self) -> None:
-        self._runner().finish_expert_moves()
+    def expert_moves_progress(self) -> tuple[int, bool]:
+        """(layers switched since the last start, moves still under way)."""
+        mover = self._runner().expert_mover()
+        return mover.layers_done, mover.busy
 
     def _runner(self) -> Any:
         runner = self._context().state.get("runner")

@@ -153,6 +153,14 @@ class GroupCoordinator:
         if self.world_size > 1:
             dist.barrier(group=self.cpu_group)
 
+    def all_true(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on every member; the same answer on all."""
+        if self.world_size == 1:
+            return flag
+        t = torch.tensor([int(flag)], dtype=torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.cpu_group)
+        return bool(t.item())
+
     def all_gather_object(self, obj: Any) -> list[Any]:
         """Every member's ``obj``, in group-rank order."""
         if self.world_size == 1:

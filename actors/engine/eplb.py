@@ -2,12 +2,12 @@
 
 Cycle: reset the expert-load window, wait ``rebalance_every_steps`` steps (or
 until a rebalance is requested), read the recorded load, plan (pure, in a thread,
-while steps run), then move the changed layers' expert weights ``layers_per_chunk``
-layers at a time. Each chunk's copies travel in the ranks' background (see
-actors/engine/expert_mover.py) while steps go on; once every rank has them, every rank
-switches the chunk's layers between the same two steps. Between two chunks some layers
-use the new expert slots and some the old; each layer's map and weights switch
-together, so every step stays correct.
+while steps run), then hand the ranks the changed layers in chunks of
+``layers_per_chunk``. Each chunk's copies travel in the ranks' background while steps go
+on, and the ranks switch it at the start of a step once it has landed everywhere (see
+actors/engine/expert_mover.py); the generator only follows their progress. Between two
+chunks some layers use the new expert slots and some the old; each layer's map and
+weights switch together, so every step stays correct.
 
 Every rank routes every token of a step (MoE layers gather all DP replicas),
 so all ranks record the same load; rank 0's counts are the load.
@@ -25,6 +25,7 @@ from typing import Any, AsyncIterator, Awaitable, Optional, Protocol
 
 import torch
 
+from raymoe.actors.engine.expert_mover import MoveChunk
 from raymoe.cluster.config import EplbConfig
 from raymoe.cluster.eplb_planner import EplbPlan, plan_with_policy
 from raymoe.cluster.layout import RankLayout
@@ -158,6 +159,8 @@ class EplbManager:
         changed = [i for i, n in enumerate(plan.moved_slots_per_layer.tolist()) if n]
         chunk = self.config.layers_per_chunk or max(1, len(changed))
         self._moving_step_s = []
+        for stale in ("moving_steps", "moving_step_ms_median", "moving_step_ms_max", "move_s"):
+            self.status.pop(stale, None)
         self.status.update(
             state="moving",
             layers_done=0,
@@ -172,16 +175,28 @@ class EplbManager:
         )
         if request.started is not None and not request.started.done():
             request.started.set_result(None)
-        for start in range(0, len(changed), chunk):
-            layers = changed[start : start + chunk]
-            t1 = time.perf_counter()
-            await self._all("start_expert_moves", layers, plan.physical_to_logical[layers])
-            while not all(await self._all("expert_moves_landed")):
-                yield  # steps run while the copies travel
+        t1 = time.perf_counter()
+        chunks = [
+            MoveChunk(changed[i : i + chunk], plan.physical_to_logical[changed[i : i + chunk]])
+            for i in range(0, len(changed), chunk)
+        ]
+        if chunks:
+            await self._all("start_expert_moves", chunks)
+        progress: Optional[asyncio.Future[list[Any]]] = None
+        while chunks:
+            yield  # the ranks switch each chunk at the start of a step once it has landed everywhere
+            if not self._after_step:  # idle: no step start to switch at, so ask for one
+                await self._all("advance_expert_moves")
+            progress = progress or asyncio.ensure_future(self._all("expert_moves_progress"))
+            if not progress.done():  # answered between steps; the loop does not wait for it
                 await self._pause_if_idle()
-            await self._all("finish_expert_moves")
-            self.physical_to_logical[layers] = plan.physical_to_logical[layers]
-            self.status.update(layers_done=start + len(layers), last_chunk_s=round(time.perf_counter() - t1, 4))
+                continue
+            answers, progress = progress.result(), None
+            self.status.update(layers_done=min(done for done, _ in answers))
+            if not any(busy for _, busy in answers):
+                break
+        self.physical_to_logical[changed] = plan.physical_to_logical[changed]
+        self.status.update(layers_done=len(changed), move_s=round(time.perf_counter() - t1, 4))
         self.status.update(state="done", rebalances=self.status["rebalances"] + 1, **self._step_times())
         log.info(
             "EPLB: balancedness %.3f -> %.3f, %d layers moved, %.1f MiB",
@@ -196,10 +211,10 @@ class EplbManager:
         out: dict[str, float] = {}
         if self._step_s:
             out["step_ms_median"] = round(1e3 * statistics.median(self._step_s), 3)
+        out["moving_steps"] = len(self._moving_step_s)
         if self._moving_step_s:
             out["moving_step_ms_median"] = round(1e3 * statistics.median(self._moving_step_s), 3)
             out["moving_step_ms_max"] = round(1e3 * max(self._moving_step_s), 3)
-            out["moving_steps"] = len(self._moving_step_s)
         return out
 
     async def _pause_if_idle(self) -> None:

@@ -1,17 +1,20 @@
 """A rank's side of EPLB's weight moves, running while the engine's steps go on.
 
-``start`` hands one chunk of layers to a background thread (on GPU, on a side CUDA
-stream). It sends and receives the expert copies the new slots need over the EP moves
-group, a process group of its own, so its transfers never interleave with the steps'
-collectives on the EP group. The copies land in buffers: steps keep reading the old
-slots meanwhile. ``landed`` says whether they have all arrived. ``finish``, which the
-controller calls on every rank between the same two steps, writes them into the expert
-tensors and switches the layers' maps, in place (CUDA graphs stay valid) and queued on
-the step stream behind any step in flight.
+``start`` takes a rebalance's chunks of layers. Each chunk's copies travel in a
+background thread (on GPU, on a side CUDA stream) over the EP moves group, a process
+group of its own, so they never interleave with the steps' collectives on the EP
+group; they land in buffers while steps keep reading the old slots. At the start of
+every step, ``advance`` asks every rank (one all-reduce over the world's cpu group)
+whether the chunk has landed everywhere. Once it has, every rank writes it into its
+expert tensors and switches the chunk's layer maps before that same step, in place
+(CUDA graphs stay valid) and queued on the step stream behind any step in flight;
+then the next chunk starts travelling. The agreement spans the world, not one EP
+group: every rank runs every MoE layer, so all must switch a layer at the same step.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -25,6 +28,12 @@ from raymoe.comm.group import GroupCoordinator
 
 
 @dataclass(frozen=True)
+class MoveChunk:
+    moe_layers: list[int]
+    physical_to_logical: torch.Tensor  # the layers' new slot rows [len, P], CPU
+
+
+@dataclass(frozen=True)
 class _LandedLayer:
     moe_layer: int
     physical_to_logical: torch.Tensor  # the new slots [P], CPU
@@ -35,64 +44,80 @@ class ExpertMover:
     def __init__(
         self,
         *,
-        group: GroupCoordinator,
+        moves_group: GroupCoordinator,
+        agreement_group: GroupCoordinator,
         expert_map: ExpertMap,
         layer_weights: Sequence[Sequence[torch.Tensor]],
         slots_per_rank: int,
         ranks_per_node: Optional[int],
     ) -> None:
-        """``group``: the EP moves group; ``layer_weights[moe_layer]``: that layer's expert
-        tensors on this rank, each [slots_per_rank, ...]; ``ranks_per_node``: EP ranks per
-        node (None: one node), so that copies come from the same node where they can."""
-        self.group, self.expert_map = group, expert_map
+        """``moves_group``: the EP moves group; ``agreement_group``: every rank that runs the
+        MoE layers (the world); ``layer_weights[moe_layer]``: that layer's expert tensors on
+        this rank, each [slots_per_rank, ...]; ``ranks_per_node``: EP ranks per node (None:
+        one node), so that copies come from the same node where they can."""
+        self.moves_group, self.agreement_group, self.expert_map = moves_group, agreement_group, expert_map
         self.layer_weights, self.slots_per_rank, self.ranks_per_node = layer_weights, slots_per_rank, ranks_per_node
-        self.device = group.device
+        self.device = moves_group.device
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert-moves")
-        self._pending: Optional[concurrent.futures.Future[list[_LandedLayer]]] = None
+        self._chunks: collections.deque[MoveChunk] = collections.deque()
+        self._travelling: Optional[concurrent.futures.Future[list[_LandedLayer]]] = None
+        self.layers_done = 0  # layers switched since the last start
 
-    def start(self, moe_layers: Sequence[int], new_physical_to_logical: torch.Tensor) -> None:
-        """Begin moving ``moe_layers`` to the new slot rows [len, P] in the background."""
-        if self._pending is not None:
-            raise RuntimeError("expert moves are already under way (finish them first)")
-        after: Optional[torch.cuda.Event] = None
-        if self.stream is not None:  # the side stream reads weights only once the steps queued so far have
-            after = torch.cuda.Event()
-            after.record(torch.cuda.current_stream(self.device))
-        rows = new_physical_to_logical.to("cpu", torch.int64).clone()
-        self._pending = self._thread.submit(self._receive, list(moe_layers), rows, after)
+    def start(self, chunks: Sequence[MoveChunk]) -> None:
+        """Queue a rebalance's chunks and send the first one on its way. Every rank calls it
+        between the same two steps."""
+        if self.busy:
+            raise RuntimeError("expert moves are already under way")
+        self._chunks.extend(chunks)
+        self.layers_done = 0
+        self._send_next()
 
-    def landed(self) -> bool:
-        """Every copy of the moves under way has arrived (or the moves failed: ``finish`` raises)."""
-        return self._pending is not None and self._pending.done()
+    @property
+    def busy(self) -> bool:
+        return self._travelling is not None
 
-    def finish(self) -> None:
-        """Wait for the moves under way, then write them into the slots and switch the maps."""
-        if self._pending is None:
-            raise RuntimeError("no expert moves under way (start them first)")
-        pending, self._pending = self._pending, None
+    def advance(self) -> None:
+        """At the start of every step, on every rank: switch the chunk under way if it has
+        landed on every rank, then send the next one."""
+        if self._travelling is None:
+            return
+        if not self.agreement_group.all_true(self._travelling.done()):
+            return
+        travelling, self._travelling = self._travelling, None
         step_stream = torch.cuda.current_stream(self.device) if self.stream is not None else None
-        for layer in pending.result():
+        for layer in travelling.result():
             write_arrivals(self.layer_weights[layer.moe_layer], layer.arrivals)
             if step_stream is not None:  # the buffers are the side stream's: free them only after these copies
                 for arrival in layer.arrivals:
                     for b in arrival.buffers:
                         b.record_stream(step_stream)
             self.expert_map.update_layer(layer.moe_layer, layer.physical_to_logical)
+            self.layers_done += 1
+        self._send_next()
 
     def close(self) -> None:
         self._thread.shutdown(wait=False, cancel_futures=True)
 
+    def _send_next(self) -> None:
+        if not self._chunks:
+            return
+        chunk = self._chunks.popleft()
+        after: Optional[torch.cuda.Event] = None
+        if self.stream is not None:  # the side stream reads weights only once the steps queued so far have
+            after = torch.cuda.Event()
+            after.record(torch.cuda.current_stream(self.device))
+        self._travelling = self._thread.submit(self._receive, chunk, after)
+
     @torch.inference_mode()
-    def _receive(
-        self, moe_layers: list[int], rows: torch.Tensor, after: Optional[torch.cuda.Event]
-    ) -> list[_LandedLayer]:
+    def _receive(self, chunk: MoveChunk, after: Optional[torch.cuda.Event]) -> list[_LandedLayer]:
+        layers = list(zip(chunk.moe_layers, chunk.physical_to_logical))
         if self.stream is None:
-            return [self._receive_layer(layer, row) for layer, row in zip(moe_layers, rows)]
+            return [self._receive_layer(layer, row) for layer, row in layers]
         torch.cuda.set_device(self.device)
         with torch.cuda.stream(self.stream):
             self.stream.wait_event(after)
-            landed = [self._receive_layer(layer, row) for layer, row in zip(moe_layers, rows)]
+            landed = [self._receive_layer(layer, row) for layer, row in layers]
         self.stream.synchronize()
         return landed
 
@@ -100,7 +125,7 @@ class ExpertMover:
         moves = plan_layer_moves(
             self.expert_map.physical_to_logical_cpu[moe_layer].tolist(),
             row.tolist(),
-            self.group.world_size,
+            self.moves_group.world_size,
         )
-        arrivals = receive_expert_copies(self.group, self.layer_weights[moe_layer], moves, self.slots_per_rank)
+        arrivals = receive_expert_copies(self.moves_group, self.layer_weights[moe_layer], moves, self.slots_per_rank)
         return _LandedLayer(moe_layer, row, arrivals)

@@ -163,6 +163,7 @@ class ModelRunner:
         ``collect``.
         """
         assert self.attention is not None, "allocate_kv_cache() first"
+        self.advance_expert_moves()
         layout = build_step_layout(step, self.block_size)
         if self.graphs is not None and step.all_decode and self.graphs.size_for(max(step.dp_token_counts)):
             shard = self.graphs.run(layout, step.dp_token_counts)
@@ -242,10 +243,11 @@ class ModelRunner:
         return self._expert_mover
 
     @torch.inference_mode()
-    def finish_expert_moves(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        self.expert_mover().finish()
+    def advance_expert_moves(self) -> None:
+        """Switch the expert-move chunk under way once it has landed on every rank (every
+        rank calls this at the start of every step, or all together while idle)."""
+        if self._expert_mover is not None:
+            self._expert_mover.advance()
 
     def _new_expert_mover(self) -> Optional[ExpertMover]:
         if self.expert_load is None or self.expert_map is None:
@@ -253,7 +255,8 @@ class ModelRunner:
         moe_layers = [self.model.layers[i].mlp for i in self.spec.moe_layers]
         layout, ep = self.ctx.layout, self.ctx.groups.ep.world_size
         return ExpertMover(
-            group=self.ctx.groups.ep_moves or self.ctx.groups.ep,
+            moves_group=self.ctx.groups.ep_moves or self.ctx.groups.ep,
+            agreement_group=self.ctx.groups.world,
             expert_map=self.expert_map,
             layer_weights=[[moe.w13, moe.w2] for moe in moe_layers],
             slots_per_rank=moe_layers[0].slots,

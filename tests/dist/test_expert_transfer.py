@@ -9,7 +9,7 @@ import random
 
 import torch
 
-from raymoe.actors.engine.expert_mover import ExpertMover
+from raymoe.actors.engine.expert_mover import ExpertMover, MoveChunk
 from raymoe.actors.models.expert_map import ExpertMap
 from raymoe.cluster.expert_moves import plan_layer_moves
 from raymoe.cluster.layout import RankLayout
@@ -63,7 +63,7 @@ def _mover_worker(rank: int, world: int, init_methods: list[str], ep: int, seed:
     try:
         groups = build_groups(layout, rank, torch.device("cpu"), expert_moves=True)
         assert groups.ep_moves is not None and groups.ep_moves.device_group is not groups.ep.device_group
-        per_rank, layers = 3, 2
+        per_rank, layers = 3, 3
         rng = random.Random(seed)
         slots = torch.tensor([_expert_slots(rng, per_rank * ep) for _ in range(layers)])
         first = groups.ep.rank_in_group * per_rank
@@ -73,35 +73,35 @@ def _mover_worker(rank: int, world: int, init_methods: list[str], ep: int, seed:
         ]
         expert_map = ExpertMap(slots.clone(), NUM_LOGICAL, torch.device("cpu"))
         mover = ExpertMover(
-            group=groups.ep_moves,
+            moves_group=groups.ep_moves,
+            agreement_group=groups.world,
             expert_map=expert_map,
             layer_weights=weights,
             slots_per_rank=per_rank,
             ranks_per_node=None,
         )
-        for _ in range(4):
+
+        def consistent() -> None:
+            """Every layer's weights hold what its map says: all old or all new, never mixed."""
+            for layer in range(layers):
+                for s in range(per_rank):
+                    want13, want2 = _expert_tensors(int(expert_map.physical_to_logical_cpu[layer, first + s]))
+                    assert torch.equal(weights[layer][0][s], want13) and torch.equal(weights[layer][1][s], want2)
+
+        for _ in range(3):
             new = torch.tensor([_expert_slots(rng, per_rank * ep) for _ in range(layers)])
-            mover.start([0, 1], new)
+            mover.start([MoveChunk([0, 1], new[:2]), MoveChunk([2], new[2:])])  # two chunks
             steps = 0
-            while True:  # "steps": collectives on the EP group, until every rank's copies landed
+            while mover.busy:  # "steps": collectives on the EP group while the copies travel
                 x = torch.full((4,), float(rank))
                 groups.ep.all_reduce(x)
                 assert torch.equal(x, torch.full((4,), float(sum(groups.ep.ranks))))
-                landed = torch.tensor([float(mover.landed())])
-                groups.ep.all_reduce(landed, op=torch.distributed.ReduceOp.MIN)
+                mover.advance()
+                consistent()
                 steps += 1
-                if landed.item() == 1.0:
-                    break
-            # the old experts still sit in their slots until finish
-            for layer in range(layers):
-                assert torch.equal(weights[layer][0][0], _expert_tensors(int(slots[layer, first]))[0])
-            mover.finish()
-            slots = new
-            assert torch.equal(expert_map.physical_to_logical, slots)
-            for layer in range(layers):
-                for s in range(per_rank):
-                    want13, want2 = _expert_tensors(int(slots[layer, first + s]))
-                    assert torch.equal(weights[layer][0][s], want13) and torch.equal(weights[layer][1][s], want2)
+            assert steps >= 2 and mover.layers_done == layers
+            assert torch.equal(expert_map.physical_to_logical, new)
+            consistent()
         mover.close()
     finally:
         destroy_distributed()

@@ -10,6 +10,8 @@ A wrong kernel or shard moves every prompt, which the median bound catches."""
 from __future__ import annotations
 
 import random
+import sys
+import time
 
 import pytest
 import torch
@@ -90,3 +92,73 @@ def test_bf16_equal_to_transformers(gpu_ray, stable_case, tp, ep):
     shown = ", ".join(f"{e:.1e}" for e in errors)
     assert torch.tensor(errors).median() <= 1e-2, f"logits rel. errors: {shown}"
     assert max(errors) <= 6e-2, f"logits rel. errors: {shown}"
+
+
+def _rotate_spare_slots(ctx, shift: int) -> list[list[int]]:
+    """Start moving every layer's spare slots (p >= E) to hold expert (p + shift) mod E."""
+    from raymoe.actors.engine.expert_mover import MoveChunk
+
+    runner = ctx.state["runner"]
+    rows = runner.expert_map.physical_to_logical_cpu.clone()
+    experts = runner.expert_map.num_logical
+    rows[:, experts:] = (torch.arange(experts, rows.shape[1]) + shift) % experts
+    layers = list(range(rows.shape[0]))
+    runner.expert_mover().start([MoveChunk(layers[:1], rows[:1]), MoveChunk(layers[1:], rows[1:])])
+    return rows.tolist()
+
+
+def _spare_slots_hold_their_experts(ctx) -> bool:
+    """Every spare slot's weights equal those of the slot holding the same expert first."""
+    runner = ctx.state["runner"]
+    experts = runner.expert_map.num_logical
+    ok = True
+    for layer, row in zip(runner.spec.moe_layers, runner.expert_map.physical_to_logical_cpu.tolist()):
+        moe = runner.model.layers[layer].mlp
+        for slot in range(experts, len(row)):
+            ok &= torch.equal(moe.w13[slot], moe.w13[row[slot]]) and torch.equal(moe.w2[slot], moe.w2[row[slot]])
+    return ok
+
+
+def _finish_moves(ctx) -> None:
+    """Switch whatever is still travelling (no step runs now to do it)."""
+    runner = ctx.state["runner"]
+    while runner.expert_mover().busy:
+        runner.advance_expert_moves()
+        time.sleep(0.001)
+
+
+def test_expert_moves_on_a_side_stream_keep_outputs(gpu_ray, stable_case):
+    """EPLB's moves on one GPU (into spare slots, CUDA graphs on): they travel on the side
+    stream while steps run and switch at a step's start; greedy tokens and logits stay the
+    same before, while, and after, and every moved slot holds its expert's weights."""
+    import ray
+
+    from raymoe.cluster.config import config_from_dict
+    from raymoe.deploy import LLM, SamplingParams
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    path, prompts, _ = stable_case
+    config = config_from_dict(
+        {
+            "model": {"path": str(path), "dtype": "bfloat16"},
+            "parallel": {"device": "cuda"},
+            "engine": {"block_size": 16, "num_kv_blocks": 256, "max_num_batched_tokens": 64},
+            "eplb": {"enabled": True, "num_redundant_experts": 4, "rebalance_every_steps": 10**6},
+        }
+    )
+    greedy = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
+    with LLM(config, collect_logits=True) as llm:
+        on_ranks = llm.controller.run_on_ranks.remote
+        before = llm.generate(prompts, greedy)
+        rows = ray.get(on_ranks(_rotate_spare_slots, 1))[0]
+        during = llm.generate(prompts, greedy)
+        ray.get(on_ranks(_finish_moves))
+        after = llm.generate(prompts, greedy)
+        moved = ray.get(on_ranks(lambda ctx: ctx.state["runner"].expert_map.physical_to_logical_cpu.tolist()))[0]
+        assert moved == rows
+        assert ray.get(on_ranks(_spare_slots_hold_their_experts))[0]
+    for b, d, a in zip(before, during, after):
+        assert b.token_ids == d.token_ids == a.token_ids
+        for other in (d, a):
+            err = ((torch.stack(other.logits) - torch.stack(b.logits)).norm() / torch.stack(b.logits).norm()).item()
+            assert err <= 1e-3, err

@@ -40,15 +40,19 @@ class FakeRanks:
         out, self.load = self.load, torch.zeros(LAYERS, SLOTS)
         return out
 
-    def start_expert_moves(self, layers, rows) -> None:
-        self.polls, self.started = 0, list(layers)
+    def start_expert_moves(self, chunks) -> None:
+        self.chunks, self.done, self.polls = list(chunks), 0, 0
 
-    def expert_moves_landed(self) -> bool:
+    def advance_expert_moves(self) -> None:
+        pass
+
+    def expert_moves_progress(self) -> tuple[int, bool]:
+        """A chunk lands every ``steps_to_land`` polls."""
         self.polls += 1
-        return self.polls > self.steps_to_land
-
-    def finish_expert_moves(self) -> None:
-        self.moved_layers += self.started
+        if self.chunks and self.polls > self.steps_to_land:
+            self.moved_layers += self.chunks.pop(0).moe_layers
+            self.polls = 0
+        return len(self.moved_layers), bool(self.chunks)
 
 
 def _manager(ranks: FakeRanks, **config) -> EplbManager:
