@@ -91,16 +91,16 @@ def serving(args: argparse.Namespace) -> None:
             rows.append((status, same))
     print(f"\nserving: CPU, tiny model, ep={args.ep}, layers_per_chunk={args.chunk or 'all'}, skew {args.skew}")
     print(
-        "| rebalance | layers moved | MiB | steps while moving | step median (ms) | while moving: median | "
+        "| rebalance | layers moved | MiB | steps during it | step median (ms) | during it: median | "
         "longest | longest / median | tokens unchanged |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for i, (s, same) in enumerate(rows, 1):
         print(
-            f"| {i} | {s['layers_total']} | {s['bytes_moved'] / 2**20:.2f} | {s.get('moving_steps', 0)} | "
-            f"{s['step_ms_median']:.2f} | {s.get('moving_step_ms_median', float('nan')):.2f} | "
-            f"{s.get('moving_step_ms_max', float('nan')):.2f} | "
-            f"{s.get('moving_step_ms_max', float('nan')) / s['step_ms_median']:.2f} | {same} |"
+            f"| {i} | {s['layers_total']} | {s['bytes_moved'] / 2**20:.2f} | {s.get('rebalance_steps', 0)} | "
+            f"{s['step_ms_median']:.2f} | {s.get('rebalance_step_ms_median', float('nan')):.2f} | "
+            f"{s.get('rebalance_step_ms_max', float('nan')):.2f} | "
+            f"{s.get('rebalance_step_ms_max', float('nan')) / s['step_ms_median']:.2f} | {same} |"
         )
 
 

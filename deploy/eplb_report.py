@@ -69,11 +69,11 @@ def summary(status: dict) -> str:
         f"mode: {status.get('mode', '?')}; slots moved: {status.get('moved_slots', '?')}, left in place for "
         f"gaining < eplb.min_improvement: {status.get('skipped_slots', '?')}",
     ]
-    if "moving_step_ms_max" in status:
+    if "rebalance_step_ms_max" in status:
         lines.append(
-            f"steps while moving: {status['moving_steps']}, median {status['moving_step_ms_median']:.2f} ms, "
-            f"longest {status['moving_step_ms_max']:.2f} ms (outside moves: median "
-            f"{status.get('step_ms_median', float('nan')):.2f} ms)"
+            f"steps during the rebalance (planning, moves): {status['rebalance_steps']}, median "
+            f"{status['rebalance_step_ms_median']:.2f} ms, longest {status['rebalance_step_ms_max']:.2f} ms "
+            f"(outside rebalances: median {status.get('step_ms_median', float('nan')):.2f} ms)"
         )
     lines.append("per-rank load summed over layers, before -> after:")
     before = [sum(col) for col in zip(*status["rank_load_before"])]

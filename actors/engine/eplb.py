@@ -75,9 +75,10 @@ class EplbManager:
         self.last_plan: Optional[EplbPlan] = None
         self.status: dict[str, Any] = {"state": "starting", "rebalances": 0}
         self._gen = self._run()
-        # seconds between steps, outside and during moves: what a rebalance costs the steps
+        # seconds between steps, outside rebalances and during one (planning and moves):
+        # what a rebalance costs the steps
         self._step_s: collections.deque[float] = collections.deque(maxlen=512)
-        self._moving_step_s: list[float] = []
+        self._rebalance_step_s: list[float] = []
         self._last_step: Optional[float] = None
         self._after_step = False
 
@@ -111,8 +112,8 @@ class EplbManager:
         if after_step:
             now = time.perf_counter()
             if self._last_step is not None:
-                moving = self.status["state"] == "moving"
-                (self._moving_step_s if moving else self._step_s).append(now - self._last_step)
+                rebalancing = self.status["state"] in ("planning", "moving")
+                (self._rebalance_step_s if rebalancing else self._step_s).append(now - self._last_step)
             self._last_step = now
         else:
             self._last_step = None
@@ -138,8 +139,10 @@ class EplbManager:
                 request.started.set_exception(RebalanceRefused(NOT_ENOUGH_LOAD))
             return
         t0 = time.perf_counter()
+        self._rebalance_step_s = []
+        for stale in ("skipped", "rebalance_steps", "rebalance_step_ms_median", "rebalance_step_ms_max", "move_s"):
+            self.status.pop(stale, None)
         self.status.update(state="planning")
-        self.status.pop("skipped", None)
         planning = asyncio.ensure_future(
             asyncio.to_thread(
                 plan_with_policy,
@@ -158,9 +161,6 @@ class EplbManager:
         plan = self.last_plan = planning.result()
         changed = [i for i, n in enumerate(plan.moved_slots_per_layer.tolist()) if n]
         chunk = self.config.layers_per_chunk or max(1, len(changed))
-        self._moving_step_s = []
-        for stale in ("moving_steps", "moving_step_ms_median", "moving_step_ms_max", "move_s"):
-            self.status.pop(stale, None)
         self.status.update(
             state="moving",
             layers_done=0,
@@ -180,8 +180,8 @@ class EplbManager:
             MoveChunk(changed[i : i + chunk], plan.physical_to_logical[changed[i : i + chunk]])
             for i in range(0, len(changed), chunk)
         ]
-        if chunks:
-            await self._all("start_expert_moves", chunks)
+        # submitted now, so every rank has them before the next step; not waited for
+        started = asyncio.gather(*self.ranks.call_async("start_expert_moves", chunks)) if chunks else None
         progress: Optional[asyncio.Future[list[Any]]] = None
         while chunks:
             yield  # the ranks switch each chunk at the start of a step once it has landed everywhere
@@ -192,6 +192,7 @@ class EplbManager:
                 await self._pause_if_idle()
                 continue
             answers, progress = progress.result(), None
+            await started  # long done (raises if a rank refused the chunks)
             self.status.update(layers_done=min(done for done, _ in answers))
             if not any(busy for _, busy in answers):
                 break
@@ -207,14 +208,16 @@ class EplbManager:
         )
 
     def _step_times(self) -> dict[str, float]:
-        """Step times (ms) outside moves (median) and during the last rebalance's moves."""
-        out: dict[str, float] = {}
+        """Step times (ms) outside rebalances (median) and during the last one (planning and
+        moves: median, longest)."""
+        out: dict[str, float] = {"rebalance_steps": len(self._rebalance_step_s)}
         if self._step_s:
             out["step_ms_median"] = round(1e3 * statistics.median(self._step_s), 3)
-        out["moving_steps"] = len(self._moving_step_s)
-        if self._moving_step_s:
-            out["moving_step_ms_median"] = round(1e3 * statistics.median(self._moving_step_s), 3)
-            out["moving_step_ms_max"] = round(1e3 * max(self._moving_step_s), 3)
+        if self._rebalance_step_s:
+            out["rebalance_step_ms_median"] = round(1e3 * statistics.median(self._rebalance_step_s), 3)
+            out["rebalance_step_ms_max"] = round(1e3 * max(self._rebalance_step_s), 3)
+        if len(self._step_s) >= 20:
+            out["step_ms_p95"] = round(1e3 * statistics.quantiles(self._step_s, n=20)[-1], 3)
         return out
 
     async def _pause_if_idle(self) -> None:

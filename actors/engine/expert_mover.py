@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from raymoe.actors.models.expert_map import ExpertMap
+from raymoe.actors.models.expert_map import ExpertMap, LayerTables
 from raymoe.cluster.expert_moves import plan_layer_moves
 from raymoe.comm.expert_transfer import ExpertArrival, receive_expert_copies, write_arrivals
 from raymoe.comm.group import GroupCoordinator
@@ -36,7 +36,7 @@ class MoveChunk:
 @dataclass(frozen=True)
 class _LandedLayer:
     moe_layer: int
-    physical_to_logical: torch.Tensor  # the new slots [P], CPU
+    tables: LayerTables  # the layer's new expert map
     arrivals: list[ExpertArrival]
 
 
@@ -88,11 +88,10 @@ class ExpertMover:
         step_stream = torch.cuda.current_stream(self.device) if self.stream is not None else None
         for layer in travelling.result():
             write_arrivals(self.layer_weights[layer.moe_layer], layer.arrivals)
-            if step_stream is not None:  # the buffers are the side stream's: free them only after these copies
-                for arrival in layer.arrivals:
-                    for b in arrival.buffers:
-                        b.record_stream(step_stream)
-            self.expert_map.update_layer(layer.moe_layer, layer.physical_to_logical)
+            self.expert_map.update_layer(layer.moe_layer, layer.tables)
+            if step_stream is not None:  # side-stream memory: free it only after these copies
+                for t in [b for a in layer.arrivals for b in a.buffers] + list(layer.tables.device_tensors()):
+                    t.record_stream(step_stream)
             self.layers_done += 1
         self._send_next()
 
@@ -128,4 +127,4 @@ class ExpertMover:
             self.moves_group.world_size,
         )
         arrivals = receive_expert_copies(self.moves_group, self.layer_weights[moe_layer], moves, self.slots_per_rank)
-        return _LandedLayer(moe_layer, row, arrivals)
+        return _LandedLayer(moe_layer, self.expert_map.layer_tables(row), arrivals)

@@ -6,6 +6,8 @@ stay valid after a rebalance switches a layer's map.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from raymoe.cluster.expert_slots import replica_tables
@@ -22,14 +24,31 @@ class ExpertMap:
         self.replica_count = counts.to(device)
         self.physical_to_logical_cpu = physical_to_logical.clone()
 
-    def update_layer(self, moe_layer: int, physical_to_logical: torch.Tensor) -> None:
-        """Switch one layer to new expert slots p2l [P] (a CPU tensor), in place. On GPU the
-        copies queue on the current stream from pinned memory: the host does not wait for
-        the steps in flight."""
+    def layer_tables(self, physical_to_logical: torch.Tensor) -> "LayerTables":
+        """One layer's tables for new expert slots p2l [P] (CPU), on this map's device (built
+        ahead of ``update_layer``, e.g. in the background while steps run)."""
         row = physical_to_logical.view(1, -1).to(torch.int64)
         l2p, counts = replica_tables(row, self.num_logical)
-        updates = ((self.physical_to_logical, row), (self.logical_to_physical, l2p), (self.replica_count, counts))
-        for table, new in updates:
-            source = new[0].pin_memory() if table.is_cuda else new[0]
-            table[moe_layer].copy_(source, non_blocking=True)
-        self.physical_to_logical_cpu[moe_layer].copy_(row[0])
+        dev = self.physical_to_logical.device
+        return LayerTables(row[0].clone(), row[0].to(dev), l2p[0].to(dev), counts[0].to(dev))
+
+    def update_layer(self, moe_layer: int, tables: "LayerTables") -> None:
+        """Switch one layer to ``tables``, in place; on GPU, device copies queued on the
+        current stream (the host does not wait for the steps in flight)."""
+        self.physical_to_logical[moe_layer].copy_(tables.physical_to_logical, non_blocking=True)
+        self.logical_to_physical[moe_layer].copy_(tables.logical_to_physical, non_blocking=True)
+        self.replica_count[moe_layer].copy_(tables.replica_count, non_blocking=True)
+        self.physical_to_logical_cpu[moe_layer].copy_(tables.physical_to_logical_cpu)
+
+
+@dataclass(frozen=True)
+class LayerTables:
+    """One MoE layer's expert-slot tables (see ExpertMap), the device ones on its device."""
+
+    physical_to_logical_cpu: torch.Tensor  # [P]
+    physical_to_logical: torch.Tensor  # [P]
+    logical_to_physical: torch.Tensor  # [E, max_replicas]
+    replica_count: torch.Tensor  # [E]
+
+    def device_tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.physical_to_logical, self.logical_to_physical, self.replica_count

@@ -99,7 +99,7 @@ def test_a_rebalance_plans_on_the_recorded_load_and_moves_over_several_steps():
         assert status["rebalances"] == 1 and status["balancedness_after"] > status["balancedness_before"]
         assert sorted(ranks.moved_layers) == list(range(LAYERS)) and status["layers_done"] == LAYERS
         assert steps >= LAYERS * ranks.steps_to_land  # each chunk's copies took steps to land
-        assert status["moving_steps"] >= LAYERS * ranks.steps_to_land
+        assert status["rebalance_steps"] >= LAYERS * ranks.steps_to_land
         assert torch.equal(manager.physical_to_logical, manager.last_plan.physical_to_logical)
 
     asyncio.run(main())
