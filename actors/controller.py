@@ -16,10 +16,11 @@ import asyncio
 import functools
 import logging
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Awaitable, Callable, Optional, Sequence
 
 import ray
 import torch
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from raymoe.actors.engine.async_engine import AsyncEngine, RestartBudget, describe_failure
 from raymoe.actors.engine.builder import EngineModel, build_engine_core, open_model
@@ -31,6 +32,7 @@ from raymoe.actors.models.spec import ModelSpec, resolve_dtype
 from raymoe.actors.rank_group import RankGroup, start_rank_group
 from raymoe.actors.step_executor import RayStepExecutor
 from raymoe.cluster.config import BUILTIN_PREFIX, Config
+from raymoe.cluster.eplb_planner import EplbPlan, plan_with_policy
 from raymoe.cluster.layout import RankLayout
 
 log = logging.getLogger(__name__)
@@ -157,6 +159,7 @@ class Controller:
             physical_to_logical=physical_to_logical,
             num_logical=spec.moe.num_experts,
             bytes_per_expert=expert_bytes,
+            planner=plan_in_ray_task,
         )
 
     # ---- expert-parallel load balancing ------------------------------------------------
@@ -303,3 +306,15 @@ class Controller:
 
 def _resolve_on_rank(ctx: Any, path: str) -> str:
     return str(resolve_model_path(path))
+
+
+@ray.remote(num_cpus=0)
+def _plan_task(*args: Any, **kwargs: Any) -> EplbPlan:
+    return plan_with_policy(*args, **kwargs)
+
+
+def plan_in_ray_task(*args: Any, **kwargs: Any) -> Awaitable[EplbPlan]:
+    """EPLB planning in a Ray worker process on this node: a plan at scale is seconds of
+    Python, which in a thread of the controller would slow its event loop, and every step."""
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return _plan_task.options(scheduling_strategy=here).remote(*args, **kwargs)

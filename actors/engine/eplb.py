@@ -46,6 +46,17 @@ class _Request:
     started: Optional["asyncio.Future[None]"]  # resolved once the plan is made (or refused)
 
 
+class Planner(Protocol):
+    """Runs ``plan_with_policy`` away from the caller's event loop (a thread, or another
+    process: a plan at scale takes seconds of Python that would stall the steps)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Awaitable[EplbPlan]: ...
+
+
+def plan_in_thread(*args: Any, **kwargs: Any) -> Awaitable[EplbPlan]:
+    return asyncio.to_thread(plan_with_policy, *args, **kwargs)
+
+
 class RankCalls(Protocol):
     """Calls a method on every rank at once (``RankGroup``): one awaitable result per rank,
     in rank order."""
@@ -63,8 +74,9 @@ class EplbManager:
         physical_to_logical: torch.Tensor,
         num_logical: int,
         bytes_per_expert: int,
+        planner: Planner = plan_in_thread,
     ) -> None:
-        self.config, self.ranks = config, ranks
+        self.config, self.ranks, self.planner = config, ranks, planner
         self.ep = layout.ep
         # hierarchical planning is possible when the EP group spans nodes evenly
         spans = layout.nodes if layout.nodes > 1 and self.ep % layout.nodes == 0 else 1
@@ -75,6 +87,7 @@ class EplbManager:
         self.last_plan: Optional[EplbPlan] = None
         self.status: dict[str, Any] = {"state": "starting", "rebalances": 0}
         self._gen = self._run()
+        self._window_opened: Optional[asyncio.Future[list[Any]]] = None
         # seconds between steps, outside rebalances and during one (planning and moves):
         # what a rebalance costs the steps
         self._step_s: collections.deque[float] = collections.deque(maxlen=512)
@@ -121,7 +134,7 @@ class EplbManager:
 
     async def _run(self) -> AsyncIterator[None]:
         while True:
-            await self._all("take_expert_load")  # a fresh window
+            self._window_opened = self._submit("take_expert_load")  # a fresh window, before the next step
             waited = 0
             while self.requested is None and waited < self.config.rebalance_every_steps:
                 self.status.update(state="waiting", steps_to_rebalance=self.config.rebalance_every_steps - waited)
@@ -132,20 +145,27 @@ class EplbManager:
                 yield
 
     async def _rebalance(self, request: _Request) -> AsyncIterator[None]:
-        load = request.load if request.load is not None else await self._recorded_load()
-        if not float(load.sum()) > 0:
-            self.status.update(state="waiting", skipped=NOT_ENOUGH_LOAD)
-            if request.started is not None and not request.started.done():
-                request.started.set_exception(RebalanceRefused(NOT_ENOUGH_LOAD))
-            return
         t0 = time.perf_counter()
         self._rebalance_step_s = []
         for stale in ("skipped", "rebalance_steps", "rebalance_step_ms_median", "rebalance_step_ms_max", "move_s"):
             self.status.pop(stale, None)
         self.status.update(state="planning")
+        load = request.load
+        if load is None:
+            if self._window_opened is not None:
+                await self._window_opened  # long done; raises what a rank raised
+            reading = self._submit("take_expert_load")
+            while not reading.done():  # read between steps; the loop does not wait for it
+                yield
+                await self._pause_if_idle()
+            load = self._logical_load(reading.result()[0])
+        if not float(load.sum()) > 0:
+            self.status.update(state="waiting", skipped=NOT_ENOUGH_LOAD)
+            if request.started is not None and not request.started.done():
+                request.started.set_exception(RebalanceRefused(NOT_ENOUGH_LOAD))
+            return
         planning = asyncio.ensure_future(
-            asyncio.to_thread(
-                plan_with_policy,
+            self.planner(
                 load,
                 self.physical_to_logical,
                 self.ep,
@@ -181,13 +201,13 @@ class EplbManager:
             for i in range(0, len(changed), chunk)
         ]
         # submitted now, so every rank has them before the next step; not waited for
-        started = asyncio.gather(*self.ranks.call_async("start_expert_moves", chunks)) if chunks else None
+        started = self._submit("start_expert_moves", chunks) if chunks else None
         progress: Optional[asyncio.Future[list[Any]]] = None
         while chunks:
             yield  # the ranks switch each chunk at the start of a step once it has landed everywhere
             if not self._after_step:  # idle: no step start to switch at, so ask for one
                 await self._all("advance_expert_moves")
-            progress = progress or asyncio.ensure_future(self._all("expert_moves_progress"))
+            progress = progress or self._submit("expert_moves_progress")
             if not progress.done():  # answered between steps; the loop does not wait for it
                 await self._pause_if_idle()
                 continue
@@ -226,11 +246,14 @@ class EplbManager:
         if not self._after_step:
             await asyncio.sleep(_IDLE_POLL_S)
 
-    async def _recorded_load(self) -> torch.Tensor:
+    def _logical_load(self, physical: torch.Tensor) -> torch.Tensor:
         """Logical load [moe_layers, E] from rank 0's physical counts under the current expert slots."""
-        physical = (await self._all("take_expert_load"))[0].to(torch.float64)
         load = torch.zeros(self.physical_to_logical.shape[0], self.num_logical, dtype=torch.float64)
-        return load.scatter_add_(1, self.physical_to_logical, physical)
+        return load.scatter_add_(1, self.physical_to_logical, physical.to(torch.float64))
+
+    def _submit(self, method: str, *args: Any) -> "asyncio.Future[list[Any]]":
+        """Call ``method`` on every rank now (before the next step reaches them); the answers, in rank order."""
+        return asyncio.gather(*self.ranks.call_async(method, *args))
 
     async def _all(self, method: str, *args: Any) -> list[Any]:
-        return list(await asyncio.gather(*self.ranks.call_async(method, *args)))
+        return list(await self._submit(method, *args))
