@@ -16,7 +16,7 @@ import asyncio
 import functools
 import logging
 import time
-from typing import Any, Awaitable, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import ray
 import torch
@@ -159,7 +159,7 @@ class Controller:
             physical_to_logical=physical_to_logical,
             num_logical=spec.moe.num_experts,
             bytes_per_expert=expert_bytes,
-            planner=plan_in_ray_task,
+            planner=start_planner_worker().plan.remote,
         )
 
     # ---- expert-parallel load balancing ------------------------------------------------
@@ -308,13 +308,16 @@ def _resolve_on_rank(ctx: Any, path: str) -> str:
     return str(resolve_model_path(path))
 
 
-@ray.remote(num_cpus=0)
-def _plan_task(*args: Any, **kwargs: Any) -> EplbPlan:
-    return plan_with_policy(*args, **kwargs)
+class EplbPlannerWorker:
+    """EPLB planning in a process of its own (a Ray actor on the controller's node, started
+    with the EPLB manager, so that its imports are done before the first rebalance): a plan
+    at scale is seconds of Python, which in a thread of the controller would slow its event
+    loop, and with it every step."""
+
+    def plan(self, *args: Any, **kwargs: Any) -> EplbPlan:
+        return plan_with_policy(*args, **kwargs)
 
 
-def plan_in_ray_task(*args: Any, **kwargs: Any) -> Awaitable[EplbPlan]:
-    """EPLB planning in a Ray worker process on this node: a plan at scale is seconds of
-    Python, which in a thread of the controller would slow its event loop, and every step."""
+def start_planner_worker() -> Any:
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    return _plan_task.options(scheduling_strategy=here).remote(*args, **kwargs)
+    return ray.remote(num_cpus=0)(EplbPlannerWorker).options(scheduling_strategy=here).remote()

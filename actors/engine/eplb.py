@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 NOT_ENOUGH_LOAD = "not enough load recorded: no tokens were routed since the last rebalance; serve requests first"
 _IDLE_POLL_S = 0.002  # between polls of planning or moves while no step runs
+_PROGRESS_POLL_S = 0.02  # the ranks are asked how far the moves got at most this often
 
 
 class RebalanceRefused(RuntimeError):
@@ -203,12 +204,14 @@ class EplbManager:
         # submitted now, so every rank has them before the next step; not waited for
         started = self._submit("start_expert_moves", chunks) if chunks else None
         progress: Optional[asyncio.Future[list[Any]]] = None
+        next_poll = 0.0
         while chunks:
             yield  # the ranks switch each chunk at the start of a step once it has landed everywhere
             if not self._after_step:  # idle: no step start to switch at, so ask for one
                 await self._all("advance_expert_moves")
-            progress = progress or self._submit("expert_moves_progress")
-            if not progress.done():  # answered between steps; the loop does not wait for it
+            if progress is None and time.perf_counter() >= next_poll:
+                progress, next_poll = self._submit("expert_moves_progress"), time.perf_counter() + _PROGRESS_POLL_S
+            if progress is None or not progress.done():  # answered between steps; the loop does not wait
                 await self._pause_if_idle()
                 continue
             answers, progress = progress.result(), None

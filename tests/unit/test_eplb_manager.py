@@ -72,7 +72,7 @@ def _skewed_physical_load() -> torch.Tensor:
     return load
 
 
-async def _steps_until(manager: EplbManager, done, limit: int = 100) -> int:
+async def _steps_until(manager: EplbManager, done, limit: int = 2000) -> int:
     for n in range(limit):
         if done():
             return n
