@@ -34,20 +34,27 @@ Per layer:
    ``tolerance``), after S/4 steps, or once it changes as many slots as the fresh plan
    (it can no longer win then).
 6. Choice: among current, warm and fresh, those whose max rank load is within
-   (1 + tolerance) of the lowest (plus 1e-9 relative) qualify, and the one moving the
-   fewest slots wins, the current expert slots first. So balancedness never drops, a
-   layer changes only when its max rank load strictly falls, and planning again on the
-   same load moves nothing.
+   (1 + tolerance) of the fresh plan's (plus 1e-9 relative) qualify, and the one moving
+   the fewest slots wins, the current expert slots first. The bar comes from the fresh
+   plan because its max rank load does not depend on the current slots (steps 1-3 never
+   read them): the chosen slots therefore qualify again when they are the current ones,
+   so planning again on the same load moves nothing. (A bar from the best candidate
+   would not be a fixed point: the warm search from the chosen slots, resetting replica
+   counts, now and then lands below the fresh plan by luck, and the layer moves again.)
+   Balancedness never drops, and a layer changes only when its max rank load strictly
+   falls.
 7. Move tolerance: with ``min_improvement``, a candidate also qualifies in step 6 when its
-   balancedness (mean / max rank load) is within min_improvement of the best one's, so a
-   layer keeps its current slots (or takes the warm plan) unless moving gains that much;
+   balancedness (mean / max rank load) is within min_improvement of the fresh plan's, so
+   a layer keeps its current slots (or takes the warm plan) unless moving gains that much;
    the plan reports as skipped the slots that planning with min_improvement = 0 would
    move on top (per layer).
-
-Mode (``plan_with_policy``): ``global`` plans with nodes = 1, ``hierarchical`` with the
-layout's nodes, ``auto`` plans both where hierarchical is possible and keeps the better
-balancedness, ties to global (the supported models have no group-limited routing, so
-hierarchical packing buys no traffic).
+8. Mode (``plan_with_policy``): ``global`` plans with nodes = 1, ``hierarchical`` with the
+   layout's nodes, ``auto`` plans every layer both ways where hierarchical is possible and
+   keeps the row with the lower max rank load, ties to global (the supported models have
+   no group-limited routing, so hierarchical packing buys no traffic). Per layer, not per
+   plan: the kept row qualifies in both modes (step 6), so auto is a fixed point too and
+   never worse than either mode; picking whole plans is not, as the other mode's plan
+   from the chosen slots keeps their good layers and improves the rest.
 """
 
 from __future__ import annotations
@@ -73,7 +80,8 @@ class EplbPlan:
     load); moved_slots_per_layer [layers] int64 = slots whose logical expert changes;
     bytes_moved = moved_slots * bytes_per_expert (each such slot receives one expert);
     skipped_slots = slots that planning with min_improvement = 0 would move on top, summed
-    over layers; mode = "global" or "hierarchical".
+    over layers; hierarchical_layers = layers whose slots come from hierarchical packing;
+    mode = "global" (none of them), "hierarchical" (all) or "mixed".
     """
 
     physical_to_logical: torch.Tensor
@@ -86,6 +94,7 @@ class EplbPlan:
     bytes_moved: int
     skipped_slots: int
     mode: str
+    hierarchical_layers: int
 
 
 def plan_with_policy(
@@ -98,23 +107,23 @@ def plan_with_policy(
     bytes_per_expert: int,
     min_improvement: float = 0.0,
 ) -> EplbPlan:
-    """Plan in the mode ``policy`` picks (one of POLICIES); ``nodes`` = the nodes hierarchical
+    """Plan in the mode(s) ``policy`` picks (one of POLICIES); ``nodes`` = the nodes hierarchical
     packing would use (1 = not possible, then every policy plans globally)."""
     if policy not in POLICIES:
         raise ValueError(f"policy: expected one of {POLICIES}, got {policy!r}")
-    modes = {"global": [1], "hierarchical": [nodes], "auto": [1, nodes] if nodes > 1 else [1]}[policy]
-    plans = [
-        plan_expert_slots(
-            logical_load,
-            physical_to_logical,
-            ep,
-            nodes=mode_nodes,
-            bytes_per_expert=bytes_per_expert,
-            min_improvement=min_improvement,
-        )
-        for mode_nodes in modes
-    ]
-    return max(plans, key=lambda p: p.balancedness_after)  # max keeps the first of equals: global
+    if policy == "global" or nodes == 1:
+        modes = (1,)
+    else:
+        modes = (nodes,) if policy == "hierarchical" else (1, nodes)
+    return _plan(
+        logical_load,
+        physical_to_logical,
+        ep,
+        modes=modes,
+        bytes_per_expert=bytes_per_expert,
+        tolerance=0.0,
+        min_improvement=min_improvement,
+    )
 
 
 def plan_expert_slots(
@@ -130,26 +139,55 @@ def plan_expert_slots(
     """Plan expert slots for logical_load [layers, E] (tokens per logical expert over a
     window, >= 0) given the current physical_to_logical [layers, P]; ep ranks split evenly
     over ``nodes`` (1 = global). The result keeps P, gives every logical expert >= 1
-    replica and never has a lower balancedness than the current expert slots.
+    replica and never has a lower balancedness than the current expert slots; planning
+    again on the same load from the result moves nothing.
     """
+    return _plan(
+        logical_load,
+        physical_to_logical,
+        ep,
+        modes=(nodes,),
+        bytes_per_expert=bytes_per_expert,
+        tolerance=tolerance,
+        min_improvement=min_improvement,
+    )
+
+
+def _plan(
+    logical_load: torch.Tensor,
+    physical_to_logical: torch.Tensor,
+    ep: int,
+    *,
+    modes: tuple[int, ...],
+    bytes_per_expert: int,
+    tolerance: float,
+    min_improvement: float,
+) -> EplbPlan:
+    """Every layer planned in each mode (its nodes; 1 = global), the lowest max rank load kept."""
     _validate(
-        logical_load, physical_to_logical, ep, nodes=nodes, bytes_per_expert=bytes_per_expert, tolerance=tolerance
+        logical_load, physical_to_logical, ep, nodes=modes[-1], bytes_per_expert=bytes_per_expert, tolerance=tolerance
     )
     if not min_improvement >= 0:
         raise ValueError(f"min_improvement: must be >= 0 (balancedness gain per layer), got {min_improvement}")
     load = logical_load.detach().to(torch.float64).cpu()
     current = physical_to_logical.detach().to(torch.int64).cpu()
     load_np, cur_np = load.numpy(), current.numpy()
-    rows, skipped = [], 0
+    rows, hierarchical, skipped = [], 0, 0
     for i in range(cur_np.shape[0]):
-        row = _plan_layer(load_np[i], cur_np[i], ep, nodes=nodes, tolerance=tolerance, min_improvement=min_improvement)
+        kw = {"modes": modes, "tolerance": tolerance}
+        row, nodes = _plan_layer_modes(load_np[i], cur_np[i], ep, min_improvement=min_improvement, **kw)
         if min_improvement > 0:  # what planning with min_improvement = 0 would move on top
-            exact = _plan_layer(load_np[i], cur_np[i], ep, nodes=nodes, tolerance=tolerance, min_improvement=0.0)
+            exact, _ = _plan_layer_modes(load_np[i], cur_np[i], ep, min_improvement=0.0, **kw)
             skipped += max(int((exact != cur_np[i]).sum() - (row != cur_np[i]).sum()), 0)
         rows.append(row)
+        hierarchical += nodes > 1
     new = torch.from_numpy(np.stack(rows)) if rows else current.clone()
     before, after = rank_loads(load, current, ep), rank_loads(load, new, ep)
     moved = moved_slots(current, new)
+    if len(modes) == 1:
+        mode = "global" if modes[0] == 1 else "hierarchical"
+    else:
+        mode = "global" if hierarchical == 0 else "hierarchical" if hierarchical == len(rows) else "mixed"
     return EplbPlan(
         physical_to_logical=new,
         balancedness_before=balancedness(before),
@@ -160,7 +198,8 @@ def plan_expert_slots(
         moved_slots=int(moved.sum()),
         bytes_moved=int(moved.sum()) * bytes_per_expert,
         skipped_slots=skipped,
-        mode="global" if nodes == 1 else "hierarchical",
+        mode=mode,
+        hierarchical_layers=hierarchical,
     )
 
 
@@ -203,20 +242,35 @@ def _layer_max(load: np.ndarray, row: np.ndarray, ep: int) -> float:
     return float(per_replica[row].reshape(ep, -1).sum(1).max())
 
 
-def _max_limit(best_max: float, mean: float, *, tolerance: float, min_improvement: float) -> float:
-    """Highest max rank load that still qualifies (step 6): within (1 + tolerance) of the
-    best, or a balancedness (mean / max) within min_improvement of the best's."""
-    limit = best_max * (1 + tolerance)
+def _max_limit(fresh_max: float, mean: float, *, tolerance: float, min_improvement: float) -> float:
+    """Highest max rank load that still qualifies (steps 6, 7): within (1 + tolerance) of the
+    fresh plan's, or a balancedness (mean / max) within min_improvement of the fresh plan's."""
+    limit = fresh_max * (1 + tolerance)
     if min_improvement > 0:
-        floor = mean / best_max - min_improvement
+        floor = mean / fresh_max - min_improvement
         limit = max(limit, mean / floor if floor > 0 else np.inf)
     return limit
+
+
+def _plan_layer_modes(
+    load: np.ndarray, current: np.ndarray, ep: int, *, modes: tuple[int, ...], tolerance: float, min_improvement: float
+) -> tuple[np.ndarray, int]:
+    """Step 8: the row [P] of the mode with the lowest max rank load (the first mode unless
+    another is lower beyond rounding) and that mode's nodes."""
+    best_row, best_max, best_nodes = current, np.inf, modes[0]
+    for nodes in modes:
+        row = _plan_layer(load, current, ep, nodes=nodes, tolerance=tolerance, min_improvement=min_improvement)
+        row_max = _layer_max(load, row, ep)
+        if row_max < best_max * (1 - _REL_TOL):
+            best_row, best_max, best_nodes = row, row_max, nodes
+    return best_row, best_nodes
 
 
 def _plan_layer(
     load: np.ndarray, current: np.ndarray, ep: int, *, nodes: int, tolerance: float, min_improvement: float
 ) -> np.ndarray:
-    """physical_to_logical row [P] for one layer: the best of current, fresh and warm (steps 6, 7)."""
+    """physical_to_logical row [P] for one layer: of current, warm and fresh, the one moving
+    fewest slots among those that qualify (steps 6, 7)."""
     if ep == 1 or not load.any():  # no expert slots change any rank load
         return current
     mean = float(load.sum()) / ep
@@ -227,7 +281,7 @@ def _plan_layer(
     warm = _warm(load, current, ep, nodes=nodes, hint=hint, good_enough=good_enough, budget=budget)
     cands = [c for c in (current, warm, fresh) if c is not None]  # equal moves: the earlier wins
     maxes = [_layer_max(load, c, ep) for c in cands]
-    limit = _max_limit(min(maxes), mean, tolerance=tolerance, min_improvement=min_improvement) * (1 + _REL_TOL)
+    limit = good_enough * (1 + _REL_TOL)
     moved = [int((c != current).sum()) if m <= limit else current.size + 1 for c, m in zip(cands, maxes)]
     return cands[int(np.argmin(moved))]
 
