@@ -49,12 +49,15 @@ Per layer:
    the plan reports as skipped the slots that planning with min_improvement = 0 would
    move on top (per layer).
 8. Mode (``plan_with_policy``): ``global`` plans with nodes = 1, ``hierarchical`` with the
-   layout's nodes, ``auto`` plans every layer both ways where hierarchical is possible and
-   keeps the row with the lower max rank load, ties to global (the supported models have
-   no group-limited routing, so hierarchical packing buys no traffic). Per layer, not per
-   plan: the kept row qualifies in both modes (step 6), so auto is a fixed point too and
-   never worse than either mode; picking whole plans is not, as the other mode's plan
-   from the chosen slots keeps their good layers and improves the rest.
+   layout's nodes, ``auto`` (where hierarchical is possible) pools both modes' candidates
+   of a layer and applies step 6 with the lower of the two bars; should global's own
+   choice have a lower max rank load, it takes that. So auto is never worse than global,
+   layer by layer, moves more than global only where hierarchical packing beats it by more
+   than the bar's slack, and is a fixed point as well (its row qualifies in both steps when
+   it is the current one). Picking whole plans by balancedness is not: the other mode's plan
+   from the chosen slots keeps their good layers and improves the rest. The supported
+   models have no group-limited routing, so hierarchical packing buys no traffic; ties go
+   to global.
 """
 
 from __future__ import annotations
@@ -175,12 +178,12 @@ def _plan(
     rows, hierarchical, skipped = [], 0, 0
     for i in range(cur_np.shape[0]):
         kw = {"modes": modes, "tolerance": tolerance}
-        row, nodes = _plan_layer_modes(load_np[i], cur_np[i], ep, min_improvement=min_improvement, **kw)
+        row, from_hierarchical = _plan_layer(load_np[i], cur_np[i], ep, min_improvement=min_improvement, **kw)
         if min_improvement > 0:  # what planning with min_improvement = 0 would move on top
-            exact, _ = _plan_layer_modes(load_np[i], cur_np[i], ep, min_improvement=0.0, **kw)
+            exact, _ = _plan_layer(load_np[i], cur_np[i], ep, min_improvement=0.0, **kw)
             skipped += max(int((exact != cur_np[i]).sum() - (row != cur_np[i]).sum()), 0)
         rows.append(row)
-        hierarchical += nodes > 1
+        hierarchical += from_hierarchical
     new = torch.from_numpy(np.stack(rows)) if rows else current.clone()
     before, after = rank_loads(load, current, ep), rank_loads(load, new, ep)
     moved = moved_slots(current, new)
@@ -252,37 +255,44 @@ def _max_limit(fresh_max: float, mean: float, *, tolerance: float, min_improveme
     return limit
 
 
-def _plan_layer_modes(
-    load: np.ndarray, current: np.ndarray, ep: int, *, modes: tuple[int, ...], tolerance: float, min_improvement: float
-) -> tuple[np.ndarray, int]:
-    """Step 8: the row [P] of the mode with the lowest max rank load (the first mode unless
-    another is lower beyond rounding) and that mode's nodes."""
-    best_row, best_max, best_nodes = current, np.inf, modes[0]
-    for nodes in modes:
-        row = _plan_layer(load, current, ep, nodes=nodes, tolerance=tolerance, min_improvement=min_improvement)
-        row_max = _layer_max(load, row, ep)
-        if row_max < best_max * (1 - _REL_TOL):
-            best_row, best_max, best_nodes = row, row_max, nodes
-    return best_row, best_nodes
-
-
 def _plan_layer(
-    load: np.ndarray, current: np.ndarray, ep: int, *, nodes: int, tolerance: float, min_improvement: float
-) -> np.ndarray:
-    """physical_to_logical row [P] for one layer: of current, warm and fresh, the one moving
-    fewest slots among those that qualify (steps 6, 7)."""
+    load: np.ndarray, current: np.ndarray, ep: int, *, modes: tuple[int, ...], tolerance: float, min_improvement: float
+) -> tuple[np.ndarray, bool]:
+    """physical_to_logical row [P] for one layer (steps 6-8) and whether it comes from
+    hierarchical packing."""
     if ep == 1 or not load.any():  # no expert slots change any rank load
-        return current
-    mean = float(load.sum()) / ep
+        return current, modes == (modes[0],) and modes[0] > 1
+    kw = {"tolerance": tolerance, "min_improvement": min_improvement}
+    if len(modes) == 1:
+        cands, bar = _candidates(load, current, ep, nodes=modes[0], **kw)
+        return _cheapest(load, current, ep, cands=cands, bar=bar), modes[0] > 1
+    (glob_cands, glob_bar), (hier_cands, hier_bar) = (_candidates(load, current, ep, nodes=n, **kw) for n in modes)
+    union = glob_cands + hier_cands[1:]  # hier_cands[0] is current
+    row = _cheapest(load, current, ep, cands=union, bar=min(glob_bar, hier_bar))
+    glob = _cheapest(load, current, ep, cands=glob_cands, bar=glob_bar)
+    if _layer_max(load, glob, ep) < _layer_max(load, row, ep):
+        row = glob
+    return row, any(row is c for c in hier_cands[1:])
+
+
+def _candidates(
+    load: np.ndarray, current: np.ndarray, ep: int, *, nodes: int, tolerance: float, min_improvement: float
+) -> tuple[list[np.ndarray], float]:
+    """Steps 1-5 in one mode: [current, warm (if any), fresh] and the highest max rank load
+    that qualifies (steps 6, 7)."""
     fresh = _fresh(load, current, ep, nodes)
-    fresh_max = _layer_max(load, fresh, ep)
-    good_enough = _max_limit(fresh_max, mean, tolerance=tolerance, min_improvement=min_improvement)
+    mean = float(load.sum()) / ep
+    bar = _max_limit(_layer_max(load, fresh, ep), mean, tolerance=tolerance, min_improvement=min_improvement)
     hint, budget = np.bincount(fresh, minlength=load.size), int((fresh != current).sum())
-    warm = _warm(load, current, ep, nodes=nodes, hint=hint, good_enough=good_enough, budget=budget)
-    cands = [c for c in (current, warm, fresh) if c is not None]  # equal moves: the earlier wins
-    maxes = [_layer_max(load, c, ep) for c in cands]
-    limit = good_enough * (1 + _REL_TOL)
-    moved = [int((c != current).sum()) if m <= limit else current.size + 1 for c, m in zip(cands, maxes)]
+    warm = _warm(load, current, ep, nodes=nodes, hint=hint, good_enough=bar, budget=budget)
+    return [c for c in (current, warm, fresh) if c is not None], bar
+
+
+def _cheapest(load: np.ndarray, current: np.ndarray, ep: int, *, cands: list[np.ndarray], bar: float) -> np.ndarray:
+    """Step 6: of cands, the one changing the fewest slots of current among those whose max
+    rank load is <= bar (plus 1e-9 relative); the earlier of equals."""
+    limit = bar * (1 + _REL_TOL)
+    moved = [int((c != current).sum()) if _layer_max(load, c, ep) <= limit else current.size + 1 for c in cands]
     return cands[int(np.argmin(moved))]
 
 
