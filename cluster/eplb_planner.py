@@ -52,12 +52,12 @@ Per layer:
    layout's nodes, ``auto`` (where hierarchical is possible) pools both modes' candidates
    of a layer and applies step 6 with the lower of the two bars; should global's own
    choice have a lower max rank load, it takes that. So auto is never worse than global,
-   layer by layer, moves more than global only where hierarchical packing beats it by more
-   than the bar's slack, and is a fixed point as well (its row qualifies in both steps when
-   it is the current one). Picking whole plans by balancedness is not: the other mode's plan
-   from the chosen slots keeps their good layers and improves the rest. The supported
-   models have no group-limited routing, so hierarchical packing buys no traffic; ties go
-   to global.
+   layer by layer, moves more than global only in layers where hierarchical packing from
+   scratch beats global packing from scratch, and is a fixed point as well (its row
+   qualifies in both steps when it is the current one). Picking whole plans by
+   balancedness is not: the other mode's plan from the chosen slots keeps their good
+   layers and improves the rest. The supported models have no group-limited routing, so
+   hierarchical packing buys no traffic; ties go to global.
 """
 
 from __future__ import annotations
@@ -166,7 +166,7 @@ def _plan(
     tolerance: float,
     min_improvement: float,
 ) -> EplbPlan:
-    """Every layer planned in each mode (its nodes; 1 = global), the lowest max rank load kept."""
+    """Every layer planned on its own in ``modes`` (the nodes of each; 1 = global), step 8 when two."""
     _validate(
         logical_load, physical_to_logical, ep, nodes=modes[-1], bytes_per_expert=bytes_per_expert, tolerance=tolerance
     )
@@ -261,7 +261,7 @@ def _plan_layer(
     """physical_to_logical row [P] for one layer (steps 6-8) and whether it comes from
     hierarchical packing."""
     if ep == 1 or not load.any():  # no expert slots change any rank load
-        return current, modes == (modes[0],) and modes[0] > 1
+        return current, len(modes) == 1 and modes[0] > 1
     kw = {"tolerance": tolerance, "min_improvement": min_improvement}
     if len(modes) == 1:
         cands, bar = _candidates(load, current, ep, nodes=modes[0], **kw)
