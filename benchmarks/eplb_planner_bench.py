@@ -38,7 +38,7 @@ with num_groups = the model's expert groups (n_group = 8 for DeepSeek-V3; 1 for 
 without groups). Reported: the mode auto picks and its balancedness next to DeepSeek's
 (first rebalance, steady load), and the bytes each moves on the second and fifth
 rebalance, with the copies whose source sits on another node than its destination
-(raymoe's move list, node-aware as the runner plans it and node-blind).
+(raymoe's move lists from plan_layer_moves with and without ranks_per_node).
 
     python benchmarks/eplb_planner_bench.py --rebalances
 """
