@@ -23,6 +23,24 @@ only the one file is kept. No reference -> the benchmark says why and exits 1.
     python benchmarks/eplb_planner_bench.py --eps 32,64 --exponents 1.0 --layers 8
 
 The per-configuration markdown table is the last thing printed.
+
+--rebalances instead runs the planners the way the controller does, on model shapes
+(DeepSeek-V3: 58 layers x 256 experts in 8 expert groups, 32/64/256 GPUs; a
+Qwen3-30B-A3B-shaped model: 48 x 128, no expert groups, 8/16 GPUs; 8 GPUs per node,
+redundant slots = GPUs) over five windows, each rebalance starting from the slots the
+previous one left. Steady load: every window drawn from the same popularity (Zipf, per
+layer its own exponent in [0.6, 1.4] and shuffled hot set); drifting: before each window
+after the first, 16 of every layer's 32 most popular experts trade popularity with a
+random other expert. raymoe plans with plan_with_policy (--policy, default auto, and
+--min-improvement, default 0.005: the engine's defaults); DeepSeek in the mode its
+rebalance_experts picks itself: hierarchical when num_groups % nodes == 0, else global,
+with num_groups = the model's expert groups (n_group = 8 for DeepSeek-V3; 1 for a model
+without groups). Reported: the mode auto picks and its balancedness next to DeepSeek's
+(first rebalance, steady load), and the bytes each moves on the second and fifth
+rebalance, with the copies whose source sits on another node than its destination
+(raymoe's move lists from plan_layer_moves with and without ranks_per_node).
+
+    python benchmarks/eplb_planner_bench.py --rebalances
 """
 
 from __future__ import annotations
@@ -35,13 +53,15 @@ import subprocess
 import sys
 import time
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from raymoe.cluster.eplb_metrics import balancedness, moved_slots, rank_loads
-from raymoe.cluster.eplb_planner import plan_expert_slots
+from raymoe.cluster.eplb_planner import plan_expert_slots, plan_with_policy
+from raymoe.cluster.expert_moves import cross_node_copies, plan_layer_moves
 from raymoe.cluster.expert_slots import default_expert_slots
 
 REF_REQUIREMENT = "sglang==0.5.23"
@@ -91,12 +111,14 @@ def _import_names(node: ast.AST) -> list[str]:
     return []
 
 
-def deepseek_plan(ref, load: torch.Tensor, physical: int, ep: int, nodes: int) -> torch.Tensor:
-    """phy2log [layers, P] from DeepSeek's rebalance_experts (hierarchical when nodes > 1)."""
+def deepseek_plan(ref, load: torch.Tensor, physical: int, ep: int, nodes: int, *, num_groups: int = 0) -> torch.Tensor:
+    """phy2log [layers, P] from DeepSeek's rebalance_experts: hierarchical when nodes > 1,
+    with num_groups expert groups (0: each expert its own group)."""
     kwargs = {}
     if "enable_hierarchical" in inspect.signature(ref.rebalance_experts).parameters:
         kwargs["enable_hierarchical"] = nodes > 1
-    phy2log, _, _ = ref.rebalance_experts(load, physical, load.shape[1], nodes, ep, **kwargs)
+    groups = num_groups if nodes > 1 and num_groups else load.shape[1]
+    phy2log, _, _ = ref.rebalance_experts(load, physical, groups, nodes, ep, **kwargs)
     return phy2log.to(torch.int64)
 
 
@@ -199,6 +221,197 @@ def summary(rows: list[dict]) -> tuple[str, bool]:
     ), bal_ok == moved_ok == len(rows)
 
 
+# ---- rebalances on model shapes (--rebalances) --------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    name: str
+    layers: int  # MoE layers
+    experts: int
+    num_groups: int  # expert groups in the model config (1: none)
+    expert_bytes: int
+    gpus: tuple[int, ...]
+
+
+MODEL_SHAPES = (
+    ModelShape("DeepSeek-V3", 58, 256, 8, DEEPSEEK_V3_EXPERT_BYTES, (32, 64, 256)),
+    ModelShape("Qwen3-30B-A3B", 48, 128, 1, 3 * 2048 * 768 * 2, (8, 16)),  # BF16 experts
+)
+
+
+def popularity(rng, layers: int, experts: int) -> np.ndarray:
+    """[layers, experts]: Zipf with a per-layer exponent in [0.6, 1.4] over a shuffled hot set."""
+    ranks = np.arange(1, experts + 1)
+    return np.array([rng.permutation(1.0 / ranks ** rng.uniform(0.6, 1.4)) for _ in range(layers)])
+
+
+def shift_hot_set(rng, weights: np.ndarray, *, hot: int = 32, shifted: int = 16) -> np.ndarray:
+    """Per layer, ``shifted`` of the ``hot`` most popular experts trade popularity with others."""
+    out = weights.copy()
+    for row in out:
+        top = np.argsort(row)[::-1][:hot]
+        movers = rng.choice(top, shifted, replace=False)
+        others = rng.choice(np.setdiff1d(np.arange(row.size), top), shifted, replace=False)
+        row[movers], row[others] = row[others], row[movers].copy()
+    return out
+
+
+def sample(rng, weights: np.ndarray, tokens: int) -> torch.Tensor:
+    return torch.tensor(np.stack([rng.multinomial(tokens, w / w.sum()) for w in weights]), dtype=torch.float64)
+
+
+def deepseek_nodes(num_groups: int, nodes: int) -> int:
+    """The nodes DeepSeek's rebalance_experts packs over: all of them (hierarchical) when
+    num_groups % nodes == 0, else 1 (global; one node is the same packing either way)."""
+    return nodes if num_groups % nodes == 0 else 1
+
+
+def cross_node(old: torch.Tensor, new: torch.Tensor, ep: int, ranks_per_node: int, *, node_aware: bool) -> int:
+    """Copies from another node in the move lists turning old [layers, P] into new."""
+    per_rank, total = old.shape[1] // ep, 0
+    for before, after in zip(old.tolist(), new.tolist()):
+        if before != after:
+            moves = plan_layer_moves(before, after, ep, ranks_per_node=ranks_per_node if node_aware else None)
+            total += cross_node_copies(moves, slots_per_rank=per_rank, ranks_per_node=ranks_per_node)
+    return total
+
+
+def rebalance_series(ref, args, shape: ModelShape, gpus: int, *, drifting: bool, seed: int) -> list[dict]:
+    """One row per rebalance (windows 1..args.windows), each planned from the slots in force."""
+    nodes = max(1, gpus // args.gpus_per_node)
+    physical = shape.experts + gpus
+    ds_nodes = deepseek_nodes(shape.num_groups, nodes)
+    rng = np.random.default_rng(seed)
+    weights = popularity(rng, shape.layers, shape.experts)
+    rm_slots = ds_slots = default_expert_slots(shape.layers, shape.experts, physical)
+    rows = []
+    for window in range(1, args.windows + 1):
+        if drifting and window > 1:
+            weights = shift_hot_set(rng, weights)
+        load = sample(rng, weights, args.window_tokens)
+        t = time.perf_counter()
+        plan = plan_with_policy(
+            load,
+            rm_slots,
+            gpus,
+            policy=args.policy,
+            nodes=nodes if shape.experts % nodes == 0 else 1,
+            bytes_per_expert=shape.expert_bytes,
+            min_improvement=args.min_improvement,
+        )
+        rm_time, t = time.perf_counter() - t, time.perf_counter()
+        ds = deepseek_plan(ref, load, physical, gpus, ds_nodes, num_groups=shape.num_groups)
+        row = {"window": window, "rm_time": rm_time, "ds_time": time.perf_counter() - t}
+        row.update(mode=plan.mode, hier_layers=plan.hierarchical_layers, rm_bal=plan.balancedness_after)
+        row.update(rm_moved=plan.moved_slots, ds_bal=balancedness(rank_loads(load, ds, gpus)))
+        row.update(ds_moved=int(moved_slots(ds_slots, ds).sum()), total_slots=shape.layers * physical)
+        if window == 1:  # the balancedness auto reaches when every gain counts
+            exact = plan_with_policy(
+                load,
+                rm_slots,
+                gpus,
+                policy=args.policy,
+                nodes=nodes if shape.experts % nodes == 0 else 1,
+                bytes_per_expert=shape.expert_bytes,
+            )
+            row.update(exact_mode=exact.mode, exact_hier_layers=exact.hierarchical_layers)
+            row["exact_bal"] = exact.balancedness_after
+        if window == 1 and ds_nodes > 1:  # DeepSeek's other mode: global
+            row["ds_global_bal"] = balancedness(rank_loads(load, deepseek_plan(ref, load, physical, gpus, 1), gpus))
+        if window in args.report_at and nodes > 1:
+            new = plan.physical_to_logical
+            row["rm_cross"] = cross_node(rm_slots, new, gpus, args.gpus_per_node, node_aware=True)
+            row["rm_cross_blind"] = cross_node(rm_slots, new, gpus, args.gpus_per_node, node_aware=False)
+            row["ds_cross"] = cross_node(ds_slots, ds, gpus, args.gpus_per_node, node_aware=True)
+        rows.append(row)
+        rm_slots, ds_slots = plan.physical_to_logical, ds
+    return rows
+
+
+def mode_table(results: list[tuple[ModelShape, int, str, list[dict]]], args) -> str:
+    head = (
+        f"| model | GPUs | nodes | raymoe {args.policy}: mode | raymoe balancedness | with min_improvement 0 "
+        "| DeepSeek: mode | DeepSeek balancedness | DeepSeek global |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for shape, gpus, load, rows in results:
+        if load != "steady":
+            continue
+        r, nodes = rows[0], max(1, gpus // args.gpus_per_node)
+        if nodes == 1:
+            ds_mode = "global (1 node)"
+        else:
+            divides = shape.num_groups % nodes == 0
+            ds_mode = (
+                f"{'hierarchical' if divides else 'global'} ({shape.num_groups} % {nodes} {'=' if divides else '!='} 0)"
+            )
+        other = f"{r['ds_global_bal']:.4f}" if "ds_global_bal" in r else "="
+        lines.append(
+            f"| {shape.name} | {gpus} | {nodes} | {_mode(r['mode'], r['hier_layers'], shape)} | {r['rm_bal']:.4f} "
+            f"| {r['exact_bal']:.4f}, {_mode(r['exact_mode'], r['exact_hier_layers'], shape)} | {ds_mode} "
+            f"| {r['ds_bal']:.4f} | {other} |"
+        )
+    return "\n".join(lines)
+
+
+def _mode(mode: str, hierarchical_layers: int, shape: ModelShape) -> str:
+    return f"mixed ({hierarchical_layers}/{shape.layers} hierarchical)" if mode == "mixed" else mode
+
+
+def moves_table(results: list[tuple[ModelShape, int, str, list[dict]]], args) -> str:
+    head = (
+        "| model | GPUs | load | rebalance | raymoe moved GiB (slots) | DeepSeek moved GiB (slots) "
+        "| raymoe balancedness | DeepSeek balancedness | cross-node copies raymoe node-aware / blind | DeepSeek |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for shape, gpus, load, rows in results:
+        for r in rows:
+            if r["window"] not in args.report_at:
+                continue
+            moved = [
+                f"{n * shape.expert_bytes / 2**30:.1f} ({100 * n / r['total_slots']:.1f}%)"
+                for n in (r["rm_moved"], r["ds_moved"])
+            ]
+            cross = (f"{r['rm_cross']} / {r['rm_cross_blind']}", str(r["ds_cross"])) if "rm_cross" in r else ("-", "-")
+            lines.append(
+                f"| {shape.name} | {gpus} | {load} | {r['window']} | {moved[0]} | {moved[1]} "
+                f"| {r['rm_bal']:.4f} | {r['ds_bal']:.4f} | {cross[0]} | {cross[1]} |"
+            )
+    return "\n".join(lines)
+
+
+def run_rebalances(ref, args) -> int:
+    results, started = [], time.perf_counter()
+    for shape in MODEL_SHAPES:
+        for gpus in shape.gpus:
+            if gpus > args.max_gpus:
+                continue
+            for load in ("steady", "drifting"):
+                seed = args.seed + gpus + shape.experts  # the same popularity for both loads
+                rows = rebalance_series(ref, args, shape, gpus, drifting=load == "drifting", seed=seed)
+                results.append((shape, gpus, load, rows))
+                for r in rows:
+                    print(
+                        f"{shape.name} {gpus} GPUs {load} rebalance {r['window']}: raymoe {r['mode']} "
+                        f"bal {r['rm_bal']:.4f} moved {r['rm_moved']} ({r['rm_time']:.1f} s); DeepSeek bal "
+                        f"{r['ds_bal']:.4f} moved {r['ds_moved']} ({r['ds_time']:.1f} s)",
+                        flush=True,
+                    )
+    print()
+    print(f"command: python benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:])}")
+    print(
+        f"{args.window_tokens} routed tokens per layer per window, raymoe policy {args.policy}, min_improvement "
+        f"{args.min_improvement:g}, {args.gpus_per_node} GPUs per node, redundant slots = GPUs; torch "
+        f"{torch.__version__}, reference {REF_REQUIREMENT}; total {time.perf_counter() - started:.0f} s"
+    )
+    print()
+    print(mode_table(results, args))
+    print()
+    print(moves_table(results, args))
+    return 0
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
     floats = lambda text: [float(x) for x in text.split(",")]  # noqa: E731
@@ -217,6 +430,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--reference-wheel", type=Path, default=None, help="local sglang wheel instead of PyPI")
     p.add_argument("--check", action="store_true", help="exit 2 unless raymoe meets the target everywhere")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rebalances", action="store_true", help="rebalance series on model shapes (see above)")
+    p.add_argument("--policy", default="auto", help="--rebalances: raymoe's eplb.policy")
+    p.add_argument("--min-improvement", type=float, default=0.005, help="--rebalances: raymoe's eplb.min_improvement")
+    p.add_argument("--windows", type=int, default=5, help="--rebalances: rebalances per series")
+    p.add_argument("--window-tokens", type=int, default=4_000_000, help="--rebalances: tokens per layer per window")
+    p.add_argument("--report-at", type=ints, default=[2, 5], help="--rebalances: rebalances reported")
+    p.add_argument("--max-gpus", type=int, default=256, help="--rebalances: skip larger GPU counts")
     return p.parse_args(argv)
 
 
@@ -227,6 +447,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # any failure to obtain the reference ends the run
         print(f"cannot load DeepSeek's EPLB reference from {REF_REQUIREMENT}: {exc}", file=sys.stderr)
         return 1
+    if args.rebalances:
+        return run_rebalances(ref, args)
     rows, started = [], time.perf_counter()
     for ep in args.eps:
         for nodes in sorted({1, max(1, ep // args.gpus_per_node)}):

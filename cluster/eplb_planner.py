@@ -34,20 +34,30 @@ Per layer:
    ``tolerance``), after S/4 steps, or once it changes as many slots as the fresh plan
    (it can no longer win then).
 6. Choice: among current, warm and fresh, those whose max rank load is within
-   (1 + tolerance) of the lowest (plus 1e-9 relative) qualify, and the one moving the
-   fewest slots wins, the current expert slots first. So balancedness never drops, a
-   layer changes only when its max rank load strictly falls, and planning again on the
-   same load moves nothing.
+   (1 + tolerance) of the fresh plan's (plus 1e-9 relative) qualify, and the one moving
+   the fewest slots wins, the current expert slots first. The bar comes from the fresh
+   plan because its max rank load does not depend on the current slots (steps 1-3 never
+   read them): the chosen slots therefore qualify again when they are the current ones,
+   so planning again on the same load moves nothing. (A bar from the best candidate
+   would not be a fixed point: the warm search from the chosen slots, resetting replica
+   counts, now and then lands below the fresh plan by luck, and the layer moves again.)
+   Balancedness never drops, and a layer changes only when its max rank load strictly
+   falls.
 7. Move tolerance: with ``min_improvement``, a candidate also qualifies in step 6 when its
-   balancedness (mean / max rank load) is within min_improvement of the best one's, so a
-   layer keeps its current slots (or takes the warm plan) unless moving gains that much;
+   balancedness (mean / max rank load) is within min_improvement of the fresh plan's, so
+   a layer keeps its current slots (or takes the warm plan) unless moving gains that much;
    the plan reports as skipped the slots that planning with min_improvement = 0 would
    move on top (per layer).
-
-Mode (``plan_with_policy``): ``global`` plans with nodes = 1, ``hierarchical`` with the
-layout's nodes, ``auto`` plans both where hierarchical is possible and keeps the better
-balancedness, ties to global (the supported models have no group-limited routing, so
-hierarchical packing buys no traffic).
+8. Mode (``plan_with_policy``): ``global`` plans with nodes = 1, ``hierarchical`` with the
+   layout's nodes, ``auto`` (where hierarchical is possible) pools both modes' candidates
+   of a layer and applies step 6 with the lower of the two bars; should global's own
+   choice have a lower max rank load, it takes that. So auto is never worse than global,
+   layer by layer, moves more than global only in layers where hierarchical packing from
+   scratch beats global packing from scratch, and is a fixed point as well (its row
+   qualifies in both steps when it is the current one). Picking whole plans by
+   balancedness is not: the other mode's plan from the chosen slots keeps their good
+   layers and improves the rest. The supported models have no group-limited routing, so
+   hierarchical packing buys no traffic; ties go to global.
 """
 
 from __future__ import annotations
@@ -73,7 +83,8 @@ class EplbPlan:
     load); moved_slots_per_layer [layers] int64 = slots whose logical expert changes;
     bytes_moved = moved_slots * bytes_per_expert (each such slot receives one expert);
     skipped_slots = slots that planning with min_improvement = 0 would move on top, summed
-    over layers; mode = "global" or "hierarchical".
+    over layers; hierarchical_layers = layers whose slots come from hierarchical packing;
+    mode = "global" (none of them), "hierarchical" (all) or "mixed".
     """
 
     physical_to_logical: torch.Tensor
@@ -86,6 +97,7 @@ class EplbPlan:
     bytes_moved: int
     skipped_slots: int
     mode: str
+    hierarchical_layers: int
 
 
 def plan_with_policy(
@@ -98,23 +110,23 @@ def plan_with_policy(
     bytes_per_expert: int,
     min_improvement: float = 0.0,
 ) -> EplbPlan:
-    """Plan in the mode ``policy`` picks (one of POLICIES); ``nodes`` = the nodes hierarchical
+    """Plan in the mode(s) ``policy`` picks (one of POLICIES); ``nodes`` = the nodes hierarchical
     packing would use (1 = not possible, then every policy plans globally)."""
     if policy not in POLICIES:
         raise ValueError(f"policy: expected one of {POLICIES}, got {policy!r}")
-    modes = {"global": [1], "hierarchical": [nodes], "auto": [1, nodes] if nodes > 1 else [1]}[policy]
-    plans = [
-        plan_expert_slots(
-            logical_load,
-            physical_to_logical,
-            ep,
-            nodes=mode_nodes,
-            bytes_per_expert=bytes_per_expert,
-            min_improvement=min_improvement,
-        )
-        for mode_nodes in modes
-    ]
-    return max(plans, key=lambda p: p.balancedness_after)  # max keeps the first of equals: global
+    if policy == "global" or nodes == 1:
+        modes = (1,)
+    else:
+        modes = (nodes,) if policy == "hierarchical" else (1, nodes)
+    return _plan(
+        logical_load,
+        physical_to_logical,
+        ep,
+        modes=modes,
+        bytes_per_expert=bytes_per_expert,
+        tolerance=0.0,
+        min_improvement=min_improvement,
+    )
 
 
 def plan_expert_slots(
@@ -130,26 +142,55 @@ def plan_expert_slots(
     """Plan expert slots for logical_load [layers, E] (tokens per logical expert over a
     window, >= 0) given the current physical_to_logical [layers, P]; ep ranks split evenly
     over ``nodes`` (1 = global). The result keeps P, gives every logical expert >= 1
-    replica and never has a lower balancedness than the current expert slots.
+    replica and never has a lower balancedness than the current expert slots; planning
+    again on the same load from the result moves nothing.
     """
+    return _plan(
+        logical_load,
+        physical_to_logical,
+        ep,
+        modes=(nodes,),
+        bytes_per_expert=bytes_per_expert,
+        tolerance=tolerance,
+        min_improvement=min_improvement,
+    )
+
+
+def _plan(
+    logical_load: torch.Tensor,
+    physical_to_logical: torch.Tensor,
+    ep: int,
+    *,
+    modes: tuple[int, ...],
+    bytes_per_expert: int,
+    tolerance: float,
+    min_improvement: float,
+) -> EplbPlan:
+    """Every layer planned on its own in ``modes`` (the nodes of each; 1 = global), step 8 when two."""
     _validate(
-        logical_load, physical_to_logical, ep, nodes=nodes, bytes_per_expert=bytes_per_expert, tolerance=tolerance
+        logical_load, physical_to_logical, ep, nodes=modes[-1], bytes_per_expert=bytes_per_expert, tolerance=tolerance
     )
     if not min_improvement >= 0:
         raise ValueError(f"min_improvement: must be >= 0 (balancedness gain per layer), got {min_improvement}")
     load = logical_load.detach().to(torch.float64).cpu()
     current = physical_to_logical.detach().to(torch.int64).cpu()
     load_np, cur_np = load.numpy(), current.numpy()
-    rows, skipped = [], 0
+    rows, hierarchical, skipped = [], 0, 0
     for i in range(cur_np.shape[0]):
-        row = _plan_layer(load_np[i], cur_np[i], ep, nodes=nodes, tolerance=tolerance, min_improvement=min_improvement)
+        kw = {"modes": modes, "tolerance": tolerance}
+        row, from_hierarchical = _plan_layer(load_np[i], cur_np[i], ep, min_improvement=min_improvement, **kw)
         if min_improvement > 0:  # what planning with min_improvement = 0 would move on top
-            exact = _plan_layer(load_np[i], cur_np[i], ep, nodes=nodes, tolerance=tolerance, min_improvement=0.0)
+            exact, _ = _plan_layer(load_np[i], cur_np[i], ep, min_improvement=0.0, **kw)
             skipped += max(int((exact != cur_np[i]).sum() - (row != cur_np[i]).sum()), 0)
         rows.append(row)
+        hierarchical += from_hierarchical
     new = torch.from_numpy(np.stack(rows)) if rows else current.clone()
     before, after = rank_loads(load, current, ep), rank_loads(load, new, ep)
     moved = moved_slots(current, new)
+    if len(modes) == 1:
+        mode = "global" if modes[0] == 1 else "hierarchical"
+    else:
+        mode = "global" if hierarchical == 0 else "hierarchical" if hierarchical == len(rows) else "mixed"
     return EplbPlan(
         physical_to_logical=new,
         balancedness_before=balancedness(before),
@@ -160,7 +201,8 @@ def plan_expert_slots(
         moved_slots=int(moved.sum()),
         bytes_moved=int(moved.sum()) * bytes_per_expert,
         skipped_slots=skipped,
-        mode="global" if nodes == 1 else "hierarchical",
+        mode=mode,
+        hierarchical_layers=hierarchical,
     )
 
 
@@ -203,32 +245,54 @@ def _layer_max(load: np.ndarray, row: np.ndarray, ep: int) -> float:
     return float(per_replica[row].reshape(ep, -1).sum(1).max())
 
 
-def _max_limit(best_max: float, mean: float, *, tolerance: float, min_improvement: float) -> float:
-    """Highest max rank load that still qualifies (step 6): within (1 + tolerance) of the
-    best, or a balancedness (mean / max) within min_improvement of the best's."""
-    limit = best_max * (1 + tolerance)
+def _max_limit(fresh_max: float, mean: float, *, tolerance: float, min_improvement: float) -> float:
+    """Highest max rank load that still qualifies (steps 6, 7): within (1 + tolerance) of the
+    fresh plan's, or a balancedness (mean / max) within min_improvement of the fresh plan's."""
+    limit = fresh_max * (1 + tolerance)
     if min_improvement > 0:
-        floor = mean / best_max - min_improvement
+        floor = mean / fresh_max - min_improvement
         limit = max(limit, mean / floor if floor > 0 else np.inf)
     return limit
 
 
 def _plan_layer(
-    load: np.ndarray, current: np.ndarray, ep: int, *, nodes: int, tolerance: float, min_improvement: float
-) -> np.ndarray:
-    """physical_to_logical row [P] for one layer: the best of current, fresh and warm (steps 6, 7)."""
+    load: np.ndarray, current: np.ndarray, ep: int, *, modes: tuple[int, ...], tolerance: float, min_improvement: float
+) -> tuple[np.ndarray, bool]:
+    """physical_to_logical row [P] for one layer (steps 6-8) and whether it comes from
+    hierarchical packing."""
     if ep == 1 or not load.any():  # no expert slots change any rank load
-        return current
-    mean = float(load.sum()) / ep
+        return current, len(modes) == 1 and modes[0] > 1
+    kw = {"tolerance": tolerance, "min_improvement": min_improvement}
+    if len(modes) == 1:
+        cands, bar = _candidates(load, current, ep, nodes=modes[0], **kw)
+        return _cheapest(load, current, ep, cands=cands, bar=bar), modes[0] > 1
+    (glob_cands, glob_bar), (hier_cands, hier_bar) = (_candidates(load, current, ep, nodes=n, **kw) for n in modes)
+    union = glob_cands + hier_cands[1:]  # hier_cands[0] is current
+    row = _cheapest(load, current, ep, cands=union, bar=min(glob_bar, hier_bar))
+    glob = _cheapest(load, current, ep, cands=glob_cands, bar=glob_bar)
+    if _layer_max(load, glob, ep) < _layer_max(load, row, ep):
+        row = glob
+    return row, any(row is c for c in hier_cands[1:])
+
+
+def _candidates(
+    load: np.ndarray, current: np.ndarray, ep: int, *, nodes: int, tolerance: float, min_improvement: float
+) -> tuple[list[np.ndarray], float]:
+    """Steps 1-5 in one mode: [current, warm (if any), fresh] and the highest max rank load
+    that qualifies (steps 6, 7)."""
     fresh = _fresh(load, current, ep, nodes)
-    fresh_max = _layer_max(load, fresh, ep)
-    good_enough = _max_limit(fresh_max, mean, tolerance=tolerance, min_improvement=min_improvement)
+    mean = float(load.sum()) / ep
+    bar = _max_limit(_layer_max(load, fresh, ep), mean, tolerance=tolerance, min_improvement=min_improvement)
     hint, budget = np.bincount(fresh, minlength=load.size), int((fresh != current).sum())
-    warm = _warm(load, current, ep, nodes=nodes, hint=hint, good_enough=good_enough, budget=budget)
-    cands = [c for c in (current, warm, fresh) if c is not None]  # equal moves: the earlier wins
-    maxes = [_layer_max(load, c, ep) for c in cands]
-    limit = _max_limit(min(maxes), mean, tolerance=tolerance, min_improvement=min_improvement) * (1 + _REL_TOL)
-    moved = [int((c != current).sum()) if m <= limit else current.size + 1 for c, m in zip(cands, maxes)]
+    warm = _warm(load, current, ep, nodes=nodes, hint=hint, good_enough=bar, budget=budget)
+    return [c for c in (current, warm, fresh) if c is not None], bar
+
+
+def _cheapest(load: np.ndarray, current: np.ndarray, ep: int, *, cands: list[np.ndarray], bar: float) -> np.ndarray:
+    """Step 6: of cands, the one changing the fewest slots of current among those whose max
+    rank load is <= bar (plus 1e-9 relative); the earlier of equals."""
+    limit = bar * (1 + _REL_TOL)
+    moved = [int((c != current).sum()) if _layer_max(load, c, ep) <= limit else current.size + 1 for c in cands]
     return cands[int(np.argmin(moved))]
 
 

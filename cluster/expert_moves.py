@@ -2,9 +2,11 @@
 
 Every physical slot whose logical expert changes receives it from a slot that
 holds that expert in the old slots: its own rank when the rank already
-holds a copy (a local copy, no traffic), else the holder rank that has been
-asked to send the least so far (spreading the traffic). Every rank computes the
-same list from the same two slot rows, so the P2P sends and receives pair up.
+holds a copy (a local copy, no traffic), else a holder rank on its own node when
+there is one (intra-node traffic), else any holder rank; among the eligible
+holders, the one asked to send the least so far (spreading the traffic), then
+the lowest slot. Every rank computes the same list from the same two slot rows,
+so the P2P sends and receives pair up.
 """
 
 from __future__ import annotations
@@ -25,15 +27,24 @@ class ExpertMove:
 
 
 def plan_layer_moves(
-    old_physical_to_logical: Sequence[int], new_physical_to_logical: Sequence[int], ep: int
+    old_physical_to_logical: Sequence[int],
+    new_physical_to_logical: Sequence[int],
+    ep: int,
+    *,
+    ranks_per_node: int | None = None,
 ) -> list[ExpertMove]:
     """Moves that turn one layer's old expert slots [P] into the new ones [P] (P % ep == 0).
 
-    Raises ValueError if the new slots need an expert the old ones lack.
+    ranks_per_node: EP ranks per node (rank r on node r // ranks_per_node); None = one node.
+    Raises ValueError if the new slots need an expert the old ones lack, or if
+    ranks_per_node does not divide ep.
     """
     old, new = list(old_physical_to_logical), list(new_physical_to_logical)
     if len(old) != len(new) or len(old) % ep:
         raise ValueError(f"slot rows of {len(old)} and {len(new)} slots do not fit ep={ep}")
+    per_node = ep if ranks_per_node is None else ranks_per_node
+    if per_node < 1 or ep % per_node:
+        raise ValueError(f"ranks_per_node={ranks_per_node}: must be >= 1 and divide ep={ep}")
     per_rank = len(old) // ep
     holders: dict[int, list[int]] = {}
     for slot, logical in enumerate(old):
@@ -50,7 +61,14 @@ def plan_layer_moves(
         if local:
             src = local[0]
         else:
-            src = min(holders[after], key=lambda s: (sends[s // per_rank], s))
+            node = rank // per_node
+            near = [s for s in holders[after] if s // per_rank // per_node == node]
+            src = min(near or holders[after], key=lambda s: (sends[s // per_rank], s))
             sends[src // per_rank] += 1
         moves.append(ExpertMove(slot, after, src // per_rank, src))
     return moves
+
+
+def cross_node_copies(moves: Sequence[ExpertMove], *, slots_per_rank: int, ranks_per_node: int) -> int:
+    """Moves whose source rank sits on another node than their destination rank."""
+    return sum(m.src_rank // ranks_per_node != m.dst_rank(slots_per_rank) // ranks_per_node for m in moves)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from raymoe.cluster.eplb_metrics import balancedness, rank_loads
-from raymoe.cluster.eplb_planner import plan_expert_slots, plan_with_policy
+from raymoe.cluster.eplb_planner import POLICIES, plan_expert_slots, plan_with_policy
 from raymoe.cluster.expert_slots import default_expert_slots, replica_tables
 
 # ---- independent reference --------------------------------------------------------------
@@ -273,9 +273,11 @@ def test_auto_policy_is_never_worse_than_global(seed):
     glob = plan_with_policy(load, current, s["ep"], policy="global", **kw)
     hier = plan_with_policy(load, current, s["ep"], policy="hierarchical", **kw)
     assert (glob.mode, hier.mode) == ("global", "hierarchical")
-    assert auto.balancedness_after >= glob.balancedness_after
-    assert auto.balancedness_after == max(glob.balancedness_after, hier.balancedness_after)
-    assert auto.mode == ("hierarchical" if hier.balancedness_after > glob.balancedness_after else "global")
+    assert auto.balancedness_after >= max(glob.balancedness_after, hier.balancedness_after)
+    # layer by layer never worse than global; hierarchical where it beats global
+    glob_max, auto_max = glob.rank_load_after.max(1).values, auto.rank_load_after.max(1).values
+    assert bool((auto_max <= glob_max * (1 + 1e-12)).all())
+    assert auto.mode == {0: "global", s["layers"]: "hierarchical"}.get(auto.hierarchical_layers, "mixed")
 
 
 def test_auto_policy_ties_go_to_global_and_one_node_plans_globally():
@@ -315,3 +317,50 @@ def test_min_improvement_keeps_steady_state_replans_small(seed):
 def test_min_improvement_must_be_non_negative():
     with pytest.raises(ValueError, match="min_improvement"):
         plan_expert_slots(torch.ones(1, 4), torch.arange(4).view(1, 4), 2, bytes_per_expert=1, min_improvement=-0.1)
+
+
+# ---- replanning on the same load is a fixed point: 256 experts over 64 (and 32) ranks, 8 per node ----
+
+
+def spiky_zipf_weights(rng: np.random.Generator, layers: int, experts: int) -> np.ndarray:
+    """[layers, experts] expert popularity: Zipf with a per-layer exponent (0.6-1.6) and
+    shuffled hot set, four experts of it made 5-50 times hotter."""
+    rows = []
+    for _ in range(layers):
+        p = rng.permutation(1.0 / np.arange(1, experts + 1) ** rng.uniform(0.6, 1.6))
+        p[rng.choice(experts, 4, replace=False)] *= rng.uniform(5, 50, 4)
+        rows.append(p / p.sum())
+    return np.array(rows)
+
+
+@pytest.mark.parametrize(
+    "seed, ep, kind, tokens",
+    [(4, 64, "spiky", 200_000), (5, 64, "spiky", 200_000), (6, 64, "spiky", 200_000), (7, 64, "spiky", 200_000)]
+    + [(9, 32, "zipf", 20_000)],
+)
+def test_replanning_on_the_same_load_moves_nothing_at_scale(seed, ep, kind, tokens):
+    # 16 layers rather than DeepSeek-V3's 58 keep this at ~3 s per case; experts, ranks and
+    # nodes are the full ones. Seed 7 moved 38 slots on the replan when candidates qualified
+    # against the best candidate's max rank load; seed 9 at 32 ranks / 4 nodes moved 270 when
+    # auto picked whole plans (hierarchical and global plans close there).
+    rng = np.random.default_rng(seed)
+    layers, experts, nodes = 16, 256, ep // 8
+    physical = experts + (64 if seed % 2 else 128)
+    weights = (spiky_zipf_weights if kind == "spiky" else zipf_weights)(rng, layers, experts)
+    # the slots in force: a global plan of an earlier window of the same routing
+    applied = plan_with_policy(
+        sample_window(rng, weights, tokens),
+        default_expert_slots(layers, experts, physical),
+        ep,
+        policy="global",
+        nodes=nodes,
+        bytes_per_expert=1,
+    ).physical_to_logical
+    load = sample_window(rng, weights, tokens)
+    for policy in POLICIES:
+        for min_improvement in (0.0, 0.005):
+            kw = {"policy": policy, "nodes": nodes, "bytes_per_expert": 1, "min_improvement": min_improvement}
+            plan = plan_with_policy(load, applied, ep, **kw)
+            again = plan_with_policy(load, plan.physical_to_logical, ep, **kw)
+            assert again.moved_slots == 0, (policy, min_improvement, again.moved_slots_per_layer.tolist())
+            assert torch.equal(again.physical_to_logical, plan.physical_to_logical)
