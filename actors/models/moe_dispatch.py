@@ -14,6 +14,9 @@ logits, which either may break its own way). The order of rows inside a group is
 torch path's stable order, and whatever the Triton kernel's atomics make it: no
 result depends on it (each row's expert output is computed on its own, and the
 combine finds every row through ``sorted_row``).
+
+Routers that choose otherwise (moe_routing.py's grouped sigmoid top-k) hand their choices
+to ``dispatch_choices``, which groups them on the torch path.
 """
 
 from __future__ import annotations
