@@ -30,6 +30,7 @@ with dp > 1 the share lands on this replica's rows.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +50,8 @@ from raymoe.actors.models.registry import ExpertNames
 from raymoe.actors.models.spec import ModelSpec
 from raymoe.comm.group import GroupCoordinator
 from raymoe.comm.groups import Groups
+
+log = logging.getLogger(__name__)
 
 
 class MoE(nn.Module):
@@ -80,6 +83,8 @@ class MoE(nn.Module):
         self.inter_start = groups.moe_tp.rank_in_group * self.inter
         h = spec.hidden_size
         self.grouped = spec.moe.grouped
+        if self.grouped is not None and moe_layer == 0 and torch.device(device).type == "cuda":
+            log.info("grouped sigmoid routing: the MoE dispatch runs on torch (the Triton kernel does softmax top-k)")
         # grouped routing scores in float32, as transformers keeps its router (and bias) in float32
         router_dtype = torch.float32 if self.grouped is not None else dtype
         self.router = nn.Parameter(
@@ -90,8 +95,6 @@ class MoE(nn.Module):
             if self.grouped is not None
             else None
         )
-        # a shared experts' share is summed with the routed ones over the world: with dp == 1 that is tp
-        assert groups.dp.world_size > 1 or groups.tp.world_size == groups.world.world_size
         self.shared = (
             DenseMLP(h, spec.moe.shared_intermediate_size, groups.tp, dtype=dtype, device=device)
             if spec.moe.shared_intermediate_size
@@ -102,6 +105,8 @@ class MoE(nn.Module):
             if spec.moe.shared_gate
             else None
         )
+        # the shared experts' share is summed with the routed ones over the world: with dp == 1 that is tp
+        assert self.shared is None or groups.dp.world_size > 1 or groups.tp.world_size == groups.world.world_size
         self.w13 = nn.Parameter(
             torch.zeros(self.slots, 2 * self.inter, h, dtype=dtype, device=device), requires_grad=False
         )
