@@ -42,7 +42,64 @@ KINDS = {
     ),
     "qwen3": dict(num_hidden_layers=2, num_key_value_heads=1, intermediate_size=128, tie_word_embeddings=True),
     "llama": dict(num_hidden_layers=2, num_key_value_heads=2, intermediate_size=128, attention_bias=True),
+    # a gated shared expert, q/k/v biases, softmax routing without renormalisation
+    "qwen2_moe": dict(
+        num_hidden_layers=3,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=64,
+        num_experts=8,
+        num_experts_per_tok=2,
+        mlp_only_layers=[1],
+    ),
+    # grouped sigmoid routing (4 groups of 2, the best 2 groups, top-3) with a correction bias and a
+    # scale, two shared experts, a dense first layer, partial rotary, q/k norms, q/k/v biases
+    "glm4_moe": dict(
+        num_hidden_layers=3,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        n_routed_experts=8,
+        num_experts_per_tok=3,
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=2.5,
+        n_shared_experts=2,
+        first_k_dense_replace=1,
+        partial_rotary_factor=0.5,
+        use_qk_norm=True,
+        attention_bias=True,
+    ),
 }
+# YaRN stretching a 64-token original context 4 times: the test prompts run past position 64
+KINDS["qwen3_moe_yarn"] = dict(
+    KINDS["qwen3_moe"],
+    max_position_embeddings=256,
+    rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=64),
+)
+
+
+def hf_classes(kind: str):
+    """(config class, model class) of ``kind`` in transformers."""
+    import transformers
+
+    names = {
+        "qwen3_moe": "Qwen3Moe",
+        "qwen3_moe_yarn": "Qwen3Moe",
+        "mixtral": "Mixtral",
+        "qwen3": "Qwen3",
+        "llama": "Llama",
+        "qwen2_moe": "Qwen2Moe",
+        "glm4_moe": "Glm4Moe",
+    }
+    return getattr(transformers, names[kind] + "Config"), getattr(transformers, names[kind] + "ForCausalLM")
+
+
+def hf_config(kind: str, **overrides: object):
+    """The transformers config of ``kind`` (the zoo's shape), as write_checkpoint builds it."""
+    config_cls, _ = hf_classes(kind)
+    return config_cls(**{**COMMON, **KINDS[kind], **overrides}, bos_token_id=0, eos_token_id=2)
 
 
 def write_checkpoint(
@@ -56,23 +113,14 @@ def write_checkpoint(
     """Write a random-weight checkpoint of ``kind``. For bf16 tests use a small
     ``initializer_range`` (0.05) with ``embedding_std=1``: layers still move the logits by
     several percent, while bf16 rounding stays well below that."""
-    import transformers
-
     from raymoe.actors.models.builtin import ensure_builtin
 
-    classes = {
-        "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
-        "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
-        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
-        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-    }
-    config_cls, model_cls = classes[kind]
+    _, model_cls = hf_classes(kind)
     torch.manual_seed(seed)
-    common = dict(COMMON, initializer_range=initializer_range)
-    config = config_cls(**{**common, **KINDS[kind], **overrides}, bos_token_id=0, eos_token_id=2)
+    config = hf_config(kind, initializer_range=initializer_range, **overrides)
     model = model_cls(config).eval()
     with torch.no_grad():  # norms away from 1 and biases away from 0, so loading them matters
-        for name, p in model.named_parameters():
+        for name, p in [*model.named_parameters(), *model.named_buffers()]:  # GLM's correction bias is a buffer
             if name.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5)
             elif name.endswith("bias"):

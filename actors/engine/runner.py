@@ -77,8 +77,11 @@ class ModelRunner:
         else:
             assert checkpoint_dir is not None, "model.load_format auto reads a checkpoint"
             reader = CheckpointReader(checkpoint_dir)
-            self.model.load(reader, show_progress=ctx.rank == 0)
+            unused = self.model.load(reader, show_progress=ctx.rank == 0)
             reader.close()
+            if unused and ctx.rank == 0:
+                shown = ", ".join(unused[:8]) + (", ..." if len(unused) > 8 else "")
+                log.warning("%d checkpoint tensors not used (transformers ignores them too): %s", len(unused), shown)
         what = "random weights" if config.model.load_format == "dummy" else checkpoint_dir
         log.info("rank %d built %s in %.1f s", ctx.rank, what, time.perf_counter() - t0)
         qkv = self.model.layers[0].attn.qkv

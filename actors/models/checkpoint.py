@@ -1,14 +1,17 @@
 """Read slices of a safetensors checkpoint without loading whole tensors.
 
 Files are memory-mapped (safetensors ``safe_open``) and only the rows/columns a
-rank owns are materialised, so a rank never holds the whole checkpoint.
+rank owns are materialised, so a rank never holds the whole checkpoint. The reader
+remembers which tensors were read (or marked used: other ranks' shares), so a load
+can fail on tensors nothing read -- weights of something raymoe does not implement.
 """
 
 from __future__ import annotations
 
 import json
 import pathlib
-from typing import Optional
+import re
+from typing import Optional, Sequence
 
 import torch
 from safetensors import safe_open
@@ -19,6 +22,7 @@ class CheckpointReader:
         self.dir = pathlib.Path(checkpoint_dir)
         self.file_of: dict[str, pathlib.Path] = _index(self.dir)
         self._open: dict[pathlib.Path, object] = {}
+        self.used: set[str] = set()
 
     def __contains__(self, name: str) -> bool:
         return name in self.file_of
@@ -36,6 +40,7 @@ class CheckpointReader:
         if name not in self.file_of:
             raise ValueError(f"checkpoint {self.dir}: tensor {name!r} is missing")
         view = self._handle(self.file_of[name]).get_slice(name)
+        self.used.add(name)
         if dim is None:
             t = view[:]
         else:
@@ -45,6 +50,27 @@ class CheckpointReader:
                 raise ValueError(f"{name}: slice [{start}, {stop}) outside dim {dim} of shape {shape}")
             t = view[tuple([slice(None)] * dim + [slice(start, stop)])]
         return t.to(dtype) if dtype is not None else t
+
+    def mark_used(self, name: str) -> None:
+        """Count tensor ``name`` as part of the model without reading it here (another rank's share)."""
+        if name not in self.file_of:
+            raise ValueError(f"checkpoint {self.dir}: tensor {name!r} is missing")
+        self.used.add(name)
+
+    def check_all_used(self, known_unused: Sequence[str]) -> list[str]:
+        """ValueError naming the tensors neither read nor marked used, except those matching
+        a ``known_unused`` regular expression (tensors the reference implementation ignores
+        too); -> those, sorted, for the caller to name in a warning."""
+        unread = sorted(set(self.file_of) - self.used)
+        known = [name for name in unread if any(re.search(p, name) for p in known_unused)]
+        unexpected = [name for name in unread if name not in known]
+        if unexpected:
+            shown = ", ".join(unexpected[:8]) + (f" and {len(unexpected) - 8} more" if len(unexpected) > 8 else "")
+            raise ValueError(
+                f"checkpoint {self.dir}: {len(unexpected)} tensors that raymoe's model of this architecture does "
+                f"not use: {shown} (a config.json field or a variant raymoe does not implement?)"
+            )
+        return known
 
     def shape(self, name: str) -> list[int]:
         if name not in self.file_of:

@@ -43,7 +43,7 @@ class AttentionBlock(nn.Module):
             self.qkv.heads * spec.head_dim,
             spec.hidden_size,
             groups.tp,
-            bias=spec.attention_bias,
+            bias=spec.o_proj_bias,
             dtype=dtype,
             device=device,
         )
@@ -151,8 +151,11 @@ class CausalLM(nn.Module):
         return self.lm_head.greedy(shard)
 
     @torch.no_grad()
-    def load(self, reader: CheckpointReader, show_progress: bool = True) -> None:
-        """Read this rank's share of every tensor; a missing tensor raises ValueError naming it."""
+    def load(self, reader: CheckpointReader, show_progress: bool = True) -> list[str]:
+        """Read this rank's share of every tensor; a missing tensor raises ValueError naming
+        it, and so does a tensor the model has no place for. -> the checkpoint's tensors
+        that transformers ignores too (rotary tables, a tied LM head, multi-token-prediction
+        layers), for the caller to name in a warning."""
         self.embed.load(reader, "model.embed_tokens.weight")
         for layer in tqdm(self.layers, desc="loading layers", unit="layer", disable=not show_progress):
             prefix = f"model.layers.{layer.layer}."
@@ -166,3 +169,13 @@ class CausalLM(nn.Module):
                 layer.mlp.load(reader, mlp + "gate_proj.weight", mlp + "up_proj.weight", mlp + "down_proj.")
         self.norm.load(reader, "model.norm.weight")
         self.lm_head.load(reader, "lm_head.weight")
+        return reader.check_all_used(known_unused_tensors(self.spec))
+
+
+def known_unused_tensors(spec: ModelSpec) -> list[str]:
+    """Regular expressions of checkpoint tensors that no forward pass reads."""
+    patterns = [r"\.rotary_emb\.inv_freq$"]
+    if spec.tie_word_embeddings:
+        patterns.append(r"^lm_head\.weight$")
+    patterns += [rf"^model\.layers\.{spec.num_layers + i}\." for i in range(spec.num_mtp_layers)]
+    return patterns

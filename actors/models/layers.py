@@ -75,19 +75,46 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotary position embedding (rotate-half layout) with a cos/sin table per position."""
+    """Rotary position embedding (rotate-half layout) with a cos/sin table per position,
+    over the first ``int(head_dim * partial_rotary_factor)`` dims of each head."""
 
     def __init__(self, head_dim: int, rope: RopeSpec, max_position: int, device: torch.device) -> None:
         super().__init__()
-        inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+        dim = int(head_dim * rope.partial_rotary_factor)
+        inv_freq = 1.0 / (rope.theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
         if rope.kind == "llama3":
             inv_freq = _llama3_inv_freq(inv_freq, rope)
+        elif rope.kind == "yarn":
+            inv_freq = _yarn_inv_freq(dim, rope)
         freqs = torch.arange(max_position, dtype=torch.float)[:, None] * inv_freq[None, :]
-        self.register_buffer("cos_sin", torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(device), persistent=False)
+        cos_sin = torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+        if rope.attention_factor != 1.0:
+            cos_sin = cos_sin * rope.attention_factor
+        self.register_buffer("cos_sin", cos_sin.to(device), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [T]; q [T, heads, D], k [T, kv_heads, D] -> rotated q, k (in place on GPU)."""
         return ops.rotary_(positions, q, k, self.cos_sin)
+
+
+def _yarn_inv_freq(dim: int, rope: RopeSpec) -> torch.Tensor:
+    """YaRN (arXiv 2309.00071), as transformers computes it: frequencies that turn fewer than
+    ``beta_slow`` times over the original context are interpolated (divided by ``factor``),
+    those turning more than ``beta_fast`` times kept, with a linear ramp between."""
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(rope.original_max_position / (rotations * 2 * math.pi))) / (2 * math.log(rope.theta))
+
+    low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # no zero-width ramp
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    pos_freqs = rope.theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)
+    extrapolation = 1 - ramp
+    return (1.0 / (rope.factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, rope: RopeSpec) -> torch.Tensor:
@@ -127,6 +154,8 @@ class VocabParallelEmbedding(nn.Module):
     def load(self, reader: CheckpointReader, name: str) -> None:
         if self.stop > self.start:
             self.weight[: self.stop - self.start].copy_(reader.read(name, 0, self.start, self.stop))
+        else:  # a share wholly past the vocabulary
+            reader.mark_used(name)
 
 
 class ParallelLMHead(nn.Module):
@@ -181,8 +210,12 @@ class ParallelLMHead(nn.Module):
 
     def load(self, reader: CheckpointReader, name: str) -> None:
         e = self.embedding
-        if not self.tied and e.stop > e.start:
+        if self.tied:
+            return
+        if e.stop > e.start:
             self.weight[: e.stop - e.start].copy_(reader.read(name, 0, e.start, e.stop))
+        else:
+            reader.mark_used(name)
 
 
 class RowParallelLinear(nn.Module):
@@ -225,9 +258,7 @@ class QKVProjection(nn.Module):
         rows = (self.heads + 2 * self.kv_heads) * spec.head_dim
         self.weight = nn.Parameter(torch.zeros(rows, spec.hidden_size, dtype=dtype, device=device), requires_grad=False)
         self.bias = (
-            nn.Parameter(torch.zeros(rows, dtype=dtype, device=device), requires_grad=False)
-            if spec.attention_bias
-            else None
+            nn.Parameter(torch.zeros(rows, dtype=dtype, device=device), requires_grad=False) if spec.qkv_bias else None
         )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -20,10 +20,17 @@ tokens. The MoE layer
 
 The layer never looks at which rank holds a logical expert except through the
 ExpertMap, so load balancing can move and replicate experts without touching it.
+
+Shared experts (Qwen2-MoE, GLM-4.5) are a dense MLP every token goes through, split
+over ``tp`` like the dense MLP and outside the ExpertMap (load balancing moves routed
+experts only). Each rank adds its share of their output to its share of the routed
+output for the sum over the world to finish: with dp == 1 the world is the tp group;
+with dp > 1 the share lands on this replica's rows.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -34,14 +41,17 @@ from raymoe.actors.models.batch import ForwardBatch
 from raymoe.actors.models.checkpoint import CheckpointReader
 from raymoe.actors.models.expert_map import ExpertMap
 from raymoe.actors.models.expert_mlp import expert_mlp
-from raymoe.actors.models.layers import BlockOutput, PartialSum, split_evenly
+from raymoe.actors.models.layers import BlockOutput, DenseMLP, PartialSum, split_evenly
 from raymoe.actors.models.linear import linear
 from raymoe.actors.models.moe_combine import combine, combine_add_rms_norm
-from raymoe.actors.models.moe_dispatch import Dispatch, dispatch
+from raymoe.actors.models.moe_dispatch import Dispatch, dispatch, dispatch_choices
+from raymoe.actors.models.moe_routing import grouped_sigmoid_top_k
 from raymoe.actors.models.registry import ExpertNames
 from raymoe.actors.models.spec import ModelSpec
 from raymoe.comm.group import GroupCoordinator
 from raymoe.comm.groups import Groups
+
+log = logging.getLogger(__name__)
 
 
 class MoE(nn.Module):
@@ -72,9 +82,31 @@ class MoE(nn.Module):
         )
         self.inter_start = groups.moe_tp.rank_in_group * self.inter
         h = spec.hidden_size
+        self.grouped = spec.moe.grouped
+        if self.grouped is not None and moe_layer == 0 and torch.device(device).type == "cuda":
+            log.info("grouped sigmoid routing: the MoE dispatch runs on torch (the Triton kernel does softmax top-k)")
+        # grouped routing scores in float32, as transformers keeps its router (and bias) in float32
+        router_dtype = torch.float32 if self.grouped is not None else dtype
         self.router = nn.Parameter(
-            torch.zeros(spec.moe.num_experts, h, dtype=dtype, device=device), requires_grad=False
+            torch.zeros(spec.moe.num_experts, h, dtype=router_dtype, device=device), requires_grad=False
         )
+        self.correction_bias = (
+            nn.Parameter(torch.zeros(spec.moe.num_experts, device=device), requires_grad=False)
+            if self.grouped is not None
+            else None
+        )
+        self.shared = (
+            DenseMLP(h, spec.moe.shared_intermediate_size, groups.tp, dtype=dtype, device=device)
+            if spec.moe.shared_intermediate_size
+            else None
+        )
+        self.shared_gate = (
+            nn.Parameter(torch.zeros(1, h, dtype=dtype, device=device), requires_grad=False)
+            if spec.moe.shared_gate
+            else None
+        )
+        # the shared experts' share is summed with the routed ones over the world: with dp == 1 that is tp
+        assert self.shared is None or groups.dp.world_size > 1 or groups.tp.world_size == groups.world.world_size
         self.w13 = nn.Parameter(
             torch.zeros(self.slots, 2 * self.inter, h, dtype=dtype, device=device), requires_grad=False
         )
@@ -98,14 +130,27 @@ class MoE(nn.Module):
         else:
             x_all, valid = x, None
 
-        logits = linear(x_all, self.router)
+        logits = linear(x_all.float() if self.grouped is not None else x_all, self.router)
         if self.router_bias is not None:  # benchmark-only skew (eplb.router_skew)
             logits = logits + self.router_bias
+        d = self._dispatch(logits, valid)
+        if batch.expert_load is not None:
+            batch.expert_load.record(self.moe_layer, d.physical)
         emap = self.expert_map
-        d = dispatch(
-            logits,
-            self.top_k,
-            norm_topk_prob=self.norm_topk_prob,
+        y = expert_mlp(x_all, d.rows, d.ends, w13=self.w13, w2=self.w2, groups=d.groups, all_slots=emap.num_physical)
+        all_local = self.slots == emap.num_physical and valid is None  # every row is one of our slots
+        shared = self._shared(x)
+        if dp.world_size == 1:
+            return ExpertOutputs(y, d, all_local, self.groups.world, shared=shared)
+        out = combine(y, d.sorted_row, d.weights, d.ends, all_local=all_local)
+        start = dp.rank_in_group * batch.dp_pad  # every replica's rows are summed: keep ours
+        if shared is not None:
+            out[start : start + x.shape[0]] += shared
+        return self.groups.world.all_reduce(out)[start : start + x.shape[0]]
+
+    def _dispatch(self, logits: torch.Tensor, valid: torch.Tensor | None) -> Dispatch:
+        emap = self.expert_map
+        tables = dict(
             logical_to_physical=emap.logical_to_physical[self.moe_layer],
             replica_count=emap.replica_count[self.moe_layer],
             num_physical=emap.num_physical,
@@ -113,18 +158,31 @@ class MoE(nn.Module):
             slots=self.slots,
             valid=valid,
         )
-        if batch.expert_load is not None:
-            batch.expert_load.record(self.moe_layer, d.physical)
-        y = expert_mlp(x_all, d.rows, d.ends, w13=self.w13, w2=self.w2, groups=d.groups, all_slots=emap.num_physical)
-        all_local = self.slots == emap.num_physical and valid is None  # every row is one of our slots
-        if dp.world_size == 1:
-            return ExpertOutputs(y, d, all_local, self.groups.world)
-        out = self.groups.world.all_reduce(combine(y, d.sorted_row, d.weights, d.ends, all_local=all_local))
-        start = dp.rank_in_group * batch.dp_pad  # every replica's rows are summed: keep ours
-        return out[start : start + x.shape[0]]
+        if self.grouped is None:
+            return dispatch(logits, self.top_k, norm_topk_prob=self.norm_topk_prob, **tables)
+        weights, logical = grouped_sigmoid_top_k(
+            logits, self.correction_bias, top_k=self.top_k, norm_topk_prob=self.norm_topk_prob, rule=self.grouped
+        )
+        return dispatch_choices(weights, logical, **tables)
+
+    def _shared(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x [T, H] -> this rank's share of the shared experts' output [T, H] (a sum over tp), or None."""
+        if self.shared is None:
+            return None
+        out = self.shared(x).x
+        return out * torch.sigmoid(linear(x, self.shared_gate)) if self.shared_gate is not None else out
 
     def load(self, reader: CheckpointReader, names: ExpertNames) -> None:
+        """This rank's experts, the router and the shared experts; the other ranks' experts
+        are marked used (the reader checks that every tensor has a reader)."""
         self.router.copy_(reader.read(names.router.format(layer=self.layer)))
+        if self.correction_bias is not None:
+            self.correction_bias.copy_(reader.read(names.router_bias.format(layer=self.layer)))
+        if self.shared is not None:
+            shared = names.shared.format(layer=self.layer)
+            self.shared.load(reader, shared + "gate_proj.weight", shared + "up_proj.weight", shared + "down_proj.")
+        if self.shared_gate is not None:
+            self.shared_gate.copy_(reader.read(names.shared_gate.format(layer=self.layer)))
         s, e = self.inter_start, self.inter_start + self.inter
         physical_to_logical = self.expert_map.physical_to_logical_cpu[self.moe_layer]
         for slot in range(self.slots):
@@ -134,30 +192,39 @@ class MoE(nn.Module):
             up = reader.read(names.up.format(**fill), 0, s, e)
             self.w13[slot].copy_(torch.cat([gate, up]))
             self.w2[slot].copy_(reader.read(names.down.format(**fill), 1, s, e))
+        for expert in range(self.expert_map.num_logical):
+            for name in (names.gate, names.up, names.down):
+                reader.mark_used(name.format(layer=self.layer, expert=expert))
 
 
 @dataclass(frozen=True)
 class ExpertOutputs:
     """This rank's expert outputs ``y`` of a step, grouped as ``dispatch`` says, before
-    the combine and the sum over the world. The next norm finishes them (BlockOutput):
-    on one rank the combine, add and norm are one kernel; over several, the combine
-    writes straight into the buffer the sum + add + norm reads (where it has one)."""
+    the combine and the sum over the world, and its share of the shared experts' output
+    (``shared``, a sum over tp, which is the world here). The next norm finishes them
+    (BlockOutput): on one rank the combine, add and norm are one kernel; over several,
+    the combine writes straight into the buffer the sum + add + norm reads (where it has one)."""
 
     y: torch.Tensor
     dispatch: Dispatch
     all_local: bool
     world: GroupCoordinator
+    shared: torch.Tensor | None = None
 
     def add_rms_norm(
         self, residual: torch.Tensor, weight: torch.Tensor, eps: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
         y, d = self.y, self.dispatch
         if self.world.world_size == 1:
+            if self.shared is not None:
+                residual = residual + self.shared
             return combine_add_rms_norm(
                 y, d.sorted_row, d.weights, d.ends, residual=residual, weight=weight, eps=eps, all_local=self.all_local
             )
         buffer = self.world.partial_buffer(residual)
         out = combine(y, d.sorted_row, d.weights, d.ends, all_local=self.all_local, out=buffer)
+        if self.shared is not None:
+            out += self.shared
         return PartialSum(out, self.world).add_rms_norm(residual, weight, eps)
 
 

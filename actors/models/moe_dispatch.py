@@ -14,6 +14,9 @@ logits, which either may break its own way). The order of rows inside a group is
 torch path's stable order, and whatever the Triton kernel's atomics make it: no
 result depends on it (each row's expert output is computed on its own, and the
 combine finds every row through ``sorted_row``).
+
+Routers that choose otherwise (moe_routing.py's grouped sigmoid top-k) hand their choices
+to ``dispatch_choices``, which groups them on the torch path.
 """
 
 from __future__ import annotations
@@ -83,7 +86,6 @@ def dispatch(
 def _torch_dispatch(
     logits, top_k, *, norm_topk_prob, logical_to_physical, replica_count, all_local, slot_start, slots, valid
 ) -> Dispatch:
-    n = logits.shape[0]
     if norm_topk_prob:
         # softmax is monotonic, and the renormalised top-k probabilities are the softmax of
         # the top-k logits (float32 inside, rounded to the logits' dtype once). Choices are
@@ -93,10 +95,41 @@ def _torch_dispatch(
     else:
         probs, logical = torch.topk(torch.softmax(logits, dim=-1, dtype=torch.float), top_k, dim=-1)
         weights = probs.to(logits.dtype)
+    tables = dict(logical_to_physical=logical_to_physical, replica_count=replica_count)
+    return _group_choices(
+        weights, logical, **tables, all_local=all_local, slot_start=slot_start, slots=slots, valid=valid
+    )
+
+
+def dispatch_choices(
+    weights: torch.Tensor,
+    logical: torch.Tensor,
+    *,
+    logical_to_physical: torch.Tensor,
+    replica_count: torch.Tensor,
+    num_physical: int,
+    slot_start: int,
+    slots: int,
+    valid: torch.Tensor | None = None,
+) -> Dispatch:
+    """``dispatch`` of choices a router made elsewhere (moe_routing.py, which the Triton
+    kernel does not do), on the torch path: weights [N, k] (kept in their dtype),
+    logical [N, k] int64 expert ids; the rest as ``dispatch``."""
+    all_local = slots == num_physical and valid is None
+    tables = dict(logical_to_physical=logical_to_physical, replica_count=replica_count)
+    return _group_choices(
+        weights, logical, **tables, all_local=all_local, slot_start=slot_start, slots=slots, valid=valid
+    )
+
+
+def _group_choices(
+    weights, logical, *, logical_to_physical, replica_count, all_local, slot_start, slots, valid
+) -> Dispatch:
+    n, top_k = logical.shape
     if logical_to_physical.shape[1] == 1:  # one replica each: a plain lookup
         physical = logical_to_physical[:, 0][logical]
     else:
-        token = torch.arange(n, device=logits.device).unsqueeze(1)
+        token = torch.arange(n, device=logical.device).unsqueeze(1)
         physical = logical_to_physical[logical, token % replica_count[logical]]
     if valid is not None:
         physical = torch.where(valid.unsqueeze(1), physical, -1)
@@ -108,9 +141,9 @@ def _torch_dispatch(
         bucket = torch.where((local >= 0) & (local < slots), local, slots)  # others sort last
     # 16-bit keys: sorting takes half the time it takes on int64 ones
     keys, order = torch.sort(bucket.to(torch.int16), stable=True)
-    group_ends = torch.arange(1, slots + 1, dtype=torch.int16, device=logits.device)
+    group_ends = torch.arange(1, slots + 1, dtype=torch.int16, device=logical.device)
     ends = torch.searchsorted(keys, group_ends, out_int32=True)
-    sorted_row = torch.empty_like(order).scatter_(0, order, torch.arange(n * top_k, device=logits.device))
+    sorted_row = torch.empty_like(order).scatter_(0, order, torch.arange(n * top_k, device=logical.device))
     return Dispatch(
         weights=weights,
         physical=physical,

@@ -105,7 +105,8 @@ def rotary_(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q [T, H, D] and k [T, Hk, D] by position (rotate-half layout); in place on GPU.
 
-    cos_sin [max_position, D] float32: cos of the D/2 frequencies, then their sin.
+    cos_sin [max_position, R] float32: cos of the R/2 frequencies, then their sin; the
+    first R <= D dims of each head rotate, the rest pass through (partial rotary).
     """
     fi = _fused(q)
     if fi is not None:
@@ -114,6 +115,12 @@ def rotary_(
     half = cos_sin.shape[-1] // 2
     cos = cos_sin[positions, :half].repeat(1, 2).unsqueeze(1).to(q.dtype)
     sin = cos_sin[positions, half:].repeat(1, 2).unsqueeze(1).to(q.dtype)
+    if 2 * half < q.shape[-1]:  # partial rotary: the rest of each head passes through
+        rot = 2 * half
+        return (
+            torch.cat((q[..., :rot] * cos + _rotate_half(q[..., :rot]) * sin, q[..., rot:]), dim=-1),
+            torch.cat((k[..., :rot] * cos + _rotate_half(k[..., :rot]) * sin, k[..., rot:]), dim=-1),
+        )
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 

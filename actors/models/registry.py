@@ -1,14 +1,14 @@
 """Supported Hugging Face architectures and what distinguishes them.
 
-All four are pre-norm decoders (RMSNorm, rotary attention with GQA, SwiGLU
+All six are pre-norm decoders (RMSNorm, rotary attention with GQA, SwiGLU
 MLPs); they differ only in the traits below and in checkpoint tensor names,
 so one decoder (raymoe.actors.models.decoder) builds them all.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field, replace
+from typing import Any, Optional
 
 
 @dataclass(frozen=True)
@@ -19,6 +19,9 @@ class ExpertNames:
     gate: str
     up: str
     down: str
+    router_bias: Optional[str] = None  # grouped routing's score correction bias
+    shared: Optional[str] = None  # prefix of the shared experts' dense MLP (gate_proj, up_proj, down_proj)
+    shared_gate: Optional[str] = None  # the sigmoid gate scaling the shared expert's output (Qwen2-MoE)
 
 
 QWEN_EXPERTS = ExpertNames(
@@ -33,22 +36,75 @@ MIXTRAL_EXPERTS = ExpertNames(
     up="model.layers.{layer}.block_sparse_moe.experts.{expert}.w3.weight",
     down="model.layers.{layer}.block_sparse_moe.experts.{expert}.w2.weight",
 )
+QWEN2_MOE_EXPERTS = replace(
+    QWEN_EXPERTS,
+    shared="model.layers.{layer}.mlp.shared_expert.",
+    shared_gate="model.layers.{layer}.mlp.shared_expert_gate.weight",
+)
+GLM4_MOE_EXPERTS = replace(
+    QWEN_EXPERTS,
+    router_bias="model.layers.{layer}.mlp.gate.e_score_correction_bias",
+    shared="model.layers.{layer}.mlp.shared_experts.",
+)
+
+# config.json fields that change the maths of every architecture, with the values raymoe implements
+COMMON_IMPLEMENTED_VALUES: dict[str, tuple[Any, ...]] = {
+    "hidden_act": ("silu", "swish"),
+    "quantization_config": (None,),
+}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ArchitectureTraits:
     moe: bool
-    qk_norm: bool  # RMSNorm over each head's q and k before rotary (Qwen3)
+    qk_norm: bool = False  # RMSNorm over each head's q and k before rotary (Qwen3)
+    qk_norm_field: Optional[str] = None  # the config.json field that turns the q/k norms on instead (GLM-4.5)
+    qkv_bias_field: Optional[str] = "attention_bias"  # turns q/k/v biases on (None: the architecture has none)
+    qkv_bias_default: bool = False  # when config.json is silent
+    o_proj_bias: bool = True  # the output projection has a bias whenever q/k/v have one
+    # partial_rotary_factor when config.json is silent (rotary on that fraction of each head); None: the
+    # architecture rotates whole heads
+    partial_rotary_default: Optional[float] = None
     default_norm_topk: bool = False  # renormalise top-k router weights when config.json is silent
+    # sigmoid scores choose the experts within the best groups, with a correction bias (DeepSeek-V3's rule)
+    grouped_routing: bool = False
+    first_k_dense: bool = False  # dense layers: first_k_dense_replace (else decoder_sparse_step, mlp_only_layers)
+    shared_expert: Optional[str] = None  # "gated" (Qwen2-MoE) or "plain" (GLM-4.5): a dense MLP on every token
     experts: Optional[ExpertNames] = None
+    # config.json fields whose other values change the maths and are not implemented
+    implemented_values: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    # the field counting the checkpoint's multi-token-prediction layers past num_hidden_layers (unused here)
+    mtp_layers_field: Optional[str] = None
 
 
 ARCHITECTURES = {
     "Qwen3MoeForCausalLM": ArchitectureTraits(moe=True, qk_norm=True, experts=QWEN_EXPERTS),
     # Mixtral always renormalises its top-k weights
-    "MixtralForCausalLM": ArchitectureTraits(moe=True, qk_norm=False, default_norm_topk=True, experts=MIXTRAL_EXPERTS),
+    "MixtralForCausalLM": ArchitectureTraits(
+        moe=True, qkv_bias_field=None, default_norm_topk=True, experts=MIXTRAL_EXPERTS
+    ),
     "Qwen3ForCausalLM": ArchitectureTraits(moe=False, qk_norm=True),
-    "LlamaForCausalLM": ArchitectureTraits(moe=False, qk_norm=False),
+    "LlamaForCausalLM": ArchitectureTraits(moe=False, implemented_values={"mlp_bias": (False,)}),
+    "Qwen2MoeForCausalLM": ArchitectureTraits(
+        moe=True,
+        qkv_bias_field="qkv_bias",
+        qkv_bias_default=True,
+        o_proj_bias=False,
+        shared_expert="gated",
+        experts=QWEN2_MOE_EXPERTS,
+    ),
+    "Glm4MoeForCausalLM": ArchitectureTraits(
+        moe=True,
+        qk_norm_field="use_qk_norm",
+        o_proj_bias=False,
+        partial_rotary_default=0.5,
+        default_norm_topk=True,
+        grouped_routing=True,
+        first_k_dense=True,
+        shared_expert="plain",
+        experts=GLM4_MOE_EXPERTS,
+        mtp_layers_field="num_nextn_predict_layers",
+    ),
 }
 
 

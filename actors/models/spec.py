@@ -9,27 +9,47 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import pathlib
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 
-from raymoe.actors.models.registry import architecture_traits
+from raymoe.actors.models.registry import COMMON_IMPLEMENTED_VALUES, ArchitectureTraits, architecture_traits
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_ROPE = ("default", "llama3")
+SUPPORTED_ROPE = ("default", "llama3", "yarn")
 
 
 @dataclass(frozen=True, kw_only=True)
 class RopeSpec:
     theta: float
-    kind: str = "default"  # default | llama3
+    kind: str = "default"  # default | llama3 | yarn
     factor: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position: int = 8192
+    partial_rotary_factor: float = 1.0  # rotary on the first int(head_dim * this) dims of each head
+    # yarn: the correction range between full interpolation and full extrapolation, in rotations
+    # over original_max_position; cos and sin are scaled by attention_factor
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
+    attention_factor: float = 1.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class GroupedTopK:
+    """DeepSeek-V3's routing rule (GLM-4.5 shares it): sigmoid scores plus a per-expert
+    correction bias choose the experts, only within the ``topk_groups`` of ``num_groups``
+    equal expert groups whose two best biased scores sum highest; the chosen experts'
+    sigmoid scores (renormalised if norm_topk_prob) times ``routed_scaling_factor`` weight them."""
+
+    num_groups: int
+    topk_groups: int
+    routed_scaling_factor: float
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,6 +59,9 @@ class MoESpec:
     intermediate_size: int
     norm_topk_prob: bool  # renormalise the top-k probabilities to sum to 1
     dense_layers: frozenset[int] = field(default_factory=frozenset)  # layers with a dense MLP instead
+    grouped: Optional[GroupedTopK] = None  # None: softmax over the router logits, then top-k
+    shared_intermediate_size: int = 0  # width of the shared experts' dense MLP on every token (0: none)
+    shared_gate: bool = False  # the shared experts' output scaled by sigmoid(x . gate) (Qwen2-MoE)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,11 +78,13 @@ class ModelSpec:
     rope: RopeSpec
     max_position: int
     tie_word_embeddings: bool
-    attention_bias: bool
+    qkv_bias: bool
+    o_proj_bias: bool
     qk_norm: bool
     moe: Optional[MoESpec]
     sliding_window: Optional[int]
     torch_dtype: str
+    num_mtp_layers: int = 0  # checkpoint layers past num_layers for multi-token prediction (not run)
 
     @property
     def moe_layers(self) -> list[int]:
@@ -99,64 +124,152 @@ def load_spec(checkpoint_dir: str | pathlib.Path) -> ModelSpec:
 
 
 def spec_from_hf_config(cfg: dict[str, Any]) -> ModelSpec:
+    """ValueError for an unsupported architecture, a missing field, or a field whose value
+    changes the maths in a way raymoe does not implement (naming the field)."""
     arch = (cfg.get("architectures") or ["<none>"])[0]
     traits = architecture_traits(arch)  # raises for unknown architectures
+    _refuse_unimplemented(cfg, arch, traits)
     hidden = _need(cfg, "hidden_size")
     heads = _need(cfg, "num_attention_heads")
-    moe = None
-    if traits.moe:
-        num_experts = cfg.get("num_experts", cfg.get("num_local_experts"))
-        if num_experts is None:
-            raise ValueError(f"config.json of {arch}: needs num_experts (or num_local_experts)")
-        sparse_step = cfg.get("decoder_sparse_step", 1) or 1
-        layers = _need(cfg, "num_hidden_layers")
-        dense = {i for i in range(layers) if (i + 1) % sparse_step != 0} | set(cfg.get("mlp_only_layers") or [])
-        moe = MoESpec(
-            num_experts=num_experts,
-            top_k=_need(cfg, "num_experts_per_tok"),
-            intermediate_size=cfg.get("moe_intermediate_size") or _need(cfg, "intermediate_size"),
-            norm_topk_prob=bool(cfg.get("norm_topk_prob", traits.default_norm_topk)),
-            dense_layers=frozenset(dense),
-        )
+    layers = _need(cfg, "num_hidden_layers")
+    qkv_bias = bool(cfg.get(traits.qkv_bias_field, traits.qkv_bias_default)) if traits.qkv_bias_field else False
+    rope = _rope(cfg, arch, traits)
+    max_position = int(cfg.get("max_position_embeddings", 4096))
+    if rope.kind == "yarn":  # YaRN stretches the original context by its factor
+        max_position = max(max_position, int(rope.original_max_position * rope.factor))
     window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
     return ModelSpec(
         architecture=arch,
         vocab_size=_need(cfg, "vocab_size"),
         hidden_size=hidden,
         intermediate_size=cfg.get("intermediate_size") or 0,
-        num_layers=_need(cfg, "num_hidden_layers"),
+        num_layers=layers,
         num_heads=heads,
         num_kv_heads=cfg.get("num_key_value_heads") or heads,
         head_dim=cfg.get("head_dim") or hidden // heads,
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        rope=_rope(cfg),
-        max_position=int(cfg.get("max_position_embeddings", 4096)),
+        rope=rope,
+        max_position=max_position,
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        attention_bias=bool(cfg.get("attention_bias", False)),
-        qk_norm=traits.qk_norm,
-        moe=moe,
+        qkv_bias=qkv_bias,
+        o_proj_bias=qkv_bias and traits.o_proj_bias,
+        qk_norm=traits.qk_norm or bool(traits.qk_norm_field and cfg.get(traits.qk_norm_field)),
+        moe=_moe(cfg, arch, traits, layers) if traits.moe else None,
         sliding_window=window,
         torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"),
+        num_mtp_layers=int(cfg.get(traits.mtp_layers_field) or 0) if traits.mtp_layers_field else 0,
     )
 
 
-def _rope(cfg: dict[str, Any]) -> RopeSpec:
+def _refuse_unimplemented(cfg: dict[str, Any], arch: str, traits: ArchitectureTraits) -> None:
+    for key, values in {**COMMON_IMPLEMENTED_VALUES, **traits.implemented_values}.items():
+        if key in cfg and cfg[key] not in values:
+            implemented = " or ".join(json.dumps(v) for v in values)
+            raise ValueError(
+                f"config.json: {key} = {json.dumps(cfg[key])} is not implemented for {arch} "
+                f"(raymoe implements {key} = {implemented})"
+            )
+
+
+def _moe(cfg: dict[str, Any], arch: str, traits: ArchitectureTraits, layers: int) -> MoESpec:
+    num_experts = next((cfg[k] for k in ("num_experts", "num_local_experts", "n_routed_experts") if cfg.get(k)), None)
+    if num_experts is None:
+        raise ValueError(f"config.json of {arch}: needs num_experts (or num_local_experts, n_routed_experts)")
+    top_k = _need(cfg, "num_experts_per_tok")
+    width = cfg.get("moe_intermediate_size") or _need(cfg, "intermediate_size")
+    if traits.first_k_dense:
+        dense = set(range(min(int(cfg.get("first_k_dense_replace", 1)), layers)))
+    else:
+        sparse_step = cfg.get("decoder_sparse_step", 1) or 1
+        dense = {i for i in range(layers) if (i + 1) % sparse_step != 0} | set(cfg.get("mlp_only_layers") or [])
+    shared = 0
+    if traits.shared_expert == "gated":
+        shared = _need(cfg, "shared_expert_intermediate_size")
+    elif traits.shared_expert == "plain":
+        shared = int(cfg.get("n_shared_experts", 1) or 0) * width
+    return MoESpec(
+        num_experts=num_experts,
+        top_k=top_k,
+        intermediate_size=width,
+        norm_topk_prob=bool(cfg.get("norm_topk_prob", traits.default_norm_topk)),
+        dense_layers=frozenset(dense),
+        grouped=_grouped_top_k(cfg, num_experts, top_k) if traits.grouped_routing else None,
+        shared_intermediate_size=shared,
+        shared_gate=traits.shared_expert == "gated",
+    )
+
+
+def _grouped_top_k(cfg: dict[str, Any], num_experts: int, top_k: int) -> GroupedTopK:
+    groups, topk_groups = int(cfg.get("n_group", 1) or 1), int(cfg.get("topk_group", 1) or 1)
+    if num_experts % groups or num_experts // groups < 2:
+        raise ValueError(
+            f"config.json: n_group = {groups} must divide the {num_experts} routed experts into groups of "
+            "at least 2 (a group scores by its two best experts)"
+        )
+    if not 1 <= topk_groups <= groups or top_k > topk_groups * (num_experts // groups):
+        raise ValueError(
+            f"config.json: topk_group = {topk_groups} must be in [1, n_group = {groups}] and its groups must "
+            f"hold num_experts_per_tok = {top_k} experts"
+        )
+    return GroupedTopK(
+        num_groups=groups, topk_groups=topk_groups, routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0))
+    )
+
+
+def _rope(cfg: dict[str, Any], arch: str, traits: ArchitectureTraits) -> RopeSpec:
+    """The rotary embedding as transformers' rope init reads it (modeling_rope_utils)."""
     params = dict(cfg.get("rope_scaling") or {})
     params.update(cfg.get("rope_parameters") or {})
-    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    partial = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", traits.partial_rotary_default))
+    partial = 1.0 if partial is None else float(partial)
+    if traits.partial_rotary_default is None and partial != 1.0:
+        raise ValueError(
+            f"config.json: partial_rotary_factor = {partial} is not implemented for {arch} (raymoe implements 1.0)"
+        )
     kind = params.get("rope_type", params.get("type", "default")) or "default"
     if kind not in SUPPORTED_ROPE:
-        raise ValueError(f"config.json: rope type {kind!r} is not supported (supported: {', '.join(SUPPORTED_ROPE)})")
+        raise ValueError(
+            f"config.json: rope_parameters.rope_type (or rope_scaling.type) = {kind!r} is not implemented "
+            f"(raymoe implements {', '.join(SUPPORTED_ROPE)})"
+        )
     if kind == "default":
-        return RopeSpec(theta=float(theta))
-    return RopeSpec(
-        theta=float(theta),
-        kind=kind,
-        factor=float(params["factor"]),
-        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
-        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-        original_max_position=int(params.get("original_max_position_embeddings", 8192)),
+        return RopeSpec(theta=theta, partial_rotary_factor=partial)
+    # a top-level original_max_position_embeddings wins, as in transformers' standardize_rope_params
+    original = int(
+        cfg.get("original_max_position_embeddings")
+        or params.get("original_max_position_embeddings")
+        or cfg.get("max_position_embeddings", 4096)
     )
+    common = dict(theta=theta, kind=kind, partial_rotary_factor=partial, original_max_position=original)
+    if kind == "llama3":
+        return RopeSpec(
+            **common,
+            factor=float(params["factor"]),
+            low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+        )
+    factor = params.get("factor")
+    factor = float(factor) if factor is not None else cfg.get("max_position_embeddings", 4096) / original
+    attention_factor = params.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+        if mscale and mscale_all_dim:
+            attention_factor = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = _yarn_mscale(factor)
+    return RopeSpec(
+        **common,
+        factor=factor,
+        beta_fast=float(params.get("beta_fast") or 32),
+        beta_slow=float(params.get("beta_slow") or 1),
+        truncate=bool(params.get("truncate", True)),
+        attention_factor=float(attention_factor),
+    )
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
 def _need(cfg: dict[str, Any], key: str) -> Any:

@@ -1,5 +1,6 @@
 """raymoe's greedy output and logits equal Hugging Face transformers on the same weights,
-for MoE and dense architectures and every (tp, ep) layout, with mixed prompt lengths."""
+for MoE and dense architectures and every (tp, ep) layout, with mixed prompt lengths
+(the long ones prefilled in chunks)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,18 @@ NEW_TOKENS = 32
 # (tp, ep); the world is tp * dp with dp = ep / tp when ep exceeds tp (data-parallel attention)
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2), (1, 4)]
 KINDS = ["qwen3_moe", "mixtral", "qwen3"]
+# Qwen2-MoE (a gated shared expert), GLM-4.5-MoE (grouped sigmoid routing, shared experts,
+# partial rotary) and Qwen3-MoE with YaRN (prompts past its 64-token original context) at
+# (tp, dp, ep) = (1,1,1), (2,1,1), (1,2,2), (2,2,4): a few per layout, not every combination
+NEW_CASES = [
+    ("qwen2_moe", 1, 1),
+    ("glm4_moe", 1, 1),
+    ("qwen3_moe_yarn", 1, 1),
+    ("glm4_moe", 2, 1),
+    ("qwen2_moe", 1, 2),
+    ("qwen2_moe", 2, 4),
+    ("glm4_moe", 2, 4),
+]
 
 
 def _prompts() -> list[list[int]]:
@@ -26,12 +39,17 @@ def _prompts() -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def references(tmp_path_factory):
+    """kind -> (checkpoint, transformers' greedy tokens and logits), each made on first use."""
     root = tmp_path_factory.mktemp("checkpoints")
-    out = {}
-    for kind in KINDS:
-        path = write_checkpoint(kind, root / kind)
-        out[kind] = (path, hf_greedy(path, _prompts(), NEW_TOKENS))
-    return out
+    made = {}
+
+    def reference(kind: str):
+        if kind not in made:
+            path = write_checkpoint(kind, root / kind)
+            made[kind] = (path, hf_greedy(path, _prompts(), NEW_TOKENS))
+        return made[kind]
+
+    return reference
 
 
 def _config(path, tp: int, ep: int, pipelined: bool = False) -> Config:
@@ -56,6 +74,11 @@ def test_equal_to_transformers(ray_session, references, tp, ep):
         _check(references, kind, tp, ep, pipelined=False)
 
 
+@pytest.mark.parametrize("kind,tp,ep", NEW_CASES, ids=[f"{k}-tp{t}-dp{max(1, e // t)}-ep{e}" for k, t, e in NEW_CASES])
+def test_new_architectures_equal_to_transformers(ray_session, references, kind, tp, ep):
+    _check(references, kind, tp, ep, pipelined=False)
+
+
 def test_pipelined_steps_equal_to_transformers(ray_session, references):
     """Steps kept in flight (the GPU default, forced on here): two replicas of two
     attention ranks each, so pending tokens come from each replica's own last sampling
@@ -65,7 +88,7 @@ def test_pipelined_steps_equal_to_transformers(ray_session, references):
 
 def _check(references, kind: str, tp: int, ep: int, pipelined: bool) -> None:
     sampling = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
-    path, expected = references[kind]
+    path, expected = references(kind)
     with LLM(_config(path, tp, ep, pipelined), collect_logits=True) as llm:
         outputs = llm.generate(_prompts(), sampling)
     for i, (out, (ref_tokens, ref_logits)) in enumerate(zip(outputs, expected)):

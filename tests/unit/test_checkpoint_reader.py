@@ -1,0 +1,77 @@
+"""The checkpoint reader fails on tensors nothing read (weights of something raymoe does
+not implement) and names the ones transformers ignores too in one warning line."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import pytest
+import torch
+from model_zoo import write_checkpoint
+from safetensors.torch import load_file, save_file
+
+from raymoe.actors.engine.local import build_local_engine
+from raymoe.actors.models.checkpoint import CheckpointReader
+from raymoe.actors.models.decoder import known_unused_tensors
+from raymoe.actors.models.spec import spec_from_hf_config
+from raymoe.cluster.config import config_from_dict
+
+
+def test_a_tensor_neither_read_nor_marked_used_fails_naming_it(tmp_path):
+    tensors = {"a": torch.zeros(2), "b": torch.zeros(2), "c.inv_freq": torch.zeros(2), "d": torch.zeros(2)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    reader = CheckpointReader(tmp_path)
+    reader.read("a")
+    reader.mark_used("b")
+    with pytest.raises(ValueError, match=r"not use: d \("):
+        reader.check_all_used([r"\.inv_freq$"])
+    reader.mark_used("d")
+    assert reader.check_all_used([r"\.inv_freq$"]) == ["c.inv_freq"]
+    with pytest.raises(ValueError, match="missing"):
+        reader.mark_used("e")
+
+
+def test_multi_token_prediction_layers_are_known_unused():
+    cfg = {
+        "architectures": ["Glm4MoeForCausalLM"],
+        **dict(vocab_size=64, hidden_size=32, num_attention_heads=2, num_hidden_layers=3, intermediate_size=64),
+        **dict(moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2, num_nextn_predict_layers=1),
+    }
+    patterns = known_unused_tensors(spec_from_hf_config(cfg))
+    assert any(re.search(p, "model.layers.3.eh_proj.weight") for p in patterns)
+    assert not any(re.search(p, "model.layers.2.mlp.gate.weight") for p in patterns)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return write_checkpoint("llama", tmp_path_factory.mktemp("zoo") / "llama")
+
+
+def _with_extra_tensors(src, dst, extra: dict[str, torch.Tensor]):
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.name != "model.safetensors":
+            (dst / f.name).write_bytes(f.read_bytes())
+    save_file({**load_file(str(src / "model.safetensors")), **extra}, str(dst / "model.safetensors"), {"format": "pt"})
+    return dst
+
+
+def _load(path):
+    config = config_from_dict({"model": {"path": str(path), "dtype": "float32"}, "engine": {"num_kv_blocks": 8}})
+    return build_local_engine(config, num_threads=1)
+
+
+def test_an_mlp_bias_the_config_does_not_declare_fails_the_load(llama, tmp_path):
+    path = _with_extra_tensors(llama, tmp_path / "ckpt", {"model.layers.0.mlp.gate_proj.bias": torch.zeros(128)})
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.gate_proj\.bias"):
+        _load(path)
+
+
+def test_rotary_tables_in_the_checkpoint_are_named_in_one_warning(llama, tmp_path, caplog):
+    extra = {f"model.layers.{i}.self_attn.rotary_emb.inv_freq": torch.zeros(8) for i in range(2)}
+    path = _with_extra_tensors(llama, tmp_path / "ckpt", extra)
+    with caplog.at_level(logging.WARNING, logger="raymoe.actors.engine.runner"):
+        _load(path)
+    warnings = [r.getMessage() for r in caplog.records if "not used" in r.getMessage()]
+    assert len(warnings) == 1 and all(name in warnings[0] for name in extra)

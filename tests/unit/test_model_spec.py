@@ -1,0 +1,147 @@
+"""config.json -> ModelSpec for every supported architecture: the zoo's configs load; a
+field whose value changes the maths without being implemented is refused by name (a
+table here flips each one for every architecture); the rotary tables (default, llama3,
+YaRN, partial rotary) equal transformers' rope init, attention scaling included."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from model_zoo import KINDS, hf_classes, hf_config
+
+from raymoe.actors.models.layers import RotaryEmbedding
+from raymoe.actors.models.registry import ARCHITECTURES, COMMON_IMPLEMENTED_VALUES
+from raymoe.actors.models.spec import spec_from_hf_config
+
+ZOO = {hf_classes(kind)[1].__name__: kind for kind in KINDS}
+
+
+def _config(kind: str, **overrides) -> dict:
+    """config.json of the zoo's ``kind`` as save_pretrained writes it."""
+    cfg = hf_config(kind, **overrides).to_dict()
+    cfg["architectures"] = [hf_classes(kind)[1].__name__]
+    return cfg
+
+
+def test_every_architecture_has_a_zoo_model_whose_config_loads():
+    assert set(ARCHITECTURES) <= set(ZOO)
+    for kind in KINDS:
+        spec = spec_from_hf_config(_config(kind))
+        assert spec.architecture == hf_classes(kind)[1].__name__
+
+
+def test_the_new_architectures_read_their_fields():
+    qwen2 = spec_from_hf_config(_config("qwen2_moe"))
+    assert (qwen2.qkv_bias, qwen2.o_proj_bias, qwen2.qk_norm) == (True, False, False)
+    assert (qwen2.moe.shared_intermediate_size, qwen2.moe.shared_gate, qwen2.moe.grouped) == (64, True, None)
+    assert qwen2.moe.dense_layers == {1} and not qwen2.moe.norm_topk_prob
+    glm = spec_from_hf_config(_config("glm4_moe"))
+    assert (glm.qkv_bias, glm.o_proj_bias, glm.qk_norm, glm.rope.partial_rotary_factor) == (True, False, True, 0.5)
+    assert (glm.moe.num_experts, glm.moe.top_k, glm.moe.shared_intermediate_size, glm.moe.shared_gate) == (
+        8,
+        3,
+        64,
+        False,
+    )
+    assert (glm.moe.grouped.num_groups, glm.moe.grouped.topk_groups, glm.moe.grouped.routed_scaling_factor) == (
+        4,
+        2,
+        2.5,
+    )
+    assert glm.moe.dense_layers == {0} and glm.moe.norm_topk_prob and glm.num_mtp_layers == 1
+    yarn = spec_from_hf_config(_config("qwen3_moe_yarn"))
+    assert (yarn.rope.kind, yarn.rope.factor, yarn.rope.original_max_position) == ("yarn", 4.0, 64)
+    assert yarn.max_position == 256
+
+
+# Every field raymoe refuses, flipped to a value it does not implement. "every" covers each
+# architecture; the issue's examples (Llama's mlp_bias and gelu) are among them.
+ROPE_TYPES = ["linear", "dynamic", "longrope"]
+FLIPS = [
+    ("every", "hidden_act", "gelu"),
+    ("every", "quantization_config", {"quant_method": "fp8"}),
+    *[("every", "rope_type", kind) for kind in ROPE_TYPES],
+    ("whole heads", "partial_rotary_factor", 0.5),
+    ("LlamaForCausalLM", "mlp_bias", True),
+]
+
+
+def _cases():
+    for arch, kind in sorted(ZOO.items()):
+        whole_heads = ARCHITECTURES[arch].partial_rotary_default is None
+        for where, field, value in FLIPS:
+            if where == "every" or where == arch or (where == "whole heads" and whole_heads):
+                yield pytest.param(kind, field, value, id=f"{kind}-{field}-{value}")
+
+
+@pytest.mark.parametrize("kind,field,value", list(_cases()))
+def test_an_unimplemented_value_is_refused_naming_the_field(kind, field, value):
+    cfg = _config(kind)
+    if field in ("rope_type", "partial_rotary_factor"):
+        cfg["rope_parameters"] = {**cfg["rope_parameters"], field: value, "factor": 2.0}
+    else:
+        cfg[field] = value
+    with pytest.raises(ValueError, match=field):
+        spec_from_hf_config(cfg)
+
+
+def test_the_flips_cover_every_refused_field():
+    refused = set(COMMON_IMPLEMENTED_VALUES) | {f for t in ARCHITECTURES.values() for f in t.implemented_values}
+    assert refused <= {field for _, field, _ in FLIPS}
+
+
+ROPES = {
+    "default": ("qwen3_moe", None),
+    "llama3": (
+        "llama",
+        dict(
+            rope_type="llama3",
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=32,
+        ),
+    ),
+    "yarn": ("qwen3_moe", dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=64)),
+    "yarn-betas-untruncated": (
+        "qwen3_moe",
+        dict(
+            rope_type="yarn", factor=3.0, original_max_position_embeddings=48, beta_fast=8, beta_slow=2, truncate=False
+        ),
+    ),
+    "yarn-attention-factor": (
+        "qwen3",
+        dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=64, attention_factor=0.8),
+    ),
+    "yarn-mscale": (
+        "mixtral",
+        dict(rope_type="yarn", factor=40.0, original_max_position_embeddings=16, mscale=1.0, mscale_all_dim=0.707),
+    ),
+    "yarn-no-factor": ("llama", dict(rope_type="yarn", factor=None, original_max_position_embeddings=128)),
+    "yarn-partial": ("glm4_moe", dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=64)),
+    "yarn-qwen2-moe": ("qwen2_moe", dict(rope_type="yarn", factor=2.0, original_max_position_embeddings=128)),
+}
+
+
+@pytest.mark.parametrize("name", list(ROPES))
+def test_rotary_table_equals_transformers(name):
+    kind, rope = ROPES[name]
+    overrides = {} if rope is None else dict(rope_parameters=dict(rope, rope_theta=10000.0))
+    if kind == "glm4_moe" and rope is not None:
+        overrides["rope_parameters"]["partial_rotary_factor"] = 0.5
+    hf = hf_config(kind, **overrides)
+    spec = spec_from_hf_config(_config(kind, **overrides))
+    module = importlib.import_module(f"transformers.models.{hf.model_type}.modeling_{hf.model_type}")
+    prefix = hf_classes(kind)[1].__name__.removesuffix("ForCausalLM")
+    reference = getattr(module, f"{prefix}RotaryEmbedding")(hf)
+    positions = torch.arange(spec.max_position)
+    cos, sin = reference(torch.zeros(1, dtype=torch.float32), positions[None])
+    table = RotaryEmbedding(spec.head_dim, spec.rope, spec.max_position, torch.device("cpu")).cos_sin
+    half = table.shape[-1] // 2
+    assert table.shape[-1] == cos.shape[-1] == int(spec.head_dim * spec.rope.partial_rotary_factor)
+    torch.testing.assert_close(table[:, :half], cos[0, :, :half], rtol=0, atol=0)
+    torch.testing.assert_close(table[:, half:], sin[0, :, :half], rtol=0, atol=0)
+    if name.startswith("yarn"):
+        assert spec.max_position >= spec.rope.original_max_position * spec.rope.factor
