@@ -125,6 +125,7 @@ class ExpertMover:
             self.expert_map.physical_to_logical_cpu[moe_layer].tolist(),
             row.tolist(),
             self.moves_group.world_size,
+            ranks_per_node=self.ranks_per_node,
         )
         arrivals = receive_expert_copies(self.moves_group, self.layer_weights[moe_layer], moves, self.slots_per_rank)
         return _LandedLayer(moe_layer, self.expert_map.layer_tables(row), arrivals)
