@@ -92,15 +92,16 @@ def serving(args: argparse.Namespace) -> None:
     print(f"\nserving: CPU, tiny model, ep={args.ep}, layers_per_chunk={args.chunk or 'all'}, skew {args.skew}")
     print(
         "| rebalance | layers moved | MiB | steps during it | step median (ms) | during it: median | "
-        "longest | longest / median | tokens unchanged |"
+        "longest | longest / median | p95 outside rebalances / median | tokens unchanged |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for i, (s, same) in enumerate(rows, 1):
         print(
             f"| {i} | {s['layers_total']} | {s['bytes_moved'] / 2**20:.2f} | {s.get('rebalance_steps', 0)} | "
             f"{s['step_ms_median']:.2f} | {s.get('rebalance_step_ms_median', float('nan')):.2f} | "
             f"{s.get('rebalance_step_ms_max', float('nan')):.2f} | "
-            f"{s.get('rebalance_step_ms_max', float('nan')) / s['step_ms_median']:.2f} | {same} |"
+            f"{s.get('rebalance_step_ms_max', float('nan')) / s['step_ms_median']:.2f} | "
+            f"{s.get('step_ms_p95', float('nan')) / s['step_ms_median']:.2f} | {same} |"
         )
 
 
