@@ -279,6 +279,8 @@ class Controller:
         then the ranks."""
         if self.engine is not None:
             await self.engine.stop()
+        if self.eplb is not None:
+            self.eplb.close()
         if self.rank_group is not None:
             await asyncio.to_thread(self.rank_group.shutdown)
             self.rank_group = None

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import importlib.util
 import inspect
 import subprocess
@@ -290,16 +291,17 @@ def rebalance_series(ref, args, shape: ModelShape, gpus: int, *, drifting: bool,
         if drifting and window > 1:
             weights = shift_hot_set(rng, weights)
         load = sample(rng, weights, args.window_tokens)
-        t = time.perf_counter()
-        plan = plan_with_policy(
+        plan_raymoe = functools.partial(
+            plan_with_policy,
             load,
             rm_slots,
             gpus,
             policy=args.policy,
             nodes=nodes if shape.experts % nodes == 0 else 1,
             bytes_per_expert=shape.expert_bytes,
-            min_improvement=args.min_improvement,
         )
+        t = time.perf_counter()
+        plan = plan_raymoe(min_improvement=args.min_improvement)
         rm_time, t = time.perf_counter() - t, time.perf_counter()
         ds = deepseek_plan(ref, load, physical, gpus, ds_nodes, num_groups=shape.num_groups)
         row = {"window": window, "rm_time": rm_time, "ds_time": time.perf_counter() - t}
@@ -307,14 +309,7 @@ def rebalance_series(ref, args, shape: ModelShape, gpus: int, *, drifting: bool,
         row.update(rm_moved=plan.moved_slots, ds_bal=balancedness(rank_loads(load, ds, gpus)))
         row.update(ds_moved=int(moved_slots(ds_slots, ds).sum()), total_slots=shape.layers * physical)
         if window == 1:  # the balancedness auto reaches when every gain counts
-            exact = plan_with_policy(
-                load,
-                rm_slots,
-                gpus,
-                policy=args.policy,
-                nodes=nodes if shape.experts % nodes == 0 else 1,
-                bytes_per_expert=shape.expert_bytes,
-            )
+            exact = plan_raymoe()
             row.update(exact_mode=exact.mode, exact_hier_layers=exact.hierarchical_layers)
             row["exact_bal"] = exact.balancedness_after
         if window == 1 and ds_nodes > 1:  # DeepSeek's other mode: global

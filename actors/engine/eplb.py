@@ -89,6 +89,7 @@ class EplbManager:
         self.status: dict[str, Any] = {"state": "starting", "rebalances": 0}
         self._gen = self._run()
         self._window_opened: Optional[asyncio.Future[list[Any]]] = None
+        self._calls: set[asyncio.Future[Any]] = set()  # calls to the ranks not answered yet
         # seconds between steps, outside rebalances and during one (planning and moves):
         # what a rebalance costs the steps
         self._step_s: collections.deque[float] = collections.deque(maxlen=512)
@@ -254,9 +255,18 @@ class EplbManager:
         load = torch.zeros(self.physical_to_logical.shape[0], self.num_logical, dtype=torch.float64)
         return load.scatter_add_(1, self.physical_to_logical, physical.to(torch.float64))
 
+    def close(self) -> None:
+        """Forget the calls to the ranks still unanswered (shutdown: the ranks go away)."""
+        for call in list(self._calls):
+            call.cancel()
+            call.add_done_callback(lambda c: c.cancelled() or c.exception())  # nobody awaits it now
+
     def _submit(self, method: str, *args: Any) -> "asyncio.Future[list[Any]]":
         """Call ``method`` on every rank now (before the next step reaches them); the answers, in rank order."""
-        return asyncio.gather(*self.ranks.call_async(method, *args))
+        call = asyncio.gather(*self.ranks.call_async(method, *args))
+        self._calls.add(call)
+        call.add_done_callback(self._calls.discard)
+        return call
 
     async def _all(self, method: str, *args: Any) -> list[Any]:
         return list(await self._submit(method, *args))

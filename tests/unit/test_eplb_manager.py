@@ -151,3 +151,31 @@ def test_a_wrongly_shaped_load_is_refused_naming_it():
             manager.request(torch.ones(3, 7))
 
     asyncio.run(main())
+
+
+def test_close_cancels_calls_the_ranks_never_answer(caplog):
+    """Shutdown during a rebalance: the calls still out to the ranks are cancelled, so no
+    "exception was never retrieved" when the ranks go away."""
+
+    class Hanging(FakeRanks):
+        def call_async(self, method: str, *args):
+            if method == "expert_moves_progress":
+                self.calls.append(method)
+                return [asyncio.get_running_loop().create_future() for _ in range(EP)]  # never answered
+            return super().call_async(method, *args)
+
+    async def main():
+        ranks = Hanging(steps_to_land=0)
+        manager = _manager(ranks)
+        await manager.on_step()
+        ranks.load = _skewed_physical_load()
+        planned = manager.request()
+        await _steps_until(manager, lambda: planned.done() and "expert_moves_progress" in ranks.calls)
+        assert manager._calls and manager.status["state"] == "moving"
+        manager.close()
+        await asyncio.sleep(0.01)
+        assert not manager._calls
+
+    with caplog.at_level("ERROR"):
+        asyncio.run(main())
+    assert "never retrieved" not in caplog.text
