@@ -197,6 +197,19 @@ class EplbManager:
         )
         if request.started is not None and not request.started.done():
             request.started.set_result(None)
+        async for _ in self._move(plan, changed, chunk):
+            yield
+        self.status.update(state="done", rebalances=self.status["rebalances"] + 1, **self._step_times())
+        log.info(
+            "EPLB: balancedness %.3f -> %.3f, %d layers moved, %.1f MiB",
+            plan.balancedness_before,
+            plan.balancedness_after,
+            len(changed),
+            plan.bytes_moved / 2**20,
+        )
+
+    async def _move(self, plan: EplbPlan, changed: list[int], chunk: int) -> AsyncIterator[None]:
+        """Hand the ranks the changed layers in chunks, then follow them until all have switched."""
         t1 = time.perf_counter()
         chunks = [
             MoveChunk(changed[i : i + chunk], plan.physical_to_logical[changed[i : i + chunk]])
@@ -222,14 +235,6 @@ class EplbManager:
                 break
         self.physical_to_logical[changed] = plan.physical_to_logical[changed]
         self.status.update(layers_done=len(changed), move_s=round(time.perf_counter() - t1, 4))
-        self.status.update(state="done", rebalances=self.status["rebalances"] + 1, **self._step_times())
-        log.info(
-            "EPLB: balancedness %.3f -> %.3f, %d layers moved, %.1f MiB",
-            plan.balancedness_before,
-            plan.balancedness_after,
-            len(changed),
-            plan.bytes_moved / 2**20,
-        )
 
     def _step_times(self) -> dict[str, float]:
         """Step times (ms) outside rebalances (median) and during the last one (planning and
