@@ -95,9 +95,6 @@ class ExpertMover:
             self.layers_done += 1
         self._send_next()
 
-    def close(self) -> None:
-        self._thread.shutdown(wait=False, cancel_futures=True)
-
     def _send_next(self) -> None:
         if not self._chunks:
             return

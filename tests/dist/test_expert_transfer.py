@@ -102,7 +102,6 @@ def _mover_worker(rank: int, world: int, init_methods: list[str], ep: int, seed:
             assert steps >= 2 and mover.layers_done == layers
             assert torch.equal(expert_map.physical_to_logical, new)
             consistent()
-        mover.close()
     finally:
         destroy_distributed()
 
