@@ -91,3 +91,40 @@ def test_rebalance_needs_eplb_enabled(ray_session):
     with LLM(config_from_dict({"engine": {"num_kv_blocks": 64}})) as llm:
         with pytest.raises(ray.exceptions.RayTaskError, match="eplb.enabled"):
             ray.get(llm.controller.rebalance.remote())
+
+
+@pytest.mark.parametrize("kind", ["qwen2_moe", "glm4_moe"])
+def test_rebalance_keeps_outputs_with_shared_experts_and_grouped_routing(ray_session, tmp_path, kind):
+    """EPLB moves the routed experts only (shared experts stay dense on every rank), also
+    under grouped sigmoid routing with a correction bias: greedy tokens and logits unchanged."""
+    from model_zoo import write_checkpoint
+
+    path = write_checkpoint(kind, tmp_path / kind)
+    config = config_from_dict(
+        {
+            "model": {"path": str(path), "dtype": "float32"},
+            "parallel": {"tp": 1, "dp": 2, "ep": 2},
+            "engine": {"num_kv_blocks": 128},
+            "eplb": {
+                "enabled": True,
+                "num_redundant_experts": 2,
+                "rebalance_every_steps": 10**6,
+                "layers_per_chunk": 1,
+            },
+        }
+    )
+    prompts = [[5, 6, 7, 8], [9] * 20, [300, 301]]
+    with LLM(config, collect_logits=True) as llm:
+        controller = llm.controller
+        before = llm.generate(prompts, SAMPLING)
+        moe_layers = len(ray.get(controller.run_on_ranks.remote(_expert_slots))[0])
+        hot = torch.ones(8)
+        hot[1], hot[6] = 50.0, 30.0
+        ray.get(controller.rebalance.remote((torch.rand(moe_layers, 8) + hot).tolist()))
+        during = llm.generate(prompts, SAMPLING)
+        status = _rebalanced(controller, 1)
+        assert status["layers_total"] > 0 and status["balancedness_after"] > status["balancedness_before"]
+        after = llm.generate(prompts, SAMPLING)
+    for b, d, a in zip(before, during, after):
+        assert b.token_ids == d.token_ids == a.token_ids
+        assert _rel(d.logits, b.logits) < 1e-5 and _rel(a.logits, b.logits) < 1e-5
