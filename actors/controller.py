@@ -33,6 +33,7 @@ from raymoe.actors.rank_group import RankGroup, start_rank_group
 from raymoe.actors.step_executor import RayStepExecutor
 from raymoe.cluster.config import BUILTIN_PREFIX, Config
 from raymoe.cluster.eplb_planner import EplbPlan, plan_with_policy
+from raymoe.cluster.expert_slots import default_expert_slots
 from raymoe.cluster.layout import RankLayout
 
 log = logging.getLogger(__name__)
@@ -315,6 +316,17 @@ class EplbPlannerWorker:
     with the EPLB manager, so that its imports are done before the first rebalance): a plan
     at scale is seconds of Python, which in a thread of the controller would slow its event
     loop, and with it every step."""
+
+    def __init__(self) -> None:
+        # a first plan pays for torch's first calls: pay it now rather than in a rebalance
+        plan_with_policy(
+            torch.ones(1, 4, dtype=torch.float64),
+            default_expert_slots(1, 4, 4),
+            2,
+            policy="auto",
+            nodes=1,
+            bytes_per_expert=1,
+        )
 
     def plan(self, *args: Any, **kwargs: Any) -> EplbPlan:
         return plan_with_policy(*args, **kwargs)
