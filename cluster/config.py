@@ -69,6 +69,8 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     attention_backend: Literal["auto", "torch", "flashinfer"] = "auto"
     cuda_graphs: bool = True
+    # share the KV of full blocks whose tokens (and all before them) equal another request's
+    prefix_caching: bool = True
     # keep one step in flight on the ranks; unset: on GPUs (where the device runs
     # asynchronously to the host), off on CPU (a launch is the whole forward there)
     pipelined_steps: Optional[bool] = None

@@ -1,32 +1,64 @@
-"""Paged KV-cache accounting: which fixed-size cache blocks each request owns (no tensors).
+"""Paged KV-cache accounting: which fixed-size cache blocks each request holds (no tensors),
+with prefix caching.
 
 A request's block table (`req.block_ids`) lists its blocks in sequence order: token at
 position p lives in block `block_ids[p // block_size]`, slot `p % block_size`.
+
+Prefix caching: a full block whose KV has been computed gets a key, a digest of every token
+up to its end (so equal keys mean equal prefixes, whatever the request). A new or resumed
+request starts from the longest run of its leading full blocks that the cache holds, shared
+with whoever else uses them, and computes only the rest; it always
+computes at least its last token, so it never writes a shared block. A released block that
+has a key stays cached until its slot is needed: allocation takes never-keyed free blocks
+first, then evicts the least recently released cached one.
 """
 
 from __future__ import annotations
 
-from raymoe.actors.engine.request import Request
+import collections
+import hashlib
+from typing import Iterator, Sequence
+
+from raymoe.actors.engine.request import PENDING_TOKEN, Request
+
+
+def prefix_keys(token_ids: Sequence[int], block_size: int, num_blocks: int, first: bytes = b"") -> Iterator[bytes]:
+    """Keys of the first ``num_blocks`` full blocks of ``token_ids``, lazily: each a digest of
+    the previous key (``first`` before the first block) and the block's tokens (a
+    cryptographic digest: one user's prompt cannot be made to collide with another's
+    cached blocks)."""
+    previous = first
+    for b in range(num_blocks):
+        block = token_ids[b * block_size : (b + 1) * block_size]
+        previous = hashlib.blake2b(previous + b"".join(t.to_bytes(8, "little") for t in block), digest_size=16).digest()
+        yield previous
 
 
 class BlockManager:
     """Hands out block ids in [0, num_blocks) and takes them back.
 
-    Order is deterministic: free ids form a LIFO stack, so a fresh manager hands out
-    0, 1, 2, ... and the most recently freed block is reused first (its cache lines are
-    the likeliest to still be warm). Every allocated block has exactly one owner; freeing
-    a block twice or a block owned by someone else is an assertion error.
+    Order is deterministic: never-keyed free ids form a LIFO stack, so a fresh manager
+    hands out 0, 1, 2, ... and the most recently freed block is reused first. A block in use
+    has its holders (more than one only for cached prefix blocks); freeing a block a request
+    does not hold is an assertion error.
     """
 
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, *, prefix_caching: bool = False) -> None:
         if num_blocks < 1:
             raise ValueError(f"num_blocks: must be >= 1, got {num_blocks}")
         if block_size < 1:
             raise ValueError(f"block_size: must be >= 1, got {block_size}")
         self._num_blocks = num_blocks
         self._block_size = block_size
-        self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # top of stack = end
-        self._owner: dict[int, str] = {}  # block id -> request id, for allocated blocks only
+        self.prefix_caching = prefix_caching
+        self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # never keyed; top of stack = end
+        self._evictable: collections.OrderedDict[int, None] = collections.OrderedDict()  # keyed, unused; LRU first
+        self._holders: dict[int, set[str]] = {}  # blocks in use -> the requests holding them
+        self._key_of: dict[int, bytes] = {}  # keyed blocks (in use or evictable) -> key
+        self._block_of: dict[bytes, int] = {}  # key -> its block
+        self._keys: dict[str, list[bytes]] = {}  # request id -> keys of its leading keyed blocks
+        self.num_cached_tokens = 0  # prompt tokens served from the cache since start
+        self.num_evictions = 0
 
     @property
     def num_blocks(self) -> int:
@@ -38,12 +70,13 @@ class BlockManager:
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free)
+        """Blocks a request could take now (never keyed, or cached and unused)."""
+        return len(self._free) + len(self._evictable)
 
     @property
     def usage(self) -> float:
         """Fraction of blocks in use, in [0, 1]."""
-        return 1.0 - len(self._free) / self._num_blocks
+        return 1.0 - self.num_free_blocks / self._num_blocks
 
     def blocks_needed(self, req: Request, num_tokens_after: int) -> int:
         """Extra blocks `req` needs so that its cache holds `num_tokens_after` tokens (>= 0)."""
@@ -51,28 +84,103 @@ class BlockManager:
         return max(0, total - len(req.block_ids))
 
     def can_allocate(self, req: Request, num_tokens_after: int) -> bool:
-        return self.blocks_needed(req, num_tokens_after) <= len(self._free)
+        return self.blocks_needed(req, num_tokens_after) <= self.num_free_blocks
 
     def allocate(self, req: Request, num_tokens_after: int) -> None:
         """Append blocks to `req.block_ids` until it covers `num_tokens_after` tokens."""
         need = self.blocks_needed(req, num_tokens_after)
-        if need > len(self._free):
+        if need > self.num_free_blocks:
             raise ValueError(
                 f"num_tokens_after: {req.request_id} needs {need} more blocks for "
-                f"{num_tokens_after} tokens but only {len(self._free)} are free; check can_allocate first"
+                f"{num_tokens_after} tokens but only {self.num_free_blocks} are free; check can_allocate first"
             )
         for _ in range(need):
-            block = self._free.pop()
-            assert block not in self._owner, f"block {block} is both free and owned"
-            self._owner[block] = req.request_id
+            block = self._free.pop() if self._free else self._evict()
+            assert block not in self._holders, f"block {block} is both free and in use"
+            self._holders[block] = {req.request_id}
             req.block_ids.append(block)
 
+    def cached_prefix(self, req: Request) -> list[int]:
+        """The blocks holding the longest cached run of `req`'s leading full blocks (a request
+        holding no blocks), leaving at least its last token to compute."""
+        if not self.prefix_caching or req.block_ids:
+            return []
+        tokens = req.all_token_ids
+        blocks = []
+        for key in prefix_keys(tokens, self._block_size, (len(tokens) - 1) // self._block_size):
+            block = self._block_of.get(key)
+            if block is None:
+                break
+            blocks.append(block)
+        return blocks
+
+    def keys_through(self, req: Request, num_tokens: int) -> list[bytes]:
+        """Keys of `req`'s full blocks within its first `num_tokens` tokens (what computing
+        them will let others share)."""
+        if not self.prefix_caching:
+            return []
+        full = min(num_tokens, req.num_tokens) // self._block_size
+        return list(prefix_keys(req.all_token_ids, self._block_size, full))
+
+    def can_start(self, req: Request, prefix: Sequence[int], num_tokens_after: int) -> bool:
+        """Whether `req` can take `prefix` (from ``cached_prefix``) and blocks up to
+        `num_tokens_after` tokens."""
+        need = -(-num_tokens_after // self._block_size) - len(prefix)
+        return need <= self.num_free_blocks - sum(b in self._evictable for b in prefix)
+
+    def start(self, req: Request, prefix: Sequence[int]) -> None:
+        """Give `req` (holding no blocks) the cached `prefix`: its KV counts as computed."""
+        assert not req.block_ids and req.num_computed_tokens == 0
+        for block in prefix:
+            if block in self._evictable:
+                del self._evictable[block]
+                self._holders[block] = set()
+            self._holders[block].add(req.request_id)
+            req.block_ids.append(block)
+        req.num_computed_tokens = len(prefix) * self._block_size
+        self._keys[req.request_id] = [self._key_of[b] for b in prefix]
+        self.num_cached_tokens += req.num_computed_tokens
+
+    def register_computed(self, req: Request) -> None:
+        """Key `req`'s full blocks whose KV is computed (or queued to be, behind the steps
+        launched so far) and whose tokens are all known, so later requests can share them."""
+        if not self.prefix_caching:
+            return
+        outputs, known = req.output_token_ids, req.num_tokens
+        while known > req.num_prompt_tokens and outputs[known - req.num_prompt_tokens - 1] == PENDING_TOKEN:
+            known -= 1  # pending outputs sit at the end
+        full = min(req.num_computed_tokens, known) // self._block_size
+        keys = self._keys.setdefault(req.request_id, [])
+        if full <= len(keys):
+            return
+        done = len(keys)
+        tokens = req.all_token_ids[done * self._block_size : full * self._block_size]
+        new = prefix_keys(tokens, self._block_size, full - done, first=keys[-1] if keys else b"")
+        for block, key in zip(req.block_ids[done:full], new):
+            keys.append(key)
+            if key not in self._block_of and block not in self._key_of:
+                self._block_of[key], self._key_of[block] = block, key
+
     def free(self, req: Request) -> None:
-        """Return all of `req`'s blocks to the pool and clear its block table."""
-        # Push in reverse so the request's first block is on top and is handed out first.
+        """Release all of `req`'s blocks and clear its block table; keyed ones stay cached."""
+        # Release in reverse so the request's first block is reused first (LIFO / least recent).
         for block in reversed(req.block_ids):
-            owner = self._owner.pop(block, None)
-            assert owner == req.request_id, f"block {block} freed by {req.request_id} but owned by {owner}"
-            self._free.append(block)
+            holders = self._holders.get(block, set())
+            assert req.request_id in holders, f"block {block} freed by {req.request_id}, which does not hold it"
+            holders.remove(req.request_id)
+            if holders:
+                continue
+            del self._holders[block]
+            if block in self._key_of:
+                self._evictable[block] = None
+            else:
+                self._free.append(block)
         req.block_ids.clear()
-        assert len(self._free) + len(self._owner) == self._num_blocks
+        self._keys.pop(req.request_id, None)
+        assert len(self._free) + len(self._evictable) + len(self._holders) == self._num_blocks
+
+    def _evict(self) -> int:
+        block, _ = self._evictable.popitem(last=False)
+        del self._block_of[self._key_of.pop(block)]
+        self.num_evictions += 1
+        return block

@@ -67,7 +67,10 @@ def build_engine_core(
     eng = config.engine
     schedulers = [
         Scheduler(
-            BlockManager(num_blocks, eng.block_size), eng.max_num_seqs, eng.max_num_batched_tokens, model.max_model_len
+            BlockManager(num_blocks, eng.block_size, prefix_caching=eng.prefix_caching),
+            eng.max_num_seqs,
+            eng.max_num_batched_tokens,
+            model.max_model_len,
         )
         for _ in range(config.parallel.dp)
     ]

@@ -12,6 +12,7 @@ passed in.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import random
 from typing import Iterable, Optional, Protocol, Sequence
@@ -22,6 +23,8 @@ from raymoe.actors.engine.messages import Finish
 from raymoe.actors.engine.request import Request, SamplingParams
 from raymoe.actors.engine.scheduler import Scheduler
 from raymoe.actors.engine.step import StepBuilder, StepInFlight, StepInput, StepOutput
+
+_MAX_ROUTED_PREFIXES = 1 << 18  # block keys remembered for routing (~16 MiB)
 
 
 class Executor(Protocol):
@@ -54,6 +57,8 @@ class EngineCore:
         self.num_steps = 0
         self.num_preemptions = 0
         self._builder = StepBuilder(len(self.schedulers), self.block_size, collect_logits)
+        # DP routing by prefix: block key -> the replica the last request with that prefix went to
+        self._prefix_replica: collections.OrderedDict[bytes, int] = collections.OrderedDict()
 
     @property
     def has_unfinished(self) -> bool:
@@ -74,9 +79,15 @@ class EngineCore:
             arrival=next(self._arrivals),
             eos_token_ids=frozenset() if sampling.ignore_eos else self.eos_token_ids,
         )
-        replica = min(range(len(self.schedulers)), key=lambda i: self._load(i))
+        keys = self._prompt_keys(req)
+        replica = self._route(keys)
         self.schedulers[replica].add(req)  # validates lengths against max_model_len and the cache
         self._replica[request_id] = replica
+        for key in keys:
+            self._prefix_replica[key] = replica
+            self._prefix_replica.move_to_end(key)
+        while len(self._prefix_replica) > _MAX_ROUTED_PREFIXES:
+            self._prefix_replica.popitem(last=False)
 
     def abort(self, request_id: str) -> bool:
         """Drop a live request and free its blocks; False if it is not live."""
@@ -97,9 +108,10 @@ class EngineCore:
     def replace_cache(self, num_blocks: int) -> list[str]:
         """The ranks restarted with ``num_blocks`` KV blocks per replica: fresh block managers
         and step bookkeeping. Returns the queued requests too long for the new cache (dropped)."""
-        too_long = [
-            rid for sched in self.schedulers for rid in sched.replace_cache(BlockManager(num_blocks, self.block_size))
-        ]
+        caching = self.schedulers[0].block_manager.prefix_caching
+        new_cache = lambda: BlockManager(num_blocks, self.block_size, prefix_caching=caching)  # noqa: E731
+        too_long = [rid for sched in self.schedulers for rid in sched.replace_cache(new_cache())]
+        self._prefix_replica.clear()
         for rid in too_long:
             del self._replica[rid]
         self._builder = StepBuilder(len(self.schedulers), self.block_size, self.collect_logits)
@@ -149,6 +161,23 @@ class EngineCore:
         sched.finish(req.request_id, finish.reason)
         del self._replica[req.request_id]
         return finish
+
+    def _prompt_keys(self, req: Request) -> list[bytes]:
+        bm = self.schedulers[0].block_manager
+        if len(self.schedulers) == 1 or not bm.prefix_caching:
+            return []
+        return bm.keys_through(req, req.num_prompt_tokens - 1)
+
+    def _route(self, keys: Sequence[bytes]) -> int:
+        """The replica that got the longest prefix of these prompt block keys, unless it holds a
+        full batch (max_num_seqs) more requests than the least loaded one; else the least loaded."""
+        least = min(range(len(self.schedulers)), key=self._load)
+        for key in reversed(keys):
+            replica = self._prefix_replica.get(key)
+            if replica is not None:
+                slack = self.schedulers[replica].max_num_seqs
+                return replica if self._load(replica) <= self._load(least) + slack else least
+        return least
 
     def _load(self, replica: int) -> int:
         s = self.schedulers[replica]

@@ -147,6 +147,8 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         """Pick this step's chunks and reserve their blocks (see the module docstring)."""
+        for req in self._running:  # blocks computed by the steps launched so far become shareable
+            self.block_manager.register_computed(req)
         chunks: list[ScheduledChunk] = []
         preempted: list[str] = []
         budget = self._schedule_running(chunks, preempted)
@@ -227,18 +229,24 @@ class Scheduler:
     def _admit_waiting(self, chunks: list[ScheduledChunk], budget: int) -> None:
         bm = self.block_manager
         head: Optional[Request] = None  # the oldest waiting request that does not fit (see the module docstring)
+        computing: set[bytes] = set()  # keys of the blocks that requests admitted this step fill
         i = 0
         while i < len(self._waiting) and budget > 0 and len(chunks) < self.max_num_seqs:
             # Budget and seq slots left means every running request got a chunk this step
             # (but those whose pending token ends them, which leave once it arrives).
             assert len(self._running) == len(chunks) + sum(map(self._ends_by_length, self._running))
             req = self._waiting[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            prefix = bm.cached_prefix(req)
+            cached = len(prefix) * bm.block_size
+            if computing and self._next_block_is_computing(req, cached, computing):
+                i += 1  # wait a step and share that block instead of computing it twice
+                continue
+            n = min(req.num_tokens - cached, budget)
             if head is None:
-                fits = bm.can_allocate(req, req.num_computed_tokens + n)
+                fits = bm.can_start(req, prefix, cached + n)
             else:  # overtaking the head: only with room for all it can ever need
                 most = max_cached_tokens(req.num_prompt_tokens, req.sampling.max_tokens)
-                fits = bm.blocks_needed(req, most) <= bm.num_free_blocks
+                fits = bm.can_start(req, prefix, most)
             if not fits:
                 if head is None:
                     head = req
@@ -246,7 +254,8 @@ class Scheduler:
                         break  # it has waited enough: nobody else starts before it
                 i += 1
                 continue
-            self._admit(i, req, n, chunks)
+            self._admit(i, req, prefix, n, chunks)
+            computing.update(bm.keys_through(req, req.num_computed_tokens + n))
             budget -= n
             if head is not None:
                 req.overtook = True
@@ -254,8 +263,17 @@ class Scheduler:
                 if head.num_overtaken >= MAX_OVERTAKES:
                     break
 
-    def _admit(self, index: int, req: Request, n: int, chunks: list[ScheduledChunk]) -> None:
-        """Start waiting request ``index`` with a chunk of ``n`` tokens."""
+    def _next_block_is_computing(self, req: Request, cached: int, computing: set[bytes]) -> bool:
+        """Whether the block after `req`'s cached prefix is one a request admitted this step fills."""
+        bs = self.block_manager.block_size
+        if cached + bs > req.num_tokens - 1:  # no further full block it could share
+            return False
+        return self.block_manager.keys_through(req, cached + bs)[-1] in computing
+
+    def _admit(self, index: int, req: Request, prefix: list[int], n: int, chunks: list[ScheduledChunk]) -> None:
+        """Start waiting request ``index`` from its cached ``prefix`` with a chunk of ``n`` tokens."""
+        if prefix:
+            self.block_manager.start(req, prefix)
         self.block_manager.allocate(req, req.num_computed_tokens + n)
         self._waiting.pop(index)
         req.status = RequestStatus.RUNNING
