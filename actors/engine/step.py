@@ -167,7 +167,7 @@ def pack_step(
 
 
 def _logprobs_column(chunks: Sequence[ScheduledChunk]) -> Optional[np.ndarray]:
-    asked = [-1 if c.sampling.logprobs is None else c.sampling.logprobs for c in chunks]
+    asked = [-1 if c.sampling.logprobs is None or not c.sample else c.sampling.logprobs for c in chunks]
     return np.array(asked, dtype=np.int64) if any(k >= 0 for k in asked) else None
 
 
