@@ -27,7 +27,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Protocol, 
 import jinja2
 import ray
 
-from raymoe.actors.engine.messages import Finish, ModelInfo, NewRequest, OutputBatch, Rejection, RejectKind
+from raymoe.actors.engine.messages import Entry, Finish, ModelInfo, NewRequest, OutputBatch, Rejection, RejectKind
 from raymoe.actors.engine.output_text import Delta, OutputText
 from raymoe.actors.engine.request import SamplingParams
 from raymoe.actors.engine.tokenizer import Tokenizer, encode_prompt
@@ -119,16 +119,21 @@ class RequestStream:
         self.received = False  # any output came back (if not, a lost engine's request can be sent again)
         self._tokens: list[int] = []
         self._logits: list[Any] = []
+        self._logprobs: list[Any] = []
+        self._prompt_logprobs: Optional[list] = None
         self._finish = Finish.RUNNING
         self._error: Optional[BaseException] = None
         self._ready = asyncio.Event()
 
-    def push(self, tokens: list[int], finish: Finish, logits: Optional[list[Any]]) -> None:
+    def push(self, entry: Entry) -> None:
         self.received = True
-        self._tokens.extend(tokens)
-        if logits:
-            self._logits.extend(logits)
-        self._finish = finish
+        self._tokens.extend(entry.token_ids)
+        if entry.logits:
+            self._logits.extend(entry.logits)
+        self._logprobs.extend(entry.logprobs)
+        if entry.prompt_logprobs is not None:
+            self._prompt_logprobs = entry.prompt_logprobs
+        self._finish = entry.finish
         self._ready.set()
 
     def fail(self, error: BaseException) -> None:
@@ -148,7 +153,9 @@ class RequestStream:
                 continue
             tokens, self._tokens = self._tokens, []
             logits, self._logits = self._logits, []
-            delta = self.text.add(tokens, self._finish, logits)
+            logprobs, self._logprobs = self._logprobs, []
+            delta = self.text.add(tokens, self._finish, logits, logprobs)
+            delta.prompt_logprobs, self._prompt_logprobs = self._prompt_logprobs, None
             if self.text.needs_abort:  # a stop string: the engine is still running it
                 self.client.abort(self.seq)
             if delta.token_ids or delta.text or delta.finished:
@@ -325,16 +332,16 @@ class EngineClient:
             self._dispatch(batch)
 
     def _dispatch(self, batch: OutputBatch) -> None:
-        for seq, tokens, finish, logits in batch.entries():
-            stream = self._streams.get(seq)
+        for entry in batch.entries():
+            stream = self._streams.get(entry.seq)
             if stream is None:
                 continue  # aborted here since
-            if finish == Finish.FAILED:
+            if entry.finish == Finish.FAILED:
                 stream.fail(RequestRejected(RejectKind.ENGINE_FAILED, batch.failure or "the engine failed; retry"))
             else:
-                stream.push(tokens, finish, logits)
-            if finish != Finish.RUNNING:
-                del self._streams[seq]
+                stream.push(entry)
+            if entry.finish != Finish.RUNNING:
+                del self._streams[entry.seq]
         if batch.error is not None:
             self._fail_all(RequestRejected(RejectKind.ENGINE_FAILED, batch.error))
 

@@ -4,9 +4,10 @@ and the shapes of responses and stream chunks.
 Pure (no Ray, no FastAPI), so every rule here is unit-tested without a server. Every
 user mistake becomes an ``APIError`` (HTTP 4xx with OpenAI's error body), never a 500:
 unknown fields are rejected as OpenAI rejects them, OpenAI features raymoe does not
-implement (n > 1, logprobs, penalties, tools...) are rejected by name rather than
+implement (n > 1, tools, structured output...) are rejected by name rather than
 silently ignored. Extensions, with vLLM's names: ``top_k``, ``ignore_eos``,
-``stop_token_ids`` and, for chat, ``chat_template_kwargs``.
+``stop_token_ids``, ``repetition_penalty``, ``min_tokens`` and, for chat,
+``chat_template_kwargs``.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from raymoe.actors.engine.request import SamplingParams
+from raymoe.actors.engine.request import MAX_LOGPROBS, SamplingParams
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_TEMPERATURE = 2.0
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions
 
 
 class APIError(Exception):
@@ -76,6 +78,8 @@ class _Common(_Strict):
     top_k: Optional[int] = None
     ignore_eos: Optional[bool] = None
     stop_token_ids: Optional[list[int]] = None
+    repetition_penalty: Optional[float] = None
+    min_tokens: Optional[int] = None
 
 
 class CompletionRequest(_Common):
@@ -126,12 +130,17 @@ _UNION_HELP = {
 _TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "ContentPart", "StreamOptions", "ChatMessage"}
 
 
-def parse_request(model: type[BaseModel], body: bytes) -> Any:
+def parse_body(model: type[BaseModel], body: bytes) -> Any:
     """Validate a raw JSON body into ``model``; APIError 400 naming the bad field."""
     try:
-        req = model.model_validate_json(body)
+        return model.model_validate_json(body)
     except ValidationError as e:
         raise _validation_error(e) from None
+
+
+def parse_request(model: type[BaseModel], body: bytes) -> Any:
+    """Validate a completion or chat request: its shape, then its values; APIError 400 naming the bad field."""
+    req = parse_body(model, body)
     _reject_unsupported(req)
     if req.temperature is not None and req.temperature > MAX_TEMPERATURE:
         raise bad_request(
@@ -139,8 +148,24 @@ def parse_request(model: type[BaseModel], body: bytes) -> Any:
             "temperature",
             "invalid_value",
         )
-    sampling_params(req, 1)  # every sampling field checked now, before the prompt is tokenised
+    _check_logprobs(req)
+    # every sampling field checked now, before the prompt is tokenised
+    sampling_params(req, max(1, req.min_tokens or 0))
     return req
+
+
+def _check_logprobs(req: Any) -> None:
+    if isinstance(req, CompletionRequest):
+        if req.logprobs is not None and not 0 <= req.logprobs <= MAX_COMPLETION_LOGPROBS:
+            message = f"logprobs: must be an integer in [0, {MAX_COMPLETION_LOGPROBS}], got {req.logprobs}"
+            raise bad_request(message, "logprobs", "invalid_value")
+        return
+    if req.top_logprobs is not None:
+        if not 0 <= req.top_logprobs <= MAX_LOGPROBS:
+            message = f"top_logprobs: must be an integer in [0, {MAX_LOGPROBS}], got {req.top_logprobs}"
+            raise bad_request(message, "top_logprobs", "invalid_value")
+        if not req.logprobs:
+            raise bad_request("top_logprobs: needs logprobs=true", "top_logprobs", "invalid_value")
 
 
 def _validation_error(e: ValidationError) -> APIError:
@@ -172,9 +197,6 @@ def _reject_unsupported(req: Any) -> None:
     """OpenAI features raymoe does not implement: a clear 400 rather than a silent ignore."""
     checks: list[tuple[str, bool, str]] = [
         ("n", req.n not in (None, 1), "only n=1 is supported; send separate requests for more choices"),
-        ("presence_penalty", bool(req.presence_penalty), "presence_penalty is not supported (use 0)"),
-        ("frequency_penalty", bool(req.frequency_penalty), "frequency_penalty is not supported (use 0)"),
-        ("logit_bias", bool(req.logit_bias), "logit_bias is not supported"),
         (
             "stream_options",
             req.stream_options is not None and not req.stream,
@@ -184,15 +206,11 @@ def _reject_unsupported(req: Any) -> None:
     if isinstance(req, CompletionRequest):
         checks += [
             ("best_of", req.best_of not in (None, 1), "only best_of=1 is supported"),
-            ("echo", bool(req.echo), "echo is not supported"),
-            ("logprobs", req.logprobs is not None, "logprobs are not supported"),
             ("suffix", bool(req.suffix), "suffix is not supported"),
         ]
     else:
         fmt = (req.response_format or {}).get("type", "text")
         checks += [
-            ("logprobs", bool(req.logprobs), "logprobs are not supported"),
-            ("top_logprobs", req.top_logprobs is not None, "top_logprobs are not supported"),
             ("response_format", fmt != "text", f"response_format {fmt!r} is not supported (only 'text')"),
             ("tools", bool(req.tools), "tool calling is not supported"),
             ("tool_choice", req.tool_choice not in (None, "none", "auto"), "tool calling is not supported"),
@@ -272,6 +290,10 @@ def resolve_max_tokens(
 
 def sampling_params(req: Any, max_tokens: int) -> SamplingParams:
     """Engine sampling parameters; a bad value is an APIError naming the field."""
+    if isinstance(req, CompletionRequest):
+        logprobs, prompt_logprobs = req.logprobs, req.logprobs if req.echo else None
+    else:
+        logprobs, prompt_logprobs = (req.top_logprobs or 0) if req.logprobs else None, None
     fields = {
         "max_tokens": max_tokens,
         "temperature": req.temperature,
@@ -281,12 +303,30 @@ def sampling_params(req: Any, max_tokens: int) -> SamplingParams:
         "stop": req.stop,
         "stop_token_ids": req.stop_token_ids,
         "ignore_eos": req.ignore_eos,
+        "presence_penalty": req.presence_penalty,
+        "frequency_penalty": req.frequency_penalty,
+        "repetition_penalty": req.repetition_penalty,
+        "min_tokens": req.min_tokens,
+        "logit_bias": _logit_bias(req.logit_bias),
+        "logprobs": logprobs,
+        "prompt_logprobs": prompt_logprobs,
     }
     try:
         return SamplingParams.create(**{k: v for k, v in fields.items() if v is not None})
     except ValueError as e:
         field, _, _ = str(e).partition(":")
         raise bad_request(str(e), field if field in fields else None, "invalid_value") from None
+
+
+def _logit_bias(bias: Optional[dict[str, float]]) -> Optional[dict[int, float]]:
+    if not bias:
+        return None
+    out = {}
+    for key, value in bias.items():
+        if not key.isdigit():
+            raise bad_request(f"logit_bias: keys must be token ids, got {key!r}", "logit_bias", "invalid_value")
+        out[int(key)] = value
+    return out
 
 
 # ---- responses ----------------------------------------------------------------------------
@@ -301,14 +341,14 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 def completion_response(rid: str, created: int, model: str, *, choices: list[dict], use: dict) -> dict[str, Any]:
-    """``choices``: [{"text", "finish_reason"}] in prompt order."""
+    """``choices``: [{"text", "finish_reason", "logprobs"}] in prompt order."""
     return {
         "id": rid,
         "object": "text_completion",
         "created": created,
         "model": model,
         "choices": [
-            {"index": i, "text": c["text"], "logprobs": None, "finish_reason": c["finish_reason"]}
+            {"index": i, "text": c["text"], "logprobs": c.get("logprobs"), "finish_reason": c["finish_reason"]}
             for i, c in enumerate(choices)
         ],
         "usage": use,
@@ -325,7 +365,7 @@ def chat_response(rid: str, created: int, model: str, *, choices: list[dict], us
             {
                 "index": i,
                 "message": {"role": "assistant", "content": c["text"]},
-                "logprobs": None,
+                "logprobs": c.get("logprobs"),
                 "finish_reason": c["finish_reason"],
             }
             for i, c in enumerate(choices)
@@ -342,16 +382,32 @@ def _stream_chunk(rid: str, created: int, model: str, *, obj: str, choice: dict,
 
 
 def completion_chunk(
-    rid: str, created: int, model: str, *, index: int, text: str, finish: Optional[str], with_usage: bool
+    rid: str,
+    created: int,
+    model: str,
+    *,
+    index: int,
+    text: str,
+    finish: Optional[str],
+    with_usage: bool,
+    logprobs: Optional[dict] = None,
 ) -> dict:
-    choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+    choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
     return _stream_chunk(rid, created, model, obj="text_completion", choice=choice, with_usage=with_usage)
 
 
 def chat_chunk(
-    rid: str, created: int, model: str, *, index: int, delta: dict, finish: Optional[str], with_usage: bool
+    rid: str,
+    created: int,
+    model: str,
+    *,
+    index: int,
+    delta: dict,
+    finish: Optional[str],
+    with_usage: bool,
+    logprobs: Optional[dict] = None,
 ) -> dict:
-    choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+    choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
     return _stream_chunk(rid, created, model, obj="chat.completion.chunk", choice=choice, with_usage=with_usage)
 
 

@@ -45,6 +45,8 @@ from raymoe.deploy.openai_api import (
     usage,
     usage_chunk,
 )
+from raymoe.deploy.openai_logprobs import chat_logprobs, completion_logprobs
+from raymoe.deploy.openai_tokenize import detokenize, tokenize
 
 Outputs = AsyncIterator[tuple[int, Delta]]
 
@@ -55,6 +57,8 @@ class _Progress:
 
     def __init__(self, n: int, num_prompt_tokens: int, t0: float, metrics: ServeMetrics) -> None:
         self.texts = [""] * n
+        self.logprobs: list[list] = [[] for _ in range(n)]
+        self.prompt_logprobs: list[Optional[list]] = [None] * n
         self.finish: list[Optional[str]] = [None] * n
         self.last: list[Optional[float]] = [None] * n
         self.prompt_tokens = num_prompt_tokens
@@ -75,6 +79,9 @@ class _Progress:
             self.completion_tokens += len(out.token_ids)
             self.metrics.completion_tokens.inc(len(out.token_ids))
         self.texts[i] += out.text
+        self.logprobs[i] += out.logprobs
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs[i] = out.prompt_logprobs
         if out.finished:
             self.finish[i] = out.finish_reason
             if all(f is not None for f in self.finish):
@@ -82,6 +89,14 @@ class _Progress:
 
     def usage(self) -> dict[str, int]:
         return usage(self.prompt_tokens, self.completion_tokens)
+
+
+class _Echo:
+    """What a completion request echoes: each prompt's text and token ids (echo), and whether
+    its output is dropped (echo with max_tokens 0: the prompt's logprobs alone)."""
+
+    def __init__(self, texts: list[str], ids: list[list[int]], drop_output: bool) -> None:
+        self.texts, self.ids, self.drop_output = texts, ids, drop_output
 
 
 class OpenAIServer:
@@ -131,11 +146,19 @@ class OpenAIServer:
         t0 = time.perf_counter()
         req = parse_request(CompletionRequest, body)
         self._check_model(req.model)
-        ids = [await self.client.tokenize(p) for p in completion_prompts(req)]
+        prompts = completion_prompts(req)
+        ids = [await self.client.tokenize(p) for p in prompts]
         limits = dict(limit=self.client.info.token_limit, default=DEFAULT_COMPLETION_MAX_TOKENS)
         limits.update(param="max_tokens", prompt_param="prompt")
-        params = [sampling_params(req, resolve_max_tokens(req.max_tokens, len(x), **limits)) for x in ids]
-        return await self._run(req, chat=False, rid=f"cmpl-{uuid.uuid4().hex}", ids=ids, params=params, t0=t0)
+        drop_output = bool(req.echo) and req.max_tokens == 0  # the prompt's logprobs alone (lm-eval)
+        max_tokens = 1 if drop_output else req.max_tokens
+        params = [sampling_params(req, resolve_max_tokens(max_tokens, len(x), **limits)) for x in ids]
+        echo = None
+        if req.echo:
+            texts = [p if isinstance(p, str) else self.client.tokenizer.decode(p, False) for p in prompts]
+            echo = _Echo(texts, ids, drop_output)
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        return await self._run(req, chat=False, rid=rid, ids=ids, params=params, t0=t0, echo=echo)
 
     async def chat(self, body: bytes) -> Any:
         """POST /v1/chat/completions: a dict (JSON) or an async iterator of SSE bytes."""
@@ -150,6 +173,18 @@ class OpenAIServer:
         )
         params = [sampling_params(req, limit)]
         return await self._run(req, chat=True, rid=f"chatcmpl-{uuid.uuid4().hex}", ids=[ids], params=params, t0=t0)
+
+    async def tokenize(self, body: bytes) -> dict[str, Any]:
+        """POST /tokenize (vLLM's shape)."""
+        model, response = await tokenize(self.client, body)
+        self._check_model(model)
+        return response
+
+    async def detokenize(self, body: bytes) -> dict[str, Any]:
+        """POST /detokenize (vLLM's shape)."""
+        model, response = detokenize(self.client, body)
+        self._check_model(model)
+        return response
 
     async def stats(self) -> EngineStats:
         return await self.controller.stats.remote()
@@ -180,7 +215,33 @@ class OpenAIServer:
 
     # ---- streams -> responses ------------------------------------------------------------------
 
-    async def _run(self, req: Any, *, chat: bool, rid: str, ids: list[list[int]], params: list, t0: float) -> Any:
+    def token_text(self, token_id: int) -> str:
+        return self.client.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def _completion_choice(self, i: int, text: str, logprobs: list, prompt: Optional[list], echo: Optional[_Echo]):
+        """(text, logprobs object or None) of completion choice ``i`` (``logprobs``: its output's)."""
+        token_ids = [lp.token_id for lp in logprobs]
+        if echo is not None and echo.drop_output:
+            text, token_ids, logprobs = "", [], []
+        offset = 0
+        if echo is not None:
+            offset = len(echo.texts[i])
+            text = echo.texts[i] + text
+            if prompt is not None:
+                token_ids, logprobs, offset = echo.ids[i] + token_ids, prompt + logprobs, 0
+        return text, completion_logprobs(token_ids, logprobs, self.token_text, offset)
+
+    async def _run(
+        self,
+        req: Any,
+        *,
+        chat: bool,
+        rid: str,
+        ids: list[list[int]],
+        params: list,
+        t0: float,
+        echo: Optional[_Echo] = None,
+    ) -> Any:
         progress = _Progress(len(ids), sum(map(len, ids)), t0, self.metrics)
         self.metrics.prompt_tokens.inc(progress.prompt_tokens)
         outputs = merge([self.client.stream(x, p) for x, p in zip(ids, params)])
@@ -192,7 +253,16 @@ class OpenAIServer:
             if req.stream:
                 include_usage = bool(req.stream_options and req.stream_options.include_usage)
                 done = False  # the event stream owns the outputs from here
-                return self._events(outputs, first, chat=chat, rid=rid, progress=progress, include_usage=include_usage)
+                return self._events(
+                    outputs,
+                    first,
+                    chat=chat,
+                    rid=rid,
+                    progress=progress,
+                    include_usage=include_usage,
+                    logprobs=params[0].logprobs is not None,
+                    echo=echo,
+                )
             async for i, out in outputs:
                 progress.add(i, out)
         except StopAsyncIteration:
@@ -201,8 +271,18 @@ class OpenAIServer:
             if done:
                 await outputs.aclose()
                 self.metrics.in_flight.dec()
+        asked = params[0].logprobs is not None
+        choices = []
+        for i, (text, finish) in enumerate(zip(progress.texts, progress.finish)):
+            if chat:
+                lps = chat_logprobs(progress.logprobs[i], self.token_text) if asked else None
+            else:
+                text, lps = self._completion_choice(i, text, progress.logprobs[i], progress.prompt_logprobs[i], echo)
+                lps = lps if asked else None
+            choices.append({"text": text, "finish_reason": finish, "logprobs": lps})
+        if echo is not None and echo.drop_output:
+            progress.completion_tokens = 0
         build = chat_response if chat else completion_response
-        choices = [{"text": t, "finish_reason": f} for t, f in zip(progress.texts, progress.finish)]
         return build(rid, int(time.time()), self.model_name, choices=choices, use=progress.usage())
 
     async def _events(
@@ -214,6 +294,8 @@ class OpenAIServer:
         rid: str,
         progress: _Progress,
         include_usage: bool,
+        logprobs: bool,
+        echo: Optional[_Echo],
     ) -> AsyncIterator[bytes]:
         """SSE bytes: one chunk per delta as it arrives, then usage (if asked) and [DONE]."""
         created, model = int(time.time()), self.model_name
@@ -224,25 +306,40 @@ class OpenAIServer:
                 while item is not None:
                     i, out = item
                     if not chat:
+                        text, lps = out.text, out.logprobs
+                        if echo is not None and echo.drop_output:
+                            text, lps = "", []
+                        prompt = echo if echo is not None and not started[i] else None
+                        text, lp_obj = self._completion_choice(i, text, lps, out.prompt_logprobs, prompt)
                         chunk = completion_chunk(
                             rid,
                             created,
                             model,
                             index=i,
-                            text=out.text,
+                            text=text,
                             finish=out.finish_reason,
                             with_usage=include_usage,
+                            logprobs=lp_obj if logprobs else None,
                         )
                         yield sse(chunk)
                     else:
+                        lp_obj = chat_logprobs(out.logprobs, self.token_text) if logprobs else None
                         yield self._chat_events(
-                            out, rid=rid, created=created, i=i, first=not started[i], with_usage=include_usage
+                            out,
+                            rid=rid,
+                            created=created,
+                            i=i,
+                            first=not started[i],
+                            with_usage=include_usage,
+                            logprobs=lp_obj,
                         )
-                        started[i] = True
+                    started[i] = True
                     item = await anext(outputs, None)
                     if item is not None:
                         progress.add(*item)
             if include_usage:
+                if echo is not None and echo.drop_output:
+                    progress.completion_tokens = 0
                 obj = "chat.completion.chunk" if chat else "text_completion"
                 yield sse(usage_chunk(rid, created, model, obj=obj, use=progress.usage()))
             yield SSE_DONE
@@ -251,17 +348,32 @@ class OpenAIServer:
         finally:
             self.metrics.in_flight.dec()
 
-    def _chat_events(self, out: Delta, *, rid: str, created: int, i: int, first: bool, with_usage: bool) -> bytes:
-        """A chat delta as SSE: the role comes first, the finish reason in a chunk of its own."""
+    def _chat_events(
+        self,
+        out: Delta,
+        *,
+        rid: str,
+        created: int,
+        i: int,
+        first: bool,
+        with_usage: bool,
+        logprobs: Optional[dict],
+    ) -> bytes:
+        """A chat delta as SSE: the role comes first, the finish reason in a chunk of its own
+        (the delta's logprobs go with its content)."""
         model, events = self.model_name, []
 
-        def chunk(delta: dict, finish: Optional[str]) -> bytes:
-            return sse(chat_chunk(rid, created, model, index=i, delta=delta, finish=finish, with_usage=with_usage))
+        def chunk(delta: dict, finish: Optional[str], lps: Optional[dict] = None) -> bytes:
+            return sse(
+                chat_chunk(
+                    rid, created, model, index=i, delta=delta, finish=finish, with_usage=with_usage, logprobs=lps
+                )
+            )
 
         if first:
             events.append(chunk({"role": "assistant", "content": ""}, None))
-        if out.text or not out.finished:
-            events.append(chunk({"content": out.text}, None))
+        if out.text or not out.finished or (logprobs and logprobs["content"]):
+            events.append(chunk({"content": out.text}, None, logprobs))
         if out.finished:
             events.append(chunk({}, out.finish_reason))
         return b"".join(events)

@@ -124,6 +124,14 @@ def build_fastapi_app(server: OpenAIServer) -> FastAPI:
     async def chat(request: Request) -> Response:
         return await run("chat", request, server.chat)
 
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        return await run("tokenize", request, server.tokenize)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> Response:
+        return await run("detokenize", request, server.detokenize)
+
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
         return await run("models", request, lambda body: _value(server.models()))

@@ -17,6 +17,8 @@ import itertools
 import random
 from typing import Iterable, Optional, Protocol, Sequence
 
+import numpy as np
+
 from raymoe.actors.engine.block_manager import BlockManager
 from raymoe.actors.engine.delivery import TokenOutput
 from raymoe.actors.engine.messages import Finish
@@ -71,6 +73,9 @@ class EngineCore:
         bad = next((t for t in prompt_token_ids if not (isinstance(t, int) and 0 <= t < self.vocab_size)), None)
         if bad is not None:
             raise ValueError(f"prompt_token_ids: token id {bad!r} is outside the vocabulary [0, {self.vocab_size})")
+        bad = next((t for t, _ in sampling.logit_bias if t >= self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"logit_bias: token id {bad} is outside the vocabulary [0, {self.vocab_size})")
         req = Request(
             request_id=request_id,
             prompt_token_ids=list(prompt_token_ids),
@@ -141,12 +146,35 @@ class EngineCore:
         """Second half: the ranks' sampled tokens replace the pending ones; token stop checks."""
         self.num_steps += 1
         outputs = []
-        for sched, pending, result in zip(self.schedulers, planned.pending, results):
+        for replica, (sched, pending, result) in enumerate(zip(self.schedulers, planned.pending, results)):
+            if planned.prompt_logprobs is not None:
+                self._gather_prompt_logprobs(sched, planned.prompt_logprobs[replica], result)
+            step = planned.inputs[replica]
+            # sampled row -> its row of result.logprobs
+            logprob_rows = {}
+            if step.logprobs is not None:
+                logprob_rows = {int(r): i for i, r in enumerate(np.flatnonzero(step.logprobs[step.sample] >= 0))}
             for req, index, row in sched.fill(pending, result.tokens.tolist()):
                 finish = self._finish_after(sched, req, index)
-                logits = result.logits[row] if result.logits is not None else None
-                outputs.append(TokenOutput(req.request_id, req.output_token_ids[index], finish, logits))
+                out = TokenOutput(req.request_id, req.output_token_ids[index], finish)
+                if result.logits is not None:
+                    out.logits = result.logits[row]
+                if row in logprob_rows:
+                    out.logprob = result.logprobs.entry(logprob_rows[row], req.sampling.logprobs)
+                if index == 0 and req.sampling.prompt_logprobs is not None:
+                    out.prompt_logprobs, req.prompt_logprobs = [None] + req.prompt_logprobs, []
+                outputs.append(out)
         return outputs
+
+    def _gather_prompt_logprobs(self, sched: Scheduler, chunks: list[tuple[str, int]], result: StepOutput) -> None:
+        """Keep each live request's prompt logprobs until its first output token goes out."""
+        start = 0
+        for request_id, rows in chunks:
+            req = sched.live_request(request_id)
+            if req is not None:
+                k = req.sampling.prompt_logprobs
+                req.prompt_logprobs += [result.prompt_logprobs.entry(start + j, k) for j in range(rows)]
+            start += rows
 
     def _finish_after(self, sched: Scheduler, req: Request, index: int) -> Finish:
         """Stop checks for output ``index`` of ``req`` (later outputs may still be pending);

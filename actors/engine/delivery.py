@@ -19,7 +19,7 @@ from typing import Any, Iterable, Optional
 
 import numpy as np
 
-from raymoe.actors.engine.messages import Finish, OutputBatch, empty_batch
+from raymoe.actors.engine.messages import Finish, Logprob, OutputBatch, empty_batch
 
 
 @dataclass(slots=True)
@@ -30,6 +30,8 @@ class TokenOutput:
     token: int
     finish: Finish
     logits: Any = None  # this token's logits row [vocab], when the engine collects logits
+    logprob: Optional[Logprob] = None  # when the request asks for logprobs
+    prompt_logprobs: Optional[list] = None  # with a first token, when the request asks for them
 
 
 class _Outbox:
@@ -39,6 +41,8 @@ class _Outbox:
         self.tokens: list[int] = []
         self.finish: list[int] = []
         self.logits: Optional[list[Any]] = [] if with_logits else None
+        self.logprobs: dict[int, Logprob] = {}  # index into tokens -> its logprobs
+        self.prompt_logprobs: dict[int, list] = {}  # entry index -> prompt logprobs
         self.error: Optional[str] = None
         self.failure: Optional[str] = None
         self.ready = asyncio.Event()
@@ -46,7 +50,19 @@ class _Outbox:
         self.last_poll = time.monotonic()
         self.requests: set[str] = set()  # live request ids
 
-    def add(self, seq: int, tokens: list[int], finish: Finish, logits: Optional[list[Any]]) -> None:
+    def add(
+        self,
+        seq: int,
+        tokens: list[int],
+        finish: Finish,
+        logits: Optional[list[Any]],
+        logprob: Optional[Logprob] = None,
+        prompt_logprobs: Optional[list] = None,
+    ) -> None:
+        if logprob is not None:
+            self.logprobs[len(self.tokens)] = logprob  # a logprob comes with one token
+        if prompt_logprobs is not None:
+            self.prompt_logprobs[len(self.seqs)] = prompt_logprobs
         self.seqs.append(seq)
         self.num_tokens.append(len(tokens))
         self.tokens.extend(tokens)
@@ -66,8 +82,14 @@ class _Outbox:
             logits=self.logits,
             error=self.error,
             failure=self.failure,
+            logprobs=self.logprobs or None,
+            prompt_logprobs=self.prompt_logprobs or None,
         )
         self.seqs, self.num_tokens, self.tokens, self.finish = [], [], [], []
+        if self.logprobs:
+            self.logprobs = {}
+        if self.prompt_logprobs:
+            self.prompt_logprobs = {}
         self.failure = None
         if self.logits is not None:
             self.logits = []
@@ -108,7 +130,8 @@ class OutputRouter:
             if entry is None:
                 continue  # aborted since the step was scheduled
             box, seq = entry
-            box.add(seq, [out.token], out.finish, None if out.logits is None else [out.logits])
+            logits = None if out.logits is None else [out.logits]
+            box.add(seq, [out.token], out.finish, logits, out.logprob, out.prompt_logprobs)
             if out.finish != Finish.RUNNING:
                 self.remove(out.request_id)
 

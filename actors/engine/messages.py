@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, NamedTuple, Optional
 
 import numpy as np
 
@@ -67,6 +67,26 @@ class Rejection:
     message: str
 
 
+class Logprob(NamedTuple):
+    """One position's log-probabilities (raw float32 logits): of its token, and the top
+    alternatives, most likely first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+class Entry(NamedTuple):
+    """One request's outputs from one step."""
+
+    seq: int
+    token_ids: list[int]
+    finish: "Finish"
+    logits: Optional[list[Any]]  # one row per token, when the engine collects logits
+    logprobs: list[Logprob]  # one per token when the request asks for them, else empty
+    prompt_logprobs: Optional[list[Optional[Logprob]]]  # with the first output token (None: the first)
+
+
 @dataclass(frozen=True, kw_only=True)
 class OutputBatch:
     """One client's outputs since its last poll: an entry per request per step, in step
@@ -82,19 +102,22 @@ class OutputBatch:
     )
     error: Optional[str] = None  # the engine failed for good: every request of this client is over
     failure: Optional[str] = None  # why the FAILED entries failed (no internal ids: it goes to clients)
+    logprobs: Optional[dict[int, Logprob]] = None  # index into token_ids -> its logprobs, where asked
+    prompt_logprobs: Optional[dict[int, list]] = None  # entry index -> its request's prompt logprobs
 
     @property
     def num_entries(self) -> int:
         return int(self.seqs.shape[0])
 
-    def entries(self) -> Iterator[tuple[int, list[int], Finish, Optional[list[Any]]]]:
-        """(seq, token ids, finish, logits rows or None) per entry, in order."""
+    def entries(self) -> Iterator[Entry]:
         ends = np.cumsum(self.num_tokens).tolist()
         tokens = self.token_ids.tolist()
+        logprobs, prompt = self.logprobs or {}, self.prompt_logprobs or {}
         start = 0
-        for seq, end, finish in zip(self.seqs.tolist(), ends, self.finish.tolist()):
+        for i, (seq, end, finish) in enumerate(zip(self.seqs.tolist(), ends, self.finish.tolist())):
             rows = self.logits[start:end] if self.logits is not None else None
-            yield seq, tokens[start:end], Finish(finish), rows
+            lps = [logprobs[t] for t in range(start, end) if t in logprobs] if logprobs else []
+            yield Entry(seq, tokens[start:end], Finish(finish), rows, lps, prompt.get(i))
             start = end
 
 

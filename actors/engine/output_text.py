@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 from raymoe.actors.engine.detokenizer import IncrementalDetokenizer
-from raymoe.actors.engine.messages import Finish
+from raymoe.actors.engine.messages import Finish, Logprob
 from raymoe.actors.engine.tokenizer import Tokenizer
 
 
@@ -28,6 +28,8 @@ class Delta:
     finish_reason: Optional[str]  # "stop" | "length" | "abort" once finished, else None
     num_output_tokens: int  # output tokens so far, these included
     logits: list[Any] = field(default_factory=list)  # one row per token, when the engine collects logits
+    logprobs: list[Logprob] = field(default_factory=list)  # one per token, when the request asks
+    prompt_logprobs: Optional[list[Optional[Logprob]]] = None  # in the first delta, when the request asks
 
     @property
     def finished(self) -> bool:
@@ -46,7 +48,13 @@ class OutputText:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def add(self, token_ids: list[int], finish: Finish, logits: Optional[list[Any]] = None) -> Delta:
+    def add(
+        self,
+        token_ids: list[int],
+        finish: Finish,
+        logits: Optional[list[Any]] = None,
+        logprobs: Optional[list[Logprob]] = None,
+    ) -> Delta:
         """Take the engine's next tokens for this request and its state after them."""
         if self.finished:
             # sampled after a stop string
@@ -68,6 +76,7 @@ class OutputText:
             finish_reason=self.finish_reason,
             num_output_tokens=self.num_output_tokens,
             logits=list(logits or [])[: len(token_ids)],
+            logprobs=list(logprobs or [])[: len(token_ids)],
         )
 
     def _add_until_stop(self, token_ids: list[int]) -> tuple[int, str]:

@@ -24,6 +24,10 @@ TOP_P_MIN = 1e-6  # smaller top_p keeps the top token alone, as this does (float
 MAX_STOP_STRINGS = 64
 MAX_STOP_LENGTH = 1024  # characters per stop string
 MAX_STOP_TOKEN_IDS = 1024
+MAX_LOGPROBS = 20  # top alternatives per position (OpenAI's chat limit)
+PENALTY_RANGE = (-2.0, 2.0)  # presence and frequency penalties (OpenAI's range)
+LOGIT_BIAS_RANGE = (-100.0, 100.0)
+MAX_LOGIT_BIAS = 1024  # entries
 
 
 def _fail(name: str, rule: str, value: Any) -> None:
@@ -32,6 +36,10 @@ def _fail(name: str, rule: str, value: Any) -> None:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,6 +54,15 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings (cut from the output text)
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    # the next fields change the logits before sampling (``sampling_controls``): 0 / 1 / () = off
+    presence_penalty: float = 0.0  # subtracted once from each token the output holds
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the output
+    repetition_penalty: float = 1.0  # vLLM's: seen (prompt or output) logits / p if > 0 else * p
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    min_tokens: int = 0  # EOS and stop_token_ids are masked until this many tokens are out
+    # log-probabilities (of the raw float32 logits): None = none; k = the token's and the top k
+    logprobs: Optional[int] = None  # of each output token
+    prompt_logprobs: Optional[int] = None  # of each prompt token but the first
 
     @classmethod
     def create(cls, **kwargs: Any) -> "SamplingParams":
@@ -60,6 +77,8 @@ class SamplingParams:
         for name in ("stop", "stop_token_ids"):
             if isinstance(kwargs.get(name), list):
                 kwargs[name] = tuple(kwargs[name])
+        if isinstance(kwargs.get("logit_bias"), dict):
+            kwargs["logit_bias"] = tuple(sorted(kwargs["logit_bias"].items()))
         return cls(**kwargs).validate()
 
     def validate(self) -> "SamplingParams":
@@ -91,7 +110,44 @@ class SamplingParams:
             _fail("stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} ids", f"{len(ids)} ids")
         if not isinstance(self.ignore_eos, bool):
             _fail("ignore_eos", "must be a bool", self.ignore_eos)
+        self._validate_controls()
         return self
+
+    def _validate_controls(self) -> None:
+        low, high = PENALTY_RANGE
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not low <= value <= high:
+                _fail(name, f"must be a number in [{low:g}, {high:g}]", value)
+        rep = self.repetition_penalty
+        if not _is_number(rep) or not (math.isfinite(rep) and rep > 0):
+            _fail("repetition_penalty", "must be a finite number > 0 (1 = off)", rep)
+        low, high = LOGIT_BIAS_RANGE
+        bias = self.logit_bias
+        if not isinstance(bias, tuple) or len(bias) > MAX_LOGIT_BIAS:
+            _fail("logit_bias", f"must map at most {MAX_LOGIT_BIAS} token ids to biases", bias)
+        for entry in bias:
+            if not (isinstance(entry, tuple) and len(entry) == 2 and _is_int(entry[0]) and entry[0] >= 0):
+                _fail("logit_bias", "keys must be token ids (integers >= 0)", entry)
+            if not _is_number(entry[1]) or not low <= entry[1] <= high:
+                _fail("logit_bias", f"values must be numbers in [{low:g}, {high:g}]", entry[1])
+        if len({t for t, _ in bias}) != len(bias):
+            _fail("logit_bias", "each token id at most once", bias)
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+            _fail("min_tokens", f"must be an integer in [0, max_tokens={self.max_tokens}]", self.min_tokens)
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not (_is_int(value) and 0 <= value <= MAX_LOGPROBS):
+                _fail(name, f"must be None or an integer in [0, {MAX_LOGPROBS}]", value)
+
+    @property
+    def uses_penalties(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+    @property
+    def controls_logits(self) -> bool:
+        """The logits are changed before sampling (penalties, logit_bias, min_tokens)."""
+        return self.uses_penalties or bool(self.logit_bias) or self.min_tokens > 0
 
     @property
     def greedy(self) -> bool:
@@ -135,6 +191,9 @@ class Request:
     num_preemptions: int = 0
     num_overtaken: int = 0  # later requests started before it while it did not fit (bounded)
     overtook: bool = False  # it started before an older request that did not fit
+    # prompt positions whose next-token logprobs a step computes or computed (prompt_logprobs)
+    num_prompt_logprob_rows: int = 0
+    prompt_logprobs: list = field(default_factory=list)  # gathered until the first output token goes out
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:

@@ -18,8 +18,9 @@ import torch
 from raymoe.actors.engine.attention_torch import TorchAttention
 from raymoe.actors.engine.expert_load import ExpertLoadRecorder
 from raymoe.actors.engine.expert_mover import ExpertMover
+from raymoe.actors.engine.logprobs import LogprobColumns, token_logprobs
 from raymoe.actors.engine.rank_context import RankContext
-from raymoe.actors.engine.sampler import sample_step
+from raymoe.actors.engine.sampler import sample_step, sampled_logprobs
 from raymoe.actors.engine.step import StepInput, StepLayout, StepOutput, build_step_layout, resolve_pending_tokens
 from raymoe.actors.models.batch import ForwardBatch
 from raymoe.actors.models.checkpoint import CheckpointReader
@@ -168,22 +169,36 @@ class ModelRunner:
         assert self.attention is not None, "allocate_kv_cache() first"
         self.advance_expert_moves()
         layout = build_step_layout(step, self.block_size)
+        prompt_rows = None if step.prompt_logprob_rows is None else torch.from_numpy(step.prompt_logprob_rows)
         if self.graphs is not None and step.all_decode and self.graphs.size_for(max(step.dp_token_counts)):
+            assert prompt_rows is None, "a decode step has no prompt rows"
             shard = self.graphs.run(layout, step.dp_token_counts)
         else:
-            shard = self.forward_eager(layout, step.dp_token_counts)
+            shard = self.forward_eager(layout, step.dp_token_counts, prompt_rows)
         s = step.sample
-        if not step.return_logits and not (step.temperature[s] > 0).any():
+        out: dict[str, Any] = {}
+        plain = step.logprobs is None and step.controls is None and prompt_rows is None
+        if plain and not step.return_logits and not (step.temperature[s] > 0).any():
             # all greedy: argmax over the vocabulary shards, no logits gathered over tp
-            tokens, logits = self.model.greedy_tokens(shard), None
+            tokens = self.model.greedy_tokens(shard)
         else:
             logits = self.model.full_logits(shard)
-            tokens = sample_step(logits, step)
+            if prompt_rows is not None:  # the prompt rows follow the sampled rows
+                logits, prompt_logits = logits[: int(s.sum())], logits[int(s.sum()) :]
+                targets = torch.from_numpy(step.prompt_logprob_targets).to(self.device)
+                out["prompt"] = token_logprobs(prompt_logits, targets, step.prompt_logprob_top)
+            tokens = sample_step(logits, step, self.last_sampled)
+            if step.return_logits:
+                out["logits"] = logits
+            lps = sampled_logprobs(logits, tokens, step)
+            if lps is not None:
+                out["sampled"] = lps
+        out["tokens"] = tokens
         self.last_sampled[: tokens.shape[0]].copy_(tokens)
         if not self.is_driver:
             self._in_flight.append(None)
         else:
-            self._in_flight.append(_copy_to_host([tokens] + ([logits] if step.return_logits else [])))
+            self._in_flight.append(_copy_to_host(out))
 
     @property
     def num_in_flight(self) -> int:
@@ -198,14 +213,24 @@ class ModelRunner:
             if entry is None:
                 outputs.append(None)
                 continue
-            copies, done = entry
+            host, done = entry
             if done is not None:
                 done.synchronize()
-            outputs.append(StepOutput(tokens=copies[0].numpy(), logits=copies[1] if len(copies) > 1 else None))
+            outputs.append(
+                StepOutput(
+                    tokens=host["tokens"].numpy(),
+                    logits=host.get("logits"),
+                    logprobs=LogprobColumns.from_host(host["sampled"]) if "sampled" in host else None,
+                    prompt_logprobs=LogprobColumns.from_host(host["prompt"]) if "prompt" in host else None,
+                )
+            )
         return outputs
 
-    def forward_eager(self, layout: StepLayout, dp_token_counts: tuple[int, ...]) -> torch.Tensor:
-        """Forward without graphs; returns this rank's logits shard [sampled rows, its vocabulary share]."""
+    def forward_eager(
+        self, layout: StepLayout, dp_token_counts: tuple[int, ...], prompt_rows: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """Forward without graphs; returns this rank's logits shard [sampled rows, its
+        vocabulary share], followed by the rows of ``prompt_rows`` (token rows) if given."""
         dev = self.device
         self.attention.plan(layout)
         input_ids = layout.input_ids.to(dev)
@@ -220,7 +245,8 @@ class ModelRunner:
             expert_load=self.expert_load,
         )
         hidden = self.run_model(batch)
-        return self.model.compute_logits(hidden[layout.sample_rows.to(dev)])
+        rows = layout.sample_rows if prompt_rows is None else torch.cat([layout.sample_rows, prompt_rows])
+        return self.model.compute_logits(hidden[rows.to(dev)])
 
     def run_model(self, batch: ForwardBatch) -> torch.Tensor:
         """One forward pass of the model -> final hidden states [T, H]. Every pass, eager or
@@ -267,15 +293,23 @@ class ModelRunner:
         )
 
 
-def _copy_to_host(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], Optional[Any]]:
-    """Host copies of ``tensors``, queued right behind the work that produces them, and an
-    event marking when they have landed. (A plain ``.cpu()`` at collect time would queue
-    behind the next step too, which is launched by then, and wait for it as well.)"""
-    if not tensors[0].is_cuda:
+def _copy_to_host(tensors: dict[str, Any]) -> tuple[dict[str, Any], Optional[Any]]:
+    """Host copies of ``tensors`` (name -> a tensor or a dict of them), queued right behind
+    the work that produces them, and an event marking when they have landed. (A plain
+    ``.cpu()`` at collect time would queue behind the next step too, which is launched by
+    then, and wait for it as well.)"""
+    device = tensors["tokens"].device
+    if device.type != "cuda":
         return tensors, None
-    host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in tensors]
+
+    def copy(t: Any) -> Any:
+        if isinstance(t, dict):
+            return {k: copy(v) for k, v in t.items()}
+        return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+
+    host = copy(tensors)
     done = torch.cuda.Event()
-    done.record(torch.cuda.current_stream(tensors[0].device))
+    done.record(torch.cuda.current_stream(device))
     return host, done
 
 

@@ -7,9 +7,13 @@ preemption.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import torch
 
+from raymoe.actors.engine.logprobs import token_logprobs
+from raymoe.actors.engine.sampling_controls import apply_controls
 from raymoe.actors.engine.step import StepInput
 
 
@@ -73,10 +77,14 @@ def _mix(seed: int, step: int) -> int:
     return (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9) % (2**63 - 1)
 
 
-def sample_step(logits: torch.Tensor, step: StepInput) -> torch.Tensor:
+def sample_step(logits: torch.Tensor, step: StepInput, last_sampled: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``sample`` for the rows of ``step`` that sample (``step.sample``), in order: logits
-    [rows that sample, vocab]."""
+    [rows that sample, vocab], after the step's logit controls if it has any
+    (``last_sampled``: the ranks' last sampled tokens, for pending history tokens)."""
     s = step.sample
+    if step.controls is not None:
+        assert last_sampled is not None, "logit controls need the last sampled tokens"
+        logits = apply_controls(logits, step.controls, last_sampled)
     return sample(
         logits,
         temperature=step.temperature[s],
@@ -85,3 +93,13 @@ def sample_step(logits: torch.Tensor, step: StepInput) -> torch.Tensor:
         seeds=step.seed[s],
         output_index=step.output_index[s],
     )
+
+
+def sampled_logprobs(logits: torch.Tensor, tokens: torch.Tensor, step: StepInput) -> Optional[dict[str, torch.Tensor]]:
+    """``token_logprobs`` of the sampled rows whose requests ask (``step.logprobs`` >= 0), in
+    order, from the raw logits [rows that sample, vocab]; None when no row asks."""
+    if step.logprobs is None:
+        return None
+    asked = step.logprobs[step.sample]
+    rows = torch.tensor(np.flatnonzero(asked >= 0), device=logits.device)
+    return token_logprobs(logits[rows], tokens[rows], int(asked.max()))

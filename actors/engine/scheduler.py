@@ -50,6 +50,14 @@ class ScheduledChunk:
     sampling: SamplingParams
     seed: int
     num_output_tokens: int  # outputs so far (mixed into the per-request RNG)
+    # the request's tokens so far (prompt + outputs, the last maybe pending): a chunk that
+    # samples for a request with penalties, else empty
+    history: tuple[int, ...] = ()
+    banned: tuple[int, ...] = ()  # token ids masked in this sampling (min_tokens not reached)
+    # prompt logprobs: the chunk's tokens from ``prompt_logprob_offset`` on give the
+    # logprobs of these next prompt tokens (one each)
+    prompt_logprob_offset: int = 0
+    prompt_logprob_targets: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -96,6 +104,10 @@ class Scheduler:
     @property
     def num_running(self) -> int:
         return len(self._running)
+
+    def live_request(self, request_id: str) -> Optional[Request]:
+        """The waiting or running request of that id, None when it is not live."""
+        return self._requests.get(request_id)
 
     def add(self, req: Request) -> None:
         """Queue a new request; ValueError if it could never run to max_tokens (see admission)."""
@@ -172,6 +184,9 @@ class Scheduler:
             if req is not None:
                 assert chunk.start_pos == req.num_computed_tokens, f"{req.request_id}: stale or repeated update"
                 req.num_computed_tokens += len(chunk.token_ids)
+                if chunk.prompt_logprob_targets:
+                    end = chunk.start_pos + chunk.prompt_logprob_offset + len(chunk.prompt_logprob_targets)
+                    req.num_prompt_logprob_rows = end
             if chunk.sample:
                 if req is not None:
                     req.output_token_ids.append(PENDING_TOKEN)
@@ -284,15 +299,27 @@ class Scheduler:
         start = req.num_computed_tokens
         tokens = req.all_token_ids[start : start + n]
         assert len(tokens) == n and len(req.block_ids) * self.block_manager.block_size >= start + n
+        sample, sampling = start + n == req.num_tokens, req.sampling
+        # positions whose logits give a prompt token's logprob, not yet asked of a step
+        # (a request resumed after preemption recomputes its prompt without asking again)
+        first, end = max(start, req.num_prompt_logprob_rows), min(start + n, req.num_prompt_tokens - 1)
+        targets = req.prompt_token_ids[first + 1 : end + 1] if sampling.prompt_logprobs is not None else []
+        banned = ()
+        if sample and len(req.output_token_ids) < sampling.min_tokens:
+            banned = tuple(sorted(req.eos_token_ids | set(sampling.stop_token_ids)))
         return ScheduledChunk(
             request_id=req.request_id,
             token_ids=tuple(tokens),
             start_pos=start,
             block_ids=tuple(req.block_ids),
-            sample=start + n == req.num_tokens,
-            sampling=req.sampling,
+            sample=sample,
+            sampling=sampling,
             seed=req.seed,
             num_output_tokens=len(req.output_token_ids),
+            history=tuple(req.all_token_ids) if sample and sampling.uses_penalties else (),
+            banned=banned,
+            prompt_logprob_offset=first - start if targets else 0,
+            prompt_logprob_targets=tuple(targets),
         )
 
     def _ends_by_length(self, req: Request) -> bool:

@@ -23,7 +23,9 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from raymoe.actors.engine.logprobs import LogprobColumns
 from raymoe.actors.engine.request import PENDING_TOKEN, TOP_P_MIN
+from raymoe.actors.engine.sampling_controls import SamplingControls, pack_controls
 from raymoe.actors.engine.scheduler import ScheduledChunk, SchedulerOutput
 
 
@@ -49,6 +51,14 @@ class StepInput:
     # which is still in flight), that token's row in the previous step's sampled
     # tokens, which the ranks keep; -1 for a chunk whose tokens are all given
     prev_rows: Optional[np.ndarray] = None
+    # What only some requests ask for; None when no chunk of the step does (the step then
+    # runs exactly as without these features).
+    logprobs: Optional[np.ndarray] = None  # [B] int64: top logprobs of each sampled token (-1 = none)
+    controls: Optional[SamplingControls] = None  # logit controls of the sampled rows that use them
+    # prompt logprobs: token rows whose logits give the logprob of the next prompt token
+    prompt_logprob_rows: Optional[np.ndarray] = None  # [Q] int64, rows of token_ids
+    prompt_logprob_targets: Optional[np.ndarray] = None  # [Q] int64: that next prompt token
+    prompt_logprob_top: int = 0  # top alternatives to return for each (the most any chunk asks)
 
     @property
     def num_chunks(self) -> int:
@@ -63,6 +73,8 @@ class StepInput:
 class StepOutput:
     tokens: np.ndarray  # [S] int64: next token of each chunk that samples, in chunk order
     logits: Optional[torch.Tensor] = None  # [S, vocab] float32, when return_logits
+    logprobs: Optional[LogprobColumns] = None  # the sampled rows whose requests ask, in order
+    prompt_logprobs: Optional[LogprobColumns] = None  # rows of step.prompt_logprob_rows
 
 
 @dataclass
@@ -71,6 +83,8 @@ class StepInFlight:
 
     inputs: list[StepInput]  # what each replica's ranks run
     pending: list[list]  # per replica: Scheduler.advance's (request, output index) per sampled row
+    # per replica: (request id, rows) of each chunk with prompt logprob rows, in order
+    prompt_logprobs: Optional[list[list[tuple[str, int]]]] = None
 
 
 class StepBuilder:
@@ -85,7 +99,7 @@ class StepBuilder:
         """``scheduled``: each replica's picks; ``pending``: each replica's ``advance`` result."""
         counts = tuple(o.num_tokens for o in scheduled)
         all_decode = all(len(c.token_ids) == 1 and c.sample for o in scheduled for c in o.chunks)
-        inputs = []
+        inputs, prompt_logprobs = [], []
         for replica, out in enumerate(scheduled):
             last_rows = self._last_rows[replica]
             # a pending token is always a decode chunk's one token, sampled by the step before
@@ -102,7 +116,10 @@ class StepBuilder:
             inputs.append(step)
             sampled = [c.request_id for c in out.chunks if c.sample]
             self._last_rows[replica] = {rid: row for row, rid in enumerate(sampled)}
-        return StepInFlight(inputs, pending)
+            prompt_logprobs.append(
+                [(c.request_id, len(c.prompt_logprob_targets)) for c in out.chunks if c.prompt_logprob_targets]
+            )
+        return StepInFlight(inputs, pending, prompt_logprobs if any(prompt_logprobs) else None)
 
 
 def pack_step(
@@ -125,6 +142,7 @@ def pack_step(
         assert len(c.block_ids) >= p, "block table too short for the chunk"
         tables[i, :p] = c.block_ids[:p]
     ids = [t for c in chunks for t in c.token_ids]
+    prev_rows = list(prev_rows) if prev_rows is not None else [-1] * n
     return StepInput(
         token_ids=np.array(ids, dtype=np.int64),
         query_lens=lens,
@@ -141,7 +159,30 @@ def pack_step(
         dp_token_counts=tuple(dp_token_counts),
         return_logits=return_logits,
         all_decode=all_decode,
-        prev_rows=np.array(prev_rows if prev_rows is not None else [-1] * n, dtype=np.int64),
+        prev_rows=np.array(prev_rows, dtype=np.int64),
+        logprobs=_logprobs_column(chunks),
+        controls=pack_controls(chunks, prev_rows),
+        **_prompt_logprob_columns(chunks, lens),
+    )
+
+
+def _logprobs_column(chunks: Sequence[ScheduledChunk]) -> Optional[np.ndarray]:
+    asked = [-1 if c.sampling.logprobs is None or not c.sample else c.sampling.logprobs for c in chunks]
+    return np.array(asked, dtype=np.int64) if any(k >= 0 for k in asked) else None
+
+
+def _prompt_logprob_columns(chunks: Sequence[ScheduledChunk], lens: np.ndarray) -> dict:
+    asking = [(i, c) for i, c in enumerate(chunks) if c.prompt_logprob_targets]
+    if not asking:
+        return {}
+    first_rows = np.concatenate([[0], np.cumsum(lens)[:-1]])
+    rows = [
+        first_rows[i] + c.prompt_logprob_offset + k for i, c in asking for k in range(len(c.prompt_logprob_targets))
+    ]
+    return dict(
+        prompt_logprob_rows=np.array(rows, dtype=np.int64),
+        prompt_logprob_targets=np.array([t for _, c in asking for t in c.prompt_logprob_targets], dtype=np.int64),
+        prompt_logprob_top=max(c.sampling.prompt_logprobs for _, c in asking),
     )
 
 

@@ -13,7 +13,7 @@ from raymoe.actors.engine.messages import Finish
 
 
 def _entries(batch) -> list[tuple[int, list[int], Finish]]:
-    return [(seq, tokens, finish) for seq, tokens, finish, _ in batch.entries()]
+    return [(e.seq, e.token_ids, e.finish) for e in batch.entries()]
 
 
 def test_each_client_gets_its_own_outputs_in_order():

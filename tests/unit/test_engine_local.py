@@ -188,10 +188,13 @@ def _spy_pending(core: Engine) -> list[bool]:
     return seen
 
 
-def _pipelined(core: Engine, requests: dict, leave_after: dict | None = None, lag_s: float = 0.0) -> dict:
+def _pipelined(
+    core: Engine, requests: dict, leave_after: dict | None = None, lag_s: float = 0.0, on_delta=None
+) -> dict:
     """Every request streamed through a pipelined AsyncEngine and an in-process EngineClient;
     a request in ``leave_after`` has its consumer go away after that many tokens; every
-    consumer sleeps ``lag_s`` per delta (falls behind the engine)."""
+    consumer sleeps ``lag_s`` per delta (falls behind the engine); ``on_delta(rid, delta)``
+    sees every delta."""
     leave_after = leave_after or {}
 
     async def main():
@@ -202,6 +205,8 @@ def _pipelined(core: Engine, requests: dict, leave_after: dict | None = None, la
             r = {"tokens": [], "text": "", "reason": None, "deltas": 0}
             stream = client.stream(ids, params)
             async for d in stream:
+                if on_delta is not None:
+                    on_delta(rid, d)
                 r["tokens"] += d.token_ids
                 r["text"] += d.text
                 r["reason"] = d.finish_reason

@@ -1,0 +1,49 @@
+"""The OpenAI shapes of log-probabilities: chat's ``logprobs.content`` and completions'
+``logprobs`` columns (with echo, the prompt's tokens first; the first has no logprob).
+Pure: a token's text comes from the caller."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+from raymoe.actors.engine.messages import Logprob
+
+LOGPROB_FLOOR = -9999.0  # what -inf becomes in JSON
+
+TokenText = Callable[[int], str]  # a token id -> its text
+
+
+def _finite(logprob: float) -> float:
+    return max(logprob, LOGPROB_FLOOR)
+
+
+def chat_logprobs(logprobs: Sequence[Logprob], token_text: TokenText) -> dict[str, Any]:
+    """Chat's ``logprobs`` object: one entry per output token."""
+
+    def item(token_id: int, logprob: float) -> dict[str, Any]:
+        text = token_text(token_id)
+        return {"token": text, "logprob": _finite(logprob), "bytes": list(text.encode("utf-8"))}
+
+    return {
+        "content": [
+            {**item(lp.token_id, lp.logprob), "top_logprobs": [item(t, v) for t, v in lp.top]} for lp in logprobs
+        ]
+    }
+
+
+def completion_logprobs(
+    token_ids: Sequence[int], logprobs: Sequence[Optional[Logprob]], token_text: TokenText, text_offset: int = 0
+) -> dict[str, Any]:
+    """Completions' ``logprobs`` object; a None entry (the first prompt token) has no logprob.
+    ``text_offset``: where the first token's text starts in the choice's text."""
+    tokens, offsets = [], []
+    for token_id in token_ids:
+        tokens.append(token_text(token_id))
+        offsets.append(text_offset)
+        text_offset += len(tokens[-1])
+    return {
+        "tokens": tokens,
+        "token_logprobs": [None if lp is None else _finite(lp.logprob) for lp in logprobs],
+        "top_logprobs": [None if lp is None else {token_text(t): _finite(v) for t, v in lp.top} for lp in logprobs],
+        "text_offset": offsets,
+    }
