@@ -102,9 +102,10 @@ class BlockManager:
 
     def cached_prefix(self, req: Request) -> list[int]:
         """The blocks holding the longest cached run of `req`'s leading full blocks (a request
-        holding no blocks), leaving at least its last token to compute."""
-        if not self.prefix_caching or req.block_ids:
-            return []
+        holding no blocks, not asking for prompt logprobs), leaving at least its last token
+        to compute."""
+        if not self.prefix_caching or req.block_ids or req.sampling.prompt_logprobs is not None:
+            return []  # prompt logprobs need the prompt's logits: computed, not shared
         tokens = req.all_token_ids
         blocks = []
         for key in prefix_keys(tokens, self._block_size, (len(tokens) - 1) // self._block_size):

@@ -168,3 +168,18 @@ def test_dp_routing_sends_a_shared_prefix_to_one_replica():
     hits = sum(s.block_manager.num_cached_tokens for s in schedulers)
     reusable = 10 * (300 // 16) * 16  # every request but each group's first could reuse 18 blocks
     assert hits >= 0.9 * reusable, (hits, reusable)
+
+
+def test_prompt_logprobs_are_computed_not_shared():
+    """A request asking for prompt logprobs recomputes a cached prefix (its logits are needed)."""
+    prompts = _shared_prompts(random.Random(4))
+    plain = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    engine = _engine(True)
+    _run(engine, {"base": (prompts["base"], plain)})
+    bm = engine.local.core.schedulers[0].block_manager
+    before = bm.num_cached_tokens
+    asking = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, prompt_logprobs=1)
+    _run(engine, {"again": (prompts["again"], asking)})
+    assert bm.num_cached_tokens == before
+    _run(engine, {"again2": (prompts["again"], plain)})
+    assert bm.num_cached_tokens > before
