@@ -72,6 +72,18 @@ class ServeMetrics:
             "raymoe_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use", ["dp_rank"], registry=r
         )
         self.steps = Gauge("raymoe_engine_steps", "Engine steps run since start", registry=r)
+        self.prefix_hits = Gauge(
+            "raymoe_prefix_cache_hit_tokens",
+            "Tokens of starting requests whose KV came from the prefix cache, since start",
+            ["dp_rank"],
+            registry=r,
+        )
+        self.prefix_queries = Gauge(
+            "raymoe_prefix_cache_query_tokens",
+            "Tokens of starting requests (new or resumed after preemption), since start",
+            ["dp_rank"],
+            registry=r,
+        )
         self.engine_failed = Gauge(
             "raymoe_engine_failed", "1 when the engine is down for good (restarts spent)", registry=r
         )
@@ -106,6 +118,9 @@ class ServeMetrics:
             self.waiting.labels(str(dp)).set(w)
             self.running.labels(str(dp)).set(run)
             self.kv_usage.labels(str(dp)).set(kv)
+        for dp, (hits, queries) in enumerate(zip(stats.prefix_cache_hit_tokens, stats.prefix_cache_query_tokens)):
+            self.prefix_hits.labels(str(dp)).set(hits)
+            self.prefix_queries.labels(str(dp)).set(queries)
         self.steps.set(stats.steps)
         self.engine_failed.set(1 if stats.error else 0)
         self.engine_recovering.set(1 if stats.recovering else 0)

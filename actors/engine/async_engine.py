@@ -174,6 +174,8 @@ class AsyncEngine:
             waiting=[s.num_waiting for s in scheds],
             running=[s.num_running for s in scheds],
             kv_usage=[s.block_manager.usage for s in scheds],
+            prefix_cache_hit_tokens=[s.block_manager.num_cached_tokens for s in scheds],
+            prefix_cache_query_tokens=[s.block_manager.num_started_tokens for s in scheds],
             steps=self.core.num_steps,
             preemptions=self.core.num_preemptions,
             polls=self.router.num_polls,

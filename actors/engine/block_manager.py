@@ -57,7 +57,8 @@ class BlockManager:
         self._key_of: dict[int, bytes] = {}  # keyed blocks (in use or evictable) -> key
         self._block_of: dict[bytes, int] = {}  # key -> its block
         self._keys: dict[str, list[bytes]] = {}  # request id -> keys of its leading keyed blocks
-        self.num_cached_tokens = 0  # prompt tokens served from the cache since start
+        self.num_cached_tokens = 0  # tokens of starting requests served from the cache since start
+        self.num_started_tokens = 0  # tokens of starting requests (new or resumed) since start
         self.num_evictions = 0
 
     @property
@@ -130,8 +131,10 @@ class BlockManager:
         return need <= self.num_free_blocks - sum(b in self._evictable for b in prefix)
 
     def start(self, req: Request, prefix: Sequence[int]) -> None:
-        """Give `req` (holding no blocks) the cached `prefix`: its KV counts as computed."""
+        """Give `req` (holding no blocks) the cached `prefix` (from ``cached_prefix``; may be
+        empty): its KV counts as computed."""
         assert not req.block_ids and req.num_computed_tokens == 0
+        self.num_started_tokens += req.num_tokens
         for block in prefix:
             if block in self._evictable:
                 del self._evictable[block]

@@ -153,6 +153,8 @@ class EngineStats:
     waiting: list[int]
     running: list[int]
     kv_usage: list[float]
+    prefix_cache_hit_tokens: list[int]  # tokens of starting requests whose KV came from the cache
+    prefix_cache_query_tokens: list[int]  # tokens of starting requests (new or resumed)
     steps: int
     preemptions: int
     polls: int  # poll calls answered since start (all clients)

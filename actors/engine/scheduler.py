@@ -287,8 +287,7 @@ class Scheduler:
 
     def _admit(self, index: int, req: Request, prefix: list[int], n: int, chunks: list[ScheduledChunk]) -> None:
         """Start waiting request ``index`` from its cached ``prefix`` with a chunk of ``n`` tokens."""
-        if prefix:
-            self.block_manager.start(req, prefix)
+        self.block_manager.start(req, prefix)
         self.block_manager.allocate(req, req.num_computed_tokens + n)
         self._waiting.pop(index)
         req.status = RequestStatus.RUNNING
