@@ -12,6 +12,7 @@ silently ignored. Extensions, with vLLM's names: ``top_k``, ``ignore_eos``,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any, Literal, Optional, Union
 
@@ -22,6 +23,7 @@ from raymoe.actors.engine.request import MAX_LOGPROBS, SamplingParams
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_TEMPERATURE = 2.0
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions
+MAX_CHOICES = 128  # n: choices of one request (each runs as a request of its own)
 
 
 class APIError(Exception):
@@ -149,6 +151,8 @@ def parse_request(model: type[BaseModel], body: bytes) -> Any:
             "invalid_value",
         )
     _check_logprobs(req)
+    if req.n is not None and not 1 <= req.n <= MAX_CHOICES:
+        raise bad_request(f"n: must be an integer in [1, {MAX_CHOICES}], got {req.n}", "n", "invalid_value")
     # every sampling field checked now, before the prompt is tokenised
     sampling_params(req, max(1, req.min_tokens or 0))
     return req
@@ -196,7 +200,6 @@ def _validation_error(e: ValidationError) -> APIError:
 def _reject_unsupported(req: Any) -> None:
     """OpenAI features raymoe does not implement: a clear 400 rather than a silent ignore."""
     checks: list[tuple[str, bool, str]] = [
-        ("n", req.n not in (None, 1), "only n=1 is supported; send separate requests for more choices"),
         (
             "stream_options",
             req.stream_options is not None and not req.stream,
@@ -286,6 +289,14 @@ def resolve_max_tokens(
             "context_length_exceeded",
         )
     return requested
+
+
+def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
+    """The parameters of ``n`` choices: each its own random stream (a given seed is the first
+    choice's; the others take the next seeds, wrapping within 64 bits)."""
+    if params.seed is None:
+        return [params] * n
+    return [dataclasses.replace(params, seed=(params.seed + 2**63 + j) % 2**64 - 2**63) for j in range(n)]
 
 
 def sampling_params(req: Any, max_tokens: int) -> SamplingParams:

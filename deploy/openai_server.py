@@ -34,6 +34,7 @@ from raymoe.deploy.openai_api import (
     chat_chunk,
     chat_messages,
     chat_response,
+    choice_params,
     completion_chunk,
     completion_prompts,
     completion_response,
@@ -152,13 +153,22 @@ class OpenAIServer:
         limits.update(param="max_tokens", prompt_param="prompt")
         drop_output = bool(req.echo) and req.max_tokens == 0  # the prompt's logprobs alone (lm-eval)
         max_tokens = 1 if drop_output else req.max_tokens
-        params = [sampling_params(req, resolve_max_tokens(max_tokens, len(x), **limits)) for x in ids]
+        n = req.n or 1
+        params = [
+            choice
+            for x in ids
+            for choice in choice_params(sampling_params(req, resolve_max_tokens(max_tokens, len(x), **limits)), n)
+        ]
         echo = None
         if req.echo:
             texts = [p if isinstance(p, str) else self.client.tokenizer.decode(p, False) for p in prompts]
-            echo = _Echo(texts, ids, drop_output)
+            echo = _Echo([t for t in texts for _ in range(n)], [x for x in ids for _ in range(n)], drop_output)
         rid = f"cmpl-{uuid.uuid4().hex}"
-        return await self._run(req, chat=False, rid=rid, ids=ids, params=params, t0=t0, echo=echo)
+        prompt_tokens = sum(map(len, ids))
+        ids = [x for x in ids for _ in range(n)]  # choices prompt by prompt, as OpenAI orders them
+        return await self._run(
+            req, chat=False, rid=rid, ids=ids, params=params, t0=t0, echo=echo, prompt_tokens=prompt_tokens
+        )
 
     async def chat(self, body: bytes) -> Any:
         """POST /v1/chat/completions: a dict (JSON) or an async iterator of SSE bytes."""
@@ -171,8 +181,10 @@ class OpenAIServer:
         limit = resolve_max_tokens(
             requested, len(ids), limit=self.client.info.token_limit, default=None, param=param, prompt_param="messages"
         )
-        params = [sampling_params(req, limit)]
-        return await self._run(req, chat=True, rid=f"chatcmpl-{uuid.uuid4().hex}", ids=[ids], params=params, t0=t0)
+        n = req.n or 1
+        params = choice_params(sampling_params(req, limit), n)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        return await self._run(req, chat=True, rid=rid, ids=[ids] * n, params=params, t0=t0, prompt_tokens=len(ids))
 
     async def tokenize(self, body: bytes) -> dict[str, Any]:
         """POST /tokenize (vLLM's shape)."""
@@ -240,9 +252,12 @@ class OpenAIServer:
         ids: list[list[int]],
         params: list,
         t0: float,
+        prompt_tokens: int,
         echo: Optional[_Echo] = None,
     ) -> Any:
-        progress = _Progress(len(ids), sum(map(len, ids)), t0, self.metrics)
+        """Stream ``ids[i]`` with ``params[i]`` as choice i; ``prompt_tokens``: the usage's
+        (each prompt once, however many choices it has)."""
+        progress = _Progress(len(ids), prompt_tokens, t0, self.metrics)
         self.metrics.prompt_tokens.inc(progress.prompt_tokens)
         outputs = merge([self.client.stream(x, p) for x, p in zip(ids, params)])
         self.metrics.in_flight.inc()

@@ -172,3 +172,35 @@ def test_tokenize_detokenize_and_max_model_len(server, client):
     assert status == 200 and chat["count"] == r.usage.prompt_tokens
     card = client.models.list().data[0]
     assert card.model_extra["max_model_len"] == tok["max_model_len"]
+
+
+def test_n_choices_streaming_and_not(client):
+    """n choices: choice j samples as a lone request with seed + j would, indices prompt by
+    prompt, usage counts each prompt once; the same streamed; chat too."""
+    args = dict(model=MODEL, max_tokens=8, temperature=1.0, seed=11, extra_body={"ignore_eos": True})
+    prompts = ("Once upon", "x y")
+    lone = {(p, j): client.completions.create(prompt=p, **{**args, "seed": 11 + j}) for p in prompts for j in range(2)}
+    full = client.completions.create(prompt=["Once upon", "x y"], n=2, **args)
+    assert [c.index for c in full.choices] == [0, 1, 2, 3]
+    expected = [lone[(p, j)].choices[0].text for p in prompts for j in range(2)]
+    assert [c.text for c in full.choices] == expected
+    assert expected[0] != expected[1]  # the choices do differ
+    assert full.usage.prompt_tokens == lone[("Once upon", 0)].usage.prompt_tokens + lone[("x y", 0)].usage.prompt_tokens
+    assert full.usage.completion_tokens == 4 * 8
+    streamed: dict[int, str] = {}
+    for chunk in client.completions.create(prompt=["Once upon", "x y"], n=2, stream=True, **args):
+        for c in chunk.choices:
+            streamed[c.index] = streamed.get(c.index, "") + c.text
+    assert [streamed[i] for i in range(4)] == expected
+
+    messages = [{"role": "user", "content": "Hi"}]
+    chat = client.chat.completions.create(messages=messages, n=3, **args)
+    lone_chat = [client.chat.completions.create(messages=messages, **{**args, "seed": 11 + j}) for j in range(3)]
+    assert [c.index for c in chat.choices] == [0, 1, 2]
+    assert [c.message.content for c in chat.choices] == [r.choices[0].message.content for r in lone_chat]
+    assert chat.usage.prompt_tokens == lone_chat[0].usage.prompt_tokens
+    parts: dict[int, str] = {}
+    for chunk in client.chat.completions.create(messages=messages, n=3, stream=True, **args):
+        for c in chunk.choices:
+            parts[c.index] = parts.get(c.index, "") + (c.delta.content or "")
+    assert [parts[i] for i in range(3)] == [c.message.content for c in chat.choices]
