@@ -133,6 +133,8 @@ class ServeConfig:
     direct_ingress: bool = True
     # ingress replicas (engine clients: tokenising, detokenising, HTTP)
     num_replicas: int = 1
+    # chat answers' <think>...</think> go to reasoning_content: qwen3 | deepseek_r1 (None: off)
+    reasoning_parser: Optional[Literal["qwen3", "deepseek_r1"]] = None
 
     def validate(self) -> None:
         _require(0 <= self.port <= 65535, "serve.port", "must be a TCP port in [0, 65535]")

@@ -375,7 +375,7 @@ def chat_response(rid: str, created: int, model: str, *, choices: list[dict], us
         "choices": [
             {
                 "index": i,
-                "message": {"role": "assistant", "content": c["text"]},
+                "message": _message(c),
                 "logprobs": c.get("logprobs"),
                 "finish_reason": c["finish_reason"],
             }
@@ -383,6 +383,13 @@ def chat_response(rid: str, created: int, model: str, *, choices: list[dict], us
         ],
         "usage": use,
     }
+
+
+def _message(choice: dict) -> dict[str, Any]:
+    message = {"role": "assistant", "content": choice["text"]}
+    if choice.get("reasoning") is not None:  # a reasoning parser is on
+        message["reasoning_content"] = choice["reasoning"] or None
+    return message
 
 
 def _stream_chunk(rid: str, created: int, model: str, *, obj: str, choice: dict, with_usage: bool) -> dict:

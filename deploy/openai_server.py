@@ -48,6 +48,7 @@ from raymoe.deploy.openai_api import (
 )
 from raymoe.deploy.openai_logprobs import chat_logprobs, completion_logprobs
 from raymoe.deploy.openai_tokenize import detokenize, tokenize
+from raymoe.deploy.reasoning import ReasoningSplitter
 
 Outputs = AsyncIterator[tuple[int, Delta]]
 
@@ -101,7 +102,17 @@ class _Echo:
 
 
 class OpenAIServer:
-    def __init__(self, client: EngineClient, model_name: str, model_root: str, api_key: Optional[str] = None) -> None:
+    def __init__(
+        self,
+        client: EngineClient,
+        model_name: str,
+        model_root: str,
+        api_key: Optional[str] = None,
+        reasoning_parser: Optional[str] = None,
+    ) -> None:
+        """``reasoning_parser``: a chat answer's ``<think>`` block goes to ``reasoning_content``
+        (see deploy/reasoning.py); None: all of it is content."""
+        self.reasoning_parser = reasoning_parser
         self.client = client
         self.model_name = model_name
         self.model_root = model_root
@@ -291,6 +302,10 @@ class OpenAIServer:
         for i, (text, finish) in enumerate(zip(progress.texts, progress.finish)):
             if chat:
                 lps = chat_logprobs(progress.logprobs[i], self.token_text) if asked else None
+                if self.reasoning_parser:
+                    reasoning, text = ReasoningSplitter.split(self.reasoning_parser, text)
+                    choices.append({"text": text, "reasoning": reasoning, "finish_reason": finish, "logprobs": lps})
+                    continue
             else:
                 text, lps = self._completion_choice(i, text, progress.logprobs[i], progress.prompt_logprobs[i], echo)
                 lps = lps if asked else None
@@ -315,6 +330,7 @@ class OpenAIServer:
         """SSE bytes: one chunk per delta as it arrives, then usage (if asked) and [DONE]."""
         created, model = int(time.time()), self.model_name
         started = [False] * len(progress.texts)
+        splitters = [self._splitter() for _ in progress.texts] if chat else []
         try:
             async with aclosing(outputs):
                 item: Optional[tuple[int, Delta]] = first
@@ -341,6 +357,7 @@ class OpenAIServer:
                         lp_obj = chat_logprobs(out.logprobs, self.token_text) if logprobs else None
                         yield self._chat_events(
                             out,
+                            self._split_delta(splitters, i, out),
                             rid=rid,
                             created=created,
                             i=i,
@@ -363,9 +380,24 @@ class OpenAIServer:
         finally:
             self.metrics.in_flight.dec()
 
+    def _splitter(self) -> Optional[ReasoningSplitter]:
+        return ReasoningSplitter(self.reasoning_parser) if self.reasoning_parser else None
+
+    def _split_delta(self, splitters: list[Optional[ReasoningSplitter]], i: int, out: Delta) -> tuple[str, str]:
+        """Choice ``i``'s delta as (reasoning, content); all content without a reasoning parser."""
+        splitter = splitters[i]
+        if splitter is None:
+            return "", out.text
+        reasoning, content = splitter.feed(out.text)
+        if out.finished:
+            more = splitter.flush()
+            reasoning, content = reasoning + more[0], content + more[1]
+        return reasoning, content
+
     def _chat_events(
         self,
         out: Delta,
+        texts: tuple[str, str],
         *,
         rid: str,
         created: int,
@@ -374,8 +406,8 @@ class OpenAIServer:
         with_usage: bool,
         logprobs: Optional[dict],
     ) -> bytes:
-        """A chat delta as SSE: the role comes first, the finish reason in a chunk of its own
-        (the delta's logprobs go with its content)."""
+        """A chat delta as SSE (``texts``: its reasoning and content): the role comes first, the
+        finish reason in a chunk of its own (the delta's logprobs go with its content)."""
         model, events = self.model_name, []
 
         def chunk(delta: dict, finish: Optional[str], lps: Optional[dict] = None) -> bytes:
@@ -387,8 +419,11 @@ class OpenAIServer:
 
         if first:
             events.append(chunk({"role": "assistant", "content": ""}, None))
-        if out.text or not out.finished or (logprobs and logprobs["content"]):
-            events.append(chunk({"content": out.text}, None, logprobs))
+        reasoning, content = texts
+        if reasoning:
+            events.append(chunk({"reasoning_content": reasoning}, None))
+        if content or (not out.finished and not reasoning) or (logprobs and logprobs["content"]):
+            events.append(chunk({"content": content}, None, logprobs))
         if out.finished:
             events.append(chunk({}, out.finish_reason))
         return b"".join(events)

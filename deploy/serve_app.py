@@ -287,7 +287,9 @@ class OpenAIIngress:
         info, tokenizer = await asyncio.gather(controller.get_model_info.remote(), controller.get_tokenizer.remote())
         client = EngineClient(RayEngine(controller, reattach=current_controller), tokenizer, info)
         name = cfg.serve.model_name or cfg.model.path
-        self.server = OpenAIServer(client, name, info.model, cfg.serve.api_key)
+        self.server = OpenAIServer(
+            client, name, info.model, cfg.serve.api_key, reasoning_parser=cfg.serve.reasoning_parser
+        )
         log.info("serving %s (%s) as engine client %s", name, info.model, client.client_id)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
