@@ -43,7 +43,9 @@ class Engine:
         return self.local.tokenizer
 
 
-def _engine(num_kv_blocks: int, block_size: int = 4, max_num_batched_tokens: int = 64) -> Engine:
+def _engine(
+    num_kv_blocks: int, block_size: int = 4, max_num_batched_tokens: int = 64, prefix_caching: bool = True
+) -> Engine:
     config = config_from_dict(
         {
             "model": {"dtype": "float32"},
@@ -52,6 +54,7 @@ def _engine(num_kv_blocks: int, block_size: int = 4, max_num_batched_tokens: int
                 "block_size": block_size,
                 "max_num_seqs": 8,
                 "max_num_batched_tokens": max_num_batched_tokens,
+                "prefix_caching": prefix_caching,
             },
         }
     )

@@ -10,31 +10,18 @@ import random
 
 import pytest
 from test_engine_local import Engine, _pipelined, _run
+from test_engine_local import _engine as local_engine
 
 from raymoe.actors.engine.block_manager import BlockManager
 from raymoe.actors.engine.core import EngineCore
-from raymoe.actors.engine.local import build_local_engine
 from raymoe.actors.engine.request import Request, SamplingParams
 from raymoe.actors.engine.scheduler import Scheduler
-from raymoe.cluster.config import config_from_dict
 
 BLOCK = 4
 
 
 def _engine(prefix_caching: bool, num_kv_blocks: int = 512, budget: int = 64) -> Engine:
-    config = config_from_dict(
-        {
-            "model": {"dtype": "float32"},
-            "engine": {
-                "num_kv_blocks": num_kv_blocks,
-                "block_size": BLOCK,
-                "max_num_seqs": 8,
-                "max_num_batched_tokens": budget,
-                "prefix_caching": prefix_caching,
-            },
-        }
-    )
-    return Engine(build_local_engine(config, num_threads=1))
+    return local_engine(num_kv_blocks, BLOCK, budget, prefix_caching=prefix_caching)
 
 
 def _shared_prompts(rng: random.Random) -> dict[str, list[int]]:
