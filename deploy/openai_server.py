@@ -27,26 +27,28 @@ from raymoe.deploy.engine_client import EngineClient, engine_error, merge
 from raymoe.deploy.metrics import ServeMetrics
 from raymoe.deploy.openai_api import (
     DEFAULT_COMPLETION_MAX_TOKENS,
-    SSE_DONE,
     APIError,
     ChatRequest,
     CompletionRequest,
-    chat_chunk,
     chat_messages,
-    chat_response,
     choice_params,
-    completion_chunk,
     completion_prompts,
-    completion_response,
-    model_card,
     parse_request,
     resolve_max_tokens,
     sampling_params,
+)
+from raymoe.deploy.openai_logprobs import chat_logprobs, completion_logprobs
+from raymoe.deploy.openai_responses import (
+    SSE_DONE,
+    chat_chunk,
+    chat_response,
+    completion_chunk,
+    completion_response,
+    model_card,
     sse,
     usage,
     usage_chunk,
 )
-from raymoe.deploy.openai_logprobs import chat_logprobs, completion_logprobs
 from raymoe.deploy.openai_tokenize import detokenize, tokenize
 from raymoe.deploy.reasoning import ReasoningSplitter
 

@@ -15,19 +15,21 @@ import ray
 from raymoe.actors.engine.messages import RejectKind
 from raymoe.deploy.engine_client import RequestRejected, engine_error
 from raymoe.deploy.openai_api import (
-    SSE_DONE,
     APIError,
     ChatRequest,
     CompletionRequest,
-    chat_chunk,
     chat_messages,
-    chat_response,
-    completion_chunk,
     completion_prompts,
-    completion_response,
     parse_request,
     resolve_max_tokens,
     sampling_params,
+)
+from raymoe.deploy.openai_responses import (
+    SSE_DONE,
+    chat_chunk,
+    chat_response,
+    completion_chunk,
+    completion_response,
     sse,
     usage,
     usage_chunk,

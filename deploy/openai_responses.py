@@ -1,0 +1,117 @@
+"""The OpenAI response shapes raymoe answers with: whole responses, stream chunks as
+server-sent events, usage, the model card."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Optional
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def completion_response(rid: str, created: int, model: str, *, choices: list[dict], use: dict) -> dict[str, Any]:
+    """``choices``: [{"text", "finish_reason", "logprobs"}] in prompt order."""
+    return {
+        "id": rid,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {"index": i, "text": c["text"], "logprobs": c.get("logprobs"), "finish_reason": c["finish_reason"]}
+            for i, c in enumerate(choices)
+        ],
+        "usage": use,
+    }
+
+
+def chat_response(rid: str, created: int, model: str, *, choices: list[dict], use: dict) -> dict[str, Any]:
+    return {
+        "id": rid,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": i,
+                "message": _message(c),
+                "logprobs": c.get("logprobs"),
+                "finish_reason": c["finish_reason"],
+            }
+            for i, c in enumerate(choices)
+        ],
+        "usage": use,
+    }
+
+
+def _message(choice: dict) -> dict[str, Any]:
+    message = {"role": "assistant", "content": choice["text"]}
+    if choice.get("reasoning") is not None:  # a reasoning parser is on
+        message["reasoning_content"] = choice["reasoning"] or None
+    return message
+
+
+def _stream_chunk(rid: str, created: int, model: str, *, obj: str, choice: dict, with_usage: bool) -> dict:
+    chunk: dict[str, Any] = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
+    if with_usage:
+        chunk["usage"] = None
+    return chunk
+
+
+def completion_chunk(
+    rid: str,
+    created: int,
+    model: str,
+    *,
+    index: int,
+    text: str,
+    finish: Optional[str],
+    with_usage: bool,
+    logprobs: Optional[dict] = None,
+) -> dict:
+    choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+    return _stream_chunk(rid, created, model, obj="text_completion", choice=choice, with_usage=with_usage)
+
+
+def chat_chunk(
+    rid: str,
+    created: int,
+    model: str,
+    *,
+    index: int,
+    delta: dict,
+    finish: Optional[str],
+    with_usage: bool,
+    logprobs: Optional[dict] = None,
+) -> dict:
+    choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+    return _stream_chunk(rid, created, model, obj="chat.completion.chunk", choice=choice, with_usage=with_usage)
+
+
+def usage_chunk(rid: str, created: int, model: str, *, obj: str, use: dict) -> dict:
+    """The last chunk when stream_options.include_usage: no choices, the request's usage."""
+    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [], "usage": use}
+
+
+def sse(data: dict) -> bytes:
+    """One server-sent event carrying ``data`` as JSON."""
+    return b"data: " + json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def model_card(name: str, created: int, root: str, max_model_len: int) -> dict[str, Any]:
+    return {
+        "id": name,
+        "object": "model",
+        "created": created,
+        "owned_by": "raymoe",
+        "root": root,
+        "max_model_len": max_model_len,
+    }
