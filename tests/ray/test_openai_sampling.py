@@ -68,7 +68,10 @@ def test_chat_logprobs_streaming_and_not(client):
         if c.choices and c.choices[0].logprobs
         for i in c.choices[0].logprobs.content
     ]
-    assert [(i.token, i.logprob) for i in streamed] == [(i.token, i.logprob) for i in content]
+    # the same tokens; logprobs equal up to float32 rounding (the second request reuses the
+    # first's cached prompt blocks and computes its last token in a smaller batch)
+    assert [i.token for i in streamed] == [i.token for i in content]
+    assert [i.logprob for i in streamed] == pytest.approx([i.logprob for i in content], abs=1e-5)
     plain = client.chat.completions.create(**{**args, "logprobs": None, "top_logprobs": None})
     assert plain.choices[0].logprobs is None and plain.choices[0].message.content == full.choices[0].message.content
 
@@ -82,7 +85,7 @@ def test_completion_logprobs_streaming_and_not(client):
     assert all(len(top) <= 2 and t >= max(top.values()) - 1e-5 for top, t in zip(lp.top_logprobs, lp.token_logprobs))
     assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
     streamed = [c.choices[0].logprobs for c in client.completions.create(stream=True, **args) if c.choices]
-    assert [t for s in streamed if s for t in s.token_logprobs] == lp.token_logprobs
+    assert [t for s in streamed if s for t in s.token_logprobs] == pytest.approx(lp.token_logprobs, abs=1e-5)
 
 
 def test_echo_gives_prompt_logprobs_as_lm_eval_asks(server, client):
