@@ -60,10 +60,11 @@ Per layer:
    (per layer).
 8. Mode (``plan_with_policy``): ``global`` plans with nodes = 1, ``hierarchical`` with the
    layout's nodes, ``auto`` (where hierarchical is possible) pools both modes' candidates
-   of a layer and applies step 6 with the lower of the two bars; should global's own
-   choice have a lower max rank load, it takes that. So auto is never worse than global,
-   layer by layer (beyond step 7's bars), moves more than global only in layers where hierarchical packing from
-   scratch beats global packing from scratch, and is a fixed point as well (its row
+   of a layer and applies step 6 with the lower of the two modes' bars (each of step 7's
+   two); should global's own choice have a lower max rank load, it takes that. So auto is
+   never worse than global (with the same min_improvement), layer by layer, moves more
+   than global only in layers where hierarchical packing from scratch beats global
+   packing from scratch, and is a fixed point as well (its row
    qualifies in both steps when it is the current one). Picking whole plans by
    balancedness is not: the other mode's plan from the chosen slots keeps their good
    layers and improves the rest. The supported models have no group-limited routing, so
