@@ -38,9 +38,15 @@ with num_groups = the model's expert groups (n_group = 8 for DeepSeek-V3; 1 for 
 without groups). Reported: the mode auto picks and its balancedness next to DeepSeek's
 (first rebalance, steady load), and the bytes each moves on the second and fifth
 rebalance, with the copies whose source sits on another node than its destination
-(raymoe's move lists from plan_layer_moves with and without ranks_per_node).
+(raymoe's move lists from plan_layer_moves with and without ranks_per_node); and, per
+rebalance, each plan's balancedness on the window after the one it was planned on (the
+window the new slots serve; steady: drawn from the same popularity), for raymoe, for
+raymoe's own series with min_improvement 0 (every gain moves) and for DeepSeek. The
+steady-state target: rebalances after the first move <= 5 % of slots and lose <= 0.005
+next-window balancedness against min_improvement 0.
 
     python benchmarks/eplb_planner_bench.py --rebalances
+    python benchmarks/eplb_planner_bench.py --rebalances --gpus 64,256 --loads steady --windows 3
 """
 
 from __future__ import annotations
@@ -285,33 +291,36 @@ def rebalance_series(ref, args, shape: ModelShape, gpus: int, *, drifting: bool,
     ds_nodes = deepseek_nodes(shape.num_groups, nodes)
     rng = np.random.default_rng(seed)
     weights = popularity(rng, shape.layers, shape.experts)
-    rm_slots = ds_slots = default_expert_slots(shape.layers, shape.experts, physical)
-    rows = []
-    for window in range(1, args.windows + 1):
+    loads = []
+    for window in range(1, args.windows + 2):  # the last window only serves the last plan
         if drifting and window > 1:
             weights = shift_hot_set(rng, weights)
-        load = sample(rng, weights, args.window_tokens)
-        plan_raymoe = functools.partial(
-            plan_with_policy,
-            load,
-            rm_slots,
-            gpus,
-            policy=args.policy,
-            nodes=nodes if shape.experts % nodes == 0 else 1,
-            bytes_per_expert=shape.expert_bytes,
-        )
+        loads.append(sample(rng, weights, args.window_tokens))
+    raymoe = functools.partial(
+        plan_with_policy,
+        policy=args.policy,
+        nodes=nodes if shape.experts % nodes == 0 else 1,
+        bytes_per_expert=shape.expert_bytes,
+    )
+    rm_slots = exact_slots = ds_slots = default_expert_slots(shape.layers, shape.experts, physical)
+    rows = []
+    for window, (load, next_load) in enumerate(zip(loads, loads[1:]), start=1):
         t = time.perf_counter()
-        plan = plan_raymoe(min_improvement=args.min_improvement)
+        plan = raymoe(load, rm_slots, gpus, min_improvement=args.min_improvement)
         rm_time, t = time.perf_counter() - t, time.perf_counter()
         ds = deepseek_plan(ref, load, physical, gpus, ds_nodes, num_groups=shape.num_groups)
         row = {"window": window, "rm_time": rm_time, "ds_time": time.perf_counter() - t}
         row.update(mode=plan.mode, hier_layers=plan.hierarchical_layers, rm_bal=plan.balancedness_after)
         row.update(rm_moved=plan.moved_slots, ds_bal=balancedness(rank_loads(load, ds, gpus)))
         row.update(ds_moved=int(moved_slots(ds_slots, ds).sum()), total_slots=shape.layers * physical)
-        if window == 1:  # the balancedness auto reaches when every gain counts
-            exact = plan_raymoe()
-            row.update(exact_mode=exact.mode, exact_hier_layers=exact.hierarchical_layers)
-            row["exact_bal"] = exact.balancedness_after
+        exact = raymoe(load, exact_slots, gpus)  # a series of its own: every gain counts
+        row.update(exact_mode=exact.mode, exact_hier_layers=exact.hierarchical_layers)
+        row.update(exact_bal=exact.balancedness_after, exact_moved=exact.moved_slots)
+        rm_next, exact_next, ds_next = (
+            balancedness(rank_loads(next_load, slots, gpus))
+            for slots in (plan.physical_to_logical, exact.physical_to_logical, ds)
+        )
+        row.update(rm_next=rm_next, exact_next=exact_next, ds_next=ds_next)
         if window == 1 and ds_nodes > 1:  # DeepSeek's other mode: global
             row["ds_global_bal"] = balancedness(rank_loads(load, deepseek_plan(ref, load, physical, gpus, 1), gpus))
         if window in args.report_at and nodes > 1:
@@ -320,7 +329,7 @@ def rebalance_series(ref, args, shape: ModelShape, gpus: int, *, drifting: bool,
             row["rm_cross_blind"] = cross_node(rm_slots, new, gpus, args.gpus_per_node, node_aware=False)
             row["ds_cross"] = cross_node(ds_slots, ds, gpus, args.gpus_per_node, node_aware=True)
         rows.append(row)
-        rm_slots, ds_slots = plan.physical_to_logical, ds
+        rm_slots, exact_slots, ds_slots = plan.physical_to_logical, exact.physical_to_logical, ds
     return rows
 
 
@@ -376,13 +385,52 @@ def moves_table(results: list[tuple[ModelShape, int, str, list[dict]]], args) ->
     return "\n".join(lines)
 
 
+def next_window_table(results: list[tuple[ModelShape, int, str, list[dict]]], args) -> str:
+    """Slots moved and the balancedness each plan gets on the window after the one it was
+    planned on, for raymoe's series with --min-improvement and with 0, and DeepSeek's."""
+    head = (
+        f"| model | GPUs | load | rebalance | raymoe moved slots: min_improvement {args.min_improvement:g} / 0 "
+        f"| next-window balancedness: raymoe {args.min_improvement:g} / 0 / DeepSeek | raymoe {args.min_improvement:g} "
+        "minus 0 |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for shape, gpus, load, rows in results:
+        for r in rows:
+            if r["window"] not in args.report_at:
+                continue
+            total = r["total_slots"]
+            lines.append(
+                f"| {shape.name} | {gpus} | {load} | {r['window']} | {100 * r['rm_moved'] / total:.1f}% / "
+                f"{100 * r['exact_moved'] / total:.1f}% | {r['rm_next']:.4f} / {r['exact_next']:.4f} / "
+                f"{r['ds_next']:.4f} | {r['rm_next'] - r['exact_next']:+.4f} |"
+            )
+    return "\n".join(lines)
+
+
+def steady_verdict(results: list[tuple[ModelShape, int, str, list[dict]]]) -> list[str]:
+    """Per steady series, over the rebalances after the first: the most slots moved and the
+    largest next-window balancedness shortfall against min_improvement 0."""
+    lines = []
+    for shape, gpus, load, rows in results:
+        later = rows[1:]
+        if load != "steady" or not later:
+            continue
+        most = max(r["rm_moved"] / r["total_slots"] for r in later)
+        short = max(r["exact_next"] - r["rm_next"] for r in later)
+        lines.append(
+            f"{shape.name} {gpus} GPUs steady, rebalances 2-{rows[-1]['window']}: moved at most {100 * most:.1f}% of "
+            f"slots, next-window balancedness at most {short:.4f} below min_improvement 0's"
+        )
+    return lines
+
+
 def run_rebalances(ref, args) -> int:
     results, started = [], time.perf_counter()
     for shape in MODEL_SHAPES:
         for gpus in shape.gpus:
-            if gpus > args.max_gpus:
+            if args.gpus and gpus not in args.gpus:
                 continue
-            for load in ("steady", "drifting"):
+            for load in args.loads:
                 seed = args.seed + gpus + shape.experts  # the same popularity for both loads
                 rows = rebalance_series(ref, args, shape, gpus, drifting=load == "drifting", seed=seed)
                 results.append((shape, gpus, load, rows))
@@ -390,7 +438,8 @@ def run_rebalances(ref, args) -> int:
                     print(
                         f"{shape.name} {gpus} GPUs {load} rebalance {r['window']}: raymoe {r['mode']} "
                         f"bal {r['rm_bal']:.4f} moved {r['rm_moved']} ({r['rm_time']:.1f} s); DeepSeek bal "
-                        f"{r['ds_bal']:.4f} moved {r['ds_moved']} ({r['ds_time']:.1f} s)",
+                        f"{r['ds_bal']:.4f} moved {r['ds_moved']} ({r['ds_time']:.1f} s); next window raymoe "
+                        f"{r['rm_next']:.4f}, min_improvement 0 {r['exact_next']:.4f} (moved {r['exact_moved']})",
                         flush=True,
                     )
     print()
@@ -404,12 +453,17 @@ def run_rebalances(ref, args) -> int:
     print(mode_table(results, args))
     print()
     print(moves_table(results, args))
+    print()
+    print(next_window_table(results, args))
+    print()
+    print("\n".join(steady_verdict(results)))
     return 0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
     floats = lambda text: [float(x) for x in text.split(",")]  # noqa: E731
+    strs = lambda text: text.split(",")  # noqa: E731
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=58)
     p.add_argument("--experts", type=int, default=256)
@@ -431,7 +485,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--windows", type=int, default=5, help="--rebalances: rebalances per series")
     p.add_argument("--window-tokens", type=int, default=4_000_000, help="--rebalances: tokens per layer per window")
     p.add_argument("--report-at", type=ints, default=[2, 5], help="--rebalances: rebalances reported")
-    p.add_argument("--max-gpus", type=int, default=256, help="--rebalances: skip larger GPU counts")
+    p.add_argument("--gpus", type=ints, default=[], help="--rebalances: only these GPU counts (default: all)")
+    p.add_argument("--loads", type=strs, default=["steady", "drifting"], help="--rebalances: steady, drifting")
     return p.parse_args(argv)
 
 

@@ -43,17 +43,28 @@ Per layer:
    counts, now and then lands below the fresh plan by luck, and the layer moves again.)
    Balancedness never drops, and a layer changes only when its max rank load strictly
    falls.
-7. Move tolerance: with ``min_improvement``, a candidate also qualifies in step 6 when its
-   balancedness (mean / max rank load) is within min_improvement of the fresh plan's, so
-   a layer keeps its current slots (or takes the warm plan) unless moving gains that much;
-   the plan reports as skipped the slots that planning with min_improvement = 0 would
-   move on top (per layer).
+7. Move tolerance: with ``min_improvement`` > 0, a candidate that moves slots also
+   qualifies in step 6 when its balancedness (mean / max rank load) is within
+   min_improvement of the fresh plan's, and the current slots when theirs is within
+   min_improvement + 3 sigma of it, sigma = the fresh plan's balancedness / sqrt(its max
+   rank load): the sampling noise of a max rank load of that many routed choices (load
+   counts are token counts, Poisson-like, so a rank load L varies by at most sqrt(L)).
+   The fresh plan fits the noise of the window it is planned on while the current slots
+   were planned on another, so with few slots per rank the fresh plan's gain on the
+   planned window is mostly noise that the next window does not repeat; a layer keeps its
+   current slots unless moving gains clearly more than noise, and once it moves it takes
+   a plan within min_improvement of the fresh one (a hysteresis: it does not settle at
+   the edge of the wider bar). Both bars come from the fresh plan, and the current slots'
+   bar is the wider one, so step 6's fixed point holds. The plan reports as skipped the
+   slots that planning with min_improvement = 0 (no noise term either) would move on top
+   (per layer).
 8. Mode (``plan_with_policy``): ``global`` plans with nodes = 1, ``hierarchical`` with the
    layout's nodes, ``auto`` (where hierarchical is possible) pools both modes' candidates
-   of a layer and applies step 6 with the lower of the two bars; should global's own
-   choice have a lower max rank load, it takes that. So auto is never worse than global,
-   layer by layer, moves more than global only in layers where hierarchical packing from
-   scratch beats global packing from scratch, and is a fixed point as well (its row
+   of a layer and applies step 6 with the lower of the two modes' bars (each of step 7's
+   two); should global's own choice have a lower max rank load, it takes that. So auto is
+   never worse than global (with the same min_improvement), layer by layer, moves more
+   than global only in layers where hierarchical packing from scratch beats global
+   packing from scratch, and is a fixed point as well (its row
    qualifies in both steps when it is the current one). Picking whole plans by
    balancedness is not: the other mode's plan from the chosen slots keeps their good
    layers and improves the rest. The supported models have no group-limited routing, so
@@ -72,6 +83,7 @@ from raymoe.cluster.eplb_metrics import balancedness, moved_slots, rank_loads, r
 from raymoe.cluster.eplb_packing import Bins, greedy_replica_counts, pack_greedy, refine, repair_duplicates
 
 _REL_TOL = 1e-9
+_NOISE_SIGMAS = 3.0  # step 7: how far beyond sampling noise a gain must go to move a layer
 POLICIES = ("auto", "global", "hierarchical")
 
 
@@ -245,14 +257,24 @@ def _layer_max(load: np.ndarray, row: np.ndarray, ep: int) -> float:
     return float(per_replica[row].reshape(ep, -1).sum(1).max())
 
 
-def _max_limit(fresh_max: float, mean: float, *, tolerance: float, min_improvement: float) -> float:
-    """Highest max rank load that still qualifies (steps 6, 7): within (1 + tolerance) of the
-    fresh plan's, or a balancedness (mean / max) within min_improvement of the fresh plan's."""
+def _max_limit(fresh_max: float, mean: float, *, tolerance: float, slack: float) -> float:
+    """Highest max rank load within (1 + tolerance) of the fresh plan's, or with a
+    balancedness (mean / max) within ``slack`` of the fresh plan's."""
     limit = fresh_max * (1 + tolerance)
-    if min_improvement > 0:
-        floor = mean / fresh_max - min_improvement
+    if slack > 0:
+        floor = mean / fresh_max - slack
         limit = max(limit, mean / floor if floor > 0 else np.inf)
     return limit
+
+
+def _bars(fresh_max: float, mean: float, *, tolerance: float, min_improvement: float) -> tuple[float, float]:
+    """Steps 6, 7: the highest max rank load at which the current slots qualify, and at which
+    a candidate that moves slots does."""
+    move = _max_limit(fresh_max, mean, tolerance=tolerance, slack=min_improvement)
+    if min_improvement == 0:
+        return move, move
+    noise = _NOISE_SIGMAS * (mean / fresh_max) / np.sqrt(fresh_max)
+    return _max_limit(fresh_max, mean, tolerance=tolerance, slack=min_improvement + noise), move
 
 
 def _plan_layer(
@@ -264,12 +286,13 @@ def _plan_layer(
         return current, len(modes) == 1 and modes[0] > 1
     kw = {"tolerance": tolerance, "min_improvement": min_improvement}
     if len(modes) == 1:
-        cands, bar = _candidates(load, current, ep, nodes=modes[0], **kw)
-        return _cheapest(load, current, ep, cands=cands, bar=bar), modes[0] > 1
-    (glob_cands, glob_bar), (hier_cands, hier_bar) = (_candidates(load, current, ep, nodes=n, **kw) for n in modes)
+        cands, bars = _candidates(load, current, ep, nodes=modes[0], **kw)
+        return _cheapest(load, current, ep, cands=cands, bars=bars), modes[0] > 1
+    (glob_cands, glob_bars), (hier_cands, hier_bars) = (_candidates(load, current, ep, nodes=n, **kw) for n in modes)
     union = glob_cands + hier_cands[1:]  # hier_cands[0] is current
-    row = _cheapest(load, current, ep, cands=union, bar=min(glob_bar, hier_bar))
-    glob = _cheapest(load, current, ep, cands=glob_cands, bar=glob_bar)
+    lower = (min(glob_bars[0], hier_bars[0]), min(glob_bars[1], hier_bars[1]))
+    row = _cheapest(load, current, ep, cands=union, bars=lower)
+    glob = _cheapest(load, current, ep, cands=glob_cands, bars=glob_bars)
     if _layer_max(load, glob, ep) < _layer_max(load, row, ep):
         row = glob
     return row, any(row is c for c in hier_cands[1:])
@@ -277,22 +300,28 @@ def _plan_layer(
 
 def _candidates(
     load: np.ndarray, current: np.ndarray, ep: int, *, nodes: int, tolerance: float, min_improvement: float
-) -> tuple[list[np.ndarray], float]:
-    """Steps 1-5 in one mode: [current, warm (if any), fresh] and the highest max rank load
-    that qualifies (steps 6, 7)."""
+) -> tuple[list[np.ndarray], tuple[float, float]]:
+    """Steps 1-5 in one mode: [current, warm (if any), fresh] and the bars of steps 6, 7
+    (current's, moving candidates')."""
     fresh = _fresh(load, current, ep, nodes)
     mean = float(load.sum()) / ep
-    bar = _max_limit(_layer_max(load, fresh, ep), mean, tolerance=tolerance, min_improvement=min_improvement)
+    bars = _bars(_layer_max(load, fresh, ep), mean, tolerance=tolerance, min_improvement=min_improvement)
     hint, budget = np.bincount(fresh, minlength=load.size), int((fresh != current).sum())
-    warm = _warm(load, current, ep, nodes=nodes, hint=hint, good_enough=bar, budget=budget)
-    return [c for c in (current, warm, fresh) if c is not None], bar
+    warm = _warm(load, current, ep, nodes=nodes, hint=hint, good_enough=bars[1], budget=budget)
+    return [c for c in (current, warm, fresh) if c is not None], bars
 
 
-def _cheapest(load: np.ndarray, current: np.ndarray, ep: int, *, cands: list[np.ndarray], bar: float) -> np.ndarray:
-    """Step 6: of cands, the one changing the fewest slots of current among those whose max
-    rank load is <= bar (plus 1e-9 relative); the earlier of equals."""
-    limit = bar * (1 + _REL_TOL)
-    moved = [int((c != current).sum()) if _layer_max(load, c, ep) <= limit else current.size + 1 for c in cands]
+def _cheapest(
+    load: np.ndarray, current: np.ndarray, ep: int, *, cands: list[np.ndarray], bars: tuple[float, float]
+) -> np.ndarray:
+    """Step 6: of cands (cands[0] = current), the one changing the fewest slots of current
+    among those whose max rank load is <= its bar (plus 1e-9 relative): bars[0] for current,
+    bars[1] for the others; the earlier of equals."""
+    limits = [bars[0]] + [bars[1]] * (len(cands) - 1)
+    moved = [
+        int((c != current).sum()) if _layer_max(load, c, ep) <= limit * (1 + _REL_TOL) else current.size + 1
+        for c, limit in zip(cands, limits)
+    ]
     return cands[int(np.argmin(moved))]
 
 

@@ -59,10 +59,10 @@ def test_outputs_unchanged_across_rebalance(ray_session, ep, chunk):
         controller = llm.controller
         before = llm.generate(PROMPTS, SAMPLING)
         initial = ray.get(controller.run_on_ranks.remote(_expert_slots))[0]
-        # a skewed load: expert 0 and 4 hot in every layer
+        # a skewed load of ~100k routed tokens per layer: expert 0 and 4 hot in every layer
         hot = torch.ones(8)
         hot[0], hot[4] = 60.0, 25.0
-        status = ray.get(controller.rebalance.remote((torch.rand(4, 8) + hot).tolist()))
+        status = ray.get(controller.rebalance.remote(((torch.rand(4, 8) + hot) * 1000).tolist()))
         assert status["enabled"]
         during = llm.generate(PROMPTS, SAMPLING)  # the moves happen while these steps run
         status = _rebalanced(controller, 1)
@@ -120,7 +120,7 @@ def test_rebalance_keeps_outputs_with_shared_experts_and_grouped_routing(ray_ses
         moe_layers = len(ray.get(controller.run_on_ranks.remote(_expert_slots))[0])
         hot = torch.ones(8)
         hot[1], hot[6] = 50.0, 30.0
-        ray.get(controller.rebalance.remote((torch.rand(moe_layers, 8) + hot).tolist()))
+        ray.get(controller.rebalance.remote(((torch.rand(moe_layers, 8) + hot) * 1000).tolist()))  # routed tokens
         during = llm.generate(prompts, SAMPLING)
         status = _rebalanced(controller, 1)
         assert status["layers_total"] > 0 and status["balancedness_after"] > status["balancedness_before"]

@@ -67,8 +67,9 @@ def _manager(ranks: FakeRanks, **config) -> EplbManager:
 
 
 def _skewed_physical_load() -> torch.Tensor:
-    load = torch.ones(LAYERS, SLOTS)
-    load[:, 2] = 50.0  # slot 2 holds expert 2 (its only copy) in the default slots: hot in every layer
+    """A window of ~59k routed tokens per layer."""
+    load = torch.full((LAYERS, SLOTS), 1000.0)
+    load[:, 2] = 50_000.0  # slot 2 holds expert 2 (its only copy) in the default slots: hot in every layer
     return load
 
 
