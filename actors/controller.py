@@ -166,8 +166,9 @@ class Controller:
     # ---- expert-parallel load balancing ------------------------------------------------
 
     async def rebalance(self, logical_load: Optional[list[list[float]]] = None) -> dict[str, Any]:
-        """Start a rebalance now (from ``logical_load`` [moe layers][experts], or the recorded
-        load) and return the EPLB status once it is planned; its moves proceed while steps
+        """Start a rebalance now (from ``logical_load`` [moe layers][experts], routed-token
+        counts: the planner reads their sampling noise from them; or the recorded load) and
+        return the EPLB status once it is planned; its moves proceed while steps
         run. Raises RebalanceRefused while one is under way, or with no load to plan on."""
         if self.eplb is None:
             raise ValueError("eplb.enabled is false (or the model has no MoE layers): nothing to rebalance")

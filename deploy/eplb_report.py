@@ -67,7 +67,7 @@ def summary(status: dict) -> str:
         f"moved: {status['bytes_moved'] / 2**20:.1f} MiB over {status['layers_total']} layer(s); planning took "
         f"{status.get('plan_s', 0):.3f} s",
         f"mode: {status.get('mode', '?')}; slots moved: {status.get('moved_slots', '?')}, left in place for "
-        f"gaining < eplb.min_improvement: {status.get('skipped_slots', '?')}",
+        f"gaining too little (eplb.min_improvement, the load's sampling noise): {status.get('skipped_slots', '?')}",
     ]
     if "rebalance_step_ms_max" in status:
         lines.append(

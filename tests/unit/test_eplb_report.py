@@ -68,4 +68,4 @@ def test_summary_states():
         }
     )
     assert "0.5000 -> 0.9000" in text and "rank 0: 6 -> 4" in text and "2.0 MiB" in text
-    assert "mode: global; slots moved: 7" in text and "min_improvement: 3" in text
+    assert "mode: global; slots moved: 7" in text and "sampling noise): 3" in text
