@@ -159,8 +159,6 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         """Pick this step's chunks and reserve their blocks (see the module docstring)."""
-        for req in self._running:  # blocks computed by the steps launched so far become shareable
-            self.block_manager.register_computed(req)
         chunks: list[ScheduledChunk] = []
         preempted: list[str] = []
         budget = self._schedule_running(chunks, preempted)
@@ -184,6 +182,7 @@ class Scheduler:
             if req is not None:
                 assert chunk.start_pos == req.num_computed_tokens, f"{req.request_id}: stale or repeated update"
                 req.num_computed_tokens += len(chunk.token_ids)
+                self.block_manager.register_computed(req)  # its blocks this step fills become shareable
                 if chunk.prompt_logprob_targets:
                     end = chunk.start_pos + chunk.prompt_logprob_offset + len(chunk.prompt_logprob_targets)
                     req.num_prompt_logprob_rows = end

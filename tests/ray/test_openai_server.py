@@ -461,3 +461,19 @@ def test_eplb_admin_metrics_and_report(server, client, tmp_path):
     after = _http(server, "/admin/eplb")[1]
     assert after["rebalances"] == body["rebalances"] and after["balancedness_after"] == body["balancedness_after"]
     assert "not enough load recorded" in after["skipped"]
+
+
+def test_metrics_count_prefix_cache_hits(server, client):
+    """A prompt sent twice: the second reads its full blocks from the cache, and /metrics says so."""
+    prompt = "a shared system prompt, long enough for a few blocks: " * 8
+    before = _metrics(server)
+    for _ in range(2):
+        r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0)
+    after = _metrics(server)
+
+    def delta(name: str) -> float:
+        return sum(v - before.get(k, 0) for k, v in after.items() if k.startswith(name + "{"))
+
+    prompt_tokens = r.usage.prompt_tokens
+    assert delta("raymoe_prefix_cache_query_tokens") == 2 * prompt_tokens
+    assert delta("raymoe_prefix_cache_hit_tokens") == (prompt_tokens - 1) // 16 * 16  # the second's full blocks

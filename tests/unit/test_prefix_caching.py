@@ -170,3 +170,14 @@ def test_prompt_logprobs_are_computed_not_shared():
     assert bm.num_cached_tokens == before
     _run(engine, {"again2": (prompts["again"], plain)})
     assert bm.num_cached_tokens > before
+
+
+def test_a_one_step_request_leaves_its_blocks_cached():
+    """A request that ends in its first step (prefill + one token) still shares its blocks."""
+    prompts = _shared_prompts(random.Random(5))
+    one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    engine = _engine(True)
+    _run(engine, {"base": (prompts["base"], one)})
+    _run(engine, {"again": (prompts["again"], one)})
+    bm = engine.local.core.schedulers[0].block_manager
+    assert bm.num_cached_tokens == (len(prompts["again"]) - 1) // BLOCK * BLOCK
