@@ -46,6 +46,12 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-len", type=int, default=128, help="prompt tokens per request")
     p.add_argument("--output-len", type=int, default=64, help="generated tokens per request")
     p.add_argument("--vocab-size", type=int, default=256, help="prompt token ids are drawn from [0, N)")
+    p.add_argument(
+        "--shared-prefix",
+        type=int,
+        default=0,
+        help="the first N prompt tokens are the same in every request (a system prompt; prefix caching)",
+    )
     p.add_argument("--warmup", type=int, default=2, help="untimed requests first")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--api-key", help="sent as 'Authorization: Bearer KEY'")
@@ -56,6 +62,8 @@ def bench_main(args: argparse.Namespace) -> int:
     for name in ("num_requests", "concurrency", "input_len", "output_len", "vocab_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: must be >= 1")
+    if not 0 <= args.shared_prefix <= args.input_len:
+        raise ValueError(f"--shared-prefix: must be in [0, --input-len={args.input_len}]")
     summary = asyncio.run(run_bench(args))
     print(format_summary(summary))
     if args.json_out:
@@ -73,8 +81,10 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     async with aiohttp.ClientSession(headers=headers, timeout=timeout, connector=connector) as session:
         model = args.model or await _first_model(session, bases[0])
 
+        shared = [rng.randrange(args.vocab_size) for _ in range(args.shared_prefix)]
+
         def payload() -> dict[str, Any]:
-            prompt = [rng.randrange(args.vocab_size) for _ in range(args.input_len)]
+            prompt = shared + [rng.randrange(args.vocab_size) for _ in range(args.input_len - len(shared))]
             return {
                 "model": model,
                 "prompt": prompt,
