@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 from raymoe.actors.engine.request import PENDING_TOKEN, Request
 
@@ -30,7 +30,8 @@ def prefix_keys(token_ids: Sequence[int], block_size: int, num_blocks: int, firs
     previous = first
     for b in range(num_blocks):
         block = token_ids[b * block_size : (b + 1) * block_size]
-        previous = hashlib.blake2b(previous + b"".join(t.to_bytes(8, "little") for t in block), digest_size=16).digest()
+        data = b"".join(t.to_bytes(8, "little", signed=True) for t in block)
+        previous = hashlib.blake2b(previous + data, digest_size=16).digest()
         yield previous
 
 
@@ -101,20 +102,20 @@ class BlockManager:
             self._holders[block] = {req.request_id}
             req.block_ids.append(block)
 
-    def cached_prefix(self, req: Request) -> list[int]:
+    def cached_prefix(self, req: Request) -> tuple[list[int], Optional[bytes]]:
         """The blocks holding the longest cached run of `req`'s leading full blocks (a request
         holding no blocks, not asking for prompt logprobs), leaving at least its last token
-        to compute."""
+        to compute; and the key of the full block after them (None: no further one)."""
         if not self.prefix_caching or req.block_ids or req.sampling.prompt_logprobs is not None:
-            return []  # prompt logprobs need the prompt's logits: computed, not shared
+            return [], None  # prompt logprobs need the prompt's logits: computed, not shared
         tokens = req.all_token_ids
-        blocks = []
-        for key in prefix_keys(tokens, self._block_size, (len(tokens) - 1) // self._block_size):
+        blocks: list[int] = []
+        for key in prefix_keys(tokens, self._block_size, (_known_tokens(req) - 1) // self._block_size):
             block = self._block_of.get(key)
             if block is None:
-                break
+                return blocks, key
             blocks.append(block)
-        return blocks
+        return blocks, None
 
     def keys_through(self, req: Request, num_tokens: int) -> list[bytes]:
         """Keys of `req`'s full blocks within its first `num_tokens` tokens (what computing
@@ -150,10 +151,7 @@ class BlockManager:
         launched so far) and whose tokens are all known, so later requests can share them."""
         if not self.prefix_caching:
             return
-        outputs, known = req.output_token_ids, req.num_tokens
-        while known > req.num_prompt_tokens and outputs[known - req.num_prompt_tokens - 1] == PENDING_TOKEN:
-            known -= 1  # pending outputs sit at the end
-        full = min(req.num_computed_tokens, known) // self._block_size
+        full = min(req.num_computed_tokens, _known_tokens(req)) // self._block_size
         keys = self._keys.setdefault(req.request_id, [])
         if full <= len(keys):
             return
@@ -167,7 +165,8 @@ class BlockManager:
 
     def free(self, req: Request) -> None:
         """Release all of `req`'s blocks and clear its block table; keyed ones stay cached."""
-        # Release in reverse so the request's first block is reused first (LIFO / least recent).
+        # In reverse: the free stack hands the first block out first, and the cache evicts a
+        # prefix's tail before its head.
         for block in reversed(req.block_ids):
             holders = self._holders.get(block, set())
             assert req.request_id in holders, f"block {block} freed by {req.request_id}, which does not hold it"
@@ -188,3 +187,11 @@ class BlockManager:
         del self._block_of[self._key_of.pop(block)]
         self.num_evictions += 1
         return block
+
+
+def _known_tokens(req: Request) -> int:
+    """How many of `req`'s leading tokens are known (its pending outputs sit at the end)."""
+    known, outputs = req.num_tokens, req.output_token_ids
+    while known > req.num_prompt_tokens and outputs[known - req.num_prompt_tokens - 1] == PENDING_TOKEN:
+        known -= 1
+    return known

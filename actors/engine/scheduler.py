@@ -250,10 +250,10 @@ class Scheduler:
             # (but those whose pending token ends them, which leave once it arrives).
             assert len(self._running) == len(chunks) + sum(map(self._ends_by_length, self._running))
             req = self._waiting[i]
-            prefix = bm.cached_prefix(req)
+            prefix, next_key = bm.cached_prefix(req)
             cached = len(prefix) * bm.block_size
-            if computing and self._next_block_is_computing(req, cached, computing):
-                i += 1  # wait a step and share that block instead of computing it twice
+            if next_key is not None and next_key in computing:
+                i += 1  # its next block is being filled this step: wait a step and share it
                 continue
             n = min(req.num_tokens - cached, budget)
             if head is None:
@@ -276,13 +276,6 @@ class Scheduler:
                 head.num_overtaken += 1
                 if head.num_overtaken >= MAX_OVERTAKES:
                     break
-
-    def _next_block_is_computing(self, req: Request, cached: int, computing: set[bytes]) -> bool:
-        """Whether the block after `req`'s cached prefix is one a request admitted this step fills."""
-        bs = self.block_manager.block_size
-        if cached + bs > req.num_tokens - 1:  # no further full block it could share
-            return False
-        return self.block_manager.keys_through(req, cached + bs)[-1] in computing
 
     def _admit(self, index: int, req: Request, prefix: list[int], n: int, chunks: list[ScheduledChunk]) -> None:
         """Start waiting request ``index`` from its cached ``prefix`` with a chunk of ``n`` tokens."""

@@ -14,7 +14,7 @@ from test_engine_local import _engine as local_engine
 
 from raymoe.actors.engine.block_manager import BlockManager
 from raymoe.actors.engine.core import EngineCore
-from raymoe.actors.engine.request import Request, SamplingParams
+from raymoe.actors.engine.request import PENDING_TOKEN, Request, SamplingParams
 from raymoe.actors.engine.scheduler import Scheduler
 
 BLOCK = 4
@@ -181,3 +181,19 @@ def test_a_one_step_request_leaves_its_blocks_cached():
     _run(engine, {"again": (prompts["again"], one)})
     bm = engine.local.core.schedulers[0].block_manager
     assert bm.num_cached_tokens == (len(prompts["again"]) - 1) // BLOCK * BLOCK
+
+
+def test_pending_outputs_are_never_keyed_nor_looked_up():
+    """A request whose last outputs are still pending (pipelined steps) keys and looks up only
+    the blocks of tokens it knows."""
+    bm = BlockManager(16, BLOCK, prefix_caching=True)
+    req = Request("r", list(range(3, 3 + 2 * BLOCK)), SamplingParams(max_tokens=8), seed=0, arrival=0.0)
+    bm.allocate(req, 3 * BLOCK)
+    req.output_token_ids = [9] * (BLOCK - 1) + [PENDING_TOKEN]  # the third block ends in a pending token
+    req.num_computed_tokens = 3 * BLOCK
+    bm.register_computed(req)
+    assert len(bm._block_of) == 2  # the third block waits for its token
+    waiting = Request("w", req.prompt_token_ids, SamplingParams(max_tokens=8), seed=1, arrival=1.0)
+    waiting.output_token_ids = [9] * (BLOCK - 1) + [PENDING_TOKEN]
+    blocks, next_key = bm.cached_prefix(waiting)
+    assert blocks == req.block_ids[:2] and next_key is None
