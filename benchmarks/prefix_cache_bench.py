@@ -1,0 +1,195 @@
+"""Prefix caching on and off, through the real endpoint, one server per setting in one run.
+
+    python benchmarks/prefix_cache_bench.py --config qwen3-30b-a3b-dummy --layers 16
+    python benchmarks/prefix_cache_bench.py --config tiny --prefix 448 --suffix 16 --output-len 16 \\
+        --decode-input-len 64 --decode-output-len 32
+
+For each of ``engine.prefix_caching: false`` then ``true`` it serves ``--config`` (in its
+own process, so the GPU is free between them) and measures:
+
+* shared prefix: ``--num-requests`` streamed completions at ``--concurrency``, each
+  prompt ``--prefix`` tokens shared by all then ``--suffix`` unique ones, ``--output-len``
+  new tokens. Prefill tokens computed are the engine's prompt tokens started minus those
+  whose KV came from the cache (``EngineStats``), over the run; TTFT is the client's.
+* nothing shared (the cost of the bookkeeping): offline ``LLM.generate`` of
+  ``--decode-batch`` unique prompts, once with ``--decode-output-len`` new tokens and once
+  with 1; the decode step is the difference over the extra steps. Each run uses fresh
+  prompts, so the cache never helps.
+
+``--layers`` serves a copy of the model's config with that many layers (dummy weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import pathlib
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+import serve_bench  # noqa: E402
+
+from raymoe.deploy.bench import run_bench  # noqa: E402
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="tiny")
+    p.add_argument("--layers", type=int)
+    p.add_argument("--num-requests", type=int, default=64)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--prefix", type=int, default=4000, help="shared prompt tokens")
+    p.add_argument("--suffix", type=int, default=64, help="unique prompt tokens after the prefix")
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--decode-batch", type=int, default=64)
+    p.add_argument("--decode-input-len", type=int, default=512)
+    p.add_argument("--decode-output-len", type=int, default=256)
+    p.add_argument("--vocab-size", type=int, default=512)
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=YAML")
+    p.add_argument("--caching", choices=["on", "off"], help=argparse.SUPPRESS)  # one setting, in this process
+    p.add_argument("--json", dest="json_out", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.caching:
+        result = measure(args)
+        pathlib.Path(args.json_out).write_text(json.dumps(result))
+        return 0
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for setting in ("off", "on"):
+            out = pathlib.Path(tmp, f"{setting}.json")
+            cmd = [sys.executable, __file__, *sys.argv[1:], "--caching", setting, "--json", str(out)]
+            subprocess.run(cmd, check=True)
+            results[setting] = json.loads(out.read_text())
+    print(format_table(args, results["off"], results["on"]))
+    return 0 if all(r["failed"] == 0 for r in results.values()) else 1
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    import ray
+    from ray import serve
+
+    from raymoe.deploy.llm import LLM
+    from raymoe.deploy.serve_app import APP_NAME, start_serving, stop_serving
+
+    cfg_args = argparse.Namespace(
+        config=args.config,
+        layers=args.layers,
+        set=[*args.set, f"engine.prefix_caching={'true' if args.caching == 'on' else 'false'}"],
+    )
+    config, tmp = serve_bench._config(cfg_args)
+    url = start_serving(config)
+    try:
+        (controller,) = serve.get_deployment_handle("EngineHost", APP_NAME).controller.remote().result()
+        bench = argparse.Namespace(
+            url=url,
+            model=None,
+            api_key=config.serve.api_key,
+            num_requests=args.num_requests,
+            concurrency=args.concurrency,
+            input_len=args.prefix + args.suffix,
+            shared_prefix=args.prefix,
+            output_len=args.output_len,
+            vocab_size=args.vocab_size,
+            warmup=0,
+            seed=0,
+        )
+        warm = argparse.Namespace(**{**vars(bench), "num_requests": 2, "concurrency": 2, "shared_prefix": 0, "seed": 1})
+        asyncio.run(run_bench(warm))  # compiles, graphs, first-call costs; shares nothing with the run
+        before = ray.get(controller.stats.remote())
+        shared = asyncio.run(run_bench(bench))
+        after = ray.get(controller.stats.remote())
+        query = sum(after.prefix_cache_query_tokens) - sum(before.prefix_cache_query_tokens)
+        hit = sum(after.prefix_cache_hit_tokens) - sum(before.prefix_cache_hit_tokens)
+        llm = LLM(controller=controller)
+        try:
+            decode = decode_step(llm, args)
+        finally:
+            llm.shutdown()
+    finally:
+        stop_serving()
+        ray.shutdown()
+        if tmp is not None:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return {
+        "failed": shared["failed"],
+        "errors": shared["errors"],
+        "prompt_tokens": query,
+        "computed_tokens": query - hit,
+        "ttft_ms": shared["ttft_ms"],
+        "tpot_ms": shared["tpot_ms"],
+        "duration_s": shared["duration_s"],
+        "output_throughput": shared["output_throughput"],
+        **decode,
+    }
+
+
+def decode_step(llm: Any, args: argparse.Namespace) -> dict[str, float]:
+    """Seconds per decode step at ``--decode-batch`` with nothing shared: generate N tokens and
+    1 token from fresh prompts (alternating, twice each), difference over N - 1 steps."""
+    from raymoe.actors.engine.request import SamplingParams
+
+    rng = random.Random(7)
+
+    def run(tokens: int) -> float:
+        prompts = [
+            [rng.randrange(args.vocab_size) for _ in range(args.decode_input_len)] for _ in range(args.decode_batch)
+        ]
+        sampling = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+        t0 = time.perf_counter()
+        llm.generate(prompts, sampling)
+        return time.perf_counter() - t0
+
+    run(2)  # warm-up
+    long, short = [], []
+    for _ in range(2):
+        long.append(run(args.decode_output_len))
+        short.append(run(1))
+    step = (min(long) - min(short)) / (args.decode_output_len - 1)
+    return {"decode_step_s": step, "decode_tok_s": args.decode_batch / step}
+
+
+def format_table(args: argparse.Namespace, off: dict[str, Any], on: dict[str, Any]) -> str:
+    lines = [
+        f"## prefix_cache_bench: {args.config} ({args.layers or 'all'} layers)",
+        "",
+        f"shared prefix: {args.num_requests} requests at concurrency {args.concurrency}, "
+        f"{args.prefix}-token shared prefix + {args.suffix} unique, {args.output_len} new tokens",
+        "",
+        "| prefix caching | prompt tokens | prefill tokens computed | TTFT median / mean / p99 ms "
+        "| TPOT median ms | duration s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in (("off", off), ("on", on)):
+        t = r["ttft_ms"]
+        lines.append(
+            f"| {name} | {r['prompt_tokens']:,} | {r['computed_tokens']:,} | "
+            f"{t['median']:.0f} / {t['mean']:.0f} / {t['p99']:.0f} | {r['tpot_ms']['median']:.2f} | "
+            f"{r['duration_s']:.2f} |"
+        )
+    lines += [
+        "",
+        f"prefill computed, on / off: {on['computed_tokens'] / max(1, off['computed_tokens']):.3f}; "
+        f"TTFT median, off / on: {off['ttft_ms']['median'] / max(1e-9, on['ttft_ms']['median']):.1f}x",
+        "",
+        f"nothing shared: decode step at batch {args.decode_batch} ({args.decode_input_len} in, "
+        f"{args.decode_output_len} out), offline",
+        "",
+        "| prefix caching | decode step ms | decode tok/s |",
+        "|---|---|---|",
+    ]
+    for name, r in (("off", off), ("on", on)):
+        lines.append(f"| {name} | {r['decode_step_s'] * 1e3:.3f} | {r['decode_tok_s']:,.0f} |")
+    lines.append(f"\ndecode step, on / off: {on['decode_step_s'] / off['decode_step_s']:.3f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
