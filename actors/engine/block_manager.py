@@ -15,24 +15,38 @@ first, then evicts the least recently released cached one.
 
 from __future__ import annotations
 
+import array
 import collections
 import hashlib
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 from raymoe.actors.engine.request import PENDING_TOKEN, Request
 
 
-def prefix_keys(token_ids: Sequence[int], block_size: int, num_blocks: int, first: bytes = b"") -> Iterator[bytes]:
-    """Keys of the first ``num_blocks`` full blocks of ``token_ids``, lazily: each a digest of
-    the previous key (``first`` before the first block) and the block's tokens (a
-    cryptographic digest: one user's prompt cannot be made to collide with another's
-    cached blocks)."""
-    previous = first
-    for b in range(num_blocks):
-        block = token_ids[b * block_size : (b + 1) * block_size]
-        data = b"".join(t.to_bytes(8, "little", signed=True) for t in block)
-        previous = hashlib.blake2b(previous + data, digest_size=16).digest()
-        yield previous
+def prefix_keys(token_ids: Sequence[int], block_size: int, num_blocks: int, first: bytes = b"") -> list[bytes]:
+    """Keys of the first ``num_blocks`` full blocks of ``token_ids``: each a digest of the
+    previous key (``first`` before the first block) and the block's tokens as signed 64-bit
+    integers (a cryptographic digest: one user's prompt cannot be made to collide with
+    another's cached blocks)."""
+    data = array.array("q", token_ids[: num_blocks * block_size]).tobytes()
+    step = 8 * block_size
+    keys, previous = [], first
+    for start in range(0, len(data), step):
+        previous = hashlib.blake2b(previous + data[start : start + step], digest_size=16).digest()
+        keys.append(previous)
+    return keys
+
+
+def request_block_keys(req: Request, num_blocks: int, block_size: int) -> list[bytes]:
+    """The keys of `req`'s first `num_blocks` full blocks (all known tokens), computed once
+    per block and kept on the request: a waiting request is looked up at every step."""
+    keys = req.block_keys
+    if len(keys) < num_blocks:
+        start = len(keys) * block_size
+        tokens = req.token_ids(start, num_blocks * block_size)
+        assert PENDING_TOKEN not in tokens, f"{req.request_id}: a block key over a pending token"
+        keys += prefix_keys(tokens, block_size, num_blocks - len(keys), first=keys[-1] if keys else b"")
+    return keys[:num_blocks]
 
 
 class BlockManager:
@@ -57,7 +71,7 @@ class BlockManager:
         self._holders: dict[int, set[str]] = {}  # blocks in use -> the requests holding them
         self._key_of: dict[int, bytes] = {}  # keyed blocks (in use or evictable) -> key
         self._block_of: dict[bytes, int] = {}  # key -> its block
-        self._keys: dict[str, list[bytes]] = {}  # request id -> keys of its leading keyed blocks
+        self._num_keyed: dict[str, int] = {}  # request id -> how many of its leading blocks are keyed
         self.num_cached_tokens = 0  # tokens of starting requests served from the cache since start
         self.num_started_tokens = 0  # tokens of starting requests (new or resumed) since start
         self.num_evictions = 0
@@ -108,9 +122,8 @@ class BlockManager:
         to compute; and the key of the full block after them (None: no further one)."""
         if not self.prefix_caching or req.block_ids or req.sampling.prompt_logprobs is not None:
             return [], None  # prompt logprobs need the prompt's logits: computed, not shared
-        tokens = req.all_token_ids
         blocks: list[int] = []
-        for key in prefix_keys(tokens, self._block_size, (_known_tokens(req) - 1) // self._block_size):
+        for key in request_block_keys(req, (_known_tokens(req) - 1) // self._block_size, self._block_size):
             block = self._block_of.get(key)
             if block is None:
                 return blocks, key
@@ -122,8 +135,8 @@ class BlockManager:
         them will let others share)."""
         if not self.prefix_caching:
             return []
-        full = min(num_tokens, req.num_tokens) // self._block_size
-        return list(prefix_keys(req.all_token_ids, self._block_size, full))
+        full = min(num_tokens, _known_tokens(req)) // self._block_size
+        return request_block_keys(req, full, self._block_size)
 
     def can_start(self, req: Request, prefix: Sequence[int], num_tokens_after: int) -> bool:
         """Whether `req` can take `prefix` (from ``cached_prefix``) and blocks up to
@@ -143,7 +156,7 @@ class BlockManager:
             self._holders[block].add(req.request_id)
             req.block_ids.append(block)
         req.num_computed_tokens = len(prefix) * self._block_size
-        self._keys[req.request_id] = [self._key_of[b] for b in prefix]
+        self._num_keyed[req.request_id] = len(prefix)
         self.num_cached_tokens += req.num_computed_tokens
 
     def register_computed(self, req: Request) -> None:
@@ -152,14 +165,12 @@ class BlockManager:
         if not self.prefix_caching:
             return
         full = min(req.num_computed_tokens, _known_tokens(req)) // self._block_size
-        keys = self._keys.setdefault(req.request_id, [])
-        if full <= len(keys):
+        done = self._num_keyed.setdefault(req.request_id, 0)
+        if full <= done:
             return
-        done = len(keys)
-        tokens = req.all_token_ids[done * self._block_size : full * self._block_size]
-        new = prefix_keys(tokens, self._block_size, full - done, first=keys[-1] if keys else b"")
-        for block, key in zip(req.block_ids[done:full], new):
-            keys.append(key)
+        keys = request_block_keys(req, full, self._block_size)
+        self._num_keyed[req.request_id] = full
+        for block, key in zip(req.block_ids[done:full], keys[done:]):
             if key not in self._block_of and block not in self._key_of:
                 self._block_of[key], self._key_of[block] = block, key
 
@@ -179,7 +190,7 @@ class BlockManager:
             else:
                 self._free.append(block)
         req.block_ids.clear()
-        self._keys.pop(req.request_id, None)
+        self._num_keyed.pop(req.request_id, None)
         assert len(self._free) + len(self._evictable) + len(self._holders) == self._num_blocks
 
     def _evict(self) -> int:

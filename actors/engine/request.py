@@ -194,6 +194,7 @@ class Request:
     # prompt positions whose next-token logprobs a step computes or computed (prompt_logprobs)
     num_prompt_logprob_rows: int = 0
     prompt_logprobs: list = field(default_factory=list)  # gathered until the first output token goes out
+    block_keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of its leading full blocks
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:
@@ -207,6 +208,15 @@ class Request:
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
+
+    def token_ids(self, start: int, end: int) -> list[int]:
+        """``all_token_ids[start:end]`` without building the whole list."""
+        split = len(self.prompt_token_ids)
+        if end <= split:
+            return self.prompt_token_ids[start:end]
+        if start >= split:
+            return self.output_token_ids[start - split : end - split]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - split]
 
     @property
     def num_tokens(self) -> int:

@@ -288,7 +288,7 @@ class Scheduler:
 
     def _chunk(self, req: Request, n: int) -> ScheduledChunk:
         start = req.num_computed_tokens
-        tokens = req.all_token_ids[start : start + n]
+        tokens = req.token_ids(start, start + n)
         assert len(tokens) == n and len(req.block_ids) * self.block_manager.block_size >= start + n
         sample, sampling = start + n == req.num_tokens, req.sampling
         # positions whose logits give a prompt token's logprob, not yet asked of a step
