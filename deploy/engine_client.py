@@ -121,6 +121,7 @@ class RequestStream:
         self._logits: list[Any] = []
         self._logprobs: list[Any] = []
         self._prompt_logprobs: Optional[list] = None
+        self._cached_tokens: Optional[int] = None
         self._finish = Finish.RUNNING
         self._error: Optional[BaseException] = None
         self._ready = asyncio.Event()
@@ -133,6 +134,8 @@ class RequestStream:
         self._logprobs.extend(entry.logprobs)
         if entry.prompt_logprobs is not None:
             self._prompt_logprobs = entry.prompt_logprobs
+        if entry.cached_tokens is not None:
+            self._cached_tokens = entry.cached_tokens
         self._finish = entry.finish
         self._ready.set()
 
@@ -156,6 +159,7 @@ class RequestStream:
             logprobs, self._logprobs = self._logprobs, []
             delta = self.text.add(tokens, self._finish, logits, logprobs)
             delta.prompt_logprobs, self._prompt_logprobs = self._prompt_logprobs, None
+            delta.cached_tokens, self._cached_tokens = self._cached_tokens, None
             if self.text.needs_abort:  # a stop string: the engine is still running it
                 self.client.abort(self.seq)
             if delta.token_ids or delta.text or delta.finished:

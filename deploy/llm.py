@@ -35,6 +35,7 @@ class Completion:
     token_ids: list[int]
     finish_reason: str
     num_prompt_tokens: int
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     logits: list[Any] = field(default_factory=list)  # per output token, when collect_logits=True
 
 
@@ -132,6 +133,8 @@ async def _generate(client: EngineClient, ids: list[list[int]], sampling: list[S
                 out.token_ids += delta.token_ids
                 out.logits += delta.logits
                 out.finish_reason = delta.finish_reason or ""
+                if delta.cached_tokens is not None:
+                    out.num_cached_tokens = delta.cached_tokens
         except RequestRejected as e:  # a request that can never run: the caller's mistake
             raise (ValueError(str(e)) if e.kind.value == "invalid" else RuntimeError(str(e))) from None
         return out

@@ -66,6 +66,7 @@ class _Progress:
         self.finish: list[Optional[str]] = [None] * n
         self.last: list[Optional[float]] = [None] * n
         self.prompt_tokens = num_prompt_tokens
+        self.cached_tokens: list[Optional[int]] = [None] * n
         self.completion_tokens = 0
         self.t0, self.metrics = t0, metrics
 
@@ -86,13 +87,17 @@ class _Progress:
         self.logprobs[i] += out.logprobs
         if out.prompt_logprobs is not None:
             self.prompt_logprobs[i] = out.prompt_logprobs
+        if out.cached_tokens is not None:
+            self.cached_tokens[i] = out.cached_tokens
         if out.finished:
             self.finish[i] = out.finish_reason
             if all(f is not None for f in self.finish):
                 self.metrics.e2e.observe(now - self.t0)
 
     def usage(self) -> dict[str, int]:
-        return usage(self.prompt_tokens, self.completion_tokens)
+        # the n choices share one prompt: what the cache gave all of them
+        cached = min((c for c in self.cached_tokens if c is not None), default=0)
+        return usage(self.prompt_tokens, self.completion_tokens, cached_tokens=cached)
 
 
 class _Echo:

@@ -156,6 +156,8 @@ class BlockManager:
             self._holders[block].add(req.request_id)
             req.block_ids.append(block)
         req.num_computed_tokens = len(prefix) * self._block_size
+        if not req.output_token_ids:  # what the client is told: the start that gives its first token
+            req.num_cached_prompt_tokens = req.num_computed_tokens
         self._num_keyed[req.request_id] = len(prefix)
         self.num_cached_tokens += req.num_computed_tokens
 

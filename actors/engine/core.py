@@ -161,6 +161,8 @@ class EngineCore:
                     out.logits = result.logits[row]
                 if row in logprob_rows:
                     out.logprob = result.logprobs.entry(logprob_rows[row], req.sampling.logprobs)
+                if index == 0:
+                    out.cached_tokens = req.num_cached_prompt_tokens
                 if index == 0 and req.sampling.prompt_logprobs is not None:
                     out.prompt_logprobs, req.prompt_logprobs = [None] + req.prompt_logprobs, []
                 outputs.append(out)

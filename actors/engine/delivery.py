@@ -32,6 +32,7 @@ class TokenOutput:
     logits: Any = None  # this token's logits row [vocab], when the engine collects logits
     logprob: Optional[Logprob] = None  # when the request asks for logprobs
     prompt_logprobs: Optional[list] = None  # with a first token, when the request asks for them
+    cached_tokens: Optional[int] = None  # with a first token: prompt tokens the prefix cache gave
 
 
 class _Outbox:
@@ -43,6 +44,7 @@ class _Outbox:
         self.logits: Optional[list[Any]] = [] if with_logits else None
         self.logprobs: dict[int, Logprob] = {}  # index into tokens -> its logprobs
         self.prompt_logprobs: dict[int, list] = {}  # entry index -> prompt logprobs
+        self.cached_tokens: dict[int, int] = {}  # entry index -> prompt tokens from the prefix cache
         self.error: Optional[str] = None
         self.failure: Optional[str] = None
         self.ready = asyncio.Event()
@@ -58,7 +60,10 @@ class _Outbox:
         logits: Optional[list[Any]],
         logprob: Optional[Logprob] = None,
         prompt_logprobs: Optional[list] = None,
+        cached_tokens: Optional[int] = None,
     ) -> None:
+        if cached_tokens is not None:
+            self.cached_tokens[len(self.seqs)] = cached_tokens
         if logprob is not None:
             self.logprobs[len(self.tokens)] = logprob  # a logprob comes with one token
         if prompt_logprobs is not None:
@@ -84,12 +89,15 @@ class _Outbox:
             failure=self.failure,
             logprobs=self.logprobs or None,
             prompt_logprobs=self.prompt_logprobs or None,
+            cached_tokens=self.cached_tokens or None,
         )
         self.seqs, self.num_tokens, self.tokens, self.finish = [], [], [], []
         if self.logprobs:
             self.logprobs = {}
         if self.prompt_logprobs:
             self.prompt_logprobs = {}
+        if self.cached_tokens:
+            self.cached_tokens = {}
         self.failure = None
         if self.logits is not None:
             self.logits = []
@@ -131,7 +139,7 @@ class OutputRouter:
                 continue  # aborted since the step was scheduled
             box, seq = entry
             logits = None if out.logits is None else [out.logits]
-            box.add(seq, [out.token], out.finish, logits, out.logprob, out.prompt_logprobs)
+            box.add(seq, [out.token], out.finish, logits, out.logprob, out.prompt_logprobs, out.cached_tokens)
             if out.finish != Finish.RUNNING:
                 self.remove(out.request_id)
 

@@ -85,6 +85,7 @@ class Entry(NamedTuple):
     logits: Optional[list[Any]]  # one row per token, when the engine collects logits
     logprobs: list[Logprob]  # one per token when the request asks for them, else empty
     prompt_logprobs: Optional[list[Optional[Logprob]]]  # with the first output token (None: the first)
+    cached_tokens: Optional[int] = None  # with the first output token: prompt tokens from the prefix cache
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,6 +105,7 @@ class OutputBatch:
     failure: Optional[str] = None  # why the FAILED entries failed (no internal ids: it goes to clients)
     logprobs: Optional[dict[int, Logprob]] = None  # index into token_ids -> its logprobs, where asked
     prompt_logprobs: Optional[dict[int, list]] = None  # entry index -> its request's prompt logprobs
+    cached_tokens: Optional[dict[int, int]] = None  # entry index -> its prompt tokens from the prefix cache
 
     @property
     def num_entries(self) -> int:
@@ -112,12 +114,12 @@ class OutputBatch:
     def entries(self) -> Iterator[Entry]:
         ends = np.cumsum(self.num_tokens).tolist()
         tokens = self.token_ids.tolist()
-        logprobs, prompt = self.logprobs or {}, self.prompt_logprobs or {}
+        logprobs, prompt, cached = self.logprobs or {}, self.prompt_logprobs or {}, self.cached_tokens or {}
         start = 0
         for i, (seq, end, finish) in enumerate(zip(self.seqs.tolist(), ends, self.finish.tolist())):
             rows = self.logits[start:end] if self.logits is not None else None
             lps = [logprobs[t] for t in range(start, end) if t in logprobs] if logprobs else []
-            yield Entry(seq, tokens[start:end], Finish(finish), rows, lps, prompt.get(i))
+            yield Entry(seq, tokens[start:end], Finish(finish), rows, lps, prompt.get(i), cached.get(i))
             start = end
 
 

@@ -30,6 +30,7 @@ class Delta:
     logits: list[Any] = field(default_factory=list)  # one row per token, when the engine collects logits
     logprobs: list[Logprob] = field(default_factory=list)  # one per token, when the request asks
     prompt_logprobs: Optional[list[Optional[Logprob]]] = None  # in the first delta, when the request asks
+    cached_tokens: Optional[int] = None  # in the first delta: prompt tokens the prefix cache gave
 
     @property
     def finished(self) -> bool:

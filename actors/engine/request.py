@@ -195,6 +195,7 @@ class Request:
     num_prompt_logprob_rows: int = 0
     prompt_logprobs: list = field(default_factory=list)  # gathered until the first output token goes out
     block_keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of its leading full blocks
+    num_cached_prompt_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (usage)
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import time
 import urllib.error
 import urllib.request
@@ -168,6 +169,19 @@ def test_streaming_equals_non_streaming(client):
     assert finish[-1] == "length" and set(finish[:-1]) == {None}
     assert chat[-1].usage.completion_tokens == 10
     assert sum(1 for c in chat if c.choices and c.choices[0].delta.content) <= 10
+
+
+def test_usage_reports_prompt_tokens_from_the_prefix_cache(client):
+    """usage.prompt_tokens_details.cached_tokens: 0 for a new prompt, its cached full blocks
+    when sent again (block_size 16; the last token is always computed), streamed too."""
+    prompt = random.Random(11).choices(range(3, 500), k=70)
+    args = dict(model=MODEL, prompt=prompt, max_tokens=2, temperature=0)
+    first = client.completions.create(**args)
+    assert first.usage.prompt_tokens == 70 and first.usage.prompt_tokens_details.cached_tokens == 0
+    again = client.completions.create(**args)
+    assert again.usage.prompt_tokens_details.cached_tokens == 64
+    streamed = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **args))
+    assert streamed[-1].usage.prompt_tokens_details.cached_tokens == 64
 
 
 def test_batch_prompts_stop_and_seed(client):

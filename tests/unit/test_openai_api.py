@@ -199,11 +199,17 @@ def test_engine_errors_map_to_http_codes():
 
 
 def test_responses_parse_as_openai_types():
-    use = usage(7, 3)
-    assert use == {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+    use = usage(7, 3, cached_tokens=4)
+    assert use == {
+        "prompt_tokens": 7,
+        "completion_tokens": 3,
+        "total_tokens": 10,
+        "prompt_tokens_details": {"cached_tokens": 4},
+    }
     choices = [{"text": "a", "finish_reason": "length"}, {"text": "b", "finish_reason": "stop"}]
     c = ot.Completion.model_validate(completion_response("cmpl-1", 1, "m", choices=choices, use=use))
     assert [ch.text for ch in c.choices] == ["a", "b"] and c.usage.total_tokens == 10
+    assert c.usage.prompt_tokens_details.cached_tokens == 4
     r = otc.ChatCompletion.model_validate(chat_response("chatcmpl-1", 1, "m", choices=choices[:1], use=use))
     assert r.choices[0].message.content == "a" and r.choices[0].message.role == "assistant"
     role = {"role": "assistant", "content": ""}

@@ -197,3 +197,28 @@ def test_pending_outputs_are_never_keyed_nor_looked_up():
     waiting.output_token_ids = [9] * (BLOCK - 1) + [PENDING_TOKEN]
     blocks, next_key = bm.cached_prefix(waiting)
     assert blocks == req.block_ids[:2] and next_key is None
+
+
+def test_first_token_reports_the_cached_prompt_tokens():
+    """Each request's first output says how many prompt tokens the cache gave (the OpenAI
+    usage's cached_tokens), later ones say nothing; a preempted request keeps its first count."""
+    prompts = _shared_prompts(random.Random(6))
+    sampling = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    engine = _engine(True)
+    core = engine.local.core
+    reported: dict[str, list] = {}
+
+    def run(rids: list[str]) -> None:
+        for rid in rids:
+            core.add_request(rid, prompts[rid], sampling)
+        while core.has_unfinished:
+            for o in core.step():
+                reported.setdefault(o.request_id, []).append(o.cached_tokens)
+
+    run(["base"])
+    run(["again", "some", "alone"])
+    full = lambda n: n // BLOCK * BLOCK  # noqa: E731
+    assert reported["base"] == [0, None, None]
+    assert reported["again"] == [full(len(prompts["again"]) - 1), None, None]
+    assert reported["some"] == [3 * BLOCK, None, None]
+    assert reported["alone"] == [0, None, None]
