@@ -418,7 +418,8 @@ def engine_error(e: BaseException) -> APIError:
             return APIError(429, message, code="rate_limit_exceeded", type="rate_limit_error")
         if e.kind is RejectKind.INVALID:
             field, _, _ = str(e).partition(":")
-            return bad_request(str(e), field if field.isidentifier() else None, "invalid_value")
+            named = all(part.isidentifier() for part in field.split("."))
+            return bad_request(str(e), field if named else None, "invalid_value")
         return APIError(503, str(e), code="engine_failed", type="server_error")
     cause = e.cause if isinstance(e, ray.exceptions.RayTaskError) and e.cause is not None else e
     if isinstance(cause, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)):

@@ -4,10 +4,10 @@ and the shapes of responses and stream chunks.
 Pure (no Ray, no FastAPI), so every rule here is unit-tested without a server. Every
 user mistake becomes an ``APIError`` (HTTP 4xx with OpenAI's error body), never a 500:
 unknown fields are rejected as OpenAI rejects them, OpenAI features raymoe does not
-implement (n > 1, tools, structured output...) are rejected by name rather than
-silently ignored. Extensions, with vLLM's names: ``top_k``, ``ignore_eos``,
-``stop_token_ids``, ``repetition_penalty``, ``min_tokens`` and, for chat,
-``chat_template_kwargs``.
+implement (tools, suffix...) are rejected by name rather than silently ignored.
+Extensions, with vLLM's names: ``top_k``, ``ignore_eos``, ``stop_token_ids``,
+``repetition_penalty``, ``min_tokens``, ``structured_outputs`` (json, regex, choice,
+grammar; ``response_format`` works on both endpoints) and, for chat, ``chat_template_kwargs``.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from raymoe.actors.engine.grammar import GrammarSpec
 from raymoe.actors.engine.request import MAX_LOGPROBS, SamplingParams
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -82,6 +83,8 @@ class _Common(_Strict):
     stop_token_ids: Optional[list[int]] = None
     repetition_penalty: Optional[float] = None
     min_tokens: Optional[int] = None
+    response_format: Optional[dict[str, Any]] = None
+    structured_outputs: Optional[dict[str, Any]] = None  # vLLM's: exactly one of json, regex, choice, grammar
 
 
 class CompletionRequest(_Common):
@@ -111,7 +114,6 @@ class ChatRequest(_Common):
     max_completion_tokens: Optional[int] = None
     logprobs: Optional[bool] = None
     top_logprobs: Optional[int] = None
-    response_format: Optional[dict[str, Any]] = None
     tools: Optional[list[dict[str, Any]]] = None
     tool_choice: Optional[Union[str, dict[str, Any]]] = None
     parallel_tool_calls: Optional[bool] = None
@@ -212,9 +214,7 @@ def _reject_unsupported(req: Any) -> None:
             ("suffix", bool(req.suffix), "suffix is not supported"),
         ]
     else:
-        fmt = (req.response_format or {}).get("type", "text")
         checks += [
-            ("response_format", fmt != "text", f"response_format {fmt!r} is not supported (only 'text')"),
             ("tools", bool(req.tools), "tool calling is not supported"),
             ("tool_choice", req.tool_choice not in (None, "none", "auto"), "tool calling is not supported"),
         ]
@@ -299,6 +299,59 @@ def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
     return [dataclasses.replace(params, seed=(params.seed + 2**63 + j) % 2**64 - 2**63) for j in range(n)]
 
 
+def grammar_spec(req: Any) -> Optional[GrammarSpec]:
+    """The grammar of ``response_format`` (json_object, json_schema) or vLLM's
+    ``structured_outputs`` (json, regex, choice, grammar); None for free text. Compiling
+    it (which finds a bad schema or regex) is the engine's, which names the same field."""
+    fmt, ext = req.response_format, req.structured_outputs
+    if fmt is not None and ext is not None:
+        raise bad_request(
+            "structured_outputs: give response_format or structured_outputs, not both", "structured_outputs"
+        )
+    if ext is not None:
+        return _structured_outputs(ext)
+    if fmt is None:
+        return None
+    kind = fmt.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return GrammarSpec("json", "", "response_format")
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise bad_request("response_format: json_schema.schema must be a JSON schema object", "response_format")
+        return GrammarSpec("json", json.dumps(schema), "response_format")
+    raise bad_request(
+        f"response_format: type must be 'text', 'json_object' or 'json_schema', got {kind!r}", "response_format"
+    )
+
+
+def _structured_outputs(ext: dict[str, Any]) -> GrammarSpec:
+    given = [k for k in ("json", "regex", "choice", "grammar") if ext.get(k) is not None]
+    unknown = sorted(set(ext) - {"json", "regex", "choice", "grammar"})
+    if unknown or len(given) != 1:
+        raise bad_request(
+            "structured_outputs: give exactly one of json, regex, choice, grammar"
+            + (f" (unknown: {', '.join(unknown)})" if unknown else ""),
+            "structured_outputs",
+        )
+    key, value = given[0], ext[given[0]]
+    field = f"structured_outputs.{key}"
+    if key == "json":
+        if not isinstance(value, (dict, str)):
+            raise bad_request(f"{field}: must be a JSON schema (an object or its text)", field)
+        return GrammarSpec("json", value if isinstance(value, str) else json.dumps(value), field)
+    if key == "choice":
+        if not (isinstance(value, list) and value and all(isinstance(c, str) and c for c in value)):
+            raise bad_request(f"{field}: must be a non-empty list of non-empty strings", field)
+        return GrammarSpec("choice", json.dumps(value), field)
+    if not isinstance(value, str) or not value:
+        raise bad_request(f"{field}: must be a non-empty string", field)
+    return GrammarSpec("regex" if key == "regex" else "ebnf", value, field)
+
+
 def sampling_params(req: Any, max_tokens: int) -> SamplingParams:
     """Engine sampling parameters; a bad value is an APIError naming the field."""
     if isinstance(req, CompletionRequest):
@@ -321,6 +374,7 @@ def sampling_params(req: Any, max_tokens: int) -> SamplingParams:
         "logit_bias": _logit_bias(req.logit_bias),
         "logprobs": logprobs,
         "prompt_logprobs": prompt_logprobs,
+        "grammar": grammar_spec(req),
     }
     try:
         return SamplingParams.create(**{k: v for k, v in fields.items() if v is not None})

@@ -140,6 +140,13 @@ class AsyncEngine:
         """Queue ``requests`` of ``client``; a Rejection for each one refused (a request that
         can never run, a full queue, a failed engine)."""
         self.num_submit_calls += 1
+        grammars = self.core.grammars
+        for spec in {new.sampling.grammar for new in requests} - {None}:
+            if grammars is not None:  # compiled off the loop; add_request finds it cached
+                try:
+                    await asyncio.to_thread(grammars.compile, spec)
+                except ValueError:
+                    pass  # refused by add_request, with the reason
         rejected = []
         for new in requests:
             reason = self._add(client, new)

@@ -12,6 +12,7 @@ from typing import Optional
 
 from raymoe.actors.engine.block_manager import BlockManager
 from raymoe.actors.engine.core import EngineCore, Executor
+from raymoe.actors.engine.grammar import GrammarCompiler
 from raymoe.actors.engine.messages import ModelInfo
 from raymoe.actors.engine.scheduler import Scheduler
 from raymoe.actors.engine.tokenizer import Tokenizer
@@ -81,4 +82,5 @@ def build_engine_core(
         seed=config.model.seed,
         collect_logits=collect_logits,
         vocab_size=model.spec.vocab_size,
+        grammars=GrammarCompiler(model.tokenizer, model.spec.vocab_size, model.tokenizer.eos_token_ids),
     )

@@ -13,6 +13,7 @@ passed in.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import random
 from typing import Iterable, Optional, Protocol, Sequence
@@ -21,6 +22,7 @@ import numpy as np
 
 from raymoe.actors.engine.block_manager import BlockManager
 from raymoe.actors.engine.delivery import TokenOutput
+from raymoe.actors.engine.grammar import GrammarCompiler, GrammarMatcher, token_bitmask
 from raymoe.actors.engine.messages import Finish
 from raymoe.actors.engine.request import Request, SamplingParams
 from raymoe.actors.engine.scheduler import Scheduler
@@ -46,8 +48,12 @@ class EngineCore:
         executor: Optional[Executor] = None,
         seed: Optional[int] = None,
         collect_logits: bool = False,
+        grammars: Optional[GrammarCompiler] = None,
     ) -> None:
+        """``grammars``: compiles structured-output grammars (None: requests with one are refused)."""
         self.schedulers = list(schedulers)
+        self.grammars = grammars
+        self._matchers: dict[str, GrammarMatcher] = {}  # request id -> its grammar's state
         self.vocab_size = vocab_size
         self.block_size = self.schedulers[0].block_manager.block_size
         self.collect_logits = collect_logits  # tests compare logits with a reference
@@ -67,7 +73,9 @@ class EngineCore:
         return bool(self._replica)
 
     def add_request(self, request_id: str, prompt_token_ids: Sequence[int], sampling: SamplingParams) -> None:
-        """Queue a request on the least-loaded DP replica. ValueError if it can never run."""
+        """Queue a request on the least-loaded DP replica. ValueError if it can never run (or
+        its grammar is invalid: compiling it here may take a while; ``GrammarCompiler.compile``
+        it beforehand, off the caller's loop, and this finds it cached)."""
         if request_id in self._replica:
             raise ValueError(f"request_id: {request_id!r} is already in use")
         bad = next((t for t in prompt_token_ids if not (isinstance(t, int) and 0 <= t < self.vocab_size)), None)
@@ -84,10 +92,13 @@ class EngineCore:
             arrival=next(self._arrivals),
             eos_token_ids=frozenset() if sampling.ignore_eos else self.eos_token_ids,
         )
+        matcher = self._matcher(sampling)
         keys = self._prompt_keys(req)
         replica = self._route(keys)
         self.schedulers[replica].add(req)  # validates lengths against max_model_len and the cache
         self._replica[request_id] = replica
+        if matcher is not None:
+            self._matchers[request_id] = matcher
         for key in keys:
             self._prefix_replica[key] = replica
             self._prefix_replica.move_to_end(key)
@@ -99,6 +110,7 @@ class EngineCore:
         replica = self._replica.pop(request_id, None)
         if replica is None:
             return False
+        self._matchers.pop(request_id, None)
         self.schedulers[replica].abort(request_id)
         return True
 
@@ -140,7 +152,10 @@ class EngineCore:
         self.num_preemptions += sum(len(o.preempted) for o in scheduled)
         if not any(o.num_tokens for o in scheduled):
             return None
-        return self._builder.build(scheduled, [s.advance(o) for s, o in zip(self.schedulers, scheduled)])
+        planned = self._builder.build(scheduled, [s.advance(o) for s, o in zip(self.schedulers, scheduled)])
+        if self._matchers:
+            planned.inputs = [self._with_grammars(step, out.chunks) for step, out in zip(planned.inputs, scheduled)]
+        return planned
 
     def apply(self, planned: StepInFlight, results: Sequence[StepOutput]) -> list[TokenOutput]:
         """Second half: the ranks' sampled tokens replace the pending ones; token stop checks."""
@@ -155,7 +170,9 @@ class EngineCore:
             if step.logprobs is not None:
                 logprob_rows = {int(r): i for i, r in enumerate(np.flatnonzero(step.logprobs[step.sample] >= 0))}
             for req, index, row in sched.fill(pending, result.tokens.tolist()):
-                finish = self._finish_after(sched, req, index)
+                matcher = self._matchers.get(req.request_id)
+                ended = matcher is not None and not self._advance_grammar(matcher, req.output_token_ids[index])
+                finish = self._finish_after(sched, req, index, grammar_ended=ended)
                 out = TokenOutput(req.request_id, req.output_token_ids[index], finish)
                 if result.logits is not None:
                     out.logits = result.logits[row]
@@ -178,11 +195,11 @@ class EngineCore:
                 req.prompt_logprobs += [result.prompt_logprobs.entry(start + j, k) for j in range(rows)]
             start += rows
 
-    def _finish_after(self, sched: Scheduler, req: Request, index: int) -> Finish:
+    def _finish_after(self, sched: Scheduler, req: Request, index: int, grammar_ended: bool = False) -> Finish:
         """Stop checks for output ``index`` of ``req`` (later outputs may still be pending);
         a request that ends here is finished in its scheduler."""
         token, num_outputs = req.output_token_ids[index], index + 1
-        if token in req.eos_token_ids or token in req.sampling.stop_token_ids:
+        if grammar_ended or token in req.eos_token_ids or token in req.sampling.stop_token_ids:
             finish = Finish.STOP
         elif num_outputs >= req.sampling.max_tokens or req.num_prompt_tokens + num_outputs >= sched.max_model_len:
             finish = Finish.LENGTH
@@ -190,7 +207,36 @@ class EngineCore:
             return Finish.RUNNING
         sched.finish(req.request_id, finish.reason)
         del self._replica[req.request_id]
+        self._matchers.pop(req.request_id, None)
         return finish
+
+    # ---- structured output ------------------------------------------------------------------
+
+    def _matcher(self, sampling: SamplingParams) -> Optional[GrammarMatcher]:
+        if sampling.grammar is None:
+            return None
+        if self.grammars is None:
+            raise ValueError(f"{sampling.grammar.field}: structured output is not available in this engine")
+        return self.grammars.matcher(self.grammars.compile(sampling.grammar))
+
+    def _with_grammars(self, step: StepInput, chunks: Sequence) -> StepInput:
+        """``step`` with the allowed-token bitmask of each sampled row under a grammar (the
+        scheduler runs those only with their last token known, see ``grammar``)."""
+        sampled = [c.request_id for c in chunks if c.sample]
+        rows = [(row, self._matchers[rid]) for row, rid in enumerate(sampled) if rid in self._matchers]
+        if not rows:
+            return step
+        return dataclasses.replace(
+            step,
+            grammar_rows=np.array([row for row, _ in rows], dtype=np.int64),
+            grammar_bitmask=token_bitmask([m for _, m in rows], self.vocab_size),
+        )
+
+    @staticmethod
+    def _advance_grammar(matcher: GrammarMatcher, token: int) -> bool:
+        """Advance by the sampled token; False when the grammar is done (its stop token came)
+        or refused the token (only possible when every allowed token was masked otherwise)."""
+        return matcher.accept(token) and not matcher.terminated
 
     def _prompt_keys(self, req: Request) -> list[bytes]:
         bm = self.schedulers[0].block_manager

@@ -12,6 +12,8 @@ import math
 from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, Optional
 
+from raymoe.actors.engine.grammar import GrammarSpec
+
 FINISH_REASONS = ("stop", "length", "abort")
 
 # Bounds of what the engine packs into its step columns (int64 seeds, float32 sampling
@@ -63,6 +65,7 @@ class SamplingParams:
     # log-probabilities (of the raw float32 logits): None = none; k = the token's and the top k
     logprobs: Optional[int] = None  # of each output token
     prompt_logprobs: Optional[int] = None  # of each prompt token but the first
+    grammar: Optional[GrammarSpec] = None  # structured output: what the text must match (``grammar``)
 
     @classmethod
     def create(cls, **kwargs: Any) -> "SamplingParams":
@@ -111,6 +114,8 @@ class SamplingParams:
         if not isinstance(self.ignore_eos, bool):
             _fail("ignore_eos", "must be a bool", self.ignore_eos)
         self._validate_controls()
+        if self.grammar is not None and not isinstance(self.grammar, GrammarSpec):
+            _fail("grammar", "must be a GrammarSpec or None", self.grammar)
         return self
 
     def _validate_controls(self) -> None:

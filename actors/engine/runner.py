@@ -177,7 +177,7 @@ class ModelRunner:
             shard = self.forward_eager(layout, step.dp_token_counts, prompt_rows)
         s = step.sample
         out: dict[str, Any] = {}
-        plain = step.logprobs is None and step.controls is None and prompt_rows is None
+        plain = step.logprobs is None and step.controls is None and prompt_rows is None and step.grammar_rows is None
         if plain and not step.return_logits and not (step.temperature[s] > 0).any():
             # all greedy: argmax over the vocabulary shards, no logits gathered over tp
             tokens = self.model.greedy_tokens(shard)

@@ -77,6 +77,18 @@ def _mix(seed: int, step: int) -> int:
     return (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9) % (2**63 - 1)
 
 
+def apply_token_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """``logits`` [R, vocab] with the tokens that ``bitmask`` [G, words] (int32, bit t % 32 of
+    word t // 32 set = token t allowed; ``grammar.token_bitmask``) disallows in rows ``rows``
+    [G] set to -inf (a new tensor). Plain torch: any device, any vocabulary size."""
+    vocab = logits.shape[-1]
+    shifts = torch.arange(32, device=bitmask.device, dtype=torch.int32)
+    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)[:, :vocab]
+    out = logits.clone()
+    out[rows] = out[rows].masked_fill(~allowed, float("-inf"))
+    return out
+
+
 def sample_step(logits: torch.Tensor, step: StepInput, last_sampled: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``sample`` for the rows of ``step`` that sample (``step.sample``), in order: logits
     [rows that sample, vocab], after the step's logit controls if it has any
@@ -85,6 +97,9 @@ def sample_step(logits: torch.Tensor, step: StepInput, last_sampled: Optional[to
     if step.controls is not None:
         assert last_sampled is not None, "logit controls need the last sampled tokens"
         logits = apply_controls(logits, step.controls, last_sampled)
+    if step.grammar_rows is not None:
+        rows = torch.from_numpy(step.grammar_rows).to(logits.device)
+        logits = apply_token_bitmask(logits, rows, torch.from_numpy(step.grammar_bitmask).to(logits.device))
     return sample(
         logits,
         temperature=step.temperature[s],

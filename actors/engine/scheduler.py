@@ -214,8 +214,8 @@ class Scheduler:
         for req in list(self._running):  # a snapshot: preemption removes requests from the queue
             if budget <= 0 or len(chunks) >= self.max_num_seqs:
                 break
-            if req.status is not RequestStatus.RUNNING or self._ends_by_length(req):
-                continue  # preempted meanwhile, or its pending token ends it: nothing to compute
+            if req.status is not RequestStatus.RUNNING or self._idle_this_step(req):
+                continue  # preempted meanwhile, or sits this step out
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             assert n > 0, f"running request {req.request_id} has nothing to compute"
             if not self._reserve(req, req.num_computed_tokens + n, preempted):
@@ -248,7 +248,7 @@ class Scheduler:
         while i < len(self._waiting) and budget > 0 and len(chunks) < self.max_num_seqs:
             # Budget and seq slots left means every running request got a chunk this step
             # (but those whose pending token ends them, which leave once it arrives).
-            assert len(self._running) == len(chunks) + sum(map(self._ends_by_length, self._running))
+            assert len(self._running) == len(chunks) + sum(map(self._idle_this_step, self._running))
             req = self._waiting[i]
             prefix, next_key = bm.cached_prefix(req)
             cached = len(prefix) * bm.block_size
@@ -312,6 +312,13 @@ class Scheduler:
             prompt_logprob_offset=first - start if targets else 0,
             prompt_logprob_targets=tuple(targets),
         )
+
+    def _idle_this_step(self, req: Request) -> bool:
+        """A running request with nothing to compute this step: its pending token ends it, or
+        its grammar needs that token before it can mask the next one (``grammar``)."""
+        if self._ends_by_length(req):
+            return True
+        return req.sampling.grammar is not None and req.output_token_ids[-1:] == [PENDING_TOKEN]
 
     def _ends_by_length(self, req: Request) -> bool:
         """Its last output (still pending: otherwise the engine would have ended it) is its last."""

@@ -59,6 +59,9 @@ class StepInput:
     prompt_logprob_rows: Optional[np.ndarray] = None  # [Q] int64, rows of token_ids
     prompt_logprob_targets: Optional[np.ndarray] = None  # [Q] int64: that next prompt token
     prompt_logprob_top: int = 0  # top alternatives to return for each (the most any chunk asks)
+    # structured output: the sampled rows whose grammar limits the next token, and which tokens
+    grammar_rows: Optional[np.ndarray] = None  # [G] int64, indices among the sampled rows
+    grammar_bitmask: Optional[np.ndarray] = None  # [G, ceil(vocab / 32)] int32: bit set = allowed
 
     @property
     def num_chunks(self) -> int:

@@ -87,6 +87,11 @@ class Tokenizer:
         return {**self.__dict__, "_compiled_template": None}
 
     # ---- encode / decode -------------------------------------------------
+    @property
+    def backend(self) -> _Backend:
+        """The ``tokenizers.Tokenizer`` underneath (structured output builds its vocabulary from it)."""
+        return self._backend
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``; special-token strings in it map to their ids. A long text is
         encoded with the GIL released (the batch API), so other threads run meanwhile."""

@@ -184,6 +184,36 @@ def test_usage_reports_prompt_tokens_from_the_prefix_cache(client):
     assert streamed[-1].usage.prompt_tokens_details.cached_tokens == 64
 
 
+def test_structured_output_through_the_client(client):
+    """response_format json_schema (chat, streamed and not) and structured_outputs (completions):
+    the random-weight model's output always parses and validates; a bad regex is a 400 naming it."""
+    import jsonschema
+
+    schema = {
+        "type": "object",
+        "properties": {"colour": {"enum": ["red", "blue"]}, "n": {"type": "integer", "minimum": 0, "maximum": 99}},
+        "required": ["colour", "n"],
+        "additionalProperties": False,
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "pick", "schema": schema, "strict": True}}
+    messages = [{"role": "user", "content": "Pick one."}]
+    args = dict(model=MODEL, messages=messages, max_tokens=200, temperature=1.0, response_format=fmt)
+    for seed in range(3):
+        r = client.chat.completions.create(seed=seed, **args)
+        assert r.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+    chunks = list(client.chat.completions.create(stream=True, seed=7, **args))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    jsonschema.validate(json.loads(text), schema)
+    choice = client.completions.create(
+        model=MODEL, prompt="x", max_tokens=20, extra_body={"structured_outputs": {"choice": ["yes", "no"]}}
+    )
+    assert choice.choices[0].text in ("yes", "no")
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="x", extra_body={"structured_outputs": {"regex": "a("}})
+    assert e.value.status_code == 400 and e.value.body["param"] == "structured_outputs.regex"
+
+
 def test_batch_prompts_stop_and_seed(client):
     args = dict(model=MODEL, max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
     one = [client.completions.create(prompt=p, **args).choices[0].text for p in ("alpha", "beta gamma")]

@@ -12,6 +12,7 @@ import openai.types.chat as otc
 import pytest
 import ray
 
+from raymoe.actors.engine.grammar import GrammarSpec
 from raymoe.actors.engine.messages import RejectKind
 from raymoe.deploy.engine_client import RequestRejected, engine_error
 from raymoe.deploy.openai_api import (
@@ -20,6 +21,7 @@ from raymoe.deploy.openai_api import (
     CompletionRequest,
     chat_messages,
     completion_prompts,
+    grammar_spec,
     parse_request,
     resolve_max_tokens,
     sampling_params,
@@ -116,7 +118,7 @@ def test_bad_completion_requests(body, param):
         ({"messages": [{"role": "user", "content": "x"}], "presence_penalty": -3}, "presence_penalty"),
         ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
         (
-            {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
+            {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "yaml"}},
             "response_format",
         ),
         ({"messages": [{"role": "user", "content": "x"}], "prompt": "x"}, "prompt"),
@@ -229,3 +231,38 @@ def test_sse_framing():
     assert event.startswith(b"data: ") and event.endswith(b"\n\n") and event.count(b"\n") == 2
     assert json.loads(event[len(b"data: ") :]) == {"text": "é\n"}
     assert SSE_DONE == b"data: [DONE]\n\n"
+
+
+def _grammar(body: dict, model=ChatRequest):
+    base = {"messages": [{"role": "user", "content": "x"}]} if model is ChatRequest else {"prompt": "x"}
+    return grammar_spec(parse_request(model, json.dumps({**base, **body}).encode()))
+
+
+def test_structured_output_fields_become_grammars():
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "t", "schema": schema, "strict": True}}
+    assert _grammar({"response_format": fmt}) == GrammarSpec("json", json.dumps(schema), "response_format")
+    assert _grammar({"response_format": {"type": "json_object"}}, CompletionRequest) == GrammarSpec("json", "")
+    assert _grammar({"response_format": {"type": "text"}}) is None and _grammar({}) is None
+    choice = _grammar({"structured_outputs": {"choice": ["a", "b"]}}, CompletionRequest)
+    assert choice == GrammarSpec("choice", '["a", "b"]', "structured_outputs.choice")
+    assert _grammar({"structured_outputs": {"regex": "[0-9]+"}}).kind == "regex"
+    assert _grammar({"structured_outputs": {"grammar": 'root ::= "a"'}}).kind == "ebnf"
+    assert _grammar({"structured_outputs": {"json": schema}}).source == json.dumps(schema)
+
+
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        ({"response_format": {"type": "yaml"}}, "response_format"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "t"}}}, "response_format"),
+        ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs"),
+        ({"structured_outputs": {"choice": []}}, "structured_outputs.choice"),
+        ({"structured_outputs": {"regex": 5}}, "structured_outputs.regex"),
+        ({"structured_outputs": {"regex": "a"}, "response_format": {"type": "json_object"}}, "structured_outputs"),
+    ],
+)
+def test_bad_structured_output_fields_are_400s_naming_them(body, param):
+    with pytest.raises(APIError) as e:
+        _grammar(body)
+    assert (e.value.status, e.value.param) == (400, param)

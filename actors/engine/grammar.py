@@ -1,0 +1,151 @@
+"""Structured output: grammars that constrain what a request may generate (a JSON schema,
+any JSON object, a regex, a fixed choice of strings, an EBNF grammar), through xgrammar.
+
+The engine's policy side (``EngineCore``) keeps one matcher per constrained request: before
+each step it writes the request's allowed next tokens as a packed bitmask into the step
+(``token_bitmask``), and after the step it advances the matcher by the sampled token. The
+ranks only unpack the bitmask and set the disallowed logits to -inf (``apply_token_bitmask``),
+so a constrained request can only produce text its grammar accepts; the grammar ending
+ends the request. No torch here but what xgrammar itself needs.
+
+A matcher needs the request's last token before it can mask the next one, so a constrained
+request is not scheduled while its last token is still pending on the ranks (pipelined
+steps): it runs every other step there while the rest of the batch runs every step.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Iterable, Literal, Sequence
+
+import numpy as np
+
+GrammarKind = Literal["json", "regex", "choice", "ebnf"]
+_CACHE_SIZE = 256  # compiled grammars kept (a JSON schema's compiled form is ~100 KB-1 MB)
+
+
+@dataclass(frozen=True)
+class GrammarSpec:
+    """What a request's output must match. ``source``: the JSON schema as text ("" for any
+    JSON object), the regex, the JSON list of choices, or the EBNF grammar (root rule
+    ``root``). ``field``: the API field it came from, named in errors."""
+
+    kind: GrammarKind
+    source: str
+    field: str = "response_format"
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("json", "regex", "choice", "ebnf"):
+            raise ValueError(f"{self.field}: unknown grammar kind {self.kind!r}")
+
+
+def choice_grammar(choices: Sequence[str]) -> str:
+    """EBNF accepting exactly one of ``choices`` (JSON string escapes are EBNF's)."""
+    return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
+
+
+class GrammarCompiler:
+    """Compiles ``GrammarSpec``s for one tokenizer and vocabulary (cached, thread-safe: the
+    step loop compiles in a worker thread) and makes matchers."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: Iterable[int]) -> None:
+        self.vocab_size = vocab_size
+        self._tokenizer = tokenizer
+        self._eos = sorted(eos_token_ids)
+        self._compiler: Any = None  # built at the first grammar (imports xgrammar, reads the vocabulary)
+        self._cache: OrderedDict[GrammarSpec, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _xgrammar_compiler(self) -> Any:
+        with self._lock:
+            if self._compiler is None:
+                import transformers
+                import xgrammar
+
+                hf = transformers.PreTrainedTokenizerFast(tokenizer_object=self._tokenizer.backend)
+                info = xgrammar.TokenizerInfo.from_huggingface(
+                    hf, vocab_size=self.vocab_size, stop_token_ids=self._eos or None
+                )
+                self._compiler = xgrammar.GrammarCompiler(info)
+            return self._compiler
+
+    def compile(self, spec: GrammarSpec) -> Any:
+        """The compiled grammar of ``spec``; ValueError naming ``spec.field`` when it is invalid."""
+        with self._lock:
+            if spec in self._cache:
+                self._cache.move_to_end(spec)
+                return self._cache[spec]
+        compiled = self._compile(spec)
+        with self._lock:
+            self._cache[spec] = compiled
+            while len(self._cache) > _CACHE_SIZE:
+                self._cache.popitem(last=False)
+        return compiled
+
+    def matcher(self, compiled: Any) -> "GrammarMatcher":
+        import xgrammar
+
+        return GrammarMatcher(xgrammar.GrammarMatcher(compiled), self.vocab_size)
+
+    def _compile(self, spec: GrammarSpec) -> Any:
+        c = self._xgrammar_compiler()
+        try:
+            if spec.kind == "json":
+                # no free whitespace: a model cannot pad its output with spaces forever
+                schema = spec.source or json.dumps({"type": "object"})
+                return c.compile_json_schema(schema, any_whitespace=False)
+            if spec.kind == "regex":
+                return c.compile_regex(spec.source)
+            if spec.kind == "choice":
+                return c.compile_grammar(choice_grammar(json.loads(spec.source)))
+            return c.compile_grammar(spec.source)
+        except (RuntimeError, ValueError) as e:
+            raise ValueError(f"{spec.field}: invalid {_NAMES[spec.kind]}: {_reason(e)}") from None
+
+
+_NAMES = {"json": "JSON schema", "regex": "regex", "choice": "choice", "ebnf": "grammar"}
+
+
+def _reason(e: Exception) -> str:
+    """xgrammar's message without its source location prefix."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return re.sub(r"^\[[^\]]*\]\s*\S+:\d+:\s*", "", text)
+
+
+class GrammarMatcher:
+    """One request's position in its grammar."""
+
+    def __init__(self, matcher: Any, vocab_size: int) -> None:
+        self._matcher = matcher
+        self._vocab_size = vocab_size
+
+    def accept(self, token: int) -> bool:
+        """Advance by a sampled token; False if the grammar does not allow it."""
+        return bool(self._matcher.accept_token(int(token)))
+
+    @property
+    def terminated(self) -> bool:
+        """The grammar is complete and its stop token was accepted."""
+        return bool(self._matcher.is_terminated())
+
+    def fill(self, bitmask: Any, row: int) -> None:
+        """Write the allowed next tokens into ``bitmask[row]`` (int32, 32 tokens a word)."""
+        self._matcher.fill_next_token_bitmask(bitmask, row)
+
+
+def bitmask_words(vocab_size: int) -> int:
+    return -(-vocab_size // 32)
+
+
+def token_bitmask(matchers: Sequence[GrammarMatcher], vocab_size: int) -> np.ndarray:
+    """[len(matchers), words] int32: bit t % 32 of word t // 32 set when token t is allowed."""
+    import torch  # xgrammar fills torch tensors
+
+    mask = torch.zeros((len(matchers), bitmask_words(vocab_size)), dtype=torch.int32)
+    for row, m in enumerate(matchers):
+        m.fill(mask, row)
+    return mask.numpy()
