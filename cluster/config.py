@@ -135,6 +135,8 @@ class ServeConfig:
     num_replicas: int = 1
     # chat answers' <think>...</think> go to reasoning_content: qwen3 | deepseek_r1 (None: off)
     reasoning_parser: Optional[Literal["qwen3", "deepseek_r1"]] = None
+    # how chat models write tool calls (deploy/tool_calls.py): hermes (Qwen2.5, Qwen3, Hermes)
+    tool_parser: Literal["hermes"] = "hermes"
 
     def validate(self) -> None:
         _require(0 <= self.port <= 65535, "serve.port", "must be a TCP port in [0, 65535]")

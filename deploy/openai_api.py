@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -214,9 +215,18 @@ def _reject_unsupported(req: Any) -> None:
             ("suffix", bool(req.suffix), "suffix is not supported"),
         ]
     else:
+        chat_tools(req)
         checks += [
-            ("tools", bool(req.tools), "tool calling is not supported"),
-            ("tool_choice", req.tool_choice not in (None, "none", "auto"), "tool calling is not supported"),
+            (
+                "tool_choice",
+                req.tool_choice not in (None, "none") and not req.tools,
+                "tool_choice needs tools",
+            ),
+            (
+                "response_format",
+                req.response_format is not None and tool_choice(req)[0] in ("required", "function"),
+                "a forced tool call and response_format cannot both constrain the output",
+            ),
         ]
     for param, bad, message in checks:
         if bad:
@@ -297,6 +307,54 @@ def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
     if params.seed is None:
         return [params] * n
     return [dataclasses.replace(params, seed=(params.seed + 2**63 + j) % 2**64 - 2**63) for j in range(n)]
+
+
+_TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def chat_tools(req: ChatRequest) -> list[dict[str, Any]]:
+    """The request's tools, checked (OpenAI's shape: function tools with a name, an optional
+    description and an optional JSON-schema ``parameters``); 400 naming the bad field."""
+    tools = req.tools or []
+    names = set()
+    for k, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(fn, dict):
+            raise bad_request(f"tools.{k}: must be {{'type': 'function', 'function': {{...}}}}", f"tools.{k}")
+        name = fn.get("name")
+        if not isinstance(name, str) or not _TOOL_NAME.fullmatch(name):
+            raise bad_request(
+                f"tools.{k}.function.name: must be 1-64 of a-z, A-Z, 0-9, _ and -", f"tools.{k}.function.name"
+            )
+        if name in names:
+            raise bad_request(f"tools.{k}.function.name: {name!r} is given twice", f"tools.{k}.function.name")
+        names.add(name)
+        if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
+            raise bad_request(
+                f"tools.{k}.function.parameters: must be a JSON schema object", f"tools.{k}.function.parameters"
+            )
+    return tools
+
+
+def tool_choice(req: ChatRequest) -> tuple[str, Optional[str]]:
+    """("none" | "auto" | "required" | "function", the forced function's name or None);
+    OpenAI's default: "auto" with tools, "none" without."""
+    choice = req.tool_choice
+    if choice is None:
+        return ("auto" if req.tools else "none"), None
+    if isinstance(choice, str):
+        if choice not in ("none", "auto", "required"):
+            raise bad_request("tool_choice: must be 'none', 'auto', 'required' or a function", "tool_choice")
+        return choice, None
+    fn = choice.get("function") if choice.get("type") == "function" else None
+    name = fn.get("name") if isinstance(fn, dict) else None
+    if not isinstance(name, str):
+        raise bad_request(
+            "tool_choice: a function choice is {'type': 'function', 'function': {'name': ...}}", "tool_choice"
+        )
+    if name not in {t["function"]["name"] for t in chat_tools(req)}:
+        raise bad_request(f"tool_choice: no tool is named {name!r}", "tool_choice")
+    return "function", name
 
 
 def grammar_spec(req: Any) -> Optional[GrammarSpec]:

@@ -55,6 +55,8 @@ def _message(choice: dict) -> dict[str, Any]:
     message = {"role": "assistant", "content": choice["text"]}
     if choice.get("reasoning") is not None:  # a reasoning parser is on
         message["reasoning_content"] = choice["reasoning"] or None
+    if choice.get("tool_calls"):
+        message["tool_calls"] = choice["tool_calls"]
     return message
 
 

@@ -11,6 +11,7 @@ still gets a proper HTTP error instead of a broken stream.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import time
@@ -31,11 +32,13 @@ from raymoe.deploy.openai_api import (
     ChatRequest,
     CompletionRequest,
     chat_messages,
+    chat_tools,
     choice_params,
     completion_prompts,
     parse_request,
     resolve_max_tokens,
     sampling_params,
+    tool_choice,
 )
 from raymoe.deploy.openai_logprobs import chat_logprobs, completion_logprobs
 from raymoe.deploy.openai_responses import (
@@ -51,6 +54,7 @@ from raymoe.deploy.openai_responses import (
 )
 from raymoe.deploy.openai_tokenize import detokenize, tokenize
 from raymoe.deploy.reasoning import ReasoningSplitter
+from raymoe.deploy.tool_calls import ToolCallStream, split_tool_calls, tool_parser
 
 Outputs = AsyncIterator[tuple[int, Delta]]
 
@@ -116,10 +120,12 @@ class OpenAIServer:
         model_root: str,
         api_key: Optional[str] = None,
         reasoning_parser: Optional[str] = None,
+        tool_parser_name: str = "hermes",
     ) -> None:
         """``reasoning_parser``: a chat answer's ``<think>`` block goes to ``reasoning_content``
         (see deploy/reasoning.py); None: all of it is content."""
         self.reasoning_parser = reasoning_parser
+        self.tool_parser = tool_parser(tool_parser_name)
         self.client = client
         self.model_name = model_name
         self.model_root = model_root
@@ -193,16 +199,31 @@ class OpenAIServer:
         t0 = time.perf_counter()
         req = parse_request(ChatRequest, body)
         self._check_model(req.model)
-        ids = await self.client.tokenize_chat(chat_messages(req), req.chat_template_kwargs)
+        tools, (mode, forced) = chat_tools(req), tool_choice(req)
+        template_kwargs = dict(req.chat_template_kwargs or {})
+        if tools and mode != "none":  # the template tells the model about them
+            template_kwargs["tools"] = tools
+        ids = await self.client.tokenize_chat(chat_messages(req), template_kwargs or None)
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         limit = resolve_max_tokens(
             requested, len(ids), limit=self.client.info.token_limit, default=None, param=param, prompt_param="messages"
         )
         n = req.n or 1
-        params = choice_params(sampling_params(req, limit), n)
+        params = sampling_params(req, limit)
+        if mode in ("required", "function"):  # one call, written as the parser reads it
+            params = dataclasses.replace(params, grammar=self.tool_parser.forced_call(tools, forced))
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        return await self._run(req, chat=True, rid=rid, ids=[ids] * n, params=params, t0=t0, prompt_tokens=len(ids))
+        return await self._run(
+            req,
+            chat=True,
+            rid=rid,
+            ids=[ids] * n,
+            params=choice_params(params, n),
+            t0=t0,
+            prompt_tokens=len(ids),
+            tool_calls=mode != "none",
+        )
 
     async def tokenize(self, body: bytes) -> dict[str, Any]:
         """POST /tokenize (vLLM's shape)."""
@@ -272,9 +293,10 @@ class OpenAIServer:
         t0: float,
         prompt_tokens: int,
         echo: Optional[_Echo] = None,
+        tool_calls: bool = False,
     ) -> Any:
         """Stream ``ids[i]`` with ``params[i]`` as choice i; ``prompt_tokens``: the usage's
-        (each prompt once, however many choices it has)."""
+        (each prompt once, however many choices it has); ``tool_calls``: parse chat choices' tool calls."""
         progress = _Progress(len(ids), prompt_tokens, t0, self.metrics)
         self.metrics.prompt_tokens.inc(progress.prompt_tokens)
         outputs = merge([self.client.stream(x, p) for x, p in zip(ids, params)])
@@ -295,6 +317,7 @@ class OpenAIServer:
                     include_usage=include_usage,
                     logprobs=params[0].logprobs is not None,
                     echo=echo,
+                    tool_calls=tool_calls,
                 )
             async for i, out in outputs:
                 progress.add(i, out)
@@ -309,10 +332,15 @@ class OpenAIServer:
         for i, (text, finish) in enumerate(zip(progress.texts, progress.finish)):
             if chat:
                 lps = chat_logprobs(progress.logprobs[i], self.token_text) if asked else None
+                choice: dict[str, Any] = {"logprobs": lps}
                 if self.reasoning_parser:
-                    reasoning, text = ReasoningSplitter.split(self.reasoning_parser, text)
-                    choices.append({"text": text, "reasoning": reasoning, "finish_reason": finish, "logprobs": lps})
-                    continue
+                    choice["reasoning"], text = ReasoningSplitter.split(self.reasoning_parser, text)
+                if tool_calls:
+                    text, calls = split_tool_calls(self.tool_parser, text)
+                    choice["tool_calls"] = [c.to_openai() for c in calls]
+                    finish = "tool_calls" if calls and finish == "stop" else finish
+                choices.append({**choice, "text": text, "finish_reason": finish})
+                continue
             else:
                 text, lps = self._completion_choice(i, text, progress.logprobs[i], progress.prompt_logprobs[i], echo)
                 lps = lps if asked else None
@@ -333,11 +361,13 @@ class OpenAIServer:
         include_usage: bool,
         logprobs: bool,
         echo: Optional[_Echo],
+        tool_calls: bool = False,
     ) -> AsyncIterator[bytes]:
         """SSE bytes: one chunk per delta as it arrives, then usage (if asked) and [DONE]."""
         created, model = int(time.time()), self.model_name
         started = [False] * len(progress.texts)
         splitters = [self._splitter() for _ in progress.texts] if chat else []
+        calls = [ToolCallStream(self.tool_parser) if tool_calls else None for _ in progress.texts]
         try:
             async with aclosing(outputs):
                 item: Optional[tuple[int, Delta]] = first
@@ -365,6 +395,7 @@ class OpenAIServer:
                         yield self._chat_events(
                             out,
                             self._split_delta(splitters, i, out),
+                            calls[i],
                             rid=rid,
                             created=created,
                             i=i,
@@ -405,6 +436,7 @@ class OpenAIServer:
         self,
         out: Delta,
         texts: tuple[str, str],
+        calls: Optional[ToolCallStream],
         *,
         rid: str,
         created: int,
@@ -413,8 +445,9 @@ class OpenAIServer:
         with_usage: bool,
         logprobs: Optional[dict],
     ) -> bytes:
-        """A chat delta as SSE (``texts``: its reasoning and content): the role comes first, the
-        finish reason in a chunk of its own (the delta's logprobs go with its content)."""
+        """A chat delta as SSE (``texts``: its reasoning and content; ``calls``: the choice's tool
+        calls so far, when parsed): the role comes first, each tool call whole as it completes,
+        the finish reason in a chunk of its own (the delta's logprobs go with its content)."""
         model, events = self.model_name, []
 
         def chunk(delta: dict, finish: Optional[str], lps: Optional[dict] = None) -> bytes:
@@ -427,10 +460,22 @@ class OpenAIServer:
         if first:
             events.append(chunk({"role": "assistant", "content": ""}, None))
         reasoning, content = texts
+        new_calls = []
+        if calls is not None:
+            before = calls.num_calls
+            content, new_calls = calls.add(content)
+            if out.finished:
+                content += calls.finish()[0]
+            new_calls = [c.to_openai(index=before + k) for k, c in enumerate(new_calls)]
         if reasoning:
             events.append(chunk({"reasoning_content": reasoning}, None))
-        if content or (not out.finished and not reasoning) or (logprobs and logprobs["content"]):
+        if content or (not out.finished and not reasoning and not new_calls) or (logprobs and logprobs["content"]):
             events.append(chunk({"content": content}, None, logprobs))
+        if new_calls:
+            events.append(chunk({"tool_calls": new_calls}, None))
         if out.finished:
-            events.append(chunk({}, out.finish_reason))
+            finish = out.finish_reason
+            if calls is not None and calls.num_calls and finish == "stop":
+                finish = "tool_calls"
+            events.append(chunk({}, finish))
         return b"".join(events)

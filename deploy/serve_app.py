@@ -288,7 +288,12 @@ class OpenAIIngress:
         client = EngineClient(RayEngine(controller, reattach=current_controller), tokenizer, info)
         name = cfg.serve.model_name or cfg.model.path
         self.server = OpenAIServer(
-            client, name, info.model, cfg.serve.api_key, reasoning_parser=cfg.serve.reasoning_parser
+            client,
+            name,
+            info.model,
+            cfg.serve.api_key,
+            reasoning_parser=cfg.serve.reasoning_parser,
+            tool_parser_name=cfg.serve.tool_parser,
         )
         log.info("serving %s (%s) as engine client %s", name, info.model, client.client_id)
 

@@ -24,22 +24,24 @@ from typing import Any, Iterable, Literal, Sequence
 
 import numpy as np
 
-GrammarKind = Literal["json", "regex", "choice", "ebnf"]
+GrammarKind = Literal["json", "regex", "choice", "ebnf", "tagged_json"]
 _CACHE_SIZE = 256  # compiled grammars kept (a JSON schema's compiled form is ~100 KB-1 MB)
 
 
 @dataclass(frozen=True)
 class GrammarSpec:
     """What a request's output must match. ``source``: the JSON schema as text ("" for any
-    JSON object), the regex, the JSON list of choices, or the EBNF grammar (root rule
-    ``root``). ``field``: the API field it came from, named in errors."""
+    JSON object), the regex, the JSON list of choices, the EBNF grammar (root rule
+    ``root``), or for ``tagged_json`` a JSON object {"begin", "schema", "end"}: a JSON value
+    of that schema between two literal strings (a tool call). ``field``: the API field it
+    came from, named in errors."""
 
     kind: GrammarKind
     source: str
     field: str = "response_format"
 
     def __post_init__(self) -> None:
-        if self.kind not in ("json", "regex", "choice", "ebnf"):
+        if self.kind not in ("json", "regex", "choice", "ebnf", "tagged_json"):
             raise ValueError(f"{self.field}: unknown grammar kind {self.kind!r}")
 
 
@@ -102,12 +104,24 @@ class GrammarCompiler:
                 return c.compile_regex(spec.source)
             if spec.kind == "choice":
                 return c.compile_grammar(choice_grammar(json.loads(spec.source)))
+            if spec.kind == "tagged_json":
+                return c.compile_grammar(self._tagged_json(json.loads(spec.source)))
             return c.compile_grammar(spec.source)
         except (RuntimeError, ValueError) as e:
             raise ValueError(f"{spec.field}: invalid {_NAMES[spec.kind]}: {_reason(e)}") from None
 
+    @staticmethod
+    def _tagged_json(source: dict) -> Any:
+        from xgrammar import Grammar
 
-_NAMES = {"json": "JSON schema", "regex": "regex", "choice": "choice", "ebnf": "grammar"}
+        literal = lambda text: Grammar.from_ebnf(f"root ::= {json.dumps(text, ensure_ascii=False)}")  # noqa: E731
+        schema = json.dumps(source["schema"])
+        return Grammar.concat(
+            literal(source["begin"]), Grammar.from_json_schema(schema, any_whitespace=False), literal(source["end"])
+        )
+
+
+_NAMES = {"json": "JSON schema", "regex": "regex", "choice": "choice", "ebnf": "grammar", "tagged_json": "tool schema"}
 
 
 def _reason(e: Exception) -> str:

@@ -214,6 +214,38 @@ def test_structured_output_through_the_client(client):
     assert e.value.status_code == 400 and e.value.body["param"] == "structured_outputs.regex"
 
 
+def test_tool_calls_through_the_client(client):
+    """tool_choice required and named: the random-weight model's answer is always a parseable
+    call of an allowed tool whose arguments match its parameters, streamed and not."""
+    import jsonschema
+
+    params = {
+        "type": "object",
+        "properties": {"city": {"enum": ["Paris", "Oslo"]}, "days": {"type": "integer", "minimum": 1, "maximum": 9}},
+        "required": ["city", "days"],
+        "additionalProperties": False,
+    }
+    tools = [
+        {"type": "function", "function": {"name": "get_weather", "parameters": params}},
+        {"type": "function", "function": {"name": "now", "parameters": {"type": "object", "properties": {}}}},
+    ]
+    messages = [{"role": "user", "content": "Weather in Oslo?"}]
+    args = dict(model=MODEL, messages=messages, tools=tools, max_tokens=200, temperature=1.0)
+    for seed in range(3):
+        r = client.chat.completions.create(tool_choice="required", seed=seed, **args)
+        (call,) = r.choices[0].message.tool_calls
+        assert r.choices[0].finish_reason == "tool_calls" and call.type == "function" and call.id
+        assert call.function.name in ("get_weather", "now")
+        if call.function.name == "get_weather":
+            jsonschema.validate(json.loads(call.function.arguments), params)
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    chunks = list(client.chat.completions.create(tool_choice=named, stream=True, seed=4, **args))
+    deltas = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    assert len(deltas) == 1 and deltas[0].index == 0 and deltas[0].function.name == "get_weather"
+    jsonschema.validate(json.loads(deltas[0].function.arguments), params)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+
+
 def test_batch_prompts_stop_and_seed(client):
     args = dict(model=MODEL, max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
     one = [client.completions.create(prompt=p, **args).choices[0].text for p in ("alpha", "beta gamma")]

@@ -116,7 +116,7 @@ def test_bad_completion_requests(body, param):
         ({"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
         ({"messages": [{"role": "user", "content": "x"}], "presence_penalty": -3}, "presence_penalty"),
-        ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
+        ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools.0"),
         (
             {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "yaml"}},
             "response_format",

@@ -1,0 +1,140 @@
+"""Tool calls in a chat model's output: parsers by name (``serve.tool_parser``), each
+splitting the generated text into content and calls, whole or as it streams, and saying
+how a call is written (so ``tool_choice`` "required" or a named function can force one
+through a grammar, whose arguments then always parse).
+
+Registered: ``hermes``, the format of Qwen2.5, Qwen3 and Hermes models: each call is
+``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>``.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+from raymoe.actors.engine.grammar import GrammarSpec
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    name: str
+    arguments: str  # JSON text of the arguments object
+    id: str
+
+    def to_openai(self, index: Optional[int] = None) -> dict[str, Any]:
+        call = {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+        return call if index is None else {"index": index, **call}
+
+
+class HermesToolParser:
+    begin, end = "<tool_call>", "</tool_call>"
+
+    def call_from(self, body: str) -> Optional[ToolCall]:
+        """The call written between the tags; None when it is not one (left as content)."""
+        try:
+            obj = json.loads(body)
+        except ValueError:
+            return None
+        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+            return None
+        args = obj.get("arguments", obj.get("parameters", {}))
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except ValueError:
+                return None
+        if not isinstance(args, dict):
+            return None
+        return ToolCall(obj["name"], json.dumps(args, ensure_ascii=False), f"call_{uuid.uuid4().hex[:24]}")
+
+    def forced_call(self, tools: Sequence[dict], name: Optional[str]) -> GrammarSpec:
+        """A grammar for exactly one call: of function ``name``, or of any of ``tools``."""
+        options = [t["function"] for t in tools if name is None or t["function"]["name"] == name]
+        schemas = [
+            {
+                "type": "object",
+                "properties": {"name": {"const": f["name"]}, "arguments": f.get("parameters") or {"type": "object"}},
+                "required": ["name", "arguments"],
+                "additionalProperties": False,
+            }
+            for f in options
+        ]
+        schema = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
+        source = json.dumps({"begin": self.begin + "\n", "schema": schema, "end": "\n" + self.end})
+        return GrammarSpec("tagged_json", source, "tool_choice")
+
+
+PARSERS = {"hermes": HermesToolParser}
+
+
+def tool_parser(name: str) -> HermesToolParser:
+    if name not in PARSERS:
+        raise ValueError(f"serve.tool_parser: unknown parser {name!r}; known: {sorted(PARSERS)}")
+    return PARSERS[name]()
+
+
+def split_tool_calls(parser: HermesToolParser, text: str) -> tuple[Optional[str], list[ToolCall]]:
+    """A whole output -> (content, or None when only calls remain; the calls in order)."""
+    stream = ToolCallStream(parser)
+    content, calls = stream.add(text)
+    if not calls:
+        return text, []
+    rest, more = stream.finish()
+    content = (content + rest).strip()
+    calls += more
+    return (content or None) if calls else content, calls
+
+
+class ToolCallStream:
+    """One choice's text as it streams: content to send now, and the calls completed so far.
+    Text that may open a call is held back until it does or cannot."""
+
+    def __init__(self, parser: HermesToolParser) -> None:
+        self.parser = parser
+        self._buffer = ""
+        self._in_call = False
+        self.num_calls = 0
+
+    def add(self, text: str) -> tuple[str, list[ToolCall]]:
+        self._buffer += text
+        content, calls = "", []
+        p = self.parser
+        while True:
+            if self._in_call:
+                end = self._buffer.find(p.end)
+                if end < 0:
+                    break
+                body, self._buffer, self._in_call = self._buffer[:end], self._buffer[end + len(p.end) :], False
+                call = p.call_from(body)
+                if call is None:
+                    content += p.begin + body + p.end
+                else:
+                    calls.append(call)
+                continue
+            start = self._buffer.find(p.begin)
+            if start >= 0:
+                content += self._buffer[:start]
+                self._buffer, self._in_call = self._buffer[start + len(p.begin) :], True
+                continue
+            keep = _partial_suffix(self._buffer, p.begin)
+            content += self._buffer[: len(self._buffer) - keep]
+            self._buffer = self._buffer[len(self._buffer) - keep :]
+            break
+        self.num_calls += len(calls)
+        return content, calls
+
+    def finish(self) -> tuple[str, list[ToolCall]]:
+        """The output ended: what was held back is content (an unclosed call included)."""
+        rest = (self.parser.begin if self._in_call else "") + self._buffer
+        self._buffer, self._in_call = "", False
+        return rest, []
+
+
+def _partial_suffix(text: str, tag: str) -> int:
+    """Length of the longest end of ``text`` that begins ``tag``."""
+    for n in range(min(len(text), len(tag) - 1), 0, -1):
+        if tag.startswith(text[-n:]):
+            return n
+    return 0

@@ -1,0 +1,127 @@
+"""Tool calls: the hermes parser splits content from calls (whole, and streamed in any
+pieces with the same result), leaves what is not a call as content, and its forced-call
+grammar accepts exactly one call of the allowed tools; bad tools are 400s naming the field."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import xgrammar
+
+from raymoe.actors.engine.grammar import GrammarCompiler
+from raymoe.actors.engine.tokenizer import Tokenizer
+from raymoe.actors.models.builtin import resolve_model_path
+from raymoe.deploy.openai_api import APIError, ChatRequest, parse_request, tool_choice
+from raymoe.deploy.tool_calls import HermesToolParser, ToolCallStream, split_tool_calls
+
+P = HermesToolParser()
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"enum": ["Paris", "Oslo"]}, "days": {"type": "integer", "minimum": 1}},
+                "required": ["city", "days"],
+                "additionalProperties": False,
+            },
+        },
+    },
+    {"type": "function", "function": {"name": "now"}},
+]
+TEXT = (
+    "Let me check.\n<tool_call>\n"
+    '{"name": "get_weather", "arguments": {"city": "Oslo", "days": 2}}\n</tool_call>\n'
+    '<tool_call>{"name": "now", "arguments": {}}</tool_call>'
+)
+
+
+def test_whole_output_splits_into_content_and_calls():
+    content, calls = split_tool_calls(P, TEXT)
+    assert content == "Let me check."
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [
+        ("get_weather", {"city": "Oslo", "days": 2}),
+        ("now", {}),
+    ]
+    assert len({c.id for c in calls}) == 2
+    assert split_tool_calls(P, "no calls <tool_ here") == ("no calls <tool_ here", [])
+    bad = "<tool_call>not json</tool_call>"
+    assert split_tool_calls(P, bad) == (bad, [])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_streamed_in_any_pieces_equals_whole(seed):
+    rng = random.Random(seed)
+    cuts = sorted(rng.sample(range(1, len(TEXT)), 12))
+    pieces = [TEXT[a:b] for a, b in zip([0, *cuts], [*cuts, len(TEXT)])]
+    stream, content, calls = ToolCallStream(P), "", []
+    for piece in pieces:
+        c, new = stream.add(piece)
+        assert "<tool_call>" not in c and "</tool_call>" not in c  # a call's text is never sent as content
+        content, calls = content + c, calls + new
+    content += stream.finish()[0]
+    whole_content, whole_calls = split_tool_calls(P, TEXT)
+    assert content.strip() == whole_content
+    assert [(c.name, c.arguments) for c in calls] == [(c.name, c.arguments) for c in whole_calls]
+
+
+def test_an_unclosed_call_ends_as_content():
+    stream = ToolCallStream(P)
+    assert stream.add('hi <tool_call>{"name": "x"') == ("hi ", [])
+    assert stream.finish() == ('<tool_call>{"name": "x"', [])
+
+
+@pytest.fixture(scope="module")
+def compiler():
+    d = resolve_model_path("builtin:tiny-qwen3-moe")
+    tok = Tokenizer.from_dir(d)
+    return GrammarCompiler(tok, 512, tok.eos_token_ids)
+
+
+@pytest.mark.parametrize("name", [None, "get_weather"])
+def test_forced_call_grammar_accepts_one_call_of_the_allowed_tools(compiler, name):
+    compiled = compiler.compile(P.forced_call(TOOLS, name))
+
+    def accepts(text: str) -> bool:
+        return xgrammar.GrammarMatcher(compiled).accept_string(text)
+
+    weather = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}\n</tool_call>'
+    assert accepts(weather)
+    assert accepts('<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>') == (name is None)
+    assert not accepts('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome", "days": 3}}\n</tool_call>')
+    assert not accepts('<tool_call>\n{"name": "other", "arguments": {}}\n</tool_call>')
+
+
+def _chat(body: dict) -> ChatRequest:
+    return parse_request(ChatRequest, json.dumps({"messages": [{"role": "user", "content": "x"}], **body}).encode())
+
+
+def test_tool_choice_modes():
+    assert tool_choice(_chat({})) == ("none", None)
+    assert tool_choice(_chat({"tools": TOOLS})) == ("auto", None)
+    assert tool_choice(_chat({"tools": TOOLS, "tool_choice": "required"})) == ("required", None)
+    named = {"type": "function", "function": {"name": "now"}}
+    assert tool_choice(_chat({"tools": TOOLS, "tool_choice": named})) == ("function", "now")
+
+
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        ({"tools": [{"type": "retrieval"}]}, "tools.0"),
+        ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools.0.function.name"),
+        ({"tools": [TOOLS[1], TOOLS[1]]}, "tools.1.function.name"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": 3}}]}, "tools.0.function.parameters"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": TOOLS, "tool_choice": "always"}, "tool_choice"),
+        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+        ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
+    ],
+)
+def test_bad_tools_are_400s_naming_the_field(body, param):
+    with pytest.raises(APIError) as e:
+        r = _chat(body)
+        tool_choice(r)
+    assert (e.value.status, e.value.param) == (400, param)
