@@ -423,7 +423,7 @@ def test_abort_between_schedule_and_apply_is_skipped():
     planned = core.schedule()
     core.abort("a")
     got = core.apply(planned, [StepOutput(tokens=np.array([7, 8]))])
-    assert got == [TokenOutput("b", 8, Finish.RUNNING)]
+    assert got == [TokenOutput("b", 8, Finish.RUNNING, cached_tokens=0)]
     assert b.output_token_ids == [8] and a.output_token_ids == [PENDING_TOKEN]  # a's token never came
     assert sched.block_manager.num_free_blocks == 16 - len(b.block_ids)
 

@@ -43,7 +43,7 @@ def test_next_step_runs_on_the_pending_token():
     assert step.sample.tolist() == [True]
     assert step.prev_rows.tolist() == [0]  # the token is row 0 of the step before, on the ranks
     assert step.output_index.tolist() == [1]  # the pending token counts: seeds draw as if it were known
-    assert core.apply(first, _tokens(42)) == [TokenOutput("a", 42, Finish.RUNNING)]
+    assert core.apply(first, _tokens(42)) == [TokenOutput("a", 42, Finish.RUNNING, cached_tokens=0)]
     assert req.output_token_ids == [42, PENDING_TOKEN] and req.num_computed_tokens == 4
     assert core.apply(second, _tokens(43)) == [TokenOutput("a", 43, Finish.RUNNING)]
     (step,) = core.schedule().inputs
@@ -58,7 +58,10 @@ def test_a_pending_last_token_is_not_scheduled_again():
     nxt = core.schedule()
     assert _scheduled(nxt) == ["long"]  # "short" ends with its pending token
     got = core.apply(first, _tokens(9, 10))
-    assert got == [TokenOutput("short", 9, Finish.LENGTH), TokenOutput("long", 10, Finish.RUNNING)]
+    assert got == [
+        TokenOutput("short", 9, Finish.LENGTH, cached_tokens=0),
+        TokenOutput("long", 10, Finish.RUNNING, cached_tokens=0),
+    ]
     bm = core.schedulers[0].block_manager
     assert bm.num_free_blocks == bm.num_blocks - 1  # "long" holds one
 
@@ -70,7 +73,10 @@ def test_apply_skips_requests_that_ended_meanwhile():
     planned = core.schedule()
     core.abort("b")
     got = core.apply(planned, _tokens(7, 8, 9))
-    assert got == [TokenOutput("a", 7, Finish.RUNNING), TokenOutput("c", 9, Finish.RUNNING)]
+    assert got == [
+        TokenOutput("a", 7, Finish.RUNNING, cached_tokens=0),
+        TokenOutput("c", 9, Finish.RUNNING, cached_tokens=0),
+    ]
 
 
 def test_a_request_short_of_blocks_takes_them_from_one_that_is_ending():
@@ -84,6 +90,9 @@ def test_a_request_short_of_blocks_takes_them_from_one_that_is_ending():
     nxt = core.schedule()  # "long" needs a block while "ending" waits for its last token
     assert _scheduled(nxt) == ["long"] and core.num_preemptions == 1 and ending.status is RequestStatus.WAITING
     got = core.apply(first, _tokens(13, 14))
-    assert got == [TokenOutput("ending", 13, Finish.LENGTH), TokenOutput("long", 14, Finish.RUNNING)]
+    assert got == [
+        TokenOutput("ending", 13, Finish.LENGTH, cached_tokens=0),
+        TokenOutput("long", 14, Finish.RUNNING, cached_tokens=0),
+    ]
     assert ending.output_token_ids == [13]
     assert sched.num_running == 1 and sched.num_waiting == 0
