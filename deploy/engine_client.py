@@ -208,13 +208,19 @@ class EngineClient:
             raise bad_request(str(e), param, "invalid_value") from None
 
     async def tokenize_chat(
-        self, messages: list[dict[str, Any]], template_kwargs: Optional[dict[str, Any]] = None
+        self,
+        messages: list[dict[str, Any]],
+        template_kwargs: Optional[dict[str, Any]] = None,
+        tools: Optional[list[dict[str, Any]]] = None,
     ) -> list[int]:
-        """Render the chat template (with the generation prompt) and encode it as is."""
+        """Render the chat template (with the generation prompt, and ``tools`` when given) and
+        encode it as is."""
         kwargs = dict(template_kwargs or {})
         for reserved in ("messages", "add_generation_prompt", "tools"):
             if reserved in kwargs:
                 raise bad_request(f"chat_template_kwargs: {reserved!r} cannot be set here", "chat_template_kwargs")
+        if tools:
+            kwargs["tools"] = tools
         try:
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
         except ValueError as e:  # no chat template

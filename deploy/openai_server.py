@@ -200,10 +200,10 @@ class OpenAIServer:
         req = parse_request(ChatRequest, body)
         self._check_model(req.model)
         tools, (mode, forced) = chat_tools(req), tool_choice(req)
-        template_kwargs = dict(req.chat_template_kwargs or {})
-        if tools and mode != "none":  # the template tells the model about them
-            template_kwargs["tools"] = tools
-        ids = await self.client.tokenize_chat(chat_messages(req), template_kwargs or None)
+        # the template tells the model about the tools it may call
+        ids = await self.client.tokenize_chat(
+            chat_messages(req), req.chat_template_kwargs, tools=tools if mode != "none" else None
+        )
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         limit = resolve_max_tokens(
