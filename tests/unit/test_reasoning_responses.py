@@ -1,6 +1,7 @@
-"""The chat route with a reasoning parser, over a stand-in engine client that streams a
-thinking answer: the message's reasoning_content and content, streamed and not, checked
-with the official openai client's own response types."""
+"""The chat route with a reasoning parser and tool calls, over a stand-in engine client that
+streams a scripted answer: the message's reasoning_content, content and tool_calls, streamed
+and not, checked with the official openai client's own response types; the tools reach the
+chat template."""
 
 from __future__ import annotations
 
@@ -18,24 +19,40 @@ PIECES = ["<thi", "nk>Let me ", "think.</th", "ink>\n\nParis", " it is."]
 
 
 class StandInClient:
-    """Streams PIECES as one token each, whatever the request."""
+    """Streams ``pieces`` as one token each, whatever the request; keeps the tools it got."""
 
-    def __init__(self) -> None:
+    def __init__(self, pieces: list[str]) -> None:
+        self.pieces = pieces
+        self.tools = None
         self.info = SimpleNamespace(token_limit=1000, max_model_len=1000)
         self.tokenizer = SimpleNamespace(decode=lambda ids, skip_special_tokens=True: "?")
 
-    async def tokenize_chat(self, messages, kwargs):
+    async def tokenize_chat(self, messages, kwargs, tools=None):
+        self.tools = tools
         return [1, 2, 3]
 
     async def stream(self, ids, params):
-        for n, piece in enumerate(PIECES, 1):
+        for n, piece in enumerate(self.pieces, 1):
             yield Delta(
-                token_ids=[n], text=piece, finish_reason="stop" if n == len(PIECES) else None, num_output_tokens=n
+                token_ids=[n], text=piece, finish_reason="stop" if n == len(self.pieces) else None, num_output_tokens=n
             )
 
 
-def _server(parser):
-    return OpenAIServer(StandInClient(), "m", "m", reasoning_parser=parser)
+def _server(parser, pieces=PIECES):
+    return OpenAIServer(StandInClient(pieces), "m", "m", reasoning_parser=parser)
+
+
+def _streamed(server, body: bytes) -> list:
+    async def collect():
+        events = await server.chat(body[:-1] + b', "stream": true}')
+        return b"".join([e async for e in events])
+
+    raw = asyncio.run(collect())
+    return [
+        chat_types.ChatCompletionChunk.model_validate(json.loads(line[6:]))
+        for line in raw.split(b"\n\n")
+        if line.startswith(b"data: {")
+    ]
 
 
 BODY = json.dumps({"model": "m", "messages": [{"role": "user", "content": "?"}]}).encode()
@@ -53,16 +70,8 @@ def test_reasoning_content_not_streamed(parser, reasoning, content):
 
 @pytest.mark.parametrize("parser", ["qwen3", None])
 def test_reasoning_content_streamed(parser):
-    async def collect():
-        events = await _server(parser).chat(BODY[:-1] + b', "stream": true}')
-        return b"".join([e async for e in events])
-
-    raw = asyncio.run(collect())
     reasoning, content = "", ""
-    for line in raw.split(b"\n\n"):
-        if not line.startswith(b"data: {"):
-            continue
-        chunk = chat_types.ChatCompletionChunk.model_validate(json.loads(line[6:]))
+    for chunk in _streamed(_server(parser), BODY):
         for choice in chunk.choices:
             reasoning += getattr(choice.delta, "reasoning_content", None) or ""
             content += choice.delta.content or ""
@@ -70,3 +79,35 @@ def test_reasoning_content_streamed(parser):
         assert (reasoning, content) == ("Let me think.", "Paris it is.")
     else:
         assert (reasoning, content) == ("", "".join(PIECES))
+
+
+TOOLS = [{"type": "function", "function": {"name": "now", "parameters": {"type": "object", "properties": {}}}}]
+CALLING = ["<think>hm</think>Sure. <tool", '_call>\n{"name": "now", "argu', 'ments": {}}\n</tool_call>']
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_tool_calls_with_reasoning(stream):
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "?"}], "tools": TOOLS}).encode()
+    server = _server("qwen3", CALLING)
+    if stream:
+        chunks = _streamed(server, body)
+        content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        reasoning = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks if c.choices)
+        calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+        finish = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+        assert [tc.index for tc in calls] == [0]
+    else:
+        choice = chat_types.ChatCompletion.model_validate(asyncio.run(server.chat(body))).choices[0]
+        content, reasoning, calls = choice.message.content, choice.message.reasoning_content, choice.message.tool_calls
+        finish = choice.finish_reason
+    assert (content.strip(), reasoning, finish) == ("Sure.", "hm", "tool_calls")
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [("now", {})]
+    assert server.client.tools == TOOLS  # the chat template saw them
+
+
+def test_tool_choice_none_leaves_calls_as_content():
+    body = {"model": "m", "messages": [{"role": "user", "content": "?"}], "tools": TOOLS, "tool_choice": "none"}
+    server = _server(None, CALLING)
+    choice = chat_types.ChatCompletion.model_validate(asyncio.run(server.chat(json.dumps(body).encode()))).choices[0]
+    assert choice.message.content == "".join(CALLING) and not choice.message.tool_calls
+    assert choice.finish_reason == "stop" and server.client.tools is None
