@@ -26,6 +26,7 @@ import asyncio
 import json
 import pathlib
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -126,11 +127,18 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "prompt_tokens": query,
         "computed_tokens": query - hit,
         "ttft_ms": shared["ttft_ms"],
+        "ttft_by_wave_ms": ttft_by_wave(shared["requests"], args.concurrency),
         "tpot_ms": shared["tpot_ms"],
         "duration_s": shared["duration_s"],
         "output_throughput": shared["output_throughput"],
         **decode,
     }
+
+
+def ttft_by_wave(requests: list[dict], concurrency: int) -> list[float]:
+    """Median TTFT (ms) of each run of ``concurrency`` requests in the order they were sent."""
+    ttfts = [r["ttft_s"] * 1e3 for r in requests if r["ok"]]
+    return [statistics.median(ttfts[i : i + concurrency]) for i in range(0, len(ttfts), concurrency)]
 
 
 def decode_step(llm: Any, args: argparse.Namespace) -> dict[str, float]:
@@ -176,6 +184,9 @@ def format_table(args: argparse.Namespace, off: dict[str, Any], on: dict[str, An
             f"{t['median']:.0f} / {t['mean']:.0f} / {t['p99']:.0f} | {r['tpot_ms']['median']:.2f} | "
             f"{r['duration_s']:.2f} |"
         )
+    for name, r in (("off", off), ("on", on)):
+        waves = " / ".join(f"{t:.0f}" for t in r["ttft_by_wave_ms"])
+        lines.append(f"\nTTFT median of each {args.concurrency} requests in send order, {name}: {waves} ms")
     lines += [
         "",
         f"prefill computed, on / off: {on['computed_tokens'] / max(1, off['computed_tokens']):.3f}; "

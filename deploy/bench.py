@@ -25,6 +25,7 @@ import aiohttp
 @dataclass(kw_only=True)
 class RequestResult:
     ok: bool
+    sent: float = 0.0  # time.perf_counter() when the request went out
     ttft: float = 0.0
     e2e: float = 0.0
     itls: list[float] = field(default_factory=list)
@@ -107,7 +108,7 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         t0 = time.perf_counter()
         results = await asyncio.gather(*(limited(i, p) for i, p in enumerate(payloads)))
         duration = time.perf_counter() - t0
-    return summarize(results, duration, model, args.concurrency)
+    return summarize(results, duration, model, args.concurrency, start=t0)
 
 
 async def _first_model(session: aiohttp.ClientSession, base: str) -> str:
@@ -121,7 +122,7 @@ async def _first_model(session: aiohttp.ClientSession, base: str) -> str:
 async def stream_completion(session: aiohttp.ClientSession, base: str, payload: dict[str, Any]) -> RequestResult:
     """One streamed completion from ``base`` (a URL ending in /), timed at the client."""
     t0 = time.perf_counter()
-    r = RequestResult(ok=False)
+    r = RequestResult(ok=False, sent=t0)
     last: Optional[float] = None
     try:
         async with session.post(base + "v1/completions", json=payload) as resp:
@@ -164,7 +165,11 @@ def _stats_ms(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(s) * 1e3, "median": statistics.median(s) * 1e3, "p99": p99 * 1e3}
 
 
-def summarize(results: list[RequestResult], duration: float, model: str, concurrency: int) -> dict[str, Any]:
+def summarize(
+    results: list[RequestResult], duration: float, model: str, concurrency: int, start: float = 0.0
+) -> dict[str, Any]:
+    """The run's statistics, and each request's timeline (``requests``: seconds from ``start``
+    to sending it, TTFT and end-to-end latency, in submission order)."""
     ok = [r for r in results if r.ok]
     out_tokens = sum(r.output_tokens for r in ok)
     in_tokens = sum(r.prompt_tokens for r in ok)
@@ -185,6 +190,10 @@ def summarize(results: list[RequestResult], duration: float, model: str, concurr
         "tpot_ms": _stats_ms(tpot),
         "itl_ms": _stats_ms([x for r in ok for x in r.itls]),
         "e2e_ms": _stats_ms([r.e2e for r in ok]),
+        "requests": [
+            {"sent_s": r.sent - start, "ttft_s": r.ttft, "e2e_s": r.e2e, "ok": r.ok}
+            for r in sorted(results, key=lambda r: r.sent)
+        ],
     }
 
 
