@@ -31,6 +31,7 @@ class RequestResult:
     itls: list[float] = field(default_factory=list)
     prompt_tokens: int = 0
     output_tokens: int = 0
+    output_ids: list[int] = field(default_factory=list)  # with return_token_ids (multi-turn)
     error: str = ""
 
 
@@ -53,6 +54,14 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
         default=0,
         help="the first N prompt tokens are the same in every request (a system prompt; prefix caching)",
     )
+    p.add_argument(
+        "--turns",
+        type=int,
+        default=1,
+        help="multi-turn: each of --num-requests conversations sends this many requests in turn, each "
+        "re-sending the conversation so far (prompt and output token ids) plus --input-len minus "
+        "--shared-prefix new tokens",
+    )
     p.add_argument("--warmup", type=int, default=2, help="untimed requests first")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--api-key", help="sent as 'Authorization: Bearer KEY'")
@@ -60,7 +69,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
 
 
 def bench_main(args: argparse.Namespace) -> int:
-    for name in ("num_requests", "concurrency", "input_len", "output_len", "vocab_size"):
+    for name in ("num_requests", "concurrency", "input_len", "output_len", "vocab_size", "turns"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: must be >= 1")
     if not 0 <= args.shared_prefix <= args.input_len:
@@ -84,29 +93,39 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
         shared = [rng.randrange(args.vocab_size) for _ in range(args.shared_prefix)]
 
-        def payload() -> dict[str, Any]:
-            prompt = shared + [rng.randrange(args.vocab_size) for _ in range(args.input_len - len(shared))]
-            return {
+        def payload(history: Optional[list[int]] = None) -> dict[str, Any]:
+            """A new conversation (``history`` None), or its next turn after ``history``."""
+            fresh = [rng.randrange(args.vocab_size) for _ in range(args.input_len - len(shared))]
+            body = {
                 "model": model,
-                "prompt": prompt,
+                "prompt": (shared if history is None else history) + fresh,
                 "max_tokens": args.output_len,
                 "temperature": 0.0,
                 "ignore_eos": True,
                 "stream": True,
                 "stream_options": {"include_usage": True},
             }
+            if args.turns > 1:  # the next turn re-sends the output's ids (vLLM's extension)
+                body["return_token_ids"] = True
+            return body
 
         for i in range(args.warmup * len(bases)):
             await stream_completion(session, bases[i % len(bases)], payload())
         payloads = [payload() for _ in range(args.num_requests)]
         sem = asyncio.Semaphore(args.concurrency)
 
-        async def limited(i: int, p: dict[str, Any]) -> RequestResult:
+        async def conversation(i: int, p: dict[str, Any]) -> list[RequestResult]:
+            """Its turns one after another (one request, without --turns)."""
             async with sem:
-                return await stream_completion(session, bases[i % len(bases)], p)
+                turns = [await stream_completion(session, bases[i % len(bases)], p)]
+                while len(turns) < args.turns and turns[-1].ok:
+                    p = payload(p["prompt"] + turns[-1].output_ids)
+                    turns.append(await stream_completion(session, bases[i % len(bases)], p))
+                return turns
 
         t0 = time.perf_counter()
-        results = await asyncio.gather(*(limited(i, p) for i, p in enumerate(payloads)))
+        done = await asyncio.gather(*(conversation(i, p) for i, p in enumerate(payloads)))
+        results = [r for turns in done for r in turns]
         duration = time.perf_counter() - t0
     return summarize(results, duration, model, args.concurrency, start=t0)
 
@@ -144,6 +163,7 @@ async def stream_completion(session: aiohttp.ClientSession, base: str, payload: 
                     r.prompt_tokens = chunk["usage"]["prompt_tokens"]
                     r.output_tokens = chunk["usage"]["completion_tokens"]
                 if chunk.get("choices"):
+                    r.output_ids += chunk["choices"][0].get("token_ids") or []
                     now = time.perf_counter()
                     if last is None:
                         r.ttft = now - t0

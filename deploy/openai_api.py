@@ -90,6 +90,7 @@ class _Common(_Strict):
 
 class CompletionRequest(_Common):
     prompt: Union[str, list[int], list[str], list[list[int]]]
+    return_token_ids: Optional[bool] = None  # vLLM's: each choice's prompt and output token ids
     echo: Optional[bool] = None
     logprobs: Optional[int] = None
     best_of: Optional[int] = None

@@ -18,14 +18,21 @@ def usage(prompt_tokens: int, completion_tokens: int, *, cached_tokens: int = 0)
 
 
 def completion_response(rid: str, created: int, model: str, *, choices: list[dict], use: dict) -> dict[str, Any]:
-    """``choices``: [{"text", "finish_reason", "logprobs"}] in prompt order."""
+    """``choices``: [{"text", "finish_reason", "logprobs"}, and "prompt_token_ids" and
+    "token_ids" when asked (vLLM's return_token_ids)] in prompt order."""
     return {
         "id": rid,
         "object": "text_completion",
         "created": created,
         "model": model,
         "choices": [
-            {"index": i, "text": c["text"], "logprobs": c.get("logprobs"), "finish_reason": c["finish_reason"]}
+            {
+                "index": i,
+                "text": c["text"],
+                "logprobs": c.get("logprobs"),
+                "finish_reason": c["finish_reason"],
+                **{k: c[k] for k in ("prompt_token_ids", "token_ids") if k in c},
+            }
             for i, c in enumerate(choices)
         ],
         "usage": use,
@@ -77,8 +84,11 @@ def completion_chunk(
     finish: Optional[str],
     with_usage: bool,
     logprobs: Optional[dict] = None,
+    token_ids: Optional[dict] = None,
 ) -> dict:
-    choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+    """``token_ids``: {"token_ids": the delta's, and "prompt_token_ids" in a choice's first
+    chunk} when asked (vLLM's return_token_ids)."""
+    choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish, **(token_ids or {})}
     return _stream_chunk(rid, created, model, obj="text_completion", choice=choice, with_usage=with_usage)
 
 

@@ -67,6 +67,7 @@ class _Progress:
         self.texts = [""] * n
         self.logprobs: list[list] = [[] for _ in range(n)]
         self.prompt_logprobs: list[Optional[list]] = [None] * n
+        self.token_ids: list[list[int]] = [[] for _ in range(n)]
         self.finish: list[Optional[str]] = [None] * n
         self.last: list[Optional[float]] = [None] * n
         self.prompt_tokens = num_prompt_tokens
@@ -88,6 +89,7 @@ class _Progress:
             self.completion_tokens += len(out.token_ids)
             self.metrics.completion_tokens.inc(len(out.token_ids))
         self.texts[i] += out.text
+        self.token_ids[i] += out.token_ids
         self.logprobs[i] += out.logprobs
         if out.prompt_logprobs is not None:
             self.prompt_logprobs[i] = out.prompt_logprobs
@@ -102,6 +104,13 @@ class _Progress:
         # the n choices share one prompt: what the cache gave all of them
         cached = min((c for c in self.cached_tokens if c is not None), default=0)
         return usage(self.prompt_tokens, self.completion_tokens, cached_tokens=cached)
+
+
+def _delta_token_ids(out: Delta, prompts: Optional[list[list[int]]], i: int, *, first: bool) -> Optional[dict]:
+    """A completion chunk's token ids (vLLM's return_token_ids), the prompt's in a choice's first."""
+    if prompts is None:
+        return None
+    return {"prompt_token_ids": prompts[i], "token_ids": out.token_ids} if first else {"token_ids": out.token_ids}
 
 
 class _Echo:
@@ -318,6 +327,7 @@ class OpenAIServer:
                     logprobs=params[0].logprobs is not None,
                     echo=echo,
                     tool_calls=tool_calls,
+                    return_ids=ids if getattr(req, "return_token_ids", None) else None,
                 )
             async for i, out in outputs:
                 progress.add(i, out)
@@ -344,7 +354,10 @@ class OpenAIServer:
             else:
                 text, lps = self._completion_choice(i, text, progress.logprobs[i], progress.prompt_logprobs[i], echo)
                 lps = lps if asked else None
-            choices.append({"text": text, "finish_reason": finish, "logprobs": lps})
+            choice = {"text": text, "finish_reason": finish, "logprobs": lps}
+            if req.return_token_ids:
+                choice.update(prompt_token_ids=ids[i], token_ids=progress.token_ids[i])
+            choices.append(choice)
         if echo is not None and echo.drop_output:
             progress.completion_tokens = 0
         build = chat_response if chat else completion_response
@@ -362,8 +375,10 @@ class OpenAIServer:
         logprobs: bool,
         echo: Optional[_Echo],
         tool_calls: bool = False,
+        return_ids: Optional[list[list[int]]] = None,
     ) -> AsyncIterator[bytes]:
-        """SSE bytes: one chunk per delta as it arrives, then usage (if asked) and [DONE]."""
+        """SSE bytes: one chunk per delta as it arrives, then usage (if asked) and [DONE];
+        ``return_ids``: each choice's prompt ids, when its chunks carry token ids."""
         created, model = int(time.time()), self.model_name
         started = [False] * len(progress.texts)
         splitters = [self._splitter() for _ in progress.texts] if chat else []
@@ -388,6 +403,7 @@ class OpenAIServer:
                             finish=out.finish_reason,
                             with_usage=include_usage,
                             logprobs=lp_obj if logprobs else None,
+                            token_ids=_delta_token_ids(out, return_ids, i, first=not started[i]),
                         )
                         yield sse(chunk)
                     else:

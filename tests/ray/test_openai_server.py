@@ -246,6 +246,20 @@ def test_tool_calls_through_the_client(client):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
 
 
+def test_return_token_ids(client, hf_tokenizer):
+    """vLLM's return_token_ids on completions: the prompt's and the output's ids, whole and
+    per streamed chunk, agreeing with the text and the usage."""
+    args = dict(model=MODEL, prompt=[5, 6, 7, 8], max_tokens=6, temperature=0, extra_body={"return_token_ids": True})
+    r = client.completions.create(**args)
+    choice = r.choices[0].model_extra
+    assert choice["prompt_token_ids"] == [5, 6, 7, 8] and len(choice["token_ids"]) == r.usage.completion_tokens
+    assert hf_tokenizer.decode(choice["token_ids"]) == r.choices[0].text
+    chunks = [c for c in client.completions.create(stream=True, **args) if c.choices]
+    assert chunks[0].choices[0].model_extra["prompt_token_ids"] == [5, 6, 7, 8]
+    assert [t for c in chunks for t in c.choices[0].model_extra["token_ids"]] == choice["token_ids"]
+    assert "token_ids" not in client.completions.create(model=MODEL, prompt="x", max_tokens=2).choices[0].model_extra
+
+
 def test_batch_prompts_stop_and_seed(client):
     args = dict(model=MODEL, max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
     one = [client.completions.create(prompt=p, **args).choices[0].text for p in ("alpha", "beta gamma")]
@@ -553,3 +567,24 @@ def test_metrics_count_prefix_cache_hits(server, client):
     prompt_tokens = r.usage.prompt_tokens
     assert delta("raymoe_prefix_cache_query_tokens") == 2 * prompt_tokens
     assert delta("raymoe_prefix_cache_hit_tokens") == (prompt_tokens - 1) // 16 * 16  # the second's full blocks
+
+
+def test_bench_multi_turn_reuses_each_conversation(server):
+    """``raymoe bench --turns 3``: every turn re-sends the conversation so far (its prompt and
+    output ids), so all but each turn's new tokens (and the last block) come from the cache."""
+    import argparse
+
+    from raymoe.deploy.bench import run_bench
+
+    args = argparse.Namespace(
+        url=server, model=None, api_key=KEY, num_requests=3, concurrency=3, input_len=40, output_len=8,
+        vocab_size=400, shared_prefix=0, turns=3, warmup=0, seed=9,
+    )  # fmt: skip
+    before = _metrics(server)
+    s = asyncio.run(run_bench(args))
+    after = _metrics(server)
+    hits = sum(v - before.get(k, 0) for k, v in after.items() if k.startswith("raymoe_prefix_cache_hit_tokens{"))
+    assert (s["completed"], s["failed"], s["output_tokens"]) == (9, 0, 9 * 8)
+    # turn t sends 40 + (t - 1) * 48 tokens: turns 2 and 3 find the previous turn's full blocks
+    assert s["input_tokens"] == 3 * (40 + 88 + 136)
+    assert hits >= 3 * ((40 + 8 - 1) // 16 * 16 + (88 + 8 - 1) // 16 * 16)
