@@ -1,0 +1,111 @@
+"""What the per-request sampling features cost the decode step: plain greedy rows against
+rows with penalties and logprobs, and rows under a grammar (structured output), on one
+served engine in one run.
+
+    python benchmarks/sampling_overhead_bench.py --config qwen3-30b-a3b-dummy --layers 16
+    python benchmarks/sampling_overhead_bench.py --config tiny --batch 8 --output-len 16
+
+Each mode generates ``--batch`` fresh prompts of ``--input-len`` tokens twice, once with
+``--output-len`` new tokens and once with 1 (offline ``LLM.generate``, attached to the
+served engine); the decode step is the difference over the extra steps. The grammar is a
+regex no output of this length can complete (so every row runs to ``--output-len``). Under
+pipelined steps (GPUs) a constrained row runs every other step: its step time here is the
+time per token it sees.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import pathlib
+import random
+import sys
+import time
+from typing import Any
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+import serve_bench  # noqa: E402
+
+from raymoe.actors.engine.grammar import GrammarSpec  # noqa: E402
+from raymoe.actors.engine.request import SamplingParams  # noqa: E402
+
+LONG_REGEX = "[a-z ]{20000}"
+
+
+def modes(output_len: int, batch: int) -> dict[str, list[SamplingParams]]:
+    base = dict(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    plain = SamplingParams(**base)
+    controls = SamplingParams(
+        **base, presence_penalty=0.5, frequency_penalty=0.5, repetition_penalty=1.1, logit_bias=((7, 2.0),), logprobs=5
+    )
+    grammar = SamplingParams(**base, grammar=GrammarSpec("regex", LONG_REGEX))
+    return {
+        "plain": [plain] * batch,
+        "penalties + logprobs, every row": [controls] * batch,
+        "grammar, one row": [grammar] + [plain] * (batch - 1),
+        "grammar, every row": [grammar] * batch,
+    }
+
+
+def decode_step(llm: Any, params: list[SamplingParams], args: argparse.Namespace, rng: random.Random) -> float:
+    def run(tokens: int) -> float:
+        prompts = [[rng.randrange(args.vocab_size) for _ in range(args.input_len)] for _ in params]
+        sampling = [dataclasses.replace(p, max_tokens=tokens) for p in params]
+        t0 = time.perf_counter()
+        out = llm.generate(prompts, sampling)
+        assert all(len(o.token_ids) == tokens for o in out), "a row ended early"
+        return time.perf_counter() - t0
+
+    run(2)  # warm-up (compiles the grammar)
+    long = min(run(args.output_len) for _ in range(2))
+    short = min(run(1) for _ in range(2))
+    return (long - short) / (args.output_len - 1)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="tiny")
+    p.add_argument("--layers", type=int)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--input-len", type=int, default=512)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--vocab-size", type=int, default=512)
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=YAML")
+    args = p.parse_args()
+
+    import ray
+    from ray import serve
+
+    from raymoe.deploy.llm import LLM
+    from raymoe.deploy.serve_app import APP_NAME, start_serving, stop_serving
+
+    config, tmp = serve_bench._config(argparse.Namespace(config=args.config, layers=args.layers, set=args.set))
+    start_serving(config)
+    rows = []
+    try:
+        (controller,) = serve.get_deployment_handle("EngineHost", APP_NAME).controller.remote().result()
+        llm = LLM(controller=controller)
+        try:
+            rng = random.Random(0)
+            for name, params in modes(args.output_len, args.batch).items():
+                rows.append((name, decode_step(llm, params, args, rng)))
+        finally:
+            llm.shutdown()
+    finally:
+        stop_serving()
+        ray.shutdown()
+        if tmp is not None:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    plain = rows[0][1]
+    print(f"## sampling_overhead_bench: {args.config} ({args.layers or 'all'} layers), batch {args.batch}, ", end="")
+    print(f"{args.input_len} in / {args.output_len} out\n")
+    print("| rows | decode step ms | x plain |\n|---|---|---|")
+    for name, step in rows:
+        print(f"| {name} | {step * 1e3:.3f} | {step / plain:.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
