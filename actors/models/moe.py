@@ -15,8 +15,9 @@ tokens. The MoE layer
    (moe_combine.py, done by the next norm: see 4.);
 4. leaves the combine and the sum of the partial outputs over the world (the world
    is exactly ep x moe_tp shares, each held by one rank) to the next norm, which
-   fuses them with its residual add (ExpertOutputs); with dp > 1 it combines and
-   sums them itself and keeps its own replica's rows.
+   fuses them with its residual add (ExpertOutputs); with dp > 1 it combines them
+   itself and sums only its own replica's rows: a reduce-scatter over dp, then an
+   all-reduce over the replica's attention ranks.
 
 The layer never looks at which rank holds a logical expert except through the
 ExpertMap, so load balancing can move and replicate experts without touching it.
@@ -143,10 +144,12 @@ class MoE(nn.Module):
         if dp.world_size == 1:
             return ExpertOutputs(y, d, all_local, self.groups.world, shared=shared)
         out = combine(y, d.sorted_row, d.weights, d.ends, all_local=all_local)
-        start = dp.rank_in_group * batch.dp_pad  # every replica's rows are summed: keep ours
         if shared is not None:
+            start = dp.rank_in_group * batch.dp_pad
             out[start : start + x.shape[0]] += shared
-        return self.groups.world.all_reduce(out)[start : start + x.shape[0]]
+        # the sum over the world, of this replica's rows only: over dp (each replica's rank
+        # gets its replica's rows), then over the replica's attention ranks
+        return self.groups.attn.all_reduce(dp.reduce_scatter(out))[: x.shape[0]]
 
     def _dispatch(self, logits: torch.Tensor, valid: torch.Tensor | None) -> Dispatch:
         emap = self.expert_map
