@@ -1,6 +1,6 @@
 """raymoe's greedy output and logits equal Hugging Face transformers on the same weights,
 for MoE and dense architectures and every (tp, ep) layout, with mixed prompt lengths
-(the long ones prefilled in chunks)."""
+(the long ones prefilled in chunks), computed and again from the prefix cache."""
 
 from __future__ import annotations
 
@@ -91,11 +91,16 @@ def _check(references, kind: str, tp: int, ep: int, pipelined: bool) -> None:
     path, expected = references(kind)
     with LLM(_config(path, tp, ep, pipelined), collect_logits=True) as llm:
         outputs = llm.generate(_prompts(), sampling)
-    for i, (out, (ref_tokens, ref_logits)) in enumerate(zip(outputs, expected)):
-        assert out.token_ids == ref_tokens, f"{kind} tp={tp} ep={ep} prompt {i}: tokens differ"
-        ours = torch.stack(out.logits)
-        err = ((ours - ref_logits).norm() / ref_logits.norm()).item()
-        assert err < 1e-3, f"{kind} tp={tp} ep={ep} prompt {i}: logits rel. error {err:.2e}"
+        # again: each prompt's full blocks now come from the prefix cache (on its DP replica)
+        again = llm.generate(_prompts(), sampling)
+    assert [o.num_cached_tokens for o in outputs] == [0] * len(outputs)
+    assert [o.num_cached_tokens for o in again] == [(len(p) - 1) // 8 * 8 for p in _prompts()]
+    for run in (outputs, again):
+        for i, (out, (ref_tokens, ref_logits)) in enumerate(zip(run, expected)):
+            assert out.token_ids == ref_tokens, f"{kind} tp={tp} ep={ep} prompt {i}: tokens differ"
+            ours = torch.stack(out.logits)
+            err = ((ours - ref_logits).norm() / ref_logits.norm()).item()
+            assert err < 1e-3, f"{kind} tp={tp} ep={ep} prompt {i}: logits rel. error {err:.2e}"
 
 
 def test_context_parallel_engine_is_refused_clearly(ray_session):
