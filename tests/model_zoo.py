@@ -156,3 +156,44 @@ def hf_greedy(
                 ids.append(int(logits.argmax()))
             results.append((ids[len(prompt) :], torch.stack(rows)))
     return results
+
+
+def fp8_checkpoints(
+    source: pathlib.Path, fp8_dir: pathlib.Path, reference_dir: pathlib.Path, block: tuple[int, int]
+) -> None:
+    """From ``source``, an FP8 checkpoint written as the Hub's are (every projection weight in
+    float8_e4m3fn with a float32 ``weight_scale_inv`` per ``block``, config.json's
+    quantization_config) and its reference: the same model with those weights dequantised."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    tensors = {}
+    for f in sorted(source.glob("*.safetensors")):
+        tensors.update(load_file(f))
+    quantised, reference = {}, {}
+    for name, w in tensors.items():
+        if not (name.endswith("_proj.weight") and w.dim() == 2):
+            quantised[name] = reference[name] = w
+            continue
+        rows, cols = -(-w.shape[0] // block[0]), -(-w.shape[1] // block[1])
+        padded = torch.zeros(rows * block[0], cols * block[1])
+        padded[: w.shape[0], : w.shape[1]] = w.float()
+        blocks = padded.view(rows, block[0], cols, block[1])
+        scale = (blocks.abs().amax(dim=(1, 3)) / 448.0).clamp(min=1e-12)
+        q = (blocks / scale[:, None, :, None]).view_as(padded)[: w.shape[0], : w.shape[1]].to(torch.float8_e4m3fn)
+        full_scale = scale.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
+        quantised[name], quantised[name + "_scale_inv"] = q.contiguous(), scale.contiguous()
+        reference[name] = (q.float() * full_scale[: w.shape[0], : w.shape[1]]).to(w.dtype)
+    config = json.loads((source / "config.json").read_text())
+    quant = {"quant_method": "fp8", "weight_block_size": list(block), "activation_scheme": "dynamic"}
+    for directory, weights, cfg in (
+        (fp8_dir, quantised, {**config, "quantization_config": quant}),
+        (reference_dir, reference, config),
+    ):
+        directory.mkdir(parents=True, exist_ok=True)
+        for f in source.iterdir():
+            if ".safetensors" not in f.name and f.name != "config.json" and f.is_file():
+                shutil.copy(f, directory / f.name)
+        (directory / "config.json").write_text(json.dumps(cfg))
+        save_file(weights, str(directory / "model.safetensors"))

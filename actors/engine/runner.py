@@ -77,7 +77,7 @@ class ModelRunner:
             init_random_weights(self.model, seed=config.model.seed + ctx.rank)
         else:
             assert checkpoint_dir is not None, "model.load_format auto reads a checkpoint"
-            reader = CheckpointReader(checkpoint_dir)
+            reader = CheckpointReader(checkpoint_dir, fp8_block=spec.fp8_block)
             unused = self.model.load(reader, show_progress=ctx.rank == 0)
             reader.close()
             if unused and ctx.rank == 0:

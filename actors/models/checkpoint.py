@@ -4,6 +4,11 @@ Files are memory-mapped (safetensors ``safe_open``) and only the rows/columns a
 rank owns are materialised, so a rank never holds the whole checkpoint. The reader
 remembers which tensors were read (or marked used: other ranks' shares), so a load
 can fail on tensors nothing read -- weights of something raymoe does not implement.
+
+FP8 checkpoints (``fp8_block``): a float8_e4m3fn ``X.weight`` with a float32
+``X.weight_scale_inv`` holding one scale per [rows, columns] block is read dequantised
+(weight x its block's scale), the slice's blocks only, so every layer sees ordinary
+weights (FP8 compute is a GPU kernel's concern, not the reader's).
 """
 
 from __future__ import annotations
@@ -18,8 +23,9 @@ from safetensors import safe_open
 
 
 class CheckpointReader:
-    def __init__(self, checkpoint_dir: str | pathlib.Path) -> None:
+    def __init__(self, checkpoint_dir: str | pathlib.Path, fp8_block: Optional[tuple[int, int]] = None) -> None:
         self.dir = pathlib.Path(checkpoint_dir)
+        self.fp8_block = fp8_block
         self.file_of: dict[str, pathlib.Path] = _index(self.dir)
         self._open: dict[pathlib.Path, object] = {}
         self.used: set[str] = set()
@@ -41,21 +47,41 @@ class CheckpointReader:
             raise ValueError(f"checkpoint {self.dir}: tensor {name!r} is missing")
         view = self._handle(self.file_of[name]).get_slice(name)
         self.used.add(name)
+        shape = view.get_shape()
         if dim is None:
             t = view[:]
+            dim, stop = 0, (shape[0] if shape else 0)
         else:
-            shape = view.get_shape()
             stop = shape[dim] if stop is None else stop
             if not 0 <= start < stop <= shape[dim]:
                 raise ValueError(f"{name}: slice [{start}, {stop}) outside dim {dim} of shape {shape}")
             t = view[tuple([slice(None)] * dim + [slice(start, stop)])]
+        if t.dtype == torch.float8_e4m3fn:
+            t = self._dequantised(name, t, dim, start, stop)
         return t.to(dtype) if dtype is not None else t
+
+    def _dequantised(self, name: str, t: torch.Tensor, dim: int, start: int, stop: int) -> torch.Tensor:
+        """FP8 slice ``t`` (rows or columns [start, stop) along ``dim``) times its blocks' scales."""
+        scales = name + "_scale_inv"
+        if self.fp8_block is None:
+            raise ValueError(f"checkpoint {self.dir}: {name} is float8 but config.json has no fp8 quantization_config")
+        if scales not in self.file_of or t.dim() != 2:
+            raise ValueError(f"checkpoint {self.dir}: {name} is float8 but has no {scales} (or is not 2-D)")
+        block = self.fp8_block
+        first, last = start // block[dim], -(-stop // block[dim])
+        s = self.read(scales, dim, first, last, dtype=torch.float32)
+        s = s.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
+        offset = start - first * block[dim]
+        s = s.narrow(dim, offset, stop - start).narrow(1 - dim, 0, t.shape[1 - dim])
+        return t.float() * s
 
     def mark_used(self, name: str) -> None:
         """Count tensor ``name`` as part of the model without reading it here (another rank's share)."""
         if name not in self.file_of:
             raise ValueError(f"checkpoint {self.dir}: tensor {name!r} is missing")
         self.used.add(name)
+        if name + "_scale_inv" in self.file_of:  # an FP8 weight's scales go with it
+            self.used.add(name + "_scale_inv")
 
     def check_all_used(self, known_unused: Sequence[str]) -> list[str]:
         """ValueError naming the tensors neither read nor marked used, except those matching

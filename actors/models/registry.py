@@ -50,7 +50,6 @@ GLM4_MOE_EXPERTS = replace(
 # config.json fields that change the maths of every architecture, with the values raymoe implements
 COMMON_IMPLEMENTED_VALUES: dict[str, tuple[Any, ...]] = {
     "hidden_act": ("silu", "swish"),
-    "quantization_config": (None,),
 }
 
 

@@ -85,6 +85,8 @@ class ModelSpec:
     sliding_window: Optional[int]
     torch_dtype: str
     num_mtp_layers: int = 0  # checkpoint layers past num_layers for multi-token prediction (not run)
+    # FP8 checkpoint (quantization_config fp8): the weights' [rows, columns] block of one scale
+    fp8_block: Optional[tuple[int, int]] = None
 
     @property
     def moe_layers(self) -> list[int]:
@@ -158,7 +160,35 @@ def spec_from_hf_config(cfg: dict[str, Any]) -> ModelSpec:
         sliding_window=window,
         torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"),
         num_mtp_layers=int(cfg.get(traits.mtp_layers_field) or 0) if traits.mtp_layers_field else 0,
+        fp8_block=_fp8_block(cfg.get("quantization_config")),
     )
+
+
+def _fp8_block(quant: Any) -> Optional[tuple[int, int]]:
+    """The block of an FP8 block-quantised checkpoint (DeepSeek-V3's and Qwen3-FP8's format:
+    float8_e4m3fn weights, one float32 ``weight_scale_inv`` per block); None without
+    quantization; ValueError naming the field for anything else."""
+    if quant is None:
+        return None
+    method = quant.get("quant_method") if isinstance(quant, dict) else None
+    if method != "fp8":
+        raise ValueError(
+            f"config.json: quantization_config.quant_method = {json.dumps(method)} is not implemented "
+            '(raymoe implements "fp8" with weight_block_size)'
+        )
+    block = quant.get("weight_block_size")
+    if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+        raise ValueError(
+            f"config.json: quantization_config.weight_block_size = {json.dumps(block)} is not implemented "
+            "(raymoe implements block-wise FP8: [rows, columns], e.g. [128, 128])"
+        )
+    scheme = quant.get("activation_scheme", "dynamic")
+    if scheme != "dynamic":
+        raise ValueError(
+            f"config.json: quantization_config.activation_scheme = {json.dumps(scheme)} is not implemented "
+            '(raymoe implements "dynamic")'
+        )
+    return block[0], block[1]
 
 
 def _refuse_unimplemented(cfg: dict[str, Any], arch: str, traits: ArchitectureTraits) -> None:
