@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import random
+import time
 
 import pytest
+import ray
 import torch
 from model_zoo import fp8_checkpoints, hf_greedy, write_checkpoint
 
@@ -48,23 +50,47 @@ def test_reader_dequantises_any_slice(checkpoints):
         CheckpointReader(fp8_dir).read(name)
 
 
-@pytest.mark.parametrize("tp,ep", LAYOUTS, ids=[f"tp{t}-ep{e}" for t, e in LAYOUTS])
-def test_fp8_checkpoint_equals_transformers_on_its_dequantised_weights(ray_session, checkpoints, tp, ep):
-    fp8_dir, expected = checkpoints
-    config = config_from_dict(
+def _config(fp8_dir, tp: int, ep: int, eplb: bool = False):
+    return config_from_dict(
         {
             "model": {"path": str(fp8_dir), "dtype": "float32"},
             "parallel": {"tp": tp, "dp": max(1, ep // tp), "ep": ep, "device": "cpu"},
             "engine": {"block_size": 8, "num_kv_blocks": 64},
+            "eplb": {"enabled": eplb, "num_redundant_experts": ep if eplb else 0, "rebalance_every_steps": 10**6},
         }
     )
-    sampling = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-    with LLM(config, collect_logits=True) as llm:
-        outputs = llm.generate(_prompts(), sampling)
+
+
+def _check(outputs, expected, what: str) -> None:
     for i, (out, (tokens, logits)) in enumerate(zip(outputs, expected)):
-        assert out.token_ids == tokens, f"tp={tp} ep={ep} prompt {i}"
+        assert out.token_ids == tokens, f"{what} prompt {i}"
         err = ((torch.stack(out.logits) - logits).norm() / logits.norm()).item()
-        assert err < 1e-4, f"tp={tp} ep={ep} prompt {i}: logits rel. error {err:.2e}"
+        assert err < 1e-4, f"{what} prompt {i}: logits rel. error {err:.2e}"
+
+
+SAMPLING = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+
+@pytest.mark.parametrize("tp,ep", LAYOUTS, ids=[f"tp{t}-ep{e}" for t, e in LAYOUTS])
+def test_fp8_checkpoint_equals_transformers_on_its_dequantised_weights(ray_session, checkpoints, tp, ep):
+    fp8_dir, expected = checkpoints
+    with LLM(_config(fp8_dir, tp, ep), collect_logits=True) as llm:
+        _check(llm.generate(_prompts(), SAMPLING), expected, f"tp={tp} ep={ep}")
+
+
+def test_fp8_experts_moved_by_eplb_keep_outputs(ray_session, checkpoints):
+    """EPLB moves the dequantised experts like any others: outputs still equal the reference."""
+    fp8_dir, expected = checkpoints
+    with LLM(_config(fp8_dir, 1, 2, eplb=True), collect_logits=True) as llm:
+        hot = torch.ones(8)
+        hot[0], hot[5] = 60.0, 25.0  # two MoE layers (layer 1 is dense), experts 0 and 5 hot
+        ray.get(llm.controller.rebalance.remote(((torch.rand(2, 8) + hot) * 1000).tolist()))
+        deadline = time.monotonic() + 60
+        while ray.get(llm.controller.eplb_status.remote())["rebalances"] < 1 and time.monotonic() < deadline:
+            llm.generate(_prompts()[:1], SAMPLING)  # the moves land between steps
+        status = ray.get(llm.controller.eplb_status.remote())
+        assert status["rebalances"] == 1 and status["balancedness_after"] > status["balancedness_before"]
+        _check(llm.generate(_prompts(), SAMPLING), expected, "after a rebalance")
 
 
 @pytest.mark.parametrize(
