@@ -311,12 +311,15 @@ def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
 
 
 _TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+MAX_TOOLS = 128
 
 
 def chat_tools(req: ChatRequest) -> list[dict[str, Any]]:
     """The request's tools, checked (OpenAI's shape: function tools with a name, an optional
     description and an optional JSON-schema ``parameters``); 400 naming the bad field."""
     tools = req.tools or []
+    if len(tools) > MAX_TOOLS:
+        raise bad_request(f"tools: at most {MAX_TOOLS} tools", "tools")
     names = set()
     for k, tool in enumerate(tools):
         fn = tool.get("function") if isinstance(tool, dict) else None
@@ -362,6 +365,14 @@ def grammar_spec(req: Any) -> Optional[GrammarSpec]:
     """The grammar of ``response_format`` (json_object, json_schema) or vLLM's
     ``structured_outputs`` (json, regex, choice, grammar); None for free text. Compiling
     it (which finds a bad schema or regex) is the engine's, which names the same field."""
+    try:
+        return _grammar_spec(req)
+    except ValueError as e:  # GrammarSpec's own checks (size)
+        field = str(e).partition(":")[0]
+        raise bad_request(str(e), field, "invalid_value") from None
+
+
+def _grammar_spec(req: Any) -> Optional[GrammarSpec]:
     fmt, ext = req.response_format, req.structured_outputs
     if fmt is not None and ext is not None:
         raise bad_request(

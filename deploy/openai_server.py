@@ -31,6 +31,7 @@ from raymoe.deploy.openai_api import (
     APIError,
     ChatRequest,
     CompletionRequest,
+    bad_request,
     chat_messages,
     chat_tools,
     choice_params,
@@ -221,7 +222,10 @@ class OpenAIServer:
         n = req.n or 1
         params = sampling_params(req, limit)
         if mode in ("required", "function"):  # one call, written as the parser reads it
-            params = dataclasses.replace(params, grammar=self.tool_parser.forced_call(tools, forced))
+            try:
+                params = dataclasses.replace(params, grammar=self.tool_parser.forced_call(tools, forced))
+            except ValueError as e:  # the tools' schemas are too large to force
+                raise bad_request(f"tools: {str(e).partition(': ')[2]}", "tools", "invalid_value") from None
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         return await self._run(
             req,

@@ -26,6 +26,7 @@ import numpy as np
 
 GrammarKind = Literal["json", "regex", "choice", "ebnf", "tagged_json"]
 _CACHE_SIZE = 256  # compiled grammars kept (a JSON schema's compiled form is ~100 KB-1 MB)
+MAX_GRAMMAR_CHARS = 64 * 1024  # a schema, regex or grammar longer than this is refused (compile time)
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,8 @@ class GrammarSpec:
     def __post_init__(self) -> None:
         if self.kind not in ("json", "regex", "choice", "ebnf", "tagged_json"):
             raise ValueError(f"{self.field}: unknown grammar kind {self.kind!r}")
+        if len(self.source) > MAX_GRAMMAR_CHARS:
+            raise ValueError(f"{self.field}: at most {MAX_GRAMMAR_CHARS} characters of schema or grammar")
 
 
 def choice_grammar(choices: Sequence[str]) -> str:

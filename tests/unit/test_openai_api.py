@@ -260,6 +260,11 @@ def test_structured_output_fields_become_grammars():
         ({"structured_outputs": {"choice": []}}, "structured_outputs.choice"),
         ({"structured_outputs": {"regex": 5}}, "structured_outputs.regex"),
         ({"structured_outputs": {"regex": "a"}, "response_format": {"type": "json_object"}}, "structured_outputs"),
+        ({"structured_outputs": {"regex": "a" * 70000}}, "structured_outputs.regex"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": {"enum": ["x" * 70000]}}}},
+            "response_format",
+        ),
     ],
 )
 def test_bad_structured_output_fields_are_400s_naming_them(body, param):

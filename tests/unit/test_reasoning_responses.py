@@ -111,3 +111,14 @@ def test_tool_choice_none_leaves_calls_as_content():
     choice = chat_types.ChatCompletion.model_validate(asyncio.run(server.chat(json.dumps(body).encode()))).choices[0]
     assert choice.message.content == "".join(CALLING) and not choice.message.tool_calls
     assert choice.finish_reason == "stop" and server.client.tools is None
+
+
+def test_tools_too_large_to_force_are_a_400_naming_tools():
+    from raymoe.deploy.openai_api import APIError
+
+    huge = {"type": "object", "properties": {"x": {"enum": ["y" * 70000]}}}
+    tools = [{"type": "function", "function": {"name": "f", "parameters": huge}}]
+    body = {"model": "m", "messages": [{"role": "user", "content": "?"}], "tools": tools, "tool_choice": "required"}
+    with pytest.raises(APIError) as e:
+        asyncio.run(_server(None, CALLING).chat(json.dumps(body).encode()))
+    assert (e.value.status, e.value.param) == (400, "tools")
