@@ -84,13 +84,13 @@ class _Common(_Strict):
     stop_token_ids: Optional[list[int]] = None
     repetition_penalty: Optional[float] = None
     min_tokens: Optional[int] = None
+    return_token_ids: Optional[bool] = None  # vLLM's: each choice's prompt and output token ids
     response_format: Optional[dict[str, Any]] = None
     structured_outputs: Optional[dict[str, Any]] = None  # vLLM's: exactly one of json, regex, choice, grammar
 
 
 class CompletionRequest(_Common):
     prompt: Union[str, list[int], list[str], list[list[int]]]
-    return_token_ids: Optional[bool] = None  # vLLM's: each choice's prompt and output token ids
     echo: Optional[bool] = None
     logprobs: Optional[int] = None
     best_of: Optional[int] = None

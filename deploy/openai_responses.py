@@ -51,6 +51,7 @@ def chat_response(rid: str, created: int, model: str, *, choices: list[dict], us
                 "message": _message(c),
                 "logprobs": c.get("logprobs"),
                 "finish_reason": c["finish_reason"],
+                **{k: c[k] for k in ("prompt_token_ids", "token_ids") if k in c},
             }
             for i, c in enumerate(choices)
         ],
@@ -102,8 +103,10 @@ def chat_chunk(
     finish: Optional[str],
     with_usage: bool,
     logprobs: Optional[dict] = None,
+    token_ids: Optional[dict] = None,
 ) -> dict:
-    choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+    """``token_ids``: as ``completion_chunk``'s."""
+    choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish, **(token_ids or {})}
     return _stream_chunk(rid, created, model, obj="chat.completion.chunk", choice=choice, with_usage=with_usage)
 
 

@@ -108,7 +108,7 @@ class _Progress:
 
 
 def _delta_token_ids(out: Delta, prompts: Optional[list[list[int]]], i: int, *, first: bool) -> Optional[dict]:
-    """A completion chunk's token ids (vLLM's return_token_ids), the prompt's in a choice's first."""
+    """A chunk's token ids (vLLM's return_token_ids), the prompt's in a choice's first."""
     if prompts is None:
         return None
     return {"prompt_token_ids": prompts[i], "token_ids": out.token_ids} if first else {"token_ids": out.token_ids}
@@ -331,7 +331,7 @@ class OpenAIServer:
                     logprobs=params[0].logprobs is not None,
                     echo=echo,
                     tool_calls=tool_calls,
-                    return_ids=ids if getattr(req, "return_token_ids", None) else None,
+                    return_ids=ids if req.return_token_ids else None,
                 )
             async for i, out in outputs:
                 progress.add(i, out)
@@ -353,6 +353,8 @@ class OpenAIServer:
                     text, calls = split_tool_calls(self.tool_parser, text)
                     choice["tool_calls"] = [c.to_openai() for c in calls]
                     finish = "tool_calls" if calls and finish == "stop" else finish
+                if req.return_token_ids:
+                    choice.update(prompt_token_ids=ids[i], token_ids=progress.token_ids[i])
                 choices.append({**choice, "text": text, "finish_reason": finish})
                 continue
             else:
@@ -422,6 +424,7 @@ class OpenAIServer:
                             first=not started[i],
                             with_usage=include_usage,
                             logprobs=lp_obj,
+                            token_ids=_delta_token_ids(out, return_ids, i, first=not started[i]),
                         )
                     started[i] = True
                     item = await anext(outputs, None)
@@ -464,21 +467,44 @@ class OpenAIServer:
         first: bool,
         with_usage: bool,
         logprobs: Optional[dict],
+        token_ids: Optional[dict] = None,
     ) -> bytes:
         """A chat delta as SSE (``texts``: its reasoning and content; ``calls``: the choice's tool
         calls so far, when parsed): the role comes first, each tool call whole as it completes,
-        the finish reason in a chunk of its own (the delta's logprobs go with its content)."""
+        the finish reason in a chunk of its own (the delta's logprobs go with its content, its
+        ``token_ids`` with the first chunk after the role)."""
         model, events = self.model_name, []
 
         def chunk(delta: dict, finish: Optional[str], lps: Optional[dict] = None) -> bytes:
+            ids = token_ids if len(events) == int(first) else None
             return sse(
                 chat_chunk(
-                    rid, created, model, index=i, delta=delta, finish=finish, with_usage=with_usage, logprobs=lps
+                    rid,
+                    created,
+                    model,
+                    index=i,
+                    delta=delta,
+                    finish=finish,
+                    with_usage=with_usage,
+                    logprobs=lps,
+                    token_ids=ids,
                 )
             )
 
         if first:
-            events.append(chunk({"role": "assistant", "content": ""}, None))
+            events.append(
+                sse(
+                    chat_chunk(
+                        rid,
+                        created,
+                        model,
+                        index=i,
+                        delta={"role": "assistant", "content": ""},
+                        finish=None,
+                        with_usage=with_usage,
+                    )
+                )
+            )
         reasoning, content = texts
         new_calls = []
         if calls is not None:

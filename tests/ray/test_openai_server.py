@@ -247,8 +247,8 @@ def test_tool_calls_through_the_client(client):
 
 
 def test_return_token_ids(client, hf_tokenizer):
-    """vLLM's return_token_ids on completions: the prompt's and the output's ids, whole and
-    per streamed chunk, agreeing with the text and the usage."""
+    """vLLM's return_token_ids on completions and chat: the prompt's and the output's ids,
+    whole and per streamed chunk, agreeing with the text and the usage."""
     args = dict(model=MODEL, prompt=[5, 6, 7, 8], max_tokens=6, temperature=0, extra_body={"return_token_ids": True})
     r = client.completions.create(**args)
     choice = r.choices[0].model_extra
@@ -258,6 +258,17 @@ def test_return_token_ids(client, hf_tokenizer):
     assert chunks[0].choices[0].model_extra["prompt_token_ids"] == [5, 6, 7, 8]
     assert [t for c in chunks for t in c.choices[0].model_extra["token_ids"]] == choice["token_ids"]
     assert "token_ids" not in client.completions.create(model=MODEL, prompt="x", max_tokens=2).choices[0].model_extra
+    chat = dict(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=6, temperature=0)
+    r = client.chat.completions.create(extra_body={"return_token_ids": True, "ignore_eos": True}, **chat)
+    choice = r.choices[0].model_extra
+    assert len(choice["prompt_token_ids"]) == r.usage.prompt_tokens and len(choice["token_ids"]) == 6
+    assert hf_tokenizer.decode(choice["token_ids"], skip_special_tokens=True) == r.choices[0].message.content
+    stream = client.chat.completions.create(
+        stream=True, extra_body={"return_token_ids": True, "ignore_eos": True}, **chat
+    )
+    chunks = [c for c in stream if c.choices]
+    assert [t for c in chunks for t in c.choices[0].model_extra.get("token_ids", [])] == choice["token_ids"]
+    assert sum("prompt_token_ids" in c.choices[0].model_extra for c in chunks) == 1
 
 
 def test_batch_prompts_stop_and_seed(client):
