@@ -21,7 +21,15 @@ from raymoe.actors.engine.expert_mover import ExpertMover
 from raymoe.actors.engine.logprobs import LogprobColumns, token_logprobs
 from raymoe.actors.engine.rank_context import RankContext
 from raymoe.actors.engine.sampler import sample_step, sampled_logprobs
-from raymoe.actors.engine.step import StepInput, StepLayout, StepOutput, build_step_layout, resolve_pending_tokens
+from raymoe.actors.engine.step import (
+    StepInput,
+    StepLayout,
+    StepOutput,
+    build_step_layout,
+    resolve_pending_tokens,
+    warmup_step,
+    warmup_token_counts,
+)
 from raymoe.actors.models.batch import ForwardBatch
 from raymoe.actors.models.checkpoint import CheckpointReader
 from raymoe.actors.models.decoder import CausalLM
@@ -130,8 +138,30 @@ class ModelRunner:
         """KV cache of ``num_blocks`` blocks plus one scratch block (CUDA-graph padding rows write there)."""
         shape = (self.spec.num_layers, num_blocks + 1, 2, self.block_size, self.kv_heads, self.head_dim)
         kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.scratch_block = num_blocks
         self.attention = make_attention(self.config.engine.attention_backend, kv_cache, self.block_size, self.heads)
         self.graphs = self._capture_graphs(kv_cache, scratch_block=num_blocks)
+        if self.device.type == "cuda":
+            self.compile_step_kernels()
+
+    def compile_step_kernels(self) -> int:
+        """One eager step at each of ``warmup_token_counts`` sizes (up to the step's token
+        budget), its KV in the scratch block and its expert load not recorded, so every kernel
+        variant a step can pick is compiled before serving rather than mid-run, where a compile
+        stalls every request in flight. Every rank runs the same sizes (collectives agree).
+        Returns the steps run."""
+        assert self.attention is not None, "allocate_kv_cache() first"
+        counts = warmup_token_counts(self.config.engine.max_num_batched_tokens)
+        recorder, self.expert_load = self.expert_load, None
+        try:
+            for n in counts:
+                step = warmup_step(n, self.block_size, self.scratch_block, self.ctx.groups.dp.world_size)
+                self.forward_eager(build_step_layout(step, self.block_size), step.dp_token_counts)
+        finally:
+            self.expert_load = recorder
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return len(counts)
 
     def _capture_graphs(self, kv_cache: torch.Tensor, scratch_block: int) -> Any:
         if not self.config.engine.cuda_graphs or self.device.type != "cuda":

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from raymoe.actors.engine.logprobs import LogprobColumns
-from raymoe.actors.engine.request import PENDING_TOKEN, TOP_P_MIN
+from raymoe.actors.engine.request import PENDING_TOKEN, TOP_P_MIN, SamplingParams
 from raymoe.actors.engine.sampling_controls import SamplingControls, pack_controls
 from raymoe.actors.engine.scheduler import ScheduledChunk, SchedulerOutput
 
@@ -167,6 +167,35 @@ def pack_step(
         controls=pack_controls(chunks, prev_rows),
         **_prompt_logprob_columns(chunks, lens),
     )
+
+
+def warmup_token_counts(max_tokens: int) -> list[int]:
+    """Step sizes that reach every kernel variant a step of up to ``max_tokens`` tokens can
+    pick: Triton specialises its kernels on block sizes from the next power of two of the
+    token count and on whether integer arguments divide by 16, so each power of two and
+    one past it (to the limit)."""
+    counts, n = [], 1
+    while n <= max_tokens:
+        counts += [n, n + 1] if n + 1 <= max_tokens else [n]
+        n *= 2
+    return sorted(set(counts + [max_tokens]))
+
+
+def warmup_step(num_tokens: int, block_size: int, scratch_block: int, dp_replicas: int) -> StepInput:
+    """A prefill of ``num_tokens`` made-up tokens whose KV all lands in ``scratch_block`` (every
+    replica the same), sampling nothing anyone reads: for compiling kernels before serving."""
+    pages = -(-num_tokens // block_size)
+    chunk = ScheduledChunk(
+        request_id="warmup",
+        token_ids=tuple(3 + t % 97 for t in range(num_tokens)),
+        start_pos=0,
+        block_ids=(scratch_block,) * pages,
+        sample=True,
+        sampling=SamplingParams(temperature=0.0),
+        seed=0,
+        num_output_tokens=0,
+    )
+    return pack_step([chunk], (num_tokens,) * dp_replicas, block_size)
 
 
 def _logprobs_column(chunks: Sequence[ScheduledChunk]) -> Optional[np.ndarray]:
