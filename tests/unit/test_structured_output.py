@@ -128,3 +128,29 @@ def test_invalid_grammars_are_refused_naming_the_field(engine, spec, field):
     with pytest.raises(ValueError, match=rf"^{re.escape(field)}: invalid"):
         engine.local.core.add_request("bad", [5, 6], SamplingParams(grammar=spec))
     assert not engine.local.core.has_unfinished
+
+
+def test_preempted_constrained_requests_resume_their_grammar():
+    """A KV cache too small for every request at once preempts some mid-output; each resumes
+    its matcher where it stopped: the same tokens as with room for all, every output valid."""
+    schemas = [_random_schema(random.Random(40 + i)) for i in range(6)]
+
+    def run(num_kv_blocks: int):
+        engine = local_engine(num_kv_blocks, block_size=4, max_num_batched_tokens=64)
+        requests = {
+            f"s{i}": (
+                [5 + i] * 6,
+                SamplingParams(max_tokens=56, temperature=0.0, grammar=GrammarSpec("json", json.dumps(schema))),
+            )
+            for i, schema in enumerate(schemas)
+        }
+        return _run(engine, requests), engine.local.core.num_preemptions
+
+    roomy, none = run(2048)
+    tight, preemptions = run(16)  # 64 tokens: each request fits alone, not all at once
+    assert none == 0 and preemptions > 0
+    for i, schema in enumerate(schemas):
+        assert tight[f"s{i}"]["tokens"] == roomy[f"s{i}"]["tokens"]
+        if tight[f"s{i}"]["reason"] == "stop":  # else cut by max_tokens
+            jsonschema.validate(json.loads(tight[f"s{i}"]["text"]), schema)
+    assert sum(r["reason"] == "stop" for r in tight.values()) >= 3
