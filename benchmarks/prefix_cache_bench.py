@@ -30,7 +30,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from typing import Any
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
@@ -73,20 +72,12 @@ def main() -> int:
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     import ray
-    from ray import serve
 
+    from raymoe.actors.engine.request import SamplingParams
     from raymoe.deploy.llm import LLM
-    from raymoe.deploy.serve_app import APP_NAME, start_serving, stop_serving
 
-    cfg_args = argparse.Namespace(
-        config=args.config,
-        layers=args.layers,
-        set=[*args.set, f"engine.prefix_caching={'true' if args.caching == 'on' else 'false'}"],
-    )
-    config, tmp = serve_bench._config(cfg_args)
-    url = start_serving(config)
-    try:
-        (controller,) = serve.get_deployment_handle("EngineHost", APP_NAME).controller.remote().result()
+    caching = f"engine.prefix_caching={'true' if args.caching == 'on' else 'false'}"
+    with serve_bench.served_controller(args.config, args.layers, [*args.set, caching]) as (url, config, controller):
         bench = argparse.Namespace(
             url=url,
             model=None,
@@ -97,6 +88,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             shared_prefix=args.prefix,
             output_len=args.output_len,
             vocab_size=args.vocab_size,
+            turns=1,
             warmup=0,
             seed=0,
         )
@@ -111,16 +103,17 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         hit = sum(after.prefix_cache_hit_tokens) - sum(before.prefix_cache_hit_tokens)
         llm = LLM(controller=controller)
         try:
-            decode = decode_step(llm, args)
+            plain = [SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)] * args.decode_batch
+            step = serve_bench.offline_decode_step_s(
+                llm,
+                plain,
+                input_len=args.decode_input_len,
+                output_len=args.decode_output_len,
+                vocab_size=args.vocab_size,
+                rng=random.Random(7),
+            )
         finally:
             llm.shutdown()
-    finally:
-        stop_serving()
-        ray.shutdown()
-        if tmp is not None:
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
     return {
         "failed": shared["failed"],
         "errors": shared["errors"],
@@ -131,7 +124,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "tpot_ms": shared["tpot_ms"],
         "duration_s": shared["duration_s"],
         "output_throughput": shared["output_throughput"],
-        **decode,
+        "decode_step_s": step,
+        "decode_tok_s": args.decode_batch / step,
     }
 
 
@@ -139,31 +133,6 @@ def ttft_by_wave(requests: list[dict], concurrency: int) -> list[float]:
     """Median TTFT (ms) of each run of ``concurrency`` requests in the order they were sent."""
     ttfts = [r["ttft_s"] * 1e3 for r in requests if r["ok"]]
     return [statistics.median(ttfts[i : i + concurrency]) for i in range(0, len(ttfts), concurrency)]
-
-
-def decode_step(llm: Any, args: argparse.Namespace) -> dict[str, float]:
-    """Seconds per decode step at ``--decode-batch`` with nothing shared: generate N tokens and
-    1 token from fresh prompts (alternating, twice each), difference over N - 1 steps."""
-    from raymoe.actors.engine.request import SamplingParams
-
-    rng = random.Random(7)
-
-    def run(tokens: int) -> float:
-        prompts = [
-            [rng.randrange(args.vocab_size) for _ in range(args.decode_input_len)] for _ in range(args.decode_batch)
-        ]
-        sampling = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
-        t0 = time.perf_counter()
-        llm.generate(prompts, sampling)
-        return time.perf_counter() - t0
-
-    run(2)  # warm-up
-    long, short = [], []
-    for _ in range(2):
-        long.append(run(args.decode_output_len))
-        short.append(run(1))
-    step = (min(long) - min(short)) / (args.decode_output_len - 1)
-    return {"decode_step_s": step, "decode_tok_s": args.decode_batch / step}
 
 
 def format_table(args: argparse.Namespace, off: dict[str, Any], on: dict[str, Any]) -> str:

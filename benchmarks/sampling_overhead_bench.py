@@ -16,12 +16,9 @@ time per token it sees.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import pathlib
 import random
 import sys
-import time
-from typing import Any
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import serve_bench  # noqa: E402
@@ -47,21 +44,6 @@ def modes(output_len: int, batch: int) -> dict[str, list[SamplingParams]]:
     }
 
 
-def decode_step(llm: Any, params: list[SamplingParams], args: argparse.Namespace, rng: random.Random) -> float:
-    def run(tokens: int) -> float:
-        prompts = [[rng.randrange(args.vocab_size) for _ in range(args.input_len)] for _ in params]
-        sampling = [dataclasses.replace(p, max_tokens=tokens) for p in params]
-        t0 = time.perf_counter()
-        out = llm.generate(prompts, sampling)
-        assert all(len(o.token_ids) == tokens for o in out), "a row ended early"
-        return time.perf_counter() - t0
-
-    run(2)  # warm-up (compiles the grammar)
-    long = min(run(args.output_len) for _ in range(2))
-    short = min(run(1) for _ in range(2))
-    return (long - short) / (args.output_len - 1)
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="tiny")
@@ -73,31 +55,25 @@ def main() -> int:
     p.add_argument("--set", action="append", default=[], metavar="FIELD=YAML")
     args = p.parse_args()
 
-    import ray
-    from ray import serve
-
     from raymoe.deploy.llm import LLM
-    from raymoe.deploy.serve_app import APP_NAME, start_serving, stop_serving
 
-    config, tmp = serve_bench._config(argparse.Namespace(config=args.config, layers=args.layers, set=args.set))
-    start_serving(config)
     rows = []
-    try:
-        (controller,) = serve.get_deployment_handle("EngineHost", APP_NAME).controller.remote().result()
+    with serve_bench.served_controller(args.config, args.layers, args.set) as (_, _, controller):
         llm = LLM(controller=controller)
         try:
             rng = random.Random(0)
             for name, params in modes(args.output_len, args.batch).items():
-                rows.append((name, decode_step(llm, params, args, rng)))
+                step = serve_bench.offline_decode_step_s(
+                    llm,
+                    params,
+                    input_len=args.input_len,
+                    output_len=args.output_len,
+                    vocab_size=args.vocab_size,
+                    rng=rng,
+                )
+                rows.append((name, step))
         finally:
             llm.shutdown()
-    finally:
-        stop_serving()
-        ray.shutdown()
-        if tmp is not None:
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
     plain = rows[0][1]
     print(f"## sampling_overhead_bench: {args.config} ({args.layers or 'all'} layers), batch {args.batch}, ", end="")
     print(f"{args.input_len} in / {args.output_len} out\n")

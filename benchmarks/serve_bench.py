@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import dataclasses
 import json
 import pathlib
 import random
@@ -37,7 +39,7 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from raymoe.deploy.bench import add_bench_args, bench_main, format_summary, run_bench
 
@@ -106,6 +108,49 @@ def _config(args: argparse.Namespace) -> tuple[Any, Optional[str]]:
     hf["num_hidden_layers"] = args.layers
     pathlib.Path(tmp, "config.json").write_text(json.dumps(hf))
     return config.replace({"model.path": tmp, "model.load_format": "dummy"}), tmp
+
+
+@contextlib.contextmanager
+def served_controller(config: str, layers: Optional[int], overrides: list[str]) -> Iterator[tuple[str, Any, Any]]:
+    """Serve ``config`` (with ``--set``-style ``overrides``; ``layers``: see --layers) here
+    through the real endpoint; yields (base URL, the Config, the controller handle), then
+    stops Serve and Ray (other benchmarks' set-up)."""
+    import ray
+    from ray import serve
+
+    from raymoe.deploy.serve_app import APP_NAME, start_serving, stop_serving
+
+    cfg, tmp = _config(argparse.Namespace(config=config, layers=layers, set=overrides))
+    url = start_serving(cfg)
+    try:
+        (controller,) = serve.get_deployment_handle("EngineHost", APP_NAME).controller.remote().result()
+        yield url, cfg, controller
+    finally:
+        stop_serving()
+        ray.shutdown()
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def offline_decode_step_s(
+    llm: Any, params: list[Any], *, input_len: int, output_len: int, vocab_size: int, rng: random.Random
+) -> float:
+    """Seconds per decode step of ``len(params)`` rows (offline ``LLM.generate``, one row per
+    ``SamplingParams``): ``output_len`` new tokens and 1 from fresh prompts each time (the
+    prefix cache never helps), best of two each, the difference over the extra steps."""
+
+    def run(tokens: int) -> float:
+        prompts = [[rng.randrange(vocab_size) for _ in range(input_len)] for _ in params]
+        sampling = [dataclasses.replace(p, max_tokens=tokens) for p in params]
+        t0 = time.perf_counter()
+        out = llm.generate(prompts, sampling)
+        assert all(len(o.token_ids) == tokens for o in out), "a row ended early"
+        return time.perf_counter() - t0
+
+    run(2)  # warm-up (first calls, grammar compiles)
+    long = min(run(output_len) for _ in range(2))
+    short = min(run(1) for _ in range(2))
+    return (long - short) / (output_len - 1)
 
 
 # ---- the suite --------------------------------------------------------------------------------
