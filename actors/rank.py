@@ -93,15 +93,15 @@ class RankWorker:
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self._runner().allocate_kv_cache(num_blocks)
 
-    def run_step(self, step: Optional[bytes], wait: bool = True) -> bytes:
-        """Launch one engine step (a pickled StepInput; None: no new step) and return the
-        pickled list of outputs of the steps this call completes, oldest first: every
-        launched step when ``wait``, else all but the one just launched, which stays in
-        flight (see AsyncEngine). Pickled bytes: see RayStepExecutor."""
-        runner = self._runner()
-        if step is not None:
-            runner.launch(pickle.loads(step))
-        outputs = runner.collect(keep_last=step is not None and not wait)
+    def run_step(self, step: Optional[bytes], wait: bool = True, late_grammar: Optional[bytes] = None) -> bytes:
+        """``ModelRunner.run_step`` for pickled arguments: a StepInput (None: no new step),
+        the grammar masks of the step launched last if it waits for them (pickled
+        GrammarMasks), and the pickled list of outputs back. Pickled bytes: see RayStepExecutor."""
+        outputs = self._runner().run_step(
+            None if step is None else pickle.loads(step),
+            wait,
+            None if late_grammar is None else pickle.loads(late_grammar),
+        )
         return pickle.dumps(outputs, protocol=pickle.HIGHEST_PROTOCOL)
 
     def take_expert_load(self) -> Any:

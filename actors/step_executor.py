@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import pickle
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import ray
 from ray.actor import ActorHandle
 
 from raymoe.actors.engine.async_engine import StepTimeoutError
+from raymoe.actors.engine.grammar import GrammarMasks
 from raymoe.actors.engine.step import StepInput, StepOutput
 from raymoe.cluster.layout import RankLayout
 
@@ -40,18 +41,24 @@ class RayStepExecutor:
         self.replica_of = [layout.coord(r).dp for r in range(layout.world_size)]
         self.leaders = [layout.rank_of(d, 0, 0) for d in range(layout.dp)]
 
-    async def run_step_async(self, inputs: Optional[Sequence[StepInput]], wait: bool = True) -> list[list[StepOutput]]:
-        """Launch ``inputs`` (one per DP replica; None: no new step) on every rank. Returns,
-        for each step this call completes (oldest first), each replica's output; with
-        ``wait`` False the step just launched stays in flight."""
+    async def run_step_async(
+        self,
+        inputs: Optional[Sequence[StepInput]],
+        wait: bool = True,
+        late_grammar: Optional[Sequence[Optional[GrammarMasks]]] = None,
+    ) -> list[list[StepOutput]]:
+        """Launch ``inputs`` (one per DP replica; None: no new step) on every rank, after
+        handing the step launched last its grammar masks if it waits for them
+        (``late_grammar``, one per replica). Returns, for each step this call completes
+        (oldest first), each replica's output; with ``wait`` False the step just launched
+        stays in flight."""
         assert inputs is None or len(inputs) == self.layout.dp
-        payloads = (
-            [None] * self.layout.dp
-            if inputs is None
-            else [pickle.dumps(x, protocol=pickle.HIGHEST_PROTOCOL) for x in inputs]
-        )
-        refs = [ray.put(p) for p in payloads] if len(self.actors) > 1 and inputs is not None else payloads
-        calls = [a.run_step.remote(refs[self.replica_of[r]], wait) for r, a in enumerate(self.actors)]
+        steps = self._per_replica(inputs)
+        masks = self._per_replica(late_grammar)
+        calls = [
+            a.run_step.remote(steps[self.replica_of[r]], wait, masks[self.replica_of[r]])
+            for r, a in enumerate(self.actors)
+        ]
         self.num_calls += 1
         timeout = self.step_timeout_s if self.num_calls > WARMUP_STEPS else max(self.step_timeout_s, WARMUP_TIMEOUT_S)
         try:  # every rank, so a failure anywhere surfaces here
@@ -63,3 +70,13 @@ class RayStepExecutor:
         per_replica = [pickle.loads(results[r]) for r in self.leaders]
         assert len({len(outputs) for outputs in per_replica}) == 1, "replicas completed different steps"
         return [list(outputs) for outputs in zip(*per_replica)]
+
+    def _per_replica(self, items: Optional[Sequence[Any]]) -> list[Any]:
+        """Each replica's item pickled (None stays None), in the object store once when
+        several ranks read it."""
+        if items is None:
+            return [None] * self.layout.dp
+        payloads = [None if x is None else pickle.dumps(x, protocol=pickle.HIGHEST_PROTOCOL) for x in items]
+        if len(self.actors) == 1:
+            return payloads
+        return [None if p is None else ray.put(p) for p in payloads]

@@ -28,6 +28,7 @@ from typing import Awaitable, Callable, Optional, Protocol, Sequence
 
 from raymoe.actors.engine.core import EngineCore
 from raymoe.actors.engine.delivery import OutputRouter
+from raymoe.actors.engine.grammar import GrammarMasks
 from raymoe.actors.engine.messages import EngineStats, NewRequest, OutputBatch, Rejection, RejectKind
 from raymoe.actors.engine.step import StepInFlight, StepInput, StepOutput
 
@@ -41,10 +42,16 @@ class AsyncExecutor(Protocol):
     """Runs engine steps on the ranks for the step loop (``RayStepExecutor``; in process,
     ``LocalExecutor``)."""
 
-    async def run_step_async(self, inputs: Optional[Sequence[StepInput]], wait: bool) -> list[list[StepOutput]]:
-        """Launch ``inputs`` (one per DP replica; None: no new step). Returns, for each step
-        this call completes (oldest first), each replica's output; with ``wait`` False the
-        step just launched stays in flight."""
+    async def run_step_async(
+        self,
+        inputs: Optional[Sequence[StepInput]],
+        wait: bool,
+        late_grammar: Optional[Sequence[Optional[GrammarMasks]]] = None,
+    ) -> list[list[StepOutput]]:
+        """Launch ``inputs`` (one per DP replica; None: no new step), after handing the step
+        launched last its grammar masks if it waits for them (``late_grammar``). Returns, for
+        each step this call completes (oldest first), each replica's output; with ``wait``
+        False the step just launched stays in flight."""
         ...
 
 
@@ -253,9 +260,11 @@ class AsyncEngine:
             # With a step in flight this already schedules the next one: its decode
             # chunks take their pending tokens from the ranks' last sampling.
             planned = self.core.schedule()
+            # the newest step in flight may wait for grammar masks: they go with this call
+            late = self.core.late_grammar(in_flight[-1]) if in_flight else None
             if planned is None:
                 if in_flight:  # nothing new to run: wait for the last step
-                    self._publish(in_flight, await self.executor.run_step_async(None, True))
+                    self._publish(in_flight, await self.executor.run_step_async(None, True, late))
                     continue
                 if self.background is not None and self.background.busy:
                     await self.background.on_step(after_step=False)
@@ -268,7 +277,7 @@ class AsyncEngine:
             # the next is scheduled, so the ranks' device need not wait for this loop or
             # the Ray hops. Background work may call the ranks meanwhile: what they queue
             # on the device lands behind the step in flight (one step stream).
-            self._publish(in_flight, await self.executor.run_step_async(planned.inputs, not self.pipelined))
+            self._publish(in_flight, await self.executor.run_step_async(planned.inputs, not self.pipelined, late))
             if self.background is not None:
                 await self.background.on_step()
 

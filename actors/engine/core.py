@@ -22,9 +22,9 @@ import numpy as np
 
 from raymoe.actors.engine.block_manager import BlockManager
 from raymoe.actors.engine.delivery import TokenOutput
-from raymoe.actors.engine.grammar import GrammarCompiler, GrammarMatcher, token_bitmask
+from raymoe.actors.engine.grammar import GrammarCompiler, GrammarMasks, GrammarMatcher, grammar_masks
 from raymoe.actors.engine.messages import Finish
-from raymoe.actors.engine.request import Request, SamplingParams
+from raymoe.actors.engine.request import PENDING_TOKEN, Request, SamplingParams
 from raymoe.actors.engine.scheduler import Scheduler
 from raymoe.actors.engine.step import StepBuilder, StepInFlight, StepInput, StepOutput
 
@@ -155,7 +155,22 @@ class EngineCore:
         planned = self._builder.build(scheduled, [s.advance(o) for s, o in zip(self.schedulers, scheduled)])
         if self._matchers:
             planned.inputs = [self._with_grammars(step, out.chunks) for step, out in zip(planned.inputs, scheduled)]
+            planned.awaits_grammar = any(step.grammar_late for step in planned.inputs)
         return planned
+
+    def late_grammar(self, planned: StepInFlight) -> Optional[list[Optional[GrammarMasks]]]:
+        """The grammar masks ``planned`` still waits for (``StepInput.grammar_late``), one per
+        replica, now that the step before it is applied; None when it waits for none (or got
+        them already). Rows whose request has ended since get no mask."""
+        if not planned.awaits_grammar:
+            return None
+        planned.awaits_grammar = False
+        masks: list[Optional[GrammarMasks]] = []
+        for step, pending in zip(planned.inputs, planned.pending):
+            rows = [(row, self._matchers.get(entry[0].request_id)) for row, entry in enumerate(pending) if entry]
+            rows = [(row, m) for row, m in rows if m is not None]
+            masks.append(grammar_masks(rows, self.vocab_size) if step.grammar_late else None)
+        return masks
 
     def apply(self, planned: StepInFlight, results: Sequence[StepOutput]) -> list[TokenOutput]:
         """Second half: the ranks' sampled tokens replace the pending ones; token stop checks."""
@@ -220,17 +235,17 @@ class EngineCore:
         return self.grammars.matcher(self.grammars.compile(sampling.grammar))
 
     def _with_grammars(self, step: StepInput, chunks: Sequence) -> StepInput:
-        """``step`` with the allowed-token bitmask of each sampled row under a grammar (the
-        scheduler runs those only with their last token known, see ``grammar``)."""
+        """``step`` with the allowed-token bitmask of each sampled row under a grammar; or,
+        when one of them still waits for its last token (a step in flight), marked to get
+        them later (``late_grammar``)."""
+        constrained = [c for c in chunks if c.sample and c.request_id in self._matchers]
+        if not constrained:
+            return step
+        if any(c.token_ids[-1] == PENDING_TOKEN for c in constrained):
+            return dataclasses.replace(step, grammar_late=True)
         sampled = [c.request_id for c in chunks if c.sample]
         rows = [(row, self._matchers[rid]) for row, rid in enumerate(sampled) if rid in self._matchers]
-        if not rows:
-            return step
-        return dataclasses.replace(
-            step,
-            grammar_rows=np.array([row for row, _ in rows], dtype=np.int64),
-            grammar_bitmask=token_bitmask([m for _, m in rows], self.vocab_size),
-        )
+        return dataclasses.replace(step, grammar=grammar_masks(rows, self.vocab_size))
 
     @staticmethod
     def _advance_grammar(matcher: GrammarMatcher, token: int) -> bool:

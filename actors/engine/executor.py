@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from typing import Optional, Sequence
 
+from raymoe.actors.engine.grammar import GrammarMasks
 from raymoe.actors.engine.runner import ModelRunner
 from raymoe.actors.engine.step import StepInput, StepOutput
 
@@ -22,14 +23,18 @@ class LocalExecutor:
     def __call__(self, inputs: Sequence[StepInput]) -> list[StepOutput]:
         assert len(inputs) == 1, "a local executor serves exactly one DP replica"
         assert self.runner.num_in_flight == 0, "steps in flight: a step run to completion cannot follow them"
-        self.runner.launch(inputs[0])
-        return self.runner.collect(keep_last=False)
+        return self.runner.run_step(inputs[0], wait=True)
 
-    async def run_step_async(self, inputs: Optional[Sequence[StepInput]], wait: bool = True) -> list[list[StepOutput]]:
+    async def run_step_async(
+        self,
+        inputs: Optional[Sequence[StepInput]],
+        wait: bool = True,
+        late_grammar: Optional[Sequence[Optional[GrammarMasks]]] = None,
+    ) -> list[list[StepOutput]]:
         """RayStepExecutor.run_step_async's contract, in process. Yields to the event loop first,
         as a call to the ranks does, so the engine's clients run between steps."""
         await asyncio.sleep(0)
-        if inputs is not None:
-            assert len(inputs) == 1, "a local executor serves exactly one DP replica"
-            self.runner.launch(inputs[0])
-        return [[out] for out in self.runner.collect(keep_last=inputs is not None and not wait)]
+        assert inputs is None or len(inputs) == 1, "a local executor serves exactly one DP replica"
+        step = None if inputs is None else inputs[0]
+        late = None if late_grammar is None else late_grammar[0]
+        return [[out] for out in self.runner.run_step(step, wait, late)]

@@ -1,16 +1,18 @@
 """Structured output: grammars that constrain what a request may generate (a JSON schema,
 any JSON object, a regex, a fixed choice of strings, an EBNF grammar), through xgrammar.
 
-The engine's policy side (``EngineCore``) keeps one matcher per constrained request: before
-each step it writes the request's allowed next tokens as a packed bitmask into the step
-(``token_bitmask``), and after the step it advances the matcher by the sampled token. The
-ranks only unpack the bitmask and set the disallowed logits to -inf (``apply_token_bitmask``),
-so a constrained request can only produce text its grammar accepts; the grammar ending
-ends the request. No torch here but what xgrammar itself needs.
+The engine's policy side (``EngineCore``) keeps one matcher per constrained request: it
+writes the request's allowed next tokens as a packed bitmask (``grammar_masks``), and after
+each step advances the matcher by the sampled token. The ranks only unpack the bitmask and
+set the disallowed logits to -inf (``apply_token_bitmask``), so a constrained request can
+only produce text its grammar accepts; the grammar ending ends the request. No torch here
+but what xgrammar itself needs.
 
-A matcher needs the request's last token before it can mask the next one, so a constrained
-request is not scheduled while its last token is still pending on the ranks (pipelined
-steps): it runs every other step there while the rest of the batch runs every step.
+A matcher needs the request's last token before it can mask the next one. When that token
+is still pending on the ranks (pipelined steps), the step goes out without the masks and
+the ranks run its forward pass; the masks follow with the next call to the ranks, once the
+step before is back, and the ranks sample then (``StepInput.grammar_late``). The masks are
+computed while the device runs the forward, so constrained requests run every step.
 """
 
 from __future__ import annotations
@@ -158,11 +160,20 @@ def bitmask_words(vocab_size: int) -> int:
     return -(-vocab_size // 32)
 
 
-def token_bitmask(matchers: Sequence[GrammarMatcher], vocab_size: int) -> np.ndarray:
-    """[len(matchers), words] int32: bit t % 32 of word t // 32 set when token t is allowed."""
+@dataclass(frozen=True)
+class GrammarMasks:
+    """The tokens each sampled row under a grammar may take next, for one step (it crosses
+    Ray to the ranks, which apply it in ``sampler.py``)."""
+
+    rows: np.ndarray  # [G] int64: indices among the step's sampled rows
+    bitmask: np.ndarray  # [G, bitmask_words(vocab)] int32: bit t % 32 of word t // 32 set = token t allowed
+
+
+def grammar_masks(rows: Sequence[tuple[int, GrammarMatcher]], vocab_size: int) -> GrammarMasks:
+    """The masks of these (sampled row, its request's matcher) pairs."""
     import torch  # xgrammar fills torch tensors
 
-    mask = torch.zeros((len(matchers), bitmask_words(vocab_size)), dtype=torch.int32)
-    for row, m in enumerate(matchers):
-        m.fill(mask, row)
-    return mask.numpy()
+    mask = torch.zeros((len(rows), bitmask_words(vocab_size)), dtype=torch.int32)
+    for i, (_, m) in enumerate(rows):
+        m.fill(mask, i)
+    return GrammarMasks(np.array([row for row, _ in rows], dtype=np.int64), mask.numpy())

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import math
 from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, Optional
+
+import numpy as np
 
 from raymoe.actors.engine.grammar import GrammarSpec
 
@@ -214,6 +217,14 @@ class Request:
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
+
+    def token_array(self) -> np.ndarray:
+        """``all_token_ids`` as int64 numpy (the prompt converted once)."""
+        return np.concatenate((self._prompt_array, np.array(self.output_token_ids, dtype=np.int64)))
+
+    @functools.cached_property
+    def _prompt_array(self) -> np.ndarray:
+        return np.array(self.prompt_token_ids, dtype=np.int64)
 
     def token_ids(self, start: int, end: int) -> list[int]:
         """``all_token_ids[start:end]`` without building the whole list."""

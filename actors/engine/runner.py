@@ -9,6 +9,7 @@ of the DP replica's attention group, the one that reports to the controller).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import time
 from typing import Any, Optional
@@ -18,6 +19,7 @@ import torch
 from raymoe.actors.engine.attention_torch import TorchAttention
 from raymoe.actors.engine.expert_load import ExpertLoadRecorder
 from raymoe.actors.engine.expert_mover import ExpertMover
+from raymoe.actors.engine.grammar import GrammarMasks
 from raymoe.actors.engine.logprobs import LogprobColumns, token_logprobs
 from raymoe.actors.engine.rank_context import RankContext
 from raymoe.actors.engine.sampler import sample_step, sampled_logprobs
@@ -30,6 +32,7 @@ from raymoe.actors.engine.step import (
     warmup_step,
     warmup_token_counts,
 )
+from raymoe.actors.engine.upload import to_device
 from raymoe.actors.models.batch import ForwardBatch
 from raymoe.actors.models.checkpoint import CheckpointReader
 from raymoe.actors.models.decoder import CausalLM
@@ -100,6 +103,7 @@ class ModelRunner:
         # the last step's sampled tokens, where a step's pending input tokens come from
         self.last_sampled = torch.zeros(config.engine.max_num_seqs, dtype=torch.int64, device=self.device)
         self._in_flight: collections.deque = collections.deque()  # launched, not yet collected
+        self._awaiting_grammar: Optional[tuple] = None  # a grammar_late step's (step, logits, outputs so far)
         # expert load is recorded whenever EPLB is on (inside the CUDA graphs too)
         self.expert_load = (
             ExpertLoadRecorder(len(spec.moe_layers), self.expert_map.num_physical, self.device)
@@ -187,8 +191,25 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
+    def run_step(
+        self, step: Optional[StepInput], wait: bool, late_grammar: Optional[GrammarMasks] = None
+    ) -> list[Optional[StepOutput]]:
+        """One call from the engine: sample the step launched last with ``grammar_late`` now
+        that its masks came (``late_grammar``), launch ``step`` (None: no new step), and return
+        the outputs of the steps this completes, oldest first: every launched step when
+        ``wait``, else all but the one just launched, which stays in flight."""
+        if late_grammar is not None:
+            self._sample_late(late_grammar)
+        if step is not None:
+            self.launch(step)
+        outputs = self.collect(keep_last=step is not None and not wait)
+        assert not (wait and self._awaiting_grammar), "a step waiting for its grammar masks cannot complete"
+        return outputs
+
+    @torch.inference_mode()
     def launch(self, step: StepInput) -> None:
-        """Queue one step on the device and return without waiting for it.
+        """Queue one step on the device and return without waiting for it (a step with
+        ``grammar_late``: its forward pass; its sampling waits for the masks, ``run_step``).
 
         Every rank samples (the ranks of a DP replica get identical logits, gathered over
         tp, and draw identically on the same GPU model; when every row is greedy they
@@ -197,6 +218,7 @@ class ModelRunner:
         ``collect``.
         """
         assert self.attention is not None, "allocate_kv_cache() first"
+        assert self._awaiting_grammar is None, "the step before still waits for its grammar masks"
         self.advance_expert_moves()
         layout = build_step_layout(step, self.block_size)
         prompt_rows = None if step.prompt_logprob_rows is None else torch.from_numpy(step.prompt_logprob_rows)
@@ -207,22 +229,40 @@ class ModelRunner:
             shard = self.forward_eager(layout, step.dp_token_counts, prompt_rows)
         s = step.sample
         out: dict[str, Any] = {}
-        plain = step.logprobs is None and step.controls is None and prompt_rows is None and step.grammar_rows is None
+        plain = step.logprobs is None and step.controls is None and prompt_rows is None
+        plain = plain and step.grammar is None and not step.grammar_late
         if plain and not step.return_logits and not (step.temperature[s] > 0).any():
             # all greedy: argmax over the vocabulary shards, no logits gathered over tp
-            tokens = self.model.greedy_tokens(shard)
+            self._keep(out, self.model.greedy_tokens(shard))
+            return
+        logits = self.model.full_logits(shard)
+        if prompt_rows is not None:  # the prompt rows follow the sampled rows
+            logits, prompt_logits = logits[: int(s.sum())], logits[int(s.sum()) :]
+            targets = to_device(step.prompt_logprob_targets, self.device)
+            out["prompt"] = token_logprobs(prompt_logits, targets, step.prompt_logprob_top)
+        if step.grammar_late:
+            self._awaiting_grammar = (step, logits, out)
         else:
-            logits = self.model.full_logits(shard)
-            if prompt_rows is not None:  # the prompt rows follow the sampled rows
-                logits, prompt_logits = logits[: int(s.sum())], logits[int(s.sum()) :]
-                targets = torch.from_numpy(step.prompt_logprob_targets).to(self.device)
-                out["prompt"] = token_logprobs(prompt_logits, targets, step.prompt_logprob_top)
-            tokens = sample_step(logits, step, self.last_sampled)
-            if step.return_logits:
-                out["logits"] = logits
-            lps = sampled_logprobs(logits, tokens, step)
-            if lps is not None:
-                out["sampled"] = lps
+            self._sample(step, logits, out)
+
+    def _sample_late(self, masks: GrammarMasks) -> None:
+        assert self._awaiting_grammar is not None, "grammar masks came for no step"
+        step, logits, out = self._awaiting_grammar
+        self._awaiting_grammar = None
+        self._sample(dataclasses.replace(step, grammar=masks, grammar_late=False), logits, out)
+
+    def _sample(self, step: StepInput, logits: torch.Tensor, out: dict[str, Any]) -> None:
+        tokens = sample_step(logits, step, self.last_sampled)
+        if step.return_logits:
+            out["logits"] = logits
+        lps = sampled_logprobs(logits, tokens, step)
+        if lps is not None:
+            out["sampled"] = lps
+        self._keep(out, tokens)
+
+    def _keep(self, out: dict[str, Any], tokens: torch.Tensor) -> None:
+        """The step's sampled ``tokens`` become the last sampled; the first rank of the
+        replica queues its outputs' copy to the host."""
         out["tokens"] = tokens
         self.last_sampled[: tokens.shape[0]].copy_(tokens)
         if not self.is_driver:
@@ -232,13 +272,15 @@ class ModelRunner:
 
     @property
     def num_in_flight(self) -> int:
-        return len(self._in_flight)
+        return len(self._in_flight) + (self._awaiting_grammar is not None)
 
     def collect(self, keep_last: bool) -> list[Optional[StepOutput]]:
         """Wait for the launched steps, oldest first (all but the newest if ``keep_last``);
-        their outputs, or None on ranks that do not report."""
+        their outputs, or None on ranks that do not report. A step waiting for its grammar
+        masks is the newest and is kept."""
         outputs: list[Optional[StepOutput]] = []
-        while len(self._in_flight) > (1 if keep_last else 0):
+        keep = 1 if keep_last and self._awaiting_grammar is None else 0
+        while len(self._in_flight) > keep:
             entry = self._in_flight.popleft()
             if entry is None:
                 outputs.append(None)
@@ -263,20 +305,20 @@ class ModelRunner:
         vocabulary share], followed by the rows of ``prompt_rows`` (token rows) if given."""
         dev = self.device
         self.attention.plan(layout)
-        input_ids = layout.input_ids.to(dev)
+        input_ids = to_device(layout.input_ids, dev)
         if bool((layout.prev_rows >= 0).any()):
-            input_ids = resolve_pending_tokens(input_ids, layout.prev_rows.to(dev), self.last_sampled)
+            input_ids = resolve_pending_tokens(input_ids, to_device(layout.prev_rows, dev), self.last_sampled)
         batch = ForwardBatch(
             input_ids=input_ids,
-            positions=layout.positions.to(dev),
+            positions=to_device(layout.positions, dev),
             attention=self.attention,
             dp_pad=max(dp_token_counts, default=0),
-            dp_counts=torch.tensor(dp_token_counts, device=dev) if self.ctx.groups.dp.world_size > 1 else None,
+            dp_counts=to_device(dp_token_counts, dev) if self.ctx.groups.dp.world_size > 1 else None,
             expert_load=self.expert_load,
         )
         hidden = self.run_model(batch)
         rows = layout.sample_rows if prompt_rows is None else torch.cat([layout.sample_rows, prompt_rows])
-        return self.model.compute_logits(hidden[rows.to(dev)])
+        return self.model.compute_logits(hidden[to_device(rows, dev)])
 
     def run_model(self, batch: ForwardBatch) -> torch.Tensor:
         """One forward pass of the model -> final hidden states [T, H]. Every pass, eager or

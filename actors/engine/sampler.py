@@ -15,6 +15,7 @@ import torch
 from raymoe.actors.engine.logprobs import token_logprobs
 from raymoe.actors.engine.sampling_controls import apply_controls
 from raymoe.actors.engine.step import StepInput
+from raymoe.actors.engine.upload import to_device
 
 
 def sample(
@@ -31,46 +32,64 @@ def sample(
 
     Per row: temperature (0 = greedy), top_k (-1 = off), top_p, the request's seed and
     how many tokens it has output so far (the random draw depends on these alone).
+    Vectorised over the rows that sample at random.
     """
     assert logits.shape[0] == len(temperature)
     out = logits.argmax(dim=-1)
-    for i in np.flatnonzero(temperature > 0).tolist():
-        out[i] = _sample_row(
-            logits[i],
-            temperature=float(temperature[i]),
-            top_k=int(top_k[i]),
-            top_p=float(top_p[i]),
-            seed=int(seeds[i]),
-            step=int(output_index[i]),
-        )
+    rows = np.flatnonzero(temperature > 0)
+    if rows.size == 0:
+        return out
+    dev = logits.device
+    on_device = to_device(rows, dev)
+    scores = logits[on_device].float() / to_device(temperature[rows], dev)[:, None]
+    if ((top_k[rows] > 0) & (top_k[rows] < logits.shape[1])).any() or (top_p[rows] < 1.0).any():
+        scores = filter_logits(scores, top_k=to_device(top_k[rows], dev), top_p=to_device(top_p[rows], dev))
+    keys = np.array([_mix(int(s), int(i)) for s, i in zip(seeds[rows], output_index[rows])], dtype=np.int64)
+    # Gumbel-max: argmax(scores + Gumbel noise) draws from softmax(scores)
+    out[on_device] = torch.argmax(scores + gumbel_noise(to_device(keys, dev), logits.shape[1]), dim=-1)
     return out
 
 
-def _sample_row(
-    logits: torch.Tensor, *, temperature: float, top_k: int, top_p: float, seed: int, step: int
-) -> torch.Tensor:
-    scores = filter_logits(logits / temperature, top_k, top_p)
-    probs = torch.softmax(scores, dim=-1)
-    gen = torch.Generator(device=logits.device).manual_seed(_mix(seed, step))
-    # exponential race: argmax(p / E) with E ~ Exp(1) draws from p
-    noise = torch.empty_like(probs).exponential_(generator=gen)
-    return torch.argmax(probs / noise)
+def filter_logits(scores: torch.Tensor, *, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Per row, set the scores outside its top-k, then outside the top-p nucleus of what
+    is left, to -inf. scores [R, vocab]; top_k [R] int64 (<= 0 or >= vocab: off); top_p [R]."""
+    vocab = scores.shape[1]
+    sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
+    k = torch.where((top_k > 0) & (top_k < vocab), top_k, vocab)
+    ranks = torch.arange(vocab, device=scores.device)[None, :]
+    sorted_scores = sorted_scores.masked_fill(ranks >= k[:, None], float("-inf"))
+    probs = torch.softmax(sorted_scores, dim=-1)
+    # drop a token when the tokens before it already reach top_p (the first always stays;
+    # top_p 1 keeps all, whatever float32 sums round to)
+    drop_sorted = ((probs.cumsum(dim=-1) - probs) >= top_p[:, None]) & (top_p < 1.0)[:, None]
+    drop_sorted[:, 0] = False
+    drop_sorted |= ranks >= k[:, None]
+    drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+    return scores.masked_fill(drop, float("-inf"))
 
 
-def filter_logits(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Set scores outside the top-k and outside the top-p nucleus to -inf. scores [vocab]."""
-    if 0 < top_k < scores.shape[-1]:
-        kth = torch.topk(scores, top_k).values[-1]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, descending=True)
-        cum = torch.softmax(sorted_scores, dim=-1).cumsum(dim=-1)
-        # drop a token when the tokens before it already reach top_p (the first always stays)
-        drop_sorted = (cum - torch.softmax(sorted_scores, dim=-1)) >= top_p
-        drop_sorted[0] = False
-        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
-        scores = scores.masked_fill(drop, float("-inf"))
-    return scores
+def gumbel_noise(keys: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[R, vocab] float32 standard Gumbel noise, a pure function of each row's key [R] int64
+    and the token id (a counter-based hash, SplitMix64's finaliser), so a row draws the same
+    whatever else is in the batch and on any device."""
+    x = keys[:, None] + (torch.arange(1, vocab + 1, device=keys.device) * _GOLDEN)[None, :]
+    x = (x ^ _shift_right(x, 30)) * _MIX1
+    x = (x ^ _shift_right(x, 27)) * _MIX2
+    x = x ^ _shift_right(x, 31)
+    u = (_shift_right(x, 40).float() + 0.5) * 2.0**-24  # 24 random bits, in (0, 1)
+    return -torch.log(-torch.log(u))
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> keeps the sign)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _signed(c: int) -> int:
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+_GOLDEN, _MIX1, _MIX2 = (_signed(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
 
 
 def _mix(seed: int, step: int) -> int:
@@ -79,7 +98,7 @@ def _mix(seed: int, step: int) -> int:
 
 def apply_token_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
     """``logits`` [R, vocab] with the tokens that ``bitmask`` [G, words] (int32, bit t % 32 of
-    word t // 32 set = token t allowed; ``grammar.token_bitmask``) disallows in rows ``rows``
+    word t // 32 set = token t allowed; ``grammar.GrammarMasks``) disallows in rows ``rows``
     [G] set to -inf (a new tensor). Plain torch: any device, any vocabulary size."""
     vocab = logits.shape[-1]
     shifts = torch.arange(32, device=bitmask.device, dtype=torch.int32)
@@ -97,9 +116,9 @@ def sample_step(logits: torch.Tensor, step: StepInput, last_sampled: Optional[to
     if step.controls is not None:
         assert last_sampled is not None, "logit controls need the last sampled tokens"
         logits = apply_controls(logits, step.controls, last_sampled)
-    if step.grammar_rows is not None:
-        rows = torch.from_numpy(step.grammar_rows).to(logits.device)
-        logits = apply_token_bitmask(logits, rows, torch.from_numpy(step.grammar_bitmask).to(logits.device))
+    if step.grammar is not None and step.grammar.rows.size:
+        dev = logits.device
+        logits = apply_token_bitmask(logits, to_device(step.grammar.rows, dev), to_device(step.grammar.bitmask, dev))
     return sample(
         logits,
         temperature=step.temperature[s],
@@ -116,5 +135,5 @@ def sampled_logprobs(logits: torch.Tensor, tokens: torch.Tensor, step: StepInput
     if step.logprobs is None:
         return None
     asked = step.logprobs[step.sample]
-    rows = torch.tensor(np.flatnonzero(asked >= 0), device=logits.device)
+    rows = to_device(np.flatnonzero(asked >= 0), logits.device)
     return token_logprobs(logits[rows], tokens[rows], int(asked.max()))

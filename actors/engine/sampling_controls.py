@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from raymoe.actors.engine.request import PENDING_TOKEN
+from raymoe.actors.engine.upload import to_device
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,11 +33,11 @@ class SamplingControls:
     presence: np.ndarray  # [R] float32
     frequency: np.ndarray  # [R] float32
     repetition: np.ndarray  # [R] float32
-    # every token of the histories of rows with penalties, flat
-    history_row: np.ndarray  # [H] int64: index into rows
-    history_token: np.ndarray  # [H] int64 (PENDING_TOKEN: see history_prev)
-    history_prev: np.ndarray  # [H] int64: row of the last step's sampled tokens for a pending token, else -1
-    history_is_output: np.ndarray  # [H] bool
+    # the histories of the rows (prompt then outputs), flat; rows without penalties have none
+    history_token: np.ndarray  # [H] int64 (the last of a row may be PENDING_TOKEN: see history_prev)
+    history_len: np.ndarray  # [R] int64: tokens of each row's history
+    history_outputs: np.ndarray  # [R] int64: how many of them, at the end, are outputs
+    history_prev: np.ndarray  # [R] int64: row of the last step's sampled tokens for a pending last token, else -1
     bias_row: np.ndarray  # [L] int64: index into rows
     bias_token: np.ndarray  # [L] int64
     bias_value: np.ndarray  # [L] float32
@@ -50,16 +51,9 @@ def pack_controls(chunks: Sequence, prev_rows: Sequence[int]) -> Optional[Sampli
     used = [(row, c, p) for row, (c, p) in enumerate(sampled) if c.sampling.controls_logits]
     if not used:
         return None
-    hist_row, hist_token, hist_prev, hist_out = [], [], [], []
+    histories = [np.asarray(c.history, dtype=np.int64) for _, c, _ in used]
     bias_row, bias_token, bias_value, banned_row, banned_token = [], [], [], [], []
-    for i, (_, c, prev) in enumerate(used):
-        n = len(c.history)
-        hist_row += [i] * n
-        hist_token += c.history
-        hist_prev += [-1] * n
-        if n and c.history[-1] == PENDING_TOKEN:
-            hist_prev[-1] = prev
-        hist_out += [k >= n - c.num_output_tokens for k in range(n)]
+    for i, (_, c, _) in enumerate(used):
         for token, bias in c.sampling.logit_bias:
             bias_row.append(i)
             bias_token.append(token)
@@ -72,10 +66,12 @@ def pack_controls(chunks: Sequence, prev_rows: Sequence[int]) -> Optional[Sampli
         presence=np.array([c.sampling.presence_penalty for _, c, _ in used], dtype=f32),
         frequency=np.array([c.sampling.frequency_penalty for _, c, _ in used], dtype=f32),
         repetition=np.array([c.sampling.repetition_penalty for _, c, _ in used], dtype=f32),
-        history_row=np.array(hist_row, dtype=i64),
-        history_token=np.array(hist_token, dtype=i64),
-        history_prev=np.array(hist_prev, dtype=i64),
-        history_is_output=np.array(hist_out, dtype=bool),
+        history_token=np.concatenate(histories),
+        history_len=np.array([len(h) for h in histories], dtype=i64),
+        history_outputs=np.array([c.num_output_tokens if len(c.history) else 0 for _, c, _ in used], dtype=i64),
+        history_prev=np.array(
+            [p if len(h) and h[-1] == PENDING_TOKEN else -1 for (_, _, p), h in zip(used, histories)], dtype=i64
+        ),
         bias_row=np.array(bias_row, dtype=i64),
         bias_token=np.array(bias_token, dtype=i64),
         bias_value=np.array(bias_value, dtype=f32),
@@ -90,11 +86,11 @@ def apply_controls(logits: torch.Tensor, controls: SamplingControls, last_sample
     dev = logits.device
 
     def put(a: np.ndarray) -> torch.Tensor:
-        return torch.tensor(a, device=dev)  # a copy: arrays unpickled from Ray are read-only
+        return to_device(a, dev)
 
     rows = put(controls.rows)
     sub = logits[rows].float()
-    if controls.history_row.size:
+    if controls.history_token.size:
         sub = _penalize(sub, controls, last_sampled, put)
     if controls.bias_row.size:
         sub.index_put_((put(controls.bias_row), put(controls.bias_token)), put(controls.bias_value), accumulate=True)
@@ -107,13 +103,20 @@ def apply_controls(logits: torch.Tensor, controls: SamplingControls, last_sample
 
 
 def _penalize(sub: torch.Tensor, controls: SamplingControls, last_sampled: torch.Tensor, put) -> torch.Tensor:
-    hist_row = put(controls.history_row)
-    prev = put(controls.history_prev)
-    tokens = torch.where(prev >= 0, last_sampled[prev.clamp(min=0)], put(controls.history_token))
+    num_rows, total = len(controls.history_len), int(controls.history_token.size)
+    lens = put(controls.history_len)
+    hist_row = torch.repeat_interleave(torch.arange(num_rows, device=sub.device), lens, output_size=total)
+    ends = torch.cumsum(lens, 0)
+    index_in_row = torch.arange(total, device=sub.device) - (ends - lens)[hist_row]
+    from_end = lens[hist_row] - index_in_row  # 1 for a row's last token
+    tokens = put(controls.history_token)
+    prev = put(controls.history_prev)[hist_row]
+    pending = (from_end == 1) & (prev >= 0)
+    tokens = torch.where(pending, last_sampled[prev.clamp(min=0)], tokens)
+    is_output = from_end <= put(controls.history_outputs)[hist_row]
     seen = torch.zeros_like(sub, dtype=torch.bool)
     seen[hist_row, tokens] = True
     counts = torch.zeros_like(sub)
-    is_output = put(controls.history_is_output)
     counts.index_put_((hist_row, tokens), is_output.to(sub.dtype), accumulate=True)
     rep = put(controls.repetition)[:, None]
     sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)

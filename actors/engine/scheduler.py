@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 from raymoe.actors.engine.admission import blocks_to_fit, check_fits_alone, max_cached_tokens
 from raymoe.actors.engine.block_manager import BlockManager
@@ -52,7 +52,7 @@ class ScheduledChunk:
     num_output_tokens: int  # outputs so far (mixed into the per-request RNG)
     # the request's tokens so far (prompt + outputs, the last maybe pending): a chunk that
     # samples for a request with penalties, else empty
-    history: tuple[int, ...] = ()
+    history: Sequence[int] = ()  # an int64 array from the scheduler
     banned: tuple[int, ...] = ()  # token ids masked in this sampling (min_tokens not reached)
     # prompt logprobs: the chunk's tokens from ``prompt_logprob_offset`` on give the
     # logprobs of these next prompt tokens (one each)
@@ -214,7 +214,7 @@ class Scheduler:
         for req in list(self._running):  # a snapshot: preemption removes requests from the queue
             if budget <= 0 or len(chunks) >= self.max_num_seqs:
                 break
-            if req.status is not RequestStatus.RUNNING or self._idle_this_step(req):
+            if req.status is not RequestStatus.RUNNING or self._ends_by_length(req):
                 continue  # preempted meanwhile, or sits this step out
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             assert n > 0, f"running request {req.request_id} has nothing to compute"
@@ -248,7 +248,7 @@ class Scheduler:
         while i < len(self._waiting) and budget > 0 and len(chunks) < self.max_num_seqs:
             # Budget and seq slots left means every running request got a chunk this step
             # (but those whose pending token ends them, which leave once it arrives).
-            assert len(self._running) == len(chunks) + sum(map(self._idle_this_step, self._running))
+            assert len(self._running) == len(chunks) + sum(map(self._ends_by_length, self._running))
             req = self._waiting[i]
             prefix, next_key = bm.cached_prefix(req)
             cached = len(prefix) * bm.block_size
@@ -307,18 +307,11 @@ class Scheduler:
             sampling=sampling,
             seed=req.seed,
             num_output_tokens=len(req.output_token_ids),
-            history=tuple(req.all_token_ids) if sample and sampling.uses_penalties else (),
+            history=req.token_array() if sample and sampling.uses_penalties else (),
             banned=banned,
             prompt_logprob_offset=first - start if targets else 0,
             prompt_logprob_targets=tuple(targets),
         )
-
-    def _idle_this_step(self, req: Request) -> bool:
-        """A running request with nothing to compute this step: its pending token ends it, or
-        its grammar needs that token before it can mask the next one (``grammar``)."""
-        if self._ends_by_length(req):
-            return True
-        return req.sampling.grammar is not None and req.output_token_ids[-1:] == [PENDING_TOKEN]
 
     def _ends_by_length(self, req: Request) -> bool:
         """Its last output (still pending: otherwise the engine would have ended it) is its last."""

@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from raymoe.actors.engine.grammar import GrammarMasks
 from raymoe.actors.engine.logprobs import LogprobColumns
 from raymoe.actors.engine.request import PENDING_TOKEN, TOP_P_MIN, SamplingParams
 from raymoe.actors.engine.sampling_controls import SamplingControls, pack_controls
@@ -59,9 +60,10 @@ class StepInput:
     prompt_logprob_rows: Optional[np.ndarray] = None  # [Q] int64, rows of token_ids
     prompt_logprob_targets: Optional[np.ndarray] = None  # [Q] int64: that next prompt token
     prompt_logprob_top: int = 0  # top alternatives to return for each (the most any chunk asks)
-    # structured output: the sampled rows whose grammar limits the next token, and which tokens
-    grammar_rows: Optional[np.ndarray] = None  # [G] int64, indices among the sampled rows
-    grammar_bitmask: Optional[np.ndarray] = None  # [G, ceil(vocab / 32)] int32: bit set = allowed
+    # structured output: the sampled rows whose grammar limits the next token, and which
+    # tokens; or, with grammar_late, the masks follow with the ranks' next call (``grammar``)
+    grammar: Optional[GrammarMasks] = None
+    grammar_late: bool = False
 
     @property
     def num_chunks(self) -> int:
@@ -88,6 +90,8 @@ class StepInFlight:
     pending: list[list]  # per replica: Scheduler.advance's (request, output index) per sampled row
     # per replica: (request id, rows) of each chunk with prompt logprob rows, in order
     prompt_logprobs: Optional[list[list[tuple[str, int]]]] = None
+    # a replica's step is grammar_late and its masks have not gone to the ranks yet
+    awaits_grammar: bool = False
 
 
 class StepBuilder:

@@ -382,11 +382,11 @@ def test_a_failed_step_fails_started_requests_keeps_queued_ones_and_spends_the_r
     reference = _run(engine_, {rid: (ids, sampling) for rid, ids in prompts.items()})
     calls, fail_at, restarts = [], {3}, []
 
-    async def failing(inputs, wait):  # the steps in fail_at fail
+    async def failing(inputs, wait, late_grammar=None):  # the steps in fail_at fail
         calls.append(1)
         if len(calls) in fail_at:
             raise RuntimeError("rank 1 died")
-        return await engine_.executor.run_step_async(inputs, wait)
+        return await engine_.executor.run_step_async(inputs, wait, late_grammar)
 
     async def restart() -> int:
         restarts.append(1)

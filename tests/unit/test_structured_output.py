@@ -102,18 +102,37 @@ def test_json_object_regex_choice_and_grammar(engine):
     assert re.fullmatch(r"\([1-9][0-9]?(\+[1-9][0-9]?)*\)", out["ebnf"]["text"])
 
 
-def test_pipelined_steps_give_the_same_constrained_output(engine):
-    """Under pipelining a constrained request waits for its last token each step (its grammar
-    needs it): same tokens as plain steps, next to an unconstrained request."""
+def test_pipelined_steps_give_the_same_constrained_output_running_every_step(engine):
+    """Under pipelining a constrained request's step goes out before its last token is back
+    and gets its masks with the next call (``grammar_late``): same tokens as plain steps,
+    next to an unconstrained request, and it runs in every step (none skipped to wait)."""
     grammar = GrammarSpec("json", json.dumps(_random_schema(random.Random(5))))
+    endless = GrammarSpec("regex", "[a-z ]{5000}")  # runs to max_tokens
     requests = {
         "json": (engine.tokenizer.encode("a"), SamplingParams(max_tokens=200, temperature=0.0, grammar=grammar)),
+        "regex": (engine.tokenizer.encode("c"), SamplingParams(max_tokens=60, temperature=0.0, grammar=endless)),
         "free": (engine.tokenizer.encode("b"), SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)),
     }
     plain = _run(engine, requests)
-    piped = _pipelined(engine, requests)
+    runner, late_steps, steps = engine.executor.runner, [], []
+    launch = runner.launch
+
+    def spy(step):
+        steps.append(step)
+        late_steps.append(step.grammar_late)
+        return launch(step)
+
+    runner.launch = spy
+    try:
+        piped = _pipelined(engine, requests)
+    finally:
+        runner.launch = launch
     for rid in requests:
         assert piped[rid]["tokens"] == plain[rid]["tokens"] and piped[rid]["reason"] == plain[rid]["reason"]
+    assert len(piped["regex"]["tokens"]) == 60
+    num_tokens = max(len(r["tokens"]) for r in piped.values())
+    assert len(steps) <= num_tokens + 1  # one step per token (plus the one whose output ended it)
+    assert sum(late_steps) >= 60 - 2  # the steps after the first two went out before their masks
 
 
 @pytest.mark.parametrize(
