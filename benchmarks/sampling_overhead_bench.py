@@ -1,6 +1,6 @@
 """What the per-request sampling features cost the decode step: plain greedy rows against
-rows with penalties and logprobs, and rows under a grammar (structured output), on one
-served engine in one run.
+rows drawn at a temperature with top-k and top-p, rows with penalties and logprobs, and
+rows under a grammar (structured output), on one served engine in one run.
 
     python benchmarks/sampling_overhead_bench.py --config qwen3-30b-a3b-dummy --layers 16
     python benchmarks/sampling_overhead_bench.py --config tiny --batch 8 --output-len 16
@@ -8,9 +8,7 @@ served engine in one run.
 Each mode generates ``--batch`` fresh prompts of ``--input-len`` tokens twice, once with
 ``--output-len`` new tokens and once with 1 (offline ``LLM.generate``, attached to the
 served engine); the decode step is the difference over the extra steps. The grammar is a
-regex no output of this length can complete (so every row runs to ``--output-len``). Under
-pipelined steps (GPUs) a constrained row runs every other step: its step time here is the
-time per token it sees.
+regex no output of this length can complete (so every row runs to ``--output-len``).
 """
 
 from __future__ import annotations
@@ -36,8 +34,13 @@ def modes(output_len: int, batch: int) -> dict[str, list[SamplingParams]]:
         **base, presence_penalty=0.5, frequency_penalty=0.5, repetition_penalty=1.1, logit_bias=((7, 2.0),), logprobs=5
     )
     grammar = SamplingParams(**base, grammar=GrammarSpec("regex", LONG_REGEX))
+    drawn = [
+        SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.8, top_p=0.95, top_k=50, seed=i)
+        for i in range(batch)
+    ]
     return {
         "plain": [plain] * batch,
+        "top-k + top-p draws, every row": drawn,
         "penalties + logprobs, every row": [controls] * batch,
         "grammar, one row": [grammar] + [plain] * (batch - 1),
         "grammar, every row": [grammar] * batch,

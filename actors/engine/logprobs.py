@@ -19,10 +19,11 @@ def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, num_top: int) 
     """logits [R, vocab] float32, token_ids [R] int64 -> tensors on the logits' device:
     ``token_ids``, ``logprob`` [R] float32 of each row's token, ``top_ids`` [R, num_top]
     int64 and ``top_logprobs`` [R, num_top] float32, most likely first."""
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    out = {"token_ids": token_ids, "logprob": logprobs.gather(1, token_ids[:, None]).squeeze(1)}
-    top = torch.topk(logprobs, num_top, dim=-1)
-    out["top_ids"], out["top_logprobs"] = top.indices, top.values
+    logits = logits.float()
+    norm = torch.logsumexp(logits, dim=-1, keepdim=True)  # log_softmax without the [R, vocab] result
+    out = {"token_ids": token_ids, "logprob": (logits.gather(1, token_ids[:, None]) - norm).squeeze(1)}
+    top = torch.topk(logits, num_top, dim=-1)
+    out["top_ids"], out["top_logprobs"] = top.indices, top.values - norm
     return out
 
 

@@ -42,30 +42,36 @@ def sample(
     dev = logits.device
     on_device = to_device(rows, dev)
     scores = logits[on_device].float() / to_device(temperature[rows], dev)[:, None]
-    if ((top_k[rows] > 0) & (top_k[rows] < logits.shape[1])).any() or (top_p[rows] < 1.0).any():
-        scores = filter_logits(scores, top_k=to_device(top_k[rows], dev), top_p=to_device(top_p[rows], dev))
+    k, vocab = top_k[rows], logits.shape[1]
+    if ((k > 0) & (k < vocab)).any() or (top_p[rows] < 1.0).any():
+        width = int(k.max()) if ((k > 0) & (k < vocab)).all() else vocab
+        scores = filter_logits(scores, top_k=to_device(k, dev), top_p=to_device(top_p[rows], dev), width=width)
     keys = np.array([_mix(int(s), int(i)) for s, i in zip(seeds[rows], output_index[rows])], dtype=np.int64)
     # Gumbel-max: argmax(scores + Gumbel noise) draws from softmax(scores)
     out[on_device] = torch.argmax(scores + gumbel_noise(to_device(keys, dev), logits.shape[1]), dim=-1)
     return out
 
 
-def filter_logits(scores: torch.Tensor, *, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+def filter_logits(scores: torch.Tensor, *, top_k: torch.Tensor, top_p: torch.Tensor, width: int) -> torch.Tensor:
     """Per row, set the scores outside its top-k, then outside the top-p nucleus of what
-    is left, to -inf. scores [R, vocab]; top_k [R] int64 (<= 0 or >= vocab: off); top_p [R]."""
+    is left, to -inf. scores [R, vocab]; top_k [R] int64 (<= 0 or >= vocab: off); top_p [R];
+    ``width``: at least every row's top_k (the vocabulary if one has none): only the best
+    ``width`` scores of each row are sorted."""
     vocab = scores.shape[1]
-    sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
+    if width < vocab:
+        sorted_scores, order = torch.topk(scores, width, dim=-1)
+    else:
+        sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
     k = torch.where((top_k > 0) & (top_k < vocab), top_k, vocab)
-    ranks = torch.arange(vocab, device=scores.device)[None, :]
+    ranks = torch.arange(sorted_scores.shape[1], device=scores.device)[None, :]
     sorted_scores = sorted_scores.masked_fill(ranks >= k[:, None], float("-inf"))
     probs = torch.softmax(sorted_scores, dim=-1)
     # drop a token when the tokens before it already reach top_p (the first always stays;
     # top_p 1 keeps all, whatever float32 sums round to)
     drop_sorted = ((probs.cumsum(dim=-1) - probs) >= top_p[:, None]) & (top_p < 1.0)[:, None]
     drop_sorted[:, 0] = False
-    drop_sorted |= ranks >= k[:, None]
-    drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
-    return scores.masked_fill(drop, float("-inf"))
+    kept = sorted_scores.masked_fill(drop_sorted, float("-inf"))
+    return torch.full_like(scores, float("-inf")).scatter(1, order, kept)
 
 
 def gumbel_noise(keys: torch.Tensor, vocab: int) -> torch.Tensor:

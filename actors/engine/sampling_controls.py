@@ -82,44 +82,49 @@ def pack_controls(chunks: Sequence, prev_rows: Sequence[int]) -> Optional[Sampli
 
 def apply_controls(logits: torch.Tensor, controls: SamplingControls, last_sampled: torch.Tensor) -> torch.Tensor:
     """logits [S, vocab] float32 -> a new tensor with the controls applied to their rows.
-    ``last_sampled``: the ranks' last sampled tokens (where pending history tokens are)."""
+    ``last_sampled``: the ranks' last sampled tokens (where pending history tokens are).
+    Only the logits a control names are touched, so the cost follows the histories and
+    biases, not rows x vocabulary."""
     dev = logits.device
 
     def put(a: np.ndarray) -> torch.Tensor:
         return to_device(a, dev)
 
     rows = put(controls.rows)
-    sub = logits[rows].float()
+    out = logits.float().clone()
     if controls.history_token.size:
-        sub = _penalize(sub, controls, last_sampled, put)
+        _penalize(out, rows, controls, last_sampled, put)
     if controls.bias_row.size:
-        sub.index_put_((put(controls.bias_row), put(controls.bias_token)), put(controls.bias_value), accumulate=True)
+        at = (rows[put(controls.bias_row)], put(controls.bias_token))
+        out.index_put_(at, put(controls.bias_value), accumulate=True)
     inside = controls.banned_token < logits.shape[1]  # stop_token_ids may lie outside the vocabulary
     if inside.any():
-        sub[put(controls.banned_row[inside]), put(controls.banned_token[inside])] = float("-inf")
-    out = logits.clone()
-    out[rows] = sub
+        out[rows[put(controls.banned_row[inside])], put(controls.banned_token[inside])] = float("-inf")
     return out
 
 
-def _penalize(sub: torch.Tensor, controls: SamplingControls, last_sampled: torch.Tensor, put) -> torch.Tensor:
+def _penalize(
+    out: torch.Tensor, rows: torch.Tensor, controls: SamplingControls, last_sampled: torch.Tensor, put
+) -> None:
+    """The penalties, in place, on the logits of the tokens in each row's history."""
     num_rows, total = len(controls.history_len), int(controls.history_token.size)
     lens = put(controls.history_len)
-    hist_row = torch.repeat_interleave(torch.arange(num_rows, device=sub.device), lens, output_size=total)
+    hist_row = torch.repeat_interleave(torch.arange(num_rows, device=out.device), lens, output_size=total)
     ends = torch.cumsum(lens, 0)
-    index_in_row = torch.arange(total, device=sub.device) - (ends - lens)[hist_row]
+    index_in_row = torch.arange(total, device=out.device) - (ends - lens)[hist_row]
     from_end = lens[hist_row] - index_in_row  # 1 for a row's last token
     tokens = put(controls.history_token)
     prev = put(controls.history_prev)[hist_row]
     pending = (from_end == 1) & (prev >= 0)
     tokens = torch.where(pending, last_sampled[prev.clamp(min=0)], tokens)
     is_output = from_end <= put(controls.history_outputs)[hist_row]
-    seen = torch.zeros_like(sub, dtype=torch.bool)
-    seen[hist_row, tokens] = True
-    counts = torch.zeros_like(sub)
-    counts.index_put_((hist_row, tokens), is_output.to(sub.dtype), accumulate=True)
-    rep = put(controls.repetition)[:, None]
-    sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
-    return (
-        sub - put(controls.frequency)[:, None] * counts - put(controls.presence)[:, None] * (counts > 0).to(sub.dtype)
-    )
+    counts = torch.zeros((num_rows, out.shape[1]), dtype=out.dtype, device=out.device)
+    counts.index_put_((hist_row, tokens), is_output.to(out.dtype), accumulate=True)
+    # each history token's new logit, written back (a token seen twice gets the same value twice)
+    at = (rows[hist_row], tokens)
+    seen, count = out[at], counts[hist_row, tokens]
+    rep = put(controls.repetition)[hist_row]
+    penalized = torch.where(seen > 0, seen / rep, seen * rep)
+    penalized = penalized - put(controls.frequency)[hist_row] * count
+    penalized = penalized - put(controls.presence)[hist_row] * (count > 0).to(out.dtype)
+    out.index_put_(at, penalized)

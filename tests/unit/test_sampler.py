@@ -29,9 +29,10 @@ def _reference_filter(scores: np.ndarray, top_k: int, top_p: float) -> np.ndarra
 def test_filter_equals_the_per_row_reference(top_k, top_p):
     gen = torch.Generator().manual_seed(top_k * 7 + int(top_p * 100))
     scores = torch.randn(6, VOCAB, generator=gen) * 3
-    out = filter_logits(
-        scores, top_k=torch.full((6,), top_k, dtype=torch.int64), top_p=torch.full((6,), top_p, dtype=torch.float32)
-    )
+    ks, ps = torch.full((6,), top_k, dtype=torch.int64), torch.full((6,), top_p, dtype=torch.float32)
+    out = filter_logits(scores, top_k=ks, top_p=ps, width=VOCAB)
+    if 0 < top_k < VOCAB:  # only the best top_k sorted: the same
+        assert torch.equal(filter_logits(scores, top_k=ks, top_p=ps, width=top_k), out)
     for row in range(6):
         kept = np.flatnonzero(torch.isfinite(out[row]).numpy())
         assert kept.tolist() == _reference_filter(scores[row].numpy(), top_k, top_p).tolist()
@@ -88,3 +89,14 @@ def test_a_row_draws_the_same_alone_or_in_any_batch():
     assert torch.equal(again, batch)
     draws = [_sample(logits, temperature, -1, 1.0, seeds, [s + k for s in steps]) for k in range(20)]
     assert len({tuple(d.tolist()) for d in draws}) > 1  # the output index changes the draw
+
+
+def test_rows_with_different_top_k_filter_the_same_through_a_narrow_sort():
+    scores = torch.randn(4, VOCAB, generator=torch.Generator().manual_seed(3))
+    ks = torch.tensor([3, 7, 5, 7])
+    ps = torch.tensor([1.0, 0.5, 0.9, 1.0])
+    narrow = filter_logits(scores, top_k=ks, top_p=ps, width=7)
+    assert torch.equal(narrow, filter_logits(scores, top_k=ks, top_p=ps, width=VOCAB))
+    for row in range(4):
+        kept = np.flatnonzero(torch.isfinite(narrow[row]).numpy())
+        assert kept.tolist() == _reference_filter(scores[row].numpy(), int(ks[row]), float(ps[row])).tolist()
