@@ -24,7 +24,7 @@ from raymoe.actors.engine.block_manager import BlockManager
 from raymoe.actors.engine.delivery import TokenOutput
 from raymoe.actors.engine.grammar import GrammarCompiler, GrammarMasks, GrammarMatcher, grammar_masks
 from raymoe.actors.engine.messages import Finish
-from raymoe.actors.engine.request import PENDING_TOKEN, Request, SamplingParams
+from raymoe.actors.engine.request import PENDING_TOKEN, Request, SamplingParams, first_invalid_token_id
 from raymoe.actors.engine.scheduler import Scheduler
 from raymoe.actors.engine.step import StepBuilder, StepInFlight, StepInput, StepOutput
 
@@ -78,7 +78,7 @@ class EngineCore:
         it beforehand, off the caller's loop, and this finds it cached)."""
         if request_id in self._replica:
             raise ValueError(f"request_id: {request_id!r} is already in use")
-        bad = next((t for t in prompt_token_ids if not (isinstance(t, int) and 0 <= t < self.vocab_size)), None)
+        bad = first_invalid_token_id(prompt_token_ids, self.vocab_size)
         if bad is not None:
             raise ValueError(f"prompt_token_ids: token id {bad!r} is outside the vocabulary [0, {self.vocab_size})")
         bad = next((t for t, _ in sampling.logit_bias if t >= self.vocab_size), None)

@@ -11,7 +11,7 @@ import enum
 import functools
 import math
 from dataclasses import KW_ONLY, dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -41,6 +41,20 @@ def _fail(name: str, rule: str, value: Any) -> None:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def first_invalid_token_id(ids: Sequence[Any], vocab_size: Optional[int] = None) -> Optional[Any]:
+    """The first entry of ``ids`` that is not an int in [0, vocab_size) (no upper bound when
+    None); None when all are. Vectorised for the usual list of plain ints (long prompts)."""
+    if set(map(type, ids)) <= {int}:
+        try:
+            arr = np.array(ids, dtype=np.int64)
+        except OverflowError:  # beyond int64: found below
+            arr = None
+        if arr is not None:
+            bad = (arr < 0) | (arr >= vocab_size) if vocab_size is not None else arr < 0
+            return ids[int(bad.argmax())] if bad.any() else None
+    return next((t for t in ids if not _is_int(t) or t < 0 or (vocab_size is not None and t >= vocab_size)), None)
 
 
 def _is_number(value: Any) -> bool:
@@ -208,7 +222,7 @@ class Request:
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:
             raise ValueError("prompt_token_ids: the prompt must hold at least one token")
-        if not all(_is_int(t) and t >= 0 for t in self.prompt_token_ids):
+        if first_invalid_token_id(self.prompt_token_ids) is not None:
             raise ValueError("prompt_token_ids: every token id must be an integer >= 0")
         self.prompt_token_ids = list(self.prompt_token_ids)
         self.eos_token_ids = frozenset(self.eos_token_ids)

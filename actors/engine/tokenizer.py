@@ -30,6 +30,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as _Backend
 
+from raymoe.actors.engine.request import first_invalid_token_id
+
 _NAMED_SPECIALS = ("bos_token", "eos_token", "unk_token", "pad_token")
 _LONG_TEXT = 16384  # characters
 
@@ -232,7 +234,7 @@ def encode_prompt(
     token ids pass through, checked against the model's vocabulary (ValueError naming ``param``)."""
     if isinstance(prompt, str):
         return tokenizer.encode(prompt)
-    bad = next((t for t in prompt if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size), None)
+    bad = first_invalid_token_id(prompt, vocab_size)
     if bad is not None:
         raise ValueError(f"{param}: token id {bad!r} is outside the vocabulary [0, {vocab_size})")
     return list(prompt)
