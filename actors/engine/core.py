@@ -94,12 +94,12 @@ class EngineCore:
         )
         matcher = self._matcher(sampling)
         keys = self._prompt_keys(req)
-        replica = self._route(keys)
+        replica = self._route(keys) if len(self.schedulers) > 1 else 0
         self.schedulers[replica].add(req)  # validates lengths against max_model_len and the cache
         self._replica[request_id] = replica
         if matcher is not None:
             self._matchers[request_id] = matcher
-        for key in keys:
+        for key in keys if len(self.schedulers) > 1 else ():
             self._prefix_replica[key] = replica
             self._prefix_replica.move_to_end(key)
         while len(self._prefix_replica) > _MAX_ROUTED_PREFIXES:
@@ -254,10 +254,11 @@ class EngineCore:
         return matcher.accept(token) and not matcher.terminated
 
     def _prompt_keys(self, req: Request) -> list[bytes]:
+        """The prompt's block keys, for routing (DP replicas) and kept on the request: hashed
+        here, as the request arrives (the device is busy with the step in flight), rather
+        than when the step that admits it is scheduled (the device then waits for the host)."""
         bm = self.schedulers[0].block_manager
-        if len(self.schedulers) == 1 or not bm.prefix_caching:
-            return []
-        return bm.keys_through(req, req.num_prompt_tokens - 1)
+        return bm.keys_through(req, req.num_prompt_tokens - 1) if bm.prefix_caching else []
 
     def _route(self, keys: Sequence[bytes]) -> int:
         """The replica that got the longest prefix of these prompt block keys, unless it holds a
