@@ -149,9 +149,11 @@ def test_invalid_grammars_are_refused_naming_the_field(engine, spec, field):
     assert not engine.local.core.has_unfinished
 
 
-def test_preempted_constrained_requests_resume_their_grammar():
+@pytest.mark.parametrize("pipelined", [False, True], ids=["plain", "pipelined"])
+def test_preempted_constrained_requests_resume_their_grammar(pipelined):
     """A KV cache too small for every request at once preempts some mid-output; each resumes
-    its matcher where it stopped: the same tokens as with room for all, every output valid."""
+    its matcher where it stopped: the same tokens as with room for all, every output valid
+    (pipelined: with masks that follow their steps)."""
     schemas = [_random_schema(random.Random(40 + i)) for i in range(6)]
 
     def run(num_kv_blocks: int):
@@ -163,7 +165,8 @@ def test_preempted_constrained_requests_resume_their_grammar():
             )
             for i, schema in enumerate(schemas)
         }
-        return _run(engine, requests), engine.local.core.num_preemptions
+        out = _pipelined(engine, requests) if pipelined else _run(engine, requests)
+        return out, engine.local.core.num_preemptions
 
     roomy, none = run(2048)
     tight, preemptions = run(16)  # 64 tokens: each request fits alone, not all at once
