@@ -160,10 +160,12 @@ def bitmask_words(vocab_size: int) -> int:
 @dataclass(frozen=True)
 class GrammarMasks:
     """The tokens each sampled row under a grammar may take next, for one step (it crosses
-    Ray to the ranks, which apply it in ``sampler.py``)."""
+    Ray to the ranks, which apply it in ``sampler.py``). Rows in the same grammar state share
+    one mask (a batch of one schema's requests mostly does), so the distinct masks travel once."""
 
     rows: np.ndarray  # [G] int64: indices among the step's sampled rows
-    bitmask: np.ndarray  # [G, bitmask_words(vocab)] int32: bit t % 32 of word t // 32 set = token t allowed
+    mask_of_row: np.ndarray  # [G] int64: each row's mask in ``bitmask``
+    bitmask: np.ndarray  # [U, bitmask_words(vocab)] int32: bit t % 32 of word t // 32 set = token t allowed
 
 
 def grammar_masks(rows: Sequence[tuple[int, GrammarMatcher]], vocab_size: int) -> GrammarMasks:
@@ -174,7 +176,13 @@ def grammar_masks(rows: Sequence[tuple[int, GrammarMatcher]], vocab_size: int) -
     mask = torch.zeros((len(rows), bitmask_words(vocab_size)), dtype=torch.int32)
     if rows:
         _mask_filler().batch_fill_next_token_bitmask([m._matcher for _, m in rows], mask)
-    return GrammarMasks(np.array([row for row, _ in rows], dtype=np.int64), mask.numpy())
+    filled = mask.numpy()
+    first_with: dict[bytes, int] = {}
+    mask_of_row = np.array([first_with.setdefault(r.tobytes(), len(first_with)) for r in filled], dtype=np.int64)
+    distinct = np.zeros(len(first_with), dtype=np.int64)
+    distinct[mask_of_row] = np.arange(len(filled))
+    rows_ids = np.array([row for row, _ in rows], dtype=np.int64)
+    return GrammarMasks(rows_ids, mask_of_row, np.ascontiguousarray(filled[distinct]))
 
 
 @functools.cache

@@ -122,9 +122,11 @@ def sample_step(logits: torch.Tensor, step: StepInput, last_sampled: Optional[to
     if step.controls is not None:
         assert last_sampled is not None, "logit controls need the last sampled tokens"
         logits = apply_controls(logits, step.controls, last_sampled)
-    if step.grammar is not None and step.grammar.rows.size:
+    g = step.grammar
+    if g is not None and g.rows.size:
         dev = logits.device
-        logits = apply_token_bitmask(logits, to_device(step.grammar.rows, dev), to_device(step.grammar.bitmask, dev))
+        bitmask = to_device(g.bitmask, dev)[to_device(g.mask_of_row, dev)]
+        logits = apply_token_bitmask(logits, to_device(g.rows, dev), bitmask)
     return sample(
         logits,
         temperature=step.temperature[s],

@@ -10,13 +10,14 @@ import random
 import re
 
 import jsonschema
+import numpy as np
 import pytest
 import torch
 import xgrammar
 from test_engine_local import _engine as local_engine
 from test_engine_local import _pipelined, _run
 
-from raymoe.actors.engine.grammar import GrammarSpec, bitmask_words
+from raymoe.actors.engine.grammar import GrammarSpec, bitmask_words, grammar_masks
 from raymoe.actors.engine.request import SamplingParams
 from raymoe.actors.engine.sampler import apply_token_bitmask
 
@@ -39,6 +40,27 @@ def test_bitmask_application_equals_xgrammars():
     xgrammar.apply_token_bitmask_inplace(ref, full, vocab_size=vocab, indices=rows.tolist())
     assert torch.equal(ours, ref)
     assert torch.equal(ours[[1, 2]], logits[[1, 2]])  # rows without a grammar are untouched
+
+
+def test_rows_in_the_same_grammar_state_share_one_mask(engine):
+    """``grammar_masks`` sends each distinct mask once; expanded, every row's mask equals
+    what xgrammar fills for that row's matcher alone."""
+    grammars = engine.local.core.grammars
+    compiled = grammars.compile(GrammarSpec("json", json.dumps({"type": "object"})))
+    matchers = [grammars.matcher(compiled) for _ in range(5)]
+    words = bitmask_words(grammars.vocab_size)
+    first = torch.zeros((1, words), dtype=torch.int32)
+    matchers[0]._matcher.fill_next_token_bitmask(first, 0)
+    token = int(np.flatnonzero(np.unpackbits(first.numpy().view(np.uint8), bitorder="little"))[0])
+    for m in matchers[3:]:
+        assert m.accept(token)  # two rows a token further
+    masks = grammar_masks(list(zip([4, 0, 7, 2, 9], matchers)), grammars.vocab_size)
+    assert masks.rows.tolist() == [4, 0, 7, 2, 9]
+    assert masks.bitmask.shape == (2, words) and masks.mask_of_row.tolist() == [0, 0, 0, 1, 1]
+    for i, m in enumerate(matchers):
+        own = torch.zeros((1, words), dtype=torch.int32)
+        m._matcher.fill_next_token_bitmask(own, 0)
+        assert np.array_equal(masks.bitmask[masks.mask_of_row[i]], own.numpy()[0])
 
 
 def _random_schema(rng: random.Random, depth: int = 0) -> dict:
