@@ -4,9 +4,11 @@ Lives in the controller actor's event loop. Clients submit requests in batches a
 for their outputs (``messages``); the loop schedules whatever is queued at each step
 (no batching delay), runs it on the ranks, applies the sampled tokens and sorts them
 into the clients' outboxes (``delivery``). Its own work per step is scheduling and
-applying tokens: text is the clients' work. On GPUs one step stays in flight on the
-ranks while the loop applies the one before and schedules the next (pipelined steps),
-so the device does not idle through the loop's own work and the Ray round trips.
+applying tokens: text is the clients' work. On GPUs two steps stay in flight on the
+ranks while the loop applies the one before them and schedules the next (pipelined
+steps), so the device does not idle through the loop's own work and the Ray round trips
+(one step while a request whose step reads its history, a grammar or penalties, is live:
+``EngineCore.max_steps_in_flight``).
 
 A client that stops polling for ``client_timeout_s`` is taken for gone: its requests
 are aborted, which frees their KV blocks.
@@ -45,13 +47,13 @@ class AsyncExecutor(Protocol):
     async def run_step_async(
         self,
         inputs: Optional[Sequence[StepInput]],
-        wait: bool,
+        keep: int,
         late_grammar: Optional[Sequence[Optional[GrammarMasks]]] = None,
     ) -> list[list[StepOutput]]:
         """Launch ``inputs`` (one per DP replica; None: no new step), after handing the step
         launched last its grammar masks if it waits for them (``late_grammar``). Returns, for
-        each step this call completes (oldest first), each replica's output; with ``wait``
-        False the step just launched stays in flight."""
+        each step this call completes (oldest first), each replica's output: every launched
+        step but the ``keep`` newest, which stay in flight."""
         ...
 
 
@@ -116,8 +118,8 @@ class AsyncEngine:
         restart: Optional[Callable[[], Awaitable[int]]] = None,
         restart_budget: Optional[RestartBudget] = None,
     ) -> None:
-        """``background``: work advanced once after every step (EPLB). ``pipelined``: keep one
-        step in flight (see ``_steps``). ``restart``: recreate the ranks after a failure (it
+        """``background``: work advanced once after every step (EPLB). ``pipelined``: keep steps
+        in flight (see ``_steps``). ``restart``: recreate the ranks after a failure (it
         also replaces ``executor`` and ``background``); returns the new KV blocks per replica."""
         self.core = core
         self.background = background
@@ -257,14 +259,19 @@ class AsyncEngine:
                 e, self._pending_failure = self._pending_failure, None
                 raise e
             self._abort_silent_clients()
-            # With a step in flight this already schedules the next one: its decode
-            # chunks take their pending tokens from the ranks' last sampling.
+            depth = self.core.max_steps_in_flight if self.pipelined else 0
+            if len(in_flight) > depth:  # a request that reads its history came: fewer in flight
+                late = self.core.late_grammar(in_flight[-1])
+                self._publish(in_flight, await self.executor.run_step_async(None, depth, late))
+                continue
+            # With steps in flight this already schedules the next one: its decode chunks
+            # take their pending tokens from the ranks' recent sampling.
             planned = self.core.schedule()
             # the newest step in flight may wait for grammar masks: they go with this call
             late = self.core.late_grammar(in_flight[-1]) if in_flight else None
             if planned is None:
-                if in_flight:  # nothing new to run: wait for the last step
-                    self._publish(in_flight, await self.executor.run_step_async(None, True, late))
+                if in_flight:  # nothing new to run: wait for the oldest step
+                    self._publish(in_flight, await self.executor.run_step_async(None, len(in_flight) - 1, late))
                     continue
                 if self.background is not None and self.background.busy:
                     await self.background.on_step(after_step=False)
@@ -273,11 +280,12 @@ class AsyncEngine:
                 await self._wake.wait()
                 continue
             in_flight.append(planned)
-            # Keep this step in flight while the result of the one before comes back and
-            # the next is scheduled, so the ranks' device need not wait for this loop or
-            # the Ray hops. Background work may call the ranks meanwhile: what they queue
-            # on the device lands behind the step in flight (one step stream).
-            self._publish(in_flight, await self.executor.run_step_async(planned.inputs, not self.pipelined, late))
+            # Keep ``depth`` steps in flight while the result of the oldest comes back and the
+            # next is scheduled, so the ranks' device need not wait for this loop or the Ray
+            # hops (two when a round trip takes longer than a step). Background work may call
+            # the ranks meanwhile: what they queue on the device lands behind the steps in
+            # flight (one step stream).
+            self._publish(in_flight, await self.executor.run_step_async(planned.inputs, depth, late))
             if self.background is not None:
                 await self.background.on_step()
 
