@@ -253,41 +253,51 @@ class AsyncEngine:
                     return
 
     async def _steps(self) -> None:
-        in_flight: collections.deque[StepInFlight] = collections.deque()
-        while True:
-            if self._pending_failure is not None:
-                e, self._pending_failure = self._pending_failure, None
-                raise e
-            self._abort_silent_clients()
-            depth = self.core.max_steps_in_flight if self.pipelined else 0
-            if len(in_flight) > depth:  # a request that reads its history came: fewer in flight
-                late = self.core.late_grammar(in_flight[-1])
-                self._publish(in_flight, await self.executor.run_step_async(None, depth, late))
-                continue
-            # With steps in flight this already schedules the next one: its decode chunks
-            # take their pending tokens from the ranks' recent sampling.
-            planned = self.core.schedule()
-            # the newest step in flight may wait for grammar masks: they go with this call
-            late = self.core.late_grammar(in_flight[-1]) if in_flight else None
-            if planned is None:
-                if in_flight:  # nothing new to run: wait for the oldest step
-                    self._publish(in_flight, await self.executor.run_step_async(None, len(in_flight) - 1, late))
+        in_flight: collections.deque[StepInFlight] = collections.deque()  # launched, not yet applied
+        calls: collections.deque[asyncio.Future] = collections.deque()  # sent to the ranks, not yet answered
+        try:
+            while True:
+                if self._pending_failure is not None:
+                    e, self._pending_failure = self._pending_failure, None
+                    raise e
+                self._abort_silent_clients()
+                # Pipelined, each call leaves its step in flight, and the next call goes out
+                # before the previous one answers (the ranks run calls in order): the loop is
+                # not held to one Ray round trip per step. Two steps' tokens are then pending;
+                # a live request whose step reads its history allows one (one call at a time).
+                max_calls = self.core.max_steps_in_flight if self.pipelined else 1
+                keep = 1 if self.pipelined else 0
+                if len(calls) >= max_calls:
+                    self._publish(in_flight, await calls.popleft())
                     continue
-                if self.background is not None and self.background.busy:
-                    await self.background.on_step(after_step=False)
+                # With steps in flight this already schedules the next one: its decode chunks
+                # take their pending tokens from the ranks' recent sampling.
+                planned = self.core.schedule()
+                if planned is None:
+                    if calls:
+                        self._publish(in_flight, await calls.popleft())
+                        continue
+                    if in_flight:  # nothing new to run: collect the last step
+                        late = self.core.late_grammar(in_flight[-1])
+                        self._publish(in_flight, await self.executor.run_step_async(None, 0, late))
+                        continue
+                    if self.background is not None and self.background.busy:
+                        await self.background.on_step(after_step=False)
+                        continue
+                    self._wake.clear()
+                    await self._wake.wait()
                     continue
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            in_flight.append(planned)
-            # Keep ``depth`` steps in flight while the result of the oldest comes back and the
-            # next is scheduled, so the ranks' device need not wait for this loop or the Ray
-            # hops (two when a round trip takes longer than a step). Background work may call
-            # the ranks meanwhile: what they queue on the device lands behind the steps in
-            # flight (one step stream).
-            self._publish(in_flight, await self.executor.run_step_async(planned.inputs, depth, late))
-            if self.background is not None:
-                await self.background.on_step()
+                # the newest step in flight may wait for grammar masks: they go with this call
+                late = self.core.late_grammar(in_flight[-1]) if in_flight else None
+                in_flight.append(planned)
+                # Background work may call the ranks meanwhile: what they queue on the device
+                # lands behind the steps in flight (one step stream).
+                calls.append(asyncio.ensure_future(self.executor.run_step_async(planned.inputs, keep, late)))
+                if self.background is not None:
+                    await self.background.on_step()
+        finally:
+            for call in calls:  # a failure ends the loop: the calls still out are moot
+                call.cancel()
 
     async def _recover(self, e: BaseException) -> bool:
         """Fail the requests that had started, recreate the ranks, keep the rest queued.

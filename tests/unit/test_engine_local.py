@@ -180,17 +180,31 @@ def test_max_tokens_and_eos(big):
 
 def _spy_pending(core: Engine, in_flight: list | None = None) -> list[bool]:
     """Record, per launched step, whether it carried pending tokens (and into ``in_flight``,
-    how many steps were in flight on the runner when it launched)."""
+    at each step scheduled, how many steps were scheduled and not yet applied)."""
     runner, seen = core.executor.runner, []
     launch = runner.launch
 
     def spy(step):
         seen.append(bool((step.prev_rows >= 0).any()))
-        if in_flight is not None:
-            in_flight.append(runner.num_in_flight)
         return launch(step)
 
     runner.launch = spy
+    if in_flight is not None:
+        engine_core, unapplied = core.local.core, [0]
+        schedule, apply = engine_core.schedule, engine_core.apply
+
+        def spy_schedule():
+            planned = schedule()
+            if planned is not None:
+                in_flight.append(unapplied[0])
+                unapplied[0] += 1
+            return planned
+
+        def spy_apply(planned, results):
+            unapplied[0] -= 1
+            return apply(planned, results)
+
+        engine_core.schedule, engine_core.apply = spy_schedule, spy_apply
     return seen
 
 
@@ -255,7 +269,7 @@ def test_pipelined_equals_one_step_at_a_time_under_preemption(big, sampling):
     pending = _spy_pending(tight, in_flight)
     got = _pipelined(tight, requests)
     assert any(pending), "no step ever ran with a pending token: nothing was pipelined"
-    assert max(in_flight) == 2, "never two steps in flight"
+    assert max(in_flight) == 2, "never scheduled with two steps in flight"
     assert tight.num_preemptions > 0, "the tight cache never preempted: the test would prove nothing"
     assert _texts(got) == reference
     assert _free_everywhere(tight)
@@ -273,7 +287,7 @@ def test_requests_reading_their_history_keep_one_step_in_flight(big):
     try:
         got = _pipelined(big, requests)
     finally:
-        big.executor.runner.launch = type(big.executor.runner).launch.__get__(big.executor.runner)
+        del big.executor.runner.launch, big.local.core.schedule, big.local.core.apply
     assert _texts(got) == reference
     assert in_flight and max(in_flight) <= 1
 
