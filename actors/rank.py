@@ -93,13 +93,13 @@ class RankWorker:
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self._runner().allocate_kv_cache(num_blocks)
 
-    def run_step(self, step: Optional[bytes], wait: bool = True, late_grammar: Optional[bytes] = None) -> bytes:
+    def run_step(self, step: Optional[bytes], keep: int = 0, late_grammar: Optional[bytes] = None) -> bytes:
         """``ModelRunner.run_step`` for pickled arguments: a StepInput (None: no new step),
         the grammar masks of the step launched last if it waits for them (pickled
         GrammarMasks), and the pickled list of outputs back. Pickled bytes: see RayStepExecutor."""
         outputs = self._runner().run_step(
             None if step is None else pickle.loads(step),
-            wait,
+            keep,
             None if late_grammar is None else pickle.loads(late_grammar),
         )
         return pickle.dumps(outputs, protocol=pickle.HIGHEST_PROTOCOL)

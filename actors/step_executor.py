@@ -44,19 +44,19 @@ class RayStepExecutor:
     async def run_step_async(
         self,
         inputs: Optional[Sequence[StepInput]],
-        wait: bool = True,
+        keep: int = 0,
         late_grammar: Optional[Sequence[Optional[GrammarMasks]]] = None,
     ) -> list[list[StepOutput]]:
         """Launch ``inputs`` (one per DP replica; None: no new step) on every rank, after
         handing the step launched last its grammar masks if it waits for them
         (``late_grammar``, one per replica). Returns, for each step this call completes
-        (oldest first), each replica's output; with ``wait`` False the step just launched
-        stays in flight."""
+        (oldest first), each replica's output: every launched step but the ``keep`` newest,
+        which stay in flight."""
         assert inputs is None or len(inputs) == self.layout.dp
         steps = self._per_replica(inputs)
         masks = self._per_replica(late_grammar)
         calls = [
-            a.run_step.remote(steps[self.replica_of[r]], wait, masks[self.replica_of[r]])
+            a.run_step.remote(steps[self.replica_of[r]], keep, masks[self.replica_of[r]])
             for r, a in enumerate(self.actors)
         ]
         self.num_calls += 1

@@ -4,9 +4,11 @@ Lives in the controller actor's event loop. Clients submit requests in batches a
 for their outputs (``messages``); the loop schedules whatever is queued at each step
 (no batching delay), runs it on the ranks, applies the sampled tokens and sorts them
 into the clients' outboxes (``delivery``). Its own work per step is scheduling and
-applying tokens: text is the clients' work. On GPUs one step stays in flight on the
-ranks while the loop applies the one before and schedules the next (pipelined steps),
-so the device does not idle through the loop's own work and the Ray round trips.
+applying tokens: text is the clients' work. On GPUs two steps stay in flight on the
+ranks while the loop applies the one before them and schedules the next (pipelined
+steps), so the device does not idle through the loop's own work and the Ray round trips
+(one step while a request whose step reads its history, a grammar or penalties, is live:
+``EngineCore.max_steps_in_flight``).
 
 A client that stops polling for ``client_timeout_s`` is taken for gone: its requests
 are aborted, which frees their KV blocks.
@@ -45,13 +47,13 @@ class AsyncExecutor(Protocol):
     async def run_step_async(
         self,
         inputs: Optional[Sequence[StepInput]],
-        wait: bool,
+        keep: int,
         late_grammar: Optional[Sequence[Optional[GrammarMasks]]] = None,
     ) -> list[list[StepOutput]]:
         """Launch ``inputs`` (one per DP replica; None: no new step), after handing the step
         launched last its grammar masks if it waits for them (``late_grammar``). Returns, for
-        each step this call completes (oldest first), each replica's output; with ``wait``
-        False the step just launched stays in flight."""
+        each step this call completes (oldest first), each replica's output: every launched
+        step but the ``keep`` newest, which stay in flight."""
         ...
 
 
@@ -116,8 +118,8 @@ class AsyncEngine:
         restart: Optional[Callable[[], Awaitable[int]]] = None,
         restart_budget: Optional[RestartBudget] = None,
     ) -> None:
-        """``background``: work advanced once after every step (EPLB). ``pipelined``: keep one
-        step in flight (see ``_steps``). ``restart``: recreate the ranks after a failure (it
+        """``background``: work advanced once after every step (EPLB). ``pipelined``: keep steps
+        in flight (see ``_steps``). ``restart``: recreate the ranks after a failure (it
         also replaces ``executor`` and ``background``); returns the new KV blocks per replica."""
         self.core = core
         self.background = background
@@ -251,35 +253,51 @@ class AsyncEngine:
                     return
 
     async def _steps(self) -> None:
-        in_flight: collections.deque[StepInFlight] = collections.deque()
-        while True:
-            if self._pending_failure is not None:
-                e, self._pending_failure = self._pending_failure, None
-                raise e
-            self._abort_silent_clients()
-            # With a step in flight this already schedules the next one: its decode
-            # chunks take their pending tokens from the ranks' last sampling.
-            planned = self.core.schedule()
-            # the newest step in flight may wait for grammar masks: they go with this call
-            late = self.core.late_grammar(in_flight[-1]) if in_flight else None
-            if planned is None:
-                if in_flight:  # nothing new to run: wait for the last step
-                    self._publish(in_flight, await self.executor.run_step_async(None, True, late))
+        in_flight: collections.deque[StepInFlight] = collections.deque()  # launched, not yet applied
+        calls: collections.deque[asyncio.Future] = collections.deque()  # sent to the ranks, not yet answered
+        try:
+            while True:
+                if self._pending_failure is not None:
+                    e, self._pending_failure = self._pending_failure, None
+                    raise e
+                self._abort_silent_clients()
+                # Pipelined, each call leaves its step in flight, and the next call goes out
+                # before the previous one answers (the ranks run calls in order): the loop is
+                # not held to one Ray round trip per step. Two steps' tokens are then pending;
+                # a live request whose step reads its history allows one (one call at a time).
+                max_calls = self.core.max_steps_in_flight if self.pipelined else 1
+                keep = 1 if self.pipelined else 0
+                if len(calls) >= max_calls:
+                    self._publish(in_flight, await calls.popleft())
                     continue
-                if self.background is not None and self.background.busy:
-                    await self.background.on_step(after_step=False)
+                # With steps in flight this already schedules the next one: its decode chunks
+                # take their pending tokens from the ranks' recent sampling.
+                planned = self.core.schedule()
+                if planned is None:
+                    if calls:
+                        self._publish(in_flight, await calls.popleft())
+                        continue
+                    if in_flight:  # nothing new to run: collect the last step
+                        late = self.core.late_grammar(in_flight[-1])
+                        self._publish(in_flight, await self.executor.run_step_async(None, 0, late))
+                        continue
+                    if self.background is not None and self.background.busy:
+                        await self.background.on_step(after_step=False)
+                        continue
+                    self._wake.clear()
+                    await self._wake.wait()
                     continue
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            in_flight.append(planned)
-            # Keep this step in flight while the result of the one before comes back and
-            # the next is scheduled, so the ranks' device need not wait for this loop or
-            # the Ray hops. Background work may call the ranks meanwhile: what they queue
-            # on the device lands behind the step in flight (one step stream).
-            self._publish(in_flight, await self.executor.run_step_async(planned.inputs, not self.pipelined, late))
-            if self.background is not None:
-                await self.background.on_step()
+                # the newest step in flight may wait for grammar masks: they go with this call
+                late = self.core.late_grammar(in_flight[-1]) if in_flight else None
+                in_flight.append(planned)
+                # Background work may call the ranks meanwhile: what they queue on the device
+                # lands behind the steps in flight (one step stream).
+                calls.append(asyncio.ensure_future(self.executor.run_step_async(planned.inputs, keep, late)))
+                if self.background is not None:
+                    await self.background.on_step()
+        finally:
+            for call in calls:  # a failure ends the loop: the calls still out are moot
+                call.cancel()
 
     async def _recover(self, e: BaseException) -> bool:
         """Fail the requests that had started, recreate the ranks, keep the rest queued.

@@ -54,6 +54,9 @@ class EngineCore:
         self.schedulers = list(schedulers)
         self.grammars = grammars
         self._matchers: dict[str, GrammarMatcher] = {}  # request id -> its grammar's state
+        # live requests whose step reads their history (grammar, penalties): at most one of
+        # their tokens may be pending, so the loop keeps one step in flight while there are any
+        self._history_bound: set[str] = set()
         self.vocab_size = vocab_size
         self.block_size = self.schedulers[0].block_manager.block_size
         self.collect_logits = collect_logits  # tests compare logits with a reference
@@ -64,7 +67,7 @@ class EngineCore:
         self._arrivals = itertools.count()
         self.num_steps = 0
         self.num_preemptions = 0
-        self._builder = StepBuilder(len(self.schedulers), self.block_size, collect_logits)
+        self._builder = self._new_builder(slot_rows=max(s.max_num_seqs for s in self.schedulers))
         # DP routing by prefix: block key -> the replica the last request with that prefix went to
         self._prefix_replica: collections.OrderedDict[bytes, int] = collections.OrderedDict()
 
@@ -99,6 +102,8 @@ class EngineCore:
         self._replica[request_id] = replica
         if matcher is not None:
             self._matchers[request_id] = matcher
+        if matcher is not None or sampling.uses_penalties:
+            self._history_bound.add(request_id)
         for key in keys if len(self.schedulers) > 1 else ():
             self._prefix_replica[key] = replica
             self._prefix_replica.move_to_end(key)
@@ -111,6 +116,7 @@ class EngineCore:
         if replica is None:
             return False
         self._matchers.pop(request_id, None)
+        self._history_bound.discard(request_id)
         self.schedulers[replica].abort(request_id)
         return True
 
@@ -131,8 +137,17 @@ class EngineCore:
         self._prefix_replica.clear()
         for rid in too_long:
             del self._replica[rid]
-        self._builder = StepBuilder(len(self.schedulers), self.block_size, self.collect_logits)
+            self._matchers.pop(rid, None)
+            self._history_bound.discard(rid)
+        self._builder = self._new_builder(slot_rows=self._builder.slot_rows)
         return too_long
+
+    def _new_builder(self, slot_rows: int) -> StepBuilder:
+        """``slot_rows``: the ranks' rows per step of sampled tokens (engine.max_num_seqs), fixed
+        for the engine's life even if a scheduler's limit changes."""
+        return StepBuilder(
+            len(self.schedulers), self.block_size, slot_rows=slot_rows, return_logits=self.collect_logits
+        )
 
     def step(self) -> list[TokenOutput]:
         """Run one engine step over every DP replica; returns the requests that progressed."""
@@ -157,6 +172,13 @@ class EngineCore:
             planned.inputs = [self._with_grammars(step, out.chunks) for step, out in zip(planned.inputs, scheduled)]
             planned.awaits_grammar = any(step.grammar_late for step in planned.inputs)
         return planned
+
+    @property
+    def max_steps_in_flight(self) -> int:
+        """Steps the loop may keep in flight while it schedules the next: two (a decode row's
+        token then comes from either of the two steps before), one while a live request's
+        step reads its history (a grammar, penalties), which allows one pending token."""
+        return 1 if self._history_bound else 2
 
     def late_grammar(self, planned: StepInFlight) -> Optional[list[Optional[GrammarMasks]]]:
         """The grammar masks ``planned`` still waits for (``StepInput.grammar_late``), one per
@@ -223,6 +245,7 @@ class EngineCore:
         sched.finish(req.request_id, finish.reason)
         del self._replica[req.request_id]
         self._matchers.pop(req.request_id, None)
+        self._history_bound.discard(req.request_id)
         return finish
 
     # ---- structured output ------------------------------------------------------------------

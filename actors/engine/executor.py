@@ -23,12 +23,12 @@ class LocalExecutor:
     def __call__(self, inputs: Sequence[StepInput]) -> list[StepOutput]:
         assert len(inputs) == 1, "a local executor serves exactly one DP replica"
         assert self.runner.num_in_flight == 0, "steps in flight: a step run to completion cannot follow them"
-        return self.runner.run_step(inputs[0], wait=True)
+        return self.runner.run_step(inputs[0], keep=0)
 
     async def run_step_async(
         self,
         inputs: Optional[Sequence[StepInput]],
-        wait: bool = True,
+        keep: int = 0,
         late_grammar: Optional[Sequence[Optional[GrammarMasks]]] = None,
     ) -> list[list[StepOutput]]:
         """RayStepExecutor.run_step_async's contract, in process. Yields to the event loop first,
@@ -37,4 +37,4 @@ class LocalExecutor:
         assert inputs is None or len(inputs) == 1, "a local executor serves exactly one DP replica"
         step = None if inputs is None else inputs[0]
         late = None if late_grammar is None else late_grammar[0]
-        return [[out] for out in self.runner.run_step(step, wait, late)]
+        return [[out] for out in self.runner.run_step(step, keep, late)]

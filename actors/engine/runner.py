@@ -100,8 +100,10 @@ class ModelRunner:
         self.heads, self.kv_heads, self.head_dim = qkv.heads, qkv.kv_heads, qkv.head_dim
         self.attention: Any = None
         self.graphs: Any = None
-        # the last step's sampled tokens, where a step's pending input tokens come from
-        self.last_sampled = torch.zeros(config.engine.max_num_seqs, dtype=torch.int64, device=self.device)
+        # the last two steps' sampled tokens, each in its half (StepInput.sample_slot): where a
+        # step's pending input tokens come from (StepInput.prev_rows)
+        self.slot_rows = config.engine.max_num_seqs
+        self.recent_sampled = torch.zeros(2 * self.slot_rows, dtype=torch.int64, device=self.device)
         self._in_flight: collections.deque = collections.deque()  # launched, not yet collected
         self._awaiting_grammar: Optional[tuple] = None  # a grammar_late step's (step, logits, outputs so far)
         # expert load is recorded whenever EPLB is on (inside the CUDA graphs too)
@@ -186,25 +188,23 @@ class ModelRunner:
             scratch_block=scratch_block,
             dp=self.ctx.groups.dp.world_size,
             workspace=self.attention.workspace,
-            last_sampled=self.last_sampled,
+            last_sampled=self.recent_sampled,
             expert_load=self.expert_load,
         )
 
     @torch.inference_mode()
     def run_step(
-        self, step: Optional[StepInput], wait: bool, late_grammar: Optional[GrammarMasks] = None
+        self, step: Optional[StepInput], keep: int, late_grammar: Optional[GrammarMasks] = None
     ) -> list[Optional[StepOutput]]:
         """One call from the engine: sample the step launched last with ``grammar_late`` now
         that its masks came (``late_grammar``), launch ``step`` (None: no new step), and return
-        the outputs of the steps this completes, oldest first: every launched step when
-        ``wait``, else all but the one just launched, which stays in flight."""
+        the outputs of every launched step but the ``keep`` newest, which stay in flight,
+        oldest first."""
         if late_grammar is not None:
             self._sample_late(late_grammar)
         if step is not None:
             self.launch(step)
-        outputs = self.collect(keep_last=step is not None and not wait)
-        assert not (wait and self._awaiting_grammar), "a step waiting for its grammar masks cannot complete"
-        return outputs
+        return self.collect(keep)
 
     @torch.inference_mode()
     def launch(self, step: StepInput) -> None:
@@ -233,7 +233,7 @@ class ModelRunner:
         plain = plain and step.grammar is None and not step.grammar_late
         if plain and not step.return_logits and not (step.temperature[s] > 0).any():
             # all greedy: argmax over the vocabulary shards, no logits gathered over tp
-            self._keep(out, self.model.greedy_tokens(shard))
+            self._keep(step, out, self.model.greedy_tokens(shard))
             return
         logits = self.model.full_logits(shard)
         if prompt_rows is not None:  # the prompt rows follow the sampled rows
@@ -252,19 +252,20 @@ class ModelRunner:
         self._sample(dataclasses.replace(step, grammar=masks, grammar_late=False), logits, out)
 
     def _sample(self, step: StepInput, logits: torch.Tensor, out: dict[str, Any]) -> None:
-        tokens = sample_step(logits, step, self.last_sampled)
+        tokens = sample_step(logits, step, self.recent_sampled)
         if step.return_logits:
             out["logits"] = logits
         lps = sampled_logprobs(logits, tokens, step)
         if lps is not None:
             out["sampled"] = lps
-        self._keep(out, tokens)
+        self._keep(step, out, tokens)
 
-    def _keep(self, out: dict[str, Any], tokens: torch.Tensor) -> None:
-        """The step's sampled ``tokens`` become the last sampled; the first rank of the
-        replica queues its outputs' copy to the host."""
+    def _keep(self, step: StepInput, out: dict[str, Any], tokens: torch.Tensor) -> None:
+        """The step's sampled ``tokens`` go to its half of the recent sampled tokens; the first
+        rank of the replica queues its outputs' copy to the host."""
         out["tokens"] = tokens
-        self.last_sampled[: tokens.shape[0]].copy_(tokens)
+        first = step.sample_slot * self.slot_rows
+        self.recent_sampled[first : first + tokens.shape[0]].copy_(tokens)
         if not self.is_driver:
             self._in_flight.append(None)
         else:
@@ -274,12 +275,13 @@ class ModelRunner:
     def num_in_flight(self) -> int:
         return len(self._in_flight) + (self._awaiting_grammar is not None)
 
-    def collect(self, keep_last: bool) -> list[Optional[StepOutput]]:
-        """Wait for the launched steps, oldest first (all but the newest if ``keep_last``);
-        their outputs, or None on ranks that do not report. A step waiting for its grammar
-        masks is the newest and is kept."""
+    def collect(self, keep: int) -> list[Optional[StepOutput]]:
+        """Wait for the launched steps but the ``keep`` newest, oldest first; their outputs,
+        or None on ranks that do not report. A step waiting for its grammar masks is the
+        newest and must be kept."""
         outputs: list[Optional[StepOutput]] = []
-        keep = 1 if keep_last and self._awaiting_grammar is None else 0
+        keep -= self._awaiting_grammar is not None
+        assert keep >= 0, "a step waiting for its grammar masks cannot complete"
         while len(self._in_flight) > keep:
             entry = self._in_flight.popleft()
             if entry is None:
@@ -307,7 +309,7 @@ class ModelRunner:
         self.attention.plan(layout)
         input_ids = to_device(layout.input_ids, dev)
         if bool((layout.prev_rows >= 0).any()):
-            input_ids = resolve_pending_tokens(input_ids, to_device(layout.prev_rows, dev), self.last_sampled)
+            input_ids = resolve_pending_tokens(input_ids, to_device(layout.prev_rows, dev), self.recent_sampled)
         batch = ForwardBatch(
             input_ids=input_ids,
             positions=to_device(layout.positions, dev),

@@ -250,6 +250,9 @@ class Scheduler:
             # (but those whose pending token ends them, which leave once it arrives).
             assert len(self._running) == len(chunks) + sum(map(self._ends_by_length, self._running))
             req = self._waiting[i]
+            if req.output_token_ids[-2:-1] == [PENDING_TOKEN]:
+                i += 1  # preempted with two outputs still in flight: it resumes once one is back
+                continue
             prefix, next_key = bm.cached_prefix(req)
             cached = len(prefix) * bm.block_size
             if next_key is not None and next_key in computing:

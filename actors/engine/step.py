@@ -17,6 +17,7 @@ dataclasses cost ~2.6 ms to pickle and unpickle).
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -48,10 +49,12 @@ class StepInput:
     # graph. Decided globally, so all replicas take the same path (their MoE collectives
     # must agree on shapes).
     all_decode: bool = False
-    # [B] int64: for a chunk whose token is still pending (sampled by the step before,
-    # which is still in flight), that token's row in the previous step's sampled
-    # tokens, which the ranks keep; -1 for a chunk whose tokens are all given
+    # [B] int64: for a chunk whose token is still pending (sampled by one of the two steps
+    # before, still in flight), where that token is in the ranks' buffer of the last two
+    # steps' sampled tokens (``sample_slot`` x slot rows + its row); -1 for a chunk whose
+    # tokens are all given
     prev_rows: Optional[np.ndarray] = None
+    sample_slot: int = 0  # the half of that buffer this step's sampled tokens go to (steps alternate)
     # What only some requests ask for; None when no chunk of the step does (the step then
     # runs exactly as without these features).
     logprobs: Optional[np.ndarray] = None  # [B] int64: top logprobs of each sampled token (-1 = none)
@@ -97,21 +100,31 @@ class StepInFlight:
 class StepBuilder:
     """Builds each step from the schedulers' outputs (see the module docstring)."""
 
-    def __init__(self, num_replicas: int, block_size: int, return_logits: bool = False) -> None:
+    def __init__(self, num_replicas: int, block_size: int, *, slot_rows: int, return_logits: bool = False) -> None:
+        """``slot_rows``: sampled rows a step may have at most (half the ranks' buffer of
+        sampled tokens, ``ModelRunner.recent_sampled``)."""
         self.block_size = block_size
+        self.slot_rows = slot_rows
         self.return_logits = return_logits
-        self._last_rows: list[dict[str, int]] = [{} for _ in range(num_replicas)]  # request id -> sampled row
+        self._num_built = 0
+        # per replica, for the last two steps built (newest last): request id -> where its
+        # sampled token lands in the ranks' buffer
+        self._sampled_at: list[collections.deque] = [collections.deque(maxlen=2) for _ in range(num_replicas)]
 
     def build(self, scheduled: Sequence[SchedulerOutput], pending: list[list]) -> StepInFlight:
         """``scheduled``: each replica's picks; ``pending``: each replica's ``advance`` result."""
         counts = tuple(o.num_tokens for o in scheduled)
         all_decode = all(len(c.token_ids) == 1 and c.sample for o in scheduled for c in o.chunks)
+        slot = self._num_built % 2
+        self._num_built += 1
         inputs, prompt_logprobs = [], []
         for replica, out in enumerate(scheduled):
-            last_rows = self._last_rows[replica]
-            # a pending token is always a decode chunk's one token, sampled by the step before
+            recent = self._sampled_at[replica]
+            # a pending token is always a chunk's last, sampled by one of the two steps before
             assert all(PENDING_TOKEN not in c.token_ids[:-1] for c in out.chunks)
-            prev_rows = [last_rows[c.request_id] if c.token_ids[-1] == PENDING_TOKEN else -1 for c in out.chunks]
+            prev_rows = [
+                _sampled_at(recent, c.request_id) if c.token_ids[-1] == PENDING_TOKEN else -1 for c in out.chunks
+            ]
             step = pack_step(
                 out.chunks,
                 counts,
@@ -119,14 +132,23 @@ class StepBuilder:
                 return_logits=self.return_logits,
                 all_decode=all_decode,
                 prev_rows=prev_rows,
+                sample_slot=slot,
             )
             inputs.append(step)
             sampled = [c.request_id for c in out.chunks if c.sample]
-            self._last_rows[replica] = {rid: row for row, rid in enumerate(sampled)}
+            assert len(sampled) <= self.slot_rows, "more sampled rows than a slot of the ranks' buffer holds"
+            recent.append({rid: slot * self.slot_rows + row for row, rid in enumerate(sampled)})
             prompt_logprobs.append(
                 [(c.request_id, len(c.prompt_logprob_targets)) for c in out.chunks if c.prompt_logprob_targets]
             )
         return StepInFlight(inputs, pending, prompt_logprobs if any(prompt_logprobs) else None)
+
+
+def _sampled_at(recent: collections.deque, request_id: str) -> int:
+    for rows in reversed(recent):
+        if request_id in rows:
+            return rows[request_id]
+    raise AssertionError(f"{request_id}: a pending token from no step in flight")
 
 
 def pack_step(
@@ -137,6 +159,7 @@ def pack_step(
     return_logits: bool = False,
     all_decode: bool = False,
     prev_rows: Optional[Sequence[int]] = None,
+    sample_slot: int = 0,
 ) -> StepInput:
     """Scheduler chunks -> columns. Pure."""
     n = len(chunks)
@@ -167,6 +190,7 @@ def pack_step(
         return_logits=return_logits,
         all_decode=all_decode,
         prev_rows=np.array(prev_rows, dtype=np.int64),
+        sample_slot=sample_slot,
         logprobs=_logprobs_column(chunks),
         controls=pack_controls(chunks, prev_rows),
         **_prompt_logprob_columns(chunks, lens),

@@ -178,8 +178,9 @@ def test_max_tokens_and_eos(big):
 # ---- pipelined steps ------------------------------------------------------------------
 
 
-def _spy_pending(core: Engine) -> list[bool]:
-    """Record, per launched step, whether it carried pending tokens."""
+def _spy_pending(core: Engine, in_flight: list | None = None) -> list[bool]:
+    """Record, per launched step, whether it carried pending tokens (and into ``in_flight``,
+    at each step scheduled, how many steps were scheduled and not yet applied)."""
     runner, seen = core.executor.runner, []
     launch = runner.launch
 
@@ -188,6 +189,22 @@ def _spy_pending(core: Engine) -> list[bool]:
         return launch(step)
 
     runner.launch = spy
+    if in_flight is not None:
+        engine_core, unapplied = core.local.core, [0]
+        schedule, apply = engine_core.schedule, engine_core.apply
+
+        def spy_schedule():
+            planned = schedule()
+            if planned is not None:
+                in_flight.append(unapplied[0])
+                unapplied[0] += 1
+            return planned
+
+        def spy_apply(planned, results):
+            unapplied[0] -= 1
+            return apply(planned, results)
+
+        engine_core.schedule, engine_core.apply = spy_schedule, spy_apply
     return seen
 
 
@@ -248,12 +265,31 @@ def test_pipelined_equals_one_step_at_a_time_under_preemption(big, sampling):
     requests = {f"r{i}": (big.tokenizer.encode(p), sampling) for i, p in enumerate(PROMPTS)}
     reference = _run(big, requests)
     tight = _engine(num_kv_blocks=36)
-    pending = _spy_pending(tight)
+    in_flight = []
+    pending = _spy_pending(tight, in_flight)
     got = _pipelined(tight, requests)
     assert any(pending), "no step ever ran with a pending token: nothing was pipelined"
+    assert max(in_flight) == 2, "never scheduled with two steps in flight"
     assert tight.num_preemptions > 0, "the tight cache never preempted: the test would prove nothing"
     assert _texts(got) == reference
     assert _free_everywhere(tight)
+
+
+def test_requests_reading_their_history_keep_one_step_in_flight(big):
+    """Penalties read a request's history, which may hold one pending token: while such a
+    request is live the loop keeps one step in flight, and its outputs equal one step at a time."""
+    penalized = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, repetition_penalty=1.5)
+    plain = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    requests = {f"p{i}": (big.tokenizer.encode(p), penalized if i % 2 else plain) for i, p in enumerate(PROMPTS)}
+    reference = _run(big, requests)
+    in_flight = []
+    _spy_pending(big, in_flight)
+    try:
+        got = _pipelined(big, requests)
+    finally:
+        del big.executor.runner.launch, big.local.core.schedule, big.local.core.apply
+    assert _texts(got) == reference
+    assert in_flight and max(in_flight) <= 1
 
 
 def test_pipelined_stops_exactly(big):
@@ -345,8 +381,8 @@ def test_a_silent_client_has_its_requests_aborted(big):
             "ghost", [NewRequest(i, big.tokenizer.encode(f"hello {i}"), sampling) for i in range(3)]
         )
         assert rejected == [] and big.has_unfinished
-        for _ in range(300):
-            if not big.has_unfinished:
+        for _ in range(300):  # aborted, and the steps it had in flight collected
+            if not big.has_unfinished and big.executor.runner.num_in_flight == 0:
                 break
             await asyncio.sleep(0.01)
         assert not big.has_unfinished and engine.error is None
@@ -382,11 +418,11 @@ def test_a_failed_step_fails_started_requests_keeps_queued_ones_and_spends_the_r
     reference = _run(engine_, {rid: (ids, sampling) for rid, ids in prompts.items()})
     calls, fail_at, restarts = [], {3}, []
 
-    async def failing(inputs, wait, late_grammar=None):  # the steps in fail_at fail
+    async def failing(inputs, keep, late_grammar=None):  # the steps in fail_at fail
         calls.append(1)
         if len(calls) in fail_at:
             raise RuntimeError("rank 1 died")
-        return await engine_.executor.run_step_async(inputs, wait, late_grammar)
+        return await engine_.executor.run_step_async(inputs, keep, late_grammar)
 
     async def restart() -> int:
         restarts.append(1)
