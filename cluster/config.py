@@ -71,7 +71,7 @@ class EngineConfig:
     cuda_graphs: bool = True
     # share the KV of full blocks whose tokens (and all before them) equal another request's
     prefix_caching: bool = True
-    # keep one step in flight on the ranks; unset: on GPUs (where the device runs
+    # keep steps in flight on the ranks (AsyncEngine); unset: on GPUs (where the device runs
     # asynchronously to the host), off on CPU (a launch is the whole forward there)
     pipelined_steps: Optional[bool] = None
     # a step slower than this means a hung rank: the rank group restarts (the first
