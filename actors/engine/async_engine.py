@@ -297,7 +297,8 @@ class AsyncEngine:
                     await self.background.on_step()
         finally:
             for call in calls:  # a failure ends the loop: the calls still out are moot
-                call.cancel()
+                if not call.cancel() and not call.cancelled():
+                    call.exception()  # it ended already: its error, if any, is this failure's echo
 
     async def _recover(self, e: BaseException) -> bool:
         """Fail the requests that had started, recreate the ranks, keep the rest queued.

@@ -82,7 +82,8 @@ def gumbel_noise(keys: torch.Tensor, vocab: int) -> torch.Tensor:
     x = (x ^ _shift_right(x, 30)) * _MIX1
     x = (x ^ _shift_right(x, 27)) * _MIX2
     x = x ^ _shift_right(x, 31)
-    u = (_shift_right(x, 40).float() + 0.5) * 2.0**-24  # 24 random bits, in (0, 1)
+    # 23 random bits, in (0, 1) exactly in float32 (with 24, the top value rounds to 1: infinite noise)
+    u = (_shift_right(x, 41).float() + 0.5) * 2.0**-23
     return -torch.log(-torch.log(u))
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from raymoe.actors.engine import sampler as S
 from raymoe.actors.engine.sampler import filter_logits, sample
 
 VOCAB = 50
@@ -100,3 +101,14 @@ def test_rows_with_different_top_k_filter_the_same_through_a_narrow_sort():
     for row in range(4):
         kept = np.flatnonzero(torch.isfinite(narrow[row]).numpy())
         assert kept.tolist() == _reference_filter(scores[row].numpy(), int(ks[row]), float(ps[row])).tolist()
+
+
+def test_filtered_tokens_are_never_drawn_on_a_large_vocabulary():
+    """top_k 1 at a real vocabulary size, 128 seeds: always the best token, and the noise is
+    finite everywhere (noise of +inf would pick a token whatever its score, even -inf)."""
+    vocab, n = 151_936, 128
+    logits = torch.randn(n, vocab, generator=torch.Generator().manual_seed(5))
+    tokens = _sample(logits, 1.0, 1, 1.0, seeds=range(1000, 1000 + n), steps=[7] * n)
+    assert torch.equal(tokens, logits.argmax(dim=-1))
+    keys = torch.tensor([S._mix(s, 3) for s in range(n)])
+    assert torch.isfinite(S.gumbel_noise(keys, vocab)).all()
