@@ -61,12 +61,15 @@ class RayStepExecutor:
         ]
         self.num_calls += 1
         timeout = self.step_timeout_s if self.num_calls > WARMUP_STEPS else max(self.step_timeout_s, WARMUP_TIMEOUT_S)
+        futures = [asyncio.ensure_future(c) for c in calls]
         try:  # every rank, so a failure anywhere surfaces here
-            results = await asyncio.wait_for(asyncio.gather(*calls), timeout)
+            results = await asyncio.wait_for(asyncio.gather(*futures), timeout)
         except asyncio.TimeoutError:
             raise StepTimeoutError(
                 f"a step took longer than {timeout:.0f} s (engine.step_timeout_s): a rank is hung"
             ) from None
+        except Exception as e:
+            raise await _rank_death_or(e, futures) from None
         per_replica = [pickle.loads(results[r]) for r in self.leaders]
         assert len({len(outputs) for outputs in per_replica}) == 1, "replicas completed different steps"
         return [list(outputs) for outputs in zip(*per_replica)]
@@ -80,3 +83,14 @@ class RayStepExecutor:
         if len(self.actors) == 1:
             return payloads
         return [None if p is None else ray.put(p) for p in payloads]
+
+
+async def _rank_death_or(error: BaseException, futures: list[asyncio.Future], grace_s: float = 5.0) -> BaseException:
+    """A rank that died takes its peers' collectives down with it, and their errors may come
+    back first: the death, if one of the step's calls reports it within ``grace_s``, else ``error``."""
+    done, _ = await asyncio.wait(futures, timeout=grace_s)
+    for f in done:
+        cause = None if f.cancelled() else f.exception()
+        if isinstance(cause, ray.exceptions.RayActorError):
+            return cause
+    return error
