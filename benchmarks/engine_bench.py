@@ -193,7 +193,7 @@ def touched_bytes(ctx, step) -> dict:
     dense = sum(
         p.numel() for n, p in model.named_parameters() if ".w13" not in n and ".w2" not in n and "embed" not in n
     )
-    kv = int(layout.context_lens.sum()) * runner.spec.num_layers * 2 * runner.kv_heads * runner.head_dim * elem
+    kv = int(layout.context_lens.sum()) * runner.kv_block_bytes() // runner.block_size
     return {"weights": dense * elem + experts * slot_bytes, "kv": kv, "experts": experts}
 
 

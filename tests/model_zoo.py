@@ -71,6 +71,56 @@ KINDS = {
         use_qk_norm=True,
         attention_bias=True,
     ),
+    # DeepSeek-V3's MLA (a q bottleneck, a 32-wide KV latent, value heads narrower than the
+    # query/key heads, interleaved rotary) with YaRN's mscale on every dim of q.k, grouped sigmoid
+    # routing with a correction bias, a shared expert, a dense first layer, one MTP layer
+    "deepseek_v3": dict(
+        num_hidden_layers=3,
+        num_key_value_heads=4,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        n_routed_experts=8,
+        num_experts_per_tok=3,
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=2.5,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        q_lora_rank=24,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        head_dim=8,  # transformers' rotary reads head_dim: MLA's is qk_rope_head_dim
+        v_head_dim=12,
+        max_position_embeddings=256,
+        rope_parameters=dict(
+            rope_type="yarn",
+            rope_theta=10000.0,
+            factor=4.0,
+            original_max_position_embeddings=64,
+            mscale=1.0,
+            mscale_all_dim=1.0,
+        ),
+    ),
+    # DeepSeek-V2-Lite's shape: MLA without the q bottleneck, softmax top-k routing scaled,
+    # two shared experts, a dense first layer
+    "deepseek_v2": dict(
+        num_hidden_layers=3,
+        num_key_value_heads=4,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_shared_experts=2,
+        first_k_dense_replace=1,
+        routed_scaling_factor=1.5,
+        q_lora_rank=None,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        head_dim=8,
+        v_head_dim=16,
+    ),
 }
 # YaRN stretching a 64-token original context 4 times: the test prompts run past position 64
 KINDS["qwen3_moe_yarn"] = dict(
@@ -92,6 +142,8 @@ def hf_classes(kind: str):
         "llama": "Llama",
         "qwen2_moe": "Qwen2Moe",
         "glm4_moe": "Glm4Moe",
+        "deepseek_v3": "DeepseekV3",
+        "deepseek_v2": "DeepseekV2",
     }
     return getattr(transformers, names[kind] + "Config"), getattr(transformers, names[kind] + "ForCausalLM")
 
@@ -173,7 +225,7 @@ def fp8_checkpoints(
         tensors.update(load_file(f))
     quantised, reference = {}, {}
     for name, w in tensors.items():
-        if not (name.endswith("_proj.weight") and w.dim() == 2):
+        if not ("_proj" in name and name.endswith(".weight") and w.dim() == 2):  # DeepSeek's kv_a_proj_with_mqa too
             quantised[name] = reference[name] = w
             continue
         rows, cols = -(-w.shape[0] // block[0]), -(-w.shape[1] // block[1])

@@ -116,6 +116,19 @@ class FlashInferAttention:
             self.wrapper = self.prefill
             self.prefill.plan(qo, kv_indptr, kv_indices, last_len, *args, causal=True, **dtypes)
 
+    def for_graph(self, batch_size: int, *, max_pages_per_seq: int, scratch_block: int) -> "GraphDecodeAttention":
+        """The decode attention of one CUDA-graph batch size, on this cache and workspace
+        (shared: one step runs at a time)."""
+        return GraphDecodeAttention(
+            self.kv_cache,
+            self.block_size,
+            self.num_heads,
+            batch_size=batch_size,
+            max_pages_per_seq=max_pages_per_seq,
+            workspace=self.workspace,
+            scratch_block=scratch_block,
+        )
+
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [T, heads, D], k/v [T, kv_heads, D] -> [T, heads, D]; writes k/v into the cache first."""
         assert self._append is not None, "plan() before forward()"

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
-from raymoe.actors.engine.attention_flashinfer import GraphDecodeAttention
 from raymoe.actors.engine.step import StepLayout, resolve_pending_tokens
 from raymoe.actors.models.batch import ForwardBatch
 
@@ -43,7 +42,7 @@ class _Graph:
         self.input_ids, self.positions, self.prev_rows = rows
         self.dp_counts = self.device_buffer[len(self.ROWS) * size :]
         self.graph = torch.cuda.CUDAGraph()
-        self.attention: GraphDecodeAttention | None = None
+        self.attention: Any = None  # the attention backend for this size (its plan fills static buffers)
         self.logits: torch.Tensor | None = None
 
     def load(self, layout: StepLayout | None, dp_token_counts: Sequence[int]) -> None:
@@ -64,40 +63,28 @@ class DecodeGraphs:
     def __init__(
         self,
         forward_logits: Callable[[ForwardBatch], torch.Tensor],
-        kv_cache: torch.Tensor,
-        block_size: int,
-        num_heads: int,
+        graph_attention: Callable[[int], Any],
         *,
         sizes: Sequence[int],
-        max_pages_per_seq: int,
-        scratch_block: int,
         dp: int,
-        workspace: torch.Tensor,
         last_sampled: torch.Tensor,
         expert_load=None,
     ) -> None:
         """``forward_logits``: one whole forward pass (its end included, see
         ModelRunner.run_model) -> this rank's logits shard of every row; captured once per
-        size. ``last_sampled``: the runner's buffer of the previous step's sampled tokens,
-        where pending input tokens come from (inside the graph)."""
+        size. ``graph_attention``: batch size -> an attention backend for that size whose
+        ``plan(layout | None)`` only refills static buffers (e.g. the eager FlashInfer
+        backend's ``for_graph``). ``last_sampled``: the runner's buffer of the previous
+        step's sampled tokens, where pending input tokens come from (inside the graph)."""
         t0 = time.perf_counter()
-        device = kv_cache.device
-        self.workspace = workspace  # shared with the eager FlashInfer wrappers: one step runs at a time
+        device = last_sampled.device
         self.graphs: dict[int, _Graph] = {}
         self.inputs_copied = torch.cuda.Event()
         self.device = device
         pool = None
         for size in sorted(sizes, reverse=True):  # largest first: smaller ones reuse its pool
             g = _Graph(size, dp, device)
-            g.attention = GraphDecodeAttention(
-                kv_cache,
-                block_size,
-                num_heads,
-                batch_size=size,
-                max_pages_per_seq=max_pages_per_seq,
-                workspace=self.workspace,
-                scratch_block=scratch_block,
-            )
+            g.attention = graph_attention(size)
             g.attention.plan(None)
             g.load(None, [size] * dp)
 

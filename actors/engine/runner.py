@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import math
 import time
 from typing import Any, Optional
 
@@ -46,16 +47,23 @@ log = logging.getLogger(__name__)
 CPU_KV_BUDGET_BYTES = 2 * 2**30  # auto-sized CPU caches stop here
 
 
-def make_attention(kind: str, kv_cache: torch.Tensor, block_size: int, num_heads: int) -> Any:
+def make_attention(kind: str, kv_cache: torch.Tensor, block_size: int, model: CausalLM) -> Any:
     """The attention backend for ``engine.attention_backend``: auto = FlashInfer on GPU, torch on CPU."""
     on_gpu = kv_cache.device.type == "cuda"
+    mla, heads = model.spec.mla, model.layers[0].attn.heads
     if kind == "flashinfer" and not on_gpu:
         raise ValueError("engine.attention_backend: flashinfer needs parallel.device: cuda; use torch or auto")
     if kind == "flashinfer" or (kind == "auto" and on_gpu):
         try:
+            if mla is not None:
+                from raymoe.actors.engine.attention_flashinfer_mla import FlashInferLatentAttention
+
+                return FlashInferLatentAttention(
+                    kv_cache, block_size, heads, latent_dim=mla.kv_lora_rank, sm_scale=mla.softmax_scale
+                )
             from raymoe.actors.engine.attention_flashinfer import FlashInferAttention
 
-            return FlashInferAttention(kv_cache, block_size, num_heads, kv_cache.shape[-2])
+            return FlashInferAttention(kv_cache, block_size, heads, kv_cache.shape[-2])
         except ImportError as e:
             if kind == "flashinfer":
                 raise ValueError(
@@ -66,6 +74,8 @@ def make_attention(kind: str, kv_cache: torch.Tensor, block_size: int, num_heads
                 "pip install 'raymoe[gpu]'",
                 e,
             )
+    if mla is not None:
+        return TorchAttention(kv_cache, block_size, latent_dim=mla.kv_lora_rank, sm_scale=mla.softmax_scale)
     return TorchAttention(kv_cache, block_size)
 
 
@@ -96,8 +106,6 @@ class ModelRunner:
                 log.warning("%d checkpoint tensors not used (transformers ignores them too): %s", len(unused), shown)
         what = "random weights" if config.model.load_format == "dummy" else checkpoint_dir
         log.info("rank %d built %s in %.1f s", ctx.rank, what, time.perf_counter() - t0)
-        qkv = self.model.layers[0].attn.qkv
-        self.heads, self.kv_heads, self.head_dim = qkv.heads, qkv.kv_heads, qkv.head_dim
         self.attention: Any = None
         self.graphs: Any = None
         # the last two steps' sampled tokens, each in its half (StepInput.sample_slot): where a
@@ -126,7 +134,7 @@ class ModelRunner:
 
     def kv_block_bytes(self) -> int:
         elem = torch.empty((), dtype=self.dtype).element_size()
-        return self.spec.num_layers * 2 * self.block_size * self.kv_heads * self.head_dim * elem
+        return math.prod(self.model.kv_cache_shape(1, self.block_size)) * elem
 
     def max_kv_blocks(self) -> int:
         """How many KV blocks this rank can hold (the controller allocates the minimum over ranks)."""
@@ -142,11 +150,11 @@ class ModelRunner:
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """KV cache of ``num_blocks`` blocks plus one scratch block (CUDA-graph padding rows write there)."""
-        shape = (self.spec.num_layers, num_blocks + 1, 2, self.block_size, self.kv_heads, self.head_dim)
+        shape = self.model.kv_cache_shape(num_blocks + 1, self.block_size)
         kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.scratch_block = num_blocks
-        self.attention = make_attention(self.config.engine.attention_backend, kv_cache, self.block_size, self.heads)
-        self.graphs = self._capture_graphs(kv_cache, scratch_block=num_blocks)
+        self.attention = make_attention(self.config.engine.attention_backend, kv_cache, self.block_size, self.model)
+        self.graphs = self._capture_graphs(scratch_block=num_blocks)
         if self.device.type == "cuda":
             self.compile_step_kernels()
 
@@ -169,25 +177,20 @@ class ModelRunner:
             torch.cuda.synchronize(self.device)
         return len(counts)
 
-    def _capture_graphs(self, kv_cache: torch.Tensor, scratch_block: int) -> Any:
+    def _capture_graphs(self, scratch_block: int) -> Any:
         if not self.config.engine.cuda_graphs or self.device.type != "cuda":
             return None
-        from raymoe.actors.engine.attention_flashinfer import FlashInferAttention
         from raymoe.actors.engine.cuda_graphs import DecodeGraphs, graph_batch_sizes
 
-        if not isinstance(self.attention, FlashInferAttention):
+        if isinstance(self.attention, TorchAttention):
             log.warning("CUDA graphs disabled: they need the FlashInfer attention backend")
             return None
+        pages = -(-self.max_model_len // self.block_size)
         return DecodeGraphs(
             lambda batch: self.model.compute_logits(self.run_model(batch)),
-            kv_cache,
-            self.block_size,
-            self.heads,
+            lambda size: self.attention.for_graph(size, max_pages_per_seq=pages, scratch_block=scratch_block),
             sizes=graph_batch_sizes(self.config.engine.max_num_seqs),
-            max_pages_per_seq=-(-self.max_model_len // self.block_size),
-            scratch_block=scratch_block,
             dp=self.ctx.groups.dp.world_size,
-            workspace=self.attention.workspace,
             last_sampled=self.recent_sampled,
             expert_load=self.expert_load,
         )

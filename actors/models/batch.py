@@ -19,6 +19,19 @@ class Attention(Protocol):
         ...
 
 
+class LatentAttention(Protocol):
+    """An attention backend over a latent KV cache (DeepSeek's MLA, see latent_attention.py)."""
+
+    def forward_latent(self, layer: int, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        """Write the step's latent entries into layer ``layer``'s cache, attend absorbed.
+
+        q [T, heads, L + R] (the absorbed query, then its rotary part), kv [T, L + R] (the
+        normed latent, then the rotary key) -> [T, heads, L]: every head attends to the one
+        latent entry per token, whose first L dims are also the value.
+        """
+        ...
+
+
 class ExpertLoadRecorder(Protocol):
     def record(self, moe_layer: int, physical_ids: torch.Tensor) -> None:
         """Count tokens routed to each physical expert; physical_ids [N, top_k]."""
@@ -29,7 +42,7 @@ class ExpertLoadRecorder(Protocol):
 class ForwardBatch:
     input_ids: torch.Tensor  # [T] int64, this DP replica's tokens
     positions: torch.Tensor  # [T] int64
-    attention: Attention
+    attention: Attention | LatentAttention
     _: KW_ONLY
     # MoE layers gather every DP replica's tokens, each replica padded to ``dp_pad`` rows
     # (the step's largest replica, or a CUDA graph's batch size); ``dp_counts`` [dp] int

@@ -14,6 +14,7 @@ from raymoe.actors.models import ops
 from raymoe.actors.models.batch import ForwardBatch
 from raymoe.actors.models.checkpoint import CheckpointReader
 from raymoe.actors.models.expert_map import ExpertMap
+from raymoe.actors.models.latent_attention import LatentAttention
 from raymoe.actors.models.layers import (
     BlockOutput,
     DenseMLP,
@@ -37,6 +38,7 @@ class AttentionBlock(nn.Module):
         self.layer = layer
         self.rotary = rotary
         self.qkv = QKVProjection(spec, groups.tp, dtype, device)
+        self.heads = self.qkv.heads
         self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, dtype, device) if spec.qk_norm else None
         self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, dtype, device) if spec.qk_norm else None
         self.o_proj = RowParallelLinear(
@@ -74,7 +76,9 @@ class AttentionBlock(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, spec: ModelSpec, layer: int, attn: AttentionBlock, mlp: nn.Module, *, dtype, device) -> None:
+    def __init__(
+        self, spec: ModelSpec, layer: int, attn: AttentionBlock | LatentAttention, mlp: nn.Module, *, dtype, device
+    ) -> None:
         super().__init__()
         self.layer = layer
         self.input_norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype, device)
@@ -123,11 +127,22 @@ class CausalLM(nn.Module):
                 )
             else:
                 mlp = DenseMLP(spec.hidden_size, spec.intermediate_size, groups.tp, dtype=dtype, device=device)
-            attn = AttentionBlock(spec, i, groups, rotary, dtype=dtype, device=device)
+            attention = LatentAttention if spec.mla is not None else AttentionBlock
+            attn = attention(spec, i, groups, rotary, dtype=dtype, device=device)
             layers.append(DecoderLayer(spec, i, attn, mlp, dtype=dtype, device=device))
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype, device)
         self.lm_head = ParallelLMHead(self.embed, spec.tie_word_embeddings, dtype, device)
+
+    def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        """This rank's KV cache of ``num_blocks`` blocks: FlashInfer's paged NHD layout
+        [layers, blocks, 2 (k, v), block_size, kv_heads, head_dim], or with latent attention
+        [layers, blocks, block_size, kv_lora_rank + qk_rope_head_dim] (one entry per token
+        that every head reads)."""
+        layers, attn = self.spec.num_layers, self.layers[0].attn
+        if isinstance(attn, LatentAttention):
+            return (layers, num_blocks, block_size, attn.latent_width)
+        return (layers, num_blocks, 2, block_size, attn.qkv.kv_heads, attn.qkv.head_dim)
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """-> final hidden states [T, H] (normed); logits come from compute_logits. The

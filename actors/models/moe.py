@@ -46,7 +46,7 @@ from raymoe.actors.models.layers import BlockOutput, DenseMLP, PartialSum, split
 from raymoe.actors.models.linear import linear
 from raymoe.actors.models.moe_combine import combine, combine_add_rms_norm
 from raymoe.actors.models.moe_dispatch import Dispatch, dispatch, dispatch_choices
-from raymoe.actors.models.moe_routing import grouped_sigmoid_top_k
+from raymoe.actors.models.moe_routing import grouped_top_k
 from raymoe.actors.models.registry import ExpertNames
 from raymoe.actors.models.spec import ModelSpec
 from raymoe.comm.group import GroupCoordinator
@@ -85,7 +85,7 @@ class MoE(nn.Module):
         h = spec.hidden_size
         self.grouped = spec.moe.grouped
         if self.grouped is not None and moe_layer == 0 and torch.device(device).type == "cuda":
-            log.info("grouped sigmoid routing: the MoE dispatch runs on torch (the Triton kernel does softmax top-k)")
+            log.info("grouped routing: the MoE dispatch runs on torch (the Triton kernel does plain softmax top-k)")
         # grouped routing scores in float32, as transformers keeps its router (and bias) in float32
         router_dtype = torch.float32 if self.grouped is not None else dtype
         self.router = nn.Parameter(
@@ -93,7 +93,7 @@ class MoE(nn.Module):
         )
         self.correction_bias = (
             nn.Parameter(torch.zeros(spec.moe.num_experts, device=device), requires_grad=False)
-            if self.grouped is not None
+            if self.grouped is not None and self.grouped.scoring == "sigmoid"
             else None
         )
         self.shared = (
@@ -163,7 +163,7 @@ class MoE(nn.Module):
         )
         if self.grouped is None:
             return dispatch(logits, self.top_k, norm_topk_prob=self.norm_topk_prob, **tables)
-        weights, logical = grouped_sigmoid_top_k(
+        weights, logical = grouped_top_k(
             logits, self.correction_bias, top_k=self.top_k, norm_topk_prob=self.norm_topk_prob, rule=self.grouped
         )
         return dispatch_choices(weights, logical, **tables)

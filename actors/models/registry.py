@@ -1,8 +1,9 @@
 """Supported Hugging Face architectures and what distinguishes them.
 
-All six are pre-norm decoders (RMSNorm, rotary attention with GQA, SwiGLU
-MLPs); they differ only in the traits below and in checkpoint tensor names,
-so one decoder (raymoe.actors.models.decoder) builds them all.
+All are pre-norm decoders (RMSNorm, rotary attention, SwiGLU MLPs); they
+differ only in the traits below and in checkpoint tensor names, so one decoder
+(raymoe.actors.models.decoder) builds them all. Attention is multi-head with
+GQA, or DeepSeek's multi-head latent attention (``latent_attention``).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ GLM4_MOE_EXPERTS = replace(
     router_bias="model.layers.{layer}.mlp.gate.e_score_correction_bias",
     shared="model.layers.{layer}.mlp.shared_experts.",
 )
+DEEPSEEK_V2_EXPERTS = replace(QWEN_EXPERTS, shared="model.layers.{layer}.mlp.shared_experts.")
 
 # config.json fields that change the maths of every architecture, with the values raymoe implements
 COMMON_IMPLEMENTED_VALUES: dict[str, tuple[Any, ...]] = {
@@ -65,8 +67,10 @@ class ArchitectureTraits:
     # architecture rotates whole heads
     partial_rotary_default: Optional[float] = None
     default_norm_topk: bool = False  # renormalise top-k router weights when config.json is silent
-    # sigmoid scores choose the experts within the best groups, with a correction bias (DeepSeek-V3's rule)
-    grouped_routing: bool = False
+    # group-limited routing (spec.GroupedTopK): "sigmoid" (DeepSeek-V3's rule, with a correction
+    # bias) or "softmax" (DeepSeek-V2's); None: softmax top-k over every expert
+    grouped_routing: Optional[str] = None
+    latent_attention: bool = False  # DeepSeek's MLA (spec.LatentAttentionSpec) instead of q/k/v projections
     first_k_dense: bool = False  # dense layers: first_k_dense_replace (else decoder_sparse_step, mlp_only_layers)
     shared_expert: Optional[str] = None  # "gated" (Qwen2-MoE) or "plain" (GLM-4.5): a dense MLP on every token
     experts: Optional[ExpertNames] = None
@@ -98,11 +102,47 @@ ARCHITECTURES = {
         o_proj_bias=False,
         partial_rotary_default=0.5,
         default_norm_topk=True,
-        grouped_routing=True,
+        grouped_routing="sigmoid",
         first_k_dense=True,
         shared_expert="plain",
         experts=GLM4_MOE_EXPERTS,
         mtp_layers_field="num_nextn_predict_layers",
+    ),
+    "DeepseekV3ForCausalLM": ArchitectureTraits(
+        moe=True,
+        qkv_bias_field=None,
+        latent_attention=True,
+        default_norm_topk=True,
+        grouped_routing="sigmoid",
+        first_k_dense=True,
+        shared_expert="plain",
+        experts=GLM4_MOE_EXPERTS,  # GLM-4.5 took DeepSeek-V3's tensor names
+        mtp_layers_field="num_nextn_predict_layers",
+        implemented_values={
+            "attention_bias": (False,),
+            "topk_method": ("noaux_tc",),
+            "scoring_func": ("sigmoid",),
+            "moe_layer_freq": (1,),
+        },
+    ),
+    # transformers' DeepSeek-V2 router never renormalises (norm_topk_prob is refused, not ignored)
+    "DeepseekV2ForCausalLM": ArchitectureTraits(
+        moe=True,
+        qkv_bias_field=None,
+        latent_attention=True,
+        grouped_routing="softmax",
+        first_k_dense=True,
+        shared_expert="plain",
+        experts=DEEPSEEK_V2_EXPERTS,
+        implemented_values={
+            "attention_bias": (False,),
+            "mlp_bias": (False,),
+            "norm_topk_prob": (False,),
+            "topk_method": ("greedy", "group_limited_greedy"),
+            "scoring_func": ("softmax",),
+            "moe_layer_freq": (1,),
+            "rope_interleave": (True,),
+        },
     ),
 }
 

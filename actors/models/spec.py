@@ -42,14 +42,17 @@ class RopeSpec:
 
 @dataclass(frozen=True, kw_only=True)
 class GroupedTopK:
-    """DeepSeek-V3's routing rule (GLM-4.5 shares it): sigmoid scores plus a per-expert
-    correction bias choose the experts, only within the ``topk_groups`` of ``num_groups``
-    equal expert groups whose two best biased scores sum highest; the chosen experts'
-    sigmoid scores (renormalised if norm_topk_prob) times ``routed_scaling_factor`` weight them."""
+    """Group-limited routing (moe_routing.py). ``sigmoid``: DeepSeek-V3's rule (GLM-4.5
+    shares it): sigmoid scores plus a per-expert correction bias choose the experts, only
+    within the ``topk_groups`` of ``num_groups`` equal expert groups whose two best biased
+    scores sum highest; the chosen experts' sigmoid scores (renormalised if norm_topk_prob)
+    times ``routed_scaling_factor`` weight them. ``softmax``: DeepSeek-V2's rule: softmax
+    scores, groups ranked by their best score, no bias, no renormalisation."""
 
     num_groups: int
     topk_groups: int
     routed_scaling_factor: float
+    scoring: str = "sigmoid"  # sigmoid | softmax
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,6 +65,23 @@ class MoESpec:
     grouped: Optional[GroupedTopK] = None  # None: softmax over the router logits, then top-k
     shared_intermediate_size: int = 0  # width of the shared experts' dense MLP on every token (0: none)
     shared_gate: bool = False  # the shared experts' output scaled by sigmoid(x . gate) (Qwen2-MoE)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LatentAttentionSpec:
+    """DeepSeek's multi-head latent attention (MLA): queries through a low-rank
+    ``q_lora_rank`` bottleneck (None: one projection); keys and values from a shared
+    ``kv_lora_rank`` latent per token plus one rotary key of ``qk_rope_head_dim`` shared by
+    every head. Each head's query and key are ``qk_nope_head_dim`` + ``qk_rope_head_dim``
+    wide, its value ``v_head_dim``."""
+
+    q_lora_rank: Optional[int]
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    softmax_scale: float
+    rope_interleaved: bool  # rotary pairs (x0, x1), (x2, x3), ... rather than rotate-half
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,6 +107,7 @@ class ModelSpec:
     num_mtp_layers: int = 0  # checkpoint layers past num_layers for multi-token prediction (not run)
     # FP8 checkpoint (quantization_config fp8): the weights' [rows, columns] block of one scale
     fp8_block: Optional[tuple[int, int]] = None
+    mla: Optional[LatentAttentionSpec] = None  # None: multi-head attention (q/k/v projections, GQA)
 
     @property
     def moe_layers(self) -> list[int]:
@@ -140,6 +161,7 @@ def spec_from_hf_config(cfg: dict[str, Any]) -> ModelSpec:
     if rope.kind == "yarn":  # YaRN stretches the original context by its factor
         max_position = max(max_position, int(rope.original_max_position * rope.factor))
     window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
+    mla = _latent_attention(cfg, rope) if traits.latent_attention else None
     return ModelSpec(
         architecture=arch,
         vocab_size=_need(cfg, "vocab_size"),
@@ -148,7 +170,8 @@ def spec_from_hf_config(cfg: dict[str, Any]) -> ModelSpec:
         num_layers=layers,
         num_heads=heads,
         num_kv_heads=cfg.get("num_key_value_heads") or heads,
-        head_dim=cfg.get("head_dim") or hidden // heads,
+        # MLA's rotary covers qk_rope_head_dim (transformers sets head_dim to it)
+        head_dim=mla.qk_rope_head_dim if mla else cfg.get("head_dim") or hidden // heads,
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         rope=rope,
         max_position=max_position,
@@ -161,6 +184,26 @@ def spec_from_hf_config(cfg: dict[str, Any]) -> ModelSpec:
         torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"),
         num_mtp_layers=int(cfg.get(traits.mtp_layers_field) or 0) if traits.mtp_layers_field else 0,
         fp8_block=_fp8_block(cfg.get("quantization_config")),
+        mla=mla,
+    )
+
+
+def _latent_attention(cfg: dict[str, Any], rope: RopeSpec) -> LatentAttentionSpec:
+    nope, rope_dim = int(_need(cfg, "qk_nope_head_dim")), int(_need(cfg, "qk_rope_head_dim"))
+    scale = (nope + rope_dim) ** -0.5
+    params = {**(cfg.get("rope_scaling") or {}), **(cfg.get("rope_parameters") or {})}
+    mscale_all_dim = params.get("mscale_all_dim")
+    if rope.kind != "default" and mscale_all_dim:  # YaRN scales every dim of q.k, as transformers' yarn_apply_mscale
+        scale *= _yarn_mscale(rope.factor, float(mscale_all_dim)) ** 2
+    q_lora = cfg.get("q_lora_rank")
+    return LatentAttentionSpec(
+        q_lora_rank=int(q_lora) if q_lora else None,
+        kv_lora_rank=int(_need(cfg, "kv_lora_rank")),
+        qk_nope_head_dim=nope,
+        qk_rope_head_dim=rope_dim,
+        v_head_dim=int(_need(cfg, "v_head_dim")),
+        softmax_scale=scale,
+        rope_interleaved=bool(cfg.get("rope_interleave", True)),
     )
 
 
@@ -223,14 +266,16 @@ def _moe(cfg: dict[str, Any], arch: str, traits: ArchitectureTraits, layers: int
         intermediate_size=width,
         norm_topk_prob=bool(cfg.get("norm_topk_prob", traits.default_norm_topk)),
         dense_layers=frozenset(dense),
-        grouped=_grouped_top_k(cfg, num_experts, top_k) if traits.grouped_routing else None,
+        grouped=_grouped_top_k(cfg, num_experts, top_k, traits.grouped_routing) if traits.grouped_routing else None,
         shared_intermediate_size=shared,
         shared_gate=traits.shared_expert == "gated",
     )
 
 
-def _grouped_top_k(cfg: dict[str, Any], num_experts: int, top_k: int) -> GroupedTopK:
+def _grouped_top_k(cfg: dict[str, Any], num_experts: int, top_k: int, scoring: str) -> GroupedTopK:
     groups, topk_groups = int(cfg.get("n_group", 1) or 1), int(cfg.get("topk_group", 1) or 1)
+    if scoring == "softmax" and cfg.get("topk_method", "greedy") == "greedy":  # DeepSeek-V2's plain top-k
+        groups, topk_groups = 1, 1
     if num_experts % groups or num_experts // groups < 2:
         raise ValueError(
             f"config.json: n_group = {groups} must divide the {num_experts} routed experts into groups of "
@@ -242,7 +287,10 @@ def _grouped_top_k(cfg: dict[str, Any], num_experts: int, top_k: int) -> Grouped
             f"hold num_experts_per_tok = {top_k} experts"
         )
     return GroupedTopK(
-        num_groups=groups, topk_groups=topk_groups, routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0))
+        num_groups=groups,
+        topk_groups=topk_groups,
+        routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)),
+        scoring=scoring,
     )
 
 

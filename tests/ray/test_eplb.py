@@ -93,7 +93,7 @@ def test_rebalance_needs_eplb_enabled(ray_session):
             ray.get(llm.controller.rebalance.remote())
 
 
-@pytest.mark.parametrize("kind", ["qwen2_moe", "glm4_moe"])
+@pytest.mark.parametrize("kind", ["qwen2_moe", "glm4_moe", "deepseek_v3"])
 def test_rebalance_keeps_outputs_with_shared_experts_and_grouped_routing(ray_session, tmp_path, kind):
     """EPLB moves the routed experts only (shared experts stay dense on every rank), also
     under grouped sigmoid routing with a correction bias: greedy tokens and logits unchanged."""

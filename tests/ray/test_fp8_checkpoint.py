@@ -37,6 +37,14 @@ def checkpoints(tmp_path_factory):
     return root / "fp8", hf_greedy(root / "reference", _prompts(), 12)
 
 
+@pytest.fixture(scope="module")
+def deepseek_checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fp8-deepseek")
+    source = write_checkpoint("deepseek_v3", root / "bf16")
+    fp8_checkpoints(source, root / "fp8", root / "reference", BLOCK)
+    return root / "fp8", hf_greedy(root / "reference", _prompts(), 12)
+
+
 def test_reader_dequantises_any_slice(checkpoints):
     fp8_dir, _ = checkpoints
     reader = CheckpointReader(fp8_dir, fp8_block=BLOCK)
@@ -76,6 +84,15 @@ def test_fp8_checkpoint_equals_transformers_on_its_dequantised_weights(ray_sessi
     fp8_dir, expected = checkpoints
     with LLM(_config(fp8_dir, tp, ep), collect_logits=True) as llm:
         _check(llm.generate(_prompts(), SAMPLING), expected, f"tp={tp} ep={ep}")
+
+
+@pytest.mark.parametrize("tp,ep", [(2, 1), (1, 2)], ids=["tp2-ep1", "tp1-ep2"])
+def test_fp8_deepseek_v3_equals_transformers_on_its_dequantised_weights(ray_session, deepseek_checkpoints, tp, ep):
+    """DeepSeek-V3 ships FP8: its latent-attention projections (q_b_proj and kv_b_proj split by
+    head over tp, from mid-block rows) dequantise like every other weight."""
+    fp8_dir, expected = deepseek_checkpoints
+    with LLM(_config(fp8_dir, tp, ep), collect_logits=True) as llm:
+        _check(llm.generate(_prompts(), SAMPLING), expected, f"deepseek_v3 tp={tp} ep={ep}")
 
 
 def test_fp8_experts_moved_by_eplb_keep_outputs(ray_session, checkpoints):

@@ -19,7 +19,8 @@ NEW_TOKENS = 32
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2), (1, 4)]
 KINDS = ["qwen3_moe", "mixtral", "qwen3"]
 # Qwen2-MoE (a gated shared expert), GLM-4.5-MoE (grouped sigmoid routing, shared experts,
-# partial rotary) and Qwen3-MoE with YaRN (prompts past its 64-token original context) at
+# partial rotary), Qwen3-MoE with YaRN (prompts past its 64-token original context) and
+# DeepSeek-V3 / V2-Lite (latent attention, YaRN mscale, their routings) at
 # (tp, dp, ep) = (1,1,1), (2,1,1), (1,2,2), (2,2,4): a few per layout, not every combination
 NEW_CASES = [
     ("qwen2_moe", 1, 1),
@@ -29,6 +30,11 @@ NEW_CASES = [
     ("qwen2_moe", 1, 2),
     ("qwen2_moe", 2, 4),
     ("glm4_moe", 2, 4),
+    ("deepseek_v3", 1, 1),
+    ("deepseek_v2", 1, 1),
+    ("deepseek_v3", 2, 1),
+    ("deepseek_v2", 1, 2),
+    ("deepseek_v3", 2, 4),
 ]
 
 

@@ -51,6 +51,45 @@ def test_the_new_architectures_read_their_fields():
         2.5,
     )
     assert glm.moe.dense_layers == {0} and glm.moe.norm_topk_prob and glm.num_mtp_layers == 1
+    v3 = spec_from_hf_config(_config("deepseek_v3"))
+    assert (v3.mla.q_lora_rank, v3.mla.kv_lora_rank, v3.mla.v_head_dim, v3.mla.rope_interleaved) == (24, 32, 12, True)
+    assert (v3.head_dim, v3.moe.grouped.scoring, v3.moe.shared_intermediate_size, v3.num_mtp_layers) == (
+        8,
+        "sigmoid",
+        32,
+        1,
+    )
+    v2 = spec_from_hf_config(_config("deepseek_v2"))
+    assert (v2.mla.q_lora_rank, v2.moe.grouped.scoring, v2.moe.grouped.num_groups) == (None, "softmax", 1)
+    assert (v2.moe.grouped.routed_scaling_factor, v2.moe.shared_intermediate_size, v2.moe.dense_layers) == (
+        1.5,
+        64,
+        {0},
+    )
+
+
+@pytest.mark.parametrize(
+    "kind,rope",
+    [
+        ("deepseek_v3", None),
+        (
+            "deepseek_v2",
+            dict(
+                rope_type="yarn", factor=40.0, original_max_position_embeddings=16, mscale=0.707, mscale_all_dim=0.707
+            ),
+        ),
+        ("deepseek_v2", dict(rope_type="yarn", factor=8.0, original_max_position_embeddings=32, mscale=1.0)),
+    ],
+)
+def test_latent_attention_softmax_scale_equals_transformers(kind, rope):
+    overrides = {} if rope is None else dict(rope_parameters=dict(rope, rope_theta=10000.0))
+    hf = hf_config(kind, **overrides)
+    module = importlib.import_module(f"transformers.models.{hf.model_type}.modeling_{hf.model_type}")
+    prefix = hf_classes(kind)[1].__name__.removesuffix("ForCausalLM")
+    reference = getattr(module, f"{prefix}Attention")(hf, layer_idx=0)
+    assert spec_from_hf_config(_config(kind, **overrides)).mla.softmax_scale == pytest.approx(
+        reference.scaling, rel=1e-12
+    )
     yarn = spec_from_hf_config(_config("qwen3_moe_yarn"))
     assert (yarn.rope.kind, yarn.rope.factor, yarn.rope.original_max_position) == ("yarn", 4.0, 64)
     assert yarn.max_position == 256
@@ -65,6 +104,17 @@ FLIPS = [
     *[("every", "rope_type", kind) for kind in ROPE_TYPES],
     ("whole heads", "partial_rotary_factor", 0.5),
     ("LlamaForCausalLM", "mlp_bias", True),
+    ("DeepseekV3ForCausalLM", "attention_bias", True),
+    ("DeepseekV3ForCausalLM", "topk_method", "greedy"),
+    ("DeepseekV3ForCausalLM", "scoring_func", "softmax"),
+    ("DeepseekV3ForCausalLM", "moe_layer_freq", 2),
+    ("DeepseekV2ForCausalLM", "attention_bias", True),
+    ("DeepseekV2ForCausalLM", "mlp_bias", True),
+    ("DeepseekV2ForCausalLM", "norm_topk_prob", True),
+    ("DeepseekV2ForCausalLM", "topk_method", "noaux_tc"),
+    ("DeepseekV2ForCausalLM", "scoring_func", "sigmoid"),
+    ("DeepseekV2ForCausalLM", "moe_layer_freq", 2),
+    ("DeepseekV2ForCausalLM", "rope_interleave", False),
 ]
 
 
@@ -122,6 +172,14 @@ ROPES = {
     "yarn-no-factor": ("llama", dict(rope_type="yarn", factor=None, original_max_position_embeddings=128)),
     "yarn-partial": ("glm4_moe", dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=64)),
     "yarn-qwen2-moe": ("qwen2_moe", dict(rope_type="yarn", factor=2.0, original_max_position_embeddings=128)),
+    "yarn-deepseek-v3": (
+        "deepseek_v3",
+        dict(rope_type="yarn", factor=40.0, original_max_position_embeddings=16, mscale=1.0, mscale_all_dim=1.0),
+    ),
+    "yarn-deepseek-v2-lite": (
+        "deepseek_v2",
+        dict(rope_type="yarn", factor=40.0, original_max_position_embeddings=16, mscale=0.707, mscale_all_dim=0.707),
+    ),
 }
 
 
@@ -137,11 +195,15 @@ def test_rotary_table_equals_transformers(name):
     prefix = hf_classes(kind)[1].__name__.removesuffix("ForCausalLM")
     reference = getattr(module, f"{prefix}RotaryEmbedding")(hf)
     positions = torch.arange(spec.max_position)
-    cos, sin = reference(torch.zeros(1, dtype=torch.float32), positions[None])
+    out = reference(torch.zeros(1, dtype=torch.float32), positions[None])
+    complex_table = isinstance(out, torch.Tensor)  # DeepSeek-V2's: cos + i sin (torch.polar: within an ulp)
+    cos, sin = (out.real, out.imag) if complex_table else out
     table = RotaryEmbedding(spec.head_dim, spec.rope, spec.max_position, torch.device("cpu")).cos_sin
     half = table.shape[-1] // 2
-    assert table.shape[-1] == cos.shape[-1] == int(spec.head_dim * spec.rope.partial_rotary_factor)
-    torch.testing.assert_close(table[:, :half], cos[0, :, :half], rtol=0, atol=0)
-    torch.testing.assert_close(table[:, half:], sin[0, :, :half], rtol=0, atol=0)
+    assert table.shape[-1] == int(spec.head_dim * spec.rope.partial_rotary_factor)
+    assert cos.shape[-1] == (half if complex_table else 2 * half)
+    tol = dict(rtol=0, atol=2e-7 if complex_table else 0)
+    torch.testing.assert_close(table[:, :half], cos[0, :, :half], **tol)
+    torch.testing.assert_close(table[:, half:], sin[0, :, :half], **tol)
     if name.startswith("yarn"):
         assert spec.max_position >= spec.rope.original_max_position * spec.rope.factor

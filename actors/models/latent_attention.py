@@ -1,0 +1,113 @@
+"""DeepSeek's multi-head latent attention (MLA), heads split over tp, computed absorbed.
+
+Each token's keys and values come from one shared latent: ``kv_lora_rank`` values
+(normed) plus one rotary key of ``qk_rope_head_dim`` that every head shares; the
+cache holds only those (a latent paged cache, see attention_torch.py). Head h's key
+is ``W_UK[h] @ latent`` plus the rotary key, its value ``W_UV[h] @ latent``
+(kv_b_proj). Absorbed, the attention never expands the latent per head: the query's
+non-rotary part goes through ``W_UK[h]^T`` into latent space, every head attends to
+the latent directly (multi-query attention with a ``kv_lora_rank + qk_rope_head_dim``
+key whose first ``kv_lora_rank`` dims are the value), and ``W_UV[h]`` maps each
+head's output back to its value space before o_proj. The scores equal the
+non-absorbed ones in exact arithmetic.
+
+Interleaved rotary (checkpoints rotating pairs (x0, x1), (x2, x3), ...) is turned into
+rotate-half at load by permuting the rotary rows of the query and key projections:
+q.k only sees the dims' pairing, not their order.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from raymoe.actors.models.batch import ForwardBatch
+from raymoe.actors.models.checkpoint import CheckpointReader
+from raymoe.actors.models.layers import PartialSum, RMSNorm, RotaryEmbedding, RowParallelLinear, split_evenly
+from raymoe.actors.models.linear import linear
+from raymoe.actors.models.spec import LatentAttentionSpec, ModelSpec
+from raymoe.comm.groups import Groups
+
+
+class LatentAttention(nn.Module):
+    def __init__(self, spec: ModelSpec, layer: int, groups: Groups, rotary: RotaryEmbedding, *, dtype, device) -> None:
+        super().__init__()
+        m = spec.mla
+        assert m is not None
+        tp = groups.tp
+        self.layer, self.rotary, self.mla = layer, rotary, m
+        self.heads = split_evenly(spec.num_heads, tp.world_size, "num_attention_heads", "choose a tp that divides it")
+        self.head_start = tp.rank_in_group * self.heads
+        self.qk_dim = m.qk_nope_head_dim + m.qk_rope_head_dim
+        self.latent_width = m.kv_lora_rank + m.qk_rope_head_dim
+        # one GEMM reads x for the query's first projection and the latent (q_a_proj or this
+        # rank's q_proj rows, then kv_a_proj_with_mqa)
+        self.q_in = m.q_lora_rank or self.heads * self.qk_dim
+        self.in_proj = _weight(self.q_in + self.latent_width, spec.hidden_size, dtype=dtype, device=device)
+        eps = spec.rms_norm_eps
+        self.q_a_norm = RMSNorm(m.q_lora_rank, eps, dtype, device) if m.q_lora_rank else None
+        self.q_b = (
+            _weight(self.heads * self.qk_dim, m.q_lora_rank, dtype=dtype, device=device) if m.q_lora_rank else None
+        )
+        self.kv_a_norm = RMSNorm(m.kv_lora_rank, eps, dtype, device)
+        self.w_uk = _weight(self.heads, m.qk_nope_head_dim, m.kv_lora_rank, dtype=dtype, device=device)
+        self.w_uv_t = _weight(self.heads, m.kv_lora_rank, m.v_head_dim, dtype=dtype, device=device)
+        self.o_proj = RowParallelLinear(
+            self.heads * m.v_head_dim, spec.hidden_size, tp, bias=False, dtype=dtype, device=device
+        )
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> PartialSum:
+        m, t = self.mla, x.shape[0]
+        q_in, latent = linear(x, self.in_proj).split([self.q_in, self.latent_width], dim=-1)
+        if self.q_b is not None:
+            q_in = linear(self.q_a_norm(q_in.contiguous()), self.q_b)
+        q_nope, q_rope = q_in.view(t, self.heads, self.qk_dim).split([m.qk_nope_head_dim, m.qk_rope_head_dim], -1)
+        kv_latent = self.kv_a_norm(latent[:, : m.kv_lora_rank].contiguous())
+        q_rope, k_rope = self.rotary(
+            batch.positions, q_rope.contiguous(), latent[:, None, m.kv_lora_rank :].contiguous()
+        )
+        q_latent = torch.bmm(q_nope.transpose(0, 1), self.w_uk).transpose(0, 1)  # [T, heads, kv_lora_rank]
+        out = batch.attention.forward_latent(
+            self.layer, torch.cat([q_latent, q_rope], dim=-1), torch.cat([kv_latent, k_rope[:, 0]], dim=-1)
+        )
+        out = torch.bmm(out.transpose(0, 1), self.w_uv_t).transpose(0, 1)  # [T, heads, v_head_dim]
+        return PartialSum(self.o_proj(out.reshape(t, self.heads * m.v_head_dim)), self.o_proj.group)
+
+    def load(self, reader: CheckpointReader, prefix: str) -> None:
+        m = self.mla
+        h0, h1 = self.head_start, self.head_start + self.heads
+        latent = _rope_rows_to_halves(reader.read(prefix + "kv_a_proj_with_mqa.weight"), m)
+        if self.q_b is not None:
+            q_in = reader.read(prefix + "q_a_proj.weight")
+            self.q_a_norm.load(reader, prefix + "q_a_layernorm.weight")
+            self.q_b.copy_(
+                self._query_rows(reader.read(prefix + "q_b_proj.weight", 0, h0 * self.qk_dim, h1 * self.qk_dim))
+            )
+        else:
+            q_in = self._query_rows(reader.read(prefix + "q_proj.weight", 0, h0 * self.qk_dim, h1 * self.qk_dim))
+        self.in_proj.copy_(torch.cat([q_in, latent]))
+        self.kv_a_norm.load(reader, prefix + "kv_a_layernorm.weight")
+        per_head = m.qk_nope_head_dim + m.v_head_dim
+        kv_b = reader.read(prefix + "kv_b_proj.weight", 0, h0 * per_head, h1 * per_head).view(self.heads, per_head, -1)
+        self.w_uk.copy_(kv_b[:, : m.qk_nope_head_dim])
+        self.w_uv_t.copy_(kv_b[:, m.qk_nope_head_dim :].transpose(1, 2))
+        self.o_proj.load(reader, prefix + "o_proj.", h0 * m.v_head_dim)
+
+    def _query_rows(self, w: torch.Tensor) -> torch.Tensor:
+        """This rank's query rows [heads * qk_dim, in] with each head's rotary rows in rotate-half order."""
+        heads = w.view(self.heads, self.qk_dim, -1)
+        return torch.stack([_rope_rows_to_halves(h, self.mla) for h in heads]).flatten(0, 1)
+
+
+def _rope_rows_to_halves(w: torch.Tensor, mla: LatentAttentionSpec) -> torch.Tensor:
+    """w [rows, in] whose last qk_rope_head_dim rows make a rotary vector: those rows reordered
+    from interleaved pairs to rotate-half (evens, then odds) when the checkpoint interleaves."""
+    if not mla.rope_interleaved:
+        return w
+    rope_dim = mla.qk_rope_head_dim
+    rope = w[-rope_dim:]
+    return torch.cat([w[:-rope_dim], rope[0::2], rope[1::2]])
+
+
+def _weight(*shape: int, dtype, device) -> nn.Parameter:
+    return nn.Parameter(torch.zeros(*shape, dtype=dtype, device=device), requires_grad=False)
