@@ -134,6 +134,21 @@ class FlashInferLatentAttention:
             kv_cache_layout="packed",
         )
 
+    def for_graph(self, batch_size: int, *, max_pages_per_seq: int, scratch_block: int) -> "GraphLatentAttention":
+        """The decode attention of one CUDA-graph batch size, on this cache and workspace
+        (shared: one step runs at a time)."""
+        return GraphLatentAttention(
+            self.kv_cache,
+            self.block_size,
+            self.num_heads,
+            latent_dim=self.latent_dim,
+            sm_scale=self.sm_scale,
+            batch_size=batch_size,
+            max_pages_per_seq=max_pages_per_seq,
+            workspace=self.workspace,
+            scratch_block=scratch_block,
+        )
+
     def forward_latent(self, layer: int, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
         """q [T, heads, latent + rope], kv [T, latent + rope] -> [T, heads, latent]; writes kv
         into the cache first."""

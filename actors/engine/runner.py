@@ -56,8 +56,15 @@ def make_attention(kind: str, kv_cache: torch.Tensor, block_size: int, model: Ca
     if kind == "flashinfer" or (kind == "auto" and on_gpu):
         try:
             if mla is not None:
-                from raymoe.actors.engine.attention_flashinfer_mla import FlashInferLatentAttention
+                from raymoe.actors.engine.attention_flashinfer_mla import FlashInferLatentAttention, check_latent_dims
 
+                try:
+                    check_latent_dims(mla.kv_lora_rank, mla.qk_rope_head_dim)
+                except ValueError as e:
+                    if kind == "flashinfer":
+                        raise ValueError(f"engine.attention_backend: {e}") from e
+                    log.warning("%s; using torch attention, which is slow on GPU", e)
+                    return TorchAttention(kv_cache, block_size, latent_dim=mla.kv_lora_rank, sm_scale=mla.softmax_scale)
                 return FlashInferLatentAttention(
                     kv_cache, block_size, heads, latent_dim=mla.kv_lora_rank, sm_scale=mla.softmax_scale
                 )

@@ -5,11 +5,11 @@ directory (config.json, model.safetensors, tokenizer.json, tokenizer_config.json
 generation_config.json) that transformers loads as ``Qwen3MoeForCausalLM``. It
 lets every test and the default CPU config run a genuine MoE model end to end.
 
-``ensure_builtin("qwen3-30b-a3b-shape")`` holds no weights: Qwen3-30B-A3B's
-config.json with the built-in tokenizer, for ``model.load_format: dummy`` (weights
-drawn at load), so the real model shape serves on GPUs without a checkpoint. Its
-vocabulary is the model's (151,936 ids); ids the tokenizer does not know decode to
-nothing.
+``ensure_builtin("qwen3-30b-a3b-shape")`` and ``ensure_builtin("deepseek-v2-lite-shape")``
+hold no weights: the real model's config.json with the built-in tokenizer, for
+``model.load_format: dummy`` (weights drawn at load), so the real model shape serves
+on GPUs without a checkpoint. The vocabulary is the model's; ids the tokenizer does
+not know decode to nothing.
 
 Writing is deterministic (same bytes every time, in every process) and atomic:
 files go to a temporary directory next to the target, which is then renamed
@@ -19,6 +19,7 @@ into place, so processes racing to create it never see a half-written one.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import pathlib
@@ -115,7 +116,11 @@ def builtin_names() -> tuple[str, ...]:
 
 
 def _writers() -> dict[str, Callable[[pathlib.Path], None]]:
-    return {"tiny-qwen3-moe": write_tiny_qwen3_moe, "qwen3-30b-a3b-shape": write_qwen3_30b_a3b_shape}
+    return {
+        "tiny-qwen3-moe": write_tiny_qwen3_moe,
+        "qwen3-30b-a3b-shape": functools.partial(write_shape, QWEN3_30B_A3B),
+        "deepseek-v2-lite-shape": functools.partial(write_shape, DEEPSEEK_V2_LITE),
+    }
 
 
 # Qwen/Qwen3-30B-A3B's config.json (the fields raymoe and transformers read)
@@ -143,6 +148,51 @@ QWEN3_30B_A3B = {
     "bos_token_id": 151643,
     "eos_token_id": 151645,
     "model_type": "qwen3_moe",
+}
+
+
+# deepseek-ai/DeepSeek-V2-Lite's config.json (the fields raymoe and transformers read): MLA
+# without a q bottleneck, 64 routed experts (top-6, softmax) and 2 shared, YaRN
+DEEPSEEK_V2_LITE = {
+    "architectures": ["DeepseekV2ForCausalLM"],
+    "vocab_size": 102400,
+    "hidden_size": 2048,
+    "intermediate_size": 10944,
+    "moe_intermediate_size": 1408,
+    "num_hidden_layers": 27,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 16,
+    "n_shared_experts": 2,
+    "n_routed_experts": 64,
+    "num_experts_per_tok": 6,
+    "routed_scaling_factor": 1.0,
+    "topk_method": "greedy",
+    "scoring_func": "softmax",
+    "norm_topk_prob": False,
+    "first_k_dense_replace": 1,
+    "moe_layer_freq": 1,
+    "kv_lora_rank": 512,
+    "q_lora_rank": None,
+    "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64,
+    "v_head_dim": 128,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000,
+    "rope_scaling": {
+        "type": "yarn",
+        "factor": 40,
+        "original_max_position_embeddings": 4096,
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "mscale": 0.707,
+        "mscale_all_dim": 0.707,
+    },
+    "max_position_embeddings": 163840,
+    "attention_bias": False,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "hidden_act": "silu",
+    "model_type": "deepseek_v2",
 }
 
 
@@ -182,12 +232,12 @@ def write_tiny_qwen3_moe(dst: pathlib.Path) -> None:
     _write_weights(dst / "model.safetensors", config)
 
 
-def write_qwen3_30b_a3b_shape(dst: pathlib.Path) -> None:
-    """Qwen3-30B-A3B's config with the built-in tokenizer, no weights (see the module docstring)."""
+def write_shape(model_config: dict, dst: pathlib.Path) -> None:
+    """A real model's config with the built-in tokenizer, no weights (see the module docstring)."""
     tok = train_tokenizer()
     tok.save(str(dst / "tokenizer.json"), pretty=True)
     ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
-    config = dict(QWEN3_30B_A3B, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"])
+    config = dict(model_config, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"])
     _write_json(dst / "config.json", config)
     _write_json(dst / "tokenizer_config.json", _tokenizer_config(ids))
 

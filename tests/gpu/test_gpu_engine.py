@@ -29,22 +29,13 @@ LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
 pytestmark = pytest.mark.skipif(GPUS < 1, reason="needs a CUDA GPU")
 
 
-@pytest.fixture(scope="module")
-def stable_case(tmp_path_factory):
+def _stable_case(directory, kind: str, **shape):
     """A checkpoint, and the prompts whose greedy continuation bf16 cannot flip: at every
     step transformers' float32 top-2 gap is DECISIVE times the largest logit error of
     transformers' own bf16 run. The tiny random model's logits are flat (top-2 gaps of
     1e-3 are common), so without this filter token equality would test luck: any bf16
     implementation, transformers' included, flips such near-ties."""
-    # head_dim 64: FlashInfer's kernels cover 64, 128 and 256
-    path = write_checkpoint(
-        "qwen3_moe",
-        tmp_path_factory.mktemp("ckpt") / "qwen3_moe",
-        initializer_range=0.05,
-        embedding_std=1.0,
-        hidden_size=256,
-        head_dim=64,
-    )
+    path = write_checkpoint(kind, directory / kind, initializer_range=0.05, embedding_std=1.0, **shape)
     rng = random.Random(3)
     prompts = [[rng.randrange(3, 512) for _ in range(rng.randrange(4, 80))] for _ in range(CANDIDATES)]
     ref = hf_greedy(path, prompts, NEW_TOKENS, torch.float32, "cuda")
@@ -62,15 +53,39 @@ def stable_case(tmp_path_factory):
     return path, [prompts[i] for i in keep], [ref[i] for i in keep]
 
 
+@pytest.fixture(scope="module")
+def stable_case(tmp_path_factory):
+    # head_dim 64: FlashInfer's kernels cover 64, 128 and 256
+    return _stable_case(tmp_path_factory.mktemp("ckpt"), "qwen3_moe", hidden_size=256, head_dim=64)
+
+
+@pytest.fixture(scope="module")
+def deepseek_case(tmp_path_factory):
+    # FlashInfer's MLA kernels take DeepSeek's latent (512) and rotary (64) widths only
+    shape = dict(hidden_size=256, kv_lora_rank=512, qk_rope_head_dim=64, head_dim=64, q_lora_rank=96)
+    return _stable_case(tmp_path_factory.mktemp("ckpt"), "deepseek_v3", **shape, qk_nope_head_dim=32, v_head_dim=48)
+
+
 @pytest.mark.parametrize("tp,ep", LAYOUTS, ids=[f"tp{t}-ep{e}" for t, e in LAYOUTS])
 def test_bf16_equal_to_transformers(gpu_ray, stable_case, tp, ep):
+    _check_bf16(stable_case, tp, ep)
+
+
+@pytest.mark.parametrize("tp,ep", [(1, 1), (2, 2)], ids=["tp1-ep1", "tp2-ep2"])
+def test_deepseek_v3_bf16_equal_to_transformers(gpu_ray, deepseek_case, tp, ep):
+    """Latent attention on FlashInfer's MLA kernels: eager prefill and mixed steps, decode in
+    CUDA graphs."""
+    _check_bf16(deepseek_case, tp, ep)
+
+
+def _check_bf16(case, tp: int, ep: int) -> None:
     from raymoe.cluster.config import config_from_dict
     from raymoe.deploy import LLM, SamplingParams
 
     world = max(tp, ep)
     if GPUS < world:
         pytest.skip(f"needs {world} GPUs, host has {GPUS}")
-    path, prompts, ref = stable_case
+    path, prompts, ref = case
     config = config_from_dict(
         {
             "model": {"path": str(path), "dtype": "bfloat16"},

@@ -160,7 +160,7 @@ def test_unknown_name_lists_known_names(tmp_path):
     with pytest.raises(ValueError, match="tiny-qwen3-moe") as exc:
         ensure_builtin("tiny-llama", tmp_path)
     assert "tiny-llama" in str(exc.value)
-    assert builtin.builtin_names() == ("qwen3-30b-a3b-shape", NAME)
+    assert builtin.builtin_names() == ("deepseek-v2-lite-shape", "qwen3-30b-a3b-shape", NAME)
     assert not (tmp_path / "builtin").exists()
 
 
@@ -271,3 +271,24 @@ def test_qwen3_30b_a3b_shape_is_the_real_config_with_the_builtin_tokenizer(tmp_p
     assert ours.vocab_size < 1000 and ours.eos_token_ids == {ours.token_to_id("<|im_end|>")} == _generate_eos(path)
     beyond = [ids[0], 150000, ours.vocab_size, ids[1]]
     assert ours.decode(beyond) == ref.decode(beyond, skip_special_tokens=True) == ours.decode([ids[0], ids[1]])
+
+
+def test_deepseek_v2_lite_shape_is_the_real_config(tmp_path):
+    """No weights; transformers and raymoe read DeepSeek-V2-Lite's shape from its config."""
+    import transformers
+
+    from raymoe.actors.models.spec import load_spec
+
+    path = ensure_builtin("deepseek-v2-lite-shape", tmp_path)
+    assert not list(path.glob("*.safetensors"))
+    cfg = transformers.AutoConfig.from_pretrained(path)
+    assert type(cfg).__name__ == "DeepseekV2Config"
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.n_routed_experts, cfg.kv_lora_rank) == (2048, 27, 64, 512)
+    spec = load_spec(path)
+    assert (spec.num_layers, spec.moe.num_experts, spec.moe.top_k, spec.moe.dense_layers) == (27, 64, 6, {0})
+    assert (spec.mla.kv_lora_rank, spec.mla.qk_rope_head_dim, spec.mla.q_lora_rank, spec.rope.kind) == (
+        512,
+        64,
+        None,
+        "yarn",
+    )
