@@ -1,7 +1,8 @@
 """Engine speed against the memory roofline and against Hugging Face transformers.
 
-Builds a random-weight Qwen3-30B-A3B-shaped model on the GPU(s) (no checkpoint
-files), through the real product path (controller + rank actors), and measures
+Builds a random-weight model of a real shape (``--model``: Qwen3-30B-A3B,
+DeepSeek-V2-Lite, DeepSeek-V3 with ``--layers`` few enough to fit) on the GPU(s) (no
+checkpoint files), through the real product path (controller + rank actors), and measures
 in one run:
 
 * copy bandwidth and bf16 matmul rate of the GPU (the two ceilings);
@@ -9,7 +10,8 @@ in one run:
   unless --no-graphs), pipelined as the engine runs it on GPUs (the next step
   launched before this one is collected) and one step at a time, against the
   roofline floor: bytes of weights actually touched (experts counted from the
-  step's real routing) plus KV read, over the measured copy bandwidth;
+  step's real routing) plus KV read (the latent cache's bytes for MLA), over the
+  measured copy bandwidth;
 * prefill throughput (e.g. 64 x 512 and 8 x 4096 tokens) against the matmul rate
   on active parameters;
 * the step loop through Ray actor calls (driver -> every rank -> driver), one step
@@ -18,6 +20,8 @@ in one run:
   random weights), after raymoe has released the GPU.
 
     python benchmarks/engine_bench.py --layers 24 --batches 1,16,64 --out bench.md
+    python benchmarks/engine_bench.py --model deepseek-v2-lite --layers 27 --no-hf
+    python benchmarks/engine_bench.py --model deepseek-v3 --layers 5 --no-hf
 """
 
 from __future__ import annotations
@@ -31,11 +35,59 @@ import time
 import ray
 import torch
 
-from raymoe.actors.models.builtin import QWEN3_30B_A3B
+from raymoe.actors.models.builtin import DEEPSEEK_V2_LITE, QWEN3_30B_A3B
+
+# deepseek-ai/DeepSeek-V3's config.json (the fields raymoe and transformers read); 61 layers, of
+# which the first 3 dense: --layers 5 (3 dense, 2 MoE) fits one H200
+DEEPSEEK_V3 = {
+    "architectures": ["DeepseekV3ForCausalLM"],
+    "model_type": "deepseek_v3",
+    "vocab_size": 129280,
+    "hidden_size": 7168,
+    "intermediate_size": 18432,
+    "moe_intermediate_size": 2048,
+    "num_hidden_layers": 61,
+    "num_attention_heads": 128,
+    "num_key_value_heads": 128,
+    "n_shared_experts": 1,
+    "n_routed_experts": 256,
+    "num_experts_per_tok": 8,
+    "routed_scaling_factor": 2.5,
+    "topk_method": "noaux_tc",
+    "scoring_func": "sigmoid",
+    "n_group": 8,
+    "topk_group": 4,
+    "norm_topk_prob": True,
+    "first_k_dense_replace": 3,
+    "moe_layer_freq": 1,
+    "kv_lora_rank": 512,
+    "q_lora_rank": 1536,
+    "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64,
+    "v_head_dim": 128,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000,
+    "rope_scaling": {
+        "type": "yarn",
+        "factor": 40,
+        "original_max_position_embeddings": 4096,
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+    },
+    "max_position_embeddings": 163840,
+    "num_nextn_predict_layers": 1,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "hidden_act": "silu",
+}
+MODELS = {"qwen3-30b-a3b": QWEN3_30B_A3B, "deepseek-v2-lite": DEEPSEEK_V2_LITE, "deepseek-v3": DEEPSEEK_V3}
 
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=sorted(MODELS), default="qwen3-30b-a3b", help="the shape to build")
     p.add_argument("--layers", type=int, default=48, help="shrink the model when memory or time is short")
     p.add_argument("--batches", default="1,16,64,256")
     p.add_argument("--context", type=int, default=1024)
@@ -54,8 +106,8 @@ def parse() -> argparse.Namespace:
     return p.parse_args()
 
 
-def hf_config(layers: int) -> dict:
-    return dict(QWEN3_30B_A3B, num_hidden_layers=layers)
+def hf_config(model: str, layers: int) -> dict:
+    return dict(MODELS[model], num_hidden_layers=layers)
 
 
 # ---- on every rank -----------------------------------------------------------------
@@ -115,7 +167,8 @@ def build(ctx, config, spec_dict: dict, num_blocks: int, max_model_len: int) -> 
     runner.attention.kv_cache.normal_()  # never time on zeros
     torch.cuda.synchronize()
     ctx.state["runner"] = runner
-    return {"build_s": time.perf_counter() - t0, "graphs": runner.graphs is not None, **ceilings(ctx)}
+    info = {"build_s": time.perf_counter() - t0, "graphs": runner.graphs is not None, **ceilings(ctx)}
+    return {**info, "active_params": _active_params(runner)}
 
 
 def decode_step(batch: int, context: int, block_size: int, replica: int, dp_counts: tuple[int, ...]):
@@ -128,7 +181,7 @@ def decode_step(batch: int, context: int, block_size: int, replica: int, dp_coun
     return pack_step(chunks, dp_counts, block_size, all_decode=True)
 
 
-def prefill_step(seqs: int, tokens: int, block_size: int, dp_counts: tuple[int, ...], vocab_size: int = 151003):
+def prefill_step(seqs: int, tokens: int, block_size: int, dp_counts: tuple[int, ...], vocab_size: int):
     from raymoe.actors.engine.step import pack_step
 
     pages = -(-tokens // block_size)
@@ -247,7 +300,7 @@ def main() -> None:
     )
     controller = start_controller(config)
     run = lambda fn, *a: ray.get(controller.run_on_ranks.remote(fn, *a))  # noqa: E731
-    info = run(build, config, hf_config(args.layers), num_blocks, max_model_len)[0]
+    info = run(build, config, hf_config(args.model, args.layers), num_blocks, max_model_len)[0]
     rows = []
     for b in batches:
         steps = [decode_step(b, args.context, block_size, d, (b,) * dp) for d in range(dp)]
@@ -266,11 +319,11 @@ def main() -> None:
             )
         )
     for seqs, toks in prefills:
-        steps = [prefill_step(seqs, toks, block_size, (seqs * toks,) * dp) for _ in range(dp)]
+        vocab = MODELS[args.model]["vocab_size"]
+        steps = [prefill_step(seqs, toks, block_size, (seqs * toks,) * dp, vocab) for _ in range(dp)]
         res = run(_per_replica(time_step), steps, max(3, args.iters // 4), False)
         t = res[0]["median_s"]
-        active = _active_params(args.layers)
-        util = 2 * active * seqs * toks * dp / t / info["matmul_flops"] / (args.tp * dp)
+        util = 2 * info["active_params"] * seqs * toks * dp / t / info["matmul_flops"] / (args.tp * dp)
         rows.append(("prefill", f"{seqs} x {toks}", t, None, seqs * toks * dp / t, f"{util:.0%} of matmul rate"))
     profile = None
     if args.profile:
@@ -298,12 +351,17 @@ def _per_replica(fn):
     return wrapped
 
 
-def _active_params(layers: int) -> float:
-    c = hf_config(layers)
-    h, d = c["hidden_size"], c["head_dim"]
-    attn = h * d * (c["num_attention_heads"] * 2 + c["num_key_value_heads"] * 2)
-    experts = c["num_experts_per_tok"] * 3 * h * c["moe_intermediate_size"]
-    return layers * (attn + experts + h * c["num_experts"])
+def _active_params(runner) -> float:
+    """Parameters one token multiplies on this rank: every weight but the embedding and the
+    experts, plus top-k experts' worth per MoE layer."""
+    model, spec = runner.model, runner.spec
+    dense = sum(
+        p.numel() for n, p in model.named_parameters() if ".w13" not in n and ".w2" not in n and "embed" not in n
+    )
+    if not spec.moe_layers:
+        return dense
+    moe = model.layers[spec.moe_layers[0]].mlp
+    return dense + len(spec.moe_layers) * spec.moe.top_k * (moe.w13[0].numel() + moe.w2[0].numel())
 
 
 def _loop_overhead(controller, config, args, block_size: int, dp: int) -> dict:
@@ -337,12 +395,13 @@ def hf_generate(args, batches: list[int]) -> dict:
     import transformers
 
     skip = ("architectures", "model_type", "torch_dtype")
-    cfg = transformers.Qwen3MoeConfig(**{k: v for k, v in hf_config(args.layers).items() if k not in skip})
+    shape = hf_config(args.model, args.layers)
+    cfg = transformers.AutoConfig.for_model(shape["model_type"], **{k: v for k, v in shape.items() if k not in skip})
     with torch.device("cuda"):  # built and initialised (normal, initializer_range) on the GPU, in bf16
         model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
     out = {}
     for b in batches:
-        ids = torch.randint(3, 150000, (b, args.context), device="cuda")
+        ids = torch.randint(3, shape["vocab_size"], (b, args.context), device="cuda")
 
         def gen(n, ids=ids, model=model):
             return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
@@ -358,7 +417,7 @@ def hf_generate(args, batches: list[int]) -> dict:
 def print_table(args, info, rows, overhead, hf) -> None:
     lines = [
         f"GPU: {info['gpu']} x{args.tp * max(1, args.ep // args.tp)}; copy {info['copy_bw'] / 1e12:.2f} TB/s; "
-        f"bf16 matmul {info['matmul_flops'] / 1e12:.0f} TFLOP/s; Qwen3-30B-A3B shape, {args.layers} layers; "
+        f"bf16 matmul {info['matmul_flops'] / 1e12:.0f} TFLOP/s; {args.model} shape, {args.layers} layers; "
         f"tp={args.tp} ep={args.ep}; CUDA graphs {'on' if info['graphs'] else 'off'}",
         "",
         "| case | shape | raymoe ms | floor ms | x floor | tokens/s | transformers ms | speed-up | note |",
