@@ -160,6 +160,7 @@ class Controller:
             physical_to_logical=physical_to_logical,
             num_logical=spec.moe.num_experts,
             bytes_per_expert=expert_bytes,
+            expert_groups=spec.moe.grouped.num_groups if spec.moe.grouped is not None else 1,
             planner=start_planner_worker().plan.remote,
         )
 

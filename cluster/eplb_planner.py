@@ -9,8 +9,11 @@ falls: every layer is planned on its own.
 Per layer:
 1. Nodes (nodes > 1, hierarchical like DeepSeek's EPLB): logical experts are packed
    onto nodes, E/nodes each, heaviest first onto the lightest node, then improved by
-   swaps; every replica of an expert stays on its expert's node (cheap traffic).
-   nodes = 1 is the global mode: one node holds everything.
+   swaps; every replica of an expert stays on its expert's node (cheap traffic). With
+   ``expert_groups`` (group-limited routing, DeepSeek-V2/V3: a token reaches experts of
+   only topk_group of the G equal groups), whole groups are packed, G/nodes per node, so
+   a token's experts span at most topk_group nodes. nodes = 1 is the global mode: one
+   node holds everything.
 2. Replication, per node: each logical expert gets one slot; each spare slot goes in
    turn to the expert with the highest load per replica (at most one per rank while
    any expert has room).
@@ -67,8 +70,10 @@ Per layer:
    packing from scratch, and is a fixed point as well (its row
    qualifies in both steps when it is the current one). Picking whole plans by
    balancedness is not: the other mode's plan from the chosen slots keeps their good
-   layers and improves the rest. The supported models have no group-limited routing, so
-   hierarchical packing buys no traffic; ties go to global.
+   layers and improves the rest. Without group-limited routing, hierarchical packing buys
+   no traffic, so ties go to global; with it (expert groups that split evenly over the
+   nodes), auto plans hierarchically, as DeepSeek's EPLB does: the groups then keep each
+   token's experts on few nodes.
 """
 
 from __future__ import annotations
@@ -121,15 +126,19 @@ def plan_with_policy(
     nodes: int,
     bytes_per_expert: int,
     min_improvement: float = 0.0,
+    expert_groups: int = 1,
 ) -> EplbPlan:
     """Plan in the mode(s) ``policy`` picks (one of POLICIES); ``nodes`` = the nodes hierarchical
-    packing would use (1 = not possible, then every policy plans globally)."""
+    packing would use (1 = not possible, then every policy plans globally); ``expert_groups`` =
+    the routing's expert groups (group-limited routing; 1 = none), packed whole onto nodes
+    when they split evenly over them (step 1), which auto then always does (step 8)."""
     if policy not in POLICIES:
         raise ValueError(f"policy: expected one of {POLICIES}, got {policy!r}")
+    grouped = expert_groups > 1 and expert_groups % nodes == 0
     if policy == "global" or nodes == 1:
         modes = (1,)
     else:
-        modes = (nodes,) if policy == "hierarchical" else (1, nodes)
+        modes = (nodes,) if policy == "hierarchical" or grouped else (1, nodes)
     return _plan(
         logical_load,
         physical_to_logical,
@@ -138,6 +147,7 @@ def plan_with_policy(
         bytes_per_expert=bytes_per_expert,
         tolerance=0.0,
         min_improvement=min_improvement,
+        expert_groups=expert_groups if grouped else 1,
     )
 
 
@@ -177,11 +187,15 @@ def _plan(
     bytes_per_expert: int,
     tolerance: float,
     min_improvement: float,
+    expert_groups: int = 1,
 ) -> EplbPlan:
-    """Every layer planned on its own in ``modes`` (the nodes of each; 1 = global), step 8 when two."""
+    """Every layer planned on its own in ``modes`` (the nodes of each; 1 = global), step 8 when
+    two; hierarchical packing packs whole ``expert_groups`` (1: single experts)."""
     _validate(
         logical_load, physical_to_logical, ep, nodes=modes[-1], bytes_per_expert=bytes_per_expert, tolerance=tolerance
     )
+    if logical_load.shape[1] % expert_groups:
+        raise ValueError(f"expert_groups={expert_groups} must divide the {logical_load.shape[1]} logical experts")
     if not min_improvement >= 0:
         raise ValueError(f"min_improvement: must be >= 0 (balancedness gain per layer), got {min_improvement}")
     load = logical_load.detach().to(torch.float64).cpu()
@@ -189,7 +203,7 @@ def _plan(
     load_np, cur_np = load.numpy(), current.numpy()
     rows, hierarchical, skipped = [], 0, 0
     for i in range(cur_np.shape[0]):
-        kw = {"modes": modes, "tolerance": tolerance}
+        kw = {"modes": modes, "tolerance": tolerance, "groups": expert_groups}
         row, from_hierarchical = _plan_layer(load_np[i], cur_np[i], ep, min_improvement=min_improvement, **kw)
         if min_improvement > 0:  # what planning with min_improvement = 0 would move on top
             exact, _ = _plan_layer(load_np[i], cur_np[i], ep, min_improvement=0.0, **kw)
@@ -278,13 +292,20 @@ def _bars(fresh_max: float, mean: float, *, tolerance: float, min_improvement: f
 
 
 def _plan_layer(
-    load: np.ndarray, current: np.ndarray, ep: int, *, modes: tuple[int, ...], tolerance: float, min_improvement: float
+    load: np.ndarray,
+    current: np.ndarray,
+    ep: int,
+    *,
+    modes: tuple[int, ...],
+    tolerance: float,
+    min_improvement: float,
+    groups: int = 1,
 ) -> tuple[np.ndarray, bool]:
     """physical_to_logical row [P] for one layer (steps 6-8) and whether it comes from
     hierarchical packing."""
     if ep == 1 or not load.any():  # no expert slots change any rank load
         return current, len(modes) == 1 and modes[0] > 1
-    kw = {"tolerance": tolerance, "min_improvement": min_improvement}
+    kw = {"tolerance": tolerance, "min_improvement": min_improvement, "groups": groups}
     if len(modes) == 1:
         cands, bars = _candidates(load, current, ep, nodes=modes[0], **kw)
         return _cheapest(load, current, ep, cands=cands, bars=bars), modes[0] > 1
@@ -299,15 +320,23 @@ def _plan_layer(
 
 
 def _candidates(
-    load: np.ndarray, current: np.ndarray, ep: int, *, nodes: int, tolerance: float, min_improvement: float
+    load: np.ndarray,
+    current: np.ndarray,
+    ep: int,
+    *,
+    nodes: int,
+    tolerance: float,
+    min_improvement: float,
+    groups: int = 1,
 ) -> tuple[list[np.ndarray], tuple[float, float]]:
     """Steps 1-5 in one mode: [current, warm (if any), fresh] and the bars of steps 6, 7
     (current's, moving candidates')."""
-    fresh = _fresh(load, current, ep, nodes)
+    groups = groups if nodes > 1 else 1
+    fresh = _fresh(load, current, ep, nodes, groups)
     mean = float(load.sum()) / ep
     bars = _bars(_layer_max(load, fresh, ep), mean, tolerance=tolerance, min_improvement=min_improvement)
     hint, budget = np.bincount(fresh, minlength=load.size), int((fresh != current).sum())
-    warm = _warm(load, current, ep, nodes=nodes, hint=hint, good_enough=bars[1], budget=budget)
+    warm = _warm(load, current, ep, nodes=nodes, groups=groups, hint=hint, good_enough=bars[1], budget=budget)
     return [c for c in (current, warm, fresh) if c is not None], bars
 
 
@@ -325,23 +354,35 @@ def _cheapest(
     return cands[int(np.argmin(moved))]
 
 
-def _fresh(load: np.ndarray, current: np.ndarray, ep: int, nodes: int) -> np.ndarray:
+def _fresh(load: np.ndarray, current: np.ndarray, ep: int, nodes: int, groups: int) -> np.ndarray:
     """Steps 1-4: pack from scratch, then match the bins to the current ranks."""
     bins = [
-        experts[_pack_node(load[experts], ep // nodes, current.size // ep)] for experts in _split_nodes(load, nodes)
+        experts[_pack_node(load[experts], ep // nodes, current.size // ep)]
+        for experts in _split_nodes(load, nodes, groups)
     ]
     return match_to_current(np.stack(bins), current, ep, nodes=nodes, num_logical=load.size)
 
 
-def _split_nodes(load: np.ndarray, nodes: int) -> np.ndarray:
-    """Step 1: logical experts of each node [nodes, E/nodes], sorted."""
+def _split_nodes(load: np.ndarray, nodes: int, groups: int) -> np.ndarray:
+    """Step 1: logical experts of each node [nodes, E/nodes], sorted (whole groups of
+    E/groups consecutive experts when groups > 1)."""
     if nodes == 1:
         return np.arange(load.size)[None, :]
-    per_node = load.size // nodes
-    empty = np.full(load.size, -1)
-    b = Bins(pack_greedy(load, np.arange(load.size), empty, k=per_node, slot_load=np.zeros(load.size)), load, per_node)
+    unit_load = load.reshape(groups, -1).sum(axis=1) if groups > 1 else load
+    per_node = unit_load.size // nodes
+    empty = np.full(unit_load.size, -1)
+    units = np.arange(unit_load.size)
+    b = Bins(pack_greedy(unit_load, units, empty, k=per_node, slot_load=np.zeros(unit_load.size)), unit_load, per_node)
     refine(b)
-    return np.sort(b.slots.reshape(nodes, per_node), axis=1)
+    return np.sort(_experts_of_units(b.slots.reshape(nodes, per_node), load.size, groups), axis=1)
+
+
+def _experts_of_units(units: np.ndarray, num_experts: int, groups: int) -> np.ndarray:
+    """[nodes, units per node] of experts (groups == 1) or groups -> [nodes, experts per node]."""
+    if groups == 1:
+        return units
+    size = num_experts // groups
+    return (units[..., None] * size + np.arange(size)).reshape(units.shape[0], -1)
 
 
 def _pack_node(load: np.ndarray, ranks: int, k: int) -> np.ndarray:
@@ -357,7 +398,15 @@ def _pack_node(load: np.ndarray, ranks: int, k: int) -> np.ndarray:
 
 
 def _warm(
-    load: np.ndarray, current: np.ndarray, ep: int, *, nodes: int, hint: np.ndarray, good_enough: float, budget: int
+    load: np.ndarray,
+    current: np.ndarray,
+    ep: int,
+    *,
+    nodes: int,
+    groups: int,
+    hint: np.ndarray,
+    good_enough: float,
+    budget: int,
 ) -> np.ndarray | None:
     """Step 5; None when some expert's replicas span nodes (no warm start in that layout) or
     when it would change ``budget`` slots (the fresh plan's count) or more. hint [E] = the
@@ -365,7 +414,7 @@ def _warm(
     stop once the max rank load is <= good_enough."""
     slots_per_node, k, ranks = current.size // nodes, current.size // ep, ep // nodes
     per_node = current.reshape(nodes, slots_per_node)
-    node_experts = _warm_nodes(load, per_node, good_enough * ranks)
+    node_experts = _warm_nodes(load, per_node, groups, good_enough * ranks)
     if node_experts is None:
         return None
     out = np.empty_like(current)
@@ -383,19 +432,28 @@ def _warm(
     return keep_slots(out.reshape(ep, k), current.reshape(ep, k)).ravel()
 
 
-def _warm_nodes(load: np.ndarray, per_node: np.ndarray, good_enough: float) -> list[np.ndarray] | None:
+def _warm_nodes(load: np.ndarray, per_node: np.ndarray, groups: int, good_enough: float) -> list[np.ndarray] | None:
     """Experts of each node [nodes][sorted ids]: the current ones, rebalanced by swapping
-    experts between nodes (local search, until the heaviest node is <= good_enough) when
-    every node holds E/nodes of them; None when some expert spans nodes."""
+    experts (whole groups when groups > 1) between nodes (local search, until the heaviest
+    node is <= good_enough) when every node holds E/nodes of them; None when some expert
+    spans nodes, or (groups > 1) some group does."""
     members = [np.unique(row) for row in per_node]
     if sum(m.size for m in members) != load.size:
         return None
     nodes = len(members)
     if nodes == 1 or any(m.size != load.size // nodes for m in members):
-        return members
-    b = Bins(np.concatenate(members), load, load.size // nodes)
+        return None if groups > 1 else members
+    unit_load, units = load, members
+    if groups > 1:
+        size = load.size // groups
+        units = [np.unique(m // size) for m in members]
+        if any(u.size * size != m.size for u, m in zip(units, members)):
+            return None
+        unit_load = load.reshape(groups, -1).sum(axis=1)
+    b = Bins(np.concatenate(units), unit_load, unit_load.size // nodes)
     refine(b, good_enough)
-    return [np.sort(row) for row in b.slots.reshape(nodes, -1)]
+    node_units = b.slots.reshape(nodes, -1)
+    return [np.sort(row) for row in _experts_of_units(node_units, load.size, groups)]
 
 
 def _warm_node(

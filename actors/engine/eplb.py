@@ -75,15 +75,18 @@ class EplbManager:
         physical_to_logical: torch.Tensor,
         num_logical: int,
         bytes_per_expert: int,
+        expert_groups: int = 1,
         planner: Planner = plan_in_thread,
     ) -> None:
+        """``expert_groups``: the routing's expert groups (group-limited routing; 1 = none),
+        which hierarchical planning packs whole onto nodes."""
         self.config, self.ranks, self.planner = config, ranks, planner
         self.ep = layout.ep
         # hierarchical planning is possible when the EP group spans nodes evenly
         spans = layout.nodes if layout.nodes > 1 and self.ep % layout.nodes == 0 else 1
         self.nodes = spans if num_logical % spans == 0 else 1
         self.physical_to_logical = physical_to_logical.clone()  # [moe_layers, P], what the ranks run now
-        self.num_logical, self.bytes_per_expert = num_logical, bytes_per_expert
+        self.num_logical, self.bytes_per_expert, self.expert_groups = num_logical, bytes_per_expert, expert_groups
         self.requested: Optional[_Request] = None
         self.last_plan: Optional[EplbPlan] = None
         self.status: dict[str, Any] = {"state": "starting", "rebalances": 0}
@@ -175,6 +178,7 @@ class EplbManager:
                 nodes=self.nodes,
                 bytes_per_expert=self.bytes_per_expert,
                 min_improvement=self.config.min_improvement,
+                expert_groups=self.expert_groups,
             )
         )
         while not planning.done():

@@ -288,6 +288,39 @@ def test_auto_policy_ties_go_to_global_and_one_node_plans_globally():
         plan_with_policy(load, current, 4, policy="nodes", nodes=2, bytes_per_expert=1)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_group_limited_routing_packs_whole_groups_onto_nodes(seed):
+    """With expert groups (DeepSeek-V3: 8 groups, a token's experts in 4 of them) every
+    replica of a group's experts sits on its group's node, so a token reaches at most
+    topk_group nodes; auto plans that way; planning again moves nothing; a count of groups
+    that does not split over the nodes falls back to the other modes."""
+    rng = np.random.default_rng(seed)
+    layers, experts, groups, nodes, ep, physical = 3, 32, 8, 2, 8, 48
+    load = sample_window(rng, zipf_weights(rng, layers, experts), 50_000)
+    current = default_expert_slots(layers, experts, physical)
+    kw = {"nodes": nodes, "bytes_per_expert": 1, "expert_groups": groups}
+    for policy in ("auto", "hierarchical"):
+        plan = plan_with_policy(load, current, ep, policy=policy, **kw)
+        assert plan.mode == "hierarchical" and plan.balancedness_after >= plan.balancedness_before
+        slots_per_node = physical // nodes
+        for row in plan.physical_to_logical.tolist():
+            node_of_group = {}
+            for slot, expert in enumerate(row):
+                group, node = expert // (experts // groups), slot // slots_per_node
+                assert node_of_group.setdefault(group, node) == node, f"group {group} spans nodes"
+        again = plan_with_policy(load, plan.physical_to_logical, ep, policy=policy, **kw)
+        assert again.moved_slots == 0
+    assert plan_with_policy(load, current, ep, policy="global", **kw).mode == "global"
+    # 8 groups over 3 nodes: no whole-group packing, auto pools both modes as without groups
+    odd = {**kw, "nodes": 3, "expert_groups": groups}
+    load3, current3 = load[:, :30], default_expert_slots(layers, 30, 48)
+    assert plan_with_policy(load3, current3, 6, policy="auto", **odd).balancedness_after >= (
+        plan_with_policy(load3, current3, 6, policy="global", **odd).balancedness_after
+    )
+    with pytest.raises(ValueError, match="expert_groups"):
+        plan_with_policy(load[:, :30], current.clamp(max=29), ep, policy="hierarchical", **{**kw, "nodes": 2})
+
+
 @pytest.mark.parametrize("seed", range(2))
 def test_min_improvement_keeps_steady_state_replans_small(seed):
     rng = np.random.default_rng(seed)
