@@ -77,13 +77,6 @@ class Controller:
         return await asyncio.to_thread(self._load_model, collect_logits)
 
     def _load_model(self, collect_logits: bool) -> ModelInfo:
-        if self.layout.cp > 1:
-            # the layout and its groups support cp, but attention here is not context-parallel:
-            # every cp rank would compute the same attention (correct, never faster) -- say so
-            raise ValueError(
-                "parallel.cp: the engine does not implement context-parallel attention yet; use cp: 1 "
-                "(tp, dp and ep are supported)"
-            )
         t0 = time.perf_counter()
         self.model = model = open_model(self.config)
         num_blocks = self._load_ranks(model.path)

@@ -155,6 +155,9 @@ class Config:
     def validate(self) -> "Config":
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
+        cp, block = self.parallel.cp, self.engine.block_size
+        # context parallelism puts token p of a block on cp rank p % cp: each holds block_size / cp slots
+        _require(block % cp == 0, "engine.block_size", f"must be a multiple of parallel.cp ({cp}) when cp > 1")
         return self
 
     def replace(self, overrides: Optional[dict[str, Any]] = None, /, **more: Any) -> "Config":

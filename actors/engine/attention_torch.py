@@ -2,16 +2,28 @@
 
 The CPU path and the reference the GPU backend is checked against. The KV
 cache layout is FlashInfer's paged layout, so both backends share it:
-``[layers, num_blocks, 2 (k, v), block_size, kv_heads, head_dim]``; for latent
-attention (``forward_latent``) ``[layers, num_blocks, block_size, latent + rope]``.
+``[layers, num_blocks, 2 (k, v), block_slots, kv_heads, head_dim]``; for latent
+attention (``forward_latent``) ``[layers, num_blocks, block_slots, latent + rope]``.
+
+Context parallelism (``cp`` > 1): the token at position p lives on cp rank p % cp, in
+slot (p % block_size) // cp of its block, so every rank holds 1/cp of every block
+(``block_slots`` = block_size / cp) and the block tables are the same on every rank.
+Each rank attends every query of the step to the keys it holds, keeping the
+log-sum-exp of each query's scores; the partial outputs are gathered over the cp group
+and merged (see ``merge_partials``).
 """
 
 from __future__ import annotations
+
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
 from raymoe.actors.engine.step import StepLayout
+from raymoe.comm.group import GroupCoordinator
+
+KeysValues = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def write_kv(
@@ -23,65 +35,111 @@ def write_kv(
     cache[blocks, 1, offsets] = v
 
 
+def merge_partials(outs: torch.Tensor, lses: torch.Tensor) -> torch.Tensor:
+    """Attention over a key set split into parts: outs [parts, T, H, D] (each part's
+    softmax-weighted values), lses [parts, T, H] (each part's log-sum-exp of scores, -inf
+    for a part with no key) -> the attention over all keys [T, H, D]."""
+    weights = torch.softmax(lses, dim=0)  # each part's share of the total exp-sum
+    return (weights.unsqueeze(-1) * outs).sum(dim=0)
+
+
 class TorchAttention:
-    def __init__(self, kv_cache: torch.Tensor, block_size: int, *, latent_dim: int = 0, sm_scale: float = 0.0) -> None:
-        """``latent_dim`` and ``sm_scale``: a latent cache's value width and softmax scale (forward_latent)."""
+    def __init__(
+        self,
+        kv_cache: torch.Tensor,
+        block_size: int,
+        *,
+        latent_dim: int = 0,
+        sm_scale: float = 0.0,
+        cp: Optional[GroupCoordinator] = None,
+    ) -> None:
+        """``latent_dim`` and ``sm_scale``: a latent cache's value width and softmax scale
+        (forward_latent). ``cp``: the context-parallel group (None: no cp)."""
         self.kv_cache = kv_cache
         self.block_size = block_size
         self.latent_dim, self.sm_scale = latent_dim, sm_scale
+        self.cp = cp if cp is not None and cp.world_size > 1 else None
+        self.cp_size, self.cp_rank = (cp.world_size, cp.rank_in_group) if self.cp else (1, 0)
         self.layout: StepLayout | None = None
 
     def plan(self, layout: StepLayout) -> None:
-        """Per step, before the forward: where each token's k/v goes and what each sequence reads."""
+        """Per step, before the forward: where the step's tokens' k/v go (the rows this rank
+        holds) and which cached keys each sequence reads here."""
         self.layout = layout
-        dev = self.kv_cache.device
-        self._write = (layout.slot_blocks.to(dev), layout.slot_offsets.to(dev))
+        dev, n, r, bs = self.kv_cache.device, self.cp_size, self.cp_rank, self.block_size
+        mine = torch.nonzero(layout.positions % n == r).flatten()
+        slots = (layout.positions[mine] % bs) // n
+        self._write_rows = None if n == 1 else mine.to(dev)
+        self._write = (layout.slot_blocks[mine].to(dev), slots.to(dev))
         self._reads = []
         for table, context in zip(layout.block_tables, layout.context_lens.tolist()):
-            pos = torch.arange(context)
-            blocks = torch.from_numpy(table.astype("int64"))[pos // self.block_size]
-            self._reads.append((blocks.to(dev), (pos % self.block_size).to(dev)))
+            pos = torch.arange(r, max(context, r), n)  # empty when the context ends before r
+            blocks = torch.from_numpy(table.astype("int64"))[pos // bs]
+            self._reads.append((blocks.to(dev), ((pos % bs) // n).to(dev), pos.to(dev)))
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [T, heads, D], k/v [T, kv_heads, D] -> [T, heads, D]; writes k/v into the cache first."""
         assert self.layout is not None, "plan() before forward()"
         cache = self.kv_cache[layer]
-        write_kv(cache, *self._write, k=k, v=v)
+        rows = self._write_rows
+        write_kv(cache, *self._write, k=k if rows is None else k[rows], v=v if rows is None else v[rows])
         group = q.shape[1] // k.shape[1]
 
-        def keys_values(rb: torch.Tensor, ro: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            keys = cache[rb, 0, ro].transpose(0, 1).repeat_interleave(group, dim=0)  # [heads, ctx, D]
-            return keys, cache[rb, 1, ro].transpose(0, 1).repeat_interleave(group, dim=0)
+        def keys_values(blocks: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            keys = cache[blocks, 0, slots].transpose(0, 1).repeat_interleave(group, dim=0)  # [heads, ctx, D]
+            return keys, cache[blocks, 1, slots].transpose(0, 1).repeat_interleave(group, dim=0)
 
-        return self._attend(q, torch.empty_like(q), keys_values, scale=None)
+        return self._attend(q, q.shape[-1], keys_values, scale=None)
 
     def forward_latent(self, layer: int, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
         """q [T, heads, L + R], kv [T, L + R] -> [T, heads, L] (see models.batch.LatentAttention);
         writes kv into the latent cache first."""
         assert self.layout is not None, "plan() before forward_latent()"
         cache = self.kv_cache[layer]
-        cache[self._write] = kv
+        cache[self._write] = kv if self._write_rows is None else kv[self._write_rows]
 
-        def keys_values(rb: torch.Tensor, ro: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            keys = cache[rb, ro].expand(q.shape[1], -1, -1)  # [heads, ctx, L + R]: one entry every head reads
+        def keys_values(blocks: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            keys = cache[blocks, slots].expand(q.shape[1], -1, -1)  # [heads, ctx, L + R]: one entry every head reads
             return keys, keys[..., : self.latent_dim]
 
-        out = q.new_empty(q.shape[0], q.shape[1], self.latent_dim)
-        return self._attend(q, out, keys_values, scale=self.sm_scale)
+        return self._attend(q, self.latent_dim, keys_values, scale=self.sm_scale)
 
-    def _attend(self, q: torch.Tensor, out: torch.Tensor, keys_values, scale: float | None) -> torch.Tensor:
-        """Causal attention of each sequence's queries over its cached keys, into ``out``."""
+    def _attend(self, q: torch.Tensor, value_dim: int, keys_values: KeysValues, scale: float | None) -> torch.Tensor:
+        """Causal attention of each sequence's queries over its cached keys -> [T, heads, value_dim]."""
         assert self.layout is not None
         starts = self.layout.query_start.tolist()
-        for i, (rb, ro) in enumerate(self._reads):
-            lo, hi, context = starts[i], starts[i + 1], len(rb)
-            keys, vals = keys_values(rb, ro)
-            # query j sits at position context - n + j and sees keys up to it
-            first = context - (hi - lo)
-            mask = torch.arange(context, device=q.device)[None, :] <= (
-                first + torch.arange(hi - lo, device=q.device)[:, None]
-            )
+        contexts = self.layout.context_lens.tolist()
+        out = q.new_empty(q.shape[0], q.shape[1], value_dim, dtype=q.dtype if self.cp is None else torch.float32)
+        lse = torch.empty(q.shape[0], q.shape[1], dtype=torch.float32, device=q.device) if self.cp else None
+        for i, (blocks, slots, key_pos) in enumerate(self._reads):
+            lo, hi = starts[i], starts[i + 1]
+            keys, vals = keys_values(blocks, slots)
+            # query j of the chunk sits at position context - n + j and sees keys up to it
+            query_pos = contexts[i] - (hi - lo) + torch.arange(hi - lo, device=q.device)
+            mask = key_pos[None, :] <= query_pos[:, None]
             qs = q[lo:hi].transpose(0, 1)  # [heads, n, D]
-            o = F.scaled_dot_product_attention(qs, keys, vals, attn_mask=mask, scale=scale)
+            if lse is None:
+                o = F.scaled_dot_product_attention(qs, keys, vals, attn_mask=mask, scale=scale)
+            else:
+                o, lse[lo:hi] = partial_attention(qs, keys, vals, mask, scale)
             out[lo:hi] = o.transpose(0, 1)
-        return out
+        if self.cp is None:
+            return out
+        cp = self.cp
+        outs = cp.all_gather(out.unsqueeze(0)).view(cp.world_size, *out.shape)
+        lses = cp.all_gather(lse.unsqueeze(0)).view(cp.world_size, *lse.shape)
+        return merge_partials(outs, lses).to(q.dtype)
+
+
+def partial_attention(
+    q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, mask: torch.Tensor, scale: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [H, n, D], keys [H, ctx, D], vals [H, ctx, Dv], mask [n, ctx] -> (softmax-weighted
+    values [H, n, Dv], log-sum-exp of the scores [n, H]), float32; a query with no key here
+    gets zeros and -inf."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = (q.float() @ keys.float().transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [H, n]
+    probs = torch.exp(scores - lse.clamp(min=torch.finfo(torch.float32).min).unsqueeze(-1))
+    return probs @ vals.float(), lse.transpose(0, 1)

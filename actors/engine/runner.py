@@ -41,49 +41,41 @@ from raymoe.actors.models.expert_map import ExpertMap
 from raymoe.actors.models.spec import ModelSpec, resolve_dtype
 from raymoe.cluster.config import Config
 from raymoe.cluster.expert_slots import default_expert_slots, num_physical_experts
+from raymoe.comm.group import GroupCoordinator
 
 log = logging.getLogger(__name__)
 
 CPU_KV_BUDGET_BYTES = 2 * 2**30  # auto-sized CPU caches stop here
 
 
-def make_attention(kind: str, kv_cache: torch.Tensor, block_size: int, model: CausalLM) -> Any:
-    """The attention backend for ``engine.attention_backend``: auto = FlashInfer on GPU, torch on CPU."""
+def make_attention(
+    kind: str, kv_cache: torch.Tensor, block_size: int, model: CausalLM, cp: Optional[GroupCoordinator] = None
+) -> Any:
+    """The attention backend for ``engine.attention_backend``: auto = FlashInfer on GPU, torch on
+    CPU (and on GPU for what FlashInfer does not run here, with a warning)."""
     on_gpu = kv_cache.device.type == "cuda"
-    mla, heads = model.spec.mla, model.layers[0].attn.heads
     if kind == "flashinfer" and not on_gpu:
         raise ValueError("engine.attention_backend: flashinfer needs parallel.device: cuda; use torch or auto")
-    if kind == "flashinfer" or (kind == "auto" and on_gpu):
-        try:
-            if mla is not None:
-                from raymoe.actors.engine.attention_flashinfer_mla import FlashInferLatentAttention, check_latent_dims
+    mla, heads = model.spec.mla, model.layers[0].attn.heads
+    latent = dict(latent_dim=mla.kv_lora_rank, sm_scale=mla.softmax_scale) if mla is not None else {}
+    if kind == "torch" or not on_gpu:
+        return TorchAttention(kv_cache, block_size, cp=cp, **latent)
+    try:
+        from raymoe.actors.engine.attention_flashinfer import FlashInferAttention
+        from raymoe.actors.engine.attention_flashinfer_mla import FlashInferLatentAttention, check_latent_dims
 
-                try:
-                    check_latent_dims(mla.kv_lora_rank, mla.qk_rope_head_dim)
-                except ValueError as e:
-                    if kind == "flashinfer":
-                        raise ValueError(f"engine.attention_backend: {e}") from e
-                    log.warning("%s; using torch attention, which is slow on GPU", e)
-                    return TorchAttention(kv_cache, block_size, latent_dim=mla.kv_lora_rank, sm_scale=mla.softmax_scale)
-                return FlashInferLatentAttention(
-                    kv_cache, block_size, heads, latent_dim=mla.kv_lora_rank, sm_scale=mla.softmax_scale
-                )
-            from raymoe.actors.engine.attention_flashinfer import FlashInferAttention
-
-            return FlashInferAttention(kv_cache, block_size, heads, kv_cache.shape[-2])
-        except ImportError as e:
-            if kind == "flashinfer":
-                raise ValueError(
-                    f"engine.attention_backend: flashinfer is not importable ({e}); pip install 'raymoe[gpu]'"
-                ) from e
-            log.warning(
-                "FlashInfer is not importable (%s): using torch attention, which is slow on GPU; "
-                "pip install 'raymoe[gpu]'",
-                e,
-            )
-    if mla is not None:
-        return TorchAttention(kv_cache, block_size, latent_dim=mla.kv_lora_rank, sm_scale=mla.softmax_scale)
-    return TorchAttention(kv_cache, block_size)
+        if cp is not None and cp.world_size > 1:
+            raise ValueError("FlashInfer attention does not run context parallelism (parallel.cp > 1) yet")
+        if mla is not None:
+            check_latent_dims(mla.kv_lora_rank, mla.qk_rope_head_dim)
+            return FlashInferLatentAttention(kv_cache, block_size, heads, **latent)
+        return FlashInferAttention(kv_cache, block_size, heads, kv_cache.shape[-2])
+    except (ImportError, ValueError) as e:
+        if kind == "flashinfer":
+            fix = "pip install 'raymoe[gpu]'" if isinstance(e, ImportError) else "use torch or auto"
+            raise ValueError(f"engine.attention_backend: flashinfer: {e}; {fix}") from e
+        log.warning("%s: using torch attention, which is slow on GPU", e)
+    return TorchAttention(kv_cache, block_size, cp=cp, **latent)
 
 
 class ModelRunner:
@@ -95,6 +87,8 @@ class ModelRunner:
         self.dtype = resolve_dtype(config.model.dtype, spec, self.device)
         self.max_model_len = max_model_len
         self.block_size = config.engine.block_size
+        # with context parallelism each rank holds 1/cp of every block (attention_torch.py)
+        self.block_slots = self.block_size // ctx.groups.cp.world_size
         self.is_driver = ctx.groups.attn.rank_in_group == 0
         self.expert_map = self._initial_expert_map()
         t0 = time.perf_counter()
@@ -141,7 +135,7 @@ class ModelRunner:
 
     def kv_block_bytes(self) -> int:
         elem = torch.empty((), dtype=self.dtype).element_size()
-        return math.prod(self.model.kv_cache_shape(1, self.block_size)) * elem
+        return math.prod(self.model.kv_cache_shape(1, self.block_slots)) * elem
 
     def max_kv_blocks(self) -> int:
         """How many KV blocks this rank can hold (the controller allocates the minimum over ranks)."""
@@ -157,10 +151,12 @@ class ModelRunner:
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """KV cache of ``num_blocks`` blocks plus one scratch block (CUDA-graph padding rows write there)."""
-        shape = self.model.kv_cache_shape(num_blocks + 1, self.block_size)
+        shape = self.model.kv_cache_shape(num_blocks + 1, self.block_slots)
         kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.scratch_block = num_blocks
-        self.attention = make_attention(self.config.engine.attention_backend, kv_cache, self.block_size, self.model)
+        self.attention = make_attention(
+            self.config.engine.attention_backend, kv_cache, self.block_size, self.model, cp=self.ctx.groups.cp
+        )
         self.graphs = self._capture_graphs(scratch_block=num_blocks)
         if self.device.type == "cuda":
             self.compile_step_kernels()

@@ -22,11 +22,14 @@ tokens. The MoE layer
 The layer never looks at which rank holds a logical expert except through the
 ExpertMap, so load balancing can move and replicate experts without touching it.
 
-Shared experts (Qwen2-MoE, GLM-4.5) are a dense MLP every token goes through, split
-over ``tp`` like the dense MLP and outside the ExpertMap (load balancing moves routed
-experts only). Each rank adds its share of their output to its share of the routed
-output for the sum over the world to finish: with dp == 1 the world is the tp group;
-with dp > 1 the share lands on this replica's rows.
+Shared experts (Qwen2-MoE, GLM-4.5, DeepSeek) are a dense MLP every token goes through,
+split over ``tp`` like the dense MLP and outside the ExpertMap (load balancing moves
+routed experts only). Each rank of the first cp rank's tp group adds its share of their
+output to its share of the routed output for the sum over the world to finish (with
+dp > 1 the share lands on this replica's rows).
+
+Context parallelism (cp > 1): the cp ranks of a replica hold the same tokens, so the
+routed experts' sum over the world counts each (token, expert) once, as without cp.
 """
 
 from __future__ import annotations
@@ -106,8 +109,9 @@ class MoE(nn.Module):
             if spec.moe.shared_gate
             else None
         )
-        # the shared experts' share is summed with the routed ones over the world: with dp == 1 that is tp
-        assert self.shared is None or groups.dp.world_size > 1 or groups.tp.world_size == groups.world.world_size
+        # the shared experts' share is summed with the routed ones over the world, whose cp ranks
+        # all hold the same tp share: only the first cp rank adds it
+        self.adds_shared = self.shared is not None and groups.cp.rank_in_group == 0
         self.w13 = nn.Parameter(
             torch.zeros(self.slots, 2 * self.inter, h, dtype=dtype, device=device), requires_grad=False
         )
@@ -169,8 +173,9 @@ class MoE(nn.Module):
         return dispatch_choices(weights, logical, **tables)
 
     def _shared(self, x: torch.Tensor) -> torch.Tensor | None:
-        """x [T, H] -> this rank's share of the shared experts' output [T, H] (a sum over tp), or None."""
-        if self.shared is None:
+        """x [T, H] -> this rank's share of the shared experts' output [T, H] (a sum over tp), or
+        None (no shared experts, or another cp rank adds them)."""
+        if not self.adds_shared:
             return None
         out = self.shared(x).x
         return out * torch.sigmoid(linear(x, self.shared_gate)) if self.shared_gate is not None else out

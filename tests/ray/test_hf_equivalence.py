@@ -5,6 +5,7 @@ for MoE and dense architectures and every (tp, ep) layout, with mixed prompt len
 from __future__ import annotations
 
 import random
+import sys
 
 import pytest
 import ray
@@ -13,6 +14,8 @@ from model_zoo import hf_greedy, write_checkpoint
 
 from raymoe.cluster.config import Config, config_from_dict
 from raymoe.deploy import LLM, SamplingParams
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 NEW_TOKENS = 32
 # (tp, ep); the world is tp * dp with dp = ep / tp when ep exceeds tp (data-parallel attention)
@@ -58,11 +61,12 @@ def references(tmp_path_factory):
     return reference
 
 
-def _config(path, tp: int, ep: int, pipelined: bool = False) -> Config:
+def _config(path, tp: int, ep: int, pipelined: bool = False, cp: int = 1, dp: int = 0) -> Config:
+    """dp = 0: ep / tp when ep exceeds tp (data-parallel attention), else 1."""
     return config_from_dict(
         {
             "model": {"path": str(path), "dtype": "float32"},
-            "parallel": {"tp": tp, "dp": max(1, ep // tp), "ep": ep, "device": "cpu"},
+            "parallel": {"tp": tp, "cp": cp, "dp": dp or max(1, ep // tp), "ep": ep, "device": "cpu"},
             # a small token budget forces chunked prefill of the long prompts
             "engine": {
                 "block_size": 8,
@@ -92,10 +96,17 @@ def test_pipelined_steps_equal_to_transformers(ray_session, references):
     _check(references, "qwen3_moe", tp=2, ep=4, pipelined=True)
 
 
-def _check(references, kind: str, tp: int, ep: int, pipelined: bool) -> None:
+def _kv_slots_per_block(ctx) -> int:
+    runner = ctx.state["runner"]
+    return runner.attention.kv_cache.shape[2 if runner.spec.mla is not None else 3]
+
+
+def _check(references, kind: str, tp: int, ep: int, pipelined: bool, cp: int = 1, dp: int = 0) -> None:
     sampling = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
     path, expected = references(kind)
-    with LLM(_config(path, tp, ep, pipelined), collect_logits=True) as llm:
+    with LLM(_config(path, tp, ep, pipelined, cp=cp, dp=dp), collect_logits=True) as llm:
+        # with cp, each rank's cache holds block_size / cp slots of every block
+        assert set(ray.get(llm.controller.run_on_ranks.remote(_kv_slots_per_block))) == {8 // cp}
         outputs = llm.generate(_prompts(), sampling)
         # again: each prompt's full blocks now come from the prefix cache (on its DP replica)
         again = llm.generate(_prompts(), sampling)
@@ -109,7 +120,28 @@ def _check(references, kind: str, tp: int, ep: int, pipelined: bool) -> None:
             assert err < 1e-3, f"{kind} tp={tp} ep={ep} prompt {i}: logits rel. error {err:.2e}"
 
 
-def test_context_parallel_engine_is_refused_clearly(ray_session):
-    # the layout and groups support cp; the engine's attention does not (yet): a clear error
-    with pytest.raises(ray.exceptions.RayTaskError, match="parallel.cp"):
-        LLM(config_from_dict({"parallel": {"cp": 2}, "engine": {"num_kv_blocks": 64}}))
+# context parallelism: (kind, tp, cp, dp, ep); block_size 8, so a cp rank holds 8 / cp slots
+# of every block and the long prompts span many blocks per cp rank; chunked prefill as above.
+# At most 4 ranks: the test cluster's nodes have 4 CPUs (cp 4 x tp 2 does not fit)
+CP_CASES = [
+    ("qwen3_moe", 1, 2, 1, 2),
+    ("qwen3_moe", 2, 2, 1, 4),
+    ("qwen3_moe", 1, 4, 1, 4),
+    ("qwen2_moe", 1, 4, 1, 2),
+    ("deepseek_v3", 1, 2, 2, 4),
+    ("glm4_moe", 2, 2, 1, 2),
+]
+
+
+@pytest.mark.parametrize(
+    "kind,tp,cp,dp,ep", CP_CASES, ids=[f"{k}-tp{t}-cp{c}-dp{d}-ep{e}" for k, t, c, d, e in CP_CASES]
+)
+def test_context_parallel_equal_to_transformers(ray_session, references, kind, tp, cp, dp, ep):
+    """Each cp rank holds 1/cp of every sequence's KV and attends to it; the partial
+    attentions merge over the cp group."""
+    _check(references, kind, tp, ep, pipelined=False, cp=cp, dp=dp)
+
+
+def test_context_parallel_needs_a_block_size_it_divides():
+    with pytest.raises(ValueError, match="engine.block_size"):
+        config_from_dict({"parallel": {"cp": 3}, "engine": {"block_size": 16}})
