@@ -66,7 +66,14 @@ def _config(path, tp: int, ep: int, pipelined: bool = False, cp: int = 1, dp: in
     return config_from_dict(
         {
             "model": {"path": str(path), "dtype": "float32"},
-            "parallel": {"tp": tp, "cp": cp, "dp": dp or max(1, ep // tp), "ep": ep, "device": "cpu"},
+            "parallel": {
+                "tp": tp,
+                "cp": cp,
+                "dp": dp or max(1, ep // tp),
+                "ep": ep,
+                "device": "cpu",
+                "nodes": 2 if tp * cp * (dp or max(1, ep // tp)) > 4 else 1,
+            },
             # a small token budget forces chunked prefill of the long prompts
             "engine": {
                 "block_size": 8,
@@ -122,7 +129,7 @@ def _check(references, kind: str, tp: int, ep: int, pipelined: bool, cp: int = 1
 
 # context parallelism: (kind, tp, cp, dp, ep); block_size 8, so a cp rank holds 8 / cp slots
 # of every block and the long prompts span many blocks per cp rank; chunked prefill as above.
-# At most 4 ranks: the test cluster's nodes have 4 CPUs (cp 4 x tp 2 does not fit)
+# The test cluster's two nodes have 4 CPUs each: cp 4 x tp 2 spans both (parallel.nodes 2)
 CP_CASES = [
     ("qwen3_moe", 1, 2, 1, 2),
     ("qwen3_moe", 2, 2, 1, 4),
@@ -130,6 +137,7 @@ CP_CASES = [
     ("qwen2_moe", 1, 4, 1, 2),
     ("deepseek_v3", 1, 2, 2, 4),
     ("glm4_moe", 2, 2, 1, 2),
+    ("qwen3_moe", 2, 4, 1, 8),
 ]
 
 
