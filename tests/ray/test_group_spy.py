@@ -145,7 +145,8 @@ class GroupSpy:
         return code.co_qualname, os.path.relpath(code.co_filename, self.repo)
 
     def label(self, group: Any) -> str:
-        """Which group object ``group`` is: "<kind>.cpu_group", "<kind>.device_group", or "default"."""
+        """Which group object ``group`` is: "<kind>.cpu_group", "<kind>.device_group", "default"
+        (the world's), or "<kind>.other" / "unknown" for one no coordinator of this rank holds."""
         if group is None:
             return "default"
         stack = self.stack()
