@@ -86,8 +86,10 @@ class CheckpointReader:
     def check_all_used(self, known_unused: Sequence[str]) -> list[str]:
         """ValueError naming the tensors neither read nor marked used, except those matching
         a ``known_unused`` regular expression (tensors the reference implementation ignores
-        too); -> those, sorted, for the caller to name in a warning."""
-        unread = sorted(set(self.file_of) - self.used)
+        too) and empty ones (no weights: e.g. the zero-width shared experts transformers
+        saves for ``n_shared_experts: 0``); -> the known ones, sorted, for the caller to name
+        in a warning."""
+        unread = sorted(name for name in set(self.file_of) - self.used if 0 not in self.shape(name))
         known = [name for name in unread if any(re.search(p, name) for p in known_unused)]
         unexpected = [name for name in unread if name not in known]
         if unexpected:

@@ -12,6 +12,7 @@ from model_zoo import write_checkpoint
 from safetensors.torch import load_file, save_file
 
 from raymoe.actors.engine.local import build_local_engine
+from raymoe.actors.engine.request import SamplingParams
 from raymoe.actors.models.checkpoint import CheckpointReader
 from raymoe.actors.models.decoder import known_unused_tensors
 from raymoe.actors.models.spec import spec_from_hf_config
@@ -20,6 +21,7 @@ from raymoe.cluster.config import config_from_dict
 
 def test_a_tensor_neither_read_nor_marked_used_fails_naming_it(tmp_path):
     tensors = {"a": torch.zeros(2), "b": torch.zeros(2), "c.inv_freq": torch.zeros(2), "d": torch.zeros(2)}
+    tensors["empty"] = torch.zeros(0, 4)  # no weights: never counted as unused
     save_file(tensors, str(tmp_path / "model.safetensors"))
     reader = CheckpointReader(tmp_path)
     reader.read("a")
@@ -75,3 +77,21 @@ def test_rotary_tables_in_the_checkpoint_are_named_in_one_warning(llama, tmp_pat
         _load(path)
     warnings = [r.getMessage() for r in caplog.records if "not used" in r.getMessage()]
     assert len(warnings) == 1 and all(name in warnings[0] for name in extra)
+
+
+def test_a_model_without_shared_experts_loads_the_empty_ones_transformers_saves(tmp_path):
+    """transformers' DeepSeek-V3 with n_shared_experts: 0 saves zero-width shared-expert
+    weights; raymoe builds no shared experts, loads, and gives transformers' greedy tokens."""
+    from model_zoo import hf_greedy
+
+    path = write_checkpoint("deepseek_v3", tmp_path / "v3", n_shared_experts=0)
+    assert load_file(str(path / "model.safetensors"))["model.layers.1.mlp.shared_experts.up_proj.weight"].numel() == 0
+    prompts = [[5, 17, 300, 42, 9], [100] * 12]
+    engine = _load(path)
+    for prompt, (want, _) in zip(prompts, hf_greedy(path, prompts, 6)):
+        rid = f"r{len(prompt)}"
+        engine.core.add_request(rid, prompt, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
+        got = []
+        while len(got) < 6:
+            got += [o.token for o in engine.core.step() if o.request_id == rid]
+        assert got == want
