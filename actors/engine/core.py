@@ -191,7 +191,7 @@ class EngineCore:
         for step, pending in zip(planned.inputs, planned.pending):
             rows = [(row, self._matchers.get(entry[0].request_id)) for row, entry in enumerate(pending) if entry]
             rows = [(row, m) for row, m in rows if m is not None]
-            masks.append(grammar_masks(rows, self.vocab_size) if step.grammar_late else None)
+            masks.append(grammar_masks(rows, self.grammars.mask_vocab_size) if step.grammar_late else None)
         return masks
 
     def apply(self, planned: StepInFlight, results: Sequence[StepOutput]) -> list[TokenOutput]:
@@ -268,7 +268,7 @@ class EngineCore:
             return dataclasses.replace(step, grammar_late=True)
         sampled = [c.request_id for c in chunks if c.sample]
         rows = [(row, self._matchers[rid]) for row, rid in enumerate(sampled) if rid in self._matchers]
-        return dataclasses.replace(step, grammar=grammar_masks(rows, self.vocab_size))
+        return dataclasses.replace(step, grammar=grammar_masks(rows, self.grammars.mask_vocab_size))
 
     @staticmethod
     def _advance_grammar(matcher: GrammarMatcher, token: int) -> bool:

@@ -11,6 +11,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from raymoe.actors.engine.logprobs import token_logprobs
 from raymoe.actors.engine.sampling_controls import apply_controls
@@ -106,10 +107,12 @@ def _mix(seed: int, step: int) -> int:
 def apply_token_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
     """``logits`` [R, vocab] with the tokens that ``bitmask`` [G, words] (int32, bit t % 32 of
     word t // 32 set = token t allowed; ``grammar.GrammarMasks``) disallows in rows ``rows``
-    [G] set to -inf (a new tensor). Plain torch: any device, any vocabulary size."""
+    [G] set to -inf (a new tensor); ids past the mask's 32 * words are disallowed. Plain
+    torch: any device, any vocabulary size."""
     vocab = logits.shape[-1]
     shifts = torch.arange(32, device=bitmask.device, dtype=torch.int32)
     allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)[:, :vocab]
+    allowed = F.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
     out = logits.clone()
     out[rows] = out[rows].masked_fill(~allowed, float("-inf"))
     return out

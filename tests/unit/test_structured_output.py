@@ -48,19 +48,54 @@ def test_rows_in_the_same_grammar_state_share_one_mask(engine):
     grammars = engine.local.core.grammars
     compiled = grammars.compile(GrammarSpec("json", json.dumps({"type": "object"})))
     matchers = [grammars.matcher(compiled) for _ in range(5)]
-    words = bitmask_words(grammars.vocab_size)
+    words = bitmask_words(grammars.mask_vocab_size)
     first = torch.zeros((1, words), dtype=torch.int32)
     matchers[0]._matcher.fill_next_token_bitmask(first, 0)
     token = int(np.flatnonzero(np.unpackbits(first.numpy().view(np.uint8), bitorder="little"))[0])
     for m in matchers[3:]:
         assert m.accept(token)  # two rows a token further
-    masks = grammar_masks(list(zip([4, 0, 7, 2, 9], matchers)), grammars.vocab_size)
+    masks = grammar_masks(list(zip([4, 0, 7, 2, 9], matchers)), grammars.mask_vocab_size)
     assert masks.rows.tolist() == [4, 0, 7, 2, 9]
     assert masks.bitmask.shape == (2, words) and masks.mask_of_row.tolist() == [0, 0, 0, 1, 1]
     for i, m in enumerate(matchers):
         own = torch.zeros((1, words), dtype=torch.int32)
         m._matcher.fill_next_token_bitmask(own, 0)
         assert np.array_equal(masks.bitmask[masks.mask_of_row[i]], own.numpy()[0])
+
+
+def test_masks_over_the_tokenizers_ids_equal_xgrammars_over_a_padded_vocabulary():
+    """A model vocabulary padded far past the tokenizer (the built-in tokenizer's 512 ids under
+    Qwen3-30B-A3B's 151,936 rows): masks cover the tokenizer's ids only, and applied they
+    disallow exactly what xgrammar's own mask over the whole vocabulary disallows."""
+    import transformers
+
+    from raymoe.actors.engine.grammar import GrammarCompiler
+    from raymoe.actors.engine.tokenizer import Tokenizer
+    from raymoe.actors.models.builtin import ensure_builtin
+
+    tok = Tokenizer.from_dir(ensure_builtin("qwen3-30b-a3b-shape"))
+    vocab = 151936
+    grammars = GrammarCompiler(tok, vocab, tok.eos_token_ids)
+    assert grammars.mask_vocab_size == tok.vocab_size < 1000
+    schema = json.dumps({"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]})
+    ours = grammars.matcher(grammars.compile(GrammarSpec("json", schema)))
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tok.backend)
+    info = xgrammar.TokenizerInfo.from_huggingface(hf, vocab_size=vocab, stop_token_ids=sorted(tok.eos_token_ids))
+    ref = xgrammar.GrammarMatcher(xgrammar.GrammarCompiler(info).compile_json_schema(schema, any_whitespace=False))
+    logits = torch.randn(1, vocab, generator=torch.Generator().manual_seed(1))
+    for _ in range(12):  # walk the grammar by the best allowed token
+        masks = grammar_masks([(0, ours)], grammars.mask_vocab_size)
+        assert masks.bitmask.shape[1] == bitmask_words(grammars.mask_vocab_size)
+        got = apply_token_bitmask(logits, torch.tensor([0]), torch.from_numpy(masks.bitmask))
+        full = torch.zeros((1, bitmask_words(vocab)), dtype=torch.int32)
+        ref.fill_next_token_bitmask(full, 0)
+        want = logits.clone()
+        xgrammar.apply_token_bitmask_inplace(want, full, vocab_size=vocab)
+        assert torch.equal(torch.isinf(got), torch.isinf(want))
+        token = int(got.argmax())
+        if ours.terminated:
+            break
+        assert ours.accept(token) and ref.accept_token(token)
 
 
 def _random_schema(rng: random.Random, depth: int = 0) -> dict:
