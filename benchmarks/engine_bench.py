@@ -20,7 +20,7 @@ in one run:
   random weights), after raymoe has released the GPU.
 
     python benchmarks/engine_bench.py --layers 24 --batches 1,16,64 --out bench.md
-    python benchmarks/engine_bench.py --model deepseek-v2-lite --layers 27 --no-hf
+    python benchmarks/engine_bench.py --model deepseek-v2-lite --no-hf
     python benchmarks/engine_bench.py --model deepseek-v3 --layers 5 --no-hf
 """
 
@@ -88,7 +88,7 @@ MODELS = {"qwen3-30b-a3b": QWEN3_30B_A3B, "deepseek-v2-lite": DEEPSEEK_V2_LITE, 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=sorted(MODELS), default="qwen3-30b-a3b", help="the shape to build")
-    p.add_argument("--layers", type=int, default=48, help="shrink the model when memory or time is short")
+    p.add_argument("--layers", type=int, help="shrink the model when memory or time is short (default: all)")
     p.add_argument("--batches", default="1,16,64,256")
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--prefill", default="64x512,8x4096", help="comma list of SEQSxTOKENS")
@@ -106,8 +106,8 @@ def parse() -> argparse.Namespace:
     return p.parse_args()
 
 
-def hf_config(model: str, layers: int) -> dict:
-    return dict(MODELS[model], num_hidden_layers=layers)
+def hf_config(model: str, layers: int | None) -> dict:
+    return dict(MODELS[model], num_hidden_layers=layers or MODELS[model]["num_hidden_layers"])
 
 
 # ---- on every rank -----------------------------------------------------------------
@@ -417,7 +417,7 @@ def hf_generate(args, batches: list[int]) -> dict:
 def print_table(args, info, rows, overhead, hf) -> None:
     lines = [
         f"GPU: {info['gpu']} x{args.tp * max(1, args.ep // args.tp)}; copy {info['copy_bw'] / 1e12:.2f} TB/s; "
-        f"bf16 matmul {info['matmul_flops'] / 1e12:.0f} TFLOP/s; {args.model} shape, {args.layers} layers; "
+        f"bf16 matmul {info['matmul_flops'] / 1e12:.0f} TFLOP/s; {args.model} shape, {args.layers or 'all'} layers; "
         f"tp={args.tp} ep={args.ep}; CUDA graphs {'on' if info['graphs'] else 'off'}",
         "",
         "| case | shape | raymoe ms | floor ms | x floor | tokens/s | transformers ms | speed-up | note |",
