@@ -8,9 +8,11 @@ attention (``forward_latent``) ``[layers, num_blocks, block_slots, latent + rope
 Context parallelism (``cp`` > 1): the token at position p lives on cp rank p % cp, in
 slot (p % block_size) // cp of its block, so every rank holds 1/cp of every block
 (``block_slots`` = block_size / cp) and the block tables are the same on every rank.
-Each rank attends every query of the step to the keys it holds, keeping the
-log-sum-exp of each query's scores; the partial outputs are gathered over the cp group
-and merged (see ``merge_partials``).
+That rank also runs the token through the layers (context_split.py): ``forward`` gets
+q/k/v of this rank's rows only. The queries are gathered over the cp group, each rank
+attends every query of the step to the keys it holds, keeping the log-sum-exp of each
+query's scores; the partial outputs are gathered and merged (see ``merge_partials``),
+and each rank keeps its rows.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from raymoe.actors.engine.context_split import context_split
 from raymoe.actors.engine.step import StepLayout
 from raymoe.comm.group import GroupCoordinator
 
@@ -63,14 +66,15 @@ class TorchAttention:
         self.layout: StepLayout | None = None
 
     def plan(self, layout: StepLayout) -> None:
-        """Per step, before the forward: where the step's tokens' k/v go (the rows this rank
-        holds) and which cached keys each sequence reads here."""
+        """Per step, before the forward: where this rank's tokens' k/v go and which cached
+        keys each sequence reads here."""
         self.layout = layout
         dev, n, r, bs = self.kv_cache.device, self.cp_size, self.cp_rank, self.block_size
-        mine = torch.nonzero(layout.positions % n == r).flatten()
+        split = context_split(layout.positions.numpy(), n, r)
+        mine = torch.from_numpy(split.own)
         slots = (layout.positions[mine] % bs) // n
-        self._write_rows = None if n == 1 else mine.to(dev)
         self._write = (layout.slot_blocks[mine].to(dev), slots.to(dev))
+        self._split = None if n == 1 else (split.pad, torch.from_numpy(split.gathered_row).to(dev), mine.to(dev))
         self._reads = []
         for table, context in zip(layout.block_tables, layout.context_lens.tolist()):
             pos = torch.arange(r, max(context, r), n)  # empty when the context ends before r
@@ -81,8 +85,7 @@ class TorchAttention:
         """q [T, heads, D], k/v [T, kv_heads, D] -> [T, heads, D]; writes k/v into the cache first."""
         assert self.layout is not None, "plan() before forward()"
         cache = self.kv_cache[layer]
-        rows = self._write_rows
-        write_kv(cache, *self._write, k=k if rows is None else k[rows], v=v if rows is None else v[rows])
+        write_kv(cache, *self._write, k=k, v=v)
         group = q.shape[1] // k.shape[1]
 
         def keys_values(blocks: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,7 +99,7 @@ class TorchAttention:
         writes kv into the latent cache first."""
         assert self.layout is not None, "plan() before forward_latent()"
         cache = self.kv_cache[layer]
-        cache[self._write] = kv if self._write_rows is None else kv[self._write_rows]
+        cache[self._write] = kv
 
         def keys_values(blocks: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             keys = cache[blocks, slots].expand(q.shape[1], -1, -1)  # [heads, ctx, L + R]: one entry every head reads
@@ -105,8 +108,13 @@ class TorchAttention:
         return self._attend(q, self.latent_dim, keys_values, scale=self.sm_scale)
 
     def _attend(self, q: torch.Tensor, value_dim: int, keys_values: KeysValues, scale: float | None) -> torch.Tensor:
-        """Causal attention of each sequence's queries over its cached keys -> [T, heads, value_dim]."""
+        """Causal attention of each sequence's queries over its cached keys -> [rows, heads,
+        value_dim] for this rank's rows ``q``."""
         assert self.layout is not None
+        if self._split is not None:  # every query of the step, in step order
+            assert self.cp is not None
+            pad, gathered_row, _ = self._split
+            q = self.cp.all_gather(F.pad(q, (0, 0, 0, 0, 0, pad - q.shape[0])))[gathered_row]
         starts = self.layout.query_start.tolist()
         contexts = self.layout.context_lens.tolist()
         out = q.new_empty(q.shape[0], q.shape[1], value_dim, dtype=q.dtype if self.cp is None else torch.float32)
@@ -125,10 +133,10 @@ class TorchAttention:
             out[lo:hi] = o.transpose(0, 1)
         if self.cp is None:
             return out
-        cp = self.cp
+        cp, own = self.cp, self._split[2]
         outs = cp.all_gather(out.unsqueeze(0)).view(cp.world_size, *out.shape)
         lses = cp.all_gather(lse.unsqueeze(0)).view(cp.world_size, *lse.shape)
-        return merge_partials(outs, lses).to(q.dtype)
+        return merge_partials(outs[:, own], lses[:, own]).to(q.dtype)
 
 
 def partial_attention(

@@ -16,8 +16,10 @@ import time
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 
 from raymoe.actors.engine.attention_torch import TorchAttention
+from raymoe.actors.engine.context_split import ContextSplit, context_split
 from raymoe.actors.engine.expert_load import ExpertLoadRecorder
 from raymoe.actors.engine.expert_mover import ExpertMover
 from raymoe.actors.engine.grammar import GrammarMasks
@@ -34,7 +36,7 @@ from raymoe.actors.engine.step import (
     warmup_token_counts,
 )
 from raymoe.actors.engine.upload import to_device
-from raymoe.actors.models.batch import ForwardBatch
+from raymoe.actors.models.batch import ForwardBatch, TokenSplit
 from raymoe.actors.models.checkpoint import CheckpointReader
 from raymoe.actors.models.decoder import CausalLM
 from raymoe.actors.models.expert_map import ExpertMap
@@ -316,17 +318,39 @@ class ModelRunner:
         input_ids = to_device(layout.input_ids, dev)
         if bool((layout.prev_rows >= 0).any()):
             input_ids = resolve_pending_tokens(input_ids, to_device(layout.prev_rows, dev), self.recent_sampled)
+        positions = to_device(layout.positions, dev)
+        cp = self.ctx.groups.cp
+        split = context_split(layout.positions.numpy(), cp.world_size, cp.rank_in_group) if cp.world_size > 1 else None
+        if split is not None:  # this rank runs its own rows (context_split.py)
+            own = to_device(split.own, dev)
+            input_ids, positions = input_ids[own], positions[own]
         batch = ForwardBatch(
             input_ids=input_ids,
-            positions=to_device(layout.positions, dev),
+            positions=positions,
             attention=self.attention,
             dp_pad=max(dp_token_counts, default=0),
             dp_counts=to_device(dp_token_counts, dev) if self.ctx.groups.dp.world_size > 1 else None,
             expert_load=self.expert_load,
+            split=None if split is None else self._token_split(split),
         )
         hidden = self.run_model(batch)
+        if split is not None:  # every row of the step, for the rows that sample
+            gathered = cp.all_gather(F.pad(hidden, (0, 0, 0, split.pad - hidden.shape[0])))
+            hidden = gathered[to_device(split.gathered_row, dev)]
         rows = layout.sample_rows if prompt_rows is None else torch.cat([layout.sample_rows, prompt_rows])
         return self.model.compute_logits(hidden[to_device(rows, dev)])
+
+    def _token_split(self, split: ContextSplit) -> TokenSplit:
+        """The MoE's view of this rank's rows: with dp > 1 the replicas agree on their padding
+        and exchange which of their rows are real (two small collectives over dp)."""
+        dev, dp, cp = self.device, self.ctx.groups.dp, self.ctx.groups.cp
+        valid = torch.from_numpy(split.valid()).to(dev)
+        replica_rows = cp.world_size * split.pad
+        if dp.world_size > 1:
+            replica_rows = int(dp.all_gather(torch.tensor([replica_rows], device=dev)).max())
+            valid = dp.all_gather(F.pad(valid.to(torch.uint8), (0, replica_rows - valid.shape[0]))).bool()
+        start = cp.rank_in_group * split.pad
+        return TokenSplit(pad=split.pad, start=start, rows=split.rows, replica_rows=replica_rows, valid=valid)
 
     def run_model(self, batch: ForwardBatch) -> torch.Tensor:
         """One forward pass of the model -> final hidden states [T, H]. Every pass, eager or

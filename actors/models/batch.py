@@ -38,6 +38,20 @@ class ExpertLoadRecorder(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class TokenSplit:
+    """Context parallelism (cp > 1): this rank runs only its rows of its replica's step; the
+    MoE gathers every cp member's rows, each padded to ``pad`` (this rank's at ``start``), then
+    (dp > 1) every replica's, each padded to ``replica_rows``. ``valid`` [dp * replica_rows]
+    bool on the device: the gathered rows that are real."""
+
+    pad: int
+    start: int
+    rows: int
+    replica_rows: int
+    valid: torch.Tensor
+
+
 @dataclass
 class ForwardBatch:
     input_ids: torch.Tensor  # [T] int64, this DP replica's tokens
@@ -51,6 +65,7 @@ class ForwardBatch:
     dp_pad: int = 0
     dp_counts: Optional[torch.Tensor] = None
     expert_load: Optional[ExpertLoadRecorder] = None
+    split: Optional[TokenSplit] = None  # context parallelism: this rank's rows of the replica's step
 
     @property
     def num_tokens(self) -> int:

@@ -24,12 +24,13 @@ ExpertMap, so load balancing can move and replicate experts without touching it.
 
 Shared experts (Qwen2-MoE, GLM-4.5, DeepSeek) are a dense MLP every token goes through,
 split over ``tp`` like the dense MLP and outside the ExpertMap (load balancing moves
-routed experts only). Each rank of the first cp rank's tp group adds its share of their
-output to its share of the routed output for the sum over the world to finish (with
-dp > 1 the share lands on this replica's rows).
+routed experts only). Each rank adds its share of their output for its own tokens to its
+share of the routed output for the sum over the world to finish (with dp > 1 the share
+lands on this replica's rows).
 
-Context parallelism (cp > 1): the cp ranks of a replica hold the same tokens, so the
-routed experts' sum over the world counts each (token, expert) once, as without cp.
+Context parallelism (cp > 1): each cp rank runs its own share of its replica's tokens
+(ForwardBatch.split); the layer gathers them over cp before gathering over dp, and hands
+each rank back its rows.
 """
 
 from __future__ import annotations
@@ -109,9 +110,7 @@ class MoE(nn.Module):
             if spec.moe.shared_gate
             else None
         )
-        # the shared experts' share is summed with the routed ones over the world, whose cp ranks
-        # all hold the same tp share: only the first cp rank adds it
-        self.adds_shared = self.shared is not None and groups.cp.rank_in_group == 0
+        # the shared experts' share is summed with the routed ones over the world
         self.w13 = nn.Parameter(
             torch.zeros(self.slots, 2 * self.inter, h, dtype=dtype, device=device), requires_grad=False
         )
@@ -123,6 +122,8 @@ class MoE(nn.Module):
         """x [T, H] (this DP replica's tokens) -> this rank's expert outputs for the next
         norm to combine and sum (ExpertOutputs), or with dp > 1 the whole [T, H]."""
         dp = self.groups.dp
+        if batch.split is not None:
+            return self._forward_split(x, batch)
         if dp.world_size > 1:
             pad = batch.dp_pad
             assert batch.dp_counts is not None and pad >= x.shape[0]
@@ -155,6 +156,34 @@ class MoE(nn.Module):
         # gets its replica's rows), then over the replica's attention ranks
         return self.groups.attn.all_reduce(dp.reduce_scatter(out))[: x.shape[0]]
 
+    def _forward_split(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """Context parallelism: x [rows, H] is this rank's share of its replica's rows. Every
+        cp member's rows, then (dp > 1) every replica's, are gathered; after the experts the
+        replica's rows are summed over dp (reduce-scatter) and over its attention ranks, and
+        this rank keeps its own."""
+        split, dp = batch.split, self.groups.dp
+        assert split is not None
+        x_all = self.groups.cp.all_gather(F.pad(x, (0, 0, 0, split.pad - x.shape[0])))
+        if dp.world_size > 1:
+            x_all = dp.all_gather(F.pad(x_all, (0, 0, 0, split.replica_rows - x_all.shape[0])))
+        logits = linear(x_all.float() if self.grouped is not None else x_all, self.router)
+        if self.router_bias is not None:
+            logits = logits + self.router_bias
+        d = self._dispatch(logits, split.valid)
+        if batch.expert_load is not None:
+            batch.expert_load.record(self.moe_layer, d.physical)
+        y = expert_mlp(
+            x_all, d.rows, d.ends, w13=self.w13, w2=self.w2, groups=d.groups, all_slots=self.expert_map.num_physical
+        )
+        out = combine(y, d.sorted_row, d.weights, d.ends, all_local=False)
+        shared = self._shared(x)
+        if shared is not None:  # this rank's tp share, on its own rows
+            start = dp.rank_in_group * split.replica_rows + split.start if dp.world_size > 1 else split.start
+            out[start : start + x.shape[0]] += shared
+        if dp.world_size > 1:
+            out = dp.reduce_scatter(out)
+        return self.groups.attn.all_reduce(out)[split.start : split.start + x.shape[0]]
+
     def _dispatch(self, logits: torch.Tensor, valid: torch.Tensor | None) -> Dispatch:
         emap = self.expert_map
         tables = dict(
@@ -174,8 +203,8 @@ class MoE(nn.Module):
 
     def _shared(self, x: torch.Tensor) -> torch.Tensor | None:
         """x [T, H] -> this rank's share of the shared experts' output [T, H] (a sum over tp), or
-        None (no shared experts, or another cp rank adds them)."""
-        if not self.adds_shared:
+        None."""
+        if self.shared is None:
             return None
         out = self.shared(x).x
         return out * torch.sigmoid(linear(x, self.shared_gate)) if self.shared_gate is not None else out
