@@ -19,6 +19,8 @@ append kernel's fixed dims; FA3 also needs the latent in 128/256/512).
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -45,6 +47,26 @@ def plan_tables(
     np.cumsum(pages, out=kv_indptr[1:])
     tables = dict(qo_indptr=query_start, kv_indptr=kv_indptr, kv_indices=indices, kv_len_arr=context_lens)
     return {name: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int32)).pin_memory() for name, a in tables.items()}
+
+
+def plan_wrapper(attention: Any, wrapper: Any, tables: dict[str, torch.Tensor], *, causal: bool) -> None:
+    """Plan an MLA wrapper of ``attention`` (either backend below: its heads, widths, page
+    size, scale and cache dtype) for the CSR ``tables``, packed query and cache."""
+    import flashinfer
+
+    wrapper.plan(
+        metadata=flashinfer.mla.MLAPlanMetadata.csr(**tables),
+        num_heads=attention.num_heads,
+        head_dim_ckv=attention.latent_dim,
+        head_dim_kpe=attention.rope_dim,
+        page_size=attention.block_size,
+        causal=causal,
+        sm_scale=attention.sm_scale,
+        q_data_type=attention.kv_cache.dtype,
+        kv_data_type=attention.kv_cache.dtype,
+        query_layout="packed",
+        kv_cache_layout="packed",
+    )
 
 
 class LatentKVAppend(KVAppend):
@@ -96,7 +118,6 @@ class FlashInferLatentAttention:
         self.latent_dim, self.rope_dim = latent_dim, kv_cache.shape[-1] - latent_dim
         self.sm_scale = sm_scale
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=kv_cache.device)
-        self._metadata = flashinfer.mla.MLAPlanMetadata
         self.wrapper = flashinfer.mla.BatchMLAPagedAttentionWrapper(float_workspace_buffer=self.workspace)
         self._append: LatentKVAppend | None = None
         self._has_seqs = False
@@ -120,19 +141,7 @@ class FlashInferLatentAttention:
         if not self._has_seqs:
             return
         tables = plan_tables(layout.query_start, layout.pages, layout.kv_indices(), layout.context_lens)
-        self.wrapper.plan(
-            metadata=self._metadata.csr(**tables),
-            num_heads=self.num_heads,
-            head_dim_ckv=self.latent_dim,
-            head_dim_kpe=self.rope_dim,
-            page_size=self.block_size,
-            causal=True,
-            sm_scale=self.sm_scale,
-            q_data_type=self.kv_cache.dtype,
-            kv_data_type=self.kv_cache.dtype,
-            query_layout="packed",
-            kv_cache_layout="packed",
-        )
+        plan_wrapper(self, self.wrapper, tables, causal=True)
 
     def for_graph(self, batch_size: int, *, max_pages_per_seq: int, scratch_block: int) -> "GraphLatentAttention":
         """The decode attention of one CUDA-graph batch size, on this cache and workspace
@@ -192,7 +201,6 @@ class GraphLatentAttention:
         self.latent_dim, self.rope_dim = latent_dim, kv_cache.shape[-1] - latent_dim
         self.scratch_block = scratch_block
         self.append = LatentKVAppend(batch_size, dev, latent_dim)
-        self._metadata = flashinfer.mla.MLAPlanMetadata
         index = dict(dtype=torch.int32, device=dev)
         self.wrapper = flashinfer.mla.BatchMLAPagedAttentionWrapper(
             float_workspace_buffer=workspace,
@@ -221,19 +229,7 @@ class GraphLatentAttention:
         tables = plan_tables(np.arange(self.batch_size + 1), pages, indices, context)
         # one query per row sees its whole context: non-causal is exact (and skips FlashInfer's
         # causal tile bookkeeping)
-        self.wrapper.plan(
-            metadata=self._metadata.csr(**tables),
-            num_heads=self.num_heads,
-            head_dim_ckv=self.latent_dim,
-            head_dim_kpe=self.rope_dim,
-            page_size=self.block_size,
-            causal=False,
-            sm_scale=self.sm_scale,
-            q_data_type=self.kv_cache.dtype,
-            kv_data_type=self.kv_cache.dtype,
-            query_layout="packed",
-            kv_cache_layout="packed",
-        )
+        plan_wrapper(self, self.wrapper, tables, causal=False)
 
     def forward_latent(self, layer: int, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
         cache = self.kv_cache[layer]

@@ -136,15 +136,8 @@ class MoE(nn.Module):
         else:
             x_all, valid = x, None
 
-        logits = linear(x_all.float() if self.grouped is not None else x_all, self.router)
-        if self.router_bias is not None:  # benchmark-only skew (eplb.router_skew)
-            logits = logits + self.router_bias
-        d = self._dispatch(logits, valid)
-        if batch.expert_load is not None:
-            batch.expert_load.record(self.moe_layer, d.physical)
-        emap = self.expert_map
-        y = expert_mlp(x_all, d.rows, d.ends, w13=self.w13, w2=self.w2, groups=d.groups, all_slots=emap.num_physical)
-        all_local = self.slots == emap.num_physical and valid is None  # every row is one of our slots
+        y, d = self._experts(x_all, valid, batch)
+        all_local = self.slots == self.expert_map.num_physical and valid is None  # every row is one of our slots
         shared = self._shared(x)
         if dp.world_size == 1:
             return ExpertOutputs(y, d, all_local, self.groups.world, shared=shared)
@@ -166,15 +159,7 @@ class MoE(nn.Module):
         x_all = self.groups.cp.all_gather(F.pad(x, (0, 0, 0, split.pad - x.shape[0])))
         if dp.world_size > 1:
             x_all = dp.all_gather(F.pad(x_all, (0, 0, 0, split.replica_rows - x_all.shape[0])))
-        logits = linear(x_all.float() if self.grouped is not None else x_all, self.router)
-        if self.router_bias is not None:
-            logits = logits + self.router_bias
-        d = self._dispatch(logits, split.valid)
-        if batch.expert_load is not None:
-            batch.expert_load.record(self.moe_layer, d.physical)
-        y = expert_mlp(
-            x_all, d.rows, d.ends, w13=self.w13, w2=self.w2, groups=d.groups, all_slots=self.expert_map.num_physical
-        )
+        y, d = self._experts(x_all, split.valid, batch)
         out = combine(y, d.sorted_row, d.weights, d.ends, all_local=False)
         shared = self._shared(x)
         if shared is not None:  # this rank's tp share, on its own rows
@@ -183,6 +168,20 @@ class MoE(nn.Module):
         if dp.world_size > 1:
             out = dp.reduce_scatter(out)
         return self.groups.attn.all_reduce(out)[split.start : split.start + x.shape[0]]
+
+    def _experts(
+        self, x_all: torch.Tensor, valid: torch.Tensor | None, batch: ForwardBatch
+    ) -> tuple[torch.Tensor, Dispatch]:
+        """Route the gathered rows ``x_all`` (``valid``: the real ones; None: all) and run this
+        rank's experts -> (their outputs grouped by slot, the dispatch that grouped them)."""
+        logits = linear(x_all.float() if self.grouped is not None else x_all, self.router)
+        if self.router_bias is not None:  # benchmark-only skew (eplb.router_skew)
+            logits = logits + self.router_bias
+        d = self._dispatch(logits, valid)
+        if batch.expert_load is not None:
+            batch.expert_load.record(self.moe_layer, d.physical)
+        all_slots = self.expert_map.num_physical
+        return expert_mlp(x_all, d.rows, d.ends, w13=self.w13, w2=self.w2, groups=d.groups, all_slots=all_slots), d
 
     def _dispatch(self, logits: torch.Tensor, valid: torch.Tensor | None) -> Dispatch:
         emap = self.expert_map
