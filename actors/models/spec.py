@@ -190,6 +190,14 @@ def spec_from_hf_config(cfg: dict[str, Any]) -> ModelSpec:
 
 def _latent_attention(cfg: dict[str, Any], rope: RopeSpec) -> LatentAttentionSpec:
     nope, rope_dim = int(_need(cfg, "qk_nope_head_dim")), int(_need(cfg, "qk_rope_head_dim"))
+    for key in ("kv_lora_rank", "v_head_dim", "qk_rope_head_dim"):
+        if not int(_need(cfg, key)) > 0:
+            raise ValueError(f"config.json: {key} = {cfg[key]} must be > 0")
+    if nope < 0 or rope_dim % 2:
+        raise ValueError(
+            f"config.json: qk_nope_head_dim = {nope} must be >= 0 and qk_rope_head_dim = {rope_dim} even "
+            "(rotary turns pairs of dims)"
+        )
     scale = (nope + rope_dim) ** -0.5
     params = {**(cfg.get("rope_scaling") or {}), **(cfg.get("rope_parameters") or {})}
     mscale_all_dim = params.get("mscale_all_dim")

@@ -207,3 +207,9 @@ def test_rotary_table_equals_transformers(name):
     torch.testing.assert_close(table[:, half:], sin[0, :, :half], **tol)
     if name.startswith("yarn"):
         assert spec.max_position >= spec.rope.original_max_position * spec.rope.factor
+
+
+@pytest.mark.parametrize("field,value", [("qk_rope_head_dim", 7), ("kv_lora_rank", 0), ("v_head_dim", -1)])
+def test_latent_attention_dims_that_cannot_work_are_refused_by_name(field, value):
+    with pytest.raises(ValueError, match=field):
+        spec_from_hf_config({**_config("deepseek_v3"), field: value})
