@@ -28,6 +28,7 @@ from raymoe.actors.engine.eplb import EplbManager, RebalanceRefused
 from raymoe.actors.engine.messages import EngineStats, ModelInfo, NewRequest, OutputBatch, Rejection
 from raymoe.actors.engine.tokenizer import Tokenizer
 from raymoe.actors.models.builtin import resolve_model_path
+from raymoe.actors.models.fp8 import resolve_fp8_block
 from raymoe.actors.models.spec import ModelSpec, resolve_dtype
 from raymoe.actors.rank_group import RankGroup, start_rank_group
 from raymoe.actors.step_executor import RayStepExecutor
@@ -145,6 +146,8 @@ class Controller:
         physical_to_logical = ray.get(ranks.actors[0].physical_to_logical.remote())
         device = torch.device("cuda" if self.config.parallel.device == "cuda" else "cpu")
         elem = torch.empty((), dtype=resolve_dtype(self.config.model.dtype, spec, device)).element_size()
+        if resolve_fp8_block(self.config.model.quantization, spec.fp8_block, device.type == "cuda") is not None:
+            elem = 1  # FP8 (the block scales add one float32 per 128 x 128 block: not counted)
         expert_bytes = 3 * spec.hidden_size * spec.moe.intermediate_size * elem
         return EplbManager(
             self.config.eplb,

@@ -22,6 +22,7 @@ in one run:
     python benchmarks/engine_bench.py --layers 24 --batches 1,16,64 --out bench.md
     python benchmarks/engine_bench.py --model deepseek-v2-lite --no-hf
     python benchmarks/engine_bench.py --model deepseek-v3 --layers 5 --no-hf
+    python benchmarks/engine_bench.py --layers 16 --dtype bf16,fp8 --no-hf
 """
 
 from __future__ import annotations
@@ -95,6 +96,12 @@ def parse() -> argparse.Namespace:
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--ep", type=int, default=1)
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument(
+        "--dtype",
+        default="bf16",
+        help="bf16, fp8 (random FP8 weights with 128 x 128 block scales) or both (bf16,fp8: one after "
+        "the other in one run, with the fp8 / bf16 ratio of every case)",
+    )
     p.add_argument("--no-graphs", action="store_true")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     p.add_argument("--hf-batches", default="1,64")
@@ -102,7 +109,7 @@ def parse() -> argparse.Namespace:
     p.add_argument(
         "--profile", type=int, default=0, metavar="BATCH", help="print the top kernels of an eager decode step"
     )
-    p.add_argument("--out", default=None, help="also write the table (markdown) here")
+    p.add_argument("--out", default=None, help="also append the tables (markdown) here")
     return p.parse_args()
 
 
@@ -238,16 +245,17 @@ def touched_bytes(ctx, step) -> dict:
     with torch.inference_mode():
         runner.run_model(batch)
     counts = rec.take()
-    elem = 2
     moe = model.layers[runner.spec.moe_layers[0]].mlp
-    slot_bytes = (moe.w13[0].numel() + moe.w2[0].numel()) * elem
+    slot_bytes = sum(t[0].numel() * t[0].element_size() for t in moe.expert_tensors())  # FP8: with scales
     local = counts[:, moe.slot_start : moe.slot_start + moe.slots]
     experts = int((local > 0).sum())
     dense = sum(
-        p.numel() for n, p in model.named_parameters() if ".w13" not in n and ".w2" not in n and "embed" not in n
+        p.numel() * p.element_size()
+        for n, p in model.named_parameters()
+        if ".w13" not in n and ".w2" not in n and "embed" not in n
     )
     kv = int(layout.context_lens.sum()) * runner.kv_block_bytes() // runner.block_size
-    return {"weights": dense * elem + experts * slot_bytes, "kv": kv, "experts": experts}
+    return {"weights": dense + experts * slot_bytes, "kv": kv, "experts": experts}
 
 
 def profile_step(ctx, step) -> str:
@@ -275,9 +283,24 @@ def profile_step(ctx, step) -> str:
 
 def main() -> None:
     args = parse()
+    measured = {dtype: measure(args, dtype) for dtype in args.dtype.split(",")}
+    hf = {} if args.no_hf else hf_generate(args, [int(b) for b in args.hf_batches.split(",")])
+    for dtype, (info, rows, overhead, profile) in measured.items():
+        if profile:
+            print(profile)
+        print_table(args, dtype, info, rows, overhead, hf)
+    if len(measured) == 2:
+        print_ratios(args, *measured, measured)
+
+
+def measure(args, dtype: str) -> tuple:
+    """Build the model with ``dtype`` weights and time every case -> (info, rows, step-loop
+    overhead, profile)."""
     from raymoe.cluster.config import config_from_dict
     from raymoe.deploy.launch import start_controller
 
+    if dtype not in ("bf16", "fp8"):
+        raise SystemExit(f"--dtype: {dtype!r} is not bf16 or fp8")
     batches = [int(b) for b in args.batches.split(",")]
     prefills = [tuple(int(x) for x in p.split("x")) for p in args.prefill.split(",") if p]
     tokens_needed = max([b * (args.context + 16) for b in batches] + [s * t for s, t in prefills])
@@ -287,7 +310,12 @@ def main() -> None:
     dp = max(1, args.ep // args.tp)
     config = config_from_dict(
         {
-            "model": {"path": "builtin:none", "dtype": "bfloat16", "load_format": "dummy"},
+            "model": {
+                "path": "builtin:none",
+                "dtype": "bfloat16",
+                "load_format": "dummy",
+                "quantization": "fp8" if dtype == "fp8" else "none",
+            },
             "parallel": {"tp": args.tp, "dp": dp, "ep": args.ep, "device": "cuda"},
             "engine": {
                 "block_size": block_size,
@@ -336,10 +364,7 @@ def main() -> None:
         overhead = None
     ray.get(controller.shutdown.remote())
     ray.kill(controller)
-    hf = {} if args.no_hf else hf_generate(args, [int(b) for b in args.hf_batches.split(",")])
-    if profile:
-        print(profile)
-    print_table(args, info, rows, overhead, hf)
+    return info, rows, overhead, profile
 
 
 def _per_replica(fn):
@@ -414,11 +439,24 @@ def hf_generate(args, batches: list[int]) -> dict:
     return out
 
 
-def print_table(args, info, rows, overhead, hf) -> None:
+def print_ratios(args, first: str, second: str, measured: dict) -> None:
+    """Each case's step time with ``second`` weights over ``first``'s, same run."""
+    lines = [f"\n{second} / {first}, same run:", "", f"| case | shape | {first} ms | {second} ms | ratio |"]
+    lines.append("|---|---|---|---|---|")
+    for (kind, shape, t1, *_), (_, _, t2, *_) in zip(measured[first][1], measured[second][1]):
+        lines.append(f"| {kind} | {shape} | {t1 * 1e3:.2f} | {t2 * 1e3:.2f} | {t2 / t1:.2f} |")
+    text = "\n".join(lines)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(text + "\n")
+    print(text)
+
+
+def print_table(args, dtype, info, rows, overhead, hf) -> None:
     lines = [
         f"GPU: {info['gpu']} x{args.tp * max(1, args.ep // args.tp)}; copy {info['copy_bw'] / 1e12:.2f} TB/s; "
-        f"bf16 matmul {info['matmul_flops'] / 1e12:.0f} TFLOP/s; {args.model} shape, {args.layers or 'all'} layers; "
-        f"tp={args.tp} ep={args.ep}; CUDA graphs {'on' if info['graphs'] else 'off'}",
+        f"bf16 matmul {info['matmul_flops'] / 1e12:.0f} TFLOP/s; {args.model} shape, {args.layers or 'all'} layers, "
+        f"{dtype} weights; tp={args.tp} ep={args.ep}; CUDA graphs {'on' if info['graphs'] else 'off'}",
         "",
         "| case | shape | raymoe ms | floor ms | x floor | tokens/s | transformers ms | speed-up | note |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -443,7 +481,7 @@ def print_table(args, info, rows, overhead, hf) -> None:
         )
     text = "\n".join(lines)
     if args.out:
-        with open(args.out, "w") as f:
+        with open(args.out, "a") as f:
             f.write(text + "\n")
     print(text)
 

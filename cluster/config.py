@@ -30,6 +30,11 @@ class ModelConfig:
     # auto: read the checkpoint's safetensors; dummy: random weights drawn at load
     # (benchmarks on the real shape without a checkpoint; the path needs config.json only)
     load_format: Literal["auto", "dummy"] = "auto"
+    # fp8: projection weights in FP8 with 128 x 128 block scales (an FP8 checkpoint's own
+    # blocks; any other checkpoint quantised at load), FP8 GEMMs on GPUs, dequantised at
+    # each use on CPU; none: an FP8 checkpoint dequantised to model.dtype at load; auto:
+    # fp8 for an FP8 checkpoint on GPUs, none otherwise
+    quantization: Literal["auto", "fp8", "none"] = "auto"
 
     def validate(self) -> None:
         _require(bool(self.path), "model.path", "must name a checkpoint directory or builtin:<name>")

@@ -98,8 +98,8 @@ class GroupCoordinator:
 
         ``sends``/``recvs``: (tensor, group rank of the peer).
         """
-        ops = [dist.P2POp(dist.isend, t, group=self.device_group, group_peer=p) for t, p in sends]
-        ops += [dist.P2POp(dist.irecv, t, group=self.device_group, group_peer=p) for t, p in recvs]
+        ops = [dist.P2POp(dist.isend, _as_bytes(t), group=self.device_group, group_peer=p) for t, p in sends]
+        ops += [dist.P2POp(dist.irecv, _as_bytes(t), group=self.device_group, group_peer=p) for t, p in recvs]
         if ops:
             for work in dist.batch_isend_irecv(ops):
                 work.wait()
@@ -175,3 +175,8 @@ class GroupCoordinator:
         member, empty when none failed, so that all fall back, or all go on, together."""
         everyone = self.all_gather_object(failure)
         return [f"rank {self.ranks[i]}: {f}" for i, f in enumerate(everyone) if f is not None]
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """FP8 tensors travel as bytes: gloo has no float8 types."""
+    return t.view(torch.uint8) if t.is_floating_point() and t.element_size() == 1 else t

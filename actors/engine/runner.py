@@ -40,6 +40,7 @@ from raymoe.actors.models.batch import ForwardBatch, TokenSplit
 from raymoe.actors.models.checkpoint import CheckpointReader
 from raymoe.actors.models.decoder import CausalLM
 from raymoe.actors.models.expert_map import ExpertMap
+from raymoe.actors.models.fp8 import FP8, SCALE_SUFFIX, resolve_fp8_block
 from raymoe.actors.models.spec import ModelSpec, resolve_dtype
 from raymoe.cluster.config import Config
 from raymoe.cluster.expert_slots import default_expert_slots, num_physical_experts
@@ -94,8 +95,15 @@ class ModelRunner:
         self.is_driver = ctx.groups.attn.rank_in_group == 0
         self.expert_map = self._initial_expert_map()
         t0 = time.perf_counter()
+        self.fp8_block = resolve_fp8_block(config.model.quantization, spec.fp8_block, self.device.type == "cuda")
         self.model = CausalLM(
-            spec, ctx.groups, self.expert_map, dtype=self.dtype, device=self.device, router_skew=config.eplb.router_skew
+            spec,
+            ctx.groups,
+            self.expert_map,
+            dtype=self.dtype,
+            device=self.device,
+            router_skew=config.eplb.router_skew,
+            fp8_block=self.fp8_block,
         )
         if config.model.load_format == "dummy":
             init_random_weights(self.model, seed=config.model.seed + ctx.rank)
@@ -391,7 +399,7 @@ class ModelRunner:
             moves_group=self.ctx.groups.ep_moves or self.ctx.groups.ep,
             agreement_group=self.ctx.groups.world,
             expert_map=self.expert_map,
-            layer_weights=[[moe.w13, moe.w2] for moe in moe_layers],
+            layer_weights=[moe.expert_tensors() for moe in moe_layers],
             slots_per_rank=moe_layers[0].slots,
             ranks_per_node=ep // layout.nodes if layout.nodes > 1 and ep % layout.nodes == 0 else None,
         )
@@ -418,11 +426,16 @@ def _copy_to_host(tensors: dict[str, Any]) -> tuple[dict[str, Any], Optional[Any
 
 
 def init_random_weights(model: torch.nn.Module, seed: int, std: float = 0.02) -> None:
-    """Benchmark weights: normal(0, std) for matrices, 1 for norms (never zeros: zeros run faster)."""
+    """Benchmark weights: normal(0, std) for matrices, 1 for norms (never zeros: zeros run
+    faster); FP8 matrices normal(0, 1) in FP8 times block scales of ``std``."""
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
+        for name, p in model.named_parameters():
+            if name.endswith(SCALE_SUFFIX):
+                p.fill_(std)
+            elif p.dtype == FP8:
+                p.copy_(torch.empty(p.shape, device=p.device).normal_(0.0, 1.0, generator=gen))
+            elif p.dim() == 1:
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, std, generator=gen)

@@ -8,7 +8,8 @@ can fail on tensors nothing read -- weights of something raymoe does not impleme
 FP8 checkpoints (``fp8_block``): a float8_e4m3fn ``X.weight`` with a float32
 ``X.weight_scale_inv`` holding one scale per [rows, columns] block is read dequantised
 (weight x its block's scale), the slice's blocks only, so every layer sees ordinary
-weights (FP8 compute is a GPU kernel's concern, not the reader's).
+weights; ``read_weight`` keeps a projection's slice in FP8 with its scales for the FP8
+kernels (fp8.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from typing import Optional, Sequence
 
 import torch
 from safetensors import safe_open
+
+from raymoe.actors.models.fp8 import FP8, WeightSlice
 
 
 class CheckpointReader:
@@ -43,22 +46,52 @@ class CheckpointReader:
         dtype: Optional[torch.dtype] = None,
     ) -> torch.Tensor:
         """Tensor ``name``, or only ``[start, stop)`` along ``dim``; cast to ``dtype``."""
+        t, dim, start, stop = self._slice(name, dim, start, stop)
+        if t.dtype == FP8:
+            t = self._dequantised(name, t, dim, start, stop)
+        return t.to(dtype) if dtype is not None else t
+
+    def read_weight(
+        self,
+        name: str,
+        dim: Optional[int] = None,
+        start: int = 0,
+        stop: Optional[int] = None,
+        *,
+        fp8_block: Optional[tuple[int, int]] = None,
+    ) -> WeightSlice:
+        """A projection weight's slice, as ``read``; with ``fp8_block``, an FP8 checkpoint's
+        weight stays in FP8 with its block scales (``WeightSlice``; the slice must start on a
+        block boundary, and end on one or at the tensor's end), any other as stored."""
+        t, dim, start, stop = self._slice(name, dim, start, stop)
+        if t.dtype != FP8:
+            return WeightSlice(t)
+        if fp8_block is None:
+            return WeightSlice(self._dequantised(name, t, dim, start, stop))
+        b, size = fp8_block[dim], self.shape(name)[dim]
+        if start % b or (stop % b and stop != size) or self.fp8_block != tuple(fp8_block):
+            raise ValueError(
+                f"checkpoint {self.dir}: {name}: this rank's {('rows', 'columns')[dim]} [{start}, {stop}) do not "
+                f"fall on FP8 blocks of {b}; choose a layout whose splits do, or set model.quantization: none "
+                "to run dequantised weights"
+            )
+        scale = self.read(name + "_scale_inv", dim, start // b, -(-stop // b), dtype=torch.float32)
+        return WeightSlice(t, scale, fp8_block)
+
+    def _slice(self, name: str, dim: Optional[int], start: int, stop: Optional[int]):
+        """The stored values of ``[start, stop)`` along ``dim`` (all of it for dim None) ->
+        (tensor, dim, start, stop), the bounds filled in."""
         if name not in self.file_of:
             raise ValueError(f"checkpoint {self.dir}: tensor {name!r} is missing")
         view = self._handle(self.file_of[name]).get_slice(name)
         self.used.add(name)
         shape = view.get_shape()
         if dim is None:
-            t = view[:]
-            dim, stop = 0, (shape[0] if shape else 0)
-        else:
-            stop = shape[dim] if stop is None else stop
-            if not 0 <= start < stop <= shape[dim]:
-                raise ValueError(f"{name}: slice [{start}, {stop}) outside dim {dim} of shape {shape}")
-            t = view[tuple([slice(None)] * dim + [slice(start, stop)])]
-        if t.dtype == torch.float8_e4m3fn:
-            t = self._dequantised(name, t, dim, start, stop)
-        return t.to(dtype) if dtype is not None else t
+            return view[:], 0, 0, (shape[0] if shape else 0)
+        stop = shape[dim] if stop is None else stop
+        if not 0 <= start < stop <= shape[dim]:
+            raise ValueError(f"{name}: slice [{start}, {stop}) outside dim {dim} of shape {shape}")
+        return view[tuple([slice(None)] * dim + [slice(start, stop)])], dim, start, stop
 
     def _dequantised(self, name: str, t: torch.Tensor, dim: int, start: int, stop: int) -> torch.Tensor:
         """FP8 slice ``t`` (rows or columns [start, stop) along ``dim``) times its blocks' scales."""

@@ -33,11 +33,13 @@ from raymoe.comm.groups import Groups
 
 
 class AttentionBlock(nn.Module):
-    def __init__(self, spec: ModelSpec, layer: int, groups: Groups, rotary: RotaryEmbedding, *, dtype, device) -> None:
+    def __init__(
+        self, spec: ModelSpec, layer: int, groups: Groups, rotary: RotaryEmbedding, *, dtype, device, fp8_block=None
+    ) -> None:
         super().__init__()
         self.layer = layer
         self.rotary = rotary
-        self.qkv = QKVProjection(spec, groups.tp, dtype, device)
+        self.qkv = QKVProjection(spec, groups.tp, dtype, device, fp8_block=fp8_block)
         self.heads = self.qkv.heads
         self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, dtype, device) if spec.qk_norm else None
         self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, dtype, device) if spec.qk_norm else None
@@ -48,6 +50,7 @@ class AttentionBlock(nn.Module):
             bias=spec.o_proj_bias,
             dtype=dtype,
             device=device,
+            fp8_block=fp8_block,
         )
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> PartialSum:
@@ -103,8 +106,17 @@ class DecoderLayer(nn.Module):
 
 class CausalLM(nn.Module):
     def __init__(
-        self, spec: ModelSpec, groups: Groups, expert_map: ExpertMap | None, *, dtype, device, router_skew: float = 0.0
+        self,
+        spec: ModelSpec,
+        groups: Groups,
+        expert_map: ExpertMap | None,
+        *,
+        dtype,
+        device,
+        router_skew: float = 0.0,
+        fp8_block: tuple[int, int] | None = None,
     ) -> None:
+        """fp8_block: the projections' weights in FP8 with scales per such block (fp8.py)."""
         super().__init__()
         self.spec = spec
         self.traits = architecture_traits(spec.architecture)
@@ -124,11 +136,14 @@ class CausalLM(nn.Module):
                     dtype=dtype,
                     device=device,
                     router_skew=router_skew,
+                    fp8_block=fp8_block,
                 )
             else:
-                mlp = DenseMLP(spec.hidden_size, spec.intermediate_size, groups.tp, dtype=dtype, device=device)
+                mlp = DenseMLP(
+                    spec.hidden_size, spec.intermediate_size, groups.tp, dtype=dtype, device=device, fp8_block=fp8_block
+                )
             attention = LatentAttention if spec.mla is not None else AttentionBlock
-            attn = attention(spec, i, groups, rotary, dtype=dtype, device=device)
+            attn = attention(spec, i, groups, rotary, dtype=dtype, device=device, fp8_block=fp8_block)
             layers.append(DecoderLayer(spec, i, attn, mlp, dtype=dtype, device=device))
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype, device)

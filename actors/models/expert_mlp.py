@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from raymoe.actors.models import ops
+from raymoe.actors.models.fp8 import dequantize_blocks, kernel_block
 from raymoe.actors.models.ops import choose_backend
 
 
@@ -34,6 +35,9 @@ def expert_mlp(
     w2: torch.Tensor,
     groups: torch.Tensor | None = None,
     all_slots: int | None = None,
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+    fp8_block: tuple[int, int] | None = None,
     backend: str | None = None,
     config: dict | None = None,
 ) -> torch.Tensor:
@@ -45,17 +49,29 @@ def expert_mlp(
     all_slots: the slots of every rank the M rows are spread over (None: S), which sets
     the rows a slot gets on average, hence the block sizes.
 
+    FP8 weights (``fp8_block`` set) come with their block scales: the Triton kernels take
+    them at every size (dequantising every slot for torch._grouped_mm would cost more than
+    it saves), torch dequantises them.
+
     backend: "triton" or "torch"; None picks the faster one measured for this size
     (``pick_config``) on CUDA, torch elsewhere. config: Triton block sizes, for benchmarks.
     """
     config = config or pick_config(rows.shape[0], all_slots or w13.shape[0])
-    if choose_backend(backend, op="expert_mlp", on_cuda=x.is_cuda, fits=config is not None) == "torch":
+    fp8 = dict(w13_scale=w13_scale, w2_scale=w2_scale, fp8_block=fp8_block)
+    if fp8_block is not None:
+        fits = kernel_block(fp8_block) and w13.shape[2] % fp8_block[1] == 0 and w2.shape[2] % fp8_block[1] == 0
+    else:
+        fits = config is not None
+    if choose_backend(backend, op="expert_mlp", on_cuda=x.is_cuda, fits=fits) == "torch":
+        if fp8_block is not None:
+            w13 = dequantize_blocks(w13, w13_scale, fp8_block, x.dtype)
+            w2 = dequantize_blocks(w2, w2_scale, fp8_block, x.dtype)
         return _torch_expert_mlp(x, rows, ends, w13=w13, w2=w2)
     from raymoe.actors.models import expert_mlp_triton
 
     if groups is None:
         groups = torch.arange(w13.shape[0], dtype=torch.int32, device=x.device)
-    return expert_mlp_triton.expert_mlp(x, rows, ends, groups, w13=w13, w2=w2, config=config or _LARGEST)
+    return expert_mlp_triton.expert_mlp(x, rows, ends, groups, w13=w13, w2=w2, config=config or _LARGEST, **fp8)
 
 
 def _torch_expert_mlp(x, rows, ends, *, w13, w2) -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from raymoe.actors.models.fp8_linear_triton import quantized_rows
 from raymoe.actors.models.ops import block_dividing
 
 
@@ -29,23 +30,31 @@ def _gate_up_silu(
     ends,
     groups,
     w,
+    w_scale,
     h,
     inter,
     hidden,
     stride_x,
     stride_we,
     stride_wn,
+    stride_se,
+    stride_sn,
     stride_h,
+    FP8: tl.constexpr,
+    SCALE_BLOCK_N: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
 ):
-    """h[r, n] = silu(x[rows[r]] . w[e, n]) * (x[rows[r]] . w[e, inter + n]) for r in group e."""
+    """h[r, n] = silu(x[rows[r]] . w[e, n]) * (x[rows[r]] . w[e, inter + n]) for r in group e.
+    FP8: w is FP8 with a scale per [SCALE_BLOCK_N, BK] block, x quantised per BK columns."""
     e, start, end = _group_rows(groups, ends, tl.program_id(0))
     n = tl.program_id(1) * BN + tl.arange(0, BN)
     k = tl.arange(0, BK)
     w_gate = w + e.to(tl.int64) * stride_we + n[:, None] * stride_wn + k[None, :]
     w_up = w_gate + inter * stride_wn
+    s_gate = w_scale + e.to(tl.int64) * stride_se + (n // SCALE_BLOCK_N) * stride_sn
+    s_up = w_scale + e.to(tl.int64) * stride_se + ((inter + n) // SCALE_BLOCK_N) * stride_sn
     for m0 in range(start, end, BM):
         r = m0 + tl.arange(0, BM)
         live = r < end
@@ -55,8 +64,13 @@ def _gate_up_silu(
         up = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(0, hidden, BK):
             a = tl.load(x_rows + k0, mask=live[:, None], other=0.0)
-            gate = tl.dot(a, tl.trans(tl.load(w_gate + k0)), gate)
-            up = tl.dot(a, tl.trans(tl.load(w_up + k0)), up)
+            if FP8:
+                a, a_scale = quantized_rows(a.to(tl.float32))
+                gate += tl.dot(a, tl.trans(tl.load(w_gate + k0))) * a_scale[:, None] * tl.load(s_gate + k0 // BK)
+                up += tl.dot(a, tl.trans(tl.load(w_up + k0))) * a_scale[:, None] * tl.load(s_up + k0 // BK)
+            else:
+                gate = tl.dot(a, tl.trans(tl.load(w_gate + k0)), gate)
+                up = tl.dot(a, tl.trans(tl.load(w_up + k0)), up)
         # silu by hand: tl.sigmoid is a jit function, which Triton's CPU interpreter cannot run
         out = gate / (1.0 + tl.exp(-gate)) * up
         tl.store(h + r.to(tl.int64)[:, None] * stride_h + n[None, :], out.to(h.dtype.element_ty), mask=live[:, None])
@@ -68,21 +82,27 @@ def _down(
     ends,
     groups,
     w,
+    w_scale,
     y,
     inter,
     stride_h,
     stride_we,
     stride_wn,
+    stride_se,
+    stride_sn,
     stride_y,
+    FP8: tl.constexpr,
+    SCALE_BLOCK_N: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
 ):
-    """y[r, n] = h[r] . w[e, n] for r in group e."""
+    """y[r, n] = h[r] . w[e, n] for r in group e (FP8: as _gate_up_silu)."""
     e, start, end = _group_rows(groups, ends, tl.program_id(0))
     n = tl.program_id(1) * BN + tl.arange(0, BN)
     k = tl.arange(0, BK)
     w_rows = w + e.to(tl.int64) * stride_we + n[:, None] * stride_wn + k[None, :]
+    s_rows = w_scale + e.to(tl.int64) * stride_se + (n // SCALE_BLOCK_N) * stride_sn
     for m0 in range(start, end, BM):
         r = m0 + tl.arange(0, BM)
         live = r < end
@@ -90,7 +110,11 @@ def _down(
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(0, inter, BK):
             a = tl.load(h_rows + k0, mask=live[:, None], other=0.0)
-            acc = tl.dot(a, tl.trans(tl.load(w_rows + k0)), acc)
+            if FP8:
+                a, a_scale = quantized_rows(a.to(tl.float32))
+                acc += tl.dot(a, tl.trans(tl.load(w_rows + k0))) * a_scale[:, None] * tl.load(s_rows + k0 // BK)
+            else:
+                acc = tl.dot(a, tl.trans(tl.load(w_rows + k0)), acc)
         tl.store(y + r.to(tl.int64)[:, None] * stride_y + n[None, :], acc.to(y.dtype.element_ty), mask=live[:, None])
 
 
@@ -103,9 +127,13 @@ def expert_mlp(
     w13: torch.Tensor,
     w2: torch.Tensor,
     config: dict,
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+    fp8_block: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Shapes as raymoe.actors.models.expert_mlp.expert_mlp; config: BM, BN, BK,
-    num_warps, num_stages. One row of programs per entry of ``groups``."""
+    num_warps, num_stages. One row of programs per entry of ``groups``. FP8 weights come
+    with their block scales and ``fp8_block``, whose block_k replaces BK."""
     num_rows, (num_slots, two_inter, hidden) = rows.shape[0], w13.shape
     inter = two_inter // 2
     assert w2.shape == (num_slots, hidden, inter) and ends.shape == (num_slots,) and groups.dtype == torch.int32
@@ -113,37 +141,54 @@ def expert_mlp(
     bm, launch = config["BM"], dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
     h = torch.empty(num_rows, inter, dtype=x.dtype, device=x.device)
     y = torch.empty(num_rows, hidden, dtype=x.dtype, device=x.device)
-    bn, bk = _block(inter, config["BN"]), _block(hidden, config["BK"])
+    if fp8_block is not None:
+        assert w13_scale is not None and w2_scale is not None
+        block_n, want_k = fp8_block[0], fp8_block[1]
+        if hidden % want_k or inter % want_k:
+            raise ValueError(f"expert dimensions {hidden}, {inter} are not multiples of the FP8 block {want_k}")
+    else:
+        block_n, want_k, w13_scale, w2_scale = 1, config["BK"], w13, w2  # no scales: never read
+    bn, bk = _block(inter, config["BN"]), _block(hidden, want_k)
     _gate_up_silu[(groups.shape[0], inter // bn)](
         x,
         rows,
         ends,
         groups,
         w13,
+        w13_scale,
         h,
         inter,
         hidden,
         x.stride(0),
         w13.stride(0),
         w13.stride(1),
+        w13_scale.stride(0),
+        w13_scale.stride(1),
         h.stride(0),
+        FP8=fp8_block is not None,
+        SCALE_BLOCK_N=block_n,
         BM=bm,
         BN=bn,
         BK=bk,
         **launch,
     )
-    bn, bk = _block(hidden, config["BN"]), _block(inter, config["BK"])
+    bn, bk = _block(hidden, config["BN"]), _block(inter, want_k)
     _down[(groups.shape[0], hidden // bn)](
         h,
         ends,
         groups,
         w2,
+        w2_scale,
         y,
         inter,
         h.stride(0),
         w2.stride(0),
         w2.stride(1),
+        w2_scale.stride(0),
+        w2_scale.stride(1),
         y.stride(0),
+        FP8=fp8_block is not None,
+        SCALE_BLOCK_N=block_n,
         BM=bm,
         BN=bn,
         BK=bk,

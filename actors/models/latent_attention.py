@@ -23,6 +23,7 @@ from torch import nn
 
 from raymoe.actors.models.batch import ForwardBatch
 from raymoe.actors.models.checkpoint import CheckpointReader
+from raymoe.actors.models.fp8 import WeightSlice, weight_params
 from raymoe.actors.models.layers import PartialSum, RMSNorm, RotaryEmbedding, RowParallelLinear, split_evenly
 from raymoe.actors.models.linear import linear
 from raymoe.actors.models.spec import LatentAttentionSpec, ModelSpec
@@ -30,7 +31,9 @@ from raymoe.comm.groups import Groups
 
 
 class LatentAttention(nn.Module):
-    def __init__(self, spec: ModelSpec, layer: int, groups: Groups, rotary: RotaryEmbedding, *, dtype, device) -> None:
+    def __init__(
+        self, spec: ModelSpec, layer: int, groups: Groups, rotary: RotaryEmbedding, *, dtype, device, fp8_block=None
+    ) -> None:
         super().__init__()
         m = spec.mla
         assert m is not None
@@ -43,24 +46,29 @@ class LatentAttention(nn.Module):
         # one GEMM reads x for the query's first projection and the latent (q_a_proj or this
         # rank's q_proj rows, then kv_a_proj_with_mqa)
         self.q_in = m.q_lora_rank or self.heads * self.qk_dim
-        self.in_proj = _weight(self.q_in + self.latent_width, spec.hidden_size, dtype=dtype, device=device)
+        self.fp8_block = fp8_block
+        fmt = dict(dtype=dtype, device=device, fp8_block=fp8_block)
+        self.in_proj, self.in_proj_scale = weight_params((self.q_in + self.latent_width, spec.hidden_size), **fmt)
         eps = spec.rms_norm_eps
         self.q_a_norm = RMSNorm(m.q_lora_rank, eps, dtype, device) if m.q_lora_rank else None
-        self.q_b = (
-            _weight(self.heads * self.qk_dim, m.q_lora_rank, dtype=dtype, device=device) if m.q_lora_rank else None
+        self.q_b, self.q_b_scale = (
+            weight_params((self.heads * self.qk_dim, m.q_lora_rank), **fmt) if m.q_lora_rank else (None, None)
         )
         self.kv_a_norm = RMSNorm(m.kv_lora_rank, eps, dtype, device)
         self.w_uk = _weight(self.heads, m.qk_nope_head_dim, m.kv_lora_rank, dtype=dtype, device=device)
         self.w_uv_t = _weight(self.heads, m.kv_lora_rank, m.v_head_dim, dtype=dtype, device=device)
         self.o_proj = RowParallelLinear(
-            self.heads * m.v_head_dim, spec.hidden_size, tp, bias=False, dtype=dtype, device=device
+            self.heads * m.v_head_dim, spec.hidden_size, tp, bias=False, dtype=dtype, device=device, fp8_block=fp8_block
         )
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> PartialSum:
         m, t = self.mla, x.shape[0]
-        q_in, latent = linear(x, self.in_proj).split([self.q_in, self.latent_width], dim=-1)
+        fp8 = self.fp8_block
+        q_in, latent = linear(x, self.in_proj, scale=self.in_proj_scale, block=fp8).split(
+            [self.q_in, self.latent_width], dim=-1
+        )
         if self.q_b is not None:
-            q_in = linear(self.q_a_norm(q_in.contiguous()), self.q_b)
+            q_in = linear(self.q_a_norm(q_in.contiguous()), self.q_b, scale=self.q_b_scale, block=fp8)
         q_nope, q_rope = q_in.view(t, self.heads, self.qk_dim).split([m.qk_nope_head_dim, m.qk_rope_head_dim], -1)
         kv_latent = self.kv_a_norm(latent[:, : m.kv_lora_rank].contiguous())
         q_rope, k_rope = self.rotary(
@@ -74,18 +82,23 @@ class LatentAttention(nn.Module):
         return PartialSum(self.o_proj(out.reshape(t, self.heads * m.v_head_dim)), self.o_proj.group)
 
     def load(self, reader: CheckpointReader, prefix: str) -> None:
-        m = self.mla
+        m, fp8 = self.mla, self.fp8_block
         h0, h1 = self.head_start, self.head_start + self.heads
-        latent = _rope_rows_to_halves(reader.read(prefix + "kv_a_proj_with_mqa.weight"), m)
+        latent = reader.read_weight(prefix + "kv_a_proj_with_mqa.weight", fp8_block=fp8)
+        latent = latent.reorder_rows(_rope_halves_order(self.latent_width, m))
+        query_rows = (0, h0 * self.qk_dim, h1 * self.qk_dim)
+        query_order = torch.cat([_rope_halves_order(self.qk_dim, m) + h * self.qk_dim for h in range(self.heads)])
         if self.q_b is not None:
-            q_in = reader.read(prefix + "q_a_proj.weight")
+            q_in = reader.read_weight(prefix + "q_a_proj.weight", fp8_block=fp8)
             self.q_a_norm.load(reader, prefix + "q_a_layernorm.weight")
-            self.q_b.copy_(
-                self._query_rows(reader.read(prefix + "q_b_proj.weight", 0, h0 * self.qk_dim, h1 * self.qk_dim))
-            )
+            q_b = reader.read_weight(prefix + "q_b_proj.weight", *query_rows, fp8_block=fp8)
+            q_b.reorder_rows(query_order).store(self.q_b, self.q_b_scale, fp8)
         else:
-            q_in = self._query_rows(reader.read(prefix + "q_proj.weight", 0, h0 * self.qk_dim, h1 * self.qk_dim))
-        self.in_proj.copy_(torch.cat([q_in, latent]))
+            q_in = reader.read_weight(prefix + "q_proj.weight", *query_rows, fp8_block=fp8)
+            q_in = q_in.reorder_rows(query_order)
+        WeightSlice.cat([q_in, latent], 0, prefix + "q and kv_a projections").store(
+            self.in_proj, self.in_proj_scale, fp8
+        )
         self.kv_a_norm.load(reader, prefix + "kv_a_layernorm.weight")
         per_head = m.qk_nope_head_dim + m.v_head_dim
         kv_b = reader.read(prefix + "kv_b_proj.weight", 0, h0 * per_head, h1 * per_head).view(self.heads, per_head, -1)
@@ -93,20 +106,16 @@ class LatentAttention(nn.Module):
         self.w_uv_t.copy_(kv_b[:, m.qk_nope_head_dim :].transpose(1, 2))
         self.o_proj.load(reader, prefix + "o_proj.", h0 * m.v_head_dim)
 
-    def _query_rows(self, w: torch.Tensor) -> torch.Tensor:
-        """This rank's query rows [heads * qk_dim, in] with each head's rotary rows in rotate-half order."""
-        heads = w.view(self.heads, self.qk_dim, -1)
-        return torch.stack([_rope_rows_to_halves(h, self.mla) for h in heads]).flatten(0, 1)
 
-
-def _rope_rows_to_halves(w: torch.Tensor, mla: LatentAttentionSpec) -> torch.Tensor:
-    """w [rows, in] whose last qk_rope_head_dim rows make a rotary vector: those rows reordered
-    from interleaved pairs to rotate-half (evens, then odds) when the checkpoint interleaves."""
-    if not mla.rope_interleaved:
-        return w
-    rope_dim = mla.qk_rope_head_dim
-    rope = w[-rope_dim:]
-    return torch.cat([w[:-rope_dim], rope[0::2], rope[1::2]])
+def _rope_halves_order(rows: int, mla: LatentAttentionSpec) -> torch.Tensor:
+    """The row order of a [rows, in] weight whose last qk_rope_head_dim rows make a rotary
+    vector: those rows from interleaved pairs to rotate-half (evens, then odds) when the
+    checkpoint interleaves, every other row in place."""
+    order = torch.arange(rows)
+    if mla.rope_interleaved:
+        rope = order[rows - mla.qk_rope_head_dim :]
+        order = torch.cat([order[: rows - mla.qk_rope_head_dim], rope[0::2], rope[1::2]])
+    return order
 
 
 def _weight(*shape: int, dtype, device) -> nn.Parameter:

@@ -1,7 +1,8 @@
 """Building blocks shared by the architectures, built already sharded.
 
 Every sharded layer takes its GroupCoordinator at build time and loads only its
-own share from the checkpoint (``load(reader, ...)``). Shapes use T = tokens in
+own share from the checkpoint (``load(reader, ...)``). Projection weights are FP8 with
+block scales (``weight_scale``) when built with an ``fp8_block`` (fp8.py). Shapes use T = tokens in
 the step, H = hidden size.
 """
 
@@ -17,6 +18,7 @@ from torch import nn
 
 from raymoe.actors.models import ops
 from raymoe.actors.models.checkpoint import CheckpointReader
+from raymoe.actors.models.fp8 import WeightSlice, weight_params
 from raymoe.actors.models.linear import linear
 from raymoe.actors.models.spec import ModelSpec, RopeSpec
 from raymoe.comm.group import GroupCoordinator
@@ -222,19 +224,22 @@ class RowParallelLinear(nn.Module):
     """y = x W^T (+ b): input dim split over ``group``. ``forward`` returns this rank's
     share of y, still to be summed over the group (see PartialSum)."""
 
-    def __init__(self, in_local: int, out: int, group: GroupCoordinator, *, bias: bool, dtype, device) -> None:
+    def __init__(
+        self, in_local: int, out: int, group: GroupCoordinator, *, bias: bool, dtype, device, fp8_block=None
+    ) -> None:
         super().__init__()
-        self.group = group
-        self.weight = nn.Parameter(torch.zeros(out, in_local, dtype=dtype, device=device), requires_grad=False)
+        self.group, self.fp8_block = group, fp8_block
+        self.weight, self.weight_scale = weight_params((out, in_local), dtype=dtype, device=device, fp8_block=fp8_block)
         self.bias = nn.Parameter(torch.zeros(out, dtype=dtype, device=device), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear(x, self.weight)
+        y = linear(x, self.weight, scale=self.weight_scale, block=self.fp8_block)
         return y + self.bias if self.bias is not None and self.group.is_first else y  # the bias counted once
 
     def load(self, reader: CheckpointReader, prefix: str, col_start: int) -> None:
         cols = self.weight.shape[1]
-        self.weight.copy_(reader.read(prefix + "weight", 1, col_start, col_start + cols))
+        part = reader.read_weight(prefix + "weight", 1, col_start, col_start + cols, fp8_block=self.fp8_block)
+        part.store(self.weight, self.weight_scale, self.fp8_block)
         if self.bias is not None:
             self.bias.copy_(reader.read(prefix + "bias"))
 
@@ -243,8 +248,9 @@ class QKVProjection(nn.Module):
     """Fused q/k/v projection of this rank's heads: query heads split over tp; KV
     heads split too, or replicated when tp exceeds their number."""
 
-    def __init__(self, spec: ModelSpec, tp: GroupCoordinator, dtype, device) -> None:
+    def __init__(self, spec: ModelSpec, tp: GroupCoordinator, dtype, device, fp8_block=None) -> None:
         super().__init__()
+        self.fp8_block = fp8_block
         n, r = tp.world_size, tp.rank_in_group
         self.heads = split_evenly(spec.num_heads, n, "num_attention_heads", "choose a tp that divides it")
         if spec.num_kv_heads >= n:
@@ -256,14 +262,16 @@ class QKVProjection(nn.Module):
         self.q_start = r * self.heads
         self.head_dim = spec.head_dim
         rows = (self.heads + 2 * self.kv_heads) * spec.head_dim
-        self.weight = nn.Parameter(torch.zeros(rows, spec.hidden_size, dtype=dtype, device=device), requires_grad=False)
+        self.weight, self.weight_scale = weight_params(
+            (rows, spec.hidden_size), dtype=dtype, device=device, fp8_block=fp8_block
+        )
         self.bias = (
             nn.Parameter(torch.zeros(rows, dtype=dtype, device=device), requires_grad=False) if spec.qkv_bias else None
         )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [T, H] -> q [T, heads, D], k [T, kv_heads, D], v [T, kv_heads, D]."""
-        qkv = linear(x, self.weight, self.bias)
+        qkv = linear(x, self.weight, self.bias, scale=self.weight_scale, block=self.fp8_block)
         d = self.head_dim
         q, k, v = qkv.split([self.heads * d, self.kv_heads * d, self.kv_heads * d], dim=-1)
         return q.view(-1, self.heads, d), k.view(-1, self.kv_heads, d), v.view(-1, self.kv_heads, d)
@@ -275,7 +283,11 @@ class QKVProjection(nn.Module):
             ("k_proj.", self.kv_start, self.kv_heads),
             ("v_proj.", self.kv_start, self.kv_heads),
         ]
-        self.weight.copy_(torch.cat([reader.read(prefix + p + "weight", 0, s * d, (s + c) * d) for p, s, c in parts]))
+        slices = [
+            reader.read_weight(prefix + p + "weight", 0, s * d, (s + c) * d, fp8_block=self.fp8_block)
+            for p, s, c in parts
+        ]
+        WeightSlice.cat(slices, 0, prefix + "q/k/v_proj").store(self.weight, self.weight_scale, self.fp8_block)
         if self.bias is not None:
             self.bias.copy_(torch.cat([reader.read(prefix + p + "bias", 0, s * d, (s + c) * d) for p, s, c in parts]))
 
@@ -283,19 +295,24 @@ class QKVProjection(nn.Module):
 class DenseMLP(nn.Module):
     """SwiGLU MLP, intermediate dim split over tp: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, hidden: int, intermediate: int, tp: GroupCoordinator, *, dtype, device) -> None:
+    def __init__(self, hidden: int, intermediate: int, tp: GroupCoordinator, *, dtype, device, fp8_block=None) -> None:
         super().__init__()
         self.local = split_evenly(intermediate, tp.world_size, "intermediate_size", "choose a tp that divides it")
         self.start = tp.rank_in_group * self.local
-        self.gate_up = nn.Parameter(
-            torch.zeros(2 * self.local, hidden, dtype=dtype, device=device), requires_grad=False
+        self.fp8_block = fp8_block
+        self.gate_up, self.gate_up_scale = weight_params(
+            (2 * self.local, hidden), dtype=dtype, device=device, fp8_block=fp8_block
         )
-        self.down = RowParallelLinear(self.local, hidden, tp, bias=False, dtype=dtype, device=device)
+        self.down = RowParallelLinear(
+            self.local, hidden, tp, bias=False, dtype=dtype, device=device, fp8_block=fp8_block
+        )
 
     def forward(self, x: torch.Tensor) -> PartialSum:
-        return PartialSum(self.down(ops.silu_and_mul(linear(x, self.gate_up))), self.down.group)
+        gate_up = linear(x, self.gate_up, scale=self.gate_up_scale, block=self.fp8_block)
+        return PartialSum(self.down(ops.silu_and_mul(gate_up)), self.down.group)
 
     def load(self, reader: CheckpointReader, gate: str, up: str, down_prefix: str) -> None:
         s, e = self.start, self.start + self.local
-        self.gate_up.copy_(torch.cat([reader.read(gate, 0, s, e), reader.read(up, 0, s, e)]))
+        parts = [reader.read_weight(name, 0, s, e, fp8_block=self.fp8_block) for name in (gate, up)]
+        WeightSlice.cat(parts, 0, f"{gate} and {up}").store(self.gate_up, self.gate_up_scale, self.fp8_block)
         self.down.load(reader, down_prefix, s)

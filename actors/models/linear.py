@@ -1,13 +1,18 @@
 """y = x W^T (+ b) for the model's dense projections: a Triton matrix-vector kernel when
 x has at most ``SKINNY_MAX_ROWS`` rows on a GPU (a decode step of one sequence, where
 cuBLAS's GEMMs leave part of the memory bandwidth unused), ``F.linear`` otherwise. The
-choice depends on shapes alone, so a CUDA graph captures one path."""
+choice depends on shapes alone, so a CUDA graph captures one path.
+
+An FP8 weight (float8_e4m3fn with block scales, fp8.py) runs a Triton FP8 GEMM on a GPU
+(activations quantised per row and block_k columns inside it), and is dequantised to x's
+dtype elsewhere."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from raymoe.actors.models.fp8 import FP8, dequantize_blocks, kernel_block
 from raymoe.actors.models.ops import block_dividing, choose_backend
 
 # From benchmarks/skinny_linear_bench.py --sweep on an H200 (BENCHMARKS.md): at one row the
@@ -23,11 +28,17 @@ def linear(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
+    scale: torch.Tensor | None = None,
+    block: tuple[int, int] | None = None,
     backend: str | None = None,
     config: dict | None = None,
 ) -> torch.Tensor:
-    """x [..., K], weight [N, K] -> [..., N]. backend: "triton" or "torch"; None picks
-    (see the module doc). config: the Triton block sizes, for benchmarks."""
+    """x [..., K], weight [N, K] -> [..., N]. An FP8 weight comes with its ``scale`` per
+    ``block``. backend: "triton" or "torch"; None picks (see the module doc). config: the
+    Triton block sizes, for benchmarks."""
+    if weight.dtype == FP8:
+        assert scale is not None and block is not None, "an FP8 weight needs its block scales"
+        return _fp8_linear(x, weight, bias, scale=scale, block=block, backend=backend)
     # cheap tests first: most calls (batches of many rows) stop at the row count
     fits = x.dim() == 2 and 0 < x.shape[0] <= SKINNY_MAX_ROWS and x.stride(1) == 1 and weight.stride(1) == 1
     fits = fits and block_dividing(x.shape[1], SKINNY_CONFIG["BK"]) is not None
@@ -38,3 +49,13 @@ def linear(
     if config is None:
         config = dict(SKINNY_CONFIG, BK=block_dividing(x.shape[1], SKINNY_CONFIG["BK"]))
     return skinny_linear(x, weight, bias, config)
+
+
+def _fp8_linear(x, weight, bias, *, scale, block, backend) -> torch.Tensor:
+    fits = x.stride(-1) == 1 and kernel_block(block)
+    if choose_backend(backend, op="fp8_linear", on_cuda=x.is_cuda, fits=fits) == "torch":
+        return F.linear(x, dequantize_blocks(weight, scale, block, x.dtype), bias)
+    from raymoe.actors.models.fp8_linear_triton import fp8_linear
+
+    y = fp8_linear(x.reshape(-1, x.shape[-1]), weight, scale, block=block, bias=bias)
+    return y.view(*x.shape[:-1], weight.shape[0])

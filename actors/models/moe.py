@@ -46,6 +46,7 @@ from raymoe.actors.models.batch import ForwardBatch
 from raymoe.actors.models.checkpoint import CheckpointReader
 from raymoe.actors.models.expert_map import ExpertMap
 from raymoe.actors.models.expert_mlp import expert_mlp
+from raymoe.actors.models.fp8 import WeightSlice, weight_params
 from raymoe.actors.models.layers import BlockOutput, DenseMLP, PartialSum, split_evenly
 from raymoe.actors.models.linear import linear
 from raymoe.actors.models.moe_combine import combine, combine_add_rms_norm
@@ -71,9 +72,11 @@ class MoE(nn.Module):
         dtype,
         device,
         router_skew: float = 0.0,
+        fp8_block: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         assert spec.moe is not None
+        self.fp8_block = fp8_block
         self.layer, self.moe_layer = layer, moe_layer
         self.top_k, self.norm_topk_prob = spec.moe.top_k, spec.moe.norm_topk_prob
         self.groups, self.expert_map = groups, expert_map
@@ -101,7 +104,7 @@ class MoE(nn.Module):
             else None
         )
         self.shared = (
-            DenseMLP(h, spec.moe.shared_intermediate_size, groups.tp, dtype=dtype, device=device)
+            DenseMLP(h, spec.moe.shared_intermediate_size, groups.tp, dtype=dtype, device=device, fp8_block=fp8_block)
             if spec.moe.shared_intermediate_size
             else None
         )
@@ -111,10 +114,9 @@ class MoE(nn.Module):
             else None
         )
         # the shared experts' share is summed with the routed ones over the world
-        self.w13 = nn.Parameter(
-            torch.zeros(self.slots, 2 * self.inter, h, dtype=dtype, device=device), requires_grad=False
-        )
-        self.w2 = nn.Parameter(torch.zeros(self.slots, h, self.inter, dtype=dtype, device=device), requires_grad=False)
+        fmt = dict(dtype=dtype, device=device, fp8_block=fp8_block)
+        self.w13, self.w13_scale = weight_params((self.slots, 2 * self.inter, h), **fmt)
+        self.w2, self.w2_scale = weight_params((self.slots, h, self.inter), **fmt)
         assert self.slots < 2**15, "slot ids are sorted as int16"
         self.router_bias = zipf_router_bias(spec.moe.num_experts, router_skew, seed=layer, device=device, dtype=dtype)
 
@@ -180,8 +182,24 @@ class MoE(nn.Module):
         d = self._dispatch(logits, valid)
         if batch.expert_load is not None:
             batch.expert_load.record(self.moe_layer, d.physical)
-        all_slots = self.expert_map.num_physical
-        return expert_mlp(x_all, d.rows, d.ends, w13=self.w13, w2=self.w2, groups=d.groups, all_slots=all_slots), d
+        y = expert_mlp(
+            x_all,
+            d.rows,
+            d.ends,
+            w13=self.w13,
+            w2=self.w2,
+            groups=d.groups,
+            all_slots=self.expert_map.num_physical,
+            w13_scale=self.w13_scale,
+            w2_scale=self.w2_scale,
+            fp8_block=self.fp8_block,
+        )
+        return y, d
+
+    def expert_tensors(self) -> list[torch.Tensor]:
+        """The tensors that hold one entry per expert slot (what a moved expert carries): the
+        weights, and their block scales when FP8."""
+        return [t for t in (self.w13, self.w13_scale, self.w2, self.w2_scale) if t is not None]
 
     def _dispatch(self, logits: torch.Tensor, valid: torch.Tensor | None) -> Dispatch:
         emap = self.expert_map
@@ -221,13 +239,15 @@ class MoE(nn.Module):
             self.shared_gate.copy_(reader.read(names.shared_gate.format(layer=self.layer)))
         s, e = self.inter_start, self.inter_start + self.inter
         physical_to_logical = self.expert_map.physical_to_logical_cpu[self.moe_layer]
+        fp8 = self.fp8_block
         for slot in range(self.slots):
             expert = int(physical_to_logical[self.slot_start + slot])
             fill = dict(layer=self.layer, expert=expert)
-            gate = reader.read(names.gate.format(**fill), 0, s, e)
-            up = reader.read(names.up.format(**fill), 0, s, e)
-            self.w13[slot].copy_(torch.cat([gate, up]))
-            self.w2[slot].copy_(reader.read(names.down.format(**fill), 1, s, e))
+            gate_up = [reader.read_weight(n.format(**fill), 0, s, e, fp8_block=fp8) for n in (names.gate, names.up)]
+            w13_scale = self.w13_scale[slot] if fp8 else None
+            WeightSlice.cat(gate_up, 0, names.gate.format(**fill)).store(self.w13[slot], w13_scale, fp8)
+            down = reader.read_weight(names.down.format(**fill), 1, s, e, fp8_block=fp8)
+            down.store(self.w2[slot], self.w2_scale[slot] if fp8 else None, fp8)
         for expert in range(self.expert_map.num_logical):
             for name in (names.gate, names.up, names.down):
                 reader.mark_used(name.format(layer=self.layer, expert=expert))

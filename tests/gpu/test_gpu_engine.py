@@ -177,3 +177,54 @@ def test_expert_moves_on_a_side_stream_keep_outputs(gpu_ray, stable_case):
         for other in (d, a):
             err = ((torch.stack(other.logits) - torch.stack(b.logits)).norm() / torch.stack(b.logits).norm()).item()
             assert err <= 1e-3, err
+
+
+def test_fp8_weights_close_to_transformers_on_the_dequantised_weights(gpu_ray, tmp_path):
+    """An FP8 checkpoint (128 x 128 blocks, dimensions the Triton FP8 kernels take) served with
+    its weights kept in FP8, CUDA graphs on, against transformers in float32 on the dequantised
+    weights. What differs is the activations' FP8 rounding (3 mantissa bits, per row and 128
+    columns): a few percent of the logits, so the bounds are looser than bf16's and the tokens
+    are compared where the reference's top-2 gap is wide."""
+    from model_zoo import fp8_checkpoints
+
+    from raymoe.cluster.config import config_from_dict
+    from raymoe.deploy import LLM, SamplingParams
+
+    shape = dict(hidden_size=256, head_dim=64, moe_intermediate_size=128, intermediate_size=256)
+    source = write_checkpoint("qwen3_moe", tmp_path / "bf16", initializer_range=0.05, embedding_std=1.0, **shape)
+    fp8_checkpoints(source, tmp_path / "fp8", tmp_path / "reference", (128, 128))
+    rng = random.Random(5)
+    prompts = [[rng.randrange(3, 512) for _ in range(rng.randrange(4, 80))] for _ in range(16)]
+    ref = hf_greedy(tmp_path / "reference", prompts, 1, torch.float32, "cuda")
+    config = config_from_dict(
+        {
+            "model": {"path": str(tmp_path / "fp8"), "dtype": "bfloat16"},  # quantization auto: FP8 on GPUs
+            "parallel": {"device": "cuda"},
+            "engine": {"block_size": 16, "num_kv_blocks": 256, "max_num_batched_tokens": 64},
+        }
+    )
+    with LLM(config, collect_logits=True) as llm:
+        kept = ray_dtypes(llm)
+        outs = llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
+    assert kept == {torch.float8_e4m3fn}
+    errors, agree = [], 0
+    for out, (tokens, logits) in zip(outs, ref):
+        errors.append(((torch.stack(out.logits) - logits).norm() / logits.norm()).item())
+        top2 = logits[0].topk(2).values
+        if top2[0] - top2[1] > 0.1 * (logits[0].max() - logits[0].min()):
+            assert out.token_ids == tokens
+            agree += 1
+    assert torch.tensor(errors).median() <= 0.08, errors
+    assert agree >= 3, "too few prompts with a decided first token to compare"
+
+
+def _projection_dtypes(ctx) -> set:
+    model = ctx.state["runner"].model
+    return {p.dtype for n, p in model.named_parameters() if n.endswith(("qkv.weight", ".w13", ".w2", "gate_up"))}
+
+
+def ray_dtypes(llm) -> set:
+    import ray
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    return ray.get(llm.controller.run_on_ranks.remote(_projection_dtypes))[0]

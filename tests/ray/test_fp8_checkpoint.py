@@ -1,13 +1,20 @@
 """FP8 block-quantised checkpoints (the Hub's format: float8_e4m3fn weights, one float32
-``weight_scale_inv`` per block, config.json's quantization_config) load dequantised, sliced
-per rank on blocks that need not align with the slices, and give the same greedy tokens and
-logits as transformers running the dequantised weights, at tp/ep/dp layouts; other
-quantization methods are refused by name."""
+``weight_scale_inv`` per block, config.json's quantization_config) give the same greedy tokens
+and logits as transformers running the dequantised weights, at tp/ep/dp layouts:
+
+- dequantised at load (CPU's default), sliced per rank on blocks that need not align;
+- kept in FP8 with their scales (``model.quantization: fp8``, the GPU default), sliced on block
+  boundaries, scales moving with the experts EPLB moves; a bf16 checkpoint quantised at load.
+
+Other quantization methods, and FP8 slices off the blocks, are refused by name. (On CPU an FP8
+weight is dequantised at each use: the same maths as the reference; the GPU kernels, which
+quantise activations too, are checked in tests/unit/test_triton_kernels.py and tests/gpu.)"""
 
 from __future__ import annotations
 
 import json
 import random
+import sys
 import time
 
 import pytest
@@ -20,7 +27,10 @@ from raymoe.actors.models.spec import spec_from_hf_config
 from raymoe.cluster.config import config_from_dict
 from raymoe.deploy import LLM, SamplingParams
 
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # _weight_dtypes runs on the ranks
+
 BLOCK = (24, 40)  # divides no dimension of the zoo's shapes: rank slices start mid-block
+ALIGNED = (8, 8)  # divides every split of the zoo's shapes (MLA's 24-row q bottleneck too)
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 4)]  # (tp, ep); dp = ep / tp past tp
 
 
@@ -45,6 +55,20 @@ def deepseek_checkpoints(tmp_path_factory):
     return root / "fp8", hf_greedy(root / "reference", _prompts(), 12)
 
 
+def _aligned(tmp_path_factory, kind: str, block: tuple[int, int]):
+    """(the bf16 checkpoint, its FP8 checkpoint with ``block``, transformers' outputs on the
+    dequantised weights)."""
+    root = tmp_path_factory.mktemp(f"fp8-{kind}-{block[0]}")
+    source = write_checkpoint(kind, root / "bf16")
+    fp8_checkpoints(source, root / "fp8", root / "reference", block)
+    return source, root / "fp8", hf_greedy(root / "reference", _prompts(), 12)
+
+
+@pytest.fixture(scope="module")
+def aligned_checkpoints(tmp_path_factory):
+    return _aligned(tmp_path_factory, "qwen3_moe", ALIGNED)
+
+
 def test_reader_dequantises_any_slice(checkpoints):
     fp8_dir, _ = checkpoints
     reader = CheckpointReader(fp8_dir, fp8_block=BLOCK)
@@ -58,15 +82,19 @@ def test_reader_dequantises_any_slice(checkpoints):
         CheckpointReader(fp8_dir).read(name)
 
 
-def _config(fp8_dir, tp: int, ep: int, eplb: bool = False):
+def _config(fp8_dir, tp: int, ep: int, eplb: bool = False, quantization: str = "auto"):
     return config_from_dict(
         {
-            "model": {"path": str(fp8_dir), "dtype": "float32"},
+            "model": {"path": str(fp8_dir), "dtype": "float32", "quantization": quantization},
             "parallel": {"tp": tp, "dp": max(1, ep // tp), "ep": ep, "device": "cpu"},
             "engine": {"block_size": 8, "num_kv_blocks": 64},
             "eplb": {"enabled": eplb, "num_redundant_experts": ep if eplb else 0, "rebalance_every_steps": 10**6},
         }
     )
+
+
+def _weight_dtypes(ctx) -> dict:
+    return {name: p.dtype for name, p in ctx.state["runner"].model.named_parameters()}
 
 
 def _check(outputs, expected, what: str) -> None:
@@ -95,10 +123,12 @@ def test_fp8_deepseek_v3_equals_transformers_on_its_dequantised_weights(ray_sess
         _check(llm.generate(_prompts(), SAMPLING), expected, f"deepseek_v3 tp={tp} ep={ep}")
 
 
-def test_fp8_experts_moved_by_eplb_keep_outputs(ray_session, checkpoints):
-    """EPLB moves the dequantised experts like any others: outputs still equal the reference."""
-    fp8_dir, expected = checkpoints
-    with LLM(_config(fp8_dir, 1, 2, eplb=True), collect_logits=True) as llm:
+@pytest.mark.parametrize("quantization", ["auto", "fp8"])
+def test_fp8_experts_moved_by_eplb_keep_outputs(ray_session, checkpoints, aligned_checkpoints, quantization):
+    """EPLB moves the experts, dequantised (auto on CPU) or in FP8 with their block scales:
+    outputs still equal the reference."""
+    fp8_dir, expected = checkpoints if quantization == "auto" else aligned_checkpoints[1:]
+    with LLM(_config(fp8_dir, 1, 2, eplb=True, quantization=quantization), collect_logits=True) as llm:
         hot = torch.ones(8)
         hot[0], hot[5] = 60.0, 25.0  # two MoE layers (layer 1 is dense), experts 0 and 5 hot
         ray.get(llm.controller.rebalance.remote(((torch.rand(2, 8) + hot) * 1000).tolist()))
@@ -123,3 +153,51 @@ def test_other_quantizations_are_refused_by_name(checkpoints, quant, field):
     cfg = json.loads((fp8_dir / "config.json").read_text())
     with pytest.raises(ValueError, match=f"quantization_config.{field}"):
         spec_from_hf_config({**cfg, "quantization_config": quant})
+
+
+@pytest.mark.parametrize("tp,ep", LAYOUTS, ids=[f"tp{t}-ep{e}" for t, e in LAYOUTS])
+def test_weights_kept_in_fp8_equal_transformers_on_the_dequantised_weights(ray_session, aligned_checkpoints, tp, ep):
+    _, fp8_dir, expected = aligned_checkpoints
+    with LLM(_config(fp8_dir, tp, ep, quantization="fp8"), collect_logits=True) as llm:
+        kept = ray.get(llm.controller.run_on_ranks.remote(_weight_dtypes))[-1]
+        _check(llm.generate(_prompts(), SAMPLING), expected, f"fp8 tp={tp} ep={ep}")
+    assert kept["layers.0.mlp.w13"] == kept["layers.1.mlp.gate_up"] == torch.float8_e4m3fn
+    assert kept["layers.0.attn.qkv.weight"] == kept["layers.0.attn.o_proj.weight"] == torch.float8_e4m3fn
+    assert kept["layers.0.mlp.w13_scale"] == kept["layers.0.mlp.router"] == torch.float32
+
+
+def test_deepseek_v3_latent_attention_kept_in_fp8(ray_session, tmp_path_factory):
+    """MLA's fused q / latent projection and q_b_proj in FP8: interleaved rotary rows reordered
+    within their blocks, q_b_proj split by head over tp."""
+    _, fp8_dir, expected = _aligned(tmp_path_factory, "deepseek_v3", ALIGNED)
+    with LLM(_config(fp8_dir, 2, 1, quantization="fp8"), collect_logits=True) as llm:
+        kept = ray.get(llm.controller.run_on_ranks.remote(_weight_dtypes))[1]
+        _check(llm.generate(_prompts(), SAMPLING), expected, "deepseek_v3 fp8 tp=2")
+    assert kept["layers.0.attn.in_proj"] == kept["layers.0.attn.q_b"] == kept["layers.1.mlp.w2"] == torch.float8_e4m3fn
+
+
+def test_bf16_checkpoint_quantised_at_load(ray_session, tmp_path_factory):
+    """model.quantization: fp8 on a bf16 checkpoint: 128 x 128 blocks, the same values as an FP8
+    checkpoint written with them (dimensions of 128, so that every fused part is whole blocks)."""
+    wide = dict(hidden_size=128, num_attention_heads=8, num_key_value_heads=8, moe_intermediate_size=128)
+    root = tmp_path_factory.mktemp("fp8-128")
+    source = write_checkpoint("qwen3_moe", root / "bf16", **wide)
+    fp8_checkpoints(source, root / "fp8", root / "reference", (128, 128))
+    expected = hf_greedy(root / "reference", _prompts(), 12)
+    with LLM(_config(source, 1, 2, quantization="fp8"), collect_logits=True) as llm:
+        kept = ray.get(llm.controller.run_on_ranks.remote(_weight_dtypes))[0]
+        _check(llm.generate(_prompts(), SAMPLING), expected, "bf16 quantised at load")
+    assert kept["layers.0.mlp.w2"] == kept["layers.0.attn.qkv.weight"] == torch.float8_e4m3fn
+
+
+def test_fp8_slices_off_the_blocks_are_refused_by_name(checkpoints):
+    """A tp split that starts mid-block cannot keep the checkpoint's FP8 blocks: the error names
+    the tensor, the rows and the way out."""
+    fp8_dir, _ = checkpoints
+    reader = CheckpointReader(fp8_dir, fp8_block=BLOCK)
+    name = "model.layers.1.mlp.gate_proj.weight"  # the dense layer
+    with pytest.raises(ValueError, match=r"gate_proj.weight: this rank's rows \[64, 128\).*model.quantization: none"):
+        reader.read_weight(name, 0, 64, 128, fp8_block=BLOCK)
+    whole = reader.read_weight(name, 0, 0, 48, fp8_block=BLOCK)  # two whole blocks of 24 rows
+    assert whole.data.dtype == torch.float8_e4m3fn and whole.scale.shape == (2, 2)
+    assert torch.equal(whole.data, reader._slice(name, 0, 0, 48)[0])

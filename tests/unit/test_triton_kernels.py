@@ -1,5 +1,5 @@
-"""The Triton kernels (MoE dispatch, expert MLP, combine; one-row linear; q/k norm +
-rotary; the fused sum + add + norm) in Triton's CPU interpreter against the torch
+"""The Triton kernels (MoE dispatch, expert MLP, combine; one-row linear; FP8 linear and
+expert MLP; q/k norm + rotary; the fused sum + add + norm) in Triton's CPU interpreter against the torch
 paths, one case per test. The cases run in one fresh process (TRITON_INTERPRET=1 must be
 set before Triton is first imported; one process imports torch and Triton once, where a
 process per case took ~15 times as long). tests/gpu runs the compiled kernels."""
@@ -50,6 +50,10 @@ CASES = {
     "reduce-add-rms-norm-2-ranks": ("reduce_add_rms_norm_case", dict(ranks=2, tokens=5, width=64)),
     # a masked block
     "reduce-add-rms-norm-3-ranks-width-48": ("reduce_add_rms_norm_case", dict(ranks=3, tokens=2, width=48)),
+    # FP8 weights: partial row and column blocks, K past one block (several activation groups)
+    "fp8-linear-decode": ("fp8_linear_case", dict(rows=3, n=40, k=80, block=[16, 32], bias=True)),
+    "fp8-linear-prefill": ("fp8_linear_case", dict(rows=70, n=130, k=96, block=[32, 32], bias=False)),
+    "fp8-expert-mlp": ("expert_mlp_fp8_case", dict(slots=3, hidden=64, inter=32, tokens=9, block=[16, 32])),
 }
 
 

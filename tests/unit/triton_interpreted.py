@@ -13,7 +13,10 @@ import sys
 import traceback
 from pathlib import Path
 
+import numpy as np
 import torch
+import triton.language as tl
+from triton.runtime import interpreter
 
 from raymoe.actors.models import (
     expert_mlp_triton,
@@ -23,12 +26,28 @@ from raymoe.actors.models import (
     skinny_linear_triton,
 )
 from raymoe.actors.models.expert_mlp import expert_mlp
+from raymoe.actors.models.fp8 import dequantize_blocks, quantize_blocks, quantize_groups
+from raymoe.actors.models.linear import linear
 from raymoe.actors.models.moe_combine import combine, combine_add_rms_norm
 from raymoe.actors.models.moe_dispatch import busy_slots, dispatch
 from raymoe.cluster.expert_slots import replica_tables
 from raymoe.comm import reduce_add_rms_norm_triton
 
 assert os.environ.get("TRITON_INTERPRET") == "1"
+
+_convert_float = interpreter._convert_float
+
+
+def _exact_fp8_downcast(data, from_type, to_type, rounding_mode):
+    """The interpreter rounds float32 -> float8e4nv without carrying a rounded-up mantissa into
+    the exponent (31.7 becomes 16, not 32); a GPU rounds to nearest. torch converts exactly."""
+    if from_type == tl.float32 and to_type == tl.float8e4nv:
+        as_fp8 = torch.from_numpy(np.ascontiguousarray(data)).to(torch.float8_e4m3fn)
+        return as_fp8.view(torch.uint8).numpy().reshape(data.shape)
+    return _convert_float(data, from_type, to_type, rounding_mode)
+
+
+interpreter._convert_float = _exact_fp8_downcast
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/, as pytest's conftest does
 from dispatch_checks import assert_same_grouping  # noqa: E402
 
@@ -132,6 +151,52 @@ def skinny_linear_case(rows, bias):
     torch.testing.assert_close(got, torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
 
 
+def _activations_through_fp8(x: torch.Tensor, group: int) -> torch.Tensor:
+    """x quantised per row and ``group`` columns, as the FP8 kernels do, then dequantised."""
+    q, scale = quantize_groups(x, group)
+    return q.float() * scale.repeat_interleave(group, 1)[:, : x.shape[1]]
+
+
+def fp8_linear_case(rows, n, k, block, bias):
+    g = torch.Generator().manual_seed(rows + n)
+    x, w = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g) / k**0.5
+    b = torch.randn(n, generator=g) if bias else None
+    q, scale = quantize_blocks(w, tuple(block))
+    want = torch.nn.functional.linear(_activations_through_fp8(x, block[1]), dequantize_blocks(q, scale, block), b)
+    got = linear(x, q, b, scale=scale, block=tuple(block), backend="triton")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # the torch path (CPU) dequantises the weight only: the FP8 activations' error is what differs
+    plain = linear(x, q, b, scale=scale, block=tuple(block), backend="torch")
+    torch.testing.assert_close(plain, torch.nn.functional.linear(x, dequantize_blocks(q, scale, block), b))
+    assert 0 < (got - plain).abs().max() < 0.1 * plain.abs().max()
+
+
+def expert_mlp_fp8_case(slots, hidden, inter, tokens, block, top_k=2):
+    g = torch.Generator().manual_seed(slots + hidden)
+    block = tuple(block)
+    x = torch.randn(tokens, hidden, generator=g)
+    w13, s13 = quantize_blocks(torch.randn(slots, 2 * inter, hidden, generator=g) / hidden**0.5, block)
+    w2, s2 = quantize_blocks(torch.randn(slots, hidden, inter, generator=g) / inter**0.5, block)
+    bucket = torch.randint(0, slots + 1, (tokens * top_k,), generator=g)  # slot ``slots``: another rank's
+    keys, order = torch.sort(bucket, stable=True)
+    ends = torch.searchsorted(keys, torch.arange(1, slots + 1), out_int32=True)
+    rows = order // top_k
+    w13d, w2d = dequantize_blocks(w13, s13, block), dequantize_blocks(w2, s2, block)
+    want = torch.zeros(int(ends[-1]), hidden)
+    for e in range(slots):
+        r = slice(int(ends[e - 1]) if e else 0, int(ends[e]))
+        gate_up = _activations_through_fp8(x[rows[r]], block[1]) @ w13d[e].T
+        h = torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+        want[r] = _activations_through_fp8(h, block[1]) @ w2d[e].T
+    fp8 = dict(w13_scale=s13, w2_scale=s2, fp8_block=block)
+    config = dict(BM=16, BN=16, BK=999, num_warps=4, num_stages=2)  # BK: the FP8 block's
+    got = expert_mlp(x, rows, ends, w13=w13, w2=w2, backend="triton", config=config, **fp8)
+    torch.testing.assert_close(got[: want.shape[0]], want, rtol=1e-4, atol=1e-4)
+    # the torch path dequantises the weights: the same maths without FP8 activations
+    plain = expert_mlp(x, rows, ends, w13=w13, w2=w2, backend="torch", **fp8)[: want.shape[0]]
+    torch.testing.assert_close(plain, expert_mlp(x, rows, ends, w13=w13d, w2=w2d, backend="torch")[: want.shape[0]])
+
+
 def reduce_add_rms_norm_case(ranks, tokens, width):
     """Each rank's partial sits in the second half of its own buffer, as in symmetric memory."""
     g = torch.Generator().manual_seed(ranks * width)
@@ -160,6 +225,8 @@ CASE_FUNCTIONS = {
         qk_norm_rope_case,
         skinny_linear_case,
         reduce_add_rms_norm_case,
+        fp8_linear_case,
+        expert_mlp_fp8_case,
     )
 }
 

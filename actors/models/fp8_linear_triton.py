@@ -1,0 +1,118 @@
+"""A Triton FP8 GEMM: y = x W^T (+ b) for a block-quantised FP8 weight (fp8.py).
+
+Each program owns a [BM, BN] tile of y and walks K one weight block column (block_k) at a
+time: it quantises its [BM, block_k] tile of x to FP8 with one scale per row (DeepSeek's
+1 x block_k activation groups, computed here rather than by a separate kernel), multiplies
+it by the FP8 weight tile on the tensor cores, and adds the product times both scales to a
+float32 accumulator. No host syncs: it runs inside CUDA graphs.
+
+Imported only when Triton is (GPU hosts; the unit tests' CPU interpreter).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from raymoe.actors.models.fp8 import FP8_MAX
+
+
+@triton.jit
+def quantized_rows(a):
+    """a [BM, BK] float32 -> (its FP8 values, one float32 scale per row [BM])."""
+    scale = tl.maximum(tl.max(tl.abs(a), 1), 1e-12) / FP8_MAX
+    return (a / scale[:, None]).to(tl.float8e4nv), scale
+
+
+@triton.jit
+def _fp8_linear(
+    x,
+    w,
+    w_scale,
+    b,
+    y,
+    M,
+    N,
+    K,
+    stride_x,
+    stride_w,
+    stride_s,
+    stride_y,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
+    m = tl.program_id(0) * BM + tl.arange(0, BM)
+    n = tl.program_id(1) * BN + tl.arange(0, BN)
+    k = tl.arange(0, BK)
+    m_ok, n_ok = m < M, n < N
+    x_rows = x + m.to(tl.int64)[:, None] * stride_x + k[None, :]
+    w_rows = w + n.to(tl.int64)[:, None] * stride_w + k[None, :]
+    s_rows = w_scale + (n // BLOCK_N) * stride_s
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        k_ok = (k0 + k < K)[None, :]
+        a, a_scale = quantized_rows(tl.load(x_rows + k0, mask=m_ok[:, None] & k_ok, other=0.0).to(tl.float32))
+        w_tile = tl.load(w_rows + k0, mask=n_ok[:, None] & k_ok, other=0.0)
+        s = tl.load(s_rows + k0 // BK, mask=n_ok, other=0.0)
+        acc += tl.dot(a, tl.trans(w_tile)) * a_scale[:, None] * s[None, :]
+    if HAS_BIAS:
+        acc += tl.load(b + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    out = y + m.to(tl.int64)[:, None] * stride_y + n[None, :]
+    tl.store(out, acc.to(y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def pick_config(num_rows: int) -> dict:
+    """Block sizes by the rows of x, from shapes alone (one choice per CUDA graph). Not yet
+    tuned on a GPU: decode (few rows) takes narrow column tiles so that more programs stream
+    the weight at once."""
+    if num_rows <= 16:
+        return dict(BM=16, BN=32, num_warps=4, num_stages=4)
+    if num_rows <= 64:
+        return dict(BM=64, BN=64, num_warps=4, num_stages=3)
+    return dict(BM=128, BN=128, num_warps=8, num_stages=3)
+
+
+def fp8_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    *,
+    block: tuple[int, int],
+    bias: torch.Tensor | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """x [M, K] (bf16/fp16/fp32), weight [N, K] float8_e4m3fn, scale [ceil(N/bn),
+    ceil(K/bk)] float32, bias [N] or None -> [M, N] in x's dtype."""
+    (m, k), n = x.shape, weight.shape[0]
+    assert weight.shape[1] == k and x.stride(1) == 1 and weight.stride(1) == 1 and scale.stride(1) == 1
+    config = config or pick_config(m)
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y
+    grid = (triton.cdiv(m, config["BM"]), triton.cdiv(n, config["BN"]))
+    _fp8_linear[grid](
+        x,
+        weight,
+        scale,
+        bias if bias is not None else scale,
+        y,
+        m,
+        n,
+        k,
+        x.stride(0),
+        weight.stride(0),
+        scale.stride(0),
+        y.stride(0),
+        HAS_BIAS=bias is not None,
+        BLOCK_N=block[0],
+        BM=config["BM"],
+        BN=config["BN"],
+        BK=block[1],
+        num_warps=config["num_warps"],
+        num_stages=config["num_stages"],
+    )
+    return y
