@@ -37,6 +37,9 @@ class Completion:
     num_prompt_tokens: int
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     logits: list[Any] = field(default_factory=list)  # per output token, when collect_logits=True
+    logprobs: list[Any] = field(default_factory=list)  # per output token (Logprob), when params.logprobs is set
+    # per prompt token (None for the first), when params.prompt_logprobs is set
+    prompt_logprobs: Optional[list[Any]] = None
 
 
 class LLM:
@@ -132,6 +135,9 @@ async def _generate(client: EngineClient, ids: list[list[int]], sampling: list[S
                 out.text += delta.text
                 out.token_ids += delta.token_ids
                 out.logits += delta.logits
+                out.logprobs += delta.logprobs
+                if delta.prompt_logprobs is not None:
+                    out.prompt_logprobs = delta.prompt_logprobs
                 out.finish_reason = delta.finish_reason or ""
                 if delta.cached_tokens is not None:
                     out.num_cached_tokens = delta.cached_tokens

@@ -153,3 +153,24 @@ def test_context_parallel_equal_to_transformers(ray_session, references, kind, t
 def test_context_parallel_needs_a_block_size_it_divides():
     with pytest.raises(ValueError, match="engine.block_size"):
         config_from_dict({"parallel": {"cp": 3}, "engine": {"block_size": 16}})
+
+
+def test_offline_prompt_logprobs_equal_transformers_log_softmax(ray_session, references):
+    """The offline LLM's prompt_logprobs (and logprobs) per position, a long prompt prefilled in
+    chunks: transformers' log-softmax of the logits before each token, and its argmax first."""
+    import transformers
+
+    path, _ = references("qwen3_moe")
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompts = [_prompts()[1], _prompts()[3]]  # 37 and 70 tokens
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, prompt_logprobs=2, logprobs=1)
+    with LLM(_config(path, 1, 1)) as llm:
+        outs = llm.generate(prompts, params)
+    for ids, out in zip(prompts, outs):
+        with torch.no_grad():
+            logprobs = model(torch.tensor([ids + out.token_ids])).logits[0].log_softmax(-1)
+        assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(ids)
+        for i, entry in enumerate(out.prompt_logprobs[1:] + out.logprobs, start=1):
+            token = (ids + out.token_ids)[i]
+            assert entry.token_id == token and abs(entry.logprob - logprobs[i - 1, token].item()) < 1e-4
+            assert len(entry.top) == (2 if i < len(ids) else 1) and entry.top[0][0] == int(logprobs[i - 1].argmax())

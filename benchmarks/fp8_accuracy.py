@@ -1,0 +1,124 @@
+"""FP8 against bf16 on the same random model: log-probabilities over teacher-forced positions.
+
+Writes a random-weight checkpoint of a real shape (transformers' own initialisation, bf16,
+``--layers`` of it) and an FP8 copy in the Hub's format (128 x 128 blocks by default, float32
+``weight_scale_inv``), then runs the same prompts through three engines and reads every
+prompt position's log-probabilities (``prompt_logprobs``: the context is the prompt, the
+same for all three):
+
+* ``bf16``: the bf16 checkpoint;
+* ``dequantised``: the FP8 checkpoint dequantised to bf16 at load (``quantization: none``):
+  the weights' quantisation error alone, the reference's own error;
+* ``fp8``: the FP8 checkpoint kept in FP8 (``quantization: fp8``): on GPUs the FP8 kernels,
+  which quantise activations too (on CPU the same maths as ``dequantised``).
+
+For each against bf16: the mean and max absolute difference of the log-probability of each
+position's token, and how often the most likely next token agrees.
+
+    python benchmarks/fp8_accuracy.py --layers 8 --positions 1000           # a GPU
+    python benchmarks/fp8_accuracy.py --model tiny --block 32 --positions 200 --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import random
+import shutil
+import tempfile
+
+import torch
+
+from raymoe.actors.models.builtin import QWEN3_30B_A3B, ensure_builtin
+from raymoe.actors.models.fp8 import quantize_blocks
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=["qwen3-30b-a3b", "tiny"], default="qwen3-30b-a3b")
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--positions", type=int, default=1000, help="teacher-forced positions, over prompts of 250")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--block", type=int, default=128, help="the FP8 blocks' rows and columns (the Hub's: 128)")
+    p.add_argument("--dir", help="keep the checkpoints here (default: a temporary directory)")
+    return p.parse_args()
+
+
+def write_checkpoints(args, root: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+    """-> (the bf16 checkpoint, its FP8 copy)."""
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    tokenizer_dir = ensure_builtin("tiny-qwen3-moe")
+    if args.model == "tiny":
+        shape = json.loads((tokenizer_dir / "config.json").read_text())
+    else:
+        shape = dict(QWEN3_30B_A3B)
+    shape = dict(shape, num_hidden_layers=args.layers)
+    bf16, fp8 = root / "bf16", root / "fp8"
+    config = transformers.AutoConfig.for_model(**{k: v for k, v in shape.items() if k != "architectures"})
+    config.architectures = shape["architectures"]
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(bf16)
+    del model
+    tensors = {}
+    for f in sorted(bf16.glob("*.safetensors")):
+        tensors.update(load_file(f))
+    for name in [n for n, w in tensors.items() if n.endswith("_proj.weight") and w.dim() == 2]:
+        tensors[name], tensors[name + "_scale_inv"] = quantize_blocks(tensors[name], (args.block, args.block))
+    fp8.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(fp8 / "model.safetensors"))
+    quant = {"quant_method": "fp8", "weight_block_size": [args.block] * 2, "activation_scheme": "dynamic"}
+    cfg = json.loads((bf16 / "config.json").read_text())
+    (fp8 / "config.json").write_text(json.dumps({**cfg, "quantization_config": quant}))
+    for d in (bf16, fp8):
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(tokenizer_dir / name, d / name)
+    return bf16, fp8
+
+
+def position_logprobs(path, quantization: str, prompts, device: str) -> list[tuple[int, float]]:
+    """(most likely next token, log-probability of the actual token) at every position but
+    each prompt's first."""
+    from raymoe.cluster.config import config_from_dict
+    from raymoe.deploy import LLM, SamplingParams
+
+    config = config_from_dict(
+        {
+            "model": {"path": str(path), "dtype": "bfloat16", "quantization": quantization, "max_model_len": 512},
+            "parallel": {"device": device},
+            "engine": {"num_kv_blocks": 256, "max_num_seqs": 8},
+        }
+    )
+    with LLM(config) as llm:
+        outs = llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1))
+    return [(entry.top[0][0], entry.logprob) for out in outs for entry in out.prompt_logprobs[1:]]
+
+
+def main() -> None:
+    args = parse()
+    root = pathlib.Path(args.dir or tempfile.mkdtemp(prefix="fp8-accuracy-"))
+    bf16, fp8 = write_checkpoints(args, root)
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, 500) for _ in range(251)] for _ in range(-(-args.positions // 250))]
+    runs = {
+        "bf16": position_logprobs(bf16, "none", prompts, args.device),
+        "dequantised": position_logprobs(fp8, "none", prompts, args.device),
+        "fp8": position_logprobs(fp8, "fp8", prompts, args.device),
+    }
+    base = runs["bf16"]
+    print(f"{args.model} shape, {args.layers} layers, {len(base)} positions, {args.device}\n")
+    print("| weights | mean abs logprob diff vs bf16 | max | top-1 agreement |")
+    print("|---|---|---|---|")
+    for name in ("dequantised", "fp8"):
+        diff = torch.tensor([abs(a[1] - b[1]) for a, b in zip(runs[name], base)])
+        agree = sum(a[0] == b[0] for a, b in zip(runs[name], base)) / len(base)
+        print(f"| {name} | {diff.mean():.4f} | {diff.max():.4f} | {agree:.1%} |")
+    if not args.dir:
+        shutil.rmtree(root)
+
+
+if __name__ == "__main__":
+    main()
