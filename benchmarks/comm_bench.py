@@ -10,6 +10,12 @@ Measures
        all_reduce    busbw = bytes / t * 2 (n - 1) / n
        all_gather    busbw = bytes / t * (n - 1) / n
        reduce_scatter busbw = bytes / t * (n - 1) / n
+  3. the data-parallel attention path's one-step collectives on the world group (rows of
+     2048 bf16 values), through symmetric memory where they fit (up to 2 MiB), else the
+     collectives they replace: ``gather_over`` (an all-gather) and
+     ``reduce_rows_add_rms_norm`` (a reduce-scatter, then the residual add and RMSNorm;
+     its NCCL row is the same with the one-step path turned off), each call with the pass
+     end it needs (``finish_pass``).
 
     python benchmarks/comm_bench.py --device cuda --tp 2
     python benchmarks/comm_bench.py --device cpu --tp 4 --sizes 16KiB,1MiB --iters 10 --out comm.md
@@ -32,6 +38,8 @@ import torch.distributed as dist
 
 QUEUED_MS = 60.0
 OPS = ("all_reduce", "all_gather", "reduce_scatter")
+ONE_STEP_OPS = ("gather_over", "reduce_rows_add_rms_norm")
+ROW_WIDTH = 2048
 UNITS = {"": 1, "B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
 
 
@@ -142,15 +150,51 @@ def _collective_latency(ctx, op: str, nbytes: int, iters: int, warmup: int) -> f
     per_rank = numel // g.world_size
     x = torch.ones(per_rank if op == "all_gather" else numel, dtype=dtype, device=ctx.device)
     run = {"all_reduce": g.all_reduce, "all_gather": g.all_gather, "reduce_scatter": g.reduce_scatter}[op]
+    return _median_seconds(ctx, g, lambda: run(x), iters, warmup)
+
+
+def _one_step_latency(ctx, op: str, nbytes: int, iters: int, warmup: int, allowed: bool) -> tuple[float, bool]:
+    """(median seconds, whether symmetric memory took it) of one ``op`` of ONE_STEP_OPS on the
+    world group, ``nbytes`` being the full buffer; ``allowed`` False: the path without it."""
+    from raymoe.actors.models.ops import add_rms_norm
+
+    g = ctx.groups.world
+    symmetric, n = g.symmetric, g.world_size
+    if not allowed:
+        g.symmetric = None
+    try:
+        dtype = torch.bfloat16 if ctx.device.type == "cuda" else torch.float32
+        rows = max(1, nbytes // (dtype.itemsize * ROW_WIDTH * n))  # per rank
+        ones = dict(dtype=dtype, device=ctx.device)
+        if op == "gather_over":
+            x = torch.ones(rows, ROW_WIDTH, **ones)
+            call = lambda: g.gather_over(g, x)  # noqa: E731
+        else:
+            x, residual = torch.ones(n * rows, ROW_WIDTH, **ones), torch.ones(rows, ROW_WIDTH, **ones)
+            weight = torch.ones(ROW_WIDTH, **ones)
+            norm = dict(reduce_rows=g.reduce_scatter, add_rms_norm=add_rms_norm)
+            call = lambda: g.reduce_rows_add_rms_norm(x, g.rank_in_group * rows, residual, weight, 1e-6, **norm)  # noqa: E731
+        took = g.symmetric is not None and g.symmetric.one_step(x.numel(), x.dtype)
+
+        def run() -> None:
+            call()
+            g.finish_pass()
+
+        return _median_seconds(ctx, g, run, iters, warmup), took
+    finally:
+        g.symmetric = symmetric
+
+
+def _median_seconds(ctx, g, run: Callable[[], object], iters: int, warmup: int) -> float:
     for _ in range(warmup):
-        run(x)
+        run()
     _sync(ctx)
     g.barrier()
     if ctx.device.type == "cuda":
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
         for start, end in events:
             start.record()
-            run(x)
+            run()
             end.record()
         torch.cuda.synchronize(ctx.device)
         times = [start.elapsed_time(end) / 1e3 for start, end in events]
@@ -158,7 +202,7 @@ def _collective_latency(ctx, op: str, nbytes: int, iters: int, warmup: int) -> f
         times = []
         for _ in range(iters):
             t0 = time.perf_counter()
-            run(x)
+            run()
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -202,6 +246,20 @@ def run(args: argparse.Namespace) -> str:
                 t = max(ray.get(controller.run_on_ranks.remote(_collective_latency, op, nbytes, iters, args.warmup)))
                 rows.append((op, nbytes, t, bus_bandwidth(op, nbytes, t, args.tp)))
                 print(f"  {op:>14} {human(nbytes):>8}: {t * 1e6:10.1f} us  {rows[-1][3] / 1e9:8.2f} GB/s", flush=True)
+        for op in ONE_STEP_OPS:
+            for nbytes in args.sizes:
+                iters = iters_for(args.device, nbytes, args.iters)
+                for allowed in (True, False):
+                    got = ray.get(
+                        controller.run_on_ranks.remote(_one_step_latency, op, nbytes, iters, args.warmup, allowed)
+                    )
+                    t, took = max(r[0] for r in got), got[0][1]
+                    label = f"{op} ({'symmetric memory' if took else 'without it'})"
+                    kind = "all_gather" if op == "gather_over" else "reduce_scatter"
+                    rows.append((label, nbytes, t, bus_bandwidth(kind, nbytes, t, args.tp)))
+                    print(f"  {label} {human(nbytes):>8}: {t * 1e6:10.1f} us", flush=True)
+                    if not took:
+                        break  # what ran was the path without it: a second row would repeat it
     finally:
         ray.get(controller.shutdown.remote())
         ray.kill(controller)

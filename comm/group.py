@@ -134,6 +134,67 @@ class GroupCoordinator:
             return fused.reduce_add_rms_norm(x, residual, weight, eps)
         return add_rms_norm(self.all_reduce(x), residual, weight, eps)
 
+    def gather_over(self, sub: "GroupCoordinator", x: torch.Tensor) -> torch.Tensor:
+        """``sub.all_gather(x)`` for a group ``sub`` inside this one: in one step through this
+        group's symmetric buffer where it allows (then every member of this group calls it
+        together, each for its own ``sub``, all with one shape of ``x``), else over ``sub``."""
+        if sub.world_size == 1:
+            return x
+        if self.symmetric is not None and x.dim() == 2 and self.symmetric.one_step(x.numel(), x.dtype):
+            return self.symmetric.gather(x, tuple(self.ranks.index(r) for r in sub.ranks))
+        return sub.all_gather(x)
+
+    def all_reduce_add_rms_norm_gather(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor,
+        weight: torch.Tensor,
+        eps: float,
+        *,
+        attn: "GroupCoordinator",
+        dp: "GroupCoordinator",
+        rows: int,
+        add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Data-parallel attention's norm before the MoE layer, on this group (the world, of
+        ``dp`` replicas of ``attn`` ranks each): ``attn.all_reduce_add_rms_norm`` of ``x``
+        [T, H] and ``residual``, then every replica's normed rows (each padded to ``rows``)
+        gathered over ``dp`` -> ([dp * rows, H], the residual). In one step through this
+        group's symmetric buffer where it allows (decided on shapes every member shares)."""
+        width = residual.shape[1]
+        sym = self.symmetric
+        if sym is not None and residual.dtype == x.dtype and sym.one_step(2 * rows * width, x.dtype):
+            replicas = tuple(
+                tuple(self.ranks.index(first + member - attn.global_rank) for member in attn.ranks)
+                for first in dp.ranks
+            )
+            return sym.reduce_add_rms_norm_gather(
+                x, residual.contiguous(), weight, eps, replicas=replicas, mine=dp.rank_in_group, rows=rows
+            )
+        h, residual = attn.all_reduce_add_rms_norm(x, residual, weight, eps, add_rms_norm=add_rms_norm)
+        return self.gather_over(dp, torch.nn.functional.pad(h, (0, 0, 0, rows - h.shape[0]))), residual
+
+    def reduce_rows_add_rms_norm(
+        self,
+        x: torch.Tensor,
+        first_row: int,
+        residual: torch.Tensor,
+        weight: torch.Tensor,
+        eps: float,
+        *,
+        reduce_rows: Callable[[torch.Tensor], torch.Tensor],
+        add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As ``all_reduce_add_rms_norm`` with s the sum over every member of rows
+        [first_row, first_row + T) of ``x`` [R, H]: in one step from symmetric memory where it
+        allows, else ``reduce_rows(x)`` (the same sum by other collectives) and then the
+        unfused add + norm."""
+        # decided on x alone, whose shape every member shares (the replicas' rows may differ)
+        sym = self.symmetric
+        if sym is not None and x.dim() == 2 and sym.one_step(x.numel(), x.dtype) and residual.dtype == x.dtype:
+            return sym.reduce_rows_add_rms_norm(x, first_row, residual.contiguous(), weight, eps)
+        return add_rms_norm(reduce_rows(x), residual, weight, eps)
+
     def finish_pass(self) -> None:
         """End of a forward pass of ``all_reduce_add_rms_norm`` calls: the next pass starts
         afresh (see AlternatingHalves). Every member calls it after every forward pass

@@ -25,15 +25,11 @@ DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
 
 # The only groups a step all-reduces over (actors/models): tp (the embedding, and the
 # attention and dense-MLP outputs, which the next RMSNorm takes) and the world (the MoE
-# expert outputs, which the next RMSNorm takes when dp == 1; with dp > 1 the MoE layer
-# sums them itself and keeps its replica's rows). Only these get symmetric memory,
-# and in this order their passes end (Groups.finish_pass).
+# expert outputs, which the next RMSNorm takes; with dp > 1 each rank keeps its replica's
+# rows of the sum, and the MoE layer gathers the replicas' tokens through the world's
+# buffer too). Only these get symmetric memory, and in this order their passes end
+# (Groups.finish_pass).
 SYMMETRIC_KINDS = ("tp", "world")
-
-
-def sums_before_a_norm(kind: str, layout: RankLayout) -> bool:
-    """Whether the next RMSNorm takes the sums over a group of ``kind`` (see SYMMETRIC_KINDS)."""
-    return kind == "tp" or (kind == "world" and layout.dp == 1)
 
 
 @dataclass(kw_only=True)
@@ -122,7 +118,7 @@ def build_groups(
             continue
         group = GroupCoordinator(kind, members, rank, device=device, device_group=device_group, cpu_group=cpu_group)
         if symmetric_memory and device.type == "cuda" and kind in SYMMETRIC_KINDS and len(members) > 1:
-            group.symmetric = symmetric_all_reduce_for(group, node_id, fused_norm=sums_before_a_norm(kind, layout))
+            group.symmetric = symmetric_all_reduce_for(group, node_id, fused_norm=True)
         mine[kind] = group
     if expert_moves:
         mine["ep_moves"] = _ep_moves_group(layout, mine["ep"], device_backend)

@@ -25,10 +25,17 @@ def add_rms_norm_row(summed, residual, weight, out, at, cols, mask, width, eps):
     dtype = residual.dtype.element_ty
     total = (summed.to(dtype).to(tl.float32) + tl.load(residual + at, mask=mask, other=0.0).to(tl.float32)).to(dtype)
     tl.store(residual + at, total, mask=mask)
+    tl.store(out + at, rms_normed(total, weight, cols, mask, width, eps), mask=mask)
+
+
+@triton.jit
+def rms_normed(total, weight, cols, mask, width, eps):
+    """RMSNorm(total) * weight in total's dtype, rounded as the unfused path rounds."""
+    dtype = total.dtype
     total = total.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(total * total, 0) / width + eps)
     normed = (total * rstd).to(dtype).to(tl.float32) * tl.load(weight + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out + at, normed.to(dtype), mask=mask)
+    return normed.to(dtype)
 
 
 @triton.jit
@@ -41,6 +48,74 @@ def _reduce_add_rms_norm(buffers, offset, residual, weight, out, width, eps, WOR
         buffer = tl.load(buffers + rank).to(tl.pointer_type(residual.dtype.element_ty))
         summed += tl.load(buffer + offset + at, mask=mask, other=0.0).to(tl.float32)
     add_rms_norm_row(summed, residual, weight, out, at, cols, mask, width, eps)
+
+
+@triton.jit
+def _reduce_add_rms_norm_gather(
+    table,
+    offset,
+    residual,
+    weight,
+    out,
+    rows,
+    width,
+    eps,
+    mine,
+    mine_rows,
+    ATTN: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Row j of replica d: the sum of its ATTN ranks' partials, plus its residual (published
+    by its first rank after its partials), normalised, into row d * rows + j of out; this
+    rank's replica (``mine``) also gets its new residual, in place."""
+    d, j = tl.program_id(0), tl.program_id(1)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < width
+    at = j.to(tl.int64) * width + cols
+    dtype = residual.dtype.element_ty
+    summed = tl.zeros([BLOCK], dtype=tl.float32)
+    for a in tl.static_range(ATTN):
+        buffer = tl.load(table + d * ATTN + a).to(tl.pointer_type(dtype))
+        summed += tl.load(buffer + offset + at, mask=mask, other=0.0).to(tl.float32)
+    first = tl.load(table + d * ATTN).to(tl.pointer_type(dtype))
+    before = tl.load(first + offset + rows * width + at, mask=mask, other=0.0).to(tl.float32)
+    total = (summed.to(dtype).to(tl.float32) + before).to(dtype)
+    own = (cols * 0 + d == mine) & (cols * 0 + j < mine_rows)  # block-shaped: the interpreter wants it
+    tl.store(residual + at, total, mask=mask & own)
+    tl.store(out + (d * rows).to(tl.int64) * width + at, rms_normed(total, weight, cols, mask, width, eps), mask=mask)
+
+
+def reduce_add_rms_norm_gather_(
+    table: torch.Tensor, offset: int, residual: torch.Tensor, weight: torch.Tensor, *, mine: int, rows: int, eps: float
+) -> torch.Tensor:
+    """table [replicas, attn] int64: the addresses of every replica's attention ranks'
+    buffers, each holding that rank's partial [rows, H] at element ``offset``, then (its
+    replica's first rank's) the replica's residual [rows, H]. ``residual`` [T <= rows, H]:
+    replica ``mine``'s, becomes residual + its sum, in place. Returns every replica's
+    RMSNorm(residual + sum) * weight, [replicas * rows, H] (rows past a replica's tokens
+    hold whatever its padding gives)."""
+    replicas, attn = table.shape
+    width = weight.shape[0]
+    assert residual.is_contiguous() and residual.shape[1] == width and residual.shape[0] <= rows
+    out = torch.empty(replicas * rows, width, dtype=residual.dtype, device=residual.device)
+    if rows:
+        block = triton.next_power_of_2(width)
+        _reduce_add_rms_norm_gather[(replicas, rows)](
+            table,
+            offset,
+            residual,
+            weight,
+            out,
+            rows,
+            width,
+            eps,
+            mine,
+            residual.shape[0],
+            ATTN=attn,
+            BLOCK=block,
+            num_warps=row_warps(block),
+        )
+    return out
 
 
 def row_warps(block: int) -> int:

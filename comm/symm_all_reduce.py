@@ -9,7 +9,8 @@ group's symmetric buffer, meets its peers at a barrier on the signal pads, sums,
 and meets them again before returning, so the buffer can be reused by the next
 call, and the whole thing can be captured in a CUDA graph.
 
-The next RMSNorm can take the sum in the same step (``reduce_add_rms_norm``): each
+The next RMSNorm can take the sum in the same step (``reduce_add_rms_norm``; of some rows
+only, a reduce-scatter, in ``reduce_rows_add_rms_norm``; ``gather`` all-gathers): each
 rank copies its partial into its half of a second, double-buffered symmetric
 buffer, meets its peers at one barrier, and one Triton kernel sums every rank's
 copy, adds the residual and normalises. That is one barrier where the one-shot
@@ -72,6 +73,7 @@ class SymmetricAllReduce:
             assert handle.buffer_ptrs[handle.rank] == halves.data_ptr()
             self.halves = AlternatingHalves(halves, lambda: handle.barrier(channel=0))
             self.peer_halves = torch.tensor(handle.buffer_ptrs, dtype=torch.int64, device=device)
+            self._peer_subsets: dict[tuple[int, ...], torch.Tensor] = {}
 
     def eligible(self, x: torch.Tensor) -> bool:
         # the kernel moves 16 bytes per thread: 8 bf16 values
@@ -113,6 +115,71 @@ class SymmetricAllReduce:
         assert self.halves is not None, "built without fused_norm"
         offset = self.halves.publish(x, residual)
         return reduce_add_rms_norm_(self.peer_halves, offset, residual, weight, eps=eps), residual
+
+    def one_step(self, numel: int, dtype: torch.dtype) -> bool:
+        """Whether ``numel`` values of ``dtype`` fit the one-step collectives below (the same
+        answer on every member when theirs have one shape)."""
+        return self.halves is not None and dtype == self.dtype and numel <= self.max_numel
+
+    def reduce_rows_add_rms_norm(
+        self, x: torch.Tensor, first_row: int, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As ``reduce_add_rms_norm`` with the sum of rows [first_row, first_row + T) of every
+        member's ``x`` [R, H]: a reduce-scatter and the norm after it in one step (each
+        member keeps its own rows: with data-parallel attention, its replica's)."""
+        from raymoe.comm.reduce_add_rms_norm_triton import reduce_add_rms_norm_
+
+        assert self.halves is not None, "built without fused_norm"
+        assert x.shape[1] == residual.shape[1] and first_row + residual.shape[0] <= x.shape[0]
+        offset = self.halves.publish(x.contiguous(), x)
+        return reduce_add_rms_norm_(
+            self.peer_halves, offset + first_row * x.shape[1], residual, weight, eps=eps
+        ), residual
+
+    def reduce_add_rms_norm_gather(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor,
+        weight: torch.Tensor,
+        eps: float,
+        *,
+        replicas: tuple[tuple[int, ...], ...],
+        mine: int,
+        rows: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Data-parallel attention's all-reduce over a replica's attention ranks, add + norm,
+        and all-gather over the replicas, in one step: ``replicas`` holds each replica's
+        attention ranks (group ranks), ``x`` [T, H] is this rank's partial of replica
+        ``mine``, ``residual`` [T, H] that replica's residual (updated in place). -> (every
+        replica's normed rows, each padded to ``rows``: [replicas * rows, H]; the residual)."""
+        from raymoe.comm.reduce_add_rms_norm_triton import reduce_add_rms_norm_gather_
+
+        assert self.halves is not None, "built without fused_norm"
+        tokens, width = x.shape
+        staged = x.new_zeros(2 * rows, width)  # padding rows: zeros, as the unfused path pads
+        staged[:tokens] = x
+        staged[rows : rows + tokens] = residual
+        offset = self.halves.publish(staged, staged)
+        table = self._addresses(tuple(r for replica in replicas for r in replica)).view(len(replicas), -1)
+        out = reduce_add_rms_norm_gather_(table, offset, residual, weight, mine=mine, rows=rows, eps=eps)
+        return out, residual
+
+    def _addresses(self, members: tuple[int, ...]) -> torch.Tensor:
+        """The halves' addresses of the members at these group ranks (kept: a CUDA graph
+        replays the tensor its capture read)."""
+        if members not in self._peer_subsets:
+            self._peer_subsets[members] = self.peer_halves[list(members)].clone()
+        return self._peer_subsets[members]
+
+    def gather(self, x: torch.Tensor, members: tuple[int, ...]) -> torch.Tensor:
+        """The ``x`` [T, H] of the members at these group ranks, stacked [len(members) * T, H]:
+        an all-gather over them in one step. Every member of the group takes part (each
+        with its own ``members``; all with one shape of ``x``)."""
+        from raymoe.comm.gather_rows_triton import gather_rows
+
+        assert self.halves is not None, "built without fused_norm"
+        offset = self.halves.publish(x.contiguous(), x)
+        return gather_rows(self._addresses(members), offset, x)
 
     def finish_pass(self) -> None:
         """See AlternatingHalves.finish_pass."""

@@ -100,8 +100,18 @@ class DecoderLayer(nn.Module):
             h, residual = self.input_norm(x), x
         else:
             h, residual = self.input_norm.add_forward(x, residual)
-        h, residual = self.post_norm.add_forward(self.attn(h, batch), residual)
-        return (self.mlp(h, batch) if isinstance(self.mlp, MoE) else self.mlp(h)), residual
+        attn = self.attn(h, batch)
+        if not isinstance(self.mlp, MoE):
+            h, residual = self.post_norm.add_forward(attn, residual)
+            return self.mlp(h), residual
+        gather = self.mlp.input_gather(batch)
+        if gather is None:
+            h, residual = self.post_norm.add_forward(attn, residual)
+            return self.mlp(h, batch), residual
+        # data-parallel attention: the norm hands the MoE every replica's rows
+        n = self.post_norm
+        h_all, residual = attn.add_rms_norm_gather(residual, n.weight, n.eps, gather)
+        return self.mlp(h_all, batch, gathered=True), residual
 
 
 class CausalLM(nn.Module):

@@ -43,6 +43,16 @@ class BlockOutput(Protocol):
 
 
 @dataclass(frozen=True)
+class ReplicaGather:
+    """With data-parallel attention: the MoE layer's input is every replica's rows, each
+    padded to ``rows``, gathered over ``dp`` (a group of the ``world``)."""
+
+    world: GroupCoordinator
+    dp: GroupCoordinator
+    rows: int
+
+
+@dataclass(frozen=True)
 class PartialSum:
     """This rank's share ``x`` of an output summed over ``group``."""
 
@@ -53,6 +63,22 @@ class PartialSum:
         self, residual: torch.Tensor, weight: torch.Tensor, eps: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return self.group.all_reduce_add_rms_norm(self.x, residual, weight, eps, add_rms_norm=ops.add_rms_norm)
+
+    def add_rms_norm_gather(
+        self, residual: torch.Tensor, weight: torch.Tensor, eps: float, gather: ReplicaGather
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As add_rms_norm, then every replica's normed rows gathered (``gather``): in one step
+        where symmetric memory allows. -> ([replicas * rows, H], this replica's residual)."""
+        return gather.world.all_reduce_add_rms_norm_gather(
+            self.x,
+            residual,
+            weight,
+            eps,
+            attn=self.group,
+            dp=gather.dp,
+            rows=gather.rows,
+            add_rms_norm=ops.add_rms_norm,
+        )
 
 
 class RMSNorm(nn.Module):

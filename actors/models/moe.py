@@ -5,7 +5,8 @@ concern): attention leaves every rank of a DP replica holding that replica's
 tokens. The MoE layer
 
 1. all-gathers the tokens of every DP replica over the ``dp`` group (each padded
-   to the step's largest replica), so every rank sees every token of the step;
+   to the step's largest replica; in one step through the world's symmetric buffer
+   where it allows), so every rank sees every token of the step;
 2. routes them (router replicated on every rank) to logical experts, maps each
    choice to a physical expert slot through the ExpertMap and groups the choices
    by this rank's slots (moe_dispatch.py);
@@ -15,8 +16,9 @@ tokens. The MoE layer
    (moe_combine.py, done by the next norm: see 4.);
 4. leaves the combine and the sum of the partial outputs over the world (the world
    is exactly ep x moe_tp shares, each held by one rank) to the next norm, which
-   fuses them with its residual add (ExpertOutputs); with dp > 1 it combines them
-   itself and sums only its own replica's rows: a reduce-scatter over dp, then an
+   fuses them with its residual add (ExpertOutputs); with dp > 1 the layer combines
+   them itself and the next norm sums only its replica's rows (ReplicaRowsSum): in one
+   step from symmetric memory where it allows, else a reduce-scatter over dp, then an
    all-reduce over the replica's attention ranks.
 
 The layer never looks at which rank holds a logical expert except through the
@@ -42,12 +44,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raymoe.actors.models import ops
 from raymoe.actors.models.batch import ForwardBatch
 from raymoe.actors.models.checkpoint import CheckpointReader
 from raymoe.actors.models.expert_map import ExpertMap
 from raymoe.actors.models.expert_mlp import expert_mlp
 from raymoe.actors.models.fp8 import WeightSlice, weight_params
-from raymoe.actors.models.layers import BlockOutput, DenseMLP, PartialSum, split_evenly
+from raymoe.actors.models.layers import BlockOutput, DenseMLP, PartialSum, ReplicaGather, split_evenly
 from raymoe.actors.models.linear import linear
 from raymoe.actors.models.moe_combine import combine, combine_add_rms_norm
 from raymoe.actors.models.moe_dispatch import Dispatch, dispatch, dispatch_choices
@@ -120,16 +123,30 @@ class MoE(nn.Module):
         assert self.slots < 2**15, "slot ids are sorted as int16"
         self.router_bias = zipf_router_bias(spec.moe.num_experts, router_skew, seed=layer, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> BlockOutput | torch.Tensor:
-        """x [T, H] (this DP replica's tokens) -> this rank's expert outputs for the next
-        norm to combine and sum (ExpertOutputs), or with dp > 1 the whole [T, H]."""
+    def input_gather(self, batch: ForwardBatch) -> ReplicaGather | None:
+        """With data-parallel attention (and no context parallelism), how the layer wants its
+        input: every replica's rows gathered, which the norm before it can do in the same
+        step (``forward(..., gathered=True)``); None: this replica's rows."""
+        if self.groups.dp.world_size == 1 or batch.split is not None:
+            return None
+        return ReplicaGather(self.groups.world, self.groups.dp, batch.dp_pad)
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, gathered: bool = False) -> BlockOutput | torch.Tensor:
+        """x [T, H] (this DP replica's tokens; ``gathered``: every replica's, as
+        ``input_gather`` says) -> this rank's expert outputs for the next norm to combine and
+        sum (ExpertOutputs); with dp > 1 combined, for the next norm to sum this replica's
+        rows (ReplicaRowsSum); with cp > 1 the whole [T, H]."""
         dp = self.groups.dp
         if batch.split is not None:
             return self._forward_split(x, batch)
         if dp.world_size > 1:
-            pad = batch.dp_pad
-            assert batch.dp_counts is not None and pad >= x.shape[0]
-            x_all = dp.all_gather(F.pad(x, (0, 0, 0, pad - x.shape[0])))
+            pad, tokens = batch.dp_pad, batch.input_ids.shape[0]
+            start = dp.rank_in_group * pad
+            assert batch.dp_counts is not None and pad >= tokens
+            if gathered:
+                x_all, x = x, x[start : start + tokens]
+            else:
+                x_all = self.groups.world.gather_over(dp, F.pad(x, (0, 0, 0, pad - tokens)))
             row = torch.arange(x_all.shape[0], device=x.device)
             valid = (row % pad) < batch.dp_counts[row // pad]
         elif batch.dp_counts is not None and batch.expert_load is not None:
@@ -145,11 +162,8 @@ class MoE(nn.Module):
             return ExpertOutputs(y, d, all_local, self.groups.world, shared=shared)
         out = combine(y, d.sorted_row, d.weights, d.ends, all_local=all_local)
         if shared is not None:
-            start = dp.rank_in_group * batch.dp_pad
             out[start : start + x.shape[0]] += shared
-        # the sum over the world, of this replica's rows only: over dp (each replica's rank
-        # gets its replica's rows), then over the replica's attention ranks
-        return self.groups.attn.all_reduce(dp.reduce_scatter(out))[: x.shape[0]]
+        return ReplicaRowsSum(out, start, x.shape[0], self.groups)
 
     def _forward_split(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """Context parallelism: x [rows, H] is this rank's share of its replica's rows. Every
@@ -282,6 +296,32 @@ class ExpertOutputs:
         if self.shared is not None:
             out += self.shared
         return PartialSum(out, self.world).add_rms_norm(residual, weight, eps)
+
+
+@dataclass(frozen=True)
+class ReplicaRowsSum:
+    """With dp > 1: every replica's rows of this rank's expert outputs ``out`` [dp * pad, H],
+    of which the next norm takes the sum over the world of this replica's rows [first_row,
+    first_row + rows) (BlockOutput): in one step from symmetric memory where it allows,
+    else a reduce-scatter over dp (each replica's ranks get its rows) and an all-reduce
+    over the replica's attention ranks."""
+
+    out: torch.Tensor
+    first_row: int
+    rows: int
+    groups: Groups
+
+    def add_rms_norm(
+        self, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        g = self.groups
+
+        def reduce_rows(out: torch.Tensor) -> torch.Tensor:
+            return g.attn.all_reduce(g.dp.reduce_scatter(out))[: self.rows]
+
+        return g.world.reduce_rows_add_rms_norm(
+            self.out, self.first_row, residual, weight, eps, reduce_rows=reduce_rows, add_rms_norm=ops.add_rms_norm
+        )
 
 
 def zipf_router_bias(num_experts: int, skew: float, *, seed: int, device, dtype) -> torch.Tensor | None:

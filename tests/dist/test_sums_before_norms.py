@@ -213,10 +213,3 @@ def _worker(rank: int, world: int, init_methods: list[str]) -> None:
 def test_sums_before_norms_and_setup_agreement(run_world):
     run_world(_worker, WORLD)
 
-
-def test_only_groups_that_sum_before_a_norm_get_the_fused_buffer():
-    """tp always; the world when dp == 1 (the MoE combine); no other kind."""
-    for layout in (RankLayout(tp=2, ep=2), RankLayout(tp=2, cp=2, ep=4), RankLayout(tp=2, dp=2, ep=4)):
-        fused = {kind for kind in GROUP_KINDS if groups_module.sums_before_a_norm(kind, layout)}
-        assert fused == ({"tp", "world"} if layout.dp == 1 else {"tp"}), layout
-        assert fused <= set(groups_module.SYMMETRIC_KINDS)

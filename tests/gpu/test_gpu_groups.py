@@ -178,6 +178,48 @@ def _reduce_add_rms_norm(ctx, tokens: int, calls: int) -> dict:
     }
 
 
+def _one_step_collectives(ctx, tokens: int) -> dict:
+    """The world group's one-step all-gather (of each rank's first ``tokens`` rows) and sum of
+    this rank's rows fused with add + norm (a reduce-scatter), in a row with the tp group's
+    fused all-reduce between them, eagerly and in a CUDA graph replayed twice."""
+    from raymoe.actors.models import ops
+
+    g, dev = ctx.groups.world, ctx.device
+    parts, residual, weight = (t.to(dev) for t in _fused_inputs(ctx.rank, 2 * tokens, 1))
+    x, residual = parts[0], residual[:tokens]
+    mine = ctx.rank * tokens
+
+    def reduce_rows(out: torch.Tensor) -> torch.Tensor:
+        return g.reduce_scatter(out)
+
+    def one_pass(res: torch.Tensor):
+        gathered = g.gather_over(g, x[:tokens].contiguous())
+        h, res = g.reduce_rows_add_rms_norm(
+            x, mine, res, weight, 1e-6, reduce_rows=reduce_rows, add_rms_norm=ops.add_rms_norm
+        )
+        # the norm before a data-parallel MoE layer: one replica of the two tp ranks here
+        replicas = dict(attn=ctx.groups.tp, dp=ctx.groups.dp, rows=tokens + 3, add_rms_norm=ops.add_rms_norm)
+        h_all, res = g.all_reduce_add_rms_norm_gather(x[:tokens].contiguous(), res, weight, 1e-6, **replicas)
+        g.finish_pass()
+        return gathered, h, h_all, res
+
+    eager = [t.cpu() for t in one_pass(residual.clone())]
+    static = residual.clone()
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side):
+        one_pass(static.clone())
+    torch.cuda.current_stream(dev).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = one_pass(static)
+    static.copy_(residual)
+    graph.replay()
+    torch.cuda.synchronize(dev)
+    one_step = g.symmetric is not None and g.symmetric.one_step(x.numel(), x.dtype)
+    return {"one_step": one_step, "eager": eager, "graph": [t.cpu() for t in outs]}
+
+
 def _reference_passes(tokens: int, calls: int, passes: int):
     """The unfused math on the CPU: the all-reduce's sum rounded to bf16, then add + RMSNorm."""
     from raymoe.actors.models import ops
@@ -291,3 +333,31 @@ def test_tp2_all_reduce_fused_with_add_rms_norm(tp2_controller, tokens, calls):
             assert torch.equal(residual, want_residuals[expect]), f"{name}: residual differs"
             torch.testing.assert_close(out, want[expect], rtol=2**-6, atol=2**-6, msg=f"{name}: norm differs")
         assert torch.equal(got[0]["second"], got[1]["second"]), "the ranks disagree"
+
+
+@two_gpus
+@pytest.mark.parametrize("tokens", [1, 64])
+def test_world_one_step_gather_and_replica_rows_sum(tp2_controller, tokens):
+    """The DP-attention path's collectives on the world group's symmetric buffer: the gather
+    stacks every rank's rows bit for bit; each rank's own rows of the sum, added and normed,
+    are the unfused math's; then the norm before a data-parallel MoE layer (sum over the tp
+    ranks, add, norm, gather over replicas: one replica here) on that residual (residuals bit
+    for bit, norms to bf16 rounding); eagerly and in a CUDA graph."""
+    from raymoe.actors.models import ops
+
+    got = ray.get(tp2_controller.run_on_ranks.remote(_one_step_collectives, tokens))
+    inputs = [_fused_inputs(r, 2 * tokens, 1) for r in range(2)]
+    for rank, r in enumerate(got):
+        assert r["one_step"]
+        (x0, residual, weight), (x1, _, _) = inputs
+        mine = slice(rank * tokens, (rank + 1) * tokens)
+        summed = (x0[0][mine].float() + x1[0][mine].float()).to(torch.bfloat16)
+        want_h, want_residual = ops.add_rms_norm(summed, residual[:tokens].clone(), weight, 1e-6)
+        summed = (x0[0][:tokens].float() + x1[0][:tokens].float()).to(torch.bfloat16)
+        want_all, want_residual_2 = ops.add_rms_norm(summed, want_residual.clone(), weight, 1e-6)
+        for gathered, h, h_all, res in (r["eager"], r["graph"]):
+            assert torch.equal(gathered.cpu(), torch.cat([x0[0][:tokens], x1[0][:tokens]]))
+            torch.testing.assert_close(h.cpu(), want_h, rtol=2**-6, atol=2**-6)
+            assert torch.equal(res.cpu(), want_residual_2)
+            assert h_all.shape == (tokens + 3, weight.shape[0])  # padded to the replicas' rows
+            torch.testing.assert_close(h_all[:tokens].cpu(), want_all, rtol=2**-6, atol=2**-6)

@@ -95,3 +95,53 @@ def test_qk_norm_rotary_kernel_matches_torch():
     assert got_q.data_ptr() == q.data_ptr()  # in place, in the qkv buffer
     for got, want in ((got_q, want_q), (got_k, want_k)):
         assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("ranks,tokens,width", [(2, 1, 2048), (4, 64, 7168), (8, 3, 40)])
+def test_one_shot_collectives_over_buffers_of_simulated_peers(ranks, tokens, width):
+    """The symmetric-memory kernels with each peer's buffer simulated as a buffer on this GPU:
+    the gather copies every rank's rows bit for bit; the sum of one replica's rows (a
+    reduce-scatter) fused with add + norm matches torch's float32 sum, add and norm."""
+    from raymoe.comm.gather_rows_triton import gather_rows
+    from raymoe.comm.reduce_add_rms_norm_triton import reduce_add_rms_norm_
+
+    g = torch.Generator(device="cuda").manual_seed(ranks)
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    rows = 2 * tokens  # two replicas' rows in every buffer, after 5 elements of something else
+    parts = [torch.randn(rows, width, device="cuda", generator=g).bfloat16() for _ in range(ranks)]
+    buffers = [torch.cat([torch.zeros(5, **bf), p.flatten()]) for p in parts]
+    addresses = torch.tensor([b.data_ptr() for b in buffers], dtype=torch.int64, device="cuda")
+    assert torch.equal(gather_rows(addresses, 5, parts[0]), torch.cat(parts))
+
+    residual = torch.randn(tokens, width, device="cuda", generator=g).bfloat16()
+    weight = torch.randn(width, device="cuda", generator=g).bfloat16()
+    mine = slice(tokens, rows)  # the second replica's rows
+    summed = sum(p[mine].float() for p in parts).bfloat16()
+    want_normed, want_residual = ops.add_rms_norm(summed, residual.clone(), weight, 1e-6)
+    normed = reduce_add_rms_norm_(addresses, 5 + tokens * width, residual, weight, eps=1e-6)
+    torch.testing.assert_close(residual, want_residual, rtol=2**-7, atol=2**-7)
+    torch.testing.assert_close(normed, want_normed, rtol=2**-6, atol=2**-6)
+
+
+def test_replicas_sum_norm_and_gather_over_buffers_of_simulated_peers():
+    """Data-parallel attention's norm before the MoE (the all-reduce over each replica's
+    attention ranks, add + norm, the all-gather over replicas) as one kernel over 3 replicas of
+    2 simulated ranks: every replica's normed rows and this replica's residual, against the
+    unfused math."""
+    from raymoe.comm.reduce_add_rms_norm_triton import reduce_add_rms_norm_gather_
+
+    replicas, attn, rows, tokens, width, mine = 3, 2, 16, 11, 2048, 2
+    g = torch.Generator(device="cuda").manual_seed(0)
+    partials = torch.randn(replicas, attn, rows, width, device="cuda", generator=g).bfloat16()
+    residuals = torch.randn(replicas, rows, width, device="cuda", generator=g).bfloat16()
+    weight = torch.randn(width, device="cuda", generator=g).bfloat16()
+    buffers = [
+        torch.cat([partials[d, a].flatten(), residuals[d].flatten()]) for d in range(replicas) for a in range(attn)
+    ]
+    table = torch.tensor([b.data_ptr() for b in buffers], dtype=torch.int64, device="cuda").view(replicas, attn)
+    residual = residuals[mine, :tokens].clone()
+    got = reduce_add_rms_norm_gather_(table, 0, residual, weight, mine=mine, rows=rows, eps=1e-6)
+    summed = partials.float().sum(1).bfloat16().flatten(0, 1)
+    want, want_residuals = ops.add_rms_norm(summed, residuals.flatten(0, 1).clone(), weight, 1e-6)
+    torch.testing.assert_close(got, want, rtol=2**-6, atol=2**-6)
+    assert torch.equal(residual, want_residuals.view(replicas, rows, width)[mine, :tokens])

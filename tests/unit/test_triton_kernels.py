@@ -1,8 +1,9 @@
 """The Triton kernels (MoE dispatch, expert MLP, combine; one-row linear; FP8 linear and
-expert MLP; q/k norm + rotary; the fused sum + add + norm) in Triton's CPU interpreter against the torch
-paths, one case per test. The cases run in one fresh process (TRITON_INTERPRET=1 must be
-set before Triton is first imported; one process imports torch and Triton once, where a
-process per case took ~15 times as long). tests/gpu runs the compiled kernels."""
+expert MLP; q/k norm + rotary; the fused sum + add + norm; the one-shot gather) in Triton's
+CPU interpreter against the torch paths, one case per test. The cases run in one fresh
+process (TRITON_INTERPRET=1 must be set before Triton is first imported; one process
+imports torch and Triton once, where a process per case took ~15 times as long).
+tests/gpu runs the compiled kernels."""
 
 from __future__ import annotations
 
@@ -50,6 +51,13 @@ CASES = {
     "reduce-add-rms-norm-2-ranks": ("reduce_add_rms_norm_case", dict(ranks=2, tokens=5, width=64)),
     # a masked block
     "reduce-add-rms-norm-3-ranks-width-48": ("reduce_add_rms_norm_case", dict(ranks=3, tokens=2, width=48)),
+    # a masked block
+    "gather-rows-3-ranks-width-40": ("gather_rows_case", dict(ranks=3, tokens=4, width=40)),
+    # data-parallel attention's norm before the MoE: replica 1 of 3 has 3 of 4 rows, a masked block
+    "reduce-add-rms-norm-gather": (
+        "reduce_add_rms_norm_gather_case",
+        dict(replicas=3, attn=2, rows=4, tokens=3, width=40, mine=1),
+    ),
     # FP8 weights: partial row and column blocks, K past one block (several activation groups)
     "fp8-linear-decode": ("fp8_linear_case", dict(rows=3, n=40, k=80, block=[16, 32], bias=True)),
     "fp8-linear-prefill": ("fp8_linear_case", dict(rows=70, n=130, k=96, block=[32, 32], bias=False)),

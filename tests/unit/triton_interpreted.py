@@ -215,6 +215,44 @@ def reduce_add_rms_norm_case(ranks, tokens, width):
     torch.testing.assert_close(normed, want_normed, rtol=2**-5, atol=2**-5)
 
 
+def gather_rows_case(ranks, tokens, width):
+    """Each rank's rows sit past the start of its own buffer, as in symmetric memory."""
+    from raymoe.comm.gather_rows_triton import gather_rows
+
+    g = torch.Generator().manual_seed(ranks * width)
+    parts = [torch.randn(tokens, width, generator=g).to(torch.bfloat16) for _ in range(ranks)]
+    buffers = [torch.cat([torch.full((7,), float("nan"), dtype=torch.bfloat16), p.flatten()]) for p in parts]
+    addresses = torch.tensor([b.data_ptr() for b in buffers][::-1], dtype=torch.int64)  # any order of ranks
+    got = gather_rows(addresses, 7, parts[0])
+    assert torch.equal(got, torch.cat(parts[::-1])), "gathered rows differ (a copy: bit for bit)"
+
+
+def reduce_add_rms_norm_gather_case(replicas, attn, rows, tokens, width, mine):
+    """Each (replica, attention rank)'s buffer: its partial rows, then (every rank publishes
+    both) its replica's residual rows; this rank's replica ``mine`` has ``tokens`` of ``rows``."""
+    from raymoe.comm.reduce_add_rms_norm_triton import reduce_add_rms_norm_gather_
+
+    g = torch.Generator().manual_seed(replicas * attn + width)
+    bf16 = torch.bfloat16
+    partials = torch.randn(replicas, attn, rows, width, generator=g).to(bf16)
+    residuals = torch.randn(replicas, rows, width, generator=g).to(bf16)
+    weight = torch.randn(width, generator=g).to(bf16)
+    buffers = [
+        torch.cat([torch.full((3,), float("nan"), dtype=bf16), partials[d, a].flatten(), residuals[d].flatten()])
+        for d in range(replicas)
+        for a in range(attn)
+    ]
+    table = torch.tensor([b.data_ptr() for b in buffers], dtype=torch.int64).view(replicas, attn)
+    residual = residuals[mine, :tokens].clone()
+    got = reduce_add_rms_norm_gather_(table, 3, residual, weight, mine=mine, rows=rows, eps=1e-6)
+    summed = partials.float().sum(1).to(bf16)  # each replica's all-reduce: a float32 sum, rounded once
+    want_normed, want_residuals = ops.add_rms_norm(summed.flatten(0, 1), residuals.flatten(0, 1).clone(), weight, 1e-6)
+    # the interpreter rounds float32 -> bfloat16 toward zero (see reduce_add_rms_norm_case)
+    torch.testing.assert_close(got, want_normed, rtol=2**-5, atol=2**-5)
+    want_residual = want_residuals.view(replicas, rows, width)[mine, :tokens]
+    torch.testing.assert_close(residual, want_residual, rtol=2**-6, atol=2**-6)
+
+
 CASE_FUNCTIONS = {
     f.__name__: f
     for f in (
@@ -225,6 +263,8 @@ CASE_FUNCTIONS = {
         qk_norm_rope_case,
         skinny_linear_case,
         reduce_add_rms_norm_case,
+        gather_rows_case,
+        reduce_add_rms_norm_gather_case,
         fp8_linear_case,
         expert_mlp_fp8_case,
     )
