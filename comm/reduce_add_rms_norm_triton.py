@@ -43,11 +43,19 @@ def _reduce_add_rms_norm(buffers, offset, residual, weight, out, width, eps, WOR
     cols = tl.arange(0, BLOCK)
     mask = cols < width
     at = tl.program_id(0).to(tl.int64) * width + cols
-    summed = tl.zeros([BLOCK], dtype=tl.float32)
-    for rank in tl.static_range(WORLD):
-        buffer = tl.load(buffers + rank).to(tl.pointer_type(residual.dtype.element_ty))
-        summed += tl.load(buffer + offset + at, mask=mask, other=0.0).to(tl.float32)
+    summed = summed_over(buffers, offset + at, mask, residual.dtype.element_ty, COUNT=WORLD, BLOCK=BLOCK)
     add_rms_norm_row(summed, residual, weight, out, at, cols, mask, width, eps)
+
+
+@triton.jit
+def summed_over(buffers, at, mask, dtype: tl.constexpr, COUNT: tl.constexpr, BLOCK: tl.constexpr):
+    """The float32 sum, in order, of element ``at`` of the COUNT buffers whose addresses
+    ``buffers`` holds (values of ``dtype``)."""
+    summed = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in tl.static_range(COUNT):
+        buffer = tl.load(buffers + i).to(tl.pointer_type(dtype))
+        summed += tl.load(buffer + at, mask=mask, other=0.0).to(tl.float32)
+    return summed
 
 
 @triton.jit
@@ -73,10 +81,7 @@ def _reduce_add_rms_norm_gather(
     mask = cols < width
     at = j.to(tl.int64) * width + cols
     dtype = residual.dtype.element_ty
-    summed = tl.zeros([BLOCK], dtype=tl.float32)
-    for a in tl.static_range(ATTN):
-        buffer = tl.load(table + d * ATTN + a).to(tl.pointer_type(dtype))
-        summed += tl.load(buffer + offset + at, mask=mask, other=0.0).to(tl.float32)
+    summed = summed_over(table + d * ATTN, offset + at, mask, dtype, COUNT=ATTN, BLOCK=BLOCK)
     first = tl.load(table + d * ATTN).to(tl.pointer_type(dtype))
     before = tl.load(first + offset + rows * width + at, mask=mask, other=0.0).to(tl.float32)
     total = (summed.to(dtype).to(tl.float32) + before).to(dtype)

@@ -7,8 +7,7 @@ into the clients' outboxes (``delivery``). Its own work per step is scheduling a
 applying tokens: text is the clients' work. On GPUs two steps stay in flight on the
 ranks while the loop applies the one before them and schedules the next (pipelined
 steps), so the device does not idle through the loop's own work and the Ray round trips
-(one step while a request whose step reads its history, a grammar or penalties, is live:
-``EngineCore.max_steps_in_flight``).
+(one step while a request under a grammar is live: ``EngineCore.max_steps_in_flight``).
 
 A client that stops polling for ``client_timeout_s`` is taken for gone: its requests
 are aborted, which frees their KV blocks.

@@ -54,9 +54,6 @@ class EngineCore:
         self.schedulers = list(schedulers)
         self.grammars = grammars
         self._matchers: dict[str, GrammarMatcher] = {}  # request id -> its grammar's state
-        # live requests whose step reads their history (grammar, penalties): at most one of
-        # their tokens may be pending, so the loop keeps one step in flight while there are any
-        self._history_bound: set[str] = set()
         self.vocab_size = vocab_size
         self.block_size = self.schedulers[0].block_manager.block_size
         self.collect_logits = collect_logits  # tests compare logits with a reference
@@ -102,8 +99,6 @@ class EngineCore:
         self._replica[request_id] = replica
         if matcher is not None:
             self._matchers[request_id] = matcher
-        if matcher is not None or sampling.uses_penalties:
-            self._history_bound.add(request_id)
         for key in keys if len(self.schedulers) > 1 else ():
             self._prefix_replica[key] = replica
             self._prefix_replica.move_to_end(key)
@@ -116,7 +111,6 @@ class EngineCore:
         if replica is None:
             return False
         self._matchers.pop(request_id, None)
-        self._history_bound.discard(request_id)
         self.schedulers[replica].abort(request_id)
         return True
 
@@ -138,7 +132,6 @@ class EngineCore:
         for rid in too_long:
             del self._replica[rid]
             self._matchers.pop(rid, None)
-            self._history_bound.discard(rid)
         self._builder = self._new_builder(slot_rows=self._builder.slot_rows)
         return too_long
 
@@ -176,9 +169,10 @@ class EngineCore:
     @property
     def max_steps_in_flight(self) -> int:
         """Steps the loop may keep in flight while it schedules the next: two (a decode row's
-        token then comes from either of the two steps before), one while a live request's
-        step reads its history (a grammar, penalties), which allows one pending token."""
-        return 1 if self._history_bound else 2
+        token then comes from either of the two steps before; penalties read pending history
+        tokens the same way), one while a request under a grammar is live (its masks need
+        every token but the last, see ``late_grammar``)."""
+        return 1 if self._matchers else 2
 
     def late_grammar(self, planned: StepInFlight) -> Optional[list[Optional[GrammarMasks]]]:
         """The grammar masks ``planned`` still waits for (``StepInput.grammar_late``), one per
@@ -245,7 +239,6 @@ class EngineCore:
         sched.finish(req.request_id, finish.reason)
         del self._replica[req.request_id]
         self._matchers.pop(req.request_id, None)
-        self._history_bound.discard(req.request_id)
         return finish
 
     # ---- structured output ------------------------------------------------------------------

@@ -11,8 +11,9 @@ Definitions (vLLM's, after OpenAI's):
 
 The penalties count the request's tokens from its history as the step sends it (prompt
 and outputs), so nothing lives on the ranks between steps and preemption changes
-nothing. The last output may still be pending on the device (a pipelined step): it is
-taken from the ranks' last sampled tokens, as the step's input tokens are.
+nothing. The last outputs may still be pending on the device (up to two, one from each
+step in flight): they are taken from the ranks' recent sampled tokens, as the step's
+input tokens are.
 """
 
 from __future__ import annotations
@@ -33,11 +34,12 @@ class SamplingControls:
     presence: np.ndarray  # [R] float32
     frequency: np.ndarray  # [R] float32
     repetition: np.ndarray  # [R] float32
-    # the histories of the rows (prompt then outputs), flat; rows without penalties have none
-    history_token: np.ndarray  # [H] int64 (the last of a row may be PENDING_TOKEN: see history_prev)
+    # the histories of the rows (prompt then outputs), flat; rows without penalties have none.
+    # A pending token (sampled by a step in flight) is -1 - its index in the ranks' recent
+    # sampled tokens (ModelRunner.recent_sampled)
+    history_token: np.ndarray  # [H] int64
     history_len: np.ndarray  # [R] int64: tokens of each row's history
     history_outputs: np.ndarray  # [R] int64: how many of them, at the end, are outputs
-    history_prev: np.ndarray  # [R] int64: row of the last step's sampled tokens for a pending last token, else -1
     bias_row: np.ndarray  # [L] int64: index into rows
     bias_token: np.ndarray  # [L] int64
     bias_value: np.ndarray  # [L] float32
@@ -45,13 +47,15 @@ class SamplingControls:
     banned_token: np.ndarray  # [M] int64
 
 
-def pack_controls(chunks: Sequence, prev_rows: Sequence[int]) -> Optional[SamplingControls]:
-    """The controls of the chunks that sample (``ScheduledChunk``s); None when none uses any."""
-    sampled = [(c, p) for c, p in zip(chunks, prev_rows) if c.sample]
+def pack_controls(chunks: Sequence, pending_at: Sequence[Sequence[int]]) -> Optional[SamplingControls]:
+    """The controls of the chunks that sample (``ScheduledChunk``s); None when none uses any.
+    ``pending_at``: per chunk, where the pending tokens at the end of its history are in the
+    ranks' recent sampled tokens, oldest first."""
+    sampled = [(c, p) for c, p in zip(chunks, pending_at) if c.sample]
     used = [(row, c, p) for row, (c, p) in enumerate(sampled) if c.sampling.controls_logits]
     if not used:
         return None
-    histories = [np.asarray(c.history, dtype=np.int64) for _, c, _ in used]
+    histories = [_resolvable(np.asarray(c.history, dtype=np.int64), p) for _, c, p in used]
     bias_row, bias_token, bias_value, banned_row, banned_token = [], [], [], [], []
     for i, (_, c, _) in enumerate(used):
         for token, bias in c.sampling.logit_bias:
@@ -69,9 +73,6 @@ def pack_controls(chunks: Sequence, prev_rows: Sequence[int]) -> Optional[Sampli
         history_token=np.concatenate(histories),
         history_len=np.array([len(h) for h in histories], dtype=i64),
         history_outputs=np.array([c.num_output_tokens if len(c.history) else 0 for _, c, _ in used], dtype=i64),
-        history_prev=np.array(
-            [p if len(h) and h[-1] == PENDING_TOKEN else -1 for (_, _, p), h in zip(used, histories)], dtype=i64
-        ),
         bias_row=np.array(bias_row, dtype=i64),
         bias_token=np.array(bias_token, dtype=i64),
         bias_value=np.array(bias_value, dtype=f32),
@@ -80,9 +81,21 @@ def pack_controls(chunks: Sequence, prev_rows: Sequence[int]) -> Optional[Sampli
     )
 
 
+def _resolvable(history: np.ndarray, pending_at: Sequence[int]) -> np.ndarray:
+    """``history`` with its trailing PENDING_TOKENs as -1 - their index in the ranks' recent
+    sampled tokens."""
+    pending = int(np.count_nonzero(history == PENDING_TOKEN))
+    assert pending == len(pending_at) and (pending == 0 or (history[-pending:] == PENDING_TOKEN).all())
+    if not pending:
+        return history
+    out = history.copy()
+    out[-pending:] = -1 - np.asarray(pending_at, dtype=np.int64)
+    return out
+
+
 def apply_controls(logits: torch.Tensor, controls: SamplingControls, last_sampled: torch.Tensor) -> torch.Tensor:
     """logits [S, vocab] float32 -> a new tensor with the controls applied to their rows.
-    ``last_sampled``: the ranks' last sampled tokens (where pending history tokens are).
+    ``last_sampled``: the ranks' recent sampled tokens (where pending history tokens are).
     Only the logits a control names are touched, so the cost follows the histories and
     biases, not rows x vocabulary."""
     dev = logits.device
@@ -114,9 +127,7 @@ def _penalize(
     index_in_row = torch.arange(total, device=out.device) - (ends - lens)[hist_row]
     from_end = lens[hist_row] - index_in_row  # 1 for a row's last token
     tokens = put(controls.history_token)
-    prev = put(controls.history_prev)[hist_row]
-    pending = (from_end == 1) & (prev >= 0)
-    tokens = torch.where(pending, last_sampled[prev.clamp(min=0)], tokens)
+    tokens = torch.where(tokens < 0, last_sampled[(-1 - tokens).clamp(min=0)], tokens)
     is_output = from_end <= put(controls.history_outputs)[hist_row]
     counts = torch.zeros((num_rows, out.shape[1]), dtype=out.dtype, device=out.device)
     counts.index_put_((hist_row, tokens), is_output.to(out.dtype), accumulate=True)

@@ -132,6 +132,7 @@ class StepBuilder:
                 return_logits=self.return_logits,
                 all_decode=all_decode,
                 prev_rows=prev_rows,
+                history_pending_at=[_history_pending_at(recent, c) for c in out.chunks],
                 sample_slot=slot,
             )
             inputs.append(step)
@@ -151,6 +152,17 @@ def _sampled_at(recent: collections.deque, request_id: str) -> int:
     raise AssertionError(f"{request_id}: a pending token from no step in flight")
 
 
+def _history_pending_at(recent: collections.deque, chunk: ScheduledChunk) -> list[int]:
+    """Where the pending tokens at the end of ``chunk``'s history (for its penalties) land in
+    the ranks' buffer, oldest first: one per step in flight that sampled the request."""
+    pending = int(np.count_nonzero(np.asarray(chunk.history) == PENDING_TOKEN)) if len(chunk.history) else 0
+    if not pending:
+        return []
+    at = [rows[chunk.request_id] for rows in recent if chunk.request_id in rows]
+    assert len(at) >= pending, f"{chunk.request_id}: pending history tokens from no step in flight"
+    return at[len(at) - pending :]
+
+
 def pack_step(
     chunks: Sequence[ScheduledChunk],
     dp_token_counts: tuple[int, ...],
@@ -159,9 +171,12 @@ def pack_step(
     return_logits: bool = False,
     all_decode: bool = False,
     prev_rows: Optional[Sequence[int]] = None,
+    history_pending_at: Optional[Sequence[Sequence[int]]] = None,
     sample_slot: int = 0,
 ) -> StepInput:
-    """Scheduler chunks -> columns. Pure."""
+    """Scheduler chunks -> columns. Pure. ``prev_rows``: where each chunk's pending input token
+    is on the ranks (-1: none); ``history_pending_at``: the same for the pending tokens at the
+    end of each chunk's history (sampling_controls.py)."""
     n = len(chunks)
     lens = np.fromiter((len(c.token_ids) for c in chunks), dtype=np.int64, count=n)
     start = np.fromiter((c.start_pos for c in chunks), dtype=np.int64, count=n)
@@ -192,7 +207,7 @@ def pack_step(
         prev_rows=np.array(prev_rows, dtype=np.int64),
         sample_slot=sample_slot,
         logprobs=_logprobs_column(chunks),
-        controls=pack_controls(chunks, prev_rows),
+        controls=pack_controls(chunks, history_pending_at or [[]] * n),
         **_prompt_logprob_columns(chunks, lens),
     )
 

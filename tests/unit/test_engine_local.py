@@ -19,6 +19,7 @@ import pytest
 
 from raymoe.actors.engine.async_engine import AsyncEngine
 from raymoe.actors.engine.core import EngineCore
+from raymoe.actors.engine.grammar import GrammarSpec
 from raymoe.actors.engine.local import LocalEngine, build_local_engine
 from raymoe.actors.engine.messages import Finish
 from raymoe.actors.engine.output_text import OutputText
@@ -275,12 +276,13 @@ def test_pipelined_equals_one_step_at_a_time_under_preemption(big, sampling):
     assert _free_everywhere(tight)
 
 
-def test_requests_reading_their_history_keep_one_step_in_flight(big):
-    """Penalties read a request's history, which may hold one pending token: while such a
-    request is live the loop keeps one step in flight, and its outputs equal one step at a time."""
-    penalized = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, repetition_penalty=1.5)
-    plain = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
-    requests = {f"p{i}": (big.tokenizer.encode(p), penalized if i % 2 else plain) for i, p in enumerate(PROMPTS)}
+def test_requests_under_a_grammar_keep_one_step_in_flight(big):
+    """A grammar's masks need every token but the last: while such a request is live the loop
+    keeps one step in flight, and the outputs equal one step at a time."""
+    # 24 tokens cannot complete 200 letters: the constrained requests outlive the plain ones
+    constrained = SamplingParams(max_tokens=24, temperature=0.0, grammar=GrammarSpec("regex", "[a-z ]{200}"))
+    plain = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    requests = {f"p{i}": (big.tokenizer.encode(p), constrained if i % 2 else plain) for i, p in enumerate(PROMPTS)}
     reference = _run(big, requests)
     in_flight = []
     _spy_pending(big, in_flight)

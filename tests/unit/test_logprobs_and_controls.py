@@ -166,7 +166,7 @@ def _reference(logits: torch.Tensor, history: list[int], num_outputs: int, p: Sa
 def test_controls_match_their_definitions_on_random_logits():
     gen = torch.Generator().manual_seed(0)
     vocab = 50
-    logits = torch.randn(5, vocab, generator=gen) * 3
+    logits = torch.randn(6, vocab, generator=gen) * 3
     last_sampled = torch.tensor([7, 11, 13, 17, 19])
     cases = [
         (SamplingParams(presence_penalty=0.5, frequency_penalty=1.5), [1, 2, 3, 3, 4, 4, 4], 4, ()),
@@ -174,14 +174,17 @@ def test_controls_match_their_definitions_on_random_logits():
         (SamplingParams(repetition_penalty=1.7, logit_bias=((5, 10.0), (9, -3.0))), [5, 6, 6, 8], 2, ()),
         (SamplingParams(max_tokens=20, min_tokens=3, frequency_penalty=-2.0), [3, 3, 9, PENDING_TOKEN], 2, (2, 49)),
         (SamplingParams(max_tokens=20, min_tokens=3, repetition_penalty=0.5), [0, 1, 2], 0, (2, 10**9)),
+        # two outputs pending, one from each step in flight: last_sampled[4] = 19, then [1] = 11
+        (SamplingParams(frequency_penalty=0.7), [8, 19, PENDING_TOKEN, PENDING_TOKEN], 3, ()),
     ]
     chunks = [_chunk(i, p, tuple(h), n, banned) for i, (p, h, n, banned) in enumerate(cases)]
-    prev_rows = [-1, -1, -1, 2, -1]  # row 3's last output is pending: last_sampled[2] = 13
-    controls = pack_controls(chunks, prev_rows)
-    assert controls.rows.tolist() == [0, 2, 3, 4]
+    pending_at = [[], [], [], [2], [], [4, 1]]  # row 3's last output is pending: last_sampled[2] = 13
+    controls = pack_controls(chunks, pending_at)
+    assert controls.rows.tolist() == [0, 2, 3, 4, 5]
     got = apply_controls(logits, controls, last_sampled)
     for i, (p, h, n, banned) in enumerate(cases):
-        history = [13 if t == PENDING_TOKEN else t for t in h]
+        resolved = iter(last_sampled[pending_at[i]].tolist())
+        history = [next(resolved) if t == PENDING_TOKEN else t for t in h]
         expected = _reference(logits[i], history, n, p, [t for t in banned if t < vocab])
         torch.testing.assert_close(got[i], expected)
 
@@ -201,8 +204,8 @@ def test_logit_bias_and_min_tokens_in_the_engine(logits_engine):
 
 
 def test_penalties_pipelined_equal_one_step_at_a_time_under_preemption():
-    """The penalties' histories hold the pending token of a pipelined step, and preemption
-    (recomputing the prompt and outputs) changes nothing."""
+    """The penalties' histories hold the pending tokens of pipelined steps (two steps in
+    flight), and preemption (recomputing the prompt and outputs) changes nothing."""
     params = SamplingParams(
         max_tokens=30, temperature=0.0, repetition_penalty=1.3, frequency_penalty=0.4, presence_penalty=0.2
     )
@@ -212,9 +215,22 @@ def test_penalties_pipelined_equal_one_step_at_a_time_under_preemption():
     plain = _steps(_engine(num_kv_blocks=512).local.core, {"r0": (requests["r0"][0], SamplingParams(max_tokens=30))})
     assert [o.token for o in plain["r0"]] != expected["r0"], "the penalties changed nothing: proves nothing"
     tight = _engine(num_kv_blocks=36)
-    pending = _spy_pending(tight)
+    in_flight = []
+    pending = _spy_pending(tight, in_flight)
+    launch, pending_history = tight.executor.runner.launch, []
+
+    def spy(step):
+        if step.controls is not None:  # per step: the most pending tokens in one row's history
+            ends = np.cumsum(step.controls.history_len)
+            negative = np.concatenate([[0], np.cumsum(step.controls.history_token < 0)])
+            pending_history.append(int(np.max(negative[ends] - negative[ends - step.controls.history_len])))
+        return launch(step)
+
+    tight.executor.runner.launch = spy
     got = _pipelined(tight, requests)
     assert any(pending) and tight.num_preemptions > 0
+    assert max(in_flight) == 2, "never scheduled with two steps in flight"
+    assert max(pending_history) == 2, "no history ever held two pending tokens"
     assert {rid: r["tokens"] for rid, r in got.items()} == expected
 
 
