@@ -184,6 +184,13 @@ class ModelRunner:
             for n in counts:
                 step = warmup_step(n, self.block_size, self.scratch_block, self.ctx.groups.dp.world_size)
                 self.forward_eager(build_step_layout(step, self.block_size), step.dp_token_counts)
+        except Exception as e:
+            if self.fp8_block is None:
+                raise
+            raise RuntimeError(
+                f"a warm-up step failed with the weights kept in FP8 ({type(e).__name__}: {e}); if the FP8 "
+                "kernels are at fault, model.quantization: none runs the weights dequantised"
+            ) from e
         finally:
             self.expert_load = recorder
         if self.device.type == "cuda":
