@@ -10,8 +10,10 @@ import torch
 import triton
 import triton.language as tl
 
-from raymoe.actors.models.fp8_linear_triton import quantized_rows
+from raymoe.actors.models.fp8_linear_triton import quantize_rows, quantized_rows
 from raymoe.actors.models.ops import block_dividing
+
+PRE_QUANTIZE_ROWS = 256  # FP8: past this many rows x is quantised in a pass of its own
 
 
 @triton.jit
@@ -26,6 +28,7 @@ def _group_rows(groups, ends, j):
 @triton.jit
 def _gate_up_silu(
     x,
+    x_scale,
     rows,
     ends,
     groups,
@@ -41,13 +44,15 @@ def _gate_up_silu(
     stride_sn,
     stride_h,
     FP8: tl.constexpr,
+    X_FP8: tl.constexpr,
     SCALE_BLOCK_N: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
 ):
     """h[r, n] = silu(x[rows[r]] . w[e, n]) * (x[rows[r]] . w[e, inter + n]) for r in group e.
-    FP8: w is FP8 with a scale per [SCALE_BLOCK_N, BK] block, x quantised per BK columns."""
+    FP8: w is FP8 with a scale per [SCALE_BLOCK_N, BK] block, x quantised per BK columns:
+    here, or beforehand (X_FP8: x is FP8, its scales in x_scale [tokens, hidden / BK])."""
     e, start, end = _group_rows(groups, ends, tl.program_id(0))
     n = tl.program_id(1) * BN + tl.arange(0, BN)
     k = tl.arange(0, BK)
@@ -64,8 +69,11 @@ def _gate_up_silu(
         up = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(0, hidden, BK):
             a = tl.load(x_rows + k0, mask=live[:, None], other=0.0)
-            if FP8:
+            if X_FP8:
+                a_scale = tl.load(x_scale + token * (hidden // BK) + k0 // BK, mask=live, other=0.0)
+            elif FP8:
                 a, a_scale = quantized_rows(a.to(tl.float32))
+            if FP8:
                 gate += tl.dot(a, tl.trans(tl.load(w_gate + k0))) * a_scale[:, None] * tl.load(s_gate + k0 // BK)
                 up += tl.dot(a, tl.trans(tl.load(w_up + k0))) * a_scale[:, None] * tl.load(s_up + k0 // BK)
             else:
@@ -141,6 +149,9 @@ def expert_mlp(
     bm, launch = config["BM"], dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
     h = torch.empty(num_rows, inter, dtype=x.dtype, device=x.device)
     y = torch.empty(num_rows, hidden, dtype=x.dtype, device=x.device)
+    # many rows (prefill): x quantised once rather than by every column tile of every slot
+    x_fp8 = fp8_block is not None and num_rows > PRE_QUANTIZE_ROWS
+    x, x_scale = quantize_rows(x, fp8_block[1]) if x_fp8 else (x, x)  # (x, x): no scales, never read
     if fp8_block is not None:
         assert w13_scale is not None and w2_scale is not None
         block_n, want_k = fp8_block[0], fp8_block[1]
@@ -151,6 +162,7 @@ def expert_mlp(
     bn, bk = _block(inter, config["BN"]), _block(hidden, want_k)
     _gate_up_silu[(groups.shape[0], inter // bn)](
         x,
+        x_scale,
         rows,
         ends,
         groups,
@@ -166,6 +178,7 @@ def expert_mlp(
         w13_scale.stride(1),
         h.stride(0),
         FP8=fp8_block is not None,
+        X_FP8=x_fp8,
         SCALE_BLOCK_N=block_n,
         BM=bm,
         BN=bn,

@@ -1,10 +1,13 @@
 """A Triton FP8 GEMM: y = x W^T (+ b) for a block-quantised FP8 weight (fp8.py).
 
 Each program owns a [BM, BN] tile of y and walks K one weight block column (block_k) at a
-time: it quantises its [BM, block_k] tile of x to FP8 with one scale per row (DeepSeek's
-1 x block_k activation groups, computed here rather than by a separate kernel), multiplies
-it by the FP8 weight tile on the tensor cores, and adds the product times both scales to a
-float32 accumulator. No host syncs: it runs inside CUDA graphs.
+time: it takes its [BM, block_k] tile of x in FP8 with one scale per row (DeepSeek's
+1 x block_k activation groups), multiplies it by the FP8 weight tile on the tensor cores, and
+adds the product times both scales to a float32 accumulator. Few rows (decode): each program
+quantises its tile of x itself (no second kernel, no pass over x). Many rows (prefill): every
+column tile would quantise the same rows again, so one kernel quantises x first
+(``quantize_rows``) and the GEMM reads it in FP8. Both round alike. No host syncs: it runs
+inside CUDA graphs.
 
 Imported only when Triton is (GPU hosts; the unit tests' CPU interpreter).
 """
@@ -26,8 +29,29 @@ def quantized_rows(a):
 
 
 @triton.jit
+def _quantize_rows(x, q, q_scale, K, stride_x, groups, BK: tl.constexpr):
+    """Row m, columns [g * BK, (g + 1) * BK) of x -> FP8 in q [M, K], its scale in q_scale [M, groups]."""
+    m, g = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    k = g * BK + tl.arange(0, BK)[None, :]
+    a, scale = quantized_rows(tl.load(x + m * stride_x + k, mask=k < K, other=0.0).to(tl.float32))
+    tl.store(q + m * K + k, a, mask=k < K)
+    tl.store(q_scale + m * groups + g + tl.arange(0, 1), scale)
+
+
+def quantize_rows(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (FP8 [M, K], float32 scales [M, ceil(K / group)]): fp8.quantize_groups on the device."""
+    (m, k), groups = x.shape, triton.cdiv(x.shape[1], group)
+    q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty(m, groups, dtype=torch.float32, device=x.device)
+    if m:
+        _quantize_rows[(m, groups)](x, q, scale, k, x.stride(0), groups, BK=group, num_warps=1)
+    return q, scale
+
+
+@triton.jit
 def _fp8_linear(
     x,
+    x_scale,
     w,
     w_scale,
     b,
@@ -36,15 +60,18 @@ def _fp8_linear(
     N,
     K,
     stride_x,
+    stride_xs,
     stride_w,
     stride_s,
     stride_y,
+    X_FP8: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
 ):
+    """X_FP8: x is FP8 already, with one scale per row and BK columns in x_scale."""
     m = tl.program_id(0) * BM + tl.arange(0, BM)
     n = tl.program_id(1) * BN + tl.arange(0, BN)
     k = tl.arange(0, BK)
@@ -55,7 +82,11 @@ def _fp8_linear(
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, K, BK):
         k_ok = (k0 + k < K)[None, :]
-        a, a_scale = quantized_rows(tl.load(x_rows + k0, mask=m_ok[:, None] & k_ok, other=0.0).to(tl.float32))
+        if X_FP8:
+            a = tl.load(x_rows + k0, mask=m_ok[:, None] & k_ok, other=0.0)
+            a_scale = tl.load(x_scale + m.to(tl.int64) * stride_xs + k0 // BK, mask=m_ok, other=0.0)
+        else:
+            a, a_scale = quantized_rows(tl.load(x_rows + k0, mask=m_ok[:, None] & k_ok, other=0.0).to(tl.float32))
         w_tile = tl.load(w_rows + k0, mask=n_ok[:, None] & k_ok, other=0.0)
         s = tl.load(s_rows + k0 // BK, mask=n_ok, other=0.0)
         acc += tl.dot(a, tl.trans(w_tile)) * a_scale[:, None] * s[None, :]
@@ -66,14 +97,14 @@ def _fp8_linear(
 
 
 def pick_config(num_rows: int) -> dict:
-    """Block sizes by the rows of x, from shapes alone (one choice per CUDA graph). Not yet
-    tuned on a GPU: decode (few rows) takes narrow column tiles so that more programs stream
-    the weight at once."""
+    """Block sizes by the rows of x, and whether x is quantised first (PRE_QUANTIZE), from
+    shapes alone (one choice per CUDA graph). Not yet tuned on a GPU: decode (few rows) takes
+    narrow column tiles so that more programs stream the weight at once."""
     if num_rows <= 16:
-        return dict(BM=16, BN=32, num_warps=4, num_stages=4)
+        return dict(BM=16, BN=32, num_warps=4, num_stages=4, PRE_QUANTIZE=False)
     if num_rows <= 64:
-        return dict(BM=64, BN=64, num_warps=4, num_stages=3)
-    return dict(BM=128, BN=128, num_warps=8, num_stages=3)
+        return dict(BM=64, BN=64, num_warps=4, num_stages=3, PRE_QUANTIZE=False)
+    return dict(BM=128, BN=128, num_warps=8, num_stages=3, PRE_QUANTIZE=True)
 
 
 def fp8_linear(
@@ -94,8 +125,11 @@ def fp8_linear(
     if m == 0:
         return y
     grid = (triton.cdiv(m, config["BM"]), triton.cdiv(n, config["BN"]))
+    pre = config["PRE_QUANTIZE"]
+    x, x_scale = quantize_rows(x, block[1]) if pre else (x, scale)  # scale: a placeholder never read
     _fp8_linear[grid](
         x,
+        x_scale,
         weight,
         scale,
         bias if bias is not None else scale,
@@ -104,9 +138,11 @@ def fp8_linear(
         n,
         k,
         x.stride(0),
+        x_scale.stride(0),
         weight.stride(0),
         scale.stride(0),
         y.stride(0),
+        X_FP8=pre,
         HAS_BIAS=bias is not None,
         BLOCK_N=block[0],
         BM=config["BM"],

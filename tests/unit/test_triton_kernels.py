@@ -62,6 +62,8 @@ CASES = {
     "fp8-linear-decode": ("fp8_linear_case", dict(rows=3, n=40, k=80, block=[16, 32], bias=True)),
     "fp8-linear-prefill": ("fp8_linear_case", dict(rows=70, n=130, k=96, block=[32, 32], bias=False)),
     "fp8-expert-mlp": ("expert_mlp_fp8_case", dict(slots=3, hidden=64, inter=32, tokens=9, block=[16, 32])),
+    # past PRE_QUANTIZE_ROWS choices: x quantised in a pass of its own
+    "fp8-expert-mlp-prefill": ("expert_mlp_fp8_case", dict(slots=3, hidden=64, inter=32, tokens=140, block=[16, 32])),
 }
 
 

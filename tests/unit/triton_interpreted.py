@@ -20,6 +20,7 @@ from triton.runtime import interpreter
 
 from raymoe.actors.models import (
     expert_mlp_triton,
+    fp8_linear_triton,
     moe_combine_triton,
     ops,
     qk_norm_rope_triton,
@@ -169,6 +170,10 @@ def fp8_linear_case(rows, n, k, block, bias):
     plain = linear(x, q, b, scale=scale, block=tuple(block), backend="torch")
     torch.testing.assert_close(plain, torch.nn.functional.linear(x, dequantize_blocks(q, scale, block), b))
     assert 0 < (got - plain).abs().max() < 0.1 * plain.abs().max()
+    # the prefill path's separate quantisation pass rounds as the reference does, bit for bit
+    q_x, s_x = fp8_linear_triton.quantize_rows(x, block[1])
+    want_q, want_s = quantize_groups(x, block[1])
+    assert torch.equal(q_x.view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(s_x, want_s)
 
 
 def expert_mlp_fp8_case(slots, hidden, inter, tokens, block, top_k=2):
