@@ -116,7 +116,8 @@ class ModelRunner:
                 shown = ", ".join(unused[:8]) + (", ..." if len(unused) > 8 else "")
                 log.warning("%d checkpoint tensors not used (transformers ignores them too): %s", len(unused), shown)
         what = "random weights" if config.model.load_format == "dummy" else checkpoint_dir
-        log.info("rank %d built %s in %.1f s", ctx.rank, what, time.perf_counter() - t0)
+        kept = f"FP8 with {self.fp8_block[0]} x {self.fp8_block[1]} block scales" if self.fp8_block else str(self.dtype)
+        log.info("rank %d built %s (projections in %s) in %.1f s", ctx.rank, what, kept, time.perf_counter() - t0)
         self.attention: Any = None
         self.graphs: Any = None
         # the last two steps' sampled tokens, each in its half (StepInput.sample_slot): where a
