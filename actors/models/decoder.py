@@ -111,7 +111,7 @@ class DecoderLayer(nn.Module):
         # data-parallel attention: the norm hands the MoE every replica's rows
         n = self.post_norm
         h_all, residual = attn.add_rms_norm_gather(residual, n.weight, n.eps, gather)
-        return self.mlp(h_all, batch, gathered=True), residual
+        return self.mlp(h_all, batch), residual
 
 
 class CausalLM(nn.Module):

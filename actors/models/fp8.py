@@ -143,9 +143,17 @@ def resolve_fp8_block(
     quantization: str, checkpoint_block: Optional[tuple[int, int]], on_cuda: bool
 ) -> Optional[tuple[int, int]]:
     """The block the model keeps its projection weights in FP8 with, or None for weights in
-    the compute dtype (``model.quantization``: see cluster/config.py)."""
+    the compute dtype (``model.quantization``: see cluster/config.py). On a GPU, FP8 needs a
+    block the Triton kernels take: under auto another one is dequantised at load, and fp8
+    refuses it."""
     if quantization == "fp8":
-        return tuple(checkpoint_block) if checkpoint_block is not None else DEFAULT_BLOCK
-    if quantization == "auto" and checkpoint_block is not None and on_cuda:
+        block = tuple(checkpoint_block) if checkpoint_block is not None else DEFAULT_BLOCK
+        if on_cuda and not kernel_block(block):
+            raise ValueError(
+                f"model.quantization: fp8 on GPUs needs FP8 blocks of powers of two >= 16 (the Triton "
+                f"kernels'), and this checkpoint's are {list(block)}; set model.quantization: none"
+            )
+        return block
+    if quantization == "auto" and checkpoint_block is not None and on_cuda and kernel_block(checkpoint_block):
         return tuple(checkpoint_block)
     return None

@@ -4,9 +4,10 @@ Token dispatch (chosen for simplicity and exactness; the fast path is a later
 concern): attention leaves every rank of a DP replica holding that replica's
 tokens. The MoE layer
 
-1. all-gathers the tokens of every DP replica over the ``dp`` group (each padded
-   to the step's largest replica; in one step through the world's symmetric buffer
-   where it allows), so every rank sees every token of the step;
+1. takes the tokens of every DP replica, gathered over the ``dp`` group by the norm
+   before it (each padded to the step's largest replica; in the norm's step, through
+   the world's symmetric buffer, where it allows), so every rank sees every token of
+   the step;
 2. routes them (router replicated on every rank) to logical experts, maps each
    choice to a physical expert slot through the ExpertMap and groups the choices
    by this rank's slots (moe_dispatch.py);
@@ -124,29 +125,26 @@ class MoE(nn.Module):
         self.router_bias = zipf_router_bias(spec.moe.num_experts, router_skew, seed=layer, device=device, dtype=dtype)
 
     def input_gather(self, batch: ForwardBatch) -> ReplicaGather | None:
-        """With data-parallel attention (and no context parallelism), how the layer wants its
-        input: every replica's rows gathered, which the norm before it can do in the same
-        step (``forward(..., gathered=True)``); None: this replica's rows."""
+        """With data-parallel attention (and no context parallelism), how the layer takes its
+        input: every replica's rows gathered, which the norm before it does in the same step;
+        None: this replica's rows."""
         if self.groups.dp.world_size == 1 or batch.split is not None:
             return None
         return ReplicaGather(self.groups.world, self.groups.dp, batch.dp_pad)
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch, gathered: bool = False) -> BlockOutput | torch.Tensor:
-        """x [T, H] (this DP replica's tokens; ``gathered``: every replica's, as
-        ``input_gather`` says) -> this rank's expert outputs for the next norm to combine and
-        sum (ExpertOutputs); with dp > 1 combined, for the next norm to sum this replica's
-        rows (ReplicaRowsSum); with cp > 1 the whole [T, H]."""
+    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> BlockOutput | torch.Tensor:
+        """x [T, H] (this DP replica's tokens, or every replica's as ``input_gather`` says) ->
+        this rank's expert outputs for the next norm to combine and sum (ExpertOutputs); with
+        dp > 1 combined, for the next norm to sum this replica's rows (ReplicaRowsSum); with
+        cp > 1 the whole [T, H]."""
         dp = self.groups.dp
         if batch.split is not None:
             return self._forward_split(x, batch)
         if dp.world_size > 1:
             pad, tokens = batch.dp_pad, batch.input_ids.shape[0]
             start = dp.rank_in_group * pad
-            assert batch.dp_counts is not None and pad >= tokens
-            if gathered:
-                x_all, x = x, x[start : start + tokens]
-            else:
-                x_all = self.groups.world.gather_over(dp, F.pad(x, (0, 0, 0, pad - tokens)))
+            assert batch.dp_counts is not None and pad >= tokens and x.shape[0] == dp.world_size * pad
+            x_all, x = x, x[start : start + tokens]
             row = torch.arange(x_all.shape[0], device=x.device)
             valid = (row % pad) < batch.dp_counts[row // pad]
         elif batch.dp_counts is not None and batch.expert_load is not None:

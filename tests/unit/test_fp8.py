@@ -46,6 +46,11 @@ def test_quantization_setting_decides_which_models_keep_fp8():
     assert resolve_fp8_block("fp8", None, on_cuda=False) == (128, 128)  # a bf16 checkpoint quantised
     assert resolve_fp8_block("fp8", [64, 64], on_cuda=False) == (64, 64)
     assert resolve_fp8_block("none", (128, 128), on_cuda=True) is None
+    # blocks the Triton kernels cannot take: dequantised under auto, refused under fp8 (GPUs only)
+    assert resolve_fp8_block("auto", (24, 40), on_cuda=True) is None
+    assert resolve_fp8_block("fp8", (24, 40), on_cuda=False) == (24, 40)
+    with pytest.raises(ValueError, match=r"model.quantization: fp8 on GPUs needs .*\[24, 40\]"):
+        resolve_fp8_block("fp8", (24, 40), on_cuda=True)
 
 
 def test_fused_parts_must_fill_whole_blocks():
