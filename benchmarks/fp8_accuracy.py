@@ -13,7 +13,8 @@ same for all three):
   which quantise activations too (on CPU the same maths as ``dequantised``).
 
 For each against bf16: the mean and max absolute difference of the log-probability of each
-position's token, and how often the most likely next token agrees.
+position's token (and the mean as a multiple of the dequantised weights' own: what the FP8
+activations add), and how often the most likely next token agrees.
 
     python benchmarks/fp8_accuracy.py --layers 8 --positions 1000           # a GPU
     python benchmarks/fp8_accuracy.py --model tiny --block 32 --positions 200 --device cpu
@@ -110,12 +111,15 @@ def main() -> None:
     }
     base = runs["bf16"]
     print(f"{args.model} shape, {args.layers} layers, {len(base)} positions, {args.device}\n")
-    print("| weights | mean abs logprob diff vs bf16 | max | top-1 agreement |")
-    print("|---|---|---|---|")
+    print("| weights | mean abs logprob diff vs bf16 | x dequantised's | max | top-1 agreement |")
+    print("|---|---|---|---|---|")
+    reference = None
     for name in ("dequantised", "fp8"):
         diff = torch.tensor([abs(a[1] - b[1]) for a, b in zip(runs[name], base)])
         agree = sum(a[0] == b[0] for a, b in zip(runs[name], base)) / len(base)
-        print(f"| {name} | {diff.mean():.4f} | {diff.max():.4f} | {agree:.1%} |")
+        reference = reference or diff.mean().item()
+        ratio = diff.mean().item() / reference if reference else float("nan")
+        print(f"| {name} | {diff.mean():.4f} | {ratio:.2f} | {diff.max():.4f} | {agree:.1%} |")
     if not args.dir:
         shutil.rmtree(root)
 
