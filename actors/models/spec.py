@@ -233,6 +233,12 @@ def _fp8_block(quant: Any) -> Optional[tuple[int, int]]:
             f"config.json: quantization_config.weight_block_size = {json.dumps(block)} is not implemented "
             "(raymoe implements block-wise FP8: [rows, columns], e.g. [128, 128])"
         )
+    fmt = quant.get("fmt", "e4m3")
+    if fmt != "e4m3":
+        raise ValueError(
+            f"config.json: quantization_config.fmt = {json.dumps(fmt)} is not implemented "
+            '(raymoe implements "e4m3": float8_e4m3fn weights)'
+        )
     scheme = quant.get("activation_scheme", "dynamic")
     if scheme != "dynamic":
         raise ValueError(

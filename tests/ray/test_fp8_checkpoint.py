@@ -146,6 +146,7 @@ def test_fp8_experts_moved_by_eplb_keep_outputs(ray_session, checkpoints, aligne
         ({"quant_method": "gptq", "bits": 4}, "quant_method"),
         ({"quant_method": "fp8"}, "weight_block_size"),
         ({"quant_method": "fp8", "weight_block_size": [128, 128], "activation_scheme": "static"}, "activation_scheme"),
+        ({"quant_method": "fp8", "weight_block_size": [128, 128], "fmt": "e5m2"}, "fmt"),
     ],
 )
 def test_other_quantizations_are_refused_by_name(checkpoints, quant, field):
