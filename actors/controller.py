@@ -146,7 +146,8 @@ class Controller:
         physical_to_logical = ray.get(ranks.actors[0].physical_to_logical.remote())
         device = torch.device("cuda" if self.config.parallel.device == "cuda" else "cpu")
         elem = torch.empty((), dtype=resolve_dtype(self.config.model.dtype, spec, device)).element_size()
-        if resolve_fp8_block(self.config.model.quantization, spec.fp8_block, device.type == "cuda") is not None:
+        fp8 = resolve_fp8_block(self.config.model.quantization, spec.fp8_block, device.type == "cuda", ())
+        if fp8 is not None:
             elem = 1  # FP8 (the block scales add one float32 per 128 x 128 block: not counted)
         expert_bytes = 3 * spec.hidden_size * spec.moe.intermediate_size * elem
         return EplbManager(

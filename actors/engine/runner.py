@@ -95,7 +95,9 @@ class ModelRunner:
         self.is_driver = ctx.groups.attn.rank_in_group == 0
         self.expert_map = self._initial_expert_map()
         t0 = time.perf_counter()
-        self.fp8_block = resolve_fp8_block(config.model.quantization, spec.fp8_block, self.device.type == "cuda")
+        self.fp8_block = resolve_fp8_block(
+            config.model.quantization, spec.fp8_block, self.device.type == "cuda", spec.fp8_unconverted
+        )
         self.model = CausalLM(
             spec,
             ctx.groups,

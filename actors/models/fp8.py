@@ -10,6 +10,7 @@ compute dtype at each use, so its loading, slicing and moves are exercised there
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -140,12 +141,28 @@ class WeightSlice:
 
 
 def resolve_fp8_block(
-    quantization: str, checkpoint_block: Optional[tuple[int, int]], on_cuda: bool
+    quantization: str, checkpoint_block: Optional[tuple[int, int]], on_cuda: bool, unconverted: Sequence[str] = ()
 ) -> Optional[tuple[int, int]]:
     """The block the model keeps its projection weights in FP8 with, or None for weights in
     the compute dtype (``model.quantization``: see cluster/config.py). On a GPU, FP8 needs a
     block the Triton kernels take: under auto another one is dequantised at load, and fp8
-    refuses it."""
+    refuses it. ``unconverted``: the modules an FP8 checkpoint ships unquantised; FP8 refuses
+    a projection among them (it would be quantised, unlike the checkpoint's own)."""
+    block = _resolved(quantization, checkpoint_block, on_cuda)
+    kept = [m for m in unconverted if not _NOT_PROJECTIONS.search(m)]
+    if block is not None and checkpoint_block is not None and kept:
+        raise ValueError(
+            f"config.json: quantization_config.modules_to_not_convert names {kept}, which raymoe would keep in "
+            "FP8 with every other projection; set model.quantization: none to run the checkpoint as shipped"
+        )
+    return block
+
+
+# modules raymoe never keeps in FP8: embeddings, LM head, norms, routers and gates
+_NOT_PROJECTIONS = re.compile(r"(embed_tokens|lm_head|norm|(^|\.)gate|shared_expert_gate|router)$")
+
+
+def _resolved(quantization: str, checkpoint_block: Optional[tuple[int, int]], on_cuda: bool):
     if quantization == "fp8":
         block = tuple(checkpoint_block) if checkpoint_block is not None else DEFAULT_BLOCK
         if on_cuda and not kernel_block(block):

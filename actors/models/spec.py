@@ -107,6 +107,8 @@ class ModelSpec:
     num_mtp_layers: int = 0  # checkpoint layers past num_layers for multi-token prediction (not run)
     # FP8 checkpoint (quantization_config fp8): the weights' [rows, columns] block of one scale
     fp8_block: Optional[tuple[int, int]] = None
+    # its quantization_config.modules_to_not_convert: modules it ships unquantised
+    fp8_unconverted: tuple[str, ...] = ()
     mla: Optional[LatentAttentionSpec] = None  # None: multi-head attention (q/k/v projections, GQA)
 
     @property
@@ -184,6 +186,7 @@ def spec_from_hf_config(cfg: dict[str, Any]) -> ModelSpec:
         torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"),
         num_mtp_layers=int(cfg.get(traits.mtp_layers_field) or 0) if traits.mtp_layers_field else 0,
         fp8_block=_fp8_block(cfg.get("quantization_config")),
+        fp8_unconverted=tuple((cfg.get("quantization_config") or {}).get("modules_to_not_convert") or ()),
         mla=mla,
     )
 

@@ -53,6 +53,19 @@ def test_quantization_setting_decides_which_models_keep_fp8():
         resolve_fp8_block("fp8", (24, 40), on_cuda=True)
 
 
+def test_projections_a_checkpoint_ships_unquantised_are_refused_in_fp8_only():
+    """modules_to_not_convert naming embeddings, norms, routers or the LM head changes nothing
+    (raymoe keeps them in the compute dtype anyway); naming a projection is refused when it
+    would be kept in FP8, and fine when the checkpoint runs dequantised."""
+    harmless = ["model.embed_tokens", "lm_head", "mlp.gate", "model.layers.0.input_layernorm"]
+    assert resolve_fp8_block("fp8", (128, 128), on_cuda=False, unconverted=harmless) == (128, 128)
+    odd = harmless + ["model.layers.3.self_attn.q_proj"]
+    with pytest.raises(ValueError, match=r"modules_to_not_convert names \['model.layers.3.self_attn.q_proj'\]"):
+        resolve_fp8_block("auto", (128, 128), on_cuda=True, unconverted=odd)
+    assert resolve_fp8_block("auto", (128, 128), on_cuda=False, unconverted=odd) is None
+    assert resolve_fp8_block("none", (128, 128), on_cuda=True, unconverted=odd) is None
+
+
 def test_fused_parts_must_fill_whole_blocks():
     q, s = quantize_blocks(torch.randn(24, 16), (8, 8))
     part = WeightSlice(q, s, (8, 8))
