@@ -112,6 +112,9 @@ class FlashInferLatentAttention:
         import flashinfer
 
         check_latent_dims(latent_dim, kv_cache.shape[-1] - latent_dim)
+        if kv_cache.dtype not in (torch.float16, torch.bfloat16):
+            # refused here, where auto falls back to torch, not at the first plan
+            raise ValueError(f"the FlashInfer MLA backend needs a bf16 or fp16 KV cache, not {kv_cache.dtype}")
         self.kv_cache = kv_cache
         self.block_size = block_size
         self.num_heads = num_heads

@@ -23,7 +23,7 @@ from raymoe.actors.engine.attention_flashinfer_mla import (  # noqa: E402
 )
 from raymoe.actors.engine.step import StepInput, StepLayout, build_step_layout  # noqa: E402
 
-HEADS, LATENT, ROPE, BLOCK = 16, 512, 64, 16
+LATENT, ROPE, BLOCK = 512, 64, 16
 DIM = LATENT + ROPE
 LAYERS, LAYER = 2, 1  # the second layer: the per-layer cache view starts past the first
 NUM_BLOCKS, WIDTH = 16, 4  # the cache has one more block: the graphs' scratch block
@@ -56,7 +56,7 @@ def step_layout(start_pos: list[int], query_lens: list[int], tables: np.ndarray)
 
 
 def reference(cache: torch.Tensor, layout: StepLayout, q: torch.Tensor) -> torch.Tensor:
-    """Absorbed MLA over one layer's cache [blocks, BLOCK, DIM], in float32 -> [T, HEADS, LATENT]."""
+    """Absorbed MLA over one layer's cache [blocks, BLOCK, DIM], in float32 -> [T, heads, LATENT]."""
     out = []
     for b in range(layout.num_seqs):
         lo, hi = int(layout.query_start[b]), int(layout.query_start[b + 1])
@@ -69,7 +69,7 @@ def reference(cache: torch.Tensor, layout: StepLayout, q: torch.Tensor) -> torch
         visible = pos[None, :] <= (context - n + torch.arange(n))[:, None]
         scores = scores.masked_fill(~visible[:, None, :].cuda(), float("-inf"))
         out.append(torch.einsum("nhc,cl->nhl", scores.softmax(-1), entries[:, :LATENT]))
-    return torch.cat(out) if out else torch.zeros(0, HEADS, LATENT, device="cuda")
+    return torch.cat(out) if out else torch.zeros(0, q.shape[1], LATENT, device="cuda")
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -80,11 +80,13 @@ def write(cache: torch.Tensor, layout: StepLayout, kv: torch.Tensor) -> None:
     cache[LAYER, layout.slot_blocks.cuda(), layout.slot_offsets.cuda()] = kv
 
 
-def test_eager_prefill_mixed_decode_and_idle_steps():
+# 128 heads: DeepSeek-V3 at tp 1 (FlashInfer takes another decode path than for 16)
+@pytest.mark.parametrize("heads", [16, 128])
+def test_eager_prefill_mixed_decode_and_idle_steps(heads):
     g = torch.Generator(device="cuda").manual_seed(0)
     cache = torch.zeros(LAYERS, NUM_BLOCKS + 1, BLOCK, DIM, **BF16)
     want_cache = cache.clone()
-    attn = FlashInferLatentAttention(cache, BLOCK, HEADS, latent_dim=LATENT, sm_scale=SM_SCALE)
+    attn = FlashInferLatentAttention(cache, BLOCK, heads, latent_dim=LATENT, sm_scale=SM_SCALE)
     tables = block_tables()
     steps = [
         ([0, 0], [21, 6], [0, 1]),  # prefill: a chunk of sequence 0's prompt, all of sequence 1's
@@ -96,25 +98,26 @@ def test_eager_prefill_mixed_decode_and_idle_steps():
         layout = step_layout(start, lens, tables[rows])
         tokens = sum(lens)
         # q as the attention block hands it over: a strided view
-        q = torch.randn(tokens, HEADS, DIM + 64, generator=g, **BF16)[..., :DIM]
+        q = torch.randn(tokens, heads, DIM + 64, generator=g, **BF16)[..., :DIM]
         kv = torch.randn(tokens, DIM, generator=g, **BF16)
         attn.plan(layout)
         got = attn.forward_latent(LAYER, q, kv)
         write(want_cache, layout, kv)
         assert torch.equal(cache, want_cache)
-        assert got.shape == (tokens, HEADS, LATENT) and got.dtype == torch.bfloat16
+        assert got.shape == (tokens, heads, LATENT) and got.dtype == torch.bfloat16
         if tokens:
             assert relative_error(got, reference(want_cache[LAYER], layout, q)) < 1e-2
 
 
-def test_graph_replays_decode_steps():
+@pytest.mark.parametrize("heads", [16, 128])
+def test_graph_replays_decode_steps(heads):
     g = torch.Generator(device="cuda").manual_seed(1)
     cache = torch.randn(LAYERS, NUM_BLOCKS + 1, BLOCK, DIM, generator=g, **BF16)
     batch = 4
     attn = GraphLatentAttention(
         cache,
         BLOCK,
-        HEADS,
+        heads,
         latent_dim=LATENT,
         sm_scale=SM_SCALE,
         batch_size=batch,
@@ -122,7 +125,7 @@ def test_graph_replays_decode_steps():
         workspace=torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device="cuda"),
         scratch_block=NUM_BLOCKS,
     )
-    q_in, kv_in = torch.zeros(batch, HEADS, DIM, **BF16), torch.zeros(batch, DIM, **BF16)
+    q_in, kv_in = torch.zeros(batch, heads, DIM, **BF16), torch.zeros(batch, DIM, **BF16)
     attn.plan(None)
     attn.forward_latent(LAYER, q_in, kv_in)  # warm-up: lazy init outside the capture
     torch.cuda.synchronize()
@@ -134,7 +137,7 @@ def test_graph_replays_decode_steps():
     for start, rows in [([37, 6, 50], [0, 1, 2]), ([51, 38], [2, 0])]:  # 1 then 2 padding rows
         layout = step_layout(start, [1] * len(rows), tables[rows])
         n = len(rows)
-        q, kv = torch.randn(n, HEADS, DIM, generator=g, **BF16), torch.randn(n, DIM, generator=g, **BF16)
+        q, kv = torch.randn(n, heads, DIM, generator=g, **BF16), torch.randn(n, DIM, generator=g, **BF16)
         attn.plan(layout)
         q_in[:n], kv_in[:n] = q, kv
         graph.replay()
