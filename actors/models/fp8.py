@@ -66,8 +66,9 @@ def quantize_groups(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Te
 
 
 def kernel_block(block: tuple[int, int]) -> bool:
-    """Whether the Triton FP8 kernels take ``block`` (powers of two >= 16, tl.dot's least)."""
-    return all(b >= 16 and b & (b - 1) == 0 for b in block)
+    """Whether the Triton FP8 kernels take ``block``: powers of two, rows >= 16 and columns
+    >= 32 (an FP8 tl.dot's least K)."""
+    return all(b & (b - 1) == 0 for b in block) and block[0] >= 16 and block[1] >= 32
 
 
 def fp8_params(shape: Sequence[int], block: tuple[int, int], device) -> tuple[nn.Parameter, nn.Parameter]:
@@ -167,8 +168,8 @@ def _resolved(quantization: str, checkpoint_block: Optional[tuple[int, int]], on
         block = tuple(checkpoint_block) if checkpoint_block is not None else DEFAULT_BLOCK
         if on_cuda and not kernel_block(block):
             raise ValueError(
-                f"model.quantization: fp8 on GPUs needs FP8 blocks of powers of two >= 16 (the Triton "
-                f"kernels'), and this checkpoint's are {list(block)}; set model.quantization: none"
+                "model.quantization: fp8 on GPUs needs FP8 blocks of powers of two, rows >= 16 and columns "
+                f">= 32 (the Triton kernels'), and this checkpoint's are {list(block)}; set model.quantization: none"
             )
         return block
     if quantization == "auto" and checkpoint_block is not None and on_cuda and kernel_block(checkpoint_block):

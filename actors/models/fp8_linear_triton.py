@@ -20,11 +20,13 @@ import triton.language as tl
 
 from raymoe.actors.models.fp8 import FP8_MAX
 
+_FP8_MAX = tl.constexpr(FP8_MAX)  # compiled kernels read globals only as constexpr
+
 
 @triton.jit
 def quantized_rows(a):
     """a [BM, BK] float32 -> (its FP8 values, one float32 scale per row [BM])."""
-    scale = tl.maximum(tl.max(tl.abs(a), 1), 1e-12) / FP8_MAX
+    scale = tl.maximum(tl.max(tl.abs(a), 1), 1e-12) / _FP8_MAX
     return (a / scale[:, None]).to(tl.float8e4nv), scale
 
 
