@@ -1,0 +1,169 @@
+"""Compile every Triton kernel for the H100/H200 (sm_90) on a machine without a GPU:
+``python triton_sm90_compiled.py <results file>``. Run by test_triton_sm90.py in a fresh
+process, because it replaces Triton's driver for the whole process.
+
+The model's own entry points are called with CPU tensors of the served models' shapes, so
+each launch takes the block sizes the GPU would (the config pickers', by row count). A
+stand-in driver reports an sm_90 target, and every launch compiles (Triton's bundled
+ptxas, down to the cubin) without running. This catches what the CPU interpreter cannot:
+code the compiler refuses (a global that is not a constexpr, an FP8 dot narrower than 32)
+and a kernel that asks for more shared memory than an H100/H200 gives one block. One
+JSON line per case goes to the results file: [name, None, kernels compiled] when every
+launch compiled within the limits, [name, traceback, []] otherwise."""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+from triton.backends.compiler import GPUTarget
+from triton.backends.driver import DriverBase
+from triton.runtime import jit
+from triton.runtime.driver import driver
+
+from raymoe.actors.models import ops
+from raymoe.actors.models.expert_mlp import expert_mlp
+from raymoe.actors.models.fp8 import FP8
+from raymoe.actors.models.linear import linear
+from raymoe.actors.models.moe_combine import combine, combine_add_rms_norm
+from raymoe.actors.models.moe_dispatch import busy_slots, dispatch
+from raymoe.cluster.expert_slots import replica_tables
+from raymoe.comm.gather_rows_triton import gather_rows
+from raymoe.comm.reduce_add_rms_norm_triton import reduce_add_rms_norm_, reduce_add_rms_norm_gather_
+
+SM90_SHARED_MEMORY = 232448  # bytes one block may use on an H100/H200 (cudaDevAttrMaxSharedMemoryPerBlockOptin)
+BF16 = torch.bfloat16
+
+
+class Sm90Driver(DriverBase):
+    """Just enough of a CUDA driver for Triton to compile launches for sm_90."""
+
+    @classmethod
+    def is_active(cls) -> bool:
+        return False
+
+    def map_python_to_cpp_type(self, ty: str) -> str:
+        raise NotImplementedError
+
+    def get_current_target(self) -> GPUTarget:
+        return GPUTarget("cuda", 90, 32)
+
+    def get_active_torch_device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def get_benchmarker(self):
+        raise NotImplementedError
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device: int | None = None) -> int:
+        return 0
+
+
+compiled: list[str] = []
+_run = jit.JITFunction.run
+
+
+def _compile_only(self, *args, grid, warmup, **kwargs):
+    kernel = _run(self, *args, grid=grid, warmup=True, **kwargs)
+    shared = kernel.metadata.shared
+    assert shared <= SM90_SHARED_MEMORY, f"{self.fn.__name__} asks for {shared} bytes of shared memory"
+    compiled.append(self.fn.__name__)
+    return kernel
+
+
+def _weights(*shape: int, fp8: bool) -> torch.Tensor:
+    return torch.empty(*shape, dtype=FP8 if fp8 else BF16)  # never read: compiling needs shapes alone
+
+
+def linear_case(rows: int, n: int, k: int, fp8: bool) -> None:
+    """A dense projection (bf16 through the one-row kernel; FP8 at every size)."""
+    x = torch.randn(rows, k, dtype=BF16)
+    w = _weights(n, k, fp8=fp8)
+    block = (128, 128)
+    scale = torch.ones(-(-n // block[0]), -(-k // block[1])) if fp8 else None
+    linear(x, w, scale=scale, block=block if fp8 else None, backend="triton")
+
+
+def moe_case(tokens: int, experts: int, top_k: int, hidden: int, inter: int, fp8: bool) -> None:
+    """One MoE layer as the decoder runs it: dispatch, the grouped experts, combine."""
+    logits = torch.randn(tokens, experts)
+    l2p, counts = replica_tables(torch.arange(experts).view(1, -1), experts)
+    where = dict(logical_to_physical=l2p[0], replica_count=counts[0], num_physical=experts)
+    d = dispatch(logits, top_k, norm_topk_prob=True, slot_start=0, slots=experts, **where, backend="triton")
+    # a real grouping (the compile-only dispatch computed nothing): rows spread over the experts
+    rows = torch.arange(tokens * top_k) // top_k
+    ends = torch.linspace(0, tokens * top_k, experts + 1)[1:].round().to(torch.int32)
+    x = torch.randn(tokens, hidden, dtype=BF16)
+    block = (128, 128)
+    w13, w2 = _weights(experts, 2 * inter, hidden, fp8=fp8), _weights(experts, hidden, inter, fp8=fp8)
+    scales = {}
+    if fp8:
+        scales = dict(
+            w13_scale=torch.ones(experts, 2 * inter // block[0], hidden // block[1]),
+            w2_scale=torch.ones(experts, hidden // block[0], -(-inter // block[1])),
+            fp8_block=block,
+        )
+    groups = busy_slots(ends, tokens * top_k)
+    y = expert_mlp(x, rows, ends, w13=w13, w2=w2, groups=groups, **scales, backend="triton")
+    sorted_row = torch.arange(tokens * top_k).view(tokens, top_k)
+    weights = d.weights if d.weights.shape == (tokens, top_k) else torch.rand(tokens, top_k)
+    combine(y, sorted_row, weights.to(BF16), ends, backend="triton")
+    residual, norm = torch.randn(tokens, hidden, dtype=BF16), torch.ones(hidden, dtype=BF16)
+    combine_add_rms_norm(
+        y, sorted_row, weights.to(BF16), ends, residual=residual, weight=norm, eps=1e-6, backend="triton"
+    )
+
+
+def qk_norm_rope_case(tokens: int, heads: int, kv_heads: int, dim: int) -> None:
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, dtype=BF16)
+    q = qkv[:, : heads * dim].view(tokens, heads, dim)
+    k = qkv[:, heads * dim : (heads + kv_heads) * dim].view(tokens, kv_heads, dim)
+    norm_rope = dict(q_weight=torch.ones(dim, dtype=BF16), k_weight=torch.ones(dim, dtype=BF16), eps=1e-6)
+    positions = torch.arange(tokens)
+    ops.qk_norm_rotary_(positions, q, k, **norm_rope, cos_sin=torch.randn(4096, dim), backend="triton")
+
+
+def collectives_case(ranks: int, tokens: int, width: int) -> None:
+    """The symmetric-memory kernels: sum + add + norm, the one-shot gather, and both fused for
+    data-parallel attention (addresses are never read when compiling)."""
+    addresses = torch.zeros(ranks, dtype=torch.int64)
+    residual, weight = torch.randn(tokens, width, dtype=BF16), torch.ones(width, dtype=BF16)
+    reduce_add_rms_norm_(addresses, 0, residual, weight, eps=1e-6)
+    gather_rows(addresses, 0, residual)
+    table = torch.zeros(ranks, 2, dtype=torch.int64)
+    reduce_add_rms_norm_gather_(table, 0, residual, weight, mine=0, rows=tokens, eps=1e-6)
+
+
+QWEN3_30B = dict(experts=128, top_k=8, hidden=2048, inter=768)
+DEEPSEEK_V3 = dict(experts=32, top_k=8, hidden=7168, inter=2048)  # one rank's 32 slots of 256 at ep 8
+CASES = {
+    "linear-bf16-1-row": (linear_case, dict(rows=1, n=5120, k=2048, fp8=False)),
+    # FP8 GEMM: decode (quantising x inside), 64 rows, and prefill (x quantised in its own pass)
+    **{f"linear-fp8-{m}-rows": (linear_case, dict(rows=m, n=5120, k=2048, fp8=True)) for m in (1, 64, 4096)},
+    # expert kernels at each block-size choice (rows per slot 1, ~16, ~32) and past them (torch)
+    **{f"moe-bf16-{t}-tokens": (moe_case, dict(tokens=t, **QWEN3_30B, fp8=False)) for t in (1, 256, 512)},
+    **{f"moe-fp8-{t}-tokens": (moe_case, dict(tokens=t, **QWEN3_30B, fp8=True)) for t in (1, 256, 512)},
+    "moe-fp8-deepseek-v3-ep8": (moe_case, dict(tokens=64, **DEEPSEEK_V3, fp8=True)),
+    "qk-norm-rope-qwen3": (qk_norm_rope_case, dict(tokens=64, heads=32, kv_heads=4, dim=128)),
+    "collectives-2-ranks-2048": (collectives_case, dict(ranks=2, tokens=8, width=2048)),
+    "collectives-8-ranks-7168": (collectives_case, dict(ranks=8, tokens=8, width=7168)),
+}
+
+if __name__ == "__main__":
+    driver.set_active(Sm90Driver())
+    jit.JITFunction.run = _compile_only
+    results = Path(sys.argv[1])
+    for name, (function, arguments) in CASES.items():
+        compiled.clear()
+        try:
+            function(**arguments)
+            line = [name, None, sorted(set(compiled))]
+        except Exception:
+            line = [name, traceback.format_exc(), []]
+        with results.open("a") as f:
+            f.write(json.dumps(line) + "\n")
