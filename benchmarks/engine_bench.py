@@ -346,6 +346,7 @@ def measure(args, dtype: str) -> tuple:
                 f"one at a time {res[0]['median_s'] * 1e3:.2f} ms; {touched['experts']} experts touched",
             )
         )
+        print(f"{dtype} decode batch {b}: {t * 1e3:.3f} ms ({t / floor:.2f} x floor)", flush=True)
     for seqs, toks in prefills:
         vocab = MODELS[args.model]["vocab_size"]
         steps = [prefill_step(seqs, toks, block_size, (seqs * toks,) * dp, vocab) for _ in range(dp)]
@@ -353,6 +354,7 @@ def measure(args, dtype: str) -> tuple:
         t = res[0]["median_s"]
         util = 2 * info["active_params"] * seqs * toks * dp / t / info["matmul_flops"] / (args.tp * dp)
         rows.append(("prefill", f"{seqs} x {toks}", t, None, seqs * toks * dp / t, f"{util:.0%} of matmul rate"))
+        print(f"{dtype} prefill {seqs} x {toks}: {t * 1e3:.2f} ms", flush=True)
     profile = None
     if args.profile:
         step = [decode_step(args.profile, args.context, block_size, d, (args.profile,) * dp) for d in range(dp)]
