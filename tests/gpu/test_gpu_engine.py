@@ -157,7 +157,9 @@ def test_expert_moves_on_a_side_stream_keep_outputs(gpu_ray, stable_case):
         {
             "model": {"path": str(path), "dtype": "bfloat16"},
             "parallel": {"device": "cuda"},
-            "engine": {"block_size": 16, "num_kv_blocks": 256, "max_num_batched_tokens": 64},
+            # caching off: the runs after the first would prefill only the prompts' uncached
+            # tails, which rounds differently in bf16 (not what this test is about)
+            "engine": {"block_size": 16, "num_kv_blocks": 256, "max_num_batched_tokens": 64, "prefix_caching": False},
             "eplb": {"enabled": True, "num_redundant_experts": 4, "rebalance_every_steps": 10**6},
         }
     )
