@@ -321,7 +321,8 @@ def measure(args, dtype: str) -> tuple:
                 "block_size": block_size,
                 "num_kv_blocks": num_blocks,
                 "max_num_seqs": max(batches),
-                "max_num_batched_tokens": max(tokens_needed, 8192),
+                # the largest step it runs (KV is written directly, not prefilled)
+                "max_num_batched_tokens": max([*batches, *(s * t for s, t in prefills), 8192]),
                 "cuda_graphs": not args.no_graphs,
             },
         }

@@ -27,7 +27,9 @@ import json
 import pathlib
 import random
 import shutil
+import sys
 import tempfile
+import time
 
 import torch
 
@@ -61,16 +63,19 @@ def write_checkpoints(args, root: pathlib.Path) -> tuple[pathlib.Path, pathlib.P
     config = transformers.AutoConfig.for_model(**{k: v for k, v in shape.items() if k != "architectures"})
     config.architectures = shape["architectures"]
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    with torch.device(args.device):  # initialising and quantising on a GPU takes seconds, not minutes
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(bf16)
     del model
+    progress("wrote the bf16 checkpoint")
     tensors = {}
     for f in sorted(bf16.glob("*.safetensors")):
-        tensors.update(load_file(f))
+        tensors.update(load_file(f, device=args.device))
     for name in [n for n, w in tensors.items() if n.endswith("_proj.weight") and w.dim() == 2]:
         tensors[name], tensors[name + "_scale_inv"] = quantize_blocks(tensors[name], (args.block, args.block))
     fp8.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(fp8 / "model.safetensors"))
+    save_file({name: t.cpu() for name, t in tensors.items()}, str(fp8 / "model.safetensors"))
+    progress("wrote the FP8 checkpoint")
     quant = {"quant_method": "fp8", "weight_block_size": [args.block] * 2, "activation_scheme": "dynamic"}
     cfg = json.loads((bf16 / "config.json").read_text())
     (fp8 / "config.json").write_text(json.dumps({**cfg, "quantization_config": quant}))
@@ -90,18 +95,26 @@ def position_logprobs(path, quantization: str, prompts, device: str) -> list[tup
         {
             "model": {"path": str(path), "dtype": "bfloat16", "quantization": quantization, "max_model_len": 512},
             "parallel": {"device": device},
-            "engine": {"num_kv_blocks": 256, "max_num_seqs": 8},
+            # prompt log-probabilities are prefill steps only: no decode graphs to capture
+            "engine": {"num_kv_blocks": 256, "max_num_seqs": 8, "cuda_graphs": False},
         }
     )
     with LLM(config) as llm:
         outs = llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1))
+    progress(f"ran {path.name} with quantization: {quantization}")
     return [(entry.top[0][0], entry.logprob) for out in outs for entry in out.prompt_logprobs[1:]]
+
+
+def progress(what: str, t0: float = time.perf_counter()) -> None:
+    print(f"[{time.perf_counter() - t0:6.1f} s] {what}", file=sys.stderr, flush=True)
 
 
 def main() -> None:
     args = parse()
     root = pathlib.Path(args.dir or tempfile.mkdtemp(prefix="fp8-accuracy-"))
     bf16, fp8 = write_checkpoints(args, root)
+    if args.device == "cuda":
+        torch.cuda.empty_cache()  # the engines' rank actors need the memory
     rng = random.Random(0)
     prompts = [[rng.randrange(3, 500) for _ in range(251)] for _ in range(-(-args.positions // 250))]
     runs = {

@@ -28,6 +28,9 @@ from raymoe.actors.engine.attention_flashinfer import WORKSPACE_BYTES, KVAppend
 from raymoe.actors.engine.step import StepLayout
 
 LATENT_DIM, ROPE_DIM = 512, 64
+# FlashInfer's FA MLA planner refuses a step needing more work items than this
+# (flashinfer/mla/_batch_mla/_backends/_fa_common.py, _FA_MAX_WORK_ITEMS)
+MAX_WORK_ITEMS = 16384
 
 
 def check_latent_dims(latent_dim: int, rope_dim: int) -> None:
@@ -36,6 +39,37 @@ def check_latent_dims(latent_dim: int, rope_dim: int) -> None:
             f"the FlashInfer MLA backend needs kv_lora_rank {LATENT_DIM} and qk_rope_head_dim {ROPE_DIM}, "
             f"got {latent_dim} and {rope_dim}: use the torch attention backend for this model"
         )
+
+
+def max_step_tokens(num_heads: int, max_seqs: int, num_sms: int) -> int:
+    """The most query tokens one step may hold so that FlashInfer's FA MLA planner can plan
+    it, whatever the split into at most ``max_seqs`` sequences and whatever their KV lengths.
+
+    The planner gives each sequence ceil(q * heads / tile) query tiles (tile 128 once a
+    sequence averages over 64 query rows, else 64, which bounds that case by 3 tiles a
+    sequence) and splits KV with a per-item limit of at least the average KV per SM cluster,
+    which adds at most one item per cluster (at most ``num_sms``). So a step needs at most
+    max(tokens * heads / 128 + seqs, 3 * seqs) + num_sms work items."""
+    room = MAX_WORK_ITEMS - num_sms - max_seqs
+    if 3 * max_seqs + num_sms > MAX_WORK_ITEMS or room <= 0:
+        return 0
+    return room * 128 // num_heads
+
+
+def check_step_budget(step_tokens: int, max_seqs: int, num_heads: int, device: torch.device) -> None:
+    """Refuse a step budget FlashInfer MLA could not plan, at start-up, naming the field."""
+    num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+    limit = max_step_tokens(num_heads, max_seqs, num_sms)
+    if step_tokens > limit:
+        raise StepBudgetError(
+            f"engine.max_num_batched_tokens: {step_tokens} tokens in one step is more than FlashInfer's MLA "
+            f"attention can plan with {num_heads} heads a rank and engine.max_num_seqs {max_seqs} on this GPU "
+            f"({num_sms} SMs); use at most {limit}, or engine.attention_backend: torch"
+        )
+
+
+class StepBudgetError(RuntimeError):
+    """A configuration the MLA backend cannot run: not a reason to fall back to torch attention."""
 
 
 def plan_tables(

@@ -52,10 +52,18 @@ CPU_KV_BUDGET_BYTES = 2 * 2**30  # auto-sized CPU caches stop here
 
 
 def make_attention(
-    kind: str, kv_cache: torch.Tensor, block_size: int, model: CausalLM, cp: Optional[GroupCoordinator] = None
+    kind: str,
+    kv_cache: torch.Tensor,
+    block_size: int,
+    model: CausalLM,
+    *,
+    step_tokens: int,
+    max_seqs: int,
+    cp: Optional[GroupCoordinator] = None,
 ) -> Any:
     """The attention backend for ``engine.attention_backend``: auto = FlashInfer on GPU, torch on
-    CPU (and on GPU for what FlashInfer does not run here, with a warning)."""
+    CPU (and on GPU for what FlashInfer does not run here, with a warning). ``step_tokens`` and
+    ``max_seqs`` bound one step (FlashInfer MLA refuses budgets it could not plan)."""
     on_gpu = kv_cache.device.type == "cuda"
     if kind == "flashinfer" and not on_gpu:
         raise ValueError("engine.attention_backend: flashinfer needs parallel.device: cuda; use torch or auto")
@@ -65,13 +73,19 @@ def make_attention(
         return TorchAttention(kv_cache, block_size, cp=cp, **latent)
     try:
         from raymoe.actors.engine.attention_flashinfer import FlashInferAttention
-        from raymoe.actors.engine.attention_flashinfer_mla import FlashInferLatentAttention, check_latent_dims
+        from raymoe.actors.engine.attention_flashinfer_mla import (
+            FlashInferLatentAttention,
+            check_latent_dims,
+            check_step_budget,
+        )
 
         if cp is not None and cp.world_size > 1:
             raise ValueError("FlashInfer attention does not run context parallelism (parallel.cp > 1) yet")
         if mla is not None:
             check_latent_dims(mla.kv_lora_rank, mla.qk_rope_head_dim)
-            return FlashInferLatentAttention(kv_cache, block_size, heads, **latent)
+            attention = FlashInferLatentAttention(kv_cache, block_size, heads, **latent)
+            check_step_budget(step_tokens, max_seqs, heads, kv_cache.device)
+            return attention
         return FlashInferAttention(kv_cache, block_size, heads, kv_cache.shape[-2])
     except (ImportError, ValueError) as e:
         if kind == "flashinfer":
@@ -167,8 +181,15 @@ class ModelRunner:
         shape = self.model.kv_cache_shape(num_blocks + 1, self.block_slots)
         kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.scratch_block = num_blocks
+        engine = self.config.engine
         self.attention = make_attention(
-            self.config.engine.attention_backend, kv_cache, self.block_size, self.model, cp=self.ctx.groups.cp
+            engine.attention_backend,
+            kv_cache,
+            self.block_size,
+            self.model,
+            step_tokens=engine.max_num_batched_tokens,
+            max_seqs=engine.max_num_seqs,
+            cp=self.ctx.groups.cp,
         )
         self.graphs = self._capture_graphs(scratch_block=num_blocks)
         if self.device.type == "cuda":

@@ -18,8 +18,10 @@ pytestmark = [
 
 from raymoe.actors.engine.attention_flashinfer import WORKSPACE_BYTES  # noqa: E402
 from raymoe.actors.engine.attention_flashinfer_mla import (  # noqa: E402
+    MAX_WORK_ITEMS,
     FlashInferLatentAttention,
     GraphLatentAttention,
+    max_step_tokens,
 )
 from raymoe.actors.engine.step import StepInput, StepLayout, build_step_layout  # noqa: E402
 
@@ -145,3 +147,38 @@ def test_graph_replays_decode_steps(heads):
         # padding rows write to the scratch block only
         assert torch.equal(cache[:, :NUM_BLOCKS], want_cache[:, :NUM_BLOCKS])
         assert relative_error(out[:n], reference(want_cache[LAYER], layout, q)) < 1e-2
+
+
+def random_split(rng: np.random.Generator, tokens: int, seqs: int) -> np.ndarray:
+    cuts = np.sort(rng.choice(np.arange(1, tokens), size=seqs - 1, replace=False))
+    return np.diff(np.concatenate([[0], cuts, [tokens]]))
+
+
+@pytest.mark.parametrize("heads", [16, 128])
+def test_step_budget_bound_against_flashinfer_planner(heads):
+    """max_step_tokens against FlashInfer's own work-item count: every split of that many
+    tokens into up to max_seqs sequences, any KV lengths, plans; a sixth more does not."""
+    fa = pytest.importorskip("flashinfer.mla._batch_mla._backends._fa_common")
+    assert fa._FA_MAX_WORK_ITEMS == MAX_WORK_ITEMS
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    max_seqs, rng = 256, np.random.default_rng(0)
+    limit = max_step_tokens(heads, max_seqs, num_sms)
+    for trial in range(300):
+        seqs = [1, max_seqs, int(rng.integers(1, max_seqs + 1))][trial % 3]
+        q = random_split(rng, limit, seqs)
+        kv = q + rng.integers(0, [1, 64, 200_000][trial % 3] + 1, size=seqs)
+        count = fa._fa_plan_work_count(q.tolist(), kv.tolist(), heads, num_sms, True)
+        assert count <= MAX_WORK_ITEMS, (seqs, count)
+
+    # the real planner, on a layout at the bound, and refusing one a sixth over it
+    cache = torch.zeros(1, 2, BLOCK, DIM, **BF16)
+    attention = FlashInferLatentAttention(cache, BLOCK, heads, latent_dim=LATENT, sm_scale=SM_SCALE)
+
+    def plan(query_lens: np.ndarray) -> None:
+        start = rng.integers(0, 4096, size=query_lens.shape[0])
+        pages = -(-(start + query_lens).max() // BLOCK)
+        attention.plan(step_layout(start.tolist(), query_lens.tolist(), np.zeros((len(query_lens), pages), np.int32)))
+
+    plan(random_split(rng, limit, max_seqs))
+    with pytest.raises(Exception, match="work items"):
+        plan(np.array([limit + limit // 6]))
