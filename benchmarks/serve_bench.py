@@ -70,10 +70,7 @@ def main() -> int:
     config, tmp = _config(args)
     if config.serve.api_key and not args.api_key:
         args.api_key = config.serve.api_key
-    args.url = start_serving(config)
-    if config.serve.direct_ingress:  # replica i answers on port + i: spread the requests over them
-        base = args.url.rsplit(":", 1)[0]
-        args.url = ",".join(f"{base}:{config.serve.port + i}" for i in range(config.serve.num_replicas))
+    args.url = replica_urls(start_serving(config), config)
     try:
         return run_suite(args, config) if args.suite else bench_main(args)
     finally:
@@ -81,6 +78,15 @@ def main() -> int:
         ray.shutdown()
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replica_urls(url: str, config: Any) -> str:
+    """The served URL(s), comma-separated: with direct ingress replica i answers on port + i,
+    and the requests are spread over them."""
+    if not config.serve.direct_ingress:
+        return url
+    base = url.rsplit(":", 1)[0]
+    return ",".join(f"{base}:{config.serve.port + i}" for i in range(config.serve.num_replicas))
 
 
 def _config(args: argparse.Namespace) -> tuple[Any, Optional[str]]:
@@ -113,7 +119,7 @@ def _config(args: argparse.Namespace) -> tuple[Any, Optional[str]]:
 @contextlib.contextmanager
 def served_controller(config: str, layers: Optional[int], overrides: list[str]) -> Iterator[tuple[str, Any, Any]]:
     """Serve ``config`` (with ``--set``-style ``overrides``; ``layers``: see --layers) here
-    through the real endpoint; yields (base URL, the Config, the controller handle), then
+    through the real endpoint; yields (its URLs, see replica_urls; the Config; the controller handle), then
     stops Serve and Ray (other benchmarks' set-up)."""
     import ray
     from ray import serve
@@ -121,7 +127,7 @@ def served_controller(config: str, layers: Optional[int], overrides: list[str]) 
     from raymoe.deploy.serve_app import APP_NAME, start_serving, stop_serving
 
     cfg, tmp = _config(argparse.Namespace(config=config, layers=layers, set=overrides))
-    url = start_serving(cfg)
+    url = replica_urls(start_serving(cfg), cfg)
     try:
         (controller,) = serve.get_deployment_handle("EngineHost", APP_NAME).controller.remote().result()
         yield url, cfg, controller
