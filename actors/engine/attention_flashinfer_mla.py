@@ -56,9 +56,8 @@ def max_step_tokens(num_heads: int, max_seqs: int, num_sms: int) -> int:
     return room * 128 // num_heads
 
 
-def check_step_budget(step_tokens: int, max_seqs: int, num_heads: int, device: torch.device) -> None:
+def check_step_budget(step_tokens: int, max_seqs: int, num_heads: int, num_sms: int) -> None:
     """Refuse a step budget FlashInfer MLA could not plan, at start-up, naming the field."""
-    num_sms = torch.cuda.get_device_properties(device).multi_processor_count
     limit = max_step_tokens(num_heads, max_seqs, num_sms)
     if step_tokens > limit:
         raise StepBudgetError(

@@ -84,7 +84,8 @@ def make_attention(
         if mla is not None:
             check_latent_dims(mla.kv_lora_rank, mla.qk_rope_head_dim)
             attention = FlashInferLatentAttention(kv_cache, block_size, heads, **latent)
-            check_step_budget(step_tokens, max_seqs, heads, kv_cache.device)
+            num_sms = torch.cuda.get_device_properties(kv_cache.device).multi_processor_count
+            check_step_budget(step_tokens, max_seqs, heads, num_sms)
             return attention
         return FlashInferAttention(kv_cache, block_size, heads, kv_cache.shape[-2])
     except (ImportError, ValueError) as e:
