@@ -63,7 +63,7 @@ class HermesToolParser:
         ]
         schema = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
         source = json.dumps({"begin": self.begin + "\n", "schema": schema, "end": "\n" + self.end})
-        return GrammarSpec("tagged_json", source, "tool_choice")
+        return GrammarSpec("tagged_json", source, "tools")  # what a refused schema came from
 
 
 PARSERS = {"hermes": HermesToolParser}

@@ -20,6 +20,7 @@ from test_engine_local import _pipelined, _run
 from raymoe.actors.engine.grammar import GrammarSpec, bitmask_words, grammar_masks
 from raymoe.actors.engine.request import SamplingParams
 from raymoe.actors.engine.sampler import apply_token_bitmask
+from raymoe.deploy.tool_calls import HermesToolParser
 
 
 @pytest.fixture(scope="module")
@@ -198,6 +199,8 @@ def test_pipelined_steps_give_the_same_constrained_output_running_every_step(eng
         (GrammarSpec("json", "{not json"), "response_format"),
         (GrammarSpec("regex", "a(", "structured_outputs.regex"), "structured_outputs.regex"),
         (GrammarSpec("ebnf", "root ::= missing", "structured_outputs.grammar"), "structured_outputs.grammar"),
+        # tool_choice required with a function whose parameters schema xgrammar refuses
+        (HermesToolParser().forced_call([{"function": {"name": "f", "parameters": {"type": "nope"}}}], None), "tools"),
     ],
 )
 def test_invalid_grammars_are_refused_naming_the_field(engine, spec, field):
