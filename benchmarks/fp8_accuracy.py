@@ -36,6 +36,8 @@ import torch
 from raymoe.actors.models.builtin import QWEN3_30B_A3B, ensure_builtin
 from raymoe.actors.models.fp8 import quantize_blocks
 
+STARTED = time.perf_counter()
+
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -105,8 +107,8 @@ def position_logprobs(path, quantization: str, prompts, device: str) -> list[tup
     return [(entry.top[0][0], entry.logprob) for out in outs for entry in out.prompt_logprobs[1:]]
 
 
-def progress(what: str, t0: float = time.perf_counter()) -> None:
-    print(f"[{time.perf_counter() - t0:6.1f} s] {what}", file=sys.stderr, flush=True)
+def progress(what: str) -> None:
+    print(f"[{time.perf_counter() - STARTED:6.1f} s] {what}", file=sys.stderr, flush=True)
 
 
 def main() -> None:

@@ -50,10 +50,9 @@ def max_step_tokens(num_heads: int, max_seqs: int, num_sms: int) -> int:
     sequence) and splits KV with a per-item limit of at least the average KV per SM cluster,
     which adds at most one item per cluster (at most ``num_sms``). So a step needs at most
     max(tokens * heads / 128 + seqs, 3 * seqs) + num_sms work items."""
-    room = MAX_WORK_ITEMS - num_sms - max_seqs
-    if 3 * max_seqs + num_sms > MAX_WORK_ITEMS or room <= 0:
+    if 3 * max_seqs + num_sms > MAX_WORK_ITEMS:
         return 0
-    return room * 128 // num_heads
+    return (MAX_WORK_ITEMS - num_sms - max_seqs) * 128 // num_heads
 
 
 def check_step_budget(step_tokens: int, max_seqs: int, num_heads: int, num_sms: int) -> None:

@@ -59,14 +59,9 @@ def install(runner_module: Any) -> None:
 
     def sim_collect(self, keep):
         ends = self.__dict__.setdefault("_sim_ends", collections.deque())
-        done = max(0, len(self._in_flight) - keep)
-        if done:
-            last = None
-            for _ in range(done):
-                last = ends.popleft()
-            wait = last - time.perf_counter()
-            if wait > 0:
-                time.sleep(wait)
+        done = [ends.popleft() for _ in range(len(self._in_flight) - keep)]
+        if done:  # the steps end in order: wait for the last one collected
+            time.sleep(max(0.0, done[-1] - time.perf_counter()))
         return collect(self, keep)
 
     runner.forward_eager = forward_eager
