@@ -205,7 +205,7 @@ def time_step(ctx, step, iters: int, pipelined: bool = True) -> dict:
 
     def one_at_a_time():
         runner.launch(step)
-        runner.collect(keep_last=False)
+        runner.collect(keep=0)
 
     times = _timed(one_at_a_time, iters)
     if not pipelined:
@@ -215,10 +215,10 @@ def time_step(ctx, step, iters: int, pipelined: bool = True) -> dict:
     for i in range(iters + 3):
         t0 = time.perf_counter()
         runner.launch(step)
-        runner.collect(keep_last=True)
+        runner.collect(keep=1)
         if i >= 3:
             piped.append(time.perf_counter() - t0)
-    runner.collect(keep_last=False)
+    runner.collect(keep=0)
     return {"median_s": statistics.median(times), "pipelined_s": statistics.median(piped)}
 
 
@@ -404,17 +404,17 @@ def _loop_overhead(controller, config, args, block_size: int, dp: int) -> dict:
     rank = ray.get(controller.run_on_ranks.remote(_per_replica(time_step), steps, args.iters))[0]["median_s"]
     executor = RayStepExecutor(RankLayout.from_config(config.parallel), ray.get(controller.rank_actors.remote()))
 
-    async def loop_times(wait: bool) -> list[float]:
+    async def loop_times(keep: int) -> list[float]:
         times = []
         for _ in range(args.iters + 5):
             t0 = time.perf_counter()
-            await executor.run_step_async(steps, wait)
+            await executor.run_step_async(steps, keep)
             times.append(time.perf_counter() - t0)
-        await executor.run_step_async(None, True)  # collect the step left in flight
+        await executor.run_step_async(None, 0)  # collect the step left in flight
         return times
 
-    sync = statistics.median(asyncio.run(loop_times(True))[5:])
-    pipelined = statistics.median(asyncio.run(loop_times(False))[5:])
+    sync = statistics.median(asyncio.run(loop_times(0))[5:])
+    pipelined = statistics.median(asyncio.run(loop_times(1))[5:])
     return {"batch": b, "sync_s": sync, "pipelined_s": pipelined, "rank_s": rank}
 
 

@@ -142,11 +142,11 @@ def time_moves(ctx, step, iters: int, shift: int) -> dict:
         for _ in range(n):
             t0 = time.perf_counter()
             runner.launch(step)
-            runner.collect(keep_last=True)
+            runner.collect(keep=1)
             times.append(time.perf_counter() - t0)
             if n > iters and not mover.busy:
                 break
-        runner.collect(keep_last=False)
+        runner.collect(keep=0)
         return times
 
     piped_steps(5)  # warm
