@@ -107,7 +107,11 @@ def parse() -> argparse.Namespace:
     p.add_argument("--hf-batches", default="1,64")
     p.add_argument("--hf-steps", type=int, default=8)
     p.add_argument(
-        "--profile", type=int, default=0, metavar="BATCH", help="print the top kernels of an eager decode step"
+        "--profile",
+        default="",
+        metavar="CASES",
+        help="print the top kernels of one eager step per case: a comma list of decode batches and "
+        "SEQSxTOKENS prefills (e.g. 1,64,2x4096)",
     )
     p.add_argument("--out", default=None, help="also append the tables (markdown) here")
     return p.parse_args()
@@ -285,9 +289,7 @@ def main() -> None:
     args = parse()
     measured = {dtype: measure(args, dtype) for dtype in args.dtype.split(",")}
     hf = {} if args.no_hf else hf_generate(args, [int(b) for b in args.hf_batches.split(",")])
-    for dtype, (info, rows, overhead, profile) in measured.items():
-        if profile:
-            print(profile)
+    for dtype, (info, rows, overhead) in measured.items():
         print_table(args, dtype, info, rows, overhead, hf)
     if len(measured) == 2:
         print_ratios(args, *measured, measured)
@@ -295,7 +297,7 @@ def main() -> None:
 
 def measure(args, dtype: str) -> tuple:
     """Build the model with ``dtype`` weights and time every case -> (info, rows, step-loop
-    overhead, profile)."""
+    overhead); prints the kernel tables ``--profile`` asks for as it goes."""
     from raymoe.cluster.config import config_from_dict
     from raymoe.deploy.launch import start_controller
 
@@ -356,10 +358,16 @@ def measure(args, dtype: str) -> tuple:
         util = 2 * info["active_params"] * seqs * toks * dp / t / info["matmul_flops"] / (args.tp * dp)
         rows.append(("prefill", f"{seqs} x {toks}", t, None, seqs * toks * dp / t, f"{util:.0%} of matmul rate"))
         print(f"{dtype} prefill {seqs} x {toks}: {t * 1e3:.2f} ms", flush=True)
-    profile = None
-    if args.profile:
-        step = [decode_step(args.profile, args.context, block_size, d, (args.profile,) * dp) for d in range(dp)]
-        profile = run(_per_replica(profile_step), step)[0]
+    for case in filter(None, args.profile.split(",")):
+        if "x" in case:
+            seqs, toks = (int(x) for x in case.split("x"))
+            vocab = MODELS[args.model]["vocab_size"]
+            step = [prefill_step(seqs, toks, block_size, (seqs * toks,) * dp, vocab) for _ in range(dp)]
+            title = f"{dtype} prefill {seqs} x {toks}"
+        else:
+            step = [decode_step(int(case), args.context, block_size, d, (int(case),) * dp) for d in range(dp)]
+            title = f"{dtype} decode batch {case}"
+        print(f"{title}: {run(_per_replica(profile_step), step)[0]}", flush=True)
     try:
         overhead = _loop_overhead(controller, config, args, block_size, dp)
     except Exception as e:  # report the rest even if this stage fails
@@ -367,7 +375,7 @@ def measure(args, dtype: str) -> tuple:
         overhead = None
     ray.get(controller.shutdown.remote())
     ray.kill(controller)
-    return info, rows, overhead, profile
+    return info, rows, overhead
 
 
 def _per_replica(fn):
