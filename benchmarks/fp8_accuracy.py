@@ -37,6 +37,11 @@ from raymoe.actors.models.builtin import QWEN3_30B_A3B, ensure_builtin
 from raymoe.actors.models.fp8 import quantize_blocks
 
 STARTED = time.perf_counter()
+# The FP8 kernels add the activations' rounding (1 x 128 groups, e4m3) to the weights' (128 x 128
+# blocks, e4m3: the dequantised reference's own error). Two independent roundings of the same
+# relative size make sqrt(2) = 1.41 x one of them; fp8's mean difference may be at most this much
+# of the dequantised weights'.
+BOUND = 1.5
 
 
 def parse() -> argparse.Namespace:
@@ -137,6 +142,9 @@ def main() -> None:
         print(f"| {name} | {diff.mean():.4f} | {ratio:.2f} | {diff.max():.4f} | {agree:.1%} |")
     if not args.dir:
         shutil.rmtree(root)
+    verdict = "within" if ratio <= BOUND else "OVER"
+    print(f"\nfp8 at {ratio:.2f} x the dequantised weights' mean difference: {verdict} the bound of {BOUND} x")
+    sys.exit(0 if ratio <= BOUND else 1)
 
 
 if __name__ == "__main__":
