@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 
 import torch
@@ -24,3 +25,13 @@ def assert_same_grouping(got, want) -> None:
     group_of = torch.bucketize(sorted_row, torch.tensor(ends[1:-1]), right=True)
     want_group = torch.bucketize(want.sorted_row.long().cpu(), torch.tensor(ends[1:-1]), right=True)
     assert torch.equal(group_of, want_group)
+
+
+def choices_by_slot(d):
+    """``d`` with each token's choices reordered by physical slot, then weight (rows not
+    valid have every slot -1): for comparing dispatches whose choices come in different
+    orders (the torch path's grouped routing keeps transformers' unsorted top-k order)."""
+    by_weight = d.weights.argsort(dim=-1, descending=True)
+    order = by_weight.gather(1, d.physical.gather(1, by_weight).argsort(dim=-1, stable=True))
+    columns = {f: getattr(d, f).gather(1, order) for f in ("weights", "physical", "sorted_row")}
+    return dataclasses.replace(d, **columns)

@@ -54,8 +54,7 @@ from raymoe.actors.models.fp8 import WeightSlice, weight_params
 from raymoe.actors.models.layers import BlockOutput, DenseMLP, PartialSum, ReplicaGather, split_evenly
 from raymoe.actors.models.linear import linear
 from raymoe.actors.models.moe_combine import combine, combine_add_rms_norm
-from raymoe.actors.models.moe_dispatch import Dispatch, dispatch, dispatch_choices
-from raymoe.actors.models.moe_routing import grouped_top_k
+from raymoe.actors.models.moe_dispatch import Dispatch, dispatch
 from raymoe.actors.models.registry import ExpertNames
 from raymoe.actors.models.spec import ModelSpec
 from raymoe.comm.group import GroupCoordinator
@@ -95,8 +94,6 @@ class MoE(nn.Module):
         self.inter_start = groups.moe_tp.rank_in_group * self.inter
         h = spec.hidden_size
         self.grouped = spec.moe.grouped
-        if self.grouped is not None and moe_layer == 0 and torch.device(device).type == "cuda":
-            log.info("grouped routing: the MoE dispatch runs on torch (the Triton kernel does plain softmax top-k)")
         # grouped routing scores in float32, as transformers keeps its router (and bias) in float32
         router_dtype = torch.float32 if self.grouped is not None else dtype
         self.router = nn.Parameter(
@@ -223,12 +220,8 @@ class MoE(nn.Module):
             slots=self.slots,
             valid=valid,
         )
-        if self.grouped is None:
-            return dispatch(logits, self.top_k, norm_topk_prob=self.norm_topk_prob, **tables)
-        weights, logical = grouped_top_k(
-            logits, self.correction_bias, top_k=self.top_k, norm_topk_prob=self.norm_topk_prob, rule=self.grouped
-        )
-        return dispatch_choices(weights, logical, **tables)
+        rule = dict(norm_topk_prob=self.norm_topk_prob, grouped=self.grouped, correction_bias=self.correction_bias)
+        return dispatch(logits, self.top_k, **rule, **tables)
 
     def _shared(self, x: torch.Tensor) -> torch.Tensor | None:
         """x [T, H] -> this rank's share of the shared experts' output [T, H] (a sum over tp), or

@@ -1,10 +1,11 @@
 """MoE dispatch: router logits -> top-k choices -> physical slots -> (token, choice) rows
-grouped by this rank's slots.
+grouped by this rank's slots. The choices are a softmax top-k, or one of moe_routing.py's
+group-limited rules (DeepSeek's, GLM-4.5's).
 
 Two implementations of the same result:
-- ``torch``: topk, softmax, the replica pick, a stable sort of 16-bit keys, a
-  searchsorted, a scatter and the busy-slot list -- about fifteen small kernels;
-  the reference, the CPU path and the path for large batches;
+- ``torch``: topk, softmax (or moe_routing.grouped_top_k), the replica pick, a stable
+  sort of 16-bit keys, a searchsorted, a scatter and the busy-slot list -- about fifteen
+  small kernels; the reference, the CPU path and the path for large batches;
 - ``triton``: one or two kernels (moe_dispatch_triton.py) for up to
   ``TRITON_MAX_CHOICES`` choices (decode batches, where these small kernels are
   much of a step).
@@ -14,9 +15,6 @@ logits, which either may break its own way). The order of rows inside a group is
 torch path's stable order, and whatever the Triton kernel's atomics make it: no
 result depends on it (each row's expert output is computed on its own, and the
 combine finds every row through ``sorted_row``).
-
-Routers that choose otherwise (moe_routing.py's grouped sigmoid top-k) hand their choices
-to ``dispatch_choices``, which groups them on the torch path.
 """
 
 from __future__ import annotations
@@ -25,13 +23,17 @@ from dataclasses import dataclass
 
 import torch
 
+from raymoe.actors.models.moe_routing import grouped_top_k
 from raymoe.actors.models.ops import choose_backend
+from raymoe.actors.models.spec import GroupedTopK
 
 # The grouping holds every choice in one program's registers, up to 4096 of them. Measured
 # on an H200 (benchmarks/expert_mlp_bench.py, dispatch rows) faster than torch's dozen
 # kernels at every size up to there: 64 / 256 / 512 tokens x 8: 12 / 16 / 22 us against
 # 60 / 64 / 68 us.
 TRITON_MAX_CHOICES = 4096
+# group-limited routing scores each group in an unrolled loop; DeepSeek's checkpoints have 8
+TRITON_MAX_GROUPS = 16
 
 
 @dataclass(frozen=True)
@@ -62,25 +64,34 @@ def dispatch(
     slot_start: int,
     slots: int,
     valid: torch.Tensor | None = None,
+    grouped: GroupedTopK | None = None,
+    correction_bias: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> Dispatch:
     """logits [N, E]; logical_to_physical [E, R] and replica_count [E] (one layer's
     ExpertMap tables, num_physical slots in all); this rank holds slots [slot_start,
-    slot_start + slots); valid [N] bool or None (all valid).
+    slot_start + slots); valid [N] bool or None (all valid); ``grouped``: a group-limited
+    rule (float32 logits; ``correction_bias`` [E] float32 for the sigmoid one), None: softmax
+    top-k.
 
     A token's replica is its row index modulo the expert's replica count: deterministic
     and spread evenly; replicas hold the same weights.
     """
     n = logits.shape[0]
-    backend = choose_backend(backend, op="dispatch", on_cuda=logits.is_cuda, fits=n * top_k <= TRITON_MAX_CHOICES)
+    fits = n * top_k <= TRITON_MAX_CHOICES and (grouped is None or grouped.num_groups <= TRITON_MAX_GROUPS)
+    backend = choose_backend(backend, op="dispatch", on_cuda=logits.is_cuda, fits=fits)
     tables = dict(logical_to_physical=logical_to_physical, replica_count=replica_count)
     where = dict(slot_start=slot_start, slots=slots, valid=valid)
-    if backend == "torch":
-        all_local = slots == num_physical and valid is None
-        return _torch_dispatch(logits, top_k, norm_topk_prob=norm_topk_prob, all_local=all_local, **tables, **where)
-    from raymoe.actors.models import moe_dispatch_triton
+    if backend == "triton":
+        from raymoe.actors.models import moe_dispatch_triton
 
-    return Dispatch(*moe_dispatch_triton.dispatch(logits, top_k, norm_topk_prob=norm_topk_prob, **tables, **where))
+        rule = dict(norm_topk_prob=norm_topk_prob, grouped=grouped, correction_bias=correction_bias)
+        return Dispatch(*moe_dispatch_triton.dispatch(logits, top_k, **rule, **tables, **where))
+    all_local = slots == num_physical and valid is None
+    if grouped is None:
+        return _torch_dispatch(logits, top_k, norm_topk_prob=norm_topk_prob, all_local=all_local, **tables, **where)
+    weights, logical = grouped_top_k(logits, correction_bias, top_k=top_k, norm_topk_prob=norm_topk_prob, rule=grouped)
+    return _group_choices(weights, logical, **tables, all_local=all_local, **where)
 
 
 def _torch_dispatch(
@@ -95,27 +106,6 @@ def _torch_dispatch(
     else:
         probs, logical = torch.topk(torch.softmax(logits, dim=-1, dtype=torch.float), top_k, dim=-1)
         weights = probs.to(logits.dtype)
-    tables = dict(logical_to_physical=logical_to_physical, replica_count=replica_count)
-    return _group_choices(
-        weights, logical, **tables, all_local=all_local, slot_start=slot_start, slots=slots, valid=valid
-    )
-
-
-def dispatch_choices(
-    weights: torch.Tensor,
-    logical: torch.Tensor,
-    *,
-    logical_to_physical: torch.Tensor,
-    replica_count: torch.Tensor,
-    num_physical: int,
-    slot_start: int,
-    slots: int,
-    valid: torch.Tensor | None = None,
-) -> Dispatch:
-    """``dispatch`` of choices a router made elsewhere (moe_routing.py, which the Triton
-    kernel does not do), on the torch path: weights [N, k] (kept in their dtype),
-    logical [N, k] int64 expert ids; the rest as ``dispatch``."""
-    all_local = slots == num_physical and valid is None
     tables = dict(logical_to_physical=logical_to_physical, replica_count=replica_count)
     return _group_choices(
         weights, logical, **tables, all_local=all_local, slot_start=slot_start, slots=slots, valid=valid

@@ -1,8 +1,9 @@
 """The MoE dispatch in Triton (see moe_dispatch.py for what it computes), in two phases:
 
-1. routing, per block of tokens: top-k of the router logits, their softmax, the
-   replica pick and this rank's bucket of each choice (another rank's or an invalid
-   choice: the bucket past the last slot);
+1. routing, per block of tokens: top-k of the router logits and their softmax, or
+   moe_routing.py's group-limited rules (DeepSeek's, GLM-4.5's); the replica pick and
+   this rank's bucket of each choice (another rank's or an invalid choice: the bucket
+   past the last slot);
 2. grouping, in one program: group sizes by a histogram of the buckets, their ends
    by a prefix sum; each choice's row by an atomic cursor per bucket (a counting
    sort: with a register sort instead, grouping 2k choices took 18 us on an H200, most
@@ -19,42 +20,17 @@ import torch
 import triton
 import triton.language as tl
 
+from raymoe.actors.models.spec import GroupedTopK
+
 FUSED_MAX_TOKENS = 32
 
 
 @triton.jit
-def _route_block(
-    t0,
-    logits,
-    l2p,
-    replica_count,
-    valid,
-    weights,
-    physical,
-    buckets,
-    num_tokens,
-    num_experts,
-    stride_logits,
-    max_replicas,
-    slot_start,
-    slots,
-    TOP_K: tl.constexpr,
-    NORM_TOPK: tl.constexpr,
-    HAS_VALID: tl.constexpr,
-    BT: tl.constexpr,
-    EP: tl.constexpr,
-    KP: tl.constexpr,
+def _softmax_top_k(
+    v, live_t, col, kcol, TOP_K: tl.constexpr, NORM_TOPK: tl.constexpr, BT: tl.constexpr, KP: tl.constexpr
 ):
-    """Phase 1 for tokens [t0, t0 + BT)."""
-    col = tl.arange(0, EP)
-    kcol = tl.arange(0, KP)
-    t = t0 + tl.arange(0, BT)
-    live_t = t < num_tokens
-    v = tl.load(
-        logits + t[:, None] * stride_logits + col[None, :],
-        mask=live_t[:, None] & (col[None, :] < num_experts),
-        other=float("-inf"),
-    ).to(tl.float32)
+    """Plain routing of the logits v [BT, EP] -> (expert ids, weights) [BT, KP]: the top-k
+    logits, weighted by their softmax (NORM_TOPK) or by the softmax over every expert."""
     row_max = tl.where(live_t, tl.max(v, 1), 0.0)  # 0 for padding tokens: no inf - inf
     denom = tl.sum(tl.exp(v - row_max[:, None]), 1)
     top_v = tl.full((BT, KP), float("-inf"), tl.float32)
@@ -69,6 +45,130 @@ def _route_block(
         p = p / tl.sum(p, 1)[:, None]
     else:  # the chosen experts' probabilities of the softmax over all experts
         p = tl.exp(top_v - row_max[:, None]) / denom[:, None]
+    return top_i, p
+
+
+@triton.jit
+def _grouped_top_k(
+    v,
+    live_t,
+    col,
+    kcol,
+    bias,
+    num_experts,
+    scale,
+    TOP_K: tl.constexpr,
+    NORM_TOPK: tl.constexpr,
+    SIGMOID: tl.constexpr,
+    NUM_GROUPS: tl.constexpr,
+    TOPK_GROUPS: tl.constexpr,
+    BT: tl.constexpr,
+    KP: tl.constexpr,
+    GP: tl.constexpr,
+):
+    """Group-limited routing of the logits v [BT, EP] (moe_routing.py's rules) -> (expert ids,
+    weights) [BT, KP], in descending order of the scores that choose."""
+    real = col[None, :] < num_experts
+    if SIGMOID:
+        scores = tl.sigmoid(v)
+        choosing = scores + tl.load(bias + col, mask=col < num_experts, other=0.0)[None, :]
+    else:
+        row_max = tl.where(live_t, tl.max(v, 1), 0.0)
+        e = tl.exp(v - row_max[:, None])
+        scores = e / tl.sum(e, 1)[:, None]
+        choosing = scores
+    choosing = tl.where(real, choosing, float("-inf"))
+    if TOPK_GROUPS < NUM_GROUPS:
+        group = col // (num_experts // NUM_GROUPS)
+        gcol = tl.arange(0, GP)
+        group_score = tl.full((BT, GP), float("-inf"), tl.float32)
+        for g in tl.static_range(NUM_GROUPS):
+            in_group = tl.where(group[None, :] == g, choosing, float("-inf"))
+            if SIGMOID:  # the sum of the group's two best
+                first, at = tl.max(in_group, 1, return_indices=True)
+                score = first + tl.max(tl.where(col[None, :] == at[:, None], float("-inf"), in_group), 1)
+            else:  # the group's best
+                score = tl.max(in_group, 1)
+            group_score = tl.where(gcol[None, :] == g, score[:, None], group_score)
+        kept = tl.zeros_like(choosing)
+        for _ in tl.static_range(TOPK_GROUPS):
+            best = tl.argmax(group_score, 1)
+            kept = tl.where(group[None, :] == best[:, None], 1.0, kept)
+            group_score = tl.where(gcol[None, :] == best[:, None], float("-inf"), group_score)
+        choosing = tl.where(kept != 0, choosing, float("-inf"))
+    top_w = tl.zeros((BT, KP), tl.float32)
+    top_i = tl.zeros((BT, KP), tl.int32)
+    for j in tl.static_range(TOP_K):
+        best = tl.argmax(choosing, 1)
+        chosen = col[None, :] == best[:, None]
+        top_w = tl.where(kcol[None, :] == j, tl.sum(tl.where(chosen, scores, 0.0), 1)[:, None], top_w)
+        top_i = tl.where(kcol[None, :] == j, best[:, None], top_i)
+        choosing = tl.where(chosen, float("-inf"), choosing)
+    if NORM_TOPK:
+        top_w = top_w / (tl.sum(top_w, 1)[:, None] + 1e-20)
+    return top_i, top_w * scale
+
+
+@triton.jit
+def _route_block(
+    t0,
+    logits,
+    l2p,
+    replica_count,
+    valid,
+    bias,
+    weights,
+    physical,
+    buckets,
+    num_tokens,
+    num_experts,
+    stride_logits,
+    max_replicas,
+    slot_start,
+    slots,
+    scale,
+    TOP_K: tl.constexpr,
+    NORM_TOPK: tl.constexpr,
+    HAS_VALID: tl.constexpr,
+    GROUPED: tl.constexpr,
+    SIGMOID: tl.constexpr,
+    NUM_GROUPS: tl.constexpr,
+    TOPK_GROUPS: tl.constexpr,
+    BT: tl.constexpr,
+    EP: tl.constexpr,
+    KP: tl.constexpr,
+    GP: tl.constexpr,
+):
+    """Phase 1 for tokens [t0, t0 + BT)."""
+    col = tl.arange(0, EP)
+    kcol = tl.arange(0, KP)
+    t = t0 + tl.arange(0, BT)
+    live_t = t < num_tokens
+    v = tl.load(
+        logits + t[:, None] * stride_logits + col[None, :],
+        mask=live_t[:, None] & (col[None, :] < num_experts),
+        other=float("-inf"),
+    ).to(tl.float32)
+    if GROUPED:
+        top_i, p = _grouped_top_k(
+            v,
+            live_t,
+            col,
+            kcol,
+            bias,
+            num_experts,
+            scale,
+            TOP_K,
+            NORM_TOPK,
+            SIGMOID,
+            NUM_GROUPS,
+            TOPK_GROUPS,
+            BT,
+            KP,
+            GP,
+        )
+    else:
+        top_i, p = _softmax_top_k(v, live_t, col, kcol, TOP_K, NORM_TOPK, BT, KP)
     chosen = live_t[:, None] & (kcol[None, :] < TOP_K)
     replica = t[:, None] % tl.load(replica_count + top_i, mask=chosen, other=1)
     phys = tl.load(l2p + top_i * max_replicas + replica, mask=chosen, other=-1)
@@ -128,6 +228,7 @@ def _dispatch_fused(
     l2p,
     replica_count,
     valid,
+    bias,
     weights,
     physical,
     rows,
@@ -143,12 +244,18 @@ def _dispatch_fused(
     max_replicas,
     slot_start,
     slots,
+    scale,
     TOP_K: tl.constexpr,
     NORM_TOPK: tl.constexpr,
     HAS_VALID: tl.constexpr,
+    GROUPED: tl.constexpr,
+    SIGMOID: tl.constexpr,
+    NUM_GROUPS: tl.constexpr,
+    TOPK_GROUPS: tl.constexpr,
     BT: tl.constexpr,
     EP: tl.constexpr,
     KP: tl.constexpr,
+    GP: tl.constexpr,
     BLOCK: tl.constexpr,
     SP: tl.constexpr,
 ):
@@ -159,6 +266,7 @@ def _dispatch_fused(
             l2p,
             replica_count,
             valid,
+            bias,
             weights,
             physical,
             buckets,
@@ -168,12 +276,18 @@ def _dispatch_fused(
             max_replicas,
             slot_start,
             slots,
+            scale,
             TOP_K,
             NORM_TOPK,
             HAS_VALID,
+            GROUPED,
+            SIGMOID,
+            NUM_GROUPS,
+            TOPK_GROUPS,
             BT,
             EP,
             KP,
+            GP,
         )
     tl.debug_barrier()
     _group(buckets, cursors, rows, ends, sorted_row, groups, num_tokens * TOP_K, num_groups, slots, TOP_K, BLOCK, SP)
@@ -185,6 +299,7 @@ def _route(
     l2p,
     replica_count,
     valid,
+    bias,
     weights,
     physical,
     buckets,
@@ -194,12 +309,18 @@ def _route(
     max_replicas,
     slot_start,
     slots,
+    scale,
     TOP_K: tl.constexpr,
     NORM_TOPK: tl.constexpr,
     HAS_VALID: tl.constexpr,
+    GROUPED: tl.constexpr,
+    SIGMOID: tl.constexpr,
+    NUM_GROUPS: tl.constexpr,
+    TOPK_GROUPS: tl.constexpr,
     BT: tl.constexpr,
     EP: tl.constexpr,
     KP: tl.constexpr,
+    GP: tl.constexpr,
 ):
     _route_block(
         tl.program_id(0) * BT,
@@ -207,6 +328,7 @@ def _route(
         l2p,
         replica_count,
         valid,
+        bias,
         weights,
         physical,
         buckets,
@@ -216,12 +338,18 @@ def _route(
         max_replicas,
         slot_start,
         slots,
+        scale,
         TOP_K,
         NORM_TOPK,
         HAS_VALID,
+        GROUPED,
+        SIGMOID,
+        NUM_GROUPS,
+        TOPK_GROUPS,
         BT,
         EP,
         KP,
+        GP,
     )
 
 
@@ -248,6 +376,8 @@ def dispatch(
     top_k: int,
     *,
     norm_topk_prob: bool,
+    grouped: GroupedTopK | None,
+    correction_bias: torch.Tensor | None,
     logical_to_physical: torch.Tensor,
     replica_count: torch.Tensor,
     slot_start: int,
@@ -271,15 +401,30 @@ def dispatch(
     sp = max(16, triton.next_power_of_2(slots + 1))
     cursors = torch.empty(sp, dtype=torch.int32, device=dev)
     bt = min(FUSED_MAX_TOKENS, max(16, triton.next_power_of_2(n)))
-    route = (logits, logical_to_physical, replica_count, valid if valid is not None else physical, weights, physical)
-    sizes = (n, num_experts, logits.stride(0), logical_to_physical.shape[1], slot_start, slots)
+    placeholder = physical  # for the pointers a variant does not read
+    route = (
+        logits,
+        logical_to_physical,
+        replica_count,
+        valid if valid is not None else placeholder,
+        correction_bias if correction_bias is not None else placeholder,
+        weights,
+        physical,
+    )
+    scale = grouped.routed_scaling_factor if grouped is not None else 1.0
+    sizes = (n, num_experts, logits.stride(0), logical_to_physical.shape[1], slot_start, slots, scale)
     route_meta = dict(
         TOP_K=top_k,
         NORM_TOPK=norm_topk_prob,
         HAS_VALID=valid is not None,
+        GROUPED=grouped is not None,
+        SIGMOID=grouped is not None and grouped.scoring == "sigmoid",
+        NUM_GROUPS=grouped.num_groups if grouped is not None else 1,
+        TOPK_GROUPS=grouped.topk_groups if grouped is not None else 1,
         BT=bt,
         EP=max(16, triton.next_power_of_2(num_experts)),
         KP=max(2, triton.next_power_of_2(top_k)),
+        GP=max(2, triton.next_power_of_2(grouped.num_groups if grouped is not None else 1)),
     )
     group_meta = dict(BLOCK=block, SP=sp, num_warps=8 if block >= 2048 else 4)
     if n <= FUSED_MAX_TOKENS:

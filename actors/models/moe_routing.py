@@ -13,9 +13,8 @@ Softmax: the scores are a softmax over every expert, groups rank by their best s
 there is no bias, and the chosen scores times ``routed_scaling_factor`` are the weights
 (one group of every expert: plain top-k).
 
-There is no Triton kernel for it (moe_dispatch_triton.py does softmax top-k): models
-with this rule route here on every device, then group their choices by slot on the
-torch path (moe_dispatch.dispatch_choices).
+This is the torch path (the reference, CPU, large batches); moe_dispatch_triton.py
+computes the same in its routing kernel.
 """
 
 from __future__ import annotations
@@ -34,7 +33,8 @@ def grouped_top_k(
     rule: GroupedTopK,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [N, E] float32; correction_bias [E] float32 (sigmoid rule only) -> (weights
-    [N, top_k] float32, logical expert ids [N, top_k] int64)."""
+    [N, top_k] float32, logical expert ids [N, top_k] int64), in torch.topk's unsorted
+    order, as transformers' routers (the Triton kernel's are in descending order)."""
     n, num_experts = logits.shape
     if rule.scoring == "softmax":
         scores = biased = logits.softmax(dim=-1)

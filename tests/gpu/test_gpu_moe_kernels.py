@@ -10,12 +10,13 @@ import torch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-from dispatch_checks import assert_same_grouping  # noqa: E402
+from dispatch_checks import assert_same_grouping, choices_by_slot  # noqa: E402
 
 from raymoe.actors.models import ops  # noqa: E402
 from raymoe.actors.models.expert_mlp import expert_mlp  # noqa: E402
 from raymoe.actors.models.moe_combine import combine, combine_add_rms_norm  # noqa: E402
 from raymoe.actors.models.moe_dispatch import dispatch  # noqa: E402
+from raymoe.actors.models.spec import GroupedTopK  # noqa: E402
 from raymoe.cluster.expert_slots import replica_tables  # noqa: E402
 
 
@@ -81,6 +82,17 @@ def _dispatch_args(tokens: int, experts: int = 128, physical: int = 160, top_k: 
 def test_dispatch_triton_groups_as_torch(tokens):
     args = _dispatch_args(tokens)
     assert_same_grouping(dispatch(**args, backend="triton"), dispatch(**args, backend="torch"))
+
+
+@pytest.mark.parametrize("tokens", [1, 64, 256])
+def test_dispatch_triton_routes_grouped_as_torch(tokens):
+    """DeepSeek-V3's router (sigmoid + correction bias, 4 of 8 groups, top-8 of 256)."""
+    args = _dispatch_args(tokens, experts=256, physical=288)
+    bias = (torch.randn(256, generator=torch.Generator().manual_seed(1)) * 0.2).cuda()
+    rule = GroupedTopK(num_groups=8, topk_groups=4, routed_scaling_factor=2.5)
+    args.update(grouped=rule, correction_bias=bias)
+    got, want = dispatch(**args, backend="triton"), dispatch(**args, backend="torch")
+    assert_same_grouping(choices_by_slot(got), choices_by_slot(want))
 
 
 def test_dispatch_and_mlp_in_a_cuda_graph_follow_new_inputs():

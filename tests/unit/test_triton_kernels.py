@@ -29,6 +29,8 @@ def _triton_version() -> tuple[int, ...]:
 # Triton 3.6's interpreter cannot loop up to a bound loaded from memory (3.7's can)
 pytestmark = pytest.mark.skipif(_triton_version() < (3, 7), reason="needs Triton >= 3.7 (its CPU interpreter)")
 
+_V3_LIKE = dict(num_groups=8, topk_groups=3, routed_scaling_factor=2.5, scoring="sigmoid")
+
 # case -> (function in triton_interpreted.py, its arguments)
 CASES = {
     "mlp-local": ("expert_mlp_case", dict(slots=4, hidden=64, inter=32, tokens=5, foreign=False)),
@@ -40,6 +42,39 @@ CASES = {
     "dispatch-replicas-ep2": ("dispatch_case", dict(tokens=50, experts=16, physical=24, top_k=3, ep=2, ep_rank=1)),
     "dispatch-valid-rows": ("dispatch_case", dict(tokens=20, experts=8, physical=12, top_k=2, ep=2, with_valid=True)),
     "dispatch-4096-choices": ("dispatch_case", dict(tokens=512, experts=32, physical=32, top_k=8)),
+    # DeepSeek-V3's rule: sigmoid + bias, 3 of 8 groups by their two best; replicas, another rank's slots
+    "dispatch-grouped-sigmoid": (
+        "dispatch_case",
+        dict(tokens=37, experts=32, physical=40, top_k=6, ep=2, ep_rank=1, grouped=_V3_LIKE),
+    ),
+    # the same past one block of tokens (routing and grouping in two launches), rows not all valid
+    "dispatch-grouped-sigmoid-blocks": (
+        "dispatch_case",
+        dict(tokens=70, experts=32, physical=32, top_k=4, norm=False, with_valid=True, grouped=_V3_LIKE),
+    ),
+    # DeepSeek-V2's rule: softmax, 2 of 4 groups by their best; and V2-Lite's: one group (plain top-k)
+    "dispatch-grouped-softmax": (
+        "dispatch_case",
+        dict(
+            tokens=9,
+            experts=16,
+            physical=16,
+            top_k=3,
+            norm=False,
+            grouped=dict(num_groups=4, topk_groups=2, routed_scaling_factor=16.0, scoring="softmax"),
+        ),
+    ),
+    "dispatch-one-group-softmax": (
+        "dispatch_case",
+        dict(
+            tokens=5,
+            experts=24,
+            physical=24,
+            top_k=6,
+            norm=False,
+            grouped=dict(num_groups=1, topk_groups=1, routed_scaling_factor=1.0, scoring="softmax"),
+        ),
+    ),
     # 40: a partial column block
     "combine-foreign-rows": ("combine_case", dict(tokens=6, top_k=4, hidden=40, mine=17)),
     "combine-all-local": ("combine_case", dict(tokens=3, top_k=2, hidden=16, mine=6)),

@@ -31,6 +31,7 @@ from raymoe.actors.models.fp8 import dequantize_blocks, quantize_blocks, quantiz
 from raymoe.actors.models.linear import linear
 from raymoe.actors.models.moe_combine import combine, combine_add_rms_norm
 from raymoe.actors.models.moe_dispatch import busy_slots, dispatch
+from raymoe.actors.models.spec import GroupedTopK
 from raymoe.cluster.expert_slots import replica_tables
 from raymoe.comm import reduce_add_rms_norm_triton
 
@@ -50,7 +51,7 @@ def _exact_fp8_downcast(data, from_type, to_type, rounding_mode):
 
 interpreter._convert_float = _exact_fp8_downcast
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/, as pytest's conftest does
-from dispatch_checks import assert_same_grouping  # noqa: E402
+from dispatch_checks import assert_same_grouping, choices_by_slot  # noqa: E402
 
 
 def expert_mlp_case(slots, hidden, inter, tokens, foreign, top_k=3):
@@ -76,7 +77,8 @@ def expert_mlp_case(slots, hidden, inter, tokens, foreign, top_k=3):
         assert "multiple of 16" in str(e)
 
 
-def dispatch_case(tokens, experts, physical, top_k, norm=True, ep=1, ep_rank=0, with_valid=False):
+def dispatch_case(tokens, experts, physical, top_k, norm=True, ep=1, ep_rank=0, with_valid=False, grouped=None):
+    """``grouped``: GroupedTopK's fields (a group-limited rule), None: softmax top-k."""
     g = torch.Generator().manual_seed(tokens * 7 + physical)
     logits = torch.randn(tokens, experts, generator=g)  # float32: no ties
     p2l = torch.cat(
@@ -87,8 +89,15 @@ def dispatch_case(tokens, experts, physical, top_k, norm=True, ep=1, ep_rank=0, 
     valid = torch.rand(tokens, generator=g) < 0.7 if with_valid else None
     args = dict(logical_to_physical=l2p[0], replica_count=counts[0], num_physical=physical)
     args.update(norm_topk_prob=norm, slot_start=ep_rank * slots, slots=slots, valid=valid)
+    if grouped is not None:
+        rule = GroupedTopK(**grouped)
+        bias = torch.randn(experts, generator=g) * 0.2 if rule.scoring == "sigmoid" else None
+        args.update(grouped=rule, correction_bias=bias)
     got = dispatch(logits, top_k, **args, backend="triton")
-    assert_same_grouping(got, dispatch(logits, top_k, **args, backend="torch"))
+    want = dispatch(logits, top_k, **args, backend="torch")
+    if grouped is not None:  # the torch path keeps transformers' unsorted top-k order
+        got, want = choices_by_slot(got), choices_by_slot(want)
+    assert_same_grouping(got, want)
 
 
 def combine_case(tokens, top_k, hidden, mine):

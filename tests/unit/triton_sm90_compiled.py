@@ -30,6 +30,7 @@ from raymoe.actors.models.fp8 import FP8
 from raymoe.actors.models.linear import linear
 from raymoe.actors.models.moe_combine import combine, combine_add_rms_norm
 from raymoe.actors.models.moe_dispatch import busy_slots, dispatch
+from raymoe.actors.models.spec import GroupedTopK
 from raymoe.cluster.expert_slots import replica_tables
 from raymoe.comm.gather_rows_triton import gather_rows
 from raymoe.comm.reduce_add_rms_norm_triton import reduce_add_rms_norm_, reduce_add_rms_norm_gather_
@@ -119,6 +120,16 @@ def moe_case(tokens: int, experts: int, top_k: int, hidden: int, inter: int, fp8
     )
 
 
+def grouped_dispatch_case(tokens: int, experts: int, top_k: int, **rule) -> None:
+    """The dispatch under a group-limited rule (GroupedTopK's fields), float32 logits."""
+    l2p, counts = replica_tables(torch.arange(experts).view(1, -1), experts)
+    where = dict(logical_to_physical=l2p[0], replica_count=counts[0], num_physical=experts)
+    grouped = GroupedTopK(**rule)
+    bias = torch.zeros(experts) if grouped.scoring == "sigmoid" else None
+    routing = dict(norm_topk_prob=True, grouped=grouped, correction_bias=bias)
+    dispatch(torch.randn(tokens, experts), top_k, **routing, slot_start=0, slots=experts, **where, backend="triton")
+
+
 def qk_norm_rope_case(tokens: int, heads: int, kv_heads: int, dim: int) -> None:
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, dtype=BF16)
     q = qkv[:, : heads * dim].view(tokens, heads, dim)
@@ -149,6 +160,18 @@ CASES = {
     **{f"moe-bf16-{t}-tokens": (moe_case, dict(tokens=t, **QWEN3_30B, fp8=False)) for t in (1, 256, 512)},
     **{f"moe-fp8-{t}-tokens": (moe_case, dict(tokens=t, **QWEN3_30B, fp8=True)) for t in (1, 256, 512)},
     "moe-fp8-deepseek-v3-ep8": (moe_case, dict(tokens=64, **DEEPSEEK_V3, fp8=True)),
+    # DeepSeek-V3's router (fused, and in two launches past one block of tokens); V2-Lite's
+    **{
+        f"dispatch-deepseek-v3-{t}-tokens": (
+            grouped_dispatch_case,
+            dict(tokens=t, experts=256, top_k=8, num_groups=8, topk_groups=4, routed_scaling_factor=2.5),
+        )
+        for t in (16, 64)
+    },
+    "dispatch-deepseek-v2-lite": (
+        grouped_dispatch_case,
+        dict(tokens=64, experts=64, top_k=6, num_groups=1, topk_groups=1, routed_scaling_factor=1.0, scoring="softmax"),
+    ),
     "qk-norm-rope-qwen3": (qk_norm_rope_case, dict(tokens=64, heads=32, kv_heads=4, dim=128)),
     "collectives-2-ranks-2048": (collectives_case, dict(ranks=2, tokens=8, width=2048)),
     "collectives-8-ranks-7168": (collectives_case, dict(ranks=8, tokens=8, width=7168)),
