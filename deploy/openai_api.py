@@ -256,6 +256,11 @@ def chat_messages(req: ChatRequest) -> list[dict[str, Any]]:
     out = []
     for i, m in enumerate(req.messages):
         content = m.content
+        # as OpenAI: only an assistant message (one that calls tools, refuses) may leave it out
+        if content is None and m.role != "assistant":
+            raise bad_request(
+                f"messages.{i}.content: a {m.role} message needs content", f"messages.{i}.content", "invalid_value"
+            )
         if isinstance(content, list):
             bad = [p.type for p in content if p.type != "text" or p.text is None]
             if bad:

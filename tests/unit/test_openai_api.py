@@ -109,6 +109,8 @@ def test_bad_completion_requests(body, param):
         ({"messages": [{"content": "x"}]}, "messages.0.role"),
         ({"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
         ({"messages": [{"role": "user", "content": 3}]}, "messages.0.content"),
+        ({"messages": [{"role": "user"}]}, "messages.0.content"),
+        ({"messages": [{"role": "user", "content": "x"}, {"role": "tool", "tool_call_id": "c"}]}, "messages.1.content"),
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}]},
             "messages.0.content",
