@@ -32,6 +32,7 @@ import asyncio
 import functools
 import statistics
 import time
+from typing import NamedTuple
 
 import ray
 import torch
@@ -92,7 +93,12 @@ def parse() -> argparse.Namespace:
     p.add_argument("--layers", type=int, help="shrink the model when memory or time is short (default: all)")
     p.add_argument("--batches", default="1,16,64,256")
     p.add_argument("--context", type=int, default=1024)
-    p.add_argument("--prefill", default="64x512,8x4096", help="comma list of SEQSxTOKENS")
+    p.add_argument(
+        "--prefill",
+        default="64x512,8x4096",
+        help="comma list of SEQSxTOKENS[@CACHED] (CACHED: tokens already in the KV cache, its full blocks shared "
+        "by the sequences, as a prefix-cache hit)",
+    )
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--ep", type=int, default=1)
     p.add_argument("--iters", type=int, default=20)
@@ -111,7 +117,7 @@ def parse() -> argparse.Namespace:
         default="",
         metavar="CASES",
         help="print the top kernels of one eager step per case: a comma list of decode batches and "
-        "SEQSxTOKENS prefills (e.g. 1,64,2x4096)",
+        "SEQSxTOKENS[@CACHED] prefills (e.g. 1,64,2x4096)",
     )
     p.add_argument("--out", default=None, help="also append the tables (markdown) here")
     return p.parse_args()
@@ -192,12 +198,39 @@ def decode_step(batch: int, context: int, block_size: int, replica: int, dp_coun
     return pack_step(chunks, dp_counts, block_size, all_decode=True)
 
 
-def prefill_step(seqs: int, tokens: int, block_size: int, dp_counts: tuple[int, ...], vocab_size: int):
+class Prefill(NamedTuple):
+    """A prefill case: ``seqs`` sequences of ``tokens`` new tokens each, after ``cached``
+    tokens already in the KV cache (a prefix-cache hit: its full blocks shared by all)."""
+
+    seqs: int
+    tokens: int
+    cached: int = 0
+
+    @staticmethod
+    def parse(text: str) -> "Prefill":
+        """SEQSxTOKENS[@CACHED], e.g. 8x4096 or 16x64@4000."""
+        shape, _, cached = text.partition("@")
+        seqs, tokens = (int(x) for x in shape.split("x"))
+        return Prefill(seqs, tokens, int(cached or 0))
+
+    def __str__(self) -> str:
+        return f"{self.seqs} x {self.tokens}" + (f" after {self.cached} cached" if self.cached else "")
+
+    def blocks(self, block_size: int) -> int:
+        shared = self.cached // block_size
+        return shared + self.seqs * (-(-(self.cached + self.tokens) // block_size) - shared)
+
+
+def prefill_step(p: Prefill, block_size: int, dp_counts: tuple[int, ...], vocab_size: int):
     from raymoe.actors.engine.step import pack_step
 
-    pages = -(-tokens // block_size)
-    ids = [(7 * i) % (vocab_size - 3) + 3 for i in range(tokens)]
-    chunks = tuple(_chunk(f"p{i}", ids, 0, tuple(range(i * pages, (i + 1) * pages))) for i in range(seqs))
+    shared = p.cached // block_size
+    own = -(-(p.cached + p.tokens) // block_size) - shared
+    ids = [(7 * i) % (vocab_size - 3) + 3 for i in range(p.cached, p.cached + p.tokens)]
+    chunks = tuple(
+        _chunk(f"p{i}", ids, p.cached, (*range(shared), *range(shared + i * own, shared + (i + 1) * own)))
+        for i in range(p.seqs)
+    )
     return pack_step(chunks, dp_counts, block_size)
 
 
@@ -304,11 +337,11 @@ def measure(args, dtype: str) -> tuple:
     if dtype not in ("bf16", "fp8"):
         raise SystemExit(f"--dtype: {dtype!r} is not bf16 or fp8")
     batches = [int(b) for b in args.batches.split(",")]
-    prefills = [tuple(int(x) for x in p.split("x")) for p in args.prefill.split(",") if p]
-    tokens_needed = max([b * (args.context + 16) for b in batches] + [s * t for s, t in prefills])
+    prefills = [Prefill.parse(p) for p in args.prefill.split(",") if p]
     block_size = 16
-    num_blocks = -(-tokens_needed // block_size) + max(batches)
-    max_model_len = max(args.context + 16, max((t for _, t in prefills), default=0))
+    decode_blocks = [b * -(-(args.context + 16) // block_size) for b in batches]
+    num_blocks = max(decode_blocks + [p.blocks(block_size) for p in prefills])
+    max_model_len = max(args.context + 16, max((p.cached + p.tokens for p in prefills), default=0))
     dp = max(1, args.ep // args.tp)
     config = config_from_dict(
         {
@@ -324,7 +357,7 @@ def measure(args, dtype: str) -> tuple:
                 "num_kv_blocks": num_blocks,
                 "max_num_seqs": max(batches),
                 # the largest step it runs (KV is written directly, not prefilled)
-                "max_num_batched_tokens": max([*batches, *(s * t for s, t in prefills), 8192]),
+                "max_num_batched_tokens": max([*batches, *(p.seqs * p.tokens for p in prefills), 8192]),
                 "cuda_graphs": not args.no_graphs,
             },
         }
@@ -350,20 +383,20 @@ def measure(args, dtype: str) -> tuple:
             )
         )
         print(f"{dtype} decode batch {b}: {t * 1e3:.3f} ms ({t / floor:.2f} x floor)", flush=True)
-    for seqs, toks in prefills:
-        vocab = MODELS[args.model]["vocab_size"]
-        steps = [prefill_step(seqs, toks, block_size, (seqs * toks,) * dp, vocab) for _ in range(dp)]
+    vocab = MODELS[args.model]["vocab_size"]
+    for p in prefills:
+        tokens = p.seqs * p.tokens
+        steps = [prefill_step(p, block_size, (tokens,) * dp, vocab) for _ in range(dp)]
         res = run(_per_replica(time_step), steps, max(3, args.iters // 4), False)
         t = res[0]["median_s"]
-        util = 2 * info["active_params"] * seqs * toks * dp / t / info["matmul_flops"] / (args.tp * dp)
-        rows.append(("prefill", f"{seqs} x {toks}", t, None, seqs * toks * dp / t, f"{util:.0%} of matmul rate"))
-        print(f"{dtype} prefill {seqs} x {toks}: {t * 1e3:.2f} ms", flush=True)
+        util = 2 * info["active_params"] * tokens * dp / t / info["matmul_flops"] / (args.tp * dp)
+        rows.append(("prefill", str(p), t, None, tokens * dp / t, f"{util:.0%} of matmul rate (weights only)"))
+        print(f"{dtype} prefill {p}: {t * 1e3:.2f} ms", flush=True)
     for case in filter(None, args.profile.split(",")):
         if "x" in case:
-            seqs, toks = (int(x) for x in case.split("x"))
-            vocab = MODELS[args.model]["vocab_size"]
-            step = [prefill_step(seqs, toks, block_size, (seqs * toks,) * dp, vocab) for _ in range(dp)]
-            title = f"{dtype} prefill {seqs} x {toks}"
+            p = Prefill.parse(case)
+            step = [prefill_step(p, block_size, (p.seqs * p.tokens,) * dp, vocab) for _ in range(dp)]
+            title = f"{dtype} prefill {p}"
         else:
             step = [decode_step(int(case), args.context, block_size, d, (int(case),) * dp) for d in range(dp)]
             title = f"{dtype} decode batch {case}"
