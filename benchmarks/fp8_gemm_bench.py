@@ -6,7 +6,10 @@ At Qwen3-30B-A3B's projection shapes (tp=1; gate_up and down are one expert's) a
 rows M it times y = x W^T, x bf16 [M, K], W [N, K], with these candidates:
 
     bf16           F.linear on the dequantised weight in bf16 (the baseline)
-    triton         raymoe's Triton FP8 GEMM (actors/models/fp8_linear_triton.py), quantising x inside
+    linear         raymoe's linear() as the model calls it: the FP8 matrix-vector kernel at one row
+                   (actors/models/skinny_linear_triton.py), the Triton FP8 GEMM past it
+    triton         raymoe's Triton FP8 GEMM (actors/models/fp8_linear_triton.py) at every M,
+                   quantising x inside (or in a pass of its own at prefill sizes)
     torch+quant    x quantised by torch (the quantiser under torch.compile), then cuBLAS's
                    blockwise scaled_mm (1 x 128 activation scales, 128 x 128 weight scales)
     torch          that scaled_mm alone, on x quantised beforehand
@@ -142,8 +145,14 @@ def build_bf16(x: torch.Tensor, w: Weight) -> Callable[[], torch.Tensor]:
     return lambda: F.linear(x, w.bf16)
 
 
-def build_triton(x: torch.Tensor, w: Weight) -> Callable[[], torch.Tensor]:
+def build_linear(x: torch.Tensor, w: Weight) -> Callable[[], torch.Tensor]:
     return lambda: linear(x, w.q, scale=w.scale, block=BLOCK, backend="triton")
+
+
+def build_triton(x: torch.Tensor, w: Weight) -> Callable[[], torch.Tensor]:
+    from raymoe.actors.models.fp8_linear_triton import fp8_linear
+
+    return lambda: fp8_linear(x, w.q, w.scale, block=BLOCK)
 
 
 def build_torch_quant(x: torch.Tensor, w: Weight) -> Callable[[], torch.Tensor]:
@@ -203,6 +212,7 @@ class Candidate:
 
 CANDIDATES = [
     Candidate(BASELINE, build_bf16, from_bf16=True),
+    Candidate("linear", build_linear, from_bf16=True),
     Candidate("triton", build_triton, from_bf16=True),
     Candidate("torch+quant", build_torch_quant, from_bf16=True),
     Candidate("torch", build_torch, from_bf16=False),

@@ -3,9 +3,9 @@ x has at most ``SKINNY_MAX_ROWS`` rows on a GPU (a decode step of one sequence, 
 cuBLAS's GEMMs leave part of the memory bandwidth unused), ``F.linear`` otherwise. The
 choice depends on shapes alone, so a CUDA graph captures one path.
 
-An FP8 weight (float8_e4m3fn with block scales, fp8.py) runs a Triton FP8 GEMM on a GPU
-(activations quantised per row and block_k columns inside it), and is dequantised to x's
-dtype elsewhere."""
+An FP8 weight (float8_e4m3fn with block scales, fp8.py) runs on a GPU the same matrix-vector
+kernel at those row counts and a Triton FP8 GEMM past them (activations quantised per row
+and block_k columns inside both), and is dequantised to x's dtype elsewhere."""
 
 from __future__ import annotations
 
@@ -39,22 +39,35 @@ def linear(
     if weight.dtype == FP8:
         assert scale is not None and block is not None, "an FP8 weight needs its block scales"
         return _fp8_linear(x, weight, bias, scale=scale, block=block, backend=backend)
-    # cheap tests first: most calls (batches of many rows) stop at the row count
-    fits = x.dim() == 2 and 0 < x.shape[0] <= SKINNY_MAX_ROWS and x.stride(1) == 1 and weight.stride(1) == 1
-    fits = fits and block_dividing(x.shape[1], SKINNY_CONFIG["BK"]) is not None
-    if choose_backend(backend, op="linear", on_cuda=x.is_cuda, fits=fits) == "torch":
+    skinny = _skinny_config(x, weight)
+    if choose_backend(backend, op="linear", on_cuda=x.is_cuda, fits=skinny is not None) == "torch":
         return F.linear(x, weight, bias)
     from raymoe.actors.models.skinny_linear_triton import skinny_linear
 
-    if config is None:
-        config = dict(SKINNY_CONFIG, BK=block_dividing(x.shape[1], SKINNY_CONFIG["BK"]))
-    return skinny_linear(x, weight, bias, config)
+    return skinny_linear(x, weight, bias, config or skinny)
+
+
+def _skinny_config(x: torch.Tensor, weight: torch.Tensor, block: tuple[int, int] | None = None) -> dict | None:
+    """The matrix-vector kernel's block sizes for these operands, or None where it does not
+    take them (too many rows, strides, a K no block divides; FP8: blocks it cannot tile)."""
+    # cheap tests first: most calls (batches of many rows) stop at the row count
+    if not (x.dim() == 2 and 0 < x.shape[0] <= SKINNY_MAX_ROWS and x.stride(1) == 1 and weight.stride(1) == 1):
+        return None
+    if block is not None and (block[0] % SKINNY_CONFIG["BN"] or block[1] > SKINNY_CONFIG["BK"]):
+        return None
+    bk = block_dividing(x.shape[1], SKINNY_CONFIG["BK"], least=block[1] if block is not None else 16)
+    return None if bk is None else dict(SKINNY_CONFIG, BK=bk)
 
 
 def _fp8_linear(x, weight, bias, *, scale, block, backend) -> torch.Tensor:
     fits = x.stride(-1) == 1 and kernel_block(block)
     if choose_backend(backend, op="fp8_linear", on_cuda=x.is_cuda, fits=fits) == "torch":
         return F.linear(x, dequantize_blocks(weight, scale, block, x.dtype), bias)
+    skinny = _skinny_config(x, weight, block)
+    if skinny is not None:
+        from raymoe.actors.models.skinny_linear_triton import skinny_linear
+
+        return skinny_linear(x, weight, bias, skinny, scale=scale, block=block)
     from raymoe.actors.models.fp8_linear_triton import fp8_linear
 
     y = fp8_linear(x.reshape(-1, x.shape[-1]), weight, scale, block=block, bias=bias)

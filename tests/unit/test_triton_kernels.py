@@ -95,6 +95,8 @@ CASES = {
     ),
     # FP8 weights: partial row and column blocks, K past one block (several activation groups)
     "fp8-linear-decode": ("fp8_linear_case", dict(rows=3, n=40, k=80, block=[16, 32], bias=True)),
+    # one row: the matrix-vector kernel (three 32-column scale blocks in one K step, a partial column block)
+    "fp8-linear-one-row": ("fp8_linear_case", dict(rows=1, n=44, k=96, block=[16, 32], bias=True)),
     "fp8-linear-prefill": ("fp8_linear_case", dict(rows=70, n=130, k=96, block=[32, 32], bias=False)),
     "fp8-expert-mlp": ("expert_mlp_fp8_case", dict(slots=3, hidden=64, inter=32, tokens=9, block=[16, 32])),
     # past PRE_QUANTIZE_ROWS choices: x quantised in a pass of its own
