@@ -1,6 +1,7 @@
 """Routed-expert MLP on one GPU: torch._grouped_mm vs the Triton kernels vs FlashInfer's
 cutlass_fused_moe, at Qwen3-30B-A3B's expert shape (128 experts, hidden 2048,
-intermediate 768, top-8, bf16).
+intermediate 768, top-8, bf16; ``--dtype fp8``: the weights in FP8 with 128 x 128 block scales,
+the Triton FP8 kernels against torch on the dequantised weights).
 
 Each case times, replayed in a CUDA graph, one MoE layer from the router's logits to
 the combined output (top-k, sort by expert, the two projections with SiLU-and-mul,
@@ -10,6 +11,7 @@ over the bytes of the experts actually touched, and each output's error against 
 torch reference. --sweep also times a grid of Triton block sizes.
 
     python3 benchmarks/expert_mlp_bench.py --batches 1,16,64,256,4096 --sweep
+    python3 benchmarks/expert_mlp_bench.py --dtype fp8 --backends torch,triton --batches 1,64,4096 --sweep
 """
 
 from __future__ import annotations
@@ -22,8 +24,11 @@ import time
 import torch
 
 from raymoe.actors.models.expert_mlp import _LARGEST, expert_mlp, pick_config
+from raymoe.actors.models.fp8 import quantize_blocks
 from raymoe.actors.models.moe_combine import combine
 from raymoe.actors.models.moe_dispatch import TRITON_MAX_CHOICES, dispatch
+
+FP8_BLOCK = (128, 128)
 
 
 def parse() -> argparse.Namespace:
@@ -35,6 +40,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=8)
     p.add_argument("--backends", default="torch,triton,cutlass")
     p.add_argument("--sweep", action="store_true", help="also time a grid of Triton block sizes")
+    p.add_argument("--dtype", choices=["bf16", "fp8"], default="bf16", help="the expert weights' format")
     p.add_argument("--out", help="also write the table here (markdown)")
     return p.parse_args()
 
@@ -91,12 +97,17 @@ def main() -> None:
     w13 = torch.randn(E, 2 * F, H, device=dev, dtype=torch.bfloat16, generator=gen) / H**0.5
     w2 = torch.randn(E, H, F, device=dev, dtype=torch.bfloat16, generator=gen) / F**0.5
     fc1 = torch.cat([w13[:, F:], w13[:, :F]], dim=1).contiguous()  # cutlass wants [up; gate]
+    weights = dict(w13=w13, w2=w2)
+    if args.dtype == "fp8":
+        (q13, s13), (q2, s2) = quantize_blocks(w13, FP8_BLOCK), quantize_blocks(w2, FP8_BLOCK)
+        weights = dict(w13=q13, w2=q2, w13_scale=s13, w2_scale=s2, fp8_block=FP8_BLOCK)
+    weight_bytes = 1 if args.dtype == "fp8" else 2
     l2p = torch.arange(E, device=dev).view(E, 1)  # one replica per expert
     counts = torch.ones(E, dtype=torch.int64, device=dev)
     bw = copy_bandwidth(dev)
     print(f"{torch.cuda.get_device_name(dev)}: copy {bw / 1e12:.2f} TB/s")
     backends = args.backends.split(",")
-    cutlass = _cutlass() if "cutlass" in backends else None
+    cutlass = _cutlass() if "cutlass" in backends and args.dtype == "bf16" else None
     rows_out = []
     for n in [int(b) for b in args.batches.split(",")]:
         x = torch.randn(n, H, device=dev, dtype=torch.bfloat16, generator=gen)
@@ -106,18 +117,18 @@ def main() -> None:
         ref_dispatch = dispatch(logits, k, **routing, backend="torch")
         ids, weights, rows, ends = ref_dispatch.physical, ref_dispatch.weights, ref_dispatch.rows, ref_dispatch.ends
         groups = ref_dispatch.groups
-        touched = ids.unique().numel() * 3 * H * F * 2
+        touched = ids.unique().numel() * 3 * H * F * weight_bytes
 
         def layer(backend):
             fits = n * k <= TRITON_MAX_CHOICES
             d = dispatch(logits, k, **routing, backend=backend if fits else "torch")
-            y = expert_mlp(x, d.rows, d.ends, w13=w13, w2=w2, groups=d.groups, backend=backend)
+            y = expert_mlp(x, d.rows, d.ends, **weights, groups=d.groups, backend=backend)
             return combine(y, d.sorted_row, d.weights, d.ends, backend=backend)
 
         ref = layer("torch").float()
         cases = {}
         for backend in [b for b in backends if b != "cutlass"]:
-            mlp = dict(w13=w13, w2=w2, groups=groups)
+            mlp = dict(weights, groups=groups)
             cases[backend] = (lambda b=backend: layer(b), lambda b=backend: expert_mlp(x, rows, ends, **mlp, backend=b))
         if cutlass is not None:
             out = torch.empty(n, H, device=dev, dtype=torch.bfloat16)
@@ -136,8 +147,9 @@ def main() -> None:
                 t = graph_time(lambda b=backend: dispatch(logits, k, **routing, backend=b))
                 rows_out.append((n, f"dispatch {backend}", t, None, None, bw, None, ""))
         if args.sweep and "triton" in backends:
-            sweep = dict(w13=w13, w2=w2, groups=groups, backend="triton")
-            timed = [(_try_time(lambda c=c: expert_mlp(x, rows, ends, **sweep, config=c)), c) for c in _sweep(n, E)]
+            sweep = dict(weights, groups=groups, backend="triton")
+            grid = _sweep(n, E, fp8=args.dtype == "fp8")
+            timed = [(_try_time(lambda c=c: expert_mlp(x, rows, ends, **sweep, config=c)), c) for c in grid]
             t, best = min(timed, key=lambda tc: tc[0])
             rows_out.append((n, "triton best", None, t, touched, bw, None, _fmt(best)))
         print(f"batch {n} done", flush=True)
@@ -157,10 +169,11 @@ def _try_time(fn) -> float:
         return float("inf")
 
 
-def _sweep(n: int, experts: int):
+def _sweep(n: int, experts: int, fp8: bool):
     per_slot = n * 8 / experts
     bms = [16, 32, 64] + ([128] if per_slot > 64 else [])
-    for bm, bn, bk, stages in itertools.product(bms, (32, 64, 128), (64, 128), (3, 4)):
+    bks = (128,) if fp8 else (64, 128)  # FP8: the weights' block_k is the K step
+    for bm, bn, bk, stages in itertools.product(bms, (32, 64, 128), bks, (3, 4)):
         yield dict(BM=bm, BN=bn, BK=bk, num_warps=8 if bm * bn >= 128 * 64 else 4, num_stages=stages)
 
 
@@ -170,7 +183,7 @@ def _fmt(c: dict) -> str:
 
 def _table(rows, args) -> str:
     lines = [
-        f"experts {args.experts}, hidden {args.hidden}, intermediate {args.inter}, top-{args.top_k}, bf16; "
+        f"experts {args.experts}, hidden {args.hidden}, intermediate {args.inter}, top-{args.top_k}, {args.dtype}; "
         "'layer' = dispatch (top-k, softmax, sort by expert) + expert MLP + weighted combine "
         "(cutlass_fused_moe: from the top-k choices on), 'MLP' = the two projections alone",
         "",
