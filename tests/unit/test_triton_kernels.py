@@ -31,6 +31,14 @@ pytestmark = pytest.mark.skipif(_triton_version() < (3, 7), reason="needs Triton
 
 _V3_LIKE = dict(num_groups=8, topk_groups=3, routed_scaling_factor=2.5, scoring="sigmoid")
 
+
+def _softmax_rule_case(*, tokens, experts, top_k, groups, topk_groups, scale) -> tuple[str, dict]:
+    """A dispatch under DeepSeek-V2's rule (softmax scores, groups by their best, no renormalising)."""
+    rule = dict(num_groups=groups, topk_groups=topk_groups, routed_scaling_factor=scale, scoring="softmax")
+    case = dict(tokens=tokens, experts=experts, physical=experts, top_k=top_k, norm=False, grouped=rule)
+    return "dispatch_case", case
+
+
 # case -> (function in triton_interpreted.py, its arguments)
 CASES = {
     "mlp-local": ("expert_mlp_case", dict(slots=4, hidden=64, inter=32, tokens=5, foreign=False)),
@@ -53,28 +61,8 @@ CASES = {
         dict(tokens=70, experts=32, physical=32, top_k=4, norm=False, with_valid=True, grouped=_V3_LIKE),
     ),
     # DeepSeek-V2's rule: softmax, 2 of 4 groups by their best; and V2-Lite's: one group (plain top-k)
-    "dispatch-grouped-softmax": (
-        "dispatch_case",
-        dict(
-            tokens=9,
-            experts=16,
-            physical=16,
-            top_k=3,
-            norm=False,
-            grouped=dict(num_groups=4, topk_groups=2, routed_scaling_factor=16.0, scoring="softmax"),
-        ),
-    ),
-    "dispatch-one-group-softmax": (
-        "dispatch_case",
-        dict(
-            tokens=5,
-            experts=24,
-            physical=24,
-            top_k=6,
-            norm=False,
-            grouped=dict(num_groups=1, topk_groups=1, routed_scaling_factor=1.0, scoring="softmax"),
-        ),
-    ),
+    "dispatch-grouped-softmax": _softmax_rule_case(tokens=9, experts=16, top_k=3, groups=4, topk_groups=2, scale=16.0),
+    "dispatch-one-group-softmax": _softmax_rule_case(tokens=5, experts=24, top_k=6, groups=1, topk_groups=1, scale=1.0),
     # 40: a partial column block
     "combine-foreign-rows": ("combine_case", dict(tokens=6, top_k=4, hidden=40, mine=17)),
     "combine-all-local": ("combine_case", dict(tokens=3, top_k=2, hidden=16, mine=6)),
