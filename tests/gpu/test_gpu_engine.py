@@ -66,6 +66,25 @@ def deepseek_case(tmp_path_factory):
     return _stable_case(tmp_path_factory.mktemp("ckpt"), "deepseek_v3", **shape, qk_nope_head_dim=32, v_head_dim=48)
 
 
+# the other MoE architectures at FlashInfer's widths: GLM-4.5's grouped sigmoid routing (the Triton
+# dispatch's group-limited rule), Qwen2-MoE's gated shared expert, DeepSeek-V2's MLA without a q
+# bottleneck and its softmax routing
+ARCHITECTURES = {
+    "glm4_moe": dict(hidden_size=256, head_dim=64),
+    "qwen2_moe": dict(hidden_size=256, head_dim=64),
+    "deepseek_v2": dict(hidden_size=256, kv_lora_rank=512, qk_rope_head_dim=64, head_dim=64, qk_nope_head_dim=32),
+}
+
+
+@pytest.fixture(scope="module", params=list(ARCHITECTURES))
+def architecture_case(request, tmp_path_factory):
+    return _stable_case(tmp_path_factory.mktemp("ckpt"), request.param, **ARCHITECTURES[request.param])
+
+
+def test_other_architectures_bf16_equal_to_transformers(gpu_ray, architecture_case):
+    _check_bf16(architecture_case, 1, 1)
+
+
 @pytest.mark.parametrize("tp,ep", LAYOUTS, ids=[f"tp{t}-ep{e}" for t, e in LAYOUTS])
 def test_bf16_equal_to_transformers(gpu_ray, stable_case, tp, ep):
     _check_bf16(stable_case, tp, ep)
