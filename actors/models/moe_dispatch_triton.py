@@ -169,6 +169,8 @@ def _route_block(
         )
     else:
         top_i, p = _softmax_top_k(v, live_t, col, kcol, TOP_K, NORM_TOPK, BT, KP)
+    # a row of NaN logits (garbage padding rows) may pick a padding column: keep it in the tables
+    top_i = tl.minimum(top_i, num_experts - 1)
     chosen = live_t[:, None] & (kcol[None, :] < TOP_K)
     replica = t[:, None] % tl.load(replica_count + top_i, mask=chosen, other=1)
     phys = tl.load(l2p + top_i * max_replicas + replica, mask=chosen, other=-1)
@@ -400,7 +402,9 @@ def dispatch(
     buckets = torch.empty(block, dtype=torch.int32, device=dev)
     sp = max(16, triton.next_power_of_2(slots + 1))
     cursors = torch.empty(sp, dtype=torch.int32, device=dev)
-    bt = min(FUSED_MAX_TOKENS, max(16, triton.next_power_of_2(n)))
+    ep = max(16, triton.next_power_of_2(num_experts))
+    # at most 4096 logits a block: DeepSeek-V3's 256 experts spilled registers at 32 tokens (sm_90)
+    bt = min(FUSED_MAX_TOKENS, max(16, triton.next_power_of_2(n)), max(8, 4096 // ep))
     placeholder = physical  # for the pointers a variant does not read
     route = (
         logits,
@@ -422,7 +426,7 @@ def dispatch(
         NUM_GROUPS=grouped.num_groups if grouped is not None else 1,
         TOPK_GROUPS=grouped.topk_groups if grouped is not None else 1,
         BT=bt,
-        EP=max(16, triton.next_power_of_2(num_experts)),
+        EP=ep,
         KP=max(2, triton.next_power_of_2(top_k)),
         GP=max(2, triton.next_power_of_2(grouped.num_groups if grouped is not None else 1)),
     )

@@ -83,6 +83,7 @@ def skinny_linear(
     assert weight.shape[1] == k and k % config["BK"] == 0 and 0 < m <= 16
     assert x.stride(1) == 1 and weight.stride(1) == 1
     fp8 = scale is not None
+    assert not fp8 or scale.stride(1) == 1
     block_n, block_k = block if fp8 else (config["BN"], config["BK"])
     assert block_n % config["BN"] == 0 and config["BK"] % block_k == 0
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)

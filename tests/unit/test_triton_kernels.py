@@ -62,6 +62,15 @@ CASES = {
     ),
     # DeepSeek-V2's rule: softmax, 2 of 4 groups by their best; and V2-Lite's: one group (plain top-k)
     "dispatch-grouped-softmax": _softmax_rule_case(tokens=9, experts=16, top_k=3, groups=4, topk_groups=2, scale=16.0),
+    # DeepSeek-V2's 160 experts in 8 groups of 20 (padded columns, 16-token blocks at 256 columns)
+    "dispatch-grouped-softmax-160": _softmax_rule_case(
+        tokens=20, experts=160, top_k=6, groups=8, topk_groups=3, scale=1.0
+    ),
+    # every group kept, past one block of tokens at 256 experts
+    "dispatch-grouped-sigmoid-all-groups": (
+        "dispatch_case",
+        dict(tokens=40, experts=256, physical=256, top_k=8, grouped=dict(_V3_LIKE, topk_groups=8)),
+    ),
     "dispatch-one-group-softmax": _softmax_rule_case(tokens=5, experts=24, top_k=6, groups=1, topk_groups=1, scale=1.0),
     # 40: a partial column block
     "combine-foreign-rows": ("combine_case", dict(tokens=6, top_k=4, hidden=40, mine=17)),
@@ -83,8 +92,8 @@ CASES = {
     ),
     # FP8 weights: partial row and column blocks, K past one block (several activation groups)
     "fp8-linear-decode": ("fp8_linear_case", dict(rows=3, n=40, k=80, block=[16, 32], bias=True)),
-    # one row: the matrix-vector kernel (three 32-column scale blocks in one K step, a partial column block)
-    "fp8-linear-one-row": ("fp8_linear_case", dict(rows=1, n=44, k=96, block=[16, 32], bias=True)),
+    # one row: the matrix-vector kernel (eight 32-column scale blocks in one K step, a partial column block)
+    "fp8-linear-one-row": ("fp8_linear_case", dict(rows=1, n=44, k=256, block=[16, 32], bias=True)),
     "fp8-linear-prefill": ("fp8_linear_case", dict(rows=70, n=130, k=96, block=[32, 32], bias=False)),
     "fp8-expert-mlp": ("expert_mlp_fp8_case", dict(slots=3, hidden=64, inter=32, tokens=9, block=[16, 32])),
     # past PRE_QUANTIZE_ROWS choices: x quantised in a pass of its own
