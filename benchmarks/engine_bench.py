@@ -338,10 +338,14 @@ def measure(args, dtype: str) -> tuple:
         raise SystemExit(f"--dtype: {dtype!r} is not bf16 or fp8")
     batches = [int(b) for b in args.batches.split(",")]
     prefills = [Prefill.parse(p) for p in args.prefill.split(",") if p]
+    profiled = [c for c in args.profile.split(",") if c]
+    # what the runs need, the profiled cases' included
+    all_batches = batches + [int(c) for c in profiled if "x" not in c]
+    all_prefills = prefills + [Prefill.parse(c) for c in profiled if "x" in c]
     block_size = 16
-    decode_blocks = [b * -(-(args.context + 16) // block_size) for b in batches]
-    num_blocks = max(decode_blocks + [p.blocks(block_size) for p in prefills])
-    max_model_len = max(args.context + 16, max((p.cached + p.tokens for p in prefills), default=0))
+    decode_blocks = [b * -(-(args.context + 16) // block_size) for b in all_batches]
+    num_blocks = max(decode_blocks + [p.blocks(block_size) for p in all_prefills])
+    max_model_len = max(args.context + 16, max((p.cached + p.tokens for p in all_prefills), default=0))
     dp = max(1, args.ep // args.tp)
     config = config_from_dict(
         {
@@ -355,9 +359,9 @@ def measure(args, dtype: str) -> tuple:
             "engine": {
                 "block_size": block_size,
                 "num_kv_blocks": num_blocks,
-                "max_num_seqs": max(batches),
+                "max_num_seqs": max(all_batches),
                 # the largest step it runs (KV is written directly, not prefilled)
-                "max_num_batched_tokens": max([*batches, *(p.seqs * p.tokens for p in prefills), 8192]),
+                "max_num_batched_tokens": max([*all_batches, *(p.seqs * p.tokens for p in all_prefills), 8192]),
                 "cuda_graphs": not args.no_graphs,
             },
         }
@@ -392,7 +396,7 @@ def measure(args, dtype: str) -> tuple:
         util = 2 * info["active_params"] * tokens * dp / t / info["matmul_flops"] / (args.tp * dp)
         rows.append(("prefill", str(p), t, None, tokens * dp / t, f"{util:.0%} of matmul rate (weights only)"))
         print(f"{dtype} prefill {p}: {t * 1e3:.2f} ms", flush=True)
-    for case in filter(None, args.profile.split(",")):
+    for case in profiled:
         if "x" in case:
             p = Prefill.parse(case)
             step = [prefill_step(p, block_size, (p.seqs * p.tokens,) * dp, vocab) for _ in range(dp)]
