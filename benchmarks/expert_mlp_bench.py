@@ -1,7 +1,8 @@
 """Routed-expert MLP on one GPU: torch._grouped_mm vs the Triton kernels vs FlashInfer's
 cutlass_fused_moe, at Qwen3-30B-A3B's expert shape (128 experts, hidden 2048,
 intermediate 768, top-8, bf16; ``--dtype fp8``: the weights in FP8 with 128 x 128 block scales,
-the Triton FP8 kernels against torch on the dequantised weights).
+the Triton FP8 kernels against torch on the dequantised weights, whose time includes
+dequantising every slot on each call: a reference, not a candidate).
 
 Each case times, replayed in a CUDA graph, one MoE layer from the router's logits to
 the combined output (top-k, sort by expert, the two projections with SiLU-and-mul,
