@@ -415,20 +415,22 @@ def dispatch(
         weights,
         physical,
     )
-    scale = grouped.routed_scaling_factor if grouped is not None else 1.0
-    sizes = (n, num_experts, logits.stride(0), logical_to_physical.shape[1], slot_start, slots, scale)
+    # the plain rule passes this one group of softmax scores, which the kernel never reads
+    rule = grouped or GroupedTopK(num_groups=1, topk_groups=1, routed_scaling_factor=1.0, scoring="softmax")
+    sizes = (n, num_experts, logits.stride(0), logical_to_physical.shape[1], slot_start, slots)
+    sizes += (rule.routed_scaling_factor,)
     route_meta = dict(
         TOP_K=top_k,
         NORM_TOPK=norm_topk_prob,
         HAS_VALID=valid is not None,
         GROUPED=grouped is not None,
-        SIGMOID=grouped is not None and grouped.scoring == "sigmoid",
-        NUM_GROUPS=grouped.num_groups if grouped is not None else 1,
-        TOPK_GROUPS=grouped.topk_groups if grouped is not None else 1,
+        SIGMOID=rule.scoring == "sigmoid",
+        NUM_GROUPS=rule.num_groups,
+        TOPK_GROUPS=rule.topk_groups,
         BT=bt,
         EP=ep,
         KP=max(2, triton.next_power_of_2(top_k)),
-        GP=max(2, triton.next_power_of_2(grouped.num_groups if grouped is not None else 1)),
+        GP=max(2, triton.next_power_of_2(rule.num_groups)),
     )
     group_meta = dict(BLOCK=block, SP=sp, num_warps=8 if block >= 2048 else 4)
     if n <= FUSED_MAX_TOKENS:
