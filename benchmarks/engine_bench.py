@@ -99,6 +99,7 @@ def parse() -> argparse.Namespace:
         help="comma list of SEQSxTOKENS[@CACHED] (CACHED: tokens already in the KV cache, its full blocks shared "
         "by the sequences, as a prefix-cache hit)",
     )
+    p.add_argument("--block-size", type=int, default=16, help="engine.block_size: tokens per KV-cache block")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--ep", type=int, default=1)
     p.add_argument("--iters", type=int, default=20)
@@ -342,7 +343,7 @@ def measure(args, dtype: str) -> tuple:
     # what the runs need, the profiled cases' included
     all_batches = batches + [int(c) for c in profiled if "x" not in c]
     all_prefills = prefills + [Prefill.parse(c) for c in profiled if "x" in c]
-    block_size = 16
+    block_size = args.block_size
     decode_blocks = [b * -(-(args.context + 16) // block_size) for b in all_batches]
     num_blocks = max(decode_blocks + [p.blocks(block_size) for p in all_prefills])
     max_model_len = max(args.context + 16, max((p.cached + p.tokens for p in all_prefills), default=0))

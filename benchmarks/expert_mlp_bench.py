@@ -98,10 +98,10 @@ def main() -> None:
     w13 = torch.randn(E, 2 * F, H, device=dev, dtype=torch.bfloat16, generator=gen) / H**0.5
     w2 = torch.randn(E, H, F, device=dev, dtype=torch.bfloat16, generator=gen) / F**0.5
     fc1 = torch.cat([w13[:, F:], w13[:, :F]], dim=1).contiguous()  # cutlass wants [up; gate]
-    weights = dict(w13=w13, w2=w2)
+    expert_weights = dict(w13=w13, w2=w2)
     if args.dtype == "fp8":
         (q13, s13), (q2, s2) = quantize_blocks(w13, FP8_BLOCK), quantize_blocks(w2, FP8_BLOCK)
-        weights = dict(w13=q13, w2=q2, w13_scale=s13, w2_scale=s2, fp8_block=FP8_BLOCK)
+        expert_weights = dict(w13=q13, w2=q2, w13_scale=s13, w2_scale=s2, fp8_block=FP8_BLOCK)
     weight_bytes = 1 if args.dtype == "fp8" else 2
     l2p = torch.arange(E, device=dev).view(E, 1)  # one replica per expert
     counts = torch.ones(E, dtype=torch.int64, device=dev)
@@ -123,13 +123,13 @@ def main() -> None:
         def layer(backend):
             fits = n * k <= TRITON_MAX_CHOICES
             d = dispatch(logits, k, **routing, backend=backend if fits else "torch")
-            y = expert_mlp(x, d.rows, d.ends, **weights, groups=d.groups, backend=backend)
+            y = expert_mlp(x, d.rows, d.ends, **expert_weights, groups=d.groups, backend=backend)
             return combine(y, d.sorted_row, d.weights, d.ends, backend=backend)
 
         ref = layer("torch").float()
         cases = {}
         for backend in [b for b in backends if b != "cutlass"]:
-            mlp = dict(weights, groups=groups)
+            mlp = dict(expert_weights, groups=groups)
             cases[backend] = (lambda b=backend: layer(b), lambda b=backend: expert_mlp(x, rows, ends, **mlp, backend=b))
         if cutlass is not None:
             out = torch.empty(n, H, device=dev, dtype=torch.bfloat16)
@@ -148,7 +148,7 @@ def main() -> None:
                 t = graph_time(lambda b=backend: dispatch(logits, k, **routing, backend=b))
                 rows_out.append((n, f"dispatch {backend}", t, None, None, bw, None, ""))
         if args.sweep and "triton" in backends:
-            sweep = dict(weights, groups=groups, backend="triton")
+            sweep = dict(expert_weights, groups=groups, backend="triton")
             grid = _sweep(n, E, fp8=args.dtype == "fp8")
             timed = [(_try_time(lambda c=c: expert_mlp(x, rows, ends, **sweep, config=c)), c) for c in grid]
             t, best = min(timed, key=lambda tc: tc[0])

@@ -4,10 +4,12 @@ the projections absorbed): FlashInfer's ``BatchMLAPagedAttentionWrapper``.
 Latent KV cache: ``[layers, num_blocks + 1, block_size, latent_dim + rope_dim]``, per
 token the normed latent then the rotated rope key. Every query head attends to that
 one latent "KV head": score = sm_scale * q . entry over all latent + rope dims, value =
-the entry's latent part. Queries ``[T, heads, latent_dim + rope_dim]`` and a layer's
-cache ``[blocks, block_size, latent_dim + rope_dim]`` go to the wrapper as packed
-values; its FA2/FA3 backends read them as split strided views (no copy). A step's
-entries are written by FlashInfer's MLA append kernel (``LatentKVAppend``).
+the entry's latent part. Queries go to the wrapper as their two parts (``LatentPair``: the
+absorbed query and its rotary part, each a strided view with a contiguous last dim), a
+layer's cache ``[blocks, block_size, latent_dim + rope_dim]`` as its two column ranges:
+FlashInfer's FA2/FA3 backends read both as split strided views, so nothing is
+concatenated. A step's entries are written by FlashInfer's MLA append kernel
+(``LatentKVAppend``) from their two parts.
 
 FlashInfer's "auto" backend picks FA3 on Hopper (SM90, CUDA >= 12.3), FA2 on Ampere;
 both take any page size, and both re-plan a CUDA-graph wrapper in place: plan() copies
@@ -26,6 +28,7 @@ import torch
 
 from raymoe.actors.engine.attention_flashinfer import WORKSPACE_BYTES, KVAppend
 from raymoe.actors.engine.step import StepLayout
+from raymoe.actors.models.batch import LatentPair
 
 LATENT_DIM, ROPE_DIM = 512, 64
 # FlashInfer's FA MLA planner refuses a step needing more work items than this
@@ -83,7 +86,7 @@ def plan_tables(
 
 def plan_wrapper(attention: Any, wrapper: Any, tables: dict[str, torch.Tensor], *, causal: bool) -> None:
     """Plan an MLA wrapper of ``attention`` (either backend below: its heads, widths, page
-    size, scale and cache dtype) for the CSR ``tables``, packed query and cache."""
+    size, scale and cache dtype) for the CSR ``tables``, split query and cache."""
     import flashinfer
 
     wrapper.plan(
@@ -96,15 +99,15 @@ def plan_wrapper(attention: Any, wrapper: Any, tables: dict[str, torch.Tensor], 
         sm_scale=attention.sm_scale,
         q_data_type=attention.kv_cache.dtype,
         kv_data_type=attention.kv_cache.dtype,
-        query_layout="packed",
-        kv_cache_layout="packed",
+        query_layout="split",
+        kv_cache_layout="split",
     )
 
 
 class LatentKVAppend(KVAppend):
-    """KVAppend for the latent cache: writes a step's entries kv [T, latent_dim + rope_dim]
-    into a layer's cache [blocks, block_size, latent_dim + rope_dim] with FlashInfer's MLA
-    append kernel (latent and rope parts read and written as strided views)."""
+    """KVAppend for the latent cache: writes a step's entries (latent [T, latent_dim], rope
+    [T, rope_dim]) into a layer's cache [blocks, block_size, latent_dim + rope_dim] with
+    FlashInfer's MLA append kernel (the cache's two parts written as strided views)."""
 
     def __init__(self, tokens: int, device: torch.device, latent_dim: int) -> None:
         import flashinfer
@@ -113,13 +116,13 @@ class LatentKVAppend(KVAppend):
         self._append = flashinfer.page.append_paged_mla_kv_cache
         self.latent_dim = latent_dim
 
-    def __call__(self, cache: torch.Tensor, kv: torch.Tensor) -> None:
-        t, n, dim = self.tables, kv.shape[0], self.latent_dim
+    def __call__(self, cache: torch.Tensor, kv: LatentPair) -> None:
+        t, n, dim = self.tables, kv.latent.shape[0], self.latent_dim
         if n == 0:  # an idle replica's eager step: FlashInfer cannot launch an empty grid
             return
         self._append(
-            append_ckv=kv[:, :dim],
-            append_kpe=kv[:, dim:],
+            append_ckv=kv.latent,
+            append_kpe=kv.rope,
             batch_indices=t[2, :n],
             positions=t[1, :n],
             ckv_cache=cache[..., :dim],
@@ -130,9 +133,11 @@ class LatentKVAppend(KVAppend):
         )
 
 
-def _last_dim_contiguous(q: torch.Tensor) -> torch.Tensor:
-    # the kernels take q's row and head strides but assume unit stride in the last dim
-    return q if q.stride(-1) == 1 else q.contiguous()
+def _split(q: LatentPair, cache: torch.Tensor, latent_dim: int) -> dict:
+    """The wrapper's run arguments for a split query and a layer's cache. Its kernels take
+    the row and head strides but assume a unit stride in the last dim."""
+    parts = tuple(p if p.stride(-1) == 1 else p.contiguous() for p in q)
+    return dict(query=parts, kv_cache=(cache[..., :latent_dim], cache[..., latent_dim:]))
 
 
 class FlashInferLatentAttention:
@@ -193,16 +198,16 @@ class FlashInferLatentAttention:
             scratch_block=scratch_block,
         )
 
-    def forward_latent(self, layer: int, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
-        """q [T, heads, latent + rope], kv [T, latent + rope] -> [T, heads, latent]; writes kv
-        into the cache first."""
+    def forward_latent(self, layer: int, q: LatentPair, kv: LatentPair) -> torch.Tensor:
+        """-> [T, heads, latent] (see models.batch.LatentAttention); writes kv into the cache
+        first."""
         assert self._append is not None, "plan() before forward_latent()"
         cache = self.kv_cache[layer]
         self._append(cache, kv)
-        out = q.new_empty(q.shape[0], self.num_heads, self.latent_dim)
+        out = q.latent.new_empty(q.latent.shape[0], self.num_heads, self.latent_dim)
         if not self._has_seqs:
             return out
-        return self.wrapper.run(query=_last_dim_contiguous(q), kv_cache=cache, out=out)
+        return self.wrapper.run(**_split(q, cache, self.latent_dim), out=out)
 
 
 class GraphLatentAttention:
@@ -266,8 +271,8 @@ class GraphLatentAttention:
         # causal tile bookkeeping)
         plan_wrapper(self, self.wrapper, tables, causal=False)
 
-    def forward_latent(self, layer: int, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+    def forward_latent(self, layer: int, q: LatentPair, kv: LatentPair) -> torch.Tensor:
         cache = self.kv_cache[layer]
         self.append(cache, kv)
-        out = q.new_empty(q.shape[0], self.num_heads, self.latent_dim)
-        return self.wrapper.run(query=_last_dim_contiguous(q), kv_cache=cache, out=out)
+        out = q.latent.new_empty(q.latent.shape[0], self.num_heads, self.latent_dim)
+        return self.wrapper.run(**_split(q, cache, self.latent_dim), out=out)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from raymoe.actors.engine.context_split import context_split
 from raymoe.actors.engine.step import StepLayout
+from raymoe.actors.models.batch import LatentPair
 from raymoe.comm.group import GroupCoordinator
 
 KeysValues = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -94,12 +95,13 @@ class TorchAttention:
 
         return self._attend(q, q.shape[-1], keys_values, scale=None)
 
-    def forward_latent(self, layer: int, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
-        """q [T, heads, L + R], kv [T, L + R] -> [T, heads, L] (see models.batch.LatentAttention);
-        writes kv into the latent cache first."""
+    def forward_latent(self, layer: int, q: LatentPair, kv: LatentPair) -> torch.Tensor:
+        """-> [T, heads, L] (see models.batch.LatentAttention); writes kv into the latent cache
+        first."""
         assert self.layout is not None, "plan() before forward_latent()"
         cache = self.kv_cache[layer]
-        cache[self._write] = kv
+        cache[self._write] = torch.cat(kv, dim=-1)
+        q = torch.cat(q, dim=-1)  # [T, heads, L + R]
 
         def keys_values(blocks: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             keys = cache[blocks, slots].expand(q.shape[1], -1, -1)  # [heads, ctx, L + R]: one entry every head reads

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import KW_ONLY, dataclass
-from typing import Optional, Protocol
+from typing import NamedTuple, Optional, Protocol
 
 import torch
 
@@ -19,15 +19,25 @@ class Attention(Protocol):
         ...
 
 
+class LatentPair(NamedTuple):
+    """A latent-space tensor as two parts, the latent dims [..., L] and the rotary dims
+    [..., R]: MLA's query [T, heads, *] or a step's cache entries [T, *], handed to the
+    attention without concatenating them (each part's last dim contiguous)."""
+
+    latent: torch.Tensor
+    rope: torch.Tensor
+
+
 class LatentAttention(Protocol):
     """An attention backend over a latent KV cache (DeepSeek's MLA, see latent_attention.py)."""
 
-    def forward_latent(self, layer: int, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+    def forward_latent(self, layer: int, q: LatentPair, kv: LatentPair) -> torch.Tensor:
         """Write the step's latent entries into layer ``layer``'s cache, attend absorbed.
 
-        q [T, heads, L + R] (the absorbed query, then its rotary part), kv [T, L + R] (the
-        normed latent, then the rotary key) -> [T, heads, L]: every head attends to the one
-        latent entry per token, whose first L dims are also the value.
+        q: the absorbed query [T, heads, L] and its rotary part [T, heads, R]; kv: the normed
+        latent [T, L] and the rotary key [T, R] -> [T, heads, L]: every head attends to the
+        one latent entry per token (latent then rotary dims), whose latent dims are also the
+        value.
         """
         ...
 

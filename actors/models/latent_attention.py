@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from raymoe.actors.models.batch import ForwardBatch
+from raymoe.actors.models import ops
+from raymoe.actors.models.batch import ForwardBatch, LatentPair
 from raymoe.actors.models.checkpoint import CheckpointReader
 from raymoe.actors.models.fp8 import WeightSlice, weight_params
 from raymoe.actors.models.layers import PartialSum, RMSNorm, RotaryEmbedding, RowParallelLinear, split_evenly
@@ -69,17 +70,23 @@ class LatentAttention(nn.Module):
         )
         if self.q_b is not None:
             q_in = linear(self.q_a_norm(q_in.contiguous()), self.q_b, scale=self.q_b_scale, block=fp8)
-        q_nope, q_rope = q_in.view(t, self.heads, self.qk_dim).split([m.qk_nope_head_dim, m.qk_rope_head_dim], -1)
-        kv_latent = self.kv_a_norm(latent[:, : m.kv_lora_rank].contiguous())
-        q_rope, k_rope = self.rotary(
-            batch.positions, q_rope.contiguous(), latent[:, None, m.kv_lora_rank :].contiguous()
+        q = q_in.view(t, self.heads, self.qk_dim)
+        norm = self.kv_a_norm
+        q_rope, kv_latent, k_rope = ops.latent_norm_rotary(
+            batch.positions,
+            q,
+            latent,
+            norm_weight=norm.weight,
+            eps=norm.eps,
+            cos_sin=self.rotary.cos_sin,
+            nope_dim=m.qk_nope_head_dim,
         )
-        q_latent = torch.bmm(q_nope.transpose(0, 1), self.w_uk).transpose(0, 1)  # [T, heads, kv_lora_rank]
-        out = batch.attention.forward_latent(
-            self.layer, torch.cat([q_latent, q_rope], dim=-1), torch.cat([kv_latent, k_rope[:, 0]], dim=-1)
-        )
-        out = torch.bmm(out.transpose(0, 1), self.w_uv_t).transpose(0, 1)  # [T, heads, v_head_dim]
-        return PartialSum(self.o_proj(out.reshape(t, self.heads * m.v_head_dim)), self.o_proj.group)
+        # the bmms run head-major; their token-major views go on without copies
+        q_latent = torch.bmm(q[..., : m.qk_nope_head_dim].transpose(0, 1), self.w_uk).transpose(0, 1)
+        out = batch.attention.forward_latent(self.layer, LatentPair(q_latent, q_rope), LatentPair(kv_latent, k_rope))
+        values = x.new_empty(t, self.heads, m.v_head_dim)
+        torch.bmm(out.transpose(0, 1), self.w_uv_t, out=values.transpose(0, 1))
+        return PartialSum(self.o_proj(values.view(t, self.heads * m.v_head_dim)), self.o_proj.group)
 
     def load(self, reader: CheckpointReader, prefix: str) -> None:
         m, fp8 = self.mla, self.fp8_block

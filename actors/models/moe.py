@@ -277,10 +277,16 @@ class ExpertOutputs:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         y, d = self.y, self.dispatch
         if self.world.world_size == 1:
-            if self.shared is not None:
-                residual = residual + self.shared
             return combine_add_rms_norm(
-                y, d.sorted_row, d.weights, d.ends, residual=residual, weight=weight, eps=eps, all_local=self.all_local
+                y,
+                d.sorted_row,
+                d.weights,
+                d.ends,
+                residual=residual,
+                weight=weight,
+                eps=eps,
+                all_local=self.all_local,
+                shared=self.shared,
             )
         buffer = self.world.partial_buffer(residual)
         out = combine(y, d.sorted_row, d.weights, d.ends, all_local=self.all_local, out=buffer)

@@ -56,19 +56,24 @@ def combine_add_rms_norm(
     weight: torch.Tensor,
     eps: float,
     all_local: bool = False,
+    shared: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(RMSNorm(residual + combine(...)) * weight, residual + combine(...)), as
+    """(RMSNorm(residual + block) * weight, residual + block) for the MoE block's output
+    block = combine(...) + shared (the shared experts' output, if any), as
     ops.add_rms_norm after ``combine``; one kernel on Triton (the residual updated in
     place there)."""
-    if _backend(y, backend) == "triton" and residual.is_contiguous() and residual.dtype == y.dtype:
+    fits = residual.is_contiguous() and residual.dtype == y.dtype and (shared is None or shared.is_contiguous())
+    if _backend(y, backend) == "triton" and fits:
         from raymoe.actors.models import moe_combine_triton
 
         normed = moe_combine_triton.combine_add_rms_norm(
-            y, sorted_row, weights, ends, residual=residual, weight=weight, eps=eps
+            y, sorted_row, weights, ends, residual=residual, weight=weight, eps=eps, shared=shared
         )
         return normed, residual
     summed = combine(y, sorted_row, weights, ends, all_local=all_local, backend=backend)
+    if shared is not None:
+        summed = summed + shared
     return ops.add_rms_norm(summed, residual, weight, eps)
 
 

@@ -40,6 +40,7 @@ def _combine_add_rms_norm(
     sorted_row,
     weights,
     ends,
+    shared,
     residual,
     weight,
     out,
@@ -49,12 +50,16 @@ def _combine_add_rms_norm(
     eps,
     TOP_K: tl.constexpr,
     BH: tl.constexpr,
+    HAS_SHARED: tl.constexpr,
 ):
     t = tl.program_id(0)
     col = tl.arange(0, BH)
     live = col < hidden
+    at = t.to(tl.int64) * hidden + col
     acc = _combined(y, sorted_row, weights, ends, t, col, live, num_slots, stride_y, TOP_K, BH)
-    add_rms_norm_row(acc, residual, weight, out, t.to(tl.int64) * hidden + col, col, live, hidden, eps)
+    if HAS_SHARED:
+        acc += tl.load(shared + at, mask=live, other=0.0).to(tl.float32)
+    add_rms_norm_row(acc, residual, weight, out, at, col, live, hidden, eps)
 
 
 def _check(y: torch.Tensor, sorted_row: torch.Tensor, weights: torch.Tensor) -> None:
@@ -102,12 +107,14 @@ def combine_add_rms_norm(
     residual: torch.Tensor,
     weight: torch.Tensor,
     eps: float,
+    shared: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """residual += combine(...), in place; returns RMSNorm(residual) * weight."""
+    """residual += combine(...) (+ shared), in place; returns RMSNorm(residual) * weight."""
     _check(y, sorted_row, weights)
     n, top_k = sorted_row.shape
     hidden = y.shape[1]
     assert residual.shape == (n, hidden) and residual.is_contiguous() and residual.dtype == y.dtype
+    assert shared is None or (shared.shape == residual.shape and shared.is_contiguous())
     out = torch.empty_like(residual)
     if n:
         bh = triton.next_power_of_2(hidden)
@@ -116,6 +123,7 @@ def combine_add_rms_norm(
             sorted_row,
             weights,
             ends,
+            residual if shared is None else shared,
             residual,
             weight,
             out,
@@ -125,6 +133,7 @@ def combine_add_rms_norm(
             eps,
             TOP_K=top_k,
             BH=bh,
+            HAS_SHARED=shared is not None,
             num_warps=row_warps(bh),
         )
     return out

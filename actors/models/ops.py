@@ -148,6 +148,41 @@ def qk_norm_rotary_(
     return q, k
 
 
+def latent_norm_rotary(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    latent: torch.Tensor,
+    *,
+    norm_weight: torch.Tensor,
+    eps: float,
+    cos_sin: torch.Tensor,
+    nope_dim: int,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MLA's inputs to its attention: q [T, heads, nope_dim + R] and latent [T, L + R] (views
+    of the projections' outputs) -> (q's rotary part rotated [T, heads, R], rms_norm of the
+    latent's first L dims [T, L], the rotary key rotated [T, R]); on GPU one Triton kernel."""
+    rope_dim = q.shape[-1] - nope_dim
+    latent_dim = latent.shape[-1] - rope_dim
+
+    def power_of_two(n: int) -> bool:
+        return n > 0 and n & (n - 1) == 0
+
+    fits = power_of_two(latent_dim) and power_of_two(rope_dim // 2) and rope_dim % 2 == 0
+    fits = fits and q.stride(-1) == 1 and latent.stride(-1) == 1 and cos_sin.shape[-1] == rope_dim
+    if choose_backend(backend, op="latent_norm_rotary", on_cuda=q.is_cuda, fits=fits) == "torch":
+        normed = rms_norm(latent[:, :latent_dim].contiguous(), norm_weight, eps)
+        q_rope, k_rope = rotary_(
+            positions, q[..., nope_dim:].contiguous(), latent[:, None, latent_dim:].contiguous(), cos_sin
+        )
+        return q_rope, normed, k_rope[:, 0]
+    from raymoe.actors.models.latent_norm_rope_triton import latent_norm_rope
+
+    return latent_norm_rope(
+        positions, q, latent, norm_weight=norm_weight, eps=eps, cos_sin=cos_sin.contiguous(), nope_dim=nope_dim
+    )
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

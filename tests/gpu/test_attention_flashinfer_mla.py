@@ -24,6 +24,7 @@ from raymoe.actors.engine.attention_flashinfer_mla import (  # noqa: E402
     max_step_tokens,
 )
 from raymoe.actors.engine.step import StepInput, StepLayout, build_step_layout  # noqa: E402
+from raymoe.actors.models.batch import LatentPair  # noqa: E402
 
 LATENT, ROPE, BLOCK = 512, 64, 16
 DIM = LATENT + ROPE
@@ -82,6 +83,15 @@ def write(cache: torch.Tensor, layout: StepLayout, kv: torch.Tensor) -> None:
     cache[LAYER, layout.slot_blocks.cuda(), layout.slot_offsets.cuda()] = kv
 
 
+def as_the_model_hands_it(q: torch.Tensor, kv: torch.Tensor) -> tuple[LatentPair, LatentPair]:
+    """q [T, heads, DIM], kv [T, DIM] in the layouts latent_attention.py makes: the absorbed
+    query a token-major view of a head-major bmm output, the other parts contiguous."""
+    q_latent = q[..., :LATENT].transpose(0, 1).contiguous().transpose(0, 1)
+    return LatentPair(q_latent, q[..., LATENT:].contiguous()), LatentPair(
+        kv[:, :LATENT].contiguous(), kv[:, LATENT:].contiguous()
+    )
+
+
 # 128 heads: DeepSeek-V3 at tp 1 (FlashInfer takes another decode path than for 16)
 @pytest.mark.parametrize("heads", [16, 128])
 def test_eager_prefill_mixed_decode_and_idle_steps(heads):
@@ -99,11 +109,10 @@ def test_eager_prefill_mixed_decode_and_idle_steps(heads):
     for start, lens, rows in steps:
         layout = step_layout(start, lens, tables[rows])
         tokens = sum(lens)
-        # q as the attention block hands it over: a strided view
-        q = torch.randn(tokens, heads, DIM + 64, generator=g, **BF16)[..., :DIM]
+        q = torch.randn(tokens, heads, DIM, generator=g, **BF16)
         kv = torch.randn(tokens, DIM, generator=g, **BF16)
         attn.plan(layout)
-        got = attn.forward_latent(LAYER, q, kv)
+        got = attn.forward_latent(LAYER, *as_the_model_hands_it(q, kv))
         write(want_cache, layout, kv)
         assert torch.equal(cache, want_cache)
         assert got.shape == (tokens, heads, LATENT) and got.dtype == torch.bfloat16
@@ -127,7 +136,7 @@ def test_graph_replays_decode_steps(heads):
         workspace=torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device="cuda"),
         scratch_block=NUM_BLOCKS,
     )
-    q_in, kv_in = torch.zeros(batch, heads, DIM, **BF16), torch.zeros(batch, DIM, **BF16)
+    q_in, kv_in = as_the_model_hands_it(torch.zeros(batch, heads, DIM, **BF16), torch.zeros(batch, DIM, **BF16))
     attn.plan(None)
     attn.forward_latent(LAYER, q_in, kv_in)  # warm-up: lazy init outside the capture
     torch.cuda.synchronize()
@@ -141,7 +150,8 @@ def test_graph_replays_decode_steps(heads):
         n = len(rows)
         q, kv = torch.randn(n, heads, DIM, generator=g, **BF16), torch.randn(n, DIM, generator=g, **BF16)
         attn.plan(layout)
-        q_in[:n], kv_in[:n] = q, kv
+        for buffer, part in zip((*q_in, *kv_in), (q[..., :LATENT], q[..., LATENT:], kv[:, :LATENT], kv[:, LATENT:])):
+            buffer[:n] = part
         graph.replay()
         write(want_cache, layout, kv)
         # padding rows write to the scratch block only

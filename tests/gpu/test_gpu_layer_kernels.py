@@ -97,6 +97,29 @@ def test_qk_norm_rotary_kernel_matches_torch():
         assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 1e-2
 
 
+def test_latent_norm_rotary_kernel_matches_torch():
+    """MLA's norm + rotary at DeepSeek-V2-Lite's widths (16 heads, nope 128, latent 512, rope
+    64), reading the query and latent in place from one projection row."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    tokens, heads = 5, 16
+    proj = torch.randn(tokens, heads * 192 + 576, device="cuda", dtype=torch.bfloat16, generator=g)
+    q, latent = proj[:, : heads * 192].view(tokens, heads, 192), proj[:, heads * 192 :]
+    weight = torch.rand(512, device="cuda", generator=g).to(torch.bfloat16) + 0.5
+    positions = torch.tensor([0, 7, 100, 1023, 4095], device="cuda")
+    inv_freq = 1.0 / (1e4 ** (torch.arange(0, 64, 2, dtype=torch.float) / 64))
+    freqs = torch.arange(4096, dtype=torch.float)[:, None] * inv_freq[None, :]
+    args = dict(
+        norm_weight=weight, eps=1e-6, cos_sin=torch.cat((freqs.cos(), freqs.sin()), dim=-1).cuda(), nope_dim=128
+    )
+    before = proj.clone()
+    want = ops.latent_norm_rotary(positions, q, latent, **args, backend="torch")
+    got = ops.latent_norm_rotary(positions, q, latent, **args, backend="triton")
+    assert torch.equal(proj, before), "the projection row is read, not written"
+    for g_, w_ in zip(got, want):
+        assert g_.shape == w_.shape and g_.is_contiguous()
+        assert ((g_.float() - w_.float()).norm() / w_.float().norm()).item() < 1e-2
+
+
 @pytest.mark.parametrize("ranks,tokens,width", [(2, 1, 2048), (4, 64, 7168), (8, 3, 40)])
 def test_one_shot_collectives_over_buffers_of_simulated_peers(ranks, tokens, width):
     """The symmetric-memory kernels with each peer's buffer simulated as a buffer on this GPU:

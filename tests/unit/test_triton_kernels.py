@@ -77,7 +77,18 @@ CASES = {
     "combine-all-local": ("combine_case", dict(tokens=3, top_k=2, hidden=16, mine=6)),
     # a masked block
     "combine-add-rms-norm-foreign-rows": ("combine_add_rms_norm_case", dict(tokens=5, top_k=4, hidden=40, mine=13)),
+    # with the shared experts' output added (DeepSeek, GLM-4.5, Qwen2-MoE)
+    "combine-add-rms-norm-shared": (
+        "combine_add_rms_norm_case",
+        dict(tokens=5, top_k=4, hidden=40, mine=13, shared=True),
+    ),
     "qk-norm-rope": ("qk_norm_rope_case", dict(tokens=3, heads=4, kv_heads=2, dim=16)),
+    # MLA: V2's query inside the latent's projection row, V3's from a q_b projection of its own
+    "latent-norm-rope": ("latent_norm_rope_case", dict(tokens=3, heads=4, nope=8, latent=32, rope=16, q_lora=False)),
+    "latent-norm-rope-q-lora": (
+        "latent_norm_rope_case",
+        dict(tokens=2, heads=2, nope=12, latent=16, rope=8, q_lora=True),
+    ),
     "skinny-linear-1-row": ("skinny_linear_case", dict(rows=1, bias=False)),
     "skinny-linear-3-rows-bias": ("skinny_linear_case", dict(rows=3, bias=True)),
     "reduce-add-rms-norm-2-ranks": ("reduce_add_rms_norm_case", dict(ranks=2, tokens=5, width=64)),

@@ -21,6 +21,7 @@ from triton.runtime import interpreter
 from raymoe.actors.models import (
     expert_mlp_triton,
     fp8_linear_triton,
+    latent_norm_rope_triton,
     moe_combine_triton,
     ops,
     qk_norm_rope_triton,
@@ -115,7 +116,7 @@ def combine_case(tokens, top_k, hidden, mine):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def combine_add_rms_norm_case(tokens, top_k, hidden, mine):
+def combine_add_rms_norm_case(tokens, top_k, hidden, mine, shared=False):
     g = torch.Generator().manual_seed(tokens + hidden)
     bf16 = torch.bfloat16
     y = torch.randn(tokens * top_k, hidden, generator=g).to(bf16)
@@ -125,9 +126,13 @@ def combine_add_rms_norm_case(tokens, top_k, hidden, mine):
     ends = torch.tensor([mine // 2, mine], dtype=torch.int32)
     residual = torch.randn(tokens, hidden, generator=g).to(bf16)
     weight = torch.randn(hidden, generator=g).to(bf16)
+    shared = torch.randn(tokens, hidden, generator=g).to(bf16) if shared else None
     args = (y, sorted_row, weights, ends)
-    want_normed, want_residual = ops.add_rms_norm(combine(*args, backend="torch"), residual.clone(), weight, 1e-6)
-    normed, got_residual = combine_add_rms_norm(*args, residual=residual, weight=weight, eps=1e-6, backend="triton")
+    block = combine(*args, backend="torch") + (0 if shared is None else shared)
+    want_normed, want_residual = ops.add_rms_norm(block, residual.clone(), weight, 1e-6)
+    normed, got_residual = combine_add_rms_norm(
+        *args, residual=residual, weight=weight, eps=1e-6, shared=shared, backend="triton"
+    )
     assert got_residual is residual, "the residual is updated in place"
     # rounded toward zero by the interpreter (see reduce_add_rms_norm_case)
     torch.testing.assert_close(residual, want_residual, rtol=2**-6, atol=2**-6)
@@ -150,6 +155,27 @@ def qk_norm_rope_case(tokens, heads, kv_heads, dim):
     torch.testing.assert_close(q, want_q, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(k, want_k, rtol=1e-5, atol=1e-5)
     assert torch.equal(qkv[:, (heads + kv_heads) * dim :], v_before), "v must be left alone"
+
+
+def latent_norm_rope_case(tokens, heads, nope, latent, rope, q_lora):
+    g = torch.Generator().manual_seed(tokens + heads)
+    # q and the latent as views of the projections' outputs, as the attention block makes them:
+    # one row holding the query (or only the latent, when a q_b projection makes the query) and
+    # the latent; columns left of the query's, so q's rows start past a row's beginning
+    q_width, latent_width = heads * (nope + rope), latent + rope
+    proj = torch.randn(tokens, 3 + (0 if q_lora else q_width) + latent_width, generator=g)
+    q = (torch.randn(tokens, q_width, generator=g) if q_lora else proj[:, 3 : 3 + q_width]).view(tokens, heads, -1)
+    latent_view = proj[:, proj.shape[1] - latent_width :]
+    weight = torch.rand(latent, generator=g) + 0.5
+    positions = torch.randint(0, 64, (tokens,), generator=g)
+    args = dict(norm_weight=weight, eps=1e-6, cos_sin=torch.randn(64, rope, generator=g), nope_dim=nope)
+    proj_before, q_before = proj.clone(), q.clone()
+    want = ops.latent_norm_rotary(positions, q, latent_view, **args, backend="torch")
+    got = latent_norm_rope_triton.latent_norm_rope(positions, q, latent_view, **args)
+    for name, w, o in zip(("q_rope", "latent", "k_rope"), want, got):
+        assert o.shape == w.shape and o.is_contiguous(), name
+        torch.testing.assert_close(o, w, rtol=1e-5, atol=1e-5, msg=name)
+    assert torch.equal(proj, proj_before) and torch.equal(q, q_before), "the inputs are read, not written"
 
 
 def skinny_linear_case(rows, bias):
@@ -275,6 +301,7 @@ CASE_FUNCTIONS = {
         combine_case,
         combine_add_rms_norm_case,
         qk_norm_rope_case,
+        latent_norm_rope_case,
         skinny_linear_case,
         reduce_add_rms_norm_case,
         gather_rows_case,

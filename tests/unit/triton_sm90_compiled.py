@@ -115,9 +115,18 @@ def moe_case(tokens: int, experts: int, top_k: int, hidden: int, inter: int, fp8
     weights = d.weights if d.weights.shape == (tokens, top_k) else torch.rand(tokens, top_k)
     combine(y, sorted_row, weights.to(BF16), ends, backend="triton")
     residual, norm = torch.randn(tokens, hidden, dtype=BF16), torch.ones(hidden, dtype=BF16)
-    combine_add_rms_norm(
-        y, sorted_row, weights.to(BF16), ends, residual=residual, weight=norm, eps=1e-6, backend="triton"
-    )
+    for shared in (None, torch.randn(tokens, hidden, dtype=BF16)):  # with shared experts' output, and without
+        combine_add_rms_norm(
+            y,
+            sorted_row,
+            weights.to(BF16),
+            ends,
+            residual=residual,
+            weight=norm,
+            eps=1e-6,
+            shared=shared,
+            backend="triton",
+        )
 
 
 def grouped_dispatch_case(tokens: int, experts: int, top_k: int, **rule) -> None:
@@ -137,6 +146,15 @@ def qk_norm_rope_case(tokens: int, heads: int, kv_heads: int, dim: int) -> None:
     norm_rope = dict(q_weight=torch.ones(dim, dtype=BF16), k_weight=torch.ones(dim, dtype=BF16), eps=1e-6)
     positions = torch.arange(tokens)
     ops.qk_norm_rotary_(positions, q, k, **norm_rope, cos_sin=torch.randn(4096, dim), backend="triton")
+
+
+def latent_norm_rope_case(tokens: int, heads: int, q_lora: int) -> None:
+    """MLA's norm + rotary at DeepSeek's widths (nope 128, latent 512, rope 64)."""
+    q_width, latent_width = heads * 192, 576
+    proj = torch.randn(tokens, (q_lora or q_width) + latent_width, dtype=BF16)
+    q = (torch.randn(tokens, q_width, dtype=BF16) if q_lora else proj[:, :q_width]).view(tokens, heads, 192)
+    args = dict(norm_weight=torch.ones(512, dtype=BF16), eps=1e-6, cos_sin=torch.randn(4096, 64), nope_dim=128)
+    ops.latent_norm_rotary(torch.arange(tokens), q, proj[:, -latent_width:], **args, backend="triton")
 
 
 def collectives_case(ranks: int, tokens: int, width: int) -> None:
@@ -173,6 +191,8 @@ CASES = {
         dict(tokens=64, experts=64, top_k=6, num_groups=1, topk_groups=1, routed_scaling_factor=1.0, scoring="softmax"),
     ),
     "qk-norm-rope-qwen3": (qk_norm_rope_case, dict(tokens=64, heads=32, kv_heads=4, dim=128)),
+    "latent-norm-rope-deepseek-v2-lite": (latent_norm_rope_case, dict(tokens=64, heads=16, q_lora=0)),
+    "latent-norm-rope-deepseek-v3": (latent_norm_rope_case, dict(tokens=64, heads=128, q_lora=1536)),
     "collectives-2-ranks-2048": (collectives_case, dict(ranks=2, tokens=8, width=2048)),
     "collectives-8-ranks-7168": (collectives_case, dict(ranks=8, tokens=8, width=7168)),
 }
