@@ -138,7 +138,7 @@ def qk_norm_rotary_(
     """rotary_(positions, rms_norm(q, q_weight), rms_norm(k, k_weight)): Qwen3's per-head
     norms then the rotary embedding; on GPU one Triton kernel, in place."""
     dim = q.shape[-1]
-    fits = dim % 2 == 0 and (dim // 2) & (dim // 2 - 1) == 0 and q.stride(-1) == 1 and k.stride(-1) == 1
+    fits = dim % 2 == 0 and _power_of_two(dim // 2) and q.stride(-1) == 1 and k.stride(-1) == 1
     fits = fits and cos_sin.shape[-1] == dim and cos_sin.is_contiguous()
     if choose_backend(backend, op="qk_norm_rotary_", on_cuda=q.is_cuda, fits=fits) == "torch":
         return rotary_(positions, rms_norm(q, q_weight, eps), rms_norm(k, k_weight, eps), cos_sin)
@@ -164,11 +164,7 @@ def latent_norm_rotary(
     latent's first L dims [T, L], the rotary key rotated [T, R]); on GPU one Triton kernel."""
     rope_dim = q.shape[-1] - nope_dim
     latent_dim = latent.shape[-1] - rope_dim
-
-    def power_of_two(n: int) -> bool:
-        return n > 0 and n & (n - 1) == 0
-
-    fits = power_of_two(latent_dim) and power_of_two(rope_dim // 2) and rope_dim % 2 == 0
+    fits = _power_of_two(latent_dim) and rope_dim % 2 == 0 and _power_of_two(rope_dim // 2)
     fits = fits and q.stride(-1) == 1 and latent.stride(-1) == 1 and cos_sin.shape[-1] == rope_dim
     if choose_backend(backend, op="latent_norm_rotary", on_cuda=q.is_cuda, fits=fits) == "torch":
         normed = rms_norm(latent[:, :latent_dim].contiguous(), norm_weight, eps)
@@ -181,6 +177,10 @@ def latent_norm_rotary(
     return latent_norm_rope(
         positions, q, latent, norm_weight=norm_weight, eps=eps, cos_sin=cos_sin.contiguous(), nope_dim=nope_dim
     )
+
+
+def _power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
