@@ -3,8 +3,10 @@ computes nothing, so the host path (ingress, controller, Ray, the rank's own hos
 measured at GPU step times on a machine without a GPU.
 
 A step costs ``decode_ms`` plus its prefill tokens (all but one per sequence) at
-``prefill_tok_s``; it starts when launched or when the step before it ends, whichever is
-later, and its outputs can be collected once it ends. Its logits are those of a zero hidden
+``prefill_tok_s``, and a step with prefill tokens (an eager step on a GPU) at least
+``eager_ms`` (optional, default 0: a host-bound eager step's floor); it starts when launched
+or when the step before it ends, whichever is later, and its outputs can be collected once
+it ends. Its logits are those of a zero hidden
 state (the model's LM head on zeros), so the sampled tokens are meaningless: use it with
 ``ignore_eos`` workloads and compare timings only.
 
@@ -28,15 +30,17 @@ from typing import Any
 class StepCost:
     decode_ms: float
     prefill_tok_s: float
+    eager_ms: float = 0.0
 
     def seconds(self, query_lens: Any) -> float:
         prefill = int(query_lens.sum()) - int((query_lens > 0).sum())
-        return self.decode_ms / 1e3 + prefill / self.prefill_tok_s
+        device = self.decode_ms / 1e3 + prefill / self.prefill_tok_s
+        return max(device, self.eager_ms / 1e3) if prefill else device
 
 
 def cost_from_env(value: str) -> StepCost:
-    fields = dict(item.split("=", 1) for item in value.split(",") if item)
-    return StepCost(float(fields["decode_ms"]), float(fields["prefill_tok_s"]))
+    fields = {name: float(v) for name, v in (item.split("=", 1) for item in value.split(",") if item)}
+    return StepCost(**fields)
 
 
 def install(runner_module: Any) -> None:
