@@ -136,6 +136,7 @@ class LatentKVAppend(KVAppend):
 def _split(q: LatentPair, cache: torch.Tensor, latent_dim: int) -> dict:
     """The wrapper's run arguments for a split query and a layer's cache. Its kernels take
     the row and head strides but assume a unit stride in the last dim."""
+    # a plain tuple: FlashInfer takes no other sequence (not the NamedTuple)
     parts = tuple(p if p.stride(-1) == 1 else p.contiguous() for p in q)
     return dict(query=parts, kv_cache=(cache[..., :latent_dim], cache[..., latent_dim:]))
 

@@ -75,6 +75,9 @@ def latent_norm_rope(
     rope_dim = q_dim - nope_dim
     latent_dim = latent.shape[1] - rope_dim
     assert q.stride(2) == 1 and latent.stride(1) == 1 and cos_sin.is_contiguous() and cos_sin.shape[1] == rope_dim
+    assert positions.is_contiguous() and positions.shape[0] >= t
+    for width in (latent_dim, rope_dim // 2):  # tl.arange widths, unmasked
+        assert width > 0 and width & (width - 1) == 0, "the latent and half the rotary width must be powers of two"
     q_rope = q.new_empty(t, heads, rope_dim)
     normed = latent.new_empty(t, latent_dim)
     k_rope = latent.new_empty(t, rope_dim)
