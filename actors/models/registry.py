@@ -78,6 +78,9 @@ class ArchitectureTraits:
     implemented_values: dict[str, tuple[Any, ...]] = field(default_factory=dict)
     # the field counting the checkpoint's multi-token-prediction layers past num_hidden_layers (unused here)
     mtp_layers_field: Optional[str] = None
+    # transformers' defaults (its config class) for fields that change the maths, where config.json is
+    # silent: the same checkpoint then means the same model here and there
+    config_defaults: dict[str, Any] = field(default_factory=dict)
 
 
 ARCHITECTURES = {
@@ -95,6 +98,7 @@ ARCHITECTURES = {
         o_proj_bias=False,
         shared_expert="gated",
         experts=QWEN2_MOE_EXPERTS,
+        config_defaults={"norm_topk_prob": False, "decoder_sparse_step": 1, "mlp_only_layers": []},
     ),
     "Glm4MoeForCausalLM": ArchitectureTraits(
         moe=True,
@@ -107,6 +111,15 @@ ARCHITECTURES = {
         shared_expert="plain",
         experts=GLM4_MOE_EXPERTS,
         mtp_layers_field="num_nextn_predict_layers",
+        config_defaults={
+            "first_k_dense_replace": 1,
+            "n_group": 1,
+            "topk_group": 1,
+            "routed_scaling_factor": 1.0,
+            "n_shared_experts": 1,
+            "norm_topk_prob": True,
+            "use_qk_norm": False,
+        },
     ),
     "DeepseekV3ForCausalLM": ArchitectureTraits(
         moe=True,
@@ -123,6 +136,15 @@ ARCHITECTURES = {
             "topk_method": ("noaux_tc",),
             "scoring_func": ("sigmoid",),
             "moe_layer_freq": (1,),
+        },
+        config_defaults={
+            "first_k_dense_replace": 3,
+            "n_group": 8,
+            "topk_group": 4,
+            "routed_scaling_factor": 2.5,
+            "n_shared_experts": 1,
+            "norm_topk_prob": True,
+            "rope_interleave": True,
         },
     ),
     # transformers' DeepSeek-V2 router never renormalises (norm_topk_prob is refused, not ignored)
@@ -142,6 +164,13 @@ ARCHITECTURES = {
             "scoring_func": ("softmax",),
             "moe_layer_freq": (1,),
             "rope_interleave": (True,),
+        },
+        config_defaults={
+            "first_k_dense_replace": 0,
+            "routed_scaling_factor": 1.0,
+            "n_shared_experts": 2,
+            "norm_topk_prob": False,
+            "topk_method": "greedy",
         },
     ),
 }

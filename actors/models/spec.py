@@ -153,6 +153,7 @@ def spec_from_hf_config(cfg: dict[str, Any]) -> ModelSpec:
     changes the maths in a way raymoe does not implement (naming the field)."""
     arch = (cfg.get("architectures") or ["<none>"])[0]
     traits = architecture_traits(arch)  # raises for unknown architectures
+    cfg = {**traits.config_defaults, **cfg}
     _refuse_unimplemented(cfg, arch, traits)
     hidden = _need(cfg, "hidden_size")
     heads = _need(cfg, "num_attention_heads")

@@ -32,6 +32,29 @@ def test_every_architecture_has_a_zoo_model_whose_config_loads():
         assert spec.architecture == hf_classes(kind)[1].__name__
 
 
+@pytest.mark.parametrize("arch", [a for a, traits in ARCHITECTURES.items() if traits.config_defaults])
+def test_a_silent_field_means_what_it_means_to_transformers(arch):
+    """A config.json without a field that changes the maths (routing groups, dense layers,
+    shared experts, renormalisation) gives the spec of one holding transformers' default for it:
+    the defaults are those of transformers' own config class, which are not the same across
+    architectures (DeepSeek-V2 keeps no dense layer by default, V3 three, GLM-4.5 one)."""
+    kind = ZOO[arch]
+    hf_defaults = hf_classes(kind)[0]().to_dict()
+
+    def outcome(cfg: dict):  # the spec, or the refusal (a default may not fit the zoo's small shape)
+        try:
+            return spec_from_hf_config(cfg)
+        except ValueError as e:
+            return str(e)
+
+    for key, value in ARCHITECTURES[arch].config_defaults.items():
+        assert value == hf_defaults[key], key
+        layers = 6  # more than any default number of dense layers
+        silent = {k: v for k, v in _config(kind, num_hidden_layers=layers).items() if k != key}
+        explicit = _config(kind, num_hidden_layers=layers, **{key: hf_defaults[key]})
+        assert outcome(silent) == outcome(explicit), key
+
+
 def test_the_new_architectures_read_their_fields():
     qwen2 = spec_from_hf_config(_config("qwen2_moe"))
     assert (qwen2.qkv_bias, qwen2.o_proj_bias, qwen2.qk_norm) == (True, False, False)
