@@ -84,12 +84,18 @@ class ArchitectureTraits:
 
 
 ARCHITECTURES = {
-    "Qwen3MoeForCausalLM": ArchitectureTraits(moe=True, qk_norm=True, experts=QWEN_EXPERTS),
+    "Qwen3MoeForCausalLM": ArchitectureTraits(
+        moe=True, qk_norm=True, experts=QWEN_EXPERTS, config_defaults={"use_sliding_window": False}
+    ),
     # Mixtral always renormalises its top-k weights
     "MixtralForCausalLM": ArchitectureTraits(
-        moe=True, qkv_bias_field=None, default_norm_topk=True, experts=MIXTRAL_EXPERTS
+        moe=True,
+        qkv_bias_field=None,
+        default_norm_topk=True,
+        experts=MIXTRAL_EXPERTS,
+        config_defaults={"rope_theta": 1e6, "rms_norm_eps": 1e-5},
     ),
-    "Qwen3ForCausalLM": ArchitectureTraits(moe=False, qk_norm=True),
+    "Qwen3ForCausalLM": ArchitectureTraits(moe=False, qk_norm=True, config_defaults={"use_sliding_window": False}),
     "LlamaForCausalLM": ArchitectureTraits(moe=False, implemented_values={"mlp_bias": (False,)}),
     "Qwen2MoeForCausalLM": ArchitectureTraits(
         moe=True,
@@ -98,7 +104,12 @@ ARCHITECTURES = {
         o_proj_bias=False,
         shared_expert="gated",
         experts=QWEN2_MOE_EXPERTS,
-        config_defaults={"norm_topk_prob": False, "decoder_sparse_step": 1, "mlp_only_layers": []},
+        config_defaults={
+            "norm_topk_prob": False,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+            "use_sliding_window": False,
+        },
     ),
     "Glm4MoeForCausalLM": ArchitectureTraits(
         moe=True,
@@ -119,6 +130,7 @@ ARCHITECTURES = {
             "n_shared_experts": 1,
             "norm_topk_prob": True,
             "use_qk_norm": False,
+            "rms_norm_eps": 1e-5,
         },
     ),
     "DeepseekV3ForCausalLM": ArchitectureTraits(

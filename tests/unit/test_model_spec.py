@@ -35,11 +35,13 @@ def test_every_architecture_has_a_zoo_model_whose_config_loads():
 @pytest.mark.parametrize("arch", [a for a, traits in ARCHITECTURES.items() if traits.config_defaults])
 def test_a_silent_field_means_what_it_means_to_transformers(arch):
     """A config.json without a field that changes the maths (routing groups, dense layers,
-    shared experts, renormalisation) gives the spec of one holding transformers' default for it:
+    shared experts, renormalisation, rotary base, norm epsilon, sliding window) gives the spec
+    of one holding transformers' default for it:
     the defaults are those of transformers' own config class, which are not the same across
     architectures (DeepSeek-V2 keeps no dense layer by default, V3 three, GLM-4.5 one)."""
     kind = ZOO[arch]
     hf_defaults = hf_classes(kind)[0]().to_dict()
+    hf_defaults = {**hf_defaults.get("rope_parameters", {}), **hf_defaults}  # rope_theta sits in there
 
     def outcome(cfg: dict):  # the spec, or the refusal (a default may not fit the zoo's small shape)
         try:
@@ -51,6 +53,9 @@ def test_a_silent_field_means_what_it_means_to_transformers(arch):
         assert value == hf_defaults[key], key
         layers = 6  # more than any default number of dense layers
         silent = {k: v for k, v in _config(kind, num_hidden_layers=layers).items() if k != key}
+        for nested in ("rope_parameters", "rope_scaling"):  # where transformers may have put it
+            if isinstance(silent.get(nested), dict):
+                silent[nested] = {k: v for k, v in silent[nested].items() if k != key}
         explicit = _config(kind, num_hidden_layers=layers, **{key: hf_defaults[key]})
         assert outcome(silent) == outcome(explicit), key
 
