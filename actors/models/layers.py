@@ -321,9 +321,21 @@ class QKVProjection(nn.Module):
 class DenseMLP(nn.Module):
     """SwiGLU MLP, intermediate dim split over tp: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, hidden: int, intermediate: int, tp: GroupCoordinator, *, dtype, device, fp8_block=None) -> None:
+    def __init__(
+        self,
+        hidden: int,
+        intermediate: int,
+        tp: GroupCoordinator,
+        *,
+        dtype,
+        device,
+        fp8_block=None,
+        field: str = "intermediate_size",
+    ) -> None:
+        """field: the config.json field(s) ``intermediate`` comes from, for the error a tp that
+        does not divide it raises."""
         super().__init__()
-        self.local = split_evenly(intermediate, tp.world_size, "intermediate_size", "choose a tp that divides it")
+        self.local = split_evenly(intermediate, tp.world_size, field, "choose a tp that divides it")
         self.start = tp.rank_in_group * self.local
         self.fp8_block = fp8_block
         self.gate_up, self.gate_up_scale = weight_params(

@@ -105,7 +105,16 @@ class MoE(nn.Module):
             else None
         )
         self.shared = (
-            DenseMLP(h, spec.moe.shared_intermediate_size, groups.tp, dtype=dtype, device=device, fp8_block=fp8_block)
+            DenseMLP(
+                h,
+                spec.moe.shared_intermediate_size,
+                groups.tp,
+                dtype=dtype,
+                device=device,
+                fp8_block=fp8_block,
+                field="the shared experts' width (shared_expert_intermediate_size, or n_shared_experts x "
+                "moe_intermediate_size)",
+            )
             if spec.moe.shared_intermediate_size
             else None
         )

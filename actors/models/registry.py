@@ -85,7 +85,10 @@ class ArchitectureTraits:
 
 ARCHITECTURES = {
     "Qwen3MoeForCausalLM": ArchitectureTraits(
-        moe=True, qk_norm=True, experts=QWEN_EXPERTS, config_defaults={"use_sliding_window": False}
+        moe=True,
+        qk_norm=True,
+        experts=QWEN_EXPERTS,
+        config_defaults={"use_sliding_window": False, "num_key_value_heads": 4},
     ),
     # Mixtral always renormalises its top-k weights
     "MixtralForCausalLM": ArchitectureTraits(
@@ -93,9 +96,13 @@ ARCHITECTURES = {
         qkv_bias_field=None,
         default_norm_topk=True,
         experts=MIXTRAL_EXPERTS,
-        config_defaults={"rope_theta": 1e6, "rms_norm_eps": 1e-5},
+        config_defaults={"rope_theta": 1e6, "rms_norm_eps": 1e-5, "num_key_value_heads": 8},
     ),
-    "Qwen3ForCausalLM": ArchitectureTraits(moe=False, qk_norm=True, config_defaults={"use_sliding_window": False}),
+    "Qwen3ForCausalLM": ArchitectureTraits(
+        moe=False,
+        qk_norm=True,
+        config_defaults={"use_sliding_window": False, "num_key_value_heads": 32, "head_dim": 128},
+    ),
     "LlamaForCausalLM": ArchitectureTraits(moe=False, implemented_values={"mlp_bias": (False,)}),
     "Qwen2MoeForCausalLM": ArchitectureTraits(
         moe=True,
@@ -109,6 +116,7 @@ ARCHITECTURES = {
             "decoder_sparse_step": 1,
             "mlp_only_layers": [],
             "use_sliding_window": False,
+            "num_key_value_heads": 16,
         },
     ),
     "Glm4MoeForCausalLM": ArchitectureTraits(
@@ -131,6 +139,7 @@ ARCHITECTURES = {
             "norm_topk_prob": True,
             "use_qk_norm": False,
             "rms_norm_eps": 1e-5,
+            "num_key_value_heads": 8,
         },
     ),
     "DeepseekV3ForCausalLM": ArchitectureTraits(

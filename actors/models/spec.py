@@ -263,8 +263,12 @@ def _refuse_unimplemented(cfg: dict[str, Any], arch: str, traits: ArchitectureTr
 
 
 def _moe(cfg: dict[str, Any], arch: str, traits: ArchitectureTraits, layers: int) -> MoESpec:
-    num_experts = next((cfg[k] for k in ("num_experts", "num_local_experts", "n_routed_experts") if cfg.get(k)), None)
+    keys = ("num_experts", "num_local_experts", "n_routed_experts")
+    num_experts = next((cfg[k] for k in keys if cfg.get(k)), None)
     if num_experts is None:
+        zero = next((k for k in keys if k in cfg), None)
+        if zero is not None:
+            raise ValueError(f"config.json: {zero} = {cfg[zero]} is not implemented for {arch} (a MoE with no experts)")
         raise ValueError(f"config.json of {arch}: needs num_experts (or num_local_experts, n_routed_experts)")
     top_k = _need(cfg, "num_experts_per_tok")
     width = cfg.get("moe_intermediate_size") or _need(cfg, "intermediate_size")

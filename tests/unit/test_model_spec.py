@@ -241,3 +241,12 @@ def test_rotary_table_equals_transformers(name):
 def test_latent_attention_dims_that_cannot_work_are_refused_by_name(field, value):
     with pytest.raises(ValueError, match=field):
         spec_from_hf_config({**_config("deepseek_v3"), field: value})
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral", "qwen2_moe", "glm4_moe", "deepseek_v3"])
+def test_a_moe_without_experts_is_refused_naming_the_field(kind):
+    cfg = _config(kind)
+    key = next(k for k in ("num_experts", "num_local_experts", "n_routed_experts") if k in cfg)
+    cfg[key] = 0
+    with pytest.raises(ValueError, match=f"{key} = 0 is not implemented"):
+        spec_from_hf_config(cfg)
