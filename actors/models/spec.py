@@ -163,7 +163,7 @@ def spec_from_hf_config(cfg: dict[str, Any]) -> ModelSpec:
     max_position = int(cfg.get("max_position_embeddings", 4096))
     if rope.kind == "yarn":  # YaRN stretches the original context by its factor
         max_position = max(max_position, int(rope.original_max_position * rope.factor))
-    window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
+    window = _sliding_window(cfg, layers)
     mla = _latent_attention(cfg, rope) if traits.latent_attention else None
     return ModelSpec(
         architecture=arch,
@@ -190,6 +190,22 @@ def spec_from_hf_config(cfg: dict[str, Any]) -> ModelSpec:
         fp8_unconverted=tuple((cfg.get("quantization_config") or {}).get("modules_to_not_convert") or ()),
         mla=mla,
     )
+
+
+def _sliding_window(cfg: dict[str, Any], layers: int) -> Optional[int]:
+    """The attention window of the layers that slide, or None where none does (transformers'
+    layer_types, else Qwen's max_window_layers: the layers from it on slide)."""
+    window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
+    if window is None:
+        return None
+    types = cfg.get("layer_types")
+    if types is not None:
+        slides = "sliding_attention" in types
+    else:
+        slides = int(cfg.get("max_window_layers") or 0) < layers
+    if slides and not (isinstance(window, int) and window >= 1):
+        raise ValueError(f"config.json: sliding_window = {json.dumps(window)} must be a window of >= 1 tokens")
+    return window if slides else None
 
 
 def _latent_attention(cfg: dict[str, Any], rope: RopeSpec) -> LatentAttentionSpec:

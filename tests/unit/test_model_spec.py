@@ -250,3 +250,24 @@ def test_a_moe_without_experts_is_refused_naming_the_field(kind):
     cfg[key] = 0
     with pytest.raises(ValueError, match=f"{key} = 0 is not implemented"):
         spec_from_hf_config(cfg)
+
+
+@pytest.mark.parametrize("max_window_layers", [0, 1, 2, 5])
+def test_the_window_applies_only_where_transformers_slides_a_layer(max_window_layers):
+    """Qwen3's layers slide from max_window_layers on (transformers' layer_types): with none
+    sliding the context is not capped at the window."""
+    hf = hf_config("qwen3", use_sliding_window=True, sliding_window=32, max_window_layers=max_window_layers)
+    spec = spec_from_hf_config(
+        _config("qwen3", use_sliding_window=True, sliding_window=32, max_window_layers=max_window_layers)
+    )
+    assert spec.sliding_window == (32 if "sliding_attention" in hf.layer_types else None)
+    # the same config as older transformers wrote it, without layer_types
+    legacy = _config("qwen3", use_sliding_window=True, sliding_window=32, max_window_layers=max_window_layers)
+    del legacy["layer_types"]
+    assert spec_from_hf_config(legacy).sliding_window == spec.sliding_window
+
+
+def test_a_window_of_no_tokens_is_refused_naming_the_field():
+    cfg = _config("mixtral", sliding_window=0)
+    with pytest.raises(ValueError, match="sliding_window = 0"):
+        spec_from_hf_config(cfg)
