@@ -307,12 +307,20 @@ def profile_step(ctx, step) -> str:
     with torch.inference_mode():
         runner.forward_eager(layout, step.dp_token_counts)
         torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        runner.forward_eager(layout, step.dp_token_counts)
+        launched = time.perf_counter() - t0
+        torch.cuda.synchronize()
+        finished = time.perf_counter() - t0
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             runner.forward_eager(layout, step.dp_token_counts)
             torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     total = sum(e.device_time for e in kernels) / 1e3
-    head = f"{len(kernels)} kernels, {total:.2f} ms of kernel time (eager)\n"
+    head = (
+        f"{len(kernels)} kernels, {total:.2f} ms of kernel time (eager); unprofiled, the host took "
+        f"{launched * 1e3:.2f} ms to launch them and the step finished after {finished * 1e3:.2f} ms\n"
+    )
     return head + prof.key_averages().table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70)
 
 
