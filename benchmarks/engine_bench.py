@@ -29,7 +29,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import functools
+import io
+import pstats
 import statistics
 import time
 from typing import NamedTuple
@@ -312,6 +315,11 @@ def profile_step(ctx, step) -> str:
         launched = time.perf_counter() - t0
         torch.cuda.synchronize()
         finished = time.perf_counter() - t0
+        host = cProfile.Profile()
+        host.enable()
+        runner.forward_eager(layout, step.dp_token_counts)
+        host.disable()
+        torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             runner.forward_eager(layout, step.dp_token_counts)
             torch.cuda.synchronize()
@@ -321,7 +329,10 @@ def profile_step(ctx, step) -> str:
         f"{len(kernels)} kernels, {total:.2f} ms of kernel time (eager); unprofiled, the host took "
         f"{launched * 1e3:.2f} ms to launch them and the step finished after {finished * 1e3:.2f} ms\n"
     )
-    return head + prof.key_averages().table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70)
+    table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70)
+    hot = io.StringIO()
+    pstats.Stats(host, stream=hot).sort_stats("tottime").print_stats(25)
+    return f"{head}{table}\nHost Python of one eager forward (cProfile, by own time):\n{hot.getvalue()}"
 
 
 # ---- driver ------------------------------------------------------------------------

@@ -221,7 +221,8 @@ def engine_times(
         out[f"decode_{b}_s"] = res["pipelined_s"] if pipelined else res["median_s"]
     seqs = max(1, config.engine.max_num_batched_tokens // args.input_len)
     counts = (seqs * args.input_len,) * dp
-    steps = [engine_bench.prefill_step(seqs, args.input_len, bs, counts, info.vocab_size) for _ in range(dp)]
+    prefill = engine_bench.Prefill(seqs, args.input_len)
+    steps = [engine_bench.prefill_step(prefill, bs, counts, info.vocab_size) for _ in range(dp)]
     res = run(engine_bench._per_replica(engine_bench.time_step), steps, 5, False)[0]
     out["prefill_tok_s"] = seqs * args.input_len * dp / res["median_s"]
     return out
