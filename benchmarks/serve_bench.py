@@ -178,22 +178,33 @@ def run_suite(args: argparse.Namespace, config: Any) -> int:
     # offline before and after the endpoint runs: machine noise over the run hits both alike
     llm = LLM(controller=controller)
     try:
-        offline = [offline_generate(llm, max(concurrencies), args)]
+        with phase("offline"):
+            offline = [offline_generate(llm, max(concurrencies), args)]
         print(f"offline: {json.dumps(offline[0])}", flush=True)
         endpoint = {}
         for c in concurrencies:
             run = argparse.Namespace(**vars(args))
             run.concurrency = c
             run.num_requests = args.num_requests if "--num-requests" in sys.argv else max(8, 2 * c)
-            endpoint[c] = asyncio.run(run_bench(run))
+            with phase(f"concurrency {c}"):
+                endpoint[c] = asyncio.run(run_bench(run))
             print(format_summary(endpoint[c]), flush=True)
-        offline.append(offline_generate(llm, max(concurrencies), args))
+        with phase("offline again"):
+            offline.append(offline_generate(llm, max(concurrencies), args))
         print(f"offline again: {json.dumps(offline[1])}", flush=True)
     finally:
         llm.shutdown()
     stats = ray.get(controller.stats.remote())
     print(format_suite(args, config, engine, offline, endpoint, stats))
     return 0 if all(s["failed"] == 0 for s in endpoint.values()) else 1
+
+
+@contextlib.contextmanager
+def phase(name: str) -> Iterator[None]:
+    """Print when a part of the suite ran (wall-clock seconds), for step_trace.py --phases."""
+    t0 = time.time()
+    yield
+    print(f"phase: {name} {t0:.3f} {time.time():.3f}", flush=True)
 
 
 def engine_times(

@@ -10,7 +10,7 @@ it ends. Its logits are those of a zero hidden
 state (the model's LM head on zeros), so the sampled tokens are meaningless: use it with
 ``ignore_eos`` workloads and compare timings only.
 
-    RAYMOE_SIM_DEVICE=decode_ms=5.5,prefill_tok_s=212000 PYTHONPATH=benchmarks/sim_device \\
+    RAYMOE_SIM_DEVICE=decode_ms=5.5,prefill_tok_s=212000 PYTHONPATH=benchmarks/runner_patches \\
         python benchmarks/prefix_cache_bench.py --config tiny ...
 
 ``sitecustomize.py`` here patches ``ModelRunner`` in every process that imports it (Ray's
