@@ -123,6 +123,8 @@ def main() -> None:
     args = p.parse_args()
     for path in sorted(pathlib.Path(args.trace_dir).glob("*.jsonl")):
         records = [json.loads(line) for line in path.read_text().splitlines() if line]
+        if not records:  # a process that imported the runner but ran no step (the controller)
+            continue
         print(f"## {path.name}")
         for name, start, end in phases(args.phases) if args.phases else [("all steps", 0.0, float("inf"))]:
             print(f"### {name}\n{summarize([r for r in records if start <= r['t0'] <= end])}\n")
