@@ -187,6 +187,7 @@ class EngineClient:
         self._send = asyncio.Event()
         self._have_streams = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
+        self._grammar_submits: set[asyncio.Task] = set()
 
     @property
     def num_streams(self) -> int:
@@ -278,9 +279,10 @@ class EngineClient:
 
     async def close(self) -> None:
         """Abort every open request and stop polling."""
-        for task in self._tasks:
+        tasks = [*self._tasks, *self._grammar_submits]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks = []
         if self._streams:
             try:
@@ -294,26 +296,58 @@ class EngineClient:
             self._tasks = [asyncio.create_task(self._send_loop()), asyncio.create_task(self._poll_loop())]
 
     async def _send_loop(self) -> None:
-        """Submit and abort in batches: one call at a time, each taking all that queued."""
+        """Submit and abort in batches: one call at a time, each taking all that queued.
+        Requests under a grammar go in calls of their own, not awaited here: the engine
+        compiles a new grammar before it takes the request (seconds for a large one), and the
+        requests queued behind it must not wait for that."""
         while True:
             await self._send.wait()
             self._send.clear()
             new, self._to_submit = list(self._to_submit.values()), {}
             aborts, self._to_abort = self._to_abort, []
+            constrained = [n for n in new if n.sampling.grammar is not None]
+            if constrained:
+                task = asyncio.create_task(self._submit_constrained(constrained))
+                self._grammar_submits.add(task)
+                task.add_done_callback(self._grammar_submits.discard)
+            new = [n for n in new if n.sampling.grammar is None]
             try:
                 rejected = await self._submit(new) if new else []
                 if aborts:  # after the submits: a request sent in this batch may be aborted in it
                     await self.engine.abort(self.client_id, aborts)
             except Exception as e:  # the engine is unreachable even after re-attaching
-                for n in new:
-                    stream = self._streams.pop(n.seq, None)
-                    if stream is not None:
-                        stream.fail(e)
+                self._fail_streams(new, e)
                 continue
-            for r in rejected:
-                stream = self._streams.pop(r.seq, None)
-                if stream is not None:
-                    stream.fail(RequestRejected(r.kind, r.message))
+            self._fail_rejected(rejected)
+
+    async def _submit_constrained(self, new: list[NewRequest]) -> None:
+        """Submit requests under grammars; those whose consumer went away meanwhile (their
+        abort may have reached the engine before them) are aborted once they are in."""
+        try:
+            rejected = await self._submit(new)
+        except Exception as e:
+            self._fail_streams(new, e)
+            return
+        self._fail_rejected(rejected)
+        refused = {r.seq for r in rejected}
+        gone = [n.seq for n in new if n.seq not in self._streams and n.seq not in refused]
+        if gone:
+            try:
+                await self.engine.abort(self.client_id, gone)
+            except Exception as e:  # the engine is unreachable: its requests are gone with it
+                log.warning("aborting requests: %r", e)
+
+    def _fail_streams(self, new: list[NewRequest], error: BaseException) -> None:
+        for n in new:
+            stream = self._streams.pop(n.seq, None)
+            if stream is not None:
+                stream.fail(error)
+
+    def _fail_rejected(self, rejected: list[Rejection]) -> None:
+        for r in rejected:
+            stream = self._streams.pop(r.seq, None)
+            if stream is not None:
+                stream.fail(RequestRejected(r.kind, r.message))
 
     async def _submit(self, new: list[NewRequest]) -> list[Rejection]:
         """Submit; when the controller is unreachable, find it again (its host may have started

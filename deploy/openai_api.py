@@ -249,6 +249,21 @@ def completion_prompts(req: CompletionRequest) -> list[Union[str, list[int]]]:
     return prompts
 
 
+def check_fan_out(num_prompts: int, n: int, limit: int) -> None:
+    """A request runs one engine request per prompt and choice; more than ``limit``
+    (serve.max_queued_requests) could never wait in the queue together: 400, before any
+    per-prompt work."""
+    if num_prompts * n <= limit:
+        return
+    param = "prompt" if num_prompts > 1 else "n"
+    raise bad_request(
+        f"{param}: {num_prompts} prompt(s) x n={n} make {num_prompts * n} requests; at most {limit} "
+        "(serve.max_queued_requests) fit the server's queue: send them in several requests",
+        param,
+        "invalid_value",
+    )
+
+
 def chat_messages(req: ChatRequest) -> list[dict[str, Any]]:
     """Messages as the chat template expects them; content parts must be text."""
     if not req.messages:
@@ -463,7 +478,7 @@ def _logit_bias(bias: Optional[dict[str, float]]) -> Optional[dict[int, float]]:
         return None
     out = {}
     for key, value in bias.items():
-        if not key.isdigit():
+        if not (key.isascii() and key.isdigit()):  # str.isdigit also takes "²" and "٣"
             raise bad_request(f"logit_bias: keys must be token ids, got {key!r}", "logit_bias", "invalid_value")
         out[int(key)] = value
     return out

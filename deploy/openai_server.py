@@ -34,6 +34,7 @@ from raymoe.deploy.openai_api import (
     bad_request,
     chat_messages,
     chat_tools,
+    check_fan_out,
     choice_params,
     completion_prompts,
     parse_request,
@@ -131,10 +132,14 @@ class OpenAIServer:
         api_key: Optional[str] = None,
         reasoning_parser: Optional[str] = None,
         tool_parser_name: str = "hermes",
+        max_queued_requests: int = 1024,
     ) -> None:
         """``reasoning_parser``: a chat answer's ``<think>`` block goes to ``reasoning_content``
-        (see deploy/reasoning.py); None: all of it is content."""
+        (see deploy/reasoning.py); None: all of it is content. ``max_queued_requests``: the
+        engine's queue (serve.max_queued_requests), the most engine requests one HTTP request
+        may make (a prompt and choice each)."""
         self.reasoning_parser = reasoning_parser
+        self.max_queued_requests = max_queued_requests
         self.tool_parser = tool_parser(tool_parser_name)
         self.client = client
         self.model_name = model_name
@@ -182,6 +187,7 @@ class OpenAIServer:
         req = parse_request(CompletionRequest, body)
         self._check_model(req.model)
         prompts = completion_prompts(req)
+        check_fan_out(len(prompts), req.n or 1, self.max_queued_requests)
         ids = [await self.client.tokenize(p) for p in prompts]
         limits = dict(limit=self.client.info.token_limit, default=DEFAULT_COMPLETION_MAX_TOKENS)
         limits.update(param="max_tokens", prompt_param="prompt")
@@ -209,6 +215,7 @@ class OpenAIServer:
         t0 = time.perf_counter()
         req = parse_request(ChatRequest, body)
         self._check_model(req.model)
+        check_fan_out(1, req.n or 1, self.max_queued_requests)
         tools, (mode, forced) = chat_tools(req), tool_choice(req)
         # the template tells the model about the tools it may call
         ids = await self.client.tokenize_chat(

@@ -247,6 +247,8 @@ class EngineHost:
         killed and its ranks' placement group freed at once, so that the replica Serve starts
         instead can place its own ranks. The controller's own ``health`` also runs, so that
         a rank that died while no step runs is found and replaced."""
+        if self._controller is None:  # stopped by an earlier failed check; Serve replaces this replica
+            raise RuntimeError("the controller was stopped after it failed a health check")
         try:
             await asyncio.wait_for(self._controller.ping.remote(), HEALTH_TIMEOUT_S)
         except Exception:
@@ -294,6 +296,7 @@ class OpenAIIngress:
             cfg.serve.api_key,
             reasoning_parser=cfg.serve.reasoning_parser,
             tool_parser_name=cfg.serve.tool_parser,
+            max_queued_requests=cfg.serve.max_queued_requests,
         )
         log.info("serving %s (%s) as engine client %s", name, info.model, client.client_id)
 

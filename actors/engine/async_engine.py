@@ -150,7 +150,7 @@ class AsyncEngine:
         self.num_submit_calls += 1
         grammars = self.core.grammars
         for spec in {new.sampling.grammar for new in requests} - {None}:
-            if grammars is not None:  # compiled off the loop; add_request finds it cached
+            if grammars is not None and not grammars.is_cached(spec):  # off the loop; add_request finds it cached
                 try:
                     await asyncio.to_thread(grammars.compile, spec)
                 except ValueError:

@@ -88,6 +88,11 @@ class GrammarCompiler:
                 self._compiler = xgrammar.GrammarCompiler(info)
             return self._compiler
 
+    def is_cached(self, spec: GrammarSpec) -> bool:
+        """Whether ``compile(spec)`` answers at once (compiled before, still cached)."""
+        with self._lock:
+            return spec in self._cache
+
     def compile(self, spec: GrammarSpec) -> Any:
         """The compiled grammar of ``spec``; ValueError naming ``spec.field`` when it is invalid."""
         with self._lock:

@@ -36,7 +36,10 @@ MAX_LOGIT_BIAS = 1024  # entries
 
 
 def _fail(name: str, rule: str, value: Any) -> None:
-    raise ValueError(f"{name}: {rule}, got {value!r}")
+    shown = repr(value)
+    if len(shown) > 200:  # the message goes back to the client: a hostile value stays out of it
+        shown = f"{shown[:200]}... ({len(shown):,} characters)"
+    raise ValueError(f"{name}: {rule}, got {shown}")
 
 
 def _is_int(value: Any) -> bool:
@@ -116,7 +119,7 @@ class SamplingParams:
         if self.seed is not None and not (_is_int(self.seed) and INT64_MIN <= self.seed <= INT64_MAX):
             _fail("seed", "must be a 64-bit signed integer or None", self.seed)
         if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
-            _fail("stop", "must be a tuple of non-empty strings", self.stop)
+            _fail("stop", "must be non-empty strings", self.stop)
         if len(self.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_LENGTH for s in self.stop):
             _fail(
                 "stop",
@@ -147,7 +150,8 @@ class SamplingParams:
         low, high = LOGIT_BIAS_RANGE
         bias = self.logit_bias
         if not isinstance(bias, tuple) or len(bias) > MAX_LOGIT_BIAS:
-            _fail("logit_bias", f"must map at most {MAX_LOGIT_BIAS} token ids to biases", bias)
+            count = f"{len(bias)} entries" if isinstance(bias, tuple) else bias
+            _fail("logit_bias", f"must map at most {MAX_LOGIT_BIAS} token ids to biases", count)
         for entry in bias:
             if not (isinstance(entry, tuple) and len(entry) == 2 and _is_int(entry[0]) and entry[0] >= 0):
                 _fail("logit_bias", "keys must be token ids (integers >= 0)", entry)

@@ -12,6 +12,7 @@ that go away mid-stream or fall behind the engine."""
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -292,6 +293,43 @@ def test_requests_under_a_grammar_keep_one_step_in_flight(big):
         del big.executor.runner.launch, big.local.core.schedule, big.local.core.apply
     assert _texts(got) == reference
     assert in_flight and max(in_flight) <= 1
+
+
+def test_a_slow_grammar_compile_holds_up_only_its_own_request(big, monkeypatch):
+    """A grammar that takes seconds to compile (a large regex can take 20) must not delay the
+    requests sent after it: before, one client's submit call waited for the compile, and every
+    request queued behind it in that ingress waited too."""
+    slow = GrammarSpec("regex", "(a|b)+")
+    grammars = big.local.core.grammars
+    compile_grammar = grammars.compile
+
+    def compile_slowly(spec):
+        if spec == slow:
+            time.sleep(3.0)
+        return compile_grammar(spec)
+
+    monkeypatch.setattr(grammars, "compile", compile_slowly)
+    ids = big.tokenizer.encode("Hello there")
+
+    async def main():
+        engine = AsyncEngine(big.local.core, big.executor, max_queued=100, pipelined=True)
+        client = EngineClient(engine, big.tokenizer, big.local.info)
+        t0 = time.monotonic()
+
+        async def run(params) -> tuple[int, float]:
+            tokens = sum([len(d.token_ids) async for d in client.stream(ids, params)])
+            return tokens, time.monotonic() - t0
+
+        constrained = asyncio.create_task(run(SamplingParams(max_tokens=4, temperature=0.0, grammar=slow)))
+        await asyncio.sleep(0.05)  # its submit is on its way
+        plain = await run(SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+        result = plain, await constrained
+        await client.close()
+        return result
+
+    (plain_tokens, plain_s), (constrained_tokens, constrained_s) = asyncio.run(main())
+    assert plain_tokens == 4 and constrained_tokens >= 1
+    assert constrained_s >= 3.0 and plain_s < 2.0, (plain_s, constrained_s)
 
 
 def test_pipelined_stops_exactly(big):

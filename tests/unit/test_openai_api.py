@@ -5,6 +5,7 @@ mapped to HTTP codes, response and stream-chunk shapes (checked with the officia
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import openai.types as ot
@@ -20,6 +21,7 @@ from raymoe.deploy.openai_api import (
     ChatRequest,
     CompletionRequest,
     chat_messages,
+    check_fan_out,
     completion_prompts,
     grammar_spec,
     parse_request,
@@ -83,6 +85,9 @@ def _err(model: type, body: object) -> APIError:
         ({"prompt": "x", "logit_bias": {"a": 1.0}}, "logit_bias"),
         ({"prompt": "x", "logit_bias": {"5": 101.0}}, "logit_bias"),
         ({"prompt": "x", "logit_bias": {"-5": 1.0}}, "logit_bias"),
+        # digits to str.isdigit, not to int(): "²" made a 500, "٣" passed as token 3
+        ({"prompt": "x", "logit_bias": {"²": 1.0}}, "logit_bias"),
+        ({"prompt": "x", "logit_bias": {"٣": 1.0}}, "logit_bias"),
         ({"prompt": "x", "min_tokens": -1}, "min_tokens"),
         ({"prompt": "x", "stop": 7}, "stop"),
         ({"prompt": "x", "stop": ["ok", ""]}, "stop"),
@@ -99,6 +104,17 @@ def _err(model: type, body: object) -> APIError:
 )
 def test_bad_completion_requests(body, param):
     assert _err(CompletionRequest, body).param == param
+
+
+def test_a_request_that_could_never_queue_is_a_400_naming_what_makes_it():
+    check_fan_out(8, 128, limit=1024)  # exactly the queue: it may wait, or be told to retry (429)
+    with pytest.raises(APIError) as many_prompts:
+        check_fan_out(300_000, 1, limit=1024)
+    with pytest.raises(APIError) as many_choices:
+        check_fan_out(1, 128, limit=64)
+    assert many_prompts.value.status == many_choices.value.status == 400
+    assert many_prompts.value.param == "prompt" and many_choices.value.param == "n"
+    assert "300000" in many_prompts.value.message and "serve.max_queued_requests" in many_prompts.value.message
 
 
 @pytest.mark.parametrize(
@@ -273,3 +289,37 @@ def test_bad_structured_output_fields_are_400s_naming_them(body, param):
     with pytest.raises(APIError) as e:
         _grammar(body)
     assert (e.value.status, e.value.param) == (400, param)
+
+
+def test_the_completions_route_refuses_the_fan_out_before_any_prompt_work():
+    """300,000 one-character prompts: 400 naming ``prompt`` before the first is tokenised (each
+    took the ingress's event loop for tens of microseconds: 26 s of a stalled endpoint)."""
+    from types import SimpleNamespace
+
+    from raymoe.deploy.openai_server import OpenAIServer
+
+    tokenised = []
+
+    async def tokenize(prompt, param="prompt"):
+        tokenised.append(prompt)
+        return [1]
+
+    client = SimpleNamespace(tokenize=tokenize, info=SimpleNamespace(token_limit=100, max_model_len=100))
+    server = OpenAIServer(client, "m", "m", max_queued_requests=1024)
+    body = json.dumps({"prompt": ["a"] * 300_000, "max_tokens": 1}).encode()
+    with pytest.raises(APIError) as e:
+        asyncio.run(server.completions(body))
+    assert e.value.status == 400 and e.value.param == "prompt" and tokenised == []
+
+
+def test_error_messages_stay_short_whatever_the_value():
+    """A refused value is quoted back, cut to a few hundred characters (2,000 logit biases
+    were quoted whole)."""
+    huge_bias = {str(i): 1.0 for i in range(2000)}
+    for body, param in (
+        ({"prompt": "x", "logit_bias": huge_bias}, "logit_bias"),
+        ({"prompt": "x", "stop": [""]}, "stop"),
+    ):
+        e = _err(CompletionRequest, body)
+        assert e.param == param and len(e.message) < 400, e.message
+        assert "tuple" not in e.message
