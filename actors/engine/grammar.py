@@ -51,6 +51,52 @@ class GrammarSpec:
             raise ValueError(f"{self.field}: at most {MAX_GRAMMAR_CHARS} characters of schema or grammar")
 
 
+# JSON schema keywords xgrammar (0.1) compiles without enforcing them (or, `contains`, while
+# refusing valid arrays), found by compiling a schema with each and testing an instance that
+# breaks it: a request using them would get output its schema rejects.
+_UNENFORCED = ("not", "if", "then", "else", "dependentRequired", "dependentSchemas", "contains", "minContains")
+_UNENFORCED += ("maxContains",)
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SUBSCHEMAS = ("additionalProperties", "items", "contains", "not", "if", "then", "else", "propertyNames")
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems", "items")
+
+
+def unenforced_keywords(schema: Any) -> list[str]:
+    """The keywords of a JSON schema (its subschemas included) that compile but are not
+    enforced, sorted; property names are names, not keywords."""
+    found: set[str] = set()
+
+    def walk(node: Any) -> None:
+        if not isinstance(node, dict):
+            return
+        found.update(k for k in _UNENFORCED if k in node)
+        if node.get("uniqueItems") is True:
+            found.add("uniqueItems")
+        if isinstance(node.get("allOf"), list) and len(node["allOf"]) > 1:
+            found.add("allOf (of more than one schema)")
+        for key in _SUBSCHEMA_MAPS:
+            if isinstance(node.get(key), dict):
+                for sub in node[key].values():
+                    walk(sub)
+        for key in _SUBSCHEMAS:
+            walk(node.get(key))
+        for key in _SUBSCHEMA_LISTS:
+            if isinstance(node.get(key), list):
+                for sub in node[key]:
+                    walk(sub)
+
+    walk(schema)
+    return sorted(found)
+
+
+def _json_or_none(text: str) -> Any:
+    """The parsed schema, or None when it is not JSON (xgrammar's compile then says why)."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
 def choice_grammar(choices: Sequence[str]) -> str:
     """EBNF accepting exactly one of ``choices`` (JSON string escapes are EBNF's)."""
     return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
@@ -113,6 +159,12 @@ class GrammarCompiler:
 
     def _compile(self, spec: GrammarSpec) -> Any:
         c = self._xgrammar_compiler()
+        unenforced = unenforced_keywords(_json_or_none(spec.source)) if spec.kind == "json" and spec.source else []
+        if unenforced:
+            raise ValueError(
+                f"{spec.field}: the schema uses JSON schema keywords that structured output does not enforce: "
+                f"{', '.join(unenforced)}; describe the output without them"
+            )
         try:
             if spec.kind == "json":
                 # no free whitespace: a model cannot pad its output with spaces forever

@@ -236,3 +236,44 @@ def test_preempted_constrained_requests_resume_their_grammar(pipelined):
         if tight[f"s{i}"]["reason"] == "stop":  # else cut by max_tokens
             jsonschema.validate(json.loads(tight[f"s{i}"]["text"]), schema)
     assert sum(r["reason"] == "stop" for r in tight.values()) >= 3
+
+
+# (schema, an instance it rejects): xgrammar compiles each and accepts the instance anyway
+AB = {"a": {"type": "integer"}, "b": {"type": "integer"}}
+UNENFORCED = {
+    "not": ({"not": {"type": "string"}}, '"a"'),
+    "allOf (of more than one schema)": ({"allOf": [{"type": "integer"}, {"minimum": 5}]}, "1"),
+    "if": (
+        {"type": "object", "properties": AB, "if": {"properties": {"a": {"const": 1}}}, "then": {"required": ["b"]}},
+        '{"a": 1}',
+    ),
+    "uniqueItems": ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, "[1, 1]"),
+    "dependentRequired": ({"type": "object", "properties": AB, "dependentRequired": {"a": ["b"]}}, '{"a": 1}'),
+}
+
+
+@pytest.mark.parametrize("keyword", list(UNENFORCED))
+def test_schema_keywords_xgrammar_does_not_enforce_are_refused_naming_the_field(engine, keyword):
+    """The refusal list holds only what the installed xgrammar really lets through: if a new
+    version enforces a keyword, the first assert says to take it off the list."""
+    import xgrammar
+    from xgrammar.testing import _is_grammar_accept_string
+
+    schema, breaking = UNENFORCED[keyword]
+    nested = {"type": "object", "properties": {"not": {"type": "integer"}, "x": schema}}  # "not": a name
+    assert _is_grammar_accept_string(xgrammar.Grammar.from_json_schema(json.dumps(schema)), breaking)
+    for s in (schema, nested):
+        spec = GrammarSpec("json", json.dumps(s), "structured_outputs.json")
+        with pytest.raises(ValueError, match=rf"^structured_outputs\.json: .*does not enforce: .*{re.escape(keyword)}"):
+            engine.local.core.add_request("bad", [5, 6], SamplingParams(grammar=spec))
+    assert not engine.local.core.has_unfinished
+
+
+def test_enforced_keywords_and_property_names_like_keywords_compile(engine):
+    schema = {
+        "type": "object",
+        "properties": {"not": {"type": "integer", "minimum": 3}, "if": {"type": "string", "pattern": "^a+$"}},
+        "allOf": [{"required": ["not"]}],
+        "additionalProperties": False,
+    }
+    assert engine.local.core.grammars.compile(GrammarSpec("json", json.dumps(schema))) is not None
