@@ -51,7 +51,7 @@ class GrammarSpec:
             raise ValueError(f"{self.field}: at most {MAX_GRAMMAR_CHARS} characters of schema or grammar")
 
 
-# JSON schema keywords xgrammar (0.1) compiles without enforcing them (or, `contains`, while
+# JSON schema keywords xgrammar (0.2.9) compiles without enforcing them (or, `contains`, while
 # refusing valid arrays), found by compiling a schema with each and testing an instance that
 # breaks it: a request using them would get output its schema rejects.
 _UNENFORCED = ("not", "if", "then", "else", "dependentRequired", "dependentSchemas", "contains", "minContains")
