@@ -49,7 +49,7 @@ class _Outbox:
         self.failure: Optional[str] = None
         self.ready = asyncio.Event()
         self.polls_open = 0
-        self.last_poll = time.monotonic()
+        self.last_heard = time.monotonic()  # the client's last sign of life: a poll, or new requests
         self.requests: set[str] = set()  # live request ids
 
     def add(
@@ -120,6 +120,7 @@ class OutputRouter:
     def add(self, client: str, seq: int) -> str:
         """Register a request of ``client``; returns its engine request id."""
         box = self._outbox(client)
+        box.last_heard = time.monotonic()  # an idle client stops polling; its next request comes first
         rid = self.request_id(client, seq)
         box.requests.add(rid)
         self._owner[rid] = (box, seq)
@@ -173,7 +174,7 @@ class OutputRouter:
             return box.take()
         finally:
             box.polls_open -= 1
-            box.last_poll = time.monotonic()
+            box.last_heard = time.monotonic()
 
     def requests_of(self, client: str) -> list[str]:
         box = self._outboxes.get(client)
@@ -190,12 +191,13 @@ class OutputRouter:
         return rids
 
     def silent_clients(self, timeout_s: float) -> list[str]:
-        """Clients with live requests that have not polled for ``timeout_s`` and are not polling."""
+        """Clients with live requests that are not polling and have neither polled nor sent
+        requests for ``timeout_s``."""
         now = time.monotonic()
         return [
             client
             for client, box in self._outboxes.items()
-            if box.requests and box.polls_open == 0 and now - box.last_poll > timeout_s
+            if box.requests and box.polls_open == 0 and now - box.last_heard > timeout_s
         ]
 
     def _outbox(self, client: str) -> _Outbox:

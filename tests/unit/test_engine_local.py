@@ -432,6 +432,32 @@ def test_a_silent_client_has_its_requests_aborted(big):
     assert _free_everywhere(big)
 
 
+def test_a_client_back_from_idle_keeps_the_request_it_sends_before_its_next_poll(big):
+    """An idle client stops polling (nothing to poll for); its next request reaches the engine
+    before its next poll does. The silence check must not take it for a dead client: it did,
+    and that request never got an answer."""
+    from raymoe.actors.engine.messages import NewRequest
+
+    sampling = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+
+    async def main():
+        engine = AsyncEngine(big.local.core, big.executor, max_queued=100, pipelined=True, client_timeout_s=0.3)
+        await engine.poll("idle", timeout_s=0.0)  # it polled once, then went idle
+        await asyncio.sleep(0.5)  # longer than the timeout
+        assert await engine.submit("idle", [NewRequest(0, big.tokenizer.encode("back again"), sampling)]) == []
+        await asyncio.sleep(0.05)  # steps run, and the silence check with them
+        tokens = 0
+        for _ in range(20):
+            batch = await engine.poll("idle", timeout_s=1.0)
+            assert batch.error is None and Finish.FAILED not in batch.finish
+            tokens += int(batch.num_tokens.sum())
+            if (batch.finish != Finish.RUNNING).any():  # its last entry
+                break
+        return tokens
+
+    assert asyncio.run(main()) == 8
+
+
 def test_a_token_outside_the_vocabulary_is_refused_and_the_engine_goes_on(big):
     vocab = big.local.info.vocab_size
     for bad in ([1, vocab], [-1, 3], [1, 2**63]):
