@@ -54,11 +54,12 @@ class GrammarSpec:
 # JSON schema keywords xgrammar (0.2.9) compiles without enforcing them (or, `contains`, while
 # refusing valid arrays), found by compiling a schema with each and testing an instance that
 # breaks it: a request using them would get output its schema rejects.
-_UNENFORCED = ("not", "if", "then", "else", "dependentRequired", "dependentSchemas", "contains", "minContains")
-_UNENFORCED += ("maxContains",)
+_UNENFORCED = (
+    "not", "if", "then", "else", "dependentRequired", "dependentSchemas", "contains", "minContains", "maxContains"
+)  # fmt: skip
 _SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 _SUBSCHEMAS = ("additionalProperties", "items", "contains", "not", "if", "then", "else", "propertyNames")
-_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems", "items")
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems", "items")  # items: a schema, or a list of them
 
 
 def unenforced_keywords(schema: Any) -> list[str]:

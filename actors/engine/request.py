@@ -150,7 +150,7 @@ class SamplingParams:
         low, high = LOGIT_BIAS_RANGE
         bias = self.logit_bias
         if not isinstance(bias, tuple) or len(bias) > MAX_LOGIT_BIAS:
-            count = f"{len(bias)} entries" if isinstance(bias, tuple) else bias
+            count = len(bias) if isinstance(bias, tuple) else bias  # the count, not a long quote
             _fail("logit_bias", f"must map at most {MAX_LOGIT_BIAS} token ids to biases", count)
         for entry in bias:
             if not (isinstance(entry, tuple) and len(entry) == 2 and _is_int(entry[0]) and entry[0] >= 0):
