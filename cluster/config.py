@@ -74,6 +74,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     attention_backend: Literal["auto", "torch", "flashinfer"] = "auto"
     cuda_graphs: bool = True
+    # with cuda_graphs, steps with prefill rows of up to this many tokens replay graphs captured
+    # in pieces between the attention calls (piecewise_graphs.py); 0: they run eagerly
+    mixed_step_graph_tokens: int = 4096
     # share the KV of full blocks whose tokens (and all before them) equal another request's
     prefix_caching: bool = True
     # keep steps in flight on the ranks (AsyncEngine); unset: on GPUs (where the device runs
@@ -94,6 +97,7 @@ class EngineConfig:
         _require(0 < self.kv_memory_fraction <= 1, "engine.kv_memory_fraction", "must be in (0, 1]")
         _require(self.max_num_seqs >= 1, "engine.max_num_seqs", "must be >= 1")
         _require(self.max_num_batched_tokens >= 1, "engine.max_num_batched_tokens", "must be >= 1")
+        _require(self.mixed_step_graph_tokens >= 0, "engine.mixed_step_graph_tokens", "must be >= 0 (0: off)")
         _require(self.step_timeout_s > 0, "engine.step_timeout_s", "must be > 0 seconds")
         _require(self.max_restarts >= 0, "engine.max_restarts", "must be >= 0 (0: never restart)")
         _require(self.restart_window_s > 0, "engine.restart_window_s", "must be > 0 seconds")

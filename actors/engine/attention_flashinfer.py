@@ -10,6 +10,8 @@ FlashInfer's append kernel (``KVAppend``), one kernel for k and v.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import torch
 
@@ -129,14 +131,17 @@ class FlashInferAttention:
             scratch_block=scratch_block,
         )
 
-    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q [T, heads, D], k/v [T, kv_heads, D] -> [T, heads, D]; writes k/v into the cache first."""
+    def forward(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """q [T, heads, D], k/v [T, kv_heads, D] -> [T, heads, D] (into ``out`` if given); writes
+        k/v into the cache first."""
         assert self._append is not None, "plan() before forward()"
         cache = self.kv_cache[layer]
         self._append(cache, k, v)
         if self.wrapper is None:
-            return torch.empty_like(q)
-        return self.wrapper.run(q, cache)
+            return torch.empty_like(q) if out is None else out
+        return self.wrapper.run(q, cache, out=out)
 
 
 class GraphDecodeAttention:

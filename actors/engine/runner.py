@@ -137,6 +137,7 @@ class ModelRunner:
         log.info("rank %d built %s (projections in %s) in %.1f s", ctx.rank, what, kept, time.perf_counter() - t0)
         self.attention: Any = None
         self.graphs: Any = None
+        self.mixed_graphs: Any = None
         # the last two steps' sampled tokens, each in its half (StepInput.sample_slot): where a
         # step's pending input tokens come from (StepInput.prev_rows)
         self.slot_rows = config.engine.max_num_seqs
@@ -171,7 +172,9 @@ class ModelRunner:
             return self.config.engine.num_kv_blocks
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
-            graphs_reserve = 2 * 2**30 if self.config.engine.cuda_graphs else 0  # activations, graph pools
+            engine = self.config.engine
+            # activations and graph pools (the mixed-step pieces keep a step's activations)
+            graphs_reserve = (2 + bool(engine.mixed_step_graph_tokens)) * 2**30 if engine.cuda_graphs else 0
             budget = int(total * self.config.engine.kv_memory_fraction) - (total - free) - graphs_reserve
             return max(0, budget // self.kv_block_bytes() - 1)
         wanted = self.config.engine.max_num_seqs * -(-self.max_model_len // self.block_size)
@@ -195,6 +198,7 @@ class ModelRunner:
         self.graphs = self._capture_graphs(scratch_block=num_blocks)
         if self.device.type == "cuda":
             self.compile_step_kernels()
+        self.mixed_graphs = self._capture_mixed_graphs()
 
     def compile_step_kernels(self) -> int:
         """One eager step at each of ``warmup_token_counts`` sizes (up to the step's token
@@ -240,6 +244,32 @@ class ModelRunner:
             expert_load=self.expert_load,
         )
 
+    def _capture_mixed_graphs(self) -> Any:
+        """The piecewise graphs of prefill and mixed steps (piecewise_graphs.py), for the plain
+        FlashInfer attention with one rank per attention replica's context (no cp)."""
+        engine = self.config.engine
+        if not engine.cuda_graphs or not engine.mixed_step_graph_tokens or self.device.type != "cuda":
+            return None
+        from raymoe.actors.engine.attention_flashinfer import FlashInferAttention
+        from raymoe.actors.engine.piecewise_graphs import MixedStepGraphs, mixed_step_buckets
+
+        if type(self.attention) is not FlashInferAttention or self.ctx.groups.cp.world_size > 1:
+            return None  # latent attention (MLA) and the torch backend run their mixed steps eagerly
+        return MixedStepGraphs(
+            self.run_model,
+            self.attention,
+            sizes=mixed_step_buckets(min(engine.mixed_step_graph_tokens, engine.max_num_batched_tokens)),
+            dp=self.ctx.groups.dp.world_size,
+            last_sampled=self.recent_sampled,
+            expert_load=self.expert_load,
+        )
+
+    def _forward_mixed_graph(self, layout: StepLayout, dp_token_counts: tuple[int, ...]) -> torch.Tensor:
+        """forward_eager's result through the piecewise graphs: this rank's logits shard of the
+        rows that sample."""
+        hidden = self.mixed_graphs.run(layout, dp_token_counts)
+        return self.model.compute_logits(hidden[to_device(layout.sample_rows, self.device)])
+
     @torch.inference_mode()
     def run_step(
         self, step: Optional[StepInput], keep: int, late_grammar: Optional[GrammarMasks] = None
@@ -270,9 +300,12 @@ class ModelRunner:
         self.advance_expert_moves()
         layout = build_step_layout(step, self.block_size)
         prompt_rows = None if step.prompt_logprob_rows is None else torch.from_numpy(step.prompt_logprob_rows)
-        if self.graphs is not None and step.all_decode and self.graphs.size_for(max(step.dp_token_counts)):
+        tokens = max(step.dp_token_counts)
+        if self.graphs is not None and step.all_decode and self.graphs.size_for(tokens):
             assert prompt_rows is None, "a decode step has no prompt rows"
             shard = self.graphs.run(layout, step.dp_token_counts)
+        elif self.mixed_graphs is not None and prompt_rows is None and self.mixed_graphs.size_for(tokens):
+            shard = self._forward_mixed_graph(layout, step.dp_token_counts)
         else:
             shard = self.forward_eager(layout, step.dp_token_counts, prompt_rows)
         s = step.sample

@@ -1,0 +1,205 @@
+"""CUDA graphs of the steps the decode graphs do not take (prefill, and prefill mixed with
+decode rows), captured in pieces cut at each layer's attention.
+
+An eager step pays the host's Python for every kernel it launches, about 0.7 ms a layer
+whatever its size, so small and mid-sized prefills wait on the host, not the device
+(BENCHMARKS.md, issue 20). A graph replays without that. Attention cannot sit inside a
+graph here: its plan (FlashInfer's work split over the step's sequences) changes with
+every step. So each forward is captured as L + 1 pieces; between piece i and i + 1 the
+step's eager attention for layer i runs on static buffers: the pieces leave the query,
+key and value in them and read its output from one.
+
+One set of pieces per token bucket (``mixed_step_buckets``). A step of T tokens replays the
+smallest bucket >= T; its rows past T are padding (token 0 at position 0): the attention
+sees only the first T rows, and the padding rows' outputs are never read. Every rank of the
+world captures the same buckets in the same order, so the collectives the pieces hold line
+up, and every rank of a step picks the same bucket (from the largest replica's count).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from raymoe.actors.engine.step import StepLayout, resolve_pending_tokens
+from raymoe.actors.models.batch import ForwardBatch
+
+log = logging.getLogger(__name__)
+
+
+def mixed_step_buckets(max_tokens: int) -> list[int]:
+    """Token counts to capture, up to ``max_tokens`` (included): powers of two to 512, then
+    every 256 to 2048 and every 512 beyond. Small steps are host-bound, so padding them
+    costs little; past 512 a step pads by at most half (at most a quarter past 1024)."""
+    sizes = [16, 32, 64, 128, 256] + list(range(512, 2048, 256)) + list(range(2048, 65537, 512))
+    return sorted({s for s in sizes if s < max_tokens} | {max_tokens}) if max_tokens > 0 else []
+
+
+class _Pieces:
+    """One forward captured as a list of graphs, cut where the forward calls ``cut``; each
+    cut leaves a gap, a callable the replay runs between the pieces around it."""
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+        self.graphs: list[torch.cuda.CUDAGraph] = []
+        self.gaps: list[Callable[[], None]] = []
+
+    def begin(self) -> None:
+        graph = torch.cuda.CUDAGraph()
+        graph.capture_begin(pool=self.pool)
+        self.graphs.append(graph)
+
+    def cut(self, gap: Callable[[], None]) -> None:
+        self.graphs[-1].capture_end()
+        self.gaps.append(gap)
+        self.begin()
+
+    def end(self) -> None:
+        self.graphs[-1].capture_end()
+
+    def replay(self) -> None:
+        for graph, gap in zip(self.graphs, self.gaps):
+            graph.replay()
+            gap()
+        self.graphs[-1].replay()
+
+
+class _AttentionCut:
+    """The attention a captured forward sees. Its ``forward`` copies the query, key and value
+    into static buffers, cuts the capture there (when capturing) and returns the static
+    output; at replay the gap runs the step's eager attention from and into those buffers.
+    The buffers are allocated outside the graphs' pool, at the warm-up of the largest bucket,
+    and shared by every bucket (one step runs at a time)."""
+
+    def __init__(self, eager: Any, buffers: dict[str, torch.Tensor]) -> None:
+        self.eager = eager
+        self.buffers = buffers
+        self.pieces: Optional[_Pieces] = None  # set while capturing
+        self.tokens = 0  # this replica's real rows in the step being replayed
+
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        rows = q.shape[0]
+        if not self.buffers:  # the warm-up of the largest bucket, outside any capture
+            for name, t in (("q", q), ("k", k), ("v", v), ("out", q)):  # zeros: the warm-up reads them
+                self.buffers[name] = torch.zeros(t.shape, dtype=t.dtype, device=t.device)
+        static = {name: b[:rows] for name, b in self.buffers.items()}
+        static["q"].copy_(q)
+        static["k"].copy_(k)
+        static["v"].copy_(v)
+        if self.pieces is not None:
+            self.pieces.cut(lambda: self._attend(layer))
+        return static["out"]
+
+    def _attend(self, layer: int) -> None:
+        n, b = self.tokens, self.buffers
+        self.eager.forward(layer, b["q"][:n], b["k"][:n], b["v"][:n], out=b["out"][:n])
+
+
+class _Bucket:
+    """One captured token count: its static inputs (rows of one device buffer, filled from
+    one pinned host buffer by a single copy per step), its pieces and its output."""
+
+    ROWS = ("input_ids", "positions", "prev_rows")
+
+    def __init__(self, size: int, dp: int, device: torch.device) -> None:
+        self.size = size
+        self.host = torch.zeros(len(self.ROWS) * size + dp, dtype=torch.int64, pin_memory=True)
+        self.device_buffer = torch.zeros_like(self.host, device=device)
+        rows = self.device_buffer[: len(self.ROWS) * size].view(len(self.ROWS), size)
+        self.input_ids, self.positions, self.prev_rows = rows
+        self.dp_counts = self.device_buffer[len(self.ROWS) * size :]
+        self.pieces: Optional[_Pieces] = None
+        self.hidden: Optional[torch.Tensor] = None
+
+    def load(self, layout: StepLayout | None, dp_token_counts: Sequence[int]) -> None:
+        n = 0 if layout is None else int(layout.input_ids.shape[0])
+        rows = self.host[: len(self.ROWS) * self.size].view(len(self.ROWS), self.size).numpy()
+        rows[:, n:] = 0
+        rows[2, n:] = -1
+        if n:
+            for i, name in enumerate(self.ROWS):
+                rows[i, :n] = getattr(layout, name).numpy()
+        self.host[len(self.ROWS) * self.size :] = torch.tensor(dp_token_counts)
+        self.device_buffer.copy_(self.host, non_blocking=True)  # pinned: truly asynchronous
+
+
+class MixedStepGraphs:
+    def __init__(
+        self,
+        run_model: Callable[[ForwardBatch], torch.Tensor],
+        attention: Any,
+        *,
+        sizes: Sequence[int],
+        dp: int,
+        last_sampled: torch.Tensor,
+        expert_load=None,
+    ) -> None:
+        """``run_model``: one whole forward pass (its end included, see ModelRunner.run_model)
+        -> final hidden states of every row. ``attention``: the eager attention backend, whose
+        ``plan(layout)`` the caller runs before ``run`` and whose ``forward`` takes ``out=``.
+        ``last_sampled``: where pending input tokens come from (inside the pieces)."""
+        t0 = time.perf_counter()
+        device = last_sampled.device
+        self.attention = attention
+        self.device = device
+        self.cut = _AttentionCut(attention, buffers={})
+        self.buckets: dict[int, _Bucket] = {}
+        self.inputs_copied = torch.cuda.Event()
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(device)
+        for size in sorted(sizes, reverse=True):  # largest first: its warm-up sizes the buffers
+            bucket = _Bucket(size, dp, device)
+            bucket.load(None, [size] * dp)
+
+            def forward(b=bucket):
+                ids = resolve_pending_tokens(b.input_ids, b.prev_rows, last_sampled)
+                batch = ForwardBatch(
+                    ids, b.positions, self.cut, dp_pad=b.size, dp_counts=b.dp_counts, expert_load=expert_load
+                )
+                return run_model(batch)
+
+            with torch.inference_mode():
+                forward()  # warm-up: lazy init and kernel compiles outside the capture
+                torch.cuda.synchronize(device)
+                stream.wait_stream(torch.cuda.current_stream(device))
+                bucket.pieces = self.cut.pieces = _Pieces(pool)
+                try:
+                    with torch.cuda.stream(stream):
+                        bucket.pieces.begin()
+                        bucket.hidden = forward()
+                        bucket.pieces.end()
+                finally:
+                    self.cut.pieces = None
+                torch.cuda.current_stream(device).wait_stream(stream)
+            self.buckets[size] = bucket
+        if expert_load is not None:
+            expert_load.take()  # what the warm-ups recorded is no one's load
+        self.sizes = sorted(self.buckets)
+        log.info(
+            "captured %d mixed-step CUDA graphs (token counts %s, %d pieces each) in %.1f s",
+            len(self.sizes),
+            self.sizes,
+            len(self.buckets[self.sizes[-1]].pieces.graphs) if self.sizes else 0,
+            time.perf_counter() - t0,
+        )
+
+    def size_for(self, tokens: int) -> int | None:
+        return next((s for s in self.sizes if s >= tokens), None)
+
+    def run(self, layout: StepLayout, dp_token_counts: Sequence[int]) -> torch.Tensor:
+        """Replay for this step; returns the final hidden states of this replica's rows [T, H]."""
+        size = self.size_for(max(dp_token_counts))
+        assert size is not None
+        bucket = self.buckets[size]
+        # the pinned buffers the plan and load write to feed copies queued at the step
+        # before: make sure those ran (they precede its replay, so this rarely waits)
+        self.inputs_copied.synchronize()
+        self.attention.plan(layout)
+        bucket.load(layout, dp_token_counts)
+        self.inputs_copied.record(torch.cuda.current_stream(self.device))
+        self.cut.tokens = int(layout.input_ids.shape[0])
+        bucket.pieces.replay()
+        return bucket.hidden[: self.cut.tokens]
