@@ -76,7 +76,7 @@ class EngineConfig:
     cuda_graphs: bool = True
     # with cuda_graphs, steps with prefill rows of up to this many tokens replay graphs captured
     # in pieces between the attention calls (piecewise_graphs.py); 0: they run eagerly
-    mixed_step_graph_tokens: int = 4096
+    mixed_step_graph_tokens: int = 8192
     # share the KV of full blocks whose tokens (and all before them) equal another request's
     prefix_caching: bool = True
     # keep steps in flight on the ranks (AsyncEngine); unset: on GPUs (where the device runs

@@ -42,12 +42,18 @@ def install(runner_module: Any) -> None:
 
     def traced_launch(self, step):
         q = step.query_lens
-        graph = bool(self.graphs is not None and step.all_decode and self.graphs.size_for(max(step.dp_token_counts)))
+        tokens = max(step.dp_token_counts)
+        if self.graphs is not None and step.all_decode and self.graphs.size_for(tokens):
+            path = "decode graph"
+        elif getattr(self, "mixed_graphs", None) is not None and step.prompt_logprob_rows is None:
+            path = "piecewise graphs" if self.mixed_graphs.size_for(tokens) else "eager"
+        else:
+            path = "eager"
         record = {
             "t0": time.time(),
             "rows": int((q > 0).sum()),
             "prefill_tokens": int(q.sum()) - int((q > 0).sum()),
-            "kind": "graph" if graph else ("eager prefill" if int(q.max(initial=0)) > 1 else "eager decode"),
+            "kind": f"{path}, {'with prefill' if int(q.max(initial=0)) > 1 else 'decode only'}",
         }
         start = event(self.device)
         t = time.perf_counter()
