@@ -21,7 +21,7 @@ append kernel's fixed dims; FA3 also needs the latent in 128/256/512).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -199,13 +199,16 @@ class FlashInferLatentAttention:
             scratch_block=scratch_block,
         )
 
-    def forward_latent(self, layer: int, q: LatentPair, kv: LatentPair) -> torch.Tensor:
-        """-> [T, heads, latent] (see models.batch.LatentAttention); writes kv into the cache
-        first."""
+    def forward_latent(
+        self, layer: int, q: LatentPair, kv: LatentPair, out: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """-> [T, heads, latent] (see models.batch.LatentAttention; into ``out`` if given);
+        writes kv into the cache first."""
         assert self._append is not None, "plan() before forward_latent()"
         cache = self.kv_cache[layer]
         self._append(cache, kv)
-        out = q.latent.new_empty(q.latent.shape[0], self.num_heads, self.latent_dim)
+        if out is None:
+            out = q.latent.new_empty(q.latent.shape[0], self.num_heads, self.latent_dim)
         if not self._has_seqs:
             return out
         return self.wrapper.run(**_split(q, cache, self.latent_dim), out=out)

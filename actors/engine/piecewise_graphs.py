@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from raymoe.actors.engine.step import StepLayout, resolve_pending_tokens
-from raymoe.actors.models.batch import ForwardBatch
+from raymoe.actors.models.batch import ForwardBatch, LatentPair
 
 log = logging.getLogger(__name__)
 
@@ -68,34 +68,51 @@ class _Pieces:
 
 
 class _AttentionCut:
-    """The attention a captured forward sees. Its ``forward`` copies the query, key and value
-    into static buffers, cuts the capture there (when capturing) and returns the static
-    output; at replay the gap runs the step's eager attention from and into those buffers.
-    The buffers are allocated outside the graphs' pool, at the warm-up of the largest bucket,
-    and shared by every bucket (one step runs at a time)."""
+    """The attention a captured forward sees. It copies the attention's inputs into static
+    buffers, cuts the capture there (when capturing) and returns a static output; at replay
+    the gap runs the step's eager attention from and into those buffers. The buffers are
+    allocated outside the graphs' pool, at the warm-up of the largest bucket, and shared by
+    every bucket (one step runs at a time)."""
 
-    def __init__(self, eager: Any, buffers: dict[str, torch.Tensor]) -> None:
+    def __init__(self, eager: Any) -> None:
         self.eager = eager
-        self.buffers = buffers
+        self.buffers: dict[str, torch.Tensor] = {}
         self.pieces: Optional[_Pieces] = None  # set while capturing
         self.tokens = 0  # this replica's real rows in the step being replayed
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        rows = q.shape[0]
-        if not self.buffers:  # the warm-up of the largest bucket, outside any capture
-            for name, t in (("q", q), ("k", k), ("v", v), ("out", q)):  # zeros: the warm-up reads them
-                self.buffers[name] = torch.zeros(t.shape, dtype=t.dtype, device=t.device)
-        static = {name: b[:rows] for name, b in self.buffers.items()}
-        static["q"].copy_(q)
-        static["k"].copy_(k)
-        static["v"].copy_(v)
+        self._stage(q=q, k=k, v=v)
+        return self._cut(lambda: self._attend(layer), like=q)
+
+    def forward_latent(self, layer: int, q: LatentPair, kv: LatentPair) -> torch.Tensor:
+        """Latent attention (MLA): the output is [T, heads, latent], shaped as the query's latent."""
+        self._stage(q_latent=q.latent, q_rope=q.rope, kv_latent=kv.latent, k_rope=kv.rope)
+        return self._cut(lambda: self._attend_latent(layer), like=q.latent)
+
+    def _static(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """The first len(like) rows of the buffer ``name``; zeros at first (the warm-up reads them)."""
+        if name not in self.buffers:
+            self.buffers[name] = torch.zeros(like.shape, dtype=like.dtype, device=like.device)
+        return self.buffers[name][: like.shape[0]]
+
+    def _stage(self, **inputs: torch.Tensor) -> None:
+        for name, t in inputs.items():
+            self._static(name, t).copy_(t)
+
+    def _cut(self, gap: Callable[[], None], like: torch.Tensor) -> torch.Tensor:
         if self.pieces is not None:
-            self.pieces.cut(lambda: self._attend(layer))
-        return static["out"]
+            self.pieces.cut(gap)
+        return self._static("out", like)
 
     def _attend(self, layer: int) -> None:
         n, b = self.tokens, self.buffers
         self.eager.forward(layer, b["q"][:n], b["k"][:n], b["v"][:n], out=b["out"][:n])
+
+    def _attend_latent(self, layer: int) -> None:
+        n, b = self.tokens, self.buffers
+        q = LatentPair(b["q_latent"][:n], b["q_rope"][:n])
+        kv = LatentPair(b["kv_latent"][:n], b["k_rope"][:n])
+        self.eager.forward_latent(layer, q, kv, out=b["out"][:n])
 
 
 class _Bucket:
@@ -145,7 +162,7 @@ class MixedStepGraphs:
         device = last_sampled.device
         self.attention = attention
         self.device = device
-        self.cut = _AttentionCut(attention, buffers={})
+        self.cut = _AttentionCut(attention)
         self.buckets: dict[int, _Bucket] = {}
         self.inputs_copied = torch.cuda.Event()
         pool = torch.cuda.graph_pool_handle()

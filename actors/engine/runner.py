@@ -245,16 +245,16 @@ class ModelRunner:
         )
 
     def _capture_mixed_graphs(self) -> Any:
-        """The piecewise graphs of prefill and mixed steps (piecewise_graphs.py), for the plain
-        FlashInfer attention with one rank per attention replica's context (no cp)."""
+        """The piecewise graphs of prefill and mixed steps (piecewise_graphs.py), around the
+        FlashInfer attention (the torch backend, which context parallelism needs, runs them
+        eagerly)."""
         engine = self.config.engine
         if not engine.cuda_graphs or not engine.mixed_step_graph_tokens or self.device.type != "cuda":
             return None
-        from raymoe.actors.engine.attention_flashinfer import FlashInferAttention
+        if isinstance(self.attention, TorchAttention):
+            return None
         from raymoe.actors.engine.piecewise_graphs import MixedStepGraphs, mixed_step_buckets
 
-        if type(self.attention) is not FlashInferAttention or self.ctx.groups.cp.world_size > 1:
-            return None  # latent attention (MLA) and the torch backend run their mixed steps eagerly
         return MixedStepGraphs(
             self.run_model,
             self.attention,

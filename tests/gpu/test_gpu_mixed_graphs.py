@@ -21,12 +21,29 @@ BLOCK = 16
 BUDGET = 256  # max_num_batched_tokens: buckets 16 ... 256
 
 
-@pytest.fixture(scope="module")
-def runner(tmp_path_factory):
+# FlashInfer's widths: head_dim 64 for its attention; its MLA kernels take DeepSeek's latent (512)
+# and rotary (64) widths only
+SHAPES = {
+    "qwen3_moe": dict(hidden_size=256, head_dim=64),
+    "deepseek_v3": dict(
+        hidden_size=256,
+        kv_lora_rank=512,
+        qk_rope_head_dim=64,
+        head_dim=64,
+        q_lora_rank=96,
+        qk_nope_head_dim=32,
+        v_head_dim=48,
+    ),
+}
+
+
+@pytest.fixture(scope="module", params=list(SHAPES))
+def runner(request, tmp_path_factory):
     from raymoe.actors.engine.local import build_local_engine
     from raymoe.cluster.config import config_from_dict
 
-    path = write_checkpoint("qwen3_moe", tmp_path_factory.mktemp("ckpt") / "m", hidden_size=256, head_dim=64)
+    kind = request.param
+    path = write_checkpoint(kind, tmp_path_factory.mktemp("ckpt") / kind, **SHAPES[kind])
     config = config_from_dict(
         {
             "model": {"path": str(path), "dtype": "bfloat16"},
@@ -49,7 +66,16 @@ def _chunk(rid: str, tokens: list[int], start: int, blocks: tuple[int, ...]):
     from raymoe.actors.engine.scheduler import ScheduledChunk
 
     sampling = SamplingParams(temperature=0.0)
-    return ScheduledChunk(rid, tuple(tokens), start, blocks, True, sampling, seed=0, num_output_tokens=0)
+    return ScheduledChunk(
+        request_id=rid,
+        token_ids=tuple(tokens),
+        start_pos=start,
+        block_ids=blocks,
+        sample=True,
+        sampling=sampling,
+        seed=0,
+        num_output_tokens=0,
+    )
 
 
 def _both(runner, chunks):
