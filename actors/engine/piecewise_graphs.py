@@ -31,10 +31,10 @@ log = logging.getLogger(__name__)
 
 
 def mixed_step_buckets(max_tokens: int) -> list[int]:
-    """Token counts to capture, up to ``max_tokens`` (included): powers of two to 512, then
-    every 256 to 2048 and every 512 beyond. Small steps are host-bound, so padding them
+    """Token counts to capture, up to ``max_tokens`` (included): powers of two from 16 to 512,
+    then every 256 to 2048 and every 512 beyond. Small steps are host-bound, so padding them
     costs little; past 512 a step pads by at most half (at most a quarter past 1024)."""
-    sizes = [16, 32, 64, 128, 256] + list(range(512, 2048, 256)) + list(range(2048, 65537, 512))
+    sizes = [16, 32, 64, 128, 256] + list(range(512, 2048, 256)) + list(range(2048, max_tokens + 1, 512))
     return sorted({s for s in sizes if s < max_tokens} | {max_tokens}) if max_tokens > 0 else []
 
 
@@ -59,6 +59,15 @@ class _Pieces:
 
     def end(self) -> None:
         self.graphs[-1].capture_end()
+
+    def abandon(self) -> None:
+        """After a failure mid-capture: end the capture still open, so the stream leaves
+        capture mode and the original error is the one that surfaces."""
+        try:
+            self.graphs[-1].capture_end()
+        except Exception:  # the capture had ended, or cannot end cleanly: nothing more to undo
+            pass
+        self.graphs.clear()
 
     def replay(self) -> None:
         for graph, gap in zip(self.graphs, self.gaps):
@@ -106,18 +115,24 @@ class _AttentionCut:
 
     def _attend(self, layer: int) -> None:
         n, b = self.tokens, self.buffers
-        self.eager.forward(layer, b["q"][:n], b["k"][:n], b["v"][:n], out=b["out"][:n])
+        self._into_out(self.eager.forward(layer, b["q"][:n], b["k"][:n], b["v"][:n], out=b["out"][:n]))
 
     def _attend_latent(self, layer: int) -> None:
         n, b = self.tokens, self.buffers
         q = LatentPair(b["q_latent"][:n], b["q_rope"][:n])
         kv = LatentPair(b["kv_latent"][:n], b["k_rope"][:n])
-        self.eager.forward_latent(layer, q, kv, out=b["out"][:n])
+        self._into_out(self.eager.forward_latent(layer, q, kv, out=b["out"][:n]))
+
+    def _into_out(self, result: torch.Tensor) -> None:
+        """The backends write into ``out=``; one that answered a tensor of its own is copied."""
+        out = self.buffers["out"]
+        if result.shape[0] and result.data_ptr() != out.data_ptr():
+            out[: result.shape[0]].copy_(result)
 
 
 class _Bucket:
     """One captured token count: its static inputs (rows of one device buffer, filled from
-    one pinned host buffer by a single copy per step), its pieces and its output."""
+    one pinned host buffer by a single copy per step) and its pieces."""
 
     ROWS = ("input_ids", "positions", "prev_rows")
 
@@ -129,7 +144,6 @@ class _Bucket:
         self.input_ids, self.positions, self.prev_rows = rows
         self.dp_counts = self.device_buffer[len(self.ROWS) * size :]
         self.pieces: Optional[_Pieces] = None
-        self.hidden: Optional[torch.Tensor] = None
 
     def load(self, layout: StepLayout | None, dp_token_counts: Sequence[int]) -> None:
         n = 0 if layout is None else int(layout.input_ids.shape[0])
@@ -165,29 +179,42 @@ class MixedStepGraphs:
         self.cut = _AttentionCut(attention)
         self.buckets: dict[int, _Bucket] = {}
         self.inputs_copied = torch.cuda.Event()
+        # the last piece leaves the final hidden states here (outside the graphs' pool, shared
+        # by the buckets): no bucket keeps memory of its own past its capture
+        self.hidden: Optional[torch.Tensor] = None
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(device)
         for size in sorted(sizes, reverse=True):  # largest first: its warm-up sizes the buffers
             bucket = _Bucket(size, dp, device)
             bucket.load(None, [size] * dp)
 
-            def forward(b=bucket):
+            def forward(b=bucket) -> None:
                 ids = resolve_pending_tokens(b.input_ids, b.prev_rows, last_sampled)
                 batch = ForwardBatch(
                     ids, b.positions, self.cut, dp_pad=b.size, dp_counts=b.dp_counts, expert_load=expert_load
                 )
-                return run_model(batch)
+                hidden = run_model(batch)
+                if self.hidden is None:
+                    self.hidden = torch.zeros_like(hidden)
+                self.hidden[: b.size].copy_(hidden)
 
             with torch.inference_mode():
                 forward()  # warm-up: lazy init and kernel compiles outside the capture
                 torch.cuda.synchronize(device)
+                torch.cuda.empty_cache()  # the warm-up's cached blocks: a capture cannot release them
                 stream.wait_stream(torch.cuda.current_stream(device))
                 bucket.pieces = self.cut.pieces = _Pieces(pool)
                 try:
                     with torch.cuda.stream(stream):
                         bucket.pieces.begin()
-                        bucket.hidden = forward()
+                        forward()
                         bucket.pieces.end()
+                except Exception as e:
+                    bucket.pieces.abandon()
+                    raise RuntimeError(
+                        f"capturing the piecewise CUDA graphs of {size}-token steps failed ({type(e).__name__}: "
+                        f"{e}); engine.mixed_step_graph_tokens: 0 runs such steps eagerly"
+                    ) from e
                 finally:
                     self.cut.pieces = None
                 torch.cuda.current_stream(device).wait_stream(stream)
@@ -219,4 +246,5 @@ class MixedStepGraphs:
         self.inputs_copied.record(torch.cuda.current_stream(self.device))
         self.cut.tokens = int(layout.input_ids.shape[0])
         bucket.pieces.replay()
-        return bucket.hidden[: self.cut.tokens]
+        assert self.hidden is not None
+        return self.hidden[: self.cut.tokens]

@@ -172,13 +172,27 @@ class ModelRunner:
             return self.config.engine.num_kv_blocks
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
-            engine = self.config.engine
-            # activations and graph pools (the mixed-step pieces keep a step's activations)
-            graphs_reserve = (2 + bool(engine.mixed_step_graph_tokens)) * 2**30 if engine.cuda_graphs else 0
+            graphs_reserve = 2 * 2**30 + self._mixed_graph_bytes() if self.config.engine.cuda_graphs else 0
             budget = int(total * self.config.engine.kv_memory_fraction) - (total - free) - graphs_reserve
             return max(0, budget // self.kv_block_bytes() - 1)
         wanted = self.config.engine.max_num_seqs * -(-self.max_model_len // self.block_size)
         return max(1, min(wanted, CPU_KV_BUDGET_BYTES // self.kv_block_bytes()))
+
+    def _mixed_graph_bytes(self) -> int:
+        """Memory the piecewise graphs hold besides what eager steps need (an estimate): the
+        attention's staged inputs and output at the largest bucket, and as much again for the
+        graphs' pool, which keeps one step's activations of its own."""
+        engine = self.config.engine
+        tokens = min(engine.mixed_step_graph_tokens, engine.max_num_batched_tokens)
+        if not tokens or self.config.engine.attention_backend == "torch":
+            return 0
+        attn, mla = self.model.layers[0].attn, self.spec.mla
+        if mla is not None:  # the query's latent and rotary parts, the output, the cache entry
+            width = attn.heads * (2 * mla.kv_lora_rank + mla.qk_rope_head_dim) + attn.latent_width
+        else:  # q, k, v and the output
+            width = 2 * attn.heads * attn.qkv.head_dim + 2 * attn.qkv.kv_heads * attn.qkv.head_dim
+        staged = tokens * (width + self.spec.hidden_size) * torch.empty((), dtype=self.dtype).element_size()
+        return 2 * staged
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """KV cache of ``num_blocks`` blocks plus one scratch block (CUDA-graph padding rows write there)."""
@@ -264,11 +278,19 @@ class ModelRunner:
             expert_load=self.expert_load,
         )
 
-    def _forward_mixed_graph(self, layout: StepLayout, dp_token_counts: tuple[int, ...]) -> torch.Tensor:
+    def _forward_mixed_graph(
+        self, layout: StepLayout, dp_token_counts: tuple[int, ...], prompt_rows: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """forward_eager's result through the piecewise graphs: this rank's logits shard of the
-        rows that sample."""
-        hidden = self.mixed_graphs.run(layout, dp_token_counts)
-        return self.model.compute_logits(hidden[to_device(layout.sample_rows, self.device)])
+        rows that sample, followed by the rows of ``prompt_rows`` if given."""
+        return self._sampled_logits(self.mixed_graphs.run(layout, dp_token_counts), layout, prompt_rows)
+
+    def _sampled_logits(
+        self, hidden: torch.Tensor, layout: StepLayout, prompt_rows: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        """This rank's logits shard of the step's rows that sample, then of ``prompt_rows``."""
+        rows = layout.sample_rows if prompt_rows is None else torch.cat([layout.sample_rows, prompt_rows])
+        return self.model.compute_logits(hidden[to_device(rows, self.device)])
 
     @torch.inference_mode()
     def run_step(
@@ -304,8 +326,10 @@ class ModelRunner:
         if self.graphs is not None and step.all_decode and self.graphs.size_for(tokens):
             assert prompt_rows is None, "a decode step has no prompt rows"
             shard = self.graphs.run(layout, step.dp_token_counts)
-        elif self.mixed_graphs is not None and prompt_rows is None and self.mixed_graphs.size_for(tokens):
-            shard = self._forward_mixed_graph(layout, step.dp_token_counts)
+        elif self.mixed_graphs is not None and self.mixed_graphs.size_for(tokens):
+            # every replica of a step takes the same path (their collectives must agree): prompt
+            # rows, which only some replicas may have, go through the graphs too
+            shard = self._forward_mixed_graph(layout, step.dp_token_counts, prompt_rows)
         else:
             shard = self.forward_eager(layout, step.dp_token_counts, prompt_rows)
         s = step.sample
@@ -410,8 +434,7 @@ class ModelRunner:
         if split is not None:  # every row of the step, for the rows that sample
             gathered = cp.all_gather(F.pad(hidden, (0, 0, 0, split.pad - hidden.shape[0])))
             hidden = gathered[to_device(split.gathered_row, dev)]
-        rows = layout.sample_rows if prompt_rows is None else torch.cat([layout.sample_rows, prompt_rows])
-        return self.model.compute_logits(hidden[to_device(rows, dev)])
+        return self._sampled_logits(hidden, layout, prompt_rows)
 
     def _token_split(self, split: ContextSplit) -> TokenSplit:
         """The MoE's view of this rank's rows: with dp > 1 the replicas agree on their padding

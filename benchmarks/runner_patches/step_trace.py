@@ -45,7 +45,7 @@ def install(runner_module: Any) -> None:
         tokens = max(step.dp_token_counts)
         if self.graphs is not None and step.all_decode and self.graphs.size_for(tokens):
             path = "decode graph"
-        elif getattr(self, "mixed_graphs", None) is not None and step.prompt_logprob_rows is None:
+        elif getattr(self, "mixed_graphs", None) is not None:
             path = "piecewise graphs" if self.mixed_graphs.size_for(tokens) else "eager"
         else:
             path = "eager"
