@@ -28,9 +28,10 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     return sorted({s for s in sizes if s < max_num_seqs} | {max_num_seqs})
 
 
-class _Graph:
-    """One captured size and its static inputs. The inputs are rows of one device
-    buffer, filled from one pinned host buffer by a single copy per step."""
+class StaticStepInputs:
+    """A captured step size's inputs: rows of one device buffer (token ids, positions, pending
+    rows, then each replica's token count), filled from one pinned host buffer by a single copy
+    per step."""
 
     ROWS = ("input_ids", "positions", "prev_rows")
 
@@ -41,14 +42,11 @@ class _Graph:
         rows = self.device_buffer[: len(self.ROWS) * size].view(len(self.ROWS), size)
         self.input_ids, self.positions, self.prev_rows = rows
         self.dp_counts = self.device_buffer[len(self.ROWS) * size :]
-        self.graph = torch.cuda.CUDAGraph()
-        self.attention: Any = None  # the attention backend for this size (its plan fills static buffers)
-        self.logits: torch.Tensor | None = None
 
     def load(self, layout: StepLayout | None, dp_token_counts: Sequence[int]) -> None:
         """This step's inputs, padded (token 0 at position 0, no pending token); the
         attention's plan fills the KV write slots."""
-        n = 0 if layout is None else layout.num_seqs
+        n = 0 if layout is None else int(layout.input_ids.shape[0])
         rows = self.host[: len(self.ROWS) * self.size].view(len(self.ROWS), self.size).numpy()
         rows[:, n:] = 0
         rows[2, n:] = -1
@@ -57,6 +55,28 @@ class _Graph:
                 rows[i, :n] = getattr(layout, name).numpy()
         self.host[len(self.ROWS) * self.size :] = torch.tensor(dp_token_counts)
         self.device_buffer.copy_(self.host, non_blocking=True)  # pinned: truly asynchronous
+
+
+def stage_step(
+    inputs: StaticStepInputs, attention: Any, layout: StepLayout, dp_token_counts: Sequence[int], copied: Any
+) -> None:
+    """Before a replay: the attention's plan and the step's inputs into their static buffers.
+    Both write pinned host buffers that feed copies queued at the step before: ``copied`` (an
+    event recorded after those) says they ran (they precede its replay, so this rarely waits)."""
+    copied.synchronize()
+    attention.plan(layout)
+    inputs.load(layout, dp_token_counts)
+    copied.record(torch.cuda.current_stream(inputs.device_buffer.device))
+
+
+class _Graph(StaticStepInputs):
+    """One captured decode batch size: its static inputs, graph, attention and logits."""
+
+    def __init__(self, size: int, dp: int, device: torch.device) -> None:
+        super().__init__(size, dp, device)
+        self.graph = torch.cuda.CUDAGraph()
+        self.attention: Any = None  # the attention backend for this size (its plan fills static buffers)
+        self.logits: torch.Tensor | None = None
 
 
 class DecodeGraphs:
@@ -80,7 +100,6 @@ class DecodeGraphs:
         device = last_sampled.device
         self.graphs: dict[int, _Graph] = {}
         self.inputs_copied = torch.cuda.Event()
-        self.device = device
         pool = None
         for size in sorted(sizes, reverse=True):  # largest first: smaller ones reuse its pool
             g = _Graph(size, dp, device)
@@ -116,11 +135,6 @@ class DecodeGraphs:
         size = self.size_for(max(dp_token_counts))
         assert size is not None
         g = self.graphs[size]
-        # the pinned buffers plan and load write to feed copies queued at the step before:
-        # make sure those ran (they precede its replay, so this rarely waits)
-        self.inputs_copied.synchronize()
-        g.attention.plan(layout)
-        g.load(layout, dp_token_counts)
-        self.inputs_copied.record(torch.cuda.current_stream(self.device))
+        stage_step(g, g.attention, layout, dp_token_counts, self.inputs_copied)
         g.graph.replay()
         return g.logits[: layout.num_seqs]

@@ -24,6 +24,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from raymoe.actors.engine.cuda_graphs import StaticStepInputs, stage_step
 from raymoe.actors.engine.step import StepLayout, resolve_pending_tokens
 from raymoe.actors.models.batch import ForwardBatch, LatentPair
 
@@ -130,31 +131,12 @@ class _AttentionCut:
             out[: result.shape[0]].copy_(result)
 
 
-class _Bucket:
-    """One captured token count: its static inputs (rows of one device buffer, filled from
-    one pinned host buffer by a single copy per step) and its pieces."""
-
-    ROWS = ("input_ids", "positions", "prev_rows")
+class _Bucket(StaticStepInputs):
+    """One captured token count: its static inputs and its pieces."""
 
     def __init__(self, size: int, dp: int, device: torch.device) -> None:
-        self.size = size
-        self.host = torch.zeros(len(self.ROWS) * size + dp, dtype=torch.int64, pin_memory=True)
-        self.device_buffer = torch.zeros_like(self.host, device=device)
-        rows = self.device_buffer[: len(self.ROWS) * size].view(len(self.ROWS), size)
-        self.input_ids, self.positions, self.prev_rows = rows
-        self.dp_counts = self.device_buffer[len(self.ROWS) * size :]
+        super().__init__(size, dp, device)
         self.pieces: Optional[_Pieces] = None
-
-    def load(self, layout: StepLayout | None, dp_token_counts: Sequence[int]) -> None:
-        n = 0 if layout is None else int(layout.input_ids.shape[0])
-        rows = self.host[: len(self.ROWS) * self.size].view(len(self.ROWS), self.size).numpy()
-        rows[:, n:] = 0
-        rows[2, n:] = -1
-        if n:
-            for i, name in enumerate(self.ROWS):
-                rows[i, :n] = getattr(layout, name).numpy()
-        self.host[len(self.ROWS) * self.size :] = torch.tensor(dp_token_counts)
-        self.device_buffer.copy_(self.host, non_blocking=True)  # pinned: truly asynchronous
 
 
 class MixedStepGraphs:
@@ -175,7 +157,6 @@ class MixedStepGraphs:
         t0 = time.perf_counter()
         device = last_sampled.device
         self.attention = attention
-        self.device = device
         self.cut = _AttentionCut(attention)
         self.buckets: dict[int, _Bucket] = {}
         self.inputs_copied = torch.cuda.Event()
@@ -238,12 +219,7 @@ class MixedStepGraphs:
         size = self.size_for(max(dp_token_counts))
         assert size is not None
         bucket = self.buckets[size]
-        # the pinned buffers the plan and load write to feed copies queued at the step
-        # before: make sure those ran (they precede its replay, so this rarely waits)
-        self.inputs_copied.synchronize()
-        self.attention.plan(layout)
-        bucket.load(layout, dp_token_counts)
-        self.inputs_copied.record(torch.cuda.current_stream(self.device))
+        stage_step(bucket, self.attention, layout, dp_token_counts, self.inputs_copied)
         self.cut.tokens = int(layout.input_ids.shape[0])
         bucket.pieces.replay()
         assert self.hidden is not None
