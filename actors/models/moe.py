@@ -153,8 +153,9 @@ class MoE(nn.Module):
             x_all, x = x, x[start : start + tokens]
             row = torch.arange(x_all.shape[0], device=x.device)
             valid = (row % pad) < batch.dp_counts[row // pad]
-        elif batch.dp_counts is not None and batch.expert_load is not None:
-            # a CUDA graph's padding rows: they go to no expert and are not recorded
+        elif batch.dp_counts is not None:
+            # a CUDA graph's padding rows go to no expert (nor the expert load): all of them are
+            # token 0 at position 0, which would pile onto one top-k of experts
             x_all, valid = x, torch.arange(x.shape[0], device=x.device) < batch.dp_counts[0]
         else:
             x_all, valid = x, None
