@@ -227,6 +227,12 @@ def engine_times(
     )
     for b in batches:
         b = min(b, config.engine.max_num_seqs)
+        need = b * -(-(context + 1) // bs)
+        if need > info.kv_blocks_per_replica:
+            raise SystemExit(
+                f"the engine's decode step at batch {b} and context {context} needs {need} KV blocks, the "
+                f"server has {info.kv_blocks_per_replica}: raise engine.num_kv_blocks (--set engine.num_kv_blocks=N)"
+            )
         steps = [engine_bench.decode_step(b, context, bs, d, (b,) * dp) for d in range(dp)]
         res = run(engine_bench._per_replica(engine_bench.time_step), steps, 10, pipelined)[0]
         out[f"decode_{b}_s"] = res["pipelined_s"] if pipelined else res["median_s"]
