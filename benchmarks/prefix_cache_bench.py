@@ -52,12 +52,15 @@ def main() -> int:
     p.add_argument("--decode-output-len", type=int, default=256)
     p.add_argument("--vocab-size", type=int, default=512)
     p.add_argument("--set", action="append", default=[], metavar="FIELD=YAML")
-    p.add_argument("--caching", choices=["on", "off"], help=argparse.SUPPRESS)  # one setting, in this process
-    p.add_argument("--json", dest="json_out", help=argparse.SUPPRESS)
+    p.add_argument("--caching", choices=["on", "off"], help="run one setting only, in this process")
+    p.add_argument("--json", dest="json_out", help="with --caching: write its results here (default: print them)")
     args = p.parse_args()
     if args.caching:
         result = measure(args)
-        pathlib.Path(args.json_out).write_text(json.dumps(result))
+        if args.json_out:
+            pathlib.Path(args.json_out).write_text(json.dumps(result))
+        else:
+            print(json.dumps({k: v for k, v in result.items() if k != "errors"}, indent=1))
         return 0
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
