@@ -182,8 +182,7 @@ class ModelRunner:
         """Memory the piecewise graphs hold besides what eager steps need (an estimate): the
         attention's staged inputs and output at the largest bucket, and as much again for the
         graphs' pool, which keeps one step's activations of its own."""
-        engine = self.config.engine
-        tokens = min(engine.mixed_step_graph_tokens, engine.max_num_batched_tokens)
+        tokens = self._mixed_graph_tokens()
         if not tokens or self.config.engine.attention_backend == "torch":
             return 0
         attn, mla = self.model.layers[0].attn, self.spec.mla
@@ -193,6 +192,11 @@ class ModelRunner:
             width = 2 * attn.heads * attn.qkv.head_dim + 2 * attn.qkv.kv_heads * attn.qkv.head_dim
         staged = tokens * (width + self.spec.hidden_size) * torch.empty((), dtype=self.dtype).element_size()
         return 2 * staged
+
+    def _mixed_graph_tokens(self) -> int:
+        """The largest step the piecewise graphs take (0: none)."""
+        engine = self.config.engine
+        return min(engine.mixed_step_graph_tokens, engine.max_num_batched_tokens)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """KV cache of ``num_blocks`` blocks plus one scratch block (CUDA-graph padding rows write there)."""
@@ -272,7 +276,7 @@ class ModelRunner:
         return MixedStepGraphs(
             self.run_model,
             self.attention,
-            sizes=mixed_step_buckets(min(engine.mixed_step_graph_tokens, engine.max_num_batched_tokens)),
+            sizes=mixed_step_buckets(self._mixed_graph_tokens()),
             dp=self.ctx.groups.dp.world_size,
             last_sampled=self.recent_sampled,
             expert_load=self.expert_load,
