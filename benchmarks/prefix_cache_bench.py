@@ -60,7 +60,7 @@ def main() -> int:
         if args.json_out:
             pathlib.Path(args.json_out).write_text(json.dumps(result))
         else:
-            print(json.dumps({k: v for k, v in result.items() if k != "errors"}, indent=1))
+            print(json.dumps({k: v for k, v in result.items() if k not in ("errors", "requests")}, indent=1))
         return 0
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -124,6 +124,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "computed_tokens": query - hit,
         "ttft_ms": shared["ttft_ms"],
         "ttft_by_wave_ms": ttft_by_wave(shared["requests"], args.concurrency),
+        "concurrency": args.concurrency,
+        "requests": shared["requests"],  # each request's timeline (request_trace.py reads it)
+        "start_unix_s": shared["start_unix_s"],
         "tpot_ms": shared["tpot_ms"],
         "duration_s": shared["duration_s"],
         "output_throughput": shared["output_throughput"],

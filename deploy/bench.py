@@ -123,11 +123,11 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                     turns.append(await stream_completion(session, bases[i % len(bases)], p))
                 return turns
 
-        t0 = time.perf_counter()
+        t0, t0_unix = time.perf_counter(), time.time()
         done = await asyncio.gather(*(conversation(i, p) for i, p in enumerate(payloads)))
         results = [r for turns in done for r in turns]
         duration = time.perf_counter() - t0
-    return summarize(results, duration, model, args.concurrency, start=t0)
+    return {**summarize(results, duration, model, args.concurrency, start=t0), "start_unix_s": t0_unix}
 
 
 async def _first_model(session: aiohttp.ClientSession, base: str) -> str:
