@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from raymoe.actors.models.expert_mlp import _LARGEST, expert_mlp, pick_config
+from raymoe.actors.models.expert_mlp import expert_mlp, triton_config
 from raymoe.actors.models.fp8 import quantize_blocks
 from raymoe.actors.models.moe_combine import combine
 from raymoe.actors.models.moe_dispatch import TRITON_MAX_CHOICES, dispatch
@@ -151,6 +151,8 @@ def main() -> None:
             sweep = dict(expert_weights, groups=groups, backend="triton")
             grid = _sweep(n, E, fp8=args.dtype == "fp8")
             timed = [(_try_time(lambda c=c: expert_mlp(x, rows, ends, **sweep, config=c)), c) for c in grid]
+            for t, c in sorted(timed, key=lambda tc: tc[0])[:8]:
+                print(f"  sweep batch {n}: {t * 1e6:.1f} us {_fmt(c)}", flush=True)
             t, best = min(timed, key=lambda tc: tc[0])
             rows_out.append((n, "triton best", None, t, touched, bw, None, _fmt(best)))
         print(f"batch {n} done", flush=True)
@@ -175,7 +177,8 @@ def _sweep(n: int, experts: int, fp8: bool):
     bms = [16, 32, 64] + ([128] if per_slot > 64 else [])
     bks = (128,) if fp8 else (64, 128)  # FP8: the weights' block_k is the K step
     for bm, bn, bk, stages in itertools.product(bms, (32, 64, 128), bks, (3, 4)):
-        yield dict(BM=bm, BN=bn, BK=bk, num_warps=8 if bm * bn >= 128 * 64 else 4, num_stages=stages)
+        for warps in (4, 8) if bm * bn >= 64 * 64 else (4,):
+            yield dict(BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
 
 
 def _fmt(c: dict) -> str:
@@ -197,7 +200,7 @@ def _table(rows, args) -> str:
         eff = f"{touched / (t_mlp if t_mlp is not None else t) / bw * 100:.0f}" if touched else ""
         e_s = f"{err:.1e}" if err is not None else ""
         if name == "triton" and not note:
-            note = _fmt(pick_config(n * args.top_k, args.experts) or _LARGEST)
+            note = _fmt(triton_config(n * args.top_k, args.experts))
         mb = f"{touched / 1e6:.0f}" if touched else ""
         lines.append(f"| {n} | {name} | {t_s} | {m_s} | {mb} | {eff} | {e_s} | {note} |")
     return "\n".join(lines)
