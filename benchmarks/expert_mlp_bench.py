@@ -24,8 +24,9 @@ import time
 
 import torch
 
-from raymoe.actors.models.expert_mlp import _LARGEST, expert_mlp, pick_config
-from raymoe.actors.models.fp8 import quantize_blocks
+from raymoe.actors.models import ops
+from raymoe.actors.models.expert_mlp import expert_mlp, triton_config
+from raymoe.actors.models.fp8 import FP8, FP8_MAX, dequantize_blocks, quantize_blocks
 from raymoe.actors.models.moe_combine import combine
 from raymoe.actors.models.moe_dispatch import TRITON_MAX_CHOICES, dispatch
 
@@ -39,7 +40,12 @@ def parse() -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--inter", type=int, default=768)
     p.add_argument("--top-k", type=int, default=8)
-    p.add_argument("--backends", default="torch,triton,cutlass")
+    p.add_argument(
+        "--backends",
+        default="torch,triton,cutlass",
+        help="any of torch, triton, cutlass (bf16 only), rowwise (fp8 only: torch._scaled_grouped_mm, "
+        "per-row scales requantised from the blocks)",
+    )
     p.add_argument("--sweep", action="store_true", help="also time a grid of Triton block sizes")
     p.add_argument("--dtype", choices=["bf16", "fp8"], default="bf16", help="the expert weights' format")
     p.add_argument("--out", help="also write the table here (markdown)")
@@ -128,7 +134,7 @@ def main() -> None:
 
         ref = layer("torch").float()
         cases = {}
-        for backend in [b for b in backends if b != "cutlass"]:
+        for backend in [b for b in backends if b not in ("cutlass", "rowwise")]:
             mlp = dict(expert_weights, groups=groups)
             cases[backend] = (lambda b=backend: layer(b), lambda b=backend: expert_mlp(x, rows, ends, **mlp, backend=b))
         if cutlass is not None:
@@ -143,6 +149,8 @@ def main() -> None:
             t = graph_time(full)
             t_mlp = graph_time(mlp_only) if mlp_only is not None else None
             rows_out.append((n, name, t, t_mlp, touched, bw, err, ""))
+        if "rowwise" in backends and args.dtype == "fp8":
+            rows_out.append(_rowwise_case(x, rows, ends, expert_weights, n=n, touched=touched, bw=bw))
         if n * k <= 4096:  # the dispatch alone, each backend (the Triton kernel takes up to 4096 choices)
             for backend in ("torch", "triton"):
                 t = graph_time(lambda b=backend: dispatch(logits, k, **routing, backend=b))
@@ -151,6 +159,8 @@ def main() -> None:
             sweep = dict(expert_weights, groups=groups, backend="triton")
             grid = _sweep(n, E, fp8=args.dtype == "fp8")
             timed = [(_try_time(lambda c=c: expert_mlp(x, rows, ends, **sweep, config=c)), c) for c in grid]
+            for t, c in sorted(timed, key=lambda tc: tc[0])[:8]:
+                print(f"  sweep batch {n}: {t * 1e6:.1f} us {_fmt(c)}", flush=True)
             t, best = min(timed, key=lambda tc: tc[0])
             rows_out.append((n, "triton best", None, t, touched, bw, None, _fmt(best)))
         print(f"batch {n} done", flush=True)
@@ -159,6 +169,37 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             f.write(table + "\n")
+
+
+def _rowwise_case(x, rows, ends, weights, *, n, touched, bw) -> tuple:
+    """A candidate for FP8 experts at prefill sizes: torch._scaled_grouped_mm (CUTLASS, sm90)
+    with one scale per weight row (each expert's output channel, requantised from the block
+    scales) and one per activation row, the activations quantised by torch (timed with it).
+    Its error is against the torch MLP on the block-dequantised weights."""
+    try:
+        w13 = dequantize_blocks(weights["w13"], weights["w13_scale"], FP8_BLOCK)
+        w2 = dequantize_blocks(weights["w2"], weights["w2_scale"], FP8_BLOCK)
+        (q13, s13), (q2, s2) = _per_row(w13), _per_row(w2)
+
+        def mlp():
+            a, sa = _per_row(x[rows])
+            h = torch._scaled_grouped_mm(a, q13.transpose(1, 2), sa, s13, offs=ends, out_dtype=torch.bfloat16)
+            b, sb = _per_row(ops.silu_and_mul(h))
+            return torch._scaled_grouped_mm(b, q2.transpose(1, 2), sb, s2, offs=ends, out_dtype=torch.bfloat16)
+
+        want = expert_mlp(x, rows, ends, **weights, backend="torch").float()
+        got = mlp().float()
+        err = ((got - want).norm() / want.norm()).item()
+        return (n, "rowwise", None, graph_time(mlp), touched, bw, err, "")
+    except Exception as e:  # noqa: BLE001 -- report why and go on
+        torch.cuda.synchronize()
+        return (n, "rowwise", None, None, None, bw, None, f"failed: {type(e).__name__}: {str(e)[:100]}")
+
+
+def _per_row(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """t [..., R, K] -> FP8 values and one float32 scale per row [..., R]."""
+    scale = t.float().abs().amax(-1).clamp(min=1e-12) / FP8_MAX
+    return (t.float() / scale[..., None]).to(FP8), scale
 
 
 def _try_time(fn) -> float:
@@ -175,7 +216,8 @@ def _sweep(n: int, experts: int, fp8: bool):
     bms = [16, 32, 64] + ([128] if per_slot > 64 else [])
     bks = (128,) if fp8 else (64, 128)  # FP8: the weights' block_k is the K step
     for bm, bn, bk, stages in itertools.product(bms, (32, 64, 128), bks, (3, 4)):
-        yield dict(BM=bm, BN=bn, BK=bk, num_warps=8 if bm * bn >= 128 * 64 else 4, num_stages=stages)
+        for warps in (4, 8) if bm * bn >= 64 * 64 else (4,):
+            yield dict(BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
 
 
 def _fmt(c: dict) -> str:
@@ -197,7 +239,7 @@ def _table(rows, args) -> str:
         eff = f"{touched / (t_mlp if t_mlp is not None else t) / bw * 100:.0f}" if touched else ""
         e_s = f"{err:.1e}" if err is not None else ""
         if name == "triton" and not note:
-            note = _fmt(pick_config(n * args.top_k, args.experts) or _LARGEST)
+            note = _fmt(triton_config(n * args.top_k, args.experts))
         mb = f"{touched / 1e6:.0f}" if touched else ""
         lines.append(f"| {n} | {name} | {t_s} | {m_s} | {mb} | {eff} | {e_s} | {note} |")
     return "\n".join(lines)

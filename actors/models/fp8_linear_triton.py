@@ -31,28 +31,35 @@ def quantized_rows(a):
 
 
 @triton.jit
-def _quantize_rows(x, q, q_scale, M, K, stride_x, groups, BR: tl.constexpr, BK: tl.constexpr):
-    """Rows [r * BR, (r + 1) * BR), columns [g * BK, (g + 1) * BK) of x -> FP8 in q [M, K],
-    each row's scale in q_scale [M, groups]."""
+def _quantize_rows(x, q, q_scale, M, R, K, stride_x, stride_sm, stride_sg, BR: tl.constexpr, BK: tl.constexpr):
+    """Rows [r * BR, (r + 1) * BR), columns [g * BK, (g + 1) * BK) of x [M, K] -> FP8 in q [R, K]
+    (R >= M: rows past M are padding, zeros), each row's scale at q_scale[m * stride_sm + g * stride_sg]."""
     r, g = tl.program_id(0), tl.program_id(1)
     m = (r * BR + tl.arange(0, BR)).to(tl.int64)
     k = g * BK + tl.arange(0, BK)
-    ok = (m < M)[:, None] & (k < K)[None, :]
-    a, scale = quantized_rows(tl.load(x + m[:, None] * stride_x + k[None, :], mask=ok, other=0.0).to(tl.float32))
-    tl.store(q + m[:, None] * K + k[None, :], a, mask=ok)
-    tl.store(q_scale + m * groups + g, scale, mask=m < M)
+    k_ok, r_ok = (k < K)[None, :], m < R
+    a = tl.load(x + m[:, None] * stride_x + k[None, :], mask=(m < M)[:, None] & k_ok, other=0.0)
+    a, scale = quantized_rows(a.to(tl.float32))
+    tl.store(q + m[:, None] * K + k[None, :], a, mask=r_ok[:, None] & k_ok)
+    tl.store(q_scale + m * stride_sm + g * stride_sg, scale, mask=r_ok)
 
 
-def quantize_rows(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (FP8 [M, K], float32 scales [M, ceil(K / group)]): fp8.quantize_groups on the device."""
+def quantize_rows(x: torch.Tensor, group: int, *, m_major_align: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (FP8 [M, K], float32 scales [M, ceil(K / group)]): fp8.quantize_groups on the device.
+    m_major_align > 0: the layout cuBLAS's blockwise scaled_mm reads, M rounded up to a multiple
+    of it (zero rows) and the scales stored M-major (a transposed view of [groups, M])."""
     (m, k), groups = x.shape, triton.cdiv(x.shape[1], group)
-    q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
-    scale = torch.empty(m, groups, dtype=torch.float32, device=x.device)
-    if m:
-        # 16 rows a program: one row a program moves too few bytes to stream
-        rows = 16
-        _quantize_rows[(triton.cdiv(m, rows), groups)](
-            x, q, scale, m, k, x.stride(0), groups, BR=rows, BK=group, num_warps=4
+    rows = -(-m // m_major_align) * m_major_align if m_major_align else m
+    q = torch.empty(rows, k, dtype=torch.float8_e4m3fn, device=x.device)
+    if m_major_align:
+        scale = torch.empty(groups, rows, dtype=torch.float32, device=x.device).t()
+    else:
+        scale = torch.empty(rows, groups, dtype=torch.float32, device=x.device)
+    # 16 rows a program: one row a program moves too few bytes to stream
+    br = 16
+    if rows:
+        _quantize_rows[(triton.cdiv(rows, br), groups)](
+            x, q, scale, m, rows, k, x.stride(0), scale.stride(0), scale.stride(1), BR=br, BK=group, num_warps=4
         )
     return q, scale
 
@@ -107,13 +114,13 @@ def _fp8_linear(
 
 def pick_config(num_rows: int) -> dict:
     """Block sizes by the rows of x, and whether x is quantised first (PRE_QUANTIZE), from
-    shapes alone (one choice per CUDA graph). Not yet tuned on a GPU: decode (few rows) takes
-    narrow column tiles so that more programs stream the weight at once."""
+    shapes alone (one choice per CUDA graph): the best of a sweep on an H100 at 1, 64 and
+    4,096 rows over the qkv and o_proj shapes of Qwen3-30B-A3B (BENCHMARKS.md, issue 21)."""
     if num_rows <= 16:
         return dict(BM=16, BN=32, num_warps=4, num_stages=4, PRE_QUANTIZE=False)
     if num_rows <= 64:
-        return dict(BM=64, BN=64, num_warps=4, num_stages=3, PRE_QUANTIZE=False)
-    return dict(BM=128, BN=128, num_warps=8, num_stages=3, PRE_QUANTIZE=True)
+        return dict(BM=64, BN=64, num_warps=4, num_stages=4, PRE_QUANTIZE=False)
+    return dict(BM=64, BN=128, num_warps=4, num_stages=3, PRE_QUANTIZE=True)
 
 
 def fp8_linear(

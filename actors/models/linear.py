@@ -4,8 +4,9 @@ cuBLAS's GEMMs leave part of the memory bandwidth unused), ``F.linear`` otherwis
 choice depends on shapes alone, so a CUDA graph captures one path.
 
 An FP8 weight (float8_e4m3fn with block scales, fp8.py) runs on a GPU the same matrix-vector
-kernel at those row counts and a Triton FP8 GEMM past them (activations quantised per row
-and block_k columns inside both), and is dequantised to x's dtype elsewhere."""
+kernel at those row counts, a Triton FP8 GEMM past them (activations quantised per row and
+block_k columns inside both) and cuBLAS's block-scaled GEMM past ``FP8_CUBLAS_MIN_ROWS``
+(fp8_scaled_mm.py), and is dequantised to x's dtype elsewhere."""
 
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ from raymoe.actors.models.ops import block_dividing, choose_backend
 SKINNY_MAX_ROWS = 1
 # the sweep's best block sizes for most shapes (BK shrinks to divide K)
 SKINNY_CONFIG = dict(BN=8, BK=1024, num_warps=8, num_stages=1)
+# From benchmarks/fp8_gemm_bench.py on an H100 (BENCHMARKS.md): at 4,096 rows cuBLAS ran in
+# about half the Triton GEMM's time; at 64 rows, once x is quantised, it was no faster.
+FP8_CUBLAS_MIN_ROWS = 65
 
 
 def linear(
@@ -68,7 +72,14 @@ def _fp8_linear(x, weight, bias, *, scale, block, backend) -> torch.Tensor:
         from raymoe.actors.models.skinny_linear_triton import skinny_linear
 
         return skinny_linear(x, weight, bias, skinny, scale=scale, block=block)
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[0] >= FP8_CUBLAS_MIN_ROWS:
+        from raymoe.actors.models import fp8_scaled_mm
+
+        if fp8_scaled_mm.fits(x2, weight, block):
+            y = fp8_scaled_mm.fp8_scaled_mm(x2, weight, scale, block=block, bias=bias)
+            return y.view(*x.shape[:-1], weight.shape[0])
     from raymoe.actors.models.fp8_linear_triton import fp8_linear
 
-    y = fp8_linear(x.reshape(-1, x.shape[-1]), weight, scale, block=block, bias=bias)
+    y = fp8_linear(x2, weight, scale, block=block, bias=bias)
     return y.view(*x.shape[:-1], weight.shape[0])

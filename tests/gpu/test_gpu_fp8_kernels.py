@@ -25,7 +25,7 @@ def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.float() - want).norm() / want.norm()).item()
 
 
-@pytest.mark.parametrize("rows", [1, 7, 64, 300])
+@pytest.mark.parametrize("rows", [1, 7, 64, 301])
 @pytest.mark.parametrize("n,k", [(5120, 2048), (2048, 4096), (1000, 2048)])
 def test_fp8_linear_matches_its_reference(rows, n, k):
     g = torch.Generator(device="cuda").manual_seed(rows + n)

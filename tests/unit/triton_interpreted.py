@@ -209,6 +209,13 @@ def fp8_linear_case(rows, n, k, block, bias):
     q_x, s_x = fp8_linear_triton.quantize_rows(x, block[1])
     want_q, want_s = quantize_groups(x, block[1])
     assert torch.equal(q_x.view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(s_x, want_s)
+    # cuBLAS's layout (fp8_scaled_mm.py): the same values, rows padded to a multiple of 4 with
+    # zeros, the scales M-major
+    q_m, s_m = fp8_linear_triton.quantize_rows(x, block[1], m_major_align=4)
+    padded = -(-rows // 4) * 4
+    assert q_m.shape == (padded, k) and s_m.shape == (padded, want_s.shape[1]) and s_m.stride() == (1, padded)
+    assert torch.equal(q_m[:rows].view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(s_m[:rows], want_s)
+    assert not q_m[rows:].float().any()
 
 
 def expert_mlp_fp8_case(slots, hidden, inter, tokens, block, top_k=2):
