@@ -24,9 +24,8 @@ import time
 
 import torch
 
-from raymoe.actors.models import ops
 from raymoe.actors.models.expert_mlp import expert_mlp, triton_config
-from raymoe.actors.models.fp8 import FP8, FP8_MAX, dequantize_blocks, quantize_blocks
+from raymoe.actors.models.fp8 import quantize_blocks
 from raymoe.actors.models.moe_combine import combine
 from raymoe.actors.models.moe_dispatch import TRITON_MAX_CHOICES, dispatch
 
@@ -40,12 +39,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--inter", type=int, default=768)
     p.add_argument("--top-k", type=int, default=8)
-    p.add_argument(
-        "--backends",
-        default="torch,triton,cutlass",
-        help="any of torch, triton, cutlass (bf16 only), rowwise (fp8 only: torch._scaled_grouped_mm, "
-        "per-row scales requantised from the blocks)",
-    )
+    p.add_argument("--backends", default="torch,triton,cutlass")
     p.add_argument("--sweep", action="store_true", help="also time a grid of Triton block sizes")
     p.add_argument("--dtype", choices=["bf16", "fp8"], default="bf16", help="the expert weights' format")
     p.add_argument("--out", help="also write the table here (markdown)")
@@ -134,7 +128,7 @@ def main() -> None:
 
         ref = layer("torch").float()
         cases = {}
-        for backend in [b for b in backends if b not in ("cutlass", "rowwise")]:
+        for backend in [b for b in backends if b != "cutlass"]:
             mlp = dict(expert_weights, groups=groups)
             cases[backend] = (lambda b=backend: layer(b), lambda b=backend: expert_mlp(x, rows, ends, **mlp, backend=b))
         if cutlass is not None:
@@ -149,8 +143,6 @@ def main() -> None:
             t = graph_time(full)
             t_mlp = graph_time(mlp_only) if mlp_only is not None else None
             rows_out.append((n, name, t, t_mlp, touched, bw, err, ""))
-        if "rowwise" in backends and args.dtype == "fp8":
-            rows_out.append(_rowwise_case(x, rows, ends, expert_weights, n=n, touched=touched, bw=bw))
         if n * k <= 4096:  # the dispatch alone, each backend (the Triton kernel takes up to 4096 choices)
             for backend in ("torch", "triton"):
                 t = graph_time(lambda b=backend: dispatch(logits, k, **routing, backend=b))
@@ -169,37 +161,6 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             f.write(table + "\n")
-
-
-def _rowwise_case(x, rows, ends, weights, *, n, touched, bw) -> tuple:
-    """A candidate for FP8 experts at prefill sizes: torch._scaled_grouped_mm (CUTLASS, sm90)
-    with one scale per weight row (each expert's output channel, requantised from the block
-    scales) and one per activation row, the activations quantised by torch (timed with it).
-    Its error is against the torch MLP on the block-dequantised weights."""
-    try:
-        w13 = dequantize_blocks(weights["w13"], weights["w13_scale"], FP8_BLOCK)
-        w2 = dequantize_blocks(weights["w2"], weights["w2_scale"], FP8_BLOCK)
-        (q13, s13), (q2, s2) = _per_row(w13), _per_row(w2)
-
-        def mlp():
-            a, sa = _per_row(x[rows])
-            h = torch._scaled_grouped_mm(a, q13.transpose(1, 2), sa, s13, offs=ends, out_dtype=torch.bfloat16)
-            b, sb = _per_row(ops.silu_and_mul(h))
-            return torch._scaled_grouped_mm(b, q2.transpose(1, 2), sb, s2, offs=ends, out_dtype=torch.bfloat16)
-
-        want = expert_mlp(x, rows, ends, **weights, backend="torch").float()
-        got = mlp().float()
-        err = ((got - want).norm() / want.norm()).item()
-        return (n, "rowwise", None, graph_time(mlp), touched, bw, err, "")
-    except Exception as e:  # noqa: BLE001 -- report why and go on
-        torch.cuda.synchronize()
-        return (n, "rowwise", None, None, None, bw, None, f"failed: {type(e).__name__}: {str(e)[:100]}")
-
-
-def _per_row(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """t [..., R, K] -> FP8 values and one float32 scale per row [..., R]."""
-    scale = t.float().abs().amax(-1).clamp(min=1e-12) / FP8_MAX
-    return (t.float() / scale[..., None]).to(FP8), scale
 
 
 def _try_time(fn) -> float:
