@@ -7,12 +7,14 @@ rows M it times y = x W^T, x bf16 [M, K], W [N, K], with these candidates:
 
     bf16           F.linear on the dequantised weight in bf16 (the baseline)
     linear         raymoe's linear() as the model calls it: the FP8 matrix-vector kernel at one row
-                   (actors/models/skinny_linear_triton.py), the Triton FP8 GEMM past it
+                   (actors/models/skinny_linear_triton.py), the Triton FP8 GEMM past it, cuBLAS
+                   past FP8_CUBLAS_MIN_ROWS (linear.py)
     triton         raymoe's Triton FP8 GEMM (actors/models/fp8_linear_triton.py) at every M,
                    quantising x inside (or in a pass of its own at prefill sizes)
-    torch+quant    x quantised by torch (the quantiser under torch.compile), then cuBLAS's
-                   blockwise scaled_mm (1 x 128 activation scales, 128 x 128 weight scales)
-    torch          that scaled_mm alone, on x quantised beforehand
+    cublas         raymoe's cuBLAS path (actors/models/fp8_scaled_mm.py) at every M: x quantised
+                   by the Triton quantiser, then cuBLAS's blockwise scaled_mm (1 x 128 activation
+                   scales, 128 x 128 weight scales)
+    torch          that scaled_mm alone, on x quantised beforehand (by torch)
     fi_sm90+quant  FlashInfer's fp8_blockscale_gemm_sm90 on bf16 x (its quantiser, then its GEMM)
     fi_sm90        the same GEMM alone, on x quantised beforehand
     fi_groupwise   FlashInfer's gemm_fp8_nt_groupwise (CUTLASS; SM100 and later only), x
@@ -88,7 +90,6 @@ def quantize_rows(x: torch.Tensor, m_align: int) -> tuple[torch.Tensor, torch.Te
     return q, F.pad(scale.t(), (0, -m % m_align)).contiguous()
 
 
-compiled_quantize_rows = torch.compile(quantize_rows, dynamic=True)
 _said: set[str] = set()
 
 
@@ -155,21 +156,10 @@ def build_triton(x: torch.Tensor, w: Weight) -> Callable[[], torch.Tensor]:
     return lambda: fp8_linear(x, w.q, w.scale, block=BLOCK)
 
 
-def build_torch_quant(x: torch.Tensor, w: Weight) -> Callable[[], torch.Tensor]:
-    quantize = compiled_quantize_rows
-    try:
-        xq, x_scale = quantize(x, 1)
-    except Exception as e:  # noqa: BLE001 -- the eager quantiser still gives a (slower) time
-        say_once(f"  torch+quant: torch.compile failed ({type(e).__name__}: {one_line(e)}); quantising eagerly")
-        quantize = quantize_rows
-        xq, x_scale = quantize(x, 1)
-    scaled_mm = pick_scaled_mm(xq, x_scale, w)
+def build_cublas(x: torch.Tensor, w: Weight) -> Callable[[], torch.Tensor]:
+    from raymoe.actors.models.fp8_scaled_mm import fp8_scaled_mm
 
-    def run() -> torch.Tensor:
-        xq, x_scale = quantize(x, 1)
-        return scaled_mm(xq, x_scale, w)
-
-    return run
+    return lambda: fp8_scaled_mm(x, w.q, w.scale, block=BLOCK, bias=None)
 
 
 def build_torch(x: torch.Tensor, w: Weight) -> Callable[[], torch.Tensor]:
@@ -214,7 +204,7 @@ CANDIDATES = [
     Candidate(BASELINE, build_bf16, from_bf16=True),
     Candidate("linear", build_linear, from_bf16=True),
     Candidate("triton", build_triton, from_bf16=True),
-    Candidate("torch+quant", build_torch_quant, from_bf16=True),
+    Candidate("cublas", build_cublas, from_bf16=True),
     Candidate("torch", build_torch, from_bf16=False),
     Candidate("fi_sm90+quant", build_fi_sm90_quant, from_bf16=True),
     Candidate("fi_sm90", build_fi_sm90, from_bf16=False),

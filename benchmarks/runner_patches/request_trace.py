@@ -9,8 +9,9 @@ client's own send and first-token times.
 Each process appends one JSON line per event to ``<dir>/<pid>.jsonl``: ``{"t": unix time,
 "ev": name, "n": requests concerned}``. The events, in a request's order:
 
-- ``stream``: the ingress's engine client takes the request (after HTTP, parsing and
-  tokenizing);
+- ``handler``: the ingress's completions handler starts (HTTP and Serve are behind it);
+- ``stream``: the ingress's engine client takes the request (parsed and tokenized);
+- ``submit sent``: the engine client's call to the controller goes out with it;
 - ``submit``: the controller's engine takes a batch of requests (its ``submit`` call ran);
 - ``scheduled``: a step that samples the request's first token is planned;
 - ``published``: its token is applied and handed to the output router;
@@ -48,20 +49,35 @@ def _first_tokens(planned: Any) -> int:
     return sum(1 for pending in planned.pending for entry in pending if entry and entry[1] == 0)
 
 
+def install_openai_server(module: Any) -> None:
+    server = module.OpenAIServer
+    completions = server.completions
+
+    async def traced_completions(self, body):
+        _log("handler", 1)
+        return await completions(self, body)
+
+    server.completions = traced_completions
+
+
 def install_engine_client(module: Any) -> None:
     client = module.EngineClient
-    stream, dispatch = client.stream, client._dispatch
+    stream, dispatch, submit = client.stream, client._dispatch, client._submit
 
     def traced_stream(self, prompt_token_ids, sampling):
         _log("stream", 1)
         return stream(self, prompt_token_ids, sampling)
+
+    async def traced_submit(self, new):
+        _log("submit sent", len(new))
+        return await submit(self, new)
 
     def traced_dispatch(self, batch):
         new = {e.seq for e in batch.entries() if e.seq in self._streams and not self._streams[e.seq].received}
         dispatch(self, batch)
         _log("delivered", len(new))
 
-    client.stream, client._dispatch = traced_stream, traced_dispatch
+    client.stream, client._dispatch, client._submit = traced_stream, traced_dispatch, traced_submit
 
 
 def install_async_engine(module: Any) -> None:
@@ -88,7 +104,7 @@ def install_async_engine(module: Any) -> None:
     engine.submit, engine._publish, core.schedule = traced_submit, traced_publish, traced_schedule
 
 
-EVENTS = ("sent", "stream", "submit", "scheduled", "published", "delivered", "first token")
+EVENTS = ("sent", "handler", "stream", "submit sent", "submit", "scheduled", "published", "delivered", "first token")
 
 
 def expand(records: list[dict]) -> dict[str, list[float]]:

@@ -16,6 +16,7 @@ PATCHES = {
     "RAYMOE_SIM_DEVICE": [("raymoe.actors.engine.runner", "sim_device", "install")],
     "RAYMOE_STEP_TRACE": [("raymoe.actors.engine.runner", "step_trace", "install")],
     "RAYMOE_REQUEST_TRACE": [
+        ("raymoe.deploy.openai_server", "request_trace", "install_openai_server"),
         ("raymoe.deploy.engine_client", "request_trace", "install_engine_client"),
         ("raymoe.actors.engine.async_engine", "request_trace", "install_async_engine"),
     ],
