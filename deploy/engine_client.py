@@ -3,8 +3,8 @@ batches, polls for its outputs, and turns them into each request's text.
 
 Per step the controller answers one poll per client with every new token of that
 client's requests (``OutputBatch``), so the Ray calls per step do not grow with the
-number of requests. Submissions and aborts go in batches too: whatever queued while
-the previous call was under way goes in the next one. Detokenisation and stop strings
+number of requests. Submissions and aborts go in batches too: whatever queued by the
+time the send task runs goes in one call, without waiting for the calls still out. Detokenisation and stop strings
 run here (``OutputText``), in the consumer of each request's stream: a consumer that
 falls behind the engine takes several steps' tokens as one delta, so a slow client
 never slows the engine.
@@ -187,7 +187,8 @@ class EngineClient:
         self._send = asyncio.Event()
         self._have_streams = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
-        self._grammar_submits: set[asyncio.Task] = set()
+        self._submits: set[asyncio.Task] = set()  # submit calls out
+        self._submitting: set[int] = set()  # seqs of the requests in them
 
     @property
     def num_streams(self) -> int:
@@ -279,7 +280,7 @@ class EngineClient:
 
     async def close(self) -> None:
         """Abort every open request and stop polling."""
-        tasks = [*self._tasks, *self._grammar_submits]
+        tasks = [*self._tasks, *self._submits]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -296,38 +297,38 @@ class EngineClient:
             self._tasks = [asyncio.create_task(self._send_loop()), asyncio.create_task(self._poll_loop())]
 
     async def _send_loop(self) -> None:
-        """Submit and abort in batches: one call at a time, each taking all that queued.
-        Requests under a grammar go in calls of their own, not awaited here: the engine
-        compiles a new grammar before it takes the request (seconds for a large one), and the
-        requests queued behind it must not wait for that."""
+        """Submit and abort in batches, each taking all that queued. A submit is not awaited
+        here: requests that arrive while one is out go at once in a call of their own rather
+        than a round trip later (and a grammar the engine compiles before it takes its
+        request, seconds for a large one, holds up no one else)."""
         while True:
             await self._send.wait()
             self._send.clear()
             new, self._to_submit = list(self._to_submit.values()), {}
             aborts, self._to_abort = self._to_abort, []
-            constrained = [n for n in new if n.sampling.grammar is not None]
-            if constrained:
-                task = asyncio.create_task(self._submit_constrained(constrained))
-                self._grammar_submits.add(task)
-                task.add_done_callback(self._grammar_submits.discard)
-            new = [n for n in new if n.sampling.grammar is None]
-            try:
-                rejected = await self._submit(new) if new else []
-                if aborts:  # after the submits: a request sent in this batch may be aborted in it
+            if new:
+                task = asyncio.create_task(self._submit_batch(new))
+                self._submits.add(task)
+                task.add_done_callback(self._submits.discard)
+                self._submitting.update(n.seq for n in new)
+            # a request whose submit is still out is aborted once that returns (_submit_batch)
+            aborts = [seq for seq in aborts if seq not in self._submitting]
+            if aborts:
+                try:
                     await self.engine.abort(self.client_id, aborts)
-            except Exception as e:  # the engine is unreachable even after re-attaching
-                self._fail_streams(new, e)
-                continue
-            self._fail_rejected(rejected)
+                except Exception as e:  # the engine is unreachable: its requests are gone with it
+                    log.warning("aborting requests: %r", e)
 
-    async def _submit_constrained(self, new: list[NewRequest]) -> None:
-        """Submit requests under grammars; those whose consumer went away meanwhile (their
-        abort may have reached the engine before them) are aborted once they are in."""
+    async def _submit_batch(self, new: list[NewRequest]) -> None:
+        """Submit ``new``; those whose consumer went away meanwhile (their abort may have
+        reached the engine before them) are aborted once they are in."""
         try:
             rejected = await self._submit(new)
-        except Exception as e:
+        except Exception as e:  # the engine is unreachable even after re-attaching
             self._fail_streams(new, e)
             return
+        finally:
+            self._submitting.difference_update(n.seq for n in new)
         self._fail_rejected(rejected)
         refused = {r.seq for r in rejected}
         gone = [n.seq for n in new if n.seq not in self._streams and n.seq not in refused]
