@@ -8,7 +8,7 @@ rows M it times y = x W^T, x bf16 [M, K], W [N, K], with these candidates:
     bf16           F.linear on the dequantised weight in bf16 (the baseline)
     linear         raymoe's linear() as the model calls it: the FP8 matrix-vector kernel at one row
                    (actors/models/skinny_linear_triton.py), the Triton FP8 GEMM past it, cuBLAS
-                   past FP8_CUBLAS_MIN_ROWS (linear.py)
+                   past fp8_cublas_min_rows (linear.py)
     triton         raymoe's Triton FP8 GEMM (actors/models/fp8_linear_triton.py) at every M,
                    quantising x inside (or in a pass of its own at prefill sizes)
     cublas         raymoe's cuBLAS path (actors/models/fp8_scaled_mm.py) at every M: x quantised

@@ -5,7 +5,7 @@ choice depends on shapes alone, so a CUDA graph captures one path.
 
 An FP8 weight (float8_e4m3fn with block scales, fp8.py) runs on a GPU the same matrix-vector
 kernel at those row counts, a Triton FP8 GEMM past them (activations quantised per row and
-block_k columns inside both) and cuBLAS's block-scaled GEMM past ``FP8_CUBLAS_MIN_ROWS``
+block_k columns inside both) and cuBLAS's block-scaled GEMM past ``fp8_cublas_min_rows``
 (fp8_scaled_mm.py), and is dequantised to x's dtype elsewhere."""
 
 from __future__ import annotations
@@ -22,9 +22,18 @@ from raymoe.actors.models.ops import block_dividing, choose_backend
 SKINNY_MAX_ROWS = 1
 # the sweep's best block sizes for most shapes (BK shrinks to divide K)
 SKINNY_CONFIG = dict(BN=8, BK=1024, num_warps=8, num_stages=1)
-# From benchmarks/fp8_gemm_bench.py on an H100 (BENCHMARKS.md): at 4,096 rows cuBLAS ran in
-# about half the Triton GEMM's time; at 64 rows, once x is quantised, it was no faster.
-FP8_CUBLAS_MIN_ROWS = 65
+# From benchmarks/fp8_gemm_bench.py on an H100 (BENCHMARKS.md, issue 21): cuBLAS with the Triton
+# quantiser in front costs ~15 us at any row count up to 128. From 32 rows that beats the Triton
+# GEMM on weights of 2M elements and more (o_proj 20 against 36 us); a smaller weight (one
+# expert's down projection) stays faster on Triton up to 128 rows, and cuBLAS wins by 4,096.
+FP8_CUBLAS_MIN_ROWS = 32
+FP8_CUBLAS_MIN_ROWS_SMALL = 65
+FP8_CUBLAS_SMALL_WEIGHT = 2**21
+
+
+def fp8_cublas_min_rows(weight: torch.Tensor) -> int:
+    """From how many rows of x an FP8 projection by ``weight`` runs on cuBLAS."""
+    return FP8_CUBLAS_MIN_ROWS if weight.numel() >= FP8_CUBLAS_SMALL_WEIGHT else FP8_CUBLAS_MIN_ROWS_SMALL
 
 
 def linear(
@@ -73,7 +82,7 @@ def _fp8_linear(x, weight, bias, *, scale, block, backend) -> torch.Tensor:
 
         return skinny_linear(x, weight, bias, skinny, scale=scale, block=block)
     x2 = x.reshape(-1, x.shape[-1])
-    if x2.shape[0] >= FP8_CUBLAS_MIN_ROWS:
+    if x2.shape[0] >= fp8_cublas_min_rows(weight):
         from raymoe.actors.models import fp8_scaled_mm
 
         if fp8_scaled_mm.fits(x2, weight, block):
