@@ -25,7 +25,7 @@ def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.float() - want).norm() / want.norm()).item()
 
 
-@pytest.mark.parametrize("rows", [1, 7, 64, 301])
+@pytest.mark.parametrize("rows", [1, 7, 33, 64, 301])
 @pytest.mark.parametrize("n,k", [(5120, 2048), (2048, 4096), (1000, 2048)])
 def test_fp8_linear_matches_its_reference(rows, n, k):
     g = torch.Generator(device="cuda").manual_seed(rows + n)
@@ -37,6 +37,23 @@ def test_fp8_linear_matches_its_reference(rows, n, k):
     assert _rel(got, want) < 5e-3  # the output's bf16 rounding, and float32 sums in another order
     # and against the weights' bf16 originals: the FP8 error itself stays a few percent
     assert _rel(got, x.float() @ dequantize_blocks(w, scale, BLOCK).T) < 0.06
+
+
+@pytest.mark.parametrize("rows", [1, 7, 33, 301])
+def test_fp8_linear_replays_in_a_cuda_graph(rows):
+    """Each path (matrix-vector, Triton GEMM, cuBLAS with its padded rows) as decode graphs run it:
+    a replay on new inputs gives what an eager call on them gives."""
+    g = torch.Generator(device="cuda").manual_seed(rows)
+    n, k = 2048, 4096
+    w, scale = quantize_blocks(torch.randn(n, k, device="cuda", generator=g) / k**0.5, BLOCK)
+    x = torch.randn(rows, k, device="cuda", generator=g).bfloat16()
+    linear(x, w, scale=scale, block=BLOCK, backend="triton")  # compiles outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = linear(x, w, scale=scale, block=BLOCK, backend="triton")
+    x.copy_(torch.randn(rows, k, device="cuda", generator=g).bfloat16())
+    graph.replay()
+    torch.testing.assert_close(out, linear(x, w, scale=scale, block=BLOCK, backend="triton"), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("tokens", [1, 16, 200])
