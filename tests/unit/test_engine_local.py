@@ -332,6 +332,76 @@ def test_a_slow_grammar_compile_holds_up_only_its_own_request(big, monkeypatch):
     assert constrained_s >= 3.0 and plain_s < 2.0, (plain_s, constrained_s)
 
 
+class _FirstSubmitHeld:
+    """The engine's client API with its first submit call held for ``hold_s`` (a busy
+    controller, a slow network)."""
+
+    def __init__(self, engine: AsyncEngine, hold_s: float) -> None:
+        self.engine, self.hold_s, self.submits, self.submitted = engine, hold_s, 0, 0
+
+    async def submit(self, client, requests):
+        self.submits += 1
+        if self.submits == 1:
+            await asyncio.sleep(self.hold_s)
+        rejected = await self.engine.submit(client, requests)
+        self.submitted += len(requests) - len(rejected)
+        return rejected
+
+    def __getattr__(self, name):  # abort, poll, leave, reconnect
+        return getattr(self.engine, name)
+
+
+def test_a_slow_submit_holds_up_only_its_own_requests(big):
+    """Requests that arrive while a submit call is out go in a call of their own at once:
+    before, the client sent one call at a time, and they waited for the one out to return."""
+    ids = big.tokenizer.encode("Hello there")
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+
+    async def main():
+        engine = AsyncEngine(big.local.core, big.executor, max_queued=100, pipelined=True)
+        client = EngineClient(_FirstSubmitHeld(engine, hold_s=2.0), big.tokenizer, big.local.info)
+        t0 = time.monotonic()
+
+        async def run() -> tuple[int, float]:
+            tokens = sum([len(d.token_ids) async for d in client.stream(ids, params)])
+            return tokens, time.monotonic() - t0
+
+        held = asyncio.create_task(run())
+        await asyncio.sleep(0.05)  # its submit is out
+        result = await run(), await held
+        await client.close()
+        return result
+
+    (later_tokens, later_s), (held_tokens, held_s) = asyncio.run(main())
+    assert later_tokens == held_tokens == 4
+    assert held_s >= 2.0 and later_s < 1.5, (later_s, held_s)
+
+
+def test_a_request_dropped_while_its_submit_is_out_is_aborted_once_in(big):
+    ids = big.tokenizer.encode("Hello there")
+    params = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+
+    async def main():
+        engine = AsyncEngine(big.local.core, big.executor, max_queued=100, pipelined=True)
+        held = _FirstSubmitHeld(engine, hold_s=0.5)
+        client = EngineClient(held, big.tokenizer, big.local.info)
+        steps = big.num_steps
+        stream = client.stream(ids, params)
+        await asyncio.sleep(0.05)  # its submit is out
+        await stream.aclose()  # the consumer went away
+        for _ in range(300):
+            await asyncio.sleep(0.01)
+            if held.submitted and not big.has_unfinished and big.executor.runner.num_in_flight == 0:
+                break
+        await client.close()
+        return held.submitted, big.num_steps - steps
+
+    submitted, steps = asyncio.run(main())
+    assert submitted == 1, "the request never reached the engine: the test would prove nothing"
+    assert not big.has_unfinished and _free_everywhere(big)
+    assert steps < 200, f"the request ran {steps} steps: its abort was lost"
+
+
 def test_pipelined_stops_exactly(big):
     ids = big.tokenizer.encode("Hello there")
     plain = _run(big, {"a": (ids, SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True))})["a"]
