@@ -14,7 +14,14 @@ from typing import Any, Optional
 from pydantic import BaseModel, ConfigDict
 
 from raymoe.deploy.engine_client import EngineClient
-from raymoe.deploy.openai_api import ChatMessage, ChatRequest, bad_request, chat_messages, parse_body
+from raymoe.deploy.openai_api import (
+    ChatMessages,
+    ChatRequest,
+    TokenIds,
+    bad_request,
+    chat_messages,
+    parse_body,
+)
 
 
 class _Strict(BaseModel):
@@ -29,13 +36,13 @@ class TokenizePromptRequest(_Strict):
 
 class TokenizeChatRequest(_Strict):
     model: Optional[str] = None
-    messages: list[ChatMessage]
+    messages: ChatMessages
     chat_template_kwargs: Optional[dict[str, Any]] = None
 
 
 class DetokenizeRequest(_Strict):
     model: Optional[str] = None
-    tokens: list[int]
+    tokens: TokenIds
 
 
 def _is_chat(body: bytes) -> bool:
