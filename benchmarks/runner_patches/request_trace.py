@@ -15,7 +15,9 @@ Each process appends one JSON line per event to ``<dir>/<pid>.jsonl``: ``{"t": u
 - ``submit``: the controller's engine takes a batch of requests (its ``submit`` call ran);
 - ``scheduled``: a step that samples the request's first token is planned;
 - ``published``: its token is applied and handed to the output router;
-- ``delivered``: the ingress's poll brought the first token back.
+- ``delivered``: the ingress's poll brought the first token back;
+- ``step done``: the controller applied steps (any request's), for counting the steps a
+  request waits through.
 
 Requests of one wave are told apart only by order: the k-th event of each kind in a wave is
 taken as the k-th request's (the queues are first in, first out).
@@ -24,6 +26,8 @@ taken as the k-th request's (the queues are first in, first out).
 from __future__ import annotations
 
 import argparse
+import bisect
+import collections
 import json
 import os
 import pathlib
@@ -100,6 +104,7 @@ def install_async_engine(module: Any) -> None:
         first = sum(_first_tokens(in_flight[i]) for i in range(len(completed)))
         publish(self, in_flight, completed)
         _log("published", first)
+        _log("step done", len(completed))
 
     engine.submit, engine._publish, core.schedule = traced_submit, traced_publish, traced_schedule
 
@@ -111,7 +116,8 @@ def expand(records: list[dict]) -> dict[str, list[float]]:
     """Every event kind's times, one per request (an event of n requests counts n times)."""
     times: dict[str, list[float]] = {ev: [] for ev in EVENTS}
     for r in records:
-        times[r["ev"]].extend([r["t"]] * r["n"])
+        if r["ev"] in times:
+            times[r["ev"]].extend([r["t"]] * r["n"])
     return {ev: sorted(ts) for ev, ts in times.items()}
 
 
@@ -119,6 +125,12 @@ def waves(times: dict[str, list[float]], concurrency: int) -> list[dict[str, lis
     """Split each kind's sorted times into runs of ``concurrency`` (the bench's waves)."""
     n = len(times["sent"])
     return [{ev: ts[i : i + concurrency] for ev, ts in times.items()} for i in range(0, n, concurrency)]
+
+
+def steps_between(records: list[dict], times: dict[str, list[float]], a: str, b: str) -> list[int]:
+    """For each request, how many steps the controller applied between its event ``a`` and ``b``."""
+    done = sorted(r["t"] for r in records if r["ev"] == "step done")
+    return [bisect.bisect(done, tb) - bisect.bisect(done, ta) for ta, tb in zip(times[a], times[b])]
 
 
 def table(times: dict[str, list[float]], concurrency: int) -> str:
@@ -154,8 +166,16 @@ def main() -> None:
     for r in client["requests"]:
         records.append({"t": start + r["sent_s"], "ev": "sent", "n": 1})
         records.append({"t": start + r["sent_s"] + r["ttft_s"], "ev": "first token", "n": 1})
-    times = expand([r for r in records if r["t"] >= start])  # the warm-up ran before
+    records = [r for r in records if r["t"] >= start]  # the warm-up ran before
+    times = expand(records)
     print(table(times, client["concurrency"]))
+    for a, b in (("submit", "scheduled"), ("scheduled", "published")):
+        if times[a] and times[b] and any(r["ev"] == "step done" for r in records):
+            counts = steps_between(records, times, a, b)
+            print(
+                f"\nsteps applied between {a} and {b}: median {statistics.median(counts)}, "
+                f"histogram {dict(sorted(collections.Counter(counts).items()))}"
+            )
 
 
 if __name__ == "__main__":
