@@ -13,6 +13,7 @@ grammar; ``response_format`` works on both endpoints) and, for chat, ``chat_temp
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import re
 from typing import Annotated, Any, Literal, Optional, Union
@@ -219,9 +220,21 @@ def _validation_error(e: ValidationError) -> APIError:
     name = path[-1] if path else ""
     if name in _UNION_HELP and len(loc) > len(path):
         return bad_request(f"{param}: {_UNION_HELP[name]}", param, "invalid_type")
-    return bad_request(
-        f"{param}: {err['msg']}, got {json.dumps(err.get('input'), default=str)[:80]}", param, "invalid_value"
-    )
+    return bad_request(f"{param}: {err['msg']}, got {_preview(err.get('input'))}", param, "invalid_value")
+
+
+def _preview(value: Any) -> str:
+    """At most 80 characters of ``value`` as JSON, from a bounded part of it (a hostile body
+    may hold millions of items)."""
+
+    def shrink(v: Any, depth: int) -> Any:
+        if isinstance(v, list):
+            return [shrink(x, depth + 1) for x in v[:20]] if depth < 3 else "..."
+        if isinstance(v, dict):
+            return {str(k): shrink(x, depth + 1) for k, x in itertools.islice(v.items(), 20)} if depth < 3 else "..."
+        return v[:100] if isinstance(v, str) else v
+
+    return json.dumps(shrink(value, 0), default=str)[:80]
 
 
 def _reject_unsupported(req: Any) -> None:
