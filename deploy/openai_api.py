@@ -72,15 +72,19 @@ Tools = _fail_fast("Tools", list[dict[str, Any]])
 Metadata = _fail_fast("Metadata", dict[str, str])
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+class RequestModel(BaseModel):
+    """A request object: strict types; a field it does not define is refused by parse_body,
+    naming the first (collected here rather than refused by pydantic, which reports every
+    one: a body of millions of them held the ingress for seconds)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
 
 
-class StreamOptions(_Strict):
+class StreamOptions(RequestModel):
     include_usage: Optional[bool] = None
 
 
-class _Common(_Strict):
+class _Common(RequestModel):
     """Fields both endpoints share."""
 
     model: Optional[str] = None
@@ -163,9 +167,23 @@ _TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "ContentPart", "Str
 def parse_body(model: type[BaseModel], body: bytes) -> Any:
     """Validate a raw JSON body into ``model``; APIError 400 naming the bad field."""
     try:
-        return model.model_validate_json(body)
+        req = model.model_validate_json(body)
     except ValidationError as e:
         raise _validation_error(e) from None
+    _refuse_unknown_fields(req)
+    return req
+
+
+def _refuse_unknown_fields(obj: BaseModel, path: str = "") -> None:
+    """APIError 400 naming the first field of a RequestModel (``obj`` or one inside it) that
+    it does not define, as OpenAI refuses them."""
+    if isinstance(obj, RequestModel) and obj.model_extra:
+        param = path + next(iter(obj.model_extra))[:100]
+        raise bad_request(f"Unrecognized request argument supplied: {param}", param, "unrecognized_argument")
+    for name in type(obj).model_fields:
+        value = getattr(obj, name)
+        if isinstance(value, RequestModel):
+            _refuse_unknown_fields(value, f"{path}{name}.")
 
 
 def parse_request(model: type[BaseModel], body: bytes) -> Any:
@@ -213,8 +231,6 @@ def _validation_error(e: ValidationError) -> APIError:
             break
         path.append(str(part))
     param = ".".join(path)
-    if kind == "extra_forbidden":
-        return bad_request(f"Unrecognized request argument supplied: {param}", param, "unrecognized_argument")
     if kind == "missing":
         return bad_request(f"Missing required parameter: '{param}'", param, "missing_required_parameter")
     name = path[-1] if path else ""

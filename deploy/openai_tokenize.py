@@ -11,12 +11,11 @@ from __future__ import annotations
 import json
 from typing import Any, Optional
 
-from pydantic import BaseModel, ConfigDict
-
 from raymoe.deploy.engine_client import EngineClient
 from raymoe.deploy.openai_api import (
     ChatMessages,
     ChatRequest,
+    RequestModel,
     TokenIds,
     bad_request,
     chat_messages,
@@ -24,23 +23,19 @@ from raymoe.deploy.openai_api import (
 )
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class TokenizePromptRequest(_Strict):
+class TokenizePromptRequest(RequestModel):
     model: Optional[str] = None
     prompt: str
     add_special_tokens: bool = True
 
 
-class TokenizeChatRequest(_Strict):
+class TokenizeChatRequest(RequestModel):
     model: Optional[str] = None
     messages: ChatMessages
     chat_template_kwargs: Optional[dict[str, Any]] = None
 
 
-class DetokenizeRequest(_Strict):
+class DetokenizeRequest(RequestModel):
     model: Optional[str] = None
     tokens: TokenIds
 

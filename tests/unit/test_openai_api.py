@@ -154,6 +154,19 @@ def test_unknown_field_message_is_openais():
     )
 
 
+def test_unknown_fields_are_refused_inside_objects_and_on_every_endpoint():
+    from raymoe.deploy.openai_tokenize import DetokenizeRequest
+
+    e = _err(CompletionRequest, {"prompt": "x", "stream": True, "stream_options": {"include_usage": True, "x": 1}})
+    assert e.param == "stream_options.x" and e.message.endswith("supplied: stream_options.x")
+    assert _err(DetokenizeRequest, {"tokens": [1], "frobnicate": 1}).param == "frobnicate"
+    # messages pass their extra fields to the chat template: not refused
+    assert parse_request(ChatRequest, json.dumps({"messages": [{"role": "user", "content": "x", "k": 1}]}).encode())
+    # one error for many unknown fields, naming the first (pydantic reported each one)
+    many = {"prompt": "x", **{f"f{i}": 1 for i in range(HOSTILE_ITEMS)}}
+    assert _err(CompletionRequest, many).param == "f0"
+
+
 def test_good_requests_map_to_engine_inputs():
     req = parse_request(
         CompletionRequest,
