@@ -4,10 +4,10 @@ batches, polls for its outputs, and turns them into each request's text.
 Per step the controller answers one poll per client with every new token of that
 client's requests (``OutputBatch``), so the Ray calls per step do not grow with the
 number of requests. Submissions and aborts go in batches too: whatever queued by the
-time the send task runs goes in one call, without waiting for the calls still out. Detokenisation and stop strings
-run here (``OutputText``), in the consumer of each request's stream: a consumer that
-falls behind the engine takes several steps' tokens as one delta, so a slow client
-never slows the engine.
+time the send task runs goes in one call, without waiting for the calls still out.
+Detokenisation and stop strings run here (``OutputText``), in the consumer of each
+request's stream: a consumer that falls behind the engine takes several steps' tokens
+as one delta, so a slow client never slows the engine.
 
 Requests are tokenised here as well (the tokenizer is fetched from the controller once),
 and usage counts are the token ids the engine saw. A stream that is closed before it
@@ -299,18 +299,21 @@ class EngineClient:
     async def _send_loop(self) -> None:
         """Submit and abort in batches, each taking all that queued. A submit is not awaited
         here: requests that arrive while one is out go at once in a call of their own rather
-        than a round trip later (and a grammar the engine compiles before it takes its
-        request, seconds for a large one, holds up no one else)."""
+        than a round trip later. Requests under a grammar go in a call apart from the others:
+        the engine compiles a new grammar before it takes the call's requests (seconds for a
+        large one)."""
         while True:
             await self._send.wait()
             self._send.clear()
             new, self._to_submit = list(self._to_submit.values()), {}
             aborts, self._to_abort = self._to_abort, []
-            if new:
-                task = asyncio.create_task(self._submit_batch(new))
-                self._submits.add(task)
-                task.add_done_callback(self._submits.discard)
-                self._submitting.update(n.seq for n in new)
+            constrained = [n for n in new if n.sampling.grammar is not None]
+            for batch in (constrained, [n for n in new if n.sampling.grammar is None]):
+                if batch:
+                    task = asyncio.create_task(self._submit_batch(batch))
+                    self._submits.add(task)
+                    task.add_done_callback(self._submits.discard)
+                    self._submitting.update(n.seq for n in batch)
             # a request whose submit is still out is aborted once that returns (_submit_batch)
             aborts = [seq for seq in aborts if seq not in self._submitting]
             if aborts:

@@ -295,11 +295,12 @@ def test_requests_under_a_grammar_keep_one_step_in_flight(big):
     assert in_flight and max(in_flight) <= 1
 
 
-def test_a_slow_grammar_compile_holds_up_only_its_own_request(big, monkeypatch):
+@pytest.mark.parametrize("same_batch", [False, True], ids=["sent-after", "queued-together"])
+def test_a_slow_grammar_compile_holds_up_only_its_own_request(big, monkeypatch, same_batch):
     """A grammar that takes seconds to compile (a large regex can take 20) must not delay the
-    requests sent after it: before, one client's submit call waited for the compile, and every
-    request queued behind it in that ingress waited too."""
-    slow = GrammarSpec("regex", "(a|b)+")
+    requests sent after it or queued with it: before, one client's submit call waited for the
+    compile, and every request queued behind it in that ingress waited too."""
+    slow = GrammarSpec("regex", "(a|c)+" if same_batch else "(a|b)+")  # each test compiles its own
     grammars = big.local.core.grammars
     compile_grammar = grammars.compile
 
@@ -321,7 +322,8 @@ def test_a_slow_grammar_compile_holds_up_only_its_own_request(big, monkeypatch):
             return tokens, time.monotonic() - t0
 
         constrained = asyncio.create_task(run(SamplingParams(max_tokens=4, temperature=0.0, grammar=slow)))
-        await asyncio.sleep(0.05)  # its submit is on its way
+        if not same_batch:
+            await asyncio.sleep(0.05)  # its submit is on its way
         plain = await run(SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
         result = plain, await constrained
         await client.close()
