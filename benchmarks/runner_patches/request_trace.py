@@ -130,7 +130,8 @@ def waves(times: dict[str, list[float]], concurrency: int) -> list[dict[str, lis
 def steps_between(records: list[dict], times: dict[str, list[float]], a: str, b: str) -> list[int]:
     """For each request, how many steps the controller applied between its event ``a`` and ``b``."""
     done = sorted(r["t"] for r in records if r["ev"] == "step done")
-    return [bisect.bisect(done, tb) - bisect.bisect(done, ta) for ta, tb in zip(times[a], times[b])]
+    n = len(times["sent"])  # the bench's requests (later events are the offline decode's)
+    return [bisect.bisect(done, tb) - bisect.bisect(done, ta) for ta, tb in zip(times[a][:n], times[b][:n])]
 
 
 def table(times: dict[str, list[float]], concurrency: int) -> str:
