@@ -25,9 +25,10 @@ SKINNY_CONFIG = dict(BN=8, BK=1024, num_warps=8, num_stages=1)
 # From benchmarks/fp8_gemm_bench.py on an H100 (BENCHMARKS.md, issue 21): cuBLAS with the Triton
 # quantiser in front costs ~15 us at any row count up to 128. From 32 rows that beats the Triton
 # GEMM on weights of 2M elements and more (o_proj 20 against 36 us); a smaller weight (one
-# expert's down projection) stays faster on Triton up to 128 rows, and cuBLAS wins by 4,096.
+# expert's down projection) was faster on Triton at every count up to 128 (11.6 against 16.0
+# us at 128), and on cuBLAS at 4,096.
 FP8_CUBLAS_MIN_ROWS = 32
-FP8_CUBLAS_MIN_ROWS_SMALL = 65
+FP8_CUBLAS_MIN_ROWS_SMALL = 129
 FP8_CUBLAS_SMALL_WEIGHT = 2**21
 
 
