@@ -90,6 +90,7 @@ class Controller:
             max_queued=self.config.serve.max_queued_requests,
             background=self.eplb,
             pipelined=pipelined,
+            max_steps_in_flight=eng.max_steps_in_flight,
             restart=self._restart_ranks,
             restart_budget=RestartBudget(eng.max_restarts, eng.restart_window_s),
         )

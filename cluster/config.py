@@ -82,6 +82,10 @@ class EngineConfig:
     # keep steps in flight on the ranks (AsyncEngine); unset: on GPUs (where the device runs
     # asynchronously to the host), off on CPU (a launch is the whole forward there)
     pipelined_steps: Optional[bool] = None
+    # with pipelined steps, the steps on the ranks when the next is planned (configs/README.md):
+    # 2 queues each step before the running one ends; 1 plans it a step later, so a new
+    # request's first token comes a step sooner
+    max_steps_in_flight: int = 2
     # a step slower than this means a hung rank: the rank group restarts (the first
     # steps on new ranks, which compile kernels, get 15 minutes)
     step_timeout_s: float = 60.0
@@ -98,6 +102,7 @@ class EngineConfig:
         _require(self.max_num_seqs >= 1, "engine.max_num_seqs", "must be >= 1")
         _require(self.max_num_batched_tokens >= 1, "engine.max_num_batched_tokens", "must be >= 1")
         _require(self.mixed_step_graph_tokens >= 0, "engine.mixed_step_graph_tokens", "must be >= 0 (0: off)")
+        _require(self.max_steps_in_flight in (1, 2), "engine.max_steps_in_flight", "must be 1 or 2")
         _require(self.step_timeout_s > 0, "engine.step_timeout_s", "must be > 0 seconds")
         _require(self.max_restarts >= 0, "engine.max_restarts", "must be >= 0 (0: never restart)")
         _require(self.restart_window_s > 0, "engine.restart_window_s", "must be > 0 seconds")

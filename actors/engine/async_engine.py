@@ -113,18 +113,21 @@ class AsyncEngine:
         max_queued: int,
         background: Optional[BackgroundWork] = None,
         pipelined: bool = True,
+        max_steps_in_flight: int = 2,
         client_timeout_s: float = CLIENT_TIMEOUT_S,
         restart: Optional[Callable[[], Awaitable[int]]] = None,
         restart_budget: Optional[RestartBudget] = None,
     ) -> None:
         """``background``: work advanced once after every step (EPLB). ``pipelined``: keep steps
-        in flight (see ``_steps``). ``restart``: recreate the ranks after a failure (it
-        also replaces ``executor`` and ``background``); returns the new KV blocks per replica."""
+        in flight (see ``_steps``), at most ``max_steps_in_flight`` calls out. ``restart``:
+        recreate the ranks after a failure (it also replaces ``executor`` and ``background``);
+        returns the new KV blocks per replica."""
         self.core = core
         self.background = background
         self.executor = executor
         self.max_queued = max_queued
         self.pipelined = pipelined
+        self.max_steps_in_flight = max_steps_in_flight
         self.client_timeout_s = client_timeout_s
         self.router = OutputRouter(with_logits=core.collect_logits)
         self.num_submit_calls = 0
@@ -263,8 +266,11 @@ class AsyncEngine:
                 # Pipelined, each call leaves its step in flight, and the next call goes out
                 # before the previous one answers (the ranks run calls in order): the loop is
                 # not held to one Ray round trip per step. Two steps' tokens are then pending;
-                # a live request whose step reads its history allows one (one call at a time).
-                max_calls = self.core.max_steps_in_flight if self.pipelined else 1
+                # a live request whose step reads its history allows one (one call at a time),
+                # as does engine.max_steps_in_flight: 1 (a new request's step is planned one
+                # step later in the queue, and the ranks idle whenever the loop's turnaround
+                # outlasts the running step).
+                max_calls = min(self.core.max_steps_in_flight, self.max_steps_in_flight) if self.pipelined else 1
                 keep = 1 if self.pipelined else 0
                 if len(calls) >= max_calls:
                     self._publish(in_flight, await calls.popleft())

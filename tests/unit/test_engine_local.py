@@ -211,7 +211,12 @@ def _spy_pending(core: Engine, in_flight: list | None = None) -> list[bool]:
 
 
 def _pipelined(
-    core: Engine, requests: dict, leave_after: dict | None = None, lag_s: float = 0.0, on_delta=None
+    core: Engine,
+    requests: dict,
+    leave_after: dict | None = None,
+    lag_s: float = 0.0,
+    on_delta=None,
+    max_steps_in_flight: int = 2,
 ) -> dict:
     """Every request streamed through a pipelined AsyncEngine and an in-process EngineClient;
     a request in ``leave_after`` has its consumer go away after that many tokens; every
@@ -220,7 +225,9 @@ def _pipelined(
     leave_after = leave_after or {}
 
     async def main():
-        engine = AsyncEngine(core.local.core, core.executor, max_queued=100, pipelined=True)
+        engine = AsyncEngine(
+            core.local.core, core.executor, max_queued=100, pipelined=True, max_steps_in_flight=max_steps_in_flight
+        )
         client = EngineClient(engine, core.tokenizer, core.local.info)
 
         async def one(rid, ids, params):
@@ -275,6 +282,23 @@ def test_pipelined_equals_one_step_at_a_time_under_preemption(big, sampling):
     assert tight.num_preemptions > 0, "the tight cache never preempted: the test would prove nothing"
     assert _texts(got) == reference
     assert _free_everywhere(tight)
+
+
+def test_one_step_in_flight_by_config_gives_the_same_tokens(big):
+    """engine.max_steps_in_flight: 1 plans each step while only the one before it is on the
+    ranks (a new request's first token a step sooner): still pipelined, same outputs."""
+    sampling = SamplingParams(max_tokens=30, temperature=0.9, top_p=0.9, seed=7, ignore_eos=True)
+    requests = {f"r{i}": (big.tokenizer.encode(p), sampling) for i, p in enumerate(PROMPTS)}
+    reference = _run(big, requests)
+    in_flight = []
+    pending = _spy_pending(big, in_flight)
+    try:
+        got = _pipelined(big, requests, max_steps_in_flight=1)
+    finally:
+        del big.executor.runner.launch, big.local.core.schedule, big.local.core.apply
+    assert _texts(got) == reference
+    assert any(pending), "no step ran with a pending token: it was not pipelined"
+    assert in_flight and max(in_flight) == 1
 
 
 def test_requests_under_a_grammar_keep_one_step_in_flight(big):
