@@ -3,8 +3,8 @@ batches, polls for its outputs, and turns them into each request's text.
 
 Per step the controller answers one poll per client with every new token of that
 client's requests (``OutputBatch``), so the Ray calls per step do not grow with the
-number of requests. Submissions and aborts go in batches too: whatever queued by the
-time the send task runs goes in one call, without waiting for the calls still out.
+number of requests. Submissions and aborts go in batches too: one submit call out at
+a time, each taking every request that queued while the one before it was out.
 Detokenisation and stop strings run here (``OutputText``), in the consumer of each
 request's stream: a consumer that falls behind the engine takes several steps' tokens
 as one delta, so a slow client never slows the engine.
@@ -188,6 +188,7 @@ class EngineClient:
         self._have_streams = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._submits: set[asyncio.Task] = set()  # submit calls out
+        self._plain_submit: Optional[asyncio.Task] = None  # the one of plain requests
         self._submitting: set[int] = set()  # seqs of the requests in them
 
     @property
@@ -297,23 +298,24 @@ class EngineClient:
             self._tasks = [asyncio.create_task(self._send_loop()), asyncio.create_task(self._poll_loop())]
 
     async def _send_loop(self) -> None:
-        """Submit and abort in batches, each taking all that queued. A submit is not awaited
-        here: requests that arrive while one is out go at once in a call of their own rather
-        than a round trip later. Requests under a grammar go in a call apart from the others:
-        the engine compiles a new grammar before it takes the call's requests (seconds for a
-        large one)."""
+        """Submit and abort in batches. One call of plain requests is out at a time, and the
+        requests that arrive meanwhile go together in the next: under a burst the controller
+        takes a few calls rather than one a request, each waiting on its busy event loop.
+        Requests under a grammar go in calls of their own, at once: the engine compiles a new
+        grammar before it takes the call's requests (seconds for a large one)."""
         while True:
             await self._send.wait()
             self._send.clear()
-            new, self._to_submit = list(self._to_submit.values()), {}
+            queued = list(self._to_submit.values())
+            plain_out = self._plain_submit is not None and not self._plain_submit.done()
+            self._to_submit = {n.seq: n for n in queued if plain_out and n.sampling.grammar is None}
+            constrained = [n for n in queued if n.sampling.grammar is not None]
+            plain = [] if plain_out else [n for n in queued if n.sampling.grammar is None]
+            if constrained:
+                self._launch_submit(constrained)
+            if plain:
+                self._plain_submit = self._launch_submit(plain)
             aborts, self._to_abort = self._to_abort, []
-            constrained = [n for n in new if n.sampling.grammar is not None]
-            for batch in (constrained, [n for n in new if n.sampling.grammar is None]):
-                if batch:
-                    task = asyncio.create_task(self._submit_batch(batch))
-                    self._submits.add(task)
-                    task.add_done_callback(self._submits.discard)
-                    self._submitting.update(n.seq for n in batch)
             # a request whose submit is still out is aborted once that returns (_submit_batch)
             aborts = [seq for seq in aborts if seq not in self._submitting]
             if aborts:
@@ -321,6 +323,18 @@ class EngineClient:
                     await self.engine.abort(self.client_id, aborts)
                 except Exception as e:  # the engine is unreachable: its requests are gone with it
                     log.warning("aborting requests: %r", e)
+
+    def _launch_submit(self, batch: list[NewRequest]) -> asyncio.Task:
+        task = asyncio.create_task(self._submit_batch(batch))
+        self._submits.add(task)
+        task.add_done_callback(self._submit_done)
+        self._submitting.update(n.seq for n in batch)
+        return task
+
+    def _submit_done(self, task: asyncio.Task) -> None:
+        self._submits.discard(task)
+        if self._to_submit:  # plain requests held for this call
+            self._send.set()
 
     async def _submit_batch(self, new: list[NewRequest]) -> None:
         """Submit ``new``; those whose consumer went away meanwhile (their abort may have
