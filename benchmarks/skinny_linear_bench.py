@@ -4,7 +4,12 @@ Qwen3-30B-A3B projections of one and two tensor-parallel ranks, replayed in CUDA
 graphs. Reports microseconds and the share of the copy bandwidth the weight read
 reaches. --sweep also times a grid of Triton block sizes per shape, at one row.
 
+--dtype fp8 runs the projections' FP8 form (128 x 128 block scales, fp8.py; the router and
+LM head stay bf16 in the model, so they are left out): cuBLAS on the weights dequantised to
+bf16 against the FP8 matrix-vector kernel, whose bytes are the FP8 weight and its scales.
+
     python3 benchmarks/skinny_linear_bench.py --rows 1,2,4 --sweep
+    python3 benchmarks/skinny_linear_bench.py --dtype fp8 --rows 1 --sweep
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import itertools
 import torch
 from expert_mlp_bench import copy_bandwidth, graph_time
 
+from raymoe.actors.models.fp8 import DEFAULT_BLOCK, quantize_blocks
 from raymoe.actors.models.linear import SKINNY_CONFIG, linear
 
 # (name, N, K): qkv / o_proj / router of tp=1, qkv / o_proj of tp=2, the LM head of tp=1 and tp=2
@@ -33,6 +39,7 @@ def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", default="1,2,4")
     p.add_argument("--sweep", action="store_true")
+    p.add_argument("--dtype", choices=["bf16", "fp8"], default="bf16", help="the weights' format")
     p.add_argument("--out", help="also write the table here (markdown)")
     return p.parse_args()
 
@@ -55,31 +62,40 @@ def main() -> None:
         "| shape | N x K | rows | cuBLAS us | Triton us | cuBLAS % bw | Triton % bw | error | best sweep |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for (name, n, k), m in itertools.product(SHAPES, [int(r) for r in args.rows.split(",")]):
+    fp8 = args.dtype == "fp8"
+    shapes = [s for s in SHAPES if not (fp8 and s[0].split()[0] in ("router", "lm_head"))]
+    for (name, n, k), m in itertools.product(shapes, [int(r) for r in args.rows.split(",")]):
         w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) / k**0.5
         x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-        want = linear(x, w, backend="torch").float()
-        err = ((linear(x, w, backend="triton").float() - want).norm() / want.norm()).item()
-        t_cublas = graph_time(lambda: linear(x, w, backend="torch"))
-        t_triton = graph_time(lambda: linear(x, w, backend="triton"))
+        quantized = {}
+        if fp8:
+            w8, scale = quantize_blocks(w, DEFAULT_BLOCK)
+            quantized = dict(scale=scale, block=DEFAULT_BLOCK)
+            w = w8
+        want = linear(x, w, backend="torch", **quantized).float()
+        err = ((linear(x, w, backend="triton", **quantized).float() - want).norm() / want.norm()).item()
+        t_cublas = graph_time(lambda: linear(x, w, backend="torch", **quantized))
+        t_triton = graph_time(lambda: linear(x, w, backend="triton", **quantized))
         best = ""
         if args.sweep and m == 1:  # one row: the batch-1 decode step
             timed = []
             for c in _sweep():
-                if k % c["BK"] == 0:
+                if k % c["BK"] == 0 and not (fp8 and (DEFAULT_BLOCK[0] % c["BN"] or c["BK"] % DEFAULT_BLOCK[1])):
                     try:
-                        timed.append((graph_time(lambda c=c: linear(x, w, backend="triton", config=c)), c))
+                        run = lambda c=c: linear(x, w, backend="triton", config=c, **quantized)  # noqa: E731
+                        timed.append((graph_time(run), c))
                     except Exception:  # noqa: BLE001 -- a config that does not launch
                         torch.cuda.synchronize()
             t, c = min(timed, key=lambda tc: tc[0])
             best = f"{t * 1e6:.1f} us {_fmt(c)}"
-        byte = n * k * 2
+        scale_bytes = quantized["scale"].numel() * 4 if fp8 else 0
+        byte = n * k * w.element_size() + scale_bytes
         lines.append(
             f"| {name} | {n} x {k} | {m} | {t_cublas * 1e6:.1f} | {t_triton * 1e6:.1f} | "
             f"{byte / t_cublas / bw * 100:.0f} | {byte / t_triton / bw * 100:.0f} | {err:.1e} | {best} |"
         )
         print(lines[-1], flush=True)
-    table = f"default config {_fmt(SKINNY_CONFIG)}\n\n" + "\n".join(lines)
+    table = f"{args.dtype} weights, default config {_fmt(SKINNY_CONFIG)}\n\n" + "\n".join(lines)
     print(table)
     if args.out:
         with open(args.out, "w") as f:

@@ -49,10 +49,10 @@ def linear(
 ) -> torch.Tensor:
     """x [..., K], weight [N, K] -> [..., N]. An FP8 weight comes with its ``scale`` per
     ``block``. backend: "triton" or "torch"; None picks (see the module doc). config: the
-    Triton block sizes, for benchmarks."""
+    matrix-vector kernel's block sizes, for benchmarks."""
     if weight.dtype == FP8:
         assert scale is not None and block is not None, "an FP8 weight needs its block scales"
-        return _fp8_linear(x, weight, bias, scale=scale, block=block, backend=backend)
+        return _fp8_linear(x, weight, bias, scale=scale, block=block, backend=backend, config=config)
     skinny = _skinny_config(x, weight)
     if choose_backend(backend, op="linear", on_cuda=x.is_cuda, fits=skinny is not None) == "torch":
         return F.linear(x, weight, bias)
@@ -73,7 +73,7 @@ def _skinny_config(x: torch.Tensor, weight: torch.Tensor, block: tuple[int, int]
     return None if bk is None else dict(SKINNY_CONFIG, BK=bk)
 
 
-def _fp8_linear(x, weight, bias, *, scale, block, backend) -> torch.Tensor:
+def _fp8_linear(x, weight, bias, *, scale, block, backend, config) -> torch.Tensor:
     fits = x.stride(-1) == 1 and kernel_block(block)
     if choose_backend(backend, op="fp8_linear", on_cuda=x.is_cuda, fits=fits) == "torch":
         return F.linear(x, dequantize_blocks(weight, scale, block, x.dtype), bias)
@@ -81,7 +81,7 @@ def _fp8_linear(x, weight, bias, *, scale, block, backend) -> torch.Tensor:
     if skinny is not None:
         from raymoe.actors.models.skinny_linear_triton import skinny_linear
 
-        return skinny_linear(x, weight, bias, skinny, scale=scale, block=block)
+        return skinny_linear(x, weight, bias, config or skinny, scale=scale, block=block)
     x2 = x.reshape(-1, x.shape[-1])
     if x2.shape[0] >= fp8_cublas_min_rows(weight):
         from raymoe.actors.models import fp8_scaled_mm
