@@ -2,7 +2,8 @@
 cutlass_fused_moe, at Qwen3-30B-A3B's expert shape (128 experts, hidden 2048,
 intermediate 768, top-8, bf16; ``--dtype fp8``: the weights in FP8 with 128 x 128 block scales,
 the Triton FP8 kernels against torch on the dequantised weights, whose time includes
-dequantising every slot on each call: a reference, not a candidate).
+dequantising every slot on each call: a reference, not a candidate; and cutlass_fused_moe
+with its DeepSeek-style block scales, sm90 only, which quantises the activations itself).
 
 Each case times, replayed in a CUDA graph, one MoE layer from the router's logits to
 the combined output (top-k, sort by expert, the two projections with SiLU-and-mul,
@@ -13,6 +14,7 @@ torch reference. --sweep also times a grid of Triton block sizes.
 
     python3 benchmarks/expert_mlp_bench.py --batches 1,16,64,256,4096 --sweep
     python3 benchmarks/expert_mlp_bench.py --dtype fp8 --backends torch,triton --batches 1,64,4096 --sweep
+    python3 benchmarks/expert_mlp_bench.py --dtype fp8 --backends torch,triton,cutlass --batches 64,4096,16384
 """
 
 from __future__ import annotations
@@ -97,18 +99,21 @@ def main() -> None:
     gen = torch.Generator(device=dev).manual_seed(0)
     w13 = torch.randn(E, 2 * F, H, device=dev, dtype=torch.bfloat16, generator=gen) / H**0.5
     w2 = torch.randn(E, H, F, device=dev, dtype=torch.bfloat16, generator=gen) / F**0.5
-    fc1 = torch.cat([w13[:, F:], w13[:, :F]], dim=1).contiguous()  # cutlass wants [up; gate]
     expert_weights = dict(w13=w13, w2=w2)
+    cutlass_weights = (_up_gate(w13, F), w2, dict(quant_scales=[]))  # fc1, fc2, options
     if args.dtype == "fp8":
         (q13, s13), (q2, s2) = quantize_blocks(w13, FP8_BLOCK), quantize_blocks(w2, FP8_BLOCK)
         expert_weights = dict(w13=q13, w2=q2, w13_scale=s13, w2_scale=s2, fp8_block=FP8_BLOCK)
+        up_gate_scales = _up_gate(s13, F // FP8_BLOCK[0])  # F is a whole number of blocks here
+        options = dict(quant_scales=[up_gate_scales, s2], use_deepseek_fp8_block_scale=True)
+        cutlass_weights = (_up_gate(q13, F), q2, options)
     weight_bytes = 1 if args.dtype == "fp8" else 2
     l2p = torch.arange(E, device=dev).view(E, 1)  # one replica per expert
     counts = torch.ones(E, dtype=torch.int64, device=dev)
     bw = copy_bandwidth(dev)
     print(f"{torch.cuda.get_device_name(dev)}: copy {bw / 1e12:.2f} TB/s")
     backends = args.backends.split(",")
-    cutlass = _cutlass() if "cutlass" in backends and args.dtype == "bf16" else None
+    cutlass = _cutlass() if "cutlass" in backends else None
     rows_out = []
     for n in [int(b) for b in args.batches.split(",")]:
         x = torch.randn(n, H, device=dev, dtype=torch.bfloat16, generator=gen)
@@ -134,10 +139,16 @@ def main() -> None:
         if cutlass is not None:
             out = torch.empty(n, H, device=dev, dtype=torch.bfloat16)
             ids32, wf = ids.to(torch.int32), weights.float()
-            call = lambda: cutlass(x, ids32, wf, fc1, w2, torch.bfloat16, quant_scales=[], output=out)  # noqa: E731
+            fc1, fc2, options = cutlass_weights
+            call = lambda: cutlass(x, ids32, wf, fc1, fc2, torch.bfloat16, output=out, **options)  # noqa: E731
             cases["cutlass"] = (call, None)
         for name, (full, mlp_only) in cases.items():
-            got = full()
+            try:
+                got = full()
+            except Exception as e:  # noqa: BLE001 -- a candidate that refuses these shapes or this GPU
+                print(f"{name} at {n} tokens failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                torch.cuda.synchronize()
+                continue
             got = (got[0] if isinstance(got, (list, tuple)) else got).float()
             err = ((got - ref).norm() / ref.norm()).item()
             t = graph_time(full)
@@ -204,6 +215,11 @@ def _table(rows, args) -> str:
         mb = f"{touched / 1e6:.0f}" if touched else ""
         lines.append(f"| {n} | {name} | {t_s} | {m_s} | {mb} | {eff} | {e_s} | {note} |")
     return "\n".join(lines)
+
+
+def _up_gate(w13: torch.Tensor, half: int) -> torch.Tensor:
+    """raymoe's [gate; up] rows (or their scales' block rows) as cutlass_fused_moe wants them, [up; gate]."""
+    return torch.cat([w13[:, half:], w13[:, :half]], dim=1).contiguous()
 
 
 def _cutlass():
