@@ -84,8 +84,8 @@ class EngineConfig:
     pipelined_steps: Optional[bool] = None
     # with pipelined steps, the steps on the ranks when the next is planned (configs/README.md):
     # 2 queues each step before the running one ends; 1 plans it a step later, so a new
-    # request's first token comes a step sooner
-    max_steps_in_flight: int = 2
+    # request's first token comes a step sooner; auto: 1 while the ranks report slack for it
+    max_steps_in_flight: Literal[1, 2, "auto"] = 2
     # a step slower than this means a hung rank: the rank group restarts (the first
     # steps on new ranks, which compile kernels, get 15 minutes)
     step_timeout_s: float = 60.0
@@ -102,7 +102,6 @@ class EngineConfig:
         _require(self.max_num_seqs >= 1, "engine.max_num_seqs", "must be >= 1")
         _require(self.max_num_batched_tokens >= 1, "engine.max_num_batched_tokens", "must be >= 1")
         _require(self.mixed_step_graph_tokens >= 0, "engine.mixed_step_graph_tokens", "must be >= 0 (0: off)")
-        _require(self.max_steps_in_flight in (1, 2), "engine.max_steps_in_flight", "must be 1 or 2")
         _require(self.step_timeout_s > 0, "engine.step_timeout_s", "must be > 0 seconds")
         _require(self.max_restarts >= 0, "engine.max_restarts", "must be >= 0 (0: never restart)")
         _require(self.restart_window_s > 0, "engine.restart_window_s", "must be > 0 seconds")
@@ -273,7 +272,7 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
         (inner,) = [a for a in args if a is not type(None)]
         return _coerce(inner, value, name)
     if origin is Literal:
-        if value not in args:
+        if value not in args or (isinstance(value, bool) and value not in [a for a in args if isinstance(a, bool)]):
             raise ValueError(f"{name}: {value!r} is not one of {', '.join(map(repr, args))}")
         return value
     if hint is bool:

@@ -25,12 +25,13 @@ import asyncio
 import collections
 import logging
 import time
-from typing import Awaitable, Callable, Optional, Protocol, Sequence
+from typing import Awaitable, Callable, Optional, Protocol, Sequence, Union
 
 from raymoe.actors.engine.core import EngineCore
 from raymoe.actors.engine.delivery import OutputRouter
 from raymoe.actors.engine.grammar import GrammarMasks
 from raymoe.actors.engine.messages import EngineStats, NewRequest, OutputBatch, Rejection, RejectKind
+from raymoe.actors.engine.pipeline_depth import PipelineDepth
 from raymoe.actors.engine.step import StepInFlight, StepInput, StepOutput
 
 log = logging.getLogger(__name__)
@@ -113,13 +114,14 @@ class AsyncEngine:
         max_queued: int,
         background: Optional[BackgroundWork] = None,
         pipelined: bool = True,
-        max_steps_in_flight: int = 2,
+        max_steps_in_flight: Union[int, str] = 2,
         client_timeout_s: float = CLIENT_TIMEOUT_S,
         restart: Optional[Callable[[], Awaitable[int]]] = None,
         restart_budget: Optional[RestartBudget] = None,
     ) -> None:
         """``background``: work advanced once after every step (EPLB). ``pipelined``: keep steps
-        in flight (see ``_steps``), at most ``max_steps_in_flight`` calls out. ``restart``:
+        in flight (see ``_steps``), ``max_steps_in_flight`` of them (1, 2 or "auto",
+        pipeline_depth.py) when it plans the next. ``restart``:
         recreate the ranks after a failure (it also replaces ``executor`` and ``background``);
         returns the new KV blocks per replica."""
         self.core = core
@@ -127,7 +129,7 @@ class AsyncEngine:
         self.executor = executor
         self.max_queued = max_queued
         self.pipelined = pipelined
-        self.max_steps_in_flight = max_steps_in_flight
+        self.depth = PipelineDepth(max_steps_in_flight)
         self.client_timeout_s = client_timeout_s
         self.router = OutputRouter(with_logits=core.collect_logits)
         self.num_submit_calls = 0
@@ -267,20 +269,20 @@ class AsyncEngine:
                 # before the previous one answers (the ranks run calls in order): the loop is
                 # not held to one Ray round trip per step. Two steps' tokens are then pending;
                 # a live request whose step reads its history allows one (one call at a time),
-                # as does engine.max_steps_in_flight: 1 (a new request's step is planned one
-                # step later in the queue, and the ranks idle whenever the loop's turnaround
-                # outlasts the running step).
-                max_calls = min(self.core.max_steps_in_flight, self.max_steps_in_flight) if self.pipelined else 1
+                # as does a depth of 1 (pipeline_depth.py: a new request's step is planned one
+                # step sooner, and the ranks idle whenever the loop's turnaround outlasts the
+                # running step).
+                max_calls = min(self.core.max_steps_in_flight, self.depth.steps) if self.pipelined else 1
                 keep = 1 if self.pipelined else 0
                 if len(calls) >= max_calls:
-                    self._publish(in_flight, await calls.popleft())
+                    self._publish(in_flight, await calls.popleft(), behind=True)
                     continue
                 # With steps in flight this already schedules the next one: its decode chunks
                 # take their pending tokens from the ranks' recent sampling.
                 planned = self.core.schedule()
                 if planned is None:
                     if calls:
-                        self._publish(in_flight, await calls.popleft())
+                        self._publish(in_flight, await calls.popleft(), behind=True)
                         continue
                     if in_flight:  # nothing new to run: collect the last step
                         late = self.core.late_grammar(in_flight[-1])
@@ -331,9 +333,18 @@ class AsyncEngine:
         finally:
             self.recovering = None
 
-    def _publish(self, in_flight: "collections.deque[StepInFlight]", completed: Sequence[Sequence[StepOutput]]) -> None:
-        """Apply the steps the executor completed (the oldest in flight) and deliver their tokens."""
+    def _publish(
+        self,
+        in_flight: "collections.deque[StepInFlight]",
+        completed: Sequence[Sequence[StepOutput]],
+        behind: bool = False,
+    ) -> None:
+        """Apply the steps the executor completed (the oldest in flight) and deliver their tokens.
+        ``behind``: the call that completed them launched a step behind them, so the ranks'
+        wait for them is the turnaround's slack (pipeline_depth.py)."""
         for results in completed:
+            if behind and self.pipelined:
+                self.depth.observe(min((r.device_wait_s for r in results if r is not None), default=0.0))
             self.router.deliver(self.core.apply(in_flight.popleft(), results))
 
     def _abort_silent_clients(self) -> None:

@@ -397,14 +397,17 @@ class ModelRunner:
                 outputs.append(None)
                 continue
             host, done = entry
+            t0 = time.perf_counter()
             if done is not None:
                 done.synchronize()
+            waited = time.perf_counter() - t0
             outputs.append(
                 StepOutput(
                     tokens=host["tokens"].numpy(),
                     logits=host.get("logits"),
                     logprobs=LogprobColumns.from_host(host["sampled"]) if "sampled" in host else None,
                     prompt_logprobs=LogprobColumns.from_host(host["prompt"]) if "prompt" in host else None,
+                    device_wait_s=waited,
                 )
             )
         return outputs

@@ -83,6 +83,9 @@ class StepOutput:
     logits: Optional[torch.Tensor] = None  # [S, vocab] float32, when return_logits
     logprobs: Optional[LogprobColumns] = None  # the sampled rows whose requests ask, in order
     prompt_logprobs: Optional[LogprobColumns] = None  # rows of step.prompt_logprob_rows
+    # how long the rank waited for this step's outputs after launching the step behind it
+    # (pipelined: the slack the controller's turnaround left, pipeline_depth.py)
+    device_wait_s: float = 0.0
 
 
 @dataclass

@@ -100,9 +100,9 @@ def install_async_engine(module: Any) -> None:
             _log("scheduled", _first_tokens(planned))
         return planned
 
-    def traced_publish(self, in_flight, completed):
+    def traced_publish(self, in_flight, completed, **kwargs):
         first = sum(_first_tokens(in_flight[i]) for i in range(len(completed)))
-        publish(self, in_flight, completed)
+        publish(self, in_flight, completed, **kwargs)
         _log("published", first)
         _log("step done", len(completed))
 

@@ -64,9 +64,15 @@ def install(runner_module: Any) -> None:
     def sim_collect(self, keep):
         ends = self.__dict__.setdefault("_sim_ends", collections.deque())
         done = [ends.popleft() for _ in range(len(self._in_flight) - keep)]
+        waited = 0.0
         if done:  # the steps end in order: wait for the last one collected
-            time.sleep(max(0.0, done[-1] - time.perf_counter()))
-        return collect(self, keep)
+            waited = max(0.0, done[-1] - time.perf_counter())
+            time.sleep(waited)
+        outputs = collect(self, keep)
+        for out in outputs:  # the wait a device's event would have measured
+            if out is not None:
+                out.device_wait_s = waited
+        return outputs
 
     runner.forward_eager = forward_eager
     runner.launch = sim_launch

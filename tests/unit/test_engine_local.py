@@ -24,6 +24,7 @@ from raymoe.actors.engine.grammar import GrammarSpec
 from raymoe.actors.engine.local import LocalEngine, build_local_engine
 from raymoe.actors.engine.messages import Finish
 from raymoe.actors.engine.output_text import OutputText
+from raymoe.actors.engine.pipeline_depth import WINDOW
 from raymoe.actors.engine.request import SamplingParams
 from raymoe.cluster.config import config_from_dict
 from raymoe.deploy.engine_client import EngineClient
@@ -216,7 +217,7 @@ def _pipelined(
     leave_after: dict | None = None,
     lag_s: float = 0.0,
     on_delta=None,
-    max_steps_in_flight: int = 2,
+    max_steps_in_flight: int | str = 2,
 ) -> dict:
     """Every request streamed through a pipelined AsyncEngine and an in-process EngineClient;
     a request in ``leave_after`` has its consumer go away after that many tokens; every
@@ -299,6 +300,37 @@ def test_one_step_in_flight_by_config_gives_the_same_tokens(big):
     assert _texts(got) == reference
     assert any(pending), "no step ran with a pending token: it was not pipelined"
     assert in_flight and max(in_flight) == 1
+
+
+@pytest.mark.parametrize("slack_s, depth", [(5e-3, 1), (0.0, 2)])
+def test_auto_steps_in_flight_follow_the_slack_the_ranks_report(big, slack_s, depth):
+    """engine.max_steps_in_flight: auto plans with one step on the ranks once they report a
+    full window of slack after each launch, two while they report none; same outputs."""
+    sampling = SamplingParams(max_tokens=40, temperature=0.9, top_p=0.9, seed=7, ignore_eos=True)
+    requests = {f"r{i}": (big.tokenizer.encode(p), sampling) for i, p in enumerate(PROMPTS)}
+    reference = _run(big, requests)
+    runner = big.executor.runner
+    collect = runner.collect
+
+    def reporting(keep):
+        outputs = collect(keep)
+        for out in outputs:
+            if out is not None:
+                out.device_wait_s = slack_s
+        return outputs
+
+    in_flight = []
+    _spy_pending(big, in_flight)
+    runner.collect = reporting
+    try:
+        got = _pipelined(big, requests, max_steps_in_flight="auto")
+    finally:
+        del runner.collect, runner.launch, big.local.core.schedule, big.local.core.apply
+    assert _texts(got) == reference
+    window = WINDOW
+    assert len(in_flight) > 2 * window, "too few steps to see the depth change"
+    assert max(in_flight[:window]) == 2, "auto starts with two steps in flight"
+    assert max(in_flight[2 * window :]) == depth
 
 
 def test_requests_under_a_grammar_keep_one_step_in_flight(big):
