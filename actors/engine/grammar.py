@@ -62,38 +62,66 @@ _SUBSCHEMAS = ("additionalProperties", "items", "contains", "not", "if", "then",
 _SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems", "items")  # items: a schema, or a list of them
 
 
+MAX_SCHEMA_DEPTH = 64  # subschemas within subschemas (OpenAI's strict mode allows 10)
+
+
+def _subschemas(schema: Any):
+    """Every schema object in ``schema`` (itself included) with its depth, walked without
+    recursion (a hostile schema may nest thousands deep)."""
+    stack = [(schema, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if not isinstance(node, dict):
+            continue
+        yield node, depth
+        for key in _SUBSCHEMA_MAPS:
+            if isinstance(node.get(key), dict):
+                stack.extend((sub, depth + 1) for sub in node[key].values())
+        for key in _SUBSCHEMAS:
+            stack.append((node.get(key), depth + 1))
+        for key in _SUBSCHEMA_LISTS:
+            if isinstance(node.get(key), list):
+                stack.extend((sub, depth + 1) for sub in node[key])
+
+
 def unenforced_keywords(schema: Any) -> list[str]:
     """The keywords of a JSON schema (its subschemas included) that compile but are not
     enforced, sorted; property names are names, not keywords."""
     found: set[str] = set()
-
-    def walk(node: Any) -> None:
-        if not isinstance(node, dict):
-            return
+    for node, _ in _subschemas(schema):
         found.update(k for k in _UNENFORCED if k in node)
         if node.get("uniqueItems") is True:
             found.add("uniqueItems")
         if isinstance(node.get("allOf"), list) and len(node["allOf"]) > 1:
             found.add("allOf (of more than one schema)")
-        for key in _SUBSCHEMA_MAPS:
-            if isinstance(node.get(key), dict):
-                for sub in node[key].values():
-                    walk(sub)
-        for key in _SUBSCHEMAS:
-            walk(node.get(key))
-        for key in _SUBSCHEMA_LISTS:
-            if isinstance(node.get(key), list):
-                for sub in node[key]:
-                    walk(sub)
-
-    walk(schema)
     return sorted(found)
 
 
-def _json_or_none(text: str) -> Any:
+def check_schema_depth(schema: Any, field: str) -> None:
+    """ValueError naming ``field`` when the schema nests past MAX_SCHEMA_DEPTH (xgrammar
+    compiles deep schemas for minutes)."""
+    if max((depth for _, depth in _subschemas(schema)), default=0) > MAX_SCHEMA_DEPTH:
+        raise ValueError(f"{field}: the schema nests deeper than {MAX_SCHEMA_DEPTH} levels")
+
+
+def check_schema(schema: Any, field: str) -> None:
+    """check_schema_depth, and ValueError naming ``field`` when the schema uses keywords
+    structured output does not enforce."""
+    check_schema_depth(schema, field)
+    unenforced = unenforced_keywords(schema)
+    if unenforced:
+        raise ValueError(
+            f"{field}: the schema uses JSON schema keywords that structured output does not enforce: "
+            f"{', '.join(unenforced)}; describe the output without them"
+        )
+
+
+def _json_or_none(text: str, field: str) -> Any:
     """The parsed schema, or None when it is not JSON (xgrammar's compile then says why)."""
     try:
         return json.loads(text)
+    except RecursionError:
+        raise ValueError(f"{field}: the schema nests deeper than {MAX_SCHEMA_DEPTH} levels") from None
     except ValueError:
         return None
 
@@ -160,12 +188,10 @@ class GrammarCompiler:
 
     def _compile(self, spec: GrammarSpec) -> Any:
         c = self._xgrammar_compiler()
-        unenforced = unenforced_keywords(_json_or_none(spec.source)) if spec.kind == "json" and spec.source else []
-        if unenforced:
-            raise ValueError(
-                f"{spec.field}: the schema uses JSON schema keywords that structured output does not enforce: "
-                f"{', '.join(unenforced)}; describe the output without them"
-            )
+        if spec.kind == "json" and spec.source:
+            check_schema(_json_or_none(spec.source, spec.field), spec.field)
+        if spec.kind == "tagged_json":  # tool schemas: their unenforced keywords were always let through
+            check_schema_depth(json.loads(spec.source)["schema"], spec.field)
         try:
             if spec.kind == "json":
                 # no free whitespace: a model cannot pad its output with spaces forever

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import time
 
 import jsonschema
 import numpy as np
@@ -17,7 +18,7 @@ import xgrammar
 from test_engine_local import _engine as local_engine
 from test_engine_local import _pipelined, _run
 
-from raymoe.actors.engine.grammar import GrammarSpec, bitmask_words, grammar_masks
+from raymoe.actors.engine.grammar import MAX_SCHEMA_DEPTH, GrammarSpec, bitmask_words, grammar_masks
 from raymoe.actors.engine.request import SamplingParams
 from raymoe.actors.engine.sampler import apply_token_bitmask
 from raymoe.deploy.tool_calls import HermesToolParser
@@ -277,3 +278,35 @@ def test_enforced_keywords_and_property_names_like_keywords_compile(engine):
         "additionalProperties": False,
     }
     assert engine.local.core.grammars.compile(GrammarSpec("json", json.dumps(schema))) is not None
+
+
+def _nested_items(depth: int) -> str:
+    """A schema of arrays of arrays ... of integers, ``depth`` schemas deep, as JSON text."""
+    return '{"type": "array", "items": ' * (depth - 1) + '{"type": "integer"}' + "}" * (depth - 1)
+
+
+DEEP_PARAMETERS = json.loads(_nested_items(90))
+
+
+@pytest.mark.parametrize(
+    "spec,field",
+    [
+        # JSON nested past Python's recursion limit (this was a 500)
+        (GrammarSpec("json", "[" * 30000 + "]" * 30000, "structured_outputs.json"), "structured_outputs.json"),
+        # a schema nested past the walk's old recursion limit (a 500), and just past the limit
+        (GrammarSpec("json", _nested_items(2000), "structured_outputs.json"), "structured_outputs.json"),
+        (GrammarSpec("json", _nested_items(MAX_SCHEMA_DEPTH + 1), "response_format"), "response_format"),
+        (HermesToolParser().forced_call([{"function": {"name": "f", "parameters": DEEP_PARAMETERS}}], None), "tools"),
+    ],
+    ids=["json-text", "schema-2000", "schema-limit", "tool"],
+)
+def test_schemas_nested_too_deep_are_refused_at_once_naming_the_field(engine, spec, field):
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match=rf"^{re.escape(field)}: the schema nests deeper than {MAX_SCHEMA_DEPTH}"):
+        engine.local.core.add_request("bad", [5, 6], SamplingParams(grammar=spec))
+    assert time.monotonic() - t0 < 5.0
+    assert not engine.local.core.has_unfinished
+
+
+def test_a_schema_nested_to_the_limit_compiles(engine):
+    assert engine.local.core.grammars.compile(GrammarSpec("json", _nested_items(MAX_SCHEMA_DEPTH))) is not None
