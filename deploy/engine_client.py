@@ -17,6 +17,7 @@ finishes (the client went away) aborts its request, which frees its KV blocks.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import time
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 Prompt = Union[str, list[int]]
 POLL_TIMEOUT_S = 1.0
 INLINE_TEXT_CHARS = 16384  # longer texts are tokenised in a thread
+INLINE_MESSAGES = 256  # longer conversations are rendered in a thread
 CHARS_PER_TOKEN_BOUND = 32  # a text longer than the context times this is first checked by its prefix
 _RETRY_S = 0.5  # after a failed poll (the controller is unreachable)
 REATTACH_TIMEOUT_S = 120.0
@@ -200,11 +202,12 @@ class EngineClient:
     # text far longer than the context is refused after its prefix alone: one huge prompt
     # never stalls the other requests of this replica.
 
-    async def tokenize(self, prompt: Prompt, param: str = "prompt") -> list[int]:
-        """Text is encoded (special tokens added as the tokenizer defines); token ids are
-        checked against the vocabulary. APIError 400 naming ``param``."""
+    async def tokenize(self, prompt: Prompt, param: str = "prompt", add_special_tokens: bool = True) -> list[int]:
+        """Text is encoded (special tokens added as the tokenizer defines, unless not
+        ``add_special_tokens``); token ids are checked against the vocabulary. APIError 400
+        naming ``param``."""
         if isinstance(prompt, str):
-            return await self._encode_text(prompt, param, add_special_tokens=True)
+            return await self._encode_text(prompt, param, add_special_tokens=add_special_tokens)
         try:
             return encode_prompt(self.tokenizer, prompt, self.info.vocab_size, param)
         except ValueError as e:
@@ -224,8 +227,20 @@ class EngineClient:
                 raise bad_request(f"chat_template_kwargs: {reserved!r} cannot be set here", "chat_template_kwargs")
         if tools:
             kwargs["tools"] = tools
+        limit = self.info.token_limit
+        if len(messages) > limit:  # each message renders to a token at least
+            raise bad_request(
+                f"messages: {len(messages)} messages cannot fit this model's context of {limit} tokens",
+                "messages",
+                "context_length_exceeded",
+            )
+        render = functools.partial(self.tokenizer.apply_chat_template, messages, add_generation_prompt=True, **kwargs)
+        # a long conversation renders in a thread, as long texts encode: the replica's other
+        # streams go on meanwhile
+        chars = sum(len(str(m.get("content") or "")) for m in messages)
+        large = len(messages) > INLINE_MESSAGES or chars > INLINE_TEXT_CHARS
         try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
+            text = await asyncio.to_thread(render) if large else render()
         except ValueError as e:  # no chat template
             raise bad_request(str(e), "messages") from None
         except jinja2.TemplateError as e:  # the template rejects the conversation

@@ -55,10 +55,7 @@ async def tokenize(client: EngineClient, body: bytes) -> tuple[Optional[str], di
         ids = await client.tokenize_chat(chat_messages(chat), req.chat_template_kwargs)
     else:
         req = parse_body(TokenizePromptRequest, body)
-        if req.add_special_tokens:
-            ids = await client.tokenize(req.prompt)
-        else:
-            ids = client.tokenizer.encode(req.prompt, add_special_tokens=False)
+        ids = await client.tokenize(req.prompt, add_special_tokens=req.add_special_tokens)
     response = {"count": len(ids), "max_model_len": client.info.max_model_len, "tokens": ids, "token_strs": None}
     return req.model, response
 

@@ -408,14 +408,27 @@ def _declared_body(server: str, length: int) -> tuple[int, Any]:
         conn.close()
 
 
-def test_a_huge_prompt_is_refused_without_stalling_the_endpoint(server):
-    """5 MB of text: refused by its prefix as too long, tokenised off the event loop, while
-    /health keeps answering."""
-    body = json.dumps({"model": MODEL, "prompt": "The keeper woke early. " * 230_000, "max_tokens": 4}).encode()
+HUGE_TEXT = "The keeper woke early. " * 230_000  # 5 MB
+USER_A = {"role": "user", "content": "a"}
+HUGE_REQUESTS = {
+    "completion": ("/v1/completions", {"model": MODEL, "prompt": HUGE_TEXT, "max_tokens": 4}, "prompt"),
+    # without special tokens /tokenize encoded on the event loop, whole (105 s for 30 MB)
+    "tokenize": ("/tokenize", {"prompt": HUGE_TEXT, "add_special_tokens": False}, "prompt"),
+    # more messages than the context has tokens: refused before the template renders them
+    "chat": ("/v1/chat/completions", {"model": MODEL, "messages": [USER_A] * 20_000}, "messages"),
+}
+
+
+@pytest.mark.parametrize("kind", list(HUGE_REQUESTS))
+def test_a_huge_prompt_is_refused_without_stalling_the_endpoint(server, kind):
+    """Refused as too long for the context, without holding up the event loop: /health keeps
+    answering meanwhile."""
+    path, request, param = HUGE_REQUESTS[kind]
+    body = json.dumps(request).encode()
     result: dict = {}
 
     def send() -> None:
-        result["reply"] = _http(server, "/v1/completions", body)
+        result["reply"] = _http(server, path, body)
 
     import threading
 
@@ -430,6 +443,7 @@ def test_a_huge_prompt_is_refused_without_stalling_the_endpoint(server):
     sender.join()
     status, reply = result["reply"]
     assert status == 400 and reply["error"]["code"] == "context_length_exceeded", reply
+    assert reply["error"]["param"] == param, reply
     assert slowest < 1.0, f"/health took {slowest:.2f} s while the prompt was tokenised"
 
 

@@ -28,6 +28,7 @@ from raymoe.actors.engine.pipeline_depth import WINDOW
 from raymoe.actors.engine.request import SamplingParams
 from raymoe.cluster.config import config_from_dict
 from raymoe.deploy.engine_client import EngineClient
+from raymoe.deploy.openai_api import APIError
 
 PROMPTS = ["Hello there", "The capital of France is", "one two three four five six seven", "x", "abc " * 12]
 
@@ -738,3 +739,22 @@ def test_stop_ends_the_step_loop_cleanly_and_tells_the_clients(big, caplog):
     assert not others, f"tasks left running: {others}"
     assert "engine step loop failed" not in caplog.text
     assert rejected and rejected[0].kind is RejectKind.ENGINE_FAILED and "shut down" in rejected[0].message
+
+
+def test_more_messages_than_the_context_has_tokens_are_refused_before_rendering(big, monkeypatch):
+    """Each message renders to a token at least: a conversation longer than the context is
+    refused without running the template (900,000 one-letter messages held the ingress's
+    event loop 6 s in the template)."""
+    client = EngineClient(big.local, big.tokenizer, big.local.info)
+    limit = big.local.info.token_limit
+
+    def render(*args, **kwargs):
+        raise AssertionError("the template ran")
+
+    monkeypatch.setattr(big.tokenizer, "apply_chat_template", render)
+    messages = [{"role": "user", "content": "a"}] * (limit + 1)
+    with pytest.raises(APIError) as e:
+        asyncio.run(client.tokenize_chat(messages))
+    assert e.value.status == 400 and e.value.param == "messages" and e.value.code == "context_length_exceeded"
+    with pytest.raises(APIError, match="the template ran"):  # at the limit it renders
+        asyncio.run(client.tokenize_chat(messages[:limit]))
