@@ -493,6 +493,8 @@ def engine_error(e: BaseException) -> APIError:
             field, _, _ = str(e).partition(":")
             named = all(part.isidentifier() for part in field.split("."))
             return bad_request(str(e), field if named else None, "invalid_value")
+        if e.kind is RejectKind.INTERNAL:
+            return APIError(500, f"{e}; the server log has the details", code="internal_error", type="server_error")
         return APIError(503, str(e), code="engine_failed", type="server_error")
     cause = e.cause if isinstance(e, ray.exceptions.RayTaskError) and e.cause is not None else e
     if isinstance(cause, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)):

@@ -158,8 +158,8 @@ class AsyncEngine:
             if grammars is not None and not grammars.is_cached(spec):  # off the loop; add_request finds it cached
                 try:
                     await asyncio.to_thread(grammars.compile, spec)
-                except ValueError:
-                    pass  # refused by add_request, with the reason
+                except Exception:  # noqa: BLE001 -- add_request compiles it again and refuses that request alone
+                    pass
         rejected = []
         for new in requests:
             reason = self._add(client, new)
@@ -238,6 +238,10 @@ class AsyncEngine:
         except ValueError as e:
             self.router.remove(rid)
             return RejectKind.INVALID, str(e)
+        except Exception:  # a bug: it fails this request, not the others of its call
+            log.exception("taking request %s raised", rid)
+            self.router.remove(rid)
+            return RejectKind.INTERNAL, "the engine could not take this request (an internal error)"
         return None
 
     def _start(self) -> None:

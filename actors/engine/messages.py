@@ -58,6 +58,7 @@ class RejectKind(str, enum.Enum):
     INVALID = "invalid"  # the request can never run (too long for the context or the cache)
     QUEUE_FULL = "queue_full"  # serve.max_queued_requests are already waiting
     ENGINE_FAILED = "engine_failed"  # the step loop has failed
+    INTERNAL = "internal"  # taking the request raised unexpectedly (a bug: the controller's log has it)
 
 
 @dataclass(frozen=True)

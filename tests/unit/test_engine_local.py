@@ -22,12 +22,12 @@ from raymoe.actors.engine.async_engine import AsyncEngine
 from raymoe.actors.engine.core import EngineCore
 from raymoe.actors.engine.grammar import GrammarSpec
 from raymoe.actors.engine.local import LocalEngine, build_local_engine
-from raymoe.actors.engine.messages import Finish
+from raymoe.actors.engine.messages import Finish, NewRequest, RejectKind
 from raymoe.actors.engine.output_text import OutputText
 from raymoe.actors.engine.pipeline_depth import WINDOW
 from raymoe.actors.engine.request import SamplingParams
 from raymoe.cluster.config import config_from_dict
-from raymoe.deploy.engine_client import EngineClient
+from raymoe.deploy.engine_client import EngineClient, RequestRejected, engine_error
 from raymoe.deploy.openai_api import APIError
 
 PROMPTS = ["Hello there", "The capital of France is", "one two three four five six seven", "x", "abc " * 12]
@@ -758,3 +758,34 @@ def test_more_messages_than_the_context_has_tokens_are_refused_before_rendering(
     assert e.value.status == 400 and e.value.param == "messages" and e.value.code == "context_length_exceeded"
     with pytest.raises(APIError, match="the template ran"):  # at the limit it renders
         asyncio.run(client.tokenize_chat(messages[:limit]))
+
+
+def test_a_request_whose_admission_raises_fails_alone(big, monkeypatch):
+    """add_request raising something unexpected (a bug) refuses that request as an internal
+    error; the others of its submit call run (it failed the whole call)."""
+    ids = big.tokenizer.encode("Hello there")
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    core = big.local.core
+    add = core.add_request
+
+    def add_request(rid, prompt, sampling):
+        if prompt == [7, 7, 7]:
+            raise RecursionError("a bug")
+        return add(rid, prompt, sampling)
+
+    monkeypatch.setattr(core, "add_request", add_request)
+
+    async def main():
+        engine = AsyncEngine(core, big.executor, max_queued=100, pipelined=True)
+        rejected = await engine.submit("c", [NewRequest(0, [7, 7, 7], params), NewRequest(1, ids, params)])
+        tokens = []
+        while len(tokens) < 3:
+            batch = await engine.poll("c", 1.0)
+            tokens += [t for e in batch.entries() for t in e.token_ids]
+        await engine.stop()
+        return rejected, tokens
+
+    rejected, tokens = asyncio.run(main())
+    assert [(r.seq, r.kind) for r in rejected] == [(0, RejectKind.INTERNAL)]
+    assert len(tokens) == 3
+    assert engine_error(RequestRejected(RejectKind.INTERNAL, rejected[0].message)).status == 500
