@@ -272,7 +272,7 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
         (inner,) = [a for a in args if a is not type(None)]
         return _coerce(inner, value, name)
     if origin is Literal:
-        if value not in args or (isinstance(value, bool) and value not in [a for a in args if isinstance(a, bool)]):
+        if not any(type(value) is type(a) and value == a for a in args):  # true is not 1, nor 1.0
             raise ValueError(f"{name}: {value!r} is not one of {', '.join(map(repr, args))}")
         return value
     if hint is bool:

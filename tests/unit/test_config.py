@@ -216,6 +216,7 @@ VALIDATE_CASES = [
     ("engine.max_steps_in_flight", 0),
     ("engine.max_steps_in_flight", 3),
     ("engine.max_steps_in_flight", True),
+    ("engine.max_steps_in_flight", 1.0),
     ("engine.max_steps_in_flight", "fast"),
     ("eplb.num_redundant_experts", -1),
     ("eplb.rebalance_every_steps", 0),
