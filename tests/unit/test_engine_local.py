@@ -410,6 +410,12 @@ class _FirstSubmitHeld:
         return getattr(self.engine, name)
 
 
+def _client_with_first_submit_held(core: Engine, hold_s: float) -> tuple[_FirstSubmitHeld, EngineClient]:
+    """An engine client whose first submit call is held ``hold_s`` on its way to a pipelined engine."""
+    held = _FirstSubmitHeld(AsyncEngine(core.local.core, core.executor, max_queued=100, pipelined=True), hold_s)
+    return held, EngineClient(held, core.tokenizer, core.local.info)
+
+
 def test_requests_arriving_while_a_submit_is_out_go_together_in_the_next(big):
     """One call of plain requests is out at a time: the ones that arrive meanwhile wait for it
     and go in one call (a burst costs the controller a few calls, not one a request), and
@@ -418,9 +424,7 @@ def test_requests_arriving_while_a_submit_is_out_go_together_in_the_next(big):
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
 
     async def main():
-        engine = AsyncEngine(big.local.core, big.executor, max_queued=100, pipelined=True)
-        held = _FirstSubmitHeld(engine, hold_s=0.5)
-        client = EngineClient(held, big.tokenizer, big.local.info)
+        held, client = _client_with_first_submit_held(big, hold_s=0.5)
 
         async def run() -> int:
             return sum([len(d.token_ids) async for d in client.stream(ids, params)])
@@ -446,9 +450,7 @@ def test_a_request_dropped_while_its_submit_is_out_is_aborted_once_in(big):
     params = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
 
     async def main():
-        engine = AsyncEngine(big.local.core, big.executor, max_queued=100, pipelined=True)
-        held = _FirstSubmitHeld(engine, hold_s=0.5)
-        client = EngineClient(held, big.tokenizer, big.local.info)
+        held, client = _client_with_first_submit_held(big, hold_s=0.5)
         steps = big.num_steps
         stream = client.stream(ids, params)
         await asyncio.sleep(0.05)  # its submit is out
