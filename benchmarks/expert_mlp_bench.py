@@ -10,7 +10,8 @@ the combined output (top-k, sort by expert, the two projections with SiLU-and-mu
 the weighted sum; the dispatch and the MLP on the backend named, the dispatch falling
 back to torch past its size limit) and the expert MLP alone. It reports bandwidth
 over the bytes of the experts actually touched, and each output's error against the
-torch reference. --sweep also times a grid of Triton block sizes.
+torch reference. --sweep also times a grid of Triton block sizes (--best-json writes the
+fastest per batch as JSON lines).
 
     python3 benchmarks/expert_mlp_bench.py --batches 1,16,64,256,4096 --sweep
     python3 benchmarks/expert_mlp_bench.py --dtype fp8 --backends torch,triton --batches 1,64,4096 --sweep
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import statistics
 import time
 
@@ -45,6 +47,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--sweep", action="store_true", help="also time a grid of Triton block sizes")
     p.add_argument("--dtype", choices=["bf16", "fp8"], default="bf16", help="the expert weights' format")
     p.add_argument("--out", help="also write the table here (markdown)")
+    p.add_argument("--best-json", help="with --sweep: write {batch, config} of each batch's fastest here")
     return p.parse_args()
 
 
@@ -166,6 +169,9 @@ def main() -> None:
                 print(f"  sweep batch {n}: {t * 1e6:.1f} us {_fmt(c)}", flush=True)
             t, best = min(timed, key=lambda tc: tc[0])
             rows_out.append((n, "triton best", None, t, touched, bw, None, _fmt(best)))
+            if args.best_json:
+                with open(args.best_json, "a") as f:
+                    f.write(json.dumps(dict(batch=n, us=t * 1e6, config=best)) + "\n")
         print(f"batch {n} done", flush=True)
     table = _table(rows_out, args)
     print(table)
@@ -186,8 +192,12 @@ def _try_time(fn) -> float:
 def _sweep(n: int, experts: int, fp8: bool):
     per_slot = n * 8 / experts
     bms = [16, 32, 64] + ([128] if per_slot > 64 else [])
-    bks = (128,) if fp8 else (64, 128)  # FP8: the weights' block_k is the K step
-    for bm, bn, bk, stages in itertools.product(bms, (32, 64, 128), bks, (3, 4)):
+    if fp8 and per_slot <= 8:  # decode: a slot's rows fit in one or two 16-row blocks
+        bms = [16] if per_slot <= 1 else [16, 32]
+    # FP8: the weights' block_k is the K step; a byte a weight, so also narrower tiles and
+    # deeper pipelines
+    bks, bns, stage_counts = ((128,), (16, 32, 64, 128), (2, 3, 4, 5)) if fp8 else ((64, 128), (32, 64, 128), (3, 4))
+    for bm, bn, bk, stages in itertools.product(bms, bns, bks, stage_counts):
         for warps in (4, 8) if bm * bn >= 64 * 64 else (4,):
             yield dict(BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
 
@@ -211,7 +221,7 @@ def _table(rows, args) -> str:
         eff = f"{touched / (t_mlp if t_mlp is not None else t) / bw * 100:.0f}" if touched else ""
         e_s = f"{err:.1e}" if err is not None else ""
         if name == "triton" and not note:
-            note = _fmt(triton_config(n * args.top_k, args.experts))
+            note = _fmt(triton_config(n * args.top_k, args.experts, fp8=args.dtype == "fp8"))
         mb = f"{touched / 1e6:.0f}" if touched else ""
         lines.append(f"| {n} | {name} | {t_s} | {m_s} | {mb} | {eff} | {e_s} | {note} |")
     return "\n".join(lines)

@@ -28,8 +28,13 @@ candidate against x quantised by quantize_groups times the dequantised weight, b
 times its bf16 weight; a relative error above 2e-2 is flagged (!) and left out of the fastest.
 A candidate that is unavailable or raises prints why and is left out; the bench goes on.
 
+--sweep instead times raymoe's Triton GEMM over a grid of its configs (blocks, pipeline,
+quantising x first, K split over programs) at each M, summed over the shapes, against the
+cuBLAS path's sum; --best-json writes each M's fastest config as a JSON line.
+
     python benchmarks/fp8_gemm_bench.py
     python benchmarks/fp8_gemm_bench.py --shapes qkv,2048x768 --rows 1,64 --iters 50 --out fp8.md
+    python benchmarks/fp8_gemm_bench.py --sweep --shapes qkv,o_proj --rows 32,64 --iters 20
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.metadata
+import itertools
+import json
 import statistics
 import sys
 from dataclasses import dataclass
@@ -257,6 +264,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--candidates", default=",".join(c.name for c in CANDIDATES), help="comma-separated names")
     p.add_argument("--no-flush", action="store_true", help="leave L2 warm between calls")
     p.add_argument("--out", help="append the tables to this file (markdown)")
+    p.add_argument("--sweep", action="store_true", help="time the Triton GEMM's configs instead")
+    p.add_argument("--best-json", help="with --sweep: write {rows, config, us, cublas_us} per M here")
     return p.parse_args()
 
 
@@ -372,10 +381,52 @@ def header(args: argparse.Namespace) -> str:
     )
 
 
+def sweep_configs(m: int):
+    bm = max(16, min(64, 1 << (m - 1).bit_length()))
+    for bn, stages, pre, split in itertools.product((16, 32, 64, 128), (3, 4), (False, True), (1, 2, 4, 8)):
+        yield dict(BM=bm, BN=bn, num_warps=4, num_stages=stages, PRE_QUANTIZE=pre, SPLIT_K=split)
+
+
+def sweep(args: argparse.Namespace, dev: torch.device) -> None:
+    """Each M's Triton configs by their time summed over the shapes, against cuBLAS's sum."""
+    from raymoe.actors.models.fp8_linear_triton import fp8_linear, pick_config
+
+    flush = None if args.no_flush else torch.empty(FLUSH_BYTES, dtype=torch.int8, device=dev)
+    weights = [(name, make_weight(n, k, dev)) for name, n, k in parse_shapes(args.shapes)]
+    for m in [int(r) for r in args.rows.split(",")]:
+        xs = [torch.randn(m, w.q.shape[1], device=dev, dtype=torch.bfloat16) for _, w in weights]
+        cublas = sum(device_us(build_cublas(x, w), args.iters, flush) for x, (_, w) in zip(xs, weights))
+        timed = []
+        for config in sweep_configs(m):
+            try:
+                total = 0.0
+                for x, (_, w) in zip(xs, weights):
+                    fn = lambda x=x, w=w: fp8_linear(x, w.q, w.scale, block=BLOCK, config=config)  # noqa: E731
+                    if relative_error(fn(), references(x, w)[0]) > MAX_REL_ERR:
+                        raise ValueError("wrong result")
+                    total += device_us(fn, args.iters, flush)
+            except Exception as e:  # noqa: BLE001 -- a config that does not launch
+                say_once(f"  config not run: {type(e).__name__}: {one_line(e)}")
+                torch.cuda.synchronize()
+                continue
+            timed.append((total, config))
+        timed.sort(key=lambda tc: tc[0])
+        now = next((t for t, c in timed if c == dict(pick_config(m))), None)
+        print(f"M={m}: cuBLAS {cublas:.1f} us summed over {args.shapes}; the current config {now}", flush=True)
+        for t, c in timed[:6]:
+            print(f"  {t:.1f} us {c}", flush=True)
+        if args.best_json and timed:
+            with open(args.best_json, "a") as f:
+                f.write(json.dumps(dict(rows=m, us=timed[0][0], config=timed[0][1], cublas_us=cublas)) + "\n")
+
+
 def main() -> None:
     args = parse()
     if not torch.cuda.is_available():
         sys.exit("fp8_gemm_bench.py needs a CUDA GPU; torch sees none")
+    if args.sweep:
+        sweep(args, torch.device("cuda"))
+        return
     candidates = pick_candidates(args.candidates)
     print(header(args), flush=True)
     report = header(args) + "\n\n" + tables(run_all(args, candidates, torch.device("cuda")), candidates)

@@ -57,12 +57,11 @@ def expert_mlp(
     (``pick_config``) on CUDA, torch elsewhere. config: Triton block sizes, for benchmarks.
     """
     num_slots = all_slots or w13.shape[0]
-    config = config or pick_config(rows.shape[0], num_slots)
     fp8 = dict(w13_scale=w13_scale, w2_scale=w2_scale, fp8_block=fp8_block)
     if fp8_block is not None:
         fits = kernel_block(fp8_block) and w13.shape[2] % fp8_block[1] == 0 and w2.shape[2] % fp8_block[1] == 0
     else:
-        fits = config is not None
+        fits = config is not None or pick_config(rows.shape[0], num_slots) is not None
     if choose_backend(backend, op="expert_mlp", on_cuda=x.is_cuda, fits=fits) == "torch":
         if fp8_block is not None:
             w13 = dequantize_blocks(w13, w13_scale, fp8_block, x.dtype)
@@ -72,7 +71,7 @@ def expert_mlp(
 
     if groups is None:
         groups = torch.arange(w13.shape[0], dtype=torch.int32, device=x.device)
-    config = config or triton_config(rows.shape[0], num_slots)
+    config = config or triton_config(rows.shape[0], num_slots, fp8=fp8_block is not None)
     return expert_mlp_triton.expert_mlp(x, rows, ends, groups, w13=w13, w2=w2, config=config, **fp8)
 
 
@@ -90,8 +89,13 @@ _CONFIGS = (
     (32, dict(BM=64, BN=64, BK=64, num_warps=4, num_stages=3)),
 )
 _LARGEST = _CONFIGS[-1][1]
-# FP8 weights stay on the Triton kernels at prefill sizes: from 128 rows per slot these blocks
-# ran 4,096 tokens' experts in 1.19 ms against 1.55 ms with _LARGEST (H100, BENCHMARKS.md)
+# FP8 weights stay on the Triton kernels at every size. Decode (rows per slot up to the bound):
+# the best of expert_mlp_bench.py --dtype fp8 --sweep at batch 1 and 64 (H100, BENCHMARKS.md).
+# From 128 rows per slot these blocks ran 4,096 tokens' experts in 1.19 ms against 1.55 ms with
+# _LARGEST (H100, BENCHMARKS.md).
+FP8_ONE_ROW_CONFIG = dict(BM=16, BN=64, BK=128, num_warps=4, num_stages=4)
+FP8_DECODE_CONFIG = dict(BM=16, BN=64, BK=128, num_warps=4, num_stages=4)
+_FP8_CONFIGS = ((1, FP8_ONE_ROW_CONFIG), (8, FP8_DECODE_CONFIG))
 _MANY_ROWS_PER_SLOT, _MANY_ROWS = 128, dict(BM=128, BN=128, BK=128, num_warps=8, num_stages=3)
 
 
@@ -103,7 +107,10 @@ def pick_config(num_rows: int, num_slots: int) -> dict | None:
     return next((config for bound, config in _CONFIGS if per_slot <= bound), None)
 
 
-def triton_config(num_rows: int, num_slots: int) -> dict:
+def triton_config(num_rows: int, num_slots: int, *, fp8: bool = False) -> dict:
     """The Triton kernels' block sizes at any size, past pick_config's too (FP8 weights)."""
-    many = num_rows / max(num_slots, 1) >= _MANY_ROWS_PER_SLOT
+    per_slot = num_rows / max(num_slots, 1)
+    if fp8 and (decode := next((config for bound, config in _FP8_CONFIGS if per_slot <= bound), None)):
+        return decode
+    many = per_slot >= _MANY_ROWS_PER_SLOT
     return pick_config(num_rows, num_slots) or (_MANY_ROWS if many else _LARGEST)

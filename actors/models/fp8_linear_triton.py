@@ -6,8 +6,9 @@ time: it takes its [BM, block_k] tile of x in FP8 with one scale per row (DeepSe
 adds the product times both scales to a float32 accumulator. Few rows (decode): each program
 quantises its tile of x itself (no second kernel, no pass over x). Many rows (prefill): every
 column tile would quantise the same rows again, so one kernel quantises x first
-(``quantize_rows``) and the GEMM reads it in FP8. Both round alike. No host syncs: it runs
-inside CUDA graphs.
+(``quantize_rows``) and the GEMM reads it in FP8. Both round alike. A weight with few column
+tiles can have K split over more programs (SPLIT_K): each writes a float32 partial product and
+a second kernel sums them in a fixed order. No host syncs: it runs inside CUDA graphs.
 
 Imported only when Triton is (GPU hosts; the unit tests' CPU interpreter).
 """
@@ -75,6 +76,7 @@ def _fp8_linear(
     M,
     N,
     K,
+    K_SPLIT,
     stride_x,
     stride_xs,
     stride_w,
@@ -87,7 +89,9 @@ def _fp8_linear(
     BN: tl.constexpr,
     BK: tl.constexpr,
 ):
-    """X_FP8: x is FP8 already, with one scale per row and BK columns in x_scale."""
+    """X_FP8: x is FP8 already, with one scale per row and BK columns in x_scale. Each program
+    sums columns [K_SPLIT * program_id(2), + K_SPLIT) of K into part program_id(2) of y
+    ([parts, M, N], float32 when K is split; the first part carries the bias)."""
     m = tl.program_id(0) * BM + tl.arange(0, BM)
     n = tl.program_id(1) * BN + tl.arange(0, BN)
     k = tl.arange(0, BK)
@@ -96,7 +100,8 @@ def _fp8_linear(
     w_rows = w + n.to(tl.int64)[:, None] * stride_w + k[None, :]
     s_rows = w_scale + (n // BLOCK_N) * stride_s
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, K, BK):
+    k_start = tl.program_id(2) * K_SPLIT
+    for k0 in range(k_start, tl.minimum(k_start + K_SPLIT, K), BK):
         k_ok = (k0 + k < K)[None, :]
         if X_FP8:
             a = tl.load(x_rows + k0, mask=m_ok[:, None] & k_ok, other=0.0)
@@ -107,20 +112,36 @@ def _fp8_linear(
         s = tl.load(s_rows + k0 // BK, mask=n_ok, other=0.0)
         acc += tl.dot(a, tl.trans(w_tile)) * a_scale[:, None] * s[None, :]
     if HAS_BIAS:
-        acc += tl.load(b + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    out = y + m.to(tl.int64)[:, None] * stride_y + n[None, :]
+        if tl.program_id(2) == 0:
+            acc += tl.load(b + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    out = y + tl.program_id(2).to(tl.int64) * M * N + m.to(tl.int64)[:, None] * stride_y + n[None, :]
     tl.store(out, acc.to(y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
+@triton.jit
+def _sum_splits(parts, y, SIZE, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+    """y = the sum of parts [SPLITS, SIZE] (float32) over its first axis, always in the same order."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < SIZE
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in tl.static_range(SPLITS):
+        total += tl.load(parts + s * SIZE + i, mask=ok, other=0.0)
+    tl.store(y + i, total.to(y.dtype.element_ty), mask=ok)
+
+
+# the rows of x -> block sizes, whether x is quantised first (PRE_QUANTIZE) and how many parts K
+# is split into (SPLIT_K: more programs for a weight with few column tiles): the best of sweeps on
+# an H100 over the qkv and o_proj shapes of Qwen3-30B-A3B (BENCHMARKS.md, issue 21)
+FEW_ROWS_CONFIG = dict(BM=16, BN=32, num_warps=4, num_stages=4, PRE_QUANTIZE=False, SPLIT_K=1)
+DECODE_CONFIG = dict(BM=64, BN=64, num_warps=4, num_stages=4, PRE_QUANTIZE=False, SPLIT_K=1)
+PREFILL_CONFIG = dict(BM=64, BN=128, num_warps=4, num_stages=3, PRE_QUANTIZE=True, SPLIT_K=1)
+
+
 def pick_config(num_rows: int) -> dict:
-    """Block sizes by the rows of x, and whether x is quantised first (PRE_QUANTIZE), from
-    shapes alone (one choice per CUDA graph): the best of a sweep on an H100 at 1, 64 and
-    4,096 rows over the qkv and o_proj shapes of Qwen3-30B-A3B (BENCHMARKS.md, issue 21)."""
+    """Block sizes by the rows of x alone (one choice per CUDA graph)."""
     if num_rows <= 16:
-        return dict(BM=16, BN=32, num_warps=4, num_stages=4, PRE_QUANTIZE=False)
-    if num_rows <= 64:
-        return dict(BM=64, BN=64, num_warps=4, num_stages=4, PRE_QUANTIZE=False)
-    return dict(BM=64, BN=128, num_warps=4, num_stages=3, PRE_QUANTIZE=True)
+        return FEW_ROWS_CONFIG
+    return DECODE_CONFIG if num_rows <= 64 else PREFILL_CONFIG
 
 
 def fp8_linear(
@@ -140,7 +161,14 @@ def fp8_linear(
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return y
-    grid = (triton.cdiv(m, config["BM"]), triton.cdiv(n, config["BN"]))
+    k_blocks = triton.cdiv(k, block[1])
+    splits = max(1, min(config.get("SPLIT_K", 1), k_blocks))
+    k_split = triton.cdiv(k_blocks, splits) * block[1]
+    splits = triton.cdiv(k, k_split)  # every part non-empty
+    # split: float32 parts summed in a second kernel, in a fixed order (no atomics: the same
+    # inputs give the same bits)
+    out = torch.empty(splits, m, n, dtype=torch.float32, device=x.device) if splits > 1 else y
+    grid = (triton.cdiv(m, config["BM"]), triton.cdiv(n, config["BN"]), splits)
     pre = config["PRE_QUANTIZE"]
     x, x_scale = quantize_rows(x, block[1]) if pre else (x, scale)  # scale: a placeholder never read
     _fp8_linear[grid](
@@ -149,15 +177,16 @@ def fp8_linear(
         weight,
         scale,
         bias if bias is not None else scale,
-        y,
+        out,
         m,
         n,
         k,
+        k_split,
         x.stride(0),
         x_scale.stride(0),
         weight.stride(0),
         scale.stride(0),
-        y.stride(0),
+        n,
         X_FP8=pre,
         HAS_BIAS=bias is not None,
         BLOCK_N=block[0],
@@ -167,4 +196,6 @@ def fp8_linear(
         num_warps=config["num_warps"],
         num_stages=config["num_stages"],
     )
+    if splits > 1:
+        _sum_splits[(triton.cdiv(m * n, 1024),)](out, y, m * n, SPLITS=splits, BLOCK=1024, num_warps=4)
     return y

@@ -22,6 +22,8 @@ from raymoe.actors.models.ops import block_dividing, choose_backend
 SKINNY_MAX_ROWS = 1
 # the sweep's best block sizes for most shapes (BK shrinks to divide K)
 SKINNY_CONFIG = dict(BN=8, BK=1024, num_warps=8, num_stages=1)
+# FP8 weights: a byte a weight, so a tile of the same shape moves half as much
+SKINNY_FP8_CONFIG = dict(BN=8, BK=1024, num_warps=8, num_stages=1)
 # From benchmarks/fp8_gemm_bench.py on an H100 (BENCHMARKS.md, issue 21): cuBLAS with the Triton
 # quantiser in front costs ~15 us at any row count up to 128. From 32 rows that beats the Triton
 # GEMM on weights of 2M elements and more (o_proj 20 against 36 us); a smaller weight (one
@@ -67,10 +69,11 @@ def _skinny_config(x: torch.Tensor, weight: torch.Tensor, block: tuple[int, int]
     # cheap tests first: most calls (batches of many rows) stop at the row count
     if not (x.dim() == 2 and 0 < x.shape[0] <= SKINNY_MAX_ROWS and x.stride(1) == 1 and weight.stride(1) == 1):
         return None
-    if block is not None and (block[0] % SKINNY_CONFIG["BN"] or block[1] > SKINNY_CONFIG["BK"]):
+    config = SKINNY_CONFIG if block is None else SKINNY_FP8_CONFIG
+    if block is not None and (block[0] % config["BN"] or block[1] > config["BK"]):
         return None
-    bk = block_dividing(x.shape[1], SKINNY_CONFIG["BK"], least=block[1] if block is not None else 16)
-    return None if bk is None else dict(SKINNY_CONFIG, BK=bk)
+    bk = block_dividing(x.shape[1], config["BK"], least=block[1] if block is not None else 16)
+    return None if bk is None else dict(config, BK=bk)
 
 
 def _fp8_linear(x, weight, bias, *, scale, block, backend, config) -> torch.Tensor:

@@ -106,6 +106,13 @@ CASES = {
     # one row: the matrix-vector kernel (eight 32-column scale blocks in one K step, a partial column block)
     "fp8-linear-one-row": ("fp8_linear_case", dict(rows=1, n=44, k=256, block=[16, 32], bias=True)),
     "fp8-linear-prefill": ("fp8_linear_case", dict(rows=70, n=130, k=96, block=[32, 32], bias=False)),
+    # K split in two uneven parts (3 blocks of 32 over 2 programs, the last one partial), with a bias
+    "fp8-linear-split-k": ("fp8_linear_case", dict(rows=20, n=40, k=80, block=[16, 32], bias=True, split_k=2)),
+    # more parts asked for than K has blocks
+    "fp8-linear-split-k-past-blocks": (
+        "fp8_linear_case",
+        dict(rows=5, n=24, k=64, block=[16, 32], bias=False, split_k=8),
+    ),
     "fp8-expert-mlp": ("expert_mlp_fp8_case", dict(slots=3, hidden=64, inter=32, tokens=9, block=[16, 32])),
     # past PRE_QUANTIZE_ROWS choices: x quantised in a pass of its own
     "fp8-expert-mlp-prefill": ("expert_mlp_fp8_case", dict(slots=3, hidden=64, inter=32, tokens=140, block=[16, 32])),

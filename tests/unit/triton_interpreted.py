@@ -193,12 +193,17 @@ def _activations_through_fp8(x: torch.Tensor, group: int) -> torch.Tensor:
     return q.float() * scale.repeat_interleave(group, 1)[:, : x.shape[1]]
 
 
-def fp8_linear_case(rows, n, k, block, bias):
+def fp8_linear_case(rows, n, k, block, bias, split_k=None):
     g = torch.Generator().manual_seed(rows + n)
     x, w = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g) / k**0.5
     b = torch.randn(n, generator=g) if bias else None
     q, scale = quantize_blocks(w, tuple(block))
     want = torch.nn.functional.linear(_activations_through_fp8(x, block[1]), dequantize_blocks(q, scale, block), b)
+    if split_k is not None:  # K split over programs, their float32 parts summed by a second kernel
+        config = dict(fp8_linear_triton.pick_config(rows), SPLIT_K=split_k)
+        got = fp8_linear_triton.fp8_linear(x, q, scale, block=tuple(block), bias=b, config=config)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        return
     got = linear(x, q, b, scale=scale, block=tuple(block), backend="triton")
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     # the torch path (CPU) dequantises the weight only: the FP8 activations' error is what differs

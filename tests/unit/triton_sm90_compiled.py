@@ -81,12 +81,19 @@ def _weights(*shape: int, fp8: bool) -> torch.Tensor:
     return torch.empty(*shape, dtype=FP8 if fp8 else BF16)  # never read: compiling needs shapes alone
 
 
-def linear_case(rows: int, n: int, k: int, fp8: bool) -> None:
-    """A dense projection (bf16 through the one-row kernel; FP8 at every size)."""
+def linear_case(rows: int, n: int, k: int, fp8: bool, split_k: int = 1) -> None:
+    """A dense projection (bf16 through the one-row kernel; FP8 at every size, its GEMM with K
+    split over split_k programs when that is more than 1)."""
     x = torch.randn(rows, k, dtype=BF16)
     w = _weights(n, k, fp8=fp8)
     block = (128, 128)
     scale = torch.ones(-(-n // block[0]), -(-k // block[1])) if fp8 else None
+    if split_k > 1:
+        from raymoe.actors.models import fp8_linear_triton
+
+        config = dict(fp8_linear_triton.pick_config(rows), SPLIT_K=split_k)
+        fp8_linear_triton.fp8_linear(x, w, scale, block=block, config=config)
+        return
     linear(x, w, scale=scale, block=block if fp8 else None, backend="triton")
 
 
@@ -174,6 +181,7 @@ CASES = {
     "linear-bf16-1-row": (linear_case, dict(rows=1, n=5120, k=2048, fp8=False)),
     # FP8 GEMM: decode (quantising x inside), 64 rows, and prefill (x quantised in its own pass)
     **{f"linear-fp8-{m}-rows": (linear_case, dict(rows=m, n=5120, k=2048, fp8=True)) for m in (1, 64, 4096)},
+    "linear-fp8-64-rows-split-k": (linear_case, dict(rows=64, n=2048, k=4096, fp8=True, split_k=4)),
     # expert kernels at each block-size choice (rows per slot 1, ~16, ~32) and past them (torch)
     **{f"moe-bf16-{t}-tokens": (moe_case, dict(tokens=t, **QWEN3_30B, fp8=False)) for t in (1, 256, 512)},
     **{f"moe-fp8-{t}-tokens": (moe_case, dict(tokens=t, **QWEN3_30B, fp8=True)) for t in (1, 256, 512)},
