@@ -93,8 +93,8 @@ _LARGEST = _CONFIGS[-1][1]
 # the best of expert_mlp_bench.py --dtype fp8 --sweep at batch 1 and 64 (H100, BENCHMARKS.md).
 # From 128 rows per slot these blocks ran 4,096 tokens' experts in 1.19 ms against 1.55 ms with
 # _LARGEST (H100, BENCHMARKS.md).
-FP8_ONE_ROW_CONFIG = dict(BM=16, BN=64, BK=128, num_warps=4, num_stages=4)
-FP8_DECODE_CONFIG = dict(BM=16, BN=64, BK=128, num_warps=4, num_stages=4)
+FP8_ONE_ROW_CONFIG = dict(BM=16, BN=64, BK=128, num_warps=4, num_stages=3)
+FP8_DECODE_CONFIG = dict(BM=16, BN=128, BK=128, num_warps=4, num_stages=3)
 _FP8_CONFIGS = ((1, FP8_ONE_ROW_CONFIG), (8, FP8_DECODE_CONFIG))
 _MANY_ROWS_PER_SLOT, _MANY_ROWS = 128, dict(BM=128, BN=128, BK=128, num_warps=8, num_stages=3)
 

@@ -3,10 +3,10 @@
 Each program owns a [BM, BN] tile of y and walks K one weight block column (block_k) at a
 time: it takes its [BM, block_k] tile of x in FP8 with one scale per row (DeepSeek's
 1 x block_k activation groups), multiplies it by the FP8 weight tile on the tensor cores, and
-adds the product times both scales to a float32 accumulator. Few rows (decode): each program
-quantises its tile of x itself (no second kernel, no pass over x). Many rows (prefill): every
-column tile would quantise the same rows again, so one kernel quantises x first
-(``quantize_rows``) and the GEMM reads it in FP8. Both round alike. A weight with few column
+adds the product times both scales to a float32 accumulator. Up to 16 rows each program
+quantises its tile of x itself (no second kernel, no pass over x). Past that every column tile
+would quantise the same rows again, so one kernel quantises x first (``quantize_rows``) and
+the GEMM reads it in FP8. Both round alike. A weight with few column
 tiles can have K split over more programs (SPLIT_K): each writes a float32 partial product and
 a second kernel sums them in a fixed order. No host syncs: it runs inside CUDA graphs.
 
@@ -133,7 +133,7 @@ def _sum_splits(parts, y, SIZE, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
 # is split into (SPLIT_K: more programs for a weight with few column tiles): the best of sweeps on
 # an H100 over the qkv and o_proj shapes of Qwen3-30B-A3B (BENCHMARKS.md, issue 21)
 FEW_ROWS_CONFIG = dict(BM=16, BN=32, num_warps=4, num_stages=4, PRE_QUANTIZE=False, SPLIT_K=1)
-DECODE_CONFIG = dict(BM=64, BN=64, num_warps=4, num_stages=4, PRE_QUANTIZE=False, SPLIT_K=1)
+DECODE_CONFIG = dict(BM=64, BN=32, num_warps=4, num_stages=3, PRE_QUANTIZE=True, SPLIT_K=4)
 PREFILL_CONFIG = dict(BM=64, BN=128, num_warps=4, num_stages=3, PRE_QUANTIZE=True, SPLIT_K=1)
 
 

@@ -5,8 +5,9 @@ choice depends on shapes alone, so a CUDA graph captures one path.
 
 An FP8 weight (float8_e4m3fn with block scales, fp8.py) runs on a GPU the same matrix-vector
 kernel at those row counts, a Triton FP8 GEMM past them (activations quantised per row and
-block_k columns inside both) and cuBLAS's block-scaled GEMM past ``fp8_cublas_min_rows``
-(fp8_scaled_mm.py), and is dequantised to x's dtype elsewhere."""
+block_k columns, inside the kernels or in a pass of their own) and cuBLAS's block-scaled
+GEMM past ``fp8_cublas_min_rows`` (fp8_scaled_mm.py), and is dequantised to x's dtype
+elsewhere."""
 
 from __future__ import annotations
 
@@ -22,14 +23,12 @@ from raymoe.actors.models.ops import block_dividing, choose_backend
 SKINNY_MAX_ROWS = 1
 # the sweep's best block sizes for most shapes (BK shrinks to divide K)
 SKINNY_CONFIG = dict(BN=8, BK=1024, num_warps=8, num_stages=1)
-# FP8 weights: a byte a weight, so a tile of the same shape moves half as much
-SKINNY_FP8_CONFIG = dict(BN=8, BK=1024, num_warps=8, num_stages=1)
-# From benchmarks/fp8_gemm_bench.py on an H100 (BENCHMARKS.md, issue 21): cuBLAS with the Triton
-# quantiser in front costs ~15 us at any row count up to 128. From 32 rows that beats the Triton
-# GEMM on weights of 2M elements and more (o_proj 20 against 36 us); a smaller weight (one
-# expert's down projection) was faster on Triton at every count up to 128 (11.6 against 16.0
-# us at 128), and on cuBLAS at 4,096.
-FP8_CUBLAS_MIN_ROWS = 32
+# FP8 weights: the sweep's best summed over the projections (skinny_linear_bench.py --dtype fp8)
+SKINNY_FP8_CONFIG = dict(BN=8, BK=2048, num_warps=4, num_stages=2)
+# FP8 projections past one row run the Triton GEMM (fp8_linear_triton.py), and cuBLAS's
+# block-scaled GEMM from these row counts on, where fp8_gemm_bench.py found it faster (H100,
+# BENCHMARKS.md, issue 21); weights under 2M elements stay on Triton longer.
+FP8_CUBLAS_MIN_ROWS = 65
 FP8_CUBLAS_MIN_ROWS_SMALL = 129
 FP8_CUBLAS_SMALL_WEIGHT = 2**21
 

@@ -105,6 +105,8 @@ CASES = {
     "fp8-linear-decode": ("fp8_linear_case", dict(rows=3, n=40, k=80, block=[16, 32], bias=True)),
     # one row: the matrix-vector kernel (eight 32-column scale blocks in one K step, a partial column block)
     "fp8-linear-one-row": ("fp8_linear_case", dict(rows=1, n=44, k=256, block=[16, 32], bias=True)),
+    # 17-64 rows as linear() picks them: x quantised first, K split (5 blocks over 3 programs)
+    "fp8-linear-decode-batch": ("fp8_linear_case", dict(rows=40, n=40, k=160, block=[16, 32], bias=True)),
     "fp8-linear-prefill": ("fp8_linear_case", dict(rows=70, n=130, k=96, block=[32, 32], bias=False)),
     # K split in two uneven parts (3 blocks of 32 over 2 programs, the last one partial), with a bias
     "fp8-linear-split-k": ("fp8_linear_case", dict(rows=20, n=40, k=80, block=[16, 32], bias=True, split_k=2)),
