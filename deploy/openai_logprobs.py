@@ -4,6 +4,7 @@ Pure: a token's text comes from the caller."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Callable, Optional, Sequence
 
 from raymoe.actors.engine.messages import Logprob
@@ -11,6 +12,8 @@ from raymoe.actors.engine.messages import Logprob
 LOGPROB_FLOOR = -9999.0  # what -inf becomes in JSON
 
 TokenText = Callable[[int], str]  # a token id -> its text
+# the *_in_slices builders yield to the event loop after each this many tokens (a few ms of work)
+SLICE_TOKENS = 256
 
 
 def _finite(logprob: float) -> float:
@@ -47,3 +50,27 @@ def completion_logprobs(
         "top_logprobs": [None if lp is None else {token_text(t): _finite(v) for t, v in lp.top} for lp in logprobs],
         "text_offset": offsets,
     }
+
+
+async def chat_logprobs_in_slices(logprobs: Sequence[Logprob], token_text: TokenText) -> dict[str, Any]:
+    """chat_logprobs, built ``SLICE_TOKENS`` at a time with the event loop served in between."""
+    content: list[dict[str, Any]] = []
+    for start in range(0, len(logprobs), SLICE_TOKENS):
+        content += chat_logprobs(logprobs[start : start + SLICE_TOKENS], token_text)["content"]
+        await asyncio.sleep(0)
+    return {"content": content}
+
+
+async def completion_logprobs_in_slices(
+    token_ids: Sequence[int], logprobs: Sequence[Optional[Logprob]], token_text: TokenText, text_offset: int = 0
+) -> dict[str, Any]:
+    """completion_logprobs, built ``SLICE_TOKENS`` at a time with the event loop served in between."""
+    columns: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for start in range(0, len(token_ids), SLICE_TOKENS):
+        end = start + SLICE_TOKENS
+        part = completion_logprobs(token_ids[start:end], logprobs[start:end], token_text, text_offset)
+        for name, values in part.items():
+            columns[name] += values
+        text_offset = part["text_offset"][-1] + len(part["tokens"][-1])
+        await asyncio.sleep(0)
+    return columns

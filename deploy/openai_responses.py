@@ -3,6 +3,7 @@ server-sent events, usage, the model card."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any, Optional
 
@@ -132,3 +133,37 @@ def model_card(name: str, created: int, root: str, max_model_len: int) -> dict[s
         "root": root,
         "max_model_len": max_model_len,
     }
+
+
+async def json_bytes(body: dict[str, Any], *, slice_items: int = 256) -> bytes:
+    """``body`` as compact JSON, its long lists (a choice's logprobs) encoded ``slice_items``
+    items at a time with the event loop served in between: json's encoder runs in C, and one
+    call over tens of MB would hold up every other request for seconds."""
+    return (await _encoded(body, slice_items)).encode()
+
+
+# a response's long lists lie this deep (body -> choices -> a choice -> logprobs -> content)
+_WALKED_DEPTH = 4
+
+
+async def _encoded(value: Any, slice_items: int, depth: int = 0) -> str:
+    if isinstance(value, list) and len(value) > slice_items:
+        parts = []
+        for start in range(0, len(value), slice_items):
+            parts.append(_compact(value[start : start + slice_items])[1:-1])
+            await asyncio.sleep(0)
+        return "[" + ",".join(parts) + "]"
+    if depth < _WALKED_DEPTH and isinstance(value, dict):
+        items = [f"{_compact(key)}:{await _encoded(item, slice_items, depth + 1)}" for key, item in value.items()]
+        return "{" + ",".join(items) + "}"
+    if depth < _WALKED_DEPTH and isinstance(value, list):
+        parts = []
+        for item in value:  # the choices: the loop is served after each
+            parts.append(await _encoded(item, slice_items, depth + 1))
+            await asyncio.sleep(0)
+        return "[" + ",".join(parts) + "]"
+    return _compact(value)
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))

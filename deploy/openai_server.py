@@ -42,13 +42,19 @@ from raymoe.deploy.openai_api import (
     sampling_params,
     tool_choice,
 )
-from raymoe.deploy.openai_logprobs import chat_logprobs, completion_logprobs
+from raymoe.deploy.openai_logprobs import (
+    chat_logprobs,
+    chat_logprobs_in_slices,
+    completion_logprobs,
+    completion_logprobs_in_slices,
+)
 from raymoe.deploy.openai_responses import (
     SSE_DONE,
     chat_chunk,
     chat_response,
     completion_chunk,
     completion_response,
+    json_bytes,
     model_card,
     sse,
     usage,
@@ -59,6 +65,17 @@ from raymoe.deploy.reasoning import ReasoningSplitter
 from raymoe.deploy.tool_calls import ToolCallStream, split_tool_calls, tool_parser
 
 Outputs = AsyncIterator[tuple[int, Delta]]
+# a non-streamed response with more logprob entries and token ids than this is built in a thread
+INLINE_RESPONSE_ITEMS = 16384
+
+
+def _response_items(progress: _Progress, params: Any, *, with_ids: bool) -> int:
+    """About how many JSON values a finished request's response holds besides its texts: a
+    logprob entry per token and alternative, and the token ids when they are returned."""
+    per_token = (0 if params.logprobs is None else 1 + params.logprobs) + with_ids
+    prompt_entries = sum(len(p) for p in progress.prompt_logprobs if p) * (1 + (params.prompt_logprobs or 0))
+    prompt_ids = progress.prompt_tokens * len(progress.texts) if with_ids else 0
+    return progress.completion_tokens * per_token + prompt_entries + prompt_ids
 
 
 class _Progress:
@@ -289,8 +306,9 @@ class OpenAIServer:
     def token_text(self, token_id: int) -> str:
         return self.client.tokenizer.decode([token_id], skip_special_tokens=False)
 
-    def _completion_choice(self, i: int, text: str, logprobs: list, prompt: Optional[list], echo: Optional[_Echo]):
-        """(text, logprobs object or None) of completion choice ``i`` (``logprobs``: its output's)."""
+    def _completion_echo(self, i: int, text: str, logprobs: list, prompt: Optional[list], echo: Optional[_Echo]):
+        """Completion choice ``i``'s (text, token ids, logprobs, text offset of the first),
+        the prompt's first where it is echoed (``logprobs``: the output's)."""
         token_ids = [lp.token_id for lp in logprobs]
         if echo is not None and echo.drop_output:
             text, token_ids, logprobs = "", [], []
@@ -300,7 +318,7 @@ class OpenAIServer:
             text = echo.texts[i] + text
             if prompt is not None:
                 token_ids, logprobs, offset = echo.ids[i] + token_ids, prompt + logprobs, 0
-        return text, completion_logprobs(token_ids, logprobs, self.token_text, offset)
+        return text, token_ids, logprobs, offset
 
     async def _run(
         self,
@@ -348,11 +366,39 @@ class OpenAIServer:
             if done:
                 await outputs.aclose()
                 self.metrics.in_flight.dec()
-        asked = params[0].logprobs is not None
+        large = _response_items(progress, params[0], with_ids=bool(req.return_token_ids)) > INLINE_RESPONSE_ITEMS
+        body = await self._response(
+            req=req,
+            chat=chat,
+            rid=rid,
+            ids=ids,
+            asked=params[0].logprobs is not None,
+            progress=progress,
+            echo=echo,
+            tool_calls=tool_calls,
+        )
+        # a large body (logprobs of many tokens) is encoded a slice at a time, the event loop
+        # serving every other stream in between
+        return await json_bytes(body) if large else body
+
+    async def _response(
+        self,
+        *,
+        req: Any,
+        chat: bool,
+        rid: str,
+        ids: list[list[int]],
+        asked: bool,
+        progress: _Progress,
+        echo: Optional[_Echo],
+        tool_calls: bool,
+    ) -> dict[str, Any]:
+        """The non-streamed response body from a finished request's ``progress``; logprobs are
+        built a slice at a time, the event loop serving other requests in between."""
         choices = []
         for i, (text, finish) in enumerate(zip(progress.texts, progress.finish)):
             if chat:
-                lps = chat_logprobs(progress.logprobs[i], self.token_text) if asked else None
+                lps = await chat_logprobs_in_slices(progress.logprobs[i], self.token_text) if asked else None
                 choice: dict[str, Any] = {"logprobs": lps}
                 if self.reasoning_parser:
                     choice["reasoning"], text = ReasoningSplitter.split(self.reasoning_parser, text)
@@ -364,9 +410,9 @@ class OpenAIServer:
                     choice.update(prompt_token_ids=ids[i], token_ids=progress.token_ids[i])
                 choices.append({**choice, "text": text, "finish_reason": finish})
                 continue
-            else:
-                text, lps = self._completion_choice(i, text, progress.logprobs[i], progress.prompt_logprobs[i], echo)
-                lps = lps if asked else None
+            echoed = self._completion_echo(i, text, progress.logprobs[i], progress.prompt_logprobs[i], echo)
+            text, token_ids, logprobs, offset = echoed
+            lps = await completion_logprobs_in_slices(token_ids, logprobs, self.token_text, offset) if asked else None
             choice = {"text": text, "finish_reason": finish, "logprobs": lps}
             if req.return_token_ids:
                 choice.update(prompt_token_ids=ids[i], token_ids=progress.token_ids[i])
@@ -406,7 +452,8 @@ class OpenAIServer:
                         if echo is not None and echo.drop_output:
                             text, lps = "", []
                         prompt = echo if echo is not None and not started[i] else None
-                        text, lp_obj = self._completion_choice(i, text, lps, out.prompt_logprobs, prompt)
+                        text, token_ids, lps, offset = self._completion_echo(i, text, lps, out.prompt_logprobs, prompt)
+                        lp_obj = completion_logprobs(token_ids, lps, self.token_text, offset)
                         chunk = completion_chunk(
                             rid,
                             created,

@@ -114,6 +114,8 @@ def build_fastapi_app(server: OpenAIServer) -> FastAPI:
         server.metrics.count(endpoint, 200)
         if isinstance(result, dict):
             return JSONResponse(result)
+        if isinstance(result, bytes):  # a body already encoded (a large one, off the event loop)
+            return Response(result, media_type="application/json")
         return StreamingResponse(result, media_type="text/event-stream", headers=_SSE_HEADERS)
 
     @app.post("/v1/completions")

@@ -35,6 +35,7 @@ from raymoe.deploy.openai_responses import (
     chat_response,
     completion_chunk,
     completion_response,
+    json_bytes,
     sse,
     usage,
     usage_chunk,
@@ -263,6 +264,33 @@ def test_sse_framing():
     assert event.startswith(b"data: ") and event.endswith(b"\n\n") and event.count(b"\n") == 2
     assert json.loads(event[len(b"data: ") :]) == {"text": "é\n"}
     assert SSE_DONE == b"data: [DONE]\n\n"
+
+
+def test_json_bytes_is_compact_json_of_the_same_body():
+    entries = [{"token": "é", "top": [1, 2.5]}] * 7  # longer than a slice
+    body = {"id": "x", "choices": [{"text": "é\n", "logprobs": {"content": entries}}, {"text": ""}], "usage": {}}
+    for slice_items in (2, 3, 256):
+        got = asyncio.run(json_bytes(body, slice_items=slice_items))
+        assert got == json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+    assert json.loads(asyncio.run(json_bytes({"choices": []}))) == {"choices": []}
+    with pytest.raises(ValueError):  # as JSONResponse: no NaN in a body
+        asyncio.run(json_bytes({"choices": [{"logprob": float("nan")}]}))
+
+
+def test_logprobs_built_in_slices_equal_those_built_whole(monkeypatch):
+    from raymoe.actors.engine.messages import Logprob
+    from raymoe.deploy import openai_logprobs as lp
+
+    texts = {i: "ab"[: i % 3] + "é" * (i % 2) for i in range(50)}  # tokens of 0-3 characters
+    logprobs = [Logprob(i, -0.5 * i, ((i + 1, -1.0), (i + 2, float("-inf")))) for i in range(11)]
+    prompt = [None, *logprobs[:4]]
+    ids = [x.token_id for x in logprobs]
+    whole_chat = lp.chat_logprobs(logprobs, texts.__getitem__)
+    whole_completion = lp.completion_logprobs([0, *ids[:4], *ids], [*prompt, *logprobs], texts.__getitem__, 3)
+    monkeypatch.setattr(lp, "SLICE_TOKENS", 4)  # offsets carried across slices
+    assert asyncio.run(lp.chat_logprobs_in_slices(logprobs, texts.__getitem__)) == whole_chat
+    sliced = lp.completion_logprobs_in_slices([0, *ids[:4], *ids], [*prompt, *logprobs], texts.__getitem__, 3)
+    assert asyncio.run(sliced) == whole_completion
 
 
 def _grammar(body: dict, model=ChatRequest):

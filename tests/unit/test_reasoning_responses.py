@@ -1,7 +1,7 @@
 """The chat route with a reasoning parser and tool calls, over a stand-in engine client that
 streams a scripted answer: the message's reasoning_content, content and tool_calls, streamed
 and not, checked with the official openai client's own response types; the tools reach the
-chat template."""
+chat template; a large response, built off the event loop, is the body a small one would be."""
 
 from __future__ import annotations
 
@@ -122,3 +122,28 @@ def test_tools_too_large_to_force_are_a_400_naming_tools():
     with pytest.raises(APIError) as e:
         asyncio.run(_server(None, CALLING).chat(json.dumps(body).encode()))
     assert (e.value.status, e.value.param) == (400, "tools")
+
+
+def test_a_large_response_built_in_a_thread_is_the_body_built_inline(monkeypatch):
+    """Past INLINE_RESPONSE_ITEMS the body is built and encoded in a thread (bytes): the same
+    JSON as the inline dict, reasoning and tool calls included."""
+    from raymoe.deploy import openai_server
+
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "?"}], "tools": TOOLS, "n": 2}).encode()
+    inline = asyncio.run(_server("qwen3", CALLING).chat(body))
+    monkeypatch.setattr(openai_server, "INLINE_RESPONSE_ITEMS", -1)  # every body
+    encoded = asyncio.run(_server("qwen3", CALLING).chat(body))
+    assert isinstance(inline, dict) and isinstance(encoded, bytes)
+    built = json.loads(encoded)
+    assert built["id"] != inline["id"]
+    assert _without_ids(built) == _without_ids(inline)
+    assert chat_types.ChatCompletion.model_validate(built).choices[1].message.tool_calls[0].function.name == "now"
+
+
+def _without_ids(body: dict) -> dict:
+    """The body less what each response draws afresh: its id and time, its tool calls' ids."""
+    body = {k: v for k, v in json.loads(json.dumps(body)).items() if k not in ("id", "created")}
+    for choice in body["choices"]:
+        for call in choice["message"].get("tool_calls") or []:
+            call.pop("id")
+    return body
