@@ -65,7 +65,8 @@ from raymoe.deploy.reasoning import ReasoningSplitter
 from raymoe.deploy.tool_calls import ToolCallStream, split_tool_calls, tool_parser
 
 Outputs = AsyncIterator[tuple[int, Delta]]
-# a non-streamed response with more logprob entries and token ids than this is built in a thread
+# a non-streamed response with more logprob entries and token ids than this is encoded a slice at
+# a time (json_bytes), not whole by the web framework
 INLINE_RESPONSE_ITEMS = 16384
 
 

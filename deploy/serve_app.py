@@ -114,7 +114,7 @@ def build_fastapi_app(server: OpenAIServer) -> FastAPI:
         server.metrics.count(endpoint, 200)
         if isinstance(result, dict):
             return JSONResponse(result)
-        if isinstance(result, bytes):  # a body already encoded (a large one, off the event loop)
+        if isinstance(result, bytes):  # a body already encoded (a large one, in slices)
             return Response(result, media_type="application/json")
         return StreamingResponse(result, media_type="text/event-stream", headers=_SSE_HEADERS)
 

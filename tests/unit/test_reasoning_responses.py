@@ -1,7 +1,7 @@
 """The chat route with a reasoning parser and tool calls, over a stand-in engine client that
 streams a scripted answer: the message's reasoning_content, content and tool_calls, streamed
 and not, checked with the official openai client's own response types; the tools reach the
-chat template; a large response, built off the event loop, is the body a small one would be."""
+chat template; a large response, encoded in slices, is the body a small one would be."""
 
 from __future__ import annotations
 
@@ -124,8 +124,8 @@ def test_tools_too_large_to_force_are_a_400_naming_tools():
     assert (e.value.status, e.value.param) == (400, "tools")
 
 
-def test_a_large_response_built_in_a_thread_is_the_body_built_inline(monkeypatch):
-    """Past INLINE_RESPONSE_ITEMS the body is built and encoded in a thread (bytes): the same
+def test_a_large_response_encoded_in_slices_is_the_body_built_inline(monkeypatch):
+    """Past INLINE_RESPONSE_ITEMS the body comes encoded (bytes, a slice at a time): the same
     JSON as the inline dict, reasoning and tool calls included."""
     from raymoe.deploy import openai_server
 
