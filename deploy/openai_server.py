@@ -367,37 +367,10 @@ class OpenAIServer:
             if done:
                 await outputs.aclose()
                 self.metrics.in_flight.dec()
-        large = _response_items(progress, params[0], with_ids=bool(req.return_token_ids)) > INLINE_RESPONSE_ITEMS
-        body = await self._response(
-            req=req,
-            chat=chat,
-            rid=rid,
-            ids=ids,
-            asked=params[0].logprobs is not None,
-            progress=progress,
-            echo=echo,
-            tool_calls=tool_calls,
-        )
-        # a large body (logprobs of many tokens) is encoded a slice at a time, the event loop
-        # serving every other stream in between
-        return await json_bytes(body) if large else body
-
-    async def _response(
-        self,
-        *,
-        req: Any,
-        chat: bool,
-        rid: str,
-        ids: list[list[int]],
-        asked: bool,
-        progress: _Progress,
-        echo: Optional[_Echo],
-        tool_calls: bool,
-    ) -> dict[str, Any]:
-        """The non-streamed response body from a finished request's ``progress``; logprobs are
-        built a slice at a time, the event loop serving other requests in between."""
+        asked = params[0].logprobs is not None
         choices = []
         for i, (text, finish) in enumerate(zip(progress.texts, progress.finish)):
+            # logprobs are built a slice at a time, the event loop serving other requests in between
             if chat:
                 lps = await chat_logprobs_in_slices(progress.logprobs[i], self.token_text) if asked else None
                 choice: dict[str, Any] = {"logprobs": lps}
@@ -418,10 +391,14 @@ class OpenAIServer:
             if req.return_token_ids:
                 choice.update(prompt_token_ids=ids[i], token_ids=progress.token_ids[i])
             choices.append(choice)
+        large = _response_items(progress, params[0], with_ids=bool(req.return_token_ids)) > INLINE_RESPONSE_ITEMS
         if echo is not None and echo.drop_output:
             progress.completion_tokens = 0
         build = chat_response if chat else completion_response
-        return build(rid, int(time.time()), self.model_name, choices=choices, use=progress.usage())
+        body = build(rid, int(time.time()), self.model_name, choices=choices, use=progress.usage())
+        # a large body (logprobs of many tokens) is encoded a slice at a time, the event loop
+        # serving every other stream in between
+        return await json_bytes(body) if large else body
 
     async def _events(
         self,
