@@ -6,9 +6,9 @@ time: it takes its [BM, block_k] tile of x in FP8 with one scale per row (DeepSe
 adds the product times both scales to a float32 accumulator. Up to 16 rows each program
 quantises its tile of x itself (no second kernel, no pass over x). Past that every column tile
 would quantise the same rows again, so one kernel quantises x first (``quantize_rows``) and
-the GEMM reads it in FP8. Both round alike. A weight with few column
-tiles can have K split over more programs (SPLIT_K): each writes a float32 partial product and
-a second kernel sums them in a fixed order. No host syncs: it runs inside CUDA graphs.
+the GEMM reads it in FP8. Both round alike. A weight with few column tiles can have K split
+over more programs (SPLIT_K): each writes a float32 partial product and a second kernel sums
+them in a fixed order. No host syncs: it runs inside CUDA graphs.
 
 Imported only when Triton is (GPU hosts; the unit tests' CPU interpreter).
 """
