@@ -35,6 +35,7 @@ def _gate_up_silu(
     w,
     w_scale,
     h,
+    h_scale,
     inter,
     hidden,
     stride_x,
@@ -45,6 +46,7 @@ def _gate_up_silu(
     stride_h,
     FP8: tl.constexpr,
     X_FP8: tl.constexpr,
+    H_FP8: tl.constexpr,
     SCALE_BLOCK_N: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
@@ -52,7 +54,9 @@ def _gate_up_silu(
 ):
     """h[r, n] = silu(x[rows[r]] . w[e, n]) * (x[rows[r]] . w[e, inter + n]) for r in group e.
     FP8: w is FP8 with a scale per [SCALE_BLOCK_N, BK] block, x quantised per BK columns:
-    here, or beforehand (X_FP8: x is FP8, its scales in x_scale [tokens, hidden / BK])."""
+    here, or beforehand (X_FP8: x is FP8, its scales in x_scale [tokens, hidden / BK]).
+    H_FP8 (BN = BK): h is stored quantised, a row's BN columns one group, its scale in
+    h_scale [rows, inter / BN], for _down to read as it is."""
     e, start, end = _group_rows(groups, ends, tl.program_id(0))
     n = tl.program_id(1) * BN + tl.arange(0, BN)
     k = tl.arange(0, BK)
@@ -81,12 +85,16 @@ def _gate_up_silu(
                 up = tl.dot(a, tl.trans(tl.load(w_up + k0)), up)
         # silu by hand: tl.sigmoid is a jit function, which Triton's CPU interpreter cannot run
         out = gate / (1.0 + tl.exp(-gate)) * up
+        if H_FP8:
+            out, out_scale = quantized_rows(out)
+            tl.store(h_scale + r.to(tl.int64) * (inter // BN) + tl.program_id(1), out_scale, mask=live)
         tl.store(h + r.to(tl.int64)[:, None] * stride_h + n[None, :], out.to(h.dtype.element_ty), mask=live[:, None])
 
 
 @triton.jit
 def _down(
     h,
+    h_scale,
     ends,
     groups,
     w,
@@ -100,12 +108,13 @@ def _down(
     stride_sn,
     stride_y,
     FP8: tl.constexpr,
+    H_FP8: tl.constexpr,
     SCALE_BLOCK_N: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
 ):
-    """y[r, n] = h[r] . w[e, n] for r in group e (FP8: as _gate_up_silu)."""
+    """y[r, n] = h[r] . w[e, n] for r in group e (FP8: as _gate_up_silu; H_FP8: h as it wrote it)."""
     e, start, end = _group_rows(groups, ends, tl.program_id(0))
     n = tl.program_id(1) * BN + tl.arange(0, BN)
     k = tl.arange(0, BK)
@@ -118,8 +127,11 @@ def _down(
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(0, inter, BK):
             a = tl.load(h_rows + k0, mask=live[:, None], other=0.0)
-            if FP8:
+            if H_FP8:
+                a_scale = tl.load(h_scale + r.to(tl.int64) * (inter // BK) + k0 // BK, mask=live, other=0.0)
+            elif FP8:
                 a, a_scale = quantized_rows(a.to(tl.float32))
+            if FP8:
                 acc += tl.dot(a, tl.trans(tl.load(w_rows + k0))) * a_scale[:, None] * tl.load(s_rows + k0 // BK)
             else:
                 acc = tl.dot(a, tl.trans(tl.load(w_rows + k0)), acc)
@@ -147,7 +159,6 @@ def expert_mlp(
     assert w2.shape == (num_slots, hidden, inter) and ends.shape == (num_slots,) and groups.dtype == torch.int32
     assert x.stride(1) == 1 and w13.stride(2) == 1 and w2.stride(2) == 1
     bm, launch = config["BM"], dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
-    h = torch.empty(num_rows, inter, dtype=x.dtype, device=x.device)
     y = torch.empty(num_rows, hidden, dtype=x.dtype, device=x.device)
     # many rows (prefill): x quantised once rather than by every column tile of every slot
     x_fp8 = fp8_block is not None and num_rows > PRE_QUANTIZE_ROWS
@@ -160,6 +171,10 @@ def expert_mlp(
     else:
         block_n, want_k, w13_scale, w2_scale = 1, config["BK"], w13, w2  # no scales: never read
     bn, bk = _block(inter, config["BN"]), _block(hidden, want_k)
+    # h too, by _gate_up_silu's epilogue, where its column tile is one of _down's K groups
+    h_fp8 = x_fp8 and bn == want_k == _block(inter, want_k)
+    h = torch.empty(num_rows, inter, dtype=torch.float8_e4m3fn if h_fp8 else y.dtype, device=x.device)
+    h_scale = torch.empty(num_rows, inter // bn, dtype=torch.float32, device=x.device) if h_fp8 else h
     _gate_up_silu[(groups.shape[0], inter // bn)](
         x,
         x_scale,
@@ -169,6 +184,7 @@ def expert_mlp(
         w13,
         w13_scale,
         h,
+        h_scale,
         inter,
         hidden,
         x.stride(0),
@@ -179,6 +195,7 @@ def expert_mlp(
         h.stride(0),
         FP8=fp8_block is not None,
         X_FP8=x_fp8,
+        H_FP8=h_fp8,
         SCALE_BLOCK_N=block_n,
         BM=bm,
         BN=bn,
@@ -188,6 +205,7 @@ def expert_mlp(
     bn, bk = _block(hidden, config["BN"]), _block(inter, want_k)
     _down[(groups.shape[0], hidden // bn)](
         h,
+        h_scale,
         ends,
         groups,
         w2,
@@ -201,6 +219,7 @@ def expert_mlp(
         w2_scale.stride(1),
         y.stride(0),
         FP8=fp8_block is not None,
+        H_FP8=h_fp8,
         SCALE_BLOCK_N=block_n,
         BM=bm,
         BN=bn,

@@ -118,6 +118,11 @@ CASES = {
     "fp8-expert-mlp": ("expert_mlp_fp8_case", dict(slots=3, hidden=64, inter=32, tokens=9, block=[16, 32])),
     # past PRE_QUANTIZE_ROWS choices: x quantised in a pass of its own
     "fp8-expert-mlp-prefill": ("expert_mlp_fp8_case", dict(slots=3, hidden=64, inter=32, tokens=140, block=[16, 32])),
+    # and column tiles one FP8 group wide: h leaves the first kernel quantised
+    "fp8-expert-mlp-prefill-fp8-h": (
+        "expert_mlp_fp8_case",
+        dict(slots=3, hidden=64, inter=64, tokens=140, block=[16, 32], bn=32),
+    ),
 }
 
 

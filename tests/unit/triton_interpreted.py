@@ -223,7 +223,7 @@ def fp8_linear_case(rows, n, k, block, bias, split_k=None):
     assert not q_m[rows:].float().any()
 
 
-def expert_mlp_fp8_case(slots, hidden, inter, tokens, block, top_k=2):
+def expert_mlp_fp8_case(slots, hidden, inter, tokens, block, top_k=2, bn=16):
     g = torch.Generator().manual_seed(slots + hidden)
     block = tuple(block)
     x = torch.randn(tokens, hidden, generator=g)
@@ -241,7 +241,7 @@ def expert_mlp_fp8_case(slots, hidden, inter, tokens, block, top_k=2):
         h = torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]
         want[r] = _activations_through_fp8(h, block[1]) @ w2d[e].T
     fp8 = dict(w13_scale=s13, w2_scale=s2, fp8_block=block)
-    config = dict(BM=16, BN=16, BK=999, num_warps=4, num_stages=2)  # BK: the FP8 block's
+    config = dict(BM=16, BN=bn, BK=999, num_warps=4, num_stages=2)  # BK: the FP8 block's
     got = expert_mlp(x, rows, ends, w13=w13, w2=w2, backend="triton", config=config, **fp8)
     torch.testing.assert_close(got[: want.shape[0]], want, rtol=1e-4, atol=1e-4)
     # the torch path dequantises the weights: the same maths without FP8 activations

@@ -97,12 +97,19 @@ def linear_case(rows: int, n: int, k: int, fp8: bool, split_k: int = 1) -> None:
     linear(x, w, scale=scale, block=block if fp8 else None, backend="triton")
 
 
-def moe_case(tokens: int, experts: int, top_k: int, hidden: int, inter: int, fp8: bool) -> None:
-    """One MoE layer as the decoder runs it: dispatch, the grouped experts, combine."""
+def moe_case(
+    tokens: int, experts: int, top_k: int, hidden: int, inter: int, fp8: bool, dispatched: bool = True
+) -> None:
+    """One MoE layer as the decoder runs it: dispatch (not past the batch one Triton program
+    holds: torch's there), the grouped experts, combine."""
     logits = torch.randn(tokens, experts)
     l2p, counts = replica_tables(torch.arange(experts).view(1, -1), experts)
     where = dict(logical_to_physical=l2p[0], replica_count=counts[0], num_physical=experts)
-    d = dispatch(logits, top_k, norm_topk_prob=True, slot_start=0, slots=experts, **where, backend="triton")
+    d = (
+        dispatch(logits, top_k, norm_topk_prob=True, slot_start=0, slots=experts, **where, backend="triton")
+        if dispatched
+        else None
+    )
     # a real grouping (the compile-only dispatch computed nothing): rows spread over the experts
     rows = torch.arange(tokens * top_k) // top_k
     ends = torch.linspace(0, tokens * top_k, experts + 1)[1:].round().to(torch.int32)
@@ -119,7 +126,7 @@ def moe_case(tokens: int, experts: int, top_k: int, hidden: int, inter: int, fp8
     groups = busy_slots(ends, tokens * top_k)
     y = expert_mlp(x, rows, ends, w13=w13, w2=w2, groups=groups, **scales, backend="triton")
     sorted_row = torch.arange(tokens * top_k).view(tokens, top_k)
-    weights = d.weights if d.weights.shape == (tokens, top_k) else torch.rand(tokens, top_k)
+    weights = d.weights if d is not None and d.weights.shape == (tokens, top_k) else torch.rand(tokens, top_k)
     combine(y, sorted_row, weights.to(BF16), ends, backend="triton")
     residual, norm = torch.randn(tokens, hidden, dtype=BF16), torch.ones(hidden, dtype=BF16)
     for shared in (None, torch.randn(tokens, hidden, dtype=BF16)):  # with shared experts' output, and without
@@ -185,6 +192,9 @@ CASES = {
     # expert kernels at each block-size choice (rows per slot 1, ~16, ~32) and past them (torch)
     **{f"moe-bf16-{t}-tokens": (moe_case, dict(tokens=t, **QWEN3_30B, fp8=False)) for t in (1, 256, 512)},
     **{f"moe-fp8-{t}-tokens": (moe_case, dict(tokens=t, **QWEN3_30B, fp8=True)) for t in (1, 256, 512)},
+    # x and h quantised once, h by the first kernel: decode at batch 64 (the decode blocks) and prefill
+    "moe-fp8-64-tokens": (moe_case, dict(tokens=64, **QWEN3_30B, fp8=True)),
+    "moe-fp8-2048-tokens": (moe_case, dict(tokens=2048, **QWEN3_30B, fp8=True, dispatched=False)),
     "moe-fp8-deepseek-v3-ep8": (moe_case, dict(tokens=64, **DEEPSEEK_V3, fp8=True)),
     # DeepSeek-V3's router (fused, and in two launches past one block of tokens); V2-Lite's
     **{
