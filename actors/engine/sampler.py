@@ -123,6 +123,7 @@ def sample_step(logits: torch.Tensor, step: StepInput, last_sampled: Optional[to
     [rows that sample, vocab], after the step's logit controls if it has any
     (``last_sampled``: the ranks' last sampled tokens, for pending history tokens)."""
     s = step.sample
+    plain = logits
     if step.controls is not None:
         assert last_sampled is not None, "logit controls need the last sampled tokens"
         logits = apply_controls(logits, step.controls, last_sampled)
@@ -131,6 +132,12 @@ def sample_step(logits: torch.Tensor, step: StepInput, last_sampled: Optional[to
         dev = logits.device
         bitmask = to_device(g.bitmask, dev)[to_device(g.mask_of_row, dev)]
         logits = apply_token_bitmask(logits, to_device(g.rows, dev), bitmask)
+        plain = apply_token_bitmask(plain, to_device(g.rows, dev), bitmask) if step.controls is not None else plain
+    if step.controls is not None and step.controls.banned_row.size:
+        # min_tokens yields where its bans leave nothing (a grammar that can only end, every id
+        # a stop id): those rows sample without the controls, rather than an arbitrary id
+        nothing_left = torch.isneginf(logits).all(dim=-1, keepdim=True)
+        logits = torch.where(nothing_left, plain.to(logits.dtype), logits)
     return sample(
         logits,
         temperature=step.temperature[s],

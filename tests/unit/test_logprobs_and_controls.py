@@ -7,6 +7,8 @@ in which no request asks for any of this takes the unchanged path."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -250,3 +252,42 @@ def test_a_step_without_such_requests_takes_the_unchanged_path(monkeypatch):
     runner.launch = lambda step: steps.append(step) or launch(step)
     _steps(engine.local.core, {"a": ([1, 2, 3], SamplingParams(max_tokens=4, temperature=0.0))})
     assert steps and all(s.controls is None and s.logprobs is None and s.prompt_logprob_rows is None for s in steps)
+
+
+def test_min_tokens_yields_where_its_bans_leave_nothing_to_sample():
+    """A grammar that can only end (its one allowed token a stop id that min_tokens bans),
+    and a ban of every id: the row samples as if min_tokens were off, not id 0 out of a row
+    of -inf (which the grammar would refuse)."""
+    from raymoe.actors.engine.grammar import GrammarMasks, bitmask_words
+    from raymoe.actors.engine.sampler import sample_step
+    from raymoe.actors.engine.step import pack_step
+
+    vocab, end = 64, 37
+    logits = torch.randn(3, vocab, generator=torch.Generator().manual_seed(0))
+    logits[:, end] = -5.0  # far from the top: only the rules can pick it
+    everything = tuple(range(vocab))
+    cases = [((end, 3), (end,)), (everything, everything), ((end,), (end,))]
+    chunks = [
+        ScheduledChunk(
+            request_id=f"r{i}",
+            token_ids=(5,),
+            start_pos=0,
+            block_ids=(i,),
+            sample=True,
+            sampling=SamplingParams(max_tokens=8, min_tokens=4, temperature=0.0, stop_token_ids=stop),
+            seed=0,
+            num_output_tokens=0,
+            banned=banned,
+        )
+        for i, (stop, banned) in enumerate(cases)
+    ]
+    step = pack_step(chunks, (len(chunks),), block_size=16)
+    only_end = np.zeros((1, bitmask_words(vocab)), dtype=np.int32)
+    only_end[0, end // 32] = np.int32(1 << (end % 32))
+    step = dataclasses.replace(step, grammar=GrammarMasks(np.array([0]), np.array([0]), only_end))
+    tokens = sample_step(logits, step, last_sampled=torch.zeros(1, dtype=torch.int64)).tolist()
+    assert tokens[0] == end  # the grammar's end, the ban lifted
+    assert tokens[1] == int(logits[1].argmax())  # every id banned: the unbanned choice
+    banned_end = logits[2].clone()
+    banned_end[end] = float("-inf")
+    assert tokens[2] == int(banned_end.argmax())  # something is left: the ban holds
