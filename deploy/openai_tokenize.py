@@ -8,7 +8,6 @@ POST /detokenize ``{"tokens": [ids]}`` -> ``{"prompt": text}``.
 
 from __future__ import annotations
 
-import json
 from typing import Any, Optional
 
 from raymoe.deploy.engine_client import EngineClient
@@ -23,15 +22,13 @@ from raymoe.deploy.openai_api import (
 )
 
 
-class TokenizePromptRequest(RequestModel):
+class TokenizeRequest(RequestModel):
+    """Either shape in one model, so the body is parsed once."""
+
     model: Optional[str] = None
-    prompt: str
+    prompt: Optional[str] = None
     add_special_tokens: bool = True
-
-
-class TokenizeChatRequest(RequestModel):
-    model: Optional[str] = None
-    messages: ChatMessages
+    messages: Optional[ChatMessages] = None
     chat_template_kwargs: Optional[dict[str, Any]] = None
 
 
@@ -40,21 +37,23 @@ class DetokenizeRequest(RequestModel):
     tokens: TokenIds
 
 
-def _is_chat(body: bytes) -> bool:
-    try:
-        return isinstance(parsed := json.loads(body), dict) and "messages" in parsed
-    except ValueError:
-        return False  # parse_body names the error
-
-
 async def tokenize(client: EngineClient, body: bytes) -> tuple[Optional[str], dict[str, Any]]:
     """-> (the model the request names, the response)."""
-    if _is_chat(body):
-        req = parse_body(TokenizeChatRequest, body)
+    req = parse_body(TokenizeRequest, body)
+    given = req.model_fields_set
+    if req.messages is not None:
+        other = next((f for f in ("prompt", "add_special_tokens") if f in given), None)
+        if other is not None:
+            raise bad_request(f"{other}: not with messages (give prompt or messages)", other, "invalid_value")
         chat = ChatRequest(messages=req.messages)
         ids = await client.tokenize_chat(chat_messages(chat), req.chat_template_kwargs)
+    elif req.prompt is None:
+        raise bad_request(
+            "Missing required parameter: 'prompt' (or 'messages')", "prompt", "missing_required_parameter"
+        )
+    elif "chat_template_kwargs" in given:
+        raise bad_request("chat_template_kwargs: only with messages", "chat_template_kwargs", "invalid_value")
     else:
-        req = parse_body(TokenizePromptRequest, body)
         ids = await client.tokenize(req.prompt, add_special_tokens=req.add_special_tokens)
     response = {"count": len(ids), "max_model_len": client.info.max_model_len, "tokens": ids, "token_strs": None}
     return req.model, response

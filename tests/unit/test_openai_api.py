@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from types import SimpleNamespace
 
 import openai.types as ot
 import openai.types.chat as otc
@@ -336,7 +337,6 @@ def test_bad_structured_output_fields_are_400s_naming_them(body, param):
 def test_the_completions_route_refuses_the_fan_out_before_any_prompt_work():
     """300,000 one-character prompts: 400 naming ``prompt`` before the first is tokenised (each
     took the ingress's event loop for tens of microseconds: 26 s of a stalled endpoint)."""
-    from types import SimpleNamespace
 
     from raymoe.deploy.openai_server import OpenAIServer
 
@@ -400,12 +400,55 @@ def test_a_field_of_many_bad_items_stops_at_the_first(model, fields, param):
 
 
 def test_tokenize_and_detokenize_stop_at_the_first_bad_item():
-    from raymoe.deploy.openai_tokenize import DetokenizeRequest, TokenizeChatRequest
+    from raymoe.deploy.openai_tokenize import DetokenizeRequest, TokenizeRequest
 
     for model, fields in (
         (DetokenizeRequest, {"tokens": [1.5] * HOSTILE_ITEMS}),
-        (TokenizeChatRequest, {"messages": [1] * HOSTILE_ITEMS}),
+        (TokenizeRequest, {"messages": [1] * HOSTILE_ITEMS}),
     ):
         with pytest.raises(ValidationError) as e:
             model.model_validate_json(json.dumps(fields))
         assert e.value.error_count() == 1
+
+
+def test_tokenize_parses_the_body_once_and_names_what_is_wrong():
+    """Either shape in one parse: a body nested past the JSON parser's depth is a 400 (the
+    shape was first sniffed with json.loads, whose RecursionError was no ValueError)."""
+    from raymoe.deploy import openai_tokenize
+
+    seen = []
+
+    async def tokenize(prompt, add_special_tokens=True):
+        seen.append(("prompt", prompt, add_special_tokens))
+        return [7, 8]
+
+    async def tokenize_chat(messages, kwargs):
+        seen.append(("chat", messages[0]["content"], kwargs))
+        return [9]
+
+    client = SimpleNamespace(tokenize=tokenize, tokenize_chat=tokenize_chat, info=SimpleNamespace(max_model_len=64))
+
+    def call(body):
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        return asyncio.run(openai_tokenize.tokenize(client, raw))
+
+    assert call({"model": "m", "prompt": "hi", "add_special_tokens": False}) == (
+        "m",
+        {"count": 2, "max_model_len": 64, "tokens": [7, 8], "token_strs": None},
+    )
+    assert call({"messages": [{"role": "user", "content": "yo"}], "chat_template_kwargs": {"a": 1}})[1]["tokens"] == [9]
+    assert seen == [("prompt", "hi", False), ("chat", "yo", {"a": 1})]
+    deep = b'{"prompt": ' + b"[" * 200_000 + b"]" * 200_000 + b"}"
+    refused = [
+        (deep, None),
+        ({"model": "m"}, "prompt"),
+        ({"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, "prompt"),
+        ({"messages": [{"role": "user", "content": "b"}], "add_special_tokens": True}, "add_special_tokens"),
+        ({"prompt": "a", "chat_template_kwargs": {}}, "chat_template_kwargs"),
+        ({"prompt": "a", "frobnicate": 1}, "frobnicate"),
+    ]
+    for body, param in refused:
+        with pytest.raises(APIError) as e:
+            call(body)
+        assert e.value.status == 400 and e.value.param == param, (body if param else "deep", e.value)
+    assert len(seen) == 2
