@@ -291,7 +291,7 @@ class OpenAIServer:
         if body.strip():
             try:
                 load = json.loads(body).get("logical_load")
-            except (ValueError, AttributeError):
+            except (ValueError, AttributeError, RecursionError):
                 raise APIError(400, 'body must be a JSON object, e.g. {} or {"logical_load": [[...]]}') from None
         try:
             return await self.controller.rebalance.remote(load)

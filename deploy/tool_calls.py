@@ -35,7 +35,7 @@ class HermesToolParser:
         """The call written between the tags; None when it is not one (left as content)."""
         try:
             obj = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # the model's text: any of it, nested any depth
             return None
         if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
             return None
@@ -43,7 +43,7 @@ class HermesToolParser:
         if isinstance(args, str):
             try:
                 args = json.loads(args)
-            except ValueError:
+            except (ValueError, RecursionError):
                 return None
         if not isinstance(args, dict):
             return None

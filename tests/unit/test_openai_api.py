@@ -452,3 +452,13 @@ def test_tokenize_parses_the_body_once_and_names_what_is_wrong():
             call(body)
         assert e.value.status == 400 and e.value.param == param, (body if param else "deep", e.value)
     assert len(seen) == 2
+
+
+def test_rebalance_refuses_a_body_nested_past_the_parser_with_a_400():
+    from raymoe.deploy.openai_server import OpenAIServer
+
+    server = OpenAIServer(SimpleNamespace(info=SimpleNamespace()), "m", "m", max_queued_requests=1)
+    for body in (b"[" * 200_000 + b"]" * 200_000, b"[1]", b"{"):
+        with pytest.raises(APIError) as e:
+            asyncio.run(server.rebalance(body))
+        assert e.value.status == 400

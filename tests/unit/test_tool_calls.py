@@ -50,6 +50,11 @@ def test_whole_output_splits_into_content_and_calls():
     assert split_tool_calls(P, "no calls <tool_ here") == ("no calls <tool_ here", [])
     bad = "<tool_call>not json</tool_call>"
     assert split_tool_calls(P, bad) == (bad, [])
+    # the model's text nested past the JSON parser's depth, as the call or as its arguments
+    deep = "[" * 100_000 + "]" * 100_000
+    for body in (deep, json.dumps({"name": "now", "arguments": deep})):
+        text = f"<tool_call>{body}</tool_call>"
+        assert split_tool_calls(P, text) == (text, [])
 
 
 @pytest.mark.parametrize("seed", range(5))
