@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, FailFast, ValidationError
 from typing_extensions import TypeAliasType
 
-from raymoe.actors.engine.grammar import GrammarSpec
+from raymoe.actors.engine.grammar import GrammarSpec, unenforced_keywords
 from raymoe.actors.engine.request import MAX_LOGPROBS, SamplingParams
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -409,6 +409,14 @@ def chat_tools(req: ChatRequest) -> list[dict[str, Any]]:
             raise bad_request(
                 f"tools.{k}.function.parameters: must be a JSON schema object", f"tools.{k}.function.parameters"
             )
+        if fn.get("strict") not in (None, True, False):
+            raise bad_request(f"tools.{k}.function.strict: must be a boolean", f"tools.{k}.function.strict")
+        # strict promises arguments that match the schema (OpenAI's meaning): keywords the grammar
+        # does not enforce are refused there; without it they pass, as clients routinely send them
+        unenforced = unenforced_keywords(fn.get("parameters")) if fn.get("strict") else []
+        if unenforced:
+            param = f"tools.{k}.function.parameters"
+            raise bad_request(f"{param}: strict, but structured output does not enforce {', '.join(unenforced)}", param)
     return tools
 
 

@@ -32,6 +32,14 @@ TOOLS = [
     },
     {"type": "function", "function": {"name": "now"}},
 ]
+STRICT_UNENFORCED = {
+    "type": "function",
+    "function": {
+        "name": "pick",
+        "strict": True,
+        "parameters": {"type": "object", "properties": {"a": {"type": "array", "items": {"not": {"type": "null"}}}}},
+    },
+}
 TEXT = (
     "Let me check.\n<tool_call>\n"
     '{"name": "get_weather", "arguments": {"city": "Oslo", "days": 2}}\n</tool_call>\n'
@@ -124,6 +132,9 @@ def test_tool_choice_modes():
         ({"tools": TOOLS, "tool_choice": "always"}, "tool_choice"),
         ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
         ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "strict": "yes"}}]}, "tools.0.function.strict"),
+        # strict: arguments must match, and the grammar would not enforce "not" (deep inside)
+        ({"tools": [TOOLS[1], STRICT_UNENFORCED]}, "tools.1.function.parameters"),
     ],
 )
 def test_bad_tools_are_400s_naming_the_field(body, param):
@@ -131,3 +142,8 @@ def test_bad_tools_are_400s_naming_the_field(body, param):
         r = _chat(body)
         tool_choice(r)
     assert (e.value.status, e.value.param) == (400, param)
+
+
+def test_unenforced_keywords_pass_in_tools_that_are_not_strict():
+    loose = {"type": "function", "function": {**STRICT_UNENFORCED["function"], "strict": False}}
+    assert tool_choice(_chat({"tools": [loose], "tool_choice": "required"})) == ("required", None)
