@@ -267,21 +267,9 @@ def test_min_tokens_yields_where_its_bans_leave_nothing_to_sample():
     logits[:, end] = -5.0  # far from the top: only the rules can pick it
     everything = tuple(range(vocab))
     cases = [((end, 3), (end,)), (everything, everything), ((end,), (end,))]
-    chunks = [
-        ScheduledChunk(
-            request_id=f"r{i}",
-            token_ids=(5,),
-            start_pos=0,
-            block_ids=(i,),
-            sample=True,
-            sampling=SamplingParams(max_tokens=8, min_tokens=4, temperature=0.0, stop_token_ids=stop),
-            seed=0,
-            num_output_tokens=0,
-            banned=banned,
-        )
-        for i, (stop, banned) in enumerate(cases)
-    ]
-    step = pack_step(chunks, (len(chunks),), block_size=16)
+    params = [SamplingParams(max_tokens=8, min_tokens=4, temperature=0.0, stop_token_ids=stop) for stop, _ in cases]
+    chunks = [_chunk(i, p, (5,), 0, banned) for i, (p, (_, banned)) in enumerate(zip(params, cases))]
+    step = pack_step(chunks, (len(cases),), block_size=16)
     only_end = np.zeros((1, bitmask_words(vocab)), dtype=np.int32)
     only_end[0, end // 32] = np.int32(1 << (end % 32))
     step = dataclasses.replace(step, grammar=GrammarMasks(np.array([0]), np.array([0]), only_end))
