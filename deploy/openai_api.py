@@ -409,10 +409,11 @@ def chat_tools(req: ChatRequest) -> list[dict[str, Any]]:
             raise bad_request(
                 f"tools.{k}.function.parameters: must be a JSON schema object", f"tools.{k}.function.parameters"
             )
-        if fn.get("strict") not in (None, True, False):
+        if not isinstance(fn.get("strict"), (bool, type(None))):
             raise bad_request(f"tools.{k}.function.strict: must be a boolean", f"tools.{k}.function.strict")
-        # strict promises arguments that match the schema (OpenAI's meaning): keywords the grammar
-        # does not enforce are refused there; without it they pass, as clients routinely send them
+        # strict promises arguments that match the schema (OpenAI's meaning; the grammar holds them
+        # to it where a call is forced): keywords it does not enforce are refused there; without
+        # strict they pass, as clients routinely send them
         unenforced = unenforced_keywords(fn.get("parameters")) if fn.get("strict") else []
         if unenforced:
             param = f"tools.{k}.function.parameters"

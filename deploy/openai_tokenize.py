@@ -41,7 +41,9 @@ async def tokenize(client: EngineClient, body: bytes) -> tuple[Optional[str], di
     """-> (the model the request names, the response)."""
     req = parse_body(TokenizeRequest, body)
     given = req.model_fields_set
-    if req.messages is not None:
+    if "messages" in given:
+        if req.messages is None:
+            raise bad_request("messages: must be a list of messages", "messages", "invalid_value")
         other = next((f for f in ("prompt", "add_special_tokens") if f in given), None)
         if other is not None:
             raise bad_request(f"{other}: not with messages (give prompt or messages)", other, "invalid_value")

@@ -446,6 +446,7 @@ def test_tokenize_parses_the_body_once_and_names_what_is_wrong():
         ({"messages": [{"role": "user", "content": "b"}], "add_special_tokens": True}, "add_special_tokens"),
         ({"prompt": "a", "chat_template_kwargs": {}}, "chat_template_kwargs"),
         ({"prompt": "a", "frobnicate": 1}, "frobnicate"),
+        ({"prompt": "a", "messages": None}, "messages"),
     ]
     for body, param in refused:
         with pytest.raises(APIError) as e:

@@ -133,6 +133,7 @@ def test_tool_choice_modes():
         ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
         ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
         ({"tools": [{"type": "function", "function": {"name": "f", "strict": "yes"}}]}, "tools.0.function.strict"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "strict": 0}}]}, "tools.0.function.strict"),
         # strict: arguments must match, and the grammar would not enforce "not" (deep inside)
         ({"tools": [TOOLS[1], STRICT_UNENFORCED]}, "tools.1.function.parameters"),
     ],
