@@ -20,7 +20,13 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 NEW_TOKENS = 32
 # (tp, ep); the world is tp * dp with dp = ep / tp when ep exceeds tp (data-parallel attention)
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2), (1, 4)]
-KINDS = ["qwen3_moe", "mixtral", "qwen3"]
+# Qwen3-MoE at every layout; Mixtral (its checkpoint names, softmax top-2) at one per kind of
+# split (none, tp with dp attention, ep past tp); dense Qwen3 where ep only adds dp replicas, up to 2
+CASES = (
+    [("qwen3_moe", tp, ep) for tp, ep in LAYOUTS]
+    + [("mixtral", tp, ep) for tp, ep in [(1, 1), (2, 2), (1, 4)]]
+    + [("qwen3", tp, ep) for tp, ep in [(1, 1), (2, 1), (1, 2), (2, 2)]]
+)
 # Qwen2-MoE (a gated shared expert), GLM-4.5-MoE (grouped sigmoid routing, shared experts,
 # partial rotary), Qwen3-MoE with YaRN (prompts past its 64-token original context) and
 # DeepSeek-V3 / V2-Lite (latent attention, YaRN mscale, their routings) at
@@ -85,10 +91,9 @@ def _config(path, tp: int, ep: int, pipelined: bool = False, cp: int = 1, dp: in
     )
 
 
-@pytest.mark.parametrize("tp,ep", LAYOUTS, ids=[f"tp{t}-ep{e}" for t, e in LAYOUTS])
-def test_equal_to_transformers(ray_session, references, tp, ep):
-    for kind in KINDS:
-        _check(references, kind, tp, ep, pipelined=False)
+@pytest.mark.parametrize("kind,tp,ep", CASES, ids=[f"{k}-tp{t}-ep{e}" for k, t, e in CASES])
+def test_equal_to_transformers(ray_session, references, kind, tp, ep):
+    _check(references, kind, tp, ep, pipelined=False)
 
 
 @pytest.mark.parametrize("kind,tp,ep", NEW_CASES, ids=[f"{k}-tp{t}-dp{max(1, e // t)}-ep{e}" for k, t, e in NEW_CASES])

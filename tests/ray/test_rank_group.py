@@ -184,7 +184,7 @@ def test_shutdown_releases_the_placement_group(started):
     ],
 )
 def test_unplaceable_layout_fails_in_bounded_time(ray_cluster, parallel, missing):
-    timeout_s = 5.0
+    timeout_s = 2.0
     cfg = config_from_dict({"parallel": dict(parallel, placement_timeout_s=timeout_s)})
     t0 = time.monotonic()
     with pytest.raises(ClusterCapacityError) as e:
