@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, FailFast, ValidationError
 from typing_extensions import TypeAliasType
 
-from raymoe.actors.engine.grammar import GrammarSpec, unenforced_keywords
+from raymoe.actors.engine.grammar import GrammarSpec, count_subschemas, unenforced_keywords
 from raymoe.actors.engine.request import MAX_LOGPROBS, SamplingParams
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -384,6 +384,10 @@ def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
 
 _TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_TOOLS = 128
+# schema objects in a request's strict tools, each walked on the event loop for keywords
+# structured output does not enforce (about 4 us apiece); OpenAI's strict mode allows 5,000
+# properties in all
+MAX_STRICT_SUBSCHEMAS = 5000
 
 
 def chat_tools(req: ChatRequest) -> list[dict[str, Any]]:
@@ -392,7 +396,7 @@ def chat_tools(req: ChatRequest) -> list[dict[str, Any]]:
     tools = req.tools or []
     if len(tools) > MAX_TOOLS:
         raise bad_request(f"tools: at most {MAX_TOOLS} tools", "tools")
-    names = set()
+    names, strict_subschemas = set(), 0
     for k, tool in enumerate(tools):
         fn = tool.get("function") if isinstance(tool, dict) else None
         if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(fn, dict):
@@ -405,16 +409,25 @@ def chat_tools(req: ChatRequest) -> list[dict[str, Any]]:
         if name in names:
             raise bad_request(f"tools.{k}.function.name: {name!r} is given twice", f"tools.{k}.function.name")
         names.add(name)
-        if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
+        params = fn.get("parameters")
+        # the arguments are an object: a forced call's grammar takes this schema as they are
+        if params is not None and not (isinstance(params, dict) and params.get("type", "object") == "object"):
             raise bad_request(
-                f"tools.{k}.function.parameters: must be a JSON schema object", f"tools.{k}.function.parameters"
+                f"tools.{k}.function.parameters: must be a JSON schema of an object (type 'object')",
+                f"tools.{k}.function.parameters",
             )
         if not isinstance(fn.get("strict"), (bool, type(None))):
             raise bad_request(f"tools.{k}.function.strict: must be a boolean", f"tools.{k}.function.strict")
         # strict promises arguments that match the schema (OpenAI's meaning; the grammar holds them
         # to it where a call is forced): keywords it does not enforce are refused there; without
         # strict they pass, as clients routinely send them
-        unenforced = unenforced_keywords(fn.get("parameters")) if fn.get("strict") else []
+        if not fn.get("strict"):
+            continue
+        strict_subschemas += count_subschemas(params, MAX_STRICT_SUBSCHEMAS - strict_subschemas)
+        if strict_subschemas > MAX_STRICT_SUBSCHEMAS:
+            message = f"tools: strict tools' parameters hold at most {MAX_STRICT_SUBSCHEMAS} schema objects in all"
+            raise bad_request(message, "tools")
+        unenforced = unenforced_keywords(params)
         if unenforced:
             param = f"tools.{k}.function.parameters"
             raise bad_request(f"{param}: strict, but structured output does not enforce {', '.join(unenforced)}", param)
@@ -539,8 +552,9 @@ def _logit_bias(bias: Optional[dict[str, float]]) -> Optional[dict[int, float]]:
         return None
     out = {}
     for key, value in bias.items():
-        if not (key.isascii() and key.isdigit()):  # str.isdigit also takes "²" and "٣"
-            raise bad_request(f"logit_bias: keys must be token ids, got {key!r}", "logit_bias", "invalid_value")
+        # str.isdigit also takes "²" and "٣"; past 19 digits no id fits (and int() refuses 4,300)
+        if not (key.isascii() and key.isdigit() and len(key) <= 19):
+            raise bad_request(f"logit_bias: keys must be token ids, got {key[:40]!r}", "logit_bias", "invalid_value")
         out[int(key)] = value
     return out
 

@@ -18,6 +18,7 @@ computed while the device runs the forward, so constrained requests run every st
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import re
 import threading
@@ -82,6 +83,11 @@ def _subschemas(schema: Any):
         for key in _SUBSCHEMA_LISTS:
             if isinstance(node.get(key), list):
                 stack.extend((sub, depth + 1) for sub in node[key])
+
+
+def count_subschemas(schema: Any, limit: int) -> int:
+    """The schema objects in ``schema`` (itself included), counted up to ``limit`` + 1."""
+    return sum(1 for _ in itertools.islice(_subschemas(schema), limit + 1))
 
 
 def unenforced_keywords(schema: Any) -> list[str]:

@@ -91,6 +91,7 @@ def _err(model: type, body: object) -> APIError:
         # digits to str.isdigit, not to int(): "²" made a 500, "٣" passed as token 3
         ({"prompt": "x", "logit_bias": {"²": 1.0}}, "logit_bias"),
         ({"prompt": "x", "logit_bias": {"٣": 1.0}}, "logit_bias"),
+        ({"prompt": "x", "logit_bias": {"9" * 5000: 1.0}}, "logit_bias"),  # int() refuses 4,300 digits
         ({"prompt": "x", "min_tokens": -1}, "min_tokens"),
         ({"prompt": "x", "stop": 7}, "stop"),
         ({"prompt": "x", "stop": ["ok", ""]}, "stop"),

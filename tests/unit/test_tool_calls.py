@@ -32,6 +32,16 @@ TOOLS = [
     },
     {"type": "function", "function": {"name": "now"}},
 ]
+
+
+def _strict_with_properties(name: str, count: int) -> dict:
+    properties = {str(i): {"type": "integer"} for i in range(count)}
+    return {
+        "type": "function",
+        "function": {"name": name, "strict": True, "parameters": {"type": "object", "properties": properties}},
+    }
+
+
 STRICT_UNENFORCED = {
     "type": "function",
     "function": {
@@ -134,6 +144,17 @@ def test_tool_choice_modes():
         ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
         ({"tools": [{"type": "function", "function": {"name": "f", "strict": "yes"}}]}, "tools.0.function.strict"),
         ({"tools": [{"type": "function", "function": {"name": "f", "strict": 0}}]}, "tools.0.function.strict"),
+        # a forced call would write arguments that are no object, which no parser takes
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "integer"}}}]},
+            "tools.0.function.parameters",
+        ),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": ["object", "null"]}}}]},
+            "tools.0.function.parameters",
+        ),
+        # strict tools' schemas are walked on the event loop: bounded in all
+        ({"tools": [_strict_with_properties(f"f{k}", 2000) for k in range(3)]}, "tools"),
         # strict: arguments must match, and the grammar would not enforce "not" (deep inside)
         ({"tools": [TOOLS[1], STRICT_UNENFORCED]}, "tools.1.function.parameters"),
     ],
@@ -148,3 +169,5 @@ def test_bad_tools_are_400s_naming_the_field(body, param):
 def test_unenforced_keywords_pass_in_tools_that_are_not_strict():
     loose = {"type": "function", "function": {**STRICT_UNENFORCED["function"], "strict": False}}
     assert tool_choice(_chat({"tools": [loose], "tool_choice": "required"})) == ("required", None)
+    # the bound on strict schemas is for them all: two large ones fit
+    assert tool_choice(_chat({"tools": [_strict_with_properties(f"f{k}", 2000) for k in range(2)]})) == ("auto", None)
