@@ -236,9 +236,9 @@ class EngineClient:
             )
         render = functools.partial(self.tokenizer.apply_chat_template, messages, add_generation_prompt=True, **kwargs)
         # a long conversation renders in a thread, as long texts encode: the replica's other
-        # streams go on meanwhile
+        # streams go on meanwhile; so does one with tools or template kwargs, of any size
         chars = sum(len(str(m.get("content") or "")) for m in messages)
-        large = len(messages) > INLINE_MESSAGES or chars > INLINE_TEXT_CHARS
+        large = len(messages) > INLINE_MESSAGES or chars > INLINE_TEXT_CHARS or bool(tools) or bool(kwargs)
         try:
             text = await asyncio.to_thread(render) if large else render()
         except ValueError as e:  # no chat template

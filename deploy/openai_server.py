@@ -271,7 +271,7 @@ class OpenAIServer:
 
     async def detokenize(self, body: bytes) -> dict[str, Any]:
         """POST /detokenize (vLLM's shape)."""
-        model, response = detokenize(self.client, body)
+        model, response = await detokenize(self.client, body)
         self._check_model(model)
         return response
 

@@ -762,6 +762,27 @@ def test_more_messages_than_the_context_has_tokens_are_refused_before_rendering(
         asyncio.run(client.tokenize_chat(messages[:limit]))
 
 
+def test_a_chat_with_tools_or_template_kwargs_renders_off_the_event_loop(big, monkeypatch):
+    """Tools of any size go into the template (24 MiB of them held the loop 4.4 s there); a
+    short plain chat renders inline."""
+    import threading
+
+    client = EngineClient(big.local, big.tokenizer, big.local.info)
+    where, render = [], big.tokenizer.apply_chat_template
+
+    def spy(*args, **kwargs):
+        where.append(threading.current_thread() is threading.main_thread())
+        return render(*args, **kwargs)
+
+    monkeypatch.setattr(big.tokenizer, "apply_chat_template", spy)
+    messages = [{"role": "user", "content": "hi"}]
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    asyncio.run(client.tokenize_chat(messages))
+    asyncio.run(client.tokenize_chat(messages, tools=[tool]))
+    asyncio.run(client.tokenize_chat(messages, {"enable_thinking": False}))
+    assert where == [True, False, False]
+
+
 def test_a_request_whose_admission_raises_fails_alone(monkeypatch):
     """add_request raising something unexpected (a bug) refuses that request as an internal
     error; the others of its submit call run (it failed the whole call)."""

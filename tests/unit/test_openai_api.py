@@ -464,3 +464,30 @@ def test_rebalance_refuses_a_body_nested_past_the_parser_with_a_400():
         with pytest.raises(APIError) as e:
             asyncio.run(server.rebalance(body))
         assert e.value.status == 400
+
+
+def test_detokenize_takes_at_most_max_model_len_ids_and_decodes_long_lists_off_the_loop():
+    import threading
+
+    from raymoe.deploy import openai_tokenize
+
+    where = []
+
+    def decode(ids):
+        where.append(threading.current_thread() is threading.main_thread())
+        return "x" * len(ids)
+
+    info = SimpleNamespace(max_model_len=10_000, vocab_size=100)
+    client = SimpleNamespace(tokenizer=SimpleNamespace(decode=decode), info=info)
+
+    def call(ids):
+        return asyncio.run(openai_tokenize.detokenize(client, json.dumps({"tokens": ids}).encode()))
+
+    assert call([1, 2]) == (None, {"prompt": "xx"})
+    assert call([3] * 10_000)[1]["prompt"] == "x" * 10_000
+    assert where == [True, False]
+    for ids in ([3] * 10_001, [1, 100]):
+        with pytest.raises(APIError) as e:
+            call(ids)
+        assert e.value.status == 400 and e.value.param == "tokens"
+    assert len(where) == 2
