@@ -338,6 +338,8 @@ class OpenAIServer:
         (each prompt once, however many choices it has); ``tool_calls``: parse chat choices' tool calls."""
         progress = _Progress(len(ids), prompt_tokens, t0, self.metrics)
         self.metrics.prompt_tokens.inc(progress.prompt_tokens)
+        # a grammar never lets the model close a thinking block: constrained output is all content
+        reasoning = self.reasoning_parser if chat and params[0].grammar is None else None
         outputs = merge([self.client.stream(x, p) for x, p in zip(ids, params)])
         self.metrics.in_flight.inc()
         done = True
@@ -358,6 +360,7 @@ class OpenAIServer:
                     echo=echo,
                     tool_calls=tool_calls,
                     return_ids=ids if req.return_token_ids else None,
+                    reasoning=reasoning,
                 )
             async for i, out in outputs:
                 progress.add(i, out)
@@ -374,8 +377,8 @@ class OpenAIServer:
             if chat:
                 lps = await chat_logprobs_in_slices(progress.logprobs[i], self.token_text) if asked else None
                 choice: dict[str, Any] = {"logprobs": lps}
-                if self.reasoning_parser:
-                    choice["reasoning"], text = ReasoningSplitter.split(self.reasoning_parser, text)
+                if reasoning:
+                    choice["reasoning"], text = ReasoningSplitter.split(reasoning, text)
                 if tool_calls:
                     text, calls = split_tool_calls(self.tool_parser, text)
                     choice["tool_calls"] = [c.to_openai() for c in calls]
@@ -413,12 +416,14 @@ class OpenAIServer:
         echo: Optional[_Echo],
         tool_calls: bool = False,
         return_ids: Optional[list[list[int]]] = None,
+        reasoning: Optional[str] = None,
     ) -> AsyncIterator[bytes]:
         """SSE bytes: one chunk per delta as it arrives, then usage (if asked) and [DONE];
-        ``return_ids``: each choice's prompt ids, when its chunks carry token ids."""
+        ``return_ids``: each choice's prompt ids, when its chunks carry token ids; ``reasoning``:
+        the reasoning parser that splits chat choices (None: all content)."""
         created, model = int(time.time()), self.model_name
         started = [False] * len(progress.texts)
-        splitters = [self._splitter() for _ in progress.texts] if chat else []
+        splitters = [ReasoningSplitter(reasoning) if reasoning else None for _ in progress.texts] if chat else []
         calls = [ToolCallStream(self.tool_parser) if tool_calls else None for _ in progress.texts]
         try:
             async with aclosing(outputs):
@@ -472,9 +477,6 @@ class OpenAIServer:
             yield sse(e.body())
         finally:
             self.metrics.in_flight.dec()
-
-    def _splitter(self) -> Optional[ReasoningSplitter]:
-        return ReasoningSplitter(self.reasoning_parser) if self.reasoning_parser else None
 
     def _split_delta(self, splitters: list[Optional[ReasoningSplitter]], i: int, out: Delta) -> tuple[str, str]:
         """Choice ``i``'s delta as (reasoning, content); all content without a reasoning parser."""

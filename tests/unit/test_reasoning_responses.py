@@ -147,3 +147,21 @@ def _without_ids(body: dict) -> dict:
         for call in choice["message"].get("tool_calls") or []:
             call.pop("id")
     return body
+
+
+def test_structured_output_is_content_under_a_parser_whose_thinking_starts_open():
+    """deepseek_r1's answers open inside a thinking block; a grammar never lets the model close
+    it, so constrained output goes to content (it all went to reasoning_content)."""
+    pieces = ['{"city": ', '"Paris"}']
+    constrained = json.loads(BODY)
+    constrained["response_format"] = {"type": "json_object"}
+    body = json.dumps(constrained).encode()
+    response = chat_types.ChatCompletion.model_validate(asyncio.run(_server("deepseek_r1", pieces).chat(body)))
+    message = response.choices[0].message
+    assert message.content == '{"city": "Paris"}' and getattr(message, "reasoning_content", None) is None
+    streamed = _streamed(_server("deepseek_r1", pieces), body)
+    assert "".join(c.delta.content or "" for chunk in streamed for c in chunk.choices) == '{"city": "Paris"}'
+    assert not any(getattr(c.delta, "reasoning_content", None) for chunk in streamed for c in chunk.choices)
+    # unconstrained, the same text is deepseek_r1's reasoning: the parser is on
+    plain = chat_types.ChatCompletion.model_validate(asyncio.run(_server("deepseek_r1", pieces).chat(BODY)))
+    assert getattr(plain.choices[0].message, "reasoning_content", None) == '{"city": "Paris"}'
