@@ -98,6 +98,8 @@ def unenforced_keywords(schema: Any) -> list[str]:
         found.update(k for k in _UNENFORCED if k in node)
         if node.get("uniqueItems") is True:
             found.add("uniqueItems")
+        if "multipleOf" in node and node.get("type") not in ("integer", ["integer"]):
+            found.add("multipleOf (but of integers)")
         if isinstance(node.get("allOf"), list) and len(node["allOf"]) > 1:
             found.add("allOf (of more than one schema)")
     return sorted(found)

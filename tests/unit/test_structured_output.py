@@ -250,6 +250,7 @@ UNENFORCED = {
     ),
     "uniqueItems": ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, "[1, 1]"),
     "dependentRequired": ({"type": "object", "properties": AB, "dependentRequired": {"a": ["b"]}}, '{"a": 1}'),
+    "multipleOf (but of integers)": ({"type": "number", "multipleOf": 0.5}, "0.3"),
 }
 
 
@@ -273,7 +274,10 @@ def test_schema_keywords_xgrammar_does_not_enforce_are_refused_naming_the_field(
 def test_enforced_keywords_and_property_names_like_keywords_compile(engine):
     schema = {
         "type": "object",
-        "properties": {"not": {"type": "integer", "minimum": 3}, "if": {"type": "string", "pattern": "^a+$"}},
+        "properties": {
+            "not": {"type": "integer", "minimum": 3, "multipleOf": 3},
+            "if": {"type": "string", "pattern": "^a+$"},
+        },
         "allOf": [{"required": ["not"]}],
         "additionalProperties": False,
     }
