@@ -204,16 +204,30 @@ class GrammarCompiler:
             if spec.kind == "json":
                 # no free whitespace: a model cannot pad its output with spaces forever
                 schema = spec.source or json.dumps({"type": "object"})
-                return c.compile_json_schema(schema, any_whitespace=False)
-            if spec.kind == "regex":
-                return c.compile_regex(spec.source)
-            if spec.kind == "choice":
-                return c.compile_grammar(choice_grammar(json.loads(spec.source)))
-            if spec.kind == "tagged_json":
-                return c.compile_grammar(self._tagged_json(json.loads(spec.source)))
-            return c.compile_grammar(spec.source)
+                compiled = c.compile_json_schema(schema, any_whitespace=False)
+            elif spec.kind == "regex":
+                compiled = c.compile_regex(spec.source)
+            elif spec.kind == "choice":
+                compiled = c.compile_grammar(choice_grammar(json.loads(spec.source)))
+            elif spec.kind == "tagged_json":
+                compiled = c.compile_grammar(self._tagged_json(json.loads(spec.source)))
+            else:
+                compiled = c.compile_grammar(spec.source)
         except (RuntimeError, ValueError) as e:
             raise ValueError(f"{spec.field}: invalid {_NAMES[spec.kind]}: {_reason(e)}") from None
+        # a grammar that allows no first token (not even the end: "root ::= root") would have the
+        # sampler draw from a row of -inf
+        if not self._allows_a_first_token(compiled):
+            raise ValueError(f"{spec.field}: the {_NAMES[spec.kind]} accepts no output at all")
+        return compiled
+
+    def _allows_a_first_token(self, compiled: Any) -> bool:
+        import torch  # xgrammar fills torch tensors
+        import xgrammar
+
+        mask = torch.zeros((1, bitmask_words(self.mask_vocab_size)), dtype=torch.int32)
+        xgrammar.GrammarMatcher(compiled).fill_next_token_bitmask(mask)
+        return bool(mask.any())
 
     @staticmethod
     def _tagged_json(source: dict) -> Any:

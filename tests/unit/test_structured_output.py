@@ -314,3 +314,12 @@ def test_schemas_nested_too_deep_are_refused_at_once_naming_the_field(engine, sp
 
 def test_a_schema_nested_to_the_limit_compiles(engine):
     assert engine.local.core.grammars.compile(GrammarSpec("json", _nested_items(MAX_SCHEMA_DEPTH))) is not None
+
+
+def test_a_grammar_that_accepts_nothing_is_refused_and_one_that_accepts_only_the_end_is_not(engine):
+    """With no first token allowed, the sampler would draw from a row of -inf: id 0, text in
+    most vocabularies, which the grammar then refuses."""
+    compile_ = engine.local.core.grammars.compile
+    with pytest.raises(ValueError, match=r"^structured_outputs\.grammar: the grammar accepts no output"):
+        compile_(GrammarSpec("ebnf", "root ::= root", "structured_outputs.grammar"))
+    assert compile_(GrammarSpec("ebnf", 'root ::= ""', "structured_outputs.grammar")) is not None
