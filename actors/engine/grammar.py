@@ -100,6 +100,8 @@ def unenforced_keywords(schema: Any) -> list[str]:
             found.add("uniqueItems")
         if "multipleOf" in node and node.get("type") not in ("integer", ["integer"]):
             found.add("multipleOf (but of integers)")
+        if isinstance(node.get("$ref"), str) and not node["$ref"].startswith("#"):
+            found.add("$ref (to another document)")
         if isinstance(node.get("allOf"), list) and len(node["allOf"]) > 1:
             found.add("allOf (of more than one schema)")
     return sorted(found)

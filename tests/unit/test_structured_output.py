@@ -251,6 +251,7 @@ UNENFORCED = {
     "uniqueItems": ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, "[1, 1]"),
     "dependentRequired": ({"type": "object", "properties": AB, "dependentRequired": {"a": ["b"]}}, '{"a": 1}'),
     "multipleOf (but of integers)": ({"type": "number", "multipleOf": 0.5}, "0.3"),
+    "$ref (to another document)": ({"$ref": "https://example.com/integer.json"}, '"a"'),
 }
 
 
