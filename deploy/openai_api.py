@@ -384,9 +384,8 @@ def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
 
 _TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_TOOLS = 128
-# schema objects in a request's strict tools, each walked on the event loop for keywords
-# structured output does not enforce (about 4 us apiece); OpenAI's strict mode allows 5,000
-# properties in all
+# schema objects in a request's strict tools, all walked on the event loop for keywords
+# structured output does not enforce; OpenAI's strict mode allows 5,000 properties in all
 MAX_STRICT_SUBSCHEMAS = 5000
 
 
@@ -450,7 +449,7 @@ def tool_choice(req: ChatRequest) -> tuple[str, Optional[str]]:
         raise bad_request(
             "tool_choice: a function choice is {'type': 'function', 'function': {'name': ...}}", "tool_choice"
         )
-    if name not in {t["function"]["name"] for t in chat_tools(req)}:
+    if name not in {t["function"]["name"] for t in req.tools or []}:  # checked by parse_request (chat_tools)
         raise bad_request(f"tool_choice: no tool is named {name!r}", "tool_choice")
     return "function", name
 

@@ -33,7 +33,6 @@ from raymoe.deploy.openai_api import (
     CompletionRequest,
     bad_request,
     chat_messages,
-    chat_tools,
     check_fan_out,
     choice_params,
     completion_prompts,
@@ -234,7 +233,7 @@ class OpenAIServer:
         req = parse_request(ChatRequest, body)
         self._check_model(req.model)
         check_fan_out(1, req.n or 1, self.max_queued_requests)
-        tools, (mode, forced) = chat_tools(req), tool_choice(req)
+        tools, (mode, forced) = req.tools or [], tool_choice(req)  # tools checked by parse_request
         # the template tells the model about the tools it may call
         ids = await self.client.tokenize_chat(
             chat_messages(req), req.chat_template_kwargs, tools=tools if mode != "none" else None

@@ -66,8 +66,8 @@ async def tokenize(client: EngineClient, body: bytes) -> tuple[Optional[str], di
 
 
 async def detokenize(client: EngineClient, body: bytes) -> tuple[Optional[str], dict[str, Any]]:
-    """-> (the model the request names, the response). At most max_model_len ids (10 million
-    took 2.4 s to check and decode, on the event loop); long lists decode in a thread."""
+    """-> (the model the request names, the response). At most max_model_len ids (a longer
+    list would hold the event loop while it is checked); long lists decode in a thread."""
     req = parse_body(DetokenizeRequest, body)
     limit = client.info.max_model_len
     if len(req.tokens) > limit:
