@@ -49,9 +49,11 @@ def expert_mlp(
     all_slots: the slots of every rank the M rows are spread over (None: S), which sets
     the rows a slot gets on average, hence the block sizes.
 
-    FP8 weights (``fp8_block`` set) come with their block scales: the Triton kernels take
-    them at every size (dequantising every slot for torch._grouped_mm would cost more than
-    it saves), torch dequantises them.
+    FP8 weights (``fp8_block`` set) come with their block scales: on a GPU the Triton FP8
+    kernels take them, except from ``FP8_WIDEN_ROWS_PER_SLOT`` rows per slot on (large
+    prefill steps, backend None), where the slots' weights are widened to x's dtype for
+    torch._grouped_mm (CUTLASS's bf16 grouped GEMM outruns the Triton FP8 kernels by more
+    than the widening costs: BENCHMARKS.md); torch dequantises them.
 
     backend: "triton" or "torch"; None picks the faster one measured for this size
     (``pick_config``) on CUDA, torch elsewhere. config: Triton block sizes, for benchmarks.
@@ -66,6 +68,12 @@ def expert_mlp(
         if fp8_block is not None:
             w13 = dequantize_blocks(w13, w13_scale, fp8_block, x.dtype)
             w2 = dequantize_blocks(w2, w2_scale, fp8_block, x.dtype)
+        return _torch_expert_mlp(x, rows, ends, w13=w13, w2=w2)
+    if fp8_block is not None and backend is None and rows.shape[0] >= FP8_WIDEN_ROWS_PER_SLOT * num_slots:
+        from raymoe.actors.models.fp8_widen_triton import widen_blocks
+
+        w13 = widen_blocks(w13, w13_scale, fp8_block, x.dtype)
+        w2 = widen_blocks(w2, w2_scale, fp8_block, x.dtype)
         return _torch_expert_mlp(x, rows, ends, w13=w13, w2=w2)
     from raymoe.actors.models import expert_mlp_triton
 
@@ -97,6 +105,9 @@ FP8_ONE_ROW_CONFIG = dict(BM=16, BN=64, BK=128, num_warps=4, num_stages=3)
 FP8_DECODE_CONFIG = dict(BM=16, BN=128, BK=128, num_warps=4, num_stages=3)
 _FP8_CONFIGS = ((1, FP8_ONE_ROW_CONFIG), (8, FP8_DECODE_CONFIG))
 _MANY_ROWS_PER_SLOT, _MANY_ROWS = 128, dict(BM=128, BN=128, BK=128, num_warps=8, num_stages=3)
+# FP8 weights from this many rows per slot: widened to bf16 for torch._grouped_mm instead of the
+# Triton FP8 kernels, past where the two crossed on an H100 (BENCHMARKS.md, issue 21)
+FP8_WIDEN_ROWS_PER_SLOT = 1280
 
 
 def pick_config(num_rows: int, num_slots: int) -> dict | None:

@@ -114,3 +114,32 @@ def test_fp8_linear_with_k_split_matches_its_reference_and_repeats_bit_for_bit(r
         out = run()
     graph.replay()
     assert torch.equal(out, got)
+
+
+def test_fp8_experts_at_prefill_sizes_widen_their_weights_for_the_grouped_gemm():
+    """From FP8_WIDEN_ROWS_PER_SLOT rows a slot (backend None) the weights are widened to bf16
+    (bit for bit fp8.dequantize_blocks') and x stays as it is: the bf16 MLP on the dequantised
+    weights, not the FP8 kernels' rounding."""
+    from raymoe.actors.models.expert_mlp import FP8_WIDEN_ROWS_PER_SLOT
+    from raymoe.actors.models.fp8_widen_triton import widen_blocks
+
+    slots, hidden, inter, top_k = 16, 2048, 768, 8
+    tokens = FP8_WIDEN_ROWS_PER_SLOT * slots // top_k
+    g = torch.Generator(device="cuda").manual_seed(7)
+    x = torch.randn(tokens, hidden, device="cuda", generator=g).bfloat16()
+    w13, s13 = quantize_blocks(torch.randn(slots, 2 * inter, hidden, device="cuda", generator=g) / hidden**0.5, BLOCK)
+    w2, s2 = quantize_blocks(torch.randn(slots, hidden, inter, device="cuda", generator=g) / inter**0.5, BLOCK)
+    w13d = dequantize_blocks(w13, s13, BLOCK, torch.bfloat16)
+    assert torch.equal(widen_blocks(w13, s13, BLOCK, torch.bfloat16), w13d)
+    slot = torch.randint(0, slots, (tokens * top_k,), device="cuda", generator=g)
+    keys, order = torch.sort(slot, stable=True)
+    ends = torch.searchsorted(keys, torch.arange(1, slots + 1, device="cuda"), out_int32=True)
+    rows = order // top_k
+    got = expert_mlp(x, rows, ends, w13=w13, w2=w2, w13_scale=s13, w2_scale=s2, fp8_block=BLOCK)
+    w2d = dequantize_blocks(w2, s2, BLOCK, torch.bfloat16)
+    want = expert_mlp(x, rows, ends, w13=w13d, w2=w2d, backend="torch")
+    assert torch.equal(got, want)
+    fp8_kernels = expert_mlp(
+        x, rows, ends, w13=w13, w2=w2, w13_scale=s13, w2_scale=s2, fp8_block=BLOCK, backend="triton"
+    )
+    assert 0 < _rel(fp8_kernels, want.float()) < 0.1

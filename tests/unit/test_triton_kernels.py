@@ -115,6 +115,8 @@ CASES = {
         "fp8_linear_case",
         dict(rows=5, n=24, k=64, block=[16, 32], bias=False, split_k=8),
     ),
+    # 3 slots of 40 x 80 in 16 x 32 blocks: the last row and column blocks partial, slots past one
+    "fp8-widen": ("fp8_widen_case", dict(slots=3, n=40, k=80, block=[16, 32])),
     "fp8-expert-mlp": ("expert_mlp_fp8_case", dict(slots=3, hidden=64, inter=32, tokens=9, block=[16, 32])),
     # past PRE_QUANTIZE_ROWS choices: x quantised in a pass of its own
     "fp8-expert-mlp-prefill": ("expert_mlp_fp8_case", dict(slots=3, hidden=64, inter=32, tokens=140, block=[16, 32])),

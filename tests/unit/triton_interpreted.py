@@ -21,6 +21,7 @@ from triton.runtime import interpreter
 from raymoe.actors.models import (
     expert_mlp_triton,
     fp8_linear_triton,
+    fp8_widen_triton,
     latent_norm_rope_triton,
     moe_combine_triton,
     ops,
@@ -41,16 +42,18 @@ assert os.environ.get("TRITON_INTERPRET") == "1"
 _convert_float = interpreter._convert_float
 
 
-def _exact_fp8_downcast(data, from_type, to_type, rounding_mode):
+def _exact_downcast(data, from_type, to_type, rounding_mode):
     """The interpreter rounds float32 -> float8e4nv without carrying a rounded-up mantissa into
-    the exponent (31.7 becomes 16, not 32); a GPU rounds to nearest. torch converts exactly."""
-    if from_type == tl.float32 and to_type == tl.float8e4nv:
-        as_fp8 = torch.from_numpy(np.ascontiguousarray(data)).to(torch.float8_e4m3fn)
-        return as_fp8.view(torch.uint8).numpy().reshape(data.shape)
+    the exponent (31.7 becomes 16, not 32), and float32 -> bfloat16 by truncation; a GPU rounds
+    both to nearest. torch converts exactly."""
+    if from_type == tl.float32 and to_type in (tl.float8e4nv, tl.bfloat16):
+        target, bits = (torch.float8_e4m3fn, torch.uint8) if to_type == tl.float8e4nv else (torch.bfloat16, torch.uint16)
+        converted = torch.from_numpy(np.ascontiguousarray(data)).to(target)
+        return converted.view(bits).numpy().reshape(data.shape)
     return _convert_float(data, from_type, to_type, rounding_mode)
 
 
-interpreter._convert_float = _exact_fp8_downcast
+interpreter._convert_float = _exact_downcast
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/, as pytest's conftest does
 from dispatch_checks import assert_same_grouping, choices_by_slot  # noqa: E402
 
@@ -249,6 +252,17 @@ def expert_mlp_fp8_case(slots, hidden, inter, tokens, block, top_k=2, bn=16):
     torch.testing.assert_close(plain, expert_mlp(x, rows, ends, w13=w13d, w2=w2d, backend="torch")[: want.shape[0]])
 
 
+def fp8_widen_case(slots, n, k, block):
+    """Widened weights equal fp8.dequantize_blocks' bit for bit, partial blocks included."""
+    g = torch.Generator().manual_seed(n + k)
+    q, scale = quantize_blocks(
+        torch.randn(slots, n, k, generator=g) * torch.rand(slots, 1, 1, generator=g), tuple(block)
+    )
+    got = fp8_widen_triton.widen_blocks(q, scale, tuple(block), torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and got.shape == (slots, n, k)
+    assert torch.equal(got, dequantize_blocks(q, scale, tuple(block), torch.bfloat16))
+
+
 def reduce_add_rms_norm_case(ranks, tokens, width):
     """Each rank's partial sits in the second half of its own buffer, as in symmetric memory."""
     g = torch.Generator().manual_seed(ranks * width)
@@ -320,6 +334,7 @@ CASE_FUNCTIONS = {
         reduce_add_rms_norm_gather_case,
         fp8_linear_case,
         expert_mlp_fp8_case,
+        fp8_widen_case,
     )
 }
 
