@@ -18,8 +18,8 @@ import json
 import re
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, FailFast, ValidationError
-from typing_extensions import TypeAliasType
+from pydantic import BaseModel, ConfigDict, FailFast, ValidationError, with_config
+from typing_extensions import NotRequired, TypeAliasType, TypedDict
 
 from raymoe.actors.engine.grammar import GrammarSpec, count_subschemas, unenforced_keywords
 from raymoe.actors.engine.request import MAX_LOGPROBS, SamplingParams
@@ -119,21 +119,25 @@ class CompletionRequest(_Common):
     suffix: Optional[str] = None
 
 
-class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)
+# Messages and their parts are TypedDicts, not models: a 32 MiB body holds a million of them, and
+# pydantic validates a TypedDict about 10 x faster than it builds a model (0.6 against 6 us a
+# message on the 2-core box), all of it holding the GIL, so the ingress's event loop and every
+# stream on it with it.
+@with_config(ConfigDict(extra="allow", strict=True))
+class ContentPart(TypedDict):
     type: str
-    text: Optional[str] = None
+    text: NotRequired[Optional[str]]
 
 
 ContentParts = _fail_fast("ContentParts", list[ContentPart])
 
 
-class ChatMessage(BaseModel):
+@with_config(ConfigDict(extra="allow", strict=True))
+class ChatMessage(TypedDict):
     # extra fields (tool_calls, tool_call_id, reasoning_content...) pass on to the chat template
-    model_config = ConfigDict(extra="allow", strict=True)
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Optional[Union[str, ContentParts]] = None
-    name: Optional[str] = None
+    content: NotRequired[Optional[Union[str, ContentParts]]]
+    name: NotRequired[Optional[str]]
 
 
 ChatMessages = _fail_fast("ChatMessages", list[ChatMessage])
@@ -322,20 +326,20 @@ def chat_messages(req: ChatRequest) -> list[dict[str, Any]]:
         raise bad_request("messages: must hold at least one message", "messages", "invalid_value")
     out = []
     for i, m in enumerate(req.messages):
-        content = m.content
+        content, role = m.get("content"), m["role"]
         # as OpenAI: only an assistant message (one that calls tools, refuses) may leave it out
-        if content is None and m.role != "assistant":
+        if content is None and role != "assistant":
             raise bad_request(
-                f"messages.{i}.content: a {m.role} message needs content", f"messages.{i}.content", "invalid_value"
+                f"messages.{i}.content: a {role} message needs content", f"messages.{i}.content", "invalid_value"
             )
         if isinstance(content, list):
-            bad = [p.type for p in content if p.type != "text" or p.text is None]
+            bad = [p["type"] for p in content if p["type"] != "text" or p.get("text") is None]
             if bad:
                 raise bad_request(
                     f"messages.{i}.content: only text parts are supported, got {bad[0]!r}", f"messages.{i}.content"
                 )
-            content = "".join(p.text for p in content)
-        msg = {k: v for k, v in m.model_dump(exclude_none=True).items()}
+            content = "".join(p["text"] for p in content)
+        msg = {k: v for k, v in m.items() if v is not None}
         msg["content"] = content if content is not None else ""
         out.append(msg)
     return out

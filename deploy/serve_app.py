@@ -193,12 +193,15 @@ async def _read_body(request: Request) -> bytes:
     if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         message = f"the request body is {declared} bytes; the limit is {MAX_BODY_BYTES}"
         raise APIError(413, message, code="body_too_large")
-    body = b""
+    # chunks joined once at the end: appending each to the bytes so far copies them all again,
+    # which for a large body in small chunks held the event loop for seconds
+    chunks, size = [], 0
     async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY_BYTES:
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
             raise APIError(413, f"the request body exceeds the limit of {MAX_BODY_BYTES} bytes", code="body_too_large")
-    return body
+    return b"".join(chunks)
 
 
 async def _health(server: OpenAIServer) -> tuple[int, dict[str, Any]]:

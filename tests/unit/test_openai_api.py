@@ -491,3 +491,57 @@ def test_detokenize_takes_at_most_max_model_len_ids_and_decodes_long_lists_off_t
             call(ids)
         assert e.value.status == 400 and e.value.param == "tokens"
     assert len(where) == 2
+
+
+class _StreamedRequest:
+    """What _read_body reads of a Starlette request: its headers and its body in chunks."""
+
+    def __init__(self, chunks: list[bytes], declared: int | None = None) -> None:
+        self.chunks = chunks
+        self.headers = {} if declared is None else {"content-length": str(declared)}
+
+    async def stream(self):
+        for chunk in self.chunks:
+            yield chunk
+
+
+def test_a_body_in_many_chunks_is_read_whole_and_refused_past_the_limit(monkeypatch):
+    from raymoe.deploy import serve_app
+
+    chunks = [bytes([i % 251]) * 1000 for i in range(3000)]
+    assert asyncio.run(serve_app._read_body(_StreamedRequest(chunks))) == b"".join(chunks)
+    monkeypatch.setattr(serve_app, "MAX_BODY_BYTES", 2_500_000)
+    with pytest.raises(APIError) as e:  # no length declared: refused while it streams in
+        asyncio.run(serve_app._read_body(_StreamedRequest(chunks)))
+    assert e.value.status == 413 and e.value.body()["error"]["code"] == "body_too_large"
+    with pytest.raises(APIError) as e:  # declared too long: refused before reading
+        asyncio.run(serve_app._read_body(_StreamedRequest([], declared=2_500_001)))
+    assert e.value.status == 413
+
+
+def test_messages_reach_the_template_as_sent_extras_and_all():
+    """Messages are validated as TypedDicts (no model per message): each keeps every field the
+    client sent, in order, for the chat template; nulls are dropped, content parts joined."""
+    body = {
+        "messages": [
+            {"role": "user", "content": "a", "name": None, "x_extra": {"k": [1, None]}},
+            {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function"}], "reasoning_content": "r"},
+            {
+                "role": "tool",
+                "tool_call_id": "c1",
+                "content": [{"type": "text", "text": "4"}, {"type": "text", "text": "2"}],
+            },
+        ]
+    }
+    req = parse_request(ChatRequest, json.dumps(body).encode())
+    assert all(type(m) is dict for m in req.messages)
+    assert chat_messages(req) == [
+        {"role": "user", "content": "a", "x_extra": {"k": [1, None]}},
+        {
+            "role": "assistant",
+            "tool_calls": [{"id": "c1", "type": "function"}],
+            "reasoning_content": "r",
+            "content": "",
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "42"},
+    ]
