@@ -260,6 +260,7 @@ class OpenAIServer:
             t0=t0,
             prompt_tokens=len(ids),
             tool_calls=mode != "none",
+            one_tool_call=req.parallel_tool_calls is False,
         )
 
     async def tokenize(self, body: bytes) -> dict[str, Any]:
@@ -332,9 +333,12 @@ class OpenAIServer:
         prompt_tokens: int,
         echo: Optional[_Echo] = None,
         tool_calls: bool = False,
+        one_tool_call: bool = False,
     ) -> Any:
         """Stream ``ids[i]`` with ``params[i]`` as choice i; ``prompt_tokens``: the usage's
-        (each prompt once, however many choices it has); ``tool_calls``: parse chat choices' tool calls."""
+        (each prompt once, however many choices it has); ``tool_calls``: parse chat choices' tool
+        calls (``one_tool_call``: keep each choice's first only)."""
+        max_calls = 1 if one_tool_call else None
         progress = _Progress(len(ids), prompt_tokens, t0, self.metrics)
         self.metrics.prompt_tokens.inc(progress.prompt_tokens)
         # a grammar never lets the model close a thinking block: constrained output is all content
@@ -358,6 +362,7 @@ class OpenAIServer:
                     logprobs=params[0].logprobs is not None,
                     echo=echo,
                     tool_calls=tool_calls,
+                    max_tool_calls=max_calls,
                     return_ids=ids if req.return_token_ids else None,
                     reasoning=reasoning,
                 )
@@ -379,7 +384,7 @@ class OpenAIServer:
                 if reasoning:
                     choice["reasoning"], text = ReasoningSplitter.split(reasoning, text)
                 if tool_calls:
-                    text, calls = split_tool_calls(self.tool_parser, text)
+                    text, calls = split_tool_calls(self.tool_parser, text, max_calls)
                     choice["tool_calls"] = [c.to_openai() for c in calls]
                     finish = "tool_calls" if calls and finish == "stop" else finish
                 if req.return_token_ids:
@@ -414,6 +419,7 @@ class OpenAIServer:
         logprobs: bool,
         echo: Optional[_Echo],
         tool_calls: bool = False,
+        max_tool_calls: Optional[int] = None,
         return_ids: Optional[list[list[int]]] = None,
         reasoning: Optional[str] = None,
     ) -> AsyncIterator[bytes]:
@@ -423,7 +429,7 @@ class OpenAIServer:
         created, model = int(time.time()), self.model_name
         started = [False] * len(progress.texts)
         splitters = [ReasoningSplitter(reasoning) if reasoning else None for _ in progress.texts] if chat else []
-        calls = [ToolCallStream(self.tool_parser) if tool_calls else None for _ in progress.texts]
+        calls = [ToolCallStream(self.tool_parser, max_tool_calls) if tool_calls else None for _ in progress.texts]
         try:
             async with aclosing(outputs):
                 item: Optional[tuple[int, Delta]] = first

@@ -75,9 +75,12 @@ def tool_parser(name: str) -> HermesToolParser:
     return PARSERS[name]()
 
 
-def split_tool_calls(parser: HermesToolParser, text: str) -> tuple[Optional[str], list[ToolCall]]:
-    """A whole output -> (content, or None when only calls remain; the calls in order)."""
-    stream = ToolCallStream(parser)
+def split_tool_calls(
+    parser: HermesToolParser, text: str, max_calls: Optional[int] = None
+) -> tuple[Optional[str], list[ToolCall]]:
+    """A whole output -> (content, or None when only calls remain; the calls in order, at most
+    ``max_calls``)."""
+    stream = ToolCallStream(parser, max_calls)
     content, calls = stream.add(text)
     if not calls:
         return text, []
@@ -89,10 +92,13 @@ def split_tool_calls(parser: HermesToolParser, text: str) -> tuple[Optional[str]
 
 class ToolCallStream:
     """One choice's text as it streams: content to send now, and the calls completed so far.
-    Text that may open a call is held back until it does or cannot."""
+    Text that may open a call is held back until it does or cannot. Past ``max_calls`` calls
+    (1 for a request with ``parallel_tool_calls: false``, as OpenAI promises it) further calls
+    are dropped, neither calls nor content."""
 
-    def __init__(self, parser: HermesToolParser) -> None:
+    def __init__(self, parser: HermesToolParser, max_calls: Optional[int] = None) -> None:
         self.parser = parser
+        self.max_calls = max_calls
         self._buffer = ""
         self._in_call = False
         self.num_calls = 0
@@ -110,7 +116,7 @@ class ToolCallStream:
                 call = p.call_from(body)
                 if call is None:
                     content += p.begin + body + p.end
-                else:
+                elif self.max_calls is None or self.num_calls + len(calls) < self.max_calls:
                     calls.append(call)
                 continue
             start = self._buffer.find(p.begin)

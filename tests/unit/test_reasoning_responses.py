@@ -165,3 +165,35 @@ def test_structured_output_is_content_under_a_parser_whose_thinking_starts_open(
     # unconstrained, the same text is deepseek_r1's reasoning: the parser is on
     plain = chat_types.ChatCompletion.model_validate(asyncio.run(_server("deepseek_r1", pieces).chat(BODY)))
     assert getattr(plain.choices[0].message, "reasoning_content", None) == '{"city": "Paris"}'
+
+
+TWO_CALLS = [
+    '<tool_call>\n{"name": "now", "arguments": {}}\n</tool',
+    '_call>\nAnd <tool_call>\n{"name": "now", "argu',
+    'ments": {"tz": "UTC"}}\n</tool_call>',
+]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("parallel", [None, True, False])
+def test_parallel_tool_calls_false_keeps_each_choices_first_call(stream, parallel):
+    """As OpenAI promises and vLLM does: parallel_tool_calls false returns one call, the later
+    ones dropped (neither calls nor content); unset or true, every call."""
+    body = {"model": "m", "messages": [{"role": "user", "content": "?"}], "tools": TOOLS}
+    if parallel is not None:
+        body["parallel_tool_calls"] = parallel
+    server = _server(None, TWO_CALLS)
+    if stream:
+        chunks = _streamed(server, json.dumps(body).encode())
+        calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+        content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert [tc.index for tc in calls] == list(range(len(calls)))
+    else:
+        choice = chat_types.ChatCompletion.model_validate(asyncio.run(server.chat(json.dumps(body).encode()))).choices[
+            0
+        ]
+        calls, content = choice.message.tool_calls, choice.message.content or ""
+        assert choice.finish_reason == "tool_calls"
+    want = [{}] if parallel is False else [{}, {"tz": "UTC"}]
+    assert [json.loads(c.function.arguments) for c in calls] == want
+    assert content.strip() == "And"

@@ -47,7 +47,9 @@ def _exact_downcast(data, from_type, to_type, rounding_mode):
     the exponent (31.7 becomes 16, not 32), and float32 -> bfloat16 by truncation; a GPU rounds
     both to nearest. torch converts exactly."""
     if from_type == tl.float32 and to_type in (tl.float8e4nv, tl.bfloat16):
-        target, bits = (torch.float8_e4m3fn, torch.uint8) if to_type == tl.float8e4nv else (torch.bfloat16, torch.uint16)
+        target, bits = (
+            (torch.float8_e4m3fn, torch.uint8) if to_type == tl.float8e4nv else (torch.bfloat16, torch.uint16)
+        )
         converted = torch.from_numpy(np.ascontiguousarray(data)).to(target)
         return converted.view(bits).numpy().reshape(data.shape)
     return _convert_float(data, from_type, to_type, rounding_mode)
