@@ -74,7 +74,7 @@ def _response_items(progress: _Progress, params: Any, *, with_ids: bool) -> int:
     logprob entry per token and alternative, and the token ids when they are returned."""
     per_token = (0 if params.logprobs is None else 1 + params.logprobs) + with_ids
     prompt_entries = sum(len(p) for p in progress.prompt_logprobs if p) * (1 + (params.prompt_logprobs or 0))
-    prompt_ids = progress.prompt_tokens * len(progress.texts) if with_ids else 0
+    prompt_ids = progress.prompt_tokens * len(progress.pieces) if with_ids else 0
     return progress.completion_tokens * per_token + prompt_entries + prompt_ids
 
 
@@ -83,7 +83,9 @@ class _Progress:
     token counts, and its TTFT / ITL / latency observations."""
 
     def __init__(self, n: int, num_prompt_tokens: int, t0: float, metrics: ServeMetrics) -> None:
-        self.texts = [""] * n
+        # each choice's text as its pieces, joined once (appending each piece to the text so far
+        # copies it all again: quadratic in long answers, on the event loop)
+        self.pieces: list[list[str]] = [[] for _ in range(n)]
         self.logprobs: list[list] = [[] for _ in range(n)]
         self.prompt_logprobs: list[Optional[list]] = [None] * n
         self.token_ids: list[list[int]] = [[] for _ in range(n)]
@@ -107,7 +109,7 @@ class _Progress:
             self.last[i] = now
             self.completion_tokens += len(out.token_ids)
             self.metrics.completion_tokens.inc(len(out.token_ids))
-        self.texts[i] += out.text
+        self.pieces[i].append(out.text)
         self.token_ids[i] += out.token_ids
         self.logprobs[i] += out.logprobs
         if out.prompt_logprobs is not None:
@@ -118,6 +120,9 @@ class _Progress:
             self.finish[i] = out.finish_reason
             if all(f is not None for f in self.finish):
                 self.metrics.e2e.observe(now - self.t0)
+
+    def text(self, i: int) -> str:
+        return "".join(self.pieces[i])
 
     def usage(self) -> dict[str, int]:
         # the n choices share one prompt: what the cache gave all of them
@@ -376,7 +381,8 @@ class OpenAIServer:
                 self.metrics.in_flight.dec()
         asked = params[0].logprobs is not None
         choices = []
-        for i, (text, finish) in enumerate(zip(progress.texts, progress.finish)):
+        for i, finish in enumerate(progress.finish):
+            text = progress.text(i)
             # logprobs are built a slice at a time, the event loop serving other requests in between
             if chat:
                 lps = await chat_logprobs_in_slices(progress.logprobs[i], self.token_text) if asked else None
@@ -427,9 +433,10 @@ class OpenAIServer:
         ``return_ids``: each choice's prompt ids, when its chunks carry token ids; ``reasoning``:
         the reasoning parser that splits chat choices (None: all content)."""
         created, model = int(time.time()), self.model_name
-        started = [False] * len(progress.texts)
-        splitters = [ReasoningSplitter(reasoning) if reasoning else None for _ in progress.texts] if chat else []
-        calls = [ToolCallStream(self.tool_parser, max_tool_calls) if tool_calls else None for _ in progress.texts]
+        choices = range(len(progress.pieces))
+        started = [False] * len(choices)
+        splitters = [ReasoningSplitter(reasoning) if reasoning else None for _ in choices] if chat else []
+        calls = [ToolCallStream(self.tool_parser, max_tool_calls) if tool_calls else None for _ in choices]
         try:
             async with aclosing(outputs):
                 item: Optional[tuple[int, Delta]] = first

@@ -104,15 +104,18 @@ class ToolCallStream:
         self.num_calls = 0
 
     def add(self, text: str) -> tuple[str, list[ToolCall]]:
+        # inside a call, only the new text (and a tag it may complete) is searched again
+        start = max(0, len(self._buffer) - len(self.parser.end) + 1) if self._in_call else 0
         self._buffer += text
         content, calls = "", []
         p = self.parser
         while True:
             if self._in_call:
-                end = self._buffer.find(p.end)
+                end = self._buffer.find(p.end, start)
                 if end < 0:
                     break
                 body, self._buffer, self._in_call = self._buffer[:end], self._buffer[end + len(p.end) :], False
+                start = 0
                 call = p.call_from(body)
                 if call is None:
                     content += p.begin + body + p.end
