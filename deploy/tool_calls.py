@@ -105,17 +105,16 @@ class ToolCallStream:
 
     def add(self, text: str) -> tuple[str, list[ToolCall]]:
         # inside a call, only the new text (and a tag it may complete) is searched again
-        start = max(0, len(self._buffer) - len(self.parser.end) + 1) if self._in_call else 0
+        search_from = max(0, len(self._buffer) - len(self.parser.end) + 1) if self._in_call else 0
         self._buffer += text
         content, calls = "", []
         p = self.parser
         while True:
             if self._in_call:
-                end = self._buffer.find(p.end, start)
+                end = self._buffer.find(p.end, search_from)
                 if end < 0:
                     break
                 body, self._buffer, self._in_call = self._buffer[:end], self._buffer[end + len(p.end) :], False
-                start = 0
                 call = p.call_from(body)
                 if call is None:
                     content += p.begin + body + p.end
@@ -125,7 +124,7 @@ class ToolCallStream:
             start = self._buffer.find(p.begin)
             if start >= 0:
                 content += self._buffer[:start]
-                self._buffer, self._in_call = self._buffer[start + len(p.begin) :], True
+                self._buffer, self._in_call, search_from = self._buffer[start + len(p.begin) :], True, 0
                 continue
             keep = _partial_suffix(self._buffer, p.begin)
             content += self._buffer[: len(self._buffer) - keep]

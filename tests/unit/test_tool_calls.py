@@ -91,6 +91,22 @@ def test_streamed_in_any_pieces_equals_whole(seed):
     assert [(c.name, c.arguments) for c in calls] == [(c.name, c.arguments) for c in whole_calls]
 
 
+@pytest.mark.parametrize("piece", [None, 1, 7])
+def test_a_short_call_after_long_content_is_found(piece):
+    """The end tag is searched for from where the call's text starts, whatever came before it
+    (whole, or streamed in pieces of ``piece`` characters)."""
+    text = "x" * 200 + '<tool_call>{"name": "now", "arguments": {}}</tool_call> y'
+    if piece is None:
+        content, calls = split_tool_calls(P, text)
+    else:
+        stream, content, calls = ToolCallStream(P), "", []
+        for at in range(0, len(text), piece):
+            c, new = stream.add(text[at : at + piece])
+            content, calls = content + c, calls + new
+        content += stream.finish()[0]
+    assert (content, [c.name for c in calls]) == ("x" * 200 + " y", ["now"])
+
+
 def test_an_unclosed_call_ends_as_content():
     stream = ToolCallStream(P)
     assert stream.add('hi <tool_call>{"name": "x"') == ("hi ", [])
