@@ -10,12 +10,15 @@ the combined output (top-k, sort by expert, the two projections with SiLU-and-mu
 the weighted sum; the dispatch and the MLP on the backend named, the dispatch falling
 back to torch past its size limit) and the expert MLP alone. It reports bandwidth
 over the bytes of the experts actually touched, and each output's error against the
-torch reference. --sweep also times a grid of Triton block sizes (--best-json writes the
-fastest per batch as JSON lines).
+torch reference. Backend ``auto`` is what the model runs: no backend named, each piece
+picks by size (FP8 experts: the Triton kernels, or from FP8_WIDEN_ROWS_PER_SLOT rows a slot the
+weights widened to bf16 for torch._grouped_mm). --sweep also times a grid of Triton block sizes
+(--best-json writes the fastest per batch as JSON lines).
 
     python3 benchmarks/expert_mlp_bench.py --batches 1,16,64,256,4096 --sweep
     python3 benchmarks/expert_mlp_bench.py --dtype fp8 --backends torch,triton --batches 1,64,4096 --sweep
     python3 benchmarks/expert_mlp_bench.py --dtype fp8 --backends torch,triton,cutlass --batches 64,4096,16384
+    python3 benchmarks/expert_mlp_bench.py --dtype fp8 --backends triton,auto --batches 8192,16384,32768
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--inter", type=int, default=768)
     p.add_argument("--top-k", type=int, default=8)
-    p.add_argument("--backends", default="torch,triton,cutlass")
+    p.add_argument("--backends", default="torch,triton,cutlass", help="of torch, triton, auto, cutlass")
     p.add_argument("--sweep", action="store_true", help="also time a grid of Triton block sizes")
     p.add_argument("--dtype", choices=["bf16", "fp8"], default="bf16", help="the expert weights' format")
     p.add_argument("--out", help="also write the table here (markdown)")
@@ -136,9 +139,9 @@ def main() -> None:
 
         ref = layer("torch").float()
         cases = {}
-        for backend in [b for b in backends if b != "cutlass"]:
-            mlp = dict(expert_weights, groups=groups)
-            cases[backend] = (lambda b=backend: layer(b), lambda b=backend: expert_mlp(x, rows, ends, **mlp, backend=b))
+        for name in [b for b in backends if b != "cutlass"]:
+            mlp, backend = dict(expert_weights, groups=groups), None if name == "auto" else name
+            cases[name] = (lambda b=backend: layer(b), lambda b=backend: expert_mlp(x, rows, ends, **mlp, backend=b))
         if cutlass is not None:
             out = torch.empty(n, H, device=dev, dtype=torch.bfloat16)
             ids32, wf = ids.to(torch.int32), weights.float()
