@@ -24,7 +24,7 @@ from triton.backends.driver import DriverBase
 from triton.runtime import jit
 from triton.runtime.driver import driver
 
-from raymoe.actors.models import ops
+from raymoe.actors.models import fp8_widen_triton, ops
 from raymoe.actors.models.expert_mlp import expert_mlp
 from raymoe.actors.models.fp8 import FP8
 from raymoe.actors.models.linear import linear
@@ -143,6 +143,12 @@ def moe_case(
         )
 
 
+def widen_case(slots: int, n: int, k: int) -> None:
+    """FP8 expert weights widened to bf16 (large prefill steps' experts)."""
+    scale = torch.ones(slots, n // 128, k // 128)
+    fp8_widen_triton.widen_blocks(_weights(slots, n, k, fp8=True), scale, (128, 128), BF16)
+
+
 def grouped_dispatch_case(tokens: int, experts: int, top_k: int, **rule) -> None:
     """The dispatch under a group-limited rule (GroupedTopK's fields), float32 logits."""
     l2p, counts = replica_tables(torch.arange(experts).view(1, -1), experts)
@@ -196,6 +202,7 @@ CASES = {
     "moe-fp8-64-tokens": (moe_case, dict(tokens=64, **QWEN3_30B, fp8=True)),
     "moe-fp8-2048-tokens": (moe_case, dict(tokens=2048, **QWEN3_30B, fp8=True, dispatched=False)),
     "moe-fp8-deepseek-v3-ep8": (moe_case, dict(tokens=64, **DEEPSEEK_V3, fp8=True)),
+    "fp8-widen-qwen3-w13": (widen_case, dict(slots=4, n=1536, k=2048)),
     # DeepSeek-V3's router (fused, and in two launches past one block of tokens); V2-Lite's
     **{
         f"dispatch-deepseek-v3-{t}-tokens": (
