@@ -333,11 +333,12 @@ def chat_messages(req: ChatRequest) -> list[dict[str, Any]]:
                 f"messages.{i}.content: a {role} message needs content", f"messages.{i}.content", "invalid_value"
             )
         if isinstance(content, list):
-            bad = [p["type"] for p in content if p["type"] != "text" or p.get("text") is None]
-            if bad:
-                raise bad_request(
-                    f"messages.{i}.content: only text parts are supported, got {bad[0]!r}", f"messages.{i}.content"
-                )
+            for j, part in enumerate(content):
+                where = f"messages.{i}.content.{j}"
+                if part["type"] != "text":
+                    raise bad_request(f"{where}: only text parts are supported, got {part['type']!r}", where)
+                if part.get("text") is None:
+                    raise bad_request(f"{where}.text: a text part needs its text", f"{where}.text")
             content = "".join(p["text"] for p in content)
         msg = {k: v for k, v in m.items() if v is not None}
         msg["content"] = content if content is not None else ""

@@ -341,7 +341,11 @@ BAD = {
     "empty messages": ({"messages": []}, "chat", "messages"),
     "bad role": ({"messages": [{"role": "wizard", "content": "x"}]}, "chat", "messages.0.role"),
     "token id outside vocab": ({"prompt": [1, 10**6]}, "completions", "prompt"),
-    "image part": ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "chat", "messages.0.content"),
+    "image part": (
+        {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+        "chat",
+        "messages.0.content.0",
+    ),
     "stream_options without stream": (
         {"prompt": "x", "stream_options": {"include_usage": True}},
         "completions",

@@ -133,7 +133,11 @@ def test_a_request_that_could_never_queue_is_a_400_naming_what_makes_it():
         ({"messages": [{"role": "user", "content": "x"}, {"role": "tool", "tool_call_id": "c"}]}, "messages.1.content"),
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}]},
-            "messages.0.content",
+            "messages.0.content.0",
+        ),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text"}]}]},
+            "messages.0.content.1.text",
         ),
         ({"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
