@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, FailFast, ValidationError, with_conf
 from typing_extensions import NotRequired, TypeAliasType, TypedDict
 
 from raymoe.actors.engine.grammar import GrammarSpec, count_subschemas, unenforced_keywords
-from raymoe.actors.engine.request import MAX_LOGPROBS, SamplingParams
+from raymoe.actors.engine.request import MAX_LOGIT_BIAS, MAX_LOGPROBS, SamplingParams
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_TEMPERATURE = 2.0
@@ -554,6 +554,9 @@ def sampling_params(req: Any, max_tokens: int) -> SamplingParams:
 def _logit_bias(bias: Optional[dict[str, float]]) -> Optional[dict[int, float]]:
     if not bias:
         return None
+    if len(bias) > MAX_LOGIT_BIAS:  # refused by its count before a million keys are converted
+        message = f"logit_bias: must map at most {MAX_LOGIT_BIAS} token ids to biases, got {len(bias)}"
+        raise bad_request(message, "logit_bias", "invalid_value")
     out = {}
     for key, value in bias.items():
         # str.isdigit also takes "²" and "٣"; past 19 digits no id fits (and int() refuses 4,300)

@@ -549,3 +549,9 @@ def test_messages_reach_the_template_as_sent_extras_and_all():
         },
         {"role": "tool", "tool_call_id": "c1", "content": "42"},
     ]
+
+
+def test_too_many_logit_biases_are_refused_by_their_count_before_their_keys_are_read():
+    bias = {"not an id": 1.0, **{str(i): 1.0 for i in range(1024)}}
+    err = _err(CompletionRequest, {"prompt": "x", "logit_bias": bias})
+    assert err.param == "logit_bias" and "at most 1024" in err.message and "1025" in err.message
