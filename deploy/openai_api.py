@@ -28,6 +28,7 @@ DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_TEMPERATURE = 2.0
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions
 MAX_CHOICES = 128  # n: choices of one request (each runs as a request of its own)
+MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512  # OpenAI's bounds on metadata
 
 
 class APIError(Exception):
@@ -201,11 +202,25 @@ def parse_request(model: type[BaseModel], body: bytes) -> Any:
             "invalid_value",
         )
     _check_logprobs(req)
+    if isinstance(req, ChatRequest) and req.metadata is not None:
+        _check_metadata(req.metadata)
     if req.n is not None and not 1 <= req.n <= MAX_CHOICES:
         raise bad_request(f"n: must be an integer in [1, {MAX_CHOICES}], got {req.n}", "n", "invalid_value")
     # every sampling field checked now, before the prompt is tokenised
     sampling_params(req, max(1, req.min_tokens or 0))
     return req
+
+
+def _check_metadata(metadata: dict[str, str]) -> None:
+    """OpenAI's bounds (accepted, then unused: raymoe stores nothing): 16 pairs, keys of at most
+    64 characters, values of at most 512."""
+    if len(metadata) > MAX_METADATA_PAIRS:
+        message = f"metadata: at most {MAX_METADATA_PAIRS} key-value pairs, got {len(metadata)}"
+        raise bad_request(message, "metadata", "invalid_value")
+    for key, value in metadata.items():
+        if len(key) > MAX_METADATA_KEY or len(value) > MAX_METADATA_VALUE:
+            message = f"metadata: keys of at most {MAX_METADATA_KEY} characters, values of at most {MAX_METADATA_VALUE}"
+            raise bad_request(f"{message}; {key[:40]!r} is past that", "metadata", "invalid_value")
 
 
 def _check_logprobs(req: Any) -> None:

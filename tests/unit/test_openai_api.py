@@ -555,3 +555,21 @@ def test_too_many_logit_biases_are_refused_by_their_count_before_their_keys_are_
     bias = {"not an id": 1.0, **{str(i): 1.0 for i in range(1024)}}
     err = _err(CompletionRequest, {"prompt": "x", "logit_bias": bias})
     assert err.param == "logit_bias" and "at most 1024" in err.message and "1025" in err.message
+
+
+@pytest.mark.parametrize(
+    "metadata,ok",
+    [
+        ({str(i): "v" for i in range(16)}, True),
+        ({str(i): "v" for i in range(17)}, False),
+        ({"k" * 64: "v" * 512}, True),
+        ({"k" * 65: "v"}, False),
+        ({"k": "v" * 513}, False),
+    ],
+)
+def test_metadata_keeps_to_openais_bounds(metadata, ok):
+    body = {"messages": [{"role": "user", "content": "x"}], "metadata": metadata}
+    if ok:
+        assert parse_request(ChatRequest, json.dumps(body).encode()).metadata == metadata
+    else:
+        assert _err(ChatRequest, body).param == "metadata"
