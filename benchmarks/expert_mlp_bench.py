@@ -170,7 +170,7 @@ def main() -> None:
                 t = graph_time(lambda b=backend: dispatch(logits, k, **routing, backend=b))
                 rows_out.append((n, f"dispatch {backend}", t, None, None, bw, None, ""))
             # from the rows on: the router's linear, then the dispatch; and what the model runs (route:
-            # the router GEMM in the dispatch's launch up to FUSED_MAX_TOKENS rows)
+            # the router GEMM in the dispatch's launch up to ROUTER_MAX_TOKENS rows)
             t = graph_time(lambda: dispatch(linear(x, router), k, **routing, backend="triton"))
             rows_out.append((n, "router linear + dispatch triton", t, None, None, bw, None, ""))
             t = graph_time(lambda: route(x, router, k, counter=counter, **routing))

@@ -116,7 +116,7 @@ def route(
     if counter is not None and choose_backend(backend, op="dispatch", on_cuda=x.is_cuda, fits=fits) == "triton":
         from raymoe.actors.models import moe_dispatch_triton
 
-        if n <= moe_dispatch_triton.FUSED_MAX_TOKENS and x.stride(1) == 1:
+        if n <= moe_dispatch_triton.ROUTER_MAX_TOKENS and x.stride(1) == 1:
             args.pop("num_physical")
             return Dispatch(
                 *moe_dispatch_triton.dispatch_hidden(x, router, top_k, logit_bias=logit_bias, counter=counter, **args)

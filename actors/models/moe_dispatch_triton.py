@@ -425,7 +425,7 @@ def _router_dispatch_fused(
     HAS_LOGIT_BIAS: tl.constexpr,
     FP32_ROUTER: tl.constexpr,
 ):
-    """The router GEMM and both phases for up to FUSED_MAX_TOKENS tokens, in one launch: program
+    """The router GEMM and both phases for up to ROUTER_MAX_TOKENS tokens, in one launch: program
     (i, j) computes the float32 logits of experts [i * BE, (i + 1) * BE) over the j-th part of
     the hidden dimension; the last program to finish (a counter it resets) sums the parts in
     order, rounds the logits to the router's dtype, and routes and groups them as
@@ -453,13 +453,15 @@ def _router_dispatch_fused(
     if arrived == tl.num_programs(0) * tl.num_programs(1) - 1:
         tl.store(counter, 0)  # ready for the next launch (and the next replay of a CUDA graph)
         col = tl.arange(0, EP)
-        mask = live[:, None] & (col[None, :] < num_experts)
-        total = tl.zeros((GT, EP), tl.float32)
-        for j in range(0, tl.num_programs(1)):
-            total += tl.load(partials + (j * GT + t[:, None]) * EP + col[None, :], mask=mask, other=0.0)
-        if HAS_LOGIT_BIAS:
-            total += tl.load(logit_bias + col, mask=col < num_experts, other=0.0).to(tl.float32)[None, :]
-        tl.store(logits + t[:, None] * stride_logits + col[None, :], total.to(logits.dtype.element_ty), mask=mask)
+        for t0 in range(0, num_tokens, BT):  # BT rows at a time: the routing's register budget
+            r = t0 + tl.arange(0, BT)
+            mask = (r[:, None] < num_tokens) & (col[None, :] < num_experts)
+            total = tl.zeros((BT, EP), tl.float32)
+            for j in range(0, tl.num_programs(1)):
+                total += tl.load(partials + (j * GT + r[:, None]) * EP + col[None, :], mask=mask, other=0.0)
+            if HAS_LOGIT_BIAS:
+                total += tl.load(logit_bias + col, mask=col < num_experts, other=0.0).to(tl.float32)[None, :]
+            tl.store(logits + r[:, None] * stride_logits + col[None, :], total.to(logits.dtype.element_ty), mask=mask)
         tl.debug_barrier()
         _dispatch_fused(
             logits,
@@ -624,7 +626,9 @@ def dispatch(logits: torch.Tensor, top_k: int, **tables):
 
 
 # the router GEMM's blocks: 16 experts (tl.dot's least width) by a part of the hidden dimension
-# of about ROUTER_PART_BYTES of weights, at most ROUTER_MAX_PARTS parts (the last program sums them)
+# of about ROUTER_PART_BYTES of weights, at most ROUTER_MAX_PARTS parts (the last program sums them),
+# all rows in one tile: up to ROUTER_MAX_TOKENS
+ROUTER_MAX_TOKENS = 64
 ROUTER_BLOCK_EXPERTS = 16
 ROUTER_PART_BYTES = 32 * 2**10
 ROUTER_MAX_PARTS = 8
@@ -640,13 +644,13 @@ def dispatch_hidden(
     **tables,
 ):
     """The dispatch of x [N, H]'s router logits x router^T (router [E, H]; plus ``logit_bias``
-    [E]), computed in the same launch, for N <= FUSED_MAX_TOKENS: the router's own GEMM and
+    [E]), computed in the same launch, for N <= ROUTER_MAX_TOKENS: the router's own GEMM and
     its dispatch are two or three kernels at decode sizes, where each costs its launch.
     ``counter``: int32 [1], zero, owned by the caller and not shared by two launches in
     flight at once (the kernel leaves it zero). Returns the Dispatch fields."""
     n, hidden = x.shape
     num_experts = router.shape[0]
-    assert n <= FUSED_MAX_TOKENS and x.stride(1) == 1 and router.is_contiguous()
+    assert n <= ROUTER_MAX_TOKENS and x.stride(1) == 1 and router.is_contiguous()
     assert router.dtype in (x.dtype, torch.float32) and counter.dtype == torch.int32
     at = dict(logits_dtype=router.dtype, stride_logits=num_experts, device=x.device)
     launch = _launch(n, num_experts, top_k, **at, **tables)

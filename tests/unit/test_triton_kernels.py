@@ -82,7 +82,12 @@ CASES = {
         dict(tokens=20, experts=40, hidden=200, top_k=4, dtype="float32", ep=2, ep_rank=1, with_valid=True, bias=True)
         | dict(part_bytes=1024),
     ),
-    # DeepSeek-V3's rule at the most tokens it takes: bf16 rows, the float32 router
+    # past one routing block (32 rows at 64 padded experts): the last program sums and routes block by block
+    "dispatch-hidden-two-blocks": (
+        "dispatch_hidden_case",
+        dict(tokens=45, experts=40, hidden=64, top_k=3, dtype="float32", part_bytes=1024),
+    ),
+    # DeepSeek-V3's rule: bf16 rows, the float32 router
     "dispatch-hidden-grouped-sigmoid": (
         "dispatch_hidden_case",
         dict(tokens=32, experts=32, hidden=96, top_k=6, dtype="bfloat16", grouped=_V3_LIKE),

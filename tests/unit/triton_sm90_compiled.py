@@ -228,15 +228,15 @@ CASES = {
         grouped_dispatch_case,
         dict(tokens=64, experts=64, top_k=6, num_groups=1, topk_groups=1, routed_scaling_factor=1.0, scoring="softmax"),
     ),
-    # the router GEMM in the dispatch's launch: Qwen3's bf16 router at 1 and 32 tokens, DeepSeek-V3's
+    # the router GEMM in the dispatch's launch: Qwen3's bf16 router at 1 and 64 tokens, DeepSeek-V3's
     # float32 one (8 K parts)
     **{
         f"router-dispatch-qwen3-{t}-tokens": (router_dispatch_case, dict(tokens=t, experts=128, hidden=2048, top_k=8))
-        for t in (1, 32)
+        for t in (1, 64)
     },
-    "router-dispatch-deepseek-v3-32-tokens": (
+    "router-dispatch-deepseek-v3-64-tokens": (
         router_dispatch_case,
-        dict(tokens=32, experts=256, hidden=7168, top_k=8, num_groups=8, topk_groups=4, routed_scaling_factor=2.5),
+        dict(tokens=64, experts=256, hidden=7168, top_k=8, num_groups=8, topk_groups=4, routed_scaling_factor=2.5),
     ),
     "qk-norm-rope-qwen3": (qk_norm_rope_case, dict(tokens=64, heads=32, kv_heads=4, dim=128)),
     "latent-norm-rope-deepseek-v2-lite": (latent_norm_rope_case, dict(tokens=64, heads=16, q_lora=0)),
