@@ -448,7 +448,9 @@ def _router_dispatch_fused(
             acc += tl.dot(xk, tl.trans(wk))
     part_rows = partials + (tl.program_id(1) * GT + t[:, None]) * EP
     tl.store(part_rows + e[None, :], acc, mask=live[:, None] & (e[None, :] < num_experts))
-    # release this program's part; the last one to arrive acquires every other's
+    # every thread's part stored before the release (one thread does the atomic); the last program
+    # to arrive acquires every other's
+    tl.debug_barrier()
     arrived = tl.atomic_add(counter, 1, sem="acq_rel")
     if arrived == tl.num_programs(0) * tl.num_programs(1) - 1:
         tl.store(counter, 0)  # ready for the next launch (and the next replay of a CUDA graph)
