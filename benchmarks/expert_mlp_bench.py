@@ -8,9 +8,7 @@ with its DeepSeek-style block scales, sm90 only, which quantises the activations
 Each case times, replayed in a CUDA graph, one MoE layer from the router's logits to
 the combined output (top-k, sort by expert, the two projections with SiLU-and-mul,
 the weighted sum; the dispatch and the MLP on the backend named, the dispatch falling
-back to torch past its size limit), the expert MLP alone, and the dispatch alone: from the
-logits, and from the rows through the router (its linear then the dispatch, and ``route``,
-which computes the router GEMM in the dispatch's launch at decode sizes). It reports bandwidth
+back to torch past its size limit) and the expert MLP alone. It reports bandwidth
 over the bytes of the experts actually touched, and each output's error against the
 torch reference. Backend ``auto`` is what the model runs: no backend named, each piece
 picks by size (FP8 experts: the Triton kernels, or from FP8_WIDEN_ROWS_PER_SLOT rows a slot the
@@ -35,9 +33,8 @@ import torch
 
 from raymoe.actors.models.expert_mlp import expert_mlp, triton_config
 from raymoe.actors.models.fp8 import quantize_blocks
-from raymoe.actors.models.linear import linear
 from raymoe.actors.models.moe_combine import combine
-from raymoe.actors.models.moe_dispatch import TRITON_MAX_CHOICES, dispatch, route
+from raymoe.actors.models.moe_dispatch import TRITON_MAX_CHOICES, dispatch
 
 FP8_BLOCK = (128, 128)
 
@@ -119,8 +116,6 @@ def main() -> None:
     weight_bytes = 1 if args.dtype == "fp8" else 2
     l2p = torch.arange(E, device=dev).view(E, 1)  # one replica per expert
     counts = torch.ones(E, dtype=torch.int64, device=dev)
-    router = torch.randn(E, H, device=dev, dtype=torch.bfloat16, generator=gen) / H**0.5
-    counter = torch.zeros(1, dtype=torch.int32, device=dev)
     bw = copy_bandwidth(dev)
     print(f"{torch.cuda.get_device_name(dev)}: copy {bw / 1e12:.2f} TB/s")
     backends = args.backends.split(",")
@@ -169,12 +164,6 @@ def main() -> None:
             for backend in ("torch", "triton"):
                 t = graph_time(lambda b=backend: dispatch(logits, k, **routing, backend=b))
                 rows_out.append((n, f"dispatch {backend}", t, None, None, bw, None, ""))
-            # from the rows on: the router's linear, then the dispatch; and what the model runs (route:
-            # the router GEMM in the dispatch's launch up to ROUTER_MAX_TOKENS rows)
-            t = graph_time(lambda: dispatch(linear(x, router), k, **routing, backend="triton"))
-            rows_out.append((n, "router linear + dispatch triton", t, None, None, bw, None, ""))
-            t = graph_time(lambda: route(x, router, k, counter=counter, **routing))
-            rows_out.append((n, "router + dispatch (route)", t, None, None, bw, None, ""))
         if args.sweep and "triton" in backends:
             sweep = dict(expert_weights, groups=groups, backend="triton")
             grid = _sweep(n, E, fp8=args.dtype == "fp8")

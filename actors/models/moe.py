@@ -54,7 +54,7 @@ from raymoe.actors.models.fp8 import WeightSlice, weight_params
 from raymoe.actors.models.layers import BlockOutput, DenseMLP, PartialSum, ReplicaGather, split_evenly
 from raymoe.actors.models.linear import linear
 from raymoe.actors.models.moe_combine import combine, combine_add_rms_norm
-from raymoe.actors.models.moe_dispatch import Dispatch, route
+from raymoe.actors.models.moe_dispatch import Dispatch, dispatch
 from raymoe.actors.models.registry import ExpertNames
 from raymoe.actors.models.spec import ModelSpec
 from raymoe.comm.group import GroupCoordinator
@@ -129,8 +129,6 @@ class MoE(nn.Module):
         self.w2, self.w2_scale = weight_params((self.slots, h, self.inter), **fmt)
         assert self.slots < 2**15, "slot ids are sorted as int16"
         self.router_bias = zipf_router_bias(spec.moe.num_experts, router_skew, seed=layer, device=device, dtype=dtype)
-        # the fused router + dispatch kernel's arrival counter (moe_dispatch_triton.dispatch_hidden)
-        self.route_counter = torch.zeros(1, dtype=torch.int32, device=device)
 
     def input_gather(self, batch: ForwardBatch) -> ReplicaGather | None:
         """With data-parallel attention (and no context parallelism), how the layer takes its
@@ -197,7 +195,10 @@ class MoE(nn.Module):
     ) -> tuple[torch.Tensor, Dispatch]:
         """Route the gathered rows ``x_all`` (``valid``: the real ones; None: all) and run this
         rank's experts -> (their outputs grouped by slot, the dispatch that grouped them)."""
-        d = self._dispatch(x_all, valid)
+        logits = linear(x_all.float() if self.grouped is not None else x_all, self.router)
+        if self.router_bias is not None:  # benchmark-only skew (eplb.router_skew)
+            logits = logits + self.router_bias
+        d = self._dispatch(logits, valid)
         if batch.expert_load is not None:
             batch.expert_load.record(self.moe_layer, d.physical)
         y = expert_mlp(
@@ -219,7 +220,7 @@ class MoE(nn.Module):
         weights, and their block scales when FP8."""
         return [t for t in (self.w13, self.w13_scale, self.w2, self.w2_scale) if t is not None]
 
-    def _dispatch(self, x: torch.Tensor, valid: torch.Tensor | None) -> Dispatch:
+    def _dispatch(self, logits: torch.Tensor, valid: torch.Tensor | None) -> Dispatch:
         emap = self.expert_map
         tables = dict(
             logical_to_physical=emap.logical_to_physical[self.moe_layer],
@@ -230,9 +231,7 @@ class MoE(nn.Module):
             valid=valid,
         )
         rule = dict(norm_topk_prob=self.norm_topk_prob, grouped=self.grouped, correction_bias=self.correction_bias)
-        # router_bias: the benchmark-only skew (eplb.router_skew)
-        fused = dict(logit_bias=self.router_bias, counter=self.route_counter)
-        return route(x, self.router, self.top_k, **fused, **rule, **tables)
+        return dispatch(logits, self.top_k, **rule, **tables)
 
     def _shared(self, x: torch.Tensor) -> torch.Tensor | None:
         """x [T, H] -> this rank's share of the shared experts' output [T, H] (a sum over tp), or

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 import torch
 
-from raymoe.actors.models.linear import linear
 from raymoe.actors.models.moe_routing import grouped_top_k
 from raymoe.actors.models.ops import choose_backend
 from raymoe.actors.models.spec import GroupedTopK
@@ -93,38 +92,6 @@ def dispatch(
         return _torch_dispatch(logits, top_k, norm_topk_prob=norm_topk_prob, all_local=all_local, **tables, **where)
     weights, logical = grouped_top_k(logits, correction_bias, top_k=top_k, norm_topk_prob=norm_topk_prob, rule=grouped)
     return _group_choices(weights, logical, **tables, all_local=all_local, **where)
-
-
-def route(
-    x: torch.Tensor,
-    router: torch.Tensor,
-    top_k: int,
-    *,
-    logit_bias: torch.Tensor | None = None,
-    counter: torch.Tensor | None = None,
-    backend: str | None = None,
-    **args,
-) -> Dispatch:
-    """The dispatch of the rows x [N, H] by their router logits x router^T (router [E, H], in
-    float32 for a group-limited rule, x's dtype otherwise; plus ``logit_bias`` [E]); ``args``
-    as ``dispatch``'s. With the Triton backend and a ``counter`` (int32 [1], zero, one per
-    caller), decode batches compute the logits in the dispatch's own launch
-    (moe_dispatch_triton.dispatch_hidden)."""
-    n = x.shape[0]
-    grouped = args.get("grouped")
-    fits = n * top_k <= TRITON_MAX_CHOICES and (grouped is None or grouped.num_groups <= TRITON_MAX_GROUPS)
-    if counter is not None and choose_backend(backend, op="dispatch", on_cuda=x.is_cuda, fits=fits) == "triton":
-        from raymoe.actors.models import moe_dispatch_triton
-
-        if n <= moe_dispatch_triton.ROUTER_MAX_TOKENS and x.stride(1) == 1:
-            args.pop("num_physical")
-            return Dispatch(
-                *moe_dispatch_triton.dispatch_hidden(x, router, top_k, logit_bias=logit_bias, counter=counter, **args)
-            )
-    logits = linear(x.to(router.dtype), router)
-    if logit_bias is not None:
-        logits = logits + logit_bias
-    return dispatch(logits, top_k, backend=backend, **args)
 
 
 def _torch_dispatch(

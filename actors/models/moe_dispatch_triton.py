@@ -16,8 +16,6 @@ block, and the grouping in a second launch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
@@ -375,181 +373,41 @@ def _group_kernel(
     _group(buckets, cursors, rows, ends, sorted_row, groups, num_choices, num_groups, slots, TOP_K, BLOCK, SP)
 
 
-@triton.jit
-def _router_dispatch_fused(
-    x,
-    router,
-    logit_bias,
-    partials,
-    counter,
-    logits,
-    l2p,
-    replica_count,
-    valid,
-    bias,
-    weights,
-    physical,
-    rows,
-    ends,
-    sorted_row,
-    groups,
-    buckets,
-    cursors,
-    num_groups,
-    num_tokens,
-    num_experts,
-    stride_logits,
-    max_replicas,
-    slot_start,
-    slots,
-    scale,
-    hidden,
-    stride_x,
-    k_per_part,
-    TOP_K: tl.constexpr,
-    NORM_TOPK: tl.constexpr,
-    HAS_VALID: tl.constexpr,
-    GROUPED: tl.constexpr,
-    SIGMOID: tl.constexpr,
-    NUM_GROUPS: tl.constexpr,
-    TOPK_GROUPS: tl.constexpr,
-    BT: tl.constexpr,
-    EP: tl.constexpr,
-    KP: tl.constexpr,
-    GP: tl.constexpr,
-    BLOCK: tl.constexpr,
-    SP: tl.constexpr,
-    GT: tl.constexpr,
-    BE: tl.constexpr,
-    BK: tl.constexpr,
-    HAS_LOGIT_BIAS: tl.constexpr,
-    FP32_ROUTER: tl.constexpr,
-):
-    """The router GEMM and both phases for up to ROUTER_MAX_TOKENS tokens, in one launch: program
-    (i, j) computes the float32 logits of experts [i * BE, (i + 1) * BE) over the j-th part of
-    the hidden dimension; the last program to finish (a counter it resets) sums the parts in
-    order, rounds the logits to the router's dtype, and routes and groups them as
-    _dispatch_fused does."""
-    e = tl.program_id(0) * BE + tl.arange(0, BE)
-    t = tl.arange(0, GT)
-    live = t < num_tokens
-    acc = tl.zeros((GT, BE), tl.float32)
-    k_start = tl.program_id(1) * k_per_part
-    k_end = tl.minimum(k_start + k_per_part, hidden)
-    for k0 in range(k_start, k_end, BK):
-        k = k0 + tl.arange(0, BK)
-        xk = tl.load(x + t[:, None] * stride_x + k[None, :], mask=live[:, None] & (k[None, :] < k_end), other=0.0)
-        wk = tl.load(
-            router + e[:, None] * hidden + k[None, :], mask=(e[:, None] < num_experts) & (k[None, :] < k_end), other=0.0
-        )
-        if FP32_ROUTER:  # transformers' float32 router: full float32 products, not TF32
-            acc += tl.dot(xk.to(tl.float32), tl.trans(wk), input_precision="ieee")
-        else:
-            acc += tl.dot(xk, tl.trans(wk))
-    part_rows = partials + (tl.program_id(1) * GT + t[:, None]) * EP
-    tl.store(part_rows + e[None, :], acc, mask=live[:, None] & (e[None, :] < num_experts))
-    # every thread's part stored before the release (one thread does the atomic); the last program
-    # to arrive acquires every other's
-    tl.debug_barrier()
-    arrived = tl.atomic_add(counter, 1, sem="acq_rel")
-    if arrived == tl.num_programs(0) * tl.num_programs(1) - 1:
-        tl.store(counter, 0)  # ready for the next launch (and the next replay of a CUDA graph)
-        col = tl.arange(0, EP)
-        for t0 in range(0, num_tokens, BT):  # BT rows at a time: the routing's register budget
-            r = t0 + tl.arange(0, BT)
-            mask = (r[:, None] < num_tokens) & (col[None, :] < num_experts)
-            total = tl.zeros((BT, EP), tl.float32)
-            for j in range(0, tl.num_programs(1)):
-                total += tl.load(partials + (j * GT + r[:, None]) * EP + col[None, :], mask=mask, other=0.0)
-            if HAS_LOGIT_BIAS:
-                total += tl.load(logit_bias + col, mask=col < num_experts, other=0.0).to(tl.float32)[None, :]
-            tl.store(logits + r[:, None] * stride_logits + col[None, :], total.to(logits.dtype.element_ty), mask=mask)
-        tl.debug_barrier()
-        _dispatch_fused(
-            logits,
-            l2p,
-            replica_count,
-            valid,
-            bias,
-            weights,
-            physical,
-            rows,
-            ends,
-            sorted_row,
-            groups,
-            buckets,
-            cursors,
-            num_groups,
-            num_tokens,
-            num_experts,
-            stride_logits,
-            max_replicas,
-            slot_start,
-            slots,
-            scale,
-            TOP_K,
-            NORM_TOPK,
-            HAS_VALID,
-            GROUPED,
-            SIGMOID,
-            NUM_GROUPS,
-            TOPK_GROUPS,
-            BT,
-            EP,
-            KP,
-            GP,
-            BLOCK,
-            SP,
-        )
-
-
-@dataclass
-class _Launch:
-    """One dispatch's outputs and scratch, and the kernels' shared arguments."""
-
-    outputs: tuple  # weights, physical, rows, ends, sorted_row, groups
-    route: tuple  # the routing phase's pointers after the logits
-    sizes: tuple
-    route_meta: dict
-    group_meta: dict
-    buckets: torch.Tensor
-    cursors: torch.Tensor
-
-
-def _launch(
-    n: int,
-    num_experts: int,
+def dispatch(
+    logits: torch.Tensor,
     top_k: int,
     *,
-    logits_dtype: torch.dtype,
-    stride_logits: int,
-    device: torch.device,
     norm_topk_prob: bool,
+    grouped: GroupedTopK | None,
+    correction_bias: torch.Tensor | None,
     logical_to_physical: torch.Tensor,
     replica_count: torch.Tensor,
     slot_start: int,
     slots: int,
-    valid: torch.Tensor | None = None,
-    grouped: GroupedTopK | None = None,
-    correction_bias: torch.Tensor | None = None,
-) -> _Launch:
+    valid: torch.Tensor | None,
+):
+    """Arguments as raymoe.actors.models.moe_dispatch.dispatch; returns the Dispatch fields."""
+    n, num_experts = logits.shape
     num_choices = n * top_k
-    assert logical_to_physical.is_contiguous() and replica_count.is_contiguous()
+    assert logits.stride(1) == 1 and logical_to_physical.is_contiguous() and replica_count.is_contiguous()
     assert num_choices <= 4096, "the grouping holds every choice in one program's registers"
-    dev = device
-    weights = torch.empty(n, top_k, dtype=logits_dtype, device=dev)
+    dev = logits.device
+    weights = torch.empty(n, top_k, dtype=logits.dtype, device=dev)
     physical = torch.empty(n, top_k, dtype=torch.int64, device=dev)
     rows = torch.empty(num_choices, dtype=torch.int32, device=dev)
     ends = torch.empty(slots, dtype=torch.int32, device=dev)
     sorted_row = torch.empty(n, top_k, dtype=torch.int64, device=dev)
     groups = torch.empty(min(slots, num_choices), dtype=torch.int32, device=dev)
     block = max(16, triton.next_power_of_2(num_choices))
+    buckets = torch.empty(block, dtype=torch.int32, device=dev)
     sp = max(16, triton.next_power_of_2(slots + 1))
+    cursors = torch.empty(sp, dtype=torch.int32, device=dev)
     ep = max(16, triton.next_power_of_2(num_experts))
     # at most 4096 logits a block: DeepSeek-V3's 256 experts spilled registers at 32 tokens (sm_90)
     bt = min(FUSED_MAX_TOKENS, max(16, triton.next_power_of_2(n)), max(8, 4096 // ep))
     placeholder = physical  # for the pointers a variant does not read
     route = (
+        logits,
         logical_to_physical,
         replica_count,
         valid if valid is not None else placeholder,
@@ -559,7 +417,7 @@ def _launch(
     )
     # the plain rule passes this one group of softmax scores, which the kernel never reads
     rule = grouped or GroupedTopK(num_groups=1, topk_groups=1, routed_scaling_factor=1.0, scoring="softmax")
-    sizes = (n, num_experts, stride_logits, logical_to_physical.shape[1], slot_start, slots)
+    sizes = (n, num_experts, logits.stride(0), logical_to_physical.shape[1], slot_start, slots)
     sizes += (rule.routed_scaling_factor,)
     route_meta = dict(
         TOP_K=top_k,
@@ -574,124 +432,34 @@ def _launch(
         KP=max(2, triton.next_power_of_2(top_k)),
         GP=max(2, triton.next_power_of_2(rule.num_groups)),
     )
-    return _Launch(
-        outputs=(weights, physical, rows, ends, sorted_row, groups),
-        route=route,
-        sizes=sizes,
-        route_meta=route_meta,
-        group_meta=dict(BLOCK=block, SP=sp, num_warps=8 if block >= 2048 else 4),
-        buckets=torch.empty(block, dtype=torch.int32, device=dev),
-        cursors=torch.empty(sp, dtype=torch.int32, device=dev),
-    )
-
-
-def dispatch(logits: torch.Tensor, top_k: int, **tables):
-    """Arguments as raymoe.actors.models.moe_dispatch.dispatch; returns the Dispatch fields."""
-    n, num_experts = logits.shape
-    assert logits.stride(1) == 1
-    at = dict(logits_dtype=logits.dtype, stride_logits=logits.stride(0), device=logits.device)
-    launch = _launch(n, num_experts, top_k, **at, **tables)
-    weights, physical, rows, ends, sorted_row, groups = launch.outputs
+    group_meta = dict(BLOCK=block, SP=sp, num_warps=8 if block >= 2048 else 4)
     if n <= FUSED_MAX_TOKENS:
         _dispatch_fused[(1,)](
-            logits,
-            *launch.route,
+            *route,
             rows,
             ends,
             sorted_row,
             groups,
-            launch.buckets,
-            launch.cursors,
+            buckets,
+            cursors,
             groups.shape[0],
-            *launch.sizes,
-            **launch.route_meta,
-            **launch.group_meta,
+            *sizes,
+            **route_meta,
+            **group_meta,
         )
     else:
-        _route[(triton.cdiv(n, launch.route_meta["BT"]),)](
-            logits, *launch.route, launch.buckets, *launch.sizes, **launch.route_meta
-        )
+        _route[(triton.cdiv(n, bt),)](*route, buckets, *sizes, **route_meta)
         _group_kernel[(1,)](
-            launch.buckets,
-            launch.cursors,
+            buckets,
+            cursors,
             rows,
             ends,
             sorted_row,
             groups,
-            n * top_k,
+            num_choices,
             groups.shape[0],
-            tables["slots"],
+            slots,
             TOP_K=top_k,
-            **launch.group_meta,
+            **group_meta,
         )
-    return launch.outputs
-
-
-# the router GEMM's blocks: 16 experts (tl.dot's least width) by a part of the hidden dimension
-# of about ROUTER_PART_BYTES of weights, at most ROUTER_MAX_PARTS parts (the last program sums them),
-# all rows in one tile: up to ROUTER_MAX_TOKENS
-ROUTER_MAX_TOKENS = 64
-ROUTER_BLOCK_EXPERTS = 16
-ROUTER_PART_BYTES = 32 * 2**10
-ROUTER_MAX_PARTS = 8
-
-
-def dispatch_hidden(
-    x: torch.Tensor,
-    router: torch.Tensor,
-    top_k: int,
-    *,
-    logit_bias: torch.Tensor | None,
-    counter: torch.Tensor,
-    **tables,
-):
-    """The dispatch of x [N, H]'s router logits x router^T (router [E, H]; plus ``logit_bias``
-    [E]), computed in the same launch, for N <= ROUTER_MAX_TOKENS: the router's own GEMM and
-    its dispatch are two or three kernels at decode sizes, where each costs its launch.
-    ``counter``: int32 [1], zero, owned by the caller and not shared by two launches in
-    flight at once (the kernel leaves it zero). Returns the Dispatch fields."""
-    n, hidden = x.shape
-    num_experts = router.shape[0]
-    assert n <= ROUTER_MAX_TOKENS and x.stride(1) == 1 and router.is_contiguous()
-    assert router.dtype in (x.dtype, torch.float32) and counter.dtype == torch.int32
-    at = dict(logits_dtype=router.dtype, stride_logits=num_experts, device=x.device)
-    launch = _launch(n, num_experts, top_k, **at, **tables)
-    weights, physical, rows, ends, sorted_row, groups = launch.outputs
-    gt = max(16, triton.next_power_of_2(n))
-    ep = launch.route_meta["EP"]
-    bk = 64 if router.dtype == torch.float32 else 128
-    expert_blocks = triton.cdiv(num_experts, ROUTER_BLOCK_EXPERTS)
-    part_bytes = ROUTER_BLOCK_EXPERTS * hidden * router.element_size()
-    parts = max(1, min(ROUTER_MAX_PARTS, triton.cdiv(hidden, bk), round(part_bytes / ROUTER_PART_BYTES)))
-    k_per_part = triton.cdiv(triton.cdiv(hidden, parts), bk) * bk
-    parts = triton.cdiv(hidden, k_per_part)
-    partials = torch.empty(parts, gt, ep, dtype=torch.float32, device=x.device)
-    logits = torch.empty(n, num_experts, dtype=router.dtype, device=x.device)
-    _router_dispatch_fused[(expert_blocks, parts)](
-        x,
-        router,
-        logit_bias if logit_bias is not None else router,
-        partials,
-        counter,
-        logits,
-        *launch.route,
-        rows,
-        ends,
-        sorted_row,
-        groups,
-        launch.buckets,
-        launch.cursors,
-        groups.shape[0],
-        *launch.sizes,
-        hidden,
-        x.stride(0),
-        k_per_part,
-        **launch.route_meta,
-        **launch.group_meta,
-        GT=gt,
-        BE=ROUTER_BLOCK_EXPERTS,
-        BK=bk,
-        HAS_LOGIT_BIAS=logit_bias is not None,
-        FP32_ROUTER=router.dtype == torch.float32,
-    )
-    return launch.outputs
+    return weights, physical, rows, ends, sorted_row, groups

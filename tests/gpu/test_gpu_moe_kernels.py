@@ -15,7 +15,7 @@ from dispatch_checks import assert_same_grouping, choices_by_slot  # noqa: E402
 from raymoe.actors.models import ops  # noqa: E402
 from raymoe.actors.models.expert_mlp import expert_mlp  # noqa: E402
 from raymoe.actors.models.moe_combine import combine, combine_add_rms_norm  # noqa: E402
-from raymoe.actors.models.moe_dispatch import dispatch, route  # noqa: E402
+from raymoe.actors.models.moe_dispatch import dispatch  # noqa: E402
 from raymoe.actors.models.spec import GroupedTopK  # noqa: E402
 from raymoe.cluster.expert_slots import replica_tables  # noqa: E402
 
@@ -93,72 +93,6 @@ def test_dispatch_triton_routes_grouped_as_torch(tokens):
     args.update(grouped=rule, correction_bias=bias)
     got, want = dispatch(**args, backend="triton"), dispatch(**args, backend="torch")
     assert_same_grouping(choices_by_slot(got), choices_by_slot(want))
-
-
-def _route_args(tokens: int, experts: int, hidden: int, dtype: torch.dtype, seed: int = 0):
-    """Rows and a router for ``route``, plus _dispatch_args' tables (ep 2, replicas, rows not all valid)."""
-    args = _dispatch_args(tokens, experts=experts, physical=experts + 32, seed=seed)
-    del args["logits"]
-    g = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(tokens, hidden, generator=g).to("cuda", dtype)
-    router = (torch.randn(experts, hidden, generator=g) / hidden**0.5).to("cuda", dtype)
-    return x, router, args
-
-
-@pytest.mark.parametrize("tokens", [1, 7, 32, 64])
-def test_route_fused_router_groups_as_linear_then_torch(tokens):
-    """float32 rows and router (both paths then compute the same logits to rounding, no ties):
-    the router GEMM in the dispatch's launch, summed over its K parts, against F.linear + the
-    torch dispatch."""
-    x, router, args = _route_args(tokens, experts=128, hidden=2048, dtype=torch.float32)
-    top_k = args.pop("top_k")
-    counter = torch.zeros(1, dtype=torch.int32, device="cuda")
-    got = route(x, router, top_k, counter=counter, **args)
-    assert_same_grouping(got, route(x, router, top_k, **args, backend="torch"))
-    assert int(counter) == 0
-
-
-def test_route_fused_router_bf16_as_linear():
-    """Qwen3's bf16 router at 64 tokens: logits summed in another order than cuBLAS's may round to
-    another bf16, so a near-tie may choose otherwise; the choices must agree almost everywhere."""
-    x, router, args = _route_args(64, experts=128, hidden=2048, dtype=torch.bfloat16)
-    top_k = args.pop("top_k")
-    args["valid"] = None
-    counter = torch.zeros(1, dtype=torch.int32, device="cuda")
-    got = route(x, router, top_k, counter=counter, **args)
-    want = route(x, router, top_k, **args, backend="torch")
-    same = (got.physical.sort(dim=1).values == want.physical.sort(dim=1).values).all(dim=1)
-    assert same.float().mean() >= 0.9, same
-    torch.testing.assert_close(got.weights[same].float(), want.weights[same].float(), rtol=2e-2, atol=2e-2)
-
-
-def test_route_fused_router_grouped_as_torch():
-    """DeepSeek-V3's float32 router (256 x 7168: K in 8 parts) on bf16 rows, its grouped rule."""
-    x, router, args = _route_args(64, experts=256, hidden=7168, dtype=torch.bfloat16)
-    router = router.float()
-    top_k = args.pop("top_k")
-    bias = (torch.randn(256, generator=torch.Generator().manual_seed(1)) * 0.2).cuda()
-    args.update(grouped=GroupedTopK(num_groups=8, topk_groups=4, routed_scaling_factor=2.5), correction_bias=bias)
-    counter = torch.zeros(1, dtype=torch.int32, device="cuda")
-    got = route(x, router, top_k, counter=counter, **args)
-    want = route(x, router, top_k, **args, backend="torch")
-    assert_same_grouping(choices_by_slot(got), choices_by_slot(want))
-
-
-def test_route_fused_router_in_a_cuda_graph_follows_new_inputs():
-    """Replays find the counter the last launch left (zero) and route the new rows."""
-    x, router, args = _route_args(32, experts=128, hidden=2048, dtype=torch.float32)
-    top_k = args.pop("top_k")
-    counter = torch.zeros(1, dtype=torch.int32, device="cuda")
-    route(x, router, top_k, counter=counter, **args)  # compile outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        d = route(x, router, top_k, counter=counter, **args)
-    for seed in (1, 2):
-        x.copy_(_route_args(32, experts=128, hidden=2048, dtype=torch.float32, seed=seed)[0])
-        graph.replay()
-        assert_same_grouping(d, route(x, router, top_k, **args, backend="torch"))
-    assert int(counter) == 0
 
 
 def test_dispatch_and_mlp_in_a_cuda_graph_follow_new_inputs():

@@ -72,26 +72,6 @@ CASES = {
         dict(tokens=40, experts=256, physical=256, top_k=8, grouped=dict(_V3_LIKE, topk_groups=8)),
     ),
     "dispatch-one-group-softmax": _softmax_rule_case(tokens=5, experts=24, top_k=6, groups=1, topk_groups=1, scale=1.0),
-    # the router GEMM in the dispatch's launch, one token (float32: the interpreter's tl.dot multiplies
-    # bfloat16's bits as integers; tests/gpu and the sm_90 compile take bf16)
-    "dispatch-hidden-decode": ("dispatch_hidden_case", dict(tokens=1, experts=16, hidden=64, top_k=4, dtype="float32")),
-    # 4 K parts summed by the last program, a partial expert block (40) and K tile (200), a logit bias,
-    # replicas and another rank's slots, rows not all valid
-    "dispatch-hidden-parts": (
-        "dispatch_hidden_case",
-        dict(tokens=20, experts=40, hidden=200, top_k=4, dtype="float32", ep=2, ep_rank=1, with_valid=True, bias=True)
-        | dict(part_bytes=1024),
-    ),
-    # past one routing block (32 rows at 64 padded experts): the last program sums and routes block by block
-    "dispatch-hidden-two-blocks": (
-        "dispatch_hidden_case",
-        dict(tokens=45, experts=40, hidden=64, top_k=3, dtype="float32", part_bytes=1024),
-    ),
-    # DeepSeek-V3's rule: bf16 rows, the float32 router
-    "dispatch-hidden-grouped-sigmoid": (
-        "dispatch_hidden_case",
-        dict(tokens=32, experts=32, hidden=96, top_k=6, dtype="bfloat16", grouped=_V3_LIKE),
-    ),
     # 40: a partial column block
     "combine-foreign-rows": ("combine_case", dict(tokens=6, top_k=4, hidden=40, mine=17)),
     "combine-all-local": ("combine_case", dict(tokens=3, top_k=2, hidden=16, mine=6)),

@@ -24,7 +24,6 @@ from raymoe.actors.models import (
     fp8_widen_triton,
     latent_norm_rope_triton,
     moe_combine_triton,
-    moe_dispatch_triton,
     ops,
     qk_norm_rope_triton,
     skinny_linear_triton,
@@ -33,7 +32,7 @@ from raymoe.actors.models.expert_mlp import expert_mlp
 from raymoe.actors.models.fp8 import dequantize_blocks, quantize_blocks, quantize_groups
 from raymoe.actors.models.linear import linear
 from raymoe.actors.models.moe_combine import combine, combine_add_rms_norm
-from raymoe.actors.models.moe_dispatch import busy_slots, dispatch, route
+from raymoe.actors.models.moe_dispatch import busy_slots, dispatch
 from raymoe.actors.models.spec import GroupedTopK
 from raymoe.cluster.expert_slots import replica_tables
 from raymoe.comm import reduce_add_rms_norm_triton
@@ -105,48 +104,6 @@ def dispatch_case(tokens, experts, physical, top_k, norm=True, ep=1, ep_rank=0, 
     if grouped is not None:  # the torch path keeps transformers' unsorted top-k order
         got, want = choices_by_slot(got), choices_by_slot(want)
     assert_same_grouping(got, want)
-
-
-def dispatch_hidden_case(
-    tokens, experts, hidden, top_k, dtype, ep=1, ep_rank=0, with_valid=False, grouped=None, bias=False, part_bytes=None
-):
-    """The router GEMM in the dispatch's launch against the router's linear, then the torch
-    dispatch. ``part_bytes``: the router's K parts this small (several parts for the last
-    program to sum)."""
-    g = torch.Generator().manual_seed(tokens * 5 + hidden)
-    dtype = getattr(torch, dtype)
-    x = torch.randn(tokens, hidden, generator=g).to(dtype)
-    router_dtype = torch.float32 if grouped is not None else dtype
-    router = (torch.randn(experts, hidden, generator=g) / hidden**0.5).to(router_dtype)
-    physical = experts + 4 * ep
-    p2l = torch.cat(
-        [torch.randperm(experts, generator=g), torch.randint(0, experts, (physical - experts,), generator=g)]
-    )
-    l2p, counts = replica_tables(p2l.view(1, -1), experts)
-    slots = physical // ep
-    args = dict(logical_to_physical=l2p[0], replica_count=counts[0], num_physical=physical, norm_topk_prob=True)
-    args.update(slot_start=ep_rank * slots, slots=slots)
-    args["valid"] = torch.rand(tokens, generator=g) < 0.7 if with_valid else None
-    args["logit_bias"] = (torch.randn(experts, generator=g) * 0.5).to(dtype) if bias else None
-    if grouped is not None:
-        rule = GroupedTopK(**grouped)
-        correction = torch.randn(experts, generator=g) * 0.2 if rule.scoring == "sigmoid" else None
-        args.update(grouped=rule, correction_bias=correction)
-    counter = torch.zeros(1, dtype=torch.int32)
-    saved = moe_dispatch_triton.ROUTER_PART_BYTES
-    moe_dispatch_triton.ROUTER_PART_BYTES = part_bytes or saved
-    try:
-        got = [route(x, router, top_k, counter=counter, backend="triton", **args) for _ in range(2)]
-    finally:
-        moe_dispatch_triton.ROUTER_PART_BYTES = saved
-    want = route(x, router, top_k, backend="torch", **args)
-    assert int(counter) == 0, "the last program leaves the counter zero"
-    for d in got:  # the second launch found the counter the first left
-        if grouped is not None:  # the torch path keeps transformers' unsorted top-k order
-            d, w = choices_by_slot(d), choices_by_slot(want)
-        else:
-            w = want
-        assert_same_grouping(d, w)
 
 
 def combine_case(tokens, top_k, hidden, mine):
@@ -369,7 +326,6 @@ CASE_FUNCTIONS = {
     for f in (
         expert_mlp_case,
         dispatch_case,
-        dispatch_hidden_case,
         combine_case,
         combine_add_rms_norm_case,
         qk_norm_rope_case,

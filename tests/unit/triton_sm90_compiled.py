@@ -29,7 +29,7 @@ from raymoe.actors.models.expert_mlp import expert_mlp
 from raymoe.actors.models.fp8 import FP8
 from raymoe.actors.models.linear import linear
 from raymoe.actors.models.moe_combine import combine, combine_add_rms_norm
-from raymoe.actors.models.moe_dispatch import busy_slots, dispatch, route
+from raymoe.actors.models.moe_dispatch import busy_slots, dispatch
 from raymoe.actors.models.spec import GroupedTopK
 from raymoe.cluster.expert_slots import replica_tables
 from raymoe.comm.gather_rows_triton import gather_rows
@@ -159,19 +159,6 @@ def grouped_dispatch_case(tokens: int, experts: int, top_k: int, **rule) -> None
     dispatch(torch.randn(tokens, experts), top_k, **routing, slot_start=0, slots=experts, **where, backend="triton")
 
 
-def router_dispatch_case(tokens: int, experts: int, hidden: int, top_k: int, **rule) -> None:
-    """The router GEMM in the dispatch's launch (decode batches): bf16 rows, the router in bf16,
-    or in float32 under a group-limited rule (GroupedTopK's fields)."""
-    l2p, counts = replica_tables(torch.arange(experts).view(1, -1), experts)
-    where = dict(logical_to_physical=l2p[0], replica_count=counts[0], num_physical=experts)
-    grouped = GroupedTopK(**rule) if rule else None
-    bias = torch.zeros(experts) if grouped is not None and grouped.scoring == "sigmoid" else None
-    routing = dict(norm_topk_prob=True, grouped=grouped, correction_bias=bias, slot_start=0, slots=experts)
-    router = torch.randn(experts, hidden, dtype=torch.float32 if grouped else BF16)
-    x, counter = torch.randn(tokens, hidden, dtype=BF16), torch.zeros(1, dtype=torch.int32)
-    route(x, router, top_k, counter=counter, **routing, **where, backend="triton")
-
-
 def qk_norm_rope_case(tokens: int, heads: int, kv_heads: int, dim: int) -> None:
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, dtype=BF16)
     q = qkv[:, : heads * dim].view(tokens, heads, dim)
@@ -227,16 +214,6 @@ CASES = {
     "dispatch-deepseek-v2-lite": (
         grouped_dispatch_case,
         dict(tokens=64, experts=64, top_k=6, num_groups=1, topk_groups=1, routed_scaling_factor=1.0, scoring="softmax"),
-    ),
-    # the router GEMM in the dispatch's launch: Qwen3's bf16 router at 1 and 64 tokens, DeepSeek-V3's
-    # float32 one (8 K parts)
-    **{
-        f"router-dispatch-qwen3-{t}-tokens": (router_dispatch_case, dict(tokens=t, experts=128, hidden=2048, top_k=8))
-        for t in (1, 64)
-    },
-    "router-dispatch-deepseek-v3-64-tokens": (
-        router_dispatch_case,
-        dict(tokens=64, experts=256, hidden=7168, top_k=8, num_groups=8, topk_groups=4, routed_scaling_factor=2.5),
     ),
     "qk-norm-rope-qwen3": (qk_norm_rope_case, dict(tokens=64, heads=32, kv_heads=4, dim=128)),
     "latent-norm-rope-deepseek-v2-lite": (latent_norm_rope_case, dict(tokens=64, heads=16, q_lora=0)),
