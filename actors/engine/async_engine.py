@@ -29,7 +29,14 @@ from typing import Awaitable, Callable, Optional, Protocol, Sequence, Union
 
 from raymoe.actors.engine.core import EngineCore
 from raymoe.actors.engine.delivery import OutputRouter
-from raymoe.actors.engine.grammar import GrammarMasks
+from raymoe.actors.engine.grammar import (
+    GRAMMAR_FILL_BUDGET_S,
+    GRAMMAR_STEP_BUDGET_S,
+    GrammarMasks,
+    GrammarRows,
+    fill_masks,
+    slow_matchers,
+)
 from raymoe.actors.engine.messages import EngineStats, NewRequest, OutputBatch, Rejection, RejectKind
 from raymoe.actors.engine.pipeline_depth import PipelineDepth
 from raymoe.actors.engine.step import StepInFlight, StepInput, StepOutput
@@ -289,7 +296,7 @@ class AsyncEngine:
                         self._publish(in_flight, await calls.popleft(), behind=True)
                         continue
                     if in_flight:  # nothing new to run: collect the last step
-                        late = self.core.late_grammar(in_flight[-1])
+                        late = await self._grammar_masks(self.core.late_grammar(in_flight[-1]))
                         self._publish(in_flight, await self.executor.run_step_async(None, 0, late))
                         continue
                     if self.background is not None and self.background.busy:
@@ -298,8 +305,10 @@ class AsyncEngine:
                     self._wake.clear()
                     await self._wake.wait()
                     continue
+                if planned.grammar_rows is not None:
+                    self.core.attach_grammar(planned, await self._grammar_masks(planned.grammar_rows))
                 # the newest step in flight may wait for grammar masks: they go with this call
-                late = self.core.late_grammar(in_flight[-1]) if in_flight else None
+                late = await self._grammar_masks(self.core.late_grammar(in_flight[-1])) if in_flight else None
                 in_flight.append(planned)
                 # Background work may call the ranks meanwhile: what they queue on the device
                 # lands behind the steps in flight (one step stream).
@@ -310,6 +319,27 @@ class AsyncEngine:
             for call in calls:  # a failure ends the loop: the calls still out are moot
                 if not call.cancel() and not call.cancelled():
                     call.exception()  # it ended already: its error, if any, is this failure's echo
+
+    async def _grammar_masks(self, rows: Optional[list[Optional[GrammarRows]]]) -> Optional[list]:
+        """``fill_masks`` of these rows in a worker thread: xgrammar releases the GIL, so the event
+        loop keeps answering clients and health checks however long a grammar takes. A step whose
+        masks outlast GRAMMAR_STEP_BUDGET_S has the requests that made it slow failed, so that
+        they do not slow every step after it."""
+        if rows is None:
+            return None
+        vocab = self.core.grammars.mask_vocab_size
+        start = time.monotonic()
+        masks = await asyncio.to_thread(fill_masks, rows, vocab)
+        if time.monotonic() - start > GRAMMAR_STEP_BUDGET_S:
+            matchers = [m for replica in rows if replica for _, m in replica]
+            for matcher, seconds in await asyncio.to_thread(slow_matchers, matchers, vocab):
+                rid = self.core.request_of(matcher)
+                if rid is not None:
+                    self.core.abort(rid)
+                    why = f"its grammar took {seconds * 1e3:.0f} ms to find the tokens allowed at one step"
+                    limit = f"at most {GRAMMAR_FILL_BUDGET_S * 1e3:.0f} ms"
+                    self.router.fail_request(rid, f"structured output stopped: {why} ({limit}); simplify it")
+        return masks
 
     async def _recover(self, e: BaseException) -> bool:
         """Fail the requests that had started, recreate the ranks, keep the rest queued.

@@ -22,7 +22,7 @@ import numpy as np
 
 from raymoe.actors.engine.block_manager import BlockManager
 from raymoe.actors.engine.delivery import TokenOutput
-from raymoe.actors.engine.grammar import GrammarCompiler, GrammarMasks, GrammarMatcher, grammar_masks
+from raymoe.actors.engine.grammar import GrammarCompiler, GrammarMasks, GrammarMatcher, GrammarRows, fill_masks
 from raymoe.actors.engine.messages import Finish
 from raymoe.actors.engine.request import PENDING_TOKEN, Request, SamplingParams, first_invalid_token_id
 from raymoe.actors.engine.scheduler import Scheduler
@@ -146,7 +146,11 @@ class EngineCore:
         """Run one engine step over every DP replica; returns the requests that progressed."""
         assert self.executor is not None, "step() needs an executor; async callers use schedule() and apply()"
         planned = self.schedule()
-        return self.apply(planned, self.executor(planned.inputs)) if planned else []
+        if planned is None:
+            return []
+        if planned.grammar_rows is not None:
+            self.attach_grammar(planned, fill_masks(planned.grammar_rows, self.grammars.mask_vocab_size))
+        return self.apply(planned, self.executor(planned.inputs))
 
     def schedule(self) -> Optional[StepInFlight]:
         """First half of a step: every replica's chunks, or None when there is nothing to run.
@@ -162,9 +166,19 @@ class EngineCore:
             return None
         planned = self._builder.build(scheduled, [s.advance(o) for s, o in zip(self.schedulers, scheduled)])
         if self._matchers:
-            planned.inputs = [self._with_grammars(step, out.chunks) for step, out in zip(planned.inputs, scheduled)]
+            marked = [self._mark_grammars(step, out.chunks) for step, out in zip(planned.inputs, scheduled)]
+            planned.inputs = [step for step, _ in marked]
+            if any(rows is not None for _, rows in marked):
+                planned.grammar_rows = [rows for _, rows in marked]
             planned.awaits_grammar = any(step.grammar_late for step in planned.inputs)
         return planned
+
+    def attach_grammar(self, planned: StepInFlight, masks: Sequence[Optional[GrammarMasks]]) -> None:
+        """Put the masks of ``planned.grammar_rows`` (``fill_masks``) on its steps, before they go out."""
+        planned.inputs = [
+            step if m is None else dataclasses.replace(step, grammar=m) for step, m in zip(planned.inputs, masks)
+        ]
+        planned.grammar_rows = None
 
     @property
     def max_steps_in_flight(self) -> int:
@@ -174,19 +188,23 @@ class EngineCore:
         every token but the last, see ``late_grammar``)."""
         return 1 if self._matchers else 2
 
-    def late_grammar(self, planned: StepInFlight) -> Optional[list[Optional[GrammarMasks]]]:
-        """The grammar masks ``planned`` still waits for (``StepInput.grammar_late``), one per
-        replica, now that the step before it is applied; None when it waits for none (or got
-        them already). Rows whose request has ended since get no mask."""
+    def late_grammar(self, planned: StepInFlight) -> Optional[list[Optional[GrammarRows]]]:
+        """The rows whose grammar masks ``planned`` still waits for (``StepInput.grammar_late``),
+        one list per replica, for ``fill_masks`` now that the step before it is applied; None
+        when it waits for none (or got them already). Rows whose request has ended since get no
+        mask."""
         if not planned.awaits_grammar:
             return None
         planned.awaits_grammar = False
-        masks: list[Optional[GrammarMasks]] = []
+        late: list[Optional[GrammarRows]] = []
         for step, pending in zip(planned.inputs, planned.pending):
             rows = [(row, self._matchers.get(entry[0].request_id)) for row, entry in enumerate(pending) if entry]
-            rows = [(row, m) for row, m in rows if m is not None]
-            masks.append(grammar_masks(rows, self.grammars.mask_vocab_size) if step.grammar_late else None)
-        return masks
+            late.append([(row, m) for row, m in rows if m is not None] if step.grammar_late else None)
+        return late
+
+    def request_of(self, matcher: GrammarMatcher) -> Optional[str]:
+        """The live request whose grammar state ``matcher`` is."""
+        return next((rid for rid, m in self._matchers.items() if m is matcher), None)
 
     def apply(self, planned: StepInFlight, results: Sequence[StepOutput]) -> list[TokenOutput]:
         """Second half: the ranks' sampled tokens replace the pending ones; token stop checks."""
@@ -250,18 +268,18 @@ class EngineCore:
             raise ValueError(f"{sampling.grammar.field}: structured output is not available in this engine")
         return self.grammars.matcher(self.grammars.compile(sampling.grammar))
 
-    def _with_grammars(self, step: StepInput, chunks: Sequence) -> StepInput:
-        """``step`` with the allowed-token bitmask of each sampled row under a grammar; or,
-        when one of them still waits for its last token (a step in flight), marked to get
-        them later (``late_grammar``)."""
+    def _mark_grammars(self, step: StepInput, chunks: Sequence) -> tuple[StepInput, Optional[GrammarRows]]:
+        """(``step``, the sampled rows under a grammar whose masks it needs before it goes out);
+        or, when one of them still waits for its last token (a step in flight), ``step`` marked
+        to get its masks later (``late_grammar``), and None; None too where it has no such row.
+        The masks are filled by the caller (``fill_masks``; the step loop off its event loop)."""
         constrained = [c for c in chunks if c.sample and c.request_id in self._matchers]
         if not constrained:
-            return step
+            return step, None
         if any(c.token_ids[-1] == PENDING_TOKEN for c in constrained):
-            return dataclasses.replace(step, grammar_late=True)
+            return dataclasses.replace(step, grammar_late=True), None
         sampled = [c.request_id for c in chunks if c.sample]
-        rows = [(row, self._matchers[rid]) for row, rid in enumerate(sampled) if rid in self._matchers]
-        return dataclasses.replace(step, grammar=grammar_masks(rows, self.grammars.mask_vocab_size))
+        return step, [(row, self._matchers[rid]) for row, rid in enumerate(sampled) if rid in self._matchers]
 
     @staticmethod
     def _advance_grammar(matcher: GrammarMatcher, token: int) -> bool:

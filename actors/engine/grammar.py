@@ -22,6 +22,7 @@ import itertools
 import json
 import re
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Iterable, Literal, Sequence
@@ -31,6 +32,14 @@ import numpy as np
 GrammarKind = Literal["json", "regex", "choice", "ebnf", "tagged_json"]
 _CACHE_SIZE = 256  # compiled grammars kept (a JSON schema's compiled form is ~100 KB-1 MB)
 MAX_GRAMMAR_CHARS = 64 * 1024  # a schema, regex or grammar longer than this is refused (compile time)
+# One request's mask for one step may take this much CPU time; a grammar whose first mask takes
+# more is refused. JSON schemas, regexes and choices take well under a millisecond; xgrammar's
+# parser can be driven into far more (a chain of 2,800 alternatives: 8 s a step), and every step
+# waits for the masks of all its rows.
+GRAMMAR_FILL_BUDGET_S = 0.02
+# A step's masks taking longer than this (wall time) have the requests whose own masks take over
+# GRAMMAR_FILL_BUDGET_S failed (``slow_matchers``): a grammar can be fast at its start only.
+GRAMMAR_STEP_BUDGET_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -179,16 +188,26 @@ class GrammarCompiler:
             return spec in self._cache
 
     def compile(self, spec: GrammarSpec) -> Any:
-        """The compiled grammar of ``spec``; ValueError naming ``spec.field`` when it is invalid."""
+        """The compiled grammar of ``spec``; ValueError naming ``spec.field`` when it is invalid
+        (cached as well: a refused grammar may have taken seconds to find out, and the engine
+        asks again on its event loop)."""
         with self._lock:
             if spec in self._cache:
                 self._cache.move_to_end(spec)
-                return self._cache[spec]
-        compiled = self._compile(spec)
+                compiled = self._cache[spec]
+                if isinstance(compiled, ValueError):
+                    raise ValueError(*compiled.args)
+                return compiled
+        try:
+            compiled = self._compile(spec)
+        except ValueError as e:
+            compiled = e
         with self._lock:
             self._cache[spec] = compiled
             while len(self._cache) > _CACHE_SIZE:
                 self._cache.popitem(last=False)
+        if isinstance(compiled, ValueError):
+            raise compiled
         return compiled
 
     def matcher(self, compiled: Any) -> "GrammarMatcher":
@@ -219,17 +238,26 @@ class GrammarCompiler:
             raise ValueError(f"{spec.field}: invalid {_NAMES[spec.kind]}: {_reason(e)}") from None
         # a grammar that allows no first token (not even the end: "root ::= root") would have the
         # sampler draw from a row of -inf
-        if not self._allows_a_first_token(compiled):
+        allows, seconds = self._first_mask(compiled)
+        if not allows:
             raise ValueError(f"{spec.field}: the {_NAMES[spec.kind]} accepts no output at all")
+        if seconds > GRAMMAR_FILL_BUDGET_S:
+            raise ValueError(
+                f"{spec.field}: the {_NAMES[spec.kind]} takes {seconds * 1e3:.0f} ms to find the tokens allowed "
+                f"at one step (at most {GRAMMAR_FILL_BUDGET_S * 1e3:.0f} ms); simplify it"
+            )
         return compiled
 
-    def _allows_a_first_token(self, compiled: Any) -> bool:
+    def _first_mask(self, compiled: Any) -> tuple[bool, float]:
+        """Whether the grammar allows any first token, and how long its mask took."""
         import torch  # xgrammar fills torch tensors
         import xgrammar
 
         mask = torch.zeros((1, bitmask_words(self.mask_vocab_size)), dtype=torch.int32)
-        xgrammar.GrammarMatcher(compiled).fill_next_token_bitmask(mask)
-        return bool(mask.any())
+        matcher = xgrammar.GrammarMatcher(compiled)
+        start = time.thread_time()  # CPU time: a busy host preempting this thread does not count
+        matcher.fill_next_token_bitmask(mask)
+        return bool(mask.any()), time.thread_time() - start
 
     @staticmethod
     def _tagged_json(source: dict) -> Any:
@@ -297,6 +325,30 @@ def grammar_masks(rows: Sequence[tuple[int, GrammarMatcher]], vocab_size: int) -
     distinct[mask_of_row] = np.arange(len(filled))
     rows_ids = np.array([row for row, _ in rows], dtype=np.int64)
     return GrammarMasks(rows_ids, mask_of_row, np.ascontiguousarray(filled[distinct]))
+
+
+GrammarRows = Sequence[tuple[int, GrammarMatcher]]  # (sampled row, its request's matcher) of one step
+
+
+def fill_masks(rows: Sequence[GrammarRows | None], vocab_size: int) -> list[GrammarMasks | None]:
+    """``grammar_masks`` of each DP replica's rows (None: that replica needs none)."""
+    return [None if r is None else grammar_masks(r, vocab_size) for r in rows]
+
+
+def slow_matchers(matchers: Iterable[GrammarMatcher], vocab_size: int) -> list[tuple[GrammarMatcher, float]]:
+    """The matchers whose next mask alone takes over GRAMMAR_FILL_BUDGET_S of CPU time, with that
+    time: after a step's masks outlasted GRAMMAR_STEP_BUDGET_S, which requests made it slow."""
+    import torch  # xgrammar fills torch tensors
+
+    mask = torch.zeros((1, bitmask_words(vocab_size)), dtype=torch.int32)
+    slow = []
+    for matcher in matchers:
+        start = time.thread_time()
+        matcher._matcher.fill_next_token_bitmask(mask)
+        seconds = time.thread_time() - start
+        if seconds > GRAMMAR_FILL_BUDGET_S:
+            slow.append((matcher, seconds))
+    return slow
 
 
 @functools.cache

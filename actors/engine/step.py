@@ -98,6 +98,9 @@ class StepInFlight:
     prompt_logprobs: Optional[list[list[tuple[str, int]]]] = None
     # a replica's step is grammar_late and its masks have not gone to the ranks yet
     awaits_grammar: bool = False
+    # per replica: the sampled rows under a grammar (row, matcher) whose masks the step needs
+    # before it goes out (EngineCore.attach_grammar); None once attached, or when none does
+    grammar_rows: Optional[list] = None
 
 
 class StepBuilder:

@@ -5,6 +5,7 @@ bad grammars are refused naming the field."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import re
@@ -18,9 +19,11 @@ import xgrammar
 from test_engine_local import _engine as local_engine
 from test_engine_local import _pipelined, _run
 
+from raymoe.actors.engine.async_engine import AsyncEngine
 from raymoe.actors.engine.grammar import MAX_SCHEMA_DEPTH, GrammarSpec, bitmask_words, grammar_masks
 from raymoe.actors.engine.request import SamplingParams
 from raymoe.actors.engine.sampler import apply_token_bitmask
+from raymoe.deploy.engine_client import EngineClient, RequestRejected
 from raymoe.deploy.tool_calls import HermesToolParser
 
 
@@ -324,3 +327,75 @@ def test_a_grammar_that_accepts_nothing_is_refused_and_one_that_accepts_only_the
     with pytest.raises(ValueError, match=r"^structured_outputs\.grammar: the grammar accepts no output"):
         compile_(GrammarSpec("ebnf", "root ::= root", "structured_outputs.grammar"))
     assert compile_(GrammarSpec("ebnf", 'root ::= ""', "structured_outputs.grammar")) is not None
+
+
+def _chain_grammar(links: int, prefix: str = "") -> str:
+    """EBNF whose every mask walks a chain of ``links`` alternatives: xgrammar's time per mask
+    grows with the square of the chain (600 links: about 0.2 s on a laptop core)."""
+    chain = "\n".join(f'r{i} ::= r{i + 1} | "a"' for i in range(links))
+    return f"root ::= {prefix}(r0)+\n{chain}\nr{links} ::= " + '"b"'
+
+
+def test_a_grammar_slow_to_mask_is_refused_naming_the_field_and_the_refusal_is_cached(engine):
+    """Every step waits for the masks of all its rows: a grammar whose first mask takes over
+    GRAMMAR_FILL_BUDGET_S is a 400 naming the field. The refusal is kept, since finding it took
+    the compile (seconds) and the engine asks again on its event loop."""
+    grammars = engine.local.core.grammars
+    spec = GrammarSpec("ebnf", _chain_grammar(600), "structured_outputs.grammar")
+    pattern = r"^structured_outputs\.grammar: the grammar takes \d+ ms to find the tokens allowed at one step"
+    with pytest.raises(ValueError, match=pattern):
+        grammars.compile(spec)
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match=pattern):
+        engine.local.core.add_request("slow", [5, 6], SamplingParams(grammar=spec))
+    assert time.monotonic() - t0 < 0.1
+    assert not engine.local.core.has_unfinished
+
+
+def test_a_grammar_slow_after_its_start_is_stopped_while_the_event_loop_and_other_requests_go_on(engine):
+    """A grammar fast at its first token and slow after it passes the compile's check. Its masks
+    are filled off the event loop (the loop keeps answering: a controller's health check), and
+    the step that took too long fails the request that made it slow, naming why; a plain
+    request next to it finishes as usual."""
+    core = engine.local.core
+    slow = GrammarSpec("ebnf", _chain_grammar(600, prefix='"x" '), "structured_outputs.grammar")
+    core.grammars.compile(slow)  # fast at its first token: not refused
+
+    async def main():
+        aengine = AsyncEngine(core, engine.executor, max_queued=100, pipelined=True)
+        client = EngineClient(aengine, engine.tokenizer, engine.local.info)
+        gaps, done = [], asyncio.Event()
+
+        async def ticker():
+            last = time.monotonic()
+            while not done.is_set():
+                await asyncio.sleep(0.005)
+                now = time.monotonic()
+                gaps.append(now - last)
+                last = now
+
+        async def collect(params):
+            tokens = []
+            try:
+                async for d in client.stream(engine.tokenizer.encode("go"), params):
+                    tokens += d.token_ids
+            except RequestRejected as e:
+                return tokens, str(e)
+            return tokens, None
+
+        tick = asyncio.create_task(ticker())
+        constrained, plain = await asyncio.gather(
+            collect(SamplingParams(max_tokens=20, temperature=1.0, seed=0, grammar=slow)),
+            collect(SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)),
+        )
+        done.set()
+        await tick
+        await client.close()
+        return constrained, plain, max(gaps)
+
+    (tokens, error), (plain_tokens, plain_error), worst_gap = asyncio.run(main())
+    assert error is not None and re.search(r"structured output stopped: its grammar took \d+ ms", error), error
+    assert len(tokens) < 20
+    assert plain_error is None and len(plain_tokens) == 30
+    assert worst_gap < 0.15, worst_gap  # one mask of this grammar alone takes longer than that
+    assert not core.has_unfinished
