@@ -119,6 +119,7 @@ class RequestStream:
         self.client, self.request, self.seq, self.text = client, request, request.seq, text
         self.num_prompt_tokens = len(request.prompt_token_ids)
         self.received = False  # any output came back (if not, a lost engine's request can be sent again)
+        self.resent = False  # sent again after its engine was lost (it is not sent a third time)
         self._tokens: list[int] = []
         self._logits: list[Any] = []
         self._logprobs: list[Any] = []
@@ -424,12 +425,14 @@ class EngineClient:
 
     def _engine_lost(self, error: BaseException) -> None:
         """The controller died: its requests are gone. Those that returned nothing yet are sent
-        again (to the controller found next); the others fail."""
+        again (to the controller found next), once: a request in flight when two controllers
+        died in a row may be what kills them. The others fail."""
         for seq, stream in list(self._streams.items()):
-            if stream.received:
+            if stream.received or stream.resent:
                 del self._streams[seq]
                 stream.fail(error)
             else:
+                stream.resent = True
                 self._to_submit[seq] = stream.request
         if self._to_submit:
             self._send.set()

@@ -237,6 +237,10 @@ class AsyncEngine:
     def _add(self, client: str, new: NewRequest) -> Optional[tuple[RejectKind, str]]:
         if self.error is not None:
             return RejectKind.ENGINE_FAILED, f"the engine is down: {describe_failure(self.error)}"
+        if self.router.holds(self.router.request_id(client, new.seq)):
+            # sent again by a client that lost the answer to its first submit (its controller
+            # handle failed mid-call): the request is here already, and keeps its place
+            return None
         if self.num_waiting >= self.max_queued:
             return RejectKind.QUEUE_FULL, f"{self.num_waiting} requests already waiting (serve.max_queued_requests)"
         rid = self.router.add(client, new.seq)

@@ -117,6 +117,10 @@ class OutputRouter:
     def request_id(client: str, seq: int) -> str:
         return f"{client}/{seq}"
 
+    def holds(self, request_id: str) -> bool:
+        """Whether outputs still go out for this request (added, not yet over)."""
+        return request_id in self._owner
+
     def add(self, client: str, seq: int) -> str:
         """Register a request of ``client``; returns its engine request id."""
         box = self._outbox(client)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pytest
+import ray
 
 from raymoe.actors.engine.async_engine import AsyncEngine
 from raymoe.actors.engine.core import EngineCore
@@ -466,6 +467,80 @@ def test_a_request_dropped_while_its_submit_is_out_is_aborted_once_in(big):
     assert submitted == 1, "the request never reached the engine: the test would prove nothing"
     assert not big.has_unfinished and _free_everywhere(big)
     assert steps < 200, f"the request ran {steps} steps: its abort was lost"
+
+
+def test_a_request_sent_twice_runs_once_and_keeps_its_outputs(big):
+    """A client that lost the answer to its submit (its controller handle failed mid-call) may
+    send the same request again: the engine keeps the one it holds. It used to refuse the copy
+    as a request id in use, and the refusal dropped the original's outputs (a 400 to the client,
+    and a request that never answered)."""
+    ids = big.tokenizer.encode("Hello there")
+    new = NewRequest(0, ids, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
+
+    async def main():
+        engine = AsyncEngine(big.local.core, big.executor, max_queued=100, pipelined=True)
+        first, again = await engine.submit("c", [new]), await engine.submit("c", [new])
+        tokens, finish = [], None
+        while finish is None:
+            for entry in (await engine.poll("c", 1.0)).entries():
+                tokens += entry.token_ids
+                finish = entry.finish if entry.finish != Finish.RUNNING else None
+        for _ in range(300):  # the loop collects the step it may still have in flight
+            if big.executor.runner.num_in_flight == 0:
+                break
+            await asyncio.sleep(0.01)
+        await engine.stop()
+        return first, again, tokens, finish
+
+    first, again, tokens, finish = asyncio.run(asyncio.wait_for(main(), 30))
+    assert first == [] and again == []
+    assert len(tokens) == 6 and finish == Finish.LENGTH
+    assert not big.has_unfinished
+
+
+class _ControllerDiesAtEveryPoll:
+    """The engine's client API where every poll finds the controller dead (a request that kills
+    each new one, say): counts the submits of each request."""
+
+    def __init__(self) -> None:
+        self.submits: dict[int, int] = {}
+
+    async def submit(self, client, requests):
+        for n in requests:
+            self.submits[n.seq] = self.submits.get(n.seq, 0) + 1
+        return []
+
+    async def poll(self, client, timeout_s):
+        await asyncio.sleep(0.02)
+        raise ray.exceptions.RayActorError()
+
+    async def abort(self, client, seqs):
+        pass
+
+    async def leave(self, client):
+        pass
+
+    async def reconnect(self):
+        pass
+
+
+def test_a_request_is_sent_again_after_one_lost_controller_and_not_after_a_second(big):
+    """A request that had no output when its controller died goes to the next one, once: when
+    that one dies too with the request in it, the request fails (503) rather than going on to
+    kill every controller Serve starts."""
+    engine = _ControllerDiesAtEveryPoll()
+
+    async def main():
+        client = EngineClient(engine, big.tokenizer, big.local.info)
+        stream = client.stream(big.tokenizer.encode("hi"), SamplingParams(max_tokens=4))
+        with pytest.raises(ray.exceptions.RayActorError):
+            async for _ in stream:
+                pass
+        await client.close()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+    assert engine.submits == {0: 2}
+    assert engine_error(ray.exceptions.RayActorError()).status == 503
 
 
 def test_pipelined_stops_exactly(big):
