@@ -139,6 +139,8 @@ class ChatMessage(TypedDict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: NotRequired[Optional[Union[str, ContentParts]]]
     name: NotRequired[Optional[str]]
+    tool_calls: NotRequired[Optional[list[dict[str, Any]]]]  # an assistant's earlier calls
+    tool_call_id: NotRequired[Optional[str]]  # the call a tool message answers
 
 
 ChatMessages = _fail_fast("ChatMessages", list[ChatMessage])
@@ -206,8 +208,10 @@ def parse_request(model: type[BaseModel], body: bytes) -> Any:
         _check_metadata(req.metadata)
     if req.n is not None and not 1 <= req.n <= MAX_CHOICES:
         raise bad_request(f"n: must be an integer in [1, {MAX_CHOICES}], got {req.n}", "n", "invalid_value")
-    # every sampling field checked now, before the prompt is tokenised
-    sampling_params(req, max(1, req.min_tokens or 0))
+    # every sampling field checked now, before the prompt is tokenised (against the request's own
+    # max_tokens when it gives a valid one: the default depends on the prompt's length)
+    requested = getattr(req, "max_completion_tokens", None) or req.max_tokens
+    sampling_params(req, requested if isinstance(requested, int) and requested > 0 else max(1, req.min_tokens or 0))
     return req
 
 
@@ -298,6 +302,11 @@ def _reject_unsupported(req: Any) -> None:
                 "response_format",
                 req.response_format is not None and tool_choice(req)[0] in ("required", "function"),
                 "a forced tool call and response_format cannot both constrain the output",
+            ),
+            (
+                "structured_outputs",
+                req.structured_outputs is not None and tool_choice(req)[0] in ("required", "function"),
+                "a forced tool call and structured_outputs cannot both constrain the output",
             ),
         ]
     for param, bad, message in checks:
@@ -515,9 +524,10 @@ def _structured_outputs(ext: dict[str, Any]) -> GrammarSpec:
     given = [k for k in ("json", "regex", "choice", "grammar") if ext.get(k) is not None]
     unknown = sorted(set(ext) - {"json", "regex", "choice", "grammar"})
     if unknown or len(given) != 1:
+        named = ", ".join(k[:40] for k in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
         raise bad_request(
             "structured_outputs: give exactly one of json, regex, choice, grammar"
-            + (f" (unknown: {', '.join(unknown)})" if unknown else ""),
+            + (f" (unknown: {named})" if unknown else ""),
             "structured_outputs",
         )
     key, value = given[0], ext[given[0]]
@@ -577,7 +587,10 @@ def _logit_bias(bias: Optional[dict[str, float]]) -> Optional[dict[int, float]]:
         # str.isdigit also takes "²" and "٣"; past 19 digits no id fits (and int() refuses 4,300)
         if not (key.isascii() and key.isdigit() and len(key) <= 19):
             raise bad_request(f"logit_bias: keys must be token ids, got {key[:40]!r}", "logit_bias", "invalid_value")
-        out[int(key)] = value
+        token = int(key)
+        if token in out:  # "5" and "05": JSON keeps both, and one bias would silently win
+            raise bad_request(f"logit_bias: token id {token} is given twice", "logit_bias", "invalid_value")
+        out[token] = value
     return out
 
 

@@ -31,6 +31,9 @@ MAX_STOP_LENGTH = 1024  # characters per stop string
 MAX_STOP_TOKEN_IDS = 1024
 MAX_LOGPROBS = 20  # top alternatives per position (OpenAI's chat limit)
 PENALTY_RANGE = (-2.0, 2.0)  # presence and frequency penalties (OpenAI's range)
+# vLLM's repetition penalty divides (or multiplies) logits by it in float32: bounded so that it
+# stays a normal float32 number, with room (1.0-1.5 is the useful range)
+REPETITION_PENALTY_RANGE = (1e-3, 1e3)
 LOGIT_BIAS_RANGE = (-100.0, 100.0)
 MAX_LOGIT_BIAS = 1024  # entries
 
@@ -144,9 +147,9 @@ class SamplingParams:
             value = getattr(self, name)
             if not _is_number(value) or not low <= value <= high:
                 _fail(name, f"must be a number in [{low:g}, {high:g}]", value)
-        rep = self.repetition_penalty
-        if not _is_number(rep) or not (math.isfinite(rep) and rep > 0):
-            _fail("repetition_penalty", "must be a finite number > 0 (1 = off)", rep)
+        rep, (low, high) = self.repetition_penalty, REPETITION_PENALTY_RANGE
+        if not _is_number(rep) or not low <= rep <= high:
+            _fail("repetition_penalty", f"must be a number in [{low:g}, {high:g}] (1 = off)", rep)
         low, high = LOGIT_BIAS_RANGE
         bias = self.logit_bias
         if not isinstance(bias, tuple) or len(bias) > MAX_LOGIT_BIAS:

@@ -85,6 +85,11 @@ def _err(model: type, body: object) -> APIError:
         ({"prompt": "x", "frequency_penalty": -2.01}, "frequency_penalty"),
         ({"prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
         ({"prompt": "x", "repetition_penalty": -1.0}, "repetition_penalty"),
+        # finite in float64, infinite (or zero) in the ranks' float32
+        ({"prompt": "x", "repetition_penalty": 1e300}, "repetition_penalty"),
+        ({"prompt": "x", "repetition_penalty": 1e-300}, "repetition_penalty"),
+        # two spellings of one token id: one bias would silently win
+        ({"prompt": "x", "logit_bias": {"5": 100, "05": -100}}, "logit_bias"),
         ({"prompt": "x", "logit_bias": {"a": 1.0}}, "logit_bias"),
         ({"prompt": "x", "logit_bias": {"5": 101.0}}, "logit_bias"),
         ({"prompt": "x", "logit_bias": {"-5": 1.0}}, "logit_bias"),
@@ -131,6 +136,9 @@ def test_a_request_that_could_never_queue_is_a_400_naming_what_makes_it():
         ({"messages": [{"role": "user", "content": 3}]}, "messages.0.content"),
         ({"messages": [{"role": "user"}]}, "messages.0.content"),
         ({"messages": [{"role": "user", "content": "x"}, {"role": "tool", "tool_call_id": "c"}]}, "messages.1.content"),
+        # the fields a chat template reads from earlier calls, of the wrong type
+        ({"messages": [{"role": "assistant", "content": "x", "tool_calls": "zzz"}]}, "messages.0.tool_calls"),
+        ({"messages": [{"role": "tool", "content": "x", "tool_call_id": 7}]}, "messages.0.tool_call_id"),
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}]},
             "messages.0.content.0",
@@ -337,6 +345,22 @@ def test_bad_structured_output_fields_are_400s_naming_them(body, param):
     with pytest.raises(APIError) as e:
         _grammar(body)
     assert (e.value.status, e.value.param) == (400, param)
+
+
+def test_unknown_structured_outputs_keys_are_named_a_few_at_a_time():
+    """A million unknown keys made an error body of 8.9 MB listing each."""
+    with pytest.raises(APIError) as e:
+        _grammar({"structured_outputs": {"regex": "a", **{f"k{i:07d}": 1 for i in range(100_000)}}})
+    assert e.value.param == "structured_outputs" and len(e.value.message) < 300
+    assert "k0000000, k0000001, k0000002, k0000003, k0000004 and 99995 more" in e.value.message
+
+
+def test_min_tokens_is_checked_against_the_max_tokens_the_request_gives():
+    """Before the prompt is tokenised the default max_tokens is unknown; a request's own is not."""
+    for body in ({"prompt": "x", "max_tokens": 2, "min_tokens": 3}, {"prompt": "x", "max_tokens": 2, "min_tokens": -1}):
+        with pytest.raises(APIError) as e:
+            parse_request(CompletionRequest, json.dumps(body).encode())
+        assert e.value.param == "min_tokens" and "max_tokens=2]" in e.value.message, e.value.message
 
 
 def test_the_completions_route_refuses_the_fan_out_before_any_prompt_work():

@@ -158,6 +158,8 @@ def test_tool_choice_modes():
         ({"tools": TOOLS, "tool_choice": "always"}, "tool_choice"),
         ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
         ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
+        # it used to be dropped silently, the call forced
+        ({"tools": TOOLS, "tool_choice": "required", "structured_outputs": {"regex": "z"}}, "structured_outputs"),
         ({"tools": [{"type": "function", "function": {"name": "f", "strict": "yes"}}]}, "tools.0.function.strict"),
         ({"tools": [{"type": "function", "function": {"name": "f", "strict": 0}}]}, "tools.0.function.strict"),
         # a forced call would write arguments that are no object, which no parser takes
