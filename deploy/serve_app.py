@@ -29,6 +29,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from raymoe.actors.rank_group import remove_named_placement_group
 from raymoe.cluster.config import Config, config_from_dict, resolve_config
@@ -43,6 +44,8 @@ API_KEY_ENV = "RAYMOE_API_KEY"
 APP_NAME = "raymoe"
 HEALTH_TIMEOUT_S = 10.0
 MAX_BODY_BYTES = 32 * 2**20
+BODY_TIMEOUT_S = 30.0  # 32 MiB at about 1 MB/s
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before its answer
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 # Ray Serve latency settings (each thread or loop hop costs a wake-up, which on a busy
@@ -105,6 +108,9 @@ def build_fastapi_app(server: OpenAIServer) -> FastAPI:
         except APIError as e:
             server.metrics.count(endpoint, e.status)
             return JSONResponse(e.body(), status_code=e.status)
+        except ClientDisconnect:  # gone before its body arrived: nothing to answer, nothing to log
+            server.metrics.count(endpoint, CLIENT_CLOSED_REQUEST)
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
         except Exception:  # a bug: still OpenAI's error shape, counted, details only in the log
             log.exception("%s: unexpected error", endpoint)
             server.metrics.count(endpoint, 500)
@@ -188,11 +194,21 @@ async def _value(x: Any) -> Any:
 
 async def _read_body(request: Request) -> bytes:
     """The request body, refused with 413 past MAX_BODY_BYTES (before reading it, when the
-    client says its length)."""
+    client says its length), and with 408 when it takes over BODY_TIMEOUT_S to arrive: a client
+    trickling its body would hold one of the replica's request slots (Serve's
+    max_ongoing_requests) for as long as it liked, and enough of them every slot."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         message = f"the request body is {declared} bytes; the limit is {MAX_BODY_BYTES}"
         raise APIError(413, message, code="body_too_large")
+    try:
+        return await asyncio.wait_for(_read_chunks(request), BODY_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        message = f"the request body did not arrive within {BODY_TIMEOUT_S:g} s"
+        raise APIError(408, message, code="request_timeout") from None
+
+
+async def _read_chunks(request: Request) -> bytes:
     # chunks joined once at the end: appending each to the bytes so far copies them all again,
     # which for a large body in small chunks held the event loop for seconds
     chunks, size = [], 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from types import SimpleNamespace
 
 import openai.types as ot
@@ -545,6 +546,74 @@ def test_a_body_in_many_chunks_is_read_whole_and_refused_past_the_limit(monkeypa
     with pytest.raises(APIError) as e:  # declared too long: refused before reading
         asyncio.run(serve_app._read_body(_StreamedRequest([], declared=2_500_001)))
     assert e.value.status == 413
+
+
+class _TrickledRequest(_StreamedRequest):
+    """A body sent a chunk every ``pause_s`` (a slowloris client)."""
+
+    def __init__(self, chunks: list[bytes], pause_s: float) -> None:
+        super().__init__(chunks)
+        self.pause_s = pause_s
+
+    async def stream(self):
+        for chunk in self.chunks:
+            await asyncio.sleep(self.pause_s)
+            yield chunk
+
+
+def test_a_body_that_trickles_in_is_a_408_after_the_read_timeout(monkeypatch):
+    from raymoe.deploy import serve_app
+
+    monkeypatch.setattr(serve_app, "BODY_TIMEOUT_S", 0.3)
+    assert asyncio.run(serve_app._read_body(_TrickledRequest([b"a", b"b"], pause_s=0.01))) == b"ab"
+    t0 = time.monotonic()
+    with pytest.raises(APIError) as e:
+        asyncio.run(serve_app._read_body(_TrickledRequest([b"a"] * 1000, pause_s=0.1)))
+    assert e.value.status == 408 and e.value.body()["error"]["code"] == "request_timeout"
+    assert time.monotonic() - t0 < 1.0
+
+
+class _CountingMetrics:
+    def __init__(self) -> None:
+        self.counted: list[tuple[str, int]] = []
+
+    def count(self, endpoint: str, status: int) -> None:
+        self.counted.append((endpoint, status))
+
+
+def test_a_client_gone_before_its_body_arrived_is_counted_499_not_a_500():
+    """Starlette raises ClientDisconnect from the body read: it was logged with its traceback
+    and counted as a server error (4,720 of them under a load of such clients)."""
+    from raymoe.deploy import serve_app
+
+    server = SimpleNamespace(authorize=lambda header: None, metrics=_CountingMetrics(), completions=None)
+    app = serve_app.build_fastapi_app(server)
+    messages = [{"type": "http.request", "body": b'{"pro', "more_body": True}, {"type": "http.disconnect"}]
+    sent = []
+
+    async def receive():
+        return messages.pop(0)
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/completions",
+        "raw_path": b"/v1/completions",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", b"100")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 8000),
+    }
+    asyncio.run(app(scope, receive, send))
+    assert server.metrics.counted == [("completions", 499)]
+    assert sent[0]["status"] == 499
 
 
 def test_messages_reach_the_template_as_sent_extras_and_all():
