@@ -33,6 +33,7 @@ from starlette.requests import ClientDisconnect
 
 from raymoe.actors.rank_group import remove_named_placement_group
 from raymoe.cluster.config import Config, config_from_dict, resolve_config
+from raymoe.deploy import http_limits
 from raymoe.deploy.engine_client import EngineClient, RayEngine
 from raymoe.deploy.launch import ensure_ray, start_controller
 from raymoe.deploy.openai_api import APIError
@@ -301,6 +302,7 @@ class OpenAIIngress:
     """One ingress replica: the OpenAI routes over one engine client."""
 
     async def __init__(self, config: dict[str, Any], engine: Any) -> None:
+        http_limits.install()  # before Serve starts this replica's own HTTP server (direct ingress)
         cfg = config_from_dict(config)
 
         async def current_controller() -> Any:

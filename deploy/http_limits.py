@@ -1,0 +1,75 @@
+"""A bound on the size of an HTTP request's head (request line and headers) for the ingress
+replicas' own HTTP servers (Serve's direct ingress runs uvicorn with its httptools parser).
+
+httptools sets no limit, and grows a header value it receives in pieces by appending each
+piece to it: one request with a header of 64 MB held a replica's event loop for 6.5 s, and
+one of 500 MB for over 90 s, until Serve killed the replica. No API key helps: headers are
+parsed first. ``BoundedHeadProtocol`` answers 431 and closes the connection once a request's
+head passes MAX_HEAD_BYTES; ``install`` makes it what uvicorn's ``http="auto"`` picks in this
+process. (Serve's own proxy, with ``serve.direct_ingress: false``, is not covered.)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+MAX_HEAD_BYTES = 64 * 1024
+_PROTOCOL = "raymoe.deploy.http_limits:BoundedHeadProtocol"
+
+
+def install() -> None:
+    """Make uvicorn servers started later in this process take ``BoundedHeadProtocol`` for
+    ``http="auto"`` (without httptools uvicorn takes h11, which has a limit of its own)."""
+    if importlib.util.find_spec("httptools") is None:
+        return
+    from uvicorn import config
+
+    config.HTTP_PROTOCOLS["auto"] = _PROTOCOL
+
+
+def _too_large_response() -> bytes:
+    message = f"the request line and headers exceed {MAX_HEAD_BYTES} bytes"
+    body = json.dumps(
+        {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": "headers_too_large"}}
+    ).encode()
+    head = (
+        "HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+try:
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+except ImportError:  # no httptools: install() leaves uvicorn's choice alone
+    HttpToolsProtocol = None  # type: ignore[assignment,misc]
+
+if HttpToolsProtocol is not None:
+
+    class BoundedHeadProtocol(HttpToolsProtocol):  # type: ignore[valid-type,misc]
+        """uvicorn's httptools protocol, counting the bytes that arrive while a request's head
+        is incomplete (a chunk that also holds the start of the body counts whole)."""
+
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self._head_bytes: int | None = 0  # None while a body or nothing is expected
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._head_bytes = 0
+
+        def on_headers_complete(self) -> None:
+            self._head_bytes = None
+            super().on_headers_complete()
+
+        def data_received(self, data: bytes) -> None:
+            if self.transport.is_closing():
+                return
+            if self._head_bytes is not None:
+                self._head_bytes += len(data)
+                if self._head_bytes > MAX_HEAD_BYTES:
+                    self.transport.write(_too_large_response())
+                    self.transport.close()
+                    return
+            super().data_received(data)

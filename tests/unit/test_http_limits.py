@@ -1,0 +1,75 @@
+"""The ingress's bound on a request's head: uvicorn (as Serve's direct ingress starts it, with
+``http="auto"``) answers 431 and closes once the request line and headers pass MAX_HEAD_BYTES,
+where httptools alone took seconds of the event loop per 64 MB header; other requests are
+unchanged."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+import pytest
+import uvicorn
+
+from raymoe.deploy import http_limits
+
+pytest.importorskip("httptools")
+
+
+async def _app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+async def _exchange(port: int, head: bytes, chunks: list[bytes]) -> tuple[bytes, float]:
+    """Send ``head`` then ``chunks`` while reading: the first bytes of the answer (read as they
+    come: the server may close before it has read everything sent) and how long it took."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    t0 = time.monotonic()
+    answer = asyncio.create_task(reader.read(200))
+    writer.write(head)
+    try:
+        for chunk in chunks:
+            if answer.done():
+                break
+            writer.write(chunk)
+            await writer.drain()
+    except ConnectionError:  # closed by the server once it answered
+        pass
+    try:
+        data = await asyncio.wait_for(answer, 10)
+    finally:
+        writer.close()
+    return data, time.monotonic() - t0
+
+
+def test_a_request_head_past_the_bound_is_a_431_and_others_are_served(monkeypatch):
+    monkeypatch.setattr(uvicorn.config, "HTTP_PROTOCOLS", dict(uvicorn.config.HTTP_PROTOCOLS))
+    http_limits.install()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = uvicorn.Config(_app, host="127.0.0.1", port=port, lifespan="off", log_level="critical")
+    server = uvicorn.Server(config)
+
+    async def main():
+        task = asyncio.create_task(server.serve())
+        while not server.started:
+            await asyncio.sleep(0.01)
+        ok, _ = await _exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\nX-Fine: " + b"a" * 8000 + b"\r\n\r\n", [])
+        big_head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nX-Big: "
+        refused, seconds = await _exchange(port, big_head, [b"a" * 65536] * 256)  # 16 MB of one header
+        long_url, _ = await _exchange(port, b"GET /" + b"a" * 100_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", [])
+        after, _ = await _exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", [])
+        server.should_exit = True
+        await task
+        return ok, refused, seconds, long_url, after
+
+    ok, refused, seconds, long_url, after = asyncio.run(main())
+    assert config.http_protocol_class is http_limits.BoundedHeadProtocol
+    assert ok.startswith(b"HTTP/1.1 200") and after.startswith(b"HTTP/1.1 200")
+    assert refused.startswith(b"HTTP/1.1 431") and long_url.startswith(b"HTTP/1.1 431")
+    assert seconds < 2.0
