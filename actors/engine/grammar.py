@@ -113,6 +113,10 @@ def unenforced_keywords(schema: Any) -> list[str]:
             found.add("$ref (to another document)")
         if isinstance(node.get("allOf"), list) and len(node["allOf"]) > 1:
             found.add("allOf (of more than one schema)")
+        # an object schema without ``properties`` lets {} through whatever it requires (a lone
+        # {"required": [...]}, as in a single allOf, adds to its parent's, which is enforced)
+        if node.get("type") == "object" and "properties" not in node and node.get("required"):
+            found.add("required (without properties)")
     return sorted(found)
 
 

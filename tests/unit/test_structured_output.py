@@ -255,6 +255,7 @@ UNENFORCED = {
     "dependentRequired": ({"type": "object", "properties": AB, "dependentRequired": {"a": ["b"]}}, '{"a": 1}'),
     "multipleOf (but of integers)": ({"type": "number", "multipleOf": 0.5}, "0.3"),
     "$ref (to another document)": ({"$ref": "https://example.com/integer.json"}, '"a"'),
+    "required (without properties)": ({"type": "object", "required": ["a"]}, "{}"),
 }
 
 
