@@ -193,6 +193,7 @@ class EngineClient:
         self._submits: set[asyncio.Task] = set()  # submit calls out
         self._plain_submit: Optional[asyncio.Task] = None  # the one of plain requests
         self._submitting: set[int] = set()  # seqs of the requests in them
+        self.controllers_lost = 0  # polls that found the controller dead (/metrics)
 
     @property
     def num_streams(self) -> int:
@@ -427,6 +428,7 @@ class EngineClient:
         """The controller died: its requests are gone. Those that returned nothing yet are sent
         again (to the controller found next), once: a request in flight when two controllers
         died in a row may be what kills them. The others fail."""
+        self.controllers_lost += 1
         for seq, stream in list(self._streams.items()):
             if stream.received or stream.resent:
                 del self._streams[seq]

@@ -93,6 +93,11 @@ class ServeMetrics:
         self.restarts = Gauge(
             "raymoe_engine_restarts", "Rank-group restarts after failures since the controller started", registry=r
         )
+        self.controllers_lost = Gauge(
+            "raymoe_engine_controllers_lost",
+            "Times this ingress replica found the engine's controller dead (Serve starts another)",
+            registry=r,
+        )
         self.preemptions = Gauge("raymoe_preemptions", "Requests preempted (KV cache full) since start", registry=r)
         self.balancedness = Gauge(
             "raymoe_eplb_balancedness",
@@ -111,9 +116,9 @@ class ServeMetrics:
     def count(self, endpoint: str, status: int) -> None:
         self.requests.labels(endpoint, str(status)).inc()
 
-    def render(self, stats: EngineStats, eplb: dict[str, Any] | None = None) -> bytes:
+    def render(self, stats: EngineStats, eplb: dict[str, Any] | None = None, controllers_lost: int = 0) -> bytes:
         """The exposition text, with engine gauges set from ``Controller.stats()`` and
-        ``Controller.eplb_status()``."""
+        ``Controller.eplb_status()``, and this replica's count of dead controllers."""
         for dp, (w, run, kv) in enumerate(zip(stats.waiting, stats.running, stats.kv_usage)):
             self.waiting.labels(str(dp)).set(w)
             self.running.labels(str(dp)).set(run)
@@ -125,6 +130,7 @@ class ServeMetrics:
         self.engine_failed.set(1 if stats.error else 0)
         self.engine_recovering.set(1 if stats.recovering else 0)
         self.restarts.set(stats.restarts)
+        self.controllers_lost.set(controllers_lost)
         self.preemptions.set(stats.preemptions)
         if eplb and "rank_load_before" in eplb:
             self.rebalances.set(eplb["rebalances"])

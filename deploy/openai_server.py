@@ -285,7 +285,7 @@ class OpenAIServer:
 
     async def metrics_text(self) -> bytes:
         stats, eplb = await asyncio.gather(self.controller.stats.remote(), self.controller.eplb_status.remote())
-        return self.metrics.render(stats, eplb)
+        return self.metrics.render(stats, eplb, controllers_lost=self.client.controllers_lost)
 
     async def eplb_status(self, body: bytes) -> dict[str, Any]:
         return await self.controller.eplb_status.remote()

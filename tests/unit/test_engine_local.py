@@ -537,8 +537,9 @@ def test_a_request_is_sent_again_after_one_lost_controller_and_not_after_a_secon
             async for _ in stream:
                 pass
         await client.close()
+        return client.controllers_lost
 
-    asyncio.run(asyncio.wait_for(main(), 30))
+    assert asyncio.run(asyncio.wait_for(main(), 30)) == 2  # /metrics: raymoe_engine_controllers_lost
     assert engine.submits == {0: 2}
     assert engine_error(ray.exceptions.RayActorError()).status == 503
 
