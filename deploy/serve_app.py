@@ -198,6 +198,10 @@ async def _read_body(request: Request) -> bytes:
     client says its length), and with 408 when it takes over BODY_TIMEOUT_S to arrive: a client
     trickling its body would hold one of the replica's request slots (Serve's
     max_ongoing_requests) for as long as it liked, and enough of them every slot."""
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding != "identity":  # read as JSON it was "invalid JSON", which sent no one to the cause
+        message = f"Content-Encoding {encoding[:40]!r} is not supported: send the body uncompressed"
+        raise APIError(415, message, code="unsupported_media_type")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         message = f"the request body is {declared} bytes; the limit is {MAX_BODY_BYTES}"

@@ -561,6 +561,18 @@ class _TrickledRequest(_StreamedRequest):
             yield chunk
 
 
+def test_a_compressed_body_is_a_415():
+    from raymoe.deploy import serve_app
+
+    request = _StreamedRequest([b"\x1f\x8b..."])
+    request.headers["content-encoding"] = "gzip"
+    with pytest.raises(APIError) as e:
+        asyncio.run(serve_app._read_body(request))
+    assert e.value.status == 415 and "uncompressed" in e.value.message
+    request.headers["content-encoding"] = "identity"
+    assert asyncio.run(serve_app._read_body(request)) == b"\x1f\x8b..."
+
+
 def test_a_body_that_trickles_in_is_a_408_after_the_read_timeout(monkeypatch):
     from raymoe.deploy import serve_app
 
