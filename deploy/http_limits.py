@@ -49,7 +49,9 @@ if HttpToolsProtocol is not None:
 
     class BoundedHeadProtocol(HttpToolsProtocol):  # type: ignore[valid-type,misc]
         """uvicorn's httptools protocol, counting the bytes that arrive while a request's head
-        is incomplete (a chunk that also holds the start of the body counts whole)."""
+        is incomplete. A chunk is parsed before the count is checked: one that completes the
+        head is let through however much body it also holds (a read takes up to 256 KiB), and
+        at most one chunk past the bound is ever parsed."""
 
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
@@ -68,8 +70,7 @@ if HttpToolsProtocol is not None:
                 return
             if self._head_bytes is not None:
                 self._head_bytes += len(data)
-                if self._head_bytes > MAX_HEAD_BYTES:
-                    self.transport.write(_too_large_response())
-                    self.transport.close()
-                    return
             super().data_received(data)
+            if self._head_bytes is not None and self._head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
+                self.transport.write(_too_large_response())
+                self.transport.close()

@@ -18,10 +18,16 @@ pytest.importorskip("httptools")
 
 
 async def _app(scope, receive, send):
+    """Answers the length of the body it read."""
     if scope["type"] != "http":
         return
-    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
-    await send({"type": "http.response.body", "body": b"ok"})
+    size, more = 0, True
+    while more:
+        message = await receive()
+        size, more = size + len(message.get("body", b"")), message.get("more_body", False)
+    body = str(size).encode()
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(body))]})
+    await send({"type": "http.response.body", "body": body})
 
 
 async def _exchange(port: int, head: bytes, chunks: list[bytes]) -> tuple[bytes, float]:
@@ -62,13 +68,18 @@ def test_a_request_head_past_the_bound_is_a_431_and_others_are_served(monkeypatc
         ok, _ = await _exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\nX-Fine: " + b"a" * 8000 + b"\r\n\r\n", [])
         big_head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nX-Big: "
         refused, seconds = await _exchange(port, big_head, [b"a" * 65536] * 256)  # 16 MB of one header
-        long_url, _ = await _exchange(port, b"GET /" + b"a" * 100_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", [])
+        long_url, _ = await _exchange(port, b"GET /", [b"a" * 4096] * 100)  # a URL arriving in pieces
         after, _ = await _exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", [])
+        # a small head and a large body in one write: the server's reads hold head and body together
+        body = b"b" * 3_000_000
+        post = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+        large_body, _ = await _exchange(port, post, [])
         server.should_exit = True
         await task
-        return ok, refused, seconds, long_url, after
+        return ok, refused, seconds, long_url, after, large_body
 
-    ok, refused, seconds, long_url, after = asyncio.run(main())
+    ok, refused, seconds, long_url, after, large_body = asyncio.run(main())
+    assert large_body.startswith(b"HTTP/1.1 200") and large_body.endswith(b"3000000"), large_body
     assert config.http_protocol_class is http_limits.BoundedHeadProtocol
     assert ok.startswith(b"HTTP/1.1 200") and after.startswith(b"HTTP/1.1 200")
     assert refused.startswith(b"HTTP/1.1 431") and long_url.startswith(b"HTTP/1.1 431")
