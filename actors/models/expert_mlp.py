@@ -20,6 +20,7 @@ Two implementations of the same maths:
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from raymoe.actors.models import ops
 from raymoe.actors.models.fp8 import dequantize_blocks, kernel_block
@@ -84,8 +85,24 @@ def expert_mlp(
 
 
 def _torch_expert_mlp(x, rows, ends, *, w13, w2) -> torch.Tensor:
+    align = 16 // x.element_size()  # torch._grouped_mm takes rows of a multiple of 16 bytes
+    hidden, inter = x.shape[1], w2.shape[2]
+    if hidden % align or inter % align:
+        return _padded_expert_mlp(x, rows, ends, w13=w13, w2=w2, align=align)
     h = ops.silu_and_mul(torch._grouped_mm(x[rows], w13.transpose(1, 2), offs=ends))
     return torch._grouped_mm(h, w2.transpose(1, 2), offs=ends)
+
+
+def _padded_expert_mlp(x, rows, ends, *, w13, w2, align: int) -> torch.Tensor:
+    """The same with the hidden and intermediate widths padded with zeros to ``align``: exact (a
+    zero gate gives a zero product). Tiny models and odd tp splits (an intermediate of 20 over
+    moe_tp 2 is 40-byte rows in float32); real checkpoints' widths are aligned."""
+    hidden, inter = x.shape[1], w2.shape[2]
+    ph, pi = -hidden % align, -inter % align
+    gate, up = w13[:, :inter], w13[:, inter:]
+    w13 = torch.cat([F.pad(gate, (0, ph, 0, pi)), F.pad(up, (0, ph, 0, pi))], dim=1)
+    y = _torch_expert_mlp(F.pad(x, (0, ph)), rows, ends, w13=w13, w2=F.pad(w2, (0, pi, 0, ph)))
+    return y[:, :hidden].contiguous()
 
 
 # Triton block sizes by rows per slot: the best of benchmarks/expert_mlp_bench.py --sweep

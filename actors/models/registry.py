@@ -81,6 +81,12 @@ class ArchitectureTraits:
     # transformers' defaults (its config class) for fields that change the maths, where config.json is
     # silent: the same checkpoint then means the same model here and there
     config_defaults: dict[str, Any] = field(default_factory=dict)
+    # config.json fields transformers' model of this architecture never reads (their defaults apply)
+    ignored_fields: tuple[str, ...] = ()
+    # which layers attend within sliding_window, where config.json has no layer_types (as transformers'
+    # model of this architecture decides): "all", "from_max_window_layers" (layers i >= it),
+    # "even_below_max_window_layers" (even i < it); None: none (the field is not read)
+    sliding_layers: Optional[str] = None
 
 
 ARCHITECTURES = {
@@ -89,6 +95,7 @@ ARCHITECTURES = {
         qk_norm=True,
         experts=QWEN_EXPERTS,
         config_defaults={"use_sliding_window": False, "num_key_value_heads": 4},
+        sliding_layers="all",
     ),
     # Mixtral always renormalises its top-k weights
     "MixtralForCausalLM": ArchitectureTraits(
@@ -97,11 +104,20 @@ ARCHITECTURES = {
         default_norm_topk=True,
         experts=MIXTRAL_EXPERTS,
         config_defaults={"rope_theta": 1e6, "rms_norm_eps": 1e-5, "num_key_value_heads": 8},
+        # transformers' MixtralTopKRouter always renormalises, and every layer is a MoE
+        ignored_fields=("norm_topk_prob", "decoder_sparse_step", "mlp_only_layers"),
+        sliding_layers="all",
     ),
     "Qwen3ForCausalLM": ArchitectureTraits(
         moe=False,
         qk_norm=True,
-        config_defaults={"use_sliding_window": False, "num_key_value_heads": 32, "head_dim": 128},
+        config_defaults={
+            "use_sliding_window": False,
+            "num_key_value_heads": 32,
+            "head_dim": 128,
+            "max_window_layers": 28,
+        },
+        sliding_layers="from_max_window_layers",
     ),
     "LlamaForCausalLM": ArchitectureTraits(moe=False, implemented_values={"mlp_bias": (False,)}),
     "Qwen2MoeForCausalLM": ArchitectureTraits(
@@ -116,8 +132,10 @@ ARCHITECTURES = {
             "decoder_sparse_step": 1,
             "mlp_only_layers": [],
             "use_sliding_window": False,
+            "max_window_layers": 28,
             "num_key_value_heads": 16,
         },
+        sliding_layers="even_below_max_window_layers",
     ),
     "Glm4MoeForCausalLM": ArchitectureTraits(
         moe=True,

@@ -153,7 +153,7 @@ def spec_from_hf_config(cfg: dict[str, Any]) -> ModelSpec:
     changes the maths in a way raymoe does not implement (naming the field)."""
     arch = (cfg.get("architectures") or ["<none>"])[0]
     traits = architecture_traits(arch)  # raises for unknown architectures
-    cfg = {**traits.config_defaults, **cfg}
+    cfg = {k: v for k, v in {**traits.config_defaults, **cfg}.items() if k not in traits.ignored_fields}
     _refuse_unimplemented(cfg, arch, traits)
     hidden = _need(cfg, "hidden_size")
     heads = _need(cfg, "num_attention_heads")
@@ -163,7 +163,7 @@ def spec_from_hf_config(cfg: dict[str, Any]) -> ModelSpec:
     max_position = int(cfg.get("max_position_embeddings", 4096))
     if rope.kind == "yarn":  # YaRN stretches the original context by its factor
         max_position = max(max_position, int(rope.original_max_position * rope.factor))
-    window = _sliding_window(cfg, layers)
+    window = _sliding_window(cfg, layers, traits.sliding_layers)
     mla = _latent_attention(cfg, rope) if traits.latent_attention else None
     return ModelSpec(
         architecture=arch,
@@ -192,17 +192,22 @@ def spec_from_hf_config(cfg: dict[str, Any]) -> ModelSpec:
     )
 
 
-def _sliding_window(cfg: dict[str, Any], layers: int) -> Optional[int]:
-    """The attention window of the layers that slide, or None where none does (transformers'
-    layer_types, else Qwen's max_window_layers: the layers from it on slide)."""
-    window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
+def _sliding_window(cfg: dict[str, Any], layers: int, rule: Optional[str]) -> Optional[int]:
+    """The attention window of the layers that slide, or None where none does: transformers'
+    layer_types, else the architecture's rule (ArchitectureTraits.sliding_layers)."""
+    window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) and rule else None
     if window is None:
         return None
     types = cfg.get("layer_types")
+    first = int(cfg.get("max_window_layers") or 0)
     if types is not None:
         slides = "sliding_attention" in types
-    else:
-        slides = int(cfg.get("max_window_layers") or 0) < layers
+    elif rule == "all":
+        slides = True
+    elif rule == "from_max_window_layers":
+        slides = first < layers
+    else:  # even_below_max_window_layers: layer 0 slides when any does
+        slides = first > 0
     if slides and not (isinstance(window, int) and window >= 1):
         raise ValueError(f"config.json: sliding_window = {json.dumps(window)} must be a window of >= 1 tokens")
     return window if slides else None
@@ -287,6 +292,8 @@ def _moe(cfg: dict[str, Any], arch: str, traits: ArchitectureTraits, layers: int
             raise ValueError(f"config.json: {zero} = {cfg[zero]} is not implemented for {arch} (a MoE with no experts)")
         raise ValueError(f"config.json of {arch}: needs num_experts (or num_local_experts, n_routed_experts)")
     top_k = _need(cfg, "num_experts_per_tok")
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"config.json: num_experts_per_tok = {top_k} must be in [1, {num_experts}] (the experts)")
     width = cfg.get("moe_intermediate_size") or _need(cfg, "intermediate_size")
     if traits.first_k_dense:
         dense = set(range(min(int(cfg.get("first_k_dense_replace", 1)), layers)))

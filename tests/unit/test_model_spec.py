@@ -274,6 +274,48 @@ def test_the_window_applies_only_where_transformers_slides_a_layer(max_window_la
     assert spec_from_hf_config(legacy).sliding_window == spec.sliding_window
 
 
+def _transformers_slides(kind: str, cfg) -> bool:
+    """Whether transformers' model of ``cfg`` attends within a window in any layer: its attention
+    modules' own window where they keep one, Mixtral's config (its attention reads it there)."""
+    model = hf_classes(kind)[1](cfg)
+    windows = [m.sliding_window for m in model.modules() if hasattr(m, "sliding_window") and hasattr(m, "o_proj")]
+    if windows:
+        return any(w for w in windows)
+    return kind.startswith("mixtral") and bool(getattr(cfg, "sliding_window", None))
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_the_window_applies_where_transformers_slides_any_layer(kind):
+    """Each architecture's rule for which layers slide (Qwen3-MoE: all of them, whatever
+    max_window_layers; Qwen2-MoE: the even ones below it; Qwen3: from it on; Llama, GLM-4.5 and
+    DeepSeek: none) against transformers' model of the same config.json; where any layer slides
+    the context is capped at the window. Qwen3-MoE with max_window_layers >= its layers ran with
+    no cap and gave other tokens than transformers past the window."""
+    for max_window_layers in (0, 1, 2, 5):
+        fields = dict(use_sliding_window=True, sliding_window=32, max_window_layers=max_window_layers)
+        cfg = _config(kind, **fields)
+        cfg.pop("layer_types", None)  # as older transformers wrote it: the architecture's rule decides
+        hf = hf_config(kind, **fields)
+        hf.layer_types = None if not hasattr(hf, "layer_types") else hf.layer_types
+        expected = 32 if _transformers_slides(kind, hf) else None
+        assert spec_from_hf_config(cfg).sliding_window == expected, (kind, max_window_layers)
+
+
+def test_mixtral_renormalises_its_top_k_whatever_norm_topk_prob_says():
+    """transformers' MixtralTopKRouter always divides the top-k weights by their sum and never
+    reads norm_topk_prob (a false here gave other tokens than transformers)."""
+    assert spec_from_hf_config(_config("mixtral", norm_topk_prob=False)).moe.norm_topk_prob is True
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral", "deepseek_v3"])
+def test_more_experts_a_token_than_there_are_is_refused_naming_the_field(kind):
+    cfg = _config(kind)
+    experts = next(cfg[k] for k in ("num_experts", "num_local_experts", "n_routed_experts") if k in cfg)
+    cfg["num_experts_per_tok"] = experts + 1
+    with pytest.raises(ValueError, match=rf"num_experts_per_tok = {experts + 1} must be in \[1, {experts}\]"):
+        spec_from_hf_config(cfg)
+
+
 def test_a_window_of_no_tokens_is_refused_naming_the_field():
     cfg = _config("mixtral", sliding_window=0)
     with pytest.raises(ValueError, match="sliding_window = 0"):
