@@ -23,6 +23,7 @@ in one run:
     python benchmarks/engine_bench.py --model deepseek-v2-lite --no-hf
     python benchmarks/engine_bench.py --model deepseek-v3 --layers 5 --no-hf
     python benchmarks/engine_bench.py --layers 16 --dtype bf16,fp8 --no-hf
+    python benchmarks/engine_bench.py --layers 48 --dtype bf16,fp8,fp8+kv8 --batches 1,64 --no-hf
 """
 
 from __future__ import annotations
@@ -109,8 +110,9 @@ def parse() -> argparse.Namespace:
     p.add_argument(
         "--dtype",
         default="bf16",
-        help="bf16, fp8 (random FP8 weights with 128 x 128 block scales) or both (bf16,fp8: one after "
-        "the other in one run, with the fp8 / bf16 ratio of every case)",
+        help="bf16, fp8 (random FP8 weights with 128 x 128 block scales), either with +kv8 (an FP8 KV "
+        "cache: engine.kv_cache_dtype fp8), or several (bf16,fp8,fp8+kv8: one after the other in one run, "
+        "with each later one's ratio to the first in every case)",
     )
     p.add_argument("--no-graphs", action="store_true")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
@@ -185,7 +187,8 @@ def build(ctx, config, spec_dict: dict, num_blocks: int, max_model_len: int) -> 
     t0 = time.perf_counter()
     runner = ModelRunner(ctx, config, spec, max_model_len=max_model_len, checkpoint_dir=None)
     runner.allocate_kv_cache(num_blocks)
-    runner.attention.kv_cache.normal_()  # never time on zeros
+    for layer in runner.attention.kv_cache:  # never time on zeros (normal_ has no FP8 kernel)
+        layer.copy_(torch.randn(layer.shape, dtype=torch.bfloat16, device=layer.device))
     torch.cuda.synchronize()
     ctx.state["runner"] = runner
     info = {"build_s": time.perf_counter() - t0, "graphs": runner.graphs is not None, **ceilings(ctx)}
@@ -344,8 +347,9 @@ def main() -> None:
     hf = {} if args.no_hf else hf_generate(args, [int(b) for b in args.hf_batches.split(",")])
     for dtype, (info, rows, overhead) in measured.items():
         print_table(args, dtype, info, rows, overhead, hf)
-    if len(measured) == 2:
-        print_ratios(args, *measured, measured)
+    first, *later = measured
+    for other in later:
+        print_ratios(args, first, other, measured)
 
 
 def measure(args, dtype: str) -> tuple:
@@ -354,8 +358,9 @@ def measure(args, dtype: str) -> tuple:
     from raymoe.cluster.config import config_from_dict
     from raymoe.deploy.launch import start_controller
 
-    if dtype not in ("bf16", "fp8"):
-        raise SystemExit(f"--dtype: {dtype!r} is not bf16 or fp8")
+    weights, _, kv = dtype.partition("+")
+    if weights not in ("bf16", "fp8") or kv not in ("", "kv8"):
+        raise SystemExit(f"--dtype: {dtype!r} is not bf16 or fp8, with or without +kv8")
     batches = [int(b) for b in args.batches.split(",")]
     prefills = [Prefill.parse(p) for p in args.prefill.split(",") if p]
     profiled = [c for c in args.profile.split(",") if c]
@@ -373,7 +378,7 @@ def measure(args, dtype: str) -> tuple:
                 "path": "builtin:none",
                 "dtype": "bfloat16",
                 "load_format": "dummy",
-                "quantization": "fp8" if dtype == "fp8" else "none",
+                "quantization": "fp8" if weights == "fp8" else "none",
             },
             "parallel": {"tp": args.tp, "dp": dp, "ep": args.ep, "device": "cuda"},
             "engine": {
@@ -383,6 +388,7 @@ def measure(args, dtype: str) -> tuple:
                 # the largest step it runs (KV is written directly, not prefilled)
                 "max_num_batched_tokens": max([*all_batches, *(p.seqs * p.tokens for p in all_prefills), 8192]),
                 "cuda_graphs": not args.no_graphs,
+                "kv_cache_dtype": "fp8" if kv else "auto",
             },
         }
     )
@@ -524,7 +530,8 @@ def print_table(args, dtype, info, rows, overhead, hf) -> None:
     lines = [
         f"GPU: {info['gpu']} x{args.tp * max(1, args.ep // args.tp)}; copy {info['copy_bw'] / 1e12:.2f} TB/s; "
         f"bf16 matmul {info['matmul_flops'] / 1e12:.0f} TFLOP/s; {args.model} shape, {args.layers or 'all'} layers, "
-        f"{dtype} weights; tp={args.tp} ep={args.ep}; CUDA graphs {'on' if info['graphs'] else 'off'}",
+        f"{dtype.partition('+')[0]} weights{', FP8 KV cache' if '+kv8' in dtype else ''}; "
+        f"tp={args.tp} ep={args.ep}; CUDA graphs {'on' if info['graphs'] else 'off'}",
         "",
         "| case | shape | raymoe ms | floor ms | x floor | tokens/s | transformers ms | speed-up | note |",
         "|---|---|---|---|---|---|---|---|---|",

@@ -79,6 +79,9 @@ class EngineConfig:
     mixed_step_graph_tokens: int = 8192
     # share the KV of full blocks whose tokens (and all before them) equal another request's
     prefix_caching: bool = True
+    # auto: the KV cache in the model's dtype; fp8: float8_e4m3fn with scale 1 (k and v
+    # saturated at +-448), half the bytes for attention to read and twice the tokens cached
+    kv_cache_dtype: Literal["auto", "fp8"] = "auto"
     # keep steps in flight on the ranks (AsyncEngine); unset: on GPUs (where the device runs
     # asynchronously to the host), off on CPU (a launch is the whole forward there)
     pipelined_steps: Optional[bool] = None

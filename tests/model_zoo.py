@@ -192,12 +192,18 @@ def hf_greedy(
     new_tokens: int,
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
+    attn_implementation: str | None = None,
 ) -> list[tuple[list[int], torch.Tensor]]:
     """transformers' greedy continuation of each prompt, recomputing the whole sequence at
-    every step (no KV cache): per prompt, the new tokens and each step's float32 logits [new_tokens, vocab]."""
+    every step (no KV cache): per prompt, the new tokens and each step's float32 logits
+    [new_tokens, vocab]. ``attn_implementation``: one registered with transformers'
+    AttentionInterface (None: its default)."""
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).to(device).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        directory, dtype=dtype, attn_implementation=attn_implementation
+    )
+    model = model.to(device).eval()
     results = []
     with torch.no_grad():
         for prompt in prompts:

@@ -4,8 +4,9 @@ One plan per step, shared by every layer: the decode kernel when every chunk
 is a single token (the steady state), the paged prefill kernel otherwise (it
 handles mixed prefill + decode batches). Both wrappers share one workspace.
 KV cache layout: FlashInfer's NHD paged layout, the same tensor the torch
-backend uses (see attention_torch.py); a step's k/v are written into it by
-FlashInfer's append kernel (``KVAppend``), one kernel for k and v.
+backend uses (see attention_torch.py), in the model's dtype or in FP8
+(``engine.kv_cache_dtype``: FlashInfer's kernels read it with bf16 queries); a step's
+k/v are written into it, cast, by one Triton kernel for k and v (``KVAppend``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from raymoe.actors.engine.kv_write_triton import write_kv
 from raymoe.actors.engine.step import StepLayout
 
 WORKSPACE_BYTES = 256 * 2**20
@@ -30,21 +32,18 @@ def page_tables(pages: np.ndarray, indices: np.ndarray, context_lens: np.ndarray
 
 
 class KVAppend:
-    """Writes a step's k/v [T, kv_heads, D] into a layer's paged cache with FlashInfer's
-    append kernel (k and v in one kernel, reading them in place from the qkv output).
+    """Writes a step's k/v [T, kv_heads, D] into a layer's paged cache, k and v in one
+    kernel reading them in place from the qkv output (kv_write_triton.py: cast to the
+    cache's dtype on the way).
 
-    The kernel appends to sequences described by a page table. Each token is described
-    as its own sequence of one page: batch index t, page list [block of t], position
-    = its offset in the block; so it lands at (block, offset) whatever the real
-    sequences are. The five int32 tables live in one device buffer [5, tokens + 1]
-    (blocks, offsets, token index, page pointer 0..T, last-page length), filled by one
-    copy from ``host`` (``fill``): static for a CUDA graph, which owns one of these.
+    Token t lands at (blocks[t], offsets[t]). The tables live in one int32 device buffer
+    [5, tokens + 1], filled by one copy from ``host`` (``fill``): static for a CUDA graph,
+    which owns one of these. Rows 0 and 1 are the blocks and offsets; rows 2-4 describe
+    each token to FlashInfer's append kernels (the latent cache's, attention_flashinfer_mla.py)
+    as its own sequence of one page: batch index t, page pointer 0..T, last-page length 1.
     """
 
     def __init__(self, tokens: int, device: torch.device) -> None:
-        import flashinfer
-
-        self._append = flashinfer.page.append_paged_kv_cache
         self.tokens = tokens
         self.host = torch.zeros(5, tokens + 1, dtype=torch.int32, pin_memory=True)
         self.host[2] = torch.arange(tokens + 1)
@@ -62,28 +61,25 @@ class KVAppend:
         self.tables.copy_(self.host, non_blocking=True)
 
     def __call__(self, cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        t = self.tables
-        n = k.shape[0]
-        if n == 0:  # an idle replica's eager step: FlashInfer cannot launch an empty grid
-            return
-        self._append(k, v, t[2, :n], t[1, :n], cache, t[0, :n], t[3, : n + 1], t[4, :n], kv_layout="NHD")
+        write_kv(cache, self.tables[0], self.tables[1], k=k, v=v)
 
 
 class FlashInferAttention:
-    def __init__(self, kv_cache: torch.Tensor, block_size: int, num_heads: int, num_kv_heads: int) -> None:
+    def __init__(self, kv_cache: torch.Tensor, block_size: int, num_heads: int, *, q_dtype: torch.dtype) -> None:
+        """``q_dtype``: the queries' (the model's) dtype; the cache's may be FP8."""
         import flashinfer
 
         self.kv_cache = kv_cache
         self.block_size = block_size
-        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.num_heads, self.num_kv_heads = num_heads, kv_cache.shape[-2]
         self.head_dim = kv_cache.shape[-1]
-        self.dtype = kv_cache.dtype
+        self.q_dtype = q_dtype
         device = kv_cache.device
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
         # tensor-core decode pays off once several query heads share a KV head
         self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            self.workspace, "NHD", use_tensor_cores=num_heads // num_kv_heads >= 4
+            self.workspace, "NHD", use_tensor_cores=num_heads // self.num_kv_heads >= 4
         )
         self.wrapper = None
         self._append: KVAppend | None = None
@@ -109,7 +105,7 @@ class FlashInferAttention:
         bs = self.block_size
         kv_indptr, kv_indices, last_len = page_tables(layout.pages, layout.kv_indices(), layout.context_lens, bs)
         args = (self.num_heads, self.num_kv_heads, self.head_dim, bs)
-        dtypes = dict(q_data_type=self.dtype, kv_data_type=self.dtype)
+        dtypes = dict(q_data_type=self.q_dtype, kv_data_type=self.kv_cache.dtype)
         if layout.input_ids.shape[0] == layout.num_seqs:  # one query token per sequence
             self.wrapper = self.decode
             self.decode.plan(kv_indptr, kv_indices, last_len, *args, **dtypes)
@@ -125,6 +121,7 @@ class FlashInferAttention:
             self.kv_cache,
             self.block_size,
             self.num_heads,
+            q_dtype=self.q_dtype,
             batch_size=batch_size,
             max_pages_per_seq=max_pages_per_seq,
             workspace=self.workspace,
@@ -159,6 +156,7 @@ class GraphDecodeAttention:
         block_size: int,
         num_heads: int,
         *,
+        q_dtype: torch.dtype,
         batch_size: int,
         max_pages_per_seq: int,
         workspace: torch.Tensor,
@@ -168,6 +166,7 @@ class GraphDecodeAttention:
 
         dev = kv_cache.device
         self.kv_cache, self.block_size, self.batch_size = kv_cache, block_size, batch_size
+        self.q_dtype = q_dtype
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, kv_cache.shape[-2], kv_cache.shape[-1]
         self.scratch_block = scratch_block
         self.append = KVAppend(batch_size, dev)
@@ -206,7 +205,7 @@ class GraphDecodeAttention:
             self.num_kv_heads,
             self.head_dim,
             self.block_size,
-            q_data_type=self.kv_cache.dtype,
+            q_data_type=self.q_dtype,
             kv_data_type=self.kv_cache.dtype,
         )
 

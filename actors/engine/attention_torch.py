@@ -1,7 +1,8 @@
 """Reference attention backend: paged KV cache in torch tensors, SDPA per sequence.
 
 The CPU path and the reference the GPU backend is checked against. The KV
-cache layout is FlashInfer's paged layout, so both backends share it:
+cache layout is FlashInfer's paged layout, so both backends share it, in the model's
+dtype or in FP8 (``engine.kv_cache_dtype``: read back into the queries' dtype):
 ``[layers, num_blocks, 2 (k, v), block_slots, kv_heads, head_dim]``; for latent
 attention (``forward_latent``) ``[layers, num_blocks, block_slots, latent + rope]``.
 
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from raymoe.actors.engine.context_split import context_split
 from raymoe.actors.engine.step import StepLayout
 from raymoe.actors.models.batch import LatentPair
+from raymoe.actors.models.fp8 import FP8_MAX
 from raymoe.comm.group import GroupCoordinator
 
 KeysValues = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -34,9 +36,14 @@ def write_kv(
     cache: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor, *, k: torch.Tensor, v: torch.Tensor
 ) -> None:
     """Store the step's k/v [T, kv_heads, D] into one layer's paged cache
-    [num_blocks, 2, block_size, kv_heads, D] at (blocks[t], offsets[t])."""
-    cache[blocks, 0, offsets] = k
-    cache[blocks, 1, offsets] = v
+    [num_blocks, 2, block_size, kv_heads, D] at (blocks[t], offsets[t]), cast to its dtype."""
+    cache[blocks, 0, offsets] = to_cache_dtype(k, cache.dtype)
+    cache[blocks, 1, offsets] = to_cache_dtype(v, cache.dtype)
+
+
+def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x as an FP8 cache stores it (saturated to +-448, then rounded; scale 1), or cast."""
+    return x.clamp(-FP8_MAX, FP8_MAX).to(dtype) if dtype == torch.float8_e4m3fn else x.to(dtype)
 
 
 def merge_partials(outs: torch.Tensor, lses: torch.Tensor) -> torch.Tensor:
@@ -90,8 +97,10 @@ class TorchAttention:
         group = q.shape[1] // k.shape[1]
 
         def keys_values(blocks: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            keys = cache[blocks, 0, slots].transpose(0, 1).repeat_interleave(group, dim=0)  # [heads, ctx, D]
-            return keys, cache[blocks, 1, slots].transpose(0, 1).repeat_interleave(group, dim=0)
+            def read(kv: int) -> torch.Tensor:  # [heads, ctx, D] in q's dtype
+                return cache[blocks, kv, slots].to(q.dtype).transpose(0, 1).repeat_interleave(group, dim=0)
+
+            return read(0), read(1)
 
         return self._attend(q, q.shape[-1], keys_values, scale=None)
 

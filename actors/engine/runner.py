@@ -51,19 +51,32 @@ log = logging.getLogger(__name__)
 CPU_KV_BUDGET_BYTES = 2 * 2**30  # auto-sized CPU caches stop here
 
 
+def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype, *, latent: bool) -> torch.dtype:
+    """``engine.kv_cache_dtype`` -> the KV cache's torch dtype."""
+    if name == "auto":
+        return model_dtype
+    if latent:
+        raise ValueError(
+            "engine.kv_cache_dtype: fp8 is not implemented for latent attention (DeepSeek's MLA cache); use auto"
+        )
+    return torch.float8_e4m3fn
+
+
 def make_attention(
     kind: str,
     kv_cache: torch.Tensor,
     block_size: int,
     model: CausalLM,
     *,
+    q_dtype: torch.dtype,
     step_tokens: int,
     max_seqs: int,
     cp: Optional[GroupCoordinator] = None,
 ) -> Any:
     """The attention backend for ``engine.attention_backend``: auto = FlashInfer on GPU, torch on
-    CPU (and on GPU for what FlashInfer does not run here, with a warning). ``step_tokens`` and
-    ``max_seqs`` bound one step (FlashInfer MLA refuses budgets it could not plan)."""
+    CPU (and on GPU for what FlashInfer does not run here, with a warning). ``q_dtype``: the
+    model's (the cache's may be FP8). ``step_tokens`` and ``max_seqs`` bound one step
+    (FlashInfer MLA refuses budgets it could not plan)."""
     on_gpu = kv_cache.device.type == "cuda"
     if kind == "flashinfer" and not on_gpu:
         raise ValueError("engine.attention_backend: flashinfer needs parallel.device: cuda; use torch or auto")
@@ -87,7 +100,7 @@ def make_attention(
             num_sms = torch.cuda.get_device_properties(kv_cache.device).multi_processor_count
             check_step_budget(step_tokens, max_seqs, heads, num_sms)
             return attention
-        return FlashInferAttention(kv_cache, block_size, heads, kv_cache.shape[-2])
+        return FlashInferAttention(kv_cache, block_size, heads, q_dtype=q_dtype)
     except (ImportError, ValueError) as e:
         if kind == "flashinfer":
             fix = "pip install 'raymoe[gpu]'" if isinstance(e, ImportError) else "use torch or auto"
@@ -103,6 +116,7 @@ class ModelRunner:
         """``checkpoint_dir`` is read unless ``model.load_format`` is dummy (random weights)."""
         self.ctx, self.config, self.spec, self.device = ctx, config, spec, ctx.device
         self.dtype = resolve_dtype(config.model.dtype, spec, self.device)
+        self.kv_dtype = resolve_kv_cache_dtype(config.engine.kv_cache_dtype, self.dtype, latent=spec.mla is not None)
         self.max_model_len = max_model_len
         self.block_size = config.engine.block_size
         # with context parallelism each rank holds 1/cp of every block (attention_torch.py)
@@ -163,7 +177,7 @@ class ModelRunner:
         return ExpertMap(physical_to_logical, moe.num_experts, self.device)
 
     def kv_block_bytes(self) -> int:
-        elem = torch.empty((), dtype=self.dtype).element_size()
+        elem = torch.empty((), dtype=self.kv_dtype).element_size()
         return math.prod(self.model.kv_cache_shape(1, self.block_slots)) * elem
 
     def max_kv_blocks(self) -> int:
@@ -201,7 +215,7 @@ class ModelRunner:
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """KV cache of ``num_blocks`` blocks plus one scratch block (CUDA-graph padding rows write there)."""
         shape = self.model.kv_cache_shape(num_blocks + 1, self.block_slots)
-        kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        kv_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
         self.scratch_block = num_blocks
         engine = self.config.engine
         self.attention = make_attention(
@@ -209,6 +223,7 @@ class ModelRunner:
             kv_cache,
             self.block_size,
             self.model,
+            q_dtype=self.dtype,
             step_tokens=engine.max_num_batched_tokens,
             max_seqs=engine.max_num_seqs,
             cp=self.ctx.groups.cp,

@@ -249,3 +249,51 @@ def ray_dtypes(llm) -> set:
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     return ray.get(llm.controller.run_on_ranks.remote(_projection_dtypes))[0]
+
+
+def _kv_cache_dtype(ctx) -> torch.dtype:
+    return ctx.state["runner"].attention.kv_cache.dtype
+
+
+def test_fp8_kv_cache_close_to_transformers_on_fp8_rounded_keys_and_values(gpu_ray, stable_case):
+    """engine.kv_cache_dtype: fp8 through FlashInfer (bf16 queries over FP8 keys and values:
+    prefill, mixed steps in piecewise graphs, decode in CUDA graphs) against transformers in
+    float32 whose attention rounds its keys and values to FP8 as the cache does. Compared
+    while the greedy tokens agree (a step's logits are comparable up to the first that differs)."""
+    import ray
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from raymoe.cluster.config import config_from_dict
+    from raymoe.deploy import LLM, SamplingParams
+
+    def rounded_kv(module, query, key, value, attention_mask, **kwargs):
+        def fp8(x):
+            return x.clamp(-448.0, 448.0).to(torch.float8_e4m3fn).to(x.dtype)
+
+        return sdpa_attention_forward(module, query, fp8(key), fp8(value), attention_mask, **kwargs)
+
+    AttentionInterface.register("fp8_rounded_kv", rounded_kv)
+    path, prompts, _ = stable_case
+    ref = hf_greedy(path, prompts, NEW_TOKENS, torch.float32, "cuda", attn_implementation="fp8_rounded_kv")
+    config = config_from_dict(
+        {
+            "model": {"path": str(path), "dtype": "bfloat16"},
+            "parallel": {"device": "cuda"},
+            "engine": {"block_size": 16, "num_kv_blocks": 256, "max_num_batched_tokens": 64, "kv_cache_dtype": "fp8"},
+        }
+    )
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    with LLM(config, collect_logits=True) as llm:
+        assert ray.get(llm.controller.run_on_ranks.remote(_kv_cache_dtype)) == [torch.float8_e4m3fn]
+        outs = llm.generate(prompts, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True))
+    errors, compared = [], 0
+    for out, (tokens, logits) in zip(outs, ref):
+        same = next((i for i, (a, b) in enumerate(zip(out.token_ids, tokens)) if a != b), NEW_TOKENS - 1) + 1
+        ours = torch.stack(out.logits[:same])
+        errors.append(((ours - logits[:same]).norm() / logits[:same].norm()).item())
+        compared += same
+    shown = ", ".join(f"{e:.1e}" for e in errors)
+    assert torch.tensor(errors).median() <= 2e-2, f"logits rel. errors: {shown}"
+    assert max(errors) <= 8e-2, f"logits rel. errors: {shown}"
+    assert compared >= NEW_TOKENS * len(prompts) // 2, "the greedy tokens parted too early to compare"

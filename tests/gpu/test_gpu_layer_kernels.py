@@ -1,7 +1,7 @@
 """The kernels of the dense part of a layer, compiled for this GPU, against references:
 the one-row Triton linear (F.linear), the fused q/k norm + rotary Triton kernel (the
-unfused path: FlashInfer's norm and rotary), FlashInfer's KV append (the torch
-backend's ``write_kv``)."""
+unfused path: FlashInfer's norm and rotary), the Triton KV write into a bf16 or FP8 cache
+(the torch backend's ``write_kv``)."""
 
 from __future__ import annotations
 
@@ -45,14 +45,16 @@ def test_kv_append_of_no_tokens_is_a_no_op():
     assert not cache.any()
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float8_e4m3fn], ids=["bf16", "fp8"])
 @pytest.mark.parametrize("graph", [False, True])
-def test_kv_append_writes_where_write_kv_does(graph):
+def test_kv_append_writes_where_write_kv_does(graph, cache_dtype):
     from raymoe.actors.engine.attention_flashinfer import KVAppend
+    from raymoe.actors.engine.attention_torch import to_cache_dtype
 
     blocks_total, block_size, kv_heads, d, tokens = 12, 16, 2, 64, 7
-    cache = torch.zeros(blocks_total, 2, block_size, kv_heads, d, device="cuda", dtype=torch.bfloat16)
-    # k and v are views into one qkv row, as the attention block produces them
-    qkv = torch.randn(tokens, (4 + 2 * kv_heads) * d, device="cuda", dtype=torch.bfloat16)
+    cache = torch.zeros(blocks_total, 2, block_size, kv_heads, d, device="cuda", dtype=cache_dtype)
+    # k and v are views into one qkv row, as the attention block produces them; some past FP8's range
+    qkv = torch.randn(tokens, (4 + 2 * kv_heads) * d, device="cuda", dtype=torch.bfloat16) * 200
     k = qkv[:, 4 * d : (4 + kv_heads) * d].view(tokens, kv_heads, d)
     v = qkv[:, (4 + kv_heads) * d :].view(tokens, kv_heads, d)
     blocks, offsets = torch.tensor([3, 3, 5, 0, 11]), torch.tensor([0, 1, 15, 4, 9])
@@ -70,11 +72,14 @@ def test_kv_append_writes_where_write_kv_does(graph):
     want = torch.zeros_like(cache)
     write_kv(want, blocks.cuda(), offsets.cuda(), k=k[:5], v=v[:5])
     others = torch.arange(blocks_total, device="cuda") != 9
-    assert torch.equal(cache[others], want[others])
+    assert torch.equal(cache[others].view(torch.uint8), want[others].view(torch.uint8))
     # the two padding rows race for the same place: either one's k (and v) may land there
-    assert any(torch.equal(cache[9, 0, 0], k[t]) for t in (5, 6))
-    assert any(torch.equal(cache[9, 1, 0], v[t]) for t in (5, 6))
-    assert not cache[9, :, 1:].any()
+    bits = lambda x: to_cache_dtype(x, cache_dtype).view(torch.uint8)  # noqa: E731
+    assert any(torch.equal(cache[9, 0, 0].view(torch.uint8), bits(k[t])) for t in (5, 6))
+    assert any(torch.equal(cache[9, 1, 0].view(torch.uint8), bits(v[t])) for t in (5, 6))
+    assert not cache[9, :, 1:].view(torch.uint8).any()
+    if cache_dtype == torch.float8_e4m3fn:  # saturated, not NaN
+        assert cache.float().abs().max() == 448 and not cache.float().isnan().any()
 
 
 def test_qk_norm_rotary_kernel_matches_torch():

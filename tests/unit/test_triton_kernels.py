@@ -1,5 +1,5 @@
 """The Triton kernels (MoE dispatch, expert MLP, combine; one-row linear; FP8 linear and
-expert MLP; q/k norm + rotary; the fused sum + add + norm; the one-shot gather) in Triton's
+expert MLP; q/k norm + rotary; the KV cache write; the fused sum + add + norm; the one-shot gather) in Triton's
 CPU interpreter against the torch paths, one case per test. The cases run in one fresh
 process (TRITON_INTERPRET=1 must be set before Triton is first imported; one process
 imports torch and Triton once, where a process per case took ~15 times as long).
@@ -83,6 +83,9 @@ CASES = {
         dict(tokens=5, top_k=4, hidden=40, mine=13, shared=True),
     ),
     "qk-norm-rope": ("qk_norm_rope_case", dict(tokens=3, heads=4, kv_heads=2, dim=16)),
+    # 3 KV heads of 24: both padded to the kernel's power-of-two block
+    "kv-write-fp8": ("kv_write_case", dict(tokens=5, kv_heads=3, dim=24, dtype="float8_e4m3fn")),
+    "kv-write-float32": ("kv_write_case", dict(tokens=4, kv_heads=2, dim=16, dtype="float32")),
     # MLA: V2's query inside the latent's projection row, V3's from a q_b projection of its own
     "latent-norm-rope": ("latent_norm_rope_case", dict(tokens=3, heads=4, nope=8, latent=32, rope=16, q_lora=False)),
     "latent-norm-rope-q-lora": (

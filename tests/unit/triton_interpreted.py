@@ -18,6 +18,7 @@ import torch
 import triton.language as tl
 from triton.runtime import interpreter
 
+from raymoe.actors.engine import attention_torch, kv_write_triton
 from raymoe.actors.models import (
     expert_mlp_triton,
     fp8_linear_triton,
@@ -160,6 +161,24 @@ def qk_norm_rope_case(tokens, heads, kv_heads, dim):
     torch.testing.assert_close(q, want_q, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(k, want_k, rtol=1e-5, atol=1e-5)
     assert torch.equal(qkv[:, (heads + kv_heads) * dim :], v_before), "v must be left alone"
+
+
+def kv_write_case(tokens, kv_heads, dim, dtype):
+    """k/v as views of one qkv row, some past FP8's range, written into a paged cache of
+    ``dtype`` where the torch backend writes them (saturated and rounded for FP8)."""
+    g = torch.Generator().manual_seed(tokens)
+    qkv = torch.randn(tokens, (3 + 2 * kv_heads) * dim, generator=g) * 200
+    k = qkv[:, 3 * dim : (3 + kv_heads) * dim].view(tokens, kv_heads, dim)
+    v = qkv[:, (3 + kv_heads) * dim :].view(tokens, kv_heads, dim)
+    assert k.abs().max() > 448
+    blocks = torch.randperm(tokens + 3, generator=g)[:tokens].to(torch.int32)  # distinct: no two rows collide
+    offsets = torch.randint(0, 4, (tokens,), generator=g, dtype=torch.int32)
+    got = torch.zeros(tokens + 3, 2, 4, kv_heads, dim, dtype=getattr(torch, dtype))
+    want = got.clone()
+    kv_write_triton.write_kv(got, blocks, offsets, k=k, v=v)
+    attention_torch.write_kv(want, blocks.long(), offsets.long(), k=k, v=v)
+    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    assert got.float().abs().max() == (448 if dtype == "float8_e4m3fn" else qkv[:, 3 * dim :].abs().max())
 
 
 def latent_norm_rope_case(tokens, heads, nope, latent, rope, q_lora):
@@ -329,6 +348,7 @@ CASE_FUNCTIONS = {
         combine_case,
         combine_add_rms_norm_case,
         qk_norm_rope_case,
+        kv_write_case,
         latent_norm_rope_case,
         skinny_linear_case,
         reduce_add_rms_norm_case,

@@ -24,6 +24,7 @@ from triton.backends.driver import DriverBase
 from triton.runtime import jit
 from triton.runtime.driver import driver
 
+from raymoe.actors.engine import kv_write_triton
 from raymoe.actors.models import fp8_widen_triton, ops
 from raymoe.actors.models.expert_mlp import expert_mlp
 from raymoe.actors.models.fp8 import FP8
@@ -168,6 +169,16 @@ def qk_norm_rope_case(tokens: int, heads: int, kv_heads: int, dim: int) -> None:
     ops.qk_norm_rotary_(positions, q, k, **norm_rope, cos_sin=torch.randn(4096, dim), backend="triton")
 
 
+def kv_write_case(tokens: int, heads: int, kv_heads: int, dim: int, fp8: bool) -> None:
+    """k/v from the qkv row into a paged cache, bf16 or FP8."""
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, dtype=BF16)
+    k = qkv[:, heads * dim : (heads + kv_heads) * dim].view(tokens, kv_heads, dim)
+    v = qkv[:, (heads + kv_heads) * dim :].view(tokens, kv_heads, dim)
+    cache = torch.zeros(8, 2, 16, kv_heads, dim, dtype=FP8 if fp8 else BF16)
+    slots = torch.zeros(tokens, dtype=torch.int32)
+    kv_write_triton.write_kv(cache, slots, slots, k=k, v=v)
+
+
 def latent_norm_rope_case(tokens: int, heads: int, q_lora: int) -> None:
     """MLA's norm + rotary at DeepSeek's widths (nope 128, latent 512, rope 64)."""
     q_width, latent_width = heads * 192, 576
@@ -216,6 +227,12 @@ CASES = {
         dict(tokens=64, experts=64, top_k=6, num_groups=1, topk_groups=1, routed_scaling_factor=1.0, scoring="softmax"),
     ),
     "qk-norm-rope-qwen3": (qk_norm_rope_case, dict(tokens=64, heads=32, kv_heads=4, dim=128)),
+    **{
+        f"kv-write-qwen3-{c}": (kv_write_case, dict(tokens=64, heads=32, kv_heads=4, dim=128, fp8=c == "fp8"))
+        for c in ("bf16", "fp8")
+    },
+    # Llama-70B's 8 KV heads: the kernel's wider variant
+    "kv-write-8-heads-fp8": (kv_write_case, dict(tokens=64, heads=64, kv_heads=8, dim=128, fp8=True)),
     "latent-norm-rope-deepseek-v2-lite": (latent_norm_rope_case, dict(tokens=64, heads=16, q_lora=0)),
     "latent-norm-rope-deepseek-v3": (latent_norm_rope_case, dict(tokens=64, heads=128, q_lora=1536)),
     "collectives-2-ranks-2048": (collectives_case, dict(ranks=2, tokens=8, width=2048)),
