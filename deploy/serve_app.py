@@ -10,7 +10,7 @@ them, so the per-token work spreads over the replicas. The same app runs under
 KubeRay RayService (``import_path: raymoe.deploy.serve_app:build_app``).
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models[/{id}],
-GET /health (200 ok, 503 degraded), GET /metrics (Prometheus text), and the expert
+GET or HEAD /health (200 ok, 503 degraded), GET /metrics (Prometheus text), and the expert
 load balancer's GET /admin/eplb (status, last plan) and POST /admin/eplb/rebalance.
 """
 
@@ -157,7 +157,7 @@ def build_fastapi_app(server: OpenAIServer) -> FastAPI:
     async def rebalance(request: Request) -> Response:
         return await run("eplb", request, server.rebalance)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # load balancers probe with either
     async def health() -> Response:
         """Open, and bare: the state and a reason, nothing about processes or addresses."""
         status, body = await _health(server)

@@ -116,6 +116,8 @@ def test_models_health_and_api_key(server, client):
     assert [m.id for m in client.models.list().data] == [MODEL]
     status, body = _http(server, "/health", key=None)
     assert status == 200 and body["status"] == "ok"
+    with urllib.request.urlopen(urllib.request.Request(server + "/health", method="HEAD"), timeout=60) as resp:
+        assert resp.status == 200 and resp.read() == b""  # a load balancer's probe: the status, no body
     bad = openai.OpenAI(base_url=server + "/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()
