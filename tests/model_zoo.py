@@ -186,6 +186,23 @@ def write_checkpoint(
     return directory
 
 
+def fp8_rounded_kv_attention() -> str:
+    """Register (once) and name a transformers attention implementation whose keys and values
+    are rounded as an FP8 KV cache stores them (engine.kv_cache_dtype: fp8: saturated at +-448,
+    float8_e4m3fn, scale 1), then handed to transformers' own SDPA attention."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def rounded(x: torch.Tensor) -> torch.Tensor:
+        return x.clamp(-448.0, 448.0).to(torch.float8_e4m3fn).to(x.dtype)
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        return sdpa_attention_forward(module, query, rounded(key), rounded(value), attention_mask, **kwargs)
+
+    AttentionInterface.register("fp8_rounded_kv", attention)
+    return "fp8_rounded_kv"
+
+
 def hf_greedy(
     directory: pathlib.Path,
     prompts: list[list[int]],

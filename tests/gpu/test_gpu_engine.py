@@ -15,7 +15,7 @@ import time
 
 import pytest
 import torch
-from model_zoo import hf_greedy, write_checkpoint
+from model_zoo import fp8_rounded_kv_attention, hf_greedy, write_checkpoint
 
 GPUS = torch.cuda.device_count()
 NEW_TOKENS = 10
@@ -261,21 +261,13 @@ def test_fp8_kv_cache_close_to_transformers_on_fp8_rounded_keys_and_values(gpu_r
     float32 whose attention rounds its keys and values to FP8 as the cache does. Compared
     while the greedy tokens agree (a step's logits are comparable up to the first that differs)."""
     import ray
-    from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     from raymoe.cluster.config import config_from_dict
     from raymoe.deploy import LLM, SamplingParams
 
-    def rounded_kv(module, query, key, value, attention_mask, **kwargs):
-        def fp8(x):
-            return x.clamp(-448.0, 448.0).to(torch.float8_e4m3fn).to(x.dtype)
-
-        return sdpa_attention_forward(module, query, fp8(key), fp8(value), attention_mask, **kwargs)
-
-    AttentionInterface.register("fp8_rounded_kv", rounded_kv)
     path, prompts, _ = stable_case
-    ref = hf_greedy(path, prompts, NEW_TOKENS, torch.float32, "cuda", attn_implementation="fp8_rounded_kv")
+    rounded = fp8_rounded_kv_attention()
+    ref = hf_greedy(path, prompts, NEW_TOKENS, torch.float32, "cuda", attn_implementation=rounded)
     config = config_from_dict(
         {
             "model": {"path": str(path), "dtype": "bfloat16"},

@@ -10,7 +10,7 @@ import sys
 import pytest
 import ray
 import torch
-from model_zoo import hf_greedy, write_checkpoint
+from model_zoo import fp8_rounded_kv_attention, hf_greedy, write_checkpoint
 
 from raymoe.cluster.config import Config, config_from_dict
 from raymoe.deploy import LLM, SamplingParams
@@ -65,8 +65,9 @@ def references(tmp_path_factory):
     return reference
 
 
-def _config(path, tp: int, ep: int, pipelined: bool = False, cp: int = 1, dp: int = 0) -> Config:
-    """dp = 0: ep / tp when ep exceeds tp (data-parallel attention), else 1."""
+def _config(path, tp: int, ep: int, pipelined: bool = False, cp: int = 1, dp: int = 0, kv: str = "auto") -> Config:
+    """dp = 0: ep / tp when ep exceeds tp (data-parallel attention), else 1. ``kv``:
+    engine.kv_cache_dtype."""
     return config_from_dict(
         {
             "model": {"path": str(path), "dtype": "float32"},
@@ -84,6 +85,7 @@ def _config(path, tp: int, ep: int, pipelined: bool = False, cp: int = 1, dp: in
                 "num_kv_blocks": 128,
                 "max_num_batched_tokens": 48,
                 "pipelined_steps": pipelined,
+                "kv_cache_dtype": kv,
             },
         }
     )
@@ -111,10 +113,12 @@ def _kv_slots_per_block(ctx) -> int:
     return runner.attention.kv_cache.shape[2 if runner.spec.mla is not None else 3]
 
 
-def _check(references, kind: str, tp: int, ep: int, pipelined: bool, cp: int = 1, dp: int = 0) -> None:
+def _check(
+    references, kind: str, tp: int, ep: int, pipelined: bool, cp: int = 1, dp: int = 0, kv: str = "auto"
+) -> None:
     sampling = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
     path, expected = references(kind)
-    with LLM(_config(path, tp, ep, pipelined, cp=cp, dp=dp), collect_logits=True) as llm:
+    with LLM(_config(path, tp, ep, pipelined, cp=cp, dp=dp, kv=kv), collect_logits=True) as llm:
         # with cp, each rank's cache holds block_size / cp slots of every block
         assert set(ray.get(llm.controller.run_on_ranks.remote(_kv_slots_per_block))) == {8 // cp}
         outputs = llm.generate(_prompts(), sampling)
@@ -150,6 +154,28 @@ def test_context_parallel_equal_to_transformers(ray_session, references, kind, t
     """Each cp rank holds 1/cp of every sequence's KV and attends to it; the partial
     attentions merge over the cp group."""
     _check(references, kind, tp, ep, pipelined=False, cp=cp, dp=dp)
+
+
+@pytest.fixture(scope="module")
+def fp8_kv_references(tmp_path_factory):
+    """kind -> (checkpoint, transformers' greedy tokens and logits with its keys and values
+    rounded as an FP8 KV cache stores them)."""
+    root = tmp_path_factory.mktemp("fp8-kv")
+    made = {}
+
+    def reference(kind: str):
+        if kind not in made:
+            path = write_checkpoint(kind, root / kind)
+            made[kind] = (path, hf_greedy(path, _prompts(), NEW_TOKENS, attn_implementation=fp8_rounded_kv_attention()))
+        return made[kind]
+
+    return reference
+
+
+def test_fp8_kv_cache_over_tp_and_cp_equals_transformers_on_rounded_kv(ray_session, fp8_kv_references):
+    """engine.kv_cache_dtype: fp8 with the KV heads split over tp 2 and every block over cp 2
+    (each cp rank's partial attention over its half of the rounded keys), experts over ep 4."""
+    _check(fp8_kv_references, "qwen3_moe", tp=2, ep=4, pipelined=False, cp=2, dp=1, kv="fp8")
 
 
 def test_context_parallel_needs_a_block_size_it_divides():

@@ -1,7 +1,8 @@
 """engine.kv_cache_dtype: fp8. The cache holds k and v in float8_e4m3fn (saturated at +-448,
 scale 1), so the engine must equal transformers whose attention sees the same rounded keys
-and values (a function registered with transformers' AttentionInterface rounds them and
-calls transformers' own SDPA attention); the cache's bytes halve against bf16."""
+and values (model_zoo.fp8_rounded_kv_attention: registered with transformers'
+AttentionInterface, it rounds them and calls transformers' own SDPA attention); the cache's
+bytes halve against bf16."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import random
 
 import pytest
 import torch
-from model_zoo import hf_greedy, write_checkpoint
+from model_zoo import fp8_rounded_kv_attention, hf_greedy, write_checkpoint
 
 from raymoe.actors.engine.attention_torch import write_kv
 from raymoe.actors.engine.local import build_local_engine
@@ -21,22 +22,9 @@ FP8 = torch.float8_e4m3fn
 NEW_TOKENS = 12
 
 
-def _fp8_rounded_attention(module, query, key, value, attention_mask, **kwargs):
-    """transformers' SDPA attention over keys and values rounded as an FP8 cache stores them."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    def rounded(x: torch.Tensor) -> torch.Tensor:
-        return x.clamp(-448.0, 448.0).to(FP8).to(x.dtype)
-
-    return sdpa_attention_forward(module, query, rounded(key), rounded(value), attention_mask, **kwargs)
-
-
 @pytest.fixture(scope="module")
 def fp8_attention() -> str:
-    from transformers import AttentionInterface
-
-    AttentionInterface.register("fp8_rounded_kv", _fp8_rounded_attention)
-    return "fp8_rounded_kv"
+    return fp8_rounded_kv_attention()
 
 
 def _prompts() -> list[list[int]]:
