@@ -364,10 +364,26 @@ def chat_messages(req: ChatRequest) -> list[dict[str, Any]]:
                 if part.get("text") is None:
                     raise bad_request(f"{where}.text: a text part needs its text", f"{where}.text")
             content = "".join(p["text"] for p in content)
+        if role == "tool" and not m.get("tool_call_id"):  # as OpenAI: the answer names its call
+            where = f"messages.{i}.tool_call_id"
+            raise bad_request(f"{where}: a tool message needs the id of the call it answers", where)
+        for j, call in enumerate(m.get("tool_calls") or []):
+            _check_past_tool_call(call, f"messages.{i}.tool_calls.{j}")
         msg = {k: v for k, v in m.items() if v is not None}
         msg["content"] = content if content is not None else ""
         out.append(msg)
     return out
+
+
+def _check_past_tool_call(call: Any, where: str) -> None:
+    """An assistant message's earlier call, as chat templates read it: a function with a name,
+    its arguments a JSON string (OpenAI's) or an object (transformers' convention)."""
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        shape = "{'id': ..., 'type': 'function', 'function': {'name': ..., 'arguments': ...}}"
+        raise bad_request(f"{where}: a tool call is {shape}", where)
+    if not isinstance(fn.get("arguments", ""), (str, dict)):
+        raise bad_request(f"{where}.function.arguments: must be a JSON string", f"{where}.function.arguments")
 
 
 def resolve_max_tokens(

@@ -127,6 +127,9 @@ def test_a_request_that_could_never_queue_is_a_400_naming_what_makes_it():
     assert "300000" in many_prompts.value.message and "serve.max_queued_requests" in many_prompts.value.message
 
 
+_PAST_CALL = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+
+
 @pytest.mark.parametrize(
     "body,param",
     [
@@ -140,6 +143,18 @@ def test_a_request_that_could_never_queue_is_a_400_naming_what_makes_it():
         # the fields a chat template reads from earlier calls, of the wrong type
         ({"messages": [{"role": "assistant", "content": "x", "tool_calls": "zzz"}]}, "messages.0.tool_calls"),
         ({"messages": [{"role": "tool", "content": "x", "tool_call_id": 7}]}, "messages.0.tool_call_id"),
+        # as OpenAI: a tool message names the call it answers; an earlier call names its function
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.tool_call_id"),
+        ({"messages": [{"role": "tool", "content": "x", "tool_call_id": ""}]}, "messages.0.tool_call_id"),
+        (
+            {"messages": [{"role": "assistant", "tool_calls": [{"id": "c1", "type": "function"}]}]},
+            "messages.0.tool_calls.0",
+        ),
+        ({"messages": [{"role": "assistant", "tool_calls": [_PAST_CALL, 3]}]}, "messages.0.tool_calls.1"),
+        (
+            {"messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": 1}}]}]},
+            "messages.0.tool_calls.0.function.arguments",
+        ),
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}]},
             "messages.0.content.0",
@@ -634,7 +649,7 @@ def test_messages_reach_the_template_as_sent_extras_and_all():
     body = {
         "messages": [
             {"role": "user", "content": "a", "name": None, "x_extra": {"k": [1, None]}},
-            {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function"}], "reasoning_content": "r"},
+            {"role": "assistant", "tool_calls": [_PAST_CALL], "reasoning_content": "r"},
             {
                 "role": "tool",
                 "tool_call_id": "c1",
@@ -648,7 +663,7 @@ def test_messages_reach_the_template_as_sent_extras_and_all():
         {"role": "user", "content": "a", "x_extra": {"k": [1, None]}},
         {
             "role": "assistant",
-            "tool_calls": [{"id": "c1", "type": "function"}],
+            "tool_calls": [_PAST_CALL],
             "reasoning_content": "r",
             "content": "",
         },
