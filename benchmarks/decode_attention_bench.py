@@ -1,9 +1,11 @@
-"""FlashInfer's paged decode on one GPU with and without tensor cores, per batch and KV
-cache dtype (bf16, or FP8 read with bf16 queries: engine.kv_cache_dtype), at the engine
-benchmark's attention shape (32 query / 4 KV heads, head_dim 128, pages of 16, context
-1024), with the CUDA-graph wrapper the engine captures. Reports microseconds and the KV
-read rate; the engine uses tensor cores when a KV head serves at least 4 query heads
-(attention_flashinfer.py).
+"""Paged decode attention on one GPU, per batch and KV cache dtype (bf16, or FP8 read with
+bf16 queries: engine.kv_cache_dtype): FlashInfer's with and without tensor cores (its
+CUDA-graph wrapper, as the engine captures it) and raymoe's Triton kernel
+(decode_attention_triton.py), at the engine benchmark's attention shape (32 query / 4 KV
+heads, head_dim 128, pages of 16, context 1024), each in a CUDA graph. Reports microseconds,
+the KV read rate of the fastest, and the Triton kernel's largest difference from
+FlashInfer's output. FlashInfer decodes with tensor cores when a KV head serves at least 4
+query heads (attention_flashinfer.py).
 
     python3 benchmarks/decode_attention_bench.py --batches 1,4,16,64,256 --kv-dtypes bf16,fp8
 """
@@ -11,6 +13,7 @@ read rate; the engine uses tensor cores when a KV head serves at least 4 query h
 from __future__ import annotations
 
 import argparse
+import itertools
 
 import torch
 from expert_mlp_bench import graph_time
@@ -21,20 +24,28 @@ def main() -> None:
     p.add_argument("--batches", default="1,4,16,64,256")
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--kv-dtypes", default="bf16", help="comma list of bf16, fp8")
+    p.add_argument("--sweep", action="store_true", help="also time the Triton kernel's block sizes and parts")
     args = p.parse_args()
     import flashinfer
+
+    from raymoe.actors.engine.decode_attention_triton import decode_attention, decode_splits
 
     dev, bf = torch.device("cuda"), torch.bfloat16
     block, heads, kv_heads, dim = 16, 32, 4, 128
     workspace = torch.zeros(256 << 20, dtype=torch.uint8, device=dev)
     kv_dtypes = {"bf16": bf, "fp8": torch.float8_e4m3fn}
-    print("| batch | KV cache | KV MB | tensor cores us | CUDA cores us | best TB/s |\n|---|---|---|---|---|---|")
+    print(
+        "| batch | KV cache | KV MB | FlashInfer tensor cores us | FlashInfer CUDA cores us | Triton us | best TB/s "
+        "| Triton max diff |\n|---|---|---|---|---|---|---|---|"
+    )
     for b, name in [(int(x), n) for x in args.batches.split(",") for n in args.kv_dtypes.split(",")]:
         pages = -(-args.context // block)
         kv_dtype = kv_dtypes[name]
         cache = torch.randn(b * pages, 2, block, kv_heads, dim, device=dev, dtype=bf).to(kv_dtype)
         q = torch.randn(b, heads, dim, device=dev, dtype=bf)
-        times = []
+        times, outs = [], []
+        indptr = torch.arange(b + 1, dtype=torch.int32) * pages
+        indices = torch.randperm(b * pages, dtype=torch.int32).to(dev)
         for tensor_cores in (True, False):
             wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
                 workspace,
@@ -47,8 +58,8 @@ def main() -> None:
             )
             last = args.context - (pages - 1) * block
             wrapper.plan(
-                torch.arange(b + 1, dtype=torch.int32) * pages,
-                torch.randperm(b * pages, dtype=torch.int32).to(dev),
+                indptr,
+                indices,
                 torch.full((b,), last, dtype=torch.int32),
                 heads,
                 kv_heads,
@@ -58,9 +69,30 @@ def main() -> None:
                 kv_data_type=kv_dtype,
             )
             times.append(graph_time(lambda w=wrapper: w.run(q, cache)))
+            outs.append(wrapper.run(q, cache))
+        lens = torch.full((b,), args.context, dtype=torch.int32, device=dev)
+        triton_args = (q, cache, indptr.to(dev), indices, lens)
+        splits = decode_splits(b, kv_heads)
+        times.append(graph_time(lambda: decode_attention(*triton_args, splits=splits)))
+        diff = (decode_attention(*triton_args, splits=splits).float() - outs[0].float()).abs().max().item()
         kv = b * args.context * kv_heads * dim * 2 * cache.element_size()
         us = " | ".join(f"{t * 1e6:.1f}" for t in times)
-        print(f"| {b} | {name} | {kv / 1e6:.1f} | {us} | {kv / min(times) / 1e12:.2f} |", flush=True)
+        print(f"| {b} | {name} | {kv / 1e6:.1f} | {us} | {kv / min(times) / 1e12:.2f} | {diff:.1e} |", flush=True)
+        if args.sweep:
+            sweep(lambda config, parts: decode_attention(*triton_args, splits=parts, config=config), splits)
+
+
+def sweep(run, splits: int) -> None:
+    """The Triton kernel's five fastest configs (BT, warps, stages, parts) for one case."""
+    results = []
+    for bt, warps, stages, parts in itertools.product((32, 64, 128), (4, 8), (1, 2, 3), sorted({1, splits, 2 * splits})):
+        config = dict(BT=bt, num_warps=warps, num_stages=stages)
+        try:
+            results.append((graph_time(lambda c=config, s=parts: run(c, s)), config, parts))
+        except Exception as e:  # noqa: BLE001 -- a config the compiler refuses (shared memory)
+            print(f"  {config} parts {parts}: {type(e).__name__}")
+    for t, config, parts in sorted(results, key=lambda r: r[0])[:5]:
+        print(f"  {t * 1e6:.1f} us  {config} parts {parts}", flush=True)
 
 
 if __name__ == "__main__":

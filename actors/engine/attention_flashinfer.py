@@ -5,8 +5,9 @@ is a single token (the steady state), the paged prefill kernel otherwise (it
 handles mixed prefill + decode batches). Both wrappers share one workspace.
 KV cache layout: FlashInfer's NHD paged layout, the same tensor the torch
 backend uses (see attention_torch.py), in the model's dtype or in FP8
-(``engine.kv_cache_dtype``: FlashInfer's kernels read it with bf16 queries); a step's
-k/v are written into it, cast, by one Triton kernel for k and v (``KVAppend``).
+(``engine.kv_cache_dtype``: read with bf16 queries; decode steps over an FP8 cache run
+raymoe's Triton kernel, decode_attention_triton.py, the others FlashInfer's); a step's k/v
+are written into it, cast, by one Triton kernel for k and v (``KVAppend``).
 """
 
 from __future__ import annotations
@@ -16,10 +17,16 @@ from typing import Optional
 import numpy as np
 import torch
 
+from raymoe.actors.engine.decode_attention_triton import TritonDecode
 from raymoe.actors.engine.kv_write_triton import write_kv
 from raymoe.actors.engine.step import StepLayout
 
 WORKSPACE_BYTES = 256 * 2**20
+
+
+def decodes_in_triton(kv_cache: torch.Tensor) -> bool:
+    """Whether decode steps read this cache with the Triton kernel (FP8) or FlashInfer's."""
+    return kv_cache.dtype == torch.float8_e4m3fn
 
 
 def page_tables(pages: np.ndarray, indices: np.ndarray, context_lens: np.ndarray, block_size: int):
@@ -106,7 +113,11 @@ class FlashInferAttention:
         kv_indptr, kv_indices, last_len = page_tables(layout.pages, layout.kv_indices(), layout.context_lens, bs)
         args = (self.num_heads, self.num_kv_heads, self.head_dim, bs)
         dtypes = dict(q_data_type=self.q_dtype, kv_data_type=self.kv_cache.dtype)
-        if layout.input_ids.shape[0] == layout.num_seqs:  # one query token per sequence
+        if layout.input_ids.shape[0] == layout.num_seqs and decodes_in_triton(self.kv_cache):
+            self.wrapper = TritonDecode(layout.num_seqs, kv_indices.shape[0], self.num_kv_heads, dev)
+            lens = torch.from_numpy(layout.context_lens.astype(np.int32))
+            self.wrapper.plan(*(t.pin_memory() for t in (kv_indptr, kv_indices, lens)))
+        elif layout.input_ids.shape[0] == layout.num_seqs:  # one query token per sequence
             self.wrapper = self.decode
             self.decode.plan(kv_indptr, kv_indices, last_len, *args, **dtypes)
         else:
@@ -142,7 +153,8 @@ class FlashInferAttention:
 
 
 class GraphDecodeAttention:
-    """FlashInfer decode for one CUDA-graph batch size.
+    """Decode attention for one CUDA-graph batch size (FlashInfer's, or raymoe's Triton kernel
+    over an FP8 cache).
 
     Everything the captured kernels read lives in static buffers, filled by ``plan``
     outside the graph: the wrapper's page tables and the KV write slots. Rows beyond
@@ -170,6 +182,9 @@ class GraphDecodeAttention:
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, kv_cache.shape[-2], kv_cache.shape[-1]
         self.scratch_block = scratch_block
         self.append = KVAppend(batch_size, dev)
+        if decodes_in_triton(kv_cache):
+            self.wrapper = TritonDecode(batch_size, batch_size * max_pages_per_seq, self.num_kv_heads, dev)
+            return
         self.wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             workspace,
             "NHD",
@@ -197,6 +212,9 @@ class GraphDecodeAttention:
         # Pinned host tables, and the page list already on the device: FlashInfer copies a
         # host page list with a blocking copy, which would wait for the step in flight.
         indptr, kv_indices, last_len = (t.pin_memory() for t in page_tables(pages, indices, context, self.block_size))
+        if isinstance(self.wrapper, TritonDecode):
+            self.wrapper.plan(indptr, kv_indices, torch.from_numpy(context.astype(np.int32)).pin_memory())
+            return
         self.wrapper.plan(
             indptr,
             kv_indices.to(self.kv_cache.device, non_blocking=True),

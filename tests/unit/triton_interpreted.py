@@ -18,7 +18,7 @@ import torch
 import triton.language as tl
 from triton.runtime import interpreter
 
-from raymoe.actors.engine import attention_torch, kv_write_triton
+from raymoe.actors.engine import attention_torch, decode_attention_triton, kv_write_triton
 from raymoe.actors.models import (
     expert_mlp_triton,
     fp8_linear_triton,
@@ -179,6 +179,27 @@ def kv_write_case(tokens, kv_heads, dim, dtype):
     attention_torch.write_kv(want, blocks.long(), offsets.long(), k=k, v=v)
     assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
     assert got.float().abs().max() == (448 if dtype == "float8_e4m3fn" else qkv[:, 3 * dim :].abs().max())
+
+
+def decode_attention_case(lens, heads, kv_heads, dim, page, splits, dtype):
+    """Paged decode attention over a cache of ``dtype`` (pages scattered, sequences of
+    ``lens`` tokens, some shorter than the parts) against softmax attention in float64."""
+    g = torch.Generator().manual_seed(sum(lens) + splits)
+    pages = [-(-n // page) for n in lens]
+    blocks = sum(pages) + 2
+    cache = (torch.randn(blocks, 2, page, kv_heads, dim, generator=g) * 2).to(getattr(torch, dtype))
+    indices = torch.randperm(blocks, generator=g)[: sum(pages)].to(torch.int32)
+    indptr = torch.tensor([0] + pages, dtype=torch.int32).cumsum(0).to(torch.int32)
+    q = torch.randn(len(lens), heads, dim, generator=g)
+    got = decode_attention_triton.decode_attention(
+        q, cache, indptr, indices, torch.tensor(lens, dtype=torch.int32), splits=splits
+    )
+    for b, n in enumerate(lens):
+        kv = cache[indices[indptr[b] : indptr[b + 1]].long()].double()  # [pages, 2, page, kv_heads, dim]
+        k, v = (kv[:, i].flatten(0, 1)[:n].repeat_interleave(heads // kv_heads, 1) for i in (0, 1))
+        weights = torch.softmax(torch.einsum("hd,thd->ht", q[b].double(), k) / dim**0.5, -1)
+        want = torch.einsum("ht,thd->hd", weights, v)
+        torch.testing.assert_close(got[b].double(), want, rtol=1e-4, atol=1e-4)
 
 
 def latent_norm_rope_case(tokens, heads, nope, latent, rope, q_lora):
@@ -349,6 +370,7 @@ CASE_FUNCTIONS = {
         combine_add_rms_norm_case,
         qk_norm_rope_case,
         kv_write_case,
+        decode_attention_case,
         latent_norm_rope_case,
         skinny_linear_case,
         reduce_add_rms_norm_case,

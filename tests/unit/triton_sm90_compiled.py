@@ -24,7 +24,7 @@ from triton.backends.driver import DriverBase
 from triton.runtime import jit
 from triton.runtime.driver import driver
 
-from raymoe.actors.engine import kv_write_triton
+from raymoe.actors.engine import decode_attention_triton, kv_write_triton
 from raymoe.actors.models import fp8_widen_triton, ops
 from raymoe.actors.models.expert_mlp import expert_mlp
 from raymoe.actors.models.fp8 import FP8
@@ -179,6 +179,17 @@ def kv_write_case(tokens: int, heads: int, kv_heads: int, dim: int, fp8: bool) -
     kv_write_triton.write_kv(cache, slots, slots, k=k, v=v)
 
 
+def decode_attention_case(batch: int, heads: int, kv_heads: int, fp8: bool) -> None:
+    """Paged decode attention over a bf16 or FP8 cache, as the engine's graphs of this batch run it."""
+    pages = 4
+    cache = torch.zeros(batch * pages, 2, 16, kv_heads, 128, dtype=FP8 if fp8 else BF16)
+    indptr = torch.arange(batch + 1, dtype=torch.int32) * pages
+    lens = torch.full((batch,), 64, dtype=torch.int32)
+    q = torch.randn(batch, heads, 128, dtype=BF16)
+    splits = decode_attention_triton.decode_splits(batch, kv_heads)
+    decode_attention_triton.decode_attention(q, cache, indptr, indptr, lens, splits=splits)
+
+
 def latent_norm_rope_case(tokens: int, heads: int, q_lora: int) -> None:
     """MLA's norm + rotary at DeepSeek's widths (nope 128, latent 512, rope 64)."""
     q_width, latent_width = heads * 192, 576
@@ -233,6 +244,15 @@ CASES = {
     },
     # Llama-70B's 8 KV heads: the kernel's wider variant
     "kv-write-8-heads-fp8": (kv_write_case, dict(tokens=64, heads=64, kv_heads=8, dim=128, fp8=True)),
+    # one sequence (parts merged by a second kernel) and a batch that fills the GPU (one part)
+    **{
+        f"decode-attention-qwen3-{c}-batch-{b}": (
+            decode_attention_case,
+            dict(batch=b, heads=32, kv_heads=4, fp8=c == "fp8"),
+        )
+        for c in ("bf16", "fp8")
+        for b in (1, 64)
+    },
     "latent-norm-rope-deepseek-v2-lite": (latent_norm_rope_case, dict(tokens=64, heads=16, q_lora=0)),
     "latent-norm-rope-deepseek-v3": (latent_norm_rope_case, dict(tokens=64, heads=128, q_lora=1536)),
     "collectives-2-ranks-2048": (collectives_case, dict(ranks=2, tokens=8, width=2048)),
