@@ -7,8 +7,9 @@ adds the product times both scales to a float32 accumulator. Up to 16 rows each 
 quantises its tile of x itself (no second kernel, no pass over x). Past that every column tile
 would quantise the same rows again, so one kernel quantises x first (``quantize_rows``) and
 the GEMM reads it in FP8. Both round alike. A weight with few column tiles can have K split
-over more programs (SPLIT_K): each writes a float32 partial product and a second kernel sums
-them in a fixed order. No host syncs: it runs inside CUDA graphs.
+over more programs (SPLIT_K): each writes a float32 partial product, and the last program to
+finish a tile (an arrival counter per tile, which it resets) sums its parts in a fixed order,
+so a call repeats its bits. No host syncs: it runs inside CUDA graphs.
 
 Imported only when Triton is (GPU hosts; the unit tests' CPU interpreter).
 """
@@ -73,6 +74,8 @@ def _fp8_linear(
     w_scale,
     b,
     y,
+    parts,
+    arrivals,
     M,
     N,
     K,
@@ -84,14 +87,16 @@ def _fp8_linear(
     stride_y,
     X_FP8: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    SPLITS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
 ):
     """X_FP8: x is FP8 already, with one scale per row and BK columns in x_scale. Each program
-    sums columns [K_SPLIT * program_id(2), + K_SPLIT) of K into part program_id(2) of y
-    ([parts, M, N], float32 when K is split; the first part carries the bias)."""
+    sums columns [K_SPLIT * program_id(2), + K_SPLIT) of K. SPLITS > 1: into part
+    program_id(2) of ``parts`` [SPLITS, M, N] (float32); the tile's last program to arrive
+    (``arrivals``: int32 per tile, zero) writes y."""
     m = tl.program_id(0) * BM + tl.arange(0, BM)
     n = tl.program_id(1) * BN + tl.arange(0, BN)
     k = tl.arange(0, BK)
@@ -111,22 +116,44 @@ def _fp8_linear(
         w_tile = tl.load(w_rows + k0, mask=n_ok[:, None] & k_ok, other=0.0)
         s = tl.load(s_rows + k0 // BK, mask=n_ok, other=0.0)
         acc += tl.dot(a, tl.trans(w_tile)) * a_scale[:, None] * s[None, :]
-    if HAS_BIAS:
-        if tl.program_id(2) == 0:
-            acc += tl.load(b + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    out = y + tl.program_id(2).to(tl.int64) * M * N + m.to(tl.int64)[:, None] * stride_y + n[None, :]
-    tl.store(out, acc.to(y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    mask = m_ok[:, None] & n_ok[None, :]
+    if SPLITS > 1:
+        tile = m.to(tl.int64)[:, None] * N + n[None, :]
+        tl.store(parts + tl.program_id(2).to(tl.int64) * M * N + tile, acc, mask=mask)
+        # every thread's part stored before the release (one thread does the atomic); the
+        # tile's last program to arrive acquires the others'
+        tl.debug_barrier()
+        counter = arrivals + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        if tl.atomic_add(counter, 1, sem="acq_rel") == SPLITS - 1:
+            tl.store(counter, 0)  # ready for the next launch (and the next replay of a CUDA graph)
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+            for part in tl.static_range(SPLITS):
+                # from L2 (.cg): other SMs wrote them
+                acc += tl.load(parts + part * M * N + tile, mask=mask, other=0.0, cache_modifier=".cg")
+            _store_tile(y, b, acc, m, n, n_ok, mask, stride_y, HAS_BIAS)
+    else:
+        _store_tile(y, b, acc, m, n, n_ok, mask, stride_y, HAS_BIAS)
 
 
 @triton.jit
-def _sum_splits(parts, y, SIZE, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
-    """y = the sum of parts [SPLITS, SIZE] (float32) over its first axis, always in the same order."""
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = i < SIZE
-    total = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in tl.static_range(SPLITS):
-        total += tl.load(parts + s * SIZE + i, mask=ok, other=0.0)
-    tl.store(y + i, total.to(y.dtype.element_ty), mask=ok)
+def _store_tile(y, b, acc, m, n, n_ok, mask, stride_y, HAS_BIAS: tl.constexpr):
+    """y's tile = acc (+ the bias), in y's dtype."""
+    if HAS_BIAS:
+        acc += tl.load(b + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y + m.to(tl.int64)[:, None] * stride_y + n[None, :], acc.to(y.dtype.element_ty), mask=mask)
+
+
+_ARRIVALS: dict[torch.device, list[torch.Tensor]] = {}
+
+
+def arrival_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """An int32 buffer of at least ``tiles`` zeros on ``device``, shared by every split launch
+    there: each leaves it zeroed, and launches on one stream run one at a time. Grown by a new
+    buffer; the old ones stay allocated for the CUDA graphs that captured them."""
+    buffers = _ARRIVALS.setdefault(device, [])
+    if not buffers or buffers[-1].shape[0] < tiles:
+        buffers.append(torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device))
+    return buffers[-1]
 
 
 # the rows of x -> block sizes, whether x is quantised first (PRE_QUANTIZE) and how many parts K
@@ -165,10 +192,10 @@ def fp8_linear(
     splits = max(1, min(config.get("SPLIT_K", 1), k_blocks))
     k_split = triton.cdiv(k_blocks, splits) * block[1]
     splits = triton.cdiv(k, k_split)  # every part non-empty
-    # split: float32 parts summed in a second kernel, in a fixed order (no atomics: the same
-    # inputs give the same bits)
-    out = torch.empty(splits, m, n, dtype=torch.float32, device=x.device) if splits > 1 else y
     grid = (triton.cdiv(m, config["BM"]), triton.cdiv(n, config["BN"]), splits)
+    # split: float32 parts, summed in a fixed order (the same inputs give the same bits)
+    parts = torch.empty(splits, m, n, dtype=torch.float32, device=x.device) if splits > 1 else y
+    arrivals = arrival_counters(x.device, grid[0] * grid[1]) if splits > 1 else y
     pre = config["PRE_QUANTIZE"]
     x, x_scale = quantize_rows(x, block[1]) if pre else (x, scale)  # scale: a placeholder never read
     _fp8_linear[grid](
@@ -177,7 +204,9 @@ def fp8_linear(
         weight,
         scale,
         bias if bias is not None else scale,
-        out,
+        y,
+        parts,
+        arrivals,
         m,
         n,
         k,
@@ -189,6 +218,7 @@ def fp8_linear(
         n,
         X_FP8=pre,
         HAS_BIAS=bias is not None,
+        SPLITS=splits,
         BLOCK_N=block[0],
         BM=config["BM"],
         BN=config["BN"],
@@ -196,6 +226,4 @@ def fp8_linear(
         num_warps=config["num_warps"],
         num_stages=config["num_stages"],
     )
-    if splits > 1:
-        _sum_splits[(triton.cdiv(m * n, 1024),)](out, y, m * n, SPLITS=splits, BLOCK=1024, num_warps=4)
     return y
