@@ -201,9 +201,10 @@ class TritonDecode:
     def __init__(self, batch_size: int, max_pages: int, kv_heads: int, device: torch.device) -> None:
         self.batch_size = batch_size
         self.splits = decode_splits(batch_size, kv_heads)
-        self.indptr = torch.zeros(batch_size + 1, dtype=torch.int32, device=device)
-        self.indices = torch.zeros(max(1, max_pages), dtype=torch.int32, device=device)
-        self.lens = torch.ones(batch_size, dtype=torch.int32, device=device)
+        # filled by plan() before any run()
+        self.indptr = torch.empty(batch_size + 1, dtype=torch.int32, device=device)
+        self.indices = torch.empty(max(1, max_pages), dtype=torch.int32, device=device)
+        self.lens = torch.empty(batch_size, dtype=torch.int32, device=device)
 
     def plan(self, indptr: torch.Tensor, indices: torch.Tensor, lens: torch.Tensor) -> None:
         """Queue the copies of a step's tables (host int32, pinned: the copies run later, so the
