@@ -85,7 +85,9 @@ def main() -> None:
 def sweep(run, splits: int) -> None:
     """The Triton kernel's five fastest configs (BT, warps, stages, parts) for one case."""
     results = []
-    for bt, warps, stages, parts in itertools.product((32, 64, 128), (4, 8), (1, 2, 3), sorted({1, splits, 2 * splits})):
+    for bt, warps, stages, parts in itertools.product(
+        (32, 64, 128), (4, 8), (1, 2, 3), sorted({1, splits, 2 * splits})
+    ):
         config = dict(BT=bt, num_warps=warps, num_stages=stages)
         try:
             results.append((graph_time(lambda c=config, s=parts: run(c, s)), config, parts))
