@@ -1,13 +1,13 @@
-"""GPU attention backend: FlashInfer paged kernels over the shared KV cache.
+"""GPU attention backend over the shared paged KV cache.
 
-One plan per step, shared by every layer: the decode kernel when every chunk
-is a single token (the steady state), the paged prefill kernel otherwise (it
-handles mixed prefill + decode batches). Both wrappers share one workspace.
+One plan per step, shared by every layer: when every chunk is a single token (the steady
+state) raymoe's Triton decode kernel (decode_attention_triton.py: faster than FlashInfer's
+decode kernels on the engine's step, BENCHMARKS.md), otherwise FlashInfer's paged prefill
+kernel (it handles mixed prefill + decode batches).
 KV cache layout: FlashInfer's NHD paged layout, the same tensor the torch
 backend uses (see attention_torch.py), in the model's dtype or in FP8
-(``engine.kv_cache_dtype``: read with bf16 queries; decode steps over an FP8 cache run
-raymoe's Triton kernel, decode_attention_triton.py, the others FlashInfer's); a step's k/v
-are written into it, cast, by one Triton kernel for k and v (``KVAppend``).
+(``engine.kv_cache_dtype``: read with the model's queries); a step's k/v are written into
+it, cast, by one Triton kernel for k and v (``KVAppend``).
 """
 
 from __future__ import annotations
@@ -22,11 +22,6 @@ from raymoe.actors.engine.kv_write_triton import write_kv
 from raymoe.actors.engine.step import StepLayout
 
 WORKSPACE_BYTES = 256 * 2**20
-
-
-def decodes_in_triton(kv_cache: torch.Tensor) -> bool:
-    """Whether decode steps read this cache with the Triton kernel (FP8) or FlashInfer's."""
-    return kv_cache.dtype == torch.float8_e4m3fn
 
 
 def page_tables(pages: np.ndarray, indices: np.ndarray, context_lens: np.ndarray, block_size: int):
@@ -84,10 +79,6 @@ class FlashInferAttention:
         device = kv_cache.device
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
-        # tensor-core decode pays off once several query heads share a KV head
-        self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            self.workspace, "NHD", use_tensor_cores=num_heads // self.num_kv_heads >= 4
-        )
         self.wrapper = None
         self._append: KVAppend | None = None
         self._planned = torch.cuda.Event()
@@ -111,31 +102,34 @@ class FlashInferAttention:
             return
         bs = self.block_size
         kv_indptr, kv_indices, last_len = page_tables(layout.pages, layout.kv_indices(), layout.context_lens, bs)
-        args = (self.num_heads, self.num_kv_heads, self.head_dim, bs)
-        dtypes = dict(q_data_type=self.q_dtype, kv_data_type=self.kv_cache.dtype)
-        if layout.input_ids.shape[0] == layout.num_seqs and decodes_in_triton(self.kv_cache):
+        if layout.input_ids.shape[0] == layout.num_seqs:  # one query token per sequence
             self.wrapper = TritonDecode(layout.num_seqs, kv_indices.shape[0], self.num_kv_heads, dev)
             lens = torch.from_numpy(layout.context_lens.astype(np.int32))
             self.wrapper.plan(*(t.pin_memory() for t in (kv_indptr, kv_indices, lens)))
-        elif layout.input_ids.shape[0] == layout.num_seqs:  # one query token per sequence
-            self.wrapper = self.decode
-            self.decode.plan(kv_indptr, kv_indices, last_len, *args, **dtypes)
         else:
             qo = torch.from_numpy(layout.query_start.astype(np.int32))
             self.wrapper = self.prefill
-            self.prefill.plan(qo, kv_indptr, kv_indices, last_len, *args, causal=True, **dtypes)
+            self.prefill.plan(
+                qo,
+                kv_indptr,
+                kv_indices,
+                last_len,
+                self.num_heads,
+                self.num_kv_heads,
+                self.head_dim,
+                bs,
+                causal=True,
+                q_data_type=self.q_dtype,
+                kv_data_type=self.kv_cache.dtype,
+            )
 
     def for_graph(self, batch_size: int, *, max_pages_per_seq: int, scratch_block: int) -> "GraphDecodeAttention":
-        """The decode attention of one CUDA-graph batch size, on this cache and workspace
-        (shared: one step runs at a time)."""
+        """The decode attention of one CUDA-graph batch size, on this cache."""
         return GraphDecodeAttention(
             self.kv_cache,
             self.block_size,
-            self.num_heads,
-            q_dtype=self.q_dtype,
             batch_size=batch_size,
             max_pages_per_seq=max_pages_per_seq,
-            workspace=self.workspace,
             scratch_block=scratch_block,
         )
 
@@ -153,11 +147,10 @@ class FlashInferAttention:
 
 
 class GraphDecodeAttention:
-    """Decode attention for one CUDA-graph batch size (FlashInfer's, or raymoe's Triton kernel
-    over an FP8 cache).
+    """Decode attention for one CUDA-graph batch size (the Triton kernel).
 
     Everything the captured kernels read lives in static buffers, filled by ``plan``
-    outside the graph: the wrapper's page tables and the KV write slots. Rows beyond
+    outside the graph: the page tables and the KV write slots. Rows beyond
     the real batch are padding: they write into, and attend to, a scratch block no
     request owns.
     """
@@ -166,34 +159,16 @@ class GraphDecodeAttention:
         self,
         kv_cache: torch.Tensor,
         block_size: int,
-        num_heads: int,
         *,
-        q_dtype: torch.dtype,
         batch_size: int,
         max_pages_per_seq: int,
-        workspace: torch.Tensor,
         scratch_block: int,
     ) -> None:
-        import flashinfer
-
         dev = kv_cache.device
         self.kv_cache, self.block_size, self.batch_size = kv_cache, block_size, batch_size
-        self.q_dtype = q_dtype
-        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, kv_cache.shape[-2], kv_cache.shape[-1]
         self.scratch_block = scratch_block
         self.append = KVAppend(batch_size, dev)
-        if decodes_in_triton(kv_cache):
-            self.wrapper = TritonDecode(batch_size, batch_size * max_pages_per_seq, self.num_kv_heads, dev)
-            return
-        self.wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            workspace,
-            "NHD",
-            use_cuda_graph=True,
-            use_tensor_cores=num_heads // self.num_kv_heads >= 4,
-            paged_kv_indptr_buffer=torch.zeros(batch_size + 1, dtype=torch.int32, device=dev),
-            paged_kv_indices_buffer=torch.zeros(batch_size * max_pages_per_seq, dtype=torch.int32, device=dev),
-            paged_kv_last_page_len_buffer=torch.zeros(batch_size, dtype=torch.int32, device=dev),
-        )
+        self.decode = TritonDecode(batch_size, batch_size * max_pages_per_seq, kv_cache.shape[-2], dev)
 
     def plan(self, layout: StepLayout | None) -> None:
         """Point the graph's page tables and KV write slots at this step's sequences (None:
@@ -209,25 +184,11 @@ class GraphDecodeAttention:
         context = np.concatenate([layout.context_lens, ones]) if n else ones
         blocks = np.full(pad, self.scratch_block, dtype=np.int32)
         indices = np.concatenate([layout.kv_indices(), blocks]) if n else blocks
-        # Pinned host tables, and the page list already on the device: FlashInfer copies a
-        # host page list with a blocking copy, which would wait for the step in flight.
-        indptr, kv_indices, last_len = (t.pin_memory() for t in page_tables(pages, indices, context, self.block_size))
-        if isinstance(self.wrapper, TritonDecode):
-            self.wrapper.plan(indptr, kv_indices, torch.from_numpy(context.astype(np.int32)).pin_memory())
-            return
-        self.wrapper.plan(
-            indptr,
-            kv_indices.to(self.kv_cache.device, non_blocking=True),
-            last_len,
-            self.num_heads,
-            self.num_kv_heads,
-            self.head_dim,
-            self.block_size,
-            q_data_type=self.q_dtype,
-            kv_data_type=self.kv_cache.dtype,
-        )
+        indptr, kv_indices, _ = page_tables(pages, indices, context, self.block_size)
+        lens = torch.from_numpy(context.astype(np.int32))
+        self.decode.plan(*(t.pin_memory() for t in (indptr, kv_indices, lens)))
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         cache = self.kv_cache[layer]
         self.append(cache, k, v)
-        return self.wrapper.run(q, cache)
+        return self.decode.run(q, cache)

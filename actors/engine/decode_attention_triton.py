@@ -1,12 +1,12 @@
-"""Paged decode attention in Triton, for an FP8 KV cache read with the model's queries: one
-query token per sequence against its cached keys and values.
+"""Paged decode attention in Triton: one query token per sequence against its cached keys
+and values, the cache in the queries' dtype or FP8. The engine's decode steps on GPUs run it
+(attention_flashinfer.py), eagerly and in CUDA graphs.
 
-FlashInfer reads an FP8 cache with bf16 queries through kernels that convert it tile by tile
-for bf16 tensor cores; in the engine's decode step they gained about half of what the halved
-bytes are worth (BENCHMARKS.md, "An FP8 KV cache"). Here each program owns one sequence, one KV head and one
-part of the sequence's tokens: it loads the KV head's query heads once (a GQA group, padded
-to 16 rows for the tensor cores), walks its tokens BT at a time through the page table,
-widens k and v to the queries' dtype in registers, and keeps an online softmax in float32.
+Each program owns one sequence, one KV head and one part of the sequence's tokens: it loads
+the KV head's query heads once (a GQA group, padded to 16 rows for the tensor cores), walks
+its tokens BT at a time through the page table, widens k and v to the queries' dtype in
+registers, and keeps an online softmax in float32. Against FlashInfer's decode kernels it took
+less time on the engine's step at batch 1 and 64 (BENCHMARKS.md, "Decode attention in Triton").
 
 Parts: a sequence's tokens are split into ``splits`` parts of equal length (each sequence's
 own length, so a CUDA graph's fixed grid serves any context). One part writes the output
@@ -25,10 +25,11 @@ import torch
 import triton
 import triton.language as tl
 
-# tokens a program reads per step (BT: four pages of 16, 8 KiB of FP8 keys at head_dim 128)
-# and its launch's warps and pipeline stages
+# tokens a program reads per step (BT: four pages of 16) and its launch's warps and pipeline
+# stages, with a sequence in parts; in one part (a large batch), longer steps
 CONFIG = dict(BT=64, num_warps=4, num_stages=2)
-# enough programs to fill the SMs about twice over (an H100/H200 has 132)
+ONE_PART_CONFIG = dict(BT=128, num_warps=4, num_stages=2)
+# about twice as many programs as an H100/H200 has SMs (132)
 TARGET_PROGRAMS = 264
 
 
@@ -125,9 +126,9 @@ def _merge(
 
 
 def decode_splits(batch_size: int, kv_heads: int) -> int:
-    """Parts per sequence: enough programs to fill the GPU, one part when the batch does. A
-    function of the shapes alone: one choice per CUDA graph."""
-    return max(1, min(16, -(-TARGET_PROGRAMS // (batch_size * kv_heads))))
+    """Parts per sequence: about TARGET_PROGRAMS programs, one part once the batch gives that
+    many. A function of the shapes alone: one choice per CUDA graph."""
+    return max(1, min(16, TARGET_PROGRAMS // (batch_size * kv_heads)))
 
 
 def decode_attention(
@@ -184,7 +185,7 @@ def decode_attention(
         D=dim,
         BG=max(16, triton.next_power_of_2(group)),
         BD=bd,
-        **(config or CONFIG),
+        **(config or (CONFIG if splits > 1 else ONE_PART_CONFIG)),
     )
     if parts is not None:
         _merge[(batch, heads)](

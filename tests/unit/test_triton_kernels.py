@@ -86,10 +86,10 @@ CASES = {
     # 3 KV heads of 24: both padded to the kernel's power-of-two block
     "kv-write-fp8": ("kv_write_case", dict(tokens=5, kv_heads=3, dim=24, dtype="float8_e4m3fn")),
     "kv-write-float32": ("kv_write_case", dict(tokens=4, kv_heads=2, dim=16, dtype="float32")),
-    # one part: 70 tokens in two steps of 64, pages of 16 (the last one partial); GQA 4 padded to 16 rows
+    # one part: 200 tokens in two steps of 128, pages of 16 (the last one partial); GQA 4 padded to 16 rows
     "decode-attention-fp8": (
         "decode_attention_case",
-        dict(lens=[70, 1, 33], heads=8, kv_heads=2, dim=32, page=16, splits=1, dtype="float8_e4m3fn"),
+        dict(lens=[200, 1, 33], heads=8, kv_heads=2, dim=32, page=16, splits=1, dtype="float8_e4m3fn"),
     ),
     # three parts merged, one sequence shorter than a part (an empty one), head_dim not a power of 2
     "decode-attention-parts": (
