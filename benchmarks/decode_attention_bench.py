@@ -4,8 +4,8 @@ CUDA-graph wrapper, as the engine captures it) and raymoe's Triton kernel
 (decode_attention_triton.py), at the engine benchmark's attention shape (32 query / 4 KV
 heads, head_dim 128, pages of 16, context 1024), each in a CUDA graph. Reports microseconds,
 the KV read rate of the fastest, and the Triton kernel's largest difference from
-FlashInfer's output. FlashInfer decodes with tensor cores when a KV head serves at least 4
-query heads (attention_flashinfer.py).
+FlashInfer's output. The engine's decode steps run the Triton kernel (attention_flashinfer.py;
+BENCHMARKS.md, "Decode attention in Triton").
 
     python3 benchmarks/decode_attention_bench.py --batches 1,4,16,64,256 --kv-dtypes bf16,fp8
 """
