@@ -38,7 +38,7 @@ TARGET_PROGRAMS = 264
 MERGE_ROWS = 64
 
 
-@triton.jit(do_not_specialize=["NUM_SEQS"])
+@triton.jit
 def _decode(
     q,
     cache,
@@ -187,13 +187,12 @@ _PARTIALS: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 def partials(device: torch.device, parts: int, heads: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Float32 scratch for ``parts`` parts' outputs [parts, heads, dim] and log-sum-exps
     [parts, heads], shared by every launch on ``device`` (they run one at a time on one
-    stream, and a launch reads only what it wrote). Grown by doubling; the old buffers stay
+    stream, and a launch reads only what it wrote). Grown by new buffers; the old ones stay
     allocated (listed here) for the CUDA graphs that captured them."""
     buffers = _PARTIALS.setdefault((device, heads, dim), [])
     if not buffers or buffers[-1][1].shape[0] < parts:
-        rows = max(parts, 2 * buffers[-1][1].shape[0]) if buffers else parts
-        out = torch.empty(rows, heads, dim, dtype=torch.float32, device=device)
-        buffers.append((out, torch.empty(rows, heads, dtype=torch.float32, device=device)))
+        out = torch.empty(parts, heads, dim, dtype=torch.float32, device=device)
+        buffers.append((out, torch.empty(parts, heads, dtype=torch.float32, device=device)))
     return buffers[-1]
 
 
@@ -253,14 +252,11 @@ class TritonDecode:
         self.config = config or (LARGE_BATCH_CONFIG if large else SMALL_BATCH_CONFIG)
         self.max_parts = max_parts(batch_size, kv_heads, target_programs)
         # one int32 buffer, filled by one copy a step: indptr [B+1], lens [B], part_len [B],
-        # first_part [B+1], part_seq [max_parts], each from a 16-byte boundary (so the
-        # kernel compiles once whatever the batch size)
+        # first_part [B+1], part_seq [max_parts]
         b = batch_size
-        sizes = [b + 1, b, b, b + 1, self.max_parts]
-        self._offsets = np.cumsum([0] + [_round_up(n, 4) for n in sizes])
-        self.tables = torch.zeros(int(self._offsets[-1]), dtype=torch.int32, device=device)
-        self.indptr, self.lens, self.part_len, self.first_part, self.part_seq = (
-            self.tables[o : o + n] for o, n in zip(self._offsets, sizes)
+        self.tables = torch.zeros(4 * b + 2 + self.max_parts, dtype=torch.int32, device=device)
+        self.indptr, self.lens, self.part_len, self.first_part, self.part_seq = torch.split(
+            self.tables, [b + 1, b, b, b + 1, self.max_parts]
         )
         self.indices = torch.empty(max(1, max_pages), dtype=torch.int32, device=device)
         self.arrivals = torch.zeros(b * kv_heads, dtype=torch.int32, device=device)
@@ -276,8 +272,9 @@ class TritonDecode:
             lens_np, kv_heads=self.kv_heads, step=self.config["BT"], target_programs=self.target_programs
         )
         host = np.zeros(self.tables.shape[0], dtype=np.int32)
-        for offset, values in zip(self._offsets, (indptr.numpy(), lens_np, part_len, first_part, part_seq)):
-            host[offset : offset + values.shape[0]] = values
+        host[: 3 * b + 1] = np.concatenate([indptr.numpy(), lens_np, part_len])
+        host[3 * b + 1 : 4 * b + 2] = first_part
+        host[4 * b + 2 : 4 * b + 2 + part_seq.shape[0]] = part_seq
         host_tables = torch.from_numpy(host)
         if self.tables.is_cuda:
             host_tables = host_tables.pin_memory()  # the pinned block stays unused until the copy ran
@@ -292,7 +289,6 @@ class TritonDecode:
         assert batch == self.batch_size and kv_heads == self.kv_heads
         assert two == 2 and cache_dim == dim and heads % kv_heads == 0 and q.stride(2) == 1 and cache.stride(-1) == 1
         out = torch.empty_like(q) if out is None else out
-        assert out.shape == q.shape and out.stride(2) == 1
         if batch == 0:
             return out
         part_out, part_lse = partials(q.device, self.max_parts, heads, dim)
