@@ -105,7 +105,7 @@ class FlashInferAttention:
         if layout.input_ids.shape[0] == layout.num_seqs:  # one query token per sequence
             self.wrapper = TritonDecode(layout.num_seqs, kv_indices.shape[0], self.num_kv_heads, dev)
             lens = torch.from_numpy(layout.context_lens.astype(np.int32))
-            self.wrapper.plan(kv_indptr, kv_indices.pin_memory(), lens)
+            self.wrapper.plan(*(t.pin_memory() for t in (kv_indptr, kv_indices, lens)))
         else:
             qo = torch.from_numpy(layout.query_start.astype(np.int32))
             self.wrapper = self.prefill
@@ -186,7 +186,7 @@ class GraphDecodeAttention:
         indices = np.concatenate([layout.kv_indices(), blocks]) if n else blocks
         indptr, kv_indices, _ = page_tables(pages, indices, context, self.block_size)
         lens = torch.from_numpy(context.astype(np.int32))
-        self.decode.plan(indptr, kv_indices.pin_memory(), lens)
+        self.decode.plan(*(t.pin_memory() for t in (indptr, kv_indices, lens)))
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         cache = self.kv_cache[layer]
