@@ -2,12 +2,14 @@
 bf16 queries: engine.kv_cache_dtype): FlashInfer's with and without tensor cores (its
 CUDA-graph wrapper, as the engine captures it) and raymoe's Triton kernel
 (decode_attention_triton.py), at the engine benchmark's attention shape (32 query / 4 KV
-heads, head_dim 128, pages of 16, context 1024), each in a CUDA graph. Reports microseconds,
+heads, head_dim 128, pages of 16, context 1024 or as asked, optionally the first sequence
+longer), each in a CUDA graph. Reports microseconds,
 the KV read rate of the fastest, and the Triton kernel's largest difference from
 FlashInfer's output. The engine's decode steps run the Triton kernel (attention_flashinfer.py;
 BENCHMARKS.md, "Decode attention in Triton").
 
     python3 benchmarks/decode_attention_bench.py --batches 1,4,16,64,256 --kv-dtypes bf16,fp8
+    python3 benchmarks/decode_attention_bench.py --batches 8,128 --long 32768
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", default="1,4,16,64,256")
     p.add_argument("--context", type=int, default=1024)
+    p.add_argument("--long", type=int, default=0, help="the first sequence holds this many tokens (a skewed batch)")
     p.add_argument("--kv-dtypes", default="bf16", help="comma list of bf16, fp8")
     p.add_argument("--sweep", action="store_true", help="also time the Triton kernel's block sizes and parts")
     args = p.parse_args()
@@ -39,13 +42,17 @@ def main() -> None:
         "| Triton max diff |\n|---|---|---|---|---|---|---|---|"
     )
     for b, name in [(int(x), n) for x in args.batches.split(",") for n in args.kv_dtypes.split(",")]:
-        pages = -(-args.context // block)
+        lens_host = torch.full((b,), args.context, dtype=torch.int32)
+        if args.long:
+            lens_host[0] = args.long
+        seq_pages = (lens_host + block - 1) // block
+        total_pages = int(seq_pages.sum())
         kv_dtype = kv_dtypes[name]
-        cache = torch.randn(b * pages, 2, block, kv_heads, dim, device=dev, dtype=bf).to(kv_dtype)
+        cache = torch.randn(total_pages, 2, block, kv_heads, dim, device=dev, dtype=bf).to(kv_dtype)
         q = torch.randn(b, heads, dim, device=dev, dtype=bf)
         times, outs = [], []
-        indptr = torch.arange(b + 1, dtype=torch.int32) * pages
-        indices = torch.randperm(b * pages, dtype=torch.int32).to(dev)
+        indptr = torch.cat([torch.zeros(1, dtype=torch.int32), seq_pages.cumsum(0).to(torch.int32)])
+        indices = torch.randperm(total_pages, dtype=torch.int32).to(dev)
         for tensor_cores in (True, False):
             wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
                 workspace,
@@ -53,14 +60,13 @@ def main() -> None:
                 use_cuda_graph=True,
                 use_tensor_cores=tensor_cores,
                 paged_kv_indptr_buffer=torch.zeros(b + 1, dtype=torch.int32, device=dev),
-                paged_kv_indices_buffer=torch.zeros(b * pages, dtype=torch.int32, device=dev),
+                paged_kv_indices_buffer=torch.zeros(total_pages, dtype=torch.int32, device=dev),
                 paged_kv_last_page_len_buffer=torch.zeros(b, dtype=torch.int32, device=dev),
             )
-            last = args.context - (pages - 1) * block
             wrapper.plan(
                 indptr,
                 indices,
-                torch.full((b,), last, dtype=torch.int32),
+                lens_host - (seq_pages - 1) * block,
                 heads,
                 kv_heads,
                 dim,
@@ -70,12 +76,11 @@ def main() -> None:
             )
             times.append(graph_time(lambda w=wrapper: w.run(q, cache)))
             outs.append(wrapper.run(q, cache))
-        lens = torch.full((b,), args.context, dtype=torch.int32, device=dev)
-        triton_args = (q, cache, indptr.to(dev), indices, lens)
+        triton_args = (q, cache, indptr.to(dev), indices, lens_host.to(dev))
         splits = decode_splits(b, kv_heads)
         times.append(graph_time(lambda: decode_attention(*triton_args, splits=splits)))
         diff = (decode_attention(*triton_args, splits=splits).float() - outs[0].float()).abs().max().item()
-        kv = b * args.context * kv_heads * dim * 2 * cache.element_size()
+        kv = int(lens_host.sum()) * kv_heads * dim * 2 * cache.element_size()
         us = " | ".join(f"{t * 1e6:.1f}" for t in times)
         print(f"| {b} | {name} | {kv / 1e6:.1f} | {us} | {kv / min(times) / 1e12:.2f} | {diff:.1e} |", flush=True)
         if args.sweep:
