@@ -2,7 +2,8 @@
 
 One plan per step, shared by every layer: when every chunk is a single token (the steady
 state) raymoe's Triton decode kernel (decode_attention_triton.py: faster than FlashInfer's
-decode kernels on the engine's step, BENCHMARKS.md), otherwise FlashInfer's paged prefill
+decode kernels on the engine's step at 1,024 tokens of context, slower at long and uneven
+contexts; BENCHMARKS.md), otherwise FlashInfer's paged prefill
 kernel (it handles mixed prefill + decode batches).
 KV cache layout: FlashInfer's NHD paged layout, the same tensor the torch
 backend uses (see attention_torch.py), in the model's dtype or in FP8
