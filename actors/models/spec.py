@@ -165,6 +165,16 @@ def spec_from_hf_config(cfg: dict[str, Any]) -> ModelSpec:
         max_position = max(max_position, int(rope.original_max_position * rope.factor))
     window = _sliding_window(cfg, layers, traits.sliding_layers)
     mla = _latent_attention(cfg, rope) if traits.latent_attention else None
+    kv_heads = cfg.get("num_key_value_heads")
+    kv_heads = heads if kv_heads is None else kv_heads
+    if mla is None and not (isinstance(kv_heads, int) and kv_heads >= 1 and heads % kv_heads == 0):
+        raise ValueError(
+            f"config.json: num_key_value_heads = {json.dumps(kv_heads)} must divide num_attention_heads = {heads} "
+            "(each KV head serves a whole group of query heads)"
+        )
+    eps = cfg.get("rms_norm_eps", 1e-6)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"config.json: rms_norm_eps = {json.dumps(eps)} must be a number >= 0")
     return ModelSpec(
         architecture=arch,
         vocab_size=_need(cfg, "vocab_size"),
@@ -172,10 +182,10 @@ def spec_from_hf_config(cfg: dict[str, Any]) -> ModelSpec:
         intermediate_size=cfg.get("intermediate_size") or 0,
         num_layers=layers,
         num_heads=heads,
-        num_kv_heads=cfg.get("num_key_value_heads") or heads,
+        num_kv_heads=kv_heads,
         # MLA's rotary covers qk_rope_head_dim (transformers sets head_dim to it)
         head_dim=mla.qk_rope_head_dim if mla else cfg.get("head_dim") or hidden // heads,
-        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rms_norm_eps=float(eps),
         rope=rope,
         max_position=max_position,
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
@@ -298,7 +308,12 @@ def _moe(cfg: dict[str, Any], arch: str, traits: ArchitectureTraits, layers: int
     if traits.first_k_dense:
         dense = set(range(min(int(cfg.get("first_k_dense_replace", 1)), layers)))
     else:
-        sparse_step = cfg.get("decoder_sparse_step", 1) or 1
+        sparse_step = cfg.get("decoder_sparse_step", 1)
+        sparse_step = 1 if sparse_step is None else sparse_step
+        if not (isinstance(sparse_step, int) and sparse_step >= 1):
+            raise ValueError(
+                f"config.json: decoder_sparse_step = {json.dumps(sparse_step)} must be >= 1 (every n-th layer is a MoE)"
+            )
         dense = {i for i in range(layers) if (i + 1) % sparse_step != 0} | set(cfg.get("mlp_only_layers") or [])
     shared = 0
     if traits.shared_expert == "gated":

@@ -37,7 +37,8 @@ def test_a_tensor_neither_read_nor_marked_used_fails_naming_it(tmp_path):
 def test_multi_token_prediction_layers_are_known_unused():
     cfg = {
         "architectures": ["Glm4MoeForCausalLM"],
-        **dict(vocab_size=64, hidden_size=32, num_attention_heads=2, num_hidden_layers=3, intermediate_size=64),
+        **dict(vocab_size=64, hidden_size=32, num_attention_heads=2, num_key_value_heads=2),
+        **dict(num_hidden_layers=3, intermediate_size=64),
         **dict(moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2, num_nextn_predict_layers=1),
     }
     patterns = known_unused_tensors(spec_from_hf_config(cfg))

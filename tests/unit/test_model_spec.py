@@ -320,3 +320,23 @@ def test_a_window_of_no_tokens_is_refused_naming_the_field():
     cfg = _config("mixtral", sliding_window=0)
     with pytest.raises(ValueError, match="sliding_window = 0"):
         spec_from_hf_config(cfg)
+
+
+@pytest.mark.parametrize(
+    "kind,field,value",
+    [
+        # 4 query heads cannot be shared out over 3 KV heads (transformers fails at its first step)
+        ("qwen3_moe", "num_key_value_heads", 3),
+        ("llama", "num_key_value_heads", 0),
+        ("qwen3_moe", "rms_norm_eps", None),
+        ("mixtral", "rms_norm_eps", "1e-5"),
+        # transformers divides by it
+        ("qwen3_moe", "decoder_sparse_step", 0),
+        ("qwen2_moe", "decoder_sparse_step", 1.5),
+    ],
+)
+def test_a_field_that_cannot_be_built_is_refused_naming_it(kind, field, value):
+    cfg = _config(kind)
+    cfg[field] = value
+    with pytest.raises(ValueError, match=f"config.json: {field} = "):
+        spec_from_hf_config(cfg)
