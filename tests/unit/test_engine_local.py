@@ -96,6 +96,26 @@ def big():
     return _engine(num_kv_blocks=512)
 
 
+@pytest.fixture(autouse=True)
+def _big_left_idle(request):
+    """The tests share ``big``'s core and runner: each must leave them idle, or the next one
+    starts with a step it never launched (a loop stopped mid-step, or a request never finished)."""
+    yield
+    if "big" in request.fixturenames:
+        big = request.getfixturevalue("big")
+        assert not big.has_unfinished and big.executor.runner.num_in_flight == 0, "the test left the engine busy"
+
+
+async def _stop_when_idle(engine: AsyncEngine, core: Engine, timeout_s: float = 30.0) -> None:
+    """Stop ``engine``'s step loop once it has applied every abort and collected every step it
+    launched (a pipelined loop keeps one in flight after the last token is delivered)."""
+    deadline = time.monotonic() + timeout_s
+    while core.has_unfinished or core.executor.runner.num_in_flight:
+        assert engine.error is None and time.monotonic() < deadline, f"the engine did not go idle: {engine.error!r}"
+        await asyncio.sleep(0.01)
+    await engine.stop()
+
+
 def _requests(core: EngineCore, sampling: SamplingParams) -> dict[str, tuple[list[int], SamplingParams]]:
     return {f"r{i}": (core.tokenizer.encode(p), sampling) for i, p in enumerate(PROMPTS)}
 
@@ -250,12 +270,8 @@ def _pipelined(
             return rid, r
 
         results = dict(await asyncio.gather(*(one(rid, ids, p) for rid, (ids, p) in requests.items())))
-        for _ in range(500):  # the loop collects the step it may still have in flight
-            if core.executor.runner.num_in_flight == 0 and not core.has_unfinished:
-                break
-            await asyncio.sleep(0.01)
-        assert core.executor.runner.num_in_flight == 0 and engine.error is None
         await client.close()
+        await _stop_when_idle(engine, core)
         return results
 
     return asyncio.run(main())
@@ -363,7 +379,7 @@ def test_a_slow_grammar_compile_holds_up_only_its_own_request(big, monkeypatch, 
     compile_grammar = grammars.compile
 
     def compile_slowly(spec):
-        if spec == slow:
+        if spec == slow and not grammars.is_cached(spec):
             time.sleep(3.0)
         return compile_grammar(spec)
 
@@ -385,6 +401,7 @@ def test_a_slow_grammar_compile_holds_up_only_its_own_request(big, monkeypatch, 
         plain = await run(SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
         result = plain, await constrained
         await client.close()
+        await _stop_when_idle(engine, big)
         return result
 
     (plain_tokens, plain_s), (constrained_tokens, constrained_s) = asyncio.run(main())
@@ -438,6 +455,7 @@ def test_requests_arriving_while_a_submit_is_out_go_together_in_the_next(big):
             await asyncio.sleep(0.02)
         tokens = await asyncio.gather(first, *later)
         await client.close()
+        await _stop_when_idle(held.engine, big)
         return tokens, held.submits, held.submitted
 
     tokens, submits, submitted = asyncio.run(main())
@@ -456,11 +474,10 @@ def test_a_request_dropped_while_its_submit_is_out_is_aborted_once_in(big):
         stream = client.stream(ids, params)
         await asyncio.sleep(0.05)  # its submit is out
         await stream.aclose()  # the consumer went away
-        for _ in range(300):
+        while not held.submitted:  # its submit's hold ends
             await asyncio.sleep(0.01)
-            if held.submitted and not big.has_unfinished and big.executor.runner.num_in_flight == 0:
-                break
         await client.close()
+        await _stop_when_idle(held.engine, big)
         return held.submitted, big.num_steps - steps
 
     submitted, steps = asyncio.run(main())
@@ -485,11 +502,7 @@ def test_a_request_sent_twice_runs_once_and_keeps_its_outputs(big):
             for entry in (await engine.poll("c", 1.0)).entries():
                 tokens += entry.token_ids
                 finish = entry.finish if entry.finish != Finish.RUNNING else None
-        for _ in range(300):  # the loop collects the step it may still have in flight
-            if big.executor.runner.num_in_flight == 0:
-                break
-            await asyncio.sleep(0.01)
-        await engine.stop()
+        await _stop_when_idle(engine, big)
         return first, again, tokens, finish
 
     first, again, tokens, finish = asyncio.run(asyncio.wait_for(main(), 30))
@@ -612,6 +625,7 @@ def test_polls_per_step_do_not_grow_with_the_requests(big):
             assert await asyncio.gather(*(one(i) for i in range(n))) == [24] * n
             stats = engine.stats()
             await client.close()
+            await _stop_when_idle(engine, big)
             return stats.polls / (stats.steps - steps0), stats.submit_calls
 
         return asyncio.run(main())
@@ -621,10 +635,12 @@ def test_polls_per_step_do_not_grow_with_the_requests(big):
     assert submits <= 2  # the 24 requests opened together went in one or two calls
 
 
-def test_a_silent_client_has_its_requests_aborted(big):
+def test_a_silent_client_has_its_requests_aborted(big, monkeypatch):
     """A client that submits and never polls again (its process died) loses its requests."""
+    from raymoe.actors.engine import async_engine
     from raymoe.actors.engine.messages import NewRequest
 
+    monkeypatch.setattr(async_engine, "_SILENCE_CHECK_S", 0.05)  # the abort comes after ~0.35 s, not ~1.3
     sampling = SamplingParams(max_tokens=500, temperature=0.0, ignore_eos=True)
 
     async def main():
@@ -633,14 +649,11 @@ def test_a_silent_client_has_its_requests_aborted(big):
             "ghost", [NewRequest(i, big.tokenizer.encode(f"hello {i}"), sampling) for i in range(3)]
         )
         assert rejected == [] and big.has_unfinished
-        for _ in range(300):  # aborted, and the steps it had in flight collected
-            if not big.has_unfinished and big.executor.runner.num_in_flight == 0:
-                break
-            await asyncio.sleep(0.01)
-        assert not big.has_unfinished and engine.error is None
-        assert big.num_steps > 0
+        await _stop_when_idle(engine, big)  # aborted, and the steps it had in flight collected
 
+    steps = big.num_steps
     asyncio.run(main())
+    assert 0 < big.num_steps - steps < 500, "the requests ran to their end: they were never aborted"
     assert _free_everywhere(big)
 
 
@@ -665,6 +678,7 @@ def test_a_client_back_from_idle_keeps_the_request_it_sends_before_its_next_poll
             tokens += int(batch.num_tokens.sum())
             if (batch.finish != Finish.RUNNING).any():  # its last entry
                 break
+        await _stop_when_idle(engine, big)
         return tokens
 
     assert asyncio.run(main()) == 8
@@ -788,19 +802,20 @@ def test_a_short_request_is_not_stuck_behind_preempted_long_ones():
     assert _free_everywhere(core)
 
 
-def test_stop_ends_the_step_loop_cleanly_and_tells_the_clients(big, caplog):
+def test_stop_ends_the_step_loop_cleanly_and_tells_the_clients(caplog):
     """Shutting down mid-stream: the loop task ends (nothing left pending), nothing is logged
     as a failed step, the stream ends with "shut down", and later requests are refused."""
     from raymoe.actors.engine.messages import NewRequest, RejectKind
 
     sampling = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+    stopped = _engine(num_kv_blocks=64)  # stopped mid-step, it keeps a step in flight
 
     async def main():
-        engine = AsyncEngine(big.local.core, big.executor, max_queued=100, pipelined=True)
-        client = EngineClient(engine, big.tokenizer, big.local.info)
+        engine = AsyncEngine(stopped.local.core, stopped.executor, max_queued=100, pipelined=True)
+        client = EngineClient(engine, stopped.tokenizer, stopped.local.info)
         tokens, error = [], None
         try:
-            async for d in client.stream(big.tokenizer.encode("a long one"), sampling):
+            async for d in client.stream(stopped.tokenizer.encode("a long one"), sampling):
                 tokens += d.token_ids
                 if len(tokens) >= 3:
                     await engine.stop()
@@ -862,7 +877,7 @@ def test_a_chat_with_tools_or_template_kwargs_renders_off_the_event_loop(big, mo
 def test_a_request_whose_admission_raises_fails_alone(monkeypatch):
     """add_request raising something unexpected (a bug) refuses that request as an internal
     error; the others of its submit call run (it failed the whole call)."""
-    fresh = _engine(num_kv_blocks=64)  # the module's engine may hold a stopped loop's step
+    fresh = _engine(num_kv_blocks=64)  # stopped below with a step maybe in flight
     ids = fresh.tokenizer.encode("Hello there")
     params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
     core = fresh.local.core
