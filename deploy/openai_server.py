@@ -138,11 +138,42 @@ def _delta_token_ids(out: Delta, prompts: Optional[list[list[int]]], i: int, *, 
 
 
 class _Echo:
-    """What a completion request echoes: each prompt's text and token ids (echo), and whether
-    its output is dropped (echo with max_tokens 0: the prompt's logprobs alone)."""
+    """What a completion request echoes: each choice's prompt text and token ids, whether its
+    output is dropped (echo with max_tokens 0: the prompt's logprobs alone), and ``lead[i]``:
+    the choice whose prompt logprobs choice i echoes (None: its own)."""
 
-    def __init__(self, texts: list[str], ids: list[list[int]], drop_output: bool) -> None:
-        self.texts, self.ids, self.drop_output = texts, ids, drop_output
+    def __init__(
+        self, texts: list[str], ids: list[list[int]], drop_output: bool, lead: Optional[list[int]] = None
+    ) -> None:
+        self.texts, self.ids, self.drop_output, self.lead = texts, ids, drop_output, lead
+
+
+async def _with_lead_prompt_logprobs(outputs: Outputs, lead: list[int]) -> Outputs:
+    """``outputs`` with choice i's first delta carrying the prompt logprobs of choice ``lead[i]``,
+    which computed them for every choice of its prompt: a choice's deltas wait for its lead's first."""
+    known: dict[int, Optional[list]] = {}  # by lead: the prompt logprobs of its first delta
+    waiting: dict[int, list[tuple[int, Delta]]] = {}  # by lead: deltas of choices that wait for it
+    given: set[int] = set()
+
+    def share(i: int, out: Delta) -> tuple[int, Delta]:
+        if i in given:
+            return i, out
+        given.add(i)
+        return i, dataclasses.replace(out, prompt_logprobs=known.get(lead[i]))
+
+    async with aclosing(outputs):
+        async for i, out in outputs:
+            if lead[i] == i:
+                known.setdefault(i, out.prompt_logprobs)
+                yield share(i, out)
+                for held in waiting.pop(i, []):
+                    yield share(*held)
+            elif lead[i] in known:
+                yield share(i, out)
+            else:
+                waiting.setdefault(lead[i], []).append((i, out))
+    for held in [h for hs in waiting.values() for h in hs]:  # a lead that ended without a delta
+        yield share(*held)
 
 
 class OpenAIServer:
@@ -224,7 +255,16 @@ class OpenAIServer:
         echo = None
         if req.echo:
             texts = [p if isinstance(p, str) else self.client.tokenizer.decode(p, False) for p in prompts]
-            echo = _Echo([t for t in texts for _ in range(n)], [x for x in ids for _ in range(n)], drop_output)
+            lead = None
+            if n > 1 and params[0].prompt_logprobs is not None:
+                # a prompt's logprobs are the same for all its choices: its first choice alone
+                # computes them (a logit row per prompt token, and no prefix cache)
+                lead = [i - i % n for i in range(len(params))]
+                params = [
+                    p if i == j else dataclasses.replace(p, prompt_logprobs=None)
+                    for i, (p, j) in enumerate(zip(params, lead))
+                ]
+            echo = _Echo([t for t in texts for _ in range(n)], [x for x in ids for _ in range(n)], drop_output, lead)
         rid = f"cmpl-{uuid.uuid4().hex}"
         prompt_tokens = sum(map(len, ids))
         ids = [x for x in ids for _ in range(n)]  # choices prompt by prompt, as OpenAI orders them
@@ -349,6 +389,8 @@ class OpenAIServer:
         # a grammar never lets the model close a thinking block: constrained output is all content
         reasoning = self.reasoning_parser if chat and params[0].grammar is None else None
         outputs = merge([self.client.stream(x, p) for x, p in zip(ids, params)])
+        if echo is not None and echo.lead is not None:
+            outputs = _with_lead_prompt_logprobs(outputs, echo.lead)
         self.metrics.in_flight.inc()
         done = True
         try:

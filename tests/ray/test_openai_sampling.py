@@ -101,6 +101,12 @@ def test_echo_gives_prompt_logprobs_as_lm_eval_asks(server, client):
             assert math.isclose(lp.token_logprobs[pos], float(ref[pos - 1, ids[pos]]), abs_tol=1e-3)
         assert r.usage.completion_tokens == max_tokens and r.usage.prompt_tokens == len(ids)
         assert r.choices[0].text.startswith("one two three four five")
+    # n choices of a prompt echo the same prompt logprobs (computed by the first alone)
+    r = client.completions.create(prompt=ids, max_tokens=1, logprobs=1, echo=True, n=3, **GREEDY)
+    for choice in r.choices:
+        got = choice.logprobs.token_logprobs
+        assert len(got) == len(ids) + 1 and got[0] is None
+        assert got[1:-1] == pytest.approx([float(ref[pos - 1, ids[pos]]) for pos in range(1, len(ids))], abs=1e-3)
     chunks = list(client.completions.create(prompt=ids, max_tokens=2, logprobs=1, echo=True, stream=True, **GREEDY))
     first = chunks[0].choices[0]
     assert first.text.startswith("one two three four five") and first.logprobs.token_logprobs[0] is None
