@@ -4,7 +4,8 @@
     source .devbundle/install.sh && python3 benchmarks/recovery_bench.py --config qwen3-30b-a3b-dummy --layers 16
 
 Serves ``--config`` here (its ranks must run on this host: the script signals them), then
-for each fault -- a rank killed with -9, the controller killed -- with streams running:
+for each fault -- a rank killed with -9, the controller killed, the ingress replica killed
+with -9 -- with streams running:
 the time until every running stream has ended with an error, until /health answers 200
 again, and until a new request completes; and whether the streams queued behind the
 running ones completed. Also the cold start (serve until healthy). Prints a table.
@@ -59,9 +60,20 @@ def main() -> int:
             os.kill(ray.get(controller().run_on_ranks.remote(_pid))[0], signal.SIGKILL)
 
         max_tokens = min(4000, ray.get(controller().get_model_info.remote()).max_model_len - 64)
+
+        def kill_ingress() -> None:  # Ray names a replica's process after it
+            for pid in os.listdir("/proc"):
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        if f.read().startswith(b"ray::ServeReplica:raymoe:OpenAIIngress"):
+                            os.kill(int(pid), signal.SIGKILL)
+                except (OSError, ValueError):
+                    continue
+
         for name, fault in (
             ("a rank killed with -9", kill_rank),
             ("the controller killed", lambda: ray.kill(controller())),
+            ("the ingress replica killed with -9", kill_ingress),
         ):
             rows.append((name, *asyncio.run(_fault(url, fault, args.running, args.queued, max_tokens))))
     finally:
@@ -110,16 +122,19 @@ def _health(url: str) -> int:
 async def _request(url: str, prompt: str, max_tokens: int, started: Any = None) -> str:
     """Stream one completion; 'done', or how it ended. ``started`` is set at the first chunk."""
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=900)) as session:
-        async with session.post(url + "/v1/completions", json=body) as r:
-            if r.status != 200:
-                return f"http {r.status}"
-            async for line in r.content:
-                if line.startswith(b"data: {"):
-                    if b'"error"' in line and "error" in json.loads(line[6:]):
-                        return "error"
-                    if started is not None:
-                        started.set()
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=900)) as session:
+            async with session.post(url + "/v1/completions", json=body) as r:
+                if r.status != 200:
+                    return f"http {r.status}"
+                async for line in r.content:
+                    if line.startswith(b"data: {"):
+                        if b'"error"' in line and "error" in json.loads(line[6:]):
+                            return "error"
+                        if started is not None:
+                            started.set()
+    except aiohttp.ClientError:  # the server went away (its replica killed)
+        return "connection lost"
     return "done"
 
 

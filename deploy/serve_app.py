@@ -21,6 +21,7 @@ import dataclasses
 import logging
 import os
 import socket
+import time
 import uuid
 from typing import Any, Optional
 
@@ -46,6 +47,7 @@ APP_NAME = "raymoe"
 HEALTH_TIMEOUT_S = 10.0
 MAX_BODY_BYTES = 32 * 2**20
 BODY_TIMEOUT_S = 30.0  # 32 MiB at about 1 MB/s
+DIRECT_PORT_WAIT_S = 120.0  # Linux holds a closed connection's port 60 s (TIME_WAIT)
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before its answer
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -74,13 +76,33 @@ def serve_env(direct_port: Optional[int], num_replicas: int = 1) -> dict[str, st
                 "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
                 "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(direct_port),
                 "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(direct_port + num_replicas),
-                # a restarted replica takes the port back at once (the hold-back protects
-                # HAProxy routing, which is not used here), and stopping does not wait 30 s
+                # a restarted replica takes the port back once it can be bound (the hold-back
+                # protects HAProxy routing, which is not used here; wait_for_a_direct_ingress_port),
+                # and stopping does not wait 30 s
                 "RAY_SERVE_PORT_QUARANTINE_S": "0",
                 "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
             }
         )
     return env
+
+
+async def wait_for_a_direct_ingress_port(host: str, timeout_s: float = DIRECT_PORT_WAIT_S) -> None:
+    """With Serve's direct ingress on, return once a port of its range can be bound on ``host``
+    as Serve binds it (without SO_REUSEADDR), or after ``timeout_s``. An ingress replica that
+    died with connections open leaves its port unbindable that way for up to a minute (the
+    connections' TIME_WAIT); Serve, failing to bind the replica it restarts there, takes the
+    port out of use for good, and the endpoint would never come back."""
+    if os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") != "1":
+        return
+    low, high = (int(os.environ[f"RAY_SERVE_DIRECT_INGRESS_{end}_HTTP_PORT"]) for end in ("MIN", "MAX"))
+    deadline = time.monotonic() + timeout_s
+    if not any(port_is_free(host, port) for port in range(low, high)):
+        log.warning("ports %d-%d are held (a replica died with connections open): waiting for one", low, high - 1)
+    while not any(port_is_free(host, port) for port in range(low, high)):
+        if time.monotonic() > deadline:
+            log.warning("no port of %d-%d came free within %.0f s", low, high - 1, timeout_s)
+            return
+        await asyncio.sleep(0.5)
 
 
 def port_is_free(host: str, port: int) -> bool:
@@ -326,6 +348,7 @@ class OpenAIIngress:
             max_queued_requests=cfg.serve.max_queued_requests,
         )
         log.info("serving %s (%s) as engine client %s", name, info.model, client.client_id)
+        await wait_for_a_direct_ingress_port(cfg.serve.host)  # Serve binds this replica's port next
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_fastapi_app(self.server)
