@@ -140,7 +140,7 @@ def _delta_token_ids(out: Delta, prompts: Optional[list[list[int]]], i: int, *, 
 class _Echo:
     """What a completion request echoes: each choice's prompt text and token ids, whether its
     output is dropped (echo with max_tokens 0: the prompt's logprobs alone), and ``lead[i]``:
-    the choice whose prompt logprobs choice i echoes (None: its own)."""
+    the choice whose prompt logprobs choice i echoes (``lead`` None: each its own)."""
 
     def __init__(
         self, texts: list[str], ids: list[list[int]], drop_output: bool, lead: Optional[list[int]] = None

@@ -77,7 +77,7 @@ def serve_env(direct_port: Optional[int], num_replicas: int = 1) -> dict[str, st
                 "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(direct_port),
                 "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(direct_port + num_replicas),
                 # a restarted replica takes the port back once it can be bound (the hold-back
-                # protects HAProxy routing, which is not used here; wait_for_a_direct_ingress_port),
+                # protects HAProxy routing, which is not used here; wait_for_direct_ingress_ports),
                 # and stopping does not wait 30 s
                 "RAY_SERVE_PORT_QUARANTINE_S": "0",
                 "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
@@ -86,22 +86,52 @@ def serve_env(direct_port: Optional[int], num_replicas: int = 1) -> dict[str, st
     return env
 
 
-async def wait_for_a_direct_ingress_port(host: str, timeout_s: float = DIRECT_PORT_WAIT_S) -> None:
-    """With Serve's direct ingress on, return once a port of its range can be bound on ``host``
-    as Serve binds it (without SO_REUSEADDR), or after ``timeout_s``. An ingress replica that
-    died with connections open leaves its port unbindable that way for up to a minute (the
-    connections' TIME_WAIT); Serve, failing to bind the replica it restarts there, takes the
-    port out of use for good, and the endpoint would never come back."""
-    if os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") != "1":
-        return
-    low, high = (int(os.environ[f"RAY_SERVE_DIRECT_INGRESS_{end}_HTTP_PORT"]) for end in ("MIN", "MAX"))
+def direct_ingress_ports() -> Optional[range]:
+    """The HTTP ports Serve hands its direct-ingress replicas, as Serve reads its environment
+    (None: direct ingress is off)."""
+    from ray.serve._private import constants
+
+    if not constants.RAY_SERVE_ENABLE_DIRECT_INGRESS:
+        return None
+    return range(constants.RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT, constants.RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT)
+
+
+def port_state(port: int) -> str:
+    """ "free" (a bind without SO_REUSEADDR, as Serve binds, succeeds), "listening" (a server
+    holds it), or "closing" (only connections of a closed server hold it, in TIME_WAIT: up to
+    60 s). Probed on the wildcard address, which conflicts with every other."""
+
+    def binds(reuse: bool) -> bool:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, int(reuse))
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                return False
+        return True
+
+    return "free" if binds(False) else "closing" if binds(True) else "listening"
+
+
+async def wait_for_direct_ingress_ports(ports: range, timeout_s: float = DIRECT_PORT_WAIT_S) -> None:
+    """Return once Serve can bind the port it hands out next: one of ``ports`` free, none
+    closing. An ingress replica that died with connections open leaves its port closing;
+    Serve hands out the lowest port it has, and one it fails to bind it takes out of use for
+    good (the endpoint would never come back). RuntimeError after ``timeout_s``: Serve then
+    restarts this replica (it allocates the port after the constructor), which waits again."""
     deadline = time.monotonic() + timeout_s
-    if not any(port_is_free(host, port) for port in range(low, high)):
-        log.warning("ports %d-%d are held (a replica died with connections open): waiting for one", low, high - 1)
-    while not any(port_is_free(host, port) for port in range(low, high)):
-        if time.monotonic() > deadline:
-            log.warning("no port of %d-%d came free within %.0f s", low, high - 1, timeout_s)
+    waited = False
+    while True:
+        states = [port_state(port) for port in ports]
+        if "free" in states and "closing" not in states:
             return
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"direct ingress: no port of {ports.start}-{ports.stop - 1} came free in {timeout_s:.0f} s"
+            )
+        if not waited:
+            log.warning("direct ingress: waiting for ports %d-%d to come free", ports.start, ports.stop - 1)
+            waited = True
         await asyncio.sleep(0.5)
 
 
@@ -348,7 +378,9 @@ class OpenAIIngress:
             max_queued_requests=cfg.serve.max_queued_requests,
         )
         log.info("serving %s (%s) as engine client %s", name, info.model, client.client_id)
-        await wait_for_a_direct_ingress_port(cfg.serve.host)  # Serve binds this replica's port next
+        ports = direct_ingress_ports()
+        if ports is not None:  # Serve binds this replica's port next
+            await wait_for_direct_ingress_ports(ports)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_fastapi_app(self.server)

@@ -8,6 +8,8 @@ import asyncio
 import json
 from types import SimpleNamespace
 
+import pytest
+
 from raymoe.actors.engine.messages import Logprob
 from raymoe.actors.engine.output_text import Delta
 from raymoe.deploy.openai_server import OpenAIServer
@@ -21,10 +23,11 @@ def _prompt_logprobs(ids: list[int]) -> list:
 
 class StandInClient:
     """Streams two tokens per request; the prompt's logprobs (a function of the prompt) in the
-    first delta when asked. Requests that ask for them start late: the other choices' tokens
-    come first."""
+    first delta when asked. ``lead_late``: requests that ask for them start late (the other
+    choices' tokens come first); else the others do."""
 
-    def __init__(self) -> None:
+    def __init__(self, lead_late: bool = True) -> None:
+        self.lead_late = lead_late
         self.asked: list[tuple[list[int], bool]] = []
         self.info = SimpleNamespace(token_limit=1000, max_model_len=1000)
         self.tokenizer = SimpleNamespace(decode=lambda ids, skip_special_tokens=True: " ".join(map(str, ids)))
@@ -35,7 +38,7 @@ class StandInClient:
     async def stream(self, ids, params):
         wants = params.prompt_logprobs is not None
         self.asked.append((ids, wants))
-        if wants:
+        if wants == self.lead_late:
             await asyncio.sleep(0.05)
         for n in (1, 2):
             yield Delta(
@@ -68,12 +71,13 @@ def _streamed_choices(server: OpenAIServer, body: bytes) -> tuple[dict[int, list
     return logprobs, order
 
 
-def test_each_prompt_logprobs_are_computed_once_and_echoed_by_every_choice():
+@pytest.mark.parametrize("lead_late", [True, False], ids=["lead-late", "lead-first"])
+def test_each_prompt_logprobs_are_computed_once_and_echoed_by_every_choice(lead_late):
     expected = {
         i: [None if lp is None else lp.logprob for lp in _prompt_logprobs(ids)] + [-1.0, -1.0]
         for i, ids in enumerate(ids for ids in PROMPTS.values() for _ in range(3))
     }
-    client = StandInClient()
+    client = StandInClient(lead_late)
     server = OpenAIServer(client, "m", "m")
     full = asyncio.run(server.completions(_body(n=3, echo=True)))["choices"]
     assert [c["index"] for c in full] == list(range(6))
@@ -83,9 +87,9 @@ def test_each_prompt_logprobs_are_computed_once_and_echoed_by_every_choice():
 
     streamed, order = _streamed_choices(server, _body(n=3, echo=True, stream=True))
     assert streamed == expected
-    # the other choices' chunks go out once the lead's first delta is in, not after its last
-    for lead in (0, 3):
-        assert max(order.index(lead + 1), order.index(lead + 2)) < len(order) - 1 - order[::-1].index(lead)
+    if lead_late:  # the other choices' chunks go out once the lead's first delta is in, not after its last
+        for lead in (0, 3):
+            assert max(order.index(lead + 1), order.index(lead + 2)) < len(order) - 1 - order[::-1].index(lead)
 
     # one choice computes its own; without echo none are asked
     client.asked.clear()

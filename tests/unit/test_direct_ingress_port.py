@@ -1,6 +1,7 @@
-"""A restarted ingress replica waits until Serve can bind a direct-ingress port: a port whose
-server died with a connection open stays unbindable without SO_REUSEADDR (as Serve binds)
-while the connection is in TIME_WAIT, and Serve takes a port it fails to bind out of use."""
+"""A restarted ingress replica waits until Serve can bind the direct-ingress port it hands out
+next: a port whose server died with a connection open cannot be bound without SO_REUSEADDR
+(as Serve binds) while the connection is in TIME_WAIT, and Serve takes a port it fails to
+bind out of use for good, handing out the lowest port first."""
 
 from __future__ import annotations
 
@@ -24,65 +25,87 @@ def _listener(port: int) -> socket.socket:
     return s
 
 
-def _direct_ingress(monkeypatch, low: int, high: int) -> None:
-    monkeypatch.setenv("RAY_SERVE_ENABLE_DIRECT_INGRESS", "1")
-    monkeypatch.setenv("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", str(low))
-    monkeypatch.setenv("RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", str(high))
-
-
-def test_a_port_whose_server_closed_a_connection_first_cannot_be_bound_as_serve_binds():
+def _closing_port() -> int:
+    """A port left in TIME_WAIT for the next 60 s: its server closed a connection first, as a
+    killed process's sockets are closed."""
     port = serve_app.free_port(HOST)
     server = _listener(port)
     client = socket.create_connection((HOST, port))
     accepted, _ = server.accept()
     server.close()
-    accepted.close()  # the server side closes first, as a killed process's sockets do
-    client.recv(1)  # its FIN arrived
+    accepted.close()
+    client.recv(1)  # the server's FIN arrived
     client.close()
     time.sleep(0.1)
-    assert not serve_app.port_is_free(HOST, port)  # TIME_WAIT: up to 60 s
-    _listener(port).close()  # with SO_REUSEADDR (uvicorn's own bind) it would be free
+    return port
 
 
-def test_waits_until_a_port_of_the_range_comes_free(monkeypatch):
+def _free_pair() -> int:
+    for _ in range(20):
+        port = serve_app.free_port(HOST)
+        if serve_app.port_state(port + 1) == "free":
+            return port
+    pytest.skip("no two free ports in a row on this machine")
+
+
+def test_port_states_as_serve_would_bind_them():
+    closing = _closing_port()
+    assert serve_app.port_state(closing) == "closing"
+    assert not serve_app.port_is_free(HOST, closing)  # Serve's bind, without SO_REUSEADDR, fails
     port = serve_app.free_port(HOST)
-    _direct_ingress(monkeypatch, port, port + 1)
-    held = _listener(port)
-    threading.Timer(1.0, held.close).start()
-    t0 = time.monotonic()
-    asyncio.run(serve_app.wait_for_a_direct_ingress_port(HOST, timeout_s=30))
-    assert 1.0 <= time.monotonic() - t0 < 10
-    assert serve_app.port_is_free(HOST, port)
-
-
-def test_gives_up_after_the_timeout_and_waits_for_nothing_without_direct_ingress(monkeypatch, caplog):
-    port = serve_app.free_port(HOST)
+    assert serve_app.port_state(port) == "free"
     held = _listener(port)
     try:
-        monkeypatch.delenv("RAY_SERVE_ENABLE_DIRECT_INGRESS", raising=False)
+        assert serve_app.port_state(port) == "listening"
+    finally:
+        held.close()
+
+
+def test_waits_while_every_port_is_held_and_returns_once_one_comes_free():
+    port = _free_pair()
+    held = [_listener(port), _listener(port + 1)]
+    threading.Timer(1.0, held[1].close).start()
+    try:
         t0 = time.monotonic()
-        asyncio.run(serve_app.wait_for_a_direct_ingress_port(HOST, timeout_s=30))
-        assert time.monotonic() - t0 < 0.5
-        _direct_ingress(monkeypatch, port, port + 1)
-        t0 = time.monotonic()
-        asyncio.run(serve_app.wait_for_a_direct_ingress_port(HOST, timeout_s=1.0))
+        asyncio.run(serve_app.wait_for_direct_ingress_ports(range(port, port + 2), timeout_s=30))
         assert 1.0 <= time.monotonic() - t0 < 10
-        assert "came free" in caplog.text
     finally:
-        held.close()
+        held[0].close()
 
 
-@pytest.mark.parametrize("busy", [0, 1])
-def test_one_free_port_of_several_is_enough(monkeypatch, busy):
-    low = serve_app.free_port(HOST)
-    ports = [low, low + 1]
-    if not all(serve_app.port_is_free(HOST, p) for p in ports):
-        pytest.skip("the port after a free one is taken on this machine")
-    _direct_ingress(monkeypatch, low, low + 2)
-    held = _listener(ports[busy])
+def test_a_closing_port_is_waited_for_even_next_to_a_free_one():
+    """Serve would hand out the lowest port, the closing one, and then block it for good."""
+    closing = _closing_port()
+    if serve_app.port_state(closing + 1) != "free":
+        pytest.skip("the port after the closing one is taken on this machine")
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="came free"):
+        asyncio.run(serve_app.wait_for_direct_ingress_ports(range(closing, closing + 2), timeout_s=1.0))
+    assert time.monotonic() - t0 >= 1.0
+
+
+def test_one_free_port_among_listening_ones_is_enough():
+    port = _free_pair()
+    held = _listener(port)
     try:
         t0 = time.monotonic()
-        asyncio.run(serve_app.wait_for_a_direct_ingress_port(HOST, timeout_s=30))
+        asyncio.run(serve_app.wait_for_direct_ingress_ports(range(port, port + 2), timeout_s=30))
         assert time.monotonic() - t0 < 0.5
     finally:
         held.close()
+
+
+def test_the_range_is_serves_own_reading_of_its_environment(monkeypatch):
+    from ray.serve._private import constants
+
+    monkeypatch.setattr(constants, "RAY_SERVE_ENABLE_DIRECT_INGRESS", False)
+    assert serve_app.direct_ingress_ports() is None
+    monkeypatch.setattr(constants, "RAY_SERVE_ENABLE_DIRECT_INGRESS", True)
+    env = serve_app.serve_env(8000, num_replicas=2)
+    monkeypatch.setattr(
+        constants, "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", int(env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"])
+    )
+    monkeypatch.setattr(
+        constants, "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", int(env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"])
+    )
+    assert serve_app.direct_ingress_ports() == range(8000, 8002)

@@ -474,7 +474,8 @@ def test_a_request_dropped_while_its_submit_is_out_is_aborted_once_in(big):
         stream = client.stream(ids, params)
         await asyncio.sleep(0.05)  # its submit is out
         await stream.aclose()  # the consumer went away
-        while not held.submitted:  # its submit's hold ends
+        deadline = time.monotonic() + 10
+        while not held.submitted and time.monotonic() < deadline:  # its submit's hold ends
             await asyncio.sleep(0.01)
         await client.close()
         await _stop_when_idle(held.engine, big)
