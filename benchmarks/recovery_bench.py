@@ -4,8 +4,8 @@
     source .devbundle/install.sh && python3 benchmarks/recovery_bench.py --config qwen3-30b-a3b-dummy --layers 16
 
 Serves ``--config`` here (its ranks must run on this host: the script signals them), then
-for each fault -- a rank killed with -9, the controller killed, the ingress replica killed
-with -9 -- with streams running:
+for each fault -- a rank killed with -9, the controller killed, the engine host replica
+killed with -9 (twice), the ingress replica killed with -9 -- with streams running:
 the time until every running stream has ended with an error, until /health answers 200
 again, and until a new request completes; and whether the streams queued behind the
 running ones completed. Also the cold start (serve until healthy). Prints a table.
@@ -61,19 +61,12 @@ def main() -> int:
 
         max_tokens = min(4000, ray.get(controller().get_model_info.remote()).max_model_len - 64)
 
-        def kill_ingress() -> None:  # Ray names a replica's process after it
-            for pid in os.listdir("/proc"):
-                try:
-                    with open(f"/proc/{pid}/cmdline", "rb") as f:
-                        if f.read().startswith(b"ray::ServeReplica:raymoe:OpenAIIngress"):
-                            os.kill(int(pid), signal.SIGKILL)
-                except (OSError, ValueError):
-                    continue
-
         for name, fault in (
             ("a rank killed with -9", kill_rank),
             ("the controller killed", lambda: ray.kill(controller())),
-            ("the ingress replica killed with -9", kill_ingress),
+            ("the engine host killed with -9", lambda: _kill_replica(b"EngineHost")),
+            ("the engine host killed with -9 again", lambda: _kill_replica(b"EngineHost")),
+            ("the ingress replica killed with -9", lambda: _kill_replica(b"OpenAIIngress")),
         ):
             rows.append((name, *asyncio.run(_fault(url, fault, args.running, args.queued, max_tokens))))
     finally:
@@ -97,6 +90,17 @@ def main() -> int:
             ended, healthy, served, queued = values
             print(f"| {name} | {ended:.2f} | {healthy:.1f} | {served:.1f} | {queued} |")
     return 0
+
+
+def _kill_replica(deployment: bytes) -> None:
+    """SIGKILL the deployment's replica processes here (Ray names a replica's process after it)."""
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f.read().startswith(b"ray::ServeReplica:raymoe:" + deployment):
+                    os.kill(int(pid), signal.SIGKILL)
+        except (OSError, ValueError):
+            continue
 
 
 def _pid(ctx: Any) -> int:

@@ -40,11 +40,13 @@ def ensure_ray(config: Config, address: Optional[str] = None) -> None:
     ray.init(**kwargs)
 
 
-def start_controller(config: Config, address: Optional[str] = None, placement_group_name: str = "") -> Any:
-    """Start a controller actor and bring its rank group up; returns the actor handle.
-    ``placement_group_name``: see ``Controller``."""
+def start_controller(
+    config: Config, address: Optional[str] = None, placement_group_name: str = "", name: Optional[str] = None
+) -> Any:
+    """Start a controller actor (called ``name``, if given) and bring its rank group up;
+    returns the actor handle. ``placement_group_name``: see ``Controller``."""
     ensure_ray(config, address)
-    options = {"num_cpus": 0, "runtime_env": CONTROLLER_RUNTIME_ENV}
+    options = {"num_cpus": 0, "runtime_env": CONTROLLER_RUNTIME_ENV, "name": name}
     controller = ray.remote(Controller).options(**options).remote(config, placement_group_name)
     try:
         info = ray.get(controller.start.remote())

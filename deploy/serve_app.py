@@ -29,6 +29,7 @@ import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
+from ray.util.placement_group import placement_group_table
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -47,6 +48,8 @@ APP_NAME = "raymoe"
 HEALTH_TIMEOUT_S = 10.0
 MAX_BODY_BYTES = 32 * 2**20
 BODY_TIMEOUT_S = 30.0  # 32 MiB at about 1 MB/s
+RANKS_GROUP_PREFIX = "raymoe-ranks-"  # an engine host's ranks' placement group, then its tag
+CONTROLLER_PREFIX = "raymoe-controller-"  # its controller actor, then the same tag
 DIRECT_PORT_WAIT_S = 120.0  # Linux holds a closed connection's port 60 s (TIME_WAIT)
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before its answer
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -304,9 +307,13 @@ class EngineHost:
     ingress replicas re-attach to it)."""
 
     async def __init__(self, config: dict[str, Any]) -> None:
-        self._placement_group = f"raymoe-ranks-{uuid.uuid4().hex[:12]}"  # freed here if the controller dies
+        tag = uuid.uuid4().hex[:12]
+        self._placement_group = RANKS_GROUP_PREFIX + tag  # freed here if the controller dies
+        freed = await asyncio.to_thread(free_orphaned_rank_groups)
+        if freed:
+            log.warning("freed the ranks' placement groups of dead controllers: %s", ", ".join(freed))
         self._controller = await asyncio.to_thread(
-            start_controller, config_from_dict(config), None, self._placement_group
+            start_controller, config_from_dict(config), None, self._placement_group, CONTROLLER_PREFIX + tag
         )
         try:
             info = await self._controller.load_model.remote()
@@ -350,6 +357,24 @@ class EngineHost:
             ray.kill(controller)
         if hasattr(self, "_placement_group"):
             await asyncio.to_thread(remove_named_placement_group, self._placement_group)
+
+
+def free_orphaned_rank_groups() -> list[str]:
+    """Free the ranks' placement groups whose controller is dead, and return their names. An
+    engine host killed outright takes its controller with it but not its cleanup, and Ray
+    keeps the ranks' reservation: the next engine host could not place its ranks (on a full
+    cluster, ever). A group and its controller share a tag; a live controller keeps its group."""
+    freed = []
+    for group in placement_group_table().values():
+        name = group["name"]
+        if not name.startswith(RANKS_GROUP_PREFIX) or group["state"] == "REMOVED":
+            continue
+        try:
+            ray.get_actor(CONTROLLER_PREFIX + name[len(RANKS_GROUP_PREFIX) :])
+        except ValueError:  # no such actor: it died
+            remove_named_placement_group(name)
+            freed.append(name)
+    return freed
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, graceful_shutdown_wait_loop_s=0.25)

@@ -1,5 +1,5 @@
 """A live two-rank server survives its own faults, with no outside action: a rank killed
-with -9, a rank frozen with SIGSTOP, the controller killed. Each time the requests that
+with -9, a rank frozen with SIGSTOP, the controller killed, the engine host killed with -9. Each time the requests that
 were running end within seconds with a clear 503 (no actor ids, pids or addresses),
 /health turns 503 and then 200, the requests still queued complete, and a new request
 succeeds. The ranks run on this host (the simulated cluster), so the test signals them
@@ -156,6 +156,29 @@ def test_the_controller_killed(server):
     controller = _controller()
     running, queued, t_fault, codes = asyncio.run(_fault(server, lambda: ray.kill(controller)))
     _check(server, running, queued, t_fault, codes, "restarting")
+
+
+def _kill_engine_host() -> None:
+    """SIGKILL the EngineHost replica's process (Ray names the process after the replica)."""
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f.read().startswith(b"ray::ServeReplica:raymoe:EngineHost"):
+                    os.kill(int(pid), signal.SIGKILL)
+        except (OSError, ValueError):
+            continue
+
+
+def test_the_engine_host_killed_with_minus_9(server):
+    """Its controller dies with it, and its cleanup never runs: the ranks' placement group it
+    left reserved is freed by the next engine host, which could not place its ranks otherwise
+    (on a full cluster)."""
+    from ray.util.placement_group import placement_group_table
+
+    running, queued, t_fault, codes = asyncio.run(_fault(server, _kill_engine_host))
+    _check(server, running, queued, t_fault, codes, "restarting")
+    groups = [g for g in placement_group_table().values() if g["name"].startswith("raymoe-ranks-")]
+    assert [g["state"] for g in groups].count("CREATED") == 1, groups
 
 
 def _busy(ctx: Any, seconds: float) -> None:
