@@ -88,7 +88,8 @@ def main() -> int:
             print(f"| {name} | | {values[0]:.1f} | | |")
         else:
             ended, healthy, served, queued = values
-            print(f"| {name} | {ended:.2f} | {healthy:.1f} | {served:.1f} | {queued} |")
+            health = f"{healthy:.1f}" if healthy else "never down"
+            print(f"| {name} | {ended:.2f} | {health} | {served:.1f} | {queued} |")
     return 0
 
 
@@ -142,6 +143,25 @@ async def _request(url: str, prompt: str, max_tokens: int, started: Any = None) 
     return "done"
 
 
+async def _healthy_again(url: str, t0: float, down_within_s: float = 30.0) -> float:
+    """Seconds from ``t0`` until /health answers 200 after answering anything else (0.0: it
+    never answered otherwise within ``down_within_s``)."""
+    seen_down = False
+    while True:
+        code = await asyncio.to_thread(_health, url)
+        seen_down |= code != 200
+        if code == 200 and (seen_down or time.monotonic() - t0 > down_within_s):
+            return time.monotonic() - t0 if seen_down else 0.0
+        await asyncio.sleep(0.2)
+
+
+async def _served_again(url: str, t0: float) -> float:
+    """Seconds from ``t0`` until a new request, sent again until one is, completes."""
+    while await _request(url, "after", 8) != "done":
+        await asyncio.sleep(0.5)
+    return time.monotonic() - t0
+
+
 async def _fault(url: str, fault: Any, running: int, queued: int, max_tokens: int) -> tuple[float, float, float, str]:
     starts = [asyncio.Event() for _ in range(running)]
     streams = [asyncio.create_task(_request(url, f"long {i}", max_tokens, e)) for i, e in enumerate(starts)]
@@ -153,23 +173,14 @@ async def _fault(url: str, fault: Any, running: int, queued: int, max_tokens: in
     await asyncio.sleep(0.5)
     t0 = time.monotonic()
     await asyncio.to_thread(fault)
+    health = asyncio.create_task(_healthy_again(url, t0))  # both probed from the fault on
+    served = asyncio.create_task(_served_again(url, t0))
     ended_at = []
     for s in streams:
         await s
         ended_at.append(time.monotonic() - t0)
-    seen_503 = False
-    while True:
-        code = await asyncio.to_thread(_health, url)
-        seen_503 |= code != 200
-        if code == 200 and seen_503:
-            break
-        await asyncio.sleep(0.2)
-    healthy = time.monotonic() - t0
-    while await _request(url, "after", 8) != "done":
-        await asyncio.sleep(0.5)
-    served = time.monotonic() - t0
     outcomes = await asyncio.gather(*waiting)
-    return max(ended_at), healthy, served, f"{sum(o == 'done' for o in outcomes)} of {queued}"
+    return max(ended_at), await health, await served, f"{sum(o == 'done' for o in outcomes)} of {queued}"
 
 
 if __name__ == "__main__":

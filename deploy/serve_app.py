@@ -100,9 +100,10 @@ def direct_ingress_ports() -> Optional[range]:
 
 
 def port_state(port: int) -> str:
-    """ "free" (a bind without SO_REUSEADDR, as Serve binds, succeeds), "listening" (a server
-    holds it), or "closing" (only connections of a closed server hold it, in TIME_WAIT: up to
-    60 s). Probed on the wildcard address, which conflicts with every other."""
+    """The port as Serve would find it: "free" (a bind without SO_REUSEADDR, as Serve binds,
+    succeeds), "listening" (a server holds it), or "closing" (only connections of a closed
+    server hold it, in TIME_WAIT: up to 60 s). Probed on the wildcard address, which
+    conflicts with every other."""
 
     def binds(reuse: bool) -> bool:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
