@@ -112,3 +112,14 @@ def test_filtered_tokens_are_never_drawn_on_a_large_vocabulary():
     assert torch.equal(tokens, logits.argmax(dim=-1))
     keys = torch.tensor([S._mix(s, 3) for s in range(n)])
     assert torch.isfinite(S.gumbel_noise(keys, vocab)).all()
+
+
+def test_seeds_at_the_ends_of_int64_draw_their_own_tokens():
+    """Seeds that agree modulo 2^63 - 1 (0 and 2^63 - 1; -2^63 and -1) draw different noise:
+    each int64 seed is its own stream."""
+    vocab = 4096
+    for a, b in ((0, 2**63 - 1), (-(2**63), -1), (1, -(2**63) + 2)):
+        keys = torch.tensor([S._mix(a, 5), S._mix(b, 5)])
+        noise = S.gumbel_noise(keys, vocab)
+        assert not torch.equal(noise[0], noise[1]), (a, b)
+        assert torch.isfinite(noise).all()
