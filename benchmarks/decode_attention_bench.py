@@ -2,13 +2,14 @@
 bf16 queries: engine.kv_cache_dtype): FlashInfer's with and without tensor cores (its
 CUDA-graph wrapper, as the engine captures it) and raymoe's Triton kernel
 (decode_attention_triton.py), at the engine benchmark's attention shape (32 query / 4 KV
-heads, head_dim 128, pages of 16, context 1024 or as asked, optionally the first sequence
-longer), each in a CUDA graph. Reports microseconds,
+heads, head_dim 128, pages of 16, context 1024 or as asked, optionally one longer sequence
+first), each in a CUDA graph. Reports microseconds,
 the KV read rate of the fastest, and the Triton kernel's largest difference from
 FlashInfer's output. The engine's decode steps run the Triton kernel (attention_flashinfer.py;
 BENCHMARKS.md, "Decode attention in Triton").
 
     python3 benchmarks/decode_attention_bench.py --batches 1,4,16,64,256 --kv-dtypes bf16,fp8
+    python3 benchmarks/decode_attention_bench.py --batches 1,8 --context 32768
     python3 benchmarks/decode_attention_bench.py --batches 8,128 --long 32768
 """
 
@@ -31,15 +32,15 @@ def main() -> None:
     args = p.parse_args()
     import flashinfer
 
-    from raymoe.actors.engine.decode_attention_triton import decode_attention, decode_splits
+    from raymoe.actors.engine.decode_attention_triton import TritonDecode
 
     dev, bf = torch.device("cuda"), torch.bfloat16
     block, heads, kv_heads, dim = 16, 32, 4, 128
     workspace = torch.zeros(256 << 20, dtype=torch.uint8, device=dev)
     kv_dtypes = {"bf16": bf, "fp8": torch.float8_e4m3fn}
     print(
-        "| batch | KV cache | KV MB | FlashInfer tensor cores us | FlashInfer CUDA cores us | Triton us | best TB/s "
-        "| Triton max diff |\n|---|---|---|---|---|---|---|---|"
+        "| batch | KV cache | KV MB | FlashInfer tensor cores us | FlashInfer CUDA cores us | Triton us | Triton parts "
+        "| best TB/s | Triton max diff |\n|---|---|---|---|---|---|---|---|---|"
     )
     for b, name in [(int(x), n) for x in args.batches.split(",") for n in args.kv_dtypes.split(",")]:
         lens_host = torch.full((b,), args.context, dtype=torch.int32)
@@ -76,30 +77,40 @@ def main() -> None:
             )
             times.append(graph_time(lambda w=wrapper: w.run(q, cache)))
             outs.append(wrapper.run(q, cache))
-        triton_args = (q, cache, indptr.to(dev), indices, lens_host.to(dev))
-        splits = decode_splits(b, kv_heads)
-        times.append(graph_time(lambda: decode_attention(*triton_args, splits=splits)))
-        diff = (decode_attention(*triton_args, splits=splits).float() - outs[0].float()).abs().max().item()
+        indices_host = indices.cpu()
+
+        def triton_decode(**kwargs) -> TritonDecode:
+            decode = TritonDecode(b, total_pages, kv_heads, dev, **kwargs)
+            decode.plan(indptr, indices_host, lens_host)
+            return decode
+
+        decode = triton_decode()
+        times.append(graph_time(lambda: decode.run(q, cache)))
+        diff = (decode.run(q, cache).float() - outs[0].float()).abs().max().item()
         kv = int(lens_host.sum()) * kv_heads * dim * 2 * cache.element_size()
         us = " | ".join(f"{t * 1e6:.1f}" for t in times)
-        print(f"| {b} | {name} | {kv / 1e6:.1f} | {us} | {kv / min(times) / 1e12:.2f} | {diff:.1e} |", flush=True)
+        parts = int(decode.first_part[-1])
+        print(
+            f"| {b} | {name} | {kv / 1e6:.1f} | {us} | {parts} | {kv / min(times) / 1e12:.2f} | {diff:.1e} |",
+            flush=True,
+        )
         if args.sweep:
-            sweep(lambda config, parts: decode_attention(*triton_args, splits=parts, config=config), splits)
+            sweep(lambda config, target: triton_decode(config=config, target_programs=target), q, cache)
 
 
-def sweep(run, splits: int) -> None:
-    """The Triton kernel's five fastest configs (BT, warps, stages, parts) for one case."""
+def sweep(make, q: torch.Tensor, cache: torch.Tensor) -> None:
+    """The Triton kernel's five fastest configs (BT, warps, stages, programs aimed at) for one
+    case; make(config, target_programs) -> a planned TritonDecode."""
     results = []
-    for bt, warps, stages, parts in itertools.product(
-        (32, 64, 128), (4, 8), (1, 2, 3), sorted({1, splits, 2 * splits})
-    ):
+    for bt, warps, stages, target in itertools.product((32, 64, 128), (4, 8), (1, 2, 3), (132, 264, 528)):
         config = dict(BT=bt, num_warps=warps, num_stages=stages)
         try:
-            results.append((graph_time(lambda c=config, s=parts: run(c, s)), config, parts))
+            decode = make(config, target)
+            results.append((graph_time(lambda d=decode: d.run(q, cache)), config, target))
         except Exception as e:  # noqa: BLE001 -- a config the compiler refuses (shared memory)
-            print(f"  {config} parts {parts}: {type(e).__name__}")
-    for t, config, parts in sorted(results, key=lambda r: r[0])[:5]:
-        print(f"  {t * 1e6:.1f} us  {config} parts {parts}", flush=True)
+            print(f"  {config} programs {target}: {type(e).__name__}")
+    for t, config, target in sorted(results, key=lambda r: r[0])[:5]:
+        print(f"  {t * 1e6:.1f} us  {config} programs {target}", flush=True)
 
 
 if __name__ == "__main__":

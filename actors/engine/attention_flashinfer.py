@@ -1,9 +1,9 @@
 """GPU attention backend over the shared paged KV cache.
 
 One plan per step, shared by every layer: when every chunk is a single token (the steady
-state) raymoe's Triton decode kernel (decode_attention_triton.py: faster than FlashInfer's
-decode kernels on the engine's step at 1,024 tokens of context, slower at long and uneven
-contexts; BENCHMARKS.md), otherwise FlashInfer's paged prefill
+state) raymoe's Triton decode kernel (decode_attention_triton.py: about FlashInfer's decode
+time at even lengths, far less with one long context among short ones; BENCHMARKS.md,
+"Length-aware decode parts"), otherwise FlashInfer's paged prefill
 kernel (it handles mixed prefill + decode batches).
 KV cache layout: FlashInfer's NHD paged layout, the same tensor the torch
 backend uses (see attention_torch.py), in the model's dtype or in FP8
@@ -106,7 +106,7 @@ class FlashInferAttention:
         if layout.input_ids.shape[0] == layout.num_seqs:  # one query token per sequence
             self.wrapper = TritonDecode(layout.num_seqs, kv_indices.shape[0], self.num_kv_heads, dev)
             lens = torch.from_numpy(layout.context_lens.astype(np.int32))
-            self.wrapper.plan(*(t.pin_memory() for t in (kv_indptr, kv_indices, lens)))
+            self.wrapper.plan(kv_indptr, kv_indices.pin_memory(), lens)
         else:
             qo = torch.from_numpy(layout.query_start.astype(np.int32))
             self.wrapper = self.prefill
@@ -187,7 +187,7 @@ class GraphDecodeAttention:
         indices = np.concatenate([layout.kv_indices(), blocks]) if n else blocks
         indptr, kv_indices, _ = page_tables(pages, indices, context, self.block_size)
         lens = torch.from_numpy(context.astype(np.int32))
-        self.decode.plan(*(t.pin_memory() for t in (indptr, kv_indices, lens)))
+        self.decode.plan(indptr, kv_indices.pin_memory(), lens)
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         cache = self.kv_cache[layer]

@@ -9,7 +9,7 @@ import torch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-from raymoe.actors.engine.decode_attention_triton import decode_attention, decode_splits  # noqa: E402
+from raymoe.actors.engine.decode_attention_triton import TritonDecode  # noqa: E402
 
 PAGE, HEADS, KV_HEADS, DIM = 16, 32, 4, 128
 
@@ -35,33 +35,46 @@ def _case(lens: list[int], kv_dtype: torch.dtype, seed: int):
     return q, cache, indptr, indices, torch.tensor(lens, dtype=torch.int32, device="cuda")
 
 
+def _decode(indptr, indices, lens, **kwargs) -> TritonDecode:
+    decode = TritonDecode(lens.shape[0], indices.shape[0], KV_HEADS, lens.device, **kwargs)
+    decode.plan(indptr.cpu(), indices, lens.cpu())
+    return decode
+
+
 @pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.bfloat16])
-@pytest.mark.parametrize("lens", [[1], [1000], [17, 1, 4096, 300], [1024] * 64])
+# one long sequence among short ones: in a small batch, and in one that fills the GPU
+@pytest.mark.parametrize(
+    "lens", [[1], [1000], [17, 1, 4096, 300], [1024] * 64, [20000] + [1, 90] * 3, [8192] + [100] * 79]
+)
 def test_decode_attention_matches_flashinfer(lens, kv_dtype):
     q, cache, indptr, indices, n = _case(lens, kv_dtype, seed=len(lens))
     want = _flashinfer(q, cache, indptr, indices, n).float()
-    for splits in sorted({1, 3, decode_splits(len(lens), KV_HEADS)}):
-        got = decode_attention(q, cache, indptr, indices, n, splits=splits).float()
+    # one part each, the default's parts, and parts of one step (64 tokens) each
+    for target_programs in (1, 264, 100_000):
+        decode = _decode(indptr, indices, n, target_programs=target_programs)
+        got = decode.run(q, cache).float()
         # both round p to bf16 for the second product; the outputs are bf16
-        assert (got - want).abs().max().item() < 2e-2, splits
+        assert (got - want).abs().max().item() < 2e-2, target_programs
 
 
 def test_decode_attention_replays_in_a_cuda_graph_as_lengths_change():
     lens = [700, 40, 1500, 3]
     q, cache, indptr, indices, n = _case(lens, torch.float8_e4m3fn, seed=7)
-    splits = decode_splits(len(lens), KV_HEADS)
+    decode = _decode(indptr, indices, n)
     out = torch.empty_like(q)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        decode_attention(q, cache, indptr, indices, n, splits=splits, out=out)
+        decode.run(q, cache, out=out)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        decode_attention(q, cache, indptr, indices, n, splits=splits, out=out)
+        decode.run(q, cache, out=out)
+    # the same pages, fewer of their tokens: the parts change with the lengths
     for shorter in ([700, 40, 1500, 3], [1, 33, 1490, 2], [640, 16, 17, 1]):
-        n.copy_(torch.tensor(shorter, dtype=torch.int32))  # the same pages, fewer of their tokens
+        lens_now = torch.tensor(shorter, dtype=torch.int32)
+        decode.plan(indptr.cpu(), indices, lens_now)
         graph.replay()
-        want = decode_attention(q, cache, indptr, indices, n, splits=1)
+        want = _decode(indptr, indices, lens_now.cuda(), target_programs=1).run(q, cache)
         torch.testing.assert_close(out, want, rtol=0, atol=2e-2)
         assert not out.isnan().any()

@@ -86,15 +86,46 @@ CASES = {
     # 3 KV heads of 24: both padded to the kernel's power-of-two block
     "kv-write-fp8": ("kv_write_case", dict(tokens=5, kv_heads=3, dim=24, dtype="float8_e4m3fn")),
     "kv-write-float32": ("kv_write_case", dict(tokens=4, kv_heads=2, dim=16, dtype="float32")),
-    # one part: 200 tokens in two steps of 128, pages of 16 (the last one partial); GQA 4 padded to 16 rows
+    # one part each (a large batch's config): 200 tokens in two steps of 128, pages of 16 (the
+    # last one partial); GQA 4 padded to 16 rows
     "decode-attention-fp8": (
         "decode_attention_case",
-        dict(lens=[200, 1, 33], heads=8, kv_heads=2, dim=32, page=16, splits=1, dtype="float8_e4m3fn"),
+        dict(
+            lens=[200, 1, 33],
+            heads=8,
+            kv_heads=2,
+            dim=32,
+            page=16,
+            target_programs=1,
+            dtype="float8_e4m3fn",
+            want_parts=[1, 1, 1],
+        ),
     ),
-    # three parts merged, one sequence shorter than a part (an empty one), head_dim not a power of 2
+    # parts of 64 tokens, the last one shorter, merged beside a sequence of one part; head_dim not a power of 2
     "decode-attention-parts": (
         "decode_attention_case",
-        dict(lens=[200, 5], heads=6, kv_heads=3, dim=24, page=8, splits=3, dtype="float32"),
+        dict(
+            lens=[200, 5], heads=6, kv_heads=3, dim=24, page=8, target_programs=24, dtype="float32", want_parts=[4, 1]
+        ),
+    ),
+    # 18 parts merged 16 at a time, beside a sequence of one part
+    "decode-attention-merge-blocks": (
+        "decode_attention_case",
+        dict(
+            lens=[3, 1100],
+            heads=16,
+            kv_heads=2,
+            dim=16,
+            page=16,
+            target_programs=64,
+            dtype="float32",
+            want_parts=[1, 18],
+        ),
+    ),
+    # an odd number of query heads (the merge takes two a program), parts merged
+    "decode-attention-odd-heads": (
+        "decode_attention_case",
+        dict(lens=[150, 7], heads=5, kv_heads=1, dim=16, page=8, target_programs=8, dtype="float32", want_parts=[3, 1]),
     ),
     # MLA: V2's query inside the latent's projection row, V3's from a q_b projection of its own
     "latent-norm-rope": ("latent_norm_rope_case", dict(tokens=3, heads=4, nope=8, latent=32, rope=16, q_lora=False)),

@@ -181,25 +181,31 @@ def kv_write_case(tokens, kv_heads, dim, dtype):
     assert got.float().abs().max() == (448 if dtype == "float8_e4m3fn" else qkv[:, 3 * dim :].abs().max())
 
 
-def decode_attention_case(lens, heads, kv_heads, dim, page, splits, dtype):
+def decode_attention_case(lens, heads, kv_heads, dim, page, target_programs, dtype, want_parts):
     """Paged decode attention over a cache of ``dtype`` (pages scattered, sequences of
-    ``lens`` tokens, some shorter than the parts) against softmax attention in float64."""
-    g = torch.Generator().manual_seed(sum(lens) + splits)
+    ``lens`` tokens, cut into ``want_parts`` parts each for ``target_programs`` programs)
+    against softmax attention in float64; twice (the same tables serve every layer)."""
+    g = torch.Generator().manual_seed(sum(lens) + target_programs)
     pages = [-(-n // page) for n in lens]
     blocks = sum(pages) + 2
     cache = (torch.randn(blocks, 2, page, kv_heads, dim, generator=g) * 2).to(getattr(torch, dtype))
     indices = torch.randperm(blocks, generator=g)[: sum(pages)].to(torch.int32)
     indptr = torch.tensor([0] + pages, dtype=torch.int32).cumsum(0).to(torch.int32)
     q = torch.randn(len(lens), heads, dim, generator=g)
-    got = decode_attention_triton.decode_attention(
-        q, cache, indptr, indices, torch.tensor(lens, dtype=torch.int32), splits=splits
+    decode = decode_attention_triton.TritonDecode(
+        len(lens), sum(pages), kv_heads, torch.device("cpu"), target_programs=target_programs
     )
-    for b, n in enumerate(lens):
-        kv = cache[indices[indptr[b] : indptr[b + 1]].long()].double()  # [pages, 2, page, kv_heads, dim]
-        k, v = (kv[:, i].flatten(0, 1)[:n].repeat_interleave(heads // kv_heads, 1) for i in (0, 1))
-        weights = torch.softmax(torch.einsum("hd,thd->ht", q[b].double(), k) / dim**0.5, -1)
-        want = torch.einsum("ht,thd->hd", weights, v)
-        torch.testing.assert_close(got[b].double(), want, rtol=1e-4, atol=1e-4)
+    decode.plan(indptr, indices, torch.tensor(lens, dtype=torch.int32))
+    first = decode.first_part.tolist()
+    assert [first[b + 1] - first[b] for b in range(len(lens))] == want_parts
+    for _ in range(2):
+        got = decode.run(q, cache)
+        for b, n in enumerate(lens):
+            kv = cache[indices[indptr[b] : indptr[b + 1]].long()].double()  # [pages, 2, page, kv_heads, dim]
+            k, v = (kv[:, i].flatten(0, 1)[:n].repeat_interleave(heads // kv_heads, 1) for i in (0, 1))
+            weights = torch.softmax(torch.einsum("hd,thd->ht", q[b].double(), k) / dim**0.5, -1)
+            want = torch.einsum("ht,thd->hd", weights, v)
+            torch.testing.assert_close(got[b].double(), want, rtol=1e-4, atol=1e-4)
 
 
 def latent_norm_rope_case(tokens, heads, nope, latent, rope, q_lora):

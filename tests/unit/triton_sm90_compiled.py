@@ -184,10 +184,9 @@ def decode_attention_case(batch: int, heads: int, kv_heads: int, fp8: bool) -> N
     pages = 4
     cache = torch.zeros(batch * pages, 2, 16, kv_heads, 128, dtype=FP8 if fp8 else BF16)
     indptr = torch.arange(batch + 1, dtype=torch.int32) * pages
-    lens = torch.full((batch,), 64, dtype=torch.int32)
-    q = torch.randn(batch, heads, 128, dtype=BF16)
-    splits = decode_attention_triton.decode_splits(batch, kv_heads)
-    decode_attention_triton.decode_attention(q, cache, indptr, indptr, lens, splits=splits)
+    decode = decode_attention_triton.TritonDecode(batch, batch * pages, kv_heads, torch.device("cpu"))
+    decode.plan(indptr, indptr[1:], torch.full((batch,), 64, dtype=torch.int32))
+    decode.run(torch.randn(batch, heads, 128, dtype=BF16), cache)
 
 
 def latent_norm_rope_case(tokens: int, heads: int, q_lora: int) -> None:
@@ -244,7 +243,7 @@ CASES = {
     },
     # Llama-70B's 8 KV heads: the kernel's wider variant
     "kv-write-8-heads-fp8": (kv_write_case, dict(tokens=64, heads=64, kv_heads=8, dim=128, fp8=True)),
-    # one sequence (parts merged by a second kernel) and a batch that fills the GPU (one part)
+    # one sequence (a small batch's config: parts merged) and a batch that fills the GPU (the large one's)
     **{
         f"decode-attention-qwen3-{c}-batch-{b}": (
             decode_attention_case,
