@@ -132,7 +132,7 @@ def _merge(
     b, hb = tl.program_id(0), tl.program_id(1)
     first = tl.load(first_part + b)
     count = tl.load(first_part + b + 1) - first
-    if count == 1:
+    if count <= 1:
         return
     p, g, d = tl.arange(0, BP), tl.arange(0, HG), tl.arange(0, BD)
     h = hb * HG + g
@@ -247,6 +247,7 @@ class TritonDecode:
         b, rows = self.batch_size, self._part_rows
         assert indptr.shape[0] == b + 1 and lens.shape[0] == b and indices.shape[0] <= self.indices.shape[0]
         lens_np = lens.numpy().astype(np.int64)
+        assert (lens_np >= 1).all(), "every sequence in a decode step holds at least its new token"
         part_len, first_part, seq = plan_parts(
             lens_np, kv_heads=self.kv_heads, step=self.config["BT"], target_programs=self.target_programs
         )
