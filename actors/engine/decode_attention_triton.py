@@ -70,13 +70,16 @@ def _decode(
     """parts: int32 [5, MAX_PARTS] (sequence, first token, end token, first page's index in
     ``indices``, 1 if the sequence's only part), and the step's part count at NUM_PARTS_AT."""
     i, h = tl.program_id(0), tl.program_id(1)
-    if i >= tl.load(parts + NUM_PARTS_AT):
-        return
+    # the part count read with the part's row, not before it: one memory round trip (the rows
+    # past the count are zeros, plan() writes the whole table)
+    num_parts = tl.load(parts + NUM_PARTS_AT)
     b = tl.load(parts + i)
     start = tl.load(parts + MAX_PARTS + i)
     end = tl.load(parts + 2 * MAX_PARTS + i)
     pages = indices + tl.load(parts + 3 * MAX_PARTS + i)
     only = tl.load(parts + 4 * MAX_PARTS + i)
+    if i >= num_parts:
+        return
     g, d = tl.arange(0, BG), tl.arange(0, BD)
     heads = h * GROUP + g
     g_ok, d_ok = g < GROUP, d < D
