@@ -6,6 +6,10 @@ Run on a GPU machine: install the torch wheel for its CUDA, then
 hosts have no package registry: they install a prebuilt bundle instead,
 ``source .devbundle/install.sh``, and run the same command.) NVLink multicast stays
 off: the rank actors set the variables in their runtime_env.
+
+Under a time limit, stop the run with SIGINT (``timeout -s INT``): pytest then reports where
+it was. ``ray.init`` in this process installs a SIGTERM handler that raises SystemExit, so a
+SIGTERM shows as a failure (``F``) of whichever test was running.
 """
 
 from __future__ import annotations
