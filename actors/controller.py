@@ -159,7 +159,7 @@ class Controller:
             num_logical=spec.moe.num_experts,
             bytes_per_expert=expert_bytes,
             expert_groups=spec.moe.grouped.num_groups if spec.moe.grouped is not None else 1,
-            planner=start_planner_worker().plan.remote,
+            planner=PlannerClient(),
         )
 
     # ---- expert-parallel load balancing ------------------------------------------------
@@ -335,3 +335,19 @@ class EplbPlannerWorker:
 def start_planner_worker() -> Any:
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
     return ray.remote(num_cpus=0)(EplbPlannerWorker).options(scheduling_strategy=here).remote()
+
+
+class PlannerClient:
+    """The EPLB manager's planner: plans on an EplbPlannerWorker, and when that worker has died
+    (killed, out of memory) starts a new one and asks it once more, so a rebalance outlives it."""
+
+    def __init__(self) -> None:
+        self.worker = start_planner_worker()
+
+    async def __call__(self, *args: Any, **kwargs: Any) -> EplbPlan:
+        try:
+            return await self.worker.plan.remote(*args, **kwargs)
+        except ray.exceptions.RayActorError:
+            log.warning("the EPLB planner worker died: starting a new one")
+            self.worker = start_planner_worker()
+            return await self.worker.plan.remote(*args, **kwargs)

@@ -184,6 +184,14 @@ class EplbManager:
         while not planning.done():
             yield  # steps run while the planner thinks
             await self._pause_if_idle()
+        failure = planning.exception()
+        if failure is not None:  # a planner that failed ends this rebalance, not the engine
+            why = f"planning failed ({type(failure).__name__}; the log has it): the experts stay where they are"
+            log.warning("EPLB: %s", why, exc_info=failure)
+            self.status.update(state="waiting", skipped=why)
+            if request.started is not None and not request.started.done():
+                request.started.set_exception(RebalanceRefused(why))
+            return
         plan = self.last_plan = planning.result()
         changed = [i for i, n in enumerate(plan.moved_slots_per_layer.tolist()) if n]
         chunk = self.config.layers_per_chunk or max(1, len(changed))

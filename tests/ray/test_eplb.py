@@ -4,6 +4,8 @@ for ep 2 and 4 with redundant experts, moving one layer per step or all at once.
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import time
 
@@ -91,6 +93,52 @@ def test_rebalance_needs_eplb_enabled(ray_session):
     with LLM(config_from_dict({"engine": {"num_kv_blocks": 64}})) as llm:
         with pytest.raises(ray.exceptions.RayTaskError, match="eplb.enabled"):
             ray.get(llm.controller.rebalance.remote())
+
+
+def _kill_processes(title: bytes) -> list[int]:
+    """SIGKILL this machine's processes whose title starts with ``title`` (Ray names an actor's
+    worker process ``ray::<class>``); returns their pids."""
+    killed = []
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f.read().startswith(title):
+                    os.kill(int(pid), signal.SIGKILL)
+                    killed.append(int(pid))
+        except (OSError, ValueError):
+            continue
+    return killed
+
+
+def test_a_rebalance_outlives_a_killed_planner_worker(ray_session):
+    """The planner's worker process killed with -9: the next rebalance starts a new worker and
+    completes; the engine never restarts its ranks."""
+    config = config_from_dict(
+        {
+            "parallel": {"tp": 1, "dp": 2, "ep": 2},
+            "engine": {"num_kv_blocks": 64},
+            "eplb": {"enabled": True, "num_redundant_experts": 2, "rebalance_every_steps": 10**6},
+        }
+    )
+    with LLM(config) as llm:
+        controller = llm.controller
+        deadline = time.monotonic() + 30
+        killed = []
+        while not killed:  # the worker starts beside the engine (its first plan warms it up)
+            assert time.monotonic() < deadline, "no planner worker process"
+            time.sleep(0.05)
+            killed = _kill_processes(b"ray::EplbPlannerWorker")
+        assert len(killed) == 1
+        while os.path.exists(f"/proc/{killed[0]}"):
+            assert time.monotonic() < deadline, "the planner worker outlived SIGKILL"
+            time.sleep(0.05)
+        hot = torch.ones(8)
+        hot[0], hot[4] = 60.0, 25.0  # as in the test above: experts 0 and 4 hot in every layer
+        ray.get(controller.rebalance.remote(((torch.rand(4, 8) + hot) * 1000).tolist()))
+        status = _rebalanced(controller, 1)
+        assert status["balancedness_after"] > status["balancedness_before"]
+        assert llm.generate(PROMPTS, SAMPLING)[0].finish_reason == "length"
+        assert ray.get(controller.stats.remote()).restarts == 0
 
 
 @pytest.mark.parametrize("kind", ["qwen2_moe", "glm4_moe", "deepseek_v3"])

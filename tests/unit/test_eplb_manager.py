@@ -9,7 +9,7 @@ import asyncio
 import pytest
 import torch
 
-from raymoe.actors.engine.eplb import NOT_ENOUGH_LOAD, EplbManager, RebalanceRefused
+from raymoe.actors.engine.eplb import NOT_ENOUGH_LOAD, EplbManager, RebalanceRefused, plan_in_thread
 from raymoe.cluster.config import EplbConfig
 from raymoe.cluster.expert_slots import default_expert_slots
 from raymoe.cluster.layout import RankLayout
@@ -55,7 +55,7 @@ class FakeRanks:
         return len(self.moved_layers), bool(self.chunks)
 
 
-def _manager(ranks: FakeRanks, **config) -> EplbManager:
+def _manager(ranks: FakeRanks, planner=plan_in_thread, **config) -> EplbManager:
     return EplbManager(
         EplbConfig(enabled=True, num_redundant_experts=SLOTS - EXPERTS, **config),
         RankLayout(dp=EP, ep=EP),
@@ -63,6 +63,7 @@ def _manager(ranks: FakeRanks, **config) -> EplbManager:
         physical_to_logical=default_expert_slots(LAYERS, EXPERTS, SLOTS),
         num_logical=EXPERTS,
         bytes_per_expert=1,
+        planner=planner,
     )
 
 
@@ -180,3 +181,33 @@ def test_close_cancels_calls_the_ranks_never_answer(caplog):
     with caplog.at_level("ERROR"):
         asyncio.run(main())
     assert "never retrieved" not in caplog.text
+
+
+def test_a_planner_that_fails_ends_its_rebalance_not_the_engine():
+    """The planner raises (its worker died, or a bug): the steps go on, the request is refused
+    naming the failure, the experts stay put, and the next rebalance plans and moves."""
+    failures = [RuntimeError("planner worker gone")]
+
+    async def planner(*args, **kwargs):
+        if failures:
+            raise failures.pop()
+        return await plan_in_thread(*args, **kwargs)
+
+    async def main():
+        ranks = FakeRanks(steps_to_land=0)
+        manager = _manager(ranks, planner=planner)
+        await manager.on_step()
+        before = manager.physical_to_logical.clone()
+        ranks.load = _skewed_physical_load()
+        failed = manager.request()
+        await _steps_until(manager, failed.done)  # on_step raising would fail the engine's loop
+        with pytest.raises(RebalanceRefused, match=r"planning failed \(RuntimeError"):
+            failed.result()
+        assert "planning failed" in manager.status["skipped"] and not manager.busy
+        assert "start_expert_moves" not in ranks.calls and torch.equal(manager.physical_to_logical, before)
+        again = manager.request(_skewed_physical_load()[:, :EXPERTS])
+        await _steps_until(manager, lambda: manager.status["rebalances"] == 1)
+        assert again.exception() is None and "skipped" not in manager.status
+        assert not torch.equal(manager.physical_to_logical, before)
+
+    asyncio.run(main())
