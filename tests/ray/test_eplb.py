@@ -5,13 +5,13 @@ for ep 2 and 4 with redundant experts, moving one layer per step or all at once.
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import time
 
 import pytest
 import ray
 import torch
+from processes import kill_processes
 
 from raymoe.cluster.config import config_from_dict
 from raymoe.deploy import LLM, SamplingParams
@@ -95,21 +95,6 @@ def test_rebalance_needs_eplb_enabled(ray_session):
             ray.get(llm.controller.rebalance.remote())
 
 
-def _kill_processes(title: bytes) -> list[int]:
-    """SIGKILL this machine's processes whose title starts with ``title`` (Ray names an actor's
-    worker process ``ray::<class>``); returns their pids."""
-    killed = []
-    for pid in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if f.read().startswith(title):
-                    os.kill(int(pid), signal.SIGKILL)
-                    killed.append(int(pid))
-        except (OSError, ValueError):
-            continue
-    return killed
-
-
 def test_a_rebalance_outlives_a_killed_planner_worker(ray_session):
     """The planner's worker process killed with -9: the next rebalance starts a new worker and
     completes; the engine never restarts its ranks."""
@@ -127,7 +112,7 @@ def test_a_rebalance_outlives_a_killed_planner_worker(ray_session):
         while not killed:  # the worker starts beside the engine (its first plan warms it up)
             assert time.monotonic() < deadline, "no planner worker process"
             time.sleep(0.05)
-            killed = _kill_processes(b"ray::EplbPlannerWorker")
+            killed = kill_processes(b"ray::EplbPlannerWorker")
         assert len(killed) == 1
         while os.path.exists(f"/proc/{killed[0]}"):
             assert time.monotonic() < deadline, "the planner worker outlived SIGKILL"

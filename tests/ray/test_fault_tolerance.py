@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 import ray
+from processes import kill_processes
 from serving import served
 
 from raymoe.cluster.config import load_config
@@ -160,13 +161,7 @@ def test_the_controller_killed(server):
 
 def _kill_engine_host() -> None:
     """SIGKILL the EngineHost replica's process (Ray names the process after the replica)."""
-    for pid in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if f.read().startswith(b"ray::ServeReplica:raymoe:EngineHost"):
-                    os.kill(int(pid), signal.SIGKILL)
-        except (OSError, ValueError):
-            continue
+    assert kill_processes(b"ray::ServeReplica:raymoe:EngineHost")
 
 
 def test_the_engine_host_killed_with_minus_9(server):
