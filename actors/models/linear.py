@@ -21,6 +21,8 @@ from raymoe.actors.models.ops import block_dividing, choose_backend
 # kernel beat cuBLAS on every projection of the model (qkv 5120 x 2048: 6.4 vs 7.5 us,
 # o_proj 2048 x 4096: 6.1 vs 9.0 us, the LM head 140 vs 151 us); at two rows and more it lost.
 SKINNY_MAX_ROWS = 1
+# the most rows the kernel itself takes (a requested "triton" backend runs it up to here)
+SKINNY_KERNEL_MAX_ROWS = 16
 # the sweep's best block sizes for most shapes (BK shrinks to divide K)
 SKINNY_CONFIG = dict(BN=8, BK=1024, num_warps=8, num_stages=1)
 # FP8 weights: the sweep's best summed over the projections (skinny_linear_bench.py --dtype fp8)
@@ -54,19 +56,30 @@ def linear(
     if weight.dtype == FP8:
         assert scale is not None and block is not None, "an FP8 weight needs its block scales"
         return _fp8_linear(x, weight, bias, scale=scale, block=block, backend=backend, config=config)
-    skinny = _skinny_config(x, weight)
+    skinny = _skinny_config(x, weight, max_rows=SKINNY_KERNEL_MAX_ROWS if backend == "triton" else SKINNY_MAX_ROWS)
     if choose_backend(backend, op="linear", on_cuda=x.is_cuda, fits=skinny is not None) == "torch":
         return F.linear(x, weight, bias)
+    if skinny is None:
+        raise ValueError(
+            f"the triton linear takes 1-{SKINNY_KERNEL_MAX_ROWS} contiguous rows with K a multiple of 16, "
+            f"not x {tuple(x.shape)}"
+        )
     from raymoe.actors.models.skinny_linear_triton import skinny_linear
 
     return skinny_linear(x, weight, bias, config or skinny)
 
 
-def _skinny_config(x: torch.Tensor, weight: torch.Tensor, block: tuple[int, int] | None = None) -> dict | None:
+def _skinny_config(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    block: tuple[int, int] | None = None,
+    max_rows: int = SKINNY_MAX_ROWS,
+) -> dict | None:
     """The matrix-vector kernel's block sizes for these operands, or None where it does not
-    take them (too many rows, strides, a K no block divides; FP8: blocks it cannot tile)."""
+    take them (more than ``max_rows`` rows, strides, a K no block divides; FP8: blocks it
+    cannot tile)."""
     # cheap tests first: most calls (batches of many rows) stop at the row count
-    if not (x.dim() == 2 and 0 < x.shape[0] <= SKINNY_MAX_ROWS and x.stride(1) == 1 and weight.stride(1) == 1):
+    if not (x.dim() == 2 and 0 < x.shape[0] <= max_rows and x.stride(1) == 1 and weight.stride(1) == 1):
         return None
     config = SKINNY_CONFIG if block is None else SKINNY_FP8_CONFIG
     if block is not None and (block[0] % config["BN"] or block[1] > config["BK"]):

@@ -236,6 +236,15 @@ def skinny_linear_case(rows, bias):
     config = dict(BN=16, BK=32, num_warps=4, num_stages=2)  # two K steps
     got = skinny_linear_triton.skinny_linear(x, w, b, config)
     torch.testing.assert_close(got, torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    # linear() with the Triton backend asked for runs the kernel up to its own row limit
+    got = linear(x, w, b, backend="triton")
+    torch.testing.assert_close(got, torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    try:
+        linear(torch.randn(17, 64), w, b, backend="triton")
+    except ValueError as e:
+        assert "1-16" in str(e), e
+    else:
+        raise AssertionError("17 rows on the one-row kernel must be refused")
 
 
 def _activations_through_fp8(x: torch.Tensor, group: int) -> torch.Tensor:
