@@ -19,6 +19,7 @@ weights widened to bf16 for torch._grouped_mm). --sweep also times a grid of Tri
     python3 benchmarks/expert_mlp_bench.py --dtype fp8 --backends torch,triton --batches 1,64,4096 --sweep
     python3 benchmarks/expert_mlp_bench.py --dtype fp8 --backends torch,triton,cutlass --batches 64,4096,16384
     python3 benchmarks/expert_mlp_bench.py --dtype fp8 --backends triton,auto --batches 8192,16384,32768
+    python3 benchmarks/expert_mlp_bench.py --dtype fp8 --backends triton,triton-by-slot --batches 2048,8192 --skew 0.2
 """
 
 from __future__ import annotations
@@ -46,7 +47,18 @@ def parse() -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--inter", type=int, default=768)
     p.add_argument("--top-k", type=int, default=8)
-    p.add_argument("--backends", default="torch,triton,cutlass", help="of torch, triton, auto, cutlass")
+    p.add_argument(
+        "--backends",
+        default="torch,triton,cutlass",
+        help="of torch, triton, triton-by-slot (the Triton kernels with a program row per slot at every size), "
+        "auto, cutlass",
+    )
+    p.add_argument(
+        "--skew",
+        type=float,
+        default=0.0,
+        help="uneven routing: each expert's logits get skew x a normal draw of its own (0: even on average)",
+    )
     p.add_argument("--sweep", action="store_true", help="also time a grid of Triton block sizes")
     p.add_argument("--dtype", choices=["bf16", "fp8"], default="bf16", help="the expert weights' format")
     p.add_argument("--out", help="also write the table here (markdown)")
@@ -123,24 +135,34 @@ def main() -> None:
     rows_out = []
     for n in [int(b) for b in args.batches.split(",")]:
         x = torch.randn(n, H, device=dev, dtype=torch.bfloat16, generator=gen)
-        logits = torch.randn(n, E, device=dev, generator=gen).to(torch.bfloat16)
+        popularity = args.skew * torch.randn(E, device=dev, generator=gen)
+        logits = (torch.randn(n, E, device=dev, generator=gen) + popularity).to(torch.bfloat16)
         routing = dict(norm_topk_prob=True, logical_to_physical=l2p, replica_count=counts, num_physical=E)
         routing.update(slot_start=0, slots=E)
         ref_dispatch = dispatch(logits, k, **routing, backend="torch")
         ids, weights, rows, ends = ref_dispatch.physical, ref_dispatch.weights, ref_dispatch.rows, ref_dispatch.ends
         groups = ref_dispatch.groups
         touched = ids.unique().numel() * 3 * H * F * weight_bytes
+        per_slot = torch.diff(ends, prepend=ends.new_zeros(1)).float()
+        print(f"batch {n}: rows a slot max / mean {per_slot.max().item() / per_slot.mean().item():.2f}", flush=True)
 
-        def layer(backend):
+        def layer(backend, config=None):
             fits = n * k <= TRITON_MAX_CHOICES
             d = dispatch(logits, k, **routing, backend=backend if fits else "torch")
-            y = expert_mlp(x, d.rows, d.ends, **expert_weights, groups=d.groups, backend=backend)
+            y = expert_mlp(x, d.rows, d.ends, **expert_weights, groups=d.groups, backend=backend, config=config)
             return combine(y, d.sorted_row, d.weights, d.ends, backend=backend)
 
         ref = layer("torch").float()
         cases = {}
         for name in [b for b in backends if b != "cutlass"]:
             mlp, backend = dict(expert_weights, groups=groups), None if name == "auto" else name
+            if name == "triton-by-slot":
+                c = dict(triton_config(n * k, E, fp8=args.dtype == "fp8"), TILED=False)
+                cases[name] = (
+                    lambda c=c: layer("triton", c),
+                    lambda c=c: expert_mlp(x, rows, ends, **mlp, backend="triton", config=c),
+                )
+                continue
             cases[name] = (lambda b=backend: layer(b), lambda b=backend: expert_mlp(x, rows, ends, **mlp, backend=b))
         if cutlass is not None:
             out = torch.empty(n, H, device=dev, dtype=torch.bfloat16)

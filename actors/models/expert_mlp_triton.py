@@ -17,11 +17,28 @@ PRE_QUANTIZE_ROWS = 256  # FP8: past this many rows x is quantised in a pass of 
 
 
 @triton.jit
-def _group_rows(groups, ends, j):
-    """Slot e = groups[j] and its rows [start, end) (empty for e = -1)."""
-    e = tl.load(groups + j)
-    start = tl.load(ends + e - 1, mask=e > 0, other=0)
-    end = tl.load(ends + e, mask=e >= 0, other=0)
+def _program_rows(groups, ends, num_groups, BM: tl.constexpr, TILES: tl.constexpr):
+    """This program's slot e and its rows [start, end), which it steps through BM at a time.
+    TILES = 0: program j takes every row of slot groups[j] (none for -1). Else (a power of
+    two, at least num_groups) program i takes the i-th BM-row tile of the groups' rows in
+    order, so that a slot with many rows spreads over many programs instead of setting the
+    kernel's time; programs past the last tile take none."""
+    if TILES == 0:
+        e = tl.load(groups + tl.program_id(0))
+        start = tl.load(ends + e - 1, mask=e > 0, other=0)
+        end = tl.load(ends + e, mask=e >= 0, other=0)
+    else:
+        j = tl.arange(0, TILES)
+        slot = tl.load(groups + j, mask=j < num_groups, other=-1)
+        first = tl.load(ends + slot - 1, mask=slot > 0, other=0)
+        last = tl.load(ends + slot, mask=slot >= 0, other=0)
+        tiles = (last - first + BM - 1) // BM
+        after = tl.cumsum(tiles, 0)
+        i = tl.program_id(0)
+        mine = (after - tiles <= i) & (i < after)  # one group, or none past the last tile
+        e = tl.sum(tl.where(mine, slot, 0))
+        start = tl.sum(tl.where(mine, first + (i - after + tiles) * BM, 0))
+        end = tl.minimum(start + BM, tl.sum(tl.where(mine, last, 0)))
     return tl.maximum(e, 0), start, end
 
 
@@ -36,6 +53,7 @@ def _gate_up_silu(
     w_scale,
     h,
     h_scale,
+    num_groups,
     inter,
     hidden,
     stride_x,
@@ -51,13 +69,14 @@ def _gate_up_silu(
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
+    TILES: tl.constexpr,
 ):
     """h[r, n] = silu(x[rows[r]] . w[e, n]) * (x[rows[r]] . w[e, inter + n]) for r in group e.
     FP8: w is FP8 with a scale per [SCALE_BLOCK_N, BK] block, x quantised per BK columns:
     here, or beforehand (X_FP8: x is FP8, its scales in x_scale [tokens, hidden / BK]).
     H_FP8 (BN = BK): h is stored quantised, a row's BN columns one group, its scale in
-    h_scale [rows, inter / BN], for _down to read as it is."""
-    e, start, end = _group_rows(groups, ends, tl.program_id(0))
+    h_scale [rows, inter / BN], for _down to read as it is. Rows per program: _program_rows."""
+    e, start, end = _program_rows(groups, ends, num_groups, BM, TILES)
     n = tl.program_id(1) * BN + tl.arange(0, BN)
     k = tl.arange(0, BK)
     w_gate = w + e.to(tl.int64) * stride_we + n[:, None] * stride_wn + k[None, :]
@@ -100,6 +119,7 @@ def _down(
     w,
     w_scale,
     y,
+    num_groups,
     inter,
     stride_h,
     stride_we,
@@ -113,9 +133,10 @@ def _down(
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
+    TILES: tl.constexpr,
 ):
     """y[r, n] = h[r] . w[e, n] for r in group e (FP8: as _gate_up_silu; H_FP8: h as it wrote it)."""
-    e, start, end = _group_rows(groups, ends, tl.program_id(0))
+    e, start, end = _program_rows(groups, ends, num_groups, BM, TILES)
     n = tl.program_id(1) * BN + tl.arange(0, BN)
     k = tl.arange(0, BK)
     w_rows = w + e.to(tl.int64) * stride_we + n[:, None] * stride_wn + k[None, :]
@@ -152,7 +173,9 @@ def expert_mlp(
     fp8_block: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Shapes as raymoe.actors.models.expert_mlp.expert_mlp; config: BM, BN, BK,
-    num_warps, num_stages. One row of programs per entry of ``groups``. FP8 weights come
+    num_warps, num_stages, and optionally TILED. One row of programs per entry of ``groups``,
+    or (TILED; by default from a tile of rows a slot on average) one per tile of rows
+    (_program_rows). FP8 weights come
     with their block scales and ``fp8_block``, whose block_k replaces BK."""
     num_rows, (num_slots, two_inter, hidden) = rows.shape[0], w13.shape
     inter = two_inter // 2
@@ -175,7 +198,12 @@ def expert_mlp(
     h_fp8 = x_fp8 and bn == want_k == _block(inter, want_k)
     h = torch.empty(num_rows, inter, dtype=torch.float8_e4m3fn if h_fp8 else y.dtype, device=x.device)
     h_scale = torch.empty(num_rows, inter // bn, dtype=torch.float32, device=x.device) if h_fp8 else h
-    _gate_up_silu[(groups.shape[0], inter // bn)](
+    num_groups = groups.shape[0]
+    # a tile of rows a slot or more (prefill): programs by tiles, enough for any split of the rows
+    tiled = config.get("TILED", num_rows >= num_groups * bm)
+    tiles = triton.next_power_of_2(num_groups) if tiled else 0
+    programs = triton.cdiv(num_rows, bm) + num_groups if tiled else num_groups
+    _gate_up_silu[(programs, inter // bn)](
         x,
         x_scale,
         rows,
@@ -185,6 +213,7 @@ def expert_mlp(
         w13_scale,
         h,
         h_scale,
+        num_groups,
         inter,
         hidden,
         x.stride(0),
@@ -200,10 +229,11 @@ def expert_mlp(
         BM=bm,
         BN=bn,
         BK=bk,
+        TILES=tiles,
         **launch,
     )
     bn, bk = _block(hidden, config["BN"]), _block(inter, want_k)
-    _down[(groups.shape[0], hidden // bn)](
+    _down[(programs, hidden // bn)](
         h,
         h_scale,
         ends,
@@ -211,6 +241,7 @@ def expert_mlp(
         w2,
         w2_scale,
         y,
+        num_groups,
         inter,
         h.stride(0),
         w2.stride(0),
@@ -224,6 +255,7 @@ def expert_mlp(
         BM=bm,
         BN=bn,
         BK=bk,
+        TILES=tiles,
         **launch,
     )
     return y

@@ -45,6 +45,8 @@ CASES = {
     # 16-wide column blocks
     "mlp-foreign-inter48": ("expert_mlp_case", dict(slots=6, hidden=128, inter=48, tokens=9, foreign=True)),
     "mlp-empty-groups": ("expert_mlp_case", dict(slots=40, hidden=32, inter=16, tokens=9, foreign=True)),
+    # one slot with most rows: by tiles its 16-row blocks spread over programs
+    "mlp-crowded-slot": ("expert_mlp_case", dict(slots=5, hidden=32, inter=16, tokens=30, foreign=True, crowded=0.7)),
     "dispatch-decode": ("dispatch_case", dict(tokens=1, experts=16, physical=16, top_k=4)),
     "dispatch-norm-off": ("dispatch_case", dict(tokens=37, experts=16, physical=16, top_k=4, norm=False)),
     "dispatch-replicas-ep2": ("dispatch_case", dict(tokens=50, experts=16, physical=24, top_k=3, ep=2, ep_rank=1)),

@@ -61,12 +61,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/, as py
 from dispatch_checks import assert_same_grouping, choices_by_slot  # noqa: E402
 
 
-def expert_mlp_case(slots, hidden, inter, tokens, foreign, top_k=3):
+def expert_mlp_case(slots, hidden, inter, tokens, foreign, top_k=3, crowded=0.0):
+    """``crowded``: the share of the rows sent to slot 1 (one slot with most of the rows)."""
     g = torch.Generator().manual_seed(slots + hidden)
     x = torch.randn(tokens, hidden, generator=g)
     w13 = torch.randn(slots, 2 * inter, hidden, generator=g) / hidden**0.5
     w2 = torch.randn(slots, hidden, inter, generator=g) / inter**0.5
     bucket = torch.randint(0, slots + int(foreign), (tokens * top_k,), generator=g)
+    bucket[torch.rand(tokens * top_k, generator=g) < crowded] = 1
     keys, order = torch.sort(bucket, stable=True)
     ends = torch.searchsorted(keys, torch.arange(1, slots + 1), out_int32=True)
     want = expert_mlp(x, order // top_k, ends, w13=w13, w2=w2, backend="torch")
@@ -74,8 +76,10 @@ def expert_mlp_case(slots, hidden, inter, tokens, foreign, top_k=3):
     # BM 16 < rows per slot: programs loop over several row blocks
     config = dict(BM=16, BN=32, BK=32, num_warps=4, num_stages=2)
     groups = busy_slots(ends, tokens * top_k)
-    got = expert_mlp_triton.expert_mlp(x, order // top_k, ends, groups, w13=w13, w2=w2, config=config)
-    torch.testing.assert_close(got[:mine], want[:mine], rtol=1e-5, atol=1e-5)
+    for tiled in (False, True):  # programs by slots, each over its row blocks; programs by row tiles
+        run = dict(w13=w13, w2=w2, config=dict(config, TILED=tiled))
+        got = expert_mlp_triton.expert_mlp(x, order // top_k, ends, groups, **run)
+        torch.testing.assert_close(got[:mine], want[:mine], rtol=1e-5, atol=1e-5, msg=f"tiled={tiled}")
     try:
         narrow = dict(w13=w13[:, :, :8], w2=w2[:, :8], config=config)
         expert_mlp_triton.expert_mlp(x[:, :8], order // top_k, ends, groups, **narrow)
