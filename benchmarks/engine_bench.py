@@ -384,7 +384,8 @@ def measure(args, dtype: str) -> tuple:
             "engine": {
                 "block_size": block_size,
                 "num_kv_blocks": num_blocks,
-                "max_num_seqs": max(all_batches),
+                # a prefill of more sequences than the largest decode batch needs their rows too
+                "max_num_seqs": max([*all_batches, *(p.seqs for p in all_prefills)]),
                 # the largest step it runs (KV is written directly, not prefilled)
                 "max_num_batched_tokens": max([*all_batches, *(p.seqs * p.tokens for p in all_prefills), 8192]),
                 "cuda_graphs": not args.no_graphs,
