@@ -159,7 +159,7 @@ class Controller:
             num_logical=spec.moe.num_experts,
             bytes_per_expert=expert_bytes,
             expert_groups=spec.moe.grouped.num_groups if spec.moe.grouped is not None else 1,
-            planner=PlannerClient(),
+            planner=PlannerClient(self.config.eplb.planning_timeout_s),
         )
 
     # ---- expert-parallel load balancing ------------------------------------------------
@@ -337,17 +337,34 @@ def start_planner_worker() -> Any:
     return ray.remote(num_cpus=0)(EplbPlannerWorker).options(scheduling_strategy=here).remote()
 
 
+class PlanningTimedOut(Exception):
+    """The planner gave no plan within eplb.planning_timeout_s."""
+
+
 class PlannerClient:
     """The EPLB manager's planner: plans on an EplbPlannerWorker, and when that worker has died
-    (killed, out of memory) starts a new one and asks it once more, so a rebalance outlives it."""
+    (killed, out of memory) starts a new one and asks it once more, so a rebalance outlives it.
+    A worker that gives no plan in ``timeout_s`` (hung, stopped) is killed and replaced, and
+    that plan fails (not asked again: the same input could hang the new worker too)."""
 
-    def __init__(self) -> None:
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
         self.worker = start_planner_worker()
 
     async def __call__(self, *args: Any, **kwargs: Any) -> EplbPlan:
         try:
-            return await self.worker.plan.remote(*args, **kwargs)
+            return await self._plan(*args, **kwargs)
         except ray.exceptions.RayActorError:
             log.warning("the EPLB planner worker died: starting a new one")
             self.worker = start_planner_worker()
-            return await self.worker.plan.remote(*args, **kwargs)
+            return await self._plan(*args, **kwargs)
+
+    async def _plan(self, *args: Any, **kwargs: Any) -> EplbPlan:
+        try:
+            return await asyncio.wait_for(self.worker.plan.remote(*args, **kwargs), self.timeout_s)
+        except asyncio.TimeoutError:
+            ray.kill(self.worker)
+            self.worker = start_planner_worker()
+            raise PlanningTimedOut(
+                f"no plan in {self.timeout_s:g} s (eplb.planning_timeout_s): the planner worker was replaced"
+            ) from None

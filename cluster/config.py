@@ -123,9 +123,12 @@ class EplbConfig:
     policy: Literal["auto", "global", "hierarchical"] = "auto"
     # a layer keeps its expert slots unless its balancedness rises by at least this much
     min_improvement: float = 0.005
+    # a planner that gives no plan in this long is replaced, and its rebalance skipped
+    planning_timeout_s: float = 120.0
 
     def validate(self) -> None:
         _require(self.min_improvement >= 0, "eplb.min_improvement", "must be >= 0 (0 = move on any gain)")
+        _require(self.planning_timeout_s > 0, "eplb.planning_timeout_s", "must be > 0 seconds")
         _require(self.num_redundant_experts >= 0, "eplb.num_redundant_experts", "must be >= 0")
         _require(self.rebalance_every_steps >= 1, "eplb.rebalance_every_steps", "must be >= 1")
         _require(self.router_skew >= 0, "eplb.router_skew", "must be >= 0 (0 = off)")

@@ -5,6 +5,7 @@ for ep 2 and 4 with redundant experts, moving one layer per step or all at once.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 
@@ -123,6 +124,48 @@ def test_a_rebalance_outlives_a_killed_planner_worker(ray_session):
         status = _rebalanced(controller, 1)
         assert status["balancedness_after"] > status["balancedness_before"]
         assert llm.generate(PROMPTS, SAMPLING)[0].finish_reason == "length"
+        assert ray.get(controller.stats.remote()).restarts == 0
+
+
+def test_a_hung_planner_worker_is_replaced_and_only_its_rebalance_skipped(ray_session):
+    """The planner's worker process stopped (SIGSTOP: alive, never answering): the rebalance is
+    refused once eplb.planning_timeout_s passes, the stopped worker is killed, and the next
+    rebalance plans on a new worker and completes; serving goes on throughout."""
+    config = config_from_dict(
+        {
+            "parallel": {"tp": 1, "dp": 2, "ep": 2},
+            "engine": {"num_kv_blocks": 64},
+            "eplb": {
+                "enabled": True,
+                "num_redundant_experts": 2,
+                "rebalance_every_steps": 10**6,
+                # the new worker's start (a process, torch's import, a warm-up plan) is inside it
+                "planning_timeout_s": 10,
+            },
+        }
+    )
+    hot = torch.ones(8)
+    hot[0], hot[4] = 60.0, 25.0  # experts 0 and 4 hot in every layer
+    load = ((torch.rand(4, 8) + hot) * 1000).tolist()
+    with LLM(config) as llm:
+        controller = llm.controller
+        deadline = time.monotonic() + 30
+        stopped = []
+        while not stopped:
+            assert time.monotonic() < deadline, "no planner worker process"
+            time.sleep(0.05)
+            stopped = kill_processes(b"ray::EplbPlannerWorker", signal.SIGSTOP)
+        t0 = time.monotonic()
+        with pytest.raises(Exception, match="PlanningTimedOut"):
+            ray.get(controller.rebalance.remote(load), timeout=60)
+        assert 9 < time.monotonic() - t0 < 30
+        assert llm.generate(PROMPTS, SAMPLING)[0].finish_reason == "length"
+        while os.path.exists(f"/proc/{stopped[0]}"):
+            assert time.monotonic() < deadline + 30, "the stopped planner worker was not killed"
+            time.sleep(0.05)
+        ray.get(controller.rebalance.remote(load))
+        status = _rebalanced(controller, 1)
+        assert status["balancedness_after"] > status["balancedness_before"]
         assert ray.get(controller.stats.remote()).restarts == 0
 
 

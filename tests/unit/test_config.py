@@ -223,6 +223,7 @@ VALIDATE_CASES = [
     ("eplb.router_skew", -0.5),
     ("eplb.layers_per_chunk", 0),
     ("eplb.min_improvement", -0.001),
+    ("eplb.planning_timeout_s", 0),
     ("serve.port", -1),
     ("serve.port", 65536),
     ("serve.max_queued_requests", 0),
