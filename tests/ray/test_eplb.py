@@ -62,10 +62,7 @@ def test_outputs_unchanged_across_rebalance(ray_session, ep, chunk):
         controller = llm.controller
         before = llm.generate(PROMPTS, SAMPLING)
         initial = ray.get(controller.run_on_ranks.remote(_expert_slots))[0]
-        # a skewed load of ~100k routed tokens per layer: expert 0 and 4 hot in every layer
-        hot = torch.ones(8)
-        hot[0], hot[4] = 60.0, 25.0
-        status = ray.get(controller.rebalance.remote(((torch.rand(4, 8) + hot) * 1000).tolist()))
+        status = ray.get(controller.rebalance.remote(_hot_load()))  # ~100k routed tokens a layer
         assert status["enabled"]
         during = llm.generate(PROMPTS, SAMPLING)  # the moves happen while these steps run
         status = _rebalanced(controller, 1)
@@ -96,31 +93,49 @@ def test_rebalance_needs_eplb_enabled(ray_session):
             ray.get(llm.controller.rebalance.remote())
 
 
-def test_a_rebalance_outlives_a_killed_planner_worker(ray_session):
-    """The planner's worker process killed with -9: the next rebalance starts a new worker and
-    completes; the engine never restarts its ranks."""
-    config = config_from_dict(
+def _planner_fault_config(**eplb):
+    return config_from_dict(
         {
             "parallel": {"tp": 1, "dp": 2, "ep": 2},
             "engine": {"num_kv_blocks": 64},
-            "eplb": {"enabled": True, "num_redundant_experts": 2, "rebalance_every_steps": 10**6},
+            "eplb": {"enabled": True, "num_redundant_experts": 2, "rebalance_every_steps": 10**6, **eplb},
         }
     )
-    with LLM(config) as llm:
+
+
+def _signal_planner_worker(sig: signal.Signals, deadline: float) -> int:
+    """Send ``sig`` to the planner worker's process once it is up (it starts beside the engine,
+    its first plan warming it up); its pid."""
+    pids = []
+    while not pids:
+        assert time.monotonic() < deadline, "no planner worker process"
+        time.sleep(0.05)
+        pids = kill_processes(b"ray::EplbPlannerWorker", sig)
+    assert len(pids) == 1
+    return pids[0]
+
+
+def _wait_gone(pid: int, deadline: float) -> None:
+    while os.path.exists(f"/proc/{pid}"):
+        assert time.monotonic() < deadline, f"process {pid} outlived its end"
+        time.sleep(0.05)
+
+
+def _hot_load() -> list[list[float]]:
+    """Routed-token counts [4 layers][8 experts] with experts 0 and 4 hot in every layer."""
+    hot = torch.ones(8)
+    hot[0], hot[4] = 60.0, 25.0
+    return ((torch.rand(4, 8) + hot) * 1000).tolist()
+
+
+def test_a_rebalance_outlives_a_killed_planner_worker(ray_session):
+    """The planner's worker process killed with -9: the next rebalance starts a new worker and
+    completes; the engine never restarts its ranks."""
+    with LLM(_planner_fault_config()) as llm:
         controller = llm.controller
         deadline = time.monotonic() + 30
-        killed = []
-        while not killed:  # the worker starts beside the engine (its first plan warms it up)
-            assert time.monotonic() < deadline, "no planner worker process"
-            time.sleep(0.05)
-            killed = kill_processes(b"ray::EplbPlannerWorker")
-        assert len(killed) == 1
-        while os.path.exists(f"/proc/{killed[0]}"):
-            assert time.monotonic() < deadline, "the planner worker outlived SIGKILL"
-            time.sleep(0.05)
-        hot = torch.ones(8)
-        hot[0], hot[4] = 60.0, 25.0  # as in the test above: experts 0 and 4 hot in every layer
-        ray.get(controller.rebalance.remote(((torch.rand(4, 8) + hot) * 1000).tolist()))
+        _wait_gone(_signal_planner_worker(signal.SIGKILL, deadline), deadline)
+        ray.get(controller.rebalance.remote(_hot_load()))
         status = _rebalanced(controller, 1)
         assert status["balancedness_after"] > status["balancedness_before"]
         assert llm.generate(PROMPTS, SAMPLING)[0].finish_reason == "length"
@@ -131,39 +146,17 @@ def test_a_hung_planner_worker_is_replaced_and_only_its_rebalance_skipped(ray_se
     """The planner's worker process stopped (SIGSTOP: alive, never answering): the rebalance is
     refused once eplb.planning_timeout_s passes, the stopped worker is killed, and the next
     rebalance plans on a new worker and completes; serving goes on throughout."""
-    config = config_from_dict(
-        {
-            "parallel": {"tp": 1, "dp": 2, "ep": 2},
-            "engine": {"num_kv_blocks": 64},
-            "eplb": {
-                "enabled": True,
-                "num_redundant_experts": 2,
-                "rebalance_every_steps": 10**6,
-                # the new worker's start (a process, torch's import, a warm-up plan) is inside it
-                "planning_timeout_s": 10,
-            },
-        }
-    )
-    hot = torch.ones(8)
-    hot[0], hot[4] = 60.0, 25.0  # experts 0 and 4 hot in every layer
-    load = ((torch.rand(4, 8) + hot) * 1000).tolist()
-    with LLM(config) as llm:
+    # the new worker's start (a process, torch's import, a warm-up plan) counts in the timeout
+    with LLM(_planner_fault_config(planning_timeout_s=10)) as llm:
         controller = llm.controller
-        deadline = time.monotonic() + 30
-        stopped = []
-        while not stopped:
-            assert time.monotonic() < deadline, "no planner worker process"
-            time.sleep(0.05)
-            stopped = kill_processes(b"ray::EplbPlannerWorker", signal.SIGSTOP)
+        stopped = _signal_planner_worker(signal.SIGSTOP, time.monotonic() + 30)
         t0 = time.monotonic()
         with pytest.raises(Exception, match="PlanningTimedOut"):
-            ray.get(controller.rebalance.remote(load), timeout=60)
+            ray.get(controller.rebalance.remote(_hot_load()), timeout=60)
         assert 9 < time.monotonic() - t0 < 30
         assert llm.generate(PROMPTS, SAMPLING)[0].finish_reason == "length"
-        while os.path.exists(f"/proc/{stopped[0]}"):
-            assert time.monotonic() < deadline + 30, "the stopped planner worker was not killed"
-            time.sleep(0.05)
-        ray.get(controller.rebalance.remote(load))
+        _wait_gone(stopped, time.monotonic() + 30)
+        ray.get(controller.rebalance.remote(_hot_load()))
         status = _rebalanced(controller, 1)
         assert status["balancedness_after"] > status["balancedness_before"]
         assert ray.get(controller.stats.remote()).restarts == 0
