@@ -73,8 +73,10 @@ KINDS = {
     ),
     # DeepSeek-V3's MLA (a q bottleneck, a 32-wide KV latent, value heads narrower than the
     # query/key heads, interleaved rotary) with YaRN's mscale on every dim of q.k, grouped sigmoid
-    # routing with a correction bias, a shared expert, a dense first layer, one MTP layer
+    # routing with a correction bias, a shared expert, a dense first layer, one MTP layer; an
+    # rms_norm_eps far from the latent norms' own (fixed at 1e-6 in transformers)
     "deepseek_v3": dict(
+        rms_norm_eps=0.05,
         num_hidden_layers=3,
         num_key_value_heads=4,
         intermediate_size=128,

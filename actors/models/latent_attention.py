@@ -30,6 +30,8 @@ from raymoe.actors.models.linear import linear
 from raymoe.actors.models.spec import LatentAttentionSpec, ModelSpec
 from raymoe.comm.groups import Groups
 
+LATENT_NORM_EPS = 1e-6
+
 
 class LatentAttention(nn.Module):
     def __init__(
@@ -50,7 +52,8 @@ class LatentAttention(nn.Module):
         self.fp8_block = fp8_block
         fmt = dict(dtype=dtype, device=device, fp8_block=fp8_block)
         self.in_proj, self.in_proj_scale = weight_params((self.q_in + self.latent_width, spec.hidden_size), **fmt)
-        eps = spec.rms_norm_eps
+        # the latent norms' eps is fixed, not rms_norm_eps: transformers' and DeepSeek's own models
+        eps = LATENT_NORM_EPS
         self.q_a_norm = RMSNorm(m.q_lora_rank, eps, dtype, device) if m.q_lora_rank else None
         self.q_b, self.q_b_scale = (
             weight_params((self.heads * self.qk_dim, m.q_lora_rank), **fmt) if m.q_lora_rank else (None, None)

@@ -94,7 +94,9 @@ ARCHITECTURES = {
         moe=True,
         qk_norm=True,
         experts=QWEN_EXPERTS,
-        config_defaults={"use_sliding_window": False, "num_key_value_heads": 4},
+        config_defaults={"use_sliding_window": False, "sliding_window": 4096, "num_key_value_heads": 4},
+        # transformers' model of it slides every layer: layer_types is not read
+        ignored_fields=("layer_types",),
         sliding_layers="all",
     ),
     # Mixtral always renormalises its top-k weights
@@ -104,8 +106,15 @@ ARCHITECTURES = {
         default_norm_topk=True,
         experts=MIXTRAL_EXPERTS,
         config_defaults={"rope_theta": 1e6, "rms_norm_eps": 1e-5, "num_key_value_heads": 8},
-        # transformers' MixtralTopKRouter always renormalises, and every layer is a MoE
-        ignored_fields=("norm_topk_prob", "decoder_sparse_step", "mlp_only_layers"),
+        # transformers' MixtralTopKRouter always renormalises, every layer is a MoE of experts
+        # intermediate_size wide, and every layer slides (layer_types is not read)
+        ignored_fields=(
+            "norm_topk_prob",
+            "decoder_sparse_step",
+            "mlp_only_layers",
+            "moe_intermediate_size",
+            "layer_types",
+        ),
         sliding_layers="all",
     ),
     "Qwen3ForCausalLM": ArchitectureTraits(
@@ -113,6 +122,7 @@ ARCHITECTURES = {
         qk_norm=True,
         config_defaults={
             "use_sliding_window": False,
+            "sliding_window": 4096,
             "num_key_value_heads": 32,
             "head_dim": 128,
             "max_window_layers": 28,
@@ -132,6 +142,7 @@ ARCHITECTURES = {
             "decoder_sparse_step": 1,
             "mlp_only_layers": [],
             "use_sliding_window": False,
+            "sliding_window": 4096,
             "max_window_layers": 28,
             "num_key_value_heads": 16,
         },

@@ -234,7 +234,7 @@ def _latent_attention(cfg: dict[str, Any], rope: RopeSpec) -> LatentAttentionSpe
             "(rotary turns pairs of dims)"
         )
     scale = (nope + rope_dim) ** -0.5
-    params = {**(cfg.get("rope_scaling") or {}), **(cfg.get("rope_parameters") or {})}
+    params = _rope_params(cfg)
     mscale_all_dim = params.get("mscale_all_dim")
     if rope.kind != "default" and mscale_all_dim:  # YaRN scales every dim of q.k, as transformers' yarn_apply_mscale
         scale *= _yarn_mscale(rope.factor, float(mscale_all_dim)) ** 2
@@ -354,10 +354,23 @@ def _grouped_top_k(cfg: dict[str, Any], num_experts: int, top_k: int, scoring: s
     )
 
 
+def _rope_params(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The rotary parameters as transformers takes them: ``rope_scaling`` (the older name) where
+    it is set, in place of ``rope_parameters``, not merged with it."""
+    scaling, parameters = cfg.get("rope_scaling"), cfg.get("rope_parameters")
+    if scaling and parameters and any(parameters.get(k) != v for k, v in scaling.items()):
+        log.warning(
+            "config.json sets both rope_scaling and rope_parameters: rope_scaling is used and rope_parameters "
+            "%s is ignored, as transformers does (a rope_theta in it too: it comes from the top level or "
+            "defaults to 10000); keep one of the two",
+            json.dumps(parameters),
+        )
+    return dict(scaling or parameters or {})
+
+
 def _rope(cfg: dict[str, Any], arch: str, traits: ArchitectureTraits) -> RopeSpec:
     """The rotary embedding as transformers' rope init reads it (modeling_rope_utils)."""
-    params = dict(cfg.get("rope_scaling") or {})
-    params.update(cfg.get("rope_parameters") or {})
+    params = _rope_params(cfg)
     theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
     partial = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", traits.partial_rotary_default))
     partial = 1.0 if partial is None else float(partial)

@@ -42,6 +42,8 @@ def test_a_silent_field_means_what_it_means_to_transformers(arch):
     kind = ZOO[arch]
     hf_defaults = hf_classes(kind)[0]().to_dict()
     hf_defaults = {**hf_defaults.get("rope_parameters", {}), **hf_defaults}  # rope_theta sits in there
+    if "use_sliding_window" in hf_defaults:  # the class nulls its default window while windows are off
+        hf_defaults["sliding_window"] = hf_classes(kind)[0](use_sliding_window=True).sliding_window
 
     def outcome(cfg: dict):  # the spec, or the refusal (a default may not fit the zoo's small shape)
         try:
@@ -340,3 +342,55 @@ def test_a_field_that_cannot_be_built_is_refused_naming_it(kind, field, value):
     cfg[field] = value
     with pytest.raises(ValueError, match=f"config.json: {field} = "):
         spec_from_hf_config(cfg)
+
+
+def test_mixtral_experts_are_intermediate_size_wide_whatever_moe_intermediate_size_says():
+    """transformers' Mixtral never reads moe_intermediate_size (raymoe read it, and loaded the
+    first rows of every expert where it was smaller)."""
+    model = hf_classes("mixtral")[1](hf_config("mixtral", moe_intermediate_size=16))
+    down = next(p for name, p in model.named_parameters() if name.endswith("experts.down_proj"))
+    spec = spec_from_hf_config(_config("mixtral", moe_intermediate_size=16))
+    assert spec.moe.intermediate_size == down.shape[-1] == KINDS["mixtral"]["intermediate_size"]
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("layer_type", ["full_attention", "sliding_attention"])
+def test_layer_types_count_only_where_transformers_reads_them(kind, layer_type):
+    """A config.json's layer_types (here every layer the same) against transformers' model of it:
+    Qwen3-MoE and Mixtral slide every layer whatever it says (a list of full layers dropped their
+    window in raymoe, and prompts past it gave other tokens)."""
+    fields = dict(use_sliding_window=True, sliding_window=32, max_window_layers=1)
+    layer_types = [layer_type] * KINDS[kind]["num_hidden_layers"]
+    try:
+        hf = hf_config(kind, **fields, layer_types=layer_types)
+    except ValueError:  # transformers refuses layer_types for this architecture: nothing to compare
+        pytest.skip(f"transformers refuses layer_types for {kind}")
+    expected = 32 if _transformers_slides(kind, hf) else None
+    assert spec_from_hf_config(_config(kind, **fields, layer_types=layer_types)).sliding_window == expected
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "qwen3", "qwen2_moe"])
+def test_use_sliding_window_without_a_window_takes_transformers_default_window(kind):
+    """use_sliding_window: true and no sliding_window key: transformers' config class's window
+    (4096), not none (raymoe ran such a model with no window and no cap on the context)."""
+    fields = dict(use_sliding_window=True, max_window_layers=1)
+    hf = hf_config(kind, **fields)  # the class's default window
+    cfg = _config(kind, **fields)
+    del cfg["sliding_window"]
+    cfg.pop("layer_types", None)
+    assert _transformers_slides(kind, hf) and hf.sliding_window
+    assert spec_from_hf_config(cfg).sliding_window == hf.sliding_window
+
+
+def test_rope_scaling_beside_rope_parameters_is_read_as_transformers_reads_it():
+    """A rope_scaling block added to a config.json that transformers 5 saved with rope_parameters
+    (as model cards say to enable YaRN): transformers takes rope_scaling in place of
+    rope_parameters, rope_theta included; raymoe merged the two, rope_parameters winning, and
+    ran without YaRN."""
+    cfg = _config("qwen3_moe")
+    cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6}
+    cfg["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+    hf = hf_classes("qwen3_moe")[0].from_dict(cfg).rope_parameters
+    rope = spec_from_hf_config(cfg).rope
+    assert (rope.kind, rope.theta, rope.factor) == (hf["rope_type"], hf["rope_theta"], hf["factor"])
+    assert rope.original_max_position == hf["original_max_position_embeddings"]
