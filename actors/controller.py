@@ -24,7 +24,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from raymoe.actors.engine.async_engine import AsyncEngine, RestartBudget, describe_failure
 from raymoe.actors.engine.builder import EngineModel, build_engine_core, open_model
-from raymoe.actors.engine.eplb import EplbManager, RebalanceRefused
+from raymoe.actors.engine.eplb import EplbManager, RebalanceRefused, logical_load_tensor
 from raymoe.actors.engine.messages import EngineStats, ModelInfo, NewRequest, OutputBatch, Rejection
 from raymoe.actors.engine.tokenizer import Tokenizer
 from raymoe.actors.models.builtin import resolve_model_path
@@ -171,7 +171,7 @@ class Controller:
         run. Raises RebalanceRefused while one is under way, or with no load to plan on."""
         if self.eplb is None:
             raise ValueError("eplb.enabled is false (or the model has no MoE layers): nothing to rebalance")
-        planned = self.eplb.request(None if logical_load is None else torch.tensor(logical_load, dtype=torch.float64))
+        planned = self.eplb.request(None if logical_load is None else logical_load_tensor(logical_load))
         self._engine().wake()
         try:
             await asyncio.wait_for(planned, REBALANCE_START_TIMEOUT_S)

@@ -37,6 +37,25 @@ _IDLE_POLL_S = 0.002  # between polls of planning or moves while no step runs
 _PROGRESS_POLL_S = 0.02  # the ranks are asked how far the moves got at most this often
 
 
+# a requested load's counts: exact in float64, and their sums over experts and ranks stay finite
+MAX_ROUTED_TOKENS = 2**53
+
+
+def logical_load_tensor(value: Any) -> torch.Tensor:
+    """A rebalance request's ``logical_load`` (from JSON: per MoE layer, the routed-token count
+    of each expert) as float64 [layers, experts]; ValueError naming the field for anything else."""
+    layers = value if isinstance(value, list) and value and all(isinstance(row, list) for row in value) else []
+    counts = [v for row in layers for v in row]
+    if not counts or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in counts):
+        raise ValueError("logical_load: must be a list per MoE layer of each expert's routed-token count (numbers)")
+    if len({len(row) for row in layers}) != 1:
+        raise ValueError("logical_load: every MoE layer needs a count for each expert (rows of one length)")
+    bad = next((v for v in counts if not 0 <= v <= MAX_ROUTED_TOKENS), None)  # NaN fails the test too
+    if bad is not None:
+        raise ValueError(f"logical_load: counts must be in [0, 2**53], got {bad!r}")
+    return torch.tensor(layers, dtype=torch.float64)
+
+
 class RebalanceRefused(RuntimeError):
     """A requested rebalance did not start; the message says why."""
 

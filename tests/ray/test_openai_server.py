@@ -585,6 +585,12 @@ def test_eplb_admin_metrics_and_report(server, client, tmp_path):
     assert status == 200 and body["enabled"] is True
     assert _http(server, "/admin/eplb/rebalance", b"{}", key="wrong")[0] == 401
     assert _http(server, "/admin/eplb/rebalance", b'{"logical_load": [[1, 2]]}')[0] == 400  # wrong shape
+    # wrong types, counts past float64's exact range or not finite: 400s naming the field (a 1e308
+    # count planned to infinities, a 500, and a status no one could read until the next rebalance)
+    for load in (b'"abc"', b"{}", b"[[null]]", b"[[" + b"9" * 400 + b"]]", b"[[1e308]]", b"[[NaN]]", b"[[-1]]"):
+        status, body = _http(server, "/admin/eplb/rebalance", b'{"logical_load": ' + load + b"}")
+        assert status == 400 and body["error"]["param"] == "logical_load", (load, body)
+    assert _http(server, "/admin/eplb")[0] == 200
     client.completions.create(model=MODEL, prompt="Hello there", max_tokens=8, temperature=0.0)  # some recorded load
     status, body = _http(server, "/admin/eplb/rebalance", b"{}")
     assert status == 200

@@ -9,7 +9,13 @@ import asyncio
 import pytest
 import torch
 
-from raymoe.actors.engine.eplb import NOT_ENOUGH_LOAD, EplbManager, RebalanceRefused, plan_in_thread
+from raymoe.actors.engine.eplb import (
+    NOT_ENOUGH_LOAD,
+    EplbManager,
+    RebalanceRefused,
+    logical_load_tensor,
+    plan_in_thread,
+)
 from raymoe.cluster.config import EplbConfig
 from raymoe.cluster.expert_slots import default_expert_slots
 from raymoe.cluster.layout import RankLayout
@@ -153,6 +159,20 @@ def test_a_wrongly_shaped_load_is_refused_naming_it():
             manager.request(torch.ones(3, 7))
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    "load",
+    ["abc", {}, [], [[]], [[None]], [[True, 1]], [[1, 2], [3]], [[10**400]], [[1e308]], [[float("nan")]], [[-1]]],
+)
+def test_a_load_that_is_not_counts_is_refused_naming_it(load):
+    with pytest.raises(ValueError, match=r"^logical_load: "):
+        logical_load_tensor(load)
+
+
+def test_a_load_of_counts_becomes_float64_layers_by_experts():
+    load = logical_load_tensor([[0, 1.5, 2**53], [3, 4, 5]])
+    assert load.dtype == torch.float64 and load.tolist() == [[0, 1.5, 2.0**53], [3, 4, 5]]
 
 
 def test_close_cancels_calls_the_ranks_never_answer(caplog):
