@@ -25,6 +25,7 @@ import asyncio
 import collections
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Awaitable, Callable, Optional, Protocol, Sequence, Union
 
 from raymoe.actors.engine.core import EngineCore
@@ -149,6 +150,9 @@ class AsyncEngine:
         self.num_restarts = 0
         self.recovering: Optional[str] = None  # why, while a restart is under way
         self.error: Optional[BaseException] = None  # why the engine stopped for good
+        # a step's grammar masks in a thread of their own: requests' compiles (seconds each, any
+        # number at once) fill the default pool, and masks queued behind them stall every stream
+        self._mask_thread = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")
 
     @property
     def num_waiting(self) -> int:
@@ -224,6 +228,7 @@ class AsyncEngine:
             await asyncio.gather(task, return_exceptions=True)
         self.error = self.error or EngineStopped("it was shut down")
         self.router.fail(describe_failure(self.error))
+        self._mask_thread.shutdown(wait=False, cancel_futures=True)
 
     def report_failure(self, e: BaseException) -> None:
         """A failure found outside a step (a health check found a dead rank while idle):
@@ -325,7 +330,7 @@ class AsyncEngine:
                     call.exception()  # it ended already: its error, if any, is this failure's echo
 
     async def _grammar_masks(self, rows: Optional[list[Optional[GrammarRows]]]) -> Optional[list]:
-        """``fill_masks`` of these rows in a worker thread: xgrammar releases the GIL, so the event
+        """``fill_masks`` of these rows in the mask thread: xgrammar releases the GIL, so the event
         loop keeps answering clients and health checks however long a grammar takes. A step whose
         masks outlast GRAMMAR_STEP_BUDGET_S has the requests that made it slow failed, so that
         they do not slow every step after it."""
@@ -333,10 +338,11 @@ class AsyncEngine:
             return None
         vocab = self.core.grammars.mask_vocab_size
         start = time.monotonic()
-        masks = await asyncio.to_thread(fill_masks, rows, vocab)
+        loop = asyncio.get_running_loop()
+        masks = await loop.run_in_executor(self._mask_thread, fill_masks, rows, vocab)
         if time.monotonic() - start > GRAMMAR_STEP_BUDGET_S:
             matchers = [m for replica in rows if replica for _, m in replica]
-            for matcher, seconds in await asyncio.to_thread(slow_matchers, matchers, vocab):
+            for matcher, seconds in await loop.run_in_executor(self._mask_thread, slow_matchers, matchers, vocab):
                 rid = self.core.request_of(matcher)
                 if rid is not None:
                     self.core.abort(rid)
