@@ -67,6 +67,7 @@ class GrammarSpec:
 _UNENFORCED = (
     "not", "if", "then", "else", "dependentRequired", "dependentSchemas", "contains", "minContains", "maxContains"
 )  # fmt: skip
+_LOOKAROUND = re.compile(r"\(\?<?[=!]")
 _SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 _SUBSCHEMAS = ("additionalProperties", "items", "contains", "not", "if", "then", "else", "propertyNames")
 _SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems", "items")  # items: a schema, or a list of them
@@ -117,6 +118,10 @@ def unenforced_keywords(schema: Any) -> list[str]:
         # {"required": [...]}, as in a single allOf, adds to its parent's, which is enforced)
         if node.get("type") == "object" and "properties" not in node and node.get("required"):
             found.add("required (without properties)")
+        # xgrammar compiles a pattern's lookaround as if it were not there (a regex grammar refuses it)
+        patterns = [node.get("pattern"), *(node.get("patternProperties") or {})]
+        if any(isinstance(p, str) and _LOOKAROUND.search(p) for p in patterns):
+            found.add("pattern (with a lookahead or lookbehind)")
     return sorted(found)
 
 

@@ -256,6 +256,7 @@ UNENFORCED = {
     "multipleOf (but of integers)": ({"type": "number", "multipleOf": 0.5}, "0.3"),
     "$ref (to another document)": ({"$ref": "https://example.com/integer.json"}, '"a"'),
     "required (without properties)": ({"type": "object", "required": ["a"]}, "{}"),
+    "pattern (with a lookahead or lookbehind)": ({"type": "string", "pattern": "^(?!x)[a-z]$"}, '"x"'),
 }
 
 
@@ -274,6 +275,15 @@ def test_schema_keywords_xgrammar_does_not_enforce_are_refused_naming_the_field(
         with pytest.raises(ValueError, match=rf"^structured_outputs\.json: .*does not enforce: .*{re.escape(keyword)}"):
             engine.local.core.add_request("bad", [5, 6], SamplingParams(grammar=spec))
     assert not engine.local.core.has_unfinished
+
+
+def test_lookarounds_are_found_in_patterns_and_pattern_property_names():
+    from raymoe.actors.engine.grammar import unenforced_keywords
+
+    lookaround = ["pattern (with a lookahead or lookbehind)"]
+    assert unenforced_keywords({"type": "object", "patternProperties": {"^(?<!x)y$": {}}}) == lookaround
+    assert unenforced_keywords({"items": {"type": "string", "pattern": "a(?=b)"}}) == lookaround
+    assert unenforced_keywords({"type": "string", "pattern": "^(a|b)?[=!]$"}) == []  # a group, then "?"
 
 
 def test_enforced_keywords_and_property_names_like_keywords_compile(engine):
