@@ -52,18 +52,55 @@ class HermesToolParser:
     def forced_call(self, tools: Sequence[dict], name: Optional[str]) -> GrammarSpec:
         """A grammar for exactly one call: of function ``name``, or of any of ``tools``."""
         options = [t["function"] for t in tools if name is None or t["function"]["name"] == name]
+        defs: dict = {}
         schemas = [
             {
                 "type": "object",
-                "properties": {"name": {"const": f["name"]}, "arguments": f.get("parameters") or {"type": "object"}},
+                "properties": {"name": {"const": f["name"]}, "arguments": _arguments_schema(f, i, defs)},
                 "required": ["name", "arguments"],
                 "additionalProperties": False,
             }
-            for f in options
+            for i, f in enumerate(options)
         ]
         schema = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
+        if defs:
+            schema = {**schema, "$defs": defs}
         source = json.dumps({"begin": self.begin + "\n", "schema": schema, "end": "\n" + self.end})
         return GrammarSpec("tagged_json", source, "tools")  # what a refused schema came from
+
+
+def _arguments_schema(function: dict, index: int, defs: dict) -> dict:
+    """A tool's parameters as the arguments of a call inside the call's schema, whose root is
+    not the tool's: a tool with local ``$ref``s ("#", "#/$defs/...", as pydantic writes nested
+    models) goes into ``defs`` under a name of its own, its ``$defs`` and ``definitions`` beside
+    it, and its refs are rewritten to point there."""
+    parameters = function.get("parameters") or {"type": "object"}
+    own = f"tool{index}"
+    sections = {"#/$defs/": f"#/$defs/{own}_defs_", "#/definitions/": f"#/$defs/{own}_definitions_"}
+
+    def moved(node: Any) -> Any:
+        if isinstance(node, list):
+            return [moved(v) for v in node]
+        if not isinstance(node, dict):
+            return node
+        out = {k: moved(v) for k, v in node.items()}
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#"):
+            prefix = next((p for p in sections if ref.startswith(p)), None)
+            out["$ref"] = sections[prefix] + ref[len(prefix) :] if prefix else f"#/$defs/{own}{ref[1:]}"
+        return out
+
+    try:
+        if '"$ref"' not in json.dumps(parameters):
+            return parameters
+        for section in ("$defs", "definitions"):
+            subschemas = parameters.get(section)
+            for key, sub in subschemas.items() if isinstance(subschemas, dict) else ():
+                defs[f"{own}_{section.lstrip('$')}_{key}"] = moved(sub)
+        defs[own] = moved({k: v for k, v in parameters.items() if k not in ("$defs", "definitions")})
+    except RecursionError:
+        raise ValueError(f"tools: the parameters of {function['name']!r} nest too deep") from None
+    return {"$ref": f"#/$defs/{own}"}
 
 
 PARSERS = {"hermes": HermesToolParser}

@@ -134,6 +134,44 @@ def test_forced_call_grammar_accepts_one_call_of_the_allowed_tools(compiler, nam
     assert not accepts('<tool_call>\n{"name": "other", "arguments": {}}\n</tool_call>')
 
 
+# pydantic's shape for nested models: local $defs, and a recursive "#" ref (a tree of nodes)
+NESTED = {
+    "type": "function",
+    "function": {
+        "name": "route",
+        "parameters": {
+            "type": "object",
+            "$defs": {"Loc": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}},
+            "definitions": {"Days": {"type": "integer", "minimum": 1}},
+            "properties": {
+                "loc": {"$ref": "#/$defs/Loc"},
+                "days": {"$ref": "#/definitions/Days"},
+                "next": {"anyOf": [{"$ref": "#"}, {"type": "null"}]},
+            },
+            "required": ["loc", "days", "next"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+@pytest.mark.parametrize("name", [None, "route"])
+def test_forced_call_of_a_tool_with_local_refs_follows_them(compiler, name):
+    """Before, the tool's schema was nested under the call's, so its "#/..." refs pointed at the
+    call's root: a 400 ("Cannot find field '$defs'") where OpenAI takes the tool."""
+    compiled = compiler.compile(P.forced_call([*TOOLS, NESTED], name))
+
+    def accepts(arguments: str) -> bool:
+        text = '<tool_call>\n{"name": "route", "arguments": ' + arguments + "}\n</tool_call>"
+        return xgrammar.GrammarMatcher(compiled).accept_string(text)
+
+    inner = '{"loc": {"city": "Oslo"}, "days": 1, "next": null}'
+    assert accepts('{"loc": {"city": "Paris"}, "days": 3, "next": ' + inner + "}")
+    assert not accepts('{"loc": {"town": "Paris"}, "days": 3, "next": null}')  # Loc needs a city
+    assert not accepts('{"loc": {"city": "Paris"}, "days": 0, "next": null}')  # Days >= 1
+    assert not accepts('{"loc": {"city": "Paris"}, "days": 3, "next": {"days": 2}}')  # next is a whole route
+
+
 def _chat(body: dict) -> ChatRequest:
     return parse_request(ChatRequest, json.dumps({"messages": [{"role": "user", "content": "x"}], **body}).encode())
 
