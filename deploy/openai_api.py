@@ -428,6 +428,7 @@ def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
 
 
 _TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_FUNCTION_FIELDS = frozenset({"name", "description", "parameters", "strict"})  # OpenAI's function tool
 MAX_TOOLS = 128
 # schema objects in a request's strict tools, all walked on the event loop for keywords
 # structured output does not enforce; OpenAI's strict mode allows 5,000 properties in all
@@ -445,6 +446,10 @@ def chat_tools(req: ChatRequest) -> list[dict[str, Any]]:
         fn = tool.get("function") if isinstance(tool, dict) else None
         if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(fn, dict):
             raise bad_request(f"tools.{k}: must be {{'type': 'function', 'function': {{...}}}}", f"tools.{k}")
+        unknown = sorted(set(fn) - _FUNCTION_FIELDS)
+        if unknown:  # a misspelt "parameters" would leave the tool without a schema
+            field = f"tools.{k}.function.{str(unknown[0])[:40]}"
+            raise bad_request(f"{field}: unknown field; a function has {', '.join(sorted(_FUNCTION_FIELDS))}", field)
         name = fn.get("name")
         if not isinstance(name, str) or not _TOOL_NAME.fullmatch(name):
             raise bad_request(
@@ -521,6 +526,9 @@ def _grammar_spec(req: Any) -> Optional[GrammarSpec]:
     if fmt is None:
         return None
     kind = fmt.get("type")
+    extra = sorted(set(fmt) - {"type", "json_schema" if kind == "json_schema" else "type"})
+    if kind in ("text", "json_object", "json_schema") and extra:  # e.g. a schema given to json_object
+        raise bad_request(f"response_format: {str(extra[0])[:40]!r} is not a field of type {kind!r}", "response_format")
     if kind == "text":
         return None
     if kind == "json_object":
@@ -530,6 +538,10 @@ def _grammar_spec(req: Any) -> Optional[GrammarSpec]:
         schema = spec.get("schema") if isinstance(spec, dict) else None
         if not isinstance(schema, dict):
             raise bad_request("response_format: json_schema.schema must be a JSON schema object", "response_format")
+        unknown = sorted(set(spec) - {"name", "description", "schema", "strict"})
+        if unknown or not isinstance(spec.get("strict"), (bool, type(None))):
+            why = f"{str(unknown[0])[:40]!r} is not a field of it" if unknown else "strict must be a boolean"
+            raise bad_request(f"response_format: json_schema: {why}", "response_format")
         return GrammarSpec("json", json.dumps(schema), "response_format")
     raise bad_request(
         f"response_format: type must be 'text', 'json_object' or 'json_schema', got {kind!r}", "response_format"

@@ -335,9 +335,14 @@ class OpenAIServer:
         load = None
         if body.strip():
             try:
-                load = json.loads(body).get("logical_load")
-            except (ValueError, AttributeError, RecursionError):
+                fields = json.loads(body)
+                unknown = sorted(set(fields) - {"logical_load"})
+                load = fields.get("logical_load")
+            except (ValueError, TypeError, AttributeError, RecursionError):
                 raise APIError(400, 'body must be a JSON object, e.g. {} or {"logical_load": [[...]]}') from None
+            if unknown:
+                field = str(unknown[0])[:40]
+                raise APIError(400, f"{field}: unknown field; the body takes logical_load", param=field)
         try:
             return await self.controller.rebalance.remote(load)
         except ray.exceptions.RayTaskError as e:

@@ -590,6 +590,8 @@ def test_eplb_admin_metrics_and_report(server, client, tmp_path):
     for load in (b'"abc"', b"{}", b"[[null]]", b"[[" + b"9" * 400 + b"]]", b"[[1e308]]", b"[[NaN]]", b"[[-1]]"):
         status, body = _http(server, "/admin/eplb/rebalance", b'{"logical_load": ' + load + b"}")
         assert status == 400 and body["error"]["param"] == "logical_load", (load, body)
+    status, body = _http(server, "/admin/eplb/rebalance", b'{"frobnicate": 1}')  # not a rebalance started
+    assert status == 400 and body["error"]["param"] == "frobnicate"
     assert _http(server, "/admin/eplb")[0] == 200
     client.completions.create(model=MODEL, prompt="Hello there", max_tokens=8, temperature=0.0)  # some recorded load
     status, body = _http(server, "/admin/eplb/rebalance", b"{}")

@@ -346,6 +346,13 @@ def test_structured_output_fields_become_grammars():
     [
         ({"response_format": {"type": "yaml"}}, "response_format"),
         ({"response_format": {"type": "json_schema", "json_schema": {"name": "t"}}}, "response_format"),
+        # fields that would be dropped: a schema given to json_object, a strict that is not a boolean
+        ({"response_format": {"type": "json_object", "schema": {"type": "object"}}}, "response_format"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": {}, "strict": "yes"}}},
+            "response_format",
+        ),
+        ({"response_format": {"type": "json_schema", "json_schema": {"schema": {}, "shcema": {}}}}, "response_format"),
         ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs"),
         ({"structured_outputs": {"choice": []}}, "structured_outputs.choice"),
         ({"structured_outputs": {"regex": 5}}, "structured_outputs.regex"),

@@ -191,6 +191,8 @@ def test_tool_choice_modes():
         ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools.0.function.name"),
         ({"tools": [TOOLS[1], TOOLS[1]]}, "tools.1.function.name"),
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": 3}}]}, "tools.0.function.parameters"),
+        # a misspelt "parameters": the tool would have no schema
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameter": {}}}]}, "tools.0.function.parameter"),
         ({"tool_choice": "required"}, "tool_choice"),
         ({"tools": [{"type": "function", "function": {"name": f"f{k}"}} for k in range(129)]}, "tools"),
         ({"tools": TOOLS, "tool_choice": "always"}, "tool_choice"),
