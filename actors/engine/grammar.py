@@ -119,7 +119,8 @@ def unenforced_keywords(schema: Any) -> list[str]:
         if node.get("type") == "object" and "properties" not in node and node.get("required"):
             found.add("required (without properties)")
         # xgrammar compiles a pattern's lookaround as if it were not there (a regex grammar refuses it)
-        patterns = [node.get("pattern"), *(node.get("patternProperties") or {})]
+        names = node.get("patternProperties")
+        patterns = [node.get("pattern"), *(names if isinstance(names, dict) else ())]
         if any(isinstance(p, str) and _LOOKAROUND.search(p) for p in patterns):
             found.add("pattern (with a lookahead or lookbehind)")
     return sorted(found)
