@@ -40,7 +40,8 @@ from raymoe.cluster.layout import RankLayout
 log = logging.getLogger(__name__)
 
 RANK_HEALTH_TIMEOUT_S = 5.0
-REBALANCE_START_TIMEOUT_S = 60.0  # from a request to its plan (planning runs while steps do)
+# from a request to its plan, past eplb.planning_timeout_s: the steps before planning starts
+REBALANCE_START_MARGIN_S = 60.0
 
 
 class Controller:
@@ -173,11 +174,14 @@ class Controller:
             raise ValueError("eplb.enabled is false (or the model has no MoE layers): nothing to rebalance")
         planned = self.eplb.request(None if logical_load is None else logical_load_tensor(logical_load))
         self._engine().wake()
+        # a planner that hangs fails its plan after planning_timeout_s; past this wait the
+        # request is cancelled, and a plan made later is dropped (EplbManager)
+        timeout_s = self.config.eplb.planning_timeout_s + REBALANCE_START_MARGIN_S
         try:
-            await asyncio.wait_for(planned, REBALANCE_START_TIMEOUT_S)
+            await asyncio.wait_for(planned, timeout_s)
         except asyncio.TimeoutError:
             raise RebalanceRefused(
-                f"the engine did not start the rebalance within {REBALANCE_START_TIMEOUT_S:.0f} s (see /health)"
+                f"the engine did not start the rebalance within {timeout_s:.0f} s (see /health)"
             ) from None
         return self.eplb_status()
 

@@ -33,6 +33,7 @@ from raymoe.cluster.layout import RankLayout
 log = logging.getLogger(__name__)
 
 NOT_ENOUGH_LOAD = "not enough load recorded: no tokens were routed since the last rebalance; serve requests first"
+GAVE_UP = "its request stopped waiting for the plan (told it did not start): the experts stay where they are"
 _IDLE_POLL_S = 0.002  # between polls of planning or moves while no step runs
 _PROGRESS_POLL_S = 0.02  # the ranks are asked how far the moves got at most this often
 
@@ -211,7 +212,12 @@ class EplbManager:
             if request.started is not None and not request.started.done():
                 request.started.set_exception(RebalanceRefused(why))
             return
-        plan = self.last_plan = planning.result()
+        plan = planning.result()
+        if request.started is not None and request.started.cancelled():
+            # the caller stopped waiting and was told the rebalance did not start: keep to that
+            self.status.update(state="waiting", skipped=GAVE_UP)
+            return
+        self.last_plan = plan
         changed = [i for i, n in enumerate(plan.moved_slots_per_layer.tolist()) if n]
         chunk = self.config.layers_per_chunk or max(1, len(changed))
         self.status.update(

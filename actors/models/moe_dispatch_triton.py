@@ -373,6 +373,12 @@ def _group_kernel(
     _group(buckets, cursors, rows, ends, sorted_row, groups, num_choices, num_groups, slots, TOP_K, BLOCK, SP)
 
 
+def route_block_tokens(num_tokens: int, padded_experts: int) -> int:
+    """Tokens a routing program takes: at most 4096 logits a block (DeepSeek-V3's 256 experts
+    spilled registers at 32 tokens, sm_90)."""
+    return min(FUSED_MAX_TOKENS, max(16, triton.next_power_of_2(num_tokens)), max(8, 4096 // padded_experts))
+
+
 def dispatch(
     logits: torch.Tensor,
     top_k: int,
@@ -403,8 +409,7 @@ def dispatch(
     sp = max(16, triton.next_power_of_2(slots + 1))
     cursors = torch.empty(sp, dtype=torch.int32, device=dev)
     ep = max(16, triton.next_power_of_2(num_experts))
-    # at most 4096 logits a block: DeepSeek-V3's 256 experts spilled registers at 32 tokens (sm_90)
-    bt = min(FUSED_MAX_TOKENS, max(16, triton.next_power_of_2(n)), max(8, 4096 // ep))
+    bt = route_block_tokens(n, ep)
     placeholder = physical  # for the pointers a variant does not read
     route = (
         logits,

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from raymoe.actors.engine.eplb import (
+    GAVE_UP,
     NOT_ENOUGH_LOAD,
     EplbManager,
     RebalanceRefused,
@@ -229,5 +230,37 @@ def test_a_planner_that_fails_ends_its_rebalance_not_the_engine():
         await _steps_until(manager, lambda: manager.status["rebalances"] == 1)
         assert again.exception() is None and "skipped" not in manager.status
         assert not torch.equal(manager.physical_to_logical, before)
+
+    asyncio.run(main())
+
+
+def test_a_plan_made_after_its_request_gave_up_is_dropped():
+    """The caller stops waiting while the planner thinks (the controller's wait timed out, so it
+    told its client the rebalance did not start): when the plan comes, nothing moves, the
+    status says why, and the next request plans and moves."""
+    release = asyncio.Event()
+
+    async def slow_planner(*args, **kwargs):
+        if not release.is_set():
+            await release.wait()
+        return await plan_in_thread(*args, **kwargs)
+
+    async def main():
+        ranks = FakeRanks(steps_to_land=0)
+        manager = _manager(ranks, planner=slow_planner)
+        await manager.on_step()
+        before = manager.physical_to_logical.clone()
+        ranks.load = _skewed_physical_load()
+        planned = manager.request()
+        await _steps_until(manager, lambda: manager.status["state"] == "planning")
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(planned, 0.01)  # what Controller.rebalance does, at a short timeout
+        release.set()
+        await _steps_until(manager, lambda: not manager.busy)
+        assert manager.status["skipped"] == GAVE_UP and manager.last_plan is None
+        assert "start_expert_moves" not in ranks.calls and torch.equal(manager.physical_to_logical, before)
+        again = manager.request(_skewed_physical_load()[:, :EXPERTS])
+        await _steps_until(manager, lambda: manager.status["rebalances"] == 1)
+        assert again.exception() is None and not torch.equal(manager.physical_to_logical, before)
 
     asyncio.run(main())
