@@ -67,7 +67,6 @@ class GrammarSpec:
 _UNENFORCED = (
     "not", "if", "then", "else", "dependentRequired", "dependentSchemas", "contains", "minContains", "maxContains"
 )  # fmt: skip
-_LOOKAROUND = re.compile(r"\(\?<?[=!]")
 _SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 _SUBSCHEMAS = ("additionalProperties", "items", "contains", "not", "if", "then", "else", "propertyNames")
 _SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems", "items")  # items: a schema, or a list of them
@@ -121,9 +120,28 @@ def unenforced_keywords(schema: Any) -> list[str]:
         # xgrammar compiles a pattern's lookaround as if it were not there (a regex grammar refuses it)
         names = node.get("patternProperties")
         patterns = [node.get("pattern"), *(names if isinstance(names, dict) else ())]
-        if any(isinstance(p, str) and _LOOKAROUND.search(p) for p in patterns):
+        if any(isinstance(p, str) and _has_lookaround(p) for p in patterns):
             found.add("pattern (with a lookahead or lookbehind)")
     return sorted(found)
+
+
+def _has_lookaround(pattern: str) -> bool:
+    """Whether the regex has a group (?=, (?!, (?<= or (?<!, outside escapes and
+    character classes (``\\(?=`` is an optional "(" then "=")."""
+    i, in_class = 0, False
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\":
+            i += 2
+            continue
+        if in_class:
+            in_class = c != "]"
+        elif c == "[":  # ECMA-262's classes, as JSON Schema's: "[]" is empty, a "]" always ends one
+            in_class = True
+        elif c == "(" and pattern.startswith(("?=", "?!", "?<=", "?<!"), i + 1):
+            return True
+        i += 1
+    return False
 
 
 def check_schema_depth(schema: Any, field: str) -> None:

@@ -283,7 +283,23 @@ def test_lookarounds_are_found_in_patterns_and_pattern_property_names():
     lookaround = ["pattern (with a lookahead or lookbehind)"]
     assert unenforced_keywords({"type": "object", "patternProperties": {"^(?<!x)y$": {}}}) == lookaround
     assert unenforced_keywords({"items": {"type": "string", "pattern": "a(?=b)"}}) == lookaround
+    assert unenforced_keywords({"items": {"type": "string", "pattern": "[(?=x)](?<=a)"}}) == lookaround
     assert unenforced_keywords({"type": "string", "pattern": "^(a|b)?[=!]$"}) == []  # a group, then "?"
+
+
+@pytest.mark.parametrize("pattern", [r"^\(?=$", r"^a\(?!$", "^[(?=]+$", r"^[\](?=]$"])
+def test_lookaround_lookalikes_compile_and_are_enforced(engine, pattern):
+    """An escaped "(" or one in a character class starts no lookaround: the schema is taken,
+    and xgrammar enforces the pattern as Python's re reads it."""
+    import xgrammar
+    from xgrammar.testing import _is_grammar_accept_string
+
+    schema = {"type": "string", "pattern": pattern}
+    spec = GrammarSpec("json", json.dumps(schema), "structured_outputs.json")
+    assert engine.local.core.grammars.compile(spec) is not None
+    grammar = xgrammar.Grammar.from_json_schema(json.dumps(schema))
+    for text in ("(=", "a(!", "(", "=", "?", "]=", "x"):
+        assert _is_grammar_accept_string(grammar, json.dumps(text)) == bool(re.search(pattern, text)), text
 
 
 def test_enforced_keywords_and_property_names_like_keywords_compile(engine):
