@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-from raymoe.actors.engine.grammar import GrammarSpec
+from raymoe.actors.engine.grammar import GrammarSpec, rebuild_schema
 
 
 @dataclass(frozen=True)
@@ -78,17 +78,12 @@ def _arguments_schema(function: dict, index: int, defs: dict) -> dict:
     own = f"tool{index}"
     sections = {"#/$defs/": f"#/$defs/{own}_defs_", "#/definitions/": f"#/$defs/{own}_definitions_"}
 
-    def moved(node: Any) -> Any:
-        if isinstance(node, list):
-            return [moved(v) for v in node]
-        if not isinstance(node, dict):
-            return node
-        out = {k: moved(v) for k, v in node.items()}
+    def moved(node: dict) -> dict:
         ref = node.get("$ref")
-        if isinstance(ref, str) and ref.startswith("#"):
+        if isinstance(ref, str) and (ref == "#" or ref.startswith("#/")):  # "#name" (an $anchor) stays
             prefix = next((p for p in sections if ref.startswith(p)), None)
-            out["$ref"] = sections[prefix] + ref[len(prefix) :] if prefix else f"#/$defs/{own}{ref[1:]}"
-        return out
+            node["$ref"] = sections[prefix] + ref[len(prefix) :] if prefix else f"#/$defs/{own}{ref[1:]}"
+        return node
 
     try:
         if '"$ref"' not in json.dumps(parameters):
@@ -96,8 +91,9 @@ def _arguments_schema(function: dict, index: int, defs: dict) -> dict:
         for section in ("$defs", "definitions"):
             subschemas = parameters.get(section)
             for key, sub in subschemas.items() if isinstance(subschemas, dict) else ():
-                defs[f"{own}_{section.lstrip('$')}_{key}"] = moved(sub)
-        defs[own] = moved({k: v for k, v in parameters.items() if k not in ("$defs", "definitions")})
+                defs[f"{own}_{section.lstrip('$')}_{key}"] = rebuild_schema(sub, moved)
+        root = {k: v for k, v in parameters.items() if k not in ("$defs", "definitions")}
+        defs[own] = rebuild_schema(root, moved)
     except RecursionError:
         raise ValueError(f"tools: the parameters of {function['name']!r} nest too deep") from None
     return {"$ref": f"#/$defs/{own}"}

@@ -25,7 +25,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Callable, Iterable, Literal, Sequence
 
 import numpy as np
 
@@ -68,7 +68,10 @@ _UNENFORCED = (
     "not", "if", "then", "else", "dependentRequired", "dependentSchemas", "contains", "minContains", "maxContains"
 )  # fmt: skip
 _SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
-_SUBSCHEMAS = ("additionalProperties", "items", "contains", "not", "if", "then", "else", "propertyNames")
+_SUBSCHEMAS = (
+    "additionalProperties", "items", "contains", "not", "if", "then", "else", "propertyNames", "additionalItems",
+    "unevaluatedProperties", "unevaluatedItems",
+)  # fmt: skip
 _SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems", "items")  # items: a schema, or a list of them
 
 
@@ -94,6 +97,25 @@ def _subschemas(schema: Any):
                 stack.extend((sub, depth + 1) for sub in node[key])
 
 
+def rebuild_schema(schema: Any, node_fn: Callable[[dict], dict]) -> Any:
+    """A copy of ``schema`` with ``node_fn`` applied to each schema object in it, children
+    first, at the positions _subschemas walks (not inside values such as ``const`` or
+    ``enum``). Recursive: the caller bounds the depth."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: rebuild_schema(sub, node_fn) for name, sub in out[key].items()}
+    for key in _SUBSCHEMAS:
+        if isinstance(out.get(key), dict):
+            out[key] = rebuild_schema(out[key], node_fn)
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [rebuild_schema(sub, node_fn) for sub in out[key]]
+    return node_fn(out)
+
+
 def count_subschemas(schema: Any, limit: int) -> int:
     """The schema objects in ``schema`` (itself included), counted up to ``limit`` + 1."""
     return sum(1 for _ in itertools.islice(_subschemas(schema), limit + 1))
@@ -109,8 +131,9 @@ def unenforced_keywords(schema: Any) -> list[str]:
             found.add("uniqueItems")
         if "multipleOf" in node and node.get("type") not in ("integer", ["integer"]):
             found.add("multipleOf (but of integers)")
-        if isinstance(node.get("$ref"), str) and not node["$ref"].startswith("#"):
-            found.add("$ref (to another document)")
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref != "#" and not ref.startswith("#/"):
+            found.add("$ref (to another document or an $anchor)")
         if isinstance(node.get("allOf"), list) and len(node["allOf"]) > 1:
             found.add("allOf (of more than one schema)")
         # an object schema without ``properties`` lets {} through whatever it requires (a lone

@@ -254,7 +254,7 @@ UNENFORCED = {
     "uniqueItems": ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, "[1, 1]"),
     "dependentRequired": ({"type": "object", "properties": AB, "dependentRequired": {"a": ["b"]}}, '{"a": 1}'),
     "multipleOf (but of integers)": ({"type": "number", "multipleOf": 0.5}, "0.3"),
-    "$ref (to another document)": ({"$ref": "https://example.com/integer.json"}, '"a"'),
+    "$ref (to another document or an $anchor)": ({"$ref": "https://example.com/integer.json"}, '"a"'),
     "required (without properties)": ({"type": "object", "required": ["a"]}, "{}"),
     "pattern (with a lookahead or lookbehind)": ({"type": "string", "pattern": "^(?!x)[a-z]$"}, '"x"'),
 }
@@ -275,6 +275,20 @@ def test_schema_keywords_xgrammar_does_not_enforce_are_refused_naming_the_field(
         with pytest.raises(ValueError, match=rf"^structured_outputs\.json: .*does not enforce: .*{re.escape(keyword)}"):
             engine.local.core.add_request("bad", [5, 6], SamplingParams(grammar=spec))
     assert not engine.local.core.has_unfinished
+
+
+def test_a_ref_to_an_anchor_is_refused_as_unenforced():
+    """xgrammar reads "#name" refs as any value (it warns that a ref should be "#" or "#/...")."""
+    import xgrammar
+    from xgrammar.testing import _is_grammar_accept_string
+
+    from raymoe.actors.engine.grammar import unenforced_keywords
+
+    schema = {"$defs": {"I": {"$anchor": "i", "type": "integer"}}, "$ref": "#i"}
+    assert _is_grammar_accept_string(xgrammar.Grammar.from_json_schema(json.dumps(schema)), '"a"')
+    assert unenforced_keywords(schema) == ["$ref (to another document or an $anchor)"]
+    assert unenforced_keywords({"$defs": {"I": {"type": "integer"}}, "$ref": "#/$defs/I"}) == []
+    assert unenforced_keywords({"anyOf": [{"$ref": "#"}, {"type": "null"}]}) == []
 
 
 def test_lookarounds_are_found_in_patterns_and_pattern_property_names():

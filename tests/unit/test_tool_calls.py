@@ -172,6 +172,44 @@ def test_forced_call_of_a_tool_with_local_refs_follows_them(compiler, name):
     assert not accepts('{"loc": {"city": "Paris"}, "days": 3, "next": {"days": 2}}')  # next is a whole route
 
 
+# refs that stay as they are: to an $anchor, and "$ref" keys inside values (const, enum)
+ANCHORED = {
+    "type": "function",
+    "function": {
+        "name": "pick",
+        "parameters": {
+            "type": "object",
+            "$defs": {"Int": {"$anchor": "int", "type": "integer"}},
+            "properties": {
+                "n": {"$ref": "#int"},
+                "tag": {"const": {"$ref": "#"}},
+                "kind": {"enum": [{"$ref": "#/$defs/Int"}, "plain"]},
+            },
+            "required": ["n", "tag", "kind"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+def test_forced_call_keeps_anchor_refs_and_values_that_look_like_refs(compiler):
+    """The tool's schema moves under the call's $defs: a ref to an $anchor ("#int") and a
+    "$ref" key in a const or enum value are not rewritten (they were, to "#/$defs/tool0int", a
+    400, and into the values themselves). xgrammar reads "#int" as any value, as it does in a
+    response_format; strict tools refuse it (grammar.unenforced_keywords)."""
+    compiled = compiler.compile(P.forced_call([ANCHORED], "pick"))
+
+    def accepts(arguments: str) -> bool:
+        text = '<tool_call>\n{"name": "pick", "arguments": ' + arguments + "}\n</tool_call>"
+        return xgrammar.GrammarMatcher(compiled).accept_string(text)
+
+    # xgrammar writes a const or enum object compactly, and the call's other JSON as json.dumps does
+    assert accepts('{"n": 3, "tag": {"$ref":"#"}, "kind": {"$ref":"#/$defs/Int"}}')
+    assert accepts('{"n": 3, "tag": {"$ref":"#"}, "kind": "plain"}')
+    assert not accepts('{"n": 3, "tag": {"$ref":"#/$defs/tool0"}, "kind": "plain"}')
+    assert not accepts('{"n": 3, "tag": {"$ref":"#"}, "kind": {"$ref":"#/$defs/tool0_defs_Int"}}')
+
+
 def _chat(body: dict) -> ChatRequest:
     return parse_request(ChatRequest, json.dumps({"messages": [{"role": "user", "content": "x"}], **body}).encode())
 
