@@ -134,6 +134,8 @@ def unenforced_keywords(schema: Any) -> list[str]:
         ref = node.get("$ref")
         if isinstance(ref, str) and ref != "#" and not ref.startswith("#/"):
             found.add("$ref (to another document or an $anchor)")
+        if ("minLength" in node or "maxLength" in node) and ("pattern" in node or "format" in node):
+            found.add("minLength/maxLength (with a pattern or format)")
         if isinstance(node.get("allOf"), list) and len(node["allOf"]) > 1:
             found.add("allOf (of more than one schema)")
         # an object schema without ``properties`` lets {} through whatever it requires (a lone
@@ -146,6 +148,25 @@ def unenforced_keywords(schema: Any) -> list[str]:
         if any(isinstance(p, str) and _has_lookaround(p) for p in patterns):
             found.add("pattern (with a lookahead or lookbehind)")
     return sorted(found)
+
+
+def _as_xgrammar_enforces(schema: Any) -> Any:
+    """``schema`` with each string's minLength/maxLength (and no pattern or format) as the
+    equivalent pattern: xgrammar compiles length bounds to characters that include the
+    control characters U+0000-U+001F, which JSON strings cannot hold raw (invalid JSON),
+    where its patterns exclude them."""
+
+    def bounded(node: dict) -> dict:
+        low, high = node.get("minLength", 0), node.get("maxLength", "")
+        counts = all(type(v) is int and v >= 0 for v in (low, high) if v != "")
+        if node.get("type") != "string" or not counts or "pattern" in node or "format" in node:
+            return node
+        if "minLength" not in node and "maxLength" not in node:
+            return node
+        rest = {k: v for k, v in node.items() if k not in ("minLength", "maxLength")}
+        return {**rest, "pattern": f"^.{{{low},{high}}}$"}
+
+    return rebuild_schema(schema, bounded)
 
 
 def _has_lookaround(pattern: str) -> bool:
@@ -230,7 +251,9 @@ class GrammarCompiler:
                 info = xgrammar.TokenizerInfo.from_huggingface(
                     hf, vocab_size=self.mask_vocab_size, stop_token_ids=self._eos or None
                 )
-                self._compiler = xgrammar.GrammarCompiler(info)
+                # no cache of its own (by default unbounded: the process grew with every new
+                # schema); compiled grammars are cached here, _CACHE_SIZE of them
+                self._compiler = xgrammar.GrammarCompiler(info, cache_enabled=False)
             return self._compiler
 
     def is_cached(self, spec: GrammarSpec) -> bool:
@@ -275,8 +298,8 @@ class GrammarCompiler:
         try:
             if spec.kind == "json":
                 # no free whitespace: a model cannot pad its output with spaces forever
-                schema = spec.source or json.dumps({"type": "object"})
-                compiled = c.compile_json_schema(schema, any_whitespace=False)
+                schema = json.dumps(_as_xgrammar_enforces(json.loads(spec.source))) if spec.source else None
+                compiled = c.compile_json_schema(schema or json.dumps({"type": "object"}), any_whitespace=False)
             elif spec.kind == "regex":
                 compiled = c.compile_regex(spec.source)
             elif spec.kind == "choice":
@@ -315,7 +338,7 @@ class GrammarCompiler:
         from xgrammar import Grammar
 
         literal = lambda text: Grammar.from_ebnf(f"root ::= {json.dumps(text, ensure_ascii=False)}")  # noqa: E731
-        schema = json.dumps(source["schema"])
+        schema = json.dumps(_as_xgrammar_enforces(source["schema"]))
         return Grammar.concat(
             literal(source["begin"]), Grammar.from_json_schema(schema, any_whitespace=False), literal(source["end"])
         )

@@ -23,6 +23,9 @@ import triton.language as tl
 from raymoe.actors.models.spec import GroupedTopK
 
 FUSED_MAX_TOKENS = 32
+# tokens a routing program takes past FUSED_MAX_TOKENS: route + group at 64-512 tokens took
+# 3.5 us less than with 32 (H100, BENCHMARKS.md, issue 21)
+ROUTE_BLOCK_TOKENS = 8
 
 
 @triton.jit
@@ -374,8 +377,11 @@ def _group_kernel(
 
 
 def route_block_tokens(num_tokens: int, padded_experts: int) -> int:
-    """Tokens a routing program takes: at most 4096 logits a block (DeepSeek-V3's 256 experts
-    spilled registers at 32 tokens, sm_90)."""
+    """Tokens a routing program takes. Fused: at most 4096 logits a block (DeepSeek-V3's 256
+    experts spilled registers at 32 tokens, sm_90). In a grid of its own: ROUTE_BLOCK_TOKENS,
+    many programs of few rows (each top-k pass is a reduction over its whole block)."""
+    if num_tokens > FUSED_MAX_TOKENS:
+        return ROUTE_BLOCK_TOKENS
     return min(FUSED_MAX_TOKENS, max(16, triton.next_power_of_2(num_tokens)), max(8, 4096 // padded_experts))
 
 
