@@ -82,7 +82,8 @@ class _Progress:
     """One request's accounting as deltas arrive: text and finish reason per choice,
     token counts, and its TTFT / ITL / latency observations."""
 
-    def __init__(self, n: int, num_prompt_tokens: int, t0: float, metrics: ServeMetrics) -> None:
+    def __init__(self, n: int, num_prompt_tokens: int, t0: float, metrics: ServeMetrics, *, per_prompt: int) -> None:
+        """n choices, ``per_prompt`` of each prompt in a row (prompt by prompt, as OpenAI orders them)."""
         # each choice's text as its pieces, joined once (appending each piece to the text so far
         # copies it all again: quadratic in long answers, on the event loop)
         self.pieces: list[list[str]] = [[] for _ in range(n)]
@@ -93,6 +94,7 @@ class _Progress:
         self.last: list[Optional[float]] = [None] * n
         self.prompt_tokens = num_prompt_tokens
         self.cached_tokens: list[Optional[int]] = [None] * n
+        self.per_prompt = per_prompt
         self.completion_tokens = 0
         self.t0, self.metrics = t0, metrics
 
@@ -125,8 +127,10 @@ class _Progress:
         return "".join(self.pieces[i])
 
     def usage(self) -> dict[str, int]:
-        # the n choices share one prompt: what the cache gave all of them
-        cached = min((c for c in self.cached_tokens if c is not None), default=0)
+        # a prompt's choices share it: what the cache gave all of them, summed over the prompts
+        per = self.per_prompt
+        choices = [self.cached_tokens[i : i + per] for i in range(0, len(self.cached_tokens), per)]
+        cached = sum(min((c for c in prompt if c is not None), default=0) for prompt in choices)
         return usage(self.prompt_tokens, self.completion_tokens, cached_tokens=cached)
 
 
@@ -269,7 +273,15 @@ class OpenAIServer:
         prompt_tokens = sum(map(len, ids))
         ids = [x for x in ids for _ in range(n)]  # choices prompt by prompt, as OpenAI orders them
         return await self._run(
-            req, chat=False, rid=rid, ids=ids, params=params, t0=t0, echo=echo, prompt_tokens=prompt_tokens
+            req,
+            chat=False,
+            rid=rid,
+            ids=ids,
+            params=params,
+            t0=t0,
+            echo=echo,
+            prompt_tokens=prompt_tokens,
+            per_prompt=n,
         )
 
     async def chat(self, body: bytes) -> Any:
@@ -304,6 +316,7 @@ class OpenAIServer:
             params=choice_params(params, n),
             t0=t0,
             prompt_tokens=len(ids),
+            per_prompt=n,
             tool_calls=mode != "none",
             one_tool_call=req.parallel_tool_calls is False,
         )
@@ -381,15 +394,16 @@ class OpenAIServer:
         params: list,
         t0: float,
         prompt_tokens: int,
+        per_prompt: int,
         echo: Optional[_Echo] = None,
         tool_calls: bool = False,
         one_tool_call: bool = False,
     ) -> Any:
-        """Stream ``ids[i]`` with ``params[i]`` as choice i; ``prompt_tokens``: the usage's
-        (each prompt once, however many choices it has); ``tool_calls``: parse chat choices' tool
-        calls (``one_tool_call``: keep each choice's first only)."""
+        """Stream ``ids[i]`` with ``params[i]`` as choice i (``per_prompt`` choices of each prompt
+        in a row); ``prompt_tokens``: the usage's (each prompt once, however many choices it has);
+        ``tool_calls``: parse chat choices' tool calls (``one_tool_call``: keep each choice's first only)."""
         max_calls = 1 if one_tool_call else None
-        progress = _Progress(len(ids), prompt_tokens, t0, self.metrics)
+        progress = _Progress(len(ids), prompt_tokens, t0, self.metrics, per_prompt=per_prompt)
         self.metrics.prompt_tokens.inc(progress.prompt_tokens)
         # a grammar never lets the model close a thinking block: constrained output is all content
         reasoning = self.reasoning_parser if chat and params[0].grammar is None else None

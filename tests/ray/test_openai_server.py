@@ -189,6 +189,12 @@ def test_usage_reports_prompt_tokens_from_the_prefix_cache(client):
     assert again.usage.prompt_tokens_details.cached_tokens == 64
     streamed = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **args))
     assert streamed[-1].usage.prompt_tokens_details.cached_tokens == 64
+    # several prompts, two choices each: each prompt's cached blocks once (it took the least of
+    # all choices, as if they shared one prompt)
+    other = random.Random(12).choices(range(3, 500), k=40)
+    client.completions.create(**{**args, "prompt": other})
+    both = client.completions.create(**{**args, "prompt": [prompt, other], "n": 2})
+    assert both.usage.prompt_tokens == 110 and both.usage.prompt_tokens_details.cached_tokens == 64 + 32
 
 
 def test_structured_output_through_the_client(client):
