@@ -358,7 +358,10 @@ def _rope_params(cfg: dict[str, Any]) -> dict[str, Any]:
     """The rotary parameters as transformers takes them: ``rope_scaling`` (the older name) where
     it is set, in place of ``rope_parameters``, not merged with it."""
     scaling, parameters = cfg.get("rope_scaling"), cfg.get("rope_parameters")
-    if scaling and parameters and any(parameters.get(k) != v for k, v in scaling.items()):
+    if scaling and parameters:
+        used = {**scaling, "rope_theta": scaling.get("rope_theta", cfg.get("rope_theta", 10000.0))}
+        lost = any(used.get(k) != v for k, v in parameters.items())
+    if scaling and parameters and lost:
         log.warning(
             "config.json sets both rope_scaling and rope_parameters: rope_scaling is used and rope_parameters "
             "%s is ignored, as transformers does (a rope_theta in it too: it comes from the top level or "
