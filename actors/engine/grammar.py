@@ -150,23 +150,25 @@ def unenforced_keywords(schema: Any) -> list[str]:
     return sorted(found)
 
 
-def _as_xgrammar_enforces(schema: Any) -> Any:
-    """``schema`` with each string's minLength/maxLength (and no pattern or format) as the
-    equivalent pattern: xgrammar compiles length bounds to characters that include the
-    control characters U+0000-U+001F, which JSON strings cannot hold raw (invalid JSON),
-    where its patterns exclude them."""
+# xgrammar (0.2.9) writes a string with minLength/maxLength as a count of these characters,
+# which include U+0000-U+001F: a JSON string cannot hold them raw (invalid JSON); a plain
+# string's characters exclude them. Its grammar's text has the class replaced.
+_BOUNDED_STRING_CHARS = r"[^\"\\\r\n]"
+_JSON_STRING_CHARS = r"[^\0-\x1f\"\\]"
 
-    def bounded(node: dict) -> dict:
-        low, high = node.get("minLength", 0), node.get("maxLength", "")
-        counts = all(type(v) is int and v >= 0 for v in (low, high) if v != "")
-        if node.get("type") != "string" or not counts or "pattern" in node or "format" in node:
-            return node
-        if "minLength" not in node and "maxLength" not in node:
-            return node
-        rest = {k: v for k, v in node.items() if k not in ("minLength", "maxLength")}
-        return {**rest, "pattern": f"^.{{{low},{high}}}$"}
 
-    return rebuild_schema(schema, bounded)
+def json_schema_grammar(schema: str) -> Any:
+    """xgrammar's grammar of a JSON schema without free whitespace (a model cannot pad its
+    output with spaces forever), length-bounded strings held to JSON's characters."""
+    from xgrammar import Grammar
+
+    grammar = Grammar.from_json_schema(schema, any_whitespace=False)
+    text = str(grammar)
+    return (
+        Grammar.from_ebnf(text.replace(_BOUNDED_STRING_CHARS, _JSON_STRING_CHARS))
+        if _BOUNDED_STRING_CHARS in text
+        else grammar
+    )
 
 
 def _has_lookaround(pattern: str) -> bool:
@@ -297,9 +299,7 @@ class GrammarCompiler:
             check_schema_depth(json.loads(spec.source)["schema"], spec.field)
         try:
             if spec.kind == "json":
-                # no free whitespace: a model cannot pad its output with spaces forever
-                schema = json.dumps(_as_xgrammar_enforces(json.loads(spec.source))) if spec.source else None
-                compiled = c.compile_json_schema(schema or json.dumps({"type": "object"}), any_whitespace=False)
+                compiled = c.compile_grammar(json_schema_grammar(spec.source or json.dumps({"type": "object"})))
             elif spec.kind == "regex":
                 compiled = c.compile_regex(spec.source)
             elif spec.kind == "choice":
@@ -338,10 +338,8 @@ class GrammarCompiler:
         from xgrammar import Grammar
 
         literal = lambda text: Grammar.from_ebnf(f"root ::= {json.dumps(text, ensure_ascii=False)}")  # noqa: E731
-        schema = json.dumps(_as_xgrammar_enforces(source["schema"]))
-        return Grammar.concat(
-            literal(source["begin"]), Grammar.from_json_schema(schema, any_whitespace=False), literal(source["end"])
-        )
+        schema = json_schema_grammar(json.dumps(source["schema"]))
+        return Grammar.concat(literal(source["begin"]), schema, literal(source["end"]))
 
 
 _NAMES = {"json": "JSON schema", "regex": "regex", "choice": "choice", "ebnf": "grammar", "tagged_json": "tool schema"}

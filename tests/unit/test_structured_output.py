@@ -279,11 +279,12 @@ def test_schema_keywords_xgrammar_does_not_enforce_are_refused_naming_the_field(
 
 
 @pytest.mark.parametrize("kind", ["json", "tagged_json"])
-def test_length_bounded_strings_hold_no_raw_control_characters(engine, kind):
+@pytest.mark.parametrize("longest", [5, 20_000])
+def test_length_bounded_strings_hold_no_raw_control_characters(engine, kind, longest):
     """xgrammar compiles minLength/maxLength to characters that include U+0000-U+001F, which a
     JSON string cannot hold raw: a model wrote {"name": "G ca) log.\x17"} as valid output. The
-    bounds become a pattern, which excludes them and keeps the bounds."""
-    string = {"type": "string", "minLength": 2, "maxLength": 5}
+    bounds stay (the longest string, one more), the control characters go."""
+    string = {"type": "string", "minLength": 2, "maxLength": longest}
     schema = {"type": "object", "properties": {"name": string}, "required": ["name"], "additionalProperties": False}
     begin, end = "<tool_call>\n", "\n</tool_call>"
     if kind == "json":
@@ -295,8 +296,8 @@ def test_length_bounded_strings_hold_no_raw_control_characters(engine, kind):
     def accepts(name: str) -> bool:
         return xgrammar.GrammarMatcher(compiled).accept_string(begin + '{"name": "' + name + '"}' + end)
 
-    assert accepts("ab") and accepts("abcde") and accepts("héllo")
-    assert not accepts("a") and not accepts("abcdef")
+    assert accepts("ab") and accepts("a" * longest) and accepts("héllo")
+    assert not accepts("a") and not accepts("a" * (longest + 1)) and not accepts('a"b')
     for control in ("\x00", "\x17", "\x1f", "\t"):
         assert not accepts("a" + control + "b")
 
