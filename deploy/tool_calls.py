@@ -145,6 +145,8 @@ class ToolCallStream:
         while True:
             if self._in_call:
                 end = self._buffer.find(p.end, search_from)
+                while end >= 0 and _open_json(self._buffer[:end]):  # the tag is text inside the call
+                    end = self._buffer.find(p.end, end + 1)
                 if end < 0:
                     break
                 body, self._buffer, self._in_call = self._buffer[:end], self._buffer[end + len(p.end) :], False
@@ -171,6 +173,29 @@ class ToolCallStream:
         rest = (self.parser.begin if self._in_call else "") + self._buffer
         self._buffer, self._in_call = "", False
         return rest, []
+
+
+def _open_json(text: str) -> bool:
+    """Whether ``text`` starts a JSON object that is still open at its end (inside a string,
+    or with brackets unclosed): a call's end tag found there is part of its arguments."""
+    if not text.lstrip().startswith("{"):
+        return False
+    depth, in_string, escaped = 0, False, False
+    for c in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif c == "\\":
+                escaped = True
+            elif c == '"':
+                in_string = False
+        elif c == '"':
+            in_string = True
+        elif c in "{[":
+            depth += 1
+        elif c in "}]":
+            depth -= 1
+    return in_string or depth > 0
 
 
 def _partial_suffix(text: str, tag: str) -> int:

@@ -91,6 +91,32 @@ def test_streamed_in_any_pieces_equals_whole(seed):
     assert [(c.name, c.arguments) for c in calls] == [(c.name, c.arguments) for c in whole_calls]
 
 
+@pytest.mark.parametrize("piece", [None, 1, 5])
+def test_an_end_tag_inside_the_arguments_does_not_end_the_call(piece):
+    """A string argument holding "</tool_call>" (which a forced call's grammar allows): the call
+    ends at the tag after its JSON. It ended at the first tag, and the whole output came back as
+    content with no call."""
+    args = {"s": 'a </tool_call> b', "t": ["}", '"]"', "\\"]}
+    text = "<tool_call>\n" + json.dumps({"name": "f", "arguments": args}) + "\n</tool_call> after"
+    if piece is None:
+        content, calls = split_tool_calls(P, text)
+    else:
+        stream, content, calls = ToolCallStream(P), "", []
+        for at in range(0, len(text), piece):
+            c, new = stream.add(text[at : at + piece])
+            content, calls = content + c, calls + new
+        content = (content + stream.finish()[0]).strip()
+    assert content == "after" and [(c.name, json.loads(c.arguments)) for c in calls] == [("f", args)]
+
+
+def test_forced_call_with_an_end_tag_in_an_argument_parses(compiler):
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"s": {}}}}}
+    text = '<tool_call>\n{"name": "f", "arguments": {"s": "</tool_call>"}}\n</tool_call>'
+    assert xgrammar.GrammarMatcher(compiler.compile(P.forced_call([tool], "f"))).accept_string(text)
+    content, calls = split_tool_calls(P, text)
+    assert content is None and [(c.name, json.loads(c.arguments)) for c in calls] == [("f", {"s": "</tool_call>"})]
+
+
 @pytest.mark.parametrize("piece", [None, 1, 7])
 def test_a_short_call_after_long_content_is_found(piece):
     """The end tag is searched for from where the call's text starts, whatever came before it
