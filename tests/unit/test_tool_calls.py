@@ -96,7 +96,7 @@ def test_an_end_tag_inside_the_arguments_does_not_end_the_call(piece):
     """A string argument holding "</tool_call>" (which a forced call's grammar allows): the call
     ends at the tag after its JSON. It ended at the first tag, and the whole output came back as
     content with no call."""
-    args = {"s": 'a </tool_call> b', "t": ["}", '"]"', "\\"]}
+    args = {"s": "a </tool_call> b", "t": ["}", '"]"', "\\"]}
     text = "<tool_call>\n" + json.dumps({"name": "f", "arguments": args}) + "\n</tool_call> after"
     if piece is None:
         content, calls = split_tool_calls(P, text)
