@@ -249,10 +249,23 @@ class GrammarCompiler:
                 import transformers
                 import xgrammar
 
-                hf = transformers.PreTrainedTokenizerFast(tokenizer_object=self._tokenizer.backend)
+                backend = self._tokenizer.backend
+                hf = transformers.PreTrainedTokenizerFast(tokenizer_object=backend)
                 info = xgrammar.TokenizerInfo.from_huggingface(
                     hf, vocab_size=self.mask_vocab_size, stop_token_ids=self._eos or None
                 )
+                # special tokens but the stops are text to xgrammar here, and decoding drops them
+                # (a grammar's "<|im_start|>" came back as ""): as empty strings it never allows them
+                vocab = [""] * self.mask_vocab_size
+                for token, i in hf.get_vocab().items():  # as from_huggingface reads it
+                    if i < self.mask_vocab_size:
+                        vocab[i] = token
+                added = backend.get_added_tokens_decoder().items()
+                special = [i for i, t in added if t.special and i not in self._eos and i < self.mask_vocab_size]
+                if special:
+                    for i in special:
+                        vocab[i] = ""
+                    info = xgrammar.TokenizerInfo.from_vocab_and_metadata(vocab, info.dump_metadata())
                 # no cache of its own (by default unbounded: the process grew with every new
                 # schema); compiled grammars are cached here, _CACHE_SIZE of them
                 self._compiler = xgrammar.GrammarCompiler(info, cache_enabled=False)

@@ -87,6 +87,8 @@ def test_masks_over_the_tokenizers_ids_equal_xgrammars_over_a_padded_vocabulary(
     hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tok.backend)
     info = xgrammar.TokenizerInfo.from_huggingface(hf, vocab_size=vocab, stop_token_ids=sorted(tok.eos_token_ids))
     ref = xgrammar.GrammarMatcher(xgrammar.GrammarCompiler(info).compile_json_schema(schema, any_whitespace=False))
+    added = tok.backend.get_added_tokens_decoder().items()
+    special = [i for i, t in added if t.special and i not in tok.eos_token_ids]
     logits = torch.randn(1, vocab, generator=torch.Generator().manual_seed(1))
     for _ in range(12):  # walk the grammar by the best allowed token
         masks = grammar_masks([(0, ours)], grammars.mask_vocab_size)
@@ -96,6 +98,8 @@ def test_masks_over_the_tokenizers_ids_equal_xgrammars_over_a_padded_vocabulary(
         ref.fill_next_token_bitmask(full, 0)
         want = logits.clone()
         xgrammar.apply_token_bitmask_inplace(want, full, vocab_size=vocab)
+        # special tokens but the stops: never allowed here, text to xgrammar's own tokenizer info
+        want[0, special] = float("-inf")
         assert torch.equal(torch.isinf(got), torch.isinf(want))
         token = int(got.argmax())
         if ours.terminated:
@@ -300,6 +304,34 @@ def test_length_bounded_strings_hold_no_raw_control_characters(engine, kind, lon
     assert not accepts("a") and not accepts("a" * (longest + 1)) and not accepts('a"b')
     for control in ("\x00", "\x17", "\x1f", "\t"):
         assert not accepts("a" + control + "b")
+
+
+def test_special_tokens_other_than_the_stops_are_never_allowed(engine):
+    """A grammar's text may name a special token ("<|im_start|>"); xgrammar took the token for
+    that text, and decoding drops special tokens, so the output lost it (a const came back as
+    ""). The text is still written, by ordinary tokens, and decodes whole."""
+    grammars = engine.local.core.grammars
+    tok = grammars._tokenizer
+    special = tok.backend.token_to_id("<|im_start|>")
+    assert special is not None and special not in tok.eos_token_ids
+    for spec in (
+        GrammarSpec("json", json.dumps({"const": "<|im_start|>"})),
+        GrammarSpec("json", json.dumps({"type": "string"})),
+        GrammarSpec("choice", json.dumps(["<|im_start|>", "x"])),
+    ):
+        matcher = grammars.matcher(grammars.compile(spec))
+        text_ids = []
+        for _ in range(40):
+            masks = grammar_masks([(0, matcher)], grammars.mask_vocab_size)
+            allowed = np.flatnonzero(np.unpackbits(masks.bitmask[0].view(np.uint8), bitorder="little"))
+            assert special not in allowed
+            token = int(allowed[-1] if spec.kind != "choice" else allowed[0])
+            if token in tok.eos_token_ids:
+                break
+            assert matcher.accept(token)
+            text_ids.append(token)
+        if spec.kind != "json" or "const" in spec.source:
+            assert tok.decode(text_ids, True).strip('"') in ("<|im_start|>", "x")
 
 
 def test_no_grammar_is_cached_by_xgrammar(engine):
