@@ -21,7 +21,8 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, FailFast, ValidationError, with_config
 from typing_extensions import NotRequired, TypeAliasType, TypedDict
 
-from raymoe.actors.engine.grammar import GrammarSpec, count_subschemas, unenforced_keywords
+from raymoe.actors.engine.grammar import GrammarSpec
+from raymoe.actors.engine.json_schema import count_subschemas, unenforced_keywords
 from raymoe.actors.engine.request import MAX_LOGIT_BIAS, MAX_LOGPROBS, SamplingParams
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions

@@ -14,7 +14,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-from raymoe.actors.engine.grammar import GrammarSpec, rebuild_schema
+from raymoe.actors.engine.grammar import GrammarSpec
+from raymoe.actors.engine.json_schema import rebuild_schema
 
 
 @dataclass(frozen=True)

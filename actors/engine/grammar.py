@@ -18,16 +18,17 @@ computed while the device runs the forward, so constrained requests run every st
 from __future__ import annotations
 
 import functools
-import itertools
 import json
 import re
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Literal, Sequence
+from typing import Any, Iterable, Literal, Sequence
 
 import numpy as np
+
+from raymoe.actors.engine.json_schema import MAX_SCHEMA_DEPTH, check_schema, check_schema_depth, json_schema_grammar
 
 GrammarKind = Literal["json", "regex", "choice", "ebnf", "tagged_json"]
 _CACHE_SIZE = 256  # compiled grammars kept (a JSON schema's compiled form is ~100 KB-1 MB)
@@ -59,154 +60,6 @@ class GrammarSpec:
             raise ValueError(f"{self.field}: unknown grammar kind {self.kind!r}")
         if len(self.source) > MAX_GRAMMAR_CHARS:
             raise ValueError(f"{self.field}: at most {MAX_GRAMMAR_CHARS} characters of schema or grammar")
-
-
-# JSON schema keywords xgrammar (0.2.9) compiles without enforcing them (or, `contains`, while
-# refusing valid arrays), found by compiling a schema with each and testing an instance that
-# breaks it: a request using them would get output its schema rejects.
-_UNENFORCED = (
-    "not", "if", "then", "else", "dependentRequired", "dependentSchemas", "contains", "minContains", "maxContains"
-)  # fmt: skip
-_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
-_SUBSCHEMAS = (
-    "additionalProperties", "items", "contains", "not", "if", "then", "else", "propertyNames", "additionalItems",
-    "unevaluatedProperties", "unevaluatedItems",
-)  # fmt: skip
-_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems", "items")  # items: a schema, or a list of them
-
-
-MAX_SCHEMA_DEPTH = 64  # subschemas within subschemas (OpenAI's strict mode allows 10)
-
-
-def _subschemas(schema: Any):
-    """Every schema object in ``schema`` (itself included) with its depth, walked without
-    recursion (a hostile schema may nest thousands deep)."""
-    stack = [(schema, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if not isinstance(node, dict):
-            continue
-        yield node, depth
-        for key in _SUBSCHEMA_MAPS:
-            if isinstance(node.get(key), dict):
-                stack.extend((sub, depth + 1) for sub in node[key].values())
-        for key in _SUBSCHEMAS:
-            stack.append((node.get(key), depth + 1))
-        for key in _SUBSCHEMA_LISTS:
-            if isinstance(node.get(key), list):
-                stack.extend((sub, depth + 1) for sub in node[key])
-
-
-def rebuild_schema(schema: Any, node_fn: Callable[[dict], dict]) -> Any:
-    """A copy of ``schema`` with ``node_fn`` applied to each schema object in it, children
-    first, at the positions _subschemas walks (not inside values such as ``const`` or
-    ``enum``). Recursive: the caller bounds the depth."""
-    if not isinstance(schema, dict):
-        return schema
-    out = dict(schema)
-    for key in _SUBSCHEMA_MAPS:
-        if isinstance(out.get(key), dict):
-            out[key] = {name: rebuild_schema(sub, node_fn) for name, sub in out[key].items()}
-    for key in _SUBSCHEMAS:
-        if isinstance(out.get(key), dict):
-            out[key] = rebuild_schema(out[key], node_fn)
-    for key in _SUBSCHEMA_LISTS:
-        if isinstance(out.get(key), list):
-            out[key] = [rebuild_schema(sub, node_fn) for sub in out[key]]
-    return node_fn(out)
-
-
-def count_subschemas(schema: Any, limit: int) -> int:
-    """The schema objects in ``schema`` (itself included), counted up to ``limit`` + 1."""
-    return sum(1 for _ in itertools.islice(_subschemas(schema), limit + 1))
-
-
-def unenforced_keywords(schema: Any) -> list[str]:
-    """The keywords of a JSON schema (its subschemas included) that compile but are not
-    enforced, sorted; property names are names, not keywords."""
-    found: set[str] = set()
-    for node, _ in _subschemas(schema):
-        found.update(k for k in _UNENFORCED if k in node)
-        if node.get("uniqueItems") is True:
-            found.add("uniqueItems")
-        if "multipleOf" in node and node.get("type") not in ("integer", ["integer"]):
-            found.add("multipleOf (but of integers)")
-        ref = node.get("$ref")
-        if isinstance(ref, str) and ref != "#" and not ref.startswith("#/"):
-            found.add("$ref (to another document or an $anchor)")
-        if ("minLength" in node or "maxLength" in node) and ("pattern" in node or "format" in node):
-            found.add("minLength/maxLength (with a pattern or format)")
-        if isinstance(node.get("allOf"), list) and len(node["allOf"]) > 1:
-            found.add("allOf (of more than one schema)")
-        # an object schema without ``properties`` lets {} through whatever it requires (a lone
-        # {"required": [...]}, as in a single allOf, adds to its parent's, which is enforced)
-        if node.get("type") == "object" and "properties" not in node and node.get("required"):
-            found.add("required (without properties)")
-        # xgrammar compiles a pattern's lookaround as if it were not there (a regex grammar refuses it)
-        names = node.get("patternProperties")
-        patterns = [node.get("pattern"), *(names if isinstance(names, dict) else ())]
-        if any(isinstance(p, str) and _has_lookaround(p) for p in patterns):
-            found.add("pattern (with a lookahead or lookbehind)")
-    return sorted(found)
-
-
-# xgrammar (0.2.9) writes a string with minLength/maxLength as a count of these characters,
-# which include U+0000-U+001F: a JSON string cannot hold them raw (invalid JSON); a plain
-# string's characters exclude them. Its grammar's text has the class replaced.
-_BOUNDED_STRING_CHARS = r"[^\"\\\r\n]"
-_JSON_STRING_CHARS = r"[^\0-\x1f\"\\]"
-
-
-def json_schema_grammar(schema: str) -> Any:
-    """xgrammar's grammar of a JSON schema without free whitespace (a model cannot pad its
-    output with spaces forever), length-bounded strings held to JSON's characters."""
-    from xgrammar import Grammar
-
-    grammar = Grammar.from_json_schema(schema, any_whitespace=False)
-    text = str(grammar)
-    return (
-        Grammar.from_ebnf(text.replace(_BOUNDED_STRING_CHARS, _JSON_STRING_CHARS))
-        if _BOUNDED_STRING_CHARS in text
-        else grammar
-    )
-
-
-def _has_lookaround(pattern: str) -> bool:
-    """Whether the regex has a group (?=, (?!, (?<= or (?<!, outside escapes and
-    character classes (``\\(?=`` is an optional "(" then "=")."""
-    i, in_class = 0, False
-    while i < len(pattern):
-        c = pattern[i]
-        if c == "\\":
-            i += 2
-            continue
-        if in_class:
-            in_class = c != "]"
-        elif c == "[":  # ECMA-262's classes, as JSON Schema's: "[]" is empty, a "]" always ends one
-            in_class = True
-        elif c == "(" and pattern.startswith(("?=", "?!", "?<=", "?<!"), i + 1):
-            return True
-        i += 1
-    return False
-
-
-def check_schema_depth(schema: Any, field: str) -> None:
-    """ValueError naming ``field`` when the schema nests past MAX_SCHEMA_DEPTH (xgrammar
-    compiles deep schemas for minutes)."""
-    if max((depth for _, depth in _subschemas(schema)), default=0) > MAX_SCHEMA_DEPTH:
-        raise ValueError(f"{field}: the schema nests deeper than {MAX_SCHEMA_DEPTH} levels")
-
-
-def check_schema(schema: Any, field: str) -> None:
-    """check_schema_depth, and ValueError naming ``field`` when the schema uses keywords
-    structured output does not enforce."""
-    check_schema_depth(schema, field)
-    unenforced = unenforced_keywords(schema)
-    if unenforced:
-        raise ValueError(
-            f"{field}: the schema uses JSON schema keywords that structured output does not enforce: "
-            f"{', '.join(unenforced)}; describe the output without them"
-        )
 
 
 def _json_or_none(text: str, field: str) -> Any:

@@ -20,7 +20,8 @@ from test_engine_local import _engine as local_engine
 from test_engine_local import _pipelined, _run
 
 from raymoe.actors.engine.async_engine import AsyncEngine
-from raymoe.actors.engine.grammar import MAX_SCHEMA_DEPTH, GrammarSpec, bitmask_words, grammar_masks
+from raymoe.actors.engine.grammar import GrammarSpec, bitmask_words, grammar_masks
+from raymoe.actors.engine.json_schema import MAX_SCHEMA_DEPTH
 from raymoe.actors.engine.request import SamplingParams
 from raymoe.actors.engine.sampler import apply_token_bitmask
 from raymoe.deploy.engine_client import EngineClient, RequestRejected
@@ -246,40 +247,120 @@ def test_preempted_constrained_requests_resume_their_grammar(pipelined):
     assert sum(r["reason"] == "stop" for r in tight.values()) >= 3
 
 
-# (schema, an instance it rejects): xgrammar compiles each and accepts the instance anyway
+# (keyword as refused, schema, an instance it rejects or invalid JSON): xgrammar compiles each
+# and accepts the instance anyway
 AB = {"a": {"type": "integer"}, "b": {"type": "integer"}}
-UNENFORCED = {
-    "not": ({"not": {"type": "string"}}, '"a"'),
-    "allOf (of more than one schema)": ({"allOf": [{"type": "integer"}, {"minimum": 5}]}, "1"),
-    "if": (
+INT = {"I": {"type": "integer"}}
+UNENFORCED = [
+    ("not", {"not": {"type": "string"}}, '"a"'),
+    ("allOf (of more than one schema)", {"allOf": [{"type": "integer"}, {"minimum": 5}]}, "1"),
+    (
+        "if",
         {"type": "object", "properties": AB, "if": {"properties": {"a": {"const": 1}}}, "then": {"required": ["b"]}},
         '{"a": 1}',
     ),
-    "uniqueItems": ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, "[1, 1]"),
-    "dependentRequired": ({"type": "object", "properties": AB, "dependentRequired": {"a": ["b"]}}, '{"a": 1}'),
-    "multipleOf (but of integers)": ({"type": "number", "multipleOf": 0.5}, "0.3"),
-    "$ref (to another document or an $anchor)": ({"$ref": "https://example.com/integer.json"}, '"a"'),
-    "required (without properties)": ({"type": "object", "required": ["a"]}, "{}"),
-    "pattern (with a lookahead or lookbehind)": ({"type": "string", "pattern": "^(?!x)[a-z]$"}, '"x"'),
-    "minLength/maxLength (with a pattern or format)": ({"type": "string", "pattern": "^a+$", "maxLength": 3}, '"aaaa"'),
-}
+    ("uniqueItems", {"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, "[1, 1]"),
+    ("dependentRequired", {"type": "object", "properties": AB, "dependentRequired": {"a": ["b"]}}, '{"a": 1}'),
+    ("multipleOf (but of integers, with both bounds or none)", {"type": "number", "multipleOf": 0.5}, "0.3"),
+    (
+        "multipleOf (but of integers, with both bounds or none)",
+        {"type": "integer", "minimum": 0, "multipleOf": 3},
+        "50",
+    ),
+    ("multipleOf (but of integers, with both bounds or none)", {"type": "integer", "multipleOf": 2.5}, "3"),
+    ("$ref (to another document or an $anchor)", {"$ref": "https://example.com/integer.json"}, '"a"'),
+    ("required (of a name not in properties)", {"type": "object", "required": ["a"]}, "{}"),
+    ("required (of a name not in properties)", {"type": "object", "properties": {}, "required": ["zz"]}, "{}"),
+    (
+        "required (of a name not in properties)",
+        {"type": "object", "properties": AB, "required": ["a", "c"]},
+        '{"a": 1}',
+    ),
+    ("pattern (with a lookahead or lookbehind)", {"type": "string", "pattern": "^(?!x)[a-z]$"}, '"x"'),
+    ("minLength/maxLength (with a pattern or format)", {"type": "string", "pattern": "^a+$", "maxLength": 3}, '"aaaa"'),
+    ("$ref (beside maximum)", {"$defs": INT, "$ref": "#/$defs/I", "maximum": 3}, "7"),
+    ("anyOf (beside maximum)", {"anyOf": [{"type": "integer"}], "maximum": 3}, "7"),
+    ("allOf (beside properties, required)", {"allOf": [{"type": "object"}], "properties": AB, "required": ["a"]}, "{}"),
+    ("enum/const (with values its type excludes)", {"type": "string", "enum": ["a", 3]}, "3"),
+    ("enum/const (with values its type excludes)", {"type": "object", "const": 1}, "1"),
+    ("enum/const (beside other constraints)", {"enum": [1, 2], "minimum": 2}, "1"),
+    ("maximum (without a type)", {"maximum": 3}, "7"),
+    ("maxLength, pattern (without a type)", {"pattern": "^a+$", "maxLength": 2}, '"b"'),
+    (
+        "propertyNames",
+        {"type": "object", "additionalProperties": False, "propertyNames": {"pattern": "^[a-z]+$"}},
+        '{"ab": 1}',
+    ),
+    (
+        "patternProperties (matching a name in properties)",
+        {"type": "object", "properties": {"a": {"type": "array"}}, "patternProperties": {".": {"type": "number"}}},
+        '{"a": []}',
+    ),
+    (
+        "minProperties (where other names are allowed: a name may repeat)",
+        {"type": "object", "additionalProperties": {"type": "integer"}, "minProperties": 2},
+        '{"k": 1, "k": 2}',
+    ),
+    ("format idn-email", {"type": "string", "format": "idn-email"}, '"zzz"'),
+    ("pattern (naming a quote, backslash or control character)", {"type": "string", "pattern": "^a\\nb$"}, '"a\nb"'),
+    ("pattern (naming a quote, backslash or control character)", {"type": "string", "pattern": '^a"b$'}, '"a"b"'),
+    ("pattern (naming a quote, backslash or control character)", {"type": "string", "pattern": "^[\\t]$"}, '"\t"'),
+    ("pattern (naming a quote, backslash or control character)", {"type": "string", "pattern": "^\\\\$"}, '"\\"'),
+    ("pattern (naming a quote, backslash or control character)", {"type": "string", "pattern": "^\\u0001$"}, '"\x01"'),
+]
 
 
-@pytest.mark.parametrize("keyword", list(UNENFORCED))
-def test_schema_keywords_xgrammar_does_not_enforce_are_refused_naming_the_field(engine, keyword):
+@pytest.mark.parametrize(
+    "keyword,schema,breaking", UNENFORCED, ids=[f"{k}-{i}" for i, (k, _, _) in enumerate(UNENFORCED)]
+)
+def test_schema_keywords_xgrammar_does_not_enforce_are_refused_naming_the_field(engine, keyword, schema, breaking):
     """The refusal list holds only what the installed xgrammar really lets through: if a new
-    version enforces a keyword, the first assert says to take it off the list."""
+    version enforces a keyword, the first assert says to take it off the list. (A pattern naming
+    a quote, backslash or control character: xgrammar writes it raw, and the output is not JSON.)"""
     import xgrammar
     from xgrammar.testing import _is_grammar_accept_string
 
-    schema, breaking = UNENFORCED[keyword]
     nested = {"type": "object", "properties": {"not": {"type": "integer"}, "x": schema}}  # "not": a name
     assert _is_grammar_accept_string(xgrammar.Grammar.from_json_schema(json.dumps(schema)), breaking)
+    try:
+        instance = json.loads(breaking)
+    except ValueError:
+        assert keyword.startswith("pattern (naming"), "only these let invalid JSON through"
+    else:
+        if "$ref (to another" not in keyword:  # not resolvable here
+            validator = jsonschema.Draft202012Validator(
+                schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER
+            )
+            assert not validator.is_valid(instance), "the instance breaks the schema"
     for s in (schema, nested):
         spec = GrammarSpec("json", json.dumps(s), "structured_outputs.json")
         with pytest.raises(ValueError, match=rf"^structured_outputs\.json: .*does not enforce: .*{re.escape(keyword)}"):
             engine.local.core.add_request("bad", [5, 6], SamplingParams(grammar=spec))
     assert not engine.local.core.has_unfinished
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"type": "string", "enum": ["a", "b"]},
+        {"type": ["integer", "null"], "enum": [1, None]},
+        {"type": "number", "const": 2},
+        {"anyOf": [{"$ref": "#/$defs/I"}, {"type": "null"}], "default": None, "description": "d", "$defs": INT},
+        {"type": "integer", "minimum": 0, "maximum": 30, "multipleOf": 3},
+        {"type": "integer", "multipleOf": 3},
+        {"type": "object", "properties": AB, "required": ["a"], "additionalProperties": False, "minProperties": 1},
+        {"type": "object", "properties": {"a": {}}, "patternProperties": {"^x_": {"type": "integer"}}},
+        {"type": "string", "pattern": '^[^"\\\\\\n]*$'},
+        {"type": "string", "pattern": "^\\d{3}-[a-z]+\\.\\w*$"},
+        {"type": "string", "format": "date-time"},
+        {"properties": {"a": {"type": "integer"}}, "required": ["a"]},
+    ],
+)
+def test_schemas_as_pydantic_and_people_write_them_compile(engine, schema):
+    """What the refusals above must not catch: pydantic's shapes (enums, optional refs with
+    annotations), bounded multiples, fixed or patterned names apart from the properties', a
+    negated class holding a quote or backslash, escapes of ordinary characters."""
+    assert engine.local.core.grammars.compile(GrammarSpec("json", json.dumps(schema))) is not None
 
 
 @pytest.mark.parametrize("kind", ["json", "tagged_json"])
@@ -349,7 +430,7 @@ def test_a_ref_to_an_anchor_is_refused_as_unenforced():
     import xgrammar
     from xgrammar.testing import _is_grammar_accept_string
 
-    from raymoe.actors.engine.grammar import unenforced_keywords
+    from raymoe.actors.engine.json_schema import unenforced_keywords
 
     schema = {"$defs": {"I": {"$anchor": "i", "type": "integer"}}, "$ref": "#i"}
     assert _is_grammar_accept_string(xgrammar.Grammar.from_json_schema(json.dumps(schema)), '"a"')
@@ -359,7 +440,7 @@ def test_a_ref_to_an_anchor_is_refused_as_unenforced():
 
 
 def test_lookarounds_are_found_in_patterns_and_pattern_property_names():
-    from raymoe.actors.engine.grammar import unenforced_keywords
+    from raymoe.actors.engine.json_schema import unenforced_keywords
 
     lookaround = ["pattern (with a lookahead or lookbehind)"]
     assert unenforced_keywords({"type": "object", "patternProperties": {"^(?<!x)y$": {}}}) == lookaround
@@ -387,10 +468,10 @@ def test_enforced_keywords_and_property_names_like_keywords_compile(engine):
     schema = {
         "type": "object",
         "properties": {
-            "not": {"type": "integer", "minimum": 3, "multipleOf": 3},
+            "not": {"type": "integer", "minimum": 3, "maximum": 30, "multipleOf": 3},
             "if": {"type": "string", "pattern": "^a+$"},
         },
-        "allOf": [{"required": ["not"]}],
+        "required": ["not"],
         "additionalProperties": False,
     }
     assert engine.local.core.grammars.compile(GrammarSpec("json", json.dumps(schema))) is not None

@@ -222,7 +222,7 @@ def test_forced_call_keeps_anchor_refs_and_values_that_look_like_refs(compiler):
     """The tool's schema moves under the call's $defs: a ref to an $anchor ("#int") and a
     "$ref" key in a const or enum value are not rewritten (they were, to "#/$defs/tool0int", a
     400, and into the values themselves). xgrammar reads "#int" as any value, as it does in a
-    response_format; strict tools refuse it (grammar.unenforced_keywords)."""
+    response_format; strict tools refuse it (json_schema.unenforced_keywords)."""
     compiled = compiler.compile(P.forced_call([ANCHORED], "pick"))
 
     def accepts(arguments: str) -> bool:

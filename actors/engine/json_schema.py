@@ -1,0 +1,268 @@
+"""JSON schemas for structured output: walking their subschemas, the keywords xgrammar
+(0.2.9) compiles without enforcing (refused by name, as the output would not match), and the
+grammar of a schema with xgrammar's length-bounded strings held to JSON's characters."""
+
+from __future__ import annotations
+
+import itertools
+import re
+from typing import Any, Callable, Iterator
+
+# JSON schema keywords xgrammar (0.2.9) compiles without enforcing them (or, `contains`, while
+# refusing valid arrays), found by compiling a schema with each and testing an instance that
+# breaks it: a request using them would get output its schema rejects.
+_UNENFORCED = (
+    "not", "if", "then", "else", "dependentRequired", "dependentSchemas", "contains", "minContains", "maxContains",
+    "propertyNames",
+)  # fmt: skip
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SUBSCHEMAS = (
+    "additionalProperties", "items", "contains", "not", "if", "then", "else", "propertyNames", "additionalItems",
+    "unevaluatedProperties", "unevaluatedItems",
+)  # fmt: skip
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems", "items")  # items: a schema, or a list of them
+
+# constraints a node's $ref or combinator drops, and those that need a type to be enforced
+_CONSTRAINTS = frozenset(
+    {
+        "type", "enum", "const", "properties", "required", "additionalProperties", "patternProperties",
+        "items", "prefixItems", "minItems", "maxItems", "minimum", "maximum", "exclusiveMinimum",
+        "exclusiveMaximum", "multipleOf", "minLength", "maxLength", "pattern", "format", "minProperties",
+        "maxProperties",
+    }
+)  # fmt: skip
+_TYPED = frozenset(
+    {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "minLength", "maxLength",
+     "pattern", "format", "minItems", "maxItems", "minProperties", "maxProperties"}
+)  # fmt: skip
+# formats of JSON schema that xgrammar compiles as any string
+_UNENFORCED_FORMATS = frozenset({"idn-email", "idn-hostname", "iri", "iri-reference", "regex"})
+# a regex escape's character code: the ones a JSON string cannot hold raw
+_ESCAPED_CODES = {"n": 0x0A, "r": 0x0D, "t": 0x09, "f": 0x0C, "v": 0x0B, "0": 0x00, "\\": 0x5C, '"': 0x22}
+
+
+MAX_SCHEMA_DEPTH = 64  # subschemas within subschemas (OpenAI's strict mode allows 10)
+
+
+def _subschemas(schema: Any):
+    """Every schema object in ``schema`` (itself included) with its depth, walked without
+    recursion (a hostile schema may nest thousands deep)."""
+    stack = [(schema, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if not isinstance(node, dict):
+            continue
+        yield node, depth
+        for key in _SUBSCHEMA_MAPS:
+            if isinstance(node.get(key), dict):
+                stack.extend((sub, depth + 1) for sub in node[key].values())
+        for key in _SUBSCHEMAS:
+            stack.append((node.get(key), depth + 1))
+        for key in _SUBSCHEMA_LISTS:
+            if isinstance(node.get(key), list):
+                stack.extend((sub, depth + 1) for sub in node[key])
+
+
+def rebuild_schema(schema: Any, node_fn: Callable[[dict], dict]) -> Any:
+    """A copy of ``schema`` with ``node_fn`` applied to each schema object in it, children
+    first, at the positions _subschemas walks (not inside values such as ``const`` or
+    ``enum``). Recursive: the caller bounds the depth."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: rebuild_schema(sub, node_fn) for name, sub in out[key].items()}
+    for key in _SUBSCHEMAS:
+        if isinstance(out.get(key), dict):
+            out[key] = rebuild_schema(out[key], node_fn)
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [rebuild_schema(sub, node_fn) for sub in out[key]]
+    return node_fn(out)
+
+
+def count_subschemas(schema: Any, limit: int) -> int:
+    """The schema objects in ``schema`` (itself included), counted up to ``limit`` + 1."""
+    return sum(1 for _ in itertools.islice(_subschemas(schema), limit + 1))
+
+
+def unenforced_keywords(schema: Any) -> list[str]:
+    """The keywords of a JSON schema (its subschemas included) that compile but are not
+    enforced, or that let invalid JSON through, sorted; property names are names, not keywords."""
+    found: set[str] = set()
+    for node, _ in _subschemas(schema):
+        found.update(k for k in _UNENFORCED if k in node)
+        found.update(_unenforced_in(node))
+    return sorted(found)
+
+
+def _unenforced_in(node: dict) -> Iterator[str]:
+    """unenforced_keywords of one schema object, its subschemas aside."""
+    if node.get("uniqueItems") is True:
+        yield "uniqueItems"
+    ref = node.get("$ref")
+    if isinstance(ref, str) and ref != "#" and not ref.startswith("#/"):
+        yield "$ref (to another document or an $anchor)"
+    if isinstance(node.get("allOf"), list) and len(node["allOf"]) > 1:
+        yield "allOf (of more than one schema)"
+    constraints = _CONSTRAINTS.intersection(node)
+    # a $ref or a combinator takes the node's place: its other constraints are dropped
+    for combinator in ("$ref", "anyOf", "oneOf", "allOf"):
+        if combinator in node and constraints:
+            yield f"{combinator} (beside {', '.join(sorted(constraints))})"
+    values = [node["const"]] if "const" in node else node["enum"] if isinstance(node.get("enum"), list) else None
+    if values is not None:  # a const or an enum is written as its values alone
+        if constraints - {"type", "enum", "const"}:
+            yield "enum/const (beside other constraints)"
+        types = node.get("type")
+        allowed = {types} if isinstance(types, str) else set(types) if isinstance(types, list) else None
+        if allowed is not None and not all(_json_types(v) & allowed for v in values):
+            yield "enum/const (with values its type excludes)"
+    elif "type" not in node and not {"$ref", "anyOf", "oneOf", "allOf"}.intersection(node):
+        untyped = sorted(_TYPED.intersection(node))
+        if untyped:
+            yield f"{', '.join(untyped)} (without a type)"
+    required, properties = node.get("required"), node.get("properties")
+    names = properties if isinstance(properties, dict) else {}
+    if isinstance(required, list) and any(name not in names for name in required):
+        yield "required (of a name not in properties)"
+    if "multipleOf" in node and not _whole_multiple(node):
+        yield "multipleOf (but of integers, with both bounds or none)"
+    if ("minLength" in node or "maxLength" in node) and ("pattern" in node or "format" in node):
+        yield "minLength/maxLength (with a pattern or format)"
+    if node.get("format") in _UNENFORCED_FORMATS:
+        yield f"format {node['format']}"
+    if "minProperties" in node and (node.get("additionalProperties") is not False or "patternProperties" in node):
+        yield "minProperties (where other names are allowed: a name may repeat)"
+    pattern_names = node.get("patternProperties")
+    if isinstance(pattern_names, dict) and any(_search(pattern, name) for pattern in pattern_names for name in names):
+        yield "patternProperties (matching a name in properties)"
+    patterns = [node.get("pattern"), *(pattern_names if isinstance(pattern_names, dict) else ())]
+    patterns = [p for p in patterns if isinstance(p, str)]
+    # xgrammar compiles a pattern's lookaround as if it were not there (a regex grammar refuses it)
+    if any(_has_lookaround(p) for p in patterns):
+        yield "pattern (with a lookahead or lookbehind)"
+    # ... and writes a quote, backslash or control character a pattern names as is: invalid JSON
+    if any(_names_raw_json_char(p) for p in patterns):
+        yield "pattern (naming a quote, backslash or control character)"
+
+
+def _json_types(value: Any) -> set[str]:
+    if isinstance(value, bool):
+        return {"boolean"}
+    if isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
+        return {"integer", "number"}
+    return {float: {"number"}, str: {"string"}, type(None): {"null"}, list: {"array"}, dict: {"object"}}.get(
+        type(value), set()
+    )
+
+
+def _whole_multiple(node: dict) -> bool:
+    """A multipleOf xgrammar enforces: a whole number on integers, bounded on both sides or neither."""
+    step = node["multipleOf"]
+    lower = "minimum" in node or "exclusiveMinimum" in node
+    upper = "maximum" in node or "exclusiveMaximum" in node
+    whole = type(step) is int and step > 0
+    return node.get("type") in ("integer", ["integer"]) and whole and lower == upper
+
+
+def _search(pattern: str, name: str) -> bool:
+    try:
+        return re.search(pattern, name) is not None
+    except re.error:  # a pattern Python reads otherwise: xgrammar's compile judges it
+        return False
+
+
+def _names_raw_json_char(pattern: str) -> bool:
+    """Whether the regex names a character xgrammar writes raw where a JSON string holds it only
+    escaped: a backslash or U+0000-U+001F outside a negated class, a quote outside any class (a
+    class drops it)."""
+    i, in_class, negated = 0, False, False
+    while i < len(pattern):
+        c = pattern[i]
+        code = _escaped_code(pattern, i) if c == "\\" else ord(c) if c == '"' or ord(c) < 0x20 else None
+        if code is not None and not (in_class and (negated or code == 0x22)) and (code < 0x20 or code in (0x22, 0x5C)):
+            return True
+        if c == "\\":
+            i += 2
+            continue
+        if in_class:
+            in_class = c != "]"
+        elif c == "[":
+            in_class, negated = True, pattern.startswith("^", i + 1)
+        i += 1
+    return False
+
+
+def _escaped_code(pattern: str, at: int) -> int | None:
+    """The character code of the regex escape at ``at`` where it names one (``\\n``, ``\\x1f``,
+    ``\\u0022``, ``\\u{5c}``, ``\\cJ``, ``\\\\``), else None."""
+    escape = pattern[at + 1 : at + 2]
+    if escape in ("x", "u"):
+        digits = re.match(r"\{([0-9a-fA-F]{1,6})\}|([0-9a-fA-F]{2,4})", pattern[at + 2 :])
+        if not digits:
+            return None
+        return int(digits.group(1) or digits.group(2)[: 2 if escape == "x" else 4], 16)
+    if escape == "c":
+        return 0x01  # a control character, whichever letter
+    return _ESCAPED_CODES.get(escape)
+
+
+# xgrammar (0.2.9) writes a string with minLength/maxLength as a count of these characters,
+# which include U+0000-U+001F: a JSON string cannot hold them raw (invalid JSON); a plain
+# string's characters exclude them. Its grammar's text has the class replaced.
+_BOUNDED_STRING_CHARS = r"[^\"\\\r\n]"
+_JSON_STRING_CHARS = r"[^\0-\x1f\"\\]"
+
+
+def json_schema_grammar(schema: str) -> Any:
+    """xgrammar's grammar of a JSON schema without free whitespace (a model cannot pad its
+    output with spaces forever), length-bounded strings held to JSON's characters."""
+    from xgrammar import Grammar
+
+    grammar = Grammar.from_json_schema(schema, any_whitespace=False)
+    text = str(grammar)
+    return (
+        Grammar.from_ebnf(text.replace(_BOUNDED_STRING_CHARS, _JSON_STRING_CHARS))
+        if _BOUNDED_STRING_CHARS in text
+        else grammar
+    )
+
+
+def _has_lookaround(pattern: str) -> bool:
+    """Whether the regex has a group (?=, (?!, (?<= or (?<!, outside escapes and
+    character classes (``\\(?=`` is an optional "(" then "=")."""
+    i, in_class = 0, False
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\":
+            i += 2
+            continue
+        if in_class:
+            in_class = c != "]"
+        elif c == "[":  # ECMA-262's classes, as JSON Schema's: "[]" is empty, a "]" always ends one
+            in_class = True
+        elif c == "(" and pattern.startswith(("?=", "?!", "?<=", "?<!"), i + 1):
+            return True
+        i += 1
+    return False
+
+
+def check_schema_depth(schema: Any, field: str) -> None:
+    """ValueError naming ``field`` when the schema nests past MAX_SCHEMA_DEPTH (xgrammar
+    compiles deep schemas for minutes)."""
+    if max((depth for _, depth in _subschemas(schema)), default=0) > MAX_SCHEMA_DEPTH:
+        raise ValueError(f"{field}: the schema nests deeper than {MAX_SCHEMA_DEPTH} levels")
+
+
+def check_schema(schema: Any, field: str) -> None:
+    """check_schema_depth, and ValueError naming ``field`` when the schema uses keywords
+    structured output does not enforce."""
+    check_schema_depth(schema, field)
+    unenforced = unenforced_keywords(schema)
+    if unenforced:
+        raise ValueError(
+            f"{field}: the schema uses JSON schema keywords that structured output does not enforce: "
+            f"{', '.join(unenforced)}; describe the output without them"
+        )
