@@ -72,6 +72,25 @@ def _json_or_none(text: str, field: str) -> Any:
         return None
 
 
+def _dot_without_newline(regex: str) -> str:
+    """``regex`` with each "." that matches any character as "[^\\n]": xgrammar's "." also
+    matches a newline, Python's and ECMA-262's do not."""
+    out, i, in_class = [], 0, False
+    while i < len(regex):
+        c = regex[i]
+        if c == "\\":
+            out.append(regex[i : i + 2])
+            i += 2
+            continue
+        if in_class:
+            in_class = c != "]"
+        elif c == "[":
+            in_class = True
+        out.append("[^\\n]" if c == "." and not in_class else c)
+        i += 1
+    return "".join(out)
+
+
 def choice_grammar(choices: Sequence[str]) -> str:
     """EBNF accepting exactly one of ``choices`` (JSON string escapes are EBNF's)."""
     return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
@@ -167,7 +186,7 @@ class GrammarCompiler:
             if spec.kind == "json":
                 compiled = c.compile_grammar(json_schema_grammar(spec.source or json.dumps({"type": "object"})))
             elif spec.kind == "regex":
-                compiled = c.compile_regex(spec.source)
+                compiled = c.compile_regex(_dot_without_newline(spec.source))
             elif spec.kind == "choice":
                 compiled = c.compile_grammar(choice_grammar(json.loads(spec.source)))
             elif spec.kind == "tagged_json":

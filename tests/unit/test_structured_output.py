@@ -169,6 +169,26 @@ def test_json_object_regex_choice_and_grammar(engine):
     assert re.fullmatch(r"\([1-9][0-9]?(\+[1-9][0-9]?)*\)", out["ebnf"]["text"])
 
 
+@pytest.mark.parametrize(
+    "regex,texts",
+    [
+        ("^.{2,4}$", {"abc": True, "a.b": True, "a\nb": False, "a": False}),
+        ("a\\.b", {"a.b": True, "axb": False}),
+        ("[.]x", {".x": True, "yx": False}),
+        ("<tool_call>.*", {"<tool_call>{}": True, "<tool_call>\n{}": False}),
+    ],
+)
+def test_a_regex_dot_matches_no_newline(engine, regex, texts):
+    """xgrammar's "." matched a newline too, where Python's and ECMA-262's do not."""
+    grammars = engine.local.core.grammars
+    compiled = grammars.compile(GrammarSpec("regex", regex, "structured_outputs.regex"))
+    stop = sorted(grammars._tokenizer.eos_token_ids)[0]
+    for text, matches in texts.items():
+        matcher = xgrammar.GrammarMatcher(compiled)
+        whole = matcher.accept_string(text) and matcher.accept_token(stop)  # the text, then its end
+        assert whole == matches == bool(re.fullmatch(regex, text)), text
+
+
 def test_pipelined_steps_give_the_same_constrained_output_running_every_step(engine):
     """Under pipelining a constrained request's step goes out before its last token is back
     and gets its masks with the next call (``grammar_late``): same tokens as plain steps,
