@@ -226,10 +226,7 @@ def test_a_planner_that_fails_ends_its_rebalance_not_the_engine():
             failed.result()
         assert "planning failed" in manager.status["skipped"] and not manager.busy
         assert "start_expert_moves" not in ranks.calls and torch.equal(manager.physical_to_logical, before)
-        again = manager.request(_skewed_physical_load()[:, :EXPERTS])
-        await _steps_until(manager, lambda: manager.status["rebalances"] == 1)
-        assert again.exception() is None and "skipped" not in manager.status
-        assert not torch.equal(manager.physical_to_logical, before)
+        await _next_rebalance_moves(manager, before)
 
     asyncio.run(main())
 
@@ -259,8 +256,14 @@ def test_a_plan_made_after_its_request_gave_up_is_dropped():
         await _steps_until(manager, lambda: not manager.busy)
         assert manager.status["skipped"] == GAVE_UP and manager.last_plan is None
         assert "start_expert_moves" not in ranks.calls and torch.equal(manager.physical_to_logical, before)
-        again = manager.request(_skewed_physical_load()[:, :EXPERTS])
-        await _steps_until(manager, lambda: manager.status["rebalances"] == 1)
-        assert again.exception() is None and not torch.equal(manager.physical_to_logical, before)
+        await _next_rebalance_moves(manager, before)
 
     asyncio.run(main())
+
+
+async def _next_rebalance_moves(manager: EplbManager, before: torch.Tensor) -> None:
+    """After a skipped rebalance: the next request plans and moves the experts."""
+    again = manager.request(_skewed_physical_load()[:, :EXPERTS])
+    await _steps_until(manager, lambda: manager.status["rebalances"] == 1)
+    assert again.exception() is None and "skipped" not in manager.status
+    assert not torch.equal(manager.physical_to_logical, before)

@@ -98,15 +98,8 @@ def test_an_end_tag_inside_the_arguments_does_not_end_the_call(piece):
     content with no call."""
     args = {"s": "a </tool_call> b", "t": ["}", '"]"', "\\"]}
     text = "<tool_call>\n" + json.dumps({"name": "f", "arguments": args}) + "\n</tool_call> after"
-    if piece is None:
-        content, calls = split_tool_calls(P, text)
-    else:
-        stream, content, calls = ToolCallStream(P), "", []
-        for at in range(0, len(text), piece):
-            c, new = stream.add(text[at : at + piece])
-            content, calls = content + c, calls + new
-        content = (content + stream.finish()[0]).strip()
-    assert content == "after" and [(c.name, json.loads(c.arguments)) for c in calls] == [("f", args)]
+    content, calls = _split(text, piece)
+    assert content.strip() == "after" and [(c.name, json.loads(c.arguments)) for c in calls] == [("f", args)]
 
 
 def test_forced_call_with_an_end_tag_in_an_argument_parses(compiler):
@@ -122,15 +115,19 @@ def test_a_short_call_after_long_content_is_found(piece):
     """The end tag is searched for from where the call's text starts, whatever came before it
     (whole, or streamed in pieces of ``piece`` characters)."""
     text = "x" * 200 + '<tool_call>{"name": "now", "arguments": {}}</tool_call> y'
-    if piece is None:
-        content, calls = split_tool_calls(P, text)
-    else:
-        stream, content, calls = ToolCallStream(P), "", []
-        for at in range(0, len(text), piece):
-            c, new = stream.add(text[at : at + piece])
-            content, calls = content + c, calls + new
-        content += stream.finish()[0]
+    content, calls = _split(text, piece)
     assert (content, [c.name for c in calls]) == ("x" * 200 + " y", ["now"])
+
+
+def _split(text: str, piece: int | None) -> tuple[str, list]:
+    """split_tool_calls of the whole text (piece None), or the text streamed in pieces."""
+    if piece is None:
+        return split_tool_calls(P, text)
+    stream, content, calls = ToolCallStream(P), "", []
+    for at in range(0, len(text), piece):
+        c, new = stream.add(text[at : at + piece])
+        content, calls = content + c, calls + new
+    return content + stream.finish()[0], calls
 
 
 def test_an_unclosed_call_ends_as_content():
