@@ -261,6 +261,8 @@ class AsyncEngine:
         return None
 
     def _start(self) -> None:
+        if self.error is not None:  # down for good, or stopped (the ranks are going away): no more steps
+            return
         self._wake.set()
         if self._loop_task is None or self._loop_task.done():
             self._loop_task = asyncio.get_running_loop().create_task(self._run())

@@ -955,3 +955,24 @@ def test_a_request_whose_admission_raises_fails_alone(monkeypatch):
     assert [(r.seq, r.kind) for r in rejected] == [(0, RejectKind.INTERNAL)]
     assert len(tokens) == 3
     assert engine_error(RequestRejected(RejectKind.INTERNAL, rejected[0].message)).status == 500
+
+
+def test_a_stopped_engine_never_steps_again(big):
+    """wake() after stop() (a rebalance asked for during shutdown) started the step loop again,
+    which would run steps on ranks going away and recover by starting new ones."""
+    ids = big.tokenizer.encode("Hello there")
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+
+    async def main():
+        engine = AsyncEngine(big.local.core, big.executor, max_queued=100, pipelined=True)
+        await engine.stop()
+        steps = big.local.core.num_steps
+        engine.wake()
+        engine.report_failure(RuntimeError("a rank died"))
+        rejected = await engine.submit("c", [NewRequest(0, ids, params)])
+        await asyncio.sleep(0.2)
+        return engine, steps, rejected
+
+    engine, steps, rejected = asyncio.run(main())
+    assert engine._loop_task is None and big.local.core.num_steps == steps
+    assert [r.kind for r in rejected] == [RejectKind.ENGINE_FAILED] and not big.has_unfinished
