@@ -113,6 +113,7 @@ class EplbManager:
         self._gen = self._run()
         self._window_opened: Optional[asyncio.Future[list[Any]]] = None
         self._calls: set[asyncio.Future[Any]] = set()  # calls to the ranks not answered yet
+        self._planning: Optional[asyncio.Future[EplbPlan]] = None
         # seconds between steps, outside rebalances and during one (planning and moves):
         # what a rebalance costs the steps
         self._step_s: collections.deque[float] = collections.deque(maxlen=512)
@@ -189,7 +190,7 @@ class EplbManager:
             if request.started is not None and not request.started.done():
                 request.started.set_exception(RebalanceRefused(NOT_ENOUGH_LOAD))
             return
-        planning = asyncio.ensure_future(
+        planning = self._planning = asyncio.ensure_future(
             self.planner(
                 load,
                 self.physical_to_logical,
@@ -298,7 +299,10 @@ class EplbManager:
         return load.scatter_add_(1, self.physical_to_logical, physical.to(torch.float64))
 
     def close(self) -> None:
-        """Forget the calls to the ranks still unanswered (shutdown: the ranks go away)."""
+        """Forget the calls to the ranks still unanswered and stop planning (shutdown: the ranks
+        go away, and a planner timing out later would start a new worker)."""
+        if self._planning is not None:
+            self._planning.cancel()
         for call in list(self._calls):
             call.cancel()
             call.add_done_callback(lambda c: c.cancelled() or c.exception())  # nobody awaits it now

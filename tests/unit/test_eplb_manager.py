@@ -261,6 +261,32 @@ def test_a_plan_made_after_its_request_gave_up_is_dropped():
     asyncio.run(main())
 
 
+def test_close_stops_the_planning():
+    """Shutdown while the planner thinks: its call is cancelled (PlannerClient's timeout, firing
+    later, would kill the worker and start a new one for an engine that is gone)."""
+    cancelled = asyncio.Event()
+
+    async def hung_planner(*args, **kwargs):
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    async def main():
+        ranks = FakeRanks(steps_to_land=0)
+        manager = _manager(ranks, planner=hung_planner)
+        await manager.on_step()
+        ranks.load = _skewed_physical_load()
+        manager.request()
+        await _steps_until(manager, lambda: manager._planning is not None)
+        await asyncio.sleep(0.01)  # the planner is waiting
+        manager.close()
+        await asyncio.wait_for(cancelled.wait(), 5)
+
+    asyncio.run(main())
+
+
 async def _next_rebalance_moves(manager: EplbManager, before: torch.Tensor) -> None:
     """After a skipped rebalance: the next request plans and moves the experts."""
     again = manager.request(_skewed_physical_load()[:, :EXPERTS])
