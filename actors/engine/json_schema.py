@@ -12,8 +12,7 @@ from typing import Any, Callable, Iterator
 # refusing valid arrays), found by compiling a schema with each and testing an instance that
 # breaks it: a request using them would get output its schema rejects.
 _UNENFORCED = (
-    "not", "if", "then", "else", "dependentRequired", "dependentSchemas", "contains", "minContains", "maxContains",
-    "propertyNames",
+    "not", "if", "then", "else", "dependentRequired", "dependentSchemas", "contains", "minContains", "maxContains"
 )  # fmt: skip
 _SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 _SUBSCHEMAS = (
@@ -35,6 +34,8 @@ _TYPED = frozenset(
     {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "minLength", "maxLength",
      "pattern", "format", "minItems", "maxItems", "minProperties", "maxProperties"}
 )  # fmt: skip
+# past this many integers between its bounds xgrammar drops a multipleOf
+MULTIPLE_OF_MAX_RANGE = 10_000
 # formats of JSON schema that xgrammar compiles as any string
 _UNENFORCED_FORMATS = frozenset({"idn-email", "idn-hostname", "iri", "iri-reference", "regex"})
 # a regex escape's character code: the ones a JSON string cannot hold raw
@@ -44,23 +45,24 @@ _ESCAPED_CODES = {"n": 0x0A, "r": 0x0D, "t": 0x09, "f": 0x0C, "v": 0x0B, "0": 0x
 MAX_SCHEMA_DEPTH = 64  # subschemas within subschemas (OpenAI's strict mode allows 10)
 
 
-def _subschemas(schema: Any):
-    """Every schema object in ``schema`` (itself included) with its depth, walked without
-    recursion (a hostile schema may nest thousands deep)."""
-    stack = [(schema, 1)]
+def _subschemas(schema: Any) -> Iterator[tuple[dict, int, str]]:
+    """Every schema object in ``schema`` (itself included) with its depth and the keyword it
+    sits under ("" for the root), walked without recursion (a hostile schema may nest
+    thousands deep)."""
+    stack = [(schema, 1, "")]
     while stack:
-        node, depth = stack.pop()
+        node, depth, under = stack.pop()
         if not isinstance(node, dict):
             continue
-        yield node, depth
+        yield node, depth, under
         for key in _SUBSCHEMA_MAPS:
             if isinstance(node.get(key), dict):
-                stack.extend((sub, depth + 1) for sub in node[key].values())
+                stack.extend((sub, depth + 1, key) for sub in node[key].values())
         for key in _SUBSCHEMAS:
-            stack.append((node.get(key), depth + 1))
+            stack.append((node.get(key), depth + 1, key))
         for key in _SUBSCHEMA_LISTS:
             if isinstance(node.get(key), list):
-                stack.extend((sub, depth + 1) for sub in node[key])
+                stack.extend((sub, depth + 1, key) for sub in node[key])
 
 
 def rebuild_schema(schema: Any, node_fn: Callable[[dict], dict]) -> Any:
@@ -91,14 +93,15 @@ def unenforced_keywords(schema: Any) -> list[str]:
     """The keywords of a JSON schema (its subschemas included) that compile but are not
     enforced, or that let invalid JSON through, sorted; property names are names, not keywords."""
     found: set[str] = set()
-    for node, _ in _subschemas(schema):
+    for node, _, under in _subschemas(schema):
         found.update(k for k in _UNENFORCED if k in node)
-        found.update(_unenforced_in(node))
+        found.update(_unenforced_in(node, names_only=under == "propertyNames"))
     return sorted(found)
 
 
-def _unenforced_in(node: dict) -> Iterator[str]:
-    """unenforced_keywords of one schema object, its subschemas aside."""
+def _unenforced_in(node: dict, *, names_only: bool) -> Iterator[str]:
+    """unenforced_keywords of one schema object, its subschemas aside; ``names_only``: it is a
+    propertyNames schema, whose instances are strings."""
     if node.get("uniqueItems") is True:
         yield "uniqueItems"
     ref = node.get("$ref")
@@ -116,25 +119,31 @@ def _unenforced_in(node: dict) -> Iterator[str]:
         if constraints - {"type", "enum", "const"}:
             yield "enum/const (beside other constraints)"
         types = node.get("type")
-        allowed = {types} if isinstance(types, str) else set(types) if isinstance(types, list) else None
+        allowed = {types} if isinstance(types, str) else _strings(types) if isinstance(types, list) else None
         if allowed is not None and not all(_json_types(v) & allowed for v in values):
             yield "enum/const (with values its type excludes)"
-    elif "type" not in node and not {"$ref", "anyOf", "oneOf", "allOf"}.intersection(node):
+    elif "type" not in node and not names_only and not {"$ref", "anyOf", "oneOf", "allOf"}.intersection(node):
         untyped = sorted(_TYPED.intersection(node))
         if untyped:
             yield f"{', '.join(untyped)} (without a type)"
-    required, properties = node.get("required"), node.get("properties")
+    properties = node.get("properties")
     names = properties if isinstance(properties, dict) else {}
-    if isinstance(required, list) and any(name not in names for name in required):
+    required = _strings(node.get("required")) if isinstance(node.get("required"), list) else set()
+    if any(name not in names for name in required):
         yield "required (of a name not in properties)"
     if "multipleOf" in node and not _whole_multiple(node):
         yield "multipleOf (but of integers, with both bounds or none)"
     if ("minLength" in node or "maxLength" in node) and ("pattern" in node or "format" in node):
         yield "minLength/maxLength (with a pattern or format)"
-    if node.get("format") in _UNENFORCED_FORMATS:
+    if isinstance(node.get("format"), str) and node["format"] in _UNENFORCED_FORMATS:
         yield f"format {node['format']}"
-    if "minProperties" in node and (node.get("additionalProperties") is not False or "patternProperties" in node):
-        yield "minProperties (where other names are allowed: a name may repeat)"
+    open_names = node.get("additionalProperties") is not False or "patternProperties" in node
+    fixed = sum(name in names for name in required)
+    if open_names and _number(node.get("minProperties"), default=0) > max(1, fixed):
+        # past the required names it counts other names, and the grammar lets a name repeat
+        yield "minProperties (past the required names, where other names are allowed: a name may repeat)"
+    if "propertyNames" in node and ({"properties", "patternProperties"}.intersection(node) or not open_names):
+        yield "propertyNames (beside properties, patternProperties or additionalProperties false)"
     pattern_names = node.get("patternProperties")
     if isinstance(pattern_names, dict) and any(_search(pattern, name) for pattern in pattern_names for name in names):
         yield "patternProperties (matching a name in properties)"
@@ -148,6 +157,11 @@ def _unenforced_in(node: dict) -> Iterator[str]:
         yield "pattern (naming a quote, backslash or control character)"
 
 
+def _strings(values: list) -> set[str]:
+    """The strings among a schema's list values (a hostile one may hold anything)."""
+    return {v for v in values if isinstance(v, str)}
+
+
 def _json_types(value: Any) -> set[str]:
     if isinstance(value, bool):
         return {"boolean"}
@@ -159,12 +173,22 @@ def _json_types(value: Any) -> set[str]:
 
 
 def _whole_multiple(node: dict) -> bool:
-    """A multipleOf xgrammar enforces: a whole number on integers, bounded on both sides or neither."""
-    step = node["multipleOf"]
-    lower = "minimum" in node or "exclusiveMinimum" in node
-    upper = "maximum" in node or "exclusiveMaximum" in node
-    whole = type(step) is int and step > 0
-    return node.get("type") in ("integer", ["integer"]) and whole and lower == upper
+    """A multipleOf xgrammar enforces: a whole number on integers (1: any), unbounded, or
+    bounded on both sides with at most MULTIPLE_OF_MAX_RANGE integers between."""
+    step, types = node["multipleOf"], node.get("type")
+    types = [types] if isinstance(types, str) else types if isinstance(types, list) else []
+    if not ("integer" in types and "number" not in types and type(step) is int and step > 0):
+        return False
+    low = _number(node.get("minimum"), node.get("exclusiveMinimum"))
+    high = _number(node.get("maximum"), node.get("exclusiveMaximum"))
+    if step == 1 or (low is None and high is None):
+        return True
+    return low is not None and high is not None and high - low < MULTIPLE_OF_MAX_RANGE
+
+
+def _number(*values: Any, default: Any = None) -> Any:
+    """The first of ``values`` that is a number (not a bool), else ``default``."""
+    return next((v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)), default)
 
 
 def _search(pattern: str, name: str) -> bool:
@@ -209,25 +233,26 @@ def _escaped_code(pattern: str, at: int) -> int | None:
     return _ESCAPED_CODES.get(escape)
 
 
-# xgrammar (0.2.9) writes a string with minLength/maxLength as a count of these characters,
-# which include U+0000-U+001F: a JSON string cannot hold them raw (invalid JSON); a plain
-# string's characters exclude them. Its grammar's text has the class replaced.
-_BOUNDED_STRING_CHARS = r"[^\"\\\r\n]"
-_JSON_STRING_CHARS = r"[^\0-\x1f\"\\]"
+# xgrammar's (0.2.9) string characters in its grammar text, and what they become: a string
+# with minLength/maxLength counts characters that include U+0000-U+001F, which a JSON string
+# cannot hold raw (invalid JSON); both kinds take UTF-16 surrogates (U+D800-U+DFFF), whose
+# UTF-8 bytes are no valid UTF-8 (they decode to U+FFFD each, past a maxLength).
+_STRING_CHARS = {
+    r"[^\"\\\r\n]": r"[^\0-\x1f\"\\\uD800-\uDFFF]",  # length-bounded
+    r"[^\0-\x1f\"\\\r\n]": r"[^\0-\x1f\"\\\uD800-\uDFFF]",  # any length
+}
 
 
 def json_schema_grammar(schema: str) -> Any:
     """xgrammar's grammar of a JSON schema without free whitespace (a model cannot pad its
-    output with spaces forever), length-bounded strings held to JSON's characters."""
+    output with spaces forever), its strings held to JSON's characters in valid UTF-8."""
     from xgrammar import Grammar
 
     grammar = Grammar.from_json_schema(schema, any_whitespace=False)
-    text = str(grammar)
-    return (
-        Grammar.from_ebnf(text.replace(_BOUNDED_STRING_CHARS, _JSON_STRING_CHARS))
-        if _BOUNDED_STRING_CHARS in text
-        else grammar
-    )
+    text = original = str(grammar)
+    for chars, json_chars in _STRING_CHARS.items():
+        text = text.replace(chars, json_chars)
+    return Grammar.from_ebnf(text) if text != original else grammar
 
 
 def _has_lookaround(pattern: str) -> bool:
@@ -252,7 +277,7 @@ def _has_lookaround(pattern: str) -> bool:
 def check_schema_depth(schema: Any, field: str) -> None:
     """ValueError naming ``field`` when the schema nests past MAX_SCHEMA_DEPTH (xgrammar
     compiles deep schemas for minutes)."""
-    if max((depth for _, depth in _subschemas(schema)), default=0) > MAX_SCHEMA_DEPTH:
+    if max((depth for _, depth, _ in _subschemas(schema)), default=0) > MAX_SCHEMA_DEPTH:
         raise ValueError(f"{field}: the schema nests deeper than {MAX_SCHEMA_DEPTH} levels")
 
 

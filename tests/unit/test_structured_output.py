@@ -288,6 +288,11 @@ UNENFORCED = [
         "50",
     ),
     ("multipleOf (but of integers, with both bounds or none)", {"type": "integer", "multipleOf": 2.5}, "3"),
+    (
+        "multipleOf (but of integers, with both bounds or none)",
+        {"type": "integer", "minimum": 0, "maximum": 10_000, "multipleOf": 2},
+        "1",
+    ),
     ("$ref (to another document or an $anchor)", {"$ref": "https://example.com/integer.json"}, '"a"'),
     ("required (of a name not in properties)", {"type": "object", "required": ["a"]}, "{}"),
     ("required (of a name not in properties)", {"type": "object", "properties": {}, "required": ["zz"]}, "{}"),
@@ -307,9 +312,14 @@ UNENFORCED = [
     ("maximum (without a type)", {"maximum": 3}, "7"),
     ("maxLength, pattern (without a type)", {"pattern": "^a+$", "maxLength": 2}, '"b"'),
     (
-        "propertyNames",
+        "propertyNames (beside properties, patternProperties or additionalProperties false)",
         {"type": "object", "additionalProperties": False, "propertyNames": {"pattern": "^[a-z]+$"}},
         '{"ab": 1}',
+    ),
+    (
+        "propertyNames (beside properties, patternProperties or additionalProperties false)",
+        {"type": "object", "properties": {"A1": {}}, "propertyNames": {"pattern": "^[a-z]+$"}},
+        '{"A1": 1}',
     ),
     (
         "patternProperties (matching a name in properties)",
@@ -317,7 +327,7 @@ UNENFORCED = [
         '{"a": []}',
     ),
     (
-        "minProperties (where other names are allowed: a name may repeat)",
+        "minProperties (past the required names, where other names are allowed: a name may repeat)",
         {"type": "object", "additionalProperties": {"type": "integer"}, "minProperties": 2},
         '{"k": 1, "k": 2}',
     ),
@@ -374,6 +384,14 @@ def test_schema_keywords_xgrammar_does_not_enforce_are_refused_naming_the_field(
         {"type": "string", "pattern": "^\\d{3}-[a-z]+\\.\\w*$"},
         {"type": "string", "format": "date-time"},
         {"properties": {"a": {"type": "integer"}}, "required": ["a"]},
+        # pydantic's dict[Enum, int], dict[constr(max_length=3), int], and with min_length=1
+        {"type": "object", "additionalProperties": {"type": "integer"}, "propertyNames": {"enum": ["a", "b"]}},
+        {"type": "object", "additionalProperties": {"type": "integer"}, "propertyNames": {"maxLength": 3}},
+        {"type": "object", "additionalProperties": {"type": "integer"}, "minProperties": 1},
+        {"type": "object", "properties": AB, "required": ["a", "b"], "minProperties": 2},
+        {"type": "integer", "minimum": 0, "multipleOf": 1},
+        {"type": ["integer", "null"], "multipleOf": 3},
+        {"type": "integer", "minimum": 0, "maximum": 9_998, "multipleOf": 2},
     ],
 )
 def test_schemas_as_pydantic_and_people_write_them_compile(engine, schema):
@@ -411,6 +429,8 @@ def test_pydantic_models_schemas_compile(engine):
         previous: Optional["Order"] = None
         when: datetime.date
         note: Optional[str] = pydantic.Field(default=None, max_length=20)
+        stock: dict[Colour, int]
+        sizes: dict[str, int] = pydantic.Field(min_length=1)
 
     schema = Order.model_json_schema()
     grammars = engine.local.core.grammars
@@ -462,6 +482,9 @@ def test_length_bounded_strings_hold_no_raw_control_characters(engine, kind, lon
     assert not accepts("a") and not accepts("a" * (longest + 1)) and not accepts('a"b')
     for control in ("\x00", "\x17", "\x1f", "\t"):
         assert not accepts("a" + control + "b")
+    # a UTF-16 surrogate's UTF-8 bytes are no valid UTF-8: they decode to U+FFFD each
+    matcher = xgrammar.GrammarMatcher(compiled)
+    assert not matcher.accept_string(begin.encode() + b'{"name": "a\xed\xa0\x80b"}' + end.encode())
 
 
 def test_special_tokens_other_than_the_stops_are_never_allowed(engine):
@@ -490,6 +513,17 @@ def test_special_tokens_other_than_the_stops_are_never_allowed(engine):
             text_ids.append(token)
         if spec.kind != "json" or "const" in spec.source:
             assert tok.decode(text_ids, True).strip('"') in ("<|im_start|>", "x")
+
+
+@pytest.mark.parametrize("schema", [{"type": "string"}, {"type": "object"}, {"type": "string", "maxLength": 9}])
+def test_strings_take_no_utf16_surrogates(engine, schema):
+    """xgrammar's string characters took U+D800-U+DFFF, whose UTF-8 bytes are no valid UTF-8
+    (decoded, each byte is a U+FFFD); any other character, past the BMP too, stays."""
+    compiled = engine.local.core.grammars.compile(GrammarSpec("json", json.dumps(schema)))
+    value = b'"x\xed\xa0\x80"' if schema["type"] == "string" else b'{"x\xed\xb0\x80": 1}'
+    assert not xgrammar.GrammarMatcher(compiled).accept_string(value)
+    text = '"h\u00e9\u4e2d\U0001f600"' if schema["type"] == "string" else '{"\u00e9\U0001f600": 1}'
+    assert xgrammar.GrammarMatcher(compiled).accept_string(text.encode())
 
 
 def test_no_grammar_is_cached_by_xgrammar(engine):
@@ -665,3 +699,31 @@ def test_a_grammar_slow_after_its_start_is_stopped_while_the_event_loop_and_othe
     assert plain_error is None and len(plain_tokens) == 30
     assert worst_gap < 0.15, worst_gap  # one mask of this grammar alone takes longer than that
     assert not core.has_unfinished
+
+
+def test_hostile_schemas_are_refused_or_taken_never_raise_otherwise():
+    """Random junk in every keyword's place (lists of lists, huge numbers, objects as names):
+    the checks refuse with a ValueError or let it pass, never another exception (a 500)."""
+    from raymoe.actors.engine.json_schema import check_schema
+
+    rng = random.Random(0)
+    keys = [
+        "type", "enum", "const", "properties", "required", "additionalProperties", "patternProperties", "items",
+        "minimum", "maximum", "multipleOf", "minLength", "maxLength", "pattern", "format", "minProperties",
+        "propertyNames", "$ref", "anyOf", "oneOf", "allOf", "uniqueItems", "$defs",
+    ]  # fmt: skip
+    leaves = [None, True, 0, -1, 2.5, 1e308, "x", "(?=a)", "\\n", "integer", [], {}, [["a"]], [{"a": 1}], ["a", 1]]
+
+    def junk(depth: int = 0):
+        r = rng.random()
+        if depth > 3 or r < 0.3:
+            return rng.choice(leaves)
+        if r < 0.5:
+            return [junk(depth + 1) for _ in range(rng.randint(0, 3))]
+        return {rng.choice(keys): junk(depth + 1) for _ in range(rng.randint(0, 4))}
+
+    for _ in range(3000):
+        try:
+            check_schema(junk(), "response_format")
+        except ValueError:
+            pass
