@@ -1,6 +1,7 @@
 """JSON schemas for structured output: walking their subschemas, the keywords xgrammar
-(0.2.9) compiles without enforcing (refused by name, as the output would not match), and the
-grammar of a schema with xgrammar's length-bounded strings held to JSON's characters."""
+(0.2.9) compiles without enforcing or into invalid JSON (refused by name, as the output would
+not match), and the grammar of a schema with its strings held to JSON's characters in valid
+UTF-8."""
 
 from __future__ import annotations
 
