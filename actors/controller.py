@@ -57,6 +57,7 @@ class Controller:
         self.eplb: Optional[EplbManager] = None
         self.model: Optional[EngineModel] = None
         self.model_info: Optional[ModelInfo] = None
+        self.planner: Optional[PlannerClient] = None  # one EPLB planner worker, whatever the rank groups
 
     # ---- bring-up ---------------------------------------------------------------
 
@@ -94,6 +95,7 @@ class Controller:
             max_steps_in_flight=eng.max_steps_in_flight,
             restart=self._restart_ranks,
             restart_budget=RestartBudget(eng.max_restarts, eng.restart_window_s),
+            release=self._release_ranks,
         )
         self.model_info = model.info(num_blocks, eng.block_size, load_s=round(time.perf_counter() - t0, 2))
         return self.model_info
@@ -120,6 +122,8 @@ class Controller:
         """After a failed step: kill the whole rank group and bring up a new one with the same
         layout and model (the engine's restart); returns the new KV blocks per replica."""
         t0 = time.perf_counter()
+        if self.eplb is not None:  # a rebalance asked for on the old ranks is refused now
+            self.eplb.close("the rank group restarted")
         old, self.rank_group = self.rank_group, None
         if old is not None:
             await asyncio.to_thread(old.kill)
@@ -129,6 +133,16 @@ class Controller:
         engine.executor, engine.background = self._executor(), self.eplb
         log.warning("rank group restarted in %.1f s", time.perf_counter() - t0)
         return num_blocks
+
+    async def _release_ranks(self) -> None:
+        """The engine is down for good: free its ranks and their placement group (the devices),
+        as a restart would, without starting new ones."""
+        if self.eplb is not None:
+            self.eplb.close("the engine is down")
+        old, self.rank_group = self.rank_group, None
+        if old is not None:
+            await asyncio.to_thread(old.kill)
+        log.warning("the engine is down for good: its ranks were released")
 
     async def _start_rank_group(self) -> RankGroup:
         return await asyncio.to_thread(
@@ -160,8 +174,14 @@ class Controller:
             num_logical=spec.moe.num_experts,
             bytes_per_expert=expert_bytes,
             expert_groups=spec.moe.grouped.num_groups if spec.moe.grouped is not None else 1,
-            planner=PlannerClient(self.config.eplb.planning_timeout_s),
+            planner=self._planner(),
+            call_timeout_s=self.config.engine.step_timeout_s,
         )
+
+    def _planner(self) -> PlannerClient:
+        if self.planner is None:
+            self.planner = PlannerClient(self.config.eplb.planning_timeout_s)
+        return self.planner
 
     # ---- expert-parallel load balancing ------------------------------------------------
 
@@ -257,13 +277,16 @@ class Controller:
             return {"status": "degraded", "reason": f"the engine is down: {describe_failure(engine.error)}", **base}
         if engine is not None and engine.recovering is not None:
             return {"status": "recovering", "reason": f"restarting the ranks after: {engine.recovering}", **base}
-        if self.rank_group is None:
+        group = self.rank_group
+        if group is None:
             return {"status": "starting", "reason": "bringing up the ranks", **base}
-        calls = self.rank_group.call_async("health")
+        calls = group.call_async("health")
         done, busy = await asyncio.wait([asyncio.ensure_future(c) for c in calls], timeout=RANK_HEALTH_TIMEOUT_S)
         for task in busy:
             task.cancel()
         dead = next((t.exception() for t in done if t.exception() is not None), None)
+        if dead is not None and group is not self.rank_group:  # the group was replaced meanwhile
+            return {"status": "recovering", "reason": "the ranks restarted", **base}
         if dead is not None:
             log.warning("health: a rank failed: %r", dead)
             if engine is None:

@@ -6,7 +6,7 @@ import os
 import signal
 
 
-def kill_processes(title: bytes, sig: signal.Signals = signal.SIGKILL) -> list[int]:
+def kill_processes(title: bytes, sig: int = signal.SIGKILL) -> list[int]:
     """Send ``sig`` to this machine's processes whose title starts with ``title`` (Ray names an
     actor's worker process ``ray::<class>``, a Serve replica's
     ``ray::ServeReplica:<app>:<deployment>``); returns their pids."""

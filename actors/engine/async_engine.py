@@ -126,12 +126,14 @@ class AsyncEngine:
         client_timeout_s: float = CLIENT_TIMEOUT_S,
         restart: Optional[Callable[[], Awaitable[int]]] = None,
         restart_budget: Optional[RestartBudget] = None,
+        release: Optional[Callable[[], Awaitable[None]]] = None,
     ) -> None:
         """``background``: work advanced once after every step (EPLB). ``pipelined``: keep steps
         in flight (see ``_steps``), ``max_steps_in_flight`` of them (1, 2 or "auto",
         pipeline_depth.py) when it plans the next. ``restart``:
         recreate the ranks after a failure (it also replaces ``executor`` and ``background``);
-        returns the new KV blocks per replica."""
+        returns the new KV blocks per replica. ``release``: free the ranks once the engine is
+        down for good."""
         self.core = core
         self.background = background
         self.executor = executor
@@ -144,7 +146,7 @@ class AsyncEngine:
         self._wake = asyncio.Event()
         self._loop_task: Optional[asyncio.Task] = None
         self._next_silence_check = 0.0
-        self._restart = restart
+        self._restart, self._release = restart, release
         self._restart_budget = restart_budget or RestartBudget(3, 600.0)
         self._pending_failure: Optional[BaseException] = None
         self.num_restarts = 0
@@ -276,6 +278,11 @@ class AsyncEngine:
                 if not await self._recover(e):
                     self.error = e
                     self.router.fail(f"the engine is down: {describe_failure(e)}")
+                    if self._release is not None:  # its placement group holds the devices
+                        try:
+                            await self._release()
+                        except Exception:
+                            log.exception("releasing the ranks of an engine down for good failed")
                     return
 
     async def _steps(self) -> None:
@@ -360,6 +367,7 @@ class AsyncEngine:
         if self._restart is None:
             return False
         self.recovering = reason
+        self._pending_failure = None  # found by a health check, of the group this replaces
         try:
             for rid in self.core.drop_started():
                 self.router.fail_request(rid, f"the engine failed while this request ran ({reason}); retry it")

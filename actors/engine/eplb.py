@@ -25,6 +25,7 @@ from typing import Any, AsyncIterator, Awaitable, Optional, Protocol
 
 import torch
 
+from raymoe.actors.engine.async_engine import StepTimeoutError
 from raymoe.actors.engine.expert_mover import MoveChunk
 from raymoe.cluster.config import EplbConfig
 from raymoe.cluster.eplb_planner import EplbPlan, plan_with_policy
@@ -97,10 +98,14 @@ class EplbManager:
         bytes_per_expert: int,
         expert_groups: int = 1,
         planner: Planner = plan_in_thread,
+        call_timeout_s: Optional[float] = None,
     ) -> None:
         """``expert_groups``: the routing's expert groups (group-limited routing; 1 = none),
-        which hierarchical planning packs whole onto nodes."""
+        which hierarchical planning packs whole onto nodes. ``call_timeout_s``: a call to the
+        ranks the manager waits on (while no step runs) that takes longer means a hung rank
+        (StepTimeoutError, as for a step)."""
         self.config, self.ranks, self.planner = config, ranks, planner
+        self.call_timeout_s = call_timeout_s
         self.ep = layout.ep
         # hierarchical planning is possible when the EP group spans nodes evenly
         spans = layout.nodes if layout.nodes > 1 and self.ep % layout.nodes == 0 else 1
@@ -114,6 +119,7 @@ class EplbManager:
         self._window_opened: Optional[asyncio.Future[list[Any]]] = None
         self._calls: set[asyncio.Future[Any]] = set()  # calls to the ranks not answered yet
         self._planning: Optional[asyncio.Future[EplbPlan]] = None
+        self._current: Optional[_Request] = None  # the rebalance under way
         # seconds between steps, outside rebalances and during one (planning and moves):
         # what a rebalance costs the steps
         self._step_s: collections.deque[float] = collections.deque(maxlen=512)
@@ -171,6 +177,7 @@ class EplbManager:
                 yield
 
     async def _rebalance(self, request: _Request) -> AsyncIterator[None]:
+        self._current = request
         t0 = time.perf_counter()
         self._rebalance_step_s = []
         for stale in ("skipped", "rebalance_steps", "rebalance_step_ms_median", "rebalance_step_ms_max", "move_s"):
@@ -298,11 +305,15 @@ class EplbManager:
         load = torch.zeros(self.physical_to_logical.shape[0], self.num_logical, dtype=torch.float64)
         return load.scatter_add_(1, self.physical_to_logical, physical.to(torch.float64))
 
-    def close(self) -> None:
-        """Forget the calls to the ranks still unanswered and stop planning (shutdown: the ranks
-        go away, and a planner timing out later would start a new worker)."""
+    def close(self, why: str = "the engine shut down") -> None:
+        """Forget the calls to the ranks still unanswered, stop planning, and refuse the
+        rebalance asked for, saying ``why`` (shutdown or a restart: the ranks go away, and a
+        planner timing out later would start a new worker)."""
         if self._planning is not None:
             self._planning.cancel()
+        for request in (self.requested, self._current):
+            if request is not None and request.started is not None and not request.started.done():
+                request.started.set_exception(RebalanceRefused(f"{why}: ask again"))
         for call in list(self._calls):
             call.cancel()
             call.add_done_callback(lambda c: c.cancelled() or c.exception())  # nobody awaits it now
@@ -315,4 +326,9 @@ class EplbManager:
         return call
 
     async def _all(self, method: str, *args: Any) -> list[Any]:
-        return list(await self._submit(method, *args))
+        try:
+            return list(await asyncio.wait_for(self._submit(method, *args), self.call_timeout_s))
+        except asyncio.TimeoutError:
+            raise StepTimeoutError(
+                f"EPLB's {method} took over {self.call_timeout_s:g} s (engine.step_timeout_s): a rank is hung"
+            ) from None

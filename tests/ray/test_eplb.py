@@ -162,6 +162,29 @@ def test_a_hung_planner_worker_is_replaced_and_only_its_rebalance_skipped(ray_se
         assert ray.get(controller.stats.remote()).restarts == 0
 
 
+def test_a_rank_group_restart_refuses_the_pending_rebalance_and_keeps_one_planner(ray_session):
+    """A rank dies while a rebalance waits for its plan (the planner stopped): the caller is told
+    at once that the ranks restarted (it waited planning_timeout_s + 60 s), and the new rank
+    group plans on the same planner worker (each restart started one more, ~300 MB each)."""
+    with LLM(_planner_fault_config(planning_timeout_s=60)) as llm:
+        controller = llm.controller
+        stopped = _signal_planner_worker(signal.SIGSTOP, time.monotonic() + 30)
+        pending = controller.rebalance.remote(_hot_load())
+        time.sleep(1.0)  # the rebalance is planning
+        assert kill_processes(b"ray::RankWorker")
+        t0 = time.monotonic()
+        ray.get(controller.health.remote())  # finds the dead rank (no step runs): the group restarts
+        with pytest.raises(Exception, match="the rank group restarted"):
+            ray.get(pending, timeout=50)
+        assert time.monotonic() - t0 < 30
+        os.kill(stopped, signal.SIGCONT)
+        assert llm.generate(PROMPTS, SAMPLING)[0].finish_reason == "length"
+        assert ray.get(controller.stats.remote()).restarts == 1
+        assert kill_processes(b"ray::EplbPlannerWorker", 0) == [stopped]  # signal 0: only look
+        ray.get(controller.rebalance.remote(_hot_load()))
+        assert _rebalanced(controller, 1)["balancedness_after"] > 0
+
+
 @pytest.mark.parametrize("kind", ["qwen2_moe", "glm4_moe", "deepseek_v3"])
 def test_rebalance_keeps_outputs_with_shared_experts_and_grouped_routing(ray_session, tmp_path, kind):
     """EPLB moves the routed experts only (shared experts stay dense on every rank), also

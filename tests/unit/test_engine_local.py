@@ -747,7 +747,9 @@ def test_a_token_outside_the_vocabulary_is_refused_and_the_engine_goes_on(big):
 def test_a_failed_step_fails_started_requests_keeps_queued_ones_and_spends_the_restart_budget():
     """A step raises (as a dead rank's does): the requests that had run get FAILED with the
     reason, the queued ones run after the restart and give the tokens they give without any
-    failure; past the restart budget the engine stays down and refuses new requests."""
+    failure; past the restart budget the engine stays down, refuses new requests and releases
+    its ranks. A health check that saw the same death just before costs no second restart
+    (it did, and with a budget of one the engine went down)."""
     from raymoe.actors.engine.async_engine import RestartBudget
     from raymoe.actors.engine.messages import NewRequest, RejectKind
 
@@ -758,11 +760,12 @@ def test_a_failed_step_fails_started_requests_keeps_queued_ones_and_spends_the_r
     sampling = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     prompts = {f"q{i}": tok.encode(f"queued {i}") for i in range(3)}
     reference = _run(engine_, {rid: (ids, sampling) for rid, ids in prompts.items()})
-    calls, fail_at, restarts = [], {3}, []
+    calls, fail_at, restarts, releases, engines = [], {3}, [], [], []
 
     async def failing(inputs, keep, late_grammar=None):  # the steps in fail_at fail
         calls.append(1)
         if len(calls) in fail_at:
+            engines[0].report_failure(RuntimeError("health: rank 1 died"))  # the same death, seen first
             raise RuntimeError("rank 1 died")
         return await engine_.executor.run_step_async(inputs, keep, late_grammar)
 
@@ -770,11 +773,21 @@ def test_a_failed_step_fails_started_requests_keeps_queued_ones_and_spends_the_r
         restarts.append(1)
         return core.schedulers[0].block_manager.num_blocks
 
+    async def release() -> None:
+        releases.append(1)
+
     async def main():
         executor = SimpleNamespace(run_step_async=failing)
         engine = AsyncEngine(
-            core, executor, max_queued=100, pipelined=False, restart=restart, restart_budget=RestartBudget(1, 60.0)
+            core,
+            executor,
+            max_queued=100,
+            pipelined=False,
+            restart=restart,
+            restart_budget=RestartBudget(1, 60.0),
+            release=release,
         )
+        engines.append(engine)
         client = EngineClient(engine, tok, engine_.local.info)
 
         async def one(ids):
@@ -795,7 +808,7 @@ def test_a_failed_step_fails_started_requests_keeps_queued_ones_and_spends_the_r
         await asyncio.sleep(0)
         queued = [asyncio.create_task(one(ids)) for ids in prompts.values()]
         results = await asyncio.gather(*running, *queued)
-        assert engine.num_restarts == 1 and engine.error is None
+        assert engine.num_restarts == 1 and engine.error is None and not releases
         fail_at.add(len(calls) + 2)  # a second failure is past the budget: down for good
         down = await one(tok.encode("after"))
         rejected = await engine.submit("late", [NewRequest(0, tok.encode("late"), sampling)])
@@ -808,7 +821,7 @@ def test_a_failed_step_fails_started_requests_keeps_queued_ones_and_spends_the_r
         assert len(r["tokens"]) < 50
     for rid, r in zip(prompts, results[2:]):
         assert r["error"] is None and r["tokens"] == reference[rid]["tokens"] and r["text"] == reference[rid]["text"]
-    assert restarts == [1]
+    assert restarts == [1] and releases == [1]
     assert down["error"] and "failed while this request ran" in down["error"]
     assert rejected and rejected[0].kind is RejectKind.ENGINE_FAILED and "down" in rejected[0].message
     assert engine.stats().error == "a step raised RuntimeError"

@@ -5,6 +5,7 @@ made on a window with no routed tokens (it says "not enough load recorded")."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -62,7 +63,7 @@ class FakeRanks:
         return len(self.moved_layers), bool(self.chunks)
 
 
-def _manager(ranks: FakeRanks, planner=plan_in_thread, **config) -> EplbManager:
+def _manager(ranks: FakeRanks, planner=plan_in_thread, call_timeout_s=None, **config) -> EplbManager:
     return EplbManager(
         EplbConfig(enabled=True, num_redundant_experts=SLOTS - EXPERTS, **config),
         RankLayout(dp=EP, ep=EP),
@@ -71,6 +72,7 @@ def _manager(ranks: FakeRanks, planner=plan_in_thread, **config) -> EplbManager:
         num_logical=EXPERTS,
         bytes_per_expert=1,
         planner=planner,
+        call_timeout_s=call_timeout_s,
     )
 
 
@@ -283,6 +285,62 @@ def test_close_stops_the_planning():
         await asyncio.sleep(0.01)  # the planner is waiting
         manager.close()
         await asyncio.wait_for(cancelled.wait(), 5)
+
+    asyncio.run(main())
+
+
+def test_a_rank_hung_during_moves_while_idle_is_a_step_timeout():
+    """No step runs, so the manager drives the moves itself: a rank that never answers was
+    waited on for good (requests then hung with /health ok). Past call_timeout_s it raises
+    StepTimeoutError, which the engine's loop recovers from as from a hung step."""
+    from raymoe.actors.engine.async_engine import StepTimeoutError
+
+    class Hung(FakeRanks):
+        def call_async(self, method, *args):
+            if method != "advance_expert_moves":
+                return super().call_async(method, *args)
+            self.calls.append(method)
+            return [asyncio.get_running_loop().create_future() for _ in range(EP)]  # never answered
+
+    async def main():
+        ranks = Hung(steps_to_land=0)
+        manager = _manager(ranks, call_timeout_s=0.2)
+        await manager.on_step()
+        manager.request(_skewed_physical_load()[:, :EXPERTS])
+        t0 = time.monotonic()
+        with pytest.raises(StepTimeoutError, match="advance_expert_moves took over 0.2 s"):
+            for _ in range(2000):
+                await manager.on_step(after_step=False)
+        assert time.monotonic() - t0 < 10 and manager.status["state"] == "moving"
+        manager.close()
+
+    asyncio.run(main())
+
+
+def test_close_refuses_the_rebalance_asked_for_saying_why():
+    """The rank group restarts while a rebalance waits for its plan (or has not started): its
+    caller is told at once (it waited planning_timeout_s + 60 s for a future nobody resolved)."""
+    release = asyncio.Event()
+
+    async def slow_planner(*args, **kwargs):
+        await release.wait()
+        return await plan_in_thread(*args, **kwargs)
+
+    async def main():
+        ranks = FakeRanks(steps_to_land=0)
+        planning = _manager(ranks, planner=slow_planner)
+        await planning.on_step()
+        ranks.load = _skewed_physical_load()
+        under_way = planning.request()
+        await _steps_until(planning, lambda: planning._planning is not None)
+        idle = _manager(FakeRanks(steps_to_land=0))
+        asked = idle.request(_skewed_physical_load()[:, :EXPERTS])  # no step has taken it yet
+        for manager in (planning, idle):
+            manager.close("the rank group restarted")
+        for future in (under_way, asked):
+            with pytest.raises(RebalanceRefused, match="the rank group restarted: ask again"):
+                future.result()
+        release.set()
 
     asyncio.run(main())
 
