@@ -28,7 +28,13 @@ from typing import Any, Iterable, Literal, Sequence
 
 import numpy as np
 
-from raymoe.actors.engine.json_schema import MAX_SCHEMA_DEPTH, check_schema, check_schema_depth, json_schema_grammar
+from raymoe.actors.engine.json_schema import (
+    MAX_SCHEMA_DEPTH,
+    check_schema,
+    check_schema_depth,
+    json_schema_grammar,
+    regex_atoms,
+)
 
 GrammarKind = Literal["json", "regex", "choice", "ebnf", "tagged_json"]
 _CACHE_SIZE = 256  # compiled grammars kept (a JSON schema's compiled form is ~100 KB-1 MB)
@@ -75,20 +81,7 @@ def _json_or_none(text: str, field: str) -> Any:
 def _dot_without_newline(regex: str) -> str:
     """``regex`` with each "." that matches any character as "[^\\n]": xgrammar's "." also
     matches a newline, Python's and ECMA-262's do not."""
-    out, i, in_class = [], 0, False
-    while i < len(regex):
-        c = regex[i]
-        if c == "\\":
-            out.append(regex[i : i + 2])
-            i += 2
-            continue
-        if in_class:
-            in_class = c != "]"
-        elif c == "[":
-            in_class = True
-        out.append("[^\\n]" if c == "." and not in_class else c)
-        i += 1
-    return "".join(out)
+    return "".join("[^\\n]" if atom == "." and not in_class else atom for _, atom, in_class, _ in regex_atoms(regex))
 
 
 def choice_grammar(choices: Sequence[str]) -> str:

@@ -35,6 +35,7 @@ _TYPED = frozenset(
     {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "minLength", "maxLength",
      "pattern", "format", "minItems", "maxItems", "minProperties", "maxProperties"}
 )  # fmt: skip
+_COMBINATORS = frozenset({"$ref", "anyOf", "oneOf", "allOf"})
 # past this many integers between its bounds xgrammar drops a multipleOf
 MULTIPLE_OF_MAX_RANGE = 10_000
 # formats of JSON schema that xgrammar compiles as any string
@@ -112,8 +113,8 @@ def _unenforced_in(node: dict, *, names_only: bool) -> Iterator[str]:
         yield "allOf (of more than one schema)"
     constraints = _CONSTRAINTS.intersection(node)
     # a $ref or a combinator takes the node's place: its other constraints are dropped
-    for combinator in ("$ref", "anyOf", "oneOf", "allOf"):
-        if combinator in node and constraints:
+    for combinator in sorted(_COMBINATORS.intersection(node)):
+        if constraints:
             yield f"{combinator} (beside {', '.join(sorted(constraints))})"
     values = [node["const"]] if "const" in node else node["enum"] if isinstance(node.get("enum"), list) else None
     if values is not None:  # a const or an enum is written as its values alone
@@ -123,7 +124,7 @@ def _unenforced_in(node: dict, *, names_only: bool) -> Iterator[str]:
         allowed = {types} if isinstance(types, str) else _strings(types) if isinstance(types, list) else None
         if allowed is not None and not all(_json_types(v) & allowed for v in values):
             yield "enum/const (with values its type excludes)"
-    elif "type" not in node and not names_only and not {"$ref", "anyOf", "oneOf", "allOf"}.intersection(node):
+    elif "type" not in node and not names_only and not _COMBINATORS.intersection(node):
         untyped = sorted(_TYPED.intersection(node))
         if untyped:
             yield f"{', '.join(untyped)} (without a type)"
@@ -203,21 +204,26 @@ def _names_raw_json_char(pattern: str) -> bool:
     """Whether the regex names a character xgrammar writes raw where a JSON string holds it only
     escaped: a backslash or U+0000-U+001F outside a negated class, a quote outside any class (a
     class drops it)."""
-    i, in_class, negated = 0, False, False
-    while i < len(pattern):
-        c = pattern[i]
-        code = _escaped_code(pattern, i) if c == "\\" else ord(c) if c == '"' or ord(c) < 0x20 else None
+    for at, atom, in_class, negated in regex_atoms(pattern):
+        code = _escaped_code(pattern, at) if atom[0] == "\\" else ord(atom) if atom == '"' or ord(atom) < 0x20 else None
         if code is not None and not (in_class and (negated or code == 0x22)) and (code < 0x20 or code in (0x22, 0x5C)):
             return True
-        if c == "\\":
-            i += 2
-            continue
-        if in_class:
-            in_class = c != "]"
-        elif c == "[":
-            in_class, negated = True, pattern.startswith("^", i + 1)
-        i += 1
     return False
+
+
+def regex_atoms(pattern: str) -> Iterator[tuple[int, str, bool, bool]]:
+    """The regex's characters and escapes (a backslash and the character after it), each with
+    where it starts, whether it is inside a character class and whether that class is negated.
+    Classes are ECMA-262's, as JSON Schema's: "[]" is empty, a "]" always ends one."""
+    i, in_class, negated = 0, False, False
+    while i < len(pattern):
+        atom = pattern[i : i + 2] if pattern[i] == "\\" else pattern[i]
+        yield i, atom, in_class, negated
+        if in_class:
+            in_class = atom != "]"
+        elif atom == "[":
+            in_class, negated = True, pattern.startswith("^", i + 1)
+        i += len(atom)
 
 
 def _escaped_code(pattern: str, at: int) -> int | None:
@@ -259,20 +265,11 @@ def json_schema_grammar(schema: str) -> Any:
 def _has_lookaround(pattern: str) -> bool:
     """Whether the regex has a group (?=, (?!, (?<= or (?<!, outside escapes and
     character classes (``\\(?=`` is an optional "(" then "=")."""
-    i, in_class = 0, False
-    while i < len(pattern):
-        c = pattern[i]
-        if c == "\\":
-            i += 2
-            continue
-        if in_class:
-            in_class = c != "]"
-        elif c == "[":  # ECMA-262's classes, as JSON Schema's: "[]" is empty, a "]" always ends one
-            in_class = True
-        elif c == "(" and pattern.startswith(("?=", "?!", "?<=", "?<!"), i + 1):
-            return True
-        i += 1
-    return False
+    lookarounds = ("?=", "?!", "?<=", "?<!")
+    return any(
+        atom == "(" and not in_class and pattern.startswith(lookarounds, at + 1)
+        for at, atom, in_class, _ in regex_atoms(pattern)
+    )
 
 
 def check_schema_depth(schema: Any, field: str) -> None:
