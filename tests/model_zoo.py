@@ -235,6 +235,48 @@ def hf_greedy(
     return results
 
 
+def hf_router_noise_deviation(
+    directory: pathlib.Path,
+    prompts: list[list[int]],
+    continuations: list[list[int]],
+    reference: list[torch.Tensor],
+    *,
+    noise: float,
+    draws: int,
+    device: str = "cpu",
+) -> list[torch.Tensor]:
+    """How far transformers' float32 logits move when every router's input is multiplied by
+    (1 + ``noise`` x a normal draw), at the scale of a bf16 run's error, in ``draws`` draws:
+    per prompt, each step's largest absolute logit change against ``reference`` [steps, vocab],
+    along the given continuation. A token near a tie between experts moves by a router's flip."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).to(device).eval()
+    gates = [m for name, m in model.named_modules() if name.endswith(".gate")]
+    if not gates:
+        raise ValueError(f"no router (a module named '*.gate') in {type(model).__name__}")
+    generator = torch.Generator(device=device)
+
+    def perturb(module, args):
+        x = args[0]
+        return (x * (1 + noise * torch.randn(x.shape, generator=generator, device=x.device)),) + args[1:]
+
+    hooks = [g.register_forward_pre_hook(perturb) for g in gates]
+    deviations = [torch.zeros(len(c)) for c in continuations]
+    try:
+        with torch.no_grad():
+            for draw in range(draws):
+                generator.manual_seed(draw)
+                for prompt, tokens, ref, dev in zip(prompts, continuations, reference, deviations):
+                    ids = torch.tensor([prompt + tokens[:-1]], device=device)
+                    logits = model(ids).logits[0, len(prompt) - 1 :].float().cpu()
+                    torch.maximum(dev, (logits - ref).abs().amax(dim=-1), out=dev)
+    finally:
+        for h in hooks:
+            h.remove()
+    return deviations
+
+
 def fp8_checkpoints(
     source: pathlib.Path, fp8_dir: pathlib.Path, reference_dir: pathlib.Path, block: tuple[int, int]
 ) -> None:
