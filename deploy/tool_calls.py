@@ -177,8 +177,9 @@ class ToolCallStream:
 
 
 def _open_json(text: str) -> bool:
-    """Whether ``text`` starts a JSON object that is still open at its end (inside a string,
-    or with brackets unclosed): a call's end tag found there is part of its arguments."""
+    """Whether ``text`` starts a JSON object that ends inside one of its strings: a call's end
+    tag found there is part of its arguments. Outside a string the tag ends the call, whether
+    the object closed or not (a model that left a bracket open)."""
     if not text.lstrip().startswith("{"):
         return False
     depth, in_string, escaped = 0, False, False
@@ -196,7 +197,9 @@ def _open_json(text: str) -> bool:
             depth += 1
         elif c in "}]":
             depth -= 1
-    return in_string or depth > 0
+            if depth == 0:  # the object closed before the tag
+                return False
+    return in_string
 
 
 def _partial_suffix(text: str, tag: str) -> int:

@@ -13,7 +13,8 @@ from typing import Any, Callable, Iterator
 # refusing valid arrays), found by compiling a schema with each and testing an instance that
 # breaks it: a request using them would get output its schema rejects.
 _UNENFORCED = (
-    "not", "if", "then", "else", "dependentRequired", "dependentSchemas", "contains", "minContains", "maxContains"
+    "not", "if", "then", "else", "dependentRequired", "dependentSchemas", "dependencies", "contains", "minContains",
+    "maxContains", "$dynamicRef", "$recursiveRef",
 )  # fmt: skip
 _SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 _SUBSCHEMAS = (
@@ -41,7 +42,18 @@ MULTIPLE_OF_MAX_RANGE = 10_000
 # formats of JSON schema that xgrammar compiles as any string
 _UNENFORCED_FORMATS = frozenset({"idn-email", "idn-hostname", "iri", "iri-reference", "regex"})
 # a regex escape's character code: the ones a JSON string cannot hold raw
-_ESCAPED_CODES = {"n": 0x0A, "r": 0x0D, "t": 0x09, "f": 0x0C, "v": 0x0B, "0": 0x00, "\\": 0x5C, '"': 0x22}
+_ESCAPED_CODES = {
+    "n": 0x0A,
+    "r": 0x0D,
+    "t": 0x09,
+    "f": 0x0C,
+    "v": 0x0B,
+    "a": 0x07,
+    "e": 0x1B,
+    "0": 0x00,
+    "\\": 0x5C,
+    '"': 0x22,
+}
 
 
 MAX_SCHEMA_DEPTH = 64  # subschemas within subschemas (OpenAI's strict mode allows 10)
@@ -139,16 +151,21 @@ def _unenforced_in(node: dict, *, names_only: bool) -> Iterator[str]:
         yield "minLength/maxLength (with a pattern or format)"
     if isinstance(node.get("format"), str) and node["format"] in _UNENFORCED_FORMATS:
         yield f"format {node['format']}"
-    open_names = node.get("additionalProperties") is not False or "patternProperties" in node
+    # xgrammar's strict mode closes an object without additionalProperties to its properties
+    other_names = node.get("additionalProperties", False) is not False or "patternProperties" in node
     fixed = sum(name in names for name in required)
-    if open_names and _number(node.get("minProperties"), default=0) > max(1, fixed):
+    if other_names and _number(node.get("minProperties"), default=0) > max(1, fixed):
         # past the required names it counts other names, and the grammar lets a name repeat
         yield "minProperties (past the required names, where other names are allowed: a name may repeat)"
-    if "propertyNames" in node and ({"properties", "patternProperties"}.intersection(node) or not open_names):
+    if "propertyNames" in node and (
+        {"properties", "patternProperties"}.intersection(node) or node.get("additionalProperties") is False
+    ):
         yield "propertyNames (beside properties, patternProperties or additionalProperties false)"
     pattern_names = node.get("patternProperties")
-    if isinstance(pattern_names, dict) and any(_search(pattern, name) for pattern in pattern_names for name in names):
-        yield "patternProperties (matching a name in properties)"
+    # a name in properties that a pattern matches is held to the properties' schema alone; the
+    # user's regexes are not run here to find out (a hostile one backtracks for hours)
+    if isinstance(pattern_names, dict) and pattern_names and names:
+        yield "patternProperties (beside properties)"
     patterns = [node.get("pattern"), *(pattern_names if isinstance(pattern_names, dict) else ())]
     patterns = [p for p in patterns if isinstance(p, str)]
     # xgrammar compiles a pattern's lookaround as if it were not there (a regex grammar refuses it)
@@ -193,19 +210,18 @@ def _number(*values: Any, default: Any = None) -> Any:
     return next((v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)), default)
 
 
-def _search(pattern: str, name: str) -> bool:
-    try:
-        return re.search(pattern, name) is not None
-    except re.error:  # a pattern Python reads otherwise: xgrammar's compile judges it
-        return False
-
-
 def _names_raw_json_char(pattern: str) -> bool:
     """Whether the regex names a character xgrammar writes raw where a JSON string holds it only
     escaped: a backslash or U+0000-U+001F outside a negated class, a quote outside any class (a
     class drops it)."""
     for at, atom, in_class, negated in regex_atoms(pattern):
-        code = _escaped_code(pattern, at) if atom[0] == "\\" else ord(atom) if atom == '"' or ord(atom) < 0x20 else None
+        code = (
+            _escaped_code(pattern, at, in_class)
+            if atom[0] == "\\"
+            else ord(atom)
+            if atom == '"' or ord(atom) < 0x20
+            else None
+        )
         if code is not None and not (in_class and (negated or code == 0x22)) and (code < 0x20 or code in (0x22, 0x5C)):
             return True
     return False
@@ -226,10 +242,12 @@ def regex_atoms(pattern: str) -> Iterator[tuple[int, str, bool, bool]]:
         i += len(atom)
 
 
-def _escaped_code(pattern: str, at: int) -> int | None:
+def _escaped_code(pattern: str, at: int, in_class: bool) -> int | None:
     """The character code of the regex escape at ``at`` where it names one (``\\n``, ``\\x1f``,
-    ``\\u0022``, ``\\u{5c}``, ``\\cJ``, ``\\\\``), else None."""
+    ``\\u0022``, ``\\u{5c}``, ``\\cJ``, ``\\\\``; ``\\b`` in a class), else None."""
     escape = pattern[at + 1 : at + 2]
+    if escape == "b" and in_class:
+        return 0x08
     if escape in ("x", "u"):
         digits = re.match(r"\{([0-9a-fA-F]{1,6})\}|([0-9a-fA-F]{2,4})", pattern[at + 2 :])
         if not digits:

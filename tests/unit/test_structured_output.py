@@ -322,9 +322,33 @@ UNENFORCED = [
         '{"A1": 1}',
     ),
     (
-        "patternProperties (matching a name in properties)",
+        "patternProperties (beside properties)",
         {"type": "object", "properties": {"a": {"type": "array"}}, "patternProperties": {".": {"type": "number"}}},
         '{"a": []}',
+    ),
+    (
+        "patternProperties (beside properties)",
+        {
+            "type": "object",
+            "properties": {"x_a": {"type": "string"}},
+            "patternProperties": {"^x_": {"type": "integer"}},
+        },
+        '{"x_a": "s"}',
+    ),
+    (
+        "dependencies",
+        {
+            "$schema": "http://json-schema.org/draft-07/schema#",
+            "type": "object",
+            "properties": AB,
+            "dependencies": {"a": ["b"]},
+        },
+        '{"a": 1}',
+    ),
+    (
+        "$dynamicRef",
+        {"$dynamicAnchor": "node", "type": "object", "properties": {"a": {"$dynamicRef": "#node"}}},
+        '{"a": 1}',
     ),
     (
         "minProperties (past the required names, where other names are allowed: a name may repeat)",
@@ -337,6 +361,9 @@ UNENFORCED = [
     ("pattern (naming a quote, backslash or control character)", {"type": "string", "pattern": "^[\\t]$"}, '"\t"'),
     ("pattern (naming a quote, backslash or control character)", {"type": "string", "pattern": "^\\\\$"}, '"\\"'),
     ("pattern (naming a quote, backslash or control character)", {"type": "string", "pattern": "^\\u0001$"}, '"\x01"'),
+    ("pattern (naming a quote, backslash or control character)", {"type": "string", "pattern": "^\\a$"}, '"\x07"'),
+    ("pattern (naming a quote, backslash or control character)", {"type": "string", "pattern": "^\\e$"}, '"\x1b"'),
+    ("pattern (naming a quote, backslash or control character)", {"type": "string", "pattern": "^[\\b]$"}, '"\x08"'),
 ]
 
 
@@ -358,9 +385,8 @@ def test_schema_keywords_xgrammar_does_not_enforce_are_refused_naming_the_field(
         assert keyword.startswith("pattern (naming"), "only these let invalid JSON through"
     else:
         if "$ref (to another" not in keyword:  # not resolvable here
-            validator = jsonschema.Draft202012Validator(
-                schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER
-            )
+            draft = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+            validator = draft(schema, format_checker=draft.FORMAT_CHECKER)
             assert not validator.is_valid(instance), "the instance breaks the schema"
     for s in (schema, nested):
         spec = GrammarSpec("json", json.dumps(s), "structured_outputs.json")
@@ -379,7 +405,9 @@ def test_schema_keywords_xgrammar_does_not_enforce_are_refused_naming_the_field(
         {"type": "integer", "minimum": 0, "maximum": 30, "multipleOf": 3},
         {"type": "integer", "multipleOf": 3},
         {"type": "object", "properties": AB, "required": ["a"], "additionalProperties": False, "minProperties": 1},
-        {"type": "object", "properties": {"a": {}}, "patternProperties": {"^x_": {"type": "integer"}}},
+        {"type": "object", "patternProperties": {"^x_": {"type": "integer"}}},
+        {"type": "object", "properties": AB, "minProperties": 2},  # closed: strict mode without additionalProperties
+        {"type": "string", "pattern": "^[^\\b]+$"},
         {"type": "string", "pattern": '^[^"\\\\\\n]*$'},
         {"type": "string", "pattern": "^\\d{3}-[a-z]+\\.\\w*$"},
         {"type": "string", "format": "date-time"},
@@ -396,8 +424,8 @@ def test_schema_keywords_xgrammar_does_not_enforce_are_refused_naming_the_field(
 )
 def test_schemas_as_pydantic_and_people_write_them_compile(engine, schema):
     """What the refusals above must not catch: pydantic's shapes (enums, optional refs with
-    annotations), bounded multiples, fixed or patterned names apart from the properties', a
-    negated class holding a quote or backslash, escapes of ordinary characters."""
+    annotations), bounded multiples, patterned names, a negated class holding a quote,
+    backslash or control character, escapes of ordinary characters."""
     assert engine.local.core.grammars.compile(GrammarSpec("json", json.dumps(schema))) is not None
 
 
@@ -548,6 +576,18 @@ def test_a_ref_to_an_anchor_is_refused_as_unenforced():
     assert unenforced_keywords(schema) == ["$ref (to another document or an $anchor)"]
     assert unenforced_keywords({"$defs": {"I": {"type": "integer"}}, "$ref": "#/$defs/I"}) == []
     assert unenforced_keywords({"anyOf": [{"$ref": "#"}, {"type": "null"}]}) == []
+
+
+def test_a_backtracking_pattern_beside_properties_is_refused_without_running_it():
+    """The refusal of patternProperties beside properties runs no user regex: matching "^(a|a)*$"
+    against this name backtracks for hours in Python's re (1 s at 25 characters, doubling with
+    each one), and the check runs on the ingress's event loop for strict tools."""
+    from raymoe.actors.engine.json_schema import unenforced_keywords
+
+    schema = {"type": "object", "properties": {"a" * 60 + "!": {}}, "patternProperties": {"^(a|a)*$": {}}}
+    start = time.perf_counter()
+    assert unenforced_keywords(schema) == ["patternProperties (beside properties)"]
+    assert time.perf_counter() - start < 0.5
 
 
 def test_lookarounds_are_found_in_patterns_and_pattern_property_names():

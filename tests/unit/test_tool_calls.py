@@ -102,6 +102,24 @@ def test_an_end_tag_inside_the_arguments_does_not_end_the_call(piece):
     assert content.strip() == "after" and [(c.name, json.loads(c.arguments)) for c in calls] == [("f", args)]
 
 
+@pytest.mark.parametrize("piece", [None, 1, 5])
+def test_a_call_left_open_ends_at_its_tag(piece):
+    """A call whose JSON misses its closing brace ends at the end tag outside its strings: it
+    comes back as content, and the well-formed call after it is a call. The open bracket had
+    every later tag read as argument text: the next call was lost, and nothing after streamed
+    until the output ended."""
+    text = (
+        '<tool_call>\n{"name": "f", "arguments": {"a": 1}\n</tool_call>\n'
+        '<tool_call>\n{"name": "g", "arguments": {"b": 2}}\n</tool_call> after'
+    )
+    content, calls = _split(text, piece)
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("g", {"b": 2})]
+    assert content.startswith('<tool_call>\n{"name": "f"') and content.strip().endswith("after")
+    stream = ToolCallStream(P)
+    stream.add('<tool_call>\n{"name": "f", "arguments": {"a": 1}\n</tool_call>\n')
+    assert stream.add("Here is the answer.")[0].endswith("Here is the answer.")
+
+
 def test_forced_call_with_an_end_tag_in_an_argument_parses(compiler):
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"s": {}}}}}
     text = '<tool_call>\n{"name": "f", "arguments": {"s": "</tool_call>"}}\n</tool_call>'
