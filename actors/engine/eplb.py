@@ -120,6 +120,7 @@ class EplbManager:
         self._calls: set[asyncio.Future[Any]] = set()  # calls to the ranks not answered yet
         self._planning: Optional[asyncio.Future[EplbPlan]] = None
         self._current: Optional[_Request] = None  # the rebalance under way
+        self._closed: Optional[str] = None  # why close() was called
         # seconds between steps, outside rebalances and during one (planning and moves):
         # what a rebalance costs the steps
         self._step_s: collections.deque[float] = collections.deque(maxlen=512)
@@ -142,6 +143,8 @@ class EplbManager:
                 f"logical_load: expected shape [{num_moe_layers}, {self.num_logical}] "
                 f"(MoE layers x experts), got {list(logical_load.shape)}"
             )
+        if self._closed is not None:
+            raise RebalanceRefused(f"{self._closed}: ask again")
         if self.busy:
             raise RebalanceRefused(
                 f"a rebalance is under way (state {self.status['state']}, "
@@ -186,10 +189,11 @@ class EplbManager:
         load = request.load
         if load is None:
             if self._window_opened is not None:
-                await self._window_opened  # long done; raises what a rank raised
-            reading = self._submit("take_expert_load")
+                await self._answered(self._window_opened, "take_expert_load")  # long done, unless a rank hangs
+            reading, asked = self._submit("take_expert_load"), time.perf_counter()
             while not reading.done():  # read between steps; the loop does not wait for it
                 yield
+                self._check_not_hung("take_expert_load", asked)
                 await self._pause_if_idle()
             load = self._logical_load(reading.result()[0])
         if not float(load.sum()) > 0:
@@ -307,8 +311,9 @@ class EplbManager:
 
     def close(self, why: str = "the engine shut down") -> None:
         """Forget the calls to the ranks still unanswered, stop planning, and refuse the
-        rebalance asked for, saying ``why`` (shutdown or a restart: the ranks go away, and a
-        planner timing out later would start a new worker)."""
+        rebalance asked for and any asked for later, saying ``why`` (shutdown or a restart: the
+        ranks go away, and a planner timing out later would start a new worker)."""
+        self._closed = why
         if self._planning is not None:
             self._planning.cancel()
         for request in (self.requested, self._current):
@@ -326,9 +331,19 @@ class EplbManager:
         return call
 
     async def _all(self, method: str, *args: Any) -> list[Any]:
+        return await self._answered(self._submit(method, *args), method)
+
+    async def _answered(self, call: "asyncio.Future[list[Any]]", method: str) -> list[Any]:
+        """The answers to ``call``, waited for at most call_timeout_s from now."""
         try:
-            return list(await asyncio.wait_for(self._submit(method, *args), self.call_timeout_s))
+            return list(await asyncio.wait_for(asyncio.shield(call), self.call_timeout_s))
         except asyncio.TimeoutError:
-            raise StepTimeoutError(
-                f"EPLB's {method} took over {self.call_timeout_s:g} s (engine.step_timeout_s): a rank is hung"
-            ) from None
+            raise StepTimeoutError(self._hung(method)) from None
+
+    def _check_not_hung(self, method: str, asked: float) -> None:
+        """StepTimeoutError when a call asked at ``asked`` is unanswered past call_timeout_s."""
+        if self.call_timeout_s is not None and time.perf_counter() - asked > self.call_timeout_s:
+            raise StepTimeoutError(self._hung(method))
+
+    def _hung(self, method: str) -> str:
+        return f"EPLB's {method} took over {self.call_timeout_s:g} s (engine.step_timeout_s): a rank is hung"

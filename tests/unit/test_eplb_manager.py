@@ -317,6 +317,53 @@ def test_a_rank_hung_during_moves_while_idle_is_a_step_timeout():
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("hung_at", ["window", "reading"])
+def test_a_rank_hung_before_planning_while_idle_is_a_step_timeout(hung_at):
+    """A rebalance on the recorded load while no step runs: a rank that never answers the
+    window's load (or the read of it) was waited on for good, holding the engine's loop (no
+    request ran again, /health ok). Past call_timeout_s it raises StepTimeoutError."""
+    from raymoe.actors.engine.async_engine import StepTimeoutError
+
+    class Hung(FakeRanks):
+        reads = 0
+
+        def call_async(self, method, *args):
+            self.reads += method == "take_expert_load"
+            # the window opens with the first read; the rebalance reads it with the second
+            if method != "take_expert_load" or (hung_at == "reading") != (self.reads == 2):
+                return super().call_async(method, *args)
+            self.calls.append(method)
+            return [asyncio.get_running_loop().create_future() for _ in range(EP)]  # never answered
+
+    async def main():
+        manager = _manager(Hung(steps_to_land=0), call_timeout_s=0.2)
+        await manager.on_step(after_step=False)
+        asked = manager.request()
+        t0 = time.monotonic()
+        with pytest.raises(StepTimeoutError, match="take_expert_load took over 0.2 s"):
+            for _ in range(2000):
+                await asyncio.wait_for(manager.on_step(after_step=False), 5)
+        assert time.monotonic() - t0 < 5 and manager.status["state"] == "planning"
+        manager.close("the rank group restarted")
+        with pytest.raises(RebalanceRefused, match="the rank group restarted"):
+            asked.result()
+
+    asyncio.run(main())
+
+
+def test_a_rebalance_asked_after_close_is_refused_at_once():
+    """The controller keeps a closed manager while the rank group restarts (or for good once
+    it is down): a rebalance asked of it then waited planning_timeout_s + 60 s for nothing."""
+
+    async def main():
+        manager = _manager(FakeRanks(steps_to_land=0))
+        manager.close("the rank group is restarting")
+        with pytest.raises(RebalanceRefused, match="the rank group is restarting: ask again"):
+            manager.request(_skewed_physical_load()[:, :EXPERTS])
+
+    asyncio.run(main())
+
+
 def test_close_refuses_the_rebalance_asked_for_saying_why():
     """The rank group restarts while a rebalance waits for its plan (or has not started): its
     caller is told at once (it waited planning_timeout_s + 60 s for a future nobody resolved)."""
