@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 from raymoe.actors.engine.grammar import GrammarSpec
-from raymoe.actors.engine.json_schema import rebuild_schema
+from raymoe.actors.engine.json_schema import rebuild_schema, without_raw_char_patterns
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,9 @@ def _arguments_schema(function: dict, index: int, defs: dict) -> dict:
     """A tool's parameters as the arguments of a call inside the call's schema, whose root is
     not the tool's: a tool with local ``$ref``s ("#", "#/$defs/...", as pydantic writes nested
     models) goes into ``defs`` under a name of its own, its ``$defs`` and ``definitions`` beside
-    it, and its refs are rewritten to point there."""
+    it, and its refs are rewritten to point there. Patterns naming a character the grammar would
+    write raw are dropped: a non-strict tool's arguments must parse more than they must match
+    (a strict tool's are refused before)."""
     parameters = function.get("parameters") or {"type": "object"}
     own = f"tool{index}"
     sections = {"#/$defs/": f"#/$defs/{own}_defs_", "#/definitions/": f"#/$defs/{own}_definitions_"}
@@ -87,7 +89,10 @@ def _arguments_schema(function: dict, index: int, defs: dict) -> dict:
         return node
 
     try:
-        if '"$ref"' not in json.dumps(parameters):
+        text = json.dumps(parameters)
+        if '"pattern' in text:
+            parameters = rebuild_schema(parameters, without_raw_char_patterns)
+        if '"$ref"' not in text:
             return parameters
         for section in ("$defs", "definitions"):
             subschemas = parameters.get(section)

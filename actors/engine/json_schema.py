@@ -176,6 +176,16 @@ def _unenforced_in(node: dict, *, names_only: bool) -> Iterator[str]:
         yield "pattern (naming a quote, backslash or control character)"
 
 
+def without_raw_char_patterns(node: dict) -> dict:
+    """A schema object without the patterns that name a character xgrammar would write raw in
+    a JSON string (see _names_raw_json_char): for rebuild_schema, where the output must parse
+    more than it must match (a tool's non-strict parameters)."""
+    out = {k: v for k, v in node.items() if not (k == "pattern" and isinstance(v, str) and _names_raw_json_char(v))}
+    if isinstance(out.get("patternProperties"), dict):
+        out["patternProperties"] = {p: v for p, v in out["patternProperties"].items() if not _names_raw_json_char(p)}
+    return out
+
+
 def _strings(values: list) -> set[str]:
     """The strings among a schema's list values (a hostile one may hold anything)."""
     return {v for v in values if isinstance(v, str)}

@@ -360,6 +360,7 @@ def _rope_params(cfg: dict[str, Any]) -> dict[str, Any]:
     scaling, parameters = cfg.get("rope_scaling"), cfg.get("rope_parameters")
     if scaling and parameters:
         used = {**scaling, "rope_theta": scaling.get("rope_theta", cfg.get("rope_theta", 10000.0))}
+        used.setdefault("rope_type", scaling.get("type"))  # the older spelling of the kind
         lost = any(used.get(k) != v for k, v in parameters.items())
     if scaling and parameters and lost:
         log.warning(

@@ -397,6 +397,7 @@ def test_rope_scaling_beside_rope_parameters_is_read_as_transformers_reads_it():
     assert rope.original_max_position == hf["original_max_position_embeddings"]
 
 
+@pytest.mark.parametrize("kind_key", ["rope_type", "type"])  # "type": the older spelling in rope_scaling
 @pytest.mark.parametrize(
     "parameters,warned",
     [
@@ -406,13 +407,13 @@ def test_rope_scaling_beside_rope_parameters_is_read_as_transformers_reads_it():
         ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 1e4}, False),
     ],
 )
-def test_rope_parameters_ignored_beside_rope_scaling_are_warned_of(caplog, parameters, warned):
+def test_rope_parameters_ignored_beside_rope_scaling_are_warned_of(caplog, parameters, warned, kind_key):
     """A key only rope_parameters sets (a rope_theta of 5e5, where the one used is the default
     10,000) is dropped as well: the warning says so, and stays quiet where nothing is lost."""
     cfg = _config("qwen3_moe")
     cfg.pop("rope_theta", None)
     cfg["rope_parameters"] = parameters
-    cfg["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+    cfg["rope_scaling"] = {kind_key: "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
     with caplog.at_level(logging.WARNING):
         rope = spec_from_hf_config(cfg).rope
     assert rope.theta == hf_classes("qwen3_moe")[0].from_dict(cfg).rope_parameters["rope_theta"] == 1e4

@@ -128,6 +128,23 @@ def test_forced_call_with_an_end_tag_in_an_argument_parses(compiler):
     assert content is None and [(c.name, json.loads(c.arguments)) for c in calls] == [("f", {"s": "</tool_call>"})]
 
 
+def test_a_forced_call_of_a_tool_whose_pattern_names_a_backslash_parses(compiler):
+    """A non-strict tool's pattern naming a backslash (a Windows path): xgrammar writes it raw,
+    so the forced call's grammar accepted arguments that are not JSON, and the call came back
+    as content. Such a pattern is dropped from the grammar; the others hold."""
+    path = {"type": "string", "pattern": "^[A-Z]:\\\\[a-z]+$"}
+    name = {"type": "string", "pattern": "^[a-z]+$"}
+    params = {"type": "object", "properties": {"path": path, "name": name}, "required": ["path", "name"]}
+    tool = {"type": "function", "function": {"name": "open", "parameters": params}}
+    grammar = compiler.compile(P.forced_call([tool], None))
+    raw = '<tool_call>\n{"name": "open", "arguments": {"path": "C:\\abc", "name": "x"}}\n</tool_call>'
+    assert not xgrammar.GrammarMatcher(grammar).accept_string(raw)
+    escaped = '<tool_call>\n{"name": "open", "arguments": {"path": "C:\\\\abc", "name": "x"}}\n</tool_call>'
+    assert xgrammar.GrammarMatcher(grammar).accept_string(escaped)
+    assert [json.loads(c.arguments) for c in split_tool_calls(P, escaped)[1]] == [{"path": "C:\\abc", "name": "x"}]
+    assert not xgrammar.GrammarMatcher(grammar).accept_string(escaped.replace('"x"', '"X"'))
+
+
 @pytest.mark.parametrize("piece", [None, 1, 7])
 def test_a_short_call_after_long_content_is_found(piece):
     """The end tag is searched for from where the call's text starts, whatever came before it
