@@ -41,6 +41,11 @@ _COMBINATORS = frozenset({"$ref", "anyOf", "oneOf", "allOf"})
 MULTIPLE_OF_MAX_RANGE = 10_000
 # formats of JSON schema that xgrammar compiles as any string
 _UNENFORCED_FORMATS = frozenset({"idn-email", "idn-hostname", "iri", "iri-reference", "regex"})
+# formats whose grammar takes no empty string: a minLength of 1 beside them holds (pydantic's AnyUrl)
+_NONEMPTY_FORMATS = frozenset(
+    {"uri", "email", "hostname", "ipv4", "ipv6", "date", "time", "date-time", "duration", "uuid",
+     "relative-json-pointer"}
+)  # fmt: skip
 # a regex escape's character code: the ones a JSON string cannot hold raw
 _ESCAPED_CODES = {
     "n": 0x0A,
@@ -148,7 +153,9 @@ def _unenforced_in(node: dict, *, names_only: bool) -> Iterator[str]:
     if "multipleOf" in node and not _whole_multiple(node):
         yield "multipleOf (but of integers, with both bounds or none)"
     if ("minLength" in node or "maxLength" in node) and ("pattern" in node or "format" in node):
-        yield "minLength/maxLength (with a pattern or format)"
+        nonempty = "pattern" not in node and "maxLength" not in node and str(node.get("format")) in _NONEMPTY_FORMATS
+        if not (nonempty and _number(node.get("minLength"), default=2) <= 1):
+            yield "minLength/maxLength (with a pattern or format)"
     if isinstance(node.get("format"), str) and node["format"] in _UNENFORCED_FORMATS:
         yield f"format {node['format']}"
     # xgrammar's strict mode closes an object without additionalProperties to its properties

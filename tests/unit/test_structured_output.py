@@ -303,6 +303,12 @@ UNENFORCED = [
     ),
     ("pattern (with a lookahead or lookbehind)", {"type": "string", "pattern": "^(?!x)[a-z]$"}, '"x"'),
     ("minLength/maxLength (with a pattern or format)", {"type": "string", "pattern": "^a+$", "maxLength": 3}, '"aaaa"'),
+    ("minLength/maxLength (with a pattern or format)", {"type": "string", "format": "uri", "minLength": 9}, '"a:b"'),
+    (
+        "minLength/maxLength (with a pattern or format)",
+        {"type": "string", "format": "json-pointer", "minLength": 1},
+        '""',
+    ),
     ("$ref (beside maximum)", {"$defs": INT, "$ref": "#/$defs/I", "maximum": 3}, "7"),
     ("anyOf (beside maximum)", {"anyOf": [{"type": "integer"}], "maximum": 3}, "7"),
     ("allOf (beside properties, required)", {"allOf": [{"type": "object"}], "properties": AB, "required": ["a"]}, "{}"),
@@ -408,6 +414,7 @@ def test_schema_keywords_xgrammar_does_not_enforce_are_refused_naming_the_field(
         {"type": "object", "patternProperties": {"^x_": {"type": "integer"}}},
         {"type": "object", "properties": AB, "minProperties": 2},  # closed: strict mode without additionalProperties
         {"type": "string", "pattern": "^[^\\b]+$"},
+        {"type": "string", "format": "uri", "minLength": 1},  # pydantic's AnyUrl
         {"type": "string", "pattern": '^[^"\\\\\\n]*$'},
         {"type": "string", "pattern": "^\\d{3}-[a-z]+\\.\\w*$"},
         {"type": "string", "format": "date-time"},
