@@ -6,6 +6,7 @@ UTF-8."""
 from __future__ import annotations
 
 import itertools
+import json
 import re
 from typing import Any, Callable, Iterator
 
@@ -285,11 +286,44 @@ _STRING_CHARS = {
 }
 
 
+# a pattern's classes that take UTF-16 surrogates, as classes that do not (outside other classes)
+_NO_SURROGATES = r"\uD800-\uDFFF"
+_PATTERN_CLASSES = {
+    ".": rf"[^\n\r\u2028\u2029{_NO_SURROGATES}]",  # ECMA-262's "." (xgrammar's takes U+2028/9 too)
+    r"\D": rf"[^0-9{_NO_SURROGATES}]",
+    r"\S": rf"[^\s{_NO_SURROGATES}]",
+    r"\W": rf"[^\w{_NO_SURROGATES}]",
+}
+
+
+def pattern_without_surrogates(pattern: str) -> str:
+    """``pattern`` with its ".", \\D, \\S, \\W and negated classes held off UTF-16 surrogates,
+    whose UTF-8 bytes xgrammar writes but which are no valid UTF-8."""
+    out = []
+    for _, atom, in_class, negated in regex_atoms(pattern):
+        if in_class and negated and atom == "]":
+            out.append(_NO_SURROGATES)
+        out.append(atom if in_class else _PATTERN_CLASSES.get(atom, atom))
+    return "".join(out)
+
+
+def _patterns_without_surrogates(node: dict) -> dict:
+    out = dict(node)
+    if isinstance(out.get("pattern"), str):
+        out["pattern"] = pattern_without_surrogates(out["pattern"])
+    if isinstance(out.get("patternProperties"), dict):
+        out["patternProperties"] = {pattern_without_surrogates(p): v for p, v in out["patternProperties"].items()}
+    return out
+
+
 def json_schema_grammar(schema: str) -> Any:
     """xgrammar's grammar of a JSON schema without free whitespace (a model cannot pad its
-    output with spaces forever), its strings held to JSON's characters in valid UTF-8."""
+    output with spaces forever), its strings held to JSON's characters in valid UTF-8.
+    Recursive where the schema has patterns: the caller bounds its depth."""
     from xgrammar import Grammar
 
+    if '"pattern' in schema:
+        schema = json.dumps(rebuild_schema(json.loads(schema), _patterns_without_surrogates))
     grammar = Grammar.from_json_schema(schema, any_whitespace=False)
     text = original = str(grammar)
     for chars, json_chars in _STRING_CHARS.items():

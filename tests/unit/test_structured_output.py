@@ -550,15 +550,41 @@ def test_special_tokens_other_than_the_stops_are_never_allowed(engine):
             assert tok.decode(text_ids, True).strip('"') in ("<|im_start|>", "x")
 
 
-@pytest.mark.parametrize("schema", [{"type": "string"}, {"type": "object"}, {"type": "string", "maxLength": 9}])
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"type": "string"},
+        {"type": "object"},
+        {"type": "string", "maxLength": 9},
+        {"type": "string", "pattern": "^x.+$"},
+        {"type": "string", "pattern": "^x[^,]+$"},
+        {"type": "string", "pattern": "^x\\D+$"},
+        {"type": "string", "pattern": "^x\\S+$"},
+        {"type": "string", "pattern": "^x\\W*.+$"},
+        {"type": "object", "patternProperties": {"^x.+$": {"type": "integer"}}, "additionalProperties": False},
+    ],
+)
 def test_strings_take_no_utf16_surrogates(engine, schema):
     """xgrammar's string characters took U+D800-U+DFFF, whose UTF-8 bytes are no valid UTF-8
     (decoded, each byte is a U+FFFD); any other character, past the BMP too, stays."""
     compiled = engine.local.core.grammars.compile(GrammarSpec("json", json.dumps(schema)))
     value = b'"x\xed\xa0\x80"' if schema["type"] == "string" else b'{"x\xed\xb0\x80": 1}'
     assert not xgrammar.GrammarMatcher(compiled).accept_string(value)
-    text = '"h\u00e9\u4e2d\U0001f600"' if schema["type"] == "string" else '{"\u00e9\U0001f600": 1}'
+    text = '"x\u00e9\u4e2d\U0001f600"' if schema["type"] == "string" else '{"x\u00e9\U0001f600": 1}'
     assert xgrammar.GrammarMatcher(compiled).accept_string(text.encode())
+
+
+def test_a_pattern_dot_is_ecma_s():
+    """JSON schema patterns are ECMA-262's, whose "." takes no line terminator: xgrammar's took
+    U+2028 and U+2029. jsonschema (Python's re) differs there, so the cases are spelled out."""
+    from xgrammar.testing import _is_grammar_accept_string
+
+    from raymoe.actors.engine.json_schema import json_schema_grammar
+
+    grammar = json_schema_grammar(json.dumps({"type": "string", "pattern": "^a.b$"}))
+    for line_end in ("\u2028", "\u2029"):
+        assert not _is_grammar_accept_string(grammar, f'"a{line_end}b"')
+    assert _is_grammar_accept_string(grammar, '"a\u00e9b"') and _is_grammar_accept_string(grammar, '"a.b"')
 
 
 def test_no_grammar_is_cached_by_xgrammar(engine):
