@@ -65,7 +65,14 @@ class CheckpointReader:
         block boundary, and end on one or at the tensor's end), any other as stored."""
         t, dim, start, stop = self._slice(name, dim, start, stop)
         if t.dtype != FP8:
+            if fp8_block is not None and self.fp8_block is not None:
+                raise ValueError(
+                    f"checkpoint {self.dir}: {name} is {t.dtype}, not float8, though config.json's "
+                    "quantization_config.modules_to_not_convert does not name it; raymoe would quantise it "
+                    "with every other projection, unlike the checkpoint: set model.quantization: none"
+                )
             return WeightSlice(t)
+        scales = self._scales(name, t)
         if fp8_block is None:
             return WeightSlice(self._dequantised(name, t, dim, start, stop))
         b, size = fp8_block[dim], self.shape(name)[dim]
@@ -75,7 +82,7 @@ class CheckpointReader:
                 f"fall on FP8 blocks of {b}; choose a layout whose splits do, or set model.quantization: none "
                 "to run dequantised weights"
             )
-        scale = self.read(name + "_scale_inv", dim, start // b, -(-stop // b), dtype=torch.float32)
+        scale = self.read(scales, dim, start // b, -(-stop // b), dtype=torch.float32)
         return WeightSlice(t, scale, fp8_block)
 
     def _slice(self, name: str, dim: Optional[int], start: int, stop: Optional[int]):
@@ -95,11 +102,7 @@ class CheckpointReader:
 
     def _dequantised(self, name: str, t: torch.Tensor, dim: int, start: int, stop: int) -> torch.Tensor:
         """FP8 slice ``t`` (rows or columns [start, stop) along ``dim``) times its blocks' scales."""
-        scales = name + "_scale_inv"
-        if self.fp8_block is None:
-            raise ValueError(f"checkpoint {self.dir}: {name} is float8 but config.json has no fp8 quantization_config")
-        if scales not in self.file_of or t.dim() != 2:
-            raise ValueError(f"checkpoint {self.dir}: {name} is float8 but has no {scales} (or is not 2-D)")
+        scales = self._scales(name, t)
         block = self.fp8_block
         first, last = start // block[dim], -(-stop // block[dim])
         s = self.read(scales, dim, first, last, dtype=torch.float32)
@@ -107,6 +110,23 @@ class CheckpointReader:
         offset = start - first * block[dim]
         s = s.narrow(dim, offset, stop - start).narrow(1 - dim, 0, t.shape[1 - dim])
         return t.float() * s
+
+    def _scales(self, name: str, t: torch.Tensor) -> str:
+        """The name of FP8 weight ``name``'s block scales, checked against the weight's shape and
+        config.json's block (a scale of another shape would scale the wrong blocks)."""
+        scales = name + "_scale_inv"
+        if self.fp8_block is None:
+            raise ValueError(f"checkpoint {self.dir}: {name} is float8 but config.json has no fp8 quantization_config")
+        if scales not in self.file_of or t.dim() != 2:
+            raise ValueError(f"checkpoint {self.dir}: {name} is float8 but has no {scales} (or is not 2-D)")
+        (rows, cols), block = self.shape(name), self.fp8_block
+        want = [-(-rows // block[0]), -(-cols // block[1])]
+        if self.shape(scales) != want:
+            raise ValueError(
+                f"checkpoint {self.dir}: {scales} has shape {self.shape(scales)}, but a {rows} x {cols} weight in "
+                f"FP8 blocks of {list(block)} (config.json's quantization_config.weight_block_size) has {want}"
+            )
+        return scales
 
     def mark_used(self, name: str) -> None:
         """Count tensor ``name`` as part of the model without reading it here (another rank's share)."""

@@ -115,16 +115,16 @@ class WeightSlice:
     def dequantized(self) -> torch.Tensor:
         return self.data if self.scale is None else dequantize_blocks(self.data, self.scale, self.block)
 
-    def reorder_rows(self, order: torch.Tensor) -> "WeightSlice":
+    def reorder_rows(self, order: torch.Tensor, what: str = "") -> "WeightSlice":
         """The rows in ``order``; with FP8 every row must stay within its block (the scales
-        stay where they are)."""
+        stay where they are). ``what``: the weight, named in errors."""
         if self.scale is None:
             return WeightSlice(self.data[order])
         rows = torch.arange(order.shape[0])
         if not torch.equal(order // self.block[0], rows // self.block[0]):
             raise ValueError(
-                f"reordering rows across FP8 blocks of {self.block[0]}; set model.quantization: none "
-                "to run dequantised weights"
+                f"{what}: its rotary rows would move across FP8 blocks of {self.block[0]} (raymoe reorders "
+                "them); set model.quantization: none to run dequantised weights"
             )
         return WeightSlice(self.data.view(torch.uint8)[order].view(FP8), self.scale, self.block)
 
@@ -159,8 +159,9 @@ def resolve_fp8_block(
     return block
 
 
-# modules raymoe never keeps in FP8: embeddings, LM head, norms, routers and gates
-_NOT_PROJECTIONS = re.compile(r"(embed_tokens|lm_head|norm|(^|\.)gate|shared_expert_gate|router)$")
+# modules raymoe never keeps in FP8: embeddings, LM head, norms, routers and gates, MLA's kv_b_proj
+# (split into the absorbed per-head weights)
+_NOT_PROJECTIONS = re.compile(r"(embed_tokens|lm_head|norm|(^|\.)gate|shared_expert_gate|router|kv_b_proj)$")
 
 
 def _resolved(quantization: str, checkpoint_block: Optional[tuple[int, int]], on_cuda: bool):

@@ -95,17 +95,17 @@ class LatentAttention(nn.Module):
         m, fp8 = self.mla, self.fp8_block
         h0, h1 = self.head_start, self.head_start + self.heads
         latent = reader.read_weight(prefix + "kv_a_proj_with_mqa.weight", fp8_block=fp8)
-        latent = latent.reorder_rows(_rope_halves_order(self.latent_width, m))
+        latent = latent.reorder_rows(_rope_halves_order(self.latent_width, m), prefix + "kv_a_proj_with_mqa.weight")
         query_rows = (0, h0 * self.qk_dim, h1 * self.qk_dim)
         query_order = torch.cat([_rope_halves_order(self.qk_dim, m) + h * self.qk_dim for h in range(self.heads)])
         if self.q_b is not None:
             q_in = reader.read_weight(prefix + "q_a_proj.weight", fp8_block=fp8)
             self.q_a_norm.load(reader, prefix + "q_a_layernorm.weight")
             q_b = reader.read_weight(prefix + "q_b_proj.weight", *query_rows, fp8_block=fp8)
-            q_b.reorder_rows(query_order).store(self.q_b, self.q_b_scale, fp8)
+            q_b.reorder_rows(query_order, prefix + "q_b_proj.weight").store(self.q_b, self.q_b_scale, fp8)
         else:
             q_in = reader.read_weight(prefix + "q_proj.weight", *query_rows, fp8_block=fp8)
-            q_in = q_in.reorder_rows(query_order)
+            q_in = q_in.reorder_rows(query_order, prefix + "q_proj.weight")
         WeightSlice.cat([q_in, latent], 0, prefix + "q and kv_a projections").store(
             self.in_proj, self.in_proj_scale, fp8
         )

@@ -197,7 +197,7 @@ def spec_from_hf_config(cfg: dict[str, Any]) -> ModelSpec:
         torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"),
         num_mtp_layers=int(cfg.get(traits.mtp_layers_field) or 0) if traits.mtp_layers_field else 0,
         fp8_block=_fp8_block(cfg.get("quantization_config")),
-        fp8_unconverted=tuple((cfg.get("quantization_config") or {}).get("modules_to_not_convert") or ()),
+        fp8_unconverted=_modules_to_not_convert(cfg.get("quantization_config")),
         mla=mla,
     )
 
@@ -250,6 +250,18 @@ def _latent_attention(cfg: dict[str, Any], rope: RopeSpec) -> LatentAttentionSpe
     )
 
 
+def _modules_to_not_convert(quant: Any) -> tuple[str, ...]:
+    """quantization_config.modules_to_not_convert: module names (one name alone is one name)."""
+    names = quant.get("modules_to_not_convert") if isinstance(quant, dict) else None
+    names = [names] if isinstance(names, str) else names or []
+    if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise ValueError(
+            f"config.json: quantization_config.modules_to_not_convert = {json.dumps(names)}: expected a list of "
+            "module names"
+        )
+    return tuple(names)
+
+
 def _fp8_block(quant: Any) -> Optional[tuple[int, int]]:
     """The block of an FP8 block-quantised checkpoint (DeepSeek-V3's and Qwen3-FP8's format:
     float8_e4m3fn weights, one float32 ``weight_scale_inv`` per block); None without
@@ -263,7 +275,7 @@ def _fp8_block(quant: Any) -> Optional[tuple[int, int]]:
             '(raymoe implements "fp8" with weight_block_size)'
         )
     block = quant.get("weight_block_size")
-    if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+    if not (isinstance(block, list) and len(block) == 2 and all(type(b) is int and b > 0 for b in block)):
         raise ValueError(
             f"config.json: quantization_config.weight_block_size = {json.dumps(block)} is not implemented "
             "(raymoe implements block-wise FP8: [rows, columns], e.g. [128, 128])"

@@ -147,6 +147,11 @@ def test_fp8_experts_moved_by_eplb_keep_outputs(ray_session, checkpoints, aligne
         ({"quant_method": "fp8"}, "weight_block_size"),
         ({"quant_method": "fp8", "weight_block_size": [128, 128], "activation_scheme": "static"}, "activation_scheme"),
         ({"quant_method": "fp8", "weight_block_size": [128, 128], "fmt": "e5m2"}, "fmt"),
+        ({"quant_method": "fp8", "weight_block_size": [True, True]}, "weight_block_size"),
+        (
+            {"quant_method": "fp8", "weight_block_size": [128, 128], "modules_to_not_convert": [1]},
+            "modules_to_not_convert",
+        ),
     ],
 )
 def test_other_quantizations_are_refused_by_name(checkpoints, quant, field):
@@ -207,3 +212,53 @@ def test_fp8_slices_off_the_blocks_are_refused_by_name(checkpoints):
     whole = reader.read_weight(name, 0, 0, 48, fp8_block=BLOCK)  # two whole blocks of 24 rows
     assert whole.data.dtype == torch.float8_e4m3fn and whole.scale.shape == (2, 2)
     assert torch.equal(whole.data, reader._slice(name, 0, 0, 48)[0])
+
+
+def test_one_module_name_not_to_convert_is_one_name(checkpoints):
+    fp8_dir, _ = checkpoints
+    cfg = json.loads((fp8_dir / "config.json").read_text())
+    quant = {**cfg["quantization_config"], "modules_to_not_convert": "lm_head"}
+    assert spec_from_hf_config({**cfg, "quantization_config": quant}).fp8_unconverted == ("lm_head",)
+
+
+def _edited_copy(fp8_dir, directory, edit) -> CheckpointReader:
+    """A copy of the FP8 checkpoint with ``edit`` applied to its tensors (a dict, in place)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(fp8_dir, directory)
+    tensors = load_file(directory / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, str(directory / "model.safetensors"))
+    return CheckpointReader(directory, fp8_block=BLOCK)
+
+
+def test_a_scale_of_another_shape_is_refused_naming_it(checkpoints, tmp_path):
+    """Scales written for other blocks (or one row short) scaled the wrong blocks: the output
+    was silently wrong, or a torch error named no tensor."""
+    fp8_dir, _ = checkpoints
+    name = "model.layers.0.self_attn.o_proj.weight"
+    reader = _edited_copy(fp8_dir, tmp_path / "ckpt", lambda t: t.update({name + "_scale_inv": torch.ones(6, 4)}))
+    message = rf"{name}_scale_inv has shape \[6, 4\], but a 64 x 64 weight in FP8 blocks of \[24, 40\].* has \[3, 2\]"
+    for read in (lambda: reader.read(name), lambda: reader.read_weight(name, fp8_block=BLOCK)):
+        with pytest.raises(ValueError, match=message):
+            read()
+
+
+def test_a_projection_an_fp8_checkpoint_ships_unquantised_unlisted_is_refused_in_fp8(checkpoints, tmp_path):
+    """A projection in float32 that modules_to_not_convert does not name: kept in FP8 it was
+    quantised, unlike the checkpoint's own weights (and a named one is refused the same way);
+    dequantised (model.quantization: none, or auto on CPU) it loads as shipped."""
+    fp8_dir, _ = checkpoints
+    name = "model.layers.0.self_attn.o_proj.weight"
+    plain = CheckpointReader(fp8_dir, fp8_block=BLOCK).read(name)
+
+    def unquantise(tensors):
+        tensors[name] = plain.contiguous()
+        del tensors[name + "_scale_inv"]
+
+    reader = _edited_copy(fp8_dir, tmp_path / "ckpt", unquantise)
+    with pytest.raises(ValueError, match=rf"{name} is torch.float32, not float8.*model.quantization: none"):
+        reader.read_weight(name, fp8_block=BLOCK)
+    assert torch.equal(reader.read_weight(name).data, plain)

@@ -57,7 +57,8 @@ def test_projections_a_checkpoint_ships_unquantised_are_refused_in_fp8_only():
     """modules_to_not_convert naming embeddings, norms, routers or the LM head changes nothing
     (raymoe keeps them in the compute dtype anyway); naming a projection is refused when it
     would be kept in FP8, and fine when the checkpoint runs dequantised."""
-    harmless = ["model.embed_tokens", "lm_head", "mlp.gate", "model.layers.0.input_layernorm"]
+    # kv_b_proj: MLA's, always dequantised into the absorbed per-head weights
+    harmless = ["model.embed_tokens", "lm_head", "mlp.gate", "model.layers.0.input_layernorm", "self_attn.kv_b_proj"]
     assert resolve_fp8_block("fp8", (128, 128), on_cuda=False, unconverted=harmless) == (128, 128)
     odd = harmless + ["model.layers.3.self_attn.q_proj"]
     with pytest.raises(ValueError, match=r"modules_to_not_convert names \['model.layers.3.self_attn.q_proj'\]"):
@@ -83,8 +84,8 @@ def test_rows_reorder_within_their_blocks_only():
     order = torch.tensor([0, 2, 4, 6, 1, 3, 5, 7, 8, 9, 10, 11, 12, 13, 14, 15])
     moved = part.reorder_rows(order)
     assert torch.equal(moved.data.view(torch.uint8), q.view(torch.uint8)[order])
-    with pytest.raises(ValueError, match="across FP8 blocks of 8"):
-        part.reorder_rows(torch.arange(16).flip(0))
+    with pytest.raises(ValueError, match="^x.q_proj.weight: its rotary rows would move across FP8 blocks of 8"):
+        part.reorder_rows(torch.arange(16).flip(0), "x.q_proj.weight")
 
 
 def test_a_plain_slice_is_quantised_when_stored_into_an_fp8_weight():
