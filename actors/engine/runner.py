@@ -94,6 +94,8 @@ def make_attention(
 
         if cp is not None and cp.world_size > 1:
             raise ValueError("FlashInfer attention does not run context parallelism (parallel.cp > 1) yet")
+        if q_dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"FlashInfer attention takes float16 or bfloat16, not model.dtype {q_dtype}")
         if mla is not None:
             check_latent_dims(mla.kv_lora_rank, mla.qk_rope_head_dim)
             attention = FlashInferLatentAttention(kv_cache, block_size, heads, **latent)

@@ -62,7 +62,8 @@ def block_dividing(dim: int, want: int, least: int = 16) -> int | None:
 
 
 def _fused(x: torch.Tensor):
-    return _flashinfer() if x.is_cuda else None
+    """FlashInfer's fused kernels where they take x (CUDA, float16 or bfloat16), else None."""
+    return _flashinfer() if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) else None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
