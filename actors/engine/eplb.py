@@ -188,13 +188,13 @@ class EplbManager:
         self.status.update(state="planning")
         load = request.load
         if load is None:
-            if self._window_opened is not None:
-                await self._answered(self._window_opened, "take_expert_load")  # long done, unless a rank hangs
-            reading, asked = self._submit("take_expert_load"), time.perf_counter()
-            while not reading.done():  # read between steps; the loop does not wait for it
+            if self._window_opened is not None:  # long answered, unless a rank hangs
+                async for _ in self._until_answered(self._window_opened, "take_expert_load"):
+                    yield
+                self._window_opened.result()  # raises what a rank raised
+            reading = self._submit("take_expert_load")
+            async for _ in self._until_answered(reading, "take_expert_load"):  # read between steps
                 yield
-                self._check_not_hung("take_expert_load", asked)
-                await self._pause_if_idle()
             load = self._logical_load(reading.result()[0])
         if not float(load.sum()) > 0:
             self.status.update(state="waiting", skipped=NOT_ENOUGH_LOAD)
@@ -331,19 +331,27 @@ class EplbManager:
         return call
 
     async def _all(self, method: str, *args: Any) -> list[Any]:
-        return await self._answered(self._submit(method, *args), method)
-
-    async def _answered(self, call: "asyncio.Future[list[Any]]", method: str) -> list[Any]:
-        """The answers to ``call``, waited for at most call_timeout_s from now."""
         try:
-            return list(await asyncio.wait_for(asyncio.shield(call), self.call_timeout_s))
+            return list(await asyncio.wait_for(self._submit(method, *args), self.call_timeout_s))
         except asyncio.TimeoutError:
             raise StepTimeoutError(self._hung(method)) from None
 
-    def _check_not_hung(self, method: str, asked: float) -> None:
-        """StepTimeoutError when a call asked at ``asked`` is unanswered past call_timeout_s."""
-        if self.call_timeout_s is not None and time.perf_counter() - asked > self.call_timeout_s:
-            raise StepTimeoutError(self._hung(method))
+    async def _until_answered(self, call: "asyncio.Future[list[Any]]", method: str) -> AsyncIterator[None]:
+        """Yield (steps go on) until ``call`` is answered. Steps that run are timed by the
+        executor (a call to the ranks waits behind the steps in flight, however long they take);
+        past call_timeout_s without one, a rank that never answers is hung: StepTimeoutError."""
+        idle_since: Optional[float] = None
+        while not call.done():
+            yield
+            if call.done():
+                break
+            if self._after_step:
+                idle_since = None
+                continue
+            idle_since = idle_since or time.perf_counter()
+            if self.call_timeout_s is not None and time.perf_counter() - idle_since > self.call_timeout_s:
+                raise StepTimeoutError(self._hung(method))
+            await self._pause_if_idle()
 
     def _hung(self, method: str) -> str:
         return f"EPLB's {method} took over {self.call_timeout_s:g} s (engine.step_timeout_s): a rank is hung"

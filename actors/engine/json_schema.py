@@ -298,12 +298,14 @@ _PATTERN_CLASSES = {
 
 def pattern_without_surrogates(pattern: str) -> str:
     """``pattern`` with its ".", \\D, \\S, \\W and negated classes held off UTF-16 surrogates,
-    whose UTF-8 bytes xgrammar writes but which are no valid UTF-8."""
+    whose UTF-8 bytes xgrammar writes but which are no valid UTF-8 (a class that is not negated
+    keeps what it names: "[\\s\\S]" still takes them)."""
     out = []
-    for _, atom, in_class, negated in regex_atoms(pattern):
-        if in_class and negated and atom == "]":
-            out.append(_NO_SURROGATES)
-        out.append(atom if in_class else _PATTERN_CLASSES.get(atom, atom))
+    for at, atom, in_class, negated in regex_atoms(pattern):
+        if in_class and negated and pattern[at - 1 : at + 1] == "[^":
+            out.append("^" + _NO_SURROGATES)  # first in the class: a "-" ending it stays a "-"
+        else:
+            out.append(atom if in_class else _PATTERN_CLASSES.get(atom, atom))
     return "".join(out)
 
 

@@ -351,6 +351,40 @@ def test_a_rank_hung_before_planning_while_idle_is_a_step_timeout(hung_at):
     asyncio.run(main())
 
 
+def test_a_load_read_behind_slow_steps_is_no_timeout():
+    """While steps run, a read of the load waits behind the steps in flight, however long they
+    take (the executor times those): only waiting with no step running counts as a hang."""
+
+    class Slow(FakeRanks):
+        def call_async(self, method, *args):
+            if method != "take_expert_load":
+                return super().call_async(method, *args)
+            self.calls.append(method)
+            load = self.take_expert_load()
+
+            async def answer():
+                await asyncio.sleep(0.3)  # behind two steps of 0.15 s
+                return load
+
+            return [answer() for _ in range(EP)]
+
+    async def main():
+        ranks = Slow(steps_to_land=0)
+        manager = _manager(ranks, call_timeout_s=0.2)
+        await manager.on_step()
+        ranks.load = _skewed_physical_load()
+        asked = manager.request()
+        for _ in range(200):
+            if asked.done():
+                break
+            await asyncio.sleep(0.05)
+            await manager.on_step()
+        asked.result()
+        await _steps_until(manager, lambda: manager.status["rebalances"] == 1)
+
+    asyncio.run(main())
+
+
 def test_a_rebalance_asked_after_close_is_refused_at_once():
     """The controller keeps a closed manager while the rank group restarts (or for good once
     it is down): a rebalance asked of it then waited planning_timeout_s + 60 s for nothing."""
