@@ -23,6 +23,12 @@ from raymoe.actors.engine.kv_write_triton import write_kv
 from raymoe.actors.engine.step import StepLayout
 
 WORKSPACE_BYTES = 256 * 2**20
+HEAD_DIMS = (64, 128, 256)  # FlashInfer's prefill kernels' (others fail inside them: an invalid configuration)
+
+
+def check_head_dim(head_dim: int) -> None:
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"FlashInfer attention takes head_dim {', '.join(map(str, HEAD_DIMS))}, not {head_dim}")
 
 
 def page_tables(pages: np.ndarray, indices: np.ndarray, context_lens: np.ndarray, block_size: int):

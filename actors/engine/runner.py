@@ -85,7 +85,7 @@ def make_attention(
     if kind == "torch" or not on_gpu:
         return TorchAttention(kv_cache, block_size, cp=cp, **latent)
     try:
-        from raymoe.actors.engine.attention_flashinfer import FlashInferAttention
+        from raymoe.actors.engine.attention_flashinfer import FlashInferAttention, check_head_dim
         from raymoe.actors.engine.attention_flashinfer_mla import (
             FlashInferLatentAttention,
             check_latent_dims,
@@ -102,6 +102,7 @@ def make_attention(
             num_sms = torch.cuda.get_device_properties(kv_cache.device).multi_processor_count
             check_step_budget(step_tokens, max_seqs, heads, num_sms)
             return attention
+        check_head_dim(kv_cache.shape[-1])
         return FlashInferAttention(kv_cache, block_size, heads, q_dtype=q_dtype)
     except (ImportError, ValueError) as e:
         if kind == "flashinfer":
@@ -246,7 +247,9 @@ class ModelRunner:
         recorder, self.expert_load = self.expert_load, None
         try:
             for n in counts:
-                step = warmup_step(n, self.block_size, self.scratch_block, self.ctx.groups.dp.world_size)
+                step = warmup_step(
+                    n, self.block_size, self.scratch_block, self.ctx.groups.dp.world_size, max_len=self.max_model_len
+                )
                 self.forward_eager(build_step_layout(step, self.block_size), step.dp_token_counts)
         except Exception as e:
             if self.fp8_block is None:

@@ -230,21 +230,27 @@ def warmup_token_counts(max_tokens: int) -> list[int]:
     return sorted(set(counts + [max_tokens]))
 
 
-def warmup_step(num_tokens: int, block_size: int, scratch_block: int, dp_replicas: int) -> StepInput:
+def warmup_step(num_tokens: int, block_size: int, scratch_block: int, dp_replicas: int, max_len: int) -> StepInput:
     """A prefill of ``num_tokens`` made-up tokens whose KV all lands in ``scratch_block`` (every
-    replica the same), sampling nothing anyone reads: for compiling kernels before serving."""
-    pages = -(-num_tokens // block_size)
-    chunk = ScheduledChunk(
-        request_id="warmup",
-        token_ids=tuple(3 + t % 97 for t in range(num_tokens)),
-        start_pos=0,
-        block_ids=(scratch_block,) * pages,
-        sample=True,
-        sampling=SamplingParams(temperature=0.0),
-        seed=0,
-        num_output_tokens=0,
-    )
-    return pack_step([chunk], (num_tokens,) * dp_replicas, block_size)
+    replica the same), sampling nothing anyone reads: for compiling kernels before serving. Its
+    sequences hold at most ``max_len`` tokens each (positions past the model's are past its
+    rotary table)."""
+    chunks = []
+    for first in range(0, num_tokens, max_len):
+        n = min(max_len, num_tokens - first)
+        chunks.append(
+            ScheduledChunk(
+                request_id=f"warmup{len(chunks)}",
+                token_ids=tuple(3 + t % 97 for t in range(n)),
+                start_pos=0,
+                block_ids=(scratch_block,) * -(-n // block_size),
+                sample=True,
+                sampling=SamplingParams(temperature=0.0),
+                seed=0,
+                num_output_tokens=0,
+            )
+        )
+    return pack_step(chunks, (num_tokens,) * dp_replicas, block_size)
 
 
 def _logprobs_column(chunks: Sequence[ScheduledChunk]) -> Optional[np.ndarray]:

@@ -989,3 +989,36 @@ def test_a_stopped_engine_never_steps_again(big):
     engine, steps, rejected = asyncio.run(main())
     assert engine._loop_task is None and big.local.core.num_steps == steps
     assert [r.kind for r in rejected] == [RejectKind.ENGINE_FAILED] and not big.has_unfinished
+
+
+def test_warm_up_steps_stay_within_the_models_positions(tmp_path):
+    """The warm-up steps that compile a GPU's kernels (run here on CPU) take up to the step's
+    token budget, which may pass the model's positions: one sequence of them indexed rotary
+    rows past the table (on a GPU an assert, or FlashInfer reading past it). They are split
+    into sequences of at most max_model_len tokens."""
+    from model_zoo import write_checkpoint
+
+    path = write_checkpoint("qwen3_moe", tmp_path / "ckpt", max_position_embeddings=64)
+    config = config_from_dict(
+        {
+            "model": {"path": str(path), "dtype": "float32"},
+            "engine": {"num_kv_blocks": 16, "block_size": 16, "max_num_batched_tokens": 200},
+        }
+    )
+    runner = build_local_engine(config, num_threads=1).core.executor.runner
+    assert runner.max_model_len == 64
+    assert runner.compile_step_kernels() >= 1
+
+
+def test_flashinfer_attention_is_refused_for_head_dims_its_kernels_lack():
+    """FlashInfer's prefill failed inside its kernel at head_dim 32 (an invalid configuration)
+    and aborted the process at 12 (a GPU fuzz of model configs): the backend is refused first,
+    so auto runs torch attention."""
+    pytest.importorskip("triton")
+    from raymoe.actors.engine.attention_flashinfer import check_head_dim
+
+    for ok in (64, 128, 256):
+        check_head_dim(ok)
+    for bad in (12, 32, 96):
+        with pytest.raises(ValueError, match=f"head_dim 64, 128, 256, not {bad}"):
+            check_head_dim(bad)
