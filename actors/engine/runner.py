@@ -243,7 +243,10 @@ class ModelRunner:
         stalls every request in flight. Every rank runs the same sizes (collectives agree).
         Returns the steps run."""
         assert self.attention is not None, "allocate_kv_cache() first"
-        counts = warmup_token_counts(self.config.engine.max_num_batched_tokens)
+        engine = self.config.engine
+        # no step holds more than max_num_seqs sequences of at most max_model_len tokens
+        most = min(engine.max_num_batched_tokens, engine.max_num_seqs * self.max_model_len)
+        counts = warmup_token_counts(most)
         recorder, self.expert_load = self.expert_load, None
         try:
             for n in counts:

@@ -998,16 +998,19 @@ def test_warm_up_steps_stay_within_the_models_positions(tmp_path):
     into sequences of at most max_model_len tokens."""
     from model_zoo import write_checkpoint
 
+    from raymoe.actors.engine.step import warmup_token_counts
+
     path = write_checkpoint("qwen3_moe", tmp_path / "ckpt", max_position_embeddings=64)
     config = config_from_dict(
         {
             "model": {"path": str(path), "dtype": "float32"},
-            "engine": {"num_kv_blocks": 16, "block_size": 16, "max_num_batched_tokens": 200},
+            "engine": {"num_kv_blocks": 16, "block_size": 16, "max_num_batched_tokens": 200, "max_num_seqs": 2},
         }
     )
     runner = build_local_engine(config, num_threads=1).core.executor.runner
     assert runner.max_model_len == 64
-    assert runner.compile_step_kernels() >= 1
+    # up to 2 sequences of 64 tokens: no step takes more than 128 of the budget's 200
+    assert runner.compile_step_kernels() == len(warmup_token_counts(128))
 
 
 def test_flashinfer_attention_is_refused_for_head_dims_its_kernels_lack():
