@@ -296,16 +296,28 @@ _PATTERN_CLASSES = {
 }
 
 
+# the same inside a class that is not negated, as ranges: from U+0020 and without the backslash,
+# which xgrammar leaves out of its own \\S, \\D and \\W in a JSON string (named, it writes them raw)
+_IN_CLASS = {
+    r"\S": r"\u0021-\u005B\u005D-\u009F\u00A1-\u167F\u1681-\u1FFF\u200B-\u2027\u202A-\u202E\u2030-\u205E"
+    r"\u2060-\u2FFF\u3001-\uD7FF\uE000-\uFEFE\uFF00-\u{10FFFF}",
+    r"\D": r"\u0020-\u002F\u003A-\u005B\u005D-\uD7FF\uE000-\u{10FFFF}",
+    r"\W": r"\u0020-\u002F\u003A-\u0040\u005B\u005D\u005E\u0060\u007B-\uD7FF\uE000-\u{10FFFF}",
+}
+
+
 def pattern_without_surrogates(pattern: str) -> str:
     """``pattern`` with its ".", \\D, \\S, \\W and negated classes held off UTF-16 surrogates,
-    whose UTF-8 bytes xgrammar writes but which are no valid UTF-8 (a class that is not negated
-    keeps what it names: "[\\s\\S]" still takes them)."""
+    whose UTF-8 bytes xgrammar writes but which are no valid UTF-8 (a range over them, as in
+    "[\\u0080-\\uFFFF]", still takes them)."""
     out = []
     for at, atom, in_class, negated in regex_atoms(pattern):
         if in_class and negated and pattern[at - 1 : at + 1] == "[^":
             out.append("^" + _NO_SURROGATES)  # first in the class: a "-" ending it stays a "-"
+        elif in_class:
+            out.append(atom if negated else _IN_CLASS.get(atom, atom))
         else:
-            out.append(atom if in_class else _PATTERN_CLASSES.get(atom, atom))
+            out.append(_PATTERN_CLASSES.get(atom, atom))
     return "".join(out)
 
 

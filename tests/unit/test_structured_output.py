@@ -560,6 +560,9 @@ def test_special_tokens_other_than_the_stops_are_never_allowed(engine):
         {"type": "string", "pattern": "^x[^,]+$"},
         {"type": "string", "pattern": "^x[^a-]+$"},  # the "-" ending the class stays a "-"
         {"type": "string", "pattern": "^x[^]+$"},
+        {"type": "string", "pattern": "^x[\\s\\S]+$"},
+        {"type": "string", "pattern": "^x[\\w\\W]+$"},
+        {"type": "string", "pattern": "^x[\\d\\D]+$"},
         {"type": "string", "pattern": "^x\\D+$"},
         {"type": "string", "pattern": "^x\\S+$"},
         {"type": "string", "pattern": "^x\\W*.+$"},
