@@ -110,7 +110,7 @@ def rotary_(
     first R <= D dims of each head rotate, the rest pass through (partial rotary).
     """
     fi = _fused(q)
-    if fi is not None:
+    if fi is not None and flashinfer_rotary_fits(q.shape[-1], cos_sin.shape[-1], q.dtype):
         fi.rope.apply_rope_with_cos_sin_cache_inplace(positions, q, k, q.shape[-1], cos_sin, is_neox=True)
         return q, k
     half = cos_sin.shape[-1] // 2
@@ -123,6 +123,14 @@ def rotary_(
             torch.cat((k[..., :rot] * cos + _rotate_half(k[..., :rot]) * sin, k[..., rot:]), dim=-1),
         )
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def flashinfer_rotary_fits(head_dim: int, rotary_dim: int, dtype: torch.dtype) -> bool:
+    """Whether FlashInfer's rotary kernel takes these widths: its own head dims, with each
+    rotated half a whole number of its 16-byte vectors (HEAD_DIM / 32 elements past 256).
+    Elsewhere it reads misaligned vectors, and the GPU faults."""
+    vector = max(16 // dtype.itemsize, head_dim // 32)
+    return head_dim in (64, 128, 256, 512) and rotary_dim <= head_dim and (rotary_dim // 2) % vector == 0
 
 
 def qk_norm_rotary_(

@@ -1,7 +1,7 @@
 """The kernels of the dense part of a layer, compiled for this GPU, against references:
-the one-row Triton linear (F.linear), the fused q/k norm + rotary Triton kernel (the
-unfused path: FlashInfer's norm and rotary), the Triton KV write into a bf16 or FP8 cache
-(the torch backend's ``write_kv``)."""
+the one-row Triton linear (F.linear), the rotary embedding (transformers'), the fused q/k
+norm + rotary Triton kernel (the unfused path: FlashInfer's norm and rotary), the Triton KV
+write into a bf16 or FP8 cache (the torch backend's ``write_kv``)."""
 
 from __future__ import annotations
 
@@ -80,6 +80,38 @@ def test_kv_append_writes_where_write_kv_does(graph, cache_dtype):
     assert not cache[9, :, 1:].view(torch.uint8).any()
     if cache_dtype == torch.float8_e4m3fn:  # saturated, not NaN
         assert cache.float().abs().max() == 448 and not cache.float().isnan().any()
+
+
+@pytest.mark.parametrize(
+    "head_dim,rotary_dim",
+    # FlashInfer's kernel where it fits; the odd widths of small configs (12, 20, MLA's 4) and a
+    # rotated half of 12 at head_dim 64 read misaligned vectors there and take torch's path
+    [(128, 128), (128, 64), (64, 32), (64, 24), (12, 12), (20, 20), (12, 4), (4, 4)],
+)
+def test_rotary_matches_transformers(head_dim, rotary_dim):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    g = torch.Generator(device="cuda").manual_seed(head_dim + rotary_dim)
+    tokens, heads, kv_heads = 5, 8, 2
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, device="cuda", dtype=torch.bfloat16, generator=g)
+    q = qkv[:, : heads * head_dim].view(tokens, heads, head_dim)
+    k = qkv[:, heads * head_dim : (heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
+    positions = torch.tensor([0, 7, 100, 1023, 4095], device="cuda")
+    inv_freq = 1.0 / (1e4 ** (torch.arange(0, rotary_dim, 2, dtype=torch.float) / rotary_dim))
+    freqs = torch.arange(4096, dtype=torch.float)[:, None] * inv_freq[None, :]
+    cos_sin = torch.cat((freqs.cos(), freqs.sin()), dim=-1).cuda()
+    emb = torch.cat((freqs, freqs), dim=-1).cuda()[positions]  # transformers' [T, rotary_dim]
+    rot = slice(0, rotary_dim)
+    want_q, want_k = apply_rotary_pos_emb(  # [T, heads, D]: cos/sin broadcast over heads (dim 1)
+        q[..., rot].float(), k[..., rot].float(), emb.cos(), emb.sin(), unsqueeze_dim=1
+    )
+    want_q = torch.cat((want_q, q[..., rotary_dim:].float()), dim=-1)
+    want_k = torch.cat((want_k, k[..., rotary_dim:].float()), dim=-1)
+    got_q, got_k = ops.rotary_(positions, q.clone(), k.clone(), cos_sin)
+    torch.cuda.synchronize()
+    for got, want in ((got_q, want_q), (got_k, want_k)):
+        assert got.shape == want.shape
+        assert ((got.float() - want).norm() / want.norm()).item() < 1e-2
 
 
 def test_qk_norm_rotary_kernel_matches_torch():
