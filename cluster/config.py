@@ -159,6 +159,13 @@ class ServeConfig:
 
     def validate(self) -> None:
         _require(0 <= self.port <= 65535, "serve.port", "must be a TCP port in [0, 65535]")
+        _require(self.host.strip() != "", "serve.host", "must name an interface (0.0.0.0: all of them)")
+        key = self.api_key
+        _require(
+            key is None or (key != "" and key == key.strip()),
+            "serve.api_key",
+            "must be non-empty, without spaces at either end (unset: no key)",
+        )
         _require(self.max_queued_requests >= 1, "serve.max_queued_requests", "must be >= 1")
         _require(self.num_replicas >= 1, "serve.num_replicas", "must be >= 1")
 

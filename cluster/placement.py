@@ -76,6 +76,16 @@ def assign_ranks(layout: RankLayout, located: Sequence[ActorLocation]) -> list[A
     return ordered
 
 
+def _fitting(plan: PlacementPlan, nodes: Sequence[Mapping[str, object]]) -> list[Mapping[str, object]]:
+    need = plan.bundles[0]
+    return [n for n in nodes if all(float(n["resources"].get(k, 0)) >= v for k, v in need.items())]  # type: ignore[union-attr]
+
+
+def placement_fits(plan: PlacementPlan, nodes: Sequence[Mapping[str, object]]) -> bool:
+    """Whether ``nodes`` (as describe_shortfall's) can hold ``plan``, one bundle a node."""
+    return len(_fitting(plan, nodes)) >= len(plan.bundles)
+
+
 def describe_shortfall(plan: PlacementPlan, nodes: Sequence[Mapping[str, object]]) -> str:
     """Say what the cluster lacks for ``plan``.
 
@@ -83,7 +93,7 @@ def describe_shortfall(plan: PlacementPlan, nodes: Sequence[Mapping[str, object]
     """
     need = plan.bundles[0]
     want = ", ".join(f"{int(v)} {k}" for k, v in sorted(need.items()))
-    fitting = [n for n in nodes if all(float(n["resources"].get(k, 0)) >= v for k, v in need.items())]  # type: ignore[union-attr]
+    fitting = _fitting(plan, nodes)
     have = (
         "; ".join(
             f"{n['ip']}: " + ", ".join(f"{int(float(n['resources'].get(k, 0)))} {k}" for k in sorted(need))  # type: ignore[union-attr]

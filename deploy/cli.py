@@ -54,9 +54,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from raymoe.deploy.bench import bench_main
 
         return bench_main(args)
-    except ValueError as e:  # a user mistake: one line, no traceback
-        print(f"raymoe {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:
+        mistake, shortfall = _one_line_errors()
+        cause = _cause(e)
+        if not isinstance(cause, (mistake, shortfall)):
+            raise
+        # a user mistake or a cluster too small: one line, no traceback (also when an actor raised it)
+        print(f"raymoe {args.command}: error: {cause}", file=sys.stderr)
+        return 2 if isinstance(cause, mistake) else 1
+
+
+def _one_line_errors() -> tuple[type, type]:
+    from raymoe.actors.rank_group import ClusterCapacityError
+
+    return ValueError, ClusterCapacityError
+
+
+def _cause(e: BaseException) -> BaseException:
+    """What an actor raised, where Ray wraps it in a RayTaskError (whose text is a traceback)."""
+    from ray.exceptions import RayTaskError
+
+    while isinstance(e, RayTaskError) and e.cause is not None:
+        e = e.cause
+    return e
 
 
 # ---- generate ------------------------------------------------------------------------------
@@ -138,7 +158,9 @@ def serve_main(args: argparse.Namespace) -> int:
     from raymoe.deploy.serve_app import API_KEY_ENV, start_serving, stop_serving
 
     config = _load(args)
-    api_key = args.api_key or _read_key(args.api_key_file) or config.serve.api_key or os.environ.get(API_KEY_ENV)
+    api_key = (
+        args.api_key or _read_key(args.api_key_file) or config.serve.api_key or os.environ.get(API_KEY_ENV) or None
+    )
     overrides = {
         "serve.api_key": api_key,
         "serve.host": args.host,

@@ -9,8 +9,10 @@ from typing import Any, Optional
 import ray
 
 from raymoe.actors.controller import Controller
-from raymoe.cluster.config import Config
+from raymoe.actors.models.builtin import resolve_model_path
+from raymoe.cluster.config import BUILTIN_PREFIX, Config
 from raymoe.cluster.layout import RankLayout
+from raymoe.cluster.placement import describe_shortfall, placement_fits, plan_placement
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +34,23 @@ def ensure_ray(config: Config, address: Optional[str] = None) -> None:
     if address:
         ray.init(address=address)
         return
-    # "local": a fresh Ray of our own, even if `ray start` left one running here
+    # "local": a fresh Ray of our own, even if `ray start` left one running here. Its ranks run
+    # on this machine, so what they would fail on later is checked here first.
+    if not config.model.path.startswith(BUILTIN_PREFIX):
+        resolve_model_path(config.model.path)
+    layout = RankLayout.from_config(config.parallel)
     kwargs: dict[str, Any] = {"address": "local", "include_dashboard": False}
     if config.parallel.device == "cpu":
-        world = RankLayout.from_config(config.parallel).world_size
-        kwargs["num_cpus"] = max(os.cpu_count() or 1, world)
+        kwargs["num_cpus"] = max(os.cpu_count() or 1, layout.world_size)
     ray.init(**kwargs)
+    plan = plan_placement(layout, config.parallel.device)
+    nodes = [{"ip": n["NodeManagerAddress"], "resources": n.get("Resources", {})} for n in ray.nodes() if n["Alive"]]
+    if not placement_fits(plan, nodes):  # nothing will join a Ray started here
+        ray.shutdown()
+        raise ValueError(
+            f"parallel: the Ray started here cannot hold this layout: {describe_shortfall(plan, nodes)} "
+            "Pass --address (or set RAY_ADDRESS) to join a cluster that can."
+        )
 
 
 def start_controller(

@@ -12,6 +12,7 @@ from raymoe.actors.engine.messages import Logprob
 LOGPROB_FLOOR = -9999.0  # what -inf becomes in JSON
 
 TokenText = Callable[[int], str]  # a token id -> its text
+TokenBytes = Callable[[int], bytes]  # a token id -> the bytes it stands for (part of a character, maybe)
 # the *_in_slices builders yield to the event loop after each this many tokens (a few ms of work)
 SLICE_TOKENS = 256
 
@@ -20,12 +21,12 @@ def _finite(logprob: float) -> float:
     return max(logprob, LOGPROB_FLOOR)
 
 
-def chat_logprobs(logprobs: Sequence[Logprob], token_text: TokenText) -> dict[str, Any]:
-    """Chat's ``logprobs`` object: one entry per output token."""
+def chat_logprobs(logprobs: Sequence[Logprob], token_text: TokenText, token_bytes: TokenBytes) -> dict[str, Any]:
+    """Chat's ``logprobs`` object: one entry per output token; ``bytes`` the token's own, so a
+    character split over tokens comes back whole when they are joined."""
 
     def item(token_id: int, logprob: float) -> dict[str, Any]:
-        text = token_text(token_id)
-        return {"token": text, "logprob": _finite(logprob), "bytes": list(text.encode("utf-8"))}
+        return {"token": token_text(token_id), "logprob": _finite(logprob), "bytes": list(token_bytes(token_id))}
 
     return {
         "content": [
@@ -52,11 +53,13 @@ def completion_logprobs(
     }
 
 
-async def chat_logprobs_in_slices(logprobs: Sequence[Logprob], token_text: TokenText) -> dict[str, Any]:
+async def chat_logprobs_in_slices(
+    logprobs: Sequence[Logprob], token_text: TokenText, token_bytes: TokenBytes
+) -> dict[str, Any]:
     """chat_logprobs, built ``SLICE_TOKENS`` at a time with the event loop served in between."""
     content: list[dict[str, Any]] = []
     for start in range(0, len(logprobs), SLICE_TOKENS):
-        content += chat_logprobs(logprobs[start : start + SLICE_TOKENS], token_text)["content"]
+        content += chat_logprobs(logprobs[start : start + SLICE_TOKENS], token_text, token_bytes)["content"]
         await asyncio.sleep(0)
     return {"content": content}
 

@@ -370,6 +370,9 @@ class OpenAIServer:
     def token_text(self, token_id: int) -> str:
         return self.client.tokenizer.decode([token_id], skip_special_tokens=False)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        return self.client.tokenizer.token_bytes(token_id)
+
     def _completion_echo(self, i: int, text: str, logprobs: list, prompt: Optional[list], echo: Optional[_Echo]):
         """Completion choice ``i``'s (text, token ids, logprobs, text offset of the first),
         the prompt's first where it is echoed (``logprobs``: the output's)."""
@@ -446,7 +449,11 @@ class OpenAIServer:
             text = progress.text(i)
             # logprobs are built a slice at a time, the event loop serving other requests in between
             if chat:
-                lps = await chat_logprobs_in_slices(progress.logprobs[i], self.token_text) if asked else None
+                lps = (
+                    await chat_logprobs_in_slices(progress.logprobs[i], self.token_text, self.token_bytes)
+                    if asked
+                    else None
+                )
                 choice: dict[str, Any] = {"logprobs": lps}
                 if reasoning:
                     choice["reasoning"], text = ReasoningSplitter.split(reasoning, text)
@@ -496,6 +503,7 @@ class OpenAIServer:
         created, model = int(time.time()), self.model_name
         choices = range(len(progress.pieces))
         started = [False] * len(choices)
+        text_offsets = [0] * len(choices)  # completions: where each choice's next token's text starts
         splitters = [ReasoningSplitter(reasoning) if reasoning else None for _ in choices] if chat else []
         calls = [ToolCallStream(self.tool_parser, max_tool_calls) if tool_calls else None for _ in choices]
         try:
@@ -509,7 +517,10 @@ class OpenAIServer:
                             text, lps = "", []
                         prompt = echo if echo is not None and not started[i] else None
                         text, token_ids, lps, offset = self._completion_echo(i, text, lps, out.prompt_logprobs, prompt)
-                        lp_obj = completion_logprobs(token_ids, lps, self.token_text, offset)
+                        start = text_offsets[i] if started[i] else offset  # offsets go on across chunks
+                        lp_obj = completion_logprobs(token_ids, lps, self.token_text, start)
+                        tokens = lp_obj["tokens"]
+                        text_offsets[i] = lp_obj["text_offset"][-1] + len(tokens[-1]) if tokens else start
                         chunk = completion_chunk(
                             rid,
                             created,
@@ -523,7 +534,7 @@ class OpenAIServer:
                         )
                         yield sse(chunk)
                     else:
-                        lp_obj = chat_logprobs(out.logprobs, self.token_text) if logprobs else None
+                        lp_obj = chat_logprobs(out.logprobs, self.token_text, self.token_bytes) if logprobs else None
                         yield self._chat_events(
                             out,
                             self._split_delta(splitters, i, out),

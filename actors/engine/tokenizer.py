@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 from datetime import datetime
 from typing import Any, Iterable, Optional, Sequence, Union
 
@@ -34,6 +35,18 @@ from raymoe.actors.engine.request import first_invalid_token_id
 
 _NAMED_SPECIALS = ("bos_token", "eos_token", "unk_token", "pad_token")
 _LONG_TEXT = 16384  # characters
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece's byte-fallback tokens
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's character for each byte (GPT-2's table): printable Latin-1 bytes stand
+    for themselves, the others for U+0100 onwards in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}
+
+
+_BYTE_OF_CHAR = _byte_level_alphabet()
 
 
 class Tokenizer:
@@ -54,6 +67,8 @@ class Tokenizer:
         self.chat_template = chat_template
         self.source = source
         self._compiled_template: Optional[jinja2.Template] = None
+        self._kind: Optional[str] = None  # token_bytes' reading of the vocabulary, found at first use
+        self._added: Optional[frozenset[int]] = None
 
     @classmethod
     def from_dir(cls, path: Union[str, pathlib.Path]) -> "Tokenizer":
@@ -104,6 +119,41 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         """Text of ``ids``; incomplete UTF-8 sequences decode to U+FFFD."""
         return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes ``token_id`` stands for on its own. A token can hold part of a UTF-8
+        character (``decode`` shows U+FFFD), and a SentencePiece piece's leading space is
+        stripped when it is decoded alone; so a vocabulary piece's bytes come from its own
+        alphabet: byte-level BPE's characters, or SentencePiece's "▁" and <0xNN> bytes.
+        Added tokens (and other vocabularies) give their decoded text."""
+        piece = self._backend.id_to_token(token_id)
+        kind = self._piece_kind()
+        if piece is not None and token_id not in self._added_ids():
+            if kind == "byte_level" and all(c in _BYTE_OF_CHAR for c in piece):
+                return bytes(_BYTE_OF_CHAR[c] for c in piece)
+            if kind == "sentencepiece":
+                if _BYTE_TOKEN.fullmatch(piece):
+                    return bytes([int(piece[3:5], 16)])
+                return piece.replace("▁", " ").encode("utf-8")
+        return self.decode([token_id], skip_special_tokens=False).encode("utf-8")
+
+    def _piece_kind(self) -> str:
+        """How the decoder reads vocabulary pieces: "byte_level", "sentencepiece" or "text"."""
+        if self._kind is None:
+            state = json.loads(self._backend.decoder.__getstate__()) if self._backend.decoder is not None else {}
+            types = {d.get("type") for d in [state, *state.get("decoders", [])]}
+            if "ByteLevel" in types:
+                self._kind = "byte_level"
+            elif types & {"ByteFallback", "Metaspace"}:
+                self._kind = "sentencepiece"
+            else:
+                self._kind = "text"
+        return self._kind
+
+    def _added_ids(self) -> frozenset[int]:
+        if self._added is None:
+            self._added = frozenset(self._backend.get_added_tokens_decoder())
+        return self._added
 
     def token_to_id(self, token: str) -> Optional[int]:
         return self._backend.token_to_id(token)

@@ -86,6 +86,29 @@ def test_completion_logprobs_streaming_and_not(client):
     assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
     streamed = [c.choices[0].logprobs for c in client.completions.create(stream=True, **args) if c.choices]
     assert [t for s in streamed if s for t in s.token_logprobs] == pytest.approx(lp.token_logprobs, abs=1e-5)
+    assert [o for s in streamed if s for o in s.text_offset] == lp.text_offset  # offsets go on across chunks
+    echoed = dict(args, echo=True)
+    whole = client.completions.create(**echoed).choices[0].logprobs.text_offset
+    streamed = [c.choices[0].logprobs for c in client.completions.create(stream=True, **echoed) if c.choices]
+    assert [o for s in streamed if s for o in s.text_offset] == whole
+
+
+def test_chat_logprobs_bytes_rebuild_characters_split_over_tokens(client):
+    """The built-in byte-level tokenizer spells 日é as five tokens of one byte each: their
+    texts are U+FFFD, their ``bytes`` the UTF-8 bytes, which joined give the text back."""
+    args = dict(messages=[{"role": "user", "content": "x"}], max_tokens=10, logprobs=True, top_logprobs=2)
+    args.update(model=MODEL, temperature=0, extra_body={"structured_outputs": {"regex": "日é"}})
+    full = client.chat.completions.create(**args).choices[0]
+    text = [item for item in full.logprobs.content if item.token != "<|im_end|>"]  # the stop token's last
+    assert full.message.content == "日é" and len(text) > 2  # split over tokens
+    assert b"".join(bytes(item.bytes) for item in text) == "日é".encode()
+    streamed = [
+        i
+        for c in client.chat.completions.create(stream=True, **args)
+        if c.choices and c.choices[0].logprobs
+        for i in c.choices[0].logprobs.content
+    ]
+    assert [i.bytes for i in streamed] == [i.bytes for i in full.logprobs.content]
 
 
 def test_echo_gives_prompt_logprobs_as_lm_eval_asks(server, client):

@@ -226,6 +226,9 @@ VALIDATE_CASES = [
     ("eplb.planning_timeout_s", 0),
     ("serve.port", -1),
     ("serve.port", 65536),
+    ("serve.host", ""),
+    ("serve.api_key", ""),
+    ("serve.api_key", " key"),
     ("serve.max_queued_requests", 0),
 ]
 
@@ -250,6 +253,8 @@ def test_validate_rejects_and_names_field(dotted, value):
         ("eplb.layers_per_chunk", 1),
         ("serve.port", 0),
         ("serve.port", 65535),
+        ("serve.host", "0.0.0.0"),
+        ("serve.api_key", "k"),
     ],
 )
 def test_validate_accepts_boundaries(dotted, value):

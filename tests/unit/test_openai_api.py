@@ -315,10 +315,11 @@ def test_logprobs_built_in_slices_equal_those_built_whole(monkeypatch):
     logprobs = [Logprob(i, -0.5 * i, ((i + 1, -1.0), (i + 2, float("-inf")))) for i in range(11)]
     prompt = [None, *logprobs[:4]]
     ids = [x.token_id for x in logprobs]
-    whole_chat = lp.chat_logprobs(logprobs, texts.__getitem__)
+    to_bytes = lambda i: texts[i].encode()  # noqa: E731
+    whole_chat = lp.chat_logprobs(logprobs, texts.__getitem__, to_bytes)
     whole_completion = lp.completion_logprobs([0, *ids[:4], *ids], [*prompt, *logprobs], texts.__getitem__, 3)
     monkeypatch.setattr(lp, "SLICE_TOKENS", 4)  # offsets carried across slices
-    assert asyncio.run(lp.chat_logprobs_in_slices(logprobs, texts.__getitem__)) == whole_chat
+    assert asyncio.run(lp.chat_logprobs_in_slices(logprobs, texts.__getitem__, to_bytes)) == whole_chat
     sliced = lp.completion_logprobs_in_slices([0, *ids[:4], *ids], [*prompt, *logprobs], texts.__getitem__, 3)
     assert asyncio.run(sliced) == whole_completion
 

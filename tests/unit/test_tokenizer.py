@@ -196,3 +196,47 @@ def test_missing_tokenizer_json_names_dir_and_file(tmp_path):
     with pytest.raises(ValueError, match="tokenizer.json") as exc:
         Tokenizer.from_dir(tmp_path)
     assert str(tmp_path) in str(exc.value)
+
+
+def test_token_bytes_match_xgrammar_decoded_vocabulary(tok, hf):
+    """Each token's own bytes, against xgrammar's reading of the same vocabulary (byte-level
+    BPE: a token may hold part of a character, whose decode() is U+FFFD)."""
+    import xgrammar
+
+    info = xgrammar.TokenizerInfo.from_huggingface(hf, stop_token_ids=sorted(tok.eos_token_ids))
+    specials = {i for i, t in tok.backend.get_added_tokens_decoder().items() if t.special}
+    ids = [i for i in range(tok.vocab_size) if i not in specials]
+    assert any("\ufffd" in tok.decode([i]) for i in ids)  # partial characters are there to test
+    assert [tok.token_bytes(i) for i in ids] == [info.decoded_vocab[i] for i in ids]
+    for i in specials:  # their text
+        assert tok.token_bytes(i) == tok.decode([i], skip_special_tokens=False).encode()
+    text = "日本語 🚀 café"
+    assert b"".join(tok.token_bytes(i) for i in tok.encode(text, add_special_tokens=False)) == text.encode()
+
+
+def test_token_bytes_of_byte_fallback_tokens(tmp_path):
+    """A SentencePiece-style vocabulary (Llama, Mistral): characters it lacks are <0xNN> byte
+    tokens, decoded alone to U+FFFD; their bytes against xgrammar's reading."""
+    import transformers
+    import xgrammar
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, normalizers, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for piece in ["▁", "a", "b", "▁a", "ab", "é"]:
+        vocab[piece] = len(vocab)
+    backend = Backend(models.BPE(vocab=vocab, merges=[("▁", "a"), ("a", "b")], unk_token="<unk>", byte_fallback=True))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=False)
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    tok = Tokenizer(backend, special_tokens={}, eos_token_ids=[2], chat_template=None)
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=backend)
+    info = xgrammar.TokenizerInfo.from_huggingface(hf, stop_token_ids=[2])
+    assert info.vocab_type == xgrammar.VocabType.BYTE_FALLBACK
+    for i in range(3, len(vocab)):
+        assert tok.token_bytes(i) == info.decoded_vocab[i], backend.id_to_token(i)
+    ids = tok.encode("ab 日é", add_special_tokens=False)
+    assert any(backend.id_to_token(i).startswith("<0x") for i in ids)
+    assert b"".join(tok.token_bytes(i) for i in ids) == " ab 日é".encode()

@@ -1,0 +1,37 @@
+"""The ``raymoe`` command's one-line errors for mistakes found only once Ray runs: one a rank
+actor raises (Ray wraps it in a traceback), and a layout that a Ray started here cannot hold
+(nothing can join it: refused at once, not after the placement timeout)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from raymoe.deploy.cli import main
+
+
+def test_a_mistake_an_actor_raises_is_one_line(ray_cluster, tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["NoSuchForCausalLM"], "model_type": "x"}))
+    assert main(["generate", "--model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("raymoe generate: error: ") and err.count("\n") == 1, err
+    assert "NoSuchForCausalLM" in err and "Traceback" not in err
+
+
+def test_a_layout_a_local_ray_cannot_hold_is_refused_at_once(tmp_path):
+    config = tmp_path / "two-nodes.yaml"
+    config.write_text("parallel:\n  dp: 2\n  ep: 2\n  nodes: 2\n  placement_timeout_s: 600\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a Ray of its own
+    done = subprocess.run(  # within far less than the 600 s placement timeout
+        [sys.executable, "-m", "raymoe.deploy.cli", "generate", "--config", str(config)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("raymoe generate: error: parallel: the Ray started here cannot hold this layout")
+    assert "2 node(s)" in last
