@@ -296,6 +296,7 @@ class Controller:
         ranks = [t.result() for t in done]
         return {
             "status": "ok",
+            "reason": "serving",
             "ranks": sorted(ranks, key=lambda r: r["rank"]),
             "busy_ranks": len(busy),
             "restarts": engine.num_restarts if engine else 0,

@@ -2,7 +2,8 @@
 
 POST /tokenize ``{"prompt": str, "add_special_tokens": true}`` or ``{"messages": [...],
 "chat_template_kwargs": {...}}`` (rendered with the generation prompt) ->
-``{"count", "max_model_len", "tokens", "token_strs": null}``;
+``{"count", "max_model_len", "tokens", "token_strs"}`` (the tokens' vocabulary pieces with
+``"return_token_strs": true``, else null);
 POST /detokenize ``{"tokens": [ids]}`` -> ``{"prompt": text}``.
 """
 
@@ -34,6 +35,7 @@ class TokenizeRequest(RequestModel):
     add_special_tokens: bool = True
     messages: Optional[ChatMessages] = None
     chat_template_kwargs: Optional[dict[str, Any]] = None
+    return_token_strs: bool = False
 
 
 class DetokenizeRequest(RequestModel):
@@ -61,7 +63,8 @@ async def tokenize(client: EngineClient, body: bytes) -> tuple[Optional[str], di
         raise bad_request("chat_template_kwargs: only with messages", "chat_template_kwargs", "invalid_value")
     else:
         ids = await client.tokenize(req.prompt, add_special_tokens=req.add_special_tokens)
-    response = {"count": len(ids), "max_model_len": client.info.max_model_len, "tokens": ids, "token_strs": None}
+    pieces = [client.tokenizer.backend.id_to_token(i) for i in ids] if req.return_token_strs else None
+    response = {"count": len(ids), "max_model_len": client.info.max_model_len, "tokens": ids, "token_strs": pieces}
     return req.model, response
 
 

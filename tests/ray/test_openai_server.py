@@ -485,7 +485,7 @@ def _polling_health(server: str, send: Any) -> tuple[Any, float]:
 
 def test_health_is_bare_and_metrics_need_the_key(server):
     status, body = _http(server, "/health", key=None)
-    assert status == 200 and body == {"status": "ok"}  # no pids, layout or addresses
+    assert status == 200 and body == {"status": "ok", "reason": "serving"}  # no pids, layout or addresses
     assert _http(server, "/metrics", key=None)[0] == 401
     status, details = _http(server, "/admin/health")
     assert status == 200 and details["ranks"][0]["pid"] > 0
