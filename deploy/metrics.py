@@ -98,6 +98,11 @@ class ServeMetrics:
             "Times this ingress replica found the engine's controller dead (Serve starts another)",
             registry=r,
         )
+        self.engine_unreachable = Gauge(
+            "raymoe_engine_unreachable",
+            "1 when the engine's controller did not answer this scrape (the engine gauges keep their last values)",
+            registry=r,
+        )
         self.preemptions = Gauge("raymoe_preemptions", "Requests preempted (KV cache full) since start", registry=r)
         self.balancedness = Gauge(
             "raymoe_eplb_balancedness",
@@ -116,9 +121,14 @@ class ServeMetrics:
     def count(self, endpoint: str, status: int) -> None:
         self.requests.labels(endpoint, str(status)).inc()
 
-    def render(self, stats: EngineStats, eplb: dict[str, Any] | None = None, controllers_lost: int = 0) -> bytes:
+    def render(self, stats: EngineStats | None, eplb: dict[str, Any] | None = None, controllers_lost: int = 0) -> bytes:
         """The exposition text, with engine gauges set from ``Controller.stats()`` and
-        ``Controller.eplb_status()``, and this replica's count of dead controllers."""
+        ``Controller.eplb_status()`` (None: the controller did not answer), and this replica's
+        count of dead controllers."""
+        self.controllers_lost.set(controllers_lost)
+        self.engine_unreachable.set(1 if stats is None else 0)
+        if stats is None:
+            return generate_latest(self.registry)
         for dp, (w, run, kv) in enumerate(zip(stats.waiting, stats.running, stats.kv_usage)):
             self.waiting.labels(str(dp)).set(w)
             self.running.labels(str(dp)).set(run)
@@ -130,7 +140,6 @@ class ServeMetrics:
         self.engine_failed.set(1 if stats.error else 0)
         self.engine_recovering.set(1 if stats.recovering else 0)
         self.restarts.set(stats.restarts)
-        self.controllers_lost.set(controllers_lost)
         self.preemptions.set(stats.preemptions)
         if eplb and "rank_load_before" in eplb:
             self.rebalances.set(eplb["rebalances"])

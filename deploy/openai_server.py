@@ -14,6 +14,7 @@ import asyncio
 import dataclasses
 import hmac
 import json
+import logging
 import time
 import uuid
 from contextlib import aclosing
@@ -62,6 +63,8 @@ from raymoe.deploy.openai_responses import (
 from raymoe.deploy.openai_tokenize import detokenize, tokenize
 from raymoe.deploy.reasoning import ReasoningSplitter
 from raymoe.deploy.tool_calls import ToolCallStream, split_tool_calls, tool_parser
+
+log = logging.getLogger(__name__)
 
 Outputs = AsyncIterator[tuple[int, Delta]]
 # a non-streamed response with more logprob entries and token ids than this is encoded a slice at
@@ -336,8 +339,15 @@ class OpenAIServer:
     async def stats(self) -> EngineStats:
         return await self.controller.stats.remote()
 
-    async def metrics_text(self) -> bytes:
-        stats, eplb = await asyncio.gather(self.controller.stats.remote(), self.controller.eplb_status.remote())
+    async def metrics_text(self, timeout_s: float) -> bytes:
+        """Prometheus text; this replica's own metrics also while the controller does not
+        answer within ``timeout_s`` (dead, or hung), when they matter most."""
+        try:
+            answers = asyncio.gather(self.controller.stats.remote(), self.controller.eplb_status.remote())
+            stats, eplb = await asyncio.wait_for(answers, timeout_s)
+        except Exception as e:  # noqa: BLE001 -- any failure to reach the engine is reported, not raised
+            log.warning("metrics: the controller does not answer: %r", e)
+            stats, eplb = None, None
         return self.metrics.render(stats, eplb, controllers_lost=self.client.controllers_lost)
 
     async def eplb_status(self, body: bytes) -> dict[str, Any]:

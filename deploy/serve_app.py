@@ -161,11 +161,11 @@ def build_fastapi_app(server: OpenAIServer) -> FastAPI:
     async def run(endpoint: str, request: Request, handler: Any) -> Response:
         try:
             server.authorize(request.headers.get("authorization"))
-            result = await handler(await _read_body(request))
+            result = await _unless_client_leaves(request, handler(await _read_body(request)))
         except APIError as e:
             server.metrics.count(endpoint, e.status)
             return JSONResponse(e.body(), status_code=e.status)
-        except ClientDisconnect:  # gone before its body arrived: nothing to answer, nothing to log
+        except ClientDisconnect:  # gone before its answer: nothing to answer, nothing to log
             server.metrics.count(endpoint, CLIENT_CLOSED_REQUEST)
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         except Exception:  # a bug: still OpenAI's error shape, counted, details only in the log
@@ -221,10 +221,14 @@ def build_fastapi_app(server: OpenAIServer) -> FastAPI:
 
     @app.get("/admin/health")
     async def health_details(request: Request) -> Response:
-        async def details(body: bytes) -> dict[str, Any]:
-            return (await _health(server))[1]
-
-        return await run("health", request, details)
+        """/health with the layout and the ranks, behind the API key; 503 unless ok, as /health."""
+        try:
+            server.authorize(request.headers.get("authorization"))
+        except APIError as e:
+            return JSONResponse(e.body(), status_code=e.status)
+        status, body = await _health(server)
+        server.metrics.count("health", status)
+        return JSONResponse(body, status_code=status)
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
@@ -234,7 +238,7 @@ def build_fastapi_app(server: OpenAIServer) -> FastAPI:
             server.authorize(request.headers.get("authorization"))
         except APIError as e:
             return JSONResponse(e.body(), status_code=e.status)
-        return Response(await server.metrics_text(), media_type=CONTENT_TYPE)
+        return Response(await server.metrics_text(HEALTH_TIMEOUT_S), media_type=CONTENT_TYPE)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -267,6 +271,31 @@ async def _read_body(request: Request) -> bytes:
     except asyncio.TimeoutError:
         message = f"the request body did not arrive within {BODY_TIMEOUT_S:g} s"
         raise APIError(408, message, code="request_timeout") from None
+
+
+async def _unless_client_leaves(request: Request, work: Any) -> Any:
+    """``work``'s result, or ClientDisconnect (``work`` cancelled, its engine requests aborted)
+    once the client has gone. Serve cancels the handler of a client that left too, but under a
+    burst of such clients some of those cancellations never arrived: their requests ran on and
+    filled the queue. A streamed answer is watched by its StreamingResponse once it starts."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)  # the handler's own clean-up runs first
+    if task.cancelled():
+        raise ClientDisconnect()
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has closed the connection (its body already read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _read_chunks(request: Request) -> bytes:

@@ -708,3 +708,87 @@ def test_metadata_keeps_to_openais_bounds(metadata, ok):
         assert parse_request(ChatRequest, json.dumps(body).encode()).metadata == metadata
     else:
         assert _err(ChatRequest, body).param == "metadata"
+
+
+def test_a_client_that_leaves_cancels_its_handler():
+    """The ingress watches the connection itself while a request runs: when the client
+    closes it, the handler is cancelled (its clean-up aborts the engine requests) and the
+    answer is ClientDisconnect; a handler that finishes first answers, unwatched from then on."""
+    from starlette.requests import ClientDisconnect, Request
+
+    from raymoe.deploy.serve_app import _unless_client_leaves
+
+    def request(leaves_after_s):
+        async def receive():
+            if leaves_after_s is None:
+                await asyncio.Event().wait()  # never
+            await asyncio.sleep(leaves_after_s)
+            return {"type": "http.disconnect"}
+
+        return Request({"type": "http", "method": "POST", "headers": []}, receive)
+
+    cleaned_up = []
+
+    async def handler(run_s):
+        try:
+            await asyncio.sleep(run_s)
+            return "answer"
+        finally:
+            cleaned_up.append(run_s)
+
+    async def answer(leaves_after_s, run_s):
+        return await _unless_client_leaves(request(leaves_after_s), handler(run_s))
+
+    with pytest.raises(ClientDisconnect):
+        asyncio.run(answer(0.05, 30))
+    assert cleaned_up == [30]  # cancelled, and its clean-up ran before the answer
+    assert asyncio.run(answer(None, 0.01)) == "answer"
+    assert asyncio.run(answer(5, 0.01)) == "answer"
+
+
+def test_metrics_answer_while_the_controller_does_not():
+    """A dead or hung controller: /metrics still gives this replica's own metrics, and says
+    the engine did not answer (it was a 500 after a 10 s wait)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from raymoe.actors.engine.messages import EngineStats
+    from raymoe.deploy.openai_server import OpenAIServer
+
+    async def hangs():
+        await asyncio.Event().wait()
+
+    def remote(answer):
+        return SimpleNamespace(remote=answer)
+
+    async def value(x):
+        return x
+
+    stats = EngineStats(
+        waiting=[3],
+        running=[1],
+        kv_usage=[0.5],
+        prefix_cache_hit_tokens=[0],
+        prefix_cache_query_tokens=[0],
+        steps=7,
+        preemptions=0,
+        polls=0,
+        submit_calls=0,
+        restarts=0,
+        recovering=False,
+        error=None,
+    )
+    answering = SimpleNamespace(stats=remote(lambda: value(stats)), eplb_status=remote(lambda: value({})))
+    hung = SimpleNamespace(stats=remote(hangs), eplb_status=remote(lambda: value({})))
+
+    def scrape(controller):
+        client = SimpleNamespace(info=SimpleNamespace(), engine=SimpleNamespace(controller=controller))
+        client.controllers_lost = 0
+        server = OpenAIServer(client, "m", "m", max_queued_requests=1)
+        server.metrics.count("completions", 200)
+        text = asyncio.run(server.metrics_text(timeout_s=0.2)).decode()
+        return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+
+    up, down = scrape(answering), scrape(hung)
+    assert up["raymoe_engine_unreachable"] == 0 and up["raymoe_requests_waiting"] == 3
+    assert down["raymoe_engine_unreachable"] == 1 and "raymoe_requests_waiting" not in down
+    assert down["raymoe_requests_total"] == up["raymoe_requests_total"] == 1  # the replica's own
