@@ -84,3 +84,62 @@ def test_a_request_head_past_the_bound_is_a_431_and_others_are_served(monkeypatc
     assert ok.startswith(b"HTTP/1.1 200") and after.startswith(b"HTTP/1.1 200")
     assert refused.startswith(b"HTTP/1.1 431") and long_url.startswith(b"HTTP/1.1 431")
     assert seconds < 2.0
+
+
+def test_a_request_head_that_trickles_in_is_a_408(monkeypatch):
+    """Headers sent a line at a time, past HEAD_TIMEOUT_S in all, get a 408 and the connection
+    closes; a silent connection closes; a head that arrives in time is served, also when the
+    same connection's next request comes later than the timeout after the first began."""
+    monkeypatch.setattr(uvicorn.config, "HTTP_PROTOCOLS", dict(uvicorn.config.HTTP_PROTOCOLS))
+    monkeypatch.setattr(http_limits, "HEAD_TIMEOUT_S", 0.6)
+    http_limits.install()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = uvicorn.Config(_app, host="127.0.0.1", port=port, lifespan="off", log_level="critical")
+    server = uvicorn.Server(config)
+
+    async def trickle(lines, pause_s):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        t0 = time.monotonic()
+        answer = asyncio.create_task(reader.read(300))
+        try:
+            for line in lines:
+                if answer.done():
+                    break
+                writer.write(line)
+                await writer.drain()
+                await asyncio.sleep(pause_s)
+        except ConnectionError:
+            pass
+        data = await asyncio.wait_for(answer, 10)
+        writer.close()
+        return data, time.monotonic() - t0
+
+    async def two_requests_kept_alive():
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        answers = []
+        for _ in range(2):
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            answers.append(await asyncio.wait_for(reader.read(300), 5))
+            await asyncio.sleep(0.4)  # within uvicorn's keep-alive, 0.8 s after the first began
+        writer.close()
+        return answers
+
+    async def main():
+        task = asyncio.create_task(server.serve())
+        while not server.started:
+            await asyncio.sleep(0.01)
+        slow = await trickle([b"GET / HTTP/1.1\r\n"] + [b"X-Slow: a\r\n"] * 30, 0.1)  # 3 s of headers
+        silent = await trickle([], 0)
+        in_time = await trickle([b"GET / HTTP/1.1\r\n", b"Host: x\r\n", b"\r\n"], 0.1)
+        kept_alive = await two_requests_kept_alive()
+        server.should_exit = True
+        await task
+        return slow, silent, in_time, kept_alive
+
+    (slow, slow_s), (silent, silent_s), (in_time, _), kept_alive = asyncio.run(main())
+    assert slow.startswith(b"HTTP/1.1 408") and b"request_timeout" in slow and slow_s < 2.0, slow
+    assert silent == b"" and silent_s < 2.0
+    assert in_time.startswith(b"HTTP/1.1 200")
+    assert all(a.startswith(b"HTTP/1.1 200") for a in kept_alive), kept_alive
