@@ -52,14 +52,19 @@ async def _exchange(port: int, head: bytes, chunks: list[bytes]) -> tuple[bytes,
     return data, time.monotonic() - t0
 
 
-def test_a_request_head_past_the_bound_is_a_431_and_others_are_served(monkeypatch):
+def _bounded_server(monkeypatch) -> tuple[uvicorn.Server, int]:
+    """A uvicorn server of ``_app`` as Serve's direct ingress starts it after ``install``, and its port."""
     monkeypatch.setattr(uvicorn.config, "HTTP_PROTOCOLS", dict(uvicorn.config.HTTP_PROTOCOLS))
     http_limits.install()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     config = uvicorn.Config(_app, host="127.0.0.1", port=port, lifespan="off", log_level="critical")
-    server = uvicorn.Server(config)
+    return uvicorn.Server(config), port
+
+
+def test_a_request_head_past_the_bound_is_a_431_and_others_are_served(monkeypatch):
+    server, port = _bounded_server(monkeypatch)
 
     async def main():
         task = asyncio.create_task(server.serve())
@@ -80,7 +85,7 @@ def test_a_request_head_past_the_bound_is_a_431_and_others_are_served(monkeypatc
 
     ok, refused, seconds, long_url, after, large_body = asyncio.run(main())
     assert large_body.startswith(b"HTTP/1.1 200") and large_body.endswith(b"3000000"), large_body
-    assert config.http_protocol_class is http_limits.BoundedHeadProtocol
+    assert server.config.http_protocol_class is http_limits.BoundedHeadProtocol
     assert ok.startswith(b"HTTP/1.1 200") and after.startswith(b"HTTP/1.1 200")
     assert refused.startswith(b"HTTP/1.1 431") and long_url.startswith(b"HTTP/1.1 431")
     assert seconds < 2.0
@@ -90,14 +95,8 @@ def test_a_request_head_that_trickles_in_is_a_408(monkeypatch):
     """Headers sent a line at a time, past HEAD_TIMEOUT_S in all, get a 408 and the connection
     closes; a silent connection closes; a head that arrives in time is served, also when the
     same connection's next request comes later than the timeout after the first began."""
-    monkeypatch.setattr(uvicorn.config, "HTTP_PROTOCOLS", dict(uvicorn.config.HTTP_PROTOCOLS))
     monkeypatch.setattr(http_limits, "HEAD_TIMEOUT_S", 0.6)
-    http_limits.install()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = uvicorn.Config(_app, host="127.0.0.1", port=port, lifespan="off", log_level="critical")
-    server = uvicorn.Server(config)
+    server, port = _bounded_server(monkeypatch)
 
     async def trickle(lines, pause_s):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
