@@ -33,6 +33,7 @@ from raymoe.actors.engine.json_schema import (
     check_schema,
     check_schema_depth,
     json_schema_grammar,
+    pattern_without_surrogates,
     regex_atoms,
 )
 
@@ -179,7 +180,7 @@ class GrammarCompiler:
             if spec.kind == "json":
                 compiled = c.compile_grammar(json_schema_grammar(spec.source or json.dumps({"type": "object"})))
             elif spec.kind == "regex":
-                compiled = c.compile_regex(_dot_without_newline(spec.source))
+                compiled = c.compile_regex(pattern_without_surrogates(_dot_without_newline(spec.source)))
             elif spec.kind == "choice":
                 compiled = c.compile_grammar(choice_grammar(json.loads(spec.source)))
             elif spec.kind == "tagged_json":

@@ -579,6 +579,15 @@ def test_strings_take_no_utf16_surrogates(engine, schema):
     assert xgrammar.GrammarMatcher(compiled).accept_string(text.encode())
 
 
+@pytest.mark.parametrize("regex", ["x.+", "x\\S+", "x[^,]+", "x[\\s\\S]+", "x\\D\\W*"])
+def test_regex_output_takes_no_utf16_surrogates(engine, regex):
+    """structured_outputs' regex too: its ".", classes and \\S/\\D/\\W took U+D800-U+DFFF,
+    whose UTF-8 bytes are no valid UTF-8; other characters stay."""
+    compiled = engine.local.core.grammars.compile(GrammarSpec("regex", regex))
+    assert not xgrammar.GrammarMatcher(compiled).accept_string(b"x\xed\xa0\x80")
+    assert xgrammar.GrammarMatcher(compiled).accept_string("x\u00e9\u4e2d\U0001f600".encode())
+
+
 def test_a_pattern_dot_is_ecma_s():
     """JSON schema patterns are ECMA-262's, whose "." takes no line terminator: xgrammar's took
     U+2028 and U+2029. jsonschema (Python's re) differs there, so the cases are spelled out."""
