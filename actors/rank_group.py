@@ -18,7 +18,14 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from raymoe.actors.rank import RankWorker
 from raymoe.cluster.config import ParallelConfig
 from raymoe.cluster.layout import RankLayout
-from raymoe.cluster.placement import ActorLocation, PlacementPlan, assign_ranks, describe_shortfall, plan_placement
+from raymoe.cluster.placement import (
+    ActorLocation,
+    ClusterCapacityError,
+    PlacementPlan,
+    assign_ranks,
+    describe_shortfall,
+    plan_placement,
+)
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +41,6 @@ GPU_RANK_ENV = {
     "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
     "NVSHMEM_DISABLE_NVLS": "1",
 }
-
-
-class ClusterCapacityError(RuntimeError):
-    """The Ray cluster cannot supply what the layout needs."""
 
 
 @dataclass(kw_only=True)

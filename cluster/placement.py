@@ -20,6 +20,10 @@ from raymoe.cluster.layout import RankLayout
 CPUS_PER_RANK = 1
 
 
+class ClusterCapacityError(RuntimeError):
+    """The Ray cluster cannot supply what the layout needs."""
+
+
 @dataclass(frozen=True)
 class PlacementPlan:
     bundles: tuple[dict[str, float], ...]  # one per node
@@ -86,10 +90,12 @@ def placement_fits(plan: PlacementPlan, nodes: Sequence[Mapping[str, object]]) -
     return len(_fitting(plan, nodes)) >= len(plan.bundles)
 
 
-def describe_shortfall(plan: PlacementPlan, nodes: Sequence[Mapping[str, object]]) -> str:
+def describe_shortfall(plan: PlacementPlan, nodes: Sequence[Mapping[str, object]], *, can_grow: bool = True) -> str:
     """Say what the cluster lacks for ``plan``.
 
     ``nodes``: alive Ray nodes, each {"ip": str, "resources": {"CPU": n, "GPU": n, ...}}.
+    ``can_grow``: whether nodes can join (not a Ray started by this process, which is this
+    machine alone).
     """
     need = plan.bundles[0]
     want = ", ".join(f"{int(v)} {k}" for k, v in sorted(need.items()))
@@ -106,7 +112,9 @@ def describe_shortfall(plan: PlacementPlan, nodes: Sequence[Mapping[str, object]
         f"the cluster has {len(nodes)} node(s): {have};",
         f"{len(fitting)} node(s) could hold one share.",
     ]
-    if len(fitting) < len(plan.bundles):
+    if not can_grow:
+        lines.append("No node can join a Ray started here: lower parallel.nodes / the parallel degrees.")
+    elif len(fitting) < len(plan.bundles):
         missing = len(plan.bundles) - len(fitting)
         lines.append(f"Add {missing} node(s) with {want}, or lower parallel.nodes / the parallel degrees.")
     else:

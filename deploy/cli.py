@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import pathlib
 import signal
 import sys
@@ -55,19 +54,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         return bench_main(args)
     except Exception as e:
-        mistake, shortfall = _one_line_errors()
+        from raymoe.cluster.placement import ClusterCapacityError
+
         cause = _cause(e)
-        if not isinstance(cause, (mistake, shortfall)):
+        if isinstance(cause, ValueError):  # a user mistake (config, model, input)
+            code = 2
+        elif isinstance(cause, ClusterCapacityError):  # the cluster is too small for the layout
+            code = 1
+        else:
             raise
-        # a user mistake or a cluster too small: one line, no traceback (also when an actor raised it)
+        # one line, no traceback (Ray's text of an actor's error is one); the traceback at debug level
+        logging.getLogger(__name__).debug("raymoe %s", args.command, exc_info=e)
         print(f"raymoe {args.command}: error: {cause}", file=sys.stderr)
-        return 2 if isinstance(cause, mistake) else 1
-
-
-def _one_line_errors() -> tuple[type, type]:
-    from raymoe.actors.rank_group import ClusterCapacityError
-
-    return ValueError, ClusterCapacityError
+        return code
 
 
 def _cause(e: BaseException) -> BaseException:
@@ -155,12 +154,10 @@ def _read_key(path: Optional[str]) -> Optional[str]:
 def serve_main(args: argparse.Namespace) -> int:
     import ray
 
-    from raymoe.deploy.serve_app import API_KEY_ENV, start_serving, stop_serving
+    from raymoe.deploy.serve_app import api_key_from_env, start_serving, stop_serving
 
     config = _load(args)
-    api_key = (
-        args.api_key or _read_key(args.api_key_file) or config.serve.api_key or os.environ.get(API_KEY_ENV) or None
-    )
+    api_key = args.api_key or _read_key(args.api_key_file) or config.serve.api_key or api_key_from_env()
     overrides = {
         "serve.api_key": api_key,
         "serve.host": args.host,

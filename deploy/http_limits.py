@@ -70,6 +70,7 @@ if HttpToolsProtocol is not None:
             super().__init__(*args, **kwargs)
             self._head_bytes: int | None = 0  # None while a body or nothing is expected
             self._head_timer: asyncio.TimerHandle | None = None
+            self._in_head = False  # a request has begun and its headers are not all in
 
         def connection_made(self, transport) -> None:  # type: ignore[no-untyped-def]
             super().connection_made(transport)
@@ -82,11 +83,13 @@ if HttpToolsProtocol is not None:
         def on_message_begin(self) -> None:
             super().on_message_begin()
             self._head_bytes = 0
+            self._in_head = True
             if self._head_timer is None:  # a kept-alive connection's next request
                 self._start_head_timer()
 
         def on_headers_complete(self) -> None:
             self._head_bytes = None
+            self._in_head = False
             self._stop_head_timer()
             super().on_headers_complete()
 
@@ -101,7 +104,7 @@ if HttpToolsProtocol is not None:
         def _head_too_slow(self) -> None:
             self._head_timer = None
             if not self.transport.is_closing():
-                if self._head_bytes:  # a request began: say why it ends
+                if self._in_head:  # a request began: say why it ends
                     self.transport.write(_too_slow_response())
                 self.transport.close()
 

@@ -47,9 +47,10 @@ def ensure_ray(config: Config, address: Optional[str] = None) -> None:
     nodes = [{"ip": n["NodeManagerAddress"], "resources": n.get("Resources", {})} for n in ray.nodes() if n["Alive"]]
     if not placement_fits(plan, nodes):  # nothing will join a Ray started here
         ray.shutdown()
+        shortfall = describe_shortfall(plan, nodes, can_grow=False)
         raise ValueError(
-            f"parallel: the Ray started here cannot hold this layout: {describe_shortfall(plan, nodes)} "
-            "Pass --address (or set RAY_ADDRESS) to join a cluster that can."
+            f"parallel: the Ray started here cannot hold this layout: {shortfall} "
+            "Or pass --address (or set RAY_ADDRESS) to join a cluster that can."
         )
 
 

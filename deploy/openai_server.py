@@ -347,6 +347,7 @@ class OpenAIServer:
             stats, eplb = await asyncio.wait_for(answers, timeout_s)
         except Exception as e:  # noqa: BLE001 -- any failure to reach the engine is reported, not raised
             log.warning("metrics: the controller does not answer: %r", e)
+            asyncio.create_task(self.client.engine.reconnect())  # to the one its host may have started
             stats, eplb = None, None
         return self.metrics.render(stats, eplb, controllers_lost=self.client.controllers_lost)
 

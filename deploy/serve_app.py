@@ -37,6 +37,7 @@ from raymoe.actors.rank_group import remove_named_placement_group
 from raymoe.cluster.config import Config, config_from_dict, resolve_config
 from raymoe.deploy import http_limits
 from raymoe.deploy.engine_client import EngineClient, RayEngine
+from raymoe.deploy.http_request import read_body, unless_client_leaves
 from raymoe.deploy.launch import ensure_ray, start_controller
 from raymoe.deploy.openai_api import APIError
 from raymoe.deploy.openai_server import OpenAIServer
@@ -46,8 +47,9 @@ log = logging.getLogger(__name__)
 API_KEY_ENV = "RAYMOE_API_KEY"
 APP_NAME = "raymoe"
 HEALTH_TIMEOUT_S = 10.0
-MAX_BODY_BYTES = 32 * 2**20
-BODY_TIMEOUT_S = 30.0  # 32 MiB at about 1 MB/s
+# below Prometheus's default scrape timeout (10 s): a scrape while the controller hangs still
+# stores the replica's own metrics and raymoe_engine_unreachable
+METRICS_TIMEOUT_S = 2.0
 RANKS_GROUP_PREFIX = "raymoe-ranks-"  # an engine host's ranks' placement group, then its tag
 CONTROLLER_PREFIX = "raymoe-controller-"  # its controller actor, then the same tag
 DIRECT_PORT_WAIT_S = 120.0  # Linux holds a closed connection's port 60 s (TIME_WAIT)
@@ -161,7 +163,7 @@ def build_fastapi_app(server: OpenAIServer) -> FastAPI:
     async def run(endpoint: str, request: Request, handler: Any) -> Response:
         try:
             server.authorize(request.headers.get("authorization"))
-            result = await _unless_client_leaves(request, handler(await _read_body(request)))
+            result = await unless_client_leaves(request, handler(await read_body(request)))
         except APIError as e:
             server.metrics.count(endpoint, e.status)
             return JSONResponse(e.body(), status_code=e.status)
@@ -225,6 +227,7 @@ def build_fastapi_app(server: OpenAIServer) -> FastAPI:
         try:
             server.authorize(request.headers.get("authorization"))
         except APIError as e:
+            server.metrics.count("health", e.status)
             return JSONResponse(e.body(), status_code=e.status)
         status, body = await _health(server)
         server.metrics.count("health", status)
@@ -238,7 +241,7 @@ def build_fastapi_app(server: OpenAIServer) -> FastAPI:
             server.authorize(request.headers.get("authorization"))
         except APIError as e:
             return JSONResponse(e.body(), status_code=e.status)
-        return Response(await server.metrics_text(HEALTH_TIMEOUT_S), media_type=CONTENT_TYPE)
+        return Response(await server.metrics_text(METRICS_TIMEOUT_S), media_type=CONTENT_TYPE)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -251,63 +254,6 @@ def build_fastapi_app(server: OpenAIServer) -> FastAPI:
 
 async def _value(x: Any) -> Any:
     return x
-
-
-async def _read_body(request: Request) -> bytes:
-    """The request body, refused with 413 past MAX_BODY_BYTES (before reading it, when the
-    client says its length), and with 408 when it takes over BODY_TIMEOUT_S to arrive: a client
-    trickling its body would hold one of the replica's request slots (Serve's
-    max_ongoing_requests) for as long as it liked, and enough of them every slot."""
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
-    if encoding != "identity":  # read as JSON it was "invalid JSON", which sent no one to the cause
-        message = f"Content-Encoding {encoding[:40]!r} is not supported: send the body uncompressed"
-        raise APIError(415, message, code="unsupported_media_type")
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        message = f"the request body is {declared} bytes; the limit is {MAX_BODY_BYTES}"
-        raise APIError(413, message, code="body_too_large")
-    try:
-        return await asyncio.wait_for(_read_chunks(request), BODY_TIMEOUT_S)
-    except asyncio.TimeoutError:
-        message = f"the request body did not arrive within {BODY_TIMEOUT_S:g} s"
-        raise APIError(408, message, code="request_timeout") from None
-
-
-async def _unless_client_leaves(request: Request, work: Any) -> Any:
-    """``work``'s result, or ClientDisconnect (``work`` cancelled, its engine requests aborted)
-    once the client has gone. Serve cancels the handler of a client that left too, but under a
-    burst of such clients some of those cancellations never arrived: their requests ran on and
-    filled the queue. A streamed answer is watched by its StreamingResponse once it starts."""
-    task = asyncio.ensure_future(work)
-    gone = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)  # the handler's own clean-up runs first
-    if task.cancelled():
-        raise ClientDisconnect()
-    return task.result()
-
-
-async def _disconnected(request: Request) -> None:
-    """Returns when the client has closed the connection (its body already read)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _read_chunks(request: Request) -> bytes:
-    # chunks joined once at the end: appending each to the bytes so far copies them all again,
-    # which for a large body in small chunks held the event loop for seconds
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        chunks.append(chunk)
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise APIError(413, f"the request body exceeds the limit of {MAX_BODY_BYTES} bytes", code="body_too_large")
-    return b"".join(chunks)
 
 
 async def _health(server: OpenAIServer) -> tuple[int, dict[str, Any]]:
@@ -461,6 +407,12 @@ def ingress_options(config: Config) -> dict[str, Any]:
     return options
 
 
+def api_key_from_env() -> Optional[str]:
+    """$RAYMOE_API_KEY, stripped as a key file's first line is (a secret mounted as a file ends
+    in a newline), or None when unset or blank."""
+    return os.environ.get(API_KEY_ENV, "").strip() or None
+
+
 def build_app(args: Optional[dict[str, Any]] = None) -> Any:
     """Application builder (``serve run``, RayService ``import_path``).
 
@@ -473,8 +425,8 @@ def build_app(args: Optional[dict[str, Any]] = None) -> Any:
     overrides = dict(args.pop("overrides", None) or {})
     if args:
         raise ValueError(f"build_app: unknown argument(s) {sorted(args)}; expected 'config' and 'overrides'")
-    if config.serve.api_key is None and os.environ.get(API_KEY_ENV) and "serve.api_key" not in overrides:
-        overrides["serve.api_key"] = os.environ[API_KEY_ENV]
+    if config.serve.api_key is None and api_key_from_env() and "serve.api_key" not in overrides:
+        overrides["serve.api_key"] = api_key_from_env()
     if overrides:
         config = config.replace(overrides)
     return app_for(config)

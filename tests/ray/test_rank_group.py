@@ -17,9 +17,9 @@ import pytest
 import ray
 import torch
 
-from raymoe.actors.rank_group import ClusterCapacityError
 from raymoe.cluster.config import config_from_dict
 from raymoe.cluster.layout import GROUP_KINDS
+from raymoe.cluster.placement import ClusterCapacityError
 from raymoe.deploy.launch import start_controller
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])

@@ -130,15 +130,17 @@ def test_a_request_head_that_trickles_in_is_a_408(monkeypatch):
         while not server.started:
             await asyncio.sleep(0.01)
         slow = await trickle([b"GET / HTTP/1.1\r\n"] + [b"X-Slow: a\r\n"] * 30, 0.1)  # 3 s of headers
+        stalled = await trickle([b"GET / HTTP/1.1\r\nHost: x\r\n"], 0)  # part of a head in one read, then nothing
         silent = await trickle([], 0)
         in_time = await trickle([b"GET / HTTP/1.1\r\n", b"Host: x\r\n", b"\r\n"], 0.1)
         kept_alive = await two_requests_kept_alive()
         server.should_exit = True
         await task
-        return slow, silent, in_time, kept_alive
+        return slow, stalled, silent, in_time, kept_alive
 
-    (slow, slow_s), (silent, silent_s), (in_time, _), kept_alive = asyncio.run(main())
+    (slow, slow_s), (stalled, stalled_s), (silent, silent_s), (in_time, _), kept_alive = asyncio.run(main())
     assert slow.startswith(b"HTTP/1.1 408") and b"request_timeout" in slow and slow_s < 2.0, slow
+    assert stalled.startswith(b"HTTP/1.1 408") and stalled_s < 2.0, stalled
     assert silent == b"" and silent_s < 2.0
     assert in_time.startswith(b"HTTP/1.1 200")
     assert all(a.startswith(b"HTTP/1.1 200") for a in kept_alive), kept_alive

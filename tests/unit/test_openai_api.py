@@ -565,16 +565,16 @@ class _StreamedRequest:
 
 
 def test_a_body_in_many_chunks_is_read_whole_and_refused_past_the_limit(monkeypatch):
-    from raymoe.deploy import serve_app
+    from raymoe.deploy import http_request
 
     chunks = [bytes([i % 251]) * 1000 for i in range(3000)]
-    assert asyncio.run(serve_app._read_body(_StreamedRequest(chunks))) == b"".join(chunks)
-    monkeypatch.setattr(serve_app, "MAX_BODY_BYTES", 2_500_000)
+    assert asyncio.run(http_request.read_body(_StreamedRequest(chunks))) == b"".join(chunks)
+    monkeypatch.setattr(http_request, "MAX_BODY_BYTES", 2_500_000)
     with pytest.raises(APIError) as e:  # no length declared: refused while it streams in
-        asyncio.run(serve_app._read_body(_StreamedRequest(chunks)))
+        asyncio.run(http_request.read_body(_StreamedRequest(chunks)))
     assert e.value.status == 413 and e.value.body()["error"]["code"] == "body_too_large"
     with pytest.raises(APIError) as e:  # declared too long: refused before reading
-        asyncio.run(serve_app._read_body(_StreamedRequest([], declared=2_500_001)))
+        asyncio.run(http_request.read_body(_StreamedRequest([], declared=2_500_001)))
     assert e.value.status == 413
 
 
@@ -592,25 +592,25 @@ class _TrickledRequest(_StreamedRequest):
 
 
 def test_a_compressed_body_is_a_415():
-    from raymoe.deploy import serve_app
+    from raymoe.deploy import http_request
 
     request = _StreamedRequest([b"\x1f\x8b..."])
     request.headers["content-encoding"] = "gzip"
     with pytest.raises(APIError) as e:
-        asyncio.run(serve_app._read_body(request))
+        asyncio.run(http_request.read_body(request))
     assert e.value.status == 415 and "uncompressed" in e.value.message
     request.headers["content-encoding"] = "identity"
-    assert asyncio.run(serve_app._read_body(request)) == b"\x1f\x8b..."
+    assert asyncio.run(http_request.read_body(request)) == b"\x1f\x8b..."
 
 
 def test_a_body_that_trickles_in_is_a_408_after_the_read_timeout(monkeypatch):
-    from raymoe.deploy import serve_app
+    from raymoe.deploy import http_request
 
-    monkeypatch.setattr(serve_app, "BODY_TIMEOUT_S", 0.3)
-    assert asyncio.run(serve_app._read_body(_TrickledRequest([b"a", b"b"], pause_s=0.01))) == b"ab"
+    monkeypatch.setattr(http_request, "BODY_TIMEOUT_S", 0.3)
+    assert asyncio.run(http_request.read_body(_TrickledRequest([b"a", b"b"], pause_s=0.01))) == b"ab"
     t0 = time.monotonic()
     with pytest.raises(APIError) as e:
-        asyncio.run(serve_app._read_body(_TrickledRequest([b"a"] * 1000, pause_s=0.1)))
+        asyncio.run(http_request.read_body(_TrickledRequest([b"a"] * 1000, pause_s=0.1)))
     assert e.value.status == 408 and e.value.body()["error"]["code"] == "request_timeout"
     assert time.monotonic() - t0 < 1.0
 
@@ -716,7 +716,7 @@ def test_a_client_that_leaves_cancels_its_handler():
     answer is ClientDisconnect; a handler that finishes first answers, unwatched from then on."""
     from starlette.requests import ClientDisconnect, Request
 
-    from raymoe.deploy.serve_app import _unless_client_leaves
+    from raymoe.deploy.http_request import unless_client_leaves
 
     def request(leaves_after_s):
         async def receive():
@@ -737,7 +737,7 @@ def test_a_client_that_leaves_cancels_its_handler():
             cleaned_up.append(run_s)
 
     async def answer(leaves_after_s, run_s):
-        return await _unless_client_leaves(request(leaves_after_s), handler(run_s))
+        return await unless_client_leaves(request(leaves_after_s), handler(run_s))
 
     with pytest.raises(ClientDisconnect):
         asyncio.run(answer(0.05, 30))
@@ -780,15 +780,28 @@ def test_metrics_answer_while_the_controller_does_not():
     answering = SimpleNamespace(stats=remote(lambda: value(stats)), eplb_status=remote(lambda: value({})))
     hung = SimpleNamespace(stats=remote(hangs), eplb_status=remote(lambda: value({})))
 
+    reconnects = []
+
+    async def reconnect():
+        reconnects.append(1)
+
     def scrape(controller):
-        client = SimpleNamespace(info=SimpleNamespace(), engine=SimpleNamespace(controller=controller))
-        client.controllers_lost = 0
+        engine = SimpleNamespace(controller=controller, reconnect=reconnect)
+        client = SimpleNamespace(info=SimpleNamespace(), engine=engine, controllers_lost=0)
         server = OpenAIServer(client, "m", "m", max_queued_requests=1)
         server.metrics.count("completions", 200)
-        text = asyncio.run(server.metrics_text(timeout_s=0.2)).decode()
-        return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
 
-    up, down = scrape(answering), scrape(hung)
+        async def text():
+            body = await server.metrics_text(timeout_s=0.2)
+            await asyncio.sleep(0)  # a reconnect it started runs
+            return body.decode()
+
+        return {s.name: s.value for f in text_string_to_metric_families(asyncio.run(text())) for s in f.samples}
+
+    up = scrape(answering)
+    assert not reconnects
+    down = scrape(hung)
+    assert reconnects == [1]  # to the controller the engine host may have started
     assert up["raymoe_engine_unreachable"] == 0 and up["raymoe_requests_waiting"] == 3
     assert down["raymoe_engine_unreachable"] == 1 and "raymoe_requests_waiting" not in down
     assert down["raymoe_requests_total"] == up["raymoe_requests_total"] == 1  # the replica's own

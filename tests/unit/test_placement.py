@@ -7,7 +7,7 @@ import random
 import pytest
 
 from raymoe.cluster.layout import RankLayout
-from raymoe.cluster.placement import ActorLocation, assign_ranks, describe_shortfall, plan_placement
+from raymoe.cluster.placement import ActorLocation, assign_ranks, describe_shortfall, placement_fits, plan_placement
 
 
 @pytest.mark.parametrize(
@@ -128,6 +128,16 @@ def test_shortfall_names_missing_gpus_and_nodes():
     assert "10.0.0.1: 16 CPU, 2 GPU" in msg and "10.0.0.2: 2 CPU, 0 GPU" in msg
     assert "0 node(s) could hold one share" in msg
     assert "Add 2 node(s) with 4 CPU, 4 GPU" in msg
+
+
+def test_placement_fits_and_a_ray_that_cannot_grow():
+    plan = plan_placement(RankLayout(tp=2, dp=2, nodes=2), "cuda")  # 2 nodes x (2 CPU, 2 GPU)
+    one = [_node("a", CPU=8.0, GPU=8.0)]
+    assert not placement_fits(plan, one)
+    assert placement_fits(plan, one + [_node("b", CPU=2.0, GPU=2.0)])
+    assert not placement_fits(plan, one + [_node("b", CPU=2.0, GPU=1.0)])
+    msg = describe_shortfall(plan, one, can_grow=False)
+    assert "No node can join" in msg and "Add" not in msg
 
 
 def test_shortfall_counts_fitting_nodes():
