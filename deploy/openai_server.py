@@ -379,7 +379,9 @@ class OpenAIServer:
     # ---- streams -> responses ------------------------------------------------------------------
 
     def token_text(self, token_id: int) -> str:
-        return self.client.tokenizer.decode([token_id], skip_special_tokens=False)
+        """A token's text in logprobs: its bytes' (a SentencePiece piece keeps the leading space
+        that decoding it alone strips; part of a character is U+FFFD)."""
+        return self.client.tokenizer.token_bytes(token_id).decode("utf-8", errors="replace")
 
     def token_bytes(self, token_id: int) -> bytes:
         return self.client.tokenizer.token_bytes(token_id)
