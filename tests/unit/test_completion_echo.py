@@ -30,7 +30,10 @@ class StandInClient:
         self.lead_late = lead_late
         self.asked: list[tuple[list[int], bool]] = []
         self.info = SimpleNamespace(token_limit=1000, max_model_len=1000)
-        self.tokenizer = SimpleNamespace(decode=lambda ids, skip_special_tokens=True: " ".join(map(str, ids)))
+        self.tokenizer = SimpleNamespace(
+            decode=lambda ids, skip_special_tokens=True: " ".join(map(str, ids)),
+            token_bytes=lambda i: str(i).encode(),
+        )
 
     async def tokenize(self, prompt, param="prompt"):
         return PROMPTS[prompt]
