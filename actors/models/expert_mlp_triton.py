@@ -70,6 +70,7 @@ def _gate_up_silu(
     BN: tl.constexpr,
     BK: tl.constexpr,
     TILES: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """h[r, n] = silu(x[rows[r]] . w[e, n]) * (x[rows[r]] . w[e, inter + n]) for r in group e.
     FP8: w is FP8 with a scale per [SCALE_BLOCK_N, BK] block, x quantised per BK columns:
@@ -100,8 +101,8 @@ def _gate_up_silu(
                 gate += tl.dot(a, tl.trans(tl.load(w_gate + k0))) * a_scale[:, None] * tl.load(s_gate + k0 // BK)
                 up += tl.dot(a, tl.trans(tl.load(w_up + k0))) * a_scale[:, None] * tl.load(s_up + k0 // BK)
             else:
-                gate = tl.dot(a, tl.trans(tl.load(w_gate + k0)), gate)
-                up = tl.dot(a, tl.trans(tl.load(w_up + k0)), up)
+                gate = tl.dot(a, tl.trans(tl.load(w_gate + k0)), gate, input_precision=DOT_PRECISION)
+                up = tl.dot(a, tl.trans(tl.load(w_up + k0)), up, input_precision=DOT_PRECISION)
         # silu by hand: tl.sigmoid is a jit function, which Triton's CPU interpreter cannot run
         out = gate / (1.0 + tl.exp(-gate)) * up
         if H_FP8:
@@ -134,6 +135,7 @@ def _down(
     BN: tl.constexpr,
     BK: tl.constexpr,
     TILES: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """y[r, n] = h[r] . w[e, n] for r in group e (FP8: as _gate_up_silu; H_FP8: h as it wrote it)."""
     e, start, end = _program_rows(groups, ends, num_groups, BM, TILES)
@@ -155,7 +157,7 @@ def _down(
             if FP8:
                 acc += tl.dot(a, tl.trans(tl.load(w_rows + k0))) * a_scale[:, None] * tl.load(s_rows + k0 // BK)
             else:
-                acc = tl.dot(a, tl.trans(tl.load(w_rows + k0)), acc)
+                acc = tl.dot(a, tl.trans(tl.load(w_rows + k0)), acc, input_precision=DOT_PRECISION)
         tl.store(y + r.to(tl.int64)[:, None] * stride_y + n[None, :], acc.to(y.dtype.element_ty), mask=live[:, None])
 
 
@@ -199,6 +201,8 @@ def expert_mlp(
     h = torch.empty(num_rows, inter, dtype=torch.float8_e4m3fn if h_fp8 else y.dtype, device=x.device)
     h_scale = torch.empty(num_rows, inter // bn, dtype=torch.float32, device=x.device) if h_fp8 else h
     num_groups = groups.shape[0]
+    # float32 exactly (Triton's default takes float32 operands as TF32: 1e-3 off transformers)
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"
     # a tile of rows a slot or more (prefill): programs by tiles, enough for any split of the rows
     tiled = config.get("TILED", num_rows >= num_groups * bm)
     tiles = triton.next_power_of_2(num_groups) if tiled else 0
@@ -230,6 +234,7 @@ def expert_mlp(
         BN=bn,
         BK=bk,
         TILES=tiles,
+        DOT_PRECISION=precision,
         **launch,
     )
     bn, bk = _block(hidden, config["BN"]), _block(inter, want_k)
@@ -256,6 +261,7 @@ def expert_mlp(
         BN=bn,
         BK=bk,
         TILES=tiles,
+        DOT_PRECISION=precision,
         **launch,
     )
     return y

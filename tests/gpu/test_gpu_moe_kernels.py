@@ -1,6 +1,6 @@
 """The Triton MoE kernels compiled for this GPU against the torch paths: the dispatch
 (the same groups exactly, on float32 logits, which have no ties), the expert MLP in bf16 at decode and
-larger row counts (each picks other block sizes), with other ranks' rows, the combine
+larger row counts (each picks other block sizes) and in float32 (not TF32), with other ranks' rows, the combine
 (alone and fused with the residual add and RMSNorm), and all three inside a CUDA graph replayed on new inputs."""
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ def _mlp_case(
     top_k: int = 8,
     foreign: bool = False,
     seed: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
 ):
     g = torch.Generator(device="cuda").manual_seed(seed)
-    bf = dict(device="cuda", dtype=torch.bfloat16, generator=g)
+    bf = dict(device="cuda", dtype=dtype, generator=g)
     x = torch.randn(tokens, hidden, **bf)
     w13 = torch.randn(slots, 2 * inter, hidden, **bf) / hidden**0.5
     w2 = torch.randn(slots, hidden, inter, **bf) / inter**0.5
@@ -54,6 +55,15 @@ def test_expert_mlp_triton_matches_grouped_mm(tokens, foreign):
     mine = int(ends[-1])  # rows past it are other ranks': neither path writes them
     # the torch path rounds gate/up to bf16 before SiLU-and-mul, Triton does not
     assert _rel_error(got[:mine], want[:mine]) < 1e-2
+
+
+@pytest.mark.parametrize("tokens", [1, 256])
+def test_expert_mlp_triton_float32_is_not_tf32(tokens):
+    # TF32 keeps 10 mantissa bits: about 1e-3 relative here; float32 sums differ by about 1e-7
+    x, rows, ends, w13, w2 = _mlp_case(tokens, dtype=torch.float32)
+    want = expert_mlp(x, rows, ends, w13=w13, w2=w2, backend="torch")
+    got = expert_mlp(x, rows, ends, w13=w13, w2=w2, backend="triton")
+    assert _rel_error(got, want) < 1e-5
 
 
 def _dispatch_args(tokens: int, experts: int = 128, physical: int = 160, top_k: int = 8, ep: int = 2, seed: int = 0):
