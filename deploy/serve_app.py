@@ -35,12 +35,14 @@ from starlette.requests import ClientDisconnect
 
 from raymoe.actors.rank_group import remove_named_placement_group
 from raymoe.cluster.config import Config, config_from_dict, resolve_config
+from raymoe.cluster.placement import ClusterCapacityError
 from raymoe.deploy import http_limits
 from raymoe.deploy.engine_client import EngineClient, RayEngine
 from raymoe.deploy.http_request import read_body, unless_client_leaves
 from raymoe.deploy.launch import ensure_ray, start_controller
 from raymoe.deploy.openai_api import APIError
 from raymoe.deploy.openai_server import OpenAIServer
+from raymoe.deploy.serve_wait import wait_until_running
 
 log = logging.getLogger(__name__)
 
@@ -466,7 +468,13 @@ def start_serving(config: Config, address: Optional[str] = None) -> str:
         )
     ensure_ray(config, address)
     serve_start(host, port, config.serve.direct_ingress, config.serve.num_replicas)
-    serve.run(app_for(config), name=APP_NAME, route_prefix="/")
+    # not serve.run, which waits through every retry of a replica that raised a user's mistake
+    serve._run(app_for(config), _blocking=False, name=APP_NAME, route_prefix="/")
+    try:
+        wait_until_running(APP_NAME)
+    except (ValueError, ClusterCapacityError):
+        serve.delete(APP_NAME)  # or Serve goes on retrying it
+        raise
     return f"http://{host}:{port}"
 
 
