@@ -44,9 +44,12 @@ class CheckpointReader:
         stop: Optional[int] = None,
         *,
         dtype: Optional[torch.dtype] = None,
+        size: Optional[int] = None,
     ) -> torch.Tensor:
-        """Tensor ``name``, or only ``[start, stop)`` along ``dim``; cast to ``dtype``."""
-        t, dim, start, stop = self._slice(name, dim, start, stop)
+        """Tensor ``name``, or only ``[start, stop)`` along ``dim``; cast to ``dtype``. ``size``:
+        the tensor's whole length along ``dim`` in the model config.json describes (a slice of a
+        tensor of another shape would load part of other weights without an error)."""
+        t, dim, start, stop = self._slice(name, dim, start, stop, size)
         if t.dtype == FP8:
             t = self._dequantised(name, t, dim, start, stop)
         return t.to(dtype) if dtype is not None else t
@@ -59,11 +62,12 @@ class CheckpointReader:
         stop: Optional[int] = None,
         *,
         fp8_block: Optional[tuple[int, int]] = None,
+        size: Optional[int] = None,
     ) -> WeightSlice:
-        """A projection weight's slice, as ``read``; with ``fp8_block``, an FP8 checkpoint's
-        weight stays in FP8 with its block scales (``WeightSlice``; the slice must start on a
-        block boundary, and end on one or at the tensor's end), any other as stored."""
-        t, dim, start, stop = self._slice(name, dim, start, stop)
+        """A projection weight's slice, as ``read`` (``size`` too); with ``fp8_block``, an FP8
+        checkpoint's weight stays in FP8 with its block scales (``WeightSlice``; the slice must
+        start on a block boundary, and end on one or at the tensor's end), any other as stored."""
+        t, dim, start, stop = self._slice(name, dim, start, stop, size)
         if t.dtype != FP8:
             if fp8_block is not None and self.fp8_block is not None:
                 raise ValueError(
@@ -85,9 +89,10 @@ class CheckpointReader:
         scale = self.read(scales, dim, start // b, -(-stop // b), dtype=torch.float32)
         return WeightSlice(t, scale, fp8_block)
 
-    def _slice(self, name: str, dim: Optional[int], start: int, stop: Optional[int]):
+    def _slice(self, name: str, dim: Optional[int], start: int, stop: Optional[int], size: Optional[int] = None):
         """The stored values of ``[start, stop)`` along ``dim`` (all of it for dim None) ->
-        (tensor, dim, start, stop), the bounds filled in."""
+        (tensor, dim, start, stop), the bounds filled in; ValueError unless the tensor's length
+        along ``dim`` is ``size`` (where given)."""
         if name not in self.file_of:
             raise ValueError(f"checkpoint {self.dir}: tensor {name!r} is missing")
         view = self._handle(self.file_of[name]).get_slice(name)
@@ -95,6 +100,11 @@ class CheckpointReader:
         shape = view.get_shape()
         if dim is None:
             return view[:], 0, 0, (shape[0] if shape else 0)
+        if size is not None and shape[dim] != size:
+            raise ValueError(
+                f"checkpoint {self.dir}: {name} has shape {list(shape)}, but config.json makes it {size} long along "
+                f"dim {dim}: the checkpoint's tensors and its config.json disagree"
+            )
         stop = shape[dim] if stop is None else stop
         if not 0 <= start < stop <= shape[dim]:
             raise ValueError(f"{name}: slice [{start}, {stop}) outside dim {dim} of shape {shape}")

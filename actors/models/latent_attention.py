@@ -44,6 +44,7 @@ class LatentAttention(nn.Module):
         self.layer, self.rotary, self.mla = layer, rotary, m
         self.heads = split_evenly(spec.num_heads, tp.world_size, "num_attention_heads", "choose a tp that divides it")
         self.head_start = tp.rank_in_group * self.heads
+        self.num_heads = spec.num_heads
         self.qk_dim = m.qk_nope_head_dim + m.qk_rope_head_dim
         self.latent_width = m.kv_lora_rank + m.qk_rope_head_dim
         # one GEMM reads x for the query's first projection and the latent (q_a_proj or this
@@ -97,21 +98,23 @@ class LatentAttention(nn.Module):
         latent = reader.read_weight(prefix + "kv_a_proj_with_mqa.weight", fp8_block=fp8)
         latent = latent.reorder_rows(_rope_halves_order(self.latent_width, m), prefix + "kv_a_proj_with_mqa.weight")
         query_rows = (0, h0 * self.qk_dim, h1 * self.qk_dim)
+        query_size = self.num_heads * self.qk_dim  # the whole model's query rows
         query_order = torch.cat([_rope_halves_order(self.qk_dim, m) + h * self.qk_dim for h in range(self.heads)])
         if self.q_b is not None:
             q_in = reader.read_weight(prefix + "q_a_proj.weight", fp8_block=fp8)
             self.q_a_norm.load(reader, prefix + "q_a_layernorm.weight")
-            q_b = reader.read_weight(prefix + "q_b_proj.weight", *query_rows, fp8_block=fp8)
+            q_b = reader.read_weight(prefix + "q_b_proj.weight", *query_rows, fp8_block=fp8, size=query_size)
             q_b.reorder_rows(query_order, prefix + "q_b_proj.weight").store(self.q_b, self.q_b_scale, fp8)
         else:
-            q_in = reader.read_weight(prefix + "q_proj.weight", *query_rows, fp8_block=fp8)
+            q_in = reader.read_weight(prefix + "q_proj.weight", *query_rows, fp8_block=fp8, size=query_size)
             q_in = q_in.reorder_rows(query_order, prefix + "q_proj.weight")
         WeightSlice.cat([q_in, latent], 0, prefix + "q and kv_a projections").store(
             self.in_proj, self.in_proj_scale, fp8
         )
         self.kv_a_norm.load(reader, prefix + "kv_a_layernorm.weight")
         per_head = m.qk_nope_head_dim + m.v_head_dim
-        kv_b = reader.read(prefix + "kv_b_proj.weight", 0, h0 * per_head, h1 * per_head).view(self.heads, per_head, -1)
+        kv_b = reader.read(prefix + "kv_b_proj.weight", 0, h0 * per_head, h1 * per_head, size=self.num_heads * per_head)
+        kv_b = kv_b.view(self.heads, per_head, -1)
         self.w_uk.copy_(kv_b[:, : m.qk_nope_head_dim])
         self.w_uv_t.copy_(kv_b[:, m.qk_nope_head_dim :].transpose(1, 2))
         self.o_proj.load(reader, prefix + "o_proj.", h0 * m.v_head_dim)

@@ -181,7 +181,7 @@ class VocabParallelEmbedding(nn.Module):
 
     def load(self, reader: CheckpointReader, name: str) -> None:
         if self.stop > self.start:
-            self.weight[: self.stop - self.start].copy_(reader.read(name, 0, self.start, self.stop))
+            self.weight[: self.stop - self.start].copy_(reader.read(name, 0, self.start, self.stop, size=self.vocab))
         else:  # a share wholly past the vocabulary
             reader.mark_used(name)
 
@@ -241,7 +241,7 @@ class ParallelLMHead(nn.Module):
         if self.tied:
             return
         if e.stop > e.start:
-            self.weight[: e.stop - e.start].copy_(reader.read(name, 0, e.start, e.stop))
+            self.weight[: e.stop - e.start].copy_(reader.read(name, 0, e.start, e.stop, size=e.vocab))
         else:
             reader.mark_used(name)
 
@@ -264,7 +264,10 @@ class RowParallelLinear(nn.Module):
 
     def load(self, reader: CheckpointReader, prefix: str, col_start: int) -> None:
         cols = self.weight.shape[1]
-        part = reader.read_weight(prefix + "weight", 1, col_start, col_start + cols, fp8_block=self.fp8_block)
+        whole = cols * self.group.world_size  # the input dim is split evenly over the group
+        part = reader.read_weight(
+            prefix + "weight", 1, col_start, col_start + cols, fp8_block=self.fp8_block, size=whole
+        )
         part.store(self.weight, self.weight_scale, self.fp8_block)
         if self.bias is not None:
             self.bias.copy_(reader.read(prefix + "bias"))
@@ -287,6 +290,7 @@ class QKVProjection(nn.Module):
             self.kv_heads, self.kv_start = 1, r // (n // spec.num_kv_heads)
         self.q_start = r * self.heads
         self.head_dim = spec.head_dim
+        self.num_heads, self.num_kv_heads = spec.num_heads, spec.num_kv_heads  # the whole model's
         rows = (self.heads + 2 * self.kv_heads) * spec.head_dim
         self.weight, self.weight_scale = weight_params(
             (rows, spec.hidden_size), dtype=dtype, device=device, fp8_block=fp8_block
@@ -304,18 +308,19 @@ class QKVProjection(nn.Module):
 
     def load(self, reader: CheckpointReader, prefix: str) -> None:
         d = self.head_dim
-        parts = [
-            ("q_proj.", self.q_start, self.heads),
-            ("k_proj.", self.kv_start, self.kv_heads),
-            ("v_proj.", self.kv_start, self.kv_heads),
+        parts = [  # (projection, this rank's first head, its heads, the model's heads)
+            ("q_proj.", self.q_start, self.heads, self.num_heads),
+            ("k_proj.", self.kv_start, self.kv_heads, self.num_kv_heads),
+            ("v_proj.", self.kv_start, self.kv_heads, self.num_kv_heads),
         ]
         slices = [
-            reader.read_weight(prefix + p + "weight", 0, s * d, (s + c) * d, fp8_block=self.fp8_block)
-            for p, s, c in parts
+            reader.read_weight(prefix + p + "weight", 0, s * d, (s + c) * d, fp8_block=self.fp8_block, size=n * d)
+            for p, s, c, n in parts
         ]
         WeightSlice.cat(slices, 0, prefix + "q/k/v_proj").store(self.weight, self.weight_scale, self.fp8_block)
         if self.bias is not None:
-            self.bias.copy_(torch.cat([reader.read(prefix + p + "bias", 0, s * d, (s + c) * d) for p, s, c in parts]))
+            biases = [reader.read(prefix + p + "bias", 0, s * d, (s + c) * d, size=n * d) for p, s, c, n in parts]
+            self.bias.copy_(torch.cat(biases))
 
 
 class DenseMLP(nn.Module):
@@ -335,6 +340,7 @@ class DenseMLP(nn.Module):
         """field: the config.json field(s) ``intermediate`` comes from, for the error a tp that
         does not divide it raises."""
         super().__init__()
+        self.intermediate = intermediate
         self.local = split_evenly(intermediate, tp.world_size, field, "choose a tp that divides it")
         self.start = tp.rank_in_group * self.local
         self.fp8_block = fp8_block
@@ -351,6 +357,7 @@ class DenseMLP(nn.Module):
 
     def load(self, reader: CheckpointReader, gate: str, up: str, down_prefix: str) -> None:
         s, e = self.start, self.start + self.local
-        parts = [reader.read_weight(name, 0, s, e, fp8_block=self.fp8_block) for name in (gate, up)]
+        fp8, whole = self.fp8_block, self.intermediate
+        parts = [reader.read_weight(name, 0, s, e, fp8_block=fp8, size=whole) for name in (gate, up)]
         WeightSlice.cat(parts, 0, f"{gate} and {up}").store(self.gate_up, self.gate_up_scale, self.fp8_block)
         self.down.load(reader, down_prefix, s)

@@ -92,6 +92,7 @@ class MoE(nn.Module):
             "choose an ep so that world_size / ep (moe_tp) divides it",
         )
         self.inter_start = groups.moe_tp.rank_in_group * self.inter
+        self.whole_inter = spec.moe.intermediate_size
         h = spec.hidden_size
         self.grouped = spec.moe.grouped
         # grouped routing scores in float32, as transformers keeps its router (and bias) in float32
@@ -253,15 +254,18 @@ class MoE(nn.Module):
         if self.shared_gate is not None:
             self.shared_gate.copy_(reader.read(names.shared_gate.format(layer=self.layer)))
         s, e = self.inter_start, self.inter_start + self.inter
+        whole = self.whole_inter
         physical_to_logical = self.expert_map.physical_to_logical_cpu[self.moe_layer]
         fp8 = self.fp8_block
         for slot in range(self.slots):
             expert = int(physical_to_logical[self.slot_start + slot])
             fill = dict(layer=self.layer, expert=expert)
-            gate_up = [reader.read_weight(n.format(**fill), 0, s, e, fp8_block=fp8) for n in (names.gate, names.up)]
+            gate_up = [
+                reader.read_weight(n.format(**fill), 0, s, e, fp8_block=fp8, size=whole) for n in (names.gate, names.up)
+            ]
             w13_scale = self.w13_scale[slot] if fp8 else None
             WeightSlice.cat(gate_up, 0, names.gate.format(**fill)).store(self.w13[slot], w13_scale, fp8)
-            down = reader.read_weight(names.down.format(**fill), 1, s, e, fp8_block=fp8)
+            down = reader.read_weight(names.down.format(**fill), 1, s, e, fp8_block=fp8, size=whole)
             down.store(self.w2[slot], self.w2_scale[slot] if fp8 else None, fp8)
         for expert in range(self.expert_map.num_logical):
             for name in (names.gate, names.up, names.down):

@@ -94,7 +94,14 @@ ARCHITECTURES = {
         moe=True,
         qk_norm=True,
         experts=QWEN_EXPERTS,
-        config_defaults={"use_sliding_window": False, "sliding_window": 4096, "num_key_value_heads": 4},
+        config_defaults={
+            "use_sliding_window": False,
+            "sliding_window": 4096,
+            "num_key_value_heads": 4,
+            "max_position_embeddings": 32768,
+            "intermediate_size": 6144,
+            "moe_intermediate_size": 768,
+        },
         # transformers' model of it slides every layer: layer_types is not read
         ignored_fields=("layer_types",),
         sliding_layers="all",
@@ -105,7 +112,12 @@ ARCHITECTURES = {
         qkv_bias_field=None,
         default_norm_topk=True,
         experts=MIXTRAL_EXPERTS,
-        config_defaults={"rope_theta": 1e6, "rms_norm_eps": 1e-5, "num_key_value_heads": 8},
+        config_defaults={
+            "rope_theta": 1e6,
+            "rms_norm_eps": 1e-5,
+            "num_key_value_heads": 8,
+            "max_position_embeddings": 131072,
+        },
         # transformers' MixtralTopKRouter always renormalises, every layer is a MoE of experts
         # intermediate_size wide, and every layer slides (layer_types is not read)
         ignored_fields=(
@@ -126,10 +138,16 @@ ARCHITECTURES = {
             "num_key_value_heads": 32,
             "head_dim": 128,
             "max_window_layers": 28,
+            "max_position_embeddings": 32768,
+            "intermediate_size": 22016,
         },
         sliding_layers="from_max_window_layers",
     ),
-    "LlamaForCausalLM": ArchitectureTraits(moe=False, implemented_values={"mlp_bias": (False,)}),
+    "LlamaForCausalLM": ArchitectureTraits(
+        moe=False,
+        implemented_values={"mlp_bias": (False,)},
+        config_defaults={"max_position_embeddings": 2048, "intermediate_size": 11008},
+    ),
     "Qwen2MoeForCausalLM": ArchitectureTraits(
         moe=True,
         qkv_bias_field="qkv_bias",
@@ -145,6 +163,9 @@ ARCHITECTURES = {
             "sliding_window": 4096,
             "max_window_layers": 28,
             "num_key_value_heads": 16,
+            "max_position_embeddings": 32768,
+            "intermediate_size": 5632,
+            "moe_intermediate_size": 1408,
         },
         sliding_layers="even_below_max_window_layers",
     ),
@@ -168,6 +189,10 @@ ARCHITECTURES = {
             "use_qk_norm": False,
             "rms_norm_eps": 1e-5,
             "num_key_value_heads": 8,
+            "max_position_embeddings": 131072,
+            "intermediate_size": 10944,
+            "moe_intermediate_size": 1408,
+            "num_nextn_predict_layers": 1,
         },
     ),
     "DeepseekV3ForCausalLM": ArchitectureTraits(
@@ -193,6 +218,11 @@ ARCHITECTURES = {
             "n_shared_experts": 1,
             "norm_topk_prob": True,
             "rope_interleave": True,
+            "max_position_embeddings": 4096,
+            "intermediate_size": 18432,
+            "moe_intermediate_size": 2048,
+            "num_nextn_predict_layers": 1,
+            "q_lora_rank": 1536,
         },
     ),
     # transformers' DeepSeek-V2 router never renormalises (norm_topk_prob is refused, not ignored)
@@ -219,9 +249,41 @@ ARCHITECTURES = {
             "n_shared_experts": 2,
             "norm_topk_prob": False,
             "topk_method": "greedy",
+            "max_position_embeddings": 2048,
+            "intermediate_size": 11008,
+            "moe_intermediate_size": 1407,
+            "q_lora_rank": 1536,
         },
     ),
 }
+
+
+# transformers' model_type of each architecture: a config.json without ``architectures`` names its
+# model by it (as transformers' AutoModelForCausalLM reads it)
+MODEL_TYPES = {
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "llama": "LlamaForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "glm4_moe": "Glm4MoeForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
+    "deepseek_v2": "DeepseekV2ForCausalLM",
+}
+
+
+def architecture_of(cfg: dict[str, Any]) -> str:
+    """The architecture a config.json names: its ``architectures``' first, else its ``model_type``'s."""
+    names = cfg.get("architectures")
+    if names:
+        return names[0]
+    model_type = cfg.get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise ValueError(
+            f"config.json names no architecture ('architectures'), and its model_type {model_type!r} is none "
+            f"raymoe supports ({', '.join(sorted(MODEL_TYPES))})"
+        )
+    return MODEL_TYPES[model_type]
 
 
 def architecture_traits(name: str) -> ArchitectureTraits:

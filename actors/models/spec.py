@@ -16,7 +16,12 @@ from typing import Any, Optional
 
 import torch
 
-from raymoe.actors.models.registry import COMMON_IMPLEMENTED_VALUES, ArchitectureTraits, architecture_traits
+from raymoe.actors.models.registry import (
+    COMMON_IMPLEMENTED_VALUES,
+    ArchitectureTraits,
+    architecture_of,
+    architecture_traits,
+)
 
 log = logging.getLogger(__name__)
 
@@ -151,22 +156,25 @@ def load_spec(checkpoint_dir: str | pathlib.Path) -> ModelSpec:
 def spec_from_hf_config(cfg: dict[str, Any]) -> ModelSpec:
     """ValueError for an unsupported architecture, a missing field, or a field whose value
     changes the maths in a way raymoe does not implement (naming the field)."""
-    arch = (cfg.get("architectures") or ["<none>"])[0]
+    arch = architecture_of(cfg)
     traits = architecture_traits(arch)  # raises for unknown architectures
     cfg = {k: v for k, v in {**traits.config_defaults, **cfg}.items() if k not in traits.ignored_fields}
     _refuse_unimplemented(cfg, arch, traits)
     hidden = _need(cfg, "hidden_size")
     heads = _need(cfg, "num_attention_heads")
     layers = _need(cfg, "num_hidden_layers")
+    if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
+        raise ValueError(f"config.json: num_hidden_layers = {json.dumps(layers)} must be a whole number >= 1")
     qkv_bias = bool(cfg.get(traits.qkv_bias_field, traits.qkv_bias_default)) if traits.qkv_bias_field else False
     rope = _rope(cfg, arch, traits)
-    max_position = int(cfg.get("max_position_embeddings", 4096))
+    max_position = int(_need(cfg, "max_position_embeddings"))
     if rope.kind == "yarn":  # YaRN stretches the original context by its factor
         max_position = max(max_position, int(rope.original_max_position * rope.factor))
     window = _sliding_window(cfg, layers, traits.sliding_layers)
     mla = _latent_attention(cfg, rope) if traits.latent_attention else None
     kv_heads = cfg.get("num_key_value_heads")
-    kv_heads = heads if kv_heads is None else kv_heads
+    # MLA: every head reads the one latent (transformers' attention works only where the field equals the heads)
+    kv_heads = heads if kv_heads is None or mla is not None else kv_heads
     if mla is None and not (isinstance(kv_heads, int) and kv_heads >= 1 and heads % kv_heads == 0):
         raise ValueError(
             f"config.json: num_key_value_heads = {json.dumps(kv_heads)} must divide num_attention_heads = {heads} "
@@ -406,7 +414,7 @@ def _rope(cfg: dict[str, Any], arch: str, traits: ArchitectureTraits) -> RopeSpe
     original = int(
         cfg.get("original_max_position_embeddings")
         or params.get("original_max_position_embeddings")
-        or cfg.get("max_position_embeddings", 4096)
+        or _need(cfg, "max_position_embeddings")
     )
     common = dict(theta=theta, kind=kind, partial_rotary_factor=partial, original_max_position=original)
     if kind == "llama3":
@@ -417,7 +425,7 @@ def _rope(cfg: dict[str, Any], arch: str, traits: ArchitectureTraits) -> RopeSpe
             high_freq_factor=float(params.get("high_freq_factor", 4.0)),
         )
     factor = params.get("factor")
-    factor = float(factor) if factor is not None else cfg.get("max_position_embeddings", 4096) / original
+    factor = float(factor) if factor is not None else _need(cfg, "max_position_embeddings") / original
     attention_factor = params.get("attention_factor")
     if attention_factor is None:
         mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")

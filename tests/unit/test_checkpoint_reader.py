@@ -1,8 +1,11 @@
 """The checkpoint reader fails on tensors nothing read (weights of something raymoe does
-not implement) and names the ones transformers ignores too in one warning line."""
+not implement) and names the ones transformers ignores too in one warning line, and on a
+tensor whose shape its config.json contradicts (where a rank reads a slice, which would
+otherwise load part of the weights without an error)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 
@@ -58,6 +61,36 @@ def _with_extra_tensors(src, dst, extra: dict[str, torch.Tensor]):
             (dst / f.name).write_bytes(f.read_bytes())
     save_file({**load_file(str(src / "model.safetensors")), **extra}, str(dst / "model.safetensors"), {"format": "pt"})
     return dst
+
+
+@pytest.fixture(scope="module")
+def qwen3_moe(tmp_path_factory):
+    return write_checkpoint("qwen3_moe", tmp_path_factory.mktemp("zoo") / "qwen3_moe")
+
+
+def _with_config(src, dst, **fields):
+    """A copy of checkpoint ``src`` whose config.json says ``fields`` instead."""
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((src / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**cfg, **fields}))
+    return dst
+
+
+@pytest.mark.parametrize(
+    "kind, fields, tensor",
+    [
+        ("qwen3_moe", {"moe_intermediate_size": 16}, r"mlp\.experts\.\d+\.gate_proj"),  # the zoo's 32
+        ("qwen3_moe", {"vocab_size": 500}, r"embed_tokens"),  # the zoo's 512
+        ("llama", {"intermediate_size": 64}, r"mlp\.gate_proj"),  # the zoo's 128
+        ("llama", {"num_key_value_heads": 1}, r"k_proj"),  # the zoo's 2
+    ],
+)
+def test_a_config_json_its_tensors_contradict_fails_the_load(kind, fields, tensor, request, tmp_path):
+    path = _with_config(request.getfixturevalue(kind), tmp_path / "ckpt", **fields)
+    with pytest.raises(ValueError, match=rf"{tensor}\.weight has shape .* disagree"):
+        _load(path)
 
 
 def _load(path):

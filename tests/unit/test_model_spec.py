@@ -13,7 +13,7 @@ import torch
 from model_zoo import KINDS, hf_classes, hf_config
 
 from raymoe.actors.models.layers import RotaryEmbedding
-from raymoe.actors.models.registry import ARCHITECTURES, COMMON_IMPLEMENTED_VALUES
+from raymoe.actors.models.registry import ARCHITECTURES, COMMON_IMPLEMENTED_VALUES, MODEL_TYPES
 from raymoe.actors.models.spec import spec_from_hf_config
 
 ZOO = {hf_classes(kind)[1].__name__: kind for kind in KINDS}
@@ -61,6 +61,48 @@ def test_a_silent_field_means_what_it_means_to_transformers(arch):
                 silent[nested] = {k: v for k, v in silent[nested].items() if k != key}
         explicit = _config(kind, num_hidden_layers=layers, **{key: hf_defaults[key]})
         assert outcome(silent) == outcome(explicit), key
+
+
+def _outcome(cfg: dict):
+    """The spec, or the refusal's message."""
+    try:
+        return spec_from_hf_config(cfg)
+    except ValueError as e:
+        return str(e)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_every_silent_field_means_what_transformers_makes_of_it(kind):
+    """Dropping any one field of a zoo config.json gives the spec of the config that
+    transformers' config class makes of the rest (its own defaults, and what it derives from
+    other fields: head_dim, the KV heads, the architecture from model_type), or a refusal that
+    names the field; never another model."""
+    cfg = _config(kind, num_hidden_layers=6)
+    for key in sorted(cfg):
+        silent = {k: v for k, v in cfg.items() if k != key}
+        try:
+            resolved = {**hf_classes(kind)[0](**silent).to_dict(), "architectures": cfg["architectures"]}
+        except Exception:  # transformers refuses it as well (num_hidden_layers against layer_types)
+            continue
+        got = _outcome(silent)
+        if isinstance(got, str) and key in got:
+            continue
+        assert got == _outcome(resolved), key
+
+
+def test_model_type_names_the_architecture_as_in_transformers():
+    for kind in KINDS:
+        config_class, model_class = hf_classes(kind)
+        assert MODEL_TYPES[config_class.model_type] == model_class.__name__
+    unknown = {k: v for k, v in _config("qwen3_moe").items() if k != "architectures"} | {"model_type": "gpt2"}
+    with pytest.raises(ValueError, match="model_type 'gpt2'"):
+        spec_from_hf_config(unknown)
+
+
+@pytest.mark.parametrize("layers", [0, -1, 2.5, True])
+def test_a_model_needs_a_layer(layers):
+    with pytest.raises(ValueError, match="num_hidden_layers"):
+        spec_from_hf_config({**_config("qwen3_moe"), "num_hidden_layers": layers})
 
 
 def test_the_new_architectures_read_their_fields():
