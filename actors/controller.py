@@ -103,18 +103,21 @@ class Controller:
     def _load_ranks(self, path: str) -> int:
         """Load the model on the ranks of the current rank group, size and allocate their KV cache,
         and build what drives them (executor, EPLB); returns the KV blocks per replica."""
-        ranks = self._rank_group()
+        ranks, timeout_s = self._rank_group(), self.config.engine.load_timeout_s
         if self.config.model.path.startswith(BUILTIN_PREFIX):
             # every node needs the files: each rank writes them where its node lacks them
-            ranks.call("run_on_rank", _resolve_on_rank, self.config.model.path)
-        num_blocks = min(ranks.call("load_model", self.config, path, self._model().max_model_len))
+            ranks.call("run_on_rank", _resolve_on_rank, self.config.model.path, timeout_s=timeout_s)
+        loaded = ranks.call("load_model", self.config, path, self._model().max_model_len, timeout_s=timeout_s)
+        num_blocks = min(loaded)
         if num_blocks < 1:
             raise RuntimeError(
                 "no memory left for the KV cache after loading the model: raise engine.kv_memory_fraction, "
                 "spread the model over more GPUs (tp/ep), or use a smaller model"
             )
-        ranks.call("allocate_kv_cache", num_blocks)
-        self.executor = RayStepExecutor(self.layout, ranks.actors, self.config.engine.step_timeout_s)
+        ranks.call("allocate_kv_cache", num_blocks, timeout_s=timeout_s)
+        self.executor = RayStepExecutor(
+            self.layout, ranks.actors, self.config.engine.step_timeout_s, compiles=self.config.parallel.device == "cuda"
+        )
         self.eplb = self._eplb_manager(self._model().spec)
         return num_blocks
 
@@ -159,7 +162,8 @@ class Controller:
         if not self.config.eplb.enabled or spec.moe is None:
             return None
         ranks = self._rank_group()
-        physical_to_logical = ray.get(ranks.actors[0].physical_to_logical.remote())
+        timeout_s = self.config.engine.load_timeout_s  # part of the bring-up
+        physical_to_logical = ranks.call("physical_to_logical", ranks=[0], timeout_s=timeout_s)[0]
         device = torch.device("cuda" if self.config.parallel.device == "cuda" else "cpu")
         elem = torch.empty((), dtype=resolve_dtype(self.config.model.dtype, spec, device)).element_size()
         fp8 = resolve_fp8_block(self.config.model.quantization, spec.fp8_block, device.type == "cuda", ())

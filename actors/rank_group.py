@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import ray
+from ray.exceptions import GetTimeoutError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -51,9 +52,24 @@ class RankGroup:
     actors: list[Any]  # Ray actor handles, index = global rank
     infos: list[dict[str, Any]]  # what each rank reported after joining
 
-    def call(self, method: str, *args: Any, ranks: Sequence[int] | None = None, **kwargs: Any) -> list[Any]:
-        """Call ``method`` on the given ranks (default: all) at once; results in rank order."""
-        return ray.get(self.call_async(method, *args, ranks=ranks, **kwargs))
+    def call(
+        self,
+        method: str,
+        *args: Any,
+        ranks: Sequence[int] | None = None,
+        timeout_s: float | None = None,
+        **kwargs: Any,
+    ) -> list[Any]:
+        """Call ``method`` on the given ranks (default: all) at once; results in rank order.
+        TimeoutError naming the ranks that have not answered within ``timeout_s`` (None: wait)."""
+        refs = self.call_async(method, *args, ranks=ranks, **kwargs)
+        try:
+            return ray.get(refs, timeout=timeout_s)
+        except GetTimeoutError:
+            answered, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+            targets = range(len(self.actors)) if ranks is None else ranks
+            late = [r for r, ref in zip(targets, refs) if ref not in answered]
+            raise TimeoutError(f"rank(s) {late} did not finish {method} within {timeout_s:.0f} s: hung") from None
 
     def call_async(self, method: str, *args: Any, ranks: Sequence[int] | None = None, **kwargs: Any) -> list[Any]:
         targets = range(len(self.actors)) if ranks is None else ranks

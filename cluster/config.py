@@ -90,8 +90,11 @@ class EngineConfig:
     # request's first token comes a step sooner; auto: 1 while the ranks report slack for it
     max_steps_in_flight: Literal[1, 2, "auto"] = 2
     # a step slower than this means a hung rank: the rank group restarts (the first
-    # steps on new ranks, which compile kernels, get 15 minutes)
+    # steps on new GPU ranks, which compile kernels, get 15 minutes)
     step_timeout_s: float = 60.0
+    # loading the model on a rank group (weights, KV cache, CUDA graphs) slower than this means
+    # a hung rank: the start fails, a restart counts as failed (and is tried again)
+    load_timeout_s: float = 1800.0
     # rank-group restarts after failures allowed within restart_window_s; then the
     # engine stays down and says why
     max_restarts: int = 3
@@ -106,6 +109,7 @@ class EngineConfig:
         _require(self.max_num_batched_tokens >= 1, "engine.max_num_batched_tokens", "must be >= 1")
         _require(self.mixed_step_graph_tokens >= 0, "engine.mixed_step_graph_tokens", "must be >= 0 (0: off)")
         _require(self.step_timeout_s > 0, "engine.step_timeout_s", "must be > 0 seconds")
+        _require(self.load_timeout_s > 0, "engine.load_timeout_s", "must be > 0 seconds")
         _require(self.max_restarts >= 0, "engine.max_restarts", "must be >= 0 (0: never restart)")
         _require(self.restart_window_s > 0, "engine.restart_window_s", "must be > 0 seconds")
 

@@ -1,0 +1,72 @@
+"""Ranks that hang are found within the configured bounds: a rank group's bring-up call
+(loading the model) names the ranks that have not answered within engine.load_timeout_s,
+and a CPU rank's first steps, which compile nothing, get engine.step_timeout_s like any
+other (GPU ranks' first steps get WARMUP_TIMEOUT_S for their kernels). Stand-in rank
+actors that sleep play the hung ranks."""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+import sys
+import time
+
+import pytest
+import ray
+
+from raymoe.actors.engine.async_engine import StepTimeoutError
+from raymoe.actors.rank_group import RankGroup
+from raymoe.actors.step_executor import RayStepExecutor
+from raymoe.cluster.config import config_from_dict
+from raymoe.cluster.layout import RankLayout
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+LAYOUT = RankLayout.from_config(config_from_dict({"parallel": {"dp": 2}}).parallel)
+
+
+@ray.remote(num_cpus=0)
+class SlowRank:
+    """A rank whose calls take ``delay_s``."""
+
+    def __init__(self, delay_s: float) -> None:
+        self.delay_s = delay_s
+
+    def load_model(self) -> int:
+        time.sleep(self.delay_s)
+        return 7
+
+    def run_step(self, step, keep=0, late_grammar=None) -> bytes:
+        time.sleep(self.delay_s)
+        return pickle.dumps([])
+
+
+@pytest.fixture
+def ranks(ray_cluster):
+    actors = [SlowRank.remote(0.0), SlowRank.remote(60.0)]  # rank 1 hangs
+    yield actors
+    for a in actors:
+        ray.kill(a)
+
+
+def test_a_bring_up_call_names_the_ranks_that_do_not_answer_in_time(ranks):
+    group = RankGroup(layout=LAYOUT, device="cpu", placement_group=None, actors=ranks, infos=[])
+    assert group.call("load_model", ranks=[0], timeout_s=30) == [7]
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"rank\(s\) \[1\] did not finish load_model within 1 s"):
+        group.call("load_model", timeout_s=1)
+    assert time.monotonic() - t0 < 30  # long before rank 1 answers
+
+
+@pytest.mark.parametrize("compiles", [False, True])
+def test_a_first_step_waits_past_the_step_timeout_only_where_kernels_compile(ray_cluster, compiles):
+    actors = [SlowRank.remote(2.0), SlowRank.remote(2.0)]  # each step: 4 x the step timeout
+    try:
+        executor = RayStepExecutor(LAYOUT, actors, step_timeout_s=0.5, compiles=compiles)
+        step = asyncio.run(executor.run_step_async([None, None]))  # no new step: still a call to every rank
+        assert compiles and step == [], "a CPU rank's first step got more than engine.step_timeout_s"
+    except StepTimeoutError:
+        assert not compiles, "a GPU rank's first step got only engine.step_timeout_s"
+    finally:
+        for a in actors:
+            ray.kill(a)
