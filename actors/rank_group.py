@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import ray
-from ray.exceptions import GetTimeoutError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -61,15 +60,10 @@ class RankGroup:
         **kwargs: Any,
     ) -> list[Any]:
         """Call ``method`` on the given ranks (default: all) at once; results in rank order.
-        TimeoutError naming the ranks that have not answered within ``timeout_s`` (None: wait)."""
+        With ``timeout_s``: the first rank's error raises at once, and TimeoutError when some
+        have not answered within it (hung)."""
         refs = self.call_async(method, *args, ranks=ranks, **kwargs)
-        try:
-            return ray.get(refs, timeout=timeout_s)
-        except GetTimeoutError:
-            answered, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
-            targets = range(len(self.actors)) if ranks is None else ranks
-            late = [r for r, ref in zip(targets, refs) if ref not in answered]
-            raise TimeoutError(f"rank(s) {late} did not finish {method} within {timeout_s:.0f} s: hung") from None
+        return ray.get(refs) if timeout_s is None else _wait_all(refs, timeout_s, method)
 
     def call_async(self, method: str, *args: Any, ranks: Sequence[int] | None = None, **kwargs: Any) -> list[Any]:
         targets = range(len(self.actors)) if ranks is None else ranks

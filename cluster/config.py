@@ -92,8 +92,8 @@ class EngineConfig:
     # a step slower than this means a hung rank: the rank group restarts (the first
     # steps on new GPU ranks, which compile kernels, get 15 minutes)
     step_timeout_s: float = 60.0
-    # loading the model on a rank group (weights, KV cache, CUDA graphs) slower than this means
-    # a hung rank: the start fails, a restart counts as failed (and is tried again)
+    # a bring-up call on a rank group's ranks (loading the weights; the KV cache and CUDA graphs)
+    # slower than this means a hung rank: the start fails, a restart counts as failed
     load_timeout_s: float = 1800.0
     # rank-group restarts after failures allowed within restart_window_s; then the
     # engine stays down and says why

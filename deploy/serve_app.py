@@ -35,7 +35,6 @@ from starlette.requests import ClientDisconnect
 
 from raymoe.actors.rank_group import remove_named_placement_group
 from raymoe.cluster.config import Config, config_from_dict, resolve_config
-from raymoe.cluster.placement import ClusterCapacityError
 from raymoe.deploy import http_limits
 from raymoe.deploy.engine_client import EngineClient, RayEngine
 from raymoe.deploy.http_request import read_body, unless_client_leaves
@@ -468,11 +467,12 @@ def start_serving(config: Config, address: Optional[str] = None) -> str:
         )
     ensure_ray(config, address)
     serve_start(host, port, config.serve.direct_ingress, config.serve.num_replicas)
-    # not serve.run, which waits through every retry of a replica that raised a user's mistake
-    serve._run(app_for(config), _blocking=False, name=APP_NAME, route_prefix="/")
+    # not waiting in serve.run, which waits through every retry of a replica that raised a user's mistake
+    target = serve.RunTarget(app_for(config), name=APP_NAME, route_prefix="/")
+    serve.run_many([target], wait_for_applications_running=False)
     try:
         wait_until_running(APP_NAME)
-    except (ValueError, ClusterCapacityError):
+    except ValueError:
         serve.delete(APP_NAME)  # or Serve goes on retrying it
         raise
     return f"http://{host}:{port}"

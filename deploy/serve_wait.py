@@ -3,10 +3,10 @@
 Serve retries a deployment whose replica's constructor raised (the engine host, which loads
 the model) several times, each after the whole start, and then reports only that the
 deployment failed; the reason stays in the Serve controller's log. A ``ValueError`` (raymoe's
-kind for a mistake in the config, the checkpoint or the layout) or a ``ClusterCapacityError``
-fails the same way on every retry, so the first one ends the wait with its own message.
-Serve's status message of a deployment carries the replica's traceback, whose last
-exception line is what the replica raised.
+kind for a mistake in the config, the checkpoint or the layout) fails the same way on every
+retry, so the first one ends the wait with its own message. (A cluster too small for the
+layout is left to Serve's retries: an autoscaler may be adding nodes.) Serve's status message
+of a deployment carries the replica's traceback, which ends in what the replica raised.
 """
 
 from __future__ import annotations
@@ -18,30 +18,32 @@ from typing import Optional
 from ray import serve
 from ray.serve.schema import ApplicationStatus
 
-from raymoe.cluster.placement import ClusterCapacityError
-
 POLL_S = 0.5
 # how Serve's status message of a deployment begins while a replica's constructor fails
 FAILED_REPLICA = "A replica failed to start with exception"
-USER_MISTAKES: dict[str, type[Exception]] = {"ValueError": ValueError, "ClusterCapacityError": ClusterCapacityError}
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
-# a traceback's exception line: a (dotted) name ending in Error or Exception, then its message
-_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w]*\.)*([A-Za-z_]\w*(?:Error|Exception)): (.*)$")
+_FRAME = '  File "'  # a traceback's frame line; its source lines follow, indented
+# the exception a traceback ends in: its (dotted) class name, then its message if it has one
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_]\w*\.)*([A-Za-z_]\w*)(?:: (.*))?$")
 
 
-def replica_mistake(message: str) -> Optional[Exception]:
-    """The user's mistake a deployment's status ``message`` reports (a replica's constructor
-    raised it), as the exception to raise here; None for anything else."""
+def replica_mistake(message: str) -> Optional[ValueError]:
+    """The ValueError a deployment's status ``message`` reports a replica's constructor raised
+    (the exception the traceback ends in, not one it was handling), to raise here; None for
+    anything else."""
     if FAILED_REPLICA not in message:
         return None
     lines = _ANSI.sub("", message).splitlines()
-    for i in range(len(lines) - 1, -1, -1):
-        found = _EXCEPTION_LINE.match(lines[i])
-        if found is not None:  # the innermost exception: the traceback's last
-            kind = USER_MISTAKES.get(found.group(1))
-            text = "\n".join([found.group(2), *lines[i + 1 :]]).strip()
-            return kind(text) if kind is not None else None
-    return None
+    frames = [i for i, line in enumerate(lines) if line.startswith(_FRAME)]
+    if not frames:
+        return None
+    # the first line below the last frame that is not indented (its source and ^^^ markers are)
+    tail = lines[frames[-1] + 1 :]
+    first = next((i for i, line in enumerate(tail) if line and not line[0].isspace()), None)
+    found = None if first is None else _EXCEPTION_LINE.match(tail[first])
+    if found is None or found.group(1) != "ValueError":
+        return None
+    return ValueError("\n".join([found.group(2) or "", *tail[first + 1 :]]).strip())
 
 
 def wait_until_running(app: str) -> None:

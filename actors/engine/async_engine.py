@@ -97,20 +97,26 @@ def describe_failure(e: BaseException) -> str:
 
 
 class RestartBudget:
-    """At most ``max_restarts`` within any ``window_s`` seconds."""
+    """At most ``max_restarts`` within any ``window_s`` seconds, and at most ``max_restarts``
+    failed ones in a row (a restart that fails after a load timeout may outlast the window)."""
 
     def __init__(self, max_restarts: int, window_s: float) -> None:
         self.max_restarts, self.window_s = max_restarts, window_s
         self._times: collections.deque[float] = collections.deque()
+        self.failed_in_a_row = 0
 
     def take(self) -> bool:
         now = time.monotonic()
         while self._times and now - self._times[0] > self.window_s:
             self._times.popleft()
-        if len(self._times) >= self.max_restarts:
+        if len(self._times) >= self.max_restarts or self.failed_in_a_row >= self.max_restarts:
             return False
         self._times.append(now)
         return True
+
+    def settle(self, succeeded: bool) -> None:
+        """How the restart taken last ended."""
+        self.failed_in_a_row = 0 if succeeded else self.failed_in_a_row + 1
 
 
 class AsyncEngine:
@@ -376,13 +382,18 @@ class AsyncEngine:
                     num_blocks = await self._restart()
                 except Exception:
                     log.exception("restarting the ranks failed")
+                    self._restart_budget.settle(succeeded=False)
                     continue
+                self._restart_budget.settle(succeeded=True)
                 for rid in self.core.replace_cache(num_blocks):
                     self.router.fail_request(rid, "the restarted engine's KV cache is too small for this request")
                 self.num_restarts += 1
                 log.warning("engine recovered from: %s (restart %d)", reason, self.num_restarts)
                 return True
-            log.error("engine stays down: restart budget spent (engine.max_restarts within engine.restart_window_s)")
+            log.error(
+                "engine stays down: restart budget spent (engine.max_restarts within engine.restart_window_s, "
+                "or failed in a row)"
+            )
             return False
         finally:
             self.recovering = None

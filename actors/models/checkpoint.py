@@ -79,8 +79,8 @@ class CheckpointReader:
         scales = self._scales(name, t)
         if fp8_block is None:
             return WeightSlice(self._dequantised(name, t, dim, start, stop))
-        b, size = fp8_block[dim], self.shape(name)[dim]
-        if start % b or (stop % b and stop != size) or self.fp8_block != tuple(fp8_block):
+        b, length = fp8_block[dim], self.shape(name)[dim]
+        if start % b or (stop % b and stop != length) or self.fp8_block != tuple(fp8_block):
             raise ValueError(
                 f"checkpoint {self.dir}: {name}: this rank's {('rows', 'columns')[dim]} [{start}, {stop}) do not "
                 f"fall on FP8 blocks of {b}; choose a layout whose splits do, or set model.quantization: none "

@@ -827,6 +827,22 @@ def test_a_failed_step_fails_started_requests_keeps_queued_ones_and_spends_the_r
     assert engine.stats().error == "a step raised RuntimeError"
 
 
+def test_restarts_that_keep_failing_spend_the_budget_however_long_each_takes():
+    from raymoe.actors.engine.async_engine import RestartBudget
+
+    budget = RestartBudget(2, window_s=1e-6)  # each restart outlasts the window (a load timeout)
+    for _ in range(2):
+        assert budget.take()
+        time.sleep(1e-3)
+        budget.settle(succeeded=False)
+    assert not budget.take()
+    budget = RestartBudget(2, window_s=1e-6)
+    for succeeded in (False, True, False, True, False):  # a success clears the failures before it
+        assert budget.take()
+        time.sleep(1e-3)
+        budget.settle(succeeded)
+
+
 async def _drain(client, ids, sampling):
     out = {"tokens": [], "text": "", "error": None}
     try:
