@@ -31,7 +31,7 @@ from raymoe.actors.models.builtin import resolve_model_path
 from raymoe.actors.models.fp8 import resolve_fp8_block
 from raymoe.actors.models.spec import ModelSpec, resolve_dtype
 from raymoe.actors.rank_group import RankGroup, start_rank_group
-from raymoe.actors.step_executor import RayStepExecutor
+from raymoe.actors.step_executor import WARMUP_TIMEOUT_S, RayStepExecutor
 from raymoe.cluster.config import BUILTIN_PREFIX, Config
 from raymoe.cluster.eplb_planner import EplbPlan, plan_with_policy
 from raymoe.cluster.expert_slots import default_expert_slots
@@ -116,7 +116,10 @@ class Controller:
             )
         ranks.call("allocate_kv_cache", num_blocks, timeout_s=timeout_s)
         self.executor = RayStepExecutor(
-            self.layout, ranks.actors, self.config.engine.step_timeout_s, compiles=self.config.parallel.device == "cuda"
+            self.layout,
+            ranks.actors,
+            self.config.engine.step_timeout_s,
+            warmup_timeout_s=WARMUP_TIMEOUT_S[self.config.parallel.device],
         )
         self.eplb = self._eplb_manager(self._model().spec)
         return num_blocks

@@ -15,10 +15,11 @@ from raymoe.actors.engine.grammar import GrammarMasks
 from raymoe.actors.engine.step import StepInput, StepOutput
 from raymoe.cluster.layout import RankLayout
 
-# The first steps on new GPU ranks compile kernels (Triton, FlashInfer's JIT on a fresh host):
-# they get this long, whatever engine.step_timeout_s says. CPU ranks compile nothing.
+# The first steps on new ranks get this long, whatever engine.step_timeout_s says: GPU ranks
+# compile kernels then (Triton, FlashInfer's JIT on a fresh host); CPU ranks compile nothing,
+# but their first calls still warm up (lazy imports, first allocations) on a busy host.
 WARMUP_STEPS = 10
-WARMUP_TIMEOUT_S = 900.0
+WARMUP_TIMEOUT_S = {"cuda": 900.0, "cpu": 60.0}
 
 
 class RayStepExecutor:
@@ -34,14 +35,18 @@ class RayStepExecutor:
     """
 
     def __init__(
-        self, layout: RankLayout, actors: Sequence[ActorHandle], step_timeout_s: float = 60.0, *, compiles: bool = True
+        self,
+        layout: RankLayout,
+        actors: Sequence[ActorHandle],
+        step_timeout_s: float = 60.0,
+        *,
+        warmup_timeout_s: float = WARMUP_TIMEOUT_S["cuda"],
     ) -> None:
-        """compiles: the ranks compile kernels in their first steps (GPUs), which then get
-        WARMUP_TIMEOUT_S."""
+        """warmup_timeout_s: what the first WARMUP_STEPS steps get, if longer than step_timeout_s."""
         self.layout = layout
         self.actors = list(actors)
         self.step_timeout_s = step_timeout_s
-        self.warmup_steps = WARMUP_STEPS if compiles else 0
+        self.warmup_timeout_s = max(step_timeout_s, warmup_timeout_s)
         self.num_calls = 0
         self.replica_of = [layout.coord(r).dp for r in range(layout.world_size)]
         self.leaders = [layout.rank_of(d, 0, 0) for d in range(layout.dp)]
@@ -65,8 +70,7 @@ class RayStepExecutor:
             for r, a in enumerate(self.actors)
         ]
         self.num_calls += 1
-        warming_up = self.num_calls <= self.warmup_steps
-        timeout = max(self.step_timeout_s, WARMUP_TIMEOUT_S) if warming_up else self.step_timeout_s
+        timeout = self.warmup_timeout_s if self.num_calls <= WARMUP_STEPS else self.step_timeout_s
         futures = [asyncio.ensure_future(c) for c in calls]
         try:  # every rank, so a failure anywhere surfaces here
             results = await asyncio.wait_for(asyncio.gather(*futures), timeout)

@@ -90,7 +90,7 @@ class EngineConfig:
     # request's first token comes a step sooner; auto: 1 while the ranks report slack for it
     max_steps_in_flight: Literal[1, 2, "auto"] = 2
     # a step slower than this means a hung rank: the rank group restarts (the first
-    # steps on new GPU ranks, which compile kernels, get 15 minutes)
+    # steps on new ranks get 15 minutes on GPUs, which compile kernels then, 1 on CPUs)
     step_timeout_s: float = 60.0
     # a bring-up call on a rank group's ranks (loading the weights; the KV cache and CUDA graphs)
     # slower than this means a hung rank: the start fails, a restart counts as failed

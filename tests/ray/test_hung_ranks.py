@@ -1,8 +1,7 @@
 """Ranks that hang are found within the configured bounds: a rank group's bring-up call
-(loading the model) names the ranks that have not answered within engine.load_timeout_s,
-and a CPU rank's first steps, which compile nothing, get engine.step_timeout_s like any
-other (GPU ranks' first steps get WARMUP_TIMEOUT_S for their kernels). Stand-in rank
-actors that sleep play the hung ranks."""
+(loading the model) fails once ranks have not answered within engine.load_timeout_s, and a
+group's first steps wait no longer than their warm-up timeout (GPU ranks' for compiling
+kernels is longer than CPU ranks'). Stand-in rank actors that sleep play the hung ranks."""
 
 from __future__ import annotations
 
@@ -16,7 +15,7 @@ import ray
 
 from raymoe.actors.engine.async_engine import StepTimeoutError
 from raymoe.actors.rank_group import RankGroup
-from raymoe.actors.step_executor import RayStepExecutor
+from raymoe.actors.step_executor import WARMUP_TIMEOUT_S, RayStepExecutor
 from raymoe.cluster.config import config_from_dict
 from raymoe.cluster.layout import RankLayout
 
@@ -58,15 +57,23 @@ def test_a_bring_up_call_names_the_ranks_that_do_not_answer_in_time(ranks):
     assert time.monotonic() - t0 < 30  # long before rank 1 answers
 
 
-@pytest.mark.parametrize("compiles", [False, True])
-def test_a_first_step_waits_past_the_step_timeout_only_where_kernels_compile(ray_cluster, compiles):
+def test_gpu_ranks_warm_up_longer_than_cpu_ranks():
+    assert WARMUP_TIMEOUT_S["cuda"] >= 600 > WARMUP_TIMEOUT_S["cpu"]
+
+
+@pytest.mark.parametrize("warmup_timeout_s", [1.0, 30.0])
+def test_a_first_step_waits_its_warm_up_timeout_then_a_step_the_step_timeout(ray_cluster, warmup_timeout_s):
     actors = [SlowRank.remote(2.0), SlowRank.remote(2.0)]  # each step: 4 x the step timeout
+    executor = RayStepExecutor(LAYOUT, actors, step_timeout_s=0.5, warmup_timeout_s=warmup_timeout_s)
     try:
-        executor = RayStepExecutor(LAYOUT, actors, step_timeout_s=0.5, compiles=compiles)
-        step = asyncio.run(executor.run_step_async([None, None]))  # no new step: still a call to every rank
-        assert compiles and step == [], "a CPU rank's first step got more than engine.step_timeout_s"
-    except StepTimeoutError:
-        assert not compiles, "a GPU rank's first step got only engine.step_timeout_s"
+        if warmup_timeout_s < 2.0:
+            with pytest.raises(StepTimeoutError, match="longer than 1 s"):
+                asyncio.run(executor.run_step_async([None, None]))  # no new step: still a call to every rank
+        else:
+            assert asyncio.run(executor.run_step_async([None, None])) == []
+            executor.num_calls = 10  # past the warm-up steps
+            with pytest.raises(StepTimeoutError, match="engine.step_timeout_s"):
+                asyncio.run(executor.run_step_async([None, None]))
     finally:
         for a in actors:
             ray.kill(a)
