@@ -154,7 +154,7 @@ def _read_key(path: Optional[str]) -> Optional[str]:
 def serve_main(args: argparse.Namespace) -> int:
     import ray
 
-    from raymoe.deploy.serve_app import api_key_from_env, start_serving, stop_serving
+    from raymoe.deploy.serve_app import AlreadyServingError, api_key_from_env, start_serving, stop_serving
 
     config = _load(args)
     api_key = args.api_key or _read_key(args.api_key_file) or config.serve.api_key or api_key_from_env()
@@ -179,6 +179,9 @@ def serve_main(args: argparse.Namespace) -> int:
         while not stop.wait(1.0):
             pass
         print("raymoe: stopping", flush=True)
+    except AlreadyServingError:
+        ray.shutdown()  # the application running is another raymoe serve's: left as it is
+        raise
     finally:
         if ray.is_initialized():
             stop_serving()

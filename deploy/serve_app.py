@@ -452,6 +452,10 @@ def serve_start(host: str, port: int, direct_ingress: bool, num_replicas: int = 
     )
 
 
+class AlreadyServingError(ValueError):
+    """Another raymoe application runs on this Ray cluster's Serve (another ``raymoe serve``)."""
+
+
 def start_serving(config: Config, address: Optional[str] = None) -> str:
     """Join (or start) Ray, start Serve answering on ``serve.host:serve.port`` (see
     ``serve_start``) and deploy; returns the base URL once the model is loaded and serving."""
@@ -466,6 +470,11 @@ def start_serving(config: Config, address: Optional[str] = None) -> str:
             f"(with direct ingress, replica i of serve.num_replicas listens on serve.port + i)"
         )
     ensure_ray(config, address)
+    if APP_NAME in serve.status().applications:  # deploying would replace it
+        raise AlreadyServingError(
+            f"a raymoe application already runs on this Ray cluster's Serve; stop its raymoe serve "
+            f"(or run `serve delete {APP_NAME}`) first"
+        )
     serve_start(host, port, config.serve.direct_ingress, config.serve.num_replicas)
     # not waiting in serve.run, which waits through every retry of a replica that raised a user's mistake
     target = serve.RunTarget(app_for(config), name=APP_NAME, route_prefix="/")

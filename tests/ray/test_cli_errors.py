@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import urllib.request
 
 import pytest
 from ports import free_ports
@@ -16,7 +17,7 @@ from ray import serve
 
 from raymoe.cluster.config import load_config
 from raymoe.deploy.cli import main
-from raymoe.deploy.serve_app import APP_NAME, start_serving, stop_serving
+from raymoe.deploy.serve_app import APP_NAME, AlreadyServingError, start_serving, stop_serving
 
 
 def test_a_mistake_an_actor_raises_is_one_line(ray_cluster, tmp_path, capsys):
@@ -43,6 +44,17 @@ def test_a_layout_a_local_ray_cannot_hold_is_refused_at_once(tmp_path):
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("raymoe generate: error: parallel: the Ray started here cannot hold this layout")
     assert "2 node(s)" in last
+
+
+def test_a_second_serve_on_one_cluster_is_refused_and_the_first_goes_on(ray_cluster):
+    first = start_serving(load_config().replace({"serve.port": free_ports(1)[0]}))
+    try:
+        with pytest.raises(AlreadyServingError, match="already runs"):
+            start_serving(load_config().replace({"serve.port": free_ports(1)[0]}))
+        with urllib.request.urlopen(first + "/health", timeout=30) as answer:
+            assert answer.status == 200
+    finally:
+        stop_serving()
 
 
 def test_serve_raises_the_mistake_the_engine_host_raises(ray_cluster, tmp_path):
