@@ -8,22 +8,23 @@ of the DP replica's attention group, the one that reports to the controller).
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import logging
-import math
 import time
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 
+from raymoe.actors.engine.attention_backend import make_attention, resolve_kv_cache_dtype
 from raymoe.actors.engine.attention_torch import TorchAttention
 from raymoe.actors.engine.context_split import ContextSplit, context_split
 from raymoe.actors.engine.expert_load import ExpertLoadRecorder
 from raymoe.actors.engine.expert_mover import ExpertMover
 from raymoe.actors.engine.grammar import GrammarMasks
-from raymoe.actors.engine.logprobs import LogprobColumns, token_logprobs
+from raymoe.actors.engine.kv_cache_size import kv_block_bytes, max_kv_blocks, mixed_graph_tokens
+from raymoe.actors.engine.logprobs import token_logprobs
+from raymoe.actors.engine.pending_outputs import PendingOutputs
 from raymoe.actors.engine.rank_context import RankContext
 from raymoe.actors.engine.sampler import sample_step, sampled_logprobs
 from raymoe.actors.engine.step import (
@@ -40,76 +41,13 @@ from raymoe.actors.models.batch import ForwardBatch, TokenSplit
 from raymoe.actors.models.checkpoint import CheckpointReader
 from raymoe.actors.models.decoder import CausalLM
 from raymoe.actors.models.expert_map import ExpertMap
-from raymoe.actors.models.fp8 import FP8, SCALE_SUFFIX, resolve_fp8_block
+from raymoe.actors.models.fp8 import resolve_fp8_block
+from raymoe.actors.models.random_weights import init_random_weights
 from raymoe.actors.models.spec import ModelSpec, resolve_dtype
 from raymoe.cluster.config import Config
 from raymoe.cluster.expert_slots import default_expert_slots, num_physical_experts
-from raymoe.comm.group import GroupCoordinator
 
 log = logging.getLogger(__name__)
-
-CPU_KV_BUDGET_BYTES = 2 * 2**30  # auto-sized CPU caches stop here
-
-
-def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype, *, latent: bool) -> torch.dtype:
-    """``engine.kv_cache_dtype`` -> the KV cache's torch dtype."""
-    if name == "auto":
-        return model_dtype
-    if latent:
-        raise ValueError(
-            "engine.kv_cache_dtype: fp8 is not implemented for latent attention (DeepSeek's MLA cache); use auto"
-        )
-    return torch.float8_e4m3fn
-
-
-def make_attention(
-    kind: str,
-    kv_cache: torch.Tensor,
-    block_size: int,
-    model: CausalLM,
-    *,
-    q_dtype: torch.dtype,
-    step_tokens: int,
-    max_seqs: int,
-    cp: Optional[GroupCoordinator] = None,
-) -> Any:
-    """The attention backend for ``engine.attention_backend``: auto = FlashInfer on GPU, torch on
-    CPU (and on GPU for what FlashInfer does not run here, with a warning). ``q_dtype``: the
-    model's (the cache's may be FP8). ``step_tokens`` and ``max_seqs`` bound one step
-    (FlashInfer MLA refuses budgets it could not plan)."""
-    on_gpu = kv_cache.device.type == "cuda"
-    if kind == "flashinfer" and not on_gpu:
-        raise ValueError("engine.attention_backend: flashinfer needs parallel.device: cuda; use torch or auto")
-    mla, heads = model.spec.mla, model.layers[0].attn.heads
-    latent = dict(latent_dim=mla.kv_lora_rank, sm_scale=mla.softmax_scale) if mla is not None else {}
-    if kind == "torch" or not on_gpu:
-        return TorchAttention(kv_cache, block_size, cp=cp, **latent)
-    try:
-        from raymoe.actors.engine.attention_flashinfer import FlashInferAttention, check_head_dim
-        from raymoe.actors.engine.attention_flashinfer_mla import (
-            FlashInferLatentAttention,
-            check_latent_dims,
-            check_step_budget,
-        )
-
-        if cp is not None and cp.world_size > 1:
-            raise ValueError("FlashInfer attention does not run context parallelism (parallel.cp > 1) yet")
-        if q_dtype not in (torch.float16, torch.bfloat16):
-            raise ValueError(f"FlashInfer attention takes float16 or bfloat16, not model.dtype {q_dtype}")
-        if mla is not None:
-            check_latent_dims(mla.kv_lora_rank, mla.qk_rope_head_dim)
-            attention = FlashInferLatentAttention(kv_cache, block_size, heads, **latent)
-            num_sms = torch.cuda.get_device_properties(kv_cache.device).multi_processor_count
-            check_step_budget(step_tokens, max_seqs, heads, num_sms)
-            return attention
-        check_head_dim(kv_cache.shape[-1])
-        return FlashInferAttention(kv_cache, block_size, heads, q_dtype=q_dtype)
-    except (ImportError, ValueError) as e:
-        if kind == "flashinfer":
-            fix = "pip install 'raymoe[gpu]'" if isinstance(e, ImportError) else "use torch or auto"
-            raise ValueError(f"engine.attention_backend: flashinfer: {e}; {fix}") from e
-        log.warning("%s: using torch attention, which is slow on GPU", e)
-    return TorchAttention(kv_cache, block_size, cp=cp, **latent)
 
 
 class ModelRunner:
@@ -159,7 +97,7 @@ class ModelRunner:
         # step's pending input tokens come from (StepInput.prev_rows)
         self.slot_rows = config.engine.max_num_seqs
         self.recent_sampled = torch.zeros(2 * self.slot_rows, dtype=torch.int64, device=self.device)
-        self._in_flight: collections.deque = collections.deque()  # launched, not yet collected
+        self._in_flight = PendingOutputs()  # launched, not yet collected
         self._awaiting_grammar: Optional[tuple] = None  # a grammar_late step's (step, logits, outputs so far)
         # expert load is recorded whenever EPLB is on (inside the CUDA graphs too)
         self.expert_load = (
@@ -180,40 +118,18 @@ class ModelRunner:
         return ExpertMap(physical_to_logical, moe.num_experts, self.device)
 
     def kv_block_bytes(self) -> int:
-        elem = torch.empty((), dtype=self.kv_dtype).element_size()
-        return math.prod(self.model.kv_cache_shape(1, self.block_slots)) * elem
+        return kv_block_bytes(self.model, self.block_slots, self.kv_dtype)
 
     def max_kv_blocks(self) -> int:
         """How many KV blocks this rank can hold (the controller allocates the minimum over ranks)."""
-        if self.config.engine.num_kv_blocks is not None:
-            return self.config.engine.num_kv_blocks
-        if self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            graphs_reserve = 2 * 2**30 + self._mixed_graph_bytes() if self.config.engine.cuda_graphs else 0
-            budget = int(total * self.config.engine.kv_memory_fraction) - (total - free) - graphs_reserve
-            return max(0, budget // self.kv_block_bytes() - 1)
-        wanted = self.config.engine.max_num_seqs * -(-self.max_model_len // self.block_size)
-        return max(1, min(wanted, CPU_KV_BUDGET_BYTES // self.kv_block_bytes()))
-
-    def _mixed_graph_bytes(self) -> int:
-        """Memory the piecewise graphs hold besides what eager steps need (an estimate): the
-        attention's staged inputs and output at the largest bucket, and as much again for the
-        graphs' pool, which keeps one step's activations of its own."""
-        tokens = self._mixed_graph_tokens()
-        if not tokens or self.config.engine.attention_backend == "torch":
-            return 0
-        attn, mla = self.model.layers[0].attn, self.spec.mla
-        if mla is not None:  # the query's latent and rotary parts, the output, the cache entry
-            width = attn.heads * (2 * mla.kv_lora_rank + mla.qk_rope_head_dim) + attn.latent_width
-        else:  # q, k, v and the output
-            width = 2 * attn.heads * attn.qkv.head_dim + 2 * attn.qkv.kv_heads * attn.qkv.head_dim
-        staged = tokens * (width + self.spec.hidden_size) * torch.empty((), dtype=self.dtype).element_size()
-        return 2 * staged
-
-    def _mixed_graph_tokens(self) -> int:
-        """The largest step the piecewise graphs take (0: none)."""
-        engine = self.config.engine
-        return min(engine.mixed_step_graph_tokens, engine.max_num_batched_tokens)
+        return max_kv_blocks(
+            self.model,
+            self.config.engine,
+            device=self.device,
+            dtype=self.dtype,
+            kv_block_bytes=self.kv_block_bytes(),
+            max_model_len=self.max_model_len,
+        )
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """KV cache of ``num_blocks`` blocks plus one scratch block (CUDA-graph padding rows write there)."""
@@ -299,7 +215,7 @@ class ModelRunner:
         return MixedStepGraphs(
             self.run_model,
             self.attention,
-            sizes=mixed_step_buckets(self._mixed_graph_tokens()),
+            sizes=mixed_step_buckets(mixed_graph_tokens(self.config.engine)),
             dp=self.ctx.groups.dp.world_size,
             last_sampled=self.recent_sampled,
             expert_load=self.expert_load,
@@ -398,10 +314,7 @@ class ModelRunner:
         out["tokens"] = tokens
         first = step.sample_slot * self.slot_rows
         self.recent_sampled[first : first + tokens.shape[0]].copy_(tokens)
-        if not self.is_driver:
-            self._in_flight.append(None)
-        else:
-            self._in_flight.append(_copy_to_host(out))
+        self._in_flight.push(out if self.is_driver else None)
 
     @property
     def num_in_flight(self) -> int:
@@ -411,29 +324,9 @@ class ModelRunner:
         """Wait for the launched steps but the ``keep`` newest, oldest first; their outputs,
         or None on ranks that do not report. A step waiting for its grammar masks is the
         newest and must be kept."""
-        outputs: list[Optional[StepOutput]] = []
         keep -= self._awaiting_grammar is not None
         assert keep >= 0, "a step waiting for its grammar masks cannot complete"
-        while len(self._in_flight) > keep:
-            entry = self._in_flight.popleft()
-            if entry is None:
-                outputs.append(None)
-                continue
-            host, done = entry
-            t0 = time.perf_counter()
-            if done is not None:
-                done.synchronize()
-            waited = time.perf_counter() - t0
-            outputs.append(
-                StepOutput(
-                    tokens=host["tokens"].numpy(),
-                    logits=host.get("logits"),
-                    logprobs=LogprobColumns.from_host(host["sampled"]) if "sampled" in host else None,
-                    prompt_logprobs=LogprobColumns.from_host(host["prompt"]) if "prompt" in host else None,
-                    device_wait_s=waited,
-                )
-            )
-        return outputs
+        return self._in_flight.collect(keep)
 
     def forward_eager(
         self, layout: StepLayout, dp_token_counts: tuple[int, ...], prompt_rows: Optional[torch.Tensor] = None
@@ -521,39 +414,3 @@ class ModelRunner:
             slots_per_rank=moe_layers[0].slots,
             ranks_per_node=ep // layout.nodes if layout.nodes > 1 and ep % layout.nodes == 0 else None,
         )
-
-
-def _copy_to_host(tensors: dict[str, Any]) -> tuple[dict[str, Any], Optional[Any]]:
-    """Host copies of ``tensors`` (name -> a tensor or a dict of them), queued right behind
-    the work that produces them, and an event marking when they have landed. (A plain
-    ``.cpu()`` at collect time would queue behind the next step too, which is launched by
-    then, and wait for it as well.)"""
-    device = tensors["tokens"].device
-    if device.type != "cuda":
-        return tensors, None
-
-    def copy(t: Any) -> Any:
-        if isinstance(t, dict):
-            return {k: copy(v) for k, v in t.items()}
-        return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
-
-    host = copy(tensors)
-    done = torch.cuda.Event()
-    done.record(torch.cuda.current_stream(device))
-    return host, done
-
-
-def init_random_weights(model: torch.nn.Module, seed: int, std: float = 0.02) -> None:
-    """Benchmark weights: normal(0, std) for matrices, 1 for norms (never zeros: zeros run
-    faster); FP8 matrices normal(0, 1) in FP8 times block scales of ``std``."""
-    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(SCALE_SUFFIX):
-                p.fill_(std)
-            elif p.dtype == FP8:
-                p.copy_(torch.empty(p.shape, device=p.device).normal_(0.0, 1.0, generator=gen))
-            elif p.dim() == 1:
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, std, generator=gen)

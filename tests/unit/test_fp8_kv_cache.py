@@ -12,10 +12,10 @@ import pytest
 import torch
 from model_zoo import fp8_rounded_kv_attention, hf_greedy, write_checkpoint
 
+from raymoe.actors.engine.attention_backend import resolve_kv_cache_dtype
 from raymoe.actors.engine.attention_torch import write_kv
 from raymoe.actors.engine.local import build_local_engine
 from raymoe.actors.engine.request import SamplingParams
-from raymoe.actors.engine.runner import resolve_kv_cache_dtype
 from raymoe.cluster.config import config_from_dict
 
 FP8 = torch.float8_e4m3fn
@@ -81,9 +81,9 @@ def test_fp8_kv_cache_equals_transformers_on_fp8_rounded_keys_and_values(tmp_pat
 
 def test_fp8_kv_cache_holds_four_times_a_float32_caches_blocks(monkeypatch):
     """Sized by the runner: the same byte budget buys 4 x the blocks of a float32 cache."""
-    from raymoe.actors.engine import runner as runner_module
+    from raymoe.actors.engine import kv_cache_size
 
-    monkeypatch.setattr(runner_module, "CPU_KV_BUDGET_BYTES", 1 << 20)
+    monkeypatch.setattr(kv_cache_size, "CPU_KV_BUDGET_BYTES", 1 << 20)
     sized = {}
     for dtype in ("auto", "fp8"):
         config = config_from_dict({"model": {"dtype": "float32"}, "engine": {"kv_cache_dtype": dtype}})
