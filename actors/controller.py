@@ -20,9 +20,10 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from raymoe.actors.engine.async_engine import AsyncEngine, RestartBudget, describe_failure
+from raymoe.actors.engine.async_engine import AsyncEngine
 from raymoe.actors.engine.builder import EngineModel, build_engine_core, open_model
 from raymoe.actors.engine.eplb import EplbManager, RebalanceRefused, logical_load_tensor
+from raymoe.actors.engine.failures import RestartBudget, describe_failure
 from raymoe.actors.engine.messages import EngineStats, ModelInfo, NewRequest, OutputBatch, Rejection
 from raymoe.actors.engine.tokenizer import Tokenizer
 from raymoe.actors.eplb_planner_worker import PlannerClient

@@ -10,7 +10,7 @@ from typing import Any, Optional, Sequence
 import ray
 from ray.actor import ActorHandle
 
-from raymoe.actors.engine.async_engine import StepTimeoutError
+from raymoe.actors.engine.failures import StepTimeoutError
 from raymoe.actors.engine.grammar import GrammarMasks
 from raymoe.actors.engine.step import StepInput, StepOutput
 from raymoe.cluster.layout import RankLayout

@@ -25,8 +25,8 @@ from typing import Any, AsyncIterator, Awaitable, Optional, Protocol
 
 import torch
 
-from raymoe.actors.engine.async_engine import StepTimeoutError
 from raymoe.actors.engine.expert_mover import MoveChunk
+from raymoe.actors.engine.failures import StepTimeoutError
 from raymoe.cluster.config import EplbConfig
 from raymoe.cluster.eplb_planner import EplbPlan, plan_with_policy
 from raymoe.cluster.layout import RankLayout

@@ -13,7 +13,7 @@ import time
 import pytest
 import ray
 
-from raymoe.actors.engine.async_engine import StepTimeoutError
+from raymoe.actors.engine.failures import StepTimeoutError
 from raymoe.actors.rank_group import RankGroup
 from raymoe.actors.step_executor import WARMUP_TIMEOUT_S, RayStepExecutor
 from raymoe.cluster.config import config_from_dict

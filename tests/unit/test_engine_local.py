@@ -750,7 +750,7 @@ def test_a_failed_step_fails_started_requests_keeps_queued_ones_and_spends_the_r
     failure; past the restart budget the engine stays down, refuses new requests and releases
     its ranks. A health check that saw the same death just before costs no second restart
     (it did, and with a budget of one the engine went down)."""
-    from raymoe.actors.engine.async_engine import RestartBudget
+    from raymoe.actors.engine.failures import RestartBudget
     from raymoe.actors.engine.messages import NewRequest, RejectKind
 
     engine_ = _engine(num_kv_blocks=512)
@@ -828,7 +828,7 @@ def test_a_failed_step_fails_started_requests_keeps_queued_ones_and_spends_the_r
 
 
 def test_restarts_that_keep_failing_spend_the_budget_however_long_each_takes():
-    from raymoe.actors.engine.async_engine import RestartBudget
+    from raymoe.actors.engine.failures import RestartBudget
 
     budget = RestartBudget(2, window_s=1e-6)  # each restart outlasts the window (a load timeout)
     for _ in range(2):

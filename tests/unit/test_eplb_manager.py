@@ -293,7 +293,7 @@ def test_a_rank_hung_during_moves_while_idle_is_a_step_timeout():
     """No step runs, so the manager drives the moves itself: a rank that never answers was
     waited on for good (requests then hung with /health ok). Past call_timeout_s it raises
     StepTimeoutError, which the engine's loop recovers from as from a hung step."""
-    from raymoe.actors.engine.async_engine import StepTimeoutError
+    from raymoe.actors.engine.failures import StepTimeoutError
 
     class Hung(FakeRanks):
         def call_async(self, method, *args):
@@ -322,7 +322,7 @@ def test_a_rank_hung_before_planning_while_idle_is_a_step_timeout(hung_at):
     """A rebalance on the recorded load while no step runs: a rank that never answers the
     window's load (or the read of it) was waited on for good, holding the engine's loop (no
     request ran again, /health ok). Past call_timeout_s it raises StepTimeoutError."""
-    from raymoe.actors.engine.async_engine import StepTimeoutError
+    from raymoe.actors.engine.failures import StepTimeoutError
 
     class Hung(FakeRanks):
         reads = 0
