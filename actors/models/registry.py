@@ -166,6 +166,7 @@ ARCHITECTURES = {
             "max_position_embeddings": 32768,
             "intermediate_size": 5632,
             "moe_intermediate_size": 1408,
+            "shared_expert_intermediate_size": 5632,
         },
         sliding_layers="even_below_max_window_layers",
     ),

@@ -25,13 +25,15 @@ from raymoe.actors.models.registry import (
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_ROPE = ("default", "llama3", "yarn")
+SUPPORTED_ROPE = ("default", "linear", "dynamic", "llama3", "yarn")
 
 
 @dataclass(frozen=True, kw_only=True)
 class RopeSpec:
     theta: float
-    kind: str = "default"  # default | llama3 | yarn
+    # default | linear (frequencies / factor) | dynamic (NTK: the default's frequencies up to
+    # max_position_embeddings, which caps max_model_len) | llama3 | yarn
+    kind: str = "default"
     factor: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
@@ -418,6 +420,9 @@ def _rope(cfg: dict[str, Any], arch: str, traits: ArchitectureTraits) -> RopeSpe
         )
     if kind == "default":
         return RopeSpec(theta=theta, partial_rotary_factor=partial)
+    if kind in ("linear", "dynamic"):
+        # dynamic NTK rescales only past max_position_embeddings, where raymoe serves no position
+        return RopeSpec(theta=theta, kind=kind, factor=float(_need(params, "factor")), partial_rotary_factor=partial)
     # a top-level original_max_position_embeddings wins, as in transformers' standardize_rope_params
     original = int(
         cfg.get("original_max_position_embeddings")

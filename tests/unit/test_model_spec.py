@@ -153,6 +153,8 @@ def test_the_new_architectures_read_their_fields():
             ),
         ),
         ("deepseek_v2", dict(rope_type="yarn", factor=8.0, original_max_position_embeddings=32, mscale=1.0)),
+        ("deepseek_v3", dict(rope_type="linear", factor=4.0, mscale_all_dim=1.0)),
+        ("deepseek_v2", dict(rope_type="dynamic", factor=2.0, mscale_all_dim=0.707)),
     ],
 )
 def test_latent_attention_softmax_scale_equals_transformers(kind, rope):
@@ -171,7 +173,7 @@ def test_latent_attention_softmax_scale_equals_transformers(kind, rope):
 
 # Every field raymoe refuses, flipped to a value it does not implement. "every" covers each
 # architecture; the issue's examples (Llama's mlp_bias and gelu) are among them.
-ROPE_TYPES = ["linear", "dynamic", "longrope"]
+ROPE_TYPES = ["longrope"]
 FLIPS = [
     ("every", "hidden_act", "gelu"),
     ("every", "quantization_config", {"quant_method": "fp8"}),
@@ -251,6 +253,11 @@ ROPES = {
         "deepseek_v3",
         dict(rope_type="yarn", factor=40.0, original_max_position_embeddings=16, mscale=1.0, mscale_all_dim=1.0),
     ),
+    "linear": ("qwen3_moe", dict(rope_type="linear", factor=4.0)),
+    "linear-partial": ("glm4_moe", dict(rope_type="linear", factor=2.5)),
+    "linear-deepseek-v2": ("deepseek_v2", dict(rope_type="linear", factor=3.0)),
+    # dynamic NTK: the default's frequencies up to max_position_embeddings (the table's positions)
+    "dynamic": ("mixtral", dict(rope_type="dynamic", factor=4.0)),
     # whole-head models: their default rope init never reads partial_rotary_factor; a scaled one's
     # does, and works where the frequencies still cover the head (16 * 0.97 -> 15 dims: 8 pairs)
     "default-partial-ignored": ("qwen3", dict(rope_type="default", partial_rotary_factor=0.5)),
@@ -497,3 +504,12 @@ def test_routing_fields_of_a_moe_whose_every_layer_is_dense_are_not_checked(kind
     assert spec.moe_layers == []
     with pytest.raises(ValueError, match="n_group"):
         spec_from_hf_config({**_config(kind), **odd, "first_k_dense_replace": layers - 1})
+
+
+def test_qwen2_moe_without_a_shared_expert_width_takes_transformers_default():
+    """shared_expert_intermediate_size left out: transformers' 5632 (it was refused as missing)."""
+    cfg = {k: v for k, v in _config("qwen2_moe").items() if k != "shared_expert_intermediate_size"}
+    assert (
+        spec_from_hf_config(cfg).moe.shared_intermediate_size
+        == hf_classes("qwen2_moe")[0]().shared_expert_intermediate_size
+    )
