@@ -110,7 +110,9 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         dim = int(head_dim * rope.partial_rotary_factor)
         inv_freq = 1.0 / (rope.theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
-        if rope.kind == "llama3":
+        if rope.kind == "linear":  # positions slowed by the factor
+            inv_freq = inv_freq / rope.factor
+        elif rope.kind == "llama3":
             inv_freq = _llama3_inv_freq(inv_freq, rope)
         elif rope.kind == "yarn":
             inv_freq = _yarn_inv_freq(dim, rope)

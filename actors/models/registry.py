@@ -166,6 +166,7 @@ ARCHITECTURES = {
             "max_position_embeddings": 32768,
             "intermediate_size": 5632,
             "moe_intermediate_size": 1408,
+            "shared_expert_intermediate_size": 5632,
         },
         sliding_layers="even_below_max_window_layers",
     ),
@@ -241,7 +242,6 @@ ARCHITECTURES = {
             "topk_method": ("greedy", "group_limited_greedy"),
             "scoring_func": ("softmax",),
             "moe_layer_freq": (1,),
-            "rope_interleave": (True,),
         },
         config_defaults={
             "first_k_dense_replace": 0,
@@ -254,6 +254,9 @@ ARCHITECTURES = {
             "moe_intermediate_size": 1407,
             "q_lora_rank": 1536,
         },
+        # transformers' DeepSeek-V2 always rotates interleaved pairs (a complex product): rope_interleave is
+        # DeepSeek-V3's field
+        ignored_fields=("rope_interleave",),
     ),
 }
 

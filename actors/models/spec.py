@@ -25,13 +25,15 @@ from raymoe.actors.models.registry import (
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_ROPE = ("default", "llama3", "yarn")
+SUPPORTED_ROPE = ("default", "linear", "dynamic", "llama3", "yarn")
 
 
 @dataclass(frozen=True, kw_only=True)
 class RopeSpec:
     theta: float
-    kind: str = "default"  # default | llama3 | yarn
+    # default | linear (frequencies / factor) | dynamic (NTK: the default's frequencies up to
+    # max_position_embeddings, which caps max_model_len) | llama3 | yarn
+    kind: str = "default"
     factor: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
@@ -322,19 +324,11 @@ def _moe(cfg: dict[str, Any], arch: str, traits: ArchitectureTraits, layers: int
             raise ValueError(f"config.json: {zero} = {cfg[zero]} is not implemented for {arch} (a MoE with no experts)")
         raise ValueError(f"config.json of {arch}: needs num_experts (or num_local_experts, n_routed_experts)")
     top_k = _need(cfg, "num_experts_per_tok")
-    if not 1 <= top_k <= num_experts:
+    dense = _dense_layers(cfg, traits, layers)
+    routed = len(dense) < layers  # every layer dense: transformers never routes, so routing fields are moot
+    if routed and not 1 <= top_k <= num_experts:
         raise ValueError(f"config.json: num_experts_per_tok = {top_k} must be in [1, {num_experts}] (the experts)")
     width = cfg.get("moe_intermediate_size") or _need(cfg, "intermediate_size")
-    if traits.first_k_dense:
-        dense = set(range(min(int(cfg.get("first_k_dense_replace", 1)), layers)))
-    else:
-        sparse_step = cfg.get("decoder_sparse_step", 1)
-        sparse_step = 1 if sparse_step is None else sparse_step
-        if not (isinstance(sparse_step, int) and sparse_step >= 1):
-            raise ValueError(
-                f"config.json: decoder_sparse_step = {json.dumps(sparse_step)} must be >= 1 (every n-th layer is a MoE)"
-            )
-        dense = {i for i in range(layers) if (i + 1) % sparse_step != 0} | set(cfg.get("mlp_only_layers") or [])
     shared = 0
     if traits.shared_expert == "gated":
         shared = _need(cfg, "shared_expert_intermediate_size")
@@ -346,22 +340,40 @@ def _moe(cfg: dict[str, Any], arch: str, traits: ArchitectureTraits, layers: int
         intermediate_size=width,
         norm_topk_prob=bool(cfg.get("norm_topk_prob", traits.default_norm_topk)),
         dense_layers=frozenset(dense),
-        grouped=_grouped_top_k(cfg, num_experts, top_k, traits.grouped_routing) if traits.grouped_routing else None,
+        grouped=_grouped_top_k(cfg, num_experts, top_k, traits.grouped_routing, routed)
+        if traits.grouped_routing
+        else None,
         shared_intermediate_size=shared,
         shared_gate=traits.shared_expert == "gated",
     )
 
 
-def _grouped_top_k(cfg: dict[str, Any], num_experts: int, top_k: int, scoring: str) -> GroupedTopK:
+def _dense_layers(cfg: dict[str, Any], traits: ArchitectureTraits, layers: int) -> set[int]:
+    """The layers of a MoE model that have a dense MLP instead of experts."""
+    if traits.first_k_dense:
+        return set(range(min(int(cfg.get("first_k_dense_replace", 1)), layers)))
+    sparse_step = cfg.get("decoder_sparse_step", 1)
+    sparse_step = 1 if sparse_step is None else sparse_step
+    if not (isinstance(sparse_step, int) and sparse_step >= 1):
+        raise ValueError(
+            f"config.json: decoder_sparse_step = {json.dumps(sparse_step)} must be >= 1 (every n-th layer is a MoE)"
+        )
+    return {i for i in range(layers) if (i + 1) % sparse_step != 0} | set(cfg.get("mlp_only_layers") or [])
+
+
+def _grouped_top_k(cfg: dict[str, Any], num_experts: int, top_k: int, scoring: str, routed: bool = True) -> GroupedTopK:
+    """``routed``: some layer routes (else the fields are kept unchecked: no layer reads them)."""
     groups, topk_groups = int(cfg.get("n_group", 1) or 1), int(cfg.get("topk_group", 1) or 1)
     if scoring == "softmax" and cfg.get("topk_method", "greedy") == "greedy":  # DeepSeek-V2's plain top-k
         groups, topk_groups = 1, 1
-    if num_experts % groups or num_experts // groups < 2:
+    # the sigmoid rule scores a group by its two best experts, the softmax rule by its best
+    least = 2 if scoring == "sigmoid" else 1
+    if routed and (num_experts % groups or num_experts // groups < least):
         raise ValueError(
             f"config.json: n_group = {groups} must divide the {num_experts} routed experts into groups of "
-            "at least 2 (a group scores by its two best experts)"
+            f"at least {least}" + (" (a group scores by its two best experts)" if least == 2 else "")
         )
-    if not 1 <= topk_groups <= groups or top_k > topk_groups * (num_experts // groups):
+    if routed and (not 1 <= topk_groups <= groups or top_k > topk_groups * (num_experts // groups)):
         raise ValueError(
             f"config.json: topk_group = {topk_groups} must be in [1, n_group = {groups}] and its groups must "
             f"hold num_experts_per_tok = {top_k} experts"
@@ -398,11 +410,9 @@ def _rope(cfg: dict[str, Any], arch: str, traits: ArchitectureTraits) -> RopeSpe
     theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
     partial = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", traits.partial_rotary_default))
     partial = 1.0 if partial is None else float(partial)
-    if traits.partial_rotary_default is None and partial != 1.0:
-        raise ValueError(
-            f"config.json: partial_rotary_factor = {partial} is not implemented for {arch} (raymoe implements 1.0)"
-        )
     kind = params.get("rope_type", params.get("type", "default")) or "default"
+    if traits.partial_rotary_default is None and partial != 1.0:
+        partial = _whole_head_partial_rotary(cfg, arch, traits, kind, partial)
     if kind not in SUPPORTED_ROPE:
         raise ValueError(
             f"config.json: rope_parameters.rope_type (or rope_scaling.type) = {kind!r} is not implemented "
@@ -410,6 +420,9 @@ def _rope(cfg: dict[str, Any], arch: str, traits: ArchitectureTraits) -> RopeSpe
         )
     if kind == "default":
         return RopeSpec(theta=theta, partial_rotary_factor=partial)
+    if kind in ("linear", "dynamic"):
+        # dynamic NTK rescales only past max_position_embeddings, where raymoe serves no position
+        return RopeSpec(theta=theta, kind=kind, factor=float(_need(params, "factor")), partial_rotary_factor=partial)
     # a top-level original_max_position_embeddings wins, as in transformers' standardize_rope_params
     original = int(
         cfg.get("original_max_position_embeddings")
@@ -441,6 +454,28 @@ def _rope(cfg: dict[str, Any], arch: str, traits: ArchitectureTraits) -> RopeSpe
         truncate=bool(params.get("truncate", True)),
         attention_factor=float(attention_factor),
     )
+
+
+def _whole_head_partial_rotary(
+    cfg: dict[str, Any], arch: str, traits: ArchitectureTraits, kind: str, partial: float
+) -> float:
+    """partial_rotary_factor of an architecture whose transformers model rotates whole heads:
+    its default rope init never reads the field (whole heads rotate: 1.0); the scaled kinds'
+    inits read it, so it works only where the frequencies it gives still cover the head
+    (2 * ceil(int(head_dim * partial) / 2) == head_dim; transformers' rotary fails elsewhere)."""
+    if kind == "default":
+        return 1.0
+    head_dim = (
+        int(_need(cfg, "qk_rope_head_dim"))
+        if traits.latent_attention
+        else cfg.get("head_dim") or _need(cfg, "hidden_size") // _need(cfg, "num_attention_heads")
+    )
+    if 2 * math.ceil(int(head_dim * partial) / 2) != head_dim:
+        raise ValueError(
+            f"config.json: partial_rotary_factor = {partial} is not implemented for {arch} (raymoe implements 1.0: "
+            "its transformers model rotates whole heads)"
+        )
+    return partial
 
 
 def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 
 import pytest
 import torch
@@ -152,6 +153,8 @@ def test_the_new_architectures_read_their_fields():
             ),
         ),
         ("deepseek_v2", dict(rope_type="yarn", factor=8.0, original_max_position_embeddings=32, mscale=1.0)),
+        ("deepseek_v3", dict(rope_type="linear", factor=4.0, mscale_all_dim=1.0)),
+        ("deepseek_v2", dict(rope_type="dynamic", factor=2.0, mscale_all_dim=0.707)),
     ],
 )
 def test_latent_attention_softmax_scale_equals_transformers(kind, rope):
@@ -170,7 +173,7 @@ def test_latent_attention_softmax_scale_equals_transformers(kind, rope):
 
 # Every field raymoe refuses, flipped to a value it does not implement. "every" covers each
 # architecture; the issue's examples (Llama's mlp_bias and gelu) are among them.
-ROPE_TYPES = ["linear", "dynamic", "longrope"]
+ROPE_TYPES = ["longrope"]
 FLIPS = [
     ("every", "hidden_act", "gelu"),
     ("every", "quantization_config", {"quant_method": "fp8"}),
@@ -187,7 +190,6 @@ FLIPS = [
     ("DeepseekV2ForCausalLM", "topk_method", "noaux_tc"),
     ("DeepseekV2ForCausalLM", "scoring_func", "sigmoid"),
     ("DeepseekV2ForCausalLM", "moe_layer_freq", 2),
-    ("DeepseekV2ForCausalLM", "rope_interleave", False),
 ]
 
 
@@ -204,6 +206,8 @@ def test_an_unimplemented_value_is_refused_naming_the_field(kind, field, value):
     cfg = _config(kind)
     if field in ("rope_type", "partial_rotary_factor"):
         cfg["rope_parameters"] = {**cfg["rope_parameters"], field: value, "factor": 2.0}
+    if field == "partial_rotary_factor":  # a scaled rope's init reads it (the default one of these models not)
+        cfg["rope_parameters"]["rope_type"] = "yarn"
     else:
         cfg[field] = value
     with pytest.raises(ValueError, match=field):
@@ -249,6 +253,26 @@ ROPES = {
         "deepseek_v3",
         dict(rope_type="yarn", factor=40.0, original_max_position_embeddings=16, mscale=1.0, mscale_all_dim=1.0),
     ),
+    "linear": ("qwen3_moe", dict(rope_type="linear", factor=4.0)),
+    "linear-partial": ("glm4_moe", dict(rope_type="linear", factor=2.5)),
+    "linear-deepseek-v2": ("deepseek_v2", dict(rope_type="linear", factor=3.0)),
+    # dynamic NTK: the default's frequencies up to max_position_embeddings (the table's positions)
+    "dynamic": ("mixtral", dict(rope_type="dynamic", factor=4.0)),
+    # whole-head models: their default rope init never reads partial_rotary_factor; a scaled one's
+    # does, and works where the frequencies still cover the head (16 * 0.97 -> 15 dims: 8 pairs)
+    "default-partial-ignored": ("qwen3", dict(rope_type="default", partial_rotary_factor=0.5)),
+    "default-partial-ignored-deepseek-v2": ("deepseek_v2", dict(rope_type="default", partial_rotary_factor=0.5)),
+    "llama3-partial-whole-head": (
+        "llama",
+        dict(
+            rope_type="llama3",
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=32,
+            partial_rotary_factor=0.97,
+        ),
+    ),
     "yarn-deepseek-v2-lite": (
         "deepseek_v2",
         dict(rope_type="yarn", factor=40.0, original_max_position_embeddings=16, mscale=0.707, mscale_all_dim=0.707),
@@ -280,7 +304,7 @@ def test_rotary_table_equals_transformers(name):
         cos, sin = angles.cos() * reference.attention_scaling, angles.sin() * reference.attention_scaling
     table = RotaryEmbedding(spec.head_dim, spec.rope, spec.max_position, torch.device("cpu")).cos_sin
     half = table.shape[-1] // 2
-    assert table.shape[-1] == int(spec.head_dim * spec.rope.partial_rotary_factor)
+    assert table.shape[-1] == 2 * math.ceil(int(spec.head_dim * spec.rope.partial_rotary_factor) / 2)
     assert cos.shape[-1] == (half if complex_table else 2 * half)
     tol = dict(rtol=0, atol=2e-7 if complex_table else 0)
     torch.testing.assert_close(table[:, :half], cos[0, :, :half], **tol)
@@ -460,3 +484,32 @@ def test_rope_parameters_ignored_beside_rope_scaling_are_warned_of(caplog, param
         rope = spec_from_hf_config(cfg).rope
     assert rope.theta == hf_classes("qwen3_moe")[0].from_dict(cfg).rope_parameters["rope_theta"] == 1e4
     assert ("rope_parameters" in caplog.text) == warned
+
+
+def test_deepseek_v2_ignores_rope_interleave_as_transformers_does():
+    """transformers' DeepSeek-V2 rotates interleaved pairs whatever rope_interleave (V3's field)
+    says: the field was refused."""
+    base = spec_from_hf_config(_config("deepseek_v2"))
+    assert spec_from_hf_config({**_config("deepseek_v2"), "rope_interleave": False}) == base
+    assert base.mla.rope_interleaved
+
+
+@pytest.mark.parametrize("kind", ["glm4_moe", "deepseek_v3"])
+def test_routing_fields_of_a_moe_whose_every_layer_is_dense_are_not_checked(kind):
+    """first_k_dense_replace past the layers: transformers builds no router, so routing fields it
+    would refuse at a forward are moot (they were refused)."""
+    layers = _config(kind)["num_hidden_layers"]
+    odd = dict(first_k_dense_replace=layers, n_group=3, topk_group=4)  # 3 groups of 8 experts, 4 of them kept
+    spec = spec_from_hf_config({**_config(kind), **odd, "num_experts_per_tok": 9})
+    assert spec.moe_layers == []
+    with pytest.raises(ValueError, match="n_group"):
+        spec_from_hf_config({**_config(kind), **odd, "first_k_dense_replace": layers - 1})
+
+
+def test_qwen2_moe_without_a_shared_expert_width_takes_transformers_default():
+    """shared_expert_intermediate_size left out: transformers' 5632 (it was refused as missing)."""
+    cfg = {k: v for k, v in _config("qwen2_moe").items() if k != "shared_expert_intermediate_size"}
+    assert (
+        spec_from_hf_config(cfg).moe.shared_intermediate_size
+        == hf_classes("qwen2_moe")[0]().shared_expert_intermediate_size
+    )

@@ -50,6 +50,7 @@ def test_grouped_top_k_equals_transformers(experts, groups, topk_groups, top_k, 
         (8, "greedy", None, None, 2, 1.0),
         (16, "group_limited_greedy", 4, 2, 3, 16.0),
         (12, "greedy", None, None, 5, 2.0),
+        (6, "group_limited_greedy", 6, 3, 2, 1.0),  # groups of one expert: each scores by its own (was refused)
     ],
 )
 def test_softmax_group_limited_top_k_equals_transformers(experts, method, groups, topk_groups, top_k, scale):
