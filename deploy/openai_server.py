@@ -13,13 +13,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hmac
-import json
 import logging
 import time
 import uuid
 from contextlib import aclosing
 from typing import Any, AsyncIterator, Optional
 
+import pydantic_core
 import ray
 
 from raymoe.actors.engine.eplb import RebalanceRefused
@@ -359,10 +359,12 @@ class OpenAIServer:
         load = None
         if body.strip():
             try:
-                fields = json.loads(body)
+                # pydantic's parser, as every other body's: it refuses lone UTF-16 surrogates
+                # ("\ud800"), which json.loads takes, and an error naming one could not be encoded (a 500)
+                fields = pydantic_core.from_json(body)
                 unknown = sorted(set(fields) - {"logical_load"})
                 load = fields.get("logical_load")
-            except (ValueError, TypeError, AttributeError, RecursionError):
+            except (ValueError, TypeError, AttributeError):
                 raise APIError(400, 'body must be a JSON object, e.g. {} or {"logical_load": [[...]]}') from None
             if unknown:
                 field = str(unknown[0])[:40]
