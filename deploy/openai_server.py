@@ -248,7 +248,7 @@ class OpenAIServer:
         self._check_model(req.model)
         prompts = completion_prompts(req)
         check_fan_out(len(prompts), req.n or 1, self.max_queued_requests)
-        ids = [await self.client.tokenize(p) for p in prompts]
+        ids = await self.client.tokenize_prompts(prompts)
         limits = dict(limit=self.client.info.token_limit, default=DEFAULT_COMPLETION_MAX_TOKENS)
         limits.update(param="max_tokens", prompt_param="prompt")
         drop_output = bool(req.echo) and req.max_tokens == 0  # the prompt's logprobs alone (lm-eval)
