@@ -297,7 +297,7 @@ class EngineClient:
         seq = next(self._seqs)
         request = NewRequest(seq, list(prompt_token_ids), sampling)
         stream = self._streams[seq] = RequestStream(
-            self, request, OutputText(self.tokenizer, prompt_token_ids, sampling.stop)
+            self, request, OutputText(self.tokenizer, prompt_token_ids, sampling.stop, sampling.min_tokens)
         )
         self._to_submit[seq] = request
         self._send.set()

@@ -13,7 +13,8 @@ to the client now. Two things hold text back:
 2. Stop strings. Text that could still be the start of a stop string is held
    until it either completes one (the request stops; the text is cut right
    before the earliest occurrence and the stop string is never emitted) or
-   diverges (then it is released).
+   diverges (then it is released). Text of the first ``min_tokens`` tokens stops nothing
+   (vLLM's ``min_tokens``): only an occurrence that ends past them does.
 
 Invariant: the concatenation of every ``add`` result plus ``flush()`` equals
 ``tokenizer.decode(output_ids)``, cut before the first stop-string occurrence
@@ -39,6 +40,7 @@ class IncrementalDetokenizer:
         prompt_token_ids: Sequence[int],
         stop: tuple[str, ...] = (),
         skip_special_tokens: bool = True,
+        min_tokens: int = 0,
     ) -> None:
         if any(not s for s in stop):
             raise ValueError("stop strings must be non-empty; remove empty strings from `stop`")
@@ -46,6 +48,8 @@ class IncrementalDetokenizer:
         self._skip = skip_special_tokens
         self._stop = tuple(stop)
         self._max_hold = max((len(s) for s in stop), default=1) - 1
+        self._min_tokens = min_tokens
+        self._num_tokens = 0  # output tokens taken so far
         context = list(prompt_token_ids[-_PROMPT_CONTEXT:])
         if self._decode(context).endswith(_REPLACEMENT):
             context = []  # a prompt ending mid-character would garble the first output character
@@ -65,6 +69,7 @@ class IncrementalDetokenizer:
         """Take the next output token; return the newly releasable text ("" once stopped)."""
         if self.stopped:
             return ""
+        self._num_tokens += 1
         self._window.append(int(token_id))
         prefix_text = self._decode(self._window[: self._read])
         full_text = self._decode(self._window)
@@ -85,6 +90,7 @@ class IncrementalDetokenizer:
             return ""
         if len(token_ids) == 1:
             return self.add(token_ids[0])
+        self._num_tokens += len(token_ids)
         self._window.extend(int(t) for t in token_ids)
         prefix_text = self._decode(self._window[: self._read])
         full_text = self._decode(self._window)
@@ -94,6 +100,7 @@ class IncrementalDetokenizer:
             self._read = len(self._window)
             return self._release(new_text, final=False)
         del self._window[-len(token_ids) :]  # an incomplete last character: one at a time
+        self._num_tokens -= len(token_ids)
         return "".join(self.add(t) for t in token_ids)
 
     def flush(self) -> str:
@@ -110,7 +117,7 @@ class IncrementalDetokenizer:
 
     def _release(self, new_text: str, final: bool) -> str:
         text = self._pending + new_text
-        hit = self._earliest_stop(text)
+        hit = self._earliest_stop(text) if self._num_tokens > self._min_tokens else None
         if hit is not None:
             cut, self.stop_reason = hit
             self.stopped = True
