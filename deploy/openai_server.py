@@ -81,6 +81,12 @@ def _response_items(progress: _Progress, params: Any, *, with_ids: bool) -> int:
     return progress.completion_tokens * per_token + prompt_entries + prompt_ids
 
 
+def _shown(name: str) -> str:
+    """A name the client sent, as an error quotes it: cut to 100 characters (a body may carry a
+    30 MiB one, which the 404 sent back whole)."""
+    return name if len(name) <= 100 else f"{name[:100]}... ({len(name):,} characters)"
+
+
 class _Progress:
     """One request's accounting as deltas arrive: text and finish reason per choice,
     token counts, and its TTFT / ITL / latency observations."""
@@ -227,7 +233,7 @@ class OpenAIServer:
 
     def _check_model(self, model: Optional[str]) -> None:
         if model is not None and model != self.model_name:
-            message = f"The model '{model}' does not exist; this server serves '{self.model_name}'"
+            message = f"The model '{_shown(model)}' does not exist; this server serves '{self.model_name}'"
             raise APIError(404, message, param="model", code="model_not_found")
 
     # ---- endpoints -------------------------------------------------------------------------
@@ -238,7 +244,7 @@ class OpenAIServer:
 
     def model(self, name: str) -> dict[str, Any]:
         if name != self.model_name:
-            raise APIError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
+            raise APIError(404, f"The model '{_shown(name)}' does not exist", param="model", code="model_not_found")
         return model_card(self.model_name, self.created, self.model_root, self.client.info.max_model_len)
 
     async def completions(self, body: bytes) -> Any:

@@ -673,6 +673,21 @@ def test_a_rebalance_body_with_a_lone_surrogate_is_a_400_that_encodes(body):
     assert JSONResponse(e.value.body(), status_code=400).body
 
 
+def test_an_unknown_model_s_404_quotes_at_most_100_characters_of_its_name():
+    """The 404 quoted the name whole (a 30 MiB body's name came back in the error)."""
+    from raymoe.deploy.openai_server import OpenAIServer
+
+    server = OpenAIServer(SimpleNamespace(info=SimpleNamespace()), "m", "m")
+    for call in (
+        lambda: server.model("x" * 5000),
+        lambda: asyncio.run(server.completions(b'{"model": "' + b"x" * 5000 + b'", "prompt": "a"}')),
+    ):
+        with pytest.raises(APIError) as e:
+            call()
+        assert e.value.status == 404 and "x" * 100 + "... (5,000 characters)" in e.value.message
+        assert len(e.value.message) < 300
+
+
 def test_messages_reach_the_template_as_sent_extras_and_all():
     """Messages are validated as TypedDicts (no model per message): each keeps every field the
     client sent, in order, for the chat template; nulls are dropped, content parts joined."""
