@@ -9,7 +9,10 @@ to the client now. Two things hold text back:
    difference only once it does not end in U+FFFD. The window starts a few
    tokens back (``_prefix``) so decoders that treat the first token specially
    (leading-space handling) see context. Work per token is bounded by the
-   window, not the output length.
+   window, not the output length: past ``_MAX_UNRELEASED`` tokens held, the text
+   before the last three (no character's incomplete bytes span more) is released
+   where it splits from them cleanly, so a run of invalid bytes (U+FFFD, final)
+   does not grow the window.
 2. Stop strings. Text that could still be the start of a stop string is held
    until it either completes one (the request stops; the text is cut right
    before the earliest occurrence and the stop string is never emitted) or
@@ -28,6 +31,10 @@ from typing import Optional, Sequence
 from raymoe.actors.engine.tokenizer import Tokenizer
 
 _PROMPT_CONTEXT = 5  # prompt tokens kept as decoding context for the first output token
+# tokens held for an incomplete character before the text ahead of the last 3 is released (a
+# run of invalid bytes held them all, each token decoding the whole run again: 2,000 tokens of
+# lone continuation bytes, which logit_bias can force, took 0.3 s, quadratic in the run)
+_MAX_UNRELEASED = 8
 _REPLACEMENT = "\ufffd"
 
 
@@ -74,12 +81,26 @@ class IncrementalDetokenizer:
         prefix_text = self._decode(self._window[: self._read])
         full_text = self._decode(self._window)
         if len(full_text) <= len(prefix_text) or full_text.endswith(_REPLACEMENT):
-            return ""  # nothing new yet, or a character is still incomplete
+            return self._release_settled(prefix_text, full_text)  # a character may still be incomplete
         new_text = full_text[len(prefix_text) :]
         # Slide the window: the tokens just decoded become the next prefix.
         self._window = self._window[self._read :]
         self._read = len(self._window)
         return self._release(new_text, final=False)
+
+    def _release_settled(self, prefix_text: str, full_text: str) -> str:
+        """Past _MAX_UNRELEASED held tokens, the text of all but the last 3 when it is final: it
+        and the last 3 tokens' text make the whole (no character spans them); else "". Tokens
+        without text (skipped special ones) are let go the same way."""
+        if len(self._window) - self._read <= _MAX_UNRELEASED:
+            return ""
+        cut = len(self._window) - 3
+        settled = self._decode(self._window[:cut])
+        if len(settled) < len(prefix_text) or settled + self._decode(self._window[cut:]) != full_text:
+            return ""
+        # the tokens released become the next prefix; the last 3 stay held
+        self._window, self._read = self._window[self._read :], cut - self._read
+        return self._release(settled[len(prefix_text) :], final=False)
 
     def add_many(self, token_ids: list[int]) -> str:
         """``add`` each token in turn and join the results, with two decodes in all where
