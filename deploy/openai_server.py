@@ -13,13 +13,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hmac
-import json
 import logging
 import time
 import uuid
 from contextlib import aclosing
 from typing import Any, AsyncIterator, Optional
 
+import pydantic_core
 import ray
 
 from raymoe.actors.engine.eplb import RebalanceRefused
@@ -79,6 +79,12 @@ def _response_items(progress: _Progress, params: Any, *, with_ids: bool) -> int:
     prompt_entries = sum(len(p) for p in progress.prompt_logprobs if p) * (1 + (params.prompt_logprobs or 0))
     prompt_ids = progress.prompt_tokens * len(progress.pieces) if with_ids else 0
     return progress.completion_tokens * per_token + prompt_entries + prompt_ids
+
+
+def _shown(name: str) -> str:
+    """A name the client sent, as an error quotes it: cut to 100 characters (a body may carry a
+    30 MiB one, which the 404 sent back whole)."""
+    return name if len(name) <= 100 else f"{name[:100]}... ({len(name):,} characters)"
 
 
 class _Progress:
@@ -227,7 +233,7 @@ class OpenAIServer:
 
     def _check_model(self, model: Optional[str]) -> None:
         if model is not None and model != self.model_name:
-            message = f"The model '{model}' does not exist; this server serves '{self.model_name}'"
+            message = f"The model '{_shown(model)}' does not exist; this server serves '{self.model_name}'"
             raise APIError(404, message, param="model", code="model_not_found")
 
     # ---- endpoints -------------------------------------------------------------------------
@@ -238,7 +244,7 @@ class OpenAIServer:
 
     def model(self, name: str) -> dict[str, Any]:
         if name != self.model_name:
-            raise APIError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
+            raise APIError(404, f"The model '{_shown(name)}' does not exist", param="model", code="model_not_found")
         return model_card(self.model_name, self.created, self.model_root, self.client.info.max_model_len)
 
     async def completions(self, body: bytes) -> Any:
@@ -248,7 +254,7 @@ class OpenAIServer:
         self._check_model(req.model)
         prompts = completion_prompts(req)
         check_fan_out(len(prompts), req.n or 1, self.max_queued_requests)
-        ids = [await self.client.tokenize(p) for p in prompts]
+        ids = await self.client.tokenize_prompts(prompts)
         limits = dict(limit=self.client.info.token_limit, default=DEFAULT_COMPLETION_MAX_TOKENS)
         limits.update(param="max_tokens", prompt_param="prompt")
         drop_output = bool(req.echo) and req.max_tokens == 0  # the prompt's logprobs alone (lm-eval)
@@ -359,10 +365,12 @@ class OpenAIServer:
         load = None
         if body.strip():
             try:
-                fields = json.loads(body)
+                # pydantic's parser, as every other body's: it refuses lone UTF-16 surrogates
+                # ("\ud800"), which json.loads takes, and an error naming one could not be encoded (a 500)
+                fields = pydantic_core.from_json(body)
                 unknown = sorted(set(fields) - {"logical_load"})
                 load = fields.get("logical_load")
-            except (ValueError, TypeError, AttributeError, RecursionError):
+            except (ValueError, TypeError, AttributeError):
                 raise APIError(400, 'body must be a JSON object, e.g. {} or {"logical_load": [[...]]}') from None
             if unknown:
                 field = str(unknown[0])[:40]

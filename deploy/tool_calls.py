@@ -140,6 +140,7 @@ class ToolCallStream:
         self.max_calls = max_calls
         self._buffer = ""
         self._in_call = False
+        self._scan = _JsonScan()  # the open call's text read so far
         self.num_calls = 0
 
     def add(self, text: str) -> tuple[str, list[ToolCall]]:
@@ -151,7 +152,7 @@ class ToolCallStream:
         while True:
             if self._in_call:
                 end = self._buffer.find(p.end, search_from)
-                while end >= 0 and _open_json(self._buffer[:end]):  # the tag is text inside the call
+                while end >= 0 and self._scan.in_string_at(self._buffer, end):  # the tag is text inside the call
                     end = self._buffer.find(p.end, end + 1)
                 if end < 0:
                     break
@@ -166,6 +167,7 @@ class ToolCallStream:
             if start >= 0:
                 content += self._buffer[:start]
                 self._buffer, self._in_call, search_from = self._buffer[start + len(p.begin) :], True, 0
+                self._scan = _JsonScan()
                 continue
             keep = _partial_suffix(self._buffer, p.begin)
             content += self._buffer[: len(self._buffer) - keep]
@@ -181,30 +183,50 @@ class ToolCallStream:
         return rest, []
 
 
-def _open_json(text: str) -> bool:
-    """Whether ``text`` starts a JSON object that ends inside one of its strings: a call's end
-    tag found there is part of its arguments. Outside a string the tag ends the call, whether
-    the object closed or not (a model that left a bracket open)."""
-    if not text.lstrip().startswith("{"):
-        return False
-    depth, in_string, escaped = 0, False, False
-    for c in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif c == "\\":
-                escaped = True
+class _JsonScan:
+    """Whether a call's text up to an end tag is inside a string of the JSON object it starts
+    with: the tag is then part of its arguments. Outside a string the tag ends the call, whether
+    the object closed or not (a model that left a bracket open). The text is read on from where
+    the last tag was, each character once (read from its start at every tag, 8,000 end tags in
+    an argument held the event loop 11 s)."""
+
+    def __init__(self) -> None:
+        self.pos, self.depth, self.in_string, self.escaped = 0, 0, False, False
+        self.opened: Optional[bool] = None  # whether its first character but spaces is "{" (None: none yet)
+        self.closed = False  # the object closed before the text read so far ended
+
+    def in_string_at(self, text: str, end: int) -> bool:
+        """For ``text[:end]``, ``end`` at or past the last call's (``text`` only grows meanwhile)."""
+        assert end >= self.pos, "a call's text is read forwards"
+        if self.opened is not False and not self.closed:
+            self._read(text[self.pos : end])
+        self.pos = end
+        return bool(self.opened) and not self.closed and self.in_string
+
+    def _read(self, chars: str) -> None:
+        for c in chars:
+            if self.opened is None:
+                if c.isspace():
+                    continue
+                self.opened = c == "{"
+                if not self.opened:
+                    break
+            if self.in_string:
+                if self.escaped:
+                    self.escaped = False
+                elif c == "\\":
+                    self.escaped = True
+                elif c == '"':
+                    self.in_string = False
             elif c == '"':
-                in_string = False
-        elif c == '"':
-            in_string = True
-        elif c in "{[":
-            depth += 1
-        elif c in "}]":
-            depth -= 1
-            if depth == 0:  # the object closed before the tag
-                return False
-    return in_string
+                self.in_string = True
+            elif c in "{[":
+                self.depth += 1
+            elif c in "}]":
+                self.depth -= 1
+                if self.depth == 0:  # the object closed before the tag
+                    self.closed = True
+                    break
 
 
 def _partial_suffix(text: str, tag: str) -> int:

@@ -9,11 +9,15 @@ to the client now. Two things hold text back:
    difference only once it does not end in U+FFFD. The window starts a few
    tokens back (``_prefix``) so decoders that treat the first token specially
    (leading-space handling) see context. Work per token is bounded by the
-   window, not the output length.
+   window, not the output length: past ``_MAX_UNRELEASED`` tokens held, the text
+   before the last three (no character's incomplete bytes span more) is released
+   where it splits from them cleanly, so a run of invalid bytes (U+FFFD, final)
+   does not grow the window.
 2. Stop strings. Text that could still be the start of a stop string is held
    until it either completes one (the request stops; the text is cut right
    before the earliest occurrence and the stop string is never emitted) or
-   diverges (then it is released).
+   diverges (then it is released). Text of the first ``min_tokens`` tokens stops nothing
+   (vLLM's ``min_tokens``): only an occurrence that ends past them does.
 
 Invariant: the concatenation of every ``add`` result plus ``flush()`` equals
 ``tokenizer.decode(output_ids)``, cut before the first stop-string occurrence
@@ -27,6 +31,10 @@ from typing import Optional, Sequence
 from raymoe.actors.engine.tokenizer import Tokenizer
 
 _PROMPT_CONTEXT = 5  # prompt tokens kept as decoding context for the first output token
+# tokens held for an incomplete character before the text ahead of the last 3 is released (a
+# run of invalid bytes held them all, each token decoding the whole run again: 2,000 tokens of
+# lone continuation bytes, which logit_bias can force, took 0.3 s, quadratic in the run)
+_MAX_UNRELEASED = 8
 _REPLACEMENT = "\ufffd"
 
 
@@ -39,6 +47,7 @@ class IncrementalDetokenizer:
         prompt_token_ids: Sequence[int],
         stop: tuple[str, ...] = (),
         skip_special_tokens: bool = True,
+        min_tokens: int = 0,
     ) -> None:
         if any(not s for s in stop):
             raise ValueError("stop strings must be non-empty; remove empty strings from `stop`")
@@ -46,6 +55,8 @@ class IncrementalDetokenizer:
         self._skip = skip_special_tokens
         self._stop = tuple(stop)
         self._max_hold = max((len(s) for s in stop), default=1) - 1
+        self._min_tokens = min_tokens
+        self._num_tokens = 0  # output tokens taken so far
         context = list(prompt_token_ids[-_PROMPT_CONTEXT:])
         if self._decode(context).endswith(_REPLACEMENT):
             context = []  # a prompt ending mid-character would garble the first output character
@@ -65,16 +76,31 @@ class IncrementalDetokenizer:
         """Take the next output token; return the newly releasable text ("" once stopped)."""
         if self.stopped:
             return ""
+        self._num_tokens += 1
         self._window.append(int(token_id))
         prefix_text = self._decode(self._window[: self._read])
         full_text = self._decode(self._window)
         if len(full_text) <= len(prefix_text) or full_text.endswith(_REPLACEMENT):
-            return ""  # nothing new yet, or a character is still incomplete
+            return self._release_settled(prefix_text, full_text)  # a character may still be incomplete
         new_text = full_text[len(prefix_text) :]
         # Slide the window: the tokens just decoded become the next prefix.
         self._window = self._window[self._read :]
         self._read = len(self._window)
         return self._release(new_text, final=False)
+
+    def _release_settled(self, prefix_text: str, full_text: str) -> str:
+        """Past _MAX_UNRELEASED held tokens, the text of all but the last 3 when it is final: it
+        and the last 3 tokens' text make the whole (no character spans them); else "". Tokens
+        without text (skipped special ones) are let go the same way."""
+        if len(self._window) - self._read <= _MAX_UNRELEASED:
+            return ""
+        cut = len(self._window) - 3
+        settled = self._decode(self._window[:cut])
+        if len(settled) < len(prefix_text) or settled + self._decode(self._window[cut:]) != full_text:
+            return ""
+        # the tokens released become the next prefix; the last 3 stay held
+        self._window, self._read = self._window[self._read :], cut - self._read
+        return self._release(settled[len(prefix_text) :], final=False)
 
     def add_many(self, token_ids: list[int]) -> str:
         """``add`` each token in turn and join the results, with two decodes in all where
@@ -85,6 +111,7 @@ class IncrementalDetokenizer:
             return ""
         if len(token_ids) == 1:
             return self.add(token_ids[0])
+        self._num_tokens += len(token_ids)
         self._window.extend(int(t) for t in token_ids)
         prefix_text = self._decode(self._window[: self._read])
         full_text = self._decode(self._window)
@@ -94,6 +121,7 @@ class IncrementalDetokenizer:
             self._read = len(self._window)
             return self._release(new_text, final=False)
         del self._window[-len(token_ids) :]  # an incomplete last character: one at a time
+        self._num_tokens -= len(token_ids)
         return "".join(self.add(t) for t in token_ids)
 
     def flush(self) -> str:
@@ -110,7 +138,7 @@ class IncrementalDetokenizer:
 
     def _release(self, new_text: str, final: bool) -> str:
         text = self._pending + new_text
-        hit = self._earliest_stop(text)
+        hit = self._earliest_stop(text) if self._num_tokens > self._min_tokens else None
         if hit is not None:
             cut, self.stop_reason = hit
             self.stopped = True

@@ -31,7 +31,7 @@ import numpy as np
 from raymoe.actors.engine.json_schema import (
     MAX_SCHEMA_DEPTH,
     check_schema,
-    check_schema_depth,
+    check_schema_shape,
     json_schema_grammar,
     pattern_without_surrogates,
     regex_atoms,
@@ -175,7 +175,7 @@ class GrammarCompiler:
         if spec.kind == "json" and spec.source:
             check_schema(_json_or_none(spec.source, spec.field), spec.field)
         if spec.kind == "tagged_json":  # tool schemas: their unenforced keywords were always let through
-            check_schema_depth(json.loads(spec.source)["schema"], spec.field)
+            check_schema_shape(json.loads(spec.source)["schema"], spec.field)
         try:
             if spec.kind == "json":
                 compiled = c.compile_grammar(json_schema_grammar(spec.source or json.dumps({"type": "object"})))

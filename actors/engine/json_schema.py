@@ -355,17 +355,24 @@ def _has_lookaround(pattern: str) -> bool:
     )
 
 
-def check_schema_depth(schema: Any, field: str) -> None:
+def check_schema_shape(schema: Any, field: str) -> None:
     """ValueError naming ``field`` when the schema nests past MAX_SCHEMA_DEPTH (xgrammar
-    compiles deep schemas for minutes)."""
-    if max((depth for _, depth, _ in _subschemas(schema)), default=0) > MAX_SCHEMA_DEPTH:
+    compiles deep schemas for minutes), or holds an empty ``anyOf`` or ``oneOf``: no value
+    matches one (JSON Schema requires them non-empty), and xgrammar writes nothing in its place
+    ('{"a": }', invalid JSON)."""
+    nodes = list(_subschemas(schema))
+    if max((depth for _, depth, _ in nodes), default=0) > MAX_SCHEMA_DEPTH:
         raise ValueError(f"{field}: the schema nests deeper than {MAX_SCHEMA_DEPTH} levels")
+    for node, _, _ in nodes:
+        empty = next((k for k in ("anyOf", "oneOf") if node.get(k) == []), None)
+        if empty is not None:
+            raise ValueError(f"{field}: invalid JSON schema: {empty} must hold at least one schema (got [])")
 
 
 def check_schema(schema: Any, field: str) -> None:
-    """check_schema_depth, and ValueError naming ``field`` when the schema uses keywords
+    """check_schema_shape, and ValueError naming ``field`` when the schema uses keywords
     structured output does not enforce."""
-    check_schema_depth(schema, field)
+    check_schema_shape(schema, field)
     unenforced = unenforced_keywords(schema)
     if unenforced:
         raise ValueError(

@@ -38,8 +38,11 @@ class Delta:
 
 
 class OutputText:
-    def __init__(self, tokenizer: Tokenizer, prompt_token_ids: Sequence[int], stop: tuple[str, ...] = ()) -> None:
-        self._detok = IncrementalDetokenizer(tokenizer, prompt_token_ids, stop)
+    def __init__(
+        self, tokenizer: Tokenizer, prompt_token_ids: Sequence[int], stop: tuple[str, ...] = (), min_tokens: int = 0
+    ) -> None:
+        """``min_tokens``: the request's; stop strings in its first that many tokens' text stop nothing."""
+        self._detok = IncrementalDetokenizer(tokenizer, prompt_token_ids, stop, min_tokens=min_tokens)
         self._has_stop_strings = bool(stop)
         self.num_output_tokens = 0
         self.finish_reason: Optional[str] = None

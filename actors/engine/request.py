@@ -84,7 +84,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # subtracted per occurrence in the output
     repetition_penalty: float = 1.0  # vLLM's: seen (prompt or output) logits / p if > 0 else * p
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
-    min_tokens: int = 0  # EOS and stop_token_ids are masked until this many tokens are out
+    min_tokens: int = 0  # EOS and stop_token_ids are masked until this many tokens are out (stop strings wait too)
     # log-probabilities (of the raw float32 logits): None = none; k = the token's and the top k
     logprobs: Optional[int] = None  # of each output token
     prompt_logprobs: Optional[int] = None  # of each prompt token but the first

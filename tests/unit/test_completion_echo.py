@@ -35,8 +35,8 @@ class StandInClient:
             token_bytes=lambda i: str(i).encode(),
         )
 
-    async def tokenize(self, prompt, param="prompt"):
-        return PROMPTS[prompt]
+    async def tokenize_prompts(self, prompts, param="prompt"):
+        return [PROMPTS[p] for p in prompts]
 
     async def stream(self, ids, params):
         wants = params.prompt_logprobs is not None

@@ -29,7 +29,7 @@ from raymoe.actors.engine.output_text import OutputText
 from raymoe.actors.engine.pipeline_depth import WINDOW
 from raymoe.actors.engine.request import SamplingParams
 from raymoe.cluster.config import config_from_dict
-from raymoe.deploy.engine_client import EngineClient, RequestRejected, engine_error
+from raymoe.deploy.engine_client import INLINE_TEXT_CHARS, EngineClient, RequestRejected, engine_error
 from raymoe.deploy.openai_api import APIError
 
 PROMPTS = ["Hello there", "The capital of France is", "one two three four five six seven", "x", "abc " * 12]
@@ -951,6 +951,30 @@ def test_a_chat_with_tools_or_template_kwargs_renders_off_the_event_loop(big, mo
     asyncio.run(client.tokenize_chat(messages, tools=[tool]))
     asyncio.run(client.tokenize_chat(messages, {"enable_thinking": False}))
     assert where == [True, False, False]
+
+
+def test_many_short_prompts_of_one_request_encode_off_the_event_loop(big, monkeypatch):
+    """Each prompt of a batch under INLINE_TEXT_CHARS was encoded on the event loop, one after
+    the other: a 15 MiB body of 1,000 such texts held it (every stream of the replica) 7 s. A
+    batch past that bound in all encodes in a thread, with the same ids and the same errors."""
+    client = EngineClient(big.local, big.tokenizer, big.local.info)
+    where, encode = [], big.tokenizer.encode
+
+    def spy(*args, **kwargs):
+        where.append(threading.current_thread() is threading.main_thread())
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(big.tokenizer, "encode", spy)
+    few = ["Hello there", [5, 6]]
+    assert asyncio.run(client.tokenize_prompts(few)) == [encode("Hello there"), [5, 6]]
+    assert where == [True]
+    where.clear()
+    many = ["ab " * (INLINE_TEXT_CHARS // 30)] * 12 + [[5, 6]]
+    assert asyncio.run(client.tokenize_prompts(many)) == [encode(many[0])] * 12 + [[5, 6]]
+    assert where == [False] * 12
+    with pytest.raises(APIError) as e:
+        asyncio.run(client.tokenize_prompts([*many, [big.local.info.vocab_size]]))
+    assert e.value.status == 400 and e.value.param == "prompt" and "outside the vocabulary" in e.value.message
 
 
 def test_a_request_whose_admission_raises_fails_alone(monkeypatch):

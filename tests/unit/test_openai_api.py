@@ -658,6 +658,36 @@ def test_a_client_gone_before_its_body_arrived_is_counted_499_not_a_500():
     assert sent[0]["status"] == 499
 
 
+@pytest.mark.parametrize("body", [b'{"\\ud800": 1}', b'{"logical_load": [["\\udfff"]]}'])
+def test_a_rebalance_body_with_a_lone_surrogate_is_a_400_that_encodes(body):
+    """json.loads took a lone UTF-16 surrogate, and the 400 naming it as an unknown field could
+    not be encoded as UTF-8: Starlette answered a bare 500."""
+    from starlette.responses import JSONResponse
+
+    from raymoe.deploy.openai_server import OpenAIServer
+
+    server = OpenAIServer(SimpleNamespace(info=SimpleNamespace()), "m", "m")
+    with pytest.raises(APIError) as e:
+        asyncio.run(server.rebalance(body))
+    assert e.value.status == 400 and "body must be a JSON object" in e.value.message
+    assert JSONResponse(e.value.body(), status_code=400).body
+
+
+def test_an_unknown_model_s_404_quotes_at_most_100_characters_of_its_name():
+    """The 404 quoted the name whole (a 30 MiB body's name came back in the error)."""
+    from raymoe.deploy.openai_server import OpenAIServer
+
+    server = OpenAIServer(SimpleNamespace(info=SimpleNamespace()), "m", "m")
+    for call in (
+        lambda: server.model("x" * 5000),
+        lambda: asyncio.run(server.completions(b'{"model": "' + b"x" * 5000 + b'", "prompt": "a"}')),
+    ):
+        with pytest.raises(APIError) as e:
+            call()
+        assert e.value.status == 404 and "x" * 100 + "... (5,000 characters)" in e.value.message
+        assert len(e.value.message) < 300
+
+
 def test_messages_reach_the_template_as_sent_extras_and_all():
     """Messages are validated as TypedDicts (no model per message): each keeps every field the
     client sent, in order, for the chat template; nulls are dropped, content parts joined."""

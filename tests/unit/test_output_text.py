@@ -107,3 +107,23 @@ def test_add_many_equals_add(tok):
         a = "".join(one.add(t) for t in ids) + one.flush()
         b = "".join(many.add_many(c) for c in _chunks(rng, ids)) + many.flush()
         assert a == b == tok.decode(ids)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 100])
+def test_stop_strings_in_the_first_min_tokens_tokens_stop_nothing(tok, chunk):
+    """vLLM's min_tokens: a stop string holds off, as EOS does, until min_tokens tokens are out;
+    an occurrence ending past them stops the output (it stopped at the first occurrence)."""
+    ids = tok.encode("The keeper said the sea was calm this morning")
+    pieces = [tok.decode(ids[:k]) for k in range(len(ids) + 1)]
+    for min_tokens in (0, 3, len(ids) - 1, len(ids)):
+        text = OutputText(tok, [], ("e",), min_tokens)
+        deltas = [text.add(ids[i : i + chunk], Finish.RUNNING) for i in range(0, len(ids), chunk)]
+        got = "".join(d.text for d in deltas)
+        # the first token past min_tokens whose text completes an "e" (in text after the min_tokens-th)
+        k = next((k for k in range(min_tokens + 1, len(ids) + 1) if "e" in pieces[k][len(pieces[min_tokens]) :]), None)
+        if k is None:
+            assert got == pieces[-1] and text.finish_reason is None
+            continue
+        cut = pieces[k]
+        assert got == cut[: cut.index("e", len(pieces[min_tokens]))] and text.finish_reason == "stop"
+        assert text.num_output_tokens == k and text.needs_abort

@@ -238,6 +238,27 @@ def test_invalid_grammars_are_refused_naming_the_field(engine, spec, field):
     assert not engine.local.core.has_unfinished
 
 
+_NOTHING = {"type": "object", "properties": {"a": {"anyOf": []}}, "required": ["a"]}
+
+
+@pytest.mark.parametrize(
+    "spec,field",
+    [
+        (GrammarSpec("json", json.dumps(_NOTHING)), "response_format"),
+        (GrammarSpec("json", json.dumps({"type": "array", "items": {"oneOf": []}})), "response_format"),
+        (GrammarSpec("json", json.dumps({"oneOf": []}), "structured_outputs.json"), "structured_outputs.json"),
+        (HermesToolParser().forced_call([{"function": {"name": "f", "parameters": _NOTHING}}], None), "tools"),
+    ],
+    ids=["nested-anyOf", "items-oneOf", "root-oneOf", "tool"],
+)
+def test_an_empty_anyof_or_oneof_is_refused_naming_the_field(engine, spec, field):
+    """No value matches an empty anyOf or oneOf; xgrammar wrote nothing in its place, and the
+    output was invalid JSON ('{"a": }', '[, ]')."""
+    with pytest.raises(ValueError, match=rf"^{re.escape(field)}: invalid JSON schema: (anyOf|oneOf) must hold"):
+        engine.local.core.add_request("bad", [5, 6], SamplingParams(grammar=spec))
+    assert not engine.local.core.has_unfinished
+
+
 @pytest.mark.parametrize("pipelined", [False, True], ids=["plain", "pipelined"])
 def test_preempted_constrained_requests_resume_their_grammar(pipelined):
     """A KV cache too small for every request at once preempts some mid-output; each resumes

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 
 import pytest
 import xgrammar
@@ -325,3 +326,20 @@ def test_unenforced_keywords_pass_in_tools_that_are_not_strict():
     assert tool_choice(_chat({"tools": [loose], "tool_choice": "required"})) == ("required", None)
     # the bound on strict schemas is for them all: two large ones fit
     assert tool_choice(_chat({"tools": [_strict_with_properties(f"f{k}", 2000) for k in range(2)]})) == ("auto", None)
+
+
+def test_many_end_tags_inside_an_argument_are_read_in_linear_time():
+    """Each end tag inside a call's string read the call's text from its start again: 8,000 of
+    them (a model forced by a regex to write them) held the ingress's event loop 11 s."""
+    parser = HermesToolParser()
+    head = parser.begin + '\n{"name": "f", "arguments": {"a": "'
+    for pieces in (False, True):
+        t0 = time.monotonic()
+        text = head + parser.end * 20_000 + '"}}\n' + parser.end
+        if pieces:
+            stream = ToolCallStream(parser)
+            calls = [c for i in range(0, len(text), 7) for c in stream.add(text[i : i + 7])[1]]
+        else:
+            calls = split_tool_calls(parser, text)[1]
+        assert time.monotonic() - t0 < 2.0
+        assert [json.loads(c.arguments) for c in calls] == [{"a": parser.end * 20_000}]
