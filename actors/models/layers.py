@@ -20,7 +20,8 @@ from raymoe.actors.models import ops
 from raymoe.actors.models.checkpoint import CheckpointReader
 from raymoe.actors.models.fp8 import WeightSlice, weight_params
 from raymoe.actors.models.linear import linear
-from raymoe.actors.models.spec import ModelSpec, RopeSpec
+from raymoe.actors.models.rope_spec import RopeSpec
+from raymoe.actors.models.spec import ModelSpec
 from raymoe.comm.group import GroupCoordinator
 
 

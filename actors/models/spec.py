@@ -9,42 +9,22 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import pathlib
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 
+from raymoe.actors.models.hf_config import need, rope_params
 from raymoe.actors.models.registry import (
     COMMON_IMPLEMENTED_VALUES,
     ArchitectureTraits,
     architecture_of,
     architecture_traits,
 )
+from raymoe.actors.models.rope_spec import RopeSpec, rope_spec, yarn_mscale
 
 log = logging.getLogger(__name__)
-
-SUPPORTED_ROPE = ("default", "linear", "dynamic", "llama3", "yarn")
-
-
-@dataclass(frozen=True, kw_only=True)
-class RopeSpec:
-    theta: float
-    # default | linear (frequencies / factor) | dynamic (NTK: the default's frequencies up to
-    # max_position_embeddings, which caps max_model_len) | llama3 | yarn
-    kind: str = "default"
-    factor: float = 1.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position: int = 8192
-    partial_rotary_factor: float = 1.0  # rotary on the first int(head_dim * this) dims of each head
-    # yarn: the correction range between full interpolation and full extrapolation, in rotations
-    # over original_max_position; cos and sin are scaled by attention_factor
-    beta_fast: float = 32.0
-    beta_slow: float = 1.0
-    truncate: bool = True
-    attention_factor: float = 1.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -162,14 +142,14 @@ def spec_from_hf_config(cfg: dict[str, Any]) -> ModelSpec:
     traits = architecture_traits(arch)  # raises for unknown architectures
     cfg = {k: v for k, v in {**traits.config_defaults, **cfg}.items() if k not in traits.ignored_fields}
     _refuse_unimplemented(cfg, arch, traits)
-    hidden = _need(cfg, "hidden_size")
-    heads = _need(cfg, "num_attention_heads")
-    layers = _need(cfg, "num_hidden_layers")
+    hidden = need(cfg, "hidden_size")
+    heads = need(cfg, "num_attention_heads")
+    layers = need(cfg, "num_hidden_layers")
     if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
         raise ValueError(f"config.json: num_hidden_layers = {json.dumps(layers)} must be a whole number >= 1")
     qkv_bias = bool(cfg.get(traits.qkv_bias_field, traits.qkv_bias_default)) if traits.qkv_bias_field else False
-    rope = _rope(cfg, arch, traits)
-    max_position = int(_need(cfg, "max_position_embeddings"))
+    rope = rope_spec(cfg, arch, traits)
+    max_position = int(need(cfg, "max_position_embeddings"))
     if rope.kind == "yarn":  # YaRN stretches the original context by its factor
         max_position = max(max_position, int(rope.original_max_position * rope.factor))
     window = _sliding_window(cfg, layers, traits.sliding_layers)
@@ -187,7 +167,7 @@ def spec_from_hf_config(cfg: dict[str, Any]) -> ModelSpec:
         raise ValueError(f"config.json: rms_norm_eps = {json.dumps(eps)} must be a number >= 0")
     return ModelSpec(
         architecture=arch,
-        vocab_size=_need(cfg, "vocab_size"),
+        vocab_size=need(cfg, "vocab_size"),
         hidden_size=hidden,
         intermediate_size=cfg.get("intermediate_size") or 0,
         num_layers=layers,
@@ -234,9 +214,9 @@ def _sliding_window(cfg: dict[str, Any], layers: int, rule: Optional[str]) -> Op
 
 
 def _latent_attention(cfg: dict[str, Any], rope: RopeSpec) -> LatentAttentionSpec:
-    nope, rope_dim = int(_need(cfg, "qk_nope_head_dim")), int(_need(cfg, "qk_rope_head_dim"))
+    nope, rope_dim = int(need(cfg, "qk_nope_head_dim")), int(need(cfg, "qk_rope_head_dim"))
     for key in ("kv_lora_rank", "v_head_dim", "qk_rope_head_dim"):
-        if not int(_need(cfg, key)) > 0:
+        if not int(need(cfg, key)) > 0:
             raise ValueError(f"config.json: {key} = {cfg[key]} must be > 0")
     if nope < 0 or rope_dim % 2:
         raise ValueError(
@@ -244,17 +224,17 @@ def _latent_attention(cfg: dict[str, Any], rope: RopeSpec) -> LatentAttentionSpe
             "(rotary turns pairs of dims)"
         )
     scale = (nope + rope_dim) ** -0.5
-    params = _rope_params(cfg)
+    params = rope_params(cfg)
     mscale_all_dim = params.get("mscale_all_dim")
     if rope.kind != "default" and mscale_all_dim:  # YaRN scales every dim of q.k, as transformers' yarn_apply_mscale
-        scale *= _yarn_mscale(rope.factor, float(mscale_all_dim)) ** 2
+        scale *= yarn_mscale(rope.factor, float(mscale_all_dim)) ** 2
     q_lora = cfg.get("q_lora_rank")
     return LatentAttentionSpec(
         q_lora_rank=int(q_lora) if q_lora else None,
-        kv_lora_rank=int(_need(cfg, "kv_lora_rank")),
+        kv_lora_rank=int(need(cfg, "kv_lora_rank")),
         qk_nope_head_dim=nope,
         qk_rope_head_dim=rope_dim,
-        v_head_dim=int(_need(cfg, "v_head_dim")),
+        v_head_dim=int(need(cfg, "v_head_dim")),
         softmax_scale=scale,
         rope_interleaved=bool(cfg.get("rope_interleave", True)),
     )
@@ -323,15 +303,15 @@ def _moe(cfg: dict[str, Any], arch: str, traits: ArchitectureTraits, layers: int
         if zero is not None:
             raise ValueError(f"config.json: {zero} = {cfg[zero]} is not implemented for {arch} (a MoE with no experts)")
         raise ValueError(f"config.json of {arch}: needs num_experts (or num_local_experts, n_routed_experts)")
-    top_k = _need(cfg, "num_experts_per_tok")
+    top_k = need(cfg, "num_experts_per_tok")
     dense = _dense_layers(cfg, traits, layers)
     routed = len(dense) < layers  # every layer dense: transformers never routes, so routing fields are moot
     if routed and not 1 <= top_k <= num_experts:
         raise ValueError(f"config.json: num_experts_per_tok = {top_k} must be in [1, {num_experts}] (the experts)")
-    width = cfg.get("moe_intermediate_size") or _need(cfg, "intermediate_size")
+    width = cfg.get("moe_intermediate_size") or need(cfg, "intermediate_size")
     shared = 0
     if traits.shared_expert == "gated":
-        shared = _need(cfg, "shared_expert_intermediate_size")
+        shared = need(cfg, "shared_expert_intermediate_size")
     elif traits.shared_expert == "plain":
         shared = int(cfg.get("n_shared_experts", 1) or 0) * width
     return MoESpec(
@@ -384,105 +364,3 @@ def _grouped_top_k(cfg: dict[str, Any], num_experts: int, top_k: int, scoring: s
         routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)),
         scoring=scoring,
     )
-
-
-def _rope_params(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The rotary parameters as transformers takes them: ``rope_scaling`` (the older name) where
-    it is set, in place of ``rope_parameters``, not merged with it."""
-    scaling, parameters = cfg.get("rope_scaling"), cfg.get("rope_parameters")
-    if scaling and parameters:
-        used = {**scaling, "rope_theta": scaling.get("rope_theta", cfg.get("rope_theta", 10000.0))}
-        used.setdefault("rope_type", scaling.get("type"))  # the older spelling of the kind
-        lost = any(used.get(k) != v for k, v in parameters.items())
-    if scaling and parameters and lost:
-        log.warning(
-            "config.json sets both rope_scaling and rope_parameters: rope_scaling is used and rope_parameters "
-            "%s is ignored, as transformers does (a rope_theta in it too: it comes from the top level or "
-            "defaults to 10000); keep one of the two",
-            json.dumps(parameters),
-        )
-    return dict(scaling or parameters or {})
-
-
-def _rope(cfg: dict[str, Any], arch: str, traits: ArchitectureTraits) -> RopeSpec:
-    """The rotary embedding as transformers' rope init reads it (modeling_rope_utils)."""
-    params = _rope_params(cfg)
-    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
-    partial = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", traits.partial_rotary_default))
-    partial = 1.0 if partial is None else float(partial)
-    kind = params.get("rope_type", params.get("type", "default")) or "default"
-    if traits.partial_rotary_default is None and partial != 1.0:
-        partial = _whole_head_partial_rotary(cfg, arch, traits, kind, partial)
-    if kind not in SUPPORTED_ROPE:
-        raise ValueError(
-            f"config.json: rope_parameters.rope_type (or rope_scaling.type) = {kind!r} is not implemented "
-            f"(raymoe implements {', '.join(SUPPORTED_ROPE)})"
-        )
-    if kind == "default":
-        return RopeSpec(theta=theta, partial_rotary_factor=partial)
-    if kind in ("linear", "dynamic"):
-        # dynamic NTK rescales only past max_position_embeddings, where raymoe serves no position
-        return RopeSpec(theta=theta, kind=kind, factor=float(_need(params, "factor")), partial_rotary_factor=partial)
-    # a top-level original_max_position_embeddings wins, as in transformers' standardize_rope_params
-    original = int(
-        cfg.get("original_max_position_embeddings")
-        or params.get("original_max_position_embeddings")
-        or _need(cfg, "max_position_embeddings")
-    )
-    common = dict(theta=theta, kind=kind, partial_rotary_factor=partial, original_max_position=original)
-    if kind == "llama3":
-        return RopeSpec(
-            **common,
-            factor=float(params["factor"]),
-            low_freq_factor=float(params.get("low_freq_factor", 1.0)),
-            high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-        )
-    factor = params.get("factor")
-    factor = float(factor) if factor is not None else _need(cfg, "max_position_embeddings") / original
-    attention_factor = params.get("attention_factor")
-    if attention_factor is None:
-        mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
-        if mscale and mscale_all_dim:
-            attention_factor = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
-        else:
-            attention_factor = _yarn_mscale(factor)
-    return RopeSpec(
-        **common,
-        factor=factor,
-        beta_fast=float(params.get("beta_fast") or 32),
-        beta_slow=float(params.get("beta_slow") or 1),
-        truncate=bool(params.get("truncate", True)),
-        attention_factor=float(attention_factor),
-    )
-
-
-def _whole_head_partial_rotary(
-    cfg: dict[str, Any], arch: str, traits: ArchitectureTraits, kind: str, partial: float
-) -> float:
-    """partial_rotary_factor of an architecture whose transformers model rotates whole heads:
-    its default rope init never reads the field (whole heads rotate: 1.0); the scaled kinds'
-    inits read it, so it works only where the frequencies it gives still cover the head
-    (2 * ceil(int(head_dim * partial) / 2) == head_dim; transformers' rotary fails elsewhere)."""
-    if kind == "default":
-        return 1.0
-    head_dim = (
-        int(_need(cfg, "qk_rope_head_dim"))
-        if traits.latent_attention
-        else cfg.get("head_dim") or _need(cfg, "hidden_size") // _need(cfg, "num_attention_heads")
-    )
-    if 2 * math.ceil(int(head_dim * partial) / 2) != head_dim:
-        raise ValueError(
-            f"config.json: partial_rotary_factor = {partial} is not implemented for {arch} (raymoe implements 1.0: "
-            "its transformers model rotates whole heads)"
-        )
-    return partial
-
-
-def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
-    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
-
-
-def _need(cfg: dict[str, Any], key: str) -> Any:
-    if key not in cfg or cfg[key] is None:
-        raise ValueError(f"config.json: missing required field {key!r}")
-    return cfg[key]
