@@ -574,6 +574,22 @@ def _structured_outputs(ext: dict[str, Any]) -> GrammarSpec:
     return GrammarSpec("regex" if key == "regex" else "ebnf", value, field)
 
 
+def request_schemas(req: Any) -> list[tuple[str, Any]]:
+    """The JSON schemas a parsed request gives (``parse_request`` checked their places), each
+    with the field it sits in, as an object or its text: ``response_format``'s, ``structured_outputs.json``
+    and each tool's ``parameters``; for ``MetaschemaCache.check``."""
+    schemas: list[tuple[str, Any]] = []
+    fmt, ext = req.response_format, req.structured_outputs
+    if fmt is not None and fmt.get("type") == "json_schema":
+        schemas.append(("response_format.json_schema.schema", fmt["json_schema"]["schema"]))
+    if ext is not None and ext.get("json") is not None:
+        schemas.append(("structured_outputs.json", ext["json"]))
+    for k, tool in enumerate(getattr(req, "tools", None) or []):
+        if tool["function"].get("parameters") is not None:
+            schemas.append((f"tools.{k}.function.parameters", tool["function"]["parameters"]))
+    return schemas
+
+
 def sampling_params(req: Any, max_tokens: int) -> SamplingParams:
     """Engine sampling parameters; a bad value is an APIError naming the field."""
     if isinstance(req, CompletionRequest):

@@ -24,6 +24,7 @@ import ray
 
 from raymoe.actors.engine.eplb import RebalanceRefused
 from raymoe.actors.engine.messages import EngineStats
+from raymoe.actors.engine.metaschema import MetaschemaCache
 from raymoe.actors.engine.output_text import Delta
 from raymoe.deploy.engine_client import EngineClient, engine_error, merge
 from raymoe.deploy.metrics import ServeMetrics
@@ -38,6 +39,7 @@ from raymoe.deploy.openai_api import (
     choice_params,
     completion_prompts,
     parse_request,
+    request_schemas,
     resolve_max_tokens,
     sampling_params,
     tool_choice,
@@ -213,6 +215,7 @@ class OpenAIServer:
         self.api_key = api_key
         self.metrics = ServeMetrics(model_name)
         self.created = int(time.time())
+        self.schemas = MetaschemaCache()
 
     @property
     def controller(self) -> Any:
@@ -221,6 +224,18 @@ class OpenAIServer:
         return self.client.engine.controller
 
     # ---- checks -----------------------------------------------------------------------
+
+    async def check_schemas(self, req: Any) -> None:
+        """400 naming the field and the place in it where a JSON schema of ``req`` is not valid
+        against its draft's metaschema; checked once a request, in a worker thread (pure Python,
+        about 10 ms a kilobyte of schema; a schema checked before is answered at once)."""
+        schemas = request_schemas(req)
+        if not schemas:
+            return
+        try:
+            await asyncio.to_thread(self.schemas.check, schemas)
+        except ValueError as e:
+            raise bad_request(str(e), str(e).partition(":")[0], "invalid_value") from None
 
     def authorize(self, authorization: Optional[str]) -> None:
         """401 unless ``Authorization: Bearer <api key>`` matches (when a key is set)."""
@@ -254,6 +269,7 @@ class OpenAIServer:
         self._check_model(req.model)
         prompts = completion_prompts(req)
         check_fan_out(len(prompts), req.n or 1, self.max_queued_requests)
+        await self.check_schemas(req)
         ids = await self.client.tokenize_prompts(prompts)
         limits = dict(limit=self.client.info.token_limit, default=DEFAULT_COMPLETION_MAX_TOKENS)
         limits.update(param="max_tokens", prompt_param="prompt")
@@ -309,6 +325,7 @@ class OpenAIServer:
         limit = resolve_max_tokens(
             requested, len(ids), limit=self.client.info.token_limit, default=None, param=param, prompt_param="messages"
         )
+        await self.check_schemas(req)  # after the prompt's length: the tools' schemas are in it
         n = req.n or 1
         params = sampling_params(req, limit)
         if mode in ("required", "function"):  # one call, written as the parser reads it

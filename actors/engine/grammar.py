@@ -35,6 +35,7 @@ from raymoe.actors.engine.json_schema import (
     json_schema_grammar,
     pattern_without_surrogates,
     regex_atoms,
+    unsupported_regex,
 )
 
 GrammarKind = Literal["json", "regex", "choice", "ebnf", "tagged_json"]
@@ -174,6 +175,9 @@ class GrammarCompiler:
         c = self._xgrammar_compiler()
         if spec.kind == "json" and spec.source:
             check_schema(_json_or_none(spec.source, spec.field), spec.field)
+        why = unsupported_regex(spec.source) if spec.kind == "regex" else None
+        if why is not None:  # xgrammar would compile it and let through text it does not match
+            raise ValueError(f"{spec.field}: invalid regex for structured output: it has {why}")
         if spec.kind == "tagged_json":  # tool schemas: their unenforced keywords were always let through
             check_schema_shape(json.loads(spec.source)["schema"], spec.field)
         try:

@@ -179,6 +179,9 @@ def _unenforced_in(node: dict, *, names_only: bool) -> Iterator[str]:
     # xgrammar compiles a pattern's lookaround as if it were not there (a regex grammar refuses it)
     if any(_has_lookaround(p) for p in patterns):
         yield "pattern (with a lookahead or lookbehind)"
+    unsupported = next(filter(None, map(unsupported_regex, patterns)), None)
+    if unsupported is not None:
+        yield f"pattern (with {unsupported})"
     # ... and writes a quote, backslash or control character a pattern names as is: invalid JSON
     if any(_names_raw_json_char(p) for p in patterns):
         yield "pattern (naming a quote, backslash or control character)"
@@ -353,6 +356,46 @@ def _has_lookaround(pattern: str) -> bool:
         atom == "(" and not in_class and pattern.startswith(lookarounds, at + 1)
         for at, atom, in_class, _ in regex_atoms(pattern)
     )
+
+
+# Python's and PCRE's anchors, which xgrammar reads as the letters (ECMA-262's identity escapes)
+_LETTER_ANCHORS = frozenset({"\\A", "\\Z", "\\z", "\\G"})
+
+
+def unsupported_regex(pattern: str) -> str | None:
+    """What of the regex xgrammar (0.2.9) parses without implementing it, named, or None: an
+    anchor other than a leading ^ or a trailing $ (of the pattern or of one of its top-level
+    alternatives, where they say "the whole text"; xgrammar drops every anchor, so "a$^b", which
+    matches nothing, took "ab"), PCRE's hex escape in braces (xgrammar reads \\x{41} as
+    ECMA-262's legacy "x" 41 times, and "[^\\x00-\\x{10FFFF}]" took "\u0106"), an octal escape
+    (\\012 is NUL then "12" to it) or \\A, \\Z, \\z, \\G (read as letters)."""
+    atoms = [(at, atom) for at, atom, in_class, _ in regex_atoms(pattern) if not in_class or atom[0] == "\\"]
+    for at, atom in atoms:
+        if atom == "\\x" and pattern.startswith("{", at + 2):
+            return "a hex escape in braces (\\x{...}; write \\u{...} or \\uXXXX)"
+        if atom == "\\0" and pattern[at + 2 : at + 3].isdigit():
+            return "an octal escape (\\0 followed by digits; write \\xXX)"
+    # outside classes: where each top-level alternative starts and ends
+    depth, branches, branch = 0, [], []
+    for _, atom, in_class, _ in regex_atoms(pattern):
+        if in_class:
+            continue
+        if atom in _LETTER_ANCHORS:
+            return f"the anchor {atom} (read as a letter; write ^ or $ at the start or end)"
+        depth += (atom == "(") - (atom == ")")
+        if atom == "|" and depth == 0:
+            branches.append(branch)
+            branch = []
+        else:
+            branch.append((atom, depth))
+    branches.append(branch)
+    for branch in branches:
+        lead = next((i for i, (atom, d) in enumerate(branch) if not (atom == "^" and d == 0)), len(branch))
+        tail = next((i for i, (atom, d) in enumerate(reversed(branch)) if not (atom == "$" and d == 0)), len(branch))
+        inner = [atom for atom, _ in branch[lead : len(branch) - tail]]
+        if "^" in inner or "$" in inner:
+            return "an anchor (^ or $) inside the regex: only a leading ^ and a trailing $ are enforced"
+    return None
 
 
 def check_schema_shape(schema: Any, field: str) -> None:
