@@ -456,19 +456,27 @@ class AlreadyServingError(ValueError):
     """Another raymoe application runs on this Ray cluster's Serve (another ``raymoe serve``)."""
 
 
-def start_serving(config: Config, address: Optional[str] = None) -> str:
-    """Join (or start) Ray, start Serve answering on ``serve.host:serve.port`` (see
-    ``serve_start``) and deploy; returns the base URL once the model is loaded and serving."""
+def claim_port(config: Config) -> Config:
+    """``config`` with ``serve.port`` chosen (0: any free port) and checked free, and with it the
+    next ones direct ingress uses (Serve would retry the replicas forever on a taken port)."""
     host = config.serve.host
     port = config.serve.port or free_port(host)  # 0: any free port
-    config = config.replace({"serve.port": port})
     ports = range(port, port + (config.serve.num_replicas if config.serve.direct_ingress else 1))
     busy = [p for p in ports if not port_is_free(host, p)]
-    if busy:  # Serve would retry the replicas forever on a taken port
+    if busy:
         raise ValueError(
             f"serve.port: {host}:{busy[0]} is in use; stop what listens there or pick another port "
             f"(with direct ingress, replica i of serve.num_replicas listens on serve.port + i)"
         )
+    return config.replace({"serve.port": port})
+
+
+def start_serving(config: Config, address: Optional[str] = None) -> str:
+    """Join (or start) Ray, start Serve answering on ``serve.host:serve.port`` (see
+    ``serve_start``; the port as ``claim_port`` takes it) and deploy; returns the base URL once
+    the model is loaded and serving."""
+    config = claim_port(config)
+    host, port = config.serve.host, config.serve.port
     ensure_ray(config, address)
     if APP_NAME in serve.status().applications:  # deploying would replace it
         raise AlreadyServingError(
