@@ -20,7 +20,7 @@ import pathlib
 import signal
 import sys
 import threading
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 DEFAULT_PROMPT = "The capital of France is"
 
@@ -42,10 +42,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        if args.command == "generate":
-            return generate_main(args)
-        if args.command == "serve":
-            return serve_main(args)
+        if args.command in ("generate", "serve"):
+            return _until_stopped(generate_main if args.command == "generate" else serve_main, args)
         if args.command == "eplb":
             from raymoe.deploy.eplb_cli import eplb_main
 
@@ -104,8 +102,9 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat", action="store_true", help="send each prompt as a user message through the chat template")
 
 
-def generate_main(args: argparse.Namespace) -> int:
+def generate_main(args: argparse.Namespace, stop: _Stop) -> int:
     from raymoe.actors.engine.request import SamplingParams
+    from raymoe.deploy.launch import ensure_ray
     from raymoe.deploy.llm import LLM
 
     sampling = SamplingParams.create(
@@ -114,6 +113,8 @@ def generate_main(args: argparse.Namespace) -> int:
     config = _load(args)
     prompts = args.prompt or [DEFAULT_PROMPT]
     inputs = [[{"role": "user", "content": p}] for p in prompts] if args.chat else prompts
+    ensure_ray(config, args.address)
+    stop.install()  # again: ray.init put Ray's own SIGTERM handler in place
     with LLM(config, address=args.address) as llm:
         results = llm.generate(inputs, sampling)
     for i, (prompt, r) in enumerate(zip(prompts, results)):
@@ -151,10 +152,17 @@ def _read_key(path: Optional[str]) -> Optional[str]:
     return key
 
 
-def serve_main(args: argparse.Namespace) -> int:
+def serve_main(args: argparse.Namespace, stop: _Stop) -> int:
     import ray
 
-    from raymoe.deploy.serve_app import AlreadyServingError, api_key_from_env, start_serving, stop_serving
+    from raymoe.deploy.launch import ensure_ray
+    from raymoe.deploy.serve_app import (
+        AlreadyServingError,
+        api_key_from_env,
+        claim_port,
+        start_serving,
+        stop_serving,
+    )
 
     config = _load(args)
     api_key = args.api_key or _read_key(args.api_key_file) or config.serve.api_key or api_key_from_env()
@@ -167,8 +175,11 @@ def serve_main(args: argparse.Namespace) -> int:
     }
     config = config.replace({k: v for k, v in overrides.items() if v is not None})
     try:
+        config = claim_port(config)  # before starting Ray: a taken port is refused at once
+        ensure_ray(config, args.address)
+        stop.install()  # again: ray.init put Ray's own SIGTERM handler (a stack dump) in place
         url = start_serving(config, args.address)
-        stop = _stop_on_signals()  # after ray.init: replaces Ray's stack-dumping SIGTERM handler
+        stop.serving = True
         name = config.serve.model_name or config.model.path
         more = (
             f" (and the next {config.serve.num_replicas - 1} ports: one per ingress replica)"
@@ -176,7 +187,7 @@ def serve_main(args: argparse.Namespace) -> int:
             else ""
         )
         print(f"raymoe: serving {name!r} at {url}/v1{more} (Ctrl-C to stop)", flush=True)
-        while not stop.wait(1.0):
+        while not stop.requested.wait(1.0):
             pass
         print("raymoe: stopping", flush=True)
     except AlreadyServingError:
@@ -190,18 +201,56 @@ def serve_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stop_on_signals() -> threading.Event:
-    """An event set by SIGINT/SIGTERM (Ctrl-C, ``ray job stop``, a pod's termination)."""
-    stop = threading.Event()
+class _Stop:
+    """What SIGINT and SIGTERM (Ctrl-C, ``ray job stop``, a pod's termination) do to a command.
+    Until ``serving`` is set (starting Ray, loading the model, generating) the first one raises
+    KeyboardInterrupt in the main thread, so the command unwinds with the cleanup an error gets;
+    once serving it sets ``requested``, which ends the serve loop. A second Ctrl-C gives up on a
+    clean exit (KeyboardInterrupt); a second SIGTERM is ignored."""
 
-    def handler(signum: int, frame: object) -> None:
-        if stop.is_set() and signum == signal.SIGINT:  # a second Ctrl-C: give up on a clean exit
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None  # the first signal
+        self.again = False  # a second Ctrl-C came
+        self.serving = False
+        self.requested = threading.Event()
+
+    def install(self) -> None:
+        """Install the handlers; again after ``ray.init``, which replaces SIGTERM's."""
+        signal.signal(signal.SIGINT, self._handle)
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signum is None:
+            self.signum = signum
+            self.requested.set()
+            if not self.serving:
+                raise KeyboardInterrupt
+        elif signum == signal.SIGINT:
+            self.again = True
             raise KeyboardInterrupt
-        stop.set()
 
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-    return stop
+
+def _until_stopped(run: Callable[[argparse.Namespace, _Stop], int], args: argparse.Namespace) -> int:
+    """``run(args, stop)`` under a ``_Stop``. Interrupted by a signal before it served (or while
+    generating), it says so in one line and exits as that signal's death would (130: SIGINT,
+    143: SIGTERM), after the same cleanup as a stop; a serve stopped while serving exits 0. The
+    handlers before it are back afterwards (``main`` may run inside another program, a test)."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    stop = _Stop()
+    stop.install()
+    try:
+        return run(args, stop)
+    except KeyboardInterrupt:
+        if stop.signum is None:  # not from a signal of ours
+            raise
+        name = signal.Signals(stop.signum).name
+        what = "a second SIGINT: exited without stopping cleanly" if stop.again else "stopped"
+        print(f"raymoe {args.command}: interrupted by {name}; {what}", file=sys.stderr, flush=True)
+        return 128 + stop.signum
+    finally:
+        for signum, handler in before.items():
+            if handler is not None:  # None: not installed from Python, nothing to put back
+                signal.signal(signum, handler)
 
 
 if __name__ == "__main__":

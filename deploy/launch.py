@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import urllib.parse
 from typing import Any, Optional
 
 import ray
@@ -20,6 +22,7 @@ log = logging.getLogger(__name__)
 # (asyncio.to_thread), never on its event loop; Ray's "blocking ray.get inside async
 # actor" warning cannot tell the two apart.
 CONTROLLER_RUNTIME_ENV = {"env_vars": {"RAY_WARN_BLOCKING_GET_INSIDE_ASYNC": "0"}}
+ADDRESS_TIMEOUT_S = 10.0  # how long a Ray address may take to accept a connection
 
 
 def ensure_ray(config: Config, address: Optional[str] = None) -> None:
@@ -32,7 +35,11 @@ def ensure_ray(config: Config, address: Optional[str] = None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address)
+        check_reachable(address, ADDRESS_TIMEOUT_S)
+        try:
+            ray.init(address=address)
+        except ConnectionError as e:  # something answers there, but no Ray (after Ray's retries, ~20 s)
+            raise ValueError(_no_ray(address, str(e))) from None
         return
     # "local": a fresh Ray of our own, even if `ray start` left one running here. Its ranks run
     # on this machine, so what they would fail on later is checked here first.
@@ -52,6 +59,30 @@ def ensure_ray(config: Config, address: Optional[str] = None) -> None:
             f"parallel: the Ray started here cannot hold this layout: {shortfall} "
             "Or pass --address (or set RAY_ADDRESS) to join a cluster that can."
         )
+
+
+def check_reachable(address: str, timeout_s: float) -> None:
+    """ValueError naming ``address`` (host:port, or ray://host:port) when nothing there accepts a
+    TCP connection within ``timeout_s``: ray.init would retry it for many minutes. An address
+    without a port ("auto") is left to Ray."""
+    try:
+        parts = urllib.parse.urlsplit(address if "://" in address else "//" + address)
+        host, port = parts.hostname, parts.port
+    except ValueError:  # not an address: Ray says so itself
+        return
+    if host is None or port is None:
+        return
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as e:
+        raise ValueError(_no_ray(address, e.strerror or str(e))) from None
+
+
+def _no_ray(address: str, why: str) -> str:
+    return (
+        f"--address {address} (or $RAY_ADDRESS): no Ray there ({why}); pass a Ray head node's "
+        "address (HOST:6379), or leave it out to start a local Ray"
+    )
 
 
 def start_controller(

@@ -52,6 +52,7 @@ HEALTH_TIMEOUT_S = 10.0
 # stores the replica's own metrics and raymoe_engine_unreachable
 METRICS_TIMEOUT_S = 2.0
 RANKS_GROUP_PREFIX = "raymoe-ranks-"  # an engine host's ranks' placement group, then its tag
+HEAD_NODE_RESOURCE = "node:__internal_head__"  # the resource only Ray's head node has
 CONTROLLER_PREFIX = "raymoe-controller-"  # its controller actor, then the same tag
 DIRECT_PORT_WAIT_S = 120.0  # Linux holds a closed connection's port 60 s (TIME_WAIT)
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before its answer
@@ -404,7 +405,7 @@ def ingress_options(config: Config) -> dict[str, Any]:
         "max_ongoing_requests": config.serve.max_queued_requests + running + 64,
     }
     if config.serve.direct_ingress:
-        options["ray_actor_options"] = {"num_cpus": 0, "resources": {"node:__internal_head__": 0.001}}
+        options["ray_actor_options"] = {"num_cpus": 0, "resources": {HEAD_NODE_RESOURCE: 0.001}}
     return options
 
 
@@ -456,19 +457,27 @@ class AlreadyServingError(ValueError):
     """Another raymoe application runs on this Ray cluster's Serve (another ``raymoe serve``)."""
 
 
-def start_serving(config: Config, address: Optional[str] = None) -> str:
-    """Join (or start) Ray, start Serve answering on ``serve.host:serve.port`` (see
-    ``serve_start``) and deploy; returns the base URL once the model is loaded and serving."""
+def claim_port(config: Config) -> Config:
+    """``config`` with ``serve.port`` chosen (0: any free port) and checked free, and with it the
+    next ones direct ingress uses (Serve would retry the replicas forever on a taken port)."""
     host = config.serve.host
     port = config.serve.port or free_port(host)  # 0: any free port
-    config = config.replace({"serve.port": port})
     ports = range(port, port + (config.serve.num_replicas if config.serve.direct_ingress else 1))
     busy = [p for p in ports if not port_is_free(host, p)]
-    if busy:  # Serve would retry the replicas forever on a taken port
+    if busy:
         raise ValueError(
             f"serve.port: {host}:{busy[0]} is in use; stop what listens there or pick another port "
             f"(with direct ingress, replica i of serve.num_replicas listens on serve.port + i)"
         )
+    return config.replace({"serve.port": port})
+
+
+def start_serving(config: Config, address: Optional[str] = None) -> str:
+    """Join (or start) Ray, start Serve answering on ``serve.host:serve.port`` (see
+    ``serve_start``; the port as ``claim_port`` takes it) and deploy; returns the base URL once
+    the model is loaded and serving."""
+    config = claim_port(config)
+    host, port = config.serve.host, config.serve.port
     ensure_ray(config, address)
     if APP_NAME in serve.status().applications:  # deploying would replace it
         raise AlreadyServingError(
@@ -484,7 +493,19 @@ def start_serving(config: Config, address: Optional[str] = None) -> str:
     except ValueError:
         serve.delete(APP_NAME)  # or Serve goes on retrying it
         raise
-    return f"http://{host}:{port}"
+    nodes = [{"ip": n["NodeManagerAddress"], "resources": n.get("Resources", {})} for n in ray.nodes() if n["Alive"]]
+    return f"http://{client_host(host, nodes)}:{port}"
+
+
+def client_host(host: str, nodes: list[dict[str, Any]]) -> str:
+    """The address clients reach an endpoint bound to ``host`` at: ``host`` itself, or for a
+    wildcard (0.0.0.0, ::) the head node's IP, where the ingress replicas and Serve's proxy run.
+    ``nodes``: alive Ray nodes, each {"ip": str, "resources": {...}}."""
+    if host not in ("0.0.0.0", "::"):
+        return host
+    heads = [n["ip"] for n in nodes if HEAD_NODE_RESOURCE in n["resources"]]
+    assert len(heads) == 1, f"Ray reports {len(heads)} alive head nodes"
+    return f"[{heads[0]}]" if ":" in heads[0] else heads[0]
 
 
 def stop_serving() -> None:

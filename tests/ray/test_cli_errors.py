@@ -1,23 +1,28 @@
 """The ``raymoe`` command's one-line errors for mistakes found only once Ray runs: one a rank
 actor raises (Ray wraps it in a traceback), a layout that a Ray started here cannot hold
 (nothing can join it: refused at once, not after the placement timeout), and one the engine
-host's Serve replica raises (its own message at the first failure, not Serve's after its retries)."""
+host's Serve replica raises (its own message at the first failure, not Serve's after its retries);
+and a stop (SIGINT, SIGTERM) while ``raymoe serve`` starts: one line, not a traceback or Ray's
+stack dump."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 import urllib.request
 
 import pytest
+import ray
 from ports import free_ports
 from ray import serve
 
 from raymoe.cluster.config import load_config
 from raymoe.deploy.cli import main
-from raymoe.deploy.serve_app import APP_NAME, AlreadyServingError, start_serving, stop_serving
+from raymoe.deploy.serve_app import APP_NAME, CONTROLLER_PREFIX, AlreadyServingError, start_serving, stop_serving
 
 
 def test_a_mistake_an_actor_raises_is_one_line(ray_cluster, tmp_path, capsys):
@@ -70,3 +75,41 @@ def test_serve_raises_the_mistake_the_engine_host_raises(ray_cluster, tmp_path):
         assert APP_NAME not in serve.status().applications  # not left retrying
     finally:
         stop_serving()
+
+
+def _serve_and_raymoe_actors() -> list[str]:
+    """The named actors of Serve and of raymoe's controllers (which live in their job's namespace)."""
+    named = ray.util.list_named_actors(all_namespaces=True)
+    return [a["name"] for a in named if a["namespace"] == "serve" or a["name"].startswith(CONTROLLER_PREFIX)]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_while_serve_starts_is_one_line_and_cleans_up(ray_cluster, tmp_path, signum):
+    # a layout the cluster cannot place yet: the engine host waits for it (as for an autoscaler)
+    config = tmp_path / "big.yaml"
+    config.write_text("parallel:\n  dp: 8\n  ep: 8\n  placement_timeout_s: 600\n")
+    argv = ["serve", "--config", str(config), "--address", ray_cluster.address, "--port", str(free_ports(1)[0])]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    log = tmp_path / "stderr"
+    with log.open("w") as stderr:  # a file: Ray's log lines would fill a pipe nobody reads meanwhile
+        server = subprocess.Popen([sys.executable, "-m", "raymoe.deploy.cli", *argv], env=env, stderr=stderr)
+    # Serve is looked at through its actors, not serve.status(): this driver's Serve client would
+    # keep the controller that the server shuts down
+    try:
+        deadline = time.monotonic() + 120
+        while not any(n.startswith(CONTROLLER_PREFIX) for n in _serve_and_raymoe_actors()):  # the engine starts
+            assert server.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.5)
+        server.send_signal(signum)
+        server.wait(timeout=120)
+    finally:
+        server.kill()
+    err = log.read_text()
+    assert server.returncode == 128 + signum, err[-2000:]
+    ours = [line for line in err.strip().splitlines() if "(raylet)" not in line]  # Ray's own log lines reach it too
+    assert ours[-1] == f"raymoe serve: interrupted by {signum.name}; stopped"
+    assert "Traceback" not in err and "received at time" not in err, err[-2000:]  # nor Ray's stack dump
+    deadline = time.monotonic() + 60
+    while _serve_and_raymoe_actors():  # Serve shut down, as after a stop once serving
+        assert time.monotonic() < deadline, _serve_and_raymoe_actors()
+        time.sleep(0.5)

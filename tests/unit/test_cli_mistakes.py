@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import http.server
 import json
+import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -20,6 +23,22 @@ def test_a_missing_checkpoint_fails_in_one_line_before_ray_starts(tmp_path, caps
     err = capsys.readouterr().err
     assert err.startswith("raymoe generate: error: model.path: ") and err.count("\n") == 1
     assert not ray.is_initialized()  # a local Ray would run the ranks here: checked before starting it
+
+
+def test_an_address_with_no_ray_fails_in_one_line_at_once():
+    with socket.socket() as held:  # bound, not listening: connections are refused
+        held.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{held.getsockname()[1]}"
+        started = time.monotonic()
+        done = subprocess.run(  # Ray's own connection retries take many minutes
+            [sys.executable, "-m", "raymoe.deploy.cli", "serve", "--port", "0", "--address", address],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.startswith(f"raymoe serve: error: --address {address} (or $RAY_ADDRESS): no Ray there (")
+    assert done.stderr.count("\n") == 1 and time.monotonic() - started < 30
 
 
 class _SlowEplb(http.server.BaseHTTPRequestHandler):
