@@ -77,6 +77,8 @@ class IncrementalDetokenizer:
         if self.stopped:
             return ""
         self._num_tokens += 1
+        if self._tok.decodes_to_nothing(int(token_id), self._skip):
+            return ""  # no text, and joins none (a skipped special token): the window need not hold it
         self._window.append(int(token_id))
         prefix_text = self._decode(self._window[: self._read])
         full_text = self._decode(self._window)
@@ -90,13 +92,16 @@ class IncrementalDetokenizer:
 
     def _release_settled(self, prefix_text: str, full_text: str) -> str:
         """Past _MAX_UNRELEASED held tokens, the text of all but the last 3 when it is final: it
-        and the last 3 tokens' text make the whole (no character spans them); else "". Tokens
-        without text (skipped special ones) are let go the same way."""
+        and the last 3 tokens' text make the whole, and that text is not empty (its first byte
+        ends whatever character the text before it left incomplete: a continuation byte would
+        have joined it, so the two would not make the whole); else "". (Tokens that decode to
+        nothing anywhere never enter the window: behind an incomplete character they passed
+        this check and released its U+FFFD before the bytes that complete it came.)"""
         if len(self._window) - self._read <= _MAX_UNRELEASED:
             return ""
         cut = len(self._window) - 3
-        settled = self._decode(self._window[:cut])
-        if len(settled) < len(prefix_text) or settled + self._decode(self._window[cut:]) != full_text:
+        settled, rest = self._decode(self._window[:cut]), self._decode(self._window[cut:])
+        if not rest or len(settled) < len(prefix_text) or settled + rest != full_text:
             return ""
         # the tokens released become the next prefix; the last 3 stay held
         self._window, self._read = self._window[self._read :], cut - self._read
@@ -138,7 +143,9 @@ class IncrementalDetokenizer:
 
     def _release(self, new_text: str, final: bool) -> str:
         text = self._pending + new_text
-        hit = self._earliest_stop(text) if self._num_tokens > self._min_tokens else None
+        # an occurrence must end in the new text: one inside the held text came in the first
+        # min_tokens tokens' text (any other was found when it came)
+        hit = self._earliest_stop(text, len(self._pending)) if self._num_tokens > self._min_tokens else None
         if hit is not None:
             cut, self.stop_reason = hit
             self.stopped = True
@@ -150,15 +157,16 @@ class IncrementalDetokenizer:
             self._released.append(out)
         return out
 
-    def _earliest_stop(self, text: str) -> Optional[tuple[int, str]]:
-        """(start, stop string) of the earliest stop-string occurrence in ``text``, if any.
+    def _earliest_stop(self, text: str, held: int) -> Optional[tuple[int, str]]:
+        """(start, stop string) of the earliest stop-string occurrence in ``text`` that ends past
+        its first ``held`` characters, if any.
 
         Only ``text`` (held + new) needs searching: released text was never a
         prefix of a stop string, so no occurrence can start inside it.
         """
         best: Optional[tuple[int, str]] = None
         for s in self._stop:
-            i = text.find(s)
+            i = text.find(s, max(0, held - len(s) + 1))
             if i >= 0 and (best is None or i < best[0]):
                 best = (i, s)
         return best

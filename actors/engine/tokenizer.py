@@ -69,6 +69,7 @@ class Tokenizer:
         self._compiled_template: Optional[jinja2.Template] = None
         self._kind: Optional[str] = None  # token_bytes' reading of the vocabulary, found at first use
         self._added: Optional[frozenset[int]] = None
+        self._special_ids: Optional[frozenset[int]] = None
 
     @classmethod
     def from_dir(cls, path: Union[str, pathlib.Path]) -> "Tokenizer":
@@ -149,6 +150,17 @@ class Tokenizer:
             else:
                 self._kind = "text"
         return self._kind
+
+    def decodes_to_nothing(self, token_id: int, skip_special_tokens: bool = True) -> bool:
+        """Whether ``decode`` drops ``token_id`` wherever it stands: an id with no token, or a
+        special token while special tokens are skipped (tokenizers filters both out before its
+        decoder runs, so they join no bytes on either side)."""
+        if self._special_ids is None:
+            added = self._backend.get_added_tokens_decoder()
+            self._special_ids = frozenset(i for i, t in added.items() if t.special)
+        if skip_special_tokens and token_id in self._special_ids:
+            return True
+        return self._backend.id_to_token(token_id) is None
 
     def _added_ids(self) -> frozenset[int]:
         if self._added is None:

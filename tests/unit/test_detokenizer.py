@@ -100,6 +100,9 @@ def test_work_per_token_is_bounded(tok):
             self.lengths.append(len(ids))
             return tok.decode(ids, skip_special_tokens)
 
+        def decodes_to_nothing(self, token_id, skip_special_tokens=True):
+            return tok.decodes_to_nothing(token_id, skip_special_tokens)
+
     spy = Spy()
     ids = tok.encode(" ".join(TEXTS) * 20)
     deltas, tail = stream(IncrementalDetokenizer(spy, tok.encode(TEXTS[0] * 5), stop=()), ids)
@@ -227,3 +230,32 @@ def test_a_long_run_without_a_complete_character_is_streamed_in_linear_time(tok,
     assert "".join(deltas) + detok.flush() == tok.decode(ids)
     assert sum(map(len, deltas[:6000])) >= 5990 or piece != bytes([0x80])  # released as it comes
     assert elapsed < 1.0, elapsed
+
+
+@pytest.mark.parametrize("filler", ["<|im_start|>", "unknown id"])
+def test_a_character_completed_after_a_long_run_of_textless_tokens_is_not_garbled(tok, filler):
+    """A character's first byte, then more than 8 tokens that decode to nothing (skipped special
+    tokens; ids the tokenizer does not know), then the bytes that complete it: the held tokens'
+    release let the U+FFFD of the incomplete character go before its last bytes came ("\ufffd"
+    streamed, then more garbage, where the full decode is "€")."""
+    byte = {tok.token_bytes(i): i for i in range(tok.vocab_size)}
+    filler_id = tok.token_to_id(filler) if filler.startswith("<") else tok.vocab_size + 7
+    ids = [byte[b"\xe2"]] + [filler_id] * 12 + [byte[b"\x82"], byte[b"\xac"]] + tok.encode(" ok")
+    detok = IncrementalDetokenizer(tok, [], stop=())
+    out = "".join(detok.add(t) for t in ids) + detok.flush()
+    assert out == tok.decode(ids) == "€ ok"
+
+
+def test_a_stop_string_in_the_first_min_tokens_tokens_held_for_a_longer_one_stops_nothing(tok):
+    """Stop strings "\n" and "\n\n": a "\n" in the first min_tokens tokens' text is held (it may
+    begin "\n\n"); the next token's text stopped the output at it, though it came before
+    min_tokens were out (vLLM's min_tokens: only an occurrence ending past them stops)."""
+    head, tail = tok.encode("Hi there\n"), tok.encode("Good day")
+    ids = head + tail
+    for min_tokens in (len(head), len(head) + 1):
+        detok = IncrementalDetokenizer(tok, [], stop=("\n", "\n\n"), min_tokens=min_tokens)
+        out = "".join(detok.add(t) for t in ids) + detok.flush()
+        assert out == tok.decode(ids) and not detok.stopped
+    detok = IncrementalDetokenizer(tok, [], stop=("\n", "\n\n"), min_tokens=len(head) - 1)
+    out = "".join(detok.add(t) for t in ids) + detok.flush()
+    assert out == "Hi there" and detok.stop_reason == "\n"
