@@ -256,3 +256,20 @@ def test_hostile_schemas_get_an_answer_never_an_exception():
         assert (metaschema_error(schema) is None) == _reference(schema, regex=False)
     deep = '{"items": ' * 5000 + "{}" + "}" * 5000
     assert MetaschemaCache().error(deep) == "the schema nests too deep to check"
+
+
+def test_the_jsonschema_required_has_what_the_check_calls():
+    """metaschema_error calls ``check_schema(schema, format_checker=...)`` and reads the validators'
+    ``FORMAT_CHECKER``: jsonschema 4.17 and 4.5. "jsonschema>=4" let an older one already installed
+    stay, and every request with a schema raised TypeError there (a 500)."""
+    import pathlib
+    import re
+
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    text = (pathlib.Path(__file__).parents[2] / "pyproject.toml").read_text()
+    specifiers = [SpecifierSet(s) for s in re.findall(r'"jsonschema([^"\[]*)"', text)]
+    assert len(specifiers) == 2  # the dependency and the test extra's
+    assert not any(s.contains(Version("4.16.0")) for s in specifiers)
+    assert all(s.contains(Version("4.17.0")) for s in specifiers)
