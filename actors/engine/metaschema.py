@@ -1,8 +1,12 @@
 """Whether a user's JSON schema is one at all: checked by the ``jsonschema`` library against the
-metaschema of the draft its ``$schema`` names (Draft 2020-12 where it names none or one
-jsonschema does not know), as ``check_schema`` does it, formats included but "regex" (see
-``_formats_but_regex``). xgrammar takes invalid schemas without a word and makes up a meaning for them
-(``{"type": []}`` and ``{"allOf": []}`` became "any value").
+metaschema of the draft its ``$schema`` names, as ``check_schema`` does it, formats left out (the
+format checks jsonschema runs depend on optional packages installed on the host, and its "regex"
+check runs Python's ``re``, which refuses JSON Schema's ECMA-262 dialect). A schema that names no
+draft (or one jsonschema does not know) passes if the metaschema of any draft from 6 on takes it:
+clients send draft-07 schemas (tuple ``items``, ``definitions``) without saying so. (Draft 4, whose
+metaschema does not know ``$ref``, would take ``{"$ref": 3}``.) xgrammar takes invalid schemas
+without a word and makes up a meaning for them (``{"type": []}`` and ``{"allOf": []}`` became
+"any value"); every draft refuses those.
 
 The check is pure Python and slow (about 10 ms a kilobyte of schema): ``MetaschemaCache``
 remembers its answers by the schema's text (clients send the same schemas request after
@@ -24,33 +28,36 @@ _SHOWN_CHARS = 200  # of jsonschema's reason and of the path, which quote the sc
 
 
 def metaschema_error(schema: Any) -> Optional[str]:
-    """None when ``schema`` is valid against its draft's metaschema, else "<draft> at <JSON path>:
-    <reason>", jsonschema's own words (cut short: they quote values, which may be huge)."""
+    """None when ``schema`` is valid against its draft's metaschema (any draft's, where it names
+    none jsonschema knows), else "<draft> at <JSON path>: <reason>", jsonschema's own words for the
+    named draft or Draft 2020-12 (cut short: they quote values, which may be huge)."""
     import jsonschema
 
-    # an unknown $schema is checked as Draft 2020-12, as jsonschema does where it is told a
-    # default; so is one that is not even a string (which that metaschema refuses)
-    declared = schema if isinstance(schema, dict) and isinstance(schema.get("$schema"), str) else {}
-    validator = jsonschema.validators.validator_for(declared, default=jsonschema.Draft202012Validator)
-    try:
-        validator.check_schema(schema, format_checker=_formats_but_regex(validator))
-    except jsonschema.SchemaError as e:
-        draft = validator.__name__.removesuffix("Validator")
-        return f"{draft} at {_cut(e.json_path)}: {_cut(e.message)}"
-    except RecursionError:
-        return "the schema nests too deep to check"
-    return None
+    declared = schema.get("$schema") if isinstance(schema, dict) else None
+    named = jsonschema.validators.validator_for(schema, default=None) if isinstance(declared, str) else None
+    drafts = [named] if named is not None else _drafts()
+    first = None
+    for validator in drafts:
+        try:
+            validator.check_schema(schema, format_checker=None)
+            return None
+        except jsonschema.SchemaError as e:
+            draft = validator.__name__.removesuffix("Validator")
+            first = first or f"{draft} at {_cut(e.json_path)}: {_cut(e.message)}"
+        except RecursionError:
+            return "the schema nests too deep to check"
+    return first
 
 
-def _formats_but_regex(validator: Any) -> Any:
-    """The draft's format checker without "regex": jsonschema runs a ``pattern`` through
-    Python's ``re``, which refuses ECMA-262 (JSON Schema's dialect: ``[^]``, ``\\cJ``,
-    ``(?<name>...)``); xgrammar's own parser refuses a bad one when the grammar compiles."""
+def _drafts() -> list[Any]:
     import jsonschema
 
-    checker = jsonschema.FormatChecker(formats=())
-    checker.checkers = {k: v for k, v in validator.FORMAT_CHECKER.checkers.items() if k != "regex"}
-    return checker
+    return [
+        jsonschema.Draft202012Validator,
+        jsonschema.Draft201909Validator,
+        jsonschema.Draft7Validator,
+        jsonschema.Draft6Validator,
+    ]
 
 
 def _cut(text: str) -> str:

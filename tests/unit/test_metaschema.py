@@ -36,7 +36,6 @@ INVALID = [
     {"type": "string", "maxLength": 1.5},
     {"type": "number", "multipleOf": 0},
     {"type": "array", "items": 3},
-    {"$defs": {"a": 3}},
     {"$ref": 3},
     {"enum": 3},
     {"format": 3},
@@ -105,7 +104,10 @@ VALID = [
     {"$schema": DRAFT7, "type": "object", "properties": {"a": {"$ref": "#/definitions/A"}}, "definitions": {"A": {}}},
     {"$schema": DRAFT7, "type": "object", "properties": {"a": {"type": "integer", "exclusiveMinimum": 0}}},
     {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "array", "prefixItems": [{"type": "integer"}]},
-    {"$schema": "https://example.com/own-dialect", "type": "string"},  # unknown: Draft 2020-12
+    {"$schema": "https://example.com/own-dialect", "type": "string"},  # unknown: any draft's
+    # draft-07 schemas that do not say so: tuple items (pydantic v1), definitions
+    {"type": "array", "items": [{"type": "integer"}, {"type": "string"}]},
+    {"type": "object", "properties": {"a": {"$ref": "#/definitions/A"}}, "definitions": {"A": {"type": "string"}}},
     {  # an MCP server's tool, as zod-to-json-schema writes it
         "type": "object",
         "properties": {"path": {"type": "string", "description": "file"}, "lines": {"type": "number"}},
@@ -125,17 +127,22 @@ VALID.append(ECMA_PATTERN)
 
 
 def _reference(schema, regex: bool = True) -> bool:
-    """jsonschema's own check_schema (Draft 2020-12 where $schema names no draft it knows):
-    True where it takes the schema. ``regex``: with its "regex" format (Python's re)."""
+    """jsonschema's own check_schema, formats left out: against the draft $schema names, or where
+    it names none jsonschema knows, against each draft's until one takes it. True where one does.
+    ``regex``: with its "regex" format (Python's re)."""
     known = isinstance(schema, dict) and isinstance(schema.get("$schema"), str)  # else it raises TypeError
-    validator = jsonschema.validators.validator_for(schema if known else {}, default=jsonschema.Draft202012Validator)
+    named = jsonschema.validators.validator_for(schema, default=None) if known else None
+    drafts = [named] if named else [getattr(jsonschema, f"Draft{d}Validator") for d in ("202012", "201909", "7", "6")]
     formats = jsonschema.FormatChecker(formats=())
-    formats.checkers = {k: v for k, v in validator.FORMAT_CHECKER.checkers.items() if regex or k != "regex"}
-    try:
-        validator.check_schema(schema, format_checker=formats)
-    except jsonschema.SchemaError:
-        return False
-    return True
+    if regex:
+        formats.checkers = {"regex": jsonschema.Draft202012Validator.FORMAT_CHECKER.checkers["regex"]}
+    for validator in drafts:
+        try:
+            validator.check_schema(schema, format_checker=formats)
+            return True
+        except jsonschema.SchemaError:
+            pass
+    return False
 
 
 @pytest.mark.parametrize("schema", INVALID + VALID, ids=[json.dumps(s)[:60] for s in INVALID + VALID])
