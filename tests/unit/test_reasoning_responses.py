@@ -127,11 +127,11 @@ def test_tools_too_large_to_force_are_a_400_naming_tools():
 def test_a_large_response_encoded_in_slices_is_the_body_built_inline(monkeypatch):
     """Past INLINE_RESPONSE_ITEMS the body comes encoded (bytes, a slice at a time): the same
     JSON as the inline dict, reasoning and tool calls included."""
-    from raymoe.deploy import openai_server
+    from raymoe.deploy import openai_choices
 
     body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "?"}], "tools": TOOLS, "n": 2}).encode()
     inline = asyncio.run(_server("qwen3", CALLING).chat(body))
-    monkeypatch.setattr(openai_server, "INLINE_RESPONSE_ITEMS", -1)  # every body
+    monkeypatch.setattr(openai_choices, "INLINE_RESPONSE_ITEMS", -1)  # every body
     encoded = asyncio.run(_server("qwen3", CALLING).chat(body))
     assert isinstance(inline, dict) and isinstance(encoded, bytes)
     built = json.loads(encoded)
