@@ -32,7 +32,7 @@ from raymoe.actors.engine.messages import Entry, Finish, ModelInfo, NewRequest, 
 from raymoe.actors.engine.output_text import Delta, OutputText
 from raymoe.actors.engine.request import SamplingParams
 from raymoe.actors.engine.tokenizer import Tokenizer, encode_prompt
-from raymoe.deploy.openai_api import APIError, bad_request
+from raymoe.deploy.api_error import APIError, bad_request
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from starlette.requests import ClientDisconnect, Request
 
-from raymoe.deploy.openai_api import APIError
+from raymoe.deploy.api_error import APIError
 
 log = logging.getLogger(__name__)
 

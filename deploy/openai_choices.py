@@ -9,6 +9,7 @@ from contextlib import aclosing
 from typing import Any, AsyncIterator, Optional
 
 from raymoe.actors.engine.output_text import Delta
+from raymoe.deploy.api_error import APIError
 from raymoe.deploy.choice_progress import (
     INLINE_RESPONSE_ITEMS,
     Echo,
@@ -20,7 +21,6 @@ from raymoe.deploy.choice_progress import (
 )
 from raymoe.deploy.engine_client import EngineClient, engine_error, merge
 from raymoe.deploy.metrics import ServeMetrics
-from raymoe.deploy.openai_api import APIError
 from raymoe.deploy.openai_logprobs import (
     chat_logprobs,
     chat_logprobs_in_slices,

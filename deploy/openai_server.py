@@ -25,26 +25,23 @@ import ray
 from raymoe.actors.engine.eplb import RebalanceRefused
 from raymoe.actors.engine.messages import EngineStats
 from raymoe.actors.engine.metaschema import MetaschemaCache
+from raymoe.deploy.api_error import APIError, bad_request
 from raymoe.deploy.choice_progress import Echo
 from raymoe.deploy.engine_client import EngineClient
 from raymoe.deploy.metrics import ServeMetrics
 from raymoe.deploy.openai_api import (
     DEFAULT_COMPLETION_MAX_TOKENS,
-    APIError,
-    ChatRequest,
-    CompletionRequest,
-    bad_request,
     chat_messages,
     check_fan_out,
     choice_params,
     completion_prompts,
     parse_request,
-    request_schemas,
     resolve_max_tokens,
     sampling_params,
-    tool_choice,
 )
 from raymoe.deploy.openai_choices import ChoiceWriter
+from raymoe.deploy.openai_constraints import request_schemas, tool_choice
+from raymoe.deploy.openai_request_models import ChatRequest, CompletionRequest
 from raymoe.deploy.openai_responses import (
     model_card,
 )

@@ -13,16 +13,10 @@ import asyncio
 import functools
 from typing import Any, Optional
 
+from raymoe.deploy.api_error import bad_request
 from raymoe.deploy.engine_client import EngineClient
-from raymoe.deploy.openai_api import (
-    ChatMessages,
-    ChatRequest,
-    RequestModel,
-    TokenIds,
-    bad_request,
-    chat_messages,
-    parse_body,
-)
+from raymoe.deploy.openai_api import chat_messages, parse_body
+from raymoe.deploy.openai_request_models import ChatMessages, ChatRequest, RequestModel, TokenIds
 
 INLINE_DECODE_IDS = 4096  # longer lists of ids are decoded in a thread
 

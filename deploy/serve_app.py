@@ -36,10 +36,10 @@ from starlette.requests import ClientDisconnect
 from raymoe.actors.rank_group import remove_named_placement_group
 from raymoe.cluster.config import Config, config_from_dict, resolve_config
 from raymoe.deploy import http_limits
+from raymoe.deploy.api_error import APIError
 from raymoe.deploy.engine_client import EngineClient, RayEngine
 from raymoe.deploy.http_request import read_body, unless_client_leaves
 from raymoe.deploy.launch import ensure_ray, start_controller
-from raymoe.deploy.openai_api import APIError
 from raymoe.deploy.openai_server import OpenAIServer
 from raymoe.deploy.serve_wait import wait_until_running
 

@@ -17,7 +17,7 @@ import pytest
 
 from raymoe.actors.engine import metaschema
 from raymoe.actors.engine.metaschema import MetaschemaCache, metaschema_error
-from raymoe.deploy.openai_api import APIError
+from raymoe.deploy.api_error import APIError
 
 DRAFT7 = "http://json-schema.org/draft-07/schema#"
 INVALID = [

@@ -18,19 +18,18 @@ from pydantic import ValidationError
 
 from raymoe.actors.engine.grammar import GrammarSpec
 from raymoe.actors.engine.messages import RejectKind
+from raymoe.deploy.api_error import APIError
 from raymoe.deploy.engine_client import RequestRejected, engine_error
 from raymoe.deploy.openai_api import (
-    APIError,
-    ChatRequest,
-    CompletionRequest,
     chat_messages,
     check_fan_out,
     completion_prompts,
-    grammar_spec,
     parse_request,
     resolve_max_tokens,
     sampling_params,
 )
+from raymoe.deploy.openai_constraints import grammar_spec
+from raymoe.deploy.openai_request_models import ChatRequest, CompletionRequest
 from raymoe.deploy.openai_responses import (
     SSE_DONE,
     chat_chunk,

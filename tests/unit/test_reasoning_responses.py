@@ -114,7 +114,7 @@ def test_tool_choice_none_leaves_calls_as_content():
 
 
 def test_tools_too_large_to_force_are_a_400_naming_tools():
-    from raymoe.deploy.openai_api import APIError
+    from raymoe.deploy.api_error import APIError
 
     huge = {"type": "object", "properties": {"x": {"enum": ["y" * 70000]}}}
     tools = [{"type": "function", "function": {"name": "f", "parameters": huge}}]

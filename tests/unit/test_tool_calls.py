@@ -14,7 +14,10 @@ import xgrammar
 from raymoe.actors.engine.grammar import GrammarCompiler
 from raymoe.actors.engine.tokenizer import Tokenizer
 from raymoe.actors.models.builtin import resolve_model_path
-from raymoe.deploy.openai_api import APIError, ChatRequest, parse_request, tool_choice
+from raymoe.deploy.api_error import APIError
+from raymoe.deploy.openai_api import parse_request
+from raymoe.deploy.openai_constraints import tool_choice
+from raymoe.deploy.openai_request_models import ChatRequest
 from raymoe.deploy.tool_calls import HermesToolParser, ToolCallStream, split_tool_calls
 
 P = HermesToolParser()
