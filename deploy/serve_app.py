@@ -20,252 +20,37 @@ import asyncio
 import dataclasses
 import logging
 import os
-import socket
-import time
 import uuid
 from typing import Any, Optional
 
 import ray
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi import FastAPI
 from ray import serve
 from ray.util.placement_group import placement_group_table
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
 
 from raymoe.actors.rank_group import remove_named_placement_group
 from raymoe.cluster.config import Config, config_from_dict, resolve_config
 from raymoe.deploy import http_limits
-from raymoe.deploy.api_error import APIError
 from raymoe.deploy.engine_client import EngineClient, RayEngine
-from raymoe.deploy.http_request import read_body, unless_client_leaves
+from raymoe.deploy.fastapi_app import HEALTH_TIMEOUT_S, build_fastapi_app
 from raymoe.deploy.launch import ensure_ray, start_controller
 from raymoe.deploy.openai_server import OpenAIServer
+from raymoe.deploy.serve_ports import (
+    direct_ingress_ports,
+    free_port,
+    port_is_free,
+    serve_env,
+    wait_for_direct_ingress_ports,
+)
 from raymoe.deploy.serve_wait import wait_until_running
 
 log = logging.getLogger(__name__)
 
 API_KEY_ENV = "RAYMOE_API_KEY"
 APP_NAME = "raymoe"
-HEALTH_TIMEOUT_S = 10.0
-# below Prometheus's default scrape timeout (10 s): a scrape while the controller hangs still
-# stores the replica's own metrics and raymoe_engine_unreachable
-METRICS_TIMEOUT_S = 2.0
 RANKS_GROUP_PREFIX = "raymoe-ranks-"  # an engine host's ranks' placement group, then its tag
 HEAD_NODE_RESOURCE = "node:__internal_head__"  # the resource only Ray's head node has
 CONTROLLER_PREFIX = "raymoe-controller-"  # its controller actor, then the same tag
-DIRECT_PORT_WAIT_S = 120.0  # Linux holds a closed connection's port 60 s (TIME_WAIT)
-CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before its answer
-_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-# Ray Serve latency settings (each thread or loop hop costs a wake-up, which on a busy
-# host is a millisecond or more; BENCHMARKS.md, "TTFT over the endpoint"). Serve reads them
-# when its processes start, so they travel as the Serve controller's runtime env, which
-# its proxies and replicas inherit (serve_start).
-# - the proxy sends requests to the replica over gRPC instead of Ray actor calls;
-# - the proxy routes on its own event loop instead of handing off to a router thread;
-# - the replica runs our (async) handlers on its main loop instead of a second thread.
-SERVE_ENV = {
-    "RAY_SERVE_PROXY_USE_GRPC": "1",
-    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
-    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
-}
-
-
-def serve_env(direct_port: Optional[int], num_replicas: int = 1) -> dict[str, str]:
-    """SERVE_ENV, plus Serve's direct ingress from ``direct_port`` when given: each ingress
-    replica runs an HTTP server of its own, replica i of n on a port in [direct_port,
-    direct_port + n), so a request skips the proxy -> replica hop (BENCHMARKS.md)."""
-    env = dict(SERVE_ENV)
-    if direct_port is not None:
-        env.update(
-            {
-                "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
-                "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(direct_port),
-                "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(direct_port + num_replicas),
-                # a restarted replica takes the port back once it can be bound (the hold-back
-                # protects HAProxy routing, which is not used here; wait_for_direct_ingress_ports),
-                # and stopping does not wait 30 s
-                "RAY_SERVE_PORT_QUARANTINE_S": "0",
-                "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
-            }
-        )
-    return env
-
-
-def direct_ingress_ports() -> Optional[range]:
-    """The HTTP ports Serve hands its direct-ingress replicas, as Serve reads its environment
-    (None: direct ingress is off)."""
-    from ray.serve._private import constants
-
-    if not constants.RAY_SERVE_ENABLE_DIRECT_INGRESS:
-        return None
-    return range(constants.RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT, constants.RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT)
-
-
-def port_state(port: int) -> str:
-    """The port as Serve would find it: "free" (a bind without SO_REUSEADDR, as Serve binds,
-    succeeds), "listening" (a server holds it), or "closing" (only connections of a closed
-    server hold it, in TIME_WAIT: up to 60 s). Probed on the wildcard address, which
-    conflicts with every other."""
-
-    def binds(reuse: bool) -> bool:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, int(reuse))
-            try:
-                s.bind(("0.0.0.0", port))
-            except OSError:
-                return False
-        return True
-
-    return "free" if binds(False) else "closing" if binds(True) else "listening"
-
-
-async def wait_for_direct_ingress_ports(ports: range, timeout_s: float = DIRECT_PORT_WAIT_S) -> None:
-    """Return once Serve can bind the port it hands out next: one of ``ports`` free, none
-    closing. An ingress replica that died with connections open leaves its port closing;
-    Serve hands out the lowest port it has, and one it fails to bind it takes out of use for
-    good (the endpoint would never come back). RuntimeError after ``timeout_s``: Serve then
-    restarts this replica (it allocates the port after the constructor), which waits again."""
-    deadline = time.monotonic() + timeout_s
-    waited = False
-    while True:
-        states = [port_state(port) for port in ports]
-        if "free" in states and "closing" not in states:
-            return
-        if time.monotonic() > deadline:
-            raise RuntimeError(
-                f"direct ingress: no port of {ports.start}-{ports.stop - 1} came free in {timeout_s:.0f} s"
-            )
-        if not waited:
-            log.warning("direct ingress: waiting for ports %d-%d to come free", ports.start, ports.stop - 1)
-            waited = True
-        await asyncio.sleep(0.5)
-
-
-def port_is_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def build_fastapi_app(server: OpenAIServer) -> FastAPI:
-    """The HTTP routes over ``server``; every error answers with OpenAI's error body."""
-    app = FastAPI(title="raymoe", docs_url=None, redoc_url=None, openapi_url=None)
-
-    async def run(endpoint: str, request: Request, handler: Any) -> Response:
-        try:
-            server.authorize(request.headers.get("authorization"))
-            result = await unless_client_leaves(request, handler(await read_body(request)))
-        except APIError as e:
-            server.metrics.count(endpoint, e.status)
-            return JSONResponse(e.body(), status_code=e.status)
-        except ClientDisconnect:  # gone before its answer: nothing to answer, nothing to log
-            server.metrics.count(endpoint, CLIENT_CLOSED_REQUEST)
-            return Response(status_code=CLIENT_CLOSED_REQUEST)
-        except Exception:  # a bug: still OpenAI's error shape, counted, details only in the log
-            log.exception("%s: unexpected error", endpoint)
-            server.metrics.count(endpoint, 500)
-            message = "internal server error; the server log has the details"
-            err = APIError(500, message, code="internal_error", type="server_error")
-            return JSONResponse(err.body(), status_code=500)
-        server.metrics.count(endpoint, 200)
-        if isinstance(result, dict):
-            return JSONResponse(result)
-        if isinstance(result, bytes):  # a body already encoded (a large one, in slices)
-            return Response(result, media_type="application/json")
-        return StreamingResponse(result, media_type="text/event-stream", headers=_SSE_HEADERS)
-
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        return await run("completions", request, server.completions)
-
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request) -> Response:
-        return await run("chat", request, server.chat)
-
-    @app.post("/tokenize")
-    async def tokenize(request: Request) -> Response:
-        return await run("tokenize", request, server.tokenize)
-
-    @app.post("/detokenize")
-    async def detokenize(request: Request) -> Response:
-        return await run("detokenize", request, server.detokenize)
-
-    @app.get("/v1/models")
-    async def models(request: Request) -> Response:
-        return await run("models", request, lambda body: _value(server.models()))
-
-    @app.get("/v1/models/{name:path}")
-    async def model(name: str, request: Request) -> Response:
-        return await run("models", request, lambda body: _value(server.model(name)))
-
-    @app.get("/admin/eplb")
-    async def eplb_status(request: Request) -> Response:
-        return await run("eplb", request, server.eplb_status)
-
-    @app.post("/admin/eplb/rebalance")
-    async def rebalance(request: Request) -> Response:
-        return await run("eplb", request, server.rebalance)
-
-    @app.api_route("/health", methods=["GET", "HEAD"])  # load balancers probe with either
-    async def health() -> Response:
-        """Open, and bare: the state and a reason, nothing about processes or addresses."""
-        status, body = await _health(server)
-        return JSONResponse({k: body[k] for k in ("status", "reason") if k in body}, status_code=status)
-
-    @app.get("/admin/health")
-    async def health_details(request: Request) -> Response:
-        """/health with the layout and the ranks, behind the API key; 503 unless ok, as /health."""
-        try:
-            server.authorize(request.headers.get("authorization"))
-        except APIError as e:
-            server.metrics.count("health", e.status)
-            return JSONResponse(e.body(), status_code=e.status)
-        status, body = await _health(server)
-        server.metrics.count("health", status)
-        return JSONResponse(body, status_code=status)
-
-    @app.get("/metrics")
-    async def metrics(request: Request) -> Response:
-        from raymoe.deploy.metrics import CONTENT_TYPE
-
-        try:
-            server.authorize(request.headers.get("authorization"))
-        except APIError as e:
-            return JSONResponse(e.body(), status_code=e.status)
-        return Response(await server.metrics_text(METRICS_TIMEOUT_S), media_type=CONTENT_TYPE)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        kind = "not_found" if exc.status_code == 404 else "invalid_request_error"
-        err = APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", type=kind)
-        return JSONResponse(err.body(), status_code=exc.status_code)
-
-    return app
-
-
-async def _value(x: Any) -> Any:
-    return x
-
-
-async def _health(server: OpenAIServer) -> tuple[int, dict[str, Any]]:
-    try:
-        h = await asyncio.wait_for(server.controller.health.remote(), HEALTH_TIMEOUT_S)
-    except Exception as e:  # a dead or hung controller: look for the one its host may have started
-        log.warning("health: the controller does not answer: %r", e)
-        asyncio.create_task(server.client.engine.reconnect())
-        return 503, {"status": "degraded", "reason": "the engine's controller does not answer"}
-    return (200 if h.get("status") == "ok" else 503), h
 
 
 # graceful_shutdown_wait_loop_s: an idle replica stops (and frees the GPUs) without a 2 s wait.

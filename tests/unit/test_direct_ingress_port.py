@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from raymoe.deploy import serve_app
+from raymoe.deploy import serve_ports
 
 HOST = "127.0.0.1"
 
@@ -28,7 +28,7 @@ def _listener(port: int) -> socket.socket:
 def _closing_port() -> int:
     """A port left in TIME_WAIT for the next 60 s: its server closed a connection first, as a
     killed process's sockets are closed."""
-    port = serve_app.free_port(HOST)
+    port = serve_ports.free_port(HOST)
     server = _listener(port)
     client = socket.create_connection((HOST, port))
     accepted, _ = server.accept()
@@ -42,21 +42,21 @@ def _closing_port() -> int:
 
 def _free_pair() -> int:
     for _ in range(20):
-        port = serve_app.free_port(HOST)
-        if serve_app.port_state(port + 1) == "free":
+        port = serve_ports.free_port(HOST)
+        if serve_ports.port_state(port + 1) == "free":
             return port
     pytest.skip("no two free ports in a row on this machine")
 
 
 def test_port_states_as_serve_would_bind_them():
     closing = _closing_port()
-    assert serve_app.port_state(closing) == "closing"
-    assert not serve_app.port_is_free(HOST, closing)  # Serve's bind, without SO_REUSEADDR, fails
-    port = serve_app.free_port(HOST)
-    assert serve_app.port_state(port) == "free"
+    assert serve_ports.port_state(closing) == "closing"
+    assert not serve_ports.port_is_free(HOST, closing)  # Serve's bind, without SO_REUSEADDR, fails
+    port = serve_ports.free_port(HOST)
+    assert serve_ports.port_state(port) == "free"
     held = _listener(port)
     try:
-        assert serve_app.port_state(port) == "listening"
+        assert serve_ports.port_state(port) == "listening"
     finally:
         held.close()
 
@@ -67,7 +67,7 @@ def test_waits_while_every_port_is_held_and_returns_once_one_comes_free():
     threading.Timer(1.0, held[1].close).start()
     try:
         t0 = time.monotonic()
-        asyncio.run(serve_app.wait_for_direct_ingress_ports(range(port, port + 2), timeout_s=30))
+        asyncio.run(serve_ports.wait_for_direct_ingress_ports(range(port, port + 2), timeout_s=30))
         assert 1.0 <= time.monotonic() - t0 < 10
     finally:
         held[0].close()
@@ -76,11 +76,11 @@ def test_waits_while_every_port_is_held_and_returns_once_one_comes_free():
 def test_a_closing_port_is_waited_for_even_next_to_a_free_one():
     """Serve would hand out the lowest port, the closing one, and then block it for good."""
     closing = _closing_port()
-    if serve_app.port_state(closing + 1) != "free":
+    if serve_ports.port_state(closing + 1) != "free":
         pytest.skip("the port after the closing one is taken on this machine")
     t0 = time.monotonic()
     with pytest.raises(RuntimeError, match="came free"):
-        asyncio.run(serve_app.wait_for_direct_ingress_ports(range(closing, closing + 2), timeout_s=1.0))
+        asyncio.run(serve_ports.wait_for_direct_ingress_ports(range(closing, closing + 2), timeout_s=1.0))
     assert time.monotonic() - t0 >= 1.0
 
 
@@ -89,7 +89,7 @@ def test_one_free_port_among_listening_ones_is_enough():
     held = _listener(port)
     try:
         t0 = time.monotonic()
-        asyncio.run(serve_app.wait_for_direct_ingress_ports(range(port, port + 2), timeout_s=30))
+        asyncio.run(serve_ports.wait_for_direct_ingress_ports(range(port, port + 2), timeout_s=30))
         assert time.monotonic() - t0 < 0.5
     finally:
         held.close()
@@ -99,13 +99,13 @@ def test_the_range_is_serves_own_reading_of_its_environment(monkeypatch):
     from ray.serve._private import constants
 
     monkeypatch.setattr(constants, "RAY_SERVE_ENABLE_DIRECT_INGRESS", False)
-    assert serve_app.direct_ingress_ports() is None
+    assert serve_ports.direct_ingress_ports() is None
     monkeypatch.setattr(constants, "RAY_SERVE_ENABLE_DIRECT_INGRESS", True)
-    env = serve_app.serve_env(8000, num_replicas=2)
+    env = serve_ports.serve_env(8000, num_replicas=2)
     monkeypatch.setattr(
         constants, "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", int(env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"])
     )
     monkeypatch.setattr(
         constants, "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", int(env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"])
     )
-    assert serve_app.direct_ingress_ports() == range(8000, 8002)
+    assert serve_ports.direct_ingress_ports() == range(8000, 8002)

@@ -625,10 +625,10 @@ class _CountingMetrics:
 def test_a_client_gone_before_its_body_arrived_is_counted_499_not_a_500():
     """Starlette raises ClientDisconnect from the body read: it was logged with its traceback
     and counted as a server error (4,720 of them under a load of such clients)."""
-    from raymoe.deploy import serve_app
+    from raymoe.deploy import fastapi_app
 
     server = SimpleNamespace(authorize=lambda header: None, metrics=_CountingMetrics(), completions=None)
-    app = serve_app.build_fastapi_app(server)
+    app = fastapi_app.build_fastapi_app(server)
     messages = [{"type": "http.request", "body": b'{"pro', "more_body": True}, {"type": "http.disconnect"}]
     sent = []
 
