@@ -36,8 +36,9 @@ from ray import serve
 from raymoe.actors.engine.local import build_local_engine
 from raymoe.actors.engine.request import SamplingParams
 from raymoe.cluster.config import resolve_config
-from raymoe.deploy.engine_client import EngineClient, RayEngine
+from raymoe.deploy.engine_client import EngineClient
 from raymoe.deploy.launch import start_controller
+from raymoe.deploy.ray_engine import RayEngine
 from raymoe.deploy.serve_app import free_port, serve_start, start_serving, stop_serving
 
 GREEDY_ONE = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)

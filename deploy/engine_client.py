@@ -20,19 +20,20 @@ import asyncio
 import functools
 import itertools
 import logging
-import time
 import uuid
 from contextlib import aclosing
-from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Protocol, Sequence, Union
+from typing import Any, AsyncIterator, Optional, Sequence, Union
 
 import jinja2
 import ray
 
-from raymoe.actors.engine.messages import Entry, Finish, ModelInfo, NewRequest, OutputBatch, Rejection, RejectKind
+from raymoe.actors.engine.messages import Finish, ModelInfo, NewRequest, OutputBatch, Rejection, RejectKind
 from raymoe.actors.engine.output_text import Delta, OutputText
 from raymoe.actors.engine.request import SamplingParams
 from raymoe.actors.engine.tokenizer import Tokenizer, encode_prompt
-from raymoe.deploy.api_error import APIError, bad_request
+from raymoe.deploy.api_error import bad_request
+from raymoe.deploy.ray_engine import RETRY_S, EngineApi
+from raymoe.deploy.request_stream import RequestRejected, RequestStream, engine_error
 
 log = logging.getLogger(__name__)
 
@@ -41,137 +42,6 @@ POLL_TIMEOUT_S = 1.0
 INLINE_TEXT_CHARS = 16384  # longer texts are tokenised in a thread
 INLINE_MESSAGES = 256  # longer conversations are rendered in a thread
 CHARS_PER_TOKEN_BOUND = 32  # a text longer than the context times this is first checked by its prefix
-_RETRY_S = 0.5  # after a failed poll (the controller is unreachable)
-REATTACH_TIMEOUT_S = 120.0
-
-
-class EngineApi(Protocol):
-    """The engine's client calls: ``AsyncEngine`` in process, ``RayEngine`` over Ray."""
-
-    async def submit(self, client: str, requests: Sequence[NewRequest]) -> list[Rejection]: ...
-
-    async def abort(self, client: str, seqs: Sequence[int]) -> None: ...
-
-    async def poll(self, client: str, timeout_s: float) -> OutputBatch: ...
-
-    async def leave(self, client: str) -> None: ...
-
-    async def reconnect(self) -> None: ...
-
-
-class RayEngine:
-    """``EngineApi`` over the controller actor. ``reattach`` (optional) fetches the controller's
-    handle again, for when the one in hand died and its owner started a new one."""
-
-    def __init__(self, controller: Any, reattach: Optional[Callable[[], Awaitable[Any]]] = None) -> None:
-        self.controller = controller
-        self._reattach = reattach
-        self._reattaching: Optional[asyncio.Task] = None
-
-    async def reconnect(self) -> None:
-        """After a failed call: take the controller's current handle (one fetch at a time)."""
-        if self._reattach is None:
-            return
-        if self._reattaching is None or self._reattaching.done():
-            self._reattaching = asyncio.create_task(self._fetch())
-        await asyncio.shield(self._reattaching)
-
-    async def _fetch(self) -> None:
-        """Until REATTACH_TIMEOUT_S: ask for the controller, keep it once it answers (the host
-        hands out the dead one until Serve has replaced the host)."""
-        deadline = time.monotonic() + REATTACH_TIMEOUT_S
-        while time.monotonic() < deadline:
-            try:
-                controller = await asyncio.wait_for(self._reattach(), deadline - time.monotonic())
-                await asyncio.wait_for(controller.get_model_info.remote(), 10.0)
-                self.controller = controller
-                return
-            except Exception as e:  # the engine host is being replaced
-                log.info("re-attaching to the engine: %r", e)
-                await asyncio.sleep(_RETRY_S)
-        log.warning("no engine answered within %.0f s", REATTACH_TIMEOUT_S)
-
-    async def submit(self, client: str, requests: Sequence[NewRequest]) -> list[Rejection]:
-        return await self.controller.submit.remote(client, list(requests))
-
-    async def abort(self, client: str, seqs: Sequence[int]) -> None:
-        await self.controller.abort.remote(client, list(seqs))
-
-    async def poll(self, client: str, timeout_s: float) -> OutputBatch:
-        return await self.controller.poll.remote(client, timeout_s)
-
-    async def leave(self, client: str) -> None:
-        await self.controller.leave.remote(client)
-
-
-class RequestRejected(Exception):
-    """The engine refused the request (``Rejection``) or failed."""
-
-    def __init__(self, kind: RejectKind, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
-
-
-class RequestStream:
-    """One request's deltas as an async iterator; closing it early aborts the request."""
-
-    def __init__(self, client: "EngineClient", request: NewRequest, text: OutputText) -> None:
-        self.client, self.request, self.seq, self.text = client, request, request.seq, text
-        self.num_prompt_tokens = len(request.prompt_token_ids)
-        self.received = False  # any output came back (if not, a lost engine's request can be sent again)
-        self.resent = False  # sent again after its engine was lost (it is not sent a third time)
-        self._tokens: list[int] = []
-        self._logits: list[Any] = []
-        self._logprobs: list[Any] = []
-        self._prompt_logprobs: Optional[list] = None
-        self._cached_tokens: Optional[int] = None
-        self._finish = Finish.RUNNING
-        self._error: Optional[BaseException] = None
-        self._ready = asyncio.Event()
-
-    def push(self, entry: Entry) -> None:
-        self.received = True
-        self._tokens.extend(entry.token_ids)
-        if entry.logits:
-            self._logits.extend(entry.logits)
-        self._logprobs.extend(entry.logprobs)
-        if entry.prompt_logprobs is not None:
-            self._prompt_logprobs = entry.prompt_logprobs
-        if entry.cached_tokens is not None:
-            self._cached_tokens = entry.cached_tokens
-        self._finish = entry.finish
-        self._ready.set()
-
-    def fail(self, error: BaseException) -> None:
-        self._error = error
-        self._ready.set()
-
-    def __aiter__(self) -> "RequestStream":
-        return self
-
-    async def __anext__(self) -> Delta:
-        while not self.text.finished:
-            if self._error is not None:
-                raise self._error
-            if not self._tokens and self._finish == Finish.RUNNING:
-                self._ready.clear()
-                await self._ready.wait()
-                continue
-            tokens, self._tokens = self._tokens, []
-            logits, self._logits = self._logits, []
-            logprobs, self._logprobs = self._logprobs, []
-            delta = self.text.add(tokens, self._finish, logits, logprobs)
-            delta.prompt_logprobs, self._prompt_logprobs = self._prompt_logprobs, None
-            delta.cached_tokens, self._cached_tokens = self._cached_tokens, None
-            if self.text.needs_abort:  # a stop string: the engine is still running it
-                self.client.abort(self.seq)
-            if delta.token_ids or delta.text or delta.finished:
-                return delta
-        raise StopAsyncIteration
-
-    async def aclose(self) -> None:
-        if not self.text.finished and self._error is None:
-            self.client.abort(self.seq)
 
 
 class EngineClient:
@@ -297,7 +167,7 @@ class EngineClient:
         seq = next(self._seqs)
         request = NewRequest(seq, list(prompt_token_ids), sampling)
         stream = self._streams[seq] = RequestStream(
-            self, request, OutputText(self.tokenizer, prompt_token_ids, sampling.stop, sampling.min_tokens)
+            self.abort, request, OutputText(self.tokenizer, prompt_token_ids, sampling.stop, sampling.min_tokens)
         )
         self._to_submit[seq] = request
         self._send.set()
@@ -422,7 +292,7 @@ class EngineClient:
                     self._engine_lost(e)
                 else:
                     self._fail_all(e)
-                await asyncio.gather(self.engine.reconnect(), asyncio.sleep(_RETRY_S))
+                await asyncio.gather(self.engine.reconnect(), asyncio.sleep(RETRY_S))
                 continue
             self._dispatch(batch)
 
@@ -499,29 +369,3 @@ async def merge(streams: Sequence[AsyncIterator[Delta]]) -> AsyncIterator[tuple[
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def engine_error(e: BaseException) -> APIError:
-    """HTTP error for what the engine answered: a full queue 429, a request the engine
-    refuses 400, a failed engine or an unreachable controller 503."""
-    if isinstance(e, APIError):
-        return e
-    if isinstance(e, RequestRejected):
-        if e.kind is RejectKind.QUEUE_FULL:
-            message = f"the server is at capacity ({e}); retry later"
-            return APIError(429, message, code="rate_limit_exceeded", type="rate_limit_error")
-        if e.kind is RejectKind.INVALID:
-            field, _, _ = str(e).partition(":")
-            named = all(part.isidentifier() for part in field.split("."))
-            return bad_request(str(e), field if named else None, "invalid_value")
-        if e.kind is RejectKind.INTERNAL:
-            return APIError(500, f"{e}; the server log has the details", code="internal_error", type="server_error")
-        return APIError(503, str(e), code="engine_failed", type="server_error")
-    cause = e.cause if isinstance(e, ray.exceptions.RayTaskError) and e.cause is not None else e
-    if isinstance(cause, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)):
-        log.warning("the engine's controller is unreachable: %r", cause)
-        message = "the engine is not available right now (it is restarting); retry the request"
-        return APIError(503, message, code="engine_unavailable", type="server_error")
-    log.error("unexpected engine error: %r", e)
-    message = "internal server error; the server log has the details"
-    return APIError(500, message, code="internal_error", type="server_error")

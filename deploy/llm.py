@@ -23,8 +23,10 @@ import ray
 from raymoe.actors.engine.request import SamplingParams
 from raymoe.actors.engine.tokenizer import encode_chat, encode_prompt
 from raymoe.cluster.config import Config, resolve_config
-from raymoe.deploy.engine_client import EngineClient, RayEngine, RequestRejected
+from raymoe.deploy.engine_client import EngineClient
 from raymoe.deploy.launch import start_controller
+from raymoe.deploy.ray_engine import RayEngine
+from raymoe.deploy.request_stream import RequestRejected
 
 Prompt = Union[str, Sequence[int], Sequence[dict]]
 

@@ -19,7 +19,7 @@ from raymoe.deploy.choice_progress import (
     response_items,
     with_lead_prompt_logprobs,
 )
-from raymoe.deploy.engine_client import EngineClient, engine_error, merge
+from raymoe.deploy.engine_client import EngineClient, merge
 from raymoe.deploy.metrics import ServeMetrics
 from raymoe.deploy.openai_logprobs import (
     chat_logprobs,
@@ -38,6 +38,7 @@ from raymoe.deploy.openai_responses import (
     usage_chunk,
 )
 from raymoe.deploy.reasoning import ReasoningSplitter
+from raymoe.deploy.request_stream import engine_error
 from raymoe.deploy.tool_calls import HermesToolParser, ToolCallStream, split_tool_calls
 
 

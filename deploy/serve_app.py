@@ -31,10 +31,11 @@ from ray.util.placement_group import placement_group_table
 from raymoe.actors.rank_group import remove_named_placement_group
 from raymoe.cluster.config import Config, config_from_dict, resolve_config
 from raymoe.deploy import http_limits
-from raymoe.deploy.engine_client import EngineClient, RayEngine
+from raymoe.deploy.engine_client import EngineClient
 from raymoe.deploy.fastapi_app import HEALTH_TIMEOUT_S, build_fastapi_app
 from raymoe.deploy.launch import ensure_ray, start_controller
 from raymoe.deploy.openai_server import OpenAIServer
+from raymoe.deploy.ray_engine import RayEngine
 from raymoe.deploy.serve_ports import (
     direct_ingress_ports,
     free_port,

@@ -30,7 +30,8 @@ from raymoe.actors.engine.pipeline_depth import WINDOW
 from raymoe.actors.engine.request import SamplingParams
 from raymoe.cluster.config import config_from_dict
 from raymoe.deploy.api_error import APIError
-from raymoe.deploy.engine_client import INLINE_TEXT_CHARS, EngineClient, RequestRejected, engine_error
+from raymoe.deploy.engine_client import INLINE_TEXT_CHARS, EngineClient
+from raymoe.deploy.request_stream import RequestRejected, engine_error
 
 PROMPTS = ["Hello there", "The capital of France is", "one two three four five six seven", "x", "abc " * 12]
 

@@ -19,7 +19,6 @@ from pydantic import ValidationError
 from raymoe.actors.engine.grammar import GrammarSpec
 from raymoe.actors.engine.messages import RejectKind
 from raymoe.deploy.api_error import APIError
-from raymoe.deploy.engine_client import RequestRejected, engine_error
 from raymoe.deploy.openai_api import (
     chat_messages,
     check_fan_out,
@@ -41,6 +40,7 @@ from raymoe.deploy.openai_responses import (
     usage,
     usage_chunk,
 )
+from raymoe.deploy.request_stream import RequestRejected, engine_error
 
 
 def _err(model: type, body: object) -> APIError:

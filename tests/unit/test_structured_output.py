@@ -24,7 +24,8 @@ from raymoe.actors.engine.grammar import GrammarSpec, bitmask_words, grammar_mas
 from raymoe.actors.engine.json_schema import MAX_SCHEMA_DEPTH
 from raymoe.actors.engine.request import SamplingParams
 from raymoe.actors.engine.sampler import apply_token_bitmask
-from raymoe.deploy.engine_client import EngineClient, RequestRejected
+from raymoe.deploy.engine_client import EngineClient
+from raymoe.deploy.request_stream import RequestRejected
 from raymoe.deploy.tool_calls import HermesToolParser
 
 
