@@ -15,8 +15,12 @@ Order of one step:
    backwards, itself last. A preempted request drops its cache and goes back to waiting; on resume it
    recomputes prompt + outputs so far.
 2. Waiting requests, FCFS, while budget, sequence limit and free blocks allow; a prompt
-   longer than the budget left is chunked. Admission is skipped in a step that preempted
-   (it would only admit the victim again and thrash).
+   longer than the budget left is chunked. A request starts only when the blocks for all
+   its tokens so far (prompt, and outputs of a preempted one) are free, not just those of
+   its first chunk: one that started on a chunk's blocks was preempted at its next chunk
+   (it is the newest) and started again a step later, over and over, recomputing its
+   prompt each time unless the prefix cache still held it. Admission is skipped in a step
+   that preempted (it would only admit the victim again and thrash).
 3. Bounded overtaking: when the oldest waiting request (the head) does not fit, a later one
    may start before it if the blocks it can ever need (prompt + max_tokens) are free now,
    so a short request does not wait behind a long one (a preempted one, say) until enough
@@ -259,8 +263,8 @@ class Scheduler:
                 i += 1  # its next block is being filled this step: wait a step and share it
                 continue
             n = min(req.num_tokens - cached, budget)
-            if head is None:
-                fits = bm.can_start(req, prefix, cached + n)
+            if head is None:  # room for all its tokens so far, not just this step's chunk (see 2.)
+                fits = bm.can_start(req, prefix, req.num_tokens)
             else:  # overtaking the head: only with room for all it can ever need
                 most = max_cached_tokens(req.num_prompt_tokens, req.sampling.max_tokens)
                 fits = bm.can_start(req, prefix, most)

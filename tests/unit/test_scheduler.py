@@ -476,3 +476,22 @@ def test_no_admission_in_a_step_that_preempted():
         _step(core)
     assert reqs["a"].output_token_ids == reference_output([1], 5, (), 0)
     assert reqs["b"].output_token_ids == reference_output([2, 3], 3, (), 0)
+
+
+def test_a_request_starts_only_with_room_for_its_whole_prompt():
+    # A long prompt whose first chunk fits but the rest does not: started on one chunk's
+    # blocks, it was preempted at its next chunk (it is the newest) and started again the
+    # step after, recomputing its prompt over and over until the old request was done.
+    core, sched = make_engine(num_blocks=10, block_size=4, budget=8)
+    a = add(core, Spec("a", list(range(25)), max_tokens=4))  # 7 blocks, all its life
+    while not a.output_token_ids:
+        _step(core)
+    b = add(core, Spec("b", list(range(40, 64)), max_tokens=1))  # 6 blocks; 3 are free until a ends
+    prompt_chunks = []
+    while core.has_unfinished:
+        out = _step(core)
+        assert not out.preempted
+        prompt_chunks += [(c.start_pos, len(c.token_ids)) for c in out.chunks if c.request_id == "b"]
+    assert b.num_preemptions == 0 and prompt_chunks == [(0, 8), (8, 8), (16, 8)]
+    assert a.output_token_ids == reference_output(list(range(25)), 4, (), 0)
+    assert b.output_token_ids == reference_output(list(range(40, 64)), 1, (), 0)
