@@ -375,27 +375,95 @@ def unsupported_regex(pattern: str) -> str | None:
             return "a hex escape in braces (\\x{...}; write \\u{...} or \\uXXXX)"
         if atom == "\\0" and pattern[at + 2 : at + 3].isdigit():
             return "an octal escape (\\0 followed by digits; write \\xXX)"
-    # outside classes: where each top-level alternative starts and ends
-    depth, branches, branch = 0, [], []
-    for _, atom, in_class, _ in regex_atoms(pattern):
-        if in_class:
-            continue
-        if atom in _LETTER_ANCHORS:
-            return f"the anchor {atom} (read as a letter; write ^ or $ at the start or end)"
-        depth += (atom == "(") - (atom == ")")
-        if atom == "|" and depth == 0:
-            branches.append(branch)
-            branch = []
-        else:
-            branch.append((atom, depth))
-    branches.append(branch)
-    for branch in branches:
-        lead = next((i for i, (atom, d) in enumerate(branch) if not (atom == "^" and d == 0)), len(branch))
-        tail = next((i for i, (atom, d) in enumerate(reversed(branch)) if not (atom == "$" and d == 0)), len(branch))
-        inner = [atom for atom, _ in branch[lead : len(branch) - tail]]
-        if "^" in inner or "$" in inner:
-            return "an anchor (^ or $) inside the regex: only a leading ^ and a trailing $ are enforced"
+    tokens = _regex_tokens(pattern)
+    if any(t in _LETTER_ANCHORS for t in tokens):
+        letter = next(t for t in tokens if t in _LETTER_ANCHORS)
+        return f"the anchor {letter} (read as a letter; write ^ or $ at the start or end)"
+    if not _anchors_redundant(tokens):
+        return "an anchor (^ or $) where it is not at the start or end of the whole match"
     return None
+
+
+def _regex_tokens(pattern: str) -> list[str]:
+    """The regex as the anchors' check reads it, outside character classes: "(" (with its
+    modifiers, "(?:", "(?<name>"...), ")", "|", "^", "$", "Q" (a quantifier that may repeat),
+    "Q1" (?, at most once), the letter anchors, "C" (anything that takes characters: a class,
+    a character, an escape)."""
+    atoms = [atom for _, atom, in_class, _ in regex_atoms(pattern) if not in_class]
+    tokens, i = [], 0
+    while i < len(atoms):
+        atom = atoms[i]
+        if atom == "(":
+            if i + 1 < len(atoms) and atoms[i + 1] == "?":  # its modifiers: ?: ?= ?! ?<= ?<! ?<name>
+                i += 2
+                if i < len(atoms) and atoms[i] == "<" and i + 1 < len(atoms) and atoms[i + 1] not in "=!":
+                    while i < len(atoms) and atoms[i] != ">":
+                        i += 1
+                elif i < len(atoms) and atoms[i] == "<":
+                    i += 1
+            tokens.append("(")
+        elif atom == "{" and _quantifier_at(atoms, i):
+            i = atoms.index("}", i)
+            tokens.append("Q")
+        elif atom in ("*", "+"):
+            tokens.append("Q")
+        elif atom == "?":
+            tokens.append("Q1")
+        elif atom in (")", "|", "^", "$") or atom in _LETTER_ANCHORS:
+            tokens.append(atom)
+        else:
+            tokens.append("C")
+        i += 1
+    return tokens
+
+
+def _quantifier_at(atoms: list[str], i: int) -> bool:
+    """Whether atoms[i], a "{", opens a quantifier ({n}, {n,}, {n,m})."""
+    text = "".join(atoms[i : i + 24])
+    return re.match(r"\{\d+(,\d*)?\}", text) is not None
+
+
+def _anchors_redundant(tokens: list[str]) -> bool:
+    r"""Whether every ^ can only be met before any character is taken, and every $ only after
+    the last, so that dropping them (as xgrammar does) leaves the language a whole match of the
+    regex has: a ^ at the start of an alternative whose enclosing groups all start there too
+    ("(?:^|\s)x"), not in a group that repeats ("(^a)+"), and $ alike from the end."""
+    # a group holding an anchor may not repeat (its second time round is past the start)
+    depth_anchor = [False]
+    for k, t in enumerate(tokens):
+        if t == "(":
+            depth_anchor.append(False)
+        elif t in ("^", "$"):
+            depth_anchor[-1] = True
+            if k + 1 < len(tokens) and tokens[k + 1] == "Q":
+                return False
+        elif t == ")" and len(depth_anchor) > 1:
+            held = depth_anchor.pop()
+            depth_anchor[-1] = depth_anchor[-1] or held
+            if held and k + 1 < len(tokens) and tokens[k + 1] == "Q":
+                return False
+    return _anchor_at_ends(tokens, "^", "(", ")") and _anchor_at_ends(tokens[::-1], "$", ")", "(")
+
+
+def _anchor_at_ends(tokens: list[str], anchor: str, opener: str, closer: str) -> bool:
+    """Reading ``tokens`` in order: every ``anchor`` comes where nothing can have been taken
+    (each open group's alternative so far takes nothing, and so did everything before it)."""
+    frames = [[True, False]]  # per open group: it starts where nothing is taken, its alternative took some
+    for t in tokens:
+        frame = frames[-1]
+        if t == opener:
+            frames.append([frame[0] and not frame[1], False])
+        elif t == closer and len(frames) > 1:
+            frames.pop()
+            frames[-1][1] = True  # the group may take characters
+        elif t == "|":
+            frame[1] = False
+        elif t == anchor:
+            if not frame[0] or frame[1]:
+                return False
+        elif t == "C":
+            frame[1] = True
+    return True
 
 
 def check_schema_shape(schema: Any, field: str) -> None:

@@ -6,6 +6,7 @@ bad grammars are refused naming the field."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import random
 import re
@@ -233,6 +234,10 @@ def test_regex_constructs_xgrammar_does_not_implement_are_refused_naming_the_fie
         ("\\$\\^", {"$^": True}),
         ("\\x41\\u0042", {"AB": True}),
         ("\\d{3}-[a-z]+", {"123-ab": True, "12-ab": False}),
+        # anchors only ever met at the start or the end: dropping them changes nothing
+        ("(?:^|b)a", {"a": True, "ba": True, "bba": False}),
+        ("(^a)?b", {"ab": True, "b": True, "aab": False}),
+        ("(a|b)(a$|b$)", {"ab": True, "ba": True, "a": False}),
     ],
 )
 def test_leading_and_trailing_anchors_and_ordinary_escapes_are_taken_and_enforced(engine, regex, texts):
@@ -246,6 +251,42 @@ def test_leading_and_trailing_anchors_and_ordinary_escapes_are_taken_and_enforce
             written = text if spec.kind == "regex" else json.dumps(text)
             whole = matcher.accept_string(written) and matcher.accept_token(stop)
             assert whole == matches == bool(re.fullmatch(regex, text)), (spec.kind, text)
+
+
+def test_a_regex_whose_anchors_are_taken_matches_what_it_matches_without_them():
+    """Random regexes of a, b, groups, alternatives, quantifiers and anchors: each that
+    unsupported_regex takes matches, by Python's re, exactly the texts it matches with its
+    anchors dropped (what xgrammar compiles), over every text of a and b up to 4 long; and
+    some are refused, some taken."""
+    from raymoe.actors.engine.json_schema import unsupported_regex
+
+    rng = random.Random(0)
+
+    def regex(depth: int = 0) -> str:
+        parts = []
+        for _ in range(rng.randint(1, 3)):
+            r = rng.random()
+            if r < 0.2:
+                parts.append(rng.choice("^$"))
+            elif r < 0.35 and depth < 2:
+                alternatives = "|".join(regex(depth + 1) for _ in range(rng.randint(1, 2)))
+                parts.append(f"({rng.choice(['', '?:'])}{alternatives}){rng.choice(['', '?', '*', '+'])}")
+            else:
+                parts.append(rng.choice("ab") + rng.choice(["", "", "?", "*"]))
+        return "".join(parts)
+
+    texts = [""] + ["".join(t) for n in range(1, 5) for t in itertools.product("ab", repeat=n)]
+    taken = refused = 0
+    for _ in range(3000):
+        pattern = regex()
+        if unsupported_regex(pattern) is not None:
+            refused += 1
+            continue
+        taken += 1
+        dropped = pattern.replace("^", "").replace("$", "")
+        for text in texts:
+            assert bool(re.fullmatch(pattern, text)) == bool(re.fullmatch(dropped, text)), (pattern, text)
+    assert taken > 500 and refused > 500
 
 
 def test_pipelined_steps_give_the_same_constrained_output_running_every_step(engine):
