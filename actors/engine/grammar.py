@@ -34,9 +34,8 @@ from raymoe.actors.engine.json_schema import (
     check_schema_shape,
     json_schema_grammar,
     pattern_without_surrogates,
-    regex_atoms,
-    unsupported_regex,
 )
+from raymoe.actors.engine.regex_scan import regex_atoms, unsupported_regex
 
 GrammarKind = Literal["json", "regex", "choice", "ebnf", "tagged_json"]
 _CACHE_SIZE = 256  # compiled grammars kept (a JSON schema's compiled form is ~100 KB-1 MB)

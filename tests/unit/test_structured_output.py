@@ -258,7 +258,7 @@ def test_a_regex_whose_anchors_are_taken_matches_what_it_matches_without_them():
     unsupported_regex takes matches, by Python's re, exactly the texts it matches with its
     anchors dropped (what xgrammar compiles), over every text of a and b up to 4 long; and
     some are refused, some taken."""
-    from raymoe.actors.engine.json_schema import unsupported_regex
+    from raymoe.actors.engine.regex_scan import unsupported_regex
 
     rng = random.Random(0)
 
