@@ -9,7 +9,7 @@ them, so the per-token work spreads over the replicas. The same app runs under
 ``raymoe serve``, ``serve run raymoe.deploy.serve_app:build_app config=...`` and a
 KubeRay RayService (``import_path: raymoe.deploy.serve_app:build_app``).
 
-Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models[/{id}],
+Routes (fastapi_app.py): POST /v1/completions, POST /v1/chat/completions, GET /v1/models[/{id}],
 GET or HEAD /health (200 ok, 503 degraded), GET /metrics (Prometheus text), and the expert
 load balancer's GET /admin/eplb (status, last plan) and POST /admin/eplb/rebalance.
 """
