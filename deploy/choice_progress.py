@@ -14,9 +14,6 @@ from raymoe.deploy.metrics import ServeMetrics
 from raymoe.deploy.openai_responses import usage
 
 Outputs = AsyncIterator[tuple[int, Delta]]
-# a non-streamed response with more logprob entries and token ids than this is encoded a slice at
-# a time (json_bytes), not whole by the web framework
-INLINE_RESPONSE_ITEMS = 16384
 
 
 def response_items(progress: Progress, params: Any, *, with_ids: bool) -> int:

@@ -11,7 +11,6 @@ from typing import Any, AsyncIterator, Optional
 from raymoe.actors.engine.output_text import Delta
 from raymoe.deploy.api_error import APIError
 from raymoe.deploy.choice_progress import (
-    INLINE_RESPONSE_ITEMS,
     Echo,
     Outputs,
     Progress,
@@ -40,6 +39,10 @@ from raymoe.deploy.openai_responses import (
 from raymoe.deploy.reasoning import ReasoningSplitter
 from raymoe.deploy.request_stream import engine_error
 from raymoe.deploy.tool_calls import HermesToolParser, ToolCallStream, split_tool_calls
+
+# a non-streamed response with more logprob entries and token ids than this is encoded a slice at
+# a time (json_bytes), not whole by the web framework (read here only: patch it here)
+INLINE_RESPONSE_ITEMS = 16384
 
 
 class ChoiceWriter:

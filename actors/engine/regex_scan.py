@@ -70,11 +70,12 @@ _LETTER_ANCHORS = frozenset({"\\A", "\\Z", "\\z", "\\G"})
 
 def unsupported_regex(pattern: str) -> str | None:
     """What of the regex xgrammar (0.2.9) parses without implementing it, named, or None: an
-    anchor other than a leading ^ or a trailing $ (of the pattern or of one of its top-level
-    alternatives, where they say "the whole text"; xgrammar drops every anchor, so "a$^b", which
-    matches nothing, took "ab"), PCRE's hex escape in braces (xgrammar reads \\x{41} as
-    ECMA-262's legacy "x" 41 times, and "[^\\x00-\\x{10FFFF}]" took "\u0106"), an octal escape
-    (\\012 is NUL then "12" to it) or \\A, \\Z, \\z, \\G (read as letters)."""
+    anchor ^ or $ that could be met past the start or before the end of the whole match (see
+    _anchors_redundant: "^a|^b", "(?:^|\\s)x" and "(^a)?b" are taken; xgrammar drops every anchor,
+    so "a$^b", which matches nothing, took "ab", and "(^a)+" took "aa"), PCRE's hex escape in
+    braces (xgrammar reads \\x{41} as ECMA-262's legacy "x" 41 times, and "[^\\x00-\\x{10FFFF}]"
+    took "\u0106"), an octal escape (\\012 is NUL then "12" to it) or \\A, \\Z, \\z, \\G (read
+    as letters)."""
     atoms = [(at, atom) for at, atom, in_class, _ in regex_atoms(pattern) if not in_class or atom[0] == "\\"]
     for at, atom in atoms:
         if atom == "\\x" and pattern.startswith("{", at + 2):
