@@ -61,7 +61,12 @@ def hf_tokenizer() -> Any:
 
 
 def _http(
-    server: str, path: str, body: Optional[bytes] = None, key: Optional[str] = KEY, parse: bool = True
+    server: str,
+    path: str,
+    body: Optional[bytes] = None,
+    key: Optional[str] = KEY,
+    parse: bool = True,
+    timeout_s: float = 60.0,
 ) -> tuple[int, Any]:
     """(status, the body parsed as JSON, or as text if it is not JSON; unparsed bytes with parse=False)."""
     req = urllib.request.Request(server + path, data=body, method="POST" if body is not None else "GET")
@@ -69,7 +74,7 @@ def _http(
     if key is not None:
         req.add_header("Authorization", f"Bearer {key}")
     try:
-        with urllib.request.urlopen(req, timeout=60) as resp:
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
             status, raw = resp.status, resp.read()
     except urllib.error.HTTPError as e:
         status, raw = e.code, e.read()
@@ -454,11 +459,14 @@ def test_a_huge_response_is_built_without_stalling_the_endpoint(server):
     parse the body."""
     request = dict(model=MODEL, messages=[USER_A], max_tokens=LONG, n=16, logprobs=True, top_logprobs=20)
     request.update(ignore_eos=True, temperature=1.0, seed=5)
+
     # the body read as bytes and parsed after: parsing 30 MB in the sending thread would hold this
-    # process's GIL, and the /health poll beside it, for seconds
-    (status, raw), slowest = _polling_health(
-        server, lambda: _http(server, "/v1/chat/completions", json.dumps(request).encode(), parse=False)
-    )
+    # process's GIL, and the /health poll beside it, for seconds. 24,000 tokens, each with 20
+    # alternatives, take 47-59 s on the 2-core box: past the other requests' 60 s timeout at times
+    def send() -> tuple[int, Any]:
+        return _http(server, "/v1/chat/completions", json.dumps(request).encode(), parse=False, timeout_s=300)
+
+    (status, raw), slowest = _polling_health(server, send)
     assert status == 200, raw[:1000]
     response = openai.types.chat.ChatCompletion.model_validate_json(raw)
     assert [len(c.logprobs.content) for c in response.choices] == [LONG] * 16
